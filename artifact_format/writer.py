@@ -1,0 +1,204 @@
+"""Atomic bundle writer: build in a temporary sibling directory, then rename into place.
+
+    with BundleWriter("out.llmir") as b:
+        b.write_text("ir/input.mlir", text)
+        with b.safetensors("weights/model.safetensors", tensors=[...]) as w:
+            w.write(name, array)
+        b.commit(manifest)
+
+manifest.json is written last, so an interrupted build's `<out>.tmp-<random>` directory has
+none and is never taken for a bundle. If the block raises (KeyboardInterrupt included) or
+commit fails, the temporary directory is removed and out_path is as it was.
+Errors the user can cause (unsafe path, disk full, out_path not replaceable) are
+BundleErrors; misuse by the calling code is ValueError/RuntimeError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import stat
+from pathlib import Path
+
+from llmirc.errors import BundleError
+
+from .reader import FORMAT, FORMAT_VERSION, MANIFEST, is_bundle, rel_path_problem
+from .safetensors import SafetensorsWriter, reraise_os_error
+
+
+class BundleWriter:
+    def __init__(self, out_path):
+        self.out = Path(out_path)
+        self.name = str(out_path)
+        self._check_replaceable()  # fail before a long compile, not after
+        self._tmp = self._make_tmp_dir()
+        self._open_writers: list[SafetensorsWriter] = []
+
+    # -- writing files -------------------------------------------------------------------
+
+    def path(self, rel: str) -> Path:
+        """A path inside the temporary directory for `rel` (parents created)."""
+        if self._tmp is None:
+            raise RuntimeError(f"bundle {self.name}: already committed or aborted")
+        problem = rel_path_problem(rel)
+        if problem or rel == MANIFEST:
+            raise BundleError(f"bundle {self.name}: path {rel!r} {problem or 'is reserved'}")
+        p = self._tmp / rel
+        with self._io():
+            p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        p = self.path(rel)
+        with self._io():
+            p.write_bytes(data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def write_json(self, rel: str, obj) -> None:
+        self.write_text(rel, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+    def copy_file(self, rel: str, src_path) -> None:
+        """Copy the contents of `src_path` (symlinks followed) to `rel`."""
+        p = self.path(rel)
+        with self._io(f"cannot copy {src_path}"):
+            shutil.copyfile(src_path, p)
+
+    def safetensors(self, rel: str, metadata: dict[str, str] | None = None, tensors=None) -> SafetensorsWriter:
+        """A streaming SafetensorsWriter for `rel`; it must be closed before commit."""
+        w = SafetensorsWriter(self.path(rel), metadata, tensors, error_cls=BundleError,
+                              label=f"bundle {self.name}: file {rel}")
+        self._open_writers.append(w)
+        return w
+
+    # -- finishing -----------------------------------------------------------------------
+
+    def commit(self, manifest: dict) -> dict:
+        """Record every file's size and sha256, write manifest.json, move the bundle into place.
+
+        Returns the manifest as written (a copy of `manifest` with format, format_version and
+        files filled in).
+        """
+        if self._tmp is None:
+            raise RuntimeError(f"bundle {self.name}: already committed or aborted")
+        try:
+            if not all(w.closed for w in self._open_writers):
+                raise RuntimeError(f"bundle {self.name}: commit() with a safetensors writer still open")
+            manifest = dict(manifest)
+            manifest.setdefault("format", FORMAT)
+            manifest.setdefault("format_version", FORMAT_VERSION)
+            with self._io():
+                manifest["files"] = self._file_entries()
+                text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+                with open(self._tmp / MANIFEST, "w", encoding="utf-8") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                _fsync_dirs(self._tmp)
+                self._check_replaceable()
+                self._install()
+                _fsync_dir(self.out.parent)
+        except BaseException:
+            self.abort()
+            raise
+        return manifest
+
+    def abort(self) -> None:
+        """Discard everything written; out_path is left as it was."""
+        for w in self._open_writers:
+            w.abort()
+        tmp, self._tmp = self._tmp, None
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._tmp is None:
+            return
+        self.abort()
+        if exc_type is None:
+            raise RuntimeError(f"bundle {self.name}: the with block ended without commit()")
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _io(self, action: str = "cannot write"):
+        return reraise_os_error(BundleError, f"bundle {self.name}", action)
+
+    def _make_tmp_dir(self) -> Path:
+        # Same parent, so the final rename is atomic. os.mkdir (unlike mkdtemp's 0700) keeps
+        # the user's umask for the finished bundle.
+        with self._io():
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            for _ in range(100):
+                tmp = self.out.with_name(f"{self.out.name}.tmp-{secrets.token_hex(6)}")
+                try:
+                    tmp.mkdir()
+                    return tmp
+                except FileExistsError:
+                    continue
+        raise BundleError(f"bundle {self.name}: cannot create a temporary directory next to it")
+
+    def _check_replaceable(self) -> None:
+        out = self.out
+        if not os.path.lexists(out):
+            return
+        if out.is_dir() and not out.is_symlink() and (is_bundle(out) or not any(out.iterdir())):
+            return
+        raise BundleError(f"refusing to overwrite {self.name}: it exists and is not an llmir bundle")
+
+    def _file_entries(self) -> list[dict]:
+        entries = []
+        for dirpath, dirnames, filenames in os.walk(self._tmp, onerror=_reraise):
+            for fn in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                full = os.path.join(dirpath, fn)
+                rel = Path(full).relative_to(self._tmp).as_posix()
+                if rel == MANIFEST:
+                    continue
+                if not stat.S_ISREG(os.lstat(full).st_mode):
+                    raise BundleError(f"bundle {self.name}: {rel} is not a regular file")
+                with open(full, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+                    os.fsync(f.fileno())  # hashing read it back anyway; make it durable
+                    entries.append({"path": rel, "size": os.fstat(f.fileno()).st_size, "sha256": digest})
+        return sorted(entries, key=lambda e: e["path"])
+
+    def _install(self) -> None:
+        tmp, out = self._tmp, self.out
+        if not os.path.lexists(out):
+            os.rename(tmp, out)
+        else:
+            # Move the old bundle aside, move the new one in, delete the old one; on any
+            # failure (KeyboardInterrupt too) put the old one back.
+            aside = out.with_name(f"{out.name}.old-{secrets.token_hex(6)}")
+            try:
+                os.rename(out, aside)
+                os.rename(tmp, out)
+            except BaseException:
+                if os.path.lexists(aside) and not os.path.lexists(out):
+                    os.rename(aside, out)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        self._tmp = None
+
+
+def _reraise(e: OSError):
+    raise e  # os.walk would silently skip an unreadable directory
+
+
+def _fsync_dir(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dirs(root: Path) -> None:
+    for dirpath, _, _ in os.walk(root):
+        _fsync_dir(dirpath)

@@ -1,0 +1,315 @@
+"""The bundle writer (atomic, checksummed) and the reader/verifier (refuses anything unsafe)."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+import llmirc.artifact_format.writer as writer_mod
+from llmirc.artifact_format import FORMAT, FORMAT_VERSION, BundleWriter, is_bundle, open_bundle
+from llmirc.errors import BundleError
+
+MANIFEST = {"producer": "llmirc test", "model": {"architecture": "Toy"}}
+
+
+def build(out, files=None, manifest=MANIFEST):
+    """Write a bundle with a few files (rel -> bytes) plus a safetensors file; return the manifest."""
+    files = {"config.json": b'{"a": 1}', "kernels/cpu/lib.so": b"\x7fELF..."} if files is None else files
+    with BundleWriter(out) as b:
+        for rel, data in files.items():
+            b.write_bytes(rel, data)
+        with b.safetensors("weights/model.safetensors", {"k": "v"}, [("w", "F32", (2, 3))]) as w:
+            w.write("w", np.arange(6, dtype=np.float32).reshape(2, 3))
+        return b.commit(manifest)
+
+
+def edit_manifest(root, fn):
+    path = root / "manifest.json"
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+def entry(root, rel):
+    data = (root / rel).read_bytes()
+    return {"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def siblings(tmp_path):
+    return sorted(p.name for p in tmp_path.iterdir())
+
+
+# -- writer ----------------------------------------------------------------------------------
+
+def test_commit_writes_manifest_with_checksums(tmp_path):
+    out = tmp_path / "out.llmir"
+    written = build(out)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m == written and m["format"] == FORMAT == "llmir-bundle"
+    assert m["format_version"] == FORMAT_VERSION == "1.0"
+    assert m["producer"] == "llmirc test"
+    assert [f["path"] for f in m["files"]] == ["config.json", "kernels/cpu/lib.so", "weights/model.safetensors"]
+    assert m["files"] == [entry(out, f["path"]) for f in m["files"]]
+    assert siblings(tmp_path) == ["out.llmir"]  # no temp dir left
+    b = open_bundle(out)
+    assert b.root == out.resolve() and b.manifest == m and b.read_json("config.json") == {"a": 1}
+    assert b.files == ("config.json", "kernels/cpu/lib.so", "weights/model.safetensors")
+    with b.open_safetensors("weights/model.safetensors") as st:
+        assert st.array("w").tolist() == [[0, 1, 2], [3, 4, 5]] and st.metadata == {"k": "v"}
+    assert is_bundle(out) and not is_bundle(tmp_path)
+
+
+def test_writer_helpers(tmp_path):
+    src = tmp_path / "tok.json"
+    src.write_text("{}")
+    out = tmp_path / "sub" / "out.llmir"  # parent is created
+    with BundleWriter(out) as b:
+        b.write_text("ir/input.mlir", "module {}\n")
+        b.write_json("generation_config.json", {"eos": [1, 2]})
+        b.copy_file("tokenizer/tokenizer.json", src)
+        assert b.path("a/b/c.bin").parent.is_dir()
+        b.commit({"format_version": "1.3"})  # caller's version is kept
+    bundle = open_bundle(out)
+    assert bundle.manifest["format_version"] == "1.3"
+    assert bundle.read_json("generation_config.json") == {"eos": [1, 2]}
+    assert bundle.file("ir/input.mlir").read_text() == "module {}\n"
+
+
+@pytest.mark.parametrize("rel", ["../x", "/abs", "a//b", "./a", "a/./b", "a\\b", "", "manifest.json", "a/../b",
+                                 "nul\0"])
+def test_writer_refuses_unsafe_paths(tmp_path, rel):
+    with BundleWriter(tmp_path / "out") as b:
+        with pytest.raises(BundleError, match=r"^bundle .*out: path "):
+            b.path(rel)
+        b.commit({})
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_exception_in_block_leaves_nothing(tmp_path, exc):
+    with pytest.raises(exc):
+        with BundleWriter(tmp_path / "out.llmir") as b:
+            b.write_bytes("a.bin", b"x")
+            w = b.safetensors("weights/model.safetensors", None, [("w", "F32", (1,))])
+            raise exc("compile failed")
+    assert siblings(tmp_path) == []
+    assert w.closed
+
+
+def test_interrupted_temp_dir_is_not_a_bundle(tmp_path):
+    b = BundleWriter(tmp_path / "out.llmir")
+    b.write_bytes("kernels/x.so", b"half")
+    (tmp,) = tmp_path.iterdir()
+    assert tmp.name.startswith("out.llmir.tmp-")  # what a killed process would leave behind
+    with pytest.raises(BundleError, match=r"no manifest\.json"):
+        open_bundle(tmp)
+    assert not is_bundle(tmp)
+    b.abort()
+    assert siblings(tmp_path) == []
+
+
+def test_commit_refuses_symlinks(tmp_path):
+    with pytest.raises(BundleError, match=r"bundle .*out: link is not a regular file"):
+        with BundleWriter(tmp_path / "out") as b:
+            b.path("link").symlink_to("/etc/passwd")
+            b.commit({})
+    assert siblings(tmp_path) == []
+
+
+def test_missing_commit_and_open_writer_are_bugs(tmp_path):
+    with pytest.raises(RuntimeError, match="without commit"):
+        with BundleWriter(tmp_path / "a"):
+            pass
+    with pytest.raises(RuntimeError, match="still open"):
+        with BundleWriter(tmp_path / "b") as b:
+            b.safetensors("w.safetensors", None, [])
+            b.commit({})
+    assert siblings(tmp_path) == []
+
+
+def test_replacing_an_existing_bundle(tmp_path):
+    out = tmp_path / "out.llmir"
+    build(out, {"old.bin": b"old"})
+    build(out, {"new.bin": b"new"})
+    assert open_bundle(out).files == ("new.bin", "weights/model.safetensors")
+    assert not (out / "old.bin").exists()
+    assert siblings(tmp_path) == ["out.llmir"]
+    (tmp_path / "empty").mkdir()  # an empty directory is replaced too
+    build(tmp_path / "empty")
+    assert open_bundle(tmp_path / "empty")
+
+
+def test_failed_replacement_keeps_the_old_bundle(tmp_path, monkeypatch):
+    out = tmp_path / "out.llmir"
+    build(out, {"old.bin": b"old"})
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(ValueError):
+        with BundleWriter(out) as b:
+            b.write_bytes("new.bin", b"new")
+            raise ValueError("compile failed")
+    with pytest.raises(TypeError):  # commit itself fails: manifest not serializable
+        build(out, {"new.bin": b"new"}, {"bad": object()})
+    # The final rename fails after the old bundle was moved aside: it must come back.
+    real_rename = os.rename
+
+    def flaky_rename(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(writer_mod.os, "rename", flaky_rename)
+    with pytest.raises(BundleError, match=r"^bundle .*out\.llmir: cannot write: No space left on device$"):
+        build(out, {"new.bin": b"new"})
+    monkeypatch.undo()
+    assert (out / "manifest.json").read_text() == before
+    assert open_bundle(out).files == ("old.bin", "weights/model.safetensors")
+    assert siblings(tmp_path) == ["out.llmir"]
+
+
+@pytest.mark.parametrize("kind", ["file", "dir", "foreign_manifest", "symlink"])
+def test_refuses_to_overwrite_non_bundles(tmp_path, kind):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("precious")
+    elif kind == "symlink":
+        (tmp_path / "target").mkdir()
+        out.symlink_to(tmp_path / "target")
+    else:
+        out.mkdir()
+        (out / ("manifest.json" if kind == "foreign_manifest" else "data.txt")).write_text('{"format": "other"}')
+    before = siblings(tmp_path)
+    with pytest.raises(BundleError, match=r"^refusing to overwrite .*out: it exists and is not an llmir bundle$"):
+        BundleWriter(out)
+    assert siblings(tmp_path) == before
+
+
+def test_refuses_at_commit_if_a_non_bundle_appeared(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(BundleError, match="refusing to overwrite"):
+        with BundleWriter(out) as b:
+            b.write_bytes("a", b"a")
+            out.write_text("someone else's file")
+            b.commit({})
+    assert out.read_text() == "someone else's file" and siblings(tmp_path) == ["out"]
+
+
+# -- reader ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def bundle(tmp_path):
+    out = tmp_path / "out.llmir"
+    build(out, {"config.json": b"{}", "kernels/x.so": b"\x7fELF-kernel"})
+    return out
+
+
+def expect(bundle, message, verify=True):
+    with pytest.raises(BundleError) as e:
+        open_bundle(bundle, verify=verify)
+    assert "\n" not in str(e.value)
+    assert message in str(e.value), str(e.value)
+
+
+def test_tampered_file(bundle):
+    (bundle / "kernels/x.so").write_bytes(b"\x7fELF-evil!!")  # same size
+    expect(bundle, f"bundle {bundle}: file kernels/x.so: sha256 mismatch (tampered or corrupted)")
+    assert open_bundle(bundle, verify=False)  # verify=False skips hashing, still checks sizes
+
+
+def test_size_mismatch_and_missing_file(bundle):
+    (bundle / "config.json").write_bytes(b"{ }")
+    expect(bundle, "file config.json: size 3 bytes, manifest says 2", verify=False)
+    (bundle / "config.json").unlink()
+    expect(bundle, "file config.json: missing", verify=False)
+
+
+@pytest.mark.parametrize("path, message", [
+    ("../outside.bin", "path '../outside.bin' escapes the bundle ('..')"),
+    ("a/../../outside.bin", "escapes the bundle"),
+    ("/etc/passwd", "path '/etc/passwd' is absolute"),
+    ("a\\b", "contains a backslash"),
+    ("a//b", "is not normalized"),
+    ("manifest.json", "is reserved"),
+    ("config.json", "is listed twice"),
+])
+def test_unsafe_manifest_paths(bundle, path, message):
+    (bundle.parent / "outside.bin").write_bytes(b"x")
+    edit_manifest(bundle, lambda m: m["files"].append({"path": path, "size": 1, "sha256": "0" * 64}))
+    expect(bundle, message)
+
+
+def test_symlink_pointing_outside(bundle, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    (bundle / "kernels/evil.so").symlink_to(secret)
+    (bundle / "linkdir").symlink_to(tmp_path)
+    for rel in ("kernels/evil.so", "linkdir/secret.txt"):
+        e = {**entry(bundle, rel), "path": rel}
+        edit_manifest(bundle, lambda m: m["files"].append(e))
+        expect(bundle, f"file {rel}: resolves outside the bundle")
+        edit_manifest(bundle, lambda m: m["files"].pop())
+
+
+def test_symlink_inside_is_fine(bundle):
+    (bundle / "alias.json").symlink_to("config.json")
+    edit_manifest(bundle, lambda m: m["files"].append(entry(bundle, "alias.json")))
+    assert open_bundle(bundle).read_json("alias.json") == {}
+
+
+def test_versions(bundle):
+    edit_manifest(bundle, lambda m: m.update(format_version="1.7"))
+    assert open_bundle(bundle).manifest["format_version"] == "1.7"  # newer minor: accepted
+    edit_manifest(bundle, lambda m: m.update(format_version="2.0"))
+    with pytest.raises(BundleError) as e:
+        open_bundle(bundle)
+    assert str(e.value) == (f"bundle {bundle} has format version 2.0, newer than this llmirc "
+                            "supports (1.x): upgrade llmirc")
+    assert is_bundle(bundle)  # still an llmir bundle: a newer compile may replace it
+    for bad in ["1", "1.0.0", "v1.0", 1.0, None]:
+        edit_manifest(bundle, lambda m: m.update(format_version=bad))
+        expect(bundle, f"format_version {bad!r} is not 'MAJOR.MINOR'")
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "no manifest.json"),
+    ("{not json", "manifest.json is not valid JSON"),
+    ("[1]", "manifest.json is not a JSON object"),
+    ('{"format": "llmir-bundle", "format": "x"}', "duplicate key 'format'"),
+    ('{"format": "onnx", "format_version": "1.0", "files": []}', "format is 'onnx', not 'llmir-bundle'"),
+    ('{"format": "llmir-bundle", "format_version": "1.0"}', "'files' must be a list"),
+    ('{"format": "llmir-bundle", "format_version": "1.0", "files": [{"path": "a", "size": -1, "sha256": ""}]}',
+     "files[0]: needs path, size"),
+])
+def test_missing_or_invalid_manifest(bundle, text, message):
+    if text is None:
+        (bundle / "manifest.json").unlink()
+    else:
+        (bundle / "manifest.json").write_text(text)
+    expect(bundle, message)
+
+
+def test_oversized_manifest(bundle, monkeypatch):
+    import llmirc.artifact_format.reader as reader_mod
+    monkeypatch.setattr(reader_mod, "MAX_MANIFEST_BYTES", 64)
+    expect(bundle, "manifest.json is")
+    assert "over the limit of 64" in str(pytest.raises(BundleError, open_bundle, bundle).value)
+
+
+def test_not_a_directory(tmp_path):
+    (tmp_path / "file.llmir").write_text("x")
+    expect(tmp_path / "file.llmir", "not an llmir bundle directory")
+    expect(tmp_path / "nothing", "no such file or directory")
+
+
+def test_bundle_accessors_only_serve_listed_files(bundle):
+    (bundle / "extra.json").write_text("{}")  # present on disk, not in the manifest
+    b = open_bundle(bundle)
+    with pytest.raises(BundleError, match=r"no file 'extra\.json' listed in manifest\.json"):
+        b.file("extra.json")
+    with pytest.raises(BundleError, match=r"file kernels/x\.so: invalid JSON"):
+        b.read_json("kernels/x.so")
+    with pytest.raises(BundleError, match=r"^bundle .*: file config\.json: file is 2 bytes, too short"):
+        b.open_safetensors("config.json")
+    with b.open_safetensors("weights/model.safetensors") as st:
+        with pytest.raises(BundleError, match="no tensor named 'x'"):
+            st.array("x")
