@@ -1,0 +1,18 @@
+"""The optimization passes, by the names used in textual pipelines (`--passes`)."""
+
+from __future__ import annotations
+
+from xdsl.passes import ModulePass
+from xdsl.transforms.canonicalize import CanonicalizePass
+from xdsl.transforms.common_subexpression_elimination import CommonSubexpressionElimination
+from xdsl.transforms.dead_code_elimination import DeadCodeElimination
+
+from .fuse_linears import FuseLinears
+from .fuse_residual_add import FuseResidualAdd
+from .paged_kv import PagedKV
+from .prune_logits import PruneLogits
+
+PASSES: dict[str, type[ModulePass]] = {p.name: p for p in (
+    CanonicalizePass, CommonSubexpressionElimination, DeadCodeElimination,
+    FuseLinears, FuseResidualAdd, PruneLogits, PagedKV,
+)}

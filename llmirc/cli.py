@@ -1,0 +1,161 @@
+"""The `llmirc` command line: compile, run, inspect, bench.
+
+User errors print one line (`error: ...`) and exit 1; no traceback. `compile` needs the
+compiler extra; the other commands need only the loader.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from llmirc import __version__
+from llmirc.errors import LlmircError
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="llmirc")
+def cli() -> None:
+    """llmirc: ahead-of-time compiler for LLM inference.
+
+    Compile a Hugging Face checkpoint into a portable bundle of compiled kernels, weights and
+    a manifest, then run, inspect or benchmark the bundle with the thin loader.
+    """
+
+
+@cli.command("compile")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", default="cpu", show_default=True, help="cpu (cuda and hip: not yet).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory to write (OUT.llmir).")
+@click.option("--passes", default=None, help="Textual pass pipeline replacing the default, e.g. "
+              "'canonicalize,cse,fuse-linears,paged-kv{block-size=32}'. prune-logits and paged-kv always run last.")
+@click.option("--print-ir-after-all", is_flag=True, help="Print the IR after every pass (stderr).")
+@click.option("--emit", type=click.Choice(["mlir", "llvm-ir", "asm"]), default=None,
+              help="Print a stage to stdout: the optimized IR (mlir), LLVM IR or host assembly.")
+@click.option("--keep-intermediates", is_flag=True, help="Also store LLVM IR, assembly and objects in the bundle.")
+@click.option("--cpu-variants", default="native,baseline", show_default=True,
+              help="CPU libraries to build: native (this host's CPU) and/or baseline (x86-64-v2 / generic aarch64).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, cpu_variants, quiet):
+    """Compile MODEL (a Hugging Face checkpoint directory) into a bundle."""
+    try:
+        from llmirc.driver import CompileOptions, Progress, compile_model
+    except ImportError as e:
+        _fail(f"the compiler is not installed ({e.name} missing): pip install 'llmirc[compiler]'")
+    variants = tuple(v.strip() for v in cpu_variants.split(",") if v.strip())
+    options = CompileOptions(target=target, passes=passes, print_ir_after_all=print_ir_after_all, emit=emit,
+                             keep_intermediates=keep_intermediates, cpu_variants=variants)
+    compile_model(model, output, options, Progress(None if quiet else sys.stderr))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat for a batch); needs a tokenizer.")
+@click.option("--token-ids", "token_ids", multiple=True, help="Prompt as comma-separated token ids (repeatable).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="0 is greedy decoding.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None)
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=None)
+@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per sequence on stdout.")
+def run(bundle, prompts, token_ids, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, as_json):
+    """Generate text or tokens with a compiled BUNDLE.
+
+    Without --json, a single prompt streams its text as it is generated."""
+    from llmirc.runtime import load
+
+    if not prompts and not token_ids:
+        raise LlmircError("give --prompt TEXT or --token-ids 1,2,3")
+    model = load(bundle)
+    batch = [_parse_ids(s) for s in token_ids]
+    if prompts:
+        if model.tokenizer is None:
+            raise LlmircError(f"{bundle}: the bundle has no tokenizer; use --token-ids")
+        batch += [model.tokenizer.encode(p) for p in prompts]
+    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                  ignore_eos=ignore_eos)
+    if not as_json and len(batch) == 1 and model.tokenizer is not None:
+        for delta in model.stream_text(batch[0], **kwargs):
+            click.echo(delta, nl=False)
+        click.echo()
+        return
+    outputs = model.generate(batch, **kwargs)
+    for prompt, out in zip(batch, outputs):
+        text = model.tokenizer.decode(out) if model.tokenizer is not None else None
+        if as_json:
+            record = {"prompt_token_ids": prompt, "token_ids": out}
+            if text is not None:
+                record["text"] = text
+            click.echo(json.dumps(record))
+        else:
+            click.echo(text if text is not None else " ".join(map(str, out)))
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise LlmircError(f"--token-ids {text!r}: expected comma-separated integers") from None
+    if not ids:
+        raise LlmircError("--token-ids: empty prompt")
+    return ids
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="The manifest summary as JSON.")
+@click.option("--no-verify", is_flag=True, help="Skip checksum verification.")
+def inspect(bundle, as_json, no_verify):
+    """Show what is inside BUNDLE: model, targets, kernels, KV cache, weights, sizes, versions."""
+    from llmirc.runtime.inspect import describe, summary
+
+    info = summary(bundle, verify=not no_verify)
+    click.echo(json.dumps(info, indent=2) if as_json else describe(info))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences decoded together.")
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Best of N runs.")
+@click.option("--compare-transformers", "hf_dir", type=click.Path(path_type=Path), default=None,
+              help="Also time Hugging Face transformers (eager, float32) on this checkpoint in the same run.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, as_json):
+    """Measure prefill and decode tokens/s of BUNDLE (and the memory-bandwidth floor)."""
+    from llmirc.runtime.bench import format_table, run_bench
+
+    results = run_bench(bundle, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, repeat=repeat,
+                        hf_dir=hf_dir)
+    click.echo(json.dumps(results, indent=2) if as_json else format_table(results))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except LlmircError as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,490 @@
+"""The `llmir` dialect: the graph-level ops of a decoder-only LLM, in xDSL.
+
+Activations are 2-D row-major tensors `tensor<?xNxf32>`: one row per token of the flat batch
+(see DESIGN.md, "The ABI"), so every op below is either row-wise or says how it mixes rows.
+Weights enter the graph through `llmir.weight`, which names a tensor of the checkpoint; the IR
+never holds weight data. The KV cache is a value of type `!llmir.kv_pool<...>` threaded through
+`kv_append` (which returns the updated pool) to `paged_attention`, so ordering is explicit SSA.
+
+The generic textual form of everything here parses and verifies in upstream MLIR (as an
+unregistered dialect); tests/test_ir_upstream.py checks that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from xdsl.dialects.builtin import (
+    DYNAMIC_INDEX,
+    DenseArrayBase,
+    FloatAttr,
+    IntAttr,
+    IntegerAttr,
+    IntegerType,
+    StringAttr,
+    TensorType,
+    f32,
+    f64,
+    i32,
+    i64,
+)
+from xdsl.ir import Attribute, Dialect, ParametrizedAttribute, SSAValue, TypeAttribute
+from xdsl.irdl import (
+    IRDLOperation,
+    irdl_attr_definition,
+    irdl_op_definition,
+    operand_def,
+    opt_operand_def,
+    prop_def,
+    result_def,
+    traits_def,
+    var_operand_def,
+    var_result_def,
+    AttrSizedOperandSegments,
+)
+from xdsl.parser import AttrParser
+from xdsl.printer import Printer
+from xdsl.traits import Pure
+from xdsl.utils.exceptions import VerifyException
+
+_POOL_KEYS = ("layers", "kv_heads", "head_dim", "block_size")
+DYN = DYNAMIC_INDEX  # a dimension only known at run time (tokens in the batch, rows kept for logits)
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+def tensor(*shape: int, dtype: Attribute = f32) -> TensorType:
+    return TensorType(dtype, shape)
+
+
+def shape_of(value: SSAValue) -> tuple[int, ...]:
+    t = value.type
+    if not isinstance(t, TensorType):
+        raise VerifyException(f"expected a tensor, got {t}")
+    return tuple(t.get_shape())
+
+
+def _f(value: float) -> FloatAttr:
+    return FloatAttr(float(value), f32)
+
+
+def _i(value: int) -> IntegerAttr:
+    return IntegerAttr(int(value), i64)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise VerifyException(message)
+
+
+def _rows(value: SSAValue, cols: int | None = None, what: str = "operand") -> tuple[int, int]:
+    s = shape_of(value)
+    _check(len(s) == 2, f"{what} must be 2-D [rows, cols], got shape {s}")
+    if cols is not None:
+        _check(s[1] == cols, f"{what} has {s[1]} columns, expected {cols}")
+    return s[0], s[1]
+
+
+@irdl_attr_definition
+class KVPoolType(ParametrizedAttribute, TypeAttribute):
+    """The paged KV cache: [layers, 2, blocks, kv_heads, block_size, head_dim] of `dtype`.
+
+    The number of blocks is chosen by the loader, so it is not part of the type."""
+
+    name = "llmir.kv_pool"
+
+    layers: IntAttr
+    kv_heads: IntAttr
+    head_dim: IntAttr
+    block_size: IntAttr
+    dtype: Attribute
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, block_size: int, dtype: Attribute = f32):
+        super().__init__(IntAttr(layers), IntAttr(kv_heads), IntAttr(head_dim), IntAttr(block_size), dtype)
+
+    def print_parameters(self, printer: Printer) -> None:
+        values = (self.layers, self.kv_heads, self.head_dim, self.block_size)
+        printer.print_string("<" + ", ".join(f"{k} = {v.data}" for k, v in zip(_POOL_KEYS, values)) + ", ")
+        printer.print_attribute(self.dtype)
+        printer.print_string(">")
+
+    @classmethod
+    def parse_parameters(cls, parser: AttrParser) -> list[Attribute]:
+        parser.parse_punctuation("<")
+        values = []
+        for key in _POOL_KEYS:
+            parser.parse_keyword(key)
+            parser.parse_punctuation("=")
+            values.append(IntAttr(parser.parse_integer()))
+            parser.parse_punctuation(",")
+        dtype = parser.parse_type()
+        parser.parse_punctuation(">")
+        return [*values, dtype]
+
+    def verify(self) -> None:
+        for key in _POOL_KEYS:
+            _check(getattr(self, key).data > 0, f"kv_pool {key} must be positive")
+
+
+class _LlmirOp(IRDLOperation):
+    traits = traits_def(Pure())
+
+
+@irdl_op_definition
+class WeightOp(_LlmirOp):
+    """A named weight tensor of the model (a checkpoint tensor, or one the compiler made)."""
+
+    name = "llmir.weight"
+    weight = prop_def(StringAttr)
+    result = result_def(TensorType)
+
+    def __init__(self, weight: str, shape: Sequence[int]):
+        super().__init__(properties={"weight": StringAttr(weight)}, result_types=[tensor(*shape)])
+
+    def verify_(self) -> None:
+        _check(all(d >= 0 for d in shape_of(self.result)), "weights have static shapes")
+
+
+@irdl_op_definition
+class ConcatOp(_LlmirOp):
+    """Concatenation along `axis`; on weights it is folded into the bundle at compile time."""
+
+    name = "llmir.concat"
+    inputs = var_operand_def(TensorType)
+    axis = prop_def(IntegerAttr)
+    result = result_def(TensorType)
+
+    def __init__(self, inputs: Sequence[SSAValue], axis: int = 0):
+        shapes = [shape_of(v) for v in inputs]
+        out = list(shapes[0])
+        out[axis] = sum(s[axis] for s in shapes)
+        super().__init__(operands=[inputs], properties={"axis": _i(axis)}, result_types=[tensor(*out)])
+
+    def verify_(self) -> None:
+        shapes = [shape_of(v) for v in self.inputs]
+        axis = self.axis.value.data
+        _check(len(shapes) >= 1, "concat needs inputs")
+        for s in shapes:
+            _check(len(s) == len(shapes[0]) and 0 <= axis < len(s), "concat: rank or axis mismatch")
+            _check(all(a == b for d, (a, b) in enumerate(zip(s, shapes[0])) if d != axis),
+                   f"concat: shapes {shapes} differ off axis {axis}")
+
+
+@irdl_op_definition
+class SplitOp(_LlmirOp):
+    """Splits the columns of a 2-D tensor into consecutive parts (views: no copy at run time)."""
+
+    name = "llmir.split"
+    input = operand_def(TensorType)
+    sizes = prop_def(DenseArrayBase)
+    outputs = var_result_def(TensorType)
+
+    def __init__(self, input: SSAValue, sizes: Sequence[int]):
+        rows, _ = _rows(input)
+        super().__init__(operands=[input], properties={"sizes": DenseArrayBase.from_list(i64, list(sizes))},
+                         result_types=[[tensor(rows, n) for n in sizes]])
+
+    def verify_(self) -> None:
+        rows, cols = _rows(self.input)
+        sizes = self.sizes.get_values()
+        _check(sum(sizes) == cols, f"split sizes {sizes} do not add up to {cols} columns")
+        _check(len(sizes) == len(self.outputs), "split: one result per size")
+        for r, n in zip(self.outputs, sizes):
+            _check(shape_of(r) == (rows, n), "split: result shape mismatch")
+
+
+@irdl_op_definition
+class EmbeddingOp(_LlmirOp):
+    """out[t] = table[token_ids[t]]"""
+
+    name = "llmir.embedding"
+    table = operand_def(TensorType)
+    token_ids = operand_def(TensorType)
+    result = result_def(TensorType)
+
+    def __init__(self, table: SSAValue, token_ids: SSAValue):
+        super().__init__(operands=[table, token_ids],
+                         result_types=[tensor(shape_of(token_ids)[0], shape_of(table)[1])])
+
+    def verify_(self) -> None:
+        _, dim = _rows(self.table, what="embedding table")
+        _check(len(shape_of(self.token_ids)) == 1, "embedding: token ids must be 1-D")
+        _rows(self.result, dim, "embedding result")
+
+
+@irdl_op_definition
+class RMSNormOp(_LlmirOp):
+    """out = x * rsqrt(mean(x^2, axis=-1) + eps) * weight"""
+
+    name = "llmir.rms_norm"
+    input = operand_def(TensorType)
+    weight = operand_def(TensorType)
+    eps = prop_def(FloatAttr)
+    result = result_def(TensorType)
+
+    def __init__(self, input: SSAValue, weight: SSAValue, eps: float):
+        super().__init__(operands=[input, weight], properties={"eps": _f(eps)}, result_types=[input.type])
+
+    def verify_(self) -> None:
+        _, dim = _rows(self.input)
+        _check(shape_of(self.weight) == (dim,), f"rms_norm weight must be [{dim}]")
+
+
+@irdl_op_definition
+class LayerNormOp(_LlmirOp):
+    """out = (x - mean) * rsqrt(var + eps) * weight [+ bias]"""
+
+    name = "llmir.layer_norm"
+    input = operand_def(TensorType)
+    weight = operand_def(TensorType)
+    bias = opt_operand_def(TensorType)
+    eps = prop_def(FloatAttr)
+    result = result_def(TensorType)
+
+    irdl_options = (AttrSizedOperandSegments(as_property=True),)
+
+    def __init__(self, input: SSAValue, weight: SSAValue, bias: SSAValue | None, eps: float):
+        super().__init__(operands=[input, weight, [bias] if bias else []], properties={"eps": _f(eps)},
+                         result_types=[input.type])
+
+    def verify_(self) -> None:
+        _, dim = _rows(self.input)
+        _check(shape_of(self.weight) == (dim,), f"layer_norm weight must be [{dim}]")
+        _check(self.bias is None or shape_of(self.bias) == (dim,), f"layer_norm bias must be [{dim}]")
+
+
+@irdl_op_definition
+class LinearOp(_LlmirOp):
+    """out = x @ weight^T [+ bias] [+ residual]; weight is [out_features, in_features]."""
+
+    name = "llmir.linear"
+    input = operand_def(TensorType)
+    weight = operand_def(TensorType)
+    bias = opt_operand_def(TensorType)
+    residual = opt_operand_def(TensorType)
+    result = result_def(TensorType)
+
+    irdl_options = (AttrSizedOperandSegments(as_property=True),)
+
+    def __init__(self, input: SSAValue, weight: SSAValue, bias: SSAValue | None = None,
+                 residual: SSAValue | None = None):
+        rows, _ = _rows(input)
+        n = shape_of(weight)[0]
+        super().__init__(operands=[input, weight, [bias] if bias else [], [residual] if residual else []],
+                         result_types=[tensor(rows, n)])
+
+    def verify_(self) -> None:
+        rows, k = _rows(self.input)
+        n, wk = _rows(self.weight, what="linear weight")
+        _check(wk == k, f"linear: input has {k} features, weight expects {wk}")
+        _check(self.bias is None or shape_of(self.bias) == (n,), f"linear bias must be [{n}]")
+        _check(self.residual is None or shape_of(self.residual) == (rows, n), "linear residual shape mismatch")
+        _check(shape_of(self.result) == (rows, n), "linear: result shape mismatch")
+
+
+@irdl_op_definition
+class RopeOp(_LlmirOp):
+    """Rotary position embedding of each head of x at `positions`.
+
+    `inv_freq` holds the rotary_dim/2 inverse frequencies (scaling already applied),
+    `scaling` multiplies cos and sin; style is `neox` (half-split) or `interleaved`."""
+
+    name = "llmir.rope"
+    input = operand_def(TensorType)
+    positions = operand_def(TensorType)
+    num_heads = prop_def(IntegerAttr)
+    head_dim = prop_def(IntegerAttr)
+    inv_freq = prop_def(DenseArrayBase)
+    scaling = prop_def(FloatAttr)
+    style = prop_def(StringAttr)
+    result = result_def(TensorType)
+
+    def __init__(self, input: SSAValue, positions: SSAValue, num_heads: int, head_dim: int,
+                 inv_freq: Sequence[float], scaling: float = 1.0, style: str = "neox"):
+        super().__init__(operands=[input, positions], result_types=[input.type], properties={
+            "num_heads": _i(num_heads), "head_dim": _i(head_dim),
+            "inv_freq": DenseArrayBase.from_list(f32, [float(x) for x in inv_freq]),
+            "scaling": _f(scaling), "style": StringAttr(style)})
+
+    def verify_(self) -> None:
+        h, d = self.num_heads.value.data, self.head_dim.value.data
+        _rows(self.input, h * d)
+        half = len(self.inv_freq.get_values())
+        _check(0 < 2 * half <= d, f"rope: rotary dim {2 * half} exceeds head dim {d}")
+        _check(self.style.data in ("neox", "interleaved"), f"rope: unknown style {self.style.data}")
+
+
+class _AttentionShape(_LlmirOp):
+    num_heads = prop_def(IntegerAttr)
+    num_kv_heads = prop_def(IntegerAttr)
+    head_dim = prop_def(IntegerAttr)
+    scale = prop_def(FloatAttr)
+    sliding_window = prop_def(IntegerAttr)  # 0: attend to the whole prefix
+
+    def _dims(self) -> tuple[int, int, int]:
+        h, g, d = (a.value.data for a in (self.num_heads, self.num_kv_heads, self.head_dim))
+        _check(h > 0 and g > 0 and d > 0 and h % g == 0, f"attention: {h} heads not divisible into {g} kv heads")
+        return h, g, d
+
+    @staticmethod
+    def props(num_heads, num_kv_heads, head_dim, scale, sliding_window) -> dict[str, Attribute]:
+        return {"num_heads": _i(num_heads), "num_kv_heads": _i(num_kv_heads), "head_dim": _i(head_dim),
+                "scale": _f(scale), "sliding_window": _i(sliding_window or 0)}
+
+
+@irdl_op_definition
+class AttentionOp(_AttentionShape):
+    """Causal multi-head attention of one whole sequence (grouped-query when kv heads < heads).
+
+    Full-sequence semantics: no cache. The paged-kv pass turns it into kv_append +
+    paged_attention, which is what makes incremental decoding possible."""
+
+    name = "llmir.attention"
+    q = operand_def(TensorType)
+    k = operand_def(TensorType)
+    v = operand_def(TensorType)
+    result = result_def(TensorType)
+
+    def __init__(self, q, k, v, *, num_heads, num_kv_heads, head_dim, scale, sliding_window=0):
+        super().__init__(operands=[q, k, v], result_types=[q.type],
+                         properties=self.props(num_heads, num_kv_heads, head_dim, scale, sliding_window))
+
+    def verify_(self) -> None:
+        h, g, d = self._dims()
+        rows, _ = _rows(self.q, h * d, "q")
+        _rows(self.k, g * d, "k")
+        _rows(self.v, g * d, "v")
+
+
+@irdl_op_definition
+class KVAppendOp(_LlmirOp):
+    """Writes each token's K and V of `layer` into the pool at slot_mapping[t]; returns the pool."""
+
+    name = "llmir.kv_append"
+    k = operand_def(TensorType)
+    v = operand_def(TensorType)
+    slot_mapping = operand_def(TensorType)
+    pool = operand_def(KVPoolType)
+    layer = prop_def(IntegerAttr)
+    result = result_def(KVPoolType)
+
+    def __init__(self, k, v, slot_mapping, pool, layer: int):
+        super().__init__(operands=[k, v, slot_mapping, pool], properties={"layer": _i(layer)},
+                         result_types=[pool.type])
+
+    def verify_(self) -> None:
+        pool = self.pool.type
+        assert isinstance(pool, KVPoolType)
+        width = pool.kv_heads.data * pool.head_dim.data
+        _rows(self.k, width, "k")
+        _rows(self.v, width, "v")
+        _check(0 <= self.layer.value.data < pool.layers.data, "kv_append: layer out of range")
+
+
+@irdl_op_definition
+class PagedAttentionOp(_AttentionShape):
+    """Attention of each query token over its sequence's keys in the pool (via the block table)."""
+
+    name = "llmir.paged_attention"
+    q = operand_def(TensorType)
+    pool = operand_def(KVPoolType)
+    block_tables = operand_def(TensorType)
+    seq_lens = operand_def(TensorType)
+    query_start_loc = operand_def(TensorType)
+    positions = operand_def(TensorType)
+    layer = prop_def(IntegerAttr)
+    result = result_def(TensorType)
+
+    def __init__(self, q, pool, block_tables, seq_lens, query_start_loc, positions, *, layer,
+                 num_heads, num_kv_heads, head_dim, scale, sliding_window=0):
+        props = self.props(num_heads, num_kv_heads, head_dim, scale, sliding_window)
+        props["layer"] = _i(layer)
+        super().__init__(operands=[q, pool, block_tables, seq_lens, query_start_loc, positions],
+                         properties=props, result_types=[q.type])
+
+    def verify_(self) -> None:
+        h, g, d = self._dims()
+        _rows(self.q, h * d, "q")
+        pool = self.pool.type
+        assert isinstance(pool, KVPoolType)
+        _check((pool.kv_heads.data, pool.head_dim.data) == (g, d), "paged_attention: pool shape mismatch")
+        _check(len(shape_of(self.block_tables)) == 2, "block_tables must be 2-D")
+
+
+@irdl_op_definition
+class ActMulOp(_LlmirOp):
+    """out = act(gate) * up (SwiGLU / GeGLU)."""
+
+    name = "llmir.act_mul"
+    gate = operand_def(TensorType)
+    up = operand_def(TensorType)
+    act = prop_def(StringAttr)
+    result = result_def(TensorType)
+
+    def __init__(self, gate: SSAValue, up: SSAValue, act: str):
+        super().__init__(operands=[gate, up], properties={"act": StringAttr(act)}, result_types=[gate.type])
+
+    def verify_(self) -> None:
+        _check(self.act.data in ACTIVATIONS, f"unknown activation {self.act.data}")
+        _check(shape_of(self.gate) == shape_of(self.up), "act_mul: gate and up shapes differ")
+
+
+@irdl_op_definition
+class ActOp(_LlmirOp):
+    """out = act(x)"""
+
+    name = "llmir.act"
+    input = operand_def(TensorType)
+    act = prop_def(StringAttr)
+    result = result_def(TensorType)
+
+    def __init__(self, input: SSAValue, act: str):
+        super().__init__(operands=[input], properties={"act": StringAttr(act)}, result_types=[input.type])
+
+    def verify_(self) -> None:
+        _check(self.act.data in ACTIVATIONS, f"unknown activation {self.act.data}")
+
+
+@irdl_op_definition
+class AddOp(_LlmirOp):
+    """out = lhs + rhs (same shapes)."""
+
+    name = "llmir.add"
+    lhs = operand_def(TensorType)
+    rhs = operand_def(TensorType)
+    result = result_def(TensorType)
+
+    def __init__(self, lhs: SSAValue, rhs: SSAValue):
+        super().__init__(operands=[lhs, rhs], result_types=[lhs.type])
+
+    def verify_(self) -> None:
+        _check(shape_of(self.lhs) == shape_of(self.rhs), "add: operand shapes differ")
+
+
+@irdl_op_definition
+class GatherRowsOp(_LlmirOp):
+    """out[i] = input[indices[i]]: keeps the rows that are still needed (e.g. for logits)."""
+
+    name = "llmir.gather_rows"
+    input = operand_def(TensorType)
+    indices = operand_def(TensorType)
+    result = result_def(TensorType)
+
+    def __init__(self, input: SSAValue, indices: SSAValue):
+        _, cols = _rows(input)
+        super().__init__(operands=[input, indices], result_types=[tensor(shape_of(indices)[0], cols)])
+
+    def verify_(self) -> None:
+        _check(len(shape_of(self.indices)) == 1, "gather_rows: indices must be 1-D")
+
+
+LLMIR = Dialect(
+    "llmir",
+    [WeightOp, ConcatOp, SplitOp, EmbeddingOp, RMSNormOp, LayerNormOp, LinearOp, RopeOp, AttentionOp,
+     KVAppendOp, PagedAttentionOp, ActMulOp, ActOp, AddOp, GatherRowsOp],
+    [KVPoolType],
+)
+
+# Names of the forward function's arguments, carried as the `llmir.arg` arg attribute.
+ARG_ATTR = "llmir.arg"
+I32_VECTOR = tensor(DYN, dtype=i32)
+__all__ = [name for name in dir() if name.endswith("Op")] + ["KVPoolType", "LLMIR", "tensor", "DYN", "ARG_ATTR"]

@@ -1,0 +1,118 @@
+"""A Hugging Face checkpoint directory: config.json + safetensors (single or sharded) + tokenizer.
+
+Tensors are memory-mapped and read one at a time, so compiling never holds the checkpoint
+twice. Shard paths from the index must stay inside the checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from llmirc.artifact_format.safetensors import SafetensorsFile, open_safetensors
+from llmirc.errors import CheckpointError
+
+from .hf_config import DecoderSpec, load_config, parse_config
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
+
+
+class Checkpoint:
+    def __init__(self, root: Path):
+        self.root = root
+        if not root.is_dir():
+            raise CheckpointError(f"{root}: not a checkpoint directory")
+        self.config_path = root / "config.json"
+        self.config = load_config(self.config_path)
+        self.spec: DecoderSpec = parse_config(self.config, str(self.config_path))
+        self._where = self._index()  # tensor name -> shard path
+        self._files: dict[Path, SafetensorsFile] = {}
+
+    def _index(self) -> dict[str, Path]:
+        single, index = self.root / "model.safetensors", self.root / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                data = json.loads(index.read_text(encoding="utf-8"))
+                weight_map = data["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (ValueError, KeyError, AssertionError, UnicodeDecodeError):
+                raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+            return {name: self._inside(index, shard) for name, shard in weight_map.items()}
+        if single.is_file():
+            with self._open(single) as f:
+                return {name: single for name in f.names()}
+        if any((self.root / p).exists() for p in PICKLE_FILES):
+            raise CheckpointError(f"{self.root}: only pickle-based PyTorch weights found; llmirc reads safetensors "
+                                  "only (pickles can run code): convert the checkpoint to safetensors")
+        raise CheckpointError(f"{self.root}: no model.safetensors or model.safetensors.index.json")
+
+    def _inside(self, index: Path, shard: object) -> Path:
+        if not isinstance(shard, str) or not shard or Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise CheckpointError(f"{index}: shard path {shard!r} leaves the checkpoint directory")
+        path = (self.root / shard).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise CheckpointError(f"{index}: shard path {shard!r} leaves the checkpoint directory")
+        if not path.is_file():
+            raise CheckpointError(f"{index}: shard {shard} is missing")
+        return path
+
+    @staticmethod
+    def _open(path: Path) -> SafetensorsFile:
+        return open_safetensors(path, error_cls=CheckpointError)
+
+    def _file(self, name: str) -> SafetensorsFile:
+        path = self._where.get(name)
+        if path is None:
+            raise CheckpointError(f"{self.root}: tensor '{name}' is missing from the checkpoint")
+        if path not in self._files:
+            self._files[path] = self._open(path)
+        f = self._files[path]
+        if name not in f.names():
+            raise CheckpointError(f"{path}: tensor '{name}' listed in the index is not in the file")
+        return f
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file(name).info(name)[1])
+
+    def dtype(self, name: str) -> str:
+        return self._file(name).info(name)[0]
+
+    def float32(self, name: str) -> np.ndarray:
+        """The tensor as float32 (a zero-copy view of the mapped file when it is stored as F32)."""
+        f = self._file(name)
+        dtype = f.info(name)[0]
+        if dtype not in ("F32", "F16", "BF16"):
+            raise CheckpointError(f"{self._where[name]}: tensor '{name}' has dtype {dtype}; "
+                                  "weights must be F32, F16 or BF16")
+        return f.as_float32(name)
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.root / n for n in TOKENIZER_FILES if (self.root / n).is_file()]
+
+    def generation_config(self) -> dict:
+        path = self.root / "generation_config.json"
+        return load_config(path) if path.is_file() else {}
+
+    def fingerprint(self) -> str:
+        """sha256 over config.json and each shard's name, size and first 64 KiB (its header).
+
+        Cheap identification of the source; the bundle's own weights carry full checksums."""
+        h = hashlib.sha256(self.config_path.read_bytes())
+        for path in sorted(set(self._where.values())):
+            h.update(path.name.encode())
+            h.update(str(path.stat().st_size).encode())
+            with open(path, "rb") as fh:
+                h.update(fh.read(1 << 16))
+        return h.hexdigest()
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()

@@ -1,0 +1,75 @@
+"""DecoderSpec + checkpoint tensor names -> the llmir graph of a Llama-family decoder.
+
+The graph is the plain full-sequence forward (attention over the whole sequence, logits for
+every token); the pass pipeline turns it into the paged, incremental form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from xdsl.builder import ImplicitBuilder
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, ModuleOp, StringAttr, i32
+from xdsl.ir import SSAValue
+
+from llmirc import dialect as L
+from llmirc.errors import CheckpointError
+
+from .hf_config import DecoderSpec
+
+# shape_check(name, expected_shape) raises if the checkpoint disagrees; returns whether it exists.
+ShapeCheck = Callable[[str, tuple[int, ...]], None]
+
+
+def arg_attrs(*names: str) -> ArrayAttr:
+    return ArrayAttr([DictionaryAttr({L.ARG_ATTR: StringAttr(n)}) for n in names])
+
+
+def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[str], bool]) -> ModuleOp:
+    s = spec
+    q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    ids_type = L.tensor(L.DYN, dtype=i32)
+    forward = func.FuncOp("forward", ([ids_type, ids_type], [L.tensor(L.DYN, s.vocab_size)]),
+                          arg_attrs=arg_attrs("token_ids", "positions"))
+
+    def weight(name: str, *shape: int) -> SSAValue:
+        check(name, shape)
+        return L.WeightOp(name, shape).result
+
+    def linear(x, prefix: str, n: int, k: int, bias: bool) -> SSAValue:
+        b = weight(f"{prefix}.bias", n) if bias else None
+        return L.LinearOp(x, weight(f"{prefix}.weight", n, k), b).result
+
+    with ImplicitBuilder(forward.body) as (token_ids, positions):
+        embed = weight("model.embed_tokens.weight", s.vocab_size, s.hidden_size)
+        h = L.EmbeddingOp(embed, token_ids).result
+        for i in range(s.num_layers):
+            p = f"model.layers.{i}"
+            x = L.RMSNormOp(h, weight(f"{p}.input_layernorm.weight", s.hidden_size), s.norm_eps).result
+            q = linear(x, f"{p}.self_attn.q_proj", q_dim, s.hidden_size, s.qkv_bias)
+            k = linear(x, f"{p}.self_attn.k_proj", kv_dim, s.hidden_size, s.qkv_bias)
+            v = linear(x, f"{p}.self_attn.v_proj", kv_dim, s.hidden_size, s.qkv_bias)
+            rope = dict(head_dim=s.head_dim, inv_freq=s.rope.inv_freq, scaling=s.rope.scaling, style=s.rope.style)
+            q = L.RopeOp(q, positions, num_heads=s.num_heads, **rope).result
+            k = L.RopeOp(k, positions, num_heads=s.num_kv_heads, **rope).result
+            a = L.AttentionOp(q, k, v, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
+                              scale=s.attention_scale, sliding_window=s.sliding_windows[i]).result
+            h = L.AddOp(h, linear(a, f"{p}.self_attn.o_proj", s.hidden_size, q_dim, s.o_bias)).result
+            x = L.RMSNormOp(h, weight(f"{p}.post_attention_layernorm.weight", s.hidden_size), s.norm_eps).result
+            gate = linear(x, f"{p}.mlp.gate_proj", s.intermediate_size, s.hidden_size, s.mlp_bias)
+            up = linear(x, f"{p}.mlp.up_proj", s.intermediate_size, s.hidden_size, s.mlp_bias)
+            m = L.ActMulOp(gate, up, s.act).result
+            h = L.AddOp(h, linear(m, f"{p}.mlp.down_proj", s.hidden_size, s.intermediate_size, s.mlp_bias)).result
+        h = L.RMSNormOp(h, weight("model.norm.weight", s.hidden_size), s.norm_eps).result
+        if s.tie_word_embeddings or not has_tensor("lm_head.weight"):
+            if not s.tie_word_embeddings:
+                raise CheckpointError("checkpoint has no 'lm_head.weight' and config.json does not set "
+                                      "tie_word_embeddings")
+            head = embed
+        else:
+            head = weight("lm_head.weight", s.vocab_size, s.hidden_size)
+        func.ReturnOp(L.LinearOp(h, head).result)
+    module = ModuleOp([forward])
+    module.verify()
+    return module

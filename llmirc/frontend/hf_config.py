@@ -1,0 +1,260 @@
+"""Hugging Face `config.json` -> DecoderSpec: every field that changes the math, validated.
+
+Anything a config can say that we do not implement is an error naming the option, never
+silently different math. Rotary tables follow transformers' `modeling_rope_utils` in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llmirc.errors import CheckpointError
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu_new": "gelu_tanh", "relu": "relu"}
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    inv_freq: tuple[float, ...]  # rotary_dim / 2 float32 values
+    scaling: float = 1.0         # multiplies cos and sin (yarn's attention factor)
+    style: str = "neox"
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    act: str
+    max_position_embeddings: int
+    rope: RopeSpec
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    sliding_windows: tuple[int, ...]  # per layer; 0 = full attention
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def attention_scale(self) -> float:
+        return self.head_dim ** -0.5
+
+
+def load_config(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found (a Hugging Face checkpoint needs config.json)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return config
+
+
+class _Reader:
+    """Typed access to config fields with errors that name the file and the field."""
+
+    def __init__(self, config: dict, source: str):
+        self.config, self.source = config, source
+
+    def fail(self, message: str) -> CheckpointError:
+        return CheckpointError(f"{self.source}: {message}")
+
+    def get(self, key: str, kind: type | tuple, default=None, required: bool = False, positive: bool = False):
+        value = self.config.get(key)
+        if value is None:
+            if required:
+                raise self.fail(f"missing required field '{key}'")
+            return default
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise self.fail(f"field '{key}' must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+        if positive and not value > 0:
+            raise self.fail(f"field '{key}' must be positive, got {value!r}")
+        return value
+
+
+def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
+    r = _Reader(config, source)
+    archs = r.get("architectures", list)
+    model_type = r.get("model_type", str)
+    if archs:
+        if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+            raise r.fail(f"unsupported architecture {', '.join(map(str, archs))} "
+                         f"(supported: {', '.join(ARCHITECTURES)})")
+        arch = archs[0]
+    else:
+        by_type = {v: k for k, v in ARCHITECTURES.items()}
+        if model_type not in by_type:
+            raise r.fail(f"unsupported model_type {model_type!r} and no 'architectures' field")
+        arch = by_type[model_type]
+    family = ARCHITECTURES[arch]
+
+    hidden = r.get("hidden_size", int, required=True, positive=True)
+    heads = r.get("num_attention_heads", int, required=True, positive=True)
+    kv_heads = r.get("num_key_value_heads", int, default=heads, positive=True)
+    head_dim = r.get("head_dim", int, default=None, positive=True)
+    if head_dim is None:
+        if hidden % heads:
+            raise r.fail(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        head_dim = hidden // heads
+    if heads % kv_heads:
+        raise r.fail(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    act_name = r.get("hidden_act", str, default="silu")
+    if act_name not in ACTIVATIONS:
+        raise r.fail(f"unsupported hidden_act {act_name!r} (supported: {', '.join(ACTIVATIONS)})")
+    for unsupported in ("attention_chunk_size", "attn_logit_softcapping", "final_logit_softcapping"):
+        if config.get(unsupported) is not None:
+            raise r.fail(f"unsupported option '{unsupported}'")
+
+    layers = r.get("num_hidden_layers", int, required=True, positive=True)
+    max_pos = r.get("max_position_embeddings", int, default=2048, positive=True)
+    eos = config.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+    qkv_bias = {"llama": r.get("attention_bias", bool, default=False), "mistral": False, "qwen2": True}[family]
+    o_bias = family == "llama" and qkv_bias
+    mlp_bias = family == "llama" and r.get("mlp_bias", bool, default=False)
+    return DecoderSpec(
+        architecture=arch,
+        vocab_size=r.get("vocab_size", int, required=True, positive=True),
+        hidden_size=hidden,
+        intermediate_size=r.get("intermediate_size", int, required=True, positive=True),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        norm_eps=r.get("rms_norm_eps", float, default=1e-6, positive=True),
+        act=ACTIVATIONS[act_name],
+        max_position_embeddings=max_pos,
+        rope=_rope_spec(r, head_dim, max_pos),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
+        tie_word_embeddings=r.get("tie_word_embeddings", bool, default=False),
+        sliding_windows=_sliding_windows(r, family, layers),
+        bos_token_id=r.get("bos_token_id", int),
+        eos_token_ids=eos_ids,
+        pad_token_id=r.get("pad_token_id", int),
+    )
+
+
+def _sliding_windows(r: _Reader, family: str, layers: int) -> tuple[int, ...]:
+    if family == "llama":
+        return (0,) * layers
+    window = r.get("sliding_window", int, positive=True)
+    layer_types = r.get("layer_types", list)
+    if layer_types is not None:
+        if len(layer_types) != layers or not set(layer_types) <= {"full_attention", "sliding_attention"}:
+            raise r.fail("field 'layer_types' must list 'full_attention'/'sliding_attention' for each layer")
+        if "sliding_attention" in layer_types and window is None:
+            raise r.fail("layer_types has sliding_attention layers but sliding_window is not set")
+        return tuple(window if t == "sliding_attention" else 0 for t in layer_types)
+    if window is None:
+        return (0,) * layers
+    if family == "qwen2":  # transformers: sliding only if use_sliding_window, from max_window_layers on
+        if not r.get("use_sliding_window", bool, default=False):
+            return (0,) * layers
+        first = r.get("max_window_layers", int, default=28)
+        return tuple(window if i >= first else 0 for i in range(layers))
+    return (window,) * layers
+
+
+def _rope_spec(r: _Reader, head_dim: int, max_pos: int) -> RopeSpec:
+    params = dict(r.get("rope_parameters", dict) or r.get("rope_scaling", dict) or {})
+    if "layer_types" in r.config and any(isinstance(v, dict) for v in params.values()):
+        raise r.fail("per-layer rope_parameters are not supported")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta", r.get("rope_theta", float, default=10000.0))
+    partial = params.get("partial_rotary_factor", r.get("partial_rotary_factor", float, default=1.0))
+    if rope_type not in ROPE_TYPES:
+        raise r.fail(f"unsupported rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+    if not isinstance(theta, (int, float)) or theta <= 0:
+        raise r.fail(f"rope_theta must be a positive number, got {theta!r}")
+    dim = int(head_dim * partial)
+    if dim < 2 or dim > head_dim:
+        raise r.fail(f"partial_rotary_factor {partial} gives rotary dim {dim} for head_dim {head_dim}")
+
+    def need(key: str) -> float:
+        value = params.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise r.fail(f"rope type {rope_type!r} needs a numeric '{key}'")
+        return float(value)
+
+    f32 = np.float32
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(f32) / f32(dim)
+    pos_freqs = f32(theta) ** exponents
+    inv_freq = f32(1.0) / pos_freqs
+    scaling = 1.0
+    if rope_type == "linear":
+        inv_freq = inv_freq / f32(need("factor"))
+    elif rope_type == "dynamic":
+        # transformers rescales only past max_position_embeddings, which the runtime never exceeds.
+        need("factor")
+    elif rope_type == "llama3":
+        factor, low, high = need("factor"), need("low_freq_factor"), need("high_freq_factor")
+        old_len = need("original_max_position_embeddings")
+        low_wavelen, high_wavelen = f32(old_len / low), f32(old_len / high)
+        wavelen = f32(2 * math.pi) / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / f32(factor), inv_freq).astype(f32)
+        smooth = (f32(old_len) / wavelen - f32(low)) / f32(high - low)
+        smoothed = (f32(1) - smooth) * scaled / f32(factor) + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(f32)
+    elif rope_type == "yarn":
+        inv_freq, scaling = _yarn(params, need, float(theta), dim, max_pos)
+    return RopeSpec(inv_freq=tuple(float(x) for x in np.asarray(inv_freq, dtype=f32)), scaling=float(scaling))
+
+
+def _yarn(params: dict, need, base: float, dim: int, max_pos: int):
+    f32 = np.float32
+    original = params.get("original_max_position_embeddings", max_pos)
+    factor = params.get("factor") or max_pos / original
+    mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+
+    def get_mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all \
+            else get_mscale(factor)
+    beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=f32) - f32(low)) / f32(high - low), 0, 1).astype(f32)
+    extrapolation = f32(1) - ramp
+    pos_freqs = f32(base) ** (np.arange(0, dim, 2).astype(f32) / f32(dim))
+    inv = (f32(1) / (f32(factor) * pos_freqs)) * (f32(1) - extrapolation) + (f32(1) / pos_freqs) * extrapolation
+    return inv.astype(f32), float(attention)

@@ -1,0 +1,82 @@
+"""fuse-linears: sibling linear ops that read the same input become one wider linear.
+
+This is q/k/v projection fusion and gate/up fusion: one pass over the weights instead of
+several, and one kernel launch. The weight concatenation is folded into the bundle.
+
+Before:
+    %q = "llmir.linear"(%x, %wq, %bq)   %k = "llmir.linear"(%x, %wk, %bk)   %v = "llmir.linear"(%x, %wv, %bv)
+After:
+    %w = "llmir.concat"(%wq, %wk, %wv) {axis = 0}    %b = "llmir.concat"(%bq, %bk, %bv) {axis = 0}
+    %qkv = "llmir.linear"(%x, %w, %b)
+    %q, %k, %v = "llmir.split"(%qkv) {sizes = [Nq, Nk, Nv]}
+
+Only linears without a residual operand, whose weights (and biases) are `llmir.weight` ops,
+and that agree on having a bias, are fused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xdsl.context import Context
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.ir import Operation, SSAValue
+from xdsl.passes import ModulePass
+
+from llmirc.dialect import ConcatOp, LinearOp, SplitOp, WeightOp, shape_of
+
+
+def _fusible(op: Operation, x: SSAValue) -> bool:
+    return (isinstance(op, LinearOp) and op.input is x and op.residual is None
+            and isinstance(op.weight.owner, WeightOp)
+            and (op.bias is None or isinstance(op.bias.owner, WeightOp)))
+
+
+def _concat(values: list[SSAValue], before: Operation) -> SSAValue:
+    """Concatenation of weight ops, re-created at `before` so that every part dominates it."""
+    parts = [WeightOp(v.owner.weight.data, shape_of(v)) for v in values]
+    concat = ConcatOp([p.result for p in parts], axis=0)
+    for new in (*parts, concat):
+        before.parent_block().insert_op_before(new, before)
+    return concat.result
+
+
+def fuse_siblings(x: SSAValue) -> int:
+    users = []
+    for use in x.uses:
+        if _fusible(use.operation, x) and use.operation not in users:
+            users.append(use.operation)
+    fused = 0
+    for with_bias in (False, True):
+        group = [op for op in users if (op.bias is not None) == with_bias]
+        if len(group) < 2:
+            continue
+        block = group[0].parent_block()
+        group.sort(key=block.get_operation_index)
+        first = group[0]
+        w = _concat([op.weight for op in group], first)
+        b = _concat([op.bias for op in group], first) if with_bias else None
+        linear = LinearOp(x, w, b)
+        split = SplitOp(linear.result, [shape_of(op.weight)[0] for op in group])
+        block.insert_op_before(linear, first)
+        block.insert_op_before(split, first)
+        for op, part in zip(group, split.outputs):
+            op.result.replace_all_uses_with(part)
+            block.erase_op(op)
+        fused += 1
+    return fused
+
+
+@dataclass(frozen=True)
+class FuseLinears(ModulePass):
+    name = "fuse-linears"
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        values: list[SSAValue] = []
+        for inner in op.walk():
+            values.extend(inner.results)
+            for region in inner.regions:
+                for block in region.blocks:
+                    values.extend(block.args)
+        for x in values:
+            fuse_siblings(x)

@@ -1,0 +1,88 @@
+"""The optimization pipeline, read top to bottom, in named phases.
+
+`--passes` replaces the phases with the user's own textual pipeline; the target's required
+lowering (REQUIRED) always runs after it and is a no-op where it has already happened.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import TextIO
+
+from xdsl.context import Context
+from xdsl.dialects import builtin, func
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.passes import ModulePass, PassPipeline
+from xdsl.printer import Printer
+from xdsl.utils.exceptions import VerifyException
+
+from llmirc.dialect import LLMIR
+from llmirc.errors import LlmircError
+
+from . import PASSES
+
+PHASES: list[tuple[str, str]] = [
+    # Phase 1: clean up what the front end emitted.
+    ("cleanup", "canonicalize,cse"),
+    # Phase 2: LLM-specific rewrites on the high-level graph.
+    ("llm-fusion", "prune-logits,cse,fuse-linears,fuse-residual-add"),
+    # Phase 3: the paged KV cache: full-sequence attention becomes incremental.
+    ("kv-cache", "paged-kv{block-size=16}"),
+    # Phase 4: tidy up before code generation.
+    ("finalize", "canonicalize,cse,dce"),
+]
+# What every target needs before code generation: the ABI's logits rows and paged KV cache.
+REQUIRED = "prune-logits,paged-kv,dce"
+
+
+def default_pipeline() -> str:
+    return ",".join(spec for _, spec in PHASES)
+
+
+def make_context() -> Context:
+    ctx = Context()
+    for dialect in (builtin.Builtin, func.Func, LLMIR):
+        ctx.load_dialect(dialect)
+    return ctx
+
+
+def print_ir(module: ModuleOp, generic: bool = True) -> str:
+    out = io.StringIO()
+    Printer(stream=out, print_generic_format=generic).print_op(module)
+    return out.getvalue() + "\n"
+
+
+def parse_passes(spec: str) -> list[ModulePass]:
+    try:
+        return list(PassPipeline.parse_spec({n: (lambda p=p: p) for n, p in PASSES.items()}, spec).passes)
+    except ValueError as e:
+        raise LlmircError(f"--passes {spec!r}: {e} (available: {', '.join(sorted(PASSES))})") from None
+    except Exception as e:  # xDSL's spec parser raises its own errors on bad syntax or options
+        raise LlmircError(f"--passes {spec!r}: {str(e).splitlines()[0]}") from None
+
+
+def run_passes(module: ModuleOp, spec: str | None = None, *, print_after_all: TextIO | None = None,
+               on_pass: Callable[[str], None] | None = None) -> list[str]:
+    """Runs the user's (or default) pipeline then REQUIRED; verifies after every pass.
+
+    Returns the names of the passes that ran, in order."""
+    ctx = make_context()
+    passes = parse_passes(spec if spec is not None else default_pipeline()) + parse_passes(REQUIRED)
+    ran = []
+    for p in passes:
+        if on_pass:
+            on_pass(p.name)
+        p.apply(ctx, module)
+        try:
+            module.verify()
+        except VerifyException as e:
+            raise AssertionError(f"IR does not verify after pass {p.name}: {e}") from e
+        ran.append(p.name)
+        if print_after_all is not None:
+            print_after_all.write(f"// -----// IR Dump After {p.name} //----- //\n")
+            print_after_all.write(print_ir(module))
+    return ran
+
+
+

@@ -1,0 +1,68 @@
+"""The plan's kernel calls as one LLVM function, `llmir_forward(dims, ptrs)` (DESIGN.md, the ABI).
+
+The host makes one call per step; this function computes every argument (workspace offsets
+from T and L, column offsets of views, dims) and calls the kernels in order.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+
+from llmirc.targets.plan import ABI_INPUTS, DIMS, Dim, Plan, Ref
+
+ABI_VERSION = 1
+I64 = ir.IntType(64)
+F32P = ir.FloatType().as_pointer()
+I8P = ir.IntType(8).as_pointer()
+# ptrs[]: the ABI inputs, then pool, workspace, logits, then the weights in plan order.
+PTR_INDEX = {name: i for i, name in enumerate(ABI_INPUTS)}
+PTR_INDEX.update(pool=len(ABI_INPUTS), ws=len(ABI_INPUTS) + 1, logits=len(ABI_INPUTS) + 2)
+FIRST_WEIGHT = len(ABI_INPUTS) + 3
+
+
+def emit_forward(module: ir.Module, plan: Plan, kernels: dict[str, ir.Function]) -> ir.Function:
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64.as_pointer(), I8P.as_pointer()]),
+                     "llmir_forward")
+    dims_arg, ptrs_arg = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    dims = {name: b.load(b.gep(dims_arg, [ir.Constant(I64, i)]), name=name) for i, name in enumerate(DIMS)}
+
+    def ptr(index: int) -> ir.Value:
+        return b.bitcast(b.load(b.gep(ptrs_arg, [ir.Constant(I64, index)])), F32P)
+
+    slot_base = {}
+    ws = ptr(PTR_INDEX["ws"])
+    for slot in range(len(plan.slots)):
+        coef = plan.slot_offset(slot)
+        offset = b.add(b.mul(dims["T"], ir.Constant(I64, coef["T"])), b.mul(dims["L"], ir.Constant(I64, coef["L"])))
+        slot_base[slot] = b.gep(ws, [offset])
+
+    def pointer(ref: Ref) -> ir.Value:
+        if ref.space == "null":
+            return ir.Constant(F32P, None)
+        if ref.space == "ws":
+            base = slot_base[ref.index]
+        elif ref.space == "weight":
+            base = ptr(FIRST_WEIGHT + ref.index)
+        elif ref.space == "input":
+            base = ptr(PTR_INDEX[ref.index])
+        else:
+            base = ptr(PTR_INDEX[ref.space])
+        return b.gep(base, [ir.Constant(I64, ref.col)]) if ref.col else base
+
+    for call in plan.calls:
+        callee = kernels[call.symbol]
+        values = []
+        for arg, param in zip(call.args, callee.args, strict=True):
+            if isinstance(arg, Ref):
+                values.append(b.bitcast(pointer(arg), param.type))
+            elif isinstance(arg, Dim):
+                values.append(dims[arg.name])
+            else:
+                values.append(ir.Constant(param.type, arg))
+        b.call(callee, values)
+    b.ret_void()
+
+    version = ir.Function(module, ir.FunctionType(I64, []), "llmir_abi_version")
+    ir.IRBuilder(version.append_basic_block()).ret(ir.Constant(I64, ABI_VERSION))
+    return fn
