@@ -25,8 +25,8 @@ class FuseResidualIntoLinear(RewritePattern):
         for lin_value, residual in ((op.rhs, op.lhs), (op.lhs, op.rhs)):
             lin = lin_value.owner
             if isinstance(lin, LinearOp) and lin.residual is None and lin_value.has_one_use():
-                rewriter.replace_matched_op(LinearOp(lin.input, lin.weight, lin.bias, residual))
-                rewriter.erase_op(lin)
+                rewriter.replace(op, LinearOp(lin.input, lin.weight, lin.bias, residual))
+                rewriter.erase(lin)
                 return
 
 

@@ -55,16 +55,16 @@ class HoistGatherRows(RewritePattern):
         for operand in producer.operands:
             if id(operand) in row_operands:
                 gathered = L.GatherRowsOp(operand, op.indices)
-                rewriter.insert_op(gathered, InsertPoint.before(producer))
+                rewriter.insert(gathered, InsertPoint.before(producer))
                 operand = gathered.result
             new_operands.append(operand)
         clone = producer.clone()
         for i, operand in enumerate(new_operands):
             clone.operands[i] = operand
-        rewriter.insert_op(clone, InsertPoint.before(producer))
+        rewriter.insert(clone, InsertPoint.before(producer))
         for g in gathers:
-            rewriter.replace_op(g, [], [clone.results[0]])
-        rewriter.erase_op(producer)
+            rewriter.replace(g, [], [clone.results[0]])
+        rewriter.erase(producer)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,81 @@
+"""`llmirc inspect`: a summary of what a bundle holds, as a dict and as text."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from llmirc.artifact_format.reader import open_bundle
+
+
+def summary(path: Path, verify: bool = True) -> dict:
+    bundle = open_bundle(path, verify=verify)
+    m = bundle.manifest
+    files = m["files"]
+    sizes = Counter()
+    for f in files:
+        sizes[f["path"].split("/")[0]] += f["size"]
+    weights = bundle.open_safetensors(m["weights"]["file"])
+    num_params = sum(_numel(weights.info(n)[1]) for n in weights.names())
+    calls = Counter(step["kernel"] for step in m.get("plan", []))
+    return {
+        "bundle": str(bundle.root),
+        "format_version": m.get("format_version"),
+        "producer": m.get("producer"),
+        "created_utc": m.get("created_utc"),
+        "source": m.get("source"),
+        "model": m.get("model"),
+        "generation": m.get("generation"),
+        "kv_cache": m.get("kv_cache"),
+        "weights": {"file": m["weights"]["file"], "tensors": len(m["weights"]["order"]),
+                    "parameters": num_params, "fused": m["weights"].get("fused", {})},
+        "targets": [{"name": t["name"], "cpu": t.get("cpu"), "features": t.get("features"),
+                     "library": t["library"], "kernels": [k["symbol"] + ": " + k["kind"] for k in t["kernels"]]}
+                    for t in m.get("targets", [])],
+        "plan": {"kernel_calls": sum(calls.values()), "calls_per_kernel": dict(calls)},
+        "workspace_floats": m.get("abi", {}).get("workspace"),
+        "passes": m.get("passes"),
+        "ir": m.get("ir"),
+        "tokenizer": m.get("tokenizer"),
+        "sizes_bytes": dict(sizes),
+        "verified": verify,
+    }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def describe(info: dict) -> str:
+    model, kv = info["model"] or {}, info["kv_cache"] or {}
+    windows = sorted(set(model.get("sliding_windows", []) or [0]) - {0})
+    lines = [
+        f"bundle     {info['bundle']}  (format {info['format_version']}, {info['producer']}, {info['created_utc']})",
+        f"model      {model.get('architecture')}: {model.get('num_layers')} layers, hidden {model.get('hidden_size')}, "
+        f"heads {model.get('num_heads')}/{model.get('num_kv_heads')} kv x {model.get('head_dim')}, "
+        f"vocab {model.get('vocab_size')}, context {model.get('max_position_embeddings')}, {model.get('dtype')}"
+        + (f", sliding window {windows}" if windows else ""),
+        f"weights    {info['weights']['parameters'] / 1e6:.2f}M parameters in {info['weights']['tensors']} tensors "
+        f"({len(info['weights']['fused'])} fused)",
+        f"kv cache   paged: block size {kv.get('block_size')}, {kv.get('num_layers')} layers x "
+        f"{kv.get('num_kv_heads')} kv heads x {kv.get('head_dim')}, {kv.get('dtype')}, layout [{kv.get('layout')}]",
+        f"plan       {info['plan']['kernel_calls']} kernel calls per step; workspace "
+        f"{info['workspace_floats']} floats (per T tokens / L logit rows)",
+        f"passes     {info['passes']}",
+        f"tokenizer  {info['tokenizer'] or 'none'}",
+        "targets",
+    ]
+    for t in info["targets"]:
+        lines.append(f"  {t['name']:24s} cpu={t['cpu']}  {len(t['kernels'])} kernels  {t['library']}")
+        lines.append(f"  {'':24s} needs: {', '.join(t['features']) or '-'}")
+    lines.append("kernels (" + info["targets"][0]["name"] + ")" if info["targets"] else "kernels: none")
+    if info["targets"]:
+        calls = info["plan"]["calls_per_kernel"]
+        for k in info["targets"][0]["kernels"]:
+            lines.append(f"  {k}  x{calls.get(k.split(':')[0], 0)}")
+    lines.append("sizes      " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sorted(info["sizes_bytes"].items())))
+    lines.append(f"checksums  {'verified' if info['verified'] else 'not verified (--no-verify)'}")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""Text <-> token ids for a bundle, through the `tokenizers` library (imported only when used).
+
+`tokenizer.json` does the work, including adding bos/eos through its post-processor.
+`tokenizer_config.json`, when present, is read for two things only:
+
+* the named special tokens (bos/eos/unk/pad) are marked special, so `decode` skips them even
+  where tokenizer.json has them as plain added tokens (transformers 5.24 does the same);
+* `"add_bos_token": true` prepends the bos token when the post-processor does not add it
+  already. transformers 5.24 ignores add_bos_token whenever tokenizer.json exists, so only in
+  that case (a post-processor without bos, a config asking for one) our ids differ from it:
+  they match transformers 4.x and sentencepiece, i.e. what the model was trained on.
+  `"add_bos_token": false` never strips a bos the post-processor adds (transformers 5.24 agrees).
+
+`decode` never applies `clean_up_tokenization_spaces` (transformers 5 defaults it to off).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llmirc.errors import LlmircError
+
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class Tokenizer:
+    def __init__(self, backend, bos_token_id: int | None = None, add_bos_token: bool = False):
+        """`backend` is a `tokenizers.Tokenizer`; `add_bos_token` prepends bos unless its post-processor adds it."""
+        self.backend = backend
+        self.bos_token_id = bos_token_id
+        adds_bos = bos_token_id is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos_token_id]
+        self.prepend_bos = bool(add_bos_token) and bos_token_id is not None and not adds_bos
+
+    @classmethod
+    def from_bundle_dir(cls, path) -> Tokenizer:
+        """Load from a bundle (its `tokenizer/` folder) or from a folder holding tokenizer.json."""
+        path = Path(path)
+        folder = path / "tokenizer" if (path / "tokenizer" / "tokenizer.json").is_file() else path
+        file = folder / "tokenizer.json"
+        if not file.is_file():
+            raise LlmircError(f"{path}: no tokenizer.json (looked in {path / 'tokenizer'} and {path})")
+        tokenizers = _import_tokenizers()
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # the Rust side raises plain Exception on bad JSON / unknown models
+            raise LlmircError(f"{file}: cannot load the tokenizer: {e}") from None
+        config = _read_config(folder / "tokenizer_config.json")
+        specials = [t for t in (_token_text(config.get(k)) for k in _SPECIAL_KEYS) if t]
+        if specials:
+            backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
+        bos = _token_text(config.get("bos_token"))
+        bos_id = backend.token_to_id(bos) if bos else None
+        return cls(backend, bos_id, config.get("add_bos_token") is True)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return [self.bos_token_id] + ids if add_special_tokens and self.prepend_bos else ids
+
+    def decode(self, ids) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def detokenizer(self, prompt_ids=()) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self, prompt_ids)
+
+
+class IncrementalDetokenizer:
+    """Turns generated ids, one at a time, into text deltas for streaming.
+
+    Decoding a token alone is wrong twice over: a multi-byte character split across tokens
+    decodes to U+FFFD, and sentencepiece decoders drop the leading space of the first token.
+    So each step decodes a short window ending at the new token, compares it with the same
+    window without it, and emits the new suffix only once it no longer ends in U+FFFD.
+    The prompt's last ids seed the window, so the first generated token gets its leading space.
+    """
+
+    CONTEXT = 5  # prompt ids kept as left context
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids=()):
+        self.tokenizer = tokenizer
+        self.ids = [int(i) for i in prompt_ids][-self.CONTEXT:]
+        self._prefix = 0  # window start
+        self._read = len(self.ids)  # ids before this have been emitted as text
+
+    def add(self, token_id: int) -> str:
+        """Append one id; returns the text it completes (may be empty)."""
+        self.ids.append(int(token_id))
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        """Text still held back (an incomplete character at the very end)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        decode = self.tokenizer.decode
+        prefix_text = decode(self.ids[self._prefix:self._read])
+        new_text = decode(self.ids[self._prefix:])
+        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
+            return ""
+        # Drop ids that are fully emitted and no longer needed as context.
+        del self.ids[:self._read]
+        self._prefix, self._read = 0, len(self.ids)
+        return new_text[len(prefix_text):]
+
+
+def _import_tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise LlmircError("the `tokenizers` package is needed to encode/decode text: pip install tokenizers") from None
+    return tokenizers
+
+
+def _read_config(file: Path) -> dict:
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LlmircError(f"{file}: cannot read it: {e}") from None
+    if not isinstance(config, dict):
+        raise LlmircError(f"{file}: expected a JSON object")
+    return config
+
+
+def _token_text(token) -> str | None:
+    """A special token as written in tokenizer_config.json: a string or {"content": ...}."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) and token else None

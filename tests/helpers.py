@@ -1,0 +1,103 @@
+"""Test checkpoints made by the tests themselves: random weights, fixed seed, real save_pretrained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+ARCH_CONFIGS = {
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+}
+ARCH_MODELS = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+SMALL = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512)
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "compilers turn programs into fast machine code",
+    "héllo wörld, naïve café ✓ 日本語 text",
+    "paged attention stores keys and values in blocks",
+] * 8
+
+
+def make_tokenizer(path: Path, vocab_size: int) -> None:
+    """A byte-level BPE trained on a few sentences, saved as tokenizer.json (+ config)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+
+
+def make_checkpoint(path: Path, arch: str = "llama", *, seed: int = 0, dtype: str = "float32",
+                    tokenizer: bool = False, init_std: float = 0.08, max_shard_size: str | None = None,
+                    **overrides):
+    """Builds a random model of `arch`, saves it to `path`, returns transformers' float32 model loaded
+    back from `path` (the reference: rounded weights for half-precision checkpoints)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = dict(SMALL, **overrides)
+    cfg.setdefault("bos_token_id", 0)
+    cfg.setdefault("eos_token_id", 1)
+    config = getattr(transformers, ARCH_CONFIGS[arch])(**cfg, initializer_range=init_std)
+    model = getattr(transformers, ARCH_MODELS[arch])(config).eval()
+    # Norm weights are ones at init; random ones check that they are really applied.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.to(getattr(torch, dtype)).save_pretrained(path, **kwargs)
+    if tokenizer:
+        make_tokenizer(path, min(cfg["vocab_size"], 384))
+    return getattr(transformers, ARCH_MODELS[arch]).from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_logits(model, token_ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0].double().numpy()
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                             min_new_tokens=max_new_tokens, pad_token_id=None, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+def check_greedy(model, prompt: list[int], ours: list[int], ref: list[int], margin: float = 1e-3) -> None:
+    """Tokens equal; where they first differ, the reference's top two logits must be nearly tied."""
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:
+            logits = hf_logits(model, prompt + ref[:i])[-1]
+            top2 = np.sort(logits)[-2:]
+            assert top2[1] - top2[0] < margin * max(1.0, abs(top2[1])), \
+                f"token {i}: ours {a}, reference {b}, reference margin {top2[1] - top2[0]:.3g}"
+            return
+    assert len(ours) == len(ref), (len(ours), len(ref))
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj))

@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+
+from llmirc.errors import LlmircError
+from llmirc.runtime.sampling import sample, warp
+
+torch = pytest.importorskip("torch")
+from transformers.generation.logits_process import (  # noqa: E402
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+def hf_warp(logits, temperature, top_k, top_p):
+    """What generate() applies, in its order (it adds each warper only when it changes something)."""
+    scores = torch.from_numpy(logits)
+    ids = torch.zeros((logits.shape[0], 1), dtype=torch.long)
+    if temperature != 1.0:
+        scores = TemperatureLogitsWarper(temperature)(ids, scores)
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k)(ids, scores)
+    if top_p is not None and top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(ids, scores)
+    return scores.numpy()
+
+
+SETTINGS = [(1.0, 5, None), (0.7, None, 0.9), (1.3, 10, 0.5), (0.5, 1, None), (1.0, None, 0.05),
+            (2.0, 40, 0.95), (1.0, 64, 1.0), (0.8, 100, 0.3)]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS)
+def test_kept_tokens_match_hf_warpers(temperature, top_k, top_p):
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((64, 64)) * 3).astype(np.float32)
+    ours, ref = warp(logits, temperature, top_k, top_p), hf_warp(logits, temperature, top_k, top_p)
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref))
+    kept = np.isfinite(ref)
+    np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS)
+def test_kept_tokens_match_hf_warpers_with_ties(temperature, top_k, top_p):
+    rng = np.random.default_rng(2)
+    logits = rng.integers(-3, 4, (64, 64)).astype(np.float32)  # few distinct values: ties everywhere
+    ours, ref = warp(logits, temperature, top_k, top_p), hf_warp(logits, temperature, top_k, top_p)
+    if top_p is None or top_p == 1.0:  # top-k keeps every tie at its boundary: exact sets
+        np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref))
+    # top-p cuts inside a group of equal logits wherever the sort puts them (torch's sort is not
+    # stable), so compare which values survive, and how many of each.
+    for row_ours, row_ref in zip(ours, ref):
+        np.testing.assert_allclose(np.sort(row_ours[np.isfinite(row_ours)]), np.sort(row_ref[np.isfinite(row_ref)]),
+                                   rtol=1e-6)
+
+
+def test_greedy_is_first_argmax():
+    logits = np.array([[0.0, 3.0, 3.0, 1.0], [5.0, -1.0, 5.0, 5.0], [-2.0, -1.0, -3.0, -1.0]], dtype=np.float32)
+    for t in (0.0, 1e-6):
+        np.testing.assert_array_equal(sample(logits, t, top_k=2, top_p=0.5), [1, 0, 1])
+    assert sample(logits, 0.0).dtype == np.int64
+
+
+def test_seeded_sampling_is_reproducible():
+    logits = np.random.default_rng(3).standard_normal((16, 100)).astype(np.float32)
+    draw = lambda seed: sample(logits, 0.9, 20, 0.9, np.random.default_rng(seed))  # noqa: E731
+    np.testing.assert_array_equal(draw(7), draw(7))
+    assert not np.array_equal(draw(7), draw(8))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.6, None, None), (1.5, 4, None),
+                                                     (1.0, None, 0.8), (0.9, 5, 0.7)])
+def test_empirical_distribution_matches_softmax(temperature, top_k, top_p):
+    row = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0], dtype=np.float32)
+    n = 40_000
+    tokens = sample(np.tile(row, (n, 1)), temperature, top_k, top_p, np.random.default_rng(0))
+    scores = hf_warp(row[None], temperature, top_k, top_p)[0].astype(np.float64)
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    counts = np.bincount(tokens, minlength=len(row))
+    assert counts[probs == 0].sum() == 0  # masked tokens are never drawn
+    expected = probs[probs > 0] * n
+    chi2 = ((counts[probs > 0] - expected) ** 2 / expected).sum()
+    assert chi2 < 30, (counts, expected)  # dof <= 7: p < 1e-3 for a correct sampler
+
+
+def test_sampling_never_draws_masked_tokens():
+    logits = np.random.default_rng(4).standard_normal((2000, 50)).astype(np.float32)
+    tokens = sample(logits, 1.0, 3, None, np.random.default_rng(5))
+    top3 = np.argsort(-logits, axis=-1)[:, :3]
+    assert (top3 == tokens[:, None]).any(axis=-1).all()
+
+
+@pytest.mark.parametrize("kwargs,option", [
+    (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=1.0, top_k=0), "top_k"), (dict(temperature=1.0, top_k=2.5), "top_k"),
+    (dict(temperature=1.0, top_p=0.0), "top_p"), (dict(temperature=1.0, top_p=1.5), "top_p"),
+])
+def test_bad_options_name_the_option(kwargs, option):
+    with pytest.raises(LlmircError, match=option):
+        sample(np.zeros((1, 4), dtype=np.float32), **kwargs)

@@ -1,0 +1,154 @@
+"""The tokenizer wrapper against transformers, on tiny tokenizers trained here (no network)."""
+
+import json
+import sys
+
+import pytest
+
+from llmirc.errors import LlmircError
+from llmirc.runtime.tokenizer import Tokenizer
+
+tokenizers = pytest.importorskip("tokenizers")
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
+
+CORPUS = ["hello world, this is a small test corpus.", "the quick brown fox jumps over the lazy dog",
+          "tokenizers split words into pieces", "hello there! how are you today?", "numbers 123 and 4567 too"] * 3
+TEXTS = ["hello world", "héllo wörld ✓ 日本", "  leading  spaces ", "", "the</s> lazy <s>dog", "日本✓✓ é"]
+
+
+def sentencepiece_like():
+    """Llama-2 style: ▁ for spaces, byte fallback for characters outside the vocab, bos by template."""
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):  # the corpus is ASCII: é, ✓, 日本 all fall back to <0xNN> byte tokens
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    tok = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return tok, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def byte_level():
+    """GPT-2 style byte-level BPE; its post-processor adds nothing."""
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok, {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+
+
+BUILDERS = {"sentencepiece": sentencepiece_like, "byte_level": byte_level}
+
+
+def write(folder, tok, config):
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **config}))
+    return folder
+
+
+def hf_tokenizer(folder):
+    transformers = pytest.importorskip("transformers")
+    return transformers.PreTrainedTokenizerFast.from_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+@pytest.mark.parametrize("extra", [{}, {"add_bos_token": False}, {"add_bos_token": True}])
+def test_encode_decode_match_transformers(tmp_path, kind, extra):
+    tok, config = BUILDERS[kind]()
+    folder = write(tmp_path, tok, {**config, **extra})
+    ours, ref = Tokenizer.from_bundle_dir(folder), hf_tokenizer(folder)
+    # The one documented difference: a post-processor without bos and "add_bos_token": true.
+    prefix = [tok.token_to_id(config["bos_token"])] if kind == "byte_level" and extra.get("add_bos_token") else []
+    for text in TEXTS:
+        ids = ref.encode(text)
+        assert ours.encode(text) == prefix + ids, text
+        assert ours.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False)
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+
+
+def test_add_bos_token_prepends_when_post_processor_does_not(tmp_path):
+    tok, config = sentencepiece_like()
+    bos = tok.token_to_id("<s>")
+    plain = tok.encode("hello world", add_special_tokens=False).ids
+    tok.post_processor = None
+    ours = Tokenizer.from_bundle_dir(write(tmp_path / "a", tok, {**config, "add_bos_token": True}))
+    assert ours.encode("hello world") == [bos] + plain
+    assert ours.encode("hello world", add_special_tokens=False) == plain
+    # transformers 5.24 drops add_bos_token when tokenizer.json exists; documented difference.
+    assert hf_tokenizer(tmp_path / "a").encode("hello world") == plain
+    ours = Tokenizer.from_bundle_dir(write(tmp_path / "b", tok, config))  # no add_bos_token: tokenizer.json decides
+    assert ours.encode("hello world") == plain
+
+
+def test_named_special_tokens_are_skipped_in_decode(tmp_path):
+    tok, config = byte_level()
+    tok.add_tokens(["<|im_end|>"])  # a plain added token in tokenizer.json ...
+    folder = write(tmp_path, tok, {**config, "eos_token": "<|im_end|>"})  # ... made special by the config
+    ours, ref = Tokenizer.from_bundle_dir(folder), hf_tokenizer(folder)
+    ids = ref.encode("hi<|im_end|> there")
+    assert ours.encode("hi<|im_end|> there") == ids
+    assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True) == "hi there"
+
+
+def stream(tokenizer, ids, prompt_ids=()):
+    detok, deltas = tokenizer.detokenizer(prompt_ids), []
+    for i in ids:
+        deltas.append(detok.add(i))
+    deltas.append(detok.finish())
+    return deltas
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_streaming_deltas_concatenate_to_the_full_decode(tmp_path, kind):
+    ours = Tokenizer.from_bundle_dir(write(tmp_path, *BUILDERS[kind]()))
+    for text in TEXTS:
+        ids = ours.encode(text)
+        deltas = stream(ours, ids)
+        full = ours.decode(ids)
+        assert "".join(deltas) == full, text
+        partial = ""
+        for d in deltas:  # what a client sees at any time is a prefix of the final text, never U+FFFD
+            partial += d
+            assert full.startswith(partial) and "\ufffd" not in partial
+    ids = ours.encode("héllo wörld ✓ 日本", add_special_tokens=False)
+    assert "" in stream(ours, ids)[:-1]  # some token ended mid-character and was held back
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_streaming_after_a_prompt_keeps_leading_spaces(tmp_path, kind):
+    tok, config = BUILDERS[kind]()
+    ours = Tokenizer.from_bundle_dir(write(tmp_path, tok, config))
+    eos = tok.token_to_id(config["eos_token"])
+    full = ours.encode("hello there héllo wörld ✓ 日本 the lazy dog") + [eos]
+    for k in range(1, len(full)):
+        prompt, generated = full[:k], full[k:]
+        expected = ours.decode(full)[len(ours.decode(prompt)):]
+        assert "".join(stream(ours, generated, prompt)) == expected, k
+
+
+def test_from_bundle_dir_finds_the_tokenizer_folder(tmp_path):
+    write(tmp_path / "tokenizer", *byte_level())
+    assert Tokenizer.from_bundle_dir(tmp_path).decode(Tokenizer.from_bundle_dir(tmp_path).encode("hi")) == "hi"
+
+
+def test_errors_name_the_file(tmp_path, monkeypatch):
+    with pytest.raises(LlmircError, match="no tokenizer.json"):
+        Tokenizer.from_bundle_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(LlmircError, match="tokenizer.json: cannot load"):
+        Tokenizer.from_bundle_dir(tmp_path)
+    write(tmp_path, *byte_level())
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2")
+    with pytest.raises(LlmircError, match="tokenizer_config.json"):
+        Tokenizer.from_bundle_dir(tmp_path)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if not installed
+    with pytest.raises(LlmircError, match="pip install tokenizers"):
+        Tokenizer.from_bundle_dir(tmp_path)
