@@ -32,7 +32,8 @@ def llvm_module(plan: Plan, variant: CpuVariant) -> ir.Module:
 
 
 def target_name(variant: CpuVariant) -> str:
-    return f"cpu-{platform.machine()}-{variant.name}"
+    """cpu-x86_64-native, cpu-x86_64-v2, cpu-aarch64-generic, ..."""
+    return f"cpu-{platform.machine()}-{variant.name.removeprefix('x86-64-')}"
 
 
 def build(plan: Plan, out_dir: Callable[[str], Path], variant_names: list[str], *,

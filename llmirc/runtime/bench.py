@@ -1,0 +1,132 @@
+"""`llmirc bench`: prefill and decode speed of a bundle, against the memory-bandwidth floor and,
+optionally, Hugging Face transformers (eager, float32) on the same checkpoint in the same run.
+
+Decode is memory-bound: each step reads every weight except the embedding table (one row
+per token) plus the KV cache, so bytes per step / measured bandwidth is the floor. The
+bandwidth is measured here with a large NumPy (BLAS) matrix-vector product, the same access
+pattern as decode. This machine may be shared and noisy: every figure is the best of
+`repeat` runs, and peers are run back to back in one process.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llmirc.artifact_format.reader import open_bundle
+
+from .model import load
+
+
+def measure_bandwidth(megabytes: int = 256, repeat: int = 5) -> float:
+    """GB/s of a BLAS sgemv over a matrix much larger than the caches."""
+    cols = 8192
+    a = np.ones((megabytes * 2**20 // (4 * cols), cols), dtype=np.float32)
+    x = np.ones(cols, dtype=np.float32)
+    best = min(_timed(lambda: a @ x) for _ in range(repeat))
+    return a.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def decode_bytes_per_step(model, context: int) -> int:
+    """Weight bytes read by one decode step (embedding tables read one row per token) + KV read."""
+    m = model.bundle.manifest
+    kinds = {k["symbol"]: k["kind"] for k in model.executor.target["kernels"]}
+    used = {}  # weight index -> read in full by some non-embedding kernel
+    for call in m["plan"]:
+        for arg in call["args"]:
+            if isinstance(arg, dict) and arg.get("ptr") == "weight":
+                used[arg["index"]] = used.get(arg["index"], False) or kinds[call["kernel"]] != "embedding"
+    total = sum(model.executor.weights[i].nbytes for i, full in used.items() if full)
+    kv = m["kv_cache"]
+    return total + 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * 4 * context
+
+
+def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, repeat: int) -> dict:
+    model = load(bundle, kv_cache_tokens=batch * (len(prompt) + new_tokens) + 64)
+    prefill, decode = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        model.generate([prompt], max_new_tokens=1, ignore_eos=True)
+        prefill.append(time.perf_counter() - t0)
+        times = []
+        for event in model.generate_stream([prompt] * batch, max_new_tokens=new_tokens, ignore_eos=True):
+            if event.request_id == 0:
+                times.append(time.perf_counter())
+        decode.append((times[-1] - times[0]) / (len(times) - 1))  # per step, after the first token
+    step = min(decode)
+    return {"prefill_tok_s": len(prompt) / min(prefill), "decode_tok_s": batch / step, "decode_ms_per_step": step * 1e3,
+            "bytes_per_step": decode_bytes_per_step(model, len(prompt) + new_tokens // 2),
+            "params": sum(w.size for w in model.executor.weights), "model": model.config}
+
+
+def bench_transformers(hf_dir: Path, prompt: list[int], batch: int, new_tokens: int, repeat: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    prefill, decode = [], []
+    with torch.inference_mode():
+        for _ in range(repeat):
+            prefill.append(_timed(lambda: model(ids)))
+            t_short = _timed(lambda: model.generate(ids.repeat(batch, 1), max_new_tokens=1, min_new_tokens=1,
+                                                    do_sample=False, pad_token_id=0))
+            t_long = _timed(lambda: model.generate(ids.repeat(batch, 1), max_new_tokens=new_tokens,
+                                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0))
+            decode.append((t_long - t_short) / (new_tokens - 1))
+    step = min(decode)
+    return {"prefill_tok_s": len(prompt) / min(prefill), "decode_tok_s": batch / step, "decode_ms_per_step": step * 1e3}
+
+
+def run_bench(bundle: Path, *, prompt_len: int = 128, new_tokens: int = 64, batch: int = 1, repeat: int = 3,
+              hf_dir: Path | None = None) -> dict:
+    new_tokens = max(new_tokens, 2)
+    vocab = open_bundle(bundle, verify=False).manifest["model"]["vocab_size"]
+    prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
+    ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat)
+    bandwidth = measure_bandwidth()
+    floor_ms = ours["bytes_per_step"] / (bandwidth * 1e9) * 1e3
+    results = {
+        "bundle": str(bundle), "host": platform.processor() or platform.machine(),
+        "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "repeat": repeat,
+        "bandwidth_gb_s": bandwidth, "decode_floor_ms_per_step": floor_ms,
+        "llmirc": {k: v for k, v in ours.items() if k != "model"},
+        "model": ours["model"],
+    }
+    results["llmirc"]["fraction_of_floor"] = floor_ms / ours["decode_ms_per_step"]
+    if hf_dir is not None:
+        results["transformers"] = bench_transformers(hf_dir, prompt, batch, new_tokens, repeat)
+    return results
+
+
+def format_table(r: dict) -> str:
+    m = r["model"]
+    lines = [
+        f"{r['bundle']}: {m['architecture']}, {r['llmirc']['params'] / 1e6:.1f}M parameters, {m['dtype']}; "
+        f"prompt {r['prompt_len']}, {r['new_tokens']} new tokens, batch {r['batch']}, best of {r['repeat']}, "
+        f"{r['threads']} threads",
+        f"{'':22s}{'prefill tok/s':>14s}{'decode tok/s':>14s}{'ms/step':>10s}",
+    ]
+    for name, key in (("llmirc", "llmirc"), ("transformers (eager)", "transformers")):
+        if key in r:
+            x = r[key]
+            lines.append(f"{name:22s}{x['prefill_tok_s']:14.1f}{x['decode_tok_s']:14.1f}{x['decode_ms_per_step']:10.2f}")
+    if "transformers" in r:
+        lines.append(f"llmirc / transformers: prefill {r['llmirc']['prefill_tok_s'] / r['transformers']['prefill_tok_s']:.2f}x, "
+                     f"decode {r['llmirc']['decode_tok_s'] / r['transformers']['decode_tok_s']:.2f}x")
+    lines.append(f"decode floor: {r['llmirc']['bytes_per_step'] / 1e6:.1f} MB/step at {r['bandwidth_gb_s']:.1f} GB/s "
+                 f"(numpy sgemv) = {r['decode_floor_ms_per_step']:.2f} ms/step; llmirc reaches "
+                 f"{100 * r['llmirc']['fraction_of_floor']:.0f}% of it")
+    return "\n".join(lines)
