@@ -16,6 +16,10 @@ from llmirc import __version__
 from llmirc.errors import LlmircError
 
 
+# click >= 8.2 raises this (a UsageError whose message is the whole help) for a bare `llmirc`.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def _fail(message: str, code: int = 1) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -136,6 +140,10 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, as_json):
     """Measure prefill and decode tokens/s of BUNDLE (and the memory-bandwidth floor)."""
     from llmirc.runtime.bench import format_table, run_bench
 
+    # Checked first: transformers would fail only after our benchmark, with a hub lookup traceback.
+    if hf_dir is not None and not (hf_dir / "config.json").is_file():
+        raise LlmircError(f"--compare-transformers {hf_dir}: not a Hugging Face checkpoint directory "
+                          "(no config.json)")
     results = run_bench(bundle, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, repeat=repeat,
                         hf_dir=hf_dir)
     click.echo(json.dumps(results, indent=2) if as_json else format_table(results))
@@ -150,9 +158,13 @@ def main() -> None:
         _fail("aborted", 130)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
-    except click.ClickException as e:
+    except _NO_ARGS_IS_HELP as e:  # bare `llmirc`: the help, as click shows it
         e.show()
         sys.exit(e.exit_code)
+    except click.ClickException as e:
+        # Usage errors too are one line (not click's usage block), with where to find help.
+        hint = f" (see '{e.ctx.command_path} --help')" if isinstance(e, click.UsageError) and e.ctx else ""
+        _fail(" ".join(e.format_message().split()) + hint, e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
 

@@ -170,6 +170,24 @@ class ConcatOp(_LlmirOp):
 
 
 @irdl_op_definition
+class TransposeOp(_LlmirOp):
+    """Transpose of a 2-D tensor; on weights (e.g. Conv1D or ONNX MatMul [in, out] layouts) it is
+    folded into the bundle at compile time."""
+
+    name = "llmir.transpose"
+    input = operand_def(TensorType)
+    result = result_def(TensorType)
+
+    def __init__(self, input: SSAValue):
+        rows, cols = _rows(input)
+        super().__init__(operands=[input], result_types=[tensor(cols, rows)])
+
+    def verify_(self) -> None:
+        rows, cols = _rows(self.input)
+        _check(shape_of(self.result) == (cols, rows), "transpose: result shape mismatch")
+
+
+@irdl_op_definition
 class SplitOp(_LlmirOp):
     """Splits the columns of a 2-D tensor into consecutive parts (views: no copy at run time)."""
 
@@ -479,7 +497,7 @@ class GatherRowsOp(_LlmirOp):
 
 LLMIR = Dialect(
     "llmir",
-    [WeightOp, ConcatOp, SplitOp, EmbeddingOp, RMSNormOp, LayerNormOp, LinearOp, RopeOp, AttentionOp,
+    [WeightOp, ConcatOp, TransposeOp, SplitOp, EmbeddingOp, RMSNormOp, LayerNormOp, LinearOp, RopeOp, AttentionOp,
      KVAppendOp, PagedAttentionOp, ActMulOp, ActOp, AddOp, GatherRowsOp],
     [KVPoolType],
 )

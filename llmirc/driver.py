@@ -21,7 +21,7 @@ from llmirc.artifact_format.writer import BundleWriter
 from llmirc.errors import CheckpointError, LlmircError
 from llmirc.frontend.checkpoint import Checkpoint
 from llmirc.frontend.decoder import build_decoder
-from llmirc.passes.pipeline import print_ir, run_passes
+from llmirc.passes.pipeline import parse_passes, print_ir, run_passes
 from llmirc.targets.plan import Plan, build_plan
 
 TARGETS = ("cpu", "cuda", "hip")
@@ -59,6 +59,14 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         raise LlmircError(f"unknown --emit stage {options.emit!r} (choose from {', '.join(EMIT_STAGES)})")
     if out is None and options.emit is None:
         raise LlmircError("no output: give -o OUT.llmir (or --emit STAGE to print a stage)")
+    if out is not None:
+        parent = next(p for p in out.absolute().parents if p.exists())
+        if not parent.is_dir():  # else the writer's mkdir fails with a bare "File exists"
+            raise LlmircError(f"-o {out}: cannot create the bundle there: {parent} is not a directory")
+    if out is not None and not options.cpu_variants:  # a bundle without a library cannot run anywhere
+        raise LlmircError("--cpu-variants: no CPU variant given (choose native and/or baseline)")
+    if options.passes is not None:
+        parse_passes(options.passes)  # fail before the checkpoint is read
     if not model.exists():
         raise CheckpointError(f"{model}: no such file or directory")
     if model.is_file() and model.suffix == ".onnx":
@@ -111,8 +119,7 @@ def _write_bundle(ckpt: Checkpoint, plan: Plan, out: Path, options: CompileOptio
         total = sum(int(np.prod(w.shape)) * 4 for w in plan.weights)
         progress(f"writing {len(plan.weights)} weights ({total / 2**20:.1f} MiB)")
         for w in plan.weights:
-            parts = [ckpt.float32(p) for p in w.parts]
-            writer.write(w.name, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
+            writer.write(w.name, w.materialize(ckpt.float32))
         writer.close()
         targets = cpu.build(plan, bundle.path, list(options.cpu_variants),
                             keep_intermediates=options.keep_intermediates, progress=progress)
@@ -150,7 +157,7 @@ def _write_bundle(ckpt: Checkpoint, plan: Plan, out: Path, options: CompileOptio
                          "layout": "layer,kv,block,kv_head,slot,dim"},
             "abi": {"version": 1, "entry": "llmir_forward", "workspace": plan.workspace()},
             "weights": {"file": weights_file, "order": [w.name for w in plan.weights],
-                        "fused": {w.name: list(w.parts) for w in plan.weights if len(w.parts) > 1}},
+                        "fused": {w.name: w.sources() for w in plan.weights if w.expr[0] != "tensor"}},
             "targets": targets,
             "passes": options.passes or "default",
             "plan": plan.to_json(),

@@ -10,8 +10,8 @@ After:
     %qkv = "llmir.linear"(%x, %w, %b)
     %q, %k, %v = "llmir.split"(%qkv) {sizes = [Nq, Nk, Nv]}
 
-Only linears without a residual operand, whose weights (and biases) are `llmir.weight` ops,
-and that agree on having a bias, are fused.
+Only linears without a residual operand, whose weights (and biases) are weights (or
+transposes/concatenations of weights), and that agree on having a bias, are fused.
 """
 
 from __future__ import annotations
@@ -23,21 +23,35 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
 from xdsl.passes import ModulePass
 
-from llmirc.dialect import ConcatOp, LinearOp, SplitOp, WeightOp, shape_of
+from llmirc.dialect import ConcatOp, LinearOp, SplitOp, TransposeOp, WeightOp, shape_of
+
+
+def is_weight(v: SSAValue) -> bool:
+    """A weight, or a transpose/concatenation of weights (folded at compile time)."""
+    op = v.owner
+    return isinstance(op, WeightOp) or (isinstance(op, (TransposeOp, ConcatOp))
+                                        and all(is_weight(i) for i in op.operands))
 
 
 def _fusible(op: Operation, x: SSAValue) -> bool:
-    return (isinstance(op, LinearOp) and op.input is x and op.residual is None
-            and isinstance(op.weight.owner, WeightOp)
-            and (op.bias is None or isinstance(op.bias.owner, WeightOp)))
+    return (isinstance(op, LinearOp) and op.input is x and op.residual is None and is_weight(op.weight)
+            and (op.bias is None or is_weight(op.bias)))
+
+
+def _clone_weight(v: SSAValue, before: Operation) -> SSAValue:
+    """Re-creates a weight expression at `before`, so that it dominates the fused op (CSE dedupes)."""
+    src = v.owner
+    operands = [_clone_weight(i, before) for i in src.operands]
+    op = src.clone()
+    for i, operand in enumerate(operands):
+        op.operands[i] = operand
+    before.parent_block().insert_op_before(op, before)
+    return op.results[0]
 
 
 def _concat(values: list[SSAValue], before: Operation) -> SSAValue:
-    """Concatenation of weight ops, re-created at `before` so that every part dominates it."""
-    parts = [WeightOp(v.owner.weight.data, shape_of(v)) for v in values]
-    concat = ConcatOp([p.result for p in parts], axis=0)
-    for new in (*parts, concat):
-        before.parent_block().insert_op_before(new, before)
+    concat = ConcatOp([_clone_weight(v, before) for v in values], axis=0)
+    before.parent_block().insert_op_before(concat, before)
     return concat.result
 
 

@@ -7,6 +7,7 @@ lowering (REQUIRED) always runs after it and is a no-op where it has already hap
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 from typing import TextIO
 
@@ -15,7 +16,7 @@ from xdsl.dialects import builtin, func
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.passes import ModulePass, PassPipeline
 from xdsl.printer import Printer
-from xdsl.utils.exceptions import VerifyException
+from xdsl.utils.exceptions import ArgSpecParseError, VerifyException
 
 from llmirc.dialect import LLMIR
 from llmirc.errors import LlmircError
@@ -56,9 +57,15 @@ def print_ir(module: ModuleOp, generic: bool = True) -> str:
 def parse_passes(spec: str) -> list[ModulePass]:
     try:
         return list(PassPipeline.parse_spec({n: (lambda p=p: p) for n, p in PASSES.items()}, spec).passes)
+    except ArgSpecParseError as e:  # a BaseException in xDSL: bad syntax, with the column in its text
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        where = re.search(r":\d+:(\d+)$", lines[1]) if len(lines) > 1 else None
+        raise LlmircError(f"--passes {spec!r}: {'column ' + where[1] + ': ' if where else ''}{lines[-1]}") from None
     except ValueError as e:
-        raise LlmircError(f"--passes {spec!r}: {e} (available: {', '.join(sorted(PASSES))})") from None
-    except Exception as e:  # xDSL's spec parser raises its own errors on bad syntax or options
+        if "Unrecognized passes" in str(e):
+            raise LlmircError(f"--passes {spec!r}: {e} (available: {', '.join(sorted(PASSES))})") from None
+        raise LlmircError(f"--passes {spec!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # xDSL raises assorted errors for bad pass options
         raise LlmircError(f"--passes {spec!r}: {str(e).splitlines()[0]}") from None
 
 

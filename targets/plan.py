@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
@@ -63,11 +65,29 @@ class KernelCall:
 
 @dataclass(frozen=True)
 class WeightEntry:
-    """A tensor of the bundle: a checkpoint tensor, or several concatenated along rows."""
+    """A tensor of the bundle: a checkpoint tensor, or an expression of them folded at compile time.
+
+    `expr` is ("tensor", name) | ("transpose", expr) | ("concat", (expr, ...)) (along rows)."""
 
     name: str
     shape: tuple[int, ...]
-    parts: tuple[str, ...]
+    expr: tuple
+
+    def sources(self) -> list[str]:
+        def walk(e):
+            return [e[1]] if e[0] == "tensor" else walk(e[1]) if e[0] == "transpose" else \
+                [n for x in e[1] for n in walk(x)]
+        return walk(self.expr)
+
+    def materialize(self, read) -> np.ndarray:
+        """The tensor's data, reading checkpoint tensors with `read(name)` (one entry at a time)."""
+        def ev(e):
+            if e[0] == "tensor":
+                return read(e[1])
+            if e[0] == "transpose":
+                return np.ascontiguousarray(ev(e[1]).T)
+            return np.concatenate([ev(x) for x in e[1]], axis=0)
+        return ev(self.expr)
 
 
 @dataclass
@@ -82,6 +102,7 @@ class Plan:
     weights: list[WeightEntry] = field(default_factory=list)
     slots: list[Slot] = field(default_factory=list)
     pool: L.KVPoolType | None = None
+    logits_cols: int = 0
 
     def slot_offset(self, index: int) -> dict[str, int]:
         """Element offset of a slot in the workspace, as coefficients of the dims."""
@@ -118,26 +139,18 @@ class _Planner:
         self.f = f
         self.plan = Plan()
         self.values: dict[SSAValue, _Value] = {}
-        self.weights: dict[tuple, int] = {}
+        self.weights: dict[tuple, int] = {}  # folding expression -> index
         self.free: dict[tuple[str, int], list[int]] = {}
         self.last_use: dict[int, int] = {}  # slot -> index of the last op reading it
         self.inputs: dict[str, SSAValue] = {}
 
     # -- values --------------------------------------------------------------------------
     def weight(self, v: SSAValue) -> Ref:
-        op = v.owner
-        if isinstance(op, L.WeightOp):
-            entry = WeightEntry(op.weight.data, L.shape_of(v), (op.weight.data,))
-        elif isinstance(op, L.ConcatOp) and op.axis.value.data == 0 and \
-                all(isinstance(i.owner, L.WeightOp) for i in op.inputs):
-            names = tuple(i.owner.weight.data for i in op.inputs)
-            entry = WeightEntry(_fused_name(names), L.shape_of(v), names)
-        else:
-            raise LlmircError(f"cpu target: operand produced by {_describe(op)} must be a weight")
-        if entry.parts not in self.weights:
-            self.weights[entry.parts] = len(self.plan.weights)
-            self.plan.weights.append(entry)
-        return Ref("weight", self.weights[entry.parts])
+        expr, name = _weight_expr(v)
+        if expr not in self.weights:
+            self.weights[expr] = len(self.plan.weights)
+            self.plan.weights.append(WeightEntry(name, L.shape_of(v), expr))
+        return Ref("weight", self.weights[expr])
 
     def act(self, v: SSAValue) -> _Value:
         if v not in self.values:
@@ -171,6 +184,7 @@ class _Planner:
         ops = list(self.f.body.block.ops)
         ret = self.f.get_return_op()
         logits = ret.operands[0]
+        self.plan.logits_cols = L.shape_of(logits)[1]
         # The last op that reads each value decides when its slot is free again.
         last_reader: dict[SSAValue, int] = {}
         for i, op in enumerate(ops):
@@ -200,7 +214,7 @@ class _Planner:
         return self.act(v).rows
 
     def lower(self, op: Operation, index: int, logits: SSAValue) -> None:
-        if isinstance(op, (L.WeightOp, L.ConcatOp, func.ReturnOp)):
+        if isinstance(op, (L.WeightOp, L.ConcatOp, L.TransposeOp, func.ReturnOp)):
             return  # weights are materialized by the bundle writer
         if isinstance(op, L.SplitOp):
             src = self.act(op.input)
@@ -305,6 +319,20 @@ _RULES = {
 
 def _describe(op) -> str:
     return f"'{op.name}'" if isinstance(op, Operation) else "a function argument"
+
+
+def _weight_expr(v: SSAValue) -> tuple[tuple, str]:
+    """The folding expression of a weight value and a readable name for it."""
+    op = v.owner
+    if isinstance(op, L.WeightOp):
+        return ("tensor", op.weight.data), op.weight.data
+    if isinstance(op, L.TransposeOp):
+        expr, name = _weight_expr(op.input)
+        return ("transpose", expr), name + ".T"
+    if isinstance(op, L.ConcatOp) and op.axis.value.data == 0:
+        parts = [_weight_expr(i) for i in op.inputs]
+        return ("concat", tuple(e for e, _ in parts)), _fused_name(tuple(n for _, n in parts))
+    raise LlmircError(f"cpu target: operand produced by {_describe(op)} must be a weight")
 
 
 def _fused_name(names: tuple[str, ...]) -> str:

@@ -3,18 +3,24 @@
 Picks the library that fits this host (native first, then the portable baseline), maps the
 weights, owns the KV pool and the workspace. No math happens here: NumPy only allocates and
 passes pointers.
+
+Buffer sizes come from the library itself (`llmir_model_info`), not from manifest.json: the
+manifest is checksummed by nothing but itself, and a wrong size there would let compiled code
+write out of bounds. The manifest must agree with the library, and every weight passed must
+have the size the library was compiled for.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import platform
 from pathlib import Path
 
 import numpy as np
 
 from llmirc.artifact_format.reader import Bundle
-from llmirc.errors import BundleError
+from llmirc.errors import BundleError, LlmircError
 
 ABI_VERSION = 1
 INPUTS = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start_loc",
@@ -32,71 +38,88 @@ def host_cpu_flags() -> set[str]:
     return set()
 
 
-def pick_cpu_target(bundle: Bundle) -> dict:
-    """The first CPU target (manifest order: native first) whose arch and features this host has."""
+def pick_cpu_target(bundle: Bundle, name: str | None = None) -> dict:
+    """The named CPU target, or the first (manifest order: native first) that fits this host."""
     arch, flags = platform.machine(), host_cpu_flags()
     reasons = []
-    for t in bundle.manifest.get("targets", []):
-        if not isinstance(t, dict) or t.get("kind") != "cpu":
+    targets = bundle.manifest.get("targets")
+    for t in targets if isinstance(targets, list) else []:
+        if not isinstance(t, dict) or t.get("kind") != "cpu" or (name and t.get("name") != name):
             continue
-        missing = sorted(set(t.get("features", [])) - flags) if flags else []
+        features = t.get("features") if isinstance(t.get("features"), list) else []
+        missing = sorted(set(features) - flags) if flags else []
         if t.get("arch") != arch:
             reasons.append(f"{t.get('name')} is for {t.get('arch')}")
         elif missing:
             reasons.append(f"{t.get('name')} needs {', '.join(missing[:6])}")
+        elif not isinstance(t.get("library"), str):
+            reasons.append(f"{t.get('name')} names no library")
         else:
             return t
-    why = "; ".join(reasons) or "it has no cpu target"
+    why = "; ".join(reasons) or (f"it has no cpu target named {name}" if name else "it has no cpu target")
     raise BundleError(f"bundle {bundle.name}: no target fits this {arch} host ({why})")
 
 
 class CpuExecutor:
-    def __init__(self, bundle: Bundle, num_blocks: int):
-        m = bundle.manifest
-        self.target = pick_cpu_target(bundle)
-        if self.target.get("abi_version") != ABI_VERSION:
-            raise BundleError(f"bundle {bundle.name}: kernel ABI {self.target.get('abi_version')} is not "
-                              f"supported by this loader (ABI {ABI_VERSION})")
-        lib_path = bundle.file(self.target["library"])
+    def __init__(self, bundle: Bundle, num_blocks: int, target: str | None = None):
+        m, name = bundle.manifest, bundle.name
+        self.target = pick_cpu_target(bundle, target)
+        library = self.target["library"]
         try:
-            self.lib = ctypes.CDLL(str(lib_path))
+            self.lib = ctypes.CDLL(str(bundle.file(library)))
         except OSError as e:
-            raise BundleError(f"bundle {bundle.name}: cannot load {self.target['library']}: {e}") from None
-        if self.lib.llmir_abi_version() != ABI_VERSION:
-            raise BundleError(f"bundle {bundle.name}: {self.target['library']} has the wrong ABI version")
-        self._forward = self.lib.llmir_forward
+            raise BundleError(f"bundle {name}: cannot load {library}: {e}") from None
+        try:
+            abi_version, self._forward, info = self.lib.llmir_abi_version, self.lib.llmir_forward, \
+                self.lib.llmir_model_info
+        except AttributeError as e:
+            raise BundleError(f"bundle {name}: {library} is not an llmir kernel library: {e}") from None
+        abi_version.restype = ctypes.c_int64
+        if abi_version() != ABI_VERSION:
+            raise BundleError(f"bundle {name}: {library} has kernel ABI {abi_version()}; this loader runs "
+                              f"ABI {ABI_VERSION}")
+        info.restype = ctypes.c_char_p
+        self.info = json.loads(info())
         self._forward.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p)]
         self._forward.restype = None
 
-        weights = bundle.open_safetensors(m["weights"]["file"])
-        self.weights = [weights.array(name) for name in m["weights"]["order"]]
-        for name, w in zip(m["weights"]["order"], self.weights):
-            if w.dtype != np.float32 or not w.flags.c_contiguous:
-                raise BundleError(f"bundle {bundle.name}: weight '{name}' is not contiguous float32")
-        kv = m["kv_cache"]
-        self.block_size = kv["block_size"]
+        layers, kv_heads, self.block_size, head_dim = self.info["kv_pool"]
+        self.vocab_size = self.info["logits_cols"]
+        self.workspace_coef = self.info["workspace"]
+        _agree(name, m, ("kv_cache", "num_layers"), layers)
+        _agree(name, m, ("kv_cache", "num_kv_heads"), kv_heads)
+        _agree(name, m, ("kv_cache", "block_size"), self.block_size)
+        _agree(name, m, ("kv_cache", "head_dim"), head_dim)
+        _agree(name, m, ("model", "vocab_size"), self.vocab_size)
+        _agree(name, m, ("abi", "workspace"), self.workspace_coef)
+        self.weights = _load_weights(bundle, self.info["weights"])
+
         self.num_blocks = num_blocks
-        self.kv_pool = np.zeros((kv["num_layers"], 2, num_blocks, kv["num_kv_heads"], self.block_size,
-                                 kv["head_dim"]), dtype=np.float32)
-        self.vocab_size = m["model"]["vocab_size"]
-        self.workspace_coef = m["abi"]["workspace"]
+        try:
+            self.kv_pool = np.zeros((layers, 2, num_blocks, kv_heads, self.block_size, head_dim), dtype=np.float32)
+        except (MemoryError, ValueError):  # numpy raises ValueError for sizes it cannot even represent
+            raise LlmircError(f"bundle {name}: cannot allocate a KV cache of "
+                              f"{layers * 2 * num_blocks * kv_heads * self.block_size * head_dim * 4 / 2**30:.1f} "
+                              "GiB; load it with fewer kv_cache_tokens") from None
         self.workspace = np.empty(0, dtype=np.float32)
-        n = len(INPUTS) + 3 + len(self.weights)
-        self._ptrs = (ctypes.c_void_p * n)()
+        first_weight = len(INPUTS) + 3
+        self._ptrs = (ctypes.c_void_p * (first_weight + len(self.weights)))()
         for i, w in enumerate(self.weights):
-            self._ptrs[len(INPUTS) + 3 + i] = w.ctypes.data
+            self._ptrs[first_weight + i] = w.ctypes.data
         self._ptrs[len(INPUTS)] = self.kv_pool.ctypes.data
         self._dims = (ctypes.c_int64 * 5)()
 
     def forward(self, token_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc,
                 logits_indices) -> np.ndarray:
-        """Logits [len(logits_indices), vocab] for one step; K/V of the step's tokens land in the pool."""
+        """Logits [len(logits_indices), vocab] for one step; K/V of the step's tokens land in the pool.
+
+        The inputs must be consistent (the scheduler builds them): the kernels trust them."""
         inputs = [np.ascontiguousarray(a, dtype=np.int32) for a in
                   (token_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc, logits_indices)]
         T, B, L = len(inputs[0]), len(inputs[4]), len(inputs[6])
         max_blocks = inputs[3].shape[1] if inputs[3].ndim == 2 else 0
         c = self.workspace_coef
-        need = c["T"] * T + c["L"] * L + c.get("const", 0)
+        need = c["T"] * T + c["L"] * L + c["const"]
         if self.workspace.size < need:
             self.workspace = np.empty(need, dtype=np.float32)
         logits = np.empty((L, self.vocab_size), dtype=np.float32)
@@ -107,3 +130,34 @@ class CpuExecutor:
         self._dims[:] = [T, B, L, max_blocks, self.num_blocks]
         self._forward(self._dims, self._ptrs)
         return logits
+
+
+def _agree(bundle: str, manifest: dict, path: tuple[str, str], value) -> None:
+    section = manifest.get(path[0])
+    got = section.get(path[1]) if isinstance(section, dict) else None
+    if got != value:
+        raise BundleError(f"bundle {bundle}: manifest.json {'.'.join(path)} is {got!r} but the compiled "
+                          f"library was built for {value}")
+
+
+def _load_weights(bundle: Bundle, sizes: list[int]) -> list[np.ndarray]:
+    """The weights in the manifest's order, each checked against the size the library expects."""
+    weights = bundle.manifest.get("weights")
+    order = weights.get("order") if isinstance(weights, dict) else None
+    file = weights.get("file") if isinstance(weights, dict) else None
+    if not isinstance(order, list) or not isinstance(file, str) or len(order) != len(sizes) or \
+            len(set(map(str, order))) != len(order):
+        raise BundleError(f"bundle {bundle.name}: manifest.json weights.order must list the {len(sizes)} distinct "
+                          "tensors the library takes, and weights.file their file")
+    tensors = bundle.open_safetensors(file)
+    arrays = []
+    for name, size in zip(order, sizes):
+        if not isinstance(name, str) or name not in tensors:
+            raise BundleError(f"bundle {bundle.name}: manifest.json weights.order names {name!r}, which is not "
+                              f"in {file}")
+        a = tensors.array(name)
+        if a.dtype != np.float32 or a.size != size:
+            raise BundleError(f"bundle {bundle.name}: weight '{name}' is {a.dtype} x {a.size}; the library "
+                              f"expects float32 x {size}")
+        arrays.append(a)
+    return arrays

@@ -5,11 +5,30 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from llmirc.artifact_format.reader import open_bundle
+from llmirc.artifact_format.reader import Bundle, open_bundle
+from llmirc.errors import BundleError
+
+
+# Manifest sections inspect reads, and their JSON types (the manifest is untrusted input).
+SECTIONS = {"model": dict, "generation": dict, "kv_cache": dict, "abi": dict, "weights": dict, "targets": list,
+            "plan": list}
 
 
 def summary(path: Path, verify: bool = True) -> dict:
     bundle = open_bundle(path, verify=verify)
+    for key, kind in SECTIONS.items():
+        if key in bundle.manifest and not isinstance(bundle.manifest[key], kind):
+            raise BundleError(f"bundle {bundle.name}: manifest.json field '{key}' is not a JSON "
+                              f"{'object' if kind is dict else 'list'}")
+    try:
+        return _summary(bundle, verify)
+    except KeyError as e:
+        raise BundleError(f"bundle {bundle.name}: manifest.json lacks the field {e}") from None
+    except (TypeError, AttributeError, ValueError) as e:  # a nested entry of the wrong type
+        raise BundleError(f"bundle {bundle.name}: manifest.json has a malformed entry ({e})") from None
+
+
+def _summary(bundle: Bundle, verify: bool) -> dict:
     m = bundle.manifest
     files = m["files"]
     sizes = Counter()

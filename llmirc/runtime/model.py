@@ -20,17 +20,19 @@ DEFAULT_KV_TOKENS = 16384
 
 
 def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_tokens: int = 2048,
-         max_num_seqs: int = 64, verify: bool = True) -> Model:
+         max_num_seqs: int = 64, verify: bool = True, target: str | None = None) -> Model:
     """Opens and verifies a bundle and loads its kernels for this host.
 
     `kv_cache_tokens` sizes the paged KV cache (tokens across all sequences; default: the
-    model's context, capped at 16384, and at least one full context)."""
+    model's context, capped at 16384). `target` picks a library by name (`llmirc inspect`
+    lists them); by default the first that fits this host."""
     return Model(open_bundle(Path(path), verify=verify), kv_cache_tokens=kv_cache_tokens,
-                 max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs)
+                 max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs, target=target)
 
 
 class Model:
-    def __init__(self, bundle: Bundle, *, kv_cache_tokens: int | None, max_batched_tokens: int, max_num_seqs: int):
+    def __init__(self, bundle: Bundle, *, kv_cache_tokens: int | None, max_batched_tokens: int, max_num_seqs: int,
+                 target: str | None = None):
         self.bundle = bundle
         m = bundle.manifest
         try:
@@ -40,15 +42,23 @@ class Model:
             self.vocab_size = int(self.config["vocab_size"])
             self.block_size = int(kv["block_size"])
             self.eos_token_ids = [int(t) for t in gen.get("eos_token_ids") or [] if t is not None]
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"bundle {bundle.name}: manifest.json lacks a valid field {e}") from None
+        except KeyError as e:
+            raise BundleError(f"bundle {bundle.name}: manifest.json lacks the field {e}") from None
+        except (TypeError, ValueError, AttributeError) as e:  # the manifest is untrusted: a field of the wrong type
+            raise BundleError(f"bundle {bundle.name}: manifest.json has a malformed model, kv_cache or generation "
+                              f"field ({e})") from None
+        if min(self.max_context, self.vocab_size, self.block_size) < 1:  # sizes the cache: never trust them
+            raise BundleError(f"bundle {bundle.name}: manifest.json has a non-positive max_position_embeddings, "
+                              "vocab_size or kv_cache block_size")
         tokens = kv_cache_tokens or min(self.max_context, DEFAULT_KV_TOKENS)
         if tokens < 1:
             raise LlmircError(f"kv_cache_tokens must be positive, got {kv_cache_tokens}")
         self.num_blocks = blocks_for(tokens, self.block_size)
         self.max_batched_tokens, self.max_num_seqs = max_batched_tokens, max_num_seqs
-        self.executor = CpuExecutor(bundle, self.num_blocks)
-        self.tokenizer = Tokenizer.from_bundle_dir(bundle.root) if m.get("tokenizer") else None
+        self.executor = CpuExecutor(bundle, self.num_blocks, target)
+        tokenizer = m.get("tokenizer")
+        # Through bundle.file: only a tokenizer.json listed in the manifest (so checksummed) is used.
+        self.tokenizer = Tokenizer.from_bundle_dir(bundle.file(str(tokenizer)).parent) if tokenizer else None
 
     def _scheduler(self) -> Scheduler:
         return Scheduler(self.num_blocks, self.block_size, self.max_context, eos_token_ids=self.eos_token_ids,

@@ -6,6 +6,9 @@ from T and L, column offsets of views, dims) and calls the kernels in order.
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 from llvmlite import ir
 
 from llmirc.targets.plan import ABI_INPUTS, DIMS, Dim, Plan, Ref
@@ -65,4 +68,24 @@ def emit_forward(module: ir.Module, plan: Plan, kernels: dict[str, ir.Function])
 
     version = ir.Function(module, ir.FunctionType(I64, []), "llmir_abi_version")
     ir.IRBuilder(version.append_basic_block()).ret(ir.Constant(I64, ABI_VERSION))
+    _emit_model_info(module, plan)
     return fn
+
+
+def model_info(plan: Plan) -> dict:
+    """The sizes the library was compiled for; the loader sizes its buffers from these, never
+    from the (editable) manifest, and checks the weights it passes against them."""
+    pool = plan.pool
+    return {"abi_version": ABI_VERSION, "workspace": plan.workspace(),
+            "kv_pool": [pool.layers.data, pool.kv_heads.data, pool.block_size.data, pool.head_dim.data],
+            "logits_cols": plan.logits_cols, "weights": [int(np.prod(w.shape)) for w in plan.weights]}
+
+
+def _emit_model_info(module: ir.Module, plan: Plan) -> None:
+    data = bytearray(json.dumps(model_info(plan), separators=(",", ":")).encode() + b"\0")
+    text = ir.GlobalVariable(module, ir.ArrayType(ir.IntType(8), len(data)), "llmir_model_info_json")
+    text.initializer = ir.Constant(text.type.pointee, data)
+    text.global_constant = True
+    fn = ir.Function(module, ir.FunctionType(I8P, []), "llmir_model_info")
+    b = ir.IRBuilder(fn.append_basic_block())
+    b.ret(b.bitcast(text, I8P))

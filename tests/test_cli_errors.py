@@ -1,0 +1,718 @@
+"""The real `llmirc` CLI (a subprocess) on bad input: one clear line, nothing lost.
+
+For every bad checkpoint, bundle or option: a non-zero exit (never a signal), stderr is exactly
+one line `error: ...` naming the file/tensor/option at fault and the problem, no traceback, no
+output bundle or `*.tmp-*` directory left behind, and a good bundle already at the output path
+is left untouched. Also the CLI's happy paths (progress, --emit, --print-ir-after-all, inspect
+--json, run --json, sampling reproducibility, --help).
+
+One checkpoint and two bundles are built per module; each test corrupts its own copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import make_checkpoint
+from llmirc.artifact_format.safetensors import open_safetensors, save_safetensors
+
+UP = "model.layers.0.mlp.up_proj.weight"  # [intermediate 128, hidden 64] in the SMALL config
+PROGRESS = re.compile(r"^\[\s*\d+\.\ds\] ")
+
+
+# -- running the CLI -----------------------------------------------------------------------------
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def llmirc(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmirc.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=300, cwd=cwd, env=ENV)
+
+
+def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 1/2 (not 0, not a signal), one `error: ` line on stderr naming every needle, no traceback."""
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert r.returncode in (1, 2), f"exit {r.returncode}\n{r.stderr}"
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"stderr is not one error line:\n{r.stderr}"
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), f"{needle!r} not in {lines[0]!r}"
+    assert r.stdout == "", r.stdout
+    return lines[0]
+
+
+def leftovers(out: Path) -> list[str]:
+    """What a failed compile to `out` left next to it (temporary or moved-aside directories)."""
+    return sorted(p.name for p in out.parent.iterdir()
+                  if p.name.startswith((out.name + ".tmp-", out.name + ".old-")))
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, by relative path (a directory's whole content)."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# -- shared checkpoint and bundles ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    make_checkpoint(path, "llama", tokenizer=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def compiled(ckpt, tmp_path_factory):
+    """A bundle with a tokenizer; the compile's CompletedProcess (with progress on stderr)."""
+    out = tmp_path_factory.mktemp("bundle") / "tiny.llmir"
+    r = llmirc("compile", ckpt, "-o", out, "--cpu-variants", "native")
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+@pytest.fixture(scope="module")
+def bundle(compiled) -> Path:
+    return compiled[0]
+
+
+@pytest.fixture(scope="module")
+def bundle_notok(ckpt, tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("ckpt-notok") / "tiny"
+    shutil.copytree(ckpt, src, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    out = src.parent / "notok.llmir"
+    r = llmirc("compile", src, "-o", out, "--cpu-variants", "native", "-q")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def copy_ckpt(ckpt: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "ckpt"
+    shutil.copytree(ckpt, dst)
+    return dst
+
+
+def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "b.llmir"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def edit_json(path: Path, fn) -> None:
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def rewrite_tensors(path: Path, fn) -> None:
+    """Rewrite a safetensors file with fn(dict of arrays) applied."""
+    with open_safetensors(path) as f:
+        tensors = {n: np.array(f.array(n)) for n in f.names()}
+    fn(tensors)
+    save_safetensors(path, tensors)
+
+
+def replace_file(b: Path, rel: str, data: bytes) -> None:
+    """Bundle file `rel` replaced by `data`, its size and sha256 recomputed in the manifest (so only
+    checks beyond the checksums can catch it)."""
+    (b / rel).write_bytes(data)
+    entry = {"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    edit_json(b / "manifest.json", lambda m: m.update(files=[entry if e["path"] == rel else e for e in m["files"]]))
+
+
+# -- compile: bad checkpoints --------------------------------------------------------------------
+
+def _no_config(d):
+    (d / "config.json").unlink()
+
+
+def _config_text(text):
+    return lambda d: (d / "config.json").write_text(text)
+
+
+_DELETE = object()
+
+
+def _config(**changes):
+    def fn(d):
+        def apply(c):
+            for k, v in changes.items():
+                if v is _DELETE:
+                    c.pop(k, None)
+                else:
+                    c[k] = v
+        edit_json(d / "config.json", apply)
+    return fn
+
+
+def _only_pickle(d):
+    (d / "model.safetensors").unlink()
+
+    class Trap:  # unpickling it creates PWNED: proves nothing was unpickled
+        def __reduce__(self):
+            return (open, (str(d / "PWNED"), "w"))
+
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps(Trap()))
+
+
+def _truncate_data(d):
+    p = d / "model.safetensors"
+    (n,) = struct.unpack("<Q", p.read_bytes()[:8])
+    data = p.read_bytes()
+    p.write_bytes(data[:8 + n + (len(data) - 8 - n) // 2])
+
+
+def _header_len(value):
+    def fn(d):
+        p = d / "model.safetensors"
+        data = p.read_bytes()
+        p.write_bytes(struct.pack("<Q", value(len(data))) + data[8:])
+    return fn
+
+
+def _huge_header_sparse(d):
+    # A header length over the 100 MiB limit in a file that is really that big (sparse).
+    p = d / "model.safetensors"
+    n = 101 << 20
+    with open(p, "wb") as f:
+        f.write(struct.pack("<Q", n) + b"{")
+        f.truncate(8 + n + 16)
+
+
+def _wrong_shape(d):
+    rewrite_tensors(d / "model.safetensors", lambda t: t.__setitem__(UP, np.ascontiguousarray(t[UP].T)))
+
+
+def _missing_tensor(d):
+    rewrite_tensors(d / "model.safetensors", lambda t: t.pop(UP))
+
+
+def _int_tensor(d):
+    rewrite_tensors(d / "model.safetensors", lambda t: t.__setitem__(UP, t[UP].astype(np.int32)))
+
+
+def _sharded(shard_of):
+    """Replace model.safetensors by an index mapping each tensor to shard_of(dir, i, name)."""
+    def fn(d):
+        with open_safetensors(d / "model.safetensors") as f:
+            names = f.names()
+        weight_map = {name: shard_of(d, i, name) for i, name in enumerate(names)}
+        (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return fn
+
+
+def _escaping_shard(d, i, name):
+    shutil.copy(d / "model.safetensors", d.parent / "x.safetensors")  # exists: refused, not just missing
+    return "../x.safetensors"
+
+
+def _absolute_shard(d, i, name):
+    outside = d.parent / "abs.safetensors"
+    shutil.copy(d / "model.safetensors", outside)
+    return str(outside)
+
+
+def _missing_shard(d, i, name):
+    return "model-00001-of-00002.safetensors" if i % 2 else "model-00002-of-00002.safetensors"
+
+
+def _bad_index(d):
+    (d / "model.safetensors.index.json").write_text('{"weight_map": [1, 2]}')
+
+
+BAD_CHECKPOINTS = {
+    "no-config": (_no_config, ["config.json", "not found"]),
+    "config-invalid-json": (_config_text('{"hidden_size": 64,'), ["config.json", "invalid JSON"]),
+    "config-not-object": (_config_text("[1, 2, 3]"), ["config.json", "JSON object"]),
+    "arch-gpt2": (_config(architectures=["GPT2LMHeadModel"]), ["config.json", "unsupported architecture",
+                                                              "GPT2LMHeadModel"]),
+    "arch-foo": (_config(architectures=["FooForCausalLM"]), ["config.json", "FooForCausalLM"]),
+    "no-arch-bad-model-type": (_config(architectures=_DELETE, model_type="gpt2"), ["config.json", "gpt2"]),
+    "missing-hidden-size": (_config(hidden_size=_DELETE), ["config.json", "missing", "hidden_size"]),
+    "non-integer-field": (_config(num_hidden_layers="2"), ["config.json", "num_hidden_layers", "must be int"]),
+    "float-field": (_config(intermediate_size=128.5), ["config.json", "intermediate_size", "must be int"]),
+    "negative-field": (_config(vocab_size=-1), ["config.json", "vocab_size", "positive"]),
+    "heads-not-dividing": (_config(head_dim=_DELETE, num_attention_heads=6, num_key_value_heads=2),
+                           ["config.json", "hidden_size 64", "not divisible", "num_attention_heads 6"]),
+    "kv-heads-not-dividing": (_config(num_key_value_heads=3), ["config.json", "num_key_value_heads 3"]),
+    "rope-type": (_config(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0}),
+                  ["config.json", "rope type", "longrope"]),
+    "rope-missing-factor": (_config(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0}),
+                            ["config.json", "linear", "factor"]),
+    "hidden-act": (_config(hidden_act="quick_gelu"), ["config.json", "hidden_act", "quick_gelu"]),
+    "softcapping": (_config(final_logit_softcapping=30.0), ["config.json", "final_logit_softcapping"]),
+    "only-pickle": (_only_pickle, ["pickle", "safetensors"]),
+    "no-weights": (lambda d: (d / "model.safetensors").unlink(), ["no model.safetensors"]),
+    "safetensors-truncated": (_truncate_data, ["model.safetensors", "data section"]),
+    "safetensors-tiny": (lambda d: (d / "model.safetensors").write_bytes(b"\x01\x02"),
+                         ["model.safetensors", "too short"]),
+    "header-past-eof": (_header_len(lambda size: size), ["model.safetensors", "header length", "exceeds file size"]),
+    "header-huge": (_header_len(lambda size: 2**64 - 1), ["model.safetensors", "header length", "exceeds"]),
+    "header-over-limit": (_huge_header_sparse, ["model.safetensors", "header length", "limit"]),
+    "header-not-json": (_header_len(lambda size: 4), ["model.safetensors", "header"]),
+    "wrong-shape": (_wrong_shape, [UP, "shape [64, 128]", "[128, 64]"]),
+    "missing-tensor": (_missing_tensor, [UP, "missing"]),
+    "int-tensor": (_int_tensor, [UP, "I32"]),
+    "shard-escapes": (_sharded(_escaping_shard), ["model.safetensors.index.json", "../x.safetensors",
+                                                  "leaves the checkpoint directory"]),
+    "shard-absolute": (_sharded(_absolute_shard), ["model.safetensors.index.json", "abs.safetensors",
+                                                   "leaves the checkpoint directory"]),
+    "shard-missing": (_sharded(_missing_shard), ["model.safetensors.index.json",
+                                                 "model-00002-of-00002.safetensors", "missing"]),
+    "index-invalid": (_bad_index, ["model.safetensors.index.json", "weight_map"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_compile_bad_checkpoint(ckpt, tmp_path, case):
+    mutate, needles = BAD_CHECKPOINTS[case]
+    src = copy_ckpt(ckpt, tmp_path)
+    mutate(src)
+    out = tmp_path / "out.llmir"
+    assert_user_error(llmirc("compile", src, "-o", out, "--cpu-variants", "native", "-q"), *needles)
+    assert not out.exists() and leftovers(out) == []
+    assert not (src / "PWNED").exists()
+
+
+def test_compile_missing_model_path(tmp_path):
+    out = tmp_path / "out.llmir"
+    assert_user_error(llmirc("compile", tmp_path / "nope", "-o", out), "nope", "no such file")
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_compile_model_path_is_a_file(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"x")
+    out = tmp_path / "out.llmir"
+    assert_user_error(llmirc("compile", tmp_path / "model.bin", "-o", out), "model.bin", "not a checkpoint directory")
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_compile_error_after_progress_is_the_last_line(ckpt, tmp_path):
+    # Without -q, progress lines may come first; the error is still one line, and the last.
+    src = copy_ckpt(ckpt, tmp_path)
+    _wrong_shape(src)
+    r = llmirc("compile", src, "-o", tmp_path / "out.llmir")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    *progress, last = r.stderr.splitlines()
+    assert last.startswith("error: ") and UP in last
+    assert all(PROGRESS.match(line) for line in progress), r.stderr
+
+
+# -- compile: bad options and output paths -------------------------------------------------------
+
+BAD_OPTIONS = {
+    "target-tpu": (["--target", "tpu"], ["tpu", "unknown target"]),
+    "target-cuda": (["--target", "cuda"], ["cuda", "not implemented"]),
+    "target-hip": (["--target", "hip"], ["hip", "not implemented"]),
+    "unknown-pass": (["--passes", "canonicalize,frobnicate"], ["--passes", "frobnicate"]),
+    "bad-pass-option-value": (["--passes", "paged-kv{block-size=abc}"], ["--passes", "block-size"]),
+    "unknown-pass-option": (["--passes", "paged-kv{bogus=1}"], ["--passes", "bogus"]),
+    "pass-syntax": (["--passes", "paged-kv{block-size=16"], ["--passes"]),
+    "bad-emit": (["--emit", "ptx"], ["--emit", "ptx"]),
+    "bad-cpu-variant": (["--cpu-variants", "pentium9"], ["pentium9"]),
+    "no-cpu-variant": (["--cpu-variants", ","], ["--cpu-variants"]),
+    "unknown-option": (["--frobnicate"], ["--frobnicate"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OPTIONS)
+def test_compile_bad_option(ckpt, tmp_path, case):
+    args, needles = BAD_OPTIONS[case]
+    out = tmp_path / "out.llmir"
+    assert_user_error(llmirc("compile", ckpt, "-o", out, "-q", *args), *needles)
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_compile_without_output(ckpt):
+    assert_user_error(llmirc("compile", ckpt), "-o")
+
+
+def test_compile_refuses_to_overwrite_a_file(ckpt, tmp_path):
+    out = tmp_path / "out.llmir"
+    out.write_text("precious")
+    assert_user_error(llmirc("compile", ckpt, "-o", out, "-q", "--cpu-variants", "native"),
+                      str(out), "refusing to overwrite")
+    assert out.read_text() == "precious" and leftovers(out) == []
+
+
+def test_compile_refuses_to_overwrite_a_non_bundle_directory(ckpt, tmp_path):
+    out = tmp_path / "out.llmir"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    assert_user_error(llmirc("compile", ckpt, "-o", out, "-q", "--cpu-variants", "native"),
+                      str(out), "refusing to overwrite")
+    assert snapshot(out) == {"notes.txt": hashlib.sha256(b"precious").hexdigest()} and leftovers(out) == []
+
+
+def test_compile_output_parent_is_a_file(ckpt, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "out.llmir"
+    assert_user_error(llmirc("compile", ckpt, "-o", out, "-q", "--cpu-variants", "native"),
+                      "out.llmir", "afile is not a directory")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+@pytest.mark.parametrize("failure", ["config", "weights"])
+def test_failed_compile_keeps_existing_bundle(ckpt, bundle, tmp_path, failure):
+    # "config" fails in the front end; "weights" fails while the new bundle is being written.
+    out = copy_bundle(bundle, tmp_path)
+    before = snapshot(out)
+    src = copy_ckpt(ckpt, tmp_path)
+    if failure == "config":
+        _config(hidden_act="quick_gelu")(src)
+    else:
+        _int_tensor(src)
+    assert_user_error(llmirc("compile", src, "-o", out, "-q", "--cpu-variants", "native"), "error")
+    assert snapshot(out) == before and leftovers(out) == []
+    assert llmirc("inspect", out).returncode == 0
+
+
+def test_interrupted_compile_keeps_existing_bundle(ckpt, bundle, tmp_path):
+    # Ctrl-C during code generation: one error line, exit 130, the old bundle as it was.
+    out = copy_bundle(bundle, tmp_path)
+    before = snapshot(out)
+    proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "compile", str(ckpt), "-o", str(out),
+                             "--cpu-variants", "native"], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=ENV)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "cpu codegen" in line:  # the new bundle is half-written in its temporary directory
+            proc.send_signal(signal.SIGINT)
+            break
+    err = "".join(seen) + proc.stderr.read()
+    proc.wait(timeout=120)
+    assert "cpu codegen" in seen[-1], err
+    if proc.returncode == 0:
+        pytest.skip("the compile finished before the interrupt arrived")
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    # click turns KeyboardInterrupt into Abort (after an empty line on stderr); either wording is fine.
+    assert err.splitlines()[-1] in ("error: aborted", "error: interrupted"), err
+    assert snapshot(out) == before and leftovers(out) == []
+
+
+# -- run / inspect / bench: bad bundles ----------------------------------------------------------
+
+def _manifest(fn):
+    return lambda b: edit_json(b / "manifest.json", fn)
+
+
+def _flip_byte(b):
+    p = b / "weights" / "model.safetensors"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    p.write_bytes(bytes(data))
+
+
+def _grow_file(b):
+    with open(b / "config.json", "a") as f:
+        f.write(" ")
+
+
+def _files_entry(path):
+    def fn(m):
+        m["files"][0]["path"] = path
+    return _manifest(fn)
+
+
+def _symlink_out(b):
+    # Same bytes (so size and sha256 match) but through a symlink leaving the bundle.
+    rel = "tokenizer/tokenizer_config.json"
+    outside = b.parent / "outside.json"
+    shutil.copy(b / rel, outside)
+    (b / rel).unlink()
+    (b / rel).symlink_to(outside)
+
+
+def _replace_library(data: bytes):
+    def fn(b):
+        replace_file(b, json.loads((b / "manifest.json").read_text())["targets"][0]["library"], data)
+    return fn
+
+
+def _other_shared_library() -> bytes:
+    import _ctypes  # a real shared library that loads here but is not an llmir kernel library
+
+    return Path(_ctypes.__file__).read_bytes()
+
+
+def _garbage_weights(b):
+    # Not a safetensors file, with a recomputed checksum: the safetensors reader must refuse it.
+    replace_file(b, "weights/model.safetensors", struct.pack("<Q", 2) + b"[]")
+
+
+BAD_BUNDLES = {
+    "missing": (lambda b: shutil.rmtree(b), ["no such file"]),
+    "not-a-directory": (lambda b: (shutil.rmtree(b), b.write_text("x")), ["not an llmir bundle"]),
+    "no-manifest": (lambda b: (b / "manifest.json").unlink(), ["manifest.json"]),
+    "manifest-invalid-json": (lambda b: (b / "manifest.json").write_text("{oops"), ["manifest.json", "not valid JSON"]),
+    "manifest-not-object": (lambda b: (b / "manifest.json").write_text("[]"), ["manifest.json", "JSON object"]),
+    "wrong-format": (_manifest(lambda m: m.update(format="zip")), ["manifest.json", "format"]),
+    "future-version": (_manifest(lambda m: m.update(format_version="2.0")), ["2.0", "upgrade llmirc"]),
+    "bad-version": (_manifest(lambda m: m.update(format_version="one")), ["format_version", "one"]),
+    "tampered-weights": (_flip_byte, ["weights/model.safetensors", "sha256 mismatch"]),
+    "size-mismatch": (_grow_file, ["config.json", "size"]),
+    "missing-file": (lambda b: (b / "config.json").unlink(), ["config.json", "missing"]),
+    "path-dotdot": (_files_entry("../manifest.json"), ["../manifest.json", "escapes"]),
+    "path-absolute": (_files_entry("/etc/passwd"), ["/etc/passwd", "absolute"]),
+    "symlink-outside": (_symlink_out, ["tokenizer/tokenizer_config.json", "outside"]),
+    "files-not-list": (_manifest(lambda m: m.update(files={})), ["files"]),
+    "bad-files-entry": (_manifest(lambda m: m["files"][0].update(sha256="xyz")), ["files[0]", "sha256"]),
+    "weights-not-safetensors": (_garbage_weights, ["weights/model.safetensors", "header"]),
+}
+
+
+@pytest.mark.parametrize("command", ["run", "inspect", "bench"])
+@pytest.mark.parametrize("case", BAD_BUNDLES)
+def test_bad_bundle(bundle, tmp_path, case, command):
+    mutate, needles = BAD_BUNDLES[case]
+    b = copy_bundle(bundle, tmp_path)
+    mutate(b)
+    args = {"run": ["--token-ids", "1,2,3", "--max-new-tokens", "2"], "inspect": [],
+            "bench": ["--prompt-len", "4", "--new-tokens", "2", "--repeat", "1"]}[command]
+    assert_user_error(llmirc(command, b, *args), str(b), *needles)
+
+
+# What only loading (run, bench) checks: inspect reads the manifest but loads no code.
+BAD_FOR_LOADING = {
+    "garbage-library": (_replace_library(b"\x7fELF" + bytes(range(256)) * 8), ["libllmir_model.so", "cannot load"]),
+    "foreign-library": (_replace_library(_other_shared_library()), ["libllmir_model.so", "llmir_abi_version"]),
+    "no-weights-section": (_manifest(lambda m: m.pop("weights")), ["manifest.json", "weights"]),
+    "no-kv-cache-field": (_manifest(lambda m: m["kv_cache"].pop("num_kv_heads")), ["manifest.json", "num_kv_heads"]),
+    "weights-order-unknown": (_manifest(lambda m: m["weights"]["order"].__setitem__(0, "nope")),
+                              ["weights.order", "weights/model.safetensors"]),
+    "weights-order-short": (_manifest(lambda m: m["weights"]["order"].pop()), ["weights.order"]),  # was a segfault
+    "weights-order-twice": (_manifest(lambda m: m["weights"]["order"].__setitem__(0, m["weights"]["order"][1])),
+                            ["weights.order"]),
+    "no-targets": (_manifest(lambda m: m.update(targets=[])), ["no target"]),
+    "foreign-arch": (_manifest(lambda m: m["targets"][0].update(arch="riscv64")), ["riscv64"]),
+    "generation-not-object": (_manifest(lambda m: m.update(generation=[1])), ["manifest.json", "malformed"]),
+    "kv-cache-not-numbers": (_manifest(lambda m: m["kv_cache"].update(head_dim="x")),
+                             ["manifest.json", "kv_cache.head_dim"]),
+    "no-workspace": (_manifest(lambda m: m["abi"].pop("workspace")), ["manifest.json", "workspace"]),
+    "huge-kv-cache": (_manifest(lambda m: m["kv_cache"].update(head_dim=2**40)), ["compiled library"]),
+    "zero-block-size": (_manifest(lambda m: m["kv_cache"].update(block_size=0)), ["manifest.json", "kv_cache"]),
+}
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+@pytest.mark.parametrize("case", BAD_FOR_LOADING)
+def test_bad_bundle_on_load(bundle, tmp_path, case, command):
+    mutate, needles = BAD_FOR_LOADING[case]
+    b = copy_bundle(bundle, tmp_path)
+    mutate(b)
+    args = {"run": ["--token-ids", "1,2,3", "--max-new-tokens", "2"],
+            "bench": ["--prompt-len", "4", "--new-tokens", "2", "--repeat", "1"]}[command]
+    assert_user_error(llmirc(command, b, *args), str(b), *needles)
+
+
+@pytest.mark.parametrize("edit", [lambda m: m["kv_cache"].update(num_layers=1),
+                                  lambda m: m["model"].update(vocab_size=1000)])
+def test_manifest_sizes_disagreeing_with_the_library(bundle, tmp_path, edit):
+    # Sizes come from the library (llmir_model_info); a manifest that disagrees is refused.
+    b = copy_bundle(bundle, tmp_path)
+    _manifest(edit)(b)
+    assert_user_error(llmirc("run", b, "--token-ids", "1,2,3", "--max-new-tokens", "20"), "compiled library")
+
+
+INCOMPLETE_FOR_INSPECT = {
+    "no-weights": (lambda m: m.pop("weights"), "'weights'"),
+    "target-without-library": (lambda m: m["targets"][0].pop("library"), "'library'"),
+    "model-not-object": (lambda m: m.update(model=[1, 2]), "model"),
+    "plan-not-list": (lambda m: m.update(plan=7), "plan"),
+    "target-not-object": (lambda m: m["targets"].__setitem__(0, "cpu"), "malformed"),
+    "kernel-without-symbol": (lambda m: m["targets"][0]["kernels"][0].pop("symbol"), "'symbol'"),
+}
+
+
+@pytest.mark.parametrize("case", INCOMPLETE_FOR_INSPECT)
+def test_inspect_incomplete_manifest(bundle, tmp_path, case):
+    edit, needle = INCOMPLETE_FOR_INSPECT[case]
+    b = copy_bundle(bundle, tmp_path)
+    _manifest(edit)(b)
+    assert_user_error(llmirc("inspect", b), str(b), "manifest.json", needle)
+
+
+# -- run: bad requests ---------------------------------------------------------------------------
+
+BAD_RUNS = {
+    "prompt-without-tokenizer": (["--prompt", "hello"], True, ["no tokenizer", "--token-ids"]),
+    "no-prompt": ([], False, ["--prompt", "--token-ids"]),
+    "token-ids-not-integers": (["--token-ids", "1,two,3"], False, ["--token-ids", "1,two,3", "integers"]),
+    "token-ids-empty": (["--token-ids", ","], False, ["--token-ids", "empty"]),
+    "token-id-too-big": (["--token-ids", "1,384"], False, ["384", "vocabulary of 384"]),
+    "token-id-negative": (["--token-ids=-5,2"], False, ["-5", "vocabulary"]),
+    "longer-than-context": (["--token-ids", "1,2,3", "--max-new-tokens", "600"], False,
+                            ["600", "context of 512"]),
+    "max-new-tokens-zero": (["--token-ids", "1", "--max-new-tokens", "0"], False, ["--max-new-tokens"]),
+    "top-p-zero": (["--token-ids", "1", "--top-p", "0"], False, ["--top-p"]),
+    "negative-temperature": (["--token-ids", "1", "--temperature", "-1"], False, ["--temperature"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RUNS)
+def test_run_bad_request(bundle, bundle_notok, case):
+    args, notok, needles = BAD_RUNS[case]
+    assert_user_error(llmirc("run", bundle_notok if notok else bundle, *args), *needles)
+
+
+def _unlisted_tokenizer(b):
+    # A tokenizer.json dropped into a bundle but not in its manifest (so never checksummed): not used.
+    (b / "tokenizer").mkdir()
+    (b / "tokenizer" / "tokenizer.json").write_text("{}")
+    _manifest(lambda m: m.update(tokenizer="tokenizer/tokenizer.json"))(b)
+
+
+@pytest.mark.parametrize("case", ["garbage", "unlisted"])
+def test_run_bad_tokenizer(bundle, bundle_notok, tmp_path, case):
+    if case == "garbage":
+        b = copy_bundle(bundle, tmp_path)
+        replace_file(b, "tokenizer/tokenizer.json", b'{"model": 1}')
+        needles = ["tokenizer.json", "cannot load the tokenizer"]
+    else:
+        b = copy_bundle(bundle_notok, tmp_path)
+        _unlisted_tokenizer(b)
+        needles = [str(b), "tokenizer/tokenizer.json", "manifest.json"]
+    assert_user_error(llmirc("run", b, "--prompt", "hello", "--max-new-tokens", "2"), *needles)
+
+
+def test_bench_prompt_longer_than_context(bundle):
+    assert_user_error(llmirc("bench", bundle, "--prompt-len", "600", "--new-tokens", "2", "--repeat", "1"),
+                      "context of 512")
+
+
+def test_bench_compare_transformers_bad_dir(bundle, tmp_path):
+    assert_user_error(llmirc("bench", bundle, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1",
+                             "--compare-transformers", tmp_path / "nope"), "nope")
+
+
+# -- happy paths ---------------------------------------------------------------------------------
+
+def test_compile_writes_bundle_with_progress(compiled):
+    out, r = compiled
+    assert (out / "manifest.json").is_file() and leftovers(out) == []
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert lines and all(PROGRESS.match(line) for line in lines), r.stderr
+    assert any("front end" in line for line in lines) and f"wrote {out}" in lines[-1]
+
+
+def test_compile_over_existing_bundle_replaces_it(bundle_notok, ckpt, tmp_path):
+    out = copy_bundle(bundle_notok, tmp_path)
+    r = llmirc("compile", ckpt, "-o", out, "-q", "--cpu-variants", "native")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert (out / "tokenizer" / "tokenizer.json").is_file() and leftovers(out) == []
+
+
+def test_emit_mlir_prints_ir_on_stdout(ckpt, tmp_path):
+    r = llmirc("compile", ckpt, "--emit", "mlir", "-q", cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith(('"builtin.module"', "builtin.module")) and '"func.func"' in r.stdout
+    assert "llmir." in r.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing written without -o
+
+
+def test_print_ir_after_all_dumps_on_stderr(ckpt, tmp_path):
+    r = llmirc("compile", ckpt, "--emit", "mlir", "--print-ir-after-all", "-q")
+    assert r.returncode == 0, r.stderr
+    dumps = re.findall(r"^// -----// IR Dump After (\S+) //----- //$", r.stderr, re.M)
+    assert "canonicalize" in dumps and "paged-kv" in dumps
+    assert "IR Dump" not in r.stdout and '"func.func"' in r.stdout
+
+
+def test_inspect(bundle):
+    r = llmirc("inspect", bundle)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "LlamaForCausalLM" in r.stdout and "checksums  verified" in r.stdout
+
+
+def test_inspect_json(bundle):
+    r = llmirc("inspect", bundle, "--json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    info = json.loads(r.stdout)
+    assert info["model"]["architecture"] == "LlamaForCausalLM" and info["model"]["vocab_size"] == 384
+    assert info["targets"] and info["targets"][0]["library"].endswith("libllmir_model.so")
+    assert info["kv_cache"]["layout"] == "layer,kv,block,kv_head,slot,dim"
+    assert info["verified"] is True and info["tokenizer"] == "tokenizer/tokenizer.json"
+
+
+def test_inspect_no_verify_skips_checksums(bundle, tmp_path):
+    b = copy_bundle(bundle, tmp_path)
+    _flip_byte(b)
+    r = llmirc("inspect", b, "--no-verify")
+    assert r.returncode == 0 and "not verified" in r.stdout, r.stderr
+
+
+def run_json(b, *args) -> list[dict]:
+    r = llmirc("run", b, "--json", *args)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def test_run_json_token_ids(bundle_notok):
+    records = run_json(bundle_notok, "--token-ids", "0,5,9", "--token-ids", "3, 4", "--max-new-tokens", "5",
+                       "--ignore-eos")
+    assert [r["prompt_token_ids"] for r in records] == [[0, 5, 9], [3, 4]]
+    assert all(len(r["token_ids"]) == 5 and "text" not in r for r in records)
+    assert all(0 <= t < 384 for r in records for t in r["token_ids"])
+
+
+def test_run_json_prompts_with_tokenizer(bundle):
+    records = run_json(bundle, "--prompt", "the quick brown fox", "--prompt", "paged attention",
+                       "--max-new-tokens", "4", "--ignore-eos")
+    assert len(records) == 2
+    assert all(isinstance(r["text"], str) and len(r["token_ids"]) == 4 for r in records)
+    assert records[0]["prompt_token_ids"][0] == 0  # the tokenizer's post-processor adds <s>
+
+
+def test_run_streams_text(bundle):
+    r = llmirc("run", bundle, "--prompt", "the quick", "--max-new-tokens", "3")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.endswith("\n"), r.stderr
+
+
+def test_run_sampling_is_reproducible(bundle_notok):
+    args = ["--token-ids", "0,5,9", "--max-new-tokens", "16", "--ignore-eos"]
+    sampling = ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "7"]
+    first = run_json(bundle_notok, *args, *sampling)
+    assert run_json(bundle_notok, *args, *sampling) == first
+    assert run_json(bundle_notok, *args)[0]["token_ids"] != first[0]["token_ids"]
+
+
+def test_bench_runs(bundle):
+    r = llmirc("bench", bundle, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1", "--json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert json.loads(r.stdout)["llmirc"]["decode_tok_s"] > 0
+
+
+@pytest.mark.parametrize("command", [[], ["compile"], ["run"], ["inspect"], ["bench"]])
+def test_help(command):
+    r = llmirc(*command, "--help")
+    assert r.returncode == 0 and r.stderr == "" and "Usage:" in r.stdout, r.stderr
+
+
+def test_version():
+    r = llmirc("--version")
+    assert r.returncode == 0 and "0.1.0" in r.stdout
+
+
+def test_kv_cache_too_big_to_allocate(bundle):
+    from llmirc.errors import LlmircError
+    from llmirc.runtime import load
+
+    with pytest.raises(LlmircError, match="cannot allocate a KV cache"):
+        load(bundle, kv_cache_tokens=2**50)
