@@ -1,0 +1,503 @@
+"""Small llvmlite helpers that keep the cpu kernels readable.
+
+Types and constants, counted loops as context managers (phi induction variables, i64),
+entry-block allocas (mem2reg/SROA turn them back into registers), unaligned vector loads and
+stores of f32 lanes, intrinsics (fma, sqrt, min/max, reductions), a many-vectors-at-once
+horizontal sum, accurate inline vector exp / erfc / x*sigmoid(z), libm calls (lane by lane),
+and `parallel_for` over libgomp.
+
+Vectors are `<n x float>` for any n >= 1; a kernel picks n from the variant's vector width
+and handles remainders with narrower vectors (see `vector_chunks`).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Sequence
+
+from llvmlite import ir
+
+F32 = ir.FloatType()
+F64 = ir.DoubleType()
+I1 = ir.IntType(1)
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+PTR = ir.PointerType()
+VOID = ir.VoidType()
+
+# Fast-math flags for arithmetic whose association order does not matter (dot products, sums).
+# No nnan/ninf: NaN and inf inputs must still propagate.
+FAST = ("reassoc", "contract", "nsz")
+
+
+def vty(n: int, elem=F32) -> ir.VectorType:
+    return ir.VectorType(elem, n)
+
+
+def width(v: ir.Value) -> int:
+    """Lanes of a vector value, 0 for a scalar."""
+    return v.type.count if isinstance(v.type, ir.VectorType) else 0
+
+
+def i32(v: int) -> ir.Constant:
+    return ir.Constant(I32, v)
+
+
+def i64(v) -> ir.Value:
+    return v if isinstance(v, ir.Value) else ir.Constant(I64, int(v))
+
+
+def f32(v: float) -> ir.Constant:
+    return ir.Constant(F32, float(v))
+
+
+def const_like(ty: ir.Type, value: float) -> ir.Constant:
+    """A float constant of type `ty` (f32 or <n x f32>, splatted)."""
+    if isinstance(ty, ir.VectorType):
+        return ir.Constant(ty, [float(value)] * ty.count)
+    return ir.Constant(ty, float(value))
+
+
+def define(module: ir.Module, name: str, args: Sequence[tuple[str, ir.Type]], ret=VOID,
+           internal: bool = False) -> tuple[ir.Function, ir.IRBuilder]:
+    """Define a function with named arguments; returns it and a builder at its entry."""
+    fn = ir.Function(module, ir.FunctionType(ret, [t for _, t in args]), name)
+    for a, (n, _) in zip(fn.args, args):
+        a.name = n
+    fn.attributes.add("nounwind")
+    if internal:
+        fn.linkage = "internal"
+    return fn, ir.IRBuilder(fn.append_basic_block("entry"))
+
+
+def declare(module: ir.Module, name: str, ret: ir.Type, args: Sequence[ir.Type]) -> ir.Function:
+    fn = module.globals.get(name)
+    if fn is None:
+        fn = ir.Function(module, ir.FunctionType(ret, list(args)), name)
+    return fn
+
+
+# --- control flow
+
+@contextmanager
+def for_range(b: ir.IRBuilder, start, stop, step=1, name: str = "i"):
+    """`for (i = start; i < stop; i += step)` over i64; yields i. Signed compare."""
+    start, stop, step = i64(start), i64(stop), i64(step)
+    pre = b.block
+    hdr = b.append_basic_block(name + ".hdr")
+    body = b.append_basic_block(name + ".body")
+    end = b.append_basic_block(name + ".end")
+    b.branch(hdr)
+    b.position_at_end(hdr)
+    i = b.phi(I64, name)
+    i.add_incoming(start, pre)
+    b.cbranch(b.icmp_signed("<", i, stop), body, end)
+    b.position_at_end(body)
+    yield i
+    nxt = b.add(i, step, flags=("nsw",))
+    i.add_incoming(nxt, b.block)
+    b.branch(hdr)
+    b.position_at_end(end)
+
+
+@contextmanager
+def while_(b: ir.IRBuilder, cond: Callable[[ir.IRBuilder], ir.Value], name: str = "w"):
+    """`while (cond(b)) { body }`: cond is emitted in the loop header each iteration."""
+    hdr = b.append_basic_block(name + ".hdr")
+    body = b.append_basic_block(name + ".body")
+    end = b.append_basic_block(name + ".end")
+    b.branch(hdr)
+    b.position_at_end(hdr)
+    b.cbranch(cond(b), body, end)
+    b.position_at_end(body)
+    yield
+    b.branch(hdr)
+    b.position_at_end(end)
+
+
+def var(b: ir.IRBuilder, ty: ir.Type, init=None, name: str = "") -> ir.Value:
+    """A stack slot in the entry block (promoted to a register by mem2reg); `init` is stored
+    at the current position."""
+    with b.goto_entry_block():
+        p = b.alloca(ty, name=name)
+    p.type = PTR  # an opaque pointer (llvmlite types allocas as typed pointers)
+    if init is not None:
+        b.store(init, p)
+    return p
+
+
+def imin(b, x, y):
+    return b.select(b.icmp_signed("<", x, y), x, y)
+
+
+def imax(b, x, y):
+    return b.select(b.icmp_signed(">", x, y), x, y)
+
+
+# --- memory
+
+def gep(b: ir.IRBuilder, ptr: ir.Value, idx, ety: ir.Type = F32) -> ir.Value:
+    return b.gep(ptr, [i64(idx)], inbounds=True, source_etype=ety)
+
+
+def load_vec(b: ir.IRBuilder, ptr: ir.Value, idx, n: int) -> ir.Value:
+    """Load `<n x float>` from ptr[idx .. idx+n) (unaligned)."""
+    return b.load(gep(b, ptr, idx), typ=vty(n), align=4)
+
+
+def store_vec(b: ir.IRBuilder, val: ir.Value, ptr: ir.Value, idx) -> None:
+    b.store(val, gep(b, ptr, idx), align=4)
+
+
+def load_f32(b, ptr, idx) -> ir.Value:
+    return b.load(gep(b, ptr, idx), typ=F32, align=4)
+
+
+def load_i32(b, ptr, idx) -> ir.Value:
+    """Load an i32 and sign-extend it to i64."""
+    return b.sext(b.load(gep(b, ptr, idx, I32), typ=I32, align=4), I64)
+
+
+def memcpy(b: ir.IRBuilder, dst, src, nbytes) -> None:
+    fn = b.module.declare_intrinsic("llvm.memcpy", [PTR, PTR, I64])
+    b.call(fn, [dst, src, i64(nbytes), ir.Constant(I1, 0)])
+
+
+# --- vectors
+
+def splat(b: ir.IRBuilder, x, n: int) -> ir.Value:
+    if isinstance(x, (int, float)):
+        return const_like(vty(n), x)
+    if isinstance(x, ir.Constant):
+        return ir.Constant(vty(n), [x.constant] * n)
+    v = b.insert_element(ir.Constant(vty(n), ir.Undefined), x, i32(0))
+    return b.shuffle_vector(v, v, ir.Constant(vty(n, I32), [0] * n))
+
+
+def shuffle(b: ir.IRBuilder, x, y, mask: Sequence[int]) -> ir.Value:
+    return b.shuffle_vector(x, y, ir.Constant(vty(len(mask), I32), list(mask)))
+
+
+def lanes(b: ir.IRBuilder, v, start: int, count: int) -> ir.Value:
+    """Lanes [start, start+count) of v as a `<count x float>`."""
+    if start == 0 and count == width(v):
+        return v
+    return shuffle(b, v, v, range(start, start + count))
+
+
+def widen(b: ir.IRBuilder, v, n: int) -> ir.Value:
+    """Zero-pad vector v to n lanes."""
+    m = width(v)
+    if m == n:
+        return v
+    return shuffle(b, v, const_like(v.type, 0.0), list(range(m)) + [m] * (n - m))
+
+
+def concat(b: ir.IRBuilder, vs: Sequence[ir.Value]) -> ir.Value:
+    """Concatenate equal-width vectors (count a power of two)."""
+    vs = list(vs)
+    while len(vs) > 1:
+        w = width(vs[0])
+        vs = [shuffle(b, vs[i], vs[i + 1], range(2 * w)) for i in range(0, len(vs), 2)]
+    return vs[0]
+
+
+def _overload(ty: ir.Type) -> str:
+    if isinstance(ty, ir.VectorType):
+        return f"v{ty.count}{ty.element.intrinsic_name}"
+    return ty.intrinsic_name
+
+
+def intrinsic(b: ir.IRBuilder, name: str, args: Sequence[ir.Value], fastmath=()) -> ir.Value:
+    """Call an LLVM intrinsic overloaded on (and returning) its first argument's type."""
+    ty = args[0].type
+    fn = declare(b.module, f"{name}.{_overload(ty)}", ty, [a.type for a in args])
+    return b.call(fn, list(args), fastmath=fastmath)
+
+
+def fma(b, x, y, z) -> ir.Value:
+    """x * y + z, fused where the target has FMA (llvm.fmuladd; llvm.fma would become a
+    libm call per lane on targets without it, such as x86-64-v2)."""
+    return intrinsic(b, "llvm.fmuladd", [x, y, z])
+
+
+def fmax(b, x, y) -> ir.Value:
+    return intrinsic(b, "llvm.maxnum", [x, y])
+
+
+def fmin(b, x, y) -> ir.Value:
+    return intrinsic(b, "llvm.minnum", [x, y])
+
+
+def sqrt(b, x) -> ir.Value:
+    return intrinsic(b, "llvm.sqrt", [x])
+
+
+def hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """Sum of the lanes of v (any association order)."""
+    n = width(v)
+    if n == 0:
+        return v
+    if n == 1:
+        return b.extract_element(v, i32(0))
+    fn = declare(b.module, f"llvm.vector.reduce.fadd.{_overload(v.type)}", F32, [F32, v.type])
+    return b.call(fn, [f32(-0.0), v], fastmath=("reassoc", "nsz"))
+
+
+def hmax(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """Max of the lanes of v (width a power of two) by a shuffle tree of maxnum (NaN lanes
+    are ignored). llvm.vector.reduce.fmax without fast-math flags lowers to a serial chain."""
+    n = width(v)
+    if n == 0:
+        return v
+    while n > 1:
+        n //= 2
+        v = fmax(b, lanes(b, v, 0, n), lanes(b, v, n, n))
+    return b.extract_element(v, i32(0))
+
+
+def hsum_many(b: ir.IRBuilder, vecs: Sequence[ir.Value]) -> ir.Value:
+    """Horizontal sums of several equal-width vectors at once, by a transpose-and-add tree.
+
+    Returns a vector whose lane i is the sum of the lanes of vecs[i] (padded with zero lanes to
+    a power of two). Costs about 3 shuffle/add instructions per pair instead of a full
+    reduction per vector.
+    """
+    vecs = list(vecs)
+    w = width(vecs[0])
+    p = 1 << max(0, (len(vecs) - 1).bit_length())
+    zero = const_like(vecs[0].type, 0.0)
+    vecs += [zero] * (p - len(vecs))
+    if w == 1:
+        return concat(b, vecs)
+    if p > w:  # reduce groups of w vectors separately, then concatenate
+        return concat(b, [hsum_many(b, vecs[i:i + w]) for i in range(0, p, w)])
+    seg = w  # each vector holds (w // seg) segments of length seg, in input order
+    while len(vecs) > 1:
+        half = seg // 2
+        first = [s * seg + j for s in range(w // seg) for j in range(half)]
+        second = [s * seg + half + j for s in range(w // seg) for j in range(half)]
+        nxt = []
+        for x, y in zip(vecs[0::2], vecs[1::2]):
+            lo = shuffle(b, x, y, first + [w + i for i in first])
+            hi = shuffle(b, x, y, second + [w + i for i in second])
+            nxt.append(b.fadd(lo, hi, flags=FAST))
+        vecs, seg = nxt, half
+    v = vecs[0]
+    while seg > 1:  # fewer vectors than lanes: fold within each segment
+        n = width(v)
+        half = seg // 2
+        lo = shuffle(b, v, v, [s * seg + j for s in range(n // seg) for j in range(half)])
+        hi = shuffle(b, v, v, [s * seg + half + j for s in range(n // seg) for j in range(half)])
+        v = b.fadd(lo, hi, flags=FAST)
+        seg = half
+    return v
+
+
+def vector_chunks(n: int, vw: int) -> tuple[int, list[tuple[int, int]]]:
+    """Split [0, n) into `n // vw` full vectors and a static tail of power-of-two widths.
+
+    Returns (number of full vectors, [(offset, width), ...] for the tail).
+    """
+    nfull = n // vw
+    tail, off, w = [], nfull * vw, vw // 2
+    rem = n - off
+    while w >= 1:
+        if rem & w:
+            tail.append((off, w))
+            off += w
+        w //= 2
+    return nfull, tail
+
+
+def vector_loop(b: ir.IRBuilder, n: int, vw: int, body: Callable, unroll: int = 1,
+                name: str = "v") -> None:
+    """Emit body(b, offset: i64 value, width: int, slot: int) over [0, n) for a static n.
+
+    Full vectors run in a loop unrolled `unroll` times (slot = 0..unroll-1 tells the body
+    which of its independent accumulators to use); the tail is straight-line code with
+    narrower vectors (slot 0).
+    """
+    nfull, tail = vector_chunks(n, vw)
+    step = vw * unroll
+    nloop = nfull // unroll
+    if nloop == 1:
+        for u in range(unroll):
+            body(b, i64(u * vw), vw, u)
+    elif nloop > 1:
+        with for_range(b, 0, nloop * step, step, name) as off:
+            for u in range(unroll):
+                body(b, off if u == 0 else b.add(off, i64(u * vw), flags=("nsw",)), vw, u)
+    for u in range(nfull - nloop * unroll):
+        body(b, i64(nloop * step + u * vw), vw, u)
+    for off, w in tail:
+        body(b, i64(off), w, 0)
+
+
+# --- math
+
+def libm(b: ir.IRBuilder, name: str, x: ir.Value) -> ir.Value:
+    """Call a one-argument libm function on a scalar, or lane by lane on a vector: float
+    functions (expf, cosf, sinf, erff, tanhf) on f32, double ones (exp, erfc, ...) on f64."""
+    ety = x.type.element if isinstance(x.type, ir.VectorType) else x.type
+    fn = declare(b.module, name, ety, [ety])
+    n = width(x)
+    if n == 0:
+        return b.call(fn, [x])
+    out = ir.Constant(x.type, ir.Undefined)
+    for i in range(n):
+        out = b.insert_element(out, b.call(fn, [b.extract_element(x, i32(i))]), i32(i))
+    return out
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.693359375          # 9 significant bits: n * LN2_HI is exact for |n| < 2^15
+_LN2_LO = -2.12194440e-4
+# Minimax polynomial for (exp(r) - 1 - r) / r^2 on [-ln2/2, ln2/2] (Cephes expf).
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+             1.6666665459e-1, 5.0000001201e-1)
+
+
+def exp(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """exp(x) as f32 (scalar or vector), inline (no libm call), within ~1 ulp over the whole
+    range: Cody-Waite reduction x = n ln2 + r, a degree-7 polynomial for e^r, then scaling by
+    2^n in two steps so results underflow gradually to denormals and 0 and overflow to inf.
+    NaN propagates. `x` may be f64 (or <n x double>): the reduction then runs in f64, so an
+    argument computed in f64 keeps its precision (the result is still f32)."""
+    n_lanes = width(x)
+    fty = vty(n_lanes) if n_lanes else F32
+    ity = vty(n_lanes, I32) if n_lanes else I32
+    def ic(v):
+        return ir.Constant(ity, [v] * n_lanes if n_lanes else v)
+
+    def c(v):
+        return const_like(fty, v)
+
+    def xc_(v):
+        return const_like(x.type, v)
+
+    wide = (x.type.element if n_lanes else x.type) == F64
+    xc = fmin(b, fmax(b, x, xc_(-104.0)), xc_(89.0))
+    n = intrinsic(b, "llvm.rint", [b.fmul(xc, xc_(_LOG2E))])
+    if wide:
+        r = b.fptrunc(fma(b, n, xc_(-math.log(2.0)), xc), fty)
+    else:
+        r = fma(b, n, c(-_LN2_HI), xc)
+        r = fma(b, n, c(-_LN2_LO), r)
+    p = c(_EXP_POLY[0])
+    for coef in _EXP_POLY[1:]:
+        p = fma(b, p, r, c(coef))
+    y = b.fadd(fma(b, p, b.fmul(r, r), r), c(1.0))
+    ni = b.fptosi(n, ity)
+    n1 = b.ashr(ni, ic(1))
+    n2 = b.sub(ni, n1)
+
+    def pow2(k):
+        return b.bitcast(b.shl(b.add(k, ic(127)), ic(23)), fty)
+
+    res = b.fmul(b.fmul(y, pow2(n1)), pow2(n2))
+    isnan = b.fcmp_unordered("uno", x, x)
+    return b.select(isnan, b.fptrunc(x, fty) if wide else x, res)
+
+
+# Chebyshev fit of erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z/2), z >= 0: relative error
+# below 1.2e-7 everywhere (Numerical Recipes, erfcc; checked against math.erfc in the tests).
+_ERFC_POLY = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807,
+              -1.13520398, 1.48851587, -0.82215223, 0.17087277)
+
+
+def erfc_pos(b: ir.IRBuilder, z: ir.Value) -> ir.Value:
+    """erfc(z) as f32 for an f64 (scalar or vector) z >= 0, inline: the exponent
+    -z^2 + P(t) is formed in f64 (erfc's relative error grows like 2 z^2 times that of its
+    argument) and exponentiated with `exp`. Relative error ~2e-7; NaN propagates."""
+    c = lambda v: const_like(z.type, v)  # noqa: E731
+    t = b.fdiv(c(1.0), fma(b, z, c(0.5), c(1.0)))
+    p = c(_ERFC_POLY[-1])
+    for coef in _ERFC_POLY[-2::-1]:
+        p = fma(b, p, t, c(coef))
+    e = exp(b, fma(b, b.fneg(z), z, p))
+    return b.fmul(b.fptrunc(t, e.type), e)
+
+
+def sigmoid_mul(b: ir.IRBuilder, x: ir.Value, z: ir.Value) -> ir.Value:
+    """x * sigmoid(z) = x / (1 + exp(-z)) in f32, accurate for any sign and size of z:
+    with t = exp(-|z|), it is x / (1 + t) for z >= 0 and x t / (1 + t) for z < 0 (no
+    overflow, no cancellation). `z` may be f64 (computed in f64 to keep its precision);
+    silu(x) = sigmoid_mul(x, x)."""
+    t = exp(b, b.fneg(intrinsic(b, "llvm.fabs", [z])))
+    zero = const_like(z.type, 0.0)
+    neg = b.fcmp_ordered("<", z, zero)
+    xt = b.select(b.fcmp_ordered(">", t, const_like(t.type, 0.0)), b.fmul(x, t),
+                  const_like(t.type, 0.0))
+    return b.fdiv(b.select(neg, xt, x), b.fadd(const_like(t.type, 1.0), t))
+
+
+# --- threading (libgomp)
+
+def min_items(work_per_item: int, grain: int = 32768) -> int:
+    """Items a thread should get at least so that its work (in rough element-operations)
+    pays for a fork/join of a few microseconds."""
+    return max(1, math.ceil(grain / max(1, work_per_item)))
+
+
+def parallel_for(module: ir.Module, b: ir.IRBuilder, n_items: ir.Value,
+                 body_fn: Callable[[ir.IRBuilder, ir.Value, list], None],
+                 min_items_per_thread: int = 1, captures: Sequence[ir.Value] | None = None,
+                 interleave: bool = False) -> None:
+    """Run body_fn(builder, item, values) for item in [0, n_items) across libgomp threads.
+
+    The body is outlined into an internal function `<caller>.parN.chunk(ctx, lo, hi, step)`;
+    `values` are `captures` (default: the caller's arguments) reloaded there from a struct on
+    the caller's stack. A worker for GOMP_parallel takes the thread's static contiguous chunk
+    of [0, n_items) (or every nth item with `interleave`, which balances triangular work such
+    as causal attention). The team has min(n_items / min_items_per_thread,
+    omp_get_max_threads()) threads; with fewer than 2 the chunk function runs serially on the
+    calling thread, without any fork/join.
+    """
+    caller = b.function
+    caps = list(caller.args) if captures is None else list(captures)
+    st = ir.LiteralStructType([I64] + [v.type for v in caps])
+    k = 0
+    while f"{caller.name}.par{k}.chunk" in module.globals:
+        k += 1
+    base = f"{caller.name}.par{k}"
+
+    chunk, cb = define(module, base + ".chunk", [("ctx", PTR), ("lo", I64), ("hi", I64),
+                                                 ("step", I64)], internal=True)
+    ctx, lo, hi, step = chunk.args
+    vals = []
+    for k, v in enumerate(caps):
+        vals.append(cb.load(cb.gep(ctx, [i32(0), i32(k + 1)], inbounds=True, source_etype=st),
+                            typ=v.type, name=getattr(v, "name", "")))
+    with for_range(cb, lo, hi, step, "item") as item:
+        body_fn(cb, item, vals)
+    cb.ret_void()
+
+    i32fn = lambda name: declare(module, name, I32, [])  # noqa: E731
+    worker, wb = define(module, base + ".worker", [("ctx", PTR)], internal=True)
+    (wctx,) = worker.args
+    n = wb.load(wb.gep(wctx, [i32(0), i32(0)], inbounds=True, source_etype=st), typ=I64)
+    tid = wb.sext(wb.call(i32fn("omp_get_thread_num"), []), I64)
+    nth = wb.sext(wb.call(i32fn("omp_get_num_threads"), []), I64)
+    if interleave:
+        wb.call(chunk, [wctx, tid, n, nth])
+    else:
+        per = wb.sdiv(wb.add(n, wb.sub(nth, i64(1))), nth)
+        wlo = imin(wb, wb.mul(tid, per), n)
+        whi = imin(wb, wb.add(wlo, per), n)
+        wb.call(chunk, [wctx, wlo, whi, i64(1)])
+    wb.ret_void()
+
+    data = var(b, st, name="par.ctx")
+    b.store(n_items, b.gep(data, [i32(0), i32(0)], inbounds=True, source_etype=st))
+    for k, v in enumerate(caps):
+        b.store(v, b.gep(data, [i32(0), i32(k + 1)], inbounds=True, source_etype=st))
+    want = b.sdiv(n_items, i64(min_items_per_thread))
+    team = imin(b, want, b.sext(b.call(i32fn("omp_get_max_threads"), []), I64))
+    with b.if_else(b.icmp_signed(">=", team, i64(2))) as (par, ser):
+        with par:
+            gomp = declare(module, "GOMP_parallel", VOID, [PTR, PTR, I32, I32])
+            b.call(gomp, [worker, data, b.trunc(team, I32), i32(0)])
+        with ser:
+            b.call(chunk, [data, i64(0), n_items, i64(1)])

@@ -1,0 +1,251 @@
+"""The cpu target's toolchain: CPU variants, LLVM IR -> object code, objects -> shared library.
+
+A *variant* is one (triple, cpu, feature string) the kernels are compiled for. `native` is the
+build host; the baseline (`x86-64-v2` on x86_64, `generic` on aarch64) runs on any machine of
+that architecture from the last decade. `required_flags` are the /proc/cpuinfo flags a host
+must have to run a variant's code; the loader checks them before choosing a library.
+
+Optimization uses llvmlite's new pass manager (the default O3 pipeline, with loop and SLP
+vectorization on) on a target machine for the variant, so the cost model and instruction
+selection match the cpu. Linking uses the system C compiler driver (`cc`) with libgomp and libm.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import llvmlite.binding as llvm
+
+from llmirc.errors import LlmircError
+
+__all__ = [
+    "CpuVariant", "host_variant", "baseline_variant", "variants_for", "known_variant_names",
+    "compile_object", "emit_assembly", "optimized_ir", "link_shared", "find_linker",
+]
+
+
+@dataclass(frozen=True)
+class CpuVariant:
+    name: str                      # 'native', 'x86-64-v2', 'x86-64-v3', 'x86-64-v4', 'generic'
+    triple: str
+    cpu: str                       # LLVM cpu name
+    features: str                  # LLVM feature string ('+avx2,+fma,...'; '' = the cpu's own)
+    vector_width: int              # f32 lanes of the widest vector register the kernels use
+    required_flags: tuple[str, ...]  # /proc/cpuinfo flags a host needs to run this code
+
+
+# --- LLVM initialization (llvmlite >= 0.45 initializes the core itself; targets still need it)
+
+_init_lock = threading.Lock()
+_initialized = False
+
+
+def _init_llvm() -> None:
+    global _initialized
+    if _initialized:
+        return
+    with _init_lock:
+        if not _initialized:
+            llvm.initialize_all_targets()
+            llvm.initialize_all_asmprinters()
+            llvm.initialize_native_target()
+            llvm.initialize_native_asmprinter()
+            _initialized = True
+
+
+# --- variants
+
+# LLVM x86 feature name -> /proc/cpuinfo flag, for the features compiled code can depend on.
+_X86_CPUINFO = {
+    "sse3": "pni", "ssse3": "ssse3", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "popcnt": "popcnt",
+    "cx16": "cx16", "sahf": "lahf_lm", "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c",
+    "bmi": "bmi1", "bmi2": "bmi2", "lzcnt": "abm", "movbe": "movbe",
+    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
+    "avx512cd": "avx512cd", "avx512ifma": "avx512ifma", "avx512vbmi": "avx512vbmi",
+    "avx512vbmi2": "avx512_vbmi2", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16",
+    "avx512bitalg": "avx512_bitalg", "avx512vpopcntdq": "avx512_vpopcntdq",
+    "avx512fp16": "avx512_fp16", "avx512vp2intersect": "avx512_vp2intersect",
+    "avxvnni": "avx_vnni", "gfni": "gfni", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq",
+    "aes": "aes", "pclmul": "pclmulqdq", "sha": "sha_ni", "adx": "adx", "sse4a": "sse4a",
+    "prfchw": "3dnowprefetch",
+}
+
+_X86_LEVELS = {
+    "x86-64-v2": ("ssse3", "sse4_1", "sse4_2", "popcnt"),
+    "x86-64-v3": ("ssse3", "sse4_1", "sse4_2", "popcnt", "avx", "avx2", "fma", "f16c", "bmi1",
+                  "bmi2", "abm", "movbe"),
+    "x86-64-v4": ("ssse3", "sse4_1", "sse4_2", "popcnt", "avx", "avx2", "fma", "f16c", "bmi1",
+                  "bmi2", "abm", "movbe", "avx512f", "avx512bw", "avx512cd", "avx512dq",
+                  "avx512vl"),
+}
+_X86_LEVEL_WIDTH = {"x86-64-v2": 4, "x86-64-v3": 8, "x86-64-v4": 16}
+
+
+def _arch() -> str:
+    m = platform.machine().lower()
+    if m in ("amd64", "x86_64"):
+        return "x86_64"
+    if m in ("arm64", "aarch64"):
+        return "aarch64"
+    return m
+
+
+def _width_from_features(enabled: set[str], arch: str) -> int:
+    if arch == "x86_64":
+        if "avx512f" in enabled:
+            return 16
+        if "avx2" in enabled:
+            return 8
+    return 4
+
+
+def host_variant() -> CpuVariant:
+    """The build host's cpu with all of its features ('native')."""
+    _init_llvm()
+    arch = _arch()
+    feats = llvm.get_host_cpu_features()
+    enabled = {k for k, v in feats.items() if v}
+    if arch == "x86_64":
+        flags = tuple(sorted({_X86_CPUINFO[f] for f in enabled if f in _X86_CPUINFO}))
+    elif arch == "aarch64":
+        flags = ("asimd",)
+    else:
+        flags = ()
+    return CpuVariant(
+        name="native",
+        triple=llvm.get_process_triple(),
+        cpu=llvm.get_host_cpu_name(),
+        features=feats.flatten(),
+        vector_width=_width_from_features(enabled, arch),
+        required_flags=flags,
+    )
+
+
+def _level_variant(name: str) -> CpuVariant:
+    _init_llvm()
+    if name in _X86_LEVELS:
+        if _arch() != "x86_64":
+            raise LlmircError(f"cpu variant {name!r} needs an x86_64 build host")
+        return CpuVariant(name, llvm.get_process_triple(), name, "", _X86_LEVEL_WIDTH[name],
+                          _X86_LEVELS[name])
+    if name == "generic":
+        arch = _arch()
+        if arch == "aarch64":
+            return CpuVariant("generic", llvm.get_process_triple(), "generic", "+neon", 4,
+                              ("asimd",))
+        if arch == "x86_64":
+            return _level_variant("x86-64-v2")
+    raise LlmircError(f"unknown cpu variant {name!r} (known: {', '.join(known_variant_names())})")
+
+
+def baseline_variant() -> CpuVariant:
+    """The portable variant: x86-64-v2 on x86_64, generic (NEON) on aarch64."""
+    return _level_variant("x86-64-v2" if _arch() == "x86_64" else "generic")
+
+
+def known_variant_names() -> list[str]:
+    if _arch() == "x86_64":
+        return ["native", "x86-64-v2", "x86-64-v3", "x86-64-v4"]
+    return ["native", "generic"]
+
+
+def variants_for(names: list[str]) -> list[CpuVariant]:
+    """Variants by name ('native', 'baseline', 'x86-64-v2/v3/v4', 'generic'), duplicates dropped."""
+    out: list[CpuVariant] = []
+    for name in names:
+        if name == "native":
+            v = host_variant()
+        elif name == "baseline":
+            v = baseline_variant()
+        else:
+            v = _level_variant(name)
+        if v not in out:
+            out.append(v)
+    return out
+
+
+# --- compilation
+
+def _target_machine(variant: CpuVariant, opt_level: int):
+    _init_llvm()
+    target = llvm.Target.from_triple(variant.triple)
+    return target.create_target_machine(cpu=variant.cpu, features=variant.features,
+                                        opt=opt_level, reloc="pic", codemodel="default")
+
+
+def _optimized_module(llvm_ir: str, variant: CpuVariant, opt_level: int):
+    tm = _target_machine(variant, opt_level)
+    mod = llvm.parse_assembly(llvm_ir)
+    mod.triple = variant.triple
+    mod.data_layout = str(tm.target_data)
+    mod.verify()
+    if opt_level > 0:
+        pto = llvm.create_pipeline_tuning_options(speed_level=opt_level)
+        pto.loop_vectorization = True
+        pto.slp_vectorization = True
+        pto.loop_interleaving = True
+        pto.loop_unrolling = True
+        pb = llvm.create_pass_builder(tm, pto)
+        pm = pb.getModulePassManager()
+        pm.run(mod, pb)
+    return tm, mod
+
+
+def compile_object(llvm_ir: str, variant: CpuVariant, opt_level: int = 3) -> bytes:
+    """Parse, verify, optimize (O3 + vectorizers) and emit an ELF/Mach-O object for `variant`."""
+    tm, mod = _optimized_module(llvm_ir, variant, opt_level)
+    return tm.emit_object(mod)
+
+
+def emit_assembly(llvm_ir: str, variant: CpuVariant, opt_level: int = 3) -> str:
+    """Like compile_object, but returns the assembly text (for inspection and tests)."""
+    tm, mod = _optimized_module(llvm_ir, variant, opt_level)
+    return tm.emit_assembly(mod)
+
+
+def optimized_ir(llvm_ir: str, variant: CpuVariant, opt_level: int = 3) -> str:
+    """The module after the optimization pipeline, as LLVM IR text (for inspection)."""
+    return str(_optimized_module(llvm_ir, variant, opt_level)[1])
+
+
+# --- linking
+
+def find_linker() -> str:
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise LlmircError("no C linker (cc) found: install gcc or clang to compile for the cpu target")
+
+
+def link_shared(objects: list[bytes], out_path: Path) -> Path:
+    """Link object files into a shared library at `out_path` (with -lgomp -lm)."""
+    cc = find_linker()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="llmirc-link-") as tmp:
+        paths = []
+        for i, obj in enumerate(objects):
+            p = Path(tmp) / f"part{i}.o"
+            p.write_bytes(obj)
+            paths.append(str(p))
+        tmp_out = Path(tmp) / out_path.name
+        cmd = [cc, "-shared", "-o", str(tmp_out), *paths, "-lgomp", "-lm"]
+        if platform.system() == "Linux":
+            cmd[2:2] = ["-Wl,--no-undefined", "-Wl,-z,noexecstack"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            raise LlmircError(f"could not run the C linker {cc}: {e}") from None
+        if proc.returncode != 0:
+            lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+            detail = " | ".join(lines[:3]) if lines else f"exit status {proc.returncode}"
+            raise LlmircError(f"linking {out_path.name} failed: {detail}")
+        shutil.move(str(tmp_out), str(out_path))
+    return out_path

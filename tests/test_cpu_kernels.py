@@ -1,0 +1,707 @@
+"""CPU kernels against float64 NumPy references.
+
+All kernels below go into one LLVM module, compiled once per test module for the host
+('native') and for the portable baseline variant (which also runs here), and are called
+through ctypes. Outputs are poisoned with NaN before each call; strided buffers (ld larger
+than the row) check that padding columns and rows past T are never written.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+
+import numpy as np
+import pytest
+from llvmlite import ir
+
+from llmirc.targets.cpu import irbuilder as irb
+from llmirc.targets.cpu import kernels as K
+from llmirc.targets.cpu import toolchain as tc
+
+ROWS = [0, 1, 3, 17, 130]
+
+
+def _inv_freq(rot, base=10000.0):
+    return [float(np.float32(1.0 / base ** (2 * i / rot))) for i in range(rot // 2)]
+
+
+# (n, k): n % 4 != 0, k % 16 != 0, k split into slices (513, 2050, 1024), and with k = 1024
+# T = 130 crosses a token slice (128 tokens)
+LINEAR_SHAPES = [(1, 1), (5, 3), (30, 77), (64, 64), (33, 100), (130, 513), (10, 2050),
+                 (6, 1024)]
+ROPE = {
+    "rope_neox": dict(num_heads=3, head_dim=16, rotary_dim=16, style="neox",
+                      inv_freq=_inv_freq(16), scaling=1.0),
+    "rope_inter": dict(num_heads=2, head_dim=64, rotary_dim=64, style="interleaved",
+                       inv_freq=_inv_freq(64), scaling=1.0),
+    "rope_partial": dict(num_heads=2, head_dim=20, rotary_dim=10, style="neox",
+                         inv_freq=_inv_freq(10), scaling=0.75),
+    "rope_partial_inter": dict(num_heads=4, head_dim=6, rotary_dim=4, style="interleaved",
+                               inv_freq=_inv_freq(4, 500.0), scaling=1.25),
+    "rope_big": dict(num_heads=2, head_dim=128, rotary_dim=128, style="neox",
+                     inv_freq=_inv_freq(128, 1e6), scaling=1.0),
+}
+ATTN = {  # H, G, head_dim, block_size, sliding_window
+    "attn_mha": (4, 4, 16, 4, 0),
+    "attn_gqa2": (4, 2, 8, 16, 0),
+    "attn_gqa4": (8, 2, 80, 4, 0),
+    "attn_mqa": (4, 1, 6, 3, 0),
+    "attn_swa": (4, 2, 32, 4, 5),
+    "attn_swa1": (2, 1, 16, 8, 1),
+    "attn_d128": (2, 2, 128, 16, 0),
+    "attn_gqa8": (8, 1, 16, 4, 0),   # 8 heads per kv head: two groups of 4 per work item
+    "attn_gqa6": (12, 2, 8, 16, 3),  # groups of 3 heads, window
+}
+ACTS = ["silu", "gelu", "gelu_tanh", "relu"]
+
+
+def _specs():
+    s = []
+    for d in (37, 64):
+        s.append((f"embedding_{d}", "embedding", dict(dim=d)))
+    for d in (1, 7, 64, 100, 1000):
+        s.append((f"rms_{d}", "rms_norm", dict(dim=d, eps=1e-6)))
+    for d in (7, 100, 1000):
+        for bias in (True, False):
+            s.append((f"ln_{d}_{int(bias)}", "layer_norm", dict(dim=d, eps=1e-5, bias=bias)))
+    for n, k in LINEAR_SHAPES:
+        for bias in (False, True):
+            for res in (False, True):
+                s.append((f"lin_{n}_{k}_{int(bias)}{int(res)}", "linear",
+                          dict(n=n, k=k, bias=bias, residual=res)))
+    for name, p in ROPE.items():
+        s.append((name, "rope", p))
+    s.append(("kv_app", "kv_append", dict(num_layers=2, num_kv_heads=2, head_dim=12,
+                                           block_size=4)))
+    s.append(("kv_app1", "kv_append", dict(num_layers=1, num_kv_heads=1, head_dim=64,
+                                            block_size=16)))
+    for name, (h, g, hd, bs, win) in ATTN.items():
+        s.append((name, "paged_attention", dict(num_heads=h, num_kv_heads=g, head_dim=hd,
+                                                block_size=bs, scale=1 / math.sqrt(hd),
+                                                sliding_window=win)))
+    for act in ACTS:
+        for d in (1, 13, 64, 300):
+            s.append((f"actmul_{act}_{d}", "act_mul", dict(dim=d, act=act)))
+            s.append((f"act_{act}_{d}", "act", dict(dim=d, act=act)))
+    for d in (5, 64):
+        s.append((f"gather_{d}", "gather_rows", dict(dim=d)))
+        s.append((f"add_{d}", "add", dict(dim=d)))
+    return s
+
+
+class Lib:
+    def __init__(self, path, variant):
+        self.dll = ctypes.CDLL(str(path))
+        self.variant = variant
+        self.kinds = {sym: kind for sym, kind, _ in _specs()}
+
+    def __getattr__(self, sym):
+        f = getattr(self.dll, sym)
+        f.restype = None
+        argt = [ctypes.c_void_p if t.endswith("*") else ctypes.c_int64
+                for _, t in K.KERNEL_ARGS[self.kinds[sym]]]
+        f.argtypes = argt
+
+        def call(*args):
+            assert len(args) == len(argt)
+            conv = []
+            for a in args:
+                if isinstance(a, np.ndarray):
+                    conv.append(a.__array_interface__["data"][0])
+                else:
+                    conv.append(a)
+            f(*conv)
+        return call
+
+
+def _variant(name):
+    """native, the portable baseline, and (where this host can run it) AVX2 x86-64-v3, so
+    16-, 4- and 8-lane code paths all run."""
+    if name == "native":
+        return tc.host_variant()
+    if name == "baseline":
+        return tc.baseline_variant()
+    host = tc.host_variant()
+    if not {"avx2", "fma", "f16c", "bmi2", "movbe"} <= set(host.required_flags):
+        pytest.skip(f"this host cannot run {name}")
+    return tc.variants_for([name])[0]
+
+
+@pytest.fixture(scope="module", params=["native", "baseline", "x86-64-v3"])
+def lib(request, tmp_path_factory):
+    variant = _variant(request.param)
+    module = ir.Module(name="test_kernels")
+    for sym, kind, params in _specs():
+        K.emit_kernel(module, kind, sym, params, variant)
+    obj = tc.compile_object(str(module), variant)
+    path = tmp_path_factory.mktemp(request.param) / "libtest.so"
+    tc.link_shared([obj], path)
+    return Lib(path, variant)
+
+
+@pytest.fixture
+def rng():
+    """Fresh inputs each run; the seed is printed (shown on failure) and LLMIRC_TEST_SEED
+    replays it."""
+    seed = int(os.environ.get("LLMIRC_TEST_SEED") or np.random.SeedSequence().entropy % 2**32)
+    print(f"LLMIRC_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
+
+
+def buf(rng, rows, cols, pad=3, fill=None):
+    """A [rows+1, cols+pad] f32 buffer (random or `fill`) and its [rows, cols] view; the extra
+    row and columns are guard space."""
+    b = (np.full((rows + 1, cols + pad), fill, np.float32) if fill is not None
+         else rng.standard_normal((rows + 1, cols + pad)).astype(np.float32))
+    return b, b[:rows, :cols]
+
+
+def check_guard(b, rows, cols):
+    """Everything outside [:rows, :cols] must still be NaN."""
+    mask = np.ones(b.shape, bool)
+    mask[:rows, :cols] = False
+    assert np.isnan(b[mask]).all(), "kernel wrote outside its output rows/columns"
+
+
+def ld(b):
+    return b.shape[1]
+
+
+# --- embedding / gather / add
+
+@pytest.mark.parametrize("dim", [37, 64])
+@pytest.mark.parametrize("T", ROWS)
+def test_embedding(lib, rng, dim, T):
+    vocab = 50
+    table = rng.standard_normal((vocab, dim)).astype(np.float32)
+    ids = rng.integers(0, vocab, T if T else 1).astype(np.int32)
+    ob, out = buf(rng, T, dim, fill=np.nan)
+    getattr(lib, f"embedding_{dim}")(ob, ld(ob), table, ids, T)
+    np.testing.assert_array_equal(out, table[ids[:T]])
+    check_guard(ob, T, dim)
+
+
+@pytest.mark.parametrize("dim", [5, 64])
+@pytest.mark.parametrize("L", [0, 1, 5, 130])
+def test_gather_rows(lib, rng, dim, L):
+    xb, x = buf(rng, 40, dim, pad=7)
+    idx = rng.integers(0, 40, max(L, 1)).astype(np.int32)
+    ob, out = buf(rng, L, dim, fill=np.nan)
+    getattr(lib, f"gather_{dim}")(ob, ld(ob), xb, ld(xb), idx, L)
+    np.testing.assert_array_equal(out, x[idx[:L]])
+    check_guard(ob, L, dim)
+
+
+@pytest.mark.parametrize("dim", [5, 64])
+@pytest.mark.parametrize("T", ROWS)
+def test_add(lib, rng, dim, T):
+    ab, a = buf(rng, T, dim, pad=1)
+    bb, b = buf(rng, T, dim, pad=5)
+    ob, out = buf(rng, T, dim, fill=np.nan)
+    f = getattr(lib, f"add_{dim}")
+    f(ob, ld(ob), ab, ld(ab), bb, ld(bb), T)
+    np.testing.assert_array_equal(out, a + b)
+    check_guard(ob, T, dim)
+    a0, b0 = a.copy(), b.copy()
+    f(ab, ld(ab), ab, ld(ab), bb, ld(bb), T)  # in place: out == a
+    np.testing.assert_array_equal(a, a0 + b0)
+    a[...] = a0
+    f(bb, ld(bb), ab, ld(ab), bb, ld(bb), T)  # out == b
+    np.testing.assert_array_equal(b, a0 + b0)
+
+
+# --- norms
+
+def ref_rms(x, w, eps):
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+@pytest.mark.parametrize("dim", [1, 7, 64, 100, 1000])
+@pytest.mark.parametrize("T", ROWS)
+def test_rms_norm(lib, rng, dim, T):
+    xb, x = buf(rng, T, dim, pad=9)
+    x *= 3.0
+    w = rng.standard_normal(dim).astype(np.float32)
+    ob, out = buf(rng, T, dim, fill=np.nan)
+    f = getattr(lib, f"rms_{dim}")
+    f(ob, ld(ob), xb, ld(xb), w, T)
+    np.testing.assert_allclose(out, ref_rms(x, w, 1e-6), rtol=2e-5, atol=1e-6)
+    check_guard(ob, T, dim)
+    ref = ref_rms(x, w, 1e-6)
+    f(xb, ld(xb), xb, ld(xb), w, T)  # in place
+    np.testing.assert_allclose(x, ref, rtol=2e-5, atol=1e-6)
+
+
+def test_rms_norm_eps_and_zero_row(lib, rng):
+    x = np.zeros((2, 7), np.float32)
+    x[1] = 1e-4
+    w = np.ones(7, np.float32)
+    out = np.full((2, 7), np.nan, np.float32)
+    lib.rms_7(out, 7, x, 7, w, 2)
+    np.testing.assert_allclose(out, ref_rms(x, w, 1e-6), rtol=2e-5)
+
+
+def ref_ln(x, w, b, eps):
+    x = x.astype(np.float64)
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    y = (x - mu) / np.sqrt(var + eps) * w
+    return y + b if b is not None else y
+
+
+@pytest.mark.parametrize("dim", [7, 100, 1000])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("T", ROWS)
+def test_layer_norm(lib, rng, dim, bias, T):
+    xb, x = buf(rng, T, dim, pad=2)
+    x += 5.0  # a large mean: the variance must not cancel
+    w = rng.standard_normal(dim).astype(np.float32)
+    b = rng.standard_normal(dim).astype(np.float32) if bias else None
+    ob, out = buf(rng, T, dim, fill=np.nan)
+    getattr(lib, f"ln_{dim}_{int(bias)}")(ob, ld(ob), xb, ld(xb), w, b, T)
+    np.testing.assert_allclose(out, ref_ln(x, w, b, 1e-5), rtol=5e-5, atol=5e-5)
+    check_guard(ob, T, dim)
+
+
+# --- linear
+
+@pytest.mark.parametrize("n,k", LINEAR_SHAPES)
+@pytest.mark.parametrize("bias,res", [(False, False), (True, False), (False, True),
+                                      (True, True)])
+@pytest.mark.parametrize("T", [0, 1, 2, 3, 4, 5, 17, 130])
+def test_linear(lib, rng, n, k, bias, res, T):
+    if k > 600 and (bias, res) in ((True, False), (False, True)):
+        pytest.skip("covered by the other flag combinations")
+    xb, x = buf(rng, T, k, pad=3)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    bv = rng.standard_normal(n).astype(np.float32) if bias else None
+    rb, r = buf(rng, T, n, pad=6) if res else (None, None)
+    ob, out = buf(rng, T, n, pad=2, fill=np.nan)
+    f = getattr(lib, f"lin_{n}_{k}_{int(bias)}{int(res)}")
+    f(ob, ld(ob), xb, ld(xb), w, bv, rb, ld(rb) if res else 0, T)
+
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    ref = x64 @ w64.T
+    scale = math.sqrt(k) * (np.abs(x64) @ np.abs(w64).T)  # error scale of each dot product
+    if bias:
+        ref += bv
+        scale += np.abs(bv)
+    if res:
+        ref += r
+        scale += np.abs(r)
+    tol = 1e-6 * (scale + np.abs(ref)) + 1e-30
+    assert np.all(np.abs(out - ref) <= tol), np.abs(out - ref).max()
+    check_guard(ob, T, n)
+
+    if res:  # in place: out is the residual buffer
+        f(rb, ld(rb), xb, ld(xb), w, bv, rb, ld(rb), T)
+        assert np.all(np.abs(r - ref) <= tol)
+
+
+def test_linear_special_values(lib, rng):
+    """inf and NaN in x propagate to exactly the outputs of the affected rows."""
+    x = rng.standard_normal((5, 77)).astype(np.float32)
+    x[1, 3] = np.nan
+    x[3, 70] = np.inf
+    w = np.abs(rng.standard_normal((30, 77)).astype(np.float32)) + 0.1
+    out = np.zeros((5, 30), np.float32)
+    lib.lin_30_77_00(out, 30, x, 77, w, None, None, 0, 5)
+    assert np.isnan(out[1]).all() and np.isposinf(out[3]).all()
+    assert np.isfinite(out[[0, 2, 4]]).all()
+
+
+# --- rope
+
+def ref_rope(x, pos, p):
+    H, hd = p["num_heads"], p["head_dim"]
+    rot = p["rotary_dim"]
+    half = rot // 2
+    inv = np.asarray(p["inv_freq"], np.float32)
+    ang = (pos.astype(np.float32)[:, None] * inv[None, :]).astype(np.float64)  # f32 product
+    c, s = np.cos(ang) * p["scaling"], np.sin(ang) * p["scaling"]
+    x = x.astype(np.float64).reshape(len(pos), H, hd)
+    out = x.copy()
+    if p["style"] == "neox":
+        x1, x2 = x[:, :, :half], x[:, :, half:rot]
+        out[:, :, :half] = x1 * c[:, None] - x2 * s[:, None]
+        out[:, :, half:rot] = x2 * c[:, None] + x1 * s[:, None]
+    else:
+        x1, x2 = x[:, :, 0:rot:2], x[:, :, 1:rot:2]
+        out[:, :, 0:rot:2] = x1 * c[:, None] - x2 * s[:, None]
+        out[:, :, 1:rot:2] = x2 * c[:, None] + x1 * s[:, None]
+    return out.reshape(len(pos), H * hd)
+
+
+@pytest.mark.parametrize("name", list(ROPE))
+@pytest.mark.parametrize("T", ROWS)
+def test_rope(lib, rng, name, T):
+    p = ROPE[name]
+    width = p["num_heads"] * p["head_dim"]
+    xb, x = buf(rng, T, width, pad=4)
+    pos = rng.integers(0, 100_000 if T % 2 else 2048, max(T, 1)).astype(np.int32)
+    ob, out = buf(rng, T, width, fill=np.nan)
+    f = getattr(lib, name)
+    f(ob, ld(ob), xb, ld(xb), pos, T)
+    ref = ref_rope(x, pos[:T], p)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-6 * p["scaling"] * 4)
+    check_guard(ob, T, width)
+    f(xb, ld(xb), xb, ld(xb), pos, T)  # in place (q/k slices of a fused qkv buffer)
+    np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
+
+
+# --- KV cache and attention
+
+def test_kv_append(lib, rng):
+    L, G, hd, bs, nb = 2, 2, 12, 4, 7
+    pool = rng.standard_normal((L, 2, nb, G, bs, hd)).astype(np.float32)
+    T = 17
+    kb, k = buf(rng, T, G * hd, pad=5)
+    vb, v = buf(rng, T, G * hd, pad=1)
+    slots = rng.permutation(nb * bs)[:T].astype(np.int32)
+    slots[[2, 9]] = -1
+    expect = pool.copy()
+    for t in range(T):
+        s = slots[t]
+        if s < 0:
+            continue
+        for g in range(G):
+            expect[1, 0, s // bs, g, s % bs] = k[t, g * hd:(g + 1) * hd]
+            expect[1, 1, s // bs, g, s % bs] = v[t, g * hd:(g + 1) * hd]
+    lib.kv_app(pool, nb, 1, kb, ld(kb), vb, ld(vb), slots, T)
+    np.testing.assert_array_equal(pool, expect)
+    lib.kv_app(pool, nb, 1, kb, ld(kb), vb, ld(vb), slots, 0)
+    np.testing.assert_array_equal(pool, expect)
+
+
+def test_kv_append_many_tokens(lib, rng):
+    nb, bs, hd = 40, 16, 64
+    pool = np.zeros((1, 2, nb, 1, bs, hd), np.float32)
+    T = 600
+    k = rng.standard_normal((T, hd)).astype(np.float32)
+    v = rng.standard_normal((T, hd)).astype(np.float32)
+    slots = rng.permutation(nb * bs)[:T].astype(np.int32)
+    lib.kv_app1(pool, nb, 0, k, hd, v, hd, slots, T)
+    flat = pool.reshape(2, nb * bs, hd)
+    np.testing.assert_array_equal(flat[0, slots], k)
+    np.testing.assert_array_equal(flat[1, slots], v)
+
+
+def make_batch(rng, seqs, bs, num_layers, G, hd, spare_blocks=3):
+    """seqs: [(tokens already cached, new tokens)]. Returns the ABI arrays and a pool filled
+    with random K/V in shuffled physical blocks."""
+    B = len(seqs)
+    lens = [c + n for c, n in seqs]
+    need = [-(-s // bs) for s in lens]
+    max_blocks = max(need) + 1
+    nb = sum(need) + spare_blocks
+    phys = rng.permutation(nb)
+    bt = np.full((B, max_blocks), -1, np.int32)
+    i = 0
+    for b in range(B):
+        bt[b, :need[b]] = phys[i:i + need[b]]
+        i += need[b]
+    pool = rng.standard_normal((num_layers, 2, nb, G, bs, hd)).astype(np.float32)
+    qsl = np.zeros(B + 1, np.int32)
+    qsl[1:] = np.cumsum([n for _, n in seqs])
+    positions = np.concatenate([np.arange(c, c + n) for c, n in seqs]).astype(np.int32)
+    return pool, nb, bt, max_blocks, np.asarray(lens, np.int32), qsl, positions
+
+
+def ref_attention(q, pool, layer, bt, qsl, positions, H, G, hd, bs, scale, win):
+    T = len(positions)
+    out = np.zeros((T, H * hd))
+    for t in range(T):
+        b = np.searchsorted(qsl, t, side="right") - 1
+        p = positions[t]
+        lo = max(0, p - win + 1) if win else 0
+        js = np.arange(lo, p + 1)
+        blocks, offs = bt[b, js // bs], js % bs
+        for h in range(H):
+            g = h // (H // G)
+            Kj = pool[layer, 0, blocks, g, offs].astype(np.float64)
+            Vj = pool[layer, 1, blocks, g, offs].astype(np.float64)
+            s = scale * (Kj @ q[t, h * hd:(h + 1) * hd].astype(np.float64))
+            e = np.exp(s - s.max())
+            out[t, h * hd:(h + 1) * hd] = (e / e.sum()) @ Vj
+    return out
+
+
+BATCHES = {
+    "prefill": [(0, 11)],
+    "decode": [(20, 1), (3, 1), (0, 1), (47, 1)],
+    "mixed": [(0, 9), (13, 1), (6, 5), (0, 1), (30, 3)],
+    "long_prefill": [(0, 70), (5, 40)],
+}
+
+
+@pytest.mark.parametrize("name", list(ATTN))
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_paged_attention(lib, rng, name, batch):
+    H, G, hd, bs, win = ATTN[name]
+    seqs = BATCHES[batch]
+    pool, nb, bt, mb, lens, qsl, positions = make_batch(rng, seqs, bs, 2, G, hd)
+    T, B = len(positions), len(seqs)
+    qb, q = buf(rng, T, H * hd, pad=5)
+    q *= 2.0  # peaky softmax
+    ob, out = buf(rng, T, H * hd, pad=3, fill=np.nan)
+    scale = 1 / math.sqrt(hd)
+    getattr(lib, name)(ob, ld(ob), qb, ld(qb), pool, nb, 1, bt, mb, lens, qsl, B, positions, T)
+    ref = ref_attention(q, pool, 1, bt, qsl, positions, H, G, hd, bs, scale, win)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
+    check_guard(ob, T, H * hd)
+    # in place: out is q (same pointer and ld)
+    getattr(lib, name)(qb, ld(qb), qb, ld(qb), pool, nb, 1, bt, mb, lens, qsl, B, positions, T)
+    np.testing.assert_allclose(q, ref, rtol=1e-4, atol=2e-5)
+
+
+def test_paged_attention_zero_tokens(lib, rng):
+    pool, nb, bt, mb, lens, qsl, positions = make_batch(rng, [(3, 1)], 4, 2, 4, 16)
+    out = np.full((1, 64), np.nan, np.float32)
+    q = np.ones((1, 64), np.float32)
+    lib.attn_mha(out, 64, q, 64, pool, nb, 0, bt, mb, lens, qsl, 1, positions, 0)
+    assert np.isnan(out).all()
+
+
+def test_paged_attention_reads_only_its_layer_and_blocks(lib, rng):
+    """NaN in other layers, unused blocks and future slots must not leak into the output."""
+    H, G, hd, bs, _ = ATTN["attn_gqa2"]
+    pool, nb, bt, mb, lens, qsl, positions = make_batch(rng, [(5, 3), (0, 2)], bs, 2, G, hd)
+    clean = pool.copy()
+    pool[0] = np.nan
+    used = np.zeros(nb, bool)
+    used[bt[bt >= 0]] = True
+    pool[1, :, ~used] = np.nan
+    for b, (c, n) in enumerate([(5, 3), (0, 2)]):
+        s = c + n
+        blk = bt[b, s // bs]
+        pool[1, :, blk, :, s % bs:] = np.nan  # slots after the sequence's last key
+    T = len(positions)
+    q = rng.standard_normal((T, H * hd)).astype(np.float32)
+    out = np.full((T, H * hd), np.nan, np.float32)
+    lib.attn_gqa2(out, H * hd, q, H * hd, pool, nb, 1, bt, mb, lens, qsl, 2, positions, T)
+    ref = ref_attention(q, clean, 1, bt, qsl, positions, H, G, hd, bs, 1 / math.sqrt(hd), 0)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
+
+
+def test_paged_attention_large_scores(lib, rng):
+    """Scores in the hundreds (exp would overflow f32): the softmax must subtract the
+    running max. (The tolerance covers the f32 rounding of scores that large.)"""
+    H, G, hd, bs, _ = ATTN["attn_mha"]
+    pool, nb, bt, mb, lens, qsl, positions = make_batch(rng, [(0, 30)], bs, 2, G, hd)
+    pool *= 10
+    T = len(positions)
+    q = (rng.standard_normal((T, H * hd)) * 10).astype(np.float32)
+    out = np.full((T, H * hd), np.nan, np.float32)
+    lib.attn_mha(out, H * hd, q, H * hd, pool, nb, 1, bt, mb, lens, qsl, 1, positions, T)
+    ref = ref_attention(q, pool, 1, bt, qsl, positions, H, G, hd, bs, 1 / math.sqrt(hd), 0)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-2)
+
+
+# --- activations
+
+def ref_act(act, x):
+    x = x.astype(np.float64)
+    if act == "silu":
+        with np.errstate(over="ignore"):
+            return x / (1 + np.exp(-x))
+    if act == "gelu":
+        return 0.5 * x * np.vectorize(math.erfc, otypes=[np.float64])(-x / math.sqrt(2))
+    if act == "gelu_tanh":  # 0.5 x (1 + tanh(y)) without cancellation: x sigmoid(2y)
+        y = math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)
+        with np.errstate(over="ignore"):
+            return x / (1 + np.exp(-2 * y))
+    return np.maximum(x, 0)
+
+
+def act_inputs(rng, T, dim):
+    x = (rng.standard_normal((T, dim)) * 3).astype(np.float32)
+    special = np.array([0.0, -0.0, 1e-30, -1e-30, 80.0, -80.0, 100.0, -100.0, 20.0, -20.0,
+                        1e-3, -1e-3, 0.5, -0.5, 88.0, -87.0], np.float32)
+    flat = x.reshape(-1)
+    flat[:min(len(special), flat.size)] = special[:flat.size]
+    return x
+
+
+def check_act(act, out, ref):
+    # 1e-6 relative everywhere (also in the far negative tails, where the kernels avoid the
+    # cancellation of 1 + erf / 1 + tanh); absolute floor for results below f32's normal range
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-37)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dim", [1, 13, 64, 300])
+@pytest.mark.parametrize("T", [0, 1, 3, 130])
+def test_act_mul(lib, rng, act, dim, T):
+    gb, g = buf(rng, T, dim, pad=3)
+    g[...] = act_inputs(rng, T, dim)
+    ub, u = buf(rng, T, dim, pad=1)
+    ob, out = buf(rng, T, dim, fill=np.nan)
+    getattr(lib, f"actmul_{act}_{dim}")(ob, ld(ob), gb, ld(gb), ub, ld(ub), T)
+    check_act(act, out, ref_act(act, g) * u)
+    check_guard(ob, T, dim)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dim", [1, 13, 64, 300])
+@pytest.mark.parametrize("T", [0, 1, 3, 130])
+def test_act(lib, rng, act, dim, T):
+    xb, x = buf(rng, T, dim, pad=2)
+    x[...] = act_inputs(rng, T, dim)
+    ob, out = buf(rng, T, dim, fill=np.nan)
+    f = getattr(lib, f"act_{act}_{dim}")
+    f(ob, ld(ob), xb, ld(xb), T)
+    ref = ref_act(act, x)
+    check_act(act, out, ref)
+    check_guard(ob, T, dim)
+    f(xb, ld(xb), xb, ld(xb), T)  # in place
+    check_act(act, x, ref)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "gelu"])
+def test_act_dense_range(lib, act):
+    """The inline exp / erfc over the whole f32 range that matters, densely."""
+    x = np.linspace(-105, 95, 300 * 400).astype(np.float32).reshape(-1, 300)
+    out = np.full_like(x, np.nan)
+    getattr(lib, f"act_{act}_300")(out, 300, x, 300, len(x))
+    ref = ref_act(act, x)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-37)
+
+
+def test_act_nan_propagates(lib):
+    x = np.array([[np.nan, np.inf, -np.inf] + [0.0] * 10], np.float32)
+    for act in ACTS:
+        out = np.zeros_like(x)
+        getattr(lib, f"act_{act}_13")(out, 13, x, 13, 1)
+        assert np.isnan(out[0, 0]) and out[0, 1] == np.inf and out[0, 2] == 0, (act, out[0, :3])
+
+
+# --- emit_kernel contract
+
+def test_kernel_kinds_and_args_are_consistent():
+    assert set(K.KERNEL_KINDS) == set(K.KERNEL_ARGS)
+    for sym, kind, params in _specs():
+        assert set(params) <= set(K.KERNEL_KINDS[kind])
+
+
+def test_emit_kernel_signature_and_errors():
+    v = tc.baseline_variant()
+    m = ir.Module()
+    fn = K.emit_kernel(m, "linear", "my_linear", dict(n=4, k=8), v)
+    assert fn.name == "my_linear" and len(fn.args) == 9
+    assert [a.name for a in fn.args] == [n for n, _ in K.KERNEL_ARGS["linear"]]
+    with pytest.raises(ValueError):
+        K.emit_kernel(m, "conv2d", "c", {}, v)
+    with pytest.raises(ValueError):
+        K.emit_kernel(m, "rms_norm", "r", dict(dim=8), v)  # eps missing
+    with pytest.raises(ValueError):
+        K.emit_kernel(m, "act", "a", dict(dim=8, act="swish"), v)
+    with pytest.raises(ValueError):
+        K.emit_kernel(m, "paged_attention", "p", dict(num_heads=6, num_kv_heads=4, head_dim=8,
+                                                      block_size=4, scale=1.0), v)
+    with pytest.raises(ValueError):
+        K.emit_kernel(m, "rope", "r", dict(num_heads=1, head_dim=8, rotary_dim=8,
+                                           inv_freq=[1.0]), v)
+
+
+# --- irbuilder helpers: parallel_for, hsum_many, exp
+
+HSUM_CASES = [(1, 1), (3, 1), (1, 4), (3, 4), (4, 4), (5, 4), (16, 4), (2, 16), (12, 16),
+              (16, 16), (7, 8), (32, 8)]
+
+
+def _helpers_module(variant):
+    m = ir.Module(name="helpers")
+    for name, min_items, inter in (("par", 1, False), ("par_inter", 1, True),
+                                   ("par_serial", 1000, False)):
+        fn, b = irb.define(m, name, [("out", irb.PTR), ("n", irb.I64)])
+
+        def body(cb, i, vals):
+            tid = cb.call(irb.declare(m, "omp_get_thread_num", irb.I32, []), [])
+            p = irb.gep(cb, vals[0], i, irb.I32)
+            cb.store(cb.add(cb.load(p, typ=irb.I32), cb.add(tid, irb.i32(1))), p)
+        irb.parallel_for(m, b, fn.args[1], body, min_items, interleave=inter)
+        b.ret_void()
+    for c, w in HSUM_CASES:
+        fn, b = irb.define(m, f"hsum_{c}_{w}", [("out", irb.PTR), ("x", irb.PTR)])
+        v = irb.hsum_many(b, [irb.load_vec(b, fn.args[1], i * w, w) for i in range(c)])
+        irb.store_vec(b, v, fn.args[0], 0)
+        b.ret_void()
+    for name, ty in (("exp32", irb.F32), ("exp64", irb.F64)):
+        fn, b = irb.define(m, name, [("out", irb.PTR), ("x", irb.PTR), ("n", irb.I64)])
+        w = variant.vector_width
+        with irb.for_range(b, 0, fn.args[2], w) as i:
+            x = irb.load_vec(b, fn.args[1], i, w)
+            if ty is irb.F64:
+                x = b.fpext(x, irb.vty(w, irb.F64))
+            irb.store_vec(b, irb.exp(b, x), fn.args[0], i)
+        b.ret_void()
+    return str(m)
+
+
+@pytest.fixture(scope="module", params=["native", "baseline", "x86-64-v3"])
+def hlib(request, tmp_path_factory):
+    v = _variant(request.param)
+    path = tmp_path_factory.mktemp("helpers") / "libhelpers.so"
+    tc.link_shared([tc.compile_object(_helpers_module(v), v)], path)
+    lib = ctypes.CDLL(str(path))
+    for name in ("par", "par_inter", "par_serial", "exp32", "exp64"):
+        getattr(lib, name).restype = None
+    lib.exp32.argtypes = lib.exp64.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return lib, v
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 1000])
+def test_parallel_for_covers_every_item_once(hlib, n):
+    lib, _ = hlib
+    for name in ("par", "par_inter", "par_serial"):
+        out = np.zeros(n + 1, np.int32)
+        getattr(lib, name)(ctypes.c_void_p(out.ctypes.data), ctypes.c_int64(n))
+        tids = out[:n] - 1
+        assert (tids >= 0).all(), name  # every item ran exactly once (a second run adds >= 1)
+        assert out[n] == 0
+        nthreads = len(set(tids.tolist()))
+        if name == "par_serial" or n < 2:
+            assert nthreads <= 1
+        else:
+            if (os.cpu_count() or 1) > 1 and "OMP_NUM_THREADS" not in os.environ:
+                assert nthreads > 1, name
+            if name == "par":  # static contiguous chunks
+                assert (np.diff(tids) >= 0).all()
+            else:  # interleaved: item i on thread i % team
+                team = tids.max() + 1
+                assert (tids == np.arange(n) % team).all()
+
+
+@pytest.mark.parametrize("c,w", HSUM_CASES)
+def test_hsum_many(hlib, rng, c, w):
+    lib, _ = hlib
+    x = rng.standard_normal((c, w)).astype(np.float32)
+    p = 1 << max(0, (c - 1).bit_length())
+    out = np.full(p, np.nan, np.float32)
+    f = getattr(lib, f"hsum_{c}_{w}")
+    f.restype = None
+    f(ctypes.c_void_p(out.ctypes.data), ctypes.c_void_p(x.ctypes.data))
+    np.testing.assert_allclose(out[:c], x.astype(np.float64).sum(1), rtol=1e-5, atol=1e-6)
+    assert (out[c:] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["exp32", "exp64"])
+def test_inline_exp_accuracy(hlib, name):
+    lib, v = hlib
+    x = np.linspace(-110, 95, 64 * 20000).astype(np.float32)
+    x[:8] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 88.7228, 88.7229, -103.9]
+    out = np.full_like(x, np.nan)
+    getattr(lib, name)(x.ctypes.data, 0, 0)  # n = 0: nothing
+    getattr(lib, name)(out.ctypes.data, x.ctypes.data, len(x))
+    with np.errstate(over="ignore"):
+        ref = np.exp(x.astype(np.float64))
+    assert np.isnan(out[0]) and out[1] == np.inf and out[2] == 0 and out[3] == out[4] == 1
+    normal = (ref > 1.2e-38) & (ref < 3.4e38)
+    ulp = np.abs(out[normal] - ref[normal]) / np.spacing(ref[normal].astype(np.float32))
+    assert ulp.max() <= 1.5, ulp.max()
+    assert np.abs(out[~normal & (ref < 1)] - ref[~normal & (ref < 1)]).max() <= 1.5e-45
+    assert np.isinf(out[ref > 3.41e38]).all()

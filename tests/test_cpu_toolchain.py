@@ -1,0 +1,192 @@
+"""The cpu toolchain: variants, object/assembly emission, linking and its errors."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import platform
+import re
+
+import numpy as np
+import pytest
+from llvmlite import ir
+
+from llmirc.errors import LlmircError
+from llmirc.targets.cpu import kernels as K
+from llmirc.targets.cpu import toolchain as tc
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def cpuinfo_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    m = re.search(r"^(flags|Features)\s*:\s*(.*)$", text, re.M)
+    return set(m.group(2).split()) if m else set()
+
+
+def small_module(variant, name="tc_add") -> str:
+    m = ir.Module(name="tc")
+    K.emit_kernel(m, "add", name, dict(dim=19), variant)
+    K.emit_kernel(m, "linear", name + "_lin", dict(n=8, k=64), variant)
+    return str(m)
+
+
+# --- variants
+
+def test_host_variant():
+    v = tc.host_variant()
+    assert v.name == "native"
+    assert v.cpu and v.triple
+    flags = cpuinfo_flags()
+    if flags:
+        assert set(v.required_flags) <= flags, set(v.required_flags) - flags
+    if X86:
+        expect = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+        assert v.vector_width == expect
+        if "avx2" in flags:
+            assert "+avx2" in v.features.split(",") and "avx2" in v.required_flags
+        if "avx512f" in flags:
+            assert {"avx512f", "fma"} <= set(v.required_flags)
+
+
+def test_baseline_variant():
+    v = tc.baseline_variant()
+    if X86:
+        assert v.name == "x86-64-v2" and v.cpu == "x86-64-v2"
+        assert {"sse4_2", "popcnt", "ssse3"} <= set(v.required_flags)
+        assert v.vector_width == 4
+    else:
+        assert v.name == "generic" and v.vector_width == 4
+    flags = cpuinfo_flags()
+    if flags:
+        assert set(v.required_flags) <= flags
+
+
+def test_variant_is_frozen_and_hashable():
+    v = tc.baseline_variant()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        v.name = "x"  # type: ignore[misc]
+    assert len({v, tc.baseline_variant()}) == 1
+
+
+def test_variants_for():
+    vs = tc.variants_for(["native", tc.baseline_variant().name, "native"])
+    assert [v.name for v in vs] == ["native", tc.baseline_variant().name]
+    assert tc.variants_for(["baseline"]) == [tc.baseline_variant()]
+    with pytest.raises(LlmircError, match="unknown cpu variant 'pentium2'"):
+        tc.variants_for(["pentium2"])
+
+
+@pytest.mark.skipif(not X86, reason="x86-64 levels")
+def test_x86_levels():
+    v3, v4 = tc.variants_for(["x86-64-v3", "x86-64-v4"])
+    assert (v3.vector_width, v4.vector_width) == (8, 16)
+    assert "avx2" in v3.required_flags and "avx512f" in v4.required_flags
+
+
+# --- compilation
+
+def test_compile_object_is_an_object_file_with_the_symbols():
+    v = tc.host_variant()
+    obj = tc.compile_object(small_module(v), v)
+    assert isinstance(obj, bytes)
+    if platform.system() == "Linux":
+        assert obj[:4] == b"\x7fELF"
+    assert b"tc_add" in obj and b"tc_add_lin" in obj
+    assert b"GOMP_parallel" in obj  # the linear kernel is threaded
+
+
+@pytest.mark.skipif(not X86, reason="x86 registers")
+def test_assembly_uses_the_variant_isa():
+    base = tc.baseline_variant()
+    asm = tc.emit_assembly(small_module(base), base)
+    assert "xmm" in asm and "ymm" not in asm and "zmm" not in asm
+    host = tc.host_variant()
+    asm = tc.emit_assembly(small_module(host), host)
+    if host.vector_width == 16:
+        assert "zmm" in asm and "vfmadd" in asm
+    elif host.vector_width == 8:
+        assert "ymm" in asm
+
+
+def test_cross_compile_to_the_other_arch():
+    """Kernels lower for an architecture other than the host's (no host features leak in)."""
+    other = (tc.CpuVariant("generic", "aarch64-unknown-linux-gnu", "generic", "+neon", 4,
+                           ("asimd",)) if X86 else
+             tc.CpuVariant("x86-64-v3", "x86_64-unknown-linux-gnu", "x86-64-v3", "", 8, ()))
+    try:
+        obj = tc.compile_object(small_module(other), other)
+    except RuntimeError as e:  # an LLVM build without that target
+        pytest.skip(str(e))
+    assert obj[:4] == b"\x7fELF"
+    machine = int.from_bytes(obj[18:20], "little")
+    assert machine == (0xB7 if X86 else 0x3E)  # EM_AARCH64 / EM_X86_64
+
+
+def test_opt_level_zero_also_compiles():
+    v = tc.baseline_variant()
+    assert tc.compile_object(small_module(v), v, opt_level=0)
+
+
+def test_invalid_ir_is_rejected():
+    with pytest.raises(RuntimeError):
+        tc.compile_object("define void @f() { ret i32 0 }", tc.baseline_variant())
+
+
+# --- linking
+
+def test_link_shared_and_call(tmp_path):
+    v = tc.baseline_variant()
+    out = tc.link_shared([tc.compile_object(small_module(v), v)], tmp_path / "sub" / "lib.so")
+    assert out.exists()
+    lib = ctypes.CDLL(str(out))
+    f = lib.tc_add
+    f.restype = None
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_int64]
+    a = np.arange(2 * 19, dtype=np.float32).reshape(2, 19)
+    b = np.ones((2, 19), np.float32)
+    o = np.zeros((2, 19), np.float32)
+    f(o.ctypes.data, 19, a.ctypes.data, 19, b.ctypes.data, 19, 2)
+    np.testing.assert_array_equal(o, a + b)
+
+
+def test_link_several_objects(tmp_path):
+    v = tc.baseline_variant()
+    o1 = tc.compile_object(small_module(v, "first"), v)
+    o2 = tc.compile_object(small_module(v, "second"), v)
+    lib = ctypes.CDLL(str(tc.link_shared([o1, o2], tmp_path / "two.so")))
+    assert lib.first and lib.second
+
+
+def test_missing_linker(monkeypatch, tmp_path):
+    monkeypatch.setattr(tc.shutil, "which", lambda name: None)
+    with pytest.raises(LlmircError, match=r"no C linker \(cc\) found: install gcc or clang"):
+        tc.link_shared([b""], tmp_path / "x.so")
+
+
+def test_linker_that_cannot_run(monkeypatch, tmp_path):
+    monkeypatch.setattr(tc.shutil, "which", lambda name: str(tmp_path / "no-such-cc"))
+    with pytest.raises(LlmircError, match="could not run the C linker"):
+        tc.link_shared([b""], tmp_path / "x.so")
+
+
+def test_link_error_surfaces_stderr(tmp_path):
+    v = tc.baseline_variant()
+    m = ir.Module(name="bad")
+    callee = ir.Function(m, ir.FunctionType(ir.VoidType(), []), "llmirc_no_such_function")
+    fn = ir.Function(m, ir.FunctionType(ir.VoidType(), []), "caller")
+    b = ir.IRBuilder(fn.append_basic_block())
+    b.call(callee, [])
+    b.ret_void()
+    obj = tc.compile_object(str(m), v)
+    with pytest.raises(LlmircError, match="linking bad.so failed: .*llmirc_no_such_function"):
+        tc.link_shared([obj], tmp_path / "bad.so")
+    assert not (tmp_path / "bad.so").exists()
+
+
+def test_garbage_object_is_a_link_error(tmp_path):
+    with pytest.raises(LlmircError, match="linking junk.so failed"):
+        tc.link_shared([b"not an object file"], tmp_path / "junk.so")
