@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from xdsl.dialects.builtin import (
     DYNAMIC_INDEX,
+    DenseIntOrFPElementsAttr,
     DenseArrayBase,
     FloatAttr,
     IntAttr,
@@ -142,6 +143,18 @@ class WeightOp(_LlmirOp):
 
     def verify_(self) -> None:
         _check(all(d >= 0 for d in shape_of(self.result)), "weights have static shapes")
+
+
+@irdl_op_definition
+class ConstantOp(_LlmirOp):
+    """A small constant folded into the IR (shape vectors, scalars, tables)."""
+
+    name = "llmir.constant"
+    value = prop_def(DenseIntOrFPElementsAttr)
+    result = result_def(TensorType)
+
+    def __init__(self, value: DenseIntOrFPElementsAttr):
+        super().__init__(properties={"value": value}, result_types=[value.type])
 
 
 @irdl_op_definition
@@ -495,10 +508,42 @@ class GatherRowsOp(_LlmirOp):
         _check(len(shape_of(self.indices)) == 1, "gather_rows: indices must be 1-D")
 
 
+@irdl_op_definition
+class SqueezeBatchOp(_LlmirOp):
+    """[1, rows, cols] -> [rows, cols]: an ONNX activation (batch 1) entering llmir's row form."""
+
+    name = "llmir.squeeze_batch"
+    input = operand_def(TensorType)
+    result = result_def(TensorType)
+
+    def __init__(self, input: SSAValue):
+        s = shape_of(input)
+        super().__init__(operands=[input], result_types=[tensor(*s[1:], dtype=input.type.element_type)])
+
+    def verify_(self) -> None:
+        s = shape_of(self.input)
+        _check(len(s) == 3 and s[0] == 1 and shape_of(self.result) == s[1:], "squeeze_batch needs [1, rows, cols]")
+
+
+@irdl_op_definition
+class UnsqueezeBatchOp(_LlmirOp):
+    """[rows, cols] -> [1, rows, cols]: an llmir value handed back to ONNX ops (batch 1)."""
+
+    name = "llmir.unsqueeze_batch"
+    input = operand_def(TensorType)
+    result = result_def(TensorType)
+
+    def __init__(self, input: SSAValue):
+        super().__init__(operands=[input], result_types=[tensor(1, *shape_of(input), dtype=input.type.element_type)])
+
+    def verify_(self) -> None:
+        _check(shape_of(self.result) == (1, *shape_of(self.input)), "unsqueeze_batch: shape mismatch")
+
+
 LLMIR = Dialect(
     "llmir",
-    [WeightOp, ConcatOp, TransposeOp, SplitOp, EmbeddingOp, RMSNormOp, LayerNormOp, LinearOp, RopeOp, AttentionOp,
-     KVAppendOp, PagedAttentionOp, ActMulOp, ActOp, AddOp, GatherRowsOp],
+    [WeightOp, ConstantOp, ConcatOp, TransposeOp, SplitOp, EmbeddingOp, RMSNormOp, LayerNormOp, LinearOp, RopeOp, AttentionOp,
+     KVAppendOp, PagedAttentionOp, ActMulOp, ActOp, AddOp, GatherRowsOp, SqueezeBatchOp, UnsqueezeBatchOp],
     [KVPoolType],
 )
 

@@ -10,7 +10,7 @@ import datetime
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -19,9 +19,9 @@ import numpy as np
 from llmirc import __version__
 from llmirc.artifact_format.writer import BundleWriter
 from llmirc.errors import CheckpointError, LlmircError
-from llmirc.frontend.checkpoint import Checkpoint
-from llmirc.frontend.decoder import build_decoder
-from llmirc.passes.pipeline import parse_passes, print_ir, run_passes
+from llmirc.frontend import open_source
+from llmirc.passes.func_args import forward_func
+from llmirc.passes.pipeline import make_context, parse_passes, print_ir, run_passes
 from llmirc.targets.plan import Plan, build_plan
 
 TARGETS = ("cpu", "cuda", "hip")
@@ -67,20 +67,15 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         raise LlmircError("--cpu-variants: no CPU variant given (choose native and/or baseline)")
     if options.passes is not None:
         parse_passes(options.passes)  # fail before the checkpoint is read
-    if not model.exists():
-        raise CheckpointError(f"{model}: no such file or directory")
-    if model.is_file() and model.suffix == ".onnx":
-        raise CheckpointError(f"{model}: the ONNX front end is not implemented yet")
-
-    ckpt = Checkpoint(model)
+    source = open_source(model)
     try:
-        spec = ckpt.spec
-        progress(f"front end: {spec.architecture}, {spec.num_layers} layers, hidden {spec.hidden_size}, "
-                 f"vocab {spec.vocab_size}")
-        module = build_decoder(spec, lambda name, shape: _check_shape(ckpt, name, shape), ckpt.has)
+        ctx = make_context(read_weight=source.float32, add_weight=source.add_weight)
+        module = source.module()
+        progress(f"front end: {source.kind}, {model_facts(module).get('num_layers', '?')} attention layers")
         input_ir = print_ir(module)
         progress("running passes")
-        run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None)
+        run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
+                   ctx=ctx, prefix=source.lowering)
         optimized_ir = print_ir(module)
         if options.emit == "mlir":
             stdout.write(optimized_ir)
@@ -92,25 +87,37 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
 
             stdout.write(emit_text(plan, options.emit))
         if out is not None:
-            _write_bundle(ckpt, plan, out, options, input_ir, optimized_ir, progress)
+            _write_bundle(source, module, plan, out, options, input_ir, optimized_ir, progress)
             progress(f"wrote {out}")
         return plan
     finally:
-        ckpt.close()
+        source.close()
 
 
-def _check_shape(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> None:
-    actual = ckpt.shape(name)
-    if tuple(actual) != tuple(shape):
-        raise CheckpointError(f"{ckpt.root}: tensor '{name}' has shape {list(actual)}, "
-                              f"config.json implies {list(shape)}")
+def model_facts(module) -> dict:
+    """What the graph itself says about the model (sizes, layers, heads, windows)."""
+    from llmirc import dialect as L
+
+    facts: dict = {}
+    attn = [op for op in module.walk() if isinstance(op, (L.AttentionOp, L.PagedAttentionOp))]
+    if attn:
+        a = attn[0]
+        facts.update(num_layers=len(attn), num_heads=a.num_heads.value.data, num_kv_heads=a.num_kv_heads.value.data,
+                     head_dim=a.head_dim.value.data, sliding_windows=[o.sliding_window.value.data for o in attn])
+    for op in module.walk():
+        if isinstance(op, L.EmbeddingOp):
+            facts.setdefault("hidden_size", L.shape_of(op.table)[1])
+    ret = forward_func(module).get_return_op()
+    if ret is not None and ret.operands and len(L.shape_of(ret.operands[0])) == 2:
+        facts["vocab_size"] = L.shape_of(ret.operands[0])[1]
+    return facts
 
 
-def _write_bundle(ckpt: Checkpoint, plan: Plan, out: Path, options: CompileOptions, input_ir: str,
+def _write_bundle(source, module, plan: Plan, out: Path, options: CompileOptions, input_ir: str,
                   optimized_ir: str, progress: Callable[[str], None]) -> None:
     from llmirc.targets.cpu import target as cpu
 
-    spec = ckpt.spec
+    info, facts = source.model_info(), model_facts(module)
     with BundleWriter(out) as bundle:
         weights_file = "weights/model.safetensors"
         writer = bundle.safetensors(weights_file, {"producer": f"llmirc {__version__}"})
@@ -119,38 +126,32 @@ def _write_bundle(ckpt: Checkpoint, plan: Plan, out: Path, options: CompileOptio
         total = sum(int(np.prod(w.shape)) * 4 for w in plan.weights)
         progress(f"writing {len(plan.weights)} weights ({total / 2**20:.1f} MiB)")
         for w in plan.weights:
-            writer.write(w.name, w.materialize(ckpt.float32))
+            writer.write(w.name, w.materialize(source.float32))
         writer.close()
         targets = cpu.build(plan, bundle.path, list(options.cpu_variants),
                             keep_intermediates=options.keep_intermediates, progress=progress)
         bundle.write_text("ir/input.mlir", input_ir)
         bundle.write_text("ir/optimized.mlir", optimized_ir)
-        bundle.copy_file("config.json", ckpt.config_path)
-        if (ckpt.root / "generation_config.json").is_file():
-            bundle.copy_file("generation_config.json", ckpt.root / "generation_config.json")
+        for path in source.config_files():
+            bundle.copy_file(path.name, path)
         tokenizer = None
-        for path in ckpt.tokenizer_files():
+        for path in source.tokenizer_files():
             bundle.copy_file(f"tokenizer/{path.name}", path)
             if path.name == "tokenizer.json":
                 tokenizer = "tokenizer/tokenizer.json"
-        generation = ckpt.generation_config()
-        eos = generation.get("eos_token_id", list(spec.eos_token_ids))
+        generation = source.generation_config()
+        eos = generation.get("eos_token_id", info["eos_token_ids"])
         pool = plan.pool
         bundle.commit({
             "producer": f"llmirc {__version__}",
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"kind": "hf-safetensors", "name": ckpt.root.name, "fingerprint": ckpt.fingerprint()},
-            "model": {
-                "architecture": spec.architecture, "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
-                "intermediate_size": spec.intermediate_size, "num_layers": spec.num_layers,
-                "num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-                "max_position_embeddings": spec.max_position_embeddings, "dtype": "float32",
-                "sliding_windows": list(spec.sliding_windows), "rope_scaling": spec.rope.scaling,
-            },
+            "source": {"kind": source.kind, "name": Path(source.root).name, "fingerprint": source.fingerprint()},
+            "model": {"architecture": info["architecture"], **facts,
+                      "max_position_embeddings": info["max_position_embeddings"], "dtype": "float32"},
             "generation": {
-                "bos_token_id": generation.get("bos_token_id", spec.bos_token_id),
-                "eos_token_ids": eos if isinstance(eos, list) else [eos],
-                "pad_token_id": generation.get("pad_token_id", spec.pad_token_id),
+                "bos_token_id": generation.get("bos_token_id", info["bos_token_id"]),
+                "eos_token_ids": [t for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int)],
+                "pad_token_id": generation.get("pad_token_id", info["pad_token_id"]),
             },
             "kv_cache": {"block_size": pool.block_size.data, "num_layers": pool.layers.data,
                          "num_kv_heads": pool.kv_heads.data, "head_dim": pool.head_dim.data, "dtype": "float32",
@@ -166,4 +167,3 @@ def _write_bundle(ckpt: Checkpoint, plan: Plan, out: Path, options: CompileOptio
         })
 
 
-__all__ = ["CompileOptions", "compile_model", "asdict"]

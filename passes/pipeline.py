@@ -7,10 +7,12 @@ lowering (REQUIRED) always runs after it and is a no-op where it has already hap
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 import re
 from collections.abc import Callable
 from typing import TextIO
 
+import numpy as np
 from xdsl.context import Context
 from xdsl.dialects import builtin, func
 from xdsl.dialects.builtin import ModuleOp
@@ -41,8 +43,17 @@ def default_pipeline() -> str:
     return ",".join(spec for _, spec in PHASES)
 
 
-def make_context() -> Context:
-    ctx = Context()
+@dataclass
+class LlmirContext(Context):
+    """xDSL's context plus access to the model's weights, for passes that fold or check values
+    (the ONNX fusions evaluate s-only subgraphs and add synthesized weights)."""
+
+    read_weight: Callable[[str], np.ndarray] | None = None
+    add_weight: Callable[[str, np.ndarray], None] | None = None
+
+
+def make_context(read_weight=None, add_weight=None) -> LlmirContext:
+    ctx = LlmirContext(read_weight=read_weight, add_weight=add_weight)
     for dialect in (builtin.Builtin, func.Func, LLMIR):
         ctx.load_dialect(dialect)
     return ctx
@@ -70,12 +81,14 @@ def parse_passes(spec: str) -> list[ModulePass]:
 
 
 def run_passes(module: ModuleOp, spec: str | None = None, *, print_after_all: TextIO | None = None,
-               on_pass: Callable[[str], None] | None = None) -> list[str]:
+               on_pass: Callable[[str], None] | None = None, ctx: LlmirContext | None = None,
+               prefix: str = "") -> list[str]:
     """Runs the user's (or default) pipeline then REQUIRED; verifies after every pass.
 
     Returns the names of the passes that ran, in order."""
-    ctx = make_context()
-    passes = parse_passes(spec if spec is not None else default_pipeline()) + parse_passes(REQUIRED)
+    ctx = ctx or make_context()
+    passes = (parse_passes(prefix) if prefix else []) + \
+        parse_passes(spec if spec is not None else default_pipeline()) + parse_passes(REQUIRED)
     ran = []
     for p in passes:
         if on_pass:

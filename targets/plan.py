@@ -67,7 +67,8 @@ class KernelCall:
 class WeightEntry:
     """A tensor of the bundle: a checkpoint tensor, or an expression of them folded at compile time.
 
-    `expr` is ("tensor", name) | ("transpose", expr) | ("concat", (expr, ...)) (along rows)."""
+    `expr` is ("tensor", name) | ("value", bytes, shape) (a folded constant) | ("transpose", expr)
+    | ("concat", (expr, ...)) (along rows)."""
 
     name: str
     shape: tuple[int, ...]
@@ -75,8 +76,8 @@ class WeightEntry:
 
     def sources(self) -> list[str]:
         def walk(e):
-            return [e[1]] if e[0] == "tensor" else walk(e[1]) if e[0] == "transpose" else \
-                [n for x in e[1] for n in walk(x)]
+            return [e[1]] if e[0] == "tensor" else [] if e[0] == "value" else walk(e[1]) \
+                if e[0] == "transpose" else [n for x in e[1] for n in walk(x)]
         return walk(self.expr)
 
     def materialize(self, read) -> np.ndarray:
@@ -84,6 +85,8 @@ class WeightEntry:
         def ev(e):
             if e[0] == "tensor":
                 return read(e[1])
+            if e[0] == "value":
+                return np.frombuffer(e[1], np.float32).reshape(e[2])
             if e[0] == "transpose":
                 return np.ascontiguousarray(ev(e[1]).T)
             return np.concatenate([ev(x) for x in e[1]], axis=0)
@@ -214,7 +217,7 @@ class _Planner:
         return self.act(v).rows
 
     def lower(self, op: Operation, index: int, logits: SSAValue) -> None:
-        if isinstance(op, (L.WeightOp, L.ConcatOp, L.TransposeOp, func.ReturnOp)):
+        if isinstance(op, (L.WeightOp, L.ConstantOp, L.ConcatOp, L.TransposeOp, func.ReturnOp)):
             return  # weights are materialized by the bundle writer
         if isinstance(op, L.SplitOp):
             src = self.act(op.input)
@@ -326,6 +329,11 @@ def _weight_expr(v: SSAValue) -> tuple[tuple, str]:
     op = v.owner
     if isinstance(op, L.WeightOp):
         return ("tensor", op.weight.data), op.weight.data
+    if isinstance(op, L.ConstantOp):  # a small constant folded by a front end
+        from llmirc.passes.onnx_match import constant_value
+
+        value = constant_value(op.value).astype(np.float32)
+        return ("value", value.tobytes(), value.shape), f"constant.{hash(value.tobytes()) & 0xffffffff:08x}"
     if isinstance(op, L.TransposeOp):
         expr, name = _weight_expr(op.input)
         return ("transpose", expr), name + ".T"

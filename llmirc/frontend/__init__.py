@@ -1,0 +1,42 @@
+"""Front ends: a Hugging Face checkpoint's config -> a model spec -> the llmir graph."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from xdsl.dialects.builtin import ModuleOp
+
+from .decoder import ShapeCheck, build_decoder
+from .gpt2 import Gpt2Spec, build_gpt2, parse_gpt2_config
+from .hf_config import DecoderSpec, architecture, parse_config
+
+Spec = DecoderSpec | Gpt2Spec
+
+
+def parse_spec(config: dict, source: str = "config.json") -> Spec:
+    _, family = architecture(config, source)
+    return parse_gpt2_config(config, source) if family == "gpt2" else parse_config(config, source)
+
+
+def build_graph(spec: Spec, check: ShapeCheck, has_tensor: Callable[[str], bool]) -> ModuleOp:
+    return build_gpt2(spec, check, has_tensor) if isinstance(spec, Gpt2Spec) else build_decoder(spec, check, has_tensor)
+
+
+def open_source(path):
+    """The compiler's input: a Hugging Face checkpoint directory or an .onnx file."""
+    from pathlib import Path
+
+    from llmirc.errors import CheckpointError
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_file() and path.suffix == ".onnx":
+        from .onnx_import import OnnxCheckpoint
+
+        return OnnxCheckpoint(path)
+    if path.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint directory (config.json + safetensors) nor an .onnx file")
+    from .checkpoint import Checkpoint
+
+    return Checkpoint(path)

@@ -15,20 +15,26 @@ import numpy as np
 from llmirc.artifact_format.safetensors import SafetensorsFile, open_safetensors
 from llmirc.errors import CheckpointError
 
-from .hf_config import DecoderSpec, load_config, parse_config
+from . import build_graph, parse_spec
+from .hf_config import load_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 
 
 class Checkpoint:
+    """A source of the compiler (see frontend.open_source): graph, weights, tokenizer, facts."""
+
+    kind = "hf-safetensors"
+    lowering = ""  # the front end emits llmir directly
+
     def __init__(self, root: Path):
         self.root = root
         if not root.is_dir():
             raise CheckpointError(f"{root}: not a checkpoint directory")
         self.config_path = root / "config.json"
         self.config = load_config(self.config_path)
-        self.spec: DecoderSpec = parse_config(self.config, str(self.config_path))
+        self.spec = parse_spec(self.config, str(self.config_path))
         self._where = self._index()  # tensor name -> shard path
         self._files: dict[Path, SafetensorsFile] = {}
 
@@ -92,6 +98,28 @@ class Checkpoint:
             raise CheckpointError(f"{self._where[name]}: tensor '{name}' has dtype {dtype}; "
                                   "weights must be F32, F16 or BF16")
         return f.as_float32(name)
+
+    def module(self):
+        return build_graph(self.spec, self._check_shape, self.has)
+
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        actual = self.shape(name)
+        if tuple(actual) != tuple(shape):
+            raise CheckpointError(f"{self.root}: tensor '{name}' has shape {list(actual)}, "
+                                  f"config.json implies {list(shape)}")
+
+    def add_weight(self, name: str, value: np.ndarray) -> None:
+        raise AssertionError("the Hugging Face front end synthesizes no weights")
+
+    def model_info(self) -> dict:
+        """Facts from config.json that the graph does not hold."""
+        s = self.spec
+        return {"architecture": s.architecture, "max_position_embeddings": s.max_position_embeddings,
+                "bos_token_id": s.bos_token_id, "eos_token_ids": list(s.eos_token_ids),
+                "pad_token_id": s.pad_token_id}
+
+    def config_files(self) -> list[Path]:
+        return [p for p in (self.config_path, self.root / "generation_config.json") if p.is_file()]
 
     def tokenizer_files(self) -> list[Path]:
         return [self.root / n for n in TOKENIZER_FILES if (self.root / n).is_file()]

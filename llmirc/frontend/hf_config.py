@@ -15,7 +15,8 @@ import numpy as np
 
 from llmirc.errors import CheckpointError
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                 "GPT2LMHeadModel": "gpt2"}
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_new": "gelu_tanh", "relu": "relu"}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -98,7 +99,8 @@ class _Reader:
         return value
 
 
-def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
+def architecture(config: dict, source: str = "config.json") -> tuple[str, str]:
+    """(architecture, family) from `architectures`, or from `model_type` when that is missing."""
     r = _Reader(config, source)
     archs = r.get("architectures", list)
     model_type = r.get("model_type", str)
@@ -112,7 +114,15 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
         if model_type not in by_type:
             raise r.fail(f"unsupported model_type {model_type!r} and no 'architectures' field")
         arch = by_type[model_type]
-    family = ARCHITECTURES[arch]
+    return arch, ARCHITECTURES[arch]
+
+
+def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
+    """A Llama-family config (Llama, Mistral, Qwen2)."""
+    r = _Reader(config, source)
+    arch, family = architecture(config, source)
+    if family not in ("llama", "mistral", "qwen2"):
+        raise r.fail(f"{arch} is not a Llama-family architecture")
 
     hidden = r.get("hidden_size", int, required=True, positive=True)
     heads = r.get("num_attention_heads", int, required=True, positive=True)

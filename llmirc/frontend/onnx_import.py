@@ -1,0 +1,302 @@
+"""ONNX model -> xDSL IR: `onnx.*` ops for the data path, constants folded, shapes in S.
+
+The graph is read as a full-sequence forward of one sequence (batch 1). Inputs are given roles
+by name: `input_ids` (the tokens), `attention_mask` (all ones for one unpadded sequence) and
+`position_ids` (0..S-1). The graph is interpreted abstractly at a few sequence lengths
+(onnx_analysis): what does not depend on S is folded into constants, and every value gets its
+shape with `?` for the dims that grow with S.
+
+Untrusted input: external data paths must stay in the model's folder and lie within their
+files; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from xdsl.dialects import func
+from xdsl.dialects.builtin import (
+    ArrayAttr,
+    BFloat16Type,
+    DenseIntOrFPElementsAttr,
+    DictionaryAttr,
+    Float16Type,
+    IntegerType,
+    ModuleOp,
+    Signedness,
+    StringAttr,
+    TensorType,
+    f32,
+    f64,
+    i1,
+    i8,
+    i16,
+    i32,
+    i64,
+)
+from xdsl.ir import Attribute, SSAValue
+
+from llmirc import dialect as L
+from llmirc.errors import CheckpointError
+
+from . import onnx_ops
+from .onnx_analysis import CONST, DATA, PROBE_LENGTHS, AV, Node, interpret, symbolic_shape
+from .onnx_dialect import NoneOp, make_op
+
+MIN_OPSET = 17
+SMALL_CONSTANT = 256  # constants up to this many elements are kept in the IR text
+INPUT_ROLES = {"input_ids": "onnx:input_ids", "attention_mask": "onnx:attention_mask",
+               "position_ids": "onnx:position_ids"}
+DEFAULT_CONTEXT = 4096
+
+_ELEMENT = {np.dtype(np.float32): f32, np.dtype(np.float64): f64, np.dtype(np.int64): i64,
+            np.dtype(np.int32): i32, np.dtype(np.int16): i16, np.dtype(np.int8): i8, np.dtype(np.bool_): i1,
+            np.dtype(np.float16): Float16Type(), np.dtype(np.uint8): IntegerType(8, Signedness.UNSIGNED)}
+
+
+def element_type(dtype: np.dtype) -> Attribute:
+    dtype = np.dtype(dtype)
+    if dtype in _ELEMENT:
+        return _ELEMENT[dtype]
+    if dtype.name == "bfloat16":
+        return BFloat16Type()
+    raise CheckpointError(f"unsupported tensor element type {dtype}")
+
+
+ONNX_LOWERING = ("onnx-fuse-embedding,onnx-fuse-linear,onnx-fuse-norm,onnx-fuse-activation,onnx-fuse-attention,"
+                 "onnx-to-llmir")
+
+
+class OnnxCheckpoint:
+    """An ONNX model file and its weights (inline or external data), as a compiler source.
+
+    config.json, generation_config.json and tokenizer files next to the model are used when
+    present (optimum's exports have them): they give the context length and special tokens."""
+
+    kind = "onnx"
+    lowering = ONNX_LOWERING
+
+    def __init__(self, path: Path):
+        self.path, self.root = path, path.parent
+        try:
+            self.proto = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # protobuf raises DecodeError and friends
+            raise CheckpointError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        graph = self.proto.graph
+        opsets = {o.domain or "ai.onnx": o.version for o in self.proto.opset_import}
+        if opsets.get("ai.onnx", 0) < MIN_OPSET:
+            raise CheckpointError(f"{path}: opset {opsets.get('ai.onnx')} is too old; llmirc reads opset {MIN_OPSET} "
+                                  "and newer (re-export, or convert with onnx.version_converter)")
+        unsupported = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in graph.node
+                              if n.domain not in ("", "ai.onnx") or n.op_type not in onnx_ops.SUPPORTED)
+        if unsupported:
+            listed = ", ".join(f"{op} x{count}" for op, count in sorted(unsupported.items()))
+            raise CheckpointError(f"{path}: unsupported ONNX operators: {listed}")
+        self.initializers = {t.name: t for t in graph.initializer}
+        for t in graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                self._check_external(t)
+        self.folded: dict[str, np.ndarray] = {}  # large constants computed at compile time
+
+    # -- weights ---------------------------------------------------------------------------
+    def _check_external(self, t: onnx.TensorProto) -> None:
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        rel = Path(location)
+        if not location or rel.is_absolute() or ".." in rel.parts:
+            raise CheckpointError(f"{self.path}: tensor '{t.name}' has external data at {location!r}, outside the "
+                                  "model's folder")
+        file = (self.root / rel).resolve()
+        if not file.is_relative_to(self.root.resolve()) or not file.is_file():
+            raise CheckpointError(f"{self.path}: external data {location!r} of tensor '{t.name}' is missing or "
+                                  "leaves the model's folder")
+        offset, length = int(info.get("offset", 0)), info.get("length")
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        expected = int(np.prod(t.dims, dtype=np.int64)) * itemsize
+        length = int(length) if length is not None else expected
+        if length != expected or offset < 0 or offset + length > file.stat().st_size:
+            raise CheckpointError(f"{self.path}: external data of tensor '{t.name}' in {location} is truncated or "
+                                  f"mis-sized ({length} bytes at offset {offset}, expected {expected})")
+
+    def read(self, name: str) -> np.ndarray:
+        if name in self.folded:
+            return self.folded[name]
+        t = self.initializers.get(name)
+        if t is None:
+            raise CheckpointError(f"{self.path}: no initializer '{name}'")
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(t)
+        info = {e.key: e.value for e in t.external_data}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        offset = int(info.get("offset", 0))
+        count = int(np.prod(t.dims, dtype=np.int64))
+        data = np.memmap(self.root / info["location"], dtype=dtype, mode="r", offset=offset, shape=(count,))
+        return data.reshape(tuple(t.dims))
+
+    def float32(self, name: str) -> np.ndarray:
+        a = self.read(name)
+        if a.dtype == np.float32:
+            return a
+        if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+            raise CheckpointError(f"{self.path}: weight '{name}' has dtype {a.dtype}; weights must be floating point")
+        return a.astype(np.float32)
+
+    def add_weight(self, name: str, value: np.ndarray) -> None:
+        self.folded[name] = value
+
+    def module(self) -> ModuleOp:
+        return import_onnx(self)
+
+    def _config(self, name: str) -> dict:
+        from .hf_config import load_config
+
+        path = self.root / name
+        return load_config(path) if path.is_file() else {}
+
+    def generation_config(self) -> dict:
+        return self._config("generation_config.json")
+
+    def model_info(self) -> dict:
+        config = self._config("config.json")
+        eos = config.get("eos_token_id")
+        archs = config.get("architectures") or []
+        producer = f"{self.proto.producer_name} {self.proto.producer_version}".strip()
+        return {"architecture": f"ONNX ({archs[0] if archs else producer or 'unknown producer'})",
+                "max_position_embeddings": int(config.get("max_position_embeddings") or
+                                               config.get("n_positions") or DEFAULT_CONTEXT),
+                "bos_token_id": config.get("bos_token_id"),
+                "eos_token_ids": eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [],
+                "pad_token_id": config.get("pad_token_id")}
+
+    def config_files(self) -> list[Path]:
+        return [p for p in (self.root / "config.json", self.root / "generation_config.json") if p.is_file()]
+
+    def tokenizer_files(self) -> list[Path]:
+        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+        return [self.root / n for n in names if (self.root / n).is_file()]
+
+    def close(self) -> None:
+        pass
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    # -- graph -------------------------------------------------------------------------------
+    def nodes(self) -> list[Node]:
+        out = []
+        for i, n in enumerate(self.proto.graph.node):
+            attrs = onnx_ops.attrs_of(n)
+            out.append(Node(n.op_type, [x or None for x in n.input], list(n.output), attrs, n.name or f"#{i}"))
+        return out
+
+    def roots(self) -> dict:
+        """Graph inputs by role, as functions of S (batch 1)."""
+        roots, roles = {}, {}
+        for inp in self.proto.graph.input:
+            if inp.name in self.initializers:
+                continue  # old exporters list initializers as inputs too
+            role = INPUT_ROLES.get(inp.name)
+            if role is None:
+                raise CheckpointError(f"{self.path}: graph input '{inp.name}' has no known role (expected "
+                                      f"{', '.join(INPUT_ROLES)})")
+            tt = inp.type.tensor_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+            if len(tt.shape.dim) != 2 or (tt.shape.dim[0].HasField("dim_value") and tt.shape.dim[0].dim_value != 1):
+                raise CheckpointError(f"{self.path}: input '{inp.name}' must be [batch, sequence] with batch 1 or "
+                                      "dynamic")
+            roles[inp.name] = role
+            if role == "onnx:input_ids":
+                roots[inp.name] = lambda S, d=dtype: AV(DATA, (1, S), d)
+            elif role == "attention_mask":
+                roots[inp.name] = lambda S, d=dtype: AV("s-only", (1, S), d, np.ones((1, S), d))
+            else:
+                roots[inp.name] = lambda S, d=dtype: AV("s-only", (1, S), d, np.arange(S, dtype=d)[None])
+        if "input_ids" not in roles:
+            raise CheckpointError(f"{self.path}: the graph has no 'input_ids' input")
+        return roots, roles
+
+
+def import_onnx(ckpt: OnnxCheckpoint) -> ModuleOp:
+    nodes = ckpt.nodes()
+    roots, roles = ckpt.roots()
+    weight_nodes = [Node("weight", [], [name], {"name": name, "shape": tuple(t.dims),
+                                                "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.data_type)})
+                    for name, t in ckpt.initializers.items()]
+    cache: dict = {}
+    probes = [interpret(weight_nodes + nodes, roots, S, ckpt.read, cache=cache) for S in PROBE_LENGTHS]
+    return _emit(ckpt, nodes, roles, probes)
+
+
+def _foldable(key, probes: list[dict]) -> bool:
+    avs = [p[key] for p in probes]
+    if avs[0].kind == DATA:
+        return False
+    if avs[0].kind == CONST:
+        return True
+    return all(a.shape == avs[0].shape and np.array_equal(a.value, avs[0].value) for a in avs[1:])
+
+
+def _type(key, probes: list[dict]) -> TensorType:
+    dims = symbolic_shape([p[key].shape for p in probes])
+    return TensorType(element_type(probes[0][key].dtype), [L.DYN if a else b for a, b in dims])
+
+
+def _emit(ckpt: OnnxCheckpoint, nodes: list[Node], roles: dict, probes: list[dict]) -> ModuleOp:
+    graph = ckpt.proto.graph
+    inputs = [i.name for i in graph.input if i.name in roles]
+    outputs = [o.name for o in graph.output]
+    arg_types = [_type(name, probes) for name in inputs]
+    out_types = [_type(name, probes) for name in outputs]
+    forward = func.FuncOp("forward", (arg_types, out_types), arg_attrs=ArrayAttr([
+        DictionaryAttr({L.ARG_ATTR: StringAttr(roles[n]), "onnx.name": StringAttr(n)}) for n in inputs]))
+    block = forward.body.block
+    values: dict[str, SSAValue] = dict(zip(inputs, block.args))
+
+    def constant(key: str) -> SSAValue:
+        """A folded value (initializer or computed) as llmir.constant (small) or llmir.weight."""
+        av = probes[0][key]
+        value = av.value if av.value is not None else (av.load() if int(np.prod(av.shape)) <= SMALL_CONSTANT
+                                                        else None)
+        if value is not None and value.size <= SMALL_CONSTANT:
+            typ = TensorType(element_type(value.dtype), value.shape)
+            flat = value.reshape(-1)
+            data = [bool(x) for x in flat] if value.dtype == np.bool_ else \
+                [float(x) for x in flat] if value.dtype.kind == "f" else [int(x) for x in flat]
+            op = L.ConstantOp(DenseIntOrFPElementsAttr.from_list(typ, data))
+        else:
+            if value is not None:
+                ckpt.folded[key] = value
+            op = L.WeightOp(key, av.shape)
+            op.result._type = TensorType(element_type(av.dtype), av.shape)
+        block.add_op(op)
+        return op.result
+
+    def operand(key) -> SSAValue:
+        if key is None:
+            none = NoneOp()
+            block.add_op(none)
+            return none.result
+        if key not in values:
+            values[key] = constant(key)
+        return values[key]
+
+    for node in nodes:
+        if all(_foldable(k, probes) for k in node.outputs):
+            continue  # its outputs are materialized as constants where they are used
+        operands = [operand(k) for k in node.inputs]
+        op = make_op(node.op_type, operands, [_type(k, probes) for k in node.outputs], node.attrs, node.name)
+        block.add_op(op)
+        values.update(zip(node.outputs, op.results))
+    block.add_op(func.ReturnOp(*[operand(k) for k in outputs]))
+    return ModuleOp([forward])
+
+

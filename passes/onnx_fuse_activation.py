@@ -1,0 +1,78 @@
+"""onnx-fuse-activation: SiLU, GELU (erf and tanh forms) and ReLU become llmir.act.
+
+Before (GELU, erf form):
+    %d = "onnx.Div"(%x, 1.414)  %e = "onnx.Erf"(%d)  %a = "onnx.Add"(%e, 1)
+    %m = "onnx.Mul"(%x, %a)     %y = "onnx.Mul"(%m, 0.5)
+After:
+    %y = "llmir.unsqueeze_batch"("llmir.act"("llmir.squeeze_batch"(%x)) {act = "gelu"})
+
+Anchors: Sigmoid, Erf, Tanh, Relu and onnx.Gelu on activations. The region is every
+elementwise op computed from the anchor's input alone; it is fused when it computes one of
+the activations on random inputs. onnx-to-llmir then turns act(gate) * up into act_mul.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from xdsl.context import Context
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.passes import ModulePass
+
+from llmirc import dialect as L
+from llmirc.frontend.onnx_dialect import OnnxOp
+
+from .func_args import forward_func
+from .onnx_fuse_norm import sources_above
+from .onnx_match import Oracle, close, closure_down, erase_dead, evaluate
+
+ANCHORS = ("Sigmoid", "Erf", "Tanh", "Relu", "Gelu")
+_erf = np.vectorize(math.erf)
+REFERENCE = {
+    "silu": lambda x: x / (1 + np.exp(-x)),
+    "gelu": lambda x: 0.5 * x * (1 + _erf(x / math.sqrt(2))),
+    "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
+    "relu": lambda x: np.maximum(x, 0),
+}
+
+
+@dataclass(frozen=True)
+class FuseActivation(ModulePass):
+    name = "onnx-fuse-activation"
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        f = forward_func(op)
+        oracle = Oracle(op, ctx.read_weight)
+        for anchor in [o for o in f.body.block.ops if isinstance(o, OnnxOp) and o.op_type in ANCHORS]:
+            if anchor.parent is None or not oracle.is_data(anchor.operands[0]):
+                continue
+            for x in sources_above(anchor.operands[0], oracle, limit=3):
+                if self._try(anchor, x, oracle):
+                    break
+
+    @staticmethod
+    def _try(anchor: OnnxOp, x, oracle: Oracle) -> bool:
+        shape = oracle.shape(x)
+        if len(shape) != 3 or shape[0] != 1:
+            return False
+        ops, outs = closure_down(x, oracle)
+        if anchor not in ops or len(outs) != 1:
+            return False
+        S = 7
+        xs = (np.random.default_rng(1).standard_normal((1, S, shape[-1])) * 4).astype(np.float32)
+        got = evaluate(ops, {x: xs}, oracle, S)[outs[0]]
+        for act, ref in REFERENCE.items():
+            if close(got, ref(xs.astype(np.float64)), 1e-5):
+                out = outs[0]
+                at = out.owner
+                block = at.parent_block()
+                rows = L.SqueezeBatchOp(x)
+                new = L.ActOp(rows.result, act)
+                back = L.UnsqueezeBatchOp(new.result)
+                block.insert_ops_before([rows, new, back], at)
+                out.replace_all_uses_with(back.result)
+                erase_dead(ops)
+                return True
+        return False

@@ -1,0 +1,306 @@
+"""onnx-fuse-attention: a decomposed attention block (RoPE, causal mask, grouped-query repeat of
+K/V, softmax(QK^T * scale) V, head reshapes) becomes llmir.rope + llmir.attention.
+
+Before (schematically; exporters spell every step differently):
+    q, k, v: [1, S, N] projections -> Reshape/Transpose to [1, heads, S, D]
+    -> q*cos + rotate_half(q)*sin (and k)  -> Unsqueeze/Expand/Reshape (repeat K/V heads)
+    -> MatMul(q, k^T) * scale + mask -> Softmax -> MatMul(., v) -> Transpose/Reshape to [1, S, H*D]
+After:
+    %a = "llmir.attention"("llmir.rope"(%q, %positions), "llmir.rope"(%k, %positions), %v)
+         {num_heads, num_kv_heads, head_dim, scale, sliding_window}
+
+Structure finds the candidate: an activation Softmax over the last axis, the MatMul feeding it
+(QK^T) and the one it feeds (PV), the block's output below through layout ops, and the q/k/v
+sources above. Shapes give heads and head dim. The rotary inverse frequencies are a float
+constant in the ancestry of the cos/sin tables (checked against the tables at a long length),
+the scale a product of the region's scalar constants, the sliding window the causal mask
+evaluated at a long length. The region must then compute exactly that on random q/k/v.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import product
+
+import numpy as np
+from xdsl.context import Context
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.ir import Operation, SSAValue
+from xdsl.passes import ModulePass
+
+from llmirc import dialect as L
+from llmirc.frontend.onnx_analysis import DATA
+from llmirc.frontend.onnx_dialect import OnnxOp
+
+from .func_args import forward_func
+from .onnx_fuse_embedding import index_arg
+from .onnx_match import ELEMENTWISE, LAYOUT, Oracle, Region, close, erase_dead, evaluate, region_up
+
+LONG = 512  # length at which masks and rotary tables are checked
+
+
+@dataclass
+class Rope:
+    inv_freq: np.ndarray  # float32 [rotary_dim / 2]
+    scaling: float
+    style: str
+
+
+def rope_ref(x: np.ndarray, heads: int, d: int, rope: Rope | None) -> np.ndarray:
+    """x [S, heads*d] float64, rotated at positions 0..S-1 (as the llmir.rope kernel does)."""
+    if rope is None:
+        return x
+    S, half = x.shape[0], len(rope.inv_freq)
+    ang = (np.arange(S, dtype=np.float32)[:, None] * rope.inv_freq[None, :]).astype(np.float32).astype(np.float64)
+    c, s = np.cos(ang) * rope.scaling, np.sin(ang) * rope.scaling
+    x = x.reshape(S, heads, d).copy()
+    if rope.style == "neox":
+        i1, i2 = np.arange(half), np.arange(half) + half
+    else:
+        i1, i2 = np.arange(half) * 2, np.arange(half) * 2 + 1
+    x1, x2 = x[:, :, i1].copy(), x[:, :, i2].copy()
+    x[:, :, i1] = x1 * c[:, None] - x2 * s[:, None]
+    x[:, :, i2] = x2 * c[:, None] + x1 * s[:, None]
+    return x.reshape(S, heads * d)
+
+
+def attention_ref(q, k, v, heads, kv_heads, d, scale, window, rope):
+    S = q.shape[0]
+    q, k = rope_ref(q, heads, d, rope), rope_ref(k, kv_heads, d, rope)
+    i, j = np.arange(S)[:, None], np.arange(S)[None, :]
+    allowed = (j <= i) & ((j > i - window) if window else True)
+    out = np.zeros((S, heads * d))
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        s = q[:, h * d:(h + 1) * d] @ k[:, g * d:(g + 1) * d].T * scale
+        s = np.where(allowed, s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[:, h * d:(h + 1) * d] = (p / p.sum(-1, keepdims=True)) @ v[:, g * d:(g + 1) * d]
+    return out
+
+
+def _chain_up(v: SSAValue, oracle: Oracle, kinds) -> Operation | None:
+    """Follows the single data operand up through `kinds` ops; returns the first other op."""
+    while isinstance(v.owner, OnnxOp) and v.owner.op_type in kinds:
+        data = [o for o in v.owner.operands if oracle.is_data(o)]
+        if len(data) != 1:
+            return None
+        v = data[0]
+    return v.owner if isinstance(v.owner, OnnxOp) else None
+
+
+def _matmul_below(v: SSAValue) -> OnnxOp | None:
+    """The one MatMul whose left operand is computed from `v` through elementwise ops (P @ V)."""
+    seen, stack, found = {v}, [v], set()
+    while stack:
+        for use in stack.pop().uses:
+            op = use.operation
+            if isinstance(op, OnnxOp) and op.op_type == "MatMul" and use.index == 0:
+                found.add(op)
+            elif isinstance(op, OnnxOp) and op.op_type in ELEMENTWISE and op.results[0] not in seen:
+                seen.add(op.results[0])
+                stack.append(op.results[0])
+    return found.pop() if len(found) == 1 else None
+
+
+def _only_use(v: SSAValue) -> Operation | None:
+    uses = list(v.uses)
+    return uses[0].operation if len(uses) == 1 else None
+
+
+@dataclass(frozen=True)
+class FuseAttention(ModulePass):
+    name = "onnx-fuse-attention"
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        f = forward_func(op)
+        oracle = Oracle(op, ctx.read_weight)
+        layer = 0
+        for softmax in [o for o in f.body.block.ops if isinstance(o, OnnxOp) and o.op_type == "Softmax"]:
+            if softmax.parent is not None and oracle.is_data(softmax.operands[0]):
+                layer += self._try(softmax, oracle, f)
+
+    def _try(self, softmax: OnnxOp, oracle: Oracle, f) -> bool:
+        rank = len(oracle.shape(softmax.operands[0]))
+        if softmax.py_attrs().get("axis", -1) not in (-1, rank - 1):
+            return False
+        qk = _chain_up(softmax.operands[0], oracle, ELEMENTWISE)
+        if qk is None or qk.op_type != "MatMul" or not all(oracle.is_data(o) for o in qk.operands):
+            return False
+        user = _matmul_below(softmax.results[0])
+        if user is None:
+            return False
+        out = user.results[0]
+        while (nxt := _only_use(out)) is not None and isinstance(nxt, OnnxOp) and nxt.op_type in LAYOUT:
+            out = nxt.results[0]
+        inner = {qk, user}
+
+        def is_source(x: SSAValue) -> bool:
+            o = x.owner
+            return not isinstance(o, OnnxOp) or (o.op_type not in ELEMENTWISE | LAYOUT | {"MatMul", "Softmax"}) \
+                or (o.op_type == "MatMul" and o not in inner)
+
+        region = region_up(out, oracle, is_source)
+        if region is None or len(region.sources) not in (1, 3):
+            return False
+        q_shape, out_shape = oracle.shape(qk.operands[0]), oracle.shape(out)
+        if len(q_shape) < 3 or len(out_shape) != 3 or out_shape[0] != 1:
+            return False
+        heads, d = q_shape[-3], q_shape[-1]
+        srcs = self._roles(region, qk, user, oracle)
+        if srcs is None:
+            return False
+        widths = [oracle.shape(s)[-1] for s in region.sources]
+        if len(region.sources) == 3:
+            kv_heads = widths[region.sources.index(srcs[1])] // d
+        else:
+            kv_heads = (widths[0] // d - heads) // 2
+        if kv_heads < 1 or heads % kv_heads or out_shape[-1] != heads * d:
+            return False
+        for params in self._candidates(region, oracle, heads, kv_heads, d):
+            if self._verify(region, srcs, oracle, heads, kv_heads, d, *params):
+                self._rewrite(region, srcs, f, heads, kv_heads, d, *params)
+                return True
+        return False
+
+    @staticmethod
+    def _roles(region: Region, qk: OnnxOp, pv: OnnxOp, oracle: Oracle):
+        """(q, k, v) sources; for one fused source, that source three times."""
+        if len(region.sources) == 1:
+            return (region.sources[0],) * 3
+
+        def ancestors(v: SSAValue) -> set:
+            seen, stack = set(), [v]
+            while stack:
+                x = stack.pop()
+                if x in region.sources:
+                    seen.add(x)
+                elif isinstance(x.owner, OnnxOp) and x.owner in region.ops:
+                    stack.extend(o for o in x.owner.operands if oracle.kind(o) == DATA)
+            return seen
+
+        q, k, v = ancestors(qk.operands[0]), ancestors(qk.operands[1]), ancestors(pv.operands[1])
+        if not (len(q) == len(k) == len(v) == 1) or len(q | k | v) != 3:
+            return None
+        return q.pop(), k.pop(), v.pop()
+
+    def _candidates(self, region: Region, oracle: Oracle, heads: int, kv_heads: int, d: int):
+        params = region.params(oracle)
+        scalars = [float(np.asarray(oracle.value(p)).reshape(-1)[0]) for p in params
+                   if int(np.prod(oracle.shape(p))) == 1 and np.asarray(oracle.value(p)).dtype.kind == "f"]
+        scales = [d ** -0.5, 1.0]
+        prod_all = float(np.prod([s for s in scalars if s not in (0.0, 1.0) and abs(s) < 1e3] or [1.0]))
+        scales += [prod_all, prod_all ** 2] + [s for s in scalars if 0 < s < 1] + [1 / s for s in scalars if s > 1]
+        ropes = [None] + self._ropes(params, oracle, d)
+        windows = sorted({self._window(params, oracle)})
+        seen = set()
+        for rope, scale, window in product(ropes, scales, windows):
+            key = (id(rope), round(scale, 9), window)
+            if key not in seen:
+                seen.add(key)
+                yield scale, window, rope
+
+    @staticmethod
+    def _window(params, oracle: Oracle) -> int:
+        """The sliding window of the causal mask (0: none), read from the mask at a long length."""
+        for p in params:
+            shape = oracle.shape(p, LONG)
+            if len(shape) >= 2 and shape[-1] == shape[-2] == LONG:
+                m = np.asarray(oracle.value(p, LONG)).reshape(-1, LONG, LONG)[0]
+                allowed = m if m.dtype == np.bool_ else (m == 0)
+                counts = allowed.sum(-1)
+                if allowed[0, 0] and counts.max() < LONG:
+                    return int(counts.max())
+        return 0
+
+    @staticmethod
+    def _ropes(params, oracle: Oracle, d: int) -> list[Rope]:
+        """Rotary candidates: float constants of length rotary_dim/2 in the ancestry of the region's
+        s-only inputs, checked against those inputs' cos/sin tables at a long length."""
+        consts, tables = [], []
+        for p in params:
+            if oracle.kind(p) != "s-only":
+                continue
+            value = np.asarray(oracle.value(p, LONG), np.float64)
+            if value.dtype.kind == "f" and LONG in value.shape and value.shape[-1] <= d:
+                tables.append(value.reshape(LONG, -1))
+            stack, seen = [p], set()
+            while stack:
+                x = stack.pop()
+                if x in seen:
+                    continue
+                seen.add(x)
+                o = x.owner
+                if isinstance(o, OnnxOp):
+                    stack.extend(o.operands)
+                elif isinstance(o, (L.WeightOp, L.ConstantOp)) and len(L.shape_of(x)) == 1 and \
+                        L.shape_of(x)[0] <= d // 2:
+                    consts.append(np.asarray(oracle.value(x), np.float32))
+        found = []
+        for inv in consts:
+            if inv.dtype.kind != "f" or len(inv) < 1:
+                continue
+            ang = (np.arange(LONG, dtype=np.float32)[:, None] * inv[None, :]).astype(np.float32).astype(np.float64)
+            for table in tables:
+                width = table.shape[1]
+                for style in ("neox", "interleaved"):
+                    expand = (lambda a: np.concatenate([a, a], 1)) if style == "neox" else \
+                        (lambda a: np.repeat(a, 2, 1))
+                    for fn in (np.cos, np.sin):
+                        ref = expand(fn(ang))
+                        if ref.shape[1] != width:
+                            continue
+                        scaling = float(table[0, 0]) if fn is np.cos else 1.0
+                        if fn is np.sin:
+                            nz = np.abs(ref) > 0.1
+                            scaling = float(np.median(table[nz] / ref[nz])) if nz.any() else 1.0
+                        if scaling and close(table, ref * scaling, 1e-5):
+                            rope = Rope(inv, scaling, style)
+                            if not any(np.array_equal(r.inv_freq, inv) and r.style == style for r in found):
+                                found.append(rope)
+        return found
+
+    @staticmethod
+    def _verify(region: Region, srcs, oracle: Oracle, heads, kv_heads, d, scale, window, rope) -> bool:
+        rng = np.random.default_rng(2)
+        for S in (7, 12):
+            feeds = {s: rng.standard_normal(oracle.shape(s, S)).astype(np.float32) for s in region.sources}
+            got = evaluate(region.ops, feeds, oracle, S)[region.output].reshape(S, heads * d)
+            parts = [feeds[s].reshape(S, -1).astype(np.float64) for s in srcs]
+            if len(region.sources) == 1:
+                qkv = parts[0]
+                parts = [qkv[:, :heads * d], qkv[:, heads * d:(heads + kv_heads) * d], qkv[:, (heads + kv_heads) * d:]]
+            want = attention_ref(*parts, heads, kv_heads, d, scale, window, rope)
+            if not close(got, want, 1e-4):
+                return False
+        return True
+
+    @staticmethod
+    def _rewrite(region: Region, srcs, f, heads, kv_heads, d, scale, window, rope) -> None:
+        at = region.output.owner
+        block = at.parent_block()
+        new: list[Operation] = []
+
+        def rows(v):
+            op = L.SqueezeBatchOp(v)
+            new.append(op)
+            return op.result
+
+        if len(region.sources) == 1:
+            split = L.SplitOp(rows(srcs[0]), [heads * d, kv_heads * d, kv_heads * d])
+            new.append(split)
+            q, k, v = split.outputs
+        else:
+            q, k, v = (rows(s) for s in srcs)
+        if rope is not None:
+            positions = index_arg(f, "positions")
+            args = dict(head_dim=d, inv_freq=[float(x) for x in rope.inv_freq], scaling=rope.scaling, style=rope.style)
+            q_op, k_op = L.RopeOp(q, positions, heads, **args), L.RopeOp(k, positions, kv_heads, **args)
+            new += [q_op, k_op]
+            q, k = q_op.result, k_op.result
+        att = L.AttentionOp(q, k, v, num_heads=heads, num_kv_heads=kv_heads, head_dim=d, scale=scale,
+                            sliding_window=window)
+        back = L.UnsqueezeBatchOp(att.result)
+        block.insert_ops_before([*new, att, back], at)
+        region.output.replace_all_uses_with(back.result)
+        erase_dead(region.ops)

@@ -1,0 +1,139 @@
+"""onnx-fuse-norm: RMSNorm and LayerNorm, however they were spelled, become llmir norms.
+
+Before (one spelling of RMSNorm, as torch.onnx's dynamo exporter writes it):
+    %p = "onnx.Pow"(%x, 2)  %m = "onnx.ReduceMean"(%p, [-1])  %e = "onnx.Add"(%m, 1e-6)
+    %s = "onnx.Sqrt"(%e)  %r = "onnx.Reciprocal"(%s)  %n = "onnx.Mul"(%x, %r)  %y = "onnx.Mul"(%w, %n)
+After:
+    %y = "llmir.unsqueeze_batch"("llmir.rms_norm"("llmir.squeeze_batch"(%x), %w) {eps = 1e-6})
+
+Candidates: every ReduceMean over the last axis of an activation, with the elementwise ops
+computed from the same input around it; `onnx.LayerNormalization` directly. The candidate's
+weight ([C] constants), bias and epsilon (scalar constants) are read off the region, and the
+region must compute rms_norm / layer_norm on random inputs to be fused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from xdsl.context import Context
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.ir import SSAValue
+from xdsl.passes import ModulePass
+
+from llmirc import dialect as L
+from llmirc.frontend.onnx_dialect import OnnxOp
+
+from .func_args import forward_func
+from .onnx_match import ELEMENTWISE, Oracle, close, closure_down, erase_dead, evaluate
+
+
+def rms_norm(x, w, eps):
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def layer_norm(x, w, b, eps):
+    x = x.astype(np.float64)
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + (0 if b is None else b)
+
+
+def sources_above(v: SSAValue, oracle: Oracle, limit: int = 4) -> list[SSAValue]:
+    """Data values above `v` through elementwise ops, nearest first (the norm's input is one)."""
+    out, frontier = [], [v]
+    for _ in range(limit):
+        nxt = []
+        for x in frontier:
+            if x not in out:
+                out.append(x)
+            op = x.owner
+            if isinstance(op, OnnxOp) and op.op_type in ELEMENTWISE:
+                nxt.extend(o for o in op.operands if oracle.is_data(o))
+        frontier = nxt
+    return out
+
+
+@dataclass(frozen=True)
+class FuseNorm(ModulePass):
+    name = "onnx-fuse-norm"
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        f = forward_func(op)
+        oracle = Oracle(op, ctx.read_weight)
+        for anchor in [o for o in f.body.block.ops if isinstance(o, OnnxOp)]:
+            if anchor.parent is None:
+                continue  # erased by an earlier fusion
+            if anchor.op_type == "LayerNormalization":
+                self._layer_norm_op(anchor, oracle)
+            elif anchor.op_type == "ReduceMean" and oracle.is_data(anchor.operands[0]):
+                for x in sources_above(anchor.operands[0], oracle):
+                    if self._decomposed(anchor, x, oracle, ctx):
+                        break
+
+    def _layer_norm_op(self, op: OnnxOp, oracle: Oracle) -> None:
+        x, w, b = (list(op.operands) + [None])[:3]
+        attrs = op.py_attrs()
+        rank = len(L.shape_of(x))
+        if attrs.get("axis", -1) not in (-1, rank - 1) or rank != 3 or oracle.is_data(w) or \
+                (b is not None and not isinstance(b.owner, (L.WeightOp, L.ConstantOp))):
+            return
+        self._replace(op.results[0], x, lambda rows: L.LayerNormOp(rows, w, b, attrs.get("epsilon", 1e-5)), [op])
+
+    def _decomposed(self, anchor: OnnxOp, x: SSAValue, oracle: Oracle, ctx) -> bool:
+        if len(oracle.shape(x)) != 3 or oracle.shape(x)[0] != 1:
+            return False
+        ops, outs = closure_down(x, oracle)
+        if anchor not in ops or len(outs) != 1:
+            return False
+        cols = oracle.shape(x)[-1]
+        consts = [v for o in ops for v in o.operands if not oracle.is_data(v)]
+        vectors = [v for v in consts if oracle.shape(v) == (cols,) and isinstance(v.owner, (L.WeightOp, L.ConstantOp))]
+        scalars = sorted({float(np.asarray(oracle.value(v)).reshape(-1)[0]) for v in consts
+                          if int(np.prod(oracle.shape(v))) == 1 and np.asarray(oracle.value(v)).dtype.kind == "f"})
+        eps_candidates = [e for e in scalars if 0 < e < 1e-2] or [1e-5, 1e-6]
+        rng = np.random.default_rng(0)
+        S = 7
+        xs = rng.standard_normal((1, S, cols)).astype(np.float32) * 3 + 1
+        got = evaluate(ops, {x: xs}, oracle, S)[outs[0]]
+        value = {id(v): np.asarray(oracle.value(v), np.float64) for v in vectors}
+        ones = [None]
+        for eps in eps_candidates:
+            for w in vectors + ones:
+                wv = value[id(w)] if w is not None else 1.0
+                if close(got, rms_norm(xs, wv, eps), 1e-5):
+                    self._replace(outs[0], x, lambda rows: L.RMSNormOp(rows, self._weight(w, cols, ctx), eps), ops)
+                    return True
+                for b in vectors + ones:
+                    if b is w and b is not None:
+                        continue
+                    bv = value[id(b)] if b is not None else None
+                    if close(got, layer_norm(xs, wv, bv, eps), 1e-5):
+                        self._replace(outs[0], x, lambda rows: L.LayerNormOp(rows, self._weight(w, cols, ctx), b, eps),
+                                      ops)
+                        return True
+        return False
+
+    @staticmethod
+    def _weight(w: SSAValue | None, cols: int, ctx) -> SSAValue:
+        if w is not None:
+            return w
+        name = f"llmir.ones[{cols}]"
+        ctx.add_weight(name, np.ones(cols, np.float32))
+        return L.WeightOp(name, (cols,)).result  # inserted by _replace's caller below
+
+    @staticmethod
+    def _replace(out: SSAValue, x: SSAValue, make, ops) -> None:
+        anchor = out.owner
+        block = anchor.parent_block()
+        rows = L.SqueezeBatchOp(x)
+        block.insert_op_before(rows, anchor)
+        norm = make(rows.result)
+        for operand in norm.operands:  # a synthesized weight op is not in the block yet
+            if isinstance(operand.owner, L.WeightOp) and operand.owner.parent is None:
+                block.insert_op_before(operand.owner, anchor)
+        back = L.UnsqueezeBatchOp(norm.result)
+        block.insert_ops_before([norm, back], anchor)
+        out.replace_all_uses_with(back.result)
+        erase_dead(ops)

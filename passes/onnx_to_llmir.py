@@ -1,0 +1,117 @@
+"""onnx-to-llmir: finishes the ONNX lowering once the fusions have run.
+
+Cancels batch squeezes (squeeze_batch(unsqueeze_batch(x)) -> x), turns the remaining
+elementwise glue between llmir values into llmir ops (residual Add, bias Add into the linear,
+act(g) * u into act_mul), and gives the function the llmir signature: token_ids and positions
+in, logits [T, vocab] out. The ONNX inputs, present-KV outputs and anything else left unused
+go away. If ONNX ops are still needed after that, the model was not fully recognized: the
+error names them (the full-sequence fallback that would compile them is not implemented yet).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from xdsl.context import Context
+from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, ModuleOp, StringAttr
+from xdsl.ir import SSAValue
+from xdsl.passes import ModulePass
+from xdsl.pattern_rewriter import (
+    GreedyRewritePatternApplier,
+    PatternRewriter,
+    PatternRewriteWalker,
+    RewritePattern,
+    op_type_rewrite_pattern,
+)
+from xdsl.transforms.dead_code_elimination import region_dce
+
+from llmirc import dialect as L
+from llmirc.errors import LlmircError
+from llmirc.frontend.onnx_dialect import NoneOp, OnnxOp
+
+from .func_args import arg_names, forward_func
+
+
+def _rows(v: SSAValue) -> SSAValue | None:
+    """x when v = unsqueeze_batch(x)."""
+    return v.owner.input if isinstance(v.owner, L.UnsqueezeBatchOp) else None
+
+
+def _is_const(v: SSAValue) -> bool:
+    return isinstance(v.owner, (L.WeightOp, L.ConstantOp))
+
+
+class CancelBatch(RewritePattern):
+    @op_type_rewrite_pattern
+    def match_and_rewrite(self, op: L.SqueezeBatchOp, rewriter: PatternRewriter) -> None:
+        if (x := _rows(op.input)) is not None:
+            rewriter.replace_op(op, [], [x])
+
+
+class ElementwiseGlue(RewritePattern):
+    def match_and_rewrite(self, op, rewriter: PatternRewriter) -> None:
+        if not isinstance(op, OnnxOp) or len(op.results) != 1:
+            return
+        kind, ins = op.op_type, list(op.operands)
+        if kind in ("Identity", "Dropout") and (x := _rows(ins[0])) is not None:
+            rewriter.replace_op(op, L.UnsqueezeBatchOp(x))
+            return
+        if kind not in ("Add", "Mul") or len(ins) != 2:
+            return
+        a, b = (_rows(v) for v in ins)
+        if kind == "Add" and a is not None and b is not None and L.shape_of(a) == L.shape_of(b):
+            add = L.AddOp(a, b)
+            rewriter.replace_op(op, [add, L.UnsqueezeBatchOp(add.result)])
+            return
+        for rows, other in ((a, ins[1]), (b, ins[0])):
+            lin = rows.owner if rows is not None else None
+            if kind == "Add" and isinstance(lin, L.LinearOp) and lin.bias is None and lin.residual is None \
+                    and rows.has_one_use() and _is_const(other) and L.shape_of(other) == (L.shape_of(rows)[1],):
+                new = L.LinearOp(lin.input, lin.weight, other)
+                rewriter.replace_op(op, [new, L.UnsqueezeBatchOp(new.result)])
+                return
+        for gate, up in ((a, b), (b, a)):
+            act = gate.owner if gate is not None else None
+            if kind == "Mul" and isinstance(act, L.ActOp) and up is not None and gate.has_one_use() \
+                    and L.shape_of(gate) == L.shape_of(up):
+                new = L.ActMulOp(act.input, up, act.act.data)
+                rewriter.replace_op(op, [new, L.UnsqueezeBatchOp(new.result)])
+                return
+
+
+def leftovers(module: ModuleOp) -> Counter:
+    return Counter(op.op_type for op in module.walk() if isinstance(op, OnnxOp))
+
+
+@dataclass(frozen=True)
+class OnnxToLlmir(ModulePass):
+    name = "onnx-to-llmir"
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        f = forward_func(op)
+        ret = f.get_return_op()
+        logits = ret.operands[0]
+        squeeze = L.SqueezeBatchOp(logits)
+        f.body.block.insert_op_before(squeeze, ret)
+        ret.operands = [squeeze.result]  # present-KV outputs: the paged cache replaces them
+        walker = PatternRewriteWalker(GreedyRewritePatternApplier([CancelBatch(), ElementwiseGlue()]),
+                                      post_walk_func=region_dce)
+        walker.rewrite_module(op)
+        region_dce(f.body)
+        for none in [o for o in f.body.block.ops if isinstance(o, NoneOp) and not o.result.uses]:
+            f.body.block.erase_op(none)
+        left = leftovers(op)
+        if left:
+            listed = ", ".join(f"{k} x{n}" for k, n in sorted(left.items()))
+            raise LlmircError(f"the ONNX graph was not fully recognized as an LLM: ONNX ops left after fusion: "
+                              f"{listed} (compiling them as a full-sequence model is not implemented yet)")
+        names = arg_names(f)
+        for arg, name in reversed(list(zip(f.args, names))):
+            if name and name.startswith("onnx:"):
+                if arg.uses:
+                    raise LlmircError(f"the ONNX input {name[5:]} is still used after fusion")
+                f.body.block.erase_arg(arg)
+        kept = [n for n in names if not (n and n.startswith("onnx:"))]
+        f.arg_attrs = ArrayAttr([DictionaryAttr({L.ARG_ATTR: StringAttr(n)}) for n in kept])
+        f.update_function_type()
