@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 
 ARCH_CONFIGS = {
+    "gpt2": "GPT2Config",
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",
     "qwen2": "Qwen2Config",
 }
 ARCH_MODELS = {
+    "gpt2": "GPT2LMHeadModel",
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -55,6 +57,9 @@ def make_checkpoint(path: Path, arch: str = "llama", *, seed: int = 0, dtype: st
 
     torch.manual_seed(seed)
     cfg = dict(SMALL, **overrides)
+    if arch == "gpt2":  # GPT-2's own names; no grouped-query attention
+        cfg["n_inner"] = cfg.pop("intermediate_size")
+        cfg.pop("num_key_value_heads")
     cfg.setdefault("bos_token_id", 0)
     cfg.setdefault("eos_token_id", 1)
     config = getattr(transformers, ARCH_CONFIGS[arch])(**cfg, initializer_range=init_std)

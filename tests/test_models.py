@@ -30,6 +30,9 @@ CASES = {
     "llama-yarn-gelu": ("llama", dict(hidden_act="gelu_pytorch_tanh", rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})),
     "mistral-sliding": ("mistral", dict(sliding_window=8)),
+    "gpt2": ("gpt2", {}),
+    "gpt2-untied-relu-layer-scaled": ("gpt2", dict(tie_word_embeddings=False, activation_function="relu",
+                                                   scale_attn_by_inverse_layer_idx=True)),
     "qwen2-tied-sliding": ("qwen2", dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=6,
                                          max_window_layers=1)),
 }
