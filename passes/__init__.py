@@ -14,12 +14,12 @@ from .onnx_fuse_attention import FuseAttention
 from .onnx_fuse_embedding import FuseEmbedding
 from .onnx_fuse_linear import FuseLinear
 from .onnx_fuse_norm import FuseNorm
-from .onnx_to_llmir import OnnxToLlmir
+from .onnx_to_llmir import OnnxGlue, OnnxToLlmir
 from .paged_kv import PagedKV
 from .prune_logits import PruneLogits
 
 PASSES: dict[str, type[ModulePass]] = {p.name: p for p in (
     CanonicalizePass, CommonSubexpressionElimination, DeadCodeElimination,
     FuseLinears, FuseResidualAdd, PruneLogits, PagedKV,
-    FuseEmbedding, FuseLinear, FuseNorm, FuseActivation, FuseAttention, OnnxToLlmir,
+    FuseEmbedding, FuseLinear, OnnxGlue, FuseNorm, FuseActivation, FuseAttention, OnnxToLlmir,
 )}

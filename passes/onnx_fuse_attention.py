@@ -144,8 +144,8 @@ class FuseAttention(ModulePass):
         if region is None or len(region.sources) not in (1, 3):
             return False
         q_shape, out_shape = oracle.shape(qk.operands[0]), oracle.shape(out)
-        if len(q_shape) < 3 or len(out_shape) != 3 or out_shape[0] != 1:
-            return False
+        if len(q_shape) < 3 or not (len(out_shape) == 2 or (len(out_shape) == 3 and out_shape[0] == 1)):
+            return False  # the block's output: [1, S, H*D], or rows [S, H*D] (Gemm-based exports)
         heads, d = q_shape[-3], q_shape[-1]
         srcs = self._roles(region, qk, user, oracle)
         if srcs is None:
@@ -300,7 +300,9 @@ class FuseAttention(ModulePass):
             q, k = q_op.result, k_op.result
         att = L.AttentionOp(q, k, v, num_heads=heads, num_kv_heads=kv_heads, head_dim=d, scale=scale,
                             sliding_window=window)
-        back = L.UnsqueezeBatchOp(att.result)
-        block.insert_ops_before([*new, att, back], at)
-        region.output.replace_all_uses_with(back.result)
+        new.append(att)
+        if len(L.shape_of(region.output)) == 3:
+            new.append(L.UnsqueezeBatchOp(att.result))
+        block.insert_ops_before(new, at)
+        region.output.replace_all_uses_with(new[-1].results[0])
         erase_dead(region.ops)

@@ -41,8 +41,9 @@ class FuseEmbedding(ModulePass):
             table, ids = gather.operands
             if gather.py_attrs().get("axis", 0) != 0 or oracle.is_data(table) or len(L.shape_of(table)) != 2:
                 continue
-            src = ids
-            while isinstance(src.owner, OnnxOp) and src.owner.op_type == "Cast":
+            src = ids  # through casts and reshapes that keep [1, S] (GPT-2 views the ids)
+            while isinstance(src.owner, OnnxOp) and src.owner.op_type in ("Cast", "Reshape", "Identity") and \
+                    oracle.shape(src.owner.operands[0]) == oracle.shape(ids):
                 src = src.owner.operands[0]
             if roles.get(src) == "onnx:input_ids":
                 index = index_arg(f, "token_ids")

@@ -1,11 +1,12 @@
-"""onnx-fuse-linear: MatMul by a constant matrix (+ Add of a constant bias) becomes llmir.linear.
+"""onnx-fuse-linear: MatMul or Gemm by a constant matrix (+ a constant bias) becomes llmir.linear.
 
 Before:  %y = "onnx.MatMul"(%x, %W)            // x [1, S, K] data, W [K, N] constant
          %z = "onnx.Add"(%y, %b)               // b [N] constant (optional)
 After:   %z = "llmir.unsqueeze_batch"("llmir.linear"("llmir.squeeze_batch"(%x), "llmir.transpose"(%W), %b))
 
-The transpose of W is folded into the bundle ([N, K] is the layout the kernels read). The
-bias is absorbed by the onnx-to-llmir pass, which also cancels the batch squeezes.
+Gemm (alpha = beta = 1, A not transposed) on 2-D rows [S, K] maps to llmir.linear directly
+(rows are llmir's form). The transpose of W is folded into the bundle ([N, K] is the layout
+the kernels read). onnx-glue cancels the batch squeezes.
 """
 
 from __future__ import annotations
@@ -30,15 +31,34 @@ class FuseLinear(ModulePass):
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         f = forward_func(op)
         oracle = Oracle(op, ctx.read_weight)
-        for mm in [o for o in f.body.block.ops if isinstance(o, OnnxOp) and o.op_type == "MatMul"]:
-            x, w = mm.operands
-            if not oracle.is_data(x) or oracle.is_data(w) or len(L.shape_of(w)) != 2 or len(L.shape_of(x)) != 3 \
-                    or L.shape_of(x)[0] != 1 or not isinstance(w.owner, (L.WeightOp, L.ConstantOp)):
+        block = f.body.block
+        for mm in [o for o in block.ops if isinstance(o, OnnxOp) and o.op_type in ("MatMul", "Gemm")]:
+            x, w = mm.operands[:2]
+            if not oracle.is_data(x) or not _const(w) or len(L.shape_of(w)) != 2:
                 continue
-            rows = L.SqueezeBatchOp(x)
-            wt = L.TransposeOp(w)
-            lin = L.LinearOp(rows.result, wt.result)
-            out = L.UnsqueezeBatchOp(lin.result)
-            f.body.block.insert_ops_before([rows, wt, lin, out], mm)
-            mm.results[0].replace_all_uses_with(out.result)
+            if mm.op_type == "Gemm":
+                a = mm.py_attrs()
+                bias = mm.operands[2] if len(mm.operands) > 2 and _const(mm.operands[2]) else None
+                if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0) or \
+                        len(L.shape_of(x)) != 2 or (len(mm.operands) > 2 and bias is None) or \
+                        (bias is not None and len(L.shape_of(bias)) != 1):
+                    continue
+                weight = w if a.get("transB", 0) else L.TransposeOp(w)
+                new = [weight] if weight is not w else []
+                lin = L.LinearOp(x, weight if weight is w else weight.result, bias)
+                block.insert_ops_before([*new, lin], mm)
+                mm.results[0].replace_all_uses_with(lin.result)
+            else:
+                shape = L.shape_of(x)
+                if len(shape) != 3 or shape[0] != 1:
+                    continue
+                rows, wt = L.SqueezeBatchOp(x), L.TransposeOp(w)
+                lin = L.LinearOp(rows.result, wt.result)
+                out = L.UnsqueezeBatchOp(lin.result)
+                block.insert_ops_before([rows, wt, lin, out], mm)
+                mm.results[0].replace_all_uses_with(out.result)
             erase_dead([mm])
+
+
+def _const(v) -> bool:
+    return isinstance(v.owner, (L.WeightOp, L.ConstantOp))

@@ -49,6 +49,23 @@ class CancelBatch(RewritePattern):
             rewriter.replace_op(op, [], [x])
 
 
+class ReshapeBatch(RewritePattern):
+    """Reshape between [S, C] rows and [1, S, C] is a batch squeeze (Gemm-based exports do this);
+    a reshape to the same shape is the identity."""
+
+    def match_and_rewrite(self, op, rewriter: PatternRewriter) -> None:
+        if not isinstance(op, OnnxOp) or op.op_type not in ("Reshape", "Unsqueeze", "Squeeze"):
+            return
+        src, dst = L.shape_of(op.operands[0]), L.shape_of(op.results[0])
+        x = op.operands[0]
+        if src == dst and src.count(L.DYN) <= 1 and op.results[0].type == x.type:
+            rewriter.replace_op(op, [], [x])  # same shape, one unknown dim at most: the identity
+        elif len(src) == 2 and dst == (1, *src) and src[0] == L.DYN and not isinstance(x.owner, OnnxOp):
+            rewriter.replace_op(op, L.UnsqueezeBatchOp(x))
+        elif len(src) == 3 and src == (1, *dst) and dst[0] == L.DYN and (rows := _rows(x)) is not None:
+            rewriter.replace_op(op, [], [rows])
+
+
 class ElementwiseGlue(RewritePattern):
     def match_and_rewrite(self, op, rewriter: PatternRewriter) -> None:
         if not isinstance(op, OnnxOp) or len(op.results) != 1:
@@ -80,6 +97,19 @@ class ElementwiseGlue(RewritePattern):
                 return
 
 
+GLUE = [CancelBatch(), ReshapeBatch(), ElementwiseGlue()]
+
+
+@dataclass(frozen=True)
+class OnnxGlue(ModulePass):
+    """onnx-glue: the elementwise glue between llmir values as llmir ops; batch squeezes cancelled."""
+
+    name = "onnx-glue"
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        PatternRewriteWalker(GreedyRewritePatternApplier(list(GLUE)), post_walk_func=region_dce).rewrite_module(op)
+
+
 def leftovers(module: ModuleOp) -> Counter:
     return Counter(op.op_type for op in module.walk() if isinstance(op, OnnxOp))
 
@@ -95,9 +125,7 @@ class OnnxToLlmir(ModulePass):
         squeeze = L.SqueezeBatchOp(logits)
         f.body.block.insert_op_before(squeeze, ret)
         ret.operands = [squeeze.result]  # present-KV outputs: the paged cache replaces them
-        walker = PatternRewriteWalker(GreedyRewritePatternApplier([CancelBatch(), ElementwiseGlue()]),
-                                      post_walk_func=region_dce)
-        walker.rewrite_module(op)
+        OnnxGlue().apply(ctx, op)
         region_dce(f.body)
         for none in [o for o in f.body.block.ops if isinstance(o, NoneOp) and not o.result.uses]:
             f.body.block.erase_op(none)

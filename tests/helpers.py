@@ -106,3 +106,32 @@ def check_greedy(model, prompt: list[int], ours: list[int], ref: list[int], marg
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj))
+
+
+def export_onnx(model, path: Path, *, with_mask: bool = False, opset: int = 18) -> Path:
+    """torch.onnx.export (dynamo) of the full-sequence forward: input_ids [1, S] -> logits.
+
+    with_mask adds attention_mask and position_ids inputs, as serving exports have."""
+    import torch
+
+    class Forward(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).logits
+
+    ids = torch.tensor([[0, 5, 9, 200, 17, 3]])
+    seq = torch.export.Dim("seq", min=2, max=256)
+    if with_mask:
+        args = (ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
+        names, dynamic = ["input_ids", "attention_mask", "position_ids"], \
+            {"input_ids": {1: seq}, "attention_mask": {1: seq}, "position_ids": {1: seq}}
+    else:
+        args, names, dynamic = (ids,), ["input_ids"], {"input_ids": {1: seq}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(Forward(model).eval(), args, str(path), dynamo=True, input_names=names,
+                      output_names=["logits"], dynamic_shapes=dynamic, opset_version=opset, verbose=False)
+    return path

@@ -68,8 +68,8 @@ def element_type(dtype: np.dtype) -> Attribute:
     raise CheckpointError(f"unsupported tensor element type {dtype}")
 
 
-ONNX_LOWERING = ("onnx-fuse-embedding,onnx-fuse-linear,onnx-fuse-norm,onnx-fuse-activation,onnx-fuse-attention,"
-                 "onnx-to-llmir")
+ONNX_LOWERING = ("onnx-fuse-embedding,onnx-fuse-linear,onnx-glue,onnx-fuse-norm,onnx-fuse-activation,onnx-glue,"
+                 "onnx-fuse-attention,onnx-to-llmir")
 
 
 class OnnxCheckpoint:
