@@ -127,7 +127,7 @@ def _root(arg: SSAValue, role: str | None):
         return lambda S: AV("s-only", shape(S), dtype, np.ones(shape(S), dtype))
     if role == "onnx:position_ids":
         return lambda S: AV("s-only", shape(S), dtype, np.arange(S, dtype=dtype).reshape(shape(S)))
-    if role and role.startswith("onnx:past"):
+    if role == "onnx:past":
         return lambda S: AV("s-only", shape(0), dtype, np.zeros(shape(0), dtype))
     return lambda S: AV(DATA, shape(S), dtype)
 

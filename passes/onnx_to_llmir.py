@@ -46,7 +46,7 @@ class CancelBatch(RewritePattern):
     @op_type_rewrite_pattern
     def match_and_rewrite(self, op: L.SqueezeBatchOp, rewriter: PatternRewriter) -> None:
         if (x := _rows(op.input)) is not None:
-            rewriter.replace_op(op, [], [x])
+            rewriter.replace(op, [], [x])
 
 
 class ReshapeBatch(RewritePattern):
@@ -59,11 +59,11 @@ class ReshapeBatch(RewritePattern):
         src, dst = L.shape_of(op.operands[0]), L.shape_of(op.results[0])
         x = op.operands[0]
         if src == dst and src.count(L.DYN) <= 1 and op.results[0].type == x.type:
-            rewriter.replace_op(op, [], [x])  # same shape, one unknown dim at most: the identity
+            rewriter.replace(op, [], [x])  # same shape, one unknown dim at most: the identity
         elif len(src) == 2 and dst == (1, *src) and src[0] == L.DYN and not isinstance(x.owner, OnnxOp):
-            rewriter.replace_op(op, L.UnsqueezeBatchOp(x))
+            rewriter.replace(op, L.UnsqueezeBatchOp(x))
         elif len(src) == 3 and src == (1, *dst) and dst[0] == L.DYN and (rows := _rows(x)) is not None:
-            rewriter.replace_op(op, [], [rows])
+            rewriter.replace(op, [], [rows])
 
 
 class ElementwiseGlue(RewritePattern):
@@ -72,28 +72,28 @@ class ElementwiseGlue(RewritePattern):
             return
         kind, ins = op.op_type, list(op.operands)
         if kind in ("Identity", "Dropout") and (x := _rows(ins[0])) is not None:
-            rewriter.replace_op(op, L.UnsqueezeBatchOp(x))
+            rewriter.replace(op, L.UnsqueezeBatchOp(x))
             return
         if kind not in ("Add", "Mul") or len(ins) != 2:
             return
         a, b = (_rows(v) for v in ins)
         if kind == "Add" and a is not None and b is not None and L.shape_of(a) == L.shape_of(b):
             add = L.AddOp(a, b)
-            rewriter.replace_op(op, [add, L.UnsqueezeBatchOp(add.result)])
+            rewriter.replace(op, [add, L.UnsqueezeBatchOp(add.result)])
             return
         for rows, other in ((a, ins[1]), (b, ins[0])):
             lin = rows.owner if rows is not None else None
             if kind == "Add" and isinstance(lin, L.LinearOp) and lin.bias is None and lin.residual is None \
                     and rows.has_one_use() and _is_const(other) and L.shape_of(other) == (L.shape_of(rows)[1],):
                 new = L.LinearOp(lin.input, lin.weight, other)
-                rewriter.replace_op(op, [new, L.UnsqueezeBatchOp(new.result)])
+                rewriter.replace(op, [new, L.UnsqueezeBatchOp(new.result)])
                 return
         for gate, up in ((a, b), (b, a)):
             act = gate.owner if gate is not None else None
             if kind == "Mul" and isinstance(act, L.ActOp) and up is not None and gate.has_one_use() \
                     and L.shape_of(gate) == L.shape_of(up):
                 new = L.ActMulOp(act.input, up, act.act.data)
-                rewriter.replace_op(op, [new, L.UnsqueezeBatchOp(new.result)])
+                rewriter.replace(op, [new, L.UnsqueezeBatchOp(new.result)])
                 return
 
 

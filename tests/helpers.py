@@ -108,30 +108,51 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj))
 
 
-def export_onnx(model, path: Path, *, with_mask: bool = False, opset: int = 18) -> Path:
-    """torch.onnx.export (dynamo) of the full-sequence forward: input_ids [1, S] -> logits.
+def export_onnx(model, path: Path, *, with_mask: bool = False, with_past: bool = False, opset: int = 18) -> Path:
+    """torch.onnx.export (dynamo) of the forward: input_ids [1, S] -> logits.
 
-    with_mask adds attention_mask and position_ids inputs, as serving exports have."""
+    with_mask adds attention_mask and position_ids inputs, as serving exports have; with_past
+    adds past_key_values.N.key/value inputs and present.N.key/value outputs (optimum's layout)."""
     import torch
+    from transformers import DynamicCache
+
+    layers = model.config.num_hidden_layers
 
     class Forward(torch.nn.Module):
         def __init__(self, m):
             super().__init__()
             self.m = m
 
-        def forward(self, input_ids, attention_mask=None, position_ids=None):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).logits
+        def forward(self, input_ids, attention_mask=None, position_ids=None, *past):
+            if not past:
+                return self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).logits
+            cache = DynamicCache(config=self.m.config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+            return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
 
     ids = torch.tensor([[0, 5, 9, 200, 17, 3]])
+    S, P = ids.shape[1], 3 if with_past else 0
     seq = torch.export.Dim("seq", min=2, max=256)
-    if with_mask:
-        args = (ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
-        names, dynamic = ["input_ids", "attention_mask", "position_ids"], \
-            {"input_ids": {1: seq}, "attention_mask": {1: seq}, "position_ids": {1: seq}}
-    else:
-        args, names, dynamic = (ids,), ["input_ids"], {"input_ids": {1: seq}}
+    args, names, outputs = [ids], ["input_ids"], ["logits"]
+    dynamic: dict = {"input_ids": {1: seq}}
+    if with_mask or with_past:
+        total = torch.export.Dim("total", min=3, max=512) if with_past else seq
+        args += [torch.ones(1, P + S, dtype=torch.long), torch.arange(P, P + S)[None]]
+        names += ["attention_mask", "position_ids"]
+        dynamic.update(attention_mask={1: total}, position_ids={1: seq})
+    if with_past:
+        past_len = torch.export.Dim("past", min=1, max=256)
+        kv, d = model.config.num_key_value_heads, model.config.head_dim
+        args += [torch.randn(1, kv, P, d) for _ in range(2 * layers)]
+        kinds = [(i, k) for i in range(layers) for k in ("key", "value")]
+        names += [f"past_key_values.{i}.{k}" for i, k in kinds]
+        outputs += [f"present.{i}.{k}" for i, k in kinds]
+        dynamic["past"] = tuple({2: past_len} for _ in kinds)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(Forward(model).eval(), args, str(path), dynamo=True, input_names=names,
-                      output_names=["logits"], dynamic_shapes=dynamic, opset_version=opset, verbose=False)
+    torch.onnx.export(Forward(model).eval(), tuple(args), str(path), dynamo=True, input_names=names,
+                      output_names=outputs, dynamic_shapes=dynamic, opset_version=opset, verbose=False)
     return path

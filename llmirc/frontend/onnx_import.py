@@ -13,6 +13,7 @@ files; nothing is unpickled.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -45,13 +46,14 @@ from llmirc import dialect as L
 from llmirc.errors import CheckpointError
 
 from . import onnx_ops
-from .onnx_analysis import CONST, DATA, PROBE_LENGTHS, AV, Node, interpret, symbolic_shape
+from .onnx_analysis import CONST, DATA, PROBE_LENGTHS, SONLY, AV, Node, interpret, symbolic_shape
 from .onnx_dialect import NoneOp, make_op
 
 MIN_OPSET = 17
 SMALL_CONSTANT = 256  # constants up to this many elements are kept in the IR text
 INPUT_ROLES = {"input_ids": "onnx:input_ids", "attention_mask": "onnx:attention_mask",
                "position_ids": "onnx:position_ids"}
+PAST = re.compile(r"past_key_values[._](\d+)[._](key|value)|past[._](key|value)[._](\d+)|past[._](\d+)[._](key|value)")
 DEFAULT_CONTEXT = 4096
 
 _ELEMENT = {np.dtype(np.float32): f32, np.dtype(np.float64): f64, np.dtype(np.int64): i64,
@@ -198,28 +200,38 @@ class OnnxCheckpoint:
             out.append(Node(n.op_type, [x or None for x in n.input], list(n.output), attrs, n.name or f"#{i}"))
         return out
 
-    def roots(self) -> dict:
-        """Graph inputs by role, as functions of S (batch 1)."""
+    def roots(self) -> tuple[dict, dict]:
+        """Graph inputs by role, as functions of S (one sequence of S tokens, batch 1).
+
+        Past K/V inputs (`past_key_values.N.key`, ...) are empty: the graph is read as the
+        first step, and the paged KV cache takes their place."""
         roots, roles = {}, {}
         for inp in self.proto.graph.input:
             if inp.name in self.initializers:
                 continue  # old exporters list initializers as inputs too
-            role = INPUT_ROLES.get(inp.name)
-            if role is None:
-                raise CheckpointError(f"{self.path}: graph input '{inp.name}' has no known role (expected "
-                                      f"{', '.join(INPUT_ROLES)})")
             tt = inp.type.tensor_type
             dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-            if len(tt.shape.dim) != 2 or (tt.shape.dim[0].HasField("dim_value") and tt.shape.dim[0].dim_value != 1):
-                raise CheckpointError(f"{self.path}: input '{inp.name}' must be [batch, sequence] with batch 1 or "
-                                      "dynamic")
+            dims = tt.shape.dim
+            if dims and dims[0].HasField("dim_value") and dims[0].dim_value != 1:
+                raise CheckpointError(f"{self.path}: input '{inp.name}' has batch size {dims[0].dim_value}; "
+                                      "llmirc reads a batch-1 (or dynamic-batch) graph")
+            role = INPUT_ROLES.get(inp.name) or ("onnx:past" if PAST.fullmatch(inp.name) else None)
+            if role is None:
+                raise CheckpointError(f"{self.path}: graph input '{inp.name}' has no known role (expected "
+                                      f"{', '.join(INPUT_ROLES)} or past_key_values.N.key/value)")
+            if role != "onnx:past" and len(dims) != 2:
+                raise CheckpointError(f"{self.path}: input '{inp.name}' must be [batch, sequence]")
             roles[inp.name] = role
             if role == "onnx:input_ids":
                 roots[inp.name] = lambda S, d=dtype: AV(DATA, (1, S), d)
-            elif role == "attention_mask":
-                roots[inp.name] = lambda S, d=dtype: AV("s-only", (1, S), d, np.ones((1, S), d))
+            elif role == "onnx:attention_mask":
+                roots[inp.name] = lambda S, d=dtype: AV(SONLY, (1, S), d, np.ones((1, S), d))
+            elif role == "onnx:position_ids":
+                roots[inp.name] = lambda S, d=dtype: AV(SONLY, (1, S), d, np.arange(S, dtype=d)[None])
             else:
-                roots[inp.name] = lambda S, d=dtype: AV("s-only", (1, S), d, np.arange(S, dtype=d)[None])
+                shape = tuple(1 if i == 0 else d.dim_value if d.HasField("dim_value") else 0
+                              for i, d in enumerate(dims))
+                roots[inp.name] = lambda S, d=dtype, s=shape: AV(SONLY, s, d, np.zeros(s, d))
         if "input_ids" not in roles:
             raise CheckpointError(f"{self.path}: the graph has no 'input_ids' input")
         return roots, roles
@@ -253,7 +265,9 @@ def _type(key, probes: list[dict]) -> TensorType:
 def _emit(ckpt: OnnxCheckpoint, nodes: list[Node], roles: dict, probes: list[dict]) -> ModuleOp:
     graph = ckpt.proto.graph
     inputs = [i.name for i in graph.input if i.name in roles]
-    outputs = [o.name for o in graph.output]
+    names = [o.name for o in graph.output]
+    # The logits; present-KV outputs are what the paged cache replaces.
+    outputs = ["logits"] if "logits" in names else names[:1]
     arg_types = [_type(name, probes) for name in inputs]
     out_types = [_type(name, probes) for name in outputs]
     forward = func.FuncOp("forward", (arg_types, out_types), arg_attrs=ArrayAttr([
