@@ -47,16 +47,18 @@ def cli() -> None:
 @click.option("--keep-intermediates", is_flag=True, help="Also store LLVM IR, assembly and objects in the bundle.")
 @click.option("--cpu-variants", default="native,baseline", show_default=True,
               help="CPU libraries to build: native (this host's CPU) and/or baseline (x86-64-v2 / generic aarch64).")
+@click.option("--report", is_flag=True, help="Print what the passes fused or rewrote, and how often.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, cpu_variants, quiet):
-    """Compile MODEL (a Hugging Face checkpoint directory) into a bundle."""
+def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, cpu_variants, report,
+                quiet):
+    """Compile MODEL (a Hugging Face checkpoint directory or an .onnx file) into a bundle."""
     try:
         from llmirc.driver import CompileOptions, Progress, compile_model
     except ImportError as e:
         _fail(f"the compiler is not installed ({e.name} missing): pip install 'llmirc[compiler]'")
     variants = tuple(v.strip() for v in cpu_variants.split(",") if v.strip())
     options = CompileOptions(target=target, passes=passes, print_ir_after_all=print_ir_after_all, emit=emit,
-                             keep_intermediates=keep_intermediates, cpu_variants=variants)
+                             keep_intermediates=keep_intermediates, cpu_variants=variants, report=report)
     compile_model(model, output, options, Progress(None if quiet else sys.stderr))
 
 

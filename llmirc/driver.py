@@ -35,6 +35,7 @@ class CompileOptions:
     print_ir_after_all: bool = False
     emit: str | None = None             # print this stage to stdout
     keep_intermediates: bool = False
+    report: bool = False                # print what the passes did
     cpu_variants: tuple[str, ...] = ("native", "baseline")
 
 
@@ -77,6 +78,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
                    ctx=ctx, prefix=source.lowering)
         optimized_ir = print_ir(module)
+        report = format_report(source, ctx.report)
+        if options.report:
+            (sys.stderr if options.emit else stdout).write(report)
         if options.emit == "mlir":
             stdout.write(optimized_ir)
         plan = build_plan(module)
@@ -87,11 +91,20 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
 
             stdout.write(emit_text(plan, options.emit))
         if out is not None:
-            _write_bundle(source, module, plan, out, options, input_ir, optimized_ir, progress)
+            _write_bundle(source, module, plan, out, options, input_ir, optimized_ir, progress, dict(ctx.report))
             progress(f"wrote {out}")
         return plan
     finally:
         source.close()
+
+
+def format_report(source, report) -> str:
+    """`--report`: what each pass rewrote, and what was left for generic code."""
+    lines = [f"compile report ({source.kind}{': ' + source.summary if source.summary else ''})"]
+    width = max((len(k) for k in report), default=0)
+    lines += [f"  {what:{width}s}  x{n}" for what, n in sorted(report.items())]
+    lines.append("  left generic: none (every op has an llmir kernel)")
+    return "\n".join(lines) + "\n"
 
 
 def model_facts(module) -> dict:
@@ -114,7 +127,7 @@ def model_facts(module) -> dict:
 
 
 def _write_bundle(source, module, plan: Plan, out: Path, options: CompileOptions, input_ir: str,
-                  optimized_ir: str, progress: Callable[[str], None]) -> None:
+                  optimized_ir: str, progress: Callable[[str], None], report: dict) -> None:
     from llmirc.targets.cpu import target as cpu
 
     info, facts = source.model_info(), model_facts(module)
@@ -158,9 +171,10 @@ def _write_bundle(source, module, plan: Plan, out: Path, options: CompileOptions
                          "layout": "layer,kv,block,kv_head,slot,dim"},
             "abi": {"version": 1, "entry": "llmir_forward", "workspace": plan.workspace()},
             "weights": {"file": weights_file, "order": [w.name for w in plan.weights],
-                        "fused": {w.name: w.sources() for w in plan.weights if w.expr[0] != "tensor"}},
+                        "derived": {w.name: w.sources() for w in plan.weights if w.expr[0] != "tensor"}},
             "targets": targets,
             "passes": options.passes or "default",
+            "rewrites": report,
             "plan": plan.to_json(),
             "ir": {"input": "ir/input.mlir", "optimized": "ir/optimized.mlir"},
             "tokenizer": tokenizer,

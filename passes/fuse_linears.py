@@ -23,6 +23,8 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
 from xdsl.passes import ModulePass
 
+from .report import note
+
 from llmirc.dialect import ConcatOp, LinearOp, SplitOp, TransposeOp, WeightOp, shape_of
 
 
@@ -55,12 +57,13 @@ def _concat(values: list[SSAValue], before: Operation) -> SSAValue:
     return concat.result
 
 
-def fuse_siblings(x: SSAValue) -> int:
+def fuse_siblings(x: SSAValue) -> list[int]:
+    """Fuses the linear users of x; returns how many linears each fused group had."""
     users = []
     for use in x.uses:
         if _fusible(use.operation, x) and use.operation not in users:
             users.append(use.operation)
-    fused = 0
+    fused = []
     for with_bias in (False, True):
         group = [op for op in users if (op.bias is not None) == with_bias]
         if len(group) < 2:
@@ -77,7 +80,7 @@ def fuse_siblings(x: SSAValue) -> int:
         for op, part in zip(group, split.outputs):
             op.result.replace_all_uses_with(part)
             block.erase_op(op)
-        fused += 1
+        fused.append(len(group))
     return fused
 
 
@@ -93,4 +96,5 @@ class FuseLinears(ModulePass):
                 for block in region.blocks:
                     values.extend(block.args)
         for x in values:
-            fuse_siblings(x)
+            for n in fuse_siblings(x):
+                note(ctx, f"{self.name}: {n} sibling linears -> 1")

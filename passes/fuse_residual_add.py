@@ -18,8 +18,13 @@ from xdsl.pattern_rewriter import PatternRewriter, PatternRewriteWalker, Rewrite
 
 from llmirc.dialect import AddOp, LinearOp
 
+from .report import note
+
 
 class FuseResidualIntoLinear(RewritePattern):
+    def __init__(self, note=lambda: None):
+        self.note = note
+
     @op_type_rewrite_pattern
     def match_and_rewrite(self, op: AddOp, rewriter: PatternRewriter) -> None:
         for lin_value, residual in ((op.rhs, op.lhs), (op.lhs, op.rhs)):
@@ -27,6 +32,7 @@ class FuseResidualIntoLinear(RewritePattern):
             if isinstance(lin, LinearOp) and lin.residual is None and lin_value.has_one_use():
                 rewriter.replace(op, LinearOp(lin.input, lin.weight, lin.bias, residual))
                 rewriter.erase(lin)
+                self.note()
                 return
 
 
@@ -35,4 +41,5 @@ class FuseResidualAdd(ModulePass):
     name = "fuse-residual-add"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        PatternRewriteWalker(FuseResidualIntoLinear(), apply_recursively=False).rewrite_module(op)
+        pattern = FuseResidualIntoLinear(lambda: note(ctx, f"{self.name}: add(h, linear) -> linear(residual=h)"))
+        PatternRewriteWalker(pattern, apply_recursively=False).rewrite_module(op)

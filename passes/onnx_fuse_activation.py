@@ -27,6 +27,7 @@ from llmirc.frontend.onnx_dialect import OnnxOp
 from .func_args import forward_func
 from .onnx_fuse_norm import sources_above
 from .onnx_match import Oracle, close, closure_down, erase_dead, evaluate
+from .report import note
 
 ANCHORS = ("Sigmoid", "Erf", "Tanh", "Relu", "Gelu")
 _erf = np.vectorize(math.erf)
@@ -49,17 +50,18 @@ class FuseActivation(ModulePass):
             if anchor.parent is None or not oracle.is_data(anchor.operands[0]):
                 continue
             for x in sources_above(anchor.operands[0], oracle, limit=3):
-                if self._try(anchor, x, oracle):
+                if act := self._try(anchor, x, oracle):
+                    note(ctx, f"{self.name}: {act}")
                     break
 
     @staticmethod
-    def _try(anchor: OnnxOp, x, oracle: Oracle) -> bool:
+    def _try(anchor: OnnxOp, x, oracle: Oracle) -> str | None:
         shape = oracle.shape(x)
         if len(shape) != 3 or shape[0] != 1:
-            return False
+            return None
         ops, outs = closure_down(x, oracle)
         if anchor not in ops or len(outs) != 1:
-            return False
+            return None
         S = 7
         xs = (np.random.default_rng(1).standard_normal((1, S, shape[-1])) * 4).astype(np.float32)
         got = evaluate(ops, {x: xs}, oracle, S)[outs[0]]
@@ -74,5 +76,5 @@ class FuseActivation(ModulePass):
                 block.insert_ops_before([rows, new, back], at)
                 out.replace_all_uses_with(back.result)
                 erase_dead(ops)
-                return True
-        return False
+                return act
+        return None

@@ -35,6 +35,7 @@ from llmirc.frontend.onnx_dialect import OnnxOp
 from .func_args import forward_func
 from .onnx_fuse_embedding import index_arg
 from .onnx_match import ELEMENTWISE, LAYOUT, Oracle, Region, close, erase_dead, evaluate, region_up
+from .report import note
 
 LONG = 512  # length at which masks and rotary tables are checked
 
@@ -115,21 +116,22 @@ class FuseAttention(ModulePass):
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         f = forward_func(op)
         oracle = Oracle(op, ctx.read_weight)
-        layer = 0
         for softmax in [o for o in f.body.block.ops if isinstance(o, OnnxOp) and o.op_type == "Softmax"]:
             if softmax.parent is not None and oracle.is_data(softmax.operands[0]):
-                layer += self._try(softmax, oracle, f)
+                if what := self._try(softmax, oracle, f):
+                    note(ctx, f"{self.name}: {what}")
 
-    def _try(self, softmax: OnnxOp, oracle: Oracle, f) -> bool:
+    def _try(self, softmax: OnnxOp, oracle: Oracle, f) -> str | None:
+        """A description of the fused block, or None."""
         rank = len(oracle.shape(softmax.operands[0]))
         if softmax.py_attrs().get("axis", -1) not in (-1, rank - 1):
-            return False
+            return None
         qk = _chain_up(softmax.operands[0], oracle, ELEMENTWISE)
         if qk is None or qk.op_type != "MatMul" or not all(oracle.is_data(o) for o in qk.operands):
-            return False
+            return None
         user = _matmul_below(softmax.results[0])
         if user is None:
-            return False
+            return None
         out = user.results[0]
         while (nxt := _only_use(out)) is not None and isinstance(nxt, OnnxOp) and nxt.op_type in LAYOUT:
             out = nxt.results[0]
@@ -142,26 +144,28 @@ class FuseAttention(ModulePass):
 
         region = region_up(out, oracle, is_source)
         if region is None or len(region.sources) not in (1, 3):
-            return False
+            return None
         q_shape, out_shape = oracle.shape(qk.operands[0]), oracle.shape(out)
         if len(q_shape) < 3 or not (len(out_shape) == 2 or (len(out_shape) == 3 and out_shape[0] == 1)):
-            return False  # the block's output: [1, S, H*D], or rows [S, H*D] (Gemm-based exports)
+            return None  # the block's output: [1, S, H*D], or rows [S, H*D] (Gemm-based exports)
         heads, d = q_shape[-3], q_shape[-1]
         srcs = self._roles(region, qk, user, oracle)
         if srcs is None:
-            return False
+            return None
         widths = [oracle.shape(s)[-1] for s in region.sources]
         if len(region.sources) == 3:
             kv_heads = widths[region.sources.index(srcs[1])] // d
         else:
             kv_heads = (widths[0] // d - heads) // 2
         if kv_heads < 1 or heads % kv_heads or out_shape[-1] != heads * d:
-            return False
+            return None
         for params in self._candidates(region, oracle, heads, kv_heads, d):
             if self._verify(region, srcs, oracle, heads, kv_heads, d, *params):
                 self._rewrite(region, srcs, f, heads, kv_heads, d, *params)
-                return True
-        return False
+                scale, window, rope = params
+                return (f"attention ({'rope ' + rope.style if rope else 'no rope'}, {heads}/{kv_heads} heads"
+                        f"{', window %d' % window if window else ''})")
+        return None
 
     @staticmethod
     def _roles(region: Region, qk: OnnxOp, pv: OnnxOp, oracle: Oracle):

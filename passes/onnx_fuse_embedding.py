@@ -23,6 +23,7 @@ from llmirc.frontend.onnx_dialect import OnnxOp
 
 from .func_args import add_arg, arg_names, find_arg, forward_func
 from .onnx_match import Oracle, erase_dead
+from .report import note
 
 
 def index_arg(f, name: str):
@@ -46,11 +47,11 @@ class FuseEmbedding(ModulePass):
                     oracle.shape(src.owner.operands[0]) == oracle.shape(ids):
                 src = src.owner.operands[0]
             if roles.get(src) == "onnx:input_ids":
-                index = index_arg(f, "token_ids")
+                index, what = index_arg(f, "token_ids"), "embedding of tokens"
             elif not oracle.is_data(ids) and all(
                     np.array_equal(oracle.value(ids, S), np.arange(S).reshape(oracle.shape(ids, S)))
                     for S in PROBE_LENGTHS) and len(oracle.shape(ids)) == 2:
-                index = index_arg(f, "positions")
+                index, what = index_arg(f, "positions"), "embedding of positions"
             else:
                 continue
             emb = L.EmbeddingOp(table, index)
@@ -58,3 +59,4 @@ class FuseEmbedding(ModulePass):
             f.body.block.insert_ops_before([emb, out], gather)
             gather.results[0].replace_all_uses_with(out.result)
             erase_dead([gather])
+            note(ctx, f"{self.name}: {what}")

@@ -22,6 +22,7 @@ from llmirc.frontend.onnx_dialect import OnnxOp
 
 from .func_args import forward_func
 from .onnx_match import Oracle, erase_dead
+from .report import note
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class FuseLinear(ModulePass):
                 block.insert_ops_before([rows, wt, lin, out], mm)
                 mm.results[0].replace_all_uses_with(out.result)
             erase_dead([mm])
+            note(ctx, f"{self.name}: {mm.op_type} -> linear")
 
 
 def _const(v) -> bool:

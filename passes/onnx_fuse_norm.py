@@ -27,6 +27,7 @@ from llmirc.frontend.onnx_dialect import OnnxOp
 
 from .func_args import forward_func
 from .onnx_match import ELEMENTWISE, Oracle, close, closure_down, erase_dead, evaluate
+from .report import note
 
 
 def rms_norm(x, w, eps):
@@ -66,27 +67,31 @@ class FuseNorm(ModulePass):
             if anchor.parent is None:
                 continue  # erased by an earlier fusion
             if anchor.op_type == "LayerNormalization":
-                self._layer_norm_op(anchor, oracle)
+                if self._layer_norm_op(anchor, oracle):
+                    note(ctx, f"{self.name}: LayerNormalization -> layer_norm")
             elif anchor.op_type == "ReduceMean" and oracle.is_data(anchor.operands[0]):
                 for x in sources_above(anchor.operands[0], oracle):
-                    if self._decomposed(anchor, x, oracle, ctx):
+                    if kind := self._decomposed(anchor, x, oracle, ctx):
+                        note(ctx, f"{self.name}: {kind}")
                         break
 
-    def _layer_norm_op(self, op: OnnxOp, oracle: Oracle) -> None:
+    def _layer_norm_op(self, op: OnnxOp, oracle: Oracle) -> bool:
         x, w, b = (list(op.operands) + [None])[:3]
         attrs = op.py_attrs()
         rank = len(L.shape_of(x))
         if attrs.get("axis", -1) not in (-1, rank - 1) or rank != 3 or oracle.is_data(w) or \
                 (b is not None and not isinstance(b.owner, (L.WeightOp, L.ConstantOp))):
-            return
-        self._replace(op.results[0], x, lambda rows: L.LayerNormOp(rows, w, b, attrs.get("epsilon", 1e-5)), [op])
-
-    def _decomposed(self, anchor: OnnxOp, x: SSAValue, oracle: Oracle, ctx) -> bool:
-        if len(oracle.shape(x)) != 3 or oracle.shape(x)[0] != 1:
             return False
+        self._replace(op.results[0], x, lambda rows: L.LayerNormOp(rows, w, b, attrs.get("epsilon", 1e-5)), [op])
+        return True
+
+    def _decomposed(self, anchor: OnnxOp, x: SSAValue, oracle: Oracle, ctx) -> str | None:
+        """The kind of norm fused ("rms_norm", "layer_norm (decomposed)") or None."""
+        if len(oracle.shape(x)) != 3 or oracle.shape(x)[0] != 1:
+            return None
         ops, outs = closure_down(x, oracle)
         if anchor not in ops or len(outs) != 1:
-            return False
+            return None
         cols = oracle.shape(x)[-1]
         consts = [v for o in ops for v in o.operands if not oracle.is_data(v)]
         vectors = [v for v in consts if oracle.shape(v) == (cols,) and isinstance(v.owner, (L.WeightOp, L.ConstantOp))]
@@ -104,7 +109,7 @@ class FuseNorm(ModulePass):
                 wv = value[id(w)] if w is not None else 1.0
                 if close(got, rms_norm(xs, wv, eps), 1e-5):
                     self._replace(outs[0], x, lambda rows: L.RMSNormOp(rows, self._weight(w, cols, ctx), eps), ops)
-                    return True
+                    return "rms_norm"
                 for b in vectors + ones:
                     if b is w and b is not None:
                         continue
@@ -112,8 +117,8 @@ class FuseNorm(ModulePass):
                     if close(got, layer_norm(xs, wv, bv, eps), 1e-5):
                         self._replace(outs[0], x, lambda rows: L.LayerNormOp(rows, self._weight(w, cols, ctx), b, eps),
                                       ops)
-                        return True
-        return False
+                        return "layer_norm (decomposed)"
+        return None
 
     @staticmethod
     def _weight(w: SSAValue | None, cols: int, ctx) -> SSAValue:

@@ -31,6 +31,7 @@ from llmirc.errors import LlmircError
 from llmirc.frontend.onnx_dialect import NoneOp, OnnxOp
 
 from .func_args import arg_names, forward_func
+from .report import note
 
 
 def _rows(v: SSAValue) -> SSAValue | None:
@@ -67,6 +68,9 @@ class ReshapeBatch(RewritePattern):
 
 
 class ElementwiseGlue(RewritePattern):
+    def __init__(self, note=lambda what: None):
+        self.note = note
+
     def match_and_rewrite(self, op, rewriter: PatternRewriter) -> None:
         if not isinstance(op, OnnxOp) or len(op.results) != 1:
             return
@@ -80,6 +84,7 @@ class ElementwiseGlue(RewritePattern):
         if kind == "Add" and a is not None and b is not None and L.shape_of(a) == L.shape_of(b):
             add = L.AddOp(a, b)
             rewriter.replace(op, [add, L.UnsqueezeBatchOp(add.result)])
+            self.note("Add -> add")
             return
         for rows, other in ((a, ins[1]), (b, ins[0])):
             lin = rows.owner if rows is not None else None
@@ -87,6 +92,7 @@ class ElementwiseGlue(RewritePattern):
                     and rows.has_one_use() and _is_const(other) and L.shape_of(other) == (L.shape_of(rows)[1],):
                 new = L.LinearOp(lin.input, lin.weight, other)
                 rewriter.replace(op, [new, L.UnsqueezeBatchOp(new.result)])
+                self.note("bias Add -> linear bias")
                 return
         for gate, up in ((a, b), (b, a)):
             act = gate.owner if gate is not None else None
@@ -94,10 +100,8 @@ class ElementwiseGlue(RewritePattern):
                     and L.shape_of(gate) == L.shape_of(up):
                 new = L.ActMulOp(act.input, up, act.act.data)
                 rewriter.replace(op, [new, L.UnsqueezeBatchOp(new.result)])
+                self.note(f"{act.act.data}(gate) * up -> act_mul")
                 return
-
-
-GLUE = [CancelBatch(), ReshapeBatch(), ElementwiseGlue()]
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,9 @@ class OnnxGlue(ModulePass):
     name = "onnx-glue"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        PatternRewriteWalker(GreedyRewritePatternApplier(list(GLUE)), post_walk_func=region_dce).rewrite_module(op)
+        glue = ElementwiseGlue(lambda what: note(ctx, f"{self.name}: {what}"))
+        PatternRewriteWalker(GreedyRewritePatternApplier([CancelBatch(), ReshapeBatch(), glue]),
+                             post_walk_func=region_dce).rewrite_module(op)
 
 
 def leftovers(module: ModuleOp) -> Counter:

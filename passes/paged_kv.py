@@ -25,6 +25,7 @@ from llmirc import dialect as L
 from llmirc.errors import LlmircError
 
 from .func_args import add_arg, find_arg, forward_func
+from .report import note
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class PagedKV(ModulePass):
             att.result.replace_all_uses_with(paged.result)
             block.erase_op(att)
             pool = append.result
+        note(ctx, f"{self.name}: attention -> kv_append + paged_attention", len(attentions))
         ret = f.get_return_op()
         ret.operands = [*ret.operands, pool]
         f.update_function_type()

@@ -7,7 +7,8 @@ lowering (REQUIRED) always runs after it and is a no-op where it has already hap
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 import re
 from collections.abc import Callable
 from typing import TextIO
@@ -50,6 +51,7 @@ class LlmirContext(Context):
 
     read_weight: Callable[[str], np.ndarray] | None = None
     add_weight: Callable[[str, np.ndarray], None] | None = None
+    report: Counter = field(default_factory=Counter)  # rewrites done, see passes/report.py
 
 
 def make_context(read_weight=None, add_weight=None) -> LlmirContext:

@@ -27,6 +27,7 @@ from xdsl.pattern_rewriter import PatternRewriter, PatternRewriteWalker, Rewrite
 from llmirc import dialect as L
 
 from .func_args import add_arg, find_arg, forward_func
+from .report import note
 
 # Row-wise ops and which of their operands carry rows (the others are weights or attributes).
 ROW_OPERANDS = {
@@ -40,6 +41,9 @@ ROW_OPERANDS = {
 
 
 class HoistGatherRows(RewritePattern):
+    def __init__(self, note=lambda kind: None):
+        self.note = note
+
     @op_type_rewrite_pattern
     def match_and_rewrite(self, op: L.GatherRowsOp, rewriter: PatternRewriter) -> None:
         producer = op.input.owner
@@ -65,6 +69,7 @@ class HoistGatherRows(RewritePattern):
         for g in gathers:
             rewriter.replace(g, [], [clone.results[0]])
         rewriter.erase(producer)
+        self.note(producer.name)
 
 
 @dataclass(frozen=True)
@@ -80,4 +85,5 @@ class PruneLogits(ModulePass):
         gather = L.GatherRowsOp(ret.operands[0], indices)
         f.body.block.insert_op_before(gather, ret)
         ret.operands[0] = gather.result
-        PatternRewriteWalker(HoistGatherRows(), walk_reverse=True).rewrite_module(op)
+        hoist = HoistGatherRows(lambda kind: note(ctx, f"{self.name}: {kind} runs on logits rows only"))
+        PatternRewriteWalker(hoist, walk_reverse=True).rewrite_module(op)

@@ -27,6 +27,7 @@ class Checkpoint:
 
     kind = "hf-safetensors"
     lowering = ""  # the front end emits llmir directly
+    summary = ""
 
     def __init__(self, root: Path):
         self.root = root

@@ -104,6 +104,7 @@ class OnnxCheckpoint:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 self._check_external(t)
         self.folded: dict[str, np.ndarray] = {}  # large constants computed at compile time
+        self.summary = ""
 
     # -- weights ---------------------------------------------------------------------------
     def _check_external(self, t: onnx.TensorProto) -> None:
@@ -303,14 +304,17 @@ def _emit(ckpt: OnnxCheckpoint, nodes: list[Node], roles: dict, probes: list[dic
             values[key] = constant(key)
         return values[key]
 
+    folded = 0
     for node in nodes:
         if all(_foldable(k, probes) for k in node.outputs):
+            folded += 1
             continue  # its outputs are materialized as constants where they are used
         operands = [operand(k) for k in node.inputs]
         op = make_op(node.op_type, operands, [_type(k, probes) for k in node.outputs], node.attrs, node.name)
         block.add_op(op)
         values.update(zip(node.outputs, op.results))
     block.add_op(func.ReturnOp(*[operand(k) for k in outputs]))
+    ckpt.summary = f"{len(nodes)} ONNX nodes, {folded} folded into constants at compile time"
     return ModuleOp([forward])
 
 

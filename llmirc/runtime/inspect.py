@@ -47,13 +47,14 @@ def _summary(bundle: Bundle, verify: bool) -> dict:
         "generation": m.get("generation"),
         "kv_cache": m.get("kv_cache"),
         "weights": {"file": m["weights"]["file"], "tensors": len(m["weights"]["order"]),
-                    "parameters": num_params, "fused": m["weights"].get("fused", {})},
+                    "parameters": num_params, "derived": m["weights"].get("derived", {})},
         "targets": [{"name": t["name"], "cpu": t.get("cpu"), "features": t.get("features"),
                      "library": t["library"], "kernels": [k["symbol"] + ": " + k["kind"] for k in t["kernels"]]}
                     for t in m.get("targets", [])],
         "plan": {"kernel_calls": sum(calls.values()), "calls_per_kernel": dict(calls)},
         "workspace_floats": m.get("abi", {}).get("workspace"),
         "passes": m.get("passes"),
+        "rewrites": m.get("rewrites") if isinstance(m.get("rewrites"), dict) else {},
         "ir": m.get("ir"),
         "tokenizer": m.get("tokenizer"),
         "sizes_bytes": dict(sizes),
@@ -78,12 +79,13 @@ def describe(info: dict) -> str:
         f"vocab {model.get('vocab_size')}, context {model.get('max_position_embeddings')}, {model.get('dtype')}"
         + (f", sliding window {windows}" if windows else ""),
         f"weights    {info['weights']['parameters'] / 1e6:.2f}M parameters in {info['weights']['tensors']} tensors "
-        f"({len(info['weights']['fused'])} fused)",
+        f"({len(info['weights']['derived'])} concatenated or transposed at compile time)",
         f"kv cache   paged: block size {kv.get('block_size')}, {kv.get('num_layers')} layers x "
         f"{kv.get('num_kv_heads')} kv heads x {kv.get('head_dim')}, {kv.get('dtype')}, layout [{kv.get('layout')}]",
         f"plan       {info['plan']['kernel_calls']} kernel calls per step; workspace "
         f"{info['workspace_floats']} floats (per T tokens / L logit rows)",
         f"passes     {info['passes']}",
+        *[f"  {what}  x{n}" for what, n in sorted(info["rewrites"].items())],
         f"tokenizer  {info['tokenizer'] or 'none'}",
         "targets",
     ]
