@@ -1,0 +1,90 @@
+"""Bad ONNX input through the real CLI: one clear line naming the file and the problem, nothing left."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from test_cli_errors import assert_user_error, leftovers, llmirc
+
+
+def graph(nodes, inits, outputs=("y",), opset=18, inputs=None):
+    inputs = inputs or [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "S"])]
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+    g = helper.make_graph(nodes, "g", inputs, outs, initializer=inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def embed(rows=16, cols=8):
+    return numpy_helper.from_array(np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32), "E")
+
+
+def save(model, path, external: bool = False):
+    if external:
+        onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin",
+                  size_threshold=0)
+    else:
+        onnx.save(model, path)
+    return path
+
+
+def compile_fails(tmp_path, model_path, *needles):
+    out = tmp_path / "out.llmir"
+    assert_user_error(llmirc("compile", model_path, "-o", out, "-q"), *needles)
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_unsupported_ops_are_listed_with_counts(tmp_path):
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["x"]),
+             helper.make_node("Conv", ["x", "E"], ["c"]), helper.make_node("Conv", ["c", "E"], ["d"]),
+             helper.make_node("Loop", ["d"], ["y"])]
+    compile_fails(tmp_path, save(graph(nodes, [embed()]), tmp_path / "m.onnx"), "m.onnx", "Conv x2", "Loop x1")
+
+
+def test_old_opset_refused(tmp_path):
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["y"])]
+    compile_fails(tmp_path, save(graph(nodes, [embed()], opset=13), tmp_path / "m.onnx"), "opset 13")
+
+
+def test_not_an_onnx_file(tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"\x00garbage" * 10)
+    compile_fails(tmp_path, tmp_path / "m.onnx", "m.onnx", "not a valid ONNX model")
+
+
+def test_unknown_graph_input_role(tmp_path):
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "S"]),
+              helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1, 3])]
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["y"])]
+    compile_fails(tmp_path, save(graph(nodes, [embed()], inputs=inputs), tmp_path / "m.onnx"), "pixel_values")
+
+
+@pytest.mark.parametrize("location", ["../w.bin", "/etc/passwd"])
+def test_external_data_outside_the_folder(tmp_path, location):
+    (tmp_path / "m").mkdir()
+    path = save(graph([helper.make_node("Gather", ["E", "input_ids"], ["y"])], [embed()]), tmp_path / "m" / "m.onnx",
+                external=True)
+    model = onnx.load(str(path), load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = location
+    onnx.save(model, path)
+    (tmp_path / "w.bin").write_bytes((tmp_path / "m" / "w.bin").read_bytes())  # it exists, outside
+    compile_fails(tmp_path, path, "m.onnx", "'E'", "outside the model's folder")
+
+
+def test_external_data_truncated(tmp_path):
+    path = save(graph([helper.make_node("Gather", ["E", "input_ids"], ["y"])], [embed()]), tmp_path / "m.onnx",
+                external=True)
+    data = tmp_path / "w.bin"
+    data.write_bytes(data.read_bytes()[:100])
+    compile_fails(tmp_path, path, "m.onnx", "'E'", "truncated")
+
+
+def test_unrecognized_graph_names_the_leftover_ops(tmp_path):
+    # Tokens embedded, then an op that is not part of any LLM pattern: refused, ops listed.
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["x"]),
+             helper.make_node("Softmax", ["x"], ["y"], axis=1)]
+    compile_fails(tmp_path, save(graph(nodes, [embed()]), tmp_path / "m.onnx"), "not fully recognized",
+                  "Softmax x1")
