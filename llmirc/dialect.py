@@ -21,11 +21,9 @@ from xdsl.dialects.builtin import (
     FloatAttr,
     IntAttr,
     IntegerAttr,
-    IntegerType,
     StringAttr,
     TensorType,
     f32,
-    f64,
     i32,
     i64,
 )

@@ -18,7 +18,7 @@ import numpy as np
 
 from llmirc import __version__
 from llmirc.artifact_format.writer import BundleWriter
-from llmirc.errors import CheckpointError, LlmircError
+from llmirc.errors import LlmircError
 from llmirc.frontend import open_source
 from llmirc.passes.func_args import forward_func
 from llmirc.passes.pipeline import make_context, parse_passes, print_ir, run_passes
@@ -138,8 +138,13 @@ def _write_bundle(source, module, plan: Plan, out: Path, options: CompileOptions
             writer.declare(w.name, "F32", w.shape)
         total = sum(int(np.prod(w.shape)) * 4 for w in plan.weights)
         progress(f"writing {len(plan.weights)} weights ({total / 2**20:.1f} MiB)")
+        done, shown = 0, 0
         for w in plan.weights:
             writer.write(w.name, w.materialize(source.float32))
+            done += int(np.prod(w.shape)) * 4
+            if total > 2**30 and done - shown >= total / 10:  # big models: a line per tenth
+                shown = done
+                progress(f"  {100 * done // total}% of the weights written")
         writer.close()
         targets = cpu.build(plan, bundle.path, list(options.cpu_variants),
                             keep_intermediates=options.keep_intermediates, progress=progress)

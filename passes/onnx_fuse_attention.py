@@ -212,6 +212,8 @@ class FuseAttention(ModulePass):
             if len(shape) >= 2 and shape[-1] == shape[-2] == LONG:
                 m = np.asarray(oracle.value(p, LONG)).reshape(-1, LONG, LONG)[0]
                 allowed = m if m.dtype == np.bool_ else (m == 0)
+                if not allowed[0, 0]:  # a boolean "masked" mask (Where(masked, -inf, scores))
+                    allowed = ~allowed
                 counts = allowed.sum(-1)
                 if allowed[0, 0] and counts.max() < LONG:
                     return int(counts.max())
@@ -237,9 +239,9 @@ class FuseAttention(ModulePass):
                 o = x.owner
                 if isinstance(o, OnnxOp):
                     stack.extend(o.operands)
-                elif isinstance(o, (L.WeightOp, L.ConstantOp)) and len(L.shape_of(x)) == 1 and \
-                        L.shape_of(x)[0] <= d // 2:
-                    consts.append(np.asarray(oracle.value(x), np.float32))
+                elif isinstance(o, (L.WeightOp, L.ConstantOp)) and \
+                        sum(n > 1 for n in L.shape_of(x)) == 1 and 1 < max(L.shape_of(x)) <= d // 2:
+                    consts.append(np.asarray(oracle.value(x), np.float32).reshape(-1))  # e.g. [1, D/2, 1]
         found = []
         for inv in consts:
             if inv.dtype.kind != "f" or len(inv) < 1:
@@ -247,9 +249,11 @@ class FuseAttention(ModulePass):
             ang = (np.arange(LONG, dtype=np.float32)[:, None] * inv[None, :]).astype(np.float32).astype(np.float64)
             for table in tables:
                 width = table.shape[1]
-                for style in ("neox", "interleaved"):
-                    expand = (lambda a: np.concatenate([a, a], 1)) if style == "neox" else \
-                        (lambda a: np.repeat(a, 2, 1))
+                # Tables of width rotary_dim (cat or repeat_interleave of the angles), or of width
+                # rotary_dim/2 multiplying x[..., ::2] / x[..., 1::2] or two halves: verification picks.
+                for style, expand in (("neox", lambda a: np.concatenate([a, a], 1)),
+                                      ("interleaved", lambda a: np.repeat(a, 2, 1)),
+                                      ("neox", lambda a: a), ("interleaved", lambda a: a)):
                     for fn in (np.cos, np.sin):
                         ref = expand(fn(ang))
                         if ref.shape[1] != width:

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from xdsl.dialects import func
-from xdsl.dialects.builtin import DenseIntOrFPElementsAttr, ModuleOp, NoneType, TensorType
+from xdsl.dialects.builtin import ModuleOp, NoneType, TensorType
 from xdsl.ir import Operation, SSAValue
 
 from llmirc import dialect as L
 from llmirc.frontend import onnx_ops
 from llmirc.frontend.onnx_analysis import CONST, DATA, PROBE_LENGTHS, AV, Node, interpret
-from llmirc.frontend.onnx_dialect import NoneOp, OnnxOp
+from llmirc.frontend.onnx_dialect import NoneOp, OnnxOp, constant_value, numpy_dtype
 
 from .func_args import arg_names, forward_func
 
@@ -32,12 +32,6 @@ ELEMENTWISE = frozenset({
     "Dropout"})
 LAYOUT = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Slice", "Concat", "Split",
                     "Flatten", "Identity", "Cast"})
-
-
-def numpy_dtype(element) -> np.dtype:
-    name = str(element)
-    return np.dtype({"f32": np.float32, "f64": np.float64, "i64": np.int64, "i32": np.int32, "i1": np.bool_,
-                     "f16": np.float16, "i8": np.int8, "i16": np.int16}.get(name, np.float32))
 
 
 class Oracle:
@@ -130,12 +124,6 @@ def _root(arg: SSAValue, role: str | None):
     if role == "onnx:past":
         return lambda S: AV("s-only", shape(0), dtype, np.zeros(shape(0), dtype))
     return lambda S: AV(DATA, shape(S), dtype)
-
-
-def constant_value(attr: DenseIntOrFPElementsAttr) -> np.ndarray:
-    t = attr.get_type()
-    dtype = numpy_dtype(t.element_type)
-    return np.array(attr.get_values(), dtype=dtype).reshape(tuple(t.get_shape()))
 
 
 # -- regions -----------------------------------------------------------------------------------
@@ -257,5 +245,3 @@ def erase_dead(ops: Iterable[Operation]) -> None:
             op.parent_block().erase_op(op)
 
 
-__all__ = ["Oracle", "Region", "region_up", "closure_down", "evaluate", "close", "erase_dead", "ELEMENTWISE",
-           "LAYOUT", "constant_value", "numpy_dtype"]

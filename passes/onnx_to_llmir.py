@@ -75,7 +75,9 @@ class ElementwiseGlue(RewritePattern):
         if not isinstance(op, OnnxOp) or len(op.results) != 1:
             return
         kind, ins = op.op_type, list(op.operands)
-        if kind in ("Identity", "Dropout") and (x := _rows(ins[0])) is not None:
+        same_type = op.results[0].type == ins[0].type  # Cast/CastLike to the type it already has
+        if (kind in ("Identity", "Dropout") or (kind in ("Cast", "CastLike") and same_type)) and \
+                (x := _rows(ins[0])) is not None:
             rewriter.replace(op, L.UnsqueezeBatchOp(x))
             return
         if kind not in ("Add", "Mul") or len(ins) != 2:

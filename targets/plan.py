@@ -330,7 +330,7 @@ def _weight_expr(v: SSAValue) -> tuple[tuple, str]:
     if isinstance(op, L.WeightOp):
         return ("tensor", op.weight.data), op.weight.data
     if isinstance(op, L.ConstantOp):  # a small constant folded by a front end
-        from llmirc.passes.onnx_match import constant_value
+        from llmirc.frontend.onnx_dialect import constant_value
 
         value = constant_value(op.value).astype(np.float32)
         return ("value", value.tobytes(), value.shape), f"constant.{hash(value.tobytes()) & 0xffffffff:08x}"

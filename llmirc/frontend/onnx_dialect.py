@@ -9,8 +9,20 @@ from __future__ import annotations
 
 from functools import cache
 
+import numpy as np
 from xdsl.dialects.builtin import (
     ArrayAttr,
+    BFloat16Type,
+    DenseIntOrFPElementsAttr,
+    Float16Type,
+    IntegerType,
+    Signedness,
+    TensorType,
+    f32,
+    i1,
+    i8,
+    i16,
+    i32,
     DenseArrayBase,
     DictionaryAttr,
     FloatAttr,
@@ -31,6 +43,8 @@ from xdsl.irdl import (
     var_result_def,
 )
 from xdsl.traits import Pure
+
+from llmirc.errors import CheckpointError
 
 
 class OnnxOp(IRDLOperation):
@@ -75,6 +89,10 @@ def make_op(op_type: str, inputs, result_types, attrs: dict, node: str) -> OnnxO
 
 
 def to_attr(value) -> Attribute:
+    if isinstance(value, np.ndarray):  # a tensor attribute (ConstantOfShape's value, ...)
+        flat = value.reshape(-1).tolist()
+        typ = TensorType(element_type(value.dtype), value.shape)
+        return DenseIntOrFPElementsAttr.from_list(typ, [bool(x) for x in flat] if value.dtype == np.bool_ else flat)
     if isinstance(value, bool):
         return IntegerAttr(int(value), i64)
     if isinstance(value, int):
@@ -103,7 +121,39 @@ def from_attr(attr: Attribute):
         return list(attr.get_values())
     if isinstance(attr, ArrayAttr):
         return [from_attr(a) for a in attr.data]
+    if isinstance(attr, DenseIntOrFPElementsAttr):
+        return constant_value(attr)
     raise TypeError(f"unexpected attribute {attr}")
+
+
+_ELEMENT = {np.dtype(np.float32): f32, np.dtype(np.float64): f64, np.dtype(np.int64): i64,
+            np.dtype(np.int32): i32, np.dtype(np.int16): i16, np.dtype(np.int8): i8, np.dtype(np.bool_): i1,
+            np.dtype(np.float16): Float16Type(), np.dtype(np.uint8): IntegerType(8, Signedness.UNSIGNED)}
+
+
+def element_type(dtype: np.dtype) -> Attribute:
+    dtype = np.dtype(dtype)
+    if dtype in _ELEMENT:
+        return _ELEMENT[dtype]
+    if dtype.name == "bfloat16":
+        return BFloat16Type()
+    raise CheckpointError(f"unsupported tensor element type {dtype}")
+
+
+def numpy_dtype(element: Attribute) -> np.dtype:
+    for dtype, el in _ELEMENT.items():
+        if el == element:
+            return dtype
+    if isinstance(element, BFloat16Type):
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    raise TypeError(f"no numpy dtype for {element}")
+
+
+def constant_value(attr: DenseIntOrFPElementsAttr) -> np.ndarray:
+    t = attr.get_type()
+    return np.array(attr.get_values(), dtype=numpy_dtype(t.element_type)).reshape(tuple(t.get_shape()))
 
 
 def onnx_dialect(op_types) -> Dialect:

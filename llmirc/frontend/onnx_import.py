@@ -23,31 +23,20 @@ from onnx import numpy_helper
 from xdsl.dialects import func
 from xdsl.dialects.builtin import (
     ArrayAttr,
-    BFloat16Type,
     DenseIntOrFPElementsAttr,
     DictionaryAttr,
-    Float16Type,
-    IntegerType,
     ModuleOp,
-    Signedness,
     StringAttr,
     TensorType,
-    f32,
-    f64,
-    i1,
-    i8,
-    i16,
-    i32,
-    i64,
 )
-from xdsl.ir import Attribute, SSAValue
+from xdsl.ir import SSAValue
 
 from llmirc import dialect as L
 from llmirc.errors import CheckpointError
 
 from . import onnx_ops
 from .onnx_analysis import CONST, DATA, PROBE_LENGTHS, SONLY, AV, Node, interpret, symbolic_shape
-from .onnx_dialect import NoneOp, make_op
+from .onnx_dialect import NoneOp, element_type, make_op
 
 MIN_OPSET = 17
 SMALL_CONSTANT = 256  # constants up to this many elements are kept in the IR text
@@ -55,20 +44,6 @@ INPUT_ROLES = {"input_ids": "onnx:input_ids", "attention_mask": "onnx:attention_
                "position_ids": "onnx:position_ids"}
 PAST = re.compile(r"past_key_values[._](\d+)[._](key|value)|past[._](key|value)[._](\d+)|past[._](\d+)[._](key|value)")
 DEFAULT_CONTEXT = 4096
-
-_ELEMENT = {np.dtype(np.float32): f32, np.dtype(np.float64): f64, np.dtype(np.int64): i64,
-            np.dtype(np.int32): i32, np.dtype(np.int16): i16, np.dtype(np.int8): i8, np.dtype(np.bool_): i1,
-            np.dtype(np.float16): Float16Type(), np.dtype(np.uint8): IntegerType(8, Signedness.UNSIGNED)}
-
-
-def element_type(dtype: np.dtype) -> Attribute:
-    dtype = np.dtype(dtype)
-    if dtype in _ELEMENT:
-        return _ELEMENT[dtype]
-    if dtype.name == "bfloat16":
-        return BFloat16Type()
-    raise CheckpointError(f"unsupported tensor element type {dtype}")
-
 
 ONNX_LOWERING = ("onnx-fuse-embedding,onnx-fuse-linear,onnx-glue,onnx-fuse-norm,onnx-fuse-activation,onnx-glue,"
                  "onnx-fuse-attention,onnx-to-llmir")
