@@ -31,6 +31,23 @@ def measure_bandwidth(megabytes: int = 256, repeat: int = 5) -> float:
     return a.nbytes / best / 1e9
 
 
+def measure_peak_gflops(n: int = 1024, repeat: int = 3) -> float:
+    """GFLOP/s of a BLAS sgemm: the compute roof prefill is held against."""
+    a = np.ones((n, n), dtype=np.float32)
+    best = min(_timed(lambda: a @ a) for _ in range(repeat))
+    return 2 * n ** 3 / best / 1e9
+
+
+def prefill_flops(model, prompt_len: int) -> float:
+    """Matmul FLOPs of a prefill: every layer weight per token, the LM head once (prune-logits),
+    causal attention scores and values."""
+    m = model.config
+    head = m["vocab_size"] * m["hidden_size"] * 4
+    layer_bytes = decode_bytes_per_step(model, 0) - head
+    attention = 2 * 2 * prompt_len * (prompt_len + 1) / 2 * m["num_layers"] * m["num_heads"] * m["head_dim"]
+    return 2 * layer_bytes / 4 * prompt_len + 2 * head / 4 + attention
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -66,6 +83,7 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
     step = min(decode)
     return {"prefill_tok_s": len(prompt) / min(prefill), "decode_tok_s": batch / step, "decode_ms_per_step": step * 1e3,
             "bytes_per_step": decode_bytes_per_step(model, len(prompt) + new_tokens // 2),
+            "prefill_gflop": prefill_flops(model, len(prompt)) / 1e9,
             "params": sum(w.size for w in model.executor.weights), "model": model.config}
 
 
@@ -95,17 +113,18 @@ def run_bench(bundle: Path, *, prompt_len: int = 128, new_tokens: int = 64, batc
     vocab = open_bundle(bundle, verify=False).manifest["model"]["vocab_size"]
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
     ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat)
-    bandwidth = measure_bandwidth()
+    bandwidth, peak = measure_bandwidth(), measure_peak_gflops()
     floor_ms = ours["bytes_per_step"] / (bandwidth * 1e9) * 1e3
     results = {
         "bundle": str(bundle), "host": platform.processor() or platform.machine(),
         "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
         "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "repeat": repeat,
-        "bandwidth_gb_s": bandwidth, "decode_floor_ms_per_step": floor_ms,
+        "bandwidth_gb_s": bandwidth, "decode_floor_ms_per_step": floor_ms, "sgemm_gflop_s": peak,
         "llmirc": {k: v for k, v in ours.items() if k != "model"},
         "model": ours["model"],
     }
     results["llmirc"]["fraction_of_floor"] = floor_ms / ours["decode_ms_per_step"]
+    results["llmirc"]["prefill_gflop_s"] = ours["prefill_gflop"] * ours["prefill_tok_s"] / prompt_len
     if hf_dir is not None:
         results["transformers"] = bench_transformers(hf_dir, prompt, batch, new_tokens, repeat)
     return results
@@ -129,4 +148,7 @@ def format_table(r: dict) -> str:
     lines.append(f"decode floor: {r['llmirc']['bytes_per_step'] / 1e6:.1f} MB/step at {r['bandwidth_gb_s']:.1f} GB/s "
                  f"(numpy sgemv) = {r['decode_floor_ms_per_step']:.2f} ms/step; llmirc reaches "
                  f"{100 * r['llmirc']['fraction_of_floor']:.0f}% of it")
+    lines.append(f"prefill: {r['llmirc']['prefill_gflop_s']:.0f} GFLOP/s of matmul work, "
+                 f"{100 * r['llmirc']['prefill_gflop_s'] / r['sgemm_gflop_s']:.0f}% of numpy sgemm's "
+                 f"{r['sgemm_gflop_s']:.0f} GFLOP/s (1024^3)")
     return "\n".join(lines)
