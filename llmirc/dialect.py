@@ -547,5 +547,8 @@ LLMIR = Dialect(
 
 # Names of the forward function's arguments, carried as the `llmir.arg` arg attribute.
 ARG_ATTR = "llmir.arg"
+# Unit attribute of a forward function that still holds ONNX ops (compiled generically): every
+# step recomputes the whole sequence (see passes/onnx_to_llmir.py and targets/generic_plan.py).
+FULL_SEQUENCE = "llmir.full_sequence"
 I32_VECTOR = tensor(DYN, dtype=i32)
-__all__ = [name for name in dir() if name.endswith("Op")] + ["KVPoolType", "LLMIR", "tensor", "DYN", "ARG_ATTR"]
+__all__ = [name for name in dir() if name.endswith("Op")] + ["KVPoolType", "LLMIR", "tensor", "DYN", "ARG_ATTR", "FULL_SEQUENCE"]

@@ -78,12 +78,16 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
                    ctx=ctx, prefix=source.lowering)
         optimized_ir = print_ir(module)
-        report = format_report(source, ctx.report)
+        generic = generic_ops(module)
+        if generic:
+            progress(f"full-sequence model (ONNX ops left generic: {_listed(generic)}): correct but slow, every "
+                     "step recomputes the whole sequence")
+        report = format_report(source, ctx.report, generic)
         if options.report:
             (sys.stderr if options.emit else stdout).write(report)
         if options.emit == "mlir":
             stdout.write(optimized_ir)
-        plan = build_plan(module)
+        plan = build_plan(module, read_weight=getattr(source, "read", source.float32))
         progress(f"plan: {len(plan.calls)} kernel calls, {len(plan.kernels())} kernels, "
                  f"{len(plan.weights)} weights, {len(plan.slots)} workspace buffers")
         if options.emit in ("llvm-ir", "asm"):
@@ -98,13 +102,29 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         source.close()
 
 
-def format_report(source, report) -> str:
+def format_report(source, report, generic: dict | None = None) -> str:
     """`--report`: what each pass rewrote, and what was left for generic code."""
     lines = [f"compile report ({source.kind}{': ' + source.summary if source.summary else ''})"]
     width = max((len(k) for k in report), default=0)
     lines += [f"  {what:{width}s}  x{n}" for what, n in sorted(report.items())]
-    lines.append("  left generic: none (every op has an llmir kernel)")
+    if generic:
+        lines.append(f"  left generic: {_listed(generic)} (a full-sequence model: correct but slow)")
+    else:
+        lines.append("  left generic: none (every op has an llmir kernel)")
     return "\n".join(lines) + "\n"
+
+
+def generic_ops(module) -> dict[str, int]:
+    """ONNX op types the optimized forward still holds (a full-sequence model), with counts."""
+    from collections import Counter
+
+    from llmirc.frontend.onnx_dialect import OnnxOp
+
+    return dict(sorted(Counter(op.op_type for op in module.walk() if isinstance(op, OnnxOp)).items()))
+
+
+def _listed(ops: dict[str, int]) -> str:
+    return ", ".join(f"{k} x{n}" for k, n in ops.items())
 
 
 def model_facts(module) -> dict:
@@ -128,20 +148,25 @@ def model_facts(module) -> dict:
 
 def _write_bundle(source, module, plan: Plan, out: Path, options: CompileOptions, input_ir: str,
                   optimized_ir: str, progress: Callable[[str], None], report: dict) -> None:
+    from llmirc.artifact_format.safetensors import DTYPES
     from llmirc.targets.cpu import target as cpu
 
     info, facts = source.model_info(), model_facts(module)
+    facts.update(full_sequence=plan.full_sequence, generic_ops=generic_ops(module))
     with BundleWriter(out) as bundle:
         weights_file = "weights/model.safetensors"
         writer = bundle.safetensors(weights_file, {"producer": f"llmirc {__version__}"})
         for w in plan.weights:
-            writer.declare(w.name, "F32", w.shape)
-        total = sum(int(np.prod(w.shape)) * 4 for w in plan.weights)
+            writer.declare(w.name, w.dtype, w.shape)
+        nbytes = {w.name: int(np.prod(w.shape)) * np.dtype(DTYPES[w.dtype]).itemsize for w in plan.weights}
+        total = sum(nbytes.values())
         progress(f"writing {len(plan.weights)} weights ({total / 2**20:.1f} MiB)")
         done, shown = 0, 0
         for w in plan.weights:
-            writer.write(w.name, w.materialize(source.float32))
-            done += int(np.prod(w.shape)) * 4
+            # Generic kernels of full-sequence models read int64/bool constants in their own dtype.
+            data = w.materialize(source.float32 if w.dtype == "F32" else source.read)
+            writer.write(w.name, np.asarray(data).astype(DTYPES[w.dtype], copy=False))
+            done += nbytes[w.name]
             if total > 2**30 and done - shown >= total / 10:  # big models: a line per tenth
                 shown = done
                 progress(f"  {100 * done // total}% of the weights written")
@@ -159,7 +184,7 @@ def _write_bundle(source, module, plan: Plan, out: Path, options: CompileOptions
                 tokenizer = "tokenizer/tokenizer.json"
         generation = source.generation_config()
         eos = generation.get("eos_token_id", info["eos_token_ids"])
-        pool = plan.pool
+        layers, kv_heads, block_size, head_dim = plan.pool_dims()
         bundle.commit({
             "producer": f"llmirc {__version__}",
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -171,9 +196,8 @@ def _write_bundle(source, module, plan: Plan, out: Path, options: CompileOptions
                 "eos_token_ids": [t for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int)],
                 "pad_token_id": generation.get("pad_token_id", info["pad_token_id"]),
             },
-            "kv_cache": {"block_size": pool.block_size.data, "num_layers": pool.layers.data,
-                         "num_kv_heads": pool.kv_heads.data, "head_dim": pool.head_dim.data, "dtype": "float32",
-                         "layout": "layer,kv,block,kv_head,slot,dim"},
+            "kv_cache": {"block_size": block_size, "num_layers": layers, "num_kv_heads": kv_heads,
+                         "head_dim": head_dim, "dtype": "float32", "layout": "layer,kv,block,kv_head,slot,dim"},
             "abi": {"version": 1, "entry": "llmir_forward", "workspace": plan.workspace()},
             "weights": {"file": weights_file, "order": [w.name for w in plan.weights],
                         "derived": {w.name: w.sources() for w in plan.weights if w.expr[0] != "tensor"}},

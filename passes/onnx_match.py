@@ -104,6 +104,9 @@ def _opaque_shape(node: Node, S: int):
     out = []
     for r in node.outputs:
         t = r.type
+        if not isinstance(t, TensorType):  # the KV pool threaded through kv_append
+            out.append(((), np.dtype(np.float32)))
+            continue
         out.append((tuple(S if d == L.DYN else d for d in t.get_shape()), numpy_dtype(t.element_type)))
     return out
 

@@ -4,8 +4,15 @@ Cancels batch squeezes (squeeze_batch(unsqueeze_batch(x)) -> x), turns the remai
 elementwise glue between llmir values into llmir ops (residual Add, bias Add into the linear,
 act(g) * u into act_mul), and gives the function the llmir signature: token_ids and positions
 in, logits [T, vocab] out. The ONNX inputs, present-KV outputs and anything else left unused
-go away. If ONNX ops are still needed after that, the model was not fully recognized: the
-error names them (the full-sequence fallback that would compile them is not implemented yet).
+go away.
+
+If ONNX ops are still needed after that, the model was not fully recognized (an attention
+variant the fusions do not know, say). It still compiles, as a *full-sequence* model: the
+function is marked `llmir.full_sequence`, the ONNX ops stay (the cpu target compiles them with
+generic kernels, targets/generic_plan.py) and so do the ONNX inputs they read (`onnx:input_ids`,
+`onnx:attention_mask`, `onnx:position_ids`, `onnx:past`), which the forward fills from
+token_ids and positions. Every generation step then recomputes the whole sequence: correct, but
+slow. The report lists the op types left generic.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, ModuleOp, StringAttr
+from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, ModuleOp, StringAttr, UnitAttr
 from xdsl.ir import SSAValue
 from xdsl.passes import ModulePass
 from xdsl.pattern_rewriter import (
@@ -130,6 +137,11 @@ class OnnxToLlmir(ModulePass):
         f = forward_func(op)
         ret = f.get_return_op()
         logits = ret.operands[0]
+        shape = L.shape_of(logits)
+        if len(shape) != 3 or shape[0] != 1 or shape[1] != L.DYN:
+            dims = ", ".join("S" if d == L.DYN else str(d) for d in shape)
+            raise LlmircError(f"the ONNX graph's output has shape [{dims}]; llmirc expects logits [1, S, vocab] "
+                              "(batch 1, a row per token)")
         squeeze = L.SqueezeBatchOp(logits)
         f.body.block.insert_op_before(squeeze, ret)
         ret.operands = [squeeze.result]  # present-KV outputs: the paged cache replaces them
@@ -138,16 +150,18 @@ class OnnxToLlmir(ModulePass):
         for none in [o for o in f.body.block.ops if isinstance(o, NoneOp) and not o.result.uses]:
             f.body.block.erase_op(none)
         left = leftovers(op)
-        if left:
-            listed = ", ".join(f"{k} x{n}" for k, n in sorted(left.items()))
-            raise LlmircError(f"the ONNX graph was not fully recognized as an LLM: ONNX ops left after fusion: "
-                              f"{listed} (compiling them as a full-sequence model is not implemented yet)")
+        if left:  # not fully recognized: a full-sequence model with generic kernels for these
+            f.attributes[L.FULL_SEQUENCE] = UnitAttr()
+            for kind, n in sorted(left.items()):
+                note(ctx, f"{self.name}: left generic: {kind}", n)
         names = arg_names(f)
+        kept = []
         for arg, name in reversed(list(zip(f.args, names))):
-            if name and name.startswith("onnx:"):
-                if arg.uses:
-                    raise LlmircError(f"the ONNX input {name[5:]} is still used after fusion")
+            if name and name.startswith("onnx:") and not arg.uses:
                 f.body.block.erase_arg(arg)
-        kept = [n for n in names if not (n and n.startswith("onnx:"))]
+            elif name and name.startswith("onnx:") and not left:
+                raise LlmircError(f"the ONNX input {name[5:]} is still used after fusion")
+            else:
+                kept.insert(0, name)
         f.arg_attrs = ArrayAttr([DictionaryAttr({L.ARG_ATTR: StringAttr(n)}) for n in kept])
         f.update_function_type()

@@ -45,13 +45,12 @@ class PagedKV(ModulePass):
         if len(shapes) != 1:
             raise LlmircError(f"paged-kv: layers differ in kv heads/head dim {sorted(shapes)}; not supported")
         (kv_heads, head_dim), = shapes
-        positions = find_arg(f, "positions")
-        if positions is None:
-            raise LlmircError("paged-kv: the forward function has no 'positions' argument")
         vec = L.tensor(L.DYN, dtype=i32)
 
         def arg(name, type):
             return find_arg(f, name) or add_arg(f, name, type)
+
+        positions = arg("positions", vec)  # new for a model without position encodings (NoPE)
 
         slots, tables = arg("slot_mapping", vec), arg("block_tables", L.tensor(L.DYN, L.DYN, dtype=i32))
         seq_lens, starts = arg("seq_lens", vec), arg("query_start_loc", vec)

@@ -7,7 +7,13 @@ straight-line program), so the workspace holds a few layers' worth of activation
 `llmir.split` results are views (column offsets into the parent), so fused projections need
 no copies.
 
-Each kernel call lists its arguments in the kernel's C order (see targets/cpu/kernels.py).
+A full-sequence forward (`llmir.full_sequence`: ONNX ops the fusions did not recognize) also
+holds N-D values of several dtypes whose sizes are polynomials in T; targets/generic_plan.py
+lowers those ops to generic kernels. Their buffers share the workspace and its liveness, so a
+slot's size is a polynomial too (coefficients of T, T*T, L and 1), and so is the workspace.
+
+Each kernel call lists its arguments in the kernel's C order (see targets/cpu/kernels.py and,
+for the generic kernels, targets/cpu/generic.py).
 """
 
 from __future__ import annotations
@@ -49,7 +55,17 @@ class Dim:
         return {"dim": self.name}
 
 
-Arg = Ref | Dim | int | float
+@dataclass(frozen=True)
+class Meta:
+    """A generic kernel's table of run-time sizes: polynomials in T, (c0, c1, c2) each."""
+
+    entries: tuple[tuple[int, int, int], ...]
+
+    def to_json(self):
+        return {"meta": [list(e) for e in self.entries]}
+
+
+Arg = Ref | Dim | Meta | int | float
 
 
 @dataclass
@@ -67,12 +83,14 @@ class KernelCall:
 class WeightEntry:
     """A tensor of the bundle: a checkpoint tensor, or an expression of them folded at compile time.
 
-    `expr` is ("tensor", name) | ("value", bytes, shape) (a folded constant) | ("transpose", expr)
-    | ("concat", (expr, ...)) (along rows)."""
+    `expr` is ("tensor", name) | ("value", bytes, shape, numpy dtype str) (a folded constant) |
+    ("transpose", expr) | ("concat", (expr, ...)) (along rows). `dtype` is the safetensors dtype
+    (F32, but the generic kernels of full-sequence models also read I64, BOOL, ... constants)."""
 
     name: str
     shape: tuple[int, ...]
     expr: tuple
+    dtype: str = "F32"
 
     def sources(self) -> list[str]:
         def walk(e):
@@ -86,7 +104,7 @@ class WeightEntry:
             if e[0] == "tensor":
                 return read(e[1])
             if e[0] == "value":
-                return np.frombuffer(e[1], np.float32).reshape(e[2])
+                return np.frombuffer(e[1], np.dtype(e[3])).reshape(e[2])
             if e[0] == "transpose":
                 return np.ascontiguousarray(ev(e[1]).T)
             return np.concatenate([ev(x) for x in e[1]], axis=0)
@@ -95,8 +113,12 @@ class WeightEntry:
 
 @dataclass
 class Slot:
-    rows: str
-    cols: int
+    """A workspace buffer: its size in floats, as coefficients of T, L, TT (T*T) and const."""
+
+    size: dict[str, int]
+
+    def key(self) -> tuple:
+        return tuple(sorted((k, v) for k, v in self.size.items() if v))
 
 
 @dataclass
@@ -106,17 +128,31 @@ class Plan:
     slots: list[Slot] = field(default_factory=list)
     pool: L.KVPoolType | None = None
     logits_cols: int = 0
+    full_sequence: bool = False  # each step recomputes the whole sequence (generic ONNX ops kept)
 
     def slot_offset(self, index: int) -> dict[str, int]:
-        """Element offset of a slot in the workspace, as coefficients of the dims."""
-        coef = {"T": 0, "L": 0}
+        """Element offset of a slot in the workspace, as coefficients of T, L, TT and const."""
+        coef = {"T": 0, "L": 0, "TT": 0, "const": 0}
         for s in self.slots[:index]:
-            coef[s.rows] += s.cols
+            for k, v in s.size.items():
+                coef[k] += v
         return coef
 
     def workspace(self) -> dict[str, int]:
+        """The workspace's size in floats: T * ws["T"] + L * ws["L"] + ws["const"] (+ T^2 * ws["TT"] when
+        some buffer of a full-sequence model grows so)."""
         coef = self.slot_offset(len(self.slots))
-        return {"T": coef["T"], "L": coef["L"], "const": 0}
+        out = {"T": coef["T"], "L": coef["L"], "const": coef["const"]}
+        if coef["TT"]:
+            out["TT"] = coef["TT"]
+        return out
+
+    def pool_dims(self) -> tuple[int, int, int, int]:
+        """KV pool (layers, kv heads, block size, head dim); no layers when no attention was recognized."""
+        p = self.pool
+        if p is None:
+            return 0, 1, 16, 1
+        return p.layers.data, p.kv_heads.data, p.block_size.data, p.head_dim.data
 
     def kernels(self) -> dict[str, KernelCall]:
         """One specialization per distinct (kind, params), by symbol."""
@@ -124,7 +160,7 @@ class Plan:
 
     def to_json(self) -> list[dict]:
         def arg(a):
-            return a.to_json() if isinstance(a, (Ref, Dim)) else a
+            return a.to_json() if isinstance(a, (Ref, Dim, Meta)) else a
         return [{"kernel": c.symbol, "args": [arg(a) for a in c.args]} for c in self.calls]
 
 
@@ -138,36 +174,51 @@ class _Value:
 
 
 class _Planner:
-    def __init__(self, f: func.FuncOp):
+    def __init__(self, f: func.FuncOp, read_weight=None):
         self.f = f
-        self.plan = Plan()
-        self.values: dict[SSAValue, _Value] = {}
-        self.weights: dict[tuple, int] = {}  # folding expression -> index
-        self.free: dict[tuple[str, int], list[int]] = {}
-        self.last_use: dict[int, int] = {}  # slot -> index of the last op reading it
+        self.plan = Plan(full_sequence=L.FULL_SEQUENCE in f.attributes)
+        self.values: dict[SSAValue, object] = {}  # _Value (llmir matrices) or generic_plan.Tensor
+        self.weights: dict[tuple, int] = {}  # (folding expression, dtype) -> index
+        self.free: dict[tuple, list[int]] = {}  # slot size -> free slots of that size
         self.inputs: dict[str, SSAValue] = {}
+        self.read_weight = read_weight
+        self.generic = None  # GenericLowering of a full-sequence forward
 
     # -- values --------------------------------------------------------------------------
-    def weight(self, v: SSAValue) -> Ref:
-        expr, name = _weight_expr(v)
-        if expr not in self.weights:
-            self.weights[expr] = len(self.plan.weights)
-            self.plan.weights.append(WeightEntry(name, L.shape_of(v), expr))
-        return Ref("weight", self.weights[expr])
+    def weight(self, v: SSAValue, dtype: str = "F32") -> Ref:
+        expr, name = _weight_expr(v, dtype != "F32")
+        if (expr, dtype) not in self.weights:
+            names = {w.name for w in self.plan.weights}
+            unique = name if name not in names else next(f"{name}.{i}" for i in range(1, len(names) + 2)
+                                                          if f"{name}.{i}" not in names)
+            self.weights[(expr, dtype)] = len(self.plan.weights)
+            self.plan.weights.append(WeightEntry(unique, L.shape_of(v), expr, dtype))
+        return Ref("weight", self.weights[(expr, dtype)])
 
     def act(self, v: SSAValue) -> _Value:
-        if v not in self.values:
+        val = self.values.get(v)
+        if val is not None and not isinstance(val, _Value) and self.generic is not None:
+            val = self.values[v] = self.generic.to_matrix(val)  # an ONNX [T, C] value read by an llmir op
+        if not isinstance(val, _Value):
             raise LlmircError(f"cpu target: no kernel produces the value of {_describe(v.owner)}")
-        return self.values[v]
+        return val
+
+    def alloc_slot(self, size: dict[str, int]) -> int:
+        """A workspace slot of `size` floats (see Slot): a free one of that size, or a new one."""
+        key = Slot(size).key()
+        if self.free.get(key):
+            return self.free[key].pop()
+        self.plan.slots.append(Slot(dict(size)))
+        return len(self.plan.slots) - 1
+
+    def release(self, slot: int) -> None:
+        self.free.setdefault(self.plan.slots[slot].key(), []).append(slot)
 
     def alloc(self, v: SSAValue, rows: str, index: int) -> _Value:
         cols = L.shape_of(v)[1]
-        key = (rows, cols)
-        if self.free.get(key):
-            slot = self.free[key].pop()
-        else:
-            slot = len(self.plan.slots)
-            self.plan.slots.append(Slot(rows, cols))
+        # Full-sequence workspaces also hold int64 data: every slot starts 64-byte aligned.
+        size = -(-cols // 16) * 16 if self.plan.full_sequence else cols
+        slot = self.alloc_slot({rows: size})
         val = _Value(Ref("ws", slot), rows, cols, cols, slot)
         self.values[v] = val
         return val
@@ -181,9 +232,15 @@ class _Planner:
             if isinstance(arg.type, L.KVPoolType):
                 self.plan.pool = arg.type
         missing = [n for n in ABI_INPUTS if n not in self.inputs]
-        if missing or self.plan.pool is None:
+        if self.plan.full_sequence:  # inputs the graph does not read are simply not read
+            from .generic_plan import GenericLowering
+
+            self.generic = GenericLowering(self, self.f, self.read_weight)
+        elif missing or self.plan.pool is None:
             raise LlmircError(f"cpu target: the optimized IR lacks ABI inputs {missing or ['kv_pool']} "
                               "(the pipeline must include prune-logits and paged-kv)")
+        if "logits_indices" in missing:
+            raise LlmircError("cpu target: the optimized IR lacks the logits_indices input (run prune-logits)")
         ops = list(self.f.body.block.ops)
         ret = self.f.get_return_op()
         logits = ret.operands[0]
@@ -199,8 +256,7 @@ class _Planner:
             for operand in set(op.operands):
                 val = self.values.get(operand)
                 if val is not None and val.slot is not None and self._slot_dead_after(val.slot, i, last_reader):
-                    self.free.setdefault((self.plan.slots[val.slot].rows, self.plan.slots[val.slot].cols),
-                                         []).append(val.slot)
+                    self.release(val.slot)
                     for other in self.values.values():
                         if other.slot == val.slot:
                             other.slot = None  # released; stale aliases must not free it twice
@@ -210,15 +266,19 @@ class _Planner:
         return all(last_reader.get(v, -1) <= i for v, val in self.values.items() if val.slot == slot)
 
     def rows_of(self, v: SSAValue) -> str:
-        if v is self.inputs["token_ids"] or v is self.inputs["positions"]:
+        if v is self.inputs.get("token_ids") or v is self.inputs.get("positions"):
             return "T"
-        if v is self.inputs["logits_indices"]:
+        if v is self.inputs.get("logits_indices"):
             return "L"
         return self.act(v).rows
 
     def lower(self, op: Operation, index: int, logits: SSAValue) -> None:
         if isinstance(op, (L.WeightOp, L.ConstantOp, L.ConcatOp, L.TransposeOp, func.ReturnOp)):
             return  # weights are materialized by the bundle writer
+        if self.generic is not None and (isinstance(op, (L.SqueezeBatchOp, L.UnsqueezeBatchOp)) or
+                                         op.name.startswith("onnx.")):
+            self.generic.lower(op)
+            return
         if isinstance(op, L.SplitOp):
             src = self.act(op.input)
             col = 0
@@ -324,7 +384,7 @@ def _describe(op) -> str:
     return f"'{op.name}'" if isinstance(op, Operation) else "a function argument"
 
 
-def _weight_expr(v: SSAValue) -> tuple[tuple, str]:
+def _weight_expr(v: SSAValue, keep_dtype: bool = False) -> tuple[tuple, str]:
     """The folding expression of a weight value and a readable name for it."""
     op = v.owner
     if isinstance(op, L.WeightOp):
@@ -332,8 +392,11 @@ def _weight_expr(v: SSAValue) -> tuple[tuple, str]:
     if isinstance(op, L.ConstantOp):  # a small constant folded by a front end
         from llmirc.frontend.onnx_dialect import constant_value
 
-        value = constant_value(op.value).astype(np.float32)
-        return ("value", value.tobytes(), value.shape), f"constant.{hash(value.tobytes()) & 0xffffffff:08x}"
+        value = constant_value(op.value)
+        value = value if keep_dtype else value.astype(np.float32)
+        tag = "" if value.dtype == np.float32 else f".{value.dtype.name}"
+        return (("value", value.tobytes(), value.shape, value.dtype.str),
+                f"constant{tag}.{hash((value.tobytes(), value.shape)) & 0xffffffff:08x}")
     if isinstance(op, L.TransposeOp):
         expr, name = _weight_expr(op.input)
         return ("transpose", expr), name + ".T"
@@ -357,8 +420,10 @@ def _fused_name(names: tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
-def build_plan(module: ModuleOp) -> Plan:
-    plan = _Planner(forward_func(module)).run()
+def build_plan(module: ModuleOp, read_weight=None) -> Plan:
+    """The plan of the module's forward. `read_weight(name)` (the checkpoint's tensors, any dtype)
+    is needed for full-sequence forwards, whose shape arithmetic may read constants."""
+    plan = _Planner(forward_func(module), read_weight).run()
     symbols: dict[str, str] = {}
     for call in plan.calls:
         call.symbol = symbols.setdefault(call.key(), f"llmir_{call.kind}_{len(symbols)}")

@@ -82,9 +82,18 @@ def test_external_data_truncated(tmp_path):
     compile_fails(tmp_path, path, "m.onnx", "'E'", "truncated")
 
 
-def test_unrecognized_graph_names_the_leftover_ops(tmp_path):
-    # Tokens embedded, then an op that is not part of any LLM pattern: refused, ops listed.
+def test_unrecognized_graph_with_an_op_without_generic_kernel(tmp_path):
+    # Not recognized as an LLM, so compiled as a full-sequence model with generic kernels
+    # (tests/test_onnx_fallback.py), but TopK has none: refused, naming the op and its node.
     nodes = [helper.make_node("Gather", ["E", "input_ids"], ["x"]),
-             helper.make_node("Softmax", ["x"], ["y"], axis=1)]
-    compile_fails(tmp_path, save(graph(nodes, [embed()]), tmp_path / "m.onnx"), "not fully recognized",
-                  "Softmax x1")
+             helper.make_node("TopK", ["x", "K"], ["y", "i"], axis=-1, name="top2")]
+    k = numpy_helper.from_array(np.array([2], np.int64), "K")
+    compile_fails(tmp_path, save(graph(nodes, [embed(), k]), tmp_path / "m.onnx"), "no generic kernel for onnx.TopK",
+                  "'top2'")
+
+
+def test_output_that_is_not_logits(tmp_path):
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["x"]),
+             helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)]
+    compile_fails(tmp_path, save(graph(nodes, [embed()]), tmp_path / "m.onnx"), "output has shape []",
+                  "logits [1, S, vocab]")

@@ -92,7 +92,13 @@ class CpuExecutor:
         _agree(name, m, ("kv_cache", "head_dim"), head_dim)
         _agree(name, m, ("model", "vocab_size"), self.vocab_size)
         _agree(name, m, ("abi", "workspace"), self.workspace_coef)
-        self.weights = _load_weights(bundle, self.info["weights"])
+        # A full-sequence library must get whole sequences each step: the library says so, not the manifest.
+        self.full_sequence = bool(self.info.get("full_sequence", False))
+        if bool((m.get("model") or {}).get("full_sequence", False)) != self.full_sequence:
+            raise BundleError(f"bundle {name}: manifest.json model.full_sequence disagrees with the compiled "
+                              f"library ({self.full_sequence})")
+        self.weights = _load_weights(bundle, self.info["weights"],
+                                     self.info.get("weight_dtypes") or ["F32"] * len(self.info["weights"]))
 
         self.num_blocks = num_blocks
         try:
@@ -119,7 +125,7 @@ class CpuExecutor:
         T, B, L = len(inputs[0]), len(inputs[4]), len(inputs[6])
         max_blocks = inputs[3].shape[1] if inputs[3].ndim == 2 else 0
         c = self.workspace_coef
-        need = c["T"] * T + c["L"] * L + c["const"]
+        need = c["T"] * T + c["L"] * L + c["const"] + c.get("TT", 0) * T * T  # TT: full-sequence models
         if self.workspace.size < need:
             self.workspace = np.empty(need, dtype=np.float32)
         logits = np.empty((L, self.vocab_size), dtype=np.float32)
@@ -140,8 +146,13 @@ def _agree(bundle: str, manifest: dict, path: tuple[str, str], value) -> None:
                           f"library was built for {value}")
 
 
-def _load_weights(bundle: Bundle, sizes: list[int]) -> list[np.ndarray]:
-    """The weights in the manifest's order, each checked against the size the library expects."""
+# safetensors dtypes the libraries read (F32; constants of full-sequence models' generic kernels)
+_DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8,
+           "BOOL": np.bool_}
+
+
+def _load_weights(bundle: Bundle, sizes: list[int], dtypes: list[str]) -> list[np.ndarray]:
+    """The weights in the manifest's order, each checked against the size and dtype the library expects."""
     weights = bundle.manifest.get("weights")
     order = weights.get("order") if isinstance(weights, dict) else None
     file = weights.get("file") if isinstance(weights, dict) else None
@@ -151,13 +162,14 @@ def _load_weights(bundle: Bundle, sizes: list[int]) -> list[np.ndarray]:
                           "tensors the library takes, and weights.file their file")
     tensors = bundle.open_safetensors(file)
     arrays = []
-    for name, size in zip(order, sizes):
+    for name, size, dtype in zip(order, sizes, dtypes):
         if not isinstance(name, str) or name not in tensors:
             raise BundleError(f"bundle {bundle.name}: manifest.json weights.order names {name!r}, which is not "
                               f"in {file}")
         a = tensors.array(name)
-        if a.dtype != np.float32 or a.size != size:
+        want = np.dtype(_DTYPES.get(dtype, np.float32))
+        if dtype not in _DTYPES or a.dtype != want or a.size != size:
             raise BundleError(f"bundle {bundle.name}: weight '{name}' is {a.dtype} x {a.size}; the library "
-                              f"expects float32 x {size}")
+                              f"expects {want} x {size}")
         arrays.append(a)
     return arrays

@@ -69,21 +69,39 @@ def _numel(shape) -> int:
     return n
 
 
+def _execution(model: dict) -> str:
+    if not model.get("full_sequence"):
+        return "execution  incremental: prefill once, then one token per step (paged KV cache)"
+    ops = model.get("generic_ops") or {}
+    listed = ", ".join(f"{k} x{n}" for k, n in ops.items()) if isinstance(ops, dict) else str(ops)
+    return (f"execution  full-sequence model (ONNX ops left generic: {listed}): correct but slow, every step "
+            "recomputes the whole sequence")
+
+
+def _layers(model: dict) -> str:
+    if "num_layers" not in model:  # a full-sequence model with no attention recognized
+        return "no attention recognized, "
+    which = "recognized attention layers" if model.get("full_sequence") else "layers"
+    return (f"{model.get('num_layers')} {which}, hidden {model.get('hidden_size')}, heads {model.get('num_heads')}/"
+            f"{model.get('num_kv_heads')} kv x {model.get('head_dim')}, ")
+
+
 def describe(info: dict) -> str:
     model, kv = info["model"] or {}, info["kv_cache"] or {}
     windows = sorted(set(model.get("sliding_windows", []) or [0]) - {0})
     lines = [
         f"bundle     {info['bundle']}  (format {info['format_version']}, {info['producer']}, {info['created_utc']})",
-        f"model      {model.get('architecture')}: {model.get('num_layers')} layers, hidden {model.get('hidden_size')}, "
-        f"heads {model.get('num_heads')}/{model.get('num_kv_heads')} kv x {model.get('head_dim')}, "
-        f"vocab {model.get('vocab_size')}, context {model.get('max_position_embeddings')}, {model.get('dtype')}"
+        f"model      {model.get('architecture')}: {_layers(model)}vocab {model.get('vocab_size')}, "
+        f"context {model.get('max_position_embeddings')}, {model.get('dtype')}"
         + (f", sliding window {windows}" if windows else ""),
         f"weights    {info['weights']['parameters'] / 1e6:.2f}M parameters in {info['weights']['tensors']} tensors "
         f"({len(info['weights']['derived'])} concatenated or transposed at compile time)",
+        _execution(model),
         f"kv cache   paged: block size {kv.get('block_size')}, {kv.get('num_layers')} layers x "
-        f"{kv.get('num_kv_heads')} kv heads x {kv.get('head_dim')}, {kv.get('dtype')}, layout [{kv.get('layout')}]",
+        f"{kv.get('num_kv_heads')} kv heads x {kv.get('head_dim')}, {kv.get('dtype')}, layout [{kv.get('layout')}]"
+        if kv.get("num_layers") != 0 else "kv cache   none (no attention layer uses one)",
         f"plan       {info['plan']['kernel_calls']} kernel calls per step; workspace "
-        f"{info['workspace_floats']} floats (per T tokens / L logit rows)",
+        f"{info['workspace_floats']} floats (per T tokens / L logit rows / TT: T^2)",
         f"passes     {info['passes']}",
         *[f"  {what}  x{n}" for what, n in sorted(info["rewrites"].items())],
         f"tokenizer  {info['tokenizer'] or 'none'}",

@@ -1,4 +1,11 @@
-"""A loaded bundle: generation (batched, streaming), scoring. Scheduler + compiled forward + sampler."""
+"""A loaded bundle: generation (batched, streaming), scoring. Scheduler + compiled forward + sampler.
+
+A full-sequence bundle (an ONNX graph llmirc could not fully recognize, compiled with generic
+kernels: `model.full_sequence` in the manifest, and the library agrees) has no incremental
+decode: every step runs the whole sequence so far, one sequence at a time. Generation then
+schedules a fresh one-token request per step (prompt + tokens so far, logits of the last row);
+`score` is one step, as ever. Streaming and sampling are the same.
+"""
 
 from __future__ import annotations
 
@@ -60,10 +67,15 @@ class Model:
         # Through bundle.file: only a tokenizer.json listed in the manifest (so checksummed) is used.
         self.tokenizer = Tokenizer.from_bundle_dir(bundle.file(str(tokenizer)).parent) if tokenizer else None
 
+    @property
+    def full_sequence(self) -> bool:
+        return self.executor.full_sequence
+
     def _scheduler(self) -> Scheduler:
+        # A full-sequence step must hold the whole sequence: never chunked.
+        budget = max(self.max_batched_tokens, self.max_context) if self.full_sequence else self.max_batched_tokens
         return Scheduler(self.num_blocks, self.block_size, self.max_context, eos_token_ids=self.eos_token_ids,
-                         max_batched_tokens=self.max_batched_tokens, max_num_seqs=self.max_num_seqs,
-                         vocab_size=self.vocab_size)
+                         max_batched_tokens=budget, max_num_seqs=self.max_num_seqs, vocab_size=self.vocab_size)
 
     def generate_stream(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                         top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -72,8 +84,12 @@ class Model:
         token, finished) for every generated token as soon as it is sampled."""
         rng = np.random.default_rng(seed)
         sched = self._scheduler()
-        for i, prompt in enumerate(prompts):
+        for i, prompt in enumerate(prompts):  # checks every request before anything runs
             sched.add_request([int(t) for t in prompt], max_new_tokens, request_id=i, ignore_eos=ignore_eos)
+        if self.full_sequence:
+            yield from self._full_sequence_stream(prompts, max_new_tokens, (temperature, top_k, top_p), rng,
+                                                  ignore_eos)
+            return
         while sched.has_work:
             step = sched.schedule()
             if step is None:
@@ -81,6 +97,24 @@ class Model:
             logits = self.executor.forward(*step.abi_inputs())
             tokens = sample(logits, temperature, top_k, top_p, rng)
             yield from sched.commit(step, tokens)
+
+    def _full_sequence_stream(self, prompts, max_new_tokens: int, sampling: tuple, rng, ignore_eos: bool
+                              ) -> Iterator[Event]:
+        """One prompt after the other; each token is a one-step request over the whole sequence."""
+        for i, prompt in enumerate(prompts):
+            tokens = [int(t) for t in prompt]
+            for n in range(max_new_tokens):
+                sched = self._scheduler()
+                sched.add_request(tokens, 1, request_id=i, ignore_eos=True)
+                step = sched.schedule()
+                token = int(sample(self.executor.forward(*step.abi_inputs()), *sampling, rng)[0])
+                sched.commit(step, [token])  # frees the blocks: the next step rewrites the cache anyway
+                tokens.append(token)
+                stop = not ignore_eos and token in self.eos_token_ids
+                done = stop or n + 1 == max_new_tokens
+                yield Event(i, token, done, "stop" if stop else "length" if done else None)
+                if done:
+                    break
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,

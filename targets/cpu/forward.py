@@ -1,7 +1,9 @@
 """The plan's kernel calls as one LLVM function, `llmir_forward(dims, ptrs)` (DESIGN.md, the ABI).
 
 The host makes one call per step; this function computes every argument (workspace offsets
-from T and L, column offsets of views, dims) and calls the kernels in order.
+from T and L, column offsets of views, dims) and calls the kernels in order. A generic
+kernel's meta table (plan.Meta: sizes as polynomials in T) becomes a constant array in the
+library; the kernel evaluates it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import numpy as np
 from llvmlite import ir
 
-from llmirc.targets.plan import ABI_INPUTS, DIMS, Dim, Plan, Ref
+from llmirc.targets.plan import ABI_INPUTS, DIMS, Dim, Meta, Plan, Ref
 
 ABI_VERSION = 1
 I64 = ir.IntType(64)
@@ -38,6 +40,9 @@ def emit_forward(module: ir.Module, plan: Plan, kernels: dict[str, ir.Function])
     for slot in range(len(plan.slots)):
         coef = plan.slot_offset(slot)
         offset = b.add(b.mul(dims["T"], ir.Constant(I64, coef["T"])), b.mul(dims["L"], ir.Constant(I64, coef["L"])))
+        if coef["TT"] or coef["const"]:
+            tt = b.mul(b.mul(dims["T"], dims["T"]), ir.Constant(I64, coef["TT"]))
+            offset = b.add(b.add(offset, tt), ir.Constant(I64, coef["const"]))
         slot_base[slot] = b.gep(ws, [offset])
 
     def pointer(ref: Ref) -> ir.Value:
@@ -59,6 +64,8 @@ def emit_forward(module: ir.Module, plan: Plan, kernels: dict[str, ir.Function])
         for arg, param in zip(call.args, callee.args, strict=True):
             if isinstance(arg, Ref):
                 values.append(b.bitcast(pointer(arg), param.type))
+            elif isinstance(arg, Meta):
+                values.append(b.bitcast(_meta_table(module, arg), param.type))
             elif isinstance(arg, Dim):
                 values.append(dims[arg.name])
             else:
@@ -72,13 +79,21 @@ def emit_forward(module: ir.Module, plan: Plan, kernels: dict[str, ir.Function])
     return fn
 
 
+def _meta_table(module: ir.Module, meta: Meta) -> ir.Value:
+    flat = [c for entry in meta.entries for c in entry]
+    table = ir.GlobalVariable(module, ir.ArrayType(I64, len(flat)), module.get_unique_name("llmir_meta"))
+    table.initializer = ir.Constant(table.type.pointee, flat)
+    table.global_constant = True
+    table.linkage = "internal"
+    return table
+
+
 def model_info(plan: Plan) -> dict:
     """The sizes the library was compiled for; the loader sizes its buffers from these, never
-    from the (editable) manifest, and checks the weights it passes against them."""
-    pool = plan.pool
-    return {"abi_version": ABI_VERSION, "workspace": plan.workspace(),
-            "kv_pool": [pool.layers.data, pool.kv_heads.data, pool.block_size.data, pool.head_dim.data],
-            "logits_cols": plan.logits_cols, "weights": [int(np.prod(w.shape)) for w in plan.weights]}
+    from the (editable) manifest, and checks the weights it passes against them (count and dtype)."""
+    return {"abi_version": ABI_VERSION, "workspace": plan.workspace(), "kv_pool": list(plan.pool_dims()),
+            "logits_cols": plan.logits_cols, "weights": [int(np.prod(w.shape)) for w in plan.weights],
+            "weight_dtypes": [w.dtype for w in plan.weights], "full_sequence": plan.full_sequence}
 
 
 def _emit_model_info(module: ir.Module, plan: Plan) -> None:

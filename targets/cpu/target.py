@@ -16,6 +16,7 @@ from llvmlite import ir
 from llmirc.targets.plan import Plan
 
 from .forward import ABI_VERSION, emit_forward
+from .generic import emit_generic
 from .kernels import emit_kernel
 from .toolchain import CpuVariant, compile_object, emit_assembly, link_shared, variants_for
 
@@ -25,7 +26,8 @@ LIBRARY = "libllmir_model.so"
 def llvm_module(plan: Plan, variant: CpuVariant) -> ir.Module:
     module = ir.Module(name="llmir_model")
     module.triple = variant.triple
-    kernels = {symbol: emit_kernel(module, call.kind, symbol, call.params, variant)
+    kernels = {symbol: emit_generic(module, call.kind, symbol, call.params) if call.kind.startswith("g_")
+               else emit_kernel(module, call.kind, symbol, call.params, variant)
                for symbol, call in plan.kernels().items()}
     emit_forward(module, plan, kernels)
     return module
