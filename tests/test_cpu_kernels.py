@@ -51,8 +51,11 @@ ATTN = {  # H, G, head_dim, block_size, sliding_window
     "attn_swa": (4, 2, 32, 4, 5),
     "attn_swa1": (2, 1, 16, 8, 1),
     "attn_d128": (2, 2, 128, 16, 0),
-    "attn_gqa8": (8, 1, 16, 4, 0),   # 8 heads per kv head: two groups of 4 per work item
-    "attn_gqa6": (12, 2, 8, 16, 3),  # groups of 3 heads, window
+    "attn_gqa8": (8, 1, 16, 4, 0),   # 8 heads per kv head
+    "attn_gqa6": (12, 2, 8, 16, 3),  # prefill units take 2 of a kv head's 6 heads, window
+    "attn_swa_long": (4, 2, 32, 16, 700),  # a window much longer than a block (and split-K)
+    "attn_gqa8x8": (64, 8, 8, 4, 0),  # 8 heads per kv head, 8 kv heads: a decode unit
+                                      # takes some of the kv heads
 }
 ACTS = ["silu", "gelu", "gelu_tanh", "relu"]
 
@@ -301,6 +304,27 @@ def test_linear(lib, rng, n, k, bias, res, T):
         assert np.all(np.abs(r - ref) <= tol)
 
 
+@pytest.mark.parametrize("n,k", [(33, 100), (130, 513), (10, 2050)])
+def test_linear_token_counts(lib, rng, n, k):
+    """Every token count from 1 to 70 (balanced token groups of every size, the decode path
+    with its k slices) and around the switch to the prefill path (k = 513: 128 tokens,
+    k = 2050: 63 tokens)."""
+    counts = list(range(1, 71)) + ([127, 128, 129] if k == 513 else [])
+    xb, x = buf(rng, max(counts), k, pad=3)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    bv = rng.standard_normal(n).astype(np.float32)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    for T in counts:
+        rb, r = buf(rng, T, n, pad=6)
+        ob, out = buf(rng, T, n, pad=2, fill=np.nan)
+        getattr(lib, f"lin_{n}_{k}_11")(ob, ld(ob), xb, ld(xb), w, bv, rb, ld(rb), T)
+        ref = x64[:T] @ w64.T + bv + r
+        scale = math.sqrt(k) * (np.abs(x64[:T]) @ np.abs(w64).T) + np.abs(bv) + np.abs(r)
+        tol = 1e-6 * (scale + np.abs(ref)) + 1e-30
+        assert np.all(np.abs(out - ref) <= tol), (T, np.abs(out - ref).max())
+        check_guard(ob, T, n)
+
+
 def test_linear_special_values(lib, rng):
     """inf and NaN in x propagate to exactly the outputs of the affected rows."""
     x = rng.standard_normal((5, 77)).astype(np.float32)
@@ -419,13 +443,12 @@ def ref_attention(q, pool, layer, bt, qsl, positions, H, G, hd, bs, scale, win):
         lo = max(0, p - win + 1) if win else 0
         js = np.arange(lo, p + 1)
         blocks, offs = bt[b, js // bs], js % bs
-        for h in range(H):
-            g = h // (H // G)
-            Kj = pool[layer, 0, blocks, g, offs].astype(np.float64)
-            Vj = pool[layer, 1, blocks, g, offs].astype(np.float64)
-            s = scale * (Kj @ q[t, h * hd:(h + 1) * hd].astype(np.float64))
-            e = np.exp(s - s.max())
-            out[t, h * hd:(h + 1) * hd] = (e / e.sum()) @ Vj
+        K = pool[layer, 0, blocks, :, offs].astype(np.float64)  # [keys, G, hd]
+        V = pool[layer, 1, blocks, :, offs].astype(np.float64)
+        qt = q[t].astype(np.float64).reshape(G, H // G, hd)
+        s = scale * np.einsum("grd,jgd->grj", qt, K)
+        e = np.exp(s - s.max(-1, keepdims=True))
+        out[t] = np.einsum("grj,jgd->grd", e / e.sum(-1, keepdims=True), V).reshape(-1)
     return out
 
 
@@ -434,6 +457,14 @@ BATCHES = {
     "decode": [(20, 1), (3, 1), (0, 1), (47, 1)],
     "mixed": [(0, 9), (13, 1), (6, 5), (0, 1), (30, 3)],
     "long_prefill": [(0, 70), (5, 40)],
+    # decode of many sequences of different lengths (block boundaries, empty caches)
+    "many_decode": [(c, 1) for c in (0, 1, 5, 15, 16, 17, 31, 33, 64, 100, 127, 200, 255,
+                                     256, 300, 2, 9, 48, 80)],
+    "long_decode": [(3000, 1)],               # one long context: split-K
+    "long_decode2": [(2500, 1), (40, 1)],
+    "long_chunk": [(1500, 37)],               # chunked prefill over a long cache
+    "mixed_long": [(1200, 1), (0, 33), (700, 5), (3, 2), (0, 1)],
+    "empty_seqs": [(5, 0), (3, 2), (0, 0), (17, 1), (9, 0)],  # sequences without new tokens
 }
 
 
@@ -455,6 +486,47 @@ def test_paged_attention(lib, rng, name, batch):
     # in place: out is q (same pointer and ld)
     getattr(lib, name)(qb, ld(qb), qb, ld(qb), pool, nb, 1, bt, mb, lens, qsl, B, positions, T)
     np.testing.assert_allclose(q, ref, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["attn_mha", "attn_gqa2", "attn_gqa8", "attn_swa"])
+def test_paged_attention_query_counts(lib, rng, name):
+    """Chunks of 2..70 new tokens (full and partial query blocks) over cached contexts,
+    next to a decode sequence."""
+    H, G, hd, bs, win = ATTN[name]
+    scale = 1 / math.sqrt(hd)
+    for n in range(2, 71):
+        seqs = [(int(rng.integers(0, 100)), n), (int(rng.integers(0, 50)), 1)]
+        pool, nb, bt, mb, lens, qsl, positions = make_batch(rng, seqs, bs, 1, G, hd)
+        T = len(positions)
+        q = rng.standard_normal((T, H * hd)).astype(np.float32)
+        out = np.full((T, H * hd), np.nan, np.float32)
+        getattr(lib, name)(out, H * hd, q, H * hd, pool, nb, 0, bt, mb, lens, qsl, 2,
+                           positions, T)
+        ref = ref_attention(q, pool, 0, bt, qsl, positions, H, G, hd, bs, scale, win)
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5, err_msg=f"n={n}")
+
+
+def test_paged_attention_many_sequences(lib, rng, monkeypatch, tmp_path):
+    """More sequences than fit the query-block prefix array: one token per work unit."""
+    monkeypatch.setattr(K, "_ATTN_SEQ_CAP", 3)
+    H, G, hd, bs, win = ATTN["attn_gqa2"]
+    m = ir.Module()
+    K.emit_kernel(m, "paged_attention", "attn_cap", dict(
+        num_heads=H, num_kv_heads=G, head_dim=hd, block_size=bs, scale=1 / math.sqrt(hd),
+        sliding_window=win), lib.variant)
+    tc.link_shared([tc.compile_object(str(m), lib.variant)], tmp_path / "cap.so")
+    f = ctypes.CDLL(str(tmp_path / "cap.so")).attn_cap
+    f.restype = None
+    seqs = [(0, 20), (7, 3), (30, 1), (0, 9), (2, 2)]
+    pool, nb, bt, mb, lens, qsl, positions = make_batch(rng, seqs, bs, 1, G, hd)
+    T = len(positions)
+    q = rng.standard_normal((T, H * hd)).astype(np.float32)
+    out = np.full((T, H * hd), np.nan, np.float32)
+    P, L = ctypes.c_void_p, ctypes.c_int64
+    f(*[P(a.ctypes.data) if isinstance(a, np.ndarray) else L(a) for a in
+        (out, H * hd, q, H * hd, pool, nb, 0, bt, mb, lens, qsl, len(seqs), positions, T)])
+    ref = ref_attention(q, pool, 0, bt, qsl, positions, H, G, hd, bs, 1 / math.sqrt(hd), win)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
 
 
 def test_paged_attention_zero_tokens(lib, rng):
@@ -615,15 +687,15 @@ HSUM_CASES = [(1, 1), (3, 1), (1, 4), (3, 4), (4, 4), (5, 4), (16, 4), (2, 16), 
 
 def _helpers_module(variant):
     m = ir.Module(name="helpers")
-    for name, min_items, inter in (("par", 1, False), ("par_inter", 1, True),
-                                   ("par_serial", 1000, False)):
+    for name, min_items, inter, dyn in (("par", 1, False, 0), ("par_inter", 1, True, 0),
+                                        ("par_serial", 1000, False, 0), ("par_dyn", 1, False, 3)):
         fn, b = irb.define(m, name, [("out", irb.PTR), ("n", irb.I64)])
 
         def body(cb, i, vals):
             tid = cb.call(irb.declare(m, "omp_get_thread_num", irb.I32, []), [])
             p = irb.gep(cb, vals[0], i, irb.I32)
             cb.store(cb.add(cb.load(p, typ=irb.I32), cb.add(tid, irb.i32(1))), p)
-        irb.parallel_for(m, b, fn.args[1], body, min_items, interleave=inter)
+        irb.parallel_for(m, b, fn.args[1], body, min_items, interleave=inter, dynamic=dyn)
         b.ret_void()
     for c, w in HSUM_CASES:
         fn, b = irb.define(m, f"hsum_{c}_{w}", [("out", irb.PTR), ("x", irb.PTR)])
@@ -648,7 +720,7 @@ def hlib(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("helpers") / "libhelpers.so"
     tc.link_shared([tc.compile_object(_helpers_module(v), v)], path)
     lib = ctypes.CDLL(str(path))
-    for name in ("par", "par_inter", "par_serial", "exp32", "exp64"):
+    for name in ("par", "par_inter", "par_serial", "par_dyn", "exp32", "exp64"):
         getattr(lib, name).restype = None
     lib.exp32.argtypes = lib.exp64.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     return lib, v
@@ -657,7 +729,7 @@ def hlib(request, tmp_path_factory):
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 1000])
 def test_parallel_for_covers_every_item_once(hlib, n):
     lib, _ = hlib
-    for name in ("par", "par_inter", "par_serial"):
+    for name in ("par", "par_inter", "par_serial", "par_dyn"):
         out = np.zeros(n + 1, np.int32)
         getattr(lib, name)(ctypes.c_void_p(out.ctypes.data), ctypes.c_int64(n))
         tids = out[:n] - 1
@@ -667,10 +739,14 @@ def test_parallel_for_covers_every_item_once(hlib, n):
         if name == "par_serial" or n < 2:
             assert nthreads <= 1
         else:
-            if (os.cpu_count() or 1) > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # (dynamic: one thread may claim every run before the other starts)
+            if (os.cpu_count() or 1) > 1 and "OMP_NUM_THREADS" not in os.environ \
+                    and name != "par_dyn":
                 assert nthreads > 1, name
             if name == "par":  # static contiguous chunks
                 assert (np.diff(tids) >= 0).all()
+            elif name == "par_dyn":  # runs of 3 items claimed by one thread each
+                assert all(len(set(tids[i:i + 3].tolist())) == 1 for i in range(0, n, 3))
             else:  # interleaved: item i on thread i % team
                 team = tids.max() + 1
                 assert (tids == np.arange(n) % team).all()

@@ -137,8 +137,16 @@ def imax(b, x, y):
 
 # --- memory
 
-def gep(b: ir.IRBuilder, ptr: ir.Value, idx, ety: ir.Type = F32) -> ir.Value:
-    return b.gep(ptr, [i64(idx)], inbounds=True, source_etype=ety)
+def gep(b: ir.IRBuilder, ptr: ir.Value, idx, ety: ir.Type = F32, inbounds: bool = True
+        ) -> ir.Value:
+    return b.gep(ptr, [i64(idx)], inbounds=inbounds, source_etype=ety)
+
+
+def prefetch(b: ir.IRBuilder, ptr: ir.Value) -> None:
+    """Prefetch the cache line at ptr for reading (into all cache levels). A prefetch never
+    faults, so ptr may point past the end of a buffer (build it with inbounds=False)."""
+    fn = declare(b.module, "llvm.prefetch.p0", VOID, [PTR, I32, I32, I32])
+    b.call(fn, [ptr, i32(0), i32(3), i32(1)])
 
 
 def load_vec(b: ir.IRBuilder, ptr: ir.Value, idx, n: int) -> ir.Value:
@@ -167,11 +175,12 @@ def memcpy(b: ir.IRBuilder, dst, src, nbytes) -> None:
 # --- vectors
 
 def splat(b: ir.IRBuilder, x, n: int) -> ir.Value:
+    """x (a Python float, or a scalar value of any type) in all n lanes of a vector"""
     if isinstance(x, (int, float)):
         return const_like(vty(n), x)
     if isinstance(x, ir.Constant):
-        return ir.Constant(vty(n), [x.constant] * n)
-    v = b.insert_element(ir.Constant(vty(n), ir.Undefined), x, i32(0))
+        return ir.Constant(vty(n, x.type), [x.constant] * n)
+    v = b.insert_element(ir.Constant(vty(n, x.type), ir.Undefined), x, i32(0))
     return b.shuffle_vector(v, v, ir.Constant(vty(n, I32), [0] * n))
 
 
@@ -443,33 +452,36 @@ def min_items(work_per_item: int, grain: int = 32768) -> int:
 
 def parallel_for(module: ir.Module, b: ir.IRBuilder, n_items: ir.Value,
                  body_fn: Callable[[ir.IRBuilder, ir.Value, list], None],
-                 min_items_per_thread: int = 1, captures: Sequence[ir.Value] | None = None,
-                 interleave: bool = False) -> None:
+                 min_items_per_thread=1, captures: Sequence[ir.Value] | None = None,
+                 interleave: bool = False, dynamic: int = 0) -> None:
     """Run body_fn(builder, item, values) for item in [0, n_items) across libgomp threads.
 
     The body is outlined into an internal function `<caller>.parN.chunk(ctx, lo, hi, step)`;
     `values` are `captures` (default: the caller's arguments) reloaded there from a struct on
     the caller's stack. A worker for GOMP_parallel takes the thread's static contiguous chunk
-    of [0, n_items) (or every nth item with `interleave`, which balances triangular work such
-    as causal attention). The team has min(n_items / min_items_per_thread,
-    omp_get_max_threads()) threads; with fewer than 2 the chunk function runs serially on the
-    calling thread, without any fork/join.
+    of [0, n_items), or every nth item with `interleave` (balances triangular work such as
+    causal attention), or with `dynamic` > 0 claims runs of `dynamic` items from a shared
+    atomic counter until none are left (balances items of unequal cost, and a core that
+    another process holds for a while). The team has min(n_items / min_items_per_thread,
+    omp_get_max_threads()) threads (min_items_per_thread may be a runtime i64); with fewer
+    than 2 the chunk function runs serially on the calling thread, without any fork/join.
     """
     caller = b.function
     caps = list(caller.args) if captures is None else list(captures)
-    st = ir.LiteralStructType([I64] + [v.type for v in caps])
+    st = ir.LiteralStructType([I64, I64] + [v.type for v in caps])  # n, counter, captures
     k = 0
     while f"{caller.name}.par{k}.chunk" in module.globals:
         k += 1
     base = f"{caller.name}.par{k}"
 
+    def field(bb, ptr, i):
+        return bb.gep(ptr, [i32(0), i32(i)], inbounds=True, source_etype=st)
+
     chunk, cb = define(module, base + ".chunk", [("ctx", PTR), ("lo", I64), ("hi", I64),
                                                  ("step", I64)], internal=True)
     ctx, lo, hi, step = chunk.args
-    vals = []
-    for k, v in enumerate(caps):
-        vals.append(cb.load(cb.gep(ctx, [i32(0), i32(k + 1)], inbounds=True, source_etype=st),
-                            typ=v.type, name=getattr(v, "name", "")))
+    vals = [cb.load(field(cb, ctx, k + 2), typ=v.type, name=getattr(v, "name", ""))
+            for k, v in enumerate(caps)]
     with for_range(cb, lo, hi, step, "item") as item:
         body_fn(cb, item, vals)
     cb.ret_void()
@@ -477,22 +489,34 @@ def parallel_for(module: ir.Module, b: ir.IRBuilder, n_items: ir.Value,
     i32fn = lambda name: declare(module, name, I32, [])  # noqa: E731
     worker, wb = define(module, base + ".worker", [("ctx", PTR)], internal=True)
     (wctx,) = worker.args
-    n = wb.load(wb.gep(wctx, [i32(0), i32(0)], inbounds=True, source_etype=st), typ=I64)
-    tid = wb.sext(wb.call(i32fn("omp_get_thread_num"), []), I64)
-    nth = wb.sext(wb.call(i32fn("omp_get_num_threads"), []), I64)
-    if interleave:
-        wb.call(chunk, [wctx, tid, n, nth])
+    n = wb.load(field(wb, wctx, 0), typ=I64)
+    if dynamic:
+        claim, run, done = (worker.append_basic_block(s) for s in ("claim", "run", "done"))
+        wb.branch(claim)
+        wb.position_at_end(claim)
+        first = wb.atomic_rmw("add", field(wb, wctx, 1), i64(dynamic), "monotonic")
+        wb.cbranch(wb.icmp_signed("<", first, n), run, done)
+        wb.position_at_end(run)
+        wb.call(chunk, [wctx, first, imin(wb, wb.add(first, i64(dynamic)), n), i64(1)])
+        wb.branch(claim)
+        wb.position_at_end(done)
     else:
-        per = wb.sdiv(wb.add(n, wb.sub(nth, i64(1))), nth)
-        wlo = imin(wb, wb.mul(tid, per), n)
-        whi = imin(wb, wb.add(wlo, per), n)
-        wb.call(chunk, [wctx, wlo, whi, i64(1)])
+        tid = wb.sext(wb.call(i32fn("omp_get_thread_num"), []), I64)
+        nth = wb.sext(wb.call(i32fn("omp_get_num_threads"), []), I64)
+        if interleave:
+            wb.call(chunk, [wctx, tid, n, nth])
+        else:
+            per = wb.sdiv(wb.add(n, wb.sub(nth, i64(1))), nth)
+            wlo = imin(wb, wb.mul(tid, per), n)
+            whi = imin(wb, wb.add(wlo, per), n)
+            wb.call(chunk, [wctx, wlo, whi, i64(1)])
     wb.ret_void()
 
     data = var(b, st, name="par.ctx")
-    b.store(n_items, b.gep(data, [i32(0), i32(0)], inbounds=True, source_etype=st))
+    b.store(n_items, field(b, data, 0))
+    b.store(i64(0), field(b, data, 1))
     for k, v in enumerate(caps):
-        b.store(v, b.gep(data, [i32(0), i32(k + 1)], inbounds=True, source_etype=st))
+        b.store(v, field(b, data, k + 2))
     want = b.sdiv(n_items, i64(min_items_per_thread))
     team = imin(b, want, b.sext(b.call(i32fn("omp_get_max_threads"), []), I64))
     with b.if_else(b.icmp_signed(">=", team, i64(2))) as (par, ser):

@@ -42,12 +42,16 @@ linear {n, k, bias: bool, residual: bool}
     out[t,j] = sum_i x[t,i] * w[j,i]  (+ bias[j] if p.bias)  (+ residual[t,j] if p.residual)
     for t < T, j < n. `out` may be the same pointer as `residual` (with ld_out == ld_res);
     out never aliases x or w. bias / residual are ignored (may be NULL) when the flag is off.
-    Prefill (T >= 4 with AVX-512, T >= 2 otherwise): micro-kernels of 4 rows of w x 4 tokens
-    (x 2 tokens on 16-register ISAs), one vector accumulator per (row, token); k in slices
-    of <= 512 (partial sums accumulate in out) and tokens in slices whose x[:, k slice] fits
-    in L2; within a slice, row blocks are split across threads and token blocks run inner,
-    so the w block stays in L1. Decode (fewer tokens): 8 (4) rows of w per micro-kernel,
-    each w row read once for all T tokens, row blocks split across threads.
+    Decode and short prefill (T up to 128, fewer for large k: while x[:T] fits in L2): one
+    parallel pass over w in blocks of rows, each block read from memory once for all T
+    tokens, which pass over it in balanced groups of <= 4; the next block's rows are
+    prefetched meanwhile, and k runs in slices of <= 512 so that the block's w slice and
+    x[:, slice] stay in L1. Micro-kernels of r rows of w x c tokens, one vector accumulator
+    per (row, token), reduced by one hsum_many: r = 8, 8, 6, 6 rows for c = 1..4 tokens with
+    AVX-512 (32 registers), 6, 4, 3, 3 with AVX2, 4, 4, 3, 2 otherwise. Longer prefill:
+    token slices whose x[:, k slice] fits in L2 times k slices of <= 512, one parallel pass
+    over w each, micro-kernels of r(4) rows x <= 4 tokens. Row blocks are split across
+    threads in static contiguous chunks (contiguous streams suit the hardware prefetcher).
 
 rope {num_heads, head_dim, rotary_dim, style: 'neox'|'interleaved', inv_freq: [rotary_dim/2]
       floats, scaling: float}
@@ -87,10 +91,17 @@ paged_attention {num_heads, num_kv_heads, head_dim, block_size, scale: float,
       the pool (K at kv=0, V at kv=1), kv head g;
       s_j = scale * dot(q[t*ld_q + h*head_dim : +head_dim], K_j)
       out[t*ld_out + h*head_dim : +head_dim] = sum_j softmax(s)_j * V_j
-    Softmax is f32 and online (running max and sum, updated once per block of keys); a token
-    with no keys gets zeros. out may equal q (same pointer and ld). Work items are (token,
-    kv head, up to 4 of its query heads), so each K/V block is read once for those heads;
-    items are interleaved across threads (causal prefill has triangular work).
+    Softmax is f32 and online (running max and sum, updated once per block of keys); a
+    token with no keys gets zeros. out may equal q (same pointer and ld).
+    Work units share each K/V block load among their query rows. Prefill: a block of
+    16/HP consecutive tokens of one sequence (8/HP on 16-register ISAs) times HP query heads
+    of one kv head (HP divides both; scores with rows in vector lanes on AVX2 and AVX-512,
+    without horizontal sums). Decode (no sequence with more than one new token): one token
+    with all query heads of several kv heads, whose blocks are adjacent in the pool: one
+    contiguous read per key block. With fewer units than twice the threads and long
+    contexts, each unit's key blocks are split into parts (split-K) whose partial softmax
+    states are merged after the parallel loop. Threads claim units dynamically, those with
+    the most keys first; K/V blocks are prefetched ahead.
 
 act_mul {dim, act: 'silu'|'gelu'|'gelu_tanh'|'relu'}
     void f(float *out, int64_t ld_out, const float *gate, int64_t ld_gate, const float *up,
@@ -414,41 +425,58 @@ _LIN_X_BYTES = 256 * 1024  # prefill: tokens per pass over w so their x rows fit
 _LIN_KC = 512              # prefill: k is split into slices of about this many elements
 
 
-def _linear_blocking(vw: int) -> tuple[int, int, int]:
-    """(rows of w, tokens) of the prefill micro-kernel and rows of the decode (T < tokens)
-    micro-kernel, sized to the vector register file: 32 registers with AVX-512 (16 lanes),
-    16 with AVX2/SSE/NEON-as-baseline."""
+def _linear_blocking(vw: int) -> tuple[int, tuple[int, ...]]:
+    """(C, rows): tokens share a pass over w in groups of at most C, and a group of c tokens
+    takes rows[c-1] rows of w per micro-kernel, so that its r*c vector accumulators, r w
+    vectors and an x vector fit the register file: 32 zmm with AVX-512 (16 lanes), 16 ymm
+    with AVX2 + FMA, 16 xmm otherwise (SSE has no FMA: a multiply needs a scratch register).
+    Fewer tokens, more rows: more independent memory streams where reading w is the bound."""
     if vw >= 16:
-        return 4, 4, 8   # 16 accumulators + 4 w + 1 x of 32 zmm
-    return 4, 2, 4       # 8 accumulators + 4 w + 1 x of 16 ymm/xmm
+        return 4, (8, 8, 6, 6)
+    if vw == 8:
+        return 4, (6, 4, 3, 3)
+    return 4, (4, 4, 3, 2)
 
 
-def _linear_micro(b, A, p, vw, j0, t0, r, c, k0=None, klen=None, first=True):
-    """out[t0:t0+c, j0:j0+r] = x[t0:t0+c, k0:k0+klen] . w[j0:j0+r, k0:k0+klen]^T: r*c vector
-    accumulators over the k slice, reduced together by one hsum_many. The first k slice
-    (`first`: bool or i1) stores the result plus bias and residual; later ones add to out."""
-    k, klen = p.k, p.k if klen is None else klen
-    wrow = [irb.gep(b, A.w, b.add(b.mul(b.add(j0, i64(ri)), i64(k)), k0 or i64(0)))
-            for ri in range(r)]
-    xrow = [irb.gep(b, _row(b, A.x, b.add(t0, i64(ci)), A.ld_x), k0 or i64(0))
-            for ci in range(c)]
+def _dot_tile(b, arows, brows, n, vw, pf=None, pf_stride=0):
+    """Dot products of each of the c rows `arows` with each of the r rows `brows` (pointers)
+    over n elements, in one pass: c*r vector accumulators reduced together by one hsum_many.
+    Lane ci*r + ri of the result is dot(arows[ci], brows[ri]). With `pf`, the cache line at
+    pf + ri*pf_stride + off is prefetched next to each full vector of brows[ri] (the data the
+    caller reads next, so that memory streams while this tile computes)."""
+    c, r = len(arows), len(brows)
     accs = [[irb.var(b, irb.vty(vw), _zero(vw)) for _ in range(r)] for _ in range(c)]
 
     def chunk(cb, off, w, slot):
-        wv = [irb.load_vec(cb, wp, off, w) for wp in wrow]
+        bv = [irb.load_vec(cb, bp, off, w) for bp in brows]
+        if pf is not None and w == vw:
+            for ri in range(r):
+                irb.prefetch(cb, irb.gep(cb, pf, cb.add(off, i64(ri * pf_stride)),
+                                         inbounds=False))
         for ci in range(c):
-            xv = irb.load_vec(cb, xrow[ci], off, w)
+            av = irb.load_vec(cb, arows[ci], off, w)
             for ri in range(r):
                 acc = cb.load(accs[ci][ri])
                 if w == vw:
-                    acc = irb.fma(cb, wv[ri], xv, acc)
-                else:  # k tail: narrower vectors
-                    acc = cb.fadd(acc, irb.widen(cb, cb.fmul(wv[ri], xv, flags=FAST), vw),
+                    acc = irb.fma(cb, bv[ri], av, acc)
+                else:  # tail: narrower vectors
+                    acc = cb.fadd(acc, irb.widen(cb, cb.fmul(bv[ri], av, flags=FAST), vw),
                                   flags=FAST)
                 cb.store(acc, accs[ci][ri])
-    irb.vector_loop(b, klen, vw, chunk)
+    irb.vector_loop(b, n, vw, chunk)
+    return irb.hsum_many(b, [b.load(accs[ci][ri]) for ci in range(c) for ri in range(r)])
 
-    sums = irb.hsum_many(b, [b.load(accs[ci][ri]) for ci in range(c) for ri in range(r)])
+
+def _linear_micro(b, A, p, vw, j0, t0, r, c, k0=None, klen=None, first=True, pf=None):
+    """out[t0:t0+c, j0:j0+r] = x[t0:t0+c, k0:k0+klen] . w[j0:j0+r, k0:k0+klen]^T (one
+    _dot_tile). The first k slice (`first`: bool or i1) stores the result plus bias and
+    residual; later ones add to out. `pf`: w rows to prefetch (see _dot_tile)."""
+    k, klen, k0 = p.k, p.k if klen is None else klen, i64(k0 or 0)
+    wrow = [irb.gep(b, A.w, b.add(b.mul(b.add(j0, i64(ri)), i64(k)), k0)) for ri in range(r)]
+    xrow = [irb.gep(b, _row(b, A.x, b.add(t0, i64(ci)), A.ld_x), k0) for ci in range(c)]
+    if pf is not None:  # the same k offset in the rows to prefetch
+        pf = irb.gep(b, pf, k0, inbounds=False)
+    sums = _dot_tile(b, xrow, wrow, klen, vw, pf, k)
 
     def store(first_slice: bool):
         bias = irb.load_vec(b, A.bias, j0, r) if p.bias and first_slice else None
@@ -476,17 +504,11 @@ def _linear_micro(b, A, p, vw, j0, t0, r, c, k0=None, klen=None, first=True):
 
 def _emit_linear(module, fn, b, p, vw):
     _positive(n=p.n, k=p.k)
-    R, C, RD = _linear_blocking(vw)
+    C, rows = _linear_blocking(vw)
     T = _arg(fn, "T")
-    # prefill: k in slices of KC (the w block of R rows stays in L1), tokens in slices of TB
-    # whose x[:, k slice] stays in L2 while all rows of w stream past
-    nkc = -(-p.k // _LIN_KC)
-    KC = -(-(-(-p.k // nkc)) // vw) * vw
-    n_kc, k_rem = divmod(p.k, KC)
-    TB = max(C, (_LIN_X_BYTES // (4 * min(p.k, KC))) // C * C)
 
-    def row_blocks(b, R, block, extra=()):
-        """parallel loop over blocks of R rows of w: block(cb, args, extra, j0, rows)"""
+    def row_blocks(b, R, block, extra):
+        """one parallel loop over blocks of R rows of w: block(cb, args, extra, j0, rows)"""
         nbf, rrem = divmod(p.n, R)
 
         def body(cb, rb, vals):
@@ -504,38 +526,76 @@ def _emit_linear(module, fn, b, p, vw):
         irb.parallel_for(b.module, b, i64(nbf + (1 if rrem else 0)), body,
                          irb.min_items(R * p.k), captures=list(fn.args) + list(extra))
 
-    def prefill_block(klen):
+    def groups(b, n_tok):
+        """n_tok tokens in ng = ceil(n_tok / C) groups: `extra` of base+1 tokens, then base"""
+        ng = b.sdiv(b.add(n_tok, i64(C - 1)), i64(C))
+        return ng, b.sdiv(n_tok, ng), b.srem(n_tok, ng)
+
+    def token_groups(cb, A, ex, j0, r, cs, k0, klen, pf):
+        """the r rows of w at j0 times each group of tokens (sizes in `cs`) over the k slice
+        [k0, k0+klen): the w rows stay in L1 while the groups pass"""
+        t_lo, ng, base, extra = ex
+        first = True if klen == p.k else cb.icmp_signed("==", k0, i64(0))
+        with irb.for_range(cb, 0, ng, 1, "tg") as g:
+            t0 = cb.add(t_lo, cb.add(cb.mul(g, base), irb.imin(cb, g, extra)))
+            c_run = cb.add(base, cb.zext(cb.icmp_signed("<", g, extra), I64))
+            for c in cs:
+                with cb.if_then(cb.icmp_signed("==", c_run, i64(c))):
+                    _linear_micro(cb, A, p, vw, j0, t0, r, c, k0, klen, first,
+                                  pf if c > 1 else None)
+
+    def one_pass(R, cs):
+        """block(): all k slices of the row block in turn (each w slice and x[:, slice] stay
+        in L1), prefetching the next block's rows meanwhile (the hardware prefetcher alone
+        leaves memory idle while a block computes)"""
         def block(cb, A, ex, j0, r):
-            # tokens [t_lo, t_hi) inner: the r rows of w stay in L1 while x streams
-            t_lo, t_hi, k0 = ex
-            first = True if klen == p.k else cb.icmp_signed("==", k0, i64(0))
-            n_tok = cb.sub(t_hi, t_lo)
-            tfull = cb.add(t_lo, cb.and_(n_tok, i64(-C)))
-            with irb.for_range(cb, t_lo, tfull, C, "tb") as t0:
-                _linear_micro(cb, A, p, vw, j0, t0, r, C, k0, klen, first)
-            trem = cb.sub(t_hi, tfull)
-            for c in range(1, C):
-                with cb.if_then(cb.icmp_signed("==", trem, i64(c))):
-                    _linear_micro(cb, A, p, vw, j0, tfull, r, c, k0, klen, first)
+            pf = irb.gep(cb, A.w, cb.mul(cb.add(j0, i64(R)), i64(p.k)), inbounds=False)
+            if n_kc:
+                with irb.for_range(cb, 0, n_kc * KC, KC, "kc") as k0:
+                    token_groups(cb, A, ex, j0, r, cs, k0, KC, pf)
+            if k_rem:
+                token_groups(cb, A, ex, j0, r, cs, i64(n_kc * KC), k_rem, pf)
         return block
 
-    def decode_block(cb, A, ex, j0, r):
-        for c in range(1, C):
-            with cb.if_then(cb.icmp_signed("==", A.T, i64(c))):
-                _linear_micro(cb, A, p, vw, j0, i64(0), r, c)
+    def k_slice(klen):
+        """block(): one k slice, its start in `ex`"""
+        def block(cb, A, ex, j0, r):
+            token_groups(cb, A, ex[1:], j0, r, range(1, C + 1), ex[0], klen, None)
+        return block
+
+    # k in slices of KC: a row block's w slice stays in L1 while token groups pass
+    nkc = -(-p.k // _LIN_KC)
+    KC = -(-p.k // nkc)
+    KC = -(-KC // vw) * vw  # whole vectors
+    n_kc, k_rem = divmod(p.k, KC)
+    # Decode and short prefill (x[:T] fits in L2): one parallel pass over w, each row block
+    # read once from memory for all T tokens; its row count follows the largest group.
+    small_t = max(4 * C, min(128, _LIN_X_BYTES * 2 // (4 * p.k)))
+    # Longer prefill: tokens in slices of TB whose x[:, k slice] stays in L2 while all rows
+    # of w stream past, one parallel pass per (token slice, k slice).
+    TB = max(C, (_LIN_X_BYTES // (4 * min(p.k, KC))) // C * C)
 
     with b.if_then(b.icmp_signed(">", T, i64(0))):
-        with b.if_else(b.icmp_signed("<", T, i64(C))) as (dec, pre):
-            with dec:
-                row_blocks(b, RD, decode_block)
-            with pre:
+        with b.if_else(b.icmp_signed("<=", T, i64(small_t))) as (small, large):
+            with small:
+                ng, base, extra = groups(b, T)
+                cmax = b.add(base, b.zext(b.icmp_signed(">", extra, i64(0)), I64))
+                for r in sorted(set(rows), reverse=True):
+                    cs = [c for c in range(1, C + 1) if rows[c - 1] == r]
+                    with b.if_then(b.and_(b.icmp_signed(">=", cmax, i64(cs[0])),
+                                          b.icmp_signed("<=", cmax, i64(cs[-1])))):
+                        # groups have cmax or cmax - 1 tokens
+                        row_blocks(b, r, one_pass(r, range(max(1, cs[0] - 1), cs[-1] + 1)),
+                                   (i64(0), ng, base, extra))
+            with large:
+                R = rows[C - 1]
                 with irb.for_range(b, 0, T, TB, "tsb") as t_lo:
-                    t_hi = irb.imin(b, T, b.add(t_lo, i64(TB)))
+                    ex = (t_lo,) + groups(b, b.sub(irb.imin(b, T, b.add(t_lo, i64(TB))), t_lo))
                     if n_kc:
                         with irb.for_range(b, 0, n_kc * KC, KC, "kc") as k0:
-                            row_blocks(b, R, prefill_block(KC), (t_lo, t_hi, k0))
+                            row_blocks(b, R, k_slice(KC), (k0,) + ex)
                     if k_rem:
-                        row_blocks(b, R, prefill_block(k_rem), (t_lo, t_hi, i64(n_kc * KC)))
+                        row_blocks(b, R, k_slice(k_rem), (i64(n_kc * KC),) + ex)
     b.ret_void()
 
 
@@ -626,7 +686,11 @@ def _emit_kv_append(module, fn, b, p, vw):
     _rows(module, fn, b, _arg(fn, "T"), 2 * G * hd, body, grain=4 * _GRAIN)
 
 
-_ATTN_HEADS = 4  # at most this many query heads of one kv head share a pass over its keys
+_ATTN_HEADS = 8        # prefill: at most this many query heads of one kv head per work unit
+_ATTN_SEQ_CAP = 4096   # more sequences than this: one query token per unit (no prefix array)
+_ATTN_SPLIT_KEYS = 256  # split-K: at least this many keys per split
+_ATTN_PF = 4           # blocks of K/V prefetched ahead (a block computes faster than DRAM latency)
+_ATTN_SPLIT_FLOATS = 16384  # split-K partial results live in this much stack (64 KiB)
 
 
 def _emit_paged_attention(module, fn, b, p, vw):
@@ -638,159 +702,481 @@ def _emit_paged_attention(module, fn, b, p, vw):
     if win < 0:
         raise ValueError(f"paged_attention: sliding_window must be >= 0, got {win}")
     rep = H // G
-    # Work item = (token, kv head, group of HP query heads). The HP heads walk the keys
-    # together, block by block, so each K/V block is read from memory once and then from L1.
-    HP = max(d for d in range(1, min(rep, _ATTN_HEADS) + 1) if rep % d == 0)
-    NS = rep // HP
+    ACC = 16 if vw >= 16 else 8  # vector accumulators a register tile holds
+    RT = 4 if vw >= 16 else 2    # query rows per register tile
+    # A work unit is (query block of qn tokens of one sequence, gn consecutive kv heads, a
+    # group of hp query heads of each) and walks their keys block by block; its rows
+    # (kv head, token, query head) share each K/V block load. Prefill: blocks of QB tokens
+    # times HPP heads of one kv head (QB*HPP = ACC rows reuse its K/V block from L1).
+    # Decode (one token per sequence): GD kv heads times HPD heads (all of a kv head's
+    # heads where they fit: each K/V block is read once), the GD heads' blocks lie next to
+    # each other in the pool, so each key block is one contiguous read of
+    # GD * block_size * head_dim floats (short random reads cost DRAM bandwidth).
+    def divisor(n, ok):
+        return max(d for d in range(1, n + 1) if n % d == 0 and ok(d))
+    HPP = divisor(rep, lambda d: d <= _ATTN_HEADS and ACC % d == 0)
+    QB = ACC // HPP
+    HPD = divisor(rep, lambda d: d <= 2 * ACC)
+    GD = divisor(G, lambda d: d * HPD <= 2 * ACC)
+    RMAX = max(ACC, GD * HPD)
+    REC = RMAX * (hd + 2)        # split-K partial record: m[RMAX], l[RMAX], acc[RMAX][hd]
+    # Units with at least LANE_MIN rows of one kv head (prefill) compute scores with rows in
+    # vector lanes: S^T[j] = sum_d Q^T[d] * K[j][d] (no horizontal sums, which would cost
+    # as much as the dot products when head_dim is small), and their online softmax runs
+    # across the lanes. NLG lane groups of vw rows; scores are then [lane group][key][lane].
+    NLG = -(-RMAX // vw)
+    RPAD = NLG * vw
+    # (with 4 lanes, and no FMA on the baseline, the row tiles are faster: no lanes path)
+    LANE_MIN = max(2, vw // 4) if vw >= 8 else None
+    KGL = min(bs, 16 if vw >= 16 else 8)  # keys per pass of the lane score loop
+    hs = bs * hd                 # floats of one kv head's block
     nfull, tail = irb.vector_chunks(hd, vw)
     chunks = [(i * vw, vw) for i in range(nfull)] + tail
     neg_inf = f32(float("-inf"))
-    KG = min(vw, 16, 1 << (bs.bit_length() - 1))  # keys scored at once (one hsum_many)
 
-    def key_dot(cb, qv, kblk, o):
-        """q . K[o] as a vector whose lanes sum to the score (q is pre-scaled)."""
-        kp = irb.gep(cb, kblk, cb.mul(o, i64(hd)))
-        acc = None
-        for ci, (off, w) in enumerate(chunks):
-            kv = irb.load_vec(cb, kp, off, w)
-            if acc is None:
-                acc = cb.fmul(qv[ci], kv, flags=FAST)
-            elif w == irb.width(acc):
-                acc = irb.fma(cb, qv[ci], kv, acc)
-            else:
-                acc = cb.fadd(acc, irb.widen(cb, cb.fmul(qv[ci], kv, flags=FAST),
-                                             irb.width(acc)), flags=FAST)
-        return acc
+    def key_groups(rt):
+        """static (first key, keys) groups covering a block for a score tile of rt rows"""
+        kg = max(1, min(bs, 1 << ((ACC // rt).bit_length() - 1)))
+        return [(j, min(kg, bs - j)) for j in range(0, bs, kg)]
 
-    def groups(cb, lo, hi, n, group, single, name):
-        """group(offset) for offsets lo, lo+n, ... while a whole group of n fits below hi,
-        then single(offset) for the rest."""
-        o = irb.var(cb, I64, lo, name)
-        with irb.while_(cb, lambda c: c.icmp_signed("<=", c.add(c.load(o), i64(n)), hi), name):
-            ov = cb.load(o)
-            group(ov)
-            cb.store(cb.add(ov, i64(n)), o)
-        with irb.for_range(cb, cb.load(o), hi, 1, name + "1") as oj:
-            single(oj)
+    def row_tiles(cb, first, n, tile):
+        """tile(rho0, rt) over rows [first, first+n) in tiles of RT rows, then a narrower one"""
+        end = cb.add(first, n)
+        r0 = irb.var(cb, I64, first, "rt")
+        with irb.while_(cb, lambda c: c.icmp_signed("<=", c.add(c.load(r0), i64(RT)), end),
+                        "rt"):
+            tile(cb.load(r0), RT)
+            cb.store(cb.add(cb.load(r0), i64(RT)), r0)
+        rem = cb.sub(end, cb.load(r0))
+        for rt in range(1, RT):
+            with cb.if_then(cb.icmp_signed("==", rem, i64(rt))):
+                tile(cb.load(r0), rt)
 
-    def body(cb, item, A):
-        t = cb.udiv(item, i64(G * NS))
-        gs = cb.urem(item, i64(G * NS))
-        g = cb.udiv(gs, i64(NS))
-        h0 = cb.add(cb.mul(g, i64(rep)), cb.mul(cb.urem(gs, i64(NS)), i64(HP)))
-        # sequence of token t: largest b with query_start_loc[b] <= t
+    def find_seq(cb, A, cum, qbi):
+        """largest b < B with cum[b] <= qbi (binary search)"""
         lo = irb.var(cb, I64, i64(0), "lo")
         hi = irb.var(cb, I64, A.B, "hi")
         with irb.while_(cb, lambda c: c.icmp_signed(">", c.sub(c.load(hi), c.load(lo)), i64(1)),
                         "bs"):
             lv, hv = cb.load(lo), cb.load(hi)
             mid = cb.lshr(cb.add(lv, hv), i64(1))
-            le = cb.icmp_signed("<=", irb.load_i32(cb, A.query_start_loc, mid), t)
+            le = cb.icmp_signed("<=", irb.load_i32(cb, cum, mid), qbi)
             cb.store(cb.select(le, mid, lv), lo)
             cb.store(cb.select(le, hv, mid), hi)
-        seq = cb.load(lo)
-        pos = irb.load_i32(cb, A.positions, t)
-        # keys up to the token's own position; never past the sequence's cached length
-        jend = irb.imin(cb, cb.add(pos, i64(1)), irb.load_i32(cb, A.seq_lens, seq))
-        jlo = irb.imax(cb, i64(0), cb.sub(pos, i64(win - 1))) if win else i64(0)
+        return cb.load(lo)
 
-        qrow = irb.gep(cb, _row(cb, A.q, t, A.ld_q), cb.mul(h0, i64(hd)))
-        orow = irb.gep(cb, _row(cb, A.out, t, A.ld_out), cb.mul(h0, i64(hd)))
-        # per-head online-softmax state: running max, sum, and the V accumulator
-        m_arr = irb.var(cb, ir.ArrayType(F32, HP), name="m")
-        l_arr = irb.var(cb, ir.ArrayType(F32, HP), name="l")
-        acc_arr = irb.var(cb, ir.ArrayType(F32, HP * hd), name="acc")
-        scores = irb.var(cb, ir.ArrayType(F32, bs), name="scores")
-        with irb.for_range(cb, 0, HP, 1, "init") as r:
-            cb.store(neg_inf, irb.gep(cb, m_arr, r))
-            cb.store(f32(0.0), irb.gep(cb, l_arr, r))
-        irb.vector_loop(cb, HP * hd, vw, lambda c, off, w, s: irb.store_vec(
-            c, _zero(w), acc_arr, off))
+    def unit_rows(cb, A, unit, L):
+        """A unit's rows rho = (gg*qn + qi)*hp + hh (kv head g0+gg, token t0+qi, its query
+        head hh of the unit's group): q and out pointers, key range [lo, hi]; and the union
+        [klo, khi] of the ranges (the same for every head)."""
+        ns = cb.udiv(i64(rep), L.hp)  # query head groups per kv head
+        gu = cb.mul(cb.udiv(i64(G), L.gn), ns)  # units per query block
+        qbi, gs = cb.udiv(unit, gu), cb.urem(unit, gu)
+        g0 = cb.mul(cb.udiv(gs, ns), L.gn)
+        hq = cb.mul(cb.urem(gs, ns), L.hp)  # first query head within a kv head
+        seq = find_seq(cb, A, L.cum, qbi)
+        t0 = cb.add(irb.load_i32(cb, A.query_start_loc, seq),
+                    cb.mul(cb.sub(qbi, irb.load_i32(cb, L.cum, seq)), L.qb))
+        qn = irb.imin(cb, L.qb, cb.sub(irb.load_i32(cb, A.query_start_loc,
+                                                    cb.add(seq, i64(1))), t0))
+        slen = irb.load_i32(cb, A.seq_lens, seq)
+        rh = cb.mul(qn, L.hp)  # rows per kv head
+        u = SimpleNamespace(seq=seq, g0=g0, rh=rh, R=cb.mul(rh, L.gn),
+                            qp=irb.var(cb, ir.ArrayType(PTR, RMAX), name="qp"),
+                            op=irb.var(cb, ir.ArrayType(PTR, RMAX), name="op"),
+                            lo=irb.var(cb, ir.ArrayType(I64, RMAX), name="lo"),
+                            hi=irb.var(cb, ir.ArrayType(I64, RMAX), name="hi"))
+        klo = irb.var(cb, I64, i64(2 ** 62), "klo")
+        khi = irb.var(cb, I64, i64(-1), "khi")
+        with irb.for_range(cb, 0, qn, 1, "qi") as qi:
+            t = cb.add(t0, qi)
+            pos = irb.load_i32(cb, A.positions, t)
+            # keys up to the token's own position; never past the sequence's cached length
+            hi = irb.imin(cb, pos, cb.sub(slen, i64(1)))
+            lo = irb.imax(cb, i64(0), cb.sub(pos, i64(win - 1))) if win else i64(0)
+            cb.store(irb.imin(cb, cb.load(klo), lo), klo)
+            cb.store(irb.imax(cb, cb.load(khi), hi), khi)
+            with irb.for_range(cb, 0, L.gn, 1, "gg") as gg:
+                h0 = cb.add(cb.mul(cb.add(g0, gg), i64(rep)), hq)
+                qrow = irb.gep(cb, _row(cb, A.q, t, A.ld_q), cb.mul(h0, i64(hd)))
+                orow = irb.gep(cb, _row(cb, A.out, t, A.ld_out), cb.mul(h0, i64(hd)))
+                with irb.for_range(cb, 0, L.hp, 1, "hh") as hh:
+                    rho = cb.add(cb.mul(cb.add(cb.mul(gg, qn), qi), L.hp), hh)
+                    cb.store(irb.gep(cb, qrow, cb.mul(hh, i64(hd))), irb.gep(cb, u.qp, rho, PTR))
+                    cb.store(irb.gep(cb, orow, cb.mul(hh, i64(hd))), irb.gep(cb, u.op, rho, PTR))
+                    cb.store(lo, irb.gep(cb, u.lo, rho, I64))
+                    cb.store(hi, irb.gep(cb, u.hi, rho, I64))
+        u.klo, u.khi = cb.load(klo), cb.load(khi)
+        return u
 
-        head_stride = bs * hd
-        kv_stride = cb.mul(A.num_blocks, i64(G * head_stride))
-        layer_base = irb.gep(cb, A.pool, cb.add(cb.mul(cb.mul(A.layer, i64(2)), kv_stride),
-                                                 cb.mul(g, i64(head_stride))))
-        bt = irb.gep(cb, A.block_tables, cb.mul(seq, A.max_blocks), irb.I32)
+    def row_ptr(cb, arr, rho):
+        return cb.load(irb.gep(cb, arr, rho, PTR), typ=PTR)
 
-        with cb.if_then(cb.icmp_signed("<", jlo, jend)):
-            lb_end = cb.add(cb.sdiv(cb.sub(jend, i64(1)), i64(bs)), i64(1))
-            with irb.for_range(cb, cb.sdiv(jlo, i64(bs)), lb_end, 1, "lb") as lb:
-                phys = irb.load_i32(cb, bt, lb)
-                kblk = irb.gep(cb, layer_base, cb.mul(phys, i64(G * head_stride)))
-                vblk = irb.gep(cb, kblk, kv_stride)
-                first = cb.mul(lb, i64(bs))
-                o0 = cb.sub(irb.imax(cb, jlo, first), first)
-                o1 = cb.sub(irb.imin(cb, jend, cb.add(first, i64(bs))), first)
-                with irb.for_range(cb, 0, HP, 1, "head") as r:
-                    head_block(cb, qrow, r, kblk, vblk, o0, o1, m_arr, l_arr, acc_arr, scores)
+    def row_i64(cb, arr, rho):
+        return cb.load(irb.gep(cb, arr, rho, I64), typ=I64)
 
-        with irb.for_range(cb, 0, HP, 1, "fin") as r:
-            lv = irb.load_f32(cb, l_arr, r)
-            inv = cb.select(cb.fcmp_ordered(">", lv, f32(0.0)), cb.fdiv(f32(1.0), lv), f32(0.0))
-            base = cb.mul(r, i64(hd))
-            a_h, o_h = irb.gep(cb, acc_arr, base), irb.gep(cb, orow, base)
+    def launch(vals):
+        """the caller's per-call values the parallel body and the combine share"""
+        A = _args(fn, vals)
+        cum, qb, gn, hp, U, S, scratch = vals[len(fn.args):]
+        return A, SimpleNamespace(cum=cum, qb=qb, gn=gn, hp=hp, U=U, S=S, scratch=scratch)
+
+    def body(cb, item, vals):
+        A, L = launch(vals)
+        unit = cb.sub(cb.sub(L.U, i64(1)), cb.udiv(item, L.S))  # last query blocks first:
+        s = cb.urem(item, L.S)                                 # they have the most keys
+        u = unit_rows(cb, A, unit, L)
+        # per-row online-softmax state: running max, sum, rescale factor, V accumulator
+        m_arr = irb.var(cb, ir.ArrayType(F32, RPAD), name="m")
+        l_arr = irb.var(cb, ir.ArrayType(F32, RPAD), name="l")
+        c_arr = irb.var(cb, ir.ArrayType(F32, RPAD), name="corr")
+        acc = irb.var(cb, ir.ArrayType(F32, RMAX * hd), name="acc")
+        scores = irb.var(cb, ir.ArrayType(F32, RPAD * bs), name="scores")
+        irb.vector_loop(cb, RPAD, vw, lambda c, off, w, _: (
+            irb.store_vec(c, irb.splat(c, neg_inf, w), m_arr, off),
+            irb.store_vec(c, _zero(w), l_arr, off)))
+        with irb.for_range(cb, 0, u.R, 1, "init") as rho:
+            a_r = irb.gep(cb, acc, cb.mul(rho, i64(hd)))
             for off, w in chunks:
-                irb.store_vec(cb, cb.fmul(irb.load_vec(cb, a_h, off, w), irb.splat(cb, inv, w)),
-                              o_h, off)
+                irb.store_vec(cb, _zero(w), a_r, off)
+        if LANE_MIN:
+            lanes = cb.and_(cb.icmp_signed("==", L.gn, i64(1)),
+                            cb.icmp_signed(">=", u.rh, i64(LANE_MIN)))
+            qt = irb.var(cb, ir.ArrayType(F32, NLG * hd * vw), name="qt")
+            lo_v = irb.var(cb, ir.ArrayType(irb.I32, RPAD), name="lo_v")
+            hi_v = irb.var(cb, ir.ArrayType(irb.I32, RPAD), name="hi_v")
+            with cb.if_then(lanes):
+                transpose_q(cb, u, qt, lo_v, hi_v)
 
-    def head_block(cb, qrow, r, kblk, vblk, o0, o1, m_arr, l_arr, acc_arr, scores):
-        """One head's online-softmax update with keys o0..o1 of one block."""
-        q_h = irb.gep(cb, qrow, cb.mul(r, i64(hd)))
-        qv = [cb.fmul(irb.load_vec(cb, q_h, off, w), irb.splat(cb, f32(p.scale), w))
-              for off, w in chunks]
-        # pass 1: scores and their max
-        mb = irb.var(cb, irb.vty(KG), irb.const_like(irb.vty(KG), float("-inf")), "mb")
+        kv_stride = cb.mul(A.num_blocks, i64(G * hs))
+        heads = irb.gep(cb, A.pool, cb.add(cb.mul(cb.mul(A.layer, i64(2)), kv_stride),
+                                            cb.mul(u.g0, i64(hs))))
+        bt = irb.gep(cb, A.block_tables, cb.mul(u.seq, A.max_blocks), irb.I32)
 
-        def score_group(ov):
-            sv = irb.hsum_many(cb, [key_dot(cb, qv, kblk, cb.add(ov, i64(kk)))
-                                    for kk in range(KG)])
-            irb.store_vec(cb, sv, scores, ov)
-            cb.store(irb.fmax(cb, cb.load(mb), sv), mb)
+        def kbase(idx):
+            """K of the unit's first kv head in logical block idx (its others follow)"""
+            return irb.gep(cb, heads, cb.mul(irb.load_i32(cb, bt, idx), i64(G * hs)))
 
-        def score_one(oj):
-            sj = irb.hsum(cb, key_dot(cb, qv, kblk, oj))
-            cb.store(sj, irb.gep(cb, scores, oj))
-            cb.store(irb.fmax(cb, cb.load(mb), irb.splat(cb, sj, KG)), mb)
-        groups(cb, o0, o1, KG, score_group, score_one, "kg")
-        m_slot, l_slot = irb.gep(cb, m_arr, r), irb.gep(cb, l_arr, r)
-        m_old = cb.load(m_slot, typ=F32)
-        m_new = irb.fmax(cb, m_old, irb.hmax(cb, cb.load(mb)))
-        corr = irb.exp(cb, cb.fsub(m_old, m_new))
-        cb.store(m_new, m_slot)
-        # pass 2: p_j = exp(s_j - m) in place, and their sum
-        lsum = irb.var(cb, irb.vty(KG), _zero(KG), "lsum")
+        with cb.if_then(cb.icmp_signed("<=", u.klo, u.khi)):
+            lb0 = cb.sdiv(u.klo, i64(bs))
+            nblk = cb.sub(cb.add(cb.sdiv(u.khi, i64(bs)), i64(1)), lb0)
+            lb_a = cb.add(lb0, cb.udiv(cb.mul(nblk, s), L.S))  # this item's split of the blocks
+            lb_e = cb.add(lb0, cb.udiv(cb.mul(nblk, cb.add(s, i64(1))), L.S))
+            # the first blocks: the loop below prefetches _ATTN_PF blocks ahead of itself
+            with irb.for_range(cb, lb_a, irb.imin(cb, lb_e, cb.add(lb_a, i64(_ATTN_PF))), 1,
+                               "pf") as lb:
+                kp = kbase(lb)
+                with irb.for_range(cb, 0, cb.mul(L.gn, i64(hs)), 16, "pfl") as off:
+                    irb.prefetch(cb, irb.gep(cb, kp, off))
+                    irb.prefetch(cb, irb.gep(cb, kp, cb.add(off, kv_stride)))
+            with irb.for_range(cb, lb_a, lb_e, 1, "lb") as lb:
+                kb = kbase(lb)
+                nkb = kbase(irb.imin(cb, cb.add(lb, i64(_ATTN_PF)), cb.sub(lb_e, i64(1))))
+                first = cb.mul(lb, i64(bs))
+                o0 = cb.sub(irb.imax(cb, u.klo, first), first)
+                o1 = cb.sub(irb.imin(cb, cb.add(u.khi, i64(1)), cb.add(first, i64(bs))), first)
+                with irb.for_range(cb, 0, L.gn, 1, "gg") as gg:
+                    k = irb.gep(cb, kb, cb.mul(gg, i64(hs)))
+                    nk = irb.gep(cb, nkb, cb.mul(gg, i64(hs)))
+                    blk = SimpleNamespace(k=k, v=irb.gep(cb, k, kv_stride), nk=nk,
+                                          nv=irb.gep(cb, nk, kv_stride), first=first)
+                    r_first = cb.mul(gg, u.rh)
 
-        def exp_group(ov):
-            pv = irb.exp(cb, cb.fsub(irb.load_vec(cb, scores, ov, KG), irb.splat(cb, m_new, KG)))
-            irb.store_vec(cb, pv, scores, ov)
+                    def by_lanes():  # (one kv head: r_first = 0)
+                        for lg in range(NLG):
+                            with cb.if_then(cb.icmp_signed("<", i64(lg * vw), u.rh)):
+                                score_lanes(cb, blk, qt, lo_v, hi_v, scores, lg)
+                                softmax_lanes(cb, scores, m_arr, l_arr, c_arr, lg)
+                        row_tiles(cb, r_first, u.rh, lambda r0, rt: pv_tile(
+                            cb, blk, scores, c_arr, acc, o0, o1, r0, rt, r_first, True))
+
+                    def by_rows():
+                        row_tiles(cb, r_first, u.rh, lambda r0, rt: score_tile(
+                            cb, u, blk, scores, r0, rt, r_first))
+                        with irb.for_range(cb, r_first, cb.add(r_first, u.rh), 1, "sm") as rho:
+                            softmax_row(cb, rho, scores, m_arr, l_arr, c_arr)
+                        row_tiles(cb, r_first, u.rh, lambda r0, rt: pv_tile(
+                            cb, blk, scores, c_arr, acc, o0, o1, r0, rt, r_first, False))
+                    if LANE_MIN:
+                        with cb.if_else(lanes) as (then, otherwise):
+                            with then:
+                                by_lanes()
+                            with otherwise:
+                                by_rows()
+                    else:
+                        by_rows()
+
+        with cb.if_else(cb.icmp_signed("==", L.S, i64(1))) as (whole, part):
+            with whole:
+                with irb.for_range(cb, 0, u.R, 1, "fin") as rho:
+                    lv = irb.load_f32(cb, l_arr, rho)
+                    inv = cb.select(cb.fcmp_ordered(">", lv, f32(0.0)),
+                                    cb.fdiv(f32(1.0), lv), f32(0.0))
+                    a_r, o_r = irb.gep(cb, acc, cb.mul(rho, i64(hd))), row_ptr(cb, u.op, rho)
+                    for off, w in chunks:
+                        irb.store_vec(cb, cb.fmul(irb.load_vec(cb, a_r, off, w),
+                                                  irb.splat(cb, inv, w)), o_r, off)
+            with part:  # partial result for the combine after the parallel loop
+                rec = irb.gep(cb, L.scratch, cb.mul(item, i64(REC)))
+                with irb.for_range(cb, 0, u.R, 1, "part") as rho:
+                    cb.store(irb.load_f32(cb, m_arr, rho), irb.gep(cb, rec, rho))
+                    cb.store(irb.load_f32(cb, l_arr, rho),
+                             irb.gep(cb, rec, cb.add(rho, i64(RMAX))))
+                    a_r = irb.gep(cb, acc, cb.mul(rho, i64(hd)))
+                    p_r = irb.gep(cb, rec, cb.add(i64(2 * RMAX), cb.mul(rho, i64(hd))))
+                    for off, w in chunks:
+                        irb.store_vec(cb, irb.load_vec(cb, a_r, off, w), p_r, off)
+
+    def score_tile(cb, u, blk, scores, r0, rt, r_first):
+        """scores[rho][0:bs] = scale * q_rho . K_j for rows r0..r0+rt and all keys of the
+        block, -inf outside each row's key range; the head's first tile prefetches the keys
+        of the block _ATTN_PF ahead"""
+        rows = [cb.add(r0, i64(ri)) for ri in range(rt)]
+        qrows = [row_ptr(cb, u.qp, r) for r in rows]
+        lo = [row_i64(cb, u.lo, r) for r in rows]
+        hi = [row_i64(cb, u.hi, r) for r in rows]
+        pf = cb.select(cb.icmp_signed("==", r0, r_first), blk.nk, blk.k)
+        for j0, kg in key_groups(rt):
+            krows = [irb.gep(cb, blk.k, (j0 + kk) * hd) for kk in range(kg)]
+            sums = _dot_tile(cb, qrows, krows, hd, vw, irb.gep(cb, pf, j0 * hd), hd)
+            keys = cb.add(irb.splat(cb, cb.add(blk.first, i64(j0)), kg),
+                          ir.Constant(irb.vty(kg, I64), list(range(kg))))
+            for ri in range(rt):
+                sv = cb.fmul(irb.lanes(cb, sums, ri * kg, kg), irb.splat(cb, f32(p.scale), kg))
+                ok = cb.and_(cb.icmp_signed(">=", keys, irb.splat(cb, lo[ri], kg)),
+                             cb.icmp_signed("<=", keys, irb.splat(cb, hi[ri], kg)))
+                sv = cb.select(ok, sv, irb.splat(cb, neg_inf, kg))
+                dst = irb.gep(cb, scores, cb.add(cb.mul(rows[ri], i64(bs)), i64(j0)))
+                cb.store(sv, dst, align=4)
+
+    def softmax_row(cb, rho, scores, m_arr, l_arr, c_arr):
+        """online softmax over one block: running max and sum, p_j = exp(s_j - max) in
+        place, and the factor that rescales the row's earlier V sum"""
+        srow = irb.gep(cb, scores, cb.mul(rho, i64(bs)))
+        bchunks = [(i * vw, vw) for i in range(bs // vw)] + irb.vector_chunks(bs, vw)[1]
+        sv = [irb.load_vec(cb, srow, off, w) for off, w in bchunks]
+        mb = None
+        for v in sv:
+            hv = irb.hmax(cb, v) if irb.width(v) > 1 else cb.extract_element(v, irb.i32(0))
+            mb = hv if mb is None else irb.fmax(cb, mb, hv)
+        m_old = irb.load_f32(cb, m_arr, rho)
+        m_new = irb.fmax(cb, m_old, mb)
+        # a row with no key so far keeps max -inf: subtract 0 instead (its p_j are all 0)
+        m_sub = cb.select(cb.fcmp_ordered("==", m_new, neg_inf), f32(0.0), m_new)
+        corr = irb.exp(cb, cb.fsub(m_old, m_sub))
+        lsum = None
+        for (off, w), v in zip(bchunks, sv):
+            pv = irb.exp(cb, cb.fsub(v, irb.splat(cb, m_sub, w)))
+            irb.store_vec(cb, pv, srow, off)
+            ps = irb.hsum(cb, pv)
+            lsum = ps if lsum is None else cb.fadd(lsum, ps, flags=FAST)
+        cb.store(m_new, irb.gep(cb, m_arr, rho))
+        cb.store(cb.fadd(cb.fmul(irb.load_f32(cb, l_arr, rho), corr), lsum),
+                 irb.gep(cb, l_arr, rho))
+        cb.store(corr, irb.gep(cb, c_arr, rho))
+
+    def transpose_q(cb, u, qt, lo_v, hi_v):
+        """Q^T of a unit with rows in lanes: qt[lane group][d][lane] = q_rho[d] (0 in lanes
+        without a row), and each lane's key range as i32 (empty without a row)"""
+        irb.vector_loop(cb, NLG * hd * vw, vw, lambda c, off, w, _: irb.store_vec(
+            c, _zero(w), qt, off))
+        for lg in range(NLG):
+            cb.store(irb.splat(cb, irb.i32(2 ** 31 - 1), vw), irb.gep(cb, lo_v, lg * vw, irb.I32),
+                     align=4)
+            cb.store(irb.splat(cb, irb.i32(-1), vw), irb.gep(cb, hi_v, lg * vw, irb.I32),
+                     align=4)
+        with irb.for_range(cb, 0, u.rh, 1, "qt") as rho:
+            q = row_ptr(cb, u.qp, rho)
+            col = irb.gep(cb, qt, cb.add(cb.mul(cb.udiv(rho, i64(vw)), i64(hd * vw)),
+                                         cb.urem(rho, i64(vw))))
+            with irb.for_range(cb, 0, hd, 1, "d") as d:
+                cb.store(irb.load_f32(cb, q, d), irb.gep(cb, col, cb.mul(d, i64(vw))))
+            for arr, src in ((lo_v, u.lo), (hi_v, u.hi)):
+                cb.store(cb.trunc(row_i64(cb, src, rho), irb.I32), irb.gep(cb, arr, rho, irb.I32))
+
+    def score_lanes(cb, blk, qt, lo_v, hi_v, scores, lg):
+        """S^T[j] = scale * sum_d Q^T[d] K_j[d] for the vw rows of lane group lg and all keys
+        of the block, -inf outside each lane's key range; group 0 prefetches the keys of the
+        block _ATTN_PF ahead"""
+        q0 = irb.gep(cb, qt, lg * hd * vw)
+        lo = cb.load(irb.gep(cb, lo_v, lg * vw, irb.I32), typ=irb.vty(vw, irb.I32), align=4)
+        hi = cb.load(irb.gep(cb, hi_v, lg * vw, irb.I32), typ=irb.vty(vw, irb.I32), align=4)
+        pf = blk.nk if lg == 0 else None
+
+        def step(d, j0, accs):  # accs[kk] += Q^T[d] * K[j0 + kk][d]
+            qv = irb.load_vec(cb, q0, cb.mul(d, i64(vw)), vw)
+            for kk, a in enumerate(accs):
+                kv = irb.load_f32(cb, blk.k, cb.add(d, i64((j0 + kk) * hd)))
+                cb.store(irb.fma(cb, qv, irb.splat(cb, kv, vw), cb.load(a)), a)
+        for j0 in range(0, bs, KGL):
+            kg = min(KGL, bs - j0)
+            accs = [irb.var(cb, irb.vty(vw), _zero(vw)) for _ in range(kg)]
+            # d in steps of 16 floats (one cache line of each key row: one prefetch per row)
+            with irb.for_range(cb, 0, hd // 16 * 16, 16, "d16") as d0:
+                for i in range(16):
+                    step(cb.add(d0, i64(i)), j0, accs)
+                if pf is not None:
+                    for kk in range(kg):
+                        irb.prefetch(cb, irb.gep(cb, pf, cb.add(d0, i64((j0 + kk) * hd))))
+            for d in range(hd // 16 * 16, hd):
+                step(i64(d), j0, accs)
+            for kk in range(kg):
+                key = cb.trunc(cb.add(blk.first, i64(j0 + kk)), irb.I32)
+                kv = irb.splat(cb, key, vw)
+                ok = cb.and_(cb.icmp_signed(">=", kv, lo), cb.icmp_signed("<=", kv, hi))
+                sv = cb.fmul(cb.load(accs[kk]), irb.splat(cb, f32(p.scale), vw))
+                irb.store_vec(cb, cb.select(ok, sv, irb.splat(cb, neg_inf, vw)), scores,
+                              (lg * bs + j0 + kk) * vw)
+
+    def softmax_lanes(cb, scores, m_arr, l_arr, c_arr, lg):
+        """softmax_row for the vw rows of lane group lg at once (scores in lanes layout)"""
+        srow = irb.gep(cb, scores, lg * bs * vw)
+        mb = irb.var(cb, irb.vty(vw), irb.splat(cb, neg_inf, vw), "mb")
+        with irb.for_range(cb, 0, bs, 1, "mx") as j:
+            cb.store(irb.fmax(cb, cb.load(mb), irb.load_vec(cb, srow, cb.mul(j, i64(vw)), vw)),
+                     mb)
+        m_old = irb.load_vec(cb, m_arr, lg * vw, vw)
+        m_new = irb.fmax(cb, m_old, cb.load(mb))
+        inf = irb.splat(cb, neg_inf, vw)
+        m_sub = cb.select(cb.fcmp_ordered("==", m_new, inf), _zero(vw), m_new)
+        corr = irb.exp(cb, cb.fsub(m_old, m_sub))
+        lsum = irb.var(cb, irb.vty(vw), _zero(vw), "lsum")
+        with irb.for_range(cb, 0, bs, 1, "ex") as j:
+            pv = irb.exp(cb, cb.fsub(irb.load_vec(cb, srow, cb.mul(j, i64(vw)), vw), m_sub))
+            irb.store_vec(cb, pv, srow, cb.mul(j, i64(vw)))
             cb.store(cb.fadd(cb.load(lsum), pv, flags=FAST), lsum)
+        irb.store_vec(cb, m_new, m_arr, lg * vw)
+        irb.store_vec(cb, cb.fadd(cb.fmul(irb.load_vec(cb, l_arr, lg * vw, vw), corr),
+                                  cb.load(lsum)), l_arr, lg * vw)
+        irb.store_vec(cb, corr, c_arr, lg * vw)
 
-        def exp_one(oj):
-            pj = irb.exp(cb, cb.fsub(irb.load_f32(cb, scores, oj), m_new))
-            cb.store(pj, irb.gep(cb, scores, oj))
-            cb.store(cb.fadd(cb.load(lsum), irb.widen(cb, irb.splat(cb, pj, 1), KG),
-                             flags=FAST), lsum)
-        groups(cb, o0, o1, KG, exp_group, exp_one, "eg")
-        cb.store(cb.fadd(cb.fmul(cb.load(l_slot, typ=F32), corr), irb.hsum(cb, cb.load(lsum))),
-                 l_slot)
-        # pass 3: acc = acc * corr + sum_j p_j V_j
-        a_h = irb.gep(cb, acc_arr, cb.mul(r, i64(hd)))
-        accs = [irb.var(cb, irb.vty(w), cb.fmul(irb.load_vec(cb, a_h, off, w),
-                                                 irb.splat(cb, corr, w))) for off, w in chunks]
-        with irb.for_range(cb, o0, o1, 1, "vj") as oj:
-            pj = irb.splat(cb, irb.load_f32(cb, scores, oj), vw)
-            vp = irb.gep(cb, vblk, cb.mul(oj, i64(hd)))
-            for ci, (off, w) in enumerate(chunks):
-                acc = irb.fma(cb, irb.lanes(cb, pj, 0, w), irb.load_vec(cb, vp, off, w),
-                              cb.load(accs[ci]))
-                cb.store(acc, accs[ci])
-        for ci, (off, w) in enumerate(chunks):
-            irb.store_vec(cb, cb.load(accs[ci]), a_h, off)
+    def pv_tile(cb, blk, scores, c_arr, acc, o0, o1, r0, rt, r_first, lanes):
+        """acc[rho] = acc[rho] * corr[rho] + sum_{o0 <= j < o1} p[rho][j] V_j for rows
+        r0..r0+rt, in d-tiles of up to ACC/rt vectors (p in the lanes layout if `lanes`); the
+        head's first tile prefetches the values of the block _ATTN_PF ahead"""
+        rows = [cb.add(r0, i64(ri)) for ri in range(rt)]
+        corr = [irb.load_f32(cb, c_arr, r) for r in rows]
+        a_rows = [irb.gep(cb, acc, cb.mul(r, i64(hd))) for r in rows]
+        if lanes:  # p[rho][j] at [rho / vw][j][rho % vw]
+            p_rows = [irb.gep(cb, scores, cb.add(cb.mul(cb.udiv(r, i64(vw)), i64(bs * vw)),
+                                                 cb.urem(r, i64(vw)))) for r in rows]
+        else:
+            p_rows = [irb.gep(cb, scores, cb.mul(r, i64(bs))) for r in rows]
+        pjs = vw if lanes else 1
+        per = max(1, ACC // rt)
+        pf = cb.select(cb.icmp_signed("==", r0, r_first), blk.nv, blk.v)
+        for d0 in range(0, len(chunks), per):
+            dch = chunks[d0:d0 + per]
+            accs = [[irb.var(cb, irb.vty(w), cb.fmul(irb.load_vec(cb, a_rows[ri], off, w),
+                                                     irb.splat(cb, corr[ri], w)))
+                     for off, w in dch] for ri in range(rt)]
+            with irb.for_range(cb, o0, o1, 1, "vj") as j:
+                vrow = irb.gep(cb, blk.v, cb.mul(j, i64(hd)))
+                prow = irb.gep(cb, pf, cb.mul(j, i64(hd)), inbounds=False)
+                pj = [irb.splat(cb, irb.load_f32(cb, p_rows[ri], cb.mul(j, i64(pjs))), vw)
+                      for ri in range(rt)]
+                for ci, (off, w) in enumerate(dch):
+                    vv = irb.load_vec(cb, vrow, off, w)
+                    if w == vw:
+                        irb.prefetch(cb, irb.gep(cb, prow, off, inbounds=False))
+                    for ri in range(rt):
+                        cb.store(irb.fma(cb, irb.lanes(cb, pj[ri], 0, w), vv,
+                                         cb.load(accs[ri][ci])), accs[ri][ci])
+            for ri in range(rt):
+                for ci, (off, w) in enumerate(dch):
+                    irb.store_vec(cb, cb.load(accs[ri][ci]), a_rows[ri], off)
 
-    irb.parallel_for(module, b, b.mul(_arg(fn, "T"), i64(G * NS)),
-                     lambda cb, it, vals: body(cb, it, _args(fn, vals)),
-                     irb.min_items(64 * hd * HP), interleave=True)
+    def combine(cb, A, L, unit):
+        """out = the splits' partial (m, l, acc) merged: sum_s acc_s e^(m_s - M) / L"""
+        u = unit_rows(cb, A, unit, L)
+        item0 = cb.mul(cb.sub(cb.sub(L.U, i64(1)), unit), L.S)
+        with irb.for_range(cb, 0, u.R, 1, "row") as rho:
+            def rec(s):
+                return irb.gep(cb, L.scratch, cb.mul(cb.add(item0, s), i64(REC)))
+            mx = irb.var(cb, F32, neg_inf, "mx")
+            with irb.for_range(cb, 0, L.S, 1, "s") as s:
+                cb.store(irb.fmax(cb, cb.load(mx), irb.load_f32(cb, rec(s), rho)), mx)
+            M = cb.load(mx)
+            M = cb.select(cb.fcmp_ordered("==", M, neg_inf), f32(0.0), M)
+            tot = irb.var(cb, F32, f32(0.0), "tot")
+            sums = [irb.var(cb, irb.vty(w), _zero(w)) for _, w in chunks]
+            with irb.for_range(cb, 0, L.S, 1, "s") as s:
+                r = rec(s)
+                e = irb.exp(cb, cb.fsub(irb.load_f32(cb, r, rho), M))
+                l_s = irb.load_f32(cb, r, cb.add(rho, i64(RMAX)))
+                cb.store(cb.fadd(cb.load(tot), cb.fmul(l_s, e)), tot)
+                a_r = irb.gep(cb, r, cb.add(i64(2 * RMAX), cb.mul(rho, i64(hd))))
+                for (off, w), sv in zip(chunks, sums):
+                    cb.store(irb.fma(cb, irb.load_vec(cb, a_r, off, w), irb.splat(cb, e, w),
+                                     cb.load(sv)), sv)
+            lv = cb.load(tot)
+            inv = cb.select(cb.fcmp_ordered(">", lv, f32(0.0)), cb.fdiv(f32(1.0), lv), f32(0.0))
+            o_r = row_ptr(cb, u.op, rho)
+            for (off, w), sv in zip(chunks, sums):
+                irb.store_vec(cb, cb.fmul(cb.load(sv), irb.splat(cb, inv, w)), o_r, off)
+
+    # --- the caller: query blocks, units, split count, the parallel loop, the combine
+    A = _args(fn, fn.args)
+    T, B = A.T, A.B
+    with b.if_then(b.icmp_signed(">", T, i64(0))):
+        # cum[b] = query blocks of the sequences before b (a prefix array on the stack);
+        # decode, or more than _ATTN_SEQ_CAP sequences: one token per unit, cum = qsl
+        work = irb.var(b, I64, i64(0), "work")
+        maxk = irb.var(b, I64, i64(0), "maxk")
+        maxn = irb.var(b, I64, i64(0), "maxn")
+        cbuf = None
+        if QB > 1:
+            use_cbuf = b.icmp_signed("<=", B, i64(_ATTN_SEQ_CAP))
+            cbuf = b.alloca(irb.I32, size=b.select(use_cbuf, b.add(B, i64(1)), i64(1)))
+            cbuf.type = PTR
+            b.store(irb.i32(0), cbuf)
+        with irb.for_range(b, 0, B, 1, "seq") as sq:
+            n_b = b.sub(irb.load_i32(b, A.query_start_loc, b.add(sq, i64(1))),
+                        irb.load_i32(b, A.query_start_loc, sq))
+            keys = irb.load_i32(b, A.seq_lens, sq)
+            if win:
+                keys = irb.imin(b, keys, i64(win))
+            b.store(b.add(b.load(work), b.mul(n_b, keys)), work)
+            b.store(irb.imax(b, b.load(maxk), keys), maxk)
+            b.store(irb.imax(b, b.load(maxn), n_b), maxn)
+            if cbuf is not None:
+                with b.if_then(use_cbuf):
+                    nq = b.sdiv(b.add(n_b, i64(QB - 1)), i64(QB))
+                    nxt = b.add(irb.load_i32(b, cbuf, sq), nq)
+                    b.store(b.trunc(nxt, irb.I32), irb.gep(b, cbuf, b.add(sq, i64(1)), irb.I32))
+        decode = b.icmp_signed("<=", b.load(maxn), i64(1))
+        gn = b.select(decode, i64(GD), i64(1))
+        hp = b.select(decode, i64(HPD), i64(HPP))
+        if cbuf is not None:
+            blocked = b.and_(use_cbuf, b.not_(decode))
+            cum = b.select(blocked, cbuf, A.query_start_loc)
+            qb = b.select(blocked, i64(QB), i64(1))
+            nqb = b.select(blocked, irb.load_i32(b, cbuf, B), T)
+        else:
+            cum, qb, nqb = A.query_start_loc, i64(1), T
+        U = b.mul(nqb, b.mul(b.udiv(i64(G), gn), b.udiv(i64(rep), hp)))
+        # split-K when there are too few units to keep the threads busy and contexts are long
+        nth = b.sext(b.call(irb.declare(module, "omp_get_max_threads", irb.I32, []), []), I64)
+        S = irb.var(b, I64, i64(1), "S")
+        maxs = b.sdiv(i64(_ATTN_SPLIT_FLOATS // REC), U)
+        with b.if_then(b.and_(b.icmp_signed("<", U, b.mul(nth, i64(2))),
+                              b.icmp_signed(">=", maxs, i64(2)))):
+            want = b.sdiv(b.add(b.mul(nth, i64(2)), b.sub(U, i64(1))), U)
+            by_keys = b.sdiv(b.load(maxk), i64(_ATTN_SPLIT_KEYS))
+            b.store(irb.imax(b, i64(1), irb.imin(b, want, irb.imin(b, by_keys, maxs))), S)
+        S = b.load(S)
+        scratch = irb.var(b, ir.ArrayType(F32, _ATTN_SPLIT_FLOATS), name="split")
+        items = b.mul(U, S)
+        # team size from the work (key-head dot products) rather than the item count
+        flops = irb.imax(b, i64(1), b.mul(b.load(work), i64(4 * H * hd)))
+        min_items = b.add(b.sdiv(b.mul(items, i64(_GRAIN)), flops), i64(1))
+        extra = [cum, qb, gn, hp, U, S, scratch]
+        irb.parallel_for(module, b, items, body, min_items,
+                         captures=list(fn.args) + extra, dynamic=1)
+        with b.if_then(b.icmp_signed(">", S, i64(1))):
+            A_, L = launch(list(fn.args) + extra)
+            with irb.for_range(b, 0, U, 1, "unit") as unit:
+                combine(b, A_, L, unit)
     b.ret_void()
 
 
