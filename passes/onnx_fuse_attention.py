@@ -105,8 +105,10 @@ def _matmul_below(v: SSAValue) -> OnnxOp | None:
 
 
 def _only_use(v: SSAValue) -> Operation | None:
-    uses = list(v.uses)
-    return uses[0].operation if len(uses) == 1 else None
+    """The one op reading v, not counting Shape/Size (they read the shape only)."""
+    uses = [u.operation for u in v.uses if not (isinstance(u.operation, OnnxOp)
+                                                and u.operation.op_type in ("Shape", "Size"))]
+    return uses[0] if len(uses) == 1 else None
 
 
 @dataclass(frozen=True)

@@ -108,11 +108,14 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj))
 
 
-def export_onnx(model, path: Path, *, with_mask: bool = False, with_past: bool = False, opset: int = 18) -> Path:
+def export_onnx(model, path: Path, *, with_mask: bool = False, with_past: bool = False, opset: int = 18,
+                torchscript: bool = False) -> Path:
     """torch.onnx.export (dynamo) of the forward: input_ids [1, S] -> logits.
 
     with_mask adds attention_mask and position_ids inputs, as serving exports have; with_past
-    adds past_key_values.N.key/value inputs and present.N.key/value outputs (optimum's layout)."""
+    adds past_key_values.N.key/value inputs and present.N.key/value outputs (optimum's layout).
+    torchscript uses the older TorchScript exporter (input_ids + attention_mask, opset 17): it
+    fails on transformers' mask code without an attention_mask input."""
     import torch
     from transformers import DynamicCache
 
@@ -153,6 +156,11 @@ def export_onnx(model, path: Path, *, with_mask: bool = False, with_past: bool =
         outputs += [f"present.{i}.{k}" for i, k in kinds]
         dynamic["past"] = tuple({2: past_len} for _ in kinds)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if torchscript:
+        torch.onnx.export(Forward(model).eval(), (ids, torch.ones_like(ids)), str(path), dynamo=False,
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"], opset_version=17,
+                          dynamic_axes={"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}})
+        return path
     torch.onnx.export(Forward(model).eval(), tuple(args), str(path), dynamo=True, input_names=names,
                       output_names=outputs, dynamic_shapes=dynamic, opset_version=opset, verbose=False)
     return path

@@ -1,5 +1,6 @@
-"""ONNX exports (torch.onnx, dynamo exporter) of transformers models, compiled into paged,
-incremental decoders and compared with transformers on the same weights."""
+"""ONNX exports (torch.onnx: the dynamo exporter, and the TorchScript one where it still runs) of
+transformers models, compiled into paged, incremental decoders and compared with transformers on
+the same weights."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ CASES = {
     "qwen2-bias-tied": ("qwen2", dict(tie_word_embeddings=True), {}),
     "mistral-sliding": ("mistral", dict(sliding_window=8), {}),
     "gpt2": ("gpt2", {}, {}),
+    "llama-torchscript": ("llama", dict(num_key_value_heads=2), dict(torchscript=True)),
+    "gpt2-torchscript": ("gpt2", {}, dict(torchscript=True)),
 }
 PROMPTS = [[0, 5, 9, 200, 17], [0] + [(7 * i + 3) % 380 for i in range(30)]]
 
@@ -35,6 +38,7 @@ def test_onnx_export_matches_transformers(tmp_path, case):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["source"]["kind"] == "onnx"
     assert manifest["kv_cache"]["num_layers"] == 2  # the paged cache, though the graph had none
+    assert not manifest["model"].get("full_sequence")  # fully recognized: incremental decode
     assert "llmir.paged_attention" in (bundle / "ir" / "optimized.mlir").read_text()
 
     compiled = load(bundle)
