@@ -540,8 +540,9 @@ class UnsqueezeBatchOp(_LlmirOp):
 
 LLMIR = Dialect(
     "llmir",
-    [WeightOp, ConstantOp, ConcatOp, TransposeOp, SplitOp, EmbeddingOp, RMSNormOp, LayerNormOp, LinearOp, RopeOp, AttentionOp,
-     KVAppendOp, PagedAttentionOp, ActMulOp, ActOp, AddOp, GatherRowsOp, SqueezeBatchOp, UnsqueezeBatchOp],
+    [WeightOp, ConstantOp, ConcatOp, TransposeOp, SplitOp, EmbeddingOp, RMSNormOp, LayerNormOp, LinearOp, RopeOp,
+     AttentionOp, KVAppendOp, PagedAttentionOp, ActMulOp, ActOp, AddOp, GatherRowsOp, SqueezeBatchOp,
+     UnsqueezeBatchOp],
     [KVPoolType],
 )
 
@@ -551,4 +552,5 @@ ARG_ATTR = "llmir.arg"
 # step recomputes the whole sequence (see passes/onnx_to_llmir.py and targets/generic_plan.py).
 FULL_SEQUENCE = "llmir.full_sequence"
 I32_VECTOR = tensor(DYN, dtype=i32)
-__all__ = [name for name in dir() if name.endswith("Op")] + ["KVPoolType", "LLMIR", "tensor", "DYN", "ARG_ATTR", "FULL_SEQUENCE"]
+__all__ = [name for name in dir() if name.endswith("Op")] + ["KVPoolType", "LLMIR", "tensor", "DYN", "ARG_ATTR",
+                                                              "FULL_SEQUENCE"]

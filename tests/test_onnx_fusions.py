@@ -21,7 +21,6 @@ from xdsl.dialects import func
 from xdsl.dialects.builtin import NoneType, StringAttr
 
 from llmirc import dialect as L
-from llmirc.errors import LlmircError
 from llmirc.frontend import onnx_ops
 from llmirc.frontend.onnx_dialect import NoneOp, OnnxOp
 from llmirc.frontend.onnx_import import ONNX_LOWERING, OnnxCheckpoint

@@ -170,7 +170,7 @@ def test_writer_handles_strided_and_big_endian_input(tmp_path):
 # -- the official package, both directions ---------------------------------------------------
 
 def test_official_package_reads_our_files(tmp_path):
-    st_numpy = pytest.importorskip("safetensors.numpy")
+    import safetensors.numpy as st_numpy
     arrays = {st: sample(dt, seed=1) for st, dt in NATIVE.items()}
     arrays["empty"] = np.zeros((0, 3), np.float32)
     p = tmp_path / "ours.safetensors"
@@ -183,8 +183,8 @@ def test_official_package_reads_our_files(tmp_path):
 
 
 def test_official_torch_reads_our_bf16(tmp_path):
-    torch = pytest.importorskip("torch")
-    st_torch = pytest.importorskip("safetensors.torch")
+    import safetensors.torch as st_torch
+    import torch
     x = np.array([1.0, -0.5, 3.140625, 2.0**60], np.float32)  # exact in bf16
     p = tmp_path / "bf.safetensors"
     with SafetensorsWriter(p, None, [("b", "BF16", (2, 2))]) as w:
@@ -195,7 +195,7 @@ def test_official_torch_reads_our_bf16(tmp_path):
 
 
 def test_we_read_official_numpy_files(tmp_path):
-    st_numpy = pytest.importorskip("safetensors.numpy")
+    import safetensors.numpy as st_numpy
     arrays = {st: sample(dt, (2, 3, 4), seed=2) for st, dt in NATIVE.items()}
     p = tmp_path / "theirs.safetensors"
     st_numpy.save_file(arrays, p, metadata={"a": "b"})
@@ -206,8 +206,8 @@ def test_we_read_official_numpy_files(tmp_path):
 
 
 def test_we_read_torch_files(tmp_path):
-    torch = pytest.importorskip("torch")
-    st_torch = pytest.importorskip("safetensors.torch")
+    import safetensors.torch as st_torch
+    import torch
     g = torch.Generator().manual_seed(0)
     tensors = {"w.bf16": torch.randn(5, 7, generator=g).to(torch.bfloat16),
                "w.f16": torch.randn(3, 2, generator=g).to(torch.float16),

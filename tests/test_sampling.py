@@ -4,7 +4,7 @@ import pytest
 from llmirc.errors import LlmircError
 from llmirc.runtime.sampling import sample, warp
 
-torch = pytest.importorskip("torch")
+import torch
 from transformers.generation.logits_process import (  # noqa: E402
     TemperatureLogitsWarper,
     TopKLogitsWarper,

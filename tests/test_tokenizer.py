@@ -8,7 +8,7 @@ import pytest
 from llmirc.errors import LlmircError
 from llmirc.runtime.tokenizer import Tokenizer
 
-tokenizers = pytest.importorskip("tokenizers")
+import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
 
 CORPUS = ["hello world, this is a small test corpus.", "the quick brown fox jumps over the lazy dog",
@@ -55,7 +55,7 @@ def write(folder, tok, config):
 
 
 def hf_tokenizer(folder):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     return transformers.PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 

@@ -63,7 +63,8 @@ class OnnxCheckpoint:
         try:
             self.proto = onnx.load(str(path), load_external_data=False)
         except Exception as e:  # protobuf raises DecodeError and friends
-            raise CheckpointError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{path}: not a valid ONNX model ({reason})") from None
         graph = self.proto.graph
         opsets = {o.domain or "ai.onnx": o.version for o in self.proto.opset_import}
         if opsets.get("ai.onnx", 0) < MIN_OPSET:

@@ -143,8 +143,9 @@ def format_table(r: dict) -> str:
             x = r[key]
             lines.append(f"{name:22s}{x['prefill_tok_s']:14.1f}{x['decode_tok_s']:14.1f}{x['decode_ms_per_step']:10.2f}")
     if "transformers" in r:
-        lines.append(f"llmirc / transformers: prefill {r['llmirc']['prefill_tok_s'] / r['transformers']['prefill_tok_s']:.2f}x, "
-                     f"decode {r['llmirc']['decode_tok_s'] / r['transformers']['decode_tok_s']:.2f}x")
+        ours, peer = r["llmirc"], r["transformers"]
+        lines.append(f"llmirc / transformers: prefill {ours['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, "
+                     f"decode {ours['decode_tok_s'] / peer['decode_tok_s']:.2f}x")
     lines.append(f"decode floor: {r['llmirc']['bytes_per_step'] / 1e6:.1f} MB/step at {r['bandwidth_gb_s']:.1f} GB/s "
                  f"(numpy sgemv) = {r['decode_floor_ms_per_step']:.2f} ms/step; llmirc reaches "
                  f"{100 * r['llmirc']['fraction_of_floor']:.0f}% of it")
