@@ -87,7 +87,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             (sys.stderr if options.emit else stdout).write(report)
         if options.emit == "mlir":
             stdout.write(optimized_ir)
-        plan = build_plan(module, read_weight=getattr(source, "read", source.float32))
+        plan = build_plan(module, read_weight=source.read)
         progress(f"plan: {len(plan.calls)} kernel calls, {len(plan.kernels())} kernels, "
                  f"{len(plan.weights)} weights, {len(plan.slots)} workspace buffers")
         if options.emit in ("llvm-ir", "asm"):

@@ -122,6 +122,8 @@ class Checkpoint:
     def config_files(self) -> list[Path]:
         return [p for p in (self.config_path, self.root / "generation_config.json") if p.is_file()]
 
+    read = float32  # a tensor in its stored type: all weights here are floating point, read as f32
+
     def tokenizer_files(self) -> list[Path]:
         return [self.root / n for n in TOKENIZER_FILES if (self.root / n).is_file()]
 
