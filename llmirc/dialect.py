@@ -24,7 +24,6 @@ from xdsl.dialects.builtin import (
     StringAttr,
     TensorType,
     f32,
-    i32,
     i64,
 )
 from xdsl.ir import Attribute, Dialect, ParametrizedAttribute, SSAValue, TypeAttribute
@@ -136,8 +135,8 @@ class WeightOp(_LlmirOp):
     weight = prop_def(StringAttr)
     result = result_def(TensorType)
 
-    def __init__(self, weight: str, shape: Sequence[int]):
-        super().__init__(properties={"weight": StringAttr(weight)}, result_types=[tensor(*shape)])
+    def __init__(self, weight: str, shape: Sequence[int], dtype: Attribute = f32):
+        super().__init__(properties={"weight": StringAttr(weight)}, result_types=[tensor(*shape, dtype=dtype)])
 
     def verify_(self) -> None:
         _check(all(d >= 0 for d in shape_of(self.result)), "weights have static shapes")
@@ -551,6 +550,5 @@ ARG_ATTR = "llmir.arg"
 # Unit attribute of a forward function that still holds ONNX ops (compiled generically): every
 # step recomputes the whole sequence (see passes/onnx_to_llmir.py and targets/generic_plan.py).
 FULL_SEQUENCE = "llmir.full_sequence"
-I32_VECTOR = tensor(DYN, dtype=i32)
 __all__ = [name for name in dir() if name.endswith("Op")] + ["KVPoolType", "LLMIR", "tensor", "DYN", "ARG_ATTR",
                                                               "FULL_SEQUENCE"]

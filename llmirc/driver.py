@@ -73,7 +73,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         ctx = make_context(read_weight=source.float32, add_weight=source.add_weight)
         module = source.module()
         progress(f"front end: {source.kind}, {model_facts(module).get('num_layers', '?')} attention layers")
-        input_ir = print_ir(module)
+        input_ir = print_ir(module) if out is not None else ""  # only the bundle keeps it
         progress("running passes")
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
                    ctx=ctx, prefix=source.lowering)

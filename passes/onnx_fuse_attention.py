@@ -34,7 +34,7 @@ from llmirc.frontend.onnx_dialect import OnnxOp
 
 from .func_args import forward_func
 from .onnx_fuse_embedding import index_arg
-from .onnx_match import ELEMENTWISE, LAYOUT, Oracle, Region, close, erase_dead, evaluate, region_up
+from .onnx_match import ELEMENTWISE, LAYOUT, Oracle, Region, close, erase_dead, evaluate, region_up, shape_only
 from .report import note
 
 LONG = 512  # length at which masks and rotary tables are checked
@@ -106,8 +106,7 @@ def _matmul_below(v: SSAValue) -> OnnxOp | None:
 
 def _only_use(v: SSAValue) -> Operation | None:
     """The one op reading v, not counting Shape/Size (they read the shape only)."""
-    uses = [u.operation for u in v.uses if not (isinstance(u.operation, OnnxOp)
-                                                and u.operation.op_type in ("Shape", "Size"))]
+    uses = [u.operation for u in v.uses if not shape_only(u.operation)]
     return uses[0] if len(uses) == 1 else None
 
 

@@ -175,12 +175,13 @@ def region_up(output: SSAValue, oracle: Oracle, is_source: Callable[[SSAValue], 
     for op in ordered:
         for r in op.results:
             # Uses by Shape/Size read only the shape, which the rewrite keeps: they die with the region.
-            if r is not output and any(u.operation not in ops and not _shape_only(u.operation) for u in r.uses):
+            if r is not output and any(u.operation not in ops and not shape_only(u.operation) for u in r.uses):
                 return None
     return Region(ordered, sources, output)
 
 
-def _shape_only(op: Operation) -> bool:
+def shape_only(op: Operation) -> bool:
+    """Shape/Size read only the shape of their input, which fusions keep."""
     return isinstance(op, OnnxOp) and op.op_type in ("Shape", "Size")
 
 

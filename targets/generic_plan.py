@@ -268,9 +268,6 @@ class GenericLowering:
         present = [not isinstance(v.type, NoneType) for v in op.operands]
         return onnx_ops._Node(op.op_type, op.node.data, op.py_attrs(), vals, present, len(op.results))
 
-    def in_shapes(self, v: SSAValue) -> list[tuple[int, ...]]:
-        return [self.oracle.shape(v, S) for S in self.lengths]
-
     def fit_ints(self, op: OnnxOp, rows: list[list[int]], what: str) -> list[Poly]:
         """Per position, the affine polynomial through the values seen at each length."""
         out = []

@@ -495,4 +495,3 @@ RULES.update({
     **{op: _reduce for op in ("ReduceSum", "ReduceMean", "ReduceProd", "ReduceMax", "ReduceMin", "ReduceL1",
                               "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp")},
 })
-GENERIC_OPS = frozenset(RULES)  # what full-sequence models can keep (plus Shape/Size: compile time)

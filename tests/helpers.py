@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -102,10 +101,6 @@ def check_greedy(model, prompt: list[int], ours: list[int], ref: list[int], marg
                 f"token {i}: ours {a}, reference {b}, reference margin {top2[1] - top2[0]:.3g}"
             return
     assert len(ours) == len(ref), (len(ours), len(ref))
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj))
 
 
 def export_onnx(model, path: Path, *, with_mask: bool = False, with_past: bool = False, opset: int = 18,

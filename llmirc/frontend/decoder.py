@@ -26,16 +26,25 @@ def arg_attrs(*names: str) -> ArrayAttr:
     return ArrayAttr([DictionaryAttr({L.ARG_ATTR: StringAttr(n)}) for n in names])
 
 
-def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[str], bool]) -> ModuleOp:
-    s = spec
-    q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+def new_forward(vocab_size: int) -> func.FuncOp:
+    """The front end's function: (token_ids, positions) -> logits [T, vocab]."""
     ids_type = L.tensor(L.DYN, dtype=i32)
-    forward = func.FuncOp("forward", ([ids_type, ids_type], [L.tensor(L.DYN, s.vocab_size)]),
-                          arg_attrs=arg_attrs("token_ids", "positions"))
+    return func.FuncOp("forward", ([ids_type, ids_type], [L.tensor(L.DYN, vocab_size)]),
+                       arg_attrs=arg_attrs("token_ids", "positions"))
 
+
+def weights(check: ShapeCheck) -> Callable[..., SSAValue]:
+    """weight(name, *shape): a checkpoint tensor checked against the shape the config implies."""
     def weight(name: str, *shape: int) -> SSAValue:
         check(name, shape)
         return L.WeightOp(name, shape).result
+    return weight
+
+
+def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[str], bool]) -> ModuleOp:
+    s = spec
+    q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    forward, weight = new_forward(s.vocab_size), weights(check)
 
     def linear(x, prefix: str, n: int, k: int, bias: bool) -> SSAValue:
         b = weight(f"{prefix}.bias", n) if bias else None

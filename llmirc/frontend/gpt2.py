@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 from xdsl.builder import ImplicitBuilder
 from xdsl.dialects import func
-from xdsl.dialects.builtin import ModuleOp, i32
+from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import SSAValue
 
 from llmirc import dialect as L
 
-from .decoder import ShapeCheck, arg_attrs
+from .decoder import ShapeCheck, new_forward, weights
 from .hf_config import ACTIVATIONS, _Reader
 
 
@@ -85,13 +85,7 @@ def parse_gpt2_config(config: dict, source: str) -> Gpt2Spec:
 
 def build_gpt2(s: Gpt2Spec, check: ShapeCheck, has_tensor: Callable[[str], bool]) -> ModuleOp:
     h_dim, inner = s.hidden_size, s.intermediate_size
-    ids_type = L.tensor(L.DYN, dtype=i32)
-    forward = func.FuncOp("forward", ([ids_type, ids_type], [L.tensor(L.DYN, s.vocab_size)]),
-                          arg_attrs=arg_attrs("token_ids", "positions"))
-
-    def weight(name: str, *shape: int) -> SSAValue:
-        check(name, shape)
-        return L.WeightOp(name, shape).result
+    forward, weight = new_forward(s.vocab_size), weights(check)
 
     def conv1d(x, prefix: str, n_in: int, n_out: int) -> SSAValue:
         w = L.TransposeOp(weight(f"{prefix}.weight", n_in, n_out)).result

@@ -32,7 +32,7 @@ from xdsl.dialects.builtin import (
     f64,
     i64,
 )
-from xdsl.ir import Attribute, Dialect
+from xdsl.ir import Attribute
 from xdsl.irdl import (
     IRDLOperation,
     irdl_op_definition,
@@ -156,6 +156,4 @@ def constant_value(attr: DenseIntOrFPElementsAttr) -> np.ndarray:
     return np.array(attr.get_values(), dtype=numpy_dtype(t.element_type)).reshape(tuple(t.get_shape()))
 
 
-def onnx_dialect(op_types) -> Dialect:
-    return Dialect("onnx", [NoneOp, *(op_class(t) for t in sorted(op_types))], [])
 

@@ -266,8 +266,7 @@ def _emit(ckpt: OnnxCheckpoint, nodes: list[Node], roles: dict, probes: list[dic
         else:
             if value is not None:
                 ckpt.folded[key] = value
-            op = L.WeightOp(key, av.shape)
-            op.result._type = TensorType(element_type(av.dtype), av.shape)
+            op = L.WeightOp(key, av.shape, element_type(av.dtype))
         block.add_op(op)
         return op.result
 
