@@ -48,17 +48,20 @@ def cli() -> None:
 @click.option("--cpu-variants", default="native,baseline", show_default=True,
               help="CPU libraries to build: native (this host's CPU) and/or baseline (x86-64-v2 / generic aarch64).")
 @click.option("--report", is_flag=True, help="Print what the passes fused or rewrote, and how often.")
+@click.option("--dequantize", is_flag=True, help="Expand quantized tensors (GGUF Q8_0, Q4_K, ...) to float32; "
+              "without it they are refused.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, cpu_variants, report,
-                quiet):
-    """Compile MODEL (a Hugging Face checkpoint directory or an .onnx file) into a bundle."""
+                dequantize, quiet):
+    """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle."""
     try:
         from llmirc.driver import CompileOptions, Progress, compile_model
     except ImportError as e:
         _fail(f"the compiler is not installed ({e.name} missing): pip install 'llmirc[compiler]'")
     variants = tuple(v.strip() for v in cpu_variants.split(",") if v.strip())
     options = CompileOptions(target=target, passes=passes, print_ir_after_all=print_ir_after_all, emit=emit,
-                             keep_intermediates=keep_intermediates, cpu_variants=variants, report=report)
+                             keep_intermediates=keep_intermediates, cpu_variants=variants, report=report,
+                             dequantize=dequantize)
     compile_model(model, output, options, Progress(None if quiet else sys.stderr))
 
 

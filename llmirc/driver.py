@@ -37,6 +37,7 @@ class CompileOptions:
     keep_intermediates: bool = False
     report: bool = False                # print what the passes did
     cpu_variants: tuple[str, ...] = ("native", "baseline")
+    dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of refusing them
 
 
 class Progress:
@@ -68,7 +69,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         raise LlmircError("--cpu-variants: no CPU variant given (choose native and/or baseline)")
     if options.passes is not None:
         parse_passes(options.passes)  # fail before the checkpoint is read
-    source = open_source(model)
+    source = open_source(model, dequantize=options.dequantize)
     try:
         ctx = make_context(read_weight=source.float32, add_weight=source.add_weight)
         module = source.module()
