@@ -241,6 +241,10 @@ def test_bad_files_are_refused_with_one_line(tmp_path, good_file):
     past = variant("offset.gguf", data[:at] + struct.pack("<Q", 1 << 40) + data[at + 8:])
     message = _open_error(past)
     assert "not a readable GGUF file" in message or "past the end" in message
+    # ... or at the data of another tensor.
+    overlap = variant("overlap.gguf", data[:at] + struct.pack("<Q", 7 * 32) + data[at + 8:])
+    message = _open_error(overlap)
+    assert "overlaps" in message and "'token_embd.weight'" in message
     # A dimension that disagrees with the metadata: blk.0.attn_q.weight [64, 64] claimed [64, 32] ...
     info = _tensor_info_offset(data, "blk.0.ffn_up.weight")
     shape = variant("shape.gguf", data[:info + 4] + struct.pack("<Q", 32) + data[info + 12:])

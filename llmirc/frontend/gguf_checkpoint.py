@@ -97,7 +97,7 @@ class GgufCheckpoint:
             self._reader = GGUFReader(path, "r")
             self.meta = {k: f.contents() for k, f in self._reader.fields.items() if not k.startswith("GGUF.")}
         except Exception as e:  # noqa: BLE001 (third-party parser of untrusted input)
-            raise CheckpointError(f"{path}: not a readable GGUF file: {e}") from None
+            raise CheckpointError(f"{path}: not a readable GGUF file (truncated or corrupt: {e})") from None
         self._tensors = {t.name: t for t in self._reader.tensors}
         self._check_bounds()
         self.arch = self._get("general.architecture", str)
@@ -139,11 +139,15 @@ class GgufCheckpoint:
     # -- reading the file ---------------------------------------------------------------------
 
     def _check_bounds(self) -> None:
-        size = self.path.stat().st_size
-        for t in self._tensors.values():
+        """Every tensor's data aligned, inside the file and not overlapping another's."""
+        size, end, previous = self.path.stat().st_size, 0, None
+        for t in sorted(self._tensors.values(), key=lambda t: t.data_offset):
             if t.data_offset % self._reader.alignment or t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
                 raise CheckpointError(f"{self.path}: tensor '{t.name}' data (offset {t.data_offset}, "
                                       f"{t.n_bytes} bytes) is misaligned or past the end of the file ({size} bytes)")
+            if t.data_offset < end:
+                raise CheckpointError(f"{self.path}: tensor '{t.name}' data overlaps tensor '{previous}'")
+            end, previous = t.data_offset + t.n_bytes, t.name
 
     def _get(self, key: str, kind: type, default=_MISSING):
         value = self.meta.get(key, _MISSING)
