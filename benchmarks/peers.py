@@ -57,14 +57,14 @@ class Result:
 def convert_script() -> Path:
     """llama.cpp's convert_hf_to_gguf.py from the source distribution of the installed llama-cpp-python.
 
-    Looked up in $LLAMA_CPP_CONVERT, then in unpacked sdists under /opt/peers and the peers cache;
+    Looked up in $LLAMA_CPP_CONVERT, then in unpacked sdists in $PEERS_DIR (/opt/peers) and the peers cache;
     otherwise the sdist of the installed version is fetched with `pip download` into the cache."""
     if os.environ.get("LLAMA_CPP_CONVERT"):
         return Path(os.environ["LLAMA_CPP_CONVERT"])
     from importlib.metadata import version
 
     name = f"llama_cpp_python-{version('llama-cpp-python')}"
-    for root in (Path("/opt/peers"), PEERS_CACHE):
+    for root in (Path(os.environ.get("PEERS_DIR", "/opt/peers")), PEERS_CACHE):
         script = root / name / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
         if script.is_file():
             return script

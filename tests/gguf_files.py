@@ -81,8 +81,9 @@ def hf_to_gguf_names(config, arch: str) -> dict[str, str]:
 def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokenizer: dict | None = None,
                seed: int = 0, extra_tensors: dict | None = None) -> Path:
     """Writes `model` (a transformers model of llama/mistral/qwen2/gpt2) to a GGUF file at `path`
-    with its 2-D weights stored as `kind` (several kinds: taken in turn), and loads the values the file holds back into `model`,
-    so that model is the float32 reference of the file. tokenizer: `tokenizer.*` metadata."""
+    with its 2-D weights stored as `kind` (several kinds: taken in turn), and loads the values the
+    file holds back into `model`, so that model is the float32 reference of the file.
+    tokenizer: `tokenizer.*` metadata; extra_tensors: written as they are (float32)."""
     import torch
 
     rng = np.random.default_rng(seed)

@@ -135,23 +135,25 @@ def _gguf_with_tokenizer(tmp_path, meta: dict):
     return write_gguf(model, tmp_path / "m.gguf", tokenizer=meta)
 
 
-@pytest.mark.parametrize("kind", ["bpe", "spm"])
+@pytest.mark.parametrize("kind", ["gpt-2", "qwen2", "llama-bpe", "spm"])
 def test_tokenizer_matches_transformers_gguf_conversion(tmp_path, kind):
     from transformers import AutoTokenizer
 
-    if kind == "bpe":
-        make_tokenizer(tmp_path / "tok", 384)
-        meta = bpe_tokenizer_metadata(tmp_path / "tok" / "tokenizer.json", "gpt-2")
-    else:
+    if kind == "spm":
         meta = spm_tokenizer_metadata(CORPUS, 400)
+    else:
+        make_tokenizer(tmp_path / "tok", 384)
+        meta = bpe_tokenizer_metadata(tmp_path / "tok" / "tokenizer.json", kind)
     path = _gguf_with_tokenizer(tmp_path, meta)
     ours = open_source(path).tokenizer
     theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     for text in TEXTS:
-        ids = ours.encode(text).ids
-        assert ids == theirs(text)["input_ids"], text
+        ids = ours.encode(text, add_special_tokens=False).ids
+        assert ids == theirs(text, add_special_tokens=False)["input_ids"], text
         assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
-    assert ours.encode("a").ids[0] == (1 if kind == "spm" else ours.token_to_id("a"))  # bos only for SentencePiece
+    # llama.cpp adds bos for SentencePiece and llama-3-style vocabularies unless the file says otherwise.
+    bos = meta["tokenizer.ggml.bos_token_id"]
+    assert (ours.encode("a").ids[0] == bos) == (kind in ("spm", "llama-bpe"))
 
 
 def test_smollm_pre_tokenizer_splits_digits_like_the_original(tmp_path):
@@ -257,7 +259,8 @@ def test_metadata_errors_name_the_key(tmp_path):
     path = write_gguf(model, tmp_path / "m.gguf")
     data = path.read_bytes()
     unknown = tmp_path / "falcon.gguf"
-    unknown.write_bytes(data.replace(b"\x05\x00\x00\x00\x00\x00\x00\x00llama", b"\x05\x00\x00\x00\x00\x00\x00\x00bloom"))
+    length = struct.pack("<Q", 5)  # general.architecture's value: a 5-byte string
+    unknown.write_bytes(data.replace(length + b"llama", length + b"bloom"))
     assert "unsupported GGUF architecture 'bloom'" in _open_error(unknown)
     quant = tmp_path / "q2k.gguf"
     w = gguf.GGUFWriter(str(quant), "llama")

@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
 
 from llmirc.errors import CheckpointError
 
@@ -42,7 +43,7 @@ from .gguf_quants import FORMATS, dequantize
 from .gguf_tokenizer import build_tokenizer
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
-FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}  # GGMLQuantizationType values
+FLOAT_TYPES = {GGMLQuantizationType.F32: "F32", GGMLQuantizationType.F16: "F16", GGMLQuantizationType.BF16: "BF16"}
 _MISSING = object()
 
 # Keys that change the math of these architectures in llama.cpp, with the value that does not.
@@ -90,8 +91,6 @@ class GgufCheckpoint:
         self.dequantize = dequantize
         self._tmp: Path | None = None
         try:
-            from gguf import GGUFReader
-
             # The reader raises assorted exceptions (ValueError, IndexError, KeyError, ...) on
             # malformed input; any of them means the file is not a GGUF file we can read.
             self._reader = GGUFReader(path, "r")
@@ -164,10 +163,8 @@ class GgufCheckpoint:
         return value
 
     def _type_name(self, gguf_name: str) -> str:
-        t = self._tensors[gguf_name]
-        import gguf
-
-        return FLOAT_TYPES.get(int(t.tensor_type)) or gguf.GGMLQuantizationType(int(t.tensor_type)).name
+        t = GGMLQuantizationType(self._tensors[gguf_name].tensor_type)
+        return FLOAT_TYPES.get(t) or t.name
 
     def _hf_config(self) -> dict:
         """The Hugging Face config.json this file's metadata stands for."""
@@ -205,7 +202,8 @@ class GgufCheckpoint:
             raise CheckpointError(f"{self.path}: {a}.attention.value_length differs from key_length {head_dim}")
         rotary = get(f"{a}.rope.dimension_count", int, head_dim)
         if a == "llama" and rotary != head_dim:  # llama.cpp refuses this too (invalid n_rot)
-            raise CheckpointError(f"{self.path}: {a}.rope.dimension_count {rotary} differs from the head size {head_dim}")
+            raise CheckpointError(f"{self.path}: {a}.rope.dimension_count {rotary} differs from the head size "
+                                  f"{head_dim}")
         config = {"architectures": [ARCHITECTURES[a]], "model_type": a, **common, "hidden_size": hidden,
                   "intermediate_size": get(f"{a}.feed_forward_length", int),
                   "num_hidden_layers": get(f"{a}.block_count", int), "num_attention_heads": heads,
@@ -235,7 +233,8 @@ class GgufCheckpoint:
             scaling = {"rope_type": "yarn", "factor": self._get(p + "scaling.factor", float),
                        "original_max_position_embeddings": self._get(p + "scaling.original_context_length", int)}
             for key, hf in (("scaling.yarn_beta_fast", "beta_fast"), ("scaling.yarn_beta_slow", "beta_slow"),
-                            ("scaling.yarn_attn_factor", "attention_factor"), ("scaling.attn_factor", "attention_factor")):
+                            ("scaling.yarn_attn_factor", "attention_factor"),
+                            ("scaling.attn_factor", "attention_factor")):
                 if p + key in self.meta:
                     scaling[hf] = self._get(p + key, float)
             for key, neutral in (("scaling.yarn_ext_factor", 1.0), ("scaling.yarn_log_multiplier", 0.0)):
@@ -344,7 +343,9 @@ class GgufCheckpoint:
                 if (folder / n).is_file()]
 
     def fingerprint(self) -> str:
-        """sha256 over the file's name, size and first 64 KiB (its header); the bundle's weights carry full checksums."""
+        """sha256 over the file's name, size and first 64 KiB (its header).
+
+        Cheap identification of the source; the bundle's own weights carry full checksums."""
         h = hashlib.sha256(self.path.name.encode())
         h.update(str(self.path.stat().st_size).encode())
         with open(self.path, "rb") as fh:
