@@ -80,10 +80,16 @@ CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_matches_transformers(tmp_path, case):
+    """F16/BF16 tensors keep their type in the bundle; with an f32 KV cache the compiled model computes
+    what transformers does in float32 on the same (exactly widened) values."""
     arch, kind, overrides = CASES[case]
     model = make_checkpoint(tmp_path / "ckpt", arch, **overrides)
     path = write_gguf(model, tmp_path / "m.gguf", kind)  # loads the stored (rounded) values into model
-    check_model(model, compile_to(path, tmp_path / "m.llmir"), prompts=[[0, 5, 9, 200, 17], list(range(2, 30))])
+    bundle = compile_to(path, tmp_path / "m.llmir", kv_cache_dtype="float32")
+    compiled = check_model(model, bundle, prompts=[[0, 5, 9, 200, 17], list(range(2, 30))])
+    stored = compiled.bundle.manifest["weights"]["dtypes"]
+    assert stored["transformer.wte.weight" if arch == "gpt2" else "model.embed_tokens.weight"] == \
+        {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[kind]
 
 
 @pytest.mark.slow

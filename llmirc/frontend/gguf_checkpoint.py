@@ -16,12 +16,13 @@ half-split (`neox`) rope; Qwen2 and GPT-2 files are not permuted. GPT-2 projecti
 Llama-3 rope scaling arrives as the `rope_freqs.weight` tensor (per-frequency divisors), folded
 into the rotary frequencies.
 
-Tensor types: F32/F16/BF16 are read as float32 (as safetensors weights are). The block-quantized
-formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) are refused by name unless the source is
-opened with `dequantize=True` (`llmirc compile --dequantize`), which expands them to float32 with
-`gguf_quants.dequantize`. Keeping them quantized is the job of the IR's quantized types: then
-`read(name)` returns `gguf_quants.unpack` of the blocks (the q/k row un-permutation applies to
-whole rows of blocks unchanged) instead of floats.
+Tensor types: F32/F16/BF16 tensors keep their type (`read` returns them as stored, like
+safetensors weights; `--dtype` can still cast them). The block-quantized formats (Q8_0, Q4_0,
+Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) are refused by name unless the source is opened with
+`dequantize=True` (`llmirc compile --dequantize`), which expands them to float32 with
+`gguf_quants.dequantize`. Keeping them quantized is the job of the IR's quantized types: there
+`_check_shape` reports the quantized type and `read(name)` returns `gguf_quants.unpack` of the
+blocks (the q/k row un-permutation moves whole rows of blocks, so it applies unchanged).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
+from llmirc import dtypes
 from llmirc.errors import CheckpointError
 
 from . import build_graph, parse_spec
@@ -44,6 +46,7 @@ from .gguf_tokenizer import build_tokenizer
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 FLOAT_TYPES = {GGMLQuantizationType.F32: "F32", GGMLQuantizationType.F16: "F16", GGMLQuantizationType.BF16: "BF16"}
+STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # -> llmirc.dtypes names
 _MISSING = object()
 
 # Keys that change the math of these architectures in llama.cpp, with the value that does not.
@@ -245,7 +248,7 @@ class GgufCheckpoint:
 
     def _rope_freqs(self, rope):
         """Llama-3 scaling as llama.cpp applies it: theta_i = pos * base^(-2i/d) / rope_freqs[i]."""
-        factors = self._floats("rope_freqs.weight")
+        factors = dtypes.to_float32(*self._stored("rope_freqs.weight"))
         if factors.shape != (len(rope.inv_freq),):
             raise CheckpointError(f"{self.path}: tensor 'rope_freqs.weight' has shape {list(factors.shape)}, "
                                   f"expected [{len(rope.inv_freq)}]")
@@ -256,18 +259,16 @@ class GgufCheckpoint:
         """A GGUF tensor's shape in NumPy order (GGUF lists dimensions innermost first)."""
         return tuple(int(d) for d in reversed(self._tensors[gguf_name].shape.tolist()))
 
-    def _floats(self, gguf_name: str) -> np.ndarray:
+    def _stored(self, gguf_name: str) -> tuple[np.ndarray, str]:
+        """(data, llmirc dtype name): F32/F16/BF16 as stored (BF16 as uint16 bits, zero-copy views of
+        the mapped file), quantized tensors dequantized to float32 (with dequantize=True)."""
         t, kind = self._tensors[gguf_name], self._type_name(gguf_name)
         shape = self.shape_of(gguf_name)
-        if kind == "F32":
-            return t.data.reshape(shape)
-        if kind == "F16":
-            return t.data.reshape(shape).astype(np.float32)
-        if kind == "BF16":
-            return (t.data.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        if kind in STORED:
+            return t.data.view("<u2" if kind == "BF16" else t.data.dtype).reshape(shape), STORED[kind]
         if not self.dequantize:
             raise CheckpointError(f"{self.path}: tensor '{gguf_name}' is {kind}-quantized (compile with --dequantize)")
-        return dequantize(FORMATS[kind], t.data, shape[-1]).reshape(shape)
+        return dequantize(FORMATS[kind], t.data, shape[-1]).reshape(shape), "float32"
 
     # -- the source interface ---------------------------------------------------------------------
 
@@ -286,25 +287,32 @@ class GgufCheckpoint:
     def dtype(self, name: str) -> str:
         return self._type_name(self._gguf_name(name))
 
-    def float32(self, name: str) -> np.ndarray:
-        """The tensor under its Hugging Face name as float32 (llama q/k rows un-permuted)."""
-        data = self._floats(self._gguf_name(name))
+    def read(self, name: str) -> np.ndarray:
+        """The tensor under its Hugging Face name as stored (see _stored), llama q/k rows un-permuted."""
+        data, _ = self._stored(self._gguf_name(name))
         if self.arch == "llama" and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
             s = self.spec
             data = unpermute_rows(data, s.num_heads if ".q_proj." in name else s.num_kv_heads)
         return data
 
-    read = float32  # every weight is read as float32 until the IR has quantized types
+    def float32(self, name: str) -> np.ndarray:
+        """The tensor under its Hugging Face name as float32."""
+        return dtypes.to_float32(self.read(name), self._stored_type(self._gguf_name(name)))
+
+    def _stored_type(self, gguf_name: str) -> str:
+        return STORED.get(self._type_name(gguf_name), "float32")
 
     def module(self):
         return build_graph(self.spec, self._check_shape, self.has)
 
-    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> str:
+        """Raises if the tensor's shape is not `shape`; returns the dtype `read` gives it."""
         gguf_name = self._gguf_name(name)
         actual = self.shape_of(gguf_name)
         if actual != tuple(shape):
             raise CheckpointError(f"{self.path}: tensor '{gguf_name}' has shape {list(actual)}, "
                                   f"the metadata implies {list(shape)}")
+        return self._stored_type(gguf_name)
 
     def add_weight(self, name: str, value: np.ndarray) -> None:
         raise AssertionError("the GGUF front end synthesizes no weights")
