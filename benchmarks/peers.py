@@ -290,7 +290,7 @@ def first_difference(tokens: list[int], reference: list[int], eos: set[int]) -> 
     if diff is None:
         return f"equal ({len(tokens)} tokens)" if len(tokens) == len(reference) else "shorter"
     end = next((i for i, b in enumerate(reference) if b in eos), None)
-    return f"equal up to eos ({end + 1} tokens), differ at {diff}" if end is not None and diff > end \
+    return f"equal up to the eos at {end}, differ at {diff}" if end is not None and diff >= end \
         else f"differ at {diff}"
 
 
