@@ -187,6 +187,9 @@ class GgufCheckpoint:
         tok = "tokenizer.ggml."
         ids = {k: self.meta.get(tok + k) for k in ("bos_token_id", "eos_token_id", "eot_token_id", "eom_token_id",
                                                    "padding_token_id")}
+        for key, value in ids.items():
+            if value is not None and (not isinstance(value, int) or not 0 <= value < vocab):
+                raise CheckpointError(f"{self.path}: {tok + key} {value!r} is not a token id (vocabulary {vocab})")
         eos = list(dict.fromkeys(ids[k] for k in ("eos_token_id", "eot_token_id", "eom_token_id")
                                  if isinstance(ids[k], int)))
         common = {"vocab_size": vocab, "bos_token_id": ids["bos_token_id"], "eos_token_id": eos or None,
