@@ -126,7 +126,7 @@ def run_engine(engine: str, model: Path, prompt: list[int], new_tokens: int, pre
     `new_tokens` after `prompt`. engine: llmirc | transformers | llama.cpp | ort-genai."""
     spec = json.dumps({"engine": engine, "model": str(model), "prompt": prompt, "new_tokens": new_tokens,
                        "prefill": prefill, "threads": threads})
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))  # for the BLAS/OpenMP pools under the peers
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, __file__, "--worker", spec], stdout=out, stderr=err, env=env)
         deadline = time.monotonic() + timeout
@@ -172,7 +172,8 @@ def _rates(prefill_s: float, n_prefill: int, first: float, last: float, tokens: 
 def _llmirc(model, prompt, new, prefill, threads):
     from llmirc.runtime import load
 
-    m = load(model, kv_cache_tokens=max(len(prefill), len(prompt) + new) + 64, max_batched_tokens=len(prefill))
+    m = load(model, kv_cache_tokens=max(len(prefill), len(prompt) + new) + 64, max_batched_tokens=len(prefill),
+             max_num_seqs=1, threads=threads)
     m.generate([prefill], max_new_tokens=1)  # warm-up
     t = time.perf_counter()
     m.generate([prefill], max_new_tokens=1)  # the prefill, plus sampling one token

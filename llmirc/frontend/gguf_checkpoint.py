@@ -41,6 +41,7 @@ from llmirc import dtypes
 from llmirc.errors import CheckpointError
 
 from . import build_graph, parse_spec
+from .checkpoint import Checkpoint
 from .gguf_quants import FORMATS, dequantize
 from .gguf_tokenizer import build_tokenizer
 
@@ -320,11 +321,7 @@ class GgufCheckpoint:
     def add_weight(self, name: str, value: np.ndarray) -> None:
         raise AssertionError("the GGUF front end synthesizes no weights")
 
-    def model_info(self) -> dict:
-        s = self.spec
-        return {"architecture": s.architecture, "max_position_embeddings": s.max_position_embeddings,
-                "bos_token_id": s.bos_token_id, "eos_token_ids": list(s.eos_token_ids),
-                "pad_token_id": s.pad_token_id}
+    model_info = Checkpoint.model_info  # facts of the spec the graph does not hold
 
     def generation_config(self) -> dict:
         s = self.spec
