@@ -13,10 +13,10 @@ pre-tokenizer, which splits digits one by one as the original SmolLM2 tokenizer 
     python examples/smollm2.py OUT_DIR            # write the checkpoint
     python examples/smollm2.py OUT_DIR --check    # ... and compare llmirc with transformers
 
---check compiles OUT_DIR and the GGUF file itself (--dequantize), answers a chat-formatted question
-with both, and compares greedy tokens with transformers in float32 (on the bf16 checkpoint and on
-the GGUF file's dequantized weights); a difference is accepted only where transformers' top two
-logits are nearly tied.
+--check compiles OUT_DIR (bf16 weights) and the GGUF file itself (--dequantize), both with a
+float32 KV cache, answers a chat-formatted question with both, and compares greedy tokens with
+transformers in float32 (on the bf16 checkpoint and on the GGUF file's dequantized weights); a
+difference is accepted only where transformers' top two logits are nearly tied.
 """
 
 from __future__ import annotations
@@ -122,8 +122,10 @@ def check(gguf_file: Path, out: Path) -> bool:
                 ("GGUF --dequantize", gguf_file, True, lambda: AutoModelForCausalLM.from_pretrained(
                     gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32))):
             bundle = Path(tmp) / f"{name.split()[0]}.llmir"
-            compile_model(source, bundle, CompileOptions(cpu_variants=("native",), dequantize=dequantize),
-                          Progress(None))
+            # Weights at their own precision (bf16 / dequantized float32); a float32 KV cache, so the
+            # compiled model computes what transformers does in float32.
+            options = CompileOptions(cpu_variants=("native",), dequantize=dequantize, kv_cache_dtype="float32")
+            compile_model(source, bundle, options, Progress(None))
             ok &= compare(name, bundle, reference().eval(), prompt_ids)
     return ok
 
