@@ -54,10 +54,12 @@ def cli() -> None:
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
               help="Paged KV cache type: auto (bfloat16/float16 when the weights are), float32, bfloat16, float16.")
 @click.option("--report", is_flag=True, help="Print what the passes fused or rewrote, and how often.")
+@click.option("--dequantize", is_flag=True, help="Expand quantized tensors (GGUF Q8_0, Q4_K, ...) to float32; "
+              "without it they are refused.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, cpu_variants, dtype,
-                kv_cache_dtype, report, quiet):
-    """Compile MODEL (a Hugging Face checkpoint directory or an .onnx file) into a bundle."""
+                kv_cache_dtype, report, dequantize, quiet):
+    """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle."""
     try:
         from llmirc.driver import CompileOptions, Progress, compile_model
     except ImportError as e:
@@ -66,7 +68,7 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
     targets = tuple(t.strip() for t in target.split(",") if t.strip())
     options = CompileOptions(targets=targets, passes=passes, print_ir_after_all=print_ir_after_all, emit=emit,
                              keep_intermediates=keep_intermediates, cpu_variants=variants, report=report,
-                             dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+                             dtype=dtype, kv_cache_dtype=kv_cache_dtype, dequantize=dequantize)
     compile_model(model, output, options, Progress(None if quiet else sys.stderr))
 
 

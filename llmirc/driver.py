@@ -36,6 +36,7 @@ class CompileOptions:
     cpu_variants: tuple[str, ...] = ("native", "baseline")
     dtype: str = "auto"                 # weights of linear/embedding ops: auto (the checkpoint's), float32, ...
     kv_cache_dtype: str = "auto"        # the paged KV pool: auto (half for half weights), float32, ...
+    dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of refusing them
 
 
 class Progress:
@@ -69,7 +70,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     for flag, value in (("--dtype", options.dtype), ("--kv-cache-dtype", options.kv_cache_dtype)):
         if value != "auto":
             float_type(value, flag)
-    source = open_source(model)
+    source = open_source(model, dequantize=options.dequantize)
     try:
         ctx = make_context(read_weight=source.float32, add_weight=source.add_weight)
         module = source.module()
