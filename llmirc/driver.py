@@ -21,11 +21,12 @@ from llmirc.artifact_format.writer import BundleWriter
 from llmirc.errors import LlmircError
 from llmirc.frontend import open_source
 from llmirc.passes.func_args import forward_func
-from llmirc.passes.pipeline import make_context, parse_passes, print_ir, run_passes
+from llmirc.passes.pipeline import DEFAULT_BLOCK_SIZE, make_context, parse_passes, print_ir, run_passes
 from llmirc.targets.plan import Plan, build_plan
 
 TARGETS = ("cpu", "cuda", "hip")
 EMIT_STAGES = ("mlir", "llvm-ir", "asm")
+KV_CACHE_DTYPES = ("auto", "float32")
 
 
 @dataclass
@@ -37,6 +38,9 @@ class CompileOptions:
     keep_intermediates: bool = False
     report: bool = False                # print what the passes did
     cpu_variants: tuple[str, ...] = ("native", "baseline")
+    block_size: int | None = None       # KV cache block (tokens); None: the pipeline's (16)
+    kv_cache_dtype: str = "auto"        # auto | float32 (the only KV cache dtype so far)
+    max_model_len: int | None = None    # the context the bundle states (<= the checkpoint's)
 
 
 class Progress:
@@ -68,15 +72,27 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         raise LlmircError("--cpu-variants: no CPU variant given (choose native and/or baseline)")
     if options.passes is not None:
         parse_passes(options.passes)  # fail before the checkpoint is read
+    if options.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise LlmircError(f"--kv-cache-dtype {options.kv_cache_dtype}: not supported (choose "
+                          f"{' or '.join(KV_CACHE_DTYPES)}; half-precision KV caches are not implemented yet)")
+    if options.block_size is not None:
+        if options.block_size < 1 or options.block_size & (options.block_size - 1):
+            raise LlmircError(f"--block-size {options.block_size}: must be a positive power of two")
+        if options.passes is not None and "paged-kv" in options.passes:
+            raise LlmircError("--block-size and a paged-kv pass in --passes: give the block size in one place")
     source = open_source(model)
     try:
+        context = source.model_info()["max_position_embeddings"]
+        if options.max_model_len is not None and options.max_model_len > context:
+            raise LlmircError(f"--max-model-len {options.max_model_len}: the model supports at most {context} "
+                              f"tokens ({model})")
         ctx = make_context(read_weight=source.float32, add_weight=source.add_weight)
         module = source.module()
         progress(f"front end: {source.kind}, {model_facts(module).get('num_layers', '?')} attention layers")
         input_ir = print_ir(module) if out is not None else ""  # only the bundle keeps it
         progress("running passes")
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
-                   ctx=ctx, prefix=source.lowering)
+                   ctx=ctx, prefix=source.lowering, block_size=options.block_size or DEFAULT_BLOCK_SIZE)
         optimized_ir = print_ir(module)
         generic = generic_ops(module)
         if generic:
@@ -190,7 +206,8 @@ def _write_bundle(source, module, plan: Plan, out: Path, options: CompileOptions
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": {"kind": source.kind, "name": Path(source.root).name, "fingerprint": source.fingerprint()},
             "model": {"architecture": info["architecture"], **facts,
-                      "max_position_embeddings": info["max_position_embeddings"], "dtype": "float32"},
+                      "max_position_embeddings": options.max_model_len or info["max_position_embeddings"],
+                      "dtype": "float32"},
             "generation": {
                 "bos_token_id": generation.get("bos_token_id", info["bos_token_id"]),
                 "eos_token_ids": [t for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int)],

@@ -32,16 +32,17 @@ PHASES: list[tuple[str, str]] = [
     # Phase 2: LLM-specific rewrites on the high-level graph.
     ("llm-fusion", "prune-logits,cse,fuse-linears,fuse-residual-add"),
     # Phase 3: the paged KV cache: full-sequence attention becomes incremental.
-    ("kv-cache", "paged-kv{block-size=16}"),
+    ("kv-cache", "paged-kv{{block-size={block_size}}}"),
     # Phase 4: tidy up before code generation.
     ("finalize", "canonicalize,cse,dce"),
 ]
 # What every target needs before code generation: the ABI's logits rows and paged KV cache.
-REQUIRED = "prune-logits,paged-kv,dce"
+REQUIRED = "prune-logits,paged-kv{{block-size={block_size}}},dce"
+DEFAULT_BLOCK_SIZE = 16
 
 
-def default_pipeline() -> str:
-    return ",".join(spec for _, spec in PHASES)
+def default_pipeline(block_size: int = DEFAULT_BLOCK_SIZE) -> str:
+    return ",".join(spec.format(block_size=block_size) for _, spec in PHASES)
 
 
 @dataclass
@@ -84,13 +85,16 @@ def parse_passes(spec: str) -> list[ModulePass]:
 
 def run_passes(module: ModuleOp, spec: str | None = None, *, print_after_all: TextIO | None = None,
                on_pass: Callable[[str], None] | None = None, ctx: LlmirContext | None = None,
-               prefix: str = "") -> list[str]:
+               prefix: str = "", block_size: int = DEFAULT_BLOCK_SIZE) -> list[str]:
     """Runs the user's (or default) pipeline then REQUIRED; verifies after every pass.
 
-    Returns the names of the passes that ran, in order."""
+    `block_size`: the KV cache block of the default pipeline and of REQUIRED's paged-kv (a
+    user pipeline's own paged-kv, when it has one, runs first and decides). Returns the names
+    of the passes that ran, in order."""
     ctx = ctx or make_context()
     passes = (parse_passes(prefix) if prefix else []) + \
-        parse_passes(spec if spec is not None else default_pipeline()) + parse_passes(REQUIRED)
+        parse_passes(spec if spec is not None else default_pipeline(block_size)) + \
+        parse_passes(REQUIRED.format(block_size=block_size))
     ran = []
     for p in passes:
         if on_pass:

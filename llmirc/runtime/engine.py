@@ -9,7 +9,8 @@ drives it until its requests finish). Either way it is the same code path.
 Each step: schedule (continuous batching, prefix cache, preemption: `scheduler.py`), one
 `executor.forward(...)` (logits [L, vocab] float32), then per logits row either sample a token
 with the request's own parameters and generator or, for prompt-logprob rows, compute the
-logprob of the next prompt token. The executor is the only model-specific part: anything with
+logprob of the next prompt token. With a tokenizer, each request's text is detokenized as it
+grows and cut at its stop strings (`TextStream`); a request that hits one finishes at once. The executor is the only model-specific part: anything with
 `forward(token_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc,
 logits_indices)` and `num_blocks`/`block_size`/`vocab_size` runs here.
 """
@@ -30,6 +31,7 @@ from llmirc.errors import LlmircError
 
 from .sampling import GREEDY_TEMPERATURE, logprobs, sample, validate_sampling
 from .scheduler import Scheduler
+from .tokenizer import TextStream, Tokenizer
 
 log = logging.getLogger("llmirc.engine")
 MAX_LOGPROBS = 20  # top logprobs per position, as OpenAI allows
@@ -42,7 +44,9 @@ class SamplingParams:
     `logprobs` n: the sampled token's logprob and the n most likely (None: no logprobs).
     `prompt_logprobs` n: the same for every prompt token from `prompt_logprobs_start` on
     (position 0 has none). Logprobs are of the model's raw distribution (log-softmax of the
-    logits), as vLLM reports them by default."""
+    logits), as vLLM reports them by default. `stop`: strings that end the text (left out of
+    it unless `include_stop_str_in_output`); they need the engine's tokenizer. `detokenize`:
+    produce text (when the engine has a tokenizer)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -54,10 +58,17 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     prompt_logprobs_start: int = 0
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    detokenize: bool = True
 
     def validate(self) -> None:
         """Raises LlmircError naming the first invalid field."""
         validate_sampling(self.temperature, self.top_k, self.top_p)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise LlmircError(f"seed must be an integer >= 0 (or unset), got {self.seed!r}")
+        if any(not isinstance(s, str) for s in self.stop):
+            raise LlmircError(f"stop must be strings, got {self.stop!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS):
@@ -77,19 +88,21 @@ class TokenLogprob:
 
 @dataclass
 class RequestOutput:
-    """What one step produced for one request: at most one new token.
+    """What one step produced for one request: at most one new token, and the text it completes.
 
     `prompt_logprobs` (one entry per prompt position from the requested start, None for
-    position 0) comes with the request's first output only. finish_reason: "stop" (a stop
-    token: `stop_token`), "length", or "abort" (aborted, or the engine failed: `error`)."""
+    position 0) comes with the request's first output only. finish_reason: "stop" (an
+    end-of-sequence token, or `stop_reason`: the stop token id or stop string hit), "length",
+    or "abort" (aborted, or the engine failed: `error`)."""
 
     request_id: Hashable
     token: int | None
     finished: bool
     finish_reason: str | None = None
+    text: str = ""  # new text (empty without a tokenizer)
     logprob: TokenLogprob | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
-    stop_token: int | None = None
+    stop_reason: int | str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
     num_generated: int = 0
@@ -106,6 +119,27 @@ class _Request:
     first_token: float | None = None
     num_generated: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    text: TextStream | None = None
+
+
+class Histogram:
+    """Counts of observations at or below each bound, their sum and count (Prometheus' histogram)."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+
+LATENCY_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds
 
 
 @dataclass
@@ -116,15 +150,17 @@ class EngineStats:
     finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    computed_tokens: int = 0  # tokens run through the forward
     steps: int = 0
-    ttft: list[float] = field(default_factory=list)  # seconds, since the last scrape (drained by it)
-    e2e: list[float] = field(default_factory=list)
+    ttft: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))  # time to first token
+    e2e: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))  # arrival to finish
 
 
 class Engine:
-    def __init__(self, executor, scheduler: Scheduler):
+    def __init__(self, executor, scheduler: Scheduler, tokenizer: Tokenizer | None = None):
         self.executor = executor
         self.scheduler = scheduler
+        self.tokenizer = tokenizer
         self.stats = EngineStats()
         self.error: str | None = None  # set when a step failed: the engine serves nothing more
         self._requests: dict[int, _Request] = {}
@@ -141,12 +177,18 @@ class Engine:
         if self.error is not None:
             raise LlmircError(f"the engine stopped after an error: {self.error}")
         prompt = [int(t) for t in prompt]
-        params.validate()
-        self.scheduler.check_request(prompt, params.max_tokens)
+        self.check(prompt, params)
         request_id = next(self._ids)
         rng = np.random.default_rng(params.seed)
         self._inbox.put(("add", request_id, prompt, params, sink, rng, time.perf_counter()))
         return request_id
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise the error `add_request` would (thread-safe: reads only fixed settings)."""
+        params.validate()
+        if params.stop and self.tokenizer is None:
+            raise LlmircError("stop strings need a tokenizer, and this bundle has none: use stop token ids")
+        self.scheduler.check_request(prompt, params.max_tokens)
 
     def abort(self, request_id: int) -> None:
         """Stop a request and free its KV blocks at the next step boundary (no-op if finished)."""
@@ -235,6 +277,8 @@ class Engine:
         self.scheduler.add_request(prompt, params.max_tokens, request_id=request_id, ignore_eos=params.ignore_eos,
                                    stop_token_ids=params.stop_token_ids, prompt_logprobs_from=start)
         req = _Request(len(prompt), params, sink, rng, arrival)
+        if self.tokenizer is not None and params.detokenize:
+            req.text = TextStream(self.tokenizer, prompt, params.stop, params.include_stop_str_in_output)
         if start is not None:
             req.prompt_logprobs = [None] if start == 0 else []
         self._requests[request_id] = req
@@ -267,6 +311,7 @@ class Engine:
                 self._abort(request_id, "abort", self.error)
             return
         self.stats.steps += 1
+        self.stats.computed_tokens += step.num_tokens
         self._prompt_logprobs(step, logits)
         rows = {step.request_ids[r]: r for r in step.sample_rows}
         now = time.perf_counter()
@@ -279,19 +324,27 @@ class Engine:
                 self.stats.generation_tokens += 1
                 if req.first_token is None:
                     req.first_token = now
-                    self.stats.ttft.append(now - req.arrival)
+                    self.stats.ttft.observe(now - req.arrival)
                 if req.params.logprobs is not None:
                     out.logprob = self._token_logprob(logits[rows[event.request_id]], event.token,
                                                       req.params.logprobs)
                 if event.finish_reason == "stop" and event.token in req.params.stop_token_ids:
-                    out.stop_token = event.token
+                    out.stop_reason = event.token
+                if req.text is not None:
+                    out.text = req.text.add(event.token)
+                    if req.text.stopped is not None:  # a stop string: finished now, blocks freed
+                        if not event.finished:
+                            self.scheduler.abort(event.request_id)
+                        out.finished, out.finish_reason, out.stop_reason = True, "stop", req.text.stopped
+            if out.finished and req.text is not None:
+                out.text += req.text.finish()
             out.num_generated = req.num_generated
             if req.prompt_logprobs is not None:
                 out.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None
-            if event.finished:
+            if out.finished:
                 del self._requests[event.request_id]
-                self.stats.finished[event.finish_reason] += 1
-                self.stats.e2e.append(now - req.arrival)
+                self.stats.finished[out.finish_reason] += 1
+                self.stats.e2e.observe(now - req.arrival)
             req.sink(out)
 
     def _sample(self, step, logits: np.ndarray) -> np.ndarray:
@@ -333,8 +386,7 @@ class Engine:
         All requests are validated before any is queued. Closing the generator early aborts
         what is left of them."""
         for prompt, p in zip(prompts, params):
-            p.validate()
-            self.scheduler.check_request([int(t) for t in prompt], p.max_tokens)
+            self.check([int(t) for t in prompt], p)
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         ids = {self.add_request(prompt, p, outputs.put): i for i, (prompt, p) in enumerate(zip(prompts, params))}
         remaining = set(ids)

@@ -24,7 +24,7 @@ from .cpu_executor import CpuExecutor
 from .engine import Engine, RequestOutput, SamplingParams
 from .kv_cache import blocks_for
 from .scheduler import Scheduler
-from .tokenizer import TextStream, Tokenizer
+from .tokenizer import Tokenizer
 
 DEFAULT_KV_TOKENS = 16384
 
@@ -81,10 +81,10 @@ class Model:
                                    max_num_seqs=max_num_seqs, vocab_size=self.vocab_size,
                                    enable_prefix_caching=enable_prefix_caching,
                                    full_sequence=self.executor.full_sequence)
-        self.engine = Engine(self.executor, self.scheduler)
         tokenizer = m.get("tokenizer")
         # Through bundle.file: only a tokenizer.json listed in the manifest (so checksummed) is used.
         self.tokenizer = Tokenizer.from_bundle_dir(bundle.file(str(tokenizer)).parent) if tokenizer else None
+        self.engine = Engine(self.executor, self.scheduler, self.tokenizer)
         self.chat_template = None
         if self.tokenizer is not None and any(f.startswith("tokenizer/") for f in bundle.files):
             self.chat_template = ChatTemplate.from_folder(self.tokenizer.folder, self.tokenizer.special_tokens_map)
@@ -121,47 +121,43 @@ class Model:
 
     def generate_stream(self, prompts: list[str | list[int]], max_new_tokens: int, temperature: float = 0.0,
                         top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                        ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = (),
+                        ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = (), stop: tuple[str, ...] = (),
                         logprobs: int | None = None) -> Iterator[RequestOutput]:
         """Runs all prompts as one continuous batch; yields a RequestOutput (request_id = prompt
-        index, token, finished, finish_reason, logprob...) for every token as soon as it is sampled.
+        index, token, text, finished, finish_reason, logprob...) for every token as soon as it is
+        sampled.
 
         With a seed, prompt i samples from its own generator seeded `seed + i` (vLLM's rule for
-        n > 1), so runs are reproducible. `logprobs` n adds each token's logprob and the n most
-        likely. Closing the generator early aborts the rest (their KV blocks are freed)."""
+        n > 1), so runs are reproducible. `stop` strings end a sequence (and its text, which
+        leaves them out). `logprobs` n adds each token's logprob and the n most likely. Closing
+        the generator early aborts the rest (their KV blocks are freed)."""
         ids = self._prompts(prompts)
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  seed=None if seed is None else seed + i, stop_token_ids=tuple(stop_token_ids),
-                                 ignore_eos=ignore_eos, logprobs=logprobs) for i in range(len(ids))]
+                                 stop=tuple(stop), ignore_eos=ignore_eos, logprobs=logprobs)
+                  for i in range(len(ids))]
         return self.engine.generate(ids, params)
 
     def generate(self, prompts: list[str | list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = ()) -> list[list[int]]:
+                 ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = (), stop: tuple[str, ...] = ()
+                 ) -> list[list[int]]:
         """The generated ids of each prompt (a stop token, when hit, is included, as in transformers)."""
         out: list[list[int]] = [[] for _ in prompts]
         for event in self.generate_stream(prompts, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
-                                          stop_token_ids):
+                                          stop_token_ids, stop):
             if event.token is not None:
                 out[event.request_id].append(event.token)
         return out
 
-    def stream_text(self, prompt: str | list[int], stop: tuple[str, ...] = (), **kwargs) -> Iterator[str]:
-        """Text deltas of one prompt's continuation, as they are generated; generation ends at the
-        first of the `stop` strings (left out of the text). Keyword arguments as `generate_stream`."""
+    def stream_text(self, prompt: str | list[int], **kwargs) -> Iterator[str]:
+        """Text deltas of one prompt's continuation, as they are generated. Keyword arguments as
+        `generate_stream` (e.g. `stop` strings, left out of the text)."""
         if self.tokenizer is None:
             raise LlmircError(f"bundle {self.bundle.name} has no tokenizer")
-        ids = self.encode(prompt)
-        text = TextStream(self.tokenizer, ids, stop)
-        stream = self.generate_stream([ids], **kwargs)
-        for event in stream:
-            if event.token is not None and (delta := text.add(event.token)):
-                yield delta
-            if text.stopped:
-                stream.close()
-                break
-        if tail := text.finish():
-            yield tail
+        for event in self.generate_stream([prompt], **kwargs):
+            if event.text:
+                yield event.text
 
     def score(self, token_ids: list[int]) -> np.ndarray:
         """Logits [len(token_ids), vocab] float32 at every position (for evaluation)."""
