@@ -2,9 +2,9 @@
 
 The engine runs on its own thread (`Engine.start`); a request handler adds its requests with a
 callback that hands each output to an asyncio queue (`loop.call_soon_threadsafe`), so the event
-loop never waits on the model. A streaming client that disconnects cancels its response task,
-and a non-streaming one is noticed within `DISCONNECT_POLL_S`: either way its requests are
-aborted and their KV blocks freed at the engine's next step boundary.
+loop never waits on the model. A client that disconnects (streaming or not) is noticed within
+`DISCONNECT_POLL_S`: its requests are aborted and their KV blocks freed at the engine's next
+step boundary.
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with the status
 in `code`: 400 for a bad or over-long request (validation errors included, as vLLM does, not
@@ -26,7 +26,7 @@ from llmirc.runtime.engine import RequestOutput, SamplingParams
 from llmirc.runtime.model import Model
 
 log = logging.getLogger("llmirc.server")
-DISCONNECT_POLL_S = 0.5
+DISCONNECT_POLL_S = 0.1
 
 
 class APIError(Exception):
@@ -103,15 +103,20 @@ class Server:
             index[rid] = i
             self.in_flight += 1
         remaining = set(index)
+        next_check = loop.time() + DISCONNECT_POLL_S
         try:
             while remaining:
-                try:
-                    out = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S) if raw_request is not None \
-                        else await queue.get()
-                except asyncio.TimeoutError:
+                # Whether tokens flow or not, look for a disconnect every DISCONNECT_POLL_S (the
+                # server does not fail writes to a closed connection: it drops them).
+                if raw_request is not None and loop.time() >= next_check:
                     if await raw_request.is_disconnected():
                         log.info("client disconnected: aborting %d request(s)", len(remaining))
                         return
+                    next_check = loop.time() + DISCONNECT_POLL_S
+                try:
+                    out = await asyncio.wait_for(queue.get(), max(next_check - loop.time(), 0.001)) \
+                        if raw_request is not None else await queue.get()
+                except asyncio.TimeoutError:
                     continue
                 if out.finished:
                     remaining.discard(out.request_id)
