@@ -364,17 +364,36 @@ def test_fully_cached_prompt_still_computes_its_last_token():
     assert out[rid][0].cached_tokens == 4 and [e.token for e in out[rid]] == reference(prompt, 2, ())
 
 
-def test_identical_prompts_in_one_step_end_up_sharing_blocks():
+def test_requests_sharing_a_prefix_being_prefilled_wait_for_it_and_equal_blocks_are_shared():
     sched, model = make(num_blocks=16, block_size=4)
-    ids = [sched.add_request([5] * 9, 4, ignore_eos=True) for _ in range(3)]
+    ids = [sched.add_request([5] * 9, 8, ignore_eos=True) for _ in range(3)]
+    outputs = {}
     step = sched.schedule()
-    sched.commit(step, model.forward(step).argmax(-1))
-    tables = [s.blocks.block_table[:2] for s in sched.running]
-    assert tables[0] == tables[1] == tables[2]  # the later copies were swapped for the first's
-    assert sched.prefix_cache.num_cached == 2
-    outputs, _ = run(sched, model)
-    assert all(len(outputs[i]) == 3 for i in ids)
+    assert step.request_ids == [ids[0]] and len(sched.waiting) == 2  # the others wait for its blocks
+    for ev in sched.commit(step, model.forward(step).argmax(-1)):
+        outputs.setdefault(ev.request_id, []).append(ev.token)
+    step = sched.schedule()
+    assert step.query_start_loc.tolist() == [0, 1, 2, 3]  # 1 decode + 2 prefills of the one uncached token
+    assert step.positions.tolist() == [9, 8, 8]
+    for ev in sched.commit(step, model.forward(step).argmax(-1)):
+        outputs.setdefault(ev.request_id, []).append(ev.token)
+    rest, _ = run(sched, model)
+    assert all(outputs[i] + rest[i] == reference([5] * 9, 8, ()) for i in ids)
     assert sched.allocator.num_available == 16
+
+
+def test_identical_generated_blocks_are_deduplicated():
+    sched, model = make(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    a = sched.add_request([1, 2, 3], 9, ignore_eos=True)
+    b = sched.add_request([1, 2, 3], 9, ignore_eos=True)  # under one block: nothing to wait for
+    step = sched.schedule()
+    assert step.request_ids == [a, b]
+    sched.commit(step, model.forward(step).argmax(-1))
+    for _ in range(5):  # both reach 8 computed tokens: two identical full blocks each
+        step = sched.schedule()
+        sched.commit(step, model.forward(step).argmax(-1))
+    ta, tb = (s.blocks.block_table for s in sched.running)
+    assert ta[:2] == tb[:2] and sched.prefix_cache.num_cached == 2
 
 
 def test_eviction_takes_least_recently_used_blocks():

@@ -118,6 +118,24 @@ def test_streaming_completion_matches_and_reports_usage(server, client):
     assert all(e["object"] == "text_completion" for e in events)
 
 
+def test_return_token_ids_accounts_for_every_streamed_token(server, model):
+    body = {"model": "tiny", "prompt": "héllo wörld ✓ 日本", "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    full = httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]
+    expected = model.generate(["héllo wörld ✓ 日本"], 24, ignore_eos=True)[0]
+    assert full["token_ids"] == expected and full["prompt_token_ids"] == model.encode("héllo wörld ✓ 日本")
+    for path, payload in (("/v1/completions", body), ("/v1/chat/completions", {
+            **{k: v for k, v in body.items() if k != "prompt"}, "messages": [{"role": "user", "content": "hi"}]})):
+        with httpx.stream("POST", server.url + path, json={**payload, "stream": True}) as response:
+            events = sse(response)
+        ids = [t for e in events for t in e["choices"][0].get("token_ids", [])]
+        text = "".join(e["choices"][0].get("text") or e["choices"][0].get("delta", {}).get("content") or ""
+                       for e in events)
+        assert len(ids) == 24 and model.tokenizer.decode(ids) == text
+    assert ids == model.generate([model.apply_chat_template([{"role": "user", "content": "hi"}])], 24,
+                                 ignore_eos=True)[0]
+
+
 def test_repeated_long_prompt_is_served_from_the_prefix_cache(server, client):
     prompt = LONG + " and then some more words"
     first = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0)
@@ -265,6 +283,8 @@ BAD = {
     "top-p-zero": ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     "logprobs-too-many": ("/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
     "unsupported-penalty": ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    "special-tokens-kept": ("/v1/completions", {"prompt": "hi", "skip_special_tokens": False}, 400,
+                            "skip_special_tokens"),
     "n-zero": ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n must be"),
     "image-content": ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "only text"),

@@ -7,9 +7,9 @@ most likely one). Probabilities are computed in float64 and sampled by inverse C
 masked token can never be drawn.
 
 Host work per row is linear in the vocabulary, never a full sort: top-k finds its threshold
-by partial selection (`np.partition`); top-p needs the row's normalizer (one pass of exp), then
-sorts only the most likely candidates, a set that starts at `TOP_P_CANDIDATES` tokens and grows
-only when those do not yet hold top_p of the mass.
+by partial selection (`np.partition`); top-p needs the row's normalizer (one pass of exp, done
+for all rows at once), then sorts only the most likely candidates, a set that starts at
+`TOP_P_CANDIDATES` tokens and grows only when those do not yet hold top_p of the mass.
 """
 
 from __future__ import annotations
@@ -39,44 +39,46 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None = None, top
     if temperature <= GREEDY_TEMPERATURE:
         return np.argmax(logits, axis=-1).astype(np.int64)  # first max index, like torch.argmax
     uniforms = _uniforms(rng, logits.shape[0])
-    out = np.empty(logits.shape[0], dtype=np.int64)
-    for r, (ids, probs) in enumerate(kept_tokens(logits, temperature, top_k, top_p)):
-        out[r] = _draw(ids, probs, uniforms[r])
-    return out
+    _, weights = _top_k(logits, temperature, top_k)
+    if top_p is not None and top_p < 1.0:  # HF adds no top-p warper for top_p == 1
+        out = np.empty(len(weights), dtype=np.int64)
+        for r, row in enumerate(weights):
+            keep = _top_p(row, top_p)
+            out[r] = keep[_draw(row[keep], uniforms[r])]
+        return out
+    # Inverse CDF over the whole row, all rows at once.
+    cdf = np.cumsum(weights, axis=-1)
+    picked = (cdf <= uniforms[:, None] * cdf[:, -1:]).sum(axis=-1)
+    last_possible = weights.shape[-1] - 1 - np.argmax(weights[:, ::-1] > 0, axis=-1)
+    return np.minimum(picked, last_possible).astype(np.int64)
 
 
 def warp(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None) -> np.ndarray:
     """float64 logits / temperature with the tokens top-k and top-p remove set to -inf (temperature > 0).
 
-    The dense form of `kept_tokens`, for comparison with transformers' warpers."""
-    scores = np.asarray(logits, dtype=np.float64) / temperature
-    out = np.full_like(scores, -np.inf)
-    for r, (ids, _) in enumerate(kept_tokens(logits, temperature, top_k, top_p)):
-        keep = slice(None) if ids is None else ids
-        out[r, keep] = scores[r, keep]
-    return out
+    The dense form of what `sample` draws from, for comparison with transformers' warpers."""
+    scores, weights = _top_k(np.asarray(logits), temperature, top_k)
+    if top_p is not None and top_p < 1.0:
+        for r, row in enumerate(weights):
+            removed = np.ones(len(row), dtype=bool)
+            removed[_top_p(row, top_p)] = False
+            scores[r, removed] = -np.inf
+    return scores
 
 
-def kept_tokens(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None):
-    """Per row: (token ids or None for all, their probabilities after warping, float64, summing to 1)."""
-    vocab = logits.shape[-1]
-    for row in np.asarray(logits):
-        scores = row.astype(np.float64) / temperature
-        ids = None
-        if top_k is not None and top_k < vocab:
-            kth = np.partition(scores, vocab - top_k)[vocab - top_k]
-            ids = np.flatnonzero(scores >= kth)  # every tie at the boundary is kept
-            scores = scores[ids]
-        weights = np.exp(scores - scores.max())
-        if top_p is not None and top_p < 1.0:  # HF adds no top-p warper for top_p == 1
-            keep = _top_p(weights, top_p)
-            ids = keep if ids is None else ids[keep]
-            weights = weights[keep]
-        yield ids, weights / weights.sum()
+def _top_k(logits: np.ndarray, temperature: float, top_k: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 scores = logits / temperature with the tokens top-k removes at -inf,
+    unnormalized probabilities exp(score - row max): 0 where removed), both [R, V]."""
+    scores = logits.astype(np.float64) / temperature
+    vocab = scores.shape[-1]
+    if top_k is not None and top_k < vocab:
+        kth = np.partition(scores, vocab - top_k, axis=-1)[:, vocab - top_k, None]  # linear-time selection
+        scores[scores < kth] = -np.inf  # every tie at the boundary is kept
+    return scores, np.exp(scores - scores.max(axis=-1, keepdims=True))
 
 
 def _top_p(weights: np.ndarray, top_p: float) -> np.ndarray:
-    """Indices (most likely first) of the tokens top-p keeps, from unnormalized probabilities."""
+    """Indices (most likely first) of the tokens top-p keeps, from one row of unnormalized probabilities."""
     total = weights.sum()
     n = len(weights)
     count = min(TOP_P_CANDIDATES, n)
@@ -92,13 +94,12 @@ def _top_p(weights: np.ndarray, top_p: float) -> np.ndarray:
         count = min(count * 8, n)
 
 
-def _draw(ids: np.ndarray | None, probs: np.ndarray, u: float) -> int:
-    # Index of the first cumulative probability above u: tokens of probability 0 add nothing to
-    # the sum, so they are never the first to exceed it; u * total can round up to the total,
-    # hence the clamp to the last token that has probability.
-    cdf = np.cumsum(probs)
-    picked = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), int(np.flatnonzero(probs)[-1]))
-    return int(picked if ids is None else ids[picked])
+def _draw(weights: np.ndarray, u: float) -> int:
+    """Index of the first cumulative weight above u * total: tokens of weight 0 add nothing to the
+    sum, so they are never the first to exceed it; u * total can round up to the total, hence the
+    clamp to the last token that has weight."""
+    cdf = np.cumsum(weights)
+    return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), int(np.flatnonzero(weights)[-1]))
 
 
 def _uniforms(rng, rows: int) -> np.ndarray:

@@ -14,7 +14,9 @@ and hands them to `commit()`, which returns stream events. Policy, in order, per
 Prefix caching (on by default): at admission a request takes the longest run of full blocks of
 its prompt already in the prefix cache (`prefix_cache.py`) and its prefill starts after them
 (`cached_tokens`); the last prompt token is always computed, for its logits. Every block a
-sequence completes joins the cache at `commit()`.
+sequence completes joins the cache at `commit()`. A request whose next uncached block is being
+prefilled by a running sequence right now waits until that block is cached (SGLang's in-batch
+prefix caching), so requests that arrive together with a shared system prompt compute it once.
 
 Preemption by recompute (vLLM's policy): blocks are allocated as sequences grow, not reserved
 for the worst case. When a running sequence cannot grow, the most recently admitted running
@@ -246,6 +248,8 @@ class Scheduler:
             seq = self.waiting[0]
             nodes = self._cached_prefix(seq)
             start = len(nodes) * self.block_size
+            if self._being_prefilled(seq, start):
+                break  # its next block will be cached within a step or two: wait for it
             n = min(len(seq.tokens) - start, budget)
             blocks = blocks_for(start + n, self.block_size) - len(nodes)
             reserve = self.watermark if self.running else 0
@@ -357,6 +361,13 @@ class Scheduler:
             return []
         limit = min(len(seq.tokens) - 1, seq.logprobs_next - 1 if seq.logprobs_next < seq.prompt_len else len(seq.tokens))
         return self.prefix_cache.match(seq.tokens, limit)
+
+    def _being_prefilled(self, seq: Sequence, start: int) -> bool:
+        """Whether a running sequence is computing the block of `seq`'s prompt after its `start` cached tokens."""
+        if self.prefix_cache is None or start + self.block_size > seq.prompt_len:
+            return False
+        end = start + self.block_size
+        return any(s.num_computed < end <= s.prompt_len and s.tokens[:end] == seq.tokens[:end] for s in self.running)
 
     def _schedule_chunk(self, seq: Sequence, n: int, chunks: list[_Chunk]) -> int:
         """Allocate blocks for the next `n` tokens of `seq` and add them to `chunks`; returns n."""

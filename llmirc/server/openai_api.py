@@ -4,9 +4,9 @@ POST /v1/completions and /v1/chat/completions take OpenAI's parameters (model, p
 messages, max_tokens / max_completion_tokens, temperature, top_p, seed, stop, n, logprobs /
 top_logprobs, echo, stream, stream_options.include_usage) and vLLM's extensions (top_k,
 stop_token_ids, ignore_eos, include_stop_str_in_output, skip_special_tokens, add_generation_prompt,
-continue_final_message, chat_template_kwargs). Parameters that would change the output and
+continue_final_message, chat_template_kwargs, return_token_ids). Parameters that would change the output and
 that llmirc does not implement (penalties, logit_bias, min_p, min_tokens, best_of != n,
-suffix, non-text content, tool choice other than none/auto, response formats other than
+suffix, skip_special_tokens false, non-text content, tool choice other than none/auto, response formats other than
 text) are refused with a 400 naming them, never silently ignored; unknown fields are ignored,
 as vLLM does.
 
@@ -59,6 +59,7 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     echo: bool = False
+    return_token_ids: bool = False  # vLLM: the generated ids in each choice and stream chunk
     user: str | None = None
     # Not implemented: refused unless left at their neutral value.
     presence_penalty: float = 0.0
@@ -103,6 +104,9 @@ def _refuse_unsupported(req: _Common) -> None:
     for name, value in neutral.items():
         if getattr(req, name) not in (value, {} if name == "logit_bias" else value):
             raise APIError(400, f"{name} is not supported by llmirc (only {value!r})", name)
+    if not req.skip_special_tokens:
+        raise APIError(400, "skip_special_tokens false is not supported by llmirc (special tokens are always "
+                            "left out of the text)", "skip_special_tokens")
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, "best_of is not supported by llmirc (only best_of == n)", "best_of")
     if not 1 <= req.n <= MAX_N:
@@ -248,6 +252,7 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
         async def events():
             continuous = req.stream_options and req.stream_options.continuous_usage_stats
             offsets, sent, started = [0] * len(choices), [0] * len(choices), [False] * len(choices)
+            sent_ids = [0] * len(choices)
             try:
                 async for i, out in chained(first, stream):
                     c = choices[i]
@@ -262,10 +267,12 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
                     if not text and not c.done and not entries:
                         continue
                     started[i] = True
-                    yield _sse(chunk([{"index": i, "text": text, "logprobs": logprobs_of(entries, offsets[i]),
-                                       "finish_reason": c.finish_reason if c.done else None,
-                                       "stop_reason": c.stop_reason if c.done else None}],
-                                     usage() if continuous else None))
+                    body = {"index": i, "text": text, "logprobs": logprobs_of(entries, offsets[i]),
+                            "finish_reason": c.finish_reason if c.done else None,
+                            "stop_reason": c.stop_reason if c.done else None}
+                    if req.return_token_ids:
+                        body["token_ids"], sent_ids[i] = c.tokens[sent_ids[i]:], len(c.tokens)
+                    yield _sse(chunk([body], usage() if continuous else None))
                     offsets[i] += len(text)
                 if req.stream_options and req.stream_options.include_usage:
                     yield _sse(chunk([], usage()))
@@ -283,7 +290,9 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
             "model": server.options.served_model_name,
             "choices": [{"index": i, "text": echo_text(i) + c.text,
                          "logprobs": logprobs_of((c.prompt_logprobs or []) + c.logprobs, 0),
-                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                         **({"token_ids": c.tokens, "prompt_token_ids": requests[i][0]} if req.return_token_ids
+                            else {})}
                         for i, c in enumerate(choices)],
             "usage": usage()}
 
@@ -377,6 +386,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
                     role = {"role": "assistant", "content": echo}
                     yield _sse(chunk([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}],
                                      usage() if continuous else None))
+                sent_ids = [0] * len(choices)
                 async for i, out in chained(first, stream):
                     c = choices[i]
                     if c.done:
@@ -385,11 +395,13 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
                     new = [c.logprobs[-1]] if out.logprob is not None and req.logprobs and c.logprobs else []
                     if not delta and not c.done and not new:
                         continue
-                    yield _sse(chunk([{"index": i, "delta": {"content": delta} if delta else {},
-                                       "logprobs": _chat_logprobs(server, new) if req.logprobs else None,
-                                       "finish_reason": c.finish_reason if c.done else None,
-                                       "stop_reason": c.stop_reason if c.done else None}],
-                                     usage() if continuous else None))
+                    body = {"index": i, "delta": {"content": delta} if delta else {},
+                            "logprobs": _chat_logprobs(server, new) if req.logprobs else None,
+                            "finish_reason": c.finish_reason if c.done else None,
+                            "stop_reason": c.stop_reason if c.done else None}
+                    if req.return_token_ids:
+                        body["token_ids"], sent_ids[i] = c.tokens[sent_ids[i]:], len(c.tokens)
+                    yield _sse(chunk([body], usage() if continuous else None))
                 if req.stream_options and req.stream_options.include_usage:
                     yield _sse(chunk([], usage()))
             except APIError as e:
@@ -405,7 +417,8 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     return {"id": request_id, "object": "chat.completion", "created": created, "model": name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": echo + c.text},
                          "logprobs": _chat_logprobs(server, c.logprobs) if req.logprobs else None,
-                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                         **({"token_ids": c.tokens} if req.return_token_ids else {})}
                         for i, c in enumerate(choices)],
             "usage": usage()}
 

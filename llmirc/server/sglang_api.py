@@ -15,7 +15,8 @@ or {"type": "abort", ...}. A stream sends the cumulative text and output_ids in 
 
 `max_new_tokens` 0 computes the prompt only (it enters the prefix cache; SGLang frontend
 programs use this for `select` and to cache shared prefixes). Sampling parameters llmirc does
-not implement (penalties, min_p, min_new_tokens, regex, json_schema, ebnf, n > 1) are refused.
+not implement (penalties, min_p, min_new_tokens, regex, json_schema, ebnf, n > 1,
+skip_special_tokens false) are refused.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class _Params(BaseModel):
     ebnf: str | None = None
 
 
-NEUTRAL = {"min_p": 0.0, "n": 1, "min_new_tokens": 0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+NEUTRAL = {"skip_special_tokens": True, "min_p": 0.0, "n": 1, "min_new_tokens": 0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
            "repetition_penalty": 1.0, "regex": None, "json_schema": None, "ebnf": None}
 
 
