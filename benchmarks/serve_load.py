@@ -90,8 +90,13 @@ async def load(url: str, model_name: str, prompts: list[str], chat: bool, max_to
     limits = httpx.Limits(max_connections=len(prompts) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         start = time.perf_counter()
-        results = await asyncio.wait_for(asyncio.gather(*(one_request(client, path, b, chat) for b in bodies)),
-                                         timeout)
+        tasks = [asyncio.create_task(one_request(client, path, b, chat)) for b in bodies]
+        await asyncio.wait(tasks, timeout=timeout)
+        results = [({"error": repr(t.exception())} if t.exception() else t.result()) if t.done() else
+                   {"error": f"not finished within --timeout {timeout:.0f} s"} for t in tasks]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     return {"start": start, "results": results}
 
 
