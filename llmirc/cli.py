@@ -9,7 +9,6 @@ vLLM flag means the same thing, the same name is used (--max-model-len, --block-
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,35 +40,41 @@ def cli() -> None:
 
 @cli.command("compile")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--target", default="cpu", show_default=True, help="cpu (cuda and hip: not yet).")
+@click.option("--target", default="cpu", show_default=True,
+              help="Targets to compile for, comma-separated: cpu (cuda and hip: not yet).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory to write (OUT.llmir).")
 @click.option("--passes", default=None, help="Textual pass pipeline replacing the default, e.g. "
               "'canonicalize,cse,fuse-linears,paged-kv{block-size=32}'. prune-logits and paged-kv always run last.")
 @click.option("--print-ir-after-all", is_flag=True, help="Print the IR after every pass (stderr).")
-@click.option("--emit", type=click.Choice(["mlir", "llvm-ir", "asm"]), default=None,
-              help="Print a stage to stdout: the optimized IR (mlir), LLVM IR or host assembly.")
+@click.option("--emit", default=None, metavar="STAGE",
+              help="Print a stage to stdout: the optimized IR (mlir), or a target's stage (cpu: llvm-ir, asm).")
 @click.option("--keep-intermediates", is_flag=True, help="Also store LLVM IR, assembly and objects in the bundle.")
 @click.option("--cpu-variants", default="native,baseline", show_default=True,
               help="CPU libraries to build: native (this host's CPU) and/or baseline (x86-64-v2 / generic aarch64).")
+@click.option("--dtype", default="auto", show_default=True,
+              help="Storage type of linear and embedding weights: auto (the checkpoint's), float32, bfloat16, "
+                   "float16. Norm weights and biases are float32; compute is float32.")
+@click.option("--kv-cache-dtype", default="auto", show_default=True,
+              help="Paged KV cache type: auto (bfloat16/float16 when the weights are), float32, bfloat16, float16.")
 @click.option("--report", is_flag=True, help="Print what the passes fused or rewrote, and how often.")
 @click.option("--block-size", type=int, default=None,
               help="Tokens per paged KV cache block (a power of two; default 16), as vLLM's --block-size.")
-@click.option("--kv-cache-dtype", default="auto", show_default=True,
-              help="KV cache element type: auto or float32 (half-precision caches are not implemented yet).")
 @click.option("--max-model-len", type=click.IntRange(min=1), default=None,
               help="The context the bundle accepts (at most what the checkpoint supports; default: that).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, cpu_variants, report,
-                block_size, kv_cache_dtype, max_model_len, quiet):
+def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, cpu_variants, dtype,
+                kv_cache_dtype, report, block_size, max_model_len, quiet):
     """Compile MODEL (a Hugging Face checkpoint directory or an .onnx file) into a bundle."""
     try:
         from llmirc.driver import CompileOptions, Progress, compile_model
     except ImportError as e:
         _fail(f"the compiler is not installed ({e.name} missing): pip install 'llmirc[compiler]'")
     variants = tuple(v.strip() for v in cpu_variants.split(",") if v.strip())
-    options = CompileOptions(target=target, passes=passes, print_ir_after_all=print_ir_after_all, emit=emit,
+    targets = tuple(t.strip() for t in target.split(",") if t.strip())
+    options = CompileOptions(targets=targets, passes=passes, print_ir_after_all=print_ir_after_all, emit=emit,
                              keep_intermediates=keep_intermediates, cpu_variants=variants, report=report,
-                             block_size=block_size, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len)
+                             dtype=dtype, kv_cache_dtype=kv_cache_dtype, block_size=block_size,
+                             max_model_len=max_model_len)
     compile_model(model, output, options, Progress(None if quiet else sys.stderr))
 
 
@@ -87,6 +92,8 @@ def _sampling_options(fn):
                      help="KV cache size in tokens (default: the model's context, at most 16384)."),
         click.option("--no-verify", is_flag=True, help="Skip checksum verification (by default it runs once per "
                                                        "unchanged bundle and is remembered)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads (default: the CPUs this process may use)."),
     ]):
         fn = option(fn)
     return fn
@@ -121,7 +128,7 @@ def _warn_unused_sampling(temperature, top_k, top_p) -> None:
               help="One JSON object per sequence: tokens, text, finish_reason, timings (and logprobs).")
 @click.option("-q", "--quiet", is_flag=True, help="No tokens/s and time-to-first-token summary on stderr.")
 def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
-        kv_cache_tokens, no_verify, ignore_eos, logprobs, as_json, quiet):
+        kv_cache_tokens, no_verify, threads, ignore_eos, logprobs, as_json, quiet):
     """Generate text or tokens with a compiled BUNDLE.
 
     Without --json, a single prompt streams its text as it is generated; a batch prints each
@@ -132,7 +139,7 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, 
     if chat and token_ids:
         raise LlmircError("--chat takes text prompts (--prompt, --prompt-file), not --token-ids")
     _warn_unused_sampling(temperature, top_k, top_p)
-    model = _load(bundle, kv_cache_tokens, no_verify)
+    model = _load(bundle, kv_cache_tokens, no_verify, threads=threads)
     batch = [_parse_ids(s) for s in token_ids]
     if texts:
         if model.tokenizer is None:
@@ -209,7 +216,7 @@ def _read_file(path: Path) -> str:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--system", default=None, help="A system message starting the conversation.")
 @_sampling_options
-def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops, kv_cache_tokens, no_verify):
+def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops, kv_cache_tokens, no_verify, threads):
     """Chat with BUNDLE in the terminal: each input line is a user message; replies stream.
 
     Uses the bundle's chat template. Earlier turns stay in the prefix cache, so each reply
@@ -217,7 +224,7 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
     from llmirc.errors import RuntimeLimitError
 
     _warn_unused_sampling(temperature, top_k, top_p)
-    model = _load(bundle, kv_cache_tokens, no_verify)
+    model = _load(bundle, kv_cache_tokens, no_verify, threads=threads)
     if model.chat_template is None:
         raise LlmircError(f"{bundle}: the bundle has no chat template (its tokenizer_config.json has no "
                           "chat_template and there is no chat_template.jinja)")
@@ -294,8 +301,6 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
         from llmirc.server.app import ServerOptions, create_app
     except ImportError as e:
         raise LlmircError(f"serving needs the serve extra ({e.name} missing): pip install 'llmirc[serve]'") from None
-    if threads is not None:  # read by the kernels' OpenMP runtime when the library loads
-        os.environ["OMP_NUM_THREADS"] = str(threads)
     if gpu_memory_utilization is not None:
         click.echo("warning: --gpu-memory-utilization applies to GPU targets; this bundle runs on the CPU "
                    "(size its KV cache with --kv-cache-tokens)", err=True)
@@ -303,7 +308,8 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
         raise LlmircError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-num-seqs "
                           f"({max_num_seqs})")
     model = _load(bundle, kv_cache_tokens, no_verify, max_batched_tokens=max_num_batched_tokens,
-                  max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len)
+                  max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
+                  threads=threads)
     dtype = (model.bundle.manifest.get("kv_cache") or {}).get("dtype", "float32")
     if kv_cache_dtype not in ("auto", dtype):
         raise LlmircError(f"--kv-cache-dtype {kv_cache_dtype}: this bundle's KV cache is {dtype} (the cache dtype "
@@ -359,8 +365,10 @@ def inspect(bundle, as_json, no_verify):
               help="Also time Hugging Face transformers (eager, float32) on this checkpoint in the same run.")
 @click.option("--kv-cache-tokens", type=click.IntRange(min=1), default=None,
               help="KV cache size in tokens (default: what the benchmark needs).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (default: the CPUs this process may use); transformers gets as many.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens, as_json):
+def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens, threads, as_json):
     """Measure prefill and decode tokens/s of BUNDLE (and the memory-bandwidth floor)."""
     from llmirc.runtime.bench import format_table, run_bench
 
@@ -369,7 +377,7 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens
         raise LlmircError(f"--compare-transformers {hf_dir}: not a Hugging Face checkpoint directory "
                           "(no config.json)")
     results = run_bench(bundle, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, repeat=repeat,
-                        hf_dir=hf_dir, kv_cache_tokens=kv_cache_tokens)
+                        hf_dir=hf_dir, threads=threads, kv_cache_tokens=kv_cache_tokens)
     click.echo(json.dumps(results, indent=2) if as_json else format_table(results))
 
 

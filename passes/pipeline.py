@@ -1,7 +1,7 @@
 """The optimization pipeline, read top to bottom, in named phases.
 
 `--passes` replaces the phases with the user's own textual pipeline; the target's required
-lowering (REQUIRED) always runs after it and is a no-op where it has already happened.
+lowering (`required()`) always runs after it and is a no-op where it has already happened.
 """
 
 from __future__ import annotations
@@ -36,9 +36,15 @@ PHASES: list[tuple[str, str]] = [
     # Phase 4: tidy up before code generation.
     ("finalize", "canonicalize,cse,dce"),
 ]
-# What every target needs before code generation: the ABI's logits rows and paged KV cache.
-REQUIRED = "prune-logits,paged-kv{{block-size={block_size}}},dce"
 DEFAULT_BLOCK_SIZE = 16
+
+
+def required(dtype: str = "auto", kv_cache_dtype: str = "auto", block_size: int = DEFAULT_BLOCK_SIZE) -> str:
+    """What every target needs before code generation: weights in the requested type, the ABI's
+    logits rows and the paged KV cache of the requested type and block (`--dtype`,
+    `--kv-cache-dtype`, `--block-size`; a paged-kv that already ran decides the block)."""
+    return (f"cast-weights{{dtype={dtype}}},prune-logits,paged-kv{{block-size={block_size}}},"
+            f"kv-cache-dtype{{dtype={kv_cache_dtype}}},dce")
 
 
 def default_pipeline(block_size: int = DEFAULT_BLOCK_SIZE) -> str:
@@ -85,16 +91,17 @@ def parse_passes(spec: str) -> list[ModulePass]:
 
 def run_passes(module: ModuleOp, spec: str | None = None, *, print_after_all: TextIO | None = None,
                on_pass: Callable[[str], None] | None = None, ctx: LlmirContext | None = None,
-               prefix: str = "", block_size: int = DEFAULT_BLOCK_SIZE) -> list[str]:
-    """Runs the user's (or default) pipeline then REQUIRED; verifies after every pass.
+               prefix: str = "", tail: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> list[str]:
+    """Runs `prefix` (a front end's lowering), the user's (or default) pipeline, then `tail`
+    (default: `required()`); verifies after every pass.
 
-    `block_size`: the KV cache block of the default pipeline and of REQUIRED's paged-kv (a
-    user pipeline's own paged-kv, when it has one, runs first and decides). Returns the names
-    of the passes that ran, in order."""
+    `block_size`: the KV cache block of the default pipeline and of the default tail's paged-kv
+    (a user pipeline's own paged-kv, when it has one, runs first and decides). Returns the
+    names of the passes that ran, in order."""
     ctx = ctx or make_context()
     passes = (parse_passes(prefix) if prefix else []) + \
         parse_passes(spec if spec is not None else default_pipeline(block_size)) + \
-        parse_passes(REQUIRED.format(block_size=block_size))
+        parse_passes(tail or required(block_size=block_size))
     ran = []
     for p in passes:
         if on_pass:

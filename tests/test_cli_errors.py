@@ -870,7 +870,7 @@ def test_compile_block_size_and_max_model_len(ckpt, tmp_path):
 BAD_COMPILE_FLAGS = {
     "block-size-not-power-of-two": (["--block-size", "12"], ["--block-size 12", "power of two"]),
     "block-size-twice": (["--block-size", "8", "--passes", "paged-kv{block-size=16}"], ["--block-size", "one place"]),
-    "kv-cache-dtype": (["--kv-cache-dtype", "bfloat16"], ["--kv-cache-dtype bfloat16", "auto or float32"]),
+    "kv-cache-dtype": (["--kv-cache-dtype", "int3"], ["--kv-cache-dtype", "unknown dtype 'int3'"]),
     "max-model-len-too-long": (["--max-model-len", "600"], ["--max-model-len 600", "at most 512"]),
 }
 
@@ -884,7 +884,7 @@ def test_compile_bad_engine_flags(ckpt, tmp_path, case):
 
 
 @pytest.mark.parametrize("args,needles", [
-    (["--kv-cache-dtype", "bfloat16"], ["--kv-cache-dtype bfloat16", "float32"]),
+    (["--kv-cache-dtype", "bfloat16"], ["--kv-cache-dtype bfloat16", "this bundle's KV cache is float32"]),
     (["--max-model-len", "600"], ["max_model_len 600", "context of 512"]),
     (["--max-num-seqs", "64", "--max-num-batched-tokens", "32"], ["--max-num-batched-tokens (32)"]),
     (["--chat-template", "/nonexistent.jinja"], ["/nonexistent.jinja", "cannot read"]),

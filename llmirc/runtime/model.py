@@ -30,8 +30,8 @@ DEFAULT_KV_TOKENS = 16384
 
 
 def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_tokens: int = 2048,
-         max_num_seqs: int = 64, verify: bool = True, target: str | None = None, enable_prefix_caching: bool = True,
-         max_model_len: int | None = None) -> Model:
+         max_num_seqs: int = 64, verify: bool = True, target: str | None = None, threads: int | None = None,
+         enable_prefix_caching: bool = True, max_model_len: int | None = None) -> Model:
     """Opens a bundle and loads its kernels for this host.
 
     `verify` checks every file's sha256, once per unchanged bundle (the result is remembered,
@@ -40,15 +40,17 @@ def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_to
     step (longer prompts are prefilled in chunks), `max_num_seqs` the sequences per step.
     `max_model_len` lowers the context the model accepts (never above the bundle's). `target`
     picks a library by name (`llmirc inspect` lists them); by default the first that fits this
-    host. Raises BundleError for a bad bundle, LlmircError for bad options."""
+    host. `threads`: CPU threads the kernels use (default: the CPUs this process may run on).
+    Raises BundleError for a bad bundle, LlmircError for bad options."""
     return Model(open_bundle(Path(path), verify=verify, remember=True), kv_cache_tokens=kv_cache_tokens,
-                 max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs, target=target,
+                 max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs, target=target, threads=threads,
                  enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len)
 
 
 class Model:
     def __init__(self, bundle: Bundle, *, kv_cache_tokens: int | None, max_batched_tokens: int, max_num_seqs: int,
-                 target: str | None = None, enable_prefix_caching: bool = True, max_model_len: int | None = None):
+                 target: str | None = None, threads: int | None = None, enable_prefix_caching: bool = True,
+                 max_model_len: int | None = None):
         self.bundle = bundle
         m = bundle.manifest
         try:
@@ -75,7 +77,7 @@ class Model:
         if tokens < 1:
             raise LlmircError(f"kv_cache_tokens must be positive, got {kv_cache_tokens}")
         self.num_blocks = blocks_for(tokens, self.block_size)
-        self.executor = CpuExecutor(bundle, self.num_blocks, target)
+        self.executor = CpuExecutor(bundle, self.num_blocks, target, threads)
         self.scheduler = Scheduler(self.num_blocks, self.block_size, self.max_context,
                                    eos_token_ids=self.eos_token_ids, max_batched_tokens=max_batched_tokens,
                                    max_num_seqs=max_num_seqs, vocab_size=self.vocab_size,
