@@ -175,10 +175,9 @@ def main() -> None:
     rows = []
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    server = RunningServer(bundle, "--served-model-name", "model", "--max-num-seqs", args.clients,
-                           "--max-num-batched-tokens", max(2048, args.clients), "--threads", args.threads,
-                           "--kv-cache-tokens", args.clients * context + 1024)
-    try:
+    with RunningServer(bundle, "--served-model-name", "model", "--max-num-seqs", args.clients,
+                       "--max-num-batched-tokens", max(2048, args.clients), "--threads", args.threads,
+                       "--kv-cache-tokens", args.clients * context + 1024) as server:
         run = asyncio.run(load(server.url, "model", prompts, chat, args.max_tokens, args.timeout))
         row = summarize("llmirc", run, model.tokenizer)
         row["server_alive"] = httpx.get(server.url + "/health").status_code == 200
@@ -186,8 +185,6 @@ def main() -> None:
         row["prefix_cache_hit_rate"] = float(next(line.rsplit(" ", 1)[1] for line in metrics.splitlines()
                                                   if line.startswith("llmirc:prefix_cache_hit_rate")))
         rows.append(row)
-    finally:
-        server.close()
 
     if importlib.util.find_spec("llama_cpp") is None:
         rows.append({"server": "llama_cpp.server", "status": "not installed"})

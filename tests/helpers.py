@@ -202,6 +202,12 @@ class RunningServer:
                     raise RuntimeError(f"the server did not start:\n{self.log.read_text()}")
                 time.sleep(0.2)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

@@ -327,6 +327,10 @@ BAD_OPTIONS = {
     "bad-cpu-variant": (["--cpu-variants", "pentium9"], ["pentium9"]),
     "no-cpu-variant": (["--cpu-variants", ","], ["--cpu-variants"]),
     "unknown-option": (["--frobnicate"], ["--frobnicate"]),
+    "block-size-not-power-of-two": (["--block-size", "12"], ["--block-size 12", "power of two"]),
+    "block-size-twice": (["--block-size", "8", "--passes", "paged-kv{block-size=16}"], ["--block-size", "one place"]),
+    "kv-cache-dtype": (["--kv-cache-dtype", "int3"], ["--kv-cache-dtype", "unknown dtype 'int3'"]),
+    "max-model-len-too-long": (["--max-model-len", "600"], ["--max-model-len 600", "at most 512"]),
 }
 
 
@@ -865,22 +869,6 @@ def test_compile_block_size_and_max_model_len(ckpt, tmp_path):
     assert m["kv_cache"]["block_size"] == 8 and m["model"]["max_position_embeddings"] == 64
     assert run_json(out, "--token-ids", "1,2,3", "--max-new-tokens", "20", "--ignore-eos")[0]["finish_reason"]
     assert_user_error(llmirc("run", out, "--token-ids", "1,2,3", "--max-new-tokens", "62"), "context of 64")
-
-
-BAD_COMPILE_FLAGS = {
-    "block-size-not-power-of-two": (["--block-size", "12"], ["--block-size 12", "power of two"]),
-    "block-size-twice": (["--block-size", "8", "--passes", "paged-kv{block-size=16}"], ["--block-size", "one place"]),
-    "kv-cache-dtype": (["--kv-cache-dtype", "int3"], ["--kv-cache-dtype", "unknown dtype 'int3'"]),
-    "max-model-len-too-long": (["--max-model-len", "600"], ["--max-model-len 600", "at most 512"]),
-}
-
-
-@pytest.mark.parametrize("case", BAD_COMPILE_FLAGS)
-def test_compile_bad_engine_flags(ckpt, tmp_path, case):
-    args, needles = BAD_COMPILE_FLAGS[case]
-    out = tmp_path / "x.llmir"
-    assert_user_error(llmirc("compile", ckpt, "-o", out, "-q", *args), *needles)
-    assert not out.exists() and leftovers(out) == []
 
 
 @pytest.mark.parametrize("args,needles", [

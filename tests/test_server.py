@@ -46,10 +46,9 @@ def model(bundle):
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    s = RunningServer(bundle, "--served-model-name", "tiny", "--kv-cache-tokens", 4096, "--max-num-seqs", 8,
-                      "--max-num-batched-tokens", 256)
-    yield s
-    s.close()
+    with RunningServer(bundle, "--served-model-name", "tiny", "--kv-cache-tokens", 4096, "--max-num-seqs", 8,
+                       "--max-num-batched-tokens", 256) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +272,8 @@ BAD = {
     "messages-wrong-type": ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
     "messages-empty": ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     "negative-max-tokens": ("/v1/completions", {"prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
-    "huge-max-tokens": ("/v1/completions", {"prompt": "hi", "max_tokens": 10**12}, 400, "maximum context length is 2048"),
+    "huge-max-tokens": ("/v1/completions", {"prompt": "hi", "max_tokens": 10**12}, 400,
+                        "maximum context length is 2048"),
     "unknown-model": ("/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404, "gpt-9"),
     "prompt-over-context": ("/v1/completions", {"prompt": "the quick brown fox " * 600}, 400,
                             "maximum context length is 2048"),
@@ -321,10 +321,9 @@ def test_openai_client_raises_its_own_error_types(client):
 
 @pytest.fixture(scope="module")
 def guarded(bundle):
-    s = RunningServer(bundle, "--api-key", "sekret", "--max-num-seqs", 1, "--max-num-batched-tokens", 64,
-                      "--max-queued-requests", 0)
-    yield s
-    s.close()
+    with RunningServer(bundle, "--api-key", "sekret", "--max-num-seqs", 1, "--max-num-batched-tokens", 64,
+                       "--max-queued-requests", 0) as s:
+        yield s
 
 
 def test_api_key_is_required(guarded):

@@ -138,7 +138,8 @@ def test_streaming_after_a_prompt_keeps_leading_spaces(tmp_path, kind):
 @pytest.mark.parametrize("include_stop", [False, True])
 def test_text_stream_cuts_at_the_first_stop_string_and_never_takes_text_back(tmp_path, kind, include_stop):
     ours = Tokenizer.from_bundle_dir(write(tmp_path, *BUILDERS[kind]()))
-    ids = ours.encode("hello world, this is a small test corpus. héllo wörld ✓ 日本 the lazy dog", add_special_tokens=False)
+    ids = ours.encode("hello world, this is a small test corpus. héllo wörld ✓ 日本 the lazy dog",
+                      add_special_tokens=False)
     full = ours.decode(ids)
     cases = [["world"], ["is a"], ["lo w", "zzz"], ["日本"], ["✓ 日"], ["nothing here"], ["dog"], ["t", "tes"],
              [full[-3:]], ["x" * 40, "corpus."]]

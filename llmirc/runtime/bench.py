@@ -10,7 +10,6 @@ pattern as decode. This machine may be shared and noisy: every figure is the bes
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 from pathlib import Path

@@ -5,7 +5,8 @@ The template is the tokenizer's: `chat_template.jinja` beside tokenizer.json, el
 "default" is used, "tool_use" when tools are given and it exists). It is rendered with jinja2's
 sandbox exactly as transformers 5's `apply_chat_template(..., tokenize=False)` does:
 ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks, the loopcontrols extension,
-`{% generation %}` blocks (transformers marks assistant tokens with them; here they render their body), a `tojson` that does not escape HTML, `raise_exception`, `strftime_now`, and the variables
+`{% generation %}` blocks (transformers marks assistant tokens with them; here they render
+their body), a `tojson` that does not escape HTML, `raise_exception`, `strftime_now`, and the variables
 `messages`, `tools`, `documents`, `add_generation_prompt` and the named special tokens
 (bos_token, eos_token, ...) as strings. Keys whose value is None are dropped from messages
 first. The rendered text holds its special tokens, so it is encoded without adding any more.
@@ -137,7 +138,8 @@ def _environment():
     def strftime_now(fmt):
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, "jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now

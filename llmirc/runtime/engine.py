@@ -10,7 +10,8 @@ Each step: schedule (continuous batching, prefix cache, preemption: `scheduler.p
 `executor.forward(...)` (logits [L, vocab] float32), then per logits row either sample a token
 with the request's own parameters and generator or, for prompt-logprob rows, compute the
 logprob of the next prompt token. With a tokenizer, each request's text is detokenized as it
-grows and cut at its stop strings (`TextStream`); a request that hits one finishes at once. The executor is the only model-specific part: anything with
+grows and cut at its stop strings (`TextStream`); a request that hits one finishes at once.
+The executor is the only model-specific part: anything with
 `forward(token_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc,
 logits_indices)` and `num_blocks`/`block_size`/`vocab_size` runs here.
 """

@@ -359,7 +359,9 @@ class Scheduler:
         nor a prompt position whose logits are still to be reported."""
         if self.prefix_cache is None:
             return []
-        limit = min(len(seq.tokens) - 1, seq.logprobs_next - 1 if seq.logprobs_next < seq.prompt_len else len(seq.tokens))
+        limit = len(seq.tokens) - 1
+        if seq.logprobs_next < seq.prompt_len:
+            limit = min(limit, seq.logprobs_next - 1)
         return self.prefix_cache.match(seq.tokens, limit)
 
     def _being_prefilled(self, seq: Sequence, start: int) -> bool:

@@ -15,6 +15,7 @@ FastAPI's 422), 401 without the API key, 404 for an unknown model or route, 503 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -22,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from llmirc.errors import LlmircError, RuntimeLimitError
-from llmirc.runtime.engine import RequestOutput, SamplingParams
+from llmirc.runtime.engine import RequestOutput, SamplingParams, TokenLogprob
 from llmirc.runtime.model import Model
 
 log = logging.getLogger("llmirc.server")
@@ -95,7 +96,8 @@ class Server:
         index: dict[int, int] = {}
         for i, (prompt, params) in enumerate(requests):
             try:
-                rid = self.engine.add_request(prompt, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+                rid = self.engine.add_request(prompt, params,
+                                              lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
             except LlmircError as e:
                 for running in index:
                     self.engine.abort(running)
@@ -130,21 +132,74 @@ class Server:
             self.in_flight -= len(remaining)
 
 
-async def first_output(stream) -> list:
-    """The first item of an async iterator, as a list (empty when there is none): awaited before
-    a streaming response starts, so that its errors (400, 503) still get their status."""
+class Generation:
+    """One engine request's outputs so far: text, token ids, logprobs and how it finished."""
+
+    def __init__(self):
+        self.text = ""
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.error: str | None = None
+        self.cached_tokens = 0
+        self.done = False
+
+    def update(self, out: RequestOutput) -> str:
+        """Apply one engine output; returns its new text."""
+        self.cached_tokens = out.cached_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        if out.token is not None:
+            self.tokens.append(out.token)
+            if out.logprob is not None:
+                self.logprobs.append(out.logprob)
+        self.text += out.text
+        if out.finished:
+            self.done = True
+            self.finish_reason, self.stop_reason, self.error = out.finish_reason, out.stop_reason, out.error
+        return out.text
+
+
+def sse(data) -> str:
+    """One server-sent event carrying `data` as JSON."""
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def event_stream(server: Server, requests: list[tuple[list[int], SamplingParams]], raw_request, bodies,
+                       final=None):
+    """A streaming response: `bodies(outputs)` turns the engine outputs ((index, output) pairs)
+    into event bodies, then `final()` (when given) adds one, an engine failure adds an error
+    body, and `data: [DONE]` ends it. The first output is awaited before the response starts,
+    so that refusals (400, 503) keep their status; a disconnect aborts what still runs."""
+    from fastapi.responses import StreamingResponse
+
+    stream = server.generate(requests, raw_request)
     try:
-        return [await stream.__anext__()]
+        first = [await stream.__anext__()]
     except StopAsyncIteration:
-        return []
+        first = []
 
+    async def outputs():
+        for item in first:
+            yield item
+        async for item in stream:
+            yield item
 
-async def chained(first: list, rest):
-    """`first`'s items, then `rest`'s."""
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item
+    async def events():
+        try:
+            async for body in bodies(outputs()):
+                yield sse(body)
+            if final is not None:
+                yield sse(final())
+        except APIError as e:
+            yield sse(e.body())
+        finally:
+            await stream.aclose()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 def _without_request_id(message: str) -> str:

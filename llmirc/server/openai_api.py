@@ -18,19 +18,17 @@ null for end-of-sequence). A stream is server-sent events ending in `data: [DONE
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmirc.errors import LlmircError
-from llmirc.runtime.engine import MAX_LOGPROBS, RequestOutput, SamplingParams, TokenLogprob
+from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
-from .app import APIError, Server, chained, first_output
+from .app import APIError, Generation, Server, event_stream
 
 MAX_N = 128
 
@@ -139,42 +137,29 @@ def _tokenizer(server: Server):
     return tokenizer
 
 
-class _Choice:
-    """One choice while it runs: its text, tokens, logprobs and finish."""
-
-    def __init__(self):
-        self.text = ""
-        self.tokens: list[int] = []
-        self.logprobs: list[TokenLogprob] = []
-        self.prompt_logprobs: list[TokenLogprob | None] | None = None
-        self.finish_reason: str | None = None
-        self.stop_reason: str | int | None = None
-        self.cached_tokens = 0
-        self.done = False
-
-    def update(self, out: RequestOutput) -> str:
-        """Apply one engine output; returns its new text."""
-        self.cached_tokens = out.cached_tokens
-        if out.prompt_logprobs is not None:
-            self.prompt_logprobs = out.prompt_logprobs
-        if out.token is not None:
-            self.tokens.append(out.token)
-            if out.logprob is not None:
-                self.logprobs.append(out.logprob)
-        self.text += out.text
-        if out.finished:
-            self.finish_reason, self.stop_reason, self.done = out.finish_reason, out.stop_reason, True
-        return out.text
+def _finish(c: Generation) -> dict:
+    return {"finish_reason": c.finish_reason if c.done else None, "stop_reason": c.stop_reason if c.done else None}
 
 
-def _usage(prompt_tokens: int, choices: list[_Choice], cached: int) -> dict:
+def _chunks(req: _Common, kind: str, request_id: str, created: int, model: str):
+    """The function making this request's stream chunks: chunk(choices, usage) -> body."""
+    def chunk(choices: list, usage: dict | None = None) -> dict:
+        body = {"id": request_id, "object": kind, "created": created, "model": model, "choices": choices}
+        if req.stream_options and req.stream_options.include_usage:
+            body["usage"] = usage
+        return body
+    return chunk
+
+
+def _usage_chunk(req: _Common, chunk, usage):
+    """The final stream chunk with the usage, when stream_options.include_usage asks for it."""
+    return (lambda: chunk([], usage())) if req.stream_options and req.stream_options.include_usage else None
+
+
+def _usage(prompt_tokens: int, choices: list[Generation], cached: int) -> dict:
     completion = sum(len(c.tokens) for c in choices)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-def _sse(data) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 # -- /v1/completions ---------------------------------------------------------------------------
@@ -223,7 +208,7 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     requests = [(p, _sampling(server, req, max_tokens, req.logprobs, prompt_logprobs, j))
                 for p in prompts for j in range(req.n)]
-    choices = [_Choice() for _ in requests]
+    choices = [Generation() for _ in requests]
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prompt_tokens = sum(map(len, prompts))
 
@@ -238,51 +223,34 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
         cached = sum(choices[i * req.n].cached_tokens for i in range(len(prompts)))
         return _usage(prompt_tokens, choices, cached)
 
-    def chunk(choice_list, use=None):
-        body = {"id": request_id, "object": "text_completion", "created": created,
-                "model": server.options.served_model_name, "choices": choice_list}
-        if req.stream_options and req.stream_options.include_usage:
-            body["usage"] = use
-        return body
+    chunk = _chunks(req, "text_completion", request_id, created, server.options.served_model_name)
 
     if req.stream:
-        stream = server.generate(requests, raw_request)
-        first = await first_output(stream)  # errors (503, 400) before the response starts
+        continuous = req.stream_options and req.stream_options.continuous_usage_stats
 
-        async def events():
-            continuous = req.stream_options and req.stream_options.continuous_usage_stats
-            offsets, sent, started = [0] * len(choices), [0] * len(choices), [False] * len(choices)
-            sent_ids = [0] * len(choices)
-            try:
-                async for i, out in chained(first, stream):
-                    c = choices[i]
-                    if c.done:
-                        continue
-                    text, entries = c.update(out), []
-                    if not started[i]:
-                        text = echo_text(i) + text
-                        entries += c.prompt_logprobs or []
-                    entries += c.logprobs[sent[i]:]
-                    sent[i] = len(c.logprobs)
-                    if not text and not c.done and not entries:
-                        continue
-                    started[i] = True
-                    body = {"index": i, "text": text, "logprobs": logprobs_of(entries, offsets[i]),
-                            "finish_reason": c.finish_reason if c.done else None,
-                            "stop_reason": c.stop_reason if c.done else None}
-                    if req.return_token_ids:
-                        body["token_ids"], sent_ids[i] = c.tokens[sent_ids[i]:], len(c.tokens)
-                    yield _sse(chunk([body], usage() if continuous else None))
-                    offsets[i] += len(text)
-                if req.stream_options and req.stream_options.include_usage:
-                    yield _sse(chunk([], usage()))
-            except APIError as e:
-                yield _sse(e.body())
-            finally:
-                await stream.aclose()  # a disconnect closes this generator: abort what still runs
-            yield "data: [DONE]\n\n"
+        async def bodies(outputs):
+            offsets, sent, sent_ids, started = [0] * len(choices), [0] * len(choices), [0] * len(choices), \
+                [False] * len(choices)
+            async for i, out in outputs:
+                c = choices[i]
+                if c.done:
+                    continue
+                text, entries = c.update(out), []
+                if not started[i]:
+                    text = echo_text(i) + text
+                    entries += c.prompt_logprobs or []
+                entries += c.logprobs[sent[i]:]
+                sent[i] = len(c.logprobs)
+                if not text and not c.done and not entries:
+                    continue
+                started[i] = True
+                body = {"index": i, "text": text, "logprobs": logprobs_of(entries, offsets[i]), **_finish(c)}
+                if req.return_token_ids:
+                    body["token_ids"], sent_ids[i] = c.tokens[sent_ids[i]:], len(c.tokens)
+                yield chunk([body], usage() if continuous else None)
+                offsets[i] += len(text)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return await event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage))
 
     async for i, out in server.generate(requests, raw_request):
         choices[i].update(out)
@@ -290,7 +258,7 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
             "model": server.options.served_model_name,
             "choices": [{"index": i, "text": echo_text(i) + c.text,
                          "logprobs": logprobs_of((c.prompt_logprobs or []) + c.logprobs, 0),
-                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                         **_finish(c),
                          **({"token_ids": c.tokens, "prompt_token_ids": requests[i][0]} if req.return_token_ids
                             else {})}
                         for i, c in enumerate(choices)],
@@ -360,7 +328,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     server.check_length(len(prompt), max_tokens)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     requests = [(prompt, _sampling(server, req, max_tokens, logprobs, None, j)) for j in range(req.n)]
-    choices = [_Choice() for _ in requests]
+    choices = [Generation() for _ in requests]
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     name = server.options.served_model_name
     echo = server.model.tokenizer.decode(prompt) if req.echo else ""
@@ -368,56 +336,38 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     def usage():
         return _usage(len(prompt), choices, choices[0].cached_tokens)
 
-    def chunk(choice_list, use=None):
-        body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": name,
-                "choices": choice_list}
-        if req.stream_options and req.stream_options.include_usage:
-            body["usage"] = use
-        return body
+    chunk = _chunks(req, "chat.completion.chunk", request_id, created, name)
 
     if req.stream:
-        stream = server.generate(requests, raw_request)
-        first = await first_output(stream)  # errors (503, 400) before the response starts
+        continuous = req.stream_options and req.stream_options.continuous_usage_stats
 
-        async def events():
-            continuous = req.stream_options and req.stream_options.continuous_usage_stats
-            try:
-                for i in range(len(choices)):
-                    role = {"role": "assistant", "content": echo}
-                    yield _sse(chunk([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}],
-                                     usage() if continuous else None))
-                sent_ids = [0] * len(choices)
-                async for i, out in chained(first, stream):
-                    c = choices[i]
-                    if c.done:
-                        continue
-                    delta = c.update(out)
-                    new = [c.logprobs[-1]] if out.logprob is not None and req.logprobs and c.logprobs else []
-                    if not delta and not c.done and not new:
-                        continue
-                    body = {"index": i, "delta": {"content": delta} if delta else {},
-                            "logprobs": _chat_logprobs(server, new) if req.logprobs else None,
-                            "finish_reason": c.finish_reason if c.done else None,
-                            "stop_reason": c.stop_reason if c.done else None}
-                    if req.return_token_ids:
-                        body["token_ids"], sent_ids[i] = c.tokens[sent_ids[i]:], len(c.tokens)
-                    yield _sse(chunk([body], usage() if continuous else None))
-                if req.stream_options and req.stream_options.include_usage:
-                    yield _sse(chunk([], usage()))
-            except APIError as e:
-                yield _sse(e.body())
-            finally:
-                await stream.aclose()  # a disconnect closes this generator: abort what still runs
-            yield "data: [DONE]\n\n"
+        async def bodies(outputs):
+            for i in range(len(choices)):
+                role = {"role": "assistant", "content": echo}
+                yield chunk([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}],
+                            usage() if continuous else None)
+            sent_ids = [0] * len(choices)
+            async for i, out in outputs:
+                c = choices[i]
+                if c.done:
+                    continue
+                delta = c.update(out)
+                new = [c.logprobs[-1]] if out.logprob is not None and req.logprobs and c.logprobs else []
+                if not delta and not c.done and not new:
+                    continue
+                body = {"index": i, "delta": {"content": delta} if delta else {},
+                        "logprobs": _chat_logprobs(server, new) if req.logprobs else None, **_finish(c)}
+                if req.return_token_ids:
+                    body["token_ids"], sent_ids[i] = c.tokens[sent_ids[i]:], len(c.tokens)
+                yield chunk([body], usage() if continuous else None)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return await event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage))
 
     async for i, out in server.generate(requests, raw_request):
         choices[i].update(out)
     return {"id": request_id, "object": "chat.completion", "created": created, "model": name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": echo + c.text},
-                         "logprobs": _chat_logprobs(server, c.logprobs) if req.logprobs else None,
-                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                         "logprobs": _chat_logprobs(server, c.logprobs) if req.logprobs else None, **_finish(c),
                          **({"token_ids": c.tokens} if req.return_token_ids else {})}
                         for i, c in enumerate(choices)],
             "usage": usage()}

@@ -21,18 +21,16 @@ skip_special_tokens false) are refused.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams, TokenLogprob
+from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams
 
-from .app import APIError, Server, chained, first_output
+from .app import APIError, Generation, Server, event_stream
 
 
 class GenerateRequest(BaseModel):
@@ -73,7 +71,8 @@ class _Params(BaseModel):
     ebnf: str | None = None
 
 
-NEUTRAL = {"skip_special_tokens": True, "min_p": 0.0, "n": 1, "min_new_tokens": 0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+NEUTRAL = {"skip_special_tokens": True, "min_p": 0.0, "n": 1, "min_new_tokens": 0, "frequency_penalty": 0.0,
+           "presence_penalty": 0.0,
            "repetition_penalty": 1.0, "regex": None, "json_schema": None, "ebnf": None}
 
 
@@ -118,55 +117,39 @@ def _logprob_triples(server: Server, entries, with_text: bool) -> tuple[list, li
     return tokens, tops
 
 
-class _Item:
+class _Item(Generation):
     """One prompt of a /generate call, while it runs."""
 
     def __init__(self, prompt: list[int], p: _Params, rid: str, logprob: bool):
+        super().__init__()
         self.prompt, self.p, self.rid, self.logprob = prompt, p, rid, logprob
-        self.text = ""
-        self.output_ids: list[int] = []
-        self.output_logprobs: list[TokenLogprob] = []
-        self.input_logprobs: list = []
-        self.finish_reason = None
-        self.cached_tokens = 0
-        self.done = False
         self.arrival = time.perf_counter()
 
-    def update(self, out) -> None:
-        self.cached_tokens = out.cached_tokens
-        if out.prompt_logprobs is not None:
-            self.input_logprobs = out.prompt_logprobs
-        if out.token is not None:
-            self.output_ids.append(out.token)
-            if out.logprob is not None:
-                self.output_logprobs.append(out.logprob)
-        self.text += out.text
-        if out.finished:
-            self.done = True
-            if out.finish_reason == "stop":
-                matched = out.stop_reason if out.stop_reason is not None else \
-                    (self.output_ids[-1] if self.output_ids else None)
-                self.finish_reason = {"type": "stop", "matched": matched}
-            elif out.finish_reason == "length":
-                self.finish_reason = {"type": "length", "length": self.p.max_new_tokens}
-            else:
-                self.finish_reason = {"type": "abort", "message": out.error or "aborted"}
+    def sglang_finish_reason(self) -> dict | None:
+        if not self.done:
+            return None
+        if self.finish_reason == "stop":  # a stop string or token id, else the end-of-sequence token
+            return {"type": "stop", "matched": self.stop_reason if self.stop_reason is not None else
+                    (self.tokens[-1] if self.tokens else None)}
+        if self.finish_reason == "length":
+            return {"type": "length", "length": self.p.max_new_tokens}
+        return {"type": "abort", "message": self.error or "aborted"}
 
     def response(self, server: Server, with_text: bool) -> dict:
-        meta = {"id": self.rid, "finish_reason": self.finish_reason if self.done else None,
-                "prompt_tokens": len(self.prompt), "completion_tokens": len(self.output_ids),
+        meta = {"id": self.rid, "finish_reason": self.sglang_finish_reason(),
+                "prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens),
                 "cached_tokens": self.cached_tokens, "e2e_latency": time.perf_counter() - self.arrival}
         if self.logprob:
             meta["input_token_logprobs"], meta["input_top_logprobs"] = _logprob_triples(
-                server, self.input_logprobs, with_text)
-            if self.input_logprobs and self.input_logprobs[0] is None:  # SGLang lists the first token too
+                server, self.prompt_logprobs or [], with_text)
+            if self.prompt_logprobs and self.prompt_logprobs[0] is None:  # SGLang lists the first token too
                 first = [None, self.prompt[0], server.model.tokenizer.token_text(self.prompt[0])
                          if with_text and server.model.tokenizer else None]
                 meta["input_token_logprobs"].insert(0, first)
                 meta["input_top_logprobs"].insert(0, None)
             meta["output_token_logprobs"], meta["output_top_logprobs"] = _logprob_triples(
-                server, self.output_logprobs, with_text)
-        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
+                server, self.logprobs, with_text)
+        return {"text": self.text, "output_ids": list(self.tokens), "meta_info": meta}
 
 
 async def generate(server: Server, req: GenerateRequest, raw_request):
@@ -203,26 +186,18 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
             top_p=p.top_p if p.top_p < 1 else None, stop_token_ids=tuple(p.stop_token_ids or ()),
             ignore_eos=p.ignore_eos, logprobs=tops[i] if logprob[i] else None,
             prompt_logprobs=tops[i] if want_prompt else None, prompt_logprobs_start=max(starts[i], 0),
-            stop=tuple([p.stop] if isinstance(p.stop, str) else p.stop or ()), include_stop_str_in_output=p.no_stop_trim)))
+            stop=tuple([p.stop] if isinstance(p.stop, str) else p.stop or ()),
+            include_stop_str_in_output=p.no_stop_trim)))
         items.append(_Item(prompt, p, rids[i], logprob[i]))
     with_text = req.return_text_in_logprobs
 
     if req.stream:
-        stream = server.generate(requests, raw_request)
-        first = await first_output(stream)  # errors (503, 400) before the response starts
+        async def bodies(outputs):
+            async for i, out in outputs:
+                items[i].update(out)
+                yield _indexed(items[i].response(server, with_text), i, batched)
 
-        async def events():
-            try:
-                async for i, out in chained(first, stream):
-                    items[i].update(out)
-                    yield f"data: {json.dumps(_indexed(items[i].response(server, with_text), i, batched))}\n\n"
-            except APIError as e:
-                yield f"data: {json.dumps(e.body())}\n\n"
-            finally:
-                await stream.aclose()
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return await event_stream(server, requests, raw_request, bodies)
 
     async for i, out in server.generate(requests, raw_request):
         items[i].update(out)
