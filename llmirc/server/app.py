@@ -222,6 +222,9 @@ def create_app(model: Model, options: ServerOptions):
 
     @asynccontextmanager
     async def lifespan(app):
+        # One token through the model before the first request: the weights are paged in and
+        # the kernels' threads started now, not in the first client's time to first token.
+        model.generate([[0]], 1, ignore_eos=True)
         model.engine.start()
         try:
             yield
