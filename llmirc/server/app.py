@@ -224,7 +224,7 @@ def create_app(model: Model, options: ServerOptions):
     async def lifespan(app):
         # One token through the model before the first request: the weights are paged in and
         # the kernels' threads started now, not in the first client's time to first token.
-        model.generate([[0]], 1, ignore_eos=True)
+        model.score([0])
         model.engine.start()
         try:
             yield
