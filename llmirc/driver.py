@@ -19,7 +19,7 @@ from llmirc.artifact_format.writer import BundleWriter
 from llmirc.errors import LlmircError
 from llmirc.frontend import open_source
 from llmirc.passes.func_args import forward_func
-from llmirc.passes.pipeline import make_context, parse_passes, print_ir, required, run_passes
+from llmirc.passes.pipeline import DEFAULT_BLOCK_SIZE, make_context, parse_passes, print_ir, required, run_passes
 from llmirc.passes.cast_weights import float_type
 from llmirc.targets.backend import backend
 from llmirc.targets.plan import ABI_INPUTS, ABI_VERSION, Plan, build_plan
@@ -37,6 +37,8 @@ class CompileOptions:
     dtype: str = "auto"                 # weights of linear/embedding ops: auto (the checkpoint's), float32, ...
     kv_cache_dtype: str = "auto"        # the paged KV pool: auto (half for half weights), float32, ...
     dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of refusing them
+    block_size: int | None = None       # KV cache block (tokens); None: the pipeline's (16)
+    max_model_len: int | None = None    # the context the bundle states (<= the checkpoint's)
 
 
 class Progress:
@@ -66,19 +68,30 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             raise LlmircError(f"-o {out}: cannot create the bundle there: {parent} is not a directory")
     if options.passes is not None:
         parse_passes(options.passes)  # fail before the checkpoint is read
-    parse_passes(required(options.dtype, options.kv_cache_dtype))
+    if options.block_size is not None:
+        if options.block_size < 1 or options.block_size & (options.block_size - 1):
+            raise LlmircError(f"--block-size {options.block_size}: must be a positive power of two")
+        if options.passes is not None and "paged-kv" in options.passes:
+            raise LlmircError("--block-size and a paged-kv pass in --passes: give the block size in one place")
+    block_size = options.block_size or DEFAULT_BLOCK_SIZE
+    parse_passes(required(options.dtype, options.kv_cache_dtype, block_size))
     for flag, value in (("--dtype", options.dtype), ("--kv-cache-dtype", options.kv_cache_dtype)):
         if value != "auto":
             float_type(value, flag)
     source = open_source(model, dequantize=options.dequantize)
     try:
+        context = source.model_info()["max_position_embeddings"]
+        if options.max_model_len is not None and options.max_model_len > context:
+            raise LlmircError(f"--max-model-len {options.max_model_len}: the model supports at most {context} "
+                              f"tokens ({model})")
         ctx = make_context(read_weight=source.float32, add_weight=source.add_weight)
         module = source.module()
         progress(f"front end: {source.kind}, {model_facts(module).get('num_layers', '?')} attention layers")
         input_ir = print_ir(module) if out is not None else ""  # only the bundle keeps it
         progress("running passes")
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
-                   ctx=ctx, prefix=source.lowering, tail=required(options.dtype, options.kv_cache_dtype))
+                   ctx=ctx, prefix=source.lowering, block_size=block_size,
+                   tail=required(options.dtype, options.kv_cache_dtype, block_size))
         optimized_ir = print_ir(module)
         generic = generic_ops(module)
         if generic:
@@ -187,7 +200,7 @@ def _write_bundle(source, module, plan: Plan, backends: list, out: Path, options
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": {"kind": source.kind, "name": Path(source.root).name, "fingerprint": source.fingerprint()},
             "model": {"architecture": info["architecture"], **facts,
-                      "max_position_embeddings": info["max_position_embeddings"],
+                      "max_position_embeddings": options.max_model_len or info["max_position_embeddings"],
                       "weight_bytes": plan.bytes_by_dtype()},
             "generation": {
                 "bos_token_id": generation.get("bos_token_id", info["bos_token_id"]),

@@ -159,3 +159,60 @@ def export_onnx(model, path: Path, *, with_mask: bool = False, with_past: bool =
     torch.onnx.export(Forward(model).eval(), tuple(args), str(path), dynamo=True, input_names=names,
                       output_names=outputs, dynamic_shapes=dynamic, opset_version=opset, verbose=False)
     return path
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+          " + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    """`llmirc serve BUNDLE ARGS` in a subprocess on a free loopback port; stopped (by its pid) on close."""
+
+    def __init__(self, bundle, *args, timeout: float = 120):
+        import os
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(bundle).parent / f"serve-{self.port}.log"
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "serve", str(bundle), "--port",
+                                          str(self.port), "--log-level", "warning", *map(str, args)],
+                                         stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    raise RuntimeError(f"the server did not start:\n{self.log.read_text()}")
+                time.sleep(0.2)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()

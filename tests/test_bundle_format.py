@@ -216,6 +216,41 @@ def test_tampered_file(bundle):
     assert open_bundle(bundle, verify=False)  # verify=False skips hashing, still checks sizes
 
 
+def test_verification_is_remembered_until_anything_changes(bundle, tmp_path, monkeypatch):
+    import llmirc.artifact_format.reader as reader
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    hashed = []
+    real = reader._sha256
+    monkeypatch.setattr(reader, "_sha256", lambda path, *a: hashed.append(path.name) or real(path, *a))
+    open_bundle(bundle, remember=True)
+    assert len(hashed) == 3 and list((tmp_path / "cache" / "llmirc" / "verified").iterdir())
+    hashed.clear()
+    open_bundle(bundle, remember=True)
+    assert hashed == []  # remembered
+    open_bundle(bundle)
+    assert len(hashed) == 3  # without remember: always hashed
+    # Same size, and the modification time put back: the status-change time still moves.
+    path = bundle / "kernels/x.so"
+    st = path.stat()
+    path.write_bytes(b"\x7fELF-evil!!")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    hashed.clear()
+    expect_remembered = pytest.raises(BundleError, match="kernels/x.so: sha256 mismatch")
+    with expect_remembered:
+        open_bundle(bundle, remember=True)
+    assert hashed
+
+
+def test_verification_without_a_writable_cache_still_verifies(bundle, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # not a directory
+    assert open_bundle(bundle, remember=True) and open_bundle(bundle, remember=True)
+    (bundle / "config.json").write_bytes(b"[]")
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        open_bundle(bundle, remember=True)
+
+
 def test_size_mismatch_and_missing_file(bundle):
     (bundle / "config.json").write_bytes(b"{ }")
     expect(bundle, "file config.json: size 3 bytes, manifest says 2", verify=False)

@@ -35,6 +35,7 @@ from llmirc import dialect as L
 from llmirc.errors import CheckpointError
 
 from . import onnx_ops
+from .checkpoint import TOKENIZER_FILES
 from .onnx_analysis import CONST, DATA, PROBE_LENGTHS, SONLY, AV, Node, interpret, symbolic_shape
 from .onnx_dialect import NoneOp, element_type, make_op
 
@@ -156,8 +157,7 @@ class OnnxCheckpoint:
         return [p for p in (self.root / "config.json", self.root / "generation_config.json") if p.is_file()]
 
     def tokenizer_files(self) -> list[Path]:
-        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-        return [self.root / n for n in names if (self.root / n).is_file()]
+        return [self.root / n for n in TOKENIZER_FILES if (self.root / n).is_file()]
 
     def close(self) -> None:
         pass

@@ -12,6 +12,9 @@
   `"add_bos_token": false` never strips a bos the post-processor adds (transformers 5.24 agrees).
 
 `decode` never applies `clean_up_tokenization_spaces` (transformers 5 defaults it to off).
+
+`TextStream` turns generated ids into text deltas and cuts the text at stop strings, as vLLM
+does; the chat template (`chat_template.py`) reads the same folder.
 """
 
 from __future__ import annotations
@@ -22,13 +25,21 @@ from pathlib import Path
 from llmirc.errors import LlmircError
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# The named special tokens transformers passes to chat templates as strings (SPECIAL_TOKENS_ATTRIBUTES).
+TEMPLATE_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 class Tokenizer:
-    def __init__(self, backend, bos_token_id: int | None = None, add_bos_token: bool = False):
-        """`backend` is a `tokenizers.Tokenizer`; `add_bos_token` prepends bos unless its post-processor adds it."""
+    def __init__(self, backend, bos_token_id: int | None = None, add_bos_token: bool = False,
+                 special_tokens_map: dict[str, str] | None = None, folder: Path | None = None):
+        """`backend` is a `tokenizers.Tokenizer`; `add_bos_token` prepends bos unless its post-processor adds it.
+
+        `special_tokens_map`: the named special tokens as strings (what chat templates see);
+        `folder`: where the tokenizer files are (for the chat template)."""
         self.backend = backend
         self.bos_token_id = bos_token_id
+        self.special_tokens_map = dict(special_tokens_map or {})
+        self.folder = folder
         adds_bos = bos_token_id is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos_token_id]
         self.prepend_bos = bool(add_bos_token) and bos_token_id is not None and not adds_bos
 
@@ -51,7 +62,10 @@ class Tokenizer:
             backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
         bos = _token_text(config.get("bos_token"))
         bos_id = backend.token_to_id(bos) if bos else None
-        return cls(backend, bos_id, config.get("add_bos_token") is True)
+        legacy = _read_config(folder / "special_tokens_map.json")  # older checkpoints keep them here
+        named = {k: _token_text(config.get(k)) or _token_text(legacy.get(k)) for k in TEMPLATE_TOKEN_KEYS}
+        return cls(backend, bos_id, config.get("add_bos_token") is True, {k: v for k, v in named.items() if v},
+                   folder)
 
     @property
     def vocab_size(self) -> int:
@@ -63,6 +77,10 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, special tokens included (as OpenAI logprobs show tokens)."""
+        return self.backend.decode([int(token_id)], skip_special_tokens=False)
 
     def detokenizer(self, prompt_ids=()) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, prompt_ids)
@@ -105,6 +123,50 @@ class IncrementalDetokenizer:
         del self.ids[:self._read]
         self._prefix, self._read = 0, len(self.ids)
         return new_text[len(prefix_text):]
+
+
+class TextStream:
+    """The text of one generated sequence, delta by delta, cut at the first stop string.
+
+    vLLM's semantics: the output ends just before the first occurrence of any stop string
+    (with it, when `include_stop`); the generated tokens still count the ones that completed
+    it. While streaming, text that could be the start of a stop string is held back until it
+    is known not to be one, so no delta ever has to be taken back."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids=(), stop=(), include_stop: bool = False):
+        self.detokenizer = tokenizer.detokenizer(prompt_ids)
+        self.stop = [s for s in stop if s]
+        self.include_stop = include_stop
+        self.text = ""  # all text so far (cut at the stop string once matched)
+        self.stopped: str | None = None  # the stop string matched
+        self._emitted = 0
+
+    def add(self, token_id: int) -> str:
+        """Append one generated id; returns the text that can be shown now (may be empty)."""
+        if self.stopped is None:
+            self.text += self.detokenizer.add(token_id)
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        """The text still held back, at the end of generation."""
+        if self.stopped is None:
+            self.text += self.detokenizer.finish()
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        end = len(self.text)
+        if self.stopped is None and self.stop:
+            hits = [(i, s) for s in self.stop if (i := self.text.find(s, self._emitted)) >= 0]
+            if hits:
+                at, self.stopped = min(hits)
+                self.text = self.text[:at + (len(self.stopped) if self.include_stop else 0)]
+                end = len(self.text)
+            elif not final:  # hold back the longest tail that starts a stop string
+                tail = next((k for k in range(min(max(map(len, self.stop)) - 1, end - self._emitted), 0, -1)
+                             if any(s.startswith(self.text[end - k:]) for s in self.stop)), 0)
+                end -= tail
+        delta, self._emitted = self.text[self._emitted:end], max(self._emitted, end)
+        return delta
 
 
 def _import_tokenizers():
