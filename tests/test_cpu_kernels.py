@@ -20,6 +20,7 @@ from llmirc import dtypes
 from llmirc.targets.cpu import irbuilder as irb
 from llmirc.targets.cpu import kernels as K
 from llmirc.targets.cpu import toolchain as tc
+from llmirc.targets.cpu.target import compile_module
 from llmirc.targets.signatures import SIGNATURES, signature
 
 ROWS = [0, 1, 3, 17, 130]
@@ -160,7 +161,7 @@ def lib(request, tmp_path_factory):
     module = ir.Module(name="test_kernels")
     for sym, kind, params in _specs():
         K.emit_kernel(module, kind, sym, params, variant)
-    obj = tc.compile_object(str(module), variant)
+    obj = compile_module(module, variant)
     path = tmp_path_factory.mktemp(request.param) / "libtest.so"
     tc.link_shared([obj], path)
     return Lib(path, variant)
@@ -589,7 +590,7 @@ def test_paged_attention_many_sequences(lib, rng, monkeypatch, tmp_path):
     K.emit_kernel(m, "paged_attention", "attn_cap", dict(
         num_heads=H, num_kv_heads=G, head_dim=hd, block_size=bs, scale=1 / math.sqrt(hd),
         sliding_window=win), lib.variant)
-    tc.link_shared([tc.compile_object(str(m), lib.variant)], tmp_path / "cap.so")
+    tc.link_shared([compile_module(m, lib.variant)], tmp_path / "cap.so")
     f = ctypes.CDLL(str(tmp_path / "cap.so")).attn_cap
     f.restype = None
     seqs = [(0, 20), (7, 3), (30, 1), (0, 9), (2, 2)]
@@ -833,7 +834,7 @@ def test_parallel_for_covers_every_item_once(hlib, n):
         assert (out[:n, 0] == 1).all(), name
         assert (out[n] == 0).all()
         tids = out[:n, 1]
-        if name == "par_serial" or n < 2:
+        if name == "par_serial" and n < 2000 or n < 2:  # (par_serial: 1000 items a thread at least)
             assert set(tids.tolist()) <= {caller()}
         elif name == "par_dyn":  # runs of 3 items claimed by one thread each
             assert all(len(set(tids[i:i + 3].tolist())) == 1 for i in range(0, n, 3))

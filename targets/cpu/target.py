@@ -40,6 +40,11 @@ def extra_modules(module: ir.Module, variant: CpuVariant) -> tuple[str, ...]:
     return (amx.module_text(variant.triple),) if amx.used_by(module) else ()
 
 
+def compile_module(module: ir.Module, variant: CpuVariant) -> bytes:
+    """Object code of a module of kernels, with the LLVM IR texts they call linked in."""
+    return compile_object(str(module), variant, extra=extra_modules(module, variant))
+
+
 def target_name(variant: CpuVariant) -> str:
     """cpu-x86_64-native, cpu-x86_64-v2, cpu-aarch64-generic, ..."""
     return f"cpu-{platform.machine()}-{variant.name.removeprefix('x86-64-')}"
