@@ -1,0 +1,200 @@
+"""Rotary embedding and the paged KV write: rope, kv_append (semantics: targets/cpu/kernels.py) and
+the GPU-only fusion of both.
+
+One program per token (grid (T, 1, 1)) handles all its heads: a [heads, rotary_dim/2] tile.
+The angle is positions[t] * inv_freq[i] (one f32 multiply; inv_freq is baked into the kernel
+as constants), cos/sin are Triton's accurate ones (libdevice-class, with range reduction),
+times `scaling`. Pool offsets are int64. KV values are rounded to the pool's dtype (`kv_dtype`:
+float32, bfloat16 or float16; round to nearest even).
+
+rope_kv_append {num_heads, num_kv_heads, head_dim, rotary_dim, style, inv_freq, scaling,
+                num_layers, block_size, kv_dtype}                                  (GPU only)
+    (out, ld_out, q, ld_q, k, ld_k, v, ld_v, positions, pool, num_blocks, layer, slot_mapping, T)
+    out[t] = rope(q[t]) (num_heads heads; out may equal q); for slot_mapping[t] = s >= 0:
+    pool[layer, 0, s / block_size, g, s % block_size, :] = rope(k[t])[g] and
+    pool[layer, 1, ...] = v[t][g] for each kv head g. k itself is not written: attention reads
+    the keys from the pool.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .spec import Launch, Rule, Variant, kernel, next_pow2, ptr_type
+
+
+@triton.jit
+def _cos_sin(pos, INV_FREQ: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, SCALING: tl.constexpr):
+    i = tl.arange(0, HALF_PAD)
+    f = tl.zeros([HALF_PAD], tl.float32)
+    for j in tl.static_range(HALF):
+        f = tl.where(i == j, INV_FREQ[j], f)
+    a = pos.to(tl.float32) * f
+    return tl.cos(a) * SCALING, tl.sin(a) * SCALING
+
+
+@triton.jit
+def _rotate(src, c, s, NH: tl.constexpr, NH_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+            HALF_PAD: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Rotated (x1, x2) of the NH heads at src, their columns within a head (c1, c2) and mask."""
+    h = tl.arange(0, NH_PAD)[:, None]
+    i = tl.arange(0, HALF_PAD)[None, :]
+    if INTERLEAVED:
+        c1 = 2 * i
+        c2 = 2 * i + 1
+    else:
+        c1 = i
+        c2 = i + HALF
+    m = (h < NH) & (i < HALF)
+    x1 = tl.load(src + h * HEAD_DIM + c1, mask=m, other=0.0)
+    x2 = tl.load(src + h * HEAD_DIM + c2, mask=m, other=0.0)
+    return x1 * c[None, :] - x2 * s[None, :], x2 * c[None, :] + x1 * s[None, :], h, c1, c2, m
+
+
+@triton.jit
+def _copy_tail(dst, src, NH: tl.constexpr, NH_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
+               TAIL_PAD: tl.constexpr):
+    """Columns rot..head_dim of each head are copied unchanged."""
+    if ROT < HEAD_DIM:
+        h = tl.arange(0, NH_PAD)[:, None]
+        c = ROT + tl.arange(0, TAIL_PAD)[None, :]
+        m = (h < NH) & (c < HEAD_DIM)
+        tl.store(dst + h * HEAD_DIM + c, tl.load(src + h * HEAD_DIM + c, mask=m), mask=m)
+
+
+@triton.jit
+def rope_kernel(out, ld_out, x, ld_x, positions, T, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                ROT: tl.constexpr, INTERLEAVED: tl.constexpr, INV_FREQ: tl.constexpr, SCALING: tl.constexpr,
+                NH_PAD: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c, s = _cos_sin(tl.load(positions + t), INV_FREQ, ROT // 2, HALF_PAD, SCALING)
+    src = x + t * ld_x
+    dst = out + t * ld_out
+    o1, o2, h, c1, c2, m = _rotate(src, c, s, NUM_HEADS, NH_PAD, HEAD_DIM, ROT // 2, HALF_PAD, INTERLEAVED)
+    _copy_tail(dst, src, NUM_HEADS, NH_PAD, HEAD_DIM, ROT, TAIL_PAD)
+    tl.store(dst + h * HEAD_DIM + c1, o1, mask=m)
+    tl.store(dst + h * HEAD_DIM + c2, o2, mask=m)
+
+
+@triton.jit
+def _load_slot(slot_mapping, t):
+    """slot_mapping[t] as a [1, 1] block (it masks [heads, dims] tiles; Triton's interpreter turns
+    a scalar bool combined with a block bool into int32)."""
+    return tl.load(slot_mapping + t + tl.zeros([1, 1], tl.int32))
+
+
+@triton.jit
+def _slot_base(pool, num_blocks, layer, slot, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
+    """Pointer to pool[layer, 0, slot / BS, 0, slot % BS, 0] (the V plane is + V_OFFSET elements)."""
+    blk = (slot // BS).to(tl.int64)
+    off = (slot % BS).to(tl.int64)
+    return pool + ((layer.to(tl.int64) * 2 * num_blocks + blk) * G * BS + off) * D
+
+
+@triton.jit
+def _write_heads(dst, src, m_row, G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+                 D_PAD: tl.constexpr):
+    """dst[g*BS*D + d] = src[g*D + d] (one token's heads into their pool slots), rounded to dst's dtype."""
+    g = tl.arange(0, G_PAD)[:, None]
+    d = tl.arange(0, D_PAD)[None, :]
+    m = (g < G) & (d < D) & m_row
+    tl.store(dst + g * (BS * D) + d, tl.load(src + g * D + d, mask=m).to(dst.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def kv_append_kernel(pool, num_blocks, layer, k, ld_k, v, ld_v, slot_mapping, T, G: tl.constexpr,
+                     D: tl.constexpr, BS: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = _load_slot(slot_mapping, t)
+    ok = slot >= 0
+    base = _slot_base(pool, num_blocks, layer, tl.maximum(slot, 0), G, BS, D)
+    _write_heads(base, k + t * ld_k, ok, G, G_PAD, BS, D, D_PAD)
+    _write_heads(base + num_blocks.to(tl.int64) * G * BS * D, v + t * ld_v, ok, G, G_PAD, BS, D, D_PAD)
+
+
+@triton.jit
+def rope_kv_append_kernel(out, ld_out, q, ld_q, k, ld_k, v, ld_v, positions, pool, num_blocks, layer,
+                          slot_mapping, T, NUM_HEADS: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          ROT: tl.constexpr, INTERLEAVED: tl.constexpr, INV_FREQ: tl.constexpr,
+                          SCALING: tl.constexpr, BS: tl.constexpr, NH_PAD: tl.constexpr, G_PAD: tl.constexpr,
+                          HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c, s = _cos_sin(tl.load(positions + t), INV_FREQ, ROT // 2, HALF_PAD, SCALING)
+    # q -> out
+    src = q + t * ld_q
+    dst = out + t * ld_out
+    o1, o2, h, c1, c2, m = _rotate(src, c, s, NUM_HEADS, NH_PAD, HEAD_DIM, ROT // 2, HALF_PAD, INTERLEAVED)
+    _copy_tail(dst, src, NUM_HEADS, NH_PAD, HEAD_DIM, ROT, TAIL_PAD)
+    tl.store(dst + h * HEAD_DIM + c1, o1, mask=m)
+    tl.store(dst + h * HEAD_DIM + c2, o2, mask=m)
+    # k -> pool (rotated), v -> pool
+    slot = _load_slot(slot_mapping, t)
+    ok = slot >= 0
+    base = _slot_base(pool, num_blocks, layer, tl.maximum(slot, 0), G, BS, HEAD_DIM)
+    ksrc = k + t * ld_k
+    k1, k2, g, c1, c2, m = _rotate(ksrc, c, s, G, G_PAD, HEAD_DIM, ROT // 2, HALF_PAD, INTERLEAVED)
+    kdt = pool.dtype.element_ty
+    tl.store(base + g * (BS * HEAD_DIM) + c1, k1.to(kdt), mask=m & ok)
+    tl.store(base + g * (BS * HEAD_DIM) + c2, k2.to(kdt), mask=m & ok)
+    if ROT < HEAD_DIM:
+        gg = tl.arange(0, G_PAD)[:, None]
+        cc = ROT + tl.arange(0, TAIL_PAD)[None, :]
+        mt = (gg < G) & (cc < HEAD_DIM) & ok
+        tl.store(base + gg * (BS * HEAD_DIM) + cc, tl.load(ksrc + gg * HEAD_DIM + cc, mask=mt).to(kdt), mask=mt)
+    _write_heads(base + num_blocks.to(tl.int64) * G * BS * HEAD_DIM, v + t * ld_v, ok, G, G_PAD, BS, HEAD_DIM,
+                 D_PAD)
+
+
+def _rope_constexprs(params) -> dict:
+    head_dim = int(params["head_dim"])
+    rot = int(params.get("rotary_dim") or head_dim)
+    if rot % 2 or rot > head_dim or len(params["inv_freq"]) != rot // 2:
+        raise ValueError(f"rope: rotary_dim {rot} must be even, <= head_dim {head_dim}, "
+                         f"with rotary_dim/2 inv_freq values (got {len(params['inv_freq'])})")
+    style = params.get("style", "neox")
+    if style not in ("neox", "interleaved"):
+        raise ValueError(f"rope: unknown style {style!r}")
+    return {"HEAD_DIM": head_dim, "ROT": rot, "INTERLEAVED": style == "interleaved",
+            "INV_FREQ": tuple(float(f) for f in params["inv_freq"]), "SCALING": float(params.get("scaling", 1.0)),
+            "HALF_PAD": next_pow2(rot // 2), "TAIL_PAD": next_pow2(max(1, head_dim - rot))}
+
+
+def _warps(elems: int) -> int:
+    return max(1, min(8, elems // 512))
+
+
+def rule_rope(params, arch) -> Rule:
+    cx = _rope_constexprs(params)
+    nh = int(params["num_heads"])
+    args = (("out", "*fp32"), ("ld_out", "i64"), ("x", "*fp32"), ("ld_x", "i64"), ("positions", "*i32"),
+            ("T", "i64"))
+    spec = kernel(rope_kernel, {"NUM_HEADS": nh, "NH_PAD": next_pow2(nh), **cx}, args,
+                  num_warps=_warps(next_pow2(nh) * cx["HALF_PAD"]))
+    return Rule("rope", params, args, [Variant(1, (Launch(spec, ("T", 1, 1)),))])
+
+
+def _pool_args(params):
+    return (("pool", ptr_type(params.get("kv_dtype", "float32"))), ("num_blocks", "i64"), ("layer", "i64"))
+
+
+def rule_kv_append(params, arch) -> Rule:
+    g, d = int(params["num_kv_heads"]), int(params["head_dim"])
+    args = _pool_args(params) + (("k", "*fp32"), ("ld_k", "i64"), ("v", "*fp32"), ("ld_v", "i64"),
+                                 ("slot_mapping", "*i32"), ("T", "i64"))
+    spec = kernel(kv_append_kernel, {"G": g, "D": d, "BS": int(params["block_size"]), "G_PAD": next_pow2(g),
+                                     "D_PAD": next_pow2(d)}, args, num_warps=_warps(next_pow2(g) * next_pow2(d)))
+    return Rule("kv_append", params, args, [Variant(1, (Launch(spec, ("T", 1, 1)),))])
+
+
+def rule_rope_kv_append(params, arch) -> Rule:
+    cx = _rope_constexprs(params)
+    nh, g = int(params["num_heads"]), int(params["num_kv_heads"])
+    args = (("out", "*fp32"), ("ld_out", "i64"), ("q", "*fp32"), ("ld_q", "i64"), ("k", "*fp32"), ("ld_k", "i64"),
+            ("v", "*fp32"), ("ld_v", "i64"), ("positions", "*i32")) + _pool_args(params) + (
+            ("slot_mapping", "*i32"), ("T", "i64"))
+    spec = kernel(rope_kv_append_kernel, {
+        "NUM_HEADS": nh, "G": g, "BS": int(params["block_size"]), "NH_PAD": next_pow2(nh), "G_PAD": next_pow2(g),
+        "D_PAD": next_pow2(cx["HEAD_DIM"]), **cx}, args,
+        num_warps=_warps(next_pow2(nh + g) * next_pow2(cx["HEAD_DIM"])))
+    return Rule("rope_kv_append", params, args, [Variant(1, (Launch(spec, ("T", 1, 1)),))])
