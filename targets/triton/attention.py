@@ -47,7 +47,7 @@ KEYS_PER_SPLIT = 256  # the fewest keys a decode split takes (before the GPU is 
 def _find_sequence(query_start_loc, B, t):
     """b with query_start_loc[b] <= t < query_start_loc[b + 1] (binary search)."""
     lo = 0
-    hi = B
+    hi = B.to(tl.int32)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if tl.load(query_start_loc + mid) <= t:
@@ -177,7 +177,7 @@ def paged_attention_prefill_kernel(
     g = tl.program_id(1)
     # sequence b owns programs [qsl[b] // BLOCK_Q + b, qsl[b + 1] // BLOCK_Q + b + 1)
     lo = 0
-    hi = B
+    hi = B.to(tl.int32)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if tl.load(query_start_loc + mid) // BLOCK_Q + mid <= i:
@@ -238,8 +238,9 @@ def rule_paged_attention(params, arch) -> Rule:
     ws = {"name": "attn_workspace", "type": "*fp32", "bytes": mul(4 * (d + 2) * h, ws_rows), "zero_init": False}
     # decode: flash-decoding split over the key range, then a reduce (or direct when one split)
     splits = max_(1, min_(cdiv(mul("max_blocks", bs), KEYS_PER_SPLIT), cdiv(4 * arch.num_sms, mul("T", g))))
-    block_n_dec = 64 if d_pad <= 128 else 32
-    dec = {**common, "HP_PAD": max(16, next_pow2(hp)), "BLOCK_N": block_n_dec}
+    # key tiles of <= 32 KB of K and V (64 KB of LDS on gfx9)
+    block_n = max(16, min(64, 32768 // (2 * d_pad * (4 if kv_f32 else 2))))
+    dec = {**common, "HP_PAD": max(16, next_pow2(hp)), "BLOCK_N": block_n}
     dec_args = args + (("attn_workspace", "*fp32"), ("num_splits", "i64"))
     warps_dec = 4 if d_pad <= 128 else 8
     direct = kernel(paged_attention_decode_kernel, dec | {"DIRECT": True}, dec_args, num_warps=warps_dec,
@@ -253,8 +254,7 @@ def rule_paged_attention(params, arch) -> Rule:
     # prefill: varlen flash attention
     block_m = max(16 if d_pad > 128 else 64, next_pow2(hp))
     block_q = block_m // hp
-    pre = kernel(paged_attention_prefill_kernel, {**common, "BLOCK_M": block_m, "BLOCK_Q": block_q,
-                                                  "BLOCK_N": 32 if (kv_f32 or d_pad > 128) else 64},
+    pre = kernel(paged_attention_prefill_kernel, {**common, "BLOCK_M": block_m, "BLOCK_Q": block_q, "BLOCK_N": block_n},
                  args, num_warps=4 if d_pad <= 128 else 8, num_stages=2)
     variants = [
         Variant(["and", le("T", "B"), eq(splits, 1)],

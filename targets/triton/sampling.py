@@ -97,8 +97,8 @@ def _top_k_key(row, temp, m, k, VOCAB: tl.constexpr, BLOCK: tl.constexpr):
     prefix = tl.zeros([], tl.uint32)
     pmask = tl.zeros([], tl.uint32)
     need = k
-    for r in tl.static_range(8):
-        shift: tl.constexpr = 28 - 4 * r
+    for r in range(8):
+        shift = 28 - 4 * r
         cnt, _ = _histogram(row, temp, m, prefix, pmask, shift, tl.zeros([], tl.uint32), False, VOCAB, BLOCK)
         suffix = tl.sum(cnt) - (tl.cumsum(cnt, 0) - cnt)  # tokens with digit >= d
         digit = tl.max(tl.where(suffix >= need, bins, 0))
@@ -117,8 +117,8 @@ def _top_p_cut(row, temp, m, thr_k, target, VOCAB: tl.constexpr, BLOCK: tl.const
     pmask = tl.zeros([], tl.uint32)
     below = tl.zeros([], tl.float32)
     n_tie = tl.zeros([], tl.int32)
-    for r in tl.static_range(8):
-        shift: tl.constexpr = 28 - 4 * r
+    for r in range(8):
+        shift = 28 - 4 * r
         cnt, mass = _histogram(row, temp, m, prefix, pmask, shift, thr_k, True, VOCAB, BLOCK)
         over = below + tl.cumsum(mass, 0) > target
         last = tl.max(tl.where(cnt > 0, bins, 0))  # rounding guard: no digit crosses the target
