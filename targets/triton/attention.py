@@ -237,7 +237,7 @@ def rule_paged_attention(params, arch) -> Rule:
     ws_rows = add("T", -(-4 * arch.num_sms // g))
     ws = {"name": "attn_workspace", "type": "*fp32", "bytes": mul(4 * (d + 2) * h, ws_rows), "zero_init": False}
     # decode: flash-decoding split over the key range, then a reduce (or direct when one split)
-    splits = max_(1, min_(cdiv(mul("max_blocks", bs), KEYS_PER_SPLIT), cdiv(4 * arch.num_sms, mul("T", g))))
+    splits = max_(1, min_(cdiv(mul("max_blocks", bs), KEYS_PER_SPLIT), cdiv(4 * arch.num_sms, max_(1, mul("T", g)))))
     # key tiles of <= 32 KB of K and V (64 KB of LDS on gfx9)
     block_n = max(16, min(64, 32768 // (2 * d_pad * (4 if kv_f32 else 2))))
     dec = {**common, "HP_PAD": max(16, next_pow2(hp)), "BLOCK_N": block_n}
