@@ -19,7 +19,7 @@ CALLS = [  # one call of every kind, shapes of a small Llama (head_dim 64, GQA 4
     ("add_rms_norm", {"dim": 256, "eps": 1e-5}),
     ("layer_norm", {"dim": 256, "eps": 1e-5}),
     ("add_layer_norm", {"dim": 256, "eps": 1e-5, "bias": False}),
-    ("linear", {"n": 384, "k": 256, "w_dtype": "bfloat16", "bias": True, "residual": True}),
+    ("linear", {"n": 384, "k": 256, "w_dtype": "bfloat16", "bias": True, "residual": True}),  # ld_* aligned too
     ("rope", {"num_heads": 4, "head_dim": 64, "inv_freq": INV_FREQ}),
     ("kv_append", {"num_layers": 2, "num_kv_heads": 1, "head_dim": 64, "block_size": 16, "kv_dtype": "bfloat16"}),
     ("rope_kv_append", {"num_heads": 4, "num_kv_heads": 1, "head_dim": 64, "inv_freq": INV_FREQ, "num_layers": 2,
@@ -41,7 +41,10 @@ def compiled(tmp_path_factory):
     pairs, owners = {}, {}
     for kind, params in CALLS:
         for arch in ARCHS.values():
-            for key, spec in launch_rule(kind, params, arch).kernels().items():
+            rule = launch_rule(kind, params, arch)
+            if kind == "linear":  # as a plan whose leading dimensions are multiples of 16 asks
+                rule = rule.with_aligned(a for a, _ in rule.all_args())
+            for key, spec in rule.kernels().items():
                 pairs[(key, arch.name)] = spec
                 owners[(key, arch.name)] = kind
     cache = tmp_path_factory.mktemp("triton-cache")
@@ -67,6 +70,8 @@ def test_every_kind_compiles_for_every_arch(compiled):
             assert md["global_scratch_size"] == 0 and md["profile_scratch_size"] == 0
             assert 0 <= md["shared"] <= ARCHS[arch].max_shared
             assert md["symbol"] == fn and md["num_warps"] >= 1 and md["warp_size"] == ARCHS[arch].warp_size
+            if backend == "cuda":  # sm_90 cubins are sm_90a (wgmma), from the CUDA 13 ptxas; sm_80 PTX is portable
+                assert (md["ptx_target"], md["ptx_isa"] >= "8.") == ({"sm_80": "sm_80", "sm_90": "sm_90a"}[arch], True)
 
 
 def _prefill_linear(out, arch):
@@ -74,10 +79,13 @@ def _prefill_linear(out, arch):
     return [r for r in out[("linear", "linear_kernel", arch)] if r.metadata["constexprs"]["BLOCK_M"] == 128][0]
 
 
-def test_tensor_core_instructions(compiled):
+def test_tensor_core_instructions_and_wide_loads(compiled):
     out, _, _ = compiled
-    assert "HGMMA" in sass(_prefill_linear(out, "sm_90").binary)  # Hopper warpgroup MMA
-    assert "HMMA" in sass(_prefill_linear(out, "sm_80").binary)   # Ampere mma.sync
+    hopper = sass(_prefill_linear(out, "sm_90").binary)
+    assert "HGMMA.64x128x16.F32.BF16" in hopper  # Hopper warpgroup MMA, 128-wide tiles
+    # with 16-divisible leading dimensions every tile copy is a 16-byte cp.async (no 4-byte ones)
+    assert "LDGSTS.E.BYPASS.128" in hopper and "LDGSTS.E " not in hopper and "STG.E.128" in hopper
+    assert "HMMA.16816.F32.BF16" in sass(_prefill_linear(out, "sm_80").binary)   # Ampere mma.sync
     for arch in ("gfx90a", "gfx942"):
         assert "v_mfma" in _prefill_linear(out, arch).asm["amdgcn"]
     # the decode-shaped (16-row) variant uses mma.sync on Hopper as well

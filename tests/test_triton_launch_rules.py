@@ -120,6 +120,19 @@ def test_paged_attention_variants():
         assert T * splits * 32 * (64 + 2) * 4 <= lr.buffer_bytes(rj, dims)["attn_workspace"]
 
 
+def test_alignment_hints():
+    rule = launch_rule("rms_norm", {"dim": 64, "eps": 1e-5}, ARCHS["sm_90"])
+    (launch,) = lr.select(rule.to_json(), DIMS)
+    assert launch["aligned"] == ["out", "w", "x"]  # default: every pointer
+    lr.check_aligned(launch, {"out": 4096, "w": 0, "x": 64, "ld_x": 7})
+    with pytest.raises(BundleError, match=r"compiled for x % 16 == 0, got 4100"):
+        lr.check_aligned(launch, {"out": 4096, "w": 0, "x": 4100})
+    hinted = launch_rule("rms_norm", {"dim": 64, "eps": 1e-5}, ARCHS["sm_90"], aligned={"x", "ld_x", "nothing"})
+    (launch,) = lr.select(hinted.to_json(), DIMS)
+    assert launch["aligned"] == ["ld_x", "x"]
+    assert next(iter(hinted.kernels().values())).hints() == ["*fp32", "i64", "*fp32:16", "i64:16", "*fp32", "i64"]
+
+
 def test_zero_rows_launch_nothing():
     for kind, params in (("rms_norm", {"dim": 64, "eps": 1e-5}), ("linear", {"n": 64, "k": 64}),
                          ("paged_attention", ATTN)):

@@ -9,6 +9,7 @@ JSON rule that the loader evaluates here, with no compiler installed:
      "variants": [{"when": EXPR,
                    "launches": [{"kernel": KEY, "grid": [EXPR, EXPR, EXPR],
                                  "args": ["out", "ld_out", ...],          # the kernel's, in order
+                                 "aligned": ["out", "x", ...],  # compiled assuming % 16 == 0
                                  "scalars": {"num_splits": EXPR}}]}]}
 
 `args` are what the plan passes (the CPU kernel's C argument names and order, then the
@@ -17,7 +18,9 @@ at allocation when `zero_init`, and not touched by the host afterwards). The fir
 whose `when` is non-zero runs; its launches run in order, each with its kernel's arguments
 taken by name from the call's arguments and the launch's `scalars` (i64 values computed from
 the dims), then the two hidden trailing pointers every Triton 3.9 kernel takes (see
-`llmirc.targets.triton.compile`).
+`llmirc.targets.triton.compile`). The kernel was compiled assuming that its `aligned` arguments
+are multiples of 16 (pointers: byte addresses; ints: element counts such as ld_*): the
+launcher must check that (`check_aligned`), as a violation is a misaligned vector access.
 
 An EXPR is an int, a dim name (T, B, L, max_blocks, num_blocks) or a list [op, a, b, ...]
 with op one of + - * cdiv min max (integers) and < <= == and (0 or 1). Rules come from
@@ -98,6 +101,15 @@ def grid(launch: dict, dims: dict[str, int]) -> tuple[int, int, int]:
 def scalars(launch: dict, dims: dict[str, int]) -> dict[str, int]:
     """The i64 arguments a launch computes from the dims (e.g. a split count)."""
     return {name: evaluate(e, dims) for name, e in launch.get("scalars", {}).items()}
+
+
+def check_aligned(launch: dict, values: dict) -> None:
+    """BundleError unless every `aligned` argument of the launch (pointer address or int) is a
+    multiple of 16."""
+    for name in launch.get("aligned", []):
+        v = values[name]
+        if int(v) % 16:
+            raise BundleError(f"kernel {launch.get('kernel')!r} was compiled for {name} % 16 == 0, got {v}")
 
 
 def buffer_bytes(rule: dict, dims: dict[str, int]) -> dict[str, int]:

@@ -161,9 +161,20 @@ def _compile_one(req: dict, cache_dir: str) -> Compiled:
         "target": {"backend": arch.backend, "arch": arch.arch, "warp_size": arch.warp_size},
         "triton_version": triton.__version__, "constexprs": req["constexprs"],
     }
+    if arch.backend == "cuda":  # what a driver needs: PTX ISA (JIT) and the ptxas that built the cubin
+        metadata["ptx_isa"] = re.search(r"^\.version\s+(\S+)", asm["ptx"], re.M).group(1)
+        metadata["ptx_target"] = re.search(r"^\.target\s+(\w+)", asm["ptx"], re.M).group(1)
+        metadata["ptxas"] = _ptxas_version(arch.arch)
     result = Compiled(key, arch.name, req["name"], k.asm[stages[-1]], asm, metadata, times)
     _store(entry, result)
     return result
+
+
+def _ptxas_version(capability: int) -> str:
+    """The release of the ptxas Triton uses for this capability (3.9: CUDA 12.9 below sm_90, the
+    `ptxas-blackwell` of CUDA 13.x from sm_90 on)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    return get_ptxas(capability).version
 
 
 def _check_params(text: str, params: list, backend: str, name: str) -> None:

@@ -56,8 +56,13 @@ KINDS: dict[str, Kind] = {
 }
 
 
-def launch_rule(kind: str, params: dict, arch: Arch) -> Rule:
-    """The launch rule of one kernel call; ValueError for an unknown kind or bad static params."""
+def launch_rule(kind: str, params: dict, arch: Arch, aligned=None) -> Rule:
+    """The launch rule of one kernel call; ValueError for an unknown kind or bad static params.
+
+    `aligned`: the run-time arguments the caller guarantees divisible by 16 (pointers: 16-byte
+    aligned; ld_* and other ints: multiples of 16 elements), which lets Triton vectorize the
+    accesses they address (16-byte loads and stores along rows). Default: every pointer, no int.
+    The loader checks them at launch (Compiled.metadata["hints"])."""
     if kind not in KINDS:
         raise ValueError(f"no GPU kernel for kind {kind!r} (known: {', '.join(KINDS)})")
     spec = KINDS[kind]
@@ -70,5 +75,7 @@ def launch_rule(kind: str, params: dict, arch: Arch) -> Rule:
         if p in full and full[p] not in DTYPES:
             raise ValueError(f"{kind}: {p} {full[p]!r} is not one of {', '.join(DTYPES)}")
     rule = spec.build(full, arch)
+    if aligned is not None:
+        rule = rule.with_aligned(aligned)
     rule.check()
     return rule

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from llmirc.runtime.launch_rules import DIMS
 
@@ -126,7 +126,7 @@ class Launch:
 
     def to_json(self) -> dict:
         return {"kernel": self.kernel.key(), "grid": list(self.grid), "args": [a for a, _ in self.kernel.args],
-                "scalars": dict(self.scalars)}
+                "aligned": sorted(self.kernel.aligned), "scalars": dict(self.scalars)}
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,16 @@ class Rule:
         return {"kind": self.kind, "args": [list(a) for a in self.all_args()], "buffers": self.buffers,
                 "variants": [{"when": v.when, "launches": [ln.to_json() for ln in v.launches]}
                              for v in self.variants]}
+
+    def with_aligned(self, names) -> "Rule":
+        """The rule with `names` (run-time arguments: ld_* and offsets the caller knows are multiples
+        of 16 elements, pointers it knows are 16-byte aligned) as the compiler's divisibility hints,
+        in place of the default (every pointer). The loader must check them at launch."""
+        names = frozenset(names)
+        variants = [Variant(v.when, tuple(
+            Launch(replace(ln.kernel, aligned=names & {a for a, _ in ln.kernel.args}), ln.grid, ln.scalars)
+            for ln in v.launches)) for v in self.variants]
+        return Rule(self.kind, self.params, self.args, variants, self.buffers)
 
     def check(self) -> None:
         """Every launch's arguments are the call's arguments or its own scalars; grids are 3-D."""
