@@ -1,7 +1,7 @@
 """Triton kernels on Triton's interpreter (TRITON_INTERPRET=1, torch CPU tensors) against float64.
 
-Each test builds the kind's launch rule for an architecture, evaluates it for the dims as the
-loader would (llmirc.runtime.launch_rules) and launches its kernels through Triton's own
+Each test builds the kind's launch rule for an architecture, evaluates it for the call's integer arguments as
+the loader would (llmirc.runtime.launch_rules) and launches its kernels through Triton's own
 launcher (targets/triton/run.py). Outputs are poisoned with NaN; padded buffers (ld larger than
 the row) check that nothing outside the output rows/columns is written. Numpy buffers are
 shared with torch (torch.from_numpy), so results land in them.
@@ -33,10 +33,10 @@ def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
-def call(kind_or_rule, params=None, arch="sm_90", dims=None, **args):
+def call(kind_or_rule, params=None, arch="sm_90", **args):
     rule = kind_or_rule if params is None else launch_rule(kind_or_rule, params, ARCHS[arch])
     args = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in args.items()}
-    run(rule, args, dims or {})
+    run(rule, args)
     return rule
 
 
@@ -60,7 +60,7 @@ def test_embedding(rng, dtype, T):
     table = rng.standard_normal((vocab, dim)).astype(np.float32)
     ids = rng.integers(0, vocab, max(T, 1)).astype(np.int32)
     ob, out = buf(rng, T, dim, fill=np.nan)
-    call("embedding", {"dim": dim, "dtype": dtype}, dims={"T": T}, out=ob, ld_out=ld(ob),
+    call("embedding", {"dim": dim, "dtype": dtype}, out=ob, ld_out=ld(ob),
          table=stored(table, dtype), ids=ids, T=T)
     np.testing.assert_array_equal(out, rounded(table, dtype)[ids[:T]])
     check_guard(ob, T, dim)
@@ -71,12 +71,12 @@ def test_gather_rows_and_add(rng):
     xb, x = buf(rng, T, dim)
     idx = np.array([8, 0, 3, 3], np.int32)
     ob, out = buf(rng, L, dim, fill=np.nan)
-    call("gather_rows", {"dim": dim}, dims={"L": L}, out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), idx=idx, L=L)
+    call("gather_rows", {"dim": dim}, out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), idx=idx, L=L)
     np.testing.assert_array_equal(out, x[idx])
     check_guard(ob, L, dim)
     bb, b = buf(rng, T, dim, pad=1)
     ob, out = buf(rng, T, dim, fill=np.nan)
-    call("add", {"dim": dim}, dims={"T": T}, out=ob, ld_out=ld(ob), a=xb, ld_a=ld(xb), b=bb, ld_b=ld(bb), T=T)
+    call("add", {"dim": dim}, out=ob, ld_out=ld(ob), a=xb, ld_a=ld(xb), b=bb, ld_b=ld(bb), T=T)
     np.testing.assert_array_equal(out, x + b)
     check_guard(ob, T, dim)
 
@@ -105,14 +105,14 @@ def test_act_and_act_mul(rng, act):
     gate[1, :4] = [np.nan, -7.5, 7.5, -3e4]
     ub, up = buf(rng, T, dim, pad=2)
     ob, out = buf(rng, T, dim, fill=np.nan)
-    call("act", {"dim": dim, "act": act}, dims={"T": T}, out=ob, ld_out=ld(ob), x=gb, ld_x=ld(gb), T=T)
+    call("act", {"dim": dim, "act": act}, out=ob, ld_out=ld(ob), x=gb, ld_x=ld(gb), T=T)
     ref = ref_act(act, gate)
     with np.errstate(invalid="ignore"):
         close = np.abs(out - ref) <= 1e-6 * np.abs(ref) + 1e-37
     assert (close | (np.isnan(out) & np.isnan(ref)) | (out == ref)).all(), (gate[~close], out[~close])
     check_guard(ob, T, dim)
     ob, out = buf(rng, T, dim, fill=np.nan)
-    call("act_mul", {"dim": dim, "act": act}, dims={"T": T}, out=ob, ld_out=ld(ob), gate=gb, ld_gate=ld(gb),
+    call("act_mul", {"dim": dim, "act": act}, out=ob, ld_out=ld(ob), gate=gb, ld_gate=ld(gb),
          up=ub, ld_up=ld(ub), T=T)
     ref = ref.astype(np.float32) * up  # act rounded to f32, then one f32 multiply
     finite = np.isfinite(ref)
@@ -141,14 +141,14 @@ def test_rms_norm(rng, dim):
     x += 3.0
     w = rng.standard_normal(dim).astype(np.float32)
     ob, out = buf(rng, T, dim, fill=np.nan)
-    call("rms_norm", {"dim": dim, "eps": 1e-6}, dims={"T": T}, out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), w=w, T=T)
+    call("rms_norm", {"dim": dim, "eps": 1e-6}, out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), w=w, T=T)
     np.testing.assert_allclose(out, ref_rms(x, w, 1e-6), rtol=2e-5, atol=1e-6)
     check_guard(ob, T, dim)
     # fused with the residual add: h += x; out = rms_norm(h)
     hb, h = buf(rng, T, dim, pad=2)
     h0 = h.copy()
     ob, out = buf(rng, T, dim, fill=np.nan)
-    call("add_rms_norm", {"dim": dim, "eps": 1e-6}, dims={"T": T}, out=ob, ld_out=ld(ob), h=hb, ld_h=ld(hb),
+    call("add_rms_norm", {"dim": dim, "eps": 1e-6}, out=ob, ld_out=ld(ob), h=hb, ld_h=ld(hb),
          x=xb, ld_x=ld(xb), w=w, T=T)
     np.testing.assert_array_equal(h, h0 + x)
     np.testing.assert_allclose(out, ref_rms(h0 + x, w, 1e-6), rtol=2e-5, atol=1e-6)
@@ -166,12 +166,12 @@ def test_layer_norm(rng, bias, dim):
     bias_arg = b if bias else np.zeros(1, np.float32)
     ob, out = buf(rng, T, dim, fill=np.nan)
     params = {"dim": dim, "eps": 1e-5, "bias": bias}
-    call("layer_norm", params, dims={"T": T}, out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), w=w, b=bias_arg, T=T)
+    call("layer_norm", params, out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), w=w, b=bias_arg, T=T)
     np.testing.assert_allclose(out, ref_ln(x, w, b, 1e-5), rtol=5e-5, atol=5e-5)
     check_guard(ob, T, dim)
     hb, h = buf(rng, T, dim, pad=1)
     h0, x0 = h.copy(), x.copy()
-    call("add_layer_norm", params, dims={"T": T}, out=xb, ld_out=ld(xb), h=hb, ld_h=ld(hb), x=xb, ld_x=ld(xb),
+    call("add_layer_norm", params, out=xb, ld_out=ld(xb), h=hb, ld_h=ld(hb), x=xb, ld_x=ld(xb),
          w=w, b=bias_arg, T=T)  # out is x
     np.testing.assert_array_equal(h, h0 + x0)
     np.testing.assert_allclose(x, ref_ln(h0 + x0, w, b, 1e-5), rtol=5e-5, atol=5e-5)
@@ -197,7 +197,7 @@ def test_linear(rng, w_dtype, arch):
             xb, x = buf(rng, T, k, pad=3)
             rb, res = buf(rng, T, n, pad=2)
             res0 = res.copy()
-            call(rule, dims={"T": T}, out=rb, ld_out=ld(rb), x=xb, ld_x=ld(xb), w=stored(w, w_dtype), bias=bias,
+            call(rule, out=rb, ld_out=ld(rb), x=xb, ld_x=ld(xb), w=stored(w, w_dtype), bias=bias,
                  residual=rb, ld_res=ld(rb), T=T)
             ref = rounded(x, w_dtype) @ wq.T + bias + res0  # x rounded to the weights' dtype (tensor cores)
             np.testing.assert_allclose(res, ref, rtol=1e-5, atol=3e-5, err_msg=f"T={T} split={split}")
@@ -209,7 +209,7 @@ def test_linear_flags_off_and_big_k(rng):
     w = rng.standard_normal((n, k)).astype(np.float32)
     xb, x = buf(rng, T, k)
     ob, out = buf(rng, T, n, fill=np.nan)
-    rule = call("linear", {"n": n, "k": k, "w_dtype": "bfloat16"}, dims={"T": T}, out=ob, ld_out=ld(ob), x=xb,
+    rule = call("linear", {"n": n, "k": k, "w_dtype": "bfloat16"}, out=ob, ld_out=ld(ob), x=xb,
                 ld_x=ld(xb), w=stored(w, "bfloat16"), bias=np.zeros(1, np.float32), residual=np.zeros(1, np.float32),
                 ld_res=0, T=T)
     np.testing.assert_allclose(out, rounded(x, "bfloat16") @ rounded(w, "bfloat16").T, rtol=1e-5, atol=3e-5)
@@ -258,11 +258,11 @@ def test_rope(rng, name):
     positions = np.array([0, 1, 5, 130, 4095, 100000, 7], np.int32)
     xb, x = buf(rng, T, H * hd, pad=3)
     ob, out = buf(rng, T, H * hd, fill=np.nan)
-    call("rope", p, dims={"T": T}, out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), positions=positions, T=T)
+    call("rope", p, out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), positions=positions, T=T)
     ref = ref_rope(x, positions, H, hd, p["rotary_dim"], p["style"], p["inv_freq"], p["scaling"])
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     check_guard(ob, T, H * hd)
-    call("rope", p, dims={"T": T}, out=xb, ld_out=ld(xb), x=xb, ld_x=ld(xb), positions=positions, T=T)  # in place
+    call("rope", p, out=xb, ld_out=ld(xb), x=xb, ld_x=ld(xb), positions=positions, T=T)  # in place
     np.testing.assert_array_equal(x, out)
 
 
@@ -286,7 +286,7 @@ def test_kv_append(rng, kv_dtype):
     slots[[2, 9]] = -1
     dev = stored(pool, kv_dtype)
     call("kv_append", {"num_layers": L, "num_kv_heads": G, "head_dim": hd, "block_size": bs, "kv_dtype": kv_dtype},
-         dims={"T": T}, pool=dev, num_blocks=nb, layer=1, k=kb, ld_k=ld(kb), v=vb, ld_v=ld(vb), slot_mapping=slots,
+         pool=dev, num_blocks=nb, layer=1, k=kb, ld_k=ld(kb), v=vb, ld_v=ld(vb), slot_mapping=slots,
          T=T)
     expect = ref_kv_append(pool, 1, rounded(k, kv_dtype), rounded(v, kv_dtype), slots, G, hd, bs)
     np.testing.assert_array_equal(dev.double().numpy(), expect)
@@ -308,7 +308,7 @@ def test_rope_kv_append(rng, name, kv_dtype):
     slots[4] = -1
     pool = rounded(rng.standard_normal((2, 2, nb, G, bs, hd)), kv_dtype)
     dev = stored(pool, kv_dtype)
-    call("rope_kv_append", p, dims={"T": T}, out=ob, ld_out=ld(ob), q=qb, ld_q=ld(qb), k=kb, ld_k=ld(kb), v=vb,
+    call("rope_kv_append", p, out=ob, ld_out=ld(ob), q=qb, ld_q=ld(qb), k=kb, ld_k=ld(kb), v=vb,
          ld_v=ld(vb), positions=positions, pool=dev, num_blocks=nb, layer=1, slot_mapping=slots, T=T)
     rope = dict(rot=p["rotary_dim"], style=p["style"], freqs=p["inv_freq"], scaling=p["scaling"])
     np.testing.assert_allclose(out, ref_rope(q, positions, H, hd, **rope), rtol=1e-5, atol=1e-5)
@@ -352,8 +352,7 @@ def attention(rng, name, seqs, kv_dtype, arch="sm_90", in_place=False):
     ref = ref_attention(rounded(q, kv_dtype), pool, 1, bt, qsl, positions, H, G, hd, bs, 1 / math.sqrt(hd), win)
     params = {"num_heads": H, "num_kv_heads": G, "head_dim": hd, "block_size": bs, "scale": 1 / math.sqrt(hd),
               "sliding_window": win, "kv_dtype": kv_dtype}
-    rule = call("paged_attention", params, arch, dims={"T": T, "B": B, "max_blocks": mb, "num_blocks": nb},
-                out=ob, ld_out=ld(ob), q=qb, ld_q=ld(qb), pool=stored(pool, kv_dtype), num_blocks=nb, layer=1,
+    rule = call("paged_attention", params, arch, out=ob, ld_out=ld(ob), q=qb, ld_q=ld(qb), pool=stored(pool, kv_dtype), num_blocks=nb, layer=1,
                 block_tables=bt, max_blocks=mb, seq_lens=lens, query_start_loc=qsl, B=B, positions=positions, T=T)
     tol = 2e-5 if kv_dtype == "float32" else 1e-2  # half pools: q and P rounded to the pool's dtype
     np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
@@ -398,12 +397,12 @@ def test_paged_attention_reads_only_its_layer_and_blocks(rng):
     q = rng.standard_normal((T, H * hd)).astype(np.float32)
     out = np.full((T, H * hd), np.nan, np.float32)
     params = {"num_heads": H, "num_kv_heads": G, "head_dim": hd, "block_size": bs, "scale": 0.25}
-    for dims_T in (T, 2):  # prefill kernel; decode kernel on the first two tokens
-        call("paged_attention", params, dims={"T": dims_T, "B": 2, "max_blocks": mb, "num_blocks": nb}, out=out,
+    for rows in (T, 2):  # prefill kernel; decode kernel on the first two tokens
+        call("paged_attention", params, out=out,
              ld_out=H * hd, q=q, ld_q=H * hd, pool=pool, num_blocks=nb, layer=1, block_tables=bt, max_blocks=mb,
-             seq_lens=lens, query_start_loc=qsl, B=2, positions=positions, T=dims_T)
+             seq_lens=lens, query_start_loc=qsl, B=2, positions=positions, T=rows)
         ref = ref_attention(q, clean, 1, bt, qsl, positions, H, G, hd, bs, 0.25, 0)
-        np.testing.assert_allclose(out[:dims_T], ref[:dims_T], rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(out[:rows], ref[:rows], rtol=2e-5, atol=2e-5)
 
 
 def test_paged_attention_no_keys_gives_zeros(rng):
@@ -414,7 +413,7 @@ def test_paged_attention_no_keys_gives_zeros(rng):
     q = rng.standard_normal((T, H * hd)).astype(np.float32)
     out = np.full((T, H * hd), np.nan, np.float32)
     params = {"num_heads": H, "num_kv_heads": G, "head_dim": hd, "block_size": bs, "scale": 0.25}
-    call("paged_attention", params, dims={"T": T, "B": 2, "max_blocks": mb, "num_blocks": nb}, out=out,
+    call("paged_attention", params, out=out,
          ld_out=H * hd, q=q, ld_q=H * hd, pool=pool, num_blocks=nb, layer=0, block_tables=bt, max_blocks=mb,
          seq_lens=lens, query_start_loc=qsl, B=2, positions=positions, T=T)
     assert (out[0] == 0).all() and np.isfinite(out).all()
@@ -430,7 +429,7 @@ def test_argmax(rng):
     logits[3] = -np.inf                  # all -inf: index 0
     logits[4, 0] = 70.0
     tokens = np.full(L + 1, -7, np.int32)
-    call("argmax", {"vocab": vocab}, dims={"L": L}, tokens=tokens, logits=lb, ld_logits=ld(lb), L=L)
+    call("argmax", {"vocab": vocab}, tokens=tokens, logits=lb, ld_logits=ld(lb), L=L)
     np.testing.assert_array_equal(tokens[:L], np.argmax(logits, axis=1))
     assert tokens[L] == -7
 
@@ -439,7 +438,7 @@ def sample(logits, temperature, top_k, top_p, seeds, offsets):
     L, vocab = logits.shape
     tokens = np.full(L, -1, np.int32)
     lb = np.ascontiguousarray(logits, np.float32)
-    call("sample", {"vocab": vocab}, dims={"L": L}, tokens=tokens, logits=lb, ld_logits=vocab,
+    call("sample", {"vocab": vocab}, tokens=tokens, logits=lb, ld_logits=vocab,
          temperature=np.asarray(temperature, np.float32), top_k=np.asarray(top_k, np.int32),
          top_p=np.asarray(top_p, np.float32), seeds=np.asarray(seeds, np.int64),
          offsets=np.asarray(offsets, np.int64), L=L)

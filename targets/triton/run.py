@@ -17,11 +17,11 @@ _TORCH_DTYPES = {"*fp32": "float32", "*bf16": "bfloat16", "*fp16": "float16", "*
                  "*i64": "int64"}
 
 
-def allocate_buffers(rule: Rule, dims: dict, device) -> dict:
+def allocate_buffers(rule: Rule, env: dict, device) -> dict:
     """The rule's extra buffers, zero-filled torch tensors of their declared element type."""
     import torch
     out = {}
-    sizes = launch_rules.buffer_bytes(rule.to_json(), dims)
+    sizes = launch_rules.buffer_bytes(rule.to_json(), env)
     for buf in rule.buffers:
         dtype = getattr(torch, _TORCH_DTYPES[buf["type"]])
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -29,21 +29,21 @@ def allocate_buffers(rule: Rule, dims: dict, device) -> dict:
     return out
 
 
-def run(rule: Rule, args: dict, dims: dict) -> None:
-    """Launches the rule's variant for `dims` ({T, B, L, max_blocks, num_blocks}; missing ones = 0)."""
-    dims = {d: int(dims.get(d, 0)) for d in launch_rules.DIMS}
+def run(rule: Rule, args: dict) -> None:
+    """Launches the rule's kernels for the call's arguments (as the loader would choose them)."""
     rj = rule.to_json()
     missing = [a for a, _ in rule.args if a not in args]
     if missing:
         raise ValueError(f"{rule.kind}: arguments missing: {missing}")
+    env = launch_rules.env_of(rj, args)
     device = next(v.device for v in args.values() if hasattr(v, "device"))
-    args = allocate_buffers(rule, dims, device) | dict(args)
+    args = allocate_buffers(rule, env, device) | dict(args)
     kernels = rule.kernels()
-    for launch in launch_rules.select(rj, dims):
+    for launch in launch_rules.select(rj, env):
         spec = kernels[launch["kernel"]]
-        grid = launch_rules.grid(launch, dims)
+        grid = launch_rules.grid(launch, env)
         if 0 in grid:
             continue
-        values = args | launch_rules.scalars(launch, dims)
+        values = args | launch_rules.scalars(launch, env)
         spec.fn[grid](*(values[a] for a, _ in spec.args), **dict(spec.constexprs),
                       num_warps=spec.num_warps, num_stages=spec.num_stages)

@@ -4,7 +4,7 @@ A `KernelSpec` is one Triton kernel specialized for static params: the @triton.j
 its constexpr values, its run-time arguments (name, Triton type) in order, the arguments the
 compiler may assume 16-divisible, and the launch configuration (num_warps, num_stages). A
 `Rule` is what one kernel call (kind + static params, for one architecture) launches: variants
-chosen by the dims, each a sequence of `Launch`es (a KernelSpec, a grid expression, computed
+chosen by the call's integer arguments (T, B, ...), each a sequence of `Launch`es (a KernelSpec, a grid expression, computed
 scalar arguments). `Rule.to_json()` is the form `llmirc.runtime.launch_rules` evaluates.
 
 Argument types are Triton's: `*fp32`, `*bf16`, `*fp16`, `*i32`, `*i8` (pointers), `i64`, `fp32`.
@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
-
-from llmirc.runtime.launch_rules import DIMS
 
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # storage dtype -> Triton type
 PTR_ALIGN = 16  # bytes: every pointer argument must be 16-byte aligned (loads are vectorized)
@@ -121,8 +119,8 @@ def kernel(fn, constexprs: dict, args, num_warps: int, num_stages: int = 1, alig
 @dataclass(frozen=True)
 class Launch:
     kernel: KernelSpec
-    grid: tuple                      # three expressions over DIMS
-    scalars: tuple = ()              # ((name, expression), ...): i64 arguments computed from the dims
+    grid: tuple                      # three expressions over the call's i64 arguments
+    scalars: tuple = ()              # ((name, expression), ...): i64 arguments computed from those
 
     def to_json(self) -> dict:
         return {"kernel": self.kernel.key(), "grid": list(self.grid), "args": [a for a, _ in self.kernel.args],
@@ -166,8 +164,13 @@ class Rule:
         return Rule(self.kind, self.params, self.args, variants, self.buffers)
 
     def check(self) -> None:
-        """Every launch's arguments are the call's arguments or its own scalars; grids are 3-D."""
+        """Every launch's arguments are the call's arguments or its own scalars; grids are 3-D;
+        expressions name only the call's i64 arguments."""
+        from llmirc.runtime.launch_rules import evaluate
         known = {a for a, _ in self.all_args()}
+        env = {a: 1 for a, t in self.args if t == "i64"}
+        for expr in [v.when for v in self.variants] + [b["bytes"] for b in self.buffers]:
+            evaluate(expr, env)
         for v in self.variants:
             for ln in v.launches:
                 scalars = {s for s, _ in ln.scalars}
@@ -176,7 +179,9 @@ class Rule:
                         raise ValueError(f"{self.kind}: kernel {ln.kernel.name} takes {a!r}, which the call lacks")
                 if len(ln.grid) != 3:
                     raise ValueError(f"{self.kind}: grid {ln.grid} is not 3-D")
+                for expr in list(ln.grid) + [e for _, e in ln.scalars]:
+                    evaluate(expr, env)
 
 
-__all__ = ["DIMS", "DTYPES", "KernelSpec", "Launch", "Rule", "Variant", "add", "cdiv", "eq", "kernel", "le",
+__all__ = ["DTYPES", "KernelSpec", "Launch", "Rule", "Variant", "add", "cdiv", "eq", "kernel", "le",
            "max_", "min_", "mul", "next_pow2", "ptr_type"]
