@@ -118,9 +118,7 @@ def _config(arch, w_dtype: str, t_max: int | None) -> dict:
         cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64 if f32 else 128, num_warps=4)
     elif t_max is not None:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if f32 else 64, num_warps=4)
-    elif hip:  # 64 KB of LDS: the f32 x tile takes twice the bytes of the weights'
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8)
-    elif arch.arch == 80:
+    elif hip or arch.arch == 80:  # 64 KB of LDS / 163 KB: the f32 x tile takes twice the weights' bytes
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32 if f32 else 64, num_warps=8)
@@ -128,13 +126,19 @@ def _config(arch, w_dtype: str, t_max: int | None) -> dict:
     return cfg
 
 
-def split_k(n: int, k: int, block_n: int, block_k: int, tiles_m: int, num_sms: int) -> tuple[int, int]:
-    """(split_k, k_split): splits so that tiles * split_k >= 2 * SMs, each split >= 4 k-blocks."""
-    tiles = tiles_m * -(-n // block_n)
-    k_blocks = -(-k // block_k)
-    splits = max(1, min(-(-2 * num_sms // tiles), k_blocks // 4))
-    k_split = -(-k_blocks // splits) * block_k
-    return -(-k // k_split), k_split
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def split_k(n: int, k: int, block_n: int, block_k: int, tiles_m: int, num_sms: int,
+            splits: int | None = None) -> tuple[int, int]:
+    """(split_k, k_split): toward tiles * split_k >= 2 * SMs with >= 4 k-blocks per split (unless
+    `splits` is given); k_split is a multiple of block_k and no split is empty."""
+    k_blocks = _cdiv(k, block_k)
+    if splits is None:
+        splits = max(1, min(_cdiv(2 * num_sms, tiles_m * _cdiv(n, block_n)), k_blocks // 4))
+    k_split = _cdiv(k_blocks, min(splits, k_blocks)) * block_k
+    return _cdiv(k, k_split), k_split
 
 
 def rule_linear(params, arch, split_k_override: int | None = None) -> Rule:
@@ -146,14 +150,11 @@ def rule_linear(params, arch, split_k_override: int | None = None) -> Rule:
     for t_max in (16, 128, None):
         cfg = _config(arch, w_dtype, t_max)
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-        max_tiles = -(-t_max // bm) * -(-n // bn) if t_max else 0
+        max_tiles = _cdiv(t_max, bm) * _cdiv(n, bn) if t_max else 0
         if t_max is None:
-            splits, k_split = 1, -(-k // bk) * bk
-        elif split_k_override:
-            k_split = -(-(-(-k // split_k_override)) // bk) * bk
-            splits = -(-k // k_split)
+            splits, k_split = split_k(n, k, bn, bk, 1, arch.num_sms, splits=1)
         else:
-            splits, k_split = split_k(n, k, bn, bk, -(-t_max // bm), arch.num_sms)
+            splits, k_split = split_k(n, k, bn, bk, _cdiv(t_max, bm), arch.num_sms, split_k_override)
         if splits > 1:
             ws_floats = max(ws_floats, max_tiles * (splits * bm * bn + 1))
         spec = kernel(linear_kernel, {
@@ -162,7 +163,7 @@ def rule_linear(params, arch, split_k_override: int | None = None) -> Rule:
             "SPLIT_K": splits, "K_SPLIT": k_split, "GROUP_M": 8 if t_max is None else 1, "MAX_TILES": max_tiles,
             "RELEASE_ALL": arch.backend == "hip", "THREADS": cfg["num_warps"] * arch.warp_size},
             args, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        grid = (mul(cdiv("T", bm), -(-n // bn)), splits, 1)
+        grid = (mul(cdiv("T", bm), _cdiv(n, bn)), splits, 1)
         variants.append(Variant(["<=", "T", t_max] if t_max else 1, (Launch(spec, grid),)))
     buffers = [{"name": "splitk_workspace", "type": "*fp32", "bytes": 4 * ws_floats, "zero_init": True}]
     return Rule("linear", params, args[:-1], variants, buffers)

@@ -4,8 +4,8 @@ A `KernelSpec` is one Triton kernel specialized for static params: the @triton.j
 its constexpr values, its run-time arguments (name, Triton type) in order, the arguments the
 compiler may assume 16-divisible, and the launch configuration (num_warps, num_stages). A
 `Rule` is what one kernel call (kind + static params, for one architecture) launches: variants
-chosen by the call's integer arguments (T, B, ...), each a sequence of `Launch`es (a KernelSpec, a grid expression, computed
-scalar arguments). `Rule.to_json()` is the form `llmirc.runtime.launch_rules` evaluates.
+chosen by the call's integer arguments (T, B, ...), each a sequence of `Launch`es (a KernelSpec,
+a grid expression, computed scalar arguments). `Rule.to_json()` is the form `llmirc.runtime.launch_rules` evaluates.
 
 Argument types are Triton's: `*fp32`, `*bf16`, `*fp16`, `*i32`, `*i8` (pointers), `i64`, `fp32`.
 """
@@ -109,6 +109,8 @@ def kernel(fn, constexprs: dict, args, num_warps: int, num_stages: int = 1, alig
     if missing or extra:
         raise ValueError(f"{fn.__name__}: parameters not covered {sorted(missing)}, unknown {sorted(extra)}")
     order = {n: i for i, n in enumerate(fn.arg_names)}
+    if max((order[a] for a, _ in args), default=-1) > min((order[c] for c in constexprs), default=len(order)):
+        raise ValueError(f"{fn.__name__}: run-time parameters must come before the constexprs")
     args = tuple(sorted(((a, t) for a, t in args), key=lambda a: order[a[0]]))
     if aligned is None:
         aligned = {a for a, t in args if t.startswith("*")}
