@@ -18,6 +18,8 @@ import torch
 import triton_interpreter  # noqa: F401  (bf16 fixes to Triton's interpreter)
 
 from helpers import buf, check_guard, ld, make_batch, ref_attention
+from llmirc.passes.onnx_fuse_norm import layer_norm as ref_layer_norm
+from llmirc.passes.onnx_fuse_norm import rms_norm as ref_rms_norm
 from llmirc.targets.triton.arch import ARCHS
 from llmirc.targets.triton.kinds import launch_rule
 from llmirc.targets.triton.linear import rule_linear
@@ -120,18 +122,7 @@ def test_act_and_act_mul(rng, act):
     check_guard(ob, T, dim)
 
 
-# --- norms
-
-def ref_rms(x, w, eps):
-    x = x.astype(np.float64)
-    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
-
-
-def ref_ln(x, w, b, eps):
-    x = x.astype(np.float64)
-    mu = x.mean(-1, keepdims=True)
-    y = (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w
-    return y + b if b is not None else y
+# --- norms (float64 references: the ONNX fusion's)
 
 
 @pytest.mark.parametrize("dim", [7, 1000, 5000])  # 5000: two column blocks
@@ -142,7 +133,7 @@ def test_rms_norm(rng, dim):
     w = rng.standard_normal(dim).astype(np.float32)
     ob, out = buf(rng, T, dim, fill=np.nan)
     call("rms_norm", {"dim": dim, "eps": 1e-6}, out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), w=w, T=T)
-    np.testing.assert_allclose(out, ref_rms(x, w, 1e-6), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(out, ref_rms_norm(x, w, 1e-6), rtol=2e-5, atol=1e-6)
     check_guard(ob, T, dim)
     # fused with the residual add: h += x; out = rms_norm(h)
     hb, h = buf(rng, T, dim, pad=2)
@@ -151,7 +142,7 @@ def test_rms_norm(rng, dim):
     call("add_rms_norm", {"dim": dim, "eps": 1e-6}, out=ob, ld_out=ld(ob), h=hb, ld_h=ld(hb),
          x=xb, ld_x=ld(xb), w=w, T=T)
     np.testing.assert_array_equal(h, h0 + x)
-    np.testing.assert_allclose(out, ref_rms(h0 + x, w, 1e-6), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(out, ref_rms_norm(h0 + x, w, 1e-6), rtol=2e-5, atol=1e-6)
     check_guard(ob, T, dim)
 
 
@@ -167,14 +158,14 @@ def test_layer_norm(rng, bias, dim):
     ob, out = buf(rng, T, dim, fill=np.nan)
     params = {"dim": dim, "eps": 1e-5, "bias": bias}
     call("layer_norm", params, out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), w=w, b=bias_arg, T=T)
-    np.testing.assert_allclose(out, ref_ln(x, w, b, 1e-5), rtol=5e-5, atol=5e-5)
+    np.testing.assert_allclose(out, ref_layer_norm(x, w, b, 1e-5), rtol=5e-5, atol=5e-5)
     check_guard(ob, T, dim)
     hb, h = buf(rng, T, dim, pad=1)
     h0, x0 = h.copy(), x.copy()
     call("add_layer_norm", params, out=xb, ld_out=ld(xb), h=hb, ld_h=ld(hb), x=xb, ld_x=ld(xb),
          w=w, b=bias_arg, T=T)  # out is x
     np.testing.assert_array_equal(h, h0 + x0)
-    np.testing.assert_allclose(x, ref_ln(h0 + x0, w, b, 1e-5), rtol=5e-5, atol=5e-5)
+    np.testing.assert_allclose(x, ref_layer_norm(h0 + x0, w, b, 1e-5), rtol=5e-5, atol=5e-5)
 
 
 # --- linear

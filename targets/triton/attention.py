@@ -58,12 +58,23 @@ def _find_sequence(query_start_loc, B, t):
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, qt, kv, block_tables_b, k_lo, k_hi, row_lo, row_hi, V_OFF, G_STRIDE,
-            BLOCK_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-            SCALE_LOG2: tl.constexpr, KV_F32: tl.constexpr):
-    """Online softmax of the rows of qt [M, D_PAD] over keys k_lo..k_hi (row r: row_lo..row_hi),
-    reading key j at kv + block_tables_b[j // BS] * G_STRIDE + (j % BS) * D (V at + V_OFF)."""
+def _attend(q, ld_q, tok, head, row_ok, pool, num_blocks, layer, g, block_tables_b, k_lo, k_hi, row_lo, row_hi,
+            M: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+            BLOCK_N: tl.constexpr, SCALE_LOG2: tl.constexpr, KV_F32: tl.constexpr):
+    """(acc [M, D_PAD], max [M], sum [M]): online softmax of M query rows (row r: token tok[r], head
+    head[r], keys row_lo[r]..row_hi[r]) over the keys k_lo..k_hi of kv head g, key j read at block
+    block_tables_b[j // BS], slot j % BS of the pool."""
     d = tl.arange(0, D_PAD)
+    q_mask = row_ok[:, None] & (d[None, :] < D)
+    qt = tl.load(q + tok.to(tl.int64)[:, None] * ld_q + head[:, None] * D + d[None, :], mask=q_mask, other=0.0)
+    if not KV_F32:
+        qt = qt.to(pool.dtype.element_ty)
+    V_OFF = num_blocks.to(tl.int64) * G * BS * D  # the V plane
+    kv = pool + layer.to(tl.int64) * 2 * V_OFF + g * (BS * D)
+    G_STRIDE: tl.constexpr = G * BS * D
+    acc = tl.zeros([M, D_PAD], tl.float32)
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
     for j0 in range(k_lo, k_hi + 1, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         j_ok = j <= k_hi
@@ -119,21 +130,14 @@ def paged_attention_decode_kernel(
     k_hi = tl.minimum(k_lo + chunk - 1, hi)
 
     r = tl.arange(0, HP_PAD)
-    d = tl.arange(0, D_PAD)
     head = g * HP + r
+    tok = tl.zeros([HP_PAD], tl.int32) + t
+    acc, m_i, l_i = _attend(q, ld_q, tok, head, r < HP, pool, num_blocks, layer, g,
+                            block_tables + b.to(tl.int64) * max_blocks, k_lo, k_hi, tl.zeros([HP_PAD], tl.int32) + k_lo,
+                            tl.zeros([HP_PAD], tl.int32) + k_hi, HP_PAD, G, BS, D, D_PAD, BLOCK_N, SCALE_LOG2, KV_F32)
+    d = tl.arange(0, D_PAD)
     t64 = t.to(tl.int64)
     q_mask = (r[:, None] < HP) & (d[None, :] < D)
-    qt = tl.load(q + t64 * ld_q + head[:, None] * D + d[None, :], mask=q_mask, other=0.0)
-    if not KV_F32:
-        qt = qt.to(pool.dtype.element_ty)
-    plane = num_blocks.to(tl.int64) * G * BS * D
-    kv = pool + layer.to(tl.int64) * 2 * plane + g * (BS * D)
-    acc = tl.zeros([HP_PAD, D_PAD], tl.float32)
-    m_i = tl.full([HP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([HP_PAD], tl.float32)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, qt, kv, block_tables + b.to(tl.int64) * max_blocks, k_lo, k_hi,
-                            tl.zeros([HP_PAD], tl.int32) + k_lo, tl.zeros([HP_PAD], tl.int32) + k_hi, plane,
-                            G * BS * D, BLOCK_N, BS, D, D_PAD, SCALE_LOG2, KV_F32)
     if DIRECT:
         res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out + t64 * ld_out + head[:, None] * D + d[None, :], res, mask=q_mask)
@@ -199,19 +203,12 @@ def paged_attention_prefill_kernel(
         k_lo = tl.min(tl.where(row_ok, row_lo, 2147483647))
         k_hi = tl.max(row_hi)
 
+        acc, m_i, l_i = _attend(q, ld_q, tok, head, row_ok, pool, num_blocks, layer, g,
+                                block_tables + b.to(tl.int64) * max_blocks, k_lo, k_hi, row_lo, row_hi, BLOCK_M, G, BS,
+                                D, D_PAD, BLOCK_N, SCALE_LOG2, KV_F32)
         d = tl.arange(0, D_PAD)
         tok64 = tok.to(tl.int64)
         q_mask = row_ok[:, None] & (d[None, :] < D)
-        qt = tl.load(q + tok64[:, None] * ld_q + head[:, None] * D + d[None, :], mask=q_mask, other=0.0)
-        if not KV_F32:
-            qt = qt.to(pool.dtype.element_ty)
-        plane = num_blocks.to(tl.int64) * G * BS * D
-        kv = pool + layer.to(tl.int64) * 2 * plane + g * (BS * D)
-        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, qt, kv, block_tables + b.to(tl.int64) * max_blocks, k_lo, k_hi,
-                                row_lo, row_hi, plane, G * BS * D, BLOCK_N, BS, D, D_PAD, SCALE_LOG2, KV_F32)
         res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out + tok64[:, None] * ld_out + head[:, None] * D + d[None, :], res, mask=q_mask)
 

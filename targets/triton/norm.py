@@ -23,6 +23,16 @@ from .spec import Launch, Rule, Variant, kernel, next_pow2
 
 
 @triton.jit
+def _load_row(src, ld_src, x, ld_x, t, c, m, ADD: tl.constexpr):
+    """Columns c of row t of src (0 where not m); with ADD, src's row += x's first (and stored)."""
+    v = tl.load(src + t * ld_src + c, mask=m, other=0.0)
+    if ADD:
+        v += tl.load(x + t * ld_x + c, mask=m, other=0.0)
+        tl.store(src + t * ld_src + c, v, mask=m)
+    return v
+
+
+@triton.jit
 def _rms_scale(src, ld_src, x, ld_x, t, DIM: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
                ADD: tl.constexpr):
     """1/sqrt(mean(row^2) + eps) of row t of src (after src += x when ADD)."""
@@ -30,10 +40,7 @@ def _rms_scale(src, ld_src, x, ld_x, t, DIM: tl.constexpr, EPS: tl.constexpr, BL
     for c0 in range(0, DIM, BLOCK):
         c = c0 + tl.arange(0, BLOCK)
         m = c < DIM
-        v = tl.load(src + t * ld_src + c, mask=m, other=0.0)
-        if ADD:
-            v += tl.load(x + t * ld_x + c, mask=m, other=0.0)
-            tl.store(src + t * ld_src + c, v, mask=m)
+        v = _load_row(src, ld_src, x, ld_x, t, c, m, ADD)
         acc += v * v
     return 1.0 / tl.sqrt_rn(tl.sum(acc) / DIM + EPS)
 
@@ -69,11 +76,7 @@ def _layer_norm_row(out, ld_out, src, ld_src, x, ld_x, w, b, t, DIM: tl.constexp
     for c0 in range(0, DIM, BLOCK):
         c = c0 + tl.arange(0, BLOCK)
         m = c < DIM
-        v = tl.load(src + t * ld_src + c, mask=m, other=0.0)
-        if ADD:
-            v += tl.load(x + t * ld_x + c, mask=m, other=0.0)
-            tl.store(src + t * ld_src + c, v, mask=m)
-        acc += v
+        acc += _load_row(src, ld_src, x, ld_x, t, c, m, ADD)
     mu = tl.sum(acc) / DIM
     acc = tl.zeros([BLOCK], tl.float32)
     for c0 in range(0, DIM, BLOCK):

@@ -35,9 +35,10 @@ def _cos_sin(pos, INV_FREQ: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.const
 
 
 @triton.jit
-def _rotate(src, c, s, NH: tl.constexpr, NH_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-            HALF_PAD: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Rotated (x1, x2) of the NH heads at src, their columns within a head (c1, c2) and mask."""
+def _rope_heads(dst, head_stride, src, c, s, ok, NH: tl.constexpr, NH_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                ROT: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """dst[h * head_stride + i] = rope(src[h * HEAD_DIM + i]) for the NH heads (columns ROT..HEAD_DIM
+    copied), rounded to dst's dtype, where `ok` (a [1, 1] block). dst may be src."""
     h = tl.arange(0, NH_PAD)[:, None]
     i = tl.arange(0, HALF_PAD)[None, :]
     if INTERLEAVED:
@@ -45,22 +46,17 @@ def _rotate(src, c, s, NH: tl.constexpr, NH_PAD: tl.constexpr, HEAD_DIM: tl.cons
         c2 = 2 * i + 1
     else:
         c1 = i
-        c2 = i + HALF
-    m = (h < NH) & (i < HALF)
+        c2 = i + ROT // 2
+    m = (h < NH) & (i < ROT // 2) & ok
     x1 = tl.load(src + h * HEAD_DIM + c1, mask=m, other=0.0)
     x2 = tl.load(src + h * HEAD_DIM + c2, mask=m, other=0.0)
-    return x1 * c[None, :] - x2 * s[None, :], x2 * c[None, :] + x1 * s[None, :], h, c1, c2, m
-
-
-@triton.jit
-def _copy_tail(dst, src, NH: tl.constexpr, NH_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
-               TAIL_PAD: tl.constexpr):
-    """Columns rot..head_dim of each head are copied unchanged."""
+    dt = dst.dtype.element_ty
     if ROT < HEAD_DIM:
-        h = tl.arange(0, NH_PAD)[:, None]
-        c = ROT + tl.arange(0, TAIL_PAD)[None, :]
-        m = (h < NH) & (c < HEAD_DIM)
-        tl.store(dst + h * HEAD_DIM + c, tl.load(src + h * HEAD_DIM + c, mask=m), mask=m)
+        cc = ROT + tl.arange(0, TAIL_PAD)[None, :]
+        mt = (h < NH) & (cc < HEAD_DIM) & ok
+        tl.store(dst + h * head_stride + cc, tl.load(src + h * HEAD_DIM + cc, mask=mt).to(dt), mask=mt)
+    tl.store(dst + h * head_stride + c1, (x1 * c[None, :] - x2 * s[None, :]).to(dt), mask=m)
+    tl.store(dst + h * head_stride + c2, (x2 * c[None, :] + x1 * s[None, :]).to(dt), mask=m)
 
 
 @triton.jit
@@ -69,12 +65,8 @@ def rope_kernel(out, ld_out, x, ld_x, positions, T, NUM_HEADS: tl.constexpr, HEA
                 NH_PAD: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     c, s = _cos_sin(tl.load(positions + t), INV_FREQ, ROT // 2, HALF_PAD, SCALING)
-    src = x + t * ld_x
-    dst = out + t * ld_out
-    o1, o2, h, c1, c2, m = _rotate(src, c, s, NUM_HEADS, NH_PAD, HEAD_DIM, ROT // 2, HALF_PAD, INTERLEAVED)
-    _copy_tail(dst, src, NUM_HEADS, NH_PAD, HEAD_DIM, ROT, TAIL_PAD)
-    tl.store(dst + h * HEAD_DIM + c1, o1, mask=m)
-    tl.store(dst + h * HEAD_DIM + c2, o2, mask=m)
+    _rope_heads(out + t * ld_out, HEAD_DIM, x + t * ld_x, c, s, tl.full([1, 1], 1, tl.int1), NUM_HEADS, NH_PAD,
+                HEAD_DIM, ROT, HALF_PAD, TAIL_PAD, INTERLEAVED)
 
 
 @triton.jit
@@ -86,7 +78,7 @@ def _load_slot(slot_mapping, t):
 
 @triton.jit
 def _slot_base(pool, num_blocks, layer, slot, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
-    """Pointer to pool[layer, 0, slot / BS, 0, slot % BS, 0] (the V plane is + V_OFFSET elements)."""
+    """Pointer to pool[layer, 0, slot / BS, 0, slot % BS, 0] (the V plane is num_blocks*G*BS*D further)."""
     blk = (slot // BS).to(tl.int64)
     off = (slot % BS).to(tl.int64)
     return pool + ((layer.to(tl.int64) * 2 * num_blocks + blk) * G * BS + off) * D
@@ -121,27 +113,13 @@ def rope_kv_append_kernel(out, ld_out, q, ld_q, k, ld_k, v, ld_v, positions, poo
                           HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr, D_PAD: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     c, s = _cos_sin(tl.load(positions + t), INV_FREQ, ROT // 2, HALF_PAD, SCALING)
-    # q -> out
-    src = q + t * ld_q
-    dst = out + t * ld_out
-    o1, o2, h, c1, c2, m = _rotate(src, c, s, NUM_HEADS, NH_PAD, HEAD_DIM, ROT // 2, HALF_PAD, INTERLEAVED)
-    _copy_tail(dst, src, NUM_HEADS, NH_PAD, HEAD_DIM, ROT, TAIL_PAD)
-    tl.store(dst + h * HEAD_DIM + c1, o1, mask=m)
-    tl.store(dst + h * HEAD_DIM + c2, o2, mask=m)
-    # k -> pool (rotated), v -> pool
+    _rope_heads(out + t * ld_out, HEAD_DIM, q + t * ld_q, c, s, tl.full([1, 1], 1, tl.int1), NUM_HEADS, NH_PAD,
+                HEAD_DIM, ROT, HALF_PAD, TAIL_PAD, INTERLEAVED)
     slot = _load_slot(slot_mapping, t)
     ok = slot >= 0
     base = _slot_base(pool, num_blocks, layer, tl.maximum(slot, 0), G, BS, HEAD_DIM)
-    ksrc = k + t * ld_k
-    k1, k2, g, c1, c2, m = _rotate(ksrc, c, s, G, G_PAD, HEAD_DIM, ROT // 2, HALF_PAD, INTERLEAVED)
-    kdt = pool.dtype.element_ty
-    tl.store(base + g * (BS * HEAD_DIM) + c1, k1.to(kdt), mask=m & ok)
-    tl.store(base + g * (BS * HEAD_DIM) + c2, k2.to(kdt), mask=m & ok)
-    if ROT < HEAD_DIM:
-        gg = tl.arange(0, G_PAD)[:, None]
-        cc = ROT + tl.arange(0, TAIL_PAD)[None, :]
-        mt = (gg < G) & (cc < HEAD_DIM) & ok
-        tl.store(base + gg * (BS * HEAD_DIM) + cc, tl.load(ksrc + gg * HEAD_DIM + cc, mask=mt).to(kdt), mask=mt)
+    _rope_heads(base, BS * HEAD_DIM, k + t * ld_k, c, s, ok, G, G_PAD, HEAD_DIM, ROT, HALF_PAD, TAIL_PAD,
+                INTERLEAVED)
     _write_heads(base + num_blocks.to(tl.int64) * G * BS * HEAD_DIM, v + t * ld_v, ok, G, G_PAD, BS, HEAD_DIM,
                  D_PAD)
 
