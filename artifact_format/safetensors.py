@@ -25,18 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from llmirc.dtypes import SAFETENSORS_CODES, dtype as _dtype, to_float32
 from llmirc.errors import CheckpointError
 
-# safetensors dtype -> little-endian numpy dtype. BF16 has no numpy dtype: it is stored and
-# returned as its raw uint16 bit pattern (`as_float32` converts it).
-DTYPES = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",
-    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
-}
-# Recognized so the error says "unsupported" rather than "unknown"; they have no numpy dtype.
+# dtypes are the safetensors codes of llmirc.dtypes (BF16 is stored and returned as its raw
+# uint16 bit pattern; `as_float32` converts it). These are recognized so the error says
+# "unsupported" rather than "unknown"; they have no numpy dtype.
 UNSUPPORTED_DTYPES = {"F8_E4M3": 1, "F8_E5M2": 1}
-_NP_TO_ST = {np.dtype(v).str[1:]: k for k, v in DTYPES.items() if k != "BF16"}
+PADDING_PREFIX = "__padding__."  # U8 tensors a writer with `align` inserts between tensors
 
 MAX_HEADER_BYTES = 100 << 20
 _MAX_NDIM = 32                # numpy 1.x limit
@@ -44,7 +40,7 @@ _MAX_ELEMENT_BYTES = 1 << 62  # keeps numpy's size arithmetic (which ignores zer
 
 
 def _itemsize(dtype: str) -> int:
-    return np.dtype(DTYPES[dtype]).itemsize if dtype in DTYPES else UNSUPPORTED_DTYPES[dtype]
+    return _dtype(dtype).itemsize if dtype in SAFETENSORS_CODES else UNSUPPORTED_DTYPES[dtype]
 
 
 def _is_int(x) -> bool:
@@ -105,10 +101,10 @@ class SafetensorsFile:
     def array(self, name: str) -> np.ndarray:
         """Zero-copy read-only view of a tensor. BF16 comes back as uint16 bit patterns."""
         dtype, shape, begin, end = self._entry(name)
-        if dtype not in DTYPES:
+        if dtype not in SAFETENSORS_CODES:
             raise self._error_cls(f"{self._label}: tensor {name!r} has dtype {dtype}, "
                                   "which llmirc does not support")
-        np_dtype = np.dtype(DTYPES[dtype])
+        np_dtype = _dtype(dtype).numpy
         if end == begin:
             arr = np.empty(shape, np_dtype)
             arr.flags.writeable = False
@@ -123,12 +119,7 @@ class SafetensorsFile:
         dtype = self._entry(name)[0]
         if dtype not in ("F32", "F16", "BF16", "F64"):
             raise self._error_cls(f"{self._label}: tensor {name!r} has dtype {dtype}, not a floating-point type")
-        arr = self.array(name)
-        if dtype == "F32":
-            return arr
-        if dtype == "BF16":  # bf16 is the top half of an f32: widening is exact
-            return (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr.astype(np.float32)
+        return to_float32(self.array(name), dtype)
 
     def close(self) -> None:
         mm, self._mm = self._mm, None
@@ -211,7 +202,7 @@ def _parse_entry(name, entry, data_size, fail):
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise fail(f"{what}: entry must be an object with dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES and dtype not in UNSUPPORTED_DTYPES:
+    if dtype not in SAFETENSORS_CODES and dtype not in UNSUPPORTED_DTYPES:
         raise fail(f"{what}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise fail(f"{what}: shape {shape!r} is not a list of non-negative integers")
@@ -236,13 +227,19 @@ class SafetensorsWriter:
     `write` each array in declaration order; `close` checks that all were written. dtype is a
     safetensors name ("F32", "BF16", ...) or anything numpy accepts; BF16 data is passed as
     uint16 bit patterns. The data section starts 8-byte aligned (header padded with spaces).
+    With `align` (a power of two, e.g. 64), every tensor starts at a file offset that is a
+    multiple of it (so at an aligned address once the file is mapped): the header is padded to
+    it, and U8 tensors named `PADDING_PREFIX<n>` fill the gaps (the format forbids holes).
     If the `with` block raises, the partial file is deleted.
     OSErrors are raised as `error_cls` naming `label`; misuse raises ValueError.
     """
 
     def __init__(self, path, metadata: dict[str, str] | None = None,
                  tensors: Iterable[tuple] | None = None, *,
-                 error_cls: type[Exception] = CheckpointError, label: str | None = None):
+                 error_cls: type[Exception] = CheckpointError, label: str | None = None, align: int | None = None):
+        if align is not None and (align < 8 or align & (align - 1)):
+            raise ValueError(f"align must be a power of two >= 8, got {align}")
+        self._align = align
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in (metadata or {}).items()):
             raise ValueError("safetensors metadata must map str to str")
         self.path = Path(path)
@@ -280,13 +277,15 @@ class SafetensorsWriter:
             raise ValueError(f"{self._label}: write({name!r}) out of order; expected {expected!r}")
         _, dtype, shape = self._declared[self._next]
         array = np.asarray(array)
-        np_dtype = np.dtype(DTYPES[dtype])
+        np_dtype = _dtype(dtype).numpy
         if array.dtype.str[1:] != np_dtype.str[1:] or array.shape != shape:
             raise ValueError(f"{self._label}: tensor {name!r}: got {array.dtype}{list(array.shape)}, "
                              f"declared {dtype}{list(shape)} (numpy {np_dtype})")
         data = np.ascontiguousarray(array, dtype=np_dtype)  # copies only if strided or big-endian
-        if data.size:
-            with self._io():
+        with self._io():
+            if self._pads[self._next]:
+                self._file.write(bytes(self._pads[self._next]))
+            if data.size:
                 self._file.write(data.reshape(-1).view(np.uint8))
         self._next += 1
 
@@ -321,15 +320,21 @@ class SafetensorsWriter:
             self.abort()
 
     def _write_header(self):
-        header, offset = {}, 0
+        header, offset, self._pads = {}, 0, []
         if self._metadata:
             header["__metadata__"] = self._metadata
         for name, dtype, shape in self._declared:
+            pad = -offset % self._align if self._align else 0
+            if pad:  # (the data section itself starts aligned: see below)
+                header[f"{PADDING_PREFIX}{len(self._pads)}"] = {"dtype": "U8", "shape": [pad],
+                                                                "data_offsets": [offset, offset + pad]}
+                offset += pad
+            self._pads.append(pad)
             size = math.prod(shape) * _itemsize(dtype)
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)  # 8 + len(raw) is then a multiple of 8
+        raw += b" " * (-(8 + len(raw)) % (self._align or 8))  # 8 + len(raw) is then a multiple of align
         with self._io():
             self._file.write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
@@ -348,12 +353,12 @@ def reraise_os_error(error_cls: type[Exception], label: str, action: str = "cann
 
 
 def _st_dtype(dtype) -> str:
-    if isinstance(dtype, str) and (dtype in DTYPES or dtype in UNSUPPORTED_DTYPES):
-        if dtype in UNSUPPORTED_DTYPES:
-            raise ValueError(f"writing dtype {dtype} is not supported")
+    if isinstance(dtype, str) and dtype in UNSUPPORTED_DTYPES:
+        raise ValueError(f"writing dtype {dtype} is not supported")
+    if isinstance(dtype, str) and dtype in SAFETENSORS_CODES:
         return dtype
-    try:
-        return _NP_TO_ST[np.dtype(dtype).str[1:]]
+    try:  # anything numpy accepts ("<f4", np.float16, ...); bf16 only by its code
+        return _dtype(np.dtype(dtype)).safetensors
     except (TypeError, KeyError):
         raise ValueError(f"no safetensors dtype for {dtype!r}") from None
 

@@ -68,10 +68,13 @@ class BundleWriter:
         with self._io(f"cannot copy {src_path}"):
             shutil.copyfile(src_path, p)
 
-    def safetensors(self, rel: str, metadata: dict[str, str] | None = None, tensors=None) -> SafetensorsWriter:
-        """A streaming SafetensorsWriter for `rel`; it must be closed before commit."""
+    def safetensors(self, rel: str, metadata: dict[str, str] | None = None, tensors=None,
+                    align: int = 64) -> SafetensorsWriter:
+        """A streaming SafetensorsWriter for `rel`, every tensor `align`-byte aligned in the file (so
+        in memory once mapped: vector loads, AMX tiles and GPU uploads want it); it must be closed
+        before commit."""
         w = SafetensorsWriter(self.path(rel), metadata, tensors, error_cls=BundleError,
-                              label=f"bundle {self.name}: file {rel}")
+                              label=f"bundle {self.name}: file {rel}", align=align)
         self._open_writers.append(w)
         return w
 

@@ -37,28 +37,36 @@ def cli() -> None:
 
 @cli.command("compile")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--target", default="cpu", show_default=True, help="cpu (cuda and hip: not yet).")
+@click.option("--target", default="cpu", show_default=True,
+              help="Targets to compile for, comma-separated: cpu (cuda and hip: not yet).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory to write (OUT.llmir).")
 @click.option("--passes", default=None, help="Textual pass pipeline replacing the default, e.g. "
               "'canonicalize,cse,fuse-linears,paged-kv{block-size=32}'. prune-logits and paged-kv always run last.")
 @click.option("--print-ir-after-all", is_flag=True, help="Print the IR after every pass (stderr).")
-@click.option("--emit", type=click.Choice(["mlir", "llvm-ir", "asm"]), default=None,
-              help="Print a stage to stdout: the optimized IR (mlir), LLVM IR or host assembly.")
+@click.option("--emit", default=None, metavar="STAGE",
+              help="Print a stage to stdout: the optimized IR (mlir), or a target's stage (cpu: llvm-ir, asm).")
 @click.option("--keep-intermediates", is_flag=True, help="Also store LLVM IR, assembly and objects in the bundle.")
 @click.option("--cpu-variants", default="native,baseline", show_default=True,
               help="CPU libraries to build: native (this host's CPU) and/or baseline (x86-64-v2 / generic aarch64).")
+@click.option("--dtype", default="auto", show_default=True,
+              help="Storage type of linear and embedding weights: auto (the checkpoint's), float32, bfloat16, "
+                   "float16. Norm weights and biases are float32; compute is float32.")
+@click.option("--kv-cache-dtype", default="auto", show_default=True,
+              help="Paged KV cache type: auto (bfloat16/float16 when the weights are), float32, bfloat16, float16.")
 @click.option("--report", is_flag=True, help="Print what the passes fused or rewrote, and how often.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, cpu_variants, report,
-                quiet):
+def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, cpu_variants, dtype,
+                kv_cache_dtype, report, quiet):
     """Compile MODEL (a Hugging Face checkpoint directory or an .onnx file) into a bundle."""
     try:
         from llmirc.driver import CompileOptions, Progress, compile_model
     except ImportError as e:
         _fail(f"the compiler is not installed ({e.name} missing): pip install 'llmirc[compiler]'")
     variants = tuple(v.strip() for v in cpu_variants.split(",") if v.strip())
-    options = CompileOptions(target=target, passes=passes, print_ir_after_all=print_ir_after_all, emit=emit,
-                             keep_intermediates=keep_intermediates, cpu_variants=variants, report=report)
+    targets = tuple(t.strip() for t in target.split(",") if t.strip())
+    options = CompileOptions(targets=targets, passes=passes, print_ir_after_all=print_ir_after_all, emit=emit,
+                             keep_intermediates=keep_intermediates, cpu_variants=variants, report=report,
+                             dtype=dtype, kv_cache_dtype=kv_cache_dtype)
     compile_model(model, output, options, Progress(None if quiet else sys.stderr))
 
 
@@ -74,7 +82,9 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
 @click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sequence on stdout.")
-def run(bundle, prompts, token_ids, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, as_json):
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (default: the CPUs this process may use).")
+def run(bundle, prompts, token_ids, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, as_json, threads):
     """Generate text or tokens with a compiled BUNDLE.
 
     Without --json, a single prompt streams its text as it is generated."""
@@ -82,7 +92,7 @@ def run(bundle, prompts, token_ids, max_new_tokens, temperature, top_k, top_p, s
 
     if not prompts and not token_ids:
         raise LlmircError("give --prompt TEXT or --token-ids 1,2,3")
-    model = load(bundle)
+    model = load(bundle, threads=threads)
     batch = [_parse_ids(s) for s in token_ids]
     if prompts:
         if model.tokenizer is None:
@@ -137,8 +147,10 @@ def inspect(bundle, as_json, no_verify):
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Best of N runs.")
 @click.option("--compare-transformers", "hf_dir", type=click.Path(path_type=Path), default=None,
               help="Also time Hugging Face transformers (eager, float32) on this checkpoint in the same run.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (default: the CPUs this process may use); transformers gets as many.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, as_json):
+def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, threads, as_json):
     """Measure prefill and decode tokens/s of BUNDLE (and the memory-bandwidth floor)."""
     from llmirc.runtime.bench import format_table, run_bench
 
@@ -147,7 +159,7 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, as_json):
         raise LlmircError(f"--compare-transformers {hf_dir}: not a Hugging Face checkpoint directory "
                           "(no config.json)")
     results = run_bench(bundle, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, repeat=repeat,
-                        hf_dir=hf_dir)
+                        hf_dir=hf_dir, threads=threads)
     click.echo(json.dumps(results, indent=2) if as_json else format_table(results))
 
 

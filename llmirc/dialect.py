@@ -2,8 +2,9 @@
 
 Activations are 2-D row-major tensors `tensor<?xNxf32>`: one row per token of the flat batch
 (see DESIGN.md, "The ABI"), so every op below is either row-wise or says how it mixes rows.
-Weights enter the graph through `llmir.weight`, which names a tensor of the checkpoint; the IR
-never holds weight data. The KV cache is a value of type `!llmir.kv_pool<...>` threaded through
+Weights enter the graph through `llmir.weight`, which names a tensor of the checkpoint and has its
+element type (f32, bf16, f16: linear and embedding read them as stored, accumulating in f32); the
+IR never holds weight data. The KV cache is a value of type `!llmir.kv_pool<...>` threaded through
 `kv_append` (which returns the updated pool) to `paged_attention`, so ordering is explicit SSA.
 
 The generic textual form of everything here parses and verifies in upstream MLIR (as an
@@ -16,6 +17,9 @@ from collections.abc import Sequence
 
 from xdsl.dialects.builtin import (
     DYNAMIC_INDEX,
+    BFloat16Type,
+    Float16Type,
+    Float32Type,
     DenseIntOrFPElementsAttr,
     DenseArrayBase,
     FloatAttr,
@@ -23,6 +27,8 @@ from xdsl.dialects.builtin import (
     IntegerAttr,
     StringAttr,
     TensorType,
+    bf16,
+    f16,
     f32,
     i64,
 )
@@ -52,6 +58,14 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
 def tensor(*shape: int, dtype: Attribute = f32) -> TensorType:
     return TensorType(dtype, shape)
+
+
+# llmirc.dtypes names of the floating-point element types weights may have
+FLOAT_TYPES: dict[str, Attribute] = {"float32": f32, "bfloat16": bf16, "float16": f16}
+
+
+def is_float(element: Attribute) -> bool:
+    return isinstance(element, (Float32Type, BFloat16Type, Float16Type))
 
 
 def shape_of(value: SSAValue) -> tuple[int, ...]:
@@ -167,7 +181,8 @@ class ConcatOp(_LlmirOp):
         shapes = [shape_of(v) for v in inputs]
         out = list(shapes[0])
         out[axis] = sum(s[axis] for s in shapes)
-        super().__init__(operands=[inputs], properties={"axis": _i(axis)}, result_types=[tensor(*out)])
+        super().__init__(operands=[inputs], properties={"axis": _i(axis)},
+                         result_types=[tensor(*out, dtype=inputs[0].type.element_type)])
 
     def verify_(self) -> None:
         shapes = [shape_of(v) for v in self.inputs]
@@ -177,6 +192,8 @@ class ConcatOp(_LlmirOp):
             _check(len(s) == len(shapes[0]) and 0 <= axis < len(s), "concat: rank or axis mismatch")
             _check(all(a == b for d, (a, b) in enumerate(zip(s, shapes[0])) if d != axis),
                    f"concat: shapes {shapes} differ off axis {axis}")
+        _check(all(v.type.element_type == self.result.type.element_type for v in self.inputs),
+               "concat: operand and result element types differ")
 
 
 @irdl_op_definition
@@ -190,11 +207,30 @@ class TransposeOp(_LlmirOp):
 
     def __init__(self, input: SSAValue):
         rows, cols = _rows(input)
-        super().__init__(operands=[input], result_types=[tensor(cols, rows)])
+        super().__init__(operands=[input], result_types=[tensor(cols, rows, dtype=input.type.element_type)])
 
     def verify_(self) -> None:
         rows, cols = _rows(self.input)
         _check(shape_of(self.result) == (cols, rows), "transpose: result shape mismatch")
+        _check(self.input.type.element_type == self.result.type.element_type, "transpose: element types differ")
+
+
+@irdl_op_definition
+class CastOp(_LlmirOp):
+    """A weight converted to another floating-point element type (`cast-weights`); folded into the
+    bundle at compile time (bf16: round to nearest even)."""
+
+    name = "llmir.cast"
+    input = operand_def(TensorType)
+    result = result_def(TensorType)
+
+    def __init__(self, input: SSAValue, dtype: Attribute):
+        super().__init__(operands=[input], result_types=[tensor(*shape_of(input), dtype=dtype)])
+
+    def verify_(self) -> None:
+        _check(shape_of(self.input) == shape_of(self.result), "cast: shapes differ")
+        _check(all(is_float(t.type.element_type) for t in (self.input, self.result)),
+               "cast: only floating-point weights are cast")
 
 
 @irdl_op_definition
@@ -235,6 +271,7 @@ class EmbeddingOp(_LlmirOp):
 
     def verify_(self) -> None:
         _, dim = _rows(self.table, what="embedding table")
+        _check(is_float(self.table.type.element_type), "embedding: the table must be f32, bf16 or f16")
         _check(len(shape_of(self.token_ids)) == 1, "embedding: token ids must be 1-D")
         _rows(self.result, dim, "embedding result")
 
@@ -304,6 +341,7 @@ class LinearOp(_LlmirOp):
         rows, k = _rows(self.input)
         n, wk = _rows(self.weight, what="linear weight")
         _check(wk == k, f"linear: input has {k} features, weight expects {wk}")
+        _check(is_float(self.weight.type.element_type), "linear: the weight must be f32, bf16 or f16")
         _check(self.bias is None or shape_of(self.bias) == (n,), f"linear bias must be [{n}]")
         _check(self.residual is None or shape_of(self.residual) == (rows, n), "linear residual shape mismatch")
         _check(shape_of(self.result) == (rows, n), "linear: result shape mismatch")
@@ -539,7 +577,7 @@ class UnsqueezeBatchOp(_LlmirOp):
 
 LLMIR = Dialect(
     "llmir",
-    [WeightOp, ConstantOp, ConcatOp, TransposeOp, SplitOp, EmbeddingOp, RMSNormOp, LayerNormOp, LinearOp, RopeOp,
+    [WeightOp, ConstantOp, ConcatOp, TransposeOp, CastOp, SplitOp, EmbeddingOp, RMSNormOp, LayerNormOp, LinearOp, RopeOp,
      AttentionOp, KVAppendOp, PagedAttentionOp, ActMulOp, ActOp, AddOp, GatherRowsOp, SqueezeBatchOp,
      UnsqueezeBatchOp],
     [KVPoolType],
@@ -551,4 +589,4 @@ ARG_ATTR = "llmir.arg"
 # step recomputes the whole sequence (see passes/onnx_to_llmir.py and targets/generic_plan.py).
 FULL_SEQUENCE = "llmir.full_sequence"
 __all__ = [name for name in dir() if name.endswith("Op")] + ["KVPoolType", "LLMIR", "tensor", "DYN", "ARG_ATTR",
-                                                              "FULL_SEQUENCE"]
+                                                              "FULL_SEQUENCE", "is_float", "FLOAT_TYPES"]

@@ -14,29 +14,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-import numpy as np
-
-from llmirc import __version__
+from llmirc import __version__, dtypes
 from llmirc.artifact_format.writer import BundleWriter
 from llmirc.errors import LlmircError
 from llmirc.frontend import open_source
 from llmirc.passes.func_args import forward_func
-from llmirc.passes.pipeline import make_context, parse_passes, print_ir, run_passes
-from llmirc.targets.plan import Plan, build_plan
-
-TARGETS = ("cpu", "cuda", "hip")
-EMIT_STAGES = ("mlir", "llvm-ir", "asm")
+from llmirc.passes.pipeline import make_context, parse_passes, print_ir, required, run_passes
+from llmirc.passes.cast_weights import float_type
+from llmirc.targets.backend import backend
+from llmirc.targets.plan import ABI_INPUTS, ABI_VERSION, Plan, build_plan
 
 
 @dataclass
 class CompileOptions:
-    target: str = "cpu"
+    targets: tuple[str, ...] = ("cpu",)
     passes: str | None = None           # None: the default pipeline
     print_ir_after_all: bool = False
     emit: str | None = None             # print this stage to stdout
     keep_intermediates: bool = False
     report: bool = False                # print what the passes did
     cpu_variants: tuple[str, ...] = ("native", "baseline")
+    dtype: str = "auto"                 # weights of linear/embedding ops: auto (the checkpoint's), float32, ...
+    kv_cache_dtype: str = "auto"        # the paged KV pool: auto (half for half weights), float32, ...
 
 
 class Progress:
@@ -52,22 +51,24 @@ class Progress:
 def compile_model(model: Path, out: Path | None, options: CompileOptions, progress: Progress | None = None,
                   stdout: TextIO = sys.stdout) -> Plan:
     progress = progress or Progress()
-    if options.target not in TARGETS:
-        raise LlmircError(f"unknown target {options.target!r} (choose from {', '.join(TARGETS)})")
-    if options.target != "cpu":
-        raise LlmircError(f"target {options.target!r} is not implemented yet; only 'cpu' can be compiled today")
-    if options.emit is not None and options.emit not in EMIT_STAGES:
-        raise LlmircError(f"unknown --emit stage {options.emit!r} (choose from {', '.join(EMIT_STAGES)})")
+    if not options.targets:
+        raise LlmircError("--target: no target given (choose from cpu, cuda, hip)")
+    backends = [backend(kind, options) for kind in dict.fromkeys(options.targets)]
+    stages = {stage: b for b in backends for stage in b.stages}
+    if options.emit is not None and options.emit != "mlir" and options.emit not in stages:
+        raise LlmircError(f"unknown --emit stage {options.emit!r} (choose from mlir, {', '.join(stages)})")
     if out is None and options.emit is None:
         raise LlmircError("no output: give -o OUT.llmir (or --emit STAGE to print a stage)")
     if out is not None:
         parent = next(p for p in out.absolute().parents if p.exists())
         if not parent.is_dir():  # else the writer's mkdir fails with a bare "File exists"
             raise LlmircError(f"-o {out}: cannot create the bundle there: {parent} is not a directory")
-    if out is not None and not options.cpu_variants:  # a bundle without a library cannot run anywhere
-        raise LlmircError("--cpu-variants: no CPU variant given (choose native and/or baseline)")
     if options.passes is not None:
         parse_passes(options.passes)  # fail before the checkpoint is read
+    parse_passes(required(options.dtype, options.kv_cache_dtype))
+    for flag, value in (("--dtype", options.dtype), ("--kv-cache-dtype", options.kv_cache_dtype)):
+        if value != "auto":
+            float_type(value, flag)
     source = open_source(model)
     try:
         ctx = make_context(read_weight=source.float32, add_weight=source.add_weight)
@@ -76,7 +77,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         input_ir = print_ir(module) if out is not None else ""  # only the bundle keeps it
         progress("running passes")
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
-                   ctx=ctx, prefix=source.lowering)
+                   ctx=ctx, prefix=source.lowering, tail=required(options.dtype, options.kv_cache_dtype))
         optimized_ir = print_ir(module)
         generic = generic_ops(module)
         if generic:
@@ -88,14 +89,17 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         if options.emit == "mlir":
             stdout.write(optimized_ir)
         plan = build_plan(module, read_weight=source.read)
+        for b in backends:
+            b.check(plan)
+        by_dtype = ", ".join(f"{n / 2**20:.1f} MiB {d}" for d, n in plan.bytes_by_dtype().items())
         progress(f"plan: {len(plan.calls)} kernel calls, {len(plan.kernels())} kernels, "
-                 f"{len(plan.weights)} weights, {len(plan.slots)} workspace buffers")
-        if options.emit in ("llvm-ir", "asm"):
-            from llmirc.targets.cpu.target import emit_text
-
-            stdout.write(emit_text(plan, options.emit))
+                 f"{len(plan.weights)} weights ({by_dtype}), {len(plan.slots)} workspace buffers, "
+                 f"{plan.pool.dtype} KV cache")
+        if options.emit in stages:
+            stdout.write(stages[options.emit].emit(plan, options.emit))
         if out is not None:
-            _write_bundle(source, module, plan, out, options, input_ir, optimized_ir, progress, dict(ctx.report))
+            _write_bundle(source, module, plan, backends, out, options, input_ir, optimized_ir, progress,
+                          dict(ctx.report))
             progress(f"wrote {out}")
         return plan
     finally:
@@ -146,33 +150,26 @@ def model_facts(module) -> dict:
     return facts
 
 
-def _write_bundle(source, module, plan: Plan, out: Path, options: CompileOptions, input_ir: str,
+def _write_bundle(source, module, plan: Plan, backends: list, out: Path, options: CompileOptions, input_ir: str,
                   optimized_ir: str, progress: Callable[[str], None], report: dict) -> None:
-    from llmirc.artifact_format.safetensors import DTYPES
-    from llmirc.targets.cpu import target as cpu
-
     info, facts = source.model_info(), model_facts(module)
     facts.update(full_sequence=plan.full_sequence, generic_ops=generic_ops(module))
     with BundleWriter(out) as bundle:
         weights_file = "weights/model.safetensors"
         writer = bundle.safetensors(weights_file, {"producer": f"llmirc {__version__}"})
         for w in plan.weights:
-            writer.declare(w.name, w.dtype, w.shape)
-        nbytes = {w.name: int(np.prod(w.shape)) * np.dtype(DTYPES[w.dtype]).itemsize for w in plan.weights}
-        total = sum(nbytes.values())
+            writer.declare(w.name, dtypes.dtype(w.dtype).safetensors, w.shape)
+        total = sum(w.nbytes for w in plan.weights)
         progress(f"writing {len(plan.weights)} weights ({total / 2**20:.1f} MiB)")
         done, shown = 0, 0
         for w in plan.weights:
-            # Generic kernels of full-sequence models read int64/bool constants in their own dtype.
-            data = w.materialize(source.float32 if w.dtype == "F32" else source.read)
-            writer.write(w.name, np.asarray(data).astype(DTYPES[w.dtype], copy=False))
-            done += nbytes[w.name]
+            writer.write(w.name, w.materialize(source.read))
+            done += w.nbytes
             if total > 2**30 and done - shown >= total / 10:  # big models: a line per tenth
                 shown = done
                 progress(f"  {100 * done // total}% of the weights written")
         writer.close()
-        targets = cpu.build(plan, bundle.path, list(options.cpu_variants),
-                            keep_intermediates=options.keep_intermediates, progress=progress)
+        targets = [entry for b in backends for entry in b.build(plan, bundle.path, progress)]
         bundle.write_text("ir/input.mlir", input_ir)
         bundle.write_text("ir/optimized.mlir", optimized_ir)
         for path in source.config_files():
@@ -184,22 +181,22 @@ def _write_bundle(source, module, plan: Plan, out: Path, options: CompileOptions
                 tokenizer = "tokenizer/tokenizer.json"
         generation = source.generation_config()
         eos = generation.get("eos_token_id", info["eos_token_ids"])
-        layers, kv_heads, block_size, head_dim = plan.pool_dims()
         bundle.commit({
             "producer": f"llmirc {__version__}",
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": {"kind": source.kind, "name": Path(source.root).name, "fingerprint": source.fingerprint()},
             "model": {"architecture": info["architecture"], **facts,
-                      "max_position_embeddings": info["max_position_embeddings"], "dtype": "float32"},
+                      "max_position_embeddings": info["max_position_embeddings"],
+                      "weight_bytes": plan.bytes_by_dtype()},
             "generation": {
                 "bos_token_id": generation.get("bos_token_id", info["bos_token_id"]),
                 "eos_token_ids": [t for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int)],
                 "pad_token_id": generation.get("pad_token_id", info["pad_token_id"]),
             },
-            "kv_cache": {"block_size": block_size, "num_layers": layers, "num_kv_heads": kv_heads,
-                         "head_dim": head_dim, "dtype": "float32", "layout": "layer,kv,block,kv_head,slot,dim"},
-            "abi": {"version": 1, "entry": "llmir_forward", "workspace": plan.workspace()},
+            "kv_cache": plan.pool.to_json(),
+            "abi": {"version": ABI_VERSION, "inputs": list(ABI_INPUTS), "workspace": plan.workspace()},
             "weights": {"file": weights_file, "order": [w.name for w in plan.weights],
+                        "dtypes": {w.name: w.dtype for w in plan.weights},
                         "derived": {w.name: w.sources() for w in plan.weights if w.expr[0] != "tensor"}},
             "targets": targets,
             "passes": options.passes or "default",

@@ -7,6 +7,7 @@ from xdsl.transforms.canonicalize import CanonicalizePass
 from xdsl.transforms.common_subexpression_elimination import CommonSubexpressionElimination
 from xdsl.transforms.dead_code_elimination import DeadCodeElimination
 
+from .cast_weights import CastWeights
 from .fuse_linears import FuseLinears
 from .fuse_residual_add import FuseResidualAdd
 from .onnx_fuse_activation import FuseActivation
@@ -15,11 +16,12 @@ from .onnx_fuse_embedding import FuseEmbedding
 from .onnx_fuse_linear import FuseLinear
 from .onnx_fuse_norm import FuseNorm
 from .onnx_to_llmir import OnnxGlue, OnnxToLlmir
+from .kv_cache_dtype import KVCacheDtype
 from .paged_kv import PagedKV
 from .prune_logits import PruneLogits
 
 PASSES: dict[str, type[ModulePass]] = {p.name: p for p in (
     CanonicalizePass, CommonSubexpressionElimination, DeadCodeElimination,
-    FuseLinears, FuseResidualAdd, PruneLogits, PagedKV,
+    FuseLinears, FuseResidualAdd, PruneLogits, PagedKV, CastWeights, KVCacheDtype,
     FuseEmbedding, FuseLinear, OnnxGlue, FuseNorm, FuseActivation, FuseAttention, OnnxToLlmir,
 )}

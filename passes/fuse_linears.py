@@ -11,7 +11,8 @@ After:
     %q, %k, %v = "llmir.split"(%qkv) {sizes = [Nq, Nk, Nv]}
 
 Only linears without a residual operand, whose weights (and biases) are weights (or
-transposes/concatenations of weights), and that agree on having a bias, are fused.
+transposes/concatenations/casts of weights), and that agree on having a bias and on the weights'
+element type, are fused.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from xdsl.passes import ModulePass
 
 from .report import note
 
-from llmirc.dialect import ConcatOp, LinearOp, SplitOp, TransposeOp, WeightOp, shape_of
+from llmirc.dialect import CastOp, ConcatOp, LinearOp, SplitOp, TransposeOp, WeightOp, shape_of
 
 
 def is_weight(v: SSAValue) -> bool:
-    """A weight, or a transpose/concatenation of weights (folded at compile time)."""
+    """A weight, or a transpose/concatenation/cast of weights (folded at compile time)."""
     op = v.owner
-    return isinstance(op, WeightOp) or (isinstance(op, (TransposeOp, ConcatOp))
+    return isinstance(op, WeightOp) or (isinstance(op, (TransposeOp, ConcatOp, CastOp))
                                         and all(is_weight(i) for i in op.operands))
 
 
@@ -64,8 +65,9 @@ def fuse_siblings(x: SSAValue) -> list[int]:
         if _fusible(use.operation, x) and use.operation not in users:
             users.append(use.operation)
     fused = []
-    for with_bias in (False, True):
-        group = [op for op in users if (op.bias is not None) == with_bias]
+    kinds = {(op.bias is not None, op.weight.type.element_type) for op in users}
+    for with_bias, element in sorted(kinds, key=str):
+        group = [op for op in users if (op.bias is not None, op.weight.type.element_type) == (with_bias, element)]
         if len(group) < 2:
             continue
         block = group[0].parent_block()

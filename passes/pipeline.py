@@ -1,7 +1,7 @@
 """The optimization pipeline, read top to bottom, in named phases.
 
 `--passes` replaces the phases with the user's own textual pipeline; the target's required
-lowering (REQUIRED) always runs after it and is a no-op where it has already happened.
+lowering (`required()`) always runs after it and is a no-op where it has already happened.
 """
 
 from __future__ import annotations
@@ -36,8 +36,12 @@ PHASES: list[tuple[str, str]] = [
     # Phase 4: tidy up before code generation.
     ("finalize", "canonicalize,cse,dce"),
 ]
-# What every target needs before code generation: the ABI's logits rows and paged KV cache.
-REQUIRED = "prune-logits,paged-kv,dce"
+
+
+def required(dtype: str = "auto", kv_cache_dtype: str = "auto") -> str:
+    """What every target needs before code generation: weights in the requested type, the ABI's
+    logits rows and the paged KV cache of the requested type (`--dtype`, `--kv-cache-dtype`)."""
+    return f"cast-weights{{dtype={dtype}}},prune-logits,paged-kv,kv-cache-dtype{{dtype={kv_cache_dtype}}},dce"
 
 
 def default_pipeline() -> str:
@@ -84,13 +88,14 @@ def parse_passes(spec: str) -> list[ModulePass]:
 
 def run_passes(module: ModuleOp, spec: str | None = None, *, print_after_all: TextIO | None = None,
                on_pass: Callable[[str], None] | None = None, ctx: LlmirContext | None = None,
-               prefix: str = "") -> list[str]:
-    """Runs the user's (or default) pipeline then REQUIRED; verifies after every pass.
+               prefix: str = "", tail: str | None = None) -> list[str]:
+    """Runs `prefix` (a front end's lowering), the user's (or default) pipeline, then `tail`
+    (default: `required()`); verifies after every pass.
 
     Returns the names of the passes that ran, in order."""
     ctx = ctx or make_context()
     passes = (parse_passes(prefix) if prefix else []) + \
-        parse_passes(spec if spec is not None else default_pipeline()) + parse_passes(REQUIRED)
+        parse_passes(spec if spec is not None else default_pipeline()) + parse_passes(tail or required())
     ran = []
     for p in passes:
         if on_pass:

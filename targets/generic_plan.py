@@ -37,6 +37,7 @@ from xdsl.dialects.builtin import NoneType
 from xdsl.ir import BlockArgument, Operation, SSAValue
 
 from llmirc import dialect as L
+from llmirc import dtypes
 from llmirc.errors import CheckpointError, LlmircError
 from llmirc.frontend import onnx_ops
 from llmirc.frontend.onnx_analysis import DATA, PROBE_LENGTHS, SONLY
@@ -45,7 +46,6 @@ from llmirc.frontend.onnx_dialect import NoneOp, OnnxOp, numpy_dtype
 MAX_RANK = 6
 CHECK_LENGTHS = (1, 2, 20)  # lengths at which the fitted shapes and parameters are verified
 MAX_FILL = 64                # s-only values up to this many elements are written from polynomials
-ALIGN = 16                   # workspace buffers start at multiples of 16 floats (64 bytes)
 
 # Operands whose values only decide shapes or static parameters: read at compile time.
 PARAM_OPERANDS = {
@@ -55,11 +55,8 @@ PARAM_OPERANDS = {
     **{op: {1} for op in ("ReduceSum", "ReduceMean", "ReduceProd", "ReduceMax", "ReduceMin", "ReduceL1",
                           "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp")},
 }
-DTYPE_NAMES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64", np.dtype(np.int64): "i64",
-               np.dtype(np.int32): "i32", np.dtype(np.int8): "i8", np.dtype(np.uint8): "u8",
-               np.dtype(np.bool_): "bool"}
-ITEMSIZE = {"f32": 4, "f64": 8, "i64": 8, "i32": 4, "i8": 1, "u8": 1, "bool": 1}
-SAFETENSORS = {"f32": "F32", "f64": "F64", "i64": "I64", "i32": "I32", "i8": "I8", "u8": "U8", "bool": "BOOL"}
+# element types of the generic kernels (llmirc.dtypes short names)
+GENERIC_DTYPES = ("f32", "f64", "i64", "i32", "i8", "u8", "bool")
 
 # --- polynomials in T: (c0, c1, c2) = c0 + c1*T + c2*T^2 ------------------------------------------
 
@@ -280,11 +277,12 @@ class GenericLowering:
 
     def _dtype(self, v: SSAValue, op: OnnxOp | None) -> str | None:
         dt = numpy_dtype(v.type.element_type)
-        if dt not in DTYPE_NAMES:
+        short = dtypes.dtype(dt).short if dt.name != "bfloat16" and dt != np.uint16 else None
+        if short not in GENERIC_DTYPES:
             if op is None:
                 return None
             raise fail(op, f"element type {dt} is not supported (float32, float64, int64, int32, int8, uint8, bool)")
-        return DTYPE_NAMES[dt]
+        return short
 
     # -- run-time values ---------------------------------------------------------------------------
     def tensor(self, v: SSAValue) -> Tensor:
@@ -309,7 +307,7 @@ class GenericLowering:
             raise LlmircError(f"cpu target: a constant of element type {numpy_dtype(v.type.element_type)} is read "
                               "by a generic kernel (not supported)")
         shape = tuple(const(n) for n in L.shape_of(v))
-        return Tensor(self.p.weight(v, SAFETENSORS[dt]), dt, shape, row_major(shape))
+        return Tensor(self.p.weight(v, dt), dt, shape, row_major(shape))
 
     def _onnx_input(self, v: SSAValue, role: str) -> Tensor:
         from llmirc.targets.plan import Ref
@@ -336,9 +334,8 @@ class GenericLowering:
         numel = pprod(shape)
         if numel == ZERO:
             return Tensor(Ref("null"), dtype, shape, row_major(shape))
-        floats = [max(0, -(-c * ITEMSIZE[dtype] // 4)) for c in numel]
-        size = [-(-c // ALIGN) * ALIGN for c in floats]
-        slot = self.p.alloc_slot({"const": size[0], "T": size[1], "TT": size[2]})
+        size = [max(0, c * dtypes.dtype(dtype).itemsize) for c in numel]
+        slot = self.p.alloc_slot(dtype, {"const": size[0], "T": size[1], "TT": size[2]})
         t = Tensor(Ref("ws", slot), dtype, shape, row_major(shape), ZERO, slot)
         if temp:
             self.temps.append(t)
@@ -359,7 +356,8 @@ class GenericLowering:
     def emit(self, kind: str, params: dict, meta: list[Poly], refs: list) -> None:
         from llmirc.targets.plan import Dim, Meta
 
-        self.p.emit(kind, params, [Meta(tuple(tuple(int(c) for c in m) for m in meta)), Dim("T"), *refs])
+        args = {"meta": Meta(tuple(tuple(int(c) for c in m) for m in meta)), "T": Dim("T")}
+        self.p.emit(kind, params, {**args, **{f"p{i}": ref for i, ref in enumerate(refs)}})
 
     def strides_for(self, t: Tensor, shape) -> list[Poly]:
         """t's strides read as `shape` (numpy broadcasting: right-aligned, size-1 dims repeat)."""

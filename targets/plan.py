@@ -1,19 +1,28 @@
-"""Optimized llmir -> execution plan: kernel calls, weights, and a memory plan. Target-independent.
+"""Optimized llmir -> execution plan: kernel calls, typed buffers, and a memory plan. Target-independent.
 
-Every activation is a 2-D f32 matrix whose row count is a run-time dimension (`T`, tokens in
-the batch, or `L`, rows kept for logits) and whose column count is static. Buffers live in
-one workspace; a buffer's slot is reused once its last reader has run (liveness over the
-straight-line program), so the workspace holds a few layers' worth of activations, not all.
-`llmir.split` results are views (column offsets into the parent), so fused projections need
-no copies.
+The plan is the contract between the compiler and every backend (DESIGN.md, "the typed plan"):
+
+* Weights (`WeightEntry`): a name, shape, dtype, byte size and alignment, and how to make the
+  data from checkpoint tensors at compile time (`expr`: transpose, concat, cast are folded into
+  the bundle). Linear and embedding weights keep the dtype the IR gives them (the checkpoint's,
+  or `cast-weights`'); norm weights and biases are float32.
+* Workspace slots (`Slot`): a dtype, a size in bytes (coefficients of T, L, T*T and a constant)
+  and an alignment (64 bytes: every coefficient is a multiple of it). A slot is reused, for a
+  value of the same dtype and size, once its last reader has run (liveness over the
+  straight-line program), so the workspace holds a few layers' worth of activations, not all.
+  `llmir.split` results are views (column offsets into the parent), so fused projections need
+  no copies.
+* The KV pool (`PoolSpec`): layers, kv heads, head dim, block size and dtype.
+* Kernel calls (`KernelCall`): a kind, its static params and its run-time arguments *by name*,
+  as the kind's signature (targets/signatures.py) declares them; `Plan.bind` checks that every
+  argument is given and that each pointer points into a buffer of the dtype the signature wants.
+
+Activations are 2-D float32 matrices whose row count is a run-time dimension (`T`, tokens in
+the batch, or `L`, rows kept for logits) and whose column count is static.
 
 A full-sequence forward (`llmir.full_sequence`: ONNX ops the fusions did not recognize) also
 holds N-D values of several dtypes whose sizes are polynomials in T; targets/generic_plan.py
-lowers those ops to generic kernels. Their buffers share the workspace and its liveness, so a
-slot's size is a polynomial too (coefficients of T, T*T, L and 1), and so is the workspace.
-
-Each kernel call lists its arguments in the kernel's C order (see targets/cpu/kernels.py and,
-for the generic kernels, targets/cpu/generic.py).
+lowers those ops to generic kernels. Their buffers share the workspace and its liveness.
 """
 
 from __future__ import annotations
@@ -27,21 +36,27 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
 
 from llmirc import dialect as L
+from llmirc import dtypes
 from llmirc.errors import LlmircError
 from llmirc.passes.func_args import arg_names, forward_func
 
+from .signatures import signature
+
+ABI_VERSION = 2  # of the flat-batch inputs below and the typed memory plan (bytes, dtypes)
 ABI_INPUTS = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start_loc",
               "logits_indices")
 DIMS = ("T", "B", "L", "max_blocks", "num_blocks")
+ALIGN = 64  # bytes: every workspace slot and every weight in the bundle starts at a multiple of this
 
 
 @dataclass(frozen=True)
 class Ref:
-    """A pointer argument: `space` is ws (workspace slot), input, weight, logits, pool or null."""
+    """A pointer argument: `space` is ws (workspace slot), input, weight, logits, pool or null;
+    `col` is an offset in elements of the buffer's dtype (views of a matrix's columns)."""
 
     space: str
     index: int | str = 0
-    col: int = 0  # column offset into the matrix (views)
+    col: int = 0
 
     def to_json(self):
         return {"ptr": self.space, "index": self.index, "col": self.col}
@@ -71,8 +86,8 @@ Arg = Ref | Dim | Meta | int | float
 @dataclass
 class KernelCall:
     kind: str
-    params: dict
-    args: list[Arg]
+    params: dict            # static parameters, defaults filled in
+    args: dict[str, Arg]    # run-time arguments by name, in the signature's order
     symbol: str = ""
 
     def key(self) -> str:
@@ -83,42 +98,107 @@ class KernelCall:
 class WeightEntry:
     """A tensor of the bundle: a checkpoint tensor, or an expression of them folded at compile time.
 
-    `expr` is ("tensor", name) | ("value", bytes, shape, numpy dtype str) (a folded constant) |
-    ("transpose", expr) | ("concat", (expr, ...)) (along rows). `dtype` is the safetensors dtype
-    (F32, but the generic kernels of full-sequence models also read I64, BOOL, ... constants)."""
+    `expr` is ("tensor", name, stored dtype) | ("value", bytes, shape, dtype) (a folded
+    constant) | ("transpose", expr) | ("concat", (expr, ...)) (along rows) | ("cast", expr, dtype).
+    `dtype` is a llmirc.dtypes name: float32, bfloat16 or float16 for what llmir kernels read;
+    the generic kernels of full-sequence models also read int64, bool, ... constants."""
 
     name: str
     shape: tuple[int, ...]
     expr: tuple
-    dtype: str = "F32"
+    dtype: str = "float32"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * dtypes.dtype(self.dtype).itemsize
 
     def sources(self) -> list[str]:
         def walk(e):
-            return [e[1]] if e[0] == "tensor" else [] if e[0] == "value" else walk(e[1]) \
-                if e[0] == "transpose" else [n for x in e[1] for n in walk(x)]
+            if e[0] == "tensor":
+                return [e[1]]
+            if e[0] == "value":
+                return []
+            if e[0] == "concat":
+                return [n for x in e[1] for n in walk(x)]
+            return walk(e[1])
         return walk(self.expr)
 
     def materialize(self, read) -> np.ndarray:
-        """The tensor's data, reading checkpoint tensors with `read(name)` (one entry at a time)."""
-        def ev(e):
+        """The tensor's data in its storage dtype (bf16 as uint16 bits), reading checkpoint tensors
+        with `read(name)` (as stored: one entry at a time)."""
+        def ev(e) -> tuple[np.ndarray, dtypes.DType]:
             if e[0] == "tensor":
-                return read(e[1])
+                return _as_stored(np.asarray(read(e[1])), dtypes.dtype(e[2])), dtypes.dtype(e[2])
             if e[0] == "value":
-                return np.frombuffer(e[1], np.dtype(e[3])).reshape(e[2])
+                d = dtypes.dtype(e[3])
+                return np.frombuffer(e[1], d.numpy).reshape(e[2]), d
             if e[0] == "transpose":
-                return np.ascontiguousarray(ev(e[1]).T)
-            return np.concatenate([ev(x) for x in e[1]], axis=0)
-        return ev(self.expr)
+                a, d = ev(e[1])
+                return np.ascontiguousarray(a.T), d
+            if e[0] == "cast":
+                a, d = ev(e[1])
+                to = dtypes.dtype(e[2])
+                if d == to:
+                    return a, d
+                if d.is_float and to.is_float:
+                    return dtypes.from_float32(dtypes.to_float32(a, d), to), to
+                return a.astype(to.storage), to
+            parts = [ev(x) for x in e[1]]
+            if len({d for _, d in parts}) != 1:
+                raise LlmircError(f"weight {self.name}: concatenated tensors differ in dtype")
+            return np.concatenate([a for a, _ in parts], axis=0), parts[0][1]
+        a, d = ev(self.expr)
+        if d.name != self.dtype:
+            raise AssertionError(f"weight {self.name}: expression gives {d.name}, entry says {self.dtype}")
+        return a
+
+
+def _as_stored(a: np.ndarray, d: dtypes.DType) -> np.ndarray:
+    """A checkpoint tensor as `d` is stored (bf16 as uint16 bits, from uint16 or ml_dtypes' bfloat16);
+    a front end that reads floats as another float type gets them converted."""
+    if a.dtype == d.numpy:
+        return a
+    if d.name == "bfloat16" and a.dtype.itemsize == 2 and a.dtype.kind != "f" or a.dtype.name == "bfloat16":
+        return a.view(np.uint16)
+    if d.is_float:
+        return dtypes.from_float32(a.astype(np.float32), d)
+    return a.astype(d.storage)
 
 
 @dataclass
 class Slot:
-    """A workspace buffer: its size in floats, as coefficients of T, L, TT (T*T) and const."""
+    """A workspace buffer of one dtype: its size in bytes as coefficients of T, L, TT (T*T) and const,
+    each a multiple of ALIGN."""
 
+    dtype: str
     size: dict[str, int]
 
     def key(self) -> tuple:
-        return tuple(sorted((k, v) for k, v in self.size.items() if v))
+        return (self.dtype, tuple(sorted((k, v) for k, v in self.size.items() if v)))
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """The paged KV cache: [layers, 2, num_blocks, kv_heads, block_size, head_dim] of `dtype`."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str = "float32"
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes one block takes across all layers, K and V."""
+        return self.layers * 2 * self.kv_heads * self.block_size * self.head_dim * dtypes.dtype(self.dtype).itemsize
+
+    def to_json(self) -> dict:
+        return {"num_layers": self.layers, "num_kv_heads": self.kv_heads, "head_dim": self.head_dim,
+                "block_size": self.block_size, "dtype": self.dtype, "block_bytes": self.block_bytes,
+                "layout": "layer,kv,block,kv_head,slot,dim"}
+
+
+NO_POOL = PoolSpec(0, 1, 1, 16)  # a model without recognized attention
 
 
 @dataclass
@@ -126,12 +206,12 @@ class Plan:
     calls: list[KernelCall] = field(default_factory=list)
     weights: list[WeightEntry] = field(default_factory=list)
     slots: list[Slot] = field(default_factory=list)
-    pool: L.KVPoolType | None = None
+    pool: PoolSpec = NO_POOL
     logits_cols: int = 0
     full_sequence: bool = False  # each step recomputes the whole sequence (generic ONNX ops kept)
 
     def slot_offset(self, index: int) -> dict[str, int]:
-        """Element offset of a slot in the workspace, as coefficients of T, L, TT and const."""
+        """Byte offset of a slot in the workspace, as coefficients of T, L, TT and const."""
         coef = {"T": 0, "L": 0, "TT": 0, "const": 0}
         for s in self.slots[:index]:
             for k, v in s.size.items():
@@ -139,29 +219,69 @@ class Plan:
         return coef
 
     def workspace(self) -> dict[str, int]:
-        """The workspace's size in floats: T * ws["T"] + L * ws["L"] + ws["const"] (+ T^2 * ws["TT"] when
-        some buffer of a full-sequence model grows so)."""
+        """The workspace's size in bytes: T * ws["T"] + L * ws["L"] + ws["const"] (+ T^2 * ws["TT"]
+        when some buffer of a full-sequence model grows so)."""
         coef = self.slot_offset(len(self.slots))
         out = {"T": coef["T"], "L": coef["L"], "const": coef["const"]}
         if coef["TT"]:
             out["TT"] = coef["TT"]
         return out
 
-    def pool_dims(self) -> tuple[int, int, int, int]:
-        """KV pool (layers, kv heads, block size, head dim); no layers when no attention was recognized."""
-        p = self.pool
-        if p is None:
-            return 0, 1, 16, 1
-        return p.layers.data, p.kv_heads.data, p.block_size.data, p.head_dim.data
-
     def kernels(self) -> dict[str, KernelCall]:
         """One specialization per distinct (kind, params), by symbol."""
         return {c.symbol: c for c in self.calls}
 
+    def dtype_of(self, ref: Ref) -> str | None:
+        """The element dtype of the buffer `ref` points into (None for null)."""
+        if ref.space == "ws":
+            return self.slots[ref.index].dtype
+        if ref.space == "weight":
+            return self.weights[ref.index].dtype
+        if ref.space == "pool":
+            return self.pool.dtype
+        if ref.space == "input":
+            return "int32"
+        if ref.space == "logits":
+            return "float32"
+        return None
+
+    def bind(self, kind: str, params: dict, args: dict[str, Arg]) -> KernelCall:
+        """A call of `kind`: static params completed with defaults, arguments checked against the
+        signature (names, and each pointer's dtype). A mismatch is a compiler bug: AssertionError."""
+        sig = signature(kind, params)
+        static = sig.bind_static(params)
+        names = [p.name for p in sig.params]
+        if set(args) != set(names):
+            raise AssertionError(f"{kind} call: arguments {sorted(map(str, args))} but the signature has {names}")
+        for p in sig.params:
+            a = args[p.name]
+            if p.type == "ptr":
+                if isinstance(a, Meta):
+                    continue
+                if not isinstance(a, Ref):
+                    raise AssertionError(f"{kind} call: {p.name} must be a pointer, got {a!r}")
+                got = self.dtype_of(a)
+                if got is None:
+                    if not p.nullable:
+                        raise AssertionError(f"{kind} call: {p.name} may not be null")
+                elif got != sig.pointee(p, static).name:
+                    raise AssertionError(f"{kind} call: {p.name} points to {got} data, the kernel reads "
+                                         f"{sig.pointee(p, static).name}")
+            elif isinstance(a, Ref):
+                raise AssertionError(f"{kind} call: {p.name} is a {p.type}, got a pointer")
+        return KernelCall(kind, static, {n: args[n] for n in names})
+
     def to_json(self) -> list[dict]:
         def arg(a):
             return a.to_json() if isinstance(a, (Ref, Dim, Meta)) else a
-        return [{"kernel": c.symbol, "args": [arg(a) for a in c.args]} for c in self.calls]
+        return [{"kernel": c.symbol, "args": {n: arg(a) for n, a in c.args.items()}} for c in self.calls]
+
+    def bytes_by_dtype(self) -> dict[str, int]:
+        """Weight bytes per dtype (what a decode step reads, with the KV cache)."""
+        out: dict[str, int] = {}
+        for w in self.weights:
+            out[w.dtype] = out.get(w.dtype, 0) + w.nbytes
+        return out
 
 
 @dataclass
@@ -179,14 +299,19 @@ class _Planner:
         self.plan = Plan(full_sequence=L.FULL_SEQUENCE in f.attributes)
         self.values: dict[SSAValue, object] = {}  # _Value (llmir matrices) or generic_plan.Tensor
         self.weights: dict[tuple, int] = {}  # (folding expression, dtype) -> index
-        self.free: dict[tuple, list[int]] = {}  # slot size -> free slots of that size
+        self.free: dict[tuple, list[int]] = {}  # slot key -> free slots of that dtype and size
         self.inputs: dict[str, SSAValue] = {}
         self.read_weight = read_weight
         self.generic = None  # GenericLowering of a full-sequence forward
 
     # -- values --------------------------------------------------------------------------
-    def weight(self, v: SSAValue, dtype: str = "F32") -> Ref:
-        expr, name = _weight_expr(v, dtype != "F32")
+    def weight(self, v: SSAValue, dtype: str | None = None) -> Ref:
+        """The bundle tensor holding weight value `v`, stored as `dtype` (default: v's IR type)."""
+        expr, name = _weight_expr(v)
+        stored = _ir_dtype(v)
+        dtype = dtypes.dtype(dtype or stored).name
+        if dtype != stored:
+            expr = ("cast", expr, dtype)
         if (expr, dtype) not in self.weights:
             names = {w.name for w in self.plan.weights}
             unique = name if name not in names else next(f"{name}.{i}" for i in range(1, len(names) + 2)
@@ -203,12 +328,13 @@ class _Planner:
             raise LlmircError(f"cpu target: no kernel produces the value of {_describe(v.owner)}")
         return val
 
-    def alloc_slot(self, size: dict[str, int]) -> int:
-        """A workspace slot of `size` floats (see Slot): a free one of that size, or a new one."""
-        key = Slot(size).key()
-        if self.free.get(key):
-            return self.free[key].pop()
-        self.plan.slots.append(Slot(dict(size)))
+    def alloc_slot(self, dtype: str, size: dict[str, int]) -> int:
+        """A workspace slot of `dtype` and `size` bytes (see Slot; rounded up to ALIGN): a free one of
+        that dtype and size, or a new one."""
+        slot = Slot(dtypes.dtype(dtype).name, {k: -(-v // ALIGN) * ALIGN for k, v in size.items() if v})
+        if self.free.get(slot.key()):
+            return self.free[slot.key()].pop()
+        self.plan.slots.append(slot)
         return len(self.plan.slots) - 1
 
     def release(self, slot: int) -> None:
@@ -216,9 +342,7 @@ class _Planner:
 
     def alloc(self, v: SSAValue, rows: str, index: int) -> _Value:
         cols = L.shape_of(v)[1]
-        # Full-sequence workspaces also hold int64 data: every slot starts 64-byte aligned.
-        size = -(-cols // 16) * 16 if self.plan.full_sequence else cols
-        slot = self.alloc_slot({rows: size})
+        slot = self.alloc_slot("float32", {rows: 4 * cols})
         val = _Value(Ref("ws", slot), rows, cols, cols, slot)
         self.values[v] = val
         return val
@@ -230,13 +354,15 @@ class _Planner:
                 raise LlmircError("cpu target: forward has an unnamed argument")
             self.inputs[name] = arg
             if isinstance(arg.type, L.KVPoolType):
-                self.plan.pool = arg.type
+                t = arg.type
+                self.plan.pool = PoolSpec(t.layers.data, t.kv_heads.data, t.head_dim.data, t.block_size.data,
+                                          _element_dtype(t.dtype))
         missing = [n for n in ABI_INPUTS if n not in self.inputs]
         if self.plan.full_sequence:  # inputs the graph does not read are simply not read
             from .generic_plan import GenericLowering
 
             self.generic = GenericLowering(self, self.f, self.read_weight)
-        elif missing or self.plan.pool is None:
+        elif missing or self.plan.pool is NO_POOL:
             raise LlmircError(f"cpu target: the optimized IR lacks ABI inputs {missing or ['kv_pool']} "
                               "(the pipeline must include prune-logits and paged-kv)")
         if "logits_indices" in missing:
@@ -273,7 +399,7 @@ class _Planner:
         return self.act(v).rows
 
     def lower(self, op: Operation, index: int, logits: SSAValue) -> None:
-        if isinstance(op, (L.WeightOp, L.ConstantOp, L.ConcatOp, L.TransposeOp, func.ReturnOp)):
+        if isinstance(op, (L.WeightOp, L.ConstantOp, L.ConcatOp, L.TransposeOp, L.CastOp, func.ReturnOp)):
             return  # weights are materialized by the bundle writer
         if self.generic is not None and (isinstance(op, (L.SqueezeBatchOp, L.UnsqueezeBatchOp)) or
                                          op.name.startswith("onnx.")):
@@ -289,9 +415,9 @@ class _Planner:
             return
         if isinstance(op, L.KVAppendOp):
             k, v = self.act(op.k), self.act(op.v)
-            self.emit("kv_append", self.pool_params(), [
-                Ref("pool"), Dim("num_blocks"), op.layer.value.data, k.ref, k.ld, v.ref, v.ld,
-                Ref("input", "slot_mapping"), Dim("T")])
+            self.emit("kv_append", self.pool_params(), dict(
+                pool=Ref("pool"), num_blocks=Dim("num_blocks"), layer=op.layer.value.data, k=k.ref, ld_k=k.ld,
+                v=v.ref, ld_v=v.ld, slot_mapping=Ref("input", "slot_mapping"), T=Dim("T")))
             return
         rule = _RULES.get(type(op))
         if rule is None:
@@ -303,21 +429,24 @@ class _Planner:
         else:
             out = self.alloc(op.results[0], rows, index)
         kind, params, args = rule(self, op)
-        self.emit(kind, params, [out.ref, out.ld, *args, Dim(rows)])
+        count = signature(kind).params[-1].name  # the row count (T, or L for gather_rows)
+        self.emit(kind, params, {"out": out.ref, "ld_out": out.ld, **args, count: Dim(rows)})
 
-    def emit(self, kind: str, params: dict, args: list[Arg]) -> None:
-        self.plan.calls.append(KernelCall(kind, params, args))
+    def emit(self, kind: str, params: dict, args: dict[str, Arg]) -> None:
+        self.plan.calls.append(self.plan.bind(kind, params, args))
 
     def pool_params(self) -> dict:
         p = self.plan.pool
-        return {"num_layers": p.layers.data, "num_kv_heads": p.kv_heads.data, "head_dim": p.head_dim.data,
-                "block_size": p.block_size.data}
+        return {"num_layers": p.layers, "num_kv_heads": p.kv_heads, "head_dim": p.head_dim,
+                "block_size": p.block_size, "kv_dtype": p.dtype}
 
-    def mat(self, v: SSAValue | None) -> list[Arg]:
+    def mat(self, name: str, v: SSAValue | None, ld: str | None = None) -> dict[str, Arg]:
+        """Matrix argument `name` and its leading dimension (`ld_<name>` unless given)."""
+        ld = ld or f"ld_{name}"
         if v is None:
-            return [Ref("null"), 0]
+            return {name: Ref("null"), ld: 0}
         a = self.act(v)
-        return [a.ref, a.ld]
+        return {name: a.ref, ld: a.ld}
 
 
 def _f(attr) -> float:
@@ -328,28 +457,48 @@ def _i(attr) -> int:
     return int(attr.value.data)
 
 
+def _element_dtype(t) -> str:
+    """The llmirc.dtypes name of an MLIR element type (f32, bf16, f16, i64, ...)."""
+    from llmirc.frontend.onnx_dialect import numpy_dtype
+
+    return dtypes.dtype(numpy_dtype(t)).name
+
+
+def _ir_dtype(v: SSAValue) -> str:
+    return _element_dtype(v.type.element_type)
+
+
 def _linear(p: _Planner, op: L.LinearOp):
     n, k = L.shape_of(op.weight)
-    params = {"n": n, "k": k, "bias": op.bias is not None, "residual": op.residual is not None}
-    bias = p.weight(op.bias) if op.bias is not None else Ref("null")
-    return "linear", params, [*p.mat(op.input), p.weight(op.weight), bias, *p.mat(op.residual)]
+    w = p.weight(op.weight)
+    params = {"n": n, "k": k, "bias": op.bias is not None, "residual": op.residual is not None,
+              "w_dtype": p.plan.weights[w.index].dtype}
+    bias = p.weight(op.bias, "float32") if op.bias is not None else Ref("null")
+    return "linear", params, {**p.mat("x", op.input), "w": w, "bias": bias, **p.mat("residual", op.residual, "ld_res")}
+
+
+def _embedding(p: _Planner, op: L.EmbeddingOp):
+    table = p.weight(op.table)
+    return "embedding", {"dim": L.shape_of(op.table)[1], "dtype": p.plan.weights[table.index].dtype}, \
+        {"table": table, "ids": _input(p, op.token_ids)}
 
 
 def _paged_attention(p: _Planner, op: L.PagedAttentionOp):
     params = {"num_heads": _i(op.num_heads), "num_kv_heads": _i(op.num_kv_heads), "head_dim": _i(op.head_dim),
-              "block_size": p.plan.pool.block_size.data, "scale": _f(op.scale),
-              "sliding_window": _i(op.sliding_window)}
-    return "paged_attention", params, [
-        *p.mat(op.q), Ref("pool"), Dim("num_blocks"), _i(op.layer), Ref("input", "block_tables"),
-        Dim("max_blocks"), Ref("input", "seq_lens"), Ref("input", "query_start_loc"), Dim("B"),
-        Ref("input", "positions")]
+              "block_size": p.plan.pool.block_size, "scale": _f(op.scale),
+              "sliding_window": _i(op.sliding_window), "kv_dtype": p.plan.pool.dtype}
+    return "paged_attention", params, {
+        **p.mat("q", op.q), "pool": Ref("pool"), "num_blocks": Dim("num_blocks"), "layer": _i(op.layer),
+        "block_tables": Ref("input", "block_tables"), "max_blocks": Dim("max_blocks"),
+        "seq_lens": Ref("input", "seq_lens"), "query_start_loc": Ref("input", "query_start_loc"), "B": Dim("B"),
+        "positions": Ref("input", "positions")}
 
 
 def _rope(p: _Planner, op: L.RopeOp):
     inv_freq = [float(x) for x in op.inv_freq.get_values()]
     params = {"num_heads": _i(op.num_heads), "head_dim": _i(op.head_dim), "rotary_dim": 2 * len(inv_freq),
               "style": op.style.data, "inv_freq": inv_freq, "scaling": _f(op.scaling)}
-    return "rope", params, [*p.mat(op.input), _input(p, op.positions)]
+    return "rope", params, {**p.mat("x", op.input), "positions": _input(p, op.positions)}
 
 
 def _input(p: _Planner, v: SSAValue) -> Ref:
@@ -359,24 +508,27 @@ def _input(p: _Planner, v: SSAValue) -> Ref:
     raise LlmircError(f"cpu target: expected a forward argument, got {_describe(v.owner)}")
 
 
+def _norm_weights(p: _Planner, op) -> dict[str, Arg]:
+    return {"w": p.weight(op.weight, "float32")}
+
+
 _RULES = {
-    L.EmbeddingOp: lambda p, op: ("embedding", {"dim": L.shape_of(op.table)[1]},
-                                  [p.weight(op.table), _input(p, op.token_ids)]),
+    L.EmbeddingOp: _embedding,
     L.RMSNormOp: lambda p, op: ("rms_norm", {"dim": L.shape_of(op.input)[1], "eps": _f(op.eps)},
-                                [*p.mat(op.input), p.weight(op.weight)]),
+                                {**p.mat("x", op.input), **_norm_weights(p, op)}),
     L.LayerNormOp: lambda p, op: ("layer_norm", {"dim": L.shape_of(op.input)[1], "eps": _f(op.eps),
                                                  "bias": op.bias is not None},
-                                  [*p.mat(op.input), p.weight(op.weight),
-                                   p.weight(op.bias) if op.bias is not None else Ref("null")]),
+                                  {**p.mat("x", op.input), **_norm_weights(p, op),
+                                   "b": p.weight(op.bias, "float32") if op.bias is not None else Ref("null")}),
     L.LinearOp: _linear,
     L.RopeOp: _rope,
     L.PagedAttentionOp: _paged_attention,
     L.ActMulOp: lambda p, op: ("act_mul", {"dim": L.shape_of(op.gate)[1], "act": op.act.data},
-                               [*p.mat(op.gate), *p.mat(op.up)]),
-    L.ActOp: lambda p, op: ("act", {"dim": L.shape_of(op.input)[1], "act": op.act.data}, p.mat(op.input)),
-    L.AddOp: lambda p, op: ("add", {"dim": L.shape_of(op.lhs)[1]}, [*p.mat(op.lhs), *p.mat(op.rhs)]),
+                               {**p.mat("gate", op.gate), **p.mat("up", op.up)}),
+    L.ActOp: lambda p, op: ("act", {"dim": L.shape_of(op.input)[1], "act": op.act.data}, p.mat("x", op.input)),
+    L.AddOp: lambda p, op: ("add", {"dim": L.shape_of(op.lhs)[1]}, {**p.mat("a", op.lhs), **p.mat("b", op.rhs)}),
     L.GatherRowsOp: lambda p, op: ("gather_rows", {"dim": L.shape_of(op.input)[1]},
-                                   [*p.mat(op.input), _input(p, op.indices)]),
+                                   {**p.mat("x", op.input), "idx": _input(p, op.indices)}),
 }
 
 
@@ -384,22 +536,25 @@ def _describe(op) -> str:
     return f"'{op.name}'" if isinstance(op, Operation) else "a function argument"
 
 
-def _weight_expr(v: SSAValue, keep_dtype: bool = False) -> tuple[tuple, str]:
-    """The folding expression of a weight value and a readable name for it."""
+def _weight_expr(v: SSAValue) -> tuple[tuple, str]:
+    """The folding expression of a weight value (in its IR dtype) and a readable name for it."""
     op = v.owner
     if isinstance(op, L.WeightOp):
-        return ("tensor", op.weight.data), op.weight.data
+        return ("tensor", op.weight.data, _ir_dtype(v)), op.weight.data
     if isinstance(op, L.ConstantOp):  # a small constant folded by a front end
         from llmirc.frontend.onnx_dialect import constant_value
 
         value = constant_value(op.value)
-        value = value if keep_dtype else value.astype(np.float32)
-        tag = "" if value.dtype == np.float32 else f".{value.dtype.name}"
-        return (("value", value.tobytes(), value.shape, value.dtype.str),
+        d = _ir_dtype(v)
+        tag = "" if d == "float32" else f".{d}"
+        return (("value", value.tobytes(), value.shape, d),
                 f"constant{tag}.{hash((value.tobytes(), value.shape)) & 0xffffffff:08x}")
     if isinstance(op, L.TransposeOp):
         expr, name = _weight_expr(op.input)
         return ("transpose", expr), name + ".T"
+    if isinstance(op, L.CastOp):
+        expr, name = _weight_expr(op.input)
+        return ("cast", expr, _ir_dtype(v)), name
     if isinstance(op, L.ConcatOp) and op.axis.value.data == 0:
         parts = [_weight_expr(i) for i in op.inputs]
         return ("concat", tuple(e for e, _ in parts)), _fused_name(tuple(n for _, n in parts))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from llvmlite import ir
 
+from llmirc import dtypes
 from llmirc.frontend import onnx_ops
 from llmirc.targets import generic_plan as G
 from llmirc.targets import generic_rules as R
@@ -24,7 +25,7 @@ from llmirc.targets.cpu import generic as K
 from llmirc.targets.cpu import toolchain as tc
 from llmirc.targets.plan import KernelCall, Ref
 
-DT = {np.dtype(k): v for k, v in G.DTYPE_NAMES.items()}
+DT = {dtypes.dtype(short).numpy: short for short in G.GENERIC_DTYPES}
 NP = {v: k for k, v in DT.items()}
 
 

@@ -16,7 +16,7 @@ CONFIG = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 100, "hidden_size
 
 
 def optimized_ir() -> str:
-    module = build_decoder(parse_config(CONFIG), lambda n, s: None, lambda n: True)
+    module = build_decoder(parse_config(CONFIG), lambda n, s: "float32", lambda n: True)
     run_passes(module)
     return print_ir(module)
 

@@ -62,11 +62,50 @@ def test_matches_transformers(tmp_path, case):
     check_model(model, compile_to(tmp_path / "ckpt", tmp_path / "m.llmir"))
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_checkpoints(tmp_path, dtype):
-    # The reference is the rounded weights in float32: the compiled model computes in f32 too.
-    model = make_checkpoint(tmp_path / "ckpt", "llama", dtype=dtype)
-    check_model(model, compile_to(tmp_path / "ckpt", tmp_path / "m.llmir"), prompts=PROMPTS[:1])
+HALF_CASES = [(arch, dtype) for arch in ("llama", "qwen2", "mistral", "gpt2") for dtype in ("bfloat16", "float16")]
+HALF_KV_TOP1 = 0.99     # top-1 agreement with a bf16/f16 KV cache over 256 positions, at least
+HALF_KV_LOGITS = 0.03   # and logits within this fraction of the largest reference logit
+
+
+@pytest.mark.parametrize("arch,dtype", HALF_CASES)
+def test_half_precision_checkpoints(tmp_path, arch, dtype):
+    """bf16/f16 checkpoints keep their precision in the bundle (the reference is transformers in
+    float32 on the same, exactly widened, weights). With an f32 KV cache the model computes what
+    the reference does (1e-4); with the default half KV cache, K/V are rounded once."""
+    overrides = dict(sliding_window=8) if arch == "mistral" else {}
+    model = make_checkpoint(tmp_path / "ckpt", arch, dtype=dtype, **overrides)
+    exact = compile_to(tmp_path / "ckpt", tmp_path / "f32kv.llmir", kv_cache_dtype="float32")
+    compiled = check_model(model, exact, prompts=PROMPTS[:1])
+    assert compiled.bundle.manifest["weights"]["dtypes"]["model.embed_tokens.weight" if arch != "gpt2"
+                                                         else "transformer.wte.weight"] == dtype
+
+    half = load(compile_to(tmp_path / "ckpt", tmp_path / "m.llmir"))
+    assert half.bundle.manifest["kv_cache"]["dtype"] == dtype
+    seq = [int(t) for t in np.random.default_rng(0).integers(0, 384, 256)]
+    ref, got = hf_logits(model, seq), half.score(seq)
+    assert (ref.argmax(-1) == got.argmax(-1)).mean() >= HALF_KV_TOP1
+    np.testing.assert_allclose(got, ref, atol=HALF_KV_LOGITS * np.abs(ref).max())
+
+
+def test_dtype_options(tmp_path):
+    """--dtype bfloat16 on an f32 checkpoint stores the matrices (linear, embedding) in bf16, rounded
+    as torch rounds them, and norm weights in f32; --dtype float32 on a bf16 checkpoint widens them."""
+    import torch
+
+    model = make_checkpoint(tmp_path / "f32", "llama")
+    bundle = load(compile_to(tmp_path / "f32", tmp_path / "a.llmir", dtype="bfloat16", kv_cache_dtype="float32"))
+    assert set(bundle.bundle.manifest["weights"]["dtypes"].values()) == {"bfloat16", "float32"}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(p.to(torch.bfloat16).float())
+    check_model(model, bundle.bundle.root, prompts=PROMPTS[:1])
+
+    model = make_checkpoint(tmp_path / "bf16", "llama", dtype="bfloat16")
+    bundle = load(compile_to(tmp_path / "bf16", tmp_path / "b.llmir", dtype="float32"))
+    assert set(bundle.bundle.manifest["weights"]["dtypes"].values()) == {"float32"}
+    assert bundle.bundle.manifest["kv_cache"]["dtype"] == "float32"
+    check_model(model, bundle.bundle.root, prompts=PROMPTS[:1])
 
 
 def test_sharded_checkpoint_chunked_prefill_small_cache(tmp_path):

@@ -19,7 +19,7 @@ CONFIG = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size
 
 
 def decoder(**overrides) -> ModuleOp:
-    return build_decoder(parse_config({**CONFIG, **overrides}), lambda n, s: None, lambda n: True)
+    return build_decoder(parse_config({**CONFIG, **overrides}), lambda n, s: "float32", lambda n: True)
 
 
 def apply(module: ModuleOp, spec: str) -> ModuleOp:
@@ -123,7 +123,7 @@ def test_bad_pipelines(spec, message):
 
 def test_default_pipeline_sliding_window_reaches_paged_attention():
     cfg = {**CONFIG, "architectures": ["MistralForCausalLM"], "sliding_window": 5}
-    m = build_decoder(parse_config(cfg), lambda n, s: None, lambda n: True)
+    m = build_decoder(parse_config(cfg), lambda n, s: "float32", lambda n: True)
     run_passes(m)
     assert {p.sliding_window.value.data for p in ops(m, L.PagedAttentionOp)} == {5}
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmirc import dtypes
 from llmirc.artifact_format.safetensors import SafetensorsFile, open_safetensors
 from llmirc.errors import CheckpointError
 
@@ -103,11 +104,16 @@ class Checkpoint:
     def module(self):
         return build_graph(self.spec, self._check_shape, self.has)
 
-    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> str:
         actual = self.shape(name)
         if tuple(actual) != tuple(shape):
             raise CheckpointError(f"{self.root}: tensor '{name}' has shape {list(actual)}, "
                                   f"config.json implies {list(shape)}")
+        stored = self.dtype(name)
+        if stored not in ("F32", "F16", "BF16"):
+            raise CheckpointError(f"{self._where[name]}: tensor '{name}' has dtype {stored}; "
+                                  "weights must be F32, F16 or BF16")
+        return dtypes.dtype(stored).name
 
     def add_weight(self, name: str, value: np.ndarray) -> None:
         raise AssertionError("the Hugging Face front end synthesizes no weights")
@@ -122,7 +128,9 @@ class Checkpoint:
     def config_files(self) -> list[Path]:
         return [p for p in (self.config_path, self.root / "generation_config.json") if p.is_file()]
 
-    read = float32  # a tensor in its stored type: all weights here are floating point, read as f32
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as stored (a zero-copy view of the mapped file; BF16 as uint16 bits)."""
+        return self._file(name).array(name)
 
     def tokenizer_files(self) -> list[Path]:
         return [self.root / n for n in TOKENIZER_FILES if (self.root / n).is_file()]

@@ -18,8 +18,9 @@ from llmirc.errors import CheckpointError
 
 from .hf_config import DecoderSpec
 
-# shape_check(name, expected_shape) raises if the checkpoint disagrees; returns whether it exists.
-ShapeCheck = Callable[[str, tuple[int, ...]], None]
+# shape_check(name, expected_shape) raises if the checkpoint disagrees; returns the tensor's dtype
+# (a llmirc.dtypes name: float32, bfloat16 or float16).
+ShapeCheck = Callable[[str, tuple[int, ...]], str]
 
 
 def arg_attrs(*names: str) -> ArrayAttr:
@@ -34,10 +35,10 @@ def new_forward(vocab_size: int) -> func.FuncOp:
 
 
 def weights(check: ShapeCheck) -> Callable[..., SSAValue]:
-    """weight(name, *shape): a checkpoint tensor checked against the shape the config implies."""
+    """weight(name, *shape): a checkpoint tensor checked against the shape the config implies, with
+    the element type it is stored in."""
     def weight(name: str, *shape: int) -> SSAValue:
-        check(name, shape)
-        return L.WeightOp(name, shape).result
+        return L.WeightOp(name, shape, L.FLOAT_TYPES[check(name, shape)]).result
     return weight
 
 

@@ -42,10 +42,10 @@ def prefill_flops(model, prompt_len: int) -> float:
     """Matmul FLOPs of a prefill: every layer weight per token, the LM head once (prune-logits),
     causal attention scores and values."""
     m = model.config
-    head = m["vocab_size"] * m["hidden_size"] * 4
-    layer_bytes = decode_bytes_per_step(model, 0) - head
+    head = m["vocab_size"] * m["hidden_size"]
+    layer_params = sum(model.executor.weights[i].size for i in _weights_read(model)) - head
     attention = 2 * 2 * prompt_len * (prompt_len + 1) / 2 * m["num_layers"] * m["num_heads"] * m["head_dim"]
-    return 2 * layer_bytes / 4 * prompt_len + 2 * head / 4 + attention
+    return 2 * layer_params * prompt_len + 2 * head + attention
 
 
 def _timed(fn) -> float:
@@ -54,22 +54,33 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def decode_bytes_per_step(model, context: int) -> int:
-    """Weight bytes read by one decode step (embedding tables read one row per token) + KV read."""
-    m = model.bundle.manifest
+def _weights_read(model) -> list[int]:
+    """Indices of the weights a step reads in full (embedding tables are read a row per token)."""
     kinds = {k["symbol"]: k["kind"] for k in model.executor.target["kernels"]}
     used = {}  # weight index -> read in full by some non-embedding kernel
-    for call in m["plan"]:
-        for arg in call["args"]:
+    for call in model.bundle.manifest["plan"]:
+        for arg in call["args"].values():
             if isinstance(arg, dict) and arg.get("ptr") == "weight":
                 used[arg["index"]] = used.get(arg["index"], False) or kinds[call["kernel"]] != "embedding"
-    total = sum(model.executor.weights[i].nbytes for i, full in used.items() if full)
-    kv = m["kv_cache"]
-    return total + 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * 4 * context
+    return [i for i, full in used.items() if full]
 
 
-def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, repeat: int) -> dict:
-    model = load(bundle, kv_cache_tokens=batch * (len(prompt) + new_tokens) + 64)
+def decode_bytes_per_step(model, context: int) -> dict[str, int]:
+    """Bytes one decode step reads, by dtype: the weights (embedding tables read one row per token)
+    and the KV cache of `context` tokens (under "kv <dtype>")."""
+    out: dict[str, int] = {}
+    for i in _weights_read(model):
+        w = model.executor.weights[i]
+        name = model.bundle.manifest["weights"]["dtypes"][model.bundle.manifest["weights"]["order"][i]]
+        out[name] = out.get(name, 0) + w.nbytes
+    kv = model.bundle.manifest["kv_cache"]
+    out[f"kv {kv['dtype']}"] = context * kv["block_bytes"] // kv["block_size"]
+    return out
+
+
+def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, repeat: int,
+                 threads: int | None = None) -> dict:
+    model = load(bundle, kv_cache_tokens=batch * (len(prompt) + new_tokens) + 64, threads=threads)
     prefill, decode = [], []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -81,17 +92,20 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
                 times.append(time.perf_counter())
         decode.append((times[-1] - times[0]) / (len(times) - 1))  # per step, after the first token
     step = min(decode)
+    by_dtype = decode_bytes_per_step(model, len(prompt) + new_tokens // 2)
     return {"prefill_tok_s": len(prompt) / min(prefill), "decode_tok_s": batch / step, "decode_ms_per_step": step * 1e3,
-            "bytes_per_step": decode_bytes_per_step(model, len(prompt) + new_tokens // 2),
+            "bytes_per_step": sum(by_dtype.values()), "bytes_per_step_by_dtype": by_dtype,
             "prefill_gflop": prefill_flops(model, len(prompt)) / 1e9,
-            "params": sum(w.size for w in model.executor.weights), "model": model.config}
+            "params": sum(w.size for w in model.executor.weights), "model": model.config,
+            "threads": model.executor.threads}
 
 
-def bench_transformers(hf_dir: Path, prompt: list[int], batch: int, new_tokens: int, repeat: int) -> dict:
+def bench_transformers(hf_dir: Path, prompt: list[int], batch: int, new_tokens: int, repeat: int,
+                       threads: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ids = torch.tensor([prompt])
     prefill, decode = [], []
@@ -108,32 +122,32 @@ def bench_transformers(hf_dir: Path, prompt: list[int], batch: int, new_tokens: 
 
 
 def run_bench(bundle: Path, *, prompt_len: int = 128, new_tokens: int = 64, batch: int = 1, repeat: int = 3,
-              hf_dir: Path | None = None) -> dict:
+              hf_dir: Path | None = None, threads: int | None = None) -> dict:
     new_tokens = max(new_tokens, 2)
     vocab = open_bundle(bundle, verify=False).manifest["model"]["vocab_size"]
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
-    ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat)
+    ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat, threads)
     bandwidth, peak = measure_bandwidth(), measure_peak_gflops()
     floor_ms = ours["bytes_per_step"] / (bandwidth * 1e9) * 1e3
     results = {
         "bundle": str(bundle), "host": platform.processor() or platform.machine(),
-        "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
+        "threads": ours["threads"],
         "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "repeat": repeat,
         "bandwidth_gb_s": bandwidth, "decode_floor_ms_per_step": floor_ms, "sgemm_gflop_s": peak,
-        "llmirc": {k: v for k, v in ours.items() if k != "model"},
+        "llmirc": {k: v for k, v in ours.items() if k not in ("model", "threads")},
         "model": ours["model"],
     }
     results["llmirc"]["fraction_of_floor"] = floor_ms / ours["decode_ms_per_step"]
     results["llmirc"]["prefill_gflop_s"] = ours["prefill_gflop"] * ours["prefill_tok_s"] / prompt_len
     if hf_dir is not None:
-        results["transformers"] = bench_transformers(hf_dir, prompt, batch, new_tokens, repeat)
+        results["transformers"] = bench_transformers(hf_dir, prompt, batch, new_tokens, repeat, ours["threads"])
     return results
 
 
 def format_table(r: dict) -> str:
     m = r["model"]
     lines = [
-        f"{r['bundle']}: {m['architecture']}, {r['llmirc']['params'] / 1e6:.1f}M parameters, {m['dtype']}; "
+        f"{r['bundle']}: {m['architecture']}, {r['llmirc']['params'] / 1e6:.1f}M parameters; "
         f"prompt {r['prompt_len']}, {r['new_tokens']} new tokens, batch {r['batch']}, best of {r['repeat']}, "
         f"{r['threads']} threads",
         f"{'':22s}{'prefill tok/s':>14s}{'decode tok/s':>14s}{'ms/step':>10s}",
@@ -146,7 +160,9 @@ def format_table(r: dict) -> str:
         ours, peer = r["llmirc"], r["transformers"]
         lines.append(f"llmirc / transformers: prefill {ours['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, "
                      f"decode {ours['decode_tok_s'] / peer['decode_tok_s']:.2f}x")
-    lines.append(f"decode floor: {r['llmirc']['bytes_per_step'] / 1e6:.1f} MB/step at {r['bandwidth_gb_s']:.1f} GB/s "
+    split = ", ".join(f"{n / 1e6:.1f} MB {d}" for d, n in r["llmirc"]["bytes_per_step_by_dtype"].items())
+    lines.append(f"decode floor: {r['llmirc']['bytes_per_step'] / 1e6:.1f} MB/step ({split}) at "
+                 f"{r['bandwidth_gb_s']:.1f} GB/s "
                  f"(numpy sgemv) = {r['decode_floor_ms_per_step']:.2f} ms/step; llmirc reaches "
                  f"{100 * r['llmirc']['fraction_of_floor']:.0f}% of it")
     lines.append(f"prefill: {r['llmirc']['prefill_gflop_s']:.0f} GFLOP/s of matmul work, "

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from llmirc import dtypes
 from llmirc.artifact_format.reader import Bundle
 from llmirc.errors import BundleError, LlmircError
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 INPUTS = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start_loc",
           "logits_indices")
 
@@ -61,7 +62,7 @@ def pick_cpu_target(bundle: Bundle, name: str | None = None) -> dict:
 
 
 class CpuExecutor:
-    def __init__(self, bundle: Bundle, num_blocks: int, target: str | None = None):
+    def __init__(self, bundle: Bundle, num_blocks: int, target: str | None = None, threads: int | None = None):
         m, name = bundle.manifest, bundle.name
         self.target = pick_cpu_target(bundle, target)
         library = self.target["library"]
@@ -82,14 +83,19 @@ class CpuExecutor:
         self.info = json.loads(info())
         self._forward.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p)]
         self._forward.restype = None
+        if threads is not None:
+            if threads < 1:
+                raise LlmircError(f"threads must be >= 1, got {threads}")
+            self.lib.llmir_set_num_threads(ctypes.c_int(threads))
+        self.lib.llmir_num_threads.restype = ctypes.c_int
+        self.threads = self.lib.llmir_num_threads()
 
-        layers, kv_heads, self.block_size, head_dim = self.info["kv_pool"]
+        pool = self.info["kv_pool"]
+        self.block_size, self.kv_dtype = pool["block_size"], dtypes.dtype(pool["dtype"])
         self.vocab_size = self.info["logits_cols"]
         self.workspace_coef = self.info["workspace"]
-        _agree(name, m, ("kv_cache", "num_layers"), layers)
-        _agree(name, m, ("kv_cache", "num_kv_heads"), kv_heads)
-        _agree(name, m, ("kv_cache", "block_size"), self.block_size)
-        _agree(name, m, ("kv_cache", "head_dim"), head_dim)
+        for key in ("num_layers", "num_kv_heads", "block_size", "head_dim", "dtype"):
+            _agree(name, m, ("kv_cache", key), pool[key])
         _agree(name, m, ("model", "vocab_size"), self.vocab_size)
         _agree(name, m, ("abi", "workspace"), self.workspace_coef)
         # A full-sequence library must get whole sequences each step: the library says so, not the manifest.
@@ -97,17 +103,17 @@ class CpuExecutor:
         if bool((m.get("model") or {}).get("full_sequence", False)) != self.full_sequence:
             raise BundleError(f"bundle {name}: manifest.json model.full_sequence disagrees with the compiled "
                               f"library ({self.full_sequence})")
-        self.weights = _load_weights(bundle, self.info["weights"],
-                                     self.info.get("weight_dtypes") or ["F32"] * len(self.info["weights"]))
+        self.weights = _load_weights(bundle, self.info["weights"])
 
         self.num_blocks = num_blocks
+        shape = (pool["num_layers"], 2, num_blocks, pool["num_kv_heads"], self.block_size, pool["head_dim"])
         try:
-            self.kv_pool = np.zeros((layers, 2, num_blocks, kv_heads, self.block_size, head_dim), dtype=np.float32)
+            self.kv_pool = np.zeros(shape, dtype=self.kv_dtype.numpy)
         except (MemoryError, ValueError):  # numpy raises ValueError for sizes it cannot even represent
             raise LlmircError(f"bundle {name}: cannot allocate a KV cache of "
-                              f"{layers * 2 * num_blocks * kv_heads * self.block_size * head_dim * 4 / 2**30:.1f} "
-                              "GiB; load it with fewer kv_cache_tokens") from None
-        self.workspace = np.empty(0, dtype=np.float32)
+                              f"{num_blocks * pool['block_bytes'] / 2**30:.1f} GiB; load it with fewer "
+                              "kv_cache_tokens") from None
+        self.workspace = np.empty(0, dtype=np.uint8)
         first_weight = len(INPUTS) + 3
         self._ptrs = (ctypes.c_void_p * (first_weight + len(self.weights)))()
         for i, w in enumerate(self.weights):
@@ -127,7 +133,10 @@ class CpuExecutor:
         c = self.workspace_coef
         need = c["T"] * T + c["L"] * L + c["const"] + c.get("TT", 0) * T * T  # TT: full-sequence models
         if self.workspace.size < need:
-            self.workspace = np.empty(need, dtype=np.float32)
+            # 64-byte aligned: slot offsets are multiples of 64 (plan.ALIGN)
+            raw = np.empty(need + 64, dtype=np.uint8)
+            start = -raw.ctypes.data % 64
+            self.workspace = raw[start:start + need]
         logits = np.empty((L, self.vocab_size), dtype=np.float32)
         for i, a in enumerate(inputs):
             self._ptrs[i] = a.ctypes.data
@@ -146,30 +155,25 @@ def _agree(bundle: str, manifest: dict, path: tuple[str, str], value) -> None:
                           f"library was built for {value}")
 
 
-# safetensors dtypes the libraries read (F32; constants of full-sequence models' generic kernels)
-_DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8,
-           "BOOL": np.bool_}
-
-
-def _load_weights(bundle: Bundle, sizes: list[int], dtypes: list[str]) -> list[np.ndarray]:
-    """The weights in the manifest's order, each checked against the size and dtype the library expects."""
+def _load_weights(bundle: Bundle, expected: list) -> list[np.ndarray]:
+    """The weights in the manifest's order (zero-copy views of the mapped file), each checked
+    against the dtype and shape the library was compiled for."""
     weights = bundle.manifest.get("weights")
     order = weights.get("order") if isinstance(weights, dict) else None
     file = weights.get("file") if isinstance(weights, dict) else None
-    if not isinstance(order, list) or not isinstance(file, str) or len(order) != len(sizes) or \
+    if not isinstance(order, list) or not isinstance(file, str) or len(order) != len(expected) or \
             len(set(map(str, order))) != len(order):
-        raise BundleError(f"bundle {bundle.name}: manifest.json weights.order must list the {len(sizes)} distinct "
-                          "tensors the library takes, and weights.file their file")
+        raise BundleError(f"bundle {bundle.name}: manifest.json weights.order must list the {len(expected)} "
+                          "distinct tensors the library takes, and weights.file their file")
     tensors = bundle.open_safetensors(file)
     arrays = []
-    for name, size, dtype in zip(order, sizes, dtypes):
+    for name, (dtype, shape) in zip(order, expected):
         if not isinstance(name, str) or name not in tensors:
             raise BundleError(f"bundle {bundle.name}: manifest.json weights.order names {name!r}, which is not "
                               f"in {file}")
-        a = tensors.array(name)
-        want = np.dtype(_DTYPES.get(dtype, np.float32))
-        if dtype not in _DTYPES or a.dtype != want or a.size != size:
-            raise BundleError(f"bundle {bundle.name}: weight '{name}' is {a.dtype} x {a.size}; the library "
-                              f"expects {want} x {size}")
-        arrays.append(a)
+        stored, stored_shape = tensors.info(name)
+        if dtypes.dtype(stored).name != dtype or list(stored_shape) != list(shape):
+            raise BundleError(f"bundle {bundle.name}: weight '{name}' is {dtypes.dtype(stored).name}"
+                              f"{list(stored_shape)}; the library expects {dtype}{list(shape)}")
+        arrays.append(tensors.array(name))
     return arrays

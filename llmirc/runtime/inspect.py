@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from llmirc import dtypes
 from llmirc.artifact_format.reader import Bundle, open_bundle
+from llmirc.artifact_format.safetensors import PADDING_PREFIX
 from llmirc.errors import BundleError
 
 
@@ -35,7 +37,14 @@ def _summary(bundle: Bundle, verify: bool) -> dict:
     for f in files:
         sizes[f["path"].split("/")[0]] += f["size"]
     weights = bundle.open_safetensors(m["weights"]["file"])
-    num_params = sum(_numel(weights.info(n)[1]) for n in weights.names())
+    num_params, by_dtype = 0, Counter()
+    for name in weights.names():
+        if name.startswith(PADDING_PREFIX):
+            continue
+        dtype, shape = weights.info(name)
+        d = dtypes.dtype(dtype)
+        num_params += _numel(shape)
+        by_dtype[d.name] += _numel(shape) * d.itemsize
     calls = Counter(step["kernel"] for step in m.get("plan", []))
     return {
         "bundle": str(bundle.root),
@@ -47,12 +56,13 @@ def _summary(bundle: Bundle, verify: bool) -> dict:
         "generation": m.get("generation"),
         "kv_cache": m.get("kv_cache"),
         "weights": {"file": m["weights"]["file"], "tensors": len(m["weights"]["order"]),
-                    "parameters": num_params, "derived": m["weights"].get("derived", {})},
+                    "parameters": num_params, "bytes_by_dtype": dict(by_dtype),
+                    "derived": m["weights"].get("derived", {})},
         "targets": [{"name": t["name"], "cpu": t.get("cpu"), "features": t.get("features"),
                      "library": t["library"], "kernels": [k["symbol"] + ": " + k["kind"] for k in t["kernels"]]}
                     for t in m.get("targets", [])],
         "plan": {"kernel_calls": sum(calls.values()), "calls_per_kernel": dict(calls)},
-        "workspace_floats": m.get("abi", {}).get("workspace"),
+        "workspace_bytes": m.get("abi", {}).get("workspace"),
         "passes": m.get("passes"),
         "rewrites": m.get("rewrites") if isinstance(m.get("rewrites"), dict) else {},
         "ir": m.get("ir"),
@@ -92,16 +102,17 @@ def describe(info: dict) -> str:
     lines = [
         f"bundle     {info['bundle']}  (format {info['format_version']}, {info['producer']}, {info['created_utc']})",
         f"model      {model.get('architecture')}: {_layers(model)}vocab {model.get('vocab_size')}, "
-        f"context {model.get('max_position_embeddings')}, {model.get('dtype')}"
+        f"context {model.get('max_position_embeddings')}"
         + (f", sliding window {windows}" if windows else ""),
-        f"weights    {info['weights']['parameters'] / 1e6:.2f}M parameters in {info['weights']['tensors']} tensors "
-        f"({len(info['weights']['derived'])} concatenated or transposed at compile time)",
+        f"weights    {info['weights']['parameters'] / 1e6:.2f}M parameters in {info['weights']['tensors']} tensors: "
+        + ", ".join(f"{n / 2**20:.2f} MiB {d}" for d, n in info["weights"]["bytes_by_dtype"].items())
+        + f" ({len(info['weights']['derived'])} concatenated, transposed or cast at compile time)",
         _execution(model),
         f"kv cache   paged: block size {kv.get('block_size')}, {kv.get('num_layers')} layers x "
         f"{kv.get('num_kv_heads')} kv heads x {kv.get('head_dim')}, {kv.get('dtype')}, layout [{kv.get('layout')}]"
         if kv.get("num_layers") != 0 else "kv cache   none (no attention layer uses one)",
         f"plan       {info['plan']['kernel_calls']} kernel calls per step; workspace "
-        f"{info['workspace_floats']} floats (per T tokens / L logit rows / TT: T^2)",
+        f"{info['workspace_bytes']} bytes (per T tokens / L logit rows / TT: T^2)",
         f"passes     {info['passes']}",
         *[f"  {what}  x{n}" for what, n in sorted(info["rewrites"].items())],
         f"tokenizer  {info['tokenizer'] or 'none'}",

@@ -27,19 +27,20 @@ DEFAULT_KV_TOKENS = 16384
 
 
 def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_tokens: int = 2048,
-         max_num_seqs: int = 64, verify: bool = True, target: str | None = None) -> Model:
+         max_num_seqs: int = 64, verify: bool = True, target: str | None = None, threads: int | None = None) -> Model:
     """Opens and verifies a bundle and loads its kernels for this host.
 
     `kv_cache_tokens` sizes the paged KV cache (tokens across all sequences; default: the
     model's context, capped at 16384). `target` picks a library by name (`llmirc inspect`
-    lists them); by default the first that fits this host."""
+    lists them); by default the first that fits this host. `threads`: CPU threads the kernels
+    use (default: the CPUs this process may run on)."""
     return Model(open_bundle(Path(path), verify=verify), kv_cache_tokens=kv_cache_tokens,
-                 max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs, target=target)
+                 max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs, target=target, threads=threads)
 
 
 class Model:
     def __init__(self, bundle: Bundle, *, kv_cache_tokens: int | None, max_batched_tokens: int, max_num_seqs: int,
-                 target: str | None = None):
+                 target: str | None = None, threads: int | None = None):
         self.bundle = bundle
         m = bundle.manifest
         try:
@@ -62,7 +63,7 @@ class Model:
             raise LlmircError(f"kv_cache_tokens must be positive, got {kv_cache_tokens}")
         self.num_blocks = blocks_for(tokens, self.block_size)
         self.max_batched_tokens, self.max_num_seqs = max_batched_tokens, max_num_seqs
-        self.executor = CpuExecutor(bundle, self.num_blocks, target)
+        self.executor = CpuExecutor(bundle, self.num_blocks, target, threads)
         tokenizer = m.get("tokenizer")
         # Through bundle.file: only a tokenizer.json listed in the manifest (so checksummed) is used.
         self.tokenizer = Tokenizer.from_bundle_dir(bundle.file(str(tokenizer)).parent) if tokenizer else None

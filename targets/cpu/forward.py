@@ -1,23 +1,25 @@
 """The plan's kernel calls as one LLVM function, `llmir_forward(dims, ptrs)` (DESIGN.md, the ABI).
 
-The host makes one call per step; this function computes every argument (workspace offsets
-from T and L, column offsets of views, dims) and calls the kernels in order. A generic
-kernel's meta table (plan.Meta: sizes as polynomials in T) becomes a constant array in the
-library; the kernel evaluates it.
+The host makes one call per step; this function computes every argument (workspace byte
+offsets from T and L, column offsets of views in elements of the buffer's dtype, dims) and
+calls the kernels in order, passing each call's named arguments in its signature's order. A
+generic kernel's meta table (plan.Meta: sizes as polynomials in T) becomes a constant array in
+the library; the kernel evaluates it.
 """
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 from llvmlite import ir
 
-from llmirc.targets.plan import ABI_INPUTS, DIMS, Dim, Meta, Plan, Ref
+from llmirc import dtypes
+from llmirc.targets.plan import ABI_INPUTS, ABI_VERSION, DIMS, Dim, Meta, Plan, Ref
+from llmirc.targets.signatures import signature
 
-ABI_VERSION = 1
 I64 = ir.IntType(64)
-F32P = ir.FloatType().as_pointer()
+I8 = ir.IntType(8)
+PTR = ir.PointerType()
 I8P = ir.IntType(8).as_pointer()
 # ptrs[]: the ABI inputs, then pool, workspace, logits, then the weights in plan order.
 PTR_INDEX = {name: i for i, name in enumerate(ABI_INPUTS)}
@@ -33,21 +35,21 @@ def emit_forward(module: ir.Module, plan: Plan, kernels: dict[str, ir.Function])
     dims = {name: b.load(b.gep(dims_arg, [ir.Constant(I64, i)]), name=name) for i, name in enumerate(DIMS)}
 
     def ptr(index: int) -> ir.Value:
-        return b.bitcast(b.load(b.gep(ptrs_arg, [ir.Constant(I64, index)])), F32P)
+        return b.load(b.gep(ptrs_arg, [ir.Constant(I64, index)]), typ=PTR)
 
     slot_base = {}
     ws = ptr(PTR_INDEX["ws"])
     for slot in range(len(plan.slots)):
-        coef = plan.slot_offset(slot)
+        coef = plan.slot_offset(slot)  # bytes
         offset = b.add(b.mul(dims["T"], ir.Constant(I64, coef["T"])), b.mul(dims["L"], ir.Constant(I64, coef["L"])))
         if coef["TT"] or coef["const"]:
             tt = b.mul(b.mul(dims["T"], dims["T"]), ir.Constant(I64, coef["TT"]))
             offset = b.add(b.add(offset, tt), ir.Constant(I64, coef["const"]))
-        slot_base[slot] = b.gep(ws, [offset])
+        slot_base[slot] = b.gep(ws, [offset], source_etype=I8)
 
     def pointer(ref: Ref) -> ir.Value:
         if ref.space == "null":
-            return ir.Constant(F32P, None)
+            return ir.Constant(PTR, None)
         if ref.space == "ws":
             base = slot_base[ref.index]
         elif ref.space == "weight":
@@ -56,20 +58,25 @@ def emit_forward(module: ir.Module, plan: Plan, kernels: dict[str, ir.Function])
             base = ptr(PTR_INDEX[ref.index])
         else:
             base = ptr(PTR_INDEX[ref.space])
-        return b.gep(base, [ir.Constant(I64, ref.col)]) if ref.col else base
+        if not ref.col:
+            return base
+        itemsize = dtypes.dtype(plan.dtype_of(ref)).itemsize
+        return b.gep(base, [ir.Constant(I64, ref.col * itemsize)], source_etype=I8)
 
     for call in plan.calls:
         callee = kernels[call.symbol]
+        params = signature(call.kind, call.params).params
         values = []
-        for arg, param in zip(call.args, callee.args, strict=True):
+        for param, llvm_arg in zip(params, callee.args, strict=True):
+            arg = call.args[param.name]
             if isinstance(arg, Ref):
-                values.append(b.bitcast(pointer(arg), param.type))
+                values.append(pointer(arg))
             elif isinstance(arg, Meta):
-                values.append(b.bitcast(_meta_table(module, arg), param.type))
+                values.append(_meta_table(module, arg))
             elif isinstance(arg, Dim):
                 values.append(dims[arg.name])
             else:
-                values.append(ir.Constant(param.type, arg))
+                values.append(ir.Constant(llvm_arg.type, arg))
         b.call(callee, values)
     b.ret_void()
 
@@ -90,10 +97,13 @@ def _meta_table(module: ir.Module, meta: Meta) -> ir.Value:
 
 def model_info(plan: Plan) -> dict:
     """The sizes the library was compiled for; the loader sizes its buffers from these, never
-    from the (editable) manifest, and checks the weights it passes against them (count and dtype)."""
-    return {"abi_version": ABI_VERSION, "workspace": plan.workspace(), "kv_pool": list(plan.pool_dims()),
-            "logits_cols": plan.logits_cols, "weights": [int(np.prod(w.shape)) for w in plan.weights],
-            "weight_dtypes": [w.dtype for w in plan.weights], "full_sequence": plan.full_sequence}
+    from the (editable) manifest, and checks the weights it passes against them (shape and dtype).
+
+    workspace: bytes (coefficients of T, L, TT, const); kv_pool: the pool's spec (dtype, dims);
+    weights: [dtype, shape] per weight in the order the library takes them."""
+    return {"abi_version": ABI_VERSION, "workspace": plan.workspace(), "kv_pool": plan.pool.to_json(),
+            "logits_cols": plan.logits_cols, "weights": [[w.dtype, list(w.shape)] for w in plan.weights],
+            "full_sequence": plan.full_sequence}
 
 
 def _emit_model_info(module: ir.Module, plan: Plan) -> None:

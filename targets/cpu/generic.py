@@ -5,7 +5,7 @@ lowers them to calls of the kernels below). Their shapes are known at compile ti
 polynomials in T (the sequence length), so every size, stride and offset is read at run time
 from a *meta table*: a constant int64 array in the library, three coefficients per entry,
 entry = c0 + c1*T + c2*T*T. Static things (op, rank, dtypes) specialize the kernel.
-Correctness first: plain loops in the element type, no tiling. Rows are split across libgomp
+Correctness first: plain loops in the element type, no tiling. Rows are split across the library's
 threads when each thread gets enough work (GRAIN element-operations, judged at run time).
 Every kernel but matmul is compiled `optsize`: O3 would version each run-time-strided loop
 for the vectorizer, at ~45 ms of compile time per kernel, for little gain.
@@ -60,13 +60,14 @@ from contextlib import ExitStack, contextmanager
 
 from llvmlite import ir
 
+from llmirc import dtypes
+
 from . import irbuilder as irb
 from .irbuilder import F32, F64, I1, I32, I64, PTR, for_range
 
 I8 = ir.IntType(8)
-# dtype -> (LLVM type, bytes, kind: f float, i signed int, u unsigned int, b bool)
-DTYPES = {"f32": (F32, 4, "f"), "f64": (F64, 8, "f"), "i64": (I64, 8, "i"), "i32": (I32, 4, "i"),
-          "i8": (I8, 1, "i"), "u8": (I8, 1, "u"), "bool": (I8, 1, "b")}
+# dtype (llmirc.dtypes short name) -> LLVM type; sizes and kinds come from llmirc.dtypes
+LLVM_TYPES = {"f32": F32, "f64": F64, "i64": I64, "i32": I32, "i8": I8, "u8": I8, "bool": I8}
 
 
 def pointer_count(kind: str, params: dict) -> int:
@@ -170,20 +171,20 @@ def _split(vals, sizes) -> list[list]:
 
 
 def _load(b, ptr, index, dt):
-    ty = DTYPES[dt][0]
+    ty = LLVM_TYPES[dt]
     v = b.load(irb.gep(b, ptr, index, ty), typ=ty, align=1)
     return b.icmp_unsigned("!=", v, ir.Constant(I8, 0)) if dt == "bool" else v
 
 
 def _store(b, v, ptr, index, dt):
-    ty = DTYPES[dt][0]
+    ty = LLVM_TYPES[dt]
     if dt == "bool":
         v = b.zext(v, I8)
     b.store(v, irb.gep(b, ptr, index, ty), align=1)
 
 
 def _kind(dt):
-    return DTYPES[dt][2]
+    return dtypes.dtype(dt).kind
 
 
 def _fc(ty, v) -> ir.Constant:
@@ -212,7 +213,7 @@ def _isnan(b, x):
 def convert(b, x, src: str, dst: str):
     """numpy's astype from dtype src to dst (x in compute form: bool as i1)."""
     ks, kd = _kind(src), _kind(dst)
-    ty = DTYPES[dst][0]
+    ty = LLVM_TYPES[dst]
     if src == dst:
         return x
     if kd == "b":
@@ -220,7 +221,7 @@ def convert(b, x, src: str, dst: str):
     if ks == "b":
         return b.uitofp(x, ty) if kd == "f" else b.zext(x, ty)
     if ks == "f" and kd == "f":
-        return b.fpext(x, ty) if DTYPES[dst][1] > DTYPES[src][1] else b.fptrunc(x, ty)
+        return b.fpext(x, ty) if dtypes.dtype(dst).itemsize > dtypes.dtype(src).itemsize else b.fptrunc(x, ty)
     if ks == "f":
         return b.fptoui(x, ty) if kd == "u" else b.fptosi(x, ty)
     if kd == "f":
@@ -380,7 +381,7 @@ def _trilu(o):
 
 
 def _fill(o):
-    ty = DTYPES[o.out][0]
+    ty = LLVM_TYPES[o.out]
     v = o.attrs["value"]
     if _kind(o.out) == "b":
         return ir.Constant(I1, int(bool(v)))
@@ -581,7 +582,7 @@ def _reduce_final(b, op, acc, count, is_float):
 
 def _arg_reduce(b, x, base, n, stride, dt, greater, select_last):
     """Index of the first (or last) largest / smallest element along one axis."""
-    best = irb.var(b, DTYPES[dt][0], _load_raw(b, x, base, dt))
+    best = irb.var(b, LLVM_TYPES[dt], _load_raw(b, x, base, dt))
     best_i = irb.var(b, I64, irb.i64(0))
     with for_range(b, 1, n, name="a") as j:
         v = _load_raw(b, x, b.add(base, b.mul(j, stride)), dt)
@@ -598,7 +599,7 @@ def _arg_reduce(b, x, base, n, stride, dt, greater, select_last):
 
 
 def _load_raw(b, ptr, index, dt):
-    ty = DTYPES[dt][0]
+    ty = LLVM_TYPES[dt]
     return b.load(irb.gep(b, ptr, index, ty), typ=ty, align=1)
 
 
@@ -648,7 +649,7 @@ def _axis_row(cb, row, vals, rk):
 
 def _emit_softmax(module, fn, b, p):
     rk, dt, log = p["rk"], p["dtype"], p["log"]
-    ty = DTYPES[dt][0]
+    ty = LLVM_TYPES[dt]
     kept, caps = _axis_meta(b, fn, rk)
 
     def body(cb, row, vals):
@@ -682,7 +683,7 @@ def _emit_cumsum(module, fn, b, p):
 
     def body(cb, row, vals):
         out, x, n, ib, iax, ob, oax = _axis_row(cb, row, vals, rk)
-        acc = irb.var(cb, DTYPES[dt][0], _zero(DTYPES[dt][0]))
+        acc = irb.var(cb, LLVM_TYPES[dt], _zero(LLVM_TYPES[dt]))
         with for_range(cb, 0, n, name="c") as j:
             jj = cb.sub(cb.sub(n, irb.i64(1)), j) if p["reverse"] else j
             v = _load(cb, x, cb.add(ib, cb.mul(jj, iax)), dt)
@@ -716,7 +717,7 @@ def _emit_matmul(module, fn, b, p):
         bbase = _dot(cb, vb[0], bi, vb[1:1 + rb])
         obase = cb.add(_dot(cb, vo[0], bi, vo[1:1 + rb]), cb.mul(mi, vo[1 + rb]))
         on = vo[2 + rb]
-        ty = DTYPES[dt][0]
+        ty = LLVM_TYPES[dt]
         with for_range(cb, 0, N, name="z") as n:
             _store(cb, _fc(ty, 0.0), out, cb.add(obase, cb.mul(n, on)), dt)
         with for_range(cb, 0, K, name="k") as k:
@@ -777,7 +778,7 @@ def _emit_gather(module, fn, b, p):
 
 def _emit_range(module, fn, b, p):
     dt = p["dtype"]
-    ty = DTYPES[dt][0]
+    ty = LLVM_TYPES[dt]
     is_float = _kind(dt) == "f"
     m = _Meta(b, fn)
     n, off = m.take(2)

@@ -4,7 +4,7 @@ Types and constants, counted loops as context managers (phi induction variables,
 entry-block allocas (mem2reg/SROA turn them back into registers), unaligned vector loads and
 stores of f32 lanes, intrinsics (fma, sqrt, min/max, reductions), a many-vectors-at-once
 horizontal sum, accurate inline vector exp / erfc / x*sigmoid(z), libm calls (lane by lane),
-and `parallel_for` over libgomp.
+and `parallel_for` over the library's thread pool (runtime.c).
 
 Vectors are `<n x float>` for any n >= 1; a kernel picks n from the variant's vector width
 and handles remainders with narrower vectors (see `vector_chunks`).
@@ -20,7 +20,9 @@ from llvmlite import ir
 
 F32 = ir.FloatType()
 F64 = ir.DoubleType()
+HALF = ir.HalfType()
 I1 = ir.IntType(1)
+I16 = ir.IntType(16)
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)
 PTR = ir.PointerType()
@@ -165,6 +167,58 @@ def load_f32(b, ptr, idx) -> ir.Value:
 def load_i32(b, ptr, idx) -> ir.Value:
     """Load an i32 and sign-extend it to i64."""
     return b.sext(b.load(gep(b, ptr, idx, I32), typ=I32, align=4), I64)
+
+
+class Storage:
+    """How kernels address, read and write elements stored as `dtype` (float32, bfloat16, float16):
+    values are always f32 in registers. Loads widen exactly (bf16: the bits shifted into the top
+    half of an f32; f16: fpext, F16C's vcvtph2ps where the cpu has it); stores round to nearest
+    even (bf16: by integer arithmetic, NaN kept quiet NaN; f16: fptrunc)."""
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+        self.ety = {"float32": F32, "bfloat16": I16, "float16": HALF}[dtype]
+        self.itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+    def gep(self, b: ir.IRBuilder, ptr: ir.Value, idx, inbounds: bool = True) -> ir.Value:
+        return gep(b, ptr, idx, self.ety, inbounds)
+
+    def load(self, b: ir.IRBuilder, ptr: ir.Value, idx, n: int) -> ir.Value:
+        """`<n x float>` (n >= 1) from the n elements at ptr[idx]; n = 0: one f32 scalar."""
+        ty = vty(n, self.ety) if n else self.ety
+        raw = b.load(self.gep(b, ptr, idx), typ=ty, align=self.itemsize)
+        if self.dtype == "float32":
+            return raw
+        fty = vty(n) if n else F32
+        if self.dtype == "float16":
+            return b.fpext(raw, fty)
+        ity = vty(n, I32) if n else I32
+        wide = b.shl(b.zext(raw, ity), ir.Constant(ity, [16] * n) if n else ir.Constant(I32, 16))
+        return b.bitcast(wide, fty)
+
+    def store(self, b: ir.IRBuilder, val: ir.Value, ptr: ir.Value, idx) -> None:
+        """Store f32 value(s) `val` (scalar or vector) as this storage type at ptr[idx]."""
+        n = width(val)
+        if self.dtype == "float32":
+            out = val
+        elif self.dtype == "float16":
+            out = b.fptrunc(val, vty(n, HALF) if n else HALF)
+        else:
+            ity = vty(n, I32) if n else I32
+
+            def c(v):
+                return ir.Constant(ity, [v] * n) if n else ir.Constant(I32, v)
+            bits = b.bitcast(val, ity)
+            lsb = b.and_(b.lshr(bits, c(16)), c(1))
+            rounded = b.lshr(b.add(bits, b.add(lsb, c(0x7FFF))), c(16))
+            quiet = b.or_(b.lshr(bits, c(16)), c(0x40))
+            isnan = b.fcmp_unordered("uno", val, val)
+            out = b.trunc(b.select(isnan, quiet, rounded), vty(n, I16) if n else I16)
+        b.store(out, self.gep(b, ptr, idx), align=self.itemsize)
+
+
+def storage(dtype: str) -> Storage:
+    return Storage(dtype)
 
 
 def memcpy(b: ir.IRBuilder, dst, src, nbytes) -> None:
@@ -453,22 +507,22 @@ def min_items(work_per_item: int, grain: int = 32768) -> int:
 def parallel_for(module: ir.Module, b: ir.IRBuilder, n_items: ir.Value,
                  body_fn: Callable[[ir.IRBuilder, ir.Value, list], None],
                  min_items_per_thread=1, captures: Sequence[ir.Value] | None = None,
-                 interleave: bool = False, dynamic: int = 0) -> None:
-    """Run body_fn(builder, item, values) for item in [0, n_items) across libgomp threads.
+                 dynamic: int = 0) -> None:
+    """Run body_fn(builder, item, values) for item in [0, n_items) across the library's threads.
 
-    The body is outlined into an internal function `<caller>.parN.chunk(ctx, lo, hi, step)`;
-    `values` are `captures` (default: the caller's arguments) reloaded there from a struct on
-    the caller's stack. A worker for GOMP_parallel takes the thread's static contiguous chunk
-    of [0, n_items), or every nth item with `interleave` (balances triangular work such as
-    causal attention), or with `dynamic` > 0 claims runs of `dynamic` items from a shared
-    atomic counter until none are left (balances items of unequal cost, and a core that
-    another process holds for a while). The team has min(n_items / min_items_per_thread,
-    omp_get_max_threads()) threads (min_items_per_thread may be a runtime i64); with fewer
-    than 2 the chunk function runs serially on the calling thread, without any fork/join.
+    The body is outlined into an internal function `<caller>.parN.chunk(ctx, lo, hi)`; `values`
+    are `captures` (default: the caller's arguments) reloaded there from a struct on the caller's
+    stack. A task for llmir_parallel (targets/cpu/runtime.c) claims runs of items from an atomic
+    counter in that struct until none are left, so the region completes whichever threads join
+    it: runs of `dynamic` items, or by default about a quarter of a thread's share (contiguous
+    runs suit the hardware prefetcher; several per thread balance the load and a thread the OS
+    deschedules). The team has min(n_items / min_items_per_thread, llmir_num_threads()) threads
+    (min_items_per_thread may be a runtime i64); with fewer than 2 the chunk function runs
+    serially on the calling thread.
     """
     caller = b.function
     caps = list(caller.args) if captures is None else list(captures)
-    st = ir.LiteralStructType([I64, I64] + [v.type for v in caps])  # n, counter, captures
+    st = ir.LiteralStructType([I64, I64, I64] + [v.type for v in caps])  # n, counter, run, captures
     k = 0
     while f"{caller.name}.par{k}.chunk" in module.globals:
         k += 1
@@ -477,51 +531,42 @@ def parallel_for(module: ir.Module, b: ir.IRBuilder, n_items: ir.Value,
     def field(bb, ptr, i):
         return bb.gep(ptr, [i32(0), i32(i)], inbounds=True, source_etype=st)
 
-    chunk, cb = define(module, base + ".chunk", [("ctx", PTR), ("lo", I64), ("hi", I64),
-                                                 ("step", I64)], internal=True)
-    ctx, lo, hi, step = chunk.args
-    vals = [cb.load(field(cb, ctx, k + 2), typ=v.type, name=getattr(v, "name", ""))
+    chunk, cb = define(module, base + ".chunk", [("ctx", PTR), ("lo", I64), ("hi", I64)], internal=True)
+    ctx, lo, hi = chunk.args
+    vals = [cb.load(field(cb, ctx, k + 3), typ=v.type, name=getattr(v, "name", ""))
             for k, v in enumerate(caps)]
-    with for_range(cb, lo, hi, step, "item") as item:
+    with for_range(cb, lo, hi, 1, "item") as item:
         body_fn(cb, item, vals)
     cb.ret_void()
 
-    i32fn = lambda name: declare(module, name, I32, [])  # noqa: E731
-    worker, wb = define(module, base + ".worker", [("ctx", PTR)], internal=True)
-    (wctx,) = worker.args
-    n = wb.load(field(wb, wctx, 0), typ=I64)
-    if dynamic:
-        claim, run, done = (worker.append_basic_block(s) for s in ("claim", "run", "done"))
-        wb.branch(claim)
-        wb.position_at_end(claim)
-        first = wb.atomic_rmw("add", field(wb, wctx, 1), i64(dynamic), "monotonic")
-        wb.cbranch(wb.icmp_signed("<", first, n), run, done)
-        wb.position_at_end(run)
-        wb.call(chunk, [wctx, first, imin(wb, wb.add(first, i64(dynamic)), n), i64(1)])
-        wb.branch(claim)
-        wb.position_at_end(done)
-    else:
-        tid = wb.sext(wb.call(i32fn("omp_get_thread_num"), []), I64)
-        nth = wb.sext(wb.call(i32fn("omp_get_num_threads"), []), I64)
-        if interleave:
-            wb.call(chunk, [wctx, tid, n, nth])
-        else:
-            per = wb.sdiv(wb.add(n, wb.sub(nth, i64(1))), nth)
-            wlo = imin(wb, wb.mul(tid, per), n)
-            whi = imin(wb, wb.add(wlo, per), n)
-            wb.call(chunk, [wctx, wlo, whi, i64(1)])
-    wb.ret_void()
+    task, tb = define(module, base + ".task", [("ctx", PTR)], internal=True)
+    (tctx,) = task.args
+    n = tb.load(field(tb, tctx, 0), typ=I64)
+    run = tb.load(field(tb, tctx, 2), typ=I64)
+    claim, work, done = (task.append_basic_block(s) for s in ("claim", "run", "done"))
+    tb.branch(claim)
+    tb.position_at_end(claim)
+    first = tb.atomic_rmw("add", field(tb, tctx, 1), run, "monotonic")
+    tb.cbranch(tb.icmp_signed("<", first, n), work, done)
+    tb.position_at_end(work)
+    tb.call(chunk, [tctx, first, imin(tb, tb.add(first, run), n)])
+    tb.branch(claim)
+    tb.position_at_end(done)
+    tb.ret_void()
 
     data = var(b, st, name="par.ctx")
     b.store(n_items, field(b, data, 0))
     b.store(i64(0), field(b, data, 1))
     for k, v in enumerate(caps):
-        b.store(v, field(b, data, k + 2))
+        b.store(v, field(b, data, k + 3))
     want = b.sdiv(n_items, i64(min_items_per_thread))
-    team = imin(b, want, b.sext(b.call(i32fn("omp_get_max_threads"), []), I64))
+    team = imin(b, want, b.sext(b.call(declare(module, "llmir_num_threads", I32, []), []), I64))
     with b.if_else(b.icmp_signed(">=", team, i64(2))) as (par, ser):
         with par:
-            gomp = declare(module, "GOMP_parallel", VOID, [PTR, PTR, I32, I32])
-            b.call(gomp, [worker, data, b.trunc(team, I32), i32(0)])
+            per_run = imax(b, i64(1), b.sdiv(b.add(n_items, b.sub(b.mul(team, i64(4)), i64(1))),
+                                             b.mul(team, i64(4))))
+            b.store(i64(dynamic) if dynamic else per_run, field(b, data, 2))
+            fn = declare(module, "llmir_parallel", VOID, [PTR, PTR, I32])
+            b.call(fn, [task, data, b.trunc(team, I32)])
         with ser:
-            b.call(chunk, [data, i64(0), n_items, i64(1)])
+            b.call(chunk, [data, i64(0), n_items])

@@ -1,138 +1,45 @@
 """CPU kernel generators: one LLVM IR function per (kind, static specialization).
 
-`emit_kernel(module, kind, symbol, params, variant)` adds an external function `symbol` with
-the C signature below to `module`. Static params (sizes, eps, flags, tables) are baked in as
-constants; everything else is an argument.
+`emit_kernel(module, kind, symbol, params, variant)` adds an external function `symbol` to
+`module`, with the C signature that targets/signatures.py declares for `kind` (pointers are
+`T*` of the element type it names, counts `int64_t`), and the semantics written there. Static
+params (sizes, eps, flags, tables, storage dtypes) are baked in as constants.
 
-Conventions (the contract the compiler's plan relies on):
+How the CPU kernels do it:
 
-* Matrices are row-major f32 with a leading dimension `ld_*` in elements (int64), so a kernel
-  can read or write a column slice of a bigger buffer. Row r of `x` starts at `x + r*ld_x`.
-* Counts are int64 (`T`, `L`, `B`, ...), indices are int32 (`const int32_t*`).
-* Every function returns void, is a no-op for zero rows and is correct for any row count.
-* Arithmetic is f32. Sums and dot products may be reassociated (vector accumulators), so
-  results differ from a sequential f32 loop by rounding only.
-* Kernels split rows (or (token, head) pairs) across libgomp threads when the call is large
-  enough to pay for a fork/join (OMP_NUM_THREADS applies); small calls run serially.
-* Unless stated, `out` must not overlap the inputs.
-
-Kernels (`p.` = static param):
-
-embedding {dim}
-    void f(float *out, int64_t ld_out, const float *table, const int32_t *ids, int64_t T)
-    out[t, 0:dim] = table[ids[t]*dim : ids[t]*dim + dim]          (table is [vocab, dim])
-
-rms_norm {dim, eps}
-    void f(float *out, int64_t ld_out, const float *x, int64_t ld_x, const float *w, int64_t T)
-    r_t = 1 / sqrt(sum_i(x[t,i]^2) / dim + eps)
-    out[t,i] = (x[t,i] * r_t) * w[i]                               (Hugging Face order)
-    out may equal x (same pointer and ld).
-
-layer_norm {dim, eps, bias: bool}
-    void f(float *out, int64_t ld_out, const float *x, int64_t ld_x, const float *w,
-           const float *b, int64_t T)
-    mu = mean_i x[t,i];  var = mean_i (x[t,i] - mu)^2  (biased, two-pass)
-    out[t,i] = (x[t,i] - mu) / sqrt(var + eps) * w[i] (+ b[i] if p.bias; b may be NULL otherwise)
-    out may equal x.
-
-linear {n, k, bias: bool, residual: bool}
-    void f(float *out, int64_t ld_out, const float *x, int64_t ld_x, const float *w,
-           const float *bias, const float *residual, int64_t ld_res, int64_t T)
-    w is [n, k] row-major, contiguous (ld = k).
-    out[t,j] = sum_i x[t,i] * w[j,i]  (+ bias[j] if p.bias)  (+ residual[t,j] if p.residual)
-    for t < T, j < n. `out` may be the same pointer as `residual` (with ld_out == ld_res);
-    out never aliases x or w. bias / residual are ignored (may be NULL) when the flag is off.
-    Decode and short prefill (T up to 128, fewer for large k: while x[:T] fits in L2): one
-    parallel pass over w in blocks of rows, each block read from memory once for all T
-    tokens, which pass over it in balanced groups of <= 4; the next block's rows are
-    prefetched meanwhile, and k runs in slices of <= 512 so that the block's w slice and
-    x[:, slice] stay in L1. Micro-kernels of r rows of w x c tokens, one vector accumulator
-    per (row, token), reduced by one hsum_many: r = 8, 8, 6, 6 rows for c = 1..4 tokens with
-    AVX-512 (32 registers), 6, 4, 3, 3 with AVX2, 4, 4, 3, 2 otherwise. Longer prefill:
-    token slices whose x[:, k slice] fits in L2 times k slices of <= 512, one parallel pass
-    over w each, micro-kernels of r(4) rows x <= 4 tokens. Row blocks are split across
-    threads in static contiguous chunks (contiguous streams suit the hardware prefetcher).
-
-rope {num_heads, head_dim, rotary_dim, style: 'neox'|'interleaved', inv_freq: [rotary_dim/2]
-      floats, scaling: float}
-    void f(float *out, int64_t ld_out, const float *x, int64_t ld_x, const int32_t *positions,
-           int64_t T)
-    For token t, head h (base = h*head_dim), i < rotary_dim/2:
-      a = (float)positions[t] * inv_freq[i]   (one f32 multiply)
-      c = cosf(a) * scaling;  s = sinf(a) * scaling                (libm, accurate)
-      neox:        x1 = x[base+i],   x2 = x[base+i+rotary_dim/2]  -> same slots
-      interleaved: x1 = x[base+2i],  x2 = x[base+2i+1]            -> same slots
-      out(x1 slot) = x1*c - x2*s;  out(x2 slot) = x2*c + x1*s
-    Elements base+rotary_dim .. base+head_dim are copied unchanged. out may equal x.
-
-kv_append {num_layers, num_kv_heads, head_dim, block_size}
-    void f(float *pool, int64_t num_blocks, int64_t layer, const float *k, int64_t ld_k,
-           const float *v, int64_t ld_v, const int32_t *slot_mapping, int64_t T)
-    pool is [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim].
-    For token t with s = slot_mapping[t] >= 0 (s < 0 is skipped), blk = s / block_size,
-    off = s % block_size, kv head g:
-      pool[layer, 0, blk, g, off, :] = k[t*ld_k + g*head_dim : +head_dim]
-      pool[layer, 1, blk, g, off, :] = v[t*ld_v + g*head_dim : +head_dim]
-    Offsets are computed in int64.
-
-paged_attention {num_heads, num_kv_heads, head_dim, block_size, scale: float,
-                 sliding_window: int (0 = none)}
-    void f(float *out, int64_t ld_out, const float *q, int64_t ld_q, const float *pool,
-           int64_t num_blocks, int64_t layer, const int32_t *block_tables, int64_t max_blocks,
-           const int32_t *seq_lens, const int32_t *query_start_loc, int64_t B,
-           const int32_t *positions, int64_t T)
-    For token t: b = the sequence with query_start_loc[b] <= t < query_start_loc[b+1]
-    (binary search over query_start_loc[0..B]), p = positions[t]; for head h,
-    g = h / (num_heads / num_kv_heads):
-      keys j in [lo, hi], lo = max(0, p - sliding_window + 1) if sliding_window > 0 else 0,
-      hi = min(p, seq_lens[b] - 1) (= p for consistent inputs; the bound only keeps a bad
-      position from reading past the sequence's blocks);
-      key j is at block block_tables[b*max_blocks + j/block_size], slot j % block_size of
-      the pool (K at kv=0, V at kv=1), kv head g;
-      s_j = scale * dot(q[t*ld_q + h*head_dim : +head_dim], K_j)
-      out[t*ld_out + h*head_dim : +head_dim] = sum_j softmax(s)_j * V_j
-    Softmax is f32 and online (running max and sum, updated once per block of keys); a
-    token with no keys gets zeros. out may equal q (same pointer and ld).
-    Work units share each K/V block load among their query rows. Prefill: a block of
-    16/HP consecutive tokens of one sequence (8/HP on 16-register ISAs) times HP query heads
-    of one kv head (HP divides both; scores with rows in vector lanes on AVX2 and AVX-512,
-    without horizontal sums). Decode (no sequence with more than one new token): one token
-    with all query heads of several kv heads, whose blocks are adjacent in the pool: one
-    contiguous read per key block. With fewer units than twice the threads and long
-    contexts, each unit's key blocks are split into parts (split-K) whose partial softmax
-    states are merged after the parallel loop. Threads claim units dynamically, those with
-    the most keys first; K/V blocks are prefetched ahead.
-
-act_mul {dim, act: 'silu'|'gelu'|'gelu_tanh'|'relu'}
-    void f(float *out, int64_t ld_out, const float *gate, int64_t ld_gate, const float *up,
-           int64_t ld_up, int64_t T)
-    out[t,i] = act(gate[t,i]) * up[t,i], i < dim. out may equal gate or up.
-
-act {dim, act}
-    void f(float *out, int64_t ld_out, const float *x, int64_t ld_x, int64_t T)
-    out[t,i] = act(x[t,i]). out may equal x.
-
-    silu(x)      = x / (1 + exp(-x))
-    gelu(x)      = 0.5 x (1 + erf(x / sqrt(2)))
-    gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-    relu(x)      = max(x, 0)
-    Accuracy: within 1e-6 relative of float64 for every f32 input (absolute 1e-37 where the
-    result leaves f32's normal range), including the negative tails where 1 + erf and
-    1 + tanh cancel in a direct f32 evaluation (as in PyTorch). All are inline vector code
-    (no libm calls): silu and gelu_tanh are x * sigmoid(z) with the vector exp of
-    irbuilder.exp (~1 ulp); gelu_tanh forms z = 2 sqrt(2/pi) (x + 0.044715 x^3) in f64;
-    gelu uses erfc(|x|/sqrt2) = t exp(-z^2 + P(t)) (irbuilder.erfc_pos, relative error
-    ~2e-7) with the exponent in f64. act(-inf) = 0, act(inf) = inf, NaN propagates.
-
-gather_rows {dim}
-    void f(float *out, int64_t ld_out, const float *x, int64_t ld_x, const int32_t *idx,
-           int64_t L)
-    out[l, 0:dim] = x[idx[l], 0:dim]
-
-add {dim}
-    void f(float *out, int64_t ld_out, const float *a, int64_t ld_a, const float *b,
-           int64_t ld_b, int64_t T)
-    out[t,i] = a[t,i] + b[t,i]. out may equal a or b.
+* Kernels split rows (or (token, head) pairs) across the library's threads (runtime.c: a pool
+  whose regions do not wait for a thread the OS has not scheduled) when the call is large enough
+  to pay for waking them; small calls run serially. Threads claim runs of work items
+  dynamically, so a thread that shares its core with another process does less of the work.
+* Half-precision storage (bf16/f16 weights and KV caches) is read through irbuilder.Storage:
+  loads widen to f32 in registers (exact), so arithmetic is f32 as for f32 storage.
+* linear: decode and short prefill (T up to 128, fewer for large k: while x[:T] fits in L2):
+  one parallel pass over w in blocks of rows, each block read from memory once for all T
+  tokens, which pass over it in balanced groups of <= 4; the next block's rows are
+  prefetched meanwhile, and k runs in slices of <= 512 so that the block's w slice and
+  x[:, slice] stay in L1. Micro-kernels of r rows of w x c tokens, one vector accumulator
+  per (row, token), reduced by one hsum_many: r = 8, 8, 6, 6 rows for c = 1..4 tokens with
+  AVX-512 (32 registers), 6, 4, 3, 3 with AVX2, 4, 4, 3, 2 otherwise. Longer prefill:
+  token slices whose x[:, k slice] fits in L2 times k slices of <= 512, one parallel pass
+  over w each, micro-kernels of r(4) rows x <= 4 tokens. Threads claim contiguous runs of row
+  blocks (contiguous streams suit the hardware prefetcher).
+* rope computes cos/sin with libm (accurate) per token.
+* paged_attention: work units share each K/V block load among their query rows. Prefill: a
+  block of 16/HP consecutive tokens of one sequence (8/HP on 16-register ISAs) times HP
+  query heads of one kv head (HP divides both; scores with rows in vector lanes on AVX2 and
+  AVX-512, without horizontal sums). Decode (no sequence with more than one new token): one
+  token with all query heads of several kv heads, whose blocks are adjacent in the pool: one
+  contiguous read per key block. With fewer units than twice the threads and long contexts,
+  each unit's key blocks are split into parts (split-K) whose partial softmax states are
+  merged after the parallel loop. Threads claim units dynamically, those with the most keys
+  first; K/V blocks are prefetched ahead. Softmax is f32 and online (running max and sum,
+  updated once per block of keys).
+* Activations: silu and gelu_tanh are x * sigmoid(z) with the vector exp of irbuilder.exp
+  (~1 ulp); gelu_tanh forms z = 2 sqrt(2/pi) (x + 0.044715 x^3) in f64; gelu uses
+  erfc(|x|/sqrt2) = t exp(-z^2 + P(t)) (irbuilder.erfc_pos, relative error ~2e-7) with the
+  exponent in f64: within 1e-6 relative of float64 for every f32 input (absolute 1e-37 where
+  the result leaves f32's normal range), including the negative tails where 1 + erf and
+  1 + tanh cancel in a direct f32 evaluation. act(-inf) = 0, act(inf) = inf, NaN propagates.
 """
 
 from __future__ import annotations
@@ -144,60 +51,8 @@ from llvmlite import ir
 
 from . import irbuilder as irb
 from .irbuilder import F32, I64, PTR, FAST, f32, i64
+from ..signatures import signature
 from .toolchain import CpuVariant
-
-# kind -> static parameter names (all required unless they have a default in _DEFAULTS)
-KERNEL_KINDS: dict[str, tuple[str, ...]] = {
-    "embedding": ("dim",),
-    "rms_norm": ("dim", "eps"),
-    "layer_norm": ("dim", "eps", "bias"),
-    "linear": ("n", "k", "bias", "residual"),
-    "rope": ("num_heads", "head_dim", "rotary_dim", "style", "inv_freq", "scaling"),
-    "kv_append": ("num_layers", "num_kv_heads", "head_dim", "block_size"),
-    "paged_attention": ("num_heads", "num_kv_heads", "head_dim", "block_size", "scale",
-                        "sliding_window"),
-    "act_mul": ("dim", "act"),
-    "act": ("dim", "act"),
-    "gather_rows": ("dim",),
-    "add": ("dim",),
-}
-
-_DEFAULTS: dict[str, dict] = {
-    "layer_norm": {"bias": True},
-    "linear": {"bias": False, "residual": False},
-    "rope": {"style": "neox", "scaling": 1.0, "rotary_dim": None},
-    "paged_attention": {"sliding_window": 0},
-}
-
-_F = "float*"
-_CF = "const float*"
-_CI = "const int32_t*"
-_L = "int64_t"
-
-# kind -> C arguments (name, C type), in order
-KERNEL_ARGS: dict[str, tuple[tuple[str, str], ...]] = {
-    "embedding": (("out", _F), ("ld_out", _L), ("table", _CF), ("ids", _CI), ("T", _L)),
-    "rms_norm": (("out", _F), ("ld_out", _L), ("x", _CF), ("ld_x", _L), ("w", _CF), ("T", _L)),
-    "layer_norm": (("out", _F), ("ld_out", _L), ("x", _CF), ("ld_x", _L), ("w", _CF),
-                   ("b", _CF), ("T", _L)),
-    "linear": (("out", _F), ("ld_out", _L), ("x", _CF), ("ld_x", _L), ("w", _CF),
-               ("bias", _CF), ("residual", _CF), ("ld_res", _L), ("T", _L)),
-    "rope": (("out", _F), ("ld_out", _L), ("x", _CF), ("ld_x", _L), ("positions", _CI),
-             ("T", _L)),
-    "kv_append": (("pool", _F), ("num_blocks", _L), ("layer", _L), ("k", _CF), ("ld_k", _L),
-                  ("v", _CF), ("ld_v", _L), ("slot_mapping", _CI), ("T", _L)),
-    "paged_attention": (("out", _F), ("ld_out", _L), ("q", _CF), ("ld_q", _L), ("pool", _CF),
-                        ("num_blocks", _L), ("layer", _L), ("block_tables", _CI),
-                        ("max_blocks", _L), ("seq_lens", _CI), ("query_start_loc", _CI),
-                        ("B", _L), ("positions", _CI), ("T", _L)),
-    "act_mul": (("out", _F), ("ld_out", _L), ("gate", _CF), ("ld_gate", _L), ("up", _CF),
-                ("ld_up", _L), ("T", _L)),
-    "act": (("out", _F), ("ld_out", _L), ("x", _CF), ("ld_x", _L), ("T", _L)),
-    "gather_rows": (("out", _F), ("ld_out", _L), ("x", _CF), ("ld_x", _L), ("idx", _CI),
-                    ("L", _L)),
-    "add": (("out", _F), ("ld_out", _L), ("a", _CF), ("ld_a", _L), ("b", _CF), ("ld_b", _L),
-            ("T", _L)),
-}
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
@@ -208,19 +63,18 @@ _GRAIN = 32768
 def emit_kernel(module: ir.Module, kind: str, symbol: str, params: dict,
                 variant: CpuVariant) -> ir.Function:
     """Add kernel `kind` specialized for `params` as external function `symbol`."""
-    if kind not in KERNEL_KINDS:
+    if kind not in _EMITTERS:
         raise ValueError(f"unknown cpu kernel kind {kind!r}")
-    p = dict(_DEFAULTS.get(kind, {}))
-    p.update(params)
-    unknown = set(p) - set(KERNEL_KINDS[kind])
-    missing = [n for n in KERNEL_KINDS[kind] if n not in p]
-    if unknown or missing:
-        raise ValueError(f"{kind} kernel {symbol}: unknown params {sorted(unknown)}, "
-                         f"missing params {missing}")
-    fn, b = irb.define(module, symbol, [(n, PTR if t.endswith("*") else I64)
-                                        for n, t in KERNEL_ARGS[kind]])
+    sig = signature(kind)
+    p = sig.bind_static(params)
+    fn, b = irb.define(module, symbol, [(a.name, llvm_type(a.type)) for a in sig.params])
     _EMITTERS[kind](module, fn, b, SimpleNamespace(**p), variant.vector_width)
     return fn
+
+
+def llvm_type(param_type: str) -> ir.Type:
+    """The LLVM type of a signature parameter type (ptr, i64, f32)."""
+    return {"ptr": PTR, "i64": I64, "f32": F32}[param_type]
 
 
 def _positive(**kw):
@@ -252,15 +106,22 @@ def _zero(n):
     return irb.const_like(irb.vty(n), 0.0)
 
 
+_F32 = irb.storage("float32")
+
+
 # --- embedding, gather_rows, add
 
 def _emit_embedding(module, fn, b, p, vw):
     _positive(dim=p.dim)
+    st = irb.storage(p.dtype)
 
     def body(cb, t, A):
         tok = irb.load_i32(cb, A.ids, t)
-        irb.memcpy(cb, _row(cb, A.out, t, A.ld_out), irb.gep(cb, A.table, cb.mul(tok, i64(p.dim))),
-                   p.dim * 4)
+        src, dst = st.gep(cb, A.table, cb.mul(tok, i64(p.dim))), _row(cb, A.out, t, A.ld_out)
+        if p.dtype == "float32":
+            irb.memcpy(cb, dst, src, p.dim * 4)
+        else:
+            irb.vector_loop(cb, p.dim, vw, lambda c, off, w, _: irb.store_vec(c, st.load(c, src, off, w), dst, off))
     _rows(module, fn, b, _arg(fn, "T"), p.dim, body, grain=4 * _GRAIN)
 
 
@@ -438,21 +299,23 @@ def _linear_blocking(vw: int) -> tuple[int, tuple[int, ...]]:
     return 4, (4, 4, 3, 2)
 
 
-def _dot_tile(b, arows, brows, n, vw, pf=None, pf_stride=0):
-    """Dot products of each of the c rows `arows` with each of the r rows `brows` (pointers)
-    over n elements, in one pass: c*r vector accumulators reduced together by one hsum_many.
-    Lane ci*r + ri of the result is dot(arows[ci], brows[ri]). With `pf`, the cache line at
-    pf + ri*pf_stride + off is prefetched next to each full vector of brows[ri] (the data the
+def _dot_tile(b, arows, brows, n, vw, pf=None, pf_stride=0, bst=None):
+    """Dot products of each of the c rows `arows` (f32) with each of the r rows `brows`
+    (pointers to elements stored as `bst`, an irbuilder.Storage; default f32) over n elements,
+    in one pass: c*r vector accumulators reduced together by one hsum_many. Lane ci*r + ri of
+    the result is dot(arows[ci], brows[ri]). With `pf`, the cache line at pf + ri*pf_stride +
+    off (elements of bst) is prefetched next to each full vector of brows[ri] (the data the
     caller reads next, so that memory streams while this tile computes)."""
     c, r = len(arows), len(brows)
+    bst = bst or _F32
     accs = [[irb.var(b, irb.vty(vw), _zero(vw)) for _ in range(r)] for _ in range(c)]
+    line = 64 // bst.itemsize  # elements per cache line: prefetch once per line
 
     def chunk(cb, off, w, slot):
-        bv = [irb.load_vec(cb, bp, off, w) for bp in brows]
-        if pf is not None and w == vw:
+        bv = [bst.load(cb, bp, off, w) for bp in brows]
+        if pf is not None and w == vw and (slot % max(1, line // vw) == 0):
             for ri in range(r):
-                irb.prefetch(cb, irb.gep(cb, pf, cb.add(off, i64(ri * pf_stride)),
-                                         inbounds=False))
+                irb.prefetch(cb, bst.gep(cb, pf, cb.add(off, i64(ri * pf_stride)), inbounds=False))
         for ci in range(c):
             av = irb.load_vec(cb, arows[ci], off, w)
             for ri in range(r):
@@ -463,7 +326,7 @@ def _dot_tile(b, arows, brows, n, vw, pf=None, pf_stride=0):
                     acc = cb.fadd(acc, irb.widen(cb, cb.fmul(bv[ri], av, flags=FAST), vw),
                                   flags=FAST)
                 cb.store(acc, accs[ci][ri])
-    irb.vector_loop(b, n, vw, chunk)
+    irb.vector_loop(b, n, vw, chunk, unroll=max(1, line // vw) if pf is not None else 1)
     return irb.hsum_many(b, [b.load(accs[ci][ri]) for ci in range(c) for ri in range(r)])
 
 
@@ -472,11 +335,12 @@ def _linear_micro(b, A, p, vw, j0, t0, r, c, k0=None, klen=None, first=True, pf=
     _dot_tile). The first k slice (`first`: bool or i1) stores the result plus bias and
     residual; later ones add to out. `pf`: w rows to prefetch (see _dot_tile)."""
     k, klen, k0 = p.k, p.k if klen is None else klen, i64(k0 or 0)
-    wrow = [irb.gep(b, A.w, b.add(b.mul(b.add(j0, i64(ri)), i64(k)), k0)) for ri in range(r)]
+    wst = irb.storage(p.w_dtype)
+    wrow = [wst.gep(b, A.w, b.add(b.mul(b.add(j0, i64(ri)), i64(k)), k0)) for ri in range(r)]
     xrow = [irb.gep(b, _row(b, A.x, b.add(t0, i64(ci)), A.ld_x), k0) for ci in range(c)]
     if pf is not None:  # the same k offset in the rows to prefetch
-        pf = irb.gep(b, pf, k0, inbounds=False)
-    sums = _dot_tile(b, xrow, wrow, klen, vw, pf, k)
+        pf = wst.gep(b, pf, k0, inbounds=False)
+    sums = _dot_tile(b, xrow, wrow, klen, vw, pf, k, wst)
 
     def store(first_slice: bool):
         bias = irb.load_vec(b, A.bias, j0, r) if p.bias and first_slice else None
@@ -549,7 +413,7 @@ def _emit_linear(module, fn, b, p, vw):
         in L1), prefetching the next block's rows meanwhile (the hardware prefetcher alone
         leaves memory idle while a block computes)"""
         def block(cb, A, ex, j0, r):
-            pf = irb.gep(cb, A.w, cb.mul(cb.add(j0, i64(R)), i64(p.k)), inbounds=False)
+            pf = irb.storage(p.w_dtype).gep(cb, A.w, cb.mul(cb.add(j0, i64(R)), i64(p.k)), inbounds=False)
             if n_kc:
                 with irb.for_range(cb, 0, n_kc * KC, KC, "kc") as k0:
                     token_groups(cb, A, ex, j0, r, cs, k0, KC, pf)
@@ -669,6 +533,13 @@ def _emit_kv_append(module, fn, b, p, vw):
     _positive(num_layers=p.num_layers, num_kv_heads=p.num_kv_heads, head_dim=p.head_dim,
               block_size=p.block_size)
     G, hd, bs = p.num_kv_heads, p.head_dim, p.block_size
+    st = irb.storage(p.kv_dtype)
+
+    def copy(cb, dst, src):
+        if p.kv_dtype == "float32":
+            irb.memcpy(cb, dst, src, hd * 4)
+        else:
+            irb.vector_loop(cb, hd, vw, lambda c, off, w, _: st.store(c, irb.load_vec(c, src, off, w), dst, off))
 
     def body(cb, t, A):
         s = irb.load_i32(cb, A.slot_mapping, t)
@@ -677,12 +548,12 @@ def _emit_kv_append(module, fn, b, p, vw):
             kv_stride = cb.mul(A.num_blocks, i64(G * bs * hd))
             kbase = cb.add(cb.mul(cb.mul(A.layer, i64(2)), kv_stride),
                            cb.add(cb.mul(blk, i64(G * bs * hd)), cb.mul(off, i64(hd))))
-            kdst = irb.gep(cb, A.pool, kbase)
-            vdst = irb.gep(cb, kdst, kv_stride)
+            kdst = st.gep(cb, A.pool, kbase)
+            vdst = st.gep(cb, kdst, kv_stride)
             ksrc, vsrc = _row(cb, A.k, t, A.ld_k), _row(cb, A.v, t, A.ld_v)
             for g in range(G):
-                irb.memcpy(cb, irb.gep(cb, kdst, g * bs * hd), irb.gep(cb, ksrc, g * hd), hd * 4)
-                irb.memcpy(cb, irb.gep(cb, vdst, g * bs * hd), irb.gep(cb, vsrc, g * hd), hd * 4)
+                copy(cb, st.gep(cb, kdst, g * bs * hd), irb.gep(cb, ksrc, g * hd))
+                copy(cb, st.gep(cb, vdst, g * bs * hd), irb.gep(cb, vsrc, g * hd))
     _rows(module, fn, b, _arg(fn, "T"), 2 * G * hd, body, grain=4 * _GRAIN)
 
 
@@ -702,6 +573,8 @@ def _emit_paged_attention(module, fn, b, p, vw):
     if win < 0:
         raise ValueError(f"paged_attention: sliding_window must be >= 0, got {win}")
     rep = H // G
+    kvs = irb.storage(p.kv_dtype)  # how K/V are stored in the pool
+    line = 64 // kvs.itemsize      # elements of K/V per cache line
     ACC = 16 if vw >= 16 else 8  # vector accumulators a register tile holds
     RT = 4 if vw >= 16 else 2    # query rows per register tile
     # A work unit is (query block of qn tokens of one sequence, gn consecutive kv heads, a
@@ -849,13 +722,13 @@ def _emit_paged_attention(module, fn, b, p, vw):
                 transpose_q(cb, u, qt, lo_v, hi_v)
 
         kv_stride = cb.mul(A.num_blocks, i64(G * hs))
-        heads = irb.gep(cb, A.pool, cb.add(cb.mul(cb.mul(A.layer, i64(2)), kv_stride),
-                                            cb.mul(u.g0, i64(hs))))
+        heads = kvs.gep(cb, A.pool, cb.add(cb.mul(cb.mul(A.layer, i64(2)), kv_stride),
+                                          cb.mul(u.g0, i64(hs))))
         bt = irb.gep(cb, A.block_tables, cb.mul(u.seq, A.max_blocks), irb.I32)
 
         def kbase(idx):
             """K of the unit's first kv head in logical block idx (its others follow)"""
-            return irb.gep(cb, heads, cb.mul(irb.load_i32(cb, bt, idx), i64(G * hs)))
+            return kvs.gep(cb, heads, cb.mul(irb.load_i32(cb, bt, idx), i64(G * hs)))
 
         with cb.if_then(cb.icmp_signed("<=", u.klo, u.khi)):
             lb0 = cb.sdiv(u.klo, i64(bs))
@@ -866,9 +739,9 @@ def _emit_paged_attention(module, fn, b, p, vw):
             with irb.for_range(cb, lb_a, irb.imin(cb, lb_e, cb.add(lb_a, i64(_ATTN_PF))), 1,
                                "pf") as lb:
                 kp = kbase(lb)
-                with irb.for_range(cb, 0, cb.mul(L.gn, i64(hs)), 16, "pfl") as off:
-                    irb.prefetch(cb, irb.gep(cb, kp, off))
-                    irb.prefetch(cb, irb.gep(cb, kp, cb.add(off, kv_stride)))
+                with irb.for_range(cb, 0, cb.mul(L.gn, i64(hs)), line, "pfl") as off:
+                    irb.prefetch(cb, kvs.gep(cb, kp, off))
+                    irb.prefetch(cb, kvs.gep(cb, kp, cb.add(off, kv_stride)))
             with irb.for_range(cb, lb_a, lb_e, 1, "lb") as lb:
                 kb = kbase(lb)
                 nkb = kbase(irb.imin(cb, cb.add(lb, i64(_ATTN_PF)), cb.sub(lb_e, i64(1))))
@@ -876,10 +749,10 @@ def _emit_paged_attention(module, fn, b, p, vw):
                 o0 = cb.sub(irb.imax(cb, u.klo, first), first)
                 o1 = cb.sub(irb.imin(cb, cb.add(u.khi, i64(1)), cb.add(first, i64(bs))), first)
                 with irb.for_range(cb, 0, L.gn, 1, "gg") as gg:
-                    k = irb.gep(cb, kb, cb.mul(gg, i64(hs)))
-                    nk = irb.gep(cb, nkb, cb.mul(gg, i64(hs)))
-                    blk = SimpleNamespace(k=k, v=irb.gep(cb, k, kv_stride), nk=nk,
-                                          nv=irb.gep(cb, nk, kv_stride), first=first)
+                    k = kvs.gep(cb, kb, cb.mul(gg, i64(hs)))
+                    nk = kvs.gep(cb, nkb, cb.mul(gg, i64(hs)))
+                    blk = SimpleNamespace(k=k, v=kvs.gep(cb, k, kv_stride), nk=nk,
+                                          nv=kvs.gep(cb, nk, kv_stride), first=first)
                     r_first = cb.mul(gg, u.rh)
 
                     def by_lanes():  # (one kv head: r_first = 0)
@@ -937,8 +810,8 @@ def _emit_paged_attention(module, fn, b, p, vw):
         hi = [row_i64(cb, u.hi, r) for r in rows]
         pf = cb.select(cb.icmp_signed("==", r0, r_first), blk.nk, blk.k)
         for j0, kg in key_groups(rt):
-            krows = [irb.gep(cb, blk.k, (j0 + kk) * hd) for kk in range(kg)]
-            sums = _dot_tile(cb, qrows, krows, hd, vw, irb.gep(cb, pf, j0 * hd), hd)
+            krows = [kvs.gep(cb, blk.k, (j0 + kk) * hd) for kk in range(kg)]
+            sums = _dot_tile(cb, qrows, krows, hd, vw, kvs.gep(cb, pf, j0 * hd), hd, kvs)
             keys = cb.add(irb.splat(cb, cb.add(blk.first, i64(j0)), kg),
                           ir.Constant(irb.vty(kg, I64), list(range(kg))))
             for ri in range(rt):
@@ -1006,8 +879,8 @@ def _emit_paged_attention(module, fn, b, p, vw):
         def step(d, j0, accs):  # accs[kk] += Q^T[d] * K[j0 + kk][d]
             qv = irb.load_vec(cb, q0, cb.mul(d, i64(vw)), vw)
             for kk, a in enumerate(accs):
-                kv = irb.load_f32(cb, blk.k, cb.add(d, i64((j0 + kk) * hd)))
-                cb.store(irb.fma(cb, qv, irb.splat(cb, kv, vw), cb.load(a)), a)
+                kj = kvs.load(cb, blk.k, cb.add(d, i64((j0 + kk) * hd)), 0)
+                cb.store(irb.fma(cb, qv, irb.splat(cb, kj, vw), cb.load(a)), a)
         for j0 in range(0, bs, KGL):
             kg = min(KGL, bs - j0)
             accs = [irb.var(cb, irb.vty(vw), _zero(vw)) for _ in range(kg)]
@@ -1017,7 +890,7 @@ def _emit_paged_attention(module, fn, b, p, vw):
                     step(cb.add(d0, i64(i)), j0, accs)
                 if pf is not None:
                     for kk in range(kg):
-                        irb.prefetch(cb, irb.gep(cb, pf, cb.add(d0, i64((j0 + kk) * hd))))
+                        irb.prefetch(cb, kvs.gep(cb, pf, cb.add(d0, i64((j0 + kk) * hd))))
             for d in range(hd // 16 * 16, hd):
                 step(i64(d), j0, accs)
             for kk in range(kg):
@@ -1071,14 +944,14 @@ def _emit_paged_attention(module, fn, b, p, vw):
                                                      irb.splat(cb, corr[ri], w)))
                      for off, w in dch] for ri in range(rt)]
             with irb.for_range(cb, o0, o1, 1, "vj") as j:
-                vrow = irb.gep(cb, blk.v, cb.mul(j, i64(hd)))
-                prow = irb.gep(cb, pf, cb.mul(j, i64(hd)), inbounds=False)
+                vrow = kvs.gep(cb, blk.v, cb.mul(j, i64(hd)))
+                prow = kvs.gep(cb, pf, cb.mul(j, i64(hd)), inbounds=False)
                 pj = [irb.splat(cb, irb.load_f32(cb, p_rows[ri], cb.mul(j, i64(pjs))), vw)
                       for ri in range(rt)]
                 for ci, (off, w) in enumerate(dch):
-                    vv = irb.load_vec(cb, vrow, off, w)
-                    if w == vw:
-                        irb.prefetch(cb, irb.gep(cb, prow, off, inbounds=False))
+                    vv = kvs.load(cb, vrow, off, w)
+                    if w == vw and off % line == 0:
+                        irb.prefetch(cb, kvs.gep(cb, prow, off, inbounds=False))
                     for ri in range(rt):
                         cb.store(irb.fma(cb, irb.lanes(cb, pj[ri], 0, w), vv,
                                          cb.load(accs[ri][ci])), accs[ri][ci])
@@ -1156,7 +1029,7 @@ def _emit_paged_attention(module, fn, b, p, vw):
             cum, qb, nqb = A.query_start_loc, i64(1), T
         U = b.mul(nqb, b.mul(b.udiv(i64(G), gn), b.udiv(i64(rep), hp)))
         # split-K when there are too few units to keep the threads busy and contexts are long
-        nth = b.sext(b.call(irb.declare(module, "omp_get_max_threads", irb.I32, []), []), I64)
+        nth = b.sext(b.call(irb.declare(module, "llmir_num_threads", irb.I32, []), []), I64)
         S = irb.var(b, I64, i64(1), "S")
         maxs = b.sdiv(i64(_ATTN_SPLIT_FLOATS // REC), U)
         with b.if_then(b.and_(b.icmp_signed("<", U, b.mul(nth, i64(2))),

@@ -1,4 +1,4 @@
-"""The CPU target: plan -> LLVM IR (llvmlite) -> object -> shared library, per CPU variant.
+"""The CPU backend: plan -> LLVM IR (llvmlite) -> object -> shared library, per CPU variant.
 
 Stages, in order, each kept on request (`--keep-intermediates`): `llvm-ir`, `asm`, `obj`, `so`.
 A bundle carries a library for the host CPU (`native`) and one for a portable baseline, so it
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from llvmlite import ir
 
+from llmirc.errors import LlmircError
 from llmirc.targets.plan import Plan
 
 from .forward import ABI_VERSION, emit_forward
@@ -38,34 +39,47 @@ def target_name(variant: CpuVariant) -> str:
     return f"cpu-{platform.machine()}-{variant.name.removeprefix('x86-64-')}"
 
 
-def build(plan: Plan, out_dir: Callable[[str], Path], variant_names: list[str], *,
-          keep_intermediates: bool = False, progress: Callable[[str], None] = lambda s: None) -> list[dict]:
-    """Compiles the plan for each variant into `kernels/<target>/`; returns manifest entries.
+class CpuBackend:
+    kind = "cpu"
+    stages = ("llvm-ir", "asm", "obj", "so")
 
-    `out_dir(rel)` gives a writable path inside the bundle being written."""
-    entries = []
-    for variant in variants_for(variant_names):
-        name = target_name(variant)
-        progress(f"cpu codegen for {name} ({variant.cpu}, {variant.vector_width} f32 lanes)")
+    def __init__(self, options):
+        self.variant_names = list(options.cpu_variants)
+        self.keep_intermediates = options.keep_intermediates
+        if not self.variant_names:  # a bundle without a library cannot run anywhere
+            raise LlmircError("--cpu-variants: no CPU variant given (choose native and/or baseline)")
+
+    def check(self, plan: Plan) -> None:
+        variants_for(self.variant_names)  # unknown variant names fail before any codegen
+
+    def emit(self, plan: Plan, stage: str) -> str:
+        """The text of `llvm-ir` or `asm` for the first variant (the host's by default)."""
+        if stage not in ("llvm-ir", "asm"):
+            raise LlmircError(f"--emit {stage}: the cpu target's text stages are llvm-ir and asm")
+        variant = variants_for(self.variant_names)[0]
         llvm_ir = str(llvm_module(plan, variant))
-        obj = compile_object(llvm_ir, variant)
-        library = f"kernels/{name}/{LIBRARY}"
-        link_shared([obj], out_dir(library))
-        if keep_intermediates:
-            out_dir(f"kernels/{name}/model.ll").write_text(llvm_ir)
-            out_dir(f"kernels/{name}/model.s").write_text(emit_assembly(llvm_ir, variant))
-            out_dir(f"kernels/{name}/model.o").write_bytes(obj)
-        entries.append({
-            "name": name, "kind": "cpu", "arch": platform.machine(), "cpu": variant.cpu,
-            "features": list(variant.required_flags), "vector_width": variant.vector_width,
-            "library": library, "abi_version": ABI_VERSION,
-            "kernels": [{"symbol": s, "kind": c.kind, "params": c.params} for s, c in plan.kernels().items()],
-        })
-    return entries
+        return llvm_ir if stage == "llvm-ir" else emit_assembly(llvm_ir, variant)
 
+    def build(self, plan: Plan, path: Callable[[str], Path], progress: Callable[[str], None]) -> list[dict]:
+        """Compiles the plan for each variant into `kernels/<target>/`; returns manifest entries.
 
-def emit_text(plan: Plan, stage: str, variant_name: str = "native") -> str:
-    """The text of one stage (`llvm-ir` or `asm`) for `--emit`."""
-    variant = variants_for([variant_name])[0]
-    llvm_ir = str(llvm_module(plan, variant))
-    return llvm_ir if stage == "llvm-ir" else emit_assembly(llvm_ir, variant)
+        `path(rel)` gives a writable path inside the bundle being written."""
+        entries = []
+        for variant in variants_for(self.variant_names):
+            name = target_name(variant)
+            progress(f"cpu codegen for {name} ({variant.cpu}, {variant.vector_width} f32 lanes)")
+            llvm_ir = str(llvm_module(plan, variant))
+            obj = compile_object(llvm_ir, variant)
+            library = f"kernels/{name}/{LIBRARY}"
+            link_shared([obj], path(library))
+            if self.keep_intermediates:
+                path(f"kernels/{name}/model.ll").write_text(llvm_ir)
+                path(f"kernels/{name}/model.s").write_text(emit_assembly(llvm_ir, variant))
+                path(f"kernels/{name}/model.o").write_bytes(obj)
+            entries.append({
+                "name": name, "kind": "cpu", "arch": platform.machine(), "cpu": variant.cpu,
+                "features": list(variant.required_flags), "vector_width": variant.vector_width,
+                "library": library, "abi_version": ABI_VERSION, "entry": "llmir_forward",
+                "kernels": [{"symbol": s, "kind": c.kind, "params": c.params} for s, c in plan.kernels().items()],
+            })
+        return entries

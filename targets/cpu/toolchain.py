@@ -7,7 +7,8 @@ must have to run a variant's code; the loader checks them before choosing a libr
 
 Optimization uses llvmlite's new pass manager (the default O3 pipeline, with loop and SLP
 vectorization on) on a target machine for the variant, so the cost model and instruction
-selection match the cpu. Linking uses the system C compiler driver (`cc`) with libgomp and libm.
+selection match the cpu. Linking uses the system C compiler driver (`cc`), which also compiles the
+thread pool (runtime.c) into every library; the library needs only libc, libpthread and libm.
 """
 
 from __future__ import annotations
@@ -221,11 +222,15 @@ def find_linker() -> str:
         path = shutil.which(name)
         if path:
             return path
-    raise LlmircError("no C linker (cc) found: install gcc or clang to compile for the cpu target")
+    raise LlmircError("no C compiler (cc) found: install gcc or clang to compile for the cpu target")
+
+
+RUNTIME_C = Path(__file__).with_name("runtime.c")  # the thread pool every library links
 
 
 def link_shared(objects: list[bytes], out_path: Path) -> Path:
-    """Link object files into a shared library at `out_path` (with -lgomp -lm)."""
+    """Link object files and the runtime (runtime.c, compiled for the baseline of this architecture)
+    into a shared library at `out_path` (with -lpthread -lm)."""
     cc = find_linker()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +241,8 @@ def link_shared(objects: list[bytes], out_path: Path) -> Path:
             p.write_bytes(obj)
             paths.append(str(p))
         tmp_out = Path(tmp) / out_path.name
-        cmd = [cc, "-shared", "-o", str(tmp_out), *paths, "-lgomp", "-lm"]
+        cmd = [cc, "-shared", "-O2", "-fPIC", "-std=c11", "-o", str(tmp_out), *paths, str(RUNTIME_C),
+               "-lpthread", "-lm"]
         if platform.system() == "Linux":
             cmd[2:2] = ["-Wl,--no-undefined", "-Wl,-z,noexecstack"]
         try:

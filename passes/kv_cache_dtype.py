@@ -1,0 +1,52 @@
+"""kv-cache-dtype: the element type of the paged KV pool (`llmirc compile --kv-cache-dtype`).
+
+`auto` stores K/V in the type the linear ops' weights have when they all agree on a half type
+(a bf16 checkpoint gets a bf16 cache), else in f32. kv_append rounds to the pool's type;
+paged_attention widens exactly and computes in f32.
+
+Before:  %arg: !llmir.kv_pool<layers = 2, kv_heads = 2, head_dim = 16, block_size = 16, f32>
+After (dtype=bf16):
+         %arg: !llmir.kv_pool<layers = 2, kv_heads = 2, head_dim = 16, block_size = 16, bf16>
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xdsl.context import Context
+from xdsl.dialects.builtin import ModuleOp, f32
+from xdsl.passes import ModulePass
+from xdsl.rewriter import Rewriter
+
+from llmirc import dialect as L
+
+from .cast_weights import float_type
+from .func_args import forward_func
+from .report import note
+
+
+def auto_kv_dtype(module: ModuleOp):
+    """The half type all linear weights share, else f32."""
+    types = {op.weight.type.element_type for op in module.walk() if isinstance(op, L.LinearOp)}
+    return types.pop() if len(types) == 1 and types != {f32} else f32
+
+
+@dataclass(frozen=True)
+class KVCacheDtype(ModulePass):
+    name = "kv-cache-dtype"
+
+    dtype: str = "auto"
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        target = auto_kv_dtype(op) if self.dtype == "auto" else float_type(self.dtype, f"{self.name}{{dtype}}")
+        f = forward_func(op)
+        pools = [a for a in f.args if isinstance(a.type, L.KVPoolType)]
+        pools += [o.result for o in f.walk() if isinstance(o, L.KVAppendOp)]
+        if not pools or pools[0].type.dtype == target:
+            return
+        t = pools[0].type
+        new = L.KVPoolType(t.layers.data, t.kv_heads.data, t.head_dim.data, t.block_size.data, target)
+        for v in pools:
+            Rewriter.replace_value_with_new_type(v, new)
+        f.update_function_type()
+        note(ctx, f"{self.name}: kv pool -> {target}")

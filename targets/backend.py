@@ -1,0 +1,53 @@
+"""Targets as backends of one shape (Triton's backends are the model): options, an ordered list of
+named stages, and a build that writes each stage's output into the bundle.
+
+A backend takes the target-independent plan (targets/plan.py) and:
+
+* `stages`: its stage names in order (cpu: llvm-ir, asm, obj, so; cuda: ttir, ttgir, llir, ptx,
+  cubin; hip: ..., amdgcn, hsaco); `--emit STAGE` prints one as text (`emit`), and
+  `--keep-intermediates` stores all of them in the bundle;
+* `check(plan)`: refuses, with a one-line LlmircError, a plan it cannot compile;
+* `build(plan, path, progress)`: writes its binaries under `kernels/<target name>/` and returns the
+  manifest entries of the targets it built (one per CPU variant or GPU architecture), each with a
+  `kind` the loader picks an executor by, and its launch metadata.
+
+The driver names no target: it asks `backend(kind, options)` for each requested one.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from llmirc.errors import LlmircError
+
+from .plan import Plan
+
+# kind -> "module:class", imported on demand (a CPU-only install never imports Triton)
+BACKENDS = {
+    "cpu": "llmirc.targets.cpu.target:CpuBackend",
+}
+KNOWN = ("cpu", "cuda", "hip")
+
+
+class Backend(Protocol):
+    kind: str
+    stages: tuple[str, ...]
+
+    def check(self, plan: Plan) -> None: ...
+
+    def emit(self, plan: Plan, stage: str) -> str: ...
+
+    def build(self, plan: Plan, path: Callable[[str], Path], progress: Callable[[str], None]) -> list[dict]: ...
+
+
+def backend(kind: str, options) -> Backend:
+    """The backend for target `kind`, configured from the compile options."""
+    if kind not in KNOWN:
+        raise LlmircError(f"unknown target {kind!r} (choose from {', '.join(KNOWN)})")
+    if kind not in BACKENDS:
+        raise LlmircError(f"target {kind!r} is not implemented yet; only {', '.join(BACKENDS)} can be compiled today")
+    module, cls = BACKENDS[kind].split(":")
+    return getattr(importlib.import_module(module), cls)(options)
