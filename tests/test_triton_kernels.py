@@ -21,7 +21,8 @@ from helpers import buf, check_guard, ld, make_batch, ref_attention
 from llmirc.passes.onnx_fuse_norm import layer_norm as ref_layer_norm
 from llmirc.passes.onnx_fuse_norm import rms_norm as ref_rms_norm
 from llmirc.targets.triton.arch import ARCHS
-from llmirc.targets.triton.kinds import launch_rule
+from llmirc.targets.signatures import SIGNATURES
+from llmirc.targets.triton.kinds import launch_rule, triton_args
 from llmirc.targets.triton.linear import rule_linear
 from llmirc.targets.triton.run import run
 
@@ -182,8 +183,9 @@ def test_linear(rng, w_dtype, arch):
     w = rng.standard_normal((n, k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
     wq = rounded(w, w_dtype)
+    params = {"n": n, "k": k, "bias": True, "residual": True, "w_dtype": w_dtype}
     for split in (3, None):
-        rule = rule_linear({"n": n, "k": k, "bias": True, "residual": True, "w_dtype": w_dtype}, ARCHS[arch], split)
+        rule = rule_linear(params, ARCHS[arch], triton_args(SIGNATURES["linear"], params), split)
         for T in LINEAR_T:
             xb, x = buf(rng, T, k, pad=3)
             rb, res = buf(rng, T, n, pad=2)

@@ -10,9 +10,9 @@ import pytest
 
 from llmirc.errors import BundleError
 from llmirc.runtime import launch_rules as lr
-from llmirc.targets.cpu.kernels import KERNEL_ARGS, KERNEL_KINDS
+from llmirc.targets.signatures import REQUIRED, SIGNATURES
 from llmirc.targets.triton.arch import ARCHS
-from llmirc.targets.triton.kinds import KINDS, launch_rule
+from llmirc.targets.triton.kinds import BUILDERS, GPU_SIGNATURES, launch_rule
 
 ENV = {"T": 5, "B": 2, "L": 2, "max_blocks": 8, "num_blocks": 100}  # a call's integer arguments
 ATTN = {"num_heads": 32, "num_kv_heads": 8, "head_dim": 64, "block_size": 16, "scale": 0.125,
@@ -151,22 +151,30 @@ def test_zero_rows_launch_nothing():
         assert all(0 in grid for _, grid, _ in _kernels(rule, ENV | {"T": 0, "B": 0}))
 
 
-@pytest.mark.parametrize("kind", sorted(KERNEL_ARGS))
-def test_arguments_match_the_cpu_kernels(kind):
-    """Same names in the same order (the GPU rule may append its buffers), same static params."""
-    params = {"dim": 64, "eps": 1e-5, "act": "silu", "n": 32, "k": 64, "num_heads": 4, "num_kv_heads": 2,
-              "head_dim": 16, "inv_freq": [1.0] * 8, "num_layers": 2, "block_size": 16, "scale": 0.25}
-    rule = launch_rule(kind, {p: params[p] for p in KINDS[kind].params}, ARCHS["sm_80"])
-    names = [a for a, _ in rule.all_args()]
-    assert names[:len(KERNEL_ARGS[kind])] == [a for a, _ in KERNEL_ARGS[kind]]
-    assert set(KERNEL_KINDS[kind]) <= set(KINDS[kind].params) | set(KINDS[kind].defaults)
-    assert names[len(KERNEL_ARGS[kind]):] == [b["name"] for b in rule.buffers]
+SMALL = {"dim": 64, "eps": 1e-5, "act": "silu", "n": 32, "k": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
+         "inv_freq": [1.0] * 8, "num_layers": 2, "block_size": 16, "scale": 0.25, "vocab": 100}
+
+
+@pytest.mark.parametrize("kind", sorted(SIGNATURES | GPU_SIGNATURES))
+def test_every_signature_has_a_rule_with_its_arguments(kind):
+    """The call's arguments are the signature's (targets/signatures.py, shared with the CPU target),
+    in order and with their element types, then the rule's buffers."""
+    sig = (SIGNATURES | GPU_SIGNATURES)[kind]
+    static = {p: SMALL[p] for p, d in sig.static.items() if d is REQUIRED} | {
+        p: "bfloat16" for p in ("w_dtype", "dtype", "kv_dtype") if p in sig.static}
+    rule = launch_rule(kind, static, ARCHS["sm_80"])
+    assert [a for a, _ in rule.args] == [p.name for p in sig.params]
+    assert [a for a, _ in rule.all_args()][len(sig.params):] == [b["name"] for b in rule.buffers]
+    triton = {"float32": "*fp32", "bfloat16": "*bf16", "int32": "*i32", "int64": "*i64"}
+    for (name, t), p in zip(rule.args, sig.params):
+        assert t == (triton[sig.pointee(p, sig.bind_static(static)).name] if p.type == "ptr" else p.type), name
+    assert set(BUILDERS) == set(SIGNATURES) | set(GPU_SIGNATURES)
 
 
 def test_bad_static_params():
     with pytest.raises(ValueError, match="no GPU kernel for kind 'conv'"):
         launch_rule("conv", {}, ARCHS["sm_90"])
-    with pytest.raises(ValueError, match=r"missing \['eps'\]"):
+    with pytest.raises(ValueError, match=r"rms_norm kernel: unknown static params \[\], missing \['eps'\]"):
         launch_rule("rms_norm", {"dim": 8}, ARCHS["sm_90"])
     with pytest.raises(ValueError, match="w_dtype 'int4'"):
         launch_rule("linear", {"n": 8, "k": 8, "w_dtype": "int4"}, ARCHS["sm_90"])

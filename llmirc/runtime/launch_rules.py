@@ -12,7 +12,7 @@ JSON rule that the loader evaluates here, with no compiler installed:
                                  "aligned": ["out", "x", ...],  # compiled assuming % 16 == 0
                                  "scalars": {"num_splits": EXPR}}]}]}
 
-`args` are what the plan passes (the CPU kernel's C argument names and order, then the
+`args` are what the plan passes (the kind's signature, targets/signatures.py, then the
 `buffers`, which the executor allocates: `bytes` as a function of the call's integers,
 zero-filled once at allocation when `zero_init`, and not touched by the host afterwards).
 Expressions are evaluated over the call's i64 arguments (`env`: T, or L for the rows of a

@@ -1,7 +1,7 @@
 """paged_attention {num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window, kv_dtype}.
 
-Semantics and arguments as the CPU kernel (targets/cpu/kernels.py), the pool in `kv_dtype`
-(float32, bfloat16 or float16), plus one buffer:
+Semantics and arguments as targets/signatures.py says (shared with the CPU target), the pool
+in `kv_dtype` (float32, bfloat16 or float16), plus one buffer:
 
     (out, ld_out, q, ld_q, pool, num_blocks, layer, block_tables, max_blocks, seq_lens,
      query_start_loc, B, positions, T, attn_workspace)
@@ -37,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .spec import Launch, Rule, Variant, add, cdiv, eq, kernel, le, max_, min_, mul, next_pow2, ptr_type
+from .spec import Launch, Rule, Variant, add, cdiv, eq, kernel, le, max_, min_, mul, next_pow2
 
 LOG2E = 1.4426950408889634
 KEYS_PER_SPLIT = 256  # the fewest keys a decode split takes (before the GPU is full)
@@ -213,24 +213,17 @@ def paged_attention_prefill_kernel(
         tl.store(out + tok64[:, None] * ld_out + head[:, None] * D + d[None, :], res, mask=q_mask)
 
 
-ARGS = (("out", "*fp32"), ("ld_out", "i64"), ("q", "*fp32"), ("ld_q", "i64"), ("pool", None),
-        ("num_blocks", "i64"), ("layer", "i64"), ("block_tables", "*i32"), ("max_blocks", "i64"),
-        ("seq_lens", "*i32"), ("query_start_loc", "*i32"), ("B", "i64"), ("positions", "*i32"), ("T", "i64"))
-
-
-def rule_paged_attention(params, arch) -> Rule:
+def rule_paged_attention(params, arch, args) -> Rule:
     h, g, d, bs = (int(params[p]) for p in ("num_heads", "num_kv_heads", "head_dim", "block_size"))
     if h % g:
         raise ValueError(f"paged_attention: num_heads {h} is not a multiple of num_kv_heads {g}")
     d_pad = max(16, next_pow2(d))
     if d_pad > 256:
         raise ValueError(f"paged_attention: head_dim {d} > 256 is not supported on GPU targets")
-    kv_dtype = params.get("kv_dtype", "float32")
-    kv_f32 = kv_dtype == "float32"
-    args = tuple((a, ptr_type(kv_dtype) if t is None else t) for a, t in ARGS)
+    kv_f32 = params["kv_dtype"] == "float32"
     hp = h // g
     common = {"H": h, "G": g, "D": d, "D_PAD": d_pad, "BS": bs, "SCALE_LOG2": float(params["scale"]) * LOG2E,
-              "WINDOW": int(params.get("sliding_window", 0) or 0), "HP": hp, "KV_F32": kv_f32}
+              "WINDOW": int(params["sliding_window"] or 0), "HP": hp, "KV_F32": kv_f32}
     ws_rows = add("T", -(-4 * arch.num_sms // g))
     ws = {"name": "attn_workspace", "type": "*fp32", "bytes": mul(4 * (d + 2) * h, ws_rows), "zero_init": False}
     # decode: flash-decoding split over the key range, then a reduce (or direct when one split)

@@ -1,4 +1,4 @@
-"""Row-wise kernels: embedding, gather_rows, add, act, act_mul (semantics: targets/cpu/kernels.py).
+"""Row-wise kernels: embedding, gather_rows, add, act, act_mul (semantics: targets/signatures.py).
 
 Each program handles one row and one column block of BLOCK = min(next_pow2(dim), 1024)
 columns; grid (rows, cdiv(dim, BLOCK)). Activations are computed as in the CPU kernels: silu
@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .spec import Launch, Rule, Variant, cdiv, kernel, next_pow2, ptr_type
+from .spec import Launch, Rule, Variant, cdiv, kernel, next_pow2
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
@@ -117,20 +117,15 @@ def _row_rule(kind, params, fn, args, rows, constexprs) -> Rule:
     return Rule(kind, params, args, [Variant(1, (Launch(spec, grid),))])
 
 
-def rule_embedding(params, arch) -> Rule:
-    args = (("out", "*fp32"), ("ld_out", "i64"), ("table", ptr_type(params.get("dtype", "float32"))),
-            ("ids", "*i32"), ("T", "i64"))
+def rule_embedding(params, arch, args) -> Rule:
     return _row_rule("embedding", params, embedding_kernel, args, "T", {})
 
 
-def rule_gather_rows(params, arch) -> Rule:
-    args = (("out", "*fp32"), ("ld_out", "i64"), ("x", "*fp32"), ("ld_x", "i64"), ("idx", "*i32"), ("L", "i64"))
+def rule_gather_rows(params, arch, args) -> Rule:
     return _row_rule("gather_rows", params, gather_rows_kernel, args, "L", {})
 
 
-def rule_add(params, arch) -> Rule:
-    args = (("out", "*fp32"), ("ld_out", "i64"), ("a", "*fp32"), ("ld_a", "i64"), ("b", "*fp32"),
-            ("ld_b", "i64"), ("T", "i64"))
+def rule_add(params, arch, args) -> Rule:
     return _row_rule("add", params, add_kernel, args, "T", {})
 
 
@@ -139,14 +134,11 @@ def _check_act(act):
         raise ValueError(f"unknown activation {act!r} (known: {', '.join(ACTIVATIONS)})")
 
 
-def rule_act(params, arch) -> Rule:
+def rule_act(params, arch, args) -> Rule:
     _check_act(params["act"])
-    args = (("out", "*fp32"), ("ld_out", "i64"), ("x", "*fp32"), ("ld_x", "i64"), ("T", "i64"))
     return _row_rule("act", params, act_kernel, args, "T", {"ACT": params["act"]})
 
 
-def rule_act_mul(params, arch) -> Rule:
+def rule_act_mul(params, arch, args) -> Rule:
     _check_act(params["act"])
-    args = (("out", "*fp32"), ("ld_out", "i64"), ("gate", "*fp32"), ("ld_gate", "i64"), ("up", "*fp32"),
-            ("ld_up", "i64"), ("T", "i64"))
     return _row_rule("act_mul", params, act_mul_kernel, args, "T", {"ACT": params["act"]})

@@ -1,6 +1,6 @@
 """linear {n, k, bias, residual, w_dtype}: out[t,j] = sum_i x[t,i] w[j,i] (+ bias[j]) (+ residual[t,j]).
 
-Semantics and arguments as the CPU kernel (targets/cpu/kernels.py), plus one buffer:
+Semantics and arguments as targets/signatures.py says (shared with the CPU target), plus one buffer:
 
     (out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_workspace)
 
@@ -34,11 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .spec import Launch, Rule, Variant, cdiv, kernel, mul, ptr_type
-
-ARGS = (("out", "*fp32"), ("ld_out", "i64"), ("x", "*fp32"), ("ld_x", "i64"), ("w", None), ("bias", "*fp32"),
-        ("residual", "*fp32"), ("ld_res", "i64"), ("T", "i64"), ("splitk_workspace", "*fp32"))
-
+from .spec import Launch, Rule, Variant, cdiv, kernel, mul
 
 @triton.jit
 def _epilogue(out, ld_out, bias, residual, ld_res, acc, rm, rn, T, N: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -141,11 +137,11 @@ def split_k(n: int, k: int, block_n: int, block_k: int, tiles_m: int, num_sms: i
     return _cdiv(k, k_split), k_split
 
 
-def rule_linear(params, arch, split_k_override: int | None = None) -> Rule:
+def rule_linear(params, arch, args, split_k_override: int | None = None) -> Rule:
     """The launch rule of one linear; `split_k_override` forces a split count (tests)."""
     n, k = int(params["n"]), int(params["k"])
-    w_dtype = params.get("w_dtype", "float32")
-    args = tuple((a, ptr_type(w_dtype) if t is None else t) for a, t in ARGS)
+    w_dtype = params["w_dtype"]
+    kernel_args = args + (("splitk_workspace", "*fp32"),)
     variants, ws_floats = [], 0
     for t_max in (16, 128, None):
         cfg = _config(arch, w_dtype, t_max)
@@ -158,12 +154,12 @@ def rule_linear(params, arch, split_k_override: int | None = None) -> Rule:
         if splits > 1:
             ws_floats = max(ws_floats, max_tiles * (splits * bm * bn + 1))
         spec = kernel(linear_kernel, {
-            "N": n, "K": k, "HAS_BIAS": bool(params.get("bias", False)),
-            "HAS_RESIDUAL": bool(params.get("residual", False)), "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+            "N": n, "K": k, "HAS_BIAS": bool(params["bias"]), "HAS_RESIDUAL": bool(params["residual"]),
+            "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
             "SPLIT_K": splits, "K_SPLIT": k_split, "GROUP_M": 8 if t_max is None else 1, "MAX_TILES": max_tiles,
             "RELEASE_ALL": arch.backend == "hip", "THREADS": cfg["num_warps"] * arch.warp_size},
-            args, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            kernel_args, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         grid = (mul(cdiv("T", bm), _cdiv(n, bn)), splits, 1)
         variants.append(Variant(["<=", "T", t_max] if t_max else 1, (Launch(spec, grid),)))
     buffers = [{"name": "splitk_workspace", "type": "*fp32", "bytes": 4 * ws_floats, "zero_init": True}]
-    return Rule("linear", params, args[:-1], variants, buffers)
+    return Rule("linear", params, args, variants, buffers)

@@ -1,4 +1,4 @@
-"""RMSNorm and LayerNorm, alone (semantics: targets/cpu/kernels.py) and fused with the residual add.
+"""RMSNorm and LayerNorm, alone (semantics: targets/signatures.py) and fused with the residual add.
 
 One program per row (grid (T, 1, 1)); the row is read in chunks of BLOCK = min(next_pow2(dim),
 4096) columns: one pass for the statistics (two for LayerNorm's mean and variance, which is
@@ -116,26 +116,17 @@ def _norm_rule(kind, params, fn, args, constexprs) -> Rule:
     return Rule(kind, params, args, [Variant(1, (Launch(spec, ("T", 1, 1)),))])
 
 
-_OUT = (("out", "*fp32"), ("ld_out", "i64"))
-_ADD = (("h", "*fp32"), ("ld_h", "i64"), ("x", "*fp32"), ("ld_x", "i64"))
-
-
-def rule_rms_norm(params, arch) -> Rule:
-    args = _OUT + (("x", "*fp32"), ("ld_x", "i64"), ("w", "*fp32"), ("T", "i64"))
+def rule_rms_norm(params, arch, args) -> Rule:
     return _norm_rule("rms_norm", params, rms_norm_kernel, args, {})
 
 
-def rule_add_rms_norm(params, arch) -> Rule:
-    args = _OUT + _ADD + (("w", "*fp32"), ("T", "i64"))
+def rule_add_rms_norm(params, arch, args) -> Rule:
     return _norm_rule("add_rms_norm", params, add_rms_norm_kernel, args, {})
 
 
-def rule_layer_norm(params, arch) -> Rule:
-    args = _OUT + (("x", "*fp32"), ("ld_x", "i64"), ("w", "*fp32"), ("b", "*fp32"), ("T", "i64"))
-    return _norm_rule("layer_norm", params, layer_norm_kernel, args, {"HAS_BIAS": bool(params.get("bias", True))})
+def rule_layer_norm(params, arch, args) -> Rule:
+    return _norm_rule("layer_norm", params, layer_norm_kernel, args, {"HAS_BIAS": bool(params["bias"])})
 
 
-def rule_add_layer_norm(params, arch) -> Rule:
-    args = _OUT + _ADD + (("w", "*fp32"), ("b", "*fp32"), ("T", "i64"))
-    return _norm_rule("add_layer_norm", params, add_layer_norm_kernel, args,
-                      {"HAS_BIAS": bool(params.get("bias", True))})
+def rule_add_layer_norm(params, arch, args) -> Rule:
+    return _norm_rule("add_layer_norm", params, add_layer_norm_kernel, args, {"HAS_BIAS": bool(params["bias"])})

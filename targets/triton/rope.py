@@ -1,4 +1,4 @@
-"""Rotary embedding and the paged KV write: rope, kv_append (semantics: targets/cpu/kernels.py) and
+"""Rotary embedding and the paged KV write: rope, kv_append (semantics: targets/signatures.py) and
 the GPU-only fusion of both.
 
 One program per token (grid (T, 1, 1)) handles all its heads: a [heads, rotary_dim/2] tile.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .spec import Launch, Rule, Variant, kernel, next_pow2, ptr_type
+from .spec import Launch, Rule, Variant, kernel, next_pow2
 
 
 @triton.jit
@@ -126,15 +126,15 @@ def rope_kv_append_kernel(out, ld_out, q, ld_q, k, ld_k, v, ld_v, positions, poo
 
 def _rope_constexprs(params) -> dict:
     head_dim = int(params["head_dim"])
-    rot = int(params.get("rotary_dim") or head_dim)
+    rot = int(params["rotary_dim"] or head_dim)
     if rot % 2 or rot > head_dim or len(params["inv_freq"]) != rot // 2:
         raise ValueError(f"rope: rotary_dim {rot} must be even, <= head_dim {head_dim}, "
                          f"with rotary_dim/2 inv_freq values (got {len(params['inv_freq'])})")
-    style = params.get("style", "neox")
+    style = params["style"]
     if style not in ("neox", "interleaved"):
         raise ValueError(f"rope: unknown style {style!r}")
     return {"HEAD_DIM": head_dim, "ROT": rot, "INTERLEAVED": style == "interleaved",
-            "INV_FREQ": tuple(float(f) for f in params["inv_freq"]), "SCALING": float(params.get("scaling", 1.0)),
+            "INV_FREQ": tuple(float(f) for f in params["inv_freq"]), "SCALING": float(params["scaling"]),
             "HALF_PAD": next_pow2(rot // 2), "TAIL_PAD": next_pow2(max(1, head_dim - rot))}
 
 
@@ -142,35 +142,24 @@ def _warps(elems: int) -> int:
     return max(1, min(8, elems // 512))
 
 
-def rule_rope(params, arch) -> Rule:
+def rule_rope(params, arch, args) -> Rule:
     cx = _rope_constexprs(params)
     nh = int(params["num_heads"])
-    args = (("out", "*fp32"), ("ld_out", "i64"), ("x", "*fp32"), ("ld_x", "i64"), ("positions", "*i32"),
-            ("T", "i64"))
     spec = kernel(rope_kernel, {"NUM_HEADS": nh, "NH_PAD": next_pow2(nh), **cx}, args,
                   num_warps=_warps(next_pow2(nh) * cx["HALF_PAD"]))
     return Rule("rope", params, args, [Variant(1, (Launch(spec, ("T", 1, 1)),))])
 
 
-def _pool_args(params):
-    return (("pool", ptr_type(params.get("kv_dtype", "float32"))), ("num_blocks", "i64"), ("layer", "i64"))
-
-
-def rule_kv_append(params, arch) -> Rule:
+def rule_kv_append(params, arch, args) -> Rule:
     g, d = int(params["num_kv_heads"]), int(params["head_dim"])
-    args = _pool_args(params) + (("k", "*fp32"), ("ld_k", "i64"), ("v", "*fp32"), ("ld_v", "i64"),
-                                 ("slot_mapping", "*i32"), ("T", "i64"))
     spec = kernel(kv_append_kernel, {"G": g, "D": d, "BS": int(params["block_size"]), "G_PAD": next_pow2(g),
                                      "D_PAD": next_pow2(d)}, args, num_warps=_warps(next_pow2(g) * next_pow2(d)))
     return Rule("kv_append", params, args, [Variant(1, (Launch(spec, ("T", 1, 1)),))])
 
 
-def rule_rope_kv_append(params, arch) -> Rule:
+def rule_rope_kv_append(params, arch, args) -> Rule:
     cx = _rope_constexprs(params)
     nh, g = int(params["num_heads"]), int(params["num_kv_heads"])
-    args = (("out", "*fp32"), ("ld_out", "i64"), ("q", "*fp32"), ("ld_q", "i64"), ("k", "*fp32"), ("ld_k", "i64"),
-            ("v", "*fp32"), ("ld_v", "i64"), ("positions", "*i32")) + _pool_args(params) + (
-            ("slot_mapping", "*i32"), ("T", "i64"))
     spec = kernel(rope_kv_append_kernel, {
         "NUM_HEADS": nh, "G": g, "BS": int(params["block_size"]), "NH_PAD": next_pow2(nh), "G_PAD": next_pow2(g),
         "D_PAD": next_pow2(cx["HEAD_DIM"]), **cx}, args,

@@ -184,18 +184,15 @@ def sample_kernel(tokens, logits, ld_logits, temperature, top_k, top_p, seeds, o
     tl.store(tokens + r, best_i)
 
 
-def rule_argmax(params, arch) -> Rule:
+def rule_argmax(params, arch, args) -> Rule:
     vocab = int(params["vocab"])
     block = min(next_pow2(vocab), 4096)
-    args = (("tokens", "*i32"), ("logits", "*fp32"), ("ld_logits", "i64"), ("L", "i64"))
     spec = kernel(argmax_kernel, {"VOCAB": vocab, "BLOCK": block}, args, num_warps=8)
     return Rule("argmax", params, args, [Variant(1, (Launch(spec, ("L", 1, 1)),))])
 
 
-def rule_sample(params, arch) -> Rule:
+def rule_sample(params, arch, args) -> Rule:
     vocab = int(params["vocab"])
-    args = (("tokens", "*i32"), ("logits", "*fp32"), ("ld_logits", "i64"), ("temperature", "*fp32"),
-            ("top_k", "*i32"), ("top_p", "*fp32"), ("seeds", "*i64"), ("offsets", "*i64"), ("L", "i64"))
     spec = kernel(sample_kernel, {"VOCAB": vocab, "BLOCK": min(next_pow2(vocab), 1024),
                                   "GREEDY_T": GREEDY_TEMPERATURE}, args, num_warps=8)
     return Rule("sample", params, args, [Variant(1, (Launch(spec, ("L", 1, 1)),))])

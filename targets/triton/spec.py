@@ -16,17 +16,6 @@ import hashlib
 import json
 from dataclasses import dataclass, field, replace
 
-DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # storage dtype -> Triton type
-PTR_ALIGN = 16  # bytes: every pointer argument must be 16-byte aligned (loads are vectorized)
-
-
-def ptr_type(dtype: str) -> str:
-    """`*fp32` / `*bf16` / `*fp16` for a storage dtype name; ValueError for others."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unsupported storage dtype {dtype!r} (supported: {', '.join(DTYPES)})")
-    return "*" + DTYPES[dtype]
-
-
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -139,7 +128,7 @@ class Variant:
 class Rule:
     kind: str
     params: dict
-    args: tuple                      # ((name, type), ...): the call's arguments (the CPU kernel's, in order)
+    args: tuple                      # ((name, type), ...): the call's arguments (its signature's, in order)
     variants: list[Variant]
     buffers: list[dict] = field(default_factory=list)  # extra buffers {name, type, bytes, zero_init}
 
@@ -184,6 +173,3 @@ class Rule:
                 for expr in list(ln.grid) + [e for _, e in ln.scalars]:
                     evaluate(expr, env)
 
-
-__all__ = ["DTYPES", "KernelSpec", "Launch", "Rule", "Variant", "add", "cdiv", "eq", "kernel", "le",
-           "max_", "min_", "mul", "next_pow2", "ptr_type"]
