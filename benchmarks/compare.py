@@ -14,7 +14,8 @@ the table gives medians.
 - decode: batch 1, greedy, --new-tokens after a --prompt-tokens prompt, tokens/s from the first
   generated token to the last; llmirc also decodes --batch sequences together.
 - prefill: one forward over --prefill-tokens tokens (llmirc: also samples one token).
-- peak RSS: the engine's whole process, loading included.
+- peak RSS: the engine's whole process, loading included (ru_maxrss from wait4; Linux starts a
+  child's count at its parent's peak, so this process stays small and prints its own peak).
 - % of floor: bytes a batch-1 decode step reads (below) x decode tokens/s over the best bandwidth
   measured in the run (NumPy float32 matrix-vector product over 256 MiB, llmirc.runtime.bench,
   with --threads BLAS threads).
@@ -26,7 +27,7 @@ llmirc: `llmirc bench`'s count (weights read by a non-embedding kernel, stored d
 bundle's KV dtype); transformers: the checkpoint's tensors as float32 (it runs in float32),
 float32 KV; llama.cpp: the GGUF file's tensors (their quantized blocks and scales), float16 KV
 (its default cache type); onnxruntime-genai: the ONNX initializers read by an op other than a
-Gather (packed int4/int8 blocks, scales and zero points as stored), KV at the dtype of the
+Gather or a rotary embedding (packed int4/int8 blocks, scales and zero points as stored), KV at the dtype of the
 model's past_key_values inputs.
 
 Also measured: the bundle's size against the checkpoint's, `llmirc run`'s peak RSS against the
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 from dataclasses import asdict
@@ -56,6 +58,8 @@ ENGINES = {  # default --engines by the checkpoint's dtype
     "half": "llmirc,transformers,llama.cpp:F16,llama.cpp:BF16,llama.cpp:Q8_0,llama.cpp:Q4_0,ort-genai:fp32,"
             "ort-genai:int8,ort-genai:int4",
 }
+# ONNX ops that read rows of a table initializer at the tokens' ids or positions, not all of it
+PER_TOKEN_ONNX_OPS = {"Gather", "GatherBlockQuantized", "GroupQueryAttention", "RotaryEmbedding"}
 BANDWIDTH = "from llmirc.runtime.bench import measure_bandwidth; print(measure_bandwidth())"
 
 
@@ -107,7 +111,7 @@ def onnx_bytes(folder: Path, config: dict, context: int) -> dict[str, int]:
     out: dict[str, int] = {}
     for t in graph.initializer:
         ops = consumers.get(t.name, set())
-        if not ops or ops <= {"Gather", "GatherBlockQuantized"}:  # an embedding table: one row per token
+        if not ops or ops <= PER_TOKEN_ONNX_OPS:  # an embedding or rotary table: rows at the tokens' positions
             continue
         external = {e.key: e.value for e in t.external_data}
         size = int(external["length"]) if "length" in external else len(t.raw_data) or int(
@@ -247,12 +251,14 @@ def main() -> None:
             r.engine = engine
             if not warm or not r.ok:  # a failed warm-up is reported as the engine's failure
                 runs[engine].append(r)
+    harness_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # what every child started from, at most
     context = len(prompt) + args.new_tokens // 2
     bytes_read = {e: decode_bytes(p, checkpoint, config, context, runs[e]) for e, p in prepared.items()}
     report = {"model": args.model, "checkpoint": str(checkpoint), "dtype": dtype, "threads": args.threads,
               "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
               "batch": args.batch, "repeat": args.repeat, "warmup": args.warmup, "bandwidth_gb_s": bandwidth,
-              "load_average": [load_start, load_average()], "memory": memory, "bytes_per_decode_token": bytes_read,
+              "load_average": [load_start, load_average()],
+              "harness_peak_rss_mb": harness_rss, "memory": memory, "bytes_per_decode_token": bytes_read,
               "runs": {e: [asdict(r) for r in rs] for e, rs in runs.items()}}
     print(format_report(report, eos))
     if args.json:
@@ -273,7 +279,8 @@ def format_report(report: dict, eos: set[int]) -> str:
              f"{report['prompt_tokens']}, {report['new_tokens']} new tokens, prefill {report['prefill_tokens']}; "
              f"median of {report['repeat']} after {report['warmup']} warm-up round(s); bandwidth {bandwidth:.1f} GB/s (best of "
              f"{len(report['bandwidth_gb_s'])} probes: {', '.join(f'{b:.1f}' for b in report['bandwidth_gb_s'])})",
-             f"load average {report['load_average'][0]:.2f} at the start, {report['load_average'][1]:.2f} at the end"]
+             f"load average {report['load_average'][0]:.2f} at the start, {report['load_average'][1]:.2f} at the end; "
+             f"this harness's peak RSS {report['harness_peak_rss_mb']:.0f} MiB (a floor under every peak RSS below)"]
     if max(report["load_average"]) > 0.5:
         lines.append("WARNING: the machine was busy; these figures are not comparable with a quiet run")
     lines.append(f"{'engine':16s} {'decode tok/s':>12s} {'ours/it':>7s} {'prefill tok/s':>13s} {'ours/it':>7s} "

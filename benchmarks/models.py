@@ -19,7 +19,7 @@ SentencePiece path, which has no pre-tokenizer hash check; onnxruntime-genai's b
 with transformers). Training is deterministic for a given standard library (about 20 s); the
 benchmarks time synthetic token ids, so the tokenizer never changes a figure.
 
-Everything lives under $LLMIRC_BENCH_CACHE (default ~/.cache/llmirc/bench)/NAME/checkpoint and is
+Everything lives under $LLMIRC_BENCH_CACHE (default ~/.cache/llmirc/bench)/NAME/NAME and is
 remade only when its specification here changes.
 """
 
@@ -49,30 +49,37 @@ MODELS = {
                    num_key_value_heads=4, dtype="bfloat16"),
 }
 NAMES = (*MODELS, "smollm2")
+STAMP = ".made-by-benchmarks-models"  # in a checkpoint: the specification it was made from
 
 
 def checkpoint(name: str) -> Path:
     """The folder of benchmark checkpoint `name` (NAMES), made first if it is missing or stale."""
-    if name not in NAMES:
-        raise ValueError(f"unknown benchmark model {name!r}: one of {', '.join(NAMES)}")
-    out = CACHE / name / "checkpoint"
-    spec = json.dumps({"model": MODELS.get(name, name), "seed": SEED, "init_std": INIT_STD,
-                       "tokenizer": _corpus_digest() if name in MODELS else None}, sort_keys=True)
-    stamp = out / ".made-by-benchmarks-models"
+    out, spec = _folder(name), _spec(name)
+    stamp = out / STAMP
     if stamp.is_file() and stamp.read_text() == spec:
         return out
     shutil.rmtree(CACHE / name, ignore_errors=True)  # the conversions made from a stale checkpoint too
-    tmp = CACHE / name / "checkpoint.tmp"
+    tmp = out.with_suffix(".tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)
     print(f"making the {name} benchmark checkpoint in {out} (once)", file=sys.stderr, flush=True)
     if name == "smollm2":
         subprocess.run([sys.executable, str(ROOT / "examples" / "smollm2.py"), str(tmp)], check=True)
     else:
         _make_llama(MODELS[name], tmp)
-    stamp_tmp = tmp / stamp.name
-    stamp_tmp.write_text(spec)
+    (tmp / STAMP).write_text(spec)
     os.replace(tmp, out)
     return out
+
+
+def _folder(name: str) -> Path:
+    if name not in NAMES:
+        raise ValueError(f"unknown benchmark model {name!r}: one of {', '.join(NAMES)}")
+    return CACHE / name / name
+
+
+def _spec(name: str) -> str:
+    return json.dumps({"model": MODELS.get(name, name), "seed": SEED, "init_std": INIT_STD,
+                       "tokenizer": _corpus_digest() if name in MODELS else None}, sort_keys=True)
 
 
 def resolve(model: str) -> tuple[Path, Path]:
@@ -80,7 +87,11 @@ def resolve(model: str) -> tuple[Path, Path]:
     folder keeps converted models and bundles: next to a benchmark checkpoint, or in the cache under
     a hash of the folder's path."""
     if model in NAMES:
-        ckpt = checkpoint(model)
+        ckpt = _folder(model)
+        stamp = ckpt / STAMP
+        if not stamp.is_file() or stamp.read_text() != _spec(model):
+            # made in a process of its own: on Linux every child's peak RSS counts this process's peak too
+            subprocess.run([sys.executable, __file__, model], check=True, stdout=subprocess.DEVNULL)
         return ckpt, ckpt.parent / "work"
     ckpt = Path(model).resolve()
     if not (ckpt / "config.json").is_file():
