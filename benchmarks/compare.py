@@ -275,10 +275,11 @@ def format_report(report: dict, eos: set[int]) -> str:
     ok = {e: [r for r in rs if r["ok"]] for e, rs in report["runs"].items()}
     ours = next((e for e in ok if e.split(":")[0] == "llmirc" and ok[e]), None)
     reference = next((r["tokens"] for r in ok.get("transformers", [])), None)
+    probes = ", ".join(f"{b:.1f}" for b in report["bandwidth_gb_s"])
     lines = [f"{report['model']} ({report['dtype']} checkpoint): {report['threads']} threads, prompt "
              f"{report['prompt_tokens']}, {report['new_tokens']} new tokens, prefill {report['prefill_tokens']}; "
-             f"median of {report['repeat']} after {report['warmup']} warm-up round(s); bandwidth {bandwidth:.1f} GB/s (best of "
-             f"{len(report['bandwidth_gb_s'])} probes: {', '.join(f'{b:.1f}' for b in report['bandwidth_gb_s'])})",
+             f"median of {report['repeat']} after {report['warmup']} warm-up round(s); bandwidth {bandwidth:.1f} GB/s "
+             f"(best of {len(report['bandwidth_gb_s'])} probes: {probes})",
              f"load average {report['load_average'][0]:.2f} at the start, {report['load_average'][1]:.2f} at the end; "
              f"this harness's peak RSS {report['harness_peak_rss_mb']:.0f} MiB (a floor under every peak RSS below)"]
     if max(report["load_average"]) > 0.5:

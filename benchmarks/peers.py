@@ -131,7 +131,8 @@ class Measured:
 
     def error(self, what: str) -> str:
         if self.returncode < 0:
-            return f"{what} killed by {signal.Signals(-self.returncode).name}" + (" (timeout)" if self.timed_out else "")
+            timeout = " (timeout)" if self.timed_out else ""
+            return f"{what} killed by {signal.Signals(-self.returncode).name}{timeout}"
         tail = (self.stderr or self.stdout).strip().splitlines()
         return f"{what} failed: {tail[-1] if tail else f'exit {self.returncode}'}"
 
