@@ -1,19 +1,28 @@
 """The `llmirc` command line: compile, run, inspect, bench.
 
-User errors print one line (`error: ...`) and exit 1; no traceback. `compile` needs the
-compiler extra; the other commands need only the loader.
+Exit codes: 0 success; 1 a user error (bad checkpoint, bundle, request or option: one line
+`error: ...`); 2 a command-line usage error (click's); 3 an internal error, a bug in llmirc (one
+line `internal error in <stage>: ...; please report`, the traceback with `--debug` or
+LLMIRC_DEBUG=1); 130 interrupted. Never a traceback otherwise. `compile` needs the compiler
+extra; the other commands need only the loader.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
 
 from llmirc import __version__
-from llmirc.errors import LlmircError
+from llmirc.errors import LlmircError, internal_stage
+
+INTERNAL_ERROR = 3  # exit code of a bug in llmirc (user errors: 1, usage errors: 2)
+_debug = os.environ.get("LLMIRC_DEBUG", "") not in ("", "0")
+_command = "llmirc"  # the subcommand running, for internal errors with no known stage
 
 
 # click >= 8.2 raises this (a UsageError whose message is the whole help) for a bare `llmirc`.
@@ -27,12 +36,16 @@ def _fail(message: str, code: int = 1) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llmirc")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an internal error (also: LLMIRC_DEBUG=1).")
+def cli(debug: bool) -> None:
     """llmirc: ahead-of-time compiler for LLM inference.
 
     Compile a Hugging Face checkpoint into a portable bundle of compiled kernels, weights and
     a manifest, then run, inspect or benchmark the bundle with the thin loader.
     """
+    global _debug, _command
+    _debug = _debug or debug
+    _command = f"llmirc {click.get_current_context().invoked_subcommand}"
 
 
 @cli.command("compile")
@@ -48,9 +61,12 @@ def cli() -> None:
 @click.option("--cpu-variants", default="native,baseline", show_default=True,
               help="CPU libraries to build: native (this host's CPU) and/or baseline (x86-64-v2 / generic aarch64).")
 @click.option("--report", is_flag=True, help="Print what the passes fused or rewrote, and how often.")
+@click.option("--max-model-len", type=click.IntRange(min=1), default=None,
+              help="The bundle's context in tokens (default: what the model states; refused above what its "
+                   "config or position tables support).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, cpu_variants, report,
-                quiet):
+                max_model_len, quiet):
     """Compile MODEL (a Hugging Face checkpoint directory or an .onnx file) into a bundle."""
     try:
         from llmirc.driver import CompileOptions, Progress, compile_model
@@ -58,7 +74,8 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
         _fail(f"the compiler is not installed ({e.name} missing): pip install 'llmirc[compiler]'")
     variants = tuple(v.strip() for v in cpu_variants.split(",") if v.strip())
     options = CompileOptions(target=target, passes=passes, print_ir_after_all=print_ir_after_all, emit=emit,
-                             keep_intermediates=keep_intermediates, cpu_variants=variants, report=report)
+                             keep_intermediates=keep_intermediates, cpu_variants=variants, report=report,
+                             max_model_len=max_model_len)
     compile_model(model, output, options, Progress(None if quiet else sys.stderr))
 
 
@@ -169,6 +186,16 @@ def main() -> None:
         _fail(" ".join(e.format_message().split()) + hint, e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except MemoryError as e:
+        _fail(f"out of memory in {internal_stage(e) or _command}")
+    except Exception as e:  # a bug in llmirc: one line, the traceback only when asked for
+        if _debug:
+            traceback.print_exc()
+        reason = " ".join(str(e).split("\n", 1)[0].split())
+        reason = f"{type(e).__name__}: {reason[:300]}" if reason else type(e).__name__
+        hint = "" if _debug else " (--debug or LLMIRC_DEBUG=1 shows the traceback)"
+        click.echo(f"internal error in {internal_stage(e) or _command}: {reason}; please report{hint}", err=True)
+        sys.exit(INTERNAL_ERROR)
 
 
 if __name__ == "__main__":

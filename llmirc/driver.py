@@ -18,8 +18,9 @@ import numpy as np
 
 from llmirc import __version__
 from llmirc.artifact_format.writer import BundleWriter
-from llmirc.errors import LlmircError
+from llmirc.errors import LlmircError, stage
 from llmirc.frontend import open_source
+from llmirc.frontend.context import Limit, bundle_context, table_rows
 from llmirc.passes.func_args import forward_func
 from llmirc.passes.pipeline import make_context, parse_passes, print_ir, run_passes
 from llmirc.targets.plan import Plan, build_plan
@@ -37,6 +38,7 @@ class CompileOptions:
     keep_intermediates: bool = False
     report: bool = False                # print what the passes did
     cpu_variants: tuple[str, ...] = ("native", "baseline")
+    max_model_len: int | None = None    # the bundle's context (tokens); None: what the model states
 
 
 class Progress:
@@ -68,10 +70,12 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         raise LlmircError("--cpu-variants: no CPU variant given (choose native and/or baseline)")
     if options.passes is not None:
         parse_passes(options.passes)  # fail before the checkpoint is read
-    source = open_source(model)
+    with stage("front end"):
+        source = open_source(model)
     try:
         ctx = make_context(read_weight=source.float32, add_weight=source.add_weight)
-        module = source.module()
+        with stage(f"front end ({source.kind})"):
+            module = source.module()
         progress(f"front end: {source.kind}, {model_facts(module).get('num_layers', '?')} attention layers")
         input_ir = print_ir(module) if out is not None else ""  # only the bundle keeps it
         progress("running passes")
@@ -87,7 +91,16 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             (sys.stderr if options.emit else stdout).write(report)
         if options.emit == "mlir":
             stdout.write(optimized_ir)
-        plan = build_plan(module, read_weight=source.read)
+        info = source.model_info()
+        position_rows = table_rows(module, "positions")
+        tables = info["position_tables"] + ([Limit(position_rows, f"the position table has {position_rows} rows")]
+                                            if position_rows else [])
+        context = bundle_context(info["context"], tables, options.max_model_len)
+        progress(f"context: {context.tokens} tokens ({context.why})")
+        with stage("plan"):
+            plan = build_plan(module, read_weight=source.read)
+        plan.limits = {"token_rows": table_rows(module, "token_ids"), "position_rows": position_rows,
+                       "max_context": context.tokens}
         progress(f"plan: {len(plan.calls)} kernel calls, {len(plan.kernels())} kernels, "
                  f"{len(plan.weights)} weights, {len(plan.slots)} workspace buffers")
         if options.emit in ("llvm-ir", "asm"):
@@ -95,7 +108,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
 
             stdout.write(emit_text(plan, options.emit))
         if out is not None:
-            _write_bundle(source, module, plan, out, options, input_ir, optimized_ir, progress, dict(ctx.report))
+            with stage("bundle writer"):
+                _write_bundle(source, module, plan, out, options, input_ir, optimized_ir, progress,
+                              dict(ctx.report), context)
             progress(f"wrote {out}")
         return plan
     finally:
@@ -147,7 +162,7 @@ def model_facts(module) -> dict:
 
 
 def _write_bundle(source, module, plan: Plan, out: Path, options: CompileOptions, input_ir: str,
-                  optimized_ir: str, progress: Callable[[str], None], report: dict) -> None:
+                  optimized_ir: str, progress: Callable[[str], None], report: dict, context: Limit) -> None:
     from llmirc.artifact_format.safetensors import DTYPES
     from llmirc.targets.cpu import target as cpu
 
@@ -190,7 +205,7 @@ def _write_bundle(source, module, plan: Plan, out: Path, options: CompileOptions
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": {"kind": source.kind, "name": Path(source.root).name, "fingerprint": source.fingerprint()},
             "model": {"architecture": info["architecture"], **facts,
-                      "max_position_embeddings": info["max_position_embeddings"], "dtype": "float32"},
+                      "max_position_embeddings": context.tokens, "context_from": context.why, "dtype": "float32"},
             "generation": {
                 "bos_token_id": generation.get("bos_token_id", info["bos_token_id"]),
                 "eos_token_ids": [t for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int)],

@@ -16,6 +16,7 @@ from llmirc.artifact_format.safetensors import SafetensorsFile, open_safetensors
 from llmirc.errors import CheckpointError
 
 from . import build_graph, parse_spec
+from .context import Limit
 from .hf_config import load_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -113,9 +114,12 @@ class Checkpoint:
         raise AssertionError("the Hugging Face front end synthesizes no weights")
 
     def model_info(self) -> dict:
-        """Facts from config.json that the graph does not hold."""
+        """Facts from config.json that the graph does not hold (`context`: the one it states)."""
         s = self.spec
-        return {"architecture": s.architecture, "max_position_embeddings": s.max_position_embeddings,
+        key = "n_positions" if s.architecture == "GPT2LMHeadModel" else "max_position_embeddings"
+        return {"architecture": s.architecture, "position_tables": [],
+                "context": Limit(s.max_position_embeddings, f"config.json {key}" + ("" if key in self.config else
+                                                                                     " (its default)")),
                 "bos_token_id": s.bos_token_id, "eos_token_ids": list(s.eos_token_ids),
                 "pad_token_id": s.pad_token_id}
 

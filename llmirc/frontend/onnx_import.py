@@ -6,6 +6,10 @@ by name: `input_ids` (the tokens), `attention_mask` (all ones for one unpadded s
 (onnx_analysis): what does not depend on S is folded into constants, and every value gets its
 shape with `?` for the dims that grow with S.
 
+Half-precision exports (float16, bfloat16: `model.half()` before `torch.onnx.export`) are
+read as float32, weights and computation alike, as f16/bf16 safetensors checkpoints are: the
+importer sees every f16/bf16 tensor type, initializer, constant and Cast target as float32.
+
 Untrusted input: external data paths must stay in the model's folder and lie within their
 files; nothing is unpickled.
 """
@@ -35,6 +39,7 @@ from llmirc import dialect as L
 from llmirc.errors import CheckpointError
 
 from . import onnx_ops
+from .context import Limit
 from .onnx_analysis import CONST, DATA, PROBE_LENGTHS, SONLY, AV, Node, interpret, symbolic_shape
 from .onnx_dialect import NoneOp, element_type, make_op
 
@@ -43,7 +48,23 @@ SMALL_CONSTANT = 256  # constants up to this many elements are kept in the IR te
 INPUT_ROLES = {"input_ids": "onnx:input_ids", "attention_mask": "onnx:attention_mask",
                "position_ids": "onnx:position_ids"}
 PAST = re.compile(r"past_key_values[._](\d+)[._](key|value)|past[._](key|value)[._](\d+)|past[._](\d+)[._](key|value)")
-DEFAULT_CONTEXT = 4096
+HALF = {onnx.TensorProto.FLOAT16: "f16", onnx.TensorProto.BFLOAT16: "bf16"}
+
+
+def computed_dtype(code: int) -> np.dtype:
+    """The numpy dtype llmirc reads and computes an ONNX element type in (half precision: float32)."""
+    return np.dtype(np.float32) if code in HALF else np.dtype(onnx.helper.tensor_dtype_to_np_dtype(code))
+
+
+def _as_computed(attrs: dict) -> dict:
+    """A node's attributes with half-precision types (Cast's `to`, a `dtype`, a tensor `value`) as float32."""
+    for key in ("to", "dtype"):
+        if attrs.get(key) in HALF:
+            attrs[key] = onnx.TensorProto.FLOAT
+    value = attrs.get("value")
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f" or getattr(value, "dtype", None) == "bfloat16":
+        attrs["value"] = value.astype(np.float32)
+    return attrs
 
 ONNX_LOWERING = ("onnx-fuse-embedding,onnx-fuse-linear,onnx-glue,onnx-fuse-norm,onnx-fuse-activation,onnx-glue,"
                  "onnx-fuse-attention,onnx-to-llmir")
@@ -81,6 +102,7 @@ class OnnxCheckpoint:
                 self._check_external(t)
         self.folded: dict[str, np.ndarray] = {}  # large constants computed at compile time
         self.summary = ""
+        self.position_tables: list[Limit] = []  # found by import_onnx
 
     # -- weights ---------------------------------------------------------------------------
     def _check_external(self, t: onnx.TensorProto) -> None:
@@ -105,25 +127,26 @@ class OnnxCheckpoint:
     def read(self, name: str) -> np.ndarray:
         if name in self.folded:
             return self.folded[name]
+        """An initializer in the type llmirc computes it in (`computed_dtype`: f16/bf16 as float32)."""
         t = self.initializers.get(name)
         if t is None:
             raise CheckpointError(f"{self.path}: no initializer '{name}'")
         if t.data_location != onnx.TensorProto.EXTERNAL:
-            return numpy_helper.to_array(t)
-        info = {e.key: e.value for e in t.external_data}
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-        offset = int(info.get("offset", 0))
-        count = int(np.prod(t.dims, dtype=np.int64))
-        data = np.memmap(self.root / info["location"], dtype=dtype, mode="r", offset=offset, shape=(count,))
-        return data.reshape(tuple(t.dims))
+            data = numpy_helper.to_array(t)
+        else:
+            info = {e.key: e.value for e in t.external_data}
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+            offset = int(info.get("offset", 0))
+            count = int(np.prod(t.dims, dtype=np.int64))
+            data = np.memmap(self.root / info["location"], dtype=dtype, mode="r", offset=offset, shape=(count,))
+            data = data.reshape(tuple(t.dims))
+        return data.astype(np.float32) if t.data_type in HALF else data
 
     def float32(self, name: str) -> np.ndarray:
         a = self.read(name)
-        if a.dtype == np.float32:
-            return a
-        if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+        if a.dtype.kind != "f":
             raise CheckpointError(f"{self.path}: weight '{name}' has dtype {a.dtype}; weights must be floating point")
-        return a.astype(np.float32)
+        return a.astype(np.float32, copy=False)
 
     def add_weight(self, name: str, value: np.ndarray) -> None:
         self.folded[name] = value
@@ -141,13 +164,19 @@ class OnnxCheckpoint:
         return self._config("generation_config.json")
 
     def model_info(self) -> dict:
+        """Facts the graph does not hold, from config.json when there is one; `context` is what it
+        states (None without config.json), `position_tables` what the graph's tables allow."""
         config = self._config("config.json")
         eos = config.get("eos_token_id")
         archs = config.get("architectures") or []
         producer = f"{self.proto.producer_name} {self.proto.producer_version}".strip()
+        key = next((k for k in ("max_position_embeddings", "n_positions") if k in config), None)
+        if key is not None and (not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1):
+            raise CheckpointError(f"{self.root / 'config.json'}: field '{key}' must be a positive integer, "
+                                  f"got {config[key]!r}")
         return {"architecture": f"ONNX ({archs[0] if archs else producer or 'unknown producer'})",
-                "max_position_embeddings": int(config.get("max_position_embeddings") or
-                                               config.get("n_positions") or DEFAULT_CONTEXT),
+                "context": Limit(config[key], f"config.json {key}") if key else None,
+                "position_tables": self.position_tables,
                 "bos_token_id": config.get("bos_token_id"),
                 "eos_token_ids": eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [],
                 "pad_token_id": config.get("pad_token_id")}
@@ -173,7 +202,7 @@ class OnnxCheckpoint:
     def nodes(self) -> list[Node]:
         out = []
         for i, n in enumerate(self.proto.graph.node):
-            attrs = onnx_ops.attrs_of(n)
+            attrs = _as_computed(onnx_ops.attrs_of(n))
             out.append(Node(n.op_type, [x or None for x in n.input], list(n.output), attrs, n.name or f"#{i}"))
         return out
 
@@ -187,7 +216,7 @@ class OnnxCheckpoint:
             if inp.name in self.initializers:
                 continue  # old exporters list initializers as inputs too
             tt = inp.type.tensor_type
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+            dtype = computed_dtype(tt.elem_type)
             dims = tt.shape.dim
             if dims and dims[0].HasField("dim_value") and dims[0].dim_value != 1:
                 raise CheckpointError(f"{self.path}: input '{inp.name}' has batch size {dims[0].dim_value}; "
@@ -198,6 +227,13 @@ class OnnxCheckpoint:
                                       f"{', '.join(INPUT_ROLES)} or past_key_values.N.key/value)")
             if role != "onnx:past" and len(dims) != 2:
                 raise CheckpointError(f"{self.path}: input '{inp.name}' must be [batch, sequence]")
+            seq_axis = 1 if role != "onnx:past" else 2 if len(dims) == 4 else None
+            if seq_axis is not None and dims[seq_axis].HasField("dim_value") and \
+                    (role != "onnx:past" or dims[seq_axis].dim_value):
+                raise CheckpointError(f"{self.path}: input '{inp.name}' has a fixed "
+                                      f"{'past' if role == 'onnx:past' else 'sequence'} length of "
+                                      f"{dims[seq_axis].dim_value}; export with a dynamic sequence axis "
+                                      "(torch.onnx.export(..., dynamic_shapes=...) or dynamic_axes=...)")
             roles[inp.name] = role
             if role == "onnx:input_ids":
                 roots[inp.name] = lambda S, d=dtype: AV(DATA, (1, S), d)
@@ -218,11 +254,41 @@ def import_onnx(ckpt: OnnxCheckpoint) -> ModuleOp:
     nodes = ckpt.nodes()
     roots, roles = ckpt.roots()
     weight_nodes = [Node("weight", [], [name], {"name": name, "shape": tuple(t.dims),
-                                                "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.data_type)})
+                                                "dtype": computed_dtype(t.data_type)})
                     for name, t in ckpt.initializers.items()]
     cache: dict = {}
     probes = [interpret(weight_nodes + nodes, roots, S, ckpt.read, cache=cache) for S in PROBE_LENGTHS]
+    ckpt.position_tables = position_tables(nodes, probes)
     return _emit(ckpt, nodes, roles, probes)
+
+
+def position_tables(nodes: list[Node], probes: list[dict]) -> list[Limit]:
+    """Constant tables the graph reads at positions 0..S-1 (a Gather by the positions, or a
+    Slice to the sequence length): learned position embeddings, rotary caches, causal masks.
+    Their rows bound the sequence length."""
+    found = []
+    for node in nodes:
+        if node.op_type not in ("Gather", "Slice") or not node.inputs or node.inputs[0] is None:
+            continue
+        table = probes[0][node.inputs[0]]
+        out = [p[node.outputs[0]] for p in probes]
+        if table.kind != CONST or out[0].kind != SONLY:
+            continue
+        if node.op_type == "Gather":
+            axis = node.attrs.get("axis", 0) % max(len(table.shape), 1)
+            idx = [p[node.inputs[1]] for p in probes]
+            if not all(i.value is not None and i.value.size and int(i.value.max()) == S - 1
+                       for i, S in zip(idx, PROBE_LENGTHS)):
+                continue
+        else:
+            axes = [a for a in range(len(table.shape)) if all(len(o.shape) == len(table.shape) and o.shape[a] == S
+                                                              for o, S in zip(out, PROBE_LENGTHS))]
+            if not axes:
+                continue
+            axis = axes[0]
+        rows = table.shape[axis]
+        found.append(Limit(rows, f"position table '{node.inputs[0]}' has {rows} rows (ONNX node '{node.name}')"))
+    return found
 
 
 def _foldable(key, probes: list[dict]) -> bool:
@@ -289,7 +355,9 @@ def _emit(ckpt: OnnxCheckpoint, nodes: list[Node], roles: dict, probes: list[dic
         block.add_op(op)
         values.update(zip(node.outputs, op.results))
     block.add_op(func.ReturnOp(*[operand(k) for k in outputs]))
-    ckpt.summary = f"{len(nodes)} ONNX nodes, {folded} folded into constants at compile time"
+    half = sorted({HALF[t.data_type] for t in ckpt.initializers.values() if t.data_type in HALF})
+    ckpt.summary = f"{len(nodes)} ONNX nodes, {folded} folded into constants at compile time" + \
+        (f", {'/'.join(half)} weights computed in float32" if half else "")
     return ModuleOp([forward])
 
 

@@ -92,7 +92,8 @@ def describe(info: dict) -> str:
     lines = [
         f"bundle     {info['bundle']}  (format {info['format_version']}, {info['producer']}, {info['created_utc']})",
         f"model      {model.get('architecture')}: {_layers(model)}vocab {model.get('vocab_size')}, "
-        f"context {model.get('max_position_embeddings')}, {model.get('dtype')}"
+        f"context {model.get('max_position_embeddings')}"
+        + (f" ({model['context_from']})" if model.get("context_from") else "") + f", {model.get('dtype')}"
         + (f", sliding window {windows}" if windows else ""),
         f"weights    {info['weights']['parameters'] / 1e6:.2f}M parameters in {info['weights']['tensors']} tensors "
         f"({len(info['weights']['derived'])} concatenated or transposed at compile time)",

@@ -90,10 +90,11 @@ def _meta_table(module: ir.Module, meta: Meta) -> ir.Value:
 
 def model_info(plan: Plan) -> dict:
     """The sizes the library was compiled for; the loader sizes its buffers from these, never
-    from the (editable) manifest, and checks the weights it passes against them (count and dtype)."""
+    from the (editable) manifest, checks the weights it passes against them (count and dtype) and
+    each step's indices against the limits (token_rows, position_rows, max_context)."""
     return {"abi_version": ABI_VERSION, "workspace": plan.workspace(), "kv_pool": list(plan.pool_dims()),
             "logits_cols": plan.logits_cols, "weights": [int(np.prod(w.shape)) for w in plan.weights],
-            "weight_dtypes": [w.dtype for w in plan.weights], "full_sequence": plan.full_sequence}
+            "weight_dtypes": [w.dtype for w in plan.weights], "full_sequence": plan.full_sequence, **plan.limits}
 
 
 def _emit_model_info(module: ir.Module, plan: Plan) -> None:

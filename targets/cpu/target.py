@@ -13,6 +13,7 @@ from pathlib import Path
 
 from llvmlite import ir
 
+from llmirc.errors import stage
 from llmirc.targets.plan import Plan
 
 from .forward import ABI_VERSION, emit_forward
@@ -47,10 +48,11 @@ def build(plan: Plan, out_dir: Callable[[str], Path], variant_names: list[str], 
     for variant in variants_for(variant_names):
         name = target_name(variant)
         progress(f"cpu codegen for {name} ({variant.cpu}, {variant.vector_width} f32 lanes)")
-        llvm_ir = str(llvm_module(plan, variant))
-        obj = compile_object(llvm_ir, variant)
         library = f"kernels/{name}/{LIBRARY}"
-        link_shared([obj], out_dir(library))
+        with stage(f"cpu codegen for {name}"):
+            llvm_ir = str(llvm_module(plan, variant))
+            obj = compile_object(llvm_ir, variant)
+            link_shared([obj], out_dir(library))
         if keep_intermediates:
             out_dir(f"kernels/{name}/model.ll").write_text(llvm_ir)
             out_dir(f"kernels/{name}/model.s").write_text(emit_assembly(llvm_ir, variant))
@@ -64,8 +66,9 @@ def build(plan: Plan, out_dir: Callable[[str], Path], variant_names: list[str], 
     return entries
 
 
-def emit_text(plan: Plan, stage: str, variant_name: str = "native") -> str:
+def emit_text(plan: Plan, emit: str, variant_name: str = "native") -> str:
     """The text of one stage (`llvm-ir` or `asm`) for `--emit`."""
     variant = variants_for([variant_name])[0]
-    llvm_ir = str(llvm_module(plan, variant))
-    return llvm_ir if stage == "llvm-ir" else emit_assembly(llvm_ir, variant)
+    with stage(f"cpu codegen for {target_name(variant)}"):
+        llvm_ir = str(llvm_module(plan, variant))
+        return llvm_ir if emit == "llvm-ir" else emit_assembly(llvm_ir, variant)
