@@ -186,6 +186,9 @@ def main() -> None:
         _fail(" ".join(e.format_message().split()) + hint, e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except BrokenPipeError:  # stdout closed early (`llmirc run ... | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except MemoryError as e:
         _fail(f"out of memory in {internal_stage(e) or _command}")
     except Exception as e:  # a bug in llmirc: one line, the traceback only when asked for

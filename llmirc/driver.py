@@ -17,9 +17,10 @@ from typing import TextIO
 import numpy as np
 
 from llmirc import __version__
-from llmirc.artifact_format.writer import BundleWriter
+from llmirc.artifact_format.writer import BundleWriter, remove_stale_temporaries
 from llmirc.errors import LlmircError, stage
 from llmirc.frontend import open_source
+from llmirc.frontend.checkpoint import missing_tokenizer_note
 from llmirc.frontend.context import Limit, bundle_context, table_rows
 from llmirc.passes.func_args import forward_func
 from llmirc.passes.pipeline import make_context, parse_passes, print_ir, run_passes
@@ -70,8 +71,17 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         raise LlmircError("--cpu-variants: no CPU variant given (choose native and/or baseline)")
     if options.passes is not None:
         parse_passes(options.passes)  # fail before the checkpoint is read
+    if out is not None:
+        removed, unknown = remove_stale_temporaries(out)
+        if removed:
+            progress(f"removed {_listed_names(removed)}: left by compiles to {out} that were killed")
+        if unknown:
+            progress(f"note: {_listed_names(unknown)} next to {out} may be left by a killed compile (on another "
+                     "host or by an older llmirc): remove it unless a compile is still writing it")
     with stage("front end"):
         source = open_source(model)
+    if out is not None and (note := missing_tokenizer_note(Path(source.root))):
+        progress(f"note: {note}")
     try:
         ctx = make_context(read_weight=source.float32, add_weight=source.add_weight)
         with stage(f"front end ({source.kind})"):
@@ -136,6 +146,10 @@ def generic_ops(module) -> dict[str, int]:
     from llmirc.frontend.onnx_dialect import OnnxOp
 
     return dict(sorted(Counter(op.op_type for op in module.walk() if isinstance(op, OnnxOp)).items()))
+
+
+def _listed_names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _listed(ops: dict[str, int]) -> str:

@@ -20,6 +20,25 @@ from .context import Limit
 from .hf_config import load_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Tokenizer files of other formats, which llmirc does not read (it reads tokenizer.json only).
+OTHER_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt",
+                         "vocab.txt", "added_tokens.json", "tokenizer.tiktoken", "qwen.tiktoken")
+
+
+def tokenizer_files(root: Path) -> list[Path]:
+    """The tokenizer files of a checkpoint's folder that a bundle carries."""
+    return [root / n for n in TOKENIZER_FILES if (root / n).is_file()]
+
+
+def missing_tokenizer_note(root: Path) -> str | None:
+    """One line when `root` has no tokenizer.json (the bundle then takes token ids only), naming the
+    tokenizer files found there that llmirc does not read; None when there is one."""
+    if (root / "tokenizer.json").is_file():
+        return None
+    others = [n for n in OTHER_TOKENIZER_FILES + TOKENIZER_FILES[1:] if (root / n).is_file()]
+    found = f"; found but not used: {', '.join(others)} (llmirc reads tokenizer.json: write one with " \
+        "transformers' AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))" if others else ""
+    return f"no tokenizer.json in {root}: the bundle has no tokenizer and takes token ids only{found}"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 
 
@@ -129,7 +148,7 @@ class Checkpoint:
     read = float32  # a tensor in its stored type: all weights here are floating point, read as f32
 
     def tokenizer_files(self) -> list[Path]:
-        return [self.root / n for n in TOKENIZER_FILES if (self.root / n).is_file()]
+        return tokenizer_files(self.root)
 
     def generation_config(self) -> dict:
         path = self.root / "generation_config.json"

@@ -185,8 +185,9 @@ class OnnxCheckpoint:
         return [p for p in (self.root / "config.json", self.root / "generation_config.json") if p.is_file()]
 
     def tokenizer_files(self) -> list[Path]:
-        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-        return [self.root / n for n in names if (self.root / n).is_file()]
+        from .checkpoint import tokenizer_files
+
+        return tokenizer_files(self.root)
 
     def close(self) -> None:
         pass
