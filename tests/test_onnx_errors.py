@@ -97,3 +97,41 @@ def test_output_that_is_not_logits(tmp_path):
              helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)]
     compile_fails(tmp_path, save(graph(nodes, [embed()]), tmp_path / "m.onnx"), "output has shape []",
                   "logits [1, S, vocab]")
+
+
+@pytest.mark.parametrize("name,elem,dims,needle", [
+    ("input_ids", TensorProto.INT64, [1, 6], "'input_ids' has a fixed sequence length of 6"),
+    ("position_ids", TensorProto.INT64, [1, 6], "'position_ids' has a fixed sequence length of 6"),
+    ("past_key_values.0.key", TensorProto.FLOAT, [1, 2, 5, 4], "has a fixed past length of 5"),
+    ("input_ids", TensorProto.FLOAT, [1, "S"], "'input_ids' has element type float32; it holds indices"),
+])
+def test_inputs_that_name_the_cause(tmp_path, name, elem, dims, needle):
+    # Refused when the graph is read, naming the input, before shapes meet somewhere deep in the graph.
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "S"])] if name != "input_ids" else []
+    inputs.append(helper.make_tensor_value_info(name, elem, dims))
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["y"])]
+    compile_fails(tmp_path, save(graph(nodes, [embed()], inputs=inputs), tmp_path / "m.onnx"), "m.onnx", needle)
+
+
+def test_export_with_a_fixed_sequence_length(tmp_path):
+    # The case: torch.onnx.export without dynamic_shapes (a real export), refused by its input.
+    import torch
+
+    from helpers import make_checkpoint
+
+    model = make_checkpoint(tmp_path / "hf", "llama")
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, use_cache=False).logits
+
+    path = tmp_path / "fixed" / "model.onnx"
+    path.parent.mkdir()
+    torch.onnx.export(Logits().eval(), (torch.tensor([[0, 5, 9, 200, 17, 3]]),), str(path), dynamo=True,
+                      input_names=["input_ids"], output_names=["logits"])
+    compile_fails(tmp_path, path, "model.onnx", "'input_ids' has a fixed sequence length of 6",
+                  "export with a dynamic sequence axis")

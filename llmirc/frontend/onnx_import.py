@@ -235,6 +235,9 @@ class OnnxCheckpoint:
                                       f"{'past' if role == 'onnx:past' else 'sequence'} length of "
                                       f"{dims[seq_axis].dim_value}; export with a dynamic sequence axis "
                                       "(torch.onnx.export(..., dynamic_shapes=...) or dynamic_axes=...)")
+            if role in ("onnx:input_ids", "onnx:position_ids") and dtype.kind not in "iu":
+                raise CheckpointError(f"{self.path}: input '{inp.name}' has element type {dtype}; it holds indices "
+                                      "and must be an integer type (int64 or int32)")
             roles[inp.name] = role
             if role == "onnx:input_ids":
                 roots[inp.name] = lambda S, d=dtype: AV(DATA, (1, S), d)
@@ -288,7 +291,7 @@ def position_tables(nodes: list[Node], probes: list[dict]) -> list[Limit]:
                 continue
             axis = axes[0]
         rows = table.shape[axis]
-        found.append(Limit(rows, f"position table '{node.inputs[0]}' has {rows} rows (ONNX node '{node.name}')"))
+        found.append(Limit(rows, f"position table '{node.inputs[0]}' of ONNX node '{node.name}' has {rows} rows"))
     return found
 
 
