@@ -274,7 +274,10 @@ class FuseAttention(ModulePass):
         rng = np.random.default_rng(2)
         for S in (7, 12):
             feeds = {s: rng.standard_normal(oracle.shape(s, S)).astype(np.float32) for s in region.sources}
-            got = evaluate(region.ops, feeds, oracle, S)[region.output].reshape(S, heads * d)
+            got = evaluate(region.ops, feeds, oracle, S)[region.output]
+            if got.size != S * heads * d:
+                return False
+            got = got.reshape(S, heads * d)
             parts = [feeds[s].reshape(S, -1).astype(np.float64) for s in srcs]
             if len(region.sources) == 1:
                 qkv = parts[0]

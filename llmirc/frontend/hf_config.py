@@ -20,6 +20,8 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_new": "gelu_tanh", "relu": "relu"}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+MAX_INT = 2**31 - 1      # sizes and ids: the kernels index with int32
+MAX_LAYERS = MAX_HEAD_DIM = 1 << 16  # per-layer and rotary tables are built from these before weights are read
 # transformers 5.24's defaults where its config classes differ (LlamaConfig, MistralConfig, Qwen2Config):
 # a field missing from config.json takes these; a field set to null takes num_attention_heads (kv heads)
 # or turns sliding windows off.
@@ -91,7 +93,10 @@ class _Reader:
     def fail(self, message: str) -> CheckpointError:
         return CheckpointError(f"{self.source}: {message}")
 
-    def get(self, key: str, kind: type | tuple, default=None, required: bool = False, positive: bool = False):
+    def get(self, key: str, kind: type | tuple, default=None, required: bool = False, positive: bool = False,
+            maximum: int = MAX_INT):
+        """config[key] of type `kind` (an int is accepted for float), positive if asked, integers at most
+        `maximum` (sizes are untrusted: the compiler allocates from some before the weights can disagree)."""
         value = self.config.get(key)
         if value is None:
             if required:
@@ -104,6 +109,8 @@ class _Reader:
             raise self.fail(f"field '{key}' must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
         if positive and not value > 0:
             raise self.fail(f"field '{key}' must be positive, got {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and value > maximum:
+            raise self.fail(f"field '{key}' is {value}, more than llmirc reads ({maximum})")
         return value
 
 
@@ -113,7 +120,7 @@ def architecture(config: dict, source: str = "config.json") -> tuple[str, str]:
     archs = r.get("architectures", list)
     model_type = r.get("model_type", str)
     if archs:
-        if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+        if len(archs) != 1 or not isinstance(archs[0], str) or archs[0] not in ARCHITECTURES:
             raise r.fail(f"unsupported architecture {', '.join(map(str, archs))} "
                          f"(supported: {', '.join(ARCHITECTURES)})")
         arch = archs[0]
@@ -138,11 +145,14 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
     kv_heads = r.get("num_key_value_heads", int, positive=True) if "num_key_value_heads" in config \
         else defaults["num_key_value_heads"]
     kv_heads = kv_heads or heads  # null: as many as the query heads
-    head_dim = r.get("head_dim", int, default=None, positive=True)
+    head_dim = r.get("head_dim", int, default=None, positive=True, maximum=MAX_HEAD_DIM)
     if head_dim is None:
         if hidden % heads:
             raise r.fail(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
         head_dim = hidden // heads
+        if head_dim > MAX_HEAD_DIM:
+            raise r.fail(f"hidden_size / num_attention_heads is {head_dim}, a head dim more than llmirc reads "
+                         f"({MAX_HEAD_DIM})")
     if heads % kv_heads:
         raise r.fail(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     act_name = r.get("hidden_act", str, default="silu")
@@ -152,7 +162,7 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
         if config.get(unsupported) is not None:
             raise r.fail(f"unsupported option '{unsupported}'")
 
-    layers = r.get("num_hidden_layers", int, required=True, positive=True)
+    layers = r.get("num_hidden_layers", int, required=True, positive=True, maximum=MAX_LAYERS)
     max_pos = r.get("max_position_embeddings", int, default=defaults["max_position_embeddings"], positive=True)
     eos = config.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())

@@ -49,11 +49,18 @@ INPUT_ROLES = {"input_ids": "onnx:input_ids", "attention_mask": "onnx:attention_
                "position_ids": "onnx:position_ids"}
 PAST = re.compile(r"past_key_values[._](\d+)[._](key|value)|past[._](key|value)[._](\d+)|past[._](\d+)[._](key|value)")
 HALF = {onnx.TensorProto.FLOAT16: "f16", onnx.TensorProto.BFLOAT16: "bf16"}
+ELEMENT_TYPES = set(onnx_ops.DTYPES)  # what tensors, graph inputs and Casts may hold
 
 
 def computed_dtype(code: int) -> np.dtype:
     """The numpy dtype llmirc reads and computes an ONNX element type in (half precision: float32)."""
-    return np.dtype(np.float32) if code in HALF else np.dtype(onnx.helper.tensor_dtype_to_np_dtype(code))
+    return np.dtype(np.float32) if code in HALF else onnx_ops.DTYPES[code]
+
+
+def _check_element_type(code: int, where: str) -> None:
+    if code not in ELEMENT_TYPES:
+        name = onnx.TensorProto.DataType.Name(code) if code in onnx.TensorProto.DataType.values() else str(code)
+        raise CheckpointError(f"{where} has element type {name}, which llmirc does not read")
 
 
 def _as_computed(attrs: dict) -> dict:
@@ -65,6 +72,8 @@ def _as_computed(attrs: dict) -> dict:
     if isinstance(value, np.ndarray) and value.dtype.kind == "f" or getattr(value, "dtype", None) == "bfloat16":
         attrs["value"] = value.astype(np.float32)
     return attrs
+
+
 
 ONNX_LOWERING = ("onnx-fuse-embedding,onnx-fuse-linear,onnx-glue,onnx-fuse-norm,onnx-fuse-activation,onnx-glue,"
                  "onnx-fuse-attention,onnx-to-llmir")
@@ -98,13 +107,30 @@ class OnnxCheckpoint:
             raise CheckpointError(f"{path}: unsupported ONNX operators: {listed}")
         self.initializers = {t.name: t for t in graph.initializer}
         for t in graph.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                self._check_external(t)
+            self._check_initializer(t)
         self.folded: dict[str, np.ndarray] = {}  # large constants computed at compile time
         self.summary = ""
         self.position_tables: list[Limit] = []  # found by import_onnx
 
     # -- weights ---------------------------------------------------------------------------
+    def _check_initializer(self, t: onnx.TensorProto) -> None:
+        """Type, dims and the size of the data (inline or external) agree, before anything reads it."""
+        _check_element_type(t.data_type, f"{self.path}: tensor '{t.name}'")
+        if any(d < 0 for d in t.dims):
+            raise CheckpointError(f"{self.path}: tensor '{t.name}' has negative dims {list(t.dims)}")
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            self._check_external(t)
+            return
+        count = int(np.prod(t.dims, dtype=object))
+        if t.raw_data:
+            size, expected = len(t.raw_data), count * onnx_ops.DTYPES[t.data_type].itemsize
+        else:  # typed fields: one entry per element (two per complex, which is not read)
+            expected = count
+            size = sum(len(f) for f in (t.float_data, t.int32_data, t.int64_data, t.double_data, t.uint64_data))
+        if size != expected:
+            raise CheckpointError(f"{self.path}: tensor '{t.name}' has {size} {'bytes' if t.raw_data else 'values'} "
+                                  f"of data; its dims {list(t.dims)} need {expected}")
+
     def _check_external(self, t: onnx.TensorProto) -> None:
         info = {e.key: e.value for e in t.external_data}
         location = info.get("location", "")
@@ -116,10 +142,13 @@ class OnnxCheckpoint:
         if not file.is_relative_to(self.root.resolve()) or not file.is_file():
             raise CheckpointError(f"{self.path}: external data {location!r} of tensor '{t.name}' is missing or "
                                   "leaves the model's folder")
-        offset, length = int(info.get("offset", 0)), info.get("length")
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        expected = int(np.prod(t.dims, dtype=np.int64)) * itemsize
-        length = int(length) if length is not None else expected
+        itemsize = onnx_ops.DTYPES[t.data_type].itemsize
+        expected = int(np.prod(t.dims, dtype=object)) * itemsize
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", expected))
+        except ValueError:
+            raise CheckpointError(f"{self.path}: external data of tensor '{t.name}' has a non-integer offset or "
+                                  "length") from None
         if length != expected or offset < 0 or offset + length > file.stat().st_size:
             raise CheckpointError(f"{self.path}: external data of tensor '{t.name}' in {location} is truncated or "
                                   f"mis-sized ({length} bytes at offset {offset}, expected {expected})")
@@ -203,8 +232,13 @@ class OnnxCheckpoint:
     def nodes(self) -> list[Node]:
         out = []
         for i, n in enumerate(self.proto.graph.node):
-            attrs = _as_computed(onnx_ops.attrs_of(n))
-            out.append(Node(n.op_type, [x or None for x in n.input], list(n.output), attrs, n.name or f"#{i}"))
+            name = n.name or f"#{i}"
+            try:
+                attrs = _as_computed(onnx_ops.attrs_of(n))
+            except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:  # a tensor attribute that is not one
+                raise CheckpointError(f"{self.path}: ONNX node '{name}' has an attribute that cannot be read "
+                                      f"({' '.join(str(e).split())[:200]})") from None
+            out.append(Node(n.op_type, [x or None for x in n.input], list(n.output), attrs, name))
         return out
 
     def roots(self) -> tuple[dict, dict]:
@@ -217,6 +251,7 @@ class OnnxCheckpoint:
             if inp.name in self.initializers:
                 continue  # old exporters list initializers as inputs too
             tt = inp.type.tensor_type
+            _check_element_type(tt.elem_type, f"{self.path}: input '{inp.name}'")
             dtype = computed_dtype(tt.elem_type)
             dims = tt.shape.dim
             if dims and dims[0].HasField("dim_value") and dims[0].dim_value != 1:
@@ -260,10 +295,27 @@ def import_onnx(ckpt: OnnxCheckpoint) -> ModuleOp:
     weight_nodes = [Node("weight", [], [name], {"name": name, "shape": tuple(t.dims),
                                                 "dtype": computed_dtype(t.data_type)})
                     for name, t in ckpt.initializers.items()]
+    _check_order(ckpt, nodes, set(roots) | set(ckpt.initializers))
     cache: dict = {}
     probes = [interpret(weight_nodes + nodes, roots, S, ckpt.read, cache=cache) for S in PROBE_LENGTHS]
     ckpt.position_tables = position_tables(nodes, probes)
     return _emit(ckpt, nodes, roles, probes)
+
+
+def _check_order(ckpt: OnnxCheckpoint, nodes: list[Node], defined: set[str]) -> None:
+    """Each value is defined once (graph input, initializer or node output) before a node reads it."""
+    for node in nodes:
+        for key in node.inputs:
+            if key is not None and key not in defined:
+                raise CheckpointError(f"{ckpt.path}: ONNX node '{node.name}' reads '{key}', which no graph input, "
+                                      "initializer or earlier node defines")
+        for key in node.outputs:
+            if key in defined:
+                raise CheckpointError(f"{ckpt.path}: ONNX node '{node.name}' defines '{key}' a second time")
+        defined.update(k for k in node.outputs if k)
+    for out in ckpt.proto.graph.output:
+        if out.name not in defined:
+            raise CheckpointError(f"{ckpt.path}: graph output '{out.name}' is not computed by the graph")
 
 
 def position_tables(nodes: list[Node], probes: list[dict]) -> list[Limit]:

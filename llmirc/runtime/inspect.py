@@ -87,6 +87,14 @@ def _layers(model: dict) -> str:
 
 
 def describe(info: dict) -> str:
+    """`summary` as text; BundleError when a manifest field it shows has the wrong type."""
+    try:
+        return _describe(info)
+    except (TypeError, AttributeError, ValueError, KeyError, IndexError) as e:  # the manifest is untrusted
+        raise BundleError(f"bundle {info['bundle']}: manifest.json has a malformed entry ({e})") from None
+
+
+def _describe(info: dict) -> str:
     model, kv = info["model"] or {}, info["kv_cache"] or {}
     windows = sorted(set(model.get("sliding_windows", []) or [0]) - {0})
     lines = [
