@@ -242,11 +242,21 @@ def mutated_safetensors(data: bytes) -> st.SearchStrategy[bytes]:
     return st.one_of(mutated_json(header).map(rebuild), mutated_bytes(data))
 
 
-def setup_manifest(folder: Path) -> list[bytes]:
+def setup_manifest(folder: Path, source: str = "llama") -> list[bytes]:
+    """A compiled bundle: of a one-layer Llama (paged attention, a KV cache), or of a small ONNX graph
+    (a full-sequence model, quicker to compile)."""
     from llmirc.driver import CompileOptions, Progress, compile_model
 
-    _tiny_llama(folder / "ckpt")
-    compile_model(folder / "ckpt", folder / "b.llmir", CompileOptions(cpu_variants=("native",)), Progress(None))
+    if source == "llama":
+        _tiny_llama(folder / "ckpt")
+        model = folder / "ckpt"
+    else:
+        from onnx_graphs import Graph, save
+
+        g = Graph(C=16, vocab=40)
+        (folder / "onnx").mkdir()
+        model = save(g.model(g.matmul(g.op("Sin", g.x), 16, 40), shape=[1, "S", 40]), folder / "onnx")
+    compile_model(model, folder / "b.llmir", CompileOptions(cpu_variants=("native",)), Progress(None))
     return [(folder / "b.llmir" / "manifest.json").read_bytes()]
 
 
