@@ -21,7 +21,7 @@ from llmirc.artifact_format.writer import BundleWriter, remove_stale_temporaries
 from llmirc.errors import LlmircError, stage
 from llmirc.frontend import open_source
 from llmirc.frontend.checkpoint import missing_tokenizer_note
-from llmirc.frontend.context import Limit, bundle_context, table_rows
+from llmirc.frontend.context import Limit, index_limits, resolve_context
 from llmirc.passes.func_args import forward_func
 from llmirc.passes.pipeline import make_context, parse_passes, print_ir, run_passes
 from llmirc.targets.plan import Plan, build_plan
@@ -101,16 +101,11 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             (sys.stderr if options.emit else stdout).write(report)
         if options.emit == "mlir":
             stdout.write(optimized_ir)
-        info = source.model_info()
-        position_rows = table_rows(module, "positions")
-        tables = info["position_tables"] + ([Limit(position_rows, f"the position table has {position_rows} rows")]
-                                            if position_rows else [])
-        context = bundle_context(info["context"], tables, options.max_model_len)
+        context = resolve_context(source.model_info(), module, options.max_model_len)
         progress(f"context: {context.tokens} tokens ({context.why})")
         with stage("plan"):
             plan = build_plan(module, read_weight=source.read)
-        plan.limits = {"token_rows": table_rows(module, "token_ids"), "position_rows": position_rows,
-                       "max_context": context.tokens}
+        plan.limits = index_limits(module, context)
         progress(f"plan: {len(plan.calls)} kernel calls, {len(plan.kernels())} kernels, "
                  f"{len(plan.weights)} weights, {len(plan.slots)} workspace buffers")
         if options.emit in ("llvm-ir", "asm"):

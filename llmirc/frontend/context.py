@@ -57,3 +57,17 @@ def bundle_context(stated: Limit | None, tables: list[Limit], max_model_len: int
     if cap is not None:
         return cap
     return Limit(DEFAULT_CONTEXT, "default: the model states none; set it with --max-model-len")
+
+
+def resolve_context(info: dict, module, max_model_len: int | None) -> Limit:
+    """The bundle's context for a source whose model_info() is `info` (its `context`, what its config
+    states, and `position_tables`, what its graph's tables allow) and whose optimized IR is `module`."""
+    rows = table_rows(module, "positions")
+    tables = info["position_tables"] + ([Limit(rows, f"the position table has {rows} rows")] if rows else [])
+    return bundle_context(info["context"], tables, max_model_len)
+
+
+def index_limits(module, context: Limit) -> dict:
+    """What the compiled library states about the indices it reads (targets/plan.py Plan.limits)."""
+    return {"token_rows": table_rows(module, "token_ids"), "position_rows": table_rows(module, "positions"),
+            "max_context": context.tokens}

@@ -69,10 +69,9 @@ def _as_computed(attrs: dict) -> dict:
         if attrs.get(key) in HALF:
             attrs[key] = onnx.TensorProto.FLOAT
     value = attrs.get("value")
-    if isinstance(value, np.ndarray) and value.dtype.kind == "f" or getattr(value, "dtype", None) == "bfloat16":
+    if isinstance(value, np.ndarray) and value.dtype.name in ("float16", "bfloat16"):
         attrs["value"] = value.astype(np.float32)
     return attrs
-
 
 
 ONNX_LOWERING = ("onnx-fuse-embedding,onnx-fuse-linear,onnx-glue,onnx-fuse-norm,onnx-fuse-activation,onnx-glue,"
@@ -154,9 +153,10 @@ class OnnxCheckpoint:
                                   f"mis-sized ({length} bytes at offset {offset}, expected {expected})")
 
     def read(self, name: str) -> np.ndarray:
+        """An initializer (or a constant folded at compile time) in the type llmirc computes it in
+        (`computed_dtype`: f16/bf16 as float32)."""
         if name in self.folded:
             return self.folded[name]
-        """An initializer in the type llmirc computes it in (`computed_dtype`: f16/bf16 as float32)."""
         t = self.initializers.get(name)
         if t is None:
             raise CheckpointError(f"{self.path}: no initializer '{name}'")
