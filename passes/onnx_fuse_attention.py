@@ -282,6 +282,8 @@ class FuseAttention(ModulePass):
             if len(region.sources) == 1:
                 qkv = parts[0]
                 parts = [qkv[:, :heads * d], qkv[:, heads * d:(heads + kv_heads) * d], qkv[:, (heads + kv_heads) * d:]]
+            if [p.shape[1] for p in parts] != [heads * d, kv_heads * d, kv_heads * d]:
+                return False  # the sources are not q, k and v of these heads
             want = attention_ref(*parts, heads, kv_heads, d, scale, window, rope)
             if not close(got, want, 1e-4):
                 return False

@@ -3,7 +3,7 @@ valid ones, for the safetensors reader, a bundle's manifest.json, config.json, t
 the ONNX importer.
 
 Every outcome must be a result or an LlmircError with a one-line message: no other exception, no
-case running past TIME_LIMIT seconds, no memory blow-up (the address space is capped at
+case running past TIME_LIMIT seconds of CPU time (WALL_LIMIT of wall time), no memory blow-up (the address space is capped at
 MEMORY_LIMIT when run as a script), and nothing written by the reader. tests/test_fuzz.py runs a
 few cases of each; the campaign runs on demand:
 
@@ -51,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers when run as a s
 
 from llmirc.errors import LlmircError  # noqa: E402
 
-TIME_LIMIT = 10.0          # seconds per case
+TIME_LIMIT = 10.0          # seconds of CPU time per case (the machine may be shared: wall time varies)
+WALL_LIMIT = 60.0          # seconds of wall time per case, after which the case is interrupted
 MEMORY_LIMIT = 8 << 30     # bytes of address space, when run as a script
 
 
@@ -422,7 +423,7 @@ READERS = {
 # -- running a case -------------------------------------------------------------------------------
 
 class CaseTimeout(Exception):
-    """A case ran past TIME_LIMIT."""
+    """A case ran past WALL_LIMIT."""
 
 
 @contextlib.contextmanager
@@ -449,18 +450,18 @@ def run_case(reader: Reader, data: bytes) -> str:
     target = reader.folder / reader.target
     target.write_bytes(data)
     before = _listing(reader.folder)
-    start = time.perf_counter()
+    start = time.process_time()
     try:
-        with time_limit(TIME_LIMIT):
+        with time_limit(WALL_LIMIT):
             reader.read(reader.folder)
         outcome = "result"
     except LlmircError as e:
         message = str(e)
         assert message and "\n" not in message, f"{reader.name}: an error message that is not one line: {message!r}"
         outcome = "error"
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert _listing(reader.folder) == before, f"{reader.name}: the reader wrote or changed files"
-    assert elapsed < TIME_LIMIT, f"{reader.name}: a case took {elapsed:.1f} s"
+    assert elapsed < TIME_LIMIT, f"{reader.name}: a case took {elapsed:.1f} s of CPU time"
     return outcome
 
 

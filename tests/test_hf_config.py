@@ -122,6 +122,10 @@ REFUSED = {
     "rope-parameters-not-an-object": (base(rope_parameters=[1, 2]), "rope_parameters"),
     "yarn-original-null-at-top-level": (base(original_max_position_embeddings=None, rope_scaling=YARN),
                                         "original_max_position_embeddings"),
+    # Sizes the compiler would allocate from before any weight can disagree (found by tests/fuzz_readers.py).
+    "huge-head-dim": (base(head_dim=10**12), "field 'head_dim' is 1000000000000, more than llmirc reads"),
+    "huge-layer-count": (base(num_hidden_layers=10**9), "'num_hidden_layers' is 1000000000"),
+    "huge-vocab": (base(vocab_size=2**40), "'vocab_size' is 1099511627776"),
 }
 
 

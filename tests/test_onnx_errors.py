@@ -135,3 +135,35 @@ def test_export_with_a_fixed_sequence_length(tmp_path):
                       input_names=["input_ids"], output_names=["logits"])
     compile_fails(tmp_path, path, "model.onnx", "'input_ids' has a fixed sequence length of 6",
                   "export with a dynamic sequence axis")
+
+
+def _broken(kind):
+    """A small graph broken as tests/fuzz_readers.py found graphs to be."""
+    e = embed()
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["x"], name="g"),
+             helper.make_node("Relu", ["x"], ["y"], name="r")]
+    if kind == "data-size":
+        e.raw_data = e.raw_data[:-4]
+    elif kind == "dims":
+        e.dims[0] = 2**40
+    elif kind == "element-type":
+        e.data_type = TensorProto.STRING
+    elif kind == "out-of-order":
+        nodes.reverse()
+    elif kind == "missing-value":
+        nodes[1].input[0] = "nowhere"
+    elif kind == "outputs":
+        nodes[1].output.append("extra")
+    return graph(nodes, [e])
+
+
+@pytest.mark.parametrize("kind,needle", [
+    ("data-size", "tensor 'E' has 508 bytes of data; its dims [16, 8] need 512"),
+    ("dims", "tensor 'E' has 512 bytes of data; its dims [1099511627776, 8] need"),
+    ("element-type", "tensor 'E' has element type STRING"),
+    ("out-of-order", "node 'r' reads 'x', which no graph input, initializer or earlier node defines"),
+    ("missing-value", "node 'r' reads 'nowhere'"),
+    ("outputs", "Relu node 'r' lists 2 outputs; the operator has 1"),
+])
+def test_malformed_graphs_are_refused_by_name(tmp_path, kind, needle):
+    compile_fails(tmp_path, save(_broken(kind), tmp_path / "m.onnx"), needle)

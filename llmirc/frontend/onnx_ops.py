@@ -816,6 +816,8 @@ _op("Size", shape=lambda c, s, d: [((), _INT64)])(lambda c, x: np.array(x.size, 
 
 def _range_length(c, start, limit, delta) -> int:
     start, limit, delta = (np.asarray(v).reshape(()) for v in (start, limit, delta))
+    if len({start.dtype, limit.dtype, delta.dtype}) != 1:
+        c.fail(f"start, limit and delta differ in type ({start.dtype}, {limit.dtype}, {delta.dtype})")
     if delta == 0:
         c.fail("delta is 0")
     if _is_int(start.dtype):
