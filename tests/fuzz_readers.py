@@ -3,9 +3,9 @@ valid ones, for the safetensors reader, a bundle's manifest.json, config.json, t
 the ONNX importer.
 
 Every outcome must be a result or an LlmircError with a one-line message: no other exception, no
-case running past TIME_LIMIT seconds of CPU time (WALL_LIMIT of wall time), no memory blow-up (the address space is capped at
-MEMORY_LIMIT when run as a script), and nothing written by the reader. tests/test_fuzz.py runs a
-few cases of each; the campaign runs on demand:
+case running past TIME_LIMIT seconds of CPU time (WALL_LIMIT of wall time), no memory blow-up (the
+address space is capped at MEMORY_LIMIT when run as a script), and nothing written by the reader.
+tests/test_fuzz.py runs a few cases of each; the campaign runs on demand:
 
     python tests/fuzz_readers.py                       # 10,000 cases per reader
     python tests/fuzz_readers.py --cases 500 --reader onnx --seed 3

@@ -20,6 +20,7 @@ from .context import Limit
 from .hf_config import load_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 # Tokenizer files of other formats, which llmirc does not read (it reads tokenizer.json only).
 OTHER_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt",
                          "vocab.txt", "added_tokens.json", "tokenizer.tiktoken", "qwen.tiktoken")
@@ -39,7 +40,6 @@ def missing_tokenizer_note(root: Path) -> str | None:
     found = f"; found but not used: {', '.join(others)} (llmirc reads tokenizer.json: write one with " \
         "transformers' AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))" if others else ""
     return f"no tokenizer.json in {root}: the bundle has no tokenizer and takes token ids only{found}"
-PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 
 
 class Checkpoint:
