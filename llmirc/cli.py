@@ -1,7 +1,10 @@
 """The `llmirc` command line: compile, run, chat, serve, inspect, bench.
 
-User errors print one line (`error: ...`) and exit 1; no traceback. `compile` needs the
-compiler extra, `serve` the serve extra; the other commands need only the loader. Where a
+Exit codes: 0 success; 1 a user error (bad checkpoint, bundle, request or option: one line
+`error: ...`); 2 a command-line usage error (click's); 3 an internal error, a bug in llmirc (one
+line `internal error in <stage>: ...; please report`, the traceback with `--debug` or
+LLMIRC_DEBUG=1); 130 interrupted. Never a traceback otherwise. `compile` needs the compiler
+extra, `serve` the serve extra; the other commands need only the loader. Where a
 vLLM flag means the same thing, the same name is used (--max-model-len, --block-size,
 --kv-cache-dtype, --max-num-seqs, ...), so a vLLM command line carries over.
 """
@@ -9,14 +12,21 @@ vLLM flag means the same thing, the same name is used (--max-model-len, --block-
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import click
 
 from llmirc import __version__
-from llmirc.errors import LlmircError
+from llmirc.errors import LlmircError, internal_stage
+
+INTERNAL_ERROR = 3  # exit code of a bug in llmirc (user errors: 1, usage errors: 2)
+_debug = os.environ.get("LLMIRC_DEBUG", "") not in ("", "0")
+_command = "llmirc"  # the subcommand running, for internal errors with no known stage
 
 
 # click >= 8.2 raises this (a UsageError whose message is the whole help) for a bare `llmirc`.
@@ -30,12 +40,16 @@ def _fail(message: str, code: int = 1) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llmirc")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an internal error (also: LLMIRC_DEBUG=1).")
+def cli(debug: bool) -> None:
     """llmirc: ahead-of-time compiler for LLM inference.
 
     Compile a Hugging Face checkpoint into a portable bundle of compiled kernels, weights and
     a manifest, then run, inspect or benchmark the bundle with the thin loader.
     """
+    global _debug, _command
+    _debug = _debug or debug
+    _command = f"llmirc {click.get_current_context().invoked_subcommand}"
 
 
 @cli.command("compile")
@@ -62,7 +76,8 @@ def cli() -> None:
 @click.option("--block-size", type=int, default=None,
               help="Tokens per paged KV cache block (a power of two; default 16), as vLLM's --block-size.")
 @click.option("--max-model-len", type=click.IntRange(min=1), default=None,
-              help="The context the bundle accepts (at most what the checkpoint supports; default: that).")
+              help="The bundle's context in tokens (default: what the model states; refused above what its "
+                   "config or position tables support).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, cpu_variants, dtype,
                 kv_cache_dtype, report, dequantize, block_size, max_model_len, quiet):
@@ -333,6 +348,10 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
     click.echo(f"llmirc serve: {name} on http://{host}:{port} ({model.num_blocks} KV blocks of {model.block_size} "
                f"tokens, context {model.max_context}, prefix caching {'on' if enable_prefix_caching else 'off'})",
                err=True)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    logging.getLogger("llmirc").addHandler(handler)
+    logging.getLogger("llmirc").setLevel(log_level.upper())
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
@@ -402,6 +421,19 @@ def main() -> None:
         _fail(" ".join(e.format_message().split()) + hint, e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except BrokenPipeError:  # stdout closed early (`llmirc run ... | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except MemoryError as e:
+        _fail(f"out of memory in {internal_stage(e) or _command}")
+    except Exception as e:  # a bug in llmirc: one line, the traceback only when asked for
+        if _debug:
+            traceback.print_exc()
+        reason = " ".join(str(e).split("\n", 1)[0].split())
+        reason = f"{type(e).__name__}: {reason[:300]}" if reason else type(e).__name__
+        hint = "" if _debug else " (--debug or LLMIRC_DEBUG=1 shows the traceback)"
+        click.echo(f"internal error in {internal_stage(e) or _command}: {reason}; please report{hint}", err=True)
+        sys.exit(INTERNAL_ERROR)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import TextIO
 
 from llmirc import __version__, dtypes
-from llmirc.artifact_format.writer import BundleWriter
-from llmirc.errors import LlmircError
+from llmirc.artifact_format.writer import BundleWriter, remove_stale_temporaries
+from llmirc.errors import LlmircError, stage
 from llmirc.frontend import open_source
+from llmirc.frontend.checkpoint import missing_tokenizer_note
+from llmirc.frontend.context import Limit, index_limits, resolve_context
 from llmirc.passes.func_args import forward_func
 from llmirc.passes.pipeline import DEFAULT_BLOCK_SIZE, make_context, parse_passes, print_ir, required, run_passes
 from llmirc.passes.cast_weights import float_type
@@ -78,14 +80,21 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     for flag, value in (("--dtype", options.dtype), ("--kv-cache-dtype", options.kv_cache_dtype)):
         if value != "auto":
             float_type(value, flag)
-    source = open_source(model, dequantize=options.dequantize)
+    if out is not None:
+        removed, unknown = remove_stale_temporaries(out)
+        if removed:
+            progress(f"removed {_listed_names(removed)}: left by compiles to {out} that were killed")
+        if unknown:
+            progress(f"note: {_listed_names(unknown)} next to {out} may be left by a killed compile (on another "
+                     "host or by an older llmirc): remove it unless a compile is still writing it")
+    with stage("front end"):
+        source = open_source(model, dequantize=options.dequantize)
+    if out is not None and (note := missing_tokenizer_note(Path(source.root))):
+        progress(f"note: {note}")
     try:
-        context = source.model_info()["max_position_embeddings"]
-        if options.max_model_len is not None and options.max_model_len > context:
-            raise LlmircError(f"--max-model-len {options.max_model_len}: the model supports at most {context} "
-                              f"tokens ({model})")
         ctx = make_context(read_weight=source.float32, add_weight=source.add_weight)
-        module = source.module()
+        with stage(f"front end ({source.kind})"):
+            module = source.module()
         progress(f"front end: {source.kind}, {model_facts(module).get('num_layers', '?')} attention layers")
         input_ir = print_ir(module) if out is not None else ""  # only the bundle keeps it
         progress("running passes")
@@ -102,7 +111,11 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             (sys.stderr if options.emit else stdout).write(report)
         if options.emit == "mlir":
             stdout.write(optimized_ir)
-        plan = build_plan(module, read_weight=source.read)
+        context = resolve_context(source.model_info(), module, options.max_model_len)
+        progress(f"context: {context.tokens} tokens ({context.why})")
+        with stage("plan"):
+            plan = build_plan(module, read_weight=source.read)
+        plan.limits = index_limits(module, context)
         for b in backends:
             b.check(plan)
         by_dtype = ", ".join(f"{n / 2**20:.1f} MiB {d}" for d, n in plan.bytes_by_dtype().items())
@@ -112,8 +125,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         if options.emit in stages:
             stdout.write(stages[options.emit].emit(plan, options.emit))
         if out is not None:
-            _write_bundle(source, module, plan, backends, out, options, input_ir, optimized_ir, progress,
-                          dict(ctx.report))
+            with stage("bundle writer"):
+                _write_bundle(source, module, plan, backends, out, options, input_ir, optimized_ir, progress,
+                              dict(ctx.report), context)
             progress(f"wrote {out}")
         return plan
     finally:
@@ -141,6 +155,10 @@ def generic_ops(module) -> dict[str, int]:
     return dict(sorted(Counter(op.op_type for op in module.walk() if isinstance(op, OnnxOp)).items()))
 
 
+def _listed_names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def _listed(ops: dict[str, int]) -> str:
     return ", ".join(f"{k} x{n}" for k, n in ops.items())
 
@@ -165,7 +183,7 @@ def model_facts(module) -> dict:
 
 
 def _write_bundle(source, module, plan: Plan, backends: list, out: Path, options: CompileOptions, input_ir: str,
-                  optimized_ir: str, progress: Callable[[str], None], report: dict) -> None:
+                  optimized_ir: str, progress: Callable[[str], None], report: dict, context: Limit) -> None:
     info, facts = source.model_info(), model_facts(module)
     facts.update(full_sequence=plan.full_sequence, generic_ops=generic_ops(module))
     with BundleWriter(out) as bundle:
@@ -200,7 +218,7 @@ def _write_bundle(source, module, plan: Plan, backends: list, out: Path, options
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": {"kind": source.kind, "name": Path(source.root).name, "fingerprint": source.fingerprint()},
             "model": {"architecture": info["architecture"], **facts,
-                      "max_position_embeddings": options.max_model_len or info["max_position_embeddings"],
+                      "max_position_embeddings": context.tokens, "context_from": context.why,
                       "weight_bytes": plan.bytes_by_dtype()},
             "generation": {
                 "bos_token_id": generation.get("bos_token_id", info["bos_token_id"]),

@@ -22,7 +22,7 @@ from xdsl.printer import Printer
 from xdsl.utils.exceptions import ArgSpecParseError, VerifyException
 
 from llmirc.dialect import LLMIR
-from llmirc.errors import LlmircError
+from llmirc.errors import LlmircError, stage
 
 from . import PASSES
 
@@ -106,11 +106,12 @@ def run_passes(module: ModuleOp, spec: str | None = None, *, print_after_all: Te
     for p in passes:
         if on_pass:
             on_pass(p.name)
-        p.apply(ctx, module)
-        try:
-            module.verify()
-        except VerifyException as e:
-            raise AssertionError(f"IR does not verify after pass {p.name}: {e}") from e
+        with stage(f"pass {p.name}"):
+            p.apply(ctx, module)
+            try:
+                module.verify()
+            except VerifyException as e:
+                raise AssertionError(f"IR does not verify after pass {p.name}: {e}") from e
         ran.append(p.name)
         if print_after_all is not None:
             print_after_all.write(f"// -----// IR Dump After {p.name} //----- //\n")

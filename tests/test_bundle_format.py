@@ -109,6 +109,27 @@ def test_interrupted_temp_dir_is_not_a_bundle(tmp_path):
     assert siblings(tmp_path) == []
 
 
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = writer_mod._host()
+    names = {"dead": f"out.llmir.tmp-{host}-{dead.pid}-0123456789ab",
+             "alive": f"out.llmir.tmp-{host}-{os.getpid()}-0123456789ab",
+             "other-host": f"out.llmir.tmp-elsewhere-{dead.pid}-0123456789ab",
+             "old-format": "out.llmir.tmp-0123456789ab",
+             "other-output": f"other.llmir.tmp-{host}-{dead.pid}-0123456789ab",
+             "not-ours": f"out.llmir.tmp-{host}-{dead.pid}-notahexsuffix"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    removed, unknown = writer_mod.remove_stale_temporaries(tmp_path / "out.llmir")
+    assert removed == [names["dead"]]
+    assert sorted(unknown) == sorted([names["other-host"], names["old-format"]])
+    assert sorted(siblings(tmp_path)) == sorted(n for k, n in names.items() if k != "dead")
+
+
 def test_commit_refuses_symlinks(tmp_path):
     with pytest.raises(BundleError, match=r"bundle .*out: link is not a regular file"):
         with BundleWriter(tmp_path / "out") as b:

@@ -330,7 +330,7 @@ BAD_OPTIONS = {
     "block-size-not-power-of-two": (["--block-size", "12"], ["--block-size 12", "power of two"]),
     "block-size-twice": (["--block-size", "8", "--passes", "paged-kv{block-size=16}"], ["--block-size", "one place"]),
     "kv-cache-dtype": (["--kv-cache-dtype", "int3"], ["--kv-cache-dtype", "unknown dtype 'int3'"]),
-    "max-model-len-too-long": (["--max-model-len", "600"], ["--max-model-len 600", "at most 512"]),
+    "max-model-len-too-long": (["--max-model-len", "600"], ["--max-model-len 600", "exceeds the 512 tokens"]),
 }
 
 
@@ -879,3 +879,99 @@ def test_compile_block_size_and_max_model_len(ckpt, tmp_path):
 ])
 def test_serve_bad_options(bundle, args, needles):
     assert_user_error(llmirc("serve", bundle, "--port", "0", *args), *needles)
+
+
+# -- internal errors: one line, exit 3, the trace on request, nothing written --------------------
+
+def llmirc_with_bug(patch: str, *args, env=None) -> subprocess.CompletedProcess:
+    """The CLI with `patch` (Python statements planting a bug) run first."""
+    code = f"import sys\n{patch}\nfrom llmirc.cli import main\nsys.argv = ['llmirc', *sys.argv[1:]]\nmain()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=dict(ENV, **(env or {})))
+
+
+BUG_IN_A_PASS = "import llmirc.passes.fuse_linears as m\nm.FuseLinears.apply = lambda self, ctx, op: {}['boom']"
+
+
+def assert_internal_error(r: subprocess.CompletedProcess, where: str) -> None:
+    assert r.returncode == 3, f"exit {r.returncode}\n{r.stderr}"
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith(f"internal error in {where}") and "please report" in last and "--debug" in last, last
+
+
+def test_internal_error_in_a_pass(ckpt, tmp_path):
+    out = tmp_path / "out.llmir"
+    r = llmirc_with_bug(BUG_IN_A_PASS, "compile", ckpt, "-o", out, "--cpu-variants", "native")
+    assert_internal_error(r, "pass fuse-linears")
+    assert "KeyError: 'boom'" in r.stderr.splitlines()[-1]
+    assert not out.exists() and leftovers(out) == []
+
+
+@pytest.mark.parametrize("how", [["--debug"], {"LLMIRC_DEBUG": "1"}])
+def test_internal_error_trace_on_request(ckpt, tmp_path, how):
+    out = tmp_path / "out.llmir"
+    flags, env = (how, None) if isinstance(how, list) else ([], how)
+    r = llmirc_with_bug(BUG_IN_A_PASS, *flags, "compile", ckpt, "-o", out, "-q", env=env)
+    assert r.returncode == 3 and "Traceback" in r.stderr and "KeyError: 'boom'" in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1].startswith("internal error in pass fuse-linears: ")
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_internal_error_in_codegen_leaves_no_bundle(ckpt, bundle, tmp_path):
+    out = copy_bundle(bundle, tmp_path)
+    before = snapshot(out)
+    r = llmirc_with_bug("import llmirc.targets.cpu.target as t\nt.compile_object = lambda *a: 1 / 0",
+                        "compile", ckpt, "-o", out, "-q", "--cpu-variants", "native")
+    assert_internal_error(r, "cpu codegen for cpu-")
+    assert snapshot(out) == before and leftovers(out) == []
+
+
+def test_internal_error_at_run_time(bundle_notok):
+    r = llmirc_with_bug("import llmirc.runtime.sampling as s\ns.np = None", "run", bundle_notok, "--token-ids",
+                        "1,2", "--max-new-tokens", "2")
+    assert_internal_error(r, "llmirc run")
+
+
+# -- leftovers and silence -----------------------------------------------------------------------
+
+def tiny_onnx(folder: Path) -> Path:
+    """A small ONNX model that compiles in a second or two (a full-sequence one: no attention)."""
+    from onnx_graphs import Graph, save
+
+    g = Graph(C=16)
+    folder.mkdir(exist_ok=True)
+    return save(g.model(g.matmul(g.op("Sin", g.x), 16, 16)), folder)
+
+
+def test_killed_compile_leftovers_are_removed_by_the_next(tmp_path):
+    src, out = tiny_onnx(tmp_path / "src"), tmp_path / "out.llmir"
+    proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "compile", str(src), "-o", str(out),
+                             "--cpu-variants", "native"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, env=ENV)
+    for line in proc.stderr:
+        if "cpu codegen" in line:  # the weights are in the temporary directory
+            proc.kill()
+            break
+    proc.wait(timeout=120)
+    (stale,) = leftovers(out)
+    assert f"-{proc.pid}-" in stale and not out.exists()
+    foreign = tmp_path / "out.llmir.tmp-0123456789ab"  # an older llmirc's: no owner in the name
+    foreign.mkdir()
+    r = llmirc("compile", src, "-o", out, "--cpu-variants", "native")
+    assert r.returncode == 0, r.stderr
+    assert f"removed {stale}: left by compiles to {out} that were killed" in r.stderr, r.stderr
+    assert f"note: {foreign.name} next to {out} may be left by a killed compile" in r.stderr, r.stderr
+    assert leftovers(out) == [foreign.name] and (out / "manifest.json").is_file()
+
+
+def test_compile_says_when_tokenizer_json_is_missing(compiled, tmp_path):
+    src = tiny_onnx(tmp_path / "src")
+    (src.parent / "vocab.json").write_text("{}")
+    (src.parent / "merges.txt").write_text("")
+    r = llmirc("compile", src, "-o", tmp_path / "out.llmir", "--cpu-variants", "native")
+    assert r.returncode == 0, r.stderr
+    (note,) = [line for line in r.stderr.splitlines() if "tokenizer" in line]
+    assert f"no tokenizer.json in {src.parent}" in note and "token ids only" in note, note
+    assert "found but not used: vocab.json, merges.txt (" in note, note
+    assert "tokenizer" not in compiled[1].stderr, compiled[1].stderr  # nothing to say when it is there

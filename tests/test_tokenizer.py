@@ -187,3 +187,13 @@ def test_errors_name_the_file(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if not installed
     with pytest.raises(LlmircError, match="pip install tokenizers"):
         Tokenizer.from_bundle_dir(tmp_path)
+
+
+def test_tokenizer_errors_at_encode_time_are_one_line(tmp_path):
+    # Found by tests/fuzz_readers.py: a tokenizer.json that loads but cannot encode (no unk token).
+    write(tmp_path, tokenizers.Tokenizer(models.WordPiece({"a": 0, "##b": 1}, unk_token="[UNK]")), {})
+    tok = Tokenizer.from_bundle_dir(tmp_path)
+    assert tok.encode("ab") == [0, 1]
+    with pytest.raises(LlmircError, match=r"tokenizer.json: cannot encode: .*UNK") as e:
+        tok.encode("xyz")
+    assert "\n" not in str(e.value)

@@ -164,6 +164,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.stats = EngineStats()
         self.error: str | None = None  # set when a step failed: the engine serves nothing more
+        self.failure: BaseException | None = None  # the exception that failed it
         self._requests: dict[int, _Request] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -306,7 +307,7 @@ class Engine:
             sampled = self._sample(step, logits)
         except Exception as e:  # a bug or a broken library: fail every request, serve nothing more
             log.exception("engine step failed")
-            self.error = f"{type(e).__name__}: {e}"
+            self.error, self.failure = f"{type(e).__name__}: {e}", e
             self.scheduler.commit(step, np.zeros(len(step.sample_rows), dtype=np.int64))
             for request_id in list(self._requests):
                 self._abort(request_id, "abort", self.error)
@@ -399,8 +400,8 @@ class Engine:
                 out = outputs.get()
                 if out.finished:
                     remaining.discard(out.request_id)
-                if out.error:
-                    raise LlmircError(f"generation failed: {out.error}")
+                if out.error:  # the step's own exception: a bug stays an internal error, a limit a user error
+                    raise self.failure or LlmircError(f"generation failed: {out.error}")
                 out.request_id = ids[out.request_id]
                 yield out
         finally:

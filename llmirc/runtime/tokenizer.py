@@ -31,16 +31,20 @@ TEMPLATE_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 
 class Tokenizer:
     def __init__(self, backend, bos_token_id: int | None = None, add_bos_token: bool = False,
-                 special_tokens_map: dict[str, str] | None = None, folder: Path | None = None):
+                 special_tokens_map: dict[str, str] | None = None, folder: Path | None = None,
+                 source: str = "tokenizer.json"):
         """`backend` is a `tokenizers.Tokenizer`; `add_bos_token` prepends bos unless its post-processor adds it.
 
         `special_tokens_map`: the named special tokens as strings (what chat templates see);
-        `folder`: where the tokenizer files are (for the chat template)."""
-        self.backend = backend
+        `folder`: where the tokenizer files are (for the chat template). A tokenizer.json that
+        loads may still fail to encode or decode (an unknown token without `unk_token`, a Rust
+        panic): LlmircError naming `source`."""
+        self.backend, self.source = backend, source
         self.bos_token_id = bos_token_id
         self.special_tokens_map = dict(special_tokens_map or {})
         self.folder = folder
-        adds_bos = bos_token_id is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos_token_id]
+        first = _guarded(source, "encode", backend.encode, "a", add_special_tokens=True).ids[:1]
+        adds_bos = bos_token_id is not None and first == [bos_token_id]
         self.prepend_bos = bool(add_bos_token) and bos_token_id is not None and not adds_bos
 
     @classmethod
@@ -52,35 +56,33 @@ class Tokenizer:
         if not file.is_file():
             raise LlmircError(f"{path}: no tokenizer.json (looked in {path / 'tokenizer'} and {path})")
         tokenizers = _import_tokenizers()
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(file))
-        except Exception as e:  # the Rust side raises plain Exception on bad JSON / unknown models
-            raise LlmircError(f"{file}: cannot load the tokenizer: {e}") from None
+        backend = _guarded(file, "load the tokenizer", tokenizers.Tokenizer.from_file, str(file))
         config = _read_config(folder / "tokenizer_config.json")
         specials = [t for t in (_token_text(config.get(k)) for k in _SPECIAL_KEYS) if t]
         if specials:
-            backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
+            _guarded(file, "add the special tokens of tokenizer_config.json", backend.add_special_tokens,
+                     [tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
         bos = _token_text(config.get("bos_token"))
         bos_id = backend.token_to_id(bos) if bos else None
         legacy = _read_config(folder / "special_tokens_map.json")  # older checkpoints keep them here
         named = {k: _token_text(config.get(k)) or _token_text(legacy.get(k)) for k in TEMPLATE_TOKEN_KEYS}
         return cls(backend, bos_id, config.get("add_bos_token") is True, {k: v for k, v in named.items() if v},
-                   folder)
+                   folder, str(file))
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = _guarded(self.source, "encode", self.backend.encode, text, add_special_tokens=add_special_tokens).ids
         return [self.bos_token_id] + ids if add_special_tokens and self.prepend_bos else ids
 
     def decode(self, ids) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+        return _guarded(self.source, "decode", self.backend.decode, [int(i) for i in ids], skip_special_tokens=True)
 
     def token_text(self, token_id: int) -> str:
         """One token as text, special tokens included (as OpenAI logprobs show tokens)."""
-        return self.backend.decode([int(token_id)], skip_special_tokens=False)
+        return _guarded(self.source, "decode", self.backend.decode, [int(token_id)], skip_special_tokens=False)
 
     def detokenizer(self, prompt_ids=()) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, prompt_ids)
@@ -167,6 +169,18 @@ class TextStream:
                 end -= tail
         delta, self._emitted = self.text[self._emitted:end], max(self._emitted, end)
         return delta
+
+
+def _guarded(source, what: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs), a call into the tokenizers library, whose errors become one-line LlmircErrors
+    naming `source`: it raises plain Exception (bad JSON, an unknown model, an unknown token without
+    unk_token) and, on a Rust panic, pyo3's PanicException, a BaseException."""
+    try:
+        return fn(*args, **kwargs)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        raise LlmircError(f"{source}: cannot {what}: {' '.join(str(e).split())[:300]}") from None
 
 
 def _import_tokenizers():
