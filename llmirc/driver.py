@@ -92,6 +92,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     if out is not None and (note := missing_tokenizer_note(Path(source.root))):
         progress(f"note: {note}")
     try:
+        # auto: the checkpoint's types; a half-precision ONNX export is read as float32 and stored as it was
+        dtype = options.dtype if options.dtype != "auto" else source.model_info().get("weight_dtype") or "auto"
         ctx = make_context(read_weight=source.float32, add_weight=source.add_weight)
         with stage(f"front end ({source.kind})"):
             module = source.module()
@@ -100,7 +102,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         progress("running passes")
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
                    ctx=ctx, prefix=source.lowering, block_size=block_size,
-                   tail=required(options.dtype, options.kv_cache_dtype, block_size))
+                   tail=required(dtype, options.kv_cache_dtype, block_size))
         optimized_ir = print_ir(module)
         generic = generic_ops(module)
         if generic:

@@ -50,9 +50,10 @@ def test_onnx_export_matches_transformers(tmp_path, case):
     np.testing.assert_allclose(compiled.score(seq), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-# Half-precision exports (model.half() / .to(torch.bfloat16), then torch.onnx.export): llmirc reads the
-# weights as float32 and computes in float32, as for f16/bf16 safetensors checkpoints. So the reference is
-# transformers in float32 on the rounded weights (1e-4, as for those checkpoints), and the export itself,
+# Half-precision exports (model.half() / .to(torch.bfloat16), then torch.onnx.export): llmirc stores the
+# linear and embedding weights in the export's type and computes in float32, as for f16/bf16 safetensors
+# checkpoints. With a float32 KV cache the reference is transformers in float32 on the rounded weights
+# (1e-4, as for those checkpoints), and the export itself,
 # which computes in half precision, agrees within half-precision tolerances: onnxruntime (float16; its CPU
 # provider has no bfloat16 kernels) within 1e-2 and transformers in bfloat16 within 5e-2 of the largest logit.
 HALF_TOLERANCE = {"float16": 1e-2, "bfloat16": 5e-2}
@@ -68,8 +69,11 @@ def test_half_precision_onnx_export(tmp_path, arch, dtype):
     half = type(model).from_pretrained(tmp_path / "ckpt", dtype=getattr(torch, dtype)).eval()
     onnx_path = export_onnx(half, tmp_path / "onnx" / "model.onnx")
     bundle = tmp_path / "m.llmir"
-    compile_model(onnx_path, bundle, CompileOptions(cpu_variants=("native",)), Progress(None))
-    assert not json.loads((bundle / "manifest.json").read_text())["model"].get("full_sequence")
+    compile_model(onnx_path, bundle, CompileOptions(cpu_variants=("native",), kv_cache_dtype="float32"), Progress(None))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert not manifest["model"].get("full_sequence")
+    weight_bytes = manifest["model"]["weight_bytes"]
+    assert max(weight_bytes, key=weight_bytes.get) == dtype, weight_bytes
 
     compiled = load(bundle)
     prompt = PROMPTS[0]

@@ -7,8 +7,9 @@ by name: `input_ids` (the tokens), `attention_mask` (all ones for one unpadded s
 shape with `?` for the dims that grow with S.
 
 Half-precision exports (float16, bfloat16: `model.half()` before `torch.onnx.export`) are
-read as float32, weights and computation alike, as f16/bf16 safetensors checkpoints are: the
-importer sees every f16/bf16 tensor type, initializer, constant and Cast target as float32.
+computed in float32, as f16/bf16 safetensors checkpoints are: the importer sees every f16/bf16
+tensor type, initializer, constant and Cast target as float32. Their linear and embedding
+weights are stored in the export's type again (`half_dtype`, `--dtype auto`), losslessly.
 
 Untrusted input: external data paths must stay in the model's folder and lie within their
 files; nothing is unpickled.
@@ -209,7 +210,18 @@ class OnnxCheckpoint:
                 "position_tables": self.position_tables,
                 "bos_token_id": config.get("bos_token_id"),
                 "eos_token_ids": eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [],
-                "pad_token_id": config.get("pad_token_id")}
+                "pad_token_id": config.get("pad_token_id"),
+                "weight_dtype": self.half_dtype()}
+
+    def half_dtype(self) -> str | None:
+        """float16 or bfloat16 for a half-precision export (the type most of its float initializers
+        have): `--dtype auto` stores its linear and embedding weights so again, bit for bit."""
+        counts = {code: 0 for code in (onnx.TensorProto.FLOAT, *HALF)}
+        for t in self.initializers.values():
+            if t.data_type in counts:
+                counts[t.data_type] += int(np.prod(t.dims, dtype=np.int64))
+        code = max(counts, key=counts.get)
+        return {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}.get(code)
 
     def config_files(self) -> list[Path]:
         return [p for p in (self.root / "config.json", self.root / "generation_config.json") if p.is_file()]
