@@ -26,6 +26,6 @@ mkdir -p "$PEERS_DIR"
 "$PYTHON" -m pip download --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$PEERS_DIR"
 tar xzf "$PEERS_DIR/llama_cpp_python-$VERSION.tar.gz" -C "$PEERS_DIR"
 echo "CMAKE_ARGS=$CMAKE_ARGS"
-nice -n 10 "$PYTHON" -m pip install --no-cache-dir "$PEERS_DIR/llama_cpp_python-$VERSION.tar.gz"
+nice -n 10 "$PYTHON" -m pip install --no-cache-dir "llama_cpp_python[server] @ file://$PEERS_DIR/llama_cpp_python-$VERSION.tar.gz"
 "$PYTHON" -m pip install "onnxruntime-genai>=0.18" onnx_ir sentencepiece accelerate
 "$PYTHON" -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
