@@ -111,7 +111,10 @@ def _sampling_options(fn):
 def _load(bundle, kv_cache_tokens, no_verify, **kwargs):
     from llmirc.runtime import load
 
-    return load(bundle, kv_cache_tokens=kv_cache_tokens, verify=not no_verify, **kwargs)
+    model = load(bundle, kv_cache_tokens=kv_cache_tokens, verify=not no_verify, **kwargs)
+    for note in model.target_notes:  # GPU targets of the bundle this host cannot run, one line each
+        click.echo(f"note: not using {note}", err=True)
+    return model
 
 
 def _warn_unused_sampling(temperature, top_k, top_p) -> None:
@@ -310,15 +313,15 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
         from llmirc.server.app import ServerOptions, create_app
     except ImportError as e:
         raise LlmircError(f"serving needs the serve extra ({e.name} missing): pip install 'llmirc[serve]'") from None
-    if gpu_memory_utilization is not None:
-        click.echo("warning: --gpu-memory-utilization applies to GPU targets; this bundle runs on the CPU "
-                   "(size its KV cache with --kv-cache-tokens)", err=True)
     if max_num_batched_tokens < max_num_seqs:
         raise LlmircError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-num-seqs "
                           f"({max_num_seqs})")
     model = _load(bundle, kv_cache_tokens, no_verify, max_batched_tokens=max_num_batched_tokens,
                   max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
-                  threads=threads)
+                  threads=threads, gpu_memory_utilization=gpu_memory_utilization or 0.9)
+    if gpu_memory_utilization is not None and model.executor.kind == "cpu":
+        click.echo("warning: --gpu-memory-utilization applies to GPU targets; this bundle runs on the CPU "
+                   "(size its KV cache with --kv-cache-tokens)", err=True)
     dtype = (model.bundle.manifest.get("kv_cache") or {}).get("dtype", "float32")
     if kv_cache_dtype not in ("auto", dtype):
         raise LlmircError(f"--kv-cache-dtype {kv_cache_dtype}: this bundle's KV cache is {dtype} (the cache dtype "

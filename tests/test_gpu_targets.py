@@ -163,3 +163,157 @@ def test_full_sequence_models_are_refused(tmp_path):
     assert not (tmp_path / "m.llmir").exists()
     with pytest.raises(LlmircError, match="target hip: this is a full-sequence model"):
         compile_model(path, None, CompileOptions(targets=("hip",), emit="mlir"), Progress(None), stdout=io.StringIO())
+
+
+# --- the GPU executor's host side (no GPU here): launches, argument packing, memory, target choice
+
+def _program(tmp, manifest, arch="sm_90"):
+    from llmirc.runtime.gpu_program import GpuProgram
+    return GpuProgram(manifest, _gpu(manifest)[arch], "m.llmir")
+
+
+def _regions(program, dims):
+    """Fake device addresses (256-aligned, far apart) of every buffer, and their byte ranges."""
+    from llmirc.runtime.gpu_program import INPUTS
+    sizes = {name: 4 * 4096 for name in INPUTS} | {"ws": program.workspace_bytes(dims["T"], dims["L"]),
+                                                    "logits": 4 * dims["L"] * 384, "pool": 1 << 20}
+    addr, regions, base = {}, [], 1 << 32
+    for name, n in sizes.items():
+        addr[name] = base
+        regions.append((base, base + n))
+        base += 1 << 24
+    addr["weights"] = []
+    for w in program.target["weights"]:
+        import numpy as np
+        addr["weights"].append(base)
+        n = int(np.prod(w[1])) * {"float32": 4, "bfloat16": 2}[w[0]]
+        regions.append((base, base + n))
+        base += 1 << 24
+    addr["buffers"] = {}
+    for key, (n, _) in program.buffers(dims).items():
+        addr["buffers"][key] = base
+        regions.append((base, base + n))
+        base += 1 << 24
+    return addr, regions
+
+
+@pytest.mark.parametrize("T,B,L", [(1, 1, 1), (8, 8, 8), (37, 2, 2), (300, 1, 1)])
+def test_launches_point_inside_their_buffers(llama, T, B, L):
+    import ctypes
+
+    from llmirc.runtime.gpu_program import pack
+    tmp, manifest, _ = llama
+    program = _program(tmp, manifest)
+    dims = {"T": T, "B": B, "L": L, "max_blocks": 4, "num_blocks": 64}
+    addr, regions = _regions(program, dims | {"T": 512, "L": 512})
+    launches = program.forward(dims, addr)
+    assert len(launches) >= len(manifest["plan"])
+    for ln in launches:
+        b = program.binaries[ln.kernel]
+        array, cells = pack(b, ln.values)
+        for i, ((name, t), v) in enumerate(zip(b["params"], ln.values)):
+            raw = ctypes.cast(array[i], ctypes.POINTER({"fp32": ctypes.c_float, "i64": ctypes.c_int64}.get(
+                t, ctypes.c_uint64))).contents.value
+            assert raw == pytest.approx(v), (b["kernel"], name)
+            if t.startswith("*") and name not in ("global_scratch", "profile_scratch", "bias", "residual", "b"):
+                assert any(lo <= v < hi for lo, hi in regions), (b["kernel"], name, hex(v))
+        assert ln.values[-2:] == (0, 0) and all(g >= 1 for g in ln.grid)
+    # the linear variant follows T (decode: 16-row tiles, split-K; prefill above 128 rows: 128-row tiles)
+    first_linear = next(ln for ln in launches if program.binaries[ln.kernel]["kernel"] == "linear_kernel")
+    block_m = program.binaries[first_linear.kernel]["constexprs"]["BLOCK_M"]
+    assert block_m == (16 if T <= 16 else 64 if T <= 128 else 128)
+
+
+def test_misaligned_buffers_and_bad_entries_are_refused(llama):
+    import copy
+
+    from llmirc.errors import BundleError
+    from llmirc.runtime.gpu_program import GpuProgram
+    tmp, manifest, _ = llama
+    program = _program(tmp, manifest)
+    dims = {"T": 4, "B": 4, "L": 4, "max_blocks": 4, "num_blocks": 64}
+    addr, _ = _regions(program, dims)
+    addr["ws"] += 8  # a workspace that is not 16-byte aligned
+    with pytest.raises(BundleError, match="was compiled for .* % 16 == 0"):
+        program.forward(dims, addr)
+    bad = copy.deepcopy(manifest)
+    target = _gpu(bad)["sm_90"]
+    next(iter(target["binaries"].values()))["params"].pop(0)
+    with pytest.raises(BundleError, match="its launch rule passes"):
+        GpuProgram(bad, target, "m.llmir")
+    bad = copy.deepcopy(manifest)
+    bad["plan"][0]["args"]["ids"] = {"ptr": "input", "index": "../etc"}
+    addr, _ = _regions(program, dims)
+    with pytest.raises(BundleError, match="unknown input"):
+        GpuProgram(bad, _gpu(bad)["sm_90"], "m.llmir").forward(dims, addr)
+
+
+def test_kv_cache_memory_plan():
+    from llmirc.runtime.gpu_program import GpuUnavailable, kv_cache_blocks
+    GiB = 2**30
+    # 140 GiB device, 2 GiB used by others, our weights etc. 10 GiB already allocated: free 128
+    assert kv_cache_blocks(128 * GiB, 140 * GiB, 0.9, GiB, 2**20, 64) == (126 * GiB - 12 * GiB - GiB) // 2**20
+    assert kv_cache_blocks(GiB, 8 * GiB, 0.9, 0, 2**20, 64) == 204  # (0.9 * 8 - 7) GiB in MiB blocks
+    with pytest.raises(GpuUnavailable, match=r"^cuda \(H\): too little memory: 0.5 of 8.0 GiB free"):
+        kv_cache_blocks(GiB // 2, 8 * GiB, 0.9, 0, 2**20, 64, "cuda (H)")
+    with pytest.raises(LlmircError, match="gpu_memory_utilization must be in"):
+        kv_cache_blocks(GiB, 8 * GiB, 1.5, 0, 2**20, 64)
+
+
+def test_target_choice_per_device(llama):
+    from llmirc.runtime.cuda_executor import pick_target
+    from llmirc.runtime.gpu_program import GpuUnavailable
+    _, manifest, _ = llama
+    targets = manifest["targets"]
+    assert [(t["name"], ptx) for t, ptx in (pick_target(targets, cc) for cc in ((9, 0), (8, 0), (8, 9), (10, 0)))] \
+        == [("cuda-sm_90", False), ("cuda-sm_80", False), ("cuda-sm_80", False), ("cuda-sm_80", True)]
+    with pytest.raises(GpuUnavailable, match=r"^cuda: this GPU is sm_75; the bundle has cuda kernels for sm_80, "
+                                             r"sm_90 and no PTX it can JIT-compile"):
+        pick_target(targets, (7, 5))
+    with pytest.raises(GpuUnavailable, match="sm_120; the bundle has cuda kernels for sm_90 and no PTX"):
+        pick_target([t for t in targets if t.get("arch") == "sm_90"], (12, 0))
+
+
+def test_loader_says_why_a_gpu_target_is_not_used(llama):
+    from llmirc.runtime.cuda_executor import probe
+    from llmirc.runtime.gpu_program import GpuUnavailable
+    from llmirc.runtime.model import load
+    try:
+        probe()
+        pytest.skip("this host has a GPU")
+    except GpuUnavailable as e:
+        why = str(e)
+    tmp, _, _ = llama
+    model = load(tmp / "m.llmir", kv_cache_tokens=256)
+    assert model.executor.kind == "cpu"
+    assert model.target_notes == [why, "hip: this loader has no HIP executor yet"]
+    assert why.startswith(("cuda: no NVIDIA driver", "cuda: cuda-python is not installed")) and "\n" not in why
+    with pytest.raises(GpuUnavailable, match="^cuda: "):
+        load(tmp / "m.llmir", target="cuda-sm_90")
+    r = llmirc("run", tmp / "m.llmir", "--token-ids", "0,5", "--max-new-tokens", "2")
+    assert r.returncode == 0 and f"note: not using {why}" in r.stderr
+
+
+def _gpu_or_skip():
+    from llmirc.runtime.cuda_executor import probe
+    from llmirc.runtime.gpu_program import GpuUnavailable
+    try:
+        return probe()
+    except GpuUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("qwen2", "float32"), ("mistral", "bfloat16")])
+def test_gpu_greedy_matches_transformers(tmp_path, cache, arch, dtype):
+    """On a GPU: greedy tokens of the cuda target equal transformers' (near-ties excepted)."""
+    _gpu_or_skip()
+    from helpers import check_greedy, hf_greedy
+
+    from llmirc.runtime.model import load
+    ref = make_checkpoint(tmp_path / "ckpt", arch, dtype=dtype)
+    _compile(tmp_path / "ckpt", tmp_path / "m.llmir", targets=("cuda",))
+    model = load(tmp_path / "m.llmir")
+    assert model.executor.kind == "cuda" and model.target_notes == []
+    prompt = [0, 17, 42, 99, 5]
+    ours = model.generate([prompt], 16, ignore_eos=True)[0]
+    check_greedy(ref, prompt, ours, hf_greedy(ref, prompt, 16), margin=1e-2 if dtype == "bfloat16" else 1e-3)

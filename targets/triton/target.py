@@ -160,6 +160,9 @@ class TritonBackend:
                 "kernels": [{"symbol": s, "kind": c.kind, "params": c.params, "rule": rules[s].to_json()}
                             for s, c in plan.kernels().items()],
                 "sampling": {k: rules[k].to_json() for k in SAMPLING},
+                # workspace slots: dtype and byte offset (coefficients of T, L, TT, const; plan.slot_offset)
+                "weights": [[w.dtype, list(w.shape)] for w in plan.weights],  # what the kernels were built for
+                "slots": [{"dtype": s.dtype, "offset": plan.slot_offset(i)} for i, s in enumerate(plan.slots)],
                 "binaries": binaries,
                 "compile_seconds": {s: round(t, 3) for s, t in times.items()},
             })
