@@ -110,6 +110,7 @@ def pick_target(targets: list, capability: tuple[int, int], name: str | None = N
 
 class CudaExecutor:
     kind = "cuda"
+    threads = None  # (CPU threads: not used)
 
     def __init__(self, bundle: Bundle, *, max_context: int, max_batched_tokens: int, max_num_seqs: int,
                  kv_cache_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
@@ -146,7 +147,7 @@ class CudaExecutor:
 
         self.stream = _call(driver.cuStreamCreate, 0)
         self.functions = {key: self._load_kernel(bundle, b) for key, b in self.program.binaries.items()}
-        weights = _load_weights(bundle, self.target["weights"])
+        self.weights = weights = _load_weights(bundle, self.target["weights"])  # host views (bench reads sizes)
         offsets, total = [], 0
         for w in weights:
             offsets.append(total)
