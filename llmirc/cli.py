@@ -55,14 +55,19 @@ def cli(debug: bool) -> None:
 @cli.command("compile")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target", default="cpu", show_default=True,
-              help="Targets to compile for, comma-separated: cpu (cuda and hip: not yet).")
+              help="Targets to compile for, comma-separated: cpu, cuda, hip (one bundle, weights stored once).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory to write (OUT.llmir).")
 @click.option("--passes", default=None, help="Textual pass pipeline replacing the default, e.g. "
               "'canonicalize,cse,fuse-linears,paged-kv{block-size=32}'. prune-logits and paged-kv always run last.")
 @click.option("--print-ir-after-all", is_flag=True, help="Print the IR after every pass (stderr).")
 @click.option("--emit", default=None, metavar="STAGE",
-              help="Print a stage to stdout: the optimized IR (mlir), or a target's stage (cpu: llvm-ir, asm).")
-@click.option("--keep-intermediates", is_flag=True, help="Also store LLVM IR, assembly and objects in the bundle.")
+              help="Print a stage to stdout: the optimized IR (mlir), or a target's stage (cpu: llvm-ir, asm; "
+                   "cuda: ttir, ttgir, llir, ptx; hip: ttir, ttgir, llir, amdgcn).")
+@click.option("--keep-intermediates", is_flag=True, help="Also store every stage in the bundle (cpu: LLVM IR, "
+              "assembly, objects; cuda/hip: ttir, ttgir, llir, ptx/amdgcn).")
+@click.option("--arch", default=None, metavar="ARCHS",
+              help="GPU architectures, comma-separated: sm_80, sm_90 (cuda), gfx90a, gfx942 (hip). Default: "
+                   "sm_80,sm_90 (sm_80's PTX kept for newer GPUs) and gfx90a,gfx942.")
 @click.option("--cpu-variants", default="native,baseline", show_default=True,
               help="CPU libraries to build: native (this host's CPU) and/or baseline (x86-64-v2 / generic aarch64).")
 @click.option("--dtype", default="auto", show_default=True,
@@ -79,7 +84,7 @@ def cli(debug: bool) -> None:
               help="The bundle's context in tokens (default: what the model states; refused above what its "
                    "config or position tables support).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, cpu_variants, dtype,
+def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, arch, cpu_variants, dtype,
                 kv_cache_dtype, report, dequantize, block_size, max_model_len, quiet):
     """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle."""
     try:
@@ -88,8 +93,9 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
         _fail(f"the compiler is not installed ({e.name} missing): pip install 'llmirc[compiler]'")
     variants = tuple(v.strip() for v in cpu_variants.split(",") if v.strip())
     targets = tuple(t.strip() for t in target.split(",") if t.strip())
+    archs = tuple(a.strip() for a in (arch or "").split(",") if a.strip())
     options = CompileOptions(targets=targets, passes=passes, print_ir_after_all=print_ir_after_all, emit=emit,
-                             keep_intermediates=keep_intermediates, cpu_variants=variants, report=report,
+                             keep_intermediates=keep_intermediates, cpu_variants=variants, report=report, archs=archs,
                              dtype=dtype, kv_cache_dtype=kv_cache_dtype, dequantize=dequantize,
                              block_size=block_size, max_model_len=max_model_len)
     compile_model(model, output, options, Progress(None if quiet else sys.stderr))
@@ -120,7 +126,10 @@ def _sampling_options(fn):
 def _load(bundle, kv_cache_tokens, no_verify, **kwargs):
     from llmirc.runtime import load
 
-    return load(bundle, kv_cache_tokens=kv_cache_tokens, verify=not no_verify, **kwargs)
+    model = load(bundle, kv_cache_tokens=kv_cache_tokens, verify=not no_verify, **kwargs)
+    for note in model.target_notes:  # GPU targets of the bundle this host cannot run, one line each
+        click.echo(f"note: not using {note}", err=True)
+    return model
 
 
 def _warn_unused_sampling(temperature, top_k, top_p) -> None:
@@ -319,15 +328,15 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
         from llmirc.server.app import ServerOptions, create_app
     except ImportError as e:
         raise LlmircError(f"serving needs the serve extra ({e.name} missing): pip install 'llmirc[serve]'") from None
-    if gpu_memory_utilization is not None:
-        click.echo("warning: --gpu-memory-utilization applies to GPU targets; this bundle runs on the CPU "
-                   "(size its KV cache with --kv-cache-tokens)", err=True)
     if max_num_batched_tokens < max_num_seqs:
         raise LlmircError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-num-seqs "
                           f"({max_num_seqs})")
     model = _load(bundle, kv_cache_tokens, no_verify, max_batched_tokens=max_num_batched_tokens,
                   max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
-                  threads=threads)
+                  threads=threads, gpu_memory_utilization=gpu_memory_utilization or 0.9)
+    if gpu_memory_utilization is not None and model.executor.kind == "cpu":
+        click.echo("warning: --gpu-memory-utilization applies to GPU targets; this bundle runs on the CPU "
+                   "(size its KV cache with --kv-cache-tokens)", err=True)
     dtype = (model.bundle.manifest.get("kv_cache") or {}).get("dtype", "float32")
     if kv_cache_dtype not in ("auto", dtype):
         raise LlmircError(f"--kv-cache-dtype {kv_cache_dtype}: this bundle's KV cache is {dtype} (the cache dtype "

@@ -36,6 +36,8 @@ class CompileOptions:
     keep_intermediates: bool = False
     report: bool = False                # print what the passes did
     cpu_variants: tuple[str, ...] = ("native", "baseline")
+    archs: tuple[str, ...] = ()         # GPU architectures (sm_80, sm_90, gfx90a, gfx942); () = each target's defaults
+    jobs: int | None = None             # parallel kernel compilations (GPU targets); None = the usable CPUs
     dtype: str = "auto"                 # weights of linear/embedding ops: auto (the checkpoint's), float32, ...
     kv_cache_dtype: str = "auto"        # the paged KV pool: auto (half for half weights), float32, ...
     dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of refusing them
@@ -59,7 +61,13 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     if not options.targets:
         raise LlmircError("--target: no target given (choose from cpu, cuda, hip)")
     backends = [backend(kind, options) for kind in dict.fromkeys(options.targets)]
-    stages = {stage: b for b in backends for stage in b.stages}
+    stages: dict = {}
+    for b in backends:  # a stage two targets share (ttir, ...) is emitted for the first named
+        for stage in b.stages:
+            stages.setdefault(stage, b)
+    unused = [a for a in options.archs if not any(a in getattr(b, "archs", ()) for b in backends)]
+    if unused:
+        raise LlmircError(f"--arch {','.join(unused)}: no --target here compiles for it (sm_*: cuda, gfx*: hip)")
     if options.emit is not None and options.emit != "mlir" and options.emit not in stages:
         raise LlmircError(f"unknown --emit stage {options.emit!r} (choose from mlir, {', '.join(stages)})")
     if out is None and options.emit is None:

@@ -25,11 +25,13 @@ from llmirc.errors import LlmircError
 
 from .plan import Plan
 
-# kind -> "module:class", imported on demand (a CPU-only install never imports Triton)
+# kind -> "module:class", imported on demand (a CPU-only compile never imports Triton)
 BACKENDS = {
     "cpu": "llmirc.targets.cpu.target:CpuBackend",
+    "cuda": "llmirc.targets.triton.target:CudaBackend",
+    "hip": "llmirc.targets.triton.target:HipBackend",
 }
-KNOWN = ("cpu", "cuda", "hip")
+KNOWN = tuple(BACKENDS)
 
 
 class Backend(Protocol):
@@ -47,7 +49,5 @@ def backend(kind: str, options) -> Backend:
     """The backend for target `kind`, configured from the compile options."""
     if kind not in KNOWN:
         raise LlmircError(f"unknown target {kind!r} (choose from {', '.join(KNOWN)})")
-    if kind not in BACKENDS:
-        raise LlmircError(f"target {kind!r} is not implemented yet; only {', '.join(BACKENDS)} can be compiled today")
     module, cls = BACKENDS[kind].split(":")
     return getattr(importlib.import_module(module), cls)(options)

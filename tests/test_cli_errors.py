@@ -317,8 +317,8 @@ def test_compile_error_after_progress_is_the_last_line(ckpt, tmp_path):
 
 BAD_OPTIONS = {
     "target-tpu": (["--target", "tpu"], ["tpu", "unknown target"]),
-    "target-cuda": (["--target", "cuda"], ["cuda", "not implemented"]),
-    "target-hip": (["--target", "hip"], ["hip", "not implemented"]),
+    "target-cuda-arch": (["--target", "cuda", "--arch", "sm_75"], ["sm_75", "unknown GPU architecture"]),
+    "target-hip-arch": (["--target", "hip", "--arch", "sm_90"], ["--arch sm_90", "no hip architecture"]),
     "unknown-pass": (["--passes", "canonicalize,frobnicate"], ["--passes", "frobnicate"]),
     "bad-pass-option-value": (["--passes", "paged-kv{block-size=abc}"], ["--passes", "block-size"]),
     "unknown-pass-option": (["--passes", "paged-kv{bogus=1}"], ["--passes", "bogus"]),

@@ -62,6 +62,8 @@ def pick_cpu_target(bundle: Bundle, name: str | None = None) -> dict:
 
 
 class CpuExecutor:
+    kind = "cpu"
+
     def __init__(self, bundle: Bundle, num_blocks: int, target: str | None = None, threads: int | None = None):
         m, name = bundle.manifest, bundle.name
         self.target = pick_cpu_target(bundle, target)

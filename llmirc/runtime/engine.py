@@ -13,7 +13,9 @@ logprob of the next prompt token. With a tokenizer, each request's text is detok
 grows and cut at its stop strings (`TextStream`); a request that hits one finishes at once.
 The executor is the only model-specific part: anything with
 `forward(token_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc,
-logits_indices)` and `num_blocks`/`block_size`/`vocab_size` runs here.
+logits_indices)` and `num_blocks`/`block_size`/`vocab_size` runs here. An executor with
+`forward_tokens` (a GPU target) samples on the device in steps that need no logits (no
+logprobs asked for): only token ids come back.
 """
 
 from __future__ import annotations
@@ -303,8 +305,11 @@ class Engine:
         if step is None:
             return
         try:
-            logits = self.executor.forward(*step.abi_inputs())
-            sampled = self._sample(step, logits)
+            if hasattr(self.executor, "forward_tokens") and self._no_logits_needed(step):
+                logits, sampled = None, self._sample_on_device(step)
+            else:
+                logits = self.executor.forward(*step.abi_inputs())
+                sampled = self._sample(step, logits)
         except Exception as e:  # a bug or a broken library: fail every request, serve nothing more
             log.exception("engine step failed")
             self.error, self.failure = f"{type(e).__name__}: {e}", e
@@ -314,7 +319,8 @@ class Engine:
             return
         self.stats.steps += 1
         self.stats.computed_tokens += step.num_tokens
-        self._prompt_logprobs(step, logits)
+        if logits is not None:
+            self._prompt_logprobs(step, logits)
         rows = {step.request_ids[r]: r for r in step.sample_rows}
         now = time.perf_counter()
         for event in self.scheduler.commit(step, sampled):
@@ -362,6 +368,26 @@ class Engine:
             rngs = [self._requests[step.request_ids[rows[i]]].rng for i in members]
             out[members] = sample(logits[rows[members]], temperature, top_k, top_p, rngs)
         return out
+
+    def _no_logits_needed(self, step) -> bool:
+        return not (step.targets >= 0).any() and all(
+            self._requests[step.request_ids[r]].params.logprobs is None for r in step.sample_rows)
+
+    def _sample_on_device(self, step) -> np.ndarray:
+        """Tokens of the sampling rows drawn by the executor on the device (a GPU target): each row
+        with its request's temperature, top-k, top-p and a seed drawn from its generator."""
+        inputs = step.abi_inputs()
+        L = len(inputs[6])
+        temperature, top_k = np.zeros(L, np.float32), np.zeros(L, np.int32)
+        top_p, seeds = np.ones(L, np.float32), np.zeros(L, np.int64)
+        for r in step.sample_rows:
+            req = self._requests[step.request_ids[r]]
+            p = req.params
+            if p.temperature > GREEDY_TEMPERATURE:
+                temperature[r], top_k[r], top_p[r] = p.temperature, p.top_k or 0, p.top_p or 1.0
+                seeds[r] = req.rng.integers(0, 2**62)
+        tokens = self.executor.forward_tokens(inputs, temperature, top_k, top_p, seeds, np.zeros(L, np.int64))
+        return tokens[step.sample_rows].astype(np.int64)
 
     def _prompt_logprobs(self, step, logits: np.ndarray) -> None:
         rows = np.flatnonzero(step.targets >= 0)

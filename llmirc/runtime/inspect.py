@@ -58,9 +58,7 @@ def _summary(bundle: Bundle, verify: bool) -> dict:
         "weights": {"file": m["weights"]["file"], "tensors": len(m["weights"]["order"]),
                     "parameters": num_params, "bytes_by_dtype": dict(by_dtype),
                     "derived": m["weights"].get("derived", {})},
-        "targets": [{"name": t["name"], "cpu": t.get("cpu"), "features": t.get("features"),
-                     "library": t["library"], "kernels": [k["symbol"] + ": " + k["kind"] for k in t["kernels"]]}
-                    for t in m.get("targets", [])],
+        "targets": [_target(t) for t in m.get("targets", [])],
         "plan": {"kernel_calls": sum(calls.values()), "calls_per_kernel": dict(calls)},
         "workspace_bytes": m.get("abi", {}).get("workspace"),
         "passes": m.get("passes"),
@@ -70,6 +68,23 @@ def _summary(bundle: Bundle, verify: bool) -> dict:
         "sizes_bytes": dict(sizes),
         "verified": verify,
     }
+
+
+def _target(t: dict) -> dict:
+    """A target's summary: a CPU library, or a GPU architecture's compiled kernels (plan kernel ->
+    the Triton kernels its launch rule may run, with warps and shared memory)."""
+    out = {"name": t["name"], "kind": t.get("kind", "cpu"),
+           "kernels": [k["symbol"] + ": " + k["kind"] for k in t["kernels"]]}
+    if out["kind"] == "cpu":
+        return out | {"cpu": t.get("cpu"), "features": t.get("features"), "library": t["library"]}
+    binaries = t["binaries"]
+    launched = {k["symbol"]: list(dict.fromkeys(ln["kernel"] for v in k["rule"]["variants"] for ln in v["launches"]))
+                for k in t["kernels"]}
+    return out | {"arch": t["arch"], "binaries": len(binaries), "ptx_portable": bool(t.get("ptx_portable")),
+                  "compile_seconds": t.get("compile_seconds", {}),
+                  "launches": {s: [f"{binaries[key]['kernel']} ({binaries[key]['num_warps']} warps, "
+                                   f"{binaries[key]['shared']} B shared)" for key in keys]
+                               for s, keys in launched.items()}}
 
 
 def _numel(shape) -> int:
@@ -128,13 +143,24 @@ def _describe(info: dict) -> str:
         "targets",
     ]
     for t in info["targets"]:
-        lines.append(f"  {t['name']:24s} cpu={t['cpu']}  {len(t['kernels'])} kernels  {t['library']}")
-        lines.append(f"  {'':24s} needs: {', '.join(t['features']) or '-'}")
-    lines.append("kernels (" + info["targets"][0]["name"] + ")" if info["targets"] else "kernels: none")
-    if info["targets"]:
-        calls = info["plan"]["calls_per_kernel"]
-        for k in info["targets"][0]["kernels"]:
-            lines.append(f"  {k}  x{calls.get(k.split(':')[0], 0)}")
+        if t["kind"] == "cpu":
+            lines.append(f"  {t['name']:24s} cpu={t['cpu']}  {len(t['kernels'])} kernels  {t['library']}")
+            lines.append(f"  {'':24s} needs: {', '.join(t['features']) or '-'}")
+        else:
+            lines.append(f"  {t['name']:24s} {t['kind']} {t['arch']}  {len(t['kernels'])} kernels, {t['binaries']} "
+                         f"binaries{', PTX for newer GPUs' if t['ptx_portable'] else ''}")
+    calls = info["plan"]["calls_per_kernel"]
+    cpu = [t for t in info["targets"] if t["kind"] == "cpu"]
+    lines.append("kernels (" + cpu[0]["name"] + ")" if cpu else "kernels: no cpu target")
+    for k in cpu[0]["kernels"] if cpu else []:
+        lines.append(f"  {k}  x{calls.get(k.split(':')[0], 0)}")
+    for t in info["targets"]:
+        if t["kind"] != "cpu":
+            lines.append(f"kernels ({t['name']}; compile " + ", ".join(f"{s} {v:.1f}s" for s, v in
+                                                                       t["compile_seconds"].items()) + ")")
+            for k in t["kernels"]:
+                symbol = k.split(":")[0]
+                lines.append(f"  {k}  x{calls.get(symbol, 0)}: " + "; ".join(t["launches"].get(symbol, [])))
     lines.append("sizes      " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sorted(info["sizes_bytes"].items())))
     lines.append(f"checksums  {'verified' if info['verified'] else 'not verified (--no-verify)'}")
     return "\n".join(lines)

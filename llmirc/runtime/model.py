@@ -31,7 +31,8 @@ DEFAULT_KV_TOKENS = 16384
 
 def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_tokens: int = 2048,
          max_num_seqs: int = 64, verify: bool = True, target: str | None = None, threads: int | None = None,
-         enable_prefix_caching: bool = True, max_model_len: int | None = None) -> Model:
+         enable_prefix_caching: bool = True, max_model_len: int | None = None,
+         gpu_memory_utilization: float = 0.9) -> Model:
     """Opens a bundle and loads its kernels for this host.
 
     `verify` checks every file's sha256, once per unchanged bundle (the result is remembered,
@@ -39,18 +40,59 @@ def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_to
     sequences; default: the model's context, capped at 16384). `max_batched_tokens` bounds one
     step (longer prompts are prefilled in chunks), `max_num_seqs` the sequences per step.
     `max_model_len` lowers the context the model accepts (never above the bundle's). `target`
-    picks a library by name (`llmirc inspect` lists them); by default the first that fits this
-    host. `threads`: CPU threads the kernels use (default: the CPUs this process may run on).
+    picks a target by name (`llmirc inspect` lists them); by default the best this host runs: a
+    GPU target first (see `pick_executor`), then the first CPU library that fits. `threads`: CPU
+    threads the kernels use (default: the CPUs this process may run on).
+    `gpu_memory_utilization`: the share of GPU memory the model may use, the KV cache taking what
+    the weights and buffers leave (vLLM's option; a GPU target without kv_cache_tokens).
     Raises BundleError for a bad bundle, LlmircError for bad options."""
     return Model(open_bundle(Path(path), verify=verify, remember=True), kv_cache_tokens=kv_cache_tokens,
                  max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs, target=target, threads=threads,
-                 enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len)
+                 enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
+                 gpu_memory_utilization=gpu_memory_utilization)
+
+
+def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | None, max_context: int,
+                  block_size: int, max_batched_tokens: int, max_num_seqs: int, threads: int | None,
+                  gpu_memory_utilization: float) -> tuple[object, list[str]]:
+    """(executor, notes): the executor of the best target this host runs, a GPU target first, and
+    one line per GPU target of the bundle that could not be used, saying why (no cuda-python, no
+    driver, no kernels or PTX for this GPU, too little memory). A target named by `target` is
+    the only one tried: its failure is the error."""
+    from .gpu_program import GpuUnavailable
+
+    targets = [t for t in bundle.manifest.get("targets") or [] if isinstance(t, dict)]
+    named = next((t for t in targets if t.get("name") == target), None) if target else None
+    if target and named is None:
+        raise BundleError(f"bundle {bundle.name}: no target named {target!r} "
+                          f"(it has {', '.join(str(t.get('name')) for t in targets) or 'none'})")
+    kinds = [named.get("kind")] if named else list(dict.fromkeys(t.get("kind") for t in targets))
+    notes = []
+    if "cuda" in kinds:
+        try:
+            from .cuda_executor import CudaExecutor
+
+            return CudaExecutor(bundle, max_context=max_context, max_batched_tokens=max_batched_tokens,
+                                max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens,
+                                gpu_memory_utilization=gpu_memory_utilization, target=target), notes
+        except GpuUnavailable as e:
+            if named:
+                raise
+            notes.append(str(e))
+    if "hip" in kinds:
+        if named:
+            raise GpuUnavailable("hip: this loader has no HIP executor yet (the bundle's hsaco kernels are compiled)")
+        notes.append("hip: this loader has no HIP executor yet")
+    tokens = kv_cache_tokens or min(max_context, DEFAULT_KV_TOKENS)
+    if tokens < 1:
+        raise LlmircError(f"kv_cache_tokens must be positive, got {kv_cache_tokens}")
+    return CpuExecutor(bundle, blocks_for(tokens, block_size), target, threads), notes
 
 
 class Model:
     def __init__(self, bundle: Bundle, *, kv_cache_tokens: int | None, max_batched_tokens: int, max_num_seqs: int,
                  target: str | None = None, threads: int | None = None, enable_prefix_caching: bool = True,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.9):
         self.bundle = bundle
         m = bundle.manifest
         try:
@@ -73,11 +115,11 @@ class Model:
                 raise LlmircError(f"max_model_len {max_model_len} must be between 1 and the bundle's context of "
                                   f"{self.max_context} tokens")
             self.max_context = max_model_len
-        tokens = kv_cache_tokens or min(self.max_context, DEFAULT_KV_TOKENS)
-        if tokens < 1:
-            raise LlmircError(f"kv_cache_tokens must be positive, got {kv_cache_tokens}")
-        self.num_blocks = blocks_for(tokens, self.block_size)
-        self.executor = CpuExecutor(bundle, self.num_blocks, target, threads)
+        self.executor, self.target_notes = pick_executor(
+            bundle, target=target, kv_cache_tokens=kv_cache_tokens, max_context=self.max_context,
+            block_size=self.block_size, max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs,
+            threads=threads, gpu_memory_utilization=gpu_memory_utilization)
+        self.num_blocks = self.executor.num_blocks
         self.scheduler = Scheduler(self.num_blocks, self.block_size, self.max_context,
                                    eos_token_ids=self.eos_token_ids, max_batched_tokens=max_batched_tokens,
                                    max_num_seqs=max_num_seqs, vocab_size=self.vocab_size,

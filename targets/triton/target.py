@@ -1,0 +1,177 @@
+"""The cuda and hip backends: plan -> launch rules -> Triton kernels compiled per architecture.
+
+Stages, in order, each kept on request (`--keep-intermediates`): cuda `ttir`, `ttgir`, `llir`,
+`ptx`, `cubin`; hip `ttir`, `ttgir`, `llir`, `amdgcn`, `hsaco`. Every plan kernel (a kind with
+static params) gets the launch rule of its kind for each architecture (kinds.py), compiled with
+the divisibility hints its calls allow (`aligned_args`); the sampling kernels (`argmax`,
+`sample` over the logits) come along so that a decode step can copy back token ids. Identical
+kernels compile once (compile.py's cache, keyed by source and options), in parallel.
+
+One manifest entry per architecture (`kind` cuda or hip) carries, per plan kernel symbol, its
+launch rule (the JSON llmirc.runtime.launch_rules evaluates) and, per compiled kernel, its
+binary and launch metadata (symbol, warps, shared memory, parameters). PTX that a newer GPU's
+driver can JIT-compile (sm_80's, not sm_90a's) is always stored.
+
+Full-sequence (generic-kernel) models stay CPU-only: `check` refuses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from llmirc import dtypes
+from llmirc.errors import LlmircError
+from llmirc.targets.plan import ABI_VERSION, Plan, Ref
+
+from .arch import ARCHS, get_arch
+from .compile import BINARY, STAGES, compile_kernels, default_cache_dir
+from .kinds import BUILDERS, launch_rule
+
+DEFAULT_ARCHS = {"cuda": ("sm_80", "sm_90"), "hip": ("gfx90a", "gfx942")}
+SAMPLING = ("argmax", "sample")  # kinds run on the logits, outside the plan
+TEXT_STAGES = {"cuda": STAGES["cuda"][:-1], "hip": STAGES["hip"][:-1]}
+
+
+def aligned_args(plan: Plan, symbol: str) -> set[str]:
+    """The arguments of kernel `symbol` that are multiples of 16 in every call of it: pointers
+    whose byte offset into their buffer is (buffers start 256-byte aligned on the device: see
+    llmirc.runtime.gpu_memory), integer constants such as ld_* that are. Run-time dims (T, B, ...)
+    never are."""
+    out = None
+    for call in plan.calls:
+        if call.symbol != symbol:
+            continue
+        ok = set()
+        for name, a in call.args.items():
+            if isinstance(a, Ref):
+                itemsize = dtypes.dtype(plan.dtype_of(a)).itemsize if a.space != "null" else 0
+                if (a.col * itemsize) % 16 == 0:
+                    ok.add(name)
+            elif isinstance(a, int) and not isinstance(a, bool) and a % 16 == 0:
+                ok.add(name)
+        out = ok if out is None else out & ok
+    return out or set()
+
+
+class TritonBackend:
+    """A GPU backend (cuda or hip); `--arch` picks the architectures of this backend's kind."""
+
+    kind: str = ""
+
+    def __init__(self, options):
+        given = list(options.archs or ())
+        mine = [a for a in given if get_arch(a).backend == self.kind]  # unknown names fail here
+        self.archs = tuple(dict.fromkeys(mine)) if options.archs else DEFAULT_ARCHS[self.kind]
+        if not self.archs:
+            raise LlmircError(f"--arch {','.join(given)}: no {self.kind} architecture given "
+                              f"(known: {', '.join(a for a, x in ARCHS.items() if x.backend == self.kind)})")
+        self.stages = STAGES[self.kind]
+        self.keep_intermediates = options.keep_intermediates
+        self.cache_dir = default_cache_dir()
+        self.jobs = options.jobs
+
+    def check(self, plan: Plan) -> None:
+        if plan.full_sequence:
+            raise LlmircError(f"target {self.kind}: this is a full-sequence model (ONNX ops left generic), which "
+                              "only the cpu target runs; compile it with --target cpu")
+        missing = sorted({c.kind for c in plan.calls} - set(BUILDERS))
+        if missing:
+            raise LlmircError(f"target {self.kind}: no GPU kernel for {', '.join(missing)}; compile with --target cpu")
+
+    def rules(self, plan: Plan, arch: str) -> dict:
+        """{symbol: Rule} of every plan kernel and of the sampling kinds, for one architecture."""
+        a = get_arch(arch)
+        out = {}
+        for symbol, call in plan.kernels().items():
+            rule = launch_rule(call.kind, call.params, a)
+            out[symbol] = rule.with_aligned(aligned_args(plan, symbol) | {b["name"] for b in rule.buffers})
+            out[symbol].check()
+        for kind in SAMPLING:  # tokens, logits (aligned: device buffers); ld_logits = vocab
+            aligned = {"tokens", "logits", "temperature", "top_k", "top_p", "seeds", "offsets"}
+            if plan.logits_cols % 16 == 0:
+                aligned.add("ld_logits")
+            out[kind] = launch_rule(kind, {"vocab": plan.logits_cols}, a, aligned=aligned)
+        return out
+
+    def _compile(self, plan: Plan, archs) -> dict:
+        """{arch: (rules, {spec key: Compiled})}, every kernel of every arch compiled in one batch."""
+        rules = {arch: self.rules(plan, arch) for arch in archs}
+        pairs = {(key, arch): spec for arch in archs for r in rules[arch].values() for key, spec in r.kernels().items()}
+        results = compile_kernels([(spec, arch) for (_, arch), spec in pairs.items()], cache_dir=self.cache_dir,
+                                  jobs=self.jobs)
+        compiled = {arch: {} for arch in archs}
+        for (key, arch), res in zip(pairs, results):
+            compiled[arch][key] = res
+        return {arch: (rules[arch], compiled[arch]) for arch in archs}
+
+    def emit(self, plan: Plan, stage: str) -> str:
+        """One text stage of every kernel for this backend's first architecture."""
+        if stage not in TEXT_STAGES[self.kind]:
+            raise LlmircError(f"--emit {stage}: the {self.kind} target's text stages are "
+                              f"{', '.join(TEXT_STAGES[self.kind])} (binaries: --keep-intermediates)")
+        arch = self.archs[0]
+        rules, compiled = self._compile(plan, [arch])[arch]
+        comment = ";" if stage in ("llir", "amdgcn") else "//"
+        parts = []
+        for symbol, rule in rules.items():
+            for key in rule.kernels():
+                parts.append(f"{comment} {symbol} ({rule.kind}): {compiled[key].kernel} {key} for {arch}\n"
+                             f"{compiled[key].asm[stage]}")
+        return "\n".join(parts)
+
+    def build(self, plan: Plan, path: Callable[[str], Path], progress: Callable[[str], None]) -> list[dict]:
+        """Compiles every kernel for each architecture into `kernels/<kind>-<arch>/`; returns one
+        manifest entry per architecture."""
+        progress(f"{self.kind}: compiling Triton kernels for {', '.join(self.archs)}")
+        done = self._compile(plan, self.archs)
+        entries = []
+        for arch in self.archs:
+            rules, compiled = done[arch]
+            a = get_arch(arch)
+            name = f"{self.kind}-{arch}"
+            binaries, times, fresh = {}, {}, 0
+            for key, c in compiled.items():
+                stem = f"kernels/{name}/{c.kernel}_{key}"
+                binary = f"{stem}.{BINARY[self.kind]}"
+                path(binary).write_bytes(c.binary)
+                entry = {"kernel": c.kernel, "binary": binary, **c.metadata}
+                portable = self.kind == "cuda" and not c.metadata["ptx_target"].endswith("a")
+                if portable or self.keep_intermediates:  # PTX a newer GPU's driver can JIT-compile
+                    if "ptx" in c.asm:
+                        path(f"{stem}.ptx").write_text(c.asm["ptx"])
+                        entry["ptx"] = f"{stem}.ptx"
+                if self.keep_intermediates:
+                    for stage, text in c.asm.items():
+                        if stage != "ptx":
+                            path(f"{stem}.{stage}").write_text(text)
+                binaries[key] = entry
+                fresh += not c.cached
+                for stage, seconds in c.times.items():
+                    times[stage] = times.get(stage, 0.0) + seconds
+            progress(f"{name}: {len(compiled)} kernels ({len(compiled) - fresh} from the cache); compile time "
+                     + (", ".join(f"{s} {t:.1f}s" for s, t in times.items()) or "0s"))
+            entries.append({
+                "name": name, "kind": self.kind, "arch": arch, "target": {"backend": a.backend, "arch": a.arch,
+                                                                           "warp_size": a.warp_size},
+                "abi_version": ABI_VERSION,
+                # every kernel has PTX that a newer GPU's driver can JIT-compile
+                "ptx_portable": self.kind == "cuda" and all(not b["ptx_target"].endswith("a") for b in binaries.values()),
+                "kernels": [{"symbol": s, "kind": c.kind, "params": c.params, "rule": rules[s].to_json()}
+                            for s, c in plan.kernels().items()],
+                "sampling": {k: rules[k].to_json() for k in SAMPLING},
+                # workspace slots: dtype and byte offset (coefficients of T, L, TT, const; plan.slot_offset)
+                "weights": [[w.dtype, list(w.shape)] for w in plan.weights],  # what the kernels were built for
+                "slots": [{"dtype": s.dtype, "offset": plan.slot_offset(i)} for i, s in enumerate(plan.slots)],
+                "binaries": binaries,
+                "compile_seconds": {s: round(t, 3) for s, t in times.items()},
+            })
+        return entries
+
+
+class CudaBackend(TritonBackend):
+    kind = "cuda"
+
+
+class HipBackend(TritonBackend):
+    kind = "hip"

@@ -1,0 +1,319 @@
+"""`compile --target cpu,cuda,hip` on this CPU-only machine: one bundle with a library for the CPU and
+a cubin/hsaco per kernel and architecture, launch metadata that agrees with the binaries, HGMMA in
+the sm_90 prefill matmuls, every stage on request, and full-sequence models refused."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from helpers import make_checkpoint
+from onnx_graphs import save
+from test_cli_errors import llmirc
+from test_onnx_fallback import bidirectional_decoder
+
+from llmirc.driver import CompileOptions, Progress, compile_model
+from llmirc.errors import LlmircError
+from llmirc.runtime import inspect
+from llmirc.targets.triton.compile import HIDDEN_PARAMS, sass
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A Triton kernel cache for this module (LLMIRC_CACHE_DIR)."""
+    path = tmp_path_factory.mktemp("llmirc-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMIRC_CACHE_DIR", str(path))
+        yield path
+
+
+def _compile(src, out, **kw):
+    log = io.StringIO()
+    compile_model(src, out, CompileOptions(cpu_variants=("baseline",), jobs=2, **kw), Progress(log))
+    return json.loads((out / "manifest.json").read_text()), log.getvalue()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, cache):
+    tmp = tmp_path_factory.mktemp("gpu-llama")
+    make_checkpoint(tmp / "ckpt", "llama", dtype="bfloat16", tokenizer=True)
+    manifest, log = _compile(tmp / "ckpt", tmp / "m.llmir", targets=("cpu", "cuda", "hip"))
+    return tmp, manifest, log
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory, cache):
+    tmp = tmp_path_factory.mktemp("gpu-gpt2")
+    make_checkpoint(tmp / "ckpt", "gpt2")
+    manifest, _ = _compile(tmp / "ckpt", tmp / "m.llmir", targets=("cuda", "hip"), archs=("sm_90", "gfx942"))
+    return tmp, manifest
+
+
+def _gpu(manifest):
+    return {t["arch"]: t for t in manifest["targets"] if t["kind"] in ("cuda", "hip")}
+
+
+def _check_target(bundle, manifest, t):
+    """Every launch of every kernel (plan and sampling) has its binary, and the binary's parameters
+    are the launch's arguments (typed as the rule says) then the two hidden pointers."""
+    plan_symbols = {step["kernel"] for step in manifest["plan"]}
+    assert {k["symbol"] for k in t["kernels"]} == plan_symbols
+    magic = b"\x7fELF"
+    for rule in [k["rule"] for k in t["kernels"]] + list(t["sampling"].values()):
+        types = dict(map(tuple, rule["args"]))
+        for v in rule["variants"]:
+            for ln in v["launches"]:
+                b = t["binaries"][ln["kernel"]]
+                assert (bundle / b["binary"]).read_bytes()[:4] == magic
+                want = [[a, "i64" if a in ln["scalars"] else types[a]] for a in ln["args"]]
+                assert b["params"] == want + [list(p) for p in HIDDEN_PARAMS], (rule["kind"], b["kernel"])
+                assert b["global_scratch_size"] == 0 and b["num_ctas"] == 1 and b["num_warps"] >= 1
+
+
+def test_one_bundle_for_cpu_cuda_hip(llama):
+    tmp, manifest, log = llama
+    bundle = tmp / "m.llmir"
+    gpu = _gpu(manifest)
+    assert sorted(gpu) == ["gfx90a", "gfx942", "sm_80", "sm_90"]
+    assert [t["kind"] for t in manifest["targets"]] == ["cpu", "cuda", "cuda", "hip", "hip"]
+    for t in gpu.values():
+        _check_target(bundle, manifest, t)
+        assert t["name"] == f"{t['kind']}-{t['arch']}" and set(t["compile_seconds"]) >= {"ttir", "ttgir", "llir"}
+        assert f"{t['name']}: {len(t['binaries'])} kernels" in log  # compile time per stage is reported
+    # weights once: one tensor file for every target
+    assert [f["path"] for f in manifest["files"] if f["path"].startswith("weights/")] == ["weights/model.safetensors"]
+    # sm_80's PTX is kept (a newer GPU's driver can JIT it); sm_90a PTX is not portable
+    assert gpu["sm_80"]["ptx_portable"] and not gpu["sm_90"]["ptx_portable"]
+    assert all((bundle / b["ptx"]).read_text().lstrip().startswith("//") for b in gpu["sm_80"]["binaries"].values())
+    assert not any("ptx" in b for b in gpu["sm_90"]["binaries"].values())
+    assert all(b["binary"].endswith(".hsaco") for b in gpu["gfx942"]["binaries"].values())
+
+
+def test_sm90_prefill_matmuls_use_hgmma(llama):
+    tmp, manifest, _ = llama
+    t = _gpu(manifest)["sm_90"]
+    linears = [k for k in t["kernels"] if k["kind"] == "linear"]
+    assert linears
+    for k in linears:
+        prefill = k["rule"]["variants"][-1]  # T > 128
+        assert prefill["when"] == 1
+        binary = t["binaries"][prefill["launches"][0]["kernel"]]
+        assert "HGMMA." in sass((tmp / "m.llmir" / binary["binary"]).read_bytes()), k["symbol"]
+
+
+def test_inspect_lists_kernels_per_architecture(llama):
+    tmp, manifest, _ = llama
+    text = inspect.describe(inspect.summary(tmp / "m.llmir"))
+    for arch in ("cuda-sm_80", "cuda-sm_90", "hip-gfx90a", "hip-gfx942"):
+        assert f"kernels ({arch}; compile ttir" in text
+    assert "PTX for newer GPUs" in text and "linear_kernel (8 warps" in text
+
+
+def test_cpu_target_of_a_mixed_bundle_runs(llama):
+    from llmirc.runtime.model import load
+    tmp, _, _ = llama
+    model = load(tmp / "m.llmir", kv_cache_tokens=256)
+    assert model.executor.target["kind"] == "cpu"
+    assert len(model.generate([[0, 5, 7]], 4, ignore_eos=True)[0]) == 4
+
+
+def test_gpt2_compiles_for_cuda_and_hip(gpt2):
+    tmp, manifest = gpt2
+    gpu = _gpu(manifest)
+    assert sorted(gpu) == ["gfx942", "sm_90"]
+    assert {k["kind"] for k in gpu["sm_90"]["kernels"]} >= {"layer_norm", "act", "linear", "paged_attention"}
+    for t in gpu.values():
+        _check_target(tmp / "m.llmir", manifest, t)
+
+
+def test_keep_intermediates_and_emit(llama, tmp_path):
+    tmp, _, _ = llama
+    manifest, _ = _compile(tmp / "ckpt", tmp_path / "k.llmir", targets=("hip",), archs=("gfx942",),
+                           keep_intermediates=True)
+    b = next(iter(manifest["targets"][0]["binaries"].values()))
+    stem = (tmp_path / "k.llmir" / b["binary"]).with_suffix("")
+    for stage in ("ttir", "ttgir", "llir", "amdgcn", "hsaco"):
+        assert stem.with_suffix(f".{stage}").stat().st_size > 0, stage
+    r = llmirc("compile", tmp / "ckpt", "--target", "cuda", "--arch", "sm_90", "--emit", "ptx", "-q")
+    assert r.returncode == 0, r.stderr
+    assert ".entry linear_kernel(" in r.stdout and ".target sm_90a" in r.stdout
+
+
+def test_gpu_option_errors(llama, tmp_path):
+    tmp, _, _ = llama
+    for args, message in [
+        (("--target", "cuda", "--arch", "sm_75"), "unknown GPU architecture 'sm_75'"),
+        (("--target", "cuda", "--arch", "gfx942"), "--arch gfx942: no cuda architecture given"),
+        (("--target", "cpu", "--arch", "sm_90"), "--arch sm_90: no --target here compiles for it"),
+        (("--target", "cuda", "--emit", "cubin"), "--emit cubin: the cuda target's text stages are"),
+    ]:
+        r = llmirc("compile", tmp / "ckpt", *args, "-o", tmp_path / "x.llmir", "-q")
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "x.llmir").exists()
+
+
+def test_full_sequence_models_are_refused(tmp_path):
+    path = save(bidirectional_decoder(), tmp_path)
+    r = llmirc("compile", path, "--target", "cuda", "-o", tmp_path / "m.llmir")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: target cuda: this is a full-sequence model (ONNX ops left generic), which only the cpu target "
+        "runs; compile it with --target cpu")
+    assert not (tmp_path / "m.llmir").exists()
+    with pytest.raises(LlmircError, match="target hip: this is a full-sequence model"):
+        compile_model(path, None, CompileOptions(targets=("hip",), emit="mlir"), Progress(None), stdout=io.StringIO())
+
+
+# --- the GPU executor's host side (no GPU here): launches, argument packing, memory, target choice
+
+def _program(tmp, manifest, arch="sm_90"):
+    from llmirc.runtime.gpu_program import GpuProgram
+    return GpuProgram(manifest, _gpu(manifest)[arch], "m.llmir")
+
+
+def _regions(program, dims):
+    """Fake device addresses (256-aligned, far apart) of every buffer, and their byte ranges."""
+    from llmirc.runtime.gpu_program import INPUTS
+    sizes = {name: 4 * 4096 for name in INPUTS} | {"ws": program.workspace_bytes(dims["T"], dims["L"]),
+                                                    "logits": 4 * dims["L"] * 384, "pool": 1 << 20}
+    addr, regions, base = {}, [], 1 << 32
+    for name, n in sizes.items():
+        addr[name] = base
+        regions.append((base, base + n))
+        base += 1 << 24
+    addr["weights"] = []
+    for w in program.target["weights"]:
+        import numpy as np
+        addr["weights"].append(base)
+        n = int(np.prod(w[1])) * {"float32": 4, "bfloat16": 2}[w[0]]
+        regions.append((base, base + n))
+        base += 1 << 24
+    addr["buffers"] = {}
+    for key, (n, _) in program.buffers(dims).items():
+        addr["buffers"][key] = base
+        regions.append((base, base + n))
+        base += 1 << 24
+    return addr, regions
+
+
+@pytest.mark.parametrize("T,B,L", [(1, 1, 1), (8, 8, 8), (37, 2, 2), (300, 1, 1)])
+def test_launches_point_inside_their_buffers(llama, T, B, L):
+    import ctypes
+
+    from llmirc.runtime.gpu_program import pack
+    tmp, manifest, _ = llama
+    program = _program(tmp, manifest)
+    dims = {"T": T, "B": B, "L": L, "max_blocks": 4, "num_blocks": 64}
+    addr, regions = _regions(program, dims | {"T": 512, "L": 512})
+    launches = program.forward(dims, addr)
+    assert len(launches) >= len(manifest["plan"])
+    for ln in launches:
+        b = program.binaries[ln.kernel]
+        array, cells = pack(b, ln.values)
+        for i, ((name, t), v) in enumerate(zip(b["params"], ln.values)):
+            raw = ctypes.cast(array[i], ctypes.POINTER({"fp32": ctypes.c_float, "i64": ctypes.c_int64}.get(
+                t, ctypes.c_uint64))).contents.value
+            assert raw == pytest.approx(v), (b["kernel"], name)
+            if t.startswith("*") and name not in ("global_scratch", "profile_scratch", "bias", "residual", "b"):
+                assert any(lo <= v < hi for lo, hi in regions), (b["kernel"], name, hex(v))
+        assert ln.values[-2:] == (0, 0) and all(g >= 1 for g in ln.grid)
+    # the linear variant follows T (decode: 16-row tiles, split-K; prefill above 128 rows: 128-row tiles)
+    first_linear = next(ln for ln in launches if program.binaries[ln.kernel]["kernel"] == "linear_kernel")
+    block_m = program.binaries[first_linear.kernel]["constexprs"]["BLOCK_M"]
+    assert block_m == (16 if T <= 16 else 64 if T <= 128 else 128)
+
+
+def test_misaligned_buffers_and_bad_entries_are_refused(llama):
+    import copy
+
+    from llmirc.errors import BundleError
+    from llmirc.runtime.gpu_program import GpuProgram
+    tmp, manifest, _ = llama
+    program = _program(tmp, manifest)
+    dims = {"T": 4, "B": 4, "L": 4, "max_blocks": 4, "num_blocks": 64}
+    addr, _ = _regions(program, dims)
+    addr["ws"] += 8  # a workspace that is not 16-byte aligned
+    with pytest.raises(BundleError, match="was compiled for .* % 16 == 0"):
+        program.forward(dims, addr)
+    bad = copy.deepcopy(manifest)
+    target = _gpu(bad)["sm_90"]
+    next(iter(target["binaries"].values()))["params"].pop(0)
+    with pytest.raises(BundleError, match="its launch rule passes"):
+        GpuProgram(bad, target, "m.llmir")
+    bad = copy.deepcopy(manifest)
+    bad["plan"][0]["args"]["ids"] = {"ptr": "input", "index": "../etc"}
+    addr, _ = _regions(program, dims)
+    with pytest.raises(BundleError, match="unknown input"):
+        GpuProgram(bad, _gpu(bad)["sm_90"], "m.llmir").forward(dims, addr)
+
+
+def test_kv_cache_memory_plan():
+    from llmirc.runtime.gpu_program import GpuUnavailable, kv_cache_blocks
+    GiB = 2**30
+    # 140 GiB device, 2 GiB used by others, our weights etc. 10 GiB already allocated: free 128
+    assert kv_cache_blocks(128 * GiB, 140 * GiB, 0.9, GiB, 2**20, 64) == (126 * GiB - 12 * GiB - GiB) // 2**20
+    assert kv_cache_blocks(GiB, 8 * GiB, 0.9, 0, 2**20, 64) == 204  # (0.9 * 8 - 7) GiB in MiB blocks
+    with pytest.raises(GpuUnavailable, match=r"^cuda \(H\): too little memory: 0.5 of 8.0 GiB free"):
+        kv_cache_blocks(GiB // 2, 8 * GiB, 0.9, 0, 2**20, 64, "cuda (H)")
+    with pytest.raises(LlmircError, match="gpu_memory_utilization must be in"):
+        kv_cache_blocks(GiB, 8 * GiB, 1.5, 0, 2**20, 64)
+
+
+def test_target_choice_per_device(llama):
+    from llmirc.runtime.cuda_executor import pick_target
+    from llmirc.runtime.gpu_program import GpuUnavailable
+    _, manifest, _ = llama
+    targets = manifest["targets"]
+    assert [(t["name"], ptx) for t, ptx in (pick_target(targets, cc) for cc in ((9, 0), (8, 0), (8, 9), (10, 0)))] \
+        == [("cuda-sm_90", False), ("cuda-sm_80", False), ("cuda-sm_80", False), ("cuda-sm_80", True)]
+    with pytest.raises(GpuUnavailable, match=r"^cuda: this GPU is sm_75; the bundle has cuda kernels for sm_80, "
+                                             r"sm_90 and no PTX it can JIT-compile"):
+        pick_target(targets, (7, 5))
+    with pytest.raises(GpuUnavailable, match="sm_120; the bundle has cuda kernels for sm_90 and no PTX"):
+        pick_target([t for t in targets if t.get("arch") == "sm_90"], (12, 0))
+
+
+def test_loader_says_why_a_gpu_target_is_not_used(llama):
+    from llmirc.runtime.cuda_executor import probe
+    from llmirc.runtime.gpu_program import GpuUnavailable
+    from llmirc.runtime.model import load
+    try:
+        probe()
+        pytest.skip("this host has a GPU")
+    except GpuUnavailable as e:
+        why = str(e)
+    tmp, _, _ = llama
+    model = load(tmp / "m.llmir", kv_cache_tokens=256)
+    assert model.executor.kind == "cpu"
+    assert model.target_notes == [why, "hip: this loader has no HIP executor yet"]
+    assert why.startswith(("cuda: no NVIDIA driver", "cuda: cuda-python is not installed")) and "\n" not in why
+    with pytest.raises(GpuUnavailable, match="^cuda: "):
+        load(tmp / "m.llmir", target="cuda-sm_90")
+    r = llmirc("run", tmp / "m.llmir", "--token-ids", "0,5", "--max-new-tokens", "2")
+    assert r.returncode == 0 and f"note: not using {why}" in r.stderr
+
+
+def _gpu_or_skip():
+    from llmirc.runtime.cuda_executor import probe
+    from llmirc.runtime.gpu_program import GpuUnavailable
+    try:
+        return probe()
+    except GpuUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("qwen2", "float32"), ("mistral", "bfloat16")])
+def test_gpu_greedy_matches_transformers(tmp_path, cache, arch, dtype):
+    """On a GPU: greedy tokens of the cuda target equal transformers' (near-ties excepted)."""
+    _gpu_or_skip()
+    from helpers import check_greedy, hf_greedy
+
+    from llmirc.runtime.model import load
+    ref = make_checkpoint(tmp_path / "ckpt", arch, dtype=dtype)
+    _compile(tmp_path / "ckpt", tmp_path / "m.llmir", targets=("cuda",))
+    model = load(tmp_path / "m.llmir")
+    assert model.executor.kind == "cuda" and model.target_notes == []
+    prompt = [0, 17, 42, 99, 5]
+    ours = model.generate([prompt], 16, ignore_eos=True)[0]
+    check_greedy(ref, prompt, ours, hf_greedy(ref, prompt, 16), margin=1e-2 if dtype == "bfloat16" else 1e-3)
