@@ -63,8 +63,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     backends = [backend(kind, options) for kind in dict.fromkeys(options.targets)]
     stages: dict = {}
     for b in backends:  # a stage two targets share (ttir, ...) is emitted for the first named
-        for stage in b.stages:
-            stages.setdefault(stage, b)
+        for name in b.stages:
+            stages.setdefault(name, b)
     unused = [a for a in options.archs if not any(a in getattr(b, "archs", ()) for b in backends)]
     if unused:
         raise LlmircError(f"--arch {','.join(unused)}: no --target here compiles for it (sm_*: cuda, gfx*: hip)")

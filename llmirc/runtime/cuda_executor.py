@@ -29,7 +29,8 @@ from llmirc.artifact_format.reader import Bundle
 from llmirc.errors import BundleError, LlmircError
 
 from .cpu_executor import _load_weights
-from .gpu_program import INPUTS, GpuProgram, GpuUnavailable, align, kv_cache_blocks, pack
+from .gpu_program import GpuProgram, GpuUnavailable, align, kv_cache_blocks, pack
+from .step_check import INPUTS, StepLimits, checked_inputs
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 GRAPH_RESERVE = 256 << 20   # bytes left free for graphs and the driver's own allocations
@@ -181,6 +182,8 @@ class CudaExecutor:
             self.num_blocks = kv_cache_blocks(int(free), int(total_mem), gpu_memory_utilization, GRAPH_RESERVE,
                                               block_bytes, self.max_blocks, f"cuda ({self.dev['name']})")
         self.addr["pool"] = self._alloc(self.num_blocks * block_bytes, zero=True)
+        self.limits = StepLimits.from_info(self.target.get("limits") or {}, self.num_blocks, self.block_size,
+                                           bundle.name)
 
     # -- setup -------------------------------------------------------------------------------
     def _alloc(self, n: int, zero: bool = False) -> int:
@@ -232,7 +235,7 @@ class CudaExecutor:
     def _step(self, inputs, sampling) -> tuple[int, bool]:
         """Uploads the inputs (padded to a graph bucket for a decode step) and runs the step;
         returns L and whether it ran as a graph."""
-        a = [np.ascontiguousarray(x, dtype=np.int32) for x in inputs]
+        a = checked_inputs(self.limits, *inputs)  # every index, before it reaches a kernel
         T, B, L = len(a[0]), len(a[4]), len(a[6])
         max_blocks = a[3].shape[1] if a[3].ndim == 2 else 0
         if T > self.max_T or B > self.max_B or L > self.max_L or max_blocks > self.max_blocks:

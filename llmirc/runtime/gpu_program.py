@@ -32,12 +32,11 @@ from llmirc import dtypes
 from llmirc.errors import BundleError, LlmircError
 
 from . import launch_rules
+from .step_check import INPUTS
 
 ALIGN = 256  # device allocations: cuMemAlloc / hipMalloc return at least 256-byte aligned addresses
 SPACES = ("input", "pool", "ws", "logits", "weight", "null")
 DIMS = ("T", "B", "L", "max_blocks", "num_blocks")
-INPUTS = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start_loc",
-          "logits_indices")
 CTYPES = {"i64": ctypes.c_int64, "i32": ctypes.c_int32, "fp32": ctypes.c_float}
 HIDDEN = ("global_scratch", "profile_scratch")
 

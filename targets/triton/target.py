@@ -161,6 +161,8 @@ class TritonBackend:
                             for s, c in plan.kernels().items()],
                 "sampling": {k: rules[k].to_json() for k in SAMPLING},
                 # workspace slots: dtype and byte offset (coefficients of T, L, TT, const; plan.slot_offset)
+                # index limits the loader checks each step against (llmirc/runtime/step_check.py)
+                "limits": {"logits_cols": plan.logits_cols, **plan.limits},
                 "weights": [[w.dtype, list(w.shape)] for w in plan.weights],  # what the kernels were built for
                 "slots": [{"dtype": s.dtype, "offset": plan.slot_offset(i)} for i, s in enumerate(plan.slots)],
                 "binaries": binaries,
