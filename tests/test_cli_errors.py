@@ -242,6 +242,7 @@ BAD_CHECKPOINTS = {
     "arch-phi": (_config(architectures=["PhiForCausalLM"]), ["config.json", "unsupported architecture",
                                                             "PhiForCausalLM"]),
     "arch-foo": (_config(architectures=["FooForCausalLM"]), ["config.json", "FooForCausalLM"]),
+    "arch-with-newline": (_config(architectures=["Foo\nBar", 7]), ["config.json", "'Foo\\nBar', 7"]),
     "no-arch-bad-model-type": (_config(architectures=_DELETE, model_type="phi"), ["config.json", "phi"]),
     "missing-hidden-size": (_config(hidden_size=_DELETE), ["config.json", "missing", "hidden_size"]),
     "non-integer-field": (_config(num_hidden_layers="2"), ["config.json", "num_hidden_layers", "must be int"]),

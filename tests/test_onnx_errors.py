@@ -154,6 +154,10 @@ def _broken(kind):
         nodes[1].input[0] = "nowhere"
     elif kind == "outputs":
         nodes[1].output.append("extra")
+    elif kind == "mixed-types":  # a float32 activation times an int32 matrix
+        w = numpy_helper.from_array(np.ones((8, 8), np.int32), "W")
+        nodes[1] = helper.make_node("MatMul", ["x", "W"], ["y"], name="m")
+        return graph(nodes, [e, w])
     return graph(nodes, [e])
 
 
@@ -164,6 +168,7 @@ def _broken(kind):
     ("out-of-order", "node 'r' reads 'x', which no graph input, initializer or earlier node defines"),
     ("missing-value", "node 'r' reads 'nowhere'"),
     ("outputs", "Relu node 'r' lists 2 outputs; the operator has 1"),
+    ("mixed-types", "MatMul node 'm': inputs of element types float32, int32"),
 ])
 def test_malformed_graphs_are_refused_by_name(tmp_path, kind, needle):
     compile_fails(tmp_path, save(_broken(kind), tmp_path / "m.onnx"), needle)

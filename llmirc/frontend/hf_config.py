@@ -121,7 +121,8 @@ def architecture(config: dict, source: str = "config.json") -> tuple[str, str]:
     model_type = r.get("model_type", str)
     if archs:
         if len(archs) != 1 or not isinstance(archs[0], str) or archs[0] not in ARCHITECTURES:
-            raise r.fail(f"unsupported architecture {', '.join(map(str, archs))} "
+            named = ", ".join(a if isinstance(a, str) and a.isprintable() else repr(a) for a in archs)
+            raise r.fail(f"unsupported architecture {named} "
                          f"(supported: {', '.join(ARCHITECTURES)})")
         arch = archs[0]
     else:

@@ -881,6 +881,7 @@ def infer_shapes(op_type: str, input_shapes: list[tuple[int, ...] | None], input
     shapes = [None if s is None else tuple(int(n) for n in s) for s in input_shapes]
     dtypes = [None if t is None else np.dtype(t) for t in input_dtypes]
     c = _Node(op_type, node, attrs, list(input_values), [s is not None for s in shapes], n_outputs)
+    _check_types(c, dtypes)
     out = [(tuple(int(n) for n in s), np.dtype(t)) for s, t in _call(c, _SHAPE, shapes, dtypes)]
     _check_size(c, [s for s, _ in out], shapes)
     return out
@@ -902,6 +903,21 @@ def _check_size(c: _Node, out_shapes, in_shapes) -> None:
         if any(d < 0 for d in shape) or math.prod(shape) > limit:
             c.fail(f"output shape {list(shape)} is {'invalid' if any(d < 0 for d in shape) else 'too large'} "
                    f"(llmirc computes at most {limit} elements here)")
+
+
+# Inputs the operator schema gives one type variable T (None: all of them). A graph that mixes
+# types there is invalid ONNX; `infer_shapes` names it rather than letting it reach the compiler's IR
+# (`evaluate` allows mixed types: the fusions' numeric checks run float64 references through it).
+SAME_TYPE = {"MatMul": (0, 1), "Gemm": (0, 1, 2), "Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1), "Div": (0, 1),
+             "Equal": (0, 1), "Less": (0, 1), "Greater": (0, 1), "LessOrEqual": (0, 1), "GreaterOrEqual": (0, 1),
+             "Where": (1, 2), "Concat": None, "Max": None, "Min": None, "Sum": None, "Mean": None}
+
+
+def _check_types(c: _Node, dtypes: list) -> None:
+    which = SAME_TYPE.get(c.op, ())
+    types = [t for i, t in enumerate(dtypes) if t is not None and (which is None or i in which)]
+    if len(set(types)) > 1:
+        c.fail(f"inputs of element types {', '.join(str(t) for t in types)}; the operator needs them to be one type")
 
 
 def _call(c: _Node, table: dict, *args):
