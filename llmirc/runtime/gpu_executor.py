@@ -35,8 +35,8 @@ from .gpu_drivers import Driver
 from .gpu_program import GpuProgram, GpuUnavailable, align, kv_cache_blocks, pack
 from .step_check import INPUTS, StepLimits, checked_inputs
 
-GRAPH_BUCKETS), captured on first use.
-"""
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GRAPH_RESERVE = 256 << 20   # bytes left free for graphs and the driver's own allocations
 
 
 class GpuExecutor:
