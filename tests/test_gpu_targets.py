@@ -426,6 +426,12 @@ def test_cuda_and_hip_share_one_executor(llama):
     assert kernels["cuda"] == kernels["hip"]  # one plan: the same kernels in the same order
 
 
+def _gpu_or_skip():
+    why = _why_not("cuda")
+    if why:
+        pytest.skip(why)
+
+
 @pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("qwen2", "float32"), ("mistral", "bfloat16")])
 def test_gpu_greedy_matches_transformers(tmp_path, cache, arch, dtype):
     """On a GPU: greedy tokens of the cuda target equal transformers' (near-ties excepted)."""
