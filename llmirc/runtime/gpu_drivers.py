@@ -72,7 +72,7 @@ class Driver:
 
     def launch(self, fn, grid: tuple[int, int, int], threads: int, shared: int, stream, params) -> None:
         """One launch; `params` a ctypes array of void* to the argument values (gpu_program.pack)."""
-        self.call("launch", fn, *grid, threads, 1, 1, shared, stream, ctypes.addressof(params), None)
+        self.call("launch", fn, *grid, threads, 1, 1, shared, stream, ctypes.addressof(params), 0)
 
     def capture(self, stream, record) -> object:
         """An executable graph of what `record()` launches on `stream`."""
