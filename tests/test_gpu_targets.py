@@ -265,8 +265,9 @@ def test_target_choice_per_device(llama):
     from llmirc.runtime.gpu_program import GpuUnavailable
     _, manifest, _ = llama
     targets = manifest["targets"]
-    assert [(t["name"], ptx) for t, ptx in (pick_cuda_target(targets, cc) for cc in ((9, 0), (8, 0), (8, 9), (10, 0)))] \
-        == [("cuda-sm_90", False), ("cuda-sm_80", False), ("cuda-sm_80", False), ("cuda-sm_80", True)]
+    picks = [pick_cuda_target(targets, cc) for cc in ((9, 0), (8, 0), (8, 9), (10, 0))]
+    assert [(t["name"], ptx) for t, ptx in picks] == [("cuda-sm_90", False), ("cuda-sm_80", False),
+                                                      ("cuda-sm_80", False), ("cuda-sm_80", True)]
     with pytest.raises(GpuUnavailable, match=r"^cuda: this GPU is sm_75; the bundle has cuda kernels for sm_80, "
                                              r"sm_90 and no PTX it can JIT-compile"):
         pick_cuda_target(targets, (7, 5))
@@ -337,7 +338,8 @@ def test_driver_tables_name_real_functions(kind, module):
     driver = DRIVERS[kind]
     api = driver.import_api()
     assert set(driver.CALLS) == set(OPERATIONS)
-    missing = [f for f in [*driver.CALLS.values(), *driver.OTHER] if not callable(getattr(api, f, None))]
+    names = [*driver.CALLS.values(), *driver.OTHER, driver.ERROR_NAME]
+    missing = [f for f in names if not callable(getattr(api, f, None))]
     assert missing == []
     if kind == "cuda":
         assert api.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL is not None

@@ -41,6 +41,8 @@ class Driver:
 
     kind = ""
     CALLS: dict[str, str] = {}
+    OTHER: tuple[str, ...] = ()  # the other driver functions the adapter calls
+    ERROR_NAME = ""
 
     def __init__(self):
         self.api = None
@@ -55,6 +57,10 @@ class Driver:
         if err != self.success:
             raise LlmircError(f"{self.kind.upper()} {fn.__name__} failed: {self.error_name(err)}")
         return rest[0] if len(rest) == 1 else rest
+
+    def error_name(self, err) -> str:
+        name = getattr(self.api, self.ERROR_NAME)(err)[1]  # (status, name) in both APIs
+        return name.decode() if isinstance(name, bytes) else str(err)
 
     def alloc(self, n: int) -> int:
         return int(self.call("alloc", max(1, n)))
@@ -93,7 +99,8 @@ class CudaDriver(Driver):
              "graph_launch": "cuGraphLaunch"}
     OTHER = ("cuInit", "cuDeviceGetCount", "cuDeviceGet", "cuDeviceGetAttribute", "cuDeviceGetName",
              "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent", "cuDriverGetVersion", "cuStreamCreate",
-             "cuGraphInstantiate", "cuFuncSetAttribute", "cuGetErrorName")
+             "cuGraphInstantiate", "cuFuncSetAttribute")
+    ERROR_NAME = "cuGetErrorName"
     MAX_STATIC_SHARED = 48 << 10  # above this a kernel must opt in to dynamic shared memory
 
     @staticmethod
@@ -131,10 +138,6 @@ class CudaDriver(Driver):
                        "driver_version": self.call("cuDriverGetVersion")}
         return self.device
 
-    def error_name(self, err) -> str:
-        name = self.api.cuGetErrorName(err)[1]
-        return name.decode() if isinstance(name, bytes) else str(err)
-
     def make_current(self) -> None:
         self.call("cuCtxSetCurrent", self.context)
 
@@ -162,7 +165,8 @@ class HipDriver(Driver):
              "begin_capture": "hipStreamBeginCapture", "end_capture": "hipStreamEndCapture",
              "graph_launch": "hipGraphLaunch"}
     OTHER = ("hipInit", "hipGetDeviceCount", "hipGetDeviceProperties", "hipSetDevice", "hipDriverGetVersion",
-             "hipStreamCreate", "hipGraphInstantiate", "hipGetErrorName")
+             "hipStreamCreate", "hipGraphInstantiate")
+    ERROR_NAME = "hipGetErrorName"
 
     @staticmethod
     def import_api():
@@ -195,10 +199,6 @@ class HipDriver(Driver):
         self.device = {"name": _text(props.name), "arch": _text(props.gcnArchName).split(":")[0],
                        "free": int(free), "total": int(total), "driver_version": self.call("hipDriverGetVersion")}
         return self.device
-
-    def error_name(self, err) -> str:
-        name = self.api.hipGetErrorName(err)[1]
-        return name.decode() if isinstance(name, bytes) else str(err)
 
     def make_current(self) -> None:
         self.call("hipSetDevice", self.ordinal)
