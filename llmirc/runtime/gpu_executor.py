@@ -6,7 +6,8 @@ NOT YET RUN ON A GPU: the host side (gpu_program.py: launches, argument packing,
 this file's step padding, graph buckets and call sequence, through a recording driver) is tested
 without one; the driver calls themselves are exercised only by benchmarks/gpu_check.py (cuda;
 nothing exercises hip on a device yet). Host arrays are uploaded with async copies from pageable
-memory, which both drivers stage before returning (no pinned buffers).
+memory, which CUDA stages and HIP performs synchronously before returning (both drivers'
+documented behaviour for unpinned memory), so the arrays may go once the call returns.
 
 Picks the target for the device (the driver's `pick_target`: cuda, the cubin of its architecture,
 a cubin of the same major version built for a lower minor (sm_80 SASS runs on 8.x), else PTX a
