@@ -76,10 +76,10 @@ def benchmark(out: Path, model_name: str) -> dict:
 
     from llmirc.driver import CompileOptions, Progress, compile_model
     from llmirc.runtime.bench import decode_bytes_per_step
-    from llmirc.runtime.cuda_executor import probe
+    from llmirc.runtime.gpu_drivers import CudaDriver
     from llmirc.runtime.model import load
 
-    dev = probe()
+    dev = CudaDriver().open()
     arch = "sm_%d%d" % dev["capability"]
     ckpt, work = models.resolve(model_name)
     bundle = work / f"{model_name}-cuda-{arch}.llmir"

@@ -261,46 +261,177 @@ def test_kv_cache_memory_plan():
 
 
 def test_target_choice_per_device(llama):
-    from llmirc.runtime.cuda_executor import pick_target
+    from llmirc.runtime.gpu_drivers import pick_cuda_target, pick_hip_target
     from llmirc.runtime.gpu_program import GpuUnavailable
     _, manifest, _ = llama
     targets = manifest["targets"]
-    assert [(t["name"], ptx) for t, ptx in (pick_target(targets, cc) for cc in ((9, 0), (8, 0), (8, 9), (10, 0)))] \
-        == [("cuda-sm_90", False), ("cuda-sm_80", False), ("cuda-sm_80", False), ("cuda-sm_80", True)]
+    picks = [pick_cuda_target(targets, cc) for cc in ((9, 0), (8, 0), (8, 9), (10, 0))]
+    assert [(t["name"], ptx) for t, ptx in picks] == [("cuda-sm_90", False), ("cuda-sm_80", False),
+                                                      ("cuda-sm_80", False), ("cuda-sm_80", True)]
     with pytest.raises(GpuUnavailable, match=r"^cuda: this GPU is sm_75; the bundle has cuda kernels for sm_80, "
                                              r"sm_90 and no PTX it can JIT-compile"):
-        pick_target(targets, (7, 5))
+        pick_cuda_target(targets, (7, 5))
     with pytest.raises(GpuUnavailable, match="sm_120; the bundle has cuda kernels for sm_90 and no PTX"):
-        pick_target([t for t in targets if t.get("arch") == "sm_90"], (12, 0))
+        pick_cuda_target([t for t in targets if t.get("arch") == "sm_90"], (12, 0))
+    # hsaco runs only on its own architecture: no fallback (an RDNA3 gfx1100 gets nothing)
+    assert [pick_hip_target(targets, a)["name"] for a in ("gfx90a", "gfx942")] == ["hip-gfx90a", "hip-gfx942"]
+    with pytest.raises(GpuUnavailable, match=r"^hip: this GPU is gfx1100; the bundle has hip kernels for gfx90a, "
+                                             r"gfx942 \(compile with --arch gfx1100\)$"):
+        pick_hip_target(targets, "gfx1100")
+    with pytest.raises(GpuUnavailable, match=r"gfx942; the bundle has hip kernels for gfx90a \("):
+        pick_hip_target(targets, "gfx942", name="hip-gfx90a")
+
+
+def _why_not(kind):
+    """The one line saying why this host cannot run `kind`, or None when it can."""
+    from llmirc.runtime.gpu_drivers import DRIVERS
+    from llmirc.runtime.gpu_program import GpuUnavailable
+    try:
+        DRIVERS[kind]().open()
+    except GpuUnavailable as e:
+        return str(e)
+    return None
 
 
 def test_loader_says_why_a_gpu_target_is_not_used(llama):
-    from llmirc.runtime.cuda_executor import probe
     from llmirc.runtime.gpu_program import GpuUnavailable
     from llmirc.runtime.model import load
-    try:
-        probe()
+    why = [_why_not("cuda"), _why_not("hip")]
+    if None in why:
         pytest.skip("this host has a GPU")
-    except GpuUnavailable as e:
-        why = str(e)
     tmp, _, _ = llama
     model = load(tmp / "m.llmir", kv_cache_tokens=256)
     assert model.executor.kind == "cpu"
-    assert model.target_notes == [why, "hip: this loader has no HIP executor yet"]
-    assert why.startswith(("cuda: no NVIDIA driver", "cuda: cuda-python is not installed")) and "\n" not in why
-    with pytest.raises(GpuUnavailable, match="^cuda: "):
-        load(tmp / "m.llmir", target="cuda-sm_90")
+    assert model.target_notes == why  # cuda tried first, then hip
+    assert why[0].startswith(("cuda: no NVIDIA driver", "cuda: cuda-python is not installed")) and "\n" not in why[0]
+    assert why[1] in ("hip: no AMD driver (libamdhip64.so not found)",
+                      "hip: hip-python is not installed (pip install 'llmirc[hip]')")
+    for name in ("cuda-sm_90", "hip-gfx942"):
+        with pytest.raises(GpuUnavailable, match=f"^{name.split('-')[0]}: "):
+            load(tmp / "m.llmir", target=name)
     r = llmirc("run", tmp / "m.llmir", "--token-ids", "0,5", "--max-new-tokens", "2")
-    assert r.returncode == 0 and f"note: not using {why}" in r.stderr
+    assert r.returncode == 0 and f"note: not using {why[0]}" in r.stderr and f"note: not using {why[1]}" in r.stderr
+
+
+@pytest.mark.parametrize("kind,module,message", [
+    ("cuda", "cuda", "cuda: cuda-python is not installed (pip install 'llmirc[cuda]')"),
+    ("hip", "hip", "hip: hip-python is not installed (pip install 'llmirc[hip]')")])
+def test_missing_bindings_are_named(monkeypatch, kind, module, message):
+    import sys
+
+    from llmirc.runtime.gpu_drivers import DRIVERS
+    from llmirc.runtime.gpu_program import GpuUnavailable
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # import fails
+    with pytest.raises(GpuUnavailable) as e:
+        DRIVERS[kind]().open()
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("kind,module", [("cuda", "cuda.bindings"), ("hip", "hip")])
+def test_driver_tables_name_real_functions(kind, module):
+    """Each adapter maps every operation to a function of the installed bindings (and names the
+    enums it uses); the operations are the same for both kinds."""
+    from llmirc.runtime.gpu_drivers import DRIVERS, OPERATIONS
+    pytest.importorskip(module)
+    driver = DRIVERS[kind]
+    api = driver.import_api()
+    assert set(driver.CALLS) == set(OPERATIONS)
+    names = [*driver.CALLS.values(), *driver.OTHER, driver.ERROR_NAME]
+    missing = [f for f in names if not callable(getattr(api, f, None))]
+    assert missing == []
+    if kind == "cuda":
+        assert api.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL is not None
+        assert api.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES is not None
+    else:
+        assert api.hipStreamCaptureMode.hipStreamCaptureModeThreadLocal is not None
+        assert api.hipError_t.hipSuccess == 0
+
+
+def _recording_driver(kind, arch):
+    """A driver that runs nothing: it records the host side's calls (allocations get fake
+    addresses; no kernel runs and no result comes back). For testing the call sequence only."""
+    from llmirc.runtime.gpu_drivers import DRIVERS, OPERATIONS, Driver
+
+    class Recording(Driver):
+        CALLS = {op: op for op in OPERATIONS}
+        capture_mode = "thread-local"
+
+        def __init__(self):
+            super().__init__()
+            self.kind, self.log, self.allocated = kind, [], []
+
+        def open(self, ordinal=0):
+            self.device = {"name": "recording", "arch": arch, "capability": (int(arch[3]), int(arch[4:]))
+                           if kind == "cuda" else None}
+            return self.device
+
+        def call(self, op, *args):
+            self.log.append((op, args))
+            if op == "alloc":  # 256-byte aligned, as cuMemAlloc / hipMalloc
+                self.allocated.append((self.allocated[-1] if self.allocated else 1 << 32) + (1 << 30))
+                return self.allocated[-1]
+            if op in ("load_module", "get_function"):  # a distinct handle per kernel
+                return (op, *args)
+            return {"mem_info": (8 << 30, 16 << 30), "end_capture": "graph"}.get(op)
+
+        make_current = opt_in_shared = lambda self, *a: None
+        create_stream = lambda self: "stream"
+        instantiate = lambda self, graph: f"exec({graph})"
+        pick_target = DRIVERS[kind].pick_target
+    return Recording()
+
+
+def test_cuda_and_hip_share_one_executor(llama):
+    """GpuExecutor over a recording driver, for cuda-sm_90 and hip-gfx942: the kernels it launches
+    are the bundle's plan then sampling, one thread block of num_warps x the architecture's warp
+    size; a decode step is captured once per bucket, then one graph launch per step."""
+    import numpy as np
+
+    from llmirc.artifact_format.reader import open_bundle
+    from llmirc.runtime.gpu_executor import GpuExecutor
+    tmp, manifest, _ = llama
+    bundle = open_bundle(tmp / "m.llmir")
+    kernels = {}
+    for kind, arch in (("cuda", "sm_90"), ("hip", "gfx942")):
+        driver = _recording_driver(kind, arch)
+        ex = GpuExecutor(bundle, driver, max_context=64, max_batched_tokens=32, max_num_seqs=4)
+        assert ex.kind == kind and ex.target["name"] == f"{kind}-{arch}"
+        # prefill of 5 tokens, one sequence: no graph
+        driver.log.clear()
+        ex.forward(np.arange(5, dtype=np.int32), np.arange(5, dtype=np.int32), np.arange(5, dtype=np.int32),
+                   np.zeros((1, 4), np.int32), np.array([5], np.int32), np.array([0, 5], np.int32),
+                   np.array([4], np.int32))
+        launches = [args for op, args in driver.log if op == "launch"]
+        key_of = {f: k for k, f in ex.functions.items()}
+        assert len(key_of) == len(ex.functions) == len(ex.program.binaries)
+        kernels[kind] = [ex.program.binaries[key_of[a[0]]]["kernel"] for a in launches]
+        warp = 32 if kind == "cuda" else 64
+        for a in launches:
+            b = ex.program.binaries[key_of[a[0]]]
+            assert a[4:7] == (int(b["num_warps"]) * warp, 1, 1) and a[7] == int(b["shared"]) and a[8] == "stream"
+        assert [op for op, _ in driver.log][-2:] == ["dtoh_async", "synchronize"]
+        # two decode steps of 3 sequences: bucket 4, captured once, launched twice
+        driver.log.clear()
+        for _ in range(2):
+            ex.forward_tokens((np.array([1, 2, 3], np.int32), np.array([5, 5, 5], np.int32),
+                               np.array([5, 69, 133], np.int32), np.array([[0], [1], [2]], np.int32),
+                               np.array([6, 6, 6], np.int32), np.arange(4, dtype=np.int32),
+                               np.arange(3, dtype=np.int32)), np.zeros(3), np.zeros(3), np.ones(3), np.zeros(3),
+                              np.zeros(3))
+        ops = [op for op, _ in driver.log]
+        assert ops.count("begin_capture") == 1 and ops.count("graph_launch") == 2
+        assert list(ex.graphs) == [4] and ops.index("begin_capture") < ops.index("launch") < ops.index("end_capture")
+        ex.close()
+        assert sorted(args[0] for op, args in driver.log if op == "free") == sorted(driver.allocated)
+    assert kernels["cuda"] == kernels["hip"]  # one plan: the same kernels in the same order
 
 
 def _gpu_or_skip():
-    from llmirc.runtime.cuda_executor import probe
-    from llmirc.runtime.gpu_program import GpuUnavailable
-    try:
-        return probe()
-    except GpuUnavailable as e:
-        pytest.skip(str(e))
+    why = _why_not("cuda")
+    if why:
+        pytest.skip(why)
 
 
 @pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("qwen2", "float32"), ("mistral", "bfloat16")])

@@ -1,5 +1,5 @@
 """The host side of a GPU target, with no driver: a bundle's kernel calls as launches, packed arguments
-and the device memory plan. `cuda_executor.py` runs what this computes.
+and the device memory plan. `gpu_executor.py` runs what this computes.
 
 A GPU target entry of the manifest (targets/triton/target.py) holds, per plan kernel symbol, the
 launch rule of its kind (llmirc.runtime.launch_rules), per compiled kernel its binary and launch

@@ -56,9 +56,11 @@ def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | 
                   block_size: int, max_batched_tokens: int, max_num_seqs: int, threads: int | None,
                   gpu_memory_utilization: float) -> tuple[object, list[str]]:
     """(executor, notes): the executor of the best target this host runs, a GPU target first, and
-    one line per GPU target of the bundle that could not be used, saying why (no cuda-python, no
-    driver, no kernels or PTX for this GPU, too little memory). A target named by `target` is
-    the only one tried: its failure is the error."""
+    one line per GPU kind of the bundle that could not be used (cuda tried first, then hip), saying
+    why (no cuda-python / hip-python, no driver, no kernels or PTX for this GPU, too little
+    memory). A target named by `target` is the only one tried: its failure is the error."""
+    from .gpu_drivers import DRIVERS
+    from .gpu_executor import GpuExecutor
     from .gpu_program import GpuUnavailable
 
     targets = [t for t in bundle.manifest.get("targets") or [] if isinstance(t, dict)]
@@ -68,21 +70,17 @@ def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | 
                           f"(it has {', '.join(str(t.get('name')) for t in targets) or 'none'})")
     kinds = [named.get("kind")] if named else list(dict.fromkeys(t.get("kind") for t in targets))
     notes = []
-    if "cuda" in kinds:
+    for kind in ("cuda", "hip"):
+        if kind not in kinds:
+            continue
         try:
-            from .cuda_executor import CudaExecutor
-
-            return CudaExecutor(bundle, max_context=max_context, max_batched_tokens=max_batched_tokens,
-                                max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens,
-                                gpu_memory_utilization=gpu_memory_utilization, target=target), notes
+            return GpuExecutor(bundle, DRIVERS[kind](), max_context=max_context, max_batched_tokens=max_batched_tokens,
+                               max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens,
+                               gpu_memory_utilization=gpu_memory_utilization, target=target), notes
         except GpuUnavailable as e:
             if named:
                 raise
             notes.append(str(e))
-    if "hip" in kinds:
-        if named:
-            raise GpuUnavailable("hip: this loader has no HIP executor yet (the bundle's hsaco kernels are compiled)")
-        notes.append("hip: this loader has no HIP executor yet")
     tokens = kv_cache_tokens or min(max_context, DEFAULT_KV_TOKENS)
     if tokens < 1:
         raise LlmircError(f"kv_cache_tokens must be positive, got {kv_cache_tokens}")
