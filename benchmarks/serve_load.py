@@ -51,7 +51,7 @@ def prompts_for(clients: int) -> list[str]:
 async def one_request(client: httpx.AsyncClient, url: str, body: dict, chat: bool) -> dict:
     start = time.perf_counter()
     first = None
-    text, ids, usage, finish, done = "", [], None, None, False
+    text, ids, usage, finish, done, chunks = "", [], None, None, False, 0
     async with client.stream("POST", url, json=body) as response:
         if response.status_code != 200:
             return {"error": f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"}
@@ -70,10 +70,11 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, chat: boo
                 if delta and first is None:
                     first = time.perf_counter() - start
                 text += delta or ""
+                chunks += bool(delta)
                 ids += choice.get("token_ids") or []
                 finish = choice.get("finish_reason") or finish
     return {"ttft": first, "end": time.perf_counter(), "text": text, "ids": ids, "usage": usage, "finish": finish,
-            "done": done}
+            "done": done, "chunks": chunks, "max_tokens": body["max_tokens"]}
 
 
 async def load(url: str, model_name: str, prompts: list[str], chat: bool, max_tokens: int, timeout: float) -> dict:
@@ -104,7 +105,10 @@ def summarize(name: str, run: dict, tokenizer=None) -> dict:
     results = run["results"]
     errors = [r["error"] for r in results if "error" in r]
     ok = [r for r in results if "error" not in r]
-    tokens = [r["usage"]["completion_tokens"] if r.get("usage") else len(r["ids"]) for r in ok]
+    # llama_cpp.server streams neither usage nor token ids: max_tokens when it stopped for length, else its
+    # content chunks (one per token, fewer where it holds back a partial UTF-8 character)
+    tokens = [r["usage"]["completion_tokens"] if r.get("usage") else len(r["ids"]) or
+              (r["max_tokens"] if r["finish"] == "length" else r["chunks"]) for r in ok]
     wall = max(r["end"] for r in ok) - run["start"] if ok else float("nan")
     ttfts = [r["ttft"] for r in ok if r["ttft"] is not None]
     out = {"server": name, "requests": len(results), "completed": sum(1 for r in ok if r["done"] and r["finish"]),
