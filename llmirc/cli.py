@@ -52,11 +52,21 @@ def cli() -> None:
               help="Storage type of linear and embedding weights: auto (the checkpoint's), float32, bfloat16, "
                    "float16. Norm weights and biases are float32; compute is float32.")
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
-              help="Paged KV cache type: auto (bfloat16/float16 when the weights are), float32, bfloat16, float16.")
+              help="Paged KV cache type: auto (bfloat16/float16 when the weights are), float32, bfloat16, float16, "
+                   "int8 (a scale per block, kv head and K/V).")
+@click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Quantize linear weights: int8 (per output row unless --quant-group-size), int4 (groups of 32 "
+                   "unless --quant-group-size); activations are quantized to int8 on the fly.")
+@click.option("--quant-group-size", type=int, default=0, show_default=True,
+              help="Weights per scale along the input dimension: 16..512, a power of two (0: the scheme's default).")
+@click.option("--quant-zero-points", is_flag=True, help="Asymmetric quantization: a uint8 zero point per group.")
+@click.option("--quant-keep", default="embedding,lm_head", show_default=True,
+              help="What stays in higher precision: embedding, lm_head and/or glob patterns over checkpoint tensor "
+                   "names, comma-separated ('none': quantize everything).")
 @click.option("--report", is_flag=True, help="Print what the passes fused or rewrote, and how often.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, cpu_variants, dtype,
-                kv_cache_dtype, report, quiet):
+                kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, report, quiet):
     """Compile MODEL (a Hugging Face checkpoint directory or an .onnx file) into a bundle."""
     try:
         from llmirc.driver import CompileOptions, Progress, compile_model
@@ -66,7 +76,9 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
     targets = tuple(t.strip() for t in target.split(",") if t.strip())
     options = CompileOptions(targets=targets, passes=passes, print_ir_after_all=print_ir_after_all, emit=emit,
                              keep_intermediates=keep_intermediates, cpu_variants=variants, report=report,
-                             dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+                             dtype=dtype, kv_cache_dtype=kv_cache_dtype, quant=quant, quant_group_size=quant_group_size,
+                             quant_symmetric=not quant_zero_points,
+                             quant_keep=tuple(k.strip() for k in quant_keep.split(",") if k.strip()))
     compile_model(model, output, options, Progress(None if quiet else sys.stderr))
 
 

@@ -38,10 +38,12 @@ PHASES: list[tuple[str, str]] = [
 ]
 
 
-def required(dtype: str = "auto", kv_cache_dtype: str = "auto") -> str:
-    """What every target needs before code generation: weights in the requested type, the ABI's
+def required(dtype: str = "auto", kv_cache_dtype: str = "auto", quantize: str = "") -> str:
+    """What every target needs before code generation: weights quantized as asked (`quantize`: a
+    quantize-weights pass spec, from `--quant`) and the others in the requested type, the ABI's
     logits rows and the paged KV cache of the requested type (`--dtype`, `--kv-cache-dtype`)."""
-    return f"cast-weights{{dtype={dtype}}},prune-logits,paged-kv,kv-cache-dtype{{dtype={kv_cache_dtype}}},dce"
+    return (f"{quantize + ',' if quantize else ''}cast-weights{{dtype={dtype}}},prune-logits,paged-kv,"
+            f"kv-cache-dtype{{dtype={kv_cache_dtype}}},dce")
 
 
 def default_pipeline() -> str:
