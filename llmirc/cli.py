@@ -1,4 +1,4 @@
-"""The `llmirc` command line: compile, run, inspect, bench.
+"""The `llmirc` command line: compile, run, inspect, bench, eval-ppl.
 
 User errors print one line (`error: ...`) and exit 1; no traceback. `compile` needs the
 compiler extra; the other commands need only the loader.
@@ -173,6 +173,42 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, threads, as_jso
     results = run_bench(bundle, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, repeat=repeat,
                         hf_dir=hf_dir, threads=threads)
     click.echo(json.dumps(results, indent=2) if as_json else format_table(results))
+
+
+@cli.command("eval-ppl")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", type=click.Path(path_type=Path), required=True,
+              help="UTF-8 text file to evaluate (tokenized with the bundle's tokenizer).")
+@click.option("--context", type=click.IntRange(min=2), default=512, show_default=True,
+              help="Tokens per window.")
+@click.option("--stride", type=click.IntRange(min=1), default=None,
+              help="Tokens between window starts (default: half the context); each token is scored once.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Evaluate only the first N tokens.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (default: the CPUs this process may use).")
+@click.option("--json", "as_json", is_flag=True)
+def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, as_json):
+    """Perplexity of BUNDLE on a text, over sliding windows (Hugging Face's perplexity guide)."""
+    from llmirc.runtime import load
+    from llmirc.runtime.perplexity import perplexity
+
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmircError(f"--text {text_file}: cannot read it as UTF-8 text: {e}") from None
+    stride = stride or max(1, context // 2)
+    model = load(bundle, kv_cache_tokens=context, max_batched_tokens=context, max_num_seqs=1, threads=threads)
+    if model.tokenizer is None:
+        raise LlmircError(f"{bundle}: the bundle has no tokenizer")
+    if context > model.max_context:
+        raise LlmircError(f"--context {context} exceeds the model's context of {model.max_context} tokens")
+    ids = model.tokenizer.encode(text)[:max_tokens]
+    result = perplexity(model.score, ids, context, stride)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    else:
+        click.echo(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.5f} nats) over {result.tokens} tokens: "
+                   f"{result.windows} windows of {context} tokens, stride {stride}")
 
 
 def main() -> None:
