@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import hf_logits, make_checkpoint
+from helpers import hf_logits, hf_logits_quantized, make_checkpoint
 from llmirc import quant
 from llmirc.driver import CompileOptions, Progress, compile_model
 from llmirc.passes.pipeline import parse_passes
@@ -50,40 +50,17 @@ def rel_rms(a, b):
     return float(np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean()))
 
 
-def emulated(model, schemes: dict, quantize_head: bool, quantize_embedding: bool, ids):
-    """The exact reference (module docstring): float64 transformers with dequantized weights and
-    activation-quantized inputs of the quantized linears. `schemes(k)`: the scheme of a weight
-    of k inputs."""
-    import copy
-
-    import torch
-
-    ref = copy.deepcopy(model).double()
-    hooks = []
-
-    def quantize_input(module, args):
-        x = args[0]
-        flat = x.reshape(-1, x.shape[-1]).to(torch.float32).numpy()
-        q, d = quant.activation_block(flat, 32)
-        xhat = q.astype(np.float64) * np.repeat(d.astype(np.float64), 32, axis=1)
-        return (torch.from_numpy(xhat).reshape(x.shape),)
-
-    def requantize(weight):
-        w = weight.detach().to(torch.float32).numpy()
-        s = schemes(w.shape[1])
-        weight.copy_(torch.from_numpy(quant.dequantize(quant.quantize(w, s), s, w.shape[1])))
-
-    with torch.no_grad():
-        for name, mod in ref.named_modules():
-            if name.split(".")[-1] in LINEARS or (quantize_head and name == "lm_head"):
-                requantize(mod.weight)
-                hooks.append(mod.register_forward_pre_hook(quantize_input))
-        if quantize_embedding:
-            requantize(ref.model.embed_tokens.weight)
-        out = ref(torch.tensor([ids])).logits[0].numpy()
-    for h in hooks:
-        h.remove()
-    return out
+def emulated(model, schemes, quantize_head: bool, quantize_embedding: bool, ids):
+    """The exact reference (module docstring): the weights the bundle stores, its activation
+    quantization. `schemes(k)`: the scheme of a weight of k inputs."""
+    weights = {}
+    for name, mod in model.named_modules():
+        last = name.split(".")[-1]
+        if last in LINEARS or (quantize_head and name == "lm_head") or (quantize_embedding and last == "embed_tokens"):
+            w = mod.weight.detach().numpy()
+            s = schemes(w.shape[1])
+            weights[name] = (quant.dequantize(quant.quantize(w, s), s, w.shape[1]), None)
+    return hf_logits_quantized(model, weights, ids)
 
 
 CASES = {  # name -> (compile options, LM head and embedding quantized)

@@ -42,14 +42,18 @@ def weights(check: ShapeCheck) -> Callable[..., SSAValue]:
     return weight
 
 
-def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[str], bool]) -> ModuleOp:
+def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[str], bool],
+                  packed: Callable[[str, int, int], SSAValue | None] | None = None) -> ModuleOp:
+    """`packed(prefix, n, k)`: the quantized weight of linear `prefix` when the checkpoint holds
+    one (GPTQ, AWQ: frontend/packed.py), else None."""
     s = spec
     q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
     forward, weight = new_forward(s.vocab_size), weights(check)
 
     def linear(x, prefix: str, n: int, k: int, bias: bool) -> SSAValue:
         b = weight(f"{prefix}.bias", n) if bias else None
-        return L.LinearOp(x, weight(f"{prefix}.weight", n, k), b).result
+        w = packed(prefix, n, k) if packed is not None else None
+        return L.LinearOp(x, w if w is not None else weight(f"{prefix}.weight", n, k), b).result
 
     with ImplicitBuilder(forward.body) as (token_ids, positions):
         embed = weight("model.embed_tokens.weight", s.vocab_size, s.hidden_size)
