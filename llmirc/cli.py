@@ -64,10 +64,12 @@ def cli() -> None:
               help="What stays in higher precision: embedding, lm_head and/or glob patterns over checkpoint tensor "
                    "names, comma-separated ('none': quantize everything).")
 @click.option("--report", is_flag=True, help="Print what the passes fused or rewrote, and how often.")
+@click.option("--dequantize", is_flag=True, help="Expand quantized tensors (GGUF Q8_0, Q4_K, ...) to float32; "
+              "without it they are refused.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, cpu_variants, dtype,
-                kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, report, quiet):
-    """Compile MODEL (a Hugging Face checkpoint directory or an .onnx file) into a bundle."""
+                kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, report, dequantize, quiet):
+    """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle."""
     try:
         from llmirc.driver import CompileOptions, Progress, compile_model
     except ImportError as e:
@@ -78,7 +80,8 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
                              keep_intermediates=keep_intermediates, cpu_variants=variants, report=report,
                              dtype=dtype, kv_cache_dtype=kv_cache_dtype, quant=quant, quant_group_size=quant_group_size,
                              quant_symmetric=not quant_zero_points,
-                             quant_keep=tuple(k.strip() for k in quant_keep.split(",") if k.strip()))
+                             quant_keep=tuple(k.strip() for k in quant_keep.split(",") if k.strip()),
+                             dequantize=dequantize)
     compile_model(model, output, options, Progress(None if quiet else sys.stderr))
 
 

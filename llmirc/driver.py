@@ -42,6 +42,7 @@ class CompileOptions:
     quant_group_size: int = 0           # 0: per output row for int8, 32 for int4
     quant_symmetric: bool = True        # false: a zero point per group
     quant_keep: tuple[str, ...] = ("embedding", "lm_head")  # what stays in higher precision
+    dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of refusing them
 
     def quantize_pass(self) -> str:
         """The quantize-weights pass spec `--quant` asks for ('' for none)."""
@@ -91,7 +92,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         float_type(options.dtype, "--dtype")
     if options.kv_cache_dtype != "auto":
         kv_type(options.kv_cache_dtype, "--kv-cache-dtype")
-    source = open_source(model)
+    source = open_source(model, dequantize=options.dequantize)
     try:
         ctx = make_context(read_weight=source.float32, add_weight=source.add_weight)
         module = source.module()

@@ -62,7 +62,9 @@ ATTN = {  # H, G, head_dim, block_size, sliding_window
 ACTS = ["silu", "gelu", "gelu_tanh", "relu"]
 HALF = ["bfloat16", "float16"]  # storage types of weights and KV caches besides float32
 # (shapes of the half-precision linear tests: the decode path with k slices, prefill, tails)
-HALF_LINEAR_SHAPES = [(5, 3), (33, 100), (130, 513), (10, 2050)]
+# (and on hosts with AMX-BF16, bf16 weights with k % 32 == 0 and n % 16 == 0 at T = 130 take the
+# AMX path: whole and half 32-row pairs, token tails)
+HALF_LINEAR_SHAPES = [(5, 3), (33, 100), (130, 513), (10, 2050), (48, 96), (64, 256)]
 HALF_ATTN = ["attn_gqa2", "attn_gqa4", "attn_d128", "attn_swa"]
 
 
@@ -358,7 +360,7 @@ def test_linear_token_counts(lib, rng, n, k):
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("n,k", HALF_LINEAR_SHAPES)
 @pytest.mark.parametrize("flags", ["00", "11"])
-@pytest.mark.parametrize("T", [1, 3, 4, 5, 17, 130])
+@pytest.mark.parametrize("T", [1, 3, 4, 5, 17, 130, 300])
 def test_linear_half_weights(lib, rng, n, k, flags, T, dtype):
     """bf16/f16 weights, read as stored and widened exactly: f32 accuracy on their values."""
     xb, x = buf(rng, T, k, pad=3)

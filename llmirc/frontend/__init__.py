@@ -25,8 +25,10 @@ def build_graph(spec: Spec, check: ShapeCheck, has_tensor: Callable[[str], bool]
     return build_decoder(spec, check, has_tensor, packed)
 
 
-def open_source(path):
-    """The compiler's input: a Hugging Face checkpoint directory or an .onnx file."""
+def open_source(path, dequantize: bool = False):
+    """The compiler's input: a Hugging Face checkpoint directory, an .onnx file or a .gguf file.
+
+    dequantize: expand quantized tensors (GGUF blocks) to float32 instead of refusing them."""
     from pathlib import Path
 
     from llmirc.errors import CheckpointError
@@ -38,8 +40,13 @@ def open_source(path):
         from .onnx_import import OnnxCheckpoint
 
         return OnnxCheckpoint(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf_checkpoint import GgufCheckpoint
+
+        return GgufCheckpoint(path, dequantize=dequantize)
     if path.is_file():
-        raise CheckpointError(f"{path}: not a checkpoint directory (config.json + safetensors) nor an .onnx file")
+        raise CheckpointError(f"{path}: not a checkpoint directory (config.json + safetensors), "
+                              "an .onnx file nor a .gguf file")
     from .checkpoint import Checkpoint
 
     return Checkpoint(path)

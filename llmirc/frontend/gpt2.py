@@ -38,6 +38,7 @@ class Gpt2Spec:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None
+    conv1d_weights: bool = True  # projections stored [in, out] (Hugging Face Conv1D); False: [out, in] (GGUF)
 
     @property
     def num_kv_heads(self) -> int:
@@ -88,7 +89,10 @@ def build_gpt2(s: Gpt2Spec, check: ShapeCheck, has_tensor: Callable[[str], bool]
     forward, weight = new_forward(s.vocab_size), weights(check)
 
     def conv1d(x, prefix: str, n_in: int, n_out: int) -> SSAValue:
-        w = L.TransposeOp(weight(f"{prefix}.weight", n_in, n_out)).result
+        if s.conv1d_weights:
+            w = L.TransposeOp(weight(f"{prefix}.weight", n_in, n_out)).result
+        else:
+            w = weight(f"{prefix}.weight", n_out, n_in)
         return L.LinearOp(x, w, weight(f"{prefix}.bias", n_out)).result
 
     def layer_norm(x, prefix: str) -> SSAValue:

@@ -208,17 +208,45 @@ class Storage:
         elif self.dtype == "float16":
             out = b.fptrunc(val, vty(n, HALF) if n else HALF)
         else:
-            ity = vty(n, I32) if n else I32
-
-            def c(v):
-                return ir.Constant(ity, [v] * n) if n else ir.Constant(I32, v)
-            bits = b.bitcast(val, ity)
-            lsb = b.and_(b.lshr(bits, c(16)), c(1))
-            rounded = b.lshr(b.add(bits, b.add(lsb, c(0x7FFF))), c(16))
-            quiet = b.or_(b.lshr(bits, c(16)), c(0x40))
-            isnan = b.fcmp_unordered("uno", val, val)
-            out = b.trunc(b.select(isnan, quiet, rounded), vty(n, I16) if n else I16)
+            out = bf16_round(b, val)
         b.store(out, self.gep(b, ptr, idx), align=self.itemsize)
+
+
+def bf16_round(b: ir.IRBuilder, val: ir.Value) -> ir.Value:
+    """f32 value(s) rounded to nearest even bf16, as i16 bit patterns (NaN stays a quiet NaN)."""
+    n = width(val)
+    ity = vty(n, I32) if n else I32
+
+    def c(v):
+        return ir.Constant(ity, [v] * n) if n else ir.Constant(I32, v)
+    bits = b.bitcast(val, ity)
+    lsb = b.and_(b.lshr(bits, c(16)), c(1))
+    rounded = b.lshr(b.add(bits, b.add(lsb, c(0x7FFF))), c(16))
+    quiet = b.or_(b.lshr(bits, c(16)), c(0x40))
+    isnan = b.fcmp_unordered("uno", val, val)
+    return b.trunc(b.select(isnan, quiet, rounded), vty(n, I16) if n else I16)
+
+
+def bf16_widen(b: ir.IRBuilder, bits: ir.Value) -> ir.Value:
+    """i16 bf16 bit patterns (vector) as f32 (exact)."""
+    n = width(bits)
+    return b.bitcast(b.shl(b.zext(bits, vty(n, I32)), ir.Constant(vty(n, I32), [16] * n)), vty(n))
+
+
+def transpose(b: ir.IRBuilder, rows: Sequence[ir.Value]) -> list[ir.Value]:
+    """The transpose of an n x n matrix held as n vectors of n lanes (n a power of two): log2(n)
+    stages of two-vector shuffles that swap off-diagonal blocks of halving size."""
+    v, n = list(rows), len(rows)
+    h = n // 2
+    while h:
+        for i in range(n):
+            if i & h:
+                continue
+            a, c = v[i], v[i + h]
+            v[i] = shuffle(b, a, c, [j if not j & h else n + j - h for j in range(n)])
+            v[i + h] = shuffle(b, a, c, [j + h if not j & h else n + j for j in range(n)])
+        h //= 2
+    return v
 
 
 def storage(dtype: str) -> Storage:

@@ -49,6 +49,7 @@ from types import SimpleNamespace
 
 from llvmlite import ir
 
+from . import amx
 from . import irbuilder as irb
 from .irbuilder import F32, I64, PTR, FAST, f32, i64
 from ..signatures import signature
@@ -71,7 +72,7 @@ def emit_kernel(module: ir.Module, kind: str, symbol: str, params: dict,
     sig = signature(kind)
     p = sig.bind_static(params)
     fn, b = irb.define(module, symbol, [(a.name, llvm_type(a.type)) for a in sig.params])
-    _EMITTERS[kind](module, fn, b, SimpleNamespace(**p), variant.vector_width)
+    _EMITTERS[kind](module, fn, b, SimpleNamespace(**p), variant)
     return fn
 
 
@@ -114,7 +115,8 @@ _F32 = irb.storage("float32")
 
 # --- embedding, gather_rows, add
 
-def _emit_embedding(module, fn, b, p, vw):
+def _emit_embedding(module, fn, b, p, cpu):
+    vw = cpu.vector_width
     _positive(dim=p.dim)
     st = irb.storage(p.dtype)
 
@@ -128,7 +130,8 @@ def _emit_embedding(module, fn, b, p, vw):
     _rows(module, fn, b, _arg(fn, "T"), p.dim, body, grain=4 * _GRAIN)
 
 
-def _emit_gather_rows(module, fn, b, p, vw):
+def _emit_gather_rows(module, fn, b, p, cpu):
+    vw = cpu.vector_width
     _positive(dim=p.dim)
 
     def body(cb, r, A):
@@ -137,7 +140,8 @@ def _emit_gather_rows(module, fn, b, p, vw):
     _rows(module, fn, b, _arg(fn, "L"), p.dim, body, grain=4 * _GRAIN)
 
 
-def _emit_add(module, fn, b, p, vw):
+def _emit_add(module, fn, b, p, cpu):
+    vw = cpu.vector_width
     _positive(dim=p.dim)
 
     def body(cb, t, A):
@@ -167,7 +171,8 @@ def _sum_vec(b, n, vw, value_fn, unroll=4):
     return irb.hsum(b, tot)
 
 
-def _emit_rms_norm(module, fn, b, p, vw):
+def _emit_rms_norm(module, fn, b, p, cpu):
+    vw = cpu.vector_width
     _positive(dim=p.dim)
     eps = float(p.eps)
 
@@ -188,7 +193,8 @@ def _emit_rms_norm(module, fn, b, p, vw):
     _rows(module, fn, b, _arg(fn, "T"), 3 * p.dim, body)
 
 
-def _emit_layer_norm(module, fn, b, p, vw):
+def _emit_layer_norm(module, fn, b, p, cpu):
+    vw = cpu.vector_width
     _positive(dim=p.dim)
     eps = float(p.eps)
 
@@ -255,7 +261,8 @@ def _act_cost(act):
     return {"relu": 1, "silu": 12, "gelu_tanh": 14, "gelu": 30}.get(act, 20)
 
 
-def _emit_act_mul(module, fn, b, p, vw):
+def _emit_act_mul(module, fn, b, p, cpu):
+    vw = cpu.vector_width
     _positive(dim=p.dim)
     _check_act(p.act)
 
@@ -270,7 +277,8 @@ def _emit_act_mul(module, fn, b, p, vw):
     _rows(module, fn, b, _arg(fn, "T"), _act_cost(p.act) * p.dim, body)
 
 
-def _emit_act(module, fn, b, p, vw):
+def _emit_act(module, fn, b, p, cpu):
+    vw = cpu.vector_width
     _positive(dim=p.dim)
     _check_act(p.act)
 
@@ -369,7 +377,8 @@ def _linear_micro(b, A, p, vw, j0, t0, r, c, k0=None, klen=None, first=True, pf=
                 store(False)
 
 
-def _emit_linear(module, fn, b, p, vw):
+def _emit_linear(module, fn, b, p, cpu):
+    vw = cpu.vector_width
     _positive(n=p.n, k=p.k)
     C, rows = _linear_blocking(vw)
     T = _arg(fn, "T")
@@ -455,20 +464,116 @@ def _emit_linear(module, fn, b, p, vw):
                         row_blocks(b, r, one_pass(r, range(max(1, cs[0] - 1), cs[-1] + 1)),
                                    (i64(0), ng, base, extra))
             with large:
-                R = rows[C - 1]
-                with irb.for_range(b, 0, T, TB, "tsb") as t_lo:
-                    ex = (t_lo,) + groups(b, b.sub(irb.imin(b, T, b.add(t_lo, i64(TB))), t_lo))
-                    if n_kc:
-                        with irb.for_range(b, 0, n_kc * KC, KC, "kc") as k0:
-                            row_blocks(b, R, k_slice(KC), (k0,) + ex)
-                    if k_rem:
-                        row_blocks(b, R, k_slice(k_rem), (i64(n_kc * KC),) + ex)
+                def fma_prefill():
+                    R = rows[C - 1]
+                    with irb.for_range(b, 0, T, TB, "tsb") as t_lo:
+                        ex = (t_lo,) + groups(b, b.sub(irb.imin(b, T, b.add(t_lo, i64(TB))), t_lo))
+                        if n_kc:
+                            with irb.for_range(b, 0, n_kc * KC, KC, "kc") as k0:
+                                row_blocks(b, R, k_slice(KC), (k0,) + ex)
+                        if k_rem:
+                            row_blocks(b, R, k_slice(k_rem), (i64(n_kc * KC),) + ex)
+                if _amx_applies(p, cpu):
+                    ready = b.call(irb.declare(module, "llmir_amx_ready", irb.I32, []), [])
+                    with b.if_else(b.icmp_signed("!=", ready, irb.i32(0))) as (tiles, vectors):
+                        with tiles:
+                            _amx_linear(module, fn, b, p)
+                        with vectors:
+                            fma_prefill()
+                else:
+                    fma_prefill()
     b.ret_void()
+
+
+# --- linear on AMX tiles (bf16 weights, prefill)
+
+_AMX_PANEL_BYTES = 1 << 20  # packed x of a token panel (4 bytes per element: hi + lo) stays in L2
+
+
+def _amx_applies(p, cpu) -> bool:
+    """bf16 weights whose rows are whole 32-element k-blocks and whose n is whole 16-row tiles, on a
+    variant with AMX-BF16 (the tiles are used at run time only if the OS grants them)."""
+    return cpu.has("amx-bf16") and p.w_dtype == "bfloat16" and p.k % 32 == 0 and p.n % 16 == 0
+
+
+def _amx_linear(module, fn, b, p):
+    """out = x . w^T (+ bias) (+ residual) with AMX-BF16 tiles (see amx.py): per panel of tokens,
+    x is split into bf16 hi + lo parts and packed for the B operand (in parallel over 16-token x
+    32-k sub-blocks), then threads claim pairs of 16-row blocks of w and run the micro-kernel over
+    the panel's 32-token blocks, transposing its C^T tiles into out."""
+    T, KB = _arg(fn, "T"), p.k // 32
+    panel = max(32, min(512, _AMX_PANEL_BYTES // (4 * p.k) // 32 * 32))  # tokens per panel
+    xp = b.call(irb.declare(module, "llmir_scratch", PTR, [I64]), [i64(panel * p.k * 4)])
+    bf16 = irb.storage("bfloat16")
+
+    def pack(cb, item, vals):
+        """sub-block (16 tokens j, k-block kb) of the panel at t_lo into B tiles (hi and lo)"""
+        A, (t_lo, xp_) = _args(fn, vals), vals[len(fn.args):]
+        j, kb = cb.udiv(item, i64(KB)), cb.urem(item, i64(KB))
+        his, los = [], []
+        for ti in range(16):
+            t = cb.add(t_lo, cb.add(cb.mul(j, i64(16)), i64(ti)))
+            ok = cb.icmp_signed("<", t, A.T)  # past T: zeros (read row 0 rather than past the end)
+            row = irb.gep(cb, _row(cb, A.x, cb.select(ok, t, i64(0)), A.ld_x), cb.mul(kb, i64(32)))
+            x = [cb.select(ok, irb.load_vec(cb, row, h * 16, 16), _zero(16)) for h in range(2)]
+            hi = [irb.bf16_round(cb, v) for v in x]
+            lo = [irb.bf16_round(cb, cb.fsub(v, irb.bf16_widen(cb, w))) for v, w in zip(x, hi)]
+            # 32 bf16 of the row as 16 pairs (k even, k odd): i32 lanes
+            his.append(cb.bitcast(irb.concat(cb, hi), irb.vty(16, irb.I32)))
+            los.append(cb.bitcast(irb.concat(cb, lo), irb.vty(16, irb.I32)))
+        base = irb.gep(cb, xp_, cb.add(cb.mul(cb.udiv(j, i64(2)), i64(KB * 4096)),
+                                       cb.add(cb.mul(kb, i64(4096)), cb.mul(cb.urem(j, i64(2)), i64(1024)))), irb.I8)
+        for h, part in enumerate((his, los)):
+            for r, v in enumerate(irb.transpose(cb, part)):  # row r: pair r of every token
+                cb.store(v, irb.gep(cb, base, 2048 * h + 64 * r, irb.I8), align=64)
+
+    def compute(cb, item, vals):
+        """rows n0 = 32*item (.. +32, or +16 for the last of an odd count) over the panel"""
+        A, (t_lo, xp_, tn) = _args(fn, vals), vals[len(fn.args):]
+        n0 = cb.mul(item, i64(32))
+        ct = irb.var(cb, ir.ArrayType(F32, 2 * 2 * 256), name="ct")
+        w = bf16.gep(cb, A.w, cb.mul(n0, i64(p.k)))
+
+        def blocks(nb):
+            micro = amx.declare(module, nb)
+            with irb.for_range(cb, 0, cb.sdiv(cb.add(tn, i64(31)), i64(32)), 1, "tb32") as tb:
+                cb.call(micro, [ct, w, i64(2 * p.k), irb.gep(cb, xp_, cb.mul(tb, i64(KB * 4096)), irb.I8),
+                                i64(KB)])
+                for i in range(nb):
+                    for h in range(2):
+                        tile = [irb.load_vec(cb, ct, (2 * i + h) * 256 + 16 * r, 16) for r in range(16)]
+                        cols = cb.add(n0, i64(16 * i))
+                        bias = irb.load_vec(cb, A.bias, cols, 16) if p.bias else None
+                        for c, v in enumerate(irb.transpose(cb, tile)):  # token c of the tile
+                            t = cb.add(t_lo, cb.add(cb.mul(tb, i64(32)), i64(16 * h + c)))
+                            with cb.if_then(cb.icmp_signed("<", t, A.T)):
+                                if bias is not None:
+                                    v = cb.fadd(v, bias)
+                                if p.residual:
+                                    v = cb.fadd(v, irb.load_vec(cb, _row(cb, A.residual, t, A.ld_res), cols, 16))
+                                irb.store_vec(cb, v, _row(cb, A.out, t, A.ld_out), cols)
+        if p.n % 32:
+            with cb.if_else(cb.icmp_signed("<", cb.add(n0, i64(32)), i64(p.n + 1))) as (two, one):
+                with two:
+                    blocks(2)
+                with one:
+                    blocks(1)
+        else:
+            blocks(2)
+
+    with irb.for_range(b, 0, T, panel, "panel") as t_lo:
+        tn = irb.imin(b, i64(panel), b.sub(T, t_lo))
+        nj = b.mul(b.sdiv(b.add(tn, i64(31)), i64(32)), i64(2))  # 16-token sub-blocks, padded to 32
+        irb.parallel_for(module, b, b.mul(nj, i64(KB)), pack, irb.min_items(16 * 32 * 8),
+                         captures=list(fn.args) + [t_lo, xp])
+        irb.parallel_for(module, b, i64(-(-p.n // 32)), compute, irb.min_items(32 * p.k),
+                         captures=list(fn.args) + [t_lo, xp, tn])
 
 
 # --- rope
 
-def _emit_rope(module, fn, b, p, vw):
+def _emit_rope(module, fn, b, p, cpu):
+    vw = cpu.vector_width
     rot = p.head_dim if p.rotary_dim is None else p.rotary_dim
     _positive(num_heads=p.num_heads, head_dim=p.head_dim, rotary_dim=rot)
     if rot % 2 or rot > p.head_dim:
@@ -532,7 +637,8 @@ def _emit_rope(module, fn, b, p, vw):
 
 # --- KV cache
 
-def _emit_kv_append(module, fn, b, p, vw):
+def _emit_kv_append(module, fn, b, p, cpu):
+    vw = cpu.vector_width
     _positive(num_layers=p.num_layers, num_kv_heads=p.num_kv_heads, head_dim=p.head_dim,
               block_size=p.block_size)
     G, hd, bs = p.num_kv_heads, p.head_dim, p.block_size
@@ -567,7 +673,8 @@ _ATTN_PF = 4           # blocks of K/V prefetched ahead (a block computes faster
 _ATTN_SPLIT_FLOATS = 16384  # split-K partial results live in this much stack (64 KiB)
 
 
-def _emit_paged_attention(module, fn, b, p, vw):
+def _emit_paged_attention(module, fn, b, p, cpu):
+    vw = cpu.vector_width
     H, G, hd, bs = p.num_heads, p.num_kv_heads, p.head_dim, p.block_size
     _positive(num_heads=H, num_kv_heads=G, head_dim=hd, block_size=bs)
     if H % G:

@@ -16,6 +16,10 @@
  * then threads are tried again.
  *
  * Threads: llmir_set_num_threads(n) (the loader's `threads`), else the CPUs this process may use.
+ *
+ * Also here: llmir_amx_ready() (Linux hands out AMX tile state only on request, so kernels with an
+ * AMX path ask once and fall back when it is refused) and llmir_scratch() (a grow-only buffer
+ * the caller of a parallel region packs operands into).
  */
 #define _GNU_SOURCE
 #include <linux/futex.h>
@@ -24,6 +28,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -183,4 +188,37 @@ void llmir_parallel(llmir_task fn, void *ctx, int nthreads) {
         pause_cpu();
     }
     pthread_mutex_unlock(&lock);
+}
+
+/* 1 when this process may use AMX tiles: asks the kernel for the XTILEDATA state component once
+ * (arch_prctl ARCH_REQ_XCOMP_PERM; Linux >= 5.16), 0 when refused or not x86-64 Linux. */
+int llmir_amx_ready(void) {
+    static _Atomic int state;  /* 0 unknown, 1 granted, 2 refused */
+    int s = atomic_load_explicit(&state, memory_order_acquire);
+    if (s == 0) {
+#if defined(__x86_64__) && defined(SYS_arch_prctl)
+        s = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : 2;
+#else
+        s = 2;
+#endif
+        atomic_store_explicit(&state, s, memory_order_release);
+    }
+    return s == 1;
+}
+
+/* A 64-byte aligned buffer of at least `bytes`, reused by every call (grow-only; NULL if out of
+ * memory). For the caller of llmir_parallel, before the region: one forward runs at a time. */
+void *llmir_scratch(int64_t bytes) {
+    static void *buffer;
+    static int64_t size;
+    if (bytes > size) {
+        free(buffer);
+        size = 0;
+        if (posix_memalign(&buffer, 64, (size_t)bytes) != 0) {
+            buffer = NULL;
+            return NULL;
+        }
+        size = bytes;
+    }
+    return buffer;
 }

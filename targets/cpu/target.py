@@ -16,6 +16,7 @@ from llvmlite import ir
 from llmirc.errors import LlmircError
 from llmirc.targets.plan import Plan
 
+from . import amx
 from .forward import ABI_VERSION, emit_forward
 from .generic import emit_generic
 from .kernels import emit_kernel
@@ -32,6 +33,11 @@ def llvm_module(plan: Plan, variant: CpuVariant) -> ir.Module:
                for symbol, call in plan.kernels().items()}
     emit_forward(module, plan, kernels)
     return module
+
+
+def extra_modules(module: ir.Module, variant: CpuVariant) -> tuple[str, ...]:
+    """LLVM IR texts the module's kernels call into (the AMX micro-kernels)."""
+    return (amx.module_text(variant.triple),) if amx.used_by(module) else ()
 
 
 def target_name(variant: CpuVariant) -> str:
@@ -57,8 +63,10 @@ class CpuBackend:
         if stage not in ("llvm-ir", "asm"):
             raise LlmircError(f"--emit {stage}: the cpu target's text stages are llvm-ir and asm")
         variant = variants_for(self.variant_names)[0]
-        llvm_ir = str(llvm_module(plan, variant))
-        return llvm_ir if stage == "llvm-ir" else emit_assembly(llvm_ir, variant)
+        module = llvm_module(plan, variant)
+        extra = extra_modules(module, variant)
+        return "\n".join([str(module), *extra]) if stage == "llvm-ir" else emit_assembly(str(module), variant,
+                                                                                         extra=extra)
 
     def build(self, plan: Plan, path: Callable[[str], Path], progress: Callable[[str], None]) -> list[dict]:
         """Compiles the plan for each variant into `kernels/<target>/`; returns manifest entries.
@@ -68,13 +76,14 @@ class CpuBackend:
         for variant in variants_for(self.variant_names):
             name = target_name(variant)
             progress(f"cpu codegen for {name} ({variant.cpu}, {variant.vector_width} f32 lanes)")
-            llvm_ir = str(llvm_module(plan, variant))
-            obj = compile_object(llvm_ir, variant)
+            module = llvm_module(plan, variant)
+            llvm_ir, extra = str(module), extra_modules(module, variant)
+            obj = compile_object(llvm_ir, variant, extra=extra)
             library = f"kernels/{name}/{LIBRARY}"
             link_shared([obj], path(library))
             if self.keep_intermediates:
-                path(f"kernels/{name}/model.ll").write_text(llvm_ir)
-                path(f"kernels/{name}/model.s").write_text(emit_assembly(llvm_ir, variant))
+                path(f"kernels/{name}/model.ll").write_text("\n".join([llvm_ir, *extra]))
+                path(f"kernels/{name}/model.s").write_text(emit_assembly(llvm_ir, variant, extra=extra))
                 path(f"kernels/{name}/model.o").write_bytes(obj)
             entries.append({
                 "name": name, "kind": "cpu", "arch": platform.machine(), "cpu": variant.cpu,

@@ -40,6 +40,10 @@ class CpuVariant:
     vector_width: int              # f32 lanes of the widest vector register the kernels use
     required_flags: tuple[str, ...]  # /proc/cpuinfo flags a host needs to run this code
 
+    def has(self, feature: str) -> bool:
+        """Whether the feature string enables `feature` (an LLVM name: amx-bf16, avx512bf16, ...)."""
+        return f"+{feature}" in self.features.split(",")
+
 
 # --- LLVM initialization (llvmlite >= 0.45 initializes the core itself; targets still need it)
 
@@ -74,7 +78,7 @@ _X86_CPUINFO = {
     "avx512fp16": "avx512_fp16", "avx512vp2intersect": "avx512_vp2intersect",
     "avxvnni": "avx_vnni", "gfni": "gfni", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq",
     "aes": "aes", "pclmul": "pclmulqdq", "sha": "sha_ni", "adx": "adx", "sse4a": "sse4a",
-    "prfchw": "3dnowprefetch",
+    "prfchw": "3dnowprefetch", "amx-tile": "amx_tile", "amx-bf16": "amx_bf16", "amx-int8": "amx_int8",
 }
 
 _X86_LEVELS = {
@@ -180,11 +184,15 @@ def _target_machine(variant: CpuVariant, opt_level: int):
                                         opt=opt_level, reloc="pic", codemodel="default")
 
 
-def _optimized_module(llvm_ir: str, variant: CpuVariant, opt_level: int):
+def _optimized_module(llvm_ir: str, variant: CpuVariant, opt_level: int, extra: tuple[str, ...] = ()):
     tm = _target_machine(variant, opt_level)
     mod = llvm.parse_assembly(llvm_ir)
     mod.triple = variant.triple
     mod.data_layout = str(tm.target_data)
+    for text in extra:  # modules written as LLVM IR text (e.g. AMX micro-kernels), linked in
+        other = llvm.parse_assembly(text)
+        other.data_layout = mod.data_layout
+        mod.link_in(other)
     mod.verify()
     if opt_level > 0:
         pto = llvm.create_pipeline_tuning_options(speed_level=opt_level)
@@ -198,15 +206,16 @@ def _optimized_module(llvm_ir: str, variant: CpuVariant, opt_level: int):
     return tm, mod
 
 
-def compile_object(llvm_ir: str, variant: CpuVariant, opt_level: int = 3) -> bytes:
-    """Parse, verify, optimize (O3 + vectorizers) and emit an ELF/Mach-O object for `variant`."""
-    tm, mod = _optimized_module(llvm_ir, variant, opt_level)
+def compile_object(llvm_ir: str, variant: CpuVariant, opt_level: int = 3, extra: tuple[str, ...] = ()) -> bytes:
+    """Parse, verify, optimize (O3 + vectorizers) and emit an ELF/Mach-O object for `variant`;
+    `extra`: LLVM IR texts linked in first."""
+    tm, mod = _optimized_module(llvm_ir, variant, opt_level, extra)
     return tm.emit_object(mod)
 
 
-def emit_assembly(llvm_ir: str, variant: CpuVariant, opt_level: int = 3) -> str:
+def emit_assembly(llvm_ir: str, variant: CpuVariant, opt_level: int = 3, extra: tuple[str, ...] = ()) -> str:
     """Like compile_object, but returns the assembly text (for inspection and tests)."""
-    tm, mod = _optimized_module(llvm_ir, variant, opt_level)
+    tm, mod = _optimized_module(llvm_ir, variant, opt_level, extra)
     return tm.emit_assembly(mod)
 
 

@@ -1,0 +1,376 @@
+"""A GGUF file (llama.cpp's format) as a compiler source, read with the `gguf` package.
+
+The metadata (`{arch}.embedding_length`, `.block_count`, `.attention.head_count(_kv)`,
+`.rope.freq_base`, ...) becomes the Hugging Face config those keys were written from (llama.cpp's
+`convert_hf_to_gguf.py` and `llama-model.cpp` define the keys; transformers' GGUF loader maps them
+the same way), and that config goes through the same validated parser as a checkpoint's
+config.json, so the graph is the one the safetensors front end builds. GGUF tensor names map to
+the Hugging Face names the graph builders use (`token_embd.weight` -> `model.embed_tokens.weight`,
+`blk.N.attn_q.weight` -> `model.layers.N.self_attn.q_proj.weight`, ...).
+
+llama-family files: `convert_hf_to_gguf.py` permutes the rows of q and k (and their biases) in
+each head from the half-split rotary layout to llama.cpp's interleaved one. This source undoes
+that permutation on read, so the weights are the Hugging Face ones and the graph keeps the
+half-split (`neox`) rope; Qwen2 and GPT-2 files are not permuted. GPT-2 projections are stored
+[out, in] (convert transposes the Conv1D weights), which the graph reads without a transpose.
+Llama-3 rope scaling arrives as the `rope_freqs.weight` tensor (per-frequency divisors), folded
+into the rotary frequencies.
+
+Tensor types: F32/F16/BF16 tensors keep their type (`read` returns them as stored, like
+safetensors weights; `--dtype` can still cast them). The block-quantized formats (Q8_0, Q4_0,
+Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) are refused by name unless the source is opened with
+`dequantize=True` (`llmirc compile --dequantize`), which expands them to float32 with
+`gguf_quants.dequantize`. Keeping them quantized is the job of the IR's quantized types: there
+`_check_shape` reports the quantized type and `read(name)` returns `gguf_quants.unpack` of the
+blocks (the q/k row un-permutation moves whole rows of blocks, so it applies unchanged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+
+from llmirc import dtypes
+from llmirc.errors import CheckpointError
+
+from . import build_graph, parse_spec
+from .checkpoint import Checkpoint
+from .gguf_quants import FORMATS, dequantize
+from .gguf_tokenizer import build_tokenizer
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+FLOAT_TYPES = {GGMLQuantizationType.F32: "F32", GGMLQuantizationType.F16: "F16", GGMLQuantizationType.BF16: "BF16"}
+STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # -> llmirc.dtypes names
+_MISSING = object()
+
+# Keys that change the math of these architectures in llama.cpp, with the value that does not.
+_NEUTRAL = {"attention.scale": None, "logit_scale": 1.0, "attention.clamp_kqv": 0.0, "attention.max_alibi_bias": 0.0,
+            "expert_count": 0, "attention.causal": True, "attention.sliding_window": 0,
+            "use_parallel_residual": False, "rope.dimension_sections": None}
+
+
+def _layer_names(arch: str, i: int) -> dict[str, str]:
+    """Hugging Face tensor name -> GGUF tensor name, for block i."""
+    g = f"blk.{i}"
+    if arch == "gpt2":
+        p = f"transformer.h.{i}"
+        pairs = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+                 "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+        return {f"{p}.{hf}.{kind}": f"{g}.{gg}.{kind}" for hf, gg in pairs.items() for kind in ("weight", "bias")}
+    p = f"model.layers.{i}"
+    names = {f"{p}.input_layernorm.weight": f"{g}.attn_norm.weight",
+             f"{p}.post_attention_layernorm.weight": f"{g}.ffn_norm.weight"}
+    for hf, gg in {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                   "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                   "mlp.down_proj": "ffn_down"}.items():
+        for kind in ("weight", "bias"):
+            names[f"{p}.{hf}.{kind}"] = f"{g}.{gg}.{kind}"
+    return names
+
+
+def _global_names(arch: str) -> dict[str, str]:
+    if arch == "gpt2":
+        return {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+                "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
+                "lm_head.weight": "output.weight"}
+    return {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight"}
+
+
+class GgufCheckpoint:
+    """A source of the compiler (see frontend.open_source) reading one .gguf file."""
+
+    kind = "gguf"
+    lowering = ""  # the front end emits llmir directly
+
+    def __init__(self, path: Path, dequantize: bool = False):
+        self.root = self.path = path
+        self.dequantize = dequantize
+        self._tmp: Path | None = None
+        try:
+            # The reader raises assorted exceptions (ValueError, IndexError, KeyError, ...) on
+            # malformed input; any of them means the file is not a GGUF file we can read.
+            self._reader = GGUFReader(path, "r")
+            self.meta = {k: f.contents() for k, f in self._reader.fields.items() if not k.startswith("GGUF.")}
+        except Exception as e:  # noqa: BLE001 (third-party parser of untrusted input)
+            raise CheckpointError(f"{path}: not a readable GGUF file (truncated or corrupt: {e})") from None
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._check_bounds()
+        self.arch = self._get("general.architecture", str)
+        if self.arch not in ARCHITECTURES:
+            raise CheckpointError(f"{path}: unsupported GGUF architecture {self.arch!r} "
+                                  f"(llmirc reads {', '.join(ARCHITECTURES)})")
+        self._names = _global_names(self.arch)
+        layers = self._get(f"{self.arch}.block_count", int)
+        if not 0 < layers <= len(self._tensors):
+            raise CheckpointError(f"{path}: {self.arch}.block_count {layers} does not fit the file's "
+                                  f"{len(self._tensors)} tensors")
+        for i in range(layers):
+            self._names.update(_layer_names(self.arch, i))
+        known = set(self._names.values()) | ({"rope_freqs.weight"} if self.arch == "llama" else set())
+        unexpected = sorted(set(self._tensors) - known)
+        if unexpected:
+            raise CheckpointError(f"{path}: tensor '{unexpected[0]}' is not part of a {self.arch} model llmirc knows"
+                                  + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        quantized = [n for n in self._tensors if self._type_name(n) not in FLOAT_TYPES.values()]
+        for name in quantized:
+            if self._type_name(name) not in FORMATS:
+                raise CheckpointError(f"{path}: tensor '{name}' has type {self._type_name(name)}, which llmirc cannot "
+                                      f"read (readable: {', '.join(list(FLOAT_TYPES.values()) + list(FORMATS))})")
+        if quantized and not dequantize:
+            name = quantized[0]
+            raise CheckpointError(f"{path}: tensor '{name}' is {self._type_name(name)}-quantized; llmirc cannot keep "
+                                  "GGUF quantized tensors yet: compile with --dequantize to expand them to float32")
+        self.tokenizer, self.tokenizer_config = (build_tokenizer(self.meta, str(path))
+                                                 if "tokenizer.ggml.model" in self.meta else (None, None))
+        self.config = self._hf_config()
+        self.spec = parse_spec(self.config, str(path))
+        if self.arch == "gpt2":
+            self.spec = dataclasses.replace(self.spec, conv1d_weights=False)
+        elif "rope_freqs.weight" in self._tensors:
+            self.spec = dataclasses.replace(self.spec, rope=self._rope_freqs(self.spec.rope))
+        types = sorted({self._type_name(n) for n in self._tensors})
+        self.summary = f"{self.arch}, tensors {'/'.join(types)}" + (", dequantized to float32" if quantized else "")
+
+    # -- reading the file ---------------------------------------------------------------------
+
+    def _check_bounds(self) -> None:
+        """Every tensor's data aligned, inside the file and not overlapping another's."""
+        size, end, previous = self.path.stat().st_size, 0, None
+        for t in sorted(self._tensors.values(), key=lambda t: t.data_offset):
+            if t.data_offset % self._reader.alignment or t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+                raise CheckpointError(f"{self.path}: tensor '{t.name}' data (offset {t.data_offset}, "
+                                      f"{t.n_bytes} bytes) is misaligned or past the end of the file ({size} bytes)")
+            if t.data_offset < end:
+                raise CheckpointError(f"{self.path}: tensor '{t.name}' data overlaps tensor '{previous}'")
+            end, previous = t.data_offset + t.n_bytes, t.name
+
+    def _get(self, key: str, kind: type, default=_MISSING):
+        value = self.meta.get(key, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise CheckpointError(f"{self.path}: metadata key '{key}' is missing")
+            return default
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is int and isinstance(value, list) and value and all(v == value[0] for v in value):
+            value = value[0]  # a per-layer array with one value
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CheckpointError(f"{self.path}: metadata key '{key}' must be {kind.__name__}, got {value!r}"[:300])
+        return value
+
+    def _type_name(self, gguf_name: str) -> str:
+        t = GGMLQuantizationType(self._tensors[gguf_name].tensor_type)
+        return FLOAT_TYPES.get(t) or t.name
+
+    def _hf_config(self) -> dict:
+        """The Hugging Face config.json this file's metadata stands for."""
+        a, get = self.arch, self._get
+        if "token_embd.weight" not in self._tensors:
+            raise CheckpointError(f"{self.path}: tensor 'token_embd.weight' is missing")
+        vocab = self.shape_of("token_embd.weight")[0]
+        declared = get(f"{a}.vocab_size", int, vocab)
+        tokens = self.meta.get("tokenizer.ggml.tokens")
+        if declared != vocab or (isinstance(tokens, list) and len(tokens) > vocab):
+            raise CheckpointError(f"{self.path}: token_embd.weight has {vocab} rows but {a}.vocab_size is {declared}"
+                                  + (f" and the tokenizer has {len(tokens)} tokens" if tokens else ""))
+        for key, neutral in _NEUTRAL.items():
+            value = self.meta.get(f"{a}.{key}")
+            if value is not None and value != neutral:
+                raise CheckpointError(f"{self.path}: unsupported metadata {a}.{key} = {value!r}"[:300])
+        tok = "tokenizer.ggml."
+        ids = {k: self.meta.get(tok + k) for k in ("bos_token_id", "eos_token_id", "eot_token_id", "eom_token_id",
+                                                   "padding_token_id")}
+        for key, value in ids.items():
+            if value is not None and (not isinstance(value, int) or not 0 <= value < vocab):
+                raise CheckpointError(f"{self.path}: {tok + key} {value!r} is not a token id (vocabulary {vocab})")
+        eos = list(dict.fromkeys(ids[k] for k in ("eos_token_id", "eot_token_id", "eom_token_id")
+                                 if isinstance(ids[k], int)))
+        common = {"vocab_size": vocab, "bos_token_id": ids["bos_token_id"], "eos_token_id": eos or None,
+                  "pad_token_id": ids["padding_token_id"], "tie_word_embeddings": "output.weight" not in self._tensors}
+        heads = get(f"{a}.attention.head_count", int)
+        if a == "gpt2":
+            return {"architectures": [ARCHITECTURES[a]], "model_type": "gpt2", **common,
+                    "n_embd": get(f"{a}.embedding_length", int), "n_inner": get(f"{a}.feed_forward_length", int),
+                    "n_layer": get(f"{a}.block_count", int), "n_head": heads,
+                    "n_positions": get(f"{a}.context_length", int),
+                    "layer_norm_epsilon": get(f"{a}.attention.layer_norm_epsilon", float),
+                    "activation_function": "gelu_new"}
+        hidden = get(f"{a}.embedding_length", int)
+        head_dim = get(f"{a}.attention.key_length", int, hidden // heads if heads else 0)
+        if get(f"{a}.attention.value_length", int, head_dim) != head_dim:
+            raise CheckpointError(f"{self.path}: {a}.attention.value_length differs from key_length {head_dim}")
+        rotary = get(f"{a}.rope.dimension_count", int, head_dim)
+        if a == "llama" and rotary != head_dim:  # llama.cpp refuses this too (invalid n_rot)
+            raise CheckpointError(f"{self.path}: {a}.rope.dimension_count {rotary} differs from the head size "
+                                  f"{head_dim}")
+        config = {"architectures": [ARCHITECTURES[a]], "model_type": a, **common, "hidden_size": hidden,
+                  "intermediate_size": get(f"{a}.feed_forward_length", int),
+                  "num_hidden_layers": get(f"{a}.block_count", int), "num_attention_heads": heads,
+                  "num_key_value_heads": get(f"{a}.attention.head_count_kv", int, heads), "head_dim": head_dim,
+                  "rms_norm_eps": get(f"{a}.attention.layer_norm_rms_epsilon", float),
+                  "max_position_embeddings": get(f"{a}.context_length", int),
+                  "rope_theta": get(f"{a}.rope.freq_base", float, 10000.0), "hidden_act": "silu",
+                  "partial_rotary_factor": rotary / head_dim if head_dim else 1.0}
+        if a == "llama":
+            config.update(attention_bias="blk.0.attn_q.bias" in self._tensors,
+                          mlp_bias="blk.0.ffn_up.bias" in self._tensors)
+        scaling = self._rope_scaling()
+        if scaling:
+            config["rope_scaling"] = scaling
+        return config
+
+    def _rope_scaling(self) -> dict | None:
+        """`{arch}.rope.scaling.*` -> a Hugging Face rope_scaling dict (convert_hf_to_gguf writes the reverse)."""
+        p = f"{self.arch}.rope."
+        kind = self._get(p + "scaling.type", str, "linear" if p + "scale_linear" in self.meta else "none")
+        if kind == "none":
+            return None
+        if kind == "linear":
+            factor = self._get(p + "scaling.factor", float, None) or self._get(p + "scale_linear", float)
+            return {"rope_type": "linear", "factor": factor}
+        if kind == "yarn":
+            scaling = {"rope_type": "yarn", "factor": self._get(p + "scaling.factor", float),
+                       "original_max_position_embeddings": self._get(p + "scaling.original_context_length", int)}
+            for key, hf in (("scaling.yarn_beta_fast", "beta_fast"), ("scaling.yarn_beta_slow", "beta_slow"),
+                            ("scaling.yarn_attn_factor", "attention_factor"),
+                            ("scaling.attn_factor", "attention_factor")):
+                if p + key in self.meta:
+                    scaling[hf] = self._get(p + key, float)
+            for key, neutral in (("scaling.yarn_ext_factor", 1.0), ("scaling.yarn_log_multiplier", 0.0)):
+                if self.meta.get(p + key, neutral) != neutral:
+                    raise CheckpointError(f"{self.path}: unsupported metadata {p + key} = {self.meta[p + key]!r}")
+            return scaling
+        raise CheckpointError(f"{self.path}: unsupported rope scaling type {kind!r} (supported: none, linear, yarn)")
+
+    def _rope_freqs(self, rope):
+        """Llama-3 scaling as llama.cpp applies it: theta_i = pos * base^(-2i/d) / rope_freqs[i]."""
+        factors = dtypes.to_float32(*self._stored("rope_freqs.weight"))
+        if factors.shape != (len(rope.inv_freq),):
+            raise CheckpointError(f"{self.path}: tensor 'rope_freqs.weight' has shape {list(factors.shape)}, "
+                                  f"expected [{len(rope.inv_freq)}]")
+        inv = np.asarray(rope.inv_freq, dtype=np.float32) / factors
+        return dataclasses.replace(rope, inv_freq=tuple(float(x) for x in inv))
+
+    def shape_of(self, gguf_name: str) -> tuple[int, ...]:
+        """A GGUF tensor's shape in NumPy order (GGUF lists dimensions innermost first)."""
+        return tuple(int(d) for d in reversed(self._tensors[gguf_name].shape.tolist()))
+
+    def _stored(self, gguf_name: str) -> tuple[np.ndarray, str]:
+        """(data, llmirc dtype name): F32/F16/BF16 as stored (BF16 as uint16 bits, zero-copy views of
+        the mapped file), quantized tensors dequantized to float32 (with dequantize=True)."""
+        t, kind = self._tensors[gguf_name], self._type_name(gguf_name)
+        shape = self.shape_of(gguf_name)
+        if kind in STORED:
+            return t.data.view("<u2" if kind == "BF16" else t.data.dtype).reshape(shape), STORED[kind]
+        if not self.dequantize:
+            raise CheckpointError(f"{self.path}: tensor '{gguf_name}' is {kind}-quantized (compile with --dequantize)")
+        return dequantize(FORMATS[kind], t.data, shape[-1]).reshape(shape), "float32"
+
+    # -- the source interface ---------------------------------------------------------------------
+
+    def _gguf_name(self, name: str) -> str:
+        gguf_name = self._names.get(name)
+        if gguf_name is None or gguf_name not in self._tensors:
+            raise CheckpointError(f"{self.path}: tensor '{gguf_name or name}' is missing from the GGUF file")
+        return gguf_name
+
+    def has(self, name: str) -> bool:
+        return self._names.get(name) in self._tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shape_of(self._gguf_name(name))
+
+    def dtype(self, name: str) -> str:
+        return self._type_name(self._gguf_name(name))
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor under its Hugging Face name as stored (see _stored), llama q/k rows un-permuted."""
+        data, _ = self._stored(self._gguf_name(name))
+        if self.arch == "llama" and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+            s = self.spec
+            data = unpermute_rows(data, s.num_heads if ".q_proj." in name else s.num_kv_heads)
+        return data
+
+    def float32(self, name: str) -> np.ndarray:
+        """The tensor under its Hugging Face name as float32."""
+        return dtypes.to_float32(self.read(name), self._stored_type(self._gguf_name(name)))
+
+    def _stored_type(self, gguf_name: str) -> str:
+        return STORED.get(self._type_name(gguf_name), "float32")
+
+    def module(self):
+        return build_graph(self.spec, self._check_shape, self.has)
+
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> str:
+        """Raises if the tensor's shape is not `shape`; returns the dtype `read` gives it."""
+        gguf_name = self._gguf_name(name)
+        actual = self.shape_of(gguf_name)
+        if actual != tuple(shape):
+            raise CheckpointError(f"{self.path}: tensor '{gguf_name}' has shape {list(actual)}, "
+                                  f"the metadata implies {list(shape)}")
+        return self._stored_type(gguf_name)
+
+    def add_weight(self, name: str, value: np.ndarray) -> None:
+        raise AssertionError("the GGUF front end synthesizes no weights")
+
+    model_info = Checkpoint.model_info  # facts of the spec the graph does not hold
+
+    def generation_config(self) -> dict:
+        s = self.spec
+        return {"bos_token_id": s.bos_token_id, "eos_token_id": list(s.eos_token_ids), "pad_token_id": s.pad_token_id}
+
+    def _files(self) -> Path:
+        """config.json, generation_config.json and the tokenizer files, written once to a private folder."""
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="llmirc-gguf-"))
+            (self._tmp / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+            (self._tmp / "generation_config.json").write_text(json.dumps(self.generation_config(), indent=2) + "\n")
+            if self.tokenizer is not None:
+                self.tokenizer.save(str(self._tmp / "tokenizer.json"))
+                (self._tmp / "tokenizer_config.json").write_text(json.dumps(self.tokenizer_config, indent=2) + "\n")
+                template = self.meta.get("tokenizer.chat_template")
+                if isinstance(template, str) and template:
+                    (self._tmp / "chat_template.jinja").write_text(template)
+        return self._tmp
+
+    def config_files(self) -> list[Path]:
+        folder = self._files()
+        return [folder / "config.json", folder / "generation_config.json"]
+
+    def tokenizer_files(self) -> list[Path]:
+        folder = self._files()
+        return [folder / n for n in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+                if (folder / n).is_file()]
+
+    def fingerprint(self) -> str:
+        """sha256 over the file's name, size and first 64 KiB (its header).
+
+        Cheap identification of the source; the bundle's own weights carry full checksums."""
+        h = hashlib.sha256(self.path.name.encode())
+        h.update(str(self.path.stat().st_size).encode())
+        with open(self.path, "rb") as fh:
+            h.update(fh.read(1 << 16))
+        return h.hexdigest()
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo convert_hf_to_gguf's LlamaModel.permute on the rows of a q/k weight or bias.
+
+    convert stores, in each head, row (half h, index i) of the Hugging Face layout at position
+    2 * i + h (llama.cpp's interleaved rotary pairs); this returns the rows in Hugging Face order.
+    w: [heads * head_dim, ...] -> same shape."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

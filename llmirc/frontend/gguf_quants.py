@@ -1,0 +1,172 @@
+"""GGUF's block-quantized tensor formats, unpacked and dequantized with NumPy (the reference).
+
+A quantized GGUF tensor stores each row as consecutive blocks. Every format here is, exactly,
+`value = code * scale (+ offset)` over groups of consecutive elements of a row:
+
+| format | block: elements, bytes | group | code        | scale (float32)      | offset (float32)     |
+|--------|------------------------|-------|-------------|----------------------|----------------------|
+| Q8_0   | 32, 34                 | 32    | int8        | d                    | -                    |
+| Q4_0   | 32, 18                 | 32    | q - 8       | d                    | -                    |
+| Q4_1   | 32, 20                 | 32    | q (0..15)   | d                    | m                    |
+| Q5_0   | 32, 22                 | 32    | q - 16      | d                    | -                    |
+| Q5_1   | 32, 24                 | 32    | q (0..31)   | d                    | m                    |
+| Q4_K   | 256, 144               | 32    | q (0..15)   | d * sc (6-bit sc)    | -(dmin * mn) (6-bit) |
+| Q5_K   | 256, 176               | 32    | q (0..31)   | d * sc (6-bit sc)    | -(dmin * mn) (6-bit) |
+| Q6_K   | 256, 210               | 16    | q - 32      | d * sc (int8 sc)     | -                    |
+
+d, m, dmin are float16; the products d * sc are exact in float32 (at most 11 + 8 significant bits).
+`unpack` returns those codes, scales and offsets: a lossless repacking that a kernel can read
+directly; `dequantize` computes `code * scale (+ offset)` in float32 in the order llama.cpp's
+`dequantize_row_*` does, so the result is bit-identical to ggml's reference C code.
+
+Keeping them quantized (for the IR's quantized types): Q8_0, Q4_0 and Q4_1 repack losslessly and
+at their own size into plain group-32 layouts (int8 or int4 codes, a float16 scale per group, and
+for Q4_1 a float16 *offset* per group: its m is not an integer multiple of d, so an integer
+zero point would lose it). Q5_0/Q5_1 need 5-bit codes (a 4-bit plane plus a 1-bit plane, or int8
+codes at 1.55x the bytes). The K-quants have two-level scales (6- or 8-bit integer sub-block
+scales under a float16 super-block scale): flattening them to float32 per-group scales and offsets
+(as `unpack` does) is exact but costs 1.0-1.5 more bits per weight, so a kernel should read them
+as they are (codes, integer sub-scales, one float16 d/dmin per 256) and form d * sc per group.
+
+Block layouts: ggml/src/ggml-common.h (`block_q4_0` ... `block_q6_K`); formulas:
+ggml/src/ggml-quants.c (`dequantize_row_q4_0` ... `dequantize_row_q6_K`, `get_scale_min_k4`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+QK_K = 256  # elements in a K-quant super-block
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    name: str
+    type_id: int     # GGMLQuantizationType value
+    block_size: int  # elements per block
+    type_size: int   # bytes per block
+    group: int       # elements sharing one scale (and offset)
+
+
+FORMATS = {f.name: f for f in (
+    BlockFormat("Q4_0", 2, 32, 18, 32),
+    BlockFormat("Q4_1", 3, 32, 20, 32),
+    BlockFormat("Q5_0", 6, 32, 22, 32),
+    BlockFormat("Q5_1", 7, 32, 24, 32),
+    BlockFormat("Q8_0", 8, 32, 34, 32),
+    BlockFormat("Q4_K", 12, QK_K, 144, 32),
+    BlockFormat("Q5_K", 13, QK_K, 176, 32),
+    BlockFormat("Q6_K", 14, QK_K, 210, 16),
+)}
+
+
+@dataclass(frozen=True)
+class Unpacked:
+    """A block-quantized tensor, losslessly: value = codes * scales (+ offsets) per group.
+
+    codes: int8 [..., n]; scales, offsets: float32 [..., n // group] (offsets None when the format has none)."""
+    codes: np.ndarray
+    scales: np.ndarray
+    offsets: np.ndarray | None
+    group: int
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """float16 fields (2 little-endian bytes each, last axis) -> float32 [...]."""
+    return np.ascontiguousarray(raw).view("<f2")[..., 0].astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[nb, 16] packed bytes -> [nb, 32] codes: the low nibbles are elements 0..15, the high 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1: [nb, 4] bytes (a little-endian uint32) -> [nb, 32] with bit j of it at element j, as 0 or 16."""
+    bits = np.unpackbits(qh, axis=-1, bitorder="little")  # bit j of the uint32 at position j
+    return bits << 4
+
+
+def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: [nb, 12] bytes -> 6-bit (scale, min) of the 8 sub-blocks, each [nb, 8] (get_scale_min_k4)."""
+    q = scales.astype(np.uint8)
+    lo, hi, mixed = q[:, 0:4], q[:, 4:8], q[:, 8:12]
+    sc = np.concatenate([lo & 63, (mixed & 0x0F) | ((lo >> 6) << 4)], axis=-1)
+    mn = np.concatenate([hi & 63, (mixed >> 4) | ((hi >> 6) << 4)], axis=-1)
+    return sc, mn
+
+
+def _unpack_blocks(fmt: BlockFormat, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """[nb, type_size] uint8 blocks -> codes [nb, block_size], scales and offsets [nb, block_size // group]."""
+    name = fmt.name
+    if name == "Q8_0":
+        return b[:, 2:].view(np.int8), _f16(b[:, 0:2])[:, None], None
+    if name in ("Q4_0", "Q4_1"):
+        start = 2 if name == "Q4_0" else 4
+        q = _nibbles(b[:, start:start + 16])
+        if name == "Q4_0":
+            return q.astype(np.int8) - 8, _f16(b[:, 0:2])[:, None], None
+        return q.astype(np.int8), _f16(b[:, 0:2])[:, None], _f16(b[:, 2:4])[:, None]
+    if name in ("Q5_0", "Q5_1"):
+        start = 2 if name == "Q5_0" else 4
+        q = _nibbles(b[:, start + 4:start + 20]) | _high_bits(b[:, start:start + 4])
+        if name == "Q5_0":
+            return q.astype(np.int8) - 16, _f16(b[:, 0:2])[:, None], None
+        return q.astype(np.int8), _f16(b[:, 0:2])[:, None], _f16(b[:, 2:4])[:, None]
+    if name in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(b[:, 0:2])[:, None], _f16(b[:, 2:4])[:, None]
+        sc, mn = _k_scales(b[:, 4:16])
+        qs = b[:, 16:144] if name == "Q4_K" else b[:, 48:176]
+        # Each 64 elements: 32 low nibbles of 32 bytes, then the 32 high nibbles of the same bytes.
+        chunks = qs.reshape(-1, 4, 32)
+        q = np.stack([chunks & 0x0F, chunks >> 4], axis=2).reshape(-1, QK_K)
+        if name == "Q5_K":  # bit 2i of qh[l] is the 5th bit of element l of sub-block 2i, bit 2i+1 of 2i+1
+            qh = b[:, 16:48]
+            bits = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [nb, 8, 32]
+            q = q | (bits.reshape(-1, QK_K) << 4)
+        return q.astype(np.int8), d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
+    if name == "Q6_K":
+        ql, qh = b[:, 0:128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
+        sc = b[:, 192:208].view(np.int8).astype(np.float32)
+        d = _f16(b[:, 208:210])[:, None]
+        # Per half (128 elements): l in 0..31 -> elements l, l+32, l+64, l+96 from
+        # ql[l] low, ql[l+32] low, ql[l] high, ql[l+32] high, with qh[l] bits 0-1, 2-3, 4-5, 6-7 on top.
+        low = np.concatenate([ql[:, :, :32] & 0x0F, ql[:, :, 32:] & 0x0F, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4],
+                             axis=-1)
+        high = np.concatenate([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)
+        q = (low | (high << 4)).reshape(-1, QK_K).astype(np.int8) - 32
+        return q, d * sc, None
+    raise AssertionError(name)
+
+
+def unpack(fmt: BlockFormat, data: np.ndarray, n: int) -> Unpacked:
+    """Raw blocks -> codes, scales, offsets.
+
+    data: uint8 [rows, n // block_size * type_size] (or any shape with that many bytes per row of
+    n elements); n: elements per row, a multiple of fmt.block_size. Returns arrays shaped [rows, ...]."""
+    if n % fmt.block_size:
+        raise ValueError(f"{fmt.name}: a row of {n} elements is not a whole number of {fmt.block_size}-blocks")
+    blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, fmt.type_size)
+    rows = blocks.shape[0] * fmt.block_size // n
+    codes, scales, offsets = _unpack_blocks(fmt, blocks)
+    return Unpacked(codes.reshape(rows, n), scales.reshape(rows, n // fmt.group),
+                    None if offsets is None else offsets.reshape(rows, n // fmt.group), fmt.group)
+
+
+def dequantize(fmt: BlockFormat, data: np.ndarray, n: int, chunk_rows: int = 1024) -> np.ndarray:
+    """Raw blocks -> float32 [rows, n], bit-identical to ggml's dequantize_row_* (see the module doc).
+
+    Works through `chunk_rows` rows at a time so the temporaries stay small for big tensors."""
+    row_bytes = n // fmt.block_size * fmt.type_size
+    raw = np.asarray(data, dtype=np.uint8).reshape(-1, row_bytes)
+    out = np.empty((raw.shape[0], n), dtype=np.float32)
+    for start in range(0, raw.shape[0], chunk_rows):
+        u = unpack(fmt, raw[start:start + chunk_rows], n)
+        g = u.codes.reshape(u.codes.shape[0], -1, u.group).astype(np.float32)
+        y = g * u.scales[..., None]
+        if u.offsets is not None:
+            y += u.offsets[..., None]
+        out[start:start + chunk_rows] = y.reshape(-1, n)
+    return out

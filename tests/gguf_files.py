@@ -1,0 +1,206 @@
+"""GGUF files the tests write themselves with the `gguf` package's GGUFWriter, laid out as llama.cpp's
+convert_hf_to_gguf.py writes them (metadata keys, tensor names, q/k row permutation for llama,
+transposed GPT-2 projections, tokenizer metadata), from transformers models made by helpers.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import gguf
+
+QUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+CONTROL, NORMAL, UNKNOWN, BYTE = (int(gguf.TokenType.CONTROL), int(gguf.TokenType.NORMAL),
+                                  int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.BYTE))
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute (half-split rotary rows -> interleaved pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def random_blocks(qtype: gguf.GGMLQuantizationType, rows: int, cols: int, rng) -> np.ndarray:
+    """Random blocks of a K-quant format (gguf-py has no quantizer for them) with scales chosen so that
+    the values are of the size of a trained weight: uint8 [rows, bytes per row]."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    d = rng.uniform(1e-4, 3e-4, size=(raw.shape[0], 1)).astype(np.float16).view(np.uint8)
+    if qtype == gguf.GGMLQuantizationType.Q6_K:
+        raw[:, 208:210] = d
+    else:
+        raw[:, 0:2] = d
+        raw[:, 2:4] = rng.uniform(5e-4, 2e-3, size=(raw.shape[0], 1)).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def encode(array: np.ndarray, kind: str, rng) -> tuple[np.ndarray, np.ndarray, gguf.GGMLQuantizationType]:
+    """(data to write, float32 values it stands for, type) for a weight stored as `kind`."""
+    qtype = gguf.GGMLQuantizationType[kind]
+    if kind == "F32" or array.ndim == 1:
+        a = array.astype(np.float32)
+        return a, a, gguf.GGMLQuantizationType.F32
+    if kind == "F16":
+        a = array.astype(np.float16)
+        return a, a.astype(np.float32), qtype
+    if kind == "BF16":
+        raw = gguf.quants.quantize(array.astype(np.float32), qtype)
+        return raw, gguf.quants.dequantize(raw, qtype), qtype
+    if kind in ("Q4_K", "Q5_K", "Q6_K"):
+        raw = random_blocks(qtype, array.shape[0], array.shape[1], rng)
+    else:
+        raw = gguf.quants.quantize(array.astype(np.float32), qtype)
+    return raw, gguf.quants.dequantize(raw, qtype), qtype
+
+
+def hf_to_gguf_names(config, arch: str) -> dict[str, str]:
+    names = {}
+    if arch == "gpt2":
+        names.update({"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+                      "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
+                      "lm_head.weight": "output.weight"})
+        parts = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+                 "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+        for i in range(config.n_layer):
+            for hf, gg in parts.items():
+                for kind in ("weight", "bias"):
+                    names[f"transformer.h.{i}.{hf}.{kind}"] = f"blk.{i}.{gg}.{kind}"
+        return names
+    names.update({"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                  "lm_head.weight": "output.weight"})
+    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(config.num_hidden_layers):
+        for hf, gg in parts.items():
+            for kind in ("weight", "bias"):
+                names[f"model.layers.{i}.{hf}.{kind}"] = f"blk.{i}.{gg}.{kind}"
+    return names
+
+
+def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokenizer: dict | None = None,
+               seed: int = 0, extra_tensors: dict | None = None) -> Path:
+    """Writes `model` (a transformers model of llama/mistral/qwen2/gpt2) to a GGUF file at `path`
+    with its 2-D weights stored as `kind` (several kinds: taken in turn), and loads the values the
+    file holds back into `model`, so that model is the float32 reference of the file.
+    tokenizer: `tokenizer.*` metadata; extra_tensors: written as they are (float32)."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    c = model.config
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}[c.model_type]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_head_count(c.num_attention_heads)
+    if arch == "gpt2":
+        w.add_feed_forward_length(c.n_inner or 4 * c.hidden_size)
+        w.add_layer_norm_eps(c.layer_norm_epsilon)
+    else:
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        rope = c.rope_parameters if getattr(c, "rope_parameters", None) else (c.rope_scaling or {})
+        w.add_rope_freq_base(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+        w.add_vocab_size(c.vocab_size)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        if arch == "llama":
+            w.add_rope_dimension_count(head_dim)
+        if head_dim != c.hidden_size // c.num_attention_heads:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+        if rope.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rope["factor"])
+        elif rope.get("rope_type") == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(rope["factor"])
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    w.add_file_type(0)
+    for key, value in (tokenizer or {}).items():
+        _add(w, key, value)
+
+    names = hf_to_gguf_names(c, arch)
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    if getattr(c, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    values = {}
+    for hf_name, tensor in state.items():
+        if hf_name.endswith((".attn.bias", ".attn.masked_bias")) or "rotary_emb" in hf_name:
+            continue
+        gguf_name = names[hf_name]
+        if arch == "gpt2" and hf_name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+            tensor = tensor.T
+        if arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
+            heads = c.num_attention_heads if ".q_proj." in hf_name else c.num_key_value_heads
+            tensor = permute(tensor, heads)
+        this = kind if isinstance(kind, str) else kind[len(values) % len(kind)] if tensor.ndim == 2 else "F32"
+        data, value, qtype = encode(np.ascontiguousarray(tensor), this, rng)
+        w.add_tensor(gguf_name, data, raw_dtype=qtype)
+        # The reference: the stored values, un-permuted / transposed back to the model's layout.
+        if arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
+            value = value.reshape(heads, -1, 2, *value.shape[1:]).swapaxes(1, 2).reshape(value.shape)
+        if arch == "gpt2" and hf_name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+            value = value.T
+        values[hf_name] = torch.from_numpy(np.ascontiguousarray(value))
+    for name, tensor in (extra_tensors or {}).items():
+        w.add_tensor(name, tensor)
+    model.load_state_dict(values, strict=False)
+    if getattr(c, "tie_word_embeddings", False):
+        model.tie_weights()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _add(w: gguf.GGUFWriter, key: str, value) -> None:
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    else:
+        w.add_array(key, value)
+
+
+def bpe_tokenizer_metadata(tokenizer_json: Path, pre: str = "gpt-2", **extra) -> dict:
+    """`tokenizer.*` metadata for a byte-level BPE tokenizer.json (as convert's _set_vocab_gpt2 writes it)."""
+    import json
+
+    data = json.loads(tokenizer_json.read_text())
+    vocab = data["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    specials = {a["id"] for a in data["added_tokens"] if a["special"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [CONTROL if i in specials else NORMAL for i in range(len(tokens))],
+            "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1,
+            **extra}
+
+
+def spm_tokenizer_metadata(corpus: list[str], vocab_size: int, **extra) -> dict:
+    """`tokenizer.*` metadata of a SentencePiece-style BPE vocabulary trained on `corpus`: <unk>, <s>,
+    </s>, the 256 byte tokens, then pieces scored by merge order (score -rank, as sentencepiece's BPE)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    head = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=head, show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    vocab = tok.get_vocab()
+    pieces = sorted((i, t) for t, i in vocab.items() if i >= len(head))
+    tokens = head + [t for _, t in pieces]
+    types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256 + [NORMAL] * len(pieces)
+    scores = [0.0] * len(head) + [-float(r) for r in range(len(pieces))]
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+            "tokenizer.ggml.unknown_token_id": 0, **extra}

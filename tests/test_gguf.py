@@ -1,0 +1,290 @@
+"""GGUF input: files the tests write with gguf's GGUFWriter (tests/gguf_files.py) from random
+transformers models, compiled and compared against transformers in float32 on the values the file
+holds; the NumPy dequantizers bit-exact against gguf.quants; the embedded tokenizer against
+transformers' own GGUF tokenizer conversion and the original tokenizer.json; bad files refused
+with one line naming the file."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gguf
+from gguf_files import QUANTIZED, bpe_tokenizer_metadata, spm_tokenizer_metadata, write_gguf
+from helpers import CORPUS, make_checkpoint, make_tokenizer
+from llmirc.errors import CheckpointError
+from llmirc.frontend import open_source
+from llmirc.frontend.gguf_checkpoint import unpermute_rows
+from llmirc.frontend.gguf_quants import FORMATS, dequantize, unpack
+from test_models import check_model, compile_to
+
+TEXTS = CORPUS[:4] + ["  leading spaces and 12345 digits 3.14", "Hello, world!! <s> inside </s>",
+                      "tabs\tand\nnewlines\n\n end", "ünïcödé 😀 x", "", "I'm 'quoted' DON'T"]
+
+
+# -- dequantization -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_dequantize_is_bit_exact_with_gguf(name):
+    fmt, qtype = FORMATS[name], gguf.GGMLQuantizationType[name]
+    assert (fmt.block_size, fmt.type_size) == gguf.GGML_QUANT_SIZES[qtype] and fmt.type_id == int(qtype)
+    rng = np.random.default_rng(fmt.type_id)
+    rows, n = 7, 3 * fmt.block_size
+    raw = rng.integers(0, 256, size=(rows, n // fmt.block_size * fmt.type_size), dtype=np.uint8)
+    blocks = raw.reshape(-1, fmt.type_size)
+    # Finite float16 super-scales of both signs (random bytes would also give inf/nan).
+    scale_at = [208] if name == "Q6_K" else ([0, 2] if name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else [0])
+    for at in scale_at:
+        blocks[:, at:at + 2] = rng.normal(0, 0.01, size=(len(blocks), 1)).astype(np.float16).view(np.uint8)
+    ref = gguf.quants.dequantize(raw, qtype)
+    ours = dequantize(fmt, raw, n, chunk_rows=3)
+    assert ours.dtype == np.float32 and ours.shape == (rows, n)
+    np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))
+    u = unpack(fmt, raw, n)
+    lo, hi = {"Q8_0": (-128, 127), "Q4_0": (-8, 7), "Q5_0": (-16, 15), "Q6_K": (-32, 31), "Q4_1": (0, 15),
+              "Q4_K": (0, 15), "Q5_1": (0, 31), "Q5_K": (0, 31)}[name]
+    assert u.codes.dtype == np.int8 and lo <= u.codes.min() and u.codes.max() <= hi
+    assert u.scales.shape == (rows, n // u.group) and (u.offsets is None) == (name in ("Q8_0", "Q4_0", "Q5_0", "Q6_K"))
+    # The codes take every value the format allows (the bit unpacking reaches every bit).
+    assert u.codes.min() == lo and u.codes.max() == hi
+
+
+def test_unpermute_inverts_convert_hf_to_gguf_permute():
+    from gguf_files import permute
+
+    w = np.arange(4 * 8 * 3).reshape(4 * 8, 3)
+    np.testing.assert_array_equal(unpermute_rows(permute(w, 4), 4), w)
+    b = np.arange(16)
+    np.testing.assert_array_equal(unpermute_rows(permute(b, 2), 2), b)
+
+
+# -- whole models ---------------------------------------------------------------------------------
+
+CASES = {
+    "llama-f32-gqa": ("llama", "F32", {}),
+    "llama-f16-mqa-headdim-bias-tied": ("llama", "F16", dict(num_key_value_heads=1, head_dim=32, attention_bias=True,
+                                                             mlp_bias=True, tie_word_embeddings=True)),
+    "llama-bf16-linear-rope": ("llama", "BF16", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "mistral-as-llama-f16": ("mistral", "F16", dict(sliding_window=None)),
+    "qwen2-f32-tied-yarn": ("qwen2", "F32", dict(tie_word_embeddings=True, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})),
+    "gpt2-bf16": ("gpt2", "BF16", {}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_matches_transformers(tmp_path, case):
+    """F16/BF16 tensors keep their type in the bundle; with an f32 KV cache the compiled model computes
+    what transformers does in float32 on the same (exactly widened) values."""
+    arch, kind, overrides = CASES[case]
+    model = make_checkpoint(tmp_path / "ckpt", arch, **overrides)
+    path = write_gguf(model, tmp_path / "m.gguf", kind)  # loads the stored (rounded) values into model
+    bundle = compile_to(path, tmp_path / "m.llmir", kv_cache_dtype="float32")
+    compiled = check_model(model, bundle, prompts=[[0, 5, 9, 200, 17], list(range(2, 30))])
+    stored = compiled.bundle.manifest["weights"]["dtypes"]
+    assert stored["transformer.wte.weight" if arch == "gpt2" else "model.embed_tokens.weight"] == \
+        {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[kind]
+
+
+@pytest.mark.slow
+def test_llama3_rope_freqs_tensor(tmp_path):
+    # convert_hf_to_gguf writes llama3 rope scaling as per-frequency divisors in rope_freqs.weight.
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    model = make_checkpoint(tmp_path / "ckpt", "llama", rope_theta=50000.0, rope_scaling=scaling)
+    dim, base = model.config.head_dim, 50000.0
+    freqs = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
+    factors = np.where(wavelen < 64 / 4.0, 1.0, np.where(wavelen > 64, 8.0, 1 / ((1 - smooth) / 8.0 + smooth)))
+    path = write_gguf(model, tmp_path / "m.gguf", extra_tensors={"rope_freqs.weight": factors.astype(np.float32)})
+    check_model(model, compile_to(path, tmp_path / "m.llmir"), prompts=[list(range(2, 60))])
+
+
+@pytest.mark.slow
+def test_quantized_file_with_dequantize(tmp_path):
+    """Every block format in one file (round-robin over the weights), --dequantize: the compiled model
+    equals transformers on the dequantized values and transformers' own GGUF loading of the file."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = make_checkpoint(tmp_path / "ckpt", "llama", hidden_size=256, intermediate_size=512,
+                            num_attention_heads=4, num_key_value_heads=2, init_std=0.03)
+    path = write_gguf(model, tmp_path / "m.gguf", QUANTIZED)
+    src = open_source(path, dequantize=True)
+    assert {src.dtype(n) for n in ("model.embed_tokens.weight", "lm_head.weight")} | {
+        src.dtype(f"model.layers.{i}.{p}.weight") for i in range(2) for p in
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+         "mlp.up_proj", "mlp.down_proj")} == set(QUANTIZED)
+    src.close()
+    with pytest.raises(CheckpointError, match=r"m\.gguf: tensor '.*' is Q\w+-quantized; .*--dequantize"):
+        open_source(path)
+    bundle = compile_to(path, tmp_path / "m.llmir", dequantize=True)
+    compiled = check_model(model, bundle, prompts=[[0, 5, 9, 200, 17]])
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    seq = list(range(3, 40))
+    with torch.no_grad():
+        ref = theirs(torch.tensor([seq])).logits[0].double().numpy()
+    np.testing.assert_allclose(compiled.score(seq), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+# -- tokenizer ------------------------------------------------------------------------------------
+
+def _gguf_with_tokenizer(tmp_path, meta: dict):
+    model = make_checkpoint(tmp_path / "ckpt", "llama", vocab_size=len(meta["tokenizer.ggml.tokens"]))
+    return write_gguf(model, tmp_path / "m.gguf", tokenizer=meta)
+
+
+@pytest.mark.parametrize("kind", ["gpt-2", "qwen2", "llama-bpe", "spm"])
+def test_tokenizer_matches_transformers_gguf_conversion(tmp_path, kind):
+    from transformers import AutoTokenizer
+
+    if kind == "spm":
+        meta = spm_tokenizer_metadata(CORPUS, 400)
+    else:
+        make_tokenizer(tmp_path / "tok", 384)
+        meta = bpe_tokenizer_metadata(tmp_path / "tok" / "tokenizer.json", kind)
+    path = _gguf_with_tokenizer(tmp_path, meta)
+    ours = open_source(path).tokenizer
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in TEXTS:
+        ids = ours.encode(text, add_special_tokens=False).ids
+        assert ids == theirs(text, add_special_tokens=False)["input_ids"], text
+        assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+    # llama.cpp adds bos for SentencePiece and llama-3-style vocabularies unless the file says otherwise.
+    bos = meta["tokenizer.ggml.bos_token_id"]
+    assert (ours.encode("a").ids[0] == bos) == (kind in ("spm", "llama-bpe"))
+
+
+def test_smollm_pre_tokenizer_splits_digits_like_the_original(tmp_path):
+    """llama.cpp's "smollm" pre-tokenizer splits digits one by one before the GPT-2 regex, as the
+    original SmolLM2 tokenizer.json does (transformers' GGUF conversion does not know the name)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS + ["1234 5678 90 2024"] * 4, trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    path = _gguf_with_tokenizer(tmp_path, bpe_tokenizer_metadata(tmp_path / "tokenizer.json", "smollm"))
+    ours = open_source(path).tokenizer
+    for text in TEXTS:
+        assert ours.encode(text).ids == tok.encode(text).ids, text
+
+
+@pytest.mark.slow
+def test_bundle_tokenizer_chat_template_and_generation_ids(tmp_path):
+    from llmirc.runtime import load
+
+    make_tokenizer(tmp_path / "tok", 384)
+    template = "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    meta = bpe_tokenizer_metadata(tmp_path / "tok" / "tokenizer.json", "gpt-2", **{
+        "tokenizer.ggml.add_bos_token": True, "tokenizer.chat_template": template})
+    path = _gguf_with_tokenizer(tmp_path, meta)
+    bundle = compile_to(path, tmp_path / "m.llmir")
+    original = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    assert (bundle / "tokenizer" / "chat_template.jinja").read_text() == template
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["generation"] == {"bos_token_id": 0, "eos_token_ids": [1], "pad_token_id": None}
+    assert manifest["source"]["kind"] == "gguf" and manifest["tokenizer"] == "tokenizer/tokenizer.json"
+    model = load(bundle)
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_str(json.dumps(original))  # its post-processor adds <s>, as add_bos_token asks
+    for text in TEXTS:
+        assert model.tokenizer.encode(text) == reference.encode(text).ids, text
+    out = model.generate([model.tokenizer.encode("the quick brown")], max_new_tokens=4, ignore_eos=True)
+    assert len(out[0]) == 4
+
+
+# -- bad files ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gguf")
+    model = make_checkpoint(tmp / "ckpt", "llama")
+    return write_gguf(model, tmp / "good.gguf")
+
+
+def _open_error(path, **kw) -> str:
+    with pytest.raises(CheckpointError) as e:
+        open_source(path, **kw).module()
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message, message
+    return message
+
+
+def _tensor_info_offset(data: bytes, name: str) -> int:
+    """Byte offset of tensor `name`'s info record (name length, name, dims...) in a GGUF header."""
+    key = struct.pack("<Q", len(name)) + name.encode()
+    at = data.index(key)
+    return at + len(key)
+
+
+def test_bad_files_are_refused_with_one_line(tmp_path, good_file):
+    data = good_file.read_bytes()
+
+    def variant(name: str, content: bytes):
+        p = tmp_path / name
+        p.write_bytes(content)
+        return p
+
+    assert "not a readable GGUF file" in _open_error(variant("magic.gguf", b"GGUX" + data[4:]))
+    assert "not a readable GGUF file" in _open_error(variant("header.gguf", data[:200]))
+    assert "GGUF" in _open_error(variant("truncated.gguf", data[:len(data) - 1000]))
+    assert "not a readable GGUF file" in _open_error(variant("empty.gguf", b""))
+    # The first tensor's data offset (after its dims and type) pointed past the end of the file.
+    info = _tensor_info_offset(data, "token_embd.weight")
+    n_dims = struct.unpack_from("<I", data, info)[0]
+    at = info + 4 + 8 * n_dims + 4
+    past = variant("offset.gguf", data[:at] + struct.pack("<Q", 1 << 40) + data[at + 8:])
+    message = _open_error(past)
+    assert "not a readable GGUF file" in message or "past the end" in message
+    # ... or at the data of another tensor.
+    overlap = variant("overlap.gguf", data[:at] + struct.pack("<Q", 7 * 32) + data[at + 8:])
+    message = _open_error(overlap)
+    assert "overlaps" in message and "'token_embd.weight'" in message
+    # A dimension that disagrees with the metadata: blk.0.attn_q.weight [64, 64] claimed [64, 32] ...
+    info = _tensor_info_offset(data, "blk.0.ffn_up.weight")
+    shape = variant("shape.gguf", data[:info + 4] + struct.pack("<Q", 32) + data[info + 12:])
+    message = _open_error(shape)
+    assert "blk.0.ffn_up.weight" in message
+
+
+def test_metadata_errors_name_the_key(tmp_path):
+    model = make_checkpoint(tmp_path / "ckpt", "llama")
+    path = write_gguf(model, tmp_path / "m.gguf")
+    data = path.read_bytes()
+    unknown = tmp_path / "falcon.gguf"
+    length = struct.pack("<Q", 5)  # general.architecture's value: a 5-byte string
+    unknown.write_bytes(data.replace(length + b"llama", length + b"bloom"))
+    assert "unsupported GGUF architecture 'bloom'" in _open_error(unknown)
+    quant = tmp_path / "q2k.gguf"
+    w = gguf.GGUFWriter(str(quant), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((384, 84), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q2_K)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert "has type Q2_K" in _open_error(quant, dequantize=True)
+
+
+def test_cli_refuses_quantized_without_dequantize(tmp_path):
+    model = make_checkpoint(tmp_path / "ckpt", "llama")
+    path = write_gguf(model, tmp_path / "m.gguf", "Q8_0")
+    r = subprocess.run([sys.executable, "-m", "llmirc.cli", "compile", str(path), "-o", str(tmp_path / "m.llmir")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines() == [r.stderr.strip()] and r.stderr.startswith(f"error: {path}: tensor '")
+    assert "Q8_0-quantized" in r.stderr and "--dequantize" in r.stderr
+    assert not (tmp_path / "m.llmir").exists()
