@@ -65,7 +65,7 @@ def cli() -> None:
                    "names, comma-separated ('none': quantize everything).")
 @click.option("--report", is_flag=True, help="Print what the passes fused or rewrote, and how often.")
 @click.option("--dequantize", is_flag=True, help="Expand quantized tensors (GGUF Q8_0, Q4_K, ...) to float32; "
-              "without it they are refused.")
+              "without it they are kept quantized (llama and qwen2 GGUF files; others are refused).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, cpu_variants, dtype,
                 kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, report, dequantize, quiet):

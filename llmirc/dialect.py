@@ -326,8 +326,9 @@ class QuantizeOp(_LlmirOp):
 @irdl_op_definition
 class PackedWeightOp(_LlmirOp):
     """A quantized weight as a checkpoint stores it: the tensors `<weight>.qweight`, `.scales`,
-    (`.qzeros`, `.g_idx`) in `format` (gptq, gptq_v2 or awq), repacked into llmirc's layout when
-    the bundle is written."""
+    (`.qzeros`, `.g_idx`) in `format` gptq, gptq_v2 or awq, or a GGUF block-quantized
+    `<weight>.weight` (format gguf), repacked losslessly into llmirc's layout when the bundle is
+    written (llmirc/frontend/packed.py)."""
 
     name = "llmir.packed_weight"
     weight = prop_def(StringAttr)

@@ -42,7 +42,7 @@ class CompileOptions:
     quant_group_size: int = 0           # 0: per output row for int8, 32 for int4
     quant_symmetric: bool = True        # false: a zero point per group
     quant_keep: tuple[str, ...] = ("embedding", "lm_head")  # what stays in higher precision
-    dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of refusing them
+    dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of keeping them
 
     def quantize_pass(self) -> str:
         """The quantize-weights pass spec `--quant` asks for ('' for none)."""

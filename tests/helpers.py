@@ -161,11 +161,12 @@ def export_onnx(model, path: Path, *, with_mask: bool = False, with_past: bool =
     return path
 
 
-def hf_logits_quantized(model, weights: dict, token_ids: list[int], block: int = 32) -> np.ndarray:
+def hf_logits_quantized(model, weights: dict, token_ids: list[int]) -> np.ndarray:
     """Logits of `model` in float64 with the linears named in `weights` ({module name: (weight
-    [n, k], input permutation or None)}) using those weights, their inputs quantized to int8 per
-    block of `block` values (in the permuted order) as llmirc's quantized kernels do it
-    (llmirc.quant.activation_block): the exact reference of a quantized bundle."""
+    [n, k], input permutation or None, block)}) using those weights, their inputs quantized to
+    int8 per block of `block` values (in the permuted order) as llmirc's quantized kernels do it
+    (llmirc.quant.activation_block): the exact reference of a quantized bundle. Other modules
+    named there (embeddings) only get the weight."""
     import copy
 
     import torch
@@ -176,7 +177,7 @@ def hf_logits_quantized(model, weights: dict, token_ids: list[int], block: int =
     modules = dict(ref.named_modules())
     hooks = []
 
-    def hook(perm):
+    def hook(perm, block):
         def quantize_input(module, args):
             x = args[0]
             flat = x.reshape(-1, x.shape[-1]).to(torch.float32).numpy()
@@ -188,10 +189,10 @@ def hf_logits_quantized(model, weights: dict, token_ids: list[int], block: int =
         return quantize_input
 
     with torch.no_grad():
-        for name, (w, perm) in weights.items():
+        for name, (w, perm, block) in weights.items():
             modules[name].weight.copy_(torch.from_numpy(np.asarray(w, np.float64)))
             if isinstance(modules[name], torch.nn.Linear):
-                hooks.append(modules[name].register_forward_pre_hook(hook(perm)))
+                hooks.append(modules[name].register_forward_pre_hook(hook(perm, block)))
         out = ref(torch.tensor([token_ids])).logits[0].numpy()
     for h in hooks:
         h.remove()

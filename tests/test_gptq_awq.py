@@ -102,7 +102,7 @@ def write_quantized(src, ckpt, method, bits, group, sym=False, act_order=False, 
             tensors[f"{prefix}.qzeros"] = pack_cols(zeros, bits, AWQ_ORDER)
         tensors[f"{prefix}.scales"] = scales
         perm = np.argsort(g_idx, kind="stable") if act_order else None
-        weights[prefix] = (deq, perm)
+        weights[prefix] = (deq, perm, 32)
     save_safetensors(ckpt / "model.safetensors", tensors, {"format": "pt"})
     config = json.loads((src / "config.json").read_text())
     if method == "gptq":

@@ -16,6 +16,8 @@ Two references, on checkpoints the tests make:
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
@@ -59,7 +61,7 @@ def emulated(model, schemes, quantize_head: bool, quantize_embedding: bool, ids)
         if last in LINEARS or (quantize_head and name == "lm_head") or (quantize_embedding and last == "embed_tokens"):
             w = mod.weight.detach().numpy()
             s = schemes(w.shape[1])
-            weights[name] = (quant.dequantize(quant.quantize(w, s), s, w.shape[1]), None)
+            weights[name] = (quant.dequantize(quant.quantize(w, s), s, w.shape[1]), None, 32)
     return hf_logits_quantized(model, weights, ids)
 
 
@@ -126,14 +128,17 @@ def test_int8_kv_cache(tmp_path, checkpoint):
 def test_quantized_ir(tmp_path, checkpoint, capsys):
     """The types show in the IR (--emit mlir, --print-ir-after-all); keep chooses what stays float."""
     ckpt, _ = checkpoint
+    emitted = io.StringIO()
     plan = compile_model(ckpt, None, CompileOptions(quant="int4", emit="mlir", print_ir_after_all=True,
-                                                    quant_keep=("lm_head", "*.down_proj.*")), Progress(None))
-    out, err = capsys.readouterr()
+                                                    quant_keep=("lm_head", "*.down_proj.*")), Progress(None),
+                         stdout=emitted)
+    out, err = emitted.getvalue(), capsys.readouterr().err
     assert "IR Dump After quantize-weights" in err
     qtype = "!llmir.quant<bits = 4, group_size = 32, scale = f16, zero = none>"
     assert qtype in out and '"llmir.quantize"' in out
     kinds = [c.kind for c in plan.calls]
-    assert kinds.count("qlinear") == 4 and kinds.count("linear") == 3  # down_proj x2 and the LM head
+    # per layer: q|k|v, o_proj, gate|up quantized; down_proj (x2) and the LM head kept
+    assert kinds.count("qlinear") == 6 and kinds.count("linear") == 3
     assert "qembedding" in kinds
     names = [w.name for w in plan.weights]
     assert "model.layers.0.self_attn.{q_proj,k_proj,v_proj}.weight.codes" in names

@@ -1,4 +1,4 @@
-"""GPTQ and AWQ checkpoints: quantized linears kept quantized (`llmir.packed_weight`), repacked
+"""Quantized checkpoint tensors (GPTQ, AWQ, GGUF) kept quantized (`llmir.packed_weight`), repacked
 losslessly into llmirc's layout (llmirc/quant.py) when the bundle is written.
 
 config.json's `quantization_config` says the method; a linear is quantized where the checkpoint
@@ -15,7 +15,21 @@ linear of k inputs and n outputs, b bits, groups of g inputs (g = -1: one group 
   [k / g, n b / 32], 8 codes of outputs 8c + (0, 2, 4, 6, 1, 3, 5, 7) in nibbles 0..7 of int32 c;
   `scales` [k / g, n]. w[j, i] = scales[i / g, j] * (q[i, j] - zero[i / g, j]).
 
-What llmirc keeps, per format: the codes as they are (4-bit codes in 4 bits, 8-bit in 8), the
+* gguf (llama.cpp's block formats, unpacked by frontend/gguf_quants.py into codes, float32
+  scales and offsets per group): repacked per format as below (GGUF_SCHEMES); the bits per
+  weight of the file's format -> of llmirc's layout:
+      Q8_0 8.5 -> 8.5   int8 codes (q + 128), float16 scale per 32, symmetric
+      Q4_0 4.5 -> 4.5   int4 codes (q), float16 scale per 32, symmetric (w = d (q - 8))
+      Q4_1 5.0 -> 5.0   int4 codes, float16 scale and float16 min per 32
+      Q5_0 5.5 -> 8.5   int8 codes (q - 16 + 128), float16 scale per 32, symmetric
+      Q5_1 6.0 -> 9.0   int8 codes, float16 scale and min per 32
+      Q4_K 4.5 -> 6.0   int4 codes, float32 scale d * sc and min -dmin * mn per 32
+      Q5_K 5.5 -> 10.0  int8 codes, float32 scale and min per 32
+      Q6_K 6.56 -> 10.0 int8 codes (q - 32 + 128), float32 scale d * sc per 16, symmetric
+  The products d * sc, dmin * mn are exact in float32 (not in float16): the K-quants' two-level
+  scales cost about 1.5 more bits per weight flattened; 5- and 6-bit codes take a byte.
+
+What llmirc keeps of GPTQ and AWQ: the codes as they are (4-bit codes in 4 bits, 8-bit in 8), the
 scales in their dtype, uint8 zero points per group (none when every zero point is the symmetric
 2^(b-1), as GPTQ's sym=true writes them), and for act-order the permutation that sorts inputs
 by group (perm: the kernels read the activations in that order), so nothing is rounded.
@@ -30,6 +44,12 @@ from llmirc import dtypes, quant
 from llmirc.errors import CheckpointError
 
 METHODS = ("gptq", "awq")
+GGUF_SCHEMES = {  # GGUF block format -> how llmirc keeps it (see the module docstring)
+    "Q8_0": quant.Scheme(8, 32, "float16"), "Q4_0": quant.Scheme(4, 32, "float16"),
+    "Q4_1": quant.Scheme(4, 32, "float16", "min"), "Q5_0": quant.Scheme(8, 32, "float16"),
+    "Q5_1": quant.Scheme(8, 32, "float16", "min"), "Q4_K": quant.Scheme(4, 32, "float32", "min"),
+    "Q5_K": quant.Scheme(8, 32, "float32", "min"), "Q6_K": quant.Scheme(8, 16, "float32"),
+}
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an int32 holds output 8c + _AWQ_ORDER[i]
 
 
@@ -67,6 +87,8 @@ def parse_quantization_config(config: dict, source: str) -> dict | None:
 
 def tensor_names(fmt: str, prefix: str, scheme: quant.Scheme) -> list[str]:
     """The checkpoint tensors a packed weight is made of."""
+    if fmt == "gguf":
+        return [f"{prefix}.weight"]
     names = [f"{prefix}.qweight", f"{prefix}.scales", f"{prefix}.qzeros"]
     return names + ([f"{prefix}.g_idx"] if scheme.act_order else [])
 
@@ -169,9 +191,24 @@ def act_order_permutation(g_idx: np.ndarray, k: int, g: int, what: str) -> np.nd
     return perm.astype(np.int32)
 
 
+def gguf_qtype(fmt_name: str):
+    """The `!llmir.quant` type a GGUF block format is kept as."""
+    s = GGUF_SCHEMES[fmt_name]
+    return L.QuantType(s.bits, s.group_size, L.FLOAT_TYPES[s.scale_dtype], s.zero)
+
+
 def repack(fmt: str, prefix: str, scheme: quant.Scheme, k: int, read) -> dict[str, np.ndarray]:
-    """The llmirc parts (llmirc/quant.py) of a packed linear, from the checkpoint's tensors."""
+    """The llmirc parts (llmirc/quant.py) of a packed weight, from the checkpoint's tensors (GGUF:
+    `read(prefix + ".weight")` gives the tensor unpacked, a gguf_quants.Unpacked)."""
     bits, g = scheme.bits, scheme.group_size
+    if fmt == "gguf":
+        u = read(f"{prefix}.weight")
+        codes = u.codes.astype(np.int16) + (scheme.center if scheme.zero == "none" else 0)
+        parts = {"codes": quant.pack(codes.astype(np.uint8), bits, scheme.sub_group),
+                 "scales": dtypes.from_float32(u.scales, scheme.scale_dtype)}
+        if scheme.zero == "min":
+            parts["zeros"] = dtypes.from_float32(u.offsets, scheme.scale_dtype)
+        return parts
     scales = np.asarray(read(f"{prefix}.scales"))
     n = scales.shape[1]
     if fmt == "awq":
