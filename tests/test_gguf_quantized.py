@@ -1,5 +1,6 @@
 """GGUF block-quantized tensors kept quantized (no --dequantize): every format, repacked
-losslessly into llmirc's layouts (frontend/packed.py) and run by the quantized kernels.
+losslessly into llmirc's layouts (frontend/packed.py: checked bit for bit against ggml's own
+dequantization, gguf.quants) and run by the quantized kernels.
 
 Files written by the tests (tests/gguf_files.py) from random transformers models, whose weights
 are then the values the file holds. References: transformers in float64 on those values with the
@@ -14,12 +15,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gguf_files import QUANTIZED, spm_tokenizer_metadata, write_gguf
+from gguf_files import QUANTIZED, encode, spm_tokenizer_metadata, write_gguf
 from helpers import CORPUS, hf_logits_quantized, make_checkpoint
-from llmirc.frontend.packed import GGUF_SCHEMES
+from llmirc import dtypes, quant
+from llmirc.frontend.gguf_quants import FORMATS, unpack
+from llmirc.frontend.packed import GGUF_SCHEMES, repack
 from test_models import compile_to
-
-pytestmark = pytest.mark.slow
 
 TOKENS = [1, 5, 9, 200, 17, 3, 44, 91, 12, 7, 250, 300, 31, 64, 128, 2, 8, 99, 150, 42] * 2
 MATRICES = ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -36,6 +37,22 @@ def llama_cpp_logits(path, tokens):
     return np.array(llm.scores[:len(tokens)], dtype=np.float64)
 
 
+@pytest.mark.parametrize("kind", QUANTIZED)
+def test_repack_is_lossless(kind):
+    """llmirc's parts of a GGUF tensor stand for exactly ggml's dequantized values (gguf.quants)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((48, 512)).astype(np.float32) * 0.05
+    raw, ggml_values, _ = encode(w, kind, rng)
+    scheme = GGUF_SCHEMES[kind]
+    parts = repack("gguf", "w", scheme, 512, lambda name: unpack(FORMATS[kind], raw, 512))
+    assert {p: (a.dtype, a.shape) for p, a in parts.items()} == {
+        p: (np.dtype(dtypes.dtype(scheme.part_dtype(p)).storage), scheme.part_shape(p, 48, 512))
+        for p in scheme.parts()}
+    ours = quant.dequantize(parts, scheme, 512).astype(np.float32)  # exact in float64, rounded once
+    np.testing.assert_array_equal(ours, ggml_values)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,kinds,overrides", [
     # every format in one file (taken in turn over the matrices; K-quants need rows of 256)
     ("llama", QUANTIZED, dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
