@@ -1,6 +1,13 @@
 """Open and verify an llmir bundle directory (generic: knows files, not model sections).
 
 Every problem raises BundleError with one line naming the bundle and the file at fault.
+
+Verification hashes every file listed in the manifest. With `remember=True` a successful
+verification is recorded outside the bundle (`$XDG_CACHE_HOME/llmirc/verified/`, default
+~/.cache) under a key a changed bundle cannot keep: the manifest's sha256 and, for every file,
+its size, inode, modification and status-change times (st_ctime cannot be set back by the
+user: any write or utime updates it). An unchanged bundle then opens without rehashing; any
+change, a copy or a move makes it hash again.
 """
 
 from __future__ import annotations
@@ -126,8 +133,11 @@ class Bundle:
         return open_safetensors(self.file(rel), error_cls=BundleError, label=f"bundle {self.name}: file {rel}")
 
 
-def open_bundle(path, verify: bool = True) -> Bundle:
-    """Check a bundle's manifest, paths and file sizes, and with verify=True every sha256."""
+def open_bundle(path, verify: bool = True, remember: bool = False) -> Bundle:
+    """Check a bundle's manifest, paths and file sizes, and with verify=True every sha256.
+
+    `remember`: skip the hashing when this unchanged bundle was verified before, and record a
+    successful verification (see the module docstring)."""
     name = str(path)
     p = Path(path)
     if not p.exists():
@@ -138,10 +148,50 @@ def open_bundle(path, verify: bool = True) -> Bundle:
     manifest = read_manifest(root, name)
     files = _check_files(root, name, manifest.get("files"))
     if verify:
-        for rel, entry in files.items():
-            if _sha256(root / rel, name, rel) != entry["sha256"]:
-                raise BundleError(f"bundle {name}: file {rel}: sha256 mismatch (tampered or corrupted)")
+        key = _state_key(root, files) if remember else None
+        if key is None or _recorded(root) != key:
+            for rel, entry in files.items():
+                if _sha256(root / rel, name, rel) != entry["sha256"]:
+                    raise BundleError(f"bundle {name}: file {rel}: sha256 mismatch (tampered or corrupted)")
+            if key is not None and _state_key(root, files) == key:  # unchanged while it was hashed
+                _record(root, key)
     return Bundle(root, name, manifest, files)
+
+
+def _state_key(root: Path, files: dict[str, dict]) -> str | None:
+    """sha256 over the manifest's bytes and the identity and times of every file (None: unreadable)."""
+    h = hashlib.sha256()
+    try:
+        h.update((root / MANIFEST).read_bytes())
+        for rel in [MANIFEST, *sorted(files)]:
+            st = os.stat(root / rel)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_ino}\0{st.st_dev}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _record_path(root: Path) -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "llmirc" / "verified" / hashlib.sha256(str(root).encode()).hexdigest()
+
+
+def _recorded(root: Path) -> str | None:
+    try:
+        return _record_path(root).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _record(root: Path, key: str) -> None:
+    path = _record_path(root)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(key, encoding="ascii")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # no cache directory: verify every time
 
 
 def _check_files(root: Path, name: str, entries) -> dict[str, dict]:

@@ -202,7 +202,7 @@ def _parse_entry(name, entry, data_size, fail):
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise fail(f"{what}: entry must be an object with dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in SAFETENSORS_CODES and dtype not in UNSUPPORTED_DTYPES:
+    if not isinstance(dtype, str) or (dtype not in SAFETENSORS_CODES and dtype not in UNSUPPORTED_DTYPES):
         raise fail(f"{what}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise fail(f"{what}: shape {shape!r} is not a list of non-negative integers")

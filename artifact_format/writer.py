@@ -6,9 +6,11 @@
             w.write(name, array)
         b.commit(manifest)
 
-manifest.json is written last, so an interrupted build's `<out>.tmp-<random>` directory has
-none and is never taken for a bundle. If the block raises (KeyboardInterrupt included) or
-commit fails, the temporary directory is removed and out_path is as it was.
+manifest.json is written last, so an interrupted build's `<out>.tmp-<host>-<pid>-<random>`
+directory has none and is never taken for a bundle. If the block raises (KeyboardInterrupt
+included) or commit fails, the temporary directory is removed and out_path is as it was; one
+left by a killed process (kill -9, power loss) is removed by the next writer to the same path
+once its owner (that pid on this host) is gone (`remove_stale_temporaries`).
 Errors the user can cause (unsafe path, disk full, out_path not replaceable) are
 BundleErrors; misuse by the calling code is ValueError/RuntimeError.
 """
@@ -18,8 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import stat
 from pathlib import Path
 
@@ -139,7 +143,7 @@ class BundleWriter:
         with self._io():
             self.out.parent.mkdir(parents=True, exist_ok=True)
             for _ in range(100):
-                tmp = self.out.with_name(f"{self.out.name}.tmp-{secrets.token_hex(6)}")
+                tmp = self.out.with_name(f"{self.out.name}.tmp-{_host()}-{os.getpid()}-{secrets.token_hex(6)}")
                 try:
                     tmp.mkdir()
                     return tmp
@@ -188,6 +192,47 @@ class BundleWriter:
                 raise
             shutil.rmtree(aside, ignore_errors=True)
         self._tmp = None
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+
+
+def remove_stale_temporaries(out_path) -> tuple[list[str], list[str]]:
+    """Removes the temporary directories of writers to `out_path` whose process has died.
+
+    Returns (removed, unknown): the names removed, and those of other hosts or older llmirc
+    versions (no owner in the name) that were left alone, for the caller to mention."""
+    out = Path(out_path)
+    removed, unknown = [], []
+    try:
+        siblings = list(out.absolute().parent.iterdir())
+    except OSError:
+        return removed, unknown
+    pattern = re.compile(re.escape(out.name) + r"\.tmp-(?:(.+)-(\d+)-)?[0-9a-f]{12}")
+    for p in siblings:
+        m = pattern.fullmatch(p.name)
+        if m is None or p.is_symlink() or not p.is_dir() or (p / MANIFEST).exists():
+            continue
+        host, pid = m[1], int(m[2]) if m[2] else None
+        if pid is None or host != _host():
+            unknown.append(p.name)
+        elif not _alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed, unknown
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OverflowError:  # not a pid
+        return False
+    return True
 
 
 def _reraise(e: OSError):

@@ -1,38 +1,33 @@
 """Peer engines for the benchmarks: convert a Hugging Face checkpoint for llama.cpp and
 onnxruntime-genai, and time any engine (llmirc, transformers, llama.cpp, onnxruntime-genai) in
-its own process on the same token ids and thread count.
+its own process on the same token ids and thread count. `benchmarks/compare.py` drives it.
 
 The peers are optional (`pip install -e '.[bench]'`, and llama-cpp-python built for the host as
 BENCHMARKS.md says); tests never need them. A peer that fails to convert, load or run is
 reported as failed, with its error, and the others go on.
 
-    python benchmarks/peers.py CHECKPOINT --work DIR [--engines llmirc,transformers,llama.cpp:F32,...]
-        [--threads 2] [--prompt-tokens 32] [--new-tokens 128] [--prefill-tokens 512] [--repeat 3]
-
-Engines: `llmirc` (compiles CHECKPOINT), `transformers` (eager, float32), `llama.cpp:KIND` with
-KIND in F32, F16, BF16, Q8_0 (convert_hf_to_gguf.py --outtype) or Q4_0 (converted, then
-llama.cpp's quantizer), `ort-genai:PRECISION` with PRECISION in fp32, int8, int4
+Engines: `llmirc[:VARIANT]` (compiles the checkpoint; VARIANT in LLMIRC_VARIANTS, none: weights
+as the checkpoint has them), `transformers` (eager, float32), `llama.cpp:KIND` with KIND in F32,
+F16, BF16, Q8_0 (convert_hf_to_gguf.py --outtype) or Q4_0 (converted, then llama.cpp's
+quantizer), `ort-genai:PRECISION` with PRECISION in fp32, int8, int4
 (onnxruntime_genai.models.builder). Each run: prefill = one forward over `prefill` token ids;
 decode = greedy generation of `new` tokens after `prompt`, timed from the first generated token
 to the last (tokens/s over new - 1 steps); peak RSS of the whole process (loading included).
-Runs alternate between engines; the table shows medians and whether each engine's greedy tokens
-equal transformers' (the first difference otherwise).
+llmirc also decodes `batch` sequences together (`batch_decode`: tokens/s of all of them).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 GGUF_KINDS = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
@@ -50,6 +45,9 @@ class Result:
     decode_tokens_per_s: float = 0.0
     peak_rss_mb: float = 0.0
     tokens: list[int] = field(default_factory=list)  # the greedy tokens of the decode run
+    batch_decode_tokens_per_s: float = 0.0  # llmirc: `batch` sequences decoded together, tokens/s of all
+    threads: int = 0
+    bytes_per_token: dict[str, int] = field(default_factory=dict)  # llmirc: bytes a decode step reads, by dtype
 
 
 # -- conversions ----------------------------------------------------------------------------------
@@ -111,57 +109,89 @@ def _checkpoint_dtype(checkpoint: Path) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
-def _run(cmd: list[str], what: str) -> None:
-    r = subprocess.run(cmd, capture_output=True, text=True)
+def _run(cmd: list[str], what: str) -> Measured:
+    r = run_measured(cmd)
     if r.returncode != 0:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [f"exit {r.returncode}"]
-        raise RuntimeError(f"{what} failed: {tail[0]}")
+        raise RuntimeError(r.error(what))
+    return r
 
 
 # -- one run of one engine, in its own process ----------------------------------------------------
 
-def run_engine(engine: str, model: Path, prompt: list[int], new_tokens: int, prefill: list[int], threads: int,
-               timeout: float = 1800) -> Result:
-    """Times `engine` on `model` in a fresh process: prefill of the `prefill` ids, greedy decode of
-    `new_tokens` after `prompt`. engine: llmirc | transformers | llama.cpp | ort-genai."""
-    spec = json.dumps({"engine": engine, "model": str(model), "prompt": prompt, "new_tokens": new_tokens,
-                       "prefill": prefill, "threads": threads})
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))  # for the BLAS/OpenMP pools under the peers
+@dataclass
+class Measured:
+    """A finished subprocess: exit status (negative: killed by that signal), output, wall time and
+    peak RSS (the largest of the process and its waited-for children, as wait4 reports it)."""
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    peak_rss_mb: float
+    timed_out: bool = False
+
+    def error(self, what: str) -> str:
+        if self.returncode < 0:
+            timeout = " (timeout)" if self.timed_out else ""
+            return f"{what} killed by {signal.Signals(-self.returncode).name}{timeout}"
+        tail = (self.stderr or self.stdout).strip().splitlines()
+        return f"{what} failed: {tail[-1] if tail else f'exit {self.returncode}'}"
+
+
+def run_measured(cmd: list[str], timeout: float = 1800, env: dict | None = None) -> Measured:
+    """Runs cmd to completion (killed after `timeout` seconds) and measures it."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", spec], stdout=out, stderr=err, env=env)
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        timed_out = False
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            if time.monotonic() > deadline:
+            if time.monotonic() - start > timeout:
                 proc.kill()
+                timed_out = True
                 pid, status, usage = os.wait4(proc.pid, 0)
                 break
             time.sleep(0.05)
+        seconds = time.monotonic() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        result = Result(engine, str(model), peak_rss_mb=usage.ru_maxrss / 1024)
-        lines = out.read().strip().splitlines()
-        if proc.returncode == 0 and lines:
-            data = json.loads(lines[-1])
-            result.ok = True
-            result.prefill_tokens_per_s, result.decode_tokens_per_s = data["prefill"], data["decode"]
-            result.tokens = data["tokens"]
-        elif proc.returncode < 0:
-            result.error = f"killed by {signal.Signals(-proc.returncode).name}" + (
-                " (timeout)" if time.monotonic() > deadline else "")
-        else:
-            tail = err.read().strip().splitlines()
-            result.error = tail[-1] if tail else f"exit {proc.returncode}"
-        return result
+        return Measured(proc.returncode, out.read(), err.read(), seconds, usage.ru_maxrss / 1024, timed_out)
+
+
+def run_engine(engine: str, model: Path, prompt: list[int], new_tokens: int, prefill: list[int],
+               threads: int | None, batch: int = 1, timeout: float = 1800) -> Result:
+    """Times `engine` on `model` in a fresh process: prefill of the `prefill` ids, greedy decode of
+    `new_tokens` after `prompt` (and, for llmirc with batch > 1, of `batch` sequences together).
+    engine: llmirc | transformers | llama.cpp | ort-genai. threads None: the engine's default."""
+    spec = json.dumps({"engine": engine, "model": str(model), "prompt": prompt, "new_tokens": new_tokens,
+                       "prefill": prefill, "threads": threads, "batch": batch})
+    env = dict(os.environ)
+    if threads is not None:  # for the BLAS/OpenMP pools under the peers
+        env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    run = run_measured([sys.executable, __file__, "--worker", spec], timeout, env)
+    result = Result(engine, str(model), peak_rss_mb=run.peak_rss_mb)
+    lines = run.stdout.strip().splitlines()
+    if run.returncode == 0 and lines:
+        data = json.loads(lines[-1])
+        result.ok = True
+        result.prefill_tokens_per_s, result.decode_tokens_per_s = data["prefill"], data["decode"]
+        result.tokens = data["tokens"]
+        result.batch_decode_tokens_per_s = data.get("batch_decode", 0.0)
+        result.threads = data.get("threads", threads or 0)
+        result.bytes_per_token = data.get("bytes_per_token", {})
+    else:
+        result.error = run.error(engine)
+    return result
 
 
 def _worker(spec: dict) -> dict:
     engine, model, threads = spec["engine"], spec["model"], spec["threads"]
     prompt, new, prefill = spec["prompt"], spec["new_tokens"], spec["prefill"]
-    return {"llmirc": _llmirc, "transformers": _transformers, "llama.cpp": _llama_cpp,
+    if engine == "llmirc":
+        return _llmirc(model, prompt, new, prefill, threads, spec["batch"])
+    return {"transformers": _transformers, "llama.cpp": _llama_cpp,
             "ort-genai": _ort_genai}[engine](model, prompt, new, prefill, threads)
 
 
@@ -169,20 +199,33 @@ def _rates(prefill_s: float, n_prefill: int, first: float, last: float, tokens: 
     return {"prefill": n_prefill / prefill_s, "decode": (len(tokens) - 1) / (last - first), "tokens": tokens}
 
 
-def _llmirc(model, prompt, new, prefill, threads):
+def _llmirc(model, prompt, new, prefill, threads, batch):
     from llmirc.runtime import load
+    from llmirc.runtime.bench import decode_bytes_per_step
 
-    m = load(model, kv_cache_tokens=max(len(prefill), len(prompt) + new) + 64, max_batched_tokens=len(prefill),
-             max_num_seqs=1, threads=threads)
+    m = load(model, kv_cache_tokens=max(len(prefill), batch * (len(prompt) + new)) + 64,
+             max_batched_tokens=max(len(prefill), batch * len(prompt)), max_num_seqs=batch, threads=threads)
     m.generate([prefill], max_new_tokens=1)  # warm-up
     t = time.perf_counter()
     m.generate([prefill], max_new_tokens=1)  # the prefill, plus sampling one token
     prefill_s = time.perf_counter() - t
-    tokens, stamps = [], []
-    for event in m.generate_stream([prompt], max_new_tokens=new, ignore_eos=True):
-        tokens.append(event.token)
-        stamps.append(time.perf_counter())
-    return _rates(prefill_s, len(prefill), stamps[0], stamps[-1], tokens)
+
+    def decode(prompts):  # the tokens of sequence 0 and when each was sampled
+        tokens, stamps = [], []
+        for event in m.generate_stream(prompts, max_new_tokens=new, ignore_eos=True):
+            if event.request_id == 0:
+                tokens.append(event.token)
+                stamps.append(time.perf_counter())
+        return tokens, stamps
+
+    tokens, stamps = decode([prompt])
+    out = _rates(prefill_s, len(prefill), stamps[0], stamps[-1], tokens)
+    if batch > 1:  # distinct prompts, decoded in lockstep: each step makes `batch` tokens
+        _, stamps = decode([[(t + 1009 * j) % m.vocab_size for t in prompt] for j in range(batch)])
+        out["batch_decode"] = batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    out["threads"] = m.executor.threads
+    out["bytes_per_token"] = decode_bytes_per_step(m, len(prompt) + new // 2)
+    return out
 
 
 def _transformers(model, prompt, new, prefill, threads):
@@ -263,96 +306,40 @@ def _ort_genai(model, prompt, new, prefill, threads):
     return _rates(prefill_s, len(prefill), stamps[0], stamps[-1], tokens)
 
 
-# -- the comparison -------------------------------------------------------------------------------
+# -- preparing an engine's model ------------------------------------------------------------------
 
-def prepare(engine: str, checkpoint: Path, work: Path) -> tuple[str, Path]:
-    """(engine kind, model path) for an --engines entry, converting CHECKPOINT as that engine needs."""
+LLMIRC_VARIANTS = {"": [], "f32": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"],
+                   "f16": ["--dtype", "float16"]}  # `llmirc:VARIANT` -> `llmirc compile` options
+
+
+@dataclass
+class Prepared:
+    kind: str  # llmirc | transformers | llama.cpp | ort-genai
+    model: Path
+    compiled: Measured | None = None  # llmirc: the `llmirc compile` run
+
+
+def prepare(engine: str, checkpoint: Path, work: Path) -> Prepared:
+    """The kind and model of an --engines entry, converting CHECKPOINT as that engine needs. The
+    peers' conversions are kept in `work` and reused; llmirc compiles anew (it is what is measured)."""
     kind, _, variant = engine.partition(":")
-    if kind == "llmirc":
-        bundle = work / f"{checkpoint.name}.llmir"
-        if not bundle.is_dir():
-            _run([sys.executable, "-m", "llmirc.cli", "compile", str(checkpoint), "-o", str(bundle), "-q"],
-                 "llmirc compile")
-        return kind, bundle
-    if kind == "transformers":
-        return kind, checkpoint
+    if kind == "llmirc" and variant in LLMIRC_VARIANTS:
+        bundle = work / f"{checkpoint.name}{'-' + variant if variant else ''}.llmir"
+        shutil.rmtree(bundle, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        compiled = _run([sys.executable, "-m", "llmirc.cli", "compile", str(checkpoint), "-o", str(bundle), "-q",
+                         *LLMIRC_VARIANTS[variant]], "llmirc compile")
+        return Prepared(kind, bundle, compiled)
+    if kind == "transformers" and not variant:
+        return Prepared(kind, checkpoint)
     if kind == "llama.cpp" and variant in GGUF_KINDS:
-        return kind, to_gguf(checkpoint, work, variant)
+        return Prepared(kind, to_gguf(checkpoint, work, variant))
     if kind == "ort-genai" and variant in ORT_PRECISIONS:
-        return kind, to_onnx_genai(checkpoint, work, variant)
+        return Prepared(kind, to_onnx_genai(checkpoint, work, variant))
     raise ValueError(f"unknown engine {engine!r}")
 
 
-def first_difference(tokens: list[int], reference: list[int], eos: set[int]) -> str:
-    """Where greedy tokens first differ from the reference, and whether that is after the
-    reference's first end-of-sequence token (engines differ in what follows it: onnxruntime-genai
-    cannot choose it again before its min_length)."""
-    diff = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), None)
-    if diff is None:
-        return f"equal ({len(tokens)} tokens)" if len(tokens) == len(reference) else "shorter"
-    end = next((i for i, b in enumerate(reference) if b in eos), None)
-    return f"equal up to the eos at {end}, differ at {diff}" if end is not None and diff >= end \
-        else f"differ at {diff}"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--work", type=Path, required=True, help="folder for the converted models (reused)")
-    parser.add_argument("--engines", default="llmirc,transformers,llama.cpp:F32,llama.cpp:Q8_0,llama.cpp:Q4_0,"
-                        "ort-genai:fp32,ort-genai:int8,ort-genai:int4")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--prefill-tokens", type=int, default=512)
-    parser.add_argument("--prompt-text", help="decode after this text (tokenized with CHECKPOINT's tokenizer.json) "
-                        "instead of --prompt-tokens synthetic ids")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", action="store_true", help="print every run as JSON lines")
-    args = parser.parse_args()
-
-    config = json.loads((args.checkpoint / "config.json").read_text())
-    vocab, eos = config["vocab_size"], config.get("eos_token_id")
-    eos = set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
-    prompt = [(7 * i + 3) % vocab for i in range(args.prompt_tokens)]
-    if args.prompt_text is not None:
-        from tokenizers import Tokenizer
-
-        prompt = Tokenizer.from_file(str(args.checkpoint / "tokenizer.json")).encode(args.prompt_text).ids
-    prefill = [(11 * i + 5) % vocab for i in range(args.prefill_tokens)]
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    prepared, runs = {}, {e: [] for e in engines}
-    for engine in engines:
-        try:
-            prepared[engine] = prepare(engine, args.checkpoint, args.work)
-        except Exception as e:  # a peer that cannot be converted is reported, not fatal
-            runs[engine].append(Result(engine, "", error=f"{type(e).__name__}: {e}"))
-    for _ in range(args.repeat):
-        for engine, (kind, model) in prepared.items():
-            r = run_engine(kind, model, prompt, args.new_tokens, prefill, args.threads)
-            r.engine = engine
-            runs[engine].append(r)
-            if args.json:
-                print(json.dumps(asdict(r)), flush=True)
-    reference = next((r.tokens for r in runs.get("transformers", []) if r.ok), None)
-    print(f"{args.checkpoint.name}: {args.threads} threads, prompt {len(prompt)}, {args.new_tokens} new tokens, "
-          f"prefill {args.prefill_tokens}; median of {args.repeat}")
-    print(f"{'engine':20s} {'decode tok/s':>12s} {'prefill tok/s':>13s} {'peak RSS MB':>11s}  greedy vs transformers")
-    for engine, results in runs.items():
-        ok = [r for r in results if r.ok]
-        if not ok:
-            print(f"{engine:20s} FAILED: {results[-1].error if results else 'not run'}")
-            continue
-        decode = statistics.median(r.decode_tokens_per_s for r in ok)
-        prefill_rate = statistics.median(r.prefill_tokens_per_s for r in ok)
-        rss = max(r.peak_rss_mb for r in ok)
-        same = first_difference(ok[0].tokens, reference, eos) if reference else "-"
-        failed = f" ({len(results) - len(ok)} runs failed: {results[-1].error})" if len(ok) < len(results) else ""
-        print(f"{engine:20s} {decode:12.1f} {prefill_rate:13.1f} {rss:11.0f}  {same}{failed}")
-
-
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        print(json.dumps(_worker(json.loads(sys.argv[2]))))
-    else:
-        main()
+    if len(sys.argv) != 3 or sys.argv[1] != "--worker":
+        sys.exit("peers.py runs one engine for benchmarks/compare.py: peers.py --worker SPEC_JSON")
+    print(json.dumps(_worker(json.loads(sys.argv[2]))))

@@ -1,19 +1,32 @@
-"""The `llmirc` command line: compile, run, inspect, bench, eval-ppl.
+"""The `llmirc` command line: compile, run, chat, serve, inspect, bench, eval-ppl.
 
-User errors print one line (`error: ...`) and exit 1; no traceback. `compile` needs the
-compiler extra; the other commands need only the loader.
+Exit codes: 0 success; 1 a user error (bad checkpoint, bundle, request or option: one line
+`error: ...`); 2 a command-line usage error (click's); 3 an internal error, a bug in llmirc (one
+line `internal error in <stage>: ...; please report`, the traceback with `--debug` or
+LLMIRC_DEBUG=1); 130 interrupted. Never a traceback otherwise. `compile` needs the compiler
+extra, `serve` the serve extra; the other commands need only the loader. Where a
+vLLM flag means the same thing, the same name is used (--max-model-len, --block-size,
+--kv-cache-dtype, --max-num-seqs, ...), so a vLLM command line carries over.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import click
 
 from llmirc import __version__
-from llmirc.errors import LlmircError
+from llmirc.errors import LlmircError, internal_stage
+
+INTERNAL_ERROR = 3  # exit code of a bug in llmirc (user errors: 1, usage errors: 2)
+_debug = os.environ.get("LLMIRC_DEBUG", "") not in ("", "0")
+_command = "llmirc"  # the subcommand running, for internal errors with no known stage
 
 
 # click >= 8.2 raises this (a UsageError whose message is the whole help) for a bare `llmirc`.
@@ -27,12 +40,16 @@ def _fail(message: str, code: int = 1) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llmirc")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an internal error (also: LLMIRC_DEBUG=1).")
+def cli(debug: bool) -> None:
     """llmirc: ahead-of-time compiler for LLM inference.
 
     Compile a Hugging Face checkpoint into a portable bundle of compiled kernels, weights and
     a manifest, then run, inspect or benchmark the bundle with the thin loader.
     """
+    global _debug, _command
+    _debug = _debug or debug
+    _command = f"llmirc {click.get_current_context().invoked_subcommand}"
 
 
 @cli.command("compile")
@@ -66,9 +83,15 @@ def cli() -> None:
 @click.option("--report", is_flag=True, help="Print what the passes fused or rewrote, and how often.")
 @click.option("--dequantize", is_flag=True, help="Expand quantized tensors (GGUF Q8_0, Q4_K, ...) to float32; "
               "without it they are kept quantized (llama and qwen2 GGUF files; others are refused).")
+@click.option("--block-size", type=int, default=None,
+              help="Tokens per paged KV cache block (a power of two; default 16), as vLLM's --block-size.")
+@click.option("--max-model-len", type=click.IntRange(min=1), default=None,
+              help="The bundle's context in tokens (default: what the model states; refused above what its "
+                   "config or position tables support).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, cpu_variants, dtype,
-                kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, report, dequantize, quiet):
+                kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, report, dequantize, block_size,
+                max_model_len, quiet):
     """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle."""
     try:
         from llmirc.driver import CompileOptions, Progress, compile_model
@@ -81,55 +104,268 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
                              dtype=dtype, kv_cache_dtype=kv_cache_dtype, quant=quant, quant_group_size=quant_group_size,
                              quant_symmetric=not quant_zero_points,
                              quant_keep=tuple(k.strip() for k in quant_keep.split(",") if k.strip()),
-                             dequantize=dequantize)
+                             dequantize=dequantize, block_size=block_size, max_model_len=max_model_len)
     compile_model(model, output, options, Progress(None if quiet else sys.stderr))
+
+
+def _sampling_options(fn):
+    """The sampling options run and chat share (transformers' semantics; 0 is greedy)."""
+    for option in reversed([
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+                     help="0 is greedy decoding."),
+        click.option("--top-k", type=click.IntRange(min=1), default=None),
+        click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=None),
+        click.option("--seed", type=click.IntRange(min=0), default=None,
+                     help="Seed for sampling (reproducible output)."),
+        click.option("--stop", "stops", multiple=True, help="Stop at this text (repeatable); it is left out."),
+        click.option("--kv-cache-tokens", type=click.IntRange(min=1), default=None,
+                     help="KV cache size in tokens (default: the model's context, at most 16384)."),
+        click.option("--no-verify", is_flag=True, help="Skip checksum verification (by default it runs once per "
+                                                       "unchanged bundle and is remembered)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads (default: the CPUs this process may use)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _load(bundle, kv_cache_tokens, no_verify, **kwargs):
+    from llmirc.runtime import load
+
+    return load(bundle, kv_cache_tokens=kv_cache_tokens, verify=not no_verify, **kwargs)
+
+
+def _warn_unused_sampling(temperature, top_k, top_p) -> None:
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        click.echo("warning: --top-k/--top-p have no effect with --temperature 0 (greedy decoding); "
+                   "give --temperature > 0 to sample", err=True)
 
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat for a batch); needs a tokenizer.")
+@click.option("--prompt", "prompts", multiple=True,
+              help="Prompt text (repeat for a batch; '-' reads standard input); needs a tokenizer.")
+@click.option("--prompt-file", "prompt_files", multiple=True, type=click.Path(path_type=Path),
+              help="Read a prompt from this file (repeatable).")
 @click.option("--token-ids", "token_ids", multiple=True, help="Prompt as comma-separated token ids (repeatable).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
-              help="0 is greedy decoding.")
-@click.option("--top-k", type=click.IntRange(min=1), default=None)
-@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=None)
-@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
+@click.option("--chat", is_flag=True, help="Each prompt is a user message, formatted with the bundle's chat template.")
+@click.option("--system", default=None, help="A system message for --chat.")
+@_sampling_options
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per sequence on stdout.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads (default: the CPUs this process may use).")
-def run(bundle, prompts, token_ids, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, as_json, threads):
+@click.option("--logprobs", type=click.IntRange(0, 20), default=None,
+              help="With --json: each token's logprob and the N most likely tokens.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per sequence: tokens, text, finish_reason, timings (and logprobs).")
+@click.option("-q", "--quiet", is_flag=True, help="No tokens/s and time-to-first-token summary on stderr.")
+def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
+        kv_cache_tokens, no_verify, threads, ignore_eos, logprobs, as_json, quiet):
     """Generate text or tokens with a compiled BUNDLE.
 
-    Without --json, a single prompt streams its text as it is generated."""
-    from llmirc.runtime import load
-
-    if not prompts and not token_ids:
-        raise LlmircError("give --prompt TEXT or --token-ids 1,2,3")
-    model = load(bundle, threads=threads)
+    Without --json, a single prompt streams its text as it is generated; a batch prints each
+    sequence under a label. A summary (tokens/s, time to first token) goes to stderr."""
+    texts = [_read_prompt(p) for p in prompts] + [_read_file(f) for f in prompt_files]
+    if not texts and not token_ids:
+        raise LlmircError("give --prompt TEXT, --prompt-file PATH or --token-ids 1,2,3")
+    if chat and token_ids:
+        raise LlmircError("--chat takes text prompts (--prompt, --prompt-file), not --token-ids")
+    _warn_unused_sampling(temperature, top_k, top_p)
+    model = _load(bundle, kv_cache_tokens, no_verify, threads=threads)
     batch = [_parse_ids(s) for s in token_ids]
-    if prompts:
+    if texts:
         if model.tokenizer is None:
             raise LlmircError(f"{bundle}: the bundle has no tokenizer; use --token-ids")
-        batch += [model.tokenizer.encode(p) for p in prompts]
-    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                  ignore_eos=ignore_eos)
-    if not as_json and len(batch) == 1 and model.tokenizer is not None:
-        for delta in model.stream_text(batch[0], **kwargs):
-            click.echo(delta, nl=False)
-        click.echo()
-        return
-    outputs = model.generate(batch, **kwargs)
-    for prompt, out in zip(batch, outputs):
-        text = model.tokenizer.decode(out) if model.tokenizer is not None else None
-        if as_json:
-            record = {"prompt_token_ids": prompt, "token_ids": out}
-            if text is not None:
-                record["text"] = text
-            click.echo(json.dumps(record))
+        if chat:
+            head = [{"role": "system", "content": system}] if system is not None else []
+            batch += [model.apply_chat_template(head + [{"role": "user", "content": t}]) for t in texts]
         else:
-            click.echo(text if text is not None else " ".join(map(str, out)))
+            batch += [model.encode(t) for t in texts]
+    stream = len(batch) == 1 and not as_json and model.tokenizer is not None
+    records = [{"prompt_token_ids": p, "token_ids": [], "text": "", "logprobs": []} for p in batch]
+    start = time.perf_counter()
+    for out in model.generate_stream(batch, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
+                                     stop=stops, logprobs=logprobs):
+        r = records[out.request_id]
+        if out.token is not None:
+            r["token_ids"].append(out.token)
+            r.setdefault("first_token_s", time.perf_counter() - start)
+        if out.logprob is not None:
+            r["logprobs"].append({"token": out.logprob.token, "logprob": out.logprob.logprob,
+                                  "top": [list(t) for t in out.logprob.top]})
+        r["text"] += out.text
+        if stream and out.text:
+            click.echo(out.text, nl=False)
+        if out.finished:
+            r.update(finish_reason=out.finish_reason, stop_reason=out.stop_reason, cached_tokens=out.cached_tokens,
+                     total_s=time.perf_counter() - start)
+    for i, r in enumerate(records):
+        if as_json:
+            n, total = len(r["token_ids"]), r["total_s"]
+            record = {"prompt_token_ids": r["prompt_token_ids"], "token_ids": r["token_ids"],
+                      "finish_reason": r["finish_reason"], "stop_reason": r["stop_reason"],
+                      "cached_tokens": r["cached_tokens"],
+                      "timings": {"time_to_first_token_s": r.get("first_token_s"), "total_s": total,
+                                  "tokens_per_s": n / total if total > 0 else None}}
+            if model.tokenizer is not None:
+                record["text"] = r["text"]
+            if logprobs is not None:
+                record["logprobs"] = r["logprobs"]
+            click.echo(json.dumps(record))
+        elif stream:
+            click.echo()
+        else:
+            text = r["text"] if model.tokenizer is not None else " ".join(map(str, r["token_ids"]))
+            click.echo(f"[{i}] {text}" if len(batch) > 1 else text)
+    if not quiet:
+        click.echo(_summary(records, time.perf_counter() - start), err=True)
+
+
+def _summary(records: list[dict], elapsed: float) -> str:
+    generated = sum(len(r["token_ids"]) for r in records)
+    prompt = sum(len(r["prompt_token_ids"]) for r in records)
+    cached = sum(r.get("cached_tokens") or 0 for r in records)
+    firsts = [r["first_token_s"] for r in records if "first_token_s" in r]
+    ttft = f"; time to first token {1e3 * sum(firsts) / len(firsts):.0f} ms" + (" (mean)" if len(firsts) > 1 else "")
+    return (f"{len(records)} sequence{'s' if len(records) > 1 else ''}: prompt {prompt} tokens"
+            f"{f' ({cached} cached)' if cached else ''}, {generated} generated in {elapsed:.2f} s "
+            f"({generated / elapsed if elapsed > 0 else 0:.1f} tok/s){ttft if firsts else ''}")
+
+
+def _read_prompt(text: str) -> str:
+    """--prompt TEXT; '-' reads standard input (trailing newlines dropped, as $(...) does)."""
+    return sys.stdin.read().rstrip("\n") if text == "-" else text
+
+
+def _read_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmircError(f"--prompt-file {path}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--system", default=None, help="A system message starting the conversation.")
+@_sampling_options
+def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops, kv_cache_tokens, no_verify, threads):
+    """Chat with BUNDLE in the terminal: each input line is a user message; replies stream.
+
+    Uses the bundle's chat template. Earlier turns stay in the prefix cache, so each reply
+    prefills only the new message. /reset starts over, /exit (or end of input) quits."""
+    from llmirc.errors import RuntimeLimitError
+
+    _warn_unused_sampling(temperature, top_k, top_p)
+    model = _load(bundle, kv_cache_tokens, no_verify, threads=threads)
+    if model.chat_template is None:
+        raise LlmircError(f"{bundle}: the bundle has no chat template (its tokenizer_config.json has no "
+                          "chat_template and there is no chat_template.jinja)")
+    start = [{"role": "system", "content": system}] if system is not None else []
+    history = list(start)
+    interactive = sys.stdin.isatty()
+    turn = 0
+    while True:
+        if interactive:
+            click.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history = list(start)
+            continue
+        if not line.strip():
+            continue
+        messages = history + [{"role": "user", "content": line.rstrip("\n")}]
+        try:
+            prompt = model.apply_chat_template(messages)
+            reply = ""
+            for delta in model.stream_text(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                           top_k=top_k, top_p=top_p, seed=None if seed is None else seed + turn,
+                                           stop=stops):
+                reply += delta
+                click.echo(delta, nl=False)
+        except RuntimeLimitError as e:
+            click.echo(f"error: {e} (the conversation is too long: /reset starts over)", err=True)
+            continue
+        click.echo()
+        history = messages + [{"role": "assistant", "content": reply}]
+        turn += 1
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--served-model-name", default=None, help="The model name clients use (default: BUNDLE as given).")
+@click.option("--api-key", default=None, envvar="LLMIRC_API_KEY",
+              help="Require 'Authorization: Bearer KEY' (also from $LLMIRC_API_KEY).")
+@click.option("--max-model-len", type=click.IntRange(min=1), default=None,
+              help="The longest prompt + completion accepted (at most the bundle's context).")
+@click.option("--max-num-seqs", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Sequences in one batch.")
+@click.option("--max-num-batched-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Tokens in one step; longer prompts are prefilled in chunks.")
+@click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True,
+              help="Share the KV blocks of common prompt prefixes across requests.")
+@click.option("--kv-cache-tokens", type=click.IntRange(min=1), default=None,
+              help="KV cache size in tokens (default: the model's context, at most 16384).")
+@click.option("--kv-cache-dtype", default="auto", show_default=True,
+              help="auto, or the dtype the bundle was compiled with (float32).")
+@click.option("--gpu-memory-utilization", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="GPU targets only (no effect on a CPU bundle).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for the model (default: all cores this process may use).")
+@click.option("--max-queued-requests", type=click.IntRange(min=0), default=1024, show_default=True,
+              help="Requests that may wait beyond the running batch; more are answered 503.")
+@click.option("--chat-template", type=click.Path(path_type=Path), default=None,
+              help="A jinja chat template file replacing the bundle's.")
+@click.option("--no-verify", is_flag=True, help="Skip checksum verification.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num_seqs, max_num_batched_tokens,
+          enable_prefix_caching, kv_cache_tokens, kv_cache_dtype, gpu_memory_utilization, threads,
+          max_queued_requests, chat_template, no_verify, log_level):
+    """Serve BUNDLE over HTTP: vLLM's OpenAI-compatible API (/v1/completions, /v1/chat/completions,
+    /v1/models) and SGLang's native API (/generate, /get_model_info), plus /health and /metrics."""
+    try:
+        import uvicorn
+
+        from llmirc.server.app import ServerOptions, create_app
+    except ImportError as e:
+        raise LlmircError(f"serving needs the serve extra ({e.name} missing): pip install 'llmirc[serve]'") from None
+    if gpu_memory_utilization is not None:
+        click.echo("warning: --gpu-memory-utilization applies to GPU targets; this bundle runs on the CPU "
+                   "(size its KV cache with --kv-cache-tokens)", err=True)
+    if max_num_batched_tokens < max_num_seqs:
+        raise LlmircError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-num-seqs "
+                          f"({max_num_seqs})")
+    model = _load(bundle, kv_cache_tokens, no_verify, max_batched_tokens=max_num_batched_tokens,
+                  max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
+                  threads=threads)
+    dtype = (model.bundle.manifest.get("kv_cache") or {}).get("dtype", "float32")
+    if kv_cache_dtype not in ("auto", dtype):
+        raise LlmircError(f"--kv-cache-dtype {kv_cache_dtype}: this bundle's KV cache is {dtype} (the cache dtype "
+                          "is chosen when compiling: llmirc compile --kv-cache-dtype)")
+    if chat_template is not None:
+        from llmirc.runtime.chat_template import ChatTemplate
+
+        if model.tokenizer is None:
+            raise LlmircError(f"--chat-template {chat_template}: the bundle has no tokenizer")
+        try:
+            source = chat_template.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LlmircError(f"--chat-template {chat_template}: cannot read it: {e}") from None
+        model.chat_template = ChatTemplate(source, model.tokenizer.special_tokens_map, str(chat_template))
+    name = served_model_name or str(bundle)
+    app = create_app(model, ServerOptions(served_model_name=name, api_key=api_key,
+                                          max_queued_requests=max_queued_requests))
+    click.echo(f"llmirc serve: {name} on http://{host}:{port} ({model.num_blocks} KV blocks of {model.block_size} "
+               f"tokens, context {model.max_context}, prefix caching {'on' if enable_prefix_caching else 'off'})",
+               err=True)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    logging.getLogger("llmirc").addHandler(handler)
+    logging.getLogger("llmirc").setLevel(log_level.upper())
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -162,10 +398,12 @@ def inspect(bundle, as_json, no_verify):
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Best of N runs.")
 @click.option("--compare-transformers", "hf_dir", type=click.Path(path_type=Path), default=None,
               help="Also time Hugging Face transformers (eager, float32) on this checkpoint in the same run.")
+@click.option("--kv-cache-tokens", type=click.IntRange(min=1), default=None,
+              help="KV cache size in tokens (default: what the benchmark needs).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads (default: the CPUs this process may use); transformers gets as many.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, threads, as_json):
+def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens, threads, as_json):
     """Measure prefill and decode tokens/s of BUNDLE (and the memory-bandwidth floor)."""
     from llmirc.runtime.bench import format_table, run_bench
 
@@ -174,7 +412,7 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, threads, as_jso
         raise LlmircError(f"--compare-transformers {hf_dir}: not a Hugging Face checkpoint directory "
                           "(no config.json)")
     results = run_bench(bundle, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, repeat=repeat,
-                        hf_dir=hf_dir, threads=threads)
+                        hf_dir=hf_dir, threads=threads, kv_cache_tokens=kv_cache_tokens)
     click.echo(json.dumps(results, indent=2) if as_json else format_table(results))
 
 
@@ -232,6 +470,19 @@ def main() -> None:
         _fail(" ".join(e.format_message().split()) + hint, e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except BrokenPipeError:  # stdout closed early (`llmirc run ... | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except MemoryError as e:
+        _fail(f"out of memory in {internal_stage(e) or _command}")
+    except Exception as e:  # a bug in llmirc: one line, the traceback only when asked for
+        if _debug:
+            traceback.print_exc()
+        reason = " ".join(str(e).split("\n", 1)[0].split())
+        reason = f"{type(e).__name__}: {reason[:300]}" if reason else type(e).__name__
+        hint = "" if _debug else " (--debug or LLMIRC_DEBUG=1 shows the traceback)"
+        click.echo(f"internal error in {internal_stage(e) or _command}: {reason}; please report{hint}", err=True)
+        sys.exit(INTERNAL_ERROR)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import TextIO
 
 from llmirc import __version__, dtypes
-from llmirc.artifact_format.writer import BundleWriter
-from llmirc.errors import LlmircError
+from llmirc.artifact_format.writer import BundleWriter, remove_stale_temporaries
+from llmirc.errors import LlmircError, stage
 from llmirc.frontend import open_source
+from llmirc.frontend.checkpoint import missing_tokenizer_note
+from llmirc.frontend.context import Limit, index_limits, resolve_context
 from llmirc.passes.func_args import forward_func
-from llmirc.passes.pipeline import make_context, parse_passes, print_ir, required, run_passes
+from llmirc.passes.pipeline import DEFAULT_BLOCK_SIZE, make_context, parse_passes, print_ir, required, run_passes
 from llmirc.passes.cast_weights import float_type
 from llmirc.passes.kv_cache_dtype import kv_type
 from llmirc.passes.quantize_weights import QuantizeWeights
@@ -43,6 +45,8 @@ class CompileOptions:
     quant_symmetric: bool = True        # false: a zero point per group
     quant_keep: tuple[str, ...] = ("embedding", "lm_head")  # what stays in higher precision
     dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of keeping them
+    block_size: int | None = None       # KV cache block (tokens); None: the pipeline's (16)
+    max_model_len: int | None = None    # the context the bundle states (<= the checkpoint's)
 
     def quantize_pass(self) -> str:
         """The quantize-weights pass spec `--quant` asks for ('' for none)."""
@@ -55,7 +59,7 @@ class CompileOptions:
                 f"symmetric={str(self.quant_symmetric).lower()} keep={keep}}}")
 
     def required(self) -> str:
-        return required(self.dtype, self.kv_cache_dtype, self.quantize_pass())
+        return required(self.dtype, self.kv_cache_dtype, self.block_size or DEFAULT_BLOCK_SIZE, self.quantize_pass())
 
 
 class Progress:
@@ -85,6 +89,12 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             raise LlmircError(f"-o {out}: cannot create the bundle there: {parent} is not a directory")
     if options.passes is not None:
         parse_passes(options.passes)  # fail before the checkpoint is read
+    if options.block_size is not None:
+        if options.block_size < 1 or options.block_size & (options.block_size - 1):
+            raise LlmircError(f"--block-size {options.block_size}: must be a positive power of two")
+        if options.passes is not None and "paged-kv" in options.passes:
+            raise LlmircError("--block-size and a paged-kv pass in --passes: give the block size in one place")
+    block_size = options.block_size or DEFAULT_BLOCK_SIZE
     for p in parse_passes(options.required()):  # bad option values fail before the checkpoint is read
         if isinstance(p, QuantizeWeights):
             p.scheme(64)
@@ -92,15 +102,26 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         float_type(options.dtype, "--dtype")
     if options.kv_cache_dtype != "auto":
         kv_type(options.kv_cache_dtype, "--kv-cache-dtype")
-    source = open_source(model, dequantize=options.dequantize)
+    if out is not None:
+        removed, unknown = remove_stale_temporaries(out)
+        if removed:
+            progress(f"removed {_listed_names(removed)}: left by compiles to {out} that were killed")
+        if unknown:
+            progress(f"note: {_listed_names(unknown)} next to {out} may be left by a killed compile (on another "
+                     "host or by an older llmirc): remove it unless a compile is still writing it")
+    with stage("front end"):
+        source = open_source(model, dequantize=options.dequantize)
+    if out is not None and (note := missing_tokenizer_note(Path(source.root))):
+        progress(f"note: {note}")
     try:
         ctx = make_context(read_weight=source.float32, add_weight=source.add_weight)
-        module = source.module()
+        with stage(f"front end ({source.kind})"):
+            module = source.module()
         progress(f"front end: {source.kind}, {model_facts(module).get('num_layers', '?')} attention layers")
         input_ir = print_ir(module) if out is not None else ""  # only the bundle keeps it
         progress("running passes")
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
-                   ctx=ctx, prefix=source.lowering, tail=options.required())
+                   ctx=ctx, prefix=source.lowering, block_size=block_size, tail=options.required())
         optimized_ir = print_ir(module)
         generic = generic_ops(module)
         if generic:
@@ -111,7 +132,11 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             (sys.stderr if options.emit else stdout).write(report)
         if options.emit == "mlir":
             stdout.write(optimized_ir)
-        plan = build_plan(module, read_weight=source.read)
+        context = resolve_context(source.model_info(), module, options.max_model_len)
+        progress(f"context: {context.tokens} tokens ({context.why})")
+        with stage("plan"):
+            plan = build_plan(module, read_weight=source.read)
+        plan.limits = index_limits(module, context)
         for b in backends:
             b.check(plan)
         by_dtype = ", ".join(f"{n / 2**20:.1f} MiB {d}" for d, n in plan.bytes_by_dtype().items())
@@ -121,8 +146,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         if options.emit in stages:
             stdout.write(stages[options.emit].emit(plan, options.emit))
         if out is not None:
-            _write_bundle(source, module, plan, backends, out, options, input_ir, optimized_ir, progress,
-                          dict(ctx.report))
+            with stage("bundle writer"):
+                _write_bundle(source, module, plan, backends, out, options, input_ir, optimized_ir, progress,
+                              dict(ctx.report), context)
             progress(f"wrote {out}")
         return plan
     finally:
@@ -150,6 +176,10 @@ def generic_ops(module) -> dict[str, int]:
     return dict(sorted(Counter(op.op_type for op in module.walk() if isinstance(op, OnnxOp)).items()))
 
 
+def _listed_names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def _listed(ops: dict[str, int]) -> str:
     return ", ".join(f"{k} x{n}" for k, n in ops.items())
 
@@ -174,7 +204,7 @@ def model_facts(module) -> dict:
 
 
 def _write_bundle(source, module, plan: Plan, backends: list, out: Path, options: CompileOptions, input_ir: str,
-                  optimized_ir: str, progress: Callable[[str], None], report: dict) -> None:
+                  optimized_ir: str, progress: Callable[[str], None], report: dict, context: Limit) -> None:
     info, facts = source.model_info(), model_facts(module)
     facts.update(full_sequence=plan.full_sequence, generic_ops=generic_ops(module))
     with BundleWriter(out) as bundle:
@@ -209,7 +239,7 @@ def _write_bundle(source, module, plan: Plan, backends: list, out: Path, options
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": {"kind": source.kind, "name": Path(source.root).name, "fingerprint": source.fingerprint()},
             "model": {"architecture": info["architecture"], **facts,
-                      "max_position_embeddings": info["max_position_embeddings"],
+                      "max_position_embeddings": context.tokens, "context_from": context.why,
                       "weight_bytes": plan.bytes_by_dtype()},
             "generation": {
                 "bos_token_id": generation.get("bos_token_id", info["bos_token_id"]),

@@ -1,8 +1,12 @@
 """User-facing errors: one line, naming the file or option at fault.
 
-The CLI prints `error: <message>` and exits 1 for these; anything else is a bug and
-keeps its traceback. This module is part of the loader, so it imports nothing heavy.
+The CLI prints `error: <message>` and exits 1 for these. Anything else is a bug in llmirc: the
+CLI prints `internal error in <stage>: ...; please report` and exits 3 (the traceback only with
+`--debug` or LLMIRC_DEBUG=1); `stage` names where it happened. This module is part of the
+loader, so it imports nothing heavy.
 """
+
+import contextlib
 
 
 class LlmircError(Exception):
@@ -19,3 +23,23 @@ class BundleError(LlmircError):
 
 class RuntimeLimitError(LlmircError):
     """A request does not fit the loaded model (KV cache full, context too long, bad token id)."""
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    """Tags an unexpected exception raised inside the block with the stage it came from
+    (`internal_stage(e)`), innermost stage first; LlmircErrors pass through untouched."""
+    try:
+        yield
+    except LlmircError:
+        raise
+    except Exception as e:
+        if internal_stage(e) is None:
+            with contextlib.suppress(AttributeError):  # an exception type without a __dict__
+                e.llmirc_stage = name
+        raise
+
+
+def internal_stage(e: BaseException) -> str | None:
+    """The stage (`stage(name)`) an unexpected exception came from, if known."""
+    return getattr(e, "llmirc_stage", None)

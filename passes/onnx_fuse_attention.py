@@ -274,11 +274,16 @@ class FuseAttention(ModulePass):
         rng = np.random.default_rng(2)
         for S in (7, 12):
             feeds = {s: rng.standard_normal(oracle.shape(s, S)).astype(np.float32) for s in region.sources}
-            got = evaluate(region.ops, feeds, oracle, S)[region.output].reshape(S, heads * d)
+            got = evaluate(region.ops, feeds, oracle, S)[region.output]
+            if got.size != S * heads * d:
+                return False
+            got = got.reshape(S, heads * d)
             parts = [feeds[s].reshape(S, -1).astype(np.float64) for s in srcs]
             if len(region.sources) == 1:
                 qkv = parts[0]
                 parts = [qkv[:, :heads * d], qkv[:, heads * d:(heads + kv_heads) * d], qkv[:, (heads + kv_heads) * d:]]
+            if [p.shape[1] for p in parts] != [heads * d, kv_heads * d, kv_heads * d]:
+                return False  # the sources are not q, k and v of these heads
             want = attention_ref(*parts, heads, kv_heads, d, scale, window, rope)
             if not close(got, want, 1e-4):
                 return False

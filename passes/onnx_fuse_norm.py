@@ -97,6 +97,8 @@ class FuseNorm(ModulePass):
         if attrs.get("axis", -1) not in (-1, rank - 1) or rank != 3 or oracle.is_data(w) or \
                 (b is not None and not isinstance(b.owner, (L.WeightOp, L.ConstantOp))):
             return False
+        if any(v is not None and L.shape_of(v) != L.shape_of(x)[-1:] for v in (w, b)):
+            return False  # scale or bias broadcast along the row: not llmir.layer_norm's
         self._replace(op.results[0], x, lambda rows: L.LayerNormOp(rows, w, b, attrs.get("epsilon", 1e-5)), [op])
         return True
 
@@ -113,7 +115,7 @@ class FuseNorm(ModulePass):
 
     def _fit(self, anchor, x, ops, out, oracle, ctx) -> str | None:
         cols = oracle.shape(x)[-1]
-        consts = [v for o in ops for v in o.operands if not oracle.is_data(v)]
+        consts = [v for o in ops for v in o.operands if oracle.has_value(v)]
         vectors = [v for v in consts if oracle.shape(v) == (cols,) and isinstance(v.owner, (L.WeightOp, L.ConstantOp))]
         scalars = sorted({float(np.asarray(oracle.value(v)).reshape(-1)[0]) for v in consts
                           if int(np.prod(oracle.shape(v))) == 1 and np.asarray(oracle.value(v)).dtype.kind == "f"})

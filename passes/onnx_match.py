@@ -84,6 +84,10 @@ class Oracle:
     def is_data(self, v: SSAValue) -> bool:
         return self.kind(v) == DATA
 
+    def has_value(self, v: SSAValue) -> bool:
+        """Whether `value(v)` is known at compile time: const or s-only, not an omitted optional input."""
+        return not isinstance(v.type, NoneType) and not self.is_data(v)
+
 
 def _node(op: Operation) -> Node | None:
     if isinstance(op, OnnxOp):

@@ -22,7 +22,7 @@ from xdsl.printer import Printer
 from xdsl.utils.exceptions import ArgSpecParseError, VerifyException
 
 from llmirc.dialect import LLMIR
-from llmirc.errors import LlmircError
+from llmirc.errors import LlmircError, stage
 
 from . import PASSES
 
@@ -32,22 +32,26 @@ PHASES: list[tuple[str, str]] = [
     # Phase 2: LLM-specific rewrites on the high-level graph.
     ("llm-fusion", "prune-logits,cse,fuse-linears,fuse-residual-add"),
     # Phase 3: the paged KV cache: full-sequence attention becomes incremental.
-    ("kv-cache", "paged-kv{block-size=16}"),
+    ("kv-cache", "paged-kv{{block-size={block_size}}}"),
     # Phase 4: tidy up before code generation.
     ("finalize", "canonicalize,cse,dce"),
 ]
+DEFAULT_BLOCK_SIZE = 16
 
 
-def required(dtype: str = "auto", kv_cache_dtype: str = "auto", quantize: str = "") -> str:
+def required(dtype: str = "auto", kv_cache_dtype: str = "auto", block_size: int = DEFAULT_BLOCK_SIZE,
+             quantize: str = "") -> str:
     """What every target needs before code generation: weights quantized as asked (`quantize`: a
     quantize-weights pass spec, from `--quant`) and the others in the requested type, the ABI's
-    logits rows and the paged KV cache of the requested type (`--dtype`, `--kv-cache-dtype`)."""
-    return (f"{quantize + ',' if quantize else ''}cast-weights{{dtype={dtype}}},prune-logits,paged-kv,"
+    logits rows and the paged KV cache of the requested type and block (`--dtype`,
+    `--kv-cache-dtype`, `--block-size`; a paged-kv that already ran decides the block)."""
+    return (f"{quantize + ',' if quantize else ''}cast-weights{{dtype={dtype}}},prune-logits,"
+            f"paged-kv{{block-size={block_size}}},"
             f"kv-cache-dtype{{dtype={kv_cache_dtype}}},dce")
 
 
-def default_pipeline() -> str:
-    return ",".join(spec for _, spec in PHASES)
+def default_pipeline(block_size: int = DEFAULT_BLOCK_SIZE) -> str:
+    return ",".join(spec.format(block_size=block_size) for _, spec in PHASES)
 
 
 @dataclass
@@ -90,23 +94,27 @@ def parse_passes(spec: str) -> list[ModulePass]:
 
 def run_passes(module: ModuleOp, spec: str | None = None, *, print_after_all: TextIO | None = None,
                on_pass: Callable[[str], None] | None = None, ctx: LlmirContext | None = None,
-               prefix: str = "", tail: str | None = None) -> list[str]:
+               prefix: str = "", tail: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> list[str]:
     """Runs `prefix` (a front end's lowering), the user's (or default) pipeline, then `tail`
     (default: `required()`); verifies after every pass.
 
-    Returns the names of the passes that ran, in order."""
+    `block_size`: the KV cache block of the default pipeline and of the default tail's paged-kv
+    (a user pipeline's own paged-kv, when it has one, runs first and decides). Returns the
+    names of the passes that ran, in order."""
     ctx = ctx or make_context()
     passes = (parse_passes(prefix) if prefix else []) + \
-        parse_passes(spec if spec is not None else default_pipeline()) + parse_passes(tail or required())
+        parse_passes(spec if spec is not None else default_pipeline(block_size)) + \
+        parse_passes(tail or required(block_size=block_size))
     ran = []
     for p in passes:
         if on_pass:
             on_pass(p.name)
-        p.apply(ctx, module)
-        try:
-            module.verify()
-        except VerifyException as e:
-            raise AssertionError(f"IR does not verify after pass {p.name}: {e}") from e
+        with stage(f"pass {p.name}"):
+            p.apply(ctx, module)
+            try:
+                module.verify()
+            except VerifyException as e:
+                raise AssertionError(f"IR does not verify after pass {p.name}: {e}") from e
         ran.append(p.name)
         if print_after_all is not None:
             print_after_all.write(f"// -----// IR Dump After {p.name} //----- //\n")

@@ -242,6 +242,9 @@ class Plan:
     pool: PoolSpec = NO_POOL
     logits_cols: int = 0
     full_sequence: bool = False  # each step recomputes the whole sequence (generic ONNX ops kept)
+    # Bounds of the indices the library reads (token_rows, position_rows: None when no table is
+    # indexed so; max_context), checked by the loader before each call (llmirc/runtime/step_check.py).
+    limits: dict = field(default_factory=dict)
 
     def slot_offset(self, index: int) -> dict[str, int]:
         """Byte offset of a slot in the workspace, as coefficients of T, L, TT and const."""

@@ -197,3 +197,120 @@ def hf_logits_quantized(model, weights: dict, token_ids: list[int]) -> np.ndarra
     for h in hooks:
         h.remove()
     return out
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+          " + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    """`llmirc serve BUNDLE ARGS` in a subprocess on a free loopback port; stopped (by its pid) on close."""
+
+    def __init__(self, bundle, *args, timeout: float = 120):
+        import os
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(bundle).parent / f"serve-{self.port}.log"
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "serve", str(bundle), "--port",
+                                          str(self.port), "--log-level", "warning", *map(str, args)],
+                                         stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    raise RuntimeError(f"the server did not start:\n{self.log.read_text()}")
+                time.sleep(0.2)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# --- kernel tests: padded buffers and the paged-attention reference (CPU and GPU kernels)
+
+def buf(rng, rows, cols, pad=3, fill=None):
+    """A [rows+1, cols+pad] f32 buffer (random or `fill`) and its [rows, cols] view; the extra
+    row and columns are guard space."""
+    b = (np.full((rows + 1, cols + pad), fill, np.float32) if fill is not None
+         else rng.standard_normal((rows + 1, cols + pad)).astype(np.float32))
+    return b, b[:rows, :cols]
+
+
+def check_guard(b, rows, cols):
+    """Everything outside [:rows, :cols] must still be NaN."""
+    mask = np.ones(b.shape, bool)
+    mask[:rows, :cols] = False
+    assert np.isnan(b[mask]).all(), "kernel wrote outside its output rows/columns"
+
+
+def ld(b):
+    return b.shape[1]
+
+
+def make_batch(rng, seqs, bs, num_layers, G, hd, spare_blocks=3):
+    """seqs: [(tokens already cached, new tokens)]. Returns the ABI arrays and a pool filled
+    with random K/V in shuffled physical blocks."""
+    B = len(seqs)
+    lens = [c + n for c, n in seqs]
+    need = [-(-s // bs) for s in lens]
+    max_blocks = max(need) + 1
+    nb = sum(need) + spare_blocks
+    phys = rng.permutation(nb)
+    bt = np.full((B, max_blocks), -1, np.int32)
+    i = 0
+    for b in range(B):
+        bt[b, :need[b]] = phys[i:i + need[b]]
+        i += need[b]
+    pool = rng.standard_normal((num_layers, 2, nb, G, bs, hd)).astype(np.float32)
+    qsl = np.zeros(B + 1, np.int32)
+    qsl[1:] = np.cumsum([n for _, n in seqs])
+    positions = np.concatenate([np.arange(c, c + n) for c, n in seqs]).astype(np.int32)
+    return pool, nb, bt, max_blocks, np.asarray(lens, np.int32), qsl, positions
+
+
+def ref_attention(q, pool, layer, bt, qsl, positions, H, G, hd, bs, scale, win):
+    T = len(positions)
+    out = np.zeros((T, H * hd))
+    for t in range(T):
+        b = np.searchsorted(qsl, t, side="right") - 1
+        p = positions[t]
+        lo = max(0, p - win + 1) if win else 0
+        js = np.arange(lo, p + 1)
+        blocks, offs = bt[b, js // bs], js % bs
+        K = pool[layer, 0, blocks, :, offs].astype(np.float64)  # [keys, G, hd]
+        V = pool[layer, 1, blocks, :, offs].astype(np.float64)
+        qt = q[t].astype(np.float64).reshape(G, H // G, hd)
+        s = scale * np.einsum("grd,jgd->grj", qt, K)
+        e = np.exp(s - s.max(-1, keepdims=True))
+        out[t] = np.einsum("grj,jgd->grd", e / e.sum(-1, keepdims=True), V).reshape(-1)
+    return out

@@ -109,6 +109,27 @@ def test_interrupted_temp_dir_is_not_a_bundle(tmp_path):
     assert siblings(tmp_path) == []
 
 
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = writer_mod._host()
+    names = {"dead": f"out.llmir.tmp-{host}-{dead.pid}-0123456789ab",
+             "alive": f"out.llmir.tmp-{host}-{os.getpid()}-0123456789ab",
+             "other-host": f"out.llmir.tmp-elsewhere-{dead.pid}-0123456789ab",
+             "old-format": "out.llmir.tmp-0123456789ab",
+             "other-output": f"other.llmir.tmp-{host}-{dead.pid}-0123456789ab",
+             "not-ours": f"out.llmir.tmp-{host}-{dead.pid}-notahexsuffix"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    removed, unknown = writer_mod.remove_stale_temporaries(tmp_path / "out.llmir")
+    assert removed == [names["dead"]]
+    assert sorted(unknown) == sorted([names["other-host"], names["old-format"]])
+    assert sorted(siblings(tmp_path)) == sorted(n for k, n in names.items() if k != "dead")
+
+
 def test_commit_refuses_symlinks(tmp_path):
     with pytest.raises(BundleError, match=r"bundle .*out: link is not a regular file"):
         with BundleWriter(tmp_path / "out") as b:
@@ -214,6 +235,41 @@ def test_tampered_file(bundle):
     (bundle / "kernels/x.so").write_bytes(b"\x7fELF-evil!!")  # same size
     expect(bundle, f"bundle {bundle}: file kernels/x.so: sha256 mismatch (tampered or corrupted)")
     assert open_bundle(bundle, verify=False)  # verify=False skips hashing, still checks sizes
+
+
+def test_verification_is_remembered_until_anything_changes(bundle, tmp_path, monkeypatch):
+    import llmirc.artifact_format.reader as reader
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    hashed = []
+    real = reader._sha256
+    monkeypatch.setattr(reader, "_sha256", lambda path, *a: hashed.append(path.name) or real(path, *a))
+    open_bundle(bundle, remember=True)
+    assert len(hashed) == 3 and list((tmp_path / "cache" / "llmirc" / "verified").iterdir())
+    hashed.clear()
+    open_bundle(bundle, remember=True)
+    assert hashed == []  # remembered
+    open_bundle(bundle)
+    assert len(hashed) == 3  # without remember: always hashed
+    # Same size, and the modification time put back: the status-change time still moves.
+    path = bundle / "kernels/x.so"
+    st = path.stat()
+    path.write_bytes(b"\x7fELF-evil!!")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    hashed.clear()
+    expect_remembered = pytest.raises(BundleError, match="kernels/x.so: sha256 mismatch")
+    with expect_remembered:
+        open_bundle(bundle, remember=True)
+    assert hashed
+
+
+def test_verification_without_a_writable_cache_still_verifies(bundle, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # not a directory
+    assert open_bundle(bundle, remember=True) and open_bundle(bundle, remember=True)
+    (bundle / "config.json").write_bytes(b"[]")
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        open_bundle(bundle, remember=True)
 
 
 def test_size_mismatch_and_missing_file(bundle):

@@ -327,6 +327,10 @@ BAD_OPTIONS = {
     "bad-cpu-variant": (["--cpu-variants", "pentium9"], ["pentium9"]),
     "no-cpu-variant": (["--cpu-variants", ","], ["--cpu-variants"]),
     "unknown-option": (["--frobnicate"], ["--frobnicate"]),
+    "block-size-not-power-of-two": (["--block-size", "12"], ["--block-size 12", "power of two"]),
+    "block-size-twice": (["--block-size", "8", "--passes", "paged-kv{block-size=16}"], ["--block-size", "one place"]),
+    "kv-cache-dtype": (["--kv-cache-dtype", "int3"], ["--kv-cache-dtype", "unknown dtype 'int3'"]),
+    "max-model-len-too-long": (["--max-model-len", "600"], ["--max-model-len 600", "exceeds the 512 tokens"]),
 }
 
 
@@ -658,9 +662,13 @@ def test_inspect_no_verify_skips_checksums(bundle, tmp_path):
     assert r.returncode == 0 and "not verified" in r.stdout, r.stderr
 
 
+SUMMARY = re.compile(r"^\d+ sequences?: prompt \d+ tokens.*, \d+ generated in [\d.]+ s \([\d.]+ tok/s\); "
+                     r"time to first token \d+ ms")
+
+
 def run_json(b, *args) -> list[dict]:
     r = llmirc("run", b, "--json", *args)
-    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.returncode == 0 and SUMMARY.match(r.stderr) and len(r.stderr.splitlines()) == 1, r.stderr
     return [json.loads(line) for line in r.stdout.splitlines()]
 
 
@@ -681,16 +689,16 @@ def test_run_json_prompts_with_tokenizer(bundle):
 
 
 def test_run_streams_text(bundle):
-    r = llmirc("run", bundle, "--prompt", "the quick", "--max-new-tokens", "3")
+    r = llmirc("run", bundle, "--prompt", "the quick", "--max-new-tokens", "3", "-q")
     assert r.returncode == 0 and r.stderr == "" and r.stdout.endswith("\n"), r.stderr
 
 
 def test_run_sampling_is_reproducible(bundle_notok):
     args = ["--token-ids", "0,5,9", "--max-new-tokens", "16", "--ignore-eos"]
     sampling = ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "7"]
-    first = run_json(bundle_notok, *args, *sampling)
-    assert run_json(bundle_notok, *args, *sampling) == first
-    assert run_json(bundle_notok, *args)[0]["token_ids"] != first[0]["token_ids"]
+    first = run_json(bundle_notok, *args, *sampling)[0]["token_ids"]
+    assert run_json(bundle_notok, *args, *sampling)[0]["token_ids"] == first
+    assert run_json(bundle_notok, *args)[0]["token_ids"] != first
 
 
 def test_bench_runs(bundle):
@@ -699,7 +707,7 @@ def test_bench_runs(bundle):
     assert json.loads(r.stdout)["llmirc"]["decode_tok_s"] > 0
 
 
-@pytest.mark.parametrize("command", [[], ["compile"], ["run"], ["inspect"], ["bench"]])
+@pytest.mark.parametrize("command", [[], ["compile"], ["run"], ["chat"], ["serve"], ["inspect"], ["bench"]])
 def test_help(command):
     r = llmirc(*command, "--help")
     assert r.returncode == 0 and r.stderr == "" and "Usage:" in r.stdout, r.stderr
@@ -716,3 +724,254 @@ def test_kv_cache_too_big_to_allocate(bundle):
 
     with pytest.raises(LlmircError, match="cannot allocate a KV cache"):
         load(bundle, kv_cache_tokens=2**50)
+
+
+# -- run: the options a new user reaches for -----------------------------------------------------
+
+def test_run_json_has_finish_reason_timings_and_logprobs(bundle_notok):
+    [record] = run_json(bundle_notok, "--token-ids", "0,5,9", "--max-new-tokens", "4", "--ignore-eos",
+                        "--logprobs", "2")
+    assert record["finish_reason"] == "length" and record["stop_reason"] is None and record["cached_tokens"] == 0
+    t = record["timings"]
+    assert 0 < t["time_to_first_token_s"] <= t["total_s"] and t["tokens_per_s"] > 0
+    assert [e["token"] for e in record["logprobs"]] == record["token_ids"]
+    assert all(e["logprob"] <= 0 and len(e["top"]) == 2 and e["top"][0][1] >= e["top"][1][1]
+               for e in record["logprobs"])
+
+
+def test_run_summary_on_stderr(bundle):
+    r = llmirc("run", bundle, "--prompt", "the quick", "--max-new-tokens", "5", "--ignore-eos")
+    assert r.returncode == 0 and SUMMARY.match(r.stderr), r.stderr
+    assert "5 generated" in r.stderr
+
+
+def test_run_stop_string_ends_the_text(bundle):
+    [full] = run_json(bundle, "--prompt", "the quick brown fox", "--max-new-tokens", "12", "--ignore-eos")
+    stop = full["text"][4:7]
+    [cut] = run_json(bundle, "--prompt", "the quick brown fox", "--max-new-tokens", "12", "--ignore-eos",
+                     "--stop", stop)
+    assert cut["text"] == full["text"][:full["text"].find(stop)] and cut["finish_reason"] == "stop"
+    assert cut["stop_reason"] == stop and len(cut["token_ids"]) < 12
+
+
+def test_run_warns_that_top_k_and_top_p_need_a_temperature(bundle_notok):
+    r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--top-k", "5", "-q")
+    assert r.returncode == 0 and r.stderr.startswith("warning: --top-k/--top-p have no effect with --temperature 0")
+
+
+def test_run_reads_prompts_from_stdin_and_files(bundle, tmp_path):
+    (tmp_path / "p.txt").write_text("the quick brown\n")
+    by_arg = run_json(bundle, "--prompt", "the quick brown", "--max-new-tokens", "3")
+    by_file = run_json(bundle, "--prompt-file", tmp_path / "p.txt", "--max-new-tokens", "3")
+    r = subprocess.run([sys.executable, "-m", "llmirc.cli", "run", str(bundle), "--prompt", "-", "--json", "-q",
+                        "--max-new-tokens", "3"], input="the quick brown\n", capture_output=True, text=True,
+                       env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {**by_arg[0], "timings": json.loads(r.stdout)["timings"]}
+    assert by_file[0]["prompt_token_ids"] == by_arg[0]["prompt_token_ids"]
+    assert_user_error(llmirc("run", bundle, "--prompt-file", tmp_path / "nope.txt"), "nope.txt", "cannot read")
+
+
+def test_run_labels_each_sequence_of_a_batch(bundle):
+    r = llmirc("run", bundle, "--prompt", "the quick", "--prompt", "paged attention", "--max-new-tokens", "3", "-q")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("[0] ") and lines[-1].startswith("[1] ")
+
+
+def test_run_kv_cache_tokens_sizes_the_cache(bundle_notok):
+    assert_user_error(llmirc("run", bundle_notok, "--token-ids", ",".join(["1"] * 40), "--max-new-tokens", "4",
+                             "--kv-cache-tokens", "32"), "KV blocks", "cache has only 2")
+    assert run_json(bundle_notok, "--token-ids", ",".join(["1"] * 40), "--max-new-tokens", "4",
+                    "--kv-cache-tokens", "48")[0]["finish_reason"]
+
+
+def test_run_verifies_once_and_no_verify_skips_it(bundle_notok, tmp_path):
+    b = copy_bundle(bundle_notok, tmp_path)
+    cache = tmp_path / "cache"
+    env = dict(ENV, XDG_CACHE_HOME=str(cache))
+    args = [sys.executable, "-m", "llmirc.cli", "run", str(b), "--token-ids", "1,2", "--max-new-tokens", "2", "-q"]
+    assert subprocess.run(args, env=env, capture_output=True).returncode == 0
+    assert len(list((cache / "llmirc" / "verified").iterdir())) == 1
+    _flip_byte(b)
+    r = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert_user_error(r, "sha256 mismatch")
+    assert subprocess.run(args + ["--no-verify"], env=env, capture_output=True).returncode == 0
+
+
+def test_python_api_takes_text_prompts(bundle):
+    from llmirc.errors import LlmircError
+    from llmirc.runtime import load
+
+    model = load(bundle)
+    by_text = model.generate(["the quick"], 4, ignore_eos=True)
+    assert by_text == model.generate([model.tokenizer.encode("the quick")], 4, ignore_eos=True)
+    assert "".join(model.stream_text("the quick", max_new_tokens=4, ignore_eos=True)) == \
+        model.tokenizer.decode(by_text[0])
+    for bad, needle in (("hello", "list of prompts"), ([1, 2, 3], "list of prompts"), ([[1.5, 2]], "integer"),
+                        ([None], "text or a list")):
+        with pytest.raises(LlmircError, match=needle):
+            model.generate(bad, 2)
+
+
+# -- chat templates from the CLI -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chat_bundle(ckpt, tmp_path_factory):
+    from helpers import CHATML
+
+    src = tmp_path_factory.mktemp("ckpt-chat") / "tiny"
+    shutil.copytree(ckpt, src)
+    (src / "chat_template.jinja").write_text(CHATML)
+    out = src.parent / "chat.llmir"
+    r = llmirc("compile", src, "-o", out, "--cpu-variants", "native", "-q")
+    assert r.returncode == 0, r.stderr
+    assert (out / "tokenizer" / "chat_template.jinja").is_file()
+    return out
+
+
+def test_run_chat_formats_the_prompt_with_the_template(chat_bundle):
+    from llmirc.runtime import load
+
+    model = load(chat_bundle)
+    [record] = run_json(chat_bundle, "--chat", "--system", "be brief", "--prompt", "hello", "--max-new-tokens", "4")
+    assert record["prompt_token_ids"] == model.apply_chat_template(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}])
+    assert_user_error(llmirc("run", chat_bundle, "--chat", "--token-ids", "1,2"), "--chat", "--token-ids")
+
+
+def test_chat_command_through_a_pipe(chat_bundle, bundle):
+    from llmirc.runtime import load
+
+    model = load(chat_bundle)
+    r = subprocess.run([sys.executable, "-m", "llmirc.cli", "chat", str(chat_bundle), "--max-new-tokens", "6"],
+                       input="hello there\n\nthe quick brown\n/exit\nnever read\n", capture_output=True, text=True,
+                       env=ENV, timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    history, expected = [], []
+    for line in ("hello there", "the quick brown"):
+        history.append({"role": "user", "content": line})
+        reply = "".join(model.stream_text(model.apply_chat_template(history), max_new_tokens=6))
+        history.append({"role": "assistant", "content": reply})
+        expected.append(reply + "\n")
+    assert r.stdout == "".join(expected)
+    assert_user_error(llmirc("chat", bundle), "no chat template")
+
+
+# -- compile: vLLM's engine flags ----------------------------------------------------------------
+
+def test_compile_block_size_and_max_model_len(ckpt, tmp_path):
+    out = tmp_path / "b8.llmir"
+    r = llmirc("compile", ckpt, "-o", out, "--cpu-variants", "native", "-q", "--block-size", "8",
+               "--max-model-len", "64", "--kv-cache-dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["kv_cache"]["block_size"] == 8 and m["model"]["max_position_embeddings"] == 64
+    assert run_json(out, "--token-ids", "1,2,3", "--max-new-tokens", "20", "--ignore-eos")[0]["finish_reason"]
+    assert_user_error(llmirc("run", out, "--token-ids", "1,2,3", "--max-new-tokens", "62"), "context of 64")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--kv-cache-dtype", "bfloat16"], ["--kv-cache-dtype bfloat16", "this bundle's KV cache is float32"]),
+    (["--max-model-len", "600"], ["max_model_len 600", "context of 512"]),
+    (["--max-num-seqs", "64", "--max-num-batched-tokens", "32"], ["--max-num-batched-tokens (32)"]),
+    (["--chat-template", "/nonexistent.jinja"], ["/nonexistent.jinja", "cannot read"]),
+])
+def test_serve_bad_options(bundle, args, needles):
+    assert_user_error(llmirc("serve", bundle, "--port", "0", *args), *needles)
+
+
+# -- internal errors: one line, exit 3, the trace on request, nothing written --------------------
+
+def llmirc_with_bug(patch: str, *args, env=None) -> subprocess.CompletedProcess:
+    """The CLI with `patch` (Python statements planting a bug) run first."""
+    code = f"import sys\n{patch}\nfrom llmirc.cli import main\nsys.argv = ['llmirc', *sys.argv[1:]]\nmain()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=dict(ENV, **(env or {})))
+
+
+BUG_IN_A_PASS = "import llmirc.passes.fuse_linears as m\nm.FuseLinears.apply = lambda self, ctx, op: {}['boom']"
+
+
+def assert_internal_error(r: subprocess.CompletedProcess, where: str) -> None:
+    assert r.returncode == 3, f"exit {r.returncode}\n{r.stderr}"
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith(f"internal error in {where}") and "please report" in last and "--debug" in last, last
+
+
+def test_internal_error_in_a_pass(ckpt, tmp_path):
+    out = tmp_path / "out.llmir"
+    r = llmirc_with_bug(BUG_IN_A_PASS, "compile", ckpt, "-o", out, "--cpu-variants", "native")
+    assert_internal_error(r, "pass fuse-linears")
+    assert "KeyError: 'boom'" in r.stderr.splitlines()[-1]
+    assert not out.exists() and leftovers(out) == []
+
+
+@pytest.mark.parametrize("how", [["--debug"], {"LLMIRC_DEBUG": "1"}])
+def test_internal_error_trace_on_request(ckpt, tmp_path, how):
+    out = tmp_path / "out.llmir"
+    flags, env = (how, None) if isinstance(how, list) else ([], how)
+    r = llmirc_with_bug(BUG_IN_A_PASS, *flags, "compile", ckpt, "-o", out, "-q", env=env)
+    assert r.returncode == 3 and "Traceback" in r.stderr and "KeyError: 'boom'" in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1].startswith("internal error in pass fuse-linears: ")
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_internal_error_in_codegen_leaves_no_bundle(ckpt, bundle, tmp_path):
+    out = copy_bundle(bundle, tmp_path)
+    before = snapshot(out)
+    r = llmirc_with_bug("import llmirc.targets.cpu.target as t\nt.compile_object = lambda *a: 1 / 0",
+                        "compile", ckpt, "-o", out, "-q", "--cpu-variants", "native")
+    assert_internal_error(r, "cpu codegen for cpu-")
+    assert snapshot(out) == before and leftovers(out) == []
+
+
+def test_internal_error_at_run_time(bundle_notok):
+    r = llmirc_with_bug("import llmirc.runtime.sampling as s\ns.np = None", "run", bundle_notok, "--token-ids",
+                        "1,2", "--max-new-tokens", "2")
+    assert_internal_error(r, "llmirc run")
+
+
+# -- leftovers and silence -----------------------------------------------------------------------
+
+def tiny_onnx(folder: Path) -> Path:
+    """A small ONNX model that compiles in a second or two (a full-sequence one: no attention)."""
+    from onnx_graphs import Graph, save
+
+    g = Graph(C=16)
+    folder.mkdir(exist_ok=True)
+    return save(g.model(g.matmul(g.op("Sin", g.x), 16, 16)), folder)
+
+
+def test_killed_compile_leftovers_are_removed_by_the_next(tmp_path):
+    src, out = tiny_onnx(tmp_path / "src"), tmp_path / "out.llmir"
+    proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "compile", str(src), "-o", str(out),
+                             "--cpu-variants", "native"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, env=ENV)
+    for line in proc.stderr:
+        if "cpu codegen" in line:  # the weights are in the temporary directory
+            proc.kill()
+            break
+    proc.wait(timeout=120)
+    (stale,) = leftovers(out)
+    assert f"-{proc.pid}-" in stale and not out.exists()
+    foreign = tmp_path / "out.llmir.tmp-0123456789ab"  # an older llmirc's: no owner in the name
+    foreign.mkdir()
+    r = llmirc("compile", src, "-o", out, "--cpu-variants", "native")
+    assert r.returncode == 0, r.stderr
+    assert f"removed {stale}: left by compiles to {out} that were killed" in r.stderr, r.stderr
+    assert f"note: {foreign.name} next to {out} may be left by a killed compile" in r.stderr, r.stderr
+    assert leftovers(out) == [foreign.name] and (out / "manifest.json").is_file()
+
+
+def test_compile_says_when_tokenizer_json_is_missing(compiled, tmp_path):
+    src = tiny_onnx(tmp_path / "src")
+    (src.parent / "vocab.json").write_text("{}")
+    (src.parent / "merges.txt").write_text("")
+    r = llmirc("compile", src, "-o", tmp_path / "out.llmir", "--cpu-variants", "native")
+    assert r.returncode == 0, r.stderr
+    (note,) = [line for line in r.stderr.splitlines() if "tokenizer" in line]
+    assert f"no tokenizer.json in {src.parent}" in note and "token ids only" in note, note
+    assert "found but not used: vocab.json, merges.txt (" in note, note
+    assert "tokenizer" not in compiled[1].stderr, compiled[1].stderr  # nothing to say when it is there

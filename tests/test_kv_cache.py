@@ -60,3 +60,68 @@ def test_ensure_capacity_is_all_or_nothing():
     with pytest.raises(RuntimeLimitError, match="4 more block"):
         seq.ensure_capacity(8)
     assert seq.block_table == [] and alloc.num_free == 3
+
+
+# -- the prefix cache ---------------------------------------------------------------------------
+
+def cached_sequence(alloc, tokens, block_size=2):
+    """A sequence that computed `tokens` and handed its full blocks to the cache."""
+    seq = SequenceBlocks(alloc, block_size)
+    seq.adopt(alloc.cache.match(tokens, len(tokens)))
+    seq.ensure_capacity(len(tokens))
+    seq.cache_full_blocks(tokens, len(tokens))
+    return seq
+
+
+def test_prefix_cache_shares_counts_and_frees_blocks():
+    alloc = BlockAllocator(8, 2, enable_prefix_caching=True)
+    a = cached_sequence(alloc, [1, 2, 3, 4, 5])  # blocks (1,2), (3,4) cached; 5 private
+    a_blocks = list(a.block_table[:2])
+    assert alloc.cache.num_cached == 2 and len(a.nodes) == 2 and alloc.num_free == 5
+    b = cached_sequence(alloc, [1, 2, 3, 9])  # shares (1,2); (3,9) is new
+    assert b.block_table[0] == a_blocks[0] and b.block_table[1] != a_blocks[1]
+    assert [n.ref for n in a.nodes] == [2, 1] and alloc.cache.num_cached == 3
+    a.release()
+    assert alloc.cache.num_evictable == 1 and alloc.num_available == 8 - 2  # (3,4) cached, unused
+    b.release()
+    assert alloc.cache.num_evictable == 3 and alloc.num_available == 8 and alloc.num_free == 5
+    assert [n.block for n in alloc.cache.match([1, 2, 3, 4, 7], 5)] == a_blocks  # still cached after release
+
+
+def test_prefix_cache_match_respects_the_limit_and_whole_blocks():
+    alloc = BlockAllocator(8, 2, enable_prefix_caching=True)
+    cached_sequence(alloc, [1, 2, 3, 4, 5, 6]).release()
+    cache = alloc.cache
+    assert len(cache.match([1, 2, 3, 4, 5, 6], 6)) == 3
+    assert len(cache.match([1, 2, 3, 4, 5, 6], 5)) == 2  # never past the limit
+    assert len(cache.match([1, 2, 3, 5, 5, 6], 6)) == 1  # diverges in block 2
+    assert cache.match([2, 2], 2) == []
+
+
+def test_eviction_frees_least_recently_used_unreferenced_leaves_first():
+    alloc = BlockAllocator(6, 2, enable_prefix_caching=True)
+    cached_sequence(alloc, [1, 2, 3, 4]).release()  # chain A: 2 blocks
+    cached_sequence(alloc, [5, 6]).release()  # chain B: 1 block
+    held = cached_sequence(alloc, [7, 8])  # chain C: referenced, never evicted
+    touched = SequenceBlocks(alloc, 2)
+    touched.adopt(alloc.cache.match([1, 2], 2))  # A's first block used again: newer than B
+    touched.release()
+    assert alloc.num_free == 2 and alloc.cache.num_evictable == 3
+    assert alloc.cache.evict(1) == 1  # A's leaf (3,4): last used with A, before B and before the touch
+    assert len(alloc.cache.match([1, 2, 3, 4], 4)) == 1 and len(alloc.cache.match([5, 6], 2)) == 1
+    assert alloc.cache.evict(1) == 1  # then B, older than A's first block
+    assert alloc.cache.match([5, 6], 2) == [] and len(alloc.cache.match([1, 2], 2)) == 1
+    assert alloc.cache.evict(5) == 1  # A's first block; C is referenced
+    assert alloc.num_free == 5 and alloc.cache.num_cached == 1 and held.nodes[0].ref == 1
+
+
+def test_allocation_evicts_when_the_free_list_runs_out():
+    alloc = BlockAllocator(4, 2, enable_prefix_caching=True)
+    cached_sequence(alloc, [1, 2, 3, 4, 5, 6, 7, 8]).release()
+    assert alloc.num_free == 0 and alloc.num_available == 4
+    seq = SequenceBlocks(alloc, 2)
+    seq.ensure_capacity(6)
+    assert alloc.cache.num_cached == 1 and len(seq.block_table) == 3
+    with pytest.raises(RuntimeLimitError, match="2 more block"):
+        SequenceBlocks(alloc, 2).ensure_capacity(4)  # the last cached block alone is not enough: nothing taken
+    assert alloc.cache.num_cached == 1

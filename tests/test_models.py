@@ -29,6 +29,9 @@ CASES = {
         "original_max_position_embeddings": 64})),
     "llama-yarn-gelu": ("llama", dict(hidden_act="gelu_pytorch_tanh", rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})),
+    # Phi-3 style: original_max_position_embeddings at the top level, where transformers reads it first.
+    "llama-yarn-original-top-level": ("llama", dict(original_max_position_embeddings=64, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256})),
     "mistral-sliding": ("mistral", dict(sliding_window=8)),
     "gpt2": ("gpt2", {}),
     "gpt2-untied-relu-layer-scaled": ("gpt2", dict(tie_word_embeddings=False, activation_function="relu",

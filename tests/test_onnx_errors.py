@@ -97,3 +97,73 @@ def test_output_that_is_not_logits(tmp_path):
              helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)]
     compile_fails(tmp_path, save(graph(nodes, [embed()]), tmp_path / "m.onnx"), "output has shape []",
                   "logits [1, S, vocab]")
+
+
+@pytest.mark.parametrize("name,elem,dims,needle", [
+    ("input_ids", TensorProto.INT64, [1, 6], "'input_ids' has a fixed sequence length of 6"),
+    ("position_ids", TensorProto.INT64, [1, 6], "'position_ids' has a fixed sequence length of 6"),
+    ("past_key_values.0.key", TensorProto.FLOAT, [1, 2, 5, 4], "has a fixed past length of 5"),
+    ("input_ids", TensorProto.FLOAT, [1, "S"], "'input_ids' has element type float32; it holds indices"),
+])
+def test_inputs_that_name_the_cause(tmp_path, name, elem, dims, needle):
+    # Refused when the graph is read, naming the input, before shapes meet somewhere deep in the graph.
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "S"])] if name != "input_ids" else []
+    inputs.append(helper.make_tensor_value_info(name, elem, dims))
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["y"])]
+    compile_fails(tmp_path, save(graph(nodes, [embed()], inputs=inputs), tmp_path / "m.onnx"), "m.onnx", needle)
+
+
+def test_export_with_a_fixed_sequence_length(tmp_path):
+    # The issue's case: torch.onnx.export without dynamic_shapes (a real export), refused by its input.
+    import torch
+
+    from helpers import make_checkpoint
+
+    model = make_checkpoint(tmp_path / "hf", "llama")
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, use_cache=False).logits
+
+    path = tmp_path / "fixed" / "model.onnx"
+    path.parent.mkdir()
+    torch.onnx.export(Logits().eval(), (torch.tensor([[0, 5, 9, 200, 17, 3]]),), str(path), dynamo=True,
+                      input_names=["input_ids"], output_names=["logits"])
+    compile_fails(tmp_path, path, "model.onnx", "'input_ids' has a fixed sequence length of 6",
+                  "export with a dynamic sequence axis")
+
+
+def _broken(kind):
+    """A small graph broken as tests/fuzz_readers.py found graphs to be."""
+    e = embed()
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["x"], name="g"),
+             helper.make_node("Relu", ["x"], ["y"], name="r")]
+    if kind == "data-size":
+        e.raw_data = e.raw_data[:-4]
+    elif kind == "dims":
+        e.dims[0] = 2**40
+    elif kind == "element-type":
+        e.data_type = TensorProto.STRING
+    elif kind == "out-of-order":
+        nodes.reverse()
+    elif kind == "missing-value":
+        nodes[1].input[0] = "nowhere"
+    elif kind == "outputs":
+        nodes[1].output.append("extra")
+    return graph(nodes, [e])
+
+
+@pytest.mark.parametrize("kind,needle", [
+    ("data-size", "tensor 'E' has 508 bytes of data; its dims [16, 8] need 512"),
+    ("dims", "tensor 'E' has 512 bytes of data; its dims [1099511627776, 8] need"),
+    ("element-type", "tensor 'E' has element type STRING"),
+    ("out-of-order", "node 'r' reads 'x', which no graph input, initializer or earlier node defines"),
+    ("missing-value", "node 'r' reads 'nowhere'"),
+    ("outputs", "Relu node 'r' lists 2 outputs; the operator has 1"),
+])
+def test_malformed_graphs_are_refused_by_name(tmp_path, kind, needle):
+    compile_fails(tmp_path, save(_broken(kind), tmp_path / "m.onnx"), needle)

@@ -333,6 +333,17 @@ def test_float32_stays_float32():
      "split sizes [2, 2, 2, -1] do not fit dimension 5"),
     (lambda: onnx_ops.evaluate("Dropout", [np.ones(3), None, np.array(True)], {}),
      "training_mode=True is not supported"),
+    # Found by tests/fuzz_readers.py: values no graph should make llmirc compute, refused before allocating.
+    (lambda: onnx_ops.evaluate("ConstantOfShape", [np.array([10**6, 10**6])], {}, "c"),
+     "output shape [1000000, 1000000] is too large"),
+    (lambda: onnx_ops.evaluate("Range", [np.int64(0), np.int64(10**12), np.int64(1)], {}), "is too large"),
+    (lambda: onnx_ops.evaluate("Expand", [np.float32(1), np.array([10**5, 10**5, 10])], {}), "is too large"),
+    (lambda: onnx_ops.infer_shapes("Mul", [(10**5, 1), (1, 10**5)], [None] * 2, [np.dtype(np.float32)] * 2, {}),
+     "output shape [100000, 100000] is too large"),
+    (lambda: onnx_ops.evaluate("Range", [np.int64(0), np.int64(4), np.float32(0.5)], {}), "differ in type"),
+    (lambda: onnx_ops.evaluate("Range", [np.float32(0), np.float32(np.inf), np.float32(1)], {}), "not finite"),
+    (lambda: onnx_ops.infer_shapes("Add", [(1,) * 40, (1,)], [None] * 2, [np.dtype(np.float32)] * 2, {}),
+     "shapes of rank 40"),
 ])
 def test_user_errors(call, message):
     with pytest.raises(CheckpointError) as err:
@@ -346,3 +357,9 @@ def test_attrs_of_decodes():
     node = helper.make_node("Constant", [], ["y"], value=numpy_helper.from_array(np.array([1, 2], np.int32)))
     v = onnx_ops.attrs_of(node)["value"]
     assert isinstance(v, np.ndarray) and v.dtype == np.int32 and v.tolist() == [1, 2]
+
+
+def test_a_transpose_of_a_large_weight_is_not_too_large():
+    # The size limit applies beyond the inputs' own size: folding a big weight stays possible.
+    big = np.broadcast_to(np.float32(0), (onnx_ops.MAX_ELEMENTS // 1024 + 1, 1024))
+    assert onnx_ops.infer_shapes("Transpose", [big.shape], [None], [big.dtype], {})[0][0] == big.shape[::-1]

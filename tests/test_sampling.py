@@ -98,3 +98,24 @@ def test_sampling_never_draws_masked_tokens():
 def test_bad_options_name_the_option(kwargs, option):
     with pytest.raises(LlmircError, match=option):
         sample(np.zeros((1, 4), dtype=np.float32), **kwargs)
+
+
+@pytest.mark.parametrize("scale,top_k,top_p", [(0.05, None, 0.95), (0.3, None, 0.5), (4.0, None, 0.9),
+                                               (0.05, 3000, 0.99), (1.0, 1000, None)])
+def test_partial_selection_matches_hf_on_a_real_sized_vocabulary(scale, top_k, top_p):
+    # Flat rows (scale 0.05) make top-p keep thousands of tokens: the candidate set must grow.
+    logits = (np.random.default_rng(6).standard_normal((8, 32000)) * scale).astype(np.float32)
+    ours, ref = warp(logits, 0.8, top_k, top_p), hf_warp(logits, 0.8, top_k, top_p)
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref))
+    if scale == 0.05 and top_k is None:
+        assert np.isfinite(ref).sum(axis=-1).min() > 8 * 64
+
+
+def test_one_generator_per_row():
+    logits = np.random.default_rng(7).standard_normal((3, 40)).astype(np.float32)
+    rngs = lambda: [np.random.default_rng(s) for s in (1, 2, 3)]  # noqa: E731
+    together = sample(logits, 1.0, None, 0.9, rngs())
+    for r in range(3):  # a row's draw depends only on its own generator
+        assert sample(logits[r:r + 1], 1.0, None, 0.9, [rngs()[r]])[0] == together[r]
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        sample(logits, 1.0, rng=rngs()[:2])

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from llmirc.errors import LlmircError
-from llmirc.runtime.tokenizer import Tokenizer
+from llmirc.runtime.tokenizer import TextStream, Tokenizer
 
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
@@ -134,6 +134,41 @@ def test_streaming_after_a_prompt_keeps_leading_spaces(tmp_path, kind):
         assert "".join(stream(ours, generated, prompt)) == expected, k
 
 
+@pytest.mark.parametrize("kind", BUILDERS)
+@pytest.mark.parametrize("include_stop", [False, True])
+def test_text_stream_cuts_at_the_first_stop_string_and_never_takes_text_back(tmp_path, kind, include_stop):
+    ours = Tokenizer.from_bundle_dir(write(tmp_path, *BUILDERS[kind]()))
+    ids = ours.encode("hello world, this is a small test corpus. héllo wörld ✓ 日本 the lazy dog",
+                      add_special_tokens=False)
+    full = ours.decode(ids)
+    cases = [["world"], ["is a"], ["lo w", "zzz"], ["日本"], ["✓ 日"], ["nothing here"], ["dog"], ["t", "tes"],
+             [full[-3:]], ["x" * 40, "corpus."]]
+    for stops in cases:
+        text = TextStream(ours, (), stops, include_stop)
+        seen = ""
+        for i, token in enumerate(ids):
+            seen += text.add(token)
+            assert full.startswith(seen) and "\ufffd" not in seen
+            if text.stopped:
+                break
+        seen += text.finish()
+        hits = [(full.find(s), s) for s in stops if s in full]
+        if hits:
+            at, stop = min(hits)
+            assert text.stopped == stop and seen == full[:at + (len(stop) if include_stop else 0)], stops
+            assert ours.decode(ids[:i + 1]).find(stop) >= 0 and ours.decode(ids[:i]).find(stop) < 0  # no token later
+        else:
+            assert text.stopped is None and seen == full, stops
+
+
+def test_text_stream_holds_back_only_a_possible_stop_prefix(tmp_path):
+    ours = Tokenizer.from_bundle_dir(write(tmp_path, *byte_level()))
+    text = TextStream(ours, (), ["the end"])
+    ids = ours.encode("hello the", add_special_tokens=False)
+    shown = "".join(text.add(t) for t in ids)
+    assert shown == "hello " and text.finish() == "the"  # "the" may start "the end": held until the end
+
+
 def test_from_bundle_dir_finds_the_tokenizer_folder(tmp_path):
     write(tmp_path / "tokenizer", *byte_level())
     assert Tokenizer.from_bundle_dir(tmp_path).decode(Tokenizer.from_bundle_dir(tmp_path).encode("hi")) == "hi"
@@ -152,3 +187,13 @@ def test_errors_name_the_file(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if not installed
     with pytest.raises(LlmircError, match="pip install tokenizers"):
         Tokenizer.from_bundle_dir(tmp_path)
+
+
+def test_tokenizer_errors_at_encode_time_are_one_line(tmp_path):
+    # Found by tests/fuzz_readers.py: a tokenizer.json that loads but cannot encode (no unk token).
+    write(tmp_path, tokenizers.Tokenizer(models.WordPiece({"a": 0, "##b": 1}, unk_token="[UNK]")), {})
+    tok = Tokenizer.from_bundle_dir(tmp_path)
+    assert tok.encode("ab") == [0, 1]
+    with pytest.raises(LlmircError, match=r"tokenizer.json: cannot encode: .*UNK") as e:
+        tok.encode("xyz")
+    assert "\n" not in str(e.value)

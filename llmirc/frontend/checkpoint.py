@@ -17,11 +17,31 @@ from llmirc.artifact_format.safetensors import SafetensorsFile, open_safetensors
 from llmirc.errors import CheckpointError
 
 from . import build_graph, parse_spec
+from .context import Limit
 from .hf_config import load_config
 from .packed import PackedLinears, parse_quantization_config
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
+# Tokenizer files of other formats, which llmirc does not read (it reads tokenizer.json only).
+OTHER_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt",
+                         "vocab.txt", "added_tokens.json", "tokenizer.tiktoken", "qwen.tiktoken")
+
+
+def tokenizer_files(root: Path) -> list[Path]:
+    """The tokenizer files of a checkpoint's folder that a bundle carries."""
+    return [root / n for n in TOKENIZER_FILES if (root / n).is_file()]
+
+
+def missing_tokenizer_note(root: Path) -> str | None:
+    """One line when `root` has no tokenizer.json (the bundle then takes token ids only), naming the
+    tokenizer files found there that llmirc does not read; None when there is one."""
+    if (root / "tokenizer.json").is_file():
+        return None
+    others = [n for n in OTHER_TOKENIZER_FILES + TOKENIZER_FILES[1:] if (root / n).is_file()]
+    found = f"; found but not used: {', '.join(others)} (llmirc reads tokenizer.json: write one with " \
+        "transformers' AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))" if others else ""
+    return f"no tokenizer.json in {root}: the bundle has no tokenizer and takes token ids only{found}"
 
 
 class Checkpoint:
@@ -130,9 +150,12 @@ class Checkpoint:
         raise AssertionError("the Hugging Face front end synthesizes no weights")
 
     def model_info(self) -> dict:
-        """Facts from config.json that the graph does not hold."""
+        """Facts from config.json that the graph does not hold (`context`: the one it states)."""
         s = self.spec
-        return {"architecture": s.architecture, "max_position_embeddings": s.max_position_embeddings,
+        key = "n_positions" if s.architecture == "GPT2LMHeadModel" else "max_position_embeddings"
+        return {"architecture": s.architecture, "position_tables": [],
+                "context": Limit(s.max_position_embeddings, f"config.json {key}" + ("" if key in self.config else
+                                                                                     " (its default)")),
                 "bos_token_id": s.bos_token_id, "eos_token_ids": list(s.eos_token_ids),
                 "pad_token_id": s.pad_token_id}
 
@@ -144,7 +167,7 @@ class Checkpoint:
         return self._file(name).array(name)
 
     def tokenizer_files(self) -> list[Path]:
-        return [self.root / n for n in TOKENIZER_FILES if (self.root / n).is_file()]
+        return tokenizer_files(self.root)
 
     def generation_config(self) -> dict:
         path = self.root / "generation_config.json"

@@ -18,7 +18,7 @@ from xdsl.ir import SSAValue
 from llmirc import dialect as L
 
 from .decoder import ShapeCheck, new_forward, weights
-from .hf_config import ACTIVATIONS, _Reader
+from .hf_config import ACTIVATIONS, MAX_LAYERS, _Reader
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def parse_gpt2_config(config: dict, source: str) -> Gpt2Spec:
     r = _Reader(config, source)
     hidden = r.get("n_embd", int, required=True, positive=True)
     heads = r.get("n_head", int, required=True, positive=True)
-    layers = r.get("n_layer", int, required=True, positive=True)
+    layers = r.get("n_layer", int, required=True, positive=True, maximum=MAX_LAYERS)
     if hidden % heads:
         raise r.fail(f"n_embd {hidden} is not divisible by n_head {heads}")
     act = r.get("activation_function", str, default="gelu_new")

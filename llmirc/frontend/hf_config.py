@@ -20,6 +20,16 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_new": "gelu_tanh", "relu": "relu"}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+MAX_INT = 2**31 - 1      # sizes and ids: the kernels index with int32
+MAX_LAYERS = MAX_HEAD_DIM = 1 << 16  # per-layer and rotary tables are built from these before weights are read
+# transformers 5.24's defaults where its config classes differ (LlamaConfig, MistralConfig, Qwen2Config):
+# a field missing from config.json takes these; a field set to null takes num_attention_heads (kv heads)
+# or turns sliding windows off.
+FAMILY_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048, "num_key_value_heads": None, "sliding_window": None},
+    "mistral": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8, "sliding_window": 4096},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096},
+}
 
 
 @dataclass(frozen=True)
@@ -83,7 +93,10 @@ class _Reader:
     def fail(self, message: str) -> CheckpointError:
         return CheckpointError(f"{self.source}: {message}")
 
-    def get(self, key: str, kind: type | tuple, default=None, required: bool = False, positive: bool = False):
+    def get(self, key: str, kind: type | tuple, default=None, required: bool = False, positive: bool = False,
+            maximum: int = MAX_INT):
+        """config[key] of type `kind` (an int is accepted for float), positive if asked, integers at most
+        `maximum` (sizes are untrusted: the compiler allocates from some before the weights can disagree)."""
         value = self.config.get(key)
         if value is None:
             if required:
@@ -96,6 +109,8 @@ class _Reader:
             raise self.fail(f"field '{key}' must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
         if positive and not value > 0:
             raise self.fail(f"field '{key}' must be positive, got {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and value > maximum:
+            raise self.fail(f"field '{key}' is {value}, more than llmirc reads ({maximum})")
         return value
 
 
@@ -105,7 +120,7 @@ def architecture(config: dict, source: str = "config.json") -> tuple[str, str]:
     archs = r.get("architectures", list)
     model_type = r.get("model_type", str)
     if archs:
-        if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+        if len(archs) != 1 or not isinstance(archs[0], str) or archs[0] not in ARCHITECTURES:
             raise r.fail(f"unsupported architecture {', '.join(map(str, archs))} "
                          f"(supported: {', '.join(ARCHITECTURES)})")
         arch = archs[0]
@@ -126,12 +141,18 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
 
     hidden = r.get("hidden_size", int, required=True, positive=True)
     heads = r.get("num_attention_heads", int, required=True, positive=True)
-    kv_heads = r.get("num_key_value_heads", int, default=heads, positive=True)
-    head_dim = r.get("head_dim", int, default=None, positive=True)
+    defaults = FAMILY_DEFAULTS[family]
+    kv_heads = r.get("num_key_value_heads", int, positive=True) if "num_key_value_heads" in config \
+        else defaults["num_key_value_heads"]
+    kv_heads = kv_heads or heads  # null: as many as the query heads
+    head_dim = r.get("head_dim", int, default=None, positive=True, maximum=MAX_HEAD_DIM)
     if head_dim is None:
         if hidden % heads:
             raise r.fail(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
         head_dim = hidden // heads
+        if head_dim > MAX_HEAD_DIM:
+            raise r.fail(f"hidden_size / num_attention_heads is {head_dim}, a head dim more than llmirc reads "
+                         f"({MAX_HEAD_DIM})")
     if heads % kv_heads:
         raise r.fail(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     act_name = r.get("hidden_act", str, default="silu")
@@ -141,8 +162,8 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
         if config.get(unsupported) is not None:
             raise r.fail(f"unsupported option '{unsupported}'")
 
-    layers = r.get("num_hidden_layers", int, required=True, positive=True)
-    max_pos = r.get("max_position_embeddings", int, default=2048, positive=True)
+    layers = r.get("num_hidden_layers", int, required=True, positive=True, maximum=MAX_LAYERS)
+    max_pos = r.get("max_position_embeddings", int, default=defaults["max_position_embeddings"], positive=True)
     eos = config.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
     qkv_bias = {"llama": r.get("attention_bias", bool, default=False), "mistral": False, "qwen2": True}[family]
@@ -173,60 +194,96 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
 
 
 def _sliding_windows(r: _Reader, family: str, layers: int) -> tuple[int, ...]:
+    """Per layer, as transformers 5.24 reads them: Llama has none; Mistral one window for every layer;
+    Qwen2 a window only with use_sliding_window, on the layers that
+    layer_types marks sliding_attention (by default those from max_window_layers on)."""
     if family == "llama":
         return (0,) * layers
-    window = r.get("sliding_window", int, positive=True)
+    default = FAMILY_DEFAULTS[family]["sliding_window"] if "sliding_window" not in r.config else None
+    window = r.get("sliding_window", int, positive=True, default=default)
+    if family == "mistral":
+        if "layer_types" in r.config:  # AutoConfig then reads it as Ministral, MistralForCausalLM ignores them
+            raise r.fail("field 'layer_types' in a Mistral config is ambiguous in transformers (Ministral or Mistral "
+                         "attention); not supported")
+        return (window or 0,) * layers
+    if not r.get("use_sliding_window", bool, default=False):
+        window = None
     layer_types = r.get("layer_types", list)
-    if layer_types is not None:
-        if len(layer_types) != layers or not set(layer_types) <= {"full_attention", "sliding_attention"}:
-            raise r.fail("field 'layer_types' must list 'full_attention'/'sliding_attention' for each layer")
-        if "sliding_attention" in layer_types and window is None:
-            raise r.fail("layer_types has sliding_attention layers but sliding_window is not set")
-        return tuple(window if t == "sliding_attention" else 0 for t in layer_types)
-    if window is None:
-        return (0,) * layers
-    if family == "qwen2":  # transformers: sliding only if use_sliding_window, from max_window_layers on
-        if not r.get("use_sliding_window", bool, default=False):
-            return (0,) * layers
+    if layer_types is None:
         first = r.get("max_window_layers", int, default=28)
-        return tuple(window if i >= first else 0 for i in range(layers))
-    return (window,) * layers
+        return tuple(window if window is not None and i >= first else 0 for i in range(layers))
+    if len(layer_types) != layers or not set(layer_types) <= {"full_attention", "sliding_attention"}:
+        raise r.fail("field 'layer_types' must list 'full_attention'/'sliding_attention' for each layer")
+    if "sliding_attention" in layer_types and window is None:
+        raise r.fail("layer_types has sliding_attention layers but no sliding window is in use "
+                     "(sliding_window with use_sliding_window)")
+    return tuple(window if t == "sliding_attention" else 0 for t in layer_types)
+
+
+def rope_parameters(r: _Reader, max_pos: int) -> dict:
+    """The rope parameters as transformers 5.24 standardizes them (RotaryEmbeddingConfigMixin's
+    convert_rope_params_to_dict and standardize_rope_params, run again when the rotary embedding is
+    built): `rope_scaling` (the legacy name) before `rope_parameters`; rope_type from `rope_type`,
+    else `type`, else "default"; rope_theta and partial_rotary_factor from the dict, else the top
+    level, else 10000 and 1; for llama3 and yarn, original_max_position_embeddings from the top level
+    (Phi-3 style configs put it there), else the dict, else max_position_embeddings."""
+    config = r.config
+    scaling, parameters = config.get("rope_scaling"), config.get("rope_parameters")
+    for key, value in (("rope_scaling", scaling), ("rope_parameters", parameters)):
+        if value is not None and not isinstance(value, dict):
+            raise r.fail(f"field '{key}' must be an object, got {value!r}")
+    params = dict(scaling or parameters or {})
+    if "layer_types" in config and any(isinstance(v, dict) for v in params.values()):
+        raise r.fail("per-layer rope_parameters are not supported")
+    params.setdefault("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    if config.get("partial_rotary_factor") is not None:
+        params.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
+    if params["rope_type"] in ("llama3", "yarn"):
+        if "original_max_position_embeddings" in config:
+            params["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+        else:
+            params.setdefault("original_max_position_embeddings", max_pos)
+    return params
 
 
 def _rope_spec(r: _Reader, head_dim: int, max_pos: int) -> RopeSpec:
-    params = dict(r.get("rope_parameters", dict) or r.get("rope_scaling", dict) or {})
-    if "layer_types" in r.config and any(isinstance(v, dict) for v in params.values()):
-        raise r.fail("per-layer rope_parameters are not supported")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    theta = params.get("rope_theta", r.get("rope_theta", float, default=10000.0))
-    partial = params.get("partial_rotary_factor", r.get("partial_rotary_factor", float, default=1.0))
+    """Inverse frequencies and attention factor as transformers' rope initialisation functions
+    (modeling_rope_utils.ROPE_INIT_FUNCTIONS, and the default of LlamaRotaryEmbedding) compute them
+    in float32; tests/test_hf_config.py compares the two for every rope type and spelling."""
+    params = rope_parameters(r, max_pos)
+    rope_type, theta = params["rope_type"], params["rope_theta"]
     if rope_type not in ROPE_TYPES:
         raise r.fail(f"unsupported rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
-    if not isinstance(theta, (int, float)) or theta <= 0:
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
         raise r.fail(f"rope_theta must be a positive number, got {theta!r}")
-    dim = int(head_dim * partial)
-    if dim < 2 or dim > head_dim:
-        raise r.fail(f"partial_rotary_factor {partial} gives rotary dim {dim} for head_dim {head_dim}")
+    partial = params.get("partial_rotary_factor", 1.0)
+    if rope_type != "default" and partial != 1.0:
+        # transformers' default rope ignores it; the others make tables narrower than the head, which
+        # Llama, Mistral and Qwen2 cannot apply.
+        raise r.fail(f"partial_rotary_factor {partial!r} with rope type {rope_type!r} is not supported (these "
+                     "architectures rotate the whole head)")
 
-    def need(key: str) -> float:
+    def need(key: str, positive: bool = True) -> float:
         value = params.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise r.fail(f"rope type {rope_type!r} needs a numeric '{key}'")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or (positive and value <= 0):
+            raise r.fail(f"rope type {rope_type!r} needs a {'positive ' if positive else ''}numeric '{key}'"
+                         + (f", got {value!r}" if key in params else ""))
         return float(value)
 
-    f32 = np.float32
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(f32) / f32(dim)
-    pos_freqs = f32(theta) ** exponents
-    inv_freq = f32(1.0) / pos_freqs
+    f32, dim = np.float32, head_dim
+    inv_freq = f32(1.0) / (f32(theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(f32) / f32(dim)))
     scaling = 1.0
     if rope_type == "linear":
         inv_freq = inv_freq / f32(need("factor"))
     elif rope_type == "dynamic":
-        # transformers rescales only past max_position_embeddings, which the runtime never exceeds.
+        # transformers rescales only past max_position_embeddings, which the bundle's context never exceeds.
         need("factor")
     elif rope_type == "llama3":
         factor, low, high = need("factor"), need("low_freq_factor"), need("high_freq_factor")
         old_len = need("original_max_position_embeddings")
+        if high == low:
+            raise r.fail("rope type 'llama3' needs high_freq_factor != low_freq_factor")
         low_wavelen, high_wavelen = f32(old_len / low), f32(old_len / high)
         wavelen = f32(2 * math.pi) / inv_freq
         scaled = np.where(wavelen > low_wavelen, inv_freq / f32(factor), inv_freq).astype(f32)
@@ -235,14 +292,20 @@ def _rope_spec(r: _Reader, head_dim: int, max_pos: int) -> RopeSpec:
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv_freq = np.where(medium, smoothed, scaled).astype(f32)
     elif rope_type == "yarn":
-        inv_freq, scaling = _yarn(params, need, float(theta), dim, max_pos)
+        inv_freq, scaling = _yarn(params, need, float(theta), dim, max_pos, r)
     return RopeSpec(inv_freq=tuple(float(x) for x in np.asarray(inv_freq, dtype=f32)), scaling=float(scaling))
 
 
-def _yarn(params: dict, need, base: float, dim: int, max_pos: int):
+def _yarn(params: dict, need, base: float, dim: int, max_pos: int, r: _Reader):
+    """transformers' _compute_yarn_parameters."""
     f32 = np.float32
-    original = params.get("original_max_position_embeddings", max_pos)
-    factor = params.get("factor") or max_pos / original
+    original = need("original_max_position_embeddings")
+    if "factor" not in params:
+        raise r.fail("rope type 'yarn' needs a numeric 'factor'")
+    factor = max_pos / original if params["factor"] is None else need("factor")
+    for key in ("attention_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow"):
+        if params.get(key) is not None:
+            need(key, positive=False)
     mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
 
     def get_mscale(scale, m=1.0):

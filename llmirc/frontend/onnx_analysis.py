@@ -87,17 +87,25 @@ def interpret(nodes: Iterable[Node], roots: dict, S: int, read_weight: Callable[
                 outs = onnx_ops.evaluate(node.op_type, vals, node.attrs, node.name, n_outputs=len(node.outputs))
                 if kind == CONST:
                     cache[node.outputs[0]] = outs
+            _check_outputs(node, outs)
             for key, v in zip(node.outputs, outs):
                 env[key] = AV(kind, v.shape, v.dtype, v)
             continue
         shapes = [None if a is None else a.shape for a in ins]
         values = [None if a is None or a.kind == DATA else _value(a, small_only=True) for a in ins]
         dtypes = [None if a is None else a.dtype for a in ins]
-        for key, (shape, dtype) in zip(node.outputs,
-                                       onnx_ops.infer_shapes(node.op_type, shapes, values, dtypes, node.attrs,
-                                                             node.name, n_outputs=len(node.outputs))):
+        outs = onnx_ops.infer_shapes(node.op_type, shapes, values, dtypes, node.attrs, node.name,
+                                     n_outputs=len(node.outputs))
+        _check_outputs(node, outs)
+        for key, (shape, dtype) in zip(node.outputs, outs):
             env[key] = AV(DATA, tuple(shape), np.dtype(dtype))
     return env
+
+
+def _check_outputs(node: Node, outs: list) -> None:
+    if len(node.outputs) > len(outs):
+        raise CheckpointError(f"ONNX {node.op_type} node '{node.name}' lists {len(node.outputs)} outputs; the "
+                              f"operator has {len(outs)}")
 
 
 def _value(a: AV, small_only: bool = False):

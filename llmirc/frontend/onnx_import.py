@@ -6,6 +6,10 @@ by name: `input_ids` (the tokens), `attention_mask` (all ones for one unpadded s
 (onnx_analysis): what does not depend on S is folded into constants, and every value gets its
 shape with `?` for the dims that grow with S.
 
+Half-precision exports (float16, bfloat16: `model.half()` before `torch.onnx.export`) are
+read as float32, weights and computation alike, as f16/bf16 safetensors checkpoints are: the
+importer sees every f16/bf16 tensor type, initializer, constant and Cast target as float32.
+
 Untrusted input: external data paths must stay in the model's folder and lie within their
 files; nothing is unpickled.
 """
@@ -35,6 +39,8 @@ from llmirc import dialect as L
 from llmirc.errors import CheckpointError
 
 from . import onnx_ops
+from .checkpoint import tokenizer_files
+from .context import Limit
 from .onnx_analysis import CONST, DATA, PROBE_LENGTHS, SONLY, AV, Node, interpret, symbolic_shape
 from .onnx_dialect import NoneOp, element_type, make_op
 
@@ -43,7 +49,31 @@ SMALL_CONSTANT = 256  # constants up to this many elements are kept in the IR te
 INPUT_ROLES = {"input_ids": "onnx:input_ids", "attention_mask": "onnx:attention_mask",
                "position_ids": "onnx:position_ids"}
 PAST = re.compile(r"past_key_values[._](\d+)[._](key|value)|past[._](key|value)[._](\d+)|past[._](\d+)[._](key|value)")
-DEFAULT_CONTEXT = 4096
+HALF = {onnx.TensorProto.FLOAT16: "f16", onnx.TensorProto.BFLOAT16: "bf16"}
+ELEMENT_TYPES = set(onnx_ops.DTYPES)  # what tensors, graph inputs and Casts may hold
+
+
+def computed_dtype(code: int) -> np.dtype:
+    """The numpy dtype llmirc reads and computes an ONNX element type in (half precision: float32)."""
+    return np.dtype(np.float32) if code in HALF else onnx_ops.DTYPES[code]
+
+
+def _check_element_type(code: int, where: str) -> None:
+    if code not in ELEMENT_TYPES:
+        name = onnx.TensorProto.DataType.Name(code) if code in onnx.TensorProto.DataType.values() else str(code)
+        raise CheckpointError(f"{where} has element type {name}, which llmirc does not read")
+
+
+def _as_computed(attrs: dict) -> dict:
+    """A node's attributes with half-precision types (Cast's `to`, a `dtype`, a tensor `value`) as float32."""
+    for key in ("to", "dtype"):
+        if attrs.get(key) in HALF:
+            attrs[key] = onnx.TensorProto.FLOAT
+    value = attrs.get("value")
+    if isinstance(value, np.ndarray) and value.dtype.name in ("float16", "bfloat16"):
+        attrs["value"] = value.astype(np.float32)
+    return attrs
+
 
 ONNX_LOWERING = ("onnx-fuse-embedding,onnx-fuse-linear,onnx-glue,onnx-fuse-norm,onnx-fuse-activation,onnx-glue,"
                  "onnx-fuse-attention,onnx-to-llmir")
@@ -77,12 +107,30 @@ class OnnxCheckpoint:
             raise CheckpointError(f"{path}: unsupported ONNX operators: {listed}")
         self.initializers = {t.name: t for t in graph.initializer}
         for t in graph.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                self._check_external(t)
+            self._check_initializer(t)
         self.folded: dict[str, np.ndarray] = {}  # large constants computed at compile time
         self.summary = ""
+        self.position_tables: list[Limit] = []  # found by import_onnx
 
     # -- weights ---------------------------------------------------------------------------
+    def _check_initializer(self, t: onnx.TensorProto) -> None:
+        """Type, dims and the size of the data (inline or external) agree, before anything reads it."""
+        _check_element_type(t.data_type, f"{self.path}: tensor '{t.name}'")
+        if any(d < 0 for d in t.dims):
+            raise CheckpointError(f"{self.path}: tensor '{t.name}' has negative dims {list(t.dims)}")
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            self._check_external(t)
+            return
+        count = int(np.prod(t.dims, dtype=object))
+        if t.raw_data:
+            size, expected = len(t.raw_data), count * onnx_ops.DTYPES[t.data_type].itemsize
+        else:  # typed fields: one entry per element (two per complex, which is not read)
+            expected = count
+            size = sum(len(f) for f in (t.float_data, t.int32_data, t.int64_data, t.double_data, t.uint64_data))
+        if size != expected:
+            raise CheckpointError(f"{self.path}: tensor '{t.name}' has {size} {'bytes' if t.raw_data else 'values'} "
+                                  f"of data; its dims {list(t.dims)} need {expected}")
+
     def _check_external(self, t: onnx.TensorProto) -> None:
         info = {e.key: e.value for e in t.external_data}
         location = info.get("location", "")
@@ -94,36 +142,41 @@ class OnnxCheckpoint:
         if not file.is_relative_to(self.root.resolve()) or not file.is_file():
             raise CheckpointError(f"{self.path}: external data {location!r} of tensor '{t.name}' is missing or "
                                   "leaves the model's folder")
-        offset, length = int(info.get("offset", 0)), info.get("length")
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        expected = int(np.prod(t.dims, dtype=np.int64)) * itemsize
-        length = int(length) if length is not None else expected
+        itemsize = onnx_ops.DTYPES[t.data_type].itemsize
+        expected = int(np.prod(t.dims, dtype=object)) * itemsize
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", expected))
+        except ValueError:
+            raise CheckpointError(f"{self.path}: external data of tensor '{t.name}' has a non-integer offset or "
+                                  "length") from None
         if length != expected or offset < 0 or offset + length > file.stat().st_size:
             raise CheckpointError(f"{self.path}: external data of tensor '{t.name}' in {location} is truncated or "
                                   f"mis-sized ({length} bytes at offset {offset}, expected {expected})")
 
     def read(self, name: str) -> np.ndarray:
+        """An initializer (or a constant folded at compile time) in the type llmirc computes it in
+        (`computed_dtype`: f16/bf16 as float32)."""
         if name in self.folded:
             return self.folded[name]
         t = self.initializers.get(name)
         if t is None:
             raise CheckpointError(f"{self.path}: no initializer '{name}'")
         if t.data_location != onnx.TensorProto.EXTERNAL:
-            return numpy_helper.to_array(t)
-        info = {e.key: e.value for e in t.external_data}
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-        offset = int(info.get("offset", 0))
-        count = int(np.prod(t.dims, dtype=np.int64))
-        data = np.memmap(self.root / info["location"], dtype=dtype, mode="r", offset=offset, shape=(count,))
-        return data.reshape(tuple(t.dims))
+            data = numpy_helper.to_array(t)
+        else:
+            info = {e.key: e.value for e in t.external_data}
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+            offset = int(info.get("offset", 0))
+            count = int(np.prod(t.dims, dtype=np.int64))
+            data = np.memmap(self.root / info["location"], dtype=dtype, mode="r", offset=offset, shape=(count,))
+            data = data.reshape(tuple(t.dims))
+        return data.astype(np.float32) if t.data_type in HALF else data
 
     def float32(self, name: str) -> np.ndarray:
         a = self.read(name)
-        if a.dtype == np.float32:
-            return a
-        if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+        if a.dtype.kind != "f":
             raise CheckpointError(f"{self.path}: weight '{name}' has dtype {a.dtype}; weights must be floating point")
-        return a.astype(np.float32)
+        return a.astype(np.float32, copy=False)
 
     def add_weight(self, name: str, value: np.ndarray) -> None:
         self.folded[name] = value
@@ -141,13 +194,19 @@ class OnnxCheckpoint:
         return self._config("generation_config.json")
 
     def model_info(self) -> dict:
+        """Facts the graph does not hold, from config.json when there is one; `context` is what it
+        states (None without config.json), `position_tables` what the graph's tables allow."""
         config = self._config("config.json")
         eos = config.get("eos_token_id")
         archs = config.get("architectures") or []
         producer = f"{self.proto.producer_name} {self.proto.producer_version}".strip()
+        key = next((k for k in ("max_position_embeddings", "n_positions") if k in config), None)
+        if key is not None and (not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1):
+            raise CheckpointError(f"{self.root / 'config.json'}: field '{key}' must be a positive integer, "
+                                  f"got {config[key]!r}")
         return {"architecture": f"ONNX ({archs[0] if archs else producer or 'unknown producer'})",
-                "max_position_embeddings": int(config.get("max_position_embeddings") or
-                                               config.get("n_positions") or DEFAULT_CONTEXT),
+                "context": Limit(config[key], f"config.json {key}") if key else None,
+                "position_tables": self.position_tables,
                 "bos_token_id": config.get("bos_token_id"),
                 "eos_token_ids": eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [],
                 "pad_token_id": config.get("pad_token_id")}
@@ -156,8 +215,7 @@ class OnnxCheckpoint:
         return [p for p in (self.root / "config.json", self.root / "generation_config.json") if p.is_file()]
 
     def tokenizer_files(self) -> list[Path]:
-        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-        return [self.root / n for n in names if (self.root / n).is_file()]
+        return tokenizer_files(self.root)
 
     def close(self) -> None:
         pass
@@ -173,8 +231,13 @@ class OnnxCheckpoint:
     def nodes(self) -> list[Node]:
         out = []
         for i, n in enumerate(self.proto.graph.node):
-            attrs = onnx_ops.attrs_of(n)
-            out.append(Node(n.op_type, [x or None for x in n.input], list(n.output), attrs, n.name or f"#{i}"))
+            name = n.name or f"#{i}"
+            try:
+                attrs = _as_computed(onnx_ops.attrs_of(n))
+            except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:  # a tensor attribute that is not one
+                raise CheckpointError(f"{self.path}: ONNX node '{name}' has an attribute that cannot be read "
+                                      f"({' '.join(str(e).split())[:200]})") from None
+            out.append(Node(n.op_type, [x or None for x in n.input], list(n.output), attrs, name))
         return out
 
     def roots(self) -> tuple[dict, dict]:
@@ -187,7 +250,8 @@ class OnnxCheckpoint:
             if inp.name in self.initializers:
                 continue  # old exporters list initializers as inputs too
             tt = inp.type.tensor_type
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+            _check_element_type(tt.elem_type, f"{self.path}: input '{inp.name}'")
+            dtype = computed_dtype(tt.elem_type)
             dims = tt.shape.dim
             if dims and dims[0].HasField("dim_value") and dims[0].dim_value != 1:
                 raise CheckpointError(f"{self.path}: input '{inp.name}' has batch size {dims[0].dim_value}; "
@@ -198,6 +262,16 @@ class OnnxCheckpoint:
                                       f"{', '.join(INPUT_ROLES)} or past_key_values.N.key/value)")
             if role != "onnx:past" and len(dims) != 2:
                 raise CheckpointError(f"{self.path}: input '{inp.name}' must be [batch, sequence]")
+            seq_axis = 1 if role != "onnx:past" else 2 if len(dims) == 4 else None
+            if seq_axis is not None and dims[seq_axis].HasField("dim_value") and \
+                    (role != "onnx:past" or dims[seq_axis].dim_value):
+                raise CheckpointError(f"{self.path}: input '{inp.name}' has a fixed "
+                                      f"{'past' if role == 'onnx:past' else 'sequence'} length of "
+                                      f"{dims[seq_axis].dim_value}; export with a dynamic sequence axis "
+                                      "(torch.onnx.export(..., dynamic_shapes=...) or dynamic_axes=...)")
+            if role in ("onnx:input_ids", "onnx:position_ids") and dtype.kind not in "iu":
+                raise CheckpointError(f"{self.path}: input '{inp.name}' has element type {dtype}; it holds indices "
+                                      "and must be an integer type (int64 or int32)")
             roles[inp.name] = role
             if role == "onnx:input_ids":
                 roots[inp.name] = lambda S, d=dtype: AV(DATA, (1, S), d)
@@ -218,11 +292,58 @@ def import_onnx(ckpt: OnnxCheckpoint) -> ModuleOp:
     nodes = ckpt.nodes()
     roots, roles = ckpt.roots()
     weight_nodes = [Node("weight", [], [name], {"name": name, "shape": tuple(t.dims),
-                                                "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.data_type)})
+                                                "dtype": computed_dtype(t.data_type)})
                     for name, t in ckpt.initializers.items()]
+    _check_order(ckpt, nodes, set(roots) | set(ckpt.initializers))
     cache: dict = {}
     probes = [interpret(weight_nodes + nodes, roots, S, ckpt.read, cache=cache) for S in PROBE_LENGTHS]
+    ckpt.position_tables = position_tables(nodes, probes)
     return _emit(ckpt, nodes, roles, probes)
+
+
+def _check_order(ckpt: OnnxCheckpoint, nodes: list[Node], defined: set[str]) -> None:
+    """Each value is defined once (graph input, initializer or node output) before a node reads it."""
+    for node in nodes:
+        for key in node.inputs:
+            if key is not None and key not in defined:
+                raise CheckpointError(f"{ckpt.path}: ONNX node '{node.name}' reads '{key}', which no graph input, "
+                                      "initializer or earlier node defines")
+        for key in node.outputs:
+            if key in defined:
+                raise CheckpointError(f"{ckpt.path}: ONNX node '{node.name}' defines '{key}' a second time")
+        defined.update(k for k in node.outputs if k)
+    for out in ckpt.proto.graph.output:
+        if out.name not in defined:
+            raise CheckpointError(f"{ckpt.path}: graph output '{out.name}' is not computed by the graph")
+
+
+def position_tables(nodes: list[Node], probes: list[dict]) -> list[Limit]:
+    """Constant tables the graph reads at positions 0..S-1 (a Gather by the positions, or a
+    Slice to the sequence length): learned position embeddings, rotary caches, causal masks.
+    Their rows bound the sequence length."""
+    found = []
+    for node in nodes:
+        if node.op_type not in ("Gather", "Slice") or not node.inputs or node.inputs[0] is None:
+            continue
+        table = probes[0][node.inputs[0]]
+        out = [p[node.outputs[0]] for p in probes]
+        if table.kind != CONST or out[0].kind != SONLY:
+            continue
+        if node.op_type == "Gather":
+            axis = node.attrs.get("axis", 0) % max(len(table.shape), 1)
+            idx = [p[node.inputs[1]] for p in probes]
+            if not all(i.value is not None and i.value.size and int(i.value.max()) == S - 1
+                       for i, S in zip(idx, PROBE_LENGTHS)):
+                continue
+        else:
+            axes = [a for a in range(len(table.shape)) if all(len(o.shape) == len(table.shape) and o.shape[a] == S
+                                                              for o, S in zip(out, PROBE_LENGTHS))]
+            if not axes:
+                continue
+            axis = axes[0]
+        rows = table.shape[axis]
+        found.append(Limit(rows, f"position table '{node.inputs[0]}' of ONNX node '{node.name}' has {rows} rows"))
+    return found
 
 
 def _foldable(key, probes: list[dict]) -> bool:
@@ -289,7 +410,9 @@ def _emit(ckpt: OnnxCheckpoint, nodes: list[Node], roles: dict, probes: list[dic
         block.add_op(op)
         values.update(zip(node.outputs, op.results))
     block.add_op(func.ReturnOp(*[operand(k) for k in outputs]))
-    ckpt.summary = f"{len(nodes)} ONNX nodes, {folded} folded into constants at compile time"
+    half = sorted({HALF[t.data_type] for t in ckpt.initializers.values() if t.data_type in HALF})
+    ckpt.summary = f"{len(nodes)} ONNX nodes, {folded} folded into constants at compile time" + \
+        (f", {'/'.join(half)} weights computed in float32" if half else "")
     return ModuleOp([forward])
 
 

@@ -46,7 +46,7 @@ Shape = tuple[int, ...]
 _BOOL, _INT64 = np.dtype(bool), np.dtype(np.int64)
 
 # TensorProto codes Cast, ConstantOfShape and stash_type may name; bfloat16 maps to ml_dtypes.bfloat16.
-_DTYPES = {code: np.dtype(helper.tensor_dtype_to_np_dtype(code)) for code in (
+DTYPES = {code: np.dtype(helper.tensor_dtype_to_np_dtype(code)) for code in (
     TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.BOOL,
     TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64,
     TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64)}
@@ -102,12 +102,14 @@ class _Node:
         return a % rank
 
     def dtype(self, code) -> np.dtype:
-        if code not in _DTYPES:
+        if code not in DTYPES:
             name = TensorProto.DataType.Name(code) if code in TensorProto.DataType.values() else code
             self.fail(f"data type {name} is not supported")
-        return _DTYPES[code]
+        return DTYPES[code]
 
     def broadcast(self, *shapes: Shape) -> Shape:
+        if max((len(s) for s in shapes), default=0) > MAX_RANK:
+            self.fail(f"shapes of rank {max(len(s) for s in shapes)}: llmirc reads ranks up to {MAX_RANK}")
         try:
             return tuple(np.broadcast_shapes(*shapes))
         except ValueError:
@@ -812,23 +814,31 @@ _op("Shape", shape=_shape_shape)(_shape)
 _op("Size", shape=lambda c, s, d: [((), _INT64)])(lambda c, x: np.array(x.size, np.int64))
 
 
-def _range(c, start, limit, delta):
+def _range_length(c, start, limit, delta) -> int:
     start, limit, delta = (np.asarray(v).reshape(()) for v in (start, limit, delta))
-    dt = start.dtype
+    if len({start.dtype, limit.dtype, delta.dtype}) != 1:
+        c.fail(f"start, limit and delta differ in type ({start.dtype}, {limit.dtype}, {delta.dtype})")
     if delta == 0:
         c.fail("delta is 0")
-    if _is_int(dt):
-        n = -((int(start) - int(limit)) // int(delta))  # ceil((limit - start) / delta), exactly
-    else:
-        n = math.ceil(float(limit - start) / float(delta))
+    if _is_int(start.dtype):
+        return max(-((int(start) - int(limit)) // int(delta)), 0)  # ceil((limit - start) / delta), exactly
+    n = float(limit - start) / float(delta)
+    if not math.isfinite(n):
+        c.fail(f"length {n} is not finite")
+    return max(math.ceil(n), 0)
+
+
+def _range(c, start, limit, delta):
+    n = _range_length(c, start, limit, delta)
+    start, delta = np.asarray(start).reshape(()), np.asarray(delta).reshape(())
     # The spec (and onnxruntime) accumulate `current += delta` in T; cumsum is sequential, so it rounds alike.
-    steps = np.full(max(n, 0), delta, dt)
+    steps = np.full(n, delta, start.dtype)
     steps[:1] = start
-    return np.cumsum(steps, dtype=dt)
+    return np.cumsum(steps, dtype=start.dtype)
 
 
 def _range_shape(c, s, d):
-    return [(_range(c, *(c.value(i, w) for i, w in enumerate(("start", "limit", "delta")))).shape, d[0])]
+    return [((_range_length(c, *(c.value(i, w) for i, w in enumerate(("start", "limit", "delta")))),), d[0])]
 
 
 _op("Range", shape=_range_shape)(_range)
@@ -853,6 +863,9 @@ def evaluate(op_type: str, inputs: list[np.ndarray | None], attrs: dict, node: s
     not fit the op (shapes, indices)."""
     inputs = [None if x is None else np.asarray(x) for x in inputs]
     c = _Node(op_type, node, attrs, inputs, [x is not None for x in inputs], n_outputs)
+    shapes = [None if x is None else x.shape for x in inputs]
+    out_shapes = _call(c, _SHAPE, shapes, [None if x is None else x.dtype for x in inputs])
+    _check_size(c, [s for s, _ in out_shapes], shapes)  # before anything is allocated
     out = _call(c, _EVAL, *inputs)
     return [np.asarray(o) for o in (out if isinstance(out, tuple) else (out,))]
 
@@ -868,7 +881,27 @@ def infer_shapes(op_type: str, input_shapes: list[tuple[int, ...] | None], input
     shapes = [None if s is None else tuple(int(n) for n in s) for s in input_shapes]
     dtypes = [None if t is None else np.dtype(t) for t in input_dtypes]
     c = _Node(op_type, node, attrs, list(input_values), [s is not None for s in shapes], n_outputs)
-    return [(tuple(int(n) for n in s), np.dtype(t)) for s, t in _call(c, _SHAPE, shapes, dtypes)]
+    out = [(tuple(int(n) for n in s), np.dtype(t)) for s, t in _call(c, _SHAPE, shapes, dtypes)]
+    _check_size(c, [s for s, _ in out], shapes)
+    return out
+
+
+# Values an op may compute, in elements, beyond the size of its inputs together: graphs are untrusted,
+# and a ConstantOfShape, Expand, Range or broadcast could otherwise ask for terabytes at compile time.
+MAX_ELEMENTS = 1 << 28
+MAX_RANK = 32  # numpy 1.x's limit
+
+
+def _check_size(c: _Node, out_shapes, in_shapes) -> None:
+    """Each output at most max(MAX_ELEMENTS, the inputs' elements together): a Transpose or Cast of a
+    large weight is fine, a small input blown up is not."""
+    limit = max(MAX_ELEMENTS, sum(math.prod(s) for s in in_shapes if s is not None))
+    for shape in out_shapes:
+        if len(shape) > MAX_RANK:
+            c.fail(f"output rank {len(shape)} is more than llmirc reads ({MAX_RANK})")
+        if any(d < 0 for d in shape) or math.prod(shape) > limit:
+            c.fail(f"output shape {list(shape)} is {'invalid' if any(d < 0 for d in shape) else 'too large'} "
+                   f"(llmirc computes at most {limit} elements here)")
 
 
 def _call(c: _Node, table: dict, *args):
@@ -877,5 +910,5 @@ def _call(c: _Node, table: dict, *args):
     with np.errstate(all="ignore"):  # inf/nan are ONNX results, not warnings
         try:
             return table[c.op](c, *args)
-        except (ValueError, IndexError, TypeError) as e:  # numpy's word on inputs that do not fit
+        except (ValueError, IndexError, TypeError, OverflowError) as e:  # numpy's word on inputs that do not fit
             c.fail(f"inputs do not fit the operator ({' '.join(str(e).split())})")

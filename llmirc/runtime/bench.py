@@ -10,7 +10,6 @@ pattern as decode. This machine may be shared and noisy: every figure is the bes
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 from pathlib import Path
@@ -79,8 +78,10 @@ def decode_bytes_per_step(model, context: int) -> dict[str, int]:
 
 
 def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, repeat: int,
-                 threads: int | None = None) -> dict:
-    model = load(bundle, kv_cache_tokens=batch * (len(prompt) + new_tokens) + 64, threads=threads)
+                 threads: int | None = None, kv_cache_tokens: int | None = None) -> dict:
+    # No prefix caching: every repeat must compute its prompt.
+    model = load(bundle, kv_cache_tokens=kv_cache_tokens or batch * (len(prompt) + new_tokens) + 64,
+                 threads=threads, enable_prefix_caching=False)
     prefill, decode = [], []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -122,11 +123,11 @@ def bench_transformers(hf_dir: Path, prompt: list[int], batch: int, new_tokens: 
 
 
 def run_bench(bundle: Path, *, prompt_len: int = 128, new_tokens: int = 64, batch: int = 1, repeat: int = 3,
-              hf_dir: Path | None = None, threads: int | None = None) -> dict:
+              hf_dir: Path | None = None, threads: int | None = None, kv_cache_tokens: int | None = None) -> dict:
     new_tokens = max(new_tokens, 2)
     vocab = open_bundle(bundle, verify=False).manifest["model"]["vocab_size"]
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
-    ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat, threads)
+    ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat, threads, kv_cache_tokens)
     bandwidth, peak = measure_bandwidth(), measure_peak_gflops()
     floor_ms = ours["bytes_per_step"] / (bandwidth * 1e9) * 1e3
     results = {

@@ -23,9 +23,9 @@ from llmirc import dtypes
 from llmirc.artifact_format.reader import Bundle
 from llmirc.errors import BundleError, LlmircError
 
+from .step_check import INPUTS, StepLimits, checked_inputs
+
 ABI_VERSION = 2
-INPUTS = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start_loc",
-          "logits_indices")
 
 
 def host_cpu_flags() -> set[str]:
@@ -98,6 +98,8 @@ class CpuExecutor:
             _agree(name, m, ("kv_cache", key), pool[key])
         _agree(name, m, ("model", "vocab_size"), self.vocab_size)
         _agree(name, m, ("abi", "workspace"), self.workspace_coef)
+        self.limits = StepLimits.from_info(self.info, num_blocks, self.block_size, name)
+        _agree(name, m, ("model", "max_position_embeddings"), self.limits.max_context)
         # A full-sequence library must get whole sequences each step: the library says so, not the manifest.
         self.full_sequence = bool(self.info.get("full_sequence", False))
         if bool((m.get("model") or {}).get("full_sequence", False)) != self.full_sequence:
@@ -126,9 +128,9 @@ class CpuExecutor:
                 logits_indices) -> np.ndarray:
         """Logits [len(logits_indices), vocab] for one step; K/V of the step's tokens land in the pool.
 
-        The inputs must be consistent (the scheduler builds them): the kernels trust them."""
-        inputs = [np.ascontiguousarray(a, dtype=np.int32) for a in
-                  (token_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc, logits_indices)]
+        Every index is checked against the library's limits first (step_check.py): RuntimeLimitError."""
+        inputs = checked_inputs(self.limits, token_ids, positions, slot_mapping, block_tables, seq_lens,
+                                query_start_loc, logits_indices)
         T, B, L = len(inputs[0]), len(inputs[4]), len(inputs[6])
         max_blocks = inputs[3].shape[1] if inputs[3].ndim == 2 else 0
         c = self.workspace_coef

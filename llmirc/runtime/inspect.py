@@ -97,12 +97,21 @@ def _layers(model: dict) -> str:
 
 
 def describe(info: dict) -> str:
+    """`summary` as text; BundleError when a manifest field it shows has the wrong type."""
+    try:
+        return _describe(info)
+    except (TypeError, AttributeError, ValueError, KeyError, IndexError) as e:  # the manifest is untrusted
+        raise BundleError(f"bundle {info['bundle']}: manifest.json has a malformed entry ({e})") from None
+
+
+def _describe(info: dict) -> str:
     model, kv = info["model"] or {}, info["kv_cache"] or {}
     windows = sorted(set(model.get("sliding_windows", []) or [0]) - {0})
     lines = [
         f"bundle     {info['bundle']}  (format {info['format_version']}, {info['producer']}, {info['created_utc']})",
         f"model      {model.get('architecture')}: {_layers(model)}vocab {model.get('vocab_size')}, "
         f"context {model.get('max_position_embeddings')}"
+        + (f" ({model['context_from']})" if model.get("context_from") else "")
         + (f", sliding window {windows}" if windows else ""),
         f"weights    {info['weights']['parameters'] / 1e6:.2f}M parameters in {info['weights']['tensors']} tensors: "
         + ", ".join(f"{n / 2**20:.2f} MiB {d}" for d, n in info["weights"]["bytes_by_dtype"].items())

@@ -1,10 +1,12 @@
-"""A loaded bundle: generation (batched, streaming), scoring. Scheduler + compiled forward + sampler.
+"""A loaded bundle: generation (batched, streaming), chat templates, scoring.
+
+`Model` holds the executor (the compiled forward), a `Scheduler` and the `Engine` that owns
+both; `generate`, `generate_stream` and `stream_text` run their requests through that engine,
+as the server does. Prompts are token id lists or, when the bundle has a tokenizer, text.
 
 A full-sequence bundle (an ONNX graph llmirc could not fully recognize, compiled with generic
 kernels: `model.full_sequence` in the manifest, and the library agrees) has no incremental
-decode: every step runs the whole sequence so far, one sequence at a time. Generation then
-schedules a fresh one-token request per step (prompt + tokens so far, logits of the last row);
-`score` is one step, as ever. Streaming and sampling are the same.
+decode: the scheduler runs its sequences one at a time, recomputing the whole sequence each step.
 """
 
 from __future__ import annotations
@@ -17,30 +19,38 @@ import numpy as np
 from llmirc.artifact_format.reader import Bundle, open_bundle
 from llmirc.errors import BundleError, LlmircError
 
+from .chat_template import ChatTemplate
 from .cpu_executor import CpuExecutor
+from .engine import Engine, RequestOutput, SamplingParams
 from .kv_cache import blocks_for
-from .sampling import sample
-from .scheduler import Event, Scheduler
+from .scheduler import Scheduler
 from .tokenizer import Tokenizer
 
 DEFAULT_KV_TOKENS = 16384
 
 
 def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_tokens: int = 2048,
-         max_num_seqs: int = 64, verify: bool = True, target: str | None = None, threads: int | None = None) -> Model:
-    """Opens and verifies a bundle and loads its kernels for this host.
+         max_num_seqs: int = 64, verify: bool = True, target: str | None = None, threads: int | None = None,
+         enable_prefix_caching: bool = True, max_model_len: int | None = None) -> Model:
+    """Opens a bundle and loads its kernels for this host.
 
-    `kv_cache_tokens` sizes the paged KV cache (tokens across all sequences; default: the
-    model's context, capped at 16384). `target` picks a library by name (`llmirc inspect`
-    lists them); by default the first that fits this host. `threads`: CPU threads the kernels
-    use (default: the CPUs this process may run on)."""
-    return Model(open_bundle(Path(path), verify=verify), kv_cache_tokens=kv_cache_tokens,
-                 max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs, target=target, threads=threads)
+    `verify` checks every file's sha256, once per unchanged bundle (the result is remembered,
+    see `artifact_format.reader`). `kv_cache_tokens` sizes the paged KV cache (tokens across all
+    sequences; default: the model's context, capped at 16384). `max_batched_tokens` bounds one
+    step (longer prompts are prefilled in chunks), `max_num_seqs` the sequences per step.
+    `max_model_len` lowers the context the model accepts (never above the bundle's). `target`
+    picks a library by name (`llmirc inspect` lists them); by default the first that fits this
+    host. `threads`: CPU threads the kernels use (default: the CPUs this process may run on).
+    Raises BundleError for a bad bundle, LlmircError for bad options."""
+    return Model(open_bundle(Path(path), verify=verify, remember=True), kv_cache_tokens=kv_cache_tokens,
+                 max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs, target=target, threads=threads,
+                 enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len)
 
 
 class Model:
     def __init__(self, bundle: Bundle, *, kv_cache_tokens: int | None, max_batched_tokens: int, max_num_seqs: int,
-                 target: str | None = None, threads: int | None = None):
+                 target: str | None = None, threads: int | None = None, enable_prefix_caching: bool = True,
+                 max_model_len: int | None = None):
         self.bundle = bundle
         m = bundle.manifest
         try:
@@ -58,86 +68,101 @@ class Model:
         if min(self.max_context, self.vocab_size, self.block_size) < 1:  # sizes the cache: never trust them
             raise BundleError(f"bundle {bundle.name}: manifest.json has a non-positive max_position_embeddings, "
                               "vocab_size or kv_cache block_size")
+        if max_model_len is not None:
+            if not 1 <= max_model_len <= self.max_context:
+                raise LlmircError(f"max_model_len {max_model_len} must be between 1 and the bundle's context of "
+                                  f"{self.max_context} tokens")
+            self.max_context = max_model_len
         tokens = kv_cache_tokens or min(self.max_context, DEFAULT_KV_TOKENS)
         if tokens < 1:
             raise LlmircError(f"kv_cache_tokens must be positive, got {kv_cache_tokens}")
         self.num_blocks = blocks_for(tokens, self.block_size)
-        self.max_batched_tokens, self.max_num_seqs = max_batched_tokens, max_num_seqs
         self.executor = CpuExecutor(bundle, self.num_blocks, target, threads)
+        self.scheduler = Scheduler(self.num_blocks, self.block_size, self.max_context,
+                                   eos_token_ids=self.eos_token_ids, max_batched_tokens=max_batched_tokens,
+                                   max_num_seqs=max_num_seqs, vocab_size=self.vocab_size,
+                                   enable_prefix_caching=enable_prefix_caching,
+                                   full_sequence=self.executor.full_sequence)
         tokenizer = m.get("tokenizer")
         # Through bundle.file: only a tokenizer.json listed in the manifest (so checksummed) is used.
         self.tokenizer = Tokenizer.from_bundle_dir(bundle.file(str(tokenizer)).parent) if tokenizer else None
+        self.engine = Engine(self.executor, self.scheduler, self.tokenizer)
+        self.chat_template = None
+        if self.tokenizer is not None and any(f.startswith("tokenizer/") for f in bundle.files):
+            self.chat_template = ChatTemplate.from_folder(self.tokenizer.folder, self.tokenizer.special_tokens_map)
 
     @property
     def full_sequence(self) -> bool:
         return self.executor.full_sequence
 
-    def _scheduler(self) -> Scheduler:
-        # A full-sequence step must hold the whole sequence: never chunked.
-        budget = max(self.max_batched_tokens, self.max_context) if self.full_sequence else self.max_batched_tokens
-        return Scheduler(self.num_blocks, self.block_size, self.max_context, eos_token_ids=self.eos_token_ids,
-                         max_batched_tokens=budget, max_num_seqs=self.max_num_seqs, vocab_size=self.vocab_size)
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """A prompt as token ids: text is encoded with the bundle's tokenizer (adding bos as it does)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise LlmircError(f"bundle {self.bundle.name} has no tokenizer: give prompts as token id lists")
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple, np.ndarray)) or \
+                any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in prompt):
+            raise LlmircError(f"a prompt must be text or a list of integer token ids, got {prompt!r:.60}")
+        return [int(t) for t in prompt]
 
-    def generate_stream(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """The token ids of a conversation rendered with the bundle's chat template (see chat_template.py)."""
+        if self.chat_template is None:
+            raise LlmircError(f"bundle {self.bundle.name} has no chat template (its tokenizer_config.json has no "
+                              "chat_template and there is no chat_template.jinja)")
+        text = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _prompts(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or \
+                (prompts and all(isinstance(t, (int, np.integer)) for t in prompts)):
+            raise LlmircError("prompts must be a list of prompts, each text or a list of token ids "
+                              "(e.g. ['hello'] or [[1, 2, 3]])")
+        return [self.encode(p) for p in prompts]
+
+    def generate_stream(self, prompts: list[str | list[int]], max_new_tokens: int, temperature: float = 0.0,
                         top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                        ignore_eos: bool = False) -> Iterator[Event]:
-        """Runs all prompts as one continuous batch; yields an Event (request_id = prompt index,
-        token, finished) for every generated token as soon as it is sampled."""
-        rng = np.random.default_rng(seed)
-        sched = self._scheduler()
-        for i, prompt in enumerate(prompts):  # checks every request before anything runs
-            sched.add_request([int(t) for t in prompt], max_new_tokens, request_id=i, ignore_eos=ignore_eos)
-        if self.full_sequence:
-            yield from self._full_sequence_stream(prompts, max_new_tokens, (temperature, top_k, top_p), rng,
-                                                  ignore_eos)
-            return
-        while sched.has_work:
-            step = sched.schedule()
-            if step is None:
-                raise LlmircError("the KV cache cannot hold any waiting request")  # add_request rules it out
-            logits = self.executor.forward(*step.abi_inputs())
-            tokens = sample(logits, temperature, top_k, top_p, rng)
-            yield from sched.commit(step, tokens)
+                        ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = (), stop: tuple[str, ...] = (),
+                        logprobs: int | None = None) -> Iterator[RequestOutput]:
+        """Runs all prompts as one continuous batch; yields a RequestOutput (request_id = prompt
+        index, token, text, finished, finish_reason, logprob...) for every token as soon as it is
+        sampled.
 
-    def _full_sequence_stream(self, prompts, max_new_tokens: int, sampling: tuple, rng, ignore_eos: bool
-                              ) -> Iterator[Event]:
-        """One prompt after the other; each token is a one-step request over the whole sequence."""
-        for i, prompt in enumerate(prompts):
-            tokens = [int(t) for t in prompt]
-            for n in range(max_new_tokens):
-                sched = self._scheduler()
-                sched.add_request(tokens, 1, request_id=i, ignore_eos=True)
-                step = sched.schedule()
-                token = int(sample(self.executor.forward(*step.abi_inputs()), *sampling, rng)[0])
-                sched.commit(step, [token])  # frees the blocks: the next step rewrites the cache anyway
-                tokens.append(token)
-                stop = not ignore_eos and token in self.eos_token_ids
-                done = stop or n + 1 == max_new_tokens
-                yield Event(i, token, done, "stop" if stop else "length" if done else None)
-                if done:
-                    break
+        With a seed, prompt i samples from its own generator seeded `seed + i` (vLLM's rule for
+        n > 1), so runs are reproducible. `stop` strings end a sequence (and its text, which
+        leaves them out). `logprobs` n adds each token's logprob and the n most likely. Closing
+        the generator early aborts the rest (their KV blocks are freed)."""
+        ids = self._prompts(prompts)
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 seed=None if seed is None else seed + i, stop_token_ids=tuple(stop_token_ids),
+                                 stop=tuple(stop), ignore_eos=ignore_eos, logprobs=logprobs)
+                  for i in range(len(ids))]
+        return self.engine.generate(ids, params)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+    def generate(self, prompts: list[str | list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 ignore_eos: bool = False) -> list[list[int]]:
+                 ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = (), stop: tuple[str, ...] = ()
+                 ) -> list[list[int]]:
         """The generated ids of each prompt (a stop token, when hit, is included, as in transformers)."""
         out: list[list[int]] = [[] for _ in prompts]
-        for event in self.generate_stream(prompts, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos):
-            out[event.request_id].append(event.token)
+        for event in self.generate_stream(prompts, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
+                                          stop_token_ids, stop):
+            if event.token is not None:
+                out[event.request_id].append(event.token)
         return out
 
-    def stream_text(self, prompt: list[int], **kwargs) -> Iterator[str]:
-        """Text deltas of one prompt's continuation, as they are generated."""
+    def stream_text(self, prompt: str | list[int], **kwargs) -> Iterator[str]:
+        """Text deltas of one prompt's continuation, as they are generated. Keyword arguments as
+        `generate_stream` (e.g. `stop` strings, left out of the text)."""
         if self.tokenizer is None:
             raise LlmircError(f"bundle {self.bundle.name} has no tokenizer")
-        detok = self.tokenizer.detokenizer(prompt)
         for event in self.generate_stream([prompt], **kwargs):
-            if delta := detok.add(event.token):
-                yield delta
-        if tail := detok.finish():
-            yield tail
+            if event.text:
+                yield event.text
 
     def score(self, token_ids: list[int]) -> np.ndarray:
-        """Logits [len(token_ids), vocab] at every position (for evaluation)."""
-        rows = [self.executor.forward(*step.abi_inputs()) for step in self._scheduler().score_steps(token_ids)]
-        return np.concatenate(rows, axis=0)
+        """Logits [len(token_ids), vocab] float32 at every position (for evaluation)."""
+        def run():
+            return [self.executor.forward(*step.abi_inputs()) for step in self.scheduler.score_steps(token_ids)]
+        return np.concatenate(self.engine.call(run), axis=0)

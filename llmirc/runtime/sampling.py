@@ -2,14 +2,20 @@
 
 temperature -> top-k -> top-p, as HF's TemperatureLogitsWarper, TopKLogitsWarper and
 TopPLogitsWarper (ties at the top-k boundary are all kept; top-p removes the low tokens whose
-cumulative probability is <= 1 - top_p and always keeps the most likely one). The warped logits
-are turned into probabilities in float64 and sampled by inverse CDF, so a masked token can never
-be drawn.
+cumulative probability, summed from the least likely up, is <= 1 - top_p, and always keeps the
+most likely one). Probabilities are computed in float64 and sampled by inverse CDF, so a
+masked token can never be drawn.
+
+Host work per row is linear in the vocabulary, never a full sort: top-k finds its threshold
+by partial selection (`np.partition`); top-p needs the row's normalizer (one pass of exp, done
+for all rows at once), then sorts only the most likely candidates, a set that starts at
+`TOP_P_CANDIDATES` tokens and grows only when those do not yet hold top_p of the mass.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Real
 
 import numpy as np
@@ -17,65 +23,114 @@ import numpy as np
 from llmirc.errors import LlmircError
 
 GREEDY_TEMPERATURE = 1e-5  # at or below this, sampling is argmax
+TOP_P_CANDIDATES = 64  # first guess of how many tokens top-p keeps; grown 8x while too small
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int | None = None, top_p: float | None = None,
-           rng: np.random.Generator | None = None) -> np.ndarray:
-    """One token id per row of `logits` [R, V]; returns int64 [R]."""
-    _validate(temperature, top_k, top_p)
+           rng: np.random.Generator | Sequence[np.random.Generator] | None = None) -> np.ndarray:
+    """One token id per row of `logits` [R, V] (any float dtype); returns int64 [R].
+
+    `rng` is one generator for all rows (drawn in row order) or one per row (so that each
+    request keeps its own seeded stream). Raises LlmircError for invalid parameters."""
+    validate_sampling(temperature, top_k, top_p)
     logits = np.asarray(logits)
     if logits.ndim != 2:
         raise ValueError(f"logits must be [rows, vocab], got shape {logits.shape}")
     if temperature <= GREEDY_TEMPERATURE:
         return np.argmax(logits, axis=-1).astype(np.int64)  # first max index, like torch.argmax
-    scores = warp(logits, temperature, top_k, top_p)
-    return _draw(_softmax(scores), rng if rng is not None else np.random.default_rng())
-
-
-def warp(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None) -> np.ndarray:
-    """float64 logits / temperature with the tokens top-k and top-p remove set to -inf (temperature > 0)."""
-    scores = np.asarray(logits, dtype=np.float64) / temperature
-    if top_k is not None and top_k < scores.shape[-1]:
-        scores = apply_top_k(scores, top_k)
+    uniforms = _uniforms(rng, logits.shape[0])
+    _, weights = _top_k(logits, temperature, top_k)
     if top_p is not None and top_p < 1.0:  # HF adds no top-p warper for top_p == 1
-        scores = apply_top_p(scores, top_p)
-    return scores
-
-
-def apply_top_k(scores: np.ndarray, top_k: int) -> np.ndarray:
-    """Mask (-inf) every score below the k-th largest of its row."""
-    kth = np.partition(scores, scores.shape[-1] - top_k, axis=-1)[:, -top_k, None]
-    return np.where(scores < kth, -np.inf, scores)
-
-
-def apply_top_p(scores: np.ndarray, top_p: float) -> np.ndarray:
-    """Mask the least likely tokens whose cumulative probability stays <= 1 - top_p."""
-    order = np.argsort(scores, axis=-1, kind="stable")  # ascending
-    cumulative = np.cumsum(_softmax(np.take_along_axis(scores, order, axis=-1)), axis=-1)
-    remove_sorted = cumulative <= 1 - top_p
-    remove_sorted[:, -1] = False  # always keep the most likely token
-    remove = np.empty_like(remove_sorted)
-    np.put_along_axis(remove, order, remove_sorted, axis=-1)
-    return np.where(remove, -np.inf, scores)
-
-
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
-def _draw(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    # Index of the first cumulative probability above u: tokens of probability 0 add nothing
-    # to the sum, so they are never the first to exceed u.
-    cdf = np.cumsum(probs, axis=-1)
-    u = rng.random((probs.shape[0], 1)) * cdf[:, -1:]
-    picked = (cdf <= u).sum(axis=-1)
-    # u * total can round up to total; then fall back to the last token that has probability.
-    last_possible = probs.shape[-1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)
+        out = np.empty(len(weights), dtype=np.int64)
+        for r, row in enumerate(weights):
+            keep = _top_p(row, top_p)
+            out[r] = keep[_draw(row[keep], uniforms[r])]
+        return out
+    # Inverse CDF over the whole row, all rows at once.
+    cdf = np.cumsum(weights, axis=-1)
+    picked = (cdf <= uniforms[:, None] * cdf[:, -1:]).sum(axis=-1)
+    last_possible = weights.shape[-1] - 1 - np.argmax(weights[:, ::-1] > 0, axis=-1)
     return np.minimum(picked, last_possible).astype(np.int64)
 
 
-def _validate(temperature, top_k, top_p) -> None:
+def warp(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None) -> np.ndarray:
+    """float64 logits / temperature with the tokens top-k and top-p remove set to -inf (temperature > 0).
+
+    The dense form of what `sample` draws from, for comparison with transformers' warpers."""
+    scores, weights = _top_k(np.asarray(logits), temperature, top_k)
+    if top_p is not None and top_p < 1.0:
+        for r, row in enumerate(weights):
+            removed = np.ones(len(row), dtype=bool)
+            removed[_top_p(row, top_p)] = False
+            scores[r, removed] = -np.inf
+    return scores
+
+
+def _top_k(logits: np.ndarray, temperature: float, top_k: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 scores = logits / temperature with the tokens top-k removes at -inf,
+    unnormalized probabilities exp(score - row max): 0 where removed), both [R, V]."""
+    scores = logits.astype(np.float64) / temperature
+    vocab = scores.shape[-1]
+    if top_k is not None and top_k < vocab:
+        kth = np.partition(scores, vocab - top_k, axis=-1)[:, vocab - top_k, None]  # linear-time selection
+        scores[scores < kth] = -np.inf  # every tie at the boundary is kept
+    return scores, np.exp(scores - scores.max(axis=-1, keepdims=True))
+
+
+def _top_p(weights: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices (most likely first) of the tokens top-p keeps, from one row of unnormalized probabilities."""
+    total = weights.sum()
+    n = len(weights)
+    count = min(TOP_P_CANDIDATES, n)
+    while True:
+        cand = np.argpartition(-weights, count - 1)[:count] if count < n else np.arange(n)
+        cand = cand[np.argsort(-weights[cand], kind="stable")]
+        above = np.cumsum(weights[cand]) - weights[cand]  # mass of the tokens more likely than each
+        # HF: the ascending cumulative probability at a token is 1 - (mass above it); removed if <= 1 - top_p.
+        removed = (total - above) / total <= 1 - top_p
+        removed[0] = False  # the most likely token always stays
+        if removed.any() or count == n:
+            return cand[:np.argmax(removed)] if removed.any() else cand
+        count = min(count * 8, n)
+
+
+def _draw(weights: np.ndarray, u: float) -> int:
+    """Index of the first cumulative weight above u * total: tokens of weight 0 add nothing to the
+    sum, so they are never the first to exceed it; u * total can round up to the total, hence the
+    clamp to the last token that has weight."""
+    cdf = np.cumsum(weights)
+    return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), int(np.flatnonzero(weights)[-1]))
+
+
+def _uniforms(rng, rows: int) -> np.ndarray:
+    if rng is None or isinstance(rng, np.random.Generator):
+        return (rng if rng is not None else np.random.default_rng()).random(rows)
+    if len(rng) != rows:
+        raise ValueError(f"got {len(rng)} generators for {rows} rows")
+    return np.array([g.random() for g in rng])
+
+
+def logprobs(logits: np.ndarray, token_ids, top_n: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Log-probabilities of the model's raw distribution (log-softmax of the logits, before any warping).
+
+    logits [R, V]; token_ids [R]. Returns (logprob of each token [R] float32, the top_n most
+    likely ids [R, top_n] int64 best first, their logprobs [R, top_n] float32)."""
+    logits = np.asarray(logits, dtype=np.float32)
+    peak = logits.max(axis=-1, keepdims=True)
+    norm = peak + np.log(np.exp((logits - peak).astype(np.float64)).sum(axis=-1, keepdims=True))
+    chosen = logits[np.arange(len(logits)), np.asarray(token_ids, dtype=np.int64)] - norm[:, 0]
+    if top_n <= 0:
+        empty = np.zeros((len(logits), 0))
+        return chosen.astype(np.float32), empty.astype(np.int64), empty.astype(np.float32)
+    top_n = min(top_n, logits.shape[-1])
+    top = np.argpartition(-logits, top_n - 1, axis=-1)[:, :top_n]
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(logits, top, -1), axis=-1, kind="stable"), -1)
+    return chosen.astype(np.float32), top.astype(np.int64), (np.take_along_axis(logits, top, -1) - norm).astype(
+        np.float32)
+
+
+def validate_sampling(temperature, top_k, top_p) -> None:
+    """Raises LlmircError naming the first invalid parameter."""
     if not (isinstance(temperature, Real) and math.isfinite(temperature) and temperature >= 0):
         raise LlmircError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):

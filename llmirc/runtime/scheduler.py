@@ -1,23 +1,33 @@
 """Continuous batching: which tokens of which sequences go into each forward step.
 
 Each `schedule()` returns a `Step` holding the ABI inputs of one forward (DESIGN.md, "The ABI
-every compiled model exposes"); the caller runs the model, samples one token per logits row and
-hands them to `commit()`, which returns stream events. Policy, in order, per step:
+every compiled model exposes"); the caller runs the model, samples one token per sampling row
+and hands them to `commit()`, which returns stream events. Policy, in order, per step (vLLM's):
 
 1. every running sequence in decode contributes its 1 new token;
-2. running sequences still in prefill continue their prompt, as far as the token budget allows;
+2. running sequences still in prefill continue, as far as the token budget allows;
 3. waiting requests are admitted first come first served while the budget and `max_num_seqs`
-   allow and the KV cache can hold them (see below); a prompt longer than the budget left is
-   chunked over several steps. Only the chunk that reaches the end of a prompt has a logits row.
+   allow and the KV cache has blocks for their first chunk; a prompt longer than the budget
+   left is chunked over several steps. Only the chunk that reaches the end of a sequence has a
+   sampling row (plus, for requests that ask for prompt logprobs, a row per prompt position).
 
-KV blocks: a request is admitted only if its worst case (prompt + max_new_tokens - 1 tokens in
-cache: the last sampled token is never fed back) fits in the free blocks left after what the
-running sequences may still claim. Blocks are then allocated lazily as a sequence grows, so a
-running sequence never runs out of blocks mid-way, and finished sequences free theirs at once.
-There is no preemption or recompute (out of scope): should a running sequence still fail to
-grow (the admission rule rules it out), `RuntimeLimitError` is raised rather than evicting
-anything. Requests that could never fit (longer than the model's context, or needing more blocks
-than the whole cache) are refused by `add_request`.
+Prefix caching (on by default): at admission a request takes the longest run of full blocks of
+its prompt already in the prefix cache (`prefix_cache.py`) and its prefill starts after them
+(`cached_tokens`); the last prompt token is always computed, for its logits. Every block a
+sequence completes joins the cache at `commit()`. A request whose next uncached block is being
+prefilled by a running sequence right now waits until that block is cached (SGLang's in-batch
+prefix caching), so requests that arrive together with a shared system prompt compute it once.
+
+Preemption by recompute (vLLM's policy): blocks are allocated as sequences grow, not reserved
+for the worst case. When a running sequence cannot grow, the most recently admitted running
+sequence is preempted: its blocks are released (the full ones stay in the prefix cache while
+nothing needs them) and it goes back to the front of the waiting queue with its generated
+tokens as part of its prompt, to be recomputed when it is admitted again. Requests that could
+never fit (longer than the model's context, or needing more blocks than the whole cache) are
+refused by `add_request`.
+
+A full-sequence model (`full_sequence=True`) recomputes its whole sequence every step: one
+sequence per step, no prefix caching, the step's tokens always start at position 0.
 """
 
 from __future__ import annotations
@@ -37,8 +47,10 @@ from llmirc.runtime.kv_cache import BlockAllocator, SequenceBlocks, blocks_for
 class Step:
     """The inputs of one forward, as int32 arrays in the ABI's shapes.
 
-    `request_ids[i]` is the request whose token `logits_indices[i]` is. `max_blocks` is the
-    longest block table in this step, so it varies from step to step.
+    Row `i` of the logits (`logits_indices[i]`) belongs to request `request_ids[i]`. Its
+    `targets[i]` is the prompt token that follows it (a prompt-logprob or scoring row), or -1
+    for a row to sample from. `max_blocks` is the longest block table in this step, so it
+    varies from step to step.
     """
 
     token_ids: np.ndarray  # [T]
@@ -49,6 +61,7 @@ class Step:
     query_start_loc: np.ndarray  # [B + 1]
     logits_indices: np.ndarray  # [L]
     request_ids: list = field(default_factory=list)  # [L]
+    targets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # [L]
 
     @property
     def num_tokens(self) -> int:
@@ -58,6 +71,11 @@ class Step:
     def num_seqs(self) -> int:
         return len(self.seq_lens)
 
+    @property
+    def sample_rows(self) -> np.ndarray:
+        """Indices of the logits rows to sample a token from."""
+        return np.flatnonzero(self.targets < 0)
+
     def abi_inputs(self) -> tuple[np.ndarray, ...]:
         """The seven inputs in the ABI's pointer order."""
         return (self.token_ids, self.positions, self.slot_mapping, self.block_tables,
@@ -66,12 +84,13 @@ class Step:
 
 @dataclass
 class Event:
-    """One generated token of one request, for streaming."""
+    """One generated token of one request (token None: finished without one, max_new_tokens 0)."""
 
     request_id: Hashable
-    token: int
+    token: int | None
     finished: bool
     finish_reason: str | None = None  # "stop" (a stop id) or "length" (max_new_tokens)
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 @dataclass(eq=False)  # identity: list.remove() must find this sequence, not an equal one
@@ -82,49 +101,62 @@ class Sequence:
     max_new_tokens: int
     stop_ids: frozenset[int]
     blocks: SequenceBlocks
+    logprobs_next: int  # next prompt position whose logprob is still to be reported (prompt_len: none)
     num_computed: int = 0  # tokens whose K/V is in the cache
+    cached_tokens: int = 0  # found in the prefix cache at first admission
+    admitted: bool = False
     finished: bool = False
-
-    @property
-    def max_cached_tokens(self) -> int:
-        return self.prompt_len + self.max_new_tokens - 1
 
     @property
     def num_generated(self) -> int:
         return len(self.tokens) - self.prompt_len
 
+    @property
+    def remaining(self) -> int:
+        return len(self.tokens) - self.num_computed
+
 
 @dataclass
 class _Chunk:
-    """`tokens[start:start+n]` of one sequence in a step; `logits` says which rows get logits."""
+    """`tokens[start:start+n]` of one sequence in a step, and its logits rows (positions, targets)."""
 
     request_id: Hashable
     blocks: SequenceBlocks
     tokens: list[int]
     start: int
-    logits: str | None  # None, "last" or "all"
+    rows: list[int]
+    targets: list[int]
     seq: Sequence | None = None
 
 
 class Scheduler:
     def __init__(self, num_blocks: int, block_size: int, max_context: int, *,
                  eos_token_ids: Iterable[int] = (), max_batched_tokens: int = 2048,
-                 max_num_seqs: int = 64, vocab_size: int | None = None):
+                 max_num_seqs: int = 64, vocab_size: int | None = None, enable_prefix_caching: bool = True,
+                 full_sequence: bool = False):
         if max_batched_tokens < max_num_seqs:
             # Otherwise the decode tokens alone could exceed one step's budget.
             raise LlmircError(f"max_batched_tokens ({max_batched_tokens}) must be >= max_num_seqs ({max_num_seqs})")
         for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size), ("max_context", max_context)):
             if value < 1:
                 raise LlmircError(f"{name} must be >= 1, got {value}")
-        self.allocator = BlockAllocator(num_blocks)
+        self.full_sequence = full_sequence
+        if full_sequence:  # the whole sequence every step: one at a time, never chunked, nothing to reuse
+            max_num_seqs, max_batched_tokens = 1, max(max_batched_tokens, max_context)
+            enable_prefix_caching = False
+        self.allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching)
         self.block_size = block_size
         self.max_context = max_context
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.max_batched_tokens = max_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.vocab_size = vocab_size
+        # Admission keeps this many blocks spare while others run, so that admitting one
+        # request does not force a preemption at once (vLLM's watermark, 1%).
+        self.watermark = num_blocks // 100
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
         self._ids = itertools.count()
         self._pending: tuple[Step, list[_Chunk]] | None = None
 
@@ -132,35 +164,49 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def prefix_cache(self):
+        return self.allocator.cache
+
     # -- requests ---------------------------------------------------------------------------
 
-    def add_request(self, prompt: list[int], max_new_tokens: int, *, request_id: Hashable = None,
-                    ignore_eos: bool = False, stop_token_ids: Iterable[int] = ()) -> Hashable:
-        """Queue a request; returns its id (a fresh integer unless `request_id` is given)."""
-        if request_id is None:
-            request_id = next(i for i in self._ids if self._find(i) is None)
-        if self._find(request_id) is not None:
-            raise LlmircError(f"request id {request_id!r} is already in use")
+    def check_request(self, prompt: list[int], max_new_tokens: int, request_id: Hashable = None) -> None:
+        """Raise the error `add_request` would for this request (reads only fixed settings: thread-safe)."""
         if not prompt:
             raise LlmircError(f"request {request_id!r}: the prompt is empty")
-        if max_new_tokens < 1:
-            raise LlmircError(f"request {request_id!r}: max_new_tokens must be >= 1, got {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise LlmircError(f"request {request_id!r}: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         self._check_tokens(prompt, request_id)
         total = len(prompt) + max_new_tokens
         if total > self.max_context:
             raise RuntimeLimitError(
                 f"request {request_id!r}: prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
                 f"= {total} exceeds the model's context of {self.max_context} tokens")
-        stop_ids = frozenset(int(t) for t in stop_token_ids) | (frozenset() if ignore_eos else self.eos_token_ids)
-        seq = Sequence(request_id, [int(t) for t in prompt], len(prompt), max_new_tokens, stop_ids,
-                       SequenceBlocks(self.allocator, self.block_size))
-        needed = blocks_for(seq.max_cached_tokens, self.block_size)
+        # The last sampled token is never fed back, so the cache holds at most total - 1 tokens.
+        needed = blocks_for(max(len(prompt), total - 1), self.block_size)
         if needed > self.allocator.num_blocks:
             raise RuntimeLimitError(
                 f"request {request_id!r}: prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
                 f"needs {needed} KV blocks of {self.block_size} tokens but the cache has only "
                 f"{self.allocator.num_blocks}; load the model with a larger KV cache or lower max_new_tokens")
-        self.waiting.append(seq)
+
+    def add_request(self, prompt: list[int], max_new_tokens: int, *, request_id: Hashable = None,
+                    ignore_eos: bool = False, stop_token_ids: Iterable[int] = (),
+                    prompt_logprobs_from: int | None = None) -> Hashable:
+        """Queue a request; returns its id (a fresh integer unless `request_id` is given).
+
+        `max_new_tokens` 0 only computes the prompt (to fill the prefix cache, or for prompt
+        logprobs). `prompt_logprobs_from` p asks for a logits row at every prompt position
+        p-1 .. len-2 (the distribution of prompt tokens p .. len-1)."""
+        if request_id is None:
+            request_id = next(i for i in self._ids if self._find(i) is None)
+        if self._find(request_id) is not None:
+            raise LlmircError(f"request id {request_id!r} is already in use")
+        self.check_request(prompt, max_new_tokens, request_id)
+        stop_ids = frozenset(int(t) for t in stop_token_ids) | (frozenset() if ignore_eos else self.eos_token_ids)
+        logprobs_next = len(prompt) if prompt_logprobs_from is None else min(max(1, prompt_logprobs_from), len(prompt))
+        self.waiting.append(Sequence(request_id, [int(t) for t in prompt], len(prompt), max_new_tokens, stop_ids,
+                                     SequenceBlocks(self.allocator, self.block_size), logprobs_next))
         return request_id
 
     def abort(self, request_id: Hashable) -> bool:
@@ -180,20 +226,46 @@ class Scheduler:
             raise RuntimeError("commit() the previous step before scheduling the next")
         budget = self.max_batched_tokens
         chunks: list[_Chunk] = []
+        preempted = False
         # Decodes first (one token each, always fit: running <= max_num_seqs <= budget), then
         # unfinished prefills, so a long prompt never stalls the sequences already generating.
-        in_decode = [s for s in self.running if s.num_computed >= s.prompt_len]
-        in_prefill = [s for s in self.running if s.num_computed < s.prompt_len]
-        for seq in in_decode + in_prefill:
+        in_decode = [s for s in self.running if s.remaining == 1]
+        for seq in in_decode + [s for s in self.running if s.remaining > 1]:
             if budget == 0:
                 break
-            budget -= self._schedule_chunk(seq, budget, chunks)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            if seq not in self.running:  # preempted earlier in this loop
+                continue
+            n = min(seq.remaining, budget)
+            while not seq.blocks.allocator.can_allocate(seq.blocks.blocks_needed(seq.num_computed + n)):
+                victim = self.running[-1]
+                budget += self._preempt(victim, chunks)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq in self.running:
+                budget -= self._schedule_chunk(seq, n, chunks)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            if blocks_for(seq.max_cached_tokens, self.block_size) > self.allocator.num_free - self._reserved_blocks():
+            nodes = self._cached_prefix(seq)
+            start = len(nodes) * self.block_size
+            if self._being_prefilled(seq, start):
+                break  # its next block will be cached within a step or two: wait for it
+            n = min(len(seq.tokens) - start, budget)
+            blocks = blocks_for(start + n, self.block_size) - len(nodes)
+            reserve = self.watermark if self.running else 0
+            available = self.allocator.num_available - sum(1 for node in nodes if node.ref == 0)
+            if blocks + reserve > available:
                 break  # first come first served: later requests wait behind this one
-            self.running.append(self.waiting.popleft())
-            budget -= self._schedule_chunk(seq, budget, chunks)
+            self.waiting.popleft()
+            if self.prefix_cache is not None:
+                seq.blocks.adopt(nodes)
+                if not seq.admitted:
+                    self.prefix_cache.record_lookup(seq.prompt_len, start)
+            if not seq.admitted:
+                seq.cached_tokens, seq.admitted = start, True
+            seq.num_computed = start
+            self.running.append(seq)
+            budget -= self._schedule_chunk(seq, n, chunks)
         if not chunks:
             return None
         step = _build_step(chunks)
@@ -201,30 +273,44 @@ class Scheduler:
         return step
 
     def commit(self, step: Step, sampled_tokens) -> list[Event]:
-        """Record the token sampled for each logits row of `step`; returns one event per row."""
+        """Record the token sampled for each sampling row of `step` (`step.sample_rows`, in order).
+
+        Returns one event per sampled token, and one (token None) per request that finished
+        without sampling (max_new_tokens 0)."""
         if self._pending is None or self._pending[0] is not step:
             raise RuntimeError("commit() must get the step returned by the last schedule()")
         sampled = [int(t) for t in np.asarray(sampled_tokens).reshape(-1)]
-        if len(sampled) != len(step.logits_indices):
-            raise ValueError(f"expected {len(step.logits_indices)} sampled tokens, got {len(sampled)}")
+        if len(sampled) != len(step.sample_rows):
+            raise ValueError(f"expected {len(step.sample_rows)} sampled tokens, got {len(sampled)}")
         chunks = self._pending[1]
         self._pending = None
         events = []
-        rows = iter(sampled)
+        tokens = iter(sampled)
         for chunk in chunks:
             seq = chunk.seq
-            token = next(rows) if chunk.logits else None
+            token = next(tokens) if chunk.targets and chunk.targets[-1] < 0 else None
             if seq.finished:  # aborted while the step ran
                 continue
             seq.num_computed += len(chunk.tokens)
-            if token is None:
+            prompt_rows = [p for p, t in zip(chunk.rows, chunk.targets) if t >= 0]
+            if prompt_rows:  # reported now, never again (not after a preemption either)
+                seq.logprobs_next = max(seq.logprobs_next, prompt_rows[-1] + 2)
+            seq.blocks.cache_full_blocks(seq.tokens, seq.num_computed)
+            prompt_only_done = seq.max_new_tokens == 0 and seq.num_computed == len(seq.tokens)
+            if self.full_sequence:
+                seq.num_computed = 0  # the next step recomputes everything
+            if token is not None:
+                seq.tokens.append(token)
+                reason = "stop" if token in seq.stop_ids else \
+                    "length" if seq.num_generated >= seq.max_new_tokens else None
+            elif prompt_only_done:
+                reason = "length"
+            else:
                 continue
-            seq.tokens.append(token)
-            reason = "stop" if token in seq.stop_ids else "length" if seq.num_generated >= seq.max_new_tokens else None
             if reason:
                 self.running.remove(seq)
                 self._finish(seq)
-            events.append(Event(seq.request_id, token, reason is not None, reason))
+            events.append(Event(seq.request_id, token, reason is not None, reason, seq.cached_tokens))
         return events
 
     # -- scoring ------------------------------------------------------------------------------
@@ -233,7 +319,7 @@ class Scheduler:
         """Steps that compute logits at every position of one sequence, chunked by the token budget.
 
         Run each yielded step's forward before asking for the next one; the blocks are freed when
-        the generator ends or is closed. Blocks promised to running requests are not touched, so
+        the generator ends or is closed. Blocks used by running requests are not touched, so
         this can run between generation steps (not inside one: commit() pending steps first).
         """
         if self._pending is not None:
@@ -245,7 +331,7 @@ class Scheduler:
             raise RuntimeLimitError(
                 f"scoring {len(token_ids)} tokens exceeds the model's context of {self.max_context} tokens")
         needed = blocks_for(len(token_ids), self.block_size)
-        available = self.allocator.num_free - self._reserved_blocks()
+        available = self.allocator.num_available
         if needed > available:
             raise RuntimeLimitError(
                 f"scoring {len(token_ids)} tokens needs {needed} KV blocks but only {available} of the cache's "
@@ -260,25 +346,56 @@ class Scheduler:
             for start in range(0, len(tokens), self.max_batched_tokens):
                 chunk = tokens[start:start + self.max_batched_tokens]
                 blocks.ensure_capacity(start + len(chunk))
-                yield _build_step([_Chunk(request_id, blocks, chunk, start, "all")])
+                rows = list(range(start, start + len(chunk)))
+                targets = [tokens[p + 1] if p + 1 < len(tokens) else -1 for p in rows]
+                yield _build_step([_Chunk(request_id, blocks, chunk, start, rows, targets)])
         finally:
             blocks.release()
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _schedule_chunk(self, seq: Sequence, budget: int, chunks: list[_Chunk]) -> int:
-        """Reserve blocks for the next tokens of `seq` and add them to `chunks`; returns how many."""
-        n = min(len(seq.tokens) - seq.num_computed, budget)
-        end = seq.num_computed + n
-        seq.blocks.ensure_capacity(end)  # raises RuntimeLimitError if the cache is full
-        logits = "last" if end == len(seq.tokens) else None
-        tokens = seq.tokens[seq.num_computed:end]
-        chunks.append(_Chunk(seq.request_id, seq.blocks, tokens, seq.num_computed, logits, seq))
+    def _cached_prefix(self, seq: Sequence) -> list:
+        """Prefix-cache nodes `seq` can start from: never its last token (its logits are needed),
+        nor a prompt position whose logits are still to be reported."""
+        if self.prefix_cache is None:
+            return []
+        limit = len(seq.tokens) - 1
+        if seq.logprobs_next < seq.prompt_len:
+            limit = min(limit, seq.logprobs_next - 1)
+        return self.prefix_cache.match(seq.tokens, limit)
+
+    def _being_prefilled(self, seq: Sequence, start: int) -> bool:
+        """Whether a running sequence is computing the block of `seq`'s prompt after its `start` cached tokens."""
+        if self.prefix_cache is None or start + self.block_size > seq.prompt_len:
+            return False
+        end = start + self.block_size
+        return any(s.num_computed < end <= s.prompt_len and s.tokens[:end] == seq.tokens[:end] for s in self.running)
+
+    def _schedule_chunk(self, seq: Sequence, n: int, chunks: list[_Chunk]) -> int:
+        """Allocate blocks for the next `n` tokens of `seq` and add them to `chunks`; returns n."""
+        start, end = seq.num_computed, seq.num_computed + n
+        seq.blocks.ensure_capacity(end)
+        # Prompt-logprob rows: positions p whose next prompt token p+1 is still to be reported.
+        rows = list(range(max(start, seq.logprobs_next - 1), min(end, seq.prompt_len - 1)))
+        targets = [seq.tokens[p + 1] for p in rows]
+        if end == len(seq.tokens) and seq.max_new_tokens > 0:
+            rows.append(end - 1)
+            targets.append(-1)
+        chunks.append(_Chunk(seq.request_id, seq.blocks, seq.tokens[start:end], start, rows, targets, seq))
         return n
 
-    def _reserved_blocks(self) -> int:
-        """Blocks running sequences may still allocate before they finish."""
-        return sum(blocks_for(s.max_cached_tokens, self.block_size) - len(s.blocks.block_table) for s in self.running)
+    def _preempt(self, seq: Sequence, chunks: list[_Chunk]) -> int:
+        """Send a running sequence back to the front of the queue; returns the budget its chunk held."""
+        refund = 0
+        for chunk in [c for c in chunks if c.seq is seq]:
+            chunks.remove(chunk)
+            refund += len(chunk.tokens)
+        self.running.remove(seq)
+        seq.blocks.release()
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        return refund
 
     def _find(self, request_id: Hashable) -> Sequence | None:
         return next((s for s in itertools.chain(self.waiting, self.running) if s.request_id == request_id), None)
@@ -301,13 +418,12 @@ def _build_step(chunks: list[_Chunk]) -> Step:
     positions = [np.arange(c.start, c.start + n) for c, n in zip(chunks, lengths)]
     query_start_loc = np.concatenate([[0], np.cumsum(lengths)])
     block_tables = np.zeros((len(chunks), max(len(c.blocks.block_table) for c in chunks)), dtype=np.int32)
-    logits_indices, request_ids = [], []
+    logits_indices, request_ids, targets = [], [], []
     for i, c in enumerate(chunks):
         block_tables[i, :len(c.blocks.block_table)] = c.blocks.block_table
-        first, end = query_start_loc[i], query_start_loc[i + 1]
-        rows = range(end - 1, end) if c.logits == "last" else range(first, end) if c.logits == "all" else ()
-        logits_indices.extend(rows)
-        request_ids.extend([c.request_id] * len(rows))
+        logits_indices.extend(query_start_loc[i] + p - c.start for p in c.rows)
+        request_ids.extend([c.request_id] * len(c.rows))
+        targets.extend(c.targets)
     i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
     return Step(
         token_ids=i32([t for c in chunks for t in c.tokens]),
@@ -318,4 +434,5 @@ def _build_step(chunks: list[_Chunk]) -> Step:
         query_start_loc=i32(query_start_loc),
         logits_indices=i32(logits_indices),
         request_ids=request_ids,
+        targets=np.asarray(targets, dtype=np.int64),
     )

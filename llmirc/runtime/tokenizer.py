@@ -12,6 +12,9 @@
   `"add_bos_token": false` never strips a bos the post-processor adds (transformers 5.24 agrees).
 
 `decode` never applies `clean_up_tokenization_spaces` (transformers 5 defaults it to off).
+
+`TextStream` turns generated ids into text deltas and cuts the text at stop strings, as vLLM
+does; the chat template (`chat_template.py`) reads the same folder.
 """
 
 from __future__ import annotations
@@ -22,14 +25,26 @@ from pathlib import Path
 from llmirc.errors import LlmircError
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# The named special tokens transformers passes to chat templates as strings (SPECIAL_TOKENS_ATTRIBUTES).
+TEMPLATE_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 class Tokenizer:
-    def __init__(self, backend, bos_token_id: int | None = None, add_bos_token: bool = False):
-        """`backend` is a `tokenizers.Tokenizer`; `add_bos_token` prepends bos unless its post-processor adds it."""
-        self.backend = backend
+    def __init__(self, backend, bos_token_id: int | None = None, add_bos_token: bool = False,
+                 special_tokens_map: dict[str, str] | None = None, folder: Path | None = None,
+                 source: str = "tokenizer.json"):
+        """`backend` is a `tokenizers.Tokenizer`; `add_bos_token` prepends bos unless its post-processor adds it.
+
+        `special_tokens_map`: the named special tokens as strings (what chat templates see);
+        `folder`: where the tokenizer files are (for the chat template). A tokenizer.json that
+        loads may still fail to encode or decode (an unknown token without `unk_token`, a Rust
+        panic): LlmircError naming `source`."""
+        self.backend, self.source = backend, source
         self.bos_token_id = bos_token_id
-        adds_bos = bos_token_id is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos_token_id]
+        self.special_tokens_map = dict(special_tokens_map or {})
+        self.folder = folder
+        first = _guarded(source, "encode", backend.encode, "a", add_special_tokens=True).ids[:1]
+        adds_bos = bos_token_id is not None and first == [bos_token_id]
         self.prepend_bos = bool(add_bos_token) and bos_token_id is not None and not adds_bos
 
     @classmethod
@@ -41,28 +56,33 @@ class Tokenizer:
         if not file.is_file():
             raise LlmircError(f"{path}: no tokenizer.json (looked in {path / 'tokenizer'} and {path})")
         tokenizers = _import_tokenizers()
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(file))
-        except Exception as e:  # the Rust side raises plain Exception on bad JSON / unknown models
-            raise LlmircError(f"{file}: cannot load the tokenizer: {e}") from None
+        backend = _guarded(file, "load the tokenizer", tokenizers.Tokenizer.from_file, str(file))
         config = _read_config(folder / "tokenizer_config.json")
         specials = [t for t in (_token_text(config.get(k)) for k in _SPECIAL_KEYS) if t]
         if specials:
-            backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
+            _guarded(file, "add the special tokens of tokenizer_config.json", backend.add_special_tokens,
+                     [tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
         bos = _token_text(config.get("bos_token"))
         bos_id = backend.token_to_id(bos) if bos else None
-        return cls(backend, bos_id, config.get("add_bos_token") is True)
+        legacy = _read_config(folder / "special_tokens_map.json")  # older checkpoints keep them here
+        named = {k: _token_text(config.get(k)) or _token_text(legacy.get(k)) for k in TEMPLATE_TOKEN_KEYS}
+        return cls(backend, bos_id, config.get("add_bos_token") is True, {k: v for k, v in named.items() if v},
+                   folder, str(file))
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = _guarded(self.source, "encode", self.backend.encode, text, add_special_tokens=add_special_tokens).ids
         return [self.bos_token_id] + ids if add_special_tokens and self.prepend_bos else ids
 
     def decode(self, ids) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+        return _guarded(self.source, "decode", self.backend.decode, [int(i) for i in ids], skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, special tokens included (as OpenAI logprobs show tokens)."""
+        return _guarded(self.source, "decode", self.backend.decode, [int(token_id)], skip_special_tokens=False)
 
     def detokenizer(self, prompt_ids=()) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, prompt_ids)
@@ -105,6 +125,62 @@ class IncrementalDetokenizer:
         del self.ids[:self._read]
         self._prefix, self._read = 0, len(self.ids)
         return new_text[len(prefix_text):]
+
+
+class TextStream:
+    """The text of one generated sequence, delta by delta, cut at the first stop string.
+
+    vLLM's semantics: the output ends just before the first occurrence of any stop string
+    (with it, when `include_stop`); the generated tokens still count the ones that completed
+    it. While streaming, text that could be the start of a stop string is held back until it
+    is known not to be one, so no delta ever has to be taken back."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids=(), stop=(), include_stop: bool = False):
+        self.detokenizer = tokenizer.detokenizer(prompt_ids)
+        self.stop = [s for s in stop if s]
+        self.include_stop = include_stop
+        self.text = ""  # all text so far (cut at the stop string once matched)
+        self.stopped: str | None = None  # the stop string matched
+        self._emitted = 0
+
+    def add(self, token_id: int) -> str:
+        """Append one generated id; returns the text that can be shown now (may be empty)."""
+        if self.stopped is None:
+            self.text += self.detokenizer.add(token_id)
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        """The text still held back, at the end of generation."""
+        if self.stopped is None:
+            self.text += self.detokenizer.finish()
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        end = len(self.text)
+        if self.stopped is None and self.stop:
+            hits = [(i, s) for s in self.stop if (i := self.text.find(s, self._emitted)) >= 0]
+            if hits:
+                at, self.stopped = min(hits)
+                self.text = self.text[:at + (len(self.stopped) if self.include_stop else 0)]
+                end = len(self.text)
+            elif not final:  # hold back the longest tail that starts a stop string
+                tail = next((k for k in range(min(max(map(len, self.stop)) - 1, end - self._emitted), 0, -1)
+                             if any(s.startswith(self.text[end - k:]) for s in self.stop)), 0)
+                end -= tail
+        delta, self._emitted = self.text[self._emitted:end], max(self._emitted, end)
+        return delta
+
+
+def _guarded(source, what: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs), a call into the tokenizers library, whose errors become one-line LlmircErrors
+    naming `source`: it raises plain Exception (bad JSON, an unknown model, an unknown token without
+    unk_token) and, on a Rust panic, pyo3's PanicException, a BaseException."""
+    try:
+        return fn(*args, **kwargs)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        raise LlmircError(f"{source}: cannot {what}: {' '.join(str(e).split())[:300]}") from None
 
 
 def _import_tokenizers():

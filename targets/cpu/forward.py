@@ -97,13 +97,14 @@ def _meta_table(module: ir.Module, meta: Meta) -> ir.Value:
 
 def model_info(plan: Plan) -> dict:
     """The sizes the library was compiled for; the loader sizes its buffers from these, never
-    from the (editable) manifest, and checks the weights it passes against them (shape and dtype).
+    from the (editable) manifest, and checks the weights it passes against them (shape and dtype)
+    and each step's indices against the limits (token_rows, position_rows, max_context).
 
     workspace: bytes (coefficients of T, L, TT, const); kv_pool: the pool's spec (dtype, dims);
     weights: [dtype, shape] per weight in the order the library takes them."""
     return {"abi_version": ABI_VERSION, "workspace": plan.workspace(), "kv_pool": plan.pool.to_json(),
             "logits_cols": plan.logits_cols, "weights": [[w.dtype, list(w.shape)] for w in plan.weights],
-            "full_sequence": plan.full_sequence}
+            "full_sequence": plan.full_sequence, **plan.limits}
 
 
 def _emit_model_info(module: ir.Module, plan: Plan) -> None:

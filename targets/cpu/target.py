@@ -13,7 +13,7 @@ from pathlib import Path
 
 from llvmlite import ir
 
-from llmirc.errors import LlmircError
+from llmirc.errors import LlmircError, stage as internal_stage
 from llmirc.targets.plan import Plan
 
 from . import amx
@@ -40,6 +40,11 @@ def extra_modules(module: ir.Module, variant: CpuVariant) -> tuple[str, ...]:
     return (amx.module_text(variant.triple),) if amx.used_by(module) else ()
 
 
+def compile_module(module: ir.Module, variant: CpuVariant) -> bytes:
+    """Object code of a module of kernels, with the LLVM IR texts they call linked in."""
+    return compile_object(str(module), variant, extra=extra_modules(module, variant))
+
+
 def target_name(variant: CpuVariant) -> str:
     """cpu-x86_64-native, cpu-x86_64-v2, cpu-aarch64-generic, ..."""
     return f"cpu-{platform.machine()}-{variant.name.removeprefix('x86-64-')}"
@@ -63,10 +68,11 @@ class CpuBackend:
         if stage not in ("llvm-ir", "asm"):
             raise LlmircError(f"--emit {stage}: the cpu target's text stages are llvm-ir and asm")
         variant = variants_for(self.variant_names)[0]
-        module = llvm_module(plan, variant)
-        extra = extra_modules(module, variant)
-        return "\n".join([str(module), *extra]) if stage == "llvm-ir" else emit_assembly(str(module), variant,
-                                                                                         extra=extra)
+        with internal_stage(f"cpu codegen for {target_name(variant)}"):
+            module = llvm_module(plan, variant)
+            extra = extra_modules(module, variant)
+            return "\n".join([str(module), *extra]) if stage == "llvm-ir" else emit_assembly(str(module), variant,
+                                                                                             extra=extra)
 
     def build(self, plan: Plan, path: Callable[[str], Path], progress: Callable[[str], None]) -> list[dict]:
         """Compiles the plan for each variant into `kernels/<target>/`; returns manifest entries.
@@ -76,11 +82,12 @@ class CpuBackend:
         for variant in variants_for(self.variant_names):
             name = target_name(variant)
             progress(f"cpu codegen for {name} ({variant.cpu}, {variant.vector_width} f32 lanes)")
-            module = llvm_module(plan, variant)
-            llvm_ir, extra = str(module), extra_modules(module, variant)
-            obj = compile_object(llvm_ir, variant, extra=extra)
             library = f"kernels/{name}/{LIBRARY}"
-            link_shared([obj], path(library))
+            with internal_stage(f"cpu codegen for {name}"):
+                module = llvm_module(plan, variant)
+                llvm_ir, extra = str(module), extra_modules(module, variant)
+                obj = compile_object(llvm_ir, variant, extra=extra)
+                link_shared([obj], path(library))
             if self.keep_intermediates:
                 path(f"kernels/{name}/model.ll").write_text("\n".join([llvm_ir, *extra]))
                 path(f"kernels/{name}/model.s").write_text(emit_assembly(llvm_ir, variant, extra=extra))

@@ -1,0 +1,412 @@
+"""The engine: one loop owns the scheduler, the executor and the sampler.
+
+Requests are added and aborted at any time, from any thread (`add_request`, `abort`): commands
+go through a thread-safe queue that the loop drains between steps, and each request's outputs
+go to the callback (`sink`) it was added with, called on the loop's thread. The loop runs
+either on its own thread (`start()`: the server) or in the caller's (`step()`: `Model.generate`
+drives it until its requests finish). Either way it is the same code path.
+
+Each step: schedule (continuous batching, prefix cache, preemption: `scheduler.py`), one
+`executor.forward(...)` (logits [L, vocab] float32), then per logits row either sample a token
+with the request's own parameters and generator or, for prompt-logprob rows, compute the
+logprob of the next prompt token. With a tokenizer, each request's text is detokenized as it
+grows and cut at its stop strings (`TextStream`); a request that hits one finishes at once.
+The executor is the only model-specific part: anything with
+`forward(token_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc,
+logits_indices)` and `num_blocks`/`block_size`/`vocab_size` runs here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llmirc.errors import LlmircError
+
+from .sampling import GREEDY_TEMPERATURE, logprobs, sample, validate_sampling
+from .scheduler import Scheduler
+from .tokenizer import TextStream, Tokenizer
+
+log = logging.getLogger("llmirc.engine")
+MAX_LOGPROBS = 20  # top logprobs per position, as OpenAI allows
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks for (vLLM's SamplingParams, the subset llmirc implements).
+
+    `logprobs` n: the sampled token's logprob and the n most likely (None: no logprobs).
+    `prompt_logprobs` n: the same for every prompt token from `prompt_logprobs_start` on
+    (position 0 has none). Logprobs are of the model's raw distribution (log-softmax of the
+    logits), as vLLM reports them by default. `stop`: strings that end the text (left out of
+    it unless `include_stop_str_in_output`); they need the engine's tokenizer. `detokenize`:
+    produce text (when the engine has a tokenizer)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    prompt_logprobs_start: int = 0
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    detokenize: bool = True
+
+    def validate(self) -> None:
+        """Raises LlmircError naming the first invalid field."""
+        validate_sampling(self.temperature, self.top_k, self.top_p)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise LlmircError(f"seed must be an integer >= 0 (or unset), got {self.seed!r}")
+        if any(not isinstance(s, str) for s in self.stop):
+            raise LlmircError(f"stop must be strings, got {self.stop!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS):
+                raise LlmircError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        if not isinstance(self.prompt_logprobs_start, int) or self.prompt_logprobs_start < 0:
+            raise LlmircError(f"prompt_logprobs_start must be an integer >= 0, got {self.prompt_logprobs_start!r}")
+
+
+@dataclass
+class TokenLogprob:
+    """A token's logprob and the `top` most likely tokens at its position, as (token id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: at most one new token, and the text it completes.
+
+    `prompt_logprobs` (one entry per prompt position from the requested start, None for
+    position 0) comes with the request's first output only. finish_reason: "stop" (an
+    end-of-sequence token, or `stop_reason`: the stop token id or stop string hit), "length",
+    or "abort" (aborted, or the engine failed: `error`)."""
+
+    request_id: Hashable
+    token: int | None
+    finished: bool
+    finish_reason: str | None = None
+    text: str = ""  # new text (empty without a tokenizer)
+    logprob: TokenLogprob | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    stop_reason: int | str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    num_generated: int = 0
+    error: str | None = None
+
+
+@dataclass
+class _Request:
+    prompt_len: int
+    params: SamplingParams
+    sink: Callable[[RequestOutput], None]
+    rng: np.random.Generator
+    arrival: float
+    first_token: float | None = None
+    num_generated: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    text: TextStream | None = None
+
+
+class Histogram:
+    """Counts of observations at or below each bound, their sum and count (Prometheus' histogram)."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+
+LATENCY_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds
+
+
+@dataclass
+class EngineStats:
+    """Counters for /metrics (Prometheus): requests, tokens, latencies."""
+
+    requests_added: int = 0
+    finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    computed_tokens: int = 0  # tokens run through the forward
+    steps: int = 0
+    ttft: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))  # time to first token
+    e2e: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))  # arrival to finish
+
+
+class Engine:
+    def __init__(self, executor, scheduler: Scheduler, tokenizer: Tokenizer | None = None):
+        self.executor = executor
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.stats = EngineStats()
+        self.error: str | None = None  # set when a step failed: the engine serves nothing more
+        self.failure: BaseException | None = None  # the exception that failed it
+        self._requests: dict[int, _Request] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stepping = threading.Lock()
+
+    # -- called from any thread -------------------------------------------------------------
+
+    def add_request(self, prompt: list[int], params: SamplingParams, sink: Callable[[RequestOutput], None]) -> int:
+        """Validate and queue a request; returns its id. Raises LlmircError (RuntimeLimitError
+        for a request over the model's limits) before anything is queued."""
+        if self.error is not None:
+            raise LlmircError(f"the engine stopped after an error: {self.error}")
+        prompt = [int(t) for t in prompt]
+        self.check(prompt, params)
+        request_id = next(self._ids)
+        rng = np.random.default_rng(params.seed)
+        self._inbox.put(("add", request_id, prompt, params, sink, rng, time.perf_counter()))
+        return request_id
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise the error `add_request` would (thread-safe: reads only fixed settings)."""
+        params.validate()
+        if params.stop and self.tokenizer is None:
+            raise LlmircError("stop strings need a tokenizer, and this bundle has none: use stop token ids")
+        self.scheduler.check_request(prompt, params.max_tokens)
+
+    def abort(self, request_id: int) -> None:
+        """Stop a request and free its KV blocks at the next step boundary (no-op if finished)."""
+        self._inbox.put(("abort", request_id))
+
+    def call(self, fn: Callable[[], object]):
+        """Run `fn` on the loop's thread between two steps (inline when no loop thread runs); returns its result."""
+        if not self.running_in_thread:
+            with self._stepping:
+                return fn()
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox.put(("call", fn, done))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    @property
+    def running_in_thread(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def start(self) -> None:
+        """Run the loop on a daemon thread until `stop()`."""
+        if self.running_in_thread:
+            return
+        self._thread = threading.Thread(target=self._loop, name="llmirc-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self.running_in_thread:
+            self._inbox.put(("stop",))
+            self._thread.join()
+        self._thread = None
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Apply queued commands and run one step; returns True while requests remain."""
+        if self.running_in_thread:
+            raise RuntimeError("the engine runs on its own thread: do not step it from outside")
+        with self._stepping:
+            self._drain(block=False)
+            self._step()
+            return bool(self._requests)
+
+    def _loop(self) -> None:
+        while True:
+            if not self._drain(block=not self._requests):
+                return
+            self._step()
+
+    def _drain(self, block: bool) -> bool:
+        """Apply every queued command (waiting for one when `block`); False on stop."""
+        try:
+            command = self._inbox.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            kind = command[0]
+            if kind == "stop":
+                return False
+            if kind == "add":
+                self._add(*command[1:])
+            elif kind == "abort":
+                self._abort(command[1], "abort")
+            elif kind == "call":
+                fn, done = command[1], command[2]
+                try:
+                    done.put((True, fn()))
+                except BaseException as e:  # handed to the caller's thread
+                    done.put((False, e))
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _add(self, request_id, prompt, params: SamplingParams, sink, rng, arrival) -> None:
+        if self.error is not None:
+            sink(RequestOutput(request_id, None, True, "abort", error=self.error))
+            return
+        start = params.prompt_logprobs_start if params.prompt_logprobs is not None else None
+        self.scheduler.add_request(prompt, params.max_tokens, request_id=request_id, ignore_eos=params.ignore_eos,
+                                   stop_token_ids=params.stop_token_ids, prompt_logprobs_from=start)
+        req = _Request(len(prompt), params, sink, rng, arrival)
+        if self.tokenizer is not None and params.detokenize:
+            req.text = TextStream(self.tokenizer, prompt, params.stop, params.include_stop_str_in_output)
+        if start is not None:
+            req.prompt_logprobs = [None] if start == 0 else []
+        self._requests[request_id] = req
+        self.stats.requests_added += 1
+        self.stats.prompt_tokens += len(prompt)
+
+    def _abort(self, request_id, reason: str, error: str | None = None) -> None:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        self.scheduler.abort(request_id)
+        self.stats.finished[reason] += 1
+        req.sink(RequestOutput(request_id, None, True, reason, prompt_tokens=req.prompt_len,
+                               num_generated=req.num_generated, error=error))
+
+    def _step(self) -> None:
+        if not self._requests:
+            return
+        step = self.scheduler.schedule()
+        if step is None:
+            return
+        try:
+            logits = self.executor.forward(*step.abi_inputs())
+            sampled = self._sample(step, logits)
+        except Exception as e:  # a bug or a broken library: fail every request, serve nothing more
+            log.exception("engine step failed")
+            self.error, self.failure = f"{type(e).__name__}: {e}", e
+            self.scheduler.commit(step, np.zeros(len(step.sample_rows), dtype=np.int64))
+            for request_id in list(self._requests):
+                self._abort(request_id, "abort", self.error)
+            return
+        self.stats.steps += 1
+        self.stats.computed_tokens += step.num_tokens
+        self._prompt_logprobs(step, logits)
+        rows = {step.request_ids[r]: r for r in step.sample_rows}
+        now = time.perf_counter()
+        for event in self.scheduler.commit(step, sampled):
+            req = self._requests[event.request_id]
+            out = RequestOutput(event.request_id, event.token, event.finished, event.finish_reason,
+                                prompt_tokens=req.prompt_len, cached_tokens=event.cached_tokens)
+            if event.token is not None:
+                req.num_generated += 1
+                self.stats.generation_tokens += 1
+                if req.first_token is None:
+                    req.first_token = now
+                    self.stats.ttft.observe(now - req.arrival)
+                if req.params.logprobs is not None:
+                    out.logprob = self._token_logprob(logits[rows[event.request_id]], event.token,
+                                                      req.params.logprobs)
+                if event.finish_reason == "stop" and event.token in req.params.stop_token_ids:
+                    out.stop_reason = event.token
+                if req.text is not None:
+                    out.text = req.text.add(event.token)
+                    if req.text.stopped is not None:  # a stop string: finished now, blocks freed
+                        if not event.finished:
+                            self.scheduler.abort(event.request_id)
+                        out.finished, out.finish_reason, out.stop_reason = True, "stop", req.text.stopped
+            if out.finished and req.text is not None:
+                out.text += req.text.finish()
+            out.num_generated = req.num_generated
+            if req.prompt_logprobs is not None:
+                out.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None
+            if out.finished:
+                del self._requests[event.request_id]
+                self.stats.finished[out.finish_reason] += 1
+                self.stats.e2e.observe(now - req.arrival)
+            req.sink(out)
+
+    def _sample(self, step, logits: np.ndarray) -> np.ndarray:
+        """One token per sampling row, each with its request's parameters and generator."""
+        rows = step.sample_rows
+        out = np.zeros(len(rows), dtype=np.int64)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            p = self._requests[step.request_ids[r]].params
+            greedy = p.temperature <= GREEDY_TEMPERATURE
+            groups.setdefault((0.0, None, None) if greedy else (p.temperature, p.top_k, p.top_p), []).append(i)
+        for (temperature, top_k, top_p), members in groups.items():
+            rngs = [self._requests[step.request_ids[rows[i]]].rng for i in members]
+            out[members] = sample(logits[rows[members]], temperature, top_k, top_p, rngs)
+        return out
+
+    def _prompt_logprobs(self, step, logits: np.ndarray) -> None:
+        rows = np.flatnonzero(step.targets >= 0)
+        if not len(rows):
+            return
+        for request_id in dict.fromkeys(step.request_ids[r] for r in rows):
+            req = self._requests[request_id]
+            mine = [r for r in rows if step.request_ids[r] == request_id]
+            chosen, top_ids, top_lp = logprobs(logits[mine], step.targets[mine], req.params.prompt_logprobs)
+            req.prompt_logprobs.extend(
+                TokenLogprob(int(t), float(lp), list(zip(ids.tolist(), tlp.tolist())))
+                for t, lp, ids, tlp in zip(step.targets[mine], chosen, top_ids, top_lp))
+
+    @staticmethod
+    def _token_logprob(row: np.ndarray, token: int, top_n: int) -> TokenLogprob:
+        chosen, top_ids, top_lp = logprobs(row[None], [token], top_n)
+        return TokenLogprob(token, float(chosen[0]), list(zip(top_ids[0].tolist(), top_lp[0].tolist())))
+
+    # -- running a batch to completion (the Python API) --------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[RequestOutput]:
+        """Run requests to completion, yielding their outputs as they come (request_id = index).
+
+        All requests are validated before any is queued. Closing the generator early aborts
+        what is left of them."""
+        for prompt, p in zip(prompts, params):
+            self.check([int(t) for t in prompt], p)
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        ids = {self.add_request(prompt, p, outputs.put): i for i, (prompt, p) in enumerate(zip(prompts, params))}
+        remaining = set(ids)
+        try:
+            while remaining:
+                if not self.running_in_thread and outputs.empty():
+                    self.step()
+                    continue
+                out = outputs.get()
+                if out.finished:
+                    remaining.discard(out.request_id)
+                if out.error:  # the step's own exception: a bug stays an internal error, a limit a user error
+                    raise self.failure or LlmircError(f"generation failed: {out.error}")
+                out.request_id = ids[out.request_id]
+                yield out
+        finally:
+            for request_id in remaining:
+                self.abort(request_id)
+            if remaining and not self.running_in_thread:
+                with self._stepping:
+                    self._drain(block=False)

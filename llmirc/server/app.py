@@ -1,0 +1,347 @@
+"""The FastAPI app of `llmirc serve`: the engine seen from asyncio, auth, errors, health, metrics.
+
+The engine runs on its own thread (`Engine.start`); a request handler adds its requests with a
+callback that hands each output to an asyncio queue (`loop.call_soon_threadsafe`), so the event
+loop never waits on the model. A client that disconnects (streaming or not) is noticed within
+`DISCONNECT_POLL_S`: its requests are aborted and their KV blocks freed at the engine's next
+step boundary.
+
+Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with the status
+in `code`: 400 for a bad or over-long request (validation errors included, as vLLM does, not
+FastAPI's 422), 401 without the API key, 404 for an unknown model or route, 503 when more than
+`max_queued_requests` requests wait, or the engine has failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from llmirc.errors import LlmircError, RuntimeLimitError
+from llmirc.runtime.engine import RequestOutput, SamplingParams, TokenLogprob
+from llmirc.runtime.model import Model
+
+log = logging.getLogger("llmirc.server")
+DISCONNECT_POLL_S = 0.1
+
+
+class APIError(Exception):
+    """An error answered to the client: status, message, OpenAI error type and the parameter at fault."""
+
+    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+             500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "APIError"),
+                          "param": self.param, "code": self.status}}
+
+
+@dataclass
+class ServerOptions:
+    served_model_name: str
+    api_key: str | None = None
+    max_queued_requests: int = 1024  # waiting requests beyond the running batch; then 503
+
+
+class Server:
+    """What the routes share: the model, its engine, the options, and in-flight bookkeeping."""
+
+    def __init__(self, model: Model, options: ServerOptions):
+        self.model, self.options = model, options
+        self.engine = model.engine
+        self.in_flight = 0  # engine requests added and not finished (event-loop thread only)
+        self.started = time.time()
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.options.served_model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "model")
+
+    def check_length(self, prompt_len: int, max_tokens: int, what: str = "messages") -> None:
+        """vLLM's error for a request over the context (named limit, prompt and completion)."""
+        limit = self.model.max_context
+        if prompt_len + max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
+                                "completion). Please reduce the length of the {what} or completion.".replace(
+                                    "{what}", what), "max_tokens")
+
+    async def generate(self, requests: list[tuple[list[int], SamplingParams]], raw_request=None
+                       ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Run engine requests; yields (index in `requests`, output) as outputs arrive, until all finish.
+
+        Raises APIError 503 when overloaded, 400 for a request the engine refuses. Leaving the
+        iteration early (a disconnect, an error, a stop string) aborts what is still running."""
+        if self.engine.error is not None:
+            raise APIError(503, f"the engine stopped after an error: {self.engine.error}")
+        limit = self.model.scheduler.max_num_seqs + self.options.max_queued_requests
+        if self.in_flight + len(requests) > limit:
+            raise APIError(503, f"server overloaded: {self.in_flight} requests in flight, at most {limit} "
+                                "(running + --max-queued-requests); retry later")
+        for prompt, params in requests:  # all or nothing: check every request before adding any
+            try:
+                self.engine.check(prompt, params)
+            except LlmircError as e:
+                raise APIError(400, _without_request_id(str(e))) from None
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        index: dict[int, int] = {}
+        for i, (prompt, params) in enumerate(requests):
+            try:
+                rid = self.engine.add_request(prompt, params,
+                                              lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+            except LlmircError as e:
+                for running in index:
+                    self.engine.abort(running)
+                raise APIError(503 if self.engine.error else 400, _without_request_id(str(e))) from None
+            index[rid] = i
+            self.in_flight += 1
+        remaining = set(index)
+        next_check = loop.time() + DISCONNECT_POLL_S
+        try:
+            while remaining:
+                # Whether tokens flow or not, look for a disconnect every DISCONNECT_POLL_S (the
+                # server does not fail writes to a closed connection: it drops them).
+                if raw_request is not None and loop.time() >= next_check:
+                    if await raw_request.is_disconnected():
+                        log.info("client disconnected: aborting %d request(s)", len(remaining))
+                        return
+                    next_check = loop.time() + DISCONNECT_POLL_S
+                try:
+                    out = await asyncio.wait_for(queue.get(), max(next_check - loop.time(), 0.001)) \
+                        if raw_request is not None else await queue.get()
+                except asyncio.TimeoutError:
+                    continue
+                if out.finished:
+                    remaining.discard(out.request_id)
+                    self.in_flight -= 1
+                if out.error:
+                    raise APIError(503, f"generation failed: {out.error}")
+                yield index[out.request_id], out
+        finally:
+            for rid in remaining:
+                self.engine.abort(rid)
+            self.in_flight -= len(remaining)
+
+
+class Generation:
+    """One engine request's outputs so far: text, token ids, logprobs and how it finished."""
+
+    def __init__(self):
+        self.text = ""
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.error: str | None = None
+        self.cached_tokens = 0
+        self.done = False
+
+    def update(self, out: RequestOutput) -> str:
+        """Apply one engine output; returns its new text."""
+        self.cached_tokens = out.cached_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        if out.token is not None:
+            self.tokens.append(out.token)
+            if out.logprob is not None:
+                self.logprobs.append(out.logprob)
+        self.text += out.text
+        if out.finished:
+            self.done = True
+            self.finish_reason, self.stop_reason, self.error = out.finish_reason, out.stop_reason, out.error
+        return out.text
+
+
+def sse(data) -> str:
+    """One server-sent event carrying `data` as JSON."""
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def event_stream(server: Server, requests: list[tuple[list[int], SamplingParams]], raw_request, bodies,
+                       final=None):
+    """A streaming response: `bodies(outputs)` turns the engine outputs ((index, output) pairs)
+    into event bodies, then `final()` (when given) adds one, an engine failure adds an error
+    body, and `data: [DONE]` ends it. The first output is awaited before the response starts,
+    so that refusals (400, 503) keep their status; a disconnect aborts what still runs."""
+    from fastapi.responses import StreamingResponse
+
+    stream = server.generate(requests, raw_request)
+    try:
+        first = [await stream.__anext__()]
+    except StopAsyncIteration:
+        first = []
+
+    async def outputs():
+        for item in first:
+            yield item
+        async for item in stream:
+            yield item
+
+    async def events():
+        try:
+            async for body in bodies(outputs()):
+                yield sse(body)
+            if final is not None:
+                yield sse(final())
+        except APIError as e:
+            yield sse(e.body())
+        finally:
+            await stream.aclose()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _without_request_id(message: str) -> str:
+    # Engine messages name the internal request id ("request 7: ..."): meaningless to a client.
+    return message.split(": ", 1)[1] if message.startswith("request ") and ": " in message else message
+
+
+def create_app(model: Model, options: ServerOptions):
+    """The FastAPI application serving `model` (its engine starts and stops with the app)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from starlette.exceptions import HTTPException
+
+    from . import openai_api, sglang_api
+
+    server = Server(model, options)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        # One token through the model before the first request: the weights are paged in and
+        # the kernels' threads started now, not in the first client's time to first token.
+        model.score([0])
+        model.engine.start()
+        try:
+            yield
+        finally:
+            model.engine.stop()
+
+    app = FastAPI(title="llmirc", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        key = options.api_key
+        if key and request.url.path not in ("/health", "/metrics"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return JSONResponse(APIError(401, "Unauthorized: a valid API key is needed "
+                                                  "(Authorization: Bearer KEY)").body(), status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e: RequestValidationError):
+        return JSONResponse(APIError(400, _validation_message(e), _validation_param(e)).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        message = str(e.detail)
+        if message == "There was an error parsing the body":  # FastAPI's words for bytes that are not UTF-8 JSON
+            message = "the request body is not valid JSON (or not UTF-8)"
+        return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code)
+
+    @app.exception_handler(RuntimeLimitError)
+    async def limit_error(request, e: RuntimeLimitError):
+        return JSONResponse(APIError(400, _without_request_id(str(e))).body(), status_code=400)
+
+    @app.get("/health")
+    async def health():
+        if model.engine.error is not None:
+            return JSONResponse(APIError(503, f"engine failed: {model.engine.error}").body(), status_code=503)
+        return PlainTextResponse("")
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(prometheus_text(server), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": options.served_model_name, "object": "model", "created": int(server.started),
+            "owned_by": "llmirc", "root": str(model.bundle.root), "parent": None,
+            "max_model_len": model.max_context}]}
+
+    openai_api.add_routes(app, server)
+    sglang_api.add_routes(app, server)
+    return app
+
+
+def _validation_message(e) -> str:
+    parts = []
+    for err in e.errors()[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        if err.get("type") == "json_invalid":
+            parts.append(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', err.get('msg'))})")
+        elif not loc and err.get("type") in ("dict_type", "model_attributes_type"):
+            parts.append("the request body must be a JSON object (with Content-Type: application/json)")
+        else:
+            parts.append(f"{loc or 'body'}: {err.get('msg')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def _validation_param(e) -> str | None:
+    errors = e.errors()
+    loc = [str(x) for x in errors[0].get("loc", ()) if x != "body"] if errors else []
+    return loc[0] if loc else None
+
+
+def prometheus_text(server: Server) -> str:
+    """The metrics in Prometheus' text format, named as vLLM names them (prefix llmirc:)."""
+    model, stats = server.model, server.engine.stats
+    sched, label = model.scheduler, f'model_name="{server.options.served_model_name}"'
+    cache = sched.prefix_cache
+    allocator = sched.allocator
+    used = allocator.num_blocks - allocator.num_available
+    lines = []
+
+    def metric(name, kind, help_text, samples):
+        lines.extend([f"# HELP llmirc:{name} {help_text}", f"# TYPE llmirc:{name} {kind}"])
+        for extra, value in samples:
+            labels = label + (f",{extra}" if extra else "")
+            lines.append(f"llmirc:{name}{{{labels}}} {value}")
+
+    metric("num_requests_running", "gauge", "Requests in the running batch.", [("", len(sched.running))])
+    metric("num_requests_waiting", "gauge", "Requests waiting to be scheduled.", [("", len(sched.waiting))])
+    metric("kv_cache_usage_perc", "gauge", "Fraction of KV cache blocks in use (1 = full).",
+           [("", used / allocator.num_blocks)])
+    metric("prompt_tokens_total", "counter", "Prompt tokens of the requests received.", [("", stats.prompt_tokens)])
+    metric("generation_tokens_total", "counter", "Tokens generated.", [("", stats.generation_tokens)])
+    metric("computed_tokens_total", "counter", "Tokens run through the model (prefill, recompute and decode; "
+           "prompt tokens found in the prefix cache are not).", [("", stats.computed_tokens)])
+    metric("request_success_total", "counter", "Requests finished, by reason.",
+           [(f'finished_reason="{k}"', v) for k, v in stats.finished.items()])
+    metric("num_preemptions_total", "counter", "Running requests preempted (to be recomputed).",
+           [("", sched.num_preemptions)])
+    queried, hits = (cache.queried_tokens, cache.hit_tokens) if cache else (0, 0)
+    metric("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.", [("", queried)])
+    metric("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.", [("", hits)])
+    metric("prefix_cache_hit_rate", "gauge", "prefix_cache_hits_total / prefix_cache_queries_total.",
+           [("", hits / queried if queried else 0.0)])
+    for name, hist, help_text in (("time_to_first_token_seconds", stats.ttft, "Time to first token."),
+                                  ("e2e_request_latency_seconds", stats.e2e, "Arrival to finish of a request.")):
+        lines.extend([f"# HELP llmirc:{name} {help_text}", f"# TYPE llmirc:{name} histogram"])
+        for bound, count in zip(hist.bounds, hist.counts):
+            lines.append(f'llmirc:{name}_bucket{{{label},le="{bound}"}} {count}')
+        lines.append(f'llmirc:{name}_bucket{{{label},le="+Inf"}} {hist.count}')
+        lines.append(f"llmirc:{name}_sum{{{label}}} {hist.sum}")
+        lines.append(f"llmirc:{name}_count{{{label}}} {hist.count}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,384 @@
+"""OpenAI-compatible routes, with vLLM's request fields and response shapes.
+
+POST /v1/completions and /v1/chat/completions take OpenAI's parameters (model, prompt or
+messages, max_tokens / max_completion_tokens, temperature, top_p, seed, stop, n, logprobs /
+top_logprobs, echo, stream, stream_options.include_usage) and vLLM's extensions (top_k,
+stop_token_ids, ignore_eos, include_stop_str_in_output, skip_special_tokens, add_generation_prompt,
+continue_final_message, chat_template_kwargs, return_token_ids). Parameters that would change the output and
+that llmirc does not implement (penalties, logit_bias, min_p, min_tokens, best_of != n,
+suffix, skip_special_tokens false, non-text content, tool choice other than none/auto, response formats other than
+text) are refused with a 400 naming them, never silently ignored; unknown fields are ignored,
+as vLLM does.
+
+Defaults follow vLLM: temperature 1, max_tokens 16 for completions and "up to the context"
+for chat; `usage.prompt_tokens_details.cached_tokens` is the prompt tokens found in the prefix
+cache; `finish_reason` is "stop" or "length" (`stop_reason`: the stop string or token id hit,
+null for end-of-sequence). A stream is server-sent events ending in `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmirc.errors import LlmircError
+from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams, TokenLogprob
+
+from .app import APIError, Generation, Server, event_stream
+
+MAX_N = 128
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _Common(BaseModel):
+    """Fields both endpoints share."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    echo: bool = False
+    return_token_ids: bool = False  # vLLM: the generated ids in each choice and stream chunk
+    user: str | None = None
+    # Not implemented: refused unless left at their neutral value.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # tool_calls, name, ...: passed to the template
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+def _refuse_unsupported(req: _Common) -> None:
+    neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0,
+               "min_tokens": 0, "logit_bias": None}
+    for name, value in neutral.items():
+        if getattr(req, name) not in (value, {} if name == "logit_bias" else value):
+            raise APIError(400, f"{name} is not supported by llmirc (only {value!r})", name)
+    if not req.skip_special_tokens:
+        raise APIError(400, "skip_special_tokens false is not supported by llmirc (special tokens are always "
+                            "left out of the text)", "skip_special_tokens")
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, "best_of is not supported by llmirc (only best_of == n)", "best_of")
+    if not 1 <= req.n <= MAX_N:
+        raise APIError(400, f"n must be between 1 and {MAX_N}, got {req.n}", "n")
+    if req.temperature is not None and req.temperature < 0:
+        raise APIError(400, f"temperature must be >= 0, got {req.temperature}", "temperature")
+    if req.top_p is not None and not 0 < req.top_p <= 1:
+        raise APIError(400, f"top_p must be in (0, 1], got {req.top_p}", "top_p")
+    if req.top_k is not None and req.top_k < -1:
+        raise APIError(400, f"top_k must be -1 or 0 (disabled) or >= 1, got {req.top_k}", "top_k")
+
+
+def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
+              index: int) -> SamplingParams:
+    seed = None if req.seed is None else (req.seed + index) % 2**64  # vLLM: choice i of n uses seed + i
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+        top_k=req.top_k if req.top_k and req.top_k > 0 else None,
+        top_p=req.top_p if req.top_p is not None and req.top_p < 1 else None, seed=seed,
+        stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs, prompt_logprobs_start=0, stop=tuple(stop),
+        include_stop_str_in_output=req.include_stop_str_in_output)
+
+
+def _tokenizer(server: Server):
+    tokenizer = server.model.tokenizer
+    if tokenizer is None:
+        raise APIError(400, "this bundle has no tokenizer: give prompts as token ids")
+    return tokenizer
+
+
+def _finish(c: Generation) -> dict:
+    return {"finish_reason": c.finish_reason if c.done else None, "stop_reason": c.stop_reason if c.done else None}
+
+
+def _chunks(req: _Common, kind: str, request_id: str, created: int, model: str):
+    """The function making this request's stream chunks: chunk(choices, usage) -> body."""
+    def chunk(choices: list, usage: dict | None = None) -> dict:
+        body = {"id": request_id, "object": kind, "created": created, "model": model, "choices": choices}
+        if req.stream_options and req.stream_options.include_usage:
+            body["usage"] = usage
+        return body
+    return chunk
+
+
+def _usage_chunk(req: _Common, chunk, usage):
+    """The final stream chunk with the usage, when stream_options.include_usage asks for it."""
+    return (lambda: chunk([], usage())) if req.stream_options and req.stream_options.include_usage else None
+
+
+def _usage(prompt_tokens: int, choices: list[Generation], cached: int) -> dict:
+    completion = sum(len(c.tokens) for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+# -- /v1/completions ---------------------------------------------------------------------------
+
+def _completion_prompts(server: Server, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [_tokenizer(server).encode(prompt)]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if not prompt:
+        raise APIError(400, "prompt is empty", "prompt")
+    return [_tokenizer(server).encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+def _completion_logprobs(server: Server, entries: list[TokenLogprob | None], offset: int) -> dict:
+    """OpenAI's legacy completion logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    tok = server.model.tokenizer
+    text = (lambda t: tok.token_text(t)) if tok is not None else str
+    out = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+    for entry in entries:
+        if entry is None:  # the first prompt token has no logprob
+            continue
+        out["tokens"].append(text(entry.token))
+        out["token_logprobs"].append(entry.logprob)
+        out["top_logprobs"].append({text(t): lp for t, lp in entry.top} if entry.top else None)
+        out["text_offset"].append(offset)
+        offset += len(out["tokens"][-1])
+    return out
+
+
+async def completions(server: Server, req: CompletionRequest, raw_request):
+    server.check_model(req.model)
+    _refuse_unsupported(req)
+    if req.suffix:
+        raise APIError(400, "suffix is not supported by llmirc", "suffix")
+    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}", "logprobs")
+    if req.max_tokens is not None and req.max_tokens < 0:
+        raise APIError(400, f"max_tokens must be >= 0, got {req.max_tokens}", "max_tokens")
+    prompts = _completion_prompts(server, req.prompt)
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    for prompt in prompts:
+        if not prompt:
+            raise APIError(400, "prompt is empty", "prompt")
+        server.check_length(len(prompt), max_tokens, "prompt")
+    prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+    requests = [(p, _sampling(server, req, max_tokens, req.logprobs, prompt_logprobs, j))
+                for p in prompts for j in range(req.n)]
+    choices = [Generation() for _ in requests]
+    request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    prompt_tokens = sum(map(len, prompts))
+
+    def echo_text(i: int) -> str:
+        tok = server.model.tokenizer
+        return tok.decode(requests[i][0]) if req.echo and tok is not None else ""
+
+    def logprobs_of(entries: list, offset: int) -> dict | None:
+        return None if req.logprobs is None else _completion_logprobs(server, entries, offset)
+
+    def usage():
+        cached = sum(choices[i * req.n].cached_tokens for i in range(len(prompts)))
+        return _usage(prompt_tokens, choices, cached)
+
+    chunk = _chunks(req, "text_completion", request_id, created, server.options.served_model_name)
+
+    if req.stream:
+        continuous = req.stream_options and req.stream_options.continuous_usage_stats
+
+        async def bodies(outputs):
+            offsets, sent, sent_ids, started = [0] * len(choices), [0] * len(choices), [0] * len(choices), \
+                [False] * len(choices)
+            async for i, out in outputs:
+                c = choices[i]
+                if c.done:
+                    continue
+                text, entries = c.update(out), []
+                if not started[i]:
+                    text = echo_text(i) + text
+                    entries += c.prompt_logprobs or []
+                entries += c.logprobs[sent[i]:]
+                sent[i] = len(c.logprobs)
+                if not text and not c.done and not entries:
+                    continue
+                started[i] = True
+                body = {"index": i, "text": text, "logprobs": logprobs_of(entries, offsets[i]), **_finish(c)}
+                if req.return_token_ids:
+                    body["token_ids"], sent_ids[i] = c.tokens[sent_ids[i]:], len(c.tokens)
+                yield chunk([body], usage() if continuous else None)
+                offsets[i] += len(text)
+
+        return await event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage))
+
+    async for i, out in server.generate(requests, raw_request):
+        choices[i].update(out)
+    return {"id": request_id, "object": "text_completion", "created": created,
+            "model": server.options.served_model_name,
+            "choices": [{"index": i, "text": echo_text(i) + c.text,
+                         "logprobs": logprobs_of((c.prompt_logprobs or []) + c.logprobs, 0),
+                         **_finish(c),
+                         **({"token_ids": c.tokens, "prompt_token_ids": requests[i][0]} if req.return_token_ids
+                            else {})}
+                        for i, c in enumerate(choices)],
+            "usage": usage()}
+
+
+# -- /v1/chat/completions ----------------------------------------------------------------------
+
+def _chat_prompt(server: Server, req: ChatRequest) -> list[int]:
+    model = server.model
+    if model.chat_template is None:
+        raise APIError(400, "this bundle has no chat template (its tokenizer_config.json has no chat_template and "
+                            "there is no chat_template.jinja); use /v1/completions")
+    if req.tool_choice not in (None, "none", "auto"):
+        raise APIError(400, "tool_choice other than 'none' or 'auto' is not supported by llmirc", "tool_choice")
+    if req.response_format not in (None, {"type": "text"}):
+        raise APIError(400, "response_format other than {'type': 'text'} is not supported by llmirc",
+                       "response_format")
+    messages = []
+    for i, m in enumerate(req.messages):
+        message = m.model_dump(exclude_none=False)
+        if isinstance(m.content, list):
+            texts = []
+            for part in m.content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(400, f"messages[{i}].content: only text parts are supported, got "
+                                        f"{part.get('type')!r}", "messages")
+                texts.append(part["text"])
+            message["content"] = "\n".join(texts)
+        messages.append(message)
+    try:
+        text = model.chat_template.render(messages, add_generation_prompt=req.add_generation_prompt,
+                                          tools=req.tools, continue_final_message=req.continue_final_message,
+                                          **(req.chat_template_kwargs or {}))
+    except LlmircError as e:
+        raise APIError(400, str(e), "messages") from None
+    return model.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _chat_logprobs(server: Server, entries: list[TokenLogprob]) -> dict:
+    tok = server.model.tokenizer
+
+    def item(t, lp):
+        s = tok.token_text(t)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
+async def chat_completions(server: Server, req: ChatRequest, raw_request):
+    server.check_model(req.model)
+    _refuse_unsupported(req)
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {req.top_logprobs}",
+                       "top_logprobs")
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    prompt = _chat_prompt(server, req)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is not None and max_tokens < 0:
+        raise APIError(400, f"max_tokens must be >= 0, got {max_tokens}", "max_tokens")
+    if max_tokens is None:
+        max_tokens = server.model.max_context - len(prompt)
+        if max_tokens < 1:
+            server.check_length(len(prompt), 1)
+    server.check_length(len(prompt), max_tokens)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    requests = [(prompt, _sampling(server, req, max_tokens, logprobs, None, j)) for j in range(req.n)]
+    choices = [Generation() for _ in requests]
+    request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    name = server.options.served_model_name
+    echo = server.model.tokenizer.decode(prompt) if req.echo else ""
+
+    def usage():
+        return _usage(len(prompt), choices, choices[0].cached_tokens)
+
+    chunk = _chunks(req, "chat.completion.chunk", request_id, created, name)
+
+    if req.stream:
+        continuous = req.stream_options and req.stream_options.continuous_usage_stats
+
+        async def bodies(outputs):
+            for i in range(len(choices)):
+                role = {"role": "assistant", "content": echo}
+                yield chunk([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}],
+                            usage() if continuous else None)
+            sent_ids = [0] * len(choices)
+            async for i, out in outputs:
+                c = choices[i]
+                if c.done:
+                    continue
+                delta = c.update(out)
+                new = [c.logprobs[-1]] if out.logprob is not None and req.logprobs and c.logprobs else []
+                if not delta and not c.done and not new:
+                    continue
+                body = {"index": i, "delta": {"content": delta} if delta else {},
+                        "logprobs": _chat_logprobs(server, new) if req.logprobs else None, **_finish(c)}
+                if req.return_token_ids:
+                    body["token_ids"], sent_ids[i] = c.tokens[sent_ids[i]:], len(c.tokens)
+                yield chunk([body], usage() if continuous else None)
+
+        return await event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage))
+
+    async for i, out in server.generate(requests, raw_request):
+        choices[i].update(out)
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": name,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": echo + c.text},
+                         "logprobs": _chat_logprobs(server, c.logprobs) if req.logprobs else None, **_finish(c),
+                         **({"token_ids": c.tokens} if req.return_token_ids else {})}
+                        for i, c in enumerate(choices)],
+            "usage": usage()}
+
+
+def add_routes(app, server: Server) -> None:
+    @app.post("/v1/completions")
+    async def _completions(req: CompletionRequest, raw_request: Request):
+        return await completions(server, req, raw_request)
+
+    @app.post("/v1/chat/completions")
+    async def _chat(req: ChatRequest, raw_request: Request):
+        return await chat_completions(server, req, raw_request)
+

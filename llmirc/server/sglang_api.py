@@ -1,0 +1,226 @@
+"""SGLang's native API: POST /generate and GET /get_model_info, as SGLang defines them
+(`GenerateReqInput` in sglang/srt/managers/io_struct.py, the native API docs).
+
+/generate takes `text` or `input_ids` (one prompt, or a list: a batch answered by a list),
+`sampling_params` (max_new_tokens 128, temperature 1, top_p 1, top_k -1, stop, stop_token_ids,
+ignore_eos, skip_special_tokens, no_stop_trim; one dict or one per prompt), `return_logprob`,
+`logprob_start_len` (-1: output tokens only), `top_logprobs_num`, `return_text_in_logprobs`
+and `stream`. It answers `{"text", "output_ids", "meta_info": {"id", "finish_reason",
+"prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency", and with return_logprob
+"input_token_logprobs", "output_token_logprobs", "input_top_logprobs", "output_top_logprobs"}}`,
+logprobs as [logprob, token_id, text or null] (the first prompt token's logprob is null).
+finish_reason is {"type": "length", "length": n}, {"type": "stop", "matched": id or string}
+or {"type": "abort", ...}. A stream sends the cumulative text and output_ids in each
+`data:` event, then `data: [DONE]`, as SGLang does by default.
+
+`max_new_tokens` 0 computes the prompt only (it enters the prefix cache; SGLang frontend
+programs use this for `select` and to cache shared prefixes). Sampling parameters llmirc does
+not implement (penalties, min_p, min_new_tokens, regex, json_schema, ebnf, n > 1,
+skip_special_tokens false) are refused.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict
+
+from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams
+
+from .app import APIError, Generation, Server, event_stream
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] = -1
+    top_logprobs_num: int | list[int] = 0
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    rid: str | list[str] | None = None
+
+
+class _Params(BaseModel):
+    """SGLang's SamplingParams fields llmirc reads (others: refused when not neutral)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    n: int = 1
+    min_new_tokens: int = 0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
+
+
+NEUTRAL = {"skip_special_tokens": True, "min_p": 0.0, "n": 1, "min_new_tokens": 0, "frequency_penalty": 0.0,
+           "presence_penalty": 0.0,
+           "repetition_penalty": 1.0, "regex": None, "json_schema": None, "ebnf": None}
+
+
+def _params(raw: dict | None) -> _Params:
+    from pydantic import ValidationError
+
+    try:
+        p = _Params.model_validate(raw or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise APIError(400, f"sampling_params.{where}: {err['msg']}", "sampling_params") from None
+    for name, value in NEUTRAL.items():
+        if getattr(p, name) != value:
+            raise APIError(400, f"sampling_params.{name} is not supported by llmirc (only {value!r})",
+                           "sampling_params")
+    if p.max_new_tokens < 0:
+        raise APIError(400, f"sampling_params.max_new_tokens must be >= 0, got {p.max_new_tokens}", "sampling_params")
+    if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < -1 or p.top_k == 0:
+        raise APIError(400, "sampling_params: temperature must be >= 0, top_p in (0, 1], top_k -1 or >= 1",
+                       "sampling_params")
+    return p
+
+
+def _per_item(value, count: int, name: str) -> list:
+    if isinstance(value, list):
+        if len(value) != count:
+            raise APIError(400, f"{name} has {len(value)} entries for {count} prompts", name)
+        return value
+    return [value] * count
+
+
+def _logprob_triples(server: Server, entries, with_text: bool) -> tuple[list, list]:
+    tok = server.model.tokenizer
+    text = (lambda t: tok.token_text(t)) if with_text and tok is not None else (lambda t: None)
+    tokens, tops = [], []
+    for e in entries:
+        if e is None:  # the first prompt token
+            continue
+        tokens.append([e.logprob, e.token, text(e.token)])
+        tops.append([[lp, t, text(t)] for t, lp in e.top] or None)
+    return tokens, tops
+
+
+class _Item(Generation):
+    """One prompt of a /generate call, while it runs."""
+
+    def __init__(self, prompt: list[int], p: _Params, rid: str, logprob: bool):
+        super().__init__()
+        self.prompt, self.p, self.rid, self.logprob = prompt, p, rid, logprob
+        self.arrival = time.perf_counter()
+
+    def sglang_finish_reason(self) -> dict | None:
+        if not self.done:
+            return None
+        if self.finish_reason == "stop":  # a stop string or token id, else the end-of-sequence token
+            return {"type": "stop", "matched": self.stop_reason if self.stop_reason is not None else
+                    (self.tokens[-1] if self.tokens else None)}
+        if self.finish_reason == "length":
+            return {"type": "length", "length": self.p.max_new_tokens}
+        return {"type": "abort", "message": self.error or "aborted"}
+
+    def response(self, server: Server, with_text: bool) -> dict:
+        meta = {"id": self.rid, "finish_reason": self.sglang_finish_reason(),
+                "prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens),
+                "cached_tokens": self.cached_tokens, "e2e_latency": time.perf_counter() - self.arrival}
+        if self.logprob:
+            meta["input_token_logprobs"], meta["input_top_logprobs"] = _logprob_triples(
+                server, self.prompt_logprobs or [], with_text)
+            if self.prompt_logprobs and self.prompt_logprobs[0] is None:  # SGLang lists the first token too
+                first = [None, self.prompt[0], server.model.tokenizer.token_text(self.prompt[0])
+                         if with_text and server.model.tokenizer else None]
+                meta["input_token_logprobs"].insert(0, first)
+                meta["input_top_logprobs"].insert(0, None)
+            meta["output_token_logprobs"], meta["output_top_logprobs"] = _logprob_triples(
+                server, self.logprobs, with_text)
+        return {"text": self.text, "output_ids": list(self.tokens), "meta_info": meta}
+
+
+async def generate(server: Server, req: GenerateRequest, raw_request):
+    if (req.text is None) == (req.input_ids is None):
+        raise APIError(400, "give exactly one of text and input_ids", "text")
+    batched = isinstance(req.text, list) or (req.input_ids is not None and bool(req.input_ids)
+                                             and isinstance(req.input_ids[0], list))
+    if req.text is not None:
+        tok = server.model.tokenizer
+        if tok is None:
+            raise APIError(400, "this bundle has no tokenizer: give input_ids", "text")
+        prompts = [tok.encode(t) for t in (req.text if batched else [req.text])]
+    else:
+        prompts = [list(p) for p in (req.input_ids if batched else [req.input_ids])]
+    if not prompts or any(not p for p in prompts):
+        raise APIError(400, "empty prompt", "text" if req.text is not None else "input_ids")
+    n = len(prompts)
+    params = [_params(p) for p in _per_item(req.sampling_params, n, "sampling_params")]
+    logprob = _per_item(req.return_logprob, n, "return_logprob")
+    starts = _per_item(req.logprob_start_len, n, "logprob_start_len")
+    tops = _per_item(req.top_logprobs_num, n, "top_logprobs_num")
+    rids = _per_item(req.rid, n, "rid") if isinstance(req.rid, list) else \
+        [f"{req.rid}_{i}" if batched and req.rid else req.rid or uuid.uuid4().hex for i in range(n)]
+    requests, items = [], []
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        if not 0 <= tops[i] <= MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs_num must be between 0 and {MAX_LOGPROBS}", "top_logprobs_num")
+        if starts[i] < -1:
+            raise APIError(400, "logprob_start_len must be >= -1", "logprob_start_len")
+        server.check_length(len(prompt), p.max_new_tokens, "input")
+        want_prompt = logprob[i] and starts[i] >= 0
+        requests.append((prompt, SamplingParams(
+            max_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k if p.top_k > 0 else None,
+            top_p=p.top_p if p.top_p < 1 else None, stop_token_ids=tuple(p.stop_token_ids or ()),
+            ignore_eos=p.ignore_eos, logprobs=tops[i] if logprob[i] else None,
+            prompt_logprobs=tops[i] if want_prompt else None, prompt_logprobs_start=max(starts[i], 0),
+            stop=tuple([p.stop] if isinstance(p.stop, str) else p.stop or ()),
+            include_stop_str_in_output=p.no_stop_trim)))
+        items.append(_Item(prompt, p, rids[i], logprob[i]))
+    with_text = req.return_text_in_logprobs
+
+    if req.stream:
+        async def bodies(outputs):
+            async for i, out in outputs:
+                items[i].update(out)
+                yield _indexed(items[i].response(server, with_text), i, batched)
+
+        return await event_stream(server, requests, raw_request, bodies)
+
+    async for i, out in server.generate(requests, raw_request):
+        items[i].update(out)
+    results = [item.response(server, with_text) for item in items]
+    return results if batched else results[0]
+
+
+def _indexed(response: dict, index: int, batched: bool) -> dict:
+    if batched:
+        response["index"] = index  # SGLang tags batch items in a stream with their index
+    return response
+
+
+def add_routes(app, server: Server) -> None:
+    @app.post("/generate")
+    async def _generate(req: GenerateRequest, raw_request: Request):
+        return await generate(server, req, raw_request)
+
+    @app.get("/get_model_info")
+    async def _model_info():
+        model = server.model
+        return {"model_path": server.options.served_model_name,
+                "tokenizer_path": str(model.tokenizer.folder) if model.tokenizer is not None else None,
+                "is_generation": True, "preferred_sampling_params": None, "weight_version": "default",
+                "has_image_understanding": False, "has_audio_understanding": False,
+                "model_type": model.config.get("architecture"), "architectures": [model.config.get("architecture")]}

@@ -1,0 +1,261 @@
+"""paged_attention {num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window, kv_dtype}.
+
+Semantics and arguments as targets/signatures.py says (shared with the CPU target), the pool
+in `kv_dtype` (float32, bfloat16 or float16), plus one buffer:
+
+    (out, ld_out, q, ld_q, pool, num_blocks, layer, block_tables, max_blocks, seq_lens,
+     query_start_loc, B, positions, T, attn_workspace)
+
+Each program takes the HP = num_heads / num_kv_heads query heads that share a kv head (GQA
+packing) for some tokens and streams that kv head's keys through the block table in tiles of
+BLOCK_N keys (any block_size: each key's block is looked up), with an online softmax in f32
+(exp2, scale folded with log2 e). Scores and P.V are tl.dot: for f32 pools in
+input_precision="ieee"; for bf16/f16 pools q and P are rounded to the pool's dtype (tensor
+cores, f32 accumulation), as a half-precision model computes them. A token with no keys gets
+zeros. head_dim <= 256 (padded to a power of two); any block_size, any HP.
+
+Two kernels, chosen by the launch rule:
+
+* T <= B (decode: one token per sequence, or fewer): flash-decoding. Grid (T, num_kv_heads, S):
+  split s of token t covers a contiguous S-th of the token's key range [lo, hi]. With
+  S = max(1, min(cdiv(max_blocks * block_size, 256), cdiv(4 * SMs, T * num_kv_heads))) the
+  grid fills the GPU at batch 1 and long contexts. S == 1: the split kernel writes `out`
+  directly (one launch). S > 1: it writes (acc, max, sum) per (token, head, split) to
+  `attn_workspace` and a reduce kernel, grid (T, num_heads), merges them in split order.
+  attn_workspace: 4 * (head_dim + 2) * num_heads * (T + cdiv(4 * SMs, num_kv_heads)) bytes
+  (an upper bound of T * S rows).
+* otherwise (prefill, chunked prefill, mixed batches): flash attention over variable-length
+  sequences in one flat batch. Program (i, g) takes a tile of BLOCK_Q = BLOCK_M / HP
+  consecutive tokens of one sequence: tile j of sequence b is program
+  query_start_loc[b] // BLOCK_Q + b + j (binary search over the B sequences), so the grid is
+  (T // BLOCK_Q + B, num_kv_heads) and surplus programs return. Each row has its own causal
+  (and sliding-window) key range; the tile streams the union.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .spec import Launch, Rule, Variant, add, cdiv, eq, kernel, le, max_, min_, mul, next_pow2
+
+LOG2E = 1.4426950408889634
+KEYS_PER_SPLIT = 256  # the fewest keys a decode split takes (before the GPU is full)
+
+
+@triton.jit
+def _find_sequence(query_start_loc, B, t):
+    """b with query_start_loc[b] <= t < query_start_loc[b + 1] (binary search)."""
+    lo = 0
+    hi = B.to(tl.int32)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc + mid) <= t:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@triton.jit
+def _attend(q, ld_q, tok, head, row_ok, pool, num_blocks, layer, g, block_tables_b, k_lo, k_hi, row_lo, row_hi,
+            M: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+            BLOCK_N: tl.constexpr, SCALE_LOG2: tl.constexpr, KV_F32: tl.constexpr):
+    """(acc [M, D_PAD], max [M], sum [M]): online softmax of M query rows (row r: token tok[r], head
+    head[r], keys row_lo[r]..row_hi[r]) over the keys k_lo..k_hi of kv head g, key j read at block
+    block_tables_b[j // BS], slot j % BS of the pool."""
+    d = tl.arange(0, D_PAD)
+    q_mask = row_ok[:, None] & (d[None, :] < D)
+    qt = tl.load(q + tok.to(tl.int64)[:, None] * ld_q + head[:, None] * D + d[None, :], mask=q_mask, other=0.0)
+    if not KV_F32:
+        qt = qt.to(pool.dtype.element_ty)
+    V_OFF = num_blocks.to(tl.int64) * G * BS * D  # the V plane
+    kv = pool + layer.to(tl.int64) * 2 * V_OFF + g * (BS * D)
+    G_STRIDE: tl.constexpr = G * BS * D
+    acc = tl.zeros([M, D_PAD], tl.float32)
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    for j0 in range(k_lo, k_hi + 1, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        j_ok = j <= k_hi
+        blk = tl.load(block_tables_b + j // BS, mask=j_ok, other=0).to(tl.int64)
+        rows = kv + blk[:, None] * G_STRIDE + (j % BS)[:, None] * D + d[None, :]
+        kv_mask = j_ok[:, None] & (d[None, :] < D)
+        k = tl.load(rows, mask=kv_mask, other=0.0)
+        if KV_F32:
+            s = tl.dot(qt, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(qt, tl.trans(k))
+        s = s * SCALE_LOG2
+        ok = (j[None, :] >= row_lo[:, None]) & (j[None, :] <= row_hi[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(rows + V_OFF, mask=kv_mask, other=0.0)
+        if KV_F32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _key_range(pos, seq_len, WINDOW: tl.constexpr):
+    hi = tl.minimum(pos, seq_len - 1)
+    if WINDOW > 0:
+        lo = tl.maximum(pos - WINDOW + 1, 0)
+    else:
+        lo = tl.zeros_like(pos)
+    return lo, hi
+
+
+@triton.jit
+def paged_attention_decode_kernel(
+        out, ld_out, q, ld_q, pool, num_blocks, layer, block_tables, max_blocks, seq_lens, query_start_loc, B,
+        positions, T, attn_workspace, num_splits,
+        H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
+        SCALE_LOG2: tl.constexpr, WINDOW: tl.constexpr, HP: tl.constexpr, HP_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, KV_F32: tl.constexpr, DIRECT: tl.constexpr):
+    t = tl.program_id(0)
+    g = tl.program_id(1)
+    split = tl.program_id(2)
+    b = _find_sequence(query_start_loc, B, t)
+    lo, hi = _key_range(tl.load(positions + t), tl.load(seq_lens + b), WINDOW)
+    chunk = tl.cdiv(tl.cdiv(hi - lo + 1, num_splits), BLOCK_N) * BLOCK_N
+    k_lo = lo + split * chunk
+    k_hi = tl.minimum(k_lo + chunk - 1, hi)
+
+    r = tl.arange(0, HP_PAD)
+    head = g * HP + r
+    tok = tl.zeros([HP_PAD], tl.int32) + t
+    acc, m_i, l_i = _attend(q, ld_q, tok, head, r < HP, pool, num_blocks, layer, g,
+                            block_tables + b.to(tl.int64) * max_blocks, k_lo, k_hi, tl.zeros([HP_PAD], tl.int32) + k_lo,
+                            tl.zeros([HP_PAD], tl.int32) + k_hi, HP_PAD, G, BS, D, D_PAD, BLOCK_N, SCALE_LOG2, KV_F32)
+    d = tl.arange(0, D_PAD)
+    t64 = t.to(tl.int64)
+    q_mask = (r[:, None] < HP) & (d[None, :] < D)
+    if DIRECT:
+        res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out + t64 * ld_out + head[:, None] * D + d[None, :], res, mask=q_mask)
+    else:
+        row = ((t64 * H + head) * num_splits + split) * (D + 2)
+        tl.store(attn_workspace + row[:, None] + d[None, :], acc, mask=q_mask)
+        tl.store(attn_workspace + row + D, m_i, mask=r < HP)
+        tl.store(attn_workspace + row + D + 1, l_i, mask=r < HP)
+
+
+@triton.jit
+def paged_attention_reduce_kernel(out, ld_out, T, attn_workspace, num_splits, H: tl.constexpr, D: tl.constexpr,
+                                  D_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    d = tl.arange(0, D_PAD)
+    base = (t * H + h) * num_splits * (D + 2)
+    m = tl.load(attn_workspace + base + D)
+    for s in range(1, num_splits):
+        m = tl.maximum(m, tl.load(attn_workspace + base + s * (D + 2) + D))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([D_PAD], tl.float32)
+    l_sum = 0.0
+    for s in range(num_splits):
+        row = attn_workspace + base + s * (D + 2)
+        w = tl.exp2(tl.load(row + D) - m_safe)
+        l_sum += w * tl.load(row + D + 1)
+        acc += w * tl.load(row + d, mask=d < D, other=0.0)
+    res = acc / tl.where(l_sum > 0, l_sum, 1.0)
+    tl.store(out + t * ld_out + h * D + d, res, mask=d < D)
+
+
+@triton.jit
+def paged_attention_prefill_kernel(
+        out, ld_out, q, ld_q, pool, num_blocks, layer, block_tables, max_blocks, seq_lens, query_start_loc, B,
+        positions, T,
+        H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
+        SCALE_LOG2: tl.constexpr, WINDOW: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KV_F32: tl.constexpr):
+    i = tl.program_id(0)
+    g = tl.program_id(1)
+    # sequence b owns programs [qsl[b] // BLOCK_Q + b, qsl[b + 1] // BLOCK_Q + b + 1)
+    lo = 0
+    hi = B.to(tl.int32)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc + mid) // BLOCK_Q + mid <= i:
+            lo = mid
+        else:
+            hi = mid
+    b = lo
+    q_start = tl.load(query_start_loc + b)
+    q_end = tl.load(query_start_loc + b + 1)
+    t0 = q_start + (i - (q_start // BLOCK_Q + b)) * BLOCK_Q
+    if t0 < q_end:
+        r = tl.arange(0, BLOCK_M)
+        tok = t0 + r // HP
+        head = g * HP + r % HP
+        row_ok = (r < BLOCK_Q * HP) & (tok < q_end)
+        pos = tl.load(positions + tok, mask=row_ok, other=0)
+        row_lo, row_hi = _key_range(pos, tl.load(seq_lens + b), WINDOW)
+        row_hi = tl.where(row_ok, row_hi, -1)
+        k_lo = tl.min(tl.where(row_ok, row_lo, 2147483647))
+        k_hi = tl.max(row_hi)
+
+        acc, m_i, l_i = _attend(q, ld_q, tok, head, row_ok, pool, num_blocks, layer, g,
+                                block_tables + b.to(tl.int64) * max_blocks, k_lo, k_hi, row_lo, row_hi, BLOCK_M, G, BS,
+                                D, D_PAD, BLOCK_N, SCALE_LOG2, KV_F32)
+        d = tl.arange(0, D_PAD)
+        tok64 = tok.to(tl.int64)
+        q_mask = row_ok[:, None] & (d[None, :] < D)
+        res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out + tok64[:, None] * ld_out + head[:, None] * D + d[None, :], res, mask=q_mask)
+
+
+def rule_paged_attention(params, arch, args) -> Rule:
+    h, g, d, bs = (int(params[p]) for p in ("num_heads", "num_kv_heads", "head_dim", "block_size"))
+    if h % g:
+        raise ValueError(f"paged_attention: num_heads {h} is not a multiple of num_kv_heads {g}")
+    d_pad = max(16, next_pow2(d))
+    if d_pad > 256:
+        raise ValueError(f"paged_attention: head_dim {d} > 256 is not supported on GPU targets")
+    kv_f32 = params["kv_dtype"] == "float32"
+    hp = h // g
+    common = {"H": h, "G": g, "D": d, "D_PAD": d_pad, "BS": bs, "SCALE_LOG2": float(params["scale"]) * LOG2E,
+              "WINDOW": int(params["sliding_window"] or 0), "HP": hp, "KV_F32": kv_f32}
+    ws_rows = add("T", -(-4 * arch.num_sms // g))
+    ws = {"name": "attn_workspace", "type": "*fp32", "bytes": mul(4 * (d + 2) * h, ws_rows), "zero_init": False}
+    # decode: flash-decoding split over the key range, then a reduce (or direct when one split)
+    splits = max_(1, min_(cdiv(mul("max_blocks", bs), KEYS_PER_SPLIT), cdiv(4 * arch.num_sms, max_(1, mul("T", g)))))
+    # key tiles of <= 32 KB of K and V (64 KB of LDS on gfx9)
+    block_n = max(16, min(64, 32768 // (2 * d_pad * (4 if kv_f32 else 2))))
+    dec = {**common, "HP_PAD": max(16, next_pow2(hp)), "BLOCK_N": block_n}
+    dec_args = args + (("attn_workspace", "*fp32"), ("num_splits", "i64"))
+    warps_dec = 4 if d_pad <= 128 else 8
+    direct = kernel(paged_attention_decode_kernel, dec | {"DIRECT": True}, dec_args, num_warps=warps_dec,
+                    num_stages=2)
+    split = kernel(paged_attention_decode_kernel, dec | {"DIRECT": False}, dec_args, num_warps=warps_dec,
+                   num_stages=2)
+    reduce = kernel(paged_attention_reduce_kernel, {"H": h, "D": d, "D_PAD": d_pad},
+                    (("out", "*fp32"), ("ld_out", "i64"), ("T", "i64"), ("attn_workspace", "*fp32"),
+                     ("num_splits", "i64")), num_warps=1)
+    s = (("num_splits", splits),)
+    # prefill: varlen flash attention
+    block_m = max(16 if d_pad > 128 else 64, next_pow2(hp))
+    block_q = block_m // hp
+    pre = kernel(paged_attention_prefill_kernel, {**common, "BLOCK_M": block_m, "BLOCK_Q": block_q, "BLOCK_N": block_n},
+                 args, num_warps=4 if d_pad <= 128 else 8, num_stages=2)
+    variants = [
+        Variant(["and", le("T", "B"), eq(splits, 1)],
+                (Launch(direct, ("T", g, 1), (("num_splits", 1),)),)),
+        Variant(le("T", "B"), (Launch(split, ("T", g, splits), s), Launch(reduce, ("T", h, 1), s))),
+        Variant(1, (Launch(pre, (_prefill_grid(block_q), g, 1)),)),
+    ]
+    return Rule("paged_attention", params, args, variants, [ws])
+
+
+def _prefill_grid(block_q: int):
+    """T // BLOCK_Q + B programs along x (T // BLOCK_Q = cdiv(T + 1, BLOCK_Q) - 1)."""
+    return add(["-", cdiv(add("T", 1), block_q), 1], "B")
+

@@ -1,0 +1,144 @@
+"""Row-wise kernels: embedding, gather_rows, add, act, act_mul (semantics: targets/signatures.py).
+
+Each program handles one row and one column block of BLOCK = min(next_pow2(dim), 1024)
+columns; grid (rows, cdiv(dim, BLOCK)). Activations are computed as in the CPU kernels: silu
+and gelu_tanh are x * sigmoid(z) with z and the exponential in f64, gelu is x * Phi(x) with
+erfc(|x|/sqrt2) = t exp(-z^2 + P(t)) in f64 (Numerical Recipes' erfcc, relative error ~1.2e-7),
+so every f32 input is within ~1e-6 relative of float64, tails included; act(-inf) = 0,
+act(inf) = inf, NaN propagates.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .spec import Launch, Rule, Variant, cdiv, kernel, next_pow2
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+@triton.jit
+def _sigmoid_mul(x, z):
+    """x * sigmoid(z) = x / (1 + exp(-z)) for f32 x and f64 z, without overflow or cancellation."""
+    t = tl.exp(-tl.abs(z))
+    xd = x.to(tl.float64)
+    num = tl.where(z < 0, tl.where(t > 0, xd * t, 0.0), xd)
+    return (num / (1.0 + t)).to(tl.float32)
+
+
+@triton.jit
+def _erfc_pos(z):
+    """erfc(z) for f64 z >= 0 (Numerical Recipes erfcc), f64."""
+    t = 1.0 / (1.0 + 0.5 * z)
+    p = t * 0.17087277 - 0.82215223
+    p = p * t + 1.48851587
+    p = p * t - 1.13520398
+    p = p * t + 0.27886807
+    p = p * t - 0.18628806
+    p = p * t + 0.09678418
+    p = p * t + 0.37409196
+    p = p * t + 1.00002368
+    p = p * t - 1.26551223
+    return t * tl.exp(p - z * z)
+
+
+@triton.jit
+def activation(x, ACT: tl.constexpr):
+    """silu, gelu, gelu_tanh or relu of an f32 tensor (see the module docstring)."""
+    if ACT == "silu":
+        y = _sigmoid_mul(x, x.to(tl.float64))
+    elif ACT == "gelu_tanh":
+        xd = x.to(tl.float64)
+        y = _sigmoid_mul(x, 1.5957691216057308 * (xd + 0.044715 * xd * xd * xd))  # 2 sqrt(2/pi)
+    elif ACT == "gelu":
+        xd = x.to(tl.float64)
+        half = 0.5 * _erfc_pos(tl.abs(xd) * 0.7071067811865476)
+        phi = tl.where(xd < 0, half, 1.0 - half)
+        y = tl.where(phi == 0, 0.0, xd * phi).to(tl.float32)
+    else:
+        tl.static_assert(ACT == "relu", "unknown activation")
+        y = tl.where(x < 0, 0.0, x)
+    return y
+
+
+@triton.jit
+def embedding_kernel(out, ld_out, table, ids, T, DIM: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < DIM
+    row = tl.load(ids + t).to(tl.int64)
+    v = tl.load(table + row * DIM + c, mask=m)
+    tl.store(out + t * ld_out + c, v.to(tl.float32), mask=m)
+
+
+@triton.jit
+def gather_rows_kernel(out, ld_out, x, ld_x, idx, L, DIM: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < DIM
+    src = tl.load(idx + r).to(tl.int64)
+    tl.store(out + r * ld_out + c, tl.load(x + src * ld_x + c, mask=m), mask=m)
+
+
+@triton.jit
+def add_kernel(out, ld_out, a, ld_a, b, ld_b, T, DIM: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < DIM
+    s = tl.load(a + t * ld_a + c, mask=m) + tl.load(b + t * ld_b + c, mask=m)
+    tl.store(out + t * ld_out + c, s, mask=m)
+
+
+@triton.jit
+def act_kernel(out, ld_out, x, ld_x, T, DIM: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < DIM
+    tl.store(out + t * ld_out + c, activation(tl.load(x + t * ld_x + c, mask=m), ACT), mask=m)
+
+
+@triton.jit
+def act_mul_kernel(out, ld_out, gate, ld_gate, up, ld_up, T, DIM: tl.constexpr, ACT: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < DIM
+    g = tl.load(gate + t * ld_gate + c, mask=m)
+    u = tl.load(up + t * ld_up + c, mask=m)
+    tl.store(out + t * ld_out + c, activation(g, ACT) * u, mask=m)
+
+
+def _row_rule(kind, params, fn, args, rows, constexprs) -> Rule:
+    dim = params["dim"]
+    block = min(next_pow2(dim), 1024)
+    spec = kernel(fn, {"DIM": dim, "BLOCK": block, **constexprs}, args, num_warps=max(1, min(4, block // 256)))
+    grid = (rows, cdiv(dim, block), 1)
+    return Rule(kind, params, args, [Variant(1, (Launch(spec, grid),))])
+
+
+def rule_embedding(params, arch, args) -> Rule:
+    return _row_rule("embedding", params, embedding_kernel, args, "T", {})
+
+
+def rule_gather_rows(params, arch, args) -> Rule:
+    return _row_rule("gather_rows", params, gather_rows_kernel, args, "L", {})
+
+
+def rule_add(params, arch, args) -> Rule:
+    return _row_rule("add", params, add_kernel, args, "T", {})
+
+
+def _check_act(act):
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r} (known: {', '.join(ACTIVATIONS)})")
+
+
+def rule_act(params, arch, args) -> Rule:
+    _check_act(params["act"])
+    return _row_rule("act", params, act_kernel, args, "T", {"ACT": params["act"]})
+
+
+def rule_act_mul(params, arch, args) -> Rule:
+    _check_act(params["act"])
+    return _row_rule("act_mul", params, act_mul_kernel, args, "T", {"ACT": params["act"]})

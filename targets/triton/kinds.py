@@ -1,0 +1,104 @@
+"""The kernel kinds of the GPU targets: their signatures and launch rule builders.
+
+Every kind of targets/signatures.py (static params, named typed arguments and semantics shared
+with the CPU target, so one plan drives both), plus the GPU-only fusions declared here the same
+way: add_rms_norm, add_layer_norm (norm.py), rope_kv_append (rope.py), argmax and sample
+(sampling.py). Storage dtypes (`w_dtype`, `dtype`, `kv_dtype`) may be float32, bfloat16 or
+float16.
+
+    rule = launch_rule("linear", {"n": 2048, "k": 2048, "w_dtype": "bfloat16"}, ARCHS["sm_90"])
+    rule.kernels()    # {key: KernelSpec} to compile
+    rule.to_json()    # what the loader evaluates (llmirc.runtime.launch_rules)
+"""
+
+from __future__ import annotations
+
+from llmirc.targets.signatures import REQUIRED, SIGNATURES, Param, Signature
+
+from . import attention, elementwise, linear, norm, rope, sampling
+from .arch import Arch
+from .spec import Rule
+
+STORAGE = ("float32", "bfloat16", "float16")  # what weights, tables and KV pools may be stored as
+_TRITON = {"f32": "fp32", "f16": "fp16"}      # dtypes' short names that Triton spells otherwise
+
+
+def _ptr(name, dtype="float32", access="r", nullable=False):
+    return Param(name, "ptr", dtype, access, nullable)
+
+
+def _i64(name):
+    return Param(name, "i64")
+
+
+_OUT = (_ptr("out", access="w"), _i64("ld_out"))
+_ADD = (_ptr("h", access="rw"), _i64("ld_h"), _ptr("x"), _i64("ld_x"))
+_ROPE = {"num_heads": REQUIRED, "head_dim": REQUIRED, "rotary_dim": None, "style": "neox", "inv_freq": REQUIRED,
+         "scaling": 1.0}
+_LOGITS = (_ptr("tokens", "int32", "w"), _ptr("logits"), _i64("ld_logits"))
+
+GPU_SIGNATURES: dict[str, Signature] = {s.kind: s for s in (
+    # h[t] += x[t]; out[t] = norm(h[t])   (vLLM's fused_add_rms_norm); out may equal x
+    Signature("add_rms_norm", {"dim": REQUIRED, "eps": REQUIRED}, (*_OUT, *_ADD, _ptr("w"), _i64("T"))),
+    Signature("add_layer_norm", {"dim": REQUIRED, "eps": REQUIRED, "bias": True},
+              (*_OUT, *_ADD, _ptr("w"), _ptr("b", nullable=True), _i64("T"))),
+    # out[t] = rope(q[t]); rope(k[t]) and v[t] into the pool at slot_mapping[t] (< 0: skipped)
+    Signature("rope_kv_append", _ROPE | {"num_kv_heads": REQUIRED, "num_layers": REQUIRED, "block_size": REQUIRED,
+                                         "kv_dtype": "float32"},
+              (*_OUT, _ptr("q"), _i64("ld_q"), _ptr("k"), _i64("ld_k"), _ptr("v"), _i64("ld_v"),
+               _ptr("positions", "int32"), _ptr("pool", "{kv_dtype}", "rw"), _i64("num_blocks"), _i64("layer"),
+               _ptr("slot_mapping", "int32"), _i64("T"))),
+    # tokens[l] = argmax logits[l]; or drawn with per-row temperature, top_k, top_p, seed, offset
+    Signature("argmax", {"vocab": REQUIRED}, (*_LOGITS, _i64("L"))),
+    Signature("sample", {"vocab": REQUIRED},
+              (*_LOGITS, _ptr("temperature"), _ptr("top_k", "int32"), _ptr("top_p"), _ptr("seeds", "int64"),
+               _ptr("offsets", "int64"), _i64("L"))),
+)}
+
+BUILDERS = {
+    "embedding": elementwise.rule_embedding, "rms_norm": norm.rule_rms_norm, "layer_norm": norm.rule_layer_norm,
+    "linear": linear.rule_linear, "rope": rope.rule_rope, "kv_append": rope.rule_kv_append,
+    "paged_attention": attention.rule_paged_attention, "act_mul": elementwise.rule_act_mul,
+    "act": elementwise.rule_act, "gather_rows": elementwise.rule_gather_rows, "add": elementwise.rule_add,
+    "add_rms_norm": norm.rule_add_rms_norm, "add_layer_norm": norm.rule_add_layer_norm,
+    "rope_kv_append": rope.rule_rope_kv_append, "argmax": sampling.rule_argmax, "sample": sampling.rule_sample,
+}
+
+
+def signature(kind: str) -> Signature:
+    if kind in SIGNATURES:
+        return SIGNATURES[kind]
+    if kind in GPU_SIGNATURES:
+        return GPU_SIGNATURES[kind]
+    raise ValueError(f"no GPU kernel for kind {kind!r} (known: {', '.join(BUILDERS)})")
+
+
+def triton_args(sig: Signature, static: dict) -> tuple:
+    """((name, Triton type), ...) of a signature's arguments: `*bf16`, `*i32`, `i64`, `fp32`, ..."""
+    out = []
+    for p in sig.params:
+        if p.type == "ptr":
+            short = sig.pointee(p, static).short
+            out.append((p.name, "*" + _TRITON.get(short, short)))
+        else:
+            out.append((p.name, _TRITON.get(p.type, p.type)))
+    return tuple(out)
+
+
+def launch_rule(kind: str, params: dict, arch: Arch, aligned=None) -> Rule:
+    """The launch rule of one kernel call; ValueError for an unknown kind or bad static params.
+
+    `aligned`: the run-time arguments the caller guarantees divisible by 16 (pointers: 16-byte
+    aligned; ld_* and other ints: multiples of 16 elements), which lets Triton vectorize the
+    accesses they address (16-byte loads and stores along rows). Default: every pointer, no int.
+    The loader checks them at launch (llmirc.runtime.launch_rules.check_aligned)."""
+    sig = signature(kind)
+    static = sig.bind_static(params)
+    for p in ("dtype", "w_dtype", "kv_dtype"):
+        if p in static and static[p] not in STORAGE:
+            raise ValueError(f"{kind}: {p} {static[p]!r} is not one of {', '.join(STORAGE)}")
+    rule = BUILDERS[kind](static, arch, triton_args(sig, static))
+    if aligned is not None:
+        rule = rule.with_aligned(aligned)
+    rule.check()
+    return rule

@@ -1,0 +1,165 @@
+"""linear {n, k, bias, residual, w_dtype}: out[t,j] = sum_i x[t,i] w[j,i] (+ bias[j]) (+ residual[t,j]).
+
+Semantics and arguments as targets/signatures.py says (shared with the CPU target), plus one buffer:
+
+    (out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_workspace)
+
+w is [n, k] row-major in `w_dtype` (float32, bfloat16 or float16), bias f32; x, residual and out
+f32; accumulation f32. bf16/f16 weights go through the tensor cores (the f32 x tile is
+rounded to the weight's dtype in registers: what a bf16 model's activations are); f32 weights
+use tl.dot with input_precision="ieee" (no TF32: exact as transformers' f32). `out` may be
+`residual` (same ld); it never aliases x or w.
+
+One @triton.jit kernel, three tile configurations chosen by T (the launch rule's variants):
+
+    T <= 16    decode: BLOCK_M 16, BLOCK_N 32, BLOCK_K 128 (64 for f32 weights): GEMV-shaped; the
+               weight rows stream through a num_stages-deep pipeline (cp.async/TMA-free loads,
+               16-byte vectors along k), split-K so that cdiv(n, 32) * split_k >= 2 * SMs.
+    T <= 128   BLOCK_M 64, BLOCK_N 64, BLOCK_K 64 (32 for f32), split-K likewise.
+    T > 128    prefill: 128 x 128 x 64 tiles (sm_90: wgmma; sm_80: mma; gfx9: MFMA), grouped
+               launch order (GROUP_M 8) for L2 reuse, no split-K.
+
+Split-K is deterministic and one launch: each program of a (m, n) tile writes its f32 partial
+tile to `splitk_workspace`, then counts itself on the tile's int32 counter (after a CTA
+barrier; on HIP every thread releases its own stores first, as s_barrier does not wait for
+them); the program that arrives last sums the partials in split order, applies bias and
+residual, writes `out` and resets the counter to 0. So the workspace's counters must be zero
+when it is first used (zero_init) and are zero again after every launch; calls that run one
+after another on one stream may share one workspace. Its size (bytes, a constant per call) is
+4 * (max_tiles * split_k * BLOCK_M * BLOCK_N + max_tiles) over the split variants.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .spec import Launch, Rule, Variant, cdiv, kernel, mul
+
+@triton.jit
+def _epilogue(out, ld_out, bias, residual, ld_res, acc, rm, rn, T, N: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_RESIDUAL: tl.constexpr):
+    mask = (rm[:, None] < T) & (rn[None, :] < N)
+    if HAS_BIAS:
+        acc += tl.load(bias + rn, mask=rn < N, other=0.0)[None, :]
+    rows = rm.to(tl.int64)[:, None]
+    if HAS_RESIDUAL:
+        acc += tl.load(residual + rows * ld_res + rn[None, :], mask=mask, other=0.0)
+    tl.store(out + rows * ld_out + rn[None, :], acc, mask=mask)
+
+
+@triton.jit
+def linear_kernel(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_workspace,
+                  N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                  K_SPLIT: tl.constexpr, GROUP_M: tl.constexpr, MAX_TILES: tl.constexpr,
+                  RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    tiles_m = tl.cdiv(T, BLOCK_M).to(tl.int32)
+    tiles_n: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    group = GROUP_M * tiles_n
+    first_m = (pid // group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_rows
+    pid_n = (pid % group) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = split * K_SPLIT
+    rk = k0 + tl.arange(0, BLOCK_K)
+    x_ptrs = x + rm.to(tl.int64)[:, None] * ld_x + rk[None, :]
+    w_ptrs = w + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    row_ok = rm[:, None] < T
+    col_ok = rn[:, None] < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kk in range(0, K_SPLIT, BLOCK_K):
+        k_ok = (rk[None, :] + kk) < K
+        a = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
+        b = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
+        if w.dtype.element_ty == tl.float32:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(w.dtype.element_ty), tl.trans(b), acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    if SPLIT_K == 1:
+        _epilogue(out, ld_out, bias, residual, ld_res, acc, rm, rn, T, N, HAS_BIAS, HAS_RESIDUAL)
+    else:
+        tile = pid_m * tiles_n + pid_n
+        tile_elems: tl.constexpr = BLOCK_M * BLOCK_N
+        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        parts = splitk_workspace + tile.to(tl.int64) * (SPLIT_K * tile_elems)
+        tl.store(parts + split * tile_elems + offs, acc)
+        counter = (splitk_workspace + MAX_TILES * SPLIT_K * tile_elems).to(tl.pointer_type(tl.int32)) + tile
+        if RELEASE_ALL:  # every thread's stores released at gpu scope before the barrier
+            tl.atomic_add(counter + tl.zeros([THREADS], tl.int32), tl.zeros([THREADS], tl.int32), sem="release",
+                          scope="gpu")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for s in range(SPLIT_K):
+                acc += tl.load(parts + s * tile_elems + offs, cache_modifier=".cg")
+            _epilogue(out, ld_out, bias, residual, ld_res, acc, rm, rn, T, N, HAS_BIAS, HAS_RESIDUAL)
+
+
+def _config(arch, w_dtype: str, t_max: int | None) -> dict:
+    """Tile shape, warps and stages for one T range on one architecture."""
+    f32 = w_dtype == "float32"
+    hip = arch.backend == "hip"
+    if t_max is not None and t_max <= 16:
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64 if f32 else 128, num_warps=4)
+    elif t_max is not None:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if f32 else 64, num_warps=4)
+    elif hip or arch.arch == 80:  # 64 KB of LDS / 163 KB: the f32 x tile takes twice the weights' bytes
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32 if f32 else 64, num_warps=8)
+    cfg["num_stages"] = 2 if hip else (4 if t_max is not None else 3)
+    return cfg
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def split_k(n: int, k: int, block_n: int, block_k: int, tiles_m: int, num_sms: int,
+            splits: int | None = None) -> tuple[int, int]:
+    """(split_k, k_split): toward tiles * split_k >= 2 * SMs with >= 4 k-blocks per split (unless
+    `splits` is given); k_split is a multiple of block_k and no split is empty."""
+    k_blocks = _cdiv(k, block_k)
+    if splits is None:
+        splits = max(1, min(_cdiv(2 * num_sms, tiles_m * _cdiv(n, block_n)), k_blocks // 4))
+    k_split = _cdiv(k_blocks, min(splits, k_blocks)) * block_k
+    return _cdiv(k, k_split), k_split
+
+
+def rule_linear(params, arch, args, split_k_override: int | None = None) -> Rule:
+    """The launch rule of one linear; `split_k_override` forces a split count (tests)."""
+    n, k = int(params["n"]), int(params["k"])
+    w_dtype = params["w_dtype"]
+    kernel_args = args + (("splitk_workspace", "*fp32"),)
+    variants, ws_floats = [], 0
+    for t_max in (16, 128, None):
+        cfg = _config(arch, w_dtype, t_max)
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        max_tiles = _cdiv(t_max, bm) * _cdiv(n, bn) if t_max else 0
+        if t_max is None:
+            splits, k_split = split_k(n, k, bn, bk, 1, arch.num_sms, splits=1)
+        else:
+            splits, k_split = split_k(n, k, bn, bk, _cdiv(t_max, bm), arch.num_sms, split_k_override)
+        if splits > 1:
+            ws_floats = max(ws_floats, max_tiles * (splits * bm * bn + 1))
+        spec = kernel(linear_kernel, {
+            "N": n, "K": k, "HAS_BIAS": bool(params["bias"]), "HAS_RESIDUAL": bool(params["residual"]),
+            "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+            "SPLIT_K": splits, "K_SPLIT": k_split, "GROUP_M": 8 if t_max is None else 1, "MAX_TILES": max_tiles,
+            "RELEASE_ALL": arch.backend == "hip", "THREADS": cfg["num_warps"] * arch.warp_size},
+            kernel_args, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        grid = (mul(cdiv("T", bm), _cdiv(n, bn)), splits, 1)
+        variants.append(Variant(["<=", "T", t_max] if t_max else 1, (Launch(spec, grid),)))
+    buffers = [{"name": "splitk_workspace", "type": "*fp32", "bytes": 4 * ws_floats, "zero_init": True}]
+    return Rule("linear", params, args, variants, buffers)

@@ -1,0 +1,167 @@
+"""Rotary embedding and the paged KV write: rope, kv_append (semantics: targets/signatures.py) and
+the GPU-only fusion of both.
+
+One program per token (grid (T, 1, 1)) handles all its heads: a [heads, rotary_dim/2] tile.
+The angle is positions[t] * inv_freq[i] (one f32 multiply; inv_freq is baked into the kernel
+as constants), cos/sin are Triton's accurate ones (libdevice-class, with range reduction),
+times `scaling`. Pool offsets are int64. KV values are rounded to the pool's dtype (`kv_dtype`:
+float32, bfloat16 or float16; round to nearest even).
+
+rope_kv_append {num_heads, num_kv_heads, head_dim, rotary_dim, style, inv_freq, scaling,
+                num_layers, block_size, kv_dtype}                                  (GPU only)
+    (out, ld_out, q, ld_q, k, ld_k, v, ld_v, positions, pool, num_blocks, layer, slot_mapping, T)
+    out[t] = rope(q[t]) (num_heads heads; out may equal q); for slot_mapping[t] = s >= 0:
+    pool[layer, 0, s / block_size, g, s % block_size, :] = rope(k[t])[g] and
+    pool[layer, 1, ...] = v[t][g] for each kv head g. k itself is not written: attention reads
+    the keys from the pool.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .spec import Launch, Rule, Variant, kernel, next_pow2
+
+
+@triton.jit
+def _cos_sin(pos, INV_FREQ: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, SCALING: tl.constexpr):
+    i = tl.arange(0, HALF_PAD)
+    f = tl.zeros([HALF_PAD], tl.float32)
+    for j in tl.static_range(HALF):
+        f = tl.where(i == j, INV_FREQ[j], f)
+    a = pos.to(tl.float32) * f
+    return tl.cos(a) * SCALING, tl.sin(a) * SCALING
+
+
+@triton.jit
+def _rope_heads(dst, head_stride, src, c, s, ok, NH: tl.constexpr, NH_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                ROT: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """dst[h * head_stride + i] = rope(src[h * HEAD_DIM + i]) for the NH heads (columns ROT..HEAD_DIM
+    copied), rounded to dst's dtype, where `ok` (a [1, 1] block). dst may be src."""
+    h = tl.arange(0, NH_PAD)[:, None]
+    i = tl.arange(0, HALF_PAD)[None, :]
+    if INTERLEAVED:
+        c1 = 2 * i
+        c2 = 2 * i + 1
+    else:
+        c1 = i
+        c2 = i + ROT // 2
+    m = (h < NH) & (i < ROT // 2) & ok
+    x1 = tl.load(src + h * HEAD_DIM + c1, mask=m, other=0.0)
+    x2 = tl.load(src + h * HEAD_DIM + c2, mask=m, other=0.0)
+    dt = dst.dtype.element_ty
+    if ROT < HEAD_DIM:
+        cc = ROT + tl.arange(0, TAIL_PAD)[None, :]
+        mt = (h < NH) & (cc < HEAD_DIM) & ok
+        tl.store(dst + h * head_stride + cc, tl.load(src + h * HEAD_DIM + cc, mask=mt).to(dt), mask=mt)
+    tl.store(dst + h * head_stride + c1, (x1 * c[None, :] - x2 * s[None, :]).to(dt), mask=m)
+    tl.store(dst + h * head_stride + c2, (x2 * c[None, :] + x1 * s[None, :]).to(dt), mask=m)
+
+
+@triton.jit
+def rope_kernel(out, ld_out, x, ld_x, positions, T, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                ROT: tl.constexpr, INTERLEAVED: tl.constexpr, INV_FREQ: tl.constexpr, SCALING: tl.constexpr,
+                NH_PAD: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c, s = _cos_sin(tl.load(positions + t), INV_FREQ, ROT // 2, HALF_PAD, SCALING)
+    _rope_heads(out + t * ld_out, HEAD_DIM, x + t * ld_x, c, s, tl.full([1, 1], 1, tl.int1), NUM_HEADS, NH_PAD,
+                HEAD_DIM, ROT, HALF_PAD, TAIL_PAD, INTERLEAVED)
+
+
+@triton.jit
+def _load_slot(slot_mapping, t):
+    """slot_mapping[t] as a [1, 1] block (it masks [heads, dims] tiles; Triton's interpreter turns
+    a scalar bool combined with a block bool into int32)."""
+    return tl.load(slot_mapping + t + tl.zeros([1, 1], tl.int32))
+
+
+@triton.jit
+def _slot_base(pool, num_blocks, layer, slot, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
+    """Pointer to pool[layer, 0, slot / BS, 0, slot % BS, 0] (the V plane is num_blocks*G*BS*D further)."""
+    blk = (slot // BS).to(tl.int64)
+    off = (slot % BS).to(tl.int64)
+    return pool + ((layer.to(tl.int64) * 2 * num_blocks + blk) * G * BS + off) * D
+
+
+@triton.jit
+def _write_heads(dst, src, m_row, G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+                 D_PAD: tl.constexpr):
+    """dst[g*BS*D + d] = src[g*D + d] (one token's heads into their pool slots), rounded to dst's dtype."""
+    g = tl.arange(0, G_PAD)[:, None]
+    d = tl.arange(0, D_PAD)[None, :]
+    m = (g < G) & (d < D) & m_row
+    tl.store(dst + g * (BS * D) + d, tl.load(src + g * D + d, mask=m).to(dst.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def kv_append_kernel(pool, num_blocks, layer, k, ld_k, v, ld_v, slot_mapping, T, G: tl.constexpr,
+                     D: tl.constexpr, BS: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = _load_slot(slot_mapping, t)
+    ok = slot >= 0
+    base = _slot_base(pool, num_blocks, layer, tl.maximum(slot, 0), G, BS, D)
+    _write_heads(base, k + t * ld_k, ok, G, G_PAD, BS, D, D_PAD)
+    _write_heads(base + num_blocks.to(tl.int64) * G * BS * D, v + t * ld_v, ok, G, G_PAD, BS, D, D_PAD)
+
+
+@triton.jit
+def rope_kv_append_kernel(out, ld_out, q, ld_q, k, ld_k, v, ld_v, positions, pool, num_blocks, layer,
+                          slot_mapping, T, NUM_HEADS: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          ROT: tl.constexpr, INTERLEAVED: tl.constexpr, INV_FREQ: tl.constexpr,
+                          SCALING: tl.constexpr, BS: tl.constexpr, NH_PAD: tl.constexpr, G_PAD: tl.constexpr,
+                          HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c, s = _cos_sin(tl.load(positions + t), INV_FREQ, ROT // 2, HALF_PAD, SCALING)
+    _rope_heads(out + t * ld_out, HEAD_DIM, q + t * ld_q, c, s, tl.full([1, 1], 1, tl.int1), NUM_HEADS, NH_PAD,
+                HEAD_DIM, ROT, HALF_PAD, TAIL_PAD, INTERLEAVED)
+    slot = _load_slot(slot_mapping, t)
+    ok = slot >= 0
+    base = _slot_base(pool, num_blocks, layer, tl.maximum(slot, 0), G, BS, HEAD_DIM)
+    _rope_heads(base, BS * HEAD_DIM, k + t * ld_k, c, s, ok, G, G_PAD, HEAD_DIM, ROT, HALF_PAD, TAIL_PAD,
+                INTERLEAVED)
+    _write_heads(base + num_blocks.to(tl.int64) * G * BS * HEAD_DIM, v + t * ld_v, ok, G, G_PAD, BS, HEAD_DIM,
+                 D_PAD)
+
+
+def _rope_constexprs(params) -> dict:
+    head_dim = int(params["head_dim"])
+    rot = int(params["rotary_dim"] or head_dim)
+    if rot % 2 or rot > head_dim or len(params["inv_freq"]) != rot // 2:
+        raise ValueError(f"rope: rotary_dim {rot} must be even, <= head_dim {head_dim}, "
+                         f"with rotary_dim/2 inv_freq values (got {len(params['inv_freq'])})")
+    style = params["style"]
+    if style not in ("neox", "interleaved"):
+        raise ValueError(f"rope: unknown style {style!r}")
+    return {"HEAD_DIM": head_dim, "ROT": rot, "INTERLEAVED": style == "interleaved",
+            "INV_FREQ": tuple(float(f) for f in params["inv_freq"]), "SCALING": float(params["scaling"]),
+            "HALF_PAD": next_pow2(rot // 2), "TAIL_PAD": next_pow2(max(1, head_dim - rot))}
+
+
+def _warps(elems: int) -> int:
+    return max(1, min(8, elems // 512))
+
+
+def rule_rope(params, arch, args) -> Rule:
+    cx = _rope_constexprs(params)
+    nh = int(params["num_heads"])
+    spec = kernel(rope_kernel, {"NUM_HEADS": nh, "NH_PAD": next_pow2(nh), **cx}, args,
+                  num_warps=_warps(next_pow2(nh) * cx["HALF_PAD"]))
+    return Rule("rope", params, args, [Variant(1, (Launch(spec, ("T", 1, 1)),))])
+
+
+def rule_kv_append(params, arch, args) -> Rule:
+    g, d = int(params["num_kv_heads"]), int(params["head_dim"])
+    spec = kernel(kv_append_kernel, {"G": g, "D": d, "BS": int(params["block_size"]), "G_PAD": next_pow2(g),
+                                     "D_PAD": next_pow2(d)}, args, num_warps=_warps(next_pow2(g) * next_pow2(d)))
+    return Rule("kv_append", params, args, [Variant(1, (Launch(spec, ("T", 1, 1)),))])
+
+
+def rule_rope_kv_append(params, arch, args) -> Rule:
+    cx = _rope_constexprs(params)
+    nh, g = int(params["num_heads"]), int(params["num_kv_heads"])
+    spec = kernel(rope_kv_append_kernel, {
+        "NUM_HEADS": nh, "G": g, "BS": int(params["block_size"]), "NH_PAD": next_pow2(nh), "G_PAD": next_pow2(g),
+        "D_PAD": next_pow2(cx["HEAD_DIM"]), **cx}, args,
+        num_warps=_warps(next_pow2(nh + g) * next_pow2(cx["HEAD_DIM"])))
+    return Rule("rope_kv_append", params, args, [Variant(1, (Launch(spec, ("T", 1, 1)),))])

@@ -1,0 +1,176 @@
+"""Chat templates rendered and tokenized as transformers' apply_chat_template does, on templates
+written like the ones real checkpoints ship (Llama 3.1, Qwen2/ChatML, SmolLM2, and one using
+the less common features: generation blocks, loop controls, namespaces, tojson)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from helpers import CHATML, make_tokenizer
+from llmirc.errors import LlmircError
+from llmirc.runtime.chat_template import ChatTemplate
+from llmirc.runtime.tokenizer import Tokenizer
+
+LLAMA31 = """{{- bos_token }}
+{%- if not date_string is defined %}{%- set date_string = strftime_now("%d %b %Y") %}{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{%- if tools is not none %}{{- "Environment: ipython\\n" }}{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\\n" }}
+{{- "Today Date: " + date_string + "\\n\\n" }}
+{%- if tools is not none %}
+    {%- for t in tools %}{{- t | tojson(indent=4) }}{{- "\\n\\n" }}{%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+
+QWEN2 = """{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system
+You are a helpful assistant.<|im_end|>
+' }}{% endif %}{{'<|im_start|>' + message['role'] + '
+' + message['content'] + '<|im_end|>' + '
+'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant
+' }}{% endif %}"""
+
+SMOLLM2 = """{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system
+You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
+' }}{% endif %}{{'<|im_start|>' + message['role'] + '
+' + message['content'] + '<|im_end|>' + '
+'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant
+' }}{% endif %}"""
+
+FEATURES = """{%- set ns = namespace(turns=0) -%}
+{%- for message in messages -%}
+  {%- if message.role == 'stop' %}{% break %}{% endif -%}
+  {%- set ns.turns = ns.turns + 1 -%}
+  {%- if message.role == 'assistant' -%}
+    {{ '<a>' }}{% generation %}{{ message.content }}{{ eos_token }}{% endgeneration %}
+  {%- else -%}
+    {{ '<' + message.role + '>' + (message.meta | tojson if message.meta is defined else '') + message.content }}
+  {%- endif %}
+{% endfor -%}
+{{ 'turns=' ~ ns.turns }}{% if add_generation_prompt %}<a>{% endif %}"""
+
+TEMPLATES = {"llama3.1": LLAMA31, "qwen2": QWEN2, "smollm2": SMOLLM2, "chatml": CHATML, "features": FEATURES}
+
+CONVERSATIONS = {
+    "one-user": [{"role": "user", "content": "hello there"}],
+    "system-multi-turn": [{"role": "system", "content": "  be brief  "}, {"role": "user", "content": "héllo ✓"},
+                          {"role": "assistant", "content": "hi! <s> not special"}, {"role": "user", "content": "more"}],
+    "none-values": [{"role": "user", "content": "quick", "name": None}],
+    "extra-fields": [{"role": "user", "content": "a", "meta": {"k": "<b>é</b>", "n": [1, 2]}},
+                     {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                     {"role": "stop", "content": "-"}, {"role": "user", "content": "never"}],
+}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    make_tokenizer(path, 384)
+    return path
+
+
+def with_template(folder, tmp_path, template, as_file: bool):
+    dst = tmp_path / "tok"
+    dst.mkdir()
+    for f in folder.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    if as_file:
+        (dst / "chat_template.jinja").write_text(template)
+    else:
+        config = json.loads((dst / "tokenizer_config.json").read_text())
+        config["chat_template"] = template
+        (dst / "tokenizer_config.json").write_text(json.dumps(config))
+    return dst
+
+
+def ours(path):
+    tok = Tokenizer.from_bundle_dir(path)
+    return tok, ChatTemplate.from_folder(path, tok.special_tokens_map)
+
+
+@pytest.mark.parametrize("as_file", [False, True], ids=["tokenizer_config", "chat_template.jinja"])
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_renders_and_tokenizes_as_transformers(folder, tmp_path, name, conversation, as_file):
+    path = with_template(folder, tmp_path, TEMPLATES[name], as_file)
+    hf = PreTrainedTokenizerFast.from_pretrained(str(path))
+    tok, template = ours(path)
+    messages = CONVERSATIONS[conversation]
+    if name == "llama3.1" and conversation == "extra-fields":
+        messages = messages[:3]  # roles must alternate
+    for add_generation_prompt in (True, False):
+        text = template.render(messages, add_generation_prompt=add_generation_prompt)
+        assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        ids = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, return_dict=False)
+        assert tok.encode(text, add_special_tokens=False) == ids
+
+
+def test_template_variables_tools_and_continue_final_message(folder, tmp_path):
+    path = with_template(folder, tmp_path, LLAMA31, as_file=False)
+    hf = PreTrainedTokenizerFast.from_pretrained(str(path))
+    _, template = ours(path)
+    messages = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "It is"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "<b>now</b> é",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    for kwargs in (dict(date_string="01 Jan 2025"), dict(tools=tools), dict()):
+        assert template.render(messages[:1], **kwargs) == hf.apply_chat_template(
+            messages[:1], tokenize=False, add_generation_prompt=True, **kwargs)
+    assert template.render(messages, add_generation_prompt=False, continue_final_message=True) == \
+        hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+
+
+def test_named_templates_pick_default_or_tool_use(folder, tmp_path):
+    dst = with_template(folder, tmp_path, CHATML, as_file=False)
+    config = json.loads((dst / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "default", "template": CHATML},
+                               {"name": "tool_use", "template": "{{ tools | length }} tools{{ messages[0].content }}"}]
+    (dst / "tokenizer_config.json").write_text(json.dumps(config))
+    hf = PreTrainedTokenizerFast.from_pretrained(str(dst))
+    _, template = ours(dst)
+    messages = [{"role": "user", "content": "x"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert template.render(messages) == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert template.render(messages, tools=tools) == "1 toolsx" == \
+        hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+
+
+def test_template_errors_are_one_line_naming_the_template(folder, tmp_path):
+    path = with_template(folder, tmp_path, LLAMA31, as_file=True)
+    _, template = ours(path)
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(LlmircError, match=r"chat_template.jinja: TemplateError: Conversation roles must alternate"):
+        template.render(bad)
+    with pytest.raises(LlmircError, match="empty"):
+        template.render([])
+    with pytest.raises(LlmircError, match="SecurityError|unsafe|access"):
+        ChatTemplate("{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}").render(
+            [{"role": "user", "content": "x"}])
+
+
+def test_no_template_and_bad_template_field(folder, tmp_path):
+    assert ChatTemplate.from_folder(folder) is None  # make_tokenizer writes none
+    dst = with_template(folder, tmp_path, CHATML, as_file=False)
+    config = json.loads((dst / "tokenizer_config.json").read_text())
+    config["chat_template"] = 42
+    (dst / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(LlmircError, match="tokenizer_config.json chat_template: expected a string"):
+        ChatTemplate.from_folder(dst)

@@ -1,0 +1,179 @@
+"""The engine loop against a fake executor: threads adding and aborting requests, per-request
+sampling streams, logprobs, failures. The fake executor keeps its own paged KV store (tokens by
+slot) and returns logits that are a fixed function of each sequence's history, so any mix-up of
+blocks, rows or requests changes the output."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from llmirc.errors import LlmircError
+from llmirc.runtime.engine import Engine, SamplingParams
+from llmirc.runtime.scheduler import Scheduler
+
+VOCAB = 50
+
+
+def history_logits(history) -> np.ndarray:
+    h = 0
+    for t in history:
+        h = (h * 1_000_003 + int(t) + 1) % (2**61 - 1)
+    return np.random.default_rng(h).standard_normal(VOCAB).astype(np.float32) * 2
+
+
+class FakeExecutor:
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks, self.block_size, self.vocab_size = num_blocks, block_size, VOCAB
+        self.pool = np.full(num_blocks * block_size, -1, dtype=np.int64)
+        self.fail = False
+
+    def forward(self, token_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc, logits_indices):
+        if self.fail:
+            raise RuntimeError("kernel exploded")
+        self.pool[slot_mapping] = token_ids
+        out = np.empty((len(logits_indices), VOCAB), dtype=np.float32)
+        for r, row in enumerate(logits_indices):
+            b = np.searchsorted(query_start_loc, row, side="right") - 1
+            last = positions[row]
+            slots = [block_tables[b, p // self.block_size] * self.block_size + p % self.block_size
+                     for p in range(last + 1)]
+            out[r] = history_logits(self.pool[slots])
+        return out
+
+
+def make(num_blocks=64, block_size=4, **kw):
+    executor = FakeExecutor(num_blocks, block_size)
+    scheduler = Scheduler(num_blocks, block_size, 256, eos_token_ids=[0], vocab_size=VOCAB, **kw)
+    return Engine(executor, scheduler), executor
+
+
+def greedy_reference(prompt, n):
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(np.argmax(history_logits(tokens))))
+    return tokens[len(prompt):]
+
+
+def collect(engine, prompts, params):
+    out = {}
+    for o in engine.generate(prompts, params):
+        out.setdefault(o.request_id, []).append(o)
+    return out
+
+
+def test_greedy_batch_matches_reference_and_frees_everything():
+    engine, _ = make(max_num_seqs=3, max_batched_tokens=8)
+    prompts = [[1, 2, 3], [4] * 11, [5, 6], [1, 2, 3, 7]]
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)] * 4
+    out = collect(engine, prompts, params)
+    for i, prompt in enumerate(prompts):
+        assert [o.token for o in out[i]] == greedy_reference(prompt, 6)
+        assert out[i][-1].finished and out[i][-1].finish_reason == "length"
+    assert engine.num_requests == 0 and engine.scheduler.allocator.num_available == 64
+
+
+def test_each_request_keeps_its_own_seeded_stream():
+    prompt = [3, 1, 4]
+    p = SamplingParams(max_tokens=8, temperature=1.0, top_k=20, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = [o.token for o in collect(make()[0], [prompt], [p])[0]]
+    crowd = collect(make()[0], [[9, 9], prompt, [8]], [SamplingParams(max_tokens=8, temperature=0.7, seed=1),
+                                                       p, SamplingParams(max_tokens=3, temperature=0)])
+    assert [o.token for o in crowd[1]] == alone  # same seed, other requests around: same tokens
+    other = collect(make()[0], [prompt], [SamplingParams(max_tokens=8, temperature=1.0, top_k=20, top_p=0.9,
+                                                         seed=99, ignore_eos=True)])
+    assert [o.token for o in other[0]] != alone
+
+
+def test_logprobs_and_prompt_logprobs_are_log_softmax_of_the_logits():
+    engine, _ = make()
+    prompt = [7, 8, 9, 10, 11, 12]
+    out = collect(engine, [prompt], [SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=2,
+                                                    prompt_logprobs=1, prompt_logprobs_start=0)])[0]
+    tokens = [o.token for o in out]
+
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        return x - x.max() - np.log(np.exp(x - x.max()).sum())
+
+    first = out[0].prompt_logprobs
+    assert first[0] is None and [e.token for e in first[1:]] == prompt[1:]
+    for p, entry in enumerate(first[1:], start=1):
+        ref = log_softmax(history_logits(prompt[:p]))
+        assert entry.logprob == pytest.approx(ref[prompt[p]], abs=1e-5)
+        assert entry.top[0] == (int(np.argmax(ref)), pytest.approx(ref.max(), abs=1e-5))
+    for i, o in enumerate(out):
+        ref = log_softmax(history_logits(prompt + tokens[:i]))
+        assert o.logprob.logprob == pytest.approx(ref[tokens[i]], abs=1e-5)
+        assert [t for t, _ in o.logprob.top] == list(np.argsort(-ref)[:2])
+    assert all(o.prompt_logprobs is None for o in out[1:])
+
+
+def test_threads_add_and_abort_while_the_loop_runs():
+    engine, _ = make(num_blocks=24, max_num_seqs=4, max_batched_tokens=16)
+    engine.start()
+    results, errors = {}, []
+    done = threading.Event()
+
+    def client(k):
+        try:
+            outs = list(engine.generate([[k + 1, k + 2, k + 3]], [SamplingParams(max_tokens=10, temperature=0,
+                                                                               ignore_eos=True)]))
+            results[k] = [o.token for o in outs]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(12)]
+    for t in threads:
+        t.start()
+    # Meanwhile: a long request that is aborted while it runs.
+    got = []
+    rid = engine.add_request([1] * 30, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True),
+                             lambda o: (got.append(o), o.finished and done.set()))
+    while not got:
+        threading.Event().wait(0.001)
+    engine.abort(rid)
+    assert done.wait(10)
+    for t in threads:
+        t.join(30)
+    engine.stop()
+    assert not errors, errors
+    assert results == {k: greedy_reference([k + 1, k + 2, k + 3], 10) for k in range(12)}
+    assert got[-1].finish_reason == "abort" and len(got) < 60
+    assert engine.num_requests == 0 and engine.scheduler.allocator.num_available == 24
+    assert engine.stats.finished["abort"] == 1 and engine.stats.finished["length"] == 12
+
+
+def test_closing_a_generation_early_aborts_it():
+    engine, _ = make(num_blocks=16)
+    stream = engine.generate([[1, 2], [3, 4]], [SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)] * 2)
+    next(stream)
+    stream.close()
+    assert engine.num_requests == 0 and engine.scheduler.allocator.num_available == 16
+
+
+def test_a_failing_step_fails_every_request_and_the_engine():
+    engine, executor = make()
+    stream = engine.generate([[1, 2], [3]], [SamplingParams(max_tokens=5, temperature=0)] * 2)
+    next(stream)
+    executor.fail = True
+    with pytest.raises(LlmircError, match="kernel exploded"):
+        list(stream)
+    assert engine.error and engine.num_requests == 0
+    with pytest.raises(LlmircError, match="stopped after an error"):
+        engine.add_request([1], SamplingParams(), lambda o: None)
+
+
+def test_requests_are_checked_before_anything_runs():
+    engine, _ = make(num_blocks=8)
+    with pytest.raises(LlmircError, match="context of 256"):
+        list(engine.generate([[1], [1] * 300], [SamplingParams(max_tokens=4)] * 2))
+    with pytest.raises(LlmircError, match="top_p"):
+        engine.add_request([1], SamplingParams(top_p=0.0), lambda o: None)
+    with pytest.raises(LlmircError, match="stop strings need a tokenizer"):
+        engine.add_request([1], SamplingParams(stop=("x",)), lambda o: None)
+    with pytest.raises(LlmircError, match="logprobs"):
+        engine.add_request([1], SamplingParams(logprobs=21), lambda o: None)
+    assert engine.num_requests == 0 and engine.scheduler.waiting == type(engine.scheduler.waiting)()

@@ -1,0 +1,178 @@
+"""config.json read as the pinned transformers reads it: every field that changes the math, with its
+location, priority and default, compared with what transformers itself computes from the same file.
+
+Rotary embeddings: for every rope type and spelling llmirc accepts, llmirc's inverse frequencies and
+attention factor against the model's own rotary class (which calls transformers' rope
+initialisation functions, modeling_rope_utils.ROPE_INIT_FUNCTIONS), and the attention scale against
+the attention module's. Other fields: against the attributes of the loaded config (family defaults
+included). What transformers refuses, llmirc refuses too, naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import transformers
+
+from llmirc.errors import CheckpointError
+from llmirc.frontend.hf_config import parse_config
+
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+
+
+def base(family: str = "llama", **overrides) -> dict:
+    cfg = {"architectures": [f"{FAMILIES[family]}ForCausalLM"], "model_type": family, "vocab_size": 384,
+           "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "max_position_embeddings": 512}
+    cfg.update(overrides)
+    return {k: v for k, v in cfg.items() if v is not DROP}
+
+
+DROP = object()  # base(key=DROP): the field is absent from config.json
+
+
+def hf(tmp_path, config: dict):
+    """transformers' config loaded from a config.json holding `config`."""
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return transformers.AutoConfig.from_pretrained(tmp_path)
+
+
+def hf_rope(tmp_path, config: dict) -> tuple[np.ndarray, float, float]:
+    """(inv_freq, attention factor of cos/sin, attention scale) as transformers' modules compute them."""
+    cfg = hf(tmp_path, config)
+    module = getattr(transformers.models, cfg.model_type)
+    modeling = getattr(module, f"modeling_{cfg.model_type}")
+    prefix = FAMILIES[cfg.model_type]
+    rotary = getattr(modeling, f"{prefix}RotaryEmbedding")(cfg)
+    attention = getattr(modeling, f"{prefix}Attention")(cfg, layer_idx=0)
+    return rotary.inv_freq.numpy(), float(rotary.attention_scaling), float(attention.scaling)
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+ROPE_CASES = {
+    "no-rope-fields": base(),
+    "top-level-theta": base(rope_theta=50000.0),
+    "default-in-rope_parameters": base(rope_parameters={"rope_type": "default", "rope_theta": 20000.0}),
+    "theta-in-dict-beats-top-level": base(rope_theta=7.0, rope_parameters={"rope_type": "default",
+                                                                           "rope_theta": 30000.0}),
+    "theta-top-level-with-dict-without": base(rope_theta=40000.0, rope_parameters={"rope_type": "linear",
+                                                                                   "factor": 2.0}),
+    "default-ignores-partial_rotary_factor": base(partial_rotary_factor=0.5),
+    "explicit-head_dim": base(head_dim=32, rope_theta=1e6),
+    "linear-legacy-type-key": base(rope_scaling={"type": "linear", "factor": 2.0}),
+    "linear-rope_type": base(rope_parameters={"rope_type": "linear", "factor": 3.0, "rope_theta": 10000.0}),
+    "rope_type-beats-type": base(rope_scaling={"type": "dynamic", "rope_type": "linear", "factor": 2.0}),
+    "rope_scaling-beats-rope_parameters": base(rope_scaling={"rope_type": "linear", "factor": 4.0},
+                                               rope_parameters={"rope_type": "linear", "factor": 2.0}),
+    "empty-rope_scaling-falls-back": base(rope_scaling={}, rope_parameters={"rope_type": "linear", "factor": 2.0}),
+    "dynamic": base(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    "llama3": base(rope_theta=50000.0, rope_scaling=LLAMA3),
+    "llama3-original-top-level-only": base(original_max_position_embeddings=64, rope_scaling={
+        k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"}),
+    "llama3-original-top-level-wins": base(original_max_position_embeddings=32, rope_scaling=LLAMA3),
+    "llama3-original-defaults-to-max-positions": base(max_position_embeddings=4096, rope_scaling={
+        k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"}),
+    "yarn": base(rope_scaling=YARN),
+    "yarn-legacy-type-key": base(rope_scaling={"type": "yarn", "factor": 2.0,
+                                               "original_max_position_embeddings": 256}),
+    "yarn-original-top-level-only": base(original_max_position_embeddings=128,
+                                         rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+    "yarn-original-top-level-wins": base(original_max_position_embeddings=64, rope_scaling=YARN),
+    "yarn-original-defaults-to-max-positions": base(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+    "yarn-factor-null": base(max_position_embeddings=1024, rope_scaling=dict(YARN, factor=None)),
+    "yarn-attention-factor": base(rope_scaling=dict(YARN, attention_factor=0.8)),
+    "yarn-mscale-pair": base(rope_scaling=dict(YARN, mscale=0.707, mscale_all_dim=0.707 * 2)),
+    "yarn-mscale-alone": base(rope_scaling=dict(YARN, mscale=2.0)),
+    "yarn-betas-no-truncate": base(rope_scaling=dict(YARN, beta_fast=16, beta_slow=2, truncate=False)),
+    "yarn-factor-below-one": base(rope_scaling=dict(YARN, factor=0.5)),
+    "mistral-defaults": base("mistral", rope_theta=1e6),
+    "qwen2-yarn": base("qwen2", rope_parameters=dict(YARN, rope_theta=1e6)),
+}
+
+
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_rope_matches_transformers(tmp_path, case):
+    config = ROPE_CASES[case]
+    inv_freq, factor, scale = hf_rope(tmp_path, config)
+    spec = parse_config(config)
+    np.testing.assert_allclose(np.array(spec.rope.inv_freq), inv_freq, rtol=1e-6, atol=0)
+    assert spec.rope.scaling == pytest.approx(factor, rel=1e-7)
+    assert spec.attention_scale == pytest.approx(scale, rel=1e-7)
+
+
+REFUSED = {
+    # transformers raises while loading (a required rope key is missing) ...
+    "yarn-without-factor": (base(rope_scaling={"rope_type": "yarn", "original_max_position_embeddings": 128}),
+                            "factor"),
+    "llama3-without-low-freq": (base(rope_scaling={k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}),
+                                "low_freq_factor"),
+    "linear-without-factor": (base(rope_scaling={"rope_type": "linear"}), "factor"),
+    # ... or builds rotary tables narrower than the head, which these models cannot apply.
+    "partial-rotary-with-scaling": (base(partial_rotary_factor=0.5, rope_scaling={"rope_type": "linear",
+                                                                                   "factor": 2.0}),
+                                    "partial_rotary_factor"),
+    # AutoConfig reads a Mistral config with layer_types as Ministral, MistralForCausalLM ignores them.
+    "mistral-layer-types": (base("mistral", layer_types=["full_attention", "sliding_attention"]), "layer_types"),
+    "unknown-rope-type": (base(rope_scaling={"rope_type": "longrope", "factor": 2.0}), "longrope"),
+    "rope-parameters-not-an-object": (base(rope_parameters=[1, 2]), "rope_parameters"),
+    "yarn-original-null-at-top-level": (base(original_max_position_embeddings=None, rope_scaling=YARN),
+                                        "original_max_position_embeddings"),
+    # Sizes the compiler would allocate from before any weight can disagree (found by tests/fuzz_readers.py).
+    "huge-head-dim": (base(head_dim=10**12), "field 'head_dim' is 1000000000000, more than llmirc reads"),
+    "huge-layer-count": (base(num_hidden_layers=10**9), "'num_hidden_layers' is 1000000000"),
+    "huge-vocab": (base(vocab_size=2**40), "'vocab_size' is 1099511627776"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_rope_refused_by_name(case):
+    config, needle = REFUSED[case]
+    with pytest.raises(CheckpointError, match=needle):
+        parse_config(config, "m/config.json")
+
+
+def test_transformers_refuses_the_missing_keys_too(tmp_path):
+    for case in ("yarn-without-factor", "llama3-without-low-freq", "linear-without-factor"):
+        with pytest.raises(KeyError):
+            hf(tmp_path, REFUSED[case][0])
+
+
+FIELD_CASES = {
+    "llama-explicit": base(),
+    "llama-defaults": base(num_key_value_heads=DROP, max_position_embeddings=DROP),
+    "llama-kv-null": base(num_key_value_heads=None),
+    "mistral-defaults": base("mistral", num_key_value_heads=DROP, max_position_embeddings=DROP, num_attention_heads=8,
+                             hidden_size=128, sliding_window=DROP),
+    "mistral-window-null": base("mistral", sliding_window=None),
+    "qwen2-defaults": base("qwen2", num_key_value_heads=DROP, max_position_embeddings=DROP, num_attention_heads=32,
+                           hidden_size=256),
+    "qwen2-sliding-default-window": base("qwen2", use_sliding_window=True, max_window_layers=1),
+    "qwen2-window-needs-use_sliding_window": base("qwen2", sliding_window=8, max_window_layers=0),
+    "qwen2-layer-types": base("qwen2", use_sliding_window=True, sliding_window=6,
+                              layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+def _hf_windows(cfg) -> tuple[int, ...]:
+    if cfg.model_type == "mistral":
+        return (cfg.sliding_window or 0,) * cfg.num_hidden_layers
+    if cfg.model_type == "qwen2":
+        return tuple((cfg.sliding_window or 0) if t == "sliding_attention" else 0 for t in cfg.layer_types)
+    return (0,) * cfg.num_hidden_layers
+
+
+@pytest.mark.parametrize("case", FIELD_CASES)
+def test_fields_match_transformers(tmp_path, case):
+    config = FIELD_CASES[case]
+    cfg, spec = hf(tmp_path, config), parse_config(config)
+    assert spec.num_kv_heads == cfg.num_key_value_heads
+    assert spec.head_dim == getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert spec.max_position_embeddings == cfg.max_position_embeddings
+    assert spec.norm_eps == cfg.rms_norm_eps
+    assert spec.tie_word_embeddings == cfg.tie_word_embeddings
+    assert spec.sliding_windows == _hf_windows(cfg)

@@ -1,0 +1,428 @@
+"""`llmirc serve` as clients see it: the real server on a loopback port, driven by the `openai`
+package, plain HTTP (httpx) and SGLang's frontend language.
+
+One checkpoint (random Llama with a byte-level BPE tokenizer and a ChatML chat template) and one
+bundle per module; references come from the same bundle loaded in this process (`Model`), from
+`llmirc run`, and from numpy over `Model.score` logits for logprobs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from helpers import CHATML, CORPUS, RunningServer, make_checkpoint
+from llmirc.driver import CompileOptions, Progress, compile_model
+from llmirc.runtime import load
+
+pytestmark = pytest.mark.slow
+
+LONG = " ".join(CORPUS[:4])  # ~40 tokens: more than two KV blocks of 16
+CONTEXT = 2048  # long enough for a stream that outlives a disconnect by seconds
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    make_checkpoint(root / "ckpt", "llama", tokenizer=True, max_position_embeddings=CONTEXT)
+    config = json.loads((root / "ckpt" / "tokenizer_config.json").read_text())
+    (root / "ckpt" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    compile_model(root / "ckpt", root / "m.llmir", CompileOptions(cpu_variants=("native",)), Progress(None))
+    return root / "m.llmir"
+
+
+@pytest.fixture(scope="module")
+def model(bundle):
+    return load(bundle, kv_cache_tokens=2048)
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    with RunningServer(bundle, "--served-model-name", "tiny", "--kv-cache-tokens", 4096, "--max-num-seqs", 8,
+                       "--max-num-batched-tokens", 256) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def metrics(server) -> dict[str, float]:
+    text = httpx.get(server.url + "/metrics").text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[re.sub(r'model_name="[^"]*",?', "", name).replace("{}", "")] = float(value)
+    return out
+
+
+def sse(response: httpx.Response) -> list:
+    """The data events of a server-sent event stream; the last must be [DONE]."""
+    events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    return logits - logits.max(-1, keepdims=True) - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
+        -1, keepdims=True))
+
+
+# -- OpenAI API ----------------------------------------------------------------------------------
+
+def test_models_lists_the_served_model(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"] and models[0].max_model_len == CONTEXT
+
+
+def test_greedy_completion_equals_llmirc_run(client, bundle, model):
+    r = subprocess.run([sys.executable, "-m", "llmirc.cli", "run", str(bundle), "--prompt", "the quick brown fox",
+                        "--max-new-tokens", "12", "--ignore-eos", "--json", "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ran = json.loads(r.stdout)
+    out = client.completions.create(model="tiny", prompt="the quick brown fox", max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    choice = out.choices[0]
+    assert choice.text == ran["text"] and choice.finish_reason == "length"
+    assert out.usage.completion_tokens == 12 and out.usage.prompt_tokens == len(ran["prompt_token_ids"])
+    ids = httpx.post(client.base_url.join("/generate").__str__(), json={
+        "text": "the quick brown fox", "sampling_params": {"max_new_tokens": 12, "temperature": 0,
+                                                          "ignore_eos": True}}).json()["output_ids"]
+    assert ids == ran["token_ids"] == model.generate(["the quick brown fox"], 12, ignore_eos=True)[0]
+
+
+def test_streaming_completion_matches_and_reports_usage(server, client):
+    full = client.completions.create(model="tiny", prompt=LONG, max_tokens=20, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    chunks = list(client.completions.create(model="tiny", prompt=LONG, max_tokens=20, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 20
+    with httpx.stream("POST", server.url + "/v1/completions", json={
+            "model": "tiny", "prompt": "the lazy dog", "max_tokens": 3, "stream": True}) as response:
+        events = sse(response)
+    assert all(e["object"] == "text_completion" for e in events)
+
+
+def test_return_token_ids_accounts_for_every_streamed_token(server, model):
+    body = {"model": "tiny", "prompt": "héllo wörld ✓ 日本", "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    full = httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]
+    expected = model.generate(["héllo wörld ✓ 日本"], 24, ignore_eos=True)[0]
+    assert full["token_ids"] == expected and full["prompt_token_ids"] == model.encode("héllo wörld ✓ 日本")
+    for path, payload in (("/v1/completions", body), ("/v1/chat/completions", {
+            **{k: v for k, v in body.items() if k != "prompt"}, "messages": [{"role": "user", "content": "hi"}]})):
+        with httpx.stream("POST", server.url + path, json={**payload, "stream": True}) as response:
+            events = sse(response)
+        ids = [t for e in events for t in e["choices"][0].get("token_ids", [])]
+        text = "".join(e["choices"][0].get("text") or e["choices"][0].get("delta", {}).get("content") or ""
+                       for e in events)
+        assert len(ids) == 24 and model.tokenizer.decode(ids) == text
+    assert ids == model.generate([model.apply_chat_template([{"role": "user", "content": "hi"}])], 24,
+                                 ignore_eos=True)[0]
+
+
+def test_repeated_long_prompt_is_served_from_the_prefix_cache(server, client):
+    prompt = LONG + " and then some more words"
+    first = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0)
+    before = metrics(server)
+    second = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0)
+    after = metrics(server)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens == 0 or first.usage.prompt_tokens > 32
+    assert cached >= 32 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+    assert second.choices[0].text == first.choices[0].text
+    # The prefill was skipped: the model ran only the uncached prompt tokens and the decode steps.
+    computed = after["llmirc:computed_tokens_total"] - before["llmirc:computed_tokens_total"]
+    assert computed == second.usage.prompt_tokens - cached + second.usage.completion_tokens - 1
+    assert after["llmirc:prefix_cache_hits_total"] - before["llmirc:prefix_cache_hits_total"] == cached
+
+
+def test_chat_completion_uses_the_chat_template(client, model):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    ids = model.apply_chat_template(messages)
+    assert model.tokenizer.decode(ids) == model.tokenizer.decode(model.tokenizer.encode(
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n",
+        add_special_tokens=False))
+    expected = model.tokenizer.decode(model.generate([ids], 10, ignore_eos=True)[0])
+    assert out.choices[0].message.content == expected and out.choices[0].message.role == "assistant"
+    assert out.usage.prompt_tokens == len(ids)
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_strings_and_stop_token_ids(client, model):
+    full = client.completions.create(model="tiny", prompt="the quick", max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[5:8]
+    at = full.find(stop)
+    out = client.completions.create(model="tiny", prompt="the quick", max_tokens=16, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].text == full[:at] and out.choices[0].finish_reason == "stop"
+    assert out.model_extra is not None and out.choices[0].model_extra["stop_reason"] == stop
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="the quick", max_tokens=16, temperature=0, stop=stop, stream=True,
+        extra_body={"ignore_eos": True}))
+    assert streamed == full[:at]
+    tokens = model.generate(["the quick"], 16, ignore_eos=True)[0]
+    out = client.completions.create(model="tiny", prompt="the quick", max_tokens=16, temperature=0,
+                                    extra_body={"stop_token_ids": [tokens[3]], "ignore_eos": True})
+    assert out.choices[0].finish_reason == "stop" and out.choices[0].model_extra["stop_reason"] == tokens[3]
+    assert out.usage.completion_tokens == tokens.index(tokens[3]) + 1
+
+
+def test_n_seed_and_sampling_parameters(client):
+    kwargs = dict(model="tiny", prompt="the quick", max_tokens=12, temperature=1.0, top_p=0.9, n=3, seed=11,
+                  extra_body={"top_k": 50, "ignore_eos": True})
+    first, again = client.completions.create(**kwargs), client.completions.create(**kwargs)
+    texts = [c.text for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2] and texts == [c.text for c in again.choices]
+    assert len(set(texts)) > 1  # each choice has its own generator (seed + i)
+    assert first.usage.completion_tokens == 36
+    batch = client.completions.create(model="tiny", prompt=["the quick", "the lazy"], max_tokens=3, n=2,
+                                      temperature=0)
+    assert len(batch.choices) == 4 and batch.choices[0].text == batch.choices[1].text
+
+
+def test_logprobs_are_the_models_log_softmax(client, model):
+    out = client.completions.create(model="tiny", prompt="the quick brown", max_tokens=5, temperature=0,
+                                    logprobs=3, extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    prompt = model.encode("the quick brown")
+    tokens = model.generate([prompt], 5, ignore_eos=True)[0]
+    ref = log_softmax(model.score(prompt + tokens))[len(prompt) - 1:-1]
+    np.testing.assert_allclose(lp.token_logprobs, ref[np.arange(5), tokens], rtol=1e-4, atol=1e-4)
+    for row, top in zip(ref, lp.top_logprobs):  # keyed by token text: tokens decoding alike (U+FFFD) merge
+        best = np.sort(row)[::-1][:3]
+        assert 1 <= len(top) <= 3 and all(np.isclose(best, v, atol=1e-4).any() for v in top.values())
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+    assert "".join(c.token for c in content) == chat.choices[0].message.content or content[0].bytes
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, model):
+    out = client.completions.create(model="tiny", prompt=LONG, max_tokens=0, echo=True, logprobs=1)
+    prompt = model.encode(LONG)
+    ref = log_softmax(model.score(prompt))
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == model.tokenizer.decode(prompt) and out.usage.completion_tokens == 0
+    np.testing.assert_allclose(lp.token_logprobs, ref[np.arange(len(prompt) - 1), prompt[1:]], rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_disconnect_mid_stream_frees_the_blocks(server):
+    before = metrics(server)
+    with httpx.stream("POST", server.url + "/v1/completions", json={
+            "model": "tiny", "prompt": LONG, "max_tokens": 2000, "stream": True, "temperature": 0,
+            "ignore_eos": True}) as response:
+        lines = response.iter_lines()
+        seen = [next(lines) for _ in range(6)]
+        assert any(s.startswith("data: ") for s in seen)
+        assert metrics(server)["llmirc:num_requests_running"] == 1
+    deadline = time.monotonic() + 15
+    while metrics(server)["llmirc:num_requests_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = metrics(server)
+    assert after["llmirc:num_requests_running"] == 0 and after["llmirc:kv_cache_usage_perc"] == 0
+    assert after['llmirc:request_success_total{finished_reason="abort"}'] == \
+        before['llmirc:request_success_total{finished_reason="abort"}'] + 1
+    assert after["llmirc:generation_tokens_total"] - before["llmirc:generation_tokens_total"] < 1500
+
+
+def test_health_and_metrics(server):
+    assert httpx.get(server.url + "/health").status_code == 200
+    m = metrics(server)
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
+                 "generation_tokens_total", "prefix_cache_hit_rate", "num_preemptions_total"):
+        assert f"llmirc:{name}" in m
+    assert m['llmirc:time_to_first_token_seconds_bucket{le="+Inf"}'] == m["llmirc:time_to_first_token_seconds_count"]
+
+
+# -- bad requests ----------------------------------------------------------------------------------
+
+BAD = {
+    "malformed-json": ("/v1/completions", b'{"model": "tiny", "prompt": ', 400, "not valid JSON"),
+    "invalid-utf8": ("/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe"}', 400, "JSON"),
+    "not-an-object": ("/v1/completions", b'[1, 2]', 400, "JSON object"),
+    "max-tokens-wrong-type": ("/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    "temperature-wrong-type": ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    "prompt-wrong-type": ("/v1/completions", {"prompt": {"text": "hi"}}, 400, "prompt"),
+    "messages-wrong-type": ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
+    "messages-empty": ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    "negative-max-tokens": ("/v1/completions", {"prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
+    "huge-max-tokens": ("/v1/completions", {"prompt": "hi", "max_tokens": 10**12}, 400,
+                        "maximum context length is 2048"),
+    "unknown-model": ("/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404, "gpt-9"),
+    "prompt-over-context": ("/v1/completions", {"prompt": "the quick brown fox " * 600}, 400,
+                            "maximum context length is 2048"),
+    "chat-over-context": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 2100}]}, 400,
+                          "maximum context length is 2048"),
+    "token-id-outside-vocab": ("/v1/completions", {"prompt": [1, 2, 5000]}, 400, "vocabulary of 384"),
+    "top-p-zero": ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    "logprobs-too-many": ("/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    "unsupported-penalty": ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    "special-tokens-kept": ("/v1/completions", {"prompt": "hi", "skip_special_tokens": False}, 400,
+                            "skip_special_tokens"),
+    "n-zero": ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n must be"),
+    "image-content": ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "only text"),
+    "sglang-no-prompt": ("/generate", {"sampling_params": {}}, 400, "text and input_ids"),
+    "sglang-bad-param": ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": "many"}}, 400,
+                         "max_new_tokens"),
+    "sglang-regex": ("/generate", {"text": "hi", "sampling_params": {"regex": "a+"}}, 400, "regex"),
+    "unknown-route": ("/v1/embeddings", {"input": "hi"}, 404, "Not Found"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving(server, client, case):
+    path, body, status, needle = BAD[case]
+    if isinstance(body, bytes):
+        r = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = httpx.post(server.url + path, json={"model": "tiny", **body} if path.startswith("/v1") else body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle.lower() in error["message"].lower() and error["code"] == status, error
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=1).choices[0].finish_reason
+
+
+def test_openai_client_raises_its_own_error_types(client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt="hi")
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6)
+
+
+# -- API key and overload --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def guarded(bundle):
+    with RunningServer(bundle, "--api-key", "sekret", "--max-num-seqs", 1, "--max-num-batched-tokens", 64,
+                       "--max-queued-requests", 0) as s:
+        yield s
+
+
+def test_api_key_is_required(guarded):
+    for path in ("/v1/models", "/generate", "/get_model_info"):
+        r = httpx.request("POST" if path == "/generate" else "GET", guarded.url + path, json={"text": "hi"})
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    assert httpx.get(guarded.url + "/health").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=guarded.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=guarded.url + "/v1", api_key="sekret", max_retries=0)
+    assert good.completions.create(model=str(guarded.proc.args[4]), prompt="hi", max_tokens=2).usage.total_tokens
+
+
+def test_overload_is_503_and_clears(guarded):
+    headers = {"authorization": "Bearer sekret"}
+    with httpx.stream("POST", guarded.url + "/v1/completions", headers=headers, json={
+            "prompt": LONG * 4, "max_tokens": 1500, "stream": True, "ignore_eos": True}) as busy:
+        lines = busy.iter_lines()
+        next(lines)
+        r = httpx.post(guarded.url + "/v1/completions", headers=headers, json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503 and "overloaded" in r.json()["error"]["message"]
+        assert sum(line.startswith("data: {") for line in lines) > 500  # the busy one was still running
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        r = httpx.post(guarded.url + "/v1/completions", headers=headers, json={"prompt": "hi", "max_tokens": 2})
+        if r.status_code == 200:
+            break
+        time.sleep(0.1)
+    assert r.status_code == 200
+
+
+# -- SGLang's native API ---------------------------------------------------------------------------
+
+def test_sglang_generate_text_ids_batch_and_logprobs(server, model):
+    ids = model.encode("the quick brown")
+    r = httpx.post(server.url + "/generate", json={
+        "text": "the quick brown", "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True},
+        "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2, "return_text_in_logprobs": True})
+    out = r.json()
+    expected = model.generate([ids], 6, ignore_eos=True)[0]
+    meta = out["meta_info"]
+    assert out["output_ids"] == expected and out["text"] == model.tokenizer.decode(expected)
+    assert meta["finish_reason"] == {"type": "length", "length": 6}
+    assert meta["prompt_tokens"] == len(ids) and meta["completion_tokens"] == 6
+    ref = log_softmax(model.score(ids + expected))
+    inputs = meta["input_token_logprobs"]
+    assert inputs[0][0] is None and [t for _, t, _ in inputs] == ids and inputs[1][2] == model.tokenizer.token_text(
+        ids[1])
+    np.testing.assert_allclose([lp for lp, _, _ in inputs[1:]], ref[np.arange(len(ids) - 1), ids[1:]], atol=1e-4)
+    np.testing.assert_allclose([lp for lp, _, _ in meta["output_token_logprobs"]],
+                               ref[np.arange(len(ids) - 1, len(ids) + 5), expected], atol=1e-4)
+    assert all(len(top) == 2 for top in meta["output_top_logprobs"])
+    by_ids = httpx.post(server.url + "/generate", json={
+        "input_ids": [ids, ids[:2]], "sampling_params": {"max_new_tokens": 3, "temperature": 0}}).json()
+    assert isinstance(by_ids, list) and by_ids[0]["output_ids"] == expected[:3]
+    prefill_only = httpx.post(server.url + "/generate", json={
+        "text": LONG, "sampling_params": {"max_new_tokens": 0}}).json()
+    assert prefill_only["text"] == "" and prefill_only["meta_info"]["completion_tokens"] == 0
+    again = httpx.post(server.url + "/generate", json={"text": LONG, "sampling_params": {"max_new_tokens": 1}}).json()
+    assert again["meta_info"]["cached_tokens"] >= 32
+
+
+def test_sglang_generate_streams_cumulative_text(server, model):
+    with httpx.stream("POST", server.url + "/generate", json={
+            "text": "the lazy", "stream": True,
+            "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}}) as response:
+        events = sse(response)
+    texts = [e["text"] for e in events]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    assert events[-1]["output_ids"] == model.generate(["the lazy"], 8, ignore_eos=True)[0]
+    assert events[-1]["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_sglang_get_model_info(server):
+    info = httpx.get(server.url + "/get_model_info").json()
+    assert info["model_path"] == "tiny" and info["is_generation"] is True
+
+
+def test_sglang_frontend_program_runs_against_llmirc(server, model):
+    import sglang as sgl
+
+    backend = sgl.RuntimeEndpoint(server.url)
+
+    @sgl.function
+    def program(s, subject):
+        s += subject + " " + sgl.gen("words", max_tokens=6, temperature=0)
+        s += " " + sgl.select("pick", choices=["quick brown fox", "lazy dog"])
+
+    state = program.run(subject="the", backend=backend)
+    expected = model.tokenizer.decode(model.generate([model.encode("the ")], 6)[0])
+    assert state["words"] == expected
+    # select: the choice whose tokens have the highest mean logprob after the shared prefix.
+    prefix = "the " + expected + " "
+    scores = []
+    for choice in ["quick brown fox", "lazy dog"]:
+        ids = model.encode(prefix + choice)
+        lp = log_softmax(model.score(ids))
+        start = max(len(model.encode(prefix)) - 2, 0)
+        values = [lp[p - 1, ids[p]] for p in range(max(start, 1), len(ids))]
+        scores.append(np.mean(values))
+    assert state["pick"] in ("quick brown fox", "lazy dog")
+    assert state["pick"] == ["quick brown fox", "lazy dog"][int(np.argmax(scores))] or abs(scores[0] - scores[1]) < 1e-3

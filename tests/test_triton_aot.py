@@ -1,0 +1,119 @@
+"""Ahead-of-time compilation of every Triton kernel for sm_80, sm_90, gfx90a and gfx942 on this
+CPU-only machine: binaries, every stage, launch metadata checked against the binaries, tensor-core
+instructions in the prefill matmuls, the cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmirc.targets.triton import linear
+from llmirc.targets.triton.arch import ARCHS
+from llmirc.targets.triton.compile import HIDDEN_PARAMS, STAGES, CompileError, compile_kernels, sass
+from llmirc.targets.triton.kinds import BUILDERS, launch_rule
+from llmirc.targets.triton.spec import kernel
+
+INV_FREQ = [1.0 / 10000 ** (2 * i / 64) for i in range(32)]
+CALLS = [  # one call of every kind, shapes of a small Llama (head_dim 64, GQA 4)
+    ("embedding", {"dim": 256, "dtype": "bfloat16"}),
+    ("rms_norm", {"dim": 256, "eps": 1e-5}),
+    ("add_rms_norm", {"dim": 256, "eps": 1e-5}),
+    ("layer_norm", {"dim": 256, "eps": 1e-5}),
+    ("add_layer_norm", {"dim": 256, "eps": 1e-5, "bias": False}),
+    ("linear", {"n": 384, "k": 256, "w_dtype": "bfloat16", "bias": True, "residual": True}),  # ld_* aligned too
+    ("rope", {"num_heads": 4, "head_dim": 64, "inv_freq": INV_FREQ}),
+    ("kv_append", {"num_layers": 2, "num_kv_heads": 1, "head_dim": 64, "block_size": 16, "kv_dtype": "bfloat16"}),
+    ("rope_kv_append", {"num_heads": 4, "num_kv_heads": 1, "head_dim": 64, "inv_freq": INV_FREQ, "num_layers": 2,
+                        "block_size": 16, "kv_dtype": "bfloat16"}),
+    ("paged_attention", {"num_heads": 4, "num_kv_heads": 1, "head_dim": 64, "block_size": 16, "scale": 0.125,
+                         "kv_dtype": "bfloat16"}),
+    ("act_mul", {"dim": 512, "act": "silu"}),
+    ("act", {"dim": 512, "act": "gelu"}),
+    ("gather_rows", {"dim": 256}),
+    ("add", {"dim": 256}),
+    ("argmax", {"vocab": 1000}),
+    ("sample", {"vocab": 1000}),
+]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """{(kind, kernel function, arch): [Compiled]} for every kernel of CALLS on every arch."""
+    pairs, owners = {}, {}
+    for kind, params in CALLS:
+        for arch in ARCHS.values():
+            rule = launch_rule(kind, params, arch)
+            if kind == "linear":  # as a plan whose leading dimensions are multiples of 16 asks
+                rule = rule.with_aligned(a for a, _ in rule.all_args())
+            for key, spec in rule.kernels().items():
+                pairs[(key, arch.name)] = spec
+                owners[(key, arch.name)] = kind
+    cache = tmp_path_factory.mktemp("triton-cache")
+    results = compile_kernels([(spec, arch) for (_, arch), spec in pairs.items()], cache_dir=cache, jobs=2)
+    out = {}
+    for ((key, arch), spec), res in zip(pairs.items(), results):
+        out.setdefault((owners[(key, arch)], spec.name, arch), []).append(res)
+    return out, cache, [(spec, arch) for (_, arch), spec in pairs.items()]
+
+
+def test_every_kind_compiles_for_every_arch(compiled):
+    out, _, _ = compiled
+    for kind in BUILDERS:
+        for arch in ARCHS:
+            assert any(k == kind and a == arch for k, _, a in out), (kind, arch)
+    for (kind, fn, arch), results in out.items():
+        backend = ARCHS[arch].backend
+        for r in results:
+            assert r.binary[:4] == b"\x7fELF", (kind, fn, arch)  # cubin and hsaco are ELF files
+            assert set(r.asm) == set(STAGES[backend][:-1]) and all(r.asm.values())
+            md = r.metadata
+            assert md["params"][-2:] == [list(p) for p in HIDDEN_PARAMS]
+            assert md["global_scratch_size"] == 0 and md["profile_scratch_size"] == 0
+            assert 0 <= md["shared"] <= ARCHS[arch].max_shared
+            assert md["symbol"] == fn and md["num_warps"] >= 1 and md["warp_size"] == ARCHS[arch].warp_size
+            if backend == "cuda":  # sm_90 cubins are sm_90a (wgmma), from the CUDA 13 ptxas; sm_80 PTX is portable
+                assert (md["ptx_target"], md["ptx_isa"] >= "8.") == ({"sm_80": "sm_80", "sm_90": "sm_90a"}[arch], True)
+
+
+def _prefill_linear(out, arch):
+    """The T > 128 variant (no split-K, 128-row tiles) of the linear call."""
+    return [r for r in out[("linear", "linear_kernel", arch)] if r.metadata["constexprs"]["BLOCK_M"] == 128][0]
+
+
+def test_tensor_core_instructions_and_wide_loads(compiled):
+    out, _, _ = compiled
+    hopper = sass(_prefill_linear(out, "sm_90").binary)
+    assert "HGMMA.64x128x16.F32.BF16" in hopper  # Hopper warpgroup MMA, 128-wide tiles
+    # with 16-divisible leading dimensions every tile copy is a 16-byte cp.async (no 4-byte ones)
+    assert "LDGSTS.E.BYPASS.128" in hopper and "LDGSTS.E " not in hopper and "STG.E.128" in hopper
+    assert "HMMA.16816.F32.BF16" in sass(_prefill_linear(out, "sm_80").binary)   # Ampere mma.sync
+    for arch in ("gfx90a", "gfx942"):
+        assert "v_mfma" in _prefill_linear(out, arch).asm["amdgcn"]
+    # the decode-shaped (16-row) variant uses mma.sync on Hopper as well
+    decode = [r for r in out[("linear", "linear_kernel", "sm_90")] if r.metadata["constexprs"]["BLOCK_M"] == 16][0]
+    assert "HMMA" in sass(decode.binary)
+
+
+def test_cache_hits_and_stage_times(compiled):
+    _, cache, pairs = compiled
+    again = compile_kernels(pairs[:1], cache_dir=cache, jobs=1)[0]
+    assert again.cached and again.binary
+    fresh = [r for rs in compiled[0].values() for r in rs if not r.cached]
+    assert fresh and all(set(r.times) >= {"ttir", "ttgir", "llir"} for r in fresh)
+
+
+def test_shared_memory_over_the_limit_is_a_clear_error(tmp_path):
+    args = next(iter(launch_rule("linear", {"n": 8, "k": 8, "w_dtype": "bfloat16"}, ARCHS["gfx942"])
+                     .kernels().values())).args
+    spec = kernel(linear.linear_kernel, {
+        "N": 512, "K": 512, "HAS_BIAS": False, "HAS_RESIDUAL": False, "BLOCK_M": 256, "BLOCK_N": 256,
+        "BLOCK_K": 128, "SPLIT_K": 1, "K_SPLIT": 512, "GROUP_M": 8, "MAX_TILES": 0, "RELEASE_ALL": True,
+        "THREADS": 512}, args, num_warps=8, num_stages=2)
+    with pytest.raises(CompileError, match=r"linear_kernel needs \d+ bytes of shared memory; gfx942"):
+        compile_kernels([(spec, "gfx942")], cache_dir=tmp_path, jobs=1)
+
+
+def test_unknown_arch():
+    from llmirc.errors import LlmircError
+    with pytest.raises(LlmircError, match="unknown GPU architecture 'sm_75'"):
+        compile_kernels([(None, "sm_75")])
+
