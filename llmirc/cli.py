@@ -75,7 +75,8 @@ def cli(debug: bool) -> None:
               help="Quantize linear weights: int8 (per output row unless --quant-group-size), int4 (groups of 32 "
                    "unless --quant-group-size); activations are quantized to int8 on the fly.")
 @click.option("--quant-group-size", type=int, default=0, show_default=True,
-              help="Weights per scale along the input dimension: 16..512, a power of two (0: the scheme's default).")
+              help="Weights per scale along the input dimension: 16..512, a power of two (0: the scheme's default); "
+                   "halved for a weight whose input size it does not divide.")
 @click.option("--quant-zero-points", is_flag=True, help="Asymmetric quantization: a uint8 zero point per group.")
 @click.option("--quant-keep", default="embedding,lm_head", show_default=True,
               help="What stays in higher precision: embedding, lm_head and/or glob patterns over checkpoint tensor "

@@ -10,8 +10,9 @@ else 16..512, a power of two); `symmetric` (true: w = s (u - 2^(bits-1)); false:
 point per group); `scale-dtype` (auto: float16 for groups, float32 per output row); `keep`: what
 stays in higher precision: `embedding` (embedding tables), `lm_head` (the linear producing the
 logits) and glob patterns over checkpoint tensor names (quoted: `keep="*.down_proj.*",lm_head`),
-or `none`. Weights whose input size does not split into the groups stay as they are (counted
-in --report).
+or `none`. A weight whose input size does not split into the groups gets the largest smaller
+power-of-two group that does (576 inputs, group-size 128: groups of 64; llama.cpp falls back
+to another type for such rows), down to 16; else it stays as it is (both counted in --report).
 
 Before:  %w = "llmir.weight"() {weight = "...q_proj.weight"} : () -> tensor<64x64xf32>
          %y = "llmir.linear"(%x, %w) : (tensor<?x64xf32>, tensor<64x64xf32>) -> tensor<?x64xf32>
@@ -23,6 +24,7 @@ After (bits=4):
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 
@@ -101,6 +103,11 @@ class QuantizeWeights(ModulePass):
                 continue
             n, k = L.shape_of(w)
             scheme = self.scheme(k)
+            while scheme.check(k) is not None and 16 < scheme.group_size != k and k % scheme.group_size:
+                scheme = dataclasses.replace(scheme, group_size=scheme.group_size // 2)
+            if scheme.group_size != self.scheme(k).group_size and scheme.check(k) is None:
+                note(ctx, f"{self.name}: groups of {scheme.group_size} for {k} inputs "
+                          f"(not a multiple of {self.scheme(k).group_size})")
             if scheme.check(k) is not None:
                 note(ctx, f"{self.name}: kept a weight of {k} inputs in float (groups of {scheme.group_size})")
                 continue

@@ -143,3 +143,18 @@ def test_quantized_ir(tmp_path, checkpoint, capsys):
     names = [w.name for w in plan.weights]
     assert "model.layers.0.self_attn.{q_proj,k_proj,v_proj}.weight.codes" in names
     assert "model.layers.0.mlp.down_proj.weight" in names
+
+
+def test_group_size_halved_where_it_does_not_divide(checkpoint, capsys):
+    """hidden 64 and down_proj's 576 inputs do not split into groups of 128: groups of 64 there
+    (576 = 9 x 64), said in --report, nothing left in float."""
+    ckpt, _ = checkpoint
+    emitted = io.StringIO()
+    plan = compile_model(ckpt, None, CompileOptions(quant="int4", quant_group_size=128, quant_keep=(), report=True,
+                                                    emit="mlir"), Progress(None), stdout=emitted)
+    report = capsys.readouterr().err  # with --emit, the report goes to stderr
+    assert "groups of 64 for 576 inputs (not a multiple of 128)" in report
+    assert "groups of 64 for 64 inputs (not a multiple of 128)" in report
+    kinds = [c.kind for c in plan.calls]
+    assert "linear" not in kinds and "embedding" not in kinds
+    assert {c.params["group_size"] for c in plan.calls if c.kind == "qlinear"} == {64}
