@@ -112,8 +112,8 @@ def compare(name: str, bundle: Path, reference, prompt_ids: list[int], new_token
 
 def compare_llama_cpp(bundle: Path, gguf_file: Path, prompt_ids: list[int], new_tokens: int = 48) -> bool:
     """llmirc's greedy tokens on the GGUF file kept quantized against llama.cpp's on the same file."""
-    import numpy as np
     import llama_cpp
+    import numpy as np
 
     from llmirc.runtime import load
 
