@@ -308,8 +308,11 @@ def _ort_genai(model, prompt, new, prefill, threads):
 
 # -- preparing an engine's model ------------------------------------------------------------------
 
-LLMIRC_VARIANTS = {"": [], "f32": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"],
-                   "f16": ["--dtype", "float16"]}  # `llmirc:VARIANT` -> `llmirc compile` options
+LLMIRC_VARIANTS = {  # `llmirc:VARIANT` -> `llmirc compile` options
+    "": [], "f32": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"], "f16": ["--dtype", "float16"],
+    "int8": ["--quant", "int8"], "int4": ["--quant", "int4"],
+    "int4-g128": ["--quant", "int4", "--quant-group-size", "128"],
+    "int4-g128-zp": ["--quant", "int4", "--quant-group-size", "128", "--quant-zero-points"]}
 
 
 @dataclass

@@ -16,7 +16,13 @@ pre-tokenizer, which splits digits one by one as the original SmolLM2 tokenizer 
 --check compiles OUT_DIR (bf16 weights) and the GGUF file itself (--dequantize), both with a
 float32 KV cache, answers a chat-formatted question with both, and compares greedy tokens with
 transformers in float32 (on the bf16 checkpoint and on the GGUF file's dequantized weights); a
-difference is accepted only where transformers' top two logits are nearly tied.
+difference is accepted only where transformers' top two logits are nearly tied. It then compiles
+the GGUF file kept quantized (no --dequantize: Q4_1 and Q8_0 blocks repacked losslessly, int8
+activations per block of 32, as llama.cpp computes it) and compares its greedy tokens with
+llama.cpp's (llama-cpp-python, where installed) on the same file. Both quantize activations, each
+its own way (llama.cpp rounds the block scales to float16), so their logits differ by a few
+percent; a difference is accepted only where the two tokens' logits are closer, in both engines,
+than the engines' logits differ from each other there (RMS over the vocabulary): a tie.
 """
 
 from __future__ import annotations
@@ -104,6 +110,42 @@ def compare(name: str, bundle: Path, reference, prompt_ids: list[int], new_token
     return True
 
 
+def compare_llama_cpp(bundle: Path, gguf_file: Path, prompt_ids: list[int], new_tokens: int = 48) -> bool:
+    """llmirc's greedy tokens on the GGUF file kept quantized against llama.cpp's on the same file."""
+    import llama_cpp
+    import numpy as np
+
+    from llmirc.runtime import load
+
+    model = load(bundle)
+    ours = model.generate([prompt_ids], max_new_tokens=new_tokens, ignore_eos=True)[0]
+    llm = llama_cpp.Llama(str(gguf_file), n_ctx=len(prompt_ids) + new_tokens, logits_all=True, verbose=False)
+    theirs = []
+    for t in llm.generate(prompt_ids, temp=0.0, top_k=1):
+        theirs.append(t)
+        if len(theirs) == new_tokens:
+            break
+    end = next((i for i, t in enumerate(ours) if t in model.eos_token_ids), len(ours))
+    print(f"GGUF kept quantized: {model.tokenizer.decode(ours[:end])!r}")
+    print(f"llama.cpp:           {model.tokenizer.decode(theirs[:end])!r}")
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            seq = prompt_ids + ours[:i + 1]
+            mine = model.score(seq)[-2].astype(np.float64)
+            llm.reset()
+            llm.eval(seq)
+            their = np.array(llm.scores[len(seq) - 2], np.float64)
+            noise = float(np.sqrt(((mine - their) ** 2).mean()))
+            margins = abs(mine[a] - mine[b]), abs(their[a] - their[b])
+            tie = max(margins) < noise
+            print(f"  first difference at token {i}: llmirc {a}, llama.cpp {b}; logit margins {margins[0]:.3f} "
+                  f"(llmirc), {margins[1]:.3f} (llama.cpp), the engines' logits differ by {noise:.3f} RMS there "
+                  f"({'a tie' if tie else 'NOT a tie'})")
+            return tie
+    print(f"  greedy tokens identical to llama.cpp's ({len(ours)} tokens)")
+    return True
+
+
 def check(gguf_file: Path, out: Path) -> bool:
     import torch
     from transformers import AutoModelForCausalLM
@@ -127,6 +169,12 @@ def check(gguf_file: Path, out: Path) -> bool:
             options = CompileOptions(cpu_variants=("native",), dequantize=dequantize, kv_cache_dtype="float32")
             compile_model(source, bundle, options, Progress(None))
             ok &= compare(name, bundle, reference().eval(), prompt_ids)
+        if importlib.util.find_spec("llama_cpp") is None:
+            print("llama-cpp-python is not installed: the quantized GGUF bundle is not compared with llama.cpp")
+            return ok
+        bundle = Path(tmp) / "gguf-quantized.llmir"
+        compile_model(gguf_file, bundle, CompileOptions(cpu_variants=("native",)), Progress(None))
+        ok &= compare_llama_cpp(bundle, gguf_file, prompt_ids)
     return ok
 
 
@@ -138,7 +186,7 @@ def main() -> None:
     gguf_file = gguf_path()
     export(gguf_file, args.out)
     if args.check and not check(gguf_file, args.out):
-        sys.exit("llmirc and transformers disagree beyond a tie")
+        sys.exit("llmirc and its reference (transformers, llama.cpp) disagree beyond a tie")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The `llmirc` command line: compile, run, chat, serve, inspect, bench.
+"""The `llmirc` command line: compile, run, chat, serve, inspect, bench, eval-ppl.
 
 Exit codes: 0 success; 1 a user error (bad checkpoint, bundle, request or option: one line
 `error: ...`); 2 a command-line usage error (click's); 3 an internal error, a bug in llmirc (one
@@ -74,10 +74,21 @@ def cli(debug: bool) -> None:
               help="Storage type of linear and embedding weights: auto (the checkpoint's), float32, bfloat16, "
                    "float16. Norm weights and biases are float32; compute is float32.")
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
-              help="Paged KV cache type: auto (bfloat16/float16 when the weights are), float32, bfloat16, float16.")
+              help="Paged KV cache type: auto (bfloat16/float16 when the weights are), float32, bfloat16, float16, "
+                   "int8 (a scale per block, kv head and K/V).")
+@click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Quantize linear weights: int8 (per output row unless --quant-group-size), int4 (groups of 32 "
+                   "unless --quant-group-size); activations are quantized to int8 on the fly.")
+@click.option("--quant-group-size", type=int, default=0, show_default=True,
+              help="Weights per scale along the input dimension: 16..512, a power of two (0: the scheme's default); "
+                   "halved for a weight whose input size it does not divide.")
+@click.option("--quant-zero-points", is_flag=True, help="Asymmetric quantization: a uint8 zero point per group.")
+@click.option("--quant-keep", default="embedding,lm_head", show_default=True,
+              help="What stays in higher precision: embedding, lm_head and/or glob patterns over checkpoint tensor "
+                   "names, comma-separated ('none': quantize everything).")
 @click.option("--report", is_flag=True, help="Print what the passes fused or rewrote, and how often.")
 @click.option("--dequantize", is_flag=True, help="Expand quantized tensors (GGUF Q8_0, Q4_K, ...) to float32; "
-              "without it they are refused.")
+              "without it they are kept quantized (llama and qwen2 GGUF files; others are refused).")
 @click.option("--block-size", type=int, default=None,
               help="Tokens per paged KV cache block (a power of two; default 16), as vLLM's --block-size.")
 @click.option("--max-model-len", type=click.IntRange(min=1), default=None,
@@ -85,7 +96,8 @@ def cli(debug: bool) -> None:
                    "config or position tables support).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, arch, cpu_variants, dtype,
-                kv_cache_dtype, report, dequantize, block_size, max_model_len, quiet):
+                kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, report, dequantize, block_size,
+                max_model_len, quiet):
     """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle."""
     try:
         from llmirc.driver import CompileOptions, Progress, compile_model
@@ -96,8 +108,10 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
     archs = tuple(a.strip() for a in (arch or "").split(",") if a.strip())
     options = CompileOptions(targets=targets, passes=passes, print_ir_after_all=print_ir_after_all, emit=emit,
                              keep_intermediates=keep_intermediates, cpu_variants=variants, report=report, archs=archs,
-                             dtype=dtype, kv_cache_dtype=kv_cache_dtype, dequantize=dequantize,
-                             block_size=block_size, max_model_len=max_model_len)
+                             dtype=dtype, kv_cache_dtype=kv_cache_dtype, quant=quant, quant_group_size=quant_group_size,
+                             quant_symmetric=not quant_zero_points,
+                             quant_keep=tuple(k.strip() for k in quant_keep.split(",") if k.strip()),
+                             dequantize=dequantize, block_size=block_size, max_model_len=max_model_len)
     compile_model(model, output, options, Progress(None if quiet else sys.stderr))
 
 
@@ -410,6 +424,42 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens
     results = run_bench(bundle, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, repeat=repeat,
                         hf_dir=hf_dir, threads=threads, kv_cache_tokens=kv_cache_tokens)
     click.echo(json.dumps(results, indent=2) if as_json else format_table(results))
+
+
+@cli.command("eval-ppl")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", type=click.Path(path_type=Path), required=True,
+              help="UTF-8 text file to evaluate (tokenized with the bundle's tokenizer).")
+@click.option("--context", type=click.IntRange(min=2), default=512, show_default=True,
+              help="Tokens per window.")
+@click.option("--stride", type=click.IntRange(min=1), default=None,
+              help="Tokens between window starts (default: half the context); each token is scored once.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Evaluate only the first N tokens.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (default: the CPUs this process may use).")
+@click.option("--json", "as_json", is_flag=True)
+def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, as_json):
+    """Perplexity of BUNDLE on a text, over sliding windows (Hugging Face's perplexity guide)."""
+    from llmirc.runtime import load
+    from llmirc.runtime.perplexity import perplexity
+
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmircError(f"--text {text_file}: cannot read it as UTF-8 text: {e}") from None
+    stride = stride or max(1, context // 2)
+    model = load(bundle, kv_cache_tokens=context, max_batched_tokens=context, max_num_seqs=1, threads=threads)
+    if model.tokenizer is None:
+        raise LlmircError(f"{bundle}: the bundle has no tokenizer")
+    if context > model.max_context:
+        raise LlmircError(f"--context {context} exceeds the model's context of {model.max_context} tokens")
+    ids = model.tokenizer.encode(text)[:max_tokens]
+    result = perplexity(model.score, ids, context, stride)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    else:
+        click.echo(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.5f} nats) over {result.tokens} tokens: "
+                   f"{result.windows} windows of {context} tokens, stride {stride}")
 
 
 def main() -> None:

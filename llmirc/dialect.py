@@ -4,7 +4,10 @@ Activations are 2-D row-major tensors `tensor<?xNxf32>`: one row per token of th
 (see DESIGN.md, "The ABI"), so every op below is either row-wise or says how it mixes rows.
 Weights enter the graph through `llmir.weight`, which names a tensor of the checkpoint and has its
 element type (f32, bf16, f16: linear and embedding read them as stored, accumulating in f32); the
-IR never holds weight data. The KV cache is a value of type `!llmir.kv_pool<...>` threaded through
+IR never holds weight data. A quantized weight has the element type `!llmir.quant<...>` (storage
+bits, group size, scale dtype, zero points; see llmirc/quant.py): `llmir.quantize` makes one from
+a float weight at compile time, `llmir.packed_weight` names one a checkpoint already holds
+(GPTQ, AWQ), and `llmir.linear` / `llmir.embedding` read either kind. The KV cache is a value of type `!llmir.kv_pool<...>` threaded through
 `kv_append` (which returns the updated pool) to `paged_attention`, so ordering is explicit SSA.
 
 The generic textual form of everything here parses and verifies in upstream MLIR (as an
@@ -66,6 +69,11 @@ FLOAT_TYPES: dict[str, Attribute] = {"float32": f32, "bfloat16": bf16, "float16"
 
 def is_float(element: Attribute) -> bool:
     return isinstance(element, (Float32Type, BFloat16Type, Float16Type))
+
+
+def is_weight_element(element: Attribute) -> bool:
+    """What linear and embedding weights may hold: a float type or a quantized one."""
+    return is_float(element) or isinstance(element, QuantType)
 
 
 def shape_of(value: SSAValue) -> tuple[int, ...]:
@@ -135,6 +143,66 @@ class KVPoolType(ParametrizedAttribute, TypeAttribute):
     def verify(self) -> None:
         for key in _POOL_KEYS:
             _check(getattr(self, key).data > 0, f"kv_pool {key} must be positive")
+
+
+_QUANT_ZEROS = ("none", "int", "min")
+
+
+@irdl_attr_definition
+class QuantType(ParametrizedAttribute, TypeAttribute):
+    """The element type of a quantized weight: `bits`-bit unsigned codes in groups of
+    `group_size` along the input dimension, one scale (of type `scale`) per group, and zero
+    points: none (symmetric), int (a uint8 zero point per group) or min (a float offset per
+    group); `act_order`: the columns are stored permuted (GPTQ act-order).
+
+    `!llmir.quant<bits = 4, group_size = 32, scale = f16, zero = none>`; see llmirc/quant.py for
+    the meaning of the codes and their layout in the bundle."""
+
+    name = "llmir.quant"
+
+    bits: IntAttr
+    group_size: IntAttr
+    scale: Attribute
+    zero: StringAttr
+    act_order: IntAttr
+
+    def __init__(self, bits: int, group_size: int, scale: Attribute = f16, zero: str = "none",
+                 act_order: bool = False):
+        super().__init__(IntAttr(bits), IntAttr(group_size), scale, StringAttr(zero), IntAttr(int(act_order)))
+
+    def print_parameters(self, printer: Printer) -> None:
+        printer.print_string(f"<bits = {self.bits.data}, group_size = {self.group_size.data}, scale = ")
+        printer.print_attribute(self.scale)
+        printer.print_string(f", zero = {self.zero.data}{', act_order' if self.act_order.data else ''}>")
+
+    @classmethod
+    def parse_parameters(cls, parser: AttrParser) -> list[Attribute]:
+        parser.parse_punctuation("<")
+        values = []
+        for key in ("bits", "group_size"):
+            parser.parse_keyword(key)
+            parser.parse_punctuation("=")
+            values.append(IntAttr(parser.parse_integer()))
+            parser.parse_punctuation(",")
+        parser.parse_keyword("scale")
+        parser.parse_punctuation("=")
+        scale = parser.parse_type()
+        parser.parse_punctuation(",")
+        parser.parse_keyword("zero")
+        parser.parse_punctuation("=")
+        zero = parser.parse_identifier()
+        act_order = parser.parse_optional_punctuation(",") is not None
+        if act_order:
+            parser.parse_keyword("act_order")
+        parser.parse_punctuation(">")
+        return [*values, scale, StringAttr(zero), IntAttr(int(act_order))]
+
+    def verify(self) -> None:
+        _check(self.bits.data in (4, 8), f"quant: {self.bits.data}-bit codes (4 or 8)")
+        _check(self.group_size.data >= 16, "quant: group_size must be at least 16")
+        _check(is_float(self.scale), "quant: the scale type must be f32, bf16 or f16")
+        _check(self.zero.data in _QUANT_ZEROS, f"quant: zero must be one of {', '.join(_QUANT_ZEROS)}")
+        _check(self.act_order.data in (0, 1), "quant: act_order is a flag")
 
 
 class _LlmirOp(IRDLOperation):
@@ -234,6 +302,56 @@ class CastOp(_LlmirOp):
 
 
 @irdl_op_definition
+class QuantizeOp(_LlmirOp):
+    """A float weight quantized into the result's `!llmir.quant` element type (`quantize-weights`);
+    folded into the bundle at compile time (round to nearest, llmirc/quant.py)."""
+
+    name = "llmir.quantize"
+    input = operand_def(TensorType)
+    result = result_def(TensorType)
+
+    def __init__(self, input: SSAValue, qtype: QuantType):
+        super().__init__(operands=[input], result_types=[tensor(*shape_of(input), dtype=qtype)])
+
+    def verify_(self) -> None:
+        _, k = _rows(self.input, what="quantize input")
+        _check(shape_of(self.input) == shape_of(self.result), "quantize: shapes differ")
+        _check(is_float(self.input.type.element_type), "quantize: the input must be a float weight")
+        q = self.result.type.element_type
+        _check(isinstance(q, QuantType), "quantize: the result must have a !llmir.quant element type")
+        _check(not q.act_order.data, "quantize: act-order comes only from checkpoints")
+        _check_groups(q, k)
+
+
+@irdl_op_definition
+class PackedWeightOp(_LlmirOp):
+    """A quantized weight as a checkpoint stores it: the tensors `<weight>.qweight`, `.scales`,
+    (`.qzeros`, `.g_idx`) in `format` gptq, gptq_v2 or awq, or a GGUF block-quantized
+    `<weight>.weight` (format gguf), repacked losslessly into llmirc's layout when the bundle is
+    written (llmirc/frontend/packed.py)."""
+
+    name = "llmir.packed_weight"
+    weight = prop_def(StringAttr)
+    format = prop_def(StringAttr)
+    result = result_def(TensorType)
+
+    def __init__(self, weight: str, format: str, shape: Sequence[int], qtype: QuantType):
+        super().__init__(properties={"weight": StringAttr(weight), "format": StringAttr(format)},
+                         result_types=[tensor(*shape, dtype=qtype)])
+
+    def verify_(self) -> None:
+        _, k = _rows(self.result, what="packed weight")
+        q = self.result.type.element_type
+        _check(isinstance(q, QuantType), "packed_weight: the result must have a !llmir.quant element type")
+        _check_groups(q, k)
+
+
+def _check_groups(q: QuantType, k: int) -> None:
+    g = q.group_size.data
+    _check(k % g == 0 and k % min(g, 32) == 0, f"quant: {k} inputs do not split into groups of {g}")
+
+
+@irdl_op_definition
 class SplitOp(_LlmirOp):
     """Splits the columns of a 2-D tensor into consecutive parts (views: no copy at run time)."""
 
@@ -271,9 +389,15 @@ class EmbeddingOp(_LlmirOp):
 
     def verify_(self) -> None:
         _, dim = _rows(self.table, what="embedding table")
-        _check(is_float(self.table.type.element_type), "embedding: the table must be f32, bf16 or f16")
+        _check(is_weight_element(self.table.type.element_type) and not _act_order(self.table),
+               "embedding: the table must be f32, bf16, f16 or quantized (without act-order)")
         _check(len(shape_of(self.token_ids)) == 1, "embedding: token ids must be 1-D")
         _rows(self.result, dim, "embedding result")
+
+
+def _act_order(v: SSAValue) -> bool:
+    t = v.type.element_type
+    return isinstance(t, QuantType) and bool(t.act_order.data)
 
 
 @irdl_op_definition
@@ -341,7 +465,7 @@ class LinearOp(_LlmirOp):
         rows, k = _rows(self.input)
         n, wk = _rows(self.weight, what="linear weight")
         _check(wk == k, f"linear: input has {k} features, weight expects {wk}")
-        _check(is_float(self.weight.type.element_type), "linear: the weight must be f32, bf16 or f16")
+        _check(is_weight_element(self.weight.type.element_type), "linear: the weight must be f32, bf16, f16 or quantized")
         _check(self.bias is None or shape_of(self.bias) == (n,), f"linear bias must be [{n}]")
         _check(self.residual is None or shape_of(self.residual) == (rows, n), "linear residual shape mismatch")
         _check(shape_of(self.result) == (rows, n), "linear: result shape mismatch")
@@ -577,10 +701,10 @@ class UnsqueezeBatchOp(_LlmirOp):
 
 LLMIR = Dialect(
     "llmir",
-    [WeightOp, ConstantOp, ConcatOp, TransposeOp, CastOp, SplitOp, EmbeddingOp, RMSNormOp, LayerNormOp, LinearOp, RopeOp,
-     AttentionOp, KVAppendOp, PagedAttentionOp, ActMulOp, ActOp, AddOp, GatherRowsOp, SqueezeBatchOp,
+    [WeightOp, ConstantOp, ConcatOp, TransposeOp, CastOp, QuantizeOp, PackedWeightOp, SplitOp, EmbeddingOp,
+     RMSNormOp, LayerNormOp, LinearOp, RopeOp, AttentionOp, KVAppendOp, PagedAttentionOp, ActMulOp, ActOp, AddOp, GatherRowsOp, SqueezeBatchOp,
      UnsqueezeBatchOp],
-    [KVPoolType],
+    [KVPoolType, QuantType],
 )
 
 # Names of the forward function's arguments, carried as the `llmir.arg` arg attribute.
@@ -588,5 +712,6 @@ ARG_ATTR = "llmir.arg"
 # Unit attribute of a forward function that still holds ONNX ops (compiled generically): every
 # step recomputes the whole sequence (see passes/onnx_to_llmir.py and targets/generic_plan.py).
 FULL_SEQUENCE = "llmir.full_sequence"
-__all__ = [name for name in dir() if name.endswith("Op")] + ["KVPoolType", "LLMIR", "tensor", "DYN", "ARG_ATTR",
-                                                              "FULL_SEQUENCE", "is_float", "FLOAT_TYPES"]
+__all__ = [name for name in dir() if name.endswith("Op")] + ["KVPoolType", "QuantType", "LLMIR", "tensor", "DYN",
+                                                              "ARG_ATTR", "FULL_SEQUENCE", "is_float",
+                                                              "is_weight_element", "FLOAT_TYPES"]

@@ -10,6 +10,7 @@ import datetime
 import sys
 import time
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -23,6 +24,8 @@ from llmirc.frontend.context import Limit, index_limits, resolve_context
 from llmirc.passes.func_args import forward_func
 from llmirc.passes.pipeline import DEFAULT_BLOCK_SIZE, make_context, parse_passes, print_ir, required, run_passes
 from llmirc.passes.cast_weights import float_type
+from llmirc.passes.kv_cache_dtype import kv_type
+from llmirc.passes.quantize_weights import QuantizeWeights
 from llmirc.targets.backend import backend
 from llmirc.targets.plan import ABI_INPUTS, ABI_VERSION, Plan, build_plan
 
@@ -39,10 +42,27 @@ class CompileOptions:
     archs: tuple[str, ...] = ()         # GPU architectures (sm_80, sm_90, gfx90a, gfx942); () = each target's defaults
     jobs: int | None = None             # parallel kernel compilations (GPU targets); None = the usable CPUs
     dtype: str = "auto"                 # weights of linear/embedding ops: auto (the checkpoint's), float32, ...
-    kv_cache_dtype: str = "auto"        # the paged KV pool: auto (half for half weights), float32, ...
-    dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of refusing them
+    kv_cache_dtype: str = "auto"        # the paged KV pool: auto (half for half weights), float32, ..., int8
+    quant: str = "none"                 # none, int8, int4: quantize linear weights (quantize-weights)
+    quant_group_size: int = 0           # 0: per output row for int8, 32 for int4
+    quant_symmetric: bool = True        # false: a zero point per group
+    quant_keep: tuple[str, ...] = ("embedding", "lm_head")  # what stays in higher precision
+    dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of keeping them
     block_size: int | None = None       # KV cache block (tokens); None: the pipeline's (16)
     max_model_len: int | None = None    # the context the bundle states (<= the checkpoint's)
+
+    def quantize_pass(self) -> str:
+        """The quantize-weights pass spec `--quant` asks for ('' for none)."""
+        if self.quant == "none":
+            return ""
+        if self.quant not in ("int8", "int4"):
+            raise LlmircError(f"--quant: unknown scheme {self.quant!r} (choose none, int8 or int4)")
+        keep = ",".join(f'"{k}"' for k in self.quant_keep) or '"none"'
+        return (f"quantize-weights{{bits={self.quant[3:]} group-size={self.quant_group_size} "
+                f"symmetric={str(self.quant_symmetric).lower()} keep={keep}}}")
+
+    def required(self) -> str:
+        return required(self.dtype, self.kv_cache_dtype, self.block_size or DEFAULT_BLOCK_SIZE, self.quantize_pass())
 
 
 class Progress:
@@ -84,10 +104,13 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         if options.passes is not None and "paged-kv" in options.passes:
             raise LlmircError("--block-size and a paged-kv pass in --passes: give the block size in one place")
     block_size = options.block_size or DEFAULT_BLOCK_SIZE
-    parse_passes(required(options.dtype, options.kv_cache_dtype, block_size))
-    for flag, value in (("--dtype", options.dtype), ("--kv-cache-dtype", options.kv_cache_dtype)):
-        if value != "auto":
-            float_type(value, flag)
+    for p in parse_passes(options.required()):  # bad option values fail before the checkpoint is read
+        if isinstance(p, QuantizeWeights):
+            p.scheme(64)
+    if options.dtype != "auto":
+        float_type(options.dtype, "--dtype")
+    if options.kv_cache_dtype != "auto":
+        kv_type(options.kv_cache_dtype, "--kv-cache-dtype")
     if out is not None:
         removed, unknown = remove_stale_temporaries(out)
         if removed:
@@ -110,7 +133,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         progress("running passes")
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
                    ctx=ctx, prefix=source.lowering, block_size=block_size,
-                   tail=required(dtype, options.kv_cache_dtype, block_size))
+                   tail=dataclasses.replace(options, dtype=dtype).required())
         optimized_ir = print_ir(module)
         generic = generic_ops(module)
         if generic:
@@ -203,9 +226,9 @@ def _write_bundle(source, module, plan: Plan, backends: list, out: Path, options
             writer.declare(w.name, dtypes.dtype(w.dtype).safetensors, w.shape)
         total = sum(w.nbytes for w in plan.weights)
         progress(f"writing {len(plan.weights)} weights ({total / 2**20:.1f} MiB)")
-        done, shown = 0, 0
+        done, shown, parts = 0, 0, {}
         for w in plan.weights:
-            writer.write(w.name, w.materialize(source.read))
+            writer.write(w.name, w.materialize(source.read, parts))
             done += w.nbytes
             if total > 2**30 and done - shown >= total / 10:  # big models: a line per tenth
                 shown = done

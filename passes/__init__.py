@@ -19,9 +19,10 @@ from .onnx_to_llmir import OnnxGlue, OnnxToLlmir
 from .kv_cache_dtype import KVCacheDtype
 from .paged_kv import PagedKV
 from .prune_logits import PruneLogits
+from .quantize_weights import QuantizeWeights
 
 PASSES: dict[str, type[ModulePass]] = {p.name: p for p in (
     CanonicalizePass, CommonSubexpressionElimination, DeadCodeElimination,
-    FuseLinears, FuseResidualAdd, PruneLogits, PagedKV, CastWeights, KVCacheDtype,
+    FuseLinears, FuseResidualAdd, PruneLogits, PagedKV, QuantizeWeights, CastWeights, KVCacheDtype,
     FuseEmbedding, FuseLinear, OnnxGlue, FuseNorm, FuseActivation, FuseAttention, OnnxToLlmir,
 )}

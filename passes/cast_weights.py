@@ -53,7 +53,7 @@ class CastWeights(ModulePass):
             if operand is None:
                 continue
             w = getattr(user, operand)
-            if w.type.element_type == target:
+            if w.type.element_type == target or not L.is_float(w.type.element_type):  # quantized: as it is
                 continue
             if w not in casts:
                 cast = L.CastOp(w, target)

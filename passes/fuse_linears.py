@@ -12,7 +12,8 @@ After:
 
 Only linears without a residual operand, whose weights (and biases) are weights (or
 transposes/concatenations/casts of weights), and that agree on having a bias and on the weights'
-element type, are fused.
+element type, are fused; quantized weights with act-order (each with its own order of inputs)
+are not.
 """
 
 from __future__ import annotations
@@ -26,19 +27,22 @@ from xdsl.passes import ModulePass
 
 from .report import note
 
-from llmirc.dialect import CastOp, ConcatOp, LinearOp, SplitOp, TransposeOp, WeightOp, shape_of
+from llmirc.dialect import (CastOp, ConcatOp, LinearOp, PackedWeightOp, QuantType, SplitOp, TransposeOp, WeightOp,
+                            shape_of)
 
 
 def is_weight(v: SSAValue) -> bool:
     """A weight, or a transpose/concatenation/cast of weights (folded at compile time)."""
     op = v.owner
-    return isinstance(op, WeightOp) or (isinstance(op, (TransposeOp, ConcatOp, CastOp))
-                                        and all(is_weight(i) for i in op.operands))
+    return isinstance(op, (WeightOp, PackedWeightOp)) or (isinstance(op, (TransposeOp, ConcatOp, CastOp))
+                                                          and all(is_weight(i) for i in op.operands))
 
 
 def _fusible(op: Operation, x: SSAValue) -> bool:
+    element = op.weight.type.element_type if isinstance(op, LinearOp) else None
+    act_order = isinstance(element, QuantType) and element.act_order.data  # each has its own input order
     return (isinstance(op, LinearOp) and op.input is x and op.residual is None and is_weight(op.weight)
-            and (op.bias is None or is_weight(op.bias)))
+            and (op.bias is None or is_weight(op.bias)) and not act_order)
 
 
 def _clone_weight(v: SSAValue, before: Operation) -> SSAValue:

@@ -2,7 +2,8 @@
 
 `auto` stores K/V in the type the linear ops' weights have when they all agree on a half type
 (a bf16 checkpoint gets a bf16 cache), else in f32. kv_append rounds to the pool's type;
-paged_attention widens exactly and computes in f32.
+paged_attention widens exactly and computes in f32. `int8` stores codes with one float32 scale
+per block, kv head and K/V (absmax / 127, grown as tokens arrive; see the kv_append kernel kind).
 
 Before:  %arg: !llmir.kv_pool<layers = 2, kv_heads = 2, head_dim = 16, block_size = 16, f32>
 After (dtype=bf16):
@@ -14,11 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import ModuleOp, f32
+from xdsl.dialects.builtin import ModuleOp, f32, i8
 from xdsl.passes import ModulePass
 from xdsl.rewriter import Rewriter
 
 from llmirc import dialect as L
+from llmirc.errors import LlmircError
 
 from .cast_weights import float_type
 from .func_args import forward_func
@@ -26,9 +28,21 @@ from .report import note
 
 
 def auto_kv_dtype(module: ModuleOp):
-    """The half type all linear weights share, else f32."""
+    """The half type all float linear weights share, else f32."""
     types = {op.weight.type.element_type for op in module.walk() if isinstance(op, L.LinearOp)}
+    types = {t for t in types if L.is_float(t)}
     return types.pop() if len(types) == 1 and types != {f32} else f32
+
+
+def kv_type(name: str, option: str):
+    """The pool element type for a dtype option value: a float type, or int8."""
+    if name in ("int8", "i8"):
+        return i8
+    try:
+        return float_type(name, option)
+    except LlmircError:
+        raise LlmircError(f"{option}: unknown dtype {name!r} (choose auto, float32, bfloat16, float16 "
+                          "or int8)") from None
 
 
 @dataclass(frozen=True)
@@ -38,7 +52,7 @@ class KVCacheDtype(ModulePass):
     dtype: str = "auto"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        target = auto_kv_dtype(op) if self.dtype == "auto" else float_type(self.dtype, f"{self.name}{{dtype}}")
+        target = auto_kv_dtype(op) if self.dtype == "auto" else kv_type(self.dtype, f"{self.name}{{dtype}}")
         f = forward_func(op)
         pools = [a for a in f.args if isinstance(a.type, L.KVPoolType)]
         pools += [o.result for o in f.walk() if isinstance(o, L.KVAppendOp)]

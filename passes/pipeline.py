@@ -39,11 +39,14 @@ PHASES: list[tuple[str, str]] = [
 DEFAULT_BLOCK_SIZE = 16
 
 
-def required(dtype: str = "auto", kv_cache_dtype: str = "auto", block_size: int = DEFAULT_BLOCK_SIZE) -> str:
-    """What every target needs before code generation: weights in the requested type, the ABI's
+def required(dtype: str = "auto", kv_cache_dtype: str = "auto", block_size: int = DEFAULT_BLOCK_SIZE,
+             quantize: str = "") -> str:
+    """What every target needs before code generation: weights quantized as asked (`quantize`: a
+    quantize-weights pass spec, from `--quant`) and the others in the requested type, the ABI's
     logits rows and the paged KV cache of the requested type and block (`--dtype`,
     `--kv-cache-dtype`, `--block-size`; a paged-kv that already ran decides the block)."""
-    return (f"cast-weights{{dtype={dtype}}},prune-logits,paged-kv{{block-size={block_size}}},"
+    return (f"{quantize + ',' if quantize else ''}cast-weights{{dtype={dtype}}},prune-logits,"
+            f"paged-kv{{block-size={block_size}}},"
             f"kv-cache-dtype{{dtype={kv_cache_dtype}}},dce")
 
 

@@ -36,11 +36,11 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
 
 from llmirc import dialect as L
-from llmirc import dtypes
+from llmirc import dtypes, quant
 from llmirc.errors import LlmircError
 from llmirc.passes.func_args import arg_names, forward_func
 
-from .signatures import signature
+from .signatures import qlinear_scratch_bytes, signature
 
 ABI_VERSION = 2  # of the flat-batch inputs below and the typed memory plan (bytes, dtypes)
 ABI_INPUTS = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start_loc",
@@ -99,9 +99,13 @@ class WeightEntry:
     """A tensor of the bundle: a checkpoint tensor, or an expression of them folded at compile time.
 
     `expr` is ("tensor", name, stored dtype) | ("value", bytes, shape, dtype) (a folded
-    constant) | ("transpose", expr) | ("concat", (expr, ...)) (along rows) | ("cast", expr, dtype).
-    `dtype` is a llmirc.dtypes name: float32, bfloat16 or float16 for what llmir kernels read;
-    the generic kernels of full-sequence models also read int64, bool, ... constants."""
+    constant) | ("transpose", expr) | ("concat", (expr, ...)) (along rows) | ("cast", expr, dtype)
+    | ("quantize", expr, scheme, part) (one part of the float expr quantized: codes, scales,
+    zeros or perm; llmirc/quant.py) | ("packed", format, name, scheme, k, part) (one part of a
+    checkpoint's quantized weight, repacked: llmirc/frontend/packed.py).
+    `dtype` is a llmirc.dtypes name: float32, bfloat16 or float16 for what llmir kernels read,
+    uint8/int32 and the scale dtype for quantized parts; the generic kernels of full-sequence
+    models also read int64, bool, ... constants."""
 
     name: str
     shape: tuple[int, ...]
@@ -120,12 +124,17 @@ class WeightEntry:
                 return []
             if e[0] == "concat":
                 return [n for x in e[1] for n in walk(x)]
+            if e[0] == "packed":
+                from llmirc.frontend.packed import tensor_names
+
+                return tensor_names(e[1], e[2], e[3])
             return walk(e[1])
         return walk(self.expr)
 
-    def materialize(self, read) -> np.ndarray:
+    def materialize(self, read, cache: dict | None = None) -> np.ndarray:
         """The tensor's data in its storage dtype (bf16 as uint16 bits), reading checkpoint tensors
-        with `read(name)` (as stored: one entry at a time)."""
+        with `read(name)` (as stored: one entry at a time). `cache` (a dict the caller keeps
+        while writing the weights in plan order) saves quantizing a weight once per part."""
         def ev(e) -> tuple[np.ndarray, dtypes.DType]:
             if e[0] == "tensor":
                 return _as_stored(np.asarray(read(e[1])), dtypes.dtype(e[2])), dtypes.dtype(e[2])
@@ -135,6 +144,14 @@ class WeightEntry:
             if e[0] == "transpose":
                 a, d = ev(e[1])
                 return np.ascontiguousarray(a.T), d
+            if e[0] == "quantize":
+                parts = _parts(cache, e[:3], lambda: quant.quantize(dtypes.to_float32(*ev(e[1])), e[2]))
+                return parts[e[3]], dtypes.dtype(e[2].part_dtype(e[3]))
+            if e[0] == "packed":
+                from llmirc.frontend.packed import repack
+
+                parts = _parts(cache, e[:5], lambda: repack(*e[1:5], read))
+                return parts[e[5]], dtypes.dtype(e[3].part_dtype(e[5]))
             if e[0] == "cast":
                 a, d = ev(e[1])
                 to = dtypes.dtype(e[2])
@@ -151,6 +168,17 @@ class WeightEntry:
         if d.name != self.dtype:
             raise AssertionError(f"weight {self.name}: expression gives {d.name}, entry says {self.dtype}")
         return a
+
+
+def _parts(cache: dict | None, key: tuple, make) -> dict[str, np.ndarray]:
+    """The parts of one quantized weight, made once while its parts are written one after the
+    other (`cache` keeps only the last weight's)."""
+    if cache is None:
+        return make()
+    if key not in cache:
+        cache.clear()
+        cache[key] = make()
+    return cache[key]
 
 
 def _as_stored(a: np.ndarray, d: dtypes.DType) -> np.ndarray:
@@ -189,13 +217,18 @@ class PoolSpec:
 
     @property
     def block_bytes(self) -> int:
-        """Bytes one block takes across all layers, K and V."""
-        return self.layers * 2 * self.kv_heads * self.block_size * self.head_dim * dtypes.dtype(self.dtype).itemsize
+        """Bytes one block takes across all layers, K and V (with an int8 pool's scales)."""
+        heads = self.layers * 2 * self.kv_heads
+        scales = heads * 4 if self.dtype == "int8" else 0
+        return heads * self.block_size * self.head_dim * dtypes.dtype(self.dtype).itemsize + scales
 
     def to_json(self) -> dict:
+        layout = "layer,kv,block,kv_head,slot,dim"
+        if self.dtype == "int8":  # then one float32 scale per (layer, kv, block, kv_head)
+            layout += "; float32 scales layer,kv,block,kv_head"
         return {"num_layers": self.layers, "num_kv_heads": self.kv_heads, "head_dim": self.head_dim,
                 "block_size": self.block_size, "dtype": self.dtype, "block_bytes": self.block_bytes,
-                "layout": "layer,kv,block,kv_head,slot,dim"}
+                "layout": layout}
 
 
 NO_POOL = PoolSpec(0, 1, 1, 16)  # a model without recognized attention
@@ -315,12 +348,23 @@ class _Planner:
         dtype = dtypes.dtype(dtype or stored).name
         if dtype != stored:
             expr = ("cast", expr, dtype)
+        return self._bundle_tensor(expr, dtype, name, L.shape_of(v))
+
+    def quant_weight(self, v: SSAValue) -> tuple[quant.Scheme, dict[str, Ref]]:
+        """The bundle tensors (codes, scales, zeros, perm: llmirc/quant.py) of quantized weight `v`."""
+        expr, name = _weight_expr(v)
+        scheme = quant_scheme(v.type.element_type)
+        n, k = L.shape_of(v)
+        return scheme, {part: self._bundle_tensor(_part_expr(expr, part), scheme.part_dtype(part), f"{name}.{part}",
+                                                  scheme.part_shape(part, n, k)) for part in scheme.parts()}
+
+    def _bundle_tensor(self, expr: tuple, dtype: str, name: str, shape: tuple[int, ...]) -> Ref:
         if (expr, dtype) not in self.weights:
             names = {w.name for w in self.plan.weights}
             unique = name if name not in names else next(f"{name}.{i}" for i in range(1, len(names) + 2)
                                                           if f"{name}.{i}" not in names)
             self.weights[(expr, dtype)] = len(self.plan.weights)
-            self.plan.weights.append(WeightEntry(unique, L.shape_of(v), expr, dtype))
+            self.plan.weights.append(WeightEntry(unique, shape, expr, dtype))
         return Ref("weight", self.weights[(expr, dtype)])
 
     def act(self, v: SSAValue) -> _Value:
@@ -402,7 +446,8 @@ class _Planner:
         return self.act(v).rows
 
     def lower(self, op: Operation, index: int, logits: SSAValue) -> None:
-        if isinstance(op, (L.WeightOp, L.ConstantOp, L.ConcatOp, L.TransposeOp, L.CastOp, func.ReturnOp)):
+        if isinstance(op, (L.WeightOp, L.ConstantOp, L.ConcatOp, L.TransposeOp, L.CastOp, L.QuantizeOp,
+                           L.PackedWeightOp, func.ReturnOp)):
             return  # weights are materialized by the bundle writer
         if self.generic is not None and (isinstance(op, (L.SqueezeBatchOp, L.UnsqueezeBatchOp)) or
                                          op.name.startswith("onnx.")):
@@ -471,7 +516,43 @@ def _ir_dtype(v: SSAValue) -> str:
     return _element_dtype(v.type.element_type)
 
 
+def quant_scheme(t: L.QuantType) -> quant.Scheme:
+    """The llmirc.quant scheme of a `!llmir.quant` element type."""
+    return quant.Scheme(t.bits.data, t.group_size.data, _element_dtype(t.scale), t.zero.data, bool(t.act_order.data))
+
+
+def _part_expr(expr: tuple, part: str) -> tuple:
+    """One part of a quantized weight's expression (concatenations concatenate the parts)."""
+    if expr[0] == "concat":
+        return ("concat", tuple(_part_expr(e, part) for e in expr[1]))
+    return (*expr, part)
+
+
+def _quant_params(scheme: quant.Scheme) -> dict:
+    return {"bits": scheme.bits, "group_size": scheme.group_size, "scale_dtype": scheme.scale_dtype,
+            "zero": scheme.zero, "zero_dtype": scheme.zero_dtype}
+
+
+def _quant_args(w: dict[str, Ref]) -> dict[str, Arg]:
+    return {"codes": w["codes"], "scales": w["scales"], "zeros": w.get("zeros", Ref("null"))}
+
+
+def _qlinear(p: _Planner, op: L.LinearOp):
+    n, k = L.shape_of(op.weight)
+    scheme, w = p.quant_weight(op.weight)
+    params = {"n": n, "k": k, **_quant_params(scheme), "act_order": scheme.act_order,
+              "bias": op.bias is not None, "residual": op.residual is not None}
+    # the activations quantized on the fly: a scratch slot free again once the call returns
+    scratch = p.alloc_slot("int8", {p.rows_of(op.input): qlinear_scratch_bytes(k, scheme.sub_group)})
+    p.release(scratch)
+    bias = p.weight(op.bias, "float32") if op.bias is not None else Ref("null")
+    return "qlinear", params, {**p.mat("x", op.input), **_quant_args(w), "perm": w.get("perm", Ref("null")),
+                               "bias": bias, **p.mat("residual", op.residual, "ld_res"), "xq": Ref("ws", scratch)}
+
+
 def _linear(p: _Planner, op: L.LinearOp):
+    if isinstance(op.weight.type.element_type, L.QuantType):
+        return _qlinear(p, op)
     n, k = L.shape_of(op.weight)
     w = p.weight(op.weight)
     params = {"n": n, "k": k, "bias": op.bias is not None, "residual": op.residual is not None,
@@ -481,6 +562,10 @@ def _linear(p: _Planner, op: L.LinearOp):
 
 
 def _embedding(p: _Planner, op: L.EmbeddingOp):
+    if isinstance(op.table.type.element_type, L.QuantType):
+        scheme, w = p.quant_weight(op.table)
+        return "qembedding", {"dim": L.shape_of(op.table)[1], **_quant_params(scheme)}, \
+            {**_quant_args(w), "ids": _input(p, op.token_ids)}
     table = p.weight(op.table)
     return "embedding", {"dim": L.shape_of(op.table)[1], "dtype": p.plan.weights[table.index].dtype}, \
         {"table": table, "ids": _input(p, op.token_ids)}
@@ -489,7 +574,8 @@ def _embedding(p: _Planner, op: L.EmbeddingOp):
 def _paged_attention(p: _Planner, op: L.PagedAttentionOp):
     params = {"num_heads": _i(op.num_heads), "num_kv_heads": _i(op.num_kv_heads), "head_dim": _i(op.head_dim),
               "block_size": p.plan.pool.block_size, "scale": _f(op.scale),
-              "sliding_window": _i(op.sliding_window), "kv_dtype": p.plan.pool.dtype}
+              "sliding_window": _i(op.sliding_window), "kv_dtype": p.plan.pool.dtype,
+              "num_layers": p.plan.pool.layers if p.plan.pool.dtype == "int8" else 0}
     return "paged_attention", params, {
         **p.mat("q", op.q), "pool": Ref("pool"), "num_blocks": Dim("num_blocks"), "layer": _i(op.layer),
         "block_tables": Ref("input", "block_tables"), "max_blocks": Dim("max_blocks"),
@@ -558,6 +644,12 @@ def _weight_expr(v: SSAValue) -> tuple[tuple, str]:
     if isinstance(op, L.CastOp):
         expr, name = _weight_expr(op.input)
         return ("cast", expr, _ir_dtype(v)), name
+    if isinstance(op, L.QuantizeOp):
+        expr, name = _weight_expr(op.input)
+        return ("quantize", expr, quant_scheme(v.type.element_type)), name
+    if isinstance(op, L.PackedWeightOp):
+        name = op.weight.data
+        return ("packed", op.format.data, name, quant_scheme(v.type.element_type), L.shape_of(v)[1]), name + ".weight"
     if isinstance(op, L.ConcatOp) and op.axis.value.data == 0:
         parts = [_weight_expr(i) for i in op.inputs]
         return ("concat", tuple(e for e, _ in parts)), _fused_name(tuple(n for _, n in parts))

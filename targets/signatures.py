@@ -30,6 +30,17 @@ layer_norm {dim, eps, bias}: mu = mean_i x[t,i]; var = mean_i (x[t,i] - mu)^2 (b
 linear {n, k, bias, residual, w_dtype}: out[t,j] = sum_i x[t,i] * w[j,i] (+ bias[j]) (+ residual[t,j])
     for t < T, j < n; w is [n, k] row-major of p.w_dtype, contiguous. out may be the same pointer
     as residual (with ld_out == ld_res), never x or w.
+qlinear {n, k, bits, group_size, scale_dtype, zero, zero_dtype, act_order, bias, residual}: linear with
+    a quantized weight (llmirc/quant.py: `codes` uint8 in the super-block layout, `scales`
+    [n, k/group_size] of p.scale_dtype, `zeros` [n, k/group_size] of p.zero_dtype unless p.zero is
+    none, `perm` int32 [k] if p.act_order) and activations quantized on the fly: with
+    xp[t,i] = x[t, perm[i]] (x[t,i] without act_order), each block of 32 (16 when group_size is 16)
+    consecutive xp values is d * q, d = max|block| / 127, q = rint(xp / d) in int8 (llama.cpp's Q8
+    activations); out[t,j] = sum_i d q[t,i] * W[j,i] (+ bias[j]) (+ residual[t,j]), W the dequantized
+    weight, the integer products exact. `xq` is scratch of T * qlinear_scratch_bytes(k, block)
+    bytes. out may be residual (with ld_out == ld_res), never x.
+qembedding {dim, bits, group_size, scale_dtype, zero, zero_dtype}: embedding of a quantized table
+    (as qlinear's weight, [vocab, dim]): out[t, :] = the dequantized row ids[t], in f32.
 rope {num_heads, head_dim, rotary_dim, style, inv_freq, scaling}: for token t, head h,
     i < rotary_dim/2: a = (float)positions[t] * inv_freq[i] (one f32 multiply);
     c = cos(a) * scaling, s = sin(a) * scaling; neox pairs x[h*hd + i] with x[h*hd + i + rot/2],
@@ -39,13 +50,17 @@ kv_append {num_layers, num_kv_heads, head_dim, block_size, kv_dtype}: pool is
     [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim] of p.kv_dtype; for token t
     with s = slot_mapping[t] >= 0 (s < 0 is skipped), blk = s / block_size, off = s % block_size:
     pool[layer, 0, blk, g, off, :] = k[t, g*head_dim : +head_dim], and V at index 1 likewise.
-paged_attention {num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window, kv_dtype}:
+    An int8 pool (p.kv_dtype int8) is followed by float32 scales [num_layers, 2, num_blocks,
+    num_kv_heads]: K/V = scale * code. A block's scale is max|value| / 127 over the tokens
+    written so far; when a token needs a larger one, the block's codes are requantized to it
+    (rint(code * old / new)). A block whose first token goes to offset 0 starts afresh.
+paged_attention {num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window, kv_dtype, num_layers}:
     for token t of sequence b (query_start_loc[b] <= t < query_start_loc[b+1]), p = positions[t],
     head h, kv head g = h / (num_heads / num_kv_heads): keys j in [lo, hi] with
     lo = max(0, p - sliding_window + 1) if sliding_window > 0 else 0, hi = min(p, seq_lens[b] - 1);
     key j is at block block_tables[b, j / block_size], slot j % block_size of the pool;
     out[t, h*hd : +hd] = sum_j softmax_j(scale * q[t, h*hd : +hd] . K_j) V_j (zeros without keys).
-    out may equal q.
+    out may equal q. num_layers (the pool's) is needed only for an int8 pool (where its scales are).
 act_mul {dim, act}: out[t,i] = act(gate[t,i]) * up[t,i]. act {dim, act}: out[t,i] = act(x[t,i]).
     silu(x) = x / (1 + exp(-x)); gelu(x) = 0.5 x (1 + erf(x / sqrt 2));
     gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); relu(x) = max(x, 0).
@@ -126,6 +141,17 @@ _SIGNATURES = [
     Signature("linear", {"n": REQUIRED, "k": REQUIRED, "bias": False, "residual": False, "w_dtype": "float32"},
               (*_OUT, *_mat("x"), _ptr("w", "{w_dtype}"), _ptr("bias", nullable=True),
                _ptr("residual", nullable=True), _i64("ld_res"), _i64("T"))),
+    Signature("qlinear", {"n": REQUIRED, "k": REQUIRED, "bits": REQUIRED, "group_size": REQUIRED,
+                          "scale_dtype": "float16", "zero": "none", "zero_dtype": "uint8", "act_order": False,
+                          "bias": False, "residual": False},
+              (*_OUT, *_mat("x"), _ptr("codes", "uint8"), _ptr("scales", "{scale_dtype}"),
+               _ptr("zeros", "{zero_dtype}", nullable=True), _ptr("perm", "int32", nullable=True),
+               _ptr("bias", nullable=True), _ptr("residual", nullable=True), _i64("ld_res"),
+               _ptr("xq", "int8", "w"), _i64("T"))),
+    Signature("qembedding", {"dim": REQUIRED, "bits": REQUIRED, "group_size": REQUIRED, "scale_dtype": "float16",
+                             "zero": "none", "zero_dtype": "uint8"},
+              (*_OUT, _ptr("codes", "uint8"), _ptr("scales", "{scale_dtype}"),
+               _ptr("zeros", "{zero_dtype}", nullable=True), _ptr("ids", "int32"), _i64("T"))),
     Signature("rope", {"num_heads": REQUIRED, "head_dim": REQUIRED, "rotary_dim": None, "style": "neox",
                        "inv_freq": REQUIRED, "scaling": 1.0},
               (*_OUT, *_mat("x"), _ptr("positions", "int32"), _i64("T"))),
@@ -135,7 +161,7 @@ _SIGNATURES = [
                _ptr("slot_mapping", "int32"), _i64("T"))),
     Signature("paged_attention", {"num_heads": REQUIRED, "num_kv_heads": REQUIRED, "head_dim": REQUIRED,
                                   "block_size": REQUIRED, "scale": REQUIRED, "sliding_window": 0,
-                                  "kv_dtype": "float32"},
+                                  "kv_dtype": "float32", "num_layers": 0},
               (*_OUT, *_mat("q"), _ptr("pool", "{kv_dtype}"), _i64("num_blocks"), _i64("layer"),
                _ptr("block_tables", "int32"), _i64("max_blocks"), _ptr("seq_lens", "int32"),
                _ptr("query_start_loc", "int32"), _i64("B"), _ptr("positions", "int32"), _i64("T"))),
@@ -145,6 +171,12 @@ _SIGNATURES = [
     Signature("add", {"dim": REQUIRED}, (*_OUT, *_mat("a"), *_mat("b"), _i64("T"))),
 ]
 SIGNATURES: dict[str, Signature] = {s.kind: s for s in _SIGNATURES}
+
+
+def qlinear_scratch_bytes(k: int, block: int) -> int:
+    """Bytes of qlinear's `xq` scratch per row of x: k int8 values and two float32 per block of
+    `block` values, rounded up to 64."""
+    return -(-(k + 8 * (k // block)) // 64) * 64
 
 
 def signature(kind: str, static: dict | None = None) -> Signature:

@@ -161,6 +161,44 @@ def export_onnx(model, path: Path, *, with_mask: bool = False, with_past: bool =
     return path
 
 
+def hf_logits_quantized(model, weights: dict, token_ids: list[int]) -> np.ndarray:
+    """Logits of `model` in float64 with the linears named in `weights` ({module name: (weight
+    [n, k], input permutation or None, block)}) using those weights, their inputs quantized to
+    int8 per block of `block` values (in the permuted order) as llmirc's quantized kernels do it
+    (llmirc.quant.activation_block): the exact reference of a quantized bundle. Other modules
+    named there (embeddings) only get the weight."""
+    import copy
+
+    import torch
+
+    from llmirc import quant
+
+    ref = copy.deepcopy(model).double()
+    modules = dict(ref.named_modules())
+    hooks = []
+
+    def hook(perm, block):
+        def quantize_input(module, args):
+            x = args[0]
+            flat = x.reshape(-1, x.shape[-1]).to(torch.float32).numpy()
+            xp = flat[:, perm] if perm is not None else flat
+            q, d = quant.activation_block(xp, block)
+            xhat = np.empty(flat.shape)
+            xhat[:, perm if perm is not None else slice(None)] = q * np.repeat(d.astype(np.float64), block, axis=1)
+            return (torch.from_numpy(xhat).reshape(x.shape),)
+        return quantize_input
+
+    with torch.no_grad():
+        for name, (w, perm, block) in weights.items():
+            modules[name].weight.copy_(torch.from_numpy(np.asarray(w, np.float64)))
+            if isinstance(modules[name], torch.nn.Linear):
+                hooks.append(modules[name].register_forward_pre_hook(hook(perm, block)))
+        out = ref(torch.tensor([token_ids])).logits[0].numpy()
+    for h in hooks:
+        h.remove()
+    return out
+
+
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
           " + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 

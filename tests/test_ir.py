@@ -9,16 +9,34 @@ from xdsl.utils.exceptions import VerifyException
 from llmirc import dialect as L
 from llmirc.frontend.decoder import build_decoder
 from llmirc.frontend.hf_config import parse_config
-from llmirc.passes.pipeline import make_context, print_ir, run_passes
+from llmirc.passes.pipeline import make_context, print_ir, required, run_passes
 
 CONFIG = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
 
 
-def optimized_ir() -> str:
+def optimized_ir(tail: str | None = None) -> str:
     module = build_decoder(parse_config(CONFIG), lambda n, s: "float32", lambda n: True)
-    run_passes(module)
+    run_passes(module, tail=tail)
     return print_ir(module)
+
+
+# quantized weights (the embedding too: tied, it is also the LM head, which stays float) and an int8 KV cache
+QUANTIZED = required(kv_cache_dtype="int8", quantize="quantize-weights{bits=4 keep=lm_head}")
+
+
+def test_quantized_ir_parses_in_upstream_mlir_and_round_trips():
+    from iree.compiler import ir
+    text = optimized_ir(QUANTIZED)
+    assert "tensor<100x64x!llmir.quant<bits = 4, group_size = 32, scale = f16, zero = none>>" in text
+    with ir.Context() as ctx:
+        ctx.allow_unregistered_dialects = True
+        module = ir.Module.parse(text)
+        assert module.operation.verify()
+        assert "llmir.quantize" in str(module)
+    module = Parser(make_context(), text).parse_module()
+    module.verify()
+    assert print_ir(module) == text
 
 
 def test_optimized_ir_parses_and_verifies_in_upstream_mlir():

@@ -18,8 +18,11 @@ def parse_spec(config: dict, source: str = "config.json") -> Spec:
     return parse_gpt2_config(config, source) if family == "gpt2" else parse_config(config, source)
 
 
-def build_graph(spec: Spec, check: ShapeCheck, has_tensor: Callable[[str], bool]) -> ModuleOp:
-    return build_gpt2(spec, check, has_tensor) if isinstance(spec, Gpt2Spec) else build_decoder(spec, check, has_tensor)
+def build_graph(spec: Spec, check: ShapeCheck, has_tensor: Callable[[str], bool], packed=None) -> ModuleOp:
+    """`packed`: quantized linears of GPTQ/AWQ checkpoints (Llama-family decoders; see build_decoder)."""
+    if isinstance(spec, Gpt2Spec):
+        return build_gpt2(spec, check, has_tensor)
+    return build_decoder(spec, check, has_tensor, packed)
 
 
 def open_source(path, dequantize: bool = False):

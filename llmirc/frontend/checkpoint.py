@@ -19,6 +19,7 @@ from llmirc.errors import CheckpointError
 from . import build_graph, parse_spec
 from .context import Limit
 from .hf_config import load_config
+from .packed import PackedLinears, parse_quantization_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
@@ -57,6 +58,11 @@ class Checkpoint:
         self.config_path = root / "config.json"
         self.config = load_config(self.config_path)
         self.spec = parse_spec(self.config, str(self.config_path))
+        self.quantization = parse_quantization_config(self.config, str(self.config_path))
+        if self.quantization and self.spec.architecture == "GPT2LMHeadModel":
+            raise CheckpointError(f"{self.config_path}: {self.quantization['method']} checkpoints of GPT-2 are "
+                                  "not supported")
+        self.summary = f"{self.quantization['method']} {self.quantization['bits']}-bit" if self.quantization else ""
         self._where = self._index()  # tensor name -> shard path
         self._files: dict[Path, SafetensorsFile] = {}
 
@@ -122,7 +128,12 @@ class Checkpoint:
         return f.as_float32(name)
 
     def module(self):
-        return build_graph(self.spec, self._check_shape, self.has)
+        packed = None
+        if self.quantization:
+            linears = PackedLinears(self.quantization, self.read, lambda n: self._file(n).info(n), self.has,
+                                    str(self.root))
+            packed = linears.weight
+        return build_graph(self.spec, self._check_shape, self.has, packed)
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> str:
         actual = self.shape(name)

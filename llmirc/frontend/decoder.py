@@ -42,17 +42,24 @@ def weights(check: ShapeCheck) -> Callable[..., SSAValue]:
     return weight
 
 
-def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[str], bool]) -> ModuleOp:
+def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[str], bool],
+                  packed: Callable[[str, int, int], SSAValue | None] | None = None) -> ModuleOp:
+    """`packed(prefix, n, k)`: the quantized weight `prefix` (a linear, the embedding table, the LM
+    head) when the checkpoint holds one (GPTQ, AWQ, GGUF: frontend/packed.py), else None."""
     s = spec
     q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
     forward, weight = new_forward(s.vocab_size), weights(check)
 
+    def matrix(prefix: str, n: int, k: int) -> SSAValue:
+        w = packed(prefix, n, k) if packed is not None else None
+        return w if w is not None else weight(f"{prefix}.weight", n, k)
+
     def linear(x, prefix: str, n: int, k: int, bias: bool) -> SSAValue:
         b = weight(f"{prefix}.bias", n) if bias else None
-        return L.LinearOp(x, weight(f"{prefix}.weight", n, k), b).result
+        return L.LinearOp(x, matrix(prefix, n, k), b).result
 
     with ImplicitBuilder(forward.body) as (token_ids, positions):
-        embed = weight("model.embed_tokens.weight", s.vocab_size, s.hidden_size)
+        embed = matrix("model.embed_tokens", s.vocab_size, s.hidden_size)
         h = L.EmbeddingOp(embed, token_ids).result
         for i in range(s.num_layers):
             p = f"model.layers.{i}"
@@ -78,7 +85,7 @@ def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[st
                                       "tie_word_embeddings")
             head = embed
         else:
-            head = weight("lm_head.weight", s.vocab_size, s.hidden_size)
+            head = matrix("lm_head", s.vocab_size, s.hidden_size)
         func.ReturnOp(L.LinearOp(h, head).result)
     module = ModuleOp([forward])
     module.verify()

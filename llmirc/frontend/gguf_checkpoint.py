@@ -18,11 +18,12 @@ into the rotary frequencies.
 
 Tensor types: F32/F16/BF16 tensors keep their type (`read` returns them as stored, like
 safetensors weights; `--dtype` can still cast them). The block-quantized formats (Q8_0, Q4_0,
-Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) are refused by name unless the source is opened with
-`dequantize=True` (`llmirc compile --dequantize`), which expands them to float32 with
-`gguf_quants.dequantize`. Keeping them quantized is the job of the IR's quantized types: there
-`_check_shape` reports the quantized type and `read(name)` returns `gguf_quants.unpack` of the
-blocks (the q/k row un-permutation moves whole rows of blocks, so it applies unchanged).
+Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) are kept quantized: their matrices (linears, the embedding,
+the LM head) enter the graph as `llmir.packed_weight` of the `!llmir.quant` type each format is
+repacked into losslessly (frontend/packed.py says which, per format), and `read(name)` returns
+`gguf_quants.unpack` of the blocks (the q/k row un-permutation moves whole rows, so it applies
+unchanged). With `dequantize=True` (`llmirc compile --dequantize`) they are expanded to float32
+with `gguf_quants.dequantize` instead. GPT-2 files with quantized tensors need --dequantize.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
+from llmirc import dialect as L
 from llmirc import dtypes
 from llmirc.errors import CheckpointError
 
 from . import build_graph, parse_spec
 from .checkpoint import Checkpoint
-from .gguf_quants import FORMATS, dequantize
+from .gguf_quants import FORMATS, Unpacked, dequantize, unpack
+from .packed import gguf_qtype
 from .gguf_tokenizer import build_tokenizer
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
@@ -124,10 +127,11 @@ class GgufCheckpoint:
             if self._type_name(name) not in FORMATS:
                 raise CheckpointError(f"{path}: tensor '{name}' has type {self._type_name(name)}, which llmirc cannot "
                                       f"read (readable: {', '.join(list(FLOAT_TYPES.values()) + list(FORMATS))})")
-        if quantized and not dequantize:
+        if quantized and not dequantize and self.arch == "gpt2":
             name = quantized[0]
-            raise CheckpointError(f"{path}: tensor '{name}' is {self._type_name(name)}-quantized; llmirc cannot keep "
-                                  "GGUF quantized tensors yet: compile with --dequantize to expand them to float32")
+            raise CheckpointError(f"{path}: tensor '{name}' is {self._type_name(name)}-quantized; llmirc keeps "
+                                  "GGUF quantized tensors of llama and qwen2 models only: compile with --dequantize "
+                                  "to expand them to float32")
         self.tokenizer, self.tokenizer_config = (build_tokenizer(self.meta, str(path))
                                                  if "tokenizer.ggml.model" in self.meta else (None, None))
         self.config = self._hf_config()
@@ -137,7 +141,8 @@ class GgufCheckpoint:
         elif "rope_freqs.weight" in self._tensors:
             self.spec = dataclasses.replace(self.spec, rope=self._rope_freqs(self.spec.rope))
         types = sorted({self._type_name(n) for n in self._tensors})
-        self.summary = f"{self.arch}, tensors {'/'.join(types)}" + (", dequantized to float32" if quantized else "")
+        self.summary = f"{self.arch}, tensors {'/'.join(types)}" + (
+            (", dequantized to float32" if dequantize else ", kept quantized") if quantized else "")
 
     # -- reading the file ---------------------------------------------------------------------
 
@@ -263,15 +268,16 @@ class GgufCheckpoint:
         """A GGUF tensor's shape in NumPy order (GGUF lists dimensions innermost first)."""
         return tuple(int(d) for d in reversed(self._tensors[gguf_name].shape.tolist()))
 
-    def _stored(self, gguf_name: str) -> tuple[np.ndarray, str]:
+    def _stored(self, gguf_name: str) -> tuple[np.ndarray | Unpacked, str]:
         """(data, llmirc dtype name): F32/F16/BF16 as stored (BF16 as uint16 bits, zero-copy views of
-        the mapped file), quantized tensors dequantized to float32 (with dequantize=True)."""
+        the mapped file), quantized tensors dequantized to float32 (with dequantize=True), else
+        unpacked (gguf_quants.unpack: codes, scales, offsets; dtype 'quantized')."""
         t, kind = self._tensors[gguf_name], self._type_name(gguf_name)
         shape = self.shape_of(gguf_name)
         if kind in STORED:
             return t.data.view("<u2" if kind == "BF16" else t.data.dtype).reshape(shape), STORED[kind]
         if not self.dequantize:
-            raise CheckpointError(f"{self.path}: tensor '{gguf_name}' is {kind}-quantized (compile with --dequantize)")
+            return unpack(FORMATS[kind], t.data, shape[-1]), "quantized"
         return dequantize(FORMATS[kind], t.data, shape[-1]).reshape(shape), "float32"
 
     # -- the source interface ---------------------------------------------------------------------
@@ -291,23 +297,42 @@ class GgufCheckpoint:
     def dtype(self, name: str) -> str:
         return self._type_name(self._gguf_name(name))
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str) -> np.ndarray | Unpacked:
         """The tensor under its Hugging Face name as stored (see _stored), llama q/k rows un-permuted."""
         data, _ = self._stored(self._gguf_name(name))
         if self.arch == "llama" and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
-            s = self.spec
-            data = unpermute_rows(data, s.num_heads if ".q_proj." in name else s.num_kv_heads)
+            heads = self.spec.num_heads if ".q_proj." in name else self.spec.num_kv_heads
+            if isinstance(data, Unpacked):  # rows of codes, scales and offsets move together
+                return dataclasses.replace(data, **{f: unpermute_rows(getattr(data, f), heads) for f in
+                                                    ("codes", "scales", "offsets") if getattr(data, f) is not None})
+            data = unpermute_rows(data, heads)
         return data
 
     def float32(self, name: str) -> np.ndarray:
         """The tensor under its Hugging Face name as float32."""
-        return dtypes.to_float32(self.read(name), self._stored_type(self._gguf_name(name)))
+        data = self.read(name)
+        if isinstance(data, Unpacked):
+            g = data.codes.reshape(data.codes.shape[0], -1, data.group).astype(np.float32) * data.scales[..., None]
+            return (g if data.offsets is None else g + data.offsets[..., None]).reshape(data.codes.shape)
+        return dtypes.to_float32(data, self._stored_type(self._gguf_name(name)))
 
     def _stored_type(self, gguf_name: str) -> str:
         return STORED.get(self._type_name(gguf_name), "float32")
 
     def module(self):
-        return build_graph(self.spec, self._check_shape, self.has)
+        return build_graph(self.spec, self._check_shape, self.has, self._packed)
+
+    def _packed(self, prefix: str, n: int, k: int):
+        """A block-quantized matrix kept quantized (llmir.packed_weight, frontend/packed.py); None
+        for a float one (or when dequantizing)."""
+        gguf_name = self._names.get(f"{prefix}.weight")
+        kind = self._type_name(gguf_name) if gguf_name in self._tensors else None
+        if kind is None or kind in STORED or self.dequantize:
+            return None
+        if self.shape_of(gguf_name) != (n, k):
+            raise CheckpointError(f"{self.path}: tensor '{gguf_name}' has shape {list(self.shape_of(gguf_name))}, "
+                                  f"the metadata implies {[n, k]}")
+        return L.PackedWeightOp(prefix, "gguf", (n, k), gguf_qtype(kind)).result
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> str:
         """Raises if the tensor's shape is not `shape`; returns the dtype `read` gives it."""
@@ -316,6 +341,10 @@ class GgufCheckpoint:
         if actual != tuple(shape):
             raise CheckpointError(f"{self.path}: tensor '{gguf_name}' has shape {list(actual)}, "
                                   f"the metadata implies {list(shape)}")
+        kind = self._type_name(gguf_name)
+        if kind not in STORED and not self.dequantize:  # matrices kept quantized come from _packed
+            raise CheckpointError(f"{self.path}: tensor '{gguf_name}' is {kind}-quantized, which llmirc keeps "
+                                  "for matrices only: compile with --dequantize to expand it to float32")
         return self._stored_type(gguf_name)
 
     def add_weight(self, name: str, value: np.ndarray) -> None:

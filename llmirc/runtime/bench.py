@@ -60,7 +60,8 @@ def _weights_read(model) -> list[int]:
     for call in model.bundle.manifest["plan"]:
         for arg in call["args"].values():
             if isinstance(arg, dict) and arg.get("ptr") == "weight":
-                used[arg["index"]] = used.get(arg["index"], False) or kinds[call["kernel"]] != "embedding"
+                full = kinds[call["kernel"]] not in ("embedding", "qembedding")
+                used[arg["index"]] = used.get(arg["index"], False) or full
     return [i for i, full in used.items() if full]
 
 

@@ -110,9 +110,10 @@ class CpuExecutor:
         self.weights = _load_weights(bundle, self.info["weights"])
 
         self.num_blocks = num_blocks
-        shape = (pool["num_layers"], 2, num_blocks, pool["num_kv_heads"], self.block_size, pool["head_dim"])
+        # [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim] of the pool's dtype (an int8 pool
+        # then has its scales): the library's block_bytes per block
         try:
-            self.kv_pool = np.zeros(shape, dtype=self.kv_dtype.numpy)
+            self.kv_pool = np.zeros(num_blocks * int(pool["block_bytes"]), dtype=np.uint8)
         except (MemoryError, ValueError):  # numpy raises ValueError for sizes it cannot even represent
             raise LlmircError(f"bundle {name}: cannot allocate a KV cache of "
                               f"{num_blocks * pool['block_bytes'] / 2**30:.1f} GiB; load it with fewer "

@@ -171,15 +171,16 @@ def load_i32(b, ptr, idx) -> ir.Value:
 
 
 class Storage:
-    """How kernels address, read and write elements stored as `dtype` (float32, bfloat16, float16):
-    values are always f32 in registers. Loads widen exactly (bf16: the bits shifted into the top
-    half of an f32; f16: fpext, F16C's vcvtph2ps where the cpu has it); stores round to nearest
-    even (bf16: by integer arithmetic, NaN kept quiet NaN; f16: fptrunc)."""
+    """How kernels address, read and write elements stored as `dtype` (float32, bfloat16, float16;
+    int8 codes are read only): values are always f32 in registers. Loads widen exactly (bf16: the
+    bits shifted into the top half of an f32; f16: fpext, F16C's vcvtph2ps where the cpu has it;
+    int8: sitofp, the caller applies the scale); stores round to nearest even (bf16: by integer
+    arithmetic, NaN kept quiet NaN; f16: fptrunc)."""
 
     def __init__(self, dtype: str):
         self.dtype = dtype
-        self.ety = {"float32": F32, "bfloat16": I16, "float16": HALF}[dtype]
-        self.itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+        self.ety = {"float32": F32, "bfloat16": I16, "float16": HALF, "int8": I8}[dtype]
+        self.itemsize = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}[dtype]
 
     def gep(self, b: ir.IRBuilder, ptr: ir.Value, idx, inbounds: bool = True) -> ir.Value:
         return gep(b, ptr, idx, self.ety, inbounds)
@@ -193,6 +194,8 @@ class Storage:
         fty = vty(n) if n else F32
         if self.dtype == "float16":
             return b.fpext(raw, fty)
+        if self.dtype == "int8":
+            return b.sitofp(raw, fty)
         ity = vty(n, I32) if n else I32
         wide = b.shl(b.zext(raw, ity), ir.Constant(ity, [16] * n) if n else ir.Constant(I32, 16))
         return b.bitcast(wide, fty)

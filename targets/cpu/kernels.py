@@ -53,6 +53,7 @@ from . import amx
 from . import irbuilder as irb
 from .irbuilder import F32, I64, PTR, FAST, f32, i64
 from ..signatures import signature
+from .quant_kernels import emit_quant_kernel, is_quant_kernel
 from .toolchain import CpuVariant
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
@@ -64,6 +65,8 @@ _GRAIN = 32768
 def emit_kernel(module: ir.Module, kind: str, symbol: str, params: dict,
                 variant: CpuVariant) -> ir.Function:
     """Add kernel `kind` specialized for `params` as external function `symbol`."""
+    if is_quant_kernel(kind, params):
+        return emit_quant_kernel(module, kind, symbol, params, variant)
     if kind not in _EMITTERS:
         raise ValueError(f"unknown cpu kernel kind {kind!r}")
     sig = signature(kind)
@@ -682,6 +685,9 @@ def _emit_paged_attention(module, fn, b, p, cpu):
     rep = H // G
     kvs = irb.storage(p.kv_dtype)  # how K/V are stored in the pool
     line = 64 // kvs.itemsize      # elements of K/V per cache line
+    int8 = p.kv_dtype == "int8"    # codes, and a scale per (layer, K/V, block, kv head) after them
+    if int8 and not p.num_layers:
+        raise ValueError("paged_attention: an int8 pool needs num_layers (where its scales start)")
     ACC = 16 if vw >= 16 else 8  # vector accumulators a register tile holds
     RT = 4 if vw >= 16 else 2    # query rows per register tile
     # A work unit is (query block of qn tokens of one sequence, gn consecutive kv heads, a
@@ -859,14 +865,22 @@ def _emit_paged_attention(module, fn, b, p, cpu):
                     k = kvs.gep(cb, kb, cb.mul(gg, i64(hs)))
                     nk = kvs.gep(cb, nkb, cb.mul(gg, i64(hs)))
                     blk = SimpleNamespace(k=k, v=kvs.gep(cb, k, kv_stride), nk=nk,
-                                          nv=kvs.gep(cb, nk, kv_stride), first=first)
+                                          nv=kvs.gep(cb, nk, kv_stride), first=first,
+                                          ks=None, vs=None)
+                    if int8:  # the block's K and V scales: keys scale the scores, values the p_j
+                        sidx = cb.add(cb.mul(cb.add(cb.mul(cb.mul(A.layer, i64(2)), A.num_blocks),
+                                                    irb.load_i32(cb, bt, lb)), i64(G)), cb.add(u.g0, gg))
+                        sbase = irb.gep(cb, A.pool, cb.mul(A.num_blocks, i64(p.num_layers * 2 * G * hs)), irb.I8)
+                        blk.ks = cb.load(irb.gep(cb, sbase, cb.mul(sidx, i64(4)), irb.I8), typ=F32, align=1)
+                        blk.vs = cb.load(irb.gep(cb, sbase, cb.mul(cb.add(sidx, cb.mul(A.num_blocks, i64(G))),
+                                                                   i64(4)), irb.I8), typ=F32, align=1)
                     r_first = cb.mul(gg, u.rh)
 
                     def by_lanes():  # (one kv head: r_first = 0)
                         for lg in range(NLG):
                             with cb.if_then(cb.icmp_signed("<", i64(lg * vw), u.rh)):
                                 score_lanes(cb, blk, qt, lo_v, hi_v, scores, lg)
-                                softmax_lanes(cb, scores, m_arr, l_arr, c_arr, lg)
+                                softmax_lanes(cb, scores, m_arr, l_arr, c_arr, lg, blk.vs)
                         row_tiles(cb, r_first, u.rh, lambda r0, rt: pv_tile(
                             cb, blk, scores, c_arr, acc, o0, o1, r0, rt, r_first, True))
 
@@ -874,7 +888,7 @@ def _emit_paged_attention(module, fn, b, p, cpu):
                         row_tiles(cb, r_first, u.rh, lambda r0, rt: score_tile(
                             cb, u, blk, scores, r0, rt, r_first))
                         with irb.for_range(cb, r_first, cb.add(r_first, u.rh), 1, "sm") as rho:
-                            softmax_row(cb, rho, scores, m_arr, l_arr, c_arr)
+                            softmax_row(cb, rho, scores, m_arr, l_arr, c_arr, blk.vs)
                         row_tiles(cb, r_first, u.rh, lambda r0, rt: pv_tile(
                             cb, blk, scores, c_arr, acc, o0, o1, r0, rt, r_first, False))
                     if LANE_MIN:
@@ -922,14 +936,17 @@ def _emit_paged_attention(module, fn, b, p, cpu):
             keys = cb.add(irb.splat(cb, cb.add(blk.first, i64(j0)), kg),
                           ir.Constant(irb.vty(kg, I64), list(range(kg))))
             for ri in range(rt):
-                sv = cb.fmul(irb.lanes(cb, sums, ri * kg, kg), irb.splat(cb, f32(p.scale), kg))
+                sv = cb.fmul(irb.lanes(cb, sums, ri * kg, kg), irb.splat(cb, qk_scale(cb, blk), kg))
                 ok = cb.and_(cb.icmp_signed(">=", keys, irb.splat(cb, lo[ri], kg)),
                              cb.icmp_signed("<=", keys, irb.splat(cb, hi[ri], kg)))
                 sv = cb.select(ok, sv, irb.splat(cb, neg_inf, kg))
                 dst = irb.gep(cb, scores, cb.add(cb.mul(rows[ri], i64(bs)), i64(j0)))
                 cb.store(sv, dst, align=4)
 
-    def softmax_row(cb, rho, scores, m_arr, l_arr, c_arr):
+    def qk_scale(cb, blk):
+        return f32(p.scale) if blk.ks is None else cb.fmul(f32(p.scale), blk.ks)
+
+    def softmax_row(cb, rho, scores, m_arr, l_arr, c_arr, vs):
         """online softmax over one block: running max and sum, p_j = exp(s_j - max) in
         place, and the factor that rescales the row's earlier V sum"""
         srow = irb.gep(cb, scores, cb.mul(rho, i64(bs)))
@@ -947,7 +964,7 @@ def _emit_paged_attention(module, fn, b, p, cpu):
         lsum = None
         for (off, w), v in zip(bchunks, sv):
             pv = irb.exp(cb, cb.fsub(v, irb.splat(cb, m_sub, w)))
-            irb.store_vec(cb, pv, srow, off)
+            irb.store_vec(cb, pv if vs is None else cb.fmul(pv, irb.splat(cb, vs, w)), srow, off)
             ps = irb.hsum(cb, pv)
             lsum = ps if lsum is None else cb.fadd(lsum, ps, flags=FAST)
         cb.store(m_new, irb.gep(cb, m_arr, rho))
@@ -1004,11 +1021,11 @@ def _emit_paged_attention(module, fn, b, p, cpu):
                 key = cb.trunc(cb.add(blk.first, i64(j0 + kk)), irb.I32)
                 kv = irb.splat(cb, key, vw)
                 ok = cb.and_(cb.icmp_signed(">=", kv, lo), cb.icmp_signed("<=", kv, hi))
-                sv = cb.fmul(cb.load(accs[kk]), irb.splat(cb, f32(p.scale), vw))
+                sv = cb.fmul(cb.load(accs[kk]), irb.splat(cb, qk_scale(cb, blk), vw))
                 irb.store_vec(cb, cb.select(ok, sv, irb.splat(cb, neg_inf, vw)), scores,
                               (lg * bs + j0 + kk) * vw)
 
-    def softmax_lanes(cb, scores, m_arr, l_arr, c_arr, lg):
+    def softmax_lanes(cb, scores, m_arr, l_arr, c_arr, lg, vs):
         """softmax_row for the vw rows of lane group lg at once (scores in lanes layout)"""
         srow = irb.gep(cb, scores, lg * bs * vw)
         mb = irb.var(cb, irb.vty(vw), irb.splat(cb, neg_inf, vw), "mb")
@@ -1023,7 +1040,7 @@ def _emit_paged_attention(module, fn, b, p, cpu):
         lsum = irb.var(cb, irb.vty(vw), _zero(vw), "lsum")
         with irb.for_range(cb, 0, bs, 1, "ex") as j:
             pv = irb.exp(cb, cb.fsub(irb.load_vec(cb, srow, cb.mul(j, i64(vw)), vw), m_sub))
-            irb.store_vec(cb, pv, srow, cb.mul(j, i64(vw)))
+            irb.store_vec(cb, pv if vs is None else cb.fmul(pv, irb.splat(cb, vs, vw)), srow, cb.mul(j, i64(vw)))
             cb.store(cb.fadd(cb.load(lsum), pv, flags=FAST), lsum)
         irb.store_vec(cb, m_new, m_arr, lg * vw)
         irb.store_vec(cb, cb.fadd(cb.fmul(irb.load_vec(cb, l_arr, lg * vw, vw), corr),

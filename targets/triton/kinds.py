@@ -65,7 +65,12 @@ BUILDERS = {
 }
 
 
+CPU_ONLY = ("qlinear", "qembedding")  # quantized weights: CPU kernels only so far (issue 9)
+
+
 def signature(kind: str) -> Signature:
+    if kind in CPU_ONLY:
+        raise ValueError(f"no GPU kernel for kind {kind!r} yet (quantized weights run on the CPU target only)")
     if kind in SIGNATURES:
         return SIGNATURES[kind]
     if kind in GPU_SIGNATURES:

@@ -1,0 +1,210 @@
+"""Quantized weights: the schemes llmirc stores, its code layout, round-to-nearest quantization.
+
+A quantized [n, k] weight (n output rows, k inputs) is stored as up to four bundle tensors:
+
+* `codes`: uint8 [n, k * bits / 8]: one unsigned code u per weight (bits = 4 or 8), in the
+  *super-block layout* below (4-bit codes two to a byte).
+* `scales`: [n, k / group_size] of `scale_dtype` (float16, bfloat16 or float32).
+* `zeros` (zero = "int" or "min"): [n, k / group_size], uint8 zero points or `scale_dtype` mins.
+* `perm` (act_order): int32 [k]: stored column i holds input column perm[i] (GPTQ act-order).
+
+A weight of group g is, by `zero`:
+    none: w = s_g * (u - 2^(bits-1))      (symmetric; llama.cpp's Q4_0 / Q8_0)
+    int:  w = s_g * (u - z_g)             (uint8 zero points; GPTQ, AWQ, MatMulNBits)
+    min:  w = s_g * u + m_g               (llama.cpp's Q4_1 / K-quant mins)
+
+The super-block layout serves the integer dot-product instructions (x86 vpdpbusd, and its
+emulation elsewhere): a 32-bit lane multiplies 4 consecutive bytes. A row is cut into
+sub-groups of SG = min(32, group_size) weights, and 16 consecutive sub-groups form a
+super-block (the last may have fewer, r). Within a super-block, step t (of SG/4) holds, for
+each lane l < r, the 4 weights 4t..4t+3 of sub-group l: byte 4l + b of step t is weight
+(16 s + l) * SG + 4t + b. So after the SG/4 steps of one super-block, 32-bit lane l holds the
+whole dot product of sub-group l, and one vector of scales (a sub-group lies in one group)
+finishes it. 4-bit codes pair steps 2c and 2c+1 in the low and high nibbles of one step's
+bytes. The kernels quantize activations per sub-group into the same order (int8 layout).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmirc import dtypes
+
+LANES = 16   # sub-groups per super-block
+ZEROS = ("none", "int", "min")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    bits: int            # storage bits per code: 4 or 8
+    group_size: int      # weights per scale along k: a power of two in [16, 512], or k (per output channel)
+    scale_dtype: str = "float16"
+    zero: str = "none"   # none | int | min (see the module docstring)
+    act_order: bool = False
+
+    @property
+    def zero_dtype(self) -> str:
+        """The dtype of the zeros tensor (uint8 zero points, or mins in the scale dtype)."""
+        return "uint8" if self.zero != "min" else self.scale_dtype
+
+    @property
+    def sub_group(self) -> int:
+        return min(32, self.group_size)
+
+    @property
+    def center(self) -> int:
+        """The code of zero for symmetric schemes: 2^(bits-1)."""
+        return 1 << (self.bits - 1)
+
+    def check(self, k: int) -> str | None:
+        """Why a row of k weights cannot use this scheme (None when it can)."""
+        g = self.group_size
+        if self.bits not in (4, 8):
+            return f"{self.bits}-bit codes (llmirc stores 4 or 8)"
+        if self.zero not in ZEROS:
+            return f"zero points {self.zero!r} (known: {', '.join(ZEROS)})"
+        if self.scale_dtype not in ("float16", "bfloat16", "float32"):
+            return f"scale dtype {self.scale_dtype}"
+        if g != k and not (16 <= g <= 512 and g & (g - 1) == 0):
+            return f"group size {g} (a power of two from 16 to 512, or the whole row)"
+        if k % self.sub_group or k % g:
+            return f"{k} inputs, not a multiple of the group size {g} and of {self.sub_group}"
+        return None
+
+    def parts(self) -> tuple[str, ...]:
+        return ("codes", "scales") + (("zeros",) if self.zero != "none" else ()) + (
+            ("perm",) if self.act_order else ())
+
+    def part_shape(self, part: str, n: int, k: int) -> tuple[int, ...]:
+        return {"codes": (n, k * self.bits // 8), "scales": (n, k // self.group_size),
+                "zeros": (n, k // self.group_size), "perm": (k,)}[part]
+
+    def part_dtype(self, part: str) -> str:
+        return {"codes": "uint8", "scales": self.scale_dtype, "zeros": self.zero_dtype, "perm": "int32"}[part]
+
+
+@functools.lru_cache(maxsize=64)
+def layout_order(k: int, sg: int) -> np.ndarray:
+    """order[p] = the column stored at position p of a row in the super-block layout (int8)."""
+    j = np.arange(k // sg)
+    s, lane = j // LANES, j % LANES
+    r = np.minimum(LANES, k // sg - LANES * s)  # lanes of each sub-group's super-block
+    e = np.arange(sg)
+    t, b = e // 4, e % 4
+    pos = (LANES * s * sg)[:, None] + (t * 4)[None, :] * r[:, None] + (4 * lane)[:, None] + b[None, :]
+    order = np.empty(k, np.int64)
+    order[pos.ravel()] = (j[:, None] * sg + e[None, :]).ravel()
+    return order
+
+
+def pack(u: np.ndarray, bits: int, sg: int) -> np.ndarray:
+    """Codes u (uint8 [n, k], < 2^bits) in the super-block layout: uint8 [n, k * bits / 8]."""
+    n, k = u.shape
+    laid = np.ascontiguousarray(u[:, layout_order(k, sg)], dtype=np.uint8)
+    if bits == 8:
+        return laid
+    out = np.empty((n, k // 2), np.uint8)
+    for start, r in _super_blocks(k, sg):  # steps 2c (low nibble) and 2c+1 (high) share bytes
+        step = 4 * r
+        blk = laid[:, start:start + sg * r].reshape(n, sg // 8, 2, step)
+        out[:, start // 2:(start + sg * r) // 2] = (blk[:, :, 0] | (blk[:, :, 1] << 4)).reshape(n, -1)
+    return out
+
+
+def unpack(codes: np.ndarray, bits: int, sg: int, k: int) -> np.ndarray:
+    """The inverse of `pack`: codes uint8 [n, k] in column order."""
+    n = codes.shape[0]
+    if bits == 8:
+        laid = codes
+    else:
+        laid = np.empty((n, k), np.uint8)
+        for start, r in _super_blocks(k, sg):
+            step = 4 * r
+            half = codes[:, start // 2:(start + sg * r) // 2].reshape(n, sg // 8, 1, step)
+            laid[:, start:start + sg * r] = np.concatenate([half & 15, half >> 4], axis=2).reshape(n, -1)
+    out = np.empty((n, k), np.uint8)
+    out[:, layout_order(k, sg)] = laid
+    return out
+
+
+def _super_blocks(k: int, sg: int):
+    """(first position, lanes) of each super-block of a row."""
+    nsub = k // sg
+    return [(s * LANES * sg, min(LANES, nsub - s * LANES)) for s in range(-(-nsub // LANES))]
+
+
+def quantize(w: np.ndarray, scheme: Scheme) -> dict[str, np.ndarray]:
+    """Round-to-nearest quantization of w (float32 [n, k]) into the scheme's parts.
+
+    none: the group's value of largest magnitude m maps to code 0 (s = m / -2^(bits-1)), as
+    llama.cpp's Q4_0/Q8_0 reference quantizers do. int: s = (max - min) / (2^bits - 1) over the
+    group with 0 included, z = round(-min / s) (GPTQ's and MatMulNBits' RTN). min: s as for int
+    without 0 forced in, m = min (Q4_1). Codes are computed with the stored (rounded) scale.
+    (A least-squares scale search, llama.cpp's make_qx_quants unweighted, was tried: it raised
+    SmolLM2's int8 perplexity from +0.5% to +1.5% over bf16 by clipping the largest weights.)"""
+    n, k = w.shape
+    if scheme.act_order:
+        raise ValueError("quantize: act-order comes only from GPTQ checkpoints")
+    g, top = scheme.group_size, (1 << scheme.bits) - 1
+    x = np.asarray(w, np.float32).reshape(n, k // g, g)
+    parts = {}
+    if scheme.zero == "none":
+        idx = np.abs(x).argmax(-1)[..., None]
+        s = _stored(np.take_along_axis(x, idx, -1)[..., 0] / -scheme.center, scheme.scale_dtype)
+        inv = np.divide(1.0, s, out=np.zeros_like(s), where=s != 0)
+        u = np.clip(np.rint(x * inv[..., None]) + scheme.center, 0, top)
+    else:
+        lo, hi = x.min(-1), x.max(-1)
+        if scheme.zero == "int":
+            lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
+        s = _stored((hi - lo) / top, scheme.scale_dtype)
+        inv = np.divide(1.0, s, out=np.zeros_like(s), where=s != 0)
+        if scheme.zero == "int":
+            z = np.clip(np.rint(-lo * inv), 0, top)
+            u = np.clip(np.rint(x * inv[..., None]) + z[..., None], 0, top)
+            parts["zeros"] = z.astype(np.uint8)
+        else:
+            m = _stored(lo, scheme.scale_dtype)
+            u = np.clip(np.rint((x - m[..., None]) * inv[..., None]), 0, top)
+            parts["zeros"] = dtypes.from_float32(m, scheme.scale_dtype)
+    parts["scales"] = dtypes.from_float32(s, scheme.scale_dtype)
+    parts["codes"] = pack(u.reshape(n, k).astype(np.uint8), scheme.bits, scheme.sub_group)
+    return {p: parts[p] for p in scheme.parts()}
+
+
+def _stored(v: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values as they read back after being stored as `dtype`."""
+    return dtypes.to_float32(dtypes.from_float32(np.asarray(v, np.float32), dtype), dtype)
+
+
+def dequantize(parts: dict[str, np.ndarray], scheme: Scheme, k: int) -> np.ndarray:
+    """The float64 [n, k] weight the parts stand for (input columns in their original order)."""
+    u = unpack(parts["codes"], scheme.bits, scheme.sub_group, k).astype(np.float64)
+    n, g = u.shape[0], scheme.group_size
+    s = np.repeat(dtypes.to_float32(parts["scales"], scheme.scale_dtype).astype(np.float64), g, axis=1)
+    if scheme.zero == "none":
+        w = s * (u - scheme.center)
+    elif scheme.zero == "int":
+        w = s * (u - np.repeat(parts["zeros"].astype(np.float64), g, axis=1))
+    else:
+        w = s * u + np.repeat(dtypes.to_float32(parts["zeros"], scheme.scale_dtype).astype(np.float64), g, axis=1)
+    if scheme.act_order:
+        out = np.empty_like(w)
+        out[:, parts["perm"]] = w
+        return out.reshape(n, k)
+    return w
+
+
+def activation_block(x: np.ndarray, sg: int) -> tuple[np.ndarray, np.ndarray]:
+    """How the kernels quantize activations (float32 [T, k]) per sub-group of sg values:
+    d = max|x| / 127, q = rint(x / d) in int8 (llama.cpp's Q8 activations). Returns (q [T, k]
+    int8, d [T, k / sg] float32); a block of zeros has d = 0 and q = 0."""
+    T, k = x.shape
+    xb = np.asarray(x, np.float32).reshape(T, k // sg, sg)
+    d = (np.abs(xb).max(-1) / np.float32(127)).astype(np.float32)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0).astype(np.float32)
+    q = np.rint(xb * inv[..., None]).astype(np.int8)
+    return q.reshape(T, k), d

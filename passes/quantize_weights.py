@@ -1,0 +1,121 @@
+"""quantize-weights: store the weights of linear (and embedding) ops as integer codes with scales.
+
+`llmirc compile --quant int8|int4` runs it (bits=0, the default, does nothing). Each chosen
+weight gets an `llmir.quantize` op whose result type says the scheme; the bundle writer folds
+it (round to nearest, llmirc/quant.py) and the kernels read the codes directly (activations
+are quantized to int8 on the fly, per block of 32 values).
+
+Options: `bits` 8 or 4; `group-size` (0: one group per output row for 8 bits, 32 for 4 bits;
+else 16..512, a power of two); `symmetric` (true: w = s (u - 2^(bits-1)); false: a uint8 zero
+point per group); `scale-dtype` (auto: float16 for groups, float32 per output row); `keep`: what
+stays in higher precision: `embedding` (embedding tables), `lm_head` (the linear producing the
+logits) and glob patterns over checkpoint tensor names (quoted: `keep="*.down_proj.*",lm_head`),
+or `none`. A weight whose input size does not split into the groups gets the largest smaller
+power-of-two group that does (576 inputs, group-size 128: groups of 64; llama.cpp falls back
+to another type for such rows), down to 16; else it stays as it is (both counted in --report).
+
+Before:  %w = "llmir.weight"() {weight = "...q_proj.weight"} : () -> tensor<64x64xf32>
+         %y = "llmir.linear"(%x, %w) : (tensor<?x64xf32>, tensor<64x64xf32>) -> tensor<?x64xf32>
+After (bits=4):
+         %q = "llmir.quantize"(%w) : (tensor<64x64xf32>) -> tensor<64x64x!llmir.quant<bits = 4, group_size = 32,
+                                                                   scale = f16, zero = none>>
+         %y = "llmir.linear"(%x, %q) : (tensor<?x64xf32>, tensor<64x64x!llmir.quant<...>>) -> tensor<?x64xf32>
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+
+from xdsl.context import Context
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.ir import SSAValue
+from xdsl.passes import ModulePass
+
+from llmirc import dialect as L
+from llmirc import dtypes
+from llmirc.errors import LlmircError
+from llmirc.quant import Scheme
+
+from .cast_weights import float_type
+from .func_args import forward_func
+from .report import note
+
+
+def source_names(v: SSAValue) -> list[str]:
+    """The checkpoint tensors a weight value is made of (through concat, transpose, cast)."""
+    op = v.owner
+    if isinstance(op, (L.WeightOp, L.PackedWeightOp)):
+        return [op.weight.data]
+    return [n for operand in op.operands for n in source_names(operand)]
+
+
+@dataclass(frozen=True)
+class QuantizeWeights(ModulePass):
+    name = "quantize-weights"
+
+    bits: int = 0
+    group_size: int = 0
+    symmetric: bool = True
+    scale_dtype: str = "auto"
+    keep: tuple[str, ...] = ("embedding", "lm_head")
+
+    def scheme(self, k: int) -> Scheme:
+        """The scheme for a weight of k inputs (option values checked here)."""
+        if self.bits not in (4, 8):
+            raise LlmircError(f"{self.name}: bits must be 8 or 4, got {self.bits}")
+        group = self.group_size or (k if self.bits == 8 else 32)
+        if self.group_size and not (16 <= group <= 512 and group & (group - 1) == 0):
+            raise LlmircError(f"{self.name}: group-size must be a power of two from 16 to 512, got {group}")
+        scale = self.scale_dtype
+        if scale == "auto":
+            scale = "float32" if group == k else "float16"
+        else:
+            float_type(scale, f"{self.name}{{scale-dtype}}")  # an unknown name fails here
+            scale = dtypes.dtype(scale).name
+        return Scheme(self.bits, group, scale, "none" if self.symmetric else "int")
+
+    def kept(self, user, w: SSAValue, lm_head) -> bool:
+        if "none" in self.keep:
+            return False
+        if isinstance(user, L.EmbeddingOp) and "embedding" in self.keep:
+            return True
+        if user is lm_head and "lm_head" in self.keep:
+            return True
+        patterns = [p for p in self.keep if p not in ("embedding", "lm_head")]
+        return any(fnmatch.fnmatchcase(n, p) for n in source_names(w) for p in patterns)
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        if self.bits == 0:
+            return
+        self.scheme(64)  # bad options fail before anything changes
+        ret = forward_func(op).get_return_op()
+        logits = ret.operands[0] if ret is not None and ret.operands else None
+        lm_head = logits.owner if logits is not None and isinstance(logits.owner, L.LinearOp) else None
+        made: dict[tuple, SSAValue] = {}
+        for user in list(op.walk()):
+            operand = "weight" if isinstance(user, L.LinearOp) else "table" if isinstance(user, L.EmbeddingOp) else None
+            if operand is None:
+                continue
+            w = getattr(user, operand)
+            if not L.is_float(w.type.element_type) or self.kept(user, w, lm_head):
+                continue
+            n, k = L.shape_of(w)
+            scheme = self.scheme(k)
+            while scheme.check(k) is not None and 16 < scheme.group_size != k and k % scheme.group_size:
+                scheme = dataclasses.replace(scheme, group_size=scheme.group_size // 2)
+            if scheme.group_size != self.scheme(k).group_size and scheme.check(k) is None:
+                note(ctx, f"{self.name}: groups of {scheme.group_size} for {k} inputs "
+                          f"(not a multiple of {self.scheme(k).group_size})")
+            if scheme.check(k) is not None:
+                note(ctx, f"{self.name}: kept a weight of {k} inputs in float (groups of {scheme.group_size})")
+                continue
+            qtype = L.QuantType(scheme.bits, scheme.group_size, L.FLOAT_TYPES[scheme.scale_dtype], scheme.zero)
+            key = (w, qtype)
+            if key not in made:
+                q = L.QuantizeOp(w, qtype)
+                user.parent_block().insert_op_before(q, user)
+                made[key] = q.result
+                note(ctx, f"{self.name}: weight -> int{scheme.bits}")
+            user.operands[[i for i, v in enumerate(user.operands) if v is w][0]] = made[key]

@@ -1,0 +1,443 @@
+"""CPU kernels of quantized weights and of the int8 KV cache: qlinear, qembedding, and kv_append
+into an int8 pool (semantics in targets/signatures.py, weight layout in llmirc/quant.py).
+
+qlinear, as llama.cpp's CPU path does it: activations are quantized per block of 32 (a
+sub-group) to int8 first, into the `xq` scratch and in the weights' super-block order
+(one parallel pass over the tokens), then one parallel pass over the rows of the weight:
+
+* The inner product runs on integers: for each step of a super-block, a 32-bit lane adds the
+  products of 4 unsigned code bytes and 4 signed activation bytes: x86's vpdpbusd where the
+  variant has AVX512-VNNI (16 lanes) or AVX-VNNI (8 lanes), elsewhere the same sums from
+  16-bit products (pmaddwd's pattern; exact: |255 * 128| < 2^15). 4-bit codes are unpacked in
+  registers (and 0xF, shift right 4). After a super-block's steps, lane l holds the integer dot
+  product acc of sub-group l with one token's block; it is finished in f32 with the weight's
+  scale s (and zero point z or min m) and the block's d = max|x| / 127 and e (kept per block):
+      none: s * (d acc + e),        e = -2^(bits-1) d sum(q)
+      int:  s * (d acc - z e),      e = d sum(q)
+      min:  s * d acc + m e,        e = d sum(q)
+  accumulated over the super-blocks in one f32 vector per (row, token), summed at the end.
+* Micro-kernels take r rows of the weight times c <= 4 tokens (r from the register file and
+  c); decode reads each block of rows once for all tokens, and streams the next block's rows
+  into the cache (software prefetch) while one computes. Threads claim row blocks
+  dynamically (irbuilder.parallel_for). Long prefills run in token slices whose quantized
+  activations stay in L2.
+
+The int8 KV cache (kv_append): one work item per (K or V, kv head) walks the tokens in order,
+so a block's scale (max|value| / 127 so far) only grows, and when a token needs a larger
+one the codes already in the block are requantized (rint(code * old / new)).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from llvmlite import ir
+
+from llmirc.quant import LANES, Scheme
+
+from . import irbuilder as irb
+from .irbuilder import F32, I32, I64, PTR, f32, i64
+from .toolchain import CpuVariant
+from ..signatures import qlinear_scratch_bytes, signature
+
+I8, I16 = irb.I8, irb.I16
+KINDS = ("qlinear", "qembedding")
+_GRAIN = 32768             # work (rough element-operations) a thread should get at least
+_XQ_BYTES = 512 * 1024     # a token slice's quantized activations stay in L2
+
+
+def is_quant_kernel(kind: str, params: dict) -> bool:
+    """Kernels this module emits (kv_append with an int8 pool among them)."""
+    return kind in KINDS or (kind == "kv_append" and params.get("kv_dtype") == "int8")
+
+
+def int_dot(variant: CpuVariant) -> tuple[str, int]:
+    """(how 4-byte dot products are computed, 32-bit lanes per vector) for a variant:
+    vnni (vpdpbusd) with 16 lanes on AVX512-VNNI, 8 on AVX-VNNI; else generic, as wide as
+    the variant's f32 vectors."""
+    feats = set(variant.features.split(","))
+    if "+avx512vnni" in feats and variant.vector_width >= 16:
+        return "vnni", 16
+    if "+avxvnni" in feats or {"+avx512vnni", "+avx512vl"} <= feats:
+        return "vnni", 8
+    return "generic", max(4, variant.vector_width)
+
+
+def emit_quant_kernel(module: ir.Module, kind: str, symbol: str, params: dict, variant: CpuVariant) -> ir.Function:
+    sig = signature(kind)
+    p = SimpleNamespace(**sig.bind_static(params))
+    fn, b = irb.define(module, symbol, [(a.name, {"ptr": PTR, "i64": I64}[a.type]) for a in sig.params])
+    A = SimpleNamespace(**{a.name: a for a in fn.args})
+    if kind == "qlinear":
+        _emit_qlinear(module, fn, b, A, p, variant)
+    elif kind == "qembedding":
+        _emit_qembedding(module, fn, b, A, p)
+    else:
+        _emit_kv_append_int8(module, fn, b, A, p)
+    return fn
+
+
+def _scheme(p) -> Scheme:
+    s = Scheme(p.bits, p.group_size, p.scale_dtype, p.zero, bool(getattr(p, "act_order", False)))
+    k = p.k if hasattr(p, "k") else p.dim
+    why = s.check(k)
+    if why is not None:
+        raise ValueError(f"quantized kernel: unsupported {why}")
+    return s
+
+
+def _pad(b, v: ir.Value, n: int) -> ir.Value:
+    """Integer vector v zero-padded to n lanes."""
+    m = v.type.count
+    if m == n:
+        return v
+    return irb.shuffle(b, v, ir.Constant(v.type, None), list(range(m)) + [m] * (n - m))
+
+
+def _load_bytes(b, base: ir.Value, offset, nbytes: int) -> ir.Value:
+    return b.load(irb.gep(b, base, offset, I8), typ=irb.vty(nbytes, I8), align=1)
+
+
+def _dot(b, how: str, acc: ir.Value, w: ir.Value, x: ir.Value) -> ir.Value:
+    """acc[l] + sum_{i<4} w[4l+i] * x[4l+i]: w unsigned bytes, x signed bytes, acc <L x i32>."""
+    L = acc.type.count
+    if how == "vnni":
+        fn = irb.declare(b.module, f"llvm.x86.avx512.vpdpbusd.{32 * L}", acc.type, [acc.type, w.type, x.type])
+        return b.call(fn, [acc, w, x])
+    n = 4 * L
+    w16, x16 = b.zext(w, irb.vty(n, I16)), b.sext(x, irb.vty(n, I16))
+
+    def half(v, first):
+        return b.sext(irb.shuffle(b, v, v, range(first, n, 2)), irb.vty(n // 2, I32))
+    pairs = b.add(b.mul(half(w16, 0), half(x16, 0)), b.mul(half(w16, 1), half(x16, 1)))
+    quads = b.add(irb.shuffle(b, pairs, pairs, range(0, n // 2, 2)), irb.shuffle(b, pairs, pairs, range(1, n // 2, 2)))
+    return b.add(acc, quads)
+
+
+def _blocking(how: str, L: int) -> tuple[int, ...]:
+    """rows[c-1]: weight rows per micro-kernel for c tokens (its c*r integer accumulators, r code
+    vectors and c activation vectors in registers; the f32 accumulators, touched once per
+    super-block, may live in L1)."""
+    if L >= 16:
+        return (8, 4, 4, 3)
+    if L == 8:
+        return (4, 3, 2, 2) if how == "vnni" else (4, 2, 2, 1)
+    return (2, 2, 1, 1)
+
+
+# --- qlinear
+
+def _emit_qlinear(module, fn, b, A, p, variant):
+    s = _scheme(p)
+    n, k, bits, G = p.n, p.k, p.bits, p.group_size
+    if n <= 0:
+        raise ValueError(f"qlinear: n must be positive, got {n}")
+    how, L = int_dot(variant)
+    sg = s.sub_group
+    nsub = k // sg
+    nfull, r_tail = divmod(nsub, LANES)
+    steps = sg // 4
+    sb_elems = LANES * sg                 # activation bytes (and int8 code bytes) of a full super-block
+    sb_code = sb_elems * bits // 8
+    row_bytes = k * bits // 8
+    S = qlinear_scratch_bytes(k, sg)
+    d_off, e_off = k, k + 4 * nsub        # the per-block floats d and e in a scratch row
+    sst = irb.storage(s.scale_dtype)
+    zst = irb.storage(s.scale_dtype) if s.zero == "min" else None
+    rows = _blocking(how, L)
+    C = len(rows)
+
+    # -- activations -> xq (int8 in the super-block order, d and e per block)
+    def quantize_token(cb, t, vals):
+        X = SimpleNamespace(**{a.name: v for a, v in zip(fn.args, vals)})
+        xrow = irb.gep(cb, X.x, cb.mul(t, X.ld_x))
+        dst = irb.gep(cb, X.xq, cb.mul(t, i64(S)), I8)
+        dptr, eptr = irb.gep(cb, dst, d_off, I8), irb.gep(cb, dst, e_off, I8)
+
+        def block(cb, j, sb, lane, r):
+            if s.act_order:
+                v = ir.Constant(irb.vty(sg), None)
+                for e in range(sg):
+                    col = irb.load_i32(cb, X.perm, cb.add(cb.mul(j, i64(sg)), i64(e)))
+                    v = cb.insert_element(v, irb.load_f32(cb, xrow, col), irb.i32(e))
+            else:
+                v = irb.load_vec(cb, xrow, cb.mul(j, i64(sg)), sg)
+            amax = irb.hmax(cb, irb.intrinsic(cb, "llvm.fabs", [v]))
+            d = cb.fdiv(amax, f32(127.0))
+            inv = cb.select(cb.fcmp_ordered("==", d, f32(0.0)), f32(0.0), cb.fdiv(f32(1.0), d))
+            q = cb.fptosi(irb.intrinsic(cb, "llvm.rint", [cb.fmul(v, irb.splat(cb, inv, sg))]), irb.vty(sg, I32))
+            total = cb.call(irb.declare(module, f"llvm.vector.reduce.add.v{sg}i32", I32, [q.type]), [q])
+            e = cb.fmul(d, cb.sitofp(total, F32))
+            if s.zero == "none":
+                e = cb.fmul(e, f32(-s.center))
+            cb.store(d, irb.gep(cb, dptr, j), align=4)
+            cb.store(e, irb.gep(cb, eptr, j), align=4)
+            q8 = cb.trunc(q, irb.vty(sg, I8))
+            base = cb.add(cb.mul(sb, i64(sb_elems)), cb.mul(lane, i64(4)))
+            for tt in range(steps):
+                word = cb.bitcast(irb.shuffle(cb, q8, q8, range(4 * tt, 4 * tt + 4)), I32)
+                cb.store(word, irb.gep(cb, dst, cb.add(base, i64(4 * r * tt)), I8), align=1)
+        if nfull:
+            with irb.for_range(cb, 0, nfull * LANES, 1, "blk") as j:
+                block(cb, j, cb.udiv(j, i64(LANES)), cb.urem(j, i64(LANES)), LANES)
+        if r_tail:
+            with irb.for_range(cb, 0, r_tail, 1, "tail") as lane:
+                block(cb, cb.add(lane, i64(nfull * LANES)), i64(nfull), lane, r_tail)
+
+    # -- the micro-kernel: out[t0:t0+c, j0:j0+r]
+    def micro(cb, X, j0, r, t0, c, pf):
+        zero_f = irb.const_like(irb.vty(L), 0.0)
+        facc = [[irb.var(cb, irb.vty(L), zero_f) for _ in range(c)] for _ in range(r)]
+        crow = [irb.gep(cb, X.codes, cb.mul(cb.add(j0, i64(ri)), i64(row_bytes)), I8) for ri in range(r)]
+        prow = [irb.gep(cb, pf, i64(ri * row_bytes), I8, inbounds=False) for ri in range(r)] if pf is not None else None
+        ngroups = k // G
+        srow = [sst.gep(cb, X.scales, cb.mul(cb.add(j0, i64(ri)), i64(ngroups))) for ri in range(r)]
+        zrow = None
+        if s.zero != "none":
+            zety = I8 if s.zero == "int" else zst.ety
+            zrow = [irb.gep(cb, X.zeros, cb.mul(cb.add(j0, i64(ri)), i64(ngroups)), zety) for ri in range(r)]
+        arow = [irb.gep(cb, X.xq, cb.mul(cb.add(t0, i64(ci)), i64(S)), I8) for ci in range(c)]
+
+        def group_vec(cb, row, first_sub, lw, load):
+            """per-lane values of the groups of sub-groups first_sub .. first_sub+lw-1 (a row of
+            scales, zero points or mins) as <L x float>"""
+            per = G // sg  # sub-groups per group
+            if per >= L or G == k:
+                gi = cb.udiv(first_sub, i64(per)) if G != k else i64(0)
+                return irb.splat(cb, load(cb, row, gi, 0), L)
+            ng = -(-lw // per)
+            v = load(cb, row, cb.udiv(first_sub, i64(per)), ng)
+            mask = [lane // per for lane in range(lw)] + [0] * (L - lw)
+            return irb.shuffle(cb, v, v, mask)
+
+        def load_scales(cb, row, gi, m):
+            return sst.load(cb, row, gi, m)
+
+        def load_zeros(cb, row, gi, m):
+            if s.zero == "min":
+                return zst.load(cb, row, gi, m)
+            raw = cb.load(irb.gep(cb, row, gi, I8), typ=irb.vty(m, I8) if m else I8, align=1)
+            return cb.uitofp(raw, irb.vty(m) if m else F32)
+
+        def load_floats(cb, base, off, first_sub, lw):
+            ptr = irb.gep(cb, base, off, I8)
+            v = irb.load_vec(cb, ptr, first_sub, lw)
+            return irb.widen(cb, v, L) if lw < L else v
+
+        def sub_vector(cb, code0, act0, first_sub, hoff, lanes, lw):
+            """lanes [h L, h L + lw) of a super-block of `lanes` lanes (hoff = 4 L h bytes)"""
+            zero_i = ir.Constant(irb.vty(L, I32), None)
+            iacc = [[zero_i] * c for _ in range(r)]
+            for tt in range(steps):
+                if bits == 8:
+                    wv = [_pad(cb, _load_bytes(cb, crow[ri], cb.add(code0, cb.add(hoff, i64(4 * lanes * tt))), 4 * lw),
+                               4 * L) for ri in range(r)]
+                elif tt % 2 == 0:  # steps tt and tt + 1 share the bytes: low and high nibbles
+                    packed = [_pad(cb, _load_bytes(cb, crow[ri], cb.add(code0, cb.add(hoff, i64(2 * lanes * tt))),
+                                                   4 * lw), 4 * L) for ri in range(r)]
+                    wv = [cb.and_(v, ir.Constant(v.type, [15] * (4 * L))) for v in packed]
+                    hi = [cb.lshr(v, ir.Constant(v.type, [4] * (4 * L))) for v in packed]
+                else:
+                    wv = hi
+                xv = [_pad(cb, _load_bytes(cb, arow[ci], cb.add(act0, cb.add(hoff, i64(4 * lanes * tt))), 4 * lw),
+                           4 * L) for ci in range(c)]
+                for ri in range(r):
+                    for ci in range(c):
+                        iacc[ri][ci] = _dot(cb, how, iacc[ri][ci], wv[ri], xv[ci])
+            dv = [load_floats(cb, arow[ci], d_off, first_sub, lw) for ci in range(c)]
+            ev = [load_floats(cb, arow[ci], e_off, first_sub, lw) for ci in range(c)]
+            for ri in range(r):
+                sv = group_vec(cb, srow[ri], first_sub, lw, load_scales)
+                zv = group_vec(cb, zrow[ri], first_sub, lw, load_zeros) if zrow is not None else None
+                for ci in range(c):
+                    f = cb.sitofp(iacc[ri][ci], irb.vty(L))
+                    acc = cb.load(facc[ri][ci])
+                    if s.zero == "none":
+                        acc = irb.fma(cb, sv, irb.fma(cb, f, dv[ci], ev[ci]), acc)
+                    elif s.zero == "int":
+                        acc = irb.fma(cb, sv, cb.fsub(cb.fmul(f, dv[ci]), cb.fmul(zv, ev[ci])), acc)
+                    else:
+                        acc = irb.fma(cb, zv, ev[ci], irb.fma(cb, sv, cb.fmul(f, dv[ci]), acc))
+                    cb.store(acc, facc[ri][ci])
+
+        def super_block(cb, sb, lanes):
+            code0 = cb.mul(sb, i64(sb_code))
+            act0 = cb.mul(sb, i64(sb_elems))
+            first = cb.mul(sb, i64(LANES))
+            if prow is not None and lanes == LANES:
+                for ri in range(r):
+                    for line in range(0, sb_code, 64):
+                        irb.prefetch(cb, irb.gep(cb, prow[ri], cb.add(code0, i64(line)), I8, inbounds=False))
+            if lanes == LANES and L < LANES:  # vectors narrower than a super-block: a loop over them
+                with irb.for_range(cb, 0, LANES // L, 1, "h") as h:
+                    sub_vector(cb, code0, act0, cb.add(first, cb.mul(h, i64(L))), cb.mul(h, i64(4 * L)), lanes, L)
+            else:
+                for h in range(-(-lanes // L)):
+                    sub_vector(cb, code0, act0, cb.add(first, i64(h * L)), i64(4 * L * h), lanes,
+                               min(L, lanes - h * L))
+
+        if nfull:
+            with irb.for_range(cb, 0, nfull, 1, "sb") as sb:
+                super_block(cb, sb, LANES)
+        if r_tail:
+            super_block(cb, i64(nfull), r_tail)
+        sums = irb.hsum_many(cb, [cb.load(facc[ri][ci]) for ci in range(c) for ri in range(r)])
+        bias = irb.load_vec(cb, X.bias, j0, r) if p.bias else None
+        for ci in range(c):
+            t = cb.add(t0, i64(ci))
+            v = irb.lanes(cb, sums, ci * r, r)
+            if bias is not None:
+                v = cb.fadd(v, bias)
+            if p.residual:
+                v = cb.fadd(v, irb.load_vec(cb, X.residual, cb.add(cb.mul(t, X.ld_res), j0), r))
+            irb.store_vec(cb, v, X.out, cb.add(cb.mul(t, X.ld_out), j0))
+
+    # -- the caller: quantize the activations, then token slices x one parallel pass over row blocks
+    T = A.T
+    with b.if_then(b.icmp_signed(">", T, i64(0))):
+        irb.parallel_for(module, b, T, quantize_token, irb.min_items(8 * k, _GRAIN))
+        TB = max(C, (_XQ_BYTES // S) // C * C)
+        with irb.for_range(b, 0, T, TB, "tsl") as t_lo:
+            nt = b.sub(irb.imin(b, T, b.add(t_lo, i64(TB))), t_lo)
+            ng = b.sdiv(b.add(nt, i64(C - 1)), i64(C))  # groups of base+1 (the first `extra`) or base tokens
+            base, extra = b.sdiv(nt, ng), b.srem(nt, ng)
+            cmax = b.add(base, b.zext(b.icmp_signed(">", extra, i64(0)), I64))
+            for R in sorted(set(rows), reverse=True):
+                cs = [c for c in range(1, C + 1) if rows[c - 1] == R]
+                with b.if_then(b.and_(b.icmp_signed(">=", cmax, i64(cs[0])), b.icmp_signed("<=", cmax, i64(cs[-1])))):
+                    _row_blocks(module, b, fn, R, n, k, row_bytes,
+                                lambda cb, X, j0, r, pf, ex: _token_groups(cb, X, j0, r, pf, ex, micro,
+                                                                           range(max(1, cs[0] - 1), cs[-1] + 1)),
+                                (t_lo, ng, base, extra))
+    b.ret_void()
+
+
+def _row_blocks(module, b, fn, R, n, k, row_bytes, block, extra):
+    """One parallel loop over blocks of R rows of the weight: block(cb, args, j0, rows, prefetch
+    pointer (the next block's first row), extra values)."""
+    nbf, rrem = divmod(n, R)
+
+    def body(cb, rb, vals):
+        X = SimpleNamespace(**{a.name: v for a, v in zip(fn.args, vals)})
+        ex = vals[len(fn.args):]
+        j0 = cb.mul(rb, i64(R))
+        pf = irb.gep(cb, X.codes, cb.mul(cb.add(j0, i64(R)), i64(row_bytes)), I8, inbounds=False)
+        if rrem:
+            with cb.if_else(cb.icmp_signed("<", rb, i64(nbf))) as (full, part):
+                with full:
+                    block(cb, X, j0, R, pf, ex)
+                with part:  # the last rows one at a time (one small micro-kernel, not another r)
+                    with irb.for_range(cb, 0, rrem, 1, "rrem") as ri:
+                        block(cb, X, cb.add(j0, ri), 1, None, ex)
+        else:
+            block(cb, X, j0, R, pf, ex)
+    irb.parallel_for(module, b, i64(nbf + (1 if rrem else 0)), body, irb.min_items(R * k // 2, _GRAIN),
+                     captures=list(fn.args) + list(extra))
+
+
+def _token_groups(cb, X, j0, r, pf, ex, micro, sizes):
+    """The r rows at j0 times each group of tokens of the slice (groups of base+1, then base)."""
+    t_lo, ng, base, extra = ex
+    with irb.for_range(cb, 0, ng, 1, "tg") as g:
+        t0 = cb.add(t_lo, cb.add(cb.mul(g, base), irb.imin(cb, g, extra)))
+        c_run = cb.add(base, cb.zext(cb.icmp_signed("<", g, extra), I64))
+        for c in sizes:
+            with cb.if_then(cb.icmp_signed("==", c_run, i64(c))):
+                micro(cb, X, j0, r, t0, c, pf)
+
+
+# --- qembedding
+
+def _emit_qembedding(module, fn, b, A, p):
+    s = _scheme(p)
+    dim, bits, G = p.dim, p.bits, p.group_size
+    sg = s.sub_group
+    nsub = dim // sg
+    nfull, r_tail = divmod(nsub, LANES)
+    row_bytes = dim * bits // 8
+    sst = irb.storage(s.scale_dtype)
+
+    def body(cb, t, vals):
+        X = SimpleNamespace(**{a.name: v for a, v in zip(fn.args, vals)})
+        tok = irb.load_i32(cb, X.ids, t)
+        codes = irb.gep(cb, X.codes, cb.mul(tok, i64(row_bytes)), I8)
+        out = irb.gep(cb, X.out, cb.mul(t, X.ld_out))
+        with irb.for_range(cb, 0, nsub, 1, "sub") as j:
+            sb, lane = cb.udiv(j, i64(LANES)), cb.urem(j, i64(LANES))
+            r = cb.select(cb.icmp_signed("<", sb, i64(nfull)), i64(LANES), i64(r_tail or LANES))
+            g = cb.add(cb.mul(tok, i64(dim // G)), cb.udiv(cb.mul(j, i64(sg)), i64(G)))
+            scale = sst.load(cb, X.scales, g, 0)
+            if s.zero == "int":
+                zero = cb.uitofp(cb.load(irb.gep(cb, X.zeros, g, I8), typ=I8), F32)
+            elif s.zero == "min":
+                zero = irb.storage(s.scale_dtype).load(cb, X.zeros, g, 0)
+            start = cb.mul(sb, i64(LANES * sg * bits // 8))
+            for tt in range(sg // 4):
+                unit = tt if bits == 8 else tt // 2
+                raw = _load_bytes(cb, codes, cb.add(start, cb.add(cb.mul(r, i64(4 * unit)), cb.mul(lane, i64(4)))), 4)
+                if bits == 4:
+                    raw = cb.and_(cb.lshr(raw, ir.Constant(raw.type, [4 * (tt % 2)] * 4)),
+                                  ir.Constant(raw.type, [15] * 4))
+                u = cb.uitofp(raw, irb.vty(4))
+                sv = irb.splat(cb, scale, 4)
+                if s.zero == "none":
+                    w = cb.fmul(sv, cb.fsub(u, irb.const_like(u.type, s.center)))
+                elif s.zero == "int":
+                    w = cb.fmul(sv, cb.fsub(u, irb.splat(cb, zero, 4)))
+                else:
+                    w = irb.fma(cb, sv, u, irb.splat(cb, zero, 4))
+                irb.store_vec(cb, w, out, cb.add(cb.mul(j, i64(sg)), i64(4 * tt)))
+    irb.parallel_for(module, b, A.T, body, irb.min_items(4 * dim, 4 * _GRAIN))
+    b.ret_void()
+
+
+# --- kv_append into an int8 pool
+
+def _emit_kv_append_int8(module, fn, b, A, p):
+    G, hd, bs, nl = p.num_kv_heads, p.head_dim, p.block_size, p.num_layers
+    for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+        if getattr(p, name) <= 0:
+            raise ValueError(f"kv_append: {name} must be positive")
+    chunk = G * bs * hd  # codes of one (layer, kv, block)
+
+    def body(cb, item, vals):
+        X = SimpleNamespace(**{a.name: v for a, v in zip(fn.args, vals)})
+        kv, g = cb.udiv(item, i64(G)), cb.urem(item, i64(G))
+        src0 = cb.select(cb.icmp_signed("==", kv, i64(0)), X.k, X.v)
+        ld = cb.select(cb.icmp_signed("==", kv, i64(0)), X.ld_k, X.ld_v)
+        plane = cb.add(cb.mul(X.layer, i64(2)), kv)  # (layer, kv)
+        codes = irb.gep(cb, X.pool, cb.mul(cb.mul(plane, X.num_blocks), i64(chunk)), I8)
+        scales = irb.gep(cb, X.pool, cb.mul(X.num_blocks, i64(nl * 2 * chunk)), I8)
+        with irb.for_range(cb, 0, X.T, 1, "tok") as t:
+            slot = irb.load_i32(cb, X.slot_mapping, t)
+            with cb.if_then(cb.icmp_signed(">=", slot, i64(0))):
+                blk, off = cb.sdiv(slot, i64(bs)), cb.srem(slot, i64(bs))
+                src = irb.gep(cb, src0, cb.add(cb.mul(t, ld), cb.mul(g, i64(hd))))
+                head = irb.gep(cb, codes, cb.add(cb.mul(blk, i64(chunk)), cb.mul(g, i64(bs * hd))), I8)
+                sptr = irb.gep(cb, scales, cb.mul(cb.add(cb.mul(plane, X.num_blocks), blk), i64(4 * G)), I8)
+                sptr = irb.gep(cb, sptr, g)
+                amax = irb.var(cb, F32, f32(0.0), "amax")
+                with irb.for_range(cb, 0, hd, 1, "d") as d:
+                    cb.store(irb.fmax(cb, cb.load(amax), irb.intrinsic(cb, "llvm.fabs", [irb.load_f32(cb, src, d)])),
+                             amax)
+                need = cb.fdiv(cb.load(amax), f32(127.0))
+                fresh = cb.icmp_signed("==", off, i64(0))
+                old = cb.select(fresh, f32(0.0), cb.load(sptr, typ=F32, align=1))
+                grow = cb.fcmp_ordered(">", need, old)
+                new = cb.select(grow, need, old)
+                with cb.if_then(cb.and_(grow, cb.fcmp_ordered(">", old, f32(0.0)))):
+                    ratio = cb.fdiv(old, new)  # the codes already in the block, to the larger scale
+                    with irb.for_range(cb, 0, cb.mul(off, i64(hd)), 1, "rq") as i:
+                        ptr = irb.gep(cb, head, i, I8)
+                        v = cb.fmul(cb.sitofp(cb.load(ptr, typ=I8), F32), ratio)
+                        cb.store(cb.fptosi(irb.intrinsic(cb, "llvm.rint", [v]), I8), ptr)
+                cb.store(new, sptr, align=1)
+                inv = cb.select(cb.fcmp_ordered(">", new, f32(0.0)), cb.fdiv(f32(1.0), new), f32(0.0))
+                dst = irb.gep(cb, head, cb.mul(off, i64(hd)), I8)
+                with irb.for_range(cb, 0, hd, 1, "q") as d:
+                    q = irb.intrinsic(cb, "llvm.rint", [cb.fmul(irb.load_f32(cb, src, d), inv)])
+                    q = irb.fmin(cb, irb.fmax(cb, q, f32(-127.0)), f32(127.0))
+                    cb.store(cb.fptosi(q, I8), irb.gep(cb, dst, d, I8))
+    per_item = b.add(b.mul(A.T, i64(8 * hd)), i64(1))  # each item walks all T tokens
+    irb.parallel_for(module, b, i64(2 * G), body, b.add(b.sdiv(i64(_GRAIN), per_item), i64(1)))
+    b.ret_void()

@@ -1,0 +1,93 @@
+"""GGUF block-quantized tensors kept quantized (no --dequantize): every format, repacked
+losslessly into llmirc's layouts (frontend/packed.py: checked bit for bit against ggml's own
+dequantization, gguf.quants) and run by the quantized kernels.
+
+Files written by the tests (tests/gguf_files.py) from random transformers models, whose weights
+are then the values the file holds. References: transformers in float64 on those values with the
+kernels' activation quantization (exact up to f32 rounding and rare rounding ties: relative RMS
+error below 1%, top-1 equal at 95% of the positions or more); llama.cpp (llama-cpp-python, where
+installed) on the same file, which quantizes activations its own way (per 32, Q8_K per 256 for
+the K-quants): relative RMS difference below 5%, top-1 equal at 90% of the positions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gguf_files import QUANTIZED, encode, spm_tokenizer_metadata, write_gguf
+from helpers import CORPUS, hf_logits_quantized, make_checkpoint
+from llmirc import dtypes, quant
+from llmirc.frontend.gguf_quants import FORMATS, unpack
+from llmirc.frontend.packed import GGUF_SCHEMES, repack
+from test_models import compile_to
+
+TOKENS = [1, 5, 9, 200, 17, 3, 44, 91, 12, 7, 250, 300, 31, 64, 128, 2, 8, 99, 150, 42] * 2
+MATRICES = ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def rel_rms(a, b):
+    return float(np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean()))
+
+
+def llama_cpp_logits(path, tokens):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, n_threads=2, verbose=False)
+    llm.eval(tokens)
+    return np.array(llm.scores[:len(tokens)], dtype=np.float64)
+
+
+@pytest.mark.parametrize("kind", QUANTIZED)
+def test_repack_is_lossless(kind):
+    """llmirc's parts of a GGUF tensor stand for exactly ggml's dequantized values (gguf.quants)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((48, 512)).astype(np.float32) * 0.05
+    raw, ggml_values, _ = encode(w, kind, rng)
+    scheme = GGUF_SCHEMES[kind]
+    parts = repack("gguf", "w", scheme, 512, lambda name: unpack(FORMATS[kind], raw, 512))
+    assert {p: (a.dtype, a.shape) for p, a in parts.items()} == {
+        p: (np.dtype(dtypes.dtype(scheme.part_dtype(p)).storage), scheme.part_shape(p, 48, 512))
+        for p in scheme.parts()}
+    ours = quant.dequantize(parts, scheme, 512).astype(np.float32)  # exact in float64, rounded once
+    np.testing.assert_array_equal(ours, ggml_values)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,kinds,overrides", [
+    # every format in one file (taken in turn over the matrices; K-quants need rows of 256)
+    ("llama", QUANTIZED, dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                              num_key_value_heads=2, init_std=0.03)),
+    # SmolLM2's kind of file: Q4_1 everywhere, the embedding tied to the LM head
+    ("qwen2", ("Q4_1",), dict(hidden_size=128, tie_word_embeddings=True)),
+])
+def test_kept_quantized_matches_references(tmp_path, arch, kinds, overrides):
+    model = make_checkpoint(tmp_path / "ckpt", arch, **overrides)
+    tokenizer = spm_tokenizer_metadata(CORPUS, model.config.vocab_size)
+    path = write_gguf(model, tmp_path / "m.gguf", kinds, tokenizer=tokenizer)
+    bundle = compile_to(path, tmp_path / "m.llmir")
+    from llmirc.runtime import load
+
+    compiled = load(bundle)
+    manifest = compiled.bundle.manifest
+    assert manifest["source"]["kind"] == "gguf"
+    kernels = {k["kind"] for k in manifest["targets"][0]["kernels"]}
+    assert {"qlinear", "qembedding"} <= kernels and "linear" not in kernels and "embedding" not in kernels
+    weights = {}
+    for name, mod in model.named_modules():
+        if name.split(".")[-1] in MATRICES and not (name == "lm_head" and overrides.get("tie_word_embeddings")):
+            weights[name] = (mod.weight.detach().numpy(), None, None)
+    # the format of each matrix (its activation block: 16 for Q6_K) from the file
+    from llmirc.frontend import open_source
+
+    src = open_source(path)
+    for name in weights:
+        w, _, _ = weights[name]
+        hf = "lm_head.weight" if name == "lm_head" else f"{name}.weight"
+        kind = src.dtype(hf)
+        weights[name] = (w, None, GGUF_SCHEMES[kind].sub_group)
+    src.close()
+    got = compiled.score(TOKENS)
+    ref = hf_logits_quantized(model, weights, TOKENS)
+    assert rel_rms(got, ref) < 1e-2 and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95, rel_rms(got, ref)
+    theirs = llama_cpp_logits(path, TOKENS)
+    assert rel_rms(got, theirs) < 0.05 and (got.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9, rel_rms(got, theirs)

@@ -1,0 +1,69 @@
+"""`llmirc eval-ppl` against Hugging Face's perplexity guide computed with transformers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from helpers import CORPUS, make_checkpoint
+from llmirc.cli import cli
+from llmirc.driver import CompileOptions, Progress, compile_model
+from llmirc.runtime.perplexity import windows
+
+
+def test_windows_score_each_token_once():
+    for n, context, stride in ((100, 16, 8), (100, 16, 16), (17, 16, 3), (5, 16, 8), (64, 2, 1)):
+        scored = [t for _, end, first in windows(n, context, stride) for t in range(first, end)]
+        assert len(scored) == len(set(scored)) and all(0 < t < n for t in scored)
+        for begin, end, first in windows(n, context, stride):
+            assert end - begin <= context and begin < first
+            if stride < context and first > 1:
+                assert first - begin >= context - stride  # enough context before each scored token
+        if stride < context:
+            assert sorted(scored) == list(range(1, n))
+
+
+def hf_guide_perplexity(model, ids, context, stride):
+    """The loop of Hugging Face's perplexity guide (labels -100 where not scored, loss per window)."""
+    import torch
+
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context, len(ids))
+        trg = end - prev_end
+        input_ids = torch.tensor([ids[begin:end]])
+        labels = input_ids.clone()
+        labels[:, :-trg] = -100
+        with torch.no_grad():
+            loss = model(input_ids, labels=labels).loss
+        valid = int((labels[:, 1:] != -100).sum())
+        nll += float(loss) * valid
+        count += valid
+        prev_end = end
+        if end == len(ids):
+            break
+    return math.exp(nll / count), count
+
+
+@pytest.mark.slow
+def test_eval_ppl_matches_the_hf_guide(tmp_path):
+    model = make_checkpoint(tmp_path / "ckpt", "llama", tokenizer=True)
+    bundle = tmp_path / "m.llmir"
+    compile_model(tmp_path / "ckpt", bundle, CompileOptions(cpu_variants=("native",)), Progress(None))
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(CORPUS[:12]), encoding="utf-8")
+    from llmirc.runtime import load
+
+    ids = load(bundle).tokenizer.encode(text.read_text())
+    for context, stride in ((32, 16), (32, 32), (64, 5)):
+        result = CliRunner().invoke(cli, ["eval-ppl", str(bundle), "--text", str(text), "--context", str(context),
+                                          "--stride", str(stride), "--json"])
+        assert result.exit_code == 0, result.output
+        ours = json.loads(result.output)
+        ref, count = hf_guide_perplexity(model, ids, context, stride)
+        assert ours["tokens"] == count
+        assert np.isclose(ours["perplexity"], ref, rtol=1e-4), (ours, ref)

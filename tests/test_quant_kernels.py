@@ -1,0 +1,344 @@
+"""Quantized CPU kernels (qlinear, qembedding, the int8 KV cache) against float64 references.
+
+Every instruction path runs where this host can run it: AVX512-VNNI (native here), AVX-VNNI
+(8 lanes, x86-64-v3 + avxvnni) and the generic integer path at 16, 8 and 4 lanes (x86-64-v4,
+-v3 and the baseline). The reference dequantizes the weight (llmirc.quant.dequantize) and
+multiplies in float64 with the activations quantized exactly as the kernels quantize them
+(llmirc.quant.activation_block); the kernels then differ by f32 rounding only. A second check
+holds the result against the exact float product within the activation quantization's own
+bound (half a step d/2 per value).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+import pytest
+from llvmlite import ir
+
+from llmirc import dtypes, quant
+from llmirc.quant import Scheme
+from llmirc.targets.cpu import kernels as K
+from llmirc.targets.cpu import quant_kernels as QK
+from llmirc.targets.cpu import toolchain as tc
+from llmirc.targets.signatures import qlinear_scratch_bytes, signature
+
+SCHEMES = {  # name -> (scheme factory of k)
+    "i8_row": lambda k: Scheme(8, k, "float32"),                  # int8 per output row
+    "i8_g32": lambda k: Scheme(8, 32, "float16"),                 # Q8_0-like
+    "i8_g32_int_bf16": lambda k: Scheme(8, 32, "bfloat16", "int"),
+    "i8_g16_f32": lambda k: Scheme(8, 16, "float32"),             # Q6_K repacked
+    "i4_g32": lambda k: Scheme(4, 32, "float16"),                 # Q4_0-like
+    "i4_g32_min": lambda k: Scheme(4, 32, "float16", "min"),      # Q4_1-like
+    "i4_g128_int": lambda k: Scheme(4, 128, "float16", "int"),    # GPTQ/AWQ-like
+    "i4_g64_act": lambda k: Scheme(4, 64, "float16", "int", act_order=True),
+    "i4_g16_min_f32": lambda k: Scheme(4, 16, "float32", "min"),
+    "i8_g256_min": lambda k: Scheme(8, 256, "float16", "min"),
+}
+# (n, k): n not a multiple of the rows of a block; 576 = 18 x 32 (a full super-block and a tail of 2
+# lanes), 640 for groups of 128, 1536 for 256; 512 without a tail, 2048 with groups wider than a vector, 64 only a tail
+MAIN = {name: (37, next(k for k in (576, 640, 1536) if make(k).check(k) is None)) for name, make in SCHEMES.items()}
+EXTRA = [("i8_g32", 64, 512), ("i4_g32", 64, 512), ("i8_row", 9, 2048), ("i8_g256_min", 9, 2048),
+         ("i4_g128_int", 9, 2048), ("i4_g32_min", 5, 64), ("i8_g16_f32", 5, 64)]
+CASES = [(name, *MAIN[name]) for name in SCHEMES] + EXTRA
+# The other instruction paths share the per-format code; they run the formats that exercise
+# their dot products and unpacking differently (int8 and int4 codes, zero kinds, 16-wide blocks).
+PATH_SCHEMES = ("i8_row", "i4_g32_min", "i4_g64_act", "i8_g16_f32", "i4_g128_int")
+BIAS_RESIDUAL = ("i8_row", "i4_g32_min", "i4_g64_act")
+ROWS = [0, 1, 2, 3, 5, 17, 130]
+QE_DIMS = {"i8_g32": 576, "i4_g32_min": 576, "i4_g128_int": 640, "i8_g16_f32": 80}  # embedding widths
+
+
+def _specs(full: bool = True):
+    specs = []
+    for name, n, k in CASES:
+        if not full and (name not in PATH_SCHEMES or (name, n, k) in EXTRA):
+            continue  # (Lib.cases: the same choice)
+        s = SCHEMES[name](k)
+        base = dict(n=n, k=k, bits=s.bits, group_size=s.group_size, scale_dtype=s.scale_dtype, zero=s.zero,
+                    zero_dtype=s.zero_dtype, act_order=s.act_order)
+        specs.append((f"q_{name}_{n}_{k}", "qlinear", base))
+        if (n, k) == MAIN[name] and name in BIAS_RESIDUAL:
+            specs.append((f"q_{name}_{n}_{k}_br", "qlinear", dict(base, bias=True, residual=True)))
+    for name, dim in QE_DIMS.items():
+        s = SCHEMES[name](dim)
+        specs.append((f"qe_{name}", "qembedding", dict(dim=dim, bits=s.bits, group_size=s.group_size,
+                                                        scale_dtype=s.scale_dtype, zero=s.zero,
+                                                        zero_dtype=s.zero_dtype)))
+    for G, hd, bs in ((2, 16, 4), (1, 64, 16)):
+        specs.append((f"kv8_{G}_{hd}_{bs}", "kv_append", dict(num_layers=2, num_kv_heads=G, head_dim=hd,
+                                                              block_size=bs, kv_dtype="int8")))
+    specs.append(("attn8", "paged_attention", dict(num_heads=4, num_kv_heads=2, head_dim=16, block_size=4,
+                                                   scale=0.25, kv_dtype="int8", num_layers=1)))
+    specs.append(("attn8_d64", "paged_attention", dict(num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                                                       scale=0.125, kv_dtype="int8", num_layers=1)))
+    return specs
+
+
+def _variant(name):
+    host = tc.host_variant()
+    flags = set(host.required_flags)
+    if name == "native":
+        if QK.int_dot(host)[0] != "vnni":
+            pytest.skip("this host has no AVX512-VNNI / AVX-VNNI")
+        return host
+    if name == "avxvnni":
+        v3 = tc.variants_for(["x86-64-v3"])[0]
+        if not ({"avx2", "fma", "f16c", "bmi2", "movbe", "avx_vnni"} <= flags):
+            pytest.skip("this host cannot run AVX-VNNI code")
+        return tc.CpuVariant("x86-64-v3-avxvnni", v3.triple, v3.cpu, "+avxvnni", 8,
+                             v3.required_flags + ("avx_vnni",))
+    if name == "baseline":
+        return tc.baseline_variant()
+    level = tc.variants_for([name])[0]
+    if not set(level.required_flags) <= flags:
+        pytest.skip(f"this host cannot run {name}")
+    return level
+
+
+class Lib:
+    def __init__(self, path, variant, specs, full):
+        self.dll = ctypes.CDLL(str(path))
+        self.variant = variant
+        self.kinds = {sym: kind for sym, kind, _ in specs}
+        self.cases = [c for c in CASES if full or (c[0] in PATH_SCHEMES and c not in EXTRA)]
+
+    def __getattr__(self, sym):
+        if sym not in self.kinds:
+            pytest.skip(f"{sym} runs on the native library only")
+        f = getattr(self.dll, sym)
+        f.restype = None
+        f.argtypes = [ctypes.c_void_p if p.type == "ptr" else ctypes.c_int64
+                      for p in signature(self.kinds[sym]).params]
+
+        def call(*args):
+            f(*[a.ctypes.data if isinstance(a, np.ndarray) else a for a in args])
+        return call
+
+
+@pytest.fixture(scope="module", params=["native", "avxvnni", "x86-64-v4", "x86-64-v3", "baseline"])
+def lib(request, tmp_path_factory):
+    variant = _variant(request.param)
+    full = request.param == "native"
+    specs = _specs(full)
+    module = ir.Module(name="test_quant_kernels")
+    for sym, kind, params in specs:
+        K.emit_kernel(module, kind, sym, params, variant)
+    path = tmp_path_factory.mktemp(request.param) / "libq.so"
+    tc.link_shared([tc.compile_object(str(module), variant)], path)
+    return Lib(path, variant, specs, full)
+
+
+@pytest.fixture
+def rng():
+    seed = int(os.environ.get("LLMIRC_TEST_SEED") or np.random.SeedSequence().entropy % 2**32)
+    print(f"LLMIRC_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
+
+
+def quantized_weight(rng, scheme: Scheme, n: int, k: int):
+    """Random quantized parts (random codes, scales, zeros, perm) and the float64 weight they
+    stand for, its columns in stored order."""
+    parts = {"codes": quant.pack(rng.integers(0, 1 << scheme.bits, (n, k)).astype(np.uint8), scheme.bits,
+                                 scheme.sub_group)}
+    ng = k // scheme.group_size
+    parts["scales"] = dtypes.from_float32((rng.standard_normal((n, ng)) * 0.05).astype(np.float32),
+                                          scheme.scale_dtype)
+    if scheme.zero == "int":
+        parts["zeros"] = rng.integers(0, 1 << scheme.bits, (n, ng)).astype(np.uint8)
+    elif scheme.zero == "min":
+        parts["zeros"] = dtypes.from_float32((rng.standard_normal((n, ng)) * 0.3).astype(np.float32),
+                                             scheme.scale_dtype)
+    if scheme.act_order:
+        parts["perm"] = rng.permutation(k).astype(np.int32)
+    w = quant.dequantize(parts, scheme, k)
+    stored_order = w[:, parts["perm"]] if scheme.act_order else w
+    return parts, stored_order
+
+
+def call_qlinear(lib, sym, scheme, parts, x, bias=None, res=None, ld_out=None):
+    T, k = x.shape
+    n = parts["codes"].shape[0]
+    ld_out = ld_out or n
+    out = np.full((max(T, 1), ld_out), np.nan, np.float32)
+    xq = np.zeros(max(T, 1) * qlinear_scratch_bytes(k, scheme.sub_group), np.int8)
+    getattr(lib, sym)(out, ld_out, x, k, parts["codes"], parts["scales"], parts.get("zeros"), parts.get("perm"),
+                      bias, res, ld_out if res is not None else 0, xq, T)
+    return out
+
+
+def reference(x, scheme, w_stored, perm):
+    """(activation-quantized reference, its error scale, the bound to the exact product)."""
+    xp = x[:, perm] if perm is not None else x
+    q, d = quant.activation_block(xp, scheme.sub_group)
+    xhat = q.astype(np.float64) * np.repeat(d.astype(np.float64), scheme.sub_group, axis=1)
+    ref = xhat @ w_stored.T
+    scale = np.abs(xhat) @ np.abs(w_stored).T
+    step_bound = np.repeat(d.astype(np.float64), scheme.sub_group, axis=1) / 2 @ np.abs(w_stored).T
+    exact = xp.astype(np.float64) @ w_stored.T
+    return ref, scale, step_bound, exact
+
+
+@pytest.mark.parametrize("T", ROWS)
+def test_qlinear(lib, rng, T):
+    for name, n, k in lib.cases:
+        scheme = SCHEMES[name](k)
+        parts, w = quantized_weight(rng, scheme, n, k)
+        x = (rng.standard_normal((max(T, 1), k)) * rng.uniform(0.1, 3, (max(T, 1), 1))).astype(np.float32)
+        x[:, : k // 7] *= 8  # blocks of different magnitudes
+        out = call_qlinear(lib, f"q_{name}_{n}_{k}", scheme, parts, x[:T] if T else x[:0].copy())
+        if T == 0:
+            assert np.isnan(out).all()
+            continue
+        ref, scale, bound, exact = reference(x, scheme, w, parts.get("perm"))
+        err = np.abs(out - ref)
+        assert np.all(err <= 2e-6 * scale + 1e-30), (name, n, k, (err / (scale + 1e-30)).max())
+        assert np.all(np.abs(out - exact) <= bound * 1.0001 + 2e-6 * scale + 1e-30), (name, n, k)
+
+
+@pytest.mark.parametrize("name", BIAS_RESIDUAL)
+def test_qlinear_bias_residual(lib, rng, name):
+    n, k = MAIN[name]
+    scheme = SCHEMES[name](k)
+    parts, w = quantized_weight(rng, scheme, n, k)
+    for T in (1, 4, 9):
+        x = rng.standard_normal((T, k)).astype(np.float32)
+        bias = rng.standard_normal(n).astype(np.float32)
+        res = rng.standard_normal((T, n + 3)).astype(np.float32)
+        out = call_qlinear(lib, f"q_{name}_{n}_{k}_br", scheme, parts, x, bias, res.copy(), ld_out=n + 3)
+        ref, scale, _, _ = reference(x, scheme, w, parts.get("perm"))
+        ref = ref + bias + res[:, :n]
+        assert np.all(np.abs(out[:, :n] - ref) <= 2e-6 * (scale + np.abs(bias) + np.abs(res[:, :n])) + 1e-30)
+        assert np.isnan(out[:, n:]).all(), "wrote past its columns"
+        # in place: out is the residual buffer
+        rb = res.copy()
+        xq = np.zeros(T * qlinear_scratch_bytes(k, scheme.sub_group), np.int8)
+        getattr(lib, f"q_{name}_{n}_{k}_br")(rb, n + 3, x, k, parts["codes"], parts["scales"], parts.get("zeros"),
+                                            parts.get("perm"), bias, rb, n + 3, xq, T)
+        np.testing.assert_allclose(rb[:, :n], out[:, :n], rtol=1e-6, atol=1e-6)
+
+
+def test_qlinear_token_counts(lib, rng):
+    """Every token count from 1 to 40 (token groups of every size) and a prefill long enough to
+    run in several token slices."""
+    n, k = MAIN["i4_g32_min"]
+    scheme = SCHEMES["i4_g32_min"](k)
+    parts, w = quantized_weight(rng, scheme, n, k)
+    slice_tokens = QK._XQ_BYTES // qlinear_scratch_bytes(k, 32)
+    x = rng.standard_normal((slice_tokens + 50, k)).astype(np.float32)
+    for T in list(range(1, 41)) + [slice_tokens + 50]:
+        out = call_qlinear(lib, f"q_i4_g32_min_{n}_{k}", scheme, parts, x[:T])
+        ref, scale, _, _ = reference(x[:T], scheme, w, None)
+        assert np.all(np.abs(out - ref) <= 2e-6 * scale + 1e-30), T
+
+
+def test_quantize_then_qlinear_matches_float(lib, rng):
+    """quant.quantize's round to nearest, through the kernel: close to the float weight."""
+    n, k = 37, 576
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.02
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    exact = x.astype(np.float64) @ w.T.astype(np.float64)
+    for name, tol in (("i8_row", 0.02), ("i4_g32_min", 0.15), ("i8_g16_f32", 0.02)):
+        scheme = SCHEMES[name](k)
+        out = call_qlinear(lib, f"q_{name}_{n}_{k}", scheme, quant.quantize(w, scheme), x)
+        rel = np.linalg.norm(out - exact) / np.linalg.norm(exact)
+        assert rel < tol, (name, rel)
+
+
+@pytest.mark.parametrize("name", list(QE_DIMS))
+@pytest.mark.parametrize("T", [0, 1, 7])
+def test_qembedding(lib, rng, name, T):
+    dim = QE_DIMS[name]
+    parts, w = quantized_weight(rng, SCHEMES[name](dim), 40, dim)
+    ids = rng.integers(0, 40, max(T, 1)).astype(np.int32)
+    out = np.full((max(T, 1) + 1, dim + 3), np.nan, np.float32)
+    getattr(lib, f"qe_{name}")(out, dim + 3, parts["codes"], parts["scales"], parts.get("zeros"), ids, T)
+    np.testing.assert_allclose(out[:T, :dim], w[ids[:T]], rtol=1e-6, atol=1e-7)
+    assert np.isnan(out[T:]).all() and np.isnan(out[:, dim:]).all()
+
+
+# --- the int8 KV cache
+
+def int8_pool(L, G, hd, bs, nb):
+    """An int8 pool (codes [L, 2, nb, G, bs, hd], then float32 scales [L, 2, nb, G]) as one
+    byte buffer, with numpy views of both parts."""
+    ncodes = L * 2 * nb * G * bs * hd
+    raw = np.zeros(ncodes + L * 2 * nb * G * 4, np.uint8)
+    codes = raw[:ncodes].view(np.int8).reshape(L, 2, nb, G, bs, hd)
+    scales = raw[ncodes:].view(np.float32).reshape(L, 2, nb, G)
+    return raw, codes, scales
+
+
+@pytest.mark.parametrize("G,hd,bs", [(2, 16, 4), (1, 64, 16)])
+def test_kv_append_int8(lib, rng, G, hd, bs):
+    """Tokens written in order into blocks: each (block, head)'s values come back within half a
+    step of its final scale per requantization, and the scale is max|value| / 127."""
+    L, nb = 2, 9
+    raw, codes, scales = int8_pool(L, G, hd, bs, nb)
+    raw[:] = rng.integers(0, 255, raw.size)  # stale data: offset 0 starts a block afresh
+    # three sequences of 2 * bs + 1 tokens in shuffled blocks, appended in steps of 1..bs tokens
+    blocks = rng.permutation(nb)[:9].reshape(3, 3)
+    total = 2 * bs + 1
+    k_all = (rng.standard_normal((3, total, G * hd)) * rng.uniform(0.1, 4, (3, total, 1))).astype(np.float32)
+    v_all = (rng.standard_normal((3, total, G * hd))).astype(np.float32)
+    pos = 0
+    while pos < total:
+        step = min(int(rng.integers(1, bs + 1)), total - pos)
+        ts = range(pos, pos + step)
+        slots = np.array([blocks[s, t // bs] * bs + t % bs for s in range(3) for t in ts], np.int32)
+        kb = np.concatenate([k_all[s, pos:pos + step] for s in range(3)])
+        vb = np.concatenate([v_all[s, pos:pos + step] for s in range(3)])
+        getattr(lib, f"kv8_{G}_{hd}_{bs}")(raw, nb, 1, kb, G * hd, vb, G * hd, slots, len(slots))
+        pos += step
+    for s in range(3):
+        for t in range(total):
+            blk, off = blocks[s, t // bs], t % bs
+            n_in_block = min(bs, total - (t // bs) * bs)
+            for kv, src in ((0, k_all), (1, v_all)):
+                want = src[s, (t // bs) * bs:(t // bs) * bs + n_in_block].reshape(n_in_block, G, hd)
+                sc = scales[1, kv, blk]
+                np.testing.assert_allclose(sc, np.abs(want).max(axis=(0, 2)) / 127, rtol=1e-6)
+                got = codes[1, kv, blk, :, off].astype(np.float64) * sc[:, None]
+                # each requantization may add half a step: at most bs - 1 of them
+                assert np.all(np.abs(got - src[s, t].reshape(G, hd)) <= sc[:, None] * (0.5 * bs) + 1e-7)
+    assert np.all(codes[0] == codes[0])  # layer 0 untouched: no exception reading it
+
+
+def test_paged_attention_int8(lib, rng):
+    """Attention over an int8 pool equals attention over the values its codes and scales stand for."""
+    for sym, (H, G, hd, bs) in (("attn8", (4, 2, 16, 4)), ("attn8_d64", (8, 2, 64, 16))):
+        seqs = [(0, 7), (13, 1), (40, 3), (3, 1)]
+        B = len(seqs)
+        lens = np.array([c + n for c, n in seqs], np.int32)
+        need = [-(-int(s) // bs) for s in lens]
+        nb, mb = sum(need) + 2, max(need)
+        raw, codes, scales = int8_pool(1, G, hd, bs, nb)
+        codes[...] = rng.integers(-127, 128, codes.shape)
+        scales[...] = rng.uniform(0.001, 0.05, scales.shape)
+        phys = rng.permutation(nb)
+        bt = np.zeros((B, mb), np.int32)
+        i = 0
+        for b, n in enumerate(need):
+            bt[b, :n] = phys[i:i + n]
+            i += n
+        qsl = np.concatenate([[0], np.cumsum([n for _, n in seqs])]).astype(np.int32)
+        positions = np.concatenate([np.arange(c, c + n) for c, n in seqs]).astype(np.int32)
+        T = len(positions)
+        q = rng.standard_normal((T, H * hd)).astype(np.float32) * 3
+        out = np.full((T, H * hd), np.nan, np.float32)
+        getattr(lib, sym)(out, H * hd, q, H * hd, raw, nb, 0, bt, mb, lens, qsl, B, positions, T)
+        values = codes.astype(np.float64) * scales[..., None, None]
+        scale = 0.25 if sym == "attn8" else 0.125
+        ref = np.zeros((T, H * hd))
+        for t in range(T):
+            b = np.searchsorted(qsl, t, side="right") - 1
+            js = np.arange(0, positions[t] + 1)
+            K_ = values[0, 0, bt[b, js // bs], :, js % bs]
+            V_ = values[0, 1, bt[b, js // bs], :, js % bs]
+            qt = q[t].astype(np.float64).reshape(G, H // G, hd)
+            sc = scale * np.einsum("grd,jgd->grj", qt, K_)
+            e = np.exp(sc - sc.max(-1, keepdims=True))
+            ref[t] = np.einsum("grj,jgd->grd", e / e.sum(-1, keepdims=True), V_).reshape(-1)
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
