@@ -147,6 +147,9 @@ def test_gpu_option_errors(llama, tmp_path):
         (("--target", "cuda", "--arch", "gfx942"), "--arch gfx942: no cuda architecture given"),
         (("--target", "cpu", "--arch", "sm_90"), "--arch sm_90: no --target here compiles for it"),
         (("--target", "cuda", "--emit", "cubin"), "--emit cubin: the cuda target's text stages are"),
+        # CPU-only kernels: quantized weights, an int8 KV cache
+        (("--target", "cpu,cuda", "--arch", "sm_90", "--quant", "int8"), "target cuda: no GPU kernel for qlinear"),
+        (("--target", "hip", "--kv-cache-dtype", "int8"), "target hip: no GPU kernel for an int8 KV cache"),
     ]:
         r = llmirc("compile", tmp / "ckpt", *args, "-o", tmp_path / "x.llmir", "-q")
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

@@ -54,6 +54,9 @@ def aligned_args(plan: Plan, symbol: str) -> set[str]:
     return out or set()
 
 
+GPU_KV_DTYPES = ("float32", "bfloat16", "float16")
+
+
 class TritonBackend:
     """A GPU backend (cuda or hip); `--arch` picks the architectures of this backend's kind."""
 
@@ -78,6 +81,9 @@ class TritonBackend:
         missing = sorted({c.kind for c in plan.calls} - set(BUILDERS))
         if missing:
             raise LlmircError(f"target {self.kind}: no GPU kernel for {', '.join(missing)}; compile with --target cpu")
+        if plan.pool.dtype not in GPU_KV_DTYPES:
+            raise LlmircError(f"target {self.kind}: no GPU kernel for an {plan.pool.dtype} KV cache (the GPU kernels take "
+                              f"{', '.join(GPU_KV_DTYPES)}); give --kv-cache-dtype auto or compile with --target cpu")
 
     def rules(self, plan: Plan, arch: str) -> dict:
         """{symbol: Rule} of every plan kernel and of the sampling kinds, for one architecture."""
