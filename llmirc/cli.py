@@ -83,9 +83,10 @@ def cli(debug: bool) -> None:
               help="Weights per scale along the input dimension: 16..512, a power of two (0: the scheme's default); "
                    "halved for a weight whose input size it does not divide.")
 @click.option("--quant-zero-points", is_flag=True, help="Asymmetric quantization: a uint8 zero point per group.")
-@click.option("--quant-keep", default="embedding,lm_head", show_default=True,
+@click.option("--quant-keep", default="embedding", show_default=True,
               help="What stays in higher precision: embedding, lm_head and/or glob patterns over checkpoint tensor "
-                   "names, comma-separated ('none': quantize everything).")
+                   "names, comma-separated ('none': quantize everything). An LM head not kept is stored in 8 bits "
+                   "per output row (one tied to a kept embedding stays float).")
 @click.option("--report", is_flag=True, help="Print what the passes fused or rewrote, and how often.")
 @click.option("--dequantize", is_flag=True, help="Expand quantized tensors (GGUF Q8_0, Q4_K, ...) to float32; "
               "without it they are kept quantized (llama and qwen2 GGUF files; others are refused).")

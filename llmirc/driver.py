@@ -46,7 +46,7 @@ class CompileOptions:
     quant: str = "none"                 # none, int8, int4: quantize linear weights (quantize-weights)
     quant_group_size: int = 0           # 0: per output row for int8, 32 for int4
     quant_symmetric: bool = True        # false: a zero point per group
-    quant_keep: tuple[str, ...] = ("embedding", "lm_head")  # what stays in higher precision
+    quant_keep: tuple[str, ...] = ("embedding",)  # what stays in higher precision (quantize-weights' keep)
     dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of keeping them
     block_size: int | None = None       # KV cache block (tokens); None: the pipeline's (16)
     max_model_len: int | None = None    # the context the bundle states (<= the checkpoint's)

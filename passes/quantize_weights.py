@@ -8,9 +8,11 @@ are quantized to int8 on the fly, per block of 32 values).
 Options: `bits` 8 or 4; `group-size` (0: one group per output row for 8 bits, 32 for 4 bits;
 else 16..512, a power of two); `symmetric` (true: w = s (u - 2^(bits-1)); false: a uint8 zero
 point per group); `scale-dtype` (auto: float16 for groups, float32 per output row); `keep`: what
-stays in higher precision: `embedding` (embedding tables), `lm_head` (the linear producing the
-logits) and glob patterns over checkpoint tensor names (quoted: `keep="*.down_proj.*",lm_head`),
-or `none`. A weight whose input size does not split into the groups gets the largest smaller
+stays in higher precision: `embedding` (embedding tables, the default), `lm_head` (the linear
+producing the logits) and glob patterns over checkpoint tensor names (quoted:
+`keep="*.down_proj.*",lm_head`), or `none`. An LM head not kept is stored in 8 bits per output
+row whatever `bits` is (llama.cpp keeps its output matrix at 6-8 bits too: at 4 bits it costs the
+most quality), except one tied to a kept embedding table, which stays float (one copy). A weight whose input size does not split into the groups gets the largest smaller
 power-of-two group that does (576 inputs, group-size 128: groups of 64; llama.cpp falls back
 to another type for such rows), down to 16; else it stays as it is (both counted in --report).
 
@@ -59,7 +61,7 @@ class QuantizeWeights(ModulePass):
     group_size: int = 0
     symmetric: bool = True
     scale_dtype: str = "auto"
-    keep: tuple[str, ...] = ("embedding", "lm_head")
+    keep: tuple[str, ...] = ("embedding",)
 
     def scheme(self, k: int) -> Scheme:
         """The scheme for a weight of k inputs (option values checked here)."""
@@ -93,6 +95,8 @@ class QuantizeWeights(ModulePass):
         ret = forward_func(op).get_return_op()
         logits = ret.operands[0] if ret is not None and ret.operands else None
         lm_head = logits.owner if logits is not None and isinstance(logits.owner, L.LinearOp) else None
+        tables = {n for e in op.walk() if isinstance(e, L.EmbeddingOp) and self.kept(e, e.table, lm_head)
+                  for n in source_names(e.table)}
         made: dict[tuple, SSAValue] = {}
         for user in list(op.walk()):
             operand = "weight" if isinstance(user, L.LinearOp) else "table" if isinstance(user, L.EmbeddingOp) else None
@@ -102,10 +106,15 @@ class QuantizeWeights(ModulePass):
             if not L.is_float(w.type.element_type) or self.kept(user, w, lm_head):
                 continue
             n, k = L.shape_of(w)
-            scheme = self.scheme(k)
+            if user is lm_head:
+                if tables & set(source_names(w)):  # tied to a kept embedding table: one float copy
+                    continue
+                scheme = Scheme(8, k, "float32", "none")
+            else:
+                scheme = self.scheme(k)
             while scheme.check(k) is not None and 16 < scheme.group_size != k and k % scheme.group_size:
                 scheme = dataclasses.replace(scheme, group_size=scheme.group_size // 2)
-            if scheme.group_size != self.scheme(k).group_size and scheme.check(k) is None:
+            if user is not lm_head and scheme.group_size != self.scheme(k).group_size and scheme.check(k) is None:
                 note(ctx, f"{self.name}: groups of {scheme.group_size} for {k} inputs "
                           f"(not a multiple of {self.scheme(k).group_size})")
             if scheme.check(k) is not None:

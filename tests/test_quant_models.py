@@ -52,24 +52,30 @@ def rel_rms(a, b):
     return float(np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean()))
 
 
-def emulated(model, schemes, quantize_head: bool, quantize_embedding: bool, ids):
+def emulated(model, schemes, head_scheme, quantize_embedding: bool, ids):
     """The exact reference (module docstring): the weights the bundle stores, its activation
-    quantization. `schemes(k)`: the scheme of a weight of k inputs."""
+    quantization. `schemes(k)`: the scheme of a weight of k inputs; `head_scheme(k)`: the LM
+    head's (None: float)."""
     weights = {}
     for name, mod in model.named_modules():
         last = name.split(".")[-1]
-        if last in LINEARS or (quantize_head and name == "lm_head") or (quantize_embedding and last == "embed_tokens"):
+        head = name == "lm_head" and head_scheme is not None
+        if last in LINEARS or head or (quantize_embedding and last == "embed_tokens"):
             w = mod.weight.detach().numpy()
-            s = schemes(w.shape[1])
+            s = (head_scheme if head else schemes)(w.shape[1])
             weights[name] = (quant.dequantize(quant.quantize(w, s), s, w.shape[1]), None, 32)
     return hf_logits_quantized(model, weights, ids)
 
 
-CASES = {  # name -> (compile options, LM head and embedding quantized)
-    "int8": (dict(quant="int8"), False),
-    "int4": (dict(quant="int4", cpu_variants=("native", "baseline")), False),
+PER_ROW_INT8 = lambda k: quant.Scheme(8, k, "float32")  # noqa: E731 - the LM head's default
+
+
+CASES = {  # name -> (compile options, the LM head's scheme (None: float), embedding quantized)
+    "int8": (dict(quant="int8"), PER_ROW_INT8, False),
+    "int4": (dict(quant="int4", cpu_variants=("native", "baseline")), PER_ROW_INT8, False),
+    "int4-lm-head-kept": (dict(quant="int4", quant_keep=("embedding", "lm_head")), None, False),
     "int4-g64-zero-points-all": (dict(quant="int4", quant_group_size=64, quant_symmetric=False, quant_keep=()),
-                                 True),
+                                 PER_ROW_INT8, True),
 }
 
 
@@ -82,9 +88,10 @@ def pass_of(options: dict) -> QuantizeWeights:
 @pytest.mark.parametrize("case", CASES)
 def test_quantized_bundle_matches_emulation(tmp_path, checkpoint, case):
     ckpt, model = checkpoint
-    options, everything = CASES[case]
+    options, head, embedding = CASES[case]
     bundle = compile_to(ckpt, tmp_path / "q.llmir", **options)
-    ref = emulated(model, pass_of(options).scheme, everything, everything, TOKENS)
+    schemes = pass_of(options).scheme
+    ref = emulated(model, schemes, head, embedding, TOKENS)
     float_ref = hf_logits(model, TOKENS)
     for target in [t["name"] for t in load(bundle).bundle.manifest["targets"]]:
         compiled = load(bundle, target=target)
@@ -103,7 +110,7 @@ def test_quantized_bundle_matches_emulation(tmp_path, checkpoint, case):
         assert out == [int(t) for t in step[11:].argmax(-1)]
     manifest = load(bundle).bundle.manifest
     kinds = {k["kind"] for t in manifest["targets"] for k in t["kernels"]}
-    assert "qlinear" in kinds and ("qembedding" in kinds) == everything
+    assert "qlinear" in kinds and ("qembedding" in kinds) == embedding
 
 
 def test_int8_kv_cache(tmp_path, checkpoint):
