@@ -135,9 +135,9 @@ def test_threads_add_and_abort_while_the_loop_runs():
     while not got:
         threading.Event().wait(0.001)
     engine.abort(rid)
-    assert done.wait(10)
+    assert done.wait(120)  # generous: CI runners are shared
     for t in threads:
-        t.join(30)
+        t.join(120)
     engine.stop()
     assert not errors, errors
     assert results == {k: greedy_reference([k + 1, k + 2, k + 3], 10) for k in range(12)}
