@@ -121,6 +121,13 @@ class SafetensorsFile:
             raise self._error_cls(f"{self._label}: tensor {name!r} has dtype {dtype}, not a floating-point type")
         return to_float32(self.array(name), dtype)
 
+    def drop_pages(self) -> None:
+        """Unmaps the pages read so far from this process (MADV_DONTNEED; they stay in the page
+        cache and fault back in when read again): a reader that streams the file keeps its
+        resident memory at what it still holds, not the whole file."""
+        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         mm, self._mm = self._mm, None
         if mm is not None:

@@ -103,6 +103,21 @@ def test_arrays_survive_close(tmp_path):
         f.array("a")
 
 
+def test_arrays_survive_drop_pages(tmp_path):
+    """drop_pages unmaps what was read (the compiler streams weights through); views read the file again."""
+    p = tmp_path / "d.safetensors"
+    values = np.random.default_rng(0).standard_normal((512, 256)).astype(np.float32)
+    save_safetensors(p, {"a": values})
+    f = open_safetensors(p)
+    a = f.array("a")
+    before = a.copy()
+    f.drop_pages()
+    np.testing.assert_array_equal(a, before)
+    np.testing.assert_array_equal(f.array("a"), values)
+    f.close()
+    f.drop_pages()  # closed: nothing to drop
+
+
 def test_unknown_tensor_and_unsupported_dtype(tmp_path):
     p = raw_file(tmp_path / "f8.safetensors",
                  {"q": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"\x01\x02")

@@ -166,6 +166,11 @@ class Checkpoint:
         """The tensor as stored (a zero-copy view of the mapped file; BF16 as uint16 bits)."""
         return self._file(name).array(name)
 
+    def drop_pages(self) -> None:
+        """Releases the mapped pages read so far (the bundle writer streams the weights through)."""
+        for f in self._files.values():
+            f.drop_pages()
+
     def tokenizer_files(self) -> list[Path]:
         return tokenizer_files(self.root)
 
