@@ -227,10 +227,9 @@ def _write_bundle(source, module, plan: Plan, backends: list, out: Path, options
         total = sum(w.nbytes for w in plan.weights)
         progress(f"writing {len(plan.weights)} weights ({total / 2**20:.1f} MiB)")
         done, shown, parts = 0, 0, {}
-        drop_pages = getattr(source, "drop_pages", lambda: None)  # mapped sources: stream, do not accumulate
         for w in plan.weights:
             writer.write(w.name, w.materialize(source.read, parts))
-            drop_pages()
+            source.drop_pages()  # the weights stream through: what was read need not stay resident
             done += w.nbytes
             if total > 2**30 and done - shown >= total / 10:  # big models: a line per tenth
                 shown = done

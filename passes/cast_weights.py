@@ -13,10 +13,12 @@ After (dtype=bf16):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
+from xdsl.ir import Operation, SSAValue
 from xdsl.passes import ModulePass
 
 from llmirc import dialect as L
@@ -37,6 +39,21 @@ def float_type(name: str, option: str):
     return L.FLOAT_TYPES[d.name]
 
 
+def weight_uses(module: ModuleOp) -> Iterator[tuple[Operation, SSAValue]]:
+    """(op, weight) for every linear and embedding op: the weights whose storage type a pass may
+    change (a snapshot: the caller may insert ops while iterating)."""
+    for user in list(module.walk()):
+        if isinstance(user, L.LinearOp):
+            yield user, user.weight
+        elif isinstance(user, L.EmbeddingOp):
+            yield user, user.table
+
+
+def replace_weight(user: Operation, w: SSAValue, value: SSAValue) -> None:
+    """Makes `user` read `value` where it read the weight `w`."""
+    user.operands[[i for i, v in enumerate(user.operands) if v is w][0]] = value
+
+
 @dataclass(frozen=True)
 class CastWeights(ModulePass):
     name = "cast-weights"
@@ -48,11 +65,7 @@ class CastWeights(ModulePass):
             return
         target = float_type(self.dtype, f"{self.name}{{dtype}}")
         casts = {}
-        for user in list(op.walk()):
-            operand = "weight" if isinstance(user, L.LinearOp) else "table" if isinstance(user, L.EmbeddingOp) else None
-            if operand is None:
-                continue
-            w = getattr(user, operand)
+        for user, w in weight_uses(op):
             if w.type.element_type == target or not L.is_float(w.type.element_type):  # quantized: as it is
                 continue
             if w not in casts:
@@ -60,4 +73,4 @@ class CastWeights(ModulePass):
                 user.parent_block().insert_op_before(cast, user)
                 casts[w] = cast.result
                 note(ctx, f"{self.name}: weight -> {dtypes.dtype(self.dtype).short}")
-            user.operands[[i for i, v in enumerate(user.operands) if v is w][0]] = casts[w]
+            replace_weight(user, w, casts[w])

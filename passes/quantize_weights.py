@@ -40,7 +40,7 @@ from llmirc import dtypes
 from llmirc.errors import LlmircError
 from llmirc.quant import Scheme
 
-from .cast_weights import float_type
+from .cast_weights import float_type, replace_weight, weight_uses
 from .func_args import forward_func
 from .report import note
 
@@ -95,14 +95,10 @@ class QuantizeWeights(ModulePass):
         ret = forward_func(op).get_return_op()
         logits = ret.operands[0] if ret is not None and ret.operands else None
         lm_head = logits.owner if logits is not None and isinstance(logits.owner, L.LinearOp) else None
-        tables = {n for e in op.walk() if isinstance(e, L.EmbeddingOp) and self.kept(e, e.table, lm_head)
-                  for n in source_names(e.table)}
+        tables = {n for e, t in weight_uses(op) if isinstance(e, L.EmbeddingOp) and self.kept(e, t, lm_head)
+                  for n in source_names(t)}
         made: dict[tuple, SSAValue] = {}
-        for user in list(op.walk()):
-            operand = "weight" if isinstance(user, L.LinearOp) else "table" if isinstance(user, L.EmbeddingOp) else None
-            if operand is None:
-                continue
-            w = getattr(user, operand)
+        for user, w in weight_uses(op):
             if not L.is_float(w.type.element_type) or self.kept(user, w, lm_head):
                 continue
             n, k = L.shape_of(w)
@@ -127,4 +123,4 @@ class QuantizeWeights(ModulePass):
                 user.parent_block().insert_op_before(q, user)
                 made[key] = q.result
                 note(ctx, f"{self.name}: weight -> int{scheme.bits}")
-            user.operands[[i for i, v in enumerate(user.operands) if v is w][0]] = made[key]
+            replace_weight(user, w, made[key])

@@ -389,6 +389,9 @@ class GgufCheckpoint:
             h.update(fh.read(1 << 16))
         return h.hexdigest()
 
+    def drop_pages(self) -> None:
+        """Not done yet: the gguf package's reader maps the whole file, and it stays resident once read."""
+
     def close(self) -> None:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)

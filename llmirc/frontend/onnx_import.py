@@ -229,6 +229,9 @@ class OnnxCheckpoint:
     def tokenizer_files(self) -> list[Path]:
         return tokenizer_files(self.root)
 
+    def drop_pages(self) -> None:
+        """Nothing to release: external data is mapped per read and unmapped when the array goes."""
+
     def close(self) -> None:
         pass
 

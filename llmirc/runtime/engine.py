@@ -165,8 +165,7 @@ class Engine:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.stats = EngineStats()
-        self.error: str | None = None  # set when a step failed: the engine serves nothing more
-        self.failure: BaseException | None = None  # the exception that failed it
+        self.failure: BaseException | None = None  # set when a step failed: the engine serves nothing more
         self._requests: dict[int, _Request] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -174,6 +173,11 @@ class Engine:
         self._stepping = threading.Lock()
 
     # -- called from any thread -------------------------------------------------------------
+
+    @property
+    def error(self) -> str | None:
+        """The failed step's exception as one line (None while the engine is healthy)."""
+        return None if self.failure is None else f"{type(self.failure).__name__}: {self.failure}"
 
     def add_request(self, prompt: list[int], params: SamplingParams, sink: Callable[[RequestOutput], None]) -> int:
         """Validate and queue a request; returns its id. Raises LlmircError (RuntimeLimitError
@@ -312,7 +316,7 @@ class Engine:
                 sampled = self._sample(step, logits)
         except Exception as e:  # a bug or a broken library: fail every request, serve nothing more
             log.exception("engine step failed")
-            self.error, self.failure = f"{type(e).__name__}: {e}", e
+            self.failure = e
             self.scheduler.commit(step, np.zeros(len(step.sample_rows), dtype=np.int64))
             for request_id in list(self._requests):
                 self._abort(request_id, "abort", self.error)
