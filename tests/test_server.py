@@ -131,6 +131,8 @@ def test_return_token_ids_accounts_for_every_streamed_token(server, model):
         text = "".join(e["choices"][0].get("text") or e["choices"][0].get("delta", {}).get("content") or ""
                        for e in events)
         assert len(ids) == 24 and model.tokenizer.decode(ids) == text
+        # one id per step, as generated: not held back with text waiting on a partial character
+        assert max(len(e["choices"][0].get("token_ids", [])) for e in events) == 1, events
     assert ids == model.generate([model.apply_chat_template([{"role": "user", "content": "hi"}])], 24,
                                  ignore_eos=True)[0]
 

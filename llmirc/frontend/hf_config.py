@@ -78,7 +78,7 @@ def load_config(path: Path) -> dict:
     try:
         config = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise CheckpointError(f"{path}: invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return config

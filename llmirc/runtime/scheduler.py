@@ -173,20 +173,20 @@ class Scheduler:
     def check_request(self, prompt: list[int], max_new_tokens: int, request_id: Hashable = None) -> None:
         """Raise the error `add_request` would for this request (reads only fixed settings: thread-safe)."""
         if not prompt:
-            raise LlmircError(f"request {request_id!r}: the prompt is empty")
+            raise LlmircError(f"{_request(request_id)}the prompt is empty")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise LlmircError(f"request {request_id!r}: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+            raise LlmircError(f"{_request(request_id)}max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         self._check_tokens(prompt, request_id)
         total = len(prompt) + max_new_tokens
         if total > self.max_context:
             raise RuntimeLimitError(
-                f"request {request_id!r}: prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+                f"{_request(request_id)}prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
                 f"= {total} exceeds the model's context of {self.max_context} tokens")
         # The last sampled token is never fed back, so the cache holds at most total - 1 tokens.
         needed = blocks_for(max(len(prompt), total - 1), self.block_size)
         if needed > self.allocator.num_blocks:
             raise RuntimeLimitError(
-                f"request {request_id!r}: prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+                f"{_request(request_id)}prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
                 f"needs {needed} KV blocks of {self.block_size} tokens but the cache has only "
                 f"{self.allocator.num_blocks}; load the model with a larger KV cache or lower max_new_tokens")
 
@@ -410,7 +410,7 @@ class Scheduler:
         bad = [t for t in tokens if not 0 <= t < self.vocab_size]
         if bad:
             raise RuntimeLimitError(
-                f"request {request_id!r}: token id {bad[0]} is outside the model's vocabulary of {self.vocab_size}")
+                f"{_request(request_id)}token id {bad[0]} is outside the model's vocabulary of {self.vocab_size}")
 
 
 def _build_step(chunks: list[_Chunk]) -> Step:
@@ -436,3 +436,8 @@ def _build_step(chunks: list[_Chunk]) -> Step:
         request_ids=request_ids,
         targets=np.asarray(targets, dtype=np.int64),
     )
+
+
+def _request(request_id: Hashable) -> str:
+    """The prefix naming a request in an error ("" when checked before it has an id)."""
+    return "" if request_id is None else f"request {request_id!r}: "

@@ -241,7 +241,8 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
                     entries += c.prompt_logprobs or []
                 entries += c.logprobs[sent[i]:]
                 sent[i] = len(c.logprobs)
-                if not text and not c.done and not entries:
+                new_ids = req.return_token_ids and len(c.tokens) > sent_ids[i]  # ids stream even without text
+                if not text and not c.done and not entries and not new_ids:
                     continue
                 started[i] = True
                 body = {"index": i, "text": text, "logprobs": logprobs_of(entries, offsets[i]), **_finish(c)}
@@ -353,7 +354,8 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
                     continue
                 delta = c.update(out)
                 new = [c.logprobs[-1]] if out.logprob is not None and req.logprobs and c.logprobs else []
-                if not delta and not c.done and not new:
+                new_ids = req.return_token_ids and len(c.tokens) > sent_ids[i]  # ids stream even without text
+                if not delta and not c.done and not new and not new_ids:
                     continue
                 body = {"index": i, "delta": {"content": delta} if delta else {},
                         "logprobs": _chat_logprobs(server, new) if req.logprobs else None, **_finish(c)}
