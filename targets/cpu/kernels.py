@@ -418,7 +418,7 @@ def _emit_linear(module, fn, b, p, cpu):
             for c in cs:
                 with cb.if_then(cb.icmp_signed("==", c_run, i64(c))):
                     _linear_micro(cb, A, p, vw, j0, t0, r, c, k0, klen, first,
-                                  pf if c > 1 else None)
+                                  pf)
 
     def one_pass(R, cs):
         """block(): all k slices of the row block in turn (each w slice and x[:, slice] stay
