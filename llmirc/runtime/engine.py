@@ -362,10 +362,12 @@ class Engine:
     def _sample(self, step, logits: np.ndarray) -> np.ndarray:
         """One token per sampling row, each with its request's parameters and generator."""
         rows = step.sample_rows
+        params = [self._requests[step.request_ids[r]].params for r in rows]
+        if all(p.temperature <= GREEDY_TEMPERATURE for p in params):  # one argmax (first max, as sample())
+            return np.argmax(logits if len(rows) == len(logits) else logits[rows], axis=-1).astype(np.int64)
         out = np.zeros(len(rows), dtype=np.int64)
         groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(rows):
-            p = self._requests[step.request_ids[r]].params
+        for i, p in enumerate(params):
             greedy = p.temperature <= GREEDY_TEMPERATURE
             groups.setdefault((0.0, None, None) if greedy else (p.temperature, p.top_k, p.top_p), []).append(i)
         for (temperature, top_k, top_p), members in groups.items():

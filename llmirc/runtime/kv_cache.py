@@ -11,8 +11,6 @@ sequence references are reclaimed, least recently used first, when the free list
 
 from __future__ import annotations
 
-import numpy as np
-
 from llmirc.errors import LlmircError, RuntimeLimitError
 
 from .prefix_cache import Node, PrefixCache
@@ -133,14 +131,6 @@ class SequenceBlocks:
         if not 0 <= position < self.capacity:
             raise IndexError(f"position {position} is outside the {self.capacity} allocated slots")
         return self.block_table[position // self.block_size] * self.block_size + position % self.block_size
-
-    def slots(self, positions: np.ndarray) -> np.ndarray:
-        """Vectorized `slot` for an int array of positions (all within capacity)."""
-        positions = np.asarray(positions, dtype=np.int64)
-        if positions.size and not (0 <= positions.min() and positions.max() < self.capacity):
-            raise IndexError(f"positions outside the {self.capacity} allocated slots")
-        table = np.asarray(self.block_table, dtype=np.int64)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def release(self) -> None:
         if self.nodes:

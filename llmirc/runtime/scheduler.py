@@ -32,6 +32,7 @@ sequence per step, no prefix caching, the step's tokens always start at position
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ class Step:
     def num_seqs(self) -> int:
         return len(self.seq_lens)
 
-    @property
+    @functools.cached_property
     def sample_rows(self) -> np.ndarray:
         """Indices of the logits rows to sample a token from."""
         return np.flatnonzero(self.targets < 0)
@@ -414,28 +415,28 @@ class Scheduler:
 
 
 def _build_step(chunks: list[_Chunk]) -> Step:
-    lengths = [len(c.tokens) for c in chunks]
-    positions = [np.arange(c.start, c.start + n) for c, n in zip(chunks, lengths)]
-    query_start_loc = np.concatenate([[0], np.cumsum(lengths)])
-    block_tables = np.zeros((len(chunks), max(len(c.blocks.block_table) for c in chunks)), dtype=np.int32)
+    # Plain lists, one array per input at the end: a decode step has a handful of entries, and
+    # each NumPy call on them costs more than the Python work it replaces.
+    token_ids, positions, slots, seq_lens, query_start_loc = [], [], [], [], [0]
     logits_indices, request_ids, targets = [], [], []
+    width = max(len(c.blocks.block_table) for c in chunks)
+    block_tables = np.zeros((len(chunks), width), dtype=np.int32)
     for i, c in enumerate(chunks):
-        block_tables[i, :len(c.blocks.block_table)] = c.blocks.block_table
-        logits_indices.extend(query_start_loc[i] + p - c.start for p in c.rows)
-        request_ids.extend([c.request_id] * len(c.rows))
-        targets.extend(c.targets)
-    i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
-    return Step(
-        token_ids=i32([t for c in chunks for t in c.tokens]),
-        positions=i32(np.concatenate(positions)),
-        slot_mapping=i32(np.concatenate([c.blocks.slots(p) for c, p in zip(chunks, positions)])),
-        block_tables=block_tables,
-        seq_lens=i32([c.start + n for c, n in zip(chunks, lengths)]),
-        query_start_loc=i32(query_start_loc),
-        logits_indices=i32(logits_indices),
-        request_ids=request_ids,
-        targets=np.asarray(targets, dtype=np.int64),
-    )
+        n, table, q0 = len(c.tokens), c.blocks.block_table, query_start_loc[-1]
+        token_ids += c.tokens
+        positions += range(c.start, c.start + n)
+        slots += map(c.blocks.slot, range(c.start, c.start + n))
+        seq_lens.append(c.start + n)
+        query_start_loc.append(q0 + n)
+        block_tables[i, :len(table)] = table
+        logits_indices += [q0 + p - c.start for p in c.rows]
+        request_ids += [c.request_id] * len(c.rows)
+        targets += c.targets
+    i32 = lambda a: np.array(a, dtype=np.int32)  # noqa: E731
+    return Step(token_ids=i32(token_ids), positions=i32(positions), slot_mapping=i32(slots),
+                block_tables=block_tables, seq_lens=i32(seq_lens), query_start_loc=i32(query_start_loc),
+                logits_indices=i32(logits_indices), request_ids=request_ids,
+                targets=np.array(targets, dtype=np.int64))
 
 
 def _request(request_id: Hashable) -> str:

@@ -4,8 +4,8 @@ compiled for (its `llmir_model_info`, never manifest.json) before the native cal
 The kernels trust their inputs (targets/cpu/kernels.py): a token id past the embedding table, a
 position past a position table, a slot past the KV pool or a block-table entry past the block
 count would read or write out of bounds. The scheduler never builds such a step; this is what
-holds for any caller of `CpuExecutor.forward`. Cost: a min and max per input (numpy), noise next
-to a forward.
+holds for any caller of `CpuExecutor.forward`. Cost: a few microseconds per decode step (Python
+lists, builtin min/max), linear in the step's tokens and block-table entries.
 
 Limits (RuntimeLimitError, naming the limit):
 - token_ids in [0, token_rows) (the embedding table's rows; the vocabulary when no table);
@@ -80,37 +80,41 @@ def checked_inputs(limits: StepLimits, *arrays) -> list[np.ndarray]:
     if tables.shape[0] != B or len(qsl) != B + 1:
         raise LlmircError(f"forward step: block_tables must have a row and query_start_loc B + 1 entries for the "
                           f"B = {B} sequences of seq_lens (got {tables.shape[0]} rows, {len(qsl)} entries)")
-    if qsl[0] != 0 or qsl[-1] != T or (np.diff(qsl) < 0).any():
-        raise LlmircError(f"forward step: query_start_loc must rise from 0 to the {T} tokens, got {qsl.tolist()}")
-    query_lens = np.diff(qsl)
-    _below("token id", ids, limits.token_rows, limits.token_what)
-    _below("position", pos, limits.max_position, limits.position_what)
-    _below("sequence length (seq_lens)", seq_lens, limits.max_context + 1,
+    # The checks below run on Python lists: a step's arrays are short, and builtin min/max over a
+    # list or slice beat a NumPy call per check (this runs before every forward).
+    q, lens, positions = qsl.tolist(), seq_lens.tolist(), pos.tolist()
+    if q[0] != 0 or q[-1] != T or any(a > b for a, b in zip(q, q[1:])):
+        raise LlmircError(f"forward step: query_start_loc must rise from 0 to the {T} tokens, got {q}")
+    _below("token id", ids.tolist(), limits.token_rows, limits.token_what)
+    _below("position", positions, limits.max_position, limits.position_what)
+    _below("sequence length (seq_lens)", lens, limits.max_context + 1,
            f"the model's context of {limits.max_context} tokens")
-    if (seq_lens < query_lens).any():
-        b = int(np.argmax(seq_lens < query_lens))
-        raise LlmircError(f"forward step: sequence {b} has {query_lens[b]} new tokens but seq_lens {seq_lens[b]}")
-    if T and (pos >= np.repeat(seq_lens, query_lens)).any():
-        t = int(np.argmax(pos >= np.repeat(seq_lens, query_lens)))
-        raise RuntimeLimitError(f"position {pos[t]} of token {t} is not below its sequence's length "
-                                f"(seq_lens {np.repeat(seq_lens, query_lens)[t]})")
+    for b, n in enumerate(lens):
+        if n < q[b + 1] - q[b]:
+            raise LlmircError(f"forward step: sequence {b} has {q[b + 1] - q[b]} new tokens but seq_lens {n}")
+        if q[b + 1] > q[b] and max(positions[q[b]:q[b + 1]]) >= n:
+            t = next(t for t in range(q[b], q[b + 1]) if positions[t] >= n)
+            raise RuntimeLimitError(f"position {positions[t]} of token {t} is not below its sequence's length "
+                                    f"(seq_lens {n})")
     pool = limits.num_blocks * limits.block_size
-    if slots.size and slots.max() >= pool:
-        raise RuntimeLimitError(f"slot {slots.max()} in slot_mapping is outside the KV cache's {pool} slots "
+    if T and max(slot_list := slots.tolist()) >= pool:
+        raise RuntimeLimitError(f"slot {max(slot_list)} in slot_mapping is outside the KV cache's {pool} slots "
                                 f"({limits.num_blocks} blocks of {limits.block_size})")
-    blocks_used = -(-seq_lens.astype(np.int64) // limits.block_size)
-    if B and blocks_used.max() > tables.shape[1]:
-        b = int(np.argmax(blocks_used))
-        raise RuntimeLimitError(f"sequence {b} of {seq_lens[b]} tokens needs {blocks_used[b]} blocks but its "
-                                f"block table has {tables.shape[1]}")
-    used = tables[np.arange(tables.shape[1])[None, :] < blocks_used[:, None]]
-    _below("block_tables entry", used, limits.num_blocks, f"the KV cache's {limits.num_blocks} blocks")
-    _below("logits index", logits_idx, T, f"the step's {T} tokens")
+    rows = tables.tolist()
+    for b, n in enumerate(lens):
+        used = -(-n // limits.block_size)
+        if used > tables.shape[1]:
+            raise RuntimeLimitError(f"sequence {b} of {n} tokens needs {used} blocks but its "
+                                    f"block table has {tables.shape[1]}")
+        _below("block_tables entry", rows[b][:used], limits.num_blocks, f"the KV cache's {limits.num_blocks} blocks")
+    _below("logits index", logits_idx.tolist(), T, f"the step's {T} tokens")
     return out
 
 
 def _int32(name: str, a) -> np.ndarray:
     a = np.asarray(a)
+    if a.dtype == np.int32:  # the scheduler's steps: nothing to convert or range-check
+        return np.ascontiguousarray(a)
     if a.size and a.dtype.kind not in "iu":
         raise LlmircError(f"forward step: {name} must be integers, got {a.dtype}")
     if a.size and (a.min() < _I32.min or a.max() > _I32.max):
@@ -119,11 +123,11 @@ def _int32(name: str, a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int32)
 
 
-def _below(what: str, a: np.ndarray, limit: int, limit_what: str) -> None:
+def _below(what: str, a: list[int], limit: int, limit_what: str) -> None:
     """a in [0, limit)."""
-    if not a.size:
+    if not a:
         return
-    low, high = int(a.min()), int(a.max())
+    low, high = min(a), max(a)
     if low < 0:
         raise RuntimeLimitError(f"{what} {low} is negative")
     if high >= limit:
