@@ -312,9 +312,8 @@ def _ort_genai(model, prompt, new, prefill, threads):
 LLMIRC_VARIANTS = {  # `llmirc:VARIANT` -> `llmirc compile` options
     "": [], "f32": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"], "f16": ["--dtype", "float16"],
     "int8": ["--quant", "int8"], "int4": ["--quant", "int4"],
-    # the LM head quantized too (the default keeps it at the checkpoint's precision)
-    "int8-head": ["--quant", "int8", "--quant-keep", "embedding"],
-    "int4-head": ["--quant", "int4", "--quant-keep", "embedding"],
+    # the LM head in the weights' 4-bit groups (by default it is int8 per output row)
+    "int4-head4": ["--quant", "int4", "--quant-lm-head", "int4"],
     "int4-g128": ["--quant", "int4", "--quant-group-size", "128"],
     "int4-g128-zp": ["--quant", "int4", "--quant-group-size", "128", "--quant-zero-points"]}
 

@@ -85,8 +85,12 @@ def cli(debug: bool) -> None:
 @click.option("--quant-zero-points", is_flag=True, help="Asymmetric quantization: a uint8 zero point per group.")
 @click.option("--quant-keep", default="embedding", show_default=True,
               help="What stays in higher precision: embedding, lm_head and/or glob patterns over checkpoint tensor "
-                   "names, comma-separated ('none': quantize everything). An LM head not kept is stored in 8 bits "
-                   "per output row (one tied to a kept embedding stays float).")
+                   "names, comma-separated ('none': quantize everything). An LM head not kept is stored as "
+                   "--quant-lm-head says (one tied to a kept embedding stays float).")
+@click.option("--quant-lm-head", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
+              help="An LM head not kept: int8, one scale per output row (llama.cpp keeps its output matrix at 6-8 "
+                   "bits), or int4 in --quant-group-size groups (as onnxruntime-genai's int4 models): smaller and "
+                   "faster, at a quality cost.")
 @click.option("--report", is_flag=True, help="Print what the passes fused or rewrote, and how often.")
 @click.option("--dequantize", is_flag=True, help="Expand quantized tensors (GGUF Q8_0, Q4_K, ...) to float32; "
               "without it they are kept quantized (llama and qwen2 GGUF files; others are refused).")
@@ -97,8 +101,8 @@ def cli(debug: bool) -> None:
                    "config or position tables support).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, arch, cpu_variants, dtype,
-                kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, report, dequantize, block_size,
-                max_model_len, quiet):
+                kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, quant_lm_head, report, dequantize,
+                block_size, max_model_len, quiet):
     """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle."""
     try:
         from llmirc.driver import CompileOptions, Progress, compile_model
@@ -112,7 +116,7 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
                              dtype=dtype, kv_cache_dtype=kv_cache_dtype, quant=quant, quant_group_size=quant_group_size,
                              quant_symmetric=not quant_zero_points,
                              quant_keep=tuple(k.strip() for k in quant_keep.split(",") if k.strip()),
-                             dequantize=dequantize, block_size=block_size, max_model_len=max_model_len)
+                             quant_lm_head=quant_lm_head, dequantize=dequantize, block_size=block_size, max_model_len=max_model_len)
     compile_model(model, output, options, Progress(None if quiet else sys.stderr))
 
 

@@ -47,6 +47,7 @@ class CompileOptions:
     quant_group_size: int = 0           # 0: per output row for int8, 32 for int4
     quant_symmetric: bool = True        # false: a zero point per group
     quant_keep: tuple[str, ...] = ("embedding",)  # what stays in higher precision (quantize-weights' keep)
+    quant_lm_head: str = "int8"         # int8 (per output row) or int4: an LM head not kept
     dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of keeping them
     block_size: int | None = None       # KV cache block (tokens); None: the pipeline's (16)
     max_model_len: int | None = None    # the context the bundle states (<= the checkpoint's)
@@ -57,9 +58,12 @@ class CompileOptions:
             return ""
         if self.quant not in ("int8", "int4"):
             raise LlmircError(f"--quant: unknown scheme {self.quant!r} (choose none, int8 or int4)")
+        if self.quant_lm_head not in ("int8", "int4"):
+            raise LlmircError(f"--quant-lm-head: unknown scheme {self.quant_lm_head!r} (choose int8 or int4)")
         keep = ",".join(f'"{k}"' for k in self.quant_keep) or '"none"'
         return (f"quantize-weights{{bits={self.quant[3:]} group-size={self.quant_group_size} "
-                f"symmetric={str(self.quant_symmetric).lower()} keep={keep}}}")
+                f"symmetric={str(self.quant_symmetric).lower()} keep={keep} "
+                f"lm-head-bits={self.quant_lm_head[3:]}}}")
 
     def required(self) -> str:
         return required(self.dtype, self.kv_cache_dtype, self.block_size or DEFAULT_BLOCK_SIZE, self.quantize_pass())

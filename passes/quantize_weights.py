@@ -10,9 +10,11 @@ else 16..512, a power of two); `symmetric` (true: w = s (u - 2^(bits-1)); false:
 point per group); `scale-dtype` (auto: float16 for groups, float32 per output row); `keep`: what
 stays in higher precision: `embedding` (embedding tables, the default), `lm_head` (the linear
 producing the logits) and glob patterns over checkpoint tensor names (quoted:
-`keep="*.down_proj.*",lm_head`), or `none`. An LM head not kept is stored in 8 bits per output
-row whatever `bits` is (llama.cpp keeps its output matrix at 6-8 bits too: at 4 bits it costs the
-most quality), except one tied to a kept embedding table, which stays float (one copy). A weight whose input size does not split into the groups gets the largest smaller
+`keep="*.down_proj.*",lm_head`), or `none`. An LM head not kept is stored with `lm-head-bits`:
+8 (the default) in 8 bits per output row whatever `bits` is (llama.cpp keeps its output matrix at
+6-8 bits too: at 4 bits it costs the most quality), 4 in 4-bit groups (`group-size`, else 32; as
+onnxruntime-genai's int4 models store it); one tied to a kept embedding table stays float (one
+copy). A weight whose input size does not split into the groups gets the largest smaller
 power-of-two group that does (576 inputs, group-size 128: groups of 64; llama.cpp falls back
 to another type for such rows), down to 16; else it stays as it is (both counted in --report).
 
@@ -62,6 +64,7 @@ class QuantizeWeights(ModulePass):
     symmetric: bool = True
     scale_dtype: str = "auto"
     keep: tuple[str, ...] = ("embedding",)
+    lm_head_bits: int = 8
 
     def scheme(self, k: int) -> Scheme:
         """The scheme for a weight of k inputs (option values checked here)."""
@@ -78,6 +81,14 @@ class QuantizeWeights(ModulePass):
             scale = dtypes.dtype(scale).name
         return Scheme(self.bits, group, scale, "none" if self.symmetric else "int")
 
+    def head_scheme(self, k: int) -> Scheme:
+        """The scheme of an LM head of k inputs that is not kept."""
+        if self.lm_head_bits == 8:
+            return Scheme(8, k, "float32", "none")
+        if self.lm_head_bits != 4:
+            raise LlmircError(f"{self.name}: lm-head-bits must be 8 or 4, got {self.lm_head_bits}")
+        return dataclasses.replace(self, bits=4).scheme(k)
+
     def kept(self, user, w: SSAValue, lm_head) -> bool:
         if "none" in self.keep:
             return False
@@ -91,7 +102,7 @@ class QuantizeWeights(ModulePass):
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         if self.bits == 0:
             return
-        self.scheme(64)  # bad options fail before anything changes
+        self.scheme(64), self.head_scheme(64)  # bad options fail before anything changes
         ret = forward_func(op).get_return_op()
         logits = ret.operands[0] if ret is not None and ret.operands else None
         lm_head = logits.owner if logits is not None and isinstance(logits.owner, L.LinearOp) else None
@@ -105,7 +116,7 @@ class QuantizeWeights(ModulePass):
             if user is lm_head:
                 if tables & set(source_names(w)):  # tied to a kept embedding table: one float copy
                     continue
-                scheme = Scheme(8, k, "float32", "none")
+                scheme = self.head_scheme(k)
             else:
                 scheme = self.scheme(k)
             while scheme.check(k) is not None and 16 < scheme.group_size != k and k % scheme.group_size:

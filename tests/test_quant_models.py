@@ -74,6 +74,7 @@ CASES = {  # name -> (compile options, the LM head's scheme (None: float), embed
     "int8": (dict(quant="int8"), PER_ROW_INT8, False),
     "int4": (dict(quant="int4", cpu_variants=("native", "baseline")), PER_ROW_INT8, False),
     "int4-lm-head-kept": (dict(quant="int4", quant_keep=("embedding", "lm_head")), None, False),
+    "int4-lm-head-int4": (dict(quant="int4", quant_lm_head="int4"), lambda k: quant.Scheme(4, 32), False),
     "int4-g64-zero-points-all": (dict(quant="int4", quant_group_size=64, quant_symmetric=False, quant_keep=()),
                                  PER_ROW_INT8, True),
 }
