@@ -59,6 +59,15 @@ def qargs(parts, scheme):
     return out
 
 
+def call_qlinear(rule, scheme, parts, ob, xb, T, bias=None):
+    """out = ob (a [rows, ld] buffer), x = xb; with bias, ob is the residual too (in place). The
+    CPU's activation scratch `xq` is one byte: the GPU kernels do not touch it."""
+    unused = np.zeros(1, np.float32)
+    run(rule, tensors(out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), **qargs(parts, scheme),
+                      bias=unused if bias is None else bias, residual=unused if bias is None else ob,
+                      ld_res=0 if bias is None else ld(ob), xq=np.zeros(1, np.int8), T=T))
+
+
 @pytest.mark.parametrize("name", list(SCHEMES))
 def test_qlinear(rng, name):
     """Every T range; the first formats with bias and residual, in place (out is the residual)."""
@@ -77,9 +86,7 @@ def test_qlinear(rng, name):
             res0 = out.copy()
         else:
             ob, out = buf(rng, T, n, fill=np.nan)
-        xq = np.zeros(1, np.int8)  # the CPU's activation scratch: the GPU kernels do not touch it
-        run(rule, tensors(out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), **qargs(parts, scheme), bias=bias, residual=ob,
-                          ld_res=ld(ob), xq=xq, T=T))
+        call_qlinear(rule, scheme, parts, ob, xb, T, bias if fused else None)
         xr = bf16(x)
         ref, scale = xr @ w.T, np.abs(xr) @ np.abs(w).T
         if fused:
@@ -89,7 +96,7 @@ def test_qlinear(rng, name):
         assert np.all(np.abs(out - ref) <= 2e-6 * scale + 1e-30), (name, T, np.abs(out - ref).max())
 
 
-def test_qlinear_no_rows_beyond_t_and_hip_rule(rng):
+def test_qlinear_hip_rule_and_guards(rng):
     """A gfx942 rule (its own stages) computes the same; rows past T and columns past n stay
     untouched in every variant."""
     n, k = 45, 640
@@ -100,8 +107,7 @@ def test_qlinear_no_rows_beyond_t_and_hip_rule(rng):
     for T in (3, 17):
         xb, x = buf(rng, T, k)
         ob, out = buf(rng, T, n, pad=7, fill=np.nan)
-        run(rule, tensors(out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), **qargs(parts, scheme), bias=np.zeros(1, np.float32),
-                          residual=np.zeros(1, np.float32), ld_res=0, xq=np.zeros(1, np.int8), T=T))
+        call_qlinear(rule, scheme, parts, ob, xb, T)
         np.testing.assert_allclose(out, bf16(x) @ w.T, rtol=1e-5, atol=1e-5)
         check_guard(ob, T, n)
 
@@ -115,9 +121,8 @@ def test_quantized_then_qlinear_is_near_the_float_product(rng):
     for name, tol in (("i8_row", 0.01), ("i4_g32_min", 0.15)):
         scheme = SCHEMES[name](k)
         out = np.full((T, n), np.nan, np.float32)
-        run(launch_rule("qlinear", qlinear_params(scheme, n, k), ARCHS["sm_80"]),
-            tensors(out=out, ld_out=n, x=x, ld_x=k, **qargs(quant.quantize(w, scheme), scheme), bias=np.zeros(1, np.float32),
-                    residual=np.zeros(1, np.float32), ld_res=0, xq=np.zeros(1, np.int8), T=T))
+        call_qlinear(launch_rule("qlinear", qlinear_params(scheme, n, k), ARCHS["sm_80"]), scheme,
+                     quant.quantize(w, scheme), out, x, T)
         assert np.linalg.norm(out - exact) / np.linalg.norm(exact) < tol, name
 
 

@@ -37,9 +37,6 @@ from llmirc.quant import LANES, Scheme
 
 from .spec import Launch, Rule, Variant, cdiv, kernel, mul, next_pow2
 
-DOT_DTYPE = "bfloat16"  # what x is rounded to (and u - c held in) for the products
-
-
 @triton.jit
 def _block_layout(kb, LB: tl.constexpr, SG: tl.constexpr, NSUB: tl.constexpr, BITS: tl.constexpr,
                   BK: tl.constexpr):
@@ -133,7 +130,8 @@ def qlinear_gemv(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residua
             xv = _gather_x(x, ld_x, row, row_ok, col, ok, perm, ACT_ORDER)  # [1, BK]
             w = _codes(codes, rn, n_ok, off, shift, ok, ROW_BYTES, BITS).to(tl.float32) - c[:, None]
             part += tl.sum(w * xv, 1)
-            xsum += tl.sum(xv, 1)
+            if ZERO == "min":
+                xsum += tl.sum(xv, 1)
         acc += part * s
         if ZERO == "min":
             acc += m * xsum
