@@ -1,17 +1,19 @@
 """Every GPU check and the GPU benchmark, in one run, on a host with an NVIDIA GPU (NOT YET RUN).
 
-    OUT=/path/to/results python benchmarks/gpu_check.py [--model medium] [--skip-tests]
+    OUT=/path/to/results python benchmarks/gpu_check.py [--model medium] [--quant int4,int8] [--skip-tests]
 
 1. Installs what the host lacks (xdsl, gguf, ...) from wheels taken along in `wheels/` (an
    ignored folder: `pip download -d wheels xdsl==0.74.0 ...` on a machine with a registry);
    nothing is fetched from the network.
 2. Runs the GPU tests (tests/test_gpu_targets.py: greedy tokens of Llama, Qwen2 and Mistral
-   checkpoints compiled for cuda against transformers; they skip without a GPU, which this
-   script reports as a failure) with a JUnit report in $OUT.
+   checkpoints compiled for cuda against transformers, and quantized bundles (int8, int4 with
+   zero points) against transformers on their dequantized weights; they skip without a GPU,
+   which this script reports as a failure) with a JUnit report in $OUT.
 3. Benchmarks a benchmark checkpoint (benchmarks/models.py; `medium`: a ~1B-parameter bf16
    Llama) compiled for cuda at the device's architecture: prefill tok/s of a 2048-token prompt,
    batch-1 and batch-32 decode tok/s, against the HBM floor (weight bytes per decode step over
-   the device-to-device copy bandwidth measured in the same run with torch).
+   the device-to-device copy bandwidth measured in the same run with torch); then the same
+   checkpoint compiled with each `--quant` scheme (default int4: the qlinear kernels).
 
 Writes $OUT/gpu_check.json and $OUT/gpu_check.txt (what it printed). Record them, and the date,
 in BENCHMARKS.md.
@@ -70,7 +72,7 @@ def copy_bandwidth(gib: float = 1.0, repeat: int = 10) -> float:
     return 2 * n * repeat / (time.perf_counter() - t0)
 
 
-def benchmark(out: Path, model_name: str) -> dict:
+def benchmark(out: Path, model_name: str, quant: str | None = None) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import models
 
@@ -82,11 +84,11 @@ def benchmark(out: Path, model_name: str) -> dict:
     dev = CudaDriver().open()
     arch = "sm_%d%d" % dev["capability"]
     ckpt, work = models.resolve(model_name)
-    bundle = work / f"{model_name}-cuda-{arch}.llmir"
+    bundle = work / f"{model_name}-cuda-{arch}{'-' + quant if quant else ''}.llmir"
     t0 = time.perf_counter()
-    compile_model(ckpt, bundle, CompileOptions(targets=("cuda",), archs=(arch,)), Progress())
+    compile_model(ckpt, bundle, CompileOptions(targets=("cuda",), archs=(arch,), quant=quant or "none"), Progress())
     result = {"device": dev["name"], "arch": arch, "driver_version": dev["driver_version"], "model": model_name,
-              "compile_s": time.perf_counter() - t0}
+              "quant": quant, "compile_s": time.perf_counter() - t0}
     bw = copy_bandwidth()
     result["copy_bandwidth_gb_s"] = bw / 1e9
     prompt = list(range(5, 2048 + 5))
@@ -115,6 +117,8 @@ def benchmark(out: Path, model_name: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="medium", help="a benchmarks/models.py name or a checkpoint folder")
+    parser.add_argument("--quant", default="int4", help="quantized variants to benchmark too (comma-separated; "
+                                                           "'' for none)")
     parser.add_argument("--skip-tests", action="store_true")
     args = parser.parse_args()
     if "OUT" not in os.environ:
@@ -128,16 +132,18 @@ def main() -> int:
     ok = True
     if not args.skip_tests:
         r = subprocess.run([sys.executable, "-m", "pytest", "tests/test_gpu_targets.py", "-q", "-rs",
-                            "-k", "gpu_greedy", f"--junitxml={out / 'gpu_tests.xml'}"], cwd=ROOT,
+                            "-k", "gpu_greedy or gpu_quantized", f"--junitxml={out / 'gpu_tests.xml'}"], cwd=ROOT,
                            capture_output=True, text=True)
         log(out, r.stdout[-4000:] + r.stderr[-2000:])
         ok = r.returncode == 0 and " skipped" not in r.stdout.splitlines()[-1]
         results["tests_passed"] = ok
-    try:
-        results["benchmark"] = benchmark(out, args.model)
-    except Exception as e:  # noqa: BLE001  (recorded, not hidden)
-        results["benchmark_error"] = f"{type(e).__name__}: {e}"
-        ok = False
+    for quant in [None] + [q for q in args.quant.split(",") if q]:
+        name = "benchmark" + (f"_{quant}" if quant else "")
+        try:
+            results[name] = benchmark(out, args.model, quant)
+        except Exception as e:  # noqa: BLE001  (recorded, not hidden)
+            results[f"{name}_error"] = f"{type(e).__name__}: {e}"
+            ok = False
     (out / "gpu_check.json").write_text(json.dumps(results, indent=1))
     log(out, json.dumps(results, indent=1))
     return 0 if ok else 1

@@ -39,6 +39,15 @@ qlinear {n, k, bits, group_size, scale_dtype, zero, zero_dtype, act_order, bias,
     activations); out[t,j] = sum_i d q[t,i] * W[j,i] (+ bias[j]) (+ residual[t,j]), W the dequantized
     weight, the integer products exact. `xq` is scratch of T * qlinear_scratch_bytes(k, block)
     bytes. out may be residual (with ld_out == ld_res), never x.
+    The GPU targets (cuda, hip: targets/triton/quant.py) differ in the activations, deliberately:
+    they do not quantize them and do not use `xq`; instead xp is rounded to bfloat16 (x~) and
+    out[t,j] = sum_i x~[t,i] * W[j,i] (+ bias[j]) (+ residual[t,j]), sums in f32 in any order (the
+    code differences u - c exact in bfloat16, each group's scale and min applied in f32 after its
+    products). Why: on a GPU, per-block activation scales mean an f32 multiply-add per output per
+    block of 32 inputs beside the tensor cores' products, which would bound prefill, while decode
+    is bound by the weight bytes either way; x~ keeps 8 significant bits per value, at least as
+    precise as the CPU's int8 blocks. So a bundle's cpu and cuda/hip targets agree to within the
+    CPU's activation quantization (half a step d/2 per value), not to f32 rounding.
 qembedding {dim, bits, group_size, scale_dtype, zero, zero_dtype}: embedding of a quantized table
     (as qlinear's weight, [vocab, dim]): out[t, :] = the dequantized row ids[t], in f32.
 rope {num_heads, head_dim, rotary_dim, style, inv_freq, scaling}: for token t, head h,

@@ -165,8 +165,9 @@ def hf_logits_quantized(model, weights: dict, token_ids: list[int]) -> np.ndarra
     """Logits of `model` in float64 with the linears named in `weights` ({module name: (weight
     [n, k], input permutation or None, block)}) using those weights, their inputs quantized to
     int8 per block of `block` values (in the permuted order) as llmirc's quantized kernels do it
-    (llmirc.quant.activation_block): the exact reference of a quantized bundle. Other modules
-    named there (embeddings) only get the weight."""
+    (llmirc.quant.activation_block): the exact reference of a quantized bundle. A block of None
+    rounds the inputs to bfloat16 instead (the GPU targets' contract, targets/signatures.py).
+    Other modules named there (embeddings) only get the weight."""
     import copy
 
     import torch
@@ -180,6 +181,8 @@ def hf_logits_quantized(model, weights: dict, token_ids: list[int]) -> np.ndarra
     def hook(perm, block):
         def quantize_input(module, args):
             x = args[0]
+            if block is None:
+                return (x.to(torch.float32).to(torch.bfloat16).double(),)
             flat = x.reshape(-1, x.shape[-1]).to(torch.float32).numpy()
             xp = flat[:, perm] if perm is not None else flat
             q, d = quant.activation_block(xp, block)

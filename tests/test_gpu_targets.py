@@ -147,8 +147,7 @@ def test_gpu_option_errors(llama, tmp_path):
         (("--target", "cuda", "--arch", "gfx942"), "--arch gfx942: no cuda architecture given"),
         (("--target", "cpu", "--arch", "sm_90"), "--arch sm_90: no --target here compiles for it"),
         (("--target", "cuda", "--emit", "cubin"), "--emit cubin: the cuda target's text stages are"),
-        # CPU-only kernels: quantized weights, an int8 KV cache
-        (("--target", "cpu,cuda", "--arch", "sm_90", "--quant", "int8"), "target cuda: no GPU kernel for qlinear"),
+        # CPU-only kernels: an int8 KV cache
         (("--target", "hip", "--kv-cache-dtype", "int8"), "target hip: no GPU kernel for an int8 KV cache"),
     ]:
         r = llmirc("compile", tmp / "ckpt", *args, "-o", tmp_path / "x.llmir", "-q")
@@ -188,8 +187,10 @@ def _regions(program, dims):
     addr["weights"] = []
     for w in program.target["weights"]:
         import numpy as np
+
+        from llmirc import dtypes
         addr["weights"].append(base)
-        n = int(np.prod(w[1])) * {"float32": 4, "bfloat16": 2}[w[0]]
+        n = int(np.prod(w[1])) * dtypes.dtype(w[0]).itemsize
         regions.append((base, base + n))
         base += 1 << 24
     addr["buffers"] = {}
@@ -225,6 +226,67 @@ def test_launches_point_inside_their_buffers(llama, T, B, L):
     first_linear = next(ln for ln in launches if program.binaries[ln.kernel]["kernel"] == "linear_kernel")
     block_m = program.binaries[first_linear.kernel]["constexprs"]["BLOCK_M"]
     assert block_m == (16 if T <= 16 else 64 if T <= 128 else 128)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, cache, llama):
+    """Bundles of quantized weights with cuda (and hip) entries: --quant int4 (cpu,cuda by the CLI)
+    and int8 (cuda, hip), a GPTQ act-order checkpoint, a GGUF file kept quantized (Q4_1, Q6_K's
+    groups of 16, Q4_K's f32 scales and mins, Q8_0)."""
+    from gguf_files import write_gguf
+    from test_gptq_awq import write_quantized
+    tmp = tmp_path_factory.mktemp("gpu-quant")
+    out = {}
+    r = llmirc("compile", llama[0] / "ckpt", "--target", "cpu,cuda", "--arch", "sm_90", "--quant", "int4",
+               "--cpu-variants", "baseline", "-o", tmp / "int4.llmir", "-q")
+    assert r.returncode == 0, r.stderr
+    out["int4"] = (tmp / "int4.llmir", json.loads((tmp / "int4.llmir" / "manifest.json").read_text()))
+    out["int8"] = (tmp / "int8.llmir", _compile(llama[0] / "ckpt", tmp / "int8.llmir", targets=("cuda", "hip"),
+                                                archs=("sm_90", "gfx942"), quant="int8")[0])
+    make_checkpoint(tmp / "float", "llama", intermediate_size=576, num_key_value_heads=4)
+    write_quantized(tmp / "float", tmp / "gptq", method="gptq", bits=4, group=64, act_order=True)
+    out["gptq"] = (tmp / "gptq.llmir", _compile(tmp / "gptq", tmp / "gptq.llmir", targets=("cuda",),
+                                                archs=("sm_90",))[0])
+    model = make_checkpoint(tmp / "k", "llama", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                            num_key_value_heads=2, init_std=0.03)
+    path = write_gguf(model, tmp / "m.gguf", ("Q4_1", "Q6_K", "Q4_K", "Q8_0"))
+    out["gguf"] = (tmp / "gguf.llmir", _compile(path, tmp / "gguf.llmir", targets=("cuda",), archs=("sm_90",))[0])
+    return out
+
+
+@pytest.mark.parametrize("case", ["int4", "int8", "gptq", "gguf"])
+def test_quantized_weights_compile_for_gpus(quantized, case):
+    """Quantized weights reach the GPU targets: qlinear/qembedding kernels in every GPU entry, their
+    binaries agree with their launch rules, and every launch of a step points inside its buffers."""
+    bundle, manifest = quantized[case]
+    gpu = _gpu(manifest)
+    assert sorted(gpu) == {"int4": ["sm_90"], "int8": ["gfx942", "sm_90"]}.get(case, ["sm_90"])
+    if case == "int4":
+        assert [t["kind"] for t in manifest["targets"]] == ["cpu", "cuda"]
+    for t in gpu.values():
+        _check_target(bundle, manifest, t)
+        params = [k["params"] for k in t["kernels"] if k["kind"] == "qlinear"]
+        assert params and all(p["bits"] == (8 if case == "int8" else p["bits"]) for p in params)
+        if case == "gptq":
+            assert any(p["act_order"] and p["zero"] == "int" for p in params)
+        if case == "gguf":
+            kinds = {k["kind"] for k in t["kernels"]}
+            assert "qembedding" in kinds and "linear" not in kinds
+            assert {(p["group_size"], p["scale_dtype"], p["zero"]) for p in params} >= {
+                (32, "float16", "min"), (16, "float32", "none"), (32, "float32", "min"), (32, "float16", "none")}
+    program = _program(bundle, manifest)
+    for T in (1, 37, 300):
+        dims = {"T": T, "B": 1, "L": 1, "max_blocks": 20, "num_blocks": 64}
+        addr, regions = _regions(program, dims | {"T": 512, "L": 512})
+        launches = program.forward(dims, addr)
+        names = {program.binaries[ln.kernel]["kernel"] for ln in launches}
+        assert ("qlinear_gemv" if T == 1 else "qlinear_dot") in names
+        for ln in launches:
+            b = program.binaries[ln.kernel]
+            for (name, t), v in zip(b["params"], ln.values):
+                if t.startswith("*") and name not in ("global_scratch", "profile_scratch", "bias", "residual", "b",
+                                                      "zeros", "perm"):
+                    assert any(lo <= v < hi for lo, hi in regions), (b["kernel"], name, hex(v))
 
 
 def test_misaligned_buffers_and_bad_entries_are_refused(llama):
@@ -435,6 +497,28 @@ def _gpu_or_skip():
     why = _why_not("cuda")
     if why:
         pytest.skip(why)
+
+
+@pytest.mark.parametrize("case", ["int8", "int4-g64-zero-points-all"])
+def test_gpu_quantized_matches_transformers(tmp_path, cache, case):
+    """On a GPU: a quantized bundle's cuda target against transformers in float64 with the bundle's
+    weights dequantized and the inputs of its quantized linears rounded to bfloat16 (the GPU
+    contract, targets/signatures.py): the tolerances of test_quant_models.py's exact reference."""
+    _gpu_or_skip()
+    from test_quant_models import CASES, OVERRIDES, TOKENS, emulated, pass_of, rel_rms
+
+    from llmirc.runtime.model import load
+    options, head, embedding = CASES[case]
+    options = {k: v for k, v in options.items() if k != "cpu_variants"}
+    model = make_checkpoint(tmp_path / "ckpt", "llama", **OVERRIDES)
+    _compile(tmp_path / "ckpt", tmp_path / "m.llmir", targets=("cuda",), **options)
+    compiled = load(tmp_path / "m.llmir")
+    assert compiled.executor.kind == "cuda" and compiled.target_notes == []
+    ref = emulated(model, pass_of(options).scheme, head, embedding, TOKENS, block=None)
+    got = compiled.score(TOKENS)
+    assert rel_rms(got, ref) < 1e-2 and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95, rel_rms(got, ref)
+    out = compiled.generate([TOKENS[:12]], max_new_tokens=6, ignore_eos=True)[0]  # the decode (GEMV) variant
+    assert out == [int(t) for t in compiled.score(TOKENS[:12] + out[:-1])[11:].argmax(-1)]
 
 
 @pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("qwen2", "float32"), ("mistral", "bfloat16")])

@@ -52,10 +52,10 @@ def rel_rms(a, b):
     return float(np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean()))
 
 
-def emulated(model, schemes, head_scheme, quantize_embedding: bool, ids):
+def emulated(model, schemes, head_scheme, quantize_embedding: bool, ids, block=32):
     """The exact reference (module docstring): the weights the bundle stores, its activation
-    quantization. `schemes(k)`: the scheme of a weight of k inputs; `head_scheme(k)`: the LM
-    head's (None: float)."""
+    quantization (block None: the GPU targets' bf16 inputs). `schemes(k)`: the scheme of a weight
+    of k inputs; `head_scheme(k)`: the LM head's (None: float)."""
     weights = {}
     for name, mod in model.named_modules():
         last = name.split(".")[-1]
@@ -63,7 +63,7 @@ def emulated(model, schemes, head_scheme, quantize_embedding: bool, ids):
         if last in LINEARS or head or (quantize_embedding and last == "embed_tokens"):
             w = mod.weight.detach().numpy()
             s = (head_scheme if head else schemes)(w.shape[1])
-            weights[name] = (quant.dequantize(quant.quantize(w, s), s, w.shape[1]), None, 32)
+            weights[name] = (quant.dequantize(quant.quantize(w, s), s, w.shape[1]), None, block)
     return hf_logits_quantized(model, weights, ids)
 
 

@@ -32,6 +32,12 @@ CALLS = [  # one call of every kind, shapes of a small Llama (head_dim 64, GQA 4
     ("add", {"dim": 256}),
     ("argmax", {"vocab": 1000}),
     ("sample", {"vocab": 1000}),
+    # quantized weights: int4 groups of 32 with mins (Q4_1-like); int8 per row, act-order, zero points
+    ("qlinear", {"n": 384, "k": 256, "bits": 4, "group_size": 32, "zero": "min", "zero_dtype": "float16",
+                 "bias": True, "residual": True}),
+    ("qlinear", {"n": 384, "k": 256, "bits": 8, "group_size": 256, "scale_dtype": "float32", "zero": "int",
+                 "act_order": True}),
+    ("qembedding", {"dim": 256, "bits": 4, "group_size": 32, "scale_dtype": "bfloat16"}),
 ]
 
 
@@ -91,6 +97,27 @@ def test_tensor_core_instructions_and_wide_loads(compiled):
     # the decode-shaped (16-row) variant uses mma.sync on Hopper as well
     decode = [r for r in out[("linear", "linear_kernel", "sm_90")] if r.metadata["constexprs"]["BLOCK_M"] == 16][0]
     assert "HMMA" in sass(decode.binary)
+
+
+def test_quantized_linears_use_tensor_cores(compiled):
+    """qlinear's tiled variants run their bf16 products on the tensor cores (HGMMA on sm_90 from
+    64 rows, mma.sync for 16; HMMA on sm_80; MFMA on gfx9); the GEMV variant (T <= 4) on FMAs."""
+    out, _, _ = compiled
+    for arch in ARCHS:
+        dots = out[("qlinear", "qlinear_dot", arch)]
+        gemv = out[("qlinear", "qlinear_gemv", arch)]
+        assert len(dots) == 6 and len(gemv) == 2  # two calls: three tile sizes each
+        for r in dots:
+            bm = r.metadata["constexprs"]["BLOCK_M"]
+            if arch == "sm_90":
+                assert ("HGMMA." if bm >= 64 else "HMMA.") in sass(r.binary), bm
+            elif arch == "sm_80":
+                assert "HMMA.16816.F32.BF16" in sass(r.binary)
+            else:
+                assert "v_mfma" in r.asm["amdgcn"]
+        for r in gemv:
+            text = sass(r.binary) if ARCHS[arch].backend == "cuda" else r.asm["amdgcn"]
+            assert "HMMA." not in text and "HGMMA." not in text and "v_mfma" not in text
 
 
 def test_cache_hits_and_stage_times(compiled):

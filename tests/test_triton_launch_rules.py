@@ -12,7 +12,7 @@ from llmirc.errors import BundleError
 from llmirc.runtime import launch_rules as lr
 from llmirc.targets.signatures import REQUIRED, SIGNATURES
 from llmirc.targets.triton.arch import ARCHS
-from llmirc.targets.triton.kinds import BUILDERS, CPU_ONLY, GPU_SIGNATURES, launch_rule
+from llmirc.targets.triton.kinds import BUILDERS, GPU_SIGNATURES, launch_rule
 
 ENV = {"T": 5, "B": 2, "L": 2, "max_blocks": 8, "num_blocks": 100}  # a call's integer arguments
 ATTN = {"num_heads": 32, "num_kv_heads": 8, "head_dim": 64, "block_size": 16, "scale": 0.125,
@@ -151,11 +151,12 @@ def test_zero_rows_launch_nothing():
         assert all(0 in grid for _, grid, _ in _kernels(rule, ENV | {"T": 0, "B": 0}))
 
 
-SMALL = {"dim": 64, "eps": 1e-5, "act": "silu", "n": 32, "k": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
-         "inv_freq": [1.0] * 8, "num_layers": 2, "block_size": 16, "scale": 0.25, "vocab": 100}
+SMALL = {"dim": 64, "eps": 1e-5, "act": "silu", "n": 32, "k": 64, "bits": 4, "group_size": 32, "num_heads": 4,
+         "num_kv_heads": 2, "head_dim": 16, "inv_freq": [1.0] * 8, "num_layers": 2, "block_size": 16, "scale": 0.25,
+         "vocab": 100}
 
 
-@pytest.mark.parametrize("kind", sorted(set(SIGNATURES | GPU_SIGNATURES) - set(CPU_ONLY)))
+@pytest.mark.parametrize("kind", sorted(set(SIGNATURES | GPU_SIGNATURES)))
 def test_every_signature_has_a_rule_with_its_arguments(kind):
     """The call's arguments are the signature's (targets/signatures.py, shared with the CPU target),
     in order and with their element types, then the rule's buffers."""
@@ -165,17 +166,20 @@ def test_every_signature_has_a_rule_with_its_arguments(kind):
     rule = launch_rule(kind, static, ARCHS["sm_80"])
     assert [a for a, _ in rule.args] == [p.name for p in sig.params]
     assert [a for a, _ in rule.all_args()][len(sig.params):] == [b["name"] for b in rule.buffers]
-    triton = {"float32": "*fp32", "bfloat16": "*bf16", "int32": "*i32", "int64": "*i64"}
+    triton = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "int32": "*i32", "int64": "*i64",
+              "uint8": "*u8", "int8": "*i8"}
     for (name, t), p in zip(rule.args, sig.params):
         assert t == (triton[sig.pointee(p, sig.bind_static(static)).name] if p.type == "ptr" else p.type), name
-    assert set(BUILDERS) == (set(SIGNATURES) | set(GPU_SIGNATURES)) - set(CPU_ONLY)
+    assert set(BUILDERS) == set(SIGNATURES) | set(GPU_SIGNATURES)
 
 
 def test_bad_static_params():
     with pytest.raises(ValueError, match="no GPU kernel for kind 'conv'"):
         launch_rule("conv", {}, ARCHS["sm_90"])
-    with pytest.raises(ValueError, match="no GPU kernel for kind 'qlinear' yet"):
-        launch_rule("qlinear", {}, ARCHS["sm_90"])
+    with pytest.raises(ValueError, match="quantized kernel: unsupported group size 48"):
+        launch_rule("qlinear", {"n": 8, "k": 96, "bits": 4, "group_size": 48}, ARCHS["sm_90"])
+    with pytest.raises(ValueError, match="quantized kernel: unsupported 3-bit codes"):
+        launch_rule("qembedding", {"dim": 64, "bits": 3, "group_size": 32}, ARCHS["sm_90"])
     with pytest.raises(ValueError, match=r"rms_norm kernel: unknown static params \[\], missing \['eps'\]"):
         launch_rule("rms_norm", {"dim": 8}, ARCHS["sm_90"])
     with pytest.raises(ValueError, match="w_dtype 'int4'"):

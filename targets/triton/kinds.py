@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from llmirc.targets.signatures import REQUIRED, SIGNATURES, Param, Signature
 
-from . import attention, elementwise, linear, norm, rope, sampling
+from . import attention, elementwise, linear, norm, quant, rope, sampling
 from .arch import Arch
 from .spec import Rule
 
@@ -62,15 +62,11 @@ BUILDERS = {
     "act": elementwise.rule_act, "gather_rows": elementwise.rule_gather_rows, "add": elementwise.rule_add,
     "add_rms_norm": norm.rule_add_rms_norm, "add_layer_norm": norm.rule_add_layer_norm,
     "rope_kv_append": rope.rule_rope_kv_append, "argmax": sampling.rule_argmax, "sample": sampling.rule_sample,
+    "qlinear": quant.rule_qlinear, "qembedding": quant.rule_qembedding,
 }
 
 
-CPU_ONLY = ("qlinear", "qembedding")  # quantized weights: CPU kernels only so far (issue 9)
-
-
 def signature(kind: str) -> Signature:
-    if kind in CPU_ONLY:
-        raise ValueError(f"no GPU kernel for kind {kind!r} yet (quantized weights run on the CPU target only)")
     if kind in SIGNATURES:
         return SIGNATURES[kind]
     if kind in GPU_SIGNATURES:

@@ -1,0 +1,256 @@
+"""Quantized weights on the GPU: qlinear and qembedding (semantics: targets/signatures.py).
+
+The codes are read where the bundle stores them, in llmirc's super-block layout (llmirc/quant.py;
+no GPU-only copy): a kernel walks a row in *blocks* of LB consecutive sub-groups (LB divides 16,
+so a block lies in one super-block), BK = LB * SG columns. In the layout a block is SG/4 runs of
+4 LB contiguous bytes (8-bit codes; 4-bit: SG/8 runs, each byte holding two steps' codes in its
+nibbles), so the code loads are contiguous runs; the columns of the activations are gathered in
+the same order (and through `perm` for act-order), which a dot product does not mind. Codes are
+unpacked in registers (shift, mask) and the zero point subtracted there: u - c is an integer of
+at most 9 bits, exact in bfloat16. Scales (and mins) multiply once per group, after the dot:
+
+    part = sum_{i in group} x~[t,i] (u[j,i] - c[j,g])      (tensor cores or f32 FMAs)
+    out[t,j] += s[j,g] part (+ m[j,g] sum_{i in group} x~[t,i])   (f32)
+
+with c = 2^(bits-1) (zero none), z[j,g] (int), 0 (min), and x~ = x rounded to bfloat16. A block
+never spans two groups (BK <= group_size, both powers of two; per-row scales: one group), so the
+scale is applied after each group's blocks (per-row: once, after the whole row).
+
+Variants by T (the launch rule's), no split-K:
+
+    T <= 4     qlinear_gemv: one program per (BN rows, token), f32 FMAs and a row sum per block;
+               BN from 32 down to 4 until the row blocks fill 2 x SMs; blocks of ~256 columns.
+    T <= 16    qlinear_dot: 16 x 32 tiles, tl.dot on bf16 (x~ by u - c), blocks of ~64 columns.
+    T <= 128   64 x 64 tiles.
+    T > 128    128 x 128 tiles (8 warps).
+
+qembedding: one program per (token, BLOCK columns), each column's code found by the layout
+formula; out = s (u - c) (+ m) in f32, as the CPU kernel.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from llmirc.quant import LANES, Scheme
+
+from .spec import Launch, Rule, Variant, cdiv, kernel, mul, next_pow2
+
+@triton.jit
+def _block_layout(kb, LB: tl.constexpr, SG: tl.constexpr, NSUB: tl.constexpr, BITS: tl.constexpr,
+                  BK: tl.constexpr):
+    """Block kb of a row: (byte offset in the row, nibble shift, column, valid) of its BK codes, in
+    the layout's order (runs of 4 LB contiguous bytes)."""
+    j0 = kb * LB                          # first sub-group of the block
+    sb = j0 // 16                         # its super-block
+    lanes = tl.minimum(NSUB - sb * 16, 16)  # sub-groups in that super-block
+    p = tl.arange(0, BK)
+    step = p // (4 * LB)                  # step t of the super-block (SG/4 of them)
+    i = p % (4 * LB)                      # byte within the run: lane j0 % 16 + i // 4, byte i % 4
+    if BITS == 8:
+        off = sb * (16 * SG) + step * (4 * lanes) + 4 * (j0 % 16) + i
+        shift = tl.zeros([BK], tl.int32)
+    else:  # steps 2c and 2c + 1 share the bytes of step c (low, high nibble)
+        off = sb * (8 * SG) + (step // 2) * (4 * lanes) + 4 * (j0 % 16) + i
+        shift = (step % 2) * 4
+    col = (j0 + i // 4) * SG + 4 * step + i % 4
+    return off, shift, col, (j0 + i // 4) < NSUB
+
+
+@triton.jit
+def _gather_x(x, ld_x, rows, row_ok, col, ok, perm, ACT_ORDER: tl.constexpr):
+    """x~[rows, col] (f32 values of the bf16-rounded activations; 0 where masked); rows [R, 1],
+    col and ok [BK]. With act-order, stored column col holds input column perm[col]."""
+    if ACT_ORDER:
+        col = tl.load(perm + col, mask=ok, other=0)
+    v = tl.load(x + rows * ld_x + col[None, :], mask=row_ok & ok[None, :], other=0.0)
+    return v.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def _group_params(scales, zeros, rn, n_ok, g, NG: tl.constexpr, ZERO: tl.constexpr, BITS: tl.constexpr):
+    """(s, c, m) of group g for rows rn: the scale, what is subtracted from the codes, the min."""
+    idx = rn.to(tl.int64) * NG + g
+    s = tl.load(scales + idx, mask=n_ok, other=0.0).to(tl.float32)
+    if ZERO == "int":
+        c = tl.load(zeros + idx, mask=n_ok, other=0).to(tl.float32)
+        m = tl.zeros_like(s)
+    elif ZERO == "min":
+        c = tl.zeros_like(s)
+        m = tl.load(zeros + idx, mask=n_ok, other=0.0).to(tl.float32)
+    else:
+        c = tl.zeros_like(s) + (1 << (BITS - 1))
+        m = tl.zeros_like(s)
+    return s, c, m
+
+
+@triton.jit
+def _codes(codes, rn, n_ok, off, shift, ok, ROW_BYTES: tl.constexpr, BITS: tl.constexpr):
+    """Codes u [BN, BK] (int32) of rows rn at the block's offsets."""
+    raw = tl.load(codes + rn.to(tl.int64)[:, None] * ROW_BYTES + off[None, :], mask=n_ok[:, None] & ok[None, :],
+                  other=0).to(tl.int32)
+    if BITS == 4:
+        raw = (raw >> shift[None, :]) & 15
+    return raw
+
+
+@triton.jit
+def _epilogue(out, ld_out, bias, residual, ld_res, acc, rows, row_ok, rn, n_ok, HAS_BIAS: tl.constexpr,
+              HAS_RESIDUAL: tl.constexpr):
+    """out[rows, rn] = acc (+ bias) (+ residual); rows [R, 1] int64, row_ok [R, 1]."""
+    mask = row_ok & n_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias + rn, mask=n_ok, other=0.0)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(residual + rows * ld_res + rn[None, :], mask=mask, other=0.0)
+    tl.store(out + rows * ld_out + rn[None, :], acc, mask=mask)
+
+
+@triton.jit
+def qlinear_gemv(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual, ld_res, T,
+                 N: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr, SG: tl.constexpr, NG: tl.constexpr,
+                 ZERO: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 LB: tl.constexpr, CHUNKS: tl.constexpr, PER_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows [pid0 BLOCK_N, +BLOCK_N) of the output for token pid1."""
+    BK: tl.constexpr = LB * SG
+    NSUB: tl.constexpr = K // SG
+    ROW_BYTES: tl.constexpr = K * BITS // 8
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    row = tl.program_id(1).to(tl.int64) + tl.zeros([1, 1], tl.int64)
+    row_ok = row < T
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for chunk in range(CHUNKS):  # one group (per-row scales: the whole row)
+        s, c, m = _group_params(scales, zeros, rn, n_ok, chunk, NG, ZERO, BITS)
+        part = tl.zeros([BLOCK_N], tl.float32)
+        xsum = tl.zeros([1], tl.float32)
+        for b in range(PER_CHUNK):
+            off, shift, col, ok = _block_layout(chunk * PER_CHUNK + b, LB, SG, NSUB, BITS, BK)
+            xv = _gather_x(x, ld_x, row, row_ok, col, ok, perm, ACT_ORDER)  # [1, BK]
+            w = _codes(codes, rn, n_ok, off, shift, ok, ROW_BYTES, BITS).to(tl.float32) - c[:, None]
+            part += tl.sum(w * xv, 1)
+            if ZERO == "min":
+                xsum += tl.sum(xv, 1)
+        acc += part * s
+        if ZERO == "min":
+            acc += m * xsum
+    _epilogue(out, ld_out, bias, residual, ld_res, acc[None, :], row, row_ok, rn, n_ok, HAS_BIAS, HAS_RESIDUAL)
+
+
+@triton.jit
+def qlinear_dot(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual, ld_res, T,
+                N: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr, SG: tl.constexpr, NG: tl.constexpr,
+                ZERO: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                LB: tl.constexpr, CHUNKS: tl.constexpr, PER_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """A BLOCK_M x BLOCK_N tile of the output (program pid: tile (pid // tiles_n, pid % tiles_n))."""
+    BK: tl.constexpr = LB * SG
+    NSUB: tl.constexpr = K // SG
+    ROW_BYTES: tl.constexpr = K * BITS // 8
+    tiles_n: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    pid = tl.program_id(0)
+    rm = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rows = rm.to(tl.int64)[:, None]
+    row_ok = rows < T
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for chunk in range(CHUNKS):
+        s, c, m = _group_params(scales, zeros, rn, n_ok, chunk, NG, ZERO, BITS)
+        part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        xsum = tl.zeros([BLOCK_M], tl.float32)
+        for b in range(PER_CHUNK):
+            off, shift, col, ok = _block_layout(chunk * PER_CHUNK + b, LB, SG, NSUB, BITS, BK)
+            xv = _gather_x(x, ld_x, rows, row_ok, col, ok, perm, ACT_ORDER)  # [BLOCK_M, BK]
+            w = _codes(codes, rn, n_ok, off, shift, ok, ROW_BYTES, BITS).to(tl.float32) - c[:, None]
+            part = tl.dot(xv.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), part)
+            if ZERO == "min":
+                xsum += tl.sum(xv, 1)
+        acc += part * s[None, :]
+        if ZERO == "min":
+            acc += xsum[:, None] * m[None, :]
+    _epilogue(out, ld_out, bias, residual, ld_res, acc, rows, row_ok, rn, n_ok, HAS_BIAS, HAS_RESIDUAL)
+
+
+@triton.jit
+def qembedding_kernel(out, ld_out, codes, scales, zeros, ids, T, DIM: tl.constexpr, BITS: tl.constexpr,
+                      SG: tl.constexpr, GROUP: tl.constexpr, ZERO: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = col < DIM
+    NSUB: tl.constexpr = DIM // SG
+    row = tl.load(ids + t).to(tl.int64)
+    j = col // SG                           # sub-group, its super-block and lane
+    sb = j // 16
+    lanes = tl.minimum(NSUB - sb * 16, 16)
+    step = (col % SG) // 4
+    if BITS == 8:
+        off = sb * (16 * SG) + step * (4 * lanes) + 4 * (j % 16) + col % 4
+        u = tl.load(codes + row * DIM + off, mask=ok, other=0).to(tl.int32)
+    else:
+        off = sb * (8 * SG) + (step // 2) * (4 * lanes) + 4 * (j % 16) + col % 4
+        u = (tl.load(codes + row * (DIM // 2) + off, mask=ok, other=0).to(tl.int32) >> ((step % 2) * 4)) & 15
+    g = row * (DIM // GROUP) + col // GROUP
+    s = tl.load(scales + g, mask=ok, other=0.0).to(tl.float32)
+    if ZERO == "int":
+        w = s * (u.to(tl.float32) - tl.load(zeros + g, mask=ok, other=0).to(tl.float32))
+    elif ZERO == "min":
+        w = tl.fma(s, u.to(tl.float32), tl.load(zeros + g, mask=ok, other=0.0).to(tl.float32))
+    else:
+        w = s * (u - (1 << (BITS - 1))).to(tl.float32)
+    tl.store(out + t * ld_out + col, w, mask=ok)
+
+
+def _scheme(params, k) -> Scheme:
+    s = Scheme(params["bits"], params["group_size"], params["scale_dtype"], params["zero"],
+               bool(params.get("act_order", False)))
+    why = s.check(k)
+    if why is not None:
+        raise ValueError(f"quantized kernel: unsupported {why}")
+    if params["zero_dtype"] != s.zero_dtype:
+        raise ValueError(f"quantized kernel: zero_dtype {params['zero_dtype']} (zero {s.zero} takes {s.zero_dtype})")
+    return s
+
+
+def _blocking(s: Scheme, k: int, columns: int) -> dict:
+    """LB (sub-groups per block, toward `columns` columns), CHUNKS (groups, or 1 for per-row
+    scales) and PER_CHUNK (blocks per chunk)."""
+    sg = s.sub_group
+    per_row = s.group_size == k
+    lb = min(LANES, max(1, columns // sg), LANES if per_row else s.group_size // sg)
+    blocks = -(-(k // sg) // lb)
+    chunks = 1 if per_row else k // s.group_size
+    return {"LB": lb, "CHUNKS": chunks, "PER_CHUNK": blocks // chunks}
+
+
+def rule_qlinear(params, arch, args) -> Rule:
+    n, k = int(params["n"]), int(params["k"])
+    if n <= 0:
+        raise ValueError(f"qlinear: n must be positive, got {n}")
+    s = _scheme(params, k)
+    common = {"N": n, "K": k, "BITS": s.bits, "SG": s.sub_group, "NG": k // s.group_size, "ZERO": s.zero,
+              "ACT_ORDER": s.act_order, "HAS_BIAS": bool(params["bias"]), "HAS_RESIDUAL": bool(params["residual"])}
+    stages = 2 if arch.backend == "hip" else 3
+    kernel_args = tuple(a for a in args if a[0] != "xq")  # (the CPU's scratch: not used here)
+    bn = 32
+    while bn > 4 and -(-n // bn) < 2 * arch.num_sms:
+        bn //= 2
+    gemv = kernel(qlinear_gemv, {**common, **_blocking(s, k, 256), "BLOCK_N": bn}, kernel_args, num_warps=4,
+                  num_stages=stages)
+    variants = [Variant(["<=", "T", 4], (Launch(gemv, (-(-n // bn), "T", 1)),))]
+    for t_max, bm, bn, warps in ((16, 16, 32, 4), (128, 64, 64, 4), (None, 128, 128, 8)):
+        spec = kernel(qlinear_dot, {**common, **_blocking(s, k, 64), "BLOCK_M": bm, "BLOCK_N": bn},
+                      kernel_args, num_warps=warps, num_stages=stages)
+        grid = (mul(cdiv("T", bm), -(-n // bn)), 1, 1)
+        variants.append(Variant(["<=", "T", t_max] if t_max else 1, (Launch(spec, grid),)))
+    return Rule("qlinear", params, args, variants)
+
+
+def rule_qembedding(params, arch, args) -> Rule:
+    dim = int(params["dim"])
+    s = _scheme(params, dim)
+    block = min(next_pow2(dim), 1024)
+    spec = kernel(qembedding_kernel, {"DIM": dim, "BITS": s.bits, "SG": s.sub_group, "GROUP": s.group_size,
+                                      "ZERO": s.zero, "BLOCK": block}, args, num_warps=max(1, min(4, block // 256)))
+    return Rule("qembedding", params, args, [Variant(1, (Launch(spec, ("T", cdiv(dim, block), 1)),))])
