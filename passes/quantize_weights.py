@@ -15,9 +15,10 @@ producing the logits) and glob patterns over checkpoint tensor names (quoted:
 6-8 bits too: at 4 bits it costs the most quality), 4 in 4-bit groups (`group-size`, else 32; as
 onnxruntime-genai's int4 models store it); one tied to a kept embedding table stays float (one
 copy). --report counts the LM head apart (`LM head -> int8`, `LM head kept`, `LM head tied to a
-kept embedding table`), so `inspect` says how it is stored. A weight whose input size does not split into the groups gets the largest smaller
-power-of-two group that does (576 inputs, group-size 128: groups of 64; llama.cpp falls back
-to another type for such rows), down to 16; else it stays as it is (both counted in --report).
+kept embedding table`), so `inspect` says how it is stored. A weight whose input size does not
+split into the groups gets the largest smaller power-of-two group that does (576 inputs,
+group-size 128: groups of 64; llama.cpp falls back to another type for such rows), down to 16;
+else it stays as it is (both counted in --report).
 
 Before:  %w = "llmir.weight"() {weight = "...q_proj.weight"} : () -> tensor<64x64xf32>
          %y = "llmir.linear"(%x, %w) : (tensor<?x64xf32>, tensor<64x64xf32>) -> tensor<?x64xf32>
