@@ -108,6 +108,7 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
         from llmirc.driver import CompileOptions, Progress, compile_model
     except ImportError as e:
         _fail(f"the compiler is not installed ({e.name} missing): pip install 'llmirc[compiler]'")
+    _warn_unused_quant_options(quant, quant_keep)
     variants = tuple(v.strip() for v in cpu_variants.split(",") if v.strip())
     targets = tuple(t.strip() for t in target.split(",") if t.strip())
     archs = tuple(a.strip() for a in (arch or "").split(",") if a.strip())
@@ -118,6 +119,20 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
                              quant_keep=tuple(k.strip() for k in quant_keep.split(",") if k.strip()),
                              quant_lm_head=quant_lm_head, dequantize=dequantize, block_size=block_size, max_model_len=max_model_len)
     compile_model(model, output, options, Progress(None if quiet else sys.stderr))
+
+
+def _warn_unused_quant_options(quant: str, quant_keep: str) -> None:
+    """A warning for --quant-* options given where they change nothing (as --top-k at temperature 0)."""
+    ctx = click.get_current_context()
+    given = [f"--{name.replace('_', '-')}" for name in ("quant_group_size", "quant_zero_points", "quant_keep",
+                                                         "quant_lm_head")
+             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    if quant == "none" and given:
+        click.echo(f"warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
+                   "--quant int8|int4", err=True)
+    keep = {k.strip() for k in quant_keep.split(",")}
+    if quant != "none" and "--quant-lm-head" in given and "lm_head" in keep and "none" not in keep:
+        click.echo("warning: --quant-lm-head has no effect: --quant-keep lm_head keeps the LM head in float", err=True)
 
 
 def _sampling_options(fn):

@@ -25,7 +25,7 @@ from llmirc.passes.func_args import forward_func
 from llmirc.passes.pipeline import DEFAULT_BLOCK_SIZE, make_context, parse_passes, print_ir, required, run_passes
 from llmirc.passes.cast_weights import float_type
 from llmirc.passes.kv_cache_dtype import kv_type
-from llmirc.passes.quantize_weights import QuantizeWeights
+from llmirc.passes.quantize_weights import TIED_HEAD, QuantizeWeights
 from llmirc.targets.backend import backend
 from llmirc.targets.plan import ABI_INPUTS, ABI_VERSION, Plan, build_plan
 
@@ -138,6 +138,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
                    ctx=ctx, prefix=source.lowering, block_size=block_size,
                    tail=dataclasses.replace(options, dtype=dtype).required())
+        if TIED_HEAD in ctx.report:  # its largest matrix, in float whatever --quant-lm-head says
+            progress("note: the LM head is tied to the embedding table, which --quant-keep keeps: it stays float "
+                     "(--quant-keep none quantizes both)")
         optimized_ir = print_ir(module)
         generic = generic_ops(module)
         if generic:

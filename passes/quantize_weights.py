@@ -14,9 +14,11 @@ producing the logits) and glob patterns over checkpoint tensor names (quoted:
 8 (the default) in 8 bits per output row whatever `bits` is (llama.cpp keeps its output matrix at
 6-8 bits too: at 4 bits it costs the most quality), 4 in 4-bit groups (`group-size`, else 32; as
 onnxruntime-genai's int4 models store it); one tied to a kept embedding table stays float (one
-copy). A weight whose input size does not split into the groups gets the largest smaller
-power-of-two group that does (576 inputs, group-size 128: groups of 64; llama.cpp falls back
-to another type for such rows), down to 16; else it stays as it is (both counted in --report).
+copy). --report counts the LM head apart (`LM head -> int8`, `LM head kept`, `LM head tied to a
+kept embedding table`), so `inspect` says how it is stored. A weight whose input size does not
+split into the groups gets the largest smaller power-of-two group that does (576 inputs,
+group-size 128: groups of 64; llama.cpp falls back to another type for such rows), down to 16;
+else it stays as it is (both counted in --report).
 
 Before:  %w = "llmir.weight"() {weight = "...q_proj.weight"} : () -> tensor<64x64xf32>
          %y = "llmir.linear"(%x, %w) : (tensor<?x64xf32>, tensor<64x64xf32>) -> tensor<?x64xf32>
@@ -53,6 +55,9 @@ def source_names(v: SSAValue) -> list[str]:
     if isinstance(op, (L.WeightOp, L.PackedWeightOp)):
         return [op.weight.data]
     return [n for operand in op.operands for n in source_names(operand)]
+
+
+TIED_HEAD = "quantize-weights: LM head tied to a kept embedding table: float"
 
 
 @dataclass(frozen=True)
@@ -110,11 +115,16 @@ class QuantizeWeights(ModulePass):
                   for n in source_names(t)}
         made: dict[tuple, SSAValue] = {}
         for user, w in weight_uses(op):
-            if not L.is_float(w.type.element_type) or self.kept(user, w, lm_head):
+            if not L.is_float(w.type.element_type):
+                continue
+            if self.kept(user, w, lm_head):
+                if user is lm_head:
+                    note(ctx, f"{self.name}: LM head kept")
                 continue
             n, k = L.shape_of(w)
             if user is lm_head:
                 if tables & set(source_names(w)):  # tied to a kept embedding table: one float copy
+                    note(ctx, TIED_HEAD)
                     continue
                 scheme = self.head_scheme(k)
             else:
@@ -133,5 +143,8 @@ class QuantizeWeights(ModulePass):
                 q = L.QuantizeOp(w, qtype)
                 user.parent_block().insert_op_before(q, user)
                 made[key] = q.result
-                note(ctx, f"{self.name}: weight -> int{scheme.bits}")
+                if user is not lm_head:
+                    note(ctx, f"{self.name}: weight -> int{scheme.bits}")
+            if user is lm_head:  # counted apart, also when it shares its table's codes (quantized, tied)
+                note(ctx, f"{self.name}: LM head -> int{scheme.bits}")
             replace_weight(user, w, made[key])

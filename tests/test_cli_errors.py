@@ -343,6 +343,17 @@ def test_compile_bad_option(ckpt, tmp_path, case):
     assert not out.exists() and leftovers(out) == []
 
 
+def test_compile_warns_of_quant_options_without_effect(ckpt):
+    r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--quant-group-size", "64", "--quant-lm-head", "int4")
+    assert r.returncode == 0 and r.stderr == "warning: --quant-group-size, --quant-lm-head have no effect without " \
+        "--quant int8|int4\n", r.stderr
+    r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--quant", "int4", "--quant-keep", "lm_head",
+               "--quant-lm-head", "int4")
+    assert r.returncode == 0 and r.stderr.startswith("warning: --quant-lm-head has no effect: --quant-keep lm_head")
+    r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--quant", "int4", "--quant-lm-head", "int4")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
 def test_compile_without_output(ckpt):
     assert_user_error(llmirc("compile", ckpt), "-o")
 

@@ -128,13 +128,22 @@ def test_threads_add_and_abort_while_the_loop_runs():
     threads = [threading.Thread(target=client, args=(k,)) for k in range(12)]
     for t in threads:
         t.start()
-    # Meanwhile: a long request that is aborted while it runs.
-    got = []
-    rid = engine.add_request([1] * 30, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True),
-                             lambda o: (got.append(o), o.finished and done.set()))
+    # Meanwhile: a long request that is aborted while it runs. Its first output holds the loop until
+    # the abort is queued (the fake steps are so fast that a loaded host could run all 60 first).
+    got, queued = [], threading.Event()
+
+    def sink(o):
+        got.append(o)
+        if o.finished:
+            done.set()
+        elif len(got) == 1:
+            queued.wait(60)
+
+    rid = engine.add_request([1] * 30, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True), sink)
     while not got:
         threading.Event().wait(0.001)
     engine.abort(rid)
+    queued.set()
     assert done.wait(120)  # generous: CI runners are shared
     for t in threads:
         t.join(120)

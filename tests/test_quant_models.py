@@ -17,6 +17,7 @@ Two references, on checkpoints the tests make:
 from __future__ import annotations
 
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -151,6 +152,26 @@ def test_quantized_ir(tmp_path, checkpoint, capsys):
     names = [w.name for w in plan.weights]
     assert "model.layers.0.self_attn.{q_proj,k_proj,v_proj}.weight.codes" in names
     assert "model.layers.0.mlp.down_proj.weight" in names
+
+
+@pytest.mark.parametrize("tied,options,line", [
+    (False, dict(), "LM head -> int8"),
+    (False, dict(quant_lm_head="int4"), "LM head -> int4"),
+    (False, dict(quant_keep=("embedding", "lm_head"), quant_lm_head="int4"), "LM head kept"),
+    (True, dict(quant_lm_head="int4"), "LM head tied to a kept embedding table: float"),
+    (True, dict(quant_keep=(), quant_lm_head="int4"), "LM head -> int4"),  # one int4 copy, shared
+])
+def test_report_says_how_the_lm_head_is_stored(tmp_path, capsys, tied, options, line):
+    """--report (and so inspect) names the LM head's storage; a tied head that stays float is a note."""
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt, "llama", tie_word_embeddings=tied)
+    emitted = io.StringIO()
+    compile_model(ckpt, None, CompileOptions(quant="int4", report=True, emit="mlir", **options),
+                  Progress(sys.stderr), stdout=emitted)
+    err = capsys.readouterr().err
+    assert f"quantize-weights: {line} " in err, err
+    assert ("note: the LM head is tied to the embedding table" in err) == ("tied to" in line)
+    assert err.count("LM head") == 1 + ("tied to" in line)
 
 
 def test_group_size_halved_where_it_does_not_divide(checkpoint, capsys):

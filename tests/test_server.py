@@ -224,14 +224,26 @@ def test_logprobs_are_the_models_log_softmax(client, model):
     assert "".join(c.token for c in content) == chat.choices[0].message.content or content[0].bytes
 
 
-def test_echo_with_logprobs_scores_the_prompt(client, model):
+def test_echo_with_logprobs_scores_the_prompt(server, client, model):
     out = client.completions.create(model="tiny", prompt=LONG, max_tokens=0, echo=True, logprobs=1)
     prompt = model.encode(LONG)
     ref = log_softmax(model.score(prompt))
     lp = out.choices[0].logprobs
     assert out.choices[0].text == model.tokenizer.decode(prompt) and out.usage.completion_tokens == 0
-    np.testing.assert_allclose(lp.token_logprobs, ref[np.arange(len(prompt) - 1), prompt[1:]], rtol=1e-4,
+    # as vLLM and OpenAI: the first prompt token is listed, without a logprob; each offset follows the
+    # tokens before it (their text: "<s>" and partial UTF-8 included)
+    assert lp.tokens[0] == model.tokenizer.token_text(prompt[0]) and len(lp.tokens) == len(prompt)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    np.testing.assert_allclose(lp.token_logprobs[1:], ref[np.arange(len(prompt) - 1), prompt[1:]], rtol=1e-4,
                                atol=1e-4)
+    assert lp.text_offset == [len("".join(lp.tokens[:k])) for k in range(len(prompt))]
+    events = sse(httpx.post(server.url + "/v1/completions", json={
+        "model": "tiny", "prompt": LONG, "max_tokens": 2, "echo": True, "logprobs": 0, "stream": True,
+        "temperature": 0, "ignore_eos": True}))
+    first = events[0]["choices"][0]["logprobs"]
+    assert first["tokens"][0] == lp.tokens[0] and first["token_logprobs"][0] is None
+    assert sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in events if e["choices"][0]["logprobs"]) == \
+        len(prompt) + 2
 
 
 def test_disconnect_mid_stream_frees_the_blocks(server):

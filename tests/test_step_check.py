@@ -165,6 +165,21 @@ def test_inconsistent_inputs_are_refused(case):
         checked_inputs(LIMITS, *args)
 
 
+@pytest.mark.parametrize("name,value,needle", [
+    ("token_ids", [[1, 2], [3]], "token_ids is not an array of integers"),  # ragged: numpy cannot make an array
+    ("block_tables", [[1, 0], "ab"], "block_tables is not an array of integers"),
+    ("seq_lens", np.int32(3), r"seq_lens must be 1-D, got shape \[\]"),  # a scalar is not a 1-element array
+    ("block_tables", np.int64(1), r"block_tables must be 2-D, got shape \[\]"),
+])
+def test_malformed_inputs_are_refused(name, value, needle):
+    args = dict(zip(("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start_loc",
+                     "logits_indices"), _inputs()))
+    args[name] = value
+    with pytest.raises(LlmircError, match=needle) as e:
+        checked_inputs(LIMITS, *args.values())
+    assert "\n" not in str(e.value)
+
+
 def test_only_the_blocks_a_sequence_uses_are_checked():
     # Past a sequence's length, block-table padding may hold anything (vLLM pads with -1 or 0).
     checked_inputs(LIMITS, *_inputs(block_tables=[[1, -1]]))

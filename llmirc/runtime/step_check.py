@@ -68,12 +68,9 @@ def checked_inputs(limits: StepLimits, *arrays) -> list[np.ndarray]:
     `limits`; raises RuntimeLimitError (a limit) or LlmircError (inconsistent inputs)."""
     if len(arrays) != len(INPUTS):
         raise LlmircError(f"a forward step takes {len(INPUTS)} inputs ({', '.join(INPUTS)}), got {len(arrays)}")
-    out = [_int32(name, a) for name, a in zip(INPUTS, arrays)]
+    out = [_int32(name, a, ndim) for name, a, ndim in zip(INPUTS, arrays, (1, 1, 1, 2, 1, 1, 1))]
     ids, pos, slots, tables, seq_lens, qsl, logits_idx = out
     T, B = len(ids), len(seq_lens)
-    for name, a, ndim in zip(INPUTS, out, (1, 1, 1, 2, 1, 1, 1)):
-        if a.ndim != ndim:
-            raise LlmircError(f"forward step: {name} must be {ndim}-D, got shape {list(a.shape)}")
     if len(pos) != T or len(slots) != T:
         raise LlmircError(f"forward step: token_ids, positions and slot_mapping must have one entry per token "
                           f"(got {T}, {len(pos)}, {len(slots)})")
@@ -111,8 +108,14 @@ def checked_inputs(limits: StepLimits, *arrays) -> list[np.ndarray]:
     return out
 
 
-def _int32(name: str, a) -> np.ndarray:
-    a = np.asarray(a)
+def _int32(name: str, a, ndim: int) -> np.ndarray:
+    """`a` as a contiguous int32 array of `ndim` dimensions (its values within int32)."""
+    try:
+        a = np.asarray(a)
+    except (ValueError, TypeError) as e:  # ragged nested lists
+        raise LlmircError(f"forward step: {name} is not an array of integers ({e})") from None
+    if a.ndim != ndim:  # checked before ascontiguousarray, which makes a scalar 1-D
+        raise LlmircError(f"forward step: {name} must be {ndim}-D, got shape {list(a.shape)}")
     if a.dtype == np.int32:  # the scheduler's steps: nothing to convert or range-check
         return np.ascontiguousarray(a)
     if a.size and a.dtype.kind not in "iu":

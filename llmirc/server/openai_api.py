@@ -174,14 +174,15 @@ def _completion_prompts(server: Server, prompt) -> list[list[int]]:
     return [_tokenizer(server).encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
-def _completion_logprobs(server: Server, entries: list[TokenLogprob | None], offset: int) -> dict:
-    """OpenAI's legacy completion logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+def _completion_logprobs(server: Server, entries: list[TokenLogprob | None], offset: int, prompt: list[int]) -> dict:
+    """OpenAI's legacy completion logprobs: tokens, token_logprobs, top_logprobs, text_offset. A
+    None entry is the first prompt token (echo): listed with null logprobs, as vLLM and OpenAI do."""
     tok = server.model.tokenizer
     text = (lambda t: tok.token_text(t)) if tok is not None else str
     out = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
     for entry in entries:
-        if entry is None:  # the first prompt token has no logprob
-            continue
+        if entry is None:
+            entry = TokenLogprob(prompt[0], None)
         out["tokens"].append(text(entry.token))
         out["token_logprobs"].append(entry.logprob)
         out["top_logprobs"].append({text(t): lp for t, lp in entry.top} if entry.top else None)
@@ -216,8 +217,8 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
         tok = server.model.tokenizer
         return tok.decode(requests[i][0]) if req.echo and tok is not None else ""
 
-    def logprobs_of(entries: list, offset: int) -> dict | None:
-        return None if req.logprobs is None else _completion_logprobs(server, entries, offset)
+    def logprobs_of(i: int, entries: list, offset: int) -> dict | None:
+        return None if req.logprobs is None else _completion_logprobs(server, entries, offset, requests[i][0])
 
     def usage():
         cached = sum(choices[i * req.n].cached_tokens for i in range(len(prompts)))
@@ -245,7 +246,7 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
                 if not text and not c.done and not entries and not new_ids:
                     continue
                 started[i] = True
-                body = {"index": i, "text": text, "logprobs": logprobs_of(entries, offsets[i]), **_finish(c)}
+                body = {"index": i, "text": text, "logprobs": logprobs_of(i, entries, offsets[i]), **_finish(c)}
                 if req.return_token_ids:
                     body["token_ids"], sent_ids[i] = c.tokens[sent_ids[i]:], len(c.tokens)
                 yield chunk([body], usage() if continuous else None)
@@ -258,7 +259,7 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
     return {"id": request_id, "object": "text_completion", "created": created,
             "model": server.options.served_model_name,
             "choices": [{"index": i, "text": echo_text(i) + c.text,
-                         "logprobs": logprobs_of((c.prompt_logprobs or []) + c.logprobs, 0),
+                         "logprobs": logprobs_of(i, (c.prompt_logprobs or []) + c.logprobs, 0),
                          **_finish(c),
                          **({"token_ids": c.tokens, "prompt_token_ids": requests[i][0]} if req.return_token_ids
                             else {})}
