@@ -1,7 +1,7 @@
 """kv-cache-dtype: the element type of the paged KV pool (`llmirc compile --kv-cache-dtype`).
 
 `auto` stores K/V in the type the linear ops' weights have when they all agree on a half type
-(a bf16 checkpoint gets a bf16 cache), else in f32. kv_append rounds to the pool's type;
+(a bf16 checkpoint gets a bf16 cache, also when --quant quantizes its weights), else in f32. kv_append rounds to the pool's type;
 paged_attention widens exactly and computes in f32. `int8` stores codes with one float32 scale
 per block, kv head and K/V (absmax / 127, grown as tokens arrive; see the kv_append kernel kind).
 
@@ -28,8 +28,12 @@ from .report import note
 
 
 def auto_kv_dtype(module: ModuleOp):
-    """The half type all float linear weights share, else f32."""
-    types = {op.weight.type.element_type for op in module.walk() if isinstance(op, L.LinearOp)}
+    """The half type all float linear weights share, else f32. A weight quantized by
+    quantize-weights counts as the float weight it was made from (a bf16 checkpoint compiled with
+    --quant keeps a bf16 cache); a checkpoint's own quantized tensors (GGUF, GPTQ) do not count."""
+    def source(w):
+        return w.owner.input if isinstance(w.owner, L.QuantizeOp) else w
+    types = {source(op.weight).type.element_type for op in module.walk() if isinstance(op, L.LinearOp)}
     types = {t for t in types if L.is_float(t)}
     return types.pop() if len(types) == 1 and types != {f32} else f32
 

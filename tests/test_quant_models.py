@@ -115,6 +115,15 @@ def test_quantized_bundle_matches_emulation(tmp_path, checkpoint, case):
     assert "qlinear" in kinds and ("qembedding" in kinds) == embedding
 
 
+def test_auto_kv_cache_follows_the_checkpoint_not_the_codes(tmp_path, checkpoint):
+    """--kv-cache-dtype auto with every linear quantized: a bf16 checkpoint keeps a bf16 cache, an f32
+    one an f32 cache (the quantized weights count as the float weights they were made from)."""
+    make_checkpoint(tmp_path / "bf16", "llama", dtype="bfloat16", **OVERRIDES)
+    for ckpt, want in ((tmp_path / "bf16", "bfloat16"), (checkpoint[0], "float32")):
+        bundle = compile_to(ckpt, tmp_path / f"{want}.llmir", quant="int4", quant_keep=())
+        assert load(bundle).bundle.manifest["kv_cache"]["dtype"] == want
+
+
 def test_int8_kv_cache(tmp_path, checkpoint):
     """Float weights, an int8 KV cache: long enough to fill several blocks (scales requantized
     as a block fills) in prefill, chunked prefill and decode."""
