@@ -126,14 +126,15 @@ class QuantizeWeights(ModulePass):
                 if tables & set(source_names(w)):  # tied to a kept embedding table: one float copy
                     note(ctx, TIED_HEAD)
                     continue
-                scheme = self.head_scheme(k)
+                wanted = self.head_scheme(k)
             else:
-                scheme = self.scheme(k)
+                wanted = self.scheme(k)
+            scheme = wanted
             while scheme.check(k) is not None and 16 < scheme.group_size != k and k % scheme.group_size:
                 scheme = dataclasses.replace(scheme, group_size=scheme.group_size // 2)
-            if user is not lm_head and scheme.group_size != self.scheme(k).group_size and scheme.check(k) is None:
+            if scheme.group_size != wanted.group_size and scheme.check(k) is None:
                 note(ctx, f"{self.name}: groups of {scheme.group_size} for {k} inputs "
-                          f"(not a multiple of {self.scheme(k).group_size})")
+                          f"(not a multiple of {wanted.group_size})")
             if scheme.check(k) is not None:
                 note(ctx, f"{self.name}: kept a weight of {k} inputs in float (groups of {scheme.group_size})")
                 continue
