@@ -344,6 +344,10 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
               help="GPU targets only (no effect on a CPU bundle).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for the model (default: all cores this process may use).")
+@click.option("--num-scheduler-steps", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Greedy decode steps run in one native call while every running request is greedy, without "
+                   "logprobs or stop strings, and none waits (CPU targets); streamed tokens come in bursts of "
+                   "up to this many. 1: one step at a time.")
 @click.option("--max-queued-requests", type=click.IntRange(min=0), default=1024, show_default=True,
               help="Requests that may wait beyond the running batch; more are answered 503.")
 @click.option("--chat-template", type=click.Path(path_type=Path), default=None,
@@ -353,7 +357,7 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
               show_default=True)
 def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num_seqs, max_num_batched_tokens,
           enable_prefix_caching, kv_cache_tokens, kv_cache_dtype, gpu_memory_utilization, threads,
-          max_queued_requests, chat_template, no_verify, log_level):
+          num_scheduler_steps, max_queued_requests, chat_template, no_verify, log_level):
     """Serve BUNDLE over HTTP: vLLM's OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models) and SGLang's native API (/generate, /get_model_info), plus /health and /metrics."""
     try:
@@ -367,7 +371,8 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
                           f"({max_num_seqs})")
     model = _load(bundle, kv_cache_tokens, no_verify, max_batched_tokens=max_num_batched_tokens,
                   max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
-                  threads=threads, gpu_memory_utilization=gpu_memory_utilization or 0.9)
+                  threads=threads, gpu_memory_utilization=gpu_memory_utilization or 0.9,
+                  num_scheduler_steps=num_scheduler_steps)
     if gpu_memory_utilization is not None and model.executor.kind == "cpu":
         click.echo("warning: --gpu-memory-utilization applies to GPU targets; this bundle runs on the CPU "
                    "(size its KV cache with --kv-cache-tokens)", err=True)

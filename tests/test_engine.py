@@ -44,8 +44,28 @@ class FakeExecutor:
         return out
 
 
-def make(num_blocks=64, block_size=4, **kw):
-    executor = FakeExecutor(num_blocks, block_size)
+class FakeRunExecutor(FakeExecutor):
+    """Also runs greedy decode steps in one call, as CpuExecutor.forward_greedy does natively."""
+
+    supports_greedy_runs = True
+
+    def __init__(self, num_blocks: int, block_size: int):
+        super().__init__(num_blocks, block_size)
+        self.runs = []
+
+    def forward_greedy(self, inputs, steps):
+        ids, pos, slots, tables, seq_lens, qsl, logits_idx = (np.array(a) for a in inputs)
+        self.runs.append(steps)
+        out = []
+        for _ in range(steps):
+            out.append(self.forward(ids, pos, slots, tables, seq_lens, qsl, logits_idx).argmax(-1))
+            ids, pos, seq_lens = out[-1], pos + 1, seq_lens + 1
+            slots = tables[np.arange(len(ids)), pos // self.block_size] * self.block_size + pos % self.block_size
+        return np.array(out, dtype=np.int32)
+
+
+def make(num_blocks=64, block_size=4, executor_class=FakeExecutor, **kw):
+    executor = executor_class(num_blocks, block_size)
     scheduler = Scheduler(num_blocks, block_size, 256, eos_token_ids=[0], vocab_size=VOCAB, **kw)
     return Engine(executor, scheduler), executor
 
@@ -73,6 +93,42 @@ def test_greedy_batch_matches_reference_and_frees_everything():
         assert [o.token for o in out[i]] == greedy_reference(prompt, 6)
         assert out[i][-1].finished and out[i][-1].finish_reason == "length"
     assert engine.num_requests == 0 and engine.scheduler.allocator.num_available == 64
+
+
+def test_greedy_decode_runs_match_single_steps():
+    """Multi-step decode (num_scheduler_steps): runs of up to 8 greedy steps in one executor call give
+    the tokens single steps give, across block boundaries, requests finishing mid-run (length, stop
+    token), and a batch whose sequences reach decode at different steps; blocks are all freed."""
+    prompts = [[1, 2, 3], [4] * 11, [5, 6], [1, 2, 3, 7], [9] * 6]
+    reference = [greedy_reference(p, 13) for p in prompts]
+    stop = reference[3][4]  # the fourth request stops at its fifth token (or earlier, at an equal one)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (13, 5, 11, 13, 2)]
+    params[3] = SamplingParams(max_tokens=13, temperature=0, ignore_eos=True, stop_token_ids=(stop,))
+    engine, executor = make(executor_class=FakeRunExecutor, max_num_seqs=5, max_batched_tokens=8)
+    out = collect(engine, prompts, params)
+    assert max(executor.runs) >= 4 and engine.scheduler.allocator.num_available == 64
+    for i, p in enumerate(params):
+        want = reference[i][:p.max_tokens]
+        if p.stop_token_ids:
+            want = want[:want.index(stop) + 1]
+        assert [o.token for o in out[i]] == want, i
+        assert out[i][-1].finished and sum(o.finished for o in out[i]) == 1
+
+
+def test_decode_runs_only_for_plain_greedy_requests_with_nothing_waiting():
+    engine, executor = make(executor_class=FakeRunExecutor, max_num_seqs=1)
+    sampled = SamplingParams(max_tokens=6, temperature=1.0, seed=1, ignore_eos=True)
+    with_logprobs = SamplingParams(max_tokens=6, temperature=0, logprobs=2, ignore_eos=True)
+    collect(engine, [[1, 2], [3, 4]], [sampled, with_logprobs])
+    assert executor.runs == []
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    collect(engine, [[1, 2], [3, 4]], [greedy, greedy])  # max_num_seqs 1: the second waits, then runs
+    assert executor.runs == [5]
+
+
+def test_num_scheduler_steps_is_checked():
+    with pytest.raises(LlmircError, match="num_scheduler_steps"):
+        Engine(FakeRunExecutor(8, 4), Scheduler(8, 4, 64), num_scheduler_steps=0)
 
 
 def test_each_request_keeps_its_own_seeded_stream():

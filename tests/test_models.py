@@ -12,6 +12,7 @@ import pytest
 
 from helpers import check_greedy, hf_greedy, hf_logits, make_checkpoint
 from llmirc.driver import CompileOptions, Progress, compile_model
+from llmirc.errors import RuntimeLimitError
 from llmirc.runtime import load
 
 pytestmark = pytest.mark.slow
@@ -63,6 +64,31 @@ def test_matches_transformers(tmp_path, case):
     arch, overrides = CASES[case]
     model = make_checkpoint(tmp_path / "ckpt", arch, **overrides)
     check_model(model, compile_to(tmp_path / "ckpt", tmp_path / "m.llmir"))
+
+
+def test_greedy_decode_runs_match_single_steps(tmp_path):
+    """Multi-step decode in the library (runtime.c's llmir_greedy_decode, 8 steps a call by default)
+    against one step per call: the same tokens for a batch whose sequences cross KV blocks, and for
+    lengths that end runs early; the runs happen."""
+    make_checkpoint(tmp_path / "ckpt", "llama")
+    compiled = load(compile_to(tmp_path / "ckpt", tmp_path / "m.llmir"))
+    calls = []
+    greedy = compiled.executor.forward_greedy
+    compiled.executor.forward_greedy = lambda inputs, steps: calls.append(steps) or greedy(inputs, steps)
+    prompts, lengths = PROMPTS + [list(range(30, 44))], (9, 23, 31, 3)
+    compiled.engine.num_scheduler_steps = 1
+    alone = [compiled.generate([p], max_new_tokens=40, ignore_eos=True)[0] for p in prompts]
+    assert calls == []
+    compiled.engine.num_scheduler_steps = 8
+    assert compiled.generate(prompts, max_new_tokens=40, ignore_eos=True) == alone and max(calls) == 8
+    assert [compiled.generate([p], max_new_tokens=n, ignore_eos=True)[0] for p, n in zip(prompts, lengths)] == \
+        [a[:n] for a, n in zip(alone, lengths)]
+    # the last step's inputs are checked too: position 16 needs a second block this table lacks
+    bs = compiled.executor.block_size
+    one_block = ([5], [bs - 1], [bs - 1], [[0]], [bs], [0, 1], [0])
+    assert len(greedy(one_block, 1)) == 1
+    with pytest.raises(RuntimeLimitError, match="blocks"):
+        greedy(one_block, 2)
 
 
 HALF_CASES = [(arch, dtype) for arch in ("llama", "qwen2", "mistral", "gpt2") for dtype in ("bfloat16", "float16")]

@@ -85,6 +85,12 @@ class CpuExecutor:
         self.info = json.loads(info())
         self._forward.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p)]
         self._forward.restype = None
+        # multi-step greedy decode (runtime.c); libraries built before it lack it: one step at a time
+        self._greedy = getattr(self.lib, "llmir_greedy_decode", None)
+        if self._greedy is not None:
+            self._greedy.restype = ctypes.c_int64
+            self._greedy.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p),
+                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         if threads is not None:
             if threads < 1:
                 raise LlmircError(f"threads must be >= 1, got {threads}")
@@ -133,6 +139,42 @@ class CpuExecutor:
         Every index is checked against the library's limits first (step_check.py): RuntimeLimitError."""
         inputs = checked_inputs(self.limits, token_ids, positions, slot_mapping, block_tables, seq_lens,
                                 query_start_loc, logits_indices)
+        logits = self._bind(inputs)
+        self._forward(self._dims, self._ptrs)
+        return logits
+
+    @property
+    def supports_greedy_runs(self) -> bool:
+        return self._greedy is not None
+
+    def forward_greedy(self, inputs, steps: int) -> np.ndarray:
+        """Tokens [steps, B] of `steps` greedy decode steps in one native call (runtime.c's
+        llmir_greedy_decode): `inputs` (the seven ABI inputs) is a step of B sequences with one token
+        each; step i + 1 feeds step i's argmax tokens at the next positions, whose slots the block
+        tables must already hold. The first and the last step's inputs are checked like forward's
+        (the steps between lie between them): RuntimeLimitError. Fewer rows come back when a token
+        falls outside the embedding table (the next step's check reports it)."""
+        first = checked_inputs(self.limits, *inputs)
+        ids, pos, _, tables, seq_lens, qsl, logits_idx = first
+        B = len(seq_lens)
+        if not (len(ids) == B == len(logits_idx)) or qsl.tolist() != list(range(B + 1)) or \
+                logits_idx.tolist() != list(range(B)):
+            raise LlmircError("forward_greedy: every sequence must have exactly one token and one logits row")
+        last_pos = pos + (steps - 1)
+        bs = self.block_size
+        last_slots = tables[np.arange(B), np.minimum(last_pos // bs, tables.shape[1] - 1)] * bs + last_pos % bs
+        checked_inputs(self.limits, ids, last_pos, np.where(last_pos // bs < tables.shape[1], last_slots, -1)
+                       .astype(np.int32), tables, seq_lens + (steps - 1), qsl, logits_idx)
+        first = [a.copy() for a in first]  # advanced in place by the native loop
+        logits = self._bind(first)
+        out = np.empty((steps, B), dtype=np.int32)
+        done = self._greedy(ctypes.cast(self._forward, ctypes.c_void_p), self._dims, self._ptrs, steps,
+                            self.vocab_size, self.limits.token_rows, bs, out.ctypes.data)
+        del logits
+        return out[:done]
+
+    def _bind(self, inputs: list[np.ndarray]) -> np.ndarray:
+        """Point the call's arguments at the checked inputs, the workspace and a new logits array."""
         T, B, L = len(inputs[0]), len(inputs[4]), len(inputs[6])
         max_blocks = inputs[3].shape[1] if inputs[3].ndim == 2 else 0
         c = self.workspace_coef
@@ -148,7 +190,6 @@ class CpuExecutor:
         self._ptrs[len(INPUTS) + 1] = self.workspace.ctypes.data
         self._ptrs[len(INPUTS) + 2] = logits.ctypes.data
         self._dims[:] = [T, B, L, max_blocks, self.num_blocks]
-        self._forward(self._dims, self._ptrs)
         return logits
 
 

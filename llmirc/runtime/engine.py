@@ -160,7 +160,8 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, executor, scheduler: Scheduler, tokenizer: Tokenizer | None = None):
+    def __init__(self, executor, scheduler: Scheduler, tokenizer: Tokenizer | None = None,
+                 num_scheduler_steps: int = 8):
         self.executor = executor
         self.scheduler = scheduler
         self.tokenizer = tokenizer
@@ -171,6 +172,12 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stepping = threading.Lock()
+        # Decode steps run in one native call when every running request is greedy and plain (no
+        # logprobs, no stop strings) and none waits to be admitted (vLLM's num_scheduler_steps; 1: off).
+        # Their tokens then stream in bursts of up to this many.
+        if isinstance(num_scheduler_steps, bool) or not isinstance(num_scheduler_steps, int) or num_scheduler_steps < 1:
+            raise LlmircError(f"num_scheduler_steps must be an integer >= 1, got {num_scheduler_steps!r}")
+        self.num_scheduler_steps = num_scheduler_steps
 
     # -- called from any thread -------------------------------------------------------------
 
@@ -308,8 +315,12 @@ class Engine:
         step = self.scheduler.schedule()
         if step is None:
             return
+        run = self._decode_run(step)
         try:
-            if hasattr(self.executor, "forward_tokens") and self._no_logits_needed(step):
+            if run > 1:
+                logits, tokens = None, self.executor.forward_greedy(step.abi_inputs(), run)
+                run = len(tokens)
+            elif hasattr(self.executor, "forward_tokens") and self._no_logits_needed(step):
                 logits, sampled = None, self._sample_on_device(step)
             else:
                 logits = self.executor.forward(*step.abi_inputs())
@@ -321,13 +332,14 @@ class Engine:
             for request_id in list(self._requests):
                 self._abort(request_id, "abort", self.error)
             return
-        self.stats.steps += 1
-        self.stats.computed_tokens += step.num_tokens
+        self.stats.steps += max(run, 1)
+        self.stats.computed_tokens += step.num_tokens * max(run, 1)
         if logits is not None:
             self._prompt_logprobs(step, logits)
         rows = {step.request_ids[r]: r for r in step.sample_rows}
         now = time.perf_counter()
-        for event in self.scheduler.commit(step, sampled):
+        events = self.scheduler.commit_run(step, tokens) if run > 1 else self.scheduler.commit(step, sampled)
+        for event in events:
             req = self._requests[event.request_id]
             out = RequestOutput(event.request_id, event.token, event.finished, event.finish_reason,
                                 prompt_tokens=req.prompt_len, cached_tokens=event.cached_tokens)
@@ -358,6 +370,17 @@ class Engine:
                 self.stats.finished[out.finish_reason] += 1
                 self.stats.e2e.observe(now - req.arrival)
             req.sink(out)
+
+    def _decode_run(self, step) -> int:
+        """How many greedy decode steps `step` may run in one native call (1: just this one)."""
+        if self.num_scheduler_steps < 2 or self.scheduler.waiting or \
+                not getattr(self.executor, "supports_greedy_runs", False):
+            return 1
+        for r in step.sample_rows:
+            p = self._requests[step.request_ids[r]].params
+            if p.temperature > GREEDY_TEMPERATURE or p.logprobs is not None or p.stop:
+                return 1
+        return self.scheduler.reserve_decode_run(step, self.num_scheduler_steps)
 
     def _sample(self, step, logits: np.ndarray) -> np.ndarray:
         """One token per sampling row, each with its request's parameters and generator."""

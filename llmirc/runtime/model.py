@@ -32,7 +32,7 @@ DEFAULT_KV_TOKENS = 16384
 def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_tokens: int = 2048,
          max_num_seqs: int = 64, verify: bool = True, target: str | None = None, threads: int | None = None,
          enable_prefix_caching: bool = True, max_model_len: int | None = None,
-         gpu_memory_utilization: float = 0.9) -> Model:
+         gpu_memory_utilization: float = 0.9, num_scheduler_steps: int = 8) -> Model:
     """Opens a bundle and loads its kernels for this host.
 
     `verify` checks every file's sha256, once per unchanged bundle (the result is remembered,
@@ -45,11 +45,14 @@ def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_to
     threads the kernels use (default: the CPUs this process may run on).
     `gpu_memory_utilization`: the share of GPU memory the model may use, the KV cache taking what
     the weights and buffers leave (vLLM's option; a GPU target without kv_cache_tokens).
+    `num_scheduler_steps`: greedy decode steps one native call may run (vLLM's multi-step
+    scheduling; CPU targets, when every running request is greedy without logprobs or stop strings
+    and none waits; 1: one step per call). Streamed tokens then come in bursts of up to this many.
     Raises BundleError for a bad bundle, LlmircError for bad options."""
     return Model(open_bundle(Path(path), verify=verify, remember=True), kv_cache_tokens=kv_cache_tokens,
                  max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs, target=target, threads=threads,
                  enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
-                 gpu_memory_utilization=gpu_memory_utilization)
+                 gpu_memory_utilization=gpu_memory_utilization, num_scheduler_steps=num_scheduler_steps)
 
 
 def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | None, max_context: int,
@@ -90,7 +93,7 @@ def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | 
 class Model:
     def __init__(self, bundle: Bundle, *, kv_cache_tokens: int | None, max_batched_tokens: int, max_num_seqs: int,
                  target: str | None = None, threads: int | None = None, enable_prefix_caching: bool = True,
-                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.9):
+                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, num_scheduler_steps: int = 8):
         self.bundle = bundle
         m = bundle.manifest
         try:
@@ -126,7 +129,7 @@ class Model:
         tokenizer = m.get("tokenizer")
         # Through bundle.file: only a tokenizer.json listed in the manifest (so checksummed) is used.
         self.tokenizer = Tokenizer.from_bundle_dir(bundle.file(str(tokenizer)).parent) if tokenizer else None
-        self.engine = Engine(self.executor, self.scheduler, self.tokenizer)
+        self.engine = Engine(self.executor, self.scheduler, self.tokenizer, num_scheduler_steps)
         self.chat_template = None
         if self.tokenizer is not None and any(f.startswith("tokenizer/") for f in bundle.files):
             self.chat_template = ChatTemplate.from_folder(self.tokenizer.folder, self.tokenizer.special_tokens_map)

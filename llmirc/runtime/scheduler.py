@@ -285,6 +285,37 @@ class Scheduler:
             raise ValueError(f"expected {len(step.sample_rows)} sampled tokens, got {len(sampled)}")
         chunks = self._pending[1]
         self._pending = None
+        return self._commit_chunks(chunks, sampled)
+
+    def reserve_decode_run(self, step: Step, n: int) -> int:
+        """How many decode steps `step` (pending, every sequence decoding one token) may run at once
+        (multi-step decode, vLLM's `num_scheduler_steps`): at most n, no more than any of its
+        sequences may still generate, and only with the KV blocks for all of them allocated here
+        (released as usual when a sequence finishes). 1 when the step is not such a step."""
+        if self._pending is None or self._pending[0] is not step or self.full_sequence:
+            return 1
+        chunks = self._pending[1]
+        if any(len(c.tokens) != 1 or c.targets != [-1] for c in chunks):
+            return 1
+        n = min([n] + [c.seq.max_new_tokens - c.seq.num_generated for c in chunks])
+        need = sum(c.blocks.blocks_needed(c.seq.num_computed + n) for c in chunks)
+        if n < 2 or need > self.allocator.num_available:
+            return 1
+        for c in chunks:
+            c.blocks.ensure_capacity(c.seq.num_computed + n)
+        step.block_tables = _block_tables(chunks)  # with the blocks just allocated
+        return n
+
+    def commit_run(self, step: Step, tokens) -> list[Event]:
+        """commit() for a run of decode steps (reserve_decode_run): `tokens` [n, sequences] holds
+        step i's token of each sequence; a sequence that finishes at step i ignores the rest."""
+        if self._pending is None or self._pending[0] is not step:
+            raise RuntimeError("commit_run() must get the step returned by the last schedule()")
+        chunks = self._pending[1]
+        self._pending = None
+        return [e for row in np.asarray(tokens).tolist() for e in self._commit_chunks(chunks, row)]
+
+    def _commit_chunks(self, chunks: list[_Chunk], sampled: list[int]) -> list[Event]:
         events = []
         tokens = iter(sampled)
         for chunk in chunks:
@@ -419,24 +450,29 @@ def _build_step(chunks: list[_Chunk]) -> Step:
     # each NumPy call on them costs more than the Python work it replaces.
     token_ids, positions, slots, seq_lens, query_start_loc = [], [], [], [], [0]
     logits_indices, request_ids, targets = [], [], []
-    width = max(len(c.blocks.block_table) for c in chunks)
-    block_tables = np.zeros((len(chunks), width), dtype=np.int32)
-    for i, c in enumerate(chunks):
-        n, table, q0 = len(c.tokens), c.blocks.block_table, query_start_loc[-1]
+    for c in chunks:
+        n, q0 = len(c.tokens), query_start_loc[-1]
         token_ids += c.tokens
         positions += range(c.start, c.start + n)
         slots += map(c.blocks.slot, range(c.start, c.start + n))
         seq_lens.append(c.start + n)
         query_start_loc.append(q0 + n)
-        block_tables[i, :len(table)] = table
         logits_indices += [q0 + p - c.start for p in c.rows]
         request_ids += [c.request_id] * len(c.rows)
         targets += c.targets
     i32 = lambda a: np.array(a, dtype=np.int32)  # noqa: E731
     return Step(token_ids=i32(token_ids), positions=i32(positions), slot_mapping=i32(slots),
-                block_tables=block_tables, seq_lens=i32(seq_lens), query_start_loc=i32(query_start_loc),
+                block_tables=_block_tables(chunks), seq_lens=i32(seq_lens), query_start_loc=i32(query_start_loc),
                 logits_indices=i32(logits_indices), request_ids=request_ids,
                 targets=np.array(targets, dtype=np.int64))
+
+
+def _block_tables(chunks: list[_Chunk]) -> np.ndarray:
+    """int32 [sequences, longest table], padded with 0."""
+    tables = np.zeros((len(chunks), max(len(c.blocks.block_table) for c in chunks)), dtype=np.int32)
+    for i, c in enumerate(chunks):
+        tables[i, :len(c.blocks.block_table)] = c.blocks.block_table
+    return tables
 
 
 def _request(request_id: Hashable) -> str:

@@ -222,3 +222,40 @@ void *llmir_scratch(int64_t bytes) {
     }
     return buffer;
 }
+
+/* Multi-step greedy decode (vLLM's num_scheduler_steps): `steps` calls of the library's forward
+ * (dims, ptrs as llmir_forward takes them) on a step of B sequences with one token each
+ * (T = B = L), each followed on the caller's thread by: token = the first index of the largest
+ * logit of each row (NaN first, as NumPy's argmax), written to out[s * B + b] and fed to the next
+ * step at position + 1, seq_len + 1 and the slot its block table gives. The caller checks the first
+ * and the last step's inputs against the library's limits beforehand (the values in between lie
+ * between them); a token at or above token_rows (an embedding table smaller than the logits) ends
+ * the run. Returns the steps done. */
+int64_t llmir_greedy_decode(void (*forward)(int64_t *, void **), int64_t *dims, void **ptrs, int64_t steps,
+                            int64_t vocab, int64_t token_rows, int64_t block_size, int32_t *out) {
+    int64_t B = dims[1], max_blocks = dims[3];
+    int32_t *ids = ptrs[0], *pos = ptrs[1], *slots = ptrs[2], *tables = ptrs[3], *seq_lens = ptrs[4];
+    const float *logits = ptrs[9];
+    for (int64_t s = 0; s < steps; s++) {
+        forward(dims, ptrs);
+        for (int64_t b = 0; b < B; b++) {
+            const float *row = logits + b * vocab;
+            int64_t best = 0;
+            for (int64_t i = 0; i < vocab; i++) {
+                if (row[i] != row[i]) { best = i; break; }
+                if (row[i] > row[best]) best = i;
+            }
+            out[s * B + b] = (int32_t)best;
+            if (best >= token_rows) return s + 1;
+        }
+        if (s + 1 == steps) break;
+        for (int64_t b = 0; b < B; b++) {
+            int32_t p = pos[b] + 1;
+            ids[b] = out[s * B + b];
+            pos[b] = p;
+            seq_lens[b] += 1;
+            slots[b] = tables[b * max_blocks + p / block_size] * (int32_t)block_size + p % (int32_t)block_size;
+        }
+    }
+    return steps;
+}
