@@ -57,10 +57,11 @@ class FakeRunExecutor(FakeExecutor):
         ids, pos, slots, tables, seq_lens, qsl, logits_idx = (np.array(a) for a in inputs)
         self.runs.append(steps)
         out = []
-        for _ in range(steps):
+        for i in range(steps):
             out.append(self.forward(ids, pos, slots, tables, seq_lens, qsl, logits_idx).argmax(-1))
-            ids, pos, seq_lens = out[-1], pos + 1, seq_lens + 1
-            slots = tables[np.arange(len(ids)), pos // self.block_size] * self.block_size + pos % self.block_size
+            if i + 1 < steps:
+                ids, pos, seq_lens = out[-1], pos + 1, seq_lens + 1
+                slots = tables[np.arange(len(ids)), pos // self.block_size] * self.block_size + pos % self.block_size
         return np.array(out, dtype=np.int32)
 
 
@@ -124,6 +125,16 @@ def test_decode_runs_only_for_plain_greedy_requests_with_nothing_waiting():
     greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     collect(engine, [[1, 2], [3, 4]], [greedy, greedy])  # max_num_seqs 1: the second waits, then runs
     assert executor.runs == [5]
+
+
+def test_a_run_cut_short_commits_the_steps_it_made():
+    """forward_greedy may return fewer steps (a token past the embedding table): those are committed."""
+    engine, executor = make(executor_class=FakeRunExecutor)
+    greedy = executor.forward_greedy
+    executor.forward_greedy = lambda inputs, steps: greedy(inputs, steps)[:1]
+    out = collect(engine, [[1, 2, 3]], [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)])
+    assert [o.token for o in out[0]] == greedy_reference([1, 2, 3], 6) and executor.runs == [5, 4, 3, 2]
+    assert engine.scheduler.allocator.num_available == 64
 
 
 def test_num_scheduler_steps_is_checked():

@@ -317,9 +317,8 @@ class Engine:
             return
         run = self._decode_run(step)
         try:
-            if run > 1:
+            if run > 1:  # fewer rows come back when a token falls outside the embedding table
                 logits, tokens = None, self.executor.forward_greedy(step.abi_inputs(), run)
-                run = len(tokens)
             elif hasattr(self.executor, "forward_tokens") and self._no_logits_needed(step):
                 logits, sampled = None, self._sample_on_device(step)
             else:
@@ -332,8 +331,9 @@ class Engine:
             for request_id in list(self._requests):
                 self._abort(request_id, "abort", self.error)
             return
-        self.stats.steps += max(run, 1)
-        self.stats.computed_tokens += step.num_tokens * max(run, 1)
+        steps = len(tokens) if run > 1 else 1
+        self.stats.steps += steps
+        self.stats.computed_tokens += step.num_tokens * steps
         if logits is not None:
             self._prompt_logprobs(step, logits)
         rows = {step.request_ids[r]: r for r in step.sample_rows}
