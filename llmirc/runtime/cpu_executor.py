@@ -155,22 +155,19 @@ class CpuExecutor:
         (the steps between lie between them): RuntimeLimitError. Fewer rows come back when a token
         falls outside the embedding table (the next step's check reports it)."""
         first = checked_inputs(self.limits, *inputs)
-        ids, pos, _, tables, seq_lens, qsl, logits_idx = first
+        ids, pos, slots, tables, seq_lens, qsl, logits_idx = first
         B = len(seq_lens)
         if not (len(ids) == B == len(logits_idx)) or qsl.tolist() != list(range(B + 1)) or \
                 logits_idx.tolist() != list(range(B)):
             raise LlmircError("forward_greedy: every sequence must have exactly one token and one logits row")
-        last_pos = pos + (steps - 1)
-        bs = self.block_size
-        last_slots = tables[np.arange(B), np.minimum(last_pos // bs, tables.shape[1] - 1)] * bs + last_pos % bs
-        checked_inputs(self.limits, ids, last_pos, np.where(last_pos // bs < tables.shape[1], last_slots, -1)
-                       .astype(np.int32), tables, seq_lens + (steps - 1), qsl, logits_idx)
+        # the last step: its positions and lengths, and the table entries they use (the native loop's
+        # slots are those entries' slots, so within the pool once the entries are)
+        checked_inputs(self.limits, ids, pos + (steps - 1), slots, tables, seq_lens + (steps - 1), qsl, logits_idx)
         first = [a.copy() for a in first]  # advanced in place by the native loop
-        logits = self._bind(first)
+        logits = self._bind(first)  # every step writes it: this name keeps it alive through the call
         out = np.empty((steps, B), dtype=np.int32)
         done = self._greedy(ctypes.cast(self._forward, ctypes.c_void_p), self._dims, self._ptrs, steps,
-                            self.vocab_size, self.limits.token_rows, bs, out.ctypes.data)
-        del logits
+                            self.vocab_size, self.limits.token_rows, self.block_size, out.ctypes.data)
         return out[:done]
 
     def _bind(self, inputs: list[np.ndarray]) -> np.ndarray:

@@ -374,12 +374,11 @@ class Engine:
     def _decode_run(self, step) -> int:
         """How many greedy decode steps `step` may run in one native call (1: just this one)."""
         if self.num_scheduler_steps < 2 or self.scheduler.waiting or \
-                not getattr(self.executor, "supports_greedy_runs", False):
+                not getattr(self.executor, "supports_greedy_runs", False) or not self._no_logits_needed(step):
             return 1
-        for r in step.sample_rows:
-            p = self._requests[step.request_ids[r]].params
-            if p.temperature > GREEDY_TEMPERATURE or p.logprobs is not None or p.stop:
-                return 1
+        params = [self._requests[step.request_ids[r]].params for r in step.sample_rows]
+        if any(p.temperature > GREEDY_TEMPERATURE or p.stop for p in params):
+            return 1
         return self.scheduler.reserve_decode_run(step, self.num_scheduler_steps)
 
     def _sample(self, step, logits: np.ndarray) -> np.ndarray:
