@@ -315,7 +315,24 @@ LLMIRC_VARIANTS = {  # `llmirc:VARIANT` -> `llmirc compile` options
     # the LM head in the weights' 4-bit groups (by default it is int8 per output row)
     "int4-head4": ["--quant", "int4", "--quant-lm-head", "int4"],
     "int4-g128": ["--quant", "int4", "--quant-group-size", "128"],
-    "int4-g128-zp": ["--quant", "int4", "--quant-group-size", "128", "--quant-zero-points"]}
+    "int4-g128-zp": ["--quant", "int4", "--quant-group-size", "128", "--quant-zero-points"],
+    # GPTQ, calibrated on calibration_text()
+    "int8-gptq": ["--quant", "int8", "--quant-method", "gptq"],
+    "int4-gptq": ["--quant", "int4", "--quant-method", "gptq"],
+    "int4-g128-gptq": ["--quant", "int4", "--quant-group-size", "128", "--quant-method", "gptq"]}
+
+
+def calibration_text(work: Path) -> Path:
+    """The text `llmirc:*-gptq` variants calibrate on: the topics of the Python language reference
+    (the standard library's pydoc_data; about 460 KB of English prose and code), unlike the
+    perplexity benchmark's text (a licence)."""
+    from pydoc_data.topics import topics
+
+    path = work / "calibration-python-reference.txt"
+    if not path.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n\n".join(topics.values()), encoding="utf-8")
+    return path
 
 
 @dataclass
@@ -333,8 +350,11 @@ def prepare(engine: str, checkpoint: Path, work: Path) -> Prepared:
         bundle = work / f"{checkpoint.name}{'-' + variant if variant else ''}.llmir"
         shutil.rmtree(bundle, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
+        options = LLMIRC_VARIANTS[variant]
+        if "gptq" in options:
+            options = [*options, "--calibration", str(calibration_text(work))]
         compiled = _run([sys.executable, "-m", "llmirc.cli", "compile", str(checkpoint), "-o", str(bundle), "-q",
-                         *LLMIRC_VARIANTS[variant]], "llmirc compile")
+                         *options], "llmirc compile")
         return Prepared(kind, bundle, compiled)
     if kind == "transformers" and not variant:
         return Prepared(kind, checkpoint)

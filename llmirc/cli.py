@@ -91,6 +91,15 @@ def cli(debug: bool) -> None:
               help="An LM head not kept: int8, one scale per output row (llama.cpp keeps its output matrix at 6-8 "
                    "bits), or int4 in --quant-group-size groups (as onnxruntime-genai's int4 models): smaller and "
                    "faster, at a quality cost.")
+@click.option("--quant-method", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
+              help="rtn: round to nearest. gptq: GPTQ (Frantar et al. 2023), each linear's rounding error "
+                   "compensated with the Hessian of its inputs on --calibration text; slower to compile, "
+                   "better quality at 4 bits.")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="UTF-8 text for --quant-method gptq, tokenized with the checkpoint's tokenizer (use text other "
+                   "than what you evaluate on).")
+@click.option("--calibration-tokens", type=click.IntRange(min=16), default=4096, show_default=True,
+              help="At most this many tokens of --calibration, in windows of up to 512.")
 @click.option("--report", is_flag=True, help="Print what the passes fused or rewrote, and how often.")
 @click.option("--dequantize", is_flag=True, help="Expand quantized tensors (GGUF Q8_0, Q4_K, ...) to float32; "
               "without it they are kept quantized (llama and qwen2 GGUF files; others are refused).")
@@ -101,8 +110,8 @@ def cli(debug: bool) -> None:
                    "config or position tables support).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, arch, cpu_variants, dtype,
-                kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, quant_lm_head, report, dequantize,
-                block_size, max_model_len, quiet):
+                kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, quant_lm_head, quant_method,
+                calibration, calibration_tokens, report, dequantize, block_size, max_model_len, quiet):
     """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle."""
     try:
         from llmirc.driver import CompileOptions, Progress, compile_model
@@ -117,7 +126,9 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
                              dtype=dtype, kv_cache_dtype=kv_cache_dtype, quant=quant, quant_group_size=quant_group_size,
                              quant_symmetric=not quant_zero_points,
                              quant_keep=tuple(k.strip() for k in quant_keep.split(",") if k.strip()),
-                             quant_lm_head=quant_lm_head, dequantize=dequantize, block_size=block_size, max_model_len=max_model_len)
+                             quant_lm_head=quant_lm_head, quant_method=quant_method, calibration=calibration,
+                             calibration_tokens=calibration_tokens, dequantize=dequantize, block_size=block_size,
+                             max_model_len=max_model_len)
     compile_model(model, output, options, Progress(None if quiet else sys.stderr))
 
 

@@ -304,14 +304,17 @@ class CastOp(_LlmirOp):
 @irdl_op_definition
 class QuantizeOp(_LlmirOp):
     """A float weight quantized into the result's `!llmir.quant` element type (`quantize-weights`);
-    folded into the bundle at compile time (round to nearest, llmirc/quant.py)."""
+    folded into the bundle at compile time (llmirc/quant.py): round to nearest, or GPTQ when a
+    `hessian` (f32 [in_features, in_features], from calibration) is given."""
 
     name = "llmir.quantize"
     input = operand_def(TensorType)
+    hessian = opt_operand_def(TensorType)
     result = result_def(TensorType)
 
-    def __init__(self, input: SSAValue, qtype: QuantType):
-        super().__init__(operands=[input], result_types=[tensor(*shape_of(input), dtype=qtype)])
+    def __init__(self, input: SSAValue, qtype: QuantType, hessian: SSAValue | None = None):
+        super().__init__(operands=[input, [hessian] if hessian else []],
+                         result_types=[tensor(*shape_of(input), dtype=qtype)])
 
     def verify_(self) -> None:
         _, k = _rows(self.input, what="quantize input")
@@ -321,6 +324,8 @@ class QuantizeOp(_LlmirOp):
         _check(isinstance(q, QuantType), "quantize: the result must have a !llmir.quant element type")
         _check(not q.act_order.data, "quantize: act-order comes only from checkpoints")
         _check_groups(q, k)
+        _check(self.hessian is None or (shape_of(self.hessian) == (k, k) and self.hessian.type.element_type == f32),
+               f"quantize: the hessian must be f32 [{k}, {k}]")
 
 
 @irdl_op_definition

@@ -48,6 +48,9 @@ class CompileOptions:
     quant_symmetric: bool = True        # false: a zero point per group
     quant_keep: tuple[str, ...] = ("embedding",)  # what stays in higher precision (quantize-weights' keep)
     quant_lm_head: str = "int8"         # int8 (per output row) or int4: an LM head not kept
+    quant_method: str = "rtn"           # rtn (round to nearest) or gptq (needs `calibration`)
+    calibration: Path | None = None     # text file GPTQ calibrates on
+    calibration_tokens: int = 4096      # at most this many of its tokens
     dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of keeping them
     block_size: int | None = None       # KV cache block (tokens); None: the pipeline's (16)
     max_model_len: int | None = None    # the context the bundle states (<= the checkpoint's)
@@ -63,7 +66,20 @@ class CompileOptions:
         keep = ",".join(f'"{k}"' for k in self.quant_keep) or '"none"'
         return (f"quantize-weights{{bits={self.quant[3:]} group-size={self.quant_group_size} "
                 f"symmetric={str(self.quant_symmetric).lower()} keep={keep} "
-                f"lm-head-bits={self.quant_lm_head[3:]}}}")
+                f"lm-head-bits={self.quant_lm_head[3:]} method={self.quant_method}}}")
+
+    def check_calibration(self) -> None:
+        """--quant-method and --calibration agree (before the checkpoint is read)."""
+        if self.quant_method not in ("rtn", "gptq"):
+            raise LlmircError(f"--quant-method: unknown method {self.quant_method!r} (choose rtn or gptq)")
+        if self.quant_method == "gptq" and self.quant == "none":
+            raise LlmircError("--quant-method gptq: give --quant int8 or int4 too")
+        if self.quant_method == "gptq" and self.calibration is None:
+            raise LlmircError("--quant-method gptq needs --calibration FILE (text to calibrate on)")
+        if self.calibration is not None and self.quant_method != "gptq":
+            raise LlmircError("--calibration is only read by --quant-method gptq")
+        if self.calibration is not None and not self.calibration.is_file():
+            raise LlmircError(f"--calibration {self.calibration}: no such file")
 
     def required(self) -> str:
         return required(self.dtype, self.kv_cache_dtype, self.block_size or DEFAULT_BLOCK_SIZE, self.quantize_pass())
@@ -108,6 +124,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         if options.passes is not None and "paged-kv" in options.passes:
             raise LlmircError("--block-size and a paged-kv pass in --passes: give the block size in one place")
     block_size = options.block_size or DEFAULT_BLOCK_SIZE
+    options.check_calibration()
     for p in parse_passes(options.required()):  # bad option values fail before the checkpoint is read
         if isinstance(p, QuantizeWeights):
             p.scheme(64)
@@ -126,6 +143,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         source = open_source(model, dequantize=options.dequantize)
     if out is not None and (note := missing_tokenizer_note(Path(source.root))):
         progress(f"note: {note}")
+    calibration = None
     try:
         # auto: the checkpoint's types; a half-precision ONNX export is read as float32 and stored as it was
         dtype = options.dtype if options.dtype != "auto" else source.model_info().get("weight_dtype") or "auto"
@@ -133,6 +151,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         with stage(f"front end ({source.kind})"):
             module = source.module()
         progress(f"front end: {source.kind}, {model_facts(module).get('num_layers', '?')} attention layers")
+        if options.quant_method == "gptq":
+            with stage("calibration"):
+                ctx.calibration = calibration = _calibrate(source, options, progress)
         input_ir = print_ir(module) if out is not None else ""  # only the bundle keeps it
         progress("running passes")
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
@@ -155,6 +176,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         progress(f"context: {context.tokens} tokens ({context.why})")
         with stage("plan"):
             plan = build_plan(module, read_weight=source.read)
+        read = source.read if calibration is None else \
+            (lambda name: calibration.read(name) if name in calibration.inputs else source.read(name))
         plan.limits = index_limits(module, context)
         for b in backends:
             b.check(plan)
@@ -166,12 +189,36 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             stdout.write(stages[options.emit].emit(plan, options.emit))
         if out is not None:
             with stage("bundle writer"):
-                _write_bundle(source, module, plan, backends, out, options, input_ir, optimized_ir, progress,
+                _write_bundle(source, read, module, plan, backends, out, options, input_ir, optimized_ir, progress,
                               dict(ctx.report), context)
             progress(f"wrote {out}")
         return plan
     finally:
+        if calibration is not None:
+            calibration.close()
         source.close()
+
+
+def _calibrate(source, options: CompileOptions, progress: Callable[[str], None]):
+    """Hessians of the linears' inputs on --calibration text (llmirc/calibration.py)."""
+    from llmirc.calibration import calibrate, windows
+    from llmirc.runtime.tokenizer import Tokenizer
+
+    files = {p.name: p for p in source.tokenizer_files()}
+    if "tokenizer.json" not in files:
+        raise LlmircError(f"--calibration: {source.root} has no tokenizer.json to tokenize the text with")
+    try:
+        text = options.calibration.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmircError(f"--calibration {options.calibration}: cannot read it as UTF-8 text ({e})") from None
+    ids = Tokenizer.from_bundle_dir(files["tokenizer.json"].parent).encode(text, add_special_tokens=False)
+    limit = source.model_info()["context"].tokens
+    chunks = windows(ids, min(512, limit or 512), options.calibration_tokens)
+    module = source.module()  # a copy in full-sequence form: the passes rewrite the other one
+    run_passes(module, "canonicalize,cse", prefix=source.lowering, tail="dce",
+               ctx=make_context(read_weight=source.float32, add_weight=source.add_weight))
+    progress(f"calibration: {sum(map(len, chunks))} tokens of {options.calibration.name} in {len(chunks)} windows")
+    return calibrate(module, source.float32, chunks, progress)
 
 
 def format_report(source, report, generic: dict | None = None) -> str:
@@ -222,7 +269,7 @@ def model_facts(module) -> dict:
     return facts
 
 
-def _write_bundle(source, module, plan: Plan, backends: list, out: Path, options: CompileOptions, input_ir: str,
+def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, options: CompileOptions, input_ir: str,
                   optimized_ir: str, progress: Callable[[str], None], report: dict, context: Limit) -> None:
     info, facts = source.model_info(), model_facts(module)
     facts.update(full_sequence=plan.full_sequence, generic_ops=generic_ops(module))
@@ -234,11 +281,12 @@ def _write_bundle(source, module, plan: Plan, backends: list, out: Path, options
         total = sum(w.nbytes for w in plan.weights)
         progress(f"writing {len(plan.weights)} weights ({total / 2**20:.1f} MiB)")
         done, shown, parts = 0, 0, {}
+        slow = total > 2**30 or options.quant_method == "gptq"
         for w in plan.weights:
-            writer.write(w.name, w.materialize(source.read, parts))
+            writer.write(w.name, w.materialize(read, parts))
             source.drop_pages()  # the weights stream through: what was read need not stay resident
             done += w.nbytes
-            if total > 2**30 and done - shown >= total / 10:  # big models: a line per tenth
+            if slow and done - shown >= total / 10:  # big models and GPTQ: a line per tenth
                 shown = done
                 progress(f"  {100 * done // total}% of the weights written")
         writer.close()

@@ -62,6 +62,7 @@ class LlmirContext(Context):
     read_weight: Callable[[str], np.ndarray] | None = None
     add_weight: Callable[[str, np.ndarray], None] | None = None
     report: Counter = field(default_factory=Counter)  # rewrites done, see passes/report.py
+    calibration: object | None = None  # llmirc.calibration.Calibration: Hessians for quantize-weights' GPTQ
 
 
 def make_context(read_weight=None, add_weight=None) -> LlmirContext:

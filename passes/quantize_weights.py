@@ -20,12 +20,21 @@ split into the groups gets the largest smaller power-of-two group that does (576
 group-size 128: groups of 64; llama.cpp falls back to another type for such rows), down to 16;
 else it stays as it is (both counted in --report).
 
+`method`: rtn (round to nearest, the default) or gptq: each linear weight is quantized by GPTQ
+(llmirc/quant.py `gptq`) with the Hessian of its input that calibration collected
+(llmirc/calibration.py: `llmirc compile --quant-method gptq --calibration FILE`); the Hessian
+is an `llmir.weight` operand of the quantize op, so the IR shows which weights it serves.
+Embedding tables have no input to calibrate and stay round-to-nearest.
+
 Before:  %w = "llmir.weight"() {weight = "...q_proj.weight"} : () -> tensor<64x64xf32>
          %y = "llmir.linear"(%x, %w) : (tensor<?x64xf32>, tensor<64x64xf32>) -> tensor<?x64xf32>
 After (bits=4):
          %q = "llmir.quantize"(%w) : (tensor<64x64xf32>) -> tensor<64x64x!llmir.quant<bits = 4, group_size = 32,
                                                                    scale = f16, zero = none>>
          %y = "llmir.linear"(%x, %q) : (tensor<?x64xf32>, tensor<64x64x!llmir.quant<...>>) -> tensor<?x64xf32>
+After (bits=4 method=gptq):
+         %h = "llmir.weight"() {weight = "calibration.hessian.0"} : () -> tensor<64x64xf32>
+         %q = "llmir.quantize"(%w, %h) : (tensor<64x64xf32>, tensor<64x64xf32>) -> tensor<64x64x!llmir.quant<...>>
 """
 
 from __future__ import annotations
@@ -70,6 +79,7 @@ class QuantizeWeights(ModulePass):
     scale_dtype: str = "auto"
     keep: tuple[str, ...] = ("embedding",)
     lm_head_bits: int = 8
+    method: str = "rtn"
 
     def scheme(self, k: int) -> Scheme:
         """The scheme for a weight of k inputs (option values checked here)."""
@@ -94,6 +104,17 @@ class QuantizeWeights(ModulePass):
             raise LlmircError(f"{self.name}: lm-head-bits must be 8 or 4, got {self.lm_head_bits}")
         return dataclasses.replace(self, bits=4).scheme(k)
 
+    def calibration(self, ctx: Context):
+        """The calibration GPTQ reads (None for round to nearest)."""
+        if self.method not in ("rtn", "gptq"):
+            raise LlmircError(f"{self.name}: method must be rtn or gptq, got {self.method!r}")
+        if self.method == "rtn":
+            return None
+        calibration = getattr(ctx, "calibration", None)
+        if calibration is None:
+            raise LlmircError(f"{self.name}: method=gptq needs calibration data (llmirc compile --calibration FILE)")
+        return calibration
+
     def kept(self, user, w: SSAValue, lm_head) -> bool:
         if "none" in self.keep:
             return False
@@ -108,6 +129,7 @@ class QuantizeWeights(ModulePass):
         if self.bits == 0:
             return
         self.scheme(64), self.head_scheme(64)  # bad options fail before anything changes
+        calibration = self.calibration(ctx)
         ret = forward_func(op).get_return_op()
         logits = ret.operands[0] if ret is not None and ret.operands else None
         lm_head = logits.owner if logits is not None and isinstance(logits.owner, L.LinearOp) else None
@@ -139,9 +161,19 @@ class QuantizeWeights(ModulePass):
                 note(ctx, f"{self.name}: kept a weight of {k} inputs in float (groups of {scheme.group_size})")
                 continue
             qtype = L.QuantType(scheme.bits, scheme.group_size, L.FLOAT_TYPES[scheme.scale_dtype], scheme.zero)
-            key = (w, qtype)
+            hessian = None
+            if calibration is not None and isinstance(user, L.LinearOp):
+                hessian = calibration.hessian_for(source_names(w))
+                if hessian is None:
+                    raise LlmircError(f"{self.name}: no calibration data for {', '.join(source_names(w))}")
+            key = (w, qtype, hessian)
             if key not in made:
-                q = L.QuantizeOp(w, qtype)
+                h = None
+                if hessian is not None:
+                    h = L.WeightOp(hessian, (k, k))
+                    user.parent_block().insert_op_before(h, user)
+                    note(ctx, f"{self.name}: GPTQ with calibration")
+                q = L.QuantizeOp(w, qtype, h.result if h else None)
                 user.parent_block().insert_op_before(q, user)
                 made[key] = q.result
                 if user is not lm_head:

@@ -100,8 +100,9 @@ class WeightEntry:
 
     `expr` is ("tensor", name, stored dtype) | ("value", bytes, shape, dtype) (a folded
     constant) | ("transpose", expr) | ("concat", (expr, ...)) (along rows) | ("cast", expr, dtype)
-    | ("quantize", expr, scheme, part) (one part of the float expr quantized: codes, scales,
-    zeros or perm; llmirc/quant.py) | ("packed", format, name, scheme, k, part) (one part of a
+    | ("quantize", expr, scheme, hessian, part) (one part of the float expr quantized: codes,
+    scales, zeros or perm; llmirc/quant.py; round to nearest when `hessian` is None, else GPTQ
+    with that float32 expr) | ("packed", format, name, scheme, k, part) (one part of a
     checkpoint's quantized weight, repacked: llmirc/frontend/packed.py).
     `dtype` is a llmirc.dtypes name: float32, bfloat16 or float16 for what llmir kernels read,
     uint8/int32 and the scale dtype for quantized parts; the generic kernels of full-sequence
@@ -145,8 +146,11 @@ class WeightEntry:
                 a, d = ev(e[1])
                 return np.ascontiguousarray(a.T), d
             if e[0] == "quantize":
-                parts = _parts(cache, e[:3], lambda: quant.quantize(dtypes.to_float32(*ev(e[1])), e[2]))
-                return parts[e[3]], dtypes.dtype(e[2].part_dtype(e[3]))
+                def make():
+                    w = dtypes.to_float32(*ev(e[1]))
+                    return quant.quantize(w, e[2]) if e[3] is None else quant.gptq(w, ev(e[3])[0], e[2])
+                parts = _parts(cache, e[:4], make)
+                return parts[e[4]], dtypes.dtype(e[2].part_dtype(e[4]))
             if e[0] == "packed":
                 from llmirc.frontend.packed import repack
 
@@ -646,7 +650,8 @@ def _weight_expr(v: SSAValue) -> tuple[tuple, str]:
         return ("cast", expr, _ir_dtype(v)), name
     if isinstance(op, L.QuantizeOp):
         expr, name = _weight_expr(op.input)
-        return ("quantize", expr, quant_scheme(v.type.element_type)), name
+        hessian = _weight_expr(op.hessian)[0] if op.hessian is not None else None
+        return ("quantize", expr, quant_scheme(v.type.element_type), hessian), name
     if isinstance(op, L.PackedWeightOp):
         name = op.weight.data
         return ("packed", op.format.data, name, quant_scheme(v.type.element_type), L.shape_of(v)[1]), name + ".weight"

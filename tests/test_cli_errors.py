@@ -332,6 +332,11 @@ BAD_OPTIONS = {
     "block-size-twice": (["--block-size", "8", "--passes", "paged-kv{block-size=16}"], ["--block-size", "one place"]),
     "kv-cache-dtype": (["--kv-cache-dtype", "int3"], ["--kv-cache-dtype", "unknown dtype 'int3'"]),
     "max-model-len-too-long": (["--max-model-len", "600"], ["--max-model-len 600", "exceeds the 512 tokens"]),
+    "gptq-without-calibration": (["--quant", "int4", "--quant-method", "gptq"], ["--quant-method gptq", "--calibration"]),
+    "gptq-without-quant": (["--quant-method", "gptq", "--calibration", "README.md"], ["--quant-method gptq", "--quant"]),
+    "calibration-without-gptq": (["--quant", "int4", "--calibration", "README.md"], ["--calibration", "gptq"]),
+    "calibration-missing": (["--quant", "int4", "--quant-method", "gptq", "--calibration", "no-such.txt"],
+                            ["--calibration no-such.txt", "no such file"]),
 }
 
 
@@ -340,6 +345,22 @@ def test_compile_bad_option(ckpt, tmp_path, case):
     args, needles = BAD_OPTIONS[case]
     out = tmp_path / "out.llmir"
     assert_user_error(llmirc("compile", ckpt, "-o", out, "-q", *args), *needles)
+    assert not out.exists() and leftovers(out) == []
+
+
+@pytest.mark.parametrize("case", ["not-utf8", "too-short", "no-tokenizer"])
+def test_compile_bad_calibration(ckpt, tmp_path, case):
+    """--calibration text GPTQ cannot use: one error line, no bundle."""
+    text = tmp_path / "calibration.txt"
+    text.write_bytes(b"\xff\xfe caf\xe9" if case == "not-utf8" else b"hi")
+    if case == "no-tokenizer":
+        text.write_text("Some English text to calibrate on. " * 20)
+        shutil.copytree(ckpt, tmp_path / "ckpt", ignore=shutil.ignore_patterns("tokenizer*"))
+    out = tmp_path / "out.llmir"
+    r = llmirc("compile", tmp_path / "ckpt" if case == "no-tokenizer" else ckpt, "-o", out, "-q", "--quant", "int4",
+               "--quant-method", "gptq", "--calibration", text)
+    assert_user_error(r, "--calibration", {"not-utf8": "UTF-8", "too-short": "at least 16 tokens",
+                                           "no-tokenizer": "no tokenizer.json"}[case])
     assert not out.exists() and leftovers(out) == []
 
 

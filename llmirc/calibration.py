@@ -1,0 +1,291 @@
+"""Calibration for GPTQ: the inputs every linear op sees on sample text, as Hessians X^T X / N.
+
+`llmirc compile ... --quant int4 --quant-method gptq --calibration FILE` tokenizes FILE with
+the checkpoint's tokenizer, cuts the ids into windows of `context` tokens (at most `max_tokens`
+in all), and runs the front end's full-sequence forward (llmir ops before paged-kv: causal
+attention within each window) once over all windows in float32 NumPy. At each linear op it
+takes X [N, k], the rows of its input over all windows, and stores H = X^T X / N (float32
+[k, k]) in a file of a temporary folder, read back memory-mapped when the bundle writer
+quantizes that weight (llmirc/quant.py `gptq`). The quantize-weights pass names each Hessian
+as a weight (`calibration.hessian.<i>`) and gives it to the `llmir.quantize` op.
+
+This is compile-time analysis, not an execution path: the bundle's kernels are what run the
+model. The Hessians come from the float model in one pass (the GPTQ reference feeds each layer
+the outputs of the layers already quantized); a weight read by several linears (a tied LM head)
+gets the sum of their Hessians. Models that keep ONNX ops (full-sequence models) are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.ir import Operation, SSAValue
+
+from llmirc import dialect as L
+from llmirc.errors import LlmircError
+from llmirc.passes.func_args import arg_names, forward_func
+from llmirc.passes.quantize_weights import source_names
+
+PREFIX = "calibration.hessian."
+
+
+class Calibration:
+    """The Hessians of one compile, in a temporary folder (removed by `close`)."""
+
+    def __init__(self, tokens: int, windows: int):
+        self.tokens, self.windows = tokens, windows
+        self._dir = tempfile.TemporaryDirectory(prefix="llmirc-calibration-")
+        self.by_weight: dict[str, str] = {}   # checkpoint tensor of a linear's weight -> Hessian name
+        self.inputs: dict[str, int] = {}      # Hessian name -> k
+
+    def hessian_for(self, weights: list[str]) -> str | None:
+        """The Hessian of a weight made of the checkpoint tensors `weights` (stacked along the
+        outputs, as fuse-linears does): theirs when they all have the same one, else None."""
+        found = {self.by_weight.get(n) for n in weights}
+        return found.pop() if len(found) == 1 else None
+
+    def read(self, name: str) -> np.ndarray:
+        """Hessian `name` (float32 [k, k], memory-mapped)."""
+        return np.load(self._path(name), mmap_mode="r")
+
+    def _path(self, name: str) -> Path:
+        return Path(self._dir.name) / f"{name}.npy"
+
+    def _add(self, weights: list[str], x: np.ndarray, known: str | None) -> str:
+        """Records the Hessian of input rows x for the linear reading `weights`: `known` (the
+        Hessian of the same input, for another linear) or a new one. Returns its name."""
+        name = next((self.by_weight[n] for n in weights if n in self.by_weight), None)
+        if name is not None and name != known:  # one weight read by linears of different inputs: errors add up
+            h = self.read(name) + _hessian(x)
+        elif known is not None:
+            name, h = known, None
+        else:
+            name, h = f"{PREFIX}{len(self.inputs)}", _hessian(x)
+        if h is not None:
+            if not np.isfinite(h).all():
+                raise LlmircError(f"--calibration: the inputs of the linear reading {weights[0]} overflow float32")
+            np.save(self._path(name), h)
+            self.inputs[name] = h.shape[0]
+        for n in weights:
+            self.by_weight[n] = name
+        return name
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+def _hessian(x: np.ndarray) -> np.ndarray:
+    """X^T X / N (float32 [k, k]) of rows x [N, k], each row first scaled to the rows' median
+    norm. A few tokens (the first of each window, as attention sinks) carry activations
+    hundreds of times larger than the rest; unscaled, they decide H, and GPTQ then serves them
+    at the others' cost: on SmolLM2-135M (int4, groups of 64/128) perplexity 15.37 against the
+    scaled rows' 14.01 (round to nearest: 15.28; BENCHMARKS.md)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x = x * np.divide(np.median(norms), norms, out=np.zeros_like(norms), where=norms > 0)
+    return (x.T @ x / np.float32(len(x))).astype(np.float32)
+
+
+def windows(ids: list[int], context: int, max_tokens: int) -> list[np.ndarray]:
+    """Consecutive windows of `context` ids (the last may be shorter, if at least 16 long), up to
+    max_tokens ids in all. Raises LlmircError when there are fewer than 16 ids."""
+    ids = ids[:max_tokens]
+    if len(ids) < 16:
+        raise LlmircError(f"--calibration: {len(ids)} tokens; GPTQ needs text of at least 16 tokens "
+                          "(a few thousand are better)")
+    out = [np.asarray(ids[i:i + context], np.int32) for i in range(0, len(ids), context)]
+    return out if len(out) == 1 or len(out[-1]) >= 16 else out[:-1]
+
+
+def calibrate(module: ModuleOp, read: Callable[[str], np.ndarray], token_windows: list[np.ndarray],
+              progress: Callable[[str], None] = lambda s: None) -> Calibration:
+    """Runs the forward of `module` (full-sequence llmir ops) on the windows and collects the
+    Hessian of every linear op with a float weight. `read(name)`: a weight as float32.
+    Raises LlmircError for an op it cannot run (ONNX ops, a paged KV cache)."""
+    f = forward_func(module)
+    names = arg_names(f)
+    ids = np.concatenate(token_windows)
+    positions = np.concatenate([np.arange(len(w), dtype=np.int32) for w in token_windows])
+    starts = np.cumsum([0] + [len(w) for w in token_windows])
+    args = {"token_ids": ids, "positions": positions}
+    cal = Calibration(len(ids), len(token_windows))
+    ops = list(f.body.block.ops)
+    consumed = _consumed(ops)
+    last_use = {v: i for i, op in enumerate(ops) for v in op.operands}
+    env: dict[SSAValue, np.ndarray] = {}
+    for a, n in zip(f.args, names):
+        if n in args:
+            env[a] = args[n]
+    linears = sum(isinstance(op, L.LinearOp) for op in ops)
+    seen, shown = 0, time.monotonic()
+    by_input: dict[SSAValue, str] = {}  # q, k and v (gate and up) share their input's Hessian
+    try:
+        for i, op in enumerate(ops):
+            if op not in consumed or _is_weight(op):
+                continue
+            if isinstance(op, L.LinearOp):
+                x = _get(env, op.input, read)
+                if L.is_float(op.weight.type.element_type):
+                    by_input[op.input] = cal._add(source_names(op.weight), x, by_input.get(op.input))
+                seen += 1
+                if time.monotonic() - shown > 5:
+                    shown = time.monotonic()
+                    progress(f"  calibration: {seen} of {linears} linears")
+                if op.result in consumed:
+                    env[op.result] = _linear(op, x, read, env)
+            else:
+                env.update(zip(op.results, _run(op, env, read, starts)))
+            for v in set(op.operands):
+                if last_use.get(v) == i:
+                    env.pop(v, None)
+    except BaseException:
+        cal.close()
+        raise
+    return cal
+
+
+def _consumed(ops: list[Operation]) -> set:
+    """Ops (and values) whose results something other than the return needs, and every linear
+    (its input is what calibration is for)."""
+    consumed: set = set()
+    for op in reversed(ops):
+        if isinstance(op, func.ReturnOp):
+            continue
+        needed = [r for r in op.results if any(u.operation in consumed for u in r.uses)]
+        if needed or isinstance(op, L.LinearOp):
+            consumed.add(op)
+            consumed.update(needed)
+    return consumed
+
+
+def _is_weight(op: Operation) -> bool:
+    return isinstance(op, (L.WeightOp, L.ConstantOp, L.ConcatOp, L.TransposeOp, L.CastOp, L.PackedWeightOp))
+
+
+def _weight(v: SSAValue, read) -> np.ndarray:
+    """A weight value as float32 (computed per use: weights are not kept)."""
+    op = v.owner
+    if isinstance(op, L.WeightOp):
+        return np.asarray(read(op.weight.data), np.float32)
+    if isinstance(op, L.ConstantOp):
+        from llmirc.frontend.onnx_dialect import constant_value
+
+        return np.asarray(constant_value(op.value), np.float32)
+    if isinstance(op, L.TransposeOp):
+        return _weight(op.input, read).T
+    if isinstance(op, L.CastOp):
+        return _weight(op.input, read)
+    if isinstance(op, L.ConcatOp):
+        return np.concatenate([_weight(x, read) for x in op.inputs], axis=op.axis.value.data)
+    if isinstance(op, L.PackedWeightOp):
+        from llmirc import quant
+        from llmirc.frontend.packed import repack
+        from llmirc.targets.plan import quant_scheme
+
+        scheme, k = quant_scheme(v.type.element_type), L.shape_of(v)[1]
+        return quant.dequantize(repack(op.format.data, op.weight.data, scheme, k, read), scheme, k).astype(np.float32)
+    raise LlmircError(f"--quant-method gptq: cannot calibrate through {op.name}")
+
+
+def _get(env: dict, v: SSAValue, read) -> np.ndarray:
+    if v in env:
+        return env[v]
+    if isinstance(v.owner, Operation) and _is_weight(v.owner):
+        return _weight(v, read)
+    raise LlmircError(f"--quant-method gptq: cannot calibrate: the forward reads {v.name_hint or 'an argument'} "
+                      "(only token_ids and positions are known)")
+
+
+def _linear(op: L.LinearOp, x: np.ndarray, read, env) -> np.ndarray:
+    y = x @ _weight(op.weight, read).T
+    if op.bias is not None:
+        y += _get(env, op.bias, read)
+    if op.residual is not None:
+        y += _get(env, op.residual, read)
+    return y
+
+
+def _act(name: str, x: np.ndarray) -> np.ndarray:
+    if name == "silu":
+        return x / (1 + np.exp(-x))
+    if name == "relu":
+        return np.maximum(x, 0)
+    if name == "gelu":
+        from math import sqrt
+
+        erf = np.vectorize(math.erf, otypes=[np.float64])
+        return (0.5 * x * (1 + erf(x / sqrt(2)))).astype(np.float32)
+    return 0.5 * x * (1 + np.tanh(np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * x ** 3)))
+
+
+def _run(op: Operation, env: dict, read, starts: np.ndarray) -> list[np.ndarray]:
+    get = lambda v: _get(env, v, read)  # noqa: E731
+    if isinstance(op, L.EmbeddingOp):
+        return [_weight(op.table, read)[get(op.token_ids)]]
+    if isinstance(op, L.RMSNormOp):
+        x = get(op.input)
+        return [x / np.sqrt(np.mean(x * x, -1, keepdims=True) + np.float32(op.eps.value.data)) * get(op.weight)]
+    if isinstance(op, L.LayerNormOp):
+        x = get(op.input)
+        x = x - x.mean(-1, keepdims=True)
+        y = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + np.float32(op.eps.value.data)) * get(op.weight)
+        return [y + get(op.bias) if op.bias is not None else y]
+    if isinstance(op, L.RopeOp):
+        return [_rope(op, get(op.input), get(op.positions))]
+    if isinstance(op, L.AttentionOp):
+        return [_attention(op, get(op.q), get(op.k), get(op.v), starts)]
+    if isinstance(op, L.ActMulOp):
+        return [_act(op.act.data, get(op.gate)) * get(op.up)]
+    if isinstance(op, L.ActOp):
+        return [_act(op.act.data, get(op.input))]
+    if isinstance(op, L.AddOp):
+        return [get(op.lhs) + get(op.rhs)]
+    if isinstance(op, L.SplitOp):
+        x = get(op.input)
+        edges = np.cumsum(op.sizes.get_values())[:-1]
+        return np.split(x, edges, axis=1)
+    raise LlmircError(f"--quant-method gptq: cannot calibrate a forward holding {op.name} "
+                      "(GPTQ needs a model whose ops all have llmir kernels)")
+
+
+def _rope(op: L.RopeOp, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    h, d = op.num_heads.value.data, op.head_dim.value.data
+    inv = np.asarray(op.inv_freq.get_values(), np.float32)
+    half = len(inv)
+    ang = pos.astype(np.float32)[:, None] * inv[None, :]
+    c = (np.cos(ang) * op.scaling.value.data)[:, None, :].astype(np.float32)
+    s = (np.sin(ang) * op.scaling.value.data)[:, None, :].astype(np.float32)
+    x = x.reshape(len(x), h, d)
+    out = x.copy()
+    if op.style.data == "neox":
+        i1, i2 = np.arange(half), np.arange(half, 2 * half)
+    else:
+        i1, i2 = np.arange(0, 2 * half, 2), np.arange(1, 2 * half, 2)
+    x1, x2 = x[:, :, i1], x[:, :, i2]
+    out[:, :, i1], out[:, :, i2] = x1 * c - x2 * s, x2 * c + x1 * s
+    return out.reshape(len(x), h * d)
+
+
+def _attention(op: L.AttentionOp, q: np.ndarray, k: np.ndarray, v: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Causal attention within each window (grouped-query; a sliding window when set)."""
+    h, g, d = (a.value.data for a in (op.num_heads, op.num_kv_heads, op.head_dim))
+    win, scale = op.sliding_window.value.data, op.scale.value.data
+    out = np.empty_like(q)
+    for a, b in zip(starts[:-1], starts[1:]):
+        n = b - a
+        qs = q[a:b].reshape(n, g, h // g, d).transpose(1, 2, 0, 3)   # [g, r, n, d]
+        ks = k[a:b].reshape(n, g, d).transpose(1, 0, 2)[:, None]       # [g, 1, n, d]
+        vs = v[a:b].reshape(n, g, d).transpose(1, 0, 2)[:, None]
+        s = (qs @ ks.transpose(0, 1, 3, 2)) * np.float32(scale)        # [g, r, n, n]
+        i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+        s = np.where((j <= i) & ((i - j < win) if win else True), s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        o = (p / p.sum(-1, keepdims=True)) @ vs                         # [g, r, n, d]
+        out[a:b] = o.transpose(2, 0, 1, 3).reshape(n, h * d)
+    return out
