@@ -98,7 +98,7 @@ def cli(debug: bool) -> None:
 @click.option("--calibration", type=click.Path(path_type=Path), default=None, metavar="FILE",
               help="UTF-8 text for --quant-method gptq, tokenized with the checkpoint's tokenizer (use text other "
                    "than what you evaluate on).")
-@click.option("--calibration-tokens", type=click.IntRange(min=16), default=4096, show_default=True,
+@click.option("--calibration-tokens", type=click.IntRange(min=16), default=8192, show_default=True,
               help="At most this many tokens of --calibration, in windows of up to 512.")
 @click.option("--report", is_flag=True, help="Print what the passes fused or rewrote, and how often.")
 @click.option("--dequantize", is_flag=True, help="Expand quantized tensors (GGUF Q8_0, Q4_K, ...) to float32; "

@@ -50,7 +50,7 @@ class CompileOptions:
     quant_lm_head: str = "int8"         # int8 (per output row) or int4: an LM head not kept
     quant_method: str = "rtn"           # rtn (round to nearest) or gptq (needs `calibration`)
     calibration: Path | None = None     # text file GPTQ calibrates on
-    calibration_tokens: int = 4096      # at most this many of its tokens
+    calibration_tokens: int = 8192      # at most this many of its tokens
     dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of keeping them
     block_size: int | None = None       # KV cache block (tokens); None: the pipeline's (16)
     max_model_len: int | None = None    # the context the bundle states (<= the checkpoint's)
@@ -154,6 +154,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         if options.quant_method == "gptq":
             with stage("calibration"):
                 ctx.calibration = calibration = _calibrate(source, options, progress)
+            ctx.report[f"calibration (GPTQ): {calibration.tokens} tokens of {options.calibration.name} in "
+                       f"{calibration.windows} windows"] += 1
         input_ir = print_ir(module) if out is not None else ""  # only the bundle keeps it
         progress("running passes")
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,

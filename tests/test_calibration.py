@@ -119,6 +119,8 @@ def test_gptq_bundle(tmp_path):
     options = dict(quant="int4", quant_method="gptq", calibration=CALIBRATION, calibration_tokens=2048,
                    cpu_variants=("native",))
     compile_model(ckpt, tmp_path / "gptq.llmir", CompileOptions(**options), Progress(None))
+    rewrites = load(tmp_path / "gptq.llmir").bundle.manifest["rewrites"]  # kept for inspect
+    assert any(r.startswith("calibration (GPTQ): ") and "tokens of DESIGN.md" in r for r in rewrites), rewrites
     compile_model(ckpt, None, CompileOptions(**options, emit="mlir"), Progress(None), stdout=emitted)
     ir = emitted.getvalue()
     # q|k|v, o, gate|up, down per layer and the LM head: each quantize op reads a Hessian
