@@ -163,12 +163,15 @@ def gptq(w: np.ndarray, h: np.ndarray, scheme: Scheme, damp: float = 0.01, block
     rounding error spread over the columns not yet quantized through the upper Cholesky factor
     U of H^-1 (lazy updates in blocks of `block` columns); H gets `damp` times its mean diagonal
     added (the paper's 1%); inputs never seen (zero diagonal) get weight 0. Columns go in
-    decreasing order of H's diagonal ("act-order"), and each group keeps the round-to-nearest
-    scale (and zero point) of the weights as they were (AutoGPTQ's desc_act with static_groups),
-    so the stored layout is the plain one. On SmolLM2-135M (int4, groups of 64/128) the
-    plain column order with each group's scale taken when its first column comes gave
-    perplexity 14.84 against act-order's 14.01 (BENCHMARKS.md). With h = I the result equals
-    `quantize(w, scheme)`. float64 throughout; O(n k^2 + k^3).
+    decreasing order of H's diagonal ("act-order"), and each group's scale (and zero point) is
+    fixed before, from the weights as they were (AutoGPTQ's desc_act with static_groups), so the
+    stored layout is the plain one: round to nearest's scale times the factor of 1, 0.975, ...,
+    0.7 whose rounding error, weighted by H's diagonal, is least (as GPTQ's `mse` grid search and
+    llama.cpp's importance-weighted scale search do). Measured on SmolLM2-135M (DESIGN.md,
+    "GPTQ"): the plain column order with each group's scale taken when its first column comes
+    gave perplexity 14.84, act-order with static groups 14.01, and with the scale search 13.06.
+    With h = I no error is spread, and each group's squared error is at most round to
+    nearest's (its scale is among those searched). float64 throughout; O(n k^2 + k^3).
 
     Raises ValueError when h is not [k, k] or not positive definite after damping ten-fold."""
     n, k = w.shape
@@ -182,7 +185,7 @@ def gptq(w: np.ndarray, h: np.ndarray, scheme: Scheme, damp: float = 0.01, block
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     g = scheme.group_size
-    s, off = _group_params(W.astype(np.float32).reshape(n, k // g, g), scheme)
+    s, off = _searched_params(W.reshape(n, k // g, g), np.diag(H).reshape(k // g, g), scheme)
     order = np.argsort(-np.diag(H), kind="stable")
     W, U = W[:, order], _inverse_cholesky(H[order][:, order], damp)
     u = np.empty((n, k), np.uint8)
@@ -198,6 +201,23 @@ def gptq(w: np.ndarray, h: np.ndarray, scheme: Scheme, damp: float = 0.01, block
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     return _parts_of(u, s, off, scheme)
+
+
+def _searched_params(x: np.ndarray, d: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
+    """`_group_params` of x (float [n, G, g]) with each scale shrunk by the factor (1, 0.975, ...,
+    0.7) that minimizes sum d (x - q)^2 over the group; d [G, g] >= 0 weighs the inputs."""
+    s0, off = _group_params(x.astype(np.float32), scheme)
+    best_s, best_e = s0, None
+    for factor in np.arange(1.0, 0.6999, -0.025):
+        s = _stored(s0 * np.float32(factor), scheme.scale_dtype)
+        q = _decode(_encode(x, s[..., None], off[..., None], scheme), s[..., None], off[..., None], scheme)
+        e = (d[None] * (x - q) ** 2).sum(-1)
+        if best_e is None:
+            best_e = e
+        else:
+            better = e < best_e
+            best_s, best_e = np.where(better, s, best_s), np.where(better, e, best_e)
+    return best_s, off
 
 
 def _inverse_cholesky(H: np.ndarray, damp: float) -> np.ndarray:
