@@ -103,11 +103,13 @@ def windows(ids: list[int], context: int, max_tokens: int) -> list[np.ndarray]:
     return out if len(out) == 1 or len(out[-1]) >= 16 else out[:-1]
 
 
-def calibrate(module: ModuleOp, read: Callable[[str], np.ndarray], token_windows: list[np.ndarray],
+def calibrate(module: ModuleOp, source, token_windows: list[np.ndarray],
               progress: Callable[[str], None] = lambda s: None) -> Calibration:
     """Runs the forward of `module` (full-sequence llmir ops) on the windows and collects the
-    Hessian of every linear op with a float weight. `read(name)`: a weight as float32.
-    Raises LlmircError for an op it cannot run (ONNX ops, a paged KV cache)."""
+    Hessian of every linear op with a float weight. `source`: the checkpoint the module was
+    built from (its `float32(name)` gives a weight as float32, its `read(name)` a packed
+    weight's tensors as stored). Raises LlmircError for an op it cannot run (ONNX ops, a paged
+    KV cache)."""
     f = forward_func(module)
     names = arg_names(f)
     ids = np.concatenate(token_windows)
@@ -130,7 +132,7 @@ def calibrate(module: ModuleOp, read: Callable[[str], np.ndarray], token_windows
             if op not in consumed or _is_weight(op):
                 continue
             if isinstance(op, L.LinearOp):
-                x = _get(env, op.input, read)
+                x = _get(env, op.input, source)
                 if L.is_float(op.weight.type.element_type):
                     by_input[op.input] = cal._add(source_names(op.weight), x, by_input.get(op.input))
                 seen += 1
@@ -138,9 +140,9 @@ def calibrate(module: ModuleOp, read: Callable[[str], np.ndarray], token_windows
                     shown = time.monotonic()
                     progress(f"  calibration: {seen} of {linears} linears")
                 if op.result in consumed:
-                    env[op.result] = _linear(op, x, read, env)
+                    env[op.result] = _linear(op, x, source, env)
             else:
-                env.update(zip(op.results, _run(op, env, read, starts)))
+                env.update(zip(op.results, _run(op, env, source, starts)))
             for v in set(op.operands):
                 if last_use.get(v) == i:
                     env.pop(v, None)
@@ -168,46 +170,47 @@ def _is_weight(op: Operation) -> bool:
     return isinstance(op, (L.WeightOp, L.ConstantOp, L.ConcatOp, L.TransposeOp, L.CastOp, L.PackedWeightOp))
 
 
-def _weight(v: SSAValue, read) -> np.ndarray:
+def _weight(v: SSAValue, source) -> np.ndarray:
     """A weight value as float32 (computed per use: weights are not kept)."""
     op = v.owner
     if isinstance(op, L.WeightOp):
-        return np.asarray(read(op.weight.data), np.float32)
+        return np.asarray(source.float32(op.weight.data), np.float32)
     if isinstance(op, L.ConstantOp):
         from llmirc.frontend.onnx_dialect import constant_value
 
         return np.asarray(constant_value(op.value), np.float32)
     if isinstance(op, L.TransposeOp):
-        return _weight(op.input, read).T
+        return _weight(op.input, source).T
     if isinstance(op, L.CastOp):
-        return _weight(op.input, read)
+        return _weight(op.input, source)
     if isinstance(op, L.ConcatOp):
-        return np.concatenate([_weight(x, read) for x in op.inputs], axis=op.axis.value.data)
+        return np.concatenate([_weight(x, source) for x in op.inputs], axis=op.axis.value.data)
     if isinstance(op, L.PackedWeightOp):
         from llmirc import quant
         from llmirc.frontend.packed import repack
         from llmirc.targets.plan import quant_scheme
 
         scheme, k = quant_scheme(v.type.element_type), L.shape_of(v)[1]
-        return quant.dequantize(repack(op.format.data, op.weight.data, scheme, k, read), scheme, k).astype(np.float32)
+        parts = repack(op.format.data, op.weight.data, scheme, k, source.read)
+        return quant.dequantize(parts, scheme, k).astype(np.float32)
     raise LlmircError(f"--quant-method gptq: cannot calibrate through {op.name}")
 
 
-def _get(env: dict, v: SSAValue, read) -> np.ndarray:
+def _get(env: dict, v: SSAValue, source) -> np.ndarray:
     if v in env:
         return env[v]
     if isinstance(v.owner, Operation) and _is_weight(v.owner):
-        return _weight(v, read)
+        return _weight(v, source)
     raise LlmircError(f"--quant-method gptq: cannot calibrate: the forward reads {v.name_hint or 'an argument'} "
                       "(only token_ids and positions are known)")
 
 
-def _linear(op: L.LinearOp, x: np.ndarray, read, env) -> np.ndarray:
-    y = x @ _weight(op.weight, read).T
+def _linear(op: L.LinearOp, x: np.ndarray, source, env) -> np.ndarray:
+    y = x @ _weight(op.weight, source).T
     if op.bias is not None:
-        y += _get(env, op.bias, read)
+        y += _get(env, op.bias, source)
     if op.residual is not None:
-        y += _get(env, op.residual, read)
+        y += _get(env, op.residual, source)
     return y
 
 
@@ -224,10 +227,10 @@ def _act(name: str, x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1 + np.tanh(np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * x ** 3)))
 
 
-def _run(op: Operation, env: dict, read, starts: np.ndarray) -> list[np.ndarray]:
-    get = lambda v: _get(env, v, read)  # noqa: E731
+def _run(op: Operation, env: dict, source, starts: np.ndarray) -> list[np.ndarray]:
+    get = lambda v: _get(env, v, source)  # noqa: E731
     if isinstance(op, L.EmbeddingOp):
-        return [_weight(op.table, read)[get(op.token_ids)]]
+        return [_weight(op.table, source)[get(op.token_ids)]]
     if isinstance(op, L.RMSNormOp):
         x = get(op.input)
         return [x / np.sqrt(np.mean(x * x, -1, keepdims=True) + np.float32(op.eps.value.data)) * get(op.weight)]

@@ -220,7 +220,7 @@ def _calibrate(source, options: CompileOptions, progress: Callable[[str], None])
     run_passes(module, "canonicalize,cse", prefix=source.lowering, tail="dce",
                ctx=make_context(read_weight=source.float32, add_weight=source.add_weight))
     progress(f"calibration: {sum(map(len, chunks))} tokens of {options.calibration.name} in {len(chunks)} windows")
-    return calibrate(module, source.float32, chunks, progress)
+    return calibrate(module, source, chunks, progress)
 
 
 def format_report(source, report, generic: dict | None = None) -> str:

@@ -83,16 +83,44 @@ def test_windows():
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen2", {}), ("mistral", dict(sliding_window=40)),
                                             ("gpt2", {})])
 def test_calibration_forward_matches_transformers(tmp_path, arch, overrides):
+    model = make_checkpoint(tmp_path, arch, tokenizer=True, **overrides)
+    linears = [m for m in model.modules() if type(m).__name__ in ("Linear", "Conv1D")]
+    assert check_hessians(model, tmp_path, tmp_path) == len(linears)
+
+
+@pytest.mark.slow
+def test_calibration_through_quantized_weights(tmp_path):
+    """Weights a checkpoint keeps quantized (GGUF Q8_0/Q4_0 next to F16; a GPTQ checkpoint's
+    packed linears) are dequantized for the forward; the float ones still get a Hessian."""
     import torch
 
-    model = make_checkpoint(tmp_path, arch, tokenizer=True, **overrides)
-    source = open_source(tmp_path)
-    ids = Tokenizer.from_bundle_dir(tmp_path).encode(CALIBRATION.read_text(), add_special_tokens=False)
+    from gguf_files import write_gguf
+    from test_gptq_awq import write_quantized
+
+    model = make_checkpoint(tmp_path / "hf", "llama", tokenizer=True)
+    write_gguf(model, tmp_path / "m.gguf", ("Q8_0", "Q4_0", "F16"))  # loads the stored values into model
+    check_hessians(model, tmp_path / "m.gguf", tmp_path / "hf")
+    model = make_checkpoint(tmp_path / "hf", "llama", tokenizer=True)
+    weights = write_quantized(tmp_path / "hf", tmp_path / "gptq", "gptq", 4, 32, sym=True)
+    with torch.no_grad():
+        for prefix, (w, _, _) in weights.items():
+            model.get_submodule(prefix).weight.copy_(torch.from_numpy(w))
+    check_hessians(model, tmp_path / "gptq", tmp_path / "hf")
+
+
+def check_hessians(model, path: Path, tokenizer_dir: Path) -> int:
+    """The calibration forward of the checkpoint at `path` gives the Hessians of the inputs of
+    `model`'s linears (the float linears: a packed one has none), on the same windows. Returns
+    how many linears it checked."""
+    import torch
+
+    source = open_source(path)
+    ids = Tokenizer.from_bundle_dir(tokenizer_dir).encode(CALIBRATION.read_text(), add_special_tokens=False)
     chunks = windows(ids, 100, 250)  # 100, 100, 50 tokens
     module = source.module()
     run_passes(module, "canonicalize,cse", prefix=source.lowering, tail="dce",
                ctx=make_context(read_weight=source.float32))
-    cal = calibrate(module, source.float32, chunks)
+    cal = calibrate(module, source, chunks)
     rows: dict[str, list] = {}
     hooks = [m.register_forward_pre_hook(lambda m, a, name=name: rows.setdefault(name, []).append(a[0][0]))
              for name, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")]
@@ -101,14 +129,19 @@ def test_calibration_forward_matches_transformers(tmp_path, arch, overrides):
             model(torch.tensor(c[None].astype(np.int64)))
     for h in hooks:
         h.remove()
-    assert len(rows) == len(cal.by_weight)  # every linear, the LM head (tied or not) included
+    tied = [n for n in cal.by_weight if n.endswith(("wte.weight", "embed_tokens.weight"))]
+    checked = 0
     for name, xs in rows.items():
-        weight = f"{name}.weight" if f"{name}.weight" in cal.by_weight else next(  # a tied LM head
-            n for n in cal.by_weight if n.endswith(("wte.weight", "embed_tokens.weight")))
+        weight = f"{name}.weight" if f"{name}.weight" in cal.by_weight or not tied else tied[0]
+        if weight not in cal.by_weight:  # packed
+            continue
         want = _hessian(torch.cat(xs).double().numpy())
         got = np.asarray(cal.read(cal.by_weight[weight]), np.float64)
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), name
+        checked += 1
+    assert checked == len(cal.by_weight) >= 1  # every float linear, the LM head (tied or not) included
     cal.close()
+    return checked
 
 
 @pytest.mark.slow
