@@ -92,13 +92,26 @@ def _hessian(x: np.ndarray) -> np.ndarray:
     return (x.T @ x / np.float32(len(x))).astype(np.float32)
 
 
-def windows(ids: list[int], context: int, max_tokens: int) -> list[np.ndarray]:
-    """Consecutive windows of `context` ids (the last may be shorter, if at least 16 long), up to
-    max_tokens ids in all. Raises LlmircError when there are fewer than 16 ids."""
-    ids = ids[:max_tokens]
-    if len(ids) < 16:
-        raise LlmircError(f"--calibration: {len(ids)} tokens; GPTQ needs text of at least 16 tokens "
-                          "(a few thousand are better)")
+def read_token_ids(path: Path, encode: Callable[[str], list[int]], max_tokens: int) -> list[int]:
+    """The first `max_tokens` token ids of the UTF-8 text file `path` (`encode`: text -> ids),
+    tokenizing a prefix of it that ends at a space or newline: 8 characters per token at first,
+    twice as many while that gives no more than max_tokens ids, so that a huge file is not read
+    whole. Raises OSError and UnicodeDecodeError (for the part read)."""
+    with open(path, encoding="utf-8") as f:
+        text, size = "", 8 * max_tokens
+        while chunk := f.read(size - len(text)):
+            text += chunk
+            cut = max(text.rfind(" "), text.rfind("\n"))
+            ids = encode(text[:cut]) if cut > 0 else []
+            if len(ids) > max_tokens:
+                return ids[:max_tokens]
+            size *= 2
+    return encode(text)[:max_tokens]
+
+
+def windows(ids: list[int], context: int) -> list[np.ndarray]:
+    """Consecutive windows of `context` ids; the last may be shorter, and is dropped when under
+    16 ids unless it is the only one."""
     out = [np.asarray(ids[i:i + context], np.int32) for i in range(0, len(ids), context)]
     return out if len(out) == 1 or len(out[-1]) >= 16 else out[:-1]
 
@@ -128,24 +141,25 @@ def calibrate(module: ModuleOp, source, token_windows: list[np.ndarray],
     seen, shown = 0, time.monotonic()
     by_input: dict[SSAValue, str] = {}  # q, k and v (gate and up) share their input's Hessian
     try:
-        for i, op in enumerate(ops):
-            if op not in consumed or _is_weight(op):
-                continue
-            if isinstance(op, L.LinearOp):
-                x = _get(env, op.input, source)
-                if L.is_float(op.weight.type.element_type):
-                    by_input[op.input] = cal._add(source_names(op.weight), x, by_input.get(op.input))
-                seen += 1
-                if time.monotonic() - shown > 5:
-                    shown = time.monotonic()
-                    progress(f"  calibration: {seen} of {linears} linears")
-                if op.result in consumed:
-                    env[op.result] = _linear(op, x, source, env)
-            else:
-                env.update(zip(op.results, _run(op, env, source, starts)))
-            for v in set(op.operands):
-                if last_use.get(v) == i:
-                    env.pop(v, None)
+        with np.errstate(all="ignore"):  # an overflow shows as a Hessian not finite: one error line
+            for i, op in enumerate(ops):
+                if op not in consumed or _is_weight(op):
+                    continue
+                if isinstance(op, L.LinearOp):
+                    x = _get(env, op.input, source)
+                    if L.is_float(op.weight.type.element_type):
+                        by_input[op.input] = cal._add(source_names(op.weight), x, by_input.get(op.input))
+                    seen += 1
+                    if time.monotonic() - shown > 5:
+                        shown = time.monotonic()
+                        progress(f"  calibration: {seen} of {linears} linears")
+                    if op.result in consumed:
+                        env[op.result] = _linear(op, x, source, env)
+                else:
+                    env.update(zip(op.results, _run(op, env, source, starts)))
+                for v in set(op.operands):
+                    if last_use.get(v) == i:
+                        env.pop(v, None)
     except BaseException:
         cal.close()
         raise

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import hf_logits, make_checkpoint
+from helpers import hf_logits, make_checkpoint, make_tokenizer
 from llmirc import quant
-from llmirc.calibration import _hessian, calibrate, windows
+from llmirc.calibration import _hessian, calibrate, read_token_ids, windows
 from llmirc.driver import CompileOptions, Progress, compile_model
 from llmirc.frontend import open_source
 from llmirc.passes.pipeline import make_context, run_passes
@@ -34,6 +34,11 @@ SCHEMES = [quant.Scheme(4, 32), quant.Scheme(4, 64, "float16", "int"), quant.Sch
            quant.Scheme(4, 16, "bfloat16")]
 CALIBRATION = Path(__file__).resolve().parents[1] / "DESIGN.md"   # English prose, for a tokenizer of 384 ids
 HELD_OUT = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def make_tokenizer_dir(path: Path) -> Path:
+    make_tokenizer(path, 384)
+    return path
 
 
 @pytest.fixture
@@ -75,8 +80,32 @@ def test_gptq_dead_inputs_and_errors(rng):
 
 def test_windows():
     ids = list(range(1000))
-    assert [len(w) for w in windows(ids, 256, 600)] == [256, 256, 88]
-    assert [len(w) for w in windows(ids, 256, 520)] == [256, 256]  # a tail under 16 tokens is dropped
+    assert [len(w) for w in windows(ids[:600], 256)] == [256, 256, 88]
+    assert [len(w) for w in windows(ids[:520], 256)] == [256, 256]  # a tail under 16 tokens is dropped
+    assert [len(w) for w in windows(ids[:10], 256)] == [10]
+
+
+def test_read_token_ids(tmp_path):
+    """The first N ids of a file are those of the whole text, from a prefix of it (a huge file is
+    not read whole); a file shorter than asked gives all its ids."""
+    tokenizer = Tokenizer.from_bundle_dir(make_tokenizer_dir(tmp_path))
+    text = CALIBRATION.read_text() * 40  # ~1.4 MB
+    path = tmp_path / "text.txt"
+    path.write_text(text)
+    longest = []
+
+    def encode(t: str) -> list[int]:
+        longest.append(len(t))
+        return tokenizer.encode(t, add_special_tokens=False)
+
+    everything = tokenizer.encode(text, add_special_tokens=False)
+    for n in (16, 1000, 5000):
+        longest.clear()
+        assert read_token_ids(path, encode, n) == everything[:n]
+        assert max(longest) < len(text) / 4
+    assert read_token_ids(path, encode, len(everything) + 5) == everything
+    path.write_text("two words")
+    assert read_token_ids(path, encode, 1000) == tokenizer.encode("two words", add_special_tokens=False)
 
 
 @pytest.mark.slow
@@ -116,7 +145,7 @@ def check_hessians(model, path: Path, tokenizer_dir: Path) -> int:
 
     source = open_source(path)
     ids = Tokenizer.from_bundle_dir(tokenizer_dir).encode(CALIBRATION.read_text(), add_special_tokens=False)
-    chunks = windows(ids, 100, 250)  # 100, 100, 50 tokens
+    chunks = windows(ids[:250], 100)  # 100, 100, 50 tokens
     module = source.module()
     run_passes(module, "canonicalize,cse", prefix=source.lowering, tail="dce",
                ctx=make_context(read_weight=source.float32))

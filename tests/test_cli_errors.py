@@ -38,9 +38,9 @@ PROGRESS = re.compile(r"^\[\s*\d+\.\ds\] ")
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def llmirc(*args, cwd=None) -> subprocess.CompletedProcess:
+def llmirc(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llmirc.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=cwd, env=ENV)
+                          text=True, timeout=300, cwd=cwd, env=dict(ENV, **(env or {})))
 
 
 def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> str:
@@ -348,20 +348,44 @@ def test_compile_bad_option(ckpt, tmp_path, case):
     assert not out.exists() and leftovers(out) == []
 
 
-@pytest.mark.parametrize("case", ["not-utf8", "too-short", "no-tokenizer"])
+@pytest.mark.parametrize("case", ["not-utf8", "too-short", "empty", "directory", "no-tokenizer", "other-tokenizer",
+                                  "overflow"])
 def test_compile_bad_calibration(ckpt, tmp_path, case):
-    """--calibration text GPTQ cannot use: one error line, no bundle."""
+    """--calibration text GPTQ cannot use, or a model it cannot calibrate: one error line, no
+    bundle, no temporary folder left."""
     text = tmp_path / "calibration.txt"
-    text.write_bytes(b"\xff\xfe caf\xe9" if case == "not-utf8" else b"hi")
+    text.write_bytes({"not-utf8": b"\xff\xfe caf\xe9", "too-short": b"hi", "empty": b""}.get(case, b"Some text. " * 50))
+    model = ckpt
+    if case == "directory":
+        text = tmp_path
     if case == "no-tokenizer":
-        text.write_text("Some English text to calibrate on. " * 20)
-        shutil.copytree(ckpt, tmp_path / "ckpt", ignore=shutil.ignore_patterns("tokenizer*"))
+        model = tmp_path / "ckpt"
+        shutil.copytree(ckpt, model, ignore=shutil.ignore_patterns("tokenizer*"))
+    if case == "other-tokenizer":  # ids past the embedding table
+        import onnx
+        from test_onnx_fallback import bidirectional_decoder
+
+        model = tmp_path / "m.onnx"
+        onnx.save(bidirectional_decoder(vocab=64), model)
+        shutil.copy(ckpt / "tokenizer.json", tmp_path)
+    if case == "overflow":  # the float model's activations overflow float32
+        import torch
+
+        model = tmp_path / "ckpt"
+        hf = make_checkpoint(model, "llama", tokenizer=True)
+        with torch.no_grad():
+            hf.model.layers[1].post_attention_layernorm.weight.mul_(1e20)
+        hf.save_pretrained(model)
     out = tmp_path / "out.llmir"
-    r = llmirc("compile", tmp_path / "ckpt" if case == "no-tokenizer" else ckpt, "-o", out, "-q", "--quant", "int4",
-               "--quant-method", "gptq", "--calibration", text)
-    assert_user_error(r, "--calibration", {"not-utf8": "UTF-8", "too-short": "at least 16 tokens",
-                                           "no-tokenizer": "no tokenizer.json"}[case])
-    assert not out.exists() and leftovers(out) == []
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = llmirc("compile", model, "-o", out, "-q", "--quant", "int4", "--quant-method", "gptq", "--calibration", text,
+               env={"TMPDIR": str(tmp)})
+    assert_user_error(r, "--calibration", {
+        "not-utf8": "UTF-8", "too-short": "at least 16 tokens", "empty": "calibration.txt: 0 tokens",
+        "directory": "a directory", "no-tokenizer": "no tokenizer.json", "other-tokenizer": "past the 64 rows",
+        "overflow": "overflow float32"}[case])
+    assert not out.exists() and leftovers(out) == [] and list(tmp.iterdir()) == []
 
 
 def test_compile_warns_of_quant_options_without_effect(ckpt):
