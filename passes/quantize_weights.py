@@ -112,7 +112,8 @@ class QuantizeWeights(ModulePass):
             return None
         calibration = getattr(ctx, "calibration", None)
         if calibration is None:
-            raise LlmircError(f"{self.name}: method=gptq needs calibration data (llmirc compile --calibration FILE)")
+            raise LlmircError(f"{self.name}: method=gptq needs calibration data (llmirc compile --quant-method gptq "
+                              "--calibration FILE)")
         return calibration
 
     def kept(self, user, w: SSAValue, lm_head) -> bool:
