@@ -17,7 +17,11 @@ gets the sum of their Hessians. Models that keep ONNX ops (full-sequence models)
 
 from __future__ import annotations
 
+import getpass
 import math
+import os
+import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,19 +33,22 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
 
 from llmirc import dialect as L
+from llmirc.artifact_format.writer import _alive, _host
 from llmirc.errors import LlmircError
 from llmirc.passes.func_args import arg_names, forward_func
 from llmirc.passes.quantize_weights import source_names
 
 PREFIX = "calibration.hessian."
+FOLDER = "llmirc-calibration-"  # + host-pid-random, in the temporary directory (TMPDIR)
 
 
 class Calibration:
-    """The Hessians of one compile, in a temporary folder (removed by `close`)."""
+    """The Hessians of one compile, in a temporary folder (removed by `close`; by the next
+    GPTQ compile on this host when the process was killed: `remove_stale`)."""
 
     def __init__(self, tokens: int, windows: int):
         self.tokens, self.windows = tokens, windows
-        self._dir = tempfile.TemporaryDirectory(prefix="llmirc-calibration-")
+        self._dir = tempfile.TemporaryDirectory(prefix=f"{FOLDER}{_host()}-{os.getpid()}-")
         self.by_weight: dict[str, str] = {}   # checkpoint tensor of a linear's weight -> Hessian name
         self.inputs: dict[str, int] = {}      # Hessian name -> k
 
@@ -79,6 +86,20 @@ class Calibration:
 
     def close(self) -> None:
         self._dir.cleanup()
+
+
+def remove_stale() -> list[str]:
+    """Removes the Hessian folders that GPTQ compiles on this host left when they were killed
+    (SIGKILL, SIGTERM, out of memory: an 8B model's take 30 GB) and returns their names; the
+    folders of running compiles, other hosts and other users are left alone."""
+    pattern = re.compile(re.escape(FOLDER + _host()) + r"-(\d+)-\w+")
+    removed = []
+    for p in Path(tempfile.gettempdir()).glob(FOLDER + "*"):
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and p.owner() == getpass.getuser() and not _alive(int(m[1])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
 
 
 def _hessian(x: np.ndarray) -> np.ndarray:
@@ -129,6 +150,8 @@ def calibrate(module: ModuleOp, source, token_windows: list[np.ndarray],
     positions = np.concatenate([np.arange(len(w), dtype=np.int32) for w in token_windows])
     starts = np.cumsum([0] + [len(w) for w in token_windows])
     args = {"token_ids": ids, "positions": positions}
+    if removed := remove_stale():
+        progress(f"removed {', '.join(removed)}: Hessians of GPTQ compiles that were killed")
     cal = Calibration(len(ids), len(token_windows))
     ops = list(f.body.block.ops)
     consumed = _consumed(ops)
@@ -163,6 +186,8 @@ def calibrate(module: ModuleOp, source, token_windows: list[np.ndarray],
     except BaseException:
         cal.close()
         raise
+    size = sum(k * k * 4 for k in cal.inputs.values())
+    progress(f"calibration: {len(cal.inputs)} Hessians ({size / 2**20:.1f} MiB in {cal._dir.name})")
     return cal
 
 

@@ -467,6 +467,51 @@ def test_interrupted_compile_keeps_existing_bundle(ckpt, bundle, tmp_path):
     assert snapshot(out) == before and leftovers(out) == []
 
 
+def test_interrupted_gptq_compile_removes_its_hessians(ckpt, tmp_path):
+    """Ctrl-C during a GPTQ compile: exit 130 and no Hessian folder left in TMPDIR."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "compile", str(ckpt), "-o", str(tmp_path / "o.llmir"),
+                             "--cpu-variants", "native", "--quant", "int4", "--quant-method", "gptq",
+                             "--calibration", str(Path(__file__).parents[1] / "DESIGN.md")],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(ENV, TMPDIR=str(tmp)))
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "calibration: " in line:  # the forward over the text starts
+            proc.send_signal(signal.SIGINT)
+            break
+    err = "".join(seen) + proc.stderr.read()
+    proc.wait(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the compile finished before the interrupt arrived")
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert list(tmp.iterdir()) == [] and not (tmp_path / "o.llmir").exists()
+
+
+def test_gptq_compile_removes_hessians_of_killed_compiles(ckpt, tmp_path):
+    """A killed GPTQ compile's Hessian folder (its pid dead) goes at the next one; a running
+    compile's (a live pid) and another host's stay."""
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    tmp = tmp_path / "tmp"
+    names = [f"llmirc-calibration-{host}-{dead.pid}-x1", f"llmirc-calibration-{host}-{os.getpid()}-x2",
+             f"llmirc-calibration-elsewhere-{dead.pid}-x3"]
+    for name in names:
+        (tmp / name).mkdir(parents=True)
+        (tmp / name / "calibration.hessian.0.npy").write_bytes(b"x")
+    text = tmp_path / "text.txt"
+    text.write_text("Some text to calibrate on. " * 50)
+    r = llmirc("compile", ckpt, "--emit", "mlir", "--quant", "int4", "--quant-method", "gptq", "--calibration", text,
+               env={"TMPDIR": str(tmp)})
+    assert r.returncode == 0, r.stderr
+    assert f"removed {names[0]}: Hessians of GPTQ compiles that were killed" in r.stderr
+    assert sorted(p.name for p in tmp.iterdir()) == sorted(names[1:])
+
+
 # -- run / inspect / bench: bad bundles ----------------------------------------------------------
 
 def _manifest(fn):
