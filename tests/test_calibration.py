@@ -195,3 +195,23 @@ def test_gptq_bundle(tmp_path):
     err = {m: np.sqrt(((load(tmp_path / f"{m}.llmir").score(ids) - ref) ** 2).mean() / (ref ** 2).mean())
            for m in ("gptq", "rtn")}
     assert err["gptq"] < 0.9 * err["rtn"], err
+
+
+@pytest.mark.parametrize("head", ["int4", "int8"])
+def test_gptq_tied_table_and_head(tmp_path, head):
+    """--quant-keep none on a tied model: with the LM head in the table's type they share one GPTQ
+    copy (as round to nearest shares one); in another type the table rounds to nearest."""
+    model = make_checkpoint(tmp_path, "llama", tokenizer=True, tie_word_embeddings=True)
+    ir = {}
+    for method in ("rtn", "gptq"):
+        emitted = io.StringIO()
+        options = CompileOptions(quant="int4", quant_keep=("none",), quant_lm_head=head, quant_method=method,
+                                 calibration=CALIBRATION if method == "gptq" else None, calibration_tokens=512,
+                                 emit="mlir")
+        compile_model(tmp_path, None, options, Progress(None), stdout=emitted)
+        ir[method] = [line for line in emitted.getvalue().splitlines() if '"llmir.quantize"' in line]
+    assert len(ir["gptq"]) == len(ir["rtn"]) == (9 if head == "int4" else 10)
+    table = model.model.embed_tokens.weight.shape
+    of_table = [line for line in ir["gptq"] if f"tensor<{table[0]}x{table[1]}xf32>, tensor<{table[1]}x" in line
+                or f"(tensor<{table[0]}x{table[1]}xf32>) ->" in line]
+    assert [line.count("%") for line in of_table] == ([3] if head == "int4" else [2, 3])  # 3: with a Hessian
