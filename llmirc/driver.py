@@ -292,15 +292,16 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
             writer.declare(w.name, dtypes.dtype(w.dtype).safetensors, w.shape)
         total = sum(w.nbytes for w in plan.weights)
         progress(f"writing {len(plan.weights)} weights ({total / 2**20:.1f} MiB)")
-        done, shown, parts = 0, 0, {}
+        done, shown, parts, when = 0, 0, {}, time.monotonic()
         slow = total > 2**30 or options.quant_method == "gptq"
-        for w in plan.weights:
+        for i, w in enumerate(plan.weights):
             writer.write(w.name, w.materialize(read, parts))
             source.drop_pages()  # the weights stream through: what was read need not stay resident
             done += w.nbytes
-            if slow and done - shown >= total / 10:  # big models and GPTQ: a line per tenth
-                shown = done
-                progress(f"  {100 * done // total}% of the weights written")
+            # big models and GPTQ: a line per tenth, and every 5 s (GPTQ's time goes by weight, not by byte)
+            if slow and (done - shown >= total / 10 or time.monotonic() - when > 5):
+                shown, when = done, time.monotonic()
+                progress(f"  {100 * done // total}% of the weights written ({i + 1} of {len(plan.weights)})")
         writer.close()
         targets = [entry for b in backends for entry in b.build(plan, bundle.path, progress)]
         bundle.write_text("ir/input.mlir", input_ir)
