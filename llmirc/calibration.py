@@ -17,7 +17,6 @@ gets the sum of their Hessians. Models that keep ONNX ops (full-sequence models)
 
 from __future__ import annotations
 
-import getpass
 import math
 import os
 import re
@@ -96,7 +95,8 @@ def remove_stale() -> list[str]:
     removed = []
     for p in Path(tempfile.gettempdir()).glob(FOLDER + "*"):
         m = pattern.fullmatch(p.name)
-        if m and p.is_dir() and not p.is_symlink() and p.owner() == getpass.getuser() and not _alive(int(m[1])):
+        if m and p.is_dir() and not p.is_symlink() and p.stat().st_uid == os.getuid() \
+                and not _alive(int(m[1])):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     return removed
