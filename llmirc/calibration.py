@@ -18,6 +18,9 @@ gets the sum of their Hessians. Models that keep ONNX ops (full-sequence models)
 from __future__ import annotations
 
 import math
+import os
+import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,19 +32,22 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
 
 from llmirc import dialect as L
+from llmirc.artifact_format.writer import _alive, _host
 from llmirc.errors import LlmircError
 from llmirc.passes.func_args import arg_names, forward_func
 from llmirc.passes.quantize_weights import source_names
 
 PREFIX = "calibration.hessian."
+FOLDER = "llmirc-calibration-"  # + host-pid-random, in the temporary directory (TMPDIR)
 
 
 class Calibration:
-    """The Hessians of one compile, in a temporary folder (removed by `close`)."""
+    """The Hessians of one compile, in a temporary folder (removed by `close`; by the next
+    GPTQ compile on this host when the process was killed: `remove_stale`)."""
 
     def __init__(self, tokens: int, windows: int):
         self.tokens, self.windows = tokens, windows
-        self._dir = tempfile.TemporaryDirectory(prefix="llmirc-calibration-")
+        self._dir = tempfile.TemporaryDirectory(prefix=f"{FOLDER}{_host()}-{os.getpid()}-")
         self.by_weight: dict[str, str] = {}   # checkpoint tensor of a linear's weight -> Hessian name
         self.inputs: dict[str, int] = {}      # Hessian name -> k
 
@@ -81,6 +87,21 @@ class Calibration:
         self._dir.cleanup()
 
 
+def remove_stale() -> list[str]:
+    """Removes the Hessian folders that GPTQ compiles on this host left when they were killed
+    (SIGKILL, SIGTERM, out of memory: an 8B model's take 30 GB) and returns their names; the
+    folders of running compiles, other hosts and other users are left alone."""
+    pattern = re.compile(re.escape(FOLDER + _host()) + r"-(\d+)-\w+")
+    removed = []
+    for p in Path(tempfile.gettempdir()).glob(FOLDER + "*"):
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and p.stat().st_uid == os.getuid() \
+                and not _alive(int(m[1])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
 def _hessian(x: np.ndarray) -> np.ndarray:
     """X^T X / N (float32 [k, k]) of rows x [N, k], each row first scaled to the rows' median
     norm. A few tokens (the first of each window, as attention sinks) carry activations
@@ -92,28 +113,45 @@ def _hessian(x: np.ndarray) -> np.ndarray:
     return (x.T @ x / np.float32(len(x))).astype(np.float32)
 
 
-def windows(ids: list[int], context: int, max_tokens: int) -> list[np.ndarray]:
-    """Consecutive windows of `context` ids (the last may be shorter, if at least 16 long), up to
-    max_tokens ids in all. Raises LlmircError when there are fewer than 16 ids."""
-    ids = ids[:max_tokens]
-    if len(ids) < 16:
-        raise LlmircError(f"--calibration: {len(ids)} tokens; GPTQ needs text of at least 16 tokens "
-                          "(a few thousand are better)")
+def read_token_ids(path: Path, encode: Callable[[str], list[int]], max_tokens: int) -> list[int]:
+    """The first `max_tokens` token ids of the UTF-8 text file `path` (`encode`: text -> ids),
+    tokenizing a prefix of it that ends at a space or newline: 8 characters per token at first,
+    twice as many while that gives no more than max_tokens ids, so that a huge file is not read
+    whole. Raises OSError and UnicodeDecodeError (for the part read)."""
+    with open(path, encoding="utf-8") as f:
+        text, size = "", 8 * max_tokens
+        while chunk := f.read(size - len(text)):
+            text += chunk
+            cut = max(text.rfind(" "), text.rfind("\n"))
+            ids = encode(text[:cut]) if cut > 0 else []
+            if len(ids) > max_tokens:
+                return ids[:max_tokens]
+            size *= 2
+    return encode(text)[:max_tokens]
+
+
+def windows(ids: list[int], context: int) -> list[np.ndarray]:
+    """Consecutive windows of `context` ids; the last may be shorter, and is dropped when under
+    16 ids unless it is the only one."""
     out = [np.asarray(ids[i:i + context], np.int32) for i in range(0, len(ids), context)]
     return out if len(out) == 1 or len(out[-1]) >= 16 else out[:-1]
 
 
-def calibrate(module: ModuleOp, read: Callable[[str], np.ndarray], token_windows: list[np.ndarray],
+def calibrate(module: ModuleOp, source, token_windows: list[np.ndarray],
               progress: Callable[[str], None] = lambda s: None) -> Calibration:
     """Runs the forward of `module` (full-sequence llmir ops) on the windows and collects the
-    Hessian of every linear op with a float weight. `read(name)`: a weight as float32.
-    Raises LlmircError for an op it cannot run (ONNX ops, a paged KV cache)."""
+    Hessian of every linear op with a float weight. `source`: the checkpoint the module was
+    built from (its `float32(name)` gives a weight as float32, its `read(name)` a packed
+    weight's tensors as stored). Raises LlmircError for an op it cannot run (ONNX ops, a paged
+    KV cache)."""
     f = forward_func(module)
     names = arg_names(f)
     ids = np.concatenate(token_windows)
     positions = np.concatenate([np.arange(len(w), dtype=np.int32) for w in token_windows])
     starts = np.cumsum([0] + [len(w) for w in token_windows])
     args = {"token_ids": ids, "positions": positions}
+    if removed := remove_stale():
+        progress(f"removed {', '.join(removed)}: Hessians of GPTQ compiles that were killed")
     cal = Calibration(len(ids), len(token_windows))
     ops = list(f.body.block.ops)
     consumed = _consumed(ops)
@@ -126,27 +164,30 @@ def calibrate(module: ModuleOp, read: Callable[[str], np.ndarray], token_windows
     seen, shown = 0, time.monotonic()
     by_input: dict[SSAValue, str] = {}  # q, k and v (gate and up) share their input's Hessian
     try:
-        for i, op in enumerate(ops):
-            if op not in consumed or _is_weight(op):
-                continue
-            if isinstance(op, L.LinearOp):
-                x = _get(env, op.input, read)
-                if L.is_float(op.weight.type.element_type):
-                    by_input[op.input] = cal._add(source_names(op.weight), x, by_input.get(op.input))
-                seen += 1
-                if time.monotonic() - shown > 5:
-                    shown = time.monotonic()
-                    progress(f"  calibration: {seen} of {linears} linears")
-                if op.result in consumed:
-                    env[op.result] = _linear(op, x, read, env)
-            else:
-                env.update(zip(op.results, _run(op, env, read, starts)))
-            for v in set(op.operands):
-                if last_use.get(v) == i:
-                    env.pop(v, None)
+        with np.errstate(all="ignore"):  # an overflow shows as a Hessian not finite: one error line
+            for i, op in enumerate(ops):
+                if op not in consumed or _is_weight(op):
+                    continue
+                if isinstance(op, L.LinearOp):
+                    x = _get(env, op.input, source)
+                    if L.is_float(op.weight.type.element_type):
+                        by_input[op.input] = cal._add(source_names(op.weight), x, by_input.get(op.input))
+                    seen += 1
+                    if time.monotonic() - shown > 5:
+                        shown = time.monotonic()
+                        progress(f"  calibration: {seen} of {linears} linears")
+                    if op.result in consumed:
+                        env[op.result] = _linear(op, x, source, env)
+                else:
+                    env.update(zip(op.results, _run(op, env, source, starts)))
+                for v in set(op.operands):
+                    if last_use.get(v) == i:
+                        env.pop(v, None)
     except BaseException:
         cal.close()
         raise
+    size = sum(k * k * 4 for k in cal.inputs.values())
+    progress(f"calibration: {len(cal.inputs)} Hessians ({size / 2**20:.1f} MiB in {cal._dir.name})")
     return cal
 
 
@@ -168,46 +209,47 @@ def _is_weight(op: Operation) -> bool:
     return isinstance(op, (L.WeightOp, L.ConstantOp, L.ConcatOp, L.TransposeOp, L.CastOp, L.PackedWeightOp))
 
 
-def _weight(v: SSAValue, read) -> np.ndarray:
+def _weight(v: SSAValue, source) -> np.ndarray:
     """A weight value as float32 (computed per use: weights are not kept)."""
     op = v.owner
     if isinstance(op, L.WeightOp):
-        return np.asarray(read(op.weight.data), np.float32)
+        return np.asarray(source.float32(op.weight.data), np.float32)
     if isinstance(op, L.ConstantOp):
         from llmirc.frontend.onnx_dialect import constant_value
 
         return np.asarray(constant_value(op.value), np.float32)
     if isinstance(op, L.TransposeOp):
-        return _weight(op.input, read).T
+        return _weight(op.input, source).T
     if isinstance(op, L.CastOp):
-        return _weight(op.input, read)
+        return _weight(op.input, source)
     if isinstance(op, L.ConcatOp):
-        return np.concatenate([_weight(x, read) for x in op.inputs], axis=op.axis.value.data)
+        return np.concatenate([_weight(x, source) for x in op.inputs], axis=op.axis.value.data)
     if isinstance(op, L.PackedWeightOp):
         from llmirc import quant
         from llmirc.frontend.packed import repack
         from llmirc.targets.plan import quant_scheme
 
         scheme, k = quant_scheme(v.type.element_type), L.shape_of(v)[1]
-        return quant.dequantize(repack(op.format.data, op.weight.data, scheme, k, read), scheme, k).astype(np.float32)
+        parts = repack(op.format.data, op.weight.data, scheme, k, source.read)
+        return quant.dequantize(parts, scheme, k).astype(np.float32)
     raise LlmircError(f"--quant-method gptq: cannot calibrate through {op.name}")
 
 
-def _get(env: dict, v: SSAValue, read) -> np.ndarray:
+def _get(env: dict, v: SSAValue, source) -> np.ndarray:
     if v in env:
         return env[v]
     if isinstance(v.owner, Operation) and _is_weight(v.owner):
-        return _weight(v, read)
+        return _weight(v, source)
     raise LlmircError(f"--quant-method gptq: cannot calibrate: the forward reads {v.name_hint or 'an argument'} "
                       "(only token_ids and positions are known)")
 
 
-def _linear(op: L.LinearOp, x: np.ndarray, read, env) -> np.ndarray:
-    y = x @ _weight(op.weight, read).T
+def _linear(op: L.LinearOp, x: np.ndarray, source, env) -> np.ndarray:
+    y = x @ _weight(op.weight, source).T
     if op.bias is not None:
-        y += _get(env, op.bias, read)
+        y += _get(env, op.bias, source)
     if op.residual is not None:
-        y += _get(env, op.residual, read)
+        y += _get(env, op.residual, source)
     return y
 
 
@@ -224,10 +266,10 @@ def _act(name: str, x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1 + np.tanh(np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * x ** 3)))
 
 
-def _run(op: Operation, env: dict, read, starts: np.ndarray) -> list[np.ndarray]:
-    get = lambda v: _get(env, v, read)  # noqa: E731
+def _run(op: Operation, env: dict, source, starts: np.ndarray) -> list[np.ndarray]:
+    get = lambda v: _get(env, v, source)  # noqa: E731
     if isinstance(op, L.EmbeddingOp):
-        return [_weight(op.table, read)[get(op.token_ids)]]
+        return [_weight(op.table, source)[get(op.token_ids)]]
     if isinstance(op, L.RMSNormOp):
         x = get(op.input)
         return [x / np.sqrt(np.mean(x * x, -1, keepdims=True) + np.float32(op.eps.value.data)) * get(op.weight)]

@@ -20,7 +20,7 @@ from llmirc.artifact_format.writer import BundleWriter, remove_stale_temporaries
 from llmirc.errors import LlmircError, stage
 from llmirc.frontend import open_source
 from llmirc.frontend.checkpoint import missing_tokenizer_note
-from llmirc.frontend.context import Limit, index_limits, resolve_context
+from llmirc.frontend.context import Limit, index_limits, resolve_context, table_rows
 from llmirc.passes.func_args import forward_func
 from llmirc.passes.pipeline import DEFAULT_BLOCK_SIZE, make_context, parse_passes, print_ir, required, run_passes
 from llmirc.passes.cast_weights import float_type
@@ -78,6 +78,8 @@ class CompileOptions:
             raise LlmircError("--quant-method gptq needs --calibration FILE (text to calibrate on)")
         if self.calibration is not None and self.quant_method != "gptq":
             raise LlmircError("--calibration is only read by --quant-method gptq")
+        if self.calibration is not None and self.calibration.is_dir():
+            raise LlmircError(f"--calibration {self.calibration}: a directory, not a text file")
         if self.calibration is not None and not self.calibration.is_file():
             raise LlmircError(f"--calibration {self.calibration}: no such file")
 
@@ -203,24 +205,32 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
 
 def _calibrate(source, options: CompileOptions, progress: Callable[[str], None]):
     """Hessians of the linears' inputs on --calibration text (llmirc/calibration.py)."""
-    from llmirc.calibration import calibrate, windows
+    from llmirc.calibration import calibrate, read_token_ids, windows
     from llmirc.runtime.tokenizer import Tokenizer
 
     files = {p.name: p for p in source.tokenizer_files()}
     if "tokenizer.json" not in files:
         raise LlmircError(f"--calibration: {source.root} has no tokenizer.json to tokenize the text with")
+    tokenizer = Tokenizer.from_bundle_dir(files["tokenizer.json"].parent)
     try:
-        text = options.calibration.read_text(encoding="utf-8")
+        ids = read_token_ids(options.calibration, lambda text: tokenizer.encode(text, add_special_tokens=False),
+                             options.calibration_tokens)
     except (OSError, UnicodeDecodeError) as e:
         raise LlmircError(f"--calibration {options.calibration}: cannot read it as UTF-8 text ({e})") from None
-    ids = Tokenizer.from_bundle_dir(files["tokenizer.json"].parent).encode(text, add_special_tokens=False)
-    limit = source.model_info()["context"].tokens
-    chunks = windows(ids, min(512, limit or 512), options.calibration_tokens)
+    if len(ids) < 16:
+        raise LlmircError(f"--calibration {options.calibration}: {len(ids)} tokens; GPTQ needs text of at least 16 "
+                          "tokens (a few thousand are better)")
     module = source.module()  # a copy in full-sequence form: the passes rewrite the other one
     run_passes(module, "canonicalize,cse", prefix=source.lowering, tail="dce",
                ctx=make_context(read_weight=source.float32, add_weight=source.add_weight))
+    vocab = table_rows(module, "token_ids")
+    if vocab is not None and max(ids, default=0) >= vocab:
+        raise LlmircError(f"--calibration: the tokenizer gives token id {max(ids)}, past the {vocab} rows of the "
+                          "model's embedding table (is tokenizer.json the model's?)")
+    context = resolve_context(source.model_info(), module, options.max_model_len)  # what the bundle will run
+    chunks = windows(ids, min(512, context.tokens))
     progress(f"calibration: {sum(map(len, chunks))} tokens of {options.calibration.name} in {len(chunks)} windows")
-    return calibrate(module, source.float32, chunks, progress)
+    return calibrate(module, source, chunks, progress)
 
 
 def format_report(source, report, generic: dict | None = None) -> str:
@@ -282,15 +292,16 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
             writer.declare(w.name, dtypes.dtype(w.dtype).safetensors, w.shape)
         total = sum(w.nbytes for w in plan.weights)
         progress(f"writing {len(plan.weights)} weights ({total / 2**20:.1f} MiB)")
-        done, shown, parts = 0, 0, {}
+        done, shown, parts, when = 0, 0, {}, time.monotonic()
         slow = total > 2**30 or options.quant_method == "gptq"
-        for w in plan.weights:
+        for i, w in enumerate(plan.weights):
             writer.write(w.name, w.materialize(read, parts))
             source.drop_pages()  # the weights stream through: what was read need not stay resident
             done += w.nbytes
-            if slow and done - shown >= total / 10:  # big models and GPTQ: a line per tenth
-                shown = done
-                progress(f"  {100 * done // total}% of the weights written")
+            # big models and GPTQ: a line per tenth, and every 5 s (GPTQ's time goes by weight, not by byte)
+            if slow and (done - shown >= total / 10 or time.monotonic() - when > 5):
+                shown, when = done, time.monotonic()
+                progress(f"  {100 * done // total}% of the weights written ({i + 1} of {len(plan.weights)})")
         writer.close()
         targets = [entry for b in backends for entry in b.build(plan, bundle.path, progress)]
         bundle.write_text("ir/input.mlir", input_ir)

@@ -24,7 +24,8 @@ else it stays as it is (both counted in --report).
 (llmirc/quant.py `gptq`) with the Hessian of its input that calibration collected
 (llmirc/calibration.py: `llmirc compile --quant-method gptq --calibration FILE`); the Hessian
 is an `llmir.weight` operand of the quantize op, so the IR shows which weights it serves.
-Embedding tables have no input to calibrate and stay round-to-nearest.
+Embedding tables have no input to calibrate and stay round-to-nearest, except a table tied to
+an LM head quantized in the same type: it shares the head's GPTQ codes (one copy).
 
 Before:  %w = "llmir.weight"() {weight = "...q_proj.weight"} : () -> tensor<64x64xf32>
          %y = "llmir.linear"(%x, %w) : (tensor<?x64xf32>, tensor<64x64xf32>) -> tensor<?x64xf32>
@@ -112,7 +113,8 @@ class QuantizeWeights(ModulePass):
             return None
         calibration = getattr(ctx, "calibration", None)
         if calibration is None:
-            raise LlmircError(f"{self.name}: method=gptq needs calibration data (llmirc compile --calibration FILE)")
+            raise LlmircError(f"{self.name}: method=gptq needs calibration data (llmirc compile --quant-method gptq "
+                              "--calibration FILE)")
         return calibration
 
     def kept(self, user, w: SSAValue, lm_head) -> bool:
@@ -135,7 +137,7 @@ class QuantizeWeights(ModulePass):
         lm_head = logits.owner if logits is not None and isinstance(logits.owner, L.LinearOp) else None
         tables = {n for e, t in weight_uses(op) if isinstance(e, L.EmbeddingOp) and self.kept(e, t, lm_head)
                   for n in source_names(t)}
-        made: dict[tuple, SSAValue] = {}
+        planned = []  # (user, w, k, bits, qtype) of each use to quantize
         for user, w in weight_uses(op):
             if not L.is_float(w.type.element_type):
                 continue
@@ -161,8 +163,14 @@ class QuantizeWeights(ModulePass):
                 note(ctx, f"{self.name}: kept a weight of {k} inputs in float (groups of {scheme.group_size})")
                 continue
             qtype = L.QuantType(scheme.bits, scheme.group_size, L.FLOAT_TYPES[scheme.scale_dtype], scheme.zero)
+            planned.append((user, w, k, scheme.bits, qtype))
+        # GPTQ: a linear's weight with its input's Hessian; a table tied to such a linear in the same
+        # type shares its codes (one copy, as round to nearest has), other tables round to nearest
+        calibrated = {(w, qtype) for user, w, _, _, qtype in planned if isinstance(user, L.LinearOp)}
+        made: dict[tuple, SSAValue] = {}
+        for user, w, k, bits, qtype in planned:
             hessian = None
-            if calibration is not None and isinstance(user, L.LinearOp):
+            if calibration is not None and (w, qtype) in calibrated:
                 hessian = calibration.hessian_for(source_names(w))
                 if hessian is None:
                     raise LlmircError(f"{self.name}: no calibration data for {', '.join(source_names(w))}")
@@ -177,7 +185,7 @@ class QuantizeWeights(ModulePass):
                 user.parent_block().insert_op_before(q, user)
                 made[key] = q.result
                 if user is not lm_head:
-                    note(ctx, f"{self.name}: weight -> int{scheme.bits}")
+                    note(ctx, f"{self.name}: weight -> int{bits}")
             if user is lm_head:  # counted apart, also when it shares its table's codes (quantized, tied)
-                note(ctx, f"{self.name}: LM head -> int{scheme.bits}")
+                note(ctx, f"{self.name}: LM head -> int{bits}")
             replace_weight(user, w, made[key])

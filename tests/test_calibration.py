@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import hf_logits, make_checkpoint
+from helpers import hf_logits, make_checkpoint, make_tokenizer
 from llmirc import quant
-from llmirc.calibration import _hessian, calibrate, windows
+from llmirc.calibration import _hessian, calibrate, read_token_ids, windows
 from llmirc.driver import CompileOptions, Progress, compile_model
 from llmirc.frontend import open_source
 from llmirc.passes.pipeline import make_context, run_passes
@@ -34,6 +34,11 @@ SCHEMES = [quant.Scheme(4, 32), quant.Scheme(4, 64, "float16", "int"), quant.Sch
            quant.Scheme(4, 16, "bfloat16")]
 CALIBRATION = Path(__file__).resolve().parents[1] / "DESIGN.md"   # English prose, for a tokenizer of 384 ids
 HELD_OUT = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def make_tokenizer_dir(path: Path) -> Path:
+    make_tokenizer(path, 384)
+    return path
 
 
 @pytest.fixture
@@ -81,24 +86,76 @@ def test_gptq_dead_inputs_and_errors(rng):
 
 def test_windows():
     ids = list(range(1000))
-    assert [len(w) for w in windows(ids, 256, 600)] == [256, 256, 88]
-    assert [len(w) for w in windows(ids, 256, 520)] == [256, 256]  # a tail under 16 tokens is dropped
+    assert [len(w) for w in windows(ids[:600], 256)] == [256, 256, 88]
+    assert [len(w) for w in windows(ids[:520], 256)] == [256, 256]  # a tail under 16 tokens is dropped
+    assert [len(w) for w in windows(ids[:10], 256)] == [10]
+
+
+def test_read_token_ids(tmp_path):
+    """The first N ids of a file are those of the whole text, from a prefix of it (a huge file is
+    not read whole); a file shorter than asked gives all its ids."""
+    tokenizer = Tokenizer.from_bundle_dir(make_tokenizer_dir(tmp_path))
+    text = CALIBRATION.read_text() * 40  # ~1.4 MB
+    path = tmp_path / "text.txt"
+    path.write_text(text)
+    longest = []
+
+    def encode(t: str) -> list[int]:
+        longest.append(len(t))
+        return tokenizer.encode(t, add_special_tokens=False)
+
+    everything = tokenizer.encode(text, add_special_tokens=False)
+    for n in (16, 1000, 5000):
+        longest.clear()
+        assert read_token_ids(path, encode, n) == everything[:n]
+        assert max(longest) < len(text) / 4
+    assert read_token_ids(path, encode, len(everything) + 5) == everything
+    path.write_text("two words")
+    assert read_token_ids(path, encode, 1000) == tokenizer.encode("two words", add_special_tokens=False)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen2", {}), ("mistral", dict(sliding_window=40)),
                                             ("gpt2", {})])
 def test_calibration_forward_matches_transformers(tmp_path, arch, overrides):
+    model = make_checkpoint(tmp_path, arch, tokenizer=True, **overrides)
+    linears = [m for m in model.modules() if type(m).__name__ in ("Linear", "Conv1D")]
+    assert check_hessians(model, tmp_path, tmp_path) == len(linears)
+
+
+@pytest.mark.slow
+def test_calibration_through_quantized_weights(tmp_path):
+    """Weights a checkpoint keeps quantized (GGUF Q8_0/Q4_0 next to F16; a GPTQ checkpoint's
+    packed linears) are dequantized for the forward; the float ones still get a Hessian."""
     import torch
 
-    model = make_checkpoint(tmp_path, arch, tokenizer=True, **overrides)
-    source = open_source(tmp_path)
-    ids = Tokenizer.from_bundle_dir(tmp_path).encode(CALIBRATION.read_text(), add_special_tokens=False)
-    chunks = windows(ids, 100, 250)  # 100, 100, 50 tokens
+    from gguf_files import write_gguf
+    from test_gptq_awq import write_quantized
+
+    model = make_checkpoint(tmp_path / "hf", "llama", tokenizer=True)
+    write_gguf(model, tmp_path / "m.gguf", ("Q8_0", "Q4_0", "F16"))  # loads the stored values into model
+    check_hessians(model, tmp_path / "m.gguf", tmp_path / "hf")
+    model = make_checkpoint(tmp_path / "hf", "llama", tokenizer=True)
+    weights = write_quantized(tmp_path / "hf", tmp_path / "gptq", "gptq", 4, 32, sym=True)
+    with torch.no_grad():
+        for prefix, (w, _, _) in weights.items():
+            model.get_submodule(prefix).weight.copy_(torch.from_numpy(w))
+    check_hessians(model, tmp_path / "gptq", tmp_path / "hf")
+
+
+def check_hessians(model, path: Path, tokenizer_dir: Path) -> int:
+    """The calibration forward of the checkpoint at `path` gives the Hessians of the inputs of
+    `model`'s linears (the float linears: a packed one has none), on the same windows. Returns
+    how many linears it checked."""
+    import torch
+
+    source = open_source(path)
+    ids = Tokenizer.from_bundle_dir(tokenizer_dir).encode(CALIBRATION.read_text(), add_special_tokens=False)
+    chunks = windows(ids[:250], 100)  # 100, 100, 50 tokens
     module = source.module()
     run_passes(module, "canonicalize,cse", prefix=source.lowering, tail="dce",
                ctx=make_context(read_weight=source.float32))
-    cal = calibrate(module, source.float32, chunks)
+    cal = calibrate(module, source, chunks)
     rows: dict[str, list] = {}
     hooks = [m.register_forward_pre_hook(lambda m, a, name=name: rows.setdefault(name, []).append(a[0][0]))
              for name, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")]
@@ -107,14 +164,19 @@ def test_calibration_forward_matches_transformers(tmp_path, arch, overrides):
             model(torch.tensor(c[None].astype(np.int64)))
     for h in hooks:
         h.remove()
-    assert len(rows) == len(cal.by_weight)  # every linear, the LM head (tied or not) included
+    tied = [n for n in cal.by_weight if n.endswith(("wte.weight", "embed_tokens.weight"))]
+    checked = 0
     for name, xs in rows.items():
-        weight = f"{name}.weight" if f"{name}.weight" in cal.by_weight else next(  # a tied LM head
-            n for n in cal.by_weight if n.endswith(("wte.weight", "embed_tokens.weight")))
+        weight = f"{name}.weight" if f"{name}.weight" in cal.by_weight or not tied else tied[0]
+        if weight not in cal.by_weight:  # packed
+            continue
         want = _hessian(torch.cat(xs).double().numpy())
         got = np.asarray(cal.read(cal.by_weight[weight]), np.float64)
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), name
+        checked += 1
+    assert checked == len(cal.by_weight) >= 1  # every float linear, the LM head (tied or not) included
     cal.close()
+    return checked
 
 
 @pytest.mark.slow
@@ -139,3 +201,23 @@ def test_gptq_bundle(tmp_path):
     err = {m: np.sqrt(((load(tmp_path / f"{m}.llmir").score(ids) - ref) ** 2).mean() / (ref ** 2).mean())
            for m in ("gptq", "rtn")}
     assert err["gptq"] < 0.9 * err["rtn"], err
+
+
+@pytest.mark.parametrize("head", ["int4", "int8"])
+def test_gptq_tied_table_and_head(tmp_path, head):
+    """--quant-keep none on a tied model: with the LM head in the table's type they share one GPTQ
+    copy (as round to nearest shares one); in another type the table rounds to nearest."""
+    model = make_checkpoint(tmp_path, "llama", tokenizer=True, tie_word_embeddings=True)
+    ir = {}
+    for method in ("rtn", "gptq"):
+        emitted = io.StringIO()
+        options = CompileOptions(quant="int4", quant_keep=("none",), quant_lm_head=head, quant_method=method,
+                                 calibration=CALIBRATION if method == "gptq" else None, calibration_tokens=512,
+                                 emit="mlir")
+        compile_model(tmp_path, None, options, Progress(None), stdout=emitted)
+        ir[method] = [line for line in emitted.getvalue().splitlines() if '"llmir.quantize"' in line]
+    assert len(ir["gptq"]) == len(ir["rtn"]) == (9 if head == "int4" else 10)
+    table = model.model.embed_tokens.weight.shape
+    of_table = [line for line in ir["gptq"] if f"tensor<{table[0]}x{table[1]}xf32>, tensor<{table[1]}x" in line
+                or f"(tensor<{table[0]}x{table[1]}xf32>) ->" in line]
+    assert [line.count("%") for line in of_table] == ([3] if head == "int4" else [2, 3])  # 3: with a Hessian

@@ -38,9 +38,9 @@ PROGRESS = re.compile(r"^\[\s*\d+\.\ds\] ")
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def llmirc(*args, cwd=None) -> subprocess.CompletedProcess:
+def llmirc(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llmirc.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=cwd, env=ENV)
+                          text=True, timeout=300, cwd=cwd, env=dict(ENV, **(env or {})))
 
 
 def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> str:
@@ -348,20 +348,44 @@ def test_compile_bad_option(ckpt, tmp_path, case):
     assert not out.exists() and leftovers(out) == []
 
 
-@pytest.mark.parametrize("case", ["not-utf8", "too-short", "no-tokenizer"])
+@pytest.mark.parametrize("case", ["not-utf8", "too-short", "empty", "directory", "no-tokenizer", "other-tokenizer",
+                                  "overflow"])
 def test_compile_bad_calibration(ckpt, tmp_path, case):
-    """--calibration text GPTQ cannot use: one error line, no bundle."""
+    """--calibration text GPTQ cannot use, or a model it cannot calibrate: one error line, no
+    bundle, no temporary folder left."""
     text = tmp_path / "calibration.txt"
-    text.write_bytes(b"\xff\xfe caf\xe9" if case == "not-utf8" else b"hi")
+    text.write_bytes({"not-utf8": b"\xff\xfe caf\xe9", "too-short": b"hi", "empty": b""}.get(case, b"Some text. " * 50))
+    model = ckpt
+    if case == "directory":
+        text = tmp_path
     if case == "no-tokenizer":
-        text.write_text("Some English text to calibrate on. " * 20)
-        shutil.copytree(ckpt, tmp_path / "ckpt", ignore=shutil.ignore_patterns("tokenizer*"))
+        model = tmp_path / "ckpt"
+        shutil.copytree(ckpt, model, ignore=shutil.ignore_patterns("tokenizer*"))
+    if case == "other-tokenizer":  # ids past the embedding table
+        import onnx
+        from test_onnx_fallback import bidirectional_decoder
+
+        model = tmp_path / "m.onnx"
+        onnx.save(bidirectional_decoder(vocab=64), model)
+        shutil.copy(ckpt / "tokenizer.json", tmp_path)
+    if case == "overflow":  # the float model's activations overflow float32
+        import torch
+
+        model = tmp_path / "ckpt"
+        hf = make_checkpoint(model, "llama", tokenizer=True)
+        with torch.no_grad():
+            hf.model.layers[1].post_attention_layernorm.weight.mul_(1e20)
+        hf.save_pretrained(model)
     out = tmp_path / "out.llmir"
-    r = llmirc("compile", tmp_path / "ckpt" if case == "no-tokenizer" else ckpt, "-o", out, "-q", "--quant", "int4",
-               "--quant-method", "gptq", "--calibration", text)
-    assert_user_error(r, "--calibration", {"not-utf8": "UTF-8", "too-short": "at least 16 tokens",
-                                           "no-tokenizer": "no tokenizer.json"}[case])
-    assert not out.exists() and leftovers(out) == []
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = llmirc("compile", model, "-o", out, "-q", "--quant", "int4", "--quant-method", "gptq", "--calibration", text,
+               env={"TMPDIR": str(tmp)})
+    assert_user_error(r, "--calibration", {
+        "not-utf8": "UTF-8", "too-short": "at least 16 tokens", "empty": "calibration.txt: 0 tokens",
+        "directory": "a directory", "no-tokenizer": "no tokenizer.json", "other-tokenizer": "past the 64 rows",
+        "overflow": "overflow float32"}[case])
+    assert not out.exists() and leftovers(out) == [] and list(tmp.iterdir()) == []
 
 
 def test_compile_warns_of_quant_options_without_effect(ckpt):
@@ -441,6 +465,51 @@ def test_interrupted_compile_keeps_existing_bundle(ckpt, bundle, tmp_path):
     # click turns KeyboardInterrupt into Abort (after an empty line on stderr); either wording is fine.
     assert err.splitlines()[-1] in ("error: aborted", "error: interrupted"), err
     assert snapshot(out) == before and leftovers(out) == []
+
+
+def test_interrupted_gptq_compile_removes_its_hessians(ckpt, tmp_path):
+    """Ctrl-C during a GPTQ compile: exit 130 and no Hessian folder left in TMPDIR."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "compile", str(ckpt), "-o", str(tmp_path / "o.llmir"),
+                             "--cpu-variants", "native", "--quant", "int4", "--quant-method", "gptq",
+                             "--calibration", str(Path(__file__).parents[1] / "DESIGN.md")],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(ENV, TMPDIR=str(tmp)))
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "calibration: " in line:  # the forward over the text starts
+            proc.send_signal(signal.SIGINT)
+            break
+    err = "".join(seen) + proc.stderr.read()
+    proc.wait(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the compile finished before the interrupt arrived")
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert list(tmp.iterdir()) == [] and not (tmp_path / "o.llmir").exists()
+
+
+def test_gptq_compile_removes_hessians_of_killed_compiles(ckpt, tmp_path):
+    """A killed GPTQ compile's Hessian folder (its pid dead) goes at the next one; a running
+    compile's (a live pid) and another host's stay."""
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    tmp = tmp_path / "tmp"
+    names = [f"llmirc-calibration-{host}-{dead.pid}-x1", f"llmirc-calibration-{host}-{os.getpid()}-x2",
+             f"llmirc-calibration-elsewhere-{dead.pid}-x3"]
+    for name in names:
+        (tmp / name).mkdir(parents=True)
+        (tmp / name / "calibration.hessian.0.npy").write_bytes(b"x")
+    text = tmp_path / "text.txt"
+    text.write_text("Some text to calibrate on. " * 50)
+    r = llmirc("compile", ckpt, "--emit", "mlir", "--quant", "int4", "--quant-method", "gptq", "--calibration", text,
+               env={"TMPDIR": str(tmp)})
+    assert r.returncode == 0, r.stderr
+    assert f"removed {names[0]}: Hessians of GPTQ compiles that were killed" in r.stderr
+    assert sorted(p.name for p in tmp.iterdir()) == sorted(names[1:])
 
 
 # -- run / inspect / bench: bad bundles ----------------------------------------------------------
