@@ -11,7 +11,8 @@ as a weight (`calibration.hessian.<i>`) and gives it to the `llmir.quantize` op.
 
 This is compile-time analysis, not an execution path: the bundle's kernels are what run the
 model. The Hessians come from the float model in one pass (the GPTQ reference feeds each layer
-the outputs of the layers already quantized); a weight read by several linears (a tied LM head)
+the outputs of the layers already quantized: on SmolLM2 that did worse, DESIGN.md "GPTQ");
+a weight read by several linears (a tied LM head)
 gets the sum of their Hessians. Models that keep ONNX ops (full-sequence models) are refused.
 """
 
