@@ -160,6 +160,22 @@ def test_tokenizer_matches_transformers_gguf_conversion(tmp_path, kind):
     assert (ours.encode("a").ids[0] == bos) == (kind in ("spm", "llama-bpe"))
 
 
+def test_compile_notes_a_missing_tokenizer_only_when_the_file_has_none(tmp_path):
+    """The embedded tokenizer counts: no "no tokenizer.json" note for a GGUF file that has one."""
+    import io
+
+    from llmirc.driver import CompileOptions, Progress, compile_model
+
+    make_tokenizer(tmp_path / "tok", 384)
+    with_tokenizer = _gguf_with_tokenizer(tmp_path, bpe_tokenizer_metadata(tmp_path / "tok" / "tokenizer.json",
+                                                                           "gpt-2"))
+    without = write_gguf(make_checkpoint(tmp_path / "plain", "llama"), tmp_path / "plain.gguf")
+    for path, noted in ((with_tokenizer, False), (without, True)):
+        log = io.StringIO()
+        compile_model(path, tmp_path / f"{path.stem}.llmir", CompileOptions(cpu_variants=("native",)), Progress(log))
+        assert ("no tokenizer.json" in log.getvalue()) == noted, log.getvalue()
+
+
 def test_smollm_pre_tokenizer_splits_digits_like_the_original(tmp_path):
     """llama.cpp's "smollm" pre-tokenizer splits digits one by one before the GPT-2 regex, as the
     original SmolLM2 tokenizer.json does (transformers' GGUF conversion does not know the name)."""
