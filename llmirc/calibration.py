@@ -155,6 +155,11 @@ def calibrate(module: ModuleOp, source, token_windows: list[np.ndarray],
         progress(f"removed {', '.join(removed)}: Hessians of GPTQ compiles that were killed")
     cal = Calibration(len(ids), len(token_windows))
     ops = list(f.body.block.ops)
+    generic = sorted({op.name for op in ops if op.name.startswith("onnx.")})
+    if generic:
+        raise LlmircError(f"--quant-method gptq: cannot calibrate a full-sequence model (ONNX ops left generic: "
+                          f"{', '.join(generic[:4])}{', ...' if len(generic) > 4 else ''}); GPTQ needs every op "
+                          "to have an llmir kernel")
     consumed = _consumed(ops)
     last_use = {v: i for i, op in enumerate(ops) for v in op.operands}
     env: dict[SSAValue, np.ndarray] = {}

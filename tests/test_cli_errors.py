@@ -349,7 +349,7 @@ def test_compile_bad_option(ckpt, tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["not-utf8", "too-short", "empty", "directory", "no-tokenizer", "other-tokenizer",
-                                  "overflow"])
+                                  "overflow", "full-sequence"])
 def test_compile_bad_calibration(ckpt, tmp_path, case):
     """--calibration text GPTQ cannot use, or a model it cannot calibrate: one error line, no
     bundle, no temporary folder left."""
@@ -361,12 +361,12 @@ def test_compile_bad_calibration(ckpt, tmp_path, case):
     if case == "no-tokenizer":
         model = tmp_path / "ckpt"
         shutil.copytree(ckpt, model, ignore=shutil.ignore_patterns("tokenizer*"))
-    if case == "other-tokenizer":  # ids past the embedding table
+    if case in ("other-tokenizer", "full-sequence"):  # ids past the embedding table; ONNX ops left generic
         import onnx
         from test_onnx_fallback import bidirectional_decoder
 
         model = tmp_path / "m.onnx"
-        onnx.save(bidirectional_decoder(vocab=64), model)
+        onnx.save(bidirectional_decoder(vocab=64 if case == "other-tokenizer" else 384), model)
         shutil.copy(ckpt / "tokenizer.json", tmp_path)
     if case == "overflow":  # the float model's activations overflow float32
         import torch
@@ -381,10 +381,10 @@ def test_compile_bad_calibration(ckpt, tmp_path, case):
     tmp.mkdir()
     r = llmirc("compile", model, "-o", out, "-q", "--quant", "int4", "--quant-method", "gptq", "--calibration", text,
                env={"TMPDIR": str(tmp)})
-    assert_user_error(r, "--calibration", {
+    assert_user_error(r, "--quant-method gptq" if case == "full-sequence" else "--calibration", {
         "not-utf8": "UTF-8", "too-short": "at least 16 tokens", "empty": "calibration.txt: 0 tokens",
         "directory": "a directory", "no-tokenizer": "no tokenizer.json", "other-tokenizer": "past the 64 rows",
-        "overflow": "overflow float32"}[case])
+        "overflow": "overflow float32", "full-sequence": "full-sequence model (ONNX ops left generic"}[case])
     assert not out.exists() and leftovers(out) == [] and list(tmp.iterdir()) == []
 
 
