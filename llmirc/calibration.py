@@ -108,7 +108,7 @@ def _hessian(x: np.ndarray) -> np.ndarray:
     norm. A few tokens (the first of each window, as attention sinks) carry activations
     hundreds of times larger than the rest; unscaled, they decide H, and GPTQ then serves them
     at the others' cost: on SmolLM2-135M (int4, groups of 64/128) perplexity 15.37 against the
-    scaled rows' 14.01 (round to nearest: 15.28; BENCHMARKS.md)."""
+    scaled rows' 14.01 (round to nearest: 15.28; DESIGN.md, "GPTQ")."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     x = x * np.divide(np.median(norms), norms, out=np.zeros_like(norms), where=norms > 0)
     return (x.T @ x / np.float32(len(x))).astype(np.float32)
