@@ -143,7 +143,7 @@ class BundleWriter:
         with self._io():
             self.out.parent.mkdir(parents=True, exist_ok=True)
             for _ in range(100):
-                tmp = self.out.with_name(f"{self.out.name}.tmp-{_host()}-{os.getpid()}-{secrets.token_hex(6)}")
+                tmp = self.out.with_name(f"{self.out.name}.tmp-{host_tag()}-{os.getpid()}-{secrets.token_hex(6)}")
                 try:
                     tmp.mkdir()
                     return tmp
@@ -194,7 +194,8 @@ class BundleWriter:
         self._tmp = None
 
 
-def _host() -> str:
+def host_tag() -> str:
+    """This host's name as it may appear in a file name (owner tags of temporary folders)."""
     return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
 
 
@@ -215,15 +216,16 @@ def remove_stale_temporaries(out_path) -> tuple[list[str], list[str]]:
         if m is None or p.is_symlink() or not p.is_dir() or (p / MANIFEST).exists():
             continue
         host, pid = m[1], int(m[2]) if m[2] else None
-        if pid is None or host != _host():
+        if pid is None or host != host_tag():
             unknown.append(p.name)
-        elif not _alive(pid):
+        elif not process_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     return removed, unknown
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

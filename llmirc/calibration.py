@@ -33,7 +33,7 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
 
 from llmirc import dialect as L
-from llmirc.artifact_format.writer import _alive, _host
+from llmirc.artifact_format.writer import host_tag, process_alive
 from llmirc.errors import LlmircError
 from llmirc.passes.func_args import arg_names, forward_func
 from llmirc.passes.quantize_weights import source_names
@@ -48,7 +48,7 @@ class Calibration:
 
     def __init__(self, tokens: int, windows: int):
         self.tokens, self.windows = tokens, windows
-        self._dir = tempfile.TemporaryDirectory(prefix=f"{FOLDER}{_host()}-{os.getpid()}-")
+        self._dir = tempfile.TemporaryDirectory(prefix=f"{FOLDER}{host_tag()}-{os.getpid()}-")
         self.by_weight: dict[str, str] = {}   # checkpoint tensor of a linear's weight -> Hessian name
         self.inputs: dict[str, int] = {}      # Hessian name -> k
 
@@ -92,12 +92,12 @@ def remove_stale() -> list[str]:
     """Removes the Hessian folders that GPTQ compiles on this host left when they were killed
     (SIGKILL, SIGTERM, out of memory: an 8B model's take 30 GB) and returns their names; the
     folders of running compiles, other hosts and other users are left alone."""
-    pattern = re.compile(re.escape(FOLDER + _host()) + r"-(\d+)-\w+")
+    pattern = re.compile(re.escape(FOLDER + host_tag()) + r"-(\d+)-\w+")
     removed = []
     for p in Path(tempfile.gettempdir()).glob(FOLDER + "*"):
         m = pattern.fullmatch(p.name)
         if m and p.is_dir() and not p.is_symlink() and p.stat().st_uid == os.getuid() \
-                and not _alive(int(m[1])):
+                and not process_alive(int(m[1])):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     return removed

@@ -115,7 +115,7 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = writer_mod._host()
+    host = writer_mod.host_tag()
     names = {"dead": f"out.llmir.tmp-{host}-{dead.pid}-0123456789ab",
              "alive": f"out.llmir.tmp-{host}-{os.getpid()}-0123456789ab",
              "other-host": f"out.llmir.tmp-elsewhere-{dead.pid}-0123456789ab",
