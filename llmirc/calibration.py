@@ -18,7 +18,6 @@ gets the sum of their Hessians. Models that keep ONNX ops (full-sequence models)
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -36,6 +35,7 @@ from llmirc import dialect as L
 from llmirc.artifact_format.writer import host_tag, process_alive
 from llmirc.errors import LlmircError
 from llmirc.passes.func_args import arg_names, forward_func
+from llmirc.passes.onnx_fuse_activation import REFERENCE
 from llmirc.passes.quantize_weights import source_names
 
 PREFIX = "calibration.hessian."
@@ -259,19 +259,6 @@ def _linear(op: L.LinearOp, x: np.ndarray, source, env) -> np.ndarray:
     return y
 
 
-def _act(name: str, x: np.ndarray) -> np.ndarray:
-    if name == "silu":
-        return x / (1 + np.exp(-x))
-    if name == "relu":
-        return np.maximum(x, 0)
-    if name == "gelu":
-        from math import sqrt
-
-        erf = np.vectorize(math.erf, otypes=[np.float64])
-        return (0.5 * x * (1 + erf(x / sqrt(2)))).astype(np.float32)
-    return 0.5 * x * (1 + np.tanh(np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * x ** 3)))
-
-
 def _run(op: Operation, env: dict, source, starts: np.ndarray) -> list[np.ndarray]:
     get = lambda v: _get(env, v, source)  # noqa: E731
     if isinstance(op, L.EmbeddingOp):
@@ -289,9 +276,9 @@ def _run(op: Operation, env: dict, source, starts: np.ndarray) -> list[np.ndarra
     if isinstance(op, L.AttentionOp):
         return [_attention(op, get(op.q), get(op.k), get(op.v), starts)]
     if isinstance(op, L.ActMulOp):
-        return [_act(op.act.data, get(op.gate)) * get(op.up)]
+        return [REFERENCE[op.act.data](get(op.gate)) * get(op.up)]
     if isinstance(op, L.ActOp):
-        return [_act(op.act.data, get(op.input))]
+        return [REFERENCE[op.act.data](get(op.input))]
     if isinstance(op, L.AddOp):
         return [get(op.lhs) + get(op.rhs)]
     if isinstance(op, L.SplitOp):

@@ -143,8 +143,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                      "host or by an older llmirc): remove it unless a compile is still writing it")
     with stage("front end"):
         source = open_source(model, dequantize=options.dequantize)
-    has_tokenizer = any(p.name == "tokenizer.json" for p in source.tokenizer_files())  # GGUF: its embedded one
-    if out is not None and not has_tokenizer and (note := missing_tokenizer_note(Path(source.root))):
+    if out is not None and not any(p.name == "tokenizer.json" for p in source.tokenizer_files()) and \
+            (note := missing_tokenizer_note(Path(source.root))):  # a GGUF file's embedded one counts
         progress(f"note: {note}")
     calibration = None
     try:

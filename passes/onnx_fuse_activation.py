@@ -25,6 +25,7 @@ from xdsl.passes import ModulePass
 
 from llmirc import dialect as L
 from llmirc.frontend.onnx_dialect import OnnxOp
+from llmirc.frontend.onnx_ops import erf
 
 from .func_args import forward_func
 from .onnx_fuse_norm import sources_above
@@ -32,10 +33,9 @@ from .onnx_match import Oracle, close, closure_down, erase_dead, evaluate
 from .report import note
 
 ANCHORS = ("Sigmoid", "Erf", "Tanh", "Relu", "Gelu")
-_erf = np.vectorize(math.erf)
-REFERENCE = {
+REFERENCE = {  # llmir's activations in NumPy (also what GPTQ's calibration forward computes)
     "silu": lambda x: x / (1 + np.exp(-x)),
-    "gelu": lambda x: 0.5 * x * (1 + _erf(x / math.sqrt(2))),
+    "gelu": lambda x: 0.5 * x * (1 + erf(x / math.sqrt(2))),
     "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
     "relu": lambda x: np.maximum(x, 0),
 }

@@ -159,7 +159,8 @@ def _bcast_bool(c, s, d):
 
 # --- Elementwise ------------------------------------------------------------------------------
 
-def _erf(x):
+def erf(x: np.ndarray) -> np.ndarray:
+    """The error function of x, elementwise, in x's dtype (computed in float64)."""
     return np.asarray(_erf64(x.astype(np.float64)), np.float64).astype(x.dtype)
 
 
@@ -169,7 +170,7 @@ def _gelu(c, x):
         return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
     if approx != "none":
         c.fail(f"approximate={approx!r} is not supported (none, tanh)")
-    return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+    return 0.5 * x * (1 + erf(x / math.sqrt(2)))
 
 
 def _hard_sigmoid(x, alpha, beta):
@@ -181,7 +182,7 @@ _UNARY = {  # Python scalars below are "weak": float32 stays float32
     "Sqrt": np.sqrt, "Reciprocal": lambda x: 1 / x, "Exp": np.exp, "Log": np.log,
     "Sin": np.sin, "Cos": np.cos, "Tan": np.tan, "Asin": np.arcsin, "Acos": np.arccos, "Atan": np.arctan,
     "Sinh": np.sinh, "Cosh": np.cosh, "Tanh": np.tanh, "Asinh": np.arcsinh, "Acosh": np.arccosh,
-    "Atanh": np.arctanh, "Erf": _erf, "Floor": np.floor, "Ceil": np.ceil, "Round": np.round,  # half to even
+    "Atanh": np.arctanh, "Erf": erf, "Floor": np.floor, "Ceil": np.ceil, "Round": np.round,  # half to even
     "Sigmoid": lambda x: 1 / (1 + np.exp(-x)), "Relu": lambda x: np.maximum(x, 0),
     "Softplus": lambda x: np.logaddexp(0, x), "Softsign": lambda x: x / (1 + np.abs(x)),
     "HardSwish": lambda x: x * _hard_sigmoid(x, 1 / 6, 0.5), "Not": np.logical_not, "BitwiseNot": np.invert,
