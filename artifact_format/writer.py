@@ -8,9 +8,10 @@
 
 manifest.json is written last, so an interrupted build's `<out>.tmp-<host>-<pid>-<random>`
 directory has none and is never taken for a bundle. If the block raises (KeyboardInterrupt
-included) or commit fails, the temporary directory is removed and out_path is as it was; one
-left by a killed process (kill -9, power loss) is removed by the next writer to the same path
-once its owner (that pid on this host) is gone (`remove_stale_temporaries`).
+included, and SIGTERM, which the CLI raises as an exception) or commit fails, the temporary
+directory is removed and out_path is as it was; one left by a killed process (kill -9, power
+loss) is removed by the next writer to the same path once its owner (that pid on this host) is
+gone (`remove_stale_temporaries`).
 Errors the user can cause (unsafe path, disk full, out_path not replaceable) are
 BundleErrors; misuse by the calling code is ValueError/RuntimeError.
 """

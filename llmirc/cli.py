@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -498,9 +499,21 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, as_json):
                    f"{result.windows} windows of {context} tokens, stride {stride}")
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where Python next runs, so that `with` blocks clean up (the bundle writer's
+    temporary directory, calibration's Hessian files) as they do for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)  # `llmirc serve`: uvicorn installs its own while it runs
     try:
         cli.main(standalone_mode=False)
+    except _Terminated:
+        _fail("terminated", 128 + signal.SIGTERM)
     except LlmircError as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except click.exceptions.Abort:

@@ -144,7 +144,9 @@ def quantize(w: np.ndarray, scheme: Scheme) -> dict[str, np.ndarray]:
     group with 0 included, z = round(-min / s) (GPTQ's and MatMulNBits' RTN). min: s as for int
     without 0 forced in, m = min (Q4_1). Codes are computed with the stored (rounded) scale.
     (A least-squares scale search, llama.cpp's make_qx_quants unweighted, was tried: it raised
-    SmolLM2's int8 perplexity from +0.5% to +1.5% over bf16 by clipping the largest weights.)"""
+    SmolLM2's int8 perplexity from +0.5% to +1.5% over bf16 by clipping the largest weights.)
+
+    Raises ValueError when w holds NaN or infinities, or a scale overflows the scale dtype."""
     n, k = w.shape
     if scheme.act_order:
         raise ValueError("quantize: act-order comes only from GPTQ checkpoints")
@@ -174,7 +176,8 @@ def gptq(w: np.ndarray, h: np.ndarray, scheme: Scheme, damp: float = 0.01, block
     With h = I no error is spread, and each group's squared error is at most round to
     nearest's (its scale is among those searched). float64 throughout; O(n k^2 + k^3).
 
-    Raises ValueError when h is not [k, k] or not positive definite after damping ten-fold."""
+    Raises ValueError when h is not [k, k] or not positive definite after damping ten-fold, and
+    as `quantize` does."""
     n, k = w.shape
     if scheme.act_order:
         raise ValueError("gptq: a stored act-order permutation is not supported (the order is internal)")
@@ -241,16 +244,28 @@ def _group_params(x: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray
     (min) or 0 (none). See `quantize`."""
     if scheme.zero == "none":
         idx = np.abs(x).argmax(-1)[..., None]
-        s = _stored(np.take_along_axis(x, idx, -1)[..., 0] / -scheme.center, scheme.scale_dtype)
+        s = _finite(_stored(np.take_along_axis(x, idx, -1)[..., 0] / -scheme.center, scheme.scale_dtype), x, scheme)
         return s, np.zeros_like(s)
     top = (1 << scheme.bits) - 1
     lo, hi = x.min(-1), x.max(-1)
     if scheme.zero == "int":
         lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
-    s = _stored((hi - lo) / top, scheme.scale_dtype)
+    s = _finite(_stored((hi - lo) / top, scheme.scale_dtype), x, scheme)
     if scheme.zero == "int":
         return s, np.clip(np.rint(-lo * _inverse(s)), 0, top)
-    return s, _stored(lo, scheme.scale_dtype)
+    return s, _finite(_stored(lo, scheme.scale_dtype), x, scheme)
+
+
+def _finite(v: np.ndarray, x: np.ndarray, scheme: Scheme) -> np.ndarray:
+    """v (scales or mins of x's groups), unless x or v is not finite: ValueError, as a NaN or
+    infinite weight, or a scale beyond the scale dtype's range (float16: |w| > 65504 * 2^(bits-1)
+    or so), would be stored as NaN codes silently."""
+    if not np.isfinite(v).all():
+        if not np.isfinite(x).all():
+            raise ValueError("the weight holds NaN or infinite values")
+        raise ValueError(f"weights up to {float(np.abs(x).max()):.4g} in magnitude overflow {scheme.scale_dtype} "
+                         "scales")
+    return v
 
 
 def _inverse(s: np.ndarray) -> np.ndarray:

@@ -148,7 +148,10 @@ class WeightEntry:
             if e[0] == "quantize":
                 def make():
                     w = dtypes.to_float32(*ev(e[1]))
-                    return quant.quantize(w, e[2]) if e[3] is None else quant.gptq(w, ev(e[3])[0], e[2])
+                    try:
+                        return quant.quantize(w, e[2]) if e[3] is None else quant.gptq(w, ev(e[3])[0], e[2])
+                    except ValueError as err:
+                        raise LlmircError(f"cannot quantize {', '.join(self.sources())}: {err}") from None
                 parts = _parts(cache, e[:4], make)
                 return parts[e[4]], dtypes.dtype(e[2].part_dtype(e[4]))
             if e[0] == "packed":

@@ -84,6 +84,21 @@ def test_gptq_dead_inputs_and_errors(rng):
         quant.gptq(w, np.eye(32), quant.Scheme(4, 32))
 
 
+@pytest.mark.parametrize("zero", quant.ZEROS)
+@pytest.mark.parametrize("value, message", [(1e6, "overflow float16 scales"), (np.inf, "NaN or infinite"),
+                                            (np.nan, "NaN or infinite")])
+def test_weights_the_scales_cannot_hold_are_refused(rng, zero, value, message):
+    """Round to nearest and GPTQ refuse what would be stored as NaN codes; float32 scales hold 1e6."""
+    w = rng.standard_normal((4, 64)).astype(np.float32)
+    w[2, 7] = value
+    for quantize in (lambda s: quant.quantize(w, s), lambda s: quant.gptq(w, np.eye(64), s)):
+        with pytest.raises(ValueError, match=message):
+            quantize(quant.Scheme(4, 32, "float16", zero))
+    if np.isfinite(value):
+        s = quant.Scheme(4, 32, "float32", zero)
+        assert np.isfinite(quant.dequantize(quant.quantize(w, s), s, 64)).all()
+
+
 def test_windows():
     ids = list(range(1000))
     assert [len(w) for w in windows(ids[:600], 256)] == [256, 256, 88]

@@ -388,6 +388,23 @@ def test_compile_bad_calibration(ckpt, tmp_path, case):
     assert not out.exists() and leftovers(out) == [] and list(tmp.iterdir()) == []
 
 
+@pytest.mark.parametrize("value, needle", [(1e6, "overflow float16 scales"), (float("nan"), "NaN or infinite")])
+def test_compile_refuses_weights_quantization_cannot_store(tmp_path, value, needle):
+    """A weight whose group scale overflows float16 (|w| > 65504 * 8 in 4 bits), or a NaN weight:
+    one error line naming the checkpoint tensor, no bundle (not NaN codes written silently)."""
+    import torch
+
+    model = tmp_path / "ckpt"
+    hf = make_checkpoint(model, "llama", tokenizer=True)
+    with torch.no_grad():
+        hf.model.layers[1].mlp.up_proj.weight[3, 5] = value
+    hf.save_pretrained(model)
+    out = tmp_path / "out.llmir"
+    assert_user_error(llmirc("compile", model, "-o", out, "-q", "--quant", "int4"),
+                      "model.layers.1.mlp.up_proj.weight", needle)
+    assert not out.exists() and leftovers(out) == []
+
+
 def test_compile_warns_of_quant_options_without_effect(ckpt):
     r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--quant-group-size", "64", "--quant-lm-head", "int4")
     assert r.returncode == 0 and r.stderr == "warning: --quant-group-size, --quant-lm-head have no effect without " \
@@ -443,8 +460,14 @@ def test_failed_compile_keeps_existing_bundle(ckpt, bundle, tmp_path, failure):
     assert llmirc("inspect", out).returncode == 0
 
 
-def test_interrupted_compile_keeps_existing_bundle(ckpt, bundle, tmp_path):
-    # Ctrl-C during code generation: one error line, exit 130, the old bundle as it was.
+@pytest.mark.parametrize("sig, code, messages", [
+    # click turns KeyboardInterrupt into Abort (after an empty line on stderr); either wording is fine.
+    (signal.SIGINT, 130, ("error: aborted", "error: interrupted")),
+    (signal.SIGTERM, 143, ("error: terminated",)),
+])
+def test_interrupted_compile_keeps_existing_bundle(ckpt, bundle, tmp_path, sig, code, messages):
+    # Ctrl-C or a kill during code generation: one error line, exit 128 + the signal, the old
+    # bundle as it was, no temporary directory left.
     out = copy_bundle(bundle, tmp_path)
     before = snapshot(out)
     proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "compile", str(ckpt), "-o", str(out),
@@ -454,21 +477,22 @@ def test_interrupted_compile_keeps_existing_bundle(ckpt, bundle, tmp_path):
     for line in proc.stderr:
         seen.append(line)
         if "cpu codegen" in line:  # the new bundle is half-written in its temporary directory
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             break
     err = "".join(seen) + proc.stderr.read()
     proc.wait(timeout=120)
     assert "cpu codegen" in seen[-1], err
     if proc.returncode == 0:
-        pytest.skip("the compile finished before the interrupt arrived")
-    assert proc.returncode == 130 and "Traceback" not in err, err
-    # click turns KeyboardInterrupt into Abort (after an empty line on stderr); either wording is fine.
-    assert err.splitlines()[-1] in ("error: aborted", "error: interrupted"), err
+        pytest.skip("the compile finished before the signal arrived")
+    assert proc.returncode == code and "Traceback" not in err, err
+    assert err.splitlines()[-1] in messages, err
     assert snapshot(out) == before and leftovers(out) == []
 
 
-def test_interrupted_gptq_compile_removes_its_hessians(ckpt, tmp_path):
-    """Ctrl-C during a GPTQ compile: exit 130 and no Hessian folder left in TMPDIR."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_gptq_compile_removes_its_hessians(ckpt, tmp_path, sig):
+    """Ctrl-C or a kill during a GPTQ compile: exit 128 + the signal and no Hessian folder left
+    in TMPDIR."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "compile", str(ckpt), "-o", str(tmp_path / "o.llmir"),
@@ -479,13 +503,13 @@ def test_interrupted_gptq_compile_removes_its_hessians(ckpt, tmp_path):
     for line in proc.stderr:
         seen.append(line)
         if "calibration: " in line:  # the forward over the text starts
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             break
     err = "".join(seen) + proc.stderr.read()
     proc.wait(timeout=120)
     if proc.returncode == 0:
-        pytest.skip("the compile finished before the interrupt arrived")
-    assert proc.returncode == 130 and "Traceback" not in err, err
+        pytest.skip("the compile finished before the signal arrived")
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
     assert list(tmp.iterdir()) == [] and not (tmp_path / "o.llmir").exists()
 
 
