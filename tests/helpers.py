@@ -163,7 +163,7 @@ def export_onnx(model, path: Path, *, with_mask: bool = False, with_past: bool =
 
 def hf_logits_quantized(model, weights: dict, token_ids: list[int]) -> np.ndarray:
     """Logits of `model` in float64 with the linears named in `weights` ({module name: (weight
-    [n, k], input permutation or None, block)}) using those weights, their inputs quantized to
+    [n, k] (GPT-2's Conv1D: [k, n]), input permutation or None, block)}) using those weights, their inputs quantized to
     int8 per block of `block` values (in the permuted order) as llmirc's quantized kernels do it
     (llmirc.quant.activation_block): the exact reference of a quantized bundle. A block of None
     rounds the inputs to bfloat16 instead (the GPU targets' contract, targets/signatures.py).
@@ -171,6 +171,7 @@ def hf_logits_quantized(model, weights: dict, token_ids: list[int]) -> np.ndarra
     import copy
 
     import torch
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linears (weight [k, n])
 
     from llmirc import quant
 
@@ -194,7 +195,7 @@ def hf_logits_quantized(model, weights: dict, token_ids: list[int]) -> np.ndarra
     with torch.no_grad():
         for name, (w, perm, block) in weights.items():
             modules[name].weight.copy_(torch.from_numpy(np.asarray(w, np.float64)))
-            if isinstance(modules[name], torch.nn.Linear):
+            if isinstance(modules[name], (torch.nn.Linear, Conv1D)):
                 hooks.append(modules[name].register_forward_pre_hook(hook(perm, block)))
         out = ref(torch.tensor([token_ids])).logits[0].numpy()
     for h in hooks:

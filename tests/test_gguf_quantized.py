@@ -23,7 +23,8 @@ from llmirc.frontend.packed import GGUF_SCHEMES, repack
 from test_models import compile_to
 
 TOKENS = [1, 5, 9, 200, 17, 3, 44, 91, 12, 7, 250, 300, 31, 64, 128, 2, 8, 99, 150, 42] * 2
-MATRICES = ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+MATRICES = ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
+            "wte", "wpe", "c_attn", "c_proj", "c_fc")  # the last: GPT-2's
 
 
 def rel_rms(a, b):
@@ -59,6 +60,10 @@ def test_repack_is_lossless(kind):
                               num_key_value_heads=2, init_std=0.03)),
     # SmolLM2's kind of file: Q4_1 everywhere, the embedding tied to the LM head
     ("qwen2", ("Q4_1",), dict(hidden_size=128, tie_word_embeddings=True)),
+    # GPT-2 (fused q/k/v, biases, learned positions, tied head), as llama.cpp's quantize leaves it:
+    # every matrix quantized, the position table included
+    ("gpt2", ("Q8_0", "Q4_0", "Q5_1", "Q6_K"), dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                                  tie_word_embeddings=True)),
 ])
 def test_kept_quantized_matches_references(tmp_path, arch, kinds, overrides):
     model = make_checkpoint(tmp_path / "ckpt", arch, **overrides)

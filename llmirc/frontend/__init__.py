@@ -19,9 +19,10 @@ def parse_spec(config: dict, source: str = "config.json") -> Spec:
 
 
 def build_graph(spec: Spec, check: ShapeCheck, has_tensor: Callable[[str], bool], packed=None) -> ModuleOp:
-    """`packed`: quantized linears of GPTQ/AWQ checkpoints (Llama-family decoders; see build_decoder)."""
+    """`packed(prefix, n, k)`: a quantized matrix the source holds (GPTQ/AWQ linears of Llama-family
+    checkpoints, GGUF blocks of any architecture; see build_decoder), else None."""
     if isinstance(spec, Gpt2Spec):
-        return build_gpt2(spec, check, has_tensor)
+        return build_gpt2(spec, check, has_tensor, packed)
     return build_decoder(spec, check, has_tensor, packed)
 
 

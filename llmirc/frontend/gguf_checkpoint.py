@@ -23,7 +23,8 @@ the LM head) enter the graph as `llmir.packed_weight` of the `!llmir.quant` type
 repacked into losslessly (frontend/packed.py says which, per format), and `read(name)` returns
 `gguf_quants.unpack` of the blocks (the q/k row un-permutation moves whole rows, so it applies
 unchanged). With `dequantize=True` (`llmirc compile --dequantize`) they are expanded to float32
-with `gguf_quants.dequantize` instead. GPT-2 files with quantized tensors need --dequantize.
+with `gguf_quants.dequantize` instead. Quantized vectors (biases, norms) are refused unless
+dequantizing.
 """
 
 from __future__ import annotations
@@ -127,11 +128,6 @@ class GgufCheckpoint:
             if self._type_name(name) not in FORMATS:
                 raise CheckpointError(f"{path}: tensor '{name}' has type {self._type_name(name)}, which llmirc cannot "
                                       f"read (readable: {', '.join(list(FLOAT_TYPES.values()) + list(FORMATS))})")
-        if quantized and not dequantize and self.arch == "gpt2":
-            name = quantized[0]
-            raise CheckpointError(f"{path}: tensor '{name}' is {self._type_name(name)}-quantized; llmirc keeps "
-                                  "GGUF quantized tensors of llama and qwen2 models only: compile with --dequantize "
-                                  "to expand them to float32")
         self.tokenizer, self.tokenizer_config = (build_tokenizer(self.meta, str(path))
                                                  if "tokenizer.ggml.model" in self.meta else (None, None))
         self.config = self._hf_config()

@@ -84,23 +84,30 @@ def parse_gpt2_config(config: dict, source: str) -> Gpt2Spec:
     )
 
 
-def build_gpt2(s: Gpt2Spec, check: ShapeCheck, has_tensor: Callable[[str], bool]) -> ModuleOp:
+def build_gpt2(s: Gpt2Spec, check: ShapeCheck, has_tensor: Callable[[str], bool],
+               packed: Callable[[str, int, int], SSAValue | None] | None = None) -> ModuleOp:
+    """`packed(prefix, n, k)`: the quantized matrix `prefix` ([n, k], a GGUF file's: stored [out,
+    in]) when the source holds one, else None (as for build_decoder)."""
     h_dim, inner = s.hidden_size, s.intermediate_size
     forward, weight = new_forward(s.vocab_size), weights(check)
+
+    def matrix(prefix: str, n: int, k: int) -> SSAValue:
+        w = packed(prefix, n, k) if packed is not None else None
+        return w if w is not None else weight(f"{prefix}.weight", n, k)
 
     def conv1d(x, prefix: str, n_in: int, n_out: int) -> SSAValue:
         if s.conv1d_weights:
             w = L.TransposeOp(weight(f"{prefix}.weight", n_in, n_out)).result
         else:
-            w = weight(f"{prefix}.weight", n_out, n_in)
+            w = matrix(prefix, n_out, n_in)
         return L.LinearOp(x, w, weight(f"{prefix}.bias", n_out)).result
 
     def layer_norm(x, prefix: str) -> SSAValue:
         return L.LayerNormOp(x, weight(f"{prefix}.weight", h_dim), weight(f"{prefix}.bias", h_dim), s.norm_eps).result
 
     with ImplicitBuilder(forward.body) as (token_ids, positions):
-        wte = weight("transformer.wte.weight", s.vocab_size, h_dim)
-        wpe = weight("transformer.wpe.weight", s.max_position_embeddings, h_dim)
+        wte = matrix("transformer.wte", s.vocab_size, h_dim)
+        wpe = matrix("transformer.wpe", s.max_position_embeddings, h_dim)
         h = L.AddOp(L.EmbeddingOp(wte, token_ids).result, L.EmbeddingOp(wpe, positions).result).result
         for i in range(s.num_layers):
             p = f"transformer.h.{i}"
@@ -113,7 +120,7 @@ def build_gpt2(s: Gpt2Spec, check: ShapeCheck, has_tensor: Callable[[str], bool]
             h = L.AddOp(h, conv1d(m, f"{p}.mlp.c_proj", inner, h_dim)).result
         h = layer_norm(h, "transformer.ln_f")
         tied = s.tie_word_embeddings or not has_tensor("lm_head.weight")
-        head = wte if tied else weight("lm_head.weight", s.vocab_size, h_dim)
+        head = wte if tied else matrix("lm_head", s.vocab_size, h_dim)
         func.ReturnOp(L.LinearOp(h, head).result)
     module = ModuleOp([forward])
     module.verify()
