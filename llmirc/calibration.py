@@ -90,8 +90,9 @@ class Calibration:
 
 def remove_stale() -> list[str]:
     """Removes the Hessian folders that GPTQ compiles on this host left when they were killed
-    (SIGKILL, SIGTERM, out of memory: an 8B model's take 30 GB) and returns their names; the
-    folders of running compiles, other hosts and other users are left alone."""
+    (SIGKILL, out of memory: an 8B model's take 30 GB; after SIGINT and SIGTERM the CLI cleans
+    up itself) and returns their names; the folders of running compiles, other hosts and other
+    users are left alone."""
     pattern = re.compile(re.escape(FOLDER + host_tag()) + r"-(\d+)-\w+")
     removed = []
     for p in Path(tempfile.gettempdir()).glob(FOLDER + "*"):
