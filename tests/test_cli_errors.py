@@ -405,6 +405,28 @@ def test_compile_refuses_weights_quantization_cannot_store(tmp_path, value, need
     assert not out.exists() and leftovers(out) == []
 
 
+@pytest.mark.parametrize("kind, value, dequantize", [("Q8_0", np.nan, False), ("Q4_K", np.inf, False),
+                                                   ("Q4_K", np.nan, True)])
+def test_compile_refuses_gguf_blocks_with_non_finite_scales(tmp_path, kind, value, dequantize):
+    """A GGUF block whose float16 scale is NaN or infinite (corrupt data; ggml_validate_row_data
+    refuses it too): one error line naming the file and tensor, no bundle (not NaN weights or a
+    NumPy warning)."""
+    import gguf
+    from gguf_files import write_gguf
+
+    hf = make_checkpoint(tmp_path / "ckpt", "gpt2", hidden_size=256, intermediate_size=512, num_attention_heads=4)
+    path = write_gguf(hf, tmp_path / "m.gguf", ("Q8_0", "Q4_K"))
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.tensor_type.name == kind)
+    data = bytearray(path.read_bytes())
+    at = tensor.data_offset + 10 * gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
+    data[at:at + 2] = np.float16(value).tobytes()  # block 10's d (Q8_0 and Q4_K blocks start with it)
+    path.write_bytes(bytes(data))
+    out = tmp_path / "out.llmir"
+    r = llmirc("compile", path, "-o", out, "-q", *(["--dequantize"] if dequantize else []))
+    assert_user_error(r, str(path), f"'{tensor.name}' is corrupt", "NaN or infinite")
+    assert not out.exists() and leftovers(out) == []
+
+
 def test_compile_warns_of_quant_options_without_effect(ckpt):
     r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--quant-group-size", "64", "--quant-lm-head", "int4")
     assert r.returncode == 0 and r.stderr == "warning: --quant-group-size, --quant-lm-head have no effect without " \

@@ -267,14 +267,18 @@ class GgufCheckpoint:
     def _stored(self, gguf_name: str) -> tuple[np.ndarray | Unpacked, str]:
         """(data, llmirc dtype name): F32/F16/BF16 as stored (BF16 as uint16 bits, zero-copy views of
         the mapped file), quantized tensors dequantized to float32 (with dequantize=True), else
-        unpacked (gguf_quants.unpack: codes, scales, offsets; dtype 'quantized')."""
+        unpacked (gguf_quants.unpack: codes, scales, offsets; dtype 'quantized'). A block with a
+        NaN or infinite scale: CheckpointError."""
         t, kind = self._tensors[gguf_name], self._type_name(gguf_name)
         shape = self.shape_of(gguf_name)
         if kind in STORED:
             return t.data.view("<u2" if kind == "BF16" else t.data.dtype).reshape(shape), STORED[kind]
-        if not self.dequantize:
-            return unpack(FORMATS[kind], t.data, shape[-1]), "quantized"
-        return dequantize(FORMATS[kind], t.data, shape[-1]).reshape(shape), "float32"
+        try:
+            if not self.dequantize:
+                return unpack(FORMATS[kind], t.data, shape[-1]), "quantized"
+            return dequantize(FORMATS[kind], t.data, shape[-1]).reshape(shape), "float32"
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: tensor '{gguf_name}' is corrupt: {e}") from None
 
     # -- the source interface ---------------------------------------------------------------------
 

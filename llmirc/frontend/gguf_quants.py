@@ -145,12 +145,16 @@ def unpack(fmt: BlockFormat, data: np.ndarray, n: int) -> Unpacked:
     """Raw blocks -> codes, scales, offsets.
 
     data: uint8 [rows, n // block_size * type_size] (or any shape with that many bytes per row of
-    n elements); n: elements per row, a multiple of fmt.block_size. Returns arrays shaped [rows, ...]."""
+    n elements); n: elements per row, a multiple of fmt.block_size. Returns arrays shaped [rows, ...].
+    Raises ValueError for a NaN or infinite scale or min (a corrupt block)."""
     if n % fmt.block_size:
         raise ValueError(f"{fmt.name}: a row of {n} elements is not a whole number of {fmt.block_size}-blocks")
     blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, fmt.type_size)
     rows = blocks.shape[0] * fmt.block_size // n
-    codes, scales, offsets = _unpack_blocks(fmt, blocks)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 of a corrupt block: refused below
+        codes, scales, offsets = _unpack_blocks(fmt, blocks)
+    if not (np.isfinite(scales).all() and (offsets is None or np.isfinite(offsets).all())):
+        raise ValueError("a block's scale or min is NaN or infinite (as ggml_validate_row_data refuses)")
     return Unpacked(codes.reshape(rows, n), scales.reshape(rows, n // fmt.group),
                     None if offsets is None else offsets.reshape(rows, n // fmt.group), fmt.group)
 
