@@ -42,6 +42,16 @@ def weights(check: ShapeCheck) -> Callable[..., SSAValue]:
     return weight
 
 
+def matrices(weight: Callable[..., SSAValue],
+             packed: Callable[[str, int, int], SSAValue | None] | None) -> Callable[[str, int, int], SSAValue]:
+    """matrix(prefix, n, k): the quantized matrix `prefix` the source holds (`packed`: GPTQ, AWQ,
+    GGUF; frontend/packed.py), else its float weight `prefix.weight` [n, k]."""
+    def matrix(prefix: str, n: int, k: int) -> SSAValue:
+        w = packed(prefix, n, k) if packed is not None else None
+        return w if w is not None else weight(f"{prefix}.weight", n, k)
+    return matrix
+
+
 def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[str], bool],
                   packed: Callable[[str, int, int], SSAValue | None] | None = None) -> ModuleOp:
     """`packed(prefix, n, k)`: the quantized weight `prefix` (a linear, the embedding table, the LM
@@ -49,10 +59,7 @@ def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[st
     s = spec
     q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
     forward, weight = new_forward(s.vocab_size), weights(check)
-
-    def matrix(prefix: str, n: int, k: int) -> SSAValue:
-        w = packed(prefix, n, k) if packed is not None else None
-        return w if w is not None else weight(f"{prefix}.weight", n, k)
+    matrix = matrices(weight, packed)
 
     def linear(x, prefix: str, n: int, k: int, bias: bool) -> SSAValue:
         b = weight(f"{prefix}.bias", n) if bias else None

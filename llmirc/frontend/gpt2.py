@@ -17,7 +17,7 @@ from xdsl.ir import SSAValue
 
 from llmirc import dialect as L
 
-from .decoder import ShapeCheck, new_forward, weights
+from .decoder import ShapeCheck, matrices, new_forward, weights
 from .hf_config import ACTIVATIONS, MAX_LAYERS, _Reader
 
 
@@ -90,10 +90,7 @@ def build_gpt2(s: Gpt2Spec, check: ShapeCheck, has_tensor: Callable[[str], bool]
     in]) when the source holds one, else None (as for build_decoder)."""
     h_dim, inner = s.hidden_size, s.intermediate_size
     forward, weight = new_forward(s.vocab_size), weights(check)
-
-    def matrix(prefix: str, n: int, k: int) -> SSAValue:
-        w = packed(prefix, n, k) if packed is not None else None
-        return w if w is not None else weight(f"{prefix}.weight", n, k)
+    matrix = matrices(weight, packed)
 
     def conv1d(x, prefix: str, n_in: int, n_out: int) -> SSAValue:
         if s.conv1d_weights:
