@@ -160,3 +160,14 @@ def test_baseline_cpu_library_matches(tmp_path):
     bundle = tmp_path / "m.llmir"
     compile_model(tmp_path / "ckpt", bundle, CompileOptions(cpu_variants=("baseline",)), Progress(None))
     check_model(model, bundle, prompts=PROMPTS[2:])
+
+
+def test_a_bundle_recompiled_in_place_loads_its_new_library(tmp_path):
+    """A process maps a library path once: loading, recompiling another model to the same path and
+    loading again must run the new kernels (the library is named by its content), not fail on the
+    old library's shapes or run its code."""
+    make_checkpoint(tmp_path / "a", "llama")
+    first = load(compile_to(tmp_path / "a", tmp_path / "m.llmir"))
+    model = make_checkpoint(tmp_path / "b", "llama", seed=1, num_hidden_layers=3)
+    second = check_model(model, compile_to(tmp_path / "b", tmp_path / "m.llmir"), prompts=PROMPTS[:1])
+    assert first.executor.lib is not second.executor.lib

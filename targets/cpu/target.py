@@ -7,6 +7,7 @@ still loads on an older CPU of the same architecture.
 
 from __future__ import annotations
 
+import hashlib
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,16 @@ from .kernels import emit_kernel
 from .toolchain import CpuVariant, compile_object, emit_assembly, link_shared, variants_for
 
 LIBRARY = "libllmir_model.so"
+
+
+def library_name(data: bytes) -> str:
+    """`libllmir_model-<first 16 hex digits of the sha256 of data>.so`.
+
+    A process maps a shared library once per path: dlopen of a path it has loaded before returns
+    the library already in memory, even when the file there was replaced since (a bundle
+    recompiled to the same path and loaded again). Naming the file by its content makes a
+    different library a different path."""
+    return f"{LIBRARY.removesuffix('.so')}-{hashlib.sha256(data).hexdigest()[:16]}.so"
 
 
 def llvm_module(plan: Plan, variant: CpuVariant) -> ir.Module:
@@ -82,12 +93,13 @@ class CpuBackend:
         for variant in variants_for(self.variant_names):
             name = target_name(variant)
             progress(f"cpu codegen for {name} ({variant.cpu}, {variant.vector_width} f32 lanes)")
-            library = f"kernels/{name}/{LIBRARY}"
             with internal_stage(f"cpu codegen for {name}"):
                 module = llvm_module(plan, variant)
                 llvm_ir, extra = str(module), extra_modules(module, variant)
                 obj = compile_object(llvm_ir, variant, extra=extra)
-                link_shared([obj], path(library))
+                linked = link_shared([obj], path(f"kernels/{name}/{LIBRARY}"))
+                library = f"kernels/{name}/{library_name(linked.read_bytes())}"
+                linked.rename(path(library))
             if self.keep_intermediates:
                 path(f"kernels/{name}/model.ll").write_text("\n".join([llvm_ir, *extra]))
                 path(f"kernels/{name}/model.s").write_text(emit_assembly(llvm_ir, variant, extra=extra))
