@@ -23,7 +23,8 @@ from llmirc.frontend.checkpoint import missing_tokenizer_note
 from llmirc.frontend.context import Limit, index_limits, resolve_context, table_rows
 from llmirc.passes.func_args import forward_func
 from llmirc.passes.pipeline import DEFAULT_BLOCK_SIZE, make_context, parse_passes, print_ir, required, run_passes
-from llmirc.passes.cast_weights import float_type
+from llmirc import dialect as L
+from llmirc.passes.cast_weights import float_type, weight_uses
 from llmirc.passes.kv_cache_dtype import kv_type
 from llmirc.passes.quantize_weights import TIED_HEAD, QuantizeWeights
 from llmirc.targets.backend import backend
@@ -154,6 +155,10 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         with stage(f"front end ({source.kind})"):
             module = source.module()
         progress(f"front end: {source.kind}, {model_facts(module).get('num_layers', '?')} attention layers")
+        stored = _stored_quantized(source, module)
+        if options.quant_method == "gptq" and stored and not stored[0]:
+            raise LlmircError(f"--quant-method gptq: every linear weight of {model} is stored quantized already, so "
+                              f"there is nothing to calibrate{_DEQUANTIZE_HINT.get(source.kind, '')}")
         if options.quant_method == "gptq":
             with stage("calibration"):
                 ctx.calibration = calibration = _calibrate(source, options, progress)
@@ -164,6 +169,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
                    ctx=ctx, prefix=source.lowering, block_size=block_size,
                    tail=dataclasses.replace(options, dtype=dtype).required())
+        if options.quant != "none" and stored and stored[1] and not any("-> int" in k for k in ctx.report):
+            progress(f"note: --quant {options.quant} changed nothing: the weights it would quantize are stored "
+                     f"quantized in {model} already and are kept as they are{_DEQUANTIZE_HINT.get(source.kind, '')}")
         if TIED_HEAD in ctx.report:  # its largest matrix, in float whatever --quant-lm-head says
             progress("note: the LM head is tied to the embedding table, which --quant-keep keeps: it stays float "
                      "(--quant-keep none quantizes both)")
@@ -202,6 +210,18 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         if calibration is not None:
             calibration.close()
         source.close()
+
+
+_DEQUANTIZE_HINT = {"gguf": " (--dequantize expands them to float32 first, to quantize them again)"}
+
+
+def _stored_quantized(source, module) -> tuple[int, int] | None:
+    """(float, quantized) counts of the linear weights of a front end's llmir module as the checkpoint
+    stores them; None for a source lowered by passes (ONNX), whose weights are not llmir ops yet."""
+    if source.lowering:
+        return None
+    floats = [L.is_float(w.type.element_type) for user, w in weight_uses(module) if isinstance(user, L.LinearOp)]
+    return sum(floats), len(floats) - sum(floats)
 
 
 def _calibrate(source, options: CompileOptions, progress: Callable[[str], None]):

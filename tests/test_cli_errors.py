@@ -427,6 +427,27 @@ def test_compile_refuses_gguf_blocks_with_non_finite_scales(tmp_path, kind, valu
     assert not out.exists() and leftovers(out) == []
 
 
+def test_quant_on_a_checkpoint_stored_quantized(tmp_path, ckpt):
+    """--quant on a GGUF file whose matrices are all quantized: a note that it changed nothing (the
+    bundle keeps them as stored); GPTQ refused before calibrating, one error line, no bundle. A
+    float checkpoint gets no such note."""
+    from gguf_files import write_gguf
+
+    hf = make_checkpoint(tmp_path / "hf", "llama", hidden_size=64, intermediate_size=128)
+    path = write_gguf(hf, tmp_path / "m.gguf", "Q8_0")
+    r = llmirc("compile", path, "--emit", "mlir", "--quant", "int4")
+    assert r.returncode == 0 and f"note: --quant int4 changed nothing: the weights it would quantize are stored " \
+        f"quantized in {path} already" in r.stderr and "--dequantize" in r.stderr, r.stderr
+    text = tmp_path / "calibration.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    out = tmp_path / "out.llmir"
+    r = llmirc("compile", path, "-o", out, "-q", "--quant", "int4", "--quant-method", "gptq", "--calibration", text)
+    assert_user_error(r, "--quant-method gptq", str(path), "stored quantized already")
+    assert not out.exists() and leftovers(out) == []
+    r = llmirc("compile", ckpt, "--emit", "mlir", "--quant", "int4")
+    assert r.returncode == 0 and "changed nothing" not in r.stderr, r.stderr
+
+
 def test_compile_warns_of_quant_options_without_effect(ckpt):
     r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--quant-group-size", "64", "--quant-lm-head", "int4")
     assert r.returncode == 0 and r.stderr == "warning: --quant-group-size, --quant-lm-head have no effect without " \
