@@ -8,7 +8,7 @@ reported as failed, with its error, and the others go on.
 
 Engines: `llmirc[:VARIANT]` (compiles the checkpoint; VARIANT in LLMIRC_VARIANTS, none: weights
 as the checkpoint has them), `transformers` (eager, float32), `llama.cpp:KIND` with KIND in F32,
-F16, BF16, Q8_0 (convert_hf_to_gguf.py --outtype) or Q4_0 (converted, then llama.cpp's
+F16, BF16, Q8_0 (convert_hf_to_gguf.py --outtype) or Q4_0, Q4_K_M (converted, then llama.cpp's
 quantizer), `ort-genai:PRECISION` with PRECISION in fp32, int8, int4
 (onnxruntime_genai.models.builder). Each run: prefill = one forward over `prefill` token ids;
 decode = greedy generation of `new` tokens after `prompt`, timed from the first generated token
@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-GGUF_KINDS = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
+GGUF_KINDS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M")
+QUANTIZED_KINDS = ("Q4_0", "Q4_K_M")  # made by llama.cpp's quantizer from a float file
 ORT_PRECISIONS = ("fp32", "int8", "int4")
 PEERS_CACHE = Path(os.environ.get("LLMIRC_PEERS_CACHE", Path.home() / ".cache" / "llmirc" / "peers"))
 
@@ -80,10 +81,10 @@ def to_gguf(checkpoint: Path, out_dir: Path, kind: str) -> Path:
     if out.is_file():
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
-    if kind == "Q4_0":  # llama.cpp quantizes from a float file, as its llama-quantize tool does
+    if kind in QUANTIZED_KINDS:  # llama.cpp quantizes from a float file, as its llama-quantize tool does
         source = to_gguf(checkpoint, out_dir, "F32" if _checkpoint_dtype(checkpoint) == "float32" else "BF16")
         code = ("import llama_cpp, sys; p = llama_cpp.llama_model_quantize_default_params(); "
-                "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0; "
+                f"p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_{kind}; "
                 "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
         _run([sys.executable, "-c", code, str(source), str(out) + ".tmp"], "llama.cpp quantize")
     else:
@@ -316,10 +317,14 @@ LLMIRC_VARIANTS = {  # `llmirc:VARIANT` -> `llmirc compile` options
     "int4-head4": ["--quant", "int4", "--quant-lm-head", "int4"],
     "int4-g128": ["--quant", "int4", "--quant-group-size", "128"],
     "int4-g128-zp": ["--quant", "int4", "--quant-group-size", "128", "--quant-zero-points"],
+    # down_proj in 8 bits per output row (a mix like llama.cpp's Q4_K_M)
+    "int4-g128-down8": ["--quant", "int4", "--quant-group-size", "128", "--quant-keep", "embedding,*.down_proj.*=int8"],
     # GPTQ, calibrated on calibration_text()
     "int8-gptq": ["--quant", "int8", "--quant-method", "gptq"],
     "int4-gptq": ["--quant", "int4", "--quant-method", "gptq"],
-    "int4-g128-gptq": ["--quant", "int4", "--quant-group-size", "128", "--quant-method", "gptq"]}
+    "int4-g128-gptq": ["--quant", "int4", "--quant-group-size", "128", "--quant-method", "gptq"],
+    "int4-g128-down8-gptq": ["--quant", "int4", "--quant-group-size", "128", "--quant-keep",
+                             "embedding,*.down_proj.*=int8", "--quant-method", "gptq"]}
 
 
 def calibration_text(work: Path) -> Path:

@@ -86,8 +86,9 @@ def cli(debug: bool) -> None:
 @click.option("--quant-zero-points", is_flag=True, help="Asymmetric quantization: a uint8 zero point per group.")
 @click.option("--quant-keep", default="embedding", show_default=True,
               help="What stays in higher precision: embedding, lm_head and/or glob patterns over checkpoint tensor "
-                   "names, comma-separated ('none': quantize everything). An LM head not kept is stored as "
-                   "--quant-lm-head says (one tied to a kept embedding stays float).")
+                   "names, comma-separated ('none': quantize everything); float, or 8 bits per output row for an "
+                   "item ending in =int8 ('embedding,*.down_proj.*=int8'). An LM head not kept is stored as "
+                   "--quant-lm-head says (one tied to an embedding kept in float stays float).")
 @click.option("--quant-lm-head", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
               help="An LM head not kept: int8, one scale per output row (llama.cpp keeps its output matrix at 6-8 "
                    "bits), or int4 in --quant-group-size groups (as onnxruntime-genai's int4 models): smaller and "
@@ -142,9 +143,9 @@ def _warn_unused_quant_options(quant: str, quant_keep: str) -> None:
     if quant == "none" and given:
         click.echo(f"warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
                    "--quant int8|int4", err=True)
-    keep = {k.strip() for k in quant_keep.split(",")}
+    keep = {k.strip().partition("=")[0] for k in quant_keep.split(",")}
     if quant != "none" and "--quant-lm-head" in given and "lm_head" in keep and "none" not in keep:
-        click.echo("warning: --quant-lm-head has no effect: --quant-keep lm_head keeps the LM head in float", err=True)
+        click.echo("warning: --quant-lm-head has no effect: --quant-keep lm_head decides how the LM head is kept", err=True)
 
 
 def _sampling_options(fn):

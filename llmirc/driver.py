@@ -130,7 +130,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     options.check_calibration()
     for p in parse_passes(options.required()):  # bad option values fail before the checkpoint is read
         if isinstance(p, QuantizeWeights):
-            p.scheme(64)
+            p.check()
     if options.dtype != "auto":
         float_type(options.dtype, "--dtype")
     if options.kv_cache_dtype != "auto":

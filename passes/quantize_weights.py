@@ -10,7 +10,9 @@ else 16..512, a power of two); `symmetric` (true: w = s (u - 2^(bits-1)); false:
 point per group); `scale-dtype` (auto: float16 for groups, float32 per output row); `keep`: what
 stays in higher precision: `embedding` (embedding tables, the default), `lm_head` (the linear
 producing the logits) and glob patterns over checkpoint tensor names (quoted:
-`keep="*.down_proj.*",lm_head`), or `none`. An LM head not kept is stored with `lm-head-bits`:
+`keep="*.down_proj.*",lm_head`), or `none`; an item ending in `=int8` keeps those weights in
+8 bits per output row instead of float (`keep=embedding,"*.down_proj.*=int8"`: a mix like
+llama.cpp's Q4_K_M, which stores half of ffn_down and attn_v at 6 bits). An LM head not kept is stored with `lm-head-bits`:
 8 (the default) in 8 bits per output row whatever `bits` is (llama.cpp keeps its output matrix at
 6-8 bits too: at 4 bits it costs the most quality), 4 in 4-bit groups (`group-size`, else 32; as
 onnxruntime-genai's int4 models store it); one tied to a kept embedding table stays float (one
@@ -105,6 +107,13 @@ class QuantizeWeights(ModulePass):
             raise LlmircError(f"{self.name}: lm-head-bits must be 8 or 4, got {self.lm_head_bits}")
         return dataclasses.replace(self, bits=4).scheme(k)
 
+    def check(self) -> None:
+        """Raises LlmircError for a bad option value (before anything is read or changed)."""
+        self.scheme(64), self.head_scheme(64)
+        for item in self.keep:
+            if item.partition("=")[2] not in ("", "float", "int8"):
+                raise LlmircError(f"{self.name}: keep {item!r}: the precision kept is float or int8")
+
     def calibration(self, ctx: Context):
         """The calibration GPTQ reads (None for round to nearest)."""
         if self.method not in ("rtn", "gptq"):
@@ -117,36 +126,42 @@ class QuantizeWeights(ModulePass):
                               "--calibration FILE)")
         return calibration
 
-    def kept(self, user, w: SSAValue, lm_head) -> bool:
+    def kept(self, user, w: SSAValue, lm_head) -> str | None:
+        """What `keep` says for the weight `w` of `user`: "float", "int8", or None (not kept). The
+        first item that names it decides."""
         if "none" in self.keep:
-            return False
-        if isinstance(user, L.EmbeddingOp) and "embedding" in self.keep:
-            return True
-        if user is lm_head and "lm_head" in self.keep:
-            return True
-        patterns = [p for p in self.keep if p not in ("embedding", "lm_head")]
-        return any(fnmatch.fnmatchcase(n, p) for n in source_names(w) for p in patterns)
+            return None
+        for item in self.keep:
+            what, _, level = item.partition("=")
+            if (what == "embedding" and isinstance(user, L.EmbeddingOp)) or (what == "lm_head" and user is lm_head) \
+                    or (what not in ("embedding", "lm_head") and any(fnmatch.fnmatchcase(n, what)
+                                                                     for n in source_names(w))):
+                return level or "float"
+        return None
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         if self.bits == 0:
             return
-        self.scheme(64), self.head_scheme(64)  # bad options fail before anything changes
+        self.check()
         calibration = self.calibration(ctx)
         ret = forward_func(op).get_return_op()
         logits = ret.operands[0] if ret is not None and ret.operands else None
         lm_head = logits.owner if logits is not None and isinstance(logits.owner, L.LinearOp) else None
-        tables = {n for e, t in weight_uses(op) if isinstance(e, L.EmbeddingOp) and self.kept(e, t, lm_head)
-                  for n in source_names(t)}
+        tables = {n for e, t in weight_uses(op) if isinstance(e, L.EmbeddingOp)
+                  and self.kept(e, t, lm_head) == "float" for n in source_names(t)}
         planned = []  # (user, w, k, bits, qtype) of each use to quantize
         for user, w in weight_uses(op):
             if not L.is_float(w.type.element_type):
                 continue
-            if self.kept(user, w, lm_head):
+            level = self.kept(user, w, lm_head)
+            if level == "float":
                 if user is lm_head:
                     note(ctx, f"{self.name}: LM head kept")
                 continue
             n, k = L.shape_of(w)
-            if user is lm_head:
+            if level == "int8":
+                wanted = dataclasses.replace(self, bits=8, group_size=0).scheme(k)
+            elif user is lm_head:
                 if tables & set(source_names(w)):  # tied to a kept embedding table: one float copy
                     note(ctx, TIED_HEAD)
                     continue

@@ -337,6 +337,8 @@ BAD_OPTIONS = {
     "calibration-without-gptq": (["--quant", "int4", "--calibration", "README.md"], ["--calibration", "gptq"]),
     "calibration-missing": (["--quant", "int4", "--quant-method", "gptq", "--calibration", "no-such.txt"],
                             ["--calibration no-such.txt", "no such file"]),
+    "quant-keep-level": (["--quant", "int4", "--quant-keep", "embedding,*.down_proj.*=int2"],
+                         ["keep '*.down_proj.*=int2'", "float or int8"]),
 }
 
 

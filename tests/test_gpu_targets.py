@@ -508,13 +508,13 @@ def test_gpu_quantized_matches_transformers(tmp_path, cache, case):
     from test_quant_models import CASES, OVERRIDES, TOKENS, emulated, pass_of, rel_rms
 
     from llmirc.runtime.model import load
-    options, head, embedding = CASES[case]
+    options, head, embedding, *int8 = CASES[case]
     options = {k: v for k, v in options.items() if k != "cpu_variants"}
     model = make_checkpoint(tmp_path / "ckpt", "llama", **OVERRIDES)
     _compile(tmp_path / "ckpt", tmp_path / "m.llmir", targets=("cuda",), **options)
     compiled = load(tmp_path / "m.llmir")
     assert compiled.executor.kind == "cuda" and compiled.target_notes == []
-    ref = emulated(model, pass_of(options).scheme, head, embedding, TOKENS, block=None)
+    ref = emulated(model, pass_of(options).scheme, head, embedding, TOKENS, block=None, int8=int8[0] if int8 else ())
     got = compiled.score(TOKENS)
     assert rel_rms(got, ref) < 1e-2 and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95, rel_rms(got, ref)
     out = compiled.generate([TOKENS[:12]], max_new_tokens=6, ignore_eos=True)[0]  # the decode (GEMV) variant

@@ -53,17 +53,18 @@ def rel_rms(a, b):
     return float(np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean()))
 
 
-def emulated(model, schemes, head_scheme, quantize_embedding: bool, ids, block=32):
+def emulated(model, schemes, head_scheme, quantize_embedding: bool, ids, block=32, int8=()):
     """The exact reference (module docstring): the weights the bundle stores, its activation
     quantization (block None: the GPU targets' bf16 inputs). `schemes(k)`: the scheme of a weight
-    of k inputs; `head_scheme(k)`: the LM head's (None: float)."""
+    of k inputs; `head_scheme(k)`: the LM head's (None: float); `int8`: the linears (last name
+    part) stored in 8 bits per output row instead."""
     weights = {}
     for name, mod in model.named_modules():
         last = name.split(".")[-1]
         head = name == "lm_head" and head_scheme is not None
         if last in LINEARS or head or (quantize_embedding and last == "embed_tokens"):
             w = mod.weight.detach().numpy()
-            s = (head_scheme if head else schemes)(w.shape[1])
+            s = (head_scheme if head else PER_ROW_INT8 if last in int8 else schemes)(w.shape[1])
             weights[name] = (quant.dequantize(quant.quantize(w, s), s, w.shape[1]), None, block)
     return hf_logits_quantized(model, weights, ids)
 
@@ -71,13 +72,15 @@ def emulated(model, schemes, head_scheme, quantize_embedding: bool, ids, block=3
 PER_ROW_INT8 = lambda k: quant.Scheme(8, k, "float32")  # noqa: E731 - the LM head's default
 
 
-CASES = {  # name -> (compile options, the LM head's scheme (None: float), embedding quantized)
+CASES = {  # name -> (compile options, the LM head's scheme (None: float), embedding quantized[, int8 linears])
     "int8": (dict(quant="int8"), PER_ROW_INT8, False),
     "int4": (dict(quant="int4", cpu_variants=("native", "baseline")), PER_ROW_INT8, False),
     "int4-lm-head-kept": (dict(quant="int4", quant_keep=("embedding", "lm_head")), None, False),
     "int4-lm-head-int4": (dict(quant="int4", quant_lm_head="int4"), lambda k: quant.Scheme(4, 32), False),
     "int4-g64-zero-points-all": (dict(quant="int4", quant_group_size=64, quant_symmetric=False, quant_keep=()),
                                  PER_ROW_INT8, True),
+    "int4-down-proj-int8": (dict(quant="int4", quant_group_size=64, quant_keep=("embedding", "*.down_proj.*=int8")),
+                            PER_ROW_INT8, False, ("down_proj",)),
 }
 
 
@@ -90,10 +93,10 @@ def pass_of(options: dict) -> QuantizeWeights:
 @pytest.mark.parametrize("case", CASES)
 def test_quantized_bundle_matches_emulation(tmp_path, checkpoint, case):
     ckpt, model = checkpoint
-    options, head, embedding = CASES[case]
+    options, head, embedding, *int8 = CASES[case]
     bundle = compile_to(ckpt, tmp_path / "q.llmir", **options)
     schemes = pass_of(options).scheme
-    ref = emulated(model, schemes, head, embedding, TOKENS)
+    ref = emulated(model, schemes, head, embedding, TOKENS, int8=int8[0] if int8 else ())
     float_ref = hf_logits(model, TOKENS)
     for target in [t["name"] for t in load(bundle).bundle.manifest["targets"]]:
         compiled = load(bundle, target=target)
