@@ -2,7 +2,9 @@
 
 Every instruction path runs where this host can run it: AVX512-VNNI (native here), AVX-VNNI
 (8 lanes, x86-64-v3 + avxvnni) and the generic integer path at 16, 8 and 4 lanes (x86-64-v4,
--v3 and the baseline). The reference dequantizes the weight (llmirc.quant.dequantize) and
+-v3 and the baseline); AArch64's sdot (the dot product extension) and the generic path on NEON
+under qemu-user where it and a cross compiler are installed (tests/aarch64_emulator.py), and
+their code is checked for sdot everywhere. The reference dequantizes the weight (llmirc.quant.dequantize) and
 multiplies in float64 with the activations quantized exactly as the kernels quantize them
 (llmirc.quant.activation_block); the kernels then differ by f32 rounding only. A second check
 holds the result against the exact float product within the activation quantization's own
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 from llvmlite import ir
 
+import aarch64_emulator
 from llmirc import dtypes, quant
 from llmirc.quant import Scheme
 from llmirc.targets.cpu import kernels as K
@@ -77,6 +80,13 @@ def _specs(full: bool = True):
     return specs
 
 
+AARCH64 = {  # run under qemu-aarch64
+    "aarch64-dotprod": tc.CpuVariant("aarch64-dotprod", "aarch64-unknown-linux-gnu", "generic", "+neon,+dotprod", 4,
+                                     ("asimd", "asimddp")),
+    "aarch64-neon": tc.CpuVariant("aarch64-neon", "aarch64-unknown-linux-gnu", "generic", "+neon", 4, ("asimd",)),
+}
+
+
 def _variant(name):
     host = tc.host_variant()
     flags = set(host.required_flags)
@@ -99,8 +109,8 @@ def _variant(name):
 
 
 class Lib:
-    def __init__(self, path, variant, specs, full):
-        self.dll = ctypes.CDLL(str(path))
+    def __init__(self, dll, variant, specs, full):
+        self.dll = dll  # a ctypes.CDLL, or an aarch64_emulator.Emulated
         self.variant = variant
         self.kinds = {sym: kind for sym, kind, _ in specs}
         self.cases = [c for c in CASES if full or (c[0] in PATH_SCHEMES and c not in EXTRA)]
@@ -108,6 +118,8 @@ class Lib:
     def __getattr__(self, sym):
         if sym not in self.kinds:
             pytest.skip(f"{sym} runs on the native library only")
+        if isinstance(self.dll, aarch64_emulator.Emulated):
+            return getattr(self.dll, sym)
         f = getattr(self.dll, sym)
         f.restype = None
         f.argtypes = [ctypes.c_void_p if p.type == "ptr" else ctypes.c_int64
@@ -118,17 +130,22 @@ class Lib:
         return call
 
 
-@pytest.fixture(scope="module", params=["native", "avxvnni", "x86-64-v4", "x86-64-v3", "baseline"])
+@pytest.fixture(scope="module", params=["native", "avxvnni", "x86-64-v4", "x86-64-v3", "baseline", *AARCH64])
 def lib(request, tmp_path_factory):
-    variant = _variant(request.param)
-    full = request.param == "native"
+    if request.param in AARCH64 and aarch64_emulator.missing():
+        pytest.skip(aarch64_emulator.missing())
+    variant = AARCH64.get(request.param) or _variant(request.param)
+    full = request.param in ("native", "aarch64-dotprod")
     specs = _specs(full)
     module = ir.Module(name="test_quant_kernels")
     for sym, kind, params in specs:
         K.emit_kernel(module, kind, sym, params, variant)
     path = tmp_path_factory.mktemp(request.param) / "libq.so"
+    if request.param in AARCH64:
+        return Lib(aarch64_emulator.build(module, variant, path.with_name("q"), [sym for sym, _, _ in specs]),
+                   variant, specs, full)
     tc.link_shared([tc.compile_object(str(module), variant)], path)
-    return Lib(path, variant, specs, full)
+    return Lib(ctypes.CDLL(str(path)), variant, specs, full)
 
 
 @pytest.fixture
@@ -342,3 +359,18 @@ def test_paged_attention_int8(lib, rng):
             e = np.exp(sc - sc.max(-1, keepdims=True))
             ref[t] = np.einsum("grj,jgd->grd", e / e.sum(-1, keepdims=True), V_).reshape(-1)
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_aarch64_dot_product_code(bits):
+    """On AArch64 with the dot product extension, qlinear's inner product is sdot (and without it,
+    none): checked on the assembly, so also where no emulator runs the code."""
+    for name, want in (("aarch64-dotprod", True), ("aarch64-neon", False)):
+        variant = AARCH64[name]
+        module = ir.Module(name="q")
+        scheme = SCHEMES["i8_row" if bits == 8 else "i4_g32_min"](576)
+        K.emit_kernel(module, "qlinear", "q", dict(n=37, k=576, bits=bits, group_size=scheme.group_size,
+                                                   scale_dtype=scheme.scale_dtype, zero=scheme.zero,
+                                                   zero_dtype=scheme.zero_dtype, act_order=False), variant)
+        assert QK.int_dot(variant)[0] == ("sdot" if want else "generic")
+        assert ("sdot\tv" in tc.emit_assembly(str(module), variant)) == want, name

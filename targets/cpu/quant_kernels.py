@@ -7,8 +7,11 @@ sub-group) to int8 first, into the `xq` scratch and in the weights' super-block 
 
 * The inner product runs on integers: for each step of a super-block, a 32-bit lane adds the
   products of 4 unsigned code bytes and 4 signed activation bytes: x86's vpdpbusd where the
-  variant has AVX512-VNNI (16 lanes) or AVX-VNNI (8 lanes), elsewhere the same sums from
-  16-bit products (pmaddwd's pattern; exact: |255 * 128| < 2^15). 4-bit codes are unpacked in
+  variant has AVX512-VNNI (16 lanes) or AVX-VNNI (8 lanes), AArch64's sdot (signed bytes
+  only, 4 lanes) where it has the dot product extension (FEAT_DotProd: 4-bit codes are
+  signed bytes as they are; 8-bit codes u go in as u - 128, and 128 times the activations'
+  sum, one more sdot per token, is added back), elsewhere the same sums from 16-bit products
+  (pmaddwd's pattern; exact: |255 * 128| < 2^15). 4-bit codes are unpacked in
   registers (and 0xF, shift right 4). After a super-block's steps, lane l holds the integer dot
   product acc of sub-group l with one token's block; it is finished in f32 with the weight's
   scale s (and zero point z or min m) and the block's d = max|x| / 127 and e (kept per block):
@@ -53,13 +56,15 @@ def is_quant_kernel(kind: str, params: dict) -> bool:
 
 def int_dot(variant: CpuVariant) -> tuple[str, int]:
     """(how 4-byte dot products are computed, 32-bit lanes per vector) for a variant:
-    vnni (vpdpbusd) with 16 lanes on AVX512-VNNI, 8 on AVX-VNNI; else generic, as wide as
-    the variant's f32 vectors."""
+    vnni (vpdpbusd) with 16 lanes on AVX512-VNNI, 8 on AVX-VNNI; sdot with 4 on AArch64 with
+    the dot product extension; else generic, as wide as the variant's f32 vectors."""
     feats = set(variant.features.split(","))
     if "+avx512vnni" in feats and variant.vector_width >= 16:
         return "vnni", 16
     if "+avxvnni" in feats or {"+avx512vnni", "+avx512vl"} <= feats:
         return "vnni", 8
+    if "+dotprod" in feats and variant.triple.startswith(("aarch64", "arm64")):
+        return "sdot", 4
     return "generic", max(4, variant.vector_width)
 
 
@@ -99,10 +104,14 @@ def _load_bytes(b, base: ir.Value, offset, nbytes: int) -> ir.Value:
 
 
 def _dot(b, how: str, acc: ir.Value, w: ir.Value, x: ir.Value) -> ir.Value:
-    """acc[l] + sum_{i<4} w[4l+i] * x[4l+i]: w unsigned bytes, x signed bytes, acc <L x i32>."""
+    """acc[l] + sum_{i<4} w[4l+i] * x[4l+i]: w unsigned bytes (signed ones, below 128, for sdot),
+    x signed bytes, acc <L x i32>."""
     L = acc.type.count
     if how == "vnni":
         fn = irb.declare(b.module, f"llvm.x86.avx512.vpdpbusd.{32 * L}", acc.type, [acc.type, w.type, x.type])
+        return b.call(fn, [acc, w, x])
+    if how == "sdot":
+        fn = irb.declare(b.module, "llvm.aarch64.neon.sdot.v4i32.v16i8", acc.type, [acc.type, w.type, x.type])
         return b.call(fn, [acc, w, x])
     n = 4 * L
     w16, x16 = b.zext(w, irb.vty(n, I16)), b.sext(x, irb.vty(n, I16))
@@ -228,10 +237,14 @@ def _emit_qlinear(module, fn, b, A, p, variant):
             """lanes [h L, h L + lw) of a super-block of `lanes` lanes (hoff = 4 L h bytes)"""
             zero_i = ir.Constant(irb.vty(L, I32), None)
             iacc = [[zero_i] * c for _ in range(r)]
+            signed8 = how == "sdot" and bits == 8  # codes u as u - 128: xneg[ci] = -128 sum(x) to take off
+            xneg = [zero_i] * c
             for tt in range(steps):
                 if bits == 8:
                     wv = [_pad(cb, _load_bytes(cb, crow[ri], cb.add(code0, cb.add(hoff, i64(4 * lanes * tt))), 4 * lw),
                                4 * L) for ri in range(r)]
+                    if signed8:
+                        wv = [cb.xor(v, ir.Constant(v.type, [128] * (4 * L))) for v in wv]
                 elif tt % 2 == 0:  # steps tt and tt + 1 share the bytes: low and high nibbles
                     packed = [_pad(cb, _load_bytes(cb, crow[ri], cb.add(code0, cb.add(hoff, i64(2 * lanes * tt))),
                                                    4 * lw), 4 * L) for ri in range(r)]
@@ -244,6 +257,11 @@ def _emit_qlinear(module, fn, b, A, p, variant):
                 for ri in range(r):
                     for ci in range(c):
                         iacc[ri][ci] = _dot(cb, how, iacc[ri][ci], wv[ri], xv[ci])
+                if signed8:
+                    xneg = [_dot(cb, how, xneg[ci], ir.Constant(xv[ci].type, [-128] * (4 * L)), xv[ci])
+                            for ci in range(c)]
+            if signed8:
+                iacc = [[cb.sub(iacc[ri][ci], xneg[ci]) for ci in range(c)] for ri in range(r)]
             dv = [load_floats(cb, arow[ci], d_off, first_sub, lw) for ci in range(c)]
             ev = [load_floats(cb, arow[ci], e_off, first_sub, lw) for ci in range(c)]
             for ri in range(r):

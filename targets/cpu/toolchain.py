@@ -118,8 +118,8 @@ def host_variant() -> CpuVariant:
     enabled = {k for k, v in feats.items() if v}
     if arch == "x86_64":
         flags = tuple(sorted({_X86_CPUINFO[f] for f in enabled if f in _X86_CPUINFO}))
-    elif arch == "aarch64":
-        flags = ("asimd",)
+    elif arch == "aarch64":  # the dot product extension (sdot) where the quantized kernels use it
+        flags = ("asimd", "asimddp") if "dotprod" in enabled else ("asimd",)
     else:
         flags = ()
     return CpuVariant(
