@@ -95,6 +95,20 @@ def to_float32(data: np.ndarray, stored: str | DType) -> np.ndarray:
     return np.asarray(data).astype(np.float32, copy=False)
 
 
+def count_nonfinite(data: np.ndarray, stored: str | DType) -> int:
+    """How many values of stored floating-point data (bf16 as uint16 bits) are NaN or infinite
+    (IEEE 754: the exponent bits all ones). Reads the data in slices of 4M values."""
+    d, flat = dtype(stored), np.asarray(data).reshape(-1)
+    step, count = 1 << 22, 0
+    for i in range(0, flat.size, step):
+        part = flat[i:i + step]
+        if d.name == "bfloat16":
+            count += int(np.count_nonzero((part.view(np.uint16) & 0x7F80) == 0x7F80))
+        else:
+            count += part.size - int(np.count_nonzero(np.isfinite(part)))
+    return count
+
+
 def from_float32(data: np.ndarray, to: str | DType) -> np.ndarray:
     """float32 data stored as `to` (bf16: round to nearest even, NaN kept NaN, as torch does)."""
     d = dtype(to)

@@ -392,8 +392,9 @@ def test_compile_bad_calibration(ckpt, tmp_path, case):
 
 @pytest.mark.parametrize("value, needle", [(1e6, "overflow float16 scales"), (float("nan"), "NaN or infinite")])
 def test_compile_refuses_weights_quantization_cannot_store(tmp_path, value, needle):
-    """A weight whose group scale overflows float16 (|w| > 65504 * 8 in 4 bits), or a NaN weight:
-    one error line naming the checkpoint tensor, no bundle (not NaN codes written silently)."""
+    """A weight whose group scale overflows float16 (|w| > 65504 * 8 in 4 bits), or a NaN weight (the
+    reader refuses it first): one error line naming the checkpoint tensor, no bundle (not NaN codes
+    written silently)."""
     import torch
 
     model = tmp_path / "ckpt"
@@ -405,6 +406,36 @@ def test_compile_refuses_weights_quantization_cannot_store(tmp_path, value, need
     assert_user_error(llmirc("compile", model, "-o", out, "-q", "--quant", "int4"),
                       "model.layers.1.mlp.up_proj.weight", needle)
     assert not out.exists() and leftovers(out) == []
+
+
+@pytest.mark.parametrize("source, value", [("F32", np.nan), ("BF16", -np.inf), ("gguf-F16", np.inf),
+                                           ("gguf-BF16", np.nan)])
+def test_compile_refuses_float_weights_that_are_not_finite(tmp_path, source, value):
+    """A float weight holding NaN or infinity (a corrupt or diverged checkpoint): one error line
+    naming the file and tensor, no bundle, with or without --quant (not NaN logits at run time)."""
+    import gguf
+    import torch
+    from gguf_files import write_gguf
+
+    hf = make_checkpoint(tmp_path / "ckpt", "llama", tokenizer=True)
+    if source.startswith("gguf"):
+        path = write_gguf(hf, tmp_path / "m.gguf", source[5:])
+        tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.1.ffn_up.weight")
+        data = bytearray(path.read_bytes())
+        bits = np.float16(value).tobytes() if source == "gguf-F16" else np.float32(value).tobytes()[2:]
+        data[tensor.data_offset + 2 * 37:tensor.data_offset + 2 * 38] = bits
+        path.write_bytes(bytes(data))
+        model, where, name = path, str(path), "blk.1.ffn_up.weight"
+    else:
+        with torch.no_grad():
+            hf.model.layers[1].mlp.up_proj.weight[3, 5] = value
+        hf.to({"F32": torch.float32, "BF16": torch.bfloat16}[source]).save_pretrained(tmp_path / "ckpt")
+        model, where, name = tmp_path / "ckpt", "model.safetensors", "model.layers.1.mlp.up_proj.weight"
+    out = tmp_path / "out.llmir"
+    for quant in ([], ["--quant", "int8"]):
+        assert_user_error(llmirc("compile", model, "-o", out, "-q", *quant), where, f"'{name}'",
+                          "1 NaN or infinite value", "corrupt")
+        assert not out.exists() and leftovers(out) == []
 
 
 @pytest.mark.parametrize("kind, value, dequantize", [("Q8_0", np.nan, False), ("Q4_K", np.inf, False),

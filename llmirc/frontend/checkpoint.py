@@ -44,6 +44,16 @@ def missing_tokenizer_note(root: Path) -> str | None:
     return f"no tokenizer.json in {root}: the bundle has no tokenizer and takes token ids only{found}"
 
 
+def finite(where, name: str, data: np.ndarray, stored: str) -> np.ndarray:
+    """data, unless some of its values are NaN or infinite: CheckpointError naming the file and
+    tensor (a corrupt or diverged checkpoint; llama.cpp's loader refuses such rows too,
+    ggml_validate_row_data). `stored`: the data's dtype (bf16 as uint16 bits)."""
+    bad = dtypes.count_nonfinite(data, stored)
+    if bad:
+        raise CheckpointError(f"{where}: tensor '{name}' holds {bad} NaN or infinite value{'s' * (bad > 1)} "
+                              f"(of {data.size}): the checkpoint is corrupt")
+    return data
+
 class Checkpoint:
     """A source of the compiler (see frontend.open_source): graph, weights, tokenizer, facts."""
 
@@ -125,7 +135,7 @@ class Checkpoint:
         if dtype not in ("F32", "F16", "BF16"):
             raise CheckpointError(f"{self._where[name]}: tensor '{name}' has dtype {dtype}; "
                                   "weights must be F32, F16 or BF16")
-        return f.as_float32(name)
+        return finite(self._where[name], name, f.as_float32(name), "float32")
 
     def module(self):
         packed = None
@@ -163,8 +173,12 @@ class Checkpoint:
         return [p for p in (self.config_path, self.root / "generation_config.json") if p.is_file()]
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as stored (a zero-copy view of the mapped file; BF16 as uint16 bits)."""
-        return self._file(name).array(name)
+        """The tensor as stored (a zero-copy view of the mapped file; BF16 as uint16 bits); a float
+        tensor holding NaN or infinite values: CheckpointError."""
+        f = self._file(name)
+        stored = f.info(name)[0]
+        data = f.array(name)
+        return finite(self._where[name], name, data, stored) if stored in ("F32", "F16", "BF16") else data
 
     def drop_pages(self) -> None:
         """Releases the mapped pages read so far (the bundle writer streams the weights through)."""

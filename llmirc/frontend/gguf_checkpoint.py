@@ -44,7 +44,7 @@ from llmirc import dtypes
 from llmirc.errors import CheckpointError
 
 from . import build_graph, parse_spec
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, finite
 from .gguf_quants import FORMATS, Unpacked, dequantize, unpack
 from .packed import gguf_qtype
 from .gguf_tokenizer import build_tokenizer
@@ -267,12 +267,13 @@ class GgufCheckpoint:
     def _stored(self, gguf_name: str) -> tuple[np.ndarray | Unpacked, str]:
         """(data, llmirc dtype name): F32/F16/BF16 as stored (BF16 as uint16 bits, zero-copy views of
         the mapped file), quantized tensors dequantized to float32 (with dequantize=True), else
-        unpacked (gguf_quants.unpack: codes, scales, offsets; dtype 'quantized'). A block with a
-        NaN or infinite scale: CheckpointError."""
+        unpacked (gguf_quants.unpack: codes, scales, offsets; dtype 'quantized'). A float tensor with
+        NaN or infinite values, or a block with a NaN or infinite scale: CheckpointError."""
         t, kind = self._tensors[gguf_name], self._type_name(gguf_name)
         shape = self.shape_of(gguf_name)
         if kind in STORED:
-            return t.data.view("<u2" if kind == "BF16" else t.data.dtype).reshape(shape), STORED[kind]
+            data = t.data.view("<u2" if kind == "BF16" else t.data.dtype).reshape(shape)
+            return finite(self.path, gguf_name, data, STORED[kind]), STORED[kind]
         try:
             if not self.dequantize:
                 return unpack(FORMATS[kind], t.data, shape[-1]), "quantized"
