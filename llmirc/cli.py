@@ -86,8 +86,9 @@ def cli(debug: bool) -> None:
 @click.option("--quant-zero-points", is_flag=True, help="Asymmetric quantization: a uint8 zero point per group.")
 @click.option("--quant-keep", default="embedding", show_default=True,
               help="What stays in higher precision: embedding, lm_head and/or glob patterns over checkpoint tensor "
-                   "names, comma-separated ('none': quantize everything); float, or 8 bits per output row for an "
-                   "item ending in =int8 ('embedding,*.down_proj.*=int8'). An LM head not kept is stored as "
+                   "names, comma-separated, the first naming a weight deciding ('none' alone: quantize "
+                   "everything); float, or 8 bits per output row for an item ending in =int8 "
+                   "('embedding,*.down_proj.*=int8'). An LM head not kept is stored as "
                    "--quant-lm-head says (one tied to an embedding kept in float stays float).")
 @click.option("--quant-lm-head", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
               help="An LM head not kept: int8, one scale per output row (llama.cpp keeps its output matrix at 6-8 "

@@ -9,10 +9,12 @@ from __future__ import annotations
 import datetime
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TextIO
 
 from llmirc import __version__, dtypes
@@ -128,9 +130,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             raise LlmircError("--block-size and a paged-kv pass in --passes: give the block size in one place")
     block_size = options.block_size or DEFAULT_BLOCK_SIZE
     options.check_calibration()
-    for p in parse_passes(options.required()):  # bad option values fail before the checkpoint is read
-        if isinstance(p, QuantizeWeights):
-            p.check()
+    quantize = next((p for p in parse_passes(options.required()) if isinstance(p, QuantizeWeights)), None)
+    if quantize is not None:
+        quantize.check()  # bad option values fail before the checkpoint is read
     if options.dtype != "auto":
         float_type(options.dtype, "--dtype")
     if options.kv_cache_dtype != "auto":
@@ -156,9 +158,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             module = source.module()
         progress(f"front end: {source.kind}, {model_facts(module).get('num_layers', '?')} attention layers")
         stored = _stored_quantized(source, module)
-        if options.quant_method == "gptq" and stored and not stored[0]:
-            raise LlmircError(f"--quant-method gptq: every linear weight of {model} is stored quantized already, so "
-                              f"there is nothing to calibrate{_DEQUANTIZE_HINT.get(source.kind, '')}")
+        if options.quant_method == "gptq" and stored is not None:
+            _check_something_to_calibrate(model, source, module, stored, quantize)
         if options.quant_method == "gptq":
             with stage("calibration"):
                 ctx.calibration = calibration = _calibrate(source, options, progress)
@@ -173,8 +174,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             progress(f"note: --quant {options.quant} changed nothing: the weights it would quantize are stored "
                      f"quantized in {model} already and are kept as they are{_DEQUANTIZE_HINT.get(source.kind, '')}")
         if TIED_HEAD in ctx.report:  # its largest matrix, in float whatever --quant-lm-head says
-            progress("note: the LM head is tied to the embedding table, which --quant-keep keeps: it stays float "
-                     "(--quant-keep none quantizes both)")
+            progress("note: the LM head is tied to the embedding table, which --quant-keep keeps in float: it stays "
+                     "float (--quant-keep embedding=int8 or none quantizes both)")
         optimized_ir = print_ir(module)
         generic = generic_ops(module)
         if generic:
@@ -222,6 +223,21 @@ def _stored_quantized(source, module) -> tuple[int, int] | None:
         return None
     floats = [L.is_float(w.type.element_type) for user, w in weight_uses(module) if isinstance(user, L.LinearOp)]
     return sum(floats), len(floats) - sum(floats)
+
+
+def _check_something_to_calibrate(model: Path, source, module, stored: tuple[int, int], quantize) -> None:
+    """Refuses GPTQ (before calibrating) when the quantize pass would quantize no linear weight of
+    the front end's module: each is stored quantized or kept in float."""
+    seen = SimpleNamespace(report=Counter())  # what the pass keeps, counted
+    if any(isinstance(user, L.LinearOp) for user, *_ in quantize.plan(module, seen)):
+        return
+    floats, quantized = stored
+    why = ["stored quantized already"] if quantized else []
+    if floats:
+        tied = " (the LM head is tied to an embedding table kept in float)" if TIED_HEAD in seen.report else ""
+        why.append(f"kept in float by --quant-keep {','.join(quantize.keep) or 'none'}{tied}")
+    raise LlmircError(f"--quant-method gptq: every linear weight of {model} is {' or '.join(why)}, so there is "
+                      f"nothing to calibrate{_DEQUANTIZE_HINT.get(source.kind, '') if quantized else ''}")
 
 
 def _calibrate(source, options: CompileOptions, progress: Callable[[str], None]):

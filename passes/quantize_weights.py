@@ -10,14 +10,17 @@ else 16..512, a power of two); `symmetric` (true: w = s (u - 2^(bits-1)); false:
 point per group); `scale-dtype` (auto: float16 for groups, float32 per output row); `keep`: what
 stays in higher precision: `embedding` (embedding tables, the default), `lm_head` (the linear
 producing the logits) and glob patterns over checkpoint tensor names (quoted:
-`keep="*.down_proj.*",lm_head`), or `none`; an item ending in `=int8` keeps those weights in
-8 bits per output row instead of float (`keep=embedding,"*.down_proj.*=int8"`: a mix like
-llama.cpp's Q4_K_M, which stores half of ffn_down and attn_v at 6 bits). An LM head not kept is stored with `lm-head-bits`:
+`keep="*.down_proj.*",lm_head`), or `none` (alone); the first item that names a weight
+decides. An item ending in `=int8` keeps those weights in 8 bits per output row instead of
+float, as an LM head is stored (symmetric, float32 scales, whatever `symmetric` and
+`scale-dtype` say: a table and the LM head tied to it share one copy), e.g.
+`keep=embedding,"*.down_proj.*=int8"`: a mix like llama.cpp's Q4_K_M, which stores half of
+ffn_down and attn_v at 6 bits. An LM head not kept is stored with `lm-head-bits`:
 8 (the default) in 8 bits per output row whatever `bits` is (llama.cpp keeps its output matrix at
 6-8 bits too: at 4 bits it costs the most quality), 4 in 4-bit groups (`group-size`, else 32; as
-onnxruntime-genai's int4 models store it); one tied to a kept embedding table stays float (one
-copy). --report counts the LM head apart (`LM head -> int8`, `LM head kept`, `LM head tied to a
-kept embedding table`), so `inspect` says how it is stored. A weight whose input size does not
+onnxruntime-genai's int4 models store it); one tied to an embedding table kept in float stays
+float (one copy). --report counts the LM head apart (`LM head -> int8`, `LM head kept`, `LM head
+tied to a kept embedding table`), so `inspect` says how it is stored. A weight whose input size does not
 split into the groups gets the largest smaller power-of-two group that does (576 inputs,
 group-size 128: groups of 64; llama.cpp falls back to another type for such rows), down to 16;
 else it stays as it is (both counted in --report).
@@ -48,7 +51,7 @@ from dataclasses import dataclass
 
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
-from xdsl.ir import SSAValue
+from xdsl.ir import Operation, SSAValue
 from xdsl.passes import ModulePass
 
 from llmirc import dialect as L
@@ -67,6 +70,13 @@ def source_names(v: SSAValue) -> list[str]:
     if isinstance(op, (L.WeightOp, L.PackedWeightOp)):
         return [op.weight.data]
     return [n for operand in op.operands for n in source_names(operand)]
+
+
+def lm_head_of(module: ModuleOp) -> L.LinearOp | None:
+    """The linear op producing the logits (the forward function's first result), if one does."""
+    ret = forward_func(module).get_return_op()
+    logits = ret.operands[0] if ret is not None and ret.operands else None
+    return logits.owner if logits is not None and isinstance(logits.owner, L.LinearOp) else None
 
 
 TIED_HEAD = "quantize-weights: LM head tied to a kept embedding table: float"
@@ -110,8 +120,15 @@ class QuantizeWeights(ModulePass):
     def check(self) -> None:
         """Raises LlmircError for a bad option value (before anything is read or changed)."""
         self.scheme(64), self.head_scheme(64)
+        if "none" in self.keep and len(self.keep) > 1:
+            raise LlmircError(f"{self.name}: keep none (quantize everything) cannot go with other items: "
+                              f"{','.join(self.keep)}")
         for item in self.keep:
-            if item.partition("=")[2] not in ("", "float", "int8"):
+            what, sep, level = item.partition("=")
+            if not what:
+                raise LlmircError(f"{self.name}: keep {item!r}: no name before '=' (embedding, lm_head or a glob "
+                                  "pattern)")
+            if sep and level not in ("float", "int8"):
                 raise LlmircError(f"{self.name}: keep {item!r}: the precision kept is float or int8")
 
     def calibration(self, ctx: Context):
@@ -139,17 +156,13 @@ class QuantizeWeights(ModulePass):
                 return level or "float"
         return None
 
-    def apply(self, ctx: Context, op: ModuleOp) -> None:
-        if self.bits == 0:
-            return
-        self.check()
-        calibration = self.calibration(ctx)
-        ret = forward_func(op).get_return_op()
-        logits = ret.operands[0] if ret is not None and ret.operands else None
-        lm_head = logits.owner if logits is not None and isinstance(logits.owner, L.LinearOp) else None
+    def plan(self, op: ModuleOp, ctx: Context | None = None) -> list[tuple[Operation, SSAValue, int, Scheme]]:
+        """(user, weight, k, scheme) of each float weight use this pass quantizes, in IR order;
+        changes nothing (the weights kept are counted in ctx's report)."""
+        lm_head = lm_head_of(op)
         tables = {n for e, t in weight_uses(op) if isinstance(e, L.EmbeddingOp)
                   and self.kept(e, t, lm_head) == "float" for n in source_names(t)}
-        planned = []  # (user, w, k, bits, qtype) of each use to quantize
+        planned = []
         for user, w in weight_uses(op):
             if not L.is_float(w.type.element_type):
                 continue
@@ -159,8 +172,8 @@ class QuantizeWeights(ModulePass):
                     note(ctx, f"{self.name}: LM head kept")
                 continue
             n, k = L.shape_of(w)
-            if level == "int8":
-                wanted = dataclasses.replace(self, bits=8, group_size=0).scheme(k)
+            if level == "int8":  # the LM head's 8 bits: a tied table kept so shares the head's codes
+                wanted = dataclasses.replace(self, lm_head_bits=8).head_scheme(k)
             elif user is lm_head:
                 if tables & set(source_names(w)):  # tied to a kept embedding table: one float copy
                     note(ctx, TIED_HEAD)
@@ -177,8 +190,17 @@ class QuantizeWeights(ModulePass):
             if scheme.check(k) is not None:
                 note(ctx, f"{self.name}: kept a weight of {k} inputs in float (groups of {scheme.group_size})")
                 continue
-            qtype = L.QuantType(scheme.bits, scheme.group_size, L.FLOAT_TYPES[scheme.scale_dtype], scheme.zero)
-            planned.append((user, w, k, scheme.bits, qtype))
+            planned.append((user, w, k, scheme))
+        return planned
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        if self.bits == 0:
+            return
+        self.check()
+        calibration = self.calibration(ctx)
+        lm_head = lm_head_of(op)
+        planned = [(user, w, k, s.bits, L.QuantType(s.bits, s.group_size, L.FLOAT_TYPES[s.scale_dtype], s.zero))
+                   for user, w, k, s in self.plan(op, ctx)]
         # GPTQ: a linear's weight with its input's Hessian; a table tied to such a linear in the same
         # type shares its codes (one copy, as round to nearest has), other tables round to nearest
         calibrated = {(w, qtype) for user, w, _, _, qtype in planned if isinstance(user, L.LinearOp)}

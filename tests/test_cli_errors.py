@@ -339,6 +339,11 @@ BAD_OPTIONS = {
                             ["--calibration no-such.txt", "no such file"]),
     "quant-keep-level": (["--quant", "int4", "--quant-keep", "embedding,*.down_proj.*=int2"],
                          ["keep '*.down_proj.*=int2'", "float or int8"]),
+    "quant-keep-empty-level": (["--quant", "int4", "--quant-keep", "*.down_proj.*="],
+                               ["keep '*.down_proj.*='", "float or int8"]),
+    "quant-keep-no-name": (["--quant", "int4", "--quant-keep", "embedding,=int8"], ["keep '=int8'", "no name"]),
+    "quant-keep-none-and-more": (["--quant", "int4", "--quant-keep", "none,*.down_proj.*=int8"],
+                                 ["keep none", "none,*.down_proj.*=int8"]),
 }
 
 
@@ -479,6 +484,34 @@ def test_quant_on_a_checkpoint_stored_quantized(tmp_path, ckpt):
     assert not out.exists() and leftovers(out) == []
     r = llmirc("compile", ckpt, "--emit", "mlir", "--quant", "int4")
     assert r.returncode == 0 and "changed nothing" not in r.stderr, r.stderr
+
+
+def test_gptq_refused_when_every_float_linear_is_kept(tmp_path, ckpt):
+    """GPTQ with nothing to calibrate, refused before calibrating: the linears a GGUF file stores in
+    float (here only an LM head tied to a float embedding table) all kept in float, or all of a
+    float checkpoint's by --quant-keep. An untied float LM head is calibrated (this file has no
+    tokenizer: the calibration stage says so)."""
+    from gguf_files import write_gguf
+
+    text = tmp_path / "calibration.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    gptq = ["--quant", "int4", "--quant-method", "gptq", "--calibration", text]
+    out = tmp_path / "out.llmir"
+    for tied in (True, False):
+        hf = make_checkpoint(tmp_path / f"hf-{tied}", "llama", tie_word_embeddings=tied)
+        # in turn: the embedding table, 2 x (7 linears, 2 norms), the final norm, the LM head (untied)
+        path = write_gguf(hf, tmp_path / f"m-{tied}.gguf", ("F32",) + ("Q8_0",) * 16 + ("F32",) * 4)
+        r = llmirc("compile", path, "-o", out, "-q", *gptq)
+        if tied:
+            assert_user_error(r, f"--quant-method gptq: every linear weight of {path} is stored quantized already "
+                                 "or kept in float by --quant-keep embedding (the LM head is tied",
+                              "nothing to calibrate")
+        else:
+            assert_user_error(r, "--calibration", "no tokenizer.json")
+        assert not out.exists() and leftovers(out) == []
+    r = llmirc("compile", ckpt, "-o", out, "-q", *gptq, "--quant-keep", "*")
+    assert_user_error(r, f"every linear weight of {ckpt} is kept in float by --quant-keep *, so there is nothing")
+    assert not out.exists() and leftovers(out) == []
 
 
 def test_compile_warns_of_quant_options_without_effect(ckpt):

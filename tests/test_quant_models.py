@@ -186,6 +186,23 @@ def test_report_says_how_the_lm_head_is_stored(tmp_path, capsys, tied, options, 
     assert err.count("LM head") == 1 + ("tied to" in line)
 
 
+def test_int8_keep_items_are_stored_as_the_lm_head(tmp_path):
+    """An item ending in =int8 stores its weights as an LM head is stored (symmetric, a float32
+    scale per output row) whatever --quant-zero-points says: a tied table kept so shares the
+    head's codes (one copy), down_proj has no zero points; the bundle matches the emulation."""
+    model = make_checkpoint(tmp_path / "ckpt", "llama", tie_word_embeddings=True, **OVERRIDES)
+    options = dict(quant="int4", quant_symmetric=False, quant_keep=("embedding=int8", "*.down_proj.*=int8"))
+    compiled = load(compile_to(tmp_path / "ckpt", tmp_path / "q.llmir", **options))
+    names = compiled.bundle.manifest["weights"]["order"]
+    assert [n for n in names if "embed_tokens" in n or "lm_head" in n] == \
+        ["model.embed_tokens.weight.codes", "model.embed_tokens.weight.scales"]
+    assert [n for n in names if "down_proj" in n] == [f"model.layers.{i}.mlp.down_proj.weight.{part}"
+                                                     for i in (0, 1) for part in ("codes", "scales")]
+    ref = emulated(model, pass_of(options).scheme, PER_ROW_INT8, True, TOKENS, int8=("down_proj", "embed_tokens"))
+    got = compiled.score(TOKENS)
+    assert rel_rms(got, ref) < 1e-2 and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95, rel_rms(got, ref)
+
+
 def test_group_size_halved_where_it_does_not_divide(checkpoint, capsys):
     """hidden 64 and down_proj's 576 inputs do not split into groups of 128: groups of 64 there
     (576 = 9 x 64), said in --report, nothing left in float."""
