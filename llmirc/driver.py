@@ -28,7 +28,7 @@ from llmirc.passes.pipeline import DEFAULT_BLOCK_SIZE, make_context, parse_passe
 from llmirc import dialect as L
 from llmirc.passes.cast_weights import float_type, weight_uses
 from llmirc.passes.kv_cache_dtype import kv_type
-from llmirc.passes.quantize_weights import TIED_HEAD, QuantizeWeights
+from llmirc.passes.quantize_weights import TIED_HEAD, QuantizeWeights, source_names
 from llmirc.targets.backend import backend
 from llmirc.targets.plan import ABI_INPUTS, ABI_VERSION, Plan, build_plan
 
@@ -173,6 +173,10 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         if options.quant != "none" and stored and stored[1] and not any("-> int" in k for k in ctx.report):
             progress(f"note: --quant {options.quant} changed nothing: the weights it would quantize are stored "
                      f"quantized in {model} already and are kept as they are{_DEQUANTIZE_HINT.get(source.kind, '')}")
+        if quantize is not None and (unmatched := quantize.unmatched_keep(module)):
+            example = next((n for u, w in weight_uses(module) if isinstance(u, L.LinearOp) for n in source_names(w)), "")
+            progress(f"note: --quant-keep {', '.join(unmatched)} named no weight of {model} (its weights are named "
+                     f"like {example})")
         if TIED_HEAD in ctx.report:  # its largest matrix, in float whatever --quant-lm-head says
             progress("note: the LM head is tied to the embedding table, which --quant-keep keeps in float: it stays "
                      "float (--quant-keep embedding=int8 or none quantizes both)")

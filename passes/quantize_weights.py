@@ -156,6 +156,14 @@ class QuantizeWeights(ModulePass):
                 return level or "float"
         return None
 
+    def unmatched_keep(self, op: ModuleOp) -> list[str]:
+        """The glob items of `keep` that name no weight of the module (a name from another
+        convention, such as GGUF's blk.0.ffn_down, matches nothing: llmir names weights by the
+        checkpoint's Hugging Face names)."""
+        names = {n for _, w in weight_uses(op) for n in source_names(w)}
+        return [item for item in self.keep if item.partition("=")[0] not in ("embedding", "lm_head", "none")
+                and not any(fnmatch.fnmatchcase(n, item.partition("=")[0]) for n in names)]
+
     def plan(self, op: ModuleOp, ctx: Context | None = None) -> list[tuple[Operation, SSAValue, int, Scheme]]:
         """(user, weight, k, scheme) of each float weight use this pass quantizes, in IR order;
         changes nothing (the weights kept are counted in ctx's report)."""

@@ -514,6 +514,16 @@ def test_gptq_refused_when_every_float_linear_is_kept(tmp_path, ckpt):
     assert not out.exists() and leftovers(out) == []
 
 
+def test_compile_notes_quant_keep_patterns_that_name_no_weight(ckpt):
+    """A --quant-keep glob that matches no weight (GGUF's names, a typo) is said, with a name that
+    would match; one that matches is not."""
+    r = llmirc("compile", ckpt, "--emit", "mlir", "--quant", "int4", "--quant-keep", "embedding,*ffn_down*=int8")
+    assert r.returncode == 0 and "note: --quant-keep *ffn_down*=int8 named no weight of" in r.stderr and \
+        "model.layers.0.self_attn.q_proj.weight" in r.stderr, r.stderr
+    r = llmirc("compile", ckpt, "--emit", "mlir", "--quant", "int4", "--quant-keep", "embedding,*.down_proj.*=int8")
+    assert r.returncode == 0 and "named no weight" not in r.stderr, r.stderr
+
+
 def test_compile_warns_of_quant_options_without_effect(ckpt):
     r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--quant-group-size", "64", "--quant-lm-head", "int4")
     assert r.returncode == 0 and r.stderr == "warning: --quant-group-size, --quant-lm-head have no effect without " \
