@@ -20,7 +20,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-
 from llmirc.targets.cpu import toolchain as tc
 
 QEMU, CC = "qemu-aarch64", "aarch64-linux-gnu-gcc"
@@ -112,7 +111,7 @@ class Emulated:
                 parts.append(struct.pack("<qq", 0, int(arg)))
         request.write_bytes(b"".join(parts))
         run = subprocess.run([QEMU, "-cpu", "max", str(self.exe), str(request), str(reply)], capture_output=True,
-                             timeout=600)
+                             timeout=600, check=False)
         assert run.returncode == 0, f"{sym} under {QEMU}: exit {run.returncode} {run.stderr.decode()[-500:]}"
         data, at = reply.read_bytes(), 0
         for _, arr in buffers:
@@ -127,8 +126,8 @@ def build(module, variant: tc.CpuVariant, path: Path, symbols: list[str]) -> Emu
     path.parent.mkdir(parents=True, exist_ok=True)
     obj, driver = path.with_suffix(".o"), path.with_suffix(".c")
     obj.write_bytes(tc.compile_object(str(module), variant))
-    driver.write_text(DRIVER % dict(max=MAX_ARGS, externs="\n".join(f"extern void {s}(void);" for s in symbols),
-                                    table=", ".join(f"(void *){s}" for s in symbols)))
+    driver.write_text(DRIVER % {"max": MAX_ARGS, "externs": "\n".join(f"extern void {s}(void);" for s in symbols),
+                                    "table": ", ".join(f"(void *){s}" for s in symbols)})
     subprocess.run([CC, "-static", "-O2", "-std=c11", "-pthread", "-o", str(path), str(driver), str(obj),
                     str(tc.RUNTIME_C), "-lm"], check=True, capture_output=True)
     return Emulated(path, symbols)
