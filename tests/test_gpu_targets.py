@@ -499,7 +499,7 @@ def _gpu_or_skip():
         pytest.skip(why)
 
 
-@pytest.mark.parametrize("case", ["int8", "int4-g64-zero-points-all"])
+@pytest.mark.parametrize("case", ["int8", "int4-g64-zero-points-all", "int4-down-proj-int8"])
 def test_gpu_quantized_matches_transformers(tmp_path, cache, case):
     """On a GPU: a quantized bundle's cuda target against transformers in float64 with the bundle's
     weights dequantized and the inputs of its quantized linears rounded to bfloat16 (the GPU
