@@ -70,7 +70,9 @@ def cli(debug: bool) -> None:
               help="GPU architectures, comma-separated: sm_80, sm_90 (cuda), gfx90a, gfx942 (hip). Default: "
                    "sm_80,sm_90 (sm_80's PTX kept for newer GPUs) and gfx90a,gfx942.")
 @click.option("--cpu-variants", default="native,baseline", show_default=True,
-              help="CPU libraries to build: native (this host's CPU) and/or baseline (x86-64-v2 / generic aarch64).")
+              help="CPU libraries to build: native (this host's CPU), baseline (x86-64-v2 / generic aarch64), "
+                   "x86-64-v3, x86-64-v4, aarch64-generic, aarch64-dotprod (the aarch64 ones from any host, with "
+                   "the cross compiler aarch64-linux-gnu-gcc).")
 @click.option("--dtype", default="auto", show_default=True,
               help="Storage type of linear and embedding weights: auto (the checkpoint's), float32, bfloat16, "
                    "float16. Norm weights and biases are float32; compute is float32.")

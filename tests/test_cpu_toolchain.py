@@ -6,6 +6,7 @@ import ctypes
 import dataclasses
 import platform
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -112,10 +113,32 @@ def test_assembly_uses_the_variant_isa():
         assert "ymm" in asm
 
 
+def test_aarch64_variants_from_any_host():
+    generic, dotprod = tc.variants_for(["aarch64-generic", "aarch64-dotprod"])
+    assert generic.arch == dotprod.arch == "aarch64" and generic.vector_width == 4
+    assert generic.required_flags == ("asimd",) and dotprod.required_flags == ("asimd", "asimddp")
+    assert dotprod.has("dotprod") and not generic.has("dotprod")
+
+
+def test_cross_linking_needs_the_cross_compiler(monkeypatch, tmp_path):
+    monkeypatch.setattr(tc.shutil, "which", lambda name: None)
+    other = "x86_64" if not X86 else "aarch64"
+    with pytest.raises(LlmircError, match=f"no {other}-linux-gnu-gcc found: .*apt install gcc-"):
+        tc.link_shared([b""], tmp_path / "x.so", other)
+
+
+@pytest.mark.skipif(not X86 or shutil.which("aarch64-linux-gnu-gcc") is None, reason="no aarch64 cross compiler")
+def test_cross_link_an_aarch64_library(tmp_path):
+    v = tc.variants_for(["aarch64-generic"])[0]
+    lib = tc.link_shared([tc.compile_object(small_module(v), v)], tmp_path / "lib.so", v.arch)
+    data = lib.read_bytes()
+    assert data[:4] == b"\x7fELF" and int.from_bytes(data[18:20], "little") == 0xB7  # EM_AARCH64
+    assert b"llmir_parallel" in data
+
+
 def test_cross_compile_to_the_other_arch():
     """Kernels lower for an architecture other than the host's (no host features leak in)."""
-    other = (tc.CpuVariant("generic", "aarch64-unknown-linux-gnu", "generic", "+neon", 4,
-                           ("asimd",)) if X86 else
+    other = (tc.variants_for(["aarch64-generic"])[0] if X86 else
              tc.CpuVariant("x86-64-v3", "x86_64-unknown-linux-gnu", "x86-64-v3", "", 8, ()))
     try:
         obj = tc.compile_object(small_module(other), other)
@@ -190,3 +213,29 @@ def test_link_error_surfaces_stderr(tmp_path):
 def test_garbage_object_is_a_link_error(tmp_path):
     with pytest.raises(LlmircError, match="linking junk.so failed"):
         tc.link_shared([b"not an object file"], tmp_path / "junk.so")
+
+
+def test_the_loader_runs_the_fitting_library_needing_the_most_features(monkeypatch):
+    """Of a bundle's CPU libraries, the loader runs the one for this host's architecture whose
+    features the host has, the most demanding first whatever the manifest's order; on aarch64
+    the features come from AT_HWCAP (so also under qemu-user, whose /proc/cpuinfo is the host's)."""
+    from types import SimpleNamespace
+
+    from llmirc.errors import BundleError
+    from llmirc.runtime import cpu_executor
+
+    targets = [{"name": n, "kind": "cpu", "arch": a, "features": f, "library": f"kernels/{n}/lib.so"}
+               for n, a, f in (("cpu-x86_64-native", "x86_64", ["avx2", "avx512f"]),
+                               ("cpu-aarch64-generic", "aarch64", ["asimd"]),
+                               ("cpu-aarch64-dotprod", "aarch64", ["asimd", "asimddp"]))]
+    bundle = SimpleNamespace(name="b.llmir", manifest={"targets": targets})
+    monkeypatch.setattr(cpu_executor.platform, "machine", lambda: "aarch64")
+    for flags, want in (({"asimd", "asimddp"}, "cpu-aarch64-dotprod"), ({"asimd"}, "cpu-aarch64-generic")):
+        monkeypatch.setattr(cpu_executor, "host_cpu_flags", lambda flags=flags: flags)
+        assert cpu_executor.pick_cpu_target(bundle)["name"] == want
+    monkeypatch.setattr(cpu_executor, "host_cpu_flags", lambda: {"fp"})
+    with pytest.raises(BundleError, match="cpu-x86_64-native is for x86_64; cpu-aarch64-generic needs asimd"):
+        cpu_executor.pick_cpu_target(bundle)
+    if platform.machine() == "x86_64":  # AT_HWCAP is read on aarch64 only
+        monkeypatch.undo()
+        assert "asimd" not in cpu_executor.host_cpu_flags()

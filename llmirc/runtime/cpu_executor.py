@@ -28,7 +28,24 @@ from .step_check import INPUTS, StepLimits, checked_inputs
 ABI_VERSION = 2
 
 
+# Linux arm64's AT_HWCAP bits (arch/arm64/include/uapi/asm/hwcap.h) under their /proc/cpuinfo names
+_ARM64_HWCAPS = {"fp": 0, "asimd": 1, "aes": 3, "pmull": 4, "sha1": 5, "sha2": 6, "crc32": 7, "atomics": 8,
+                 "fphp": 9, "asimdhp": 10, "asimdrdm": 12, "asimddp": 20, "sve": 22}
+
+
 def host_cpu_flags() -> set[str]:
+    """The CPU features of this host as /proc/cpuinfo names them. On aarch64 Linux they come from
+    the kernel's AT_HWCAP (getauxval), which also tells the truth under an emulator whose
+    /proc/cpuinfo is the host's (qemu-user); elsewhere from /proc/cpuinfo's flags line."""
+    if platform.machine() == "aarch64":
+        try:
+            libc = ctypes.CDLL(None)
+            libc.getauxval.restype = ctypes.c_ulong
+            hwcap = libc.getauxval(16)  # AT_HWCAP
+        except (OSError, AttributeError):
+            hwcap = 0
+        if hwcap:
+            return {name for name, bit in _ARM64_HWCAPS.items() if hwcap >> bit & 1}
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -40,9 +57,11 @@ def host_cpu_flags() -> set[str]:
 
 
 def pick_cpu_target(bundle: Bundle, name: str | None = None) -> dict:
-    """The named CPU target, or the first (manifest order: native first) that fits this host."""
+    """The named CPU target, or of those that fit this host the one needing the most CPU features
+    (native before baseline, aarch64-dotprod before aarch64-generic; the first in the manifest of
+    equals)."""
     arch, flags = platform.machine(), host_cpu_flags()
-    reasons = []
+    reasons, fits = [], []
     targets = bundle.manifest.get("targets")
     for t in targets if isinstance(targets, list) else []:
         if not isinstance(t, dict) or t.get("kind") != "cpu" or (name and t.get("name") != name):
@@ -56,7 +75,9 @@ def pick_cpu_target(bundle: Bundle, name: str | None = None) -> dict:
         elif not isinstance(t.get("library"), str):
             reasons.append(f"{t.get('name')} names no library")
         else:
-            return t
+            fits.append((len(features), t))
+    if fits:
+        return max(fits, key=lambda f: f[0])[1]  # max keeps the first of equals
     why = "; ".join(reasons) or (f"it has no cpu target named {name}" if name else "it has no cpu target")
     raise BundleError(f"bundle {bundle.name}: no target fits this {arch} host ({why})")
 

@@ -8,14 +8,14 @@ still loads on an older CPU of the same architecture.
 from __future__ import annotations
 
 import hashlib
-import platform
 from collections.abc import Callable
 from pathlib import Path
 
+from llmirc.targets.plan import Plan
 from llvmlite import ir
 
-from llmirc.errors import LlmircError, stage as internal_stage
-from llmirc.targets.plan import Plan
+from llmirc.errors import LlmircError
+from llmirc.errors import stage as internal_stage
 
 from . import amx
 from .forward import ABI_VERSION, emit_forward
@@ -58,7 +58,7 @@ def compile_module(module: ir.Module, variant: CpuVariant) -> bytes:
 
 def target_name(variant: CpuVariant) -> str:
     """cpu-x86_64-native, cpu-x86_64-v2, cpu-aarch64-generic, ..."""
-    return f"cpu-{platform.machine()}-{variant.name.removeprefix('x86-64-')}"
+    return f"cpu-{variant.arch}-{variant.name.removeprefix('x86-64-').removeprefix('aarch64-')}"
 
 
 class CpuBackend:
@@ -97,7 +97,7 @@ class CpuBackend:
                 module = llvm_module(plan, variant)
                 llvm_ir, extra = str(module), extra_modules(module, variant)
                 obj = compile_object(llvm_ir, variant, extra=extra)
-                linked = link_shared([obj], path(f"kernels/{name}/{LIBRARY}"))
+                linked = link_shared([obj], path(f"kernels/{name}/{LIBRARY}"), variant.arch)
                 library = f"kernels/{name}/{library_name(linked.read_bytes())}"
                 linked.rename(path(library))
             if self.keep_intermediates:
@@ -105,7 +105,7 @@ class CpuBackend:
                 path(f"kernels/{name}/model.s").write_text(emit_assembly(llvm_ir, variant, extra=extra))
                 path(f"kernels/{name}/model.o").write_bytes(obj)
             entries.append({
-                "name": name, "kind": "cpu", "arch": platform.machine(), "cpu": variant.cpu,
+                "name": name, "kind": "cpu", "arch": variant.arch, "cpu": variant.cpu,
                 "features": list(variant.required_flags), "vector_width": variant.vector_width,
                 "library": library, "abi_version": ABI_VERSION, "entry": "llmir_forward",
                 "kernels": [{"symbol": s, "kind": c.kind, "params": c.params} for s, c in plan.kernels().items()],

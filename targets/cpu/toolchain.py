@@ -4,6 +4,9 @@ A *variant* is one (triple, cpu, feature string) the kernels are compiled for. `
 build host; the baseline (`x86-64-v2` on x86_64, `generic` on aarch64) runs on any machine of
 that architecture from the last decade. `required_flags` are the /proc/cpuinfo flags a host
 must have to run a variant's code; the loader checks them before choosing a library.
+`aarch64-generic` (ARMv8-A with NEON) and `aarch64-dotprod` (and the dot product extension,
+ARMv8.2's FEAT_DotProd: Neoverse N1, Cortex-A76 and later, Apple M1) compile for 64-bit Arm
+Linux from any host: linking them needs the cross compiler `aarch64-linux-gnu-gcc`.
 
 Optimization uses llvmlite's new pass manager (the default O3 pipeline, with loop and SLP
 vectorization on) on a target machine for the variant, so the cost model and instruction
@@ -43,6 +46,11 @@ class CpuVariant:
     def has(self, feature: str) -> bool:
         """Whether the feature string enables `feature` (an LLVM name: amx-bf16, avx512bf16, ...)."""
         return f"+{feature}" in self.features.split(",")
+
+    @property
+    def arch(self) -> str:
+        """The architecture the code is for (`x86_64`, `aarch64`), from the triple."""
+        return "aarch64" if self.triple.startswith(("aarch64", "arm64")) else self.triple.split("-")[0]
 
 
 # --- LLVM initialization (llvmlite >= 0.45 initializes the core itself; targets still need it)
@@ -132,8 +140,18 @@ def host_variant() -> CpuVariant:
     )
 
 
+AARCH64_TRIPLE = "aarch64-unknown-linux-gnu"
+_AARCH64 = {  # variants for 64-bit Arm Linux, compiled on any host
+    "aarch64-generic": ("+neon", ("asimd",)),
+    "aarch64-dotprod": ("+neon,+dotprod", ("asimd", "asimddp")),
+}
+
+
 def _level_variant(name: str) -> CpuVariant:
     _init_llvm()
+    if name in _AARCH64:
+        features, flags = _AARCH64[name]
+        return CpuVariant(name, AARCH64_TRIPLE, "generic", features, 4, flags)
     if name in _X86_LEVELS:
         if _arch() != "x86_64":
             raise LlmircError(f"cpu variant {name!r} needs an x86_64 build host")
@@ -156,8 +174,8 @@ def baseline_variant() -> CpuVariant:
 
 def known_variant_names() -> list[str]:
     if _arch() == "x86_64":
-        return ["native", "x86-64-v2", "x86-64-v3", "x86-64-v4"]
-    return ["native", "generic"]
+        return ["native", "x86-64-v2", "x86-64-v3", "x86-64-v4", *_AARCH64]
+    return ["native", "generic", *_AARCH64]
 
 
 def variants_for(names: list[str]) -> list[CpuVariant]:
@@ -226,21 +244,31 @@ def optimized_ir(llvm_ir: str, variant: CpuVariant, opt_level: int = 3) -> str:
 
 # --- linking
 
-def find_linker() -> str:
-    for name in ("cc", "gcc", "clang"):
-        path = shutil.which(name)
-        if path:
-            return path
-    raise LlmircError("no C compiler (cc) found: install gcc or clang to compile for the cpu target")
+def find_linker(arch: str | None = None) -> str:
+    """The C compiler that links for `arch` (default: this host's): cc, gcc or clang here, else the
+    cross compiler `<arch>-linux-gnu-gcc`."""
+    if arch is None or arch == _arch():
+        for name in ("cc", "gcc", "clang"):
+            path = shutil.which(name)
+            if path:
+                return path
+        raise LlmircError("no C compiler (cc) found: install gcc or clang to compile for the cpu target")
+    name = f"{arch}-linux-gnu-gcc"
+    path = shutil.which(name)
+    if path is None:
+        raise LlmircError(f"no {name} found: linking a library for {arch} on this {_arch()} host needs the cross "
+                          f"compiler (Debian and Ubuntu: apt install gcc-{arch.replace('_', '-')}-linux-gnu)")
+    return path
 
 
 RUNTIME_C = Path(__file__).with_name("runtime.c")  # the thread pool every library links
 
 
-def link_shared(objects: list[bytes], out_path: Path) -> Path:
-    """Link object files and the runtime (runtime.c, compiled for the baseline of this architecture)
-    into a shared library at `out_path` (with -lpthread -lm)."""
-    cc = find_linker()
+def link_shared(objects: list[bytes], out_path: Path, arch: str | None = None) -> Path:
+    """Link object files and the runtime (runtime.c, compiled for the baseline of the architecture)
+    into a shared library at `out_path` (with -lpthread -lm); `arch`: the objects' architecture
+    (default: this host's; another needs its cross compiler, `find_linker`)."""
+    cc = find_linker(arch)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="llmirc-link-") as tmp:
