@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+
 from llmirc.targets.cpu import toolchain as tc
 
 QEMU, CC = "qemu-aarch64", "aarch64-linux-gnu-gcc"

@@ -10,11 +10,11 @@ import shutil
 
 import numpy as np
 import pytest
-from llmirc.targets.cpu import kernels as K
-from llmirc.targets.cpu import toolchain as tc
 from llvmlite import ir
 
 from llmirc.errors import LlmircError
+from llmirc.targets.cpu import kernels as K
+from llmirc.targets.cpu import toolchain as tc
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
