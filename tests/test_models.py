@@ -170,4 +170,16 @@ def test_a_bundle_recompiled_in_place_loads_its_new_library(tmp_path):
     first = load(compile_to(tmp_path / "a", tmp_path / "m.llmir"))
     model = make_checkpoint(tmp_path / "b", "llama", seed=1, num_hidden_layers=3)
     second = check_model(model, compile_to(tmp_path / "b", tmp_path / "m.llmir"), prompts=PROMPTS[:1])
-    assert first.executor.lib is not second.executor.lib
+    assert first.executor.lib._handle != second.executor.lib._handle
+
+
+def test_two_loads_of_a_bundle_keep_their_own_thread_counts(tmp_path):
+    """Both map the same library, whose thread count is global: each call runs with its own."""
+    make_checkpoint(tmp_path / "ckpt", "llama")
+    bundle = compile_to(tmp_path / "ckpt", tmp_path / "m.llmir")
+    one, two = load(bundle, threads=1), load(bundle, threads=2)
+    assert one.executor.lib._handle == two.executor.lib._handle  # one library in memory
+    assert (one.executor.threads, two.executor.threads) == (1, 2)
+    for model, want in ((one, 1), (two, 2), (one, 1)):
+        model.score(PROMPTS[0])
+        assert model.executor.lib.llmir_num_threads() == want

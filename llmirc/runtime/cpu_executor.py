@@ -13,6 +13,7 @@ have the size the library was compiled for.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import platform
 from pathlib import Path
@@ -112,10 +113,12 @@ class CpuExecutor:
             self._greedy.restype = ctypes.c_int64
             self._greedy.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p),
                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-        if threads is not None:
-            if threads < 1:
-                raise LlmircError(f"threads must be >= 1, got {threads}")
-            self.lib.llmir_set_num_threads(ctypes.c_int(threads))
+        if threads is not None and threads < 1:
+            raise LlmircError(f"threads must be >= 1, got {threads}")
+        # The count is the library's global, and a process maps a library once: two executors of the same
+        # bundle share it, so each sets its own before every call (0: the CPUs this process may use).
+        self._set_threads = functools.partial(self.lib.llmir_set_num_threads, ctypes.c_int(threads or 0))
+        self._set_threads()
         self.lib.llmir_num_threads.restype = ctypes.c_int
         self.threads = self.lib.llmir_num_threads()
 
@@ -192,7 +195,9 @@ class CpuExecutor:
         return out[:done]
 
     def _bind(self, inputs: list[np.ndarray]) -> np.ndarray:
-        """Point the call's arguments at the checked inputs, the workspace and a new logits array."""
+        """Point the call's arguments at the checked inputs, the workspace and a new logits array (and
+        the library's thread count at this executor's)."""
+        self._set_threads()
         T, B, L = len(inputs[0]), len(inputs[4]), len(inputs[6])
         max_blocks = inputs[3].shape[1] if inputs[3].ndim == 2 else 0
         c = self.workspace_coef
