@@ -462,6 +462,13 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens
     if hf_dir is not None and not (hf_dir / "config.json").is_file():
         raise LlmircError(f"--compare-transformers {hf_dir}: not a Hugging Face checkpoint directory "
                           "(no config.json)")
+    if hf_dir is not None:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as e:
+            raise LlmircError(f"--compare-transformers needs PyTorch and transformers ({e.name} missing), which "
+                              "the loader alone does not install") from None
     results = run_bench(bundle, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, repeat=repeat,
                         hf_dir=hf_dir, threads=threads, kv_cache_tokens=kv_cache_tokens)
     click.echo(json.dumps(results, indent=2) if as_json else format_table(results))

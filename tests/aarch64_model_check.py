@@ -12,7 +12,9 @@ the same bundle (and, for float32, with transformers):
 It needs, besides the test dependencies: qemu-aarch64 and aarch64-linux-gnu-gcc, and Debian's
 arm64 libpython (`dpkg --add-architecture arm64; apt install qemu-user gcc-aarch64-linux-gnu
 libpython3.11:arm64`). It builds an aarch64 `python` launcher linked to that libpython, and
-fetches the aarch64 wheels of NumPy, tokenizers and Jinja2 from the package index into --work.
+fetches the aarch64 wheels of the loader's dependencies (NumPy, tokenizers, click) and Jinja2
+from the package index into --work, beside a wheel of this checkout: the aarch64 CLI then runs
+as `PYTHONPATH=WORK/site qemu-aarch64 -L / WORK/python -m llmirc.cli run B.llmir ...`.
 Not part of the test suite (tests/test_quant_kernels.py runs the aarch64 kernels one by one,
 where qemu and the cross compiler exist). Exits 1 when a comparison fails.
 """
@@ -35,7 +37,7 @@ from helpers import hf_logits, make_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 LIBPYTHON = Path("/usr/lib/aarch64-linux-gnu/libpython3.11.so.1.0")
-WHEELS = ["numpy", "tokenizers", "jinja2", "markupsafe"]
+WHEELS = ["numpy", "tokenizers", "click", "jinja2", "markupsafe"]  # the loader's, and chat templates'
 TARGETS = ("cpu-aarch64-generic", "cpu-aarch64-dotprod")
 TOKENS = [0, 5, 9, 200, 17, 3, 44, 91, 12, 7, 250, 300, 31, 64, 128, 2]
 CASES = {  # name -> (compile options, relative RMS allowed against the host library)
@@ -70,15 +72,14 @@ def prepare(work: Path) -> tuple[Path, Path]:
         subprocess.run(["aarch64-linux-gnu-gcc", str(main), "-o", str(launcher), f"-l:{LIBPYTHON.name}",
                         f"-L{LIBPYTHON.parent}"], check=True)
     wheels = work / "wheels"
-    if not any(wheels.glob("numpy-*.whl")):
+    if not all(any(wheels.glob(f"{name}-*.whl")) for name in WHEELS):
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary", ":all:", "--no-deps",
                         "--python-version", "311", "--platform", "manylinux2014_aarch64", "--platform",
                         "manylinux_2_28_aarch64", "-d", str(wheels), *WHEELS], check=True)
     site = work / "site"
     shutil.rmtree(site, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:  # this checkout's llmirc, as pip would install it
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp,
-                        str(REPO)], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp, str(REPO)], check=True)
         for wheel in [*wheels.glob("*.whl"), *Path(tmp).glob("llmirc-*.whl")]:
             zipfile.ZipFile(wheel).extractall(site)
     return launcher, site

@@ -853,6 +853,14 @@ def test_bench_compare_transformers_bad_dir(bundle, tmp_path):
                              "--compare-transformers", tmp_path / "nope"), "nope")
 
 
+def test_bench_compare_transformers_without_torch(bundle, tmp_path):
+    """A loader-only install (no PyTorch) is told so before the benchmark runs."""
+    (tmp_path / "config.json").write_text("{}")
+    r = llmirc_with_bug("sys.modules['torch'] = None", "bench", bundle, "--prompt-len", "4", "--new-tokens", "2",
+                        "--repeat", "1", "--compare-transformers", tmp_path)
+    assert_user_error(r, "--compare-transformers needs PyTorch and transformers (torch missing)")
+
+
 # -- happy paths ---------------------------------------------------------------------------------
 
 def test_compile_writes_bundle_with_progress(compiled):

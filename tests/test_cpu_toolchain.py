@@ -60,7 +60,7 @@ def test_baseline_variant():
         assert {"sse4_2", "popcnt", "ssse3"} <= set(v.required_flags)
         assert v.vector_width == 4
     else:
-        assert v.name == "generic" and v.vector_width == 4
+        assert v.name == "aarch64-generic" and v.vector_width == 4
     flags = cpuinfo_flags()
     if flags:
         assert set(v.required_flags) <= flags
@@ -118,6 +118,35 @@ def test_aarch64_variants_from_any_host():
     assert generic.arch == dotprod.arch == "aarch64" and generic.vector_width == 4
     assert generic.required_flags == ("asimd",) and dotprod.required_flags == ("asimd", "asimddp")
     assert dotprod.has("dotprod") and not generic.has("dotprod")
+
+
+def test_generic_on_an_aarch64_host_is_aarch64_generic(monkeypatch):
+    """On an aarch64 build host baseline, generic and aarch64-generic are one library (two would
+    share the target name cpu-aarch64-generic); an unknown name's error lists them all."""
+    monkeypatch.setattr(tc, "_arch", lambda: "aarch64")
+    assert tc.variants_for(["baseline", "generic", "aarch64-generic"]) == tc.variants_for(["aarch64-generic"])
+    with pytest.raises(LlmircError, match="known: native, baseline, generic, aarch64-generic, aarch64-dotprod"):
+        tc.variants_for(["aarch64"])
+
+
+@pytest.mark.skipif(not X86, reason="cross compiles from x86-64")
+def test_a_missing_cross_linker_fails_before_the_weights_are_written(monkeypatch, tmp_path):
+    from io import StringIO
+
+    from helpers import make_checkpoint
+    from llmirc.driver import CompileOptions, Progress, compile_model
+
+    make_checkpoint(tmp_path / "ckpt", "llama")
+    which = shutil.which
+    monkeypatch.setattr(tc.shutil, "which", lambda name: None if name.endswith("-linux-gnu-gcc") else which(name))
+    log, options = StringIO(), CompileOptions(cpu_variants=("native", "aarch64-generic"))
+    with pytest.raises(LlmircError, match="no aarch64-linux-gnu-gcc found"):
+        compile_model(tmp_path / "ckpt", tmp_path / "m.llmir", options, Progress(log))
+    assert "writing" not in log.getvalue() and not (tmp_path / "m.llmir").exists()
+    asm = StringIO()  # printing a stage links nothing
+    compile_model(tmp_path / "ckpt", None, dataclasses.replace(options, emit="asm", cpu_variants=("aarch64-generic",)),
+                  Progress(None), stdout=asm)
+    assert "fmla\tv" in asm.getvalue()
 
 
 def test_cross_linking_needs_the_cross_compiler(monkeypatch, tmp_path):

@@ -21,7 +21,7 @@ from . import amx
 from .forward import ABI_VERSION, emit_forward
 from .generic import emit_generic
 from .kernels import emit_kernel
-from .toolchain import CpuVariant, compile_object, emit_assembly, link_shared, variants_for
+from .toolchain import CpuVariant, compile_object, emit_assembly, find_linker, link_shared, variants_for
 
 LIBRARY = "libllmir_model.so"
 
@@ -68,11 +68,15 @@ class CpuBackend:
     def __init__(self, options):
         self.variant_names = list(options.cpu_variants)
         self.keep_intermediates = options.keep_intermediates
+        self.links = options.emit is None  # --emit alone prints a stage: nothing is linked
         if not self.variant_names:  # a bundle without a library cannot run anywhere
             raise LlmircError("--cpu-variants: no CPU variant given (choose native and/or baseline)")
 
     def check(self, plan: Plan) -> None:
-        variants_for(self.variant_names)  # unknown variant names fail before any codegen
+        variants = variants_for(self.variant_names)  # unknown variant names fail before any codegen
+        if self.links:  # so does a missing (cross) linker, before the weights are written
+            for arch in dict.fromkeys(v.arch for v in variants):
+                find_linker(arch)
 
     def emit(self, plan: Plan, stage: str) -> str:
         """The text of `llvm-ir` or `asm` for the first variant (the host's by default)."""

@@ -36,7 +36,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class CpuVariant:
-    name: str                      # 'native', 'x86-64-v2', 'x86-64-v3', 'x86-64-v4', 'generic'
+    name: str                      # 'native', 'x86-64-v2' (v3, v4), 'aarch64-generic', 'aarch64-dotprod'
     triple: str
     cpu: str                       # LLVM cpu name
     features: str                  # LLVM feature string ('+avx2,+fma,...'; '' = the cpu's own)
@@ -157,29 +157,28 @@ def _level_variant(name: str) -> CpuVariant:
             raise LlmircError(f"cpu variant {name!r} needs an x86_64 build host")
         return CpuVariant(name, llvm.get_process_triple(), name, "", _X86_LEVEL_WIDTH[name],
                           _X86_LEVELS[name])
-    if name == "generic":
+    if name == "generic":  # this host's architecture's baseline (one library with aarch64-generic's name)
         arch = _arch()
         if arch == "aarch64":
-            return CpuVariant("generic", llvm.get_process_triple(), "generic", "+neon", 4,
-                              ("asimd",))
+            return _level_variant("aarch64-generic")
         if arch == "x86_64":
             return _level_variant("x86-64-v2")
     raise LlmircError(f"unknown cpu variant {name!r} (known: {', '.join(known_variant_names())})")
 
 
 def baseline_variant() -> CpuVariant:
-    """The portable variant: x86-64-v2 on x86_64, generic (NEON) on aarch64."""
-    return _level_variant("x86-64-v2" if _arch() == "x86_64" else "generic")
+    """The portable variant: x86-64-v2 on x86_64, aarch64-generic (NEON) on aarch64."""
+    return _level_variant("generic")
 
 
 def known_variant_names() -> list[str]:
     if _arch() == "x86_64":
-        return ["native", "x86-64-v2", "x86-64-v3", "x86-64-v4", *_AARCH64]
-    return ["native", "generic", *_AARCH64]
+        return ["native", "baseline", "x86-64-v2", "x86-64-v3", "x86-64-v4", *_AARCH64]
+    return ["native", "baseline", "generic", *_AARCH64]
 
 
 def variants_for(names: list[str]) -> list[CpuVariant]:
-    """Variants by name ('native', 'baseline', 'x86-64-v2/v3/v4', 'generic'), duplicates dropped."""
+    """Variants by name (known_variant_names), duplicates dropped."""
     out: list[CpuVariant] = []
     for name in names:
         if name == "native":
