@@ -129,6 +129,20 @@ def test_generic_on_an_aarch64_host_is_aarch64_generic(monkeypatch):
         tc.variants_for(["aarch64"])
 
 
+def test_native_on_an_aarch64_host_requires_every_feature_llvm_may_use(monkeypatch):
+    """A native aarch64 library may hold SVE, i8mm or bf16 instructions (LLVM's choice on such a
+    host): it requires them, so an older aarch64 CPU runs the generic library instead of
+    faulting."""
+    class Features(dict):
+        def flatten(self):
+            return ",".join(("+" if v else "-") + k for k, v in self.items())
+
+    monkeypatch.setattr(tc, "_arch", lambda: "aarch64")
+    monkeypatch.setattr(tc.llvm, "get_host_cpu_features",
+                        lambda: Features(neon=True, dotprod=True, sve=True, i8mm=True, bf16=False, sme=True))
+    assert tc.host_variant().required_flags == ("asimd", "asimddp", "i8mm", "sve")
+
+
 @pytest.mark.skipif(not X86, reason="cross compiles from x86-64")
 def test_a_missing_cross_linker_fails_before_the_weights_are_written(monkeypatch, tmp_path):
     from io import StringIO

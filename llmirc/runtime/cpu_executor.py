@@ -29,9 +29,11 @@ from .step_check import INPUTS, StepLimits, checked_inputs
 ABI_VERSION = 2
 
 
-# Linux arm64's AT_HWCAP bits (arch/arm64/include/uapi/asm/hwcap.h) under their /proc/cpuinfo names
+# Linux arm64's AT_HWCAP and AT_HWCAP2 bits (arch/arm64/include/uapi/asm/hwcap.h) under their
+# /proc/cpuinfo names
 _ARM64_HWCAPS = {"fp": 0, "asimd": 1, "aes": 3, "pmull": 4, "sha1": 5, "sha2": 6, "crc32": 7, "atomics": 8,
                  "fphp": 9, "asimdhp": 10, "asimdrdm": 12, "asimddp": 20, "sve": 22}
+_ARM64_HWCAPS2 = {"sve2": 1, "i8mm": 13, "bf16": 14}
 
 
 def host_cpu_flags() -> set[str]:
@@ -42,11 +44,12 @@ def host_cpu_flags() -> set[str]:
         try:
             libc = ctypes.CDLL(None)
             libc.getauxval.restype = ctypes.c_ulong
-            hwcap = libc.getauxval(16)  # AT_HWCAP
+            hwcap, hwcap2 = libc.getauxval(16), libc.getauxval(26)  # AT_HWCAP, AT_HWCAP2
         except (OSError, AttributeError):
-            hwcap = 0
+            hwcap = hwcap2 = 0
         if hwcap:
-            return {name for name, bit in _ARM64_HWCAPS.items() if hwcap >> bit & 1}
+            return {name for name, bit in _ARM64_HWCAPS.items() if hwcap >> bit & 1} | \
+                {name for name, bit in _ARM64_HWCAPS2.items() if hwcap2 >> bit & 1}
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

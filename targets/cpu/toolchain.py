@@ -89,6 +89,13 @@ _X86_CPUINFO = {
     "prfchw": "3dnowprefetch", "amx-tile": "amx_tile", "amx-bf16": "amx_bf16", "amx-int8": "amx_int8",
 }
 
+# LLVM AArch64 feature name -> the /proc/cpuinfo (and AT_HWCAP/AT_HWCAP2) name, for the features
+# compiled code can depend on.
+_ARM64_CPUINFO = {
+    "neon": "asimd", "fullfp16": "asimdhp", "rdm": "asimdrdm", "dotprod": "asimddp", "lse": "atomics",
+    "crc": "crc32", "aes": "aes", "sha2": "sha2", "sve": "sve", "sve2": "sve2", "i8mm": "i8mm", "bf16": "bf16",
+}
+
 _X86_LEVELS = {
     "x86-64-v2": ("ssse3", "sse4_1", "sse4_2", "popcnt"),
     "x86-64-v3": ("ssse3", "sse4_1", "sse4_2", "popcnt", "avx", "avx2", "fma", "f16c", "bmi1",
@@ -126,8 +133,8 @@ def host_variant() -> CpuVariant:
     enabled = {k for k, v in feats.items() if v}
     if arch == "x86_64":
         flags = tuple(sorted({_X86_CPUINFO[f] for f in enabled if f in _X86_CPUINFO}))
-    elif arch == "aarch64":  # the dot product extension (sdot) where the quantized kernels use it
-        flags = ("asimd", "asimddp") if "dotprod" in enabled else ("asimd",)
+    elif arch == "aarch64":  # LLVM may use any of them (SVE when vectorizing): a host must have them all
+        flags = tuple(sorted({"asimd"} | {_ARM64_CPUINFO[f] for f in enabled if f in _ARM64_CPUINFO}))
     else:
         flags = ()
     return CpuVariant(
