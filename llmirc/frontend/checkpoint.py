@@ -54,6 +54,7 @@ def finite(where, name: str, data: np.ndarray, stored: str) -> np.ndarray:
                               f"(of {data.size}): the checkpoint is corrupt")
     return data
 
+
 class Checkpoint:
     """A source of the compiler (see frontend.open_source): graph, weights, tokenizer, facts."""
 

@@ -63,7 +63,7 @@ def int_dot(variant: CpuVariant) -> tuple[str, int]:
         return "vnni", 16
     if "+avxvnni" in feats or {"+avx512vnni", "+avx512vl"} <= feats:
         return "vnni", 8
-    if "+dotprod" in feats and variant.triple.startswith(("aarch64", "arm64")):
+    if "+dotprod" in feats and variant.arch == "aarch64":
         return "sdot", 4
     return "generic", max(4, variant.vector_width)
 
