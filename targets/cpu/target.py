@@ -11,11 +11,10 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
-from llmirc.targets.plan import Plan
 from llvmlite import ir
 
-from llmirc.errors import LlmircError
-from llmirc.errors import stage as internal_stage
+from llmirc.errors import LlmircError, stage as internal_stage
+from llmirc.targets.plan import Plan
 
 from . import amx
 from .forward import ABI_VERSION, emit_forward

@@ -147,7 +147,7 @@ def host_variant() -> CpuVariant:
     )
 
 
-AARCH64_TRIPLE = "aarch64-unknown-linux-gnu"
+_AARCH64_TRIPLE = "aarch64-unknown-linux-gnu"
 _AARCH64 = {  # variants for 64-bit Arm Linux, compiled on any host
     "aarch64-generic": ("+neon", ("asimd",)),
     "aarch64-dotprod": ("+neon,+dotprod", ("asimd", "asimddp")),
@@ -158,7 +158,7 @@ def _level_variant(name: str) -> CpuVariant:
     _init_llvm()
     if name in _AARCH64:
         features, flags = _AARCH64[name]
-        return CpuVariant(name, AARCH64_TRIPLE, "generic", features, 4, flags)
+        return CpuVariant(name, _AARCH64_TRIPLE, "generic", features, 4, flags)
     if name in _X86_LEVELS:
         if _arch() != "x86_64":
             raise LlmircError(f"cpu variant {name!r} needs an x86_64 build host")
