@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -78,10 +79,13 @@ def prepare(work: Path) -> tuple[Path, Path]:
                         "manylinux_2_28_aarch64", "-d", str(wheels), *WHEELS], check=True)
     site = work / "site"
     shutil.rmtree(site, ignore_errors=True)
-    with tempfile.TemporaryDirectory() as tmp:  # this checkout's llmirc, as pip would install it
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp, str(REPO)], check=True)
-        for wheel in [*wheels.glob("*.whl"), *Path(tmp).glob("llmirc-*.whl")]:
-            zipfile.ZipFile(wheel).extractall(site)
+    for wheel in wheels.glob("*.whl"):
+        zipfile.ZipFile(wheel).extractall(site)
+    # this checkout's llmirc, laid out as pyproject.toml's package-dir maps it (no build/ folder left here)
+    package_dir = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for package, folder in sorted(package_dir.items()):
+        shutil.copytree(REPO / folder, site.joinpath(*package.split(".")), dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     return launcher, site
 
 
