@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import TextIO
 
 from llmirc import __version__, dtypes
+from llmirc import dialect as L
 from llmirc.artifact_format.writer import BundleWriter, remove_stale_temporaries
 from llmirc.errors import LlmircError, stage
 from llmirc.frontend import open_source
@@ -25,7 +26,6 @@ from llmirc.frontend.checkpoint import missing_tokenizer_note
 from llmirc.frontend.context import Limit, index_limits, resolve_context, table_rows
 from llmirc.passes.func_args import forward_func
 from llmirc.passes.pipeline import DEFAULT_BLOCK_SIZE, make_context, parse_passes, print_ir, required, run_passes
-from llmirc import dialect as L
 from llmirc.passes.cast_weights import float_type, weight_uses
 from llmirc.passes.kv_cache_dtype import kv_type
 from llmirc.passes.quantize_weights import TIED_HEAD, QuantizeWeights, source_names
@@ -170,7 +170,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
                    ctx=ctx, prefix=source.lowering, block_size=block_size,
                    tail=dataclasses.replace(options, dtype=dtype).required())
-        if options.quant != "none" and stored and stored[1] and not any("-> int" in k for k in ctx.report):
+        if options.quant != "none" and stored and stored[1] and \
+                not any(isinstance(op, L.QuantizeOp) for op in module.walk()):
             progress(f"note: --quant {options.quant} changed nothing: the weights it would quantize are stored "
                      f"quantized in {model} already and are kept as they are{_DEQUANTIZE_HINT.get(source.kind, '')}")
         if quantize is not None and (unmatched := quantize.unmatched_keep(module)):

@@ -117,6 +117,11 @@ class QuantizeWeights(ModulePass):
             raise LlmircError(f"{self.name}: lm-head-bits must be 8 or 4, got {self.lm_head_bits}")
         return dataclasses.replace(self, bits=4).scheme(k)
 
+    def keep_items(self) -> list[tuple[str, str, str]]:
+        """(item, name, level) of each `keep` item: name is embedding, lm_head or a glob pattern,
+        level float or int8 ("" for an item without `=`: float); none for `none`."""
+        return [(item, *item.partition("=")[::2]) for item in self.keep if item != "none"]
+
     def check(self) -> None:
         """Raises LlmircError for a bad option value (before anything is read or changed)."""
         self.scheme(64), self.head_scheme(64)
@@ -146,10 +151,7 @@ class QuantizeWeights(ModulePass):
     def kept(self, user, w: SSAValue, lm_head) -> str | None:
         """What `keep` says for the weight `w` of `user`: "float", "int8", or None (not kept). The
         first item that names it decides."""
-        if "none" in self.keep:
-            return None
-        for item in self.keep:
-            what, _, level = item.partition("=")
+        for _, what, level in self.keep_items():
             if (what == "embedding" and isinstance(user, L.EmbeddingOp)) or (what == "lm_head" and user is lm_head) \
                     or (what not in ("embedding", "lm_head") and any(fnmatch.fnmatchcase(n, what)
                                                                      for n in source_names(w))):
@@ -161,8 +163,8 @@ class QuantizeWeights(ModulePass):
         convention, such as GGUF's blk.0.ffn_down, matches nothing: llmir names weights by the
         checkpoint's Hugging Face names)."""
         names = {n for _, w in weight_uses(op) for n in source_names(w)}
-        return [item for item in self.keep if item.partition("=")[0] not in ("embedding", "lm_head", "none")
-                and not any(fnmatch.fnmatchcase(n, item.partition("=")[0]) for n in names)]
+        return [item for item, what, _ in self.keep_items() if what not in ("embedding", "lm_head")
+                and not any(fnmatch.fnmatchcase(n, what) for n in names)]
 
     def plan(self, op: ModuleOp, ctx: Context | None = None) -> list[tuple[Operation, SSAValue, int, Scheme]]:
         """(user, weight, k, scheme) of each float weight use this pass quantizes, in IR order;
