@@ -151,6 +151,12 @@ def _warn_unused_quant_options(quant: str, quant_keep: str) -> None:
         click.echo("warning: --quant-lm-head has no effect: --quant-keep lm_head decides how the LM head is kept", err=True)
 
 
+def _target_option(fn):
+    return click.option("--target", default=None,
+                        help="Run this target of the bundle, by the name `llmirc inspect` lists (cpu-x86_64-v2, "
+                             "cuda-sm_90, ...); default: the best this host runs.")(fn)
+
+
 def _sampling_options(fn):
     """The sampling options run and chat share (transformers' semantics; 0 is greedy)."""
     for option in reversed([
@@ -168,6 +174,7 @@ def _sampling_options(fn):
                                                        "unchanged bundle and is remembered)."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="CPU threads (default: the CPUs this process may use)."),
+        _target_option,
     ]):
         fn = option(fn)
     return fn
@@ -205,7 +212,7 @@ def _warn_unused_sampling(temperature, top_k, top_p) -> None:
               help="One JSON object per sequence: tokens, text, finish_reason, timings (and logprobs).")
 @click.option("-q", "--quiet", is_flag=True, help="No tokens/s and time-to-first-token summary on stderr.")
 def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
-        kv_cache_tokens, no_verify, threads, ignore_eos, logprobs, as_json, quiet):
+        kv_cache_tokens, no_verify, threads, target, ignore_eos, logprobs, as_json, quiet):
     """Generate text or tokens with a compiled BUNDLE.
 
     Without --json, a single prompt streams its text as it is generated; a batch prints each
@@ -216,7 +223,7 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, 
     if chat and token_ids:
         raise LlmircError("--chat takes text prompts (--prompt, --prompt-file), not --token-ids")
     _warn_unused_sampling(temperature, top_k, top_p)
-    model = _load(bundle, kv_cache_tokens, no_verify, threads=threads)
+    model = _load(bundle, kv_cache_tokens, no_verify, threads=threads, target=target)
     batch = [_parse_ids(s) for s in token_ids]
     if texts:
         if model.tokenizer is None:
@@ -263,10 +270,10 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, 
             text = r["text"] if model.tokenizer is not None else " ".join(map(str, r["token_ids"]))
             click.echo(f"[{i}] {text}" if len(batch) > 1 else text)
     if not quiet:
-        click.echo(_summary(records, time.perf_counter() - start), err=True)
+        click.echo(_summary(records, time.perf_counter() - start, model.executor.target["name"]), err=True)
 
 
-def _summary(records: list[dict], elapsed: float) -> str:
+def _summary(records: list[dict], elapsed: float, target: str) -> str:
     generated = sum(len(r["token_ids"]) for r in records)
     prompt = sum(len(r["prompt_token_ids"]) for r in records)
     cached = sum(r.get("cached_tokens") or 0 for r in records)
@@ -274,7 +281,7 @@ def _summary(records: list[dict], elapsed: float) -> str:
     ttft = f"; time to first token {1e3 * sum(firsts) / len(firsts):.0f} ms" + (" (mean)" if len(firsts) > 1 else "")
     return (f"{len(records)} sequence{'s' if len(records) > 1 else ''}: prompt {prompt} tokens"
             f"{f' ({cached} cached)' if cached else ''}, {generated} generated in {elapsed:.2f} s "
-            f"({generated / elapsed if elapsed > 0 else 0:.1f} tok/s){ttft if firsts else ''}")
+            f"({generated / elapsed if elapsed > 0 else 0:.1f} tok/s){ttft if firsts else ''}; target {target}")
 
 
 def _read_prompt(text: str) -> str:
@@ -293,7 +300,8 @@ def _read_file(path: Path) -> str:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--system", default=None, help="A system message starting the conversation.")
 @_sampling_options
-def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops, kv_cache_tokens, no_verify, threads):
+def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops, kv_cache_tokens, no_verify, threads,
+         target):
     """Chat with BUNDLE in the terminal: each input line is a user message; replies stream.
 
     Uses the bundle's chat template. Earlier turns stay in the prefix cache, so each reply
@@ -301,7 +309,7 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
     from llmirc.errors import RuntimeLimitError
 
     _warn_unused_sampling(temperature, top_k, top_p)
-    model = _load(bundle, kv_cache_tokens, no_verify, threads=threads)
+    model = _load(bundle, kv_cache_tokens, no_verify, threads=threads, target=target)
     if model.chat_template is None:
         raise LlmircError(f"{bundle}: the bundle has no chat template (its tokenizer_config.json has no "
                           "chat_template and there is no chat_template.jinja)")
@@ -360,6 +368,7 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
               help="GPU targets only (no effect on a CPU bundle).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for the model (default: all cores this process may use).")
+@_target_option
 @click.option("--num-scheduler-steps", type=click.IntRange(min=1), default=8, show_default=True,
               help="Greedy decode steps run in one native call while every running request is greedy, without "
                    "logprobs or stop strings, and none waits (CPU targets); streamed tokens come in bursts of "
@@ -372,7 +381,7 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num_seqs, max_num_batched_tokens,
-          enable_prefix_caching, kv_cache_tokens, kv_cache_dtype, gpu_memory_utilization, threads,
+          enable_prefix_caching, kv_cache_tokens, kv_cache_dtype, gpu_memory_utilization, threads, target,
           num_scheduler_steps, max_queued_requests, chat_template, no_verify, log_level):
     """Serve BUNDLE over HTTP: vLLM's OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models) and SGLang's native API (/generate, /get_model_info), plus /health and /metrics."""
@@ -387,7 +396,7 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
                           f"({max_num_seqs})")
     model = _load(bundle, kv_cache_tokens, no_verify, max_batched_tokens=max_num_batched_tokens,
                   max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
-                  threads=threads, gpu_memory_utilization=gpu_memory_utilization or 0.9,
+                  threads=threads, target=target, gpu_memory_utilization=gpu_memory_utilization or 0.9,
                   num_scheduler_steps=num_scheduler_steps)
     if gpu_memory_utilization is not None and model.executor.kind == "cpu":
         click.echo("warning: --gpu-memory-utilization applies to GPU targets; this bundle runs on the CPU "
@@ -453,8 +462,9 @@ def inspect(bundle, as_json, no_verify):
               help="KV cache size in tokens (default: what the benchmark needs).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads (default: the CPUs this process may use); transformers gets as many.")
+@_target_option
 @click.option("--json", "as_json", is_flag=True)
-def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens, threads, as_json):
+def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens, threads, target, as_json):
     """Measure prefill and decode tokens/s of BUNDLE (and the memory-bandwidth floor)."""
     from llmirc.runtime.bench import format_table, run_bench
 
@@ -470,7 +480,7 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens
             raise LlmircError(f"--compare-transformers needs PyTorch and transformers ({e.name} missing), which "
                               "the loader alone does not install") from None
     results = run_bench(bundle, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, repeat=repeat,
-                        hf_dir=hf_dir, threads=threads, kv_cache_tokens=kv_cache_tokens)
+                        hf_dir=hf_dir, threads=threads, kv_cache_tokens=kv_cache_tokens, target=target)
     click.echo(json.dumps(results, indent=2) if as_json else format_table(results))
 
 
@@ -485,10 +495,10 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Evaluate only the first N tokens.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads (default: the CPUs this process may use).")
+@_target_option
 @click.option("--json", "as_json", is_flag=True)
-def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, as_json):
+def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as_json):
     """Perplexity of BUNDLE on a text, over sliding windows (Hugging Face's perplexity guide)."""
-    from llmirc.runtime import load
     from llmirc.runtime.perplexity import perplexity
 
     try:
@@ -496,7 +506,7 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, as_json):
     except (OSError, UnicodeDecodeError) as e:
         raise LlmircError(f"--text {text_file}: cannot read it as UTF-8 text: {e}") from None
     stride = stride or max(1, context // 2)
-    model = load(bundle, kv_cache_tokens=context, max_batched_tokens=context, max_num_seqs=1, threads=threads)
+    model = _load(bundle, context, False, max_batched_tokens=context, max_num_seqs=1, threads=threads, target=target)
     if model.tokenizer is None:
         raise LlmircError(f"{bundle}: the bundle has no tokenizer")
     if context > model.max_context:

@@ -920,7 +920,7 @@ def test_inspect_no_verify_skips_checksums(bundle, tmp_path):
 
 
 SUMMARY = re.compile(r"^\d+ sequences?: prompt \d+ tokens.*, \d+ generated in [\d.]+ s \([\d.]+ tok/s\); "
-                     r"time to first token \d+ ms")
+                     r"time to first token \d+ ms( \(mean\))?; target cpu-[\w-]+$")
 
 
 def run_json(b, *args) -> list[dict]:
@@ -1000,6 +1000,25 @@ def test_run_summary_on_stderr(bundle):
     r = llmirc("run", bundle, "--prompt", "the quick", "--max-new-tokens", "5", "--ignore-eos")
     assert r.returncode == 0 and SUMMARY.match(r.stderr), r.stderr
     assert "5 generated" in r.stderr
+
+
+@pytest.mark.parametrize("command", [["run", "--prompt", "hi"], ["chat"], ["bench"], ["eval-ppl", "--text", "t.txt"],
+                                     ["serve"]])
+def test_target_not_in_bundle(bundle, tmp_path, command):
+    (tmp_path / "t.txt").write_text("some text to score")
+    r = llmirc(command[0], bundle, *command[1:], "--target", "cuda-sm_90", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: bundle {bundle}: no target named 'cuda-sm_90' (it has cpu-x86_64-native)"], r.stderr
+
+
+def test_run_on_the_named_target(tmp_path, ckpt):
+    out = tmp_path / "two.llmir"
+    assert llmirc("compile", ckpt, "-o", out, "--cpu-variants", "native,x86-64-v2", "-q").returncode == 0
+    runs = {t: llmirc("run", out, "--token-ids", "1,2,3", "--max-new-tokens", "4", "--json", "--target", t)
+            for t in ("cpu-x86_64-native", "cpu-x86_64-v2")}
+    for t, r in runs.items():
+        assert r.returncode == 0 and SUMMARY.match(r.stderr) and r.stderr.rstrip().endswith(f"target {t}"), r.stderr
+    assert len({json.dumps(json.loads(r.stdout)["token_ids"]) for r in runs.values()}) == 1
 
 
 def test_run_stop_string_ends_the_text(bundle):

@@ -79,10 +79,10 @@ def decode_bytes_per_step(model, context: int) -> dict[str, int]:
 
 
 def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, repeat: int,
-                 threads: int | None = None, kv_cache_tokens: int | None = None) -> dict:
+                 threads: int | None = None, kv_cache_tokens: int | None = None, target: str | None = None) -> dict:
     # No prefix caching: every repeat must compute its prompt.
     model = load(bundle, kv_cache_tokens=kv_cache_tokens or batch * (len(prompt) + new_tokens) + 64,
-                 threads=threads, enable_prefix_caching=False)
+                 threads=threads, enable_prefix_caching=False, target=target)
     prefill, decode = [], []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -99,7 +99,7 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
             "bytes_per_step": sum(by_dtype.values()), "bytes_per_step_by_dtype": by_dtype,
             "prefill_gflop": prefill_flops(model, len(prompt)) / 1e9,
             "params": sum(w.size for w in model.executor.weights), "model": model.config,
-            "threads": model.executor.threads}
+            "threads": model.executor.threads, "target": model.executor.target["name"]}
 
 
 def bench_transformers(hf_dir: Path, prompt: list[int], batch: int, new_tokens: int, repeat: int,
@@ -124,19 +124,20 @@ def bench_transformers(hf_dir: Path, prompt: list[int], batch: int, new_tokens: 
 
 
 def run_bench(bundle: Path, *, prompt_len: int = 128, new_tokens: int = 64, batch: int = 1, repeat: int = 3,
-              hf_dir: Path | None = None, threads: int | None = None, kv_cache_tokens: int | None = None) -> dict:
+              hf_dir: Path | None = None, threads: int | None = None, kv_cache_tokens: int | None = None,
+              target: str | None = None) -> dict:
     new_tokens = max(new_tokens, 2)
     vocab = open_bundle(bundle, verify=False).manifest["model"]["vocab_size"]
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
-    ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat, threads, kv_cache_tokens)
+    ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat, threads, kv_cache_tokens, target)
     bandwidth, peak = measure_bandwidth(), measure_peak_gflops()
     floor_ms = ours["bytes_per_step"] / (bandwidth * 1e9) * 1e3
     results = {
         "bundle": str(bundle), "host": platform.processor() or platform.machine(),
-        "threads": ours["threads"],
+        "threads": ours["threads"], "target": ours["target"],
         "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "repeat": repeat,
         "bandwidth_gb_s": bandwidth, "decode_floor_ms_per_step": floor_ms, "sgemm_gflop_s": peak,
-        "llmirc": {k: v for k, v in ours.items() if k not in ("model", "threads")},
+        "llmirc": {k: v for k, v in ours.items() if k not in ("model", "threads", "target")},
         "model": ours["model"],
     }
     results["llmirc"]["fraction_of_floor"] = floor_ms / ours["decode_ms_per_step"]
@@ -151,7 +152,7 @@ def format_table(r: dict) -> str:
     lines = [
         f"{r['bundle']}: {m['architecture']}, {r['llmirc']['params'] / 1e6:.1f}M parameters; "
         f"prompt {r['prompt_len']}, {r['new_tokens']} new tokens, batch {r['batch']}, best of {r['repeat']}, "
-        f"{r['threads']} threads",
+        f"{r['threads']} threads, target {r['target']}",
         f"{'':22s}{'prefill tok/s':>14s}{'decode tok/s':>14s}{'ms/step':>10s}",
     ]
     for name, key in (("llmirc", "llmirc"), ("transformers (eager)", "transformers")):
