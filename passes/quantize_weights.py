@@ -20,10 +20,11 @@ ffn_down and attn_v at 6 bits. An LM head not kept is stored with `lm-head-bits`
 6-8 bits too: at 4 bits it costs the most quality), 4 in 4-bit groups (`group-size`, else 32; as
 onnxruntime-genai's int4 models store it); one tied to an embedding table kept in float stays
 float (one copy). --report counts the LM head apart (`LM head -> int8`, `LM head kept`, `LM head
-tied to a kept embedding table`), so `inspect` says how it is stored. A weight whose input size does not
-split into the groups gets the largest smaller power-of-two group that does (576 inputs,
-group-size 128: groups of 64; llama.cpp falls back to another type for such rows), down to 16;
-else it stays as it is (both counted in --report).
+tied to a kept embedding table`) and names the item that kept each other weight (`float (keep
+embedding)`, `int8 per output row (keep *.down_proj.*=int8)`), so `inspect` says how each is
+stored. A weight whose input size does not split into the groups gets the largest smaller
+power-of-two group that does (576 inputs, group-size 128: groups of 64; llama.cpp falls back to
+another type for such rows), down to 16; else it stays as it is (both counted in --report).
 
 `method`: rtn (round to nearest, the default) or gptq: each linear weight is quantized by GPTQ
 (llmirc/quant.py `gptq`) with the Hessian of its input that calibration collected
@@ -148,15 +149,15 @@ class QuantizeWeights(ModulePass):
                               "--calibration FILE)")
         return calibration
 
-    def kept(self, user, w: SSAValue, lm_head) -> str | None:
-        """What `keep` says for the weight `w` of `user`: "float", "int8", or None (not kept). The
-        first item that names it decides."""
-        for _, what, level in self.keep_items():
+    def kept(self, user, w: SSAValue, lm_head) -> tuple[str | None, str | None]:
+        """(level, item): what `keep` says for the weight `w` of `user`, "float", "int8" or None
+        (not kept), and the item that says it (the first that names the weight)."""
+        for item, what, level in self.keep_items():
             if (what == "embedding" and isinstance(user, L.EmbeddingOp)) or (what == "lm_head" and user is lm_head) \
                     or (what not in ("embedding", "lm_head") and any(fnmatch.fnmatchcase(n, what)
                                                                      for n in source_names(w))):
-                return level or "float"
-        return None
+                return level or "float", item
+        return None, None
 
     def unmatched_keep(self, op: ModuleOp) -> list[str]:
         """The glob items of `keep` that name no weight of the module (a name from another
@@ -171,18 +172,18 @@ class QuantizeWeights(ModulePass):
         changes nothing (the weights kept are counted in ctx's report)."""
         lm_head = lm_head_of(op)
         tables = {n for e, t in weight_uses(op) if isinstance(e, L.EmbeddingOp)
-                  and self.kept(e, t, lm_head) == "float" for n in source_names(t)}
+                  and self.kept(e, t, lm_head)[0] == "float" for n in source_names(t)}
         planned = []
         for user, w in weight_uses(op):
             if not L.is_float(w.type.element_type):
                 continue
-            level = self.kept(user, w, lm_head)
+            level, item = self.kept(user, w, lm_head)
             if level == "float":
-                if user is lm_head:
-                    note(ctx, f"{self.name}: LM head kept")
+                note(ctx, f"{self.name}: LM head kept" if user is lm_head else f"{self.name}: float (keep {item})")
                 continue
             n, k = L.shape_of(w)
             if level == "int8":  # the LM head's 8 bits: a tied table kept so shares the head's codes
+                note(ctx, f"{self.name}: int8 per output row (keep {item})")
                 wanted = dataclasses.replace(self, lm_head_bits=8).head_scheme(k)
             elif user is lm_head:
                 if tables & set(source_names(w)):  # tied to a kept embedding table: one float copy

@@ -17,6 +17,7 @@ Two references, on checkpoints the tests make:
 from __future__ import annotations
 
 import io
+import re
 import sys
 
 import numpy as np
@@ -184,6 +185,17 @@ def test_report_says_how_the_lm_head_is_stored(tmp_path, capsys, tied, options, 
     assert f"quantize-weights: {line} " in err, err
     assert ("note: the LM head is tied to the embedding table" in err) == ("tied to" in line)
     assert err.count("LM head") == 1 + ("tied to" in line)
+
+
+def test_report_names_the_keep_item_of_each_kept_weight(tmp_path, capsys):
+    make_checkpoint(tmp_path / "ckpt", "llama")
+    compile_model(tmp_path / "ckpt", None, CompileOptions(quant="int4", report=True, emit="mlir",
+                                                          quant_keep=("embedding", "*.down_proj.*=int8", "*.o_proj.*")),
+                  Progress(sys.stderr), stdout=io.StringIO())
+    err = capsys.readouterr().err
+    for line, count in (("float (keep embedding)", 1), ("int8 per output row (keep *.down_proj.*=int8)", 2),
+                        ("float (keep *.o_proj.*)", 2), ("weight -> int8", 2), ("weight -> int4", 4)):
+        assert re.search(rf"quantize-weights: {re.escape(line)} +x{count}\n", err), err
 
 
 def test_int8_keep_items_are_stored_as_the_lm_head(tmp_path):
