@@ -153,8 +153,8 @@ def _warn_unused_quant_options(quant: str, quant_keep: str) -> None:
 
 def _target_option(fn):
     return click.option("--target", default=None,
-                        help="Run this target of the bundle, by the name `llmirc inspect` lists (cpu-x86_64-v2, "
-                             "cuda-sm_90, ...); default: the best this host runs.")(fn)
+                        help="Run this target of the bundle: a name `llmirc inspect` lists (cpu-x86_64-v2, ...) "
+                             "or the best of a kind (cpu, cuda, hip); default: the best this host runs.")(fn)
 
 
 def _sampling_options(fn):

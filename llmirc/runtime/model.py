@@ -40,7 +40,8 @@ def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_to
     sequences; default: the model's context, capped at 16384). `max_batched_tokens` bounds one
     step (longer prompts are prefilled in chunks), `max_num_seqs` the sequences per step.
     `max_model_len` lowers the context the model accepts (never above the bundle's). `target`
-    picks a target by name (`llmirc inspect` lists them); by default the best this host runs: a
+    picks a target by name (`llmirc inspect` lists them) or the best of a kind (cpu, cuda, hip);
+    by default the best this host runs: a
     GPU target first (see `pick_executor`), then the CPU library that fits needing the most CPU
     features (`cpu_executor.pick_cpu_target`). `threads`: CPU
     threads the kernels use (default: the CPUs this process may run on).
@@ -62,17 +63,22 @@ def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | 
     """(executor, notes): the executor of the best target this host runs, a GPU target first, and
     one line per GPU kind of the bundle that could not be used (cuda tried first, then hip), saying
     why (no cuda-python / hip-python, no driver, no kernels or PTX for this GPU, too little
-    memory). A target named by `target` is the only one tried: its failure is the error."""
+    memory). `target`, a target's name or a kind (cpu, cuda, hip), restricts the choice to it, and
+    its failure is the error."""
     from .gpu_drivers import DRIVERS
     from .gpu_executor import GpuExecutor
     from .gpu_program import GpuUnavailable
 
     targets = [t for t in bundle.manifest.get("targets") or [] if isinstance(t, dict)]
+    kinds = list(dict.fromkeys(t.get("kind") for t in targets))
     named = next((t for t in targets if t.get("name") == target), None) if target else None
-    if target and named is None:
-        raise BundleError(f"bundle {bundle.name}: no target named {target!r} "
-                          f"(it has {', '.join(str(t.get('name')) for t in targets) or 'none'})")
-    kinds = [named.get("kind")] if named else list(dict.fromkeys(t.get("kind") for t in targets))
+    if target and named is None and target not in kinds:
+        raise BundleError(f"bundle {bundle.name}: no target {target!r} (its targets: "
+                          f"{', '.join(str(t.get('name')) for t in targets) or 'none'}; kinds: "
+                          f"{', '.join(map(str, kinds)) or 'none'})")
+    if target:
+        kinds = [named.get("kind") if named else target]
+    name = named.get("name") if named else None  # a kind: the best target of that kind
     notes = []
     for kind in ("cuda", "hip"):
         if kind not in kinds:
@@ -80,15 +86,15 @@ def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | 
         try:
             return GpuExecutor(bundle, DRIVERS[kind](), max_context=max_context, max_batched_tokens=max_batched_tokens,
                                max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens,
-                               gpu_memory_utilization=gpu_memory_utilization, target=target), notes
+                               gpu_memory_utilization=gpu_memory_utilization, target=name), notes
         except GpuUnavailable as e:
-            if named:
+            if target:
                 raise
             notes.append(str(e))
     tokens = kv_cache_tokens or min(max_context, DEFAULT_KV_TOKENS)
     if tokens < 1:
         raise LlmircError(f"kv_cache_tokens must be positive, got {kv_cache_tokens}")
-    return CpuExecutor(bundle, blocks_for(tokens, block_size), target, threads), notes
+    return CpuExecutor(bundle, blocks_for(tokens, block_size), name, threads), notes
 
 
 class Model:
