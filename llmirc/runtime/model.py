@@ -41,10 +41,9 @@ def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_to
     step (longer prompts are prefilled in chunks), `max_num_seqs` the sequences per step.
     `max_model_len` lowers the context the model accepts (never above the bundle's). `target`
     picks a target by name (`llmirc inspect` lists them) or the best of a kind (cpu, cuda, hip);
-    by default the best this host runs: a
-    GPU target first (see `pick_executor`), then the CPU library that fits needing the most CPU
-    features (`cpu_executor.pick_cpu_target`). `threads`: CPU
-    threads the kernels use (default: the CPUs this process may run on).
+    by default the best this host runs: a GPU target first (see `pick_executor`), then the CPU
+    library that fits needing the most CPU features (`cpu_executor.pick_cpu_target`). `threads`:
+    CPU threads the kernels use (default: the CPUs this process may run on).
     `gpu_memory_utilization`: the share of GPU memory the model may use, the KV cache taking what
     the weights and buffers leave (vLLM's option; a GPU target without kv_cache_tokens).
     `num_scheduler_steps`: greedy decode steps one native call may run (vLLM's multi-step
