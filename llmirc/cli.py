@@ -113,7 +113,7 @@ def cli(debug: bool) -> None:
 @click.option("--max-model-len", type=click.IntRange(min=1), default=None,
               help="The bundle's context in tokens (default: what the model states; refused above what its "
                    "config or position tables support).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output (notes and warnings still show).")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, arch, cpu_variants, dtype,
                 kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, quant_lm_head, quant_method,
                 calibration, calibration_tokens, report, dequantize, block_size, max_model_len, quiet):
@@ -134,7 +134,7 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
                              quant_lm_head=quant_lm_head, quant_method=quant_method, calibration=calibration,
                              calibration_tokens=calibration_tokens, dequantize=dequantize, block_size=block_size,
                              max_model_len=max_model_len)
-    compile_model(model, output, options, Progress(None if quiet else sys.stderr))
+    compile_model(model, output, options, Progress(None if quiet else sys.stderr, notes=sys.stderr))
 
 
 def _warn_unused_quant_options(quant: str, quant_keep: str) -> None:

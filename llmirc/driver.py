@@ -91,13 +91,24 @@ class CompileOptions:
 
 
 class Progress:
-    def __init__(self, stream: TextIO | None = sys.stderr):
-        self.stream, self.start = stream, time.perf_counter()
+    """Progress lines of a compile ("[  1.2s] message") on `stream`, and notes (things the user
+    should know: an option that changed nothing, a missing tokenizer) on `notes` too when `stream`
+    is None (`llmirc compile -q` hides the progress, not the notes); None: silent."""
+
+    def __init__(self, stream: TextIO | None = sys.stderr, notes: TextIO | None = None):
+        self.stream, self.notes, self.start = stream, notes, time.perf_counter()
 
     def __call__(self, message: str) -> None:
         if self.stream is not None:
             self.stream.write(f"[{time.perf_counter() - self.start:6.1f}s] {message}\n")
             self.stream.flush()
+
+    def note(self, message: str) -> None:
+        if self.stream is not None:
+            self(f"note: {message}")
+        elif self.notes is not None:
+            self.notes.write(f"note: {message}\n")
+            self.notes.flush()
 
 
 def compile_model(model: Path, out: Path | None, options: CompileOptions, progress: Progress | None = None,
@@ -142,13 +153,13 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         if removed:
             progress(f"removed {_listed_names(removed)}: left by compiles to {out} that were killed")
         if unknown:
-            progress(f"note: {_listed_names(unknown)} next to {out} may be left by a killed compile (on another "
+            progress.note(f"{_listed_names(unknown)} next to {out} may be left by a killed compile (on another "
                      "host or by an older llmirc): remove it unless a compile is still writing it")
     with stage("front end"):
         source = open_source(model, dequantize=options.dequantize)
     if out is not None and not any(p.name == "tokenizer.json" for p in source.tokenizer_files()) and \
             (note := missing_tokenizer_note(Path(source.root))):  # a GGUF file's embedded one counts
-        progress(f"note: {note}")
+        progress.note(note)
     calibration = None
     try:
         # auto: the checkpoint's types; a half-precision ONNX export is read as float32 and stored as it was
@@ -172,14 +183,14 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                    tail=dataclasses.replace(options, dtype=dtype).required())
         if options.quant != "none" and stored and stored[1] and \
                 not any(isinstance(op, L.QuantizeOp) for op in module.walk()):
-            progress(f"note: --quant {options.quant} changed nothing: the weights it would quantize are stored "
+            progress.note(f"--quant {options.quant} changed nothing: the weights it would quantize are stored "
                      f"quantized in {model} already and are kept as they are{_DEQUANTIZE_HINT.get(source.kind, '')}")
         if quantize is not None and (unmatched := quantize.unmatched_keep(module)):
             example = next((n for u, w in weight_uses(module) if isinstance(u, L.LinearOp) for n in source_names(w)), "")
-            progress(f"note: --quant-keep {', '.join(unmatched)} named no weight of {model} (its weights are named "
+            progress.note(f"--quant-keep {', '.join(unmatched)} named no weight of {model} (its weights are named "
                      f"like {example})")
         if TIED_HEAD in ctx.report:  # its largest matrix, in float whatever --quant-lm-head says
-            progress("note: the LM head is tied to the embedding table, which --quant-keep keeps in float: it stays "
+            progress.note("the LM head is tied to the embedding table, which --quant-keep keeps in float: it stays "
                      "float (--quant-keep embedding=int8 or none quantizes both)")
         optimized_ir = print_ir(module)
         generic = generic_ops(module)

@@ -522,6 +522,9 @@ def test_compile_notes_quant_keep_patterns_that_name_no_weight(ckpt):
         "model.layers.0.self_attn.q_proj.weight" in r.stderr, r.stderr
     r = llmirc("compile", ckpt, "--emit", "mlir", "--quant", "int4", "--quant-keep", "embedding,*.down_proj.*=int8")
     assert r.returncode == 0 and "named no weight" not in r.stderr, r.stderr
+    r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--quant", "int4", "--quant-keep", "embedding,*ffn_down*")
+    assert r.returncode == 0 and r.stderr.startswith("note: --quant-keep *ffn_down* named no weight of") and \
+        len(r.stderr.splitlines()) == 1, r.stderr  # -q hides the progress, not the notes
 
 
 def test_compile_warns_of_quant_options_without_effect(ckpt):
