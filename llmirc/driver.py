@@ -146,9 +146,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                      "host or by an older llmirc): remove it unless a compile is still writing it")
     with stage("front end"):
         source = open_source(model, dequantize=options.dequantize)
-    if out is not None and not any(p.name == "tokenizer.json" for p in source.tokenizer_files()) and \
-            (note := missing_tokenizer_note(Path(source.root))):  # a GGUF file's embedded one counts
-        progress(f"note: {note}")
+    if out is not None:
+        _check_tokenizer(source, progress)
     calibration = None
     try:
         # auto: the checkpoint's types; a half-precision ONNX export is read as float32 and stored as it was
@@ -243,6 +242,19 @@ def _check_something_to_calibrate(model: Path, source, module, stored: tuple[int
         why.append(f"kept in float by --quant-keep {','.join(quantize.keep) or 'none'}{tied}")
     raise LlmircError(f"--quant-method gptq: every linear weight of {model} is {' or '.join(why)}, so there is "
                       f"nothing to calibrate{_DEQUANTIZE_HINT.get(source.kind, '') if quantized else ''}")
+
+
+def _check_tokenizer(source, progress: Callable[[str], None]) -> None:
+    """Loads the checkpoint's tokenizer.json (with its tokenizer_config.json) as the loader will load
+    the bundle's copy, so that a corrupt one is refused naming the checkpoint's file (LlmircError)
+    instead of making a bundle that fails on every text prompt; notes a checkpoint without one."""
+    from llmirc.runtime.tokenizer import Tokenizer
+
+    files = {p.name: p for p in source.tokenizer_files()}
+    if "tokenizer.json" in files:
+        Tokenizer.from_bundle_dir(files["tokenizer.json"].parent)
+    elif note := missing_tokenizer_note(Path(source.root)):  # a GGUF file's embedded one counts
+        progress(f"note: {note}")
 
 
 def _calibrate(source, options: CompileOptions, progress: Callable[[str], None]):

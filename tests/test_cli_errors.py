@@ -276,6 +276,11 @@ BAD_CHECKPOINTS = {
     "shard-missing": (_sharded(_missing_shard), ["model.safetensors.index.json",
                                                  "model-00002-of-00002.safetensors", "missing"]),
     "index-invalid": (_bad_index, ["model.safetensors.index.json", "weight_map"]),
+    # the bundle would compile and then fail on every text prompt, naming its own copy
+    "tokenizer-invalid-json": (lambda d: (d / "tokenizer.json").write_text('{"model": '),
+                               ["ckpt/tokenizer.json", "cannot load the tokenizer"]),
+    "tokenizer-config-invalid-json": (lambda d: (d / "tokenizer_config.json").write_text("{"),
+                                      ["ckpt/tokenizer_config.json"]),
 }
 
 
