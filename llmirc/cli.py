@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -418,14 +419,28 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
     name = served_model_name or str(bundle)
     app = create_app(model, ServerOptions(served_model_name=name, api_key=api_key,
                                           max_queued_requests=max_queued_requests))
-    click.echo(f"llmirc serve: {name} on http://{host}:{port} ({model.num_blocks} KV blocks of {model.block_size} "
-               f"tokens, context {model.max_context}, prefix caching {'on' if enable_prefix_caching else 'off'})",
-               err=True)
+    # listen here, not in uvicorn: an address in use is the user's error, and uvicorn's startup
+    # failure exits 3, llmirc's code for an internal error
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise LlmircError(f"--host {host} --port {port}: cannot listen there: {e.strerror or e}") from None
+    port = sock.getsockname()[1]  # --port 0: the port the system chose
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    click.echo(f"llmirc serve: {name} on {url} ({model.num_blocks} KV blocks of {model.block_size} tokens, "
+               f"context {model.max_context}, prefix caching {'on' if enable_prefix_caching else 'off'}, "
+               f"target {model.executor.target['name']})", err=True)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
     logging.getLogger("llmirc").addHandler(handler)
     logging.getLogger("llmirc").setLevel(log_level.upper())
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down cleanly and re-raised Ctrl-C: exit 0, as uvicorn.run does
+        pass
+    if not server.started:
+        raise RuntimeError("the server did not start (uvicorn's error above)")
 
 
 def _parse_ids(text: str) -> list[int]:

@@ -157,9 +157,10 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                      "host or by an older llmirc): remove it unless a compile is still writing it")
     with stage("front end"):
         source = open_source(model, dequantize=options.dequantize)
-    if out is not None and not any(p.name == "tokenizer.json" for p in source.tokenizer_files()) and \
-            (note := missing_tokenizer_note(Path(source.root))):  # a GGUF file's embedded one counts
-        progress.note(note)
+    if options.quant_method == "gptq" and not any(p.name == "tokenizer.json" for p in source.tokenizer_files()):
+        raise LlmircError(f"--calibration: {source.root} has no tokenizer.json to tokenize the text with")
+    if out is not None:
+        _check_tokenizer(source, progress)
     calibration = None
     try:
         # auto: the checkpoint's types; a half-precision ONNX export is read as float32 and stored as it was
@@ -256,14 +257,25 @@ def _check_something_to_calibrate(model: Path, source, module, stored: tuple[int
                       f"nothing to calibrate{_DEQUANTIZE_HINT.get(source.kind, '') if quantized else ''}")
 
 
+def _check_tokenizer(source, progress: Progress) -> None:
+    """Loads the checkpoint's tokenizer.json (with its tokenizer_config.json) as the loader will load
+    the bundle's copy, so that a corrupt one is refused naming the checkpoint's file (LlmircError)
+    instead of making a bundle that fails on every text prompt; notes a checkpoint without one."""
+    from llmirc.runtime.tokenizer import Tokenizer
+
+    files = {p.name: p for p in source.tokenizer_files()}
+    if "tokenizer.json" in files:
+        Tokenizer.from_bundle_dir(files["tokenizer.json"].parent)
+    elif note := missing_tokenizer_note(Path(source.root)):  # a GGUF file's embedded one counts
+        progress.note(note)
+
+
 def _calibrate(source, options: CompileOptions, progress: Callable[[str], None]):
     """Hessians of the linears' inputs on --calibration text (llmirc/calibration.py)."""
     from llmirc.calibration import calibrate, read_token_ids, windows
     from llmirc.runtime.tokenizer import Tokenizer
 
-    files = {p.name: p for p in source.tokenizer_files()}
-    if "tokenizer.json" not in files:
-        raise LlmircError(f"--calibration: {source.root} has no tokenizer.json to tokenize the text with")
+    files = {p.name: p for p in source.tokenizer_files()}  # it has a tokenizer.json: compile_model checked
     tokenizer = Tokenizer.from_bundle_dir(files["tokenizer.json"].parent)
     try:
         ids = read_token_ids(options.calibration, lambda text: tokenizer.encode(text, add_special_tokens=False),

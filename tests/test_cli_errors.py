@@ -18,6 +18,7 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -276,6 +277,11 @@ BAD_CHECKPOINTS = {
     "shard-missing": (_sharded(_missing_shard), ["model.safetensors.index.json",
                                                  "model-00002-of-00002.safetensors", "missing"]),
     "index-invalid": (_bad_index, ["model.safetensors.index.json", "weight_map"]),
+    # the bundle would compile and then fail on every text prompt, naming its own copy
+    "tokenizer-invalid-json": (lambda d: (d / "tokenizer.json").write_text('{"model": '),
+                               ["ckpt/tokenizer.json", "cannot load the tokenizer"]),
+    "tokenizer-config-invalid-json": (lambda d: (d / "tokenizer_config.json").write_text("{"),
+                                      ["ckpt/tokenizer_config.json"]),
 }
 
 
@@ -1159,6 +1165,16 @@ def test_compile_block_size_and_max_model_len(ckpt, tmp_path):
 ])
 def test_serve_bad_options(bundle, args, needles):
     assert_user_error(llmirc("serve", bundle, "--port", "0", *args), *needles)
+
+
+def test_serve_on_an_address_it_cannot_listen_on(bundle):
+    """A port in use or a host that does not resolve is the user's error (exit 1, one line naming
+    the address), not uvicorn's startup failure (its exit code 3 is llmirc's internal error)."""
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert_user_error(llmirc("serve", bundle, "--port", port), f"127.0.0.1 --port {port}", "in use")
+    assert_user_error(llmirc("serve", bundle, "--host", "256.1.1.1", "--port", "0"), "--host 256.1.1.1",
+                      "cannot listen")
 
 
 # -- internal errors: one line, exit 3, the trace on request, nothing written --------------------

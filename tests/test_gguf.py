@@ -242,6 +242,12 @@ def _tensor_info_offset(data: bytes, name: str) -> int:
     return at + len(key)
 
 
+def test_context_is_named_by_its_metadata_key(good_file):
+    """compile and inspect say where the context comes from: a GGUF file has no config.json."""
+    context = open_source(good_file).model_info()["context"]
+    assert context.why == "good.gguf llama.context_length" and context.tokens == 512
+
+
 def test_bad_files_are_refused_with_one_line(tmp_path, good_file):
     data = good_file.read_bytes()
 

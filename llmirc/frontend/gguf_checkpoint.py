@@ -45,6 +45,7 @@ from llmirc.errors import CheckpointError
 
 from . import build_graph, parse_spec
 from .checkpoint import Checkpoint, finite
+from .context import Limit
 from .gguf_quants import FORMATS, Unpacked, dequantize, unpack
 from .packed import gguf_qtype
 from .gguf_tokenizer import build_tokenizer
@@ -351,7 +352,10 @@ class GgufCheckpoint:
     def add_weight(self, name: str, value: np.ndarray) -> None:
         raise AssertionError("the GGUF front end synthesizes no weights")
 
-    model_info = Checkpoint.model_info  # facts of the spec the graph does not hold
+    def model_info(self) -> dict:
+        """Checkpoint's facts of the spec the graph does not hold, the context named by its metadata key."""
+        info = Checkpoint.model_info(self)
+        return info | {"context": Limit(info["context"].tokens, f"{self.path.name} {self.arch}.context_length")}
 
     def generation_config(self) -> dict:
         s = self.spec
