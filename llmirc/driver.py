@@ -92,11 +92,13 @@ class CompileOptions:
 
 class Progress:
     """Progress lines of a compile ("[  1.2s] message") on `stream`, and notes (things the user
-    should know: an option that changed nothing, a missing tokenizer) on `notes` too when `stream`
-    is None (`llmirc compile -q` hides the progress, not the notes); None: silent."""
+    should know: an option that changed nothing, a missing tokenizer) among them. With `stream`
+    None (`llmirc compile -q`), the notes go to `notes` once the compile has succeeded (a failed
+    one prints its error alone); both None: silent."""
 
     def __init__(self, stream: TextIO | None = sys.stderr, notes: TextIO | None = None):
         self.stream, self.notes, self.start = stream, notes, time.perf_counter()
+        self.pending: list[str] = []
 
     def __call__(self, message: str) -> None:
         if self.stream is not None:
@@ -106,9 +108,15 @@ class Progress:
     def note(self, message: str) -> None:
         if self.stream is not None:
             self(f"note: {message}")
-        elif self.notes is not None:
-            self.notes.write(f"note: {message}\n")
+        else:
+            self.pending.append(message)
+
+    def done(self) -> None:
+        """The compile succeeded: the notes held back under -q."""
+        if self.notes is not None and self.pending:
+            self.notes.write("".join(f"note: {m}\n" for m in self.pending))
             self.notes.flush()
+        self.pending = []
 
 
 def compile_model(model: Path, out: Path | None, options: CompileOptions, progress: Progress | None = None,
@@ -157,8 +165,6 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                      "host or by an older llmirc): remove it unless a compile is still writing it")
     with stage("front end"):
         source = open_source(model, dequantize=options.dequantize)
-    if options.quant_method == "gptq" and not any(p.name == "tokenizer.json" for p in source.tokenizer_files()):
-        raise LlmircError(f"--calibration: {source.root} has no tokenizer.json to tokenize the text with")
     if out is not None:
         _check_tokenizer(source, progress)
     calibration = None
@@ -223,6 +229,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                 _write_bundle(source, read, module, plan, backends, out, options, input_ir, optimized_ir, progress,
                               dict(ctx.report), context)
             progress(f"wrote {out}")
+        progress.done()
         return plan
     finally:
         if calibration is not None:
@@ -275,7 +282,9 @@ def _calibrate(source, options: CompileOptions, progress: Callable[[str], None])
     from llmirc.calibration import calibrate, read_token_ids, windows
     from llmirc.runtime.tokenizer import Tokenizer
 
-    files = {p.name: p for p in source.tokenizer_files()}  # it has a tokenizer.json: compile_model checked
+    files = {p.name: p for p in source.tokenizer_files()}
+    if "tokenizer.json" not in files:
+        raise LlmircError(f"--calibration: {source.root} has no tokenizer.json to tokenize the text with")
     tokenizer = Tokenizer.from_bundle_dir(files["tokenizer.json"].parent)
     try:
         ids = read_token_ids(options.calibration, lambda text: tokenizer.encode(text, add_special_tokens=False),
