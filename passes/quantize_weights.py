@@ -21,7 +21,7 @@ ffn_down and attn_v at 6 bits. An LM head not kept is stored with `lm-head-bits`
 onnxruntime-genai's int4 models store it); one tied to an embedding table kept in float stays
 float (one copy). --report counts the LM head apart (`LM head -> int8`, `LM head kept`, `LM head
 tied to a kept embedding table`) and names the item that kept each other weight (`float (keep
-embedding)`, `int8 per output row (keep *.down_proj.*=int8)`), so `inspect` says how each is
+embedding)`, `weight -> int8 (keep *.down_proj.*=int8)`), so `inspect` says how each is
 stored. A weight whose input size does not split into the groups gets the largest smaller
 power-of-two group that does (576 inputs, group-size 128: groups of 64; llama.cpp falls back to
 another type for such rows), down to 16; else it stays as it is (both counted in --report).
@@ -183,7 +183,6 @@ class QuantizeWeights(ModulePass):
                 continue
             n, k = L.shape_of(w)
             if level == "int8":  # the LM head's 8 bits: a tied table kept so shares the head's codes
-                note(ctx, f"{self.name}: int8 per output row (keep {item})")
                 wanted = dataclasses.replace(self, lm_head_bits=8).head_scheme(k)
             elif user is lm_head:
                 if tables & set(source_names(w)):  # tied to a kept embedding table: one float copy
@@ -233,7 +232,8 @@ class QuantizeWeights(ModulePass):
                 user.parent_block().insert_op_before(q, user)
                 made[key] = q.result
                 if user is not lm_head:
-                    note(ctx, f"{self.name}: weight -> int{bits}")
+                    level, item = self.kept(user, w, lm_head)
+                    note(ctx, f"{self.name}: weight -> int{bits}" + (f" (keep {item})" if level else ""))
             if user is lm_head:  # counted apart, also when it shares its table's codes (quantized, tied)
                 note(ctx, f"{self.name}: LM head -> int{bits}")
             replace_weight(user, w, made[key])

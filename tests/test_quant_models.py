@@ -193,9 +193,10 @@ def test_report_names_the_keep_item_of_each_kept_weight(tmp_path, capsys):
                                                           quant_keep=("embedding", "*.down_proj.*=int8", "*.o_proj.*")),
                   Progress(sys.stderr), stdout=io.StringIO())
     err = capsys.readouterr().err
-    for line, count in (("float (keep embedding)", 1), ("int8 per output row (keep *.down_proj.*=int8)", 2),
-                        ("float (keep *.o_proj.*)", 2), ("weight -> int8", 2), ("weight -> int4", 4)):
+    for line, count in (("float (keep embedding)", 1), ("weight -> int8 (keep *.down_proj.*=int8)", 2),
+                        ("float (keep *.o_proj.*)", 2), ("weight -> int4", 4)):
         assert re.search(rf"quantize-weights: {re.escape(line)} +x{count}\n", err), err
+    assert not re.search(r"weight -> int8 +x", err), err  # the kept ones are not counted twice
 
 
 def test_int8_keep_items_are_stored_as_the_lm_head(tmp_path):
