@@ -528,11 +528,13 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
         raise LlmircError(f"--context {context} exceeds the model's context of {model.max_context} tokens")
     ids = model.tokenizer.encode(text)[:max_tokens]
     result = perplexity(model.score, ids, context, stride)
+    used = model.executor.target["name"]
     if as_json:
-        click.echo(json.dumps(result.to_json()))
+        click.echo(json.dumps({**result.to_json(), "target": used}))
     else:
         click.echo(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.5f} nats) over {result.tokens} tokens: "
-                   f"{result.windows} windows of {context} tokens, stride {stride}")
+                   f"{result.windows} window{'s' * (result.windows != 1)} of {context} tokens, stride {stride}; "
+                   f"target {used}")
 
 
 class _Terminated(BaseException):

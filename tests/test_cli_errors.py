@@ -1020,6 +1020,11 @@ def test_target_not_in_bundle(bundle, tmp_path, command):
         f"error: bundle {bundle}: no target 'cuda-sm_90' (its targets: cpu-x86_64-native; kinds: cpu)"], r.stderr
 
 
+def test_empty_target_is_refused(bundle):
+    r = llmirc("run", bundle, "--token-ids", "1,2", "--target", "")
+    assert r.returncode == 1 and "no target ''" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+
+
 def test_run_on_the_named_target(tmp_path, ckpt):
     out = tmp_path / "two.llmir"
     assert llmirc("compile", ckpt, "-o", out, "--cpu-variants", "native,x86-64-v2", "-q").returncode == 0

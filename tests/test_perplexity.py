@@ -65,5 +65,5 @@ def test_eval_ppl_matches_the_hf_guide(tmp_path):
         assert result.exit_code == 0, result.output
         ours = json.loads(result.output)
         ref, count = hf_guide_perplexity(model, ids, context, stride)
-        assert ours["tokens"] == count
+        assert ours["tokens"] == count and ours["target"].startswith("cpu-")
         assert np.isclose(ours["perplexity"], ref, rtol=1e-4), (ours, ref)

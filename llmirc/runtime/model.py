@@ -70,12 +70,12 @@ def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | 
 
     targets = [t for t in bundle.manifest.get("targets") or [] if isinstance(t, dict)]
     kinds = list(dict.fromkeys(t.get("kind") for t in targets))
-    named = next((t for t in targets if t.get("name") == target), None) if target else None
-    if target and named is None and target not in kinds:
+    named = next((t for t in targets if t.get("name") == target), None)
+    if target is not None and named is None and target not in kinds:
         raise BundleError(f"bundle {bundle.name}: no target {target!r} (its targets: "
                           f"{', '.join(str(t.get('name')) for t in targets) or 'none'}; kinds: "
                           f"{', '.join(map(str, kinds)) or 'none'})")
-    if target:
+    if target is not None:
         kinds = [named.get("kind") if named else target]
     name = named.get("name") if named else None  # a kind: the best target of that kind
     notes = []
@@ -87,7 +87,7 @@ def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | 
                                max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens,
                                gpu_memory_utilization=gpu_memory_utilization, target=name), notes
         except GpuUnavailable as e:
-            if target:
+            if target is not None:
                 raise
             notes.append(str(e))
     tokens = kv_cache_tokens or min(max_context, DEFAULT_KV_TOKENS)
