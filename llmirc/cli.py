@@ -554,8 +554,8 @@ def main() -> None:
         _fail("terminated", 128 + signal.SIGTERM)
     except LlmircError as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    except click.exceptions.Abort:
-        _fail("aborted", 130)
+    except click.exceptions.Abort as e:  # click's form of Ctrl-C (after printing a newline)
+        _fail("interrupted" if isinstance(e.__cause__, KeyboardInterrupt) else "aborted", 130)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except _NO_ARGS_IS_HELP as e:  # bare `llmirc`: the help, as click shows it
