@@ -229,3 +229,18 @@ def test_group_size_halved_where_it_does_not_divide(checkpoint, capsys):
     kinds = [c.kind for c in plan.calls]
     assert "linear" not in kinds and "embedding" not in kinds
     assert {c.params["group_size"] for c in plan.calls if c.kind == "qlinear"} == {64}
+
+
+def test_parameters_count_the_logical_weights(tmp_path):
+    """inspect and bench count a quantized weight's n x k elements, not its packed bytes: the same
+    figure for every storage of one checkpoint."""
+    from llmirc.runtime.inspect import summary
+
+    model = make_checkpoint(tmp_path / "ckpt", "llama", tie_word_embeddings=True, **OVERRIDES)
+    expected = sum(p.numel() for p in model.parameters())  # the tied table once
+    cases = {"float": {},
+             "int4-zp": dict(quant="int4", quant_symmetric=False, quant_keep=("none",), quant_lm_head="int4"),
+             "int8-mix": dict(quant="int4", quant_keep=("embedding=int8", "*.down_proj.*=int8"))}
+    for name, options in cases.items():
+        bundle = compile_to(tmp_path / "ckpt", tmp_path / f"{name}.llmir", **options)
+        assert summary(bundle)["weights"]["parameters"] == expected, name

@@ -18,6 +18,7 @@ import numpy as np
 
 from llmirc.artifact_format.reader import open_bundle
 
+from .inspect import parameter_count
 from .model import load
 
 
@@ -98,7 +99,8 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
     return {"prefill_tok_s": len(prompt) / min(prefill), "decode_tok_s": batch / step, "decode_ms_per_step": step * 1e3,
             "bytes_per_step": sum(by_dtype.values()), "bytes_per_step_by_dtype": by_dtype,
             "prefill_gflop": prefill_flops(model, len(prompt)) / 1e9,
-            "params": sum(w.size for w in model.executor.weights), "model": model.config,
+            "params": parameter_count(model.bundle.manifest, [w.shape for w in model.executor.weights]),
+            "model": model.config,
             "threads": model.executor.threads, "target": model.executor.target["name"]}
 
 

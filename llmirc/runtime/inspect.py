@@ -30,6 +30,23 @@ def summary(path: Path, verify: bool = True) -> dict:
         raise BundleError(f"bundle {bundle.name}: manifest.json has a malformed entry ({e})") from None
 
 
+def parameter_count(manifest: dict, shapes: list) -> int:
+    """The model's parameters in a bundle whose weights (manifest["weights"]["order"]) have these
+    shapes: a quantized weight counts its logical n x k elements (k from the qlinear / qembedding
+    kernel that reads its codes), not its packed bytes, and its scales, zero points and input
+    order count nothing; any other weight counts its elements."""
+    order = manifest["weights"]["order"]
+    kernels = {k["symbol"]: k for t in manifest.get("targets") or [] for k in t.get("kernels") or []}
+    columns: dict[int, int] = {}  # index of a quantized weight's codes -> its logical input size
+    for call in manifest.get("plan") or []:
+        kernel, codes = kernels.get(call["kernel"]), call["args"].get("codes")
+        if kernel and kernel["kind"] in ("qlinear", "qembedding") and isinstance(codes, dict):
+            columns[codes["index"]] = int(kernel["params"].get("k") or kernel["params"]["dim"])
+    parts = {order[i].removesuffix(".codes") + suffix for i in columns for suffix in (".scales", ".zeros", ".perm")}
+    return sum(int(shape[0]) * columns[i] if i in columns else 0 if name in parts else _numel(shape)
+               for i, (name, shape) in enumerate(zip(order, shapes)))
+
+
 def _summary(bundle: Bundle, verify: bool) -> dict:
     m = bundle.manifest
     files = m["files"]
@@ -37,14 +54,13 @@ def _summary(bundle: Bundle, verify: bool) -> dict:
     for f in files:
         sizes[f["path"].split("/")[0]] += f["size"]
     weights = bundle.open_safetensors(m["weights"]["file"])
-    num_params, by_dtype = 0, Counter()
+    by_dtype = Counter()
     for name in weights.names():
         if name.startswith(PADDING_PREFIX):
             continue
         dtype, shape = weights.info(name)
-        d = dtypes.dtype(dtype)
-        num_params += _numel(shape)
-        by_dtype[d.name] += _numel(shape) * d.itemsize
+        by_dtype[dtypes.dtype(dtype).name] += _numel(shape) * dtypes.dtype(dtype).itemsize
+    num_params = parameter_count(m, [weights.info(name)[1] for name in m["weights"]["order"]])
     calls = Counter(step["kernel"] for step in m.get("plan", []))
     return {
         "bundle": str(bundle.root),
