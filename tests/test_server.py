@@ -324,6 +324,14 @@ def test_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving(server, clien
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=1).choices[0].finish_reason
 
 
+def test_chat_template_errors_do_not_show_the_servers_paths(server, bundle):
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}, {"role": "user"}]})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["message"].startswith("chat template: ") and \
+        str(bundle) not in error["message"], error
+
+
 def test_openai_client_raises_its_own_error_types(client):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="nope", prompt="hi")
