@@ -34,6 +34,16 @@ from .reader import FORMAT, FORMAT_VERSION, MANIFEST, is_bundle, rel_path_proble
 from .safetensors import SafetensorsWriter, reraise_os_error
 
 
+def check_replaceable(out: Path) -> None:
+    """BundleError unless `out` is absent, an empty directory or an llmir bundle (which a new
+    bundle may replace)."""
+    if not os.path.lexists(out):
+        return
+    if out.is_dir() and not out.is_symlink() and (is_bundle(out) or not any(out.iterdir())):
+        return
+    raise BundleError(f"refusing to overwrite {out}: it exists and is not an llmir bundle")
+
+
 class BundleWriter:
     def __init__(self, out_path):
         self.out = Path(out_path)
@@ -153,12 +163,7 @@ class BundleWriter:
         raise BundleError(f"bundle {self.name}: cannot create a temporary directory next to it")
 
     def _check_replaceable(self) -> None:
-        out = self.out
-        if not os.path.lexists(out):
-            return
-        if out.is_dir() and not out.is_symlink() and (is_bundle(out) or not any(out.iterdir())):
-            return
-        raise BundleError(f"refusing to overwrite {self.name}: it exists and is not an llmir bundle")
+        check_replaceable(self.out)
 
     def _file_entries(self) -> list[dict]:
         entries = []

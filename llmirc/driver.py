@@ -19,7 +19,7 @@ from typing import TextIO
 
 from llmirc import __version__, dtypes
 from llmirc import dialect as L
-from llmirc.artifact_format.writer import BundleWriter, remove_stale_temporaries
+from llmirc.artifact_format.writer import BundleWriter, check_replaceable, remove_stale_temporaries
 from llmirc.errors import LlmircError, stage
 from llmirc.frontend import open_source
 from llmirc.frontend.checkpoint import missing_tokenizer_note
@@ -140,6 +140,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         parent = next(p for p in out.absolute().parents if p.exists())
         if not parent.is_dir():  # else the writer's mkdir fails with a bare "File exists"
             raise LlmircError(f"-o {out}: cannot create the bundle there: {parent} is not a directory")
+        check_replaceable(out)  # before the checkpoint is read (the writer checks again)
     if options.passes is not None:
         parse_passes(options.passes)  # fail before the checkpoint is read
     if options.block_size is not None:

@@ -556,6 +556,17 @@ def test_compile_refuses_to_overwrite_a_file(ckpt, tmp_path):
     assert out.read_text() == "precious" and leftovers(out) == []
 
 
+def test_compile_checks_output_and_variants_before_reading_the_checkpoint(tmp_path):
+    bad = tmp_path / "ckpt"  # reading it would fail: these errors come first
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    out = tmp_path / "out.llmir"
+    out.write_text("precious")
+    assert_user_error(llmirc("compile", bad, "-o", out, "-q"), str(out), "refusing to overwrite")
+    assert_user_error(llmirc("compile", bad, "-o", tmp_path / "new.llmir", "--cpu-variants", "pentium2"),
+                      "unknown cpu variant 'pentium2'")
+
+
 def test_compile_refuses_to_overwrite_a_non_bundle_directory(ckpt, tmp_path):
     out = tmp_path / "out.llmir"
     out.mkdir()
