@@ -28,7 +28,7 @@ from llmirc.passes.func_args import forward_func
 from llmirc.passes.pipeline import DEFAULT_BLOCK_SIZE, make_context, parse_passes, print_ir, required, run_passes
 from llmirc.passes.cast_weights import float_type, weight_uses
 from llmirc.passes.kv_cache_dtype import kv_type
-from llmirc.passes.quantize_weights import TIED_HEAD, QuantizeWeights, source_names
+from llmirc.passes.quantize_weights import TIED_HEAD, TIED_TWICE, QuantizeWeights, source_names
 from llmirc.targets.backend import backend
 from llmirc.targets.plan import ABI_INPUTS, ABI_VERSION, Plan, build_plan
 
@@ -197,6 +197,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             example = next((n for u, w in weight_uses(module) if isinstance(u, L.LinearOp) for n in source_names(w)), "")
             progress.note(f"--quant-keep {', '.join(unmatched)} named no weight of {model} (its weights are named "
                      f"like {example})")
+        if TIED_TWICE in ctx.report:
+            progress.note("the LM head is tied to the embedding table but stored apart, in another type (--quant-lm-head "
+                          "int4 shares the table's int4 codes; --quant-keep embedding=int8 shares int8 ones)")
         if TIED_HEAD in ctx.report:  # its largest matrix, in float whatever --quant-lm-head says
             progress.note("the LM head is tied to the embedding table, which --quant-keep keeps in float: it stays "
                      "float (--quant-keep embedding=int8 or none quantizes both)")

@@ -19,7 +19,8 @@ ffn_down and attn_v at 6 bits. An LM head not kept is stored with `lm-head-bits`
 8 (the default) in 8 bits per output row whatever `bits` is (llama.cpp keeps its output matrix at
 6-8 bits too: at 4 bits it costs the most quality), 4 in 4-bit groups (`group-size`, else 32; as
 onnxruntime-genai's int4 models store it); one tied to an embedding table kept in float stays
-float (one copy). --report counts the LM head apart (`LM head -> int8`, `LM head kept`, `LM head
+float (one copy); one tied to a table quantized in another type is a second copy (said in the
+report). --report counts the LM head apart (`LM head -> int8`, `LM head kept`, `LM head
 tied to a kept embedding table`) and names the item that kept each other weight (`float (keep
 embedding)`, `weight -> int8 (keep *.down_proj.*=int8)`), so `inspect` says how each is
 stored. A weight whose input size does not split into the groups gets the largest smaller
@@ -81,6 +82,7 @@ def lm_head_of(module: ModuleOp) -> L.LinearOp | None:
 
 
 TIED_HEAD = "quantize-weights: LM head tied to a kept embedding table: float"
+TIED_TWICE = "quantize-weights: LM head tied to an embedding table of another type: a second copy"
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,12 @@ class QuantizeWeights(ModulePass):
                 note(ctx, f"{self.name}: kept a weight of {k} inputs in float (groups of {scheme.group_size})")
                 continue
             planned.append((user, w, k, scheme))
+        schemes = {}  # source name -> schemes of the uses planned
+        for user, w, _, scheme in planned:
+            for n in source_names(w):
+                schemes.setdefault(n, set()).add(scheme)
+        if lm_head is not None and any(len(schemes.get(n, ())) > 1 for n in source_names(lm_head.weight)):
+            note(ctx, TIED_TWICE)
         return planned
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
