@@ -49,10 +49,12 @@ def channel_stat(model, ids: list[int], skip_first: int, statistic: str) -> dict
     return {k: torch.stack(v).mean(0).sqrt() for k, v in found.items()}
 
 
-def smoothing(xmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """s_j for the input channels of `weights` ([n, k] each, one input)."""
+def smoothing(xmax: torch.Tensor, weights: list[torch.Tensor], alpha: float, shrink_only: bool) -> torch.Tensor:
+    """s_j for the input channels of `weights` ([n, k] each, one input). shrink_only: relative
+    to the median channel, and never below 1 (no channel is made larger than it was)."""
     wmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
-    return xmax.clamp(min=1e-5) ** alpha / wmax.clamp(min=1e-5) ** (1 - alpha)
+    s = xmax.clamp(min=1e-5) ** alpha / wmax.clamp(min=1e-5) ** (1 - alpha)
+    return (s / s.median()).clamp(min=1.0) if shrink_only else s
 
 
 def main() -> None:
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--skip-chars", type=int, default=0)
     parser.add_argument("--skip-first", type=int, default=0)
     parser.add_argument("--statistic", choices=("max", "rms"), default="max")
+    parser.add_argument("--shrink-only", action="store_true")
     args = parser.parse_args()
 
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
@@ -77,16 +80,16 @@ def main() -> None:
     for i in range(len(model.model.layers)):
         p = f"model.layers.{i}."
         attn = [state[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]
-        s = smoothing(xmax[f"{i}.attn"], attn, args.alpha)
+        s = smoothing(xmax[f"{i}.attn"], attn, args.alpha, args.shrink_only)
         state[p + "input_layernorm.weight"] /= s
         for w in attn:
             w *= s
         mlp = [state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]]
-        s = smoothing(xmax[f"{i}.mlp"], mlp, args.alpha)
+        s = smoothing(xmax[f"{i}.mlp"], mlp, args.alpha, args.shrink_only)
         state[p + "post_attention_layernorm.weight"] /= s
         for w in mlp:
             w *= s
-        s = smoothing(xmax[f"{i}.down"], [state[p + "mlp.down_proj.weight"]], args.alpha)
+        s = smoothing(xmax[f"{i}.down"], [state[p + "mlp.down_proj.weight"]], args.alpha, args.shrink_only)
         state[p + "mlp.up_proj.weight"] /= s[:, None]
         state[p + "mlp.down_proj.weight"] *= s
     shutil.copytree(args.checkpoint, args.out, ignore=shutil.ignore_patterns("*.safetensors*"))
