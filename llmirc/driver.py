@@ -192,14 +192,17 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         if options.quant != "none" and stored and stored[1] and \
                 not any(isinstance(op, L.QuantizeOp) for op in module.walk()):
             progress.note(f"--quant {options.quant} changed nothing: the weights it would quantize are stored "
-                          f"quantized in {model} already and are kept as they are{_DEQUANTIZE_HINT.get(source.kind, '')}")
+                          f"quantized in {model} already and are kept as they are"
+                          f"{_DEQUANTIZE_HINT.get(source.kind, '')}")
         if quantize is not None and (unmatched := quantize.unmatched_keep(module)):
-            example = next((n for u, w in weight_uses(module) if isinstance(u, L.LinearOp) for n in source_names(w)), "")
+            example = next((n for u, w in weight_uses(module) if isinstance(u, L.LinearOp)
+                            for n in source_names(w)), "")
             progress.note(f"--quant-keep {', '.join(unmatched)} named no weight of {model} (its weights are named "
                           f"like {example})")
         if TIED_TWICE in ctx.report:
-            progress.note("the LM head is tied to the embedding table but stored apart, in another type (--quant-lm-head "
-                          "int4 shares the table's int4 codes; --quant-keep embedding=int8 shares int8 ones)")
+            progress.note("the LM head is tied to the embedding table but stored apart, in another type "
+                          "(--quant-lm-head int4 shares the table's int4 codes; --quant-keep embedding=int8 shares "
+                          "int8 ones)")
         if TIED_HEAD in ctx.report:  # its largest matrix, in float whatever --quant-lm-head says
             progress.note("the LM head is tied to the embedding table, which --quant-keep keeps in float: it stays "
                           "float (--quant-keep embedding=int8 or none quantizes both)")
