@@ -524,11 +524,11 @@ def test_compile_notes_a_tied_head_stored_twice(tmp_path):
     """--quant-keep none quantizes a tied table in int4 and its head in int8 (--quant-lm-head's
     default): two copies of the largest matrix, which is said; with int4 for both, one copy."""
     make_checkpoint(tmp_path / "tied", "llama", tie_word_embeddings=True, tokenizer=True)
-    r = llmirc("compile", tmp_path / "tied", "-o", tmp_path / "a.llmir", "-q", "--quant", "int4", "--quant-keep", "none")
+    quant = ["-q", "--quant", "int4", "--quant-keep", "none"]
+    r = llmirc("compile", tmp_path / "tied", "-o", tmp_path / "a.llmir", *quant)
     assert r.returncode == 0 and r.stderr.startswith("note: the LM head is tied to the embedding table but stored "
                                                      "apart") and len(r.stderr.splitlines()) == 1, r.stderr
-    r = llmirc("compile", tmp_path / "tied", "-o", tmp_path / "b.llmir", "-q", "--quant", "int4", "--quant-keep", "none",
-               "--quant-lm-head", "int4")
+    r = llmirc("compile", tmp_path / "tied", "-o", tmp_path / "b.llmir", *quant, "--quant-lm-head", "int4")
     assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
