@@ -2,16 +2,20 @@
 before the compiler does it (BENCHMARKS.md, "Where int8 loses to Q8_0").
 
     python benchmarks/smooth_checkpoint.py CHECKPOINT OUT --calibration FILE [--alpha 0.5]
-        [--tokens 4096] [--skip-chars 0]
+        [--tokens 4096] [--skip-chars 0] [--skip-first 0] [--statistic max|rms] [--shrink-only]
 
 For each layer, each input channel j of q/k/v, gate/up and down_proj is divided by
 s_j = max|x_j|^alpha / max_i |W_ij|^(1 - alpha) and column j of those weights multiplied by it
 (Xiao et al. 2023, "SmoothQuant", eq. 4). The division is folded into the op before: the input
 RMSNorm's weight (q/k/v), the post-attention RMSNorm's weight (gate/up) and the rows of up_proj
 (down_proj reads silu(gate) * up). So the model is the same in float, and the activations that
-llmirc's int8 kernels round in blocks of 32 have no outlier channels. max|x_j| is taken by
-transformers (float32) over --tokens tokens of --calibration, from --skip-chars on, in windows
-of 512. The output is an f32 safetensors checkpoint for `llmirc compile`.
+llmirc's int8 kernels round in blocks of 32 have no outlier channels. max|x_j| (or with
+--statistic rms its root mean square) is taken by transformers (float32) over --tokens tokens
+of --calibration, from character --skip-chars on, in windows of 512, leaving out the first
+--skip-first tokens of each window (the attention sink). --shrink-only divides s by its median
+over the channels and clamps it at 1: no channel is made larger, so a value the calibration
+text did not show cannot become a new outlier (the variant that held across calibration
+windows). The output is an f32 safetensors checkpoint for `llmirc compile`.
 """
 
 from __future__ import annotations
