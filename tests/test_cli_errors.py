@@ -1205,6 +1205,14 @@ def test_serve_on_an_address_it_cannot_listen_on(bundle):
                       "cannot listen")
 
 
+def test_serve_warns_of_a_kv_cache_smaller_than_a_request(bundle):
+    from helpers import RunningServer
+
+    with RunningServer(bundle, "--kv-cache-tokens", 16) as server:
+        log = server.log.read_text()
+    assert "warning: --kv-cache-tokens 16 makes a KV cache of 16 tokens, less than the 512 a request may use" in log
+
+
 # -- internal errors: one line, exit 3, the trace on request, nothing written --------------------
 
 def llmirc_with_bug(patch: str, *args, env=None) -> subprocess.CompletedProcess:
