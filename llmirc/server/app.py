@@ -299,8 +299,12 @@ def _validation_message(e) -> str:
 
 
 def _validation_param(e) -> str | None:
+    """The request field the first error names (None for a body that is not JSON, whose location
+    is a character offset)."""
     errors = e.errors()
-    loc = [str(x) for x in errors[0].get("loc", ()) if x != "body"] if errors else []
+    if not errors or errors[0].get("type") == "json_invalid":
+        return None
+    loc = [str(x) for x in errors[0].get("loc", ()) if x != "body"]
     return loc[0] if loc else None
 
 
