@@ -402,10 +402,11 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
     if gpu_memory_utilization is not None and model.executor.kind == "cpu":
         click.echo("warning: --gpu-memory-utilization applies to GPU targets; this bundle runs on the CPU "
                    "(size its KV cache with --kv-cache-tokens)", err=True)
-    if kv_cache_tokens is not None and model.num_blocks * model.block_size < model.max_context:
-        click.echo(f"warning: --kv-cache-tokens {kv_cache_tokens} makes a KV cache of "
-                   f"{model.num_blocks * model.block_size} tokens, less than the {model.max_context} a request may "
-                   "use: longer requests are refused (lower --max-model-len to match)", err=True)
+    capacity = model.num_blocks * model.block_size
+    if kv_cache_tokens is not None and capacity < model.max_context:
+        click.echo(f"warning: --kv-cache-tokens {kv_cache_tokens} makes a KV cache of {capacity} tokens, less than "
+                   f"the {model.max_context} a request may use: longer requests are refused (lower --max-model-len "
+                   "to match)", err=True)
     dtype = (model.bundle.manifest.get("kv_cache") or {}).get("dtype", "float32")
     if kv_cache_dtype not in ("auto", dtype):
         raise LlmircError(f"--kv-cache-dtype {kv_cache_dtype}: this bundle's KV cache is {dtype} (the cache dtype "
@@ -525,7 +526,8 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
     except (OSError, UnicodeDecodeError) as e:
         raise LlmircError(f"--text {text_file}: cannot read it as UTF-8 text: {e}") from None
     stride = stride or max(1, context // 2)
-    model = _load(bundle, context, False, max_batched_tokens=context, max_num_seqs=1, threads=threads, target=target)
+    model = _load(bundle, context, no_verify=False, max_batched_tokens=context, max_num_seqs=1, threads=threads,
+                  target=target)
     if model.tokenizer is None:
         raise LlmircError(f"{bundle}: the bundle has no tokenizer")
     if context > model.max_context:

@@ -219,6 +219,8 @@ def create_app(model: Model, options: ServerOptions):
     from . import openai_api, sglang_api
 
     server = Server(model, options)
+    if model.chat_template is not None:  # its errors reach clients: named so, not by the server's file path
+        model.chat_template.name = "chat template"
 
     @asynccontextmanager
     async def lifespan(app):

@@ -295,8 +295,8 @@ def _chat_prompt(server: Server, req: ChatRequest) -> list[int]:
         text = model.chat_template.render(messages, add_generation_prompt=req.add_generation_prompt,
                                           tools=req.tools, continue_final_message=req.continue_final_message,
                                           **(req.chat_template_kwargs or {}))
-    except LlmircError as e:  # named "chat template", not by its file: a client is not told the server's paths
-        raise APIError(400, str(e).replace(model.chat_template.name, "chat template"), "messages") from None
+    except LlmircError as e:
+        raise APIError(400, str(e), "messages") from None
     return model.tokenizer.encode(text, add_special_tokens=False)
 
 

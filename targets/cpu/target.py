@@ -67,16 +67,15 @@ class CpuBackend:
     def __init__(self, options):
         self.variant_names = list(options.cpu_variants)
         self.keep_intermediates = options.keep_intermediates
-        self.links = options.emit is None  # --emit alone prints a stage: nothing is linked
         if not self.variant_names:  # a bundle without a library cannot run anywhere
             raise LlmircError("--cpu-variants: no CPU variant given (choose native and/or baseline)")
         variants = variants_for(self.variant_names)  # unknown variant names fail before the checkpoint is read
-        if self.links:  # so does a missing (cross) linker
+        if options.emit is None:  # so does a missing (cross) linker (--emit alone prints a stage: nothing is linked)
             for arch in dict.fromkeys(v.arch for v in variants):
                 find_linker(arch)
 
     def check(self, plan: Plan) -> None:
-        pass
+        """Nothing to check against the plan: the variants and linkers were checked at construction."""
 
     def emit(self, plan: Plan, stage: str) -> str:
         """The text of `llvm-ir` or `asm` for the first variant (the host's by default)."""
