@@ -1,19 +1,23 @@
-"""Calibration for GPTQ: the inputs every linear op sees on sample text, as Hessians X^T X / N.
+"""Calibration: what every linear op's input is on sample text, for GPTQ (Hessians X^T X / N)
+and SmoothQuant (each channel's max |x|).
 
-`llmirc compile ... --quant int4 --quant-method gptq --calibration FILE` tokenizes FILE with
-the checkpoint's tokenizer, cuts the ids into windows of `context` tokens (at most `max_tokens`
-in all), and runs the front end's full-sequence forward (llmir ops before paged-kv: causal
-attention within each window) once over all windows in float32 NumPy. At each linear op it
-takes X [N, k], the rows of its input over all windows, and stores H = X^T X / N (float32
-[k, k]) in a file of a temporary folder, read back memory-mapped when the bundle writer
-quantizes that weight (llmirc/quant.py `gptq`). The quantize-weights pass names each Hessian
-as a weight (`calibration.hessian.<i>`) and gives it to the `llmir.quantize` op.
+`llmirc compile ... --quant int4 --quant-method gptq --calibration FILE` (or `--quant-smooth
+ALPHA`) tokenizes FILE with the checkpoint's tokenizer, cuts the ids into windows of `context`
+tokens (at most `max_tokens` in all), and runs the front end's full-sequence forward (llmir
+ops before paged-kv: causal attention within each window) once over all windows in float32
+NumPy. At each linear op it takes X [N, k], the rows of its input over all windows, and
+keeps max_i |X_ij| per channel j (without each window's first row) and, for GPTQ, stores
+H = X^T X / N (float32 [k, k]) in a file of a temporary folder, read back memory-mapped when
+the bundle writer quantizes that weight (llmirc/quant.py `gptq`). The quantize-weights pass
+names each Hessian as a weight (`calibration.hessian.<i>`) and gives it to the
+`llmir.quantize` op; the smooth pass derives its scales from the maxima
+(`calibration.smooth.<i>`, passes/smooth.py).
 
 This is compile-time analysis, not an execution path: the bundle's kernels are what run the
-model. The Hessians come from the float model in one pass (the GPTQ reference feeds each layer
+model. The statistics come from the float model in one pass (the GPTQ reference feeds each layer
 the outputs of the layers already quantized: on SmolLM2 that did worse, DESIGN.md "GPTQ");
-a weight read by several linears (a tied LM head)
-gets the sum of their Hessians. Models that keep ONNX ops (full-sequence models) are refused.
+a weight read by several linears (a tied LM head) gets the sum of their Hessians and the
+largest of their maxima. Models that keep ONNX ops (full-sequence models) are refused.
 """
 
 from __future__ import annotations
@@ -38,51 +42,77 @@ from llmirc.passes.func_args import arg_names, forward_func
 from llmirc.passes.onnx_fuse_activation import REFERENCE
 from llmirc.passes.quantize_weights import source_names
 
-PREFIX = "calibration.hessian."
+PREFIX = "calibration."
+HESSIAN = PREFIX + "hessian."  # + input index: float32 [k, k]
 FOLDER = "llmirc-calibration-"  # + host-pid-random, in the temporary directory (TMPDIR)
 
 
 class Calibration:
-    """The Hessians of one compile, in a temporary folder (removed by `close`; by the next
-    GPTQ compile on this host when the process was killed: `remove_stale`)."""
+    """What calibration found about the linears' inputs: per input, its Hessian (GPTQ; in a
+    temporary folder, removed by `close`, or by the next compile on this host when the process
+    was killed: `remove_stale`) and each channel's max |x| (SmoothQuant), and the tensors a pass
+    derives from them (`add`: the `smooth` pass's scales). Tensors are named `<PREFIX><kind>.<i>`
+    for input i; passes read them through `llmir.weight` ops of those names."""
 
-    def __init__(self, tokens: int, windows: int):
-        self.tokens, self.windows = tokens, windows
+    def __init__(self, tokens: int, windows: int, hessians: bool = True):
+        self.tokens, self.windows, self.hessians = tokens, windows, hessians
         self._dir = tempfile.TemporaryDirectory(prefix=f"{FOLDER}{host_tag()}-{os.getpid()}-")
-        self.by_weight: dict[str, str] = {}   # checkpoint tensor of a linear's weight -> Hessian name
-        self.inputs: dict[str, int] = {}      # Hessian name -> k
+        self.by_weight: dict[str, int] = {}   # checkpoint tensor of a linear's weight -> its input's index
+        self.maxima: list[np.ndarray] = []    # per input: max |x_j| (f32 [k]), each window's first token left out
+        self._tensors: dict[str, np.ndarray] = {}  # added by passes (small)
 
     def hessian_for(self, weights: list[str]) -> str | None:
-        """The Hessian of a weight made of the checkpoint tensors `weights` (stacked along the
-        outputs, as fuse-linears does): theirs when they all have the same one, else None."""
+        """The name of the Hessian of a weight made of the checkpoint tensors `weights` (stacked
+        along the outputs, as fuse-linears does): theirs when they all have the same one, else None."""
+        i = self._input_of(weights)
+        return f"{HESSIAN}{i}" if i is not None and self.hessians else None
+
+    def maximum_for(self, weights: list[str]) -> tuple[int, np.ndarray] | None:
+        """(input index, max |x_j| f32 [k]) of the input of the linears reading `weights`, when
+        they all read the same one; else None."""
+        i = self._input_of(weights)
+        return None if i is None else (i, self.maxima[i])
+
+    def _input_of(self, weights: list[str]) -> int | None:
         found = {self.by_weight.get(n) for n in weights}
         return found.pop() if len(found) == 1 else None
 
+    def add(self, name: str, value: np.ndarray) -> None:
+        """Keeps a tensor a pass derived (f32), for `read`."""
+        self._tensors[name] = np.asarray(value, np.float32)
+
+    def has(self, name: str) -> bool:
+        """Whether `name` is one of this calibration's tensors (else a checkpoint's)."""
+        return name in self._tensors or (name.startswith(HESSIAN) and self._path(name).is_file())
+
     def read(self, name: str) -> np.ndarray:
-        """Hessian `name` (float32 [k, k], memory-mapped)."""
-        return np.load(self._path(name), mmap_mode="r")
+        """Tensor `name`: a Hessian (float32 [k, k], memory-mapped) or one `add` kept."""
+        return self._tensors[name] if name in self._tensors else np.load(self._path(name), mmap_mode="r")
 
     def _path(self, name: str) -> Path:
         return Path(self._dir.name) / f"{name}.npy"
 
-    def _add(self, weights: list[str], x: np.ndarray, known: str | None) -> str:
-        """Records the Hessian of input rows x for the linear reading `weights`: `known` (the
-        Hessian of the same input, for another linear) or a new one. Returns its name."""
-        name = next((self.by_weight[n] for n in weights if n in self.by_weight), None)
-        if name is not None and name != known:  # one weight read by linears of different inputs: errors add up
-            h = self.read(name) + _hessian(x)
+    def _add(self, weights: list[str], x: np.ndarray, first: np.ndarray, known: int | None) -> int:
+        """Records input rows x [N, k] of the linear reading `weights` (`first`: the rows that
+        begin a window) under `known` (the index of the same input, recorded for another linear)
+        or a new index. Returns the index."""
+        i = next((self.by_weight[n] for n in weights if n in self.by_weight), None)
+        if i is not None and i != known:  # one weight read by linears of different inputs: statistics merge
+            self.maxima[i] = np.maximum(self.maxima[i], _absmax(x, first))
+            h = self.read(f"{HESSIAN}{i}") + _hessian(x) if self.hessians else None
         elif known is not None:
-            name, h = known, None
+            i, h = known, None
         else:
-            name, h = f"{PREFIX}{len(self.inputs)}", _hessian(x)
+            i = len(self.maxima)
+            self.maxima.append(_absmax(x, first))
+            h = _hessian(x) if self.hessians else None
+        if not np.isfinite(self.maxima[i]).all() or (h is not None and not np.isfinite(h).all()):
+            raise LlmircError(f"--calibration: the inputs of the linear reading {weights[0]} overflow float32")
         if h is not None:
-            if not np.isfinite(h).all():
-                raise LlmircError(f"--calibration: the inputs of the linear reading {weights[0]} overflow float32")
-            np.save(self._path(name), h)
-            self.inputs[name] = h.shape[0]
+            np.save(self._path(f"{HESSIAN}{i}"), h)
         for n in weights:
-            self.by_weight[n] = name
-        return name
+            self.by_weight[n] = i
+        return i
 
     def close(self) -> None:
         self._dir.cleanup()
@@ -115,6 +145,16 @@ def _hessian(x: np.ndarray) -> np.ndarray:
     return (x.T @ x / np.float32(len(x))).astype(np.float32)
 
 
+def _absmax(x: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """max |x_j| (float32 [k]) over the rows of x [N, k] but the `first` rows of each window
+    (where there are others): the first token of a window, an attention sink, carries
+    activations many times larger than the rest in a few channels (Xiao et al. 2023, "Efficient
+    Streaming Language Models with Attention Sinks"), which smoothing must not be sized by."""
+    keep = np.ones(len(x), bool)
+    keep[first] = False
+    return np.abs(x[keep] if keep.any() else x).max(0).astype(np.float32)
+
+
 def read_token_ids(path: Path, encode: Callable[[str], list[int]], max_tokens: int) -> list[int]:
     """The first `max_tokens` token ids of the UTF-8 text file `path` (`encode`: text -> ids),
     tokenizing a prefix of it that ends at a space or newline: 8 characters per token at first,
@@ -140,9 +180,10 @@ def windows(ids: list[int], context: int) -> list[np.ndarray]:
 
 
 def calibrate(module: ModuleOp, source, token_windows: list[np.ndarray],
-              progress: Callable[[str], None] = lambda s: None) -> Calibration:
-    """Runs the forward of `module` (full-sequence llmir ops) on the windows and collects the
-    Hessian of every linear op with a float weight. `source`: the checkpoint the module was
+              progress: Callable[[str], None] = lambda s: None, hessians: bool = True) -> Calibration:
+    """Runs the forward of `module` (full-sequence llmir ops) on the windows and collects, for
+    the input of every linear op with a float weight, each channel's max |x| and (`hessians`)
+    its Hessian. `source`: the checkpoint the module was
     built from (its `float32(name)` gives a weight as float32, its `read(name)` a packed
     weight's tensors as stored). Raises LlmircError for an op it cannot run (ONNX ops, a paged
     KV cache)."""
@@ -154,13 +195,13 @@ def calibrate(module: ModuleOp, source, token_windows: list[np.ndarray],
     args = {"token_ids": ids, "positions": positions}
     if removed := remove_stale():
         progress(f"removed {', '.join(removed)}: Hessians of GPTQ compiles that were killed")
-    cal = Calibration(len(ids), len(token_windows))
+    cal = Calibration(len(ids), len(token_windows), hessians)
     ops = list(f.body.block.ops)
     generic = sorted({op.name for op in ops if op.name.startswith("onnx.")})
     if generic:
-        raise LlmircError(f"--quant-method gptq: cannot calibrate a full-sequence model (ONNX ops left generic: "
-                          f"{', '.join(generic[:4])}{', ...' if len(generic) > 4 else ''}); GPTQ needs every op "
-                          "to have an llmir kernel")
+        raise LlmircError(f"--calibration: cannot calibrate a full-sequence model (ONNX ops left generic: "
+                          f"{', '.join(generic[:4])}{', ...' if len(generic) > 4 else ''}); calibration needs every "
+                          "op to have an llmir kernel")
     consumed = _consumed(ops)
     last_use = {v: i for i, op in enumerate(ops) for v in op.operands}
     env: dict[SSAValue, np.ndarray] = {}
@@ -169,7 +210,7 @@ def calibrate(module: ModuleOp, source, token_windows: list[np.ndarray],
             env[a] = args[n]
     linears = sum(isinstance(op, L.LinearOp) for op in ops)
     seen, shown = 0, time.monotonic()
-    by_input: dict[SSAValue, str] = {}  # q, k and v (gate and up) share their input's Hessian
+    by_input: dict[SSAValue, int] = {}  # q, k and v (gate and up) share their input's statistics
     try:
         with np.errstate(all="ignore"):  # an overflow shows as a Hessian not finite: one error line
             for i, op in enumerate(ops):
@@ -178,7 +219,7 @@ def calibrate(module: ModuleOp, source, token_windows: list[np.ndarray],
                 if isinstance(op, L.LinearOp):
                     x = _get(env, op.input, source)
                     if L.is_float(op.weight.type.element_type):
-                        by_input[op.input] = cal._add(source_names(op.weight), x, by_input.get(op.input))
+                        by_input[op.input] = cal._add(source_names(op.weight), x, starts[:-1], by_input.get(op.input))
                     seen += 1
                     if time.monotonic() - shown > 5:
                         shown = time.monotonic()
@@ -193,8 +234,9 @@ def calibrate(module: ModuleOp, source, token_windows: list[np.ndarray],
     except BaseException:
         cal.close()
         raise
-    size = sum(k * k * 4 for k in cal.inputs.values())
-    progress(f"calibration: {len(cal.inputs)} Hessians ({size / 2**20:.1f} MiB in {cal._dir.name})")
+    if hessians:
+        size = sum(len(m) ** 2 * 4 for m in cal.maxima)
+        progress(f"calibration: {len(cal.maxima)} Hessians ({size / 2**20:.1f} MiB in {cal._dir.name})")
     return cal
 
 
@@ -239,7 +281,7 @@ def _weight(v: SSAValue, source) -> np.ndarray:
         scheme, k = quant_scheme(v.type.element_type), L.shape_of(v)[1]
         parts = repack(op.format.data, op.weight.data, scheme, k, source.read)
         return quant.dequantize(parts, scheme, k).astype(np.float32)
-    raise LlmircError(f"--quant-method gptq: cannot calibrate through {op.name}")
+    raise LlmircError(f"--calibration: cannot calibrate through {op.name}")
 
 
 def _get(env: dict, v: SSAValue, source) -> np.ndarray:
@@ -247,7 +289,7 @@ def _get(env: dict, v: SSAValue, source) -> np.ndarray:
         return env[v]
     if isinstance(v.owner, Operation) and _is_weight(v.owner):
         return _weight(v, source)
-    raise LlmircError(f"--quant-method gptq: cannot calibrate: the forward reads {v.name_hint or 'an argument'} "
+    raise LlmircError(f"--calibration: cannot calibrate: the forward reads {v.name_hint or 'an argument'} "
                       "(only token_ids and positions are known)")
 
 
@@ -286,8 +328,8 @@ def _run(op: Operation, env: dict, source, starts: np.ndarray) -> list[np.ndarra
         x = get(op.input)
         edges = np.cumsum(op.sizes.get_values())[:-1]
         return np.split(x, edges, axis=1)
-    raise LlmircError(f"--quant-method gptq: cannot calibrate a forward holding {op.name} "
-                      "(GPTQ needs a model whose ops all have llmir kernels)")
+    raise LlmircError(f"--calibration: cannot calibrate a forward holding {op.name} "
+                      "(calibration needs a model whose ops all have llmir kernels)")
 
 
 def _rope(op: L.RopeOp, x: np.ndarray, pos: np.ndarray) -> np.ndarray:

@@ -101,8 +101,12 @@ def cli(debug: bool) -> None:
               help="rtn: round to nearest. gptq: GPTQ (Frantar et al. 2023), each linear's rounding error "
                    "compensated with the Hessian of its inputs on --calibration text; slower to compile, "
                    "better quality at 4 bits.")
+@click.option("--quant-smooth", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              metavar="ALPHA", help="SmoothQuant (Xiao et al. 2023) before quantizing: each linear input's outlier "
+              "channels shrunk by (max|x|^ALPHA / max|w|^(1-ALPHA)) relative to the median channel, the weights "
+              "scaled to match, so int8 activations lose less. Needs --calibration; 0.5 is usual.")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None, metavar="FILE",
-              help="UTF-8 text for --quant-method gptq, tokenized with the checkpoint's tokenizer (use text other "
+              help="UTF-8 text for --quant-method gptq and --quant-smooth, tokenized with the checkpoint's tokenizer (use text other "
                    "than what you evaluate on).")
 @click.option("--calibration-tokens", type=click.IntRange(min=16), default=8192, show_default=True,
               help="At most this many tokens of --calibration, in windows of up to 512.")
@@ -117,7 +121,7 @@ def cli(debug: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress output (notes and warnings still show).")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, arch, cpu_variants, dtype,
                 kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, quant_lm_head, quant_method,
-                calibration, calibration_tokens, report, dequantize, block_size, max_model_len, quiet):
+                quant_smooth, calibration, calibration_tokens, report, dequantize, block_size, max_model_len, quiet):
     """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle."""
     try:
         from llmirc.driver import CompileOptions, Progress, compile_model
@@ -132,7 +136,8 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
                              dtype=dtype, kv_cache_dtype=kv_cache_dtype, quant=quant, quant_group_size=quant_group_size,
                              quant_symmetric=not quant_zero_points,
                              quant_keep=tuple(k.strip() for k in quant_keep.split(",") if k.strip()),
-                             quant_lm_head=quant_lm_head, quant_method=quant_method, calibration=calibration,
+                             quant_lm_head=quant_lm_head, quant_method=quant_method, quant_smooth=quant_smooth,
+                             calibration=calibration,
                              calibration_tokens=calibration_tokens, dequantize=dequantize, block_size=block_size,
                              max_model_len=max_model_len)
     compile_model(model, output, options, Progress(None if quiet else sys.stderr, notes=sys.stderr))

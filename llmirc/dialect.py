@@ -7,7 +7,8 @@ element type (f32, bf16, f16: linear and embedding read them as stored, accumula
 IR never holds weight data. A quantized weight has the element type `!llmir.quant<...>` (storage
 bits, group size, scale dtype, zero points; see llmirc/quant.py): `llmir.quantize` makes one from
 a float weight at compile time, `llmir.packed_weight` names one a checkpoint already holds
-(GPTQ, AWQ), and `llmir.linear` / `llmir.embedding` read either kind. The KV cache is a value of type `!llmir.kv_pool<...>` threaded through
+(GPTQ, AWQ), and `llmir.linear` / `llmir.embedding` read either kind. `llmir.scale` multiplies
+a weight by per-channel factors at compile time (SmoothQuant's, from the `smooth` pass). The KV cache is a value of type `!llmir.kv_pool<...>` threaded through
 `kv_append` (which returns the updated pool) to `paged_attention`, so ordering is explicit SSA.
 
 The generic textual form of everything here parses and verifies in upstream MLIR (as an
@@ -299,6 +300,36 @@ class CastOp(_LlmirOp):
         _check(shape_of(self.input) == shape_of(self.result), "cast: shapes differ")
         _check(all(is_float(t.type.element_type) for t in (self.input, self.result)),
                "cast: only floating-point weights are cast")
+
+
+@irdl_op_definition
+class ScaleOp(_LlmirOp):
+    """A float weight with each slice along `axis` multiplied (`inverse`: divided) by one element
+    of `scale` (f32 [shape[axis]]), computed in f32 (`smooth`: SmoothQuant's channel scales,
+    w[:, j] * s_j for a linear's input channels, g_j / s_j for the norm before it); folded into
+    the bundle at compile time. The result is f32: what it feeds is quantized from the exact
+    product, or cast to the stored type once."""
+
+    name = "llmir.scale"
+    input = operand_def(TensorType)
+    scale = operand_def(TensorType)
+    axis = prop_def(IntegerAttr)
+    inverse = prop_def(IntegerAttr)
+    result = result_def(TensorType)
+
+    def __init__(self, input: SSAValue, scale: SSAValue, axis: int, inverse: bool = False):
+        super().__init__(operands=[input, scale], properties={"axis": _i(axis), "inverse": _i(int(inverse))},
+                         result_types=[tensor(*shape_of(input))])
+
+    def verify_(self) -> None:
+        shape, axis = shape_of(self.input), self.axis.value.data
+        _check(0 <= axis < len(shape), f"scale: axis {axis} of a rank-{len(shape)} weight")
+        _check(shape_of(self.scale) == (shape[axis],) and self.scale.type.element_type == f32,
+               f"scale: the scale must be f32 [{shape[axis]}]")
+        _check(is_float(self.input.type.element_type), "scale: the input must be a float weight")
+        _check(shape_of(self.result) == shape and self.result.type.element_type == f32,
+               "scale: the result must be f32 of the input's shape")
+        _check(self.inverse.value.data in (0, 1), "scale: inverse is a flag")
 
 
 @irdl_op_definition
@@ -706,7 +737,7 @@ class UnsqueezeBatchOp(_LlmirOp):
 
 LLMIR = Dialect(
     "llmir",
-    [WeightOp, ConstantOp, ConcatOp, TransposeOp, CastOp, QuantizeOp, PackedWeightOp, SplitOp, EmbeddingOp,
+    [WeightOp, ConstantOp, ConcatOp, TransposeOp, CastOp, ScaleOp, QuantizeOp, PackedWeightOp, SplitOp, EmbeddingOp,
      RMSNormOp, LayerNormOp, LinearOp, RopeOp, AttentionOp, KVAppendOp, PagedAttentionOp, ActMulOp, ActOp, AddOp, GatherRowsOp, SqueezeBatchOp,
      UnsqueezeBatchOp],
     [KVPoolType, QuantType],

@@ -52,7 +52,8 @@ class CompileOptions:
     quant_keep: tuple[str, ...] = ("embedding",)  # what stays in higher precision (quantize-weights' keep)
     quant_lm_head: str = "int8"         # int8 (per output row) or int4: an LM head not kept
     quant_method: str = "rtn"           # rtn (round to nearest) or gptq (needs `calibration`)
-    calibration: Path | None = None     # text file GPTQ calibrates on
+    quant_smooth: float | None = None   # SmoothQuant's alpha (the smooth pass; needs `calibration`); None: off
+    calibration: Path | None = None     # text file GPTQ and smoothing calibrate on
     calibration_tokens: int = 8192      # at most this many of its tokens
     dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of keeping them
     block_size: int | None = None       # KV cache block (tokens); None: the pipeline's (16)
@@ -72,19 +73,30 @@ class CompileOptions:
                 f"lm-head-bits={self.quant_lm_head[3:]} method={self.quant_method}}}")
 
     def check_calibration(self) -> None:
-        """--quant-method and --calibration agree (before the checkpoint is read)."""
+        """--quant-method, --quant-smooth and --calibration agree (before the checkpoint is read)."""
         if self.quant_method not in ("rtn", "gptq"):
             raise LlmircError(f"--quant-method: unknown method {self.quant_method!r} (choose rtn or gptq)")
-        if self.quant_method == "gptq" and self.quant == "none":
-            raise LlmircError("--quant-method gptq: give --quant int8 or int4 too")
-        if self.quant_method == "gptq" and self.calibration is None:
-            raise LlmircError("--quant-method gptq needs --calibration FILE (text to calibrate on)")
-        if self.calibration is not None and self.quant_method != "gptq":
-            raise LlmircError("--calibration is only read by --quant-method gptq")
+        for option, wanted in (("--quant-method gptq", self.quant_method == "gptq"),
+                               (f"--quant-smooth {self.quant_smooth}", self.quant_smooth is not None)):
+            if wanted and self.quant == "none":
+                raise LlmircError(f"{option}: give --quant int8 or int4 too")
+            if wanted and self.calibration is None:
+                raise LlmircError(f"{option} needs --calibration FILE (text to calibrate on)")
+        if self.quant_smooth is not None and not 0 < self.quant_smooth < 1:
+            raise LlmircError(f"--quant-smooth {self.quant_smooth}: alpha must be between 0 and 1 (0.5 is usual)")
+        if self.calibration is not None and not self.calibrates():
+            raise LlmircError("--calibration is only read by --quant-method gptq and --quant-smooth")
         if self.calibration is not None and self.calibration.is_dir():
             raise LlmircError(f"--calibration {self.calibration}: a directory, not a text file")
         if self.calibration is not None and not self.calibration.is_file():
             raise LlmircError(f"--calibration {self.calibration}: no such file")
+
+    def smooth_pass(self) -> str:
+        """The smooth pass spec `--quant-smooth` asks for ('' for none); it runs before the pipeline."""
+        return "" if self.quant_smooth is None else f"smooth{{alpha={self.quant_smooth}}}"
+
+    def calibrates(self) -> bool:
+        return self.quant_method == "gptq" or self.quant_smooth is not None
 
     def required(self) -> str:
         return required(self.dtype, self.kv_cache_dtype, self.block_size or DEFAULT_BLOCK_SIZE, self.quantize_pass())
@@ -179,21 +191,27 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         stored = _stored_quantized(source, module)
         if options.quant_method == "gptq" and stored is not None:
             _check_something_to_calibrate(model, source, module, stored, quantize)
-        if options.quant_method == "gptq":
+        if options.calibrates():
             with stage("calibration"):
                 ctx.calibration = calibration = _calibrate(source, options, progress)
-            ctx.report[f"calibration (GPTQ): {calibration.tokens} tokens of {options.calibration.name} in "
+            uses = " and ".join(u for u, on in (("GPTQ", options.quant_method == "gptq"),
+                                                ("smooth", options.quant_smooth is not None)) if on)
+            ctx.report[f"calibration ({uses}): {calibration.tokens} tokens of {options.calibration.name} in "
                        f"{calibration.windows} windows"] += 1
         input_ir = print_ir(module) if out is not None else ""  # only the bundle keeps it
         progress("running passes")
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
-                   ctx=ctx, prefix=source.lowering, block_size=block_size,
+                   ctx=ctx, prefix=",".join(filter(None, (source.lowering, options.smooth_pass()))),
+                   block_size=block_size,
                    tail=dataclasses.replace(options, dtype=dtype).required())
         if options.quant != "none" and stored and stored[1] and \
                 not any(isinstance(op, L.QuantizeOp) for op in module.walk()):
             progress.note(f"--quant {options.quant} changed nothing: the weights it would quantize are stored "
                           f"quantized in {model} already and are kept as they are"
                           f"{_DEQUANTIZE_HINT.get(source.kind, '')}")
+        if options.quant_smooth is not None and not any(k.startswith("smooth: ") for k in ctx.report):
+            progress.note(f"--quant-smooth smoothed nothing: no norm or act_mul of {model} feeds only linears with "
+                          f"float weights{_DEQUANTIZE_HINT.get(source.kind, '')}")
         if quantize is not None and (unmatched := quantize.unmatched_keep(module)):
             example = next((n for u, w in weight_uses(module) if isinstance(u, L.LinearOp)
                             for n in source_names(w)), "")
@@ -221,7 +239,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         with stage("plan"):
             plan = build_plan(module, read_weight=source.read)
         read = source.read if calibration is None else \
-            (lambda name: calibration.read(name) if name in calibration.inputs else source.read(name))
+            (lambda name: calibration.read(name) if calibration.has(name) else source.read(name))
         plan.limits = index_limits(module, context)
         for b in backends:
             b.check(plan)
@@ -285,7 +303,7 @@ def _check_tokenizer(source, progress: Progress) -> None:
 
 
 def _calibrate(source, options: CompileOptions, progress: Callable[[str], None]):
-    """Hessians of the linears' inputs on --calibration text (llmirc/calibration.py)."""
+    """The linears' inputs on --calibration text: maxima, and Hessians for GPTQ (llmirc/calibration.py)."""
     from llmirc.calibration import calibrate, read_token_ids, windows
     from llmirc.runtime.tokenizer import Tokenizer
 
@@ -299,7 +317,7 @@ def _calibrate(source, options: CompileOptions, progress: Callable[[str], None])
     except (OSError, UnicodeDecodeError) as e:
         raise LlmircError(f"--calibration {options.calibration}: cannot read it as UTF-8 text ({e})") from None
     if len(ids) < 16:
-        raise LlmircError(f"--calibration {options.calibration}: {len(ids)} tokens; GPTQ needs text of at least 16 "
+        raise LlmircError(f"--calibration {options.calibration}: {len(ids)} tokens; calibration needs text of at least 16 "
                           "tokens (a few thousand are better)")
     module = source.module()  # a copy in full-sequence form: the passes rewrite the other one
     run_passes(module, "canonicalize,cse", prefix=source.lowering, tail="dce",
@@ -311,7 +329,7 @@ def _calibrate(source, options: CompileOptions, progress: Callable[[str], None])
     context = resolve_context(source.model_info(), module, options.max_model_len)  # what the bundle will run
     chunks = windows(ids, min(512, context.tokens))
     progress(f"calibration: {sum(map(len, chunks))} tokens of {options.calibration.name} in {len(chunks)} windows")
-    return calibrate(module, source, chunks, progress)
+    return calibrate(module, source, chunks, progress, hessians=options.quant_method == "gptq")
 
 
 def format_report(source, report, generic: dict | None = None) -> str:

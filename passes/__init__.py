@@ -20,9 +20,10 @@ from .kv_cache_dtype import KVCacheDtype
 from .paged_kv import PagedKV
 from .prune_logits import PruneLogits
 from .quantize_weights import QuantizeWeights
+from .smooth import Smooth
 
 PASSES: dict[str, type[ModulePass]] = {p.name: p for p in (
     CanonicalizePass, CommonSubexpressionElimination, DeadCodeElimination,
-    FuseLinears, FuseResidualAdd, PruneLogits, PagedKV, QuantizeWeights, CastWeights, KVCacheDtype,
+    FuseLinears, FuseResidualAdd, PruneLogits, PagedKV, Smooth, QuantizeWeights, CastWeights, KVCacheDtype,
     FuseEmbedding, FuseLinear, OnnxGlue, FuseNorm, FuseActivation, FuseAttention, OnnxToLlmir,
 )}

@@ -1,6 +1,7 @@
 """cast-weights: store the weights that linear and embedding ops read in another float type.
 
-`llmirc compile --dtype D` runs it (auto: keep the checkpoint's types, the pass does nothing).
+`llmirc compile --dtype D` runs it (auto: keep the checkpoint's types; the pass only casts the
+f32 products of `smooth` back to the type of the checkpoint tensors they were made from).
 The cast is folded into the bundle at compile time (bf16 rounds to nearest even); kernels read
 the stored type and accumulate in f32. Norm weights and biases are f32 whatever the dtype.
 
@@ -49,6 +50,18 @@ def weight_uses(module: ModuleOp) -> Iterator[tuple[Operation, SSAValue]]:
             yield user, user.table
 
 
+def source_type(v: SSAValue):
+    """The float element type of the checkpoint tensors a weight expression is made of (through
+    scales, transposes and concatenations; a cast's own), or None where they differ."""
+    op = v.owner
+    if isinstance(op, (L.ScaleOp, L.TransposeOp)):
+        return source_type(op.input)
+    if isinstance(op, L.ConcatOp):
+        types = {source_type(i) for i in op.inputs}
+        return types.pop() if len(types) == 1 else None
+    return v.type.element_type
+
+
 def replace_weight(user: Operation, w: SSAValue, value: SSAValue) -> None:
     """Makes `user` read `value` where it read the weight `w`."""
     user.operands[[i for i, v in enumerate(user.operands) if v is w][0]] = value
@@ -61,16 +74,16 @@ class CastWeights(ModulePass):
     dtype: str = "auto"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        if self.dtype == "auto":
-            return
-        target = float_type(self.dtype, f"{self.name}{{dtype}}")
+        fixed = None if self.dtype == "auto" else float_type(self.dtype, f"{self.name}{{dtype}}")
         casts = {}
         for user, w in weight_uses(op):
-            if w.type.element_type == target or not L.is_float(w.type.element_type):  # quantized: as it is
-                continue
+            target = fixed if fixed is not None else source_type(w)
+            if target is None or w.type.element_type == target or not L.is_float(w.type.element_type):
+                continue  # quantized: as it is
             if w not in casts:
                 cast = L.CastOp(w, target)
                 user.parent_block().insert_op_before(cast, user)
                 casts[w] = cast.result
-                note(ctx, f"{self.name}: weight -> {dtypes.dtype(self.dtype).short}")
+                name = next(n for n, t in L.FLOAT_TYPES.items() if t == target)
+                note(ctx, f"{self.name}: weight -> {dtypes.dtype(name).short}")
             replace_weight(user, w, casts[w])

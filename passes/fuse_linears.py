@@ -11,7 +11,7 @@ After:
     %q, %k, %v = "llmir.split"(%qkv) {sizes = [Nq, Nk, Nv]}
 
 Only linears without a residual operand, whose weights (and biases) are weights (or
-transposes/concatenations/casts of weights), and that agree on having a bias and on the weights'
+transposes/concatenations/casts/scales of weights), and that agree on having a bias and on the weights'
 element type, are fused; quantized weights with act-order (each with its own order of inputs)
 are not.
 """
@@ -27,14 +27,14 @@ from xdsl.passes import ModulePass
 
 from .report import note
 
-from llmirc.dialect import (CastOp, ConcatOp, LinearOp, PackedWeightOp, QuantType, SplitOp, TransposeOp, WeightOp,
-                            shape_of)
+from llmirc.dialect import (CastOp, ConcatOp, LinearOp, PackedWeightOp, QuantType, ScaleOp, SplitOp, TransposeOp,
+                            WeightOp, shape_of)
 
 
 def is_weight(v: SSAValue) -> bool:
-    """A weight, or a transpose/concatenation/cast of weights (folded at compile time)."""
+    """A weight, or a transpose/concatenation/cast/scale of weights (folded at compile time)."""
     op = v.owner
-    return isinstance(op, (WeightOp, PackedWeightOp)) or (isinstance(op, (TransposeOp, ConcatOp, CastOp))
+    return isinstance(op, (WeightOp, PackedWeightOp)) or (isinstance(op, (TransposeOp, ConcatOp, CastOp, ScaleOp))
                                                           and all(is_weight(i) for i in op.operands))
 
 

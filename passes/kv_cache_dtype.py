@@ -22,7 +22,7 @@ from xdsl.rewriter import Rewriter
 from llmirc import dialect as L
 from llmirc.errors import LlmircError
 
-from .cast_weights import float_type
+from .cast_weights import float_type, source_type
 from .func_args import forward_func
 from .report import note
 
@@ -30,10 +30,10 @@ from .report import note
 def auto_kv_dtype(module: ModuleOp):
     """The half type all float linear weights share, else f32. A weight quantized by
     quantize-weights counts as the float weight it was made from (a bf16 checkpoint compiled with
-    --quant keeps a bf16 cache); a checkpoint's own quantized tensors (GGUF, GPTQ) do not count."""
+    --quant, or smoothed, keeps a bf16 cache); a checkpoint's own quantized tensors (GGUF, GPTQ) do not count."""
     def source(w):
         return w.owner.input if isinstance(w.owner, L.QuantizeOp) else w
-    types = {source(op.weight).type.element_type for op in module.walk() if isinstance(op, L.LinearOp)}
+    types = {source_type(source(op.weight)) for op in module.walk() if isinstance(op, L.LinearOp)}
     types = {t for t in types if L.is_float(t)}
     return types.pop() if len(types) == 1 and types != {f32} else f32
 

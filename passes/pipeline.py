@@ -96,7 +96,8 @@ def parse_passes(spec: str) -> list[ModulePass]:
 def run_passes(module: ModuleOp, spec: str | None = None, *, print_after_all: TextIO | None = None,
                on_pass: Callable[[str], None] | None = None, ctx: LlmirContext | None = None,
                prefix: str = "", tail: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> list[str]:
-    """Runs `prefix` (a front end's lowering), the user's (or default) pipeline, then `tail`
+    """Runs `prefix` (a front end's lowering, then `smooth` when --quant-smooth asks: it needs the
+    linears unfused), the user's (or default) pipeline, then `tail`
     (default: `required()`); verifies after every pass.
 
     `block_size`: the KV cache block of the default pipeline and of the default tail's paged-kv

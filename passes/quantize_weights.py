@@ -30,7 +30,8 @@ another type for such rows), down to 16; else it stays as it is (both counted in
 `method`: rtn (round to nearest, the default) or gptq: each linear weight is quantized by GPTQ
 (llmirc/quant.py `gptq`) with the Hessian of its input that calibration collected
 (llmirc/calibration.py: `llmirc compile --quant-method gptq --calibration FILE`); the Hessian
-is an `llmir.weight` operand of the quantize op, so the IR shows which weights it serves.
+is an `llmir.weight` operand of the quantize op, so the IR shows which weights it serves; for an
+input the smooth pass divided by s, it goes through two `llmir.scale` ops (diag(1/s) H diag(1/s)).
 Embedding tables have no input to calibrate and stay round-to-nearest, except a table tied to
 an LM head quantized in the same type: it shares the head's GPTQ codes (one copy).
 
@@ -67,11 +68,27 @@ from .report import note
 
 
 def source_names(v: SSAValue) -> list[str]:
-    """The checkpoint tensors a weight value is made of (through concat, transpose, cast)."""
+    """The checkpoint tensors a weight value is made of (through concat, transpose, cast, scale)."""
     op = v.owner
     if isinstance(op, (L.WeightOp, L.PackedWeightOp)):
         return [op.weight.data]
+    if isinstance(op, L.ScaleOp):  # its scale is the compiler's (smooth), not the checkpoint's
+        return source_names(op.input)
     return [n for operand in op.operands for n in source_names(operand)]
+
+
+def column_scale(w: SSAValue) -> SSAValue | None:
+    """The smoothing scale by which a linear weight's columns were multiplied (its input divided),
+    looking through the scales of its rows and the concatenations of fuse-linears; None if none."""
+    op = w.owner
+    if isinstance(op, L.ScaleOp):
+        return op.scale if op.axis.value.data == 1 and not op.inverse.value.data else column_scale(op.input)
+    if isinstance(op, L.ConcatOp) and op.axis.value.data == 0:
+        found = {s.owner.weight.data if s is not None else None: s for s in map(column_scale, op.inputs)}
+        if len(found) != 1:  # (fuse-linears clones each part's expression: compared by the scale's name)
+            raise AssertionError("quantize-weights: linears fused over one input are smoothed differently")
+        return found.popitem()[1]
+    return None
 
 
 def lm_head_of(module: ModuleOp) -> L.LinearOp | None:
@@ -235,8 +252,12 @@ class QuantizeWeights(ModulePass):
                 if hessian is not None:
                     h = L.WeightOp(hessian, (k, k))
                     user.parent_block().insert_op_before(h, user)
+                    if (s := column_scale(w)) is not None:  # the input smoothed: x / s
+                        for axis in (0, 1):
+                            h = L.ScaleOp(h.result, s, axis, inverse=True)
+                            user.parent_block().insert_op_before(h, user)
                     note(ctx, f"{self.name}: GPTQ with calibration")
-                q = L.QuantizeOp(w, qtype, h.result if h else None)
+                q = L.QuantizeOp(w, qtype, h.results[0] if h else None)
                 user.parent_block().insert_op_before(q, user)
                 made[key] = q.result
                 if user is not lm_head:

@@ -100,6 +100,8 @@ class WeightEntry:
 
     `expr` is ("tensor", name, stored dtype) | ("value", bytes, shape, dtype) (a folded
     constant) | ("transpose", expr) | ("concat", (expr, ...)) (along rows) | ("cast", expr, dtype)
+    | ("scale", expr, scale expr, axis, inverse) (float32: expr times, or divided by, the scale
+    along axis; llmir.scale)
     | ("quantize", expr, scheme, hessian, part) (one part of the float expr quantized: codes,
     scales, zeros or perm; llmirc/quant.py; round to nearest when `hessian` is None, else GPTQ
     with that float32 expr) | ("packed", format, name, scheme, k, part) (one part of a
@@ -159,6 +161,12 @@ class WeightEntry:
 
                 parts = _parts(cache, e[:5], lambda: repack(*e[1:5], read))
                 return parts[e[5]], dtypes.dtype(e[3].part_dtype(e[5]))
+            if e[0] == "scale":
+                a, s = (dtypes.to_float32(*ev(x)) for x in e[1:3])
+                shape = [1] * a.ndim
+                shape[e[3]] = len(s)
+                s = s.reshape(shape)
+                return (a / s if e[4] else a * s).astype(np.float32), dtypes.dtype("float32")
             if e[0] == "cast":
                 a, d = ev(e[1])
                 to = dtypes.dtype(e[2])
@@ -453,8 +461,8 @@ class _Planner:
         return self.act(v).rows
 
     def lower(self, op: Operation, index: int, logits: SSAValue) -> None:
-        if isinstance(op, (L.WeightOp, L.ConstantOp, L.ConcatOp, L.TransposeOp, L.CastOp, L.QuantizeOp,
-                           L.PackedWeightOp, func.ReturnOp)):
+        if isinstance(op, (L.WeightOp, L.ConstantOp, L.ConcatOp, L.TransposeOp, L.CastOp, L.ScaleOp,
+                           L.QuantizeOp, L.PackedWeightOp, func.ReturnOp)):
             return  # weights are materialized by the bundle writer
         if self.generic is not None and (isinstance(op, (L.SqueezeBatchOp, L.UnsqueezeBatchOp)) or
                                          op.name.startswith("onnx.")):
@@ -651,6 +659,9 @@ def _weight_expr(v: SSAValue) -> tuple[tuple, str]:
     if isinstance(op, L.CastOp):
         expr, name = _weight_expr(op.input)
         return ("cast", expr, _ir_dtype(v)), name
+    if isinstance(op, L.ScaleOp):
+        expr, name = _weight_expr(op.input)
+        return ("scale", expr, _weight_expr(op.scale)[0], op.axis.value.data, bool(op.inverse.value.data)), name
     if isinstance(op, L.QuantizeOp):
         expr, name = _weight_expr(op.input)
         hessian = _weight_expr(op.hessian)[0] if op.hessian is not None else None

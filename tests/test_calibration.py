@@ -186,7 +186,7 @@ def check_hessians(model, path: Path, tokenizer_dir: Path) -> int:
         if weight not in cal.by_weight:  # packed
             continue
         want = _hessian(torch.cat(xs).double().numpy())
-        got = np.asarray(cal.read(cal.by_weight[weight]), np.float64)
+        got = np.asarray(cal.read(cal.hessian_for([weight])), np.float64)
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), name
         checked += 1
     assert checked == len(cal.by_weight) >= 1  # every float linear, the LM head (tied or not) included

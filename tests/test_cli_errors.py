@@ -340,7 +340,12 @@ BAD_OPTIONS = {
     "max-model-len-too-long": (["--max-model-len", "600"], ["--max-model-len 600", "exceeds the 512 tokens"]),
     "gptq-without-calibration": (["--quant", "int4", "--quant-method", "gptq"], ["--quant-method gptq", "--calibration"]),
     "gptq-without-quant": (["--quant-method", "gptq", "--calibration", "README.md"], ["--quant-method gptq", "--quant"]),
-    "calibration-without-gptq": (["--quant", "int4", "--calibration", "README.md"], ["--calibration", "gptq"]),
+    "calibration-without-gptq": (["--quant", "int4", "--calibration", "README.md"],
+                                 ["--calibration", "gptq", "--quant-smooth"]),
+    "smooth-without-calibration": (["--quant", "int8", "--quant-smooth", "0.5"], ["--quant-smooth 0.5", "--calibration"]),
+    "smooth-without-quant": (["--quant-smooth", "0.5", "--calibration", "README.md"], ["--quant-smooth 0.5", "--quant"]),
+    "smooth-alpha": (["--quant", "int8", "--quant-smooth", "1.5", "--calibration", "README.md"],
+                     ["--quant-smooth", "1.5"]),
     "calibration-missing": (["--quant", "int4", "--quant-method", "gptq", "--calibration", "no-such.txt"],
                             ["--calibration no-such.txt", "no such file"]),
     "quant-keep-level": (["--quant", "int4", "--quant-keep", "embedding,*.down_proj.*=int2"],
@@ -394,7 +399,7 @@ def test_compile_bad_calibration(ckpt, tmp_path, case):
     tmp.mkdir()
     r = llmirc("compile", model, "-o", out, "-q", "--quant", "int4", "--quant-method", "gptq", "--calibration", text,
                env={"TMPDIR": str(tmp)})
-    assert_user_error(r, "--quant-method gptq" if case == "full-sequence" else "--calibration", {
+    assert_user_error(r, "--calibration", {
         "not-utf8": "UTF-8", "too-short": "at least 16 tokens", "empty": "calibration.txt: 0 tokens",
         "directory": "a directory", "no-tokenizer": "no tokenizer.json", "other-tokenizer": "past the 64 rows",
         "overflow": "overflow float32", "full-sequence": "full-sequence model (ONNX ops left generic"}[case])
