@@ -50,8 +50,8 @@ from xdsl.passes import ModulePass
 from llmirc import dialect as L
 from llmirc.errors import LlmircError
 
-from .fuse_linears import is_weight
 from .func_args import forward_func
+from .fuse_linears import is_weight
 from .quantize_weights import lm_head_of, source_names
 from .report import note
 
@@ -100,7 +100,7 @@ class Smooth(ModulePass):
         if calibration is None:
             raise LlmircError(f"{self.name}: needs calibration data (llmirc compile --quant-smooth ALPHA "
                               "--calibration FILE)")
-        read = lambda name: calibration.read(name) if calibration.has(name) else ctx.read_weight(name)  # noqa: E731
+        read = lambda name: calibration.read(name) if calibration.has(name) else ctx.read_weight(name)
         lm_head = lm_head_of(op)
         for producer in list(forward_func(op).body.block.ops):
             if isinstance(producer, (L.RMSNormOp, L.LayerNormOp)):

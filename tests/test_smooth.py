@@ -18,16 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import hf_logits, make_checkpoint
-from llmirc.driver import CompileOptions, Progress, compile_model
 from llmirc.passes.smooth import smoothing_scales
+
+from llmirc.driver import CompileOptions, Progress, compile_model
 from llmirc.runtime import load
 from llmirc.runtime.tokenizer import Tokenizer
 
 CALIBRATION = Path(__file__).resolve().parents[1] / "DESIGN.md"
 HELD_OUT = Path(__file__).resolve().parents[1] / "README.md"
-NATIVE = dict(cpu_variants=("native",))
+NATIVE = {"cpu_variants": ("native",)}
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_smoothing_lowers_int8_error(tmp_path, rng, method):
     _with_outliers(model, ckpt, rng)
     ids = _ids(ckpt)
     ref = hf_logits(model, ids)
-    options = dict(quant="int8", quant_group_size=32, quant_method=method)
+    options = {"quant": "int8", "quant_group_size": 32, "quant_method": method}
     plain = _compile(ckpt, tmp_path / "plain.llmir", **options)
     smooth = _compile(ckpt, tmp_path / "smooth.llmir", quant_smooth=0.5, **options)
     assert '"llmir.scale"' not in plain
