@@ -17,6 +17,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TextIO
 
+import numpy as np
+
 from llmirc import __version__, dtypes
 from llmirc import dialect as L
 from llmirc.artifact_format.writer import BundleWriter, check_replaceable, remove_stale_temporaries
@@ -93,7 +95,9 @@ class CompileOptions:
 
     def smooth_pass(self) -> str:
         """The smooth pass spec `--quant-smooth` asks for ('' for none); it runs before the pipeline."""
-        return "" if self.quant_smooth is None else f"smooth{{alpha={self.quant_smooth}}}"
+        if self.quant_smooth is None:
+            return ""
+        return f"smooth{{alpha={np.format_float_positional(self.quant_smooth)}}}"  # xDSL reads no 1e-05
 
     def calibrates(self) -> bool:
         return self.quant_method == "gptq" or self.quant_smooth is not None
@@ -160,6 +164,10 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             raise LlmircError(f"--block-size {options.block_size}: must be a positive power of two")
         if options.passes is not None and "paged-kv" in options.passes:
             raise LlmircError("--block-size and a paged-kv pass in --passes: give the block size in one place")
+    if options.quant_smooth is not None and options.passes is not None and \
+            any(p.name == "smooth" for p in parse_passes(options.passes)):
+        raise LlmircError("--quant-smooth and a smooth pass in --passes: --quant-smooth runs it before the pipeline; "
+                          "give it in one place")
     block_size = options.block_size or DEFAULT_BLOCK_SIZE
     options.check_calibration()
     quantize = next((p for p in parse_passes(options.required()) if isinstance(p, QuantizeWeights)), None)

@@ -123,6 +123,8 @@ class Smooth(ModulePass):
             if found is None or any(w is None for w in weights) or any(float_value(w, read) is None for w in before):
                 continue
             index, xmax = found
+            if calibration.has(f"{SCALES}{index}"):  # smoothed already (smooth ran twice, or a merged input)
+                continue
             s = smoothing_scales(xmax, np.max([np.abs(w).max(0) for w in weights], axis=0), self.alpha)
             calibration.add(f"{SCALES}{index}", s)
             scale = L.WeightOp(f"{SCALES}{index}", (len(s),))

@@ -346,6 +346,8 @@ BAD_OPTIONS = {
     "smooth-without-quant": (["--quant-smooth", "0.5", "--calibration", "README.md"], ["--quant-smooth 0.5", "--quant"]),
     "smooth-alpha": (["--quant", "int8", "--quant-smooth", "1.5", "--calibration", "README.md"],
                      ["--quant-smooth", "1.5"]),
+    "smooth-twice": (["--quant", "int8", "--quant-smooth", "0.5", "--calibration", "README.md", "--passes",
+                      "smooth{alpha=0.5},canonicalize"], ["--quant-smooth", "--passes", "one place"]),
     "calibration-missing": (["--quant", "int4", "--quant-method", "gptq", "--calibration", "no-such.txt"],
                             ["--calibration no-such.txt", "no such file"]),
     "quant-keep-level": (["--quant", "int4", "--quant-keep", "embedding,*.down_proj.*=int2"],

@@ -22,6 +22,7 @@ from helpers import hf_logits, make_checkpoint
 from llmirc.passes.smooth import smoothing_scales
 
 from llmirc.driver import CompileOptions, Progress, compile_model
+from llmirc.passes.pipeline import parse_passes
 from llmirc.runtime import load
 from llmirc.runtime.tokenizer import Tokenizer
 
@@ -48,6 +49,27 @@ def test_smoothing_scales(rng):
         got = smoothing_scales(xmax, wmax, alpha)
         assert got.dtype == np.float32 and np.allclose(got, want, rtol=1e-6)
         assert got.min() == 1 and got[7] == 1 and (got > 1).sum() < k // 2 + 1
+
+
+def test_alpha_in_exponent_notation():
+    """A small alpha reaches the pass as the number it is (Python writes 1e-05; xDSL's pass
+    options read only positional notation)."""
+    for alpha in (1e-5, 1e-9, 0.1 + 0.2, 0.5):
+        (smooth,) = parse_passes(CompileOptions(quant_smooth=alpha).smooth_pass())
+        assert smooth.alpha == alpha
+
+
+def test_smoothed_once(tmp_path):
+    """A second smooth pass (a user pipeline's, on GPTQ's calibration) leaves the inputs smoothed
+    as they are: recomputing s from the unsmoothed maxima under the same scale tensor's name would
+    rescale the first pass's ops too."""
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt, "llama", tokenizer=True)
+    options = {"quant": "int8", "quant_method": "gptq"}
+    once = _compile(ckpt, tmp_path / "once.llmir", passes="smooth{alpha=0.5},canonicalize", **options)
+    twice = _compile(ckpt, tmp_path / "twice.llmir", passes="smooth{alpha=0.5},smooth{alpha=0.3},canonicalize",
+                     **options)
+    assert once.count('"llmir.scale"') == twice.count('"llmir.scale"') > 0
 
 
 def _ids(ckpt: Path, n: int = 160) -> list[int]:
