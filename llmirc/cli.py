@@ -63,8 +63,9 @@ def cli(debug: bool) -> None:
               "'canonicalize,cse,fuse-linears,paged-kv{block-size=32}'. prune-logits and paged-kv always run last.")
 @click.option("--print-ir-after-all", is_flag=True, help="Print the IR after every pass (stderr).")
 @click.option("--emit", default=None, metavar="STAGE",
-              help="Print a stage to stdout: the optimized IR (mlir), or a target's stage (cpu: llvm-ir, asm; "
-                   "cuda: ttir, ttgir, llir, ptx; hip: ttir, ttgir, llir, amdgcn).")
+              help="Print a stage to stdout: the optimized IR (mlir), or a target's text stage (cpu: llvm-ir, asm; "
+                   "cuda: ttir, ttgir, llir, ptx; hip: ttir, ttgir, llir, amdgcn). The binary stages (obj, so, "
+                   "cubin, hsaco) go into the bundle, not to stdout (obj with --keep-intermediates).")
 @click.option("--keep-intermediates", is_flag=True, help="Also store every stage in the bundle (cpu: LLVM IR, "
               "assembly, objects; cuda/hip: ttir, ttgir, llir, ptx/amdgcn).")
 @click.option("--arch", default=None, metavar="ARCHS",

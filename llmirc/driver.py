@@ -143,13 +143,14 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     backends = [backend(kind, options) for kind in dict.fromkeys(options.targets)]
     stages: dict = {}
     for b in backends:  # a stage two targets share (ttir, ...) is emitted for the first named
-        for name in b.stages:
+        for name in b.text_stages:
             stages.setdefault(name, b)
     unused = [a for a in options.archs if not any(a in getattr(b, "archs", ()) for b in backends)]
     if unused:
         raise LlmircError(f"--arch {','.join(unused)}: no --target here compiles for it (sm_*: cuda, gfx*: hip)")
     if options.emit is not None and options.emit != "mlir" and options.emit not in stages:
-        raise LlmircError(f"unknown --emit stage {options.emit!r} (choose from mlir, {', '.join(stages)})")
+        raise LlmircError(f"--emit {options.emit}: not a text stage of the targets given (choose from mlir, "
+                          f"{', '.join(stages)}); binary stages go into the bundle (-o)")
     if out is None and options.emit is None:
         raise LlmircError("no output: give -o OUT.llmir (or --emit STAGE to print a stage)")
     if out is not None:

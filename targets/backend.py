@@ -4,8 +4,8 @@ named stages, and a build that writes each stage's output into the bundle.
 A backend takes the target-independent plan (targets/plan.py) and:
 
 * `stages`: its stage names in order (cpu: llvm-ir, asm, obj, so; cuda: ttir, ttgir, llir, ptx,
-  cubin; hip: ..., amdgcn, hsaco); `--emit STAGE` prints one as text (`emit`), and
-  `--keep-intermediates` stores all of them in the bundle;
+  cubin; hip: ..., amdgcn, hsaco); `--keep-intermediates` stores all of them in the bundle;
+* `text_stages`: those `--emit STAGE` prints (`emit`): all but the binaries (cpu: llvm-ir, asm);
 * `check(plan)`: refuses, with a one-line LlmircError, a plan it cannot compile;
 * `build(plan, path, progress)`: writes its binaries under `kernels/<target name>/` and returns the
   manifest entries of the targets it built (one per CPU variant or GPU architecture), each with a
@@ -37,6 +37,7 @@ KNOWN = tuple(BACKENDS)
 class Backend(Protocol):
     kind: str
     stages: tuple[str, ...]
+    text_stages: tuple[str, ...]
 
     def check(self, plan: Plan) -> None: ...
 

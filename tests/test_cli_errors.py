@@ -331,6 +331,7 @@ BAD_OPTIONS = {
     "unknown-pass-option": (["--passes", "paged-kv{bogus=1}"], ["--passes", "bogus"]),
     "pass-syntax": (["--passes", "paged-kv{block-size=16"], ["--passes"]),
     "bad-emit": (["--emit", "ptx"], ["--emit", "ptx"]),
+    "emit-binary-stage": (["--emit", "obj"], ["--emit obj", "not a text stage", "(choose from mlir, llvm-ir, asm)"]),
     "bad-cpu-variant": (["--cpu-variants", "pentium9"], ["pentium9"]),
     "no-cpu-variant": (["--cpu-variants", ","], ["--cpu-variants"]),
     "unknown-option": (["--frobnicate"], ["--frobnicate"]),
@@ -1007,6 +1008,17 @@ def test_bench_runs(bundle):
 def test_help(command):
     r = llmirc(*command, "--help")
     assert r.returncode == 0 and r.stderr == "" and "Usage:" in r.stdout, r.stderr
+
+
+def test_compile_help_names_the_stages_emit_prints():
+    """--emit's help lists, for each target, exactly the text stages its backend prints."""
+    from llmirc.driver import CompileOptions
+    from llmirc.targets.backend import KNOWN, backend
+
+    text = " ".join(llmirc("compile", "--help").stdout.split()).replace("- ", "-")  # click wraps after a hyphen
+    for kind in KNOWN:
+        stages = ", ".join(backend(kind, CompileOptions(targets=(kind,))).text_stages)
+        assert re.search(rf"{kind}: {re.escape(stages)}[;)]", text), (kind, stages)
 
 
 def test_version():

@@ -146,7 +146,8 @@ def test_gpu_option_errors(llama, tmp_path):
         (("--target", "cuda", "--arch", "sm_75"), "unknown GPU architecture 'sm_75'"),
         (("--target", "cuda", "--arch", "gfx942"), "--arch gfx942: no cuda architecture given"),
         (("--target", "cpu", "--arch", "sm_90"), "--arch sm_90: no --target here compiles for it"),
-        (("--target", "cuda", "--emit", "cubin"), "--emit cubin: the cuda target's text stages are"),
+        (("--target", "cuda", "--emit", "cubin"), "--emit cubin: not a text stage of the targets given (choose "
+                                                  "from mlir, ttir, ttgir, llir, ptx)"),
         # CPU-only kernels: an int8 KV cache
         (("--target", "hip", "--kv-cache-dtype", "int8"), "target hip: no GPU kernel for an int8 KV cache"),
     ]:

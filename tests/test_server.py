@@ -224,6 +224,41 @@ def test_logprobs_are_the_models_log_softmax(client, model):
     assert "".join(c.token for c in content) == chat.choices[0].message.content or content[0].bytes
 
 
+def test_top_logprobs_lead_with_the_sampled_token(server, model):
+    """As vLLM: each position's top list starts with the sampled token, among the top-k or not,
+    then the most likely others (completions: up to k + 1 entries; chat: the first k), streamed
+    or not; completions' logprobs=0 still lists the sampled token."""
+    text = model.tokenizer.token_text
+    messages = [{"role": "user", "content": "the quick brown"}]
+    for path, extra, prompt, k in (
+            ("/v1/completions", {"prompt": "the quick brown", "logprobs": 2}, model.encode("the quick brown"), 2),
+            ("/v1/completions", {"prompt": "the quick brown", "logprobs": 0}, model.encode("the quick brown"), 0),
+            ("/v1/chat/completions", {"messages": messages, "logprobs": True, "top_logprobs": 2},
+             model.apply_chat_template(messages), 2)):
+        body = {"model": "tiny", "max_tokens": 12, "temperature": 1.0, "seed": 3, "ignore_eos": True,
+                "return_token_ids": True, **extra}
+        chat = "messages" in body
+        choice = httpx.post(server.url + path, json=body).json()["choices"][0]
+        tokens = choice["token_ids"]
+        ref = log_softmax(model.score(prompt + tokens))[len(prompt) - 1:-1]
+        expected = []  # (text, logprob) per position: the sampled token, then the k most likely without it
+        for row, t in zip(ref, tokens):
+            ids = [t, *(i for i in np.argsort(-row, kind="stable")[:k].tolist() if i != t)]
+            pairs = [(text(i), row[i]) for i in ids]
+            expected.append(pairs[:k] if chat else list(dict(pairs).items()))  # completions: keyed by text
+        assert any(t != int(np.argmax(row)) for row, t in zip(ref, tokens))  # sampled outside the top: the case
+        with httpx.stream("POST", server.url + path, json={**body, "stream": True}) as response:
+            events = [e["choices"][0]["logprobs"] for e in sse(response) if e["choices"][0]["logprobs"]]
+        key = "content" if chat else "top_logprobs"
+        for positions in (choice["logprobs"][key], [x for e in events for x in e[key]]):  # whole, then streamed
+            got = [[(c["token"], c["logprob"]) for c in p["top_logprobs"]] if chat else list(p.items())
+                   for p in positions]
+            assert len(got) == len(tokens)
+            for g, e in zip(got, expected):
+                assert [t for t, _ in g] == [t for t, _ in e] and np.allclose([v for _, v in g], [v for _, v in e],
+                                                                               atol=1e-4), (g, e)
+
+
 def test_echo_with_logprobs_scores_the_prompt(server, client, model):
     out = client.completions.create(model="tiny", prompt=LONG, max_tokens=0, echo=True, logprobs=1)
     prompt = model.encode(LONG)
@@ -296,6 +331,12 @@ BAD = {
     "token-id-outside-vocab": ("/v1/completions", {"prompt": [1, 2, 5000]}, 400, "vocabulary of 384"),
     "top-p-zero": ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     "logprobs-too-many": ("/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    "stop-empty-string": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                   "stop": ["\n", ""]}, 400, "stop cannot contain an empty string",
+                          "stop"),
+    "stop-token-id-outside-vocab": ("/v1/completions", {"prompt": "hi", "stop_token_ids": [2, 384]}, 400,
+                                    "stop_token_ids: token id 384 is outside the model's vocabulary of 384",
+                                    "stop_token_ids"),
     "unsupported-penalty": ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
     "special-tokens-kept": ("/v1/completions", {"prompt": "hi", "skip_special_tokens": False}, 400,
                             "skip_special_tokens"),
@@ -312,7 +353,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving(server, client, case):
-    path, body, status, needle = BAD[case]
+    path, body, status, needle, *param = BAD[case]  # param: the field the error names, where a case gives it
     if isinstance(body, bytes):
         r = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"})
     else:
@@ -321,6 +362,7 @@ def test_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving(server, clien
     error = r.json()["error"]
     assert needle.lower() in error["message"].lower() and error["code"] == status, error
     assert error.get("param") is None or not error["param"].isdigit(), error  # a field, not a character offset
+    assert not param or error["param"] == param[0], error
     assert httpx.get(server.url + "/health").status_code == 200
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=1).choices[0].finish_reason
 

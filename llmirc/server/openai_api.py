@@ -7,8 +7,9 @@ stop_token_ids, ignore_eos, include_stop_str_in_output, skip_special_tokens, add
 continue_final_message, chat_template_kwargs, return_token_ids). Parameters that would change the output and
 that llmirc does not implement (penalties, logit_bias, min_p, min_tokens, best_of != n,
 suffix, skip_special_tokens false, non-text content, tool choice other than none/auto, response formats other than
-text) are refused with a 400 naming them, never silently ignored; unknown fields are ignored,
-as vLLM does.
+text) are refused with a 400 naming them, never silently ignored, as are an empty stop string and
+stop token ids outside the vocabulary (vLLM's SamplingParams checks); unknown fields are
+ignored, as vLLM does.
 
 Defaults follow vLLM: temperature 1, max_tokens 16 for completions and "up to the context"
 for chat; `usage.prompt_tokens_details.cached_tokens` is the prompt tokens found in the prefix
@@ -121,6 +122,13 @@ def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | Non
               index: int) -> SamplingParams:
     seed = None if req.seed is None else (req.seed + index) % 2**64  # vLLM: choice i of n uses seed + i
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if "" in stop:  # vLLM's SamplingParams refuses it too
+        raise APIError(400, "stop cannot contain an empty string", "stop")
+    vocab = server.model.vocab_size
+    bad = [t for t in req.stop_token_ids or () if not 0 <= t < vocab]
+    if bad:  # vLLM checks them against the vocabulary (the logits' width) as it does prompt ids
+        raise APIError(400, f"stop_token_ids: token id {bad[0]} is outside the model's vocabulary of {vocab}",
+                       "stop_token_ids")
     return SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_k=req.top_k if req.top_k and req.top_k > 0 else None,
@@ -174,9 +182,19 @@ def _completion_prompts(server: Server, prompt) -> list[list[int]]:
     return [_tokenizer(server).encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
+def _position_logprobs(entry: TokenLogprob) -> list[tuple[int, float]]:
+    """vLLM's logprobs of one position, as (token id, logprob): the sampled (or prompt) token first,
+    then the top ones without it; top + 1 entries when the token is not among the top. (vLLM's
+    sampler puts the sampled token in front of the top-k: vllm/logprobs.py,
+    append_logprobs_for_next_position.)"""
+    return [(entry.token, entry.logprob), *((t, lp) for t, lp in entry.top if t != entry.token)]
+
+
 def _completion_logprobs(server: Server, entries: list[TokenLogprob | None], offset: int, prompt: list[int]) -> dict:
     """OpenAI's legacy completion logprobs: tokens, token_logprobs, top_logprobs, text_offset. A
-    None entry is the first prompt token (echo): listed with null logprobs, as vLLM and OpenAI do."""
+    None entry is the first prompt token (echo): listed with null logprobs, as vLLM and OpenAI do.
+    top_logprobs holds the token itself and the `logprobs` most likely ("up to logprobs + 1
+    elements", as OpenAI documents and vLLM answers)."""
     tok = server.model.tokenizer
     text = (lambda t: tok.token_text(t)) if tok is not None else str
     out = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
@@ -185,7 +203,8 @@ def _completion_logprobs(server: Server, entries: list[TokenLogprob | None], off
             entry = TokenLogprob(prompt[0], None)
         out["tokens"].append(text(entry.token))
         out["token_logprobs"].append(entry.logprob)
-        out["top_logprobs"].append({text(t): lp for t, lp in entry.top} if entry.top else None)
+        out["top_logprobs"].append(None if entry.logprob is None else
+                                   {text(t): lp for t, lp in _position_logprobs(entry)})
         out["text_offset"].append(offset)
         offset += len(out["tokens"][-1])
     return out
@@ -301,13 +320,16 @@ def _chat_prompt(server: Server, req: ChatRequest) -> list[int]:
 
 
 def _chat_logprobs(server: Server, entries: list[TokenLogprob]) -> dict:
+    """OpenAI's chat logprobs. Each position's top_logprobs are, as vLLM gives them, the first
+    `top_logprobs` of `_position_logprobs`: the sampled token first, then the most likely others."""
     tok = server.model.tokenizer
 
     def item(t, lp):
         s = tok.token_text(t)
         return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
 
-    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+    return {"content": [{**item(e.token, e.logprob),
+                         "top_logprobs": [item(t, lp) for t, lp in _position_logprobs(e)[:len(e.top)]]}
                         for e in entries]}
 
 

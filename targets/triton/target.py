@@ -69,7 +69,7 @@ class TritonBackend:
         if not self.archs:
             raise LlmircError(f"--arch {','.join(given)}: no {self.kind} architecture given "
                               f"(known: {', '.join(a for a, x in ARCHS.items() if x.backend == self.kind)})")
-        self.stages = STAGES[self.kind]
+        self.stages, self.text_stages = STAGES[self.kind], TEXT_STAGES[self.kind]
         self.keep_intermediates = options.keep_intermediates
         self.cache_dir = default_cache_dir()
         self.jobs = options.jobs
@@ -113,9 +113,6 @@ class TritonBackend:
 
     def emit(self, plan: Plan, stage: str) -> str:
         """One text stage of every kernel for this backend's first architecture."""
-        if stage not in TEXT_STAGES[self.kind]:
-            raise LlmircError(f"--emit {stage}: the {self.kind} target's text stages are "
-                              f"{', '.join(TEXT_STAGES[self.kind])} (binaries: --keep-intermediates)")
         arch = self.archs[0]
         rules, compiled = self._compile(plan, [arch])[arch]
         comment = ";" if stage in ("llir", "amdgcn") else "//"
