@@ -200,11 +200,15 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         stored = _stored_quantized(source, module)
         if options.quant_method == "gptq" and stored is not None:
             _check_something_to_calibrate(model, source, module, stored, quantize)
+        elif options.quant_smooth is not None and stored is not None and not stored[0]:
+            raise LlmircError(f"--quant-smooth: every linear weight of {model} is stored quantized already, so there "
+                              f"is nothing to smooth{_DEQUANTIZE_HINT.get(source.kind, '')}")
         if options.calibrates():
             with stage("calibration"):
                 ctx.calibration = calibration = _calibrate(source, options, progress)
             uses = " and ".join(u for u, on in (("GPTQ", options.quant_method == "gptq"),
-                                                ("smooth", options.quant_smooth is not None)) if on)
+                                                (f"smooth, alpha {options.quant_smooth}",
+                                                 options.quant_smooth is not None)) if on)
             ctx.report[f"calibration ({uses}): {calibration.tokens} tokens of {options.calibration.name} in "
                        f"{calibration.windows} windows"] += 1
         input_ir = print_ir(module) if out is not None else ""  # only the bundle keeps it

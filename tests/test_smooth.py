@@ -153,18 +153,24 @@ def test_bf16_checkpoint_keeps_its_types(tmp_path):
     dtypes = manifest["weights"]["dtypes"]
     assert [d for n, d in dtypes.items() if "down_proj" in n] == ["bfloat16"] * 2
     assert manifest["kv_cache"]["dtype"] == "bfloat16"
-    assert any(r.startswith("calibration (smooth): 1024 tokens of DESIGN.md") for r in manifest["rewrites"])
+    assert any(r.startswith("calibration (smooth, alpha 0.5): 1024 tokens of DESIGN.md") for r in manifest["rewrites"])
 
 
 def test_quantized_checkpoint_is_not_smoothed(tmp_path):
-    """A GGUF file's quantized matrices keep their codes: nothing to scale, and the compile says so."""
+    """A GGUF file's quantized matrices keep their codes, so nothing reading them is smoothed: all
+    of them quantized is refused before calibrating; a mix in which every smoothing site has one
+    is compiled, with a note."""
     from gguf_files import spm_tokenizer_metadata, write_gguf
     from helpers import CORPUS
+    from llmirc.errors import LlmircError
 
     model = make_checkpoint(tmp_path / "ckpt", "llama")
-    path = write_gguf(model, tmp_path / "m.gguf", "Q8_0",
-                      tokenizer=spm_tokenizer_metadata(CORPUS, model.config.vocab_size))
-    notes = io.StringIO()
+    tokenizer = spm_tokenizer_metadata(CORPUS, model.config.vocab_size)
     options = CompileOptions(quant="int8", quant_smooth=0.5, calibration=CALIBRATION, calibration_tokens=256, **NATIVE)
-    compile_model(path, tmp_path / "m.llmir", options, Progress(None, notes=notes))
+    path = write_gguf(model, tmp_path / "q.gguf", "Q8_0", tokenizer=tokenizer)
+    with pytest.raises(LlmircError, match="--quant-smooth: every linear weight of .* stored quantized already"):
+        compile_model(path, tmp_path / "q.llmir", options, Progress(None))
+    path = write_gguf(model, tmp_path / "mixed.gguf", ("Q8_0", "F16"), tokenizer=tokenizer)  # the kinds in turn
+    notes = io.StringIO()
+    compile_model(path, tmp_path / "mixed.llmir", options, Progress(None, notes=notes))
     assert "--quant-smooth smoothed nothing" in notes.getvalue() and "--dequantize" in notes.getvalue()
