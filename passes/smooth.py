@@ -51,7 +51,6 @@ from llmirc import dialect as L
 from llmirc.errors import LlmircError
 
 from .func_args import forward_func
-from .fuse_linears import is_weight
 from .quantize_weights import lm_head_of, source_names
 from .report import note
 
@@ -72,6 +71,11 @@ def float_value(v: SSAValue, read) -> np.ndarray | None:
     op = v.owner
     if isinstance(op, L.WeightOp):
         return np.asarray(read(op.weight.data), np.float32) if L.is_float(v.type.element_type) else None
+    if isinstance(op, L.ConstantOp):  # an ONNX export's norm weights are folded constants
+        from llmirc.frontend.onnx_dialect import constant_value
+
+        a = np.asarray(constant_value(op.value))
+        return a.astype(np.float32) if a.dtype.kind == "f" else None
     if isinstance(op, (L.TransposeOp, L.CastOp)):
         a = float_value(op.input, read)
         return None if a is None else (a.T if isinstance(op, L.TransposeOp) else a)
@@ -116,7 +120,7 @@ class Smooth(ModulePass):
             readers = [u.operation for u in producer.results[0].uses]
             if not readers or lm_head in readers or not all(
                     isinstance(r, L.LinearOp) and r.input is producer.results[0] and r.residual is None
-                    for r in readers) or not all(is_weight(w) for w in before):
+                    for r in readers):
                 continue
             weights = [float_value(r.weight, read) for r in readers]
             found = calibration.maximum_for([n for r in readers for n in source_names(r.weight)])

@@ -109,6 +109,21 @@ def test_smoothed_float_bundle_is_the_model(tmp_path, arch):
     assert _error(tmp_path / "s.llmir", ids, ref) < 1e-5
 
 
+def test_smoothed_onnx_export_is_the_model(tmp_path):
+    """An ONNX export's norm weights are folded constants: scaled as checkpoint weights are."""
+    import shutil
+
+    from helpers import export_onnx
+
+    model = make_checkpoint(tmp_path / "ckpt", "llama", tokenizer=True)
+    onnx_path = export_onnx(model, tmp_path / "onnx" / "model.onnx")
+    shutil.copy(tmp_path / "ckpt" / "tokenizer.json", onnx_path.parent)
+    ir = _compile(onnx_path, tmp_path / "s.llmir", quant="int8", quant_keep=("*",), quant_smooth=0.5)
+    assert ir.count('{weight = "calibration.smooth.') == 3 * model.config.num_hidden_layers
+    ids = _ids(tmp_path / "ckpt")
+    assert _error(tmp_path / "s.llmir", ids, hf_logits(model, ids)) < 1e-5
+
+
 def _with_outliers(model, ckpt: Path, rng) -> None:
     """A few channels of each norm's output and of act_mul's made 30-60x larger (the float model
     changes with them; it stays the reference), saved back to `ckpt`."""
