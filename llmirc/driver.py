@@ -88,10 +88,16 @@ class CompileOptions:
             raise LlmircError(f"--quant-smooth {self.quant_smooth}: alpha must be between 0 and 1 (0.5 is usual)")
         if self.calibration is not None and not self.calibrates():
             raise LlmircError("--calibration is only read by --quant-method gptq and --quant-smooth")
-        if self.calibration is not None and self.calibration.is_dir():
-            raise LlmircError(f"--calibration {self.calibration}: a directory, not a text file")
-        if self.calibration is not None and not self.calibration.is_file():
-            raise LlmircError(f"--calibration {self.calibration}: no such file")
+        if self.calibration is None:
+            return
+        path = Path(self.calibration)  # (the Python API may give a str)
+        if path.is_dir():
+            raise LlmircError(f"--calibration {path}: a directory, not a text file")
+        if not path.exists():
+            raise LlmircError(f"--calibration {path}: no such file")
+        if not path.is_file():
+            raise LlmircError(f"--calibration {path}: not a regular file")
+        self.calibration = path
 
     def smooth_pass(self) -> str:
         """The smooth pass spec `--quant-smooth` asks for ('' for none); it runs before the pipeline."""

@@ -351,6 +351,8 @@ BAD_OPTIONS = {
                       "smooth{alpha=0.5},canonicalize"], ["--quant-smooth", "--passes", "one place"]),
     "calibration-missing": (["--quant", "int4", "--quant-method", "gptq", "--calibration", "no-such.txt"],
                             ["--calibration no-such.txt", "no such file"]),
+    "calibration-device": (["--quant", "int8", "--quant-smooth", "0.5", "--calibration", "/dev/null"],
+                           ["--calibration /dev/null", "not a regular file"]),
     "quant-keep-level": (["--quant", "int4", "--quant-keep", "embedding,*.down_proj.*=int2"],
                          ["keep '*.down_proj.*=int2'", "float or int8"]),
     "quant-keep-empty-level": (["--quant", "int4", "--quant-keep", "*.down_proj.*="],
