@@ -347,6 +347,9 @@ BAD = {
     "sglang-bad-param": ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": "many"}}, 400,
                          "max_new_tokens"),
     "sglang-regex": ("/generate", {"text": "hi", "sampling_params": {"regex": "a+"}}, 400, "regex"),
+    "sglang-stop-empty-string": ("/generate", {"text": "hi", "sampling_params": {"stop": [""]}}, 400, "empty string"),
+    "sglang-stop-token-id-outside-vocab": ("/generate", {"text": "hi", "sampling_params": {"stop_token_ids": [384]}},
+                                           400, "outside the model's vocabulary"),
     "unknown-route": ("/v1/embeddings", {"input": "hi"}, 404, "Not Found"),
 }
 

@@ -72,6 +72,8 @@ class SamplingParams:
             raise LlmircError(f"seed must be an integer >= 0 (or unset), got {self.seed!r}")
         if any(not isinstance(s, str) for s in self.stop):
             raise LlmircError(f"stop must be strings, got {self.stop!r}")
+        if "" in self.stop:  # it would match everywhere; vLLM's SamplingParams refuses it too
+            raise LlmircError("stop cannot contain an empty string")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS):
@@ -201,6 +203,9 @@ class Engine:
     def check(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise the error `add_request` would (thread-safe: reads only fixed settings)."""
         params.validate()
+        vocab = self.scheduler.vocab_size
+        if vocab is not None and (bad := [t for t in params.stop_token_ids if not 0 <= t < vocab]):
+            raise LlmircError(f"stop_token_ids: token id {bad[0]} is outside the model's vocabulary of {vocab}")
         if params.stop and self.tokenizer is None:
             raise LlmircError("stop strings need a tokenizer, and this bundle has none: use stop token ids")
         self.scheduler.check_request(prompt, params.max_tokens)
