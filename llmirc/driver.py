@@ -84,6 +84,9 @@ class CompileOptions:
                 raise LlmircError(f"{option}: give --quant int8 or int4 too")
             if wanted and self.calibration is None:
                 raise LlmircError(f"{option} needs --calibration FILE (text to calibrate on)")
+        if self.quant_smooth is not None and (isinstance(self.quant_smooth, bool) or
+                                              not isinstance(self.quant_smooth, (int, float))):
+            raise LlmircError(f"--quant-smooth {self.quant_smooth!r}: alpha must be a number between 0 and 1")
         if self.quant_smooth is not None and not 0 < self.quant_smooth < 1:
             raise LlmircError(f"--quant-smooth {self.quant_smooth}: alpha must be between 0 and 1 (0.5 is usual)")
         if self.calibration is not None and not self.calibrates():

@@ -189,3 +189,11 @@ def test_quantized_checkpoint_is_not_smoothed(tmp_path):
     notes = io.StringIO()
     compile_model(path, tmp_path / "mixed.llmir", options, Progress(None, notes=notes))
     assert "--quant-smooth smoothed nothing" in notes.getvalue() and "--dequantize" in notes.getvalue()
+
+
+@pytest.mark.parametrize("alpha", ["0.5", True, float("nan"), 1.0])
+def test_python_api_refuses_a_bad_alpha(alpha):
+    from llmirc.errors import LlmircError
+
+    with pytest.raises(LlmircError, match="--quant-smooth .*alpha must be"):
+        CompileOptions(quant="int8", quant_smooth=alpha, calibration=CALIBRATION).check_calibration()
