@@ -41,6 +41,7 @@ from llmirc.errors import LlmircError
 from llmirc.passes.func_args import arg_names, forward_func
 from llmirc.passes.onnx_fuse_activation import REFERENCE
 from llmirc.passes.quantize_weights import source_names
+from llmirc.passes.smooth import float_value
 
 PREFIX = "calibration."
 HESSIAN = PREFIX + "hessian."  # + input index: float32 [k, k]
@@ -260,28 +261,22 @@ def _is_weight(op: Operation) -> bool:
 
 def _weight(v: SSAValue, source) -> np.ndarray:
     """A weight value as float32 (computed per use: weights are not kept)."""
+    value = float_value(v, source.float32, packed=lambda w: _dequantized(w, source))
+    if value is None:
+        raise LlmircError(f"--calibration: cannot calibrate through {v.owner.name}")
+    return value
+
+
+def _dequantized(v: SSAValue, source) -> np.ndarray:
+    """A checkpoint's quantized weight (llmir.packed_weight) as float32."""
+    from llmirc import quant
+    from llmirc.frontend.packed import repack
+    from llmirc.targets.plan import quant_scheme
+
     op = v.owner
-    if isinstance(op, L.WeightOp):
-        return np.asarray(source.float32(op.weight.data), np.float32)
-    if isinstance(op, L.ConstantOp):
-        from llmirc.frontend.onnx_dialect import constant_value
-
-        return np.asarray(constant_value(op.value), np.float32)
-    if isinstance(op, L.TransposeOp):
-        return _weight(op.input, source).T
-    if isinstance(op, L.CastOp):
-        return _weight(op.input, source)
-    if isinstance(op, L.ConcatOp):
-        return np.concatenate([_weight(x, source) for x in op.inputs], axis=op.axis.value.data)
-    if isinstance(op, L.PackedWeightOp):
-        from llmirc import quant
-        from llmirc.frontend.packed import repack
-        from llmirc.targets.plan import quant_scheme
-
-        scheme, k = quant_scheme(v.type.element_type), L.shape_of(v)[1]
-        parts = repack(op.format.data, op.weight.data, scheme, k, source.read)
-        return quant.dequantize(parts, scheme, k).astype(np.float32)
-    raise LlmircError(f"--calibration: cannot calibrate through {op.name}")
+    scheme, k = quant_scheme(v.type.element_type), L.shape_of(v)[1]
+    parts = repack(op.format.data, op.weight.data, scheme, k, source.read)
+    return quant.dequantize(parts, scheme, k).astype(np.float32)
 
 
 def _get(env: dict, v: SSAValue, source) -> np.ndarray:

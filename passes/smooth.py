@@ -65,9 +65,11 @@ def smoothing_scales(xmax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.nda
     return np.maximum(s / np.median(s), 1.0).astype(np.float32)
 
 
-def float_value(v: SSAValue, read) -> np.ndarray | None:
-    """The float32 value of a weight expression (`read(name)`: a named weight as float32), or
-    None where it is not made of float weights alone (quantized, packed, constants)."""
+def float_value(v: SSAValue, read, packed=None) -> np.ndarray | None:
+    """The float32 value of a weight expression (`read(name)`: a named weight as float32;
+    `packed(v)`: a checkpoint's quantized weight dequantized, or None to leave those out), or
+    None where it is not made of float weights alone. Calibration's forward reads its weights
+    through this too (llmirc/calibration.py)."""
     op = v.owner
     if isinstance(op, L.WeightOp):
         return np.asarray(read(op.weight.data), np.float32) if L.is_float(v.type.element_type) else None
@@ -76,18 +78,19 @@ def float_value(v: SSAValue, read) -> np.ndarray | None:
 
         a = np.asarray(constant_value(op.value))
         return a.astype(np.float32) if a.dtype.kind == "f" else None
+    if isinstance(op, L.PackedWeightOp):
+        return None if packed is None else packed(v)
+    parts = [float_value(i, read, packed) for i in op.operands]
+    if any(p is None for p in parts):
+        return None
     if isinstance(op, (L.TransposeOp, L.CastOp)):
-        a = float_value(op.input, read)
-        return None if a is None else (a.T if isinstance(op, L.TransposeOp) else a)
+        return parts[0].T if isinstance(op, L.TransposeOp) else parts[0]
     if isinstance(op, L.ScaleOp):
-        a, s = float_value(op.input, read), float_value(op.scale, read)
-        if a is None or s is None:
-            return None
+        a, s = parts
         s = s.reshape([-1 if d == op.axis.value.data else 1 for d in range(a.ndim)])
         return a / s if op.inverse.value.data else a * s
-    if isinstance(op, L.ConcatOp) and op.axis.value.data == 0:
-        parts = [float_value(i, read) for i in op.inputs]
-        return None if any(p is None for p in parts) else np.concatenate(parts)
+    if isinstance(op, L.ConcatOp):
+        return np.concatenate(parts, axis=op.axis.value.data)
     return None
 
 
