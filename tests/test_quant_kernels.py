@@ -4,7 +4,9 @@ Every instruction path runs where this host can run it: AVX512-VNNI (native here
 (8 lanes, x86-64-v3 + avxvnni) and the generic integer path at 16, 8 and 4 lanes (x86-64-v4,
 -v3 and the baseline); AArch64's sdot (the dot product extension) and the generic path on NEON
 under qemu-user where it and a cross compiler are installed (tests/aarch64_emulator.py), and
-their code is checked for sdot everywhere. The reference dequantizes the weight (llmirc.quant.dequantize) and
+their code is checked for sdot everywhere. On hosts with AMX-INT8 the native library takes the
+tiles for T >= 32 (test_qlinear at 130 tokens, token counts 32 to 40 and a long prefill;
+test_qlinear_amx_against_vector_path). The reference dequantizes the weight (llmirc.quant.dequantize) and
 multiplies in float64 with the activations quantized exactly as the kernels quantize them
 (llmirc.quant.activation_block); the kernels then differ by f32 rounding only. A second check
 holds the result against the exact float product within the activation quantization's own
@@ -14,6 +16,7 @@ bound (half a step d/2 per value).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 
 import numpy as np
@@ -23,9 +26,11 @@ from llvmlite import ir
 import aarch64_emulator
 from llmirc import dtypes, quant
 from llmirc.quant import Scheme
+from llmirc.targets.cpu import amx
 from llmirc.targets.cpu import kernels as K
 from llmirc.targets.cpu import quant_kernels as QK
 from llmirc.targets.cpu import toolchain as tc
+from llmirc.targets.cpu.target import compile_module
 from llmirc.targets.signatures import qlinear_scratch_bytes, signature
 
 SCHEMES = {  # name -> (scheme factory of k)
@@ -140,7 +145,7 @@ def lib(request, tmp_path_factory):
     if request.param in AARCH64:
         return Lib(aarch64_emulator.build(module, variant, path.with_name("q"), [sym for sym, _, _ in specs]),
                    variant, specs, full)
-    tc.link_shared([tc.compile_object(str(module), variant)], path)
+    tc.link_shared([compile_module(module, variant)], path)
     return Lib(ctypes.CDLL(str(path)), variant, specs, full)
 
 
@@ -216,7 +221,7 @@ def test_qlinear_bias_residual(lib, rng, name):
     n, k = MAIN[name]
     scheme = SCHEMES[name](k)
     parts, w = quantized_weight(rng, scheme, n, k)
-    for T in (1, 4, 9):
+    for T in (1, 4, 9, 40):  # (40: AMX tiles where the host has AMX-INT8)
         x = rng.standard_normal((T, k)).astype(np.float32)
         bias = rng.standard_normal(n).astype(np.float32)
         res = rng.standard_normal((T, n + 3)).astype(np.float32)
@@ -370,3 +375,42 @@ def test_aarch64_dot_product_code(bits):
                                                    zero_dtype=scheme.zero_dtype, act_order=False), variant)
         assert QK.int_dot(variant)[0] == ("sdot" if want else "generic")
         assert ("sdot\tv" in tc.emit_assembly(str(module), variant)) == want, name
+
+
+def test_qlinear_amx_against_vector_path(rng, tmp_path):
+    """AMX-INT8 tiles (T >= AMX_MIN_TOKENS) against the same kernel compiled without AMX-INT8, for
+    every micro-kernel mode (row, group none / int / min), int8 and int4 codes, a tail super-block
+    and n not a multiple of 16: the same integer sums, so they differ by f32 rounding only, and do
+    differ (the tiles ran)."""
+    host = tc.host_variant()
+    if not host.has("amx-int8"):
+        pytest.skip("this host has no AMX-INT8")
+    names = ("i8_row", "i4_g32", "i8_g32_int_bf16", "i4_g32_min", "i4_g64_act")
+    specs = []
+    for name in names:
+        n, k = MAIN[name]
+        s = SCHEMES[name](k)
+        specs.append((f"q_{name}", dict(n=n, k=k, bits=s.bits, group_size=s.group_size, scale_dtype=s.scale_dtype,
+                                        zero=s.zero, zero_dtype=s.zero_dtype, act_order=s.act_order)))
+    no_amx = dataclasses.replace(host, features=host.features.replace("+amx-int8", "-amx-int8"))
+    libs = []
+    for variant, tag in ((host, "amx"), (no_amx, "vector")):
+        module = ir.Module(name=tag)
+        module.triple = variant.triple
+        for sym, params in specs:
+            QK.emit_quant_kernel(module, "qlinear", sym, params, variant)
+        assert amx.int8_used_by(module) == (tag == "amx")
+        tc.link_shared([compile_module(module, variant)], tmp_path / f"{tag}.so")
+        libs.append(Lib(ctypes.CDLL(str(tmp_path / f"{tag}.so")), variant, [(sym, "qlinear", p) for sym, p in specs], True))
+    if not libs[0].dll.llmir_amx_ready():
+        pytest.skip("the OS does not grant this process the AMX tile state")
+    for name in names:
+        n, k = MAIN[name]
+        scheme = SCHEMES[name](k)
+        parts, w = quantized_weight(rng, scheme, n, k)
+        for T in (QK.AMX_MIN_TOKENS, 47, 600):
+            x = rng.standard_normal((T, k)).astype(np.float32)
+            amx_out, vec_out = (call_qlinear(lib, f"q_{name}", scheme, parts, x) for lib in libs)
+            _, scale, _, _ = reference(x, scheme, w, parts.get("perm"))
+            assert np.all(np.abs(amx_out - vec_out) <= 4e-6 * scale + 1e-30), (name, T)
+            assert not np.array_equal(amx_out, vec_out), (name, T)

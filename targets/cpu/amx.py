@@ -1,10 +1,13 @@
-"""AMX-BF16 micro-kernels, as textual LLVM IR linked into a CPU library that calls them.
+"""AMX micro-kernels (BF16 for float linears, INT8 for quantized ones), as textual LLVM IR
+linked into a CPU library that calls them.
 
 llvmlite's IR builder has no `x86_amx` type, so these few functions are written as LLVM IR text
 with LLVM's shape-carrying AMX intrinsics (`llvm.x86.tileloadd64.internal` ...: LLVM configures
 the tiles itself) and linked into the module of the kernels that declare them
 (toolchain.compile_object's `extra`). Only the CPU variants with `amx-bf16` use them, and only
 after llmir_amx_ready() (runtime.c) said that the OS grants the tile state.
+
+BF16:
 
 llmir_amx_bf16_<NB>x2(ct, w, ldw, xp, kblocks) computes NB x 2 tiles of C^T = W . X^T:
 
@@ -68,27 +71,168 @@ def _kernel(nb: int) -> str:
     return "\n".join(lines)
 
 
-def module_text(triple: str) -> str:
-    """The micro-kernels (1 and 2 n-blocks) as an LLVM IR module for `triple`."""
-    return "\n".join([
-        f'target triple = "{triple}"',
-        "declare x86_amx @llvm.x86.tileloadd64.internal(i16, i16, ptr, i64)",
-        "declare x86_amx @llvm.x86.tdpbf16ps.internal(i16, i16, i16, x86_amx, x86_amx, x86_amx)",
-        "declare void @llvm.x86.tilestored64.internal(i16, i16, ptr, i64, x86_amx)",
-        "declare x86_amx @llvm.x86.tilezero.internal(i16, i16)",
-        _kernel(1), _kernel(2),
-        f"attributes #0 = {{ {ATTRS} }}", ""])
+# --- INT8 (qlinear, prefill)
+
+INT8_MODES = ("row", "group_none", "group_int", "group_min")
+INT8_UNROLL = 2  # sub-groups per iteration of the micro-kernels
+INT8_UNIT = 640  # bytes of one 32-input sub-group of a packed operand: a 512-byte tile, two f32 x 16
+
+
+def _int8_kernel(mode: str) -> str:
+    """llmir_amx_i8_<mode>(acc, w, x, nsub, ntb): 16 weight rows x ntb blocks of 16 tokens, over
+    nsub sub-groups of 32 inputs, each one K = 32 tile product (exact in i32) finished in f32 by the
+    vector units. One call configures the tiles once (ldtilecfg waits for every tile operation
+    before it: one per 16-token block cost a third of the kernel's time).
+
+    * `w` holds, per sub-group j at w + 640 j, the A tile (16 rows x 32 code bytes, rows 32 bytes
+      apart) and two f32 x 16 per row: s (the row's scale of that group) at +512, c at +576.
+    * `x` holds, for token block tb and sub-group j at x + 640 (nsub tb + j), the B tile (8 rows of 16 tokens x 4 activation
+      bytes: row kk holds inputs 4kk .. 4kk+3 of each token) and two f32 x 16 per token: the
+      activation block's d at +512, e at +576 (quant_kernels.py, "qlinear").
+    * `acc` receives per token block 16 rows of <16 x float> (row r at acc + 1024 tb + 64 r,
+      lane = token):
+        row:        sum_j d acc_j                 (codes signed u - center; scale applied later)
+        group_none: sum_j s (d acc_j)             (codes signed u - center)
+        group_int:  sum_j s (d acc_j + c e)       (codes unsigned, c = -z, e = d sum(q))
+        group_min:  sum_j s (d acc_j) + c e       (codes unsigned, c = the group's min)
+    Signed codes take tdpbssd, unsigned ones tdpbusd (Intel SDM: TDPBSSD, TDPBUSD; the first
+    source unsigned for the latter)."""
+    dot = "tdpbusd" if mode in ("group_int", "group_min") else "tdpbssd"
+    vf = "<16 x float>"
+    fma = f"call {vf} @llvm.fma.v16f32"
+
+    def loads(u, j):
+        """sub-group j's A and B tiles %a<u>, %b<u>"""
+        return [f"  %off{u} = mul i64 {j}, {INT8_UNIT}",
+                f"  %wp{u} = getelementptr i8, ptr %w, i64 %off{u}",
+                f"  %xp{u} = getelementptr i8, ptr %xt, i64 %off{u}",
+                f"  %a{u} = call x86_amx @llvm.x86.tileloadd64.internal(i16 16, i16 32, ptr %wp{u}, i64 32)",
+                f"  %b{u} = call x86_amx @llvm.x86.tileloadd64.internal(i16 8, i16 64, ptr %xp{u}, i64 64)"]
+
+    def product(u):
+        """their tile product %c<u> (stored by store(u))"""
+        return [f"  %z{u} = call x86_amx @llvm.x86.tilezero.internal(i16 16, i16 64)",
+                f"  %c{u} = call x86_amx @llvm.x86.{dot}.internal(i16 16, i16 64, i16 32, x86_amx %z{u}, "
+                f"x86_amx %a{u}, x86_amx %b{u})"]
+
+    def store(u):
+        """%c<u> into the i32 buffer %ct<u> (16 x 16, rows 64 bytes)"""
+        return [f"  call void @llvm.x86.tilestored64.internal(i16 16, i16 64, ptr %ct{u}, i64 64, x86_amx %c{u})"]
+
+    def finish(u, f, g):
+        """accumulators %<g>r = %<f>r + sub-group u's products (buffer %ct<u>, pointers %wp<u>, %xp<u>)"""
+        lines = [f"  %dp{u} = getelementptr i8, ptr %xp{u}, i64 512", f"  %d{u} = load {vf}, ptr %dp{u}, align 64",
+                 f"  %ep{u} = getelementptr i8, ptr %xp{u}, i64 576", f"  %e{u} = load {vf}, ptr %ep{u}, align 64"]
+
+        def splat(name, off):
+            return [f"  %{name}.p = getelementptr i8, ptr %wp{u}, i64 {off}",
+                    f"  %{name}.f = load float, ptr %{name}.p, align 4",
+                    f"  %{name}.i = insertelement {vf} poison, float %{name}.f, i64 0",
+                    f"  %{name} = shufflevector {vf} %{name}.i, {vf} poison, <16 x i32> zeroinitializer"]
+        for r in range(16):
+            v, out = f"{u}.{r}", f"%{g}{r}"
+            lines += [f"  %cp{v} = getelementptr i8, ptr %ct{u}, i64 {64 * r}",
+                      f"  %ci{v} = load <16 x i32>, ptr %cp{v}, align 64",
+                      f"  %cf{v} = sitofp <16 x i32> %ci{v} to {vf}"]
+            if mode == "row":
+                lines.append(f"  {out} = {fma}({vf} %cf{v}, {vf} %d{u}, {vf} %{f}{r})")
+                continue
+            lines += splat(f"s{v}", 512 + 4 * r)
+            if mode == "group_int":
+                lines += splat(f"k{v}", 576 + 4 * r)
+                lines += [f"  %ke{v} = fmul {vf} %k{v}, %e{u}",
+                          f"  %t{v} = {fma}({vf} %cf{v}, {vf} %d{u}, {vf} %ke{v})",
+                          f"  {out} = {fma}({vf} %s{v}, {vf} %t{v}, {vf} %{f}{r})"]
+            elif mode == "group_min":
+                lines += splat(f"k{v}", 576 + 4 * r)
+                lines += [f"  %t{v} = fmul {vf} %cf{v}, %d{u}",
+                          f"  %h{v} = {fma}({vf} %k{v}, {vf} %e{u}, {vf} %{f}{r})",
+                          f"  {out} = {fma}({vf} %s{v}, {vf} %t{v}, {vf} %h{v})"]
+            else:
+                lines += [f"  %t{v} = fmul {vf} %cf{v}, %d{u}",
+                          f"  {out} = {fma}({vf} %s{v}, {vf} %t{v}, {vf} %{f}{r})"]
+        return lines
+
+    # main loop: INT8_UNROLL sub-groups per iteration, their tile products first, all live at once
+    # so that each has a tile register of its own (tiles are not renamed: one register reused
+    # would serialize load, product and store), then their f32 finishing; then one at a time
+    U = INT8_UNROLL
+    lines = [f"define hidden void @llmir_amx_i8_{mode}(ptr %acc, ptr %w, ptr %x, i64 %nsub, i64 %ntb) "
+             "noinline #0 {", "entry:"]
+    lines += [f"  %ct{u} = alloca [256 x i32], align 64" for u in range(U)]
+    lines += ["  br label %tb.hdr", "tb.hdr:", "  %tb = phi i64 [0, %entry], [%tb1, %done]",
+              "  %tbs = icmp ult i64 %tb, %ntb", "  br i1 %tbs, label %tb.body, label %exit", "tb.body:",
+              "  %xo = mul i64 %tb, %nsub", f"  %xo1 = mul i64 %xo, {INT8_UNIT}",
+              "  %xt = getelementptr i8, ptr %x, i64 %xo1", "  %ao = mul i64 %tb, 1024",
+              "  %acct = getelementptr i8, ptr %acc, i64 %ao",
+              "  br label %main.hdr", "main.hdr:", "  %j = phi i64 [0, %tb.body], [%jn, %main]"]
+    lines += [f"  %f{r} = phi {vf} [zeroinitializer, %tb.body], [%m{U - 1}.{r}, %main]" for r in range(16)]
+    lines += [f"  %jn = add i64 %j, {U}", "  %room = icmp ule i64 %jn, %nsub",
+              "  br i1 %room, label %main, label %rest.hdr", "main:"]
+    for u in range(U):  # every tile loaded first, then the products, then the stores: all live at
+        lines += [f"  %j.{u} = add i64 %j, {u}"] + loads(u, f"%j.{u}")  # once, in registers of their own
+    for u in range(U):
+        lines += product(u)
+    for u in range(U):
+        lines += store(u)
+    for u in range(U):
+        lines += finish(u, "f" if u == 0 else f"m{u - 1}.", f"m{u}.")
+    lines += ["  br label %main.hdr", "rest.hdr:", "  %jr = phi i64 [%j, %main.hdr], [%jr1, %rest]"]
+    lines += [f"  %q{r} = phi {vf} [%f{r}, %main.hdr], [%rr.{r}, %rest]" for r in range(16)]
+    lines += ["  %left = icmp ult i64 %jr, %nsub", "  br i1 %left, label %rest, label %done", "rest:"]
+    lines += loads(U, "%jr") + product(U) + [line.replace(f"%ct{U}", "%ct0") for line in store(U)]
+    lines += [line.replace(f"%ct{U}", "%ct0") for line in finish(U, "q", "rr.")]
+    lines += ["  %jr1 = add i64 %jr, 1", "  br label %rest.hdr", "done:"]
+    for r in range(16):
+        lines += [f"  %op{r} = getelementptr i8, ptr %acct, i64 {64 * r}",
+                  f"  store {vf} %q{r}, ptr %op{r}, align 4"]
+    lines += ["  %tb1 = add i64 %tb, 1", "  br label %tb.hdr", "exit:", "  ret void", "}"]
+    return "\n".join(lines)
+
+
+def module_text(triple: str, int8: bool = False) -> str:
+    """The micro-kernels as an LLVM IR module for `triple`: BF16 (1 and 2 n-blocks), and with
+    `int8` the INT8 ones (every mode)."""
+    parts = [f'target triple = "{triple}"',
+             "declare x86_amx @llvm.x86.tileloadd64.internal(i16, i16, ptr, i64)",
+             "declare x86_amx @llvm.x86.tdpbf16ps.internal(i16, i16, i16, x86_amx, x86_amx, x86_amx)",
+             "declare void @llvm.x86.tilestored64.internal(i16, i16, ptr, i64, x86_amx)",
+             "declare x86_amx @llvm.x86.tilezero.internal(i16, i16)",
+             _kernel(1), _kernel(2)]
+    attrs = ATTRS
+    if int8:
+        parts += ["declare x86_amx @llvm.x86.tdpbssd.internal(i16, i16, i16, x86_amx, x86_amx, x86_amx)",
+                  "declare x86_amx @llvm.x86.tdpbusd.internal(i16, i16, i16, x86_amx, x86_amx, x86_amx)",
+                  "declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)"]
+        parts += [_int8_kernel(m) for m in INT8_MODES]
+        attrs = ATTRS.replace("+amx-bf16", "+amx-bf16,+amx-int8")
+    parts += [f"attributes #0 = {{ {attrs} }}", ""]
+    return "\n".join(parts)
 
 
 def declare(module: ir.Module, nb: int) -> ir.Function:
     """The llvmlite declaration of llmir_amx_bf16_<nb>x2 (defined by module_text)."""
-    name = f"llmir_amx_bf16_{nb}x2"
+    return _declare(module, f"llmir_amx_bf16_{nb}x2", 5, int8=False)
+
+
+def declare_int8(module: ir.Module, mode: str) -> ir.Function:
+    """The llvmlite declaration of llmir_amx_i8_<mode>(acc, w, x, nsub, ntb) (defined by
+    module_text)."""
+    return _declare(module, f"llmir_amx_i8_{mode}", 5, int8=True)
+
+
+def _declare(module: ir.Module, name: str, nargs: int, int8: bool) -> ir.Function:
     fn = module.globals.get(name)
     if fn is None:
         ptr, i64 = ir.PointerType(), ir.IntType(64)
-        fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [ptr, ptr, i64, ptr, i64]), name)
+        types = [ptr, ptr, ptr, i64, i64] if int8 else [ptr, ptr, i64, ptr, i64]
+        fn = ir.Function(module, ir.FunctionType(ir.VoidType(), types), name)
     return fn
 
 
 def used_by(module: ir.Module) -> bool:
-    return any(name.startswith("llmir_amx_bf16_") for name in module.globals)
+    return any(name.startswith("llmir_amx_") for name in module.globals)
+
+
+def int8_used_by(module: ir.Module) -> bool:
+    return any(name.startswith("llmir_amx_i8_") for name in module.globals)

@@ -38,6 +38,7 @@ from llvmlite import ir
 
 from llmirc.quant import LANES, Scheme
 
+from . import amx
 from . import irbuilder as irb
 from .irbuilder import F32, I32, I64, PTR, f32, i64
 from .toolchain import CpuVariant
@@ -164,24 +165,9 @@ def _emit_qlinear(module, fn, b, A, p, variant):
         dptr, eptr = irb.gep(cb, dst, d_off, I8), irb.gep(cb, dst, e_off, I8)
 
         def block(cb, j, sb, lane, r):
-            if s.act_order:
-                v = ir.Constant(irb.vty(sg), None)
-                for e in range(sg):
-                    col = irb.load_i32(cb, X.perm, cb.add(cb.mul(j, i64(sg)), i64(e)))
-                    v = cb.insert_element(v, irb.load_f32(cb, xrow, col), irb.i32(e))
-            else:
-                v = irb.load_vec(cb, xrow, cb.mul(j, i64(sg)), sg)
-            amax = irb.hmax(cb, irb.intrinsic(cb, "llvm.fabs", [v]))
-            d = cb.fdiv(amax, f32(127.0))
-            inv = cb.select(cb.fcmp_ordered("==", d, f32(0.0)), f32(0.0), cb.fdiv(f32(1.0), d))
-            q = cb.fptosi(irb.intrinsic(cb, "llvm.rint", [cb.fmul(v, irb.splat(cb, inv, sg))]), irb.vty(sg, I32))
-            total = cb.call(irb.declare(module, f"llvm.vector.reduce.add.v{sg}i32", I32, [q.type]), [q])
-            e = cb.fmul(d, cb.sitofp(total, F32))
-            if s.zero == "none":
-                e = cb.fmul(e, f32(-s.center))
+            q8, d, e = _quantize_block(module, cb, X, xrow, j, s)
             cb.store(d, irb.gep(cb, dptr, j), align=4)
             cb.store(e, irb.gep(cb, eptr, j), align=4)
-            q8 = cb.trunc(q, irb.vty(sg, I8))
             base = cb.add(cb.mul(sb, i64(sb_elems)), cb.mul(lane, i64(4)))
             for tt in range(steps):
                 word = cb.bitcast(irb.shuffle(cb, q8, q8, range(4 * tt, 4 * tt + 4)), I32)
@@ -311,8 +297,7 @@ def _emit_qlinear(module, fn, b, A, p, variant):
             irb.store_vec(cb, v, X.out, cb.add(cb.mul(t, X.ld_out), j0))
 
     # -- the caller: quantize the activations, then token slices x one parallel pass over row blocks
-    T = A.T
-    with b.if_then(b.icmp_signed(">", T, i64(0))):
+    def vector_path():
         irb.parallel_for(module, b, T, quantize_token, irb.min_items(8 * k, _GRAIN))
         TB = max(C, (_XQ_BYTES // S) // C * C)
         with irb.for_range(b, 0, T, TB, "tsl") as t_lo:
@@ -327,7 +312,223 @@ def _emit_qlinear(module, fn, b, A, p, variant):
                                 lambda cb, X, j0, r, pf, ex: _token_groups(cb, X, j0, r, pf, ex, micro,
                                                                            range(max(1, cs[0] - 1), cs[-1] + 1)),
                                 (t_lo, ng, base, extra))
+
+    T = A.T
+    with b.if_then(b.icmp_signed(">", T, i64(0))):
+        if amx_applies(s, k, variant):
+            ready = b.call(irb.declare(module, "llmir_amx_ready", I32, []), [])
+            tiles = b.and_(b.icmp_signed(">=", T, i64(AMX_MIN_TOKENS)), b.icmp_signed("!=", ready, irb.i32(0)))
+            with b.if_else(tiles) as (amx_path, vectors):
+                with amx_path:
+                    _amx_qlinear(module, fn, b, p, s)
+                with vectors:
+                    vector_path()
+        else:
+            vector_path()
     b.ret_void()
+
+
+def _quantize_block(module, cb, X, xrow, j, s: Scheme):
+    """Sub-group j of the activation row at xrow (through `perm` with act-order), quantized as
+    every qlinear path does: (q <sg x i8>, d = max|x| / 127, e) with q = rint(x / d) and e as the
+    module docstring says."""
+    sg = s.sub_group
+    if s.act_order:
+        v = ir.Constant(irb.vty(sg), None)
+        for e in range(sg):
+            col = irb.load_i32(cb, X.perm, cb.add(cb.mul(j, i64(sg)), i64(e)))
+            v = cb.insert_element(v, irb.load_f32(cb, xrow, col), irb.i32(e))
+    else:
+        v = irb.load_vec(cb, xrow, cb.mul(j, i64(sg)), sg)
+    amax = irb.hmax(cb, irb.intrinsic(cb, "llvm.fabs", [v]))
+    d = cb.fdiv(amax, f32(127.0))
+    inv = cb.select(cb.fcmp_ordered("==", d, f32(0.0)), f32(0.0), cb.fdiv(f32(1.0), d))
+    q = cb.fptosi(irb.intrinsic(cb, "llvm.rint", [cb.fmul(v, irb.splat(cb, inv, sg))]), irb.vty(sg, I32))
+    total = cb.call(irb.declare(module, f"llvm.vector.reduce.add.v{sg}i32", I32, [q.type]), [q])
+    e = cb.fmul(d, cb.sitofp(total, F32))
+    if s.zero == "none":
+        e = cb.fmul(e, f32(-s.center))
+    return cb.trunc(q, irb.vty(sg, I8)), d, e
+
+
+# --- qlinear on AMX-INT8 tiles (prefill)
+
+AMX_MIN_TOKENS = 32            # fewer tokens take the vector path (the crossover: benchmarks/qlinear.py)
+_AMX_PANEL_BYTES = 1 << 20     # packed activations of a token panel stay in L2
+_AMX_WBUF_MAX = 512 * 1024     # a 16-row block's repacked weights (20 bytes per input) on the stack
+
+
+def amx_applies(s: Scheme, k: int, variant: CpuVariant) -> bool:
+    """Schemes with 32-input sub-groups on a variant with AMX-INT8 (tiles used at run time only
+    when the OS grants them and T >= AMX_MIN_TOKENS)."""
+    return (variant.has("amx-int8") and variant.has("avx512f") and s.sub_group == 32
+            and (k // 32) * amx.INT8_UNIT <= _AMX_WBUF_MAX)
+
+
+def _amx_mode(s: Scheme, k: int) -> str:
+    if s.zero == "none":
+        return "row" if s.group_size == k else "group_none"
+    return f"group_{s.zero}"
+
+
+def _amx_qlinear(module, fn, b, p, s: Scheme):
+    """qlinear with AMX-INT8 tiles: the same integer sums as the vector path (one K = 32 tile
+    product per sub-group), finished in f32 (amx.py, "INT8"). Per panel of tokens: the activations
+    are quantized (as every path does) into B tiles of 16 tokens, in parallel over tokens; then
+    threads claim 16-row blocks of the weight, repack the block's codes into A tiles (signed
+    u - center for symmetric codes), with its scales as f32, and run the micro-kernel over the
+    panel's 16-token blocks, transposing its 16 x 16 results into out."""
+    n, k, bits, G = p.n, p.k, p.bits, p.group_size
+    nsub = k // 32
+    nfull, r_tail = divmod(nsub, LANES)
+    U = amx.INT8_UNIT
+    row_bytes = k * bits // 8
+    sb_code = LANES * 32 * bits // 8
+    mode = _amx_mode(s, k)
+    signed = s.zero == "none"
+    sst = irb.storage(s.scale_dtype)
+    T = _arg(fn, "T")
+    panel = max(16, min(512, _AMX_PANEL_BYTES // (nsub * U // 16) // 16 * 16))
+    xp = b.call(irb.declare(module, "llmir_scratch", PTR, [I64]), [i64(panel // 16 * nsub * U)])
+
+    def pack(cb, tb, vals):
+        """tokens t_lo + 16 tb .. (+16, or to tn): each sub-group's codes into column t % 16 of its B
+        tile, with d and e (one thread per 16-token block: its tiles share cache lines)"""
+        X, (t_lo, xp_, tn) = SimpleNamespace(**{a.name: v for a, v in zip(fn.args, vals)}), vals[len(fn.args):]
+        first = cb.mul(tb, i64(nsub * U))
+        with irb.for_range(cb, 0, irb.imin(cb, i64(16), cb.sub(tn, cb.mul(tb, i64(16)))), 1, "tok") as c:
+            xrow = irb.gep(cb, X.x, cb.mul(cb.add(t_lo, cb.add(cb.mul(tb, i64(16)), c)), X.ld_x))
+            col = cb.mul(c, i64(4))
+            with irb.for_range(cb, 0, nsub, 1, "sub") as j:
+                q8, d, e = _quantize_block(module, cb, X, xrow, j, s)
+                unit = irb.gep(cb, xp_, cb.add(first, cb.add(cb.mul(j, i64(U)), col)), I8)
+                for kk in range(8):
+                    word = cb.bitcast(irb.shuffle(cb, q8, q8, range(4 * kk, 4 * kk + 4)), I32)
+                    cb.store(word, irb.gep(cb, unit, i64(64 * kk), I8), align=4)
+                cb.store(d, irb.gep(cb, unit, i64(512), I8), align=4)
+                cb.store(e, irb.gep(cb, unit, i64(576), I8), align=4)
+        # the columns past tn: d = e = 0 (their results are not stored, but stale floats there can be
+        # subnormal, and the micro-kernel's FMAs on subnormals take microcode assists)
+        with irb.for_range(cb, cb.sub(tn, cb.mul(tb, i64(16))), 16, 1, "pad") as c:
+            with irb.for_range(cb, 0, nsub, 1, "psub") as j:
+                unit = irb.gep(cb, xp_, cb.add(first, cb.add(cb.mul(j, i64(U)), cb.mul(c, i64(4)))), I8)
+                for off in (512, 576):
+                    cb.store(f32(0.0), irb.gep(cb, unit, i64(off), I8), align=4)
+
+    def code_words(cb, row, j):
+        """the 8 words (4 codes each, inputs 4kk .. 4kk+3 of sub-group j) of a weight row, as
+        stored in the super-block layout, as bytes ready for the A tile"""
+        sb, lane = cb.udiv(j, i64(LANES)), cb.urem(j, i64(LANES))
+        lanes = cb.select(cb.icmp_signed("<", sb, i64(nfull)), i64(LANES), i64(r_tail or LANES))
+        base = cb.add(cb.mul(sb, i64(sb_code)), cb.mul(lane, i64(4)))
+        words = []
+        for kk in range(8):
+            unit = kk if bits == 8 else kk // 2
+            raw = _load_bytes(cb, row, cb.add(base, cb.mul(lanes, i64(4 * unit))), 4)
+            if bits == 4:
+                raw = cb.and_(cb.lshr(raw, ir.Constant(raw.type, [4 * (kk % 2)] * 4)), ir.Constant(raw.type, [15] * 4))
+            if signed:
+                raw = cb.sub(raw, ir.Constant(raw.type, [s.center] * 4))
+            words.append(raw)
+        return words
+
+    def repack_super_block(cb, codes, sb, wbuf, r):
+        """row r of the A tiles of a full super-block's 16 sub-groups: step kk's 16 lanes (one word
+        of each sub-group) loaded as a vector, the 8 steps transposed into 8 words per sub-group"""
+        steps = []
+        for c in range(8 if bits == 8 else 4):
+            v = _load_bytes(cb, codes, cb.add(cb.mul(sb, i64(sb_code)), i64(64 * c)), 64)
+            if bits == 4:
+                steps += [cb.and_(v, ir.Constant(v.type, [15] * 64)), cb.lshr(v, ir.Constant(v.type, [4] * 64))]
+            else:
+                steps.append(v)
+        if signed:
+            steps = [cb.sub(v, ir.Constant(v.type, [s.center] * 64)) for v in steps]
+        words = [cb.bitcast(v, irb.vty(16, I32)) for v in steps]
+        pad = ir.Constant(irb.vty(16, I32), None)
+        for lane, v in enumerate(irb.transpose(cb, words + [pad] * 8)):
+            unit = irb.gep(cb, wbuf, cb.add(cb.mul(cb.add(cb.mul(sb, i64(LANES)), i64(lane)), i64(U)), i64(32 * r)), I8)
+            cb.store(irb.shuffle(cb, v, v, range(8)), unit, align=4)
+
+    def compute(cb, item, vals):
+        """rows n0 = 16 item .. n0 + 15 (the last row repeated past n) over the panel"""
+        X, (t_lo, xp_, tn) = SimpleNamespace(**{a.name: v for a, v in zip(fn.args, vals)}), vals[len(fn.args):]
+        n0 = cb.mul(item, i64(16))
+        nv = irb.imin(cb, i64(16), cb.sub(i64(n), n0))
+        wbuf = irb.var(cb, ir.ArrayType(I8, nsub * U + 64), name="wbuf")
+        wbuf.align = 64
+        acc = irb.var(cb, ir.ArrayType(F32, 256 * (panel // 16)), name="acc")
+        acc.align = 64
+        ngroups = k // G
+        for r in range(16):
+            row = cb.add(n0, irb.imin(cb, i64(r), cb.sub(nv, i64(1))))
+            codes = irb.gep(cb, X.codes, cb.mul(row, i64(row_bytes)), I8)
+            if nfull:
+                with irb.for_range(cb, 0, nfull, 1, "rps") as sb:
+                    repack_super_block(cb, codes, sb, wbuf, r)
+            if r_tail:
+                with irb.for_range(cb, nfull * LANES, nsub, 1, "rpt") as j:
+                    unit = irb.gep(cb, wbuf, cb.mul(j, i64(U)), I8)
+                    for kk, word in enumerate(code_words(cb, codes, j)):
+                        cb.store(word, irb.gep(cb, unit, i64(32 * r + 4 * kk), I8), align=4)
+            if mode == "row":
+                cb.store(sst.load(cb, X.scales, row, 0), irb.gep(cb, wbuf, i64(nsub * U + 4 * r), I8), align=4)
+                continue
+            with irb.for_range(cb, 0, nsub, 1, "rpg") as j:  # the group's scale (and zero or min) as f32
+                unit = irb.gep(cb, wbuf, cb.mul(j, i64(U)), I8)
+                g = cb.add(cb.mul(row, i64(ngroups)), cb.udiv(cb.mul(j, i64(32)), i64(G)))
+                cb.store(sst.load(cb, X.scales, g, 0), irb.gep(cb, unit, i64(512 + 4 * r), I8), align=4)
+                if s.zero == "int":
+                    z = cb.uitofp(cb.load(irb.gep(cb, X.zeros, g, I8), typ=I8), F32)
+                    cb.store(cb.fneg(z), irb.gep(cb, unit, i64(576 + 4 * r), I8), align=4)
+                elif s.zero == "min":
+                    cb.store(sst.load(cb, X.zeros, g, 0), irb.gep(cb, unit, i64(576 + 4 * r), I8), align=4)
+        micro = amx.declare_int8(module, mode)
+        srow = irb.load_vec(cb, irb.gep(cb, wbuf, i64(nsub * U), I8), 0, 16) if mode == "row" else None
+        ntb = cb.sdiv(cb.add(tn, i64(15)), i64(16))
+        cb.call(micro, [acc, wbuf, xp_, i64(nsub), ntb])
+        with irb.for_range(cb, 0, ntb, 1, "tb") as tb:
+            cols = irb.transpose(cb, [irb.load_vec(cb, acc, cb.add(cb.mul(tb, i64(256)), i64(16 * r)), 16)
+                                      for r in range(16)])
+            for c, v in enumerate(cols):  # token c of the block: rows n0 .. n0 + 15
+                t = cb.add(t_lo, cb.add(cb.mul(tb, i64(16)), i64(c)))
+                with cb.if_then(cb.icmp_signed("<", t, T)):
+                    if srow is not None:
+                        v = cb.fmul(v, srow)
+                    with cb.if_else(cb.icmp_signed("==", nv, i64(16))) as (full, part):
+                        with full:
+                            _finish(cb, X, p, v, t, n0, 16)
+                        with part:
+                            with irb.for_range(cb, 0, nv, 1, "rv") as ri:
+                                _finish(cb, X, p, cb.extract_element(v, ri), t, cb.add(n0, ri), 0)
+
+    with irb.for_range(b, 0, T, panel, "panel") as t_lo:
+        tn = irb.imin(b, i64(panel), b.sub(T, t_lo))
+        ntb = b.sdiv(b.add(tn, i64(15)), i64(16))
+        irb.parallel_for(module, b, ntb, pack, irb.min_items(128 * k, _GRAIN), captures=list(fn.args) + [t_lo, xp, tn],
+                         dynamic=1)
+        irb.parallel_for(module, b, i64(-(-n // 16)), compute, irb.min_items(16 * k, _GRAIN),
+                         captures=list(fn.args) + [t_lo, xp, tn])
+
+
+def _finish(cb, X, p, v, t, col, width):
+    """out[t, col : col + width] = v (+ bias) (+ residual); width 0: one scalar"""
+    if p.bias:
+        v = cb.fadd(v, irb.load_vec(cb, X.bias, col, width) if width else irb.load_f32(cb, X.bias, col))
+    res_at = cb.add(cb.mul(t, X.ld_res), col) if p.residual else None
+    out_at = cb.add(cb.mul(t, X.ld_out), col)
+    if width:
+        if p.residual:
+            v = cb.fadd(v, irb.load_vec(cb, X.residual, res_at, width))
+        irb.store_vec(cb, v, X.out, out_at)
+    else:
+        if p.residual:
+            v = cb.fadd(v, irb.load_f32(cb, X.residual, res_at))
+        cb.store(v, irb.gep(cb, X.out, out_at))
+
+
+def _arg(fn, name):
+    return next(a for a in fn.args if a.name == name)
 
 
 def _row_blocks(module, b, fn, R, n, k, row_bytes, block, extra):

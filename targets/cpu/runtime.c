@@ -191,13 +191,16 @@ void llmir_parallel(llmir_task fn, void *ctx, int nthreads) {
 }
 
 /* 1 when this process may use AMX tiles: asks the kernel for the XTILEDATA state component once
- * (arch_prctl ARCH_REQ_XCOMP_PERM; Linux >= 5.16), 0 when refused or not x86-64 Linux. */
+ * (arch_prctl ARCH_REQ_XCOMP_PERM; Linux >= 5.16), 0 when refused, not x86-64 Linux, or turned off
+ * with LLMIR_AMX=0 in the environment (the vector paths then run: for comparisons and bisection). */
 int llmir_amx_ready(void) {
     static _Atomic int state;  /* 0 unknown, 1 granted, 2 refused */
     int s = atomic_load_explicit(&state, memory_order_acquire);
     if (s == 0) {
 #if defined(__x86_64__) && defined(SYS_arch_prctl)
-        s = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : 2;
+        const char *env = getenv("LLMIR_AMX");
+        if (env && env[0] == '0' && env[1] == 0) s = 2;
+        else s = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : 2;
 #else
         s = 2;
 #endif

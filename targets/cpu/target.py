@@ -47,7 +47,7 @@ def llvm_module(plan: Plan, variant: CpuVariant) -> ir.Module:
 
 def extra_modules(module: ir.Module, variant: CpuVariant) -> tuple[str, ...]:
     """LLVM IR texts the module's kernels call into (the AMX micro-kernels)."""
-    return (amx.module_text(variant.triple),) if amx.used_by(module) else ()
+    return (amx.module_text(variant.triple, int8=amx.int8_used_by(module)),) if amx.used_by(module) else ()
 
 
 def compile_module(module: ir.Module, variant: CpuVariant) -> bytes:
