@@ -9,16 +9,19 @@ after llmir_amx_ready() (runtime.c) said that the OS grants the tile state.
 
 BF16:
 
-llmir_amx_bf16_<NB>x2(ct, w, ldw, xp, kblocks) computes NB x 2 tiles of C^T = W . X^T:
+llmir_amx_bf16_<NB>x2(ct, w, ldw, xp, kblocks, nblocks) computes NB x 2 tiles of C^T = W . X^T
+for each of nblocks blocks of 32 tokens (one call configures the tiles once: ldtilecfg waits for
+every earlier tile operation, and one per 32-token block cost an eighth of the kernel's time):
 
 * `w` points at row n0 of a row-major bf16 weight [n, k] (`ldw` bytes per row); the A tile of
   n-block i, k-block kb (16 rows x 32 bf16) is at w + 16*i*ldw + 64*kb.
-* `xp` holds 32 tokens of X packed for the B operand (VNNI pairs): for k-block kb, part h (0: the
+* `xp` holds, per block of 32 tokens (4096 * kblocks bytes apart), X packed for the B operand
+  (VNNI pairs): for k-block kb, part h (0: the
   bf16 rounding of x, 1: the bf16 rounding of what that left, so that hi + lo carries ~16 bits of
   x's mantissa) and token block tb (16 tokens), a 1 KiB tile at xp + 4096*kb + 2048*h + 1024*tb
   whose row r holds (x[t][32 kb + 2r], x[t][32 kb + 2r + 1]) for t = 0..15.
-* `ct` receives the f32 results: tile (i, tb) = C^T[16 n][16 t] at ct + 1024*(2*i + tb), rows of
-  64 bytes: ct(i, tb)[r][c] = sum_k w[n0 + 16i + r][k] * (hi + lo)(x[16 tb + c][k]).
+* `ct` receives the f32 results, per block of 32 tokens (2048 * NB bytes apart): tile (i, tb) =
+  C^T[16 n][16 t] at ct + 1024*(2*i + tb), rows of 64 bytes: ct(i, tb)[r][c] = sum_k w[n0 + 16i + r][k] * (hi + lo)(x[16 tb + c][k]).
 
 tdpbf16ps multiplies bf16 pairs exactly and accumulates in f32 (Intel SDM, TDPBF16PS), so the
 only rounding besides f32 accumulation is that of x into hi + lo (relative 2^-18).
@@ -33,16 +36,19 @@ ATTRS = '"target-features"="+amx-tile,+amx-bf16,+avx512f"'
 
 def _kernel(nb: int) -> str:
     name = f"llmir_amx_bf16_{nb}x2"
-    lines = [f"define hidden void @{name}(ptr %ct, ptr %w, i64 %ldw, ptr %xp, i64 %kblocks) noinline #0 {{",
-             "entry:"]
+    lines = [f"define hidden void @{name}(ptr %ct0, ptr %w, i64 %ldw, ptr %xp0, i64 %kblocks, i64 %nblocks) "
+             "noinline #0 {", "entry:", "  %a16 = mul i64 %ldw, 16", "  %xstride = mul i64 %kblocks, 4096",
+             "  br label %blk.hdr", "blk.hdr:", "  %blk = phi i64 [0, %entry], [%blk1, %done]",
+             "  %blks = icmp ult i64 %blk, %nblocks", "  br i1 %blks, label %blk.body, label %exit", "blk.body:",
+             "  %xo = mul i64 %blk, %xstride", "  %xp = getelementptr i8, ptr %xp0, i64 %xo",
+             f"  %co = mul i64 %blk, {2048 * nb}", "  %ct = getelementptr i8, ptr %ct0, i64 %co"]
     for i in range(nb):
         for tb in range(2):
             lines.append(f"  %z{i}{tb} = call x86_amx @llvm.x86.tilezero.internal(i16 16, i16 64)")
-    lines += ["  %a16 = mul i64 %ldw, 16", "  br label %loop", "loop:",
-              "  %kb = phi i64 [0, %entry], [%kb1, %loop]"]
+    lines += ["  br label %loop", "loop:", "  %kb = phi i64 [0, %blk.body], [%kb1, %loop]"]
     for i in range(nb):
         for tb in range(2):
-            lines.append(f"  %c{i}{tb} = phi x86_amx [%z{i}{tb}, %entry], [%n{i}{tb}_1, %loop]")
+            lines.append(f"  %c{i}{tb} = phi x86_amx [%z{i}{tb}, %blk.body], [%n{i}{tb}_1, %loop]")
     lines.append("  %ka = mul i64 %kb, 64")
     for i in range(nb):
         lines += [f"  %ao{i} = add i64 %ka, {'0' if i == 0 else '%a16'}",
@@ -67,7 +73,7 @@ def _kernel(nb: int) -> str:
             lines += [f"  %cp{i}{tb} = getelementptr i8, ptr %ct, i64 {1024 * (2 * i + tb)}",
                       f"  call void @llvm.x86.tilestored64.internal(i16 16, i16 64, ptr %cp{i}{tb}, i64 64, "
                       f"x86_amx %n{i}{tb}_1)"]
-    lines += ["  ret void", "}"]
+    lines += ["  %blk1 = add i64 %blk, 1", "  br label %blk.hdr", "exit:", "  ret void", "}"]
     return "\n".join(lines)
 
 
@@ -212,20 +218,20 @@ def module_text(triple: str, int8: bool = False) -> str:
 
 def declare(module: ir.Module, nb: int) -> ir.Function:
     """The llvmlite declaration of llmir_amx_bf16_<nb>x2 (defined by module_text)."""
-    return _declare(module, f"llmir_amx_bf16_{nb}x2", 5, int8=False)
+    return _declare(module, f"llmir_amx_bf16_{nb}x2", int8=False)
 
 
 def declare_int8(module: ir.Module, mode: str) -> ir.Function:
     """The llvmlite declaration of llmir_amx_i8_<mode>(acc, w, x, nsub, ntb) (defined by
     module_text)."""
-    return _declare(module, f"llmir_amx_i8_{mode}", 5, int8=True)
+    return _declare(module, f"llmir_amx_i8_{mode}", int8=True)
 
 
-def _declare(module: ir.Module, name: str, nargs: int, int8: bool) -> ir.Function:
+def _declare(module: ir.Module, name: str, int8: bool) -> ir.Function:
     fn = module.globals.get(name)
     if fn is None:
         ptr, i64 = ir.PointerType(), ir.IntType(64)
-        types = [ptr, ptr, ptr, i64, i64] if int8 else [ptr, ptr, i64, ptr, i64]
+        types = [ptr, ptr, ptr, i64, i64] if int8 else [ptr, ptr, i64, ptr, i64, i64]
         fn = ir.Function(module, ir.FunctionType(ir.VoidType(), types), name)
     return fn
 

@@ -531,17 +531,18 @@ def _amx_linear(module, fn, b, p):
         """rows n0 = 32*item (.. +32, or +16 for the last of an odd count) over the panel"""
         A, (t_lo, xp_, tn) = _args(fn, vals), vals[len(fn.args):]
         n0 = cb.mul(item, i64(32))
-        ct = irb.var(cb, ir.ArrayType(F32, 2 * 2 * 256), name="ct")
+        ct = irb.var(cb, ir.ArrayType(F32, panel // 32 * 2 * 2 * 256), name="ct")
         w = bf16.gep(cb, A.w, cb.mul(n0, i64(p.k)))
 
         def blocks(nb):
             micro = amx.declare(module, nb)
-            with irb.for_range(cb, 0, cb.sdiv(cb.add(tn, i64(31)), i64(32)), 1, "tb32") as tb:
-                cb.call(micro, [ct, w, i64(2 * p.k), irb.gep(cb, xp_, cb.mul(tb, i64(KB * 4096)), irb.I8),
-                                i64(KB)])
+            nblocks = cb.sdiv(cb.add(tn, i64(31)), i64(32))
+            cb.call(micro, [ct, w, i64(2 * p.k), xp_, i64(KB), nblocks])
+            with irb.for_range(cb, 0, nblocks, 1, "tb32") as tb:
                 for i in range(nb):
                     for h in range(2):
-                        tile = [irb.load_vec(cb, ct, (2 * i + h) * 256 + 16 * r, 16) for r in range(16)]
+                        first = cb.add(cb.mul(tb, i64(nb * 2 * 256)), i64((2 * i + h) * 256))
+                        tile = [irb.load_vec(cb, ct, cb.add(first, i64(16 * r)), 16) for r in range(16)]
                         cols = cb.add(n0, i64(16 * i))
                         bias = irb.load_vec(cb, A.bias, cols, 16) if p.bias else None
                         for c, v in enumerate(irb.transpose(cb, tile)):  # token c of the tile
