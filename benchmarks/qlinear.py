@@ -2,7 +2,9 @@
 
 Compiles the qlinear kernel for each shape and scheme twice for this host, once as is and once
 with AMX-INT8 turned off in the variant's features (the vector path), and prints the median time
-of each over token counts, as tokens/s and GMAC/s (n * k multiply-adds per token), with the ratio.
+of each over token counts (the two alternating, so that drift in the machine's load hits both) as
+GMAC/s (n * k multiply-adds per token), with the ratio. Below AMX_MIN_TOKENS (32) both run the
+vector path, so those rows show the measurement's own noise.
 Both paths compute the same integer sums (targets/cpu/quant_kernels.py); the check column is the
 largest difference of their outputs relative to the output's scale.
 
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="16,32,64,128,512")
     ap.add_argument("--shapes", default="960x576,576x576,3072x576,576x1536", help="n x k, comma-separated")
     ap.add_argument("--schemes", default="int8,int4", help=",".join(SCHEMES))
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
     a = ap.parse_args(argv)
     host = tc.host_variant()
     if not host.has("amx-int8"):
@@ -82,21 +84,21 @@ def main(argv=None) -> int:
             for T in tokens:
                 x = rng.standard_normal((T, k)).astype(np.float32)
                 xq = np.zeros(T * qlinear_scratch_bytes(k, s.sub_group), np.int8)
-                outs, rates = {}, {}
+                calls, outs = {}, {}
                 for path, lib in libs.items():
-                    out = np.zeros((T, n), np.float32)
-                    args = [out.ctypes.data, n, x.ctypes.data, k, parts["codes"].ctypes.data,
+                    outs[path] = np.zeros((T, n), np.float32)
+                    args = [outs[path].ctypes.data, n, x.ctypes.data, k, parts["codes"].ctypes.data,
                             parts["scales"].ctypes.data, parts["zeros"].ctypes.data if "zeros" in parts else None,
                             None, None, None, 0, xq.ctypes.data, T]
-                    f = getattr(lib, sym)
-                    f(*args)
-                    times = []
-                    for _ in range(a.repeats):
+                    calls[path] = (getattr(lib, sym), args)
+                    calls[path][0](*args)  # warm-up
+                times = {path: [] for path in calls}
+                for _ in range(a.repeats):  # the two paths alternate, so drift in the machine's load hits both
+                    for path, (f, args) in calls.items():
                         t0 = time.perf_counter()
                         f(*args)
-                        times.append(time.perf_counter() - t0)
-                    rates[path] = T * n * k / statistics.median(times) / 1e9
-                    outs[path] = out
+                        times[path].append(time.perf_counter() - t0)
+                rates = {path: T * n * k / statistics.median(ts) / 1e9 for path, ts in times.items()}
                 diff = np.abs(outs["amx"] - outs["vector"]).max() / (np.abs(outs["vector"]).max() + 1e-30)
                 print(f"{name:<13}{f'{n}x{k}':>11}{T:>6}{rates['vector']:>15.1f}{rates['amx']:>12.1f}"
                       f"{rates['amx'] / rates['vector']:>11.2f}x{diff:>10.1e}")

@@ -374,7 +374,7 @@ def _amx_mode(s: Scheme, k: int) -> str:
 def _amx_qlinear(module, fn, b, p, s: Scheme):
     """qlinear with AMX-INT8 tiles: the same integer sums as the vector path (one K = 32 tile
     product per sub-group), finished in f32 (amx.py, "INT8"). Per panel of tokens: the activations
-    are quantized (as every path does) into B tiles of 16 tokens, in parallel over tokens; then
+    are quantized (as every path does) into B tiles, in parallel over 16-token blocks; then
     threads claim 16-row blocks of the weight, repack the block's codes into A tiles (signed
     u - center for symmetric codes), with its scales as f32, and run the micro-kernel over the
     panel's 16-token blocks, transposing its 16 x 16 results into out."""
