@@ -29,6 +29,7 @@ import pytest
 
 from helpers import make_checkpoint
 from llmirc.artifact_format.safetensors import open_safetensors, save_safetensors
+from llmirc.runtime.cpu_executor import host_cpu_flags
 
 UP = "model.layers.0.mlp.up_proj.weight"  # [intermediate 128, hidden 64] in the SMALL config
 PROGRESS = re.compile(r"^\[\s*\d+\.\ds\] ")
@@ -1003,7 +1004,12 @@ def test_run_sampling_is_reproducible(bundle_notok):
 def test_bench_runs(bundle):
     r = llmirc("bench", bundle, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1", "--json")
     assert r.returncode == 0 and r.stderr == "", r.stderr
-    assert json.loads(r.stdout)["llmirc"]["decode_tok_s"] > 0
+    result = json.loads(r.stdout)
+    assert result["llmirc"]["decode_tok_s"] > 0
+    # AMX tiles: used on a host that has them (Linux grants the state from 5.16), never with LLMIR_AMX=0
+    assert result["amx"] == ("amx_tile" in host_cpu_flags() and result["target"].endswith("native"))
+    off = llmirc("bench", bundle, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1", env={"LLMIR_AMX": "0"})
+    assert off.returncode == 0 and "AMX" not in off.stdout, off.stdout
 
 
 @pytest.mark.parametrize("command", [[], ["compile"], ["run"], ["chat"], ["serve"], ["inspect"], ["bench"]])

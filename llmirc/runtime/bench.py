@@ -101,7 +101,8 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
             "prefill_gflop": prefill_flops(model, len(prompt)) / 1e9,
             "params": parameter_count(model.bundle.manifest, [w.shape for w in model.executor.weights]),
             "model": model.config,
-            "threads": model.executor.threads, "target": model.executor.target["name"]}
+            "threads": model.executor.threads, "target": model.executor.target["name"],
+            "amx": getattr(model.executor, "amx", False)}
 
 
 def bench_transformers(hf_dir: Path, prompt: list[int], batch: int, new_tokens: int, repeat: int,
@@ -136,10 +137,10 @@ def run_bench(bundle: Path, *, prompt_len: int = 128, new_tokens: int = 64, batc
     floor_ms = ours["bytes_per_step"] / (bandwidth * 1e9) * 1e3
     results = {
         "bundle": str(bundle), "host": platform.processor() or platform.machine(),
-        "threads": ours["threads"], "target": ours["target"],
+        "threads": ours["threads"], "target": ours["target"], "amx": ours["amx"],
         "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "repeat": repeat,
         "bandwidth_gb_s": bandwidth, "decode_floor_ms_per_step": floor_ms, "sgemm_gflop_s": peak,
-        "llmirc": {k: v for k, v in ours.items() if k not in ("model", "threads", "target")},
+        "llmirc": {k: v for k, v in ours.items() if k not in ("model", "threads", "target", "amx")},
         "model": ours["model"],
     }
     results["llmirc"]["fraction_of_floor"] = floor_ms / ours["decode_ms_per_step"]
@@ -154,7 +155,7 @@ def format_table(r: dict) -> str:
     lines = [
         f"{r['bundle']}: {m['architecture']}, {r['llmirc']['params'] / 1e6:.1f}M parameters; "
         f"prompt {r['prompt_len']}, {r['new_tokens']} new tokens, batch {r['batch']}, best of {r['repeat']}, "
-        f"{r['threads']} threads, target {r['target']}",
+        f"{r['threads']} threads, target {r['target']}{' (AMX tiles)' if r.get('amx') else ''}",
         f"{'':22s}{'prefill tok/s':>14s}{'decode tok/s':>14s}{'ms/step':>10s}",
     ]
     for name, key in (("llmirc", "llmirc"), ("transformers (eager)", "transformers")):
