@@ -147,11 +147,15 @@ def _prod(values) -> int:
 # -- memory: bundle size, `llmirc run` RSS, compile RSS --------------------------------------------
 
 def folder_bytes(folder: Path, pattern: str = "*") -> int:
+    """Bytes of the files matching `pattern` in a folder; of the file itself when it is one (GGUF)."""
+    if folder.is_file():
+        return folder.stat().st_size
     return sum(p.stat().st_size for p in folder.rglob(pattern) if p.is_file() and not p.name.startswith("."))
 
 
-def memory_report(engine: str, prepared: peers.Prepared, checkpoint: Path, prompt: list[int], threads: int) -> dict:
-    """Sizes and peak RSS of one llmirc bundle: bundle vs checkpoint, `llmirc run` and the compile."""
+def memory_report(engine: str, prepared: peers.Prepared, prompt: list[int], threads: int) -> dict:
+    """Sizes and peak RSS of one llmirc bundle: bundle vs what it compiled (the checkpoint or the
+    GGUF file), `llmirc run` and the compile."""
     from llmirc.artifact_format.reader import open_bundle
     from llmirc.runtime.kv_cache import blocks_for
     from llmirc.runtime.model import DEFAULT_KV_TOKENS
@@ -167,8 +171,8 @@ def memory_report(engine: str, prepared: peers.Prepared, checkpoint: Path, promp
                               "--threads", str(threads)])
     return {
         "engine": engine, "weight_bytes_by_dtype": m["model"].get("weight_bytes"),
-        "bundle_bytes": folder_bytes(bundle), "checkpoint_bytes": folder_bytes(checkpoint),
-        "bundle_weights_bytes": weights, "checkpoint_weights_bytes": folder_bytes(checkpoint, "*.safetensors"),
+        "bundle_bytes": folder_bytes(bundle), "checkpoint_bytes": folder_bytes(prepared.source),
+        "bundle_weights_bytes": weights, "checkpoint_weights_bytes": folder_bytes(prepared.source, "*.safetensors"),
         "kv_cache_bytes": kv_cache, "kv_cache_dtype": kv["dtype"],
         "run_peak_rss_mb": run.peak_rss_mb if run.returncode == 0 else None,
         "run_error": run.error("llmirc run") if run.returncode else "",
@@ -234,7 +238,7 @@ def main() -> None:
             prepared[engine] = peers.prepare(engine, checkpoint, work)
         except Exception as e:  # a peer that cannot be converted is reported, not fatal
             runs[engine].append(peers.Result(engine, "", error=f"{type(e).__name__}: {e}"))
-    memory = [memory_report(e, p, checkpoint, prompt, args.threads) for e, p in prepared.items() if p.compiled]
+    memory = [memory_report(e, p, prompt, args.threads) for e, p in prepared.items() if p.compiled]
 
     bandwidth = []
     for n in range(args.warmup + args.repeat):

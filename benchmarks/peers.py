@@ -7,7 +7,8 @@ BENCHMARKS.md says); tests never need them. A peer that fails to convert, load o
 reported as failed, with its error, and the others go on.
 
 Engines: `llmirc[:VARIANT]` (compiles the checkpoint; VARIANT in LLMIRC_VARIANTS, none: weights
-as the checkpoint has them), `transformers` (eager, float32), `llama.cpp:KIND` with KIND in F32,
+as the checkpoint has them; `gguf-KIND`: compiles the GGUF file `llama.cpp:KIND` runs, the same
+file for both), `transformers` (eager, float32), `llama.cpp:KIND` with KIND in F32,
 F16, BF16, Q8_0 (convert_hf_to_gguf.py --outtype) or Q4_0, Q4_K_M (converted, then llama.cpp's
 quantizer), `ort-genai:PRECISION` with PRECISION in fp32, int8, int4
 (onnxruntime_genai.models.builder). Each run: prefill = one forward over `prefill` token ids;
@@ -345,22 +346,24 @@ class Prepared:
     kind: str  # llmirc | transformers | llama.cpp | ort-genai
     model: Path
     compiled: Measured | None = None  # llmirc: the `llmirc compile` run
+    source: Path | None = None  # llmirc: what it compiled (the checkpoint folder or a GGUF file)
 
 
 def prepare(engine: str, checkpoint: Path, work: Path) -> Prepared:
     """The kind and model of an --engines entry, converting CHECKPOINT as that engine needs. The
     peers' conversions are kept in `work` and reused; llmirc compiles anew (it is what is measured)."""
     kind, _, variant = engine.partition(":")
-    if kind == "llmirc" and variant in LLMIRC_VARIANTS:
+    gguf = variant.removeprefix("gguf-") if variant.startswith("gguf-") else None
+    if kind == "llmirc" and (variant in LLMIRC_VARIANTS or gguf in GGUF_KINDS):
         bundle = work / f"{checkpoint.name}{'-' + variant if variant else ''}.llmir"
         shutil.rmtree(bundle, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
-        options = LLMIRC_VARIANTS[variant]
+        source, options = (to_gguf(checkpoint, work, gguf), []) if gguf else (checkpoint, LLMIRC_VARIANTS[variant])
         if "gptq" in options:
             options = [*options, "--calibration", str(calibration_text(work))]
-        compiled = _run([sys.executable, "-m", "llmirc.cli", "compile", str(checkpoint), "-o", str(bundle), "-q",
+        compiled = _run([sys.executable, "-m", "llmirc.cli", "compile", str(source), "-o", str(bundle), "-q",
                          *options], "llmirc compile")
-        return Prepared(kind, bundle, compiled)
+        return Prepared(kind, bundle, compiled, source)
     if kind == "transformers" and not variant:
         return Prepared(kind, checkpoint)
     if kind == "llama.cpp" and variant in GGUF_KINDS:
