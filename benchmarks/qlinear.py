@@ -8,7 +8,10 @@ vector path, so those rows show the measurement's own noise.
 Both paths compute the same integer sums (targets/cpu/quant_kernels.py); the check column is the
 largest difference of their outputs relative to the output's scale.
 
-    python benchmarks/qlinear.py [--threads 2] [--tokens 16,32,64,128,512] [--shapes 1536x576,576x1536]
+    python benchmarks/qlinear.py [--threads 2] [--tokens 16,32,64,128,512] [--repeats 15]
+        [--shapes 960x576,576x576,3072x576,576x1536] [--schemes int8,int4]
+
+A scheme with groups must divide each shape's k (int4-g128-zp: --shapes 1024x512,512x1024).
 """
 
 from __future__ import annotations
@@ -58,13 +61,26 @@ def main(argv=None) -> int:
     ap.add_argument("--schemes", default="int8,int4", help=",".join(SCHEMES))
     ap.add_argument("--repeats", type=int, default=15)
     a = ap.parse_args(argv)
+    try:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+        tokens = [int(t) for t in a.tokens.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(shape) != 2 for shape in shapes):
+        ap.error("--shapes: NxK pairs, --tokens: integers, comma-separated")
+    if min(a.threads, a.repeats, *tokens, *(v for shape in shapes for v in shape)) < 1:
+        ap.error("--threads, --repeats, --tokens and the sizes of --shapes must be >= 1")
+    for name in a.schemes.split(","):
+        if name not in SCHEMES:
+            ap.error(f"--schemes: unknown {name!r} (known: {', '.join(SCHEMES)})")
+        for n, k in shapes:
+            if (why := SCHEMES[name](k).check(k)) is not None:
+                ap.error(f"--schemes {name} on {n}x{k}: {why}")
     host = tc.host_variant()
     if not host.has("amx-int8"):
         print("this host has no AMX-INT8: nothing to compare", file=sys.stderr)
         return 1
     vector = dataclasses.replace(host, name="native-noamx", features=host.features.replace("+amx-int8", "-amx-int8"))
-    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
-    tokens = [int(t) for t in a.tokens.split(",")]
     rng = np.random.default_rng(0)
     cases, specs = [], []
     for name in a.schemes.split(","):

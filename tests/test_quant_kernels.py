@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import importlib.util
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -414,3 +416,20 @@ def test_qlinear_amx_against_vector_path(rng, tmp_path):
             _, scale, _, _ = reference(x, scheme, w, parts.get("perm"))
             assert np.all(np.abs(amx_out - vec_out) <= 4e-6 * scale + 1e-30), (name, T)
             assert not np.array_equal(amx_out, vec_out), (name, T)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--schemes", "int4-g128-zp"], "--schemes int4-g128-zp on 960x576: 576 inputs, not a multiple of the group size 128"),
+    (["--schemes", "int5"], "--schemes: unknown 'int5'"),
+    (["--shapes", "960"], "--shapes: NxK pairs"),
+    (["--tokens", "0,32"], "must be >= 1"),
+])
+def test_qlinear_benchmark_refuses_bad_arguments(capsys, argv, message):
+    """benchmarks/qlinear.py: a one-line usage error before compiling anything, not a traceback."""
+    path = Path(__file__).parents[1] / "benchmarks" / "qlinear.py"
+    spec = importlib.util.spec_from_file_location("qlinear_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
