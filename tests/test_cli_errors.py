@@ -1001,14 +1001,20 @@ def test_run_sampling_is_reproducible(bundle_notok):
     assert run_json(bundle_notok, *args)[0]["token_ids"] != first
 
 
-def test_bench_runs(bundle):
+def test_bench_runs(bundle, ckpt, tmp_path):
     r = llmirc("bench", bundle, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1", "--json")
     assert r.returncode == 0 and r.stderr == "", r.stderr
     result = json.loads(r.stdout)
     assert result["llmirc"]["decode_tok_s"] > 0
-    # AMX tiles: used on a host that has them (Linux grants the state from 5.16), never with LLMIR_AMX=0
-    assert result["amx"] == ("amx_tile" in host_cpu_flags() and result["target"].endswith("native"))
-    off = llmirc("bench", bundle, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1", env={"LLMIR_AMX": "0"})
+    assert result["amx"] is False  # float32 weights: no kernel uses AMX tiles, whatever the host
+    # bfloat16 weights: AMX-BF16 tiles on a host that has them (Linux grants the state from 5.16),
+    # never with LLMIR_AMX=0
+    bf16 = tmp_path / "bf16.llmir"
+    assert llmirc("compile", ckpt, "-o", bf16, "--cpu-variants", "native", "--dtype", "bfloat16", "-q").returncode == 0
+    r = llmirc("bench", bf16, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1", "--json")
+    result = json.loads(r.stdout)
+    assert result["amx"] == ("amx_bf16" in host_cpu_flags() and result["target"].endswith("native"))
+    off = llmirc("bench", bf16, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1", env={"LLMIR_AMX": "0"})
     assert off.returncode == 0 and "AMX" not in off.stdout, off.stdout
 
 

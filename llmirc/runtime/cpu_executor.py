@@ -124,9 +124,10 @@ class CpuExecutor:
         self._set_threads()
         self.lib.llmir_num_threads.restype = ctypes.c_int
         self.threads = self.lib.llmir_num_threads()
-        # whether prefill-sized matmuls run on AMX tiles: the library was built for them and the OS
-        # grants the tile state (runtime.c asks once; LLMIR_AMX=0 in the environment turns them off)
-        self.amx = "amx_tile" in (self.target.get("features") or ()) and bool(self.lib.llmir_amx_ready())
+        # whether prefill-sized matmuls run on AMX tiles: the library's kernels use them (its info;
+        # libraries built before it say nothing) and the OS grants the tile state (runtime.c asks
+        # once; LLMIR_AMX=0 in the environment turns them off)
+        self.amx = self.info.get("amx") is True and bool(self.lib.llmir_amx_ready())
 
         pool = self.info["kv_pool"]
         self.block_size, self.kv_dtype = pool["block_size"], dtypes.dtype(pool["dtype"])

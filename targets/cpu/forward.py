@@ -17,6 +17,8 @@ from llmirc import dtypes
 from llmirc.targets.plan import ABI_INPUTS, ABI_VERSION, DIMS, Dim, Meta, Plan, Ref
 from llmirc.targets.signatures import signature
 
+from . import amx
+
 I64 = ir.IntType(64)
 I8 = ir.IntType(8)
 PTR = ir.PointerType()
@@ -95,20 +97,21 @@ def _meta_table(module: ir.Module, meta: Meta) -> ir.Value:
     return table
 
 
-def model_info(plan: Plan) -> dict:
+def model_info(plan: Plan, uses_amx: bool) -> dict:
     """The sizes the library was compiled for; the loader sizes its buffers from these, never
     from the (editable) manifest, and checks the weights it passes against them (shape and dtype)
     and each step's indices against the limits (token_rows, position_rows, max_context).
 
     workspace: bytes (coefficients of T, L, TT, const); kv_pool: the pool's spec (dtype, dims);
-    weights: [dtype, shape] per weight in the order the library takes them."""
+    weights: [dtype, shape] per weight in the order the library takes them; amx: whether kernels
+    call AMX micro-kernels (prefill-sized matmuls, where the OS grants the tile state)."""
     return {"abi_version": ABI_VERSION, "workspace": plan.workspace(), "kv_pool": plan.pool.to_json(),
             "logits_cols": plan.logits_cols, "weights": [[w.dtype, list(w.shape)] for w in plan.weights],
-            "full_sequence": plan.full_sequence, **plan.limits}
+            "full_sequence": plan.full_sequence, "amx": uses_amx, **plan.limits}
 
 
 def _emit_model_info(module: ir.Module, plan: Plan) -> None:
-    data = bytearray(json.dumps(model_info(plan), separators=(",", ":")).encode() + b"\0")
+    data = bytearray(json.dumps(model_info(plan, amx.used_by(module)), separators=(",", ":")).encode() + b"\0")
     text = ir.GlobalVariable(module, ir.ArrayType(ir.IntType(8), len(data)), "llmir_model_info_json")
     text.initializer = ir.Constant(text.type.pointee, data)
     text.global_constant = True
