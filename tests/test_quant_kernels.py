@@ -19,6 +19,7 @@ import ctypes
 import dataclasses
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -416,6 +417,40 @@ def test_qlinear_amx_against_vector_path(rng, tmp_path):
             _, scale, _, _ = reference(x, scheme, w, parts.get("perm"))
             assert np.all(np.abs(amx_out - vec_out) <= 4e-6 * scale + 1e-30), (name, T)
             assert not np.array_equal(amx_out, vec_out), (name, T)
+
+
+def test_qlinear_amx_callers_on_two_threads(rng, tmp_path):
+    """Two callers of one library at once (two models of one bundle on two threads: ctypes lets
+    go of the GIL) each get their own result: the AMX path packs its operands into a scratch
+    buffer of the calling thread, not one shared by the library."""
+    host = tc.host_variant()
+    if not host.has("amx-int8"):
+        pytest.skip("this host has no AMX-INT8")
+    n, k = 64, 1024
+    scheme = SCHEMES["i8_g32"](k)
+    module = ir.Module(name="two_callers")
+    module.triple = host.triple
+    QK.emit_quant_kernel(module, "qlinear", "q", dict(n=n, k=k, bits=8, group_size=32, scale_dtype="float16",
+                                                      zero="none", zero_dtype="uint8", act_order=False), host)
+    tc.link_shared([compile_module(module, host)], tmp_path / "q.so")
+    lib = Lib(ctypes.CDLL(str(tmp_path / "q.so")), host, [("q", "qlinear", {})], True)
+    if not lib.dll.llmir_amx_ready():
+        pytest.skip("the OS does not grant this process the AMX tile state")
+    lib.dll.llmir_set_num_threads(1)
+    parts, _ = quantized_weight(rng, scheme, n, k)
+    xs = [rng.standard_normal((512, k)).astype(np.float32) for _ in range(2)]
+    alone = [call_qlinear(lib, "q", scheme, parts, x) for x in xs]
+    for _ in range(20):
+        outs = [None, None]
+
+        def caller(i):
+            outs[i] = call_qlinear(lib, "q", scheme, parts, xs[i])
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(np.array_equal(out, ref) for out, ref in zip(outs, alone))
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -18,8 +18,8 @@
  * Threads: llmir_set_num_threads(n) (the loader's `threads`), else the CPUs this process may use.
  *
  * Also here: llmir_amx_ready() (Linux hands out AMX tile state only on request, so kernels with an
- * AMX path ask once and fall back when it is refused) and llmir_scratch() (a grow-only buffer
- * the caller of a parallel region packs operands into).
+ * AMX path ask once and fall back when it is refused) and llmir_scratch() (a grow-only buffer per
+ * thread that the caller of a parallel region packs operands into).
  */
 #define _GNU_SOURCE
 #include <linux/futex.h>
@@ -209,21 +209,29 @@ int llmir_amx_ready(void) {
     return s == 1;
 }
 
-/* A 64-byte aligned buffer of at least `bytes`, reused by every call (grow-only; NULL if out of
- * memory). For the caller of llmir_parallel, before the region: one forward runs at a time. */
+/* A 64-byte aligned buffer of at least `bytes`, reused by every call on the calling thread
+ * (grow-only; NULL if out of memory; freed when the thread exits). For the caller of
+ * llmir_parallel, before the region. Per thread: two forwards of one library can run at once
+ * (two models of one bundle on two threads), and must not pack into each other's operands. */
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static _Thread_local void *scratch_buffer;
+static _Thread_local int64_t scratch_size;
+
+static void scratch_key_create(void) { pthread_key_create(&scratch_key, free); }
+
 void *llmir_scratch(int64_t bytes) {
-    static void *buffer;
-    static int64_t size;
-    if (bytes > size) {
-        free(buffer);
-        size = 0;
-        if (posix_memalign(&buffer, 64, (size_t)bytes) != 0) {
-            buffer = NULL;
-            return NULL;
-        }
-        size = bytes;
+    if (bytes > scratch_size) {
+        pthread_once(&scratch_once, scratch_key_create);
+        free(scratch_buffer);
+        scratch_size = 0;
+        if (posix_memalign(&scratch_buffer, 64, (size_t)bytes) != 0)
+            scratch_buffer = NULL;
+        else
+            scratch_size = bytes;
+        pthread_setspecific(scratch_key, scratch_buffer);  /* its destructor frees it at thread exit */
     }
-    return buffer;
+    return scratch_buffer;
 }
 
 /* Multi-step greedy decode (vLLM's num_scheduler_steps): `steps` calls of the library's forward
