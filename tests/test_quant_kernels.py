@@ -454,7 +454,7 @@ def test_qlinear_amx_callers_on_two_threads(rng, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--schemes", "int4-g128-zp"], "--schemes int4-g128-zp on 960x576: 576 inputs, not a multiple of the group size 128"),
+    (["--schemes", "int4-g128-zp"], "--schemes int4-g128-zp on 960x576: 576 inputs, not a multiple of the group size"),
     (["--schemes", "int5"], "--schemes: unknown 'int5'"),
     (["--shapes", "960"], "--shapes: NxK pairs"),
     (["--tokens", "0,32"], "must be >= 1"),
