@@ -359,8 +359,9 @@ _AMX_WBUF_MAX = 512 * 1024     # a 16-row block's repacked weights (20 bytes per
 
 
 def amx_applies(s: Scheme, k: int, variant: CpuVariant) -> bool:
-    """Schemes with 32-input sub-groups on a variant with AMX-INT8 (tiles used at run time only
-    when the OS grants them and T >= AMX_MIN_TOKENS)."""
+    """Schemes with 32-input sub-groups on a variant with AMX-INT8, with k small enough that a
+    16-row block's repacked codes fit _AMX_WBUF_MAX on the stack (k <= 26214); the tiles are used
+    at run time only when the OS grants them and T >= AMX_MIN_TOKENS."""
     return (variant.has("amx-int8") and variant.has("avx512f") and s.sub_group == 32
             and (k // 32) * amx.INT8_UNIT <= _AMX_WBUF_MAX)
 
