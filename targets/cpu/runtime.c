@@ -210,9 +210,10 @@ int llmir_amx_ready(void) {
 }
 
 /* A 64-byte aligned buffer of at least `bytes`, reused by every call on the calling thread
- * (grow-only; NULL if out of memory; freed when the thread exits). For the caller of
- * llmir_parallel, before the region. Per thread: two forwards of one library can run at once
- * (two models of one bundle on two threads), and must not pack into each other's operands. */
+ * (grow-only; freed when the thread exits; out of memory, the process stops with a message). For
+ * the caller of llmir_parallel, before the region. Per thread: two forwards of one library can
+ * run at once (two models of one bundle on two threads), and must not pack into each other's
+ * operands. */
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 static _Thread_local void *scratch_buffer;
@@ -225,10 +226,13 @@ void *llmir_scratch(int64_t bytes) {
         pthread_once(&scratch_once, scratch_key_create);
         free(scratch_buffer);
         scratch_size = 0;
-        if (posix_memalign(&scratch_buffer, 64, (size_t)bytes) != 0)
-            scratch_buffer = NULL;
-        else
-            scratch_size = bytes;
+        if (posix_memalign(&scratch_buffer, 64, (size_t)bytes) != 0) {
+            /* a kernel has no way to return an error: stop with a message, not a segfault */
+            static const char msg[] = "llmir: out of memory for a kernel's scratch buffer\n";
+            if (write(2, msg, sizeof msg - 1) < 0) { /* nothing more to do */ }
+            abort();
+        }
+        scratch_size = bytes;
         pthread_setspecific(scratch_key, scratch_buffer);  /* its destructor frees it at thread exit */
     }
     return scratch_buffer;
