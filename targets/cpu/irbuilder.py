@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 from llvmlite import ir
@@ -534,6 +535,12 @@ def min_items(work_per_item: int, grain: int = 32768) -> int:
     """Items a thread should get at least so that its work (in rough element-operations)
     pays for a fork/join of a few microseconds."""
     return max(1, math.ceil(grain / max(1, work_per_item)))
+
+
+def named(fn: ir.Function, vals) -> SimpleNamespace:
+    """A parallel_for body's values by the names of fn's arguments (`vals` as the body gets them;
+    extra captures after the arguments are left out)."""
+    return SimpleNamespace(**{a.name: v for a, v in zip(fn.args, vals)})
 
 
 def parallel_for(module: ir.Module, b: ir.IRBuilder, n_items: ir.Value,

@@ -91,13 +91,9 @@ def _arg(fn: ir.Function, name: str) -> ir.Argument:
     return next(a for a in fn.args if a.name == name)
 
 
-def _args(fn: ir.Function, vals) -> SimpleNamespace:
-    return SimpleNamespace(**{a.name: v for a, v in zip(fn.args, vals)})
-
-
 def _rows(module, fn, b, nrows, work_per_row, body, grain=_GRAIN):
     """Parallel loop over rows: body(builder, row, args)."""
-    irb.parallel_for(module, b, nrows, lambda cb, r, vals: body(cb, r, _args(fn, vals)),
+    irb.parallel_for(module, b, nrows, lambda cb, r, vals: body(cb, r, irb.named(fn, vals)),
                      irb.min_items(work_per_row, grain))
     b.ret_void()
 
@@ -388,7 +384,7 @@ def _emit_linear(module, fn, b, p, cpu):
         nbf, rrem = divmod(p.n, R)
 
         def body(cb, rb, vals):
-            A = _args(fn, vals)
+            A = irb.named(fn, vals)
             ex = vals[len(fn.args):]
             j0 = cb.mul(rb, i64(R))
             if rrem:
@@ -508,7 +504,7 @@ def _amx_linear(module, fn, b, p):
 
     def pack(cb, item, vals):
         """sub-block (16 tokens j, k-block kb) of the panel at t_lo into B tiles (hi and lo)"""
-        A, (t_lo, xp_) = _args(fn, vals), vals[len(fn.args):]
+        A, (t_lo, xp_) = irb.named(fn, vals), vals[len(fn.args):]
         j, kb = cb.udiv(item, i64(KB)), cb.urem(item, i64(KB))
         his, los = [], []
         for ti in range(16):
@@ -529,7 +525,7 @@ def _amx_linear(module, fn, b, p):
 
     def compute(cb, item, vals):
         """rows n0 = 32*item (.. +32, or +16 for the last of an odd count) over the panel"""
-        A, (t_lo, xp_, tn) = _args(fn, vals), vals[len(fn.args):]
+        A, (t_lo, xp_, tn) = irb.named(fn, vals), vals[len(fn.args):]
         n0 = cb.mul(item, i64(32))
         ct = irb.var(cb, ir.ArrayType(F32, panel // 32 * 2 * 2 * 256), name="ct")
         w = bf16.gep(cb, A.w, cb.mul(n0, i64(p.k)))
@@ -804,7 +800,7 @@ def _emit_paged_attention(module, fn, b, p, cpu):
 
     def launch(vals):
         """the caller's per-call values the parallel body and the combine share"""
-        A = _args(fn, vals)
+        A = irb.named(fn, vals)
         cum, qb, gn, hp, U, S, scratch = vals[len(fn.args):]
         return A, SimpleNamespace(cum=cum, qb=qb, gn=gn, hp=hp, U=U, S=S, scratch=scratch)
 
@@ -1114,7 +1110,7 @@ def _emit_paged_attention(module, fn, b, p, cpu):
                 irb.store_vec(cb, cb.fmul(cb.load(sv), irb.splat(cb, inv, w)), o_r, off)
 
     # --- the caller: query blocks, units, split count, the parallel loop, the combine
-    A = _args(fn, fn.args)
+    A = irb.named(fn, fn.args)
     T, B = A.T, A.B
     with b.if_then(b.icmp_signed(">", T, i64(0))):
         # cum[b] = query blocks of the sequences before b (a prefix array on the stack);

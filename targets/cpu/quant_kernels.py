@@ -159,7 +159,7 @@ def _emit_qlinear(module, fn, b, A, p, variant):
 
     # -- activations -> xq (int8 in the super-block order, d and e per block)
     def quantize_token(cb, t, vals):
-        X = SimpleNamespace(**{a.name: v for a, v in zip(fn.args, vals)})
+        X = irb.named(fn, vals)
         xrow = irb.gep(cb, X.x, cb.mul(t, X.ld_x))
         dst = irb.gep(cb, X.xq, cb.mul(t, i64(S)), I8)
         dptr, eptr = irb.gep(cb, dst, d_off, I8), irb.gep(cb, dst, e_off, I8)
@@ -320,7 +320,7 @@ def _emit_qlinear(module, fn, b, A, p, variant):
             tiles = b.and_(b.icmp_signed(">=", T, i64(AMX_MIN_TOKENS)), b.icmp_signed("!=", ready, irb.i32(0)))
             with b.if_else(tiles) as (amx_path, vectors):
                 with amx_path:
-                    _amx_qlinear(module, fn, b, p, s)
+                    _amx_qlinear(module, fn, b, p, s, T)
                 with vectors:
                     vector_path()
         else:
@@ -372,7 +372,7 @@ def _amx_mode(s: Scheme, k: int) -> str:
     return f"group_{s.zero}"
 
 
-def _amx_qlinear(module, fn, b, p, s: Scheme):
+def _amx_qlinear(module, fn, b, p, s: Scheme, T):
     """qlinear with AMX-INT8 tiles: the same integer sums as the vector path (one K = 32 tile
     product per sub-group), finished in f32 (amx.py, "INT8"). Per panel of tokens: the activations
     are quantized (as every path does) into B tiles, in parallel over 16-token blocks; then
@@ -388,14 +388,13 @@ def _amx_qlinear(module, fn, b, p, s: Scheme):
     mode = _amx_mode(s, k)
     signed = s.zero == "none"
     sst = irb.storage(s.scale_dtype)
-    T = _arg(fn, "T")
     panel = max(16, min(512, _AMX_PANEL_BYTES // (nsub * U // 16) // 16 * 16))
     xp = b.call(irb.declare(module, "llmir_scratch", PTR, [I64]), [i64(panel // 16 * nsub * U)])
 
     def pack(cb, tb, vals):
         """tokens t_lo + 16 tb .. (+16, or to tn): each sub-group's codes into column t % 16 of its B
         tile, with d and e (one thread per 16-token block: its tiles share cache lines)"""
-        X, (t_lo, xp_, tn) = SimpleNamespace(**{a.name: v for a, v in zip(fn.args, vals)}), vals[len(fn.args):]
+        X, (t_lo, xp_, tn) = irb.named(fn, vals), vals[len(fn.args):]
         first = cb.mul(tb, i64(nsub * U))
         with irb.for_range(cb, 0, irb.imin(cb, i64(16), cb.sub(tn, cb.mul(tb, i64(16)))), 1, "tok") as c:
             xrow = irb.gep(cb, X.x, cb.mul(cb.add(t_lo, cb.add(cb.mul(tb, i64(16)), c)), X.ld_x))
@@ -416,16 +415,14 @@ def _amx_qlinear(module, fn, b, p, s: Scheme):
                 for off in (512, 576):
                     cb.store(f32(0.0), irb.gep(cb, unit, i64(off), I8), align=4)
 
-    def code_words(cb, row, j):
-        """the 8 words (4 codes each, inputs 4kk .. 4kk+3 of sub-group j) of a weight row, as
-        stored in the super-block layout, as bytes ready for the A tile"""
-        sb, lane = cb.udiv(j, i64(LANES)), cb.urem(j, i64(LANES))
-        lanes = cb.select(cb.icmp_signed("<", sb, i64(nfull)), i64(LANES), i64(r_tail or LANES))
-        base = cb.add(cb.mul(sb, i64(sb_code)), cb.mul(lane, i64(4)))
+    def tail_words(cb, row, j):
+        """the 8 words (4 codes each, inputs 4kk .. 4kk+3) of sub-group j in the last, partial
+        super-block (r_tail lanes) of a weight row, as bytes ready for the A tile"""
+        base = cb.add(i64(nfull * sb_code), cb.mul(cb.sub(j, i64(nfull * LANES)), i64(4)))
         words = []
         for kk in range(8):
             unit = kk if bits == 8 else kk // 2
-            raw = _load_bytes(cb, row, cb.add(base, cb.mul(lanes, i64(4 * unit))), 4)
+            raw = _load_bytes(cb, row, cb.add(base, i64(4 * r_tail * unit)), 4)
             if bits == 4:
                 raw = cb.and_(cb.lshr(raw, ir.Constant(raw.type, [4 * (kk % 2)] * 4)), ir.Constant(raw.type, [15] * 4))
             if signed:
@@ -453,7 +450,7 @@ def _amx_qlinear(module, fn, b, p, s: Scheme):
 
     def compute(cb, item, vals):
         """rows n0 = 16 item .. n0 + 15 (the last row repeated past n) over the panel"""
-        X, (t_lo, xp_, tn) = SimpleNamespace(**{a.name: v for a, v in zip(fn.args, vals)}), vals[len(fn.args):]
+        X, (t_lo, xp_, tn) = irb.named(fn, vals), vals[len(fn.args):]
         n0 = cb.mul(item, i64(16))
         nv = irb.imin(cb, i64(16), cb.sub(i64(n), n0))
         wbuf = irb.var(cb, ir.ArrayType(I8, nsub * U + 64), name="wbuf")
@@ -470,7 +467,7 @@ def _amx_qlinear(module, fn, b, p, s: Scheme):
             if r_tail:
                 with irb.for_range(cb, nfull * LANES, nsub, 1, "rpt") as j:
                     unit = irb.gep(cb, wbuf, cb.mul(j, i64(U)), I8)
-                    for kk, word in enumerate(code_words(cb, codes, j)):
+                    for kk, word in enumerate(tail_words(cb, codes, j)):
                         cb.store(word, irb.gep(cb, unit, i64(32 * r + 4 * kk), I8), align=4)
             if mode == "row":
                 cb.store(sst.load(cb, X.scales, row, 0), irb.gep(cb, wbuf, i64(nsub * U + 4 * r), I8), align=4)
@@ -528,17 +525,13 @@ def _finish(cb, X, p, v, t, col, width):
         cb.store(v, irb.gep(cb, X.out, out_at))
 
 
-def _arg(fn, name):
-    return next(a for a in fn.args if a.name == name)
-
-
 def _row_blocks(module, b, fn, R, n, k, row_bytes, block, extra):
     """One parallel loop over blocks of R rows of the weight: block(cb, args, j0, rows, prefetch
     pointer (the next block's first row), extra values)."""
     nbf, rrem = divmod(n, R)
 
     def body(cb, rb, vals):
-        X = SimpleNamespace(**{a.name: v for a, v in zip(fn.args, vals)})
+        X = irb.named(fn, vals)
         ex = vals[len(fn.args):]
         j0 = cb.mul(rb, i64(R))
         pf = irb.gep(cb, X.codes, cb.mul(cb.add(j0, i64(R)), i64(row_bytes)), I8, inbounds=False)
@@ -578,7 +571,7 @@ def _emit_qembedding(module, fn, b, A, p):
     sst = irb.storage(s.scale_dtype)
 
     def body(cb, t, vals):
-        X = SimpleNamespace(**{a.name: v for a, v in zip(fn.args, vals)})
+        X = irb.named(fn, vals)
         tok = irb.load_i32(cb, X.ids, t)
         codes = irb.gep(cb, X.codes, cb.mul(tok, i64(row_bytes)), I8)
         out = irb.gep(cb, X.out, cb.mul(t, X.ld_out))
@@ -621,7 +614,7 @@ def _emit_kv_append_int8(module, fn, b, A, p):
     chunk = G * bs * hd  # codes of one (layer, kv, block)
 
     def body(cb, item, vals):
-        X = SimpleNamespace(**{a.name: v for a, v in zip(fn.args, vals)})
+        X = irb.named(fn, vals)
         kv, g = cb.udiv(item, i64(G)), cb.urem(item, i64(G))
         src0 = cb.select(cb.icmp_signed("==", kv, i64(0)), X.k, X.v)
         ld = cb.select(cb.icmp_signed("==", kv, i64(0)), X.ld_k, X.ld_v)
