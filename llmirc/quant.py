@@ -2,16 +2,16 @@
 
 A quantized [n, k] weight (n output rows, k inputs) is stored as up to four bundle tensors:
 
-* `codes`: uint8 [n, k * bits / 8]: one unsigned code u per weight (bits = 4 or 8), in the
-  *super-block layout* below (4-bit codes two to a byte).
+* `codes`: uint8 [n, k * bits / 8]: one unsigned code u per weight (bits = 4, 5, 6 or 8), in
+  the *super-block layout* below.
 * `scales`: [n, k / group_size] of `scale_dtype` (float16, bfloat16 or float32).
 * `zeros` (zero = "int" or "min"): [n, k / group_size], uint8 zero points or `scale_dtype` mins.
 * `perm` (act_order): int32 [k]: stored column i holds input column perm[i] (GPTQ act-order).
 
 A weight of group g is, by `zero`:
-    none: w = s_g * (u - 2^(bits-1))      (symmetric; llama.cpp's Q4_0 / Q8_0)
+    none: w = s_g * (u - 2^(bits-1))      (symmetric; llama.cpp's Q4_0 / Q5_0 / Q6_K / Q8_0)
     int:  w = s_g * (u - z_g)             (uint8 zero points; GPTQ, AWQ, MatMulNBits)
-    min:  w = s_g * u + m_g               (llama.cpp's Q4_1 / K-quant mins)
+    min:  w = s_g * u + m_g               (llama.cpp's Q4_1 / Q5_1 / K-quant mins)
 
 The super-block layout serves the integer dot-product instructions (x86 vpdpbusd, and its
 emulation elsewhere): a 32-bit lane multiplies 4 consecutive bytes. A row is cut into
@@ -20,8 +20,15 @@ super-block (the last may have fewer, r). Within a super-block, step t (of SG/4)
 each lane l < r, the 4 weights 4t..4t+3 of sub-group l: byte 4l + b of step t is weight
 (16 s + l) * SG + 4t + b. So after the SG/4 steps of one super-block, 32-bit lane l holds the
 whole dot product of sub-group l, and one vector of scales (a sub-group lies in one group)
-finishes it. 4-bit codes pair steps 2c and 2c+1 in the low and high nibbles of one step's
-bytes. The kernels quantize activations per sub-group into the same order (int8 layout).
+finishes it. The kernels quantize activations per sub-group into the same order (int8 layout).
+By bits, a super-block's bytes (r SG bits / 8 of them) are:
+    8:    the SG/4 steps, 4 r bytes each;
+    4:    SG/8 units of 4 r bytes: unit c holds step 2c in its low nibbles, step 2c+1 in its high;
+    5, 6: the low 4 bits of each code as for 4 bits, then a *high plane* of the top h = bits - 4
+          bits: SG h / 32 units of 4 r bytes, where bits h i .. h i + h - 1 of byte 4l + b of unit
+          c hold the top bits of step c 8/h + i's byte 4l + b (5 bits: a unit per 8 steps, so
+          SG = 32; 6 bits: per 4 steps, SG = 16 or 32: llama.cpp's Q5 and Q6_K codes in their
+          own bits per weight).
 """
 
 from __future__ import annotations
@@ -34,12 +41,13 @@ import numpy as np
 from llmirc import dtypes
 
 LANES = 16   # sub-groups per super-block
+BITS = (4, 5, 6, 8)
 ZEROS = ("none", "int", "min")
 
 
 @dataclass(frozen=True)
 class Scheme:
-    bits: int            # storage bits per code: 4 or 8
+    bits: int            # storage bits per code: 4, 5, 6 or 8
     group_size: int      # weights per scale along k: a power of two in [16, 512], or k (per output channel)
     scale_dtype: str = "float16"
     zero: str = "none"   # none | int | min (see the module docstring)
@@ -62,8 +70,8 @@ class Scheme:
     def check(self, k: int) -> str | None:
         """Why a row of k weights cannot use this scheme (None when it can)."""
         g = self.group_size
-        if self.bits not in (4, 8):
-            return f"{self.bits}-bit codes (llmirc stores 4 or 8)"
+        if self.bits not in BITS:
+            return f"{self.bits}-bit codes (llmirc stores 4, 5, 6 or 8)"
         if self.zero not in ZEROS:
             return f"zero points {self.zero!r} (known: {', '.join(ZEROS)})"
         if self.scale_dtype not in ("float16", "bfloat16", "float32"):
@@ -72,7 +80,14 @@ class Scheme:
             return f"group size {g} (a power of two from 16 to 512, or the whole row)"
         if k % self.sub_group or k % g:
             return f"{k} inputs, not a multiple of the group size {g} and of {self.sub_group}"
+        if self.high_bits and self.sub_group * self.high_bits % 32:
+            return f"{self.bits}-bit codes in groups of {g} (5 bits take groups of 32 or more)"
         return None
+
+    @property
+    def high_bits(self) -> int:
+        """Bits of each code in the high plane (5 and 6-bit codes; see the module docstring)."""
+        return self.bits - 4 if self.bits in (5, 6) else 0
 
     def parts(self) -> tuple[str, ...]:
         return ("codes", "scales") + (("zeros",) if self.zero != "none" else ()) + (
@@ -106,11 +121,20 @@ def pack(u: np.ndarray, bits: int, sg: int) -> np.ndarray:
     laid = np.ascontiguousarray(u[:, layout_order(k, sg)], dtype=np.uint8)
     if bits == 8:
         return laid
-    out = np.empty((n, k // 2), np.uint8)
-    for start, r in _super_blocks(k, sg):  # steps 2c (low nibble) and 2c+1 (high) share bytes
+    out = np.empty((n, k * bits // 8), np.uint8)
+    h = bits - 4
+    for start, r in _super_blocks(k, sg):
         step = 4 * r
-        blk = laid[:, start:start + sg * r].reshape(n, sg // 8, 2, step)
-        out[:, start // 2:(start + sg * r) // 2] = (blk[:, :, 0] | (blk[:, :, 1] << 4)).reshape(n, -1)
+        blk = laid[:, start:start + sg * r].reshape(n, sg // 4, step)
+        lo = (blk[:, 0::2] & 15) | ((blk[:, 1::2] & 15) << 4)  # steps 2c (low nibble) and 2c+1 (high)
+        parts = [lo.reshape(n, -1)]
+        if h:
+            per = 8 // h
+            top = (blk >> 4).reshape(n, sg // 4 // per, per, step)
+            plane = sum((top[:, :, i] << (h * i)) for i in range(per)).astype(np.uint8)
+            parts.append(plane.reshape(n, -1))
+        first = start * bits // 8
+        out[:, first:first + sg * r * bits // 8] = np.concatenate(parts, axis=1)
     return out
 
 
@@ -121,10 +145,18 @@ def unpack(codes: np.ndarray, bits: int, sg: int, k: int) -> np.ndarray:
         laid = codes
     else:
         laid = np.empty((n, k), np.uint8)
+        h = bits - 4
         for start, r in _super_blocks(k, sg):
             step = 4 * r
-            half = codes[:, start // 2:(start + sg * r) // 2].reshape(n, sg // 8, 1, step)
-            laid[:, start:start + sg * r] = np.concatenate([half & 15, half >> 4], axis=2).reshape(n, -1)
+            first = start * bits // 8
+            lo = codes[:, first:first + sg * r // 2].reshape(n, sg // 8, 1, step)
+            u = np.concatenate([lo & 15, lo >> 4], axis=2).reshape(n, sg // 4, step)
+            if h:
+                per = 8 // h
+                plane = codes[:, first + sg * r // 2:first + sg * r * bits // 8].reshape(n, sg // 4 // per, 1, step)
+                top = (plane >> (h * np.arange(per, dtype=np.uint8))[None, None, :, None]) & ((1 << h) - 1)
+                u = u | (top.reshape(n, sg // 4, step) << 4)
+            laid[:, start:start + sg * r] = u.reshape(n, -1)
     out = np.empty((n, k), np.uint8)
     out[:, layout_order(k, sg)] = laid
     return out

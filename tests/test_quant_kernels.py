@@ -33,7 +33,7 @@ from llmirc.targets.cpu import amx
 from llmirc.targets.cpu import kernels as K
 from llmirc.targets.cpu import quant_kernels as QK
 from llmirc.targets.cpu import toolchain as tc
-from llmirc.targets.cpu.target import compile_module
+from llmirc.targets.cpu.target import compile_module, extra_modules
 from llmirc.targets.signatures import qlinear_scratch_bytes, signature
 
 SCHEMES = {  # name -> (scheme factory of k)
@@ -47,6 +47,10 @@ SCHEMES = {  # name -> (scheme factory of k)
     "i4_g64_act": lambda k: Scheme(4, 64, "float16", "int", act_order=True),
     "i4_g16_min_f32": lambda k: Scheme(4, 16, "float32", "min"),
     "i8_g256_min": lambda k: Scheme(8, 256, "float16", "min"),
+    "i5_g32": lambda k: Scheme(5, 32, "float16"),                 # Q5_0
+    "i5_g32_min_f32": lambda k: Scheme(5, 32, "float32", "min"),  # Q5_1 / Q5_K
+    "i6_g16_f32": lambda k: Scheme(6, 16, "float32"),             # Q6_K
+    "i6_g64_int": lambda k: Scheme(6, 64, "bfloat16", "int"),
 }
 # (n, k): n not a multiple of the rows of a block; 576 = 18 x 32 (a full super-block and a tail of 2
 # lanes), 640 for groups of 128, 1536 for 256; 512 without a tail, 2048 with groups wider than a vector, 64 only a tail
@@ -56,10 +60,11 @@ EXTRA = [("i8_g32", 64, 512), ("i4_g32", 64, 512), ("i8_row", 9, 2048), ("i8_g25
 CASES = [(name, *MAIN[name]) for name in SCHEMES] + EXTRA
 # The other instruction paths share the per-format code; they run the formats that exercise
 # their dot products and unpacking differently (int8 and int4 codes, zero kinds, 16-wide blocks).
-PATH_SCHEMES = ("i8_row", "i4_g32_min", "i4_g64_act", "i8_g16_f32", "i4_g128_int")
+PATH_SCHEMES = ("i8_row", "i4_g32_min", "i4_g64_act", "i6_g16_f32", "i4_g128_int", "i5_g32_min_f32")
 BIAS_RESIDUAL = ("i8_row", "i4_g32_min", "i4_g64_act")
 ROWS = [0, 1, 2, 3, 5, 17, 130]
-QE_DIMS = {"i8_g32": 576, "i4_g32_min": 576, "i4_g128_int": 640, "i8_g16_f32": 80}  # embedding widths
+QE_DIMS = {"i8_g32": 576, "i4_g32_min": 576, "i4_g128_int": 640, "i8_g16_f32": 80, "i5_g32_min_f32": 576,
+           "i6_g16_f32": 80}  # embedding widths
 
 
 def _specs(full: bool = True):
@@ -382,13 +387,14 @@ def test_aarch64_dot_product_code(bits):
 
 def test_qlinear_amx_against_vector_path(rng, tmp_path):
     """AMX-INT8 tiles (T >= AMX_MIN_TOKENS) against the same kernel compiled without AMX-INT8, for
-    every micro-kernel mode (row, group none / int / min), int8 and int4 codes, a tail super-block
+    every micro-kernel mode (row, group none / int / min), 8, 4, 5 and 6-bit codes, a tail super-block
     and n not a multiple of 16: the same integer sums, so they differ by f32 rounding only, and do
     differ (the tiles ran)."""
     host = tc.host_variant()
     if not host.has("amx-int8"):
         pytest.skip("this host has no AMX-INT8")
-    names = ("i8_row", "i4_g32", "i8_g32_int_bf16", "i4_g32_min", "i4_g64_act")
+    names = ("i8_row", "i4_g32", "i8_g32_int_bf16", "i4_g32_min", "i4_g64_act", "i5_g32", "i5_g32_min_f32",
+             "i6_g64_int")
     specs = []
     for name in names:
         n, k = MAIN[name]
@@ -417,6 +423,30 @@ def test_qlinear_amx_against_vector_path(rng, tmp_path):
             _, scale, _, _ = reference(x, scheme, w, parts.get("perm"))
             assert np.all(np.abs(amx_out - vec_out) <= 4e-6 * scale + 1e-30), (name, T)
             assert not np.array_equal(amx_out, vec_out), (name, T)
+
+
+def test_qlinear_amx_compiles_for_sapphire_rapids():
+    """On any host: the AMX-INT8 qlinear of every scheme with 32-input sub-groups (8, 4, 5 and
+    6-bit codes, each zero kind, act-order) compiles for a Sapphire Rapids variant, and its code
+    holds the tile products (tdpbssd for symmetric codes, tdpbusd for zero points and mins).
+    Their numerics are test_qlinear_amx_against_vector_path's, on hosts with AMX-INT8."""
+    host = tc.host_variant()
+    if host.arch != "x86_64":
+        pytest.skip("an x86-64 host")
+    spr = tc.CpuVariant("spr", host.triple, "sapphirerapids", "+amx-tile,+amx-int8,+amx-bf16,+avx512f,+avx512bw,"
+                        "+avx512vl,+avx512dq,+avx512vnni,+avx512bf16,+avx2,+fma,+f16c", 16, ())
+    module = ir.Module(name="spr")
+    module.triple = spr.triple
+    for name, (n, k) in MAIN.items():
+        s = SCHEMES[name](k)
+        if s.sub_group != 32:
+            continue
+        assert QK.amx_applies(s, k, spr), name
+        QK.emit_quant_kernel(module, "qlinear", f"q_{name}", dict(
+            n=n, k=k, bits=s.bits, group_size=s.group_size, scale_dtype=s.scale_dtype, zero=s.zero,
+            zero_dtype=s.zero_dtype, act_order=s.act_order), spr)
+    asm = tc.emit_assembly(str(module), spr, extra=extra_modules(module, spr))
+    assert "tdpbssd" in asm and "tdpbusd" in asm
 
 
 def test_qlinear_amx_callers_on_two_threads(rng, tmp_path):

@@ -46,9 +46,9 @@ from llmirc.errors import CheckpointError
 METHODS = ("gptq", "awq")
 GGUF_SCHEMES = {  # GGUF block format -> how llmirc keeps it (see the module docstring)
     "Q8_0": quant.Scheme(8, 32, "float16"), "Q4_0": quant.Scheme(4, 32, "float16"),
-    "Q4_1": quant.Scheme(4, 32, "float16", "min"), "Q5_0": quant.Scheme(8, 32, "float16"),
-    "Q5_1": quant.Scheme(8, 32, "float16", "min"), "Q4_K": quant.Scheme(4, 32, "float32", "min"),
-    "Q5_K": quant.Scheme(8, 32, "float32", "min"), "Q6_K": quant.Scheme(8, 16, "float32"),
+    "Q4_1": quant.Scheme(4, 32, "float16", "min"), "Q5_0": quant.Scheme(5, 32, "float16"),
+    "Q5_1": quant.Scheme(5, 32, "float16", "min"), "Q4_K": quant.Scheme(4, 32, "float32", "min"),
+    "Q5_K": quant.Scheme(5, 32, "float32", "min"), "Q6_K": quant.Scheme(6, 16, "float32"),
 }
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an int32 holds output 8c + _AWQ_ORDER[i]
 

@@ -104,6 +104,37 @@ def _load_bytes(b, base: ir.Value, offset, nbytes: int) -> ir.Value:
     return b.load(irb.gep(b, base, offset, I8), typ=irb.vty(nbytes, I8), align=1)
 
 
+def _step_codes(cb, s: Scheme, tt: int, load) -> ir.Value:
+    """Step tt's unsigned codes in a super-block (llmirc/quant.py's layout), as bytes: load(unit)
+    gives the bytes of `unit` (4 r bytes apart in the super-block) at the caller's lanes; callers
+    keep one load per unit (steps share a unit's nibbles and high plane)."""
+    def const(v, x):
+        return ir.Constant(v.type, [x] * v.type.count)
+    if s.bits == 8:
+        return load(tt)
+    v = load(tt // 2)
+    v = cb.lshr(v, const(v, 4)) if tt % 2 else cb.and_(v, const(v, 15))
+    h = s.high_bits
+    if h:
+        per = 8 // h
+        hv = load(s.sub_group // 8 + tt // per)
+        shift = h * (tt % per) - 4  # the step's top bits to bits 4 ..
+        hv = cb.lshr(hv, const(hv, shift)) if shift > 0 else cb.shl(hv, const(hv, -shift)) if shift < 0 else hv
+        v = cb.or_(v, cb.and_(hv, const(hv, ((1 << h) - 1) << 4)))
+    return v
+
+
+def _unit_loader(load):
+    """load(unit), each unit loaded once"""
+    seen = {}
+
+    def once(unit):
+        if unit not in seen:
+            seen[unit] = load(unit)
+        return seen[unit]
+    return once
+
+
 def _dot(b, how: str, acc: ir.Value, w: ir.Value, x: ir.Value) -> ir.Value:
     """acc[l] + sum_{i<4} w[4l+i] * x[4l+i]: w unsigned bytes (signed ones, below 128, for sdot),
     x signed bytes, acc <L x i32>."""
@@ -225,19 +256,12 @@ def _emit_qlinear(module, fn, b, A, p, variant):
             iacc = [[zero_i] * c for _ in range(r)]
             signed8 = how == "sdot" and bits == 8  # codes u as u - 128: xneg[ci] = -128 sum(x) to take off
             xneg = [zero_i] * c
+            units = [_unit_loader(lambda u, ri=ri: _pad(cb, _load_bytes(
+                cb, crow[ri], cb.add(code0, cb.add(hoff, i64(4 * lanes * u))), 4 * lw), 4 * L)) for ri in range(r)]
             for tt in range(steps):
-                if bits == 8:
-                    wv = [_pad(cb, _load_bytes(cb, crow[ri], cb.add(code0, cb.add(hoff, i64(4 * lanes * tt))), 4 * lw),
-                               4 * L) for ri in range(r)]
-                    if signed8:
-                        wv = [cb.xor(v, ir.Constant(v.type, [128] * (4 * L))) for v in wv]
-                elif tt % 2 == 0:  # steps tt and tt + 1 share the bytes: low and high nibbles
-                    packed = [_pad(cb, _load_bytes(cb, crow[ri], cb.add(code0, cb.add(hoff, i64(2 * lanes * tt))),
-                                                   4 * lw), 4 * L) for ri in range(r)]
-                    wv = [cb.and_(v, ir.Constant(v.type, [15] * (4 * L))) for v in packed]
-                    hi = [cb.lshr(v, ir.Constant(v.type, [4] * (4 * L))) for v in packed]
-                else:
-                    wv = hi
+                wv = [_step_codes(cb, s, tt, units[ri]) for ri in range(r)]
+                if signed8:
+                    wv = [cb.xor(v, ir.Constant(v.type, [128] * (4 * L))) for v in wv]
                 xv = [_pad(cb, _load_bytes(cb, arow[ci], cb.add(act0, cb.add(hoff, i64(4 * lanes * tt))), 4 * lw),
                            4 * L) for ci in range(c)]
                 for ri in range(r):
@@ -419,12 +443,10 @@ def _amx_qlinear(module, fn, b, p, s: Scheme, T):
         """the 8 words (4 codes each, inputs 4kk .. 4kk+3) of sub-group j in the last, partial
         super-block (r_tail lanes) of a weight row, as bytes ready for the A tile"""
         base = cb.add(i64(nfull * sb_code), cb.mul(cb.sub(j, i64(nfull * LANES)), i64(4)))
+        load = _unit_loader(lambda u: _load_bytes(cb, row, cb.add(base, i64(4 * r_tail * u)), 4))
         words = []
         for kk in range(8):
-            unit = kk if bits == 8 else kk // 2
-            raw = _load_bytes(cb, row, cb.add(base, i64(4 * r_tail * unit)), 4)
-            if bits == 4:
-                raw = cb.and_(cb.lshr(raw, ir.Constant(raw.type, [4 * (kk % 2)] * 4)), ir.Constant(raw.type, [15] * 4))
+            raw = _step_codes(cb, s, kk, load)
             if signed:
                 raw = cb.sub(raw, ir.Constant(raw.type, [s.center] * 4))
             words.append(raw)
@@ -433,13 +455,8 @@ def _amx_qlinear(module, fn, b, p, s: Scheme, T):
     def repack_super_block(cb, codes, sb, wbuf, r):
         """row r of the A tiles of a full super-block's 16 sub-groups: step kk's 16 lanes (one word
         of each sub-group) loaded as a vector, the 8 steps transposed into 8 words per sub-group"""
-        steps = []
-        for c in range(8 if bits == 8 else 4):
-            v = _load_bytes(cb, codes, cb.add(cb.mul(sb, i64(sb_code)), i64(64 * c)), 64)
-            if bits == 4:
-                steps += [cb.and_(v, ir.Constant(v.type, [15] * 64)), cb.lshr(v, ir.Constant(v.type, [4] * 64))]
-            else:
-                steps.append(v)
+        load = _unit_loader(lambda u: _load_bytes(cb, codes, cb.add(cb.mul(sb, i64(sb_code)), i64(64 * u)), 64))
+        steps = [_step_codes(cb, s, c, load) for c in range(8)]
         if signed:
             steps = [cb.sub(v, ir.Constant(v.type, [s.center] * 64)) for v in steps]
         words = [cb.bitcast(v, irb.vty(16, I32)) for v in steps]
@@ -585,12 +602,10 @@ def _emit_qembedding(module, fn, b, A, p):
             elif s.zero == "min":
                 zero = irb.storage(s.scale_dtype).load(cb, X.zeros, g, 0)
             start = cb.mul(sb, i64(LANES * sg * bits // 8))
+            load = _unit_loader(lambda u: _load_bytes(
+                cb, codes, cb.add(start, cb.add(cb.mul(r, i64(4 * u)), cb.mul(lane, i64(4)))), 4))
             for tt in range(sg // 4):
-                unit = tt if bits == 8 else tt // 2
-                raw = _load_bytes(cb, codes, cb.add(start, cb.add(cb.mul(r, i64(4 * unit)), cb.mul(lane, i64(4)))), 4)
-                if bits == 4:
-                    raw = cb.and_(cb.lshr(raw, ir.Constant(raw.type, [4 * (tt % 2)] * 4)),
-                                  ir.Constant(raw.type, [15] * 4))
+                raw = _step_codes(cb, s, tt, load)
                 u = cb.uitofp(raw, irb.vty(4))
                 sv = irb.splat(cb, scale, 4)
                 if s.zero == "none":

@@ -4,8 +4,9 @@ The codes are read where the bundle stores them, in llmirc's super-block layout 
 no GPU-only copy): a kernel walks a row in *blocks* of LB consecutive sub-groups (LB divides 16,
 so a block lies in one super-block), BK = LB * SG columns. In the layout a block is SG/4 runs of
 4 LB contiguous bytes (8-bit codes; 4-bit: SG/8 runs, each byte holding two steps' codes in its
-nibbles), so the code loads are contiguous runs; the columns of the activations are gathered in
-the same order (and through `perm` for act-order), which a dot product does not mind. Codes are
+nibbles; 5 and 6-bit: those nibbles and runs of the high plane), so the code loads are
+contiguous runs; the columns of the activations are gathered in the same order (and through
+`perm` for act-order), which a dot product does not mind. Codes are
 unpacked in registers (shift, mask) and the zero point subtracted there: u - c is an integer of
 at most 9 bits, exact in bfloat16. Scales (and mins) multiply once per group, after the dot:
 
@@ -40,22 +41,29 @@ from .spec import Launch, Rule, Variant, cdiv, kernel, mul, next_pow2
 @triton.jit
 def _block_layout(kb, LB: tl.constexpr, SG: tl.constexpr, NSUB: tl.constexpr, BITS: tl.constexpr,
                   BK: tl.constexpr):
-    """Block kb of a row: (byte offset in the row, nibble shift, column, valid) of its BK codes, in
-    the layout's order (runs of 4 LB contiguous bytes)."""
+    """Block kb of a row: (byte offset in the row, nibble shift, the high plane's byte offset and
+    bit shift (5 and 6-bit codes), column, valid) of its BK codes, in the layout's order (runs of
+    4 LB contiguous bytes)."""
     j0 = kb * LB                          # first sub-group of the block
     sb = j0 // 16                         # its super-block
     lanes = tl.minimum(NSUB - sb * 16, 16)  # sub-groups in that super-block
     p = tl.arange(0, BK)
     step = p // (4 * LB)                  # step t of the super-block (SG/4 of them)
     i = p % (4 * LB)                      # byte within the run: lane j0 % 16 + i // 4, byte i % 4
+    first = sb * (2 * SG * BITS) + 4 * (j0 % 16) + i  # (the super-block: 16 SG BITS / 8 bytes)
     if BITS == 8:
-        off = sb * (16 * SG) + step * (4 * lanes) + 4 * (j0 % 16) + i
+        off = first + step * (4 * lanes)
         shift = tl.zeros([BK], tl.int32)
-    else:  # steps 2c and 2c + 1 share the bytes of step c (low, high nibble)
-        off = sb * (8 * SG) + (step // 2) * (4 * lanes) + 4 * (j0 % 16) + i
+    else:  # steps 2c and 2c + 1 share the bytes of unit c (low, high nibble)
+        off = first + (step // 2) * (4 * lanes)
         shift = (step % 2) * 4
+    hoff = off
+    hshift = shift
+    if BITS == 5 or BITS == 6:  # the high plane: a unit per 8 / (BITS - 4) steps, after SG / 8 units
+        hoff = first + (SG // 8 + step // (8 // (BITS - 4))) * (4 * lanes)
+        hshift = (step % (8 // (BITS - 4))) * (BITS - 4)
     col = (j0 + i // 4) * SG + 4 * step + i % 4
-    return off, shift, col, (j0 + i // 4) < NSUB
+    return off, shift, hoff, hshift, col, (j0 + i // 4) < NSUB
 
 
 @triton.jit
@@ -86,12 +94,16 @@ def _group_params(scales, zeros, rn, n_ok, g, NG: tl.constexpr, ZERO: tl.constex
 
 
 @triton.jit
-def _codes(codes, rn, n_ok, off, shift, ok, ROW_BYTES: tl.constexpr, BITS: tl.constexpr):
+def _codes(codes, rn, n_ok, off, shift, hoff, hshift, ok, ROW_BYTES: tl.constexpr, BITS: tl.constexpr):
     """Codes u [BN, BK] (int32) of rows rn at the block's offsets."""
-    raw = tl.load(codes + rn.to(tl.int64)[:, None] * ROW_BYTES + off[None, :], mask=n_ok[:, None] & ok[None, :],
-                  other=0).to(tl.int32)
-    if BITS == 4:
+    base = codes + rn.to(tl.int64)[:, None] * ROW_BYTES
+    mask = n_ok[:, None] & ok[None, :]
+    raw = tl.load(base + off[None, :], mask=mask, other=0).to(tl.int32)
+    if BITS != 8:
         raw = (raw >> shift[None, :]) & 15
+    if BITS == 5 or BITS == 6:
+        top = tl.load(base + hoff[None, :], mask=mask, other=0).to(tl.int32)
+        raw |= ((top >> hshift[None, :]) & ((1 << (BITS - 4)) - 1)) << 4
     return raw
 
 
@@ -126,9 +138,9 @@ def qlinear_gemv(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residua
         part = tl.zeros([BLOCK_N], tl.float32)
         xsum = tl.zeros([1], tl.float32)
         for b in range(PER_CHUNK):
-            off, shift, col, ok = _block_layout(chunk * PER_CHUNK + b, LB, SG, NSUB, BITS, BK)
+            off, shift, hoff, hshift, col, ok = _block_layout(chunk * PER_CHUNK + b, LB, SG, NSUB, BITS, BK)
             xv = _gather_x(x, ld_x, row, row_ok, col, ok, perm, ACT_ORDER)  # [1, BK]
-            w = _codes(codes, rn, n_ok, off, shift, ok, ROW_BYTES, BITS).to(tl.float32) - c[:, None]
+            w = _codes(codes, rn, n_ok, off, shift, hoff, hshift, ok, ROW_BYTES, BITS).to(tl.float32) - c[:, None]
             part += tl.sum(w * xv, 1)
             if ZERO == "min":
                 xsum += tl.sum(xv, 1)
@@ -161,9 +173,9 @@ def qlinear_dot(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual
         part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         xsum = tl.zeros([BLOCK_M], tl.float32)
         for b in range(PER_CHUNK):
-            off, shift, col, ok = _block_layout(chunk * PER_CHUNK + b, LB, SG, NSUB, BITS, BK)
+            off, shift, hoff, hshift, col, ok = _block_layout(chunk * PER_CHUNK + b, LB, SG, NSUB, BITS, BK)
             xv = _gather_x(x, ld_x, rows, row_ok, col, ok, perm, ACT_ORDER)  # [BLOCK_M, BK]
-            w = _codes(codes, rn, n_ok, off, shift, ok, ROW_BYTES, BITS).to(tl.float32) - c[:, None]
+            w = _codes(codes, rn, n_ok, off, shift, hoff, hshift, ok, ROW_BYTES, BITS).to(tl.float32) - c[:, None]
             part = tl.dot(xv.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), part)
             if ZERO == "min":
                 xsum += tl.sum(xv, 1)
@@ -185,12 +197,16 @@ def qembedding_kernel(out, ld_out, codes, scales, zeros, ids, T, DIM: tl.constex
     sb = j // 16
     lanes = tl.minimum(NSUB - sb * 16, 16)
     step = (col % SG) // 4
+    base = codes + row * (DIM * BITS // 8)
+    first = sb * (2 * SG * BITS) + 4 * (j % 16) + col % 4
     if BITS == 8:
-        off = sb * (16 * SG) + step * (4 * lanes) + 4 * (j % 16) + col % 4
-        u = tl.load(codes + row * DIM + off, mask=ok, other=0).to(tl.int32)
+        u = tl.load(base + first + step * (4 * lanes), mask=ok, other=0).to(tl.int32)
     else:
-        off = sb * (8 * SG) + (step // 2) * (4 * lanes) + 4 * (j % 16) + col % 4
-        u = (tl.load(codes + row * (DIM // 2) + off, mask=ok, other=0).to(tl.int32) >> ((step % 2) * 4)) & 15
+        u = (tl.load(base + first + (step // 2) * (4 * lanes), mask=ok, other=0).to(tl.int32) >> ((step % 2) * 4)) & 15
+    if BITS == 5 or BITS == 6:
+        per = 8 // (BITS - 4)
+        top = tl.load(base + first + (SG // 8 + step // per) * (4 * lanes), mask=ok, other=0).to(tl.int32)
+        u |= ((top >> ((step % per) * (BITS - 4))) & ((1 << (BITS - 4)) - 1)) << 4
     g = row * (DIM // GROUP) + col // GROUP
     s = tl.load(scales + g, mask=ok, other=0.0).to(tl.float32)
     if ZERO == "int":
