@@ -20,13 +20,13 @@ directly; `dequantize` computes `code * scale (+ offset)` in float32 in the orde
 `dequantize_row_*` does, so the result is bit-identical to ggml's reference C code.
 
 Keeping them quantized (frontend/packed.py, per format): `unpack`'s codes, scales and offsets
-are repacked losslessly into llmirc's own layouts (llmirc/quant.py). Q8_0, Q4_0 and Q4_1 keep
-their size (int8 or int4 codes, a float16 scale per group, and for Q4_1 a float16 *offset* per
-group: its m is not an integer multiple of d, so an integer zero point would lose it). Q5_0/Q5_1
-take int8 codes (1.5x the bytes); the K-quants' two-level scales (6- or 8-bit integer sub-block
-scales under a float16 super-block scale) become float32 per-group scales and offsets, exact but
-1.5 (Q4_K) to 4.5 (Q5_K) more bits per weight than the file (kernels that read the sub-scales
-and 5/6-bit codes as they are would not need them).
+are repacked losslessly into llmirc's own layouts (llmirc/quant.py). Q8_0, Q4_0, Q4_1, Q5_0 and
+Q5_1 keep their size (8, 4 or 5-bit codes, a float16 scale per group, and for Q4_1/Q5_1 a float16
+*offset* per group: its m is not an integer multiple of d, so an integer zero point would lose
+it). The K-quants keep their 4, 5 or 6-bit codes, but their two-level scales (6- or 8-bit
+integer sub-block scales under a float16 super-block scale) become float32 per-group scales and
+offsets, exact but 1.4-1.5 more bits per weight than the file (kernels that read the sub-scales
+as they are would not need them).
 
 Block layouts: ggml/src/ggml-common.h (`block_q4_0` ... `block_q6_K`); formulas:
 ggml/src/ggml-quants.c (`dequantize_row_q4_0` ... `dequantize_row_q6_K`, `get_scale_min_k4`).

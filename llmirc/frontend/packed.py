@@ -19,15 +19,15 @@ linear of k inputs and n outputs, b bits, groups of g inputs (g = -1: one group 
   scales and offsets per group): repacked per format as below (GGUF_SCHEMES); the bits per
   weight of the file's format -> of llmirc's layout:
       Q8_0 8.5 -> 8.5   int8 codes (q + 128), float16 scale per 32, symmetric
-      Q4_0 4.5 -> 4.5   int4 codes (q), float16 scale per 32, symmetric (w = d (q - 8))
-      Q4_1 5.0 -> 5.0   int4 codes, float16 scale and float16 min per 32
-      Q5_0 5.5 -> 8.5   int8 codes (q - 16 + 128), float16 scale per 32, symmetric
-      Q5_1 6.0 -> 9.0   int8 codes, float16 scale and min per 32
-      Q4_K 4.5 -> 6.0   int4 codes, float32 scale d * sc and min -dmin * mn per 32
-      Q5_K 5.5 -> 10.0  int8 codes, float32 scale and min per 32
-      Q6_K 6.56 -> 10.0 int8 codes (q - 32 + 128), float32 scale d * sc per 16, symmetric
+      Q4_0 4.5 -> 4.5   4-bit codes (q), float16 scale per 32, symmetric (w = d (q - 8))
+      Q4_1 5.0 -> 5.0   4-bit codes, float16 scale and float16 min per 32
+      Q5_0 5.5 -> 5.5   5-bit codes (q), float16 scale per 32, symmetric (w = d (q - 16))
+      Q5_1 6.0 -> 6.0   5-bit codes, float16 scale and min per 32
+      Q4_K 4.5 -> 6.0   4-bit codes, float32 scale d * sc and min -dmin * mn per 32
+      Q5_K 5.5 -> 7.0   5-bit codes, float32 scale and min per 32
+      Q6_K 6.56 -> 8.0  6-bit codes (q), float32 scale d * sc per 16, symmetric (w = d sc (q - 32))
   The products d * sc, dmin * mn are exact in float32 (not in float16): the K-quants' two-level
-  scales cost about 1.5 more bits per weight flattened; 5- and 6-bit codes take a byte.
+  scales cost 1.4-1.5 more bits per weight flattened.
 
 What llmirc keeps of GPTQ and AWQ: the codes as they are (4-bit codes in 4 bits, 8-bit in 8), the
 scales in their dtype, uint8 zero points per group (none when every zero point is the symmetric

@@ -8,13 +8,17 @@ sub-group) to int8 first, into the `xq` scratch and in the weights' super-block 
 * The inner product runs on integers: for each step of a super-block, a 32-bit lane adds the
   products of 4 unsigned code bytes and 4 signed activation bytes: x86's vpdpbusd where the
   variant has AVX512-VNNI (16 lanes) or AVX-VNNI (8 lanes), AArch64's sdot (signed bytes
-  only, 4 lanes) where it has the dot product extension (FEAT_DotProd: 4-bit codes are
-  signed bytes as they are; 8-bit codes u go in as u - 128, and 128 times the activations'
+  only, 4 lanes) where it has the dot product extension (FEAT_DotProd: 4, 5 and 6-bit codes
+  are signed bytes as they are; 8-bit codes u go in as u - 128, and 128 times the activations'
   sum, one more sdot per token, is added back), elsewhere the same sums from 16-bit products
-  (pmaddwd's pattern; exact: |255 * 128| < 2^15). 4-bit codes are unpacked in
-  registers (and 0xF, shift right 4). After a super-block's steps, lane l holds the integer dot
-  product acc of sub-group l with one token's block; it is finished in f32 with the weight's
-  scale s (and zero point z or min m) and the block's d = max|x| / 127 and e (kept per block):
+  (pmaddwd's pattern; exact: |255 * 128| < 2^15). 4, 5 and 6-bit codes are unpacked in
+  registers (`_step_codes`: and 0xF or shift right 4, then for 5 and 6 bits the step's top bits
+  from the high plane shifted to bit 4 and or'ed in; x86 has no byte shifts, so LLVM uses GFNI's
+  vgf2p8affineqb where the variant has it, and vpternlog for the and-or). 5-bit codes cost the
+  micro-kernel about 15% of prefill against a byte per code, and save a third of the bytes
+  decode streams (BENCHMARKS.md, "5- and 6-bit codes"). After a super-block's steps, lane l
+  holds the integer dot product acc of sub-group l with one token's block; it is finished in
+  f32 with the weight's scale s (and zero point z or min m) and the block's d = max|x| / 127 and e (kept per block):
       none: s * (d acc + e),        e = -2^(bits-1) d sum(q)
       int:  s * (d acc - z e),      e = d sum(q)
       min:  s * d acc + m e,        e = d sum(q)
