@@ -8,6 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from test_cli_errors import assert_user_error, leftovers, llmirc
+from llmirc.errors import CheckpointError
+from llmirc.frontend.onnx_import import OnnxCheckpoint
 
 
 def graph(nodes, inits, outputs=("y",), opset=18, inputs=None):
@@ -80,6 +82,22 @@ def test_external_data_truncated(tmp_path):
     data = tmp_path / "w.bin"
     data.write_bytes(data.read_bytes()[:100])
     compile_fails(tmp_path, path, "m.onnx", "'E'", "truncated")
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_weight_holding_nan(tmp_path, external):
+    """A weight read for the bundle that holds NaN: CheckpointError naming the file and tensor (the
+    driver prints it as one line like every CheckpointError above). Infinities pass: exports keep
+    -inf mask constants."""
+    w = np.random.default_rng(1).standard_normal((8, 16)).astype(np.float32)
+    w[3, 5] = np.nan
+    w[0, 0] = -np.inf
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["x"]), helper.make_node("MatMul", ["x", "W"], ["y"])]
+    path = save(graph(nodes, [embed(), numpy_helper.from_array(w, "W")]), tmp_path / "m.onnx", external=external)
+    source = OnnxCheckpoint(path)
+    assert source.float32("E").shape == (16, 8)
+    with pytest.raises(CheckpointError, match=r"m\.onnx: tensor 'W' holds 1 NaN value \(of 128\)"):
+        source.float32("W")
 
 
 def test_unrecognized_graph_with_an_op_without_generic_kernel(tmp_path):

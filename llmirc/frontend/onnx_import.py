@@ -174,10 +174,17 @@ class OnnxCheckpoint:
         return data.astype(np.float32) if t.data_type in HALF else data
 
     def float32(self, name: str) -> np.ndarray:
+        """A weight as float32. Raises CheckpointError for a non-float initializer, or one holding
+        NaN (infinities pass: exports keep -inf mask constants)."""
         a = self.read(name)
         if a.dtype.kind != "f":
             raise CheckpointError(f"{self.path}: weight '{name}' has dtype {a.dtype}; weights must be floating point")
-        return a.astype(np.float32, copy=False)
+        a = a.astype(np.float32, copy=False)
+        bad = int(np.count_nonzero(np.isnan(a)))
+        if bad:
+            raise CheckpointError(f"{self.path}: tensor '{name}' holds {bad} NaN value{'s' * (bad > 1)} (of {a.size}): "
+                                  "the model is corrupt")
+        return a
 
     def add_weight(self, name: str, value: np.ndarray) -> None:
         self.folded[name] = value
