@@ -14,11 +14,12 @@ sub-group) to int8 first, into the `xq` scratch and in the weights' super-block 
   (pmaddwd's pattern; exact: |255 * 128| < 2^15). 4, 5 and 6-bit codes are unpacked in
   registers (`_step_codes`: and 0xF or shift right 4, then for 5 and 6 bits the step's top bits
   from the high plane shifted to bit 4 and or'ed in; x86 has no byte shifts, so LLVM uses GFNI's
-  vgf2p8affineqb where the variant has it, and vpternlog for the and-or). 5-bit codes cost the
-  micro-kernel about 15% of prefill against a byte per code, and save a third of the bytes
+  vgf2p8affineqb where the variant has it, and vpternlog for the and-or). 5-bit codes cost
+  about 15% of a model's prefill against a byte per code, and save a third of the bytes
   decode streams (BENCHMARKS.md, "5- and 6-bit codes"). After a super-block's steps, lane l
   holds the integer dot product acc of sub-group l with one token's block; it is finished in
-  f32 with the weight's scale s (and zero point z or min m) and the block's d = max|x| / 127 and e (kept per block):
+  f32 with the weight's scale s (and zero point z or min m) and the block's d = max|x| / 127
+  and e (kept per block):
       none: s * (d acc + e),        e = -2^(bits-1) d sum(q)
       int:  s * (d acc - z e),      e = d sum(q)
       min:  s * d acc + m e,        e = d sum(q)
