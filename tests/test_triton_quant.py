@@ -126,7 +126,8 @@ def test_quantized_then_qlinear_is_near_the_float_product(rng):
         assert np.linalg.norm(out - exact) / np.linalg.norm(exact) < tol, name
 
 
-QE = {"i8_g32": 576, "i4_g32_min": 576, "i4_g128_int": 640, "i8_g16_f32": 80, "i8_row": 96, "i8_g32_int_bf16": 64}
+QE = {"i8_g32": 576, "i4_g32_min": 576, "i4_g128_int": 640, "i8_g16_f32": 80, "i8_row": 96, "i8_g32_int_bf16": 64,
+      "i5_g32": 576, "i5_g32_min_f32": 96, "i6_g16_f32": 80, "i6_g64_int": 576}  # 5/6 bits: the high plane, tails
 
 
 @pytest.mark.parametrize("name", list(QE))
