@@ -116,8 +116,10 @@ def layout_order(k: int, sg: int) -> np.ndarray:
 
 
 def pack(u: np.ndarray, bits: int, sg: int) -> np.ndarray:
-    """Codes u (uint8 [n, k], < 2^bits) in the super-block layout: uint8 [n, k * bits / 8]."""
+    """Codes u (uint8 [n, k], < 2^bits) in the super-block layout: uint8 [n, k * bits / 8].
+    Raises ValueError for a layout that does not exist (see `_check_layout`)."""
     n, k = u.shape
+    _check_layout(bits, sg, k)
     laid = np.ascontiguousarray(u[:, layout_order(k, sg)], dtype=np.uint8)
     if bits == 8:
         return laid
@@ -141,6 +143,7 @@ def pack(u: np.ndarray, bits: int, sg: int) -> np.ndarray:
 def unpack(codes: np.ndarray, bits: int, sg: int, k: int) -> np.ndarray:
     """The inverse of `pack`: codes uint8 [n, k] in column order."""
     n = codes.shape[0]
+    _check_layout(bits, sg, k)
     if bits == 8:
         laid = codes
     else:
@@ -162,6 +165,16 @@ def unpack(codes: np.ndarray, bits: int, sg: int, k: int) -> np.ndarray:
     return out
 
 
+def _check_layout(bits: int, sg: int, k: int) -> None:
+    """ValueError for codes of `bits` bits in sub-groups of sg that have no super-block layout."""
+    if bits not in BITS:
+        raise ValueError(f"{bits}-bit codes (llmirc stores 4, 5, 6 or 8)")
+    if k % sg:
+        raise ValueError(f"{k} inputs, not a multiple of the sub-group {sg}")
+    if bits in (5, 6) and sg * (bits - 4) % 32:
+        raise ValueError(f"{bits}-bit codes in sub-groups of {sg} (5 bits take groups of 32 or more)")
+
+
 def _super_blocks(k: int, sg: int):
     """(first position, lanes) of each super-block of a row."""
     nsub = k // sg
@@ -178,8 +191,10 @@ def quantize(w: np.ndarray, scheme: Scheme) -> dict[str, np.ndarray]:
     (A least-squares scale search, llama.cpp's make_qx_quants unweighted, was tried: it raised
     SmolLM2's int8 perplexity from +0.5% to +1.5% over bf16 by clipping the largest weights.)
 
-    Raises ValueError when w holds NaN or infinities, or a scale overflows the scale dtype."""
+    Raises ValueError when the scheme cannot hold a row of w (Scheme.check), w holds NaN or
+    infinities, or a scale overflows the scale dtype."""
     n, k = w.shape
+    _check_scheme(scheme, k, "quantize")
     if scheme.act_order:
         raise ValueError("quantize: act-order comes only from GPTQ checkpoints")
     x = np.asarray(w, np.float32).reshape(n, k // scheme.group_size, scheme.group_size)
@@ -211,6 +226,7 @@ def gptq(w: np.ndarray, h: np.ndarray, scheme: Scheme, damp: float = 0.01, block
     Raises ValueError when h is not [k, k] or not positive definite after damping ten-fold, and
     as `quantize` does."""
     n, k = w.shape
+    _check_scheme(scheme, k, "gptq")
     if scheme.act_order:
         raise ValueError("gptq: a stored act-order permutation is not supported (the order is internal)")
     if h.shape != (k, k):
@@ -237,6 +253,12 @@ def gptq(w: np.ndarray, h: np.ndarray, scheme: Scheme, damp: float = 0.01, block
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     return _parts_of(u, s, off, scheme)
+
+
+def _check_scheme(scheme: Scheme, k: int, what: str) -> None:
+    why = scheme.check(k)
+    if why is not None:
+        raise ValueError(f"{what}: cannot store {why}")
 
 
 def _searched_params(x: np.ndarray, d: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ import ctypes
 import dataclasses
 import importlib.util
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -182,6 +183,40 @@ def quantized_weight(rng, scheme: Scheme, n: int, k: int):
     w = quant.dequantize(parts, scheme, k)
     stored_order = w[:, parts["perm"]] if scheme.act_order else w
     return parts, stored_order
+
+
+@pytest.mark.parametrize("bits", quant.BITS)
+def test_pack_round_trip(rng, bits):
+    """pack / unpack on random shapes: every lane count of a tail super-block (1 .. 16 sub-groups
+    past the full ones), sub-groups of 16 and 32 (per-row widths too), a row of bits / 8 bytes per code."""
+    for sg in (16, 32, 24):
+        if bits in (5, 6) and sg * (bits - 4) % 32:
+            continue
+        for nsub in [*range(1, 18), 31, 32, 33, 47]:
+            n, k = int(rng.integers(1, 4)), nsub * sg
+            u = rng.integers(0, 1 << bits, (n, k)).astype(np.uint8)
+            codes = quant.pack(u, bits, sg)
+            assert codes.shape == (n, k * bits // 8), (bits, sg, k)
+            np.testing.assert_array_equal(quant.unpack(codes, bits, sg, k), u, err_msg=f"{bits} bits, sg {sg}, k {k}")
+
+
+@pytest.mark.parametrize("scheme,k,message", [
+    (Scheme(5, 16), 64, "5-bit codes in groups of 16 (5 bits take groups of 32 or more)"),
+    (Scheme(5, 16, "float32", "min"), 16, "5-bit codes in groups of 16"),
+    (Scheme(7, 32), 64, "7-bit codes (llmirc stores 4, 5, 6 or 8)"),
+    (Scheme(5, 32), 48, "48 inputs, not a multiple of the group size 32"),
+])
+def test_quantize_refuses_schemes_without_a_layout(rng, scheme, k, message):
+    """quantize, gptq and pack name what is impossible (Scheme.check's words) instead of failing in
+    a NumPy reshape."""
+    w = rng.standard_normal((3, k)).astype(np.float32)
+    with pytest.raises(ValueError, match=re.escape(f"quantize: cannot store {message}")):
+        quant.quantize(w, scheme)
+    with pytest.raises(ValueError, match=re.escape(f"gptq: cannot store {message}")):
+        quant.gptq(w, np.eye(k), scheme)
+    if scheme.bits == 5 and scheme.sub_group == 16:
+        with pytest.raises(ValueError, match="5 bits take groups of 32 or more"):
+            quant.pack(np.zeros((3, k), np.uint8), 5, 16)
 
 
 def call_qlinear(lib, sym, scheme, parts, x, bias=None, res=None, ld_out=None):
