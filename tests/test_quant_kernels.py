@@ -57,7 +57,8 @@ SCHEMES = {  # name -> (scheme factory of k)
 # lanes), 640 for groups of 128, 1536 for 256; 512 without a tail, 2048 with groups wider than a vector, 64 only a tail
 MAIN = {name: (37, next(k for k in (576, 640, 1536) if make(k).check(k) is None)) for name, make in SCHEMES.items()}
 EXTRA = [("i8_g32", 64, 512), ("i4_g32", 64, 512), ("i8_row", 9, 2048), ("i8_g256_min", 9, 2048),
-         ("i4_g128_int", 9, 2048), ("i4_g32_min", 5, 64), ("i8_g16_f32", 5, 64)]
+         ("i4_g128_int", 9, 2048), ("i4_g32_min", 5, 64), ("i8_g16_f32", 5, 64),
+         ("i5_g32", 5, 32), ("i5_g32_min_f32", 7, 96), ("i6_g16_f32", 3, 48)]  # 5/6 bits: tails of 1 to 3 lanes
 CASES = [(name, *MAIN[name]) for name in SCHEMES] + EXTRA
 # The other instruction paths share the per-format code; they run the formats that exercise
 # their dot products and unpacking differently (int8 and int4 codes, zero kinds, 16-wide blocks).
@@ -65,7 +66,7 @@ PATH_SCHEMES = ("i8_row", "i4_g32_min", "i4_g64_act", "i6_g16_f32", "i4_g128_int
 BIAS_RESIDUAL = ("i8_row", "i4_g32_min", "i4_g64_act")
 ROWS = [0, 1, 2, 3, 5, 17, 130]
 QE_DIMS = {"i8_g32": 576, "i4_g32_min": 576, "i4_g128_int": 640, "i8_g16_f32": 80, "i5_g32_min_f32": 576,
-           "i6_g16_f32": 80}  # embedding widths
+           "i6_g16_f32": 80, "i5_g32": 32}  # embedding widths
 
 
 def _specs(full: bool = True):
