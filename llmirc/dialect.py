@@ -201,6 +201,7 @@ class QuantType(ParametrizedAttribute, TypeAttribute):
     def verify(self) -> None:
         _check(self.bits.data in (4, 5, 6, 8), f"quant: {self.bits.data}-bit codes (4, 5, 6 or 8)")
         _check(self.group_size.data >= 16, "quant: group_size must be at least 16")
+        _check(self.bits.data != 5 or self.group_size.data >= 32, "quant: 5-bit codes take groups of 32 or more")
         _check(is_float(self.scale), "quant: the scale type must be f32, bf16 or f16")
         _check(self.zero.data in _QUANT_ZEROS, f"quant: zero must be one of {', '.join(_QUANT_ZEROS)}")
         _check(self.act_order.data in (0, 1), "quant: act_order is a flag")

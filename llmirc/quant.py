@@ -70,19 +70,15 @@ class Scheme:
     def check(self, k: int) -> str | None:
         """Why a row of k weights cannot use this scheme (None when it can)."""
         g = self.group_size
-        if self.bits not in BITS:
-            return f"{self.bits}-bit codes (llmirc stores 4, 5, 6 or 8)"
         if self.zero not in ZEROS:
             return f"zero points {self.zero!r} (known: {', '.join(ZEROS)})"
         if self.scale_dtype not in ("float16", "bfloat16", "float32"):
             return f"scale dtype {self.scale_dtype}"
         if g != k and not (16 <= g <= 512 and g & (g - 1) == 0):
             return f"group size {g} (a power of two from 16 to 512, or the whole row)"
-        if k % self.sub_group or k % g:
-            return f"{k} inputs, not a multiple of the group size {g} and of {self.sub_group}"
-        if self.high_bits and self.sub_group * self.high_bits % 32:
-            return f"{self.bits}-bit codes in groups of {g} (5 bits take groups of 32 or more)"
-        return None
+        if k % g:
+            return f"{k} inputs, not a multiple of the group size {g}"
+        return layout_problem(self.bits, self.sub_group, k)
 
     @property
     def high_bits(self) -> int:
@@ -165,14 +161,21 @@ def unpack(codes: np.ndarray, bits: int, sg: int, k: int) -> np.ndarray:
     return out
 
 
-def _check_layout(bits: int, sg: int, k: int) -> None:
-    """ValueError for codes of `bits` bits in sub-groups of sg that have no super-block layout."""
+def layout_problem(bits: int, sg: int, k: int) -> str | None:
+    """Why rows of k codes of `bits` bits in sub-groups of sg have no super-block layout (None
+    when they have one)."""
     if bits not in BITS:
-        raise ValueError(f"{bits}-bit codes (llmirc stores 4, 5, 6 or 8)")
+        return f"{bits}-bit codes (llmirc stores 4, 5, 6 or 8)"
     if k % sg:
-        raise ValueError(f"{k} inputs, not a multiple of the sub-group {sg}")
+        return f"{k} inputs, not a multiple of the sub-group {sg}"
     if bits in (5, 6) and sg * (bits - 4) % 32:
-        raise ValueError(f"{bits}-bit codes in sub-groups of {sg} (5 bits take groups of 32 or more)")
+        return f"{bits}-bit codes in sub-groups of {sg} (5 bits take groups of 32 or more)"
+    return None
+
+
+def _check_layout(bits: int, sg: int, k: int) -> None:
+    if (why := layout_problem(bits, sg, k)) is not None:
+        raise ValueError(why)
 
 
 def _super_blocks(k: int, sg: int):

@@ -202,8 +202,8 @@ def test_pack_round_trip(rng, bits):
 
 
 @pytest.mark.parametrize("scheme,k,message", [
-    (Scheme(5, 16), 64, "5-bit codes in groups of 16 (5 bits take groups of 32 or more)"),
-    (Scheme(5, 16, "float32", "min"), 16, "5-bit codes in groups of 16"),
+    (Scheme(5, 16), 64, "5-bit codes in sub-groups of 16 (5 bits take groups of 32 or more)"),
+    (Scheme(5, 16, "float32", "min"), 16, "5-bit codes in sub-groups of 16"),
     (Scheme(7, 32), 64, "7-bit codes (llmirc stores 4, 5, 6 or 8)"),
     (Scheme(5, 32), 48, "48 inputs, not a multiple of the group size 32"),
 ])
