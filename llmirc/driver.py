@@ -226,15 +226,16 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                    ctx=ctx, prefix=",".join(filter(None, (source.lowering, options.smooth_pass()))),
                    block_size=block_size,
                    tail=dataclasses.replace(options, dtype=dtype).required())
-        if options.quant != "none" and stored and stored[1] and \
-                not any(isinstance(op, L.QuantizeOp) for op in module.walk()):
+        kept_stored = options.quant != "none" and stored and stored[1] and \
+            not any(isinstance(op, L.QuantizeOp) for op in module.walk())
+        if kept_stored:
             progress.note(f"--quant {options.quant} changed nothing: the weights it would quantize are stored "
                           f"quantized in {model} already and are kept as they are"
                           f"{_DEQUANTIZE_HINT.get(source.kind, '')}")
         if options.quant_smooth is not None and not any(k.startswith("smooth: ") for k in ctx.report):
             progress.note(f"--quant-smooth smoothed nothing: no norm or act_mul of {model} feeds only linears with "
                           f"float weights{_DEQUANTIZE_HINT.get(source.kind, '')}")
-        if quantize is not None and (unmatched := quantize.unmatched_keep(module)):
+        if quantize is not None and not kept_stored and (unmatched := quantize.unmatched_keep(module)):
             example = next((n for u, w in weight_uses(module) if isinstance(u, L.LinearOp)
                             for n in source_names(w)), "")
             progress.note(f"--quant-keep {', '.join(unmatched)} named no weight of {model} (its weights are named "

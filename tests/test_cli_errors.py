@@ -484,7 +484,7 @@ def test_compile_refuses_gguf_blocks_with_non_finite_scales(tmp_path, kind, valu
 
 def test_quant_on_a_checkpoint_stored_quantized(tmp_path, ckpt):
     """--quant on a GGUF file whose matrices are all quantized: a note that it changed nothing (the
-    bundle keeps them as stored); GPTQ refused before calibrating, one error line, no bundle. A
+    bundle keeps them as stored), and no second one about --quant-keep patterns; GPTQ refused before calibrating, one error line, no bundle. A
     float checkpoint gets no such note."""
     from gguf_files import write_gguf
 
@@ -493,6 +493,8 @@ def test_quant_on_a_checkpoint_stored_quantized(tmp_path, ckpt):
     r = llmirc("compile", path, "--emit", "mlir", "--quant", "int4")
     assert r.returncode == 0 and f"note: --quant int4 changed nothing: the weights it would quantize are stored " \
         f"quantized in {path} already" in r.stderr and "--dequantize" in r.stderr, r.stderr
+    r = llmirc("compile", path, "--emit", "mlir", "-q", "--quant", "int4", "--quant-keep", "*.down_proj.*=int8")
+    assert r.returncode == 0 and "changed nothing" in r.stderr and "named no weight" not in r.stderr, r.stderr
     text = tmp_path / "calibration.txt"
     text.write_text("the quick brown fox jumps over the lazy dog " * 20)
     out = tmp_path / "out.llmir"
