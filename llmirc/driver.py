@@ -22,7 +22,7 @@ import numpy as np
 from llmirc import __version__, dtypes
 from llmirc import dialect as L
 from llmirc.artifact_format.writer import BundleWriter, check_replaceable, remove_stale_temporaries
-from llmirc.errors import LlmircError, stage
+from llmirc.errors import CheckpointError, LlmircError, stage
 from llmirc.frontend import open_source
 from llmirc.frontend.checkpoint import missing_tokenizer_note
 from llmirc.frontend.context import Limit, index_limits, resolve_context, table_rows
@@ -259,6 +259,10 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             stdout.write(optimized_ir)
         context = resolve_context(source.model_info(), module, options.max_model_len)
         progress(f"context: {context.tokens} tokens ({context.why})")
+        if not any(isinstance(op, (L.AttentionOp, L.PagedAttentionOp)) or L.FULL_SEQUENCE in op.attributes
+                   for op in module.walk()):
+            raise CheckpointError(f"{model}: the model has no attention layer (no token reads the ones before "
+                                  "it): llmirc compiles decoder language models")
         with stage("plan"):
             plan = build_plan(module, read_weight=source.read)
         read = source.read if calibration is None else \

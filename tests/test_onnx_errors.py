@@ -100,6 +100,14 @@ def test_weight_holding_nan(tmp_path, external):
         source.float32("W")
 
 
+def test_graph_without_attention(tmp_path):
+    """logits = E[ids] @ W: nothing attends to earlier tokens; said so, not in the pipeline's words."""
+    w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((8, 16)).astype(np.float32), "W")
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["x"]), helper.make_node("MatMul", ["x", "W"], ["y"])]
+    compile_fails(tmp_path, save(graph(nodes, [embed(), w]), tmp_path / "m.onnx"), "m.onnx", "no attention layer",
+                  "decoder language models")
+
+
 def test_unrecognized_graph_with_an_op_without_generic_kernel(tmp_path):
     # Not recognized as an LLM, so compiled as a full-sequence model with generic kernels
     # (tests/test_onnx_fallback.py), but TopK has none: refused, naming the op and its node.
