@@ -39,6 +39,36 @@ from llmirc.quant import LANES, Scheme
 from .spec import Launch, Rule, Variant, cdiv, kernel, mul, next_pow2
 
 @triton.jit
+def _code_offsets(first, step, lanes, SG: tl.constexpr, BITS: tl.constexpr):
+    """Where the codes of `step` lie, for byte position `first` (the super-block's start + 4 lane +
+    byte) of a super-block of `lanes` lanes: (byte offset, nibble shift, the high plane's byte
+    offset and bit shift (5 and 6-bit codes)), as llmirc/quant.py lays them out."""
+    if BITS == 8:
+        off = first + step * (4 * lanes)
+        shift = step * 0
+    else:  # steps 2c and 2c + 1 share the bytes of unit c (low, high nibble)
+        off = first + (step // 2) * (4 * lanes)
+        shift = (step % 2) * 4
+    hoff = off
+    hshift = shift
+    if BITS == 5 or BITS == 6:  # the high plane: a unit per 8 / (BITS - 4) steps, after SG / 8 units
+        hoff = first + (SG // 8 + step // (8 // (BITS - 4))) * (4 * lanes)
+        hshift = (step % (8 // (BITS - 4))) * (BITS - 4)
+    return off, shift, hoff, hshift
+
+
+@triton.jit
+def _unpack(raw, top, shift, hshift, BITS: tl.constexpr):
+    """Codes (int32) from the bytes at `_code_offsets`' offsets (top: the high plane's; unused
+    below 5 bits)."""
+    if BITS != 8:
+        raw = (raw >> shift) & 15
+    if BITS == 5 or BITS == 6:
+        raw |= ((top >> hshift) & ((1 << (BITS - 4)) - 1)) << 4
+    return raw
+
+
+@triton.jit
 def _block_layout(kb, LB: tl.constexpr, SG: tl.constexpr, NSUB: tl.constexpr, BITS: tl.constexpr,
                   BK: tl.constexpr):
     """Block kb of a row: (byte offset in the row, nibble shift, the high plane's byte offset and
@@ -51,17 +81,7 @@ def _block_layout(kb, LB: tl.constexpr, SG: tl.constexpr, NSUB: tl.constexpr, BI
     step = p // (4 * LB)                  # step t of the super-block (SG/4 of them)
     i = p % (4 * LB)                      # byte within the run: lane j0 % 16 + i // 4, byte i % 4
     first = sb * (2 * SG * BITS) + 4 * (j0 % 16) + i  # (the super-block: 16 SG BITS / 8 bytes)
-    if BITS == 8:
-        off = first + step * (4 * lanes)
-        shift = tl.zeros([BK], tl.int32)
-    else:  # steps 2c and 2c + 1 share the bytes of unit c (low, high nibble)
-        off = first + (step // 2) * (4 * lanes)
-        shift = (step % 2) * 4
-    hoff = off
-    hshift = shift
-    if BITS == 5 or BITS == 6:  # the high plane: a unit per 8 / (BITS - 4) steps, after SG / 8 units
-        hoff = first + (SG // 8 + step // (8 // (BITS - 4))) * (4 * lanes)
-        hshift = (step % (8 // (BITS - 4))) * (BITS - 4)
+    off, shift, hoff, hshift = _code_offsets(first, step, lanes, SG, BITS)
     col = (j0 + i // 4) * SG + 4 * step + i % 4
     return off, shift, hoff, hshift, col, (j0 + i // 4) < NSUB
 
@@ -99,12 +119,10 @@ def _codes(codes, rn, n_ok, off, shift, hoff, hshift, ok, ROW_BYTES: tl.constexp
     base = codes + rn.to(tl.int64)[:, None] * ROW_BYTES
     mask = n_ok[:, None] & ok[None, :]
     raw = tl.load(base + off[None, :], mask=mask, other=0).to(tl.int32)
-    if BITS != 8:
-        raw = (raw >> shift[None, :]) & 15
+    top = raw
     if BITS == 5 or BITS == 6:
         top = tl.load(base + hoff[None, :], mask=mask, other=0).to(tl.int32)
-        raw |= ((top >> hshift[None, :]) & ((1 << (BITS - 4)) - 1)) << 4
-    return raw
+    return _unpack(raw, top, shift[None, :], hshift[None, :], BITS)
 
 
 @triton.jit
@@ -198,15 +216,12 @@ def qembedding_kernel(out, ld_out, codes, scales, zeros, ids, T, DIM: tl.constex
     lanes = tl.minimum(NSUB - sb * 16, 16)
     step = (col % SG) // 4
     base = codes + row * (DIM * BITS // 8)
-    first = sb * (2 * SG * BITS) + 4 * (j % 16) + col % 4
-    if BITS == 8:
-        u = tl.load(base + first + step * (4 * lanes), mask=ok, other=0).to(tl.int32)
-    else:
-        u = (tl.load(base + first + (step // 2) * (4 * lanes), mask=ok, other=0).to(tl.int32) >> ((step % 2) * 4)) & 15
+    off, shift, hoff, hshift = _code_offsets(sb * (2 * SG * BITS) + 4 * (j % 16) + col % 4, step, lanes, SG, BITS)
+    raw = tl.load(base + off, mask=ok, other=0).to(tl.int32)
+    top = raw
     if BITS == 5 or BITS == 6:
-        per = 8 // (BITS - 4)
-        top = tl.load(base + first + (SG // 8 + step // per) * (4 * lanes), mask=ok, other=0).to(tl.int32)
-        u |= ((top >> ((step % per) * (BITS - 4))) & ((1 << (BITS - 4)) - 1)) << 4
+        top = tl.load(base + hoff, mask=ok, other=0).to(tl.int32)
+    u = _unpack(raw, top, shift, hshift, BITS)
     g = row * (DIM // GROUP) + col // GROUP
     s = tl.load(scales + g, mask=ok, other=0.0).to(tl.float32)
     if ZERO == "int":
