@@ -55,6 +55,8 @@ from xdsl.printer import Printer
 from xdsl.traits import Pure
 from xdsl.utils.exceptions import VerifyException
 
+from llmirc.quant import layout_problem
+
 _POOL_KEYS = ("layers", "kv_heads", "head_dim", "block_size")
 DYN = DYNAMIC_INDEX  # a dimension only known at run time (tokens in the batch, rows kept for logits)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
@@ -199,9 +201,10 @@ class QuantType(ParametrizedAttribute, TypeAttribute):
         return [*values, scale, StringAttr(zero), IntAttr(int(act_order))]
 
     def verify(self) -> None:
-        _check(self.bits.data in (4, 5, 6, 8), f"quant: {self.bits.data}-bit codes (4, 5, 6 or 8)")
         _check(self.group_size.data >= 16, "quant: group_size must be at least 16")
-        _check(self.bits.data != 5 or self.group_size.data >= 32, "quant: 5-bit codes take groups of 32 or more")
+        sub_group = min(32, self.group_size.data)
+        why = layout_problem(self.bits.data, sub_group, sub_group)
+        _check(why is None, f"quant: {why}")
         _check(is_float(self.scale), "quant: the scale type must be f32, bf16 or f16")
         _check(self.zero.data in _QUANT_ZEROS, f"quant: zero must be one of {', '.join(_QUANT_ZEROS)}")
         _check(self.act_order.data in (0, 1), "quant: act_order is a flag")

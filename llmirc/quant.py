@@ -83,7 +83,7 @@ class Scheme:
     @property
     def high_bits(self) -> int:
         """Bits of each code in the high plane (5 and 6-bit codes; see the module docstring)."""
-        return self.bits - 4 if self.bits in (5, 6) else 0
+        return high_bits(self.bits)
 
     def parts(self) -> tuple[str, ...]:
         return ("codes", "scales") + (("zeros",) if self.zero != "none" else ()) + (
@@ -111,6 +111,11 @@ def layout_order(k: int, sg: int) -> np.ndarray:
     return order
 
 
+def high_bits(bits: int) -> int:
+    """Bits of a `bits`-bit code in the high plane: 1 or 2 for 5 and 6-bit codes, else 0."""
+    return bits - 4 if bits in (5, 6) else 0
+
+
 def pack(u: np.ndarray, bits: int, sg: int) -> np.ndarray:
     """Codes u (uint8 [n, k], < 2^bits) in the super-block layout: uint8 [n, k * bits / 8].
     Raises ValueError for a layout that does not exist (see `_check_layout`)."""
@@ -120,7 +125,7 @@ def pack(u: np.ndarray, bits: int, sg: int) -> np.ndarray:
     if bits == 8:
         return laid
     out = np.empty((n, k * bits // 8), np.uint8)
-    h = bits - 4
+    h = high_bits(bits)
     for start, r in _super_blocks(k, sg):
         step = 4 * r
         blk = laid[:, start:start + sg * r].reshape(n, sg // 4, step)
@@ -144,7 +149,7 @@ def unpack(codes: np.ndarray, bits: int, sg: int, k: int) -> np.ndarray:
         laid = codes
     else:
         laid = np.empty((n, k), np.uint8)
-        h = bits - 4
+        h = high_bits(bits)
         for start, r in _super_blocks(k, sg):
             step = 4 * r
             first = start * bits // 8
@@ -168,7 +173,7 @@ def layout_problem(bits: int, sg: int, k: int) -> str | None:
         return f"{bits}-bit codes (llmirc stores 4, 5, 6 or 8)"
     if k % sg:
         return f"{k} inputs, not a multiple of the sub-group {sg}"
-    if bits in (5, 6) and sg * (bits - 4) % 32:
+    if sg * high_bits(bits) % 32:
         return f"{bits}-bit codes in sub-groups of {sg} (5 bits take groups of 32 or more)"
     return None
 
