@@ -298,7 +298,9 @@ def _linear_blocking(vw: int) -> tuple[int, tuple[int, ...]]:
     takes rows[c-1] rows of w per micro-kernel, so that its r*c vector accumulators, r w
     vectors and an x vector fit the register file: 32 zmm with AVX-512 (16 lanes), 16 ymm
     with AVX2 + FMA, 16 xmm otherwise (SSE has no FMA: a multiply needs a scratch register).
-    Fewer tokens, more rows: more independent memory streams where reading w is the bound."""
+    Fewer tokens, more rows. Decode (one group of <= C tokens) takes one row at a time
+    instead: w then streams from memory in address order, which on a Zen 4 host ran
+    1.5x faster than 8 rows read side by side (BENCHMARKS.md, "one row at a time")."""
     if vw >= 16:
         return 4, (8, 8, 6, 6)
     if vw == 8:
@@ -452,13 +454,17 @@ def _emit_linear(module, fn, b, p, cpu):
             with small:
                 ng, base, extra = groups(b, T)
                 cmax = b.add(base, b.zext(b.icmp_signed(">", extra, i64(0)), I64))
-                for r in sorted(set(rows), reverse=True):
-                    cs = [c for c in range(1, C + 1) if rows[c - 1] == r]
-                    with b.if_then(b.and_(b.icmp_signed(">=", cmax, i64(cs[0])),
-                                          b.icmp_signed("<=", cmax, i64(cs[-1])))):
-                        # groups have cmax or cmax - 1 tokens
-                        row_blocks(b, r, one_pass(r, range(max(1, cs[0] - 1), cs[-1] + 1)),
-                                   (i64(0), ng, base, extra))
+                with b.if_else(b.icmp_signed("==", ng, i64(1))) as (streamed, blocked):
+                    with streamed:  # one group of <= C tokens (decode): memory-bound, one row at a time
+                        row_blocks(b, 1, one_pass(1, range(1, C + 1)), (i64(0), ng, base, extra))
+                    with blocked:
+                        for r in sorted(set(rows), reverse=True):
+                            cs = [c for c in range(1, C + 1) if rows[c - 1] == r]
+                            with b.if_then(b.and_(b.icmp_signed(">=", cmax, i64(cs[0])),
+                                                  b.icmp_signed("<=", cmax, i64(cs[-1])))):
+                                # groups have cmax or cmax - 1 tokens
+                                row_blocks(b, r, one_pass(r, range(max(1, cs[0] - 1), cs[-1] + 1)),
+                                           (i64(0), ng, base, extra))
             with large:
                 def fma_prefill():
                     R = rows[C - 1]

@@ -25,8 +25,10 @@ sub-group) to int8 first, into the `xq` scratch and in the weights' super-block 
       min:  s * d acc + m e,        e = d sum(q)
   accumulated over the super-blocks in one f32 vector per (row, token), summed at the end.
 * Micro-kernels take r rows of the weight times c <= 4 tokens (r from the register file and
-  c); decode reads each block of rows once for all tokens, and streams the next block's rows
-  into the cache (software prefetch) while one computes. Threads claim row blocks
+  c); prefill reads each block of rows once for all tokens, and streams the next block's rows
+  into the cache (software prefetch) while one computes. Decode (one group of c <= 4 tokens)
+  takes one row at a time, so the weight streams in address order: on a Zen 4 host 8 rows
+  side by side reached 45% of the bandwidth floor, one row 75% (BENCHMARKS.md). Threads claim row blocks
   dynamically (irbuilder.parallel_for). Long prefills run in token slices whose quantized
   activations stay in L2.
 
@@ -334,13 +336,20 @@ def _emit_qlinear(module, fn, b, A, p, variant):
             ng = b.sdiv(b.add(nt, i64(C - 1)), i64(C))  # groups of base+1 (the first `extra`) or base tokens
             base, extra = b.sdiv(nt, ng), b.srem(nt, ng)
             cmax = b.add(base, b.zext(b.icmp_signed(">", extra, i64(0)), I64))
-            for R in sorted(set(rows), reverse=True):
-                cs = [c for c in range(1, C + 1) if rows[c - 1] == R]
-                with b.if_then(b.and_(b.icmp_signed(">=", cmax, i64(cs[0])), b.icmp_signed("<=", cmax, i64(cs[-1])))):
-                    _row_blocks(module, b, fn, R, n, k, row_bytes,
-                                lambda cb, X, j0, r, pf, ex: _token_groups(cb, X, j0, r, pf, ex, micro,
-                                                                           range(max(1, cs[0] - 1), cs[-1] + 1)),
-                                (t_lo, ng, base, extra))
+
+            def row_blocks(R, sizes):
+                _row_blocks(module, b, fn, R, n, k, row_bytes,
+                            lambda cb, X, j0, r, pf, ex: _token_groups(cb, X, j0, r, pf, ex, micro, sizes),
+                            (t_lo, ng, base, extra))
+            with b.if_else(b.icmp_signed("==", ng, i64(1))) as (streamed, blocked):
+                with streamed:  # one group of <= C tokens (decode): memory-bound, so one row at a time
+                    row_blocks(1, range(1, C + 1))
+                with blocked:
+                    for R in sorted(set(rows), reverse=True):
+                        cs = [c for c in range(1, C + 1) if rows[c - 1] == R]
+                        with b.if_then(b.and_(b.icmp_signed(">=", cmax, i64(cs[0])),
+                                              b.icmp_signed("<=", cmax, i64(cs[-1])))):
+                            row_blocks(R, range(max(1, cs[0] - 1), cs[-1] + 1))
 
     T = A.T
     with b.if_then(b.icmp_signed(">", T, i64(0))):
