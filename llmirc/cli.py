@@ -79,7 +79,8 @@ def cli(debug: bool) -> None:
               help="Storage type of linear and embedding weights: auto (the checkpoint's), float32, bfloat16, "
                    "float16. Norm weights and biases are float32; compute is float32.")
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
-              help="Paged KV cache type: auto (bfloat16/float16 when the weights are, or were before --quant), "
+              help="Paged KV cache type: auto (bfloat16/float16 when the weights are, or were before --quant; "
+                   "float16 when the checkpoint's linears are all quantized, as in GGUF/GPTQ/AWQ files), "
                    "float32, bfloat16, float16, int8 (a scale per block, kv head and K/V).")
 @click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="Quantize linear weights: int8 (per output row unless --quant-group-size), int4 (groups of 32 "

@@ -47,7 +47,7 @@ class CompileOptions:
     archs: tuple[str, ...] = ()         # GPU architectures (sm_80, sm_90, gfx90a, gfx942); () = each target's defaults
     jobs: int | None = None             # parallel kernel compilations (GPU targets); None = the usable CPUs
     dtype: str = "auto"                 # weights of linear/embedding ops: auto (the checkpoint's), float32, ...
-    kv_cache_dtype: str = "auto"        # the paged KV pool: auto (half for half weights), float32, ..., int8
+    kv_cache_dtype: str = "auto"        # the paged KV pool: auto (half for half or pre-quantized weights), float32, ..., int8
     quant: str = "none"                 # none, int8, int4: quantize linear weights (quantize-weights)
     quant_group_size: int = 0           # 0: per output row for int8, 32 for int4
     quant_symmetric: bool = True        # false: a zero point per group

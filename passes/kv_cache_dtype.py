@@ -1,7 +1,9 @@
 """kv-cache-dtype: the element type of the paged KV pool (`llmirc compile --kv-cache-dtype`).
 
 `auto` stores K/V in the type the linear ops' weights have when they all agree on a half type
-(a bf16 checkpoint gets a bf16 cache, also when --quant quantizes its weights), else in f32. kv_append rounds to the pool's type;
+(a bf16 checkpoint gets a bf16 cache, also when --quant quantizes its weights), in f16 when the
+checkpoint's own linears are all quantized (GGUF, GPTQ, AWQ: llama.cpp's default cache type; it
+halves what long-context decode reads), else in f32. kv_append rounds to the pool's type;
 paged_attention widens exactly and computes in f32. `int8` stores codes with one float32 scale
 per block, kv head and K/V (absmax / 127, grown as tokens arrive; see the kv_append kernel kind).
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import ModuleOp, f32, i8
+from xdsl.dialects.builtin import ModuleOp, f16, f32, i8
 from xdsl.passes import ModulePass
 from xdsl.rewriter import Rewriter
 
@@ -28,13 +30,16 @@ from .report import note
 
 
 def auto_kv_dtype(module: ModuleOp):
-    """The half type all float linear weights share, else f32. A weight quantized by
+    """The half type all float linear weights share; f16 when there are none (every linear is a
+    checkpoint's own quantized tensor: GGUF, GPTQ, AWQ); else f32. A weight quantized by
     quantize-weights counts as the float weight it was made from (a bf16 checkpoint compiled with
-    --quant, or smoothed, keeps a bf16 cache); a checkpoint's own quantized tensors (GGUF, GPTQ) do not count."""
+    --quant, or smoothed, keeps a bf16 cache)."""
     def source(w):
         return w.owner.input if isinstance(w.owner, L.QuantizeOp) else w
     types = {source_type(source(op.weight)) for op in module.walk() if isinstance(op, L.LinearOp)}
     types = {t for t in types if L.is_float(t)}
+    if not types:
+        return f16
     return types.pop() if len(types) == 1 and types != {f32} else f32
 
 
