@@ -146,6 +146,11 @@ def gep(b: ir.IRBuilder, ptr: ir.Value, idx, ety: ir.Type = F32, inbounds: bool 
     return b.gep(ptr, [i64(idx)], inbounds=inbounds, source_etype=ety)
 
 
+# How far ahead a weight read one row at a time (decode) is prefetched, in bytes: the next row is
+# too near on a Zen 4 host, 16 KiB ran its Q4_0 decode 20% faster (BENCHMARKS.md, "one row at a time").
+PREFETCH_AHEAD = 16 * 1024
+
+
 def prefetch(b: ir.IRBuilder, ptr: ir.Value) -> None:
     """Prefetch the cache line at ptr for reading (into all cache levels). A prefetch never
     faults, so ptr may point past the end of a buffer (build it with inbounds=False)."""

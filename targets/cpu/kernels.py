@@ -422,8 +422,11 @@ def _emit_linear(module, fn, b, p, cpu):
         """block(): all k slices of the row block in turn (each w slice and x[:, slice] stay
         in L1), prefetching the next block's rows meanwhile (the hardware prefetcher alone
         leaves memory idle while a block computes)"""
+        wst = irb.storage(p.w_dtype)
+        ahead = R if R > 1 else -(-irb.PREFETCH_AHEAD // (p.k * wst.itemsize))  # one-row passes: bytes ahead
+
         def block(cb, A, ex, j0, r):
-            pf = irb.storage(p.w_dtype).gep(cb, A.w, cb.mul(cb.add(j0, i64(R)), i64(p.k)), inbounds=False)
+            pf = wst.gep(cb, A.w, cb.mul(cb.add(j0, i64(ahead)), i64(p.k)), inbounds=False)
             if n_kc:
                 with irb.for_range(cb, 0, n_kc * KC, KC, "kc") as k0:
                     token_groups(cb, A, ex, j0, r, cs, k0, KC, pf)

@@ -558,14 +558,17 @@ def _finish(cb, X, p, v, t, col, width):
 
 def _row_blocks(module, b, fn, R, n, k, row_bytes, block, extra):
     """One parallel loop over blocks of R rows of the weight: block(cb, args, j0, rows, prefetch
-    pointer (the next block's first row), extra values)."""
+    pointer (the next block's first row; for one-row blocks the row
+    irbuilder.PREFETCH_AHEAD bytes on),
+    extra values)."""
     nbf, rrem = divmod(n, R)
+    ahead = R if R > 1 else -(-irb.PREFETCH_AHEAD // row_bytes)
 
     def body(cb, rb, vals):
         X = irb.named(fn, vals)
         ex = vals[len(fn.args):]
         j0 = cb.mul(rb, i64(R))
-        pf = irb.gep(cb, X.codes, cb.mul(cb.add(j0, i64(R)), i64(row_bytes)), I8, inbounds=False)
+        pf = irb.gep(cb, X.codes, cb.mul(cb.add(j0, i64(ahead)), i64(row_bytes)), I8, inbounds=False)
         if rrem:
             with cb.if_else(cb.icmp_signed("<", rb, i64(nbf))) as (full, part):
                 with full:
