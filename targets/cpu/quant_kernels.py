@@ -27,9 +27,9 @@ sub-group) to int8 first, into the `xq` scratch and in the weights' super-block 
 * Micro-kernels take r rows of the weight times c <= 4 tokens (r from the register file and
   c); prefill reads each block of rows once for all tokens, and streams the next block's rows
   into the cache (software prefetch) while one computes. Decode (one group of c <= 4 tokens)
-  takes one row at a time, so the weight streams in address order: on a Zen 4 host 8 rows
-  side by side reached 45% of the bandwidth floor, one row 75% (BENCHMARKS.md). Threads claim row blocks
-  dynamically (irbuilder.parallel_for). Long prefills run in token slices whose quantized
+  takes one row at a time, so the weight streams in address order, prefetched 16 KiB ahead:
+  on a Zen 4 host 8 rows side by side reached 45% of the bandwidth floor, one row 75%
+  (BENCHMARKS.md). Threads claim row blocks dynamically (irbuilder.parallel_for). Long prefills run in token slices whose quantized
   activations stay in L2.
 
 The int8 KV cache (kv_append): one work item per (K or V, kv head) walks the tokens in order,
@@ -558,9 +558,8 @@ def _finish(cb, X, p, v, t, col, width):
 
 def _row_blocks(module, b, fn, R, n, k, row_bytes, block, extra):
     """One parallel loop over blocks of R rows of the weight: block(cb, args, j0, rows, prefetch
-    pointer (the next block's first row; for one-row blocks the row
-    irbuilder.PREFETCH_AHEAD bytes on),
-    extra values)."""
+    pointer (the next block's first row; for one-row blocks, the row irbuilder.PREFETCH_AHEAD
+    bytes on), extra values)."""
     nbf, rrem = divmod(n, R)
     ahead = R if R > 1 else -(-irb.PREFETCH_AHEAD // row_bytes)
 
