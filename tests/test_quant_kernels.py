@@ -58,7 +58,8 @@ SCHEMES = {  # name -> (scheme factory of k)
 MAIN = {name: (37, next(k for k in (576, 640, 1536) if make(k).check(k) is None)) for name, make in SCHEMES.items()}
 EXTRA = [("i8_g32", 64, 512), ("i4_g32", 64, 512), ("i8_row", 9, 2048), ("i8_g256_min", 9, 2048),
          ("i4_g128_int", 9, 2048), ("i4_g32_min", 5, 64), ("i8_g16_f32", 5, 64),
-         ("i5_g32", 5, 32), ("i5_g32_min_f32", 7, 96), ("i6_g16_f32", 3, 48)]  # 5/6 bits: tails of 1 to 3 lanes
+         ("i5_g32", 5, 32), ("i5_g32_min_f32", 7, 96), ("i6_g16_f32", 3, 48),  # 5/6 bits: tails of 1 to 3 lanes
+         ("i4_g32", 11, 704), ("i6_g16_f32", 5, 352), ("i4_g128_int", 3, 2816)]  # tails of 6 and 8 lanes (8-lane vectors)
 CASES = [(name, *MAIN[name]) for name in SCHEMES] + EXTRA
 # The other instruction paths share the per-format code; they run the formats that exercise
 # their dot products and unpacking differently (int8 and int4 codes, zero kinds, 16-wide blocks).

@@ -194,6 +194,13 @@ def _emit_qlinear(module, fn, b, A, p, variant):
     zst = irb.storage(s.scale_dtype) if s.zero == "min" else None
     rows = _blocking(how, L)
     C = len(rows)
+    # narrower vectors than L: the generic path has them all, vpdpbusd on xmm/ymm needs AVX512VL
+    # (or is AVX-VNNI's), sdot has 4 lanes only
+    narrower = how == "generic" or (how == "vnni" and (L == 8 or variant.has("avx512vl")))
+
+    def narrow(lw):
+        """lanes per vector for a run of lw lanes: the fewest (at least 4) that hold them"""
+        return min(L, max(4, 1 << (lw - 1).bit_length())) if narrower else L
 
     # -- activations -> xq (int8 in the super-block order, d and e per block)
     def quantize_token(cb, t, vals):
@@ -231,16 +238,16 @@ def _emit_qlinear(module, fn, b, A, p, variant):
             zrow = [irb.gep(cb, X.zeros, cb.mul(cb.add(j0, i64(ri)), i64(ngroups)), zety) for ri in range(r)]
         arow = [irb.gep(cb, X.xq, cb.mul(cb.add(t0, i64(ci)), i64(S)), I8) for ci in range(c)]
 
-        def group_vec(cb, row, first_sub, lw, load):
+        def group_vec(cb, row, first_sub, lw, load, W):
             """per-lane values of the groups of sub-groups first_sub .. first_sub+lw-1 (a row of
-            scales, zero points or mins) as <L x float>"""
+            scales, zero points or mins) as <W x float>"""
             per = G // sg  # sub-groups per group
-            if per >= L or G == k:
+            if per >= W or G == k:
                 gi = cb.udiv(first_sub, i64(per)) if G != k else i64(0)
-                return irb.splat(cb, load(cb, row, gi, 0), L)
+                return irb.splat(cb, load(cb, row, gi, 0), W)
             ng = -(-lw // per)
             v = load(cb, row, cb.udiv(first_sub, i64(per)), ng)
-            mask = [lane // per for lane in range(lw)] + [0] * (L - lw)
+            mask = [lane // per for lane in range(lw)] + [0] * (W - lw)
             return irb.shuffle(cb, v, v, mask)
 
         def load_scales(cb, row, gi, m):
@@ -252,47 +259,52 @@ def _emit_qlinear(module, fn, b, A, p, variant):
             raw = cb.load(irb.gep(cb, row, gi, I8), typ=irb.vty(m, I8) if m else I8, align=1)
             return cb.uitofp(raw, irb.vty(m) if m else F32)
 
-        def load_floats(cb, base, off, first_sub, lw):
+        def load_floats(cb, base, off, first_sub, lw, W):
             ptr = irb.gep(cb, base, off, I8)
             v = irb.load_vec(cb, ptr, first_sub, lw)
-            return irb.widen(cb, v, L) if lw < L else v
+            return irb.widen(cb, v, W) if lw < W else v
 
         def sub_vector(cb, code0, act0, first_sub, hoff, lanes, lw):
-            """lanes [h L, h L + lw) of a super-block of `lanes` lanes (hoff = 4 L h bytes)"""
-            zero_i = ir.Constant(irb.vty(L, I32), None)
+            """lanes [h L, h L + lw) of a super-block of `lanes` lanes (hoff = 4 L h bytes), in
+            vectors of W lanes: L, or fewer for a short last super-block (k = 576 in groups of 32
+            ends in 2 lanes: full vectors made it cost as much as the other 16)"""
+            W = narrow(lw)
+            zero_i = ir.Constant(irb.vty(W, I32), None)
             iacc = [[zero_i] * c for _ in range(r)]
             signed8 = how == "sdot" and bits == 8  # codes u as u - 128: xneg[ci] = -128 sum(x) to take off
             xneg = [zero_i] * c
             units = [_unit_loader(lambda u, ri=ri: _pad(cb, _load_bytes(
-                cb, crow[ri], cb.add(code0, cb.add(hoff, i64(4 * lanes * u))), 4 * lw), 4 * L)) for ri in range(r)]
+                cb, crow[ri], cb.add(code0, cb.add(hoff, i64(4 * lanes * u))), 4 * lw), 4 * W)) for ri in range(r)]
             for tt in range(steps):
                 wv = [_step_codes(cb, s, tt, units[ri]) for ri in range(r)]
                 if signed8:
-                    wv = [cb.xor(v, ir.Constant(v.type, [128] * (4 * L))) for v in wv]
+                    wv = [cb.xor(v, ir.Constant(v.type, [128] * (4 * W))) for v in wv]
                 xv = [_pad(cb, _load_bytes(cb, arow[ci], cb.add(act0, cb.add(hoff, i64(4 * lanes * tt))), 4 * lw),
-                           4 * L) for ci in range(c)]
+                           4 * W) for ci in range(c)]
                 for ri in range(r):
                     for ci in range(c):
                         iacc[ri][ci] = _dot(cb, how, iacc[ri][ci], wv[ri], xv[ci])
                 if signed8:
-                    xneg = [_dot(cb, how, xneg[ci], ir.Constant(xv[ci].type, [-128] * (4 * L)), xv[ci])
+                    xneg = [_dot(cb, how, xneg[ci], ir.Constant(xv[ci].type, [-128] * (4 * W)), xv[ci])
                             for ci in range(c)]
             if signed8:
                 iacc = [[cb.sub(iacc[ri][ci], xneg[ci]) for ci in range(c)] for ri in range(r)]
-            dv = [load_floats(cb, arow[ci], d_off, first_sub, lw) for ci in range(c)]
-            ev = [load_floats(cb, arow[ci], e_off, first_sub, lw) for ci in range(c)]
+            dv = [load_floats(cb, arow[ci], d_off, first_sub, lw, W) for ci in range(c)]
+            ev = [load_floats(cb, arow[ci], e_off, first_sub, lw, W) for ci in range(c)]
             for ri in range(r):
-                sv = group_vec(cb, srow[ri], first_sub, lw, load_scales)
-                zv = group_vec(cb, zrow[ri], first_sub, lw, load_zeros) if zrow is not None else None
+                sv = group_vec(cb, srow[ri], first_sub, lw, load_scales, W)
+                zv = group_vec(cb, zrow[ri], first_sub, lw, load_zeros, W) if zrow is not None else None
                 for ci in range(c):
-                    f = cb.sitofp(iacc[ri][ci], irb.vty(L))
-                    acc = cb.load(facc[ri][ci])
+                    f = cb.sitofp(iacc[ri][ci], irb.vty(W))
+                    acc = cb.load(facc[ri][ci]) if W == L else irb.const_like(irb.vty(W), 0.0)
                     if s.zero == "none":
                         acc = irb.fma(cb, sv, irb.fma(cb, f, dv[ci], ev[ci]), acc)
                     elif s.zero == "int":
                         acc = irb.fma(cb, sv, cb.fsub(cb.fmul(f, dv[ci]), cb.fmul(zv, ev[ci])), acc)
                     else:
                         acc = irb.fma(cb, zv, ev[ci], irb.fma(cb, sv, cb.fmul(f, dv[ci]), acc))
+                    if W < L:
+                        acc = cb.fadd(cb.load(facc[ri][ci]), irb.widen(cb, acc, L))
                     cb.store(acc, facc[ri][ci])
 
         def super_block(cb, sb, lanes):
