@@ -65,7 +65,8 @@ CASES = [(name, *MAIN[name]) for name in SCHEMES] + EXTRA
 # their dot products and unpacking differently (int8 and int4 codes, zero kinds, 16-wide blocks).
 PATH_SCHEMES = ("i8_row", "i4_g32_min", "i4_g64_act", "i6_g16_f32", "i4_g128_int", "i5_g32_min_f32")
 BIAS_RESIDUAL = ("i8_row", "i4_g32_min", "i4_g64_act")
-ROWS = [0, 1, 2, 3, 5, 17, 130]
+# 1-4: decode, one token group, read one weight row at a time; 5, 8: two groups (row blocks)
+ROWS = [0, 1, 2, 3, 4, 5, 8, 17, 130]
 QE_DIMS = {"i8_g32": 576, "i4_g32_min": 576, "i4_g128_int": 640, "i8_g16_f32": 80, "i5_g32_min_f32": 576,
            "i6_g16_f32": 80, "i5_g32": 32}  # embedding widths
 
