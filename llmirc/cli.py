@@ -80,7 +80,8 @@ def cli(debug: bool) -> None:
                    "float16. Norm weights and biases are float32; compute is float32.")
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
               help="Paged KV cache type: auto (bfloat16/float16 when the weights are, or were before --quant; "
-                   "float16 when the checkpoint's linears are all quantized, as in GGUF/GPTQ/AWQ files), "
+                   "float16 when the checkpoint quantized its linears itself, as GGUF/GPTQ/AWQ files do, and kept none "
+                   "in bfloat16/float16), "
                    "float32, bfloat16, float16, int8 (a scale per block, kv head and K/V).")
 @click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="Quantize linear weights: int8 (per output row unless --quant-group-size), int4 (groups of 32 "
@@ -371,7 +372,7 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
 @click.option("--kv-cache-tokens", type=click.IntRange(min=1), default=None,
               help="KV cache size in tokens (default: the model's context, at most 16384).")
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
-              help="auto, or the dtype the bundle was compiled with (float32).")
+              help="auto, or the dtype the bundle was compiled with (`llmirc inspect` shows it).")
 @click.option("--gpu-memory-utilization", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="GPU targets only (no effect on a CPU bundle).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,

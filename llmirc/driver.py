@@ -180,13 +180,13 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                           "give it in one place")
     block_size = options.block_size or DEFAULT_BLOCK_SIZE
     options.check_calibration()
-    quantize = next((p for p in parse_passes(options.required()) if isinstance(p, QuantizeWeights)), None)
-    if quantize is not None:
-        quantize.check()  # bad option values fail before the checkpoint is read
-    if options.dtype != "auto":
+    if options.dtype != "auto":  # bad option values fail before the checkpoint is read, by their names
         float_type(options.dtype, "--dtype")
     if options.kv_cache_dtype != "auto":
         kv_type(options.kv_cache_dtype, "--kv-cache-dtype")
+    quantize = next((p for p in parse_passes(options.required()) if isinstance(p, QuantizeWeights)), None)
+    if quantize is not None:
+        quantize.check()
     if out is not None:
         removed, unknown = remove_stale_temporaries(out)
         if removed:

@@ -74,6 +74,8 @@ class Scheme:
             return f"zero points {self.zero!r} (known: {', '.join(ZEROS)})"
         if self.scale_dtype not in ("float16", "bfloat16", "float32"):
             return f"scale dtype {self.scale_dtype}"
+        if g < 16:
+            return f"group size {g} (at least 16)"
         if g != k and not (16 <= g <= 512 and g & (g - 1) == 0):
             return f"group size {g} (a power of two from 16 to 512, or the whole row)"
         if k % g:

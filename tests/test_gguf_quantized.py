@@ -12,6 +12,8 @@ the K-quants): relative RMS difference below 5%, top-1 equal at 90% of the posit
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -101,3 +103,15 @@ def test_kept_quantized_matches_references(tmp_path, arch, kinds, overrides):
     for bundle in (compiled, default):
         got = bundle.score(TOKENS)
         assert rel_rms(got, theirs) < 0.05 and (got.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9, rel_rms(got, theirs)
+
+
+@pytest.mark.parametrize("kinds,cache", [
+    (("Q4_0", "F32"), "float16"),   # f32 matrices beside quantized ones are fallbacks: llama.cpp's f16 cache
+    (("Q4_0", "BF16"), "bfloat16"),  # a half type left in the file is the model's
+    (("F32",), "float32"),
+])
+def test_auto_kv_cache_of_gguf_files(tmp_path, kinds, cache):
+    model = make_checkpoint(tmp_path / "ckpt", "llama", hidden_size=64, intermediate_size=128)
+    path = write_gguf(model, tmp_path / "m.gguf", kinds)
+    compile_to(path, tmp_path / "m.llmir")
+    assert json.loads((tmp_path / "m.llmir" / "manifest.json").read_text())["kv_cache"]["dtype"] == cache
