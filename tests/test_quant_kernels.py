@@ -208,6 +208,7 @@ def test_pack_round_trip(rng, bits):
     (Scheme(5, 16, "float32", "min"), 16, "5-bit codes in sub-groups of 16"),
     (Scheme(7, 32), 64, "7-bit codes (llmirc stores 4, 5, 6 or 8)"),
     (Scheme(5, 32), 48, "48 inputs, not a multiple of the group size 32"),
+    (Scheme(8, 8, "float32"), 8, "group size 8 (at least 16)"),  # per output row of 8 inputs
 ])
 def test_quantize_refuses_schemes_without_a_layout(rng, scheme, k, message):
     """quantize, gptq and pack name what is impossible (Scheme.check's words) instead of failing in
