@@ -266,9 +266,10 @@ def _emit_qlinear(module, fn, b, A, p, variant):
 
         def sub_vector(cb, code0, act0, first_sub, hoff, lanes, lw):
             """lanes [h L, h L + lw) of a super-block of `lanes` lanes (hoff = 4 L h bytes), in
-            vectors of W lanes: L, or fewer for a short last super-block (k = 576 in groups of 32
-            ends in 2 lanes: full vectors made it cost as much as the other 16)"""
-            W = narrow(lw)
+            vectors of W lanes: L, or fewer for a short last super-block when several tokens share
+            the codes (k = 576 in groups of 32 ends in 2 lanes: full vectors made it cost as much as
+            the other 16; one token, memory-bound, ran 5-25% slower with narrow ones)"""
+            W = narrow(lw) if c > 1 else L
             zero_i = ir.Constant(irb.vty(W, I32), None)
             iacc = [[zero_i] * c for _ in range(r)]
             signed8 = how == "sdot" and bits == 8  # codes u as u - 128: xneg[ci] = -128 sum(x) to take off
