@@ -29,7 +29,9 @@ sub-group) to int8 first, into the `xq` scratch and in the weights' super-block 
   into the cache (software prefetch) while one computes. Decode (one group of c <= 4 tokens)
   takes one row at a time, so the weight streams in address order, prefetched 16 KiB ahead:
   on a Zen 4 host 8 rows side by side reached 45% of the bandwidth floor, one row 75%
-  (BENCHMARKS.md). Threads claim row blocks dynamically (irbuilder.parallel_for). Long prefills run in token slices whose quantized
+  (BENCHMARKS.md). A short last super-block (576 inputs in groups of 32: a tail of 2 lanes)
+  runs in 4 or 8-lane vectors when several tokens share it, not in full ones padded with
+  zeros. Threads claim row blocks dynamically (irbuilder.parallel_for). Long prefills run in token slices whose quantized
   activations stay in L2.
 
 The int8 KV cache (kv_append): one work item per (K or V, kv head) walks the tokens in order,
