@@ -129,7 +129,9 @@ def test_packed_checkpoint_matches_transformers(tmp_path, case):
     ckpt = tmp_path / "ckpt"
     weights = write_quantized(tmp_path / "float", ckpt, **CASES[case])
     bundle = tmp_path / "q.llmir"
-    compile_model(ckpt, bundle, CompileOptions(cpu_variants=("native",)), Progress(None))
+    # an f32 cache against the float reference (auto gives this file, whose float linear is an f32
+    # LM head beside the packed ones, llama.cpp's f16 cache: passes/kv_cache_dtype.py)
+    compile_model(ckpt, bundle, CompileOptions(cpu_variants=("native",), kv_cache_dtype="float32"), Progress(None))
     compiled = load(bundle)
     got = compiled.score(TOKENS)
     ref = hf_logits_quantized(model, weights, TOKENS)
