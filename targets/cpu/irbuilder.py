@@ -151,6 +151,27 @@ def gep(b: ir.IRBuilder, ptr: ir.Value, idx, ety: ir.Type = F32, inbounds: bool 
 PREFETCH_AHEAD = 16 * 1024
 
 
+def rows_ahead(R: int, row_bytes: int) -> int:
+    """Rows of the weight ahead of a block of R rows that its software prefetch reads: the next
+    block, or for one-row (decode) blocks the row PREFETCH_AHEAD bytes on."""
+    return R if R > 1 else -(-PREFETCH_AHEAD // row_bytes)
+
+
+def by_row_blocks(b: ir.IRBuilder, ng: ir.Value, cmax: ir.Value, rows: Sequence[int], emit) -> None:
+    """Emit, under the condition that picks it, emit(R, sizes) for each row-block height R: with one
+    token group (decode: memory-bound) one row at a time, for groups of 1..C tokens; otherwise R =
+    rows[c - 1] for the largest group c = cmax (groups hold cmax or cmax - 1 tokens)."""
+    C = len(rows)
+    with b.if_else(b.icmp_signed("==", ng, i64(1))) as (streamed, blocked):
+        with streamed:
+            emit(1, range(1, C + 1))
+        with blocked:
+            for R in sorted(set(rows), reverse=True):
+                cs = [c for c in range(1, C + 1) if rows[c - 1] == R]
+                with b.if_then(b.and_(b.icmp_signed(">=", cmax, i64(cs[0])), b.icmp_signed("<=", cmax, i64(cs[-1])))):
+                    emit(R, range(max(1, cs[0] - 1), cs[-1] + 1))
+
+
 def prefetch(b: ir.IRBuilder, ptr: ir.Value) -> None:
     """Prefetch the cache line at ptr for reading (into all cache levels). A prefetch never
     faults, so ptr may point past the end of a buffer (build it with inbounds=False)."""

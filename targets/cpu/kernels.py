@@ -423,7 +423,7 @@ def _emit_linear(module, fn, b, p, cpu):
         in L1), prefetching the next block's rows meanwhile (the hardware prefetcher alone
         leaves memory idle while a block computes)"""
         wst = irb.storage(p.w_dtype)
-        ahead = R if R > 1 else -(-irb.PREFETCH_AHEAD // (p.k * wst.itemsize))  # one-row passes: bytes ahead
+        ahead = irb.rows_ahead(R, p.k * wst.itemsize)
 
         def block(cb, A, ex, j0, r):
             pf = wst.gep(cb, A.w, cb.mul(cb.add(j0, i64(ahead)), i64(p.k)), inbounds=False)
@@ -457,17 +457,8 @@ def _emit_linear(module, fn, b, p, cpu):
             with small:
                 ng, base, extra = groups(b, T)
                 cmax = b.add(base, b.zext(b.icmp_signed(">", extra, i64(0)), I64))
-                with b.if_else(b.icmp_signed("==", ng, i64(1))) as (streamed, blocked):
-                    with streamed:  # one group of <= C tokens (decode): memory-bound, one row at a time
-                        row_blocks(b, 1, one_pass(1, range(1, C + 1)), (i64(0), ng, base, extra))
-                    with blocked:
-                        for r in sorted(set(rows), reverse=True):
-                            cs = [c for c in range(1, C + 1) if rows[c - 1] == r]
-                            with b.if_then(b.and_(b.icmp_signed(">=", cmax, i64(cs[0])),
-                                                  b.icmp_signed("<=", cmax, i64(cs[-1])))):
-                                # groups have cmax or cmax - 1 tokens
-                                row_blocks(b, r, one_pass(r, range(max(1, cs[0] - 1), cs[-1] + 1)),
-                                           (i64(0), ng, base, extra))
+                irb.by_row_blocks(b, ng, cmax, rows,
+                                  lambda r, sizes: row_blocks(b, r, one_pass(r, sizes), (i64(0), ng, base, extra)))
             with large:
                 def fma_prefill():
                     R = rows[C - 1]

@@ -356,15 +356,7 @@ def _emit_qlinear(module, fn, b, A, p, variant):
                 _row_blocks(module, b, fn, R, n, k, row_bytes,
                             lambda cb, X, j0, r, pf, ex: _token_groups(cb, X, j0, r, pf, ex, micro, sizes),
                             (t_lo, ng, base, extra))
-            with b.if_else(b.icmp_signed("==", ng, i64(1))) as (streamed, blocked):
-                with streamed:  # one group of <= C tokens (decode): memory-bound, so one row at a time
-                    row_blocks(1, range(1, C + 1))
-                with blocked:
-                    for R in sorted(set(rows), reverse=True):
-                        cs = [c for c in range(1, C + 1) if rows[c - 1] == R]
-                        with b.if_then(b.and_(b.icmp_signed(">=", cmax, i64(cs[0])),
-                                              b.icmp_signed("<=", cmax, i64(cs[-1])))):
-                            row_blocks(R, range(max(1, cs[0] - 1), cs[-1] + 1))
+            irb.by_row_blocks(b, ng, cmax, rows, row_blocks)
 
     T = A.T
     with b.if_then(b.icmp_signed(">", T, i64(0))):
@@ -573,10 +565,9 @@ def _finish(cb, X, p, v, t, col, width):
 
 def _row_blocks(module, b, fn, R, n, k, row_bytes, block, extra):
     """One parallel loop over blocks of R rows of the weight: block(cb, args, j0, rows, prefetch
-    pointer (the next block's first row; for one-row blocks, the row irbuilder.PREFETCH_AHEAD
-    bytes on), extra values)."""
+    pointer (irbuilder.rows_ahead), extra values)."""
     nbf, rrem = divmod(n, R)
-    ahead = R if R > 1 else -(-irb.PREFETCH_AHEAD // row_bytes)
+    ahead = irb.rows_ahead(R, row_bytes)
 
     def body(cb, rb, vals):
         X = irb.named(fn, vals)
