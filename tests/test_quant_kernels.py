@@ -1,10 +1,10 @@
 """Quantized CPU kernels (qlinear, qembedding, the int8 KV cache) against float64 references.
 
-Every instruction path runs where this host can run it: AVX512-VNNI (native here), AVX-VNNI
-(8 lanes, x86-64-v3 + avxvnni) and the generic integer path at 16, 8 and 4 lanes (x86-64-v4,
--v3 and the baseline); AArch64's sdot (the dot product extension) and the generic path on NEON
-under qemu-user where it and a cross compiler are installed (tests/aarch64_emulator.py), and
-their code is checked for sdot everywhere. On hosts with AMX-INT8 the native library takes the
+Every instruction path runs where this host can run it: AVX512-VNNI, AVX-VNNI (8 lanes,
+x86-64-v3 + avxvnni) and vpmaddubsw at 16, 8 and 4 lanes (x86-64-v4, -v3 and the baseline);
+AArch64's sdot (the dot product extension) and the generic path on NEON under qemu-user where it
+and a cross compiler are installed (tests/aarch64_emulator.py). The code of each is checked for
+its instruction everywhere. On hosts with AMX-INT8 the native library takes the
 tiles for T >= 32 (test_qlinear at 130 tokens, token counts 32 to 40 and a long prefill;
 test_qlinear_amx_against_vector_path). The reference dequantizes the weight (llmirc.quant.dequantize) and
 multiplies in float64 with the activations quantized exactly as the kernels quantize them
@@ -104,8 +104,8 @@ def _variant(name):
     host = tc.host_variant()
     flags = set(host.required_flags)
     if name == "native":
-        if QK.int_dot(host)[0] != "vnni":
-            pytest.skip("this host has no AVX512-VNNI / AVX-VNNI")
+        if QK.int_dot(host)[0] == "generic":
+            pytest.skip("this host's integer dot products are the generic path's (the baseline runs it)")
         return host
     if name == "avxvnni":
         v3 = tc.variants_for(["x86-64-v3"])[0]
@@ -299,6 +299,28 @@ def test_qlinear_token_counts(lib, rng):
         assert np.all(np.abs(out - ref) <= 2e-6 * scale + 1e-30), T
 
 
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_qlinear_extreme_codes(lib, rng, T):
+    """The largest sums an inner product can meet: every code at its largest (and, for 8 bits,
+    also 0, which the maddubs path takes as -128) against activations at +-127, all of one sign
+    or alternating. Where products first add in 16-bit lanes (SSSE3/AVX2/AVX-512BW's
+    vpmaddubsw, and the 16-bit sums over several steps of _maddubs_chunk), one lane too many
+    would saturate or wrap and show here as a wrong sum."""
+    for name, n, k in lib.cases:
+        scheme = SCHEMES[name](k)
+        parts, _ = quantized_weight(rng, scheme, n, k)
+        top = (1 << scheme.bits) - 1
+        for code in (top, 0) if scheme.bits == 8 else (top,):
+            parts["codes"] = quant.pack(np.full((n, k), code, np.uint8), scheme.bits, scheme.sub_group)
+            w = quant.dequantize(parts, scheme, k)
+            w = w[:, parts["perm"]] if scheme.act_order else w
+            for sign in (np.ones(k), np.where(np.arange(k) % 2, -1.0, 1.0)):
+                x = np.tile(sign * rng.uniform(0.5, 2), (T, 1)).astype(np.float32)
+                out = call_qlinear(lib, f"q_{name}_{n}_{k}", scheme, parts, x)
+                ref, scale, _, _ = reference(x, scheme, w, parts.get("perm"))
+                assert np.all(np.abs(out - ref) <= 2e-6 * scale + 1e-30), (name, n, k, code, T)
+
+
 def test_quantize_then_qlinear_matches_float(lib, rng):
     """quant.quantize's round to nearest, through the kernel: close to the float weight."""
     n, k = 37, 576
@@ -422,6 +444,23 @@ def test_aarch64_dot_product_code(bits):
                                                    zero_dtype=scheme.zero_dtype, act_order=False), variant)
         assert QK.int_dot(variant)[0] == ("sdot" if want else "generic")
         assert ("sdot\tv" in tc.emit_assembly(str(module), variant)) == want, name
+
+
+@pytest.mark.parametrize("name,want", [("x86-64-v4", "vpmaddubsw\t%zmm"), ("x86-64-v3", "vpmaddubsw\t%ymm"),
+                                       ("baseline", "pmaddubsw\t%xmm")])
+def test_x86_maddubs_code(name, want):
+    """x86 without VNNI: qlinear's inner product is pmaddubsw at the variant's width (the 16-lane one
+    compiles on any host; hosts without AVX-512 cannot run it)."""
+    if tc._arch() != "x86_64":
+        pytest.skip("x86 variants need an x86_64 build host")
+    variant = tc.baseline_variant() if name == "baseline" else tc.variants_for([name])[0]
+    module = ir.Module(name="q")
+    scheme = SCHEMES["i4_g32_min"](576)
+    K.emit_kernel(module, "qlinear", "q", dict(n=37, k=576, bits=4, group_size=scheme.group_size,
+                                               scale_dtype=scheme.scale_dtype, zero=scheme.zero,
+                                               zero_dtype=scheme.zero_dtype, act_order=False), variant)
+    assert QK.int_dot(variant) == ("maddubs", variant.vector_width)
+    assert want in tc.emit_assembly(str(module), variant)
 
 
 def test_qlinear_amx_against_vector_path(rng, tmp_path):

@@ -67,7 +67,9 @@ def is_quant_kernel(kind: str, params: dict) -> bool:
 def int_dot(variant: CpuVariant) -> tuple[str, int]:
     """(how 4-byte dot products are computed, 32-bit lanes per vector) for a variant:
     vnni (vpdpbusd) with 16 lanes on AVX512-VNNI, 8 on AVX-VNNI; sdot with 4 on AArch64 with
-    the dot product extension; else generic, as wide as the variant's f32 vectors."""
+    the dot product extension; maddubs (vpmaddubsw then vpmaddwd) on other x86 variants, 16
+    lanes with AVX512BW, 8 with AVX2, 4 with SSSE3; else generic, as wide as the variant's f32
+    vectors."""
     feats = set(variant.features.split(","))
     if "+avx512vnni" in feats and variant.vector_width >= 16:
         return "vnni", 16
@@ -75,6 +77,11 @@ def int_dot(variant: CpuVariant) -> tuple[str, int]:
         return "vnni", 8
     if "+dotprod" in feats and variant.arch == "aarch64":
         return "sdot", 4
+    flags = set(variant.required_flags)  # cpuinfo names: also set for the x86-64-vN levels
+    if variant.arch == "x86_64" and "ssse3" in flags:
+        if variant.vector_width >= 16 and "avx512bw" in flags:
+            return "maddubs", 16
+        return "maddubs", 8 if variant.vector_width >= 8 and "avx2" in flags else 4
     return "generic", max(4, variant.vector_width)
 
 
@@ -144,9 +151,16 @@ def _unit_loader(load):
     return once
 
 
-def _dot(b, how: str, acc: ir.Value, w: ir.Value, x: ir.Value) -> ir.Value:
-    """acc[l] + sum_{i<4} w[4l+i] * x[4l+i]: w unsigned bytes (signed ones, below 128, for sdot),
-    x signed bytes, acc <L x i32>."""
+# vpmaddubsw and vpmaddwd by vector width in 32-bit lanes
+_MADDUBS = {4: ("llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd"),
+            8: ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+            16: ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512")}
+_PSIGN = {4: "llvm.x86.ssse3.psign.b.128", 8: "llvm.x86.avx2.psign.b"}
+
+
+def _dot(b, how: str, acc: ir.Value, w: ir.Value, x: ir.Value, signed: bool = False) -> ir.Value:
+    """acc[l] + sum_{i<4} w[4l+i] * x[4l+i]: w unsigned bytes (signed ones, below 128, for sdot;
+    for maddubs see _pairs), x signed bytes in [-127, 127], acc <L x i32>."""
     L = acc.type.count
     if how == "vnni":
         fn = irb.declare(b.module, f"llvm.x86.avx512.vpdpbusd.{32 * L}", acc.type, [acc.type, w.type, x.type])
@@ -154,6 +168,8 @@ def _dot(b, how: str, acc: ir.Value, w: ir.Value, x: ir.Value) -> ir.Value:
     if how == "sdot":
         fn = irb.declare(b.module, "llvm.aarch64.neon.sdot.v4i32.v16i8", acc.type, [acc.type, w.type, x.type])
         return b.call(fn, [acc, w, x])
+    if how == "maddubs":
+        return _quads(b, acc, _pairs(b, w, x, signed))
     n = 4 * L
     w16, x16 = b.zext(w, irb.vty(n, I16)), b.sext(x, irb.vty(n, I16))
 
@@ -164,6 +180,45 @@ def _dot(b, how: str, acc: ir.Value, w: ir.Value, x: ir.Value) -> ir.Value:
     return b.add(acc, quads)
 
 
+# vpmaddubsw, vpmaddwd and vpsignb (none in AVX-512) by vector width in 32-bit lanes
+_MADDUBS = {4: ("llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd"),
+            8: ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+            16: ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512")}
+_PSIGN = {4: "llvm.x86.ssse3.psign.b.128", 8: "llvm.x86.avx2.psign.b"}
+
+
+def _pairs(b, w: ir.Value, x: ir.Value, signed: bool) -> ir.Value:
+    """vpmaddubsw: <2L x i16> sums of two products w[2i] x[2i] + w[2i+1] x[2i+1] of unsigned
+    bytes w (codes below 64; signed bytes where `signed`, taken as |w| times x with w's sign, as
+    llama.cpp's AVX2 path does) and signed bytes x in [-127, 127]. The instruction saturates at
+    2^15; a pair stays below it (|63 * 127 * 2|, |128 * 127 * 2|), and _maddubs_chunk says how
+    many pairs a 16-bit lane may add up."""
+    L = len(w.type) // 4
+    if signed:
+        if L in _PSIGN:
+            x = b.call(irb.declare(b.module, _PSIGN[L], x.type, [x.type, w.type]), [x, w])
+        else:
+            x = b.select(b.icmp_signed("<", w, ir.Constant(w.type, None)), b.neg(x), x)
+        w = b.call(irb.declare(b.module, f"llvm.abs.v{4 * L}i8", w.type, [w.type, ir.IntType(1)]),
+                   [w, ir.Constant(ir.IntType(1), 0)])
+    ty = irb.vty(2 * L, I16)
+    return b.call(irb.declare(b.module, _MADDUBS[L][0], ty, [w.type, x.type]), [w, x])
+
+
+def _quads(b, acc: ir.Value, pairs: ir.Value) -> ir.Value:
+    """acc + vpmaddwd(pairs, 1): neighbouring 16-bit lanes added into acc's 32-bit ones."""
+    fn = irb.declare(b.module, _MADDUBS[acc.type.count][1], acc.type, [pairs.type, pairs.type])
+    return b.add(acc, b.call(fn, [pairs, ir.Constant(pairs.type, [1] * len(pairs.type))]))
+
+
+def _maddubs_chunk(bits: int, steps: int) -> int:
+    """How many steps' vpmaddubsw pairs a 16-bit lane can add up exactly (below 2^15) before
+    vpmaddwd widens them: 8 for 4-bit codes (a sub-group of 32 in one), 4 for 5-bit, 2 for
+    6-bit, 1 for 8-bit (signed, |w| <= 128)."""
+    largest = 128 if bits == 8 else (1 << bits) - 1
+    return max(1, min(steps, (2**15 - 1) // (2 * 127 * largest)))
+
+
 def _blocking(how: str, L: int) -> tuple[int, ...]:
     """rows[c-1]: weight rows per micro-kernel for c tokens (its c*r integer accumulators, r code
     vectors and c activation vectors in registers; the f32 accumulators, touched once per
@@ -171,7 +226,7 @@ def _blocking(how: str, L: int) -> tuple[int, ...]:
     if L >= 16:
         return (8, 4, 4, 3)
     if L == 8:
-        return (4, 3, 2, 2) if how == "vnni" else (4, 2, 2, 1)
+        return (4, 3, 2, 2) if how in ("vnni", "maddubs") else (4, 2, 2, 1)
     return (2, 2, 1, 1)
 
 
@@ -196,9 +251,9 @@ def _emit_qlinear(module, fn, b, A, p, variant):
     zst = irb.storage(s.scale_dtype) if s.zero == "min" else None
     rows = _blocking(how, L)
     C = len(rows)
-    # narrower vectors than L: the generic path has them all, vpdpbusd on xmm/ymm needs AVX512VL
-    # (or is AVX-VNNI's), sdot has 4 lanes only
-    narrower = how == "generic" or (how == "vnni" and (L == 8 or variant.has("avx512vl")))
+    # narrower vectors than L: the generic and maddubs paths have them all, vpdpbusd on xmm/ymm
+    # needs AVX512VL (or is AVX-VNNI's), sdot has 4 lanes only
+    narrower = how in ("generic", "maddubs") or (how == "vnni" and (L == 8 or variant.has("avx512vl")))
 
     def narrow(lw):
         """lanes per vector for a run of lw lanes: the fewest (at least 4) that hold them"""
@@ -274,8 +329,11 @@ def _emit_qlinear(module, fn, b, A, p, variant):
             W = narrow(lw) if c > 1 else L
             zero_i = ir.Constant(irb.vty(W, I32), None)
             iacc = [[zero_i] * c for _ in range(r)]
-            signed8 = how == "sdot" and bits == 8  # codes u as u - 128: xneg[ci] = -128 sum(x) to take off
+            # 8-bit codes u as u - 128 where the dot product takes signed bytes (sdot) or products
+            # would overflow (maddubs): xneg[ci] = -128 sum(x) to take off
+            signed8 = how in ("sdot", "maddubs") and bits == 8
             xneg = [zero_i] * c
+            pacc, chunk = [[None] * c for _ in range(r)], _maddubs_chunk(bits, steps)
             units = [_unit_loader(lambda u, ri=ri: _pad(cb, _load_bytes(
                 cb, crow[ri], cb.add(code0, cb.add(hoff, i64(4 * lanes * u))), 4 * lw), 4 * W)) for ri in range(r)]
             for tt in range(steps):
@@ -286,9 +344,15 @@ def _emit_qlinear(module, fn, b, A, p, variant):
                            4 * W) for ci in range(c)]
                 for ri in range(r):
                     for ci in range(c):
-                        iacc[ri][ci] = _dot(cb, how, iacc[ri][ci], wv[ri], xv[ci])
+                        if how == "maddubs":  # 16-bit sums, widened every `chunk` steps
+                            pv = _pairs(cb, wv[ri], xv[ci], signed8)
+                            pacc[ri][ci] = pv if pacc[ri][ci] is None else cb.add(pacc[ri][ci], pv)
+                            if (tt + 1) % chunk == 0 or tt == steps - 1:
+                                iacc[ri][ci], pacc[ri][ci] = _quads(cb, iacc[ri][ci], pacc[ri][ci]), None
+                        else:
+                            iacc[ri][ci] = _dot(cb, how, iacc[ri][ci], wv[ri], xv[ci])
                 if signed8:
-                    xneg = [_dot(cb, how, xneg[ci], ir.Constant(xv[ci].type, [-128] * (4 * W)), xv[ci])
+                    xneg = [_dot(cb, how, xneg[ci], ir.Constant(xv[ci].type, [-128] * (4 * W)), xv[ci], True)
                             for ci in range(c)]
             if signed8:
                 iacc = [[cb.sub(iacc[ri][ci], xneg[ci]) for ci in range(c)] for ri in range(r)]
