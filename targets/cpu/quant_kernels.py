@@ -329,10 +329,11 @@ def _emit_qlinear(module, fn, b, A, p, variant):
             W = narrow(lw) if c > 1 else L
             zero_i = ir.Constant(irb.vty(W, I32), None)
             iacc = [[zero_i] * c for _ in range(r)]
-            # 8-bit codes u as u - 128 where the dot product takes signed bytes (sdot) or products
-            # would overflow (maddubs): xneg[ci] = -128 sum(x) to take off
+            # 8-bit codes u go in as u - 128 where the dot product takes signed bytes (sdot) or
+            # products would overflow (maddubs): acc = sum((u - 128) q), and the 128 sum(q) it
+            # lacks is folded into the finish through e (module docstring):
+            #     none: s (d acc),   int: s (d acc - (z - 128) e),   min: s d acc + (m + 128 s) e
             signed8 = how in ("sdot", "maddubs") and bits == 8
-            xneg = [zero_i] * c
             pacc, chunk = [[None] * c for _ in range(r)], _maddubs_chunk(bits, steps)
             units = [_unit_loader(lambda u, ri=ri: _pad(cb, _load_bytes(
                 cb, crow[ri], cb.add(code0, cb.add(hoff, i64(4 * lanes * u))), 4 * lw), 4 * W)) for ri in range(r)]
@@ -351,20 +352,21 @@ def _emit_qlinear(module, fn, b, A, p, variant):
                                 iacc[ri][ci], pacc[ri][ci] = _quads(cb, iacc[ri][ci], pacc[ri][ci]), None
                         else:
                             iacc[ri][ci] = _dot(cb, how, iacc[ri][ci], wv[ri], xv[ci])
-                if signed8:
-                    xneg = [_dot(cb, how, xneg[ci], ir.Constant(xv[ci].type, [-128] * (4 * W)), xv[ci], True)
-                            for ci in range(c)]
-            if signed8:
-                iacc = [[cb.sub(iacc[ri][ci], xneg[ci]) for ci in range(c)] for ri in range(r)]
             dv = [load_floats(cb, arow[ci], d_off, first_sub, lw, W) for ci in range(c)]
             ev = [load_floats(cb, arow[ci], e_off, first_sub, lw, W) for ci in range(c)]
             for ri in range(r):
                 sv = group_vec(cb, srow[ri], first_sub, lw, load_scales, W)
                 zv = group_vec(cb, zrow[ri], first_sub, lw, load_zeros, W) if zrow is not None else None
+                if signed8 and s.zero == "int":
+                    zv = cb.fsub(zv, irb.const_like(zv.type, 128.0))
+                elif signed8 and s.zero == "min":
+                    zv = irb.fma(cb, sv, irb.const_like(zv.type, 128.0), zv)
                 for ci in range(c):
                     f = cb.sitofp(iacc[ri][ci], irb.vty(W))
                     acc = cb.load(facc[ri][ci]) if W == L else irb.const_like(irb.vty(W), 0.0)
-                    if s.zero == "none":
+                    if s.zero == "none" and signed8:
+                        acc = irb.fma(cb, sv, cb.fmul(f, dv[ci]), acc)
+                    elif s.zero == "none":
                         acc = irb.fma(cb, sv, irb.fma(cb, f, dv[ci], ev[ci]), acc)
                     elif s.zero == "int":
                         acc = irb.fma(cb, sv, cb.fsub(cb.fmul(f, dv[ci]), cb.fmul(zv, ev[ci])), acc)
