@@ -9,9 +9,12 @@ sub-group) to int8 first, into the `xq` scratch and in the weights' super-block 
   products of 4 unsigned code bytes and 4 signed activation bytes: x86's vpdpbusd where the
   variant has AVX512-VNNI (16 lanes) or AVX-VNNI (8 lanes), AArch64's sdot (signed bytes
   only, 4 lanes) where it has the dot product extension (FEAT_DotProd: 4, 5 and 6-bit codes
-  are signed bytes as they are; 8-bit codes u go in as u - 128, and 128 times the activations'
-  sum, one more sdot per token, is added back), elsewhere the same sums from 16-bit products
-  (pmaddwd's pattern; exact: |255 * 128| < 2^15). 4, 5 and 6-bit codes are unpacked in
+  are signed bytes as they are; 8-bit codes u go in as u - 128), on other x86 variants
+  vpmaddubsw (SSSE3, AVX2, AVX512BW: pairs of products into 16-bit lanes, added up over up to
+  8 steps, then vpmaddwd into 32-bit ones; 8-bit codes as u - 128 with vpsignb, as llama.cpp's
+  AVX2 path does: 4-7x the generic path on a Zen 3 host, BENCHMARKS.md), elsewhere the same sums
+  from 16-bit products (pmaddwd's pattern). Where 8-bit codes go in as u - 128, the 128 sum(q)
+  the sums lack is folded into e below. 4, 5 and 6-bit codes are unpacked in
   registers (`_step_codes`: and 0xF or shift right 4, then for 5 and 6 bits the step's top bits
   from the high plane shifted to bit 4 and or'ed in; x86 has no byte shifts, so LLVM uses GFNI's
   vgf2p8affineqb where the variant has it, and vpternlog for the and-or). 5-bit codes cost
@@ -149,13 +152,6 @@ def _unit_loader(load):
             seen[unit] = load(unit)
         return seen[unit]
     return once
-
-
-# vpmaddubsw and vpmaddwd by vector width in 32-bit lanes
-_MADDUBS = {4: ("llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd"),
-            8: ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
-            16: ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512")}
-_PSIGN = {4: "llvm.x86.ssse3.psign.b.128", 8: "llvm.x86.avx2.psign.b"}
 
 
 def _dot(b, how: str, acc: ir.Value, w: ir.Value, x: ir.Value, signed: bool = False) -> ir.Value:
