@@ -131,6 +131,17 @@ def var(b: ir.IRBuilder, ty: ir.Type, init=None, name: str = "") -> ir.Value:
     return p
 
 
+def keep_in_memory(b: ir.IRBuilder, slots: Sequence[ir.Value]) -> None:
+    """An empty inline asm that takes the stack slots' addresses and clobbers memory: the slots
+    escape, so mem2reg cannot promote them, and no value behind them stays in a register across
+    this point. For accumulators touched rarely in a loop whose other values need every
+    register (qlinear's f32 sums on 16-register ISAs: promoted, they made LLVM spill the inner
+    loop's operands instead)."""
+    fty = ir.FunctionType(ir.VoidType(), [PTR] * len(slots))
+    asm = ir.InlineAsm(fty, "", ",".join(["r"] * len(slots) + ["~{memory}"]), side_effect=True)
+    b.call(asm, list(slots))
+
+
 def imin(b, x, y):
     return b.select(b.icmp_signed("<", x, y), x, y)
 

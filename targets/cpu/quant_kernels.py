@@ -281,6 +281,11 @@ def _emit_qlinear(module, fn, b, A, p, variant):
     def micro(cb, X, j0, r, t0, c, pf):
         zero_f = irb.const_like(irb.vty(L), 0.0)
         facc = [[irb.var(cb, irb.vty(L), zero_f) for _ in range(c)] for _ in range(r)]
+        # row blocks: the f32 sums, touched once per sub-vector, stay in L1 (in registers they
+        # made LLVM spill the steps' operands: +2-18% at 8-64 tokens with AVX2, BENCHMARKS.md)
+        spill_sums = r * c >= 6
+        if spill_sums:
+            irb.keep_in_memory(cb, [v for row in facc for v in row])
         crow = [irb.gep(cb, X.codes, cb.mul(cb.add(j0, i64(ri)), i64(row_bytes)), I8) for ri in range(r)]
         prow = [irb.gep(cb, pf, i64(ri * row_bytes), I8, inbounds=False) for ri in range(r)] if pf is not None else None
         ngroups = k // G
@@ -323,6 +328,8 @@ def _emit_qlinear(module, fn, b, A, p, variant):
             the codes (k = 576 in groups of 32 ends in 2 lanes: full vectors made it cost as much as
             the other 16; one token, memory-bound, ran 5-25% slower with narrow ones)"""
             W = narrow(lw) if c > 1 else L
+            if spill_sums:
+                irb.keep_in_memory(cb, [v for row in facc for v in row])
             zero_i = ir.Constant(irb.vty(W, I32), None)
             iacc = [[zero_i] * c for _ in range(r)]
             # 8-bit codes u go in as u - 128 where the dot product takes signed bytes (sdot) or
