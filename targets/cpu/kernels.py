@@ -828,6 +828,10 @@ def _emit_paged_attention(module, fn, b, p, cpu):
             qt = irb.var(cb, ir.ArrayType(F32, NLG * hd * vw), name="qt")
             lo_v = irb.var(cb, ir.ArrayType(irb.I32, RPAD), name="lo_v")
             hi_v = irb.var(cb, ir.ArrayType(irb.I32, RPAD), name="hi_v")
+            # keys stored narrower than f32: the block's keys widened once, so the score loop
+            # broadcasts an f32 from L1 (a half or int8 element costs an insert and a convert
+            # per FMA there: half of AVX2's prefill time at 2048 tokens went to it)
+            kf = irb.var(cb, ir.ArrayType(F32, hs), name="kf") if kvs.itemsize < 4 else None
             with cb.if_then(lanes):
                 transpose_q(cb, u, qt, lo_v, hi_v)
 
@@ -874,9 +878,12 @@ def _emit_paged_attention(module, fn, b, p, cpu):
                     r_first = cb.mul(gg, u.rh)
 
                     def by_lanes():  # (one kv head: r_first = 0)
+                        if kf is not None:
+                            irb.vector_loop(cb, hs, vw, lambda c, off, w, _: irb.store_vec(
+                                c, kvs.load(c, blk.k, off, w), kf, off), unroll=4)
                         for lg in range(NLG):
                             with cb.if_then(cb.icmp_signed("<", i64(lg * vw), u.rh)):
-                                score_lanes(cb, blk, qt, lo_v, hi_v, scores, lg)
+                                score_lanes(cb, blk, qt, lo_v, hi_v, scores, lg, kf)
                                 softmax_lanes(cb, scores, m_arr, l_arr, c_arr, lg, blk.vs)
                         row_tiles(cb, r_first, u.rh, lambda r0, rt: pv_tile(
                             cb, blk, scores, c_arr, acc, o0, o1, r0, rt, r_first, True))
@@ -988,10 +995,11 @@ def _emit_paged_attention(module, fn, b, p, cpu):
             for arr, src in ((lo_v, u.lo), (hi_v, u.hi)):
                 cb.store(cb.trunc(row_i64(cb, src, rho), irb.I32), irb.gep(cb, arr, rho, irb.I32))
 
-    def score_lanes(cb, blk, qt, lo_v, hi_v, scores, lg):
+    def score_lanes(cb, blk, qt, lo_v, hi_v, scores, lg, kf):
         """S^T[j] = scale * sum_d Q^T[d] K_j[d] for the vw rows of lane group lg and all keys
-        of the block, -inf outside each lane's key range; group 0 prefetches the keys of the
-        block _ATTN_PF ahead"""
+        of the block (read from kf, their f32 copy, where given), -inf outside each lane's key
+        range; group 0 prefetches the keys of the block _ATTN_PF ahead"""
+        kst, kbase = (irb.storage("float32"), kf) if kf is not None else (kvs, blk.k)
         q0 = irb.gep(cb, qt, lg * hd * vw)
         lo = cb.load(irb.gep(cb, lo_v, lg * vw, irb.I32), typ=irb.vty(vw, irb.I32), align=4)
         hi = cb.load(irb.gep(cb, hi_v, lg * vw, irb.I32), typ=irb.vty(vw, irb.I32), align=4)
@@ -1000,7 +1008,7 @@ def _emit_paged_attention(module, fn, b, p, cpu):
         def step(d, j0, accs):  # accs[kk] += Q^T[d] * K[j0 + kk][d]
             qv = irb.load_vec(cb, q0, cb.mul(d, i64(vw)), vw)
             for kk, a in enumerate(accs):
-                kj = kvs.load(cb, blk.k, cb.add(d, i64((j0 + kk) * hd)), 0)
+                kj = kst.load(cb, kbase, cb.add(d, i64((j0 + kk) * hd)), 0)
                 cb.store(irb.fma(cb, qv, irb.splat(cb, kj, vw), cb.load(a)), a)
         for j0 in range(0, bs, KGL):
             kg = min(KGL, bs - j0)
