@@ -27,7 +27,8 @@ How the CPU kernels do it:
 * paged_attention: work units share each K/V block load among their query rows. Prefill: a
   block of 16/HP consecutive tokens of one sequence (8/HP on 16-register ISAs) times HP
   query heads of one kv head (HP divides both; scores with rows in vector lanes on AVX2 and
-  AVX-512, without horizontal sums). Decode (no sequence with more than one new token): one
+  AVX-512, without horizontal sums; keys stored as f16/bf16/int8 are widened into an f32 copy
+  of the block first, so that loop broadcasts from L1). Decode (no sequence with more than one new token): one
   token with all query heads of several kv heads, whose blocks are adjacent in the pool: one
   contiguous read per key block. With fewer units than twice the threads and long contexts,
   each unit's key blocks are split into parts (split-K) whose partial softmax states are
