@@ -154,9 +154,9 @@ def _unit_loader(load):
     return once
 
 
-def _dot(b, how: str, acc: ir.Value, w: ir.Value, x: ir.Value, signed: bool = False) -> ir.Value:
-    """acc[l] + sum_{i<4} w[4l+i] * x[4l+i]: w unsigned bytes (signed ones, below 128, for sdot;
-    for maddubs see _pairs), x signed bytes in [-127, 127], acc <L x i32>."""
+def _dot(b, how: str, acc: ir.Value, w: ir.Value, x: ir.Value) -> ir.Value:
+    """acc[l] + sum_{i<4} w[4l+i] * x[4l+i]: w unsigned bytes (signed ones, below 128, for sdot),
+    x signed bytes, acc <L x i32>. (maddubs: _pairs and _quads, which the caller chains.)"""
     L = acc.type.count
     if how == "vnni":
         fn = irb.declare(b.module, f"llvm.x86.avx512.vpdpbusd.{32 * L}", acc.type, [acc.type, w.type, x.type])
@@ -164,8 +164,6 @@ def _dot(b, how: str, acc: ir.Value, w: ir.Value, x: ir.Value, signed: bool = Fa
     if how == "sdot":
         fn = irb.declare(b.module, "llvm.aarch64.neon.sdot.v4i32.v16i8", acc.type, [acc.type, w.type, x.type])
         return b.call(fn, [acc, w, x])
-    if how == "maddubs":
-        return _quads(b, acc, _pairs(b, w, x, signed))
     n = 4 * L
     w16, x16 = b.zext(w, irb.vty(n, I16)), b.sext(x, irb.vty(n, I16))
 
