@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ARCH_CONFIGS = {
     "gpt2": "GPT2Config",
@@ -18,6 +19,13 @@ ARCH_MODELS = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
 }
+
+def one_worker_each(group: str, params: list[str]) -> list:
+    """Parameters of a module-scoped fixture whose tests all run on one pytest-xdist worker per
+    value (`--dist loadgroup`, pyproject.toml), so the fixture is built once, not once per worker:
+    a kernel library takes one to three minutes to compile."""
+    return [pytest.param(p, marks=pytest.mark.xdist_group(f"{group}-{p}")) for p in params]
+
 
 SMALL = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512)

@@ -23,7 +23,7 @@ from llmirc.targets.cpu import toolchain as tc
 from llmirc.targets.cpu.target import compile_module
 from llmirc.targets.signatures import SIGNATURES, signature
 
-from helpers import buf, check_guard, ld, make_batch, ref_attention
+from helpers import buf, check_guard, ld, make_batch, one_worker_each, ref_attention
 
 ROWS = [0, 1, 3, 17, 130]
 
@@ -36,6 +36,10 @@ def _inv_freq(rot, base=10000.0):
 # T = 130 crosses a token slice (128 tokens)
 LINEAR_SHAPES = [(1, 1), (5, 3), (30, 77), (64, 64), (33, 100), (130, 513), (10, 2050),
                  (6, 1024)]
+# Every flag combination for the small shapes; for large k, none and both (the rest adds nothing).
+LINEAR_CASES = [(n, k, bias, res) for n, k in LINEAR_SHAPES
+                for bias, res in ((False, False), (True, False), (False, True), (True, True))
+                if k <= 600 or bias == res]
 ROPE = {
     "rope_neox": dict(num_heads=3, head_dim=16, rotary_dim=16, style="neox",
                       inv_freq=_inv_freq(16), scaling=1.0),
@@ -82,11 +86,8 @@ def _specs():
     for d in (7, 100, 1000):
         for bias in (True, False):
             s.append((f"ln_{d}_{int(bias)}", "layer_norm", dict(dim=d, eps=1e-5, bias=bias)))
-    for n, k in LINEAR_SHAPES:
-        for bias in (False, True):
-            for res in (False, True):
-                s.append((f"lin_{n}_{k}_{int(bias)}{int(res)}", "linear",
-                          dict(n=n, k=k, bias=bias, residual=res)))
+    for n, k, bias, res in LINEAR_CASES:
+        s.append((f"lin_{n}_{k}_{int(bias)}{int(res)}", "linear", dict(n=n, k=k, bias=bias, residual=res)))
     for n, k in HALF_LINEAR_SHAPES:
         for dt in HALF:
             for flags in ("00", "11"):
@@ -157,7 +158,7 @@ def _variant(name):
     return tc.variants_for([name])[0]
 
 
-@pytest.fixture(scope="module", params=["native", "baseline", "x86-64-v3"])
+@pytest.fixture(scope="module", params=one_worker_each("cpu-kernels", ["native", "baseline", "x86-64-v3"]))
 def lib(request, tmp_path_factory):
     variant = _variant(request.param)
     module = ir.Module(name="test_kernels")
@@ -284,11 +285,6 @@ def test_layer_norm(lib, rng, dim, bias, T):
 
 
 # --- linear
-
-# Every flag combination for the small shapes; for large k, none and both (the rest adds nothing).
-LINEAR_CASES = [(n, k, bias, res) for n, k in LINEAR_SHAPES
-                for bias, res in ((False, False), (True, False), (False, True), (True, True))
-                if k <= 600 or bias == res]
 
 
 @pytest.mark.parametrize("n,k,bias,res", LINEAR_CASES)
@@ -755,7 +751,7 @@ def _helpers_module(variant):
     return str(m)
 
 
-@pytest.fixture(scope="module", params=["native", "baseline", "x86-64-v3"])
+@pytest.fixture(scope="module", params=one_worker_each("cpu-helpers", ["native", "baseline", "x86-64-v3"]))
 def hlib(request, tmp_path_factory):
     v = _variant(request.param)
     path = tmp_path_factory.mktemp("helpers") / "libhelpers.so"

@@ -28,6 +28,7 @@ import pytest
 from llvmlite import ir
 
 import aarch64_emulator
+from helpers import one_worker_each
 from llmirc import dtypes, quant
 from llmirc.quant import Scheme
 from llmirc.targets.cpu import amx
@@ -143,7 +144,8 @@ class Lib:
         return call
 
 
-@pytest.fixture(scope="module", params=["native", "avxvnni", "x86-64-v4", "x86-64-v3", "baseline", *AARCH64])
+@pytest.fixture(scope="module", params=one_worker_each(
+    "quant-kernels", ["native", "avxvnni", "x86-64-v4", "x86-64-v3", "baseline", *AARCH64]))
 def lib(request, tmp_path_factory):
     if request.param in AARCH64 and aarch64_emulator.missing():
         pytest.skip(aarch64_emulator.missing())
@@ -451,7 +453,7 @@ def test_aarch64_dot_product_code(bits):
 def test_x86_maddubs_code(name, want):
     """x86 without VNNI: qlinear's inner product is pmaddubsw at the variant's width (the 16-lane one
     compiles on any host; hosts without AVX-512 cannot run it)."""
-    if tc._arch() != "x86_64":
+    if tc.host_variant().arch != "x86_64":
         pytest.skip("x86 variants need an x86_64 build host")
     variant = tc.baseline_variant() if name == "baseline" else tc.variants_for([name])[0]
     module = ir.Module(name="q")

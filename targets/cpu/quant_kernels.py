@@ -281,9 +281,9 @@ def _emit_qlinear(module, fn, b, A, p, variant):
         facc = [[irb.var(cb, irb.vty(L), zero_f) for _ in range(c)] for _ in range(r)]
         # row blocks: the f32 sums, touched once per sub-vector, stay in L1 (in registers they
         # made LLVM spill the steps' operands: +2-18% at 8-64 tokens with AVX2, BENCHMARKS.md)
-        spill_sums = r * c >= 6
-        if spill_sums:
-            irb.keep_in_memory(cb, [v for row in facc for v in row])
+        spilled = [v for row in facc for v in row] if r * c >= 6 else []
+        if spilled:
+            irb.keep_in_memory(cb, spilled)
         crow = [irb.gep(cb, X.codes, cb.mul(cb.add(j0, i64(ri)), i64(row_bytes)), I8) for ri in range(r)]
         prow = [irb.gep(cb, pf, i64(ri * row_bytes), I8, inbounds=False) for ri in range(r)] if pf is not None else None
         ngroups = k // G
@@ -326,8 +326,8 @@ def _emit_qlinear(module, fn, b, A, p, variant):
             the codes (k = 576 in groups of 32 ends in 2 lanes: full vectors made it cost as much as
             the other 16; one token, memory-bound, ran 5-25% slower with narrow ones)"""
             W = narrow(lw) if c > 1 else L
-            if spill_sums:
-                irb.keep_in_memory(cb, [v for row in facc for v in row])
+            if spilled:
+                irb.keep_in_memory(cb, spilled)
             zero_i = ir.Constant(irb.vty(W, I32), None)
             iacc = [[zero_i] * c for _ in range(r)]
             # 8-bit codes u go in as u - 128 where the dot product takes signed bytes (sdot) or
