@@ -96,10 +96,11 @@ def cli(debug: bool) -> None:
                    "everything); float, or 8 bits per output row for an item ending in =int8 "
                    "('embedding,*.down_proj.*=int8'). An LM head not kept is stored as "
                    "--quant-lm-head says (one tied to an embedding kept in float stays float).")
-@click.option("--quant-lm-head", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
+@click.option("--quant-lm-head", type=click.Choice(["int8", "int6", "int4"]), default="int8", show_default=True,
               help="An LM head not kept: int8, one scale per output row (llama.cpp keeps its output matrix at 6-8 "
-                   "bits), or int4 in --quant-group-size groups (as onnxruntime-genai's int4 models): smaller and "
-                   "faster, at a quality cost.")
+                   "bits); int6 in groups of 32 (the size of llama.cpp's Q6_K); or int4 in --quant-group-size "
+                   "groups (as onnxruntime-genai's int4 models). The smaller, the faster a decode step, at a "
+                   "quality cost.")
 @click.option("--quant-method", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
               help="rtn: round to nearest. gptq: GPTQ (Frantar et al. 2023), each linear's rounding error "
                    "compensated with the Hessian of its inputs on --calibration text; slower to compile, "

@@ -17,8 +17,9 @@ float, as an LM head is stored (symmetric, float32 scales, whatever `symmetric` 
 `keep=embedding,"*.down_proj.*=int8"`: a mix like llama.cpp's Q4_K_M, which stores half of
 ffn_down and attn_v at 6 bits. An LM head not kept is stored with `lm-head-bits`:
 8 (the default) in 8 bits per output row whatever `bits` is (llama.cpp keeps its output matrix at
-6-8 bits too: at 4 bits it costs the most quality), 4 in 4-bit groups (`group-size`, else 32; as
-onnxruntime-genai's int4 models store it); one tied to an embedding table kept in float stays
+6-8 bits too: at 4 bits it costs the most quality), 6 in symmetric 6-bit groups of 32 with
+float16 scales (the size of llama.cpp's Q6_K, which its Q4 files use for the output matrix), 4
+in 4-bit groups (`group-size`, else 32; as onnxruntime-genai's int4 models store it); one tied to an embedding table kept in float stays
 float (one copy); one tied to a table quantized in another type is a second copy (said in the
 report). --report counts the LM head apart (`LM head -> int8`, `LM head kept`, `LM head
 tied to a kept embedding table`) and names the item that kept each other weight (`float (keep
@@ -133,8 +134,10 @@ class QuantizeWeights(ModulePass):
         """The scheme of an LM head of k inputs that is not kept."""
         if self.lm_head_bits == 8:
             return Scheme(8, k, "float32", "none")
+        if self.lm_head_bits == 6:  # 6.5 bits a weight, as llama.cpp's Q6_K (6.5625)
+            return Scheme(6, 32, "float16", "none")
         if self.lm_head_bits != 4:
-            raise LlmircError(f"{self.name}: lm-head-bits must be 8 or 4, got {self.lm_head_bits}")
+            raise LlmircError(f"{self.name}: lm-head-bits must be 8, 6 or 4, got {self.lm_head_bits}")
         return dataclasses.replace(self, bits=4).scheme(k)
 
     def keep_items(self) -> list[tuple[str, str, str]]:

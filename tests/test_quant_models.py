@@ -78,6 +78,7 @@ CASES = {  # name -> (compile options, the LM head's scheme (None: float), embed
     "int4": (dict(quant="int4", cpu_variants=("native", "baseline")), PER_ROW_INT8, False),
     "int4-lm-head-kept": (dict(quant="int4", quant_keep=("embedding", "lm_head")), None, False),
     "int4-lm-head-int4": (dict(quant="int4", quant_lm_head="int4"), lambda k: quant.Scheme(4, 32), False),
+    "int4-lm-head-int6": (dict(quant="int4", quant_lm_head="int6"), lambda k: quant.Scheme(6, 32), False),
     "int4-g64-zero-points-all": (dict(quant="int4", quant_group_size=64, quant_symmetric=False, quant_keep=()),
                                  PER_ROW_INT8, True),
     "int4-down-proj-int8": (dict(quant="int4", quant_group_size=64, quant_keep=("embedding", "*.down_proj.*=int8")),
@@ -170,6 +171,7 @@ def test_quantized_ir(tmp_path, checkpoint, capsys):
 @pytest.mark.parametrize("tied,options,line", [
     (False, dict(), "LM head -> int8"),
     (False, dict(quant_lm_head="int4"), "LM head -> int4"),
+    (False, dict(quant_lm_head="int6"), "LM head -> int6"),
     (False, dict(quant_keep=("embedding", "lm_head"), quant_lm_head="int4"), "LM head kept"),
     (True, dict(quant_lm_head="int4"), "LM head tied to a kept embedding table: float"),
     (True, dict(quant_keep=(), quant_lm_head="int4"), "LM head -> int4"),  # one int4 copy, shared
