@@ -10,7 +10,6 @@ Outputs are poisoned (NaN, or a sentinel for integers) so unwritten elements sho
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 
 import numpy as np
@@ -24,6 +23,9 @@ from llmirc.targets import generic_rules as R
 from llmirc.targets.cpu import generic as K
 from llmirc.targets.cpu import toolchain as tc
 from llmirc.targets.plan import KernelCall, Ref
+
+# its module-scoped fixtures build once: the module runs on one xdist worker (pyproject.toml)
+pytestmark = pytest.mark.xdist_group("generic-kernels")
 
 DT = {dtypes.dtype(short).numpy: short for short in G.GENERIC_DTYPES}
 NP = {v: k for k, v in DT.items()}
@@ -404,10 +406,8 @@ class Lib:
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    """One library with every specialization the cases use, built once per session (xdist workers
-    share it; its name is the hash of its LLVM IR, so a stale one is never picked up)."""
-    from filelock import FileLock
-
+    """One library with every specialization the cases use (built once: the module's tests run on
+    one xdist worker)."""
     symbols = {}
     module = ir.Module(name="generic_test")
     variant = tc.host_variant()
@@ -420,13 +420,8 @@ def lib(tmp_path_factory):
             if key not in symbols:
                 symbols[key] = f"g{len(symbols)}"
                 K.emit_generic(module, kind, symbols[key], params)
-    text = str(module)
-    path = tmp_path_factory.getbasetemp().parent / f"libgeneric-{hashlib.sha256(text.encode()).hexdigest()[:16]}.so"
-    with FileLock(str(path) + ".lock"):
-        if not path.exists():
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tc.link_shared([tc.compile_object(text, variant)], tmp)
-            tmp.rename(path)
+    path = tmp_path_factory.mktemp("generic") / "libgeneric.so"
+    tc.link_shared([tc.compile_object(str(module), variant)], path)
     return Lib(path, symbols)
 
 

@@ -18,6 +18,9 @@ from llmirc.errors import LlmircError
 from llmirc.runtime import inspect
 from llmirc.targets.triton.compile import HIDDEN_PARAMS, sass
 
+# its module-scoped fixtures build once: the module runs on one xdist worker (pyproject.toml)
+pytestmark = pytest.mark.xdist_group("gpu-targets")
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):

@@ -22,6 +22,9 @@ from llmirc.frontend.context import DEFAULT_CONTEXT
 from llmirc.runtime import load
 from llmirc.runtime.step_check import StepLimits, checked_inputs
 
+# its module-scoped fixtures build once: the module runs on one xdist worker (pyproject.toml)
+pytestmark = pytest.mark.xdist_group("step-check")
+
 CONTEXT = 32
 
 

@@ -12,6 +12,9 @@ from llmirc.targets.triton.compile import HIDDEN_PARAMS, STAGES, CompileError, c
 from llmirc.targets.triton.kinds import BUILDERS, launch_rule
 from llmirc.targets.triton.spec import kernel
 
+# its module-scoped fixtures build once: the module runs on one xdist worker (pyproject.toml)
+pytestmark = pytest.mark.xdist_group("triton-aot")
+
 INV_FREQ = [1.0 / 10000 ** (2 * i / 64) for i in range(32)]
 CALLS = [  # one call of every kind, shapes of a small Llama (head_dim 64, GQA 4)
     ("embedding", {"dim": 256, "dtype": "bfloat16"}),
