@@ -19,14 +19,15 @@ ffn_down and attn_v at 6 bits. An LM head not kept is stored with `lm-head-bits`
 8 (the default) in 8 bits per output row whatever `bits` is (llama.cpp keeps its output matrix at
 6-8 bits too: at 4 bits it costs the most quality), 6 in symmetric 6-bit groups of 32 with
 float16 scales (the size of llama.cpp's Q6_K, which its Q4 files use for the output matrix), 4
-in 4-bit groups (`group-size`, else 32; as onnxruntime-genai's int4 models store it); one tied to an embedding table kept in float stays
-float (one copy); one tied to a table quantized in another type is a second copy (said in the
-report). --report counts the LM head apart (`LM head -> int8`, `LM head kept`, `LM head
-tied to a kept embedding table`) and names the item that kept each other weight (`float (keep
-embedding)`, `weight -> int8 (keep *.down_proj.*=int8)`), so `inspect` says how each is
-stored. A weight whose input size does not split into the groups gets the largest smaller
-power-of-two group that does (576 inputs, group-size 128: groups of 64; llama.cpp falls back to
-another type for such rows), down to 16; else it stays as it is (both counted in --report).
+in 4-bit groups (`group-size`, else 32; as onnxruntime-genai's int4 models store it); one tied
+to an embedding table kept in float stays float (one copy); one tied to a table quantized in
+another type is a second copy (said in the report). --report counts the LM head apart (`LM
+head -> int8`, `LM head kept`, `LM head tied to a kept embedding table`) and names the item
+that kept each other weight (`float (keep embedding)`, `weight -> int8 (keep
+*.down_proj.*=int8)`), so `inspect` says how each is stored. A weight whose input size does
+not split into the groups gets the largest smaller power-of-two group that does (576 inputs,
+group-size 128: groups of 64; llama.cpp falls back to another type for such rows), down to 16;
+else it stays as it is (both counted in --report).
 
 `method`: rtn (round to nearest, the default) or gptq: each linear weight is quantized by GPTQ
 (llmirc/quant.py `gptq`) with the Hessian of its input that calibration collected

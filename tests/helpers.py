@@ -20,6 +20,7 @@ ARCH_MODELS = {
     "qwen2": "Qwen2ForCausalLM",
 }
 
+
 def one_worker_each(group: str, params: list[str]) -> list:
     """Parameters of a module-scoped fixture whose tests all run on one pytest-xdist worker per
     value (`--dist loadgroup`, pyproject.toml), so the fixture is built once, not once per worker:
