@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 ARCH_CONFIGS = {
     "gpt2": "GPT2Config",
@@ -25,6 +24,8 @@ def one_worker_each(group: str, params: list[str]) -> list:
     """Parameters of a module-scoped fixture whose tests all run on one pytest-xdist worker per
     value (`--dist loadgroup`, pyproject.toml), so the fixture is built once, not once per worker:
     a kernel library takes one to three minutes to compile."""
+    import pytest  # (examples and benchmarks import this module without pytest's plugins in use)
+
     return [pytest.param(p, marks=pytest.mark.xdist_group(f"{group}-{p}")) for p in params]
 
 
