@@ -80,8 +80,8 @@ def cli(debug: bool) -> None:
                    "float16. Norm weights and biases are float32; compute is float32.")
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
               help="Paged KV cache type: auto (bfloat16/float16 when the weights are, or were before --quant; "
-                   "float16 when the checkpoint quantized its linears itself, as GGUF/GPTQ/AWQ files do, and kept none "
-                   "in bfloat16/float16), "
+                   "float16 when linears are quantized, by --quant or by the checkpoint as GGUF/GPTQ/AWQ files are, "
+                   "and none is in bfloat16/float16; else float32), "
                    "float32, bfloat16, float16, int8 (a scale per block, kv head and K/V).")
 @click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="Quantize linear weights: int8 (per output row unless --quant-group-size), int4 (groups of 32 "

@@ -1,9 +1,10 @@
 """kv-cache-dtype: the element type of the paged KV pool (`llmirc compile --kv-cache-dtype`).
 
 `auto` stores K/V in the type the linear ops' weights have when they all agree on a half type
-(a bf16 checkpoint gets a bf16 cache, also when --quant quantizes its weights), in f16 when the
-checkpoint quantized its linears itself and left none in a half type (GGUF, GPTQ, AWQ:
-llama.cpp's default cache type; it halves what long-context decode reads), else in f32. kv_append rounds to the pool's type;
+(a bf16 checkpoint gets a bf16 cache, also when --quant quantizes its weights), in f16 when
+linears are quantized (by the checkpoint, as GGUF, GPTQ and AWQ files are, or by --quant) and
+none is in a half type (llama.cpp's default cache type: it halves what long-context decode
+reads), else in f32. kv_append rounds to the pool's type;
 paged_attention widens exactly and computes in f32. `int8` stores codes with one float32 scale
 per block, kv head and K/V (absmax / 127, grown as tokens arrive; see the kv_append kernel kind).
 
@@ -30,21 +31,19 @@ from .report import note
 
 
 def auto_kv_dtype(module: ModuleOp):
-    """The half type all float linear weights share, else f32. Where the checkpoint quantized
-    linears itself (GGUF, GPTQ, AWQ), its f32 linears are left out of the vote (fallbacks, as in
-    GGUF files made with llama.cpp's --leave-output-tensor), and with no half one left the cache
-    is f16, llama.cpp's default. A weight quantized by quantize-weights counts as the float
-    weight it was made from (a bf16 checkpoint compiled with --quant, or smoothed, keeps a bf16
-    cache)."""
-    def source(w):
-        return w.owner.input if isinstance(w.owner, L.QuantizeOp) else w
-    types = {source_type(source(op.weight)) for op in module.walk() if isinstance(op, L.LinearOp)}
-    floats = {t for t in types if L.is_float(t)}
-    if floats != types:  # some of the checkpoint's own linears are quantized
-        floats.discard(f32)
-        if not floats:
-            return f16
-    return floats.pop() if len(floats) == 1 and floats != {f32} else f32
+    """The half type all float linear weights share, else f32; f16 (llama.cpp's default) when
+    some linears are quantized and no weight is in a half type. A weight quantized by
+    quantize-weights counts as the float weight it was made from (a bf16 checkpoint compiled with
+    --quant, or smoothed, keeps a bf16 cache; an f32 one gets f16). Where the checkpoint quantized
+    linears itself (GGUF, GPTQ, AWQ), its f32 linears are fallbacks (as in GGUF files made with
+    llama.cpp's --leave-output-tensor) and do not vote."""
+    weights = [op.weight for op in module.walk() if isinstance(op, L.LinearOp)]
+    sources = {source_type(w.owner.input if isinstance(w.owner, L.QuantizeOp) else w) for w in weights}
+    quantized = any(isinstance(w.owner, L.QuantizeOp) for w in weights) or not all(map(L.is_float, sources))
+    halves = {t for t in sources if L.is_float(t)} - {f32}
+    if len(halves) == 1 and (quantized or f32 not in sources):
+        return halves.pop()
+    return f16 if quantized and not halves else f32
 
 
 def kv_type(name: str, option: str):
