@@ -314,10 +314,10 @@ def _ort_genai(model, prompt, new, prefill, threads):
 LLMIRC_VARIANTS = {  # `llmirc:VARIANT` -> `llmirc compile` options
     "": [], "f32": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"], "f16": ["--dtype", "float16"],
     "int8": ["--quant", "int8"], "int4": ["--quant", "int4"],
-    # the LM head in the weights' 4-bit groups (by default it is int8 per output row)
+    # the LM head in the weights' 4-bit groups, or in 8 bits per output row (by default in 6-bit
+    # groups of 32, as llama.cpp's Q4_0 files keep it in Q6_K, of that size)
     "int4-head4": ["--quant", "int4", "--quant-lm-head", "int4"],
-    # the LM head in 6-bit groups of 32 (llama.cpp's Q4_0 files keep it in Q6_K, of that size)
-    "int4-head6": ["--quant", "int4", "--quant-lm-head", "int6"],
+    "int4-head8": ["--quant", "int4", "--quant-lm-head", "int8"],
     "int4-g128": ["--quant", "int4", "--quant-group-size", "128"],
     "int4-g128-zp": ["--quant", "int4", "--quant-group-size", "128", "--quant-zero-points"],
     # down_proj in 8 bits per output row (a mix like llama.cpp's Q4_K_M)

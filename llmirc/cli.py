@@ -96,11 +96,12 @@ def cli(debug: bool) -> None:
                    "everything); float, or 8 bits per output row for an item ending in =int8 "
                    "('embedding,*.down_proj.*=int8'). An LM head not kept is stored as "
                    "--quant-lm-head says (one tied to an embedding kept in float stays float).")
-@click.option("--quant-lm-head", type=click.Choice(["int8", "int6", "int4"]), default="int8", show_default=True,
-              help="An LM head not kept: int8, one scale per output row (llama.cpp keeps its output matrix at 6-8 "
-                   "bits); int6 in groups of 32 (the size of llama.cpp's Q6_K); or int4 in --quant-group-size "
-                   "groups (as onnxruntime-genai's int4 models). The smaller, the faster a decode step, at a "
-                   "quality cost.")
+@click.option("--quant-lm-head", type=click.Choice(["auto", "int8", "int6", "int4"]), default="auto",
+              show_default=True,
+              help="An LM head not kept: int8, one scale per output row; int6 in groups of 32 (the size of "
+                   "llama.cpp's Q6_K); int4 in --quant-group-size groups (as onnxruntime-genai's int4 models); "
+                   "auto: int6 with --quant int4, int8 with --quant int8 (as llama.cpp stores the output matrix "
+                   "of its Q4 and Q8_0 files). The smaller, the faster a decode step, at a quality cost.")
 @click.option("--quant-method", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
               help="rtn: round to nearest. gptq: GPTQ (Frantar et al. 2023), each linear's rounding error "
                    "compensated with the Hessian of its inputs on --calibration text; slower to compile, "

@@ -52,7 +52,7 @@ class CompileOptions:
     quant_group_size: int = 0           # 0: per output row for int8, 32 for int4
     quant_symmetric: bool = True        # false: a zero point per group
     quant_keep: tuple[str, ...] = ("embedding",)  # what stays in higher precision (quantize-weights' keep)
-    quant_lm_head: str = "int8"         # int8 (per output row), int6 or int4: an LM head not kept
+    quant_lm_head: str = "auto"         # auto (int6 for int4, int8 for int8), int8 (per row), int6, int4
     quant_method: str = "rtn"           # rtn (round to nearest) or gptq (needs `calibration`)
     quant_smooth: float | None = None   # SmoothQuant's alpha (the smooth pass; needs `calibration`); None: off
     calibration: Path | None = None     # text file GPTQ and smoothing calibrate on
@@ -67,12 +67,14 @@ class CompileOptions:
             return ""
         if self.quant not in ("int8", "int4"):
             raise LlmircError(f"--quant: unknown scheme {self.quant!r} (choose none, int8 or int4)")
-        if self.quant_lm_head not in ("int8", "int6", "int4"):
-            raise LlmircError(f"--quant-lm-head: unknown scheme {self.quant_lm_head!r} (choose int8, int6 or int4)")
+        if self.quant_lm_head not in ("auto", "int8", "int6", "int4"):
+            raise LlmircError(f"--quant-lm-head: unknown scheme {self.quant_lm_head!r} (choose auto, int8, int6 "
+                              "or int4)")
         keep = ",".join(f'"{k}"' for k in self.quant_keep) or '"none"'
+        head = 0 if self.quant_lm_head == "auto" else self.quant_lm_head[3:]
         return (f"quantize-weights{{bits={self.quant[3:]} group-size={self.quant_group_size} "
                 f"symmetric={str(self.quant_symmetric).lower()} keep={keep} "
-                f"lm-head-bits={self.quant_lm_head[3:]} method={self.quant_method}}}")
+                f"lm-head-bits={head} method={self.quant_method}}}")
 
     def check_calibration(self) -> None:
         """--quant-method, --quant-smooth and --calibration agree (before the checkpoint is read)."""

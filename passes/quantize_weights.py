@@ -12,14 +12,16 @@ stays in higher precision: `embedding` (embedding tables, the default), `lm_head
 producing the logits) and glob patterns over checkpoint tensor names (quoted:
 `keep="*.down_proj.*",lm_head`), or `none` (alone); the first item that names a weight
 decides. An item ending in `=int8` keeps those weights in 8 bits per output row instead of
-float, as an LM head is stored (symmetric, float32 scales, whatever `symmetric` and
+float, as an LM head of bits=8 is stored (symmetric, float32 scales, whatever `symmetric` and
 `scale-dtype` say: a table and the LM head tied to it share one copy), e.g.
 `keep=embedding,"*.down_proj.*=int8"`: a mix like llama.cpp's Q4_K_M, which stores half of
 ffn_down and attn_v at 6 bits. An LM head not kept is stored with `lm-head-bits`:
-8 (the default) in 8 bits per output row whatever `bits` is (llama.cpp keeps its output matrix at
-6-8 bits too: at 4 bits it costs the most quality), 6 in symmetric 6-bit groups of 32 with
-float16 scales (the size of llama.cpp's Q6_K, which its Q4 files use for the output matrix), 4
-in 4-bit groups (`group-size`, else 32; as onnxruntime-genai's int4 models store it); one tied
+8 in 8 bits per output row whatever `bits` is, 6 in symmetric 6-bit groups of 32 with float16
+scales (the size of llama.cpp's Q6_K), 4 in 4-bit groups (`group-size`, else 32; as
+onnxruntime-genai's int4 models store it); 0 (the default) is 6 for bits=4 and 8 for bits=8, as
+llama.cpp stores the output matrix of its Q4 files in Q6_K and of its Q8_0 files in Q8_0 (at 4
+bits it costs the most quality: BENCHMARKS.md, "A 6-bit LM head"), and 8 for a head tied to an
+embedding table kept `=int8` (one copy); one tied
 to an embedding table kept in float stays float (one copy); one tied to a table quantized in
 another type is a second copy (said in the report). --report counts the LM head apart (`LM
 head -> int8`, `LM head kept`, `LM head tied to a kept embedding table`) and names the item
@@ -113,7 +115,7 @@ class QuantizeWeights(ModulePass):
     symmetric: bool = True
     scale_dtype: str = "auto"
     keep: tuple[str, ...] = ("embedding",)
-    lm_head_bits: int = 8
+    lm_head_bits: int = 0
     method: str = "rtn"
 
     def scheme(self, k: int) -> Scheme:
@@ -133,12 +135,13 @@ class QuantizeWeights(ModulePass):
 
     def head_scheme(self, k: int) -> Scheme:
         """The scheme of an LM head of k inputs that is not kept."""
-        if self.lm_head_bits == 8:
+        bits = self.lm_head_bits or (6 if self.bits == 4 else 8)
+        if bits == 8:
             return Scheme(8, k, "float32", "none")
-        if self.lm_head_bits == 6:  # 6.5 bits a weight, as llama.cpp's Q6_K (6.5625)
+        if bits == 6:  # 6.5 bits a weight, as llama.cpp's Q6_K (6.5625)
             return Scheme(6, 32, "float16", "none")
-        if self.lm_head_bits != 4:
-            raise LlmircError(f"{self.name}: lm-head-bits must be 8, 6 or 4, got {self.lm_head_bits}")
+        if bits != 4:
+            raise LlmircError(f"{self.name}: lm-head-bits must be 0 (auto), 8, 6 or 4, got {self.lm_head_bits}")
         return dataclasses.replace(self, bits=4).scheme(k)
 
     def keep_items(self) -> list[tuple[str, str, str]]:
@@ -194,8 +197,8 @@ class QuantizeWeights(ModulePass):
         """(user, weight, k, scheme) of each float weight use this pass quantizes, in IR order;
         changes nothing (the weights kept are counted in ctx's report)."""
         lm_head = lm_head_of(op)
-        tables = {n for e, t in weight_uses(op) if isinstance(e, L.EmbeddingOp)
-                  and self.kept(e, t, lm_head)[0] == "float" for n in source_names(t)}
+        tables = {n: self.kept(e, t, lm_head)[0] for e, t in weight_uses(op) if isinstance(e, L.EmbeddingOp)
+                  for n in source_names(t)}  # source name -> the level `keep` gives the table
         planned = []
         for user, w in weight_uses(op):
             if not L.is_float(w.type.element_type):
@@ -208,10 +211,12 @@ class QuantizeWeights(ModulePass):
             if level == "int8":  # the LM head's 8 bits: a tied table kept so shares the head's codes
                 wanted = dataclasses.replace(self, lm_head_bits=8).head_scheme(k)
             elif user is lm_head:
-                if tables & set(source_names(w)):  # tied to a kept embedding table: one float copy
+                tied = {tables.get(n) for n in source_names(w)}
+                if "float" in tied:  # tied to a kept embedding table: one float copy
                     note(ctx, TIED_HEAD)
                     continue
-                wanted = self.head_scheme(k)
+                auto_int8 = "int8" in tied and not self.lm_head_bits  # auto follows a table kept in int8
+                wanted = dataclasses.replace(self, lm_head_bits=8 if auto_int8 else self.lm_head_bits).head_scheme(k)
             else:
                 wanted = self.scheme(k)
             scheme = wanted

@@ -534,8 +534,8 @@ def test_gptq_refused_when_every_float_linear_is_kept(tmp_path, ckpt):
 
 
 def test_compile_notes_a_tied_head_stored_twice(tmp_path):
-    """--quant-keep none quantizes a tied table in int4 and its head in int8 (--quant-lm-head's
-    default): two copies of the largest matrix, which is said; with int4 for both, one copy."""
+    """--quant-keep none quantizes a tied table in int4 and its head in int6 (--quant-lm-head's
+    default for int4): two copies of the largest matrix, which is said; with int4 for both, one copy."""
     make_checkpoint(tmp_path / "tied", "llama", tie_word_embeddings=True, tokenizer=True)
     quant = ["-q", "--quant", "int4", "--quant-keep", "none"]
     r = llmirc("compile", tmp_path / "tied", "-o", tmp_path / "a.llmir", *quant)

@@ -73,19 +73,20 @@ def emulated(model, schemes, head_scheme, quantize_embedding: bool, ids, block=3
     return hf_logits_quantized(model, weights, ids)
 
 
-PER_ROW_INT8 = lambda k: quant.Scheme(8, k, "float32")  # noqa: E731 - the LM head's default
+PER_ROW_INT8 = lambda k: quant.Scheme(8, k, "float32")  # noqa: E731 - the LM head's with --quant int8
+INT6 = lambda k: quant.Scheme(6, 32)  # noqa: E731 - the LM head's with --quant int4
 
 
 CASES = {  # name -> (compile options, the LM head's scheme (None: float), embedding quantized[, int8 linears])
     "int8": (dict(quant="int8"), PER_ROW_INT8, False),
-    "int4": (dict(quant="int4", cpu_variants=("native", "baseline")), PER_ROW_INT8, False),
+    "int4": (dict(quant="int4", cpu_variants=("native", "baseline")), INT6, False),
     "int4-lm-head-kept": (dict(quant="int4", quant_keep=("embedding", "lm_head")), None, False),
     "int4-lm-head-int4": (dict(quant="int4", quant_lm_head="int4"), lambda k: quant.Scheme(4, 32), False),
-    "int4-lm-head-int6": (dict(quant="int4", quant_lm_head="int6"), lambda k: quant.Scheme(6, 32), False),
+    "int4-lm-head-int8": (dict(quant="int4", quant_lm_head="int8"), PER_ROW_INT8, False),
     "int4-g64-zero-points-all": (dict(quant="int4", quant_group_size=64, quant_symmetric=False, quant_keep=()),
-                                 PER_ROW_INT8, True),
+                                 INT6, True),
     "int4-down-proj-int8": (dict(quant="int4", quant_group_size=64, quant_keep=("embedding", "*.down_proj.*=int8")),
-                            PER_ROW_INT8, False, ("down_proj",)),
+                            INT6, False, ("down_proj",)),
 }
 
 
@@ -173,9 +174,9 @@ def test_quantized_ir(tmp_path, checkpoint, capsys):
 
 
 @pytest.mark.parametrize("tied,options,line", [
-    (False, dict(), "LM head -> int8"),
+    (False, dict(), "LM head -> int6"),  # auto with --quant int4
     (False, dict(quant_lm_head="int4"), "LM head -> int4"),
-    (False, dict(quant_lm_head="int6"), "LM head -> int6"),
+    (False, dict(quant_lm_head="int8"), "LM head -> int8"),
     (False, dict(quant_keep=("embedding", "lm_head"), quant_lm_head="int4"), "LM head kept"),
     (True, dict(quant_lm_head="int4"), "LM head tied to a kept embedding table: float"),
     (True, dict(quant_keep=(), quant_lm_head="int4"), "LM head -> int4"),  # one int4 copy, shared
@@ -206,9 +207,10 @@ def test_report_names_the_keep_item_of_each_kept_weight(tmp_path, capsys):
 
 
 def test_int8_keep_items_are_stored_as_the_lm_head(tmp_path):
-    """An item ending in =int8 stores its weights as an LM head is stored (symmetric, a float32
-    scale per output row) whatever --quant-zero-points says: a tied table kept so shares the
-    head's codes (one copy), down_proj has no zero points; the bundle matches the emulation."""
+    """An item ending in =int8 stores its weights as --quant int8 stores an LM head (symmetric, a
+    float32 scale per output row) whatever --quant-zero-points says: the LM head tied to a table
+    kept so shares its codes (one copy; --quant-lm-head auto follows the table), down_proj has no
+    zero points; the bundle matches the emulation."""
     model = make_checkpoint(tmp_path / "ckpt", "llama", tie_word_embeddings=True, **OVERRIDES)
     options = dict(quant="int4", quant_symmetric=False, quant_keep=("embedding=int8", "*.down_proj.*=int8"))
     compiled = load(compile_to(tmp_path / "ckpt", tmp_path / "q.llmir", **options))
@@ -234,7 +236,7 @@ def test_group_size_halved_where_it_does_not_divide(checkpoint, capsys):
     assert "groups of 64 for 64 inputs (not a multiple of 128)" in report
     kinds = [c.kind for c in plan.calls]
     assert "linear" not in kinds and "embedding" not in kinds
-    assert {c.params["group_size"] for c in plan.calls if c.kind == "qlinear"} == {64}
+    assert {c.params["group_size"] for c in plan.calls if c.kind == "qlinear" and c.params["bits"] == 4} == {64}
 
 
 def test_parameters_count_the_logical_weights(tmp_path):
