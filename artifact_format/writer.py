@@ -36,12 +36,21 @@ from .safetensors import SafetensorsWriter, reraise_os_error
 
 def check_replaceable(out: Path) -> None:
     """BundleError unless `out` is absent, an empty directory or an llmir bundle (which a new
-    bundle may replace)."""
-    if not os.path.lexists(out):
-        return
-    if out.is_dir() and not out.is_symlink() and (is_bundle(out) or not any(out.iterdir())):
-        return
-    raise BundleError(f"refusing to overwrite {out}: it exists and is not an llmir bundle")
+    bundle may replace), and a directory can be made beside it (tried in its nearest existing
+    ancestor, and removed)."""
+    out = Path(out)
+    if os.path.lexists(out) and not (out.is_dir() and not out.is_symlink()
+                                     and (is_bundle(out) or not any(out.iterdir()))):
+        raise BundleError(f"refusing to overwrite {out}: it exists and is not an llmir bundle")
+    folder = out.absolute().parent
+    while not os.path.lexists(folder):
+        folder = folder.parent
+    probe = folder / f".llmirc-probe-{os.getpid()}-{secrets.token_hex(6)}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise BundleError(f"bundle {out}: cannot write in {folder}: {e.strerror}") from None
 
 
 class BundleWriter:

@@ -459,13 +459,13 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
 
 
 def _parse_ids(text: str) -> list[int]:
+    items = text.replace(" ", "").split(",")
+    if not any(items):
+        raise LlmircError("--token-ids: empty prompt")
     try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+        return [int(t) for t in items]
     except ValueError:
         raise LlmircError(f"--token-ids {text!r}: expected comma-separated integers") from None
-    if not ids:
-        raise LlmircError("--token-ids: empty prompt")
-    return ids
 
 
 @cli.command()
@@ -529,12 +529,14 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens
 @click.option("--json", "as_json", is_flag=True)
 def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as_json):
     """Perplexity of BUNDLE on a text, over sliding windows (Hugging Face's perplexity guide)."""
-    from llmirc.runtime.perplexity import perplexity
+    from llmirc.runtime.perplexity import perplexity, windows
 
     try:
         text = text_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LlmircError(f"--text {text_file}: cannot read it as UTF-8 text: {e}") from None
+    except OSError as e:
+        raise LlmircError(f"--text {text_file}: cannot read it: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise LlmircError(f"--text {text_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     stride = stride or max(1, context // 2)
     model = _load(bundle, context, no_verify=False, max_batched_tokens=context, max_num_seqs=1, threads=threads,
                   target=target)
@@ -543,14 +545,20 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
     if context > model.max_context:
         raise LlmircError(f"--context {context} exceeds the model's context of {model.max_context} tokens")
     ids = model.tokenizer.encode(text)[:max_tokens]
-    result = perplexity(model.score, ids, context, stride)
+    if sys.stderr.isatty():  # a progress bar at a terminal only: stderr may be merged with --json's stdout
+        with click.progressbar(length=len(windows(len(ids), context, stride)), label="scoring windows",
+                               file=sys.stderr) as bar:
+            result = perplexity(model.score, ids, context, stride, on_window=lambda: bar.update(1))
+    else:
+        result = perplexity(model.score, ids, context, stride)
     used = model.executor.target["name"]
     if as_json:
         click.echo(json.dumps({**result.to_json(), "target": used}))
     else:
-        click.echo(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.5f} nats) over {result.tokens} tokens: "
-                   f"{result.windows} window{'s' * (result.windows != 1)} of {context} tokens, stride {stride}; "
-                   f"target {used}")
+        span = min(context, len(ids))
+        click.echo(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.5f} nats) over {result.tokens} "
+                   f"token{'s' * (result.tokens != 1)}: {result.windows} window{'s' * (result.windows != 1)} of "
+                   f"{'up to ' * (span < len(ids))}{span} tokens, stride {stride}; target {used}")
 
 
 class _Terminated(BaseException):

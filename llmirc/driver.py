@@ -247,8 +247,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                           "(--quant-lm-head int4 shares the table's int4 codes; --quant-keep embedding=int8 shares "
                           "int8 ones)")
         if TIED_HEAD in ctx.report:  # its largest matrix, in float whatever --quant-lm-head says
+            ignored = f"; --quant-lm-head {options.quant_lm_head} changes nothing" * (options.quant_lm_head != "auto")
             progress.note("the LM head is tied to the embedding table, which --quant-keep keeps in float: it stays "
-                          "float (--quant-keep embedding=int8 or none quantizes both)")
+                          f"float (--quant-keep embedding=int8 or none quantizes both){ignored}")
         optimized_ir = print_ir(module)
         generic = generic_ops(module)
         if generic:

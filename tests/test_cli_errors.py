@@ -852,6 +852,7 @@ BAD_RUNS = {
     "no-prompt": ([], False, ["--prompt", "--token-ids"]),
     "token-ids-not-integers": (["--token-ids", "1,two,3"], False, ["--token-ids", "1,two,3", "integers"]),
     "token-ids-empty": (["--token-ids", ","], False, ["--token-ids", "empty"]),
+    "token-ids-empty-item": (["--token-ids", "1,,2"], False, ["--token-ids", "1,,2", "integers"]),
     "token-id-too-big": (["--token-ids", "1,384"], False, ["384", "vocabulary of 384"]),
     "token-id-negative": (["--token-ids=-5,2"], False, ["-5", "vocabulary"]),
     "longer-than-context": (["--token-ids", "1,2,3", "--max-new-tokens", "600"], False,

@@ -191,6 +191,7 @@ def test_report_says_how_the_lm_head_is_stored(tmp_path, capsys, tied, options, 
     err = capsys.readouterr().err
     assert f"quantize-weights: {line} " in err, err
     assert ("note: the LM head is tied to the embedding table" in err) == ("tied to" in line)
+    assert ("--quant-lm-head int4 changes nothing" in err) == ("tied to" in line)  # given, and ignored
     assert err.count("LM head") == 1 + ("tied to" in line)
 
 

@@ -155,7 +155,7 @@ def format_table(r: dict) -> str:
     lines = [
         f"{r['bundle']}: {m['architecture']}, {r['llmirc']['params'] / 1e6:.1f}M parameters; "
         f"prompt {r['prompt_len']}, {r['new_tokens']} new tokens, batch {r['batch']}, best of {r['repeat']}, "
-        f"{r['threads']} threads, target {r['target']}{' (AMX tiles)' if r.get('amx') else ''}",
+        f"{r['threads']} thread{'s' * (r['threads'] != 1)}, target {r['target']}{' (AMX tiles)' if r.get('amx') else ''}",
         f"{'':22s}{'prefill tok/s':>14s}{'decode tok/s':>14s}{'ms/step':>10s}",
     ]
     for name, key in (("llmirc", "llmirc"), ("transformers (eager)", "transformers")):

@@ -24,7 +24,8 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 def cache_full_error(needed: int, free: int, num_blocks: int) -> RuntimeLimitError:
     return RuntimeLimitError(
         f"KV cache full: {needed} more block(s) needed but only {free} of its {num_blocks} blocks "
-        f"are free; load the model with a larger KV cache (more blocks) or run fewer sequences at once"
+        f"are free; load the model with a larger KV cache (--kv-cache-tokens, load(kv_cache_tokens=...)) "
+        f"or run fewer sequences at once"
     )
 
 

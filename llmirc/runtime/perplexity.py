@@ -53,8 +53,9 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return lse - x[np.arange(len(targets)), targets]
 
 
-def perplexity(score, ids: list[int], context: int, stride: int) -> PerplexityResult:
-    """Perplexity of `ids`, with `score(window ids) -> logits [len, vocab]` (Model.score)."""
+def perplexity(score, ids: list[int], context: int, stride: int, on_window=None) -> PerplexityResult:
+    """Perplexity of `ids`, with `score(window ids) -> logits [len, vocab]` (Model.score);
+    `on_window()`, if given, is called after each window is scored (a progress bar)."""
     if len(ids) < 2:
         raise LlmircError("perplexity: the text has fewer than 2 tokens")
     total, count = 0.0, 0
@@ -64,5 +65,7 @@ def perplexity(score, ids: list[int], context: int, stride: int) -> PerplexityRe
         rows = logits[first - 1 - begin:end - 1 - begin]
         total += float(token_nll(rows, np.asarray(ids[first:end])).sum())
         count += end - first
+        if on_window is not None:
+            on_window()
     mean = total / count
     return PerplexityResult(math.exp(mean), mean, count, len(spans), context, stride)

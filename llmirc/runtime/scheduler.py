@@ -189,7 +189,8 @@ class Scheduler:
             raise RuntimeLimitError(
                 f"{_request(request_id)}prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
                 f"needs {needed} KV blocks of {self.block_size} tokens but the cache has only "
-                f"{self.allocator.num_blocks}; load the model with a larger KV cache or lower max_new_tokens")
+                f"{self.allocator.num_blocks}; load the model with a larger KV cache (--kv-cache-tokens, "
+                f"load(kv_cache_tokens=...)) or lower max_new_tokens")
 
     def add_request(self, prompt: list[int], max_new_tokens: int, *, request_id: Hashable = None,
                     ignore_eos: bool = False, stop_token_ids: Iterable[int] = (),
@@ -368,7 +369,7 @@ class Scheduler:
             raise RuntimeLimitError(
                 f"scoring {len(token_ids)} tokens needs {needed} KV blocks but only {available} of the cache's "
                 f"{self.allocator.num_blocks} are available; load the model with a larger KV cache "
-                f"or score fewer tokens")
+                f"(--kv-cache-tokens, load(kv_cache_tokens=...)) or score fewer tokens")
         return self._score_steps([int(t) for t in token_ids], request_id)
 
     def _score_steps(self, tokens: list[int], request_id: Hashable) -> Iterator[Step]:
