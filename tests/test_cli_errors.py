@@ -609,6 +609,13 @@ def test_compile_output_parent_is_a_file(ckpt, tmp_path):
     assert (tmp_path / "afile").read_text() == "x"
 
 
+def test_compile_output_folder_not_writable(ckpt):
+    """A folder where nothing can be made (/proc, even for root): one error line (checked before
+    the checkpoint is read: writer.check_replaceable)."""
+    r = llmirc("compile", ckpt, "-o", "/proc/out.llmir", "-q", "--cpu-variants", "native")
+    assert_user_error(r, "/proc/out.llmir", "cannot write in /proc")
+
+
 @pytest.mark.parametrize("failure", ["config", "weights"])
 def test_failed_compile_keeps_existing_bundle(ckpt, bundle, tmp_path, failure):
     # "config" fails in the front end; "weights" fails while the new bundle is being written.
