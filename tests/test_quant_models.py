@@ -249,7 +249,8 @@ def test_parameters_count_the_logical_weights(tmp_path):
     expected = sum(p.numel() for p in model.parameters())  # the tied table once
     cases = {"float": {},
              "int4-zp": dict(quant="int4", quant_symmetric=False, quant_keep=("none",), quant_lm_head="int4"),
-             "int8-mix": dict(quant="int4", quant_keep=("embedding=int8", "*.down_proj.*=int8"))}
+             "int8-mix": dict(quant="int4", quant_keep=("embedding=int8", "*.down_proj.*=int8")),
+             "head-copy": dict(quant="int4", quant_keep=("none",))}  # table int4, head int6: two copies
     for name, options in cases.items():
         bundle = compile_to(tmp_path / "ckpt", tmp_path / f"{name}.llmir", **options)
         assert summary(bundle)["weights"]["parameters"] == expected, name

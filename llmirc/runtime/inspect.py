@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -34,8 +35,12 @@ def parameter_count(manifest: dict, shapes: list) -> int:
     """The model's parameters in a bundle whose weights (manifest["weights"]["order"]) have these
     shapes: a quantized weight counts its logical n x k elements (k from the qlinear / qembedding
     kernel that reads its codes), not its packed bytes, and its scales, zero points and input
-    order count nothing; any other weight counts its elements."""
+    order count nothing; a second copy of a tensor in another type (`NAME.1`, beside `NAME`: a
+    tied LM head stored apart from its table) counts nothing; any other weight counts its
+    elements."""
     order = manifest["weights"]["order"]
+    names = set(order)
+    copies = {i for i, name in enumerate(order) if (m := re.fullmatch(r"(.+)\.\d+", name)) and m[1] in names}
     kernels = {k["symbol"]: k for t in manifest.get("targets") or [] for k in t.get("kernels") or []}
     columns: dict[int, int] = {}  # index of a quantized weight's codes -> its logical input size
     for call in manifest.get("plan") or []:
@@ -43,7 +48,7 @@ def parameter_count(manifest: dict, shapes: list) -> int:
         if kernel and kernel["kind"] in ("qlinear", "qembedding") and isinstance(codes, dict):
             columns[codes["index"]] = int(kernel["params"].get("k") or kernel["params"]["dim"])
     parts = {order[i].removesuffix(".codes") + suffix for i in columns for suffix in (".scales", ".zeros", ".perm")}
-    return sum(int(shape[0]) * columns[i] if i in columns else 0 if name in parts else _numel(shape)
+    return sum(0 if i in copies or name in parts else int(shape[0]) * columns[i] if i in columns else _numel(shape)
                for i, (name, shape) in enumerate(zip(order, shapes)))
 
 
