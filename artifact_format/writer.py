@@ -42,9 +42,9 @@ def check_replaceable(out: Path) -> None:
     if os.path.lexists(out) and not (out.is_dir() and not out.is_symlink()
                                      and (is_bundle(out) or not any(out.iterdir()))):
         raise BundleError(f"refusing to overwrite {out}: it exists and is not an llmir bundle")
-    folder = out.absolute().parent
-    while not os.path.lexists(folder):
-        folder = folder.parent
+    folder = next(p for p in out.absolute().parents if os.path.lexists(p))
+    if not folder.is_dir():  # else mkdir fails with a bare "File exists"
+        raise BundleError(f"bundle {out}: cannot create it there: {folder} is not a directory")
     probe = folder / f".llmirc-probe-{os.getpid()}-{secrets.token_hex(6)}"
     try:
         probe.mkdir()

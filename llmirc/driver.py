@@ -165,9 +165,6 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     if out is None and options.emit is None:
         raise LlmircError("no output: give -o OUT.llmir (or --emit STAGE to print a stage)")
     if out is not None:
-        parent = next(p for p in out.absolute().parents if p.exists())
-        if not parent.is_dir():  # else the writer's mkdir fails with a bare "File exists"
-            raise LlmircError(f"-o {out}: cannot create the bundle there: {parent} is not a directory")
         check_replaceable(out)  # before the checkpoint is read (the writer checks again)
     if options.passes is not None:
         parse_passes(options.passes)  # fail before the checkpoint is read

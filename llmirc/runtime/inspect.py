@@ -31,6 +31,16 @@ def summary(path: Path, verify: bool = True) -> dict:
         raise BundleError(f"bundle {bundle.name}: manifest.json has a malformed entry ({e})") from None
 
 
+def _workspace(w) -> str:
+    """The ABI's workspace size ({"T": bytes per token, "L": per logit row, "TT": per token
+    squared, "const": fixed}) as text."""
+    if not isinstance(w, dict):
+        return f"{w} bytes"
+    units = {"T": "token", "L": "logit row", "TT": "token squared"}
+    terms = [f"{w[k]} bytes per {unit}" for k, unit in units.items() if w.get(k)]
+    return " + ".join(terms + [f"{w.get('const', 0)} bytes"])
+
+
 def parameter_count(manifest: dict, shapes: list) -> int:
     """The model's parameters in a bundle whose weights (manifest["weights"]["order"]) have these
     shapes: a quantized weight counts its logical n x k elements (k from the qlinear / qembedding
@@ -157,7 +167,7 @@ def _describe(info: dict) -> str:
         f"{kv.get('num_kv_heads')} kv heads x {kv.get('head_dim')}, {kv.get('dtype')}, layout [{kv.get('layout')}]"
         if kv.get("num_layers") != 0 else "kv cache   none (no attention layer uses one)",
         f"plan       {info['plan']['kernel_calls']} kernel calls per step; workspace "
-        f"{info['workspace_bytes']} bytes (per T tokens / L logit rows / TT: T^2)",
+        f"{_workspace(info['workspace_bytes'])}",
         f"passes     {info['passes']}",
         *[f"  {what}  x{n}" for what, n in sorted(info["rewrites"].items())],
         f"tokenizer  {info['tokenizer'] or 'none'}",
