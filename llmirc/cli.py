@@ -133,6 +133,8 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
     except ImportError as e:
         _fail(f"the compiler is not installed ({e.name} missing): pip install 'llmirc[compiler]'")
     _warn_unused_quant_options(quant, quant_keep)
+    if dequantize and not (Path(model).suffix == ".gguf" and Path(model).is_file()):
+        click.echo("warning: --dequantize has no effect: it expands a GGUF file's quantized blocks", err=True)
     variants = tuple(v.strip() for v in cpu_variants.split(",") if v.strip())
     targets = tuple(t.strip() for t in target.split(",") if t.strip())
     archs = tuple(a.strip() for a in (arch or "").split(",") if a.strip())

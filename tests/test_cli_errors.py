@@ -567,6 +567,9 @@ def test_compile_warns_of_quant_options_without_effect(ckpt):
     assert r.returncode == 0 and r.stderr.startswith("warning: --quant-lm-head has no effect: --quant-keep lm_head")
     r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--quant", "int4", "--quant-lm-head", "int4")
     assert r.returncode == 0 and r.stderr == "", r.stderr
+    r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--dequantize")  # a safetensors checkpoint
+    assert r.returncode == 0 and r.stderr == "warning: --dequantize has no effect: it expands a GGUF file's " \
+        "quantized blocks\n", r.stderr
 
 
 def test_compile_without_output(ckpt):
