@@ -21,9 +21,9 @@ scales (the size of llama.cpp's Q6_K), 4 in 4-bit groups (`group-size`, else 32;
 onnxruntime-genai's int4 models store it); 0 (the default) is 6 for bits=4 and 8 for bits=8, as
 llama.cpp stores the output matrix of its Q4 files in Q6_K and of its Q8_0 files in Q8_0 (at 4
 bits it costs the most quality: BENCHMARKS.md, "A 6-bit LM head"), and 8 for a head tied to an
-embedding table kept `=int8` (one copy); one tied
-to an embedding table kept in float stays float (one copy); one tied to a table quantized in
-another type is a second copy (said in the report). --report counts the LM head apart (`LM
+embedding table kept `=int8` (one copy); one tied to an embedding table kept in float stays
+float (one copy); one tied to a table quantized in another type is a second copy (said in the
+report). --report counts the LM head apart (`LM
 head -> int8`, `LM head kept`, `LM head tied to a kept embedding table`) and names the item
 that kept each other weight (`float (keep embedding)`, `weight -> int8 (keep
 *.down_proj.*=int8)`), so `inspect` says how each is stored. A weight whose input size does
@@ -106,6 +106,12 @@ TIED_HEAD = "quantize-weights: LM head tied to a kept embedding table: float"
 TIED_TWICE = "quantize-weights: LM head tied to an embedding table of another type: a second copy"
 
 
+def int8_rows(k: int) -> Scheme:
+    """8 bits per output row of k inputs, float32 scales, symmetric: an LM head's with bits=8 and
+    a keep item's `=int8`."""
+    return Scheme(8, k, "float32", "none")
+
+
 @dataclass(frozen=True)
 class QuantizeWeights(ModulePass):
     name = "quantize-weights"
@@ -137,7 +143,7 @@ class QuantizeWeights(ModulePass):
         """The scheme of an LM head of k inputs that is not kept."""
         bits = self.lm_head_bits or (6 if self.bits == 4 else 8)
         if bits == 8:
-            return Scheme(8, k, "float32", "none")
+            return int8_rows(k)
         if bits == 6:  # 6.5 bits a weight, as llama.cpp's Q6_K (6.5625)
             return Scheme(6, 32, "float16", "none")
         if bits != 4:
@@ -208,15 +214,15 @@ class QuantizeWeights(ModulePass):
                 note(ctx, f"{self.name}: LM head kept" if user is lm_head else f"{self.name}: float (keep {item})")
                 continue
             n, k = L.shape_of(w)
-            if level == "int8":  # the LM head's 8 bits: a tied table kept so shares the head's codes
-                wanted = dataclasses.replace(self, lm_head_bits=8).head_scheme(k)
+            if level == "int8":  # a tied table and head kept so share one copy
+                wanted = int8_rows(k)
             elif user is lm_head:
                 tied = {tables.get(n) for n in source_names(w)}
                 if "float" in tied:  # tied to a kept embedding table: one float copy
                     note(ctx, TIED_HEAD)
                     continue
-                auto_int8 = "int8" in tied and not self.lm_head_bits  # auto follows a table kept in int8
-                wanted = dataclasses.replace(self, lm_head_bits=8 if auto_int8 else self.lm_head_bits).head_scheme(k)
+                # auto follows a table kept in int8 (one copy)
+                wanted = int8_rows(k) if "int8" in tied and not self.lm_head_bits else self.head_scheme(k)
             else:
                 wanted = self.scheme(k)
             scheme = wanted
