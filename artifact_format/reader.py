@@ -3,11 +3,11 @@
 Every problem raises BundleError with one line naming the bundle and the file at fault.
 
 Verification hashes every file listed in the manifest. With `remember=True` a successful
-verification is recorded outside the bundle (`$XDG_CACHE_HOME/llmirc/verified/`, default
-~/.cache) under a key a changed bundle cannot keep: the manifest's sha256 and, for every file,
-its size, inode, modification and status-change times (st_ctime cannot be set back by the
-user: any write or utime updates it). An unchanged bundle then opens without rehashing; any
-change, a copy or a move makes it hash again.
+verification is recorded outside the bundle (llmirc/cache.py's `verified/`, by default
+~/.cache/llmirc/verified/) under a key a changed bundle cannot keep: the manifest's sha256
+and, for every file, its size, inode, modification and status-change times (st_ctime cannot
+be set back by the user: any write or utime updates it). An unchanged bundle then opens
+without rehashing; any change, a copy or a move makes it hash again.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import re
 import stat
 from pathlib import Path
 
+from llmirc.cache import cache_dir
 from llmirc.errors import BundleError
 
 from .safetensors import SafetensorsFile, open_safetensors, parse_json_strict
@@ -172,8 +173,7 @@ def _state_key(root: Path, files: dict[str, dict]) -> str | None:
 
 
 def _record_path(root: Path) -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "llmirc" / "verified" / hashlib.sha256(str(root).encode()).hexdigest()
+    return cache_dir("verified") / hashlib.sha256(str(root).encode()).hexdigest()
 
 
 def _recorded(root: Path) -> str | None:

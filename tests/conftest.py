@@ -7,10 +7,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
-# Bundle verifications are remembered under $XDG_CACHE_HOME/llmirc: keep the tests' records out of
-# the user's cache (subprocesses inherit this).
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="llmirc-test-cache-")
-atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
+# llmirc's cache (llmirc/cache.py: compiled CPU kernels, Triton kernels, bundle verifications) is
+# one folder for the whole run, out of the user's: made by the xdist controller (or the only
+# process), inherited by the workers and every subprocess, removed at the end.
+os.environ.pop("LLMIRC_CACHE_DIR", None)
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="llmirc-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 # Triton kernels run on Triton's interpreter in the tests (CI has no GPU). It must be chosen before
 # any kernel is decorated; AOT compilation runs in worker processes that turn it off.

@@ -1314,7 +1314,7 @@ def test_internal_error_trace_on_request(ckpt, tmp_path, how):
 def test_internal_error_in_codegen_leaves_no_bundle(ckpt, bundle, tmp_path):
     out = copy_bundle(bundle, tmp_path)
     before = snapshot(out)
-    r = llmirc_with_bug("import llmirc.targets.cpu.target as t\nt.compile_object = lambda *a: 1 / 0",
+    r = llmirc_with_bug("import llmirc.targets.cpu.target as t\nt.cached_object = lambda *a: 1 / 0",
                         "compile", ckpt, "-o", out, "-q", "--cpu-variants", "native")
     assert_internal_error(r, "cpu codegen for cpu-")
     assert snapshot(out) == before and leftovers(out) == []

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import platform
 import re
 import shutil
+from io import StringIO
 
 import numpy as np
 import pytest
@@ -145,7 +147,6 @@ def test_native_on_an_aarch64_host_requires_every_feature_llvm_may_use(monkeypat
 
 @pytest.mark.skipif(not X86, reason="cross compiles from x86-64")
 def test_a_missing_cross_linker_fails_before_the_weights_are_written(monkeypatch, tmp_path):
-    from io import StringIO
 
     from helpers import make_checkpoint
     from llmirc.driver import CompileOptions, Progress, compile_model
@@ -161,6 +162,26 @@ def test_a_missing_cross_linker_fails_before_the_weights_are_written(monkeypatch
     compile_model(tmp_path / "ckpt", None, dataclasses.replace(options, emit="asm", cpu_variants=("aarch64-generic",)),
                   Progress(None), stdout=asm)
     assert "fmla\tv" in asm.getvalue()
+
+
+def test_recompiling_a_model_reads_its_kernels_from_the_cache(monkeypatch, tmp_path):
+    """Each kernel, the forward and the AMX micro-kernels are objects of their own (the unit of the
+    cache): compiling the same checkpoint again compiles none of them and links the same library."""
+    from helpers import make_checkpoint
+    from llmirc.driver import CompileOptions, Progress, compile_model
+
+    monkeypatch.setenv("LLMIRC_CACHE_DIR", str(tmp_path / "cache"))
+    make_checkpoint(tmp_path / "ckpt", "llama")
+    libraries, counts = [], []
+    for out in ("a.llmir", "b.llmir"):
+        log = StringIO()
+        compile_model(tmp_path / "ckpt", tmp_path / out, CompileOptions(cpu_variants=("baseline",)), Progress(log))
+        (target,) = json.loads((tmp_path / out / "manifest.json").read_text())["targets"]
+        libraries.append((target["library"], (tmp_path / out / target["library"]).read_bytes()))
+        counts.append(re.search(r"(\d+) objects \((\d+) from the cache\)", log.getvalue()).groups())
+    assert libraries[0] == libraries[1]
+    units = len(target["kernels"]) + 1
+    assert counts == [(str(units), "0"), (str(units), str(units))]
 
 
 def test_cross_linking_needs_the_cross_compiler(monkeypatch, tmp_path):
@@ -200,6 +221,32 @@ def test_opt_level_zero_also_compiles():
 def test_invalid_ir_is_rejected():
     with pytest.raises(RuntimeError):
         tc.compile_object("define void @f() { ret i32 0 }", tc.baseline_variant())
+
+
+def test_object_cache(tmp_path):
+    """A second compilation of the same IR for the same variant is read from the cache; another
+    variant is not; a damaged entry is compiled again and repaired; a cache that cannot be written
+    costs only the time."""
+    v, cache = tc.baseline_variant(), tmp_path / "cache"
+    text = small_module(v)
+    obj, hit = tc.cached_object(text, v, cache)
+    assert not hit and obj == tc.compile_object(text, v)
+    assert tc.cached_object(text, v, cache) == (obj, True)
+    assert tc.cached_object(small_module(v, "other"), v, cache)[1] is False
+    if X86:
+        assert tc.cached_object(small_module(tc.host_variant()), tc.host_variant(), cache)[1] is False
+    (entry,) = [p for p in cache.rglob("*") if p.is_file() and tc.hashlib.sha256(p.read_bytes()[32:]).digest()
+                == p.read_bytes()[:32] and p.read_bytes()[32:] == obj]
+    data = bytearray(entry.read_bytes())
+    data[-1] ^= 1
+    entry.write_bytes(bytes(data))
+    assert tc.cached_object(text, v, cache) == (obj, False)
+    assert tc.cached_object(text, v, cache) == (obj, True)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    assert tc.cached_object(text, v, blocked) == (obj, False)
+    assert tc.cached_object(text, v, None) == (obj, False)
+    assert not list(cache.rglob(".tmp-*"))
 
 
 # --- linking

@@ -17,7 +17,6 @@ from llmirc import dtypes
 from llmirc.targets.plan import ABI_INPUTS, ABI_VERSION, DIMS, Dim, Meta, Plan, Ref
 from llmirc.targets.signatures import signature
 
-from . import amx
 
 I64 = ir.IntType(64)
 I8 = ir.IntType(8)
@@ -29,7 +28,10 @@ PTR_INDEX.update(pool=len(ABI_INPUTS), ws=len(ABI_INPUTS) + 1, logits=len(ABI_IN
 FIRST_WEIGHT = len(ABI_INPUTS) + 3
 
 
-def emit_forward(module: ir.Module, plan: Plan, kernels: dict[str, ir.Function]) -> ir.Function:
+def emit_forward(module: ir.Module, plan: Plan, kernels: dict[str, ir.Function], uses_amx: bool) -> ir.Function:
+    """Adds `llmir_forward`, `llmir_abi_version` and `llmir_model_info` to `module`, calling the
+    kernel functions `kernels` (by plan symbol); `uses_amx`: whether a kernel calls AMX
+    micro-kernels (model_info's `amx`)."""
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64.as_pointer(), I8P.as_pointer()]),
                      "llmir_forward")
     dims_arg, ptrs_arg = fn.args
@@ -84,7 +86,7 @@ def emit_forward(module: ir.Module, plan: Plan, kernels: dict[str, ir.Function])
 
     version = ir.Function(module, ir.FunctionType(I64, []), "llmir_abi_version")
     ir.IRBuilder(version.append_basic_block()).ret(ir.Constant(I64, ABI_VERSION))
-    _emit_model_info(module, plan)
+    _emit_model_info(module, plan, uses_amx)
     return fn
 
 
@@ -110,8 +112,8 @@ def model_info(plan: Plan, uses_amx: bool) -> dict:
             "full_sequence": plan.full_sequence, "amx": uses_amx, **plan.limits}
 
 
-def _emit_model_info(module: ir.Module, plan: Plan) -> None:
-    data = bytearray(json.dumps(model_info(plan, amx.used_by(module)), separators=(",", ":")).encode() + b"\0")
+def _emit_model_info(module: ir.Module, plan: Plan, uses_amx: bool) -> None:
+    data = bytearray(json.dumps(model_info(plan, uses_amx), separators=(",", ":")).encode() + b"\0")
     text = ir.GlobalVariable(module, ir.ArrayType(ir.IntType(8), len(data)), "llmir_model_info_json")
     text.initializer = ir.Constant(text.type.pointee, data)
     text.global_constant = True

@@ -8,11 +8,13 @@ still loads on an older CPU of the same architecture.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from llvmlite import ir
 
+from llmirc.cache import cache_dir
 from llmirc.errors import LlmircError, stage as internal_stage
 from llmirc.targets.plan import Plan
 
@@ -20,7 +22,8 @@ from . import amx
 from .forward import ABI_VERSION, emit_forward
 from .generic import emit_generic
 from .kernels import emit_kernel
-from .toolchain import CpuVariant, compile_object, emit_assembly, find_linker, link_shared, variants_for
+from .toolchain import (CpuVariant, cached_object, compile_object, emit_assembly, find_linker, link_shared,
+                        variants_for)
 
 LIBRARY = "libllmir_model.so"
 
@@ -35,14 +38,38 @@ def library_name(data: bytes) -> str:
     return f"{LIBRARY.removesuffix('.so')}-{hashlib.sha256(data).hexdigest()[:16]}.so"
 
 
-def llvm_module(plan: Plan, variant: CpuVariant) -> ir.Module:
+def kernel_module(symbol: str, call, variant: CpuVariant) -> ir.Module:
+    """One plan kernel, specialized for its params, as external function `symbol` in a module of
+    its own: the unit of compilation and of the object cache."""
+    module = ir.Module(name=symbol)
+    module.triple = variant.triple
+    if call.kind.startswith("g_"):
+        emit_generic(module, call.kind, symbol, call.params)
+    else:
+        emit_kernel(module, call.kind, symbol, call.params, variant)
+    return module
+
+
+def forward_module(plan: Plan, variant: CpuVariant, kernels: dict[str, ir.Module]) -> ir.Module:
+    """`llmir_forward` and the library's info functions, calling the kernels of `kernels` (by symbol)
+    declared as external functions."""
     module = ir.Module(name="llmir_model")
     module.triple = variant.triple
-    kernels = {symbol: emit_generic(module, call.kind, symbol, call.params) if call.kind.startswith("g_")
-               else emit_kernel(module, call.kind, symbol, call.params, variant)
-               for symbol, call in plan.kernels().items()}
-    emit_forward(module, plan, kernels)
+    declared = {symbol: ir.Function(module, k.get_global(symbol).function_type, symbol) for symbol, k in kernels.items()}
+    emit_forward(module, plan, declared, uses_amx=any(amx.used_by(k) for k in kernels.values()))
     return module
+
+
+def llvm_modules(plan: Plan, variant: CpuVariant) -> dict[str, str]:
+    """The LLVM IR texts the library of `variant` is compiled from, by unit name: one per kernel
+    symbol, `llmir_forward`, and `llmir_amx` (the AMX micro-kernels, amx.module_text) when a
+    kernel calls them."""
+    kernels = {symbol: kernel_module(symbol, call, variant) for symbol, call in plan.kernels().items()}
+    texts = {symbol: str(module) for symbol, module in kernels.items()}
+    texts["llmir_forward"] = str(forward_module(plan, variant, kernels))
+    if any(amx.used_by(k) for k in kernels.values()):
+        texts["llmir_amx"] = amx.module_text(variant.triple, int8=any(amx.int8_used_by(k) for k in kernels.values()))
+    return texts
 
 
 def extra_modules(module: ir.Module, variant: CpuVariant) -> tuple[str, ...]:
@@ -68,6 +95,7 @@ class CpuBackend:
     def __init__(self, options):
         self.variant_names = list(options.cpu_variants)
         self.keep_intermediates = options.keep_intermediates
+        self.cache = cache_dir("cpu")
         if not self.variant_names:  # a bundle without a library cannot run anywhere
             raise LlmircError("--cpu-variants: no CPU variant given (choose native and/or baseline)")
         variants = variants_for(self.variant_names)  # unknown variant names fail before the checkpoint is read
@@ -79,13 +107,12 @@ class CpuBackend:
         """Nothing to check against the plan: the variants and linkers were checked at construction."""
 
     def emit(self, plan: Plan, stage: str) -> str:
-        """The text of `llvm-ir` or `asm` for the first variant (the host's by default)."""
+        """The text of `llvm-ir` or `asm` of every unit for the first variant (the host's by default)."""
         variant = variants_for(self.variant_names)[0]
         with internal_stage(f"cpu codegen for {target_name(variant)}"):
-            module = llvm_module(plan, variant)
-            extra = extra_modules(module, variant)
-            return "\n".join([str(module), *extra]) if stage == "llvm-ir" else emit_assembly(str(module), variant,
-                                                                                             extra=extra)
+            texts = llvm_modules(plan, variant)
+            return "\n".join(f"; {unit}\n" + (text if stage == "llvm-ir" else emit_assembly(text, variant))
+                             for unit, text in texts.items())
 
     def build(self, plan: Plan, path: Callable[[str], Path], progress: Callable[[str], None]) -> list[dict]:
         """Compiles the plan for each variant into `kernels/<target>/`; returns manifest entries.
@@ -96,16 +123,21 @@ class CpuBackend:
             name = target_name(variant)
             progress(f"cpu codegen for {name} ({variant.cpu}, {variant.vector_width} f32 lanes)")
             with internal_stage(f"cpu codegen for {name}"):
-                module = llvm_module(plan, variant)
-                llvm_ir, extra = str(module), extra_modules(module, variant)
-                obj = compile_object(llvm_ir, variant, extra=extra)
-                linked = link_shared([obj], path(f"kernels/{name}/{LIBRARY}"), variant.arch)
+                start = time.perf_counter()
+                texts = llvm_modules(plan, variant)
+                objects = {unit: cached_object(text, variant, self.cache) for unit, text in texts.items()}
+                linked = link_shared([obj for obj, _ in objects.values()], path(f"kernels/{name}/{LIBRARY}"),
+                                     variant.arch)
                 library = f"kernels/{name}/{library_name(linked.read_bytes())}"
                 linked.rename(path(library))
+            hits = sum(hit for _, hit in objects.values())
+            progress(f"{name}: {len(objects)} objects ({hits} from the cache); compile time "
+                     f"{time.perf_counter() - start:.1f}s")
             if self.keep_intermediates:
-                path(f"kernels/{name}/model.ll").write_text("\n".join([llvm_ir, *extra]))
-                path(f"kernels/{name}/model.s").write_text(emit_assembly(llvm_ir, variant, extra=extra))
-                path(f"kernels/{name}/model.o").write_bytes(obj)
+                for unit, text in texts.items():
+                    path(f"kernels/{name}/{unit}.ll").write_text(text)
+                    path(f"kernels/{name}/{unit}.s").write_text(emit_assembly(text, variant))
+                    path(f"kernels/{name}/{unit}.o").write_bytes(objects[unit][0])
             entries.append({
                 "name": name, "kind": "cpu", "arch": variant.arch, "cpu": variant.cpu,
                 "features": list(variant.required_flags), "vector_width": variant.vector_width,

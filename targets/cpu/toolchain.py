@@ -16,6 +16,10 @@ thread pool (runtime.c) into every library; the library needs only libc, libpthr
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 import platform
 import shutil
 import subprocess
@@ -24,13 +28,14 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import llvmlite
 import llvmlite.binding as llvm
 
 from llmirc.errors import LlmircError
 
 __all__ = [
     "CpuVariant", "host_variant", "baseline_variant", "variants_for", "known_variant_names",
-    "compile_object", "emit_assembly", "optimized_ir", "link_shared", "find_linker",
+    "compile_object", "cached_object", "emit_assembly", "optimized_ir", "link_shared", "find_linker",
 ]
 
 
@@ -235,6 +240,45 @@ def compile_object(llvm_ir: str, variant: CpuVariant, opt_level: int = 3, extra:
     `extra`: LLVM IR texts linked in first."""
     tm, mod = _optimized_module(llvm_ir, variant, opt_level, extra)
     return tm.emit_object(mod)
+
+
+CACHE_FORMAT = 1  # part of every object cache key: bump when _optimized_module changes what it emits
+
+
+def cached_object(llvm_ir: str, variant: CpuVariant, cache: Path | None, extra: tuple[str, ...] = ()) -> tuple[bytes, bool]:
+    """compile_object at -O3 through a disk cache; returns (object, whether it came from the cache).
+
+    The key is the sha256 of the IR texts, the variant (triple, cpu, features), CACHE_FORMAT and
+    the llvmlite and LLVM versions: an entry is the object those inputs compile to. An entry is
+    the object's sha256 then the object, written to a temporary file renamed into place, so a
+    reader never sees half of one; an entry whose digest does not match is compiled again. A
+    cache that cannot be read or written costs only the compilation. `cache` None: no cache."""
+    if cache is None:
+        return compile_object(llvm_ir, variant, extra=extra), False
+    key = hashlib.sha256(json.dumps([CACHE_FORMAT, llvmlite.__version__,
+                                     list(llvm.llvm_version_info), variant.triple, variant.cpu, variant.features,
+                                     llvm_ir, list(extra)]).encode()).hexdigest()
+    entry = cache / key[:2] / key
+    try:
+        data = entry.read_bytes()
+        if hashlib.sha256(data[32:]).digest() == data[:32]:
+            return data[32:], True
+    except OSError:
+        pass
+    obj = compile_object(llvm_ir, variant, extra=extra)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-")
+    except OSError:
+        return obj, False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(hashlib.sha256(obj).digest() + obj)
+        os.replace(tmp, entry)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    return obj, False
 
 
 def emit_assembly(llvm_ir: str, variant: CpuVariant, opt_level: int = 3, extra: tuple[str, ...] = ()) -> str:

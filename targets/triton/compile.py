@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+from llmirc.cache import cache_dir
 from llmirc.errors import LlmircError
 
 from .arch import get_arch
@@ -71,7 +72,7 @@ class Compiled:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LLMIRC_CACHE_DIR", Path.home() / ".cache" / "llmirc")) / "triton"
+    return cache_dir("triton")
 
 
 def _request(spec: KernelSpec, arch: str) -> dict:
