@@ -123,10 +123,14 @@ def cli(debug: bool) -> None:
 @click.option("--max-model-len", type=click.IntRange(min=1), default=None,
               help="The bundle's context in tokens (default: what the model states; refused above what its "
                    "config or position tables support).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
+              help="Kernels compiled at once, in processes (default: the CPUs this process may use). Compiled "
+                   "kernels are cached in $LLMIRC_CACHE_DIR (default ~/.cache/llmirc).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output (notes and warnings still show).")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, arch, cpu_variants, dtype,
                 kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, quant_lm_head, quant_method,
-                quant_smooth, calibration, calibration_tokens, report, dequantize, block_size, max_model_len, quiet):
+                quant_smooth, calibration, calibration_tokens, report, dequantize, block_size, max_model_len, jobs,
+                quiet):
     """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle."""
     try:
         from llmirc.driver import CompileOptions, Progress, compile_model
@@ -146,7 +150,7 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
                              quant_lm_head=quant_lm_head, quant_method=quant_method, quant_smooth=quant_smooth,
                              calibration=calibration,
                              calibration_tokens=calibration_tokens, dequantize=dequantize, block_size=block_size,
-                             max_model_len=max_model_len)
+                             max_model_len=max_model_len, jobs=jobs)
     compile_model(model, output, options, Progress(None if quiet else sys.stderr, notes=sys.stderr))
 
 

@@ -45,7 +45,7 @@ class CompileOptions:
     report: bool = False                # print what the passes did
     cpu_variants: tuple[str, ...] = ("native", "baseline")
     archs: tuple[str, ...] = ()         # GPU architectures (sm_80, sm_90, gfx90a, gfx942); () = each target's defaults
-    jobs: int | None = None             # parallel kernel compilations (GPU targets); None = the usable CPUs
+    jobs: int | None = None             # kernel compilations at once (processes); None = the usable CPUs
     dtype: str = "auto"                 # weights of linear/embedding ops: auto (the checkpoint's), float32, ...
     kv_cache_dtype: str = "auto"        # the paged KV pool: auto (half for half or pre-quantized weights), float32, ..., int8
     quant: str = "none"                 # none, int8, int4: quantize linear weights (quantize-weights)
@@ -184,8 +184,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     if options.kv_cache_dtype != "auto":
         kv_type(options.kv_cache_dtype, "--kv-cache-dtype")
     quantize = next((p for p in parse_passes(options.required()) if isinstance(p, QuantizeWeights)), None)
-    if quantize is not None:
-        quantize.check()
+    if quantize is not None:  # (the flags made it: errors name them)
+        quantize.check({"group-size": "--quant-group-size", "keep": "--quant-keep"})
     if out is not None:
         removed, unknown = remove_stale_temporaries(out)
         if removed:

@@ -128,9 +128,8 @@ class QuantizeWeights(ModulePass):
         """The scheme for a weight of k inputs (option values checked here)."""
         if self.bits not in (4, 8):
             raise LlmircError(f"{self.name}: bits must be 8 or 4, got {self.bits}")
+        self._check_group_size(f"{self.name}: group-size")
         group = self.group_size or (k if self.bits == 8 else 32)
-        if self.group_size and not (16 <= group <= 512 and group & (group - 1) == 0):
-            raise LlmircError(f"{self.name}: group-size must be a power of two from 16 to 512, got {group}")
         scale = self.scale_dtype
         if scale == "auto":
             scale = "float32" if group == k else "float16"
@@ -155,19 +154,31 @@ class QuantizeWeights(ModulePass):
         level float or int8 ("" for an item without `=`: float); none for `none`."""
         return [(item, *item.partition("=")[::2]) for item in self.keep if item != "none"]
 
-    def check(self) -> None:
-        """Raises LlmircError for a bad option value (before anything is read or changed)."""
+    def _check_group_size(self, label: str) -> None:
+        g = self.group_size
+        if g and not (16 <= g <= 512 and g & (g - 1) == 0):
+            raise LlmircError(f"{label} {g}: must be a power of two from 16 to 512")
+
+    def check(self, labels: dict[str, str] | None = None) -> None:
+        """Raises LlmircError for a bad option value (before anything is read or changed).
+        `labels`: what to call an option in the message, by its name (the CLI's flag for the ones
+        it sets: {"group-size": "--quant-group-size", "keep": "--quant-keep"}); by default
+        `quantize-weights: group-size`."""
+        def label(option: str) -> str:
+            return (labels or {}).get(option, f"{self.name}: {option}")
+
+        self._check_group_size(label("group-size"))
         self.scheme(64), self.head_scheme(64)
         if "none" in self.keep and len(self.keep) > 1:
-            raise LlmircError(f"{self.name}: keep none (quantize everything) cannot go with other items: "
-                              f"{','.join(self.keep)}")
+            raise LlmircError(f"{label('keep')} {','.join(self.keep)}: none (quantize everything) cannot go with "
+                              "other items")
         for item in self.keep:
             what, sep, level = item.partition("=")
             if not what:
-                raise LlmircError(f"{self.name}: keep {item!r}: no name before '=' (embedding, lm_head or a glob "
+                raise LlmircError(f"{label('keep')} {item!r}: no name before '=' (embedding, lm_head or a glob "
                                   "pattern)")
             if sep and level not in ("float", "int8"):
-                raise LlmircError(f"{self.name}: keep {item!r}: the precision kept is float or int8")
+                raise LlmircError(f"{label('keep')} {item!r}: the precision kept is float or int8")
 
     def calibration(self, ctx: Context):
         """The calibration GPTQ reads (None for round to nearest)."""

@@ -355,12 +355,17 @@ BAD_OPTIONS = {
     "calibration-device": (["--quant", "int8", "--quant-smooth", "0.5", "--calibration", "/dev/null"],
                            ["--calibration /dev/null", "not a regular file"]),
     "quant-keep-level": (["--quant", "int4", "--quant-keep", "embedding,*.down_proj.*=int2"],
-                         ["keep '*.down_proj.*=int2'", "float or int8"]),
+                         ["error: --quant-keep '*.down_proj.*=int2'", "float or int8"]),
     "quant-keep-empty-level": (["--quant", "int4", "--quant-keep", "*.down_proj.*="],
-                               ["keep '*.down_proj.*='", "float or int8"]),
-    "quant-keep-no-name": (["--quant", "int4", "--quant-keep", "embedding,=int8"], ["keep '=int8'", "no name"]),
+                               ["error: --quant-keep '*.down_proj.*='", "float or int8"]),
+    "quant-keep-no-name": (["--quant", "int4", "--quant-keep", "embedding,=int8"],
+                           ["error: --quant-keep '=int8'", "no name"]),
     "quant-keep-none-and-more": (["--quant", "int4", "--quant-keep", "none,*.down_proj.*=int8"],
-                                 ["keep none", "none,*.down_proj.*=int8"]),
+                                 ["error: --quant-keep none,*.down_proj.*=int8: none (quantize everything)"]),
+    "quant-group-size": (["--quant", "int4", "--quant-group-size", "100"],
+                         ["error: --quant-group-size 100: must be a power of two from 16 to 512"]),
+    "pass-group-size": (["--passes", "quantize-weights{bits=4 group-size=100}"],
+                        ["quantize-weights: group-size 100: must be a power of two"]),
 }
 
 
@@ -1314,7 +1319,7 @@ def test_internal_error_trace_on_request(ckpt, tmp_path, how):
 def test_internal_error_in_codegen_leaves_no_bundle(ckpt, bundle, tmp_path):
     out = copy_bundle(bundle, tmp_path)
     before = snapshot(out)
-    r = llmirc_with_bug("import llmirc.targets.cpu.target as t\nt.cached_object = lambda *a: 1 / 0",
+    r = llmirc_with_bug("import llmirc.targets.cpu.target as t\nt.cached_objects = lambda *a: 1 / 0",
                         "compile", ckpt, "-o", out, "-q", "--cpu-variants", "native")
     assert_internal_error(r, "cpu codegen for cpu-")
     assert snapshot(out) == before and leftovers(out) == []

@@ -178,7 +178,7 @@ def test_recompiling_a_model_reads_its_kernels_from_the_cache(monkeypatch, tmp_p
         compile_model(tmp_path / "ckpt", tmp_path / out, CompileOptions(cpu_variants=("baseline",)), Progress(log))
         (target,) = json.loads((tmp_path / out / "manifest.json").read_text())["targets"]
         libraries.append((target["library"], (tmp_path / out / target["library"]).read_bytes()))
-        counts.append(re.search(r"(\d+) objects \((\d+) from the cache\)", log.getvalue()).groups())
+        counts.append(re.search(r"cpu: (\d+) objects \((\d+) from the cache\)", log.getvalue()).groups())
     assert libraries[0] == libraries[1]
     units = len(target["kernels"]) + 1
     assert counts == [(str(units), "0"), (str(units), str(units))]
@@ -225,28 +225,36 @@ def test_invalid_ir_is_rejected():
 
 def test_object_cache(tmp_path):
     """A second compilation of the same IR for the same variant is read from the cache; another
-    variant is not; a damaged entry is compiled again and repaired; a cache that cannot be written
-    costs only the time."""
+    text or variant is not; a damaged entry is compiled again and repaired; a cache that cannot be
+    written costs only the time; objects compiled in worker processes are the same."""
     v, cache = tc.baseline_variant(), tmp_path / "cache"
     text = small_module(v)
-    obj, hit = tc.cached_object(text, v, cache)
-    assert not hit and obj == tc.compile_object(text, v)
-    assert tc.cached_object(text, v, cache) == (obj, True)
-    assert tc.cached_object(small_module(v, "other"), v, cache)[1] is False
+    obj = tc.compile_object(text, v)
+
+    def one(text, variant=v, cache=cache):
+        return tc.cached_objects({"unit": (text, variant)}, cache)["unit"]
+
+    assert one(text) == (obj, False)
+    assert one(text) == (obj, True)
+    assert one(small_module(v, "other"))[1] is False
     if X86:
-        assert tc.cached_object(small_module(tc.host_variant()), tc.host_variant(), cache)[1] is False
-    (entry,) = [p for p in cache.rglob("*") if p.is_file() and tc.hashlib.sha256(p.read_bytes()[32:]).digest()
-                == p.read_bytes()[:32] and p.read_bytes()[32:] == obj]
+        assert one(small_module(tc.host_variant()), tc.host_variant())[1] is False
+    (entry,) = [p for p in cache.rglob("*") if p.is_file() and p.read_bytes()[32:] == obj]
     data = bytearray(entry.read_bytes())
     data[-1] ^= 1
     entry.write_bytes(bytes(data))
-    assert tc.cached_object(text, v, cache) == (obj, False)
-    assert tc.cached_object(text, v, cache) == (obj, True)
+    assert one(text) == (obj, False)
+    assert one(text) == (obj, True)
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
-    assert tc.cached_object(text, v, blocked) == (obj, False)
-    assert tc.cached_object(text, v, None) == (obj, False)
+    assert one(text, cache=blocked) == (obj, False)
+    assert one(text, cache=None) == (obj, False)
     assert not list(cache.rglob(".tmp-*"))
+
+    texts = {name: small_module(v, name) for name in ("p0", "p1", "p2")}
+    pooled = tc.cached_objects({**{n: (t, v) for n, t in texts.items()}, "unit": (text, v)}, tmp_path / "p", jobs=2)
+    assert list(pooled) == ["p0", "p1", "p2", "unit"]
+    assert pooled == {**{n: (tc.compile_object(t, v), False) for n, t in texts.items()}, "unit": (obj, False)}
 
 
 # --- linking

@@ -22,7 +22,7 @@ from . import amx
 from .forward import ABI_VERSION, emit_forward
 from .generic import emit_generic
 from .kernels import emit_kernel
-from .toolchain import (CpuVariant, cached_object, compile_object, emit_assembly, find_linker, link_shared,
+from .toolchain import (CpuVariant, cached_objects, compile_object, emit_assembly, find_linker, link_shared,
                         variants_for)
 
 LIBRARY = "libllmir_model.so"
@@ -95,7 +95,7 @@ class CpuBackend:
     def __init__(self, options):
         self.variant_names = list(options.cpu_variants)
         self.keep_intermediates = options.keep_intermediates
-        self.cache = cache_dir("cpu")
+        self.cache, self.jobs = cache_dir("cpu"), options.jobs
         if not self.variant_names:  # a bundle without a library cannot run anywhere
             raise LlmircError("--cpu-variants: no CPU variant given (choose native and/or baseline)")
         variants = variants_for(self.variant_names)  # unknown variant names fail before the checkpoint is read
@@ -118,30 +118,35 @@ class CpuBackend:
         """Compiles the plan for each variant into `kernels/<target>/`; returns manifest entries.
 
         `path(rel)` gives a writable path inside the bundle being written."""
-        entries = []
-        for variant in variants_for(self.variant_names):
-            name = target_name(variant)
-            progress(f"cpu codegen for {name} ({variant.cpu}, {variant.vector_width} f32 lanes)")
-            with internal_stage(f"cpu codegen for {name}"):
-                start = time.perf_counter()
-                texts = llvm_modules(plan, variant)
-                objects = {unit: cached_object(text, variant, self.cache) for unit, text in texts.items()}
-                linked = link_shared([obj for obj, _ in objects.values()], path(f"kernels/{name}/{LIBRARY}"),
-                                     variant.arch)
-                library = f"kernels/{name}/{library_name(linked.read_bytes())}"
-                linked.rename(path(library))
+        variants = variants_for(self.variant_names)
+        names = [target_name(v) for v in variants]
+        progress("cpu codegen for " + ", ".join(f"{n} ({v.cpu}, {v.vector_width} f32 lanes)"
+                                                for n, v in zip(names, variants)))
+        with internal_stage(f"cpu codegen for {', '.join(names)}"):
+            start = time.perf_counter()
+            texts = {name: llvm_modules(plan, v) for name, v in zip(names, variants)}
+            objects = cached_objects({(name, unit): (text, v) for name, v in zip(names, variants)
+                                      for unit, text in texts[name].items()}, self.cache, self.jobs)
             hits = sum(hit for _, hit in objects.values())
-            progress(f"{name}: {len(objects)} objects ({hits} from the cache); compile time "
+            progress(f"cpu: {len(objects)} objects ({hits} from the cache); compile time "
                      f"{time.perf_counter() - start:.1f}s")
+            libraries = {}
+            for name, v in zip(names, variants):
+                linked = link_shared([objects[name, unit][0] for unit in texts[name]],
+                                     path(f"kernels/{name}/{LIBRARY}"), v.arch)
+                libraries[name] = f"kernels/{name}/{library_name(linked.read_bytes())}"
+                linked.rename(path(libraries[name]))
+        entries = []
+        for name, variant in zip(names, variants):
             if self.keep_intermediates:
-                for unit, text in texts.items():
+                for unit, text in texts[name].items():
                     path(f"kernels/{name}/{unit}.ll").write_text(text)
                     path(f"kernels/{name}/{unit}.s").write_text(emit_assembly(text, variant))
-                    path(f"kernels/{name}/{unit}.o").write_bytes(objects[unit][0])
+                    path(f"kernels/{name}/{unit}.o").write_bytes(objects[name, unit][0])
             entries.append({
                 "name": name, "kind": "cpu", "arch": variant.arch, "cpu": variant.cpu,
                 "features": list(variant.required_flags), "vector_width": variant.vector_width,
-                "library": library, "abi_version": ABI_VERSION, "entry": "llmir_forward",
+                "library": libraries[name], "abi_version": ABI_VERSION, "entry": "llmir_forward",
                 "kernels": [{"symbol": s, "kind": c.kind, "params": c.params} for s, c in plan.kernels().items()],
             })
         return entries

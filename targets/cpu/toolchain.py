@@ -25,7 +25,9 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import llvmlite
@@ -35,7 +37,7 @@ from llmirc.errors import LlmircError
 
 __all__ = [
     "CpuVariant", "host_variant", "baseline_variant", "variants_for", "known_variant_names",
-    "compile_object", "cached_object", "emit_assembly", "optimized_ir", "link_shared", "find_linker",
+    "compile_object", "cached_objects", "emit_assembly", "optimized_ir", "link_shared", "find_linker",
 ]
 
 
@@ -245,32 +247,56 @@ def compile_object(llvm_ir: str, variant: CpuVariant, opt_level: int = 3, extra:
 CACHE_FORMAT = 1  # part of every object cache key: bump when _optimized_module changes what it emits
 
 
-def cached_object(llvm_ir: str, variant: CpuVariant, cache: Path | None, extra: tuple[str, ...] = ()) -> tuple[bytes, bool]:
-    """compile_object at -O3 through a disk cache; returns (object, whether it came from the cache).
+def cached_objects(units: dict, cache: Path | None, jobs: int | None = None) -> dict:
+    """compile_object (-O3) of each unit, {key: (LLVM IR text, CpuVariant)}, through a disk cache;
+    returns {key: (object, whether it came from the cache)}. Units not in the cache compile `jobs`
+    processes at a time (default: the CPUs this process may use; 1 compiles here).
 
-    The key is the sha256 of the IR texts, the variant (triple, cpu, features), CACHE_FORMAT and
-    the llvmlite and LLVM versions: an entry is the object those inputs compile to. An entry is
+    An entry's key is the sha256 of the text, the variant (triple, cpu, features), CACHE_FORMAT
+    and the llvmlite and LLVM versions: it holds the object those inputs compile to. An entry is
     the object's sha256 then the object, written to a temporary file renamed into place, so a
     reader never sees half of one; an entry whose digest does not match is compiled again. A
-    cache that cannot be read or written costs only the compilation. `cache` None: no cache."""
+    cache that cannot be read or written costs only the compilation. `cache` None: no cache.
+    Raises RuntimeError for IR that LLVM rejects (a bug in llmirc)."""
+    entries = {key: _cache_entry(cache, *unit) for key, unit in units.items()}
+    out = {key: (obj, True) for key, entry in entries.items() if (obj := _read_entry(entry)) is not None}
+    missing = [key for key in units if key not in out]
+    jobs = max(1, min(jobs or len(os.sched_getaffinity(0)), len(missing)))
+    if jobs == 1:
+        objects = [compile_object(*units[key]) for key in missing]
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            objects = list(pool.map(compile_object, *zip(*(units[key] for key in missing))))
+    for key, obj in zip(missing, objects):
+        _write_entry(entries[key], obj)
+        out[key] = (obj, False)
+    return {key: out[key] for key in units}
+
+
+def _cache_entry(cache: Path | None, text: str, variant: CpuVariant) -> Path | None:
     if cache is None:
-        return compile_object(llvm_ir, variant, extra=extra), False
-    key = hashlib.sha256(json.dumps([CACHE_FORMAT, llvmlite.__version__,
-                                     list(llvm.llvm_version_info), variant.triple, variant.cpu, variant.features,
-                                     llvm_ir, list(extra)]).encode()).hexdigest()
-    entry = cache / key[:2] / key
+        return None
+    key = hashlib.sha256(json.dumps([CACHE_FORMAT, llvmlite.__version__, list(llvm.llvm_version_info),
+                                     variant.triple, variant.cpu, variant.features, text]).encode()).hexdigest()
+    return cache / key[:2] / key
+
+
+def _read_entry(entry: Path | None) -> bytes | None:
     try:
-        data = entry.read_bytes()
-        if hashlib.sha256(data[32:]).digest() == data[:32]:
-            return data[32:], True
+        data = entry.read_bytes() if entry is not None else b""
     except OSError:
-        pass
-    obj = compile_object(llvm_ir, variant, extra=extra)
+        return None
+    return data[32:] if len(data) > 32 and hashlib.sha256(data[32:]).digest() == data[:32] else None
+
+
+def _write_entry(entry: Path | None, obj: bytes) -> None:
+    if entry is None:
+        return
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-")
     except OSError:
-        return obj, False
+        return
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(hashlib.sha256(obj).digest() + obj)
@@ -278,7 +304,6 @@ def cached_object(llvm_ir: str, variant: CpuVariant, cache: Path | None, extra: 
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-    return obj, False
 
 
 def emit_assembly(llvm_ir: str, variant: CpuVariant, opt_level: int = 3, extra: tuple[str, ...] = ()) -> str:
