@@ -7,6 +7,7 @@ any step fails).
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 import time
 from collections import Counter
@@ -193,6 +194,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         if unknown:
             progress.note(f"{_listed_names(unknown)} next to {out} may be left by a killed compile (on another "
                           "host or by an older llmirc): remove it unless a compile is still writing it")
+    size = os.path.getsize(model) if os.path.isfile(model) else 0  # (errors are the front end's to report)
+    if size >= 16 << 20:  # a big file (GGUF, ONNX) takes seconds to parse
+        progress(f"reading {Path(model).name} ({size / 2**20:.0f} MiB)")
     with stage("front end"):
         source = open_source(model, dequantize=options.dequantize)
     if out is not None:

@@ -283,6 +283,21 @@ def test_bad_files_are_refused_with_one_line(tmp_path, good_file):
     assert "'blk.0.attn_norm.weight' is Q8_0-quantized, which llmirc keeps for matrices only" in _open_error(vector)
 
 
+def test_a_big_file_is_announced_before_it_is_parsed(tmp_path):
+    """Parsing a file of tens of MiB takes seconds (the gguf reader): compile says so first."""
+    from io import StringIO
+
+    from llmirc.driver import CompileOptions, Progress, compile_model
+
+    big = tmp_path / "big.gguf"
+    big.write_bytes(b"GGUF" + bytes(16 << 20))
+    log = StringIO()
+    with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+        compile_model(big, tmp_path / "m.llmir", CompileOptions(), Progress(log))
+    assert log.getvalue().splitlines()[-1].endswith("] reading big.gguf (16 MiB)"), log.getvalue()
+    assert not (tmp_path / "m.llmir").exists()
+
+
 def test_metadata_errors_name_the_key(tmp_path):
     model = make_checkpoint(tmp_path / "ckpt", "llama")
     path = write_gguf(model, tmp_path / "m.gguf")
