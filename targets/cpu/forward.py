@@ -17,7 +17,6 @@ from llmirc import dtypes
 from llmirc.targets.plan import ABI_INPUTS, ABI_VERSION, DIMS, Dim, Meta, Plan, Ref
 from llmirc.targets.signatures import signature
 
-
 I64 = ir.IntType(64)
 I8 = ir.IntType(8)
 PTR = ir.PointerType()

@@ -1,6 +1,8 @@
-"""The CPU backend: plan -> LLVM IR (llvmlite) -> object -> shared library, per CPU variant.
+"""The CPU backend: plan -> LLVM IR (llvmlite) -> objects -> shared library, per CPU variant.
 
 Stages, in order, each kept on request (`--keep-intermediates`): `llvm-ir`, `asm`, `obj`, `so`.
+Each plan kernel is a module of its own, and so are `llmir_forward` and the AMX micro-kernels:
+one object each, compiled through the object cache (toolchain.cached_objects), in parallel.
 A bundle carries a library for the host CPU (`native`) and one for a portable baseline, so it
 still loads on an older CPU of the same architecture.
 """
@@ -16,7 +18,7 @@ from llvmlite import ir
 
 from llmirc.cache import cache_dir
 from llmirc.errors import LlmircError, stage as internal_stage
-from llmirc.targets.plan import Plan
+from llmirc.targets.plan import KernelCall, Plan
 
 from . import amx
 from .forward import ABI_VERSION, emit_forward
@@ -38,7 +40,7 @@ def library_name(data: bytes) -> str:
     return f"{LIBRARY.removesuffix('.so')}-{hashlib.sha256(data).hexdigest()[:16]}.so"
 
 
-def kernel_module(symbol: str, call, variant: CpuVariant) -> ir.Module:
+def kernel_module(symbol: str, call: KernelCall, variant: CpuVariant) -> ir.Module:
     """One plan kernel, specialized for its params, as external function `symbol` in a module of
     its own: the unit of compilation and of the object cache."""
     module = ir.Module(name=symbol)

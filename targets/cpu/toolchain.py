@@ -8,6 +8,9 @@ must have to run a variant's code; the loader checks them before choosing a libr
 ARMv8.2's FEAT_DotProd: Neoverse N1, Cortex-A76 and later, Apple M1) compile for 64-bit Arm
 Linux from any host: linking them needs the cross compiler `aarch64-linux-gnu-gcc`.
 
+Objects go through a disk cache (`cached_objects`: keyed by the IR text, the variant and the
+LLVM version) and compile in spawned processes when several are missing.
+
 Optimization uses llvmlite's new pass manager (the default O3 pipeline, with loop and SLP
 vectorization on) on a target machine for the variant, so the cost model and instruction
 selection match the cpu. Linking uses the system C compiler driver (`cc`), which also compiles the
