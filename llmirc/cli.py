@@ -124,8 +124,9 @@ def cli(debug: bool) -> None:
               help="The bundle's context in tokens (default: what the model states; refused above what its "
                    "config or position tables support).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
-              help="Kernels compiled at once, in processes (default: the CPUs this process may use). Compiled "
-                   "kernels are cached in $LLMIRC_CACHE_DIR (default ~/.cache/llmirc).")
+              help="Kernels compiled at once, in processes (default and most: the CPUs this process may use). "
+                   "Compiled kernels are cached in $LLMIRC_CACHE_DIR (default $XDG_CACHE_HOME/llmirc, "
+                   "~/.cache/llmirc).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output (notes and warnings still show).")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, arch, cpu_variants, dtype,
                 kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, quant_lm_head, quant_method,
@@ -136,6 +137,8 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
         from llmirc.driver import CompileOptions, Progress, compile_model
     except ImportError as e:
         _fail(f"the compiler is not installed ({e.name} missing): pip install 'llmirc[compiler]'")
+    if not quant_keep.replace(",", "").strip():
+        raise LlmircError(f"--quant-keep {quant_keep!r}: nothing named (none alone quantizes everything)")
     _warn_unused_quant_options(quant, quant_keep)
     if dequantize and not (Path(model).suffix == ".gguf" and Path(model).is_file()):
         click.echo("warning: --dequantize has no effect: it expands a GGUF file's quantized blocks", err=True)

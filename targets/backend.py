@@ -9,7 +9,8 @@ A backend takes the target-independent plan (targets/plan.py) and:
 * `check(plan)`: refuses, with a one-line LlmircError, a plan it cannot compile;
 * `build(plan, path, progress)`: writes its binaries under `kernels/<target name>/` and returns the
   manifest entries of the targets it built (one per CPU variant or GPU architecture), each with a
-  `kind` the loader picks an executor by, and its launch metadata.
+  `kind` the loader picks an executor by, and its launch metadata. `progress` is the compile's
+  driver.Progress: called with a progress line; `progress.note(...)` for what the user should know.
 
 The driver names no target: it asks `backend(kind, options)` for each requested one.
 """
@@ -43,7 +44,7 @@ class Backend(Protocol):
 
     def emit(self, plan: Plan, stage: str) -> str: ...
 
-    def build(self, plan: Plan, path: Callable[[str], Path], progress: Callable[[str], None]) -> list[dict]: ...
+    def build(self, plan: Plan, path: Callable[[str], Path], progress) -> list[dict]: ...
 
 
 def backend(kind: str, options) -> Backend:

@@ -8,7 +8,9 @@ import json
 import platform
 import re
 import shutil
+import subprocess
 from io import StringIO
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,6 +184,80 @@ def test_recompiling_a_model_reads_its_kernels_from_the_cache(monkeypatch, tmp_p
     assert libraries[0] == libraries[1]
     units = len(target["kernels"]) + 1
     assert counts == [(str(units), "0"), (str(units), str(units))]
+
+
+def test_emit_and_intermediates_are_one_module_per_library(monkeypatch, tmp_path):
+    """--emit llvm-ir parses as one module and --emit asm assembles (the units linked into one);
+    --keep-intermediates stores both and every object; a cache that cannot be written is noted."""
+    from helpers import make_checkpoint
+    from llmirc.driver import CompileOptions, Progress, compile_model
+
+    make_checkpoint(tmp_path / "ckpt", "llama")
+    options = CompileOptions(cpu_variants=("native",), jobs=1)
+    for stage in ("llvm-ir", "asm"):
+        out = StringIO()
+        compile_model(tmp_path / "ckpt", None, dataclasses.replace(options, emit=stage), Progress(None), stdout=out)
+        if stage == "llvm-ir":
+            assert tc.llvm.parse_assembly(out.getvalue()).get_function("llmir_forward")
+        else:
+            (tmp_path / "m.s").write_text(out.getvalue())
+            r = subprocess.run([tc.find_linker(), "-c", str(tmp_path / "m.s"), "-o", str(tmp_path / "m.o")],
+                               capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[:2000]
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("LLMIRC_CACHE_DIR", str(blocked))
+    log = StringIO()
+    compile_model(tmp_path / "ckpt", tmp_path / "k.llmir", dataclasses.replace(options, keep_intermediates=True),
+                  Progress(log))
+    (target,) = json.loads((tmp_path / "k.llmir" / "manifest.json").read_text())["targets"]
+    folder = tmp_path / "k.llmir" / "kernels" / target["name"]
+    assert (folder / "model.ll").stat().st_size and (folder / "model.s").stat().st_size
+    assert sorted(p.stem for p in (folder / "obj").iterdir()) == sorted([k["symbol"] for k in target["kernels"]]
+                                                                         + ["llmir_forward"])
+    assert log.getvalue().count(f"note: the kernel cache {blocked}/cpu cannot be written") == 1, log.getvalue()
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_compile_workers_die_with_the_compile(tmp_path):
+    """A compile killed with SIGKILL (or by the out-of-memory killer) leaves no worker behind."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from helpers import make_checkpoint
+
+    make_checkpoint(tmp_path / "ckpt", "llama")
+    env = dict(os.environ, LLMIRC_CACHE_DIR=str(tmp_path / "cache"))
+    cli = "import sys; from llmirc.cli import main; sys.argv = ['llmirc', *sys.argv[1:]]; main()"
+    proc = subprocess.Popen([sys.executable, "-c", cli, "compile", str(tmp_path / "ckpt"), "-o",
+                             str(tmp_path / "m.llmir"), "-j", "2", "-q"], env=env, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        out = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == proc.pid:
+                    out.append(int(stat.parent.name))
+            except (OSError, ValueError, IndexError):
+                pass
+        return out
+
+    deadline = time.monotonic() + 120
+    while len(workers := children()) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if len(workers) < 2:
+        proc.kill()
+        pytest.skip("the compile ended before its workers were seen")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while (alive := [p for p in workers if Path(f"/proc/{p}").exists()]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in alive:  # (not left running when this fails)
+        os.kill(pid, signal.SIGKILL)
+    assert not alive
 
 
 def test_cross_linking_needs_the_cross_compiler(monkeypatch, tmp_path):

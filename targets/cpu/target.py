@@ -24,7 +24,7 @@ from . import amx
 from .forward import ABI_VERSION, emit_forward
 from .generic import emit_generic
 from .kernels import emit_kernel
-from .toolchain import (CpuVariant, cached_objects, compile_object, emit_assembly, find_linker, link_shared,
+from .toolchain import (CpuVariant, cached_objects, compile_object, find_linker, link_shared, linked_module,
                         variants_for)
 
 LIBRARY = "libllmir_model.so"
@@ -74,6 +74,12 @@ def llvm_modules(plan: Plan, variant: CpuVariant) -> dict[str, str]:
     return texts
 
 
+def library_text(texts: dict[str, str], variant: CpuVariant, stage: str) -> str:
+    """`llvm-ir` (as generated) or `asm` (as compiled) of a library's units, linked into one module."""
+    tm, module = linked_module(list(texts.values()), variant, optimized=stage == "asm")
+    return str(module) if stage == "llvm-ir" else tm.emit_assembly(module)
+
+
 def extra_modules(module: ir.Module, variant: CpuVariant) -> tuple[str, ...]:
     """LLVM IR texts the module's kernels call into (the AMX micro-kernels)."""
     return (amx.module_text(variant.triple, int8=amx.int8_used_by(module)),) if amx.used_by(module) else ()
@@ -109,14 +115,12 @@ class CpuBackend:
         """Nothing to check against the plan: the variants and linkers were checked at construction."""
 
     def emit(self, plan: Plan, stage: str) -> str:
-        """The text of `llvm-ir` or `asm` of every unit for the first variant (the host's by default)."""
+        """The text of `llvm-ir` or `asm` for the first variant (the host's by default)."""
         variant = variants_for(self.variant_names)[0]
         with internal_stage(f"cpu codegen for {target_name(variant)}"):
-            texts = llvm_modules(plan, variant)
-            return "\n".join(f"; {unit}\n" + (text if stage == "llvm-ir" else emit_assembly(text, variant))
-                             for unit, text in texts.items())
+            return library_text(llvm_modules(plan, variant), variant, stage)
 
-    def build(self, plan: Plan, path: Callable[[str], Path], progress: Callable[[str], None]) -> list[dict]:
+    def build(self, plan: Plan, path: Callable[[str], Path], progress) -> list[dict]:
         """Compiles the plan for each variant into `kernels/<target>/`; returns manifest entries.
 
         `path(rel)` gives a writable path inside the bundle being written."""
@@ -128,9 +132,9 @@ class CpuBackend:
             start = time.perf_counter()
             texts = {name: llvm_modules(plan, v) for name, v in zip(names, variants)}
             objects = cached_objects({(name, unit): (text, v) for name, v in zip(names, variants)
-                                      for unit, text in texts[name].items()}, self.cache, self.jobs)
+                                      for unit, text in texts[name].items()}, self.cache, self.jobs, progress.note)
             hits = sum(hit for _, hit in objects.values())
-            progress(f"cpu: {len(objects)} objects ({hits} from the cache); compile time "
+            progress(f"cpu: {len(objects)} objects ({hits} from the cache); codegen "
                      f"{time.perf_counter() - start:.1f}s")
             libraries = {}
             for name, v in zip(names, variants):
@@ -138,13 +142,15 @@ class CpuBackend:
                                      path(f"kernels/{name}/{LIBRARY}"), v.arch)
                 libraries[name] = f"kernels/{name}/{library_name(linked.read_bytes())}"
                 linked.rename(path(libraries[name]))
+            if self.keep_intermediates:
+                progress("cpu: writing the intermediates (LLVM IR and assembly of each library, the objects)")
+                for name, v in zip(names, variants):
+                    for stage, suffix in (("llvm-ir", "ll"), ("asm", "s")):
+                        path(f"kernels/{name}/model.{suffix}").write_text(library_text(texts[name], v, stage))
+                    for unit in texts[name]:
+                        path(f"kernels/{name}/obj/{unit}.o").write_bytes(objects[name, unit][0])
         entries = []
         for name, variant in zip(names, variants):
-            if self.keep_intermediates:
-                for unit, text in texts[name].items():
-                    path(f"kernels/{name}/{unit}.ll").write_text(text)
-                    path(f"kernels/{name}/{unit}.s").write_text(emit_assembly(text, variant))
-                    path(f"kernels/{name}/{unit}.o").write_bytes(objects[name, unit][0])
             entries.append({
                 "name": name, "kind": "cpu", "arch": variant.arch, "cpu": variant.cpu,
                 "features": list(variant.required_flags), "vector_width": variant.vector_width,

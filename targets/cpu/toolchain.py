@@ -8,8 +8,8 @@ must have to run a variant's code; the loader checks them before choosing a libr
 ARMv8.2's FEAT_DotProd: Neoverse N1, Cortex-A76 and later, Apple M1) compile for 64-bit Arm
 Linux from any host: linking them needs the cross compiler `aarch64-linux-gnu-gcc`.
 
-Objects go through a disk cache (`cached_objects`: keyed by the IR text, the variant and the
-LLVM version) and compile in spawned processes when several are missing.
+Objects go through a disk cache (`cached_objects`: keyed by the IR text, the variant, this file
+and the LLVM version) and compile in spawned processes when several are missing.
 
 Optimization uses llvmlite's new pass manager (the default O3 pipeline, with loop and SLP
 vectorization on) on a target machine for the variant, so the cost model and instruction
@@ -28,15 +28,16 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import llvmlite
 import llvmlite.binding as llvm
 
 from llmirc.errors import LlmircError
+from llmirc.targets.workers import worker_count, worker_pool
 
 __all__ = [
     "CpuVariant", "host_variant", "baseline_variant", "variants_for", "known_variant_names",
@@ -247,39 +248,51 @@ def compile_object(llvm_ir: str, variant: CpuVariant, opt_level: int = 3, extra:
     return tm.emit_object(mod)
 
 
-CACHE_FORMAT = 1  # part of every object cache key: bump when _optimized_module changes what it emits
+_PIPELINE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # what compile_object does to IR
 
 
-def cached_objects(units: dict, cache: Path | None, jobs: int | None = None) -> dict:
+def cached_objects(units: dict, cache: Path | None, jobs: int | None = None,
+                   warn: Callable[[str], None] = lambda message: None) -> dict:
     """compile_object (-O3) of each unit, {key: (LLVM IR text, CpuVariant)}, through a disk cache;
     returns {key: (object, whether it came from the cache)}. Units not in the cache compile `jobs`
-    processes at a time (default: the CPUs this process may use; 1 compiles here).
+    processes at a time (default and most: the usable CPUs; targets/workers.py), each stored as
+    soon as it is compiled, so an interrupted compile keeps what it finished.
 
-    An entry's key is the sha256 of the text, the variant (triple, cpu, features), CACHE_FORMAT
-    and the llvmlite and LLVM versions: it holds the object those inputs compile to. An entry is
-    the object's sha256 then the object, written to a temporary file renamed into place, so a
-    reader never sees half of one; an entry whose digest does not match is compiled again. A
-    cache that cannot be read or written costs only the compilation. `cache` None: no cache.
-    Raises RuntimeError for IR that LLVM rejects (a bug in llmirc)."""
+    An entry's key is the sha256 of the text, the variant (triple, cpu, features), this file (its
+    optimization pipeline) and the llvmlite and LLVM versions: it holds the object those inputs
+    compile to. An entry is the object's sha256 then the object, written to a temporary file
+    renamed into place, so a reader never sees half of one; an entry whose digest does not match
+    is compiled again. A cache that cannot be written costs only the compilation (`warn` is told
+    why, once). `cache` None: no cache. Raises RuntimeError for IR that LLVM rejects (a bug in
+    llmirc)."""
     entries = {key: _cache_entry(cache, *unit) for key, unit in units.items()}
     out = {key: (obj, True) for key, entry in entries.items() if (obj := _read_entry(entry)) is not None}
     missing = [key for key in units if key not in out]
-    jobs = max(1, min(jobs or len(os.sched_getaffinity(0)), len(missing)))
-    if jobs == 1:
-        objects = [compile_object(*units[key]) for key in missing]
-    else:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            objects = list(pool.map(compile_object, *zip(*(units[key] for key in missing))))
-    for key, obj in zip(missing, objects):
-        _write_entry(entries[key], obj)
+    problems: list[str] = []
+
+    def done(key, obj: bytes) -> None:
         out[key] = (obj, False)
+        problem = _write_entry(entries[key], obj)
+        if problem and not problems:
+            problems.append(problem)
+            warn(f"the kernel cache {cache} cannot be written ({problem}): nothing compiled now is kept")
+
+    workers = worker_count(jobs, len(missing))
+    if workers == 1:
+        for key in missing:
+            done(key, compile_object(*units[key]))
+    else:
+        with worker_pool(workers) as pool:
+            futures = {pool.submit(compile_object, *units[key]): key for key in missing}
+            for future in as_completed(futures):
+                done(futures[future], future.result())
     return {key: out[key] for key in units}
 
 
 def _cache_entry(cache: Path | None, text: str, variant: CpuVariant) -> Path | None:
     if cache is None:
         return None
-    key = hashlib.sha256(json.dumps([CACHE_FORMAT, llvmlite.__version__, list(llvm.llvm_version_info),
+    key = hashlib.sha256(json.dumps([_PIPELINE, llvmlite.__version__, list(llvm.llvm_version_info),
                                      variant.triple, variant.cpu, variant.features, text]).encode()).hexdigest()
     return cache / key[:2] / key
 
@@ -292,21 +305,34 @@ def _read_entry(entry: Path | None) -> bytes | None:
     return data[32:] if len(data) > 32 and hashlib.sha256(data[32:]).digest() == data[:32] else None
 
 
-def _write_entry(entry: Path | None, obj: bytes) -> None:
+def _write_entry(entry: Path | None, obj: bytes) -> str | None:
+    """Stores `obj` at `entry`; returns why it could not (None when it did)."""
     if entry is None:
-        return
+        return None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-")
-    except OSError:
-        return
+    except OSError as e:
+        return e.strerror or str(e)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(hashlib.sha256(obj).digest() + obj)
         os.replace(tmp, entry)
-    except OSError:
+    except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        return e.strerror or str(e)
+    return None
+
+
+def linked_module(texts: list[str], variant: CpuVariant, optimized: bool):
+    """(target machine, one module of all `texts`), each text optimized as compile_object does
+    when `optimized` (then linked: what the objects of the texts hold, for `--emit asm`), else
+    as written (`--emit llvm-ir`)."""
+    modules = [_optimized_module(text, variant, 3 if optimized else 0)[1] for text in texts]
+    for other in modules[1:]:
+        modules[0].link_in(other)
+    return _target_machine(variant, 3), modules[0]
 
 
 def emit_assembly(llvm_ir: str, variant: CpuVariant, opt_level: int = 3, extra: tuple[str, ...] = ()) -> str:

@@ -38,14 +38,13 @@ import re
 import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 from llmirc.cache import cache_dir
 from llmirc.errors import LlmircError
 
+from ..workers import worker_count, worker_pool
 from .arch import get_arch
 from .spec import KernelSpec
 
@@ -85,16 +84,15 @@ def _request(spec: KernelSpec, arch: str) -> dict:
 
 
 def compile_kernels(kernels, *, cache_dir: Path | None = None, jobs: int | None = None) -> list[Compiled]:
-    """Compiles (KernelSpec, arch name) pairs, in order, `jobs` processes at a time (default: the
-    CPUs this process may use). Raises CompileError."""
+    """Compiles (KernelSpec, arch name) pairs, in order, `jobs` processes at a time (default and
+    most: the CPUs this process may use; targets/workers.py). Raises CompileError."""
     requests = [_request(spec, get_arch(arch).name) for spec, arch in kernels]
     if not requests:
         return []
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     keys = [json.dumps(r, sort_keys=True, default=repr) for r in requests]
     unique = dict(zip(keys, requests))
-    jobs = max(1, min(jobs or len(os.sched_getaffinity(0)), len(unique)))
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+    with worker_pool(worker_count(jobs, len(unique)), _worker_init) as pool:
         done = dict(zip(unique, pool.map(_compile_one, unique.values(), [str(cache_dir)] * len(unique))))
     return [done[k] for k in keys]
 
