@@ -184,6 +184,17 @@ def test_recompiling_a_model_reads_its_kernels_from_the_cache(monkeypatch, tmp_p
     assert libraries[0] == libraries[1]
     units = len(target["kernels"]) + 1
     assert counts == [(str(units), "0"), (str(units), str(units))]
+    # An entry with a good digest but a bad object (a bug, or a forged file): the link fails, the
+    # cached units are compiled again, the entry is repaired.
+    entry = max((p for p in (tmp_path / "cache").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    bad = entry.read_bytes()[32:][:1000]
+    entry.write_bytes(tc.hashlib.sha256(bad).digest() + bad)
+    log = StringIO()
+    compile_model(tmp_path / "ckpt", tmp_path / "c.llmir", CompileOptions(cpu_variants=("baseline",)), Progress(log))
+    assert "linking objects from the kernel cache failed" in log.getvalue(), log.getvalue()
+    (target,) = json.loads((tmp_path / "c.llmir" / "manifest.json").read_text())["targets"]
+    assert target["library"] == libraries[0][0]
+    assert len(entry.read_bytes()) > 1032
 
 
 def test_emit_and_intermediates_are_one_module_per_library(monkeypatch, tmp_path):

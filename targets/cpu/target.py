@@ -131,15 +131,26 @@ class CpuBackend:
         with internal_stage(f"cpu codegen for {', '.join(names)}"):
             start = time.perf_counter()
             texts = {name: llvm_modules(plan, v) for name, v in zip(names, variants)}
-            objects = cached_objects({(name, unit): (text, v) for name, v in zip(names, variants)
-                                      for unit, text in texts[name].items()}, self.cache, self.jobs, progress.note)
+            units = {(name, unit): (text, v) for name, v in zip(names, variants) for unit, text in texts[name].items()}
+            objects = cached_objects(units, self.cache, self.jobs, progress.note)
             hits = sum(hit for _, hit in objects.values())
             progress(f"cpu: {len(objects)} objects ({hits} from the cache); codegen "
                      f"{time.perf_counter() - start:.1f}s")
+            def link(name: str, v: CpuVariant) -> Path:
+                return link_shared([objects[name, unit][0] for unit in texts[name]],
+                                   path(f"kernels/{name}/{LIBRARY}"), v.arch)
+
             libraries = {}
             for name, v in zip(names, variants):
-                linked = link_shared([objects[name, unit][0] for unit in texts[name]],
-                                     path(f"kernels/{name}/{LIBRARY}"), v.arch)
+                try:
+                    linked = link(name, v)
+                except LlmircError as e:  # a bad object in the cache (a bug, or a damaged file with a good digest)?
+                    cached = {key: units[key] for key in units if key[0] == name and objects[key][1]}
+                    if not cached:
+                        raise
+                    progress.note(f"{name}: linking objects from the kernel cache failed ({e}); compiling them again")
+                    objects.update(cached_objects(cached, self.cache, self.jobs, progress.note, refresh=True))
+                    linked = link(name, v)
                 libraries[name] = f"kernels/{name}/{library_name(linked.read_bytes())}"
                 linked.rename(path(libraries[name]))
             if self.keep_intermediates:

@@ -252,7 +252,7 @@ _PIPELINE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # what comp
 
 
 def cached_objects(units: dict, cache: Path | None, jobs: int | None = None,
-                   warn: Callable[[str], None] = lambda message: None) -> dict:
+                   warn: Callable[[str], None] = lambda message: None, refresh: bool = False) -> dict:
     """compile_object (-O3) of each unit, {key: (LLVM IR text, CpuVariant)}, through a disk cache;
     returns {key: (object, whether it came from the cache)}. Units not in the cache compile `jobs`
     processes at a time (default and most: the usable CPUs; targets/workers.py), each stored as
@@ -262,11 +262,12 @@ def cached_objects(units: dict, cache: Path | None, jobs: int | None = None,
     optimization pipeline) and the llvmlite and LLVM versions: it holds the object those inputs
     compile to. An entry is the object's sha256 then the object, written to a temporary file
     renamed into place, so a reader never sees half of one; an entry whose digest does not match
-    is compiled again. A cache that cannot be written costs only the compilation (`warn` is told
-    why, once). `cache` None: no cache. Raises RuntimeError for IR that LLVM rejects (a bug in
-    llmirc)."""
+    is compiled again; `refresh` compiles and stores every unit whatever the cache holds. A cache
+    that cannot be written costs only the compilation (`warn` is told why, once). `cache` None: no
+    cache. Raises RuntimeError for IR that LLVM rejects (a bug in llmirc)."""
     entries = {key: _cache_entry(cache, *unit) for key, unit in units.items()}
-    out = {key: (obj, True) for key, entry in entries.items() if (obj := _read_entry(entry)) is not None}
+    out = {} if refresh else {key: (obj, True) for key, entry in entries.items()
+                              if (obj := _read_entry(entry)) is not None}
     missing = [key for key in units if key not in out]
     problems: list[str] = []
 
