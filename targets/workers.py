@@ -27,7 +27,8 @@ def usable_cpus() -> int:
 def worker_count(jobs: int | None, tasks: int) -> int:
     """Workers for `tasks` tasks: `jobs` (default: the usable CPUs), at most one per usable CPU and
     per task, at least 1."""
-    return max(1, min(jobs or usable_cpus(), usable_cpus(), tasks))
+    usable = usable_cpus()
+    return max(1, min(jobs or usable, usable, tasks))
 
 
 def worker_pool(workers: int, initializer: Callable[[], None] | None = None) -> ProcessPoolExecutor:

@@ -527,7 +527,7 @@ def test_qlinear_amx_compiles_for_sapphire_rapids():
         QK.emit_quant_kernel(module, "qlinear", f"q_{name}", dict(
             n=n, k=k, bits=s.bits, group_size=s.group_size, scale_dtype=s.scale_dtype, zero=s.zero,
             zero_dtype=s.zero_dtype, act_order=s.act_order), spr)
-    asm = tc.emit_assembly(str(module), spr, extra=extra_modules(module, spr))
+    asm = tc.emit_assembly(str(module), spr, extra=extra_modules([module], spr))
     assert "tdpbssd" in asm and "tdpbusd" in asm
 
 

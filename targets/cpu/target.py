@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from llvmlite import ir
@@ -69,8 +69,8 @@ def llvm_modules(plan: Plan, variant: CpuVariant) -> dict[str, str]:
     kernels = {symbol: kernel_module(symbol, call, variant) for symbol, call in plan.kernels().items()}
     texts = {symbol: str(module) for symbol, module in kernels.items()}
     texts["llmir_forward"] = str(forward_module(plan, variant, kernels))
-    if any(amx.used_by(k) for k in kernels.values()):
-        texts["llmir_amx"] = amx.module_text(variant.triple, int8=any(amx.int8_used_by(k) for k in kernels.values()))
+    for text in extra_modules(kernels.values(), variant):
+        texts["llmir_amx"] = text
     return texts
 
 
@@ -80,14 +80,17 @@ def library_text(texts: dict[str, str], variant: CpuVariant, stage: str) -> str:
     return str(module) if stage == "llvm-ir" else tm.emit_assembly(module)
 
 
-def extra_modules(module: ir.Module, variant: CpuVariant) -> tuple[str, ...]:
-    """LLVM IR texts the module's kernels call into (the AMX micro-kernels)."""
-    return (amx.module_text(variant.triple, int8=amx.int8_used_by(module)),) if amx.used_by(module) else ()
+def extra_modules(modules: Iterable[ir.Module], variant: CpuVariant) -> tuple[str, ...]:
+    """LLVM IR texts the modules' kernels call into (the AMX micro-kernels, if any calls them)."""
+    modules = list(modules)
+    if not any(amx.used_by(m) for m in modules):
+        return ()
+    return (amx.module_text(variant.triple, int8=any(amx.int8_used_by(m) for m in modules)),)
 
 
 def compile_module(module: ir.Module, variant: CpuVariant) -> bytes:
     """Object code of a module of kernels, with the LLVM IR texts they call linked in."""
-    return compile_object(str(module), variant, extra=extra_modules(module, variant))
+    return compile_object(str(module), variant, extra=extra_modules([module], variant))
 
 
 def target_name(variant: CpuVariant) -> str:

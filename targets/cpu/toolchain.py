@@ -269,13 +269,14 @@ def cached_objects(units: dict, cache: Path | None, jobs: int | None = None,
     out = {} if refresh else {key: (obj, True) for key, entry in entries.items()
                               if (obj := _read_entry(entry)) is not None}
     missing = [key for key in units if key not in out]
-    problems: list[str] = []
+    warned = False
 
     def done(key, obj: bytes) -> None:
+        nonlocal warned
         out[key] = (obj, False)
         problem = _write_entry(entries[key], obj)
-        if problem and not problems:
-            problems.append(problem)
+        if problem and not warned:
+            warned = True
             warn(f"the kernel cache {cache} cannot be written ({problem}): nothing compiled now is kept")
 
     workers = worker_count(jobs, len(missing))
