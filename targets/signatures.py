@@ -62,7 +62,9 @@ kv_append {num_layers, num_kv_heads, head_dim, block_size, kv_dtype}: pool is
     An int8 pool (p.kv_dtype int8) is followed by float32 scales [num_layers, 2, num_blocks,
     num_kv_heads]: K/V = scale * code. A block's scale is max|value| / 127 over the tokens
     written so far; when a token needs a larger one, the block's codes are requantized to it
-    (rint(code * old / new)). A block whose first token goes to offset 0 starts afresh.
+    (rint(code * old / new)). A block whose first token goes to offset 0 starts afresh. (The CPU
+    does this token by token; the GPU targets once per call for the tokens it writes into a block,
+    so their codes may differ by a step.)
 paged_attention {num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window, kv_dtype, num_layers}:
     for token t of sequence b (query_start_loc[b] <= t < query_start_loc[b+1]), p = positions[t],
     head h, kv head g = h / (num_heads / num_kv_heads): keys j in [lo, hi] with

@@ -312,6 +312,16 @@ def make_batch(rng, seqs, bs, num_layers, G, hd, spare_blocks=3):
     return pool, nb, bt, max_blocks, np.asarray(lens, np.int32), qsl, positions
 
 
+def int8_pool(L, G, hd, bs, nb):
+    """An int8 pool (codes [L, 2, nb, G, bs, hd], then float32 scales [L, 2, nb, G]) as one
+    byte buffer, with numpy views of both parts."""
+    ncodes = L * 2 * nb * G * bs * hd
+    raw = np.zeros(ncodes + L * 2 * nb * G * 4, np.uint8)
+    codes = raw[:ncodes].view(np.int8).reshape(L, 2, nb, G, bs, hd)
+    scales = raw[ncodes:].view(np.float32).reshape(L, 2, nb, G)
+    return raw, codes, scales
+
+
 def ref_attention(q, pool, layer, bt, qsl, positions, H, G, hd, bs, scale, win):
     T = len(positions)
     out = np.zeros((T, H * hd))

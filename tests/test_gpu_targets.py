@@ -151,8 +151,6 @@ def test_gpu_option_errors(llama, tmp_path):
         (("--target", "cpu", "--arch", "sm_90"), "--arch sm_90: no --target here compiles for it"),
         (("--target", "cuda", "--emit", "cubin"), "--emit cubin: not a text stage of the targets given (choose "
                                                   "from mlir, ttir, ttgir, llir, ptx)"),
-        # CPU-only kernels: an int8 KV cache
-        (("--target", "hip", "--kv-cache-dtype", "int8"), "target hip: no GPU kernel for an int8 KV cache"),
     ]:
         r = llmirc("compile", tmp / "ckpt", *args, "-o", tmp_path / "x.llmir", "-q")
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
@@ -235,7 +233,7 @@ def test_launches_point_inside_their_buffers(llama, T, B, L):
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, cache, llama):
     """Bundles of quantized weights with cuda (and hip) entries: --quant int4 (cpu,cuda by the CLI)
-    and int8 (cuda, hip), a GPTQ act-order checkpoint, a GGUF file kept quantized (Q4_1, Q6_K's
+    and int8 (cuda, hip; with an int8 KV cache), a GPTQ act-order checkpoint, a GGUF file kept quantized (Q4_1, Q6_K's
     groups of 16, Q4_K's f32 scales and mins, Q8_0)."""
     from gguf_files import write_gguf
     from test_gptq_awq import write_quantized
@@ -246,7 +244,7 @@ def quantized(tmp_path_factory, cache, llama):
     assert r.returncode == 0, r.stderr
     out["int4"] = (tmp / "int4.llmir", json.loads((tmp / "int4.llmir" / "manifest.json").read_text()))
     out["int8"] = (tmp / "int8.llmir", _compile(llama[0] / "ckpt", tmp / "int8.llmir", targets=("cuda", "hip"),
-                                                archs=("sm_90", "gfx942"), quant="int8")[0])
+                                                archs=("sm_90", "gfx942"), quant="int8", kv_cache_dtype="int8")[0])
     make_checkpoint(tmp / "float", "llama", intermediate_size=576, num_key_value_heads=4)
     write_quantized(tmp / "float", tmp / "gptq", method="gptq", bits=4, group=64, act_order=True)
     out["gptq"] = (tmp / "gptq.llmir", _compile(tmp / "gptq", tmp / "gptq.llmir", targets=("cuda",),
@@ -273,6 +271,13 @@ def test_quantized_weights_compile_for_gpus(quantized, case):
         assert params and all(p["bits"] == (8 if case == "int8" else p["bits"]) for p in params)
         if case == "gptq":
             assert any(p["act_order"] and p["zero"] == "int" for p in params)
+        if case == "int8":  # the int8 KV cache's kernels
+            kv = {k["kind"]: k["params"] for k in t["kernels"] if k["kind"] in ("kv_append", "paged_attention")}
+            assert {p["kv_dtype"] for p in kv.values()} == {"int8"} and kv["paged_attention"]["num_layers"] == 2
+            assert any(b["kernel"] == "kv_append_int8_kernel" for b in t["binaries"].values())
+            if t["arch"] == "sm_90":  # the codes, widened to bf16, go through the tensor cores
+                prefill = [b for b in t["binaries"].values() if b["kernel"] == "paged_attention_prefill_kernel"]
+                assert prefill and "HGMMA" in sass((bundle / prefill[0]["binary"]).read_bytes())
         if case == "gguf":
             kinds = {k["kind"] for k in t["kernels"]}
             assert "qembedding" in kinds and "linear" not in kinds
@@ -523,6 +528,29 @@ def test_gpu_quantized_matches_transformers(tmp_path, cache, case):
     assert rel_rms(got, ref) < 1e-2 and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95, rel_rms(got, ref)
     out = compiled.generate([TOKENS[:12]], max_new_tokens=6, ignore_eos=True)[0]  # the decode (GEMV) variant
     assert out == [int(t) for t in compiled.score(TOKENS[:12] + out[:-1])[11:].argmax(-1)]
+
+
+def test_gpu_int8_kv_cache(tmp_path, cache):
+    """On a GPU: an int8 KV cache (test_quant_models.py's test_int8_kv_cache on the cuda target):
+    logits against transformers, prefill in chunks, decode against scoring the same sequence."""
+    _gpu_or_skip()
+    import numpy as np
+    from test_quant_models import OVERRIDES, TOKENS, rel_rms
+
+    from helpers import hf_logits
+    from llmirc.runtime.model import load
+    model = make_checkpoint(tmp_path / "ckpt", "llama", **OVERRIDES)
+    _compile(tmp_path / "ckpt", tmp_path / "m.llmir", targets=("cuda",), kv_cache_dtype="int8")
+    compiled = load(tmp_path / "m.llmir", max_batched_tokens=13, max_num_seqs=2)
+    assert compiled.executor.kind == "cuda" and compiled.bundle.manifest["kv_cache"]["dtype"] == "int8"
+    seq = TOKENS + TOKENS[::-1]
+    got = compiled.score(seq)
+    ref = hf_logits(model, seq)
+    assert rel_rms(got, ref) < 0.02 and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9, rel_rms(got, ref)
+    prompts = [TOKENS[:5], TOKENS[:23]]
+    for prompt, out in zip(prompts, compiled.generate(prompts, max_new_tokens=20, ignore_eos=True)):
+        step = compiled.score(prompt + out[:-1])
+        assert np.mean(np.array(out) == step[len(prompt) - 1:].argmax(-1)) >= 0.9
 
 
 @pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("qwen2", "float32"), ("mistral", "bfloat16")])

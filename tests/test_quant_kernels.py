@@ -28,7 +28,7 @@ import pytest
 from llvmlite import ir
 
 import aarch64_emulator
-from helpers import one_worker_each
+from helpers import int8_pool, one_worker_each
 from llmirc import dtypes, quant
 from llmirc.quant import Scheme
 from llmirc.targets.cpu import amx
@@ -351,16 +351,6 @@ def test_qembedding(lib, rng, name, T):
 
 
 # --- the int8 KV cache
-
-def int8_pool(L, G, hd, bs, nb):
-    """An int8 pool (codes [L, 2, nb, G, bs, hd], then float32 scales [L, 2, nb, G]) as one
-    byte buffer, with numpy views of both parts."""
-    ncodes = L * 2 * nb * G * bs * hd
-    raw = np.zeros(ncodes + L * 2 * nb * G * 4, np.uint8)
-    codes = raw[:ncodes].view(np.int8).reshape(L, 2, nb, G, bs, hd)
-    scales = raw[ncodes:].view(np.float32).reshape(L, 2, nb, G)
-    return raw, codes, scales
-
 
 @pytest.mark.parametrize("G,hd,bs", [(2, 16, 4), (1, 64, 16)])
 def test_kv_append_int8(lib, rng, G, hd, bs):

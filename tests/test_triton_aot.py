@@ -25,6 +25,7 @@ CALLS = [  # one call of every kind, shapes of a small Llama (head_dim 64, GQA 4
     ("linear", {"n": 384, "k": 256, "w_dtype": "bfloat16", "bias": True, "residual": True}),  # ld_* aligned too
     ("rope", {"num_heads": 4, "head_dim": 64, "inv_freq": INV_FREQ}),
     ("kv_append", {"num_layers": 2, "num_kv_heads": 1, "head_dim": 64, "block_size": 16, "kv_dtype": "bfloat16"}),
+    ("kv_append", {"num_layers": 2, "num_kv_heads": 1, "head_dim": 64, "block_size": 16, "kv_dtype": "int8"}),
     ("rope_kv_append", {"num_heads": 4, "num_kv_heads": 1, "head_dim": 64, "inv_freq": INV_FREQ, "num_layers": 2,
                         "block_size": 16, "kv_dtype": "bfloat16"}),
     ("paged_attention", {"num_heads": 4, "num_kv_heads": 1, "head_dim": 64, "block_size": 16, "scale": 0.125,

@@ -3,7 +3,8 @@ kernel is decorated), with two fixes to Triton 3.9's interpreter so that bfloat1
 GPU: `InterpreterBuilder.create_dot` multiplies bf16 operands as their raw uint16 bits (they are
 widened to float32 first: exact, a bf16 product is exact in f32), and `cast_impl` rounds f32 to
 bf16 toward zero, and its round-to-nearest mode loses the carry into the exponent (the GPU, and
-`.to(tl.bfloat16)`'s default, round to nearest even: done here with integer arithmetic)."""
+`.to(tl.bfloat16)`'s default, round to nearest even: done here with integer arithmetic), and it
+casts integers to bf16 by reinterpreting their bits (here: through f32, exact for int8 codes)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc, _dot=_cre
 
 
 def _cast_impl(self, src, dst_type, _cast=_cast_impl):
+    if dst_type.scalar == tl.bfloat16 and src.dtype.scalar.is_int():  # reinterpreted, not converted
+        src = _cast(self, src, tl.block_type(tl.float32, dst_type.shape) if dst_type.is_block() else tl.float32)
     if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
         bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)

@@ -1,7 +1,8 @@
 """paged_attention {num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window, kv_dtype}.
 
 Semantics and arguments as targets/signatures.py says (shared with the CPU target), the pool
-in `kv_dtype` (float32, bfloat16 or float16), plus one buffer:
+in `kv_dtype` (float32, bfloat16, float16, or int8 codes with float32 scales after them), plus
+one buffer:
 
     (out, ld_out, q, ld_q, pool, num_blocks, layer, block_tables, max_blocks, seq_lens,
      query_start_loc, B, positions, T, attn_workspace)
@@ -11,8 +12,10 @@ packing) for some tokens and streams that kv head's keys through the block table
 BLOCK_N keys (any block_size: each key's block is looked up), with an online softmax in f32
 (exp2, scale folded with log2 e). Scores and P.V are tl.dot: for f32 pools in
 input_precision="ieee"; for bf16/f16 pools q and P are rounded to the pool's dtype (tensor
-cores, f32 accumulation), as a half-precision model computes them. A token with no keys gets
-zeros. head_dim <= 256 (padded to a power of two); any block_size, any HP.
+cores, f32 accumulation), as a half-precision model computes them. An int8 pool's codes
+widen exactly to bf16 and go through the tensor cores with bf16 q: each key's block scale
+multiplies its score column, each value's its column of P before P is rounded (so P.V sums
+P_j * scale_j * code_j). A token with no keys gets zeros. head_dim <= 256 (padded to a power of two); any block_size, any HP.
 
 Two kernels, chosen by the launch rule:
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .rope import _check_int8_pool
 from .spec import Launch, Rule, Variant, add, cdiv, eq, kernel, le, max_, min_, mul, next_pow2
 
 LOG2E = 1.4426950408889634
@@ -60,17 +64,23 @@ def _find_sequence(query_start_loc, B, t):
 @triton.jit
 def _attend(q, ld_q, tok, head, row_ok, pool, num_blocks, layer, g, block_tables_b, k_lo, k_hi, row_lo, row_hi,
             M: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-            BLOCK_N: tl.constexpr, SCALE_LOG2: tl.constexpr, KV_F32: tl.constexpr):
+            BLOCK_N: tl.constexpr, SCALE_LOG2: tl.constexpr, KV_F32: tl.constexpr, NUM_LAYERS: tl.constexpr):
     """(acc [M, D_PAD], max [M], sum [M]): online softmax of M query rows (row r: token tok[r], head
     head[r], keys row_lo[r]..row_hi[r]) over the keys k_lo..k_hi of kv head g, key j read at block
-    block_tables_b[j // BS], slot j % BS of the pool."""
+    block_tables_b[j // BS], slot j % BS of the pool. NUM_LAYERS > 0: an int8 pool (its scales
+    after the codes of NUM_LAYERS layers)."""
     d = tl.arange(0, D_PAD)
     q_mask = row_ok[:, None] & (d[None, :] < D)
     qt = tl.load(q + tok.to(tl.int64)[:, None] * ld_q + head[:, None] * D + d[None, :], mask=q_mask, other=0.0)
-    if not KV_F32:
+    if NUM_LAYERS > 0:
+        qt = qt.to(tl.bfloat16)
+    elif not KV_F32:
         qt = qt.to(pool.dtype.element_ty)
-    V_OFF = num_blocks.to(tl.int64) * G * BS * D  # the V plane
+    nb = num_blocks.to(tl.int64)
+    V_OFF = nb * G * BS * D  # the V plane
     kv = pool + layer.to(tl.int64) * 2 * V_OFF + g * (BS * D)
+    scales = (pool + NUM_LAYERS * 2 * V_OFF).to(tl.pointer_type(tl.float32), bitcast=True)
+    scales += layer.to(tl.int64) * 2 * nb * G + g  # K's scale of block b: scales[b * G]; V's nb * G further
     G_STRIDE: tl.constexpr = G * BS * D
     acc = tl.zeros([M, D_PAD], tl.float32)
     m_i = tl.full([M], float("-inf"), tl.float32)
@@ -82,7 +92,9 @@ def _attend(q, ld_q, tok, head, row_ok, pool, num_blocks, layer, g, block_tables
         rows = kv + blk[:, None] * G_STRIDE + (j % BS)[:, None] * D + d[None, :]
         kv_mask = j_ok[:, None] & (d[None, :] < D)
         k = tl.load(rows, mask=kv_mask, other=0.0)
-        if KV_F32:
+        if NUM_LAYERS > 0:
+            s = tl.dot(qt, tl.trans(k.to(tl.bfloat16))) * tl.load(scales + blk * G, mask=j_ok, other=0.0)[None, :]
+        elif KV_F32:
             s = tl.dot(qt, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(qt, tl.trans(k))
@@ -95,7 +107,10 @@ def _attend(q, ld_q, tok, head, row_ok, pool, num_blocks, layer, g, block_tables
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(rows + V_OFF, mask=kv_mask, other=0.0)
-        if KV_F32:
+        if NUM_LAYERS > 0:
+            p = p * tl.load(scales + (nb + blk) * G, mask=j_ok, other=0.0)[None, :]
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
+        elif KV_F32:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -119,7 +134,7 @@ def paged_attention_decode_kernel(
         positions, T, attn_workspace, num_splits,
         H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
         SCALE_LOG2: tl.constexpr, WINDOW: tl.constexpr, HP: tl.constexpr, HP_PAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, KV_F32: tl.constexpr, DIRECT: tl.constexpr):
+        BLOCK_N: tl.constexpr, KV_F32: tl.constexpr, NUM_LAYERS: tl.constexpr, DIRECT: tl.constexpr):
     t = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
@@ -134,7 +149,8 @@ def paged_attention_decode_kernel(
     tok = tl.zeros([HP_PAD], tl.int32) + t
     acc, m_i, l_i = _attend(q, ld_q, tok, head, r < HP, pool, num_blocks, layer, g,
                             block_tables + b.to(tl.int64) * max_blocks, k_lo, k_hi, tl.zeros([HP_PAD], tl.int32) + k_lo,
-                            tl.zeros([HP_PAD], tl.int32) + k_hi, HP_PAD, G, BS, D, D_PAD, BLOCK_N, SCALE_LOG2, KV_F32)
+                            tl.zeros([HP_PAD], tl.int32) + k_hi, HP_PAD, G, BS, D, D_PAD, BLOCK_N, SCALE_LOG2, KV_F32,
+                            NUM_LAYERS)
     d = tl.arange(0, D_PAD)
     t64 = t.to(tl.int64)
     q_mask = (r[:, None] < HP) & (d[None, :] < D)
@@ -176,7 +192,7 @@ def paged_attention_prefill_kernel(
         positions, T,
         H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
         SCALE_LOG2: tl.constexpr, WINDOW: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KV_F32: tl.constexpr):
+        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KV_F32: tl.constexpr, NUM_LAYERS: tl.constexpr):
     i = tl.program_id(0)
     g = tl.program_id(1)
     # sequence b owns programs [qsl[b] // BLOCK_Q + b, qsl[b + 1] // BLOCK_Q + b + 1)
@@ -205,7 +221,7 @@ def paged_attention_prefill_kernel(
 
         acc, m_i, l_i = _attend(q, ld_q, tok, head, row_ok, pool, num_blocks, layer, g,
                                 block_tables + b.to(tl.int64) * max_blocks, k_lo, k_hi, row_lo, row_hi, BLOCK_M, G, BS,
-                                D, D_PAD, BLOCK_N, SCALE_LOG2, KV_F32)
+                                D, D_PAD, BLOCK_N, SCALE_LOG2, KV_F32, NUM_LAYERS)
         d = tl.arange(0, D_PAD)
         tok64 = tok.to(tl.int64)
         q_mask = row_ok[:, None] & (d[None, :] < D)
@@ -221,9 +237,13 @@ def rule_paged_attention(params, arch, args) -> Rule:
     if d_pad > 256:
         raise ValueError(f"paged_attention: head_dim {d} > 256 is not supported on GPU targets")
     kv_f32 = params["kv_dtype"] == "float32"
+    num_layers = 0
+    if params["kv_dtype"] == "int8":
+        _check_int8_pool(params)
+        num_layers = int(params["num_layers"])
     hp = h // g
     common = {"H": h, "G": g, "D": d, "D_PAD": d_pad, "BS": bs, "SCALE_LOG2": float(params["scale"]) * LOG2E,
-              "WINDOW": int(params["sliding_window"] or 0), "HP": hp, "KV_F32": kv_f32}
+              "WINDOW": int(params["sliding_window"] or 0), "HP": hp, "KV_F32": kv_f32, "NUM_LAYERS": num_layers}
     ws_rows = add("T", -(-4 * arch.num_sms // g))
     ws = {"name": "attn_workspace", "type": "*fp32", "bytes": mul(4 * (d + 2) * h, ws_rows), "zero_init": False}
     # decode: flash-decoding split over the key range, then a reduce (or direct when one split)

@@ -4,7 +4,7 @@ Every kind of targets/signatures.py (static params, named typed arguments and se
 with the CPU target, so one plan drives both), plus the GPU-only fusions declared here the same
 way: add_rms_norm, add_layer_norm (norm.py), rope_kv_append (rope.py), argmax and sample
 (sampling.py). Storage dtypes (`w_dtype`, `dtype`, `kv_dtype`) may be float32, bfloat16 or
-float16.
+float16; a KV pool (kv_append, paged_attention) may also be int8.
 
     rule = launch_rule("linear", {"n": 2048, "k": 2048, "w_dtype": "bfloat16"}, ARCHS["sm_90"])
     rule.kernels()    # {key: KernelSpec} to compile
@@ -20,6 +20,7 @@ from .arch import Arch
 from .spec import Rule
 
 STORAGE = ("float32", "bfloat16", "float16")  # what weights, tables and KV pools may be stored as
+KV_STORAGE = STORAGE + ("int8",)              # and KV pools (codes with a scale per block: rope.py)
 _TRITON = {"f32": "fp32", "f16": "fp16"}      # dtypes' short names that Triton spells otherwise
 
 
@@ -96,8 +97,9 @@ def launch_rule(kind: str, params: dict, arch: Arch, aligned=None) -> Rule:
     sig = signature(kind)
     static = sig.bind_static(params)
     for p in ("dtype", "w_dtype", "kv_dtype"):
-        if p in static and static[p] not in STORAGE:
-            raise ValueError(f"{kind}: {p} {static[p]!r} is not one of {', '.join(STORAGE)}")
+        allowed = KV_STORAGE if p == "kv_dtype" else STORAGE
+        if p in static and static[p] not in allowed:
+            raise ValueError(f"{kind}: {p} {static[p]!r} is not one of {', '.join(allowed)}")
     rule = BUILDERS[kind](static, arch, triton_args(sig, static))
     if aligned is not None:
         rule = rule.with_aligned(aligned)

@@ -26,7 +26,7 @@ from llmirc.targets.plan import ABI_VERSION, Plan, Ref
 
 from .arch import ARCHS, get_arch
 from .compile import BINARY, STAGES, compile_kernels, default_cache_dir
-from .kinds import BUILDERS, launch_rule
+from .kinds import BUILDERS, KV_STORAGE, launch_rule
 
 DEFAULT_ARCHS = {"cuda": ("sm_80", "sm_90"), "hip": ("gfx90a", "gfx942")}
 SAMPLING = ("argmax", "sample")  # kinds run on the logits, outside the plan
@@ -54,9 +54,6 @@ def aligned_args(plan: Plan, symbol: str) -> set[str]:
     return out or set()
 
 
-GPU_KV_DTYPES = ("float32", "bfloat16", "float16")
-
-
 class TritonBackend:
     """A GPU backend (cuda or hip); `--arch` picks the architectures of this backend's kind."""
 
@@ -81,9 +78,9 @@ class TritonBackend:
         missing = sorted({c.kind for c in plan.calls} - set(BUILDERS))
         if missing:
             raise LlmircError(f"target {self.kind}: no GPU kernel for {', '.join(missing)}; compile with --target cpu")
-        if plan.pool.dtype not in GPU_KV_DTYPES:
+        if plan.pool.dtype not in KV_STORAGE:
             raise LlmircError(f"target {self.kind}: no GPU kernel for an {plan.pool.dtype} KV cache (the GPU kernels take "
-                              f"{', '.join(GPU_KV_DTYPES)}); give --kv-cache-dtype auto or compile with --target cpu")
+                              f"{', '.join(KV_STORAGE)}); give --kv-cache-dtype auto or compile with --target cpu")
 
     def rules(self, plan: Plan, arch: str) -> dict:
         """{symbol: Rule} of every plan kernel and of the sampling kinds, for one architecture."""
