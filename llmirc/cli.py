@@ -82,7 +82,8 @@ def cli(debug: bool) -> None:
               help="Paged KV cache type: auto (bfloat16/float16 when the weights are, or were before --quant; "
                    "float16 when linears are quantized, by --quant or by the checkpoint as GGUF/GPTQ/AWQ files are, "
                    "and none is in bfloat16/float16; else float32), "
-                   "float32, bfloat16, float16, int8 (a scale per block, kv head and K/V).")
+                   "float32, bfloat16, float16, int8 (a scale per block, kv head and K/V), "
+                   "fp8 (the same with FP8 E4M3 codes; cuda sm_90 only).")
 @click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="Quantize linear weights: int8 (per output row unless --quant-group-size), int4 (groups of 32 "
                    "unless --quant-group-size); activations are quantized to int8 on the fly.")

@@ -8,7 +8,9 @@ parameters (`f32`, `bf16`, `i64`, `u8`, `bool`: MLIR's element types but for the
 boolean ones, whose MLIR spellings `ui8`/`i1` would clash with NumPy's `i1`); `safetensors` is the
 safetensors header's code. NumPy has no bfloat16: bf16 data is stored and passed around as its
 uint16 bit pattern (the upper half of the float32 with the same sign and exponent), so
-`storage` is what numpy holds, not what the bits mean.
+`storage` is what numpy holds, not what the bits mean. float8_e4m3fn (OCP FP8 E4M3, MLIR's
+f8E4M3FN) is only ever a KV pool's element type on GPUs that have it: it has no safetensors code
+here (checkpoints in FP8 are refused by the reader), and numpy holds its bytes as uint8.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 class DType:
     name: str          # float32, bfloat16, float16, float64, int64, int32, int16, int8, uint8, bool
     short: str         # f32, bf16, f16, f64, i64, i32, i16, i8, u8, bool
-    safetensors: str   # F32, BF16, F16, F64, I64, I32, I16, I8, U8, BOOL
+    safetensors: str | None  # F32, BF16, F16, F64, I64, I32, I16, I8, U8, BOOL (None: not read from checkpoints)
     storage: str       # numpy dtype of the stored bytes (little-endian; bf16 as <u2)
     itemsize: int      # bytes per element
     kind: str          # "f" floating point, "i" signed int, "u" unsigned int, "b" bool (one byte, 0/1)
@@ -53,17 +55,21 @@ _ALL = (
     DType("uint32", "u32", "U32", "<u4", 4, "u"),
     DType("uint64", "u64", "U64", "<u8", 8, "u"),
     DType("bool", "bool", "BOOL", "?", 1, "b"),
+    DType("float8_e4m3fn", "f8E4M3FN", None, "u1", 1, "f"),
 )
 _BY_KEY: dict[str, DType] = {}
 for _d in _ALL:
     for _key in (_d.name, _d.short, _d.safetensors):
-        _BY_KEY.setdefault(_key, _d)
-_BY_NUMPY = {np.dtype(d.storage): d for d in _ALL if d.name != "bfloat16" and d.name != "uint16"}
+        if _key is not None:
+            _BY_KEY.setdefault(_key, _d)
+_BY_NUMPY = {np.dtype(d.storage): d for d in _ALL if d.name not in ("bfloat16", "uint16", "float8_e4m3fn")}
 _BY_NUMPY[np.dtype("<u2")] = _BY_KEY["uint16"]
 
 FLOAT32, BFLOAT16, FLOAT16 = _BY_KEY["float32"], _BY_KEY["bfloat16"], _BY_KEY["float16"]
 FLOATS = (FLOAT32, BFLOAT16, FLOAT16)  # what weights and KV caches may be stored in
-SAFETENSORS_CODES = frozenset(d.safetensors for d in _ALL)
+SAFETENSORS_CODES = frozenset(d.safetensors for d in _ALL if d.safetensors)
+FP8_E4M3 = _BY_KEY["float8_e4m3fn"]
+QUANTIZED_KV = ("int8", "float8_e4m3fn")  # KV pools of codes with a float32 scale per block (targets/signatures.py)
 
 
 def dtype(key: str | DType | np.dtype | type) -> DType:

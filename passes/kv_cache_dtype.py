@@ -6,7 +6,9 @@ linears are quantized (by the checkpoint, as GGUF, GPTQ and AWQ files are, or by
 none is in a half type (llama.cpp's default cache type: it halves what long-context decode
 reads), else in f32. kv_append rounds to the pool's type;
 paged_attention widens exactly and computes in f32. `int8` stores codes with one float32 scale
-per block, kv head and K/V (absmax / 127, grown as tokens arrive; see the kv_append kernel kind).
+per block, kv head and K/V (absmax / 127, grown as tokens arrive; see the kv_append kernel kind);
+`fp8` (vLLM's name; also `fp8_e4m3`, `float8_e4m3fn`) the same with OCP FP8 E4M3 codes (absmax /
+448), for GPUs that convert to and from it (the cuda target's sm_90; not the cpu target).
 
 Before:  %arg: !llmir.kv_pool<layers = 2, kv_heads = 2, head_dim = 16, block_size = 16, f32>
 After (dtype=bf16):
@@ -18,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import ModuleOp, f16, f32, i8
+from xdsl.dialects.builtin import ModuleOp, f8E4M3FN, f16, f32, i8
 from xdsl.passes import ModulePass
 from xdsl.rewriter import Rewriter
 
@@ -47,14 +49,16 @@ def auto_kv_dtype(module: ModuleOp):
 
 
 def kv_type(name: str, option: str):
-    """The pool element type for a dtype option value: a float type, or int8."""
+    """The pool element type for a dtype option value: a float type, int8 or f8E4M3FN."""
     if name in ("int8", "i8"):
         return i8
+    if name in ("fp8", "fp8_e4m3", "float8_e4m3fn"):
+        return f8E4M3FN
     try:
         return float_type(name, option)
     except LlmircError:
-        raise LlmircError(f"{option}: unknown dtype {name!r} (choose auto, float32, bfloat16, float16 "
-                          "or int8)") from None
+        raise LlmircError(f"{option}: unknown dtype {name!r} (choose auto, float32, bfloat16, float16, "
+                          "int8 or fp8)") from None
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xdsl.dialects import func
-from xdsl.dialects.builtin import ModuleOp
+from xdsl.dialects.builtin import ModuleOp, f8E4M3FN
 from xdsl.ir import Operation, SSAValue
 
 from llmirc import dialect as L
@@ -232,14 +232,14 @@ class PoolSpec:
 
     @property
     def block_bytes(self) -> int:
-        """Bytes one block takes across all layers, K and V (with an int8 pool's scales)."""
+        """Bytes one block takes across all layers, K and V (with a quantized pool's scales)."""
         heads = self.layers * 2 * self.kv_heads
-        scales = heads * 4 if self.dtype == "int8" else 0
+        scales = heads * 4 if self.dtype in dtypes.QUANTIZED_KV else 0
         return heads * self.block_size * self.head_dim * dtypes.dtype(self.dtype).itemsize + scales
 
     def to_json(self) -> dict:
         layout = "layer,kv,block,kv_head,slot,dim"
-        if self.dtype == "int8":  # then one float32 scale per (layer, kv, block, kv_head)
+        if self.dtype in dtypes.QUANTIZED_KV:  # then one float32 scale per (layer, kv, block, kv_head)
             layout += "; float32 scales layer,kv,block,kv_head"
         return {"num_layers": self.layers, "num_kv_heads": self.kv_heads, "head_dim": self.head_dim,
                 "block_size": self.block_size, "dtype": self.dtype, "block_bytes": self.block_bytes,
@@ -521,9 +521,11 @@ def _i(attr) -> int:
 
 
 def _element_dtype(t) -> str:
-    """The llmirc.dtypes name of an MLIR element type (f32, bf16, f16, i64, ...)."""
+    """The llmirc.dtypes name of an MLIR element type (f32, bf16, f16, i64, f8E4M3FN, ...)."""
     from llmirc.frontend.onnx_dialect import numpy_dtype
 
+    if t == f8E4M3FN:  # no numpy type
+        return dtypes.FP8_E4M3.name
     return dtypes.dtype(numpy_dtype(t)).name
 
 
@@ -590,7 +592,7 @@ def _paged_attention(p: _Planner, op: L.PagedAttentionOp):
     params = {"num_heads": _i(op.num_heads), "num_kv_heads": _i(op.num_kv_heads), "head_dim": _i(op.head_dim),
               "block_size": p.plan.pool.block_size, "scale": _f(op.scale),
               "sliding_window": _i(op.sliding_window), "kv_dtype": p.plan.pool.dtype,
-              "num_layers": p.plan.pool.layers if p.plan.pool.dtype == "int8" else 0}
+              "num_layers": p.plan.pool.layers if p.plan.pool.dtype in dtypes.QUANTIZED_KV else 0}
     return "paged_attention", params, {
         **p.mat("q", op.q), "pool": Ref("pool"), "num_blocks": Dim("num_blocks"), "layer": _i(op.layer),
         "block_tables": Ref("input", "block_tables"), "max_blocks": Dim("max_blocks"),

@@ -25,6 +25,18 @@ def optimized_ir(tail: str | None = None) -> str:
 QUANTIZED = required(kv_cache_dtype="int8", quantize="quantize-weights{bits=4 keep=lm_head}")
 
 
+def test_fp8_kv_pool_parses_in_upstream_mlir_and_round_trips():
+    from iree.compiler import ir
+    text = optimized_ir(required(kv_cache_dtype="fp8"))
+    assert "block_size = 16, f8E4M3FN>" in text
+    with ir.Context() as ctx:
+        ctx.allow_unregistered_dialects = True
+        assert ir.Module.parse(text).operation.verify()
+    module = Parser(make_context(), text).parse_module()
+    module.verify()
+    assert print_ir(module) == text
+
+
 def test_quantized_ir_parses_in_upstream_mlir_and_round_trips():
     from iree.compiler import ir
     text = optimized_ir(QUANTIZED)

@@ -124,6 +124,19 @@ def test_quantized_linears_use_tensor_cores(compiled):
             assert "HMMA." not in text and "HGMMA." not in text and "v_mfma" not in text
 
 
+def test_fp8_kv_cache_kernels_on_hopper(compiled):
+    """An FP8 KV pool on sm_90: kv_append converts with the hardware's saturating E4M3 pack, and
+    prefill attention widens the codes and runs its products on HGMMA."""
+    _, cache, _ = compiled
+    params = {"num_layers": 2, "num_kv_heads": 1, "head_dim": 64, "block_size": 16, "kv_dtype": "float8_e4m3fn"}
+    specs = [spec for kind, extra in (("kv_append", {}), ("paged_attention", {"num_heads": 4, "scale": 0.125}))
+             for spec in launch_rule(kind, params | extra, ARCHS["sm_90"]).kernels().values()]
+    out = {r.metadata["symbol"]: sass(r.binary)
+           for r in compile_kernels([(spec, "sm_90") for spec in specs], cache_dir=cache, jobs=2)}
+    assert "F2FP.SATFINITE.E4M3.F32" in out["kv_append_quantized_kernel"]
+    assert "E4M3.UNPACK" in out["paged_attention_prefill_kernel"] and "HGMMA." in out["paged_attention_prefill_kernel"]
+
+
 def test_cache_hits_and_stage_times(compiled):
     _, cache, pairs = compiled
     again = compile_kernels(pairs[:1], cache_dir=cache, jobs=1)[0]

@@ -315,10 +315,38 @@ def test_rope_kv_append(rng, name, kv_dtype):
         np.testing.assert_allclose(got, expect, rtol=2 ** -8, atol=1e-6)
 
 
-def ref_kv_append_int8(codes, scales, layer, k, v, slots, G, hd, bs):
-    """The int8 pool after one kv_append call, in the GPU kernel's f32 arithmetic: per run of tokens
-    into consecutive slots of one block, scale = max(old, max|run| / 127) (old = 0 for a run at
-    offset 0), earlier codes rint(code * (old / scale)), the run's rint(x * (1 / scale))."""
+QMAX = {"int8": 127, "float8_e4m3fn": 448}
+
+
+def fp8_values(codes: np.ndarray) -> np.ndarray:
+    """float8_e4m3fn bytes (uint8) as float64."""
+    return torch.from_numpy(np.ascontiguousarray(codes).view(np.uint8)).view(torch.float8_e4m3fn).double().numpy()
+
+
+def code_values(codes: np.ndarray, kv_dtype: str) -> np.ndarray:
+    return codes.astype(np.float64) if kv_dtype == "int8" else fp8_values(codes)
+
+
+def to_codes(x: np.ndarray, kv_dtype: str) -> np.ndarray:
+    """f32 values already divided by the scale as codes: rint (int8), round to nearest even (FP8)."""
+    x = np.clip(x, -QMAX[kv_dtype], QMAX[kv_dtype]).astype(np.float32)
+    if kv_dtype == "int8":
+        return np.rint(x).astype(np.int8)
+    return torch.from_numpy(x).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+
+
+def quantized_pool(L, G, hd, bs, nb, kv_dtype):
+    """int8_pool with the codes viewed as uint8 for FP8, and the device tensor of its bytes."""
+    raw, codes, scales = int8_pool(L, G, hd, bs, nb)
+    if kv_dtype == "int8":
+        return raw, codes, scales, torch.from_numpy(raw.view(np.int8))
+    return raw, codes.view(np.uint8), scales, torch.from_numpy(raw).view(torch.float8_e4m3fn)
+
+
+def ref_kv_append_quantized(codes, scales, layer, k, v, slots, G, hd, bs, kv_dtype):
+    """A quantized pool after one kv_append call, in the GPU kernel's f32 arithmetic: per run of
+    tokens into consecutive slots of one block, scale = max(old, max|run| / QMAX) (old = 0 for a
+    run at offset 0), earlier codes (code * (old / scale)) rounded, the run's (x * (1 / scale))."""
     codes, scales = codes.copy(), scales.copy()
     f32 = np.float32
     t = 0
@@ -335,32 +363,35 @@ def ref_kv_append_int8(codes, scales, layer, k, v, slots, G, hd, bs):
             for g in range(G):
                 rows = x[t:t + n, g * hd:(g + 1) * hd].astype(f32)
                 old = scales[layer, kv, blk, g] if off else f32(0)
-                new = max(old, f32(np.abs(rows).max()) / f32(127))
+                new = max(old, f32(np.abs(rows).max()) / f32(QMAX[kv_dtype]))
                 ratio = old / new if new > 0 else f32(0)
                 inv = f32(1) / new if new > 0 else f32(0)
                 c = codes[layer, kv, blk, g]
-                c[:off] = np.rint(c[:off].astype(f32) * ratio)
-                c[off:off + n] = np.clip(np.rint(rows * inv), -127, 127)
+                c[:off] = to_codes(code_values(c[:off], kv_dtype).astype(f32) * ratio, kv_dtype)
+                c[off:off + n] = to_codes(rows * inv, kv_dtype)
                 scales[layer, kv, blk, g] = new
         t += n
     return codes, scales
 
 
-def test_kv_append_int8(rng):
+@pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])
+def test_kv_append_quantized(rng, kv_dtype):
     """Three sequences in shuffled blocks appended in steps of 1..block_size tokens (runs that start
     blocks, continue them and end them), padding slots, stale bytes in the pool: codes and scales
-    as the run semantics give them exactly, every value within half a step per requantization,
-    and nothing else in the pool touched."""
+    bit for bit as the run arithmetic gives them, every value within a rounding per
+    requantization, and nothing else in the pool touched."""
     L, G, hd, bs, nb = 2, 2, 12, 4, 11
-    raw, codes, scales = int8_pool(L, G, hd, bs, nb)
+    raw, codes, scales, dev = quantized_pool(L, G, hd, bs, nb, kv_dtype)
     raw[:] = rng.integers(0, 255, raw.size)
+    if kv_dtype != "int8":
+        codes[(codes & 0x7F) == 0x7F] = 0  # NaN bytes
     scales[...] = rng.uniform(0.01, 0.1, scales.shape)  # stale, finite
+    layer0 = raw.copy()
     blocks = rng.permutation(nb)[:9].reshape(3, 3)
     total = 2 * bs + 3
     k_all = (rng.standard_normal((3, total, G * hd)) * rng.uniform(0.1, 4, (3, total, 1))).astype(np.float32)
     v_all = rng.standard_normal((3, total, G * hd)).astype(np.float32)
-    params = {"num_layers": L, "num_kv_heads": G, "head_dim": hd, "block_size": bs, "kv_dtype": "int8"}
-    dev = torch.from_numpy(raw.view(np.int8))
+    params = {"num_layers": L, "num_kv_heads": G, "head_dim": hd, "block_size": bs, "kv_dtype": kv_dtype}
     pos = 0
     while pos < total:
         step = min(int(rng.integers(1, bs + 1)), total - pos)
@@ -370,31 +401,43 @@ def test_kv_append_int8(rng):
                             + [k_all[s, pos:pos + step] for s in (1, 2)])
         vb = np.concatenate([v_all[0, pos:pos + step], np.full((1, G * hd), np.nan, np.float32)]
                             + [v_all[s, pos:pos + step] for s in (1, 2)])
-        want_codes, want_scales = ref_kv_append_int8(codes, scales, 1, kb, vb, slots, G, hd, bs)
+        want_codes, want_scales = ref_kv_append_quantized(codes, scales, 1, kb, vb, slots, G, hd, bs, kv_dtype)
         call("kv_append", params, pool=dev, num_blocks=nb, layer=1, k=kb, ld_k=G * hd, v=vb, ld_v=G * hd,
              slot_mapping=slots, T=len(slots))
         np.testing.assert_array_equal(codes, want_codes)
         np.testing.assert_array_equal(scales, want_scales)
         pos += step
+    step = 0.5 if kv_dtype == "int8" else 2 ** -4  # half a step: absolute (int8), relative (FP8)
     for s in range(3):
         for t in range(total):
             blk, off = blocks[s, t // bs], t % bs
             for kv, src in ((0, k_all), (1, v_all)):
                 sc = scales[1, kv, blk]
                 first = (t // bs) * bs
-                np.testing.assert_allclose(sc, np.abs(src[s, first:first + bs]).reshape(-1, G, hd).max(axis=(0, 2)) / 127,
-                                           rtol=1e-6)
-                got = codes[1, kv, blk, :, off].astype(np.float64) * sc[:, None]
-                assert np.all(np.abs(got - src[s, t].reshape(G, hd)) <= sc[:, None] * (0.5 * bs) + 1e-7)
+                np.testing.assert_allclose(sc, np.abs(src[s, first:first + bs]).reshape(-1, G, hd).max(axis=(0, 2))
+                                           / QMAX[kv_dtype], rtol=1e-6)
+                got = code_values(codes[1, kv, blk, :, off], kv_dtype) * sc[:, None]
+                want = src[s, t].reshape(G, hd)
+                err = step * (sc[:, None] if kv_dtype == "int8" else np.abs(want) + sc[:, None] * 2 ** -5)
+                assert np.all(np.abs(got - want) <= err * bs + 1e-7)
+    untouched = np.ones(raw.size, bool)
+    untouched[codes[1].ctypes.data - raw.ctypes.data:][:codes[1].nbytes] = False
+    untouched[scales[1].ctypes.data - raw.ctypes.data:][:scales[1].nbytes] = False
+    np.testing.assert_array_equal(raw[untouched], layer0[untouched])  # layer 0's codes and scales
 
 
-def test_kv_append_int8_pool_checks():
+def test_quantized_pool_checks():
     params = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 5, "block_size": 3, "kv_dtype": "int8"}
     with pytest.raises(ValueError, match="must be even"):
         launch_rule("kv_append", params, ARCHS["sm_90"])
-    with pytest.raises(ValueError, match="no int8 pool"):
+    with pytest.raises(ValueError, match="no quantized pool"):
         launch_rule("rope_kv_append", {**params, "head_dim": 8, "num_heads": 2, "inv_freq": [1.0] * 4},
                     ARCHS["sm_90"])
+    fp8 = {**params, "head_dim": 8, "kv_dtype": "float8_e4m3fn"}
+    for arch in ("sm_80", "gfx90a", "gfx942"):
+        for kind, extra in (("kv_append", {}), ("paged_attention", {"num_heads": 2, "scale": 0.5})):
+            with pytest.raises(ValueError, match=f"{arch} has no float8_e4m3fn conversions"):
+                launch_rule(kind, {**fp8, **extra}, ARCHS[arch])
 
 
 # --- paged attention
@@ -456,29 +499,29 @@ def test_paged_attention_in_place_and_hip(rng, batch):
     attention(rng, "gqa7_swa", BATCHES[batch], "bfloat16", arch="gfx942")
 
 
+@pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])
 @pytest.mark.parametrize("batch", ["mixed", "decode", "long_decode", "long_chunk"])
 @pytest.mark.parametrize("name", ["gqa4_d80", "mqa_d6_bs3", "gqa7_swa"])
-def test_paged_attention_int8_pool(rng, name, batch):
-    """Over an int8 pool: attention over the values its codes and scales stand for (layer 1 of 2:
-    the scales sit after both layers' codes), q rounded to bf16 as the kernel rounds it."""
+def test_paged_attention_quantized_pool(rng, name, batch, kv_dtype):
+    """Over an int8 or FP8 pool: attention over the values its codes and scales stand for (layer 1
+    of 2: the scales sit after both layers' codes), q rounded to bf16 as the kernel rounds it."""
     H, G, hd, bs, win = ATTN[name]
     if hd * bs % 2:
         bs += 1
     _, nb, bt, mb, lens, qsl, positions = make_batch(rng, BATCHES[batch], bs, 2, G, hd)
-    raw, codes, scales = int8_pool(2, G, hd, bs, nb)
-    codes[...] = rng.integers(-127, 128, codes.shape)
-    scales[...] = rng.uniform(0.002, 0.05, scales.shape)
-    values = codes.astype(np.float64) * scales[..., None, None]
+    _, codes, scales, dev = quantized_pool(2, G, hd, bs, nb, kv_dtype)
+    codes[...] = to_codes(rng.uniform(-QMAX[kv_dtype], QMAX[kv_dtype], codes.shape), kv_dtype)
+    scales[...] = rng.uniform(0.1, 2.5, scales.shape) / QMAX[kv_dtype]
+    values = code_values(codes, kv_dtype) * scales[..., None, None]
     T, B = len(positions), len(bt)
     qb, q = buf(rng, T, H * hd, pad=5)
-    q *= 40.0  # scores of order one over values of order 1/20
+    q *= 2.0  # peaky softmax
     ob, out = buf(rng, T, H * hd, pad=3, fill=np.nan)
     ref = ref_attention(rounded(q, "bfloat16"), values, 1, bt, qsl, positions, H, G, hd, bs, 1 / math.sqrt(hd), win)
     params = {"num_heads": H, "num_kv_heads": G, "head_dim": hd, "block_size": bs, "scale": 1 / math.sqrt(hd),
-              "sliding_window": win, "kv_dtype": "int8", "num_layers": 2}
-    call("paged_attention", params, out=ob, ld_out=ld(ob), q=qb, ld_q=ld(qb), pool=torch.from_numpy(raw.view(np.int8)),
-         num_blocks=nb, layer=1, block_tables=bt, max_blocks=mb, seq_lens=lens, query_start_loc=qsl, B=B,
-         positions=positions, T=T)
+              "sliding_window": win, "kv_dtype": kv_dtype, "num_layers": 2}
+    call("paged_attention", params, out=ob, ld_out=ld(ob), q=qb, ld_q=ld(qb), pool=dev, num_blocks=nb, layer=1,
+         block_tables=bt, max_blocks=mb, seq_lens=lens, query_start_loc=qsl, B=B, positions=positions, T=T)
     # P times a value scale is rounded to bf16 before P.V: 2^-8 of each term
     np.testing.assert_allclose(out, ref, rtol=1e-2, atol=1e-2 * np.abs(values).max())
     check_guard(ob, T, H * hd)

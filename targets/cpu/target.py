@@ -17,6 +17,7 @@ from pathlib import Path
 from llvmlite import ir
 
 from llmirc.cache import cache_dir
+from llmirc.dtypes import FP8_E4M3
 from llmirc.errors import LlmircError, stage as internal_stage
 from llmirc.targets.plan import KernelCall, Plan
 
@@ -115,7 +116,10 @@ class CpuBackend:
                 find_linker(arch)
 
     def check(self, plan: Plan) -> None:
-        """Nothing to check against the plan: the variants and linkers were checked at construction."""
+        """The variants and linkers were checked at construction; an FP8 KV cache has no CPU kernels."""
+        if plan.pool.dtype == FP8_E4M3.name:
+            raise LlmircError("target cpu: no kernel for a float8_e4m3fn (fp8) KV cache (CPUs have no FP8 "
+                              "arithmetic); give --kv-cache-dtype int8, or compile fp8 for --target cuda --arch sm_90")
 
     def emit(self, plan: Plan, stage: str) -> str:
         """The text of `llvm-ir` or `asm` for the first variant (the host's by default)."""

@@ -21,6 +21,12 @@ class Arch:
     max_shared: int
     reference: str       # the part num_sms and max_shared describe
 
+    @property
+    def has_fp8_e4m3(self) -> bool:
+        """Converts to and from OCP FP8 E4M3 (float8_e4m3fn): sm_89 and newer. gfx942's FP8 is
+        the FNUZ variant (another bias, no infinities, max 240), which Triton spells otherwise."""
+        return self.backend == "cuda" and int(self.arch) >= 89
+
     def gpu_target(self):
         """triton.backends.compiler.GPUTarget for this architecture (never the active driver's)."""
         from triton.backends.compiler import GPUTarget

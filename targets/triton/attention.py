@@ -1,8 +1,8 @@
 """paged_attention {num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window, kv_dtype}.
 
 Semantics and arguments as targets/signatures.py says (shared with the CPU target), the pool
-in `kv_dtype` (float32, bfloat16, float16, or int8 codes with float32 scales after them), plus
-one buffer:
+in `kv_dtype` (float32, bfloat16, float16, or int8 / FP8 codes with float32 scales after them),
+plus one buffer:
 
     (out, ld_out, q, ld_q, pool, num_blocks, layer, block_tables, max_blocks, seq_lens,
      query_start_loc, B, positions, T, attn_workspace)
@@ -12,10 +12,11 @@ packing) for some tokens and streams that kv head's keys through the block table
 BLOCK_N keys (any block_size: each key's block is looked up), with an online softmax in f32
 (exp2, scale folded with log2 e). Scores and P.V are tl.dot: for f32 pools in
 input_precision="ieee"; for bf16/f16 pools q and P are rounded to the pool's dtype (tensor
-cores, f32 accumulation), as a half-precision model computes them. An int8 pool's codes
-widen exactly to bf16 and go through the tensor cores with bf16 q: each key's block scale
-multiplies its score column, each value's its column of P before P is rounded (so P.V sums
-P_j * scale_j * code_j). A token with no keys gets zeros. head_dim <= 256 (padded to a power of two); any block_size, any HP.
+cores, f32 accumulation), as a half-precision model computes them. A quantized pool's codes
+(int8, FP8 E4M3) widen exactly to bf16 and go through the tensor cores with bf16 q: each key's
+block scale multiplies its score column, each value's its column of P before P is rounded (so
+P.V sums P_j * scale_j * code_j). A token with no keys gets zeros. head_dim <= 256 (padded to a
+power of two); any block_size, any HP.
 
 Two kernels, chosen by the launch rule:
 
@@ -40,7 +41,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .rope import _check_int8_pool
+from llmirc import dtypes
+
+from .rope import check_quantized_pool
 from .spec import Launch, Rule, Variant, add, cdiv, eq, kernel, le, max_, min_, mul, next_pow2
 
 LOG2E = 1.4426950408889634
@@ -67,7 +70,7 @@ def _attend(q, ld_q, tok, head, row_ok, pool, num_blocks, layer, g, block_tables
             BLOCK_N: tl.constexpr, SCALE_LOG2: tl.constexpr, KV_F32: tl.constexpr, NUM_LAYERS: tl.constexpr):
     """(acc [M, D_PAD], max [M], sum [M]): online softmax of M query rows (row r: token tok[r], head
     head[r], keys row_lo[r]..row_hi[r]) over the keys k_lo..k_hi of kv head g, key j read at block
-    block_tables_b[j // BS], slot j % BS of the pool. NUM_LAYERS > 0: an int8 pool (its scales
+    block_tables_b[j // BS], slot j % BS of the pool. NUM_LAYERS > 0: a quantized pool (its scales
     after the codes of NUM_LAYERS layers)."""
     d = tl.arange(0, D_PAD)
     q_mask = row_ok[:, None] & (d[None, :] < D)
@@ -238,8 +241,8 @@ def rule_paged_attention(params, arch, args) -> Rule:
         raise ValueError(f"paged_attention: head_dim {d} > 256 is not supported on GPU targets")
     kv_f32 = params["kv_dtype"] == "float32"
     num_layers = 0
-    if params["kv_dtype"] == "int8":
-        _check_int8_pool(params)
+    if params["kv_dtype"] in dtypes.QUANTIZED_KV:
+        check_quantized_pool(params, arch)
         num_layers = int(params["num_layers"])
     hp = h // g
     common = {"H": h, "G": g, "D": d, "D_PAD": d_pad, "BS": bs, "SCALE_LOG2": float(params["scale"]) * LOG2E,

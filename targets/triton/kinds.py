@@ -4,7 +4,8 @@ Every kind of targets/signatures.py (static params, named typed arguments and se
 with the CPU target, so one plan drives both), plus the GPU-only fusions declared here the same
 way: add_rms_norm, add_layer_norm (norm.py), rope_kv_append (rope.py), argmax and sample
 (sampling.py). Storage dtypes (`w_dtype`, `dtype`, `kv_dtype`) may be float32, bfloat16 or
-float16; a KV pool (kv_append, paged_attention) may also be int8.
+float16; a KV pool (kv_append, paged_attention) may also be int8 or float8_e4m3fn (codes with a
+float32 scale per block; FP8 on the architectures that have it).
 
     rule = launch_rule("linear", {"n": 2048, "k": 2048, "w_dtype": "bfloat16"}, ARCHS["sm_90"])
     rule.kernels()    # {key: KernelSpec} to compile
@@ -13,6 +14,7 @@ float16; a KV pool (kv_append, paged_attention) may also be int8.
 
 from __future__ import annotations
 
+from llmirc import dtypes
 from llmirc.targets.signatures import REQUIRED, SIGNATURES, Param, Signature
 
 from . import attention, elementwise, linear, norm, quant, rope, sampling
@@ -20,8 +22,8 @@ from .arch import Arch
 from .spec import Rule
 
 STORAGE = ("float32", "bfloat16", "float16")  # what weights, tables and KV pools may be stored as
-KV_STORAGE = STORAGE + ("int8",)              # and KV pools (codes with a scale per block: rope.py)
-_TRITON = {"f32": "fp32", "f16": "fp16"}      # dtypes' short names that Triton spells otherwise
+KV_STORAGE = STORAGE + dtypes.QUANTIZED_KV   # and KV pools (codes with a scale per block: rope.py)
+_TRITON = {"f32": "fp32", "f16": "fp16", "f8E4M3FN": "fp8e4nv"}  # dtypes' short names Triton spells otherwise
 
 
 def _ptr(name, dtype="float32", access="r", nullable=False):

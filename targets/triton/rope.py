@@ -7,14 +7,16 @@ as constants), cos/sin are Triton's accurate ones (libdevice-class, with range r
 times `scaling`. Pool offsets are int64. KV values are rounded to the pool's dtype (`kv_dtype`:
 float32, bfloat16 or float16; round to nearest even).
 
-kv_append into an int8 pool (codes, then float32 scales [num_layers, 2, num_blocks, num_kv_heads]
-after them, as on the CPU: targets/signatures.py). Grid (T, num_kv_heads): the program of token t
-does work only when t starts a *run*, the tokens of this call that go to consecutive slots of one
-block (t's slot is at offset 0 of its block, or token t - 1 went elsewhere). It then writes the
-whole run for its kv head, K and V each as one [block_size, head_dim] tile: the block's scale
-becomes max(old, max|run| / 127) (old = 0 when the run starts the block), the codes already in
-the block are requantized to it (rint(code * old / new): a no-op when it did not grow), and the
-run's codes are rint(x / new). So each call requantizes a block at most once, where the CPU's
+kv_append into a quantized pool: int8, or float8_e4m3fn (FP8) where the architecture has it
+(codes, then float32 scales [num_layers, 2, num_blocks, num_kv_heads] after them, as on the CPU:
+targets/signatures.py). Grid (T, num_kv_heads): the program of token t does work only when t
+starts a *run*, the tokens of this call that go to consecutive slots of one block (t's slot is at
+offset 0 of its block, or token t - 1 went elsewhere). It then writes the whole run for its kv
+head, K and V each as one [block_size, head_dim] tile: the block's scale becomes max(old,
+max|run| / QMAX) (QMAX 127 for int8, 448 for FP8 E4M3; old = 0 when the run starts the block),
+the codes already in the block are requantized to it (code * old / new, rounded: a no-op when it
+did not grow), and the run's codes are x / new rounded: rint for int8, the conversion's round to
+nearest even for FP8. So each call requantizes a block at most once, where the CPU's int8
 kernel, walking the tokens one by one, may requantize it once per token of the run: the two
 targets' codes can differ by one step (the GPU's being the closer), never the scales.
 
@@ -31,6 +33,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from llmirc import dtypes
 
 from .spec import Launch, Rule, Variant, kernel, next_pow2
 
@@ -126,10 +130,19 @@ def _rint(x):
 
 
 @triton.jit
-def _append_int8_run(codes, scale, src, ld, t, off0, n, lead, BS: tl.constexpr, BS_PAD: tl.constexpr,
-                     D: tl.constexpr, D_PAD: tl.constexpr):
-    """One kv head's block: `codes` [BS, D] int8 and its `scale`; the run's n tokens (rows t..t+n-1
-    of src, head columns) go to offsets off0..off0+n-1. off0, n, lead: [1, 1] blocks."""
+def _codes_of(x, QMAX: tl.constexpr, dt: tl.constexpr):
+    """x (f32, scaled to [-QMAX, QMAX]) as codes of dt: int8 by rint, FP8 by its conversion."""
+    x = tl.minimum(tl.maximum(x, -QMAX), QMAX)
+    if dt == tl.int8:
+        return _rint(x).to(dt)
+    return x.to(dt)
+
+
+@triton.jit
+def _append_run(codes, scale, src, ld, t, off0, n, lead, QMAX: tl.constexpr, BS: tl.constexpr,
+                BS_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+    """One kv head's block: `codes` [BS, D] (int8 or FP8) and its `scale`; the run's n tokens (rows
+    t..t+n-1 of src, head columns) go to offsets off0..off0+n-1. off0, n, lead: [1, 1] blocks."""
     r = tl.arange(0, BS_PAD)[:, None]
     d = tl.arange(0, D_PAD)[None, :]
     i = r - off0
@@ -138,20 +151,20 @@ def _append_int8_run(codes, scale, src, ld, t, off0, n, lead, BS: tl.constexpr, 
     x = tl.load(src + (t + i).to(tl.int64) * ld + d, mask=new_rows, other=0.0)
     old = tl.load(scale + tl.zeros([1, 1], tl.int32), mask=lead & (off0 > 0), other=0.0)
     amax = tl.max(tl.max(tl.abs(x), axis=1, keep_dims=True), axis=0, keep_dims=True)
-    new = tl.maximum(old, amax / 127.0)
+    new = tl.maximum(old, amax / QMAX)
     safe = tl.where(new > 0, new, 1.0)
     ratio = old / safe
     inv = tl.where(new > 0, 1.0 / safe, 0.0)
-    kept = _rint(tl.load(codes + r * D + d, mask=old_rows, other=0).to(tl.float32) * ratio)
-    fresh = tl.minimum(tl.maximum(_rint(x * inv), -127.0), 127.0)
-    tl.store(codes + r * D + d, tl.where(r < off0, kept, fresh).to(tl.int8), mask=old_rows | new_rows)
+    kept = tl.load(codes + r * D + d, mask=old_rows).to(tl.float32) * ratio  # (masked lanes: not kept)
+    dt = codes.dtype.element_ty
+    tl.store(codes + r * D + d, _codes_of(tl.where(r < off0, kept, x * inv), QMAX, dt), mask=old_rows | new_rows)
     tl.store(scale + tl.zeros([1, 1], tl.int32), new, mask=lead)
 
 
 @triton.jit
-def kv_append_int8_kernel(pool, num_blocks, layer, k, ld_k, v, ld_v, slot_mapping, T, G: tl.constexpr,
-                          D: tl.constexpr, BS: tl.constexpr, NUM_LAYERS: tl.constexpr, BS_PAD: tl.constexpr,
-                          D_PAD: tl.constexpr):
+def kv_append_quantized_kernel(pool, num_blocks, layer, k, ld_k, v, ld_v, slot_mapping, T, G: tl.constexpr,
+                               D: tl.constexpr, BS: tl.constexpr, NUM_LAYERS: tl.constexpr, QMAX: tl.constexpr,
+                               BS_PAD: tl.constexpr, D_PAD: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     slot = _load_slot(slot_mapping, t)
@@ -167,11 +180,11 @@ def kv_append_int8_kernel(pool, num_blocks, layer, k, ld_k, v, ld_v, slot_mappin
     nb = num_blocks.to(tl.int64)
     scales = (pool + NUM_LAYERS * 2 * nb * (G * BS * D)).to(tl.pointer_type(tl.float32), bitcast=True)
     head = layer.to(tl.int64) * 2 * nb + blk  # [1, 1]: (layer, K, block); V is nb blocks further
-    _append_int8_run(pool + (head * G + g) * (BS * D), scales + head * G + g, k + g * D, ld_k, t, off0, n, lead,
-                     BS, BS_PAD, D, D_PAD)
+    _append_run(pool + (head * G + g) * (BS * D), scales + head * G + g, k + g * D, ld_k, t, off0, n, lead,
+                QMAX, BS, BS_PAD, D, D_PAD)
     head += nb
-    _append_int8_run(pool + (head * G + g) * (BS * D), scales + head * G + g, v + g * D, ld_v, t, off0, n, lead,
-                     BS, BS_PAD, D, D_PAD)
+    _append_run(pool + (head * G + g) * (BS * D), scales + head * G + g, v + g * D, ld_v, t, off0, n, lead,
+                QMAX, BS, BS_PAD, D, D_PAD)
 
 
 @triton.jit
@@ -221,31 +234,36 @@ def rule_rope(params, arch, args) -> Rule:
 
 def rule_kv_append(params, arch, args) -> Rule:
     g, d = int(params["num_kv_heads"]), int(params["head_dim"])
-    if params["kv_dtype"] == "int8":
+    if params["kv_dtype"] in dtypes.QUANTIZED_KV:
         bs = int(params["block_size"])
-        _check_int8_pool(params)
-        spec = kernel(kv_append_int8_kernel, {"G": g, "D": d, "BS": bs, "NUM_LAYERS": int(params["num_layers"]),
-                                              "BS_PAD": next_pow2(bs), "D_PAD": next_pow2(d)},
-                      args, num_warps=_warps(next_pow2(bs) * next_pow2(d)))
+        check_quantized_pool(params, arch)
+        spec = kernel(kv_append_quantized_kernel, {
+            "G": g, "D": d, "BS": bs, "NUM_LAYERS": int(params["num_layers"]), "QMAX": QMAX[params["kv_dtype"]],
+            "BS_PAD": next_pow2(bs), "D_PAD": next_pow2(d)}, args, num_warps=_warps(next_pow2(bs) * next_pow2(d)))
         return Rule("kv_append", params, args, [Variant(1, (Launch(spec, ("T", g, 1)),))])
     spec = kernel(kv_append_kernel, {"G": g, "D": d, "BS": int(params["block_size"]), "G_PAD": next_pow2(g),
                                      "D_PAD": next_pow2(d)}, args, num_warps=_warps(next_pow2(g) * next_pow2(d)))
     return Rule("kv_append", params, args, [Variant(1, (Launch(spec, ("T", 1, 1)),))])
 
 
-def _check_int8_pool(params) -> None:
-    """An int8 pool's float32 scales start right after its codes: 4-byte aligned when a block's
-    codes are an even number of bytes."""
+QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0}  # a quantized pool's largest code
+
+
+def check_quantized_pool(params, arch) -> None:
+    """A quantized pool's float32 scales start right after its codes: 4-byte aligned when a block's
+    codes are an even number of bytes. FP8 needs an architecture that converts to and from it."""
     if int(params["num_layers"]) <= 0:
-        raise ValueError("int8 KV pool: num_layers must be positive (the scales follow the codes of every layer)")
+        raise ValueError("quantized KV pool: num_layers must be positive (the scales follow the codes of every layer)")
     if int(params["block_size"]) * int(params["head_dim"]) % 2:
-        raise ValueError(f"int8 KV pool: block_size {params['block_size']} x head_dim {params['head_dim']} must be "
-                         "even on GPU targets (the float32 scales after the codes must be 4-byte aligned)")
+        raise ValueError(f"quantized KV pool: block_size {params['block_size']} x head_dim {params['head_dim']} must "
+                         "be even on GPU targets (the float32 scales after the codes must be 4-byte aligned)")
+    if params["kv_dtype"] == dtypes.FP8_E4M3.name and not arch.has_fp8_e4m3:
+        raise ValueError(f"{arch.name} has no float8_e4m3fn conversions (sm_89 and newer have)")
 
 
 def rule_rope_kv_append(params, arch, args) -> Rule:
-    if params["kv_dtype"] == "int8":
-        raise ValueError("rope_kv_append: no int8 pool (plans use rope then kv_append for it)")
+    if params["kv_dtype"] in dtypes.QUANTIZED_KV:
+        raise ValueError("rope_kv_append: no quantized pool (plans use rope then kv_append for it)")
     cx = _rope_constexprs(params)
     nh, g = int(params["num_heads"]), int(params["num_kv_heads"])
     spec = kernel(rope_kv_append_kernel, {

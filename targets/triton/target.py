@@ -81,6 +81,11 @@ class TritonBackend:
         if plan.pool.dtype not in KV_STORAGE:
             raise LlmircError(f"target {self.kind}: no GPU kernel for an {plan.pool.dtype} KV cache (the GPU kernels take "
                               f"{', '.join(KV_STORAGE)}); give --kv-cache-dtype auto or compile with --target cpu")
+        lacking = [a for a in self.archs if plan.pool.dtype == dtypes.FP8_E4M3.name and not get_arch(a).has_fp8_e4m3]
+        if lacking:
+            why, hint = (("FP8 E4M3 conversions need sm_89 or newer", "--arch sm_90") if self.kind == "cuda" else
+                         ("AMD's FP8 here is the FNUZ kind, not E4M3FN", "--kv-cache-dtype int8"))
+            raise LlmircError(f"target {self.kind}: no fp8 KV cache on {', '.join(lacking)} ({why}); give {hint}")
 
     def rules(self, plan: Plan, arch: str) -> dict:
         """{symbol: Rule} of every plan kernel and of the sampling kinds, for one architecture."""
