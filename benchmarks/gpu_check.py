@@ -1,6 +1,7 @@
 """Every GPU check and the GPU benchmark, in one run, on a host with an NVIDIA GPU (NOT YET RUN).
 
-    OUT=/path/to/results python benchmarks/gpu_check.py [--model medium] [--quant int4,int8] [--skip-tests]
+    OUT=/path/to/results python benchmarks/gpu_check.py [--model medium] [--quant int4,int8] [--kv fp8,int8]
+        [--skip-tests]
 
 1. Installs what the host lacks (xdsl, gguf, ...) from wheels taken along in `wheels/` (an
    ignored folder: `pip download -d wheels xdsl==0.74.0 ...` on a machine with a registry);
@@ -14,7 +15,8 @@
    Llama) compiled for cuda at the device's architecture: prefill tok/s of a 2048-token prompt,
    batch-1 and batch-32 decode tok/s, against the HBM floor (weight bytes per decode step over
    the device-to-device copy bandwidth measured in the same run with torch); then the same
-   checkpoint compiled with each `--quant` scheme (default int4: the qlinear kernels).
+   checkpoint compiled with each `--quant` scheme (default int4: the qlinear kernels) and with each
+   `--kv` KV cache type (default fp8: the quantized KV kernels).
 
 Writes $OUT/gpu_check.json and $OUT/gpu_check.txt (what it printed). Record them, and the date,
 in BENCHMARKS.md.
@@ -73,7 +75,7 @@ def copy_bandwidth(gib: float = 1.0, repeat: int = 10) -> float:
     return 2 * n * repeat / (time.perf_counter() - t0)
 
 
-def benchmark(out: Path, model_name: str, quant: str | None = None) -> dict:
+def benchmark(out: Path, model_name: str, quant: str | None = None, kv: str = "auto") -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import models
 
@@ -85,11 +87,12 @@ def benchmark(out: Path, model_name: str, quant: str | None = None) -> dict:
     dev = CudaDriver().open()
     arch = "sm_%d%d" % dev["capability"]
     ckpt, work = models.resolve(model_name)
-    bundle = work / f"{model_name}-cuda-{arch}{'-' + quant if quant else ''}.llmir"
+    bundle = work / f"{model_name}-cuda-{arch}{'-' + quant if quant else ''}-kv-{kv}.llmir"
     t0 = time.perf_counter()
-    compile_model(ckpt, bundle, CompileOptions(targets=("cuda",), archs=(arch,), quant=quant or "none"), Progress())
+    compile_model(ckpt, bundle, CompileOptions(targets=("cuda",), archs=(arch,), quant=quant or "none",
+                                               kv_cache_dtype=kv), Progress())
     result = {"device": dev["name"], "arch": arch, "driver_version": dev["driver_version"], "model": model_name,
-              "quant": quant, "compile_s": time.perf_counter() - t0}
+              "quant": quant, "kv_cache_dtype": kv, "compile_s": time.perf_counter() - t0}
     bw = copy_bandwidth()
     result["copy_bandwidth_gb_s"] = bw / 1e9
     prompt = list(range(5, 2048 + 5))
@@ -120,6 +123,8 @@ def main() -> int:
     parser.add_argument("--model", default="medium", help="a benchmarks/models.py name or a checkpoint folder")
     parser.add_argument("--quant", default="int4", help="quantized variants to benchmark too (comma-separated; "
                                                            "'' for none)")
+    parser.add_argument("--kv", default="fp8", help="KV cache types to benchmark the float model with too "
+                                                   "(comma-separated; '' for none)")
     parser.add_argument("--skip-tests", action="store_true")
     args = parser.parse_args()
     if "OUT" not in os.environ:
@@ -138,10 +143,12 @@ def main() -> int:
         log(out, r.stdout[-4000:] + r.stderr[-2000:])
         ok = r.returncode == 0 and " skipped" not in r.stdout.splitlines()[-1]
         results["tests_passed"] = ok
-    for quant in [None] + [q for q in args.quant.split(",") if q]:
-        name = "benchmark" + (f"_{quant}" if quant else "")
+    variants = [(None, "auto")] + [(q, "auto") for q in args.quant.split(",") if q] + \
+        [(None, kv) for kv in args.kv.split(",") if kv]
+    for quant, kv in variants:
+        name = "benchmark" + (f"_{quant}" if quant else "") + (f"_kv_{kv}" if kv != "auto" else "")
         try:
-            results[name] = benchmark(out, args.model, quant)
+            results[name] = benchmark(out, args.model, quant, kv)
         except Exception as e:  # noqa: BLE001  (recorded, not hidden)
             results[f"{name}_error"] = f"{type(e).__name__}: {e}"
             ok = False
