@@ -611,6 +611,48 @@ class KVAppendOp(_LlmirOp):
 
 
 @irdl_op_definition
+class RopeKVAppendOp(_LlmirOp):
+    """llmir.rope of q (the first result) and of k, whose result goes with v into the pool at
+    slot_mapping[t] as llmir.kv_append writes them (the second result): one op for the three, made
+    by the fuse-rope-kv-append pass. Properties: llmir.rope's (for both) and kv_append's layer."""
+
+    name = "llmir.rope_kv_append"
+    q = operand_def(TensorType)
+    k = operand_def(TensorType)
+    v = operand_def(TensorType)
+    positions = operand_def(TensorType)
+    slot_mapping = operand_def(TensorType)
+    pool = operand_def(KVPoolType)
+    num_heads = prop_def(IntegerAttr)
+    head_dim = prop_def(IntegerAttr)
+    inv_freq = prop_def(DenseArrayBase)
+    scaling = prop_def(FloatAttr)
+    style = prop_def(StringAttr)
+    layer = prop_def(IntegerAttr)
+    q_result = result_def(TensorType)
+    pool_result = result_def(KVPoolType)
+
+    def __init__(self, q, k, v, positions, slot_mapping, pool, rope: RopeOp, layer: int):
+        """The rope's properties are `rope`'s (an llmir.rope of q)."""
+        super().__init__(operands=[q, k, v, positions, slot_mapping, pool], result_types=[q.type, pool.type],
+                         properties={name: rope.properties[name] for name in
+                                     ("num_heads", "head_dim", "inv_freq", "scaling", "style")} | {"layer": _i(layer)})
+
+    def verify_(self) -> None:
+        h, d = self.num_heads.value.data, self.head_dim.value.data
+        pool = self.pool.type
+        assert isinstance(pool, KVPoolType)
+        _check(pool.head_dim.data == d, "rope_kv_append: pool head_dim mismatch")
+        _rows(self.q, h * d, "q")
+        _rows(self.k, pool.kv_heads.data * d, "k")
+        _rows(self.v, pool.kv_heads.data * d, "v")
+        half = len(self.inv_freq.get_values())
+        _check(0 < 2 * half <= d, f"rope_kv_append: rotary dim {2 * half} exceeds head dim {d}")
+        _check(self.style.data in ("neox", "interleaved"), f"rope_kv_append: unknown style {self.style.data}")
+        _check(0 <= self.layer.value.data < pool.layers.data, "rope_kv_append: layer out of range")
+
+
+@irdl_op_definition
 class PagedAttentionOp(_AttentionShape):
     """Attention of each query token over its sequence's keys in the pool (via the block table)."""
 
@@ -742,8 +784,8 @@ class UnsqueezeBatchOp(_LlmirOp):
 LLMIR = Dialect(
     "llmir",
     [WeightOp, ConstantOp, ConcatOp, TransposeOp, CastOp, ScaleOp, QuantizeOp, PackedWeightOp, SplitOp, EmbeddingOp,
-     RMSNormOp, LayerNormOp, LinearOp, RopeOp, AttentionOp, KVAppendOp, PagedAttentionOp, ActMulOp, ActOp, AddOp, GatherRowsOp, SqueezeBatchOp,
-     UnsqueezeBatchOp],
+     RMSNormOp, LayerNormOp, LinearOp, RopeOp, AttentionOp, KVAppendOp, RopeKVAppendOp, PagedAttentionOp, ActMulOp,
+     ActOp, AddOp, GatherRowsOp, SqueezeBatchOp, UnsqueezeBatchOp],
     [KVPoolType, QuantType],
 )
 

@@ -10,6 +10,7 @@ from xdsl.transforms.dead_code_elimination import DeadCodeElimination
 from .cast_weights import CastWeights
 from .fuse_linears import FuseLinears
 from .fuse_residual_add import FuseResidualAdd
+from .fuse_rope_kv_append import FuseRopeKVAppend
 from .onnx_fuse_activation import FuseActivation
 from .onnx_fuse_attention import FuseAttention
 from .onnx_fuse_embedding import FuseEmbedding
@@ -24,6 +25,6 @@ from .smooth import Smooth
 
 PASSES: dict[str, type[ModulePass]] = {p.name: p for p in (
     CanonicalizePass, CommonSubexpressionElimination, DeadCodeElimination,
-    FuseLinears, FuseResidualAdd, PruneLogits, PagedKV, Smooth, QuantizeWeights, CastWeights, KVCacheDtype,
+    FuseLinears, FuseResidualAdd, FuseRopeKVAppend, PruneLogits, PagedKV, Smooth, QuantizeWeights, CastWeights, KVCacheDtype,
     FuseEmbedding, FuseLinear, OnnxGlue, FuseNorm, FuseActivation, FuseAttention, OnnxToLlmir,
 )}

@@ -44,10 +44,12 @@ def required(dtype: str = "auto", kv_cache_dtype: str = "auto", block_size: int 
     """What every target needs before code generation: weights quantized as asked (`quantize`: a
     quantize-weights pass spec, from `--quant`) and the others in the requested type, the ABI's
     logits rows and the paged KV cache of the requested type and block (`--dtype`,
-    `--kv-cache-dtype`, `--block-size`; a paged-kv that already ran decides the block)."""
+    `--kv-cache-dtype`, `--block-size`; a paged-kv that already ran decides the block). Then
+    fuse-rope-kv-append, an optimization every target implements, which must see the pool's
+    type (it leaves quantized pools alone)."""
     return (f"{quantize + ',' if quantize else ''}cast-weights{{dtype={dtype}}},prune-logits,"
             f"paged-kv{{block-size={block_size}}},"
-            f"kv-cache-dtype{{dtype={kv_cache_dtype}}},dce")
+            f"kv-cache-dtype{{dtype={kv_cache_dtype}}},fuse-rope-kv-append,dce")
 
 
 def default_pipeline(block_size: int = DEFAULT_BLOCK_SIZE) -> str:

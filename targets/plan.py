@@ -482,6 +482,14 @@ class _Planner:
                 pool=Ref("pool"), num_blocks=Dim("num_blocks"), layer=op.layer.value.data, k=k.ref, ld_k=k.ld,
                 v=v.ref, ld_v=v.ld, slot_mapping=Ref("input", "slot_mapping"), T=Dim("T")))
             return
+        if isinstance(op, L.RopeKVAppendOp):
+            q, k, v = self.act(op.q), self.act(op.k), self.act(op.v)
+            out = self.alloc(op.q_result, q.rows, index)
+            self.emit("rope_kv_append", _rope_params(op) | self.pool_params(), dict(
+                out=out.ref, ld_out=out.ld, q=q.ref, ld_q=q.ld, k=k.ref, ld_k=k.ld, v=v.ref, ld_v=v.ld,
+                positions=_input(self, op.positions), pool=Ref("pool"), num_blocks=Dim("num_blocks"),
+                layer=op.layer.value.data, slot_mapping=Ref("input", "slot_mapping"), T=Dim("T")))
+            return
         rule = _RULES.get(type(op))
         if rule is None:
             raise LlmircError(f"cpu target: no kernel for {_describe(op)}")
@@ -600,11 +608,14 @@ def _paged_attention(p: _Planner, op: L.PagedAttentionOp):
         "positions": Ref("input", "positions")}
 
 
-def _rope(p: _Planner, op: L.RopeOp):
+def _rope_params(op: L.RopeOp | L.RopeKVAppendOp) -> dict:
     inv_freq = [float(x) for x in op.inv_freq.get_values()]
-    params = {"num_heads": _i(op.num_heads), "head_dim": _i(op.head_dim), "rotary_dim": 2 * len(inv_freq),
-              "style": op.style.data, "inv_freq": inv_freq, "scaling": _f(op.scaling)}
-    return "rope", params, {**p.mat("x", op.input), "positions": _input(p, op.positions)}
+    return {"num_heads": _i(op.num_heads), "head_dim": _i(op.head_dim), "rotary_dim": 2 * len(inv_freq),
+            "style": op.style.data, "inv_freq": inv_freq, "scaling": _f(op.scaling)}
+
+
+def _rope(p: _Planner, op: L.RopeOp):
+    return "rope", _rope_params(op), {**p.mat("x", op.input), "positions": _input(p, op.positions)}
 
 
 def _input(p: _Planner, v: SSAValue) -> Ref:

@@ -65,6 +65,12 @@ kv_append {num_layers, num_kv_heads, head_dim, block_size, kv_dtype}: pool is
     (rint(code * old / new)). A block whose first token goes to offset 0 starts afresh. (The CPU
     does this token by token; the GPU targets once per call for the tokens it writes into a block,
     so their codes may differ by a step.)
+rope_kv_append {num_heads, num_kv_heads, head_dim, rotary_dim, style, inv_freq, scaling, num_layers,
+                block_size, kv_dtype}: rope and kv_append of one attention layer in one pass
+    (the fuse-rope-kv-append pass): out[t] = rope(q[t]) over num_heads heads (out may equal q),
+    and for slot_mapping[t] >= 0, K = rope(k[t]) over num_kv_heads heads and V = v[t] written as
+    kv_append writes them, rounded once to the pool's dtype (a float dtype: quantized pools keep
+    the separate kernels). k and v are only read. Each token's cos and sin are computed once.
 paged_attention {num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window, kv_dtype, num_layers}:
     for token t of sequence b (query_start_loc[b] <= t < query_start_loc[b+1]), p = positions[t],
     head h, kv head g = h / (num_heads / num_kv_heads): keys j in [lo, hi] with
@@ -170,6 +176,12 @@ _SIGNATURES = [
                             "block_size": REQUIRED, "kv_dtype": "float32"},
               (_ptr("pool", "{kv_dtype}", "rw"), _i64("num_blocks"), _i64("layer"), *_mat("k"), *_mat("v"),
                _ptr("slot_mapping", "int32"), _i64("T"))),
+    Signature("rope_kv_append", {"num_heads": REQUIRED, "num_kv_heads": REQUIRED, "head_dim": REQUIRED,
+                                 "rotary_dim": None, "style": "neox", "inv_freq": REQUIRED, "scaling": 1.0,
+                                 "num_layers": REQUIRED, "block_size": REQUIRED, "kv_dtype": "float32"},
+              (*_OUT, *_mat("q"), *_mat("k"), *_mat("v"), _ptr("positions", "int32"),
+               _ptr("pool", "{kv_dtype}", "rw"), _i64("num_blocks"), _i64("layer"), _ptr("slot_mapping", "int32"),
+               _i64("T"))),
     Signature("paged_attention", {"num_heads": REQUIRED, "num_kv_heads": REQUIRED, "head_dim": REQUIRED,
                                   "block_size": REQUIRED, "scale": REQUIRED, "sliding_window": 0,
                                   "kv_dtype": "float32", "num_layers": 0},

@@ -52,6 +52,12 @@ ROPE = {
     "rope_big": dict(num_heads=2, head_dim=128, rotary_dim=128, style="neox",
                      inv_freq=_inv_freq(128, 1e6), scaling=1.0),
 }
+# rope_kv_append: a rope of ROPE's (q heads), its kv heads, the pool's block size and dtype
+RKV = {
+    "rkv_neox": ("rope_neox", 1, 4, "float32"),
+    "rkv_partial_inter": ("rope_partial_inter", 2, 4, "bfloat16"),
+    "rkv_big": ("rope_big", 1, 16, "float16"),
+}
 ATTN = {  # H, G, head_dim, block_size, sliding_window
     "attn_mha": (4, 4, 16, 4, 0),
     "attn_gqa2": (4, 2, 8, 16, 0),
@@ -95,6 +101,8 @@ def _specs():
                           dict(n=n, k=k, bias=flags == "11", residual=flags == "11", w_dtype=dt)))
     for name, p in ROPE.items():
         s.append((name, "rope", p))
+    for name, (rope, G, bs, dt) in RKV.items():
+        s.append((name, "rope_kv_append", dict(ROPE[rope], num_kv_heads=G, num_layers=2, block_size=bs, kv_dtype=dt)))
     s.append(("kv_app", "kv_append", dict(num_layers=2, num_kv_heads=2, head_dim=12,
                                            block_size=4)))
     s.append(("kv_app1", "kv_append", dict(num_layers=1, num_kv_heads=1, head_dim=64,
@@ -468,6 +476,42 @@ def test_kv_append_half(lib, rng, dtype):
                 expect[1, 1, s // bs, g, s % bs] = dtypes.from_float32(v[t, g * hd:(g + 1) * hd], dtype)
     getattr(lib, f"kv_app_{dtype}")(pool, nb, 1, kb, ld(kb), vb, ld(vb), slots, T)
     np.testing.assert_array_equal(pool, expect)
+
+
+@pytest.mark.parametrize("name", list(RKV))
+@pytest.mark.parametrize("T", ROWS)
+def test_rope_kv_append(lib, rng, name, T):
+    """rope of q into out, rope of k and v into the pool by slot (rounded once to its dtype), in
+    one kernel: as rope then kv_append give them; q, k and v untouched, other slots too."""
+    rope, G, bs, dt = RKV[name]
+    p = ROPE[rope]
+    H, hd = p["num_heads"], p["head_dim"]
+    nb = 40
+    pool, _ = stored(rng, (2, 2, nb, G, bs, hd), dt)
+    qb, q = buf(rng, T, H * hd, pad=3)
+    kb, k = buf(rng, T, G * hd, pad=2)
+    vb, v = buf(rng, T, G * hd, pad=5)
+    inputs = [a.copy() for a in (qb, kb, vb)]
+    pos = rng.integers(0, 100_000, max(T, 1)).astype(np.int32)
+    slots = rng.permutation(nb * bs)[:max(T, 1)].astype(np.int32)
+    slots[::4] = -1
+    ob, out = buf(rng, T, H * hd, fill=np.nan)
+    before = pool.copy()
+    getattr(lib, name)(ob, ld(ob), qb, ld(qb), kb, ld(kb), vb, ld(vb), pos, pool, nb, 1, slots, T)
+    np.testing.assert_allclose(out, ref_rope(q, pos[:T], p), rtol=1e-5, atol=1e-5)
+    check_guard(ob, T, H * hd)
+    for a, b in zip((qb, kb, vb), inputs):
+        np.testing.assert_array_equal(a, b)
+    k_rot = ref_rope(k, pos[:T], dict(p, num_heads=G))
+    got = dtypes.to_float32(pool, dt).astype(np.float64)
+    expect = dtypes.to_float32(before, dt).astype(np.float64)
+    for t in range(T):
+        if slots[t] >= 0:
+            blk, off = divmod(int(slots[t]), bs)
+            expect[1, 0, blk, :, off] = k_rot[t].reshape(G, hd)
+            expect[1, 1, blk, :, off] = dtypes.to_float32(dtypes.from_float32(v[t], dt), dt).reshape(G, hd)
+    tol = {"float32": 1e-5, "bfloat16": 2 ** -8, "float16": 2 ** -10}[dt]  # k rounded once, after an f32 rope
+    np.testing.assert_allclose(got, expect, rtol=tol, atol=1e-5)
 
 
 BATCHES = {

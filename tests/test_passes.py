@@ -111,6 +111,31 @@ def test_paged_kv_rewrites_attention():
     assert f.get_return_op().operands[-1] is appends[-1].result
 
 
+def test_fuse_rope_kv_append():
+    m = apply(decoder(), "paged-kv,fuse-rope-kv-append")
+    assert not ops(m, L.RopeOp) and not ops(m, L.KVAppendOp)
+    fused, paged = ops(m, L.RopeKVAppendOp), ops(m, L.PagedAttentionOp)
+    assert [f.layer.value.data for f in fused] == [0, 1, 2]
+    assert all(p.q is f.q_result and p.pool is f.pool_result for f, p in zip(fused, paged))
+    assert fused[1].pool is fused[0].pool_result  # the pool still threads through the layers in order
+    assert forward_func(m).get_return_op().operands[-1] is fused[-1].pool_result
+    assert fused[0].num_heads.value.data == 4 and fused[0].k.type.get_shape()[1] == 2 * 16
+    text = print_ir(m)
+    assert '"llmir.rope_kv_append"' in text
+    m.verify()
+
+
+def test_fuse_rope_kv_append_near_misses():
+    """An int8 pool (its kv_append quantizes runs of tokens), and a rotated k read elsewhere too."""
+    m = apply(decoder(), "paged-kv,kv-cache-dtype{dtype=int8},fuse-rope-kv-append")
+    assert not ops(m, L.RopeKVAppendOp) and len(ops(m, L.KVAppendOp)) == 3
+    m = apply(decoder(), "paged-kv")
+    kv = ops(m, L.KVAppendOp)[0]
+    kv.parent_block().insert_op_after(L.AddOp(kv.k, kv.k), kv)
+    m = apply(m, "fuse-rope-kv-append")
+    assert [f.layer.value.data for f in ops(m, L.RopeKVAppendOp)] == [1, 2]
+
+
 @pytest.mark.parametrize("spec,message", [
     ("fuse-everything", "Unrecognized passes"),
     ("paged-kv{block-size=12}", "power of two"),

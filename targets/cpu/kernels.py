@@ -570,97 +570,141 @@ def _amx_linear(module, fn, b, p):
 
 # --- rope
 
-def _emit_rope(module, fn, b, p, cpu):
-    vw = cpu.vector_width
+def _rope_table(module, fn, p):
+    """(rotary_dim, the inv_freq table as an internal constant) of a rope's params, checked."""
     rot = p.head_dim if p.rotary_dim is None else p.rotary_dim
     _positive(num_heads=p.num_heads, head_dim=p.head_dim, rotary_dim=rot)
     if rot % 2 or rot > p.head_dim:
         raise ValueError(f"rope: rotary_dim {rot} must be even and <= head_dim {p.head_dim}")
     if p.style not in ("neox", "interleaved"):
         raise ValueError(f"rope: unknown style {p.style!r}")
-    half = rot // 2
     inv = [float(v) for v in p.inv_freq]
-    if len(inv) != half:
-        raise ValueError(f"rope: inv_freq has {len(inv)} values, expected {half}")
-    scaling = float(p.scaling)
-
-    tab_ty = ir.ArrayType(F32, half)
+    if len(inv) != rot // 2:
+        raise ValueError(f"rope: inv_freq has {len(inv)} values, expected {rot // 2}")
+    tab_ty = ir.ArrayType(F32, rot // 2)
     tab = ir.GlobalVariable(module, tab_ty, module.get_unique_name(fn.name + ".inv_freq"))
     tab.global_constant = True
     tab.linkage = "internal"
     tab.initializer = ir.Constant(tab_ty, [f32(v) for v in inv])
+    return rot, tab
+
+
+def _cos_sin(cb, p, tab, position):
+    """Arrays of cos(a) * scaling and sin(a) * scaling, a = position * inv_freq[i] (one f32 multiply)."""
+    half = tab.value_type.count
+    cos = irb.var(cb, tab.value_type, name="cos")
+    sin = irb.var(cb, tab.value_type, name="sin")
+    pos = cb.sitofp(cb.trunc(position, irb.I32), F32)
+    with irb.for_range(cb, 0, half, 1, "f") as i:
+        a = cb.fmul(pos, irb.load_f32(cb, tab, i))
+        cs, sn = irb.libm(cb, "cosf", a), irb.libm(cb, "sinf", a)
+        if float(p.scaling) != 1.0:
+            cs, sn = cb.fmul(cs, f32(float(p.scaling))), cb.fmul(sn, f32(float(p.scaling)))
+        cb.store(cs, irb.gep(cb, cos, i))
+        cb.store(sn, irb.gep(cb, sin, i))
+    return cos, sin
+
+
+def _rotate_heads(cb, p, vw, rot, cos, sin, src, nh, dst, dst_head_stride, st):
+    """dst[h * dst_head_stride + i] = rope(src[h * head_dim + i]) for nh heads (f32 src; dst stored
+    as `st`, an irbuilder.Storage); columns past rot copied. dst may be src."""
+    half = rot // 2
+    with irb.for_range(cb, 0, nh, 1, "h") as h:
+        xh = irb.gep(cb, src, cb.mul(h, i64(p.head_dim)))
+        oh = st.gep(cb, dst, cb.mul(h, i64(dst_head_stride)))
+
+        def rotate(cb, off, w, slot):
+            c = irb.load_vec(cb, cos, off, w)
+            s = irb.load_vec(cb, sin, off, w)
+            if p.style == "neox":
+                off2 = cb.add(off, i64(half))
+                x1, x2 = irb.load_vec(cb, xh, off, w), irb.load_vec(cb, xh, off2, w)
+            else:
+                pair = irb.load_vec(cb, xh, cb.mul(off, i64(2)), 2 * w)
+                x1 = irb.shuffle(cb, pair, pair, range(0, 2 * w, 2))
+                x2 = irb.shuffle(cb, pair, pair, range(1, 2 * w, 2))
+            y1 = cb.fsub(cb.fmul(x1, c), cb.fmul(x2, s))
+            y2 = cb.fadd(cb.fmul(x2, c), cb.fmul(x1, s))
+            if p.style == "neox":
+                st.store(cb, y1, oh, off)
+                st.store(cb, y2, oh, off2)
+            else:
+                inter = [v for i in range(w) for v in (i, w + i)]
+                st.store(cb, irb.shuffle(cb, y1, y2, inter), oh, cb.mul(off, i64(2)))
+        irb.vector_loop(cb, half, vw, rotate)
+        if rot < p.head_dim:
+            xp, op = irb.gep(cb, xh, rot), st.gep(cb, oh, rot)
+            irb.vector_loop(cb, p.head_dim - rot, vw, lambda cb, off, w, s: st.store(
+                cb, irb.load_vec(cb, xp, off, w), op, off))
+
+
+def _emit_rope(module, fn, b, p, cpu):
+    rot, tab = _rope_table(module, fn, p)
 
     def body(cb, t, A):
-        cos = irb.var(cb, tab_ty, name="cos")
-        sin = irb.var(cb, tab_ty, name="sin")
-        pos = cb.sitofp(cb.trunc(irb.load_i32(cb, A.positions, t), irb.I32), F32)
-        with irb.for_range(cb, 0, half, 1, "f") as i:
-            a = cb.fmul(pos, irb.load_f32(cb, tab, i))
-            cs, sn = irb.libm(cb, "cosf", a), irb.libm(cb, "sinf", a)
-            if scaling != 1.0:
-                cs, sn = cb.fmul(cs, f32(scaling)), cb.fmul(sn, f32(scaling))
-            cb.store(cs, irb.gep(cb, cos, i))
-            cb.store(sn, irb.gep(cb, sin, i))
-        x, o = _row(cb, A.x, t, A.ld_x), _row(cb, A.out, t, A.ld_out)
-        with irb.for_range(cb, 0, p.num_heads, 1, "h") as h:
-            base = cb.mul(h, i64(p.head_dim))
-            xh, oh = irb.gep(cb, x, base), irb.gep(cb, o, base)
+        cos, sin = _cos_sin(cb, p, tab, irb.load_i32(cb, A.positions, t))
+        _rotate_heads(cb, p, cpu.vector_width, rot, cos, sin, _row(cb, A.x, t, A.ld_x), p.num_heads,
+                      _row(cb, A.out, t, A.ld_out), p.head_dim, _F32)
+    _rows(module, fn, b, _arg(fn, "T"), 20 * rot + 4 * p.num_heads * p.head_dim, body)
 
-            def rotate(cb, off, w, slot):
-                c = irb.load_vec(cb, cos, off, w)
-                s = irb.load_vec(cb, sin, off, w)
-                if p.style == "neox":
-                    off2 = cb.add(off, i64(half))
-                    x1, x2 = irb.load_vec(cb, xh, off, w), irb.load_vec(cb, xh, off2, w)
-                else:
-                    off2 = None
-                    pair = irb.load_vec(cb, xh, cb.mul(off, i64(2)), 2 * w)
-                    x1 = irb.shuffle(cb, pair, pair, range(0, 2 * w, 2))
-                    x2 = irb.shuffle(cb, pair, pair, range(1, 2 * w, 2))
-                y1 = cb.fsub(cb.fmul(x1, c), cb.fmul(x2, s))
-                y2 = cb.fadd(cb.fmul(x2, c), cb.fmul(x1, s))
-                if p.style == "neox":
-                    irb.store_vec(cb, y1, oh, off)
-                    irb.store_vec(cb, y2, oh, off2)
-                else:
-                    inter = [v for i in range(w) for v in (i, w + i)]
-                    irb.store_vec(cb, irb.shuffle(cb, y1, y2, inter), oh, cb.mul(off, i64(2)))
-            irb.vector_loop(cb, half, vw, rotate)
-            if rot < p.head_dim:
-                xp, op = irb.gep(cb, xh, rot), irb.gep(cb, oh, rot)
-                irb.vector_loop(cb, p.head_dim - rot, vw, lambda cb, off, w, s: irb.store_vec(
-                    cb, irb.load_vec(cb, xp, off, w), op, off))
-    _rows(module, fn, b, _arg(fn, "T"), 40 * half + 4 * p.num_heads * p.head_dim, body)
+
+def _emit_rope_kv_append(module, fn, b, p, cpu):
+    if p.kv_dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"rope_kv_append: a {p.kv_dtype} pool keeps rope and kv_append (float pools only)")
+    _positive(num_layers=p.num_layers, num_kv_heads=p.num_kv_heads, block_size=p.block_size)
+    rot, tab = _rope_table(module, fn, p)
+    G, hd, bs = p.num_kv_heads, p.head_dim, p.block_size
+    st = irb.storage(p.kv_dtype)
+
+    def body(cb, t, A):
+        cos, sin = _cos_sin(cb, p, tab, irb.load_i32(cb, A.positions, t))
+        _rotate_heads(cb, p, cpu.vector_width, rot, cos, sin, _row(cb, A.q, t, A.ld_q), p.num_heads,
+                      _row(cb, A.out, t, A.ld_out), hd, _F32)
+        s = irb.load_i32(cb, A.slot_mapping, t)
+        with cb.if_then(cb.icmp_signed(">=", s, i64(0))):
+            kdst, vdst = _slot_rows(cb, A, s, G, hd, bs, st)
+            _rotate_heads(cb, p, cpu.vector_width, rot, cos, sin, _row(cb, A.k, t, A.ld_k), G, kdst, bs * hd, st)
+            vsrc = _row(cb, A.v, t, A.ld_v)
+            for g in range(G):
+                _copy_head(cb, cpu.vector_width, st, hd, st.gep(cb, vdst, g * bs * hd), irb.gep(cb, vsrc, g * hd))
+    _rows(module, fn, b, _arg(fn, "T"), 20 * rot + 4 * (p.num_heads + 2 * G) * hd, body)
 
 
 # --- KV cache
 
+def _slot_rows(cb, A, s, G, hd, bs, st):
+    """Pointers to pool[layer, 0, s / bs, 0, s % bs, 0] and its V counterpart (kv head g is
+    g * bs * hd elements further)."""
+    blk, off = cb.sdiv(s, i64(bs)), cb.srem(s, i64(bs))
+    kv_stride = cb.mul(A.num_blocks, i64(G * bs * hd))
+    kbase = cb.add(cb.mul(cb.mul(A.layer, i64(2)), kv_stride),
+                   cb.add(cb.mul(blk, i64(G * bs * hd)), cb.mul(off, i64(hd))))
+    kdst = st.gep(cb, A.pool, kbase)
+    return kdst, st.gep(cb, kdst, kv_stride)
+
+
+def _copy_head(cb, vw, st, hd, dst, src):
+    """hd f32 values from src to dst, stored as `st`."""
+    if st.itemsize == 4:
+        irb.memcpy(cb, dst, src, hd * 4)
+    else:
+        irb.vector_loop(cb, hd, vw, lambda c, off, w, _: st.store(c, irb.load_vec(c, src, off, w), dst, off))
+
+
 def _emit_kv_append(module, fn, b, p, cpu):
-    vw = cpu.vector_width
     _positive(num_layers=p.num_layers, num_kv_heads=p.num_kv_heads, head_dim=p.head_dim,
               block_size=p.block_size)
     G, hd, bs = p.num_kv_heads, p.head_dim, p.block_size
     st = irb.storage(p.kv_dtype)
 
-    def copy(cb, dst, src):
-        if p.kv_dtype == "float32":
-            irb.memcpy(cb, dst, src, hd * 4)
-        else:
-            irb.vector_loop(cb, hd, vw, lambda c, off, w, _: st.store(c, irb.load_vec(c, src, off, w), dst, off))
-
     def body(cb, t, A):
         s = irb.load_i32(cb, A.slot_mapping, t)
         with cb.if_then(cb.icmp_signed(">=", s, i64(0))):
-            blk, off = cb.sdiv(s, i64(bs)), cb.srem(s, i64(bs))
-            kv_stride = cb.mul(A.num_blocks, i64(G * bs * hd))
-            kbase = cb.add(cb.mul(cb.mul(A.layer, i64(2)), kv_stride),
-                           cb.add(cb.mul(blk, i64(G * bs * hd)), cb.mul(off, i64(hd))))
-            kdst = st.gep(cb, A.pool, kbase)
-            vdst = st.gep(cb, kdst, kv_stride)
+            kdst, vdst = _slot_rows(cb, A, s, G, hd, bs, st)
             ksrc, vsrc = _row(cb, A.k, t, A.ld_k), _row(cb, A.v, t, A.ld_v)
             for g in range(G):
-                copy(cb, st.gep(cb, kdst, g * bs * hd), irb.gep(cb, ksrc, g * hd))
-                copy(cb, st.gep(cb, vdst, g * bs * hd), irb.gep(cb, vsrc, g * hd))
+                _copy_head(cb, cpu.vector_width, st, hd, st.gep(cb, kdst, g * bs * hd), irb.gep(cb, ksrc, g * hd))
+                _copy_head(cb, cpu.vector_width, st, hd, st.gep(cb, vdst, g * bs * hd), irb.gep(cb, vsrc, g * hd))
     _rows(module, fn, b, _arg(fn, "T"), 2 * G * hd, body, grain=4 * _GRAIN)
 
 
@@ -1190,6 +1234,7 @@ _EMITTERS = {
     "linear": _emit_linear,
     "rope": _emit_rope,
     "kv_append": _emit_kv_append,
+    "rope_kv_append": _emit_rope_kv_append,
     "paged_attention": _emit_paged_attention,
     "act_mul": _emit_act_mul,
     "act": _emit_act,

@@ -2,9 +2,8 @@
 
 Every kind of targets/signatures.py (static params, named typed arguments and semantics shared
 with the CPU target, so one plan drives both), plus the GPU-only fusions declared here the same
-way: add_rms_norm, add_layer_norm (norm.py), rope_kv_append (rope.py), argmax and sample
-(sampling.py). Storage dtypes (`w_dtype`, `dtype`, `kv_dtype`) may be float32, bfloat16 or
-float16; a KV pool (kv_append, paged_attention) may also be int8 or float8_e4m3fn (codes with a
+way: add_rms_norm, add_layer_norm (norm.py), argmax and sample (sampling.py). Storage dtypes
+(`w_dtype`, `dtype`, `kv_dtype`) may be float32, bfloat16 or float16; a KV pool (kv_append, paged_attention) may also be int8 or float8_e4m3fn (codes with a
 float32 scale per block; FP8 on the architectures that have it).
 
     rule = launch_rule("linear", {"n": 2048, "k": 2048, "w_dtype": "bfloat16"}, ARCHS["sm_90"])
@@ -36,8 +35,6 @@ def _i64(name):
 
 _OUT = (_ptr("out", access="w"), _i64("ld_out"))
 _ADD = (_ptr("h", access="rw"), _i64("ld_h"), _ptr("x"), _i64("ld_x"))
-_ROPE = {"num_heads": REQUIRED, "head_dim": REQUIRED, "rotary_dim": None, "style": "neox", "inv_freq": REQUIRED,
-         "scaling": 1.0}
 _LOGITS = (_ptr("tokens", "int32", "w"), _ptr("logits"), _i64("ld_logits"))
 
 GPU_SIGNATURES: dict[str, Signature] = {s.kind: s for s in (
@@ -45,12 +42,6 @@ GPU_SIGNATURES: dict[str, Signature] = {s.kind: s for s in (
     Signature("add_rms_norm", {"dim": REQUIRED, "eps": REQUIRED}, (*_OUT, *_ADD, _ptr("w"), _i64("T"))),
     Signature("add_layer_norm", {"dim": REQUIRED, "eps": REQUIRED, "bias": True},
               (*_OUT, *_ADD, _ptr("w"), _ptr("b", nullable=True), _i64("T"))),
-    # out[t] = rope(q[t]); rope(k[t]) and v[t] into the pool at slot_mapping[t] (< 0: skipped)
-    Signature("rope_kv_append", _ROPE | {"num_kv_heads": REQUIRED, "num_layers": REQUIRED, "block_size": REQUIRED,
-                                         "kv_dtype": "float32"},
-              (*_OUT, _ptr("q"), _i64("ld_q"), _ptr("k"), _i64("ld_k"), _ptr("v"), _i64("ld_v"),
-               _ptr("positions", "int32"), _ptr("pool", "{kv_dtype}", "rw"), _i64("num_blocks"), _i64("layer"),
-               _ptr("slot_mapping", "int32"), _i64("T"))),
     # tokens[l] = argmax logits[l]; or drawn with per-row temperature, top_k, top_p, seed, offset
     Signature("argmax", {"vocab": REQUIRED}, (*_LOGITS, _i64("L"))),
     Signature("sample", {"vocab": REQUIRED},

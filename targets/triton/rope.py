@@ -1,5 +1,5 @@
 """Rotary embedding and the paged KV write: rope, kv_append (semantics: targets/signatures.py) and
-the GPU-only fusion of both.
+their fusion, rope_kv_append.
 
 One program per token (grid (T, 1, 1)) handles all its heads: a [heads, rotary_dim/2] tile.
 The angle is positions[t] * inv_freq[i] (one f32 multiply; inv_freq is baked into the kernel
@@ -20,13 +20,9 @@ nearest even for FP8. So each call requantizes a block at most once, where the C
 kernel, walking the tokens one by one, may requantize it once per token of the run: the two
 targets' codes can differ by one step (the GPU's being the closer), never the scales.
 
-rope_kv_append {num_heads, num_kv_heads, head_dim, rotary_dim, style, inv_freq, scaling,
-                num_layers, block_size, kv_dtype}                                  (GPU only)
-    (out, ld_out, q, ld_q, k, ld_k, v, ld_v, positions, pool, num_blocks, layer, slot_mapping, T)
-    out[t] = rope(q[t]) (num_heads heads; out may equal q); for slot_mapping[t] = s >= 0:
-    pool[layer, 0, s / block_size, g, s % block_size, :] = rope(k[t])[g] and
-    pool[layer, 1, ...] = v[t][g] for each kv head g. k itself is not written: attention reads
-    the keys from the pool.
+rope_kv_append (the fuse-rope-kv-append pass; float pools): one program per token rotates its q
+heads into out and its k heads straight into their pool slots (one cos/sin per token for both),
+and copies v.
 """
 
 from __future__ import annotations
