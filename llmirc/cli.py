@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-from llmirc import __version__
+from llmirc import __version__, dtypes
 from llmirc.errors import LlmircError, internal_stage
 
 INTERNAL_ERROR = 3  # exit code of a bug in llmirc (user errors: 1, usage errors: 2)
@@ -428,7 +428,7 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
                    f"the {model.max_context} a request may use: longer requests are refused (lower --max-model-len "
                    "to match)", err=True)
     dtype = (model.bundle.manifest.get("kv_cache") or {}).get("dtype", "float32")
-    if kv_cache_dtype not in ("auto", dtype):
+    if kv_cache_dtype != "auto" and dtypes.kv_cache_dtype_name(kv_cache_dtype) != dtype:
         raise LlmircError(f"--kv-cache-dtype {kv_cache_dtype}: this bundle's KV cache is {dtype} (the cache dtype "
                           "is chosen when compiling: llmirc compile --kv-cache-dtype)")
     if chat_template is not None:

@@ -69,7 +69,19 @@ FLOAT32, BFLOAT16, FLOAT16 = _BY_KEY["float32"], _BY_KEY["bfloat16"], _BY_KEY["f
 FLOATS = (FLOAT32, BFLOAT16, FLOAT16)  # what weights and KV caches may be stored in
 SAFETENSORS_CODES = frozenset(d.safetensors for d in _ALL if d.safetensors)
 FP8_E4M3 = _BY_KEY["float8_e4m3fn"]
+FP8_NAMES = ("fp8", "fp8_e4m3", "float8_e4m3fn")  # --kv-cache-dtype spellings of FP8 E4M3 (vLLM's are the first two)
 QUANTIZED_KV = ("int8", "float8_e4m3fn")  # KV pools of codes with a float32 scale per block (targets/signatures.py)
+
+
+def kv_cache_dtype_name(option: str) -> str | None:
+    """The dtype name a `--kv-cache-dtype` value stands for (`fp8` -> float8_e4m3fn, `bf16` ->
+    bfloat16, ...), None for one that names no dtype (`auto`, a typo)."""
+    if option in FP8_NAMES:
+        return FP8_E4M3.name
+    try:
+        return dtype(option).name
+    except KeyError:
+        return None
 
 
 def dtype(key: str | DType | np.dtype | type) -> DType:

@@ -25,6 +25,7 @@ from xdsl.passes import ModulePass
 from xdsl.rewriter import Rewriter
 
 from llmirc import dialect as L
+from llmirc.dtypes import FP8_NAMES
 from llmirc.errors import LlmircError
 
 from .cast_weights import float_type, source_type
@@ -52,8 +53,11 @@ def kv_type(name: str, option: str):
     """The pool element type for a dtype option value: a float type, int8 or f8E4M3FN."""
     if name in ("int8", "i8"):
         return i8
-    if name in ("fp8", "fp8_e4m3", "float8_e4m3fn"):
+    if name in FP8_NAMES:
         return f8E4M3FN
+    if name in ("fp8_e5m2", "float8_e5m2"):
+        raise LlmircError(f"{option}: {name} is not supported (two mantissa bits); fp8 here is E4M3 "
+                          "(float8_e4m3fn), with a scale per block")
     try:
         return float_type(name, option)
     except LlmircError:

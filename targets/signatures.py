@@ -64,7 +64,11 @@ kv_append {num_layers, num_kv_heads, head_dim, block_size, kv_dtype}: pool is
     written so far; when a token needs a larger one, the block's codes are requantized to it
     (rint(code * old / new)). A block whose first token goes to offset 0 starts afresh. (The CPU
     does this token by token; the GPU targets once per call for the tokens it writes into a block,
-    so their codes may differ by a step.)
+    so their codes may differ by a step.) A quantized pool asks two things of the caller, which
+    the runtime's block allocation gives: a call writes a block's slots as one run of consecutive
+    tokens (no other token of the call writes that block), and K/V are finite (a NaN is not kept;
+    an infinity makes its block's scale infinite). An FP8 pool (float8_e4m3fn) is the same with
+    max|value| / 448 and codes rounded to nearest even in E4M3.
 rope_kv_append {num_heads, num_kv_heads, head_dim, rotary_dim, style, inv_freq, scaling, num_layers,
                 block_size, kv_dtype}: rope and kv_append of one attention layer in one pass
     (the fuse-rope-kv-append pass): out[t] = rope(q[t]) over num_heads heads (out may equal q),

@@ -153,14 +153,28 @@ def test_gpu_option_errors(llama, tmp_path):
                                                   "from mlir, ttir, ttgir, llir, ptx)"),
         # an fp8 KV cache: E4M3 conversions only from sm_89; none on the CPU
         (("--target", "cuda", "--kv-cache-dtype", "fp8"), "target cuda: no fp8 KV cache on sm_80 (FP8 E4M3 "
-                                                          "conversions need sm_89 or newer); give --arch sm_90"),
+                                                          "conversions need sm_89 or newer; sm_80,sm_90 is the "
+                                                          "default --arch); give --arch sm_90"),
         (("--target", "hip", "--arch", "gfx942", "--kv-cache-dtype", "fp8"), "target hip: no fp8 KV cache on gfx942"),
+        (("--kv-cache-dtype", "fp8_e5m2"), "--kv-cache-dtype: fp8_e5m2 is not supported"),
         (("--target", "cpu,cuda", "--arch", "sm_90", "--kv-cache-dtype", "fp8"),
          "target cpu: no kernel for a float8_e4m3fn (fp8) KV cache"),
     ]:
         r = llmirc("compile", tmp / "ckpt", *args, "-o", tmp_path / "x.llmir", "-q")
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert not (tmp_path / "x.llmir").exists()
+
+
+def test_kernel_limits_are_user_errors(tmp_path):
+    """Shapes a GPU kernel cannot take fail before anything is compiled, naming the target: the
+    float32 scales after an int8 pool's codes need block_size x head_dim even (head_dim 5 here)."""
+    make_checkpoint(tmp_path / "ckpt", "gpt2", hidden_size=20, num_attention_heads=4)
+    r = llmirc("compile", tmp_path / "ckpt", "--target", "cuda", "--arch", "sm_90", "--block-size", "1",
+               "--kv-cache-dtype", "int8", "-o", tmp_path / "m.llmir")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and not (tmp_path / "m.llmir").exists()
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: target cuda (sm_90): quantized KV pool: block_size 1 x head_dim 5 must be even on GPU targets "
+        "(the float32 scales after the codes must be 4-byte aligned)")
 
 
 def test_full_sequence_models_are_refused(tmp_path):

@@ -131,10 +131,19 @@ def test_fp8_kv_cache_kernels_on_hopper(compiled):
     params = {"num_layers": 2, "num_kv_heads": 1, "head_dim": 64, "block_size": 16, "kv_dtype": "float8_e4m3fn"}
     specs = [spec for kind, extra in (("kv_append", {}), ("paged_attention", {"num_heads": 4, "scale": 0.125}))
              for spec in launch_rule(kind, params | extra, ARCHS["sm_90"]).kernels().values()]
-    out = {r.metadata["symbol"]: sass(r.binary)
-           for r in compile_kernels([(spec, "sm_90") for spec in specs], cache_dir=cache, jobs=2)}
+    results = compile_kernels([(spec, "sm_90") for spec in specs], cache_dir=cache, jobs=2)
+    out = {r.metadata["symbol"]: sass(r.binary) for r in results}
     assert "F2FP.SATFINITE.E4M3.F32" in out["kv_append_quantized_kernel"]
     assert "E4M3.UNPACK" in out["paged_attention_prefill_kernel"] and "HGMMA." in out["paged_attention_prefill_kernel"]
+
+
+def test_quantized_kv_append_divides_as_the_cpu(compiled):
+    """The block scale and the factors derived from it are correctly rounded divisions (div.rn, as
+    the CPU's fdiv and the interpreter compute them), not Triton's default div.full / approx."""
+    out, _, _ = compiled
+    for arch in ("sm_80", "sm_90"):
+        ptx = out[("kv_append", "kv_append_quantized_kernel", arch)][0].asm["ptx"]
+        assert ptx.count("div.rn.f32") >= 3 and "div.full" not in ptx and "div.approx" not in ptx, arch
 
 
 def test_cache_hits_and_stage_times(compiled):

@@ -147,10 +147,11 @@ def _append_run(codes, scale, src, ld, t, off0, n, lead, QMAX: tl.constexpr, BS:
     x = tl.load(src + (t + i).to(tl.int64) * ld + d, mask=new_rows, other=0.0)
     old = tl.load(scale + tl.zeros([1, 1], tl.int32), mask=lead & (off0 > 0), other=0.0)
     amax = tl.max(tl.max(tl.abs(x), axis=1, keep_dims=True), axis=0, keep_dims=True)
-    new = tl.maximum(old, amax / QMAX)
+    # correctly rounded divisions (div.rn, not Triton's default div.full), as the CPU's: the same scales
+    new = tl.maximum(old, tl.div_rn(amax, tl.full([1, 1], QMAX, tl.float32)))
     safe = tl.where(new > 0, new, 1.0)
-    ratio = old / safe
-    inv = tl.where(new > 0, 1.0 / safe, 0.0)
+    ratio = tl.div_rn(old, safe)
+    inv = tl.where(new > 0, tl.div_rn(tl.full([1, 1], 1.0, tl.float32), safe), 0.0)
     kept = tl.load(codes + r * D + d, mask=old_rows).to(tl.float32) * ratio  # (masked lanes: not kept)
     dt = codes.dtype.element_ty
     tl.store(codes + r * D + d, _codes_of(tl.where(r < off0, kept, x * inv), QMAX, dt), mask=old_rows | new_rows)

@@ -62,6 +62,7 @@ class TritonBackend:
     def __init__(self, options):
         given = list(options.archs or ())
         mine = [a for a in given if get_arch(a).backend == self.kind]  # unknown names fail here
+        self.archs_given = bool(options.archs)
         self.archs = tuple(dict.fromkeys(mine)) if options.archs else DEFAULT_ARCHS[self.kind]
         if not self.archs:
             raise LlmircError(f"--arch {','.join(given)}: no {self.kind} architecture given "
@@ -83,9 +84,15 @@ class TritonBackend:
                               f"{', '.join(KV_STORAGE)}); give --kv-cache-dtype auto or compile with --target cpu")
         lacking = [a for a in self.archs if plan.pool.dtype == dtypes.FP8_E4M3.name and not get_arch(a).has_fp8_e4m3]
         if lacking:
-            why, hint = (("FP8 E4M3 conversions need sm_89 or newer", "--arch sm_90") if self.kind == "cuda" else
-                         ("AMD's FP8 here is the FNUZ kind, not E4M3FN", "--kv-cache-dtype int8"))
+            default = "" if self.archs_given else f"; {','.join(self.archs)} is the default --arch"
+            why, hint = ((f"FP8 E4M3 conversions need sm_89 or newer{default}", "--arch sm_90") if self.kind == "cuda"
+                         else ("gfx90a has no FP8, gfx942's is the FNUZ kind", "--kv-cache-dtype int8"))
             raise LlmircError(f"target {self.kind}: no fp8 KV cache on {', '.join(lacking)} ({why}); give {hint}")
+        for arch in self.archs:  # the kernels' own limits (head_dim, block shapes), before anything is compiled
+            try:
+                self.rules(plan, arch)
+            except ValueError as e:
+                raise LlmircError(f"target {self.kind} ({arch}): {e}") from None
 
     def rules(self, plan: Plan, arch: str) -> dict:
         """{symbol: Rule} of every plan kernel and of the sampling kinds, for one architecture."""
