@@ -1262,6 +1262,16 @@ def test_serve_bad_options(bundle, args, needles):
     assert_user_error(llmirc("serve", bundle, "--port", "0", *args), *needles)
 
 
+def test_kv_cache_dtype_spellings():
+    """`serve --kv-cache-dtype` is checked against the bundle's cache by what it names, so vLLM's
+    spellings of a compiled cache pass (fp8 for float8_e4m3fn)."""
+    from llmirc.dtypes import kv_cache_dtype_name
+    names = {o: kv_cache_dtype_name(o) for o in ("fp8", "fp8_e4m3", "float8_e4m3fn", "int8", "i8", "bf16", "float16")}
+    assert names == {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "float8_e4m3fn": "float8_e4m3fn",
+                     "int8": "int8", "i8": "int8", "bf16": "bfloat16", "float16": "float16"}
+    assert kv_cache_dtype_name("auto") is None and kv_cache_dtype_name("fp9") is None
+
+
 def test_serve_on_an_address_it_cannot_listen_on(bundle):
     """A port in use or a host that does not resolve is the user's error (exit 1, one line naming
     the address), not uvicorn's startup failure (its exit code 3 is llmirc's internal error)."""
