@@ -119,9 +119,8 @@ def kv_append_kernel(pool, num_blocks, layer, k, ld_k, v, ld_v, slot_mapping, T,
 @triton.jit
 def _rint(x):
     """x (f32, |x| < 2^22) rounded to the nearest integer, ties to even: the f32 add rounds (no
-    libdevice, so Triton's interpreter runs it too). ptxas fuses a product into the add (FFMA, as
-    the sm_90 SASS shows), which then rounds the exact product: a tie of the f32-rounded product
-    may round the other way than in the interpreter."""
+    libdevice, so Triton's interpreter runs it too). Give it a value, not a product: ptxas fuses a
+    product into the add (FFMA) and rounds the exact product instead (_codes_of clamps first)."""
     return (x + 12582912.0) - 12582912.0
 
 
@@ -229,20 +228,6 @@ def rule_rope(params, arch, args) -> Rule:
     return Rule("rope", params, args, [Variant(1, (Launch(spec, ("T", 1, 1)),))])
 
 
-def rule_kv_append(params, arch, args) -> Rule:
-    g, d = int(params["num_kv_heads"]), int(params["head_dim"])
-    if params["kv_dtype"] in dtypes.QUANTIZED_KV:
-        bs = int(params["block_size"])
-        check_quantized_pool(params, arch)
-        spec = kernel(kv_append_quantized_kernel, {
-            "G": g, "D": d, "BS": bs, "NUM_LAYERS": int(params["num_layers"]), "QMAX": QMAX[params["kv_dtype"]],
-            "BS_PAD": next_pow2(bs), "D_PAD": next_pow2(d)}, args, num_warps=_warps(next_pow2(bs) * next_pow2(d)))
-        return Rule("kv_append", params, args, [Variant(1, (Launch(spec, ("T", g, 1)),))])
-    spec = kernel(kv_append_kernel, {"G": g, "D": d, "BS": int(params["block_size"]), "G_PAD": next_pow2(g),
-                                     "D_PAD": next_pow2(d)}, args, num_warps=_warps(next_pow2(g) * next_pow2(d)))
-    return Rule("kv_append", params, args, [Variant(1, (Launch(spec, ("T", 1, 1)),))])
-
-
 QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0}  # a quantized pool's largest code
 
 
@@ -256,6 +241,20 @@ def check_quantized_pool(params, arch) -> None:
                          "be even on GPU targets (the float32 scales after the codes must be 4-byte aligned)")
     if params["kv_dtype"] == dtypes.FP8_E4M3.name and not arch.has_fp8_e4m3:
         raise ValueError(f"{arch.name} has no float8_e4m3fn conversions (sm_89 and newer have)")
+
+
+def rule_kv_append(params, arch, args) -> Rule:
+    g, d = int(params["num_kv_heads"]), int(params["head_dim"])
+    if params["kv_dtype"] in dtypes.QUANTIZED_KV:
+        bs = int(params["block_size"])
+        check_quantized_pool(params, arch)
+        spec = kernel(kv_append_quantized_kernel, {
+            "G": g, "D": d, "BS": bs, "NUM_LAYERS": int(params["num_layers"]), "QMAX": QMAX[params["kv_dtype"]],
+            "BS_PAD": next_pow2(bs), "D_PAD": next_pow2(d)}, args, num_warps=_warps(next_pow2(bs) * next_pow2(d)))
+        return Rule("kv_append", params, args, [Variant(1, (Launch(spec, ("T", g, 1)),))])
+    spec = kernel(kv_append_kernel, {"G": g, "D": d, "BS": int(params["block_size"]), "G_PAD": next_pow2(g),
+                                     "D_PAD": next_pow2(d)}, args, num_warps=_warps(next_pow2(g) * next_pow2(d)))
+    return Rule("kv_append", params, args, [Variant(1, (Launch(spec, ("T", 1, 1)),))])
 
 
 def rule_rope_kv_append(params, arch, args) -> Rule:
