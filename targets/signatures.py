@@ -60,21 +60,15 @@ kv_append {num_layers, num_kv_heads, head_dim, block_size, kv_dtype}: pool is
     with s = slot_mapping[t] >= 0 (s < 0 is skipped), blk = s / block_size, off = s % block_size:
     pool[layer, 0, blk, g, off, :] = k[t, g*head_dim : +head_dim], and V at index 1 likewise.
     An int8 pool (p.kv_dtype int8) is followed by float32 scales [num_layers, 2, num_blocks,
-    num_kv_heads]: K/V = scale * code. A block's scale is max|value| / 127 over the tokens
-    written so far; when a token needs a larger one, the block's codes are requantized to it
-    (rint(code * old / new)). A block whose first token goes to offset 0 starts afresh. (The CPU
-    does this token by token; the GPU targets once per call for the tokens it writes into a block,
-    so their codes may differ by a step.) A quantized pool asks two things of the caller, which
-    the runtime's block allocation gives: a call writes a block's slots as one run of consecutive
-    tokens (no other token of the call writes that block), and K/V are finite (a NaN is not kept;
-    an infinity makes its block's scale infinite). An FP8 pool (float8_e4m3fn) is the same with
-    max|value| / 448 and codes rounded to nearest even in E4M3.
-rope_kv_append {num_heads, num_kv_heads, head_dim, rotary_dim, style, inv_freq, scaling, num_layers,
-                block_size, kv_dtype}: rope and kv_append of one attention layer in one pass
-    (the fuse-rope-kv-append pass): out[t] = rope(q[t]) over num_heads heads (out may equal q),
-    and for slot_mapping[t] >= 0, K = rope(k[t]) over num_kv_heads heads and V = v[t] written as
-    kv_append writes them, rounded once to the pool's dtype (a float dtype: quantized pools keep
-    the separate kernels). k and v are only read. Each token's cos and sin are computed once.
+    num_kv_heads]: K/V = scale * code. A call writes a block's slots as one *run* of consecutive
+    tokens: its scale becomes new = max(old, max|run| / 127) (old = 0 when the run starts at
+    offset 0: the block starts afresh), the codes already in the block become rint(code * (old /
+    new)) (unchanged when it did not grow), and the run's rint(x * (1 / new)), clamped to
+    [-127, 127]; divisions correctly rounded. A quantized pool asks two things of the caller,
+    which the runtime's block allocation gives: no other token of the call writes that block, and
+    K/V are finite (a NaN is not kept; an infinity makes its block's scale infinite). An FP8
+    pool (float8_e4m3fn, GPU only) is the same with 448 for 127 and the E4M3 conversion's round
+    to nearest even for rint.
 paged_attention {num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window, kv_dtype, num_layers}:
     for token t of sequence b (query_start_loc[b] <= t < query_start_loc[b+1]), p = positions[t],
     head h, kv head g = h / (num_heads / num_kv_heads): keys j in [lo, hi] with

@@ -28,7 +28,7 @@ import pytest
 from llvmlite import ir
 
 import aarch64_emulator
-from helpers import int8_pool, one_worker_each
+from helpers import int8_pool, one_worker_each, ref_kv_append_quantized
 from llmirc import dtypes, quant
 from llmirc.quant import Scheme
 from llmirc.targets.cpu import amx
@@ -354,8 +354,9 @@ def test_qembedding(lib, rng, name, T):
 
 @pytest.mark.parametrize("G,hd,bs", [(2, 16, 4), (1, 64, 16)])
 def test_kv_append_int8(lib, rng, G, hd, bs):
-    """Tokens written in order into blocks: each (block, head)'s values come back within half a
-    step of its final scale per requantization, and the scale is max|value| / 127."""
+    """Tokens written in order into blocks: codes and scales bit for bit as the run arithmetic the
+    GPU targets share gives them (tests/helpers.py), each (block, head)'s values within half a
+    step of its final scale per requantization, and the scale max|value| / 127."""
     L, nb = 2, 9
     raw, codes, scales = int8_pool(L, G, hd, bs, nb)
     raw[:] = rng.integers(0, 255, raw.size)  # stale data: offset 0 starts a block afresh
@@ -371,7 +372,10 @@ def test_kv_append_int8(lib, rng, G, hd, bs):
         slots = np.array([blocks[s, t // bs] * bs + t % bs for s in range(3) for t in ts], np.int32)
         kb = np.concatenate([k_all[s, pos:pos + step] for s in range(3)])
         vb = np.concatenate([v_all[s, pos:pos + step] for s in range(3)])
+        want = ref_kv_append_quantized(codes, scales, 1, kb, vb, slots, G, hd, bs, "int8")
         getattr(lib, f"kv8_{G}_{hd}_{bs}")(raw, nb, 1, kb, G * hd, vb, G * hd, slots, len(slots))
+        np.testing.assert_array_equal(codes, want[0])
+        np.testing.assert_array_equal(scales, want[1])
         pos += step
     for s in range(3):
         for t in range(total):

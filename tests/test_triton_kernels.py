@@ -17,7 +17,8 @@ import pytest
 import torch
 import triton_interpreter  # noqa: F401  (bf16 fixes to Triton's interpreter)
 
-from helpers import buf, check_guard, int8_pool, ld, make_batch, ref_attention
+from helpers import (QMAX, buf, check_guard, code_values, fp8_values, int8_pool, ld, make_batch, ref_attention,
+                     ref_kv_append_quantized, to_codes)
 from llmirc.passes.onnx_fuse_norm import layer_norm as ref_layer_norm
 from llmirc.passes.onnx_fuse_norm import rms_norm as ref_rms_norm
 from llmirc.targets.triton.arch import ARCHS
@@ -315,63 +316,12 @@ def test_rope_kv_append(rng, name, kv_dtype):
         np.testing.assert_allclose(got, expect, rtol=2 ** -8, atol=1e-6)
 
 
-QMAX = {"int8": 127, "float8_e4m3fn": 448}
-
-
-def fp8_values(codes: np.ndarray) -> np.ndarray:
-    """float8_e4m3fn bytes (uint8) as float64."""
-    return torch.from_numpy(np.ascontiguousarray(codes).view(np.uint8)).view(torch.float8_e4m3fn).double().numpy()
-
-
-def code_values(codes: np.ndarray, kv_dtype: str) -> np.ndarray:
-    return codes.astype(np.float64) if kv_dtype == "int8" else fp8_values(codes)
-
-
-def to_codes(x: np.ndarray, kv_dtype: str) -> np.ndarray:
-    """f32 values already divided by the scale as codes: rint (int8), round to nearest even (FP8)."""
-    x = np.clip(x, -QMAX[kv_dtype], QMAX[kv_dtype]).astype(np.float32)
-    if kv_dtype == "int8":
-        return np.rint(x).astype(np.int8)
-    return torch.from_numpy(x).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-
-
 def quantized_pool(L, G, hd, bs, nb, kv_dtype):
     """int8_pool with the codes viewed as uint8 for FP8, and the device tensor of its bytes."""
     raw, codes, scales = int8_pool(L, G, hd, bs, nb)
     if kv_dtype == "int8":
         return raw, codes, scales, torch.from_numpy(raw.view(np.int8))
     return raw, codes.view(np.uint8), scales, torch.from_numpy(raw).view(torch.float8_e4m3fn)
-
-
-def ref_kv_append_quantized(codes, scales, layer, k, v, slots, G, hd, bs, kv_dtype):
-    """A quantized pool after one kv_append call, in the GPU kernel's f32 arithmetic: per run of
-    tokens into consecutive slots of one block, scale = max(old, max|run| / QMAX) (old = 0 for a
-    run at offset 0), earlier codes (code * (old / scale)) rounded, the run's (x * (1 / scale))."""
-    codes, scales = codes.copy(), scales.copy()
-    f32 = np.float32
-    t = 0
-    while t < len(slots):
-        s = slots[t]
-        if s < 0:
-            t += 1
-            continue
-        blk, off = divmod(int(s), bs)
-        n = 1
-        while t + n < len(slots) and off + n < bs and slots[t + n] == s + n:
-            n += 1
-        for kv, x in ((0, k), (1, v)):
-            for g in range(G):
-                rows = x[t:t + n, g * hd:(g + 1) * hd].astype(f32)
-                old = scales[layer, kv, blk, g] if off else f32(0)
-                new = max(old, f32(np.abs(rows).max()) / f32(QMAX[kv_dtype]))
-                ratio = old / new if new > 0 else f32(0)
-                inv = f32(1) / new if new > 0 else f32(0)
-                c = codes[layer, kv, blk, g]
-                c[:off] = to_codes(code_values(c[:off], kv_dtype).astype(f32) * ratio, kv_dtype)
-                c[off:off + n] = to_codes(rows * inv, kv_dtype)
-                scales[layer, kv, blk, g] = new
-        t += n
-    return codes, scales
 
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])

@@ -37,9 +37,11 @@ sub-group) to int8 first, into the `xq` scratch and in the weights' super-block 
   zeros. Threads claim row blocks dynamically (irbuilder.parallel_for). Long prefills run in token slices whose quantized
   activations stay in L2.
 
-The int8 KV cache (kv_append): one work item per (K or V, kv head) walks the tokens in order,
-so a block's scale (max|value| / 127 so far) only grows, and when a token needs a larger
-one the codes already in the block are requantized (rint(code * old / new)).
+The int8 KV cache (kv_append): one work item per (K or V, kv head) walks the tokens in order, a
+run at a time (the tokens going to consecutive slots of one block), so a block's scale (max|value|
+/ 127 so far) only grows; when a run needs a larger one, the codes already in the block are
+requantized once (rint(code * old / new)) and the run is quantized at the new scale: the GPU
+targets' arithmetic (targets/triton/rope.py), so both give the same codes.
 """
 
 from __future__ import annotations
@@ -725,18 +727,33 @@ def _emit_kv_append_int8(module, fn, b, A, p):
         plane = cb.add(cb.mul(X.layer, i64(2)), kv)  # (layer, kv)
         codes = irb.gep(cb, X.pool, cb.mul(cb.mul(plane, X.num_blocks), i64(chunk)), I8)
         scales = irb.gep(cb, X.pool, cb.mul(X.num_blocks, i64(nl * 2 * chunk)), I8)
-        with irb.for_range(cb, 0, X.T, 1, "tok") as t:
-            slot = irb.load_i32(cb, X.slot_mapping, t)
+        tok = irb.var(cb, I64, i64(0), "tok")
+        with irb.while_(cb, lambda c: c.icmp_signed("<", c.load(tok), X.T), "tok"):
+            t0 = cb.load(tok)
+            slot = irb.load_i32(cb, X.slot_mapping, t0)
+            n = irb.var(cb, I64, i64(1), "n")
             with cb.if_then(cb.icmp_signed(">=", slot, i64(0))):
                 blk, off = cb.sdiv(slot, i64(bs)), cb.srem(slot, i64(bs))
-                src = irb.gep(cb, src0, cb.add(cb.mul(t, ld), cb.mul(g, i64(hd))))
+
+                def continues(c):  # token t0 + n goes to the next slot of the block
+                    m = c.load(n)
+                    tn = c.add(t0, m)
+                    inside = c.and_(c.icmp_signed("<", tn, X.T), c.icmp_signed("<", c.add(off, m), i64(bs)))
+                    nxt = irb.load_i32(c, X.slot_mapping, irb.imin(c, tn, c.sub(X.T, i64(1))))
+                    return c.and_(inside, c.icmp_signed("==", nxt, c.add(slot, m)))
+                with irb.while_(cb, continues, "run"):
+                    cb.store(cb.add(cb.load(n), i64(1)), n)
+                rows = cb.load(n)
+                src = irb.gep(cb, src0, cb.add(cb.mul(t0, ld), cb.mul(g, i64(hd))))
                 head = irb.gep(cb, codes, cb.add(cb.mul(blk, i64(chunk)), cb.mul(g, i64(bs * hd))), I8)
                 sptr = irb.gep(cb, scales, cb.mul(cb.add(cb.mul(plane, X.num_blocks), blk), i64(4 * G)), I8)
                 sptr = irb.gep(cb, sptr, g)
                 amax = irb.var(cb, F32, f32(0.0), "amax")
-                with irb.for_range(cb, 0, hd, 1, "d") as d:
-                    cb.store(irb.fmax(cb, cb.load(amax), irb.intrinsic(cb, "llvm.fabs", [irb.load_f32(cb, src, d)])),
-                             amax)
+                with irb.for_range(cb, 0, rows, 1, "r") as r:
+                    row = irb.gep(cb, src, cb.mul(r, ld))
+                    with irb.for_range(cb, 0, hd, 1, "d") as d:
+                        cb.store(irb.fmax(cb, cb.load(amax), irb.intrinsic(cb, "llvm.fabs", [irb.load_f32(cb, row, d)])),
+                                 amax)
                 need = cb.fdiv(cb.load(amax), f32(127.0))
                 fresh = cb.icmp_signed("==", off, i64(0))
                 old = cb.select(fresh, f32(0.0), cb.load(sptr, typ=F32, align=1))
@@ -750,11 +767,14 @@ def _emit_kv_append_int8(module, fn, b, A, p):
                         cb.store(cb.fptosi(irb.intrinsic(cb, "llvm.rint", [v]), I8), ptr)
                 cb.store(new, sptr, align=1)
                 inv = cb.select(cb.fcmp_ordered(">", new, f32(0.0)), cb.fdiv(f32(1.0), new), f32(0.0))
-                dst = irb.gep(cb, head, cb.mul(off, i64(hd)), I8)
-                with irb.for_range(cb, 0, hd, 1, "q") as d:
-                    q = irb.intrinsic(cb, "llvm.rint", [cb.fmul(irb.load_f32(cb, src, d), inv)])
-                    q = irb.fmin(cb, irb.fmax(cb, q, f32(-127.0)), f32(127.0))
-                    cb.store(cb.fptosi(q, I8), irb.gep(cb, dst, d, I8))
+                with irb.for_range(cb, 0, rows, 1, "r") as r:
+                    row = irb.gep(cb, src, cb.mul(r, ld))
+                    dst = irb.gep(cb, head, cb.mul(cb.add(off, r), i64(hd)), I8)
+                    with irb.for_range(cb, 0, hd, 1, "q") as d:
+                        q = irb.intrinsic(cb, "llvm.rint", [cb.fmul(irb.load_f32(cb, row, d), inv)])
+                        q = irb.fmin(cb, irb.fmax(cb, q, f32(-127.0)), f32(127.0))
+                        cb.store(cb.fptosi(q, I8), irb.gep(cb, dst, d, I8))
+            cb.store(cb.add(t0, cb.load(n)), tok)
     per_item = b.add(b.mul(A.T, i64(8 * hd)), i64(1))  # each item walks all T tokens
     irb.parallel_for(module, b, i64(2 * G), body, b.add(b.sdiv(i64(_GRAIN), per_item), i64(1)))
     b.ret_void()

@@ -16,9 +16,8 @@ head, K and V each as one [block_size, head_dim] tile: the block's scale becomes
 max|run| / QMAX) (QMAX 127 for int8, 448 for FP8 E4M3; old = 0 when the run starts the block),
 the codes already in the block are requantized to it (code * old / new, rounded: a no-op when it
 did not grow), and the run's codes are x / new rounded: rint for int8, the conversion's round to
-nearest even for FP8. So each call requantizes a block at most once, where the CPU's int8
-kernel, walking the tokens one by one, may requantize it once per token of the run: the two
-targets' codes can differ by one step (the GPU's being the closer), never the scales.
+nearest even for FP8. So each call requantizes a block at most once, in the CPU's int8 kernel's
+arithmetic (correctly rounded divisions included): both targets give the same codes and scales.
 
 rope_kv_append (the fuse-rope-kv-append pass; float pools): one program per token rotates its q
 heads into out and its k heads straight into their pool slots (one cos/sin per token for both),
