@@ -536,11 +536,16 @@ class RopeOp(_LlmirOp):
             "scaling": _f(scaling), "style": StringAttr(style)})
 
     def verify_(self) -> None:
-        h, d = self.num_heads.value.data, self.head_dim.value.data
-        _rows(self.input, h * d)
-        half = len(self.inv_freq.get_values())
-        _check(0 < 2 * half <= d, f"rope: rotary dim {2 * half} exceeds head dim {d}")
-        _check(self.style.data in ("neox", "interleaved"), f"rope: unknown style {self.style.data}")
+        _rows(self.input, _check_rope(self))
+
+
+def _check_rope(op: "RopeOp | RopeKVAppendOp") -> int:
+    """Checks a rope's properties; returns the width of its q rows (num_heads * head_dim)."""
+    h, d = op.num_heads.value.data, op.head_dim.value.data
+    half = len(op.inv_freq.get_values())
+    _check(0 < 2 * half <= d, f"{op.name}: rotary dim {2 * half} exceeds head dim {d}")
+    _check(op.style.data in ("neox", "interleaved"), f"{op.name}: unknown style {op.style.data}")
+    return h * d
 
 
 class _AttentionShape(_LlmirOp):
@@ -639,16 +644,13 @@ class RopeKVAppendOp(_LlmirOp):
                                      ("num_heads", "head_dim", "inv_freq", "scaling", "style")} | {"layer": _i(layer)})
 
     def verify_(self) -> None:
-        h, d = self.num_heads.value.data, self.head_dim.value.data
         pool = self.pool.type
         assert isinstance(pool, KVPoolType)
+        d = self.head_dim.value.data
         _check(pool.head_dim.data == d, "rope_kv_append: pool head_dim mismatch")
-        _rows(self.q, h * d, "q")
+        _rows(self.q, _check_rope(self), "q")
         _rows(self.k, pool.kv_heads.data * d, "k")
         _rows(self.v, pool.kv_heads.data * d, "v")
-        half = len(self.inv_freq.get_values())
-        _check(0 < 2 * half <= d, f"rope_kv_append: rotary dim {2 * half} exceeds head dim {d}")
-        _check(self.style.data in ("neox", "interleaved"), f"rope_kv_append: unknown style {self.style.data}")
         _check(0 <= self.layer.value.data < pool.layers.data, "rope_kv_append: layer out of range")
 
 
