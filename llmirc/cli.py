@@ -415,6 +415,13 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
     if max_num_batched_tokens < max_num_seqs:
         raise LlmircError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-num-seqs "
                           f"({max_num_seqs})")
+    if kv_cache_dtype != "auto":  # vLLM's flag; the cache type was chosen when compiling (checked before loading)
+        from llmirc.artifact_format.reader import read_manifest
+
+        dtype = (read_manifest(bundle, str(bundle)).get("kv_cache") or {}).get("dtype", "float32")
+        if dtypes.kv_cache_dtype_name(kv_cache_dtype) != dtype:
+            raise LlmircError(f"--kv-cache-dtype {kv_cache_dtype}: this bundle's KV cache is {dtype} (the cache "
+                              "dtype is chosen when compiling: llmirc compile --kv-cache-dtype)")
     model = _load(bundle, kv_cache_tokens, no_verify, max_batched_tokens=max_num_batched_tokens,
                   max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
                   threads=threads, target=target, gpu_memory_utilization=gpu_memory_utilization or 0.9,
@@ -427,10 +434,6 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
         click.echo(f"warning: --kv-cache-tokens {kv_cache_tokens} makes a KV cache of {capacity} tokens, less than "
                    f"the {model.max_context} a request may use: longer requests are refused (lower --max-model-len "
                    "to match)", err=True)
-    dtype = (model.bundle.manifest.get("kv_cache") or {}).get("dtype", "float32")
-    if kv_cache_dtype != "auto" and dtypes.kv_cache_dtype_name(kv_cache_dtype) != dtype:
-        raise LlmircError(f"--kv-cache-dtype {kv_cache_dtype}: this bundle's KV cache is {dtype} (the cache dtype "
-                          "is chosen when compiling: llmirc compile --kv-cache-dtype)")
     if chat_template is not None:
         from llmirc.runtime.chat_template import ChatTemplate
 
