@@ -17,7 +17,7 @@ import pytest
 import torch
 import triton_interpreter  # noqa: F401  (bf16 fixes to Triton's interpreter)
 
-from helpers import (QMAX, buf, check_guard, code_values, fp8_values, int8_pool, ld, make_batch, ref_attention,
+from helpers import (QMAX, buf, check_guard, code_values, int8_pool, ld, make_batch, ref_attention,
                      ref_kv_append_quantized, to_codes)
 from llmirc.passes.onnx_fuse_norm import layer_norm as ref_layer_norm
 from llmirc.passes.onnx_fuse_norm import rms_norm as ref_rms_norm
