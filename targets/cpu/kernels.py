@@ -50,6 +50,8 @@ from types import SimpleNamespace
 
 from llvmlite import ir
 
+from llmirc.dtypes import QUANTIZED_KV
+
 from . import amx
 from . import irbuilder as irb
 from .irbuilder import F32, I64, PTR, FAST, f32, i64
@@ -649,7 +651,7 @@ def _emit_rope(module, fn, b, p, cpu):
 
 
 def _emit_rope_kv_append(module, fn, b, p, cpu):
-    if p.kv_dtype not in ("float32", "bfloat16", "float16"):
+    if p.kv_dtype in QUANTIZED_KV:
         raise ValueError(f"rope_kv_append: a {p.kv_dtype} pool keeps rope and kv_append (float pools only)")
     _positive(num_layers=p.num_layers, num_kv_heads=p.num_kv_heads, block_size=p.block_size)
     rot, tab = _rope_table(module, fn, p)

@@ -43,7 +43,7 @@ import triton.language as tl
 
 from llmirc import dtypes
 
-from .rope import check_quantized_pool
+from .rope import check_quantized_pool, pool_scales
 from .spec import Launch, Rule, Variant, add, cdiv, eq, kernel, le, max_, min_, mul, next_pow2
 
 LOG2E = 1.4426950408889634
@@ -82,8 +82,7 @@ def _attend(q, ld_q, tok, head, row_ok, pool, num_blocks, layer, g, block_tables
     nb = num_blocks.to(tl.int64)
     V_OFF = nb * G * BS * D  # the V plane
     kv = pool + layer.to(tl.int64) * 2 * V_OFF + g * (BS * D)
-    scales = (pool + NUM_LAYERS * 2 * V_OFF).to(tl.pointer_type(tl.float32), bitcast=True)
-    scales += layer.to(tl.int64) * 2 * nb * G + g  # K's scale of block b: scales[b * G]; V's nb * G further
+    scales = pool_scales(pool, nb, layer, g, NUM_LAYERS, G, BS, D)  # (NUM_LAYERS > 0)
     G_STRIDE: tl.constexpr = G * BS * D
     acc = tl.zeros([M, D_PAD], tl.float32)
     m_i = tl.full([M], float("-inf"), tl.float32)

@@ -157,6 +157,14 @@ def _append_run(codes, scale, src, ld, t, off0, n, lead, QMAX: tl.constexpr, BS:
 
 
 @triton.jit
+def pool_scales(pool, nb, layer, g, NUM_LAYERS: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
+    """Pointer to a quantized pool's float32 scale of (layer, K, block 0, kv head g): block b's is
+    b * G further, V's nb * G further (the scales follow the codes of all NUM_LAYERS layers)."""
+    scales = (pool + NUM_LAYERS * 2 * nb * (G * BS * D)).to(tl.pointer_type(tl.float32), bitcast=True)
+    return scales + layer.to(tl.int64) * 2 * nb * G + g
+
+
+@triton.jit
 def kv_append_quantized_kernel(pool, num_blocks, layer, k, ld_k, v, ld_v, slot_mapping, T, G: tl.constexpr,
                                D: tl.constexpr, BS: tl.constexpr, NUM_LAYERS: tl.constexpr, QMAX: tl.constexpr,
                                BS_PAD: tl.constexpr, D_PAD: tl.constexpr):
@@ -173,12 +181,12 @@ def kv_append_quantized_kernel(pool, num_blocks, layer, k, ld_k, v, ld_v, slot_m
     n = tl.min(tl.where(nxt == slot + i, BS_PAD, i), axis=1, keep_dims=True)
     blk = (tl.maximum(slot, 0) // BS).to(tl.int64)
     nb = num_blocks.to(tl.int64)
-    scales = (pool + NUM_LAYERS * 2 * nb * (G * BS * D)).to(tl.pointer_type(tl.float32), bitcast=True)
+    scales = pool_scales(pool, nb, layer, g, NUM_LAYERS, G, BS, D)
     head = layer.to(tl.int64) * 2 * nb + blk  # [1, 1]: (layer, K, block); V is nb blocks further
-    _append_run(pool + (head * G + g) * (BS * D), scales + head * G + g, k + g * D, ld_k, t, off0, n, lead,
+    _append_run(pool + (head * G + g) * (BS * D), scales + blk * G, k + g * D, ld_k, t, off0, n, lead,
                 QMAX, BS, BS_PAD, D, D_PAD)
     head += nb
-    _append_run(pool + (head * G + g) * (BS * D), scales + head * G + g, v + g * D, ld_v, t, off0, n, lead,
+    _append_run(pool + (head * G + g) * (BS * D), scales + (nb + blk) * G, v + g * D, ld_v, t, off0, n, lead,
                 QMAX, BS, BS_PAD, D, D_PAD)
 
 
