@@ -256,7 +256,7 @@ def _consumed(ops: list[Operation]) -> set:
 
 
 def _is_weight(op: Operation) -> bool:
-    return isinstance(op, (L.WeightOp, L.ConstantOp, L.ConcatOp, L.TransposeOp, L.CastOp, L.PackedWeightOp))
+    return L.is_weight_op(op)
 
 
 def _weight(v: SSAValue, source) -> np.ndarray:

@@ -107,6 +107,11 @@ def cli(debug: bool) -> None:
               help="rtn: round to nearest. gptq: GPTQ (Frantar et al. 2023), each linear's rounding error "
                    "compensated with the Hessian of its inputs on --calibration text; slower to compile, "
                    "better quality at 4 bits.")
+@click.option("--quant-rotate", is_flag=True,
+              help="Rotate the input of each MLP's down projection by a block Hadamard transform (QuaRot's online "
+                   "Hadamard: one more small kernel per layer), its weight rotated to match, before quantizing. "
+                   "Use with --quant-method gptq: on SmolLM2-135M int4 it took GPTQ's perplexity cost from +8.8% "
+                   "to +6.5% (round to nearest got worse).")
 @click.option("--quant-smooth", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               metavar="ALPHA", help="SmoothQuant (Xiao et al. 2023) before quantizing: each linear input's outlier "
               "channels shrunk by (max|x|^ALPHA / max|w|^(1-ALPHA)) relative to the median channel, the weights "
@@ -131,7 +136,7 @@ def cli(debug: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress output (notes and warnings still show).")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, arch, cpu_variants, dtype,
                 kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, quant_lm_head, quant_method,
-                quant_smooth, calibration, calibration_tokens, report, dequantize, block_size, max_model_len, jobs,
+                quant_rotate, quant_smooth, calibration, calibration_tokens, report, dequantize, block_size, max_model_len, jobs,
                 quiet):
     """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle."""
     try:
@@ -151,7 +156,8 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
                              dtype=dtype, kv_cache_dtype=kv_cache_dtype, quant=quant, quant_group_size=quant_group_size,
                              quant_symmetric=not quant_zero_points,
                              quant_keep=tuple(k.strip() for k in quant_keep.split(",") if k.strip()),
-                             quant_lm_head=quant_lm_head, quant_method=quant_method, quant_smooth=quant_smooth,
+                             quant_lm_head=quant_lm_head, quant_method=quant_method, quant_rotate=quant_rotate,
+                             quant_smooth=quant_smooth,
                              calibration=calibration,
                              calibration_tokens=calibration_tokens, dequantize=dequantize, block_size=block_size,
                              max_model_len=max_model_len, jobs=jobs)
@@ -162,7 +168,7 @@ def _warn_unused_quant_options(quant: str, quant_keep: str) -> None:
     """A warning for --quant-* options given where they change nothing (as --top-k at temperature 0)."""
     ctx = click.get_current_context()
     given = [f"--{name.replace('_', '-')}" for name in ("quant_group_size", "quant_zero_points", "quant_keep",
-                                                         "quant_lm_head")
+                                                         "quant_lm_head", "quant_rotate")
              if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
     if quant == "none" and given:
         click.echo(f"warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "

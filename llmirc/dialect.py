@@ -8,7 +8,9 @@ IR never holds weight data. A quantized weight has the element type `!llmir.quan
 bits, group size, scale dtype, zero points; see llmirc/quant.py): `llmir.quantize` makes one from
 a float weight at compile time, `llmir.packed_weight` names one a checkpoint already holds
 (GPTQ, AWQ), and `llmir.linear` / `llmir.embedding` read either kind. `llmir.scale` multiplies
-a weight by per-channel factors at compile time (SmoothQuant's, from the `smooth` pass). The KV cache is a value of type `!llmir.kv_pool<...>` threaded through
+a weight by per-channel factors at compile time (SmoothQuant's, from the `smooth` pass);
+`llmir.hadamard` rotates blocks of a row (the `rotate` pass: on an activation a kernel, on a
+weight folded at compile time). The KV cache is a value of type `!llmir.kv_pool<...>` threaded through
 `kv_append` (which returns the updated pool) to `paged_attention`, so ordering is explicit SSA.
 
 The generic textual form of everything here parses and verifies in upstream MLIR (as an
@@ -334,6 +336,35 @@ class ScaleOp(_LlmirOp):
         _check(shape_of(self.result) == shape and self.result.type.element_type == f32,
                "scale: the result must be f32 of the input's shape")
         _check(self.inverse.value.data in (0, 1), "scale: inverse is a flag")
+
+
+@irdl_op_definition
+class HadamardOp(_LlmirOp):
+    """x (2-D [rows, k]) with each block of `block` columns of a row multiplied by the normalized
+    Walsh-Hadamard matrix H_b / sqrt(b) (Sylvester's order: H_b[i, j] = (-1)^popcount(i & j)),
+    computed in f32 (llmirc/quant.py `hadamard` is the reference). H_b / sqrt(b) is orthogonal
+    and its own inverse, so linear(hadamard(x), hadamard(w)) = linear(x, w) in exact arithmetic
+    (QuaRot's online Hadamard, Ashkboos et al. 2024): the `rotate` pass puts it before a linear
+    whose input has outlier channels, so that its weight's rotated rows quantize with less error.
+    On an activation it is a kernel (`hadamard`); on a weight it is folded into the bundle at
+    compile time, like `llmir.scale`. The result is f32."""
+
+    name = "llmir.hadamard"
+    input = operand_def(TensorType)
+    block = prop_def(IntegerAttr)
+    result = result_def(TensorType)
+
+    def __init__(self, input: SSAValue, block: int):
+        super().__init__(operands=[input], properties={"block": _i(block)}, result_types=[tensor(*shape_of(input))])
+
+    def verify_(self) -> None:
+        rows, cols = _rows(self.input, what="hadamard: the input")
+        b = self.block.value.data
+        _check(b >= 2 and b & (b - 1) == 0 and cols % b == 0,
+               f"hadamard: block {b} must be a power of two (at least 2) dividing the {cols} columns")
+        _check(is_float(self.input.type.element_type), "hadamard: the input must be float")
+        _check(shape_of(self.result) == (rows, cols) and self.result.type.element_type == f32,
+               "hadamard: the result must be f32 of the input's shape")
 
 
 @irdl_op_definition
@@ -783,9 +814,21 @@ class UnsqueezeBatchOp(_LlmirOp):
         _check(shape_of(self.result) == (1, *shape_of(self.input)), "unsqueeze_batch: shape mismatch")
 
 
+# Ops that only make weights: the bundle writer folds them at compile time (targets/plan.py).
+WEIGHT_OPS = (WeightOp, ConstantOp, ConcatOp, TransposeOp, CastOp, ScaleOp, QuantizeOp, PackedWeightOp)
+
+
+def is_weight_op(op) -> bool:
+    """Whether op makes a weight (folded at compile time): a WEIGHT_OPS op, or an llmir.hadamard
+    of a weight (on an activation it is a kernel)."""
+    while isinstance(op, HadamardOp):
+        op = op.input.owner
+    return isinstance(op, WEIGHT_OPS)
+
+
 LLMIR = Dialect(
     "llmir",
-    [WeightOp, ConstantOp, ConcatOp, TransposeOp, CastOp, ScaleOp, QuantizeOp, PackedWeightOp, SplitOp, EmbeddingOp,
+    [WeightOp, ConstantOp, ConcatOp, TransposeOp, CastOp, ScaleOp, HadamardOp, QuantizeOp, PackedWeightOp, SplitOp, EmbeddingOp,
      RMSNormOp, LayerNormOp, LinearOp, RopeOp, AttentionOp, KVAppendOp, RopeKVAppendOp, PagedAttentionOp, ActMulOp,
      ActOp, AddOp, GatherRowsOp, SqueezeBatchOp, UnsqueezeBatchOp],
     [KVPoolType, QuantType],
@@ -797,5 +840,5 @@ ARG_ATTR = "llmir.arg"
 # step recomputes the whole sequence (see passes/onnx_to_llmir.py and targets/generic_plan.py).
 FULL_SEQUENCE = "llmir.full_sequence"
 __all__ = [name for name in dir() if name.endswith("Op")] + ["KVPoolType", "QuantType", "LLMIR", "tensor", "DYN",
-                                                              "ARG_ATTR", "FULL_SEQUENCE", "is_float",
+                                                              "ARG_ATTR", "FULL_SEQUENCE", "is_float", "WEIGHT_OPS", "is_weight_op",
                                                               "is_weight_element", "FLOAT_TYPES"]

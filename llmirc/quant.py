@@ -391,6 +391,26 @@ def dequantize(parts: dict[str, np.ndarray], scheme: Scheme, k: int) -> np.ndarr
     return w
 
 
+def hadamard(a: np.ndarray, block: int) -> np.ndarray:
+    """a (float [..., k]) with each block of `block` values along the last axis multiplied by the
+    normalized Walsh-Hadamard matrix H_b / sqrt(b), H_b[i, j] = (-1)^popcount(i & j) (Sylvester's
+    order), in float64 (returned as float64). H_b / sqrt(b) is symmetric and orthogonal, so applying
+    it twice gives a back. The fast transform: log2(b) rounds of sums and differences of pairs
+    (Fino and Algazi 1976). llmir.hadamard's reference; `rotate` folds it into weights with it.
+
+    Raises ValueError when block is not a power of two >= 2 dividing k."""
+    k = a.shape[-1]
+    if block < 2 or block & (block - 1) or k % block:
+        raise ValueError(f"hadamard: block {block} must be a power of two (at least 2) dividing {k}")
+    x = np.array(a, np.float64).reshape(-1, k // block, block)
+    h = 1
+    while h < block:
+        x = x.reshape(*x.shape[:2], block // (2 * h), 2, h)
+        x = np.stack([x[..., 0, :] + x[..., 1, :], x[..., 0, :] - x[..., 1, :]], axis=-2)
+        h *= 2
+    return (x.reshape(a.shape) / np.sqrt(block)).astype(np.float64)
+
+
 def activation_block(x: np.ndarray, sg: int) -> tuple[np.ndarray, np.ndarray]:
     """How the kernels quantize activations (float32 [T, k]) per sub-group of sg values:
     d = max|x| / 127, q = rint(x / d) in int8 (llama.cpp's Q8 activations). Returns (q [T, k]

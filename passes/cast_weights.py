@@ -52,9 +52,9 @@ def weight_uses(module: ModuleOp) -> Iterator[tuple[Operation, SSAValue]]:
 
 def source_type(v: SSAValue):
     """The float element type of the checkpoint tensors a weight expression is made of (through
-    scales, transposes and concatenations; a cast's own), or None where they differ."""
+    scales, rotations, transposes and concatenations; a cast's own), or None where they differ."""
     op = v.owner
-    if isinstance(op, (L.ScaleOp, L.TransposeOp)):
+    if isinstance(op, (L.ScaleOp, L.HadamardOp, L.TransposeOp)):
         return source_type(op.input)
     if isinstance(op, L.ConcatOp):
         types = {source_type(i) for i in op.inputs}

@@ -27,14 +27,14 @@ from xdsl.passes import ModulePass
 
 from .report import note
 
-from llmirc.dialect import (CastOp, ConcatOp, LinearOp, PackedWeightOp, QuantType, ScaleOp, SplitOp, TransposeOp,
-                            WeightOp, shape_of)
+from llmirc.dialect import (CastOp, ConcatOp, HadamardOp, LinearOp, PackedWeightOp, QuantType, ScaleOp, SplitOp,
+                            TransposeOp, WeightOp, shape_of)
 
 
 def is_weight(v: SSAValue) -> bool:
-    """A weight, or a transpose/concatenation/cast/scale of weights (folded at compile time)."""
+    """A weight, or a transpose/concatenation/cast/scale/hadamard of weights (folded at compile time)."""
     op = v.owner
-    return isinstance(op, (WeightOp, PackedWeightOp)) or (isinstance(op, (TransposeOp, ConcatOp, CastOp, ScaleOp))
+    return isinstance(op, (WeightOp, PackedWeightOp)) or (isinstance(op, (TransposeOp, ConcatOp, CastOp, ScaleOp, HadamardOp))
                                                           and all(is_weight(i) for i in op.operands))
 
 

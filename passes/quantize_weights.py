@@ -39,6 +39,21 @@ input the smooth pass divided by s, it goes through two `llmir.scale` ops (diag(
 Embedding tables have no input to calibrate and stay round-to-nearest, except a table tied to
 an LM head quantized in the same type: it shares the head's GPTQ codes (one copy).
 
+`rotate` (`llmirc compile --quant-rotate`): before quantizing a linear that reads an MLP's
+activation (act_mul or act: down_proj, GPT-2's c_proj), its input x becomes llmir.hadamard(x)
+(a kernel: blocks of `rotation_block`, 128 where they divide the inputs) and its weight
+hadamard(w) (folded at compile time), which is the same linear in exact arithmetic. The
+intermediate activations of an MLP have a few channels far larger than the rest; in the
+rotated basis each block's weights hold less of them, and GPTQ compensates the rounding
+better (QuaRot's online Hadamard before down_proj, Ashkboos et al. 2024; DESIGN.md,
+"Rotation"). With GPTQ the Hessian goes through the same rotation (R H R: hadamard, transpose,
+hadamard). Quantized checkpoints' own weights are not rotated.
+
+Before:  %a = "llmir.act_mul"(%g, %u)   %y = "llmir.linear"(%a, %w)
+After (rotate=true):
+         %a = "llmir.act_mul"(%g, %u)   %r = "llmir.hadamard"(%a) <{block = 128}>
+         %wr = "llmir.hadamard"(%w) <{block = 128}>   %q = "llmir.quantize"(%wr)   %y = "llmir.linear"(%r, %q)
+
 Before:  %w = "llmir.weight"() {weight = "...q_proj.weight"} : () -> tensor<64x64xf32>
          %y = "llmir.linear"(%x, %w) : (tensor<?x64xf32>, tensor<64x64xf32>) -> tensor<?x64xf32>
 After (bits=4):
@@ -112,6 +127,39 @@ def int8_rows(k: int) -> Scheme:
     return Scheme(8, k, "float32", "none")
 
 
+ROTATION_BLOCK = 128  # the largest block `rotate` uses (the size QuaRot's online Hadamard of down_proj is built from)
+
+
+def rotation_block(user: Operation, k: int) -> int:
+    """The Hadamard block `rotate` gives the input of `user` (a linear of k inputs), 0 for none:
+    the largest power of two up to ROTATION_BLOCK dividing k (at least 16), for a linear reading
+    an MLP's activation (act_mul, act: down_proj, GPT-2's c_proj). Only those: on SmolLM2-135M
+    (int4, groups of 128 and 64, GPTQ) rotating down_proj's input took perplexity from 12.99 to
+    12.72 (float: 11.95); rotating the attention and gate/up inputs as well gave 12.82
+    (DESIGN.md, "Rotation")."""
+    if not isinstance(user, L.LinearOp) or not isinstance(user.input.owner, (L.ActMulOp, L.ActOp)):
+        return 0
+    block = ROTATION_BLOCK
+    while k % block:
+        block //= 2
+    return block if block >= 16 else 0
+
+
+def _rotate_input(user: L.LinearOp, w: SSAValue, block: int, rotated: dict) -> SSAValue:
+    """Makes `user` read hadamard(x) and hadamard(w) for x and w (an activation's llmir.hadamard
+    is made once, after its producer: `rotated` keeps them); returns the rotated weight."""
+    x = user.input
+    if x not in rotated:
+        hx = L.HadamardOp(x, block)
+        x.owner.parent_block().insert_op_after(hx, x.owner)
+        rotated[x] = hx.result
+    user.operands[0] = rotated[x]
+    hw = L.HadamardOp(w, block)
+    user.parent_block().insert_op_before(hw, user)
+    replace_weight(user, w, hw.result)
+    return hw.result
+
+
 @dataclass(frozen=True)
 class QuantizeWeights(ModulePass):
     name = "quantize-weights"
@@ -122,6 +170,7 @@ class QuantizeWeights(ModulePass):
     scale_dtype: str = "auto"
     keep: tuple[str, ...] = ("embedding",)
     lm_head_bits: int = 0
+    rotate: bool = False
     method: str = "rtn"
 
     def scheme(self, k: int) -> Scheme:
@@ -266,9 +315,16 @@ class QuantizeWeights(ModulePass):
         # type shares its codes (one copy, as round to nearest has), other tables round to nearest
         calibrated = {(w, qtype) for user, w, _, _, qtype in planned if isinstance(user, L.LinearOp)}
         made: dict[tuple, SSAValue] = {}
+        rotated: dict[SSAValue, SSAValue] = {}  # activation -> its llmir.hadamard
         for user, w, k, bits, qtype in planned:
+            gptq = calibration is not None and (w, qtype) in calibrated
+            smoothed = column_scale(w)
+            block = rotation_block(user, k) if self.rotate else 0
+            if block:
+                w = _rotate_input(user, w, block, rotated)
+                note(ctx, f"{self.name}: input rotated (hadamard, blocks of {block})")
             hessian = None
-            if calibration is not None and (w, qtype) in calibrated:
+            if gptq:
                 hessian = calibration.hessian_for(source_names(w))
                 if hessian is None:
                     raise LlmircError(f"{self.name}: no calibration data for {', '.join(source_names(w))}")
@@ -278,9 +334,14 @@ class QuantizeWeights(ModulePass):
                 if hessian is not None:
                     h = L.WeightOp(hessian, (k, k))
                     user.parent_block().insert_op_before(h, user)
-                    if (s := column_scale(w)) is not None:  # the input smoothed: x / s
+                    if smoothed is not None:  # the input smoothed: x / s
                         for axis in (0, 1):
-                            h = L.ScaleOp(h.result, s, axis, inverse=True)
+                            h = L.ScaleOp(h.result, smoothed, axis, inverse=True)
+                            user.parent_block().insert_op_before(h, user)
+                    if block:  # then rotated: R x, so R H R (H and R symmetric)
+                        for make in (lambda v: L.HadamardOp(v, block), L.TransposeOp,
+                                     lambda v: L.HadamardOp(v, block)):
+                            h = make(h.results[0])
                             user.parent_block().insert_op_before(h, user)
                     note(ctx, f"{self.name}: GPTQ with calibration")
                 q = L.QuantizeOp(w, qtype, h.results[0] if h else None)

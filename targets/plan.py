@@ -101,7 +101,8 @@ class WeightEntry:
     `expr` is ("tensor", name, stored dtype) | ("value", bytes, shape, dtype) (a folded
     constant) | ("transpose", expr) | ("concat", (expr, ...)) (along rows) | ("cast", expr, dtype)
     | ("scale", expr, scale expr, axis, inverse) (float32: expr times, or divided by, the scale
-    along axis; llmir.scale)
+    along axis; llmir.scale) | ("hadamard", expr, block) (float32: each row's blocks rotated;
+    llmir.hadamard)
     | ("quantize", expr, scheme, hessian, part) (one part of the float expr quantized: codes,
     scales, zeros or perm; llmirc/quant.py; round to nearest when `hessian` is None, else GPTQ
     with that float32 expr) | ("packed", format, name, scheme, k, part) (one part of a
@@ -167,6 +168,8 @@ class WeightEntry:
                 shape[e[3]] = len(s)
                 s = s.reshape(shape)
                 return (a / s if e[4] else a * s).astype(np.float32), dtypes.dtype("float32")
+            if e[0] == "hadamard":
+                return quant.hadamard(dtypes.to_float32(*ev(e[1])), e[2]).astype(np.float32), dtypes.dtype("float32")
             if e[0] == "cast":
                 a, d = ev(e[1])
                 to = dtypes.dtype(e[2])
@@ -461,8 +464,7 @@ class _Planner:
         return self.act(v).rows
 
     def lower(self, op: Operation, index: int, logits: SSAValue) -> None:
-        if isinstance(op, (L.WeightOp, L.ConstantOp, L.ConcatOp, L.TransposeOp, L.CastOp, L.ScaleOp,
-                           L.QuantizeOp, L.PackedWeightOp, func.ReturnOp)):
+        if L.is_weight_op(op) or isinstance(op, func.ReturnOp):
             return  # weights are materialized by the bundle writer
         if self.generic is not None and (isinstance(op, (L.SqueezeBatchOp, L.UnsqueezeBatchOp)) or
                                          op.name.startswith("onnx.")):
@@ -644,6 +646,8 @@ _RULES = {
                                {**p.mat("gate", op.gate), **p.mat("up", op.up)}),
     L.ActOp: lambda p, op: ("act", {"dim": L.shape_of(op.input)[1], "act": op.act.data}, p.mat("x", op.input)),
     L.AddOp: lambda p, op: ("add", {"dim": L.shape_of(op.lhs)[1]}, {**p.mat("a", op.lhs), **p.mat("b", op.rhs)}),
+    L.HadamardOp: lambda p, op: ("hadamard", {"dim": L.shape_of(op.input)[1], "block": op.block.value.data},
+                                 p.mat("x", op.input)),
     L.GatherRowsOp: lambda p, op: ("gather_rows", {"dim": L.shape_of(op.input)[1]},
                                    {**p.mat("x", op.input), "idx": _input(p, op.indices)}),
 }
@@ -675,6 +679,9 @@ def _weight_expr(v: SSAValue) -> tuple[tuple, str]:
     if isinstance(op, L.ScaleOp):
         expr, name = _weight_expr(op.input)
         return ("scale", expr, _weight_expr(op.scale)[0], op.axis.value.data, bool(op.inverse.value.data)), name
+    if isinstance(op, L.HadamardOp):
+        expr, name = _weight_expr(op.input)
+        return ("hadamard", expr, op.block.value.data), name
     if isinstance(op, L.QuantizeOp):
         expr, name = _weight_expr(op.input)
         hessian = _weight_expr(op.hessian)[0] if op.hessian is not None else None

@@ -82,6 +82,9 @@ act_mul {dim, act}: out[t,i] = act(gate[t,i]) * up[t,i]. act {dim, act}: out[t,i
     out may equal an input.
 gather_rows {dim}: out[l, 0:dim] = x[idx[l], 0:dim].
 add {dim}: out[t,i] = a[t,i] + b[t,i]. out may equal a or b.
+hadamard {dim, block}: out[t, j:j+block] = (H x[t, j:j+block]) / sqrt(block) for each j a multiple
+    of p.block (a power of two dividing dim), H[i, l] = (-1)^popcount(i & l) (Sylvester's
+    Walsh-Hadamard matrix; llmirc/quant.py `hadamard`), sums in any order. out may equal x.
 
 Generic kernels of full-sequence models (`g_*`, targets/cpu/generic.py) take a table of
 run-time sizes (`meta`, int64), `T`, then one pointer per operand of the dtypes in their
@@ -190,6 +193,7 @@ _SIGNATURES = [
     Signature("act", {"dim": REQUIRED, "act": REQUIRED}, (*_OUT, *_mat("x"), _i64("T"))),
     Signature("gather_rows", {"dim": REQUIRED}, (*_OUT, *_mat("x"), _ptr("idx", "int32"), _i64("L"))),
     Signature("add", {"dim": REQUIRED}, (*_OUT, *_mat("a"), *_mat("b"), _i64("T"))),
+    Signature("hadamard", {"dim": REQUIRED, "block": REQUIRED}, (*_OUT, *_mat("x"), _i64("T"))),
 ]
 SIGNATURES: dict[str, Signature] = {s.kind: s for s in _SIGNATURES}
 

@@ -173,11 +173,13 @@ def export_onnx(model, path: Path, *, with_mask: bool = False, with_past: bool =
 
 def hf_logits_quantized(model, weights: dict, token_ids: list[int]) -> np.ndarray:
     """Logits of `model` in float64 with the linears named in `weights` ({module name: (weight
-    [n, k] (GPT-2's Conv1D: [k, n]), input permutation or None, block)}) using those weights, their inputs quantized to
-    int8 per block of `block` values (in the permuted order) as llmirc's quantized kernels do it
-    (llmirc.quant.activation_block): the exact reference of a quantized bundle. A block of None
-    rounds the inputs to bfloat16 instead (the GPU targets' contract, targets/signatures.py).
-    Other modules named there (embeddings) only get the weight."""
+    [n, k] (GPT-2's Conv1D: [k, n]), input permutation or None, block[, rotation block])}) using
+    those weights, their inputs quantized to int8 per block of `block` values (in the permuted
+    order) as llmirc's quantized kernels do it (llmirc.quant.activation_block): the exact
+    reference of a quantized bundle. A block of None rounds the inputs to bfloat16 instead (the
+    GPU targets' contract, targets/signatures.py). With a rotation block, the input goes through
+    llmir.hadamard first (the weight given is then the rotated one). Other modules named there
+    (embeddings) only get the weight."""
     import copy
 
     import torch
@@ -189,9 +191,11 @@ def hf_logits_quantized(model, weights: dict, token_ids: list[int]) -> np.ndarra
     modules = dict(ref.named_modules())
     hooks = []
 
-    def hook(perm, block):
+    def hook(perm, block, rotate):
         def quantize_input(module, args):
             x = args[0]
+            if rotate:
+                x = torch.from_numpy(quant.hadamard(x.numpy(), rotate))
             if block is None:
                 return (x.to(torch.float32).to(torch.bfloat16).double(),)
             flat = x.reshape(-1, x.shape[-1]).to(torch.float32).numpy()
@@ -203,10 +207,10 @@ def hf_logits_quantized(model, weights: dict, token_ids: list[int]) -> np.ndarra
         return quantize_input
 
     with torch.no_grad():
-        for name, (w, perm, block) in weights.items():
+        for name, (w, perm, block, *rotate) in weights.items():
             modules[name].weight.copy_(torch.from_numpy(np.asarray(w, np.float64)))
             if isinstance(modules[name], (torch.nn.Linear, Conv1D)):
-                hooks.append(modules[name].register_forward_pre_hook(hook(perm, block)))
+                hooks.append(modules[name].register_forward_pre_hook(hook(perm, block, rotate[0] if rotate else 0)))
         out = ref(torch.tensor([token_ids])).logits[0].numpy()
     for h in hooks:
         h.remove()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from llvmlite import ir
 
-from llmirc import dtypes
+from llmirc import dtypes, quant
 from llmirc.targets.cpu import irbuilder as irb
 from llmirc.targets.cpu import kernels as K
 from llmirc.targets.cpu import toolchain as tc
@@ -26,6 +26,8 @@ from llmirc.targets.signatures import SIGNATURES, signature
 from helpers import buf, check_guard, ld, make_batch, one_worker_each, ref_attention
 
 ROWS = [0, 1, 3, 17, 130]
+# (dim, block): blocks narrower than, as wide as and wider than the vector registers, one or many
+HADAMARD = [(16, 2), (16, 4), (64, 8), (48, 16), (128, 128), (384, 128), (192, 64)]
 
 
 def _inv_freq(rot, base=10000.0):
@@ -125,6 +127,8 @@ def _specs():
     for d in (5, 64):
         s.append((f"gather_{d}", "gather_rows", dict(dim=d)))
         s.append((f"add_{d}", "add", dict(dim=d)))
+    for d, bs in HADAMARD:
+        s.append((f"hadamard_{d}_{bs}", "hadamard", dict(dim=d, block=bs)))
     return s
 
 
@@ -238,6 +242,23 @@ def test_add(lib, rng, dim, T):
     a[...] = a0
     f(bb, ld(bb), ab, ld(ab), bb, ld(bb), T)  # out == b
     np.testing.assert_array_equal(b, a0 + b0)
+
+
+@pytest.mark.parametrize("dim,block", HADAMARD)
+@pytest.mark.parametrize("T", ROWS)
+def test_hadamard(lib, rng, dim, block, T):
+    xb, x = buf(rng, T, dim, pad=2)
+    ob, out = buf(rng, T, dim, fill=np.nan)
+    f = getattr(lib, f"hadamard_{dim}_{block}")
+    f(ob, ld(ob), xb, ld(xb), T)
+    h = np.array([[(-1) ** bin(i & j).count("1") for j in range(block)] for i in range(block)]) / math.sqrt(block)
+    ref = (x.astype(np.float64).reshape(T, dim // block, block) @ h).reshape(T, dim)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6 * (1 + np.abs(x).max(initial=0)) * math.log2(block))
+    np.testing.assert_allclose(ref, quant.hadamard(x, block), rtol=0, atol=1e-12)
+    check_guard(ob, T, dim)
+    f(ob, ld(ob), ob, ld(ob), T)  # in place, and its own inverse
+    np.testing.assert_allclose(out, x, rtol=0, atol=1e-6 * (1 + np.abs(x).max(initial=0)) * math.log2(block))
+    check_guard(ob, T, dim)
 
 
 # --- norms

@@ -21,8 +21,9 @@ def optimized_ir(tail: str | None = None) -> str:
     return print_ir(module)
 
 
-# quantized weights (the embedding too: tied, it is also the LM head, which stays float) and an int8 KV cache
-QUANTIZED = required(kv_cache_dtype="int8", quantize="quantize-weights{bits=4 keep=lm_head}")
+# quantized weights (the embedding too: tied, it is also the LM head, which stays float), down_proj's input
+# rotated, and an int8 KV cache
+QUANTIZED = required(kv_cache_dtype="int8", quantize="quantize-weights{bits=4 keep=lm_head rotate=true}")
 
 
 def test_fp8_kv_pool_parses_in_upstream_mlir_and_round_trips():
@@ -41,6 +42,8 @@ def test_quantized_ir_parses_in_upstream_mlir_and_round_trips():
     from iree.compiler import ir
     text = optimized_ir(QUANTIZED)
     assert "tensor<100x64x!llmir.quant<bits = 4, group_size = 32, scale = f16, zero = none>>" in text
+    assert text.count('"llmir.hadamard"') == 4  # per layer: down_proj's input and weight, in blocks of 32
+    assert '"llmir.hadamard"(%' in text and "<{block = 32 : i64}> : (tensor<?x96xf32>) -> tensor<?x96xf32>" in text
     with ir.Context() as ctx:
         ctx.allow_unregistered_dialects = True
         module = ir.Module.parse(text)
@@ -84,3 +87,7 @@ def test_verifiers_reject_bad_shapes():
         L.RopeOp(q, L.WeightOp("p", (3,)).result, 4, 16, [1.0] * 9).verify()
     with pytest.raises(VerifyException, match="do not add up"):
         L.SplitOp(q, [32, 16]).verify()
+    for block in (0, 1, 12, 16):  # not a power of two >= 2, or not dividing 8 columns
+        with pytest.raises(VerifyException, match="hadamard: block"):
+            L.HadamardOp(x, block).verify()
+    L.HadamardOp(x, 8).verify()

@@ -57,11 +57,12 @@ def rel_rms(a, b):
     return float(np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean()))
 
 
-def emulated(model, schemes, head_scheme, quantize_embedding: bool, ids, block=32, int8=()):
+def emulated(model, schemes, head_scheme, quantize_embedding: bool, ids, block=32, int8=(), rotated=False):
     """The exact reference (module docstring): the weights the bundle stores, its activation
     quantization (block None: the GPU targets' bf16 inputs). `schemes(k)`: the scheme of a weight
     of k inputs; `head_scheme(k)`: the LM head's (None: float); `int8`: the linears (last name
-    part) stored in 8 bits per output row instead."""
+    part) stored in 8 bits per output row instead; `rotated`: down_proj's input and weight
+    rotated as --quant-rotate does."""
     weights = {}
     for name, mod in model.named_modules():
         last = name.split(".")[-1]
@@ -69,7 +70,11 @@ def emulated(model, schemes, head_scheme, quantize_embedding: bool, ids, block=3
         if last in LINEARS or head or (quantize_embedding and last == "embed_tokens"):
             w = mod.weight.detach().numpy()
             s = (head_scheme if head else PER_ROW_INT8 if last in int8 else schemes)(w.shape[1])
-            weights[name] = (quant.dequantize(quant.quantize(w, s), s, w.shape[1]), None, block)
+            r = 0
+            if rotated and last == "down_proj":
+                r = 64  # the largest power of two up to 128 dividing its 576 inputs
+                w = quant.hadamard(w, r).astype(np.float32)
+            weights[name] = (quant.dequantize(quant.quantize(w, s), s, w.shape[1]), None, block, r)
     return hf_logits_quantized(model, weights, ids)
 
 
@@ -87,6 +92,7 @@ CASES = {  # name -> (compile options, the LM head's scheme (None: float), embed
                                  INT6, True),
     "int4-down-proj-int8": (dict(quant="int4", quant_group_size=64, quant_keep=("embedding", "*.down_proj.*=int8")),
                             INT6, False, ("down_proj",)),
+    "int4-rotated": (dict(quant="int4", quant_rotate=True), INT6, False, (), True),
 }
 
 
@@ -99,10 +105,10 @@ def pass_of(options: dict) -> QuantizeWeights:
 @pytest.mark.parametrize("case", CASES)
 def test_quantized_bundle_matches_emulation(tmp_path, checkpoint, case):
     ckpt, model = checkpoint
-    options, head, embedding, *int8 = CASES[case]
+    options, head, embedding, int8, rotated = (*CASES[case], (), False)[:5]
     bundle = compile_to(ckpt, tmp_path / "q.llmir", **options)
     schemes = pass_of(options).scheme
-    ref = emulated(model, schemes, head, embedding, TOKENS, int8=int8[0] if int8 else ())
+    ref = emulated(model, schemes, head, embedding, TOKENS, int8=int8, rotated=rotated)
     float_ref = hf_logits(model, TOKENS)
     for target in [t["name"] for t in load(bundle).bundle.manifest["targets"]]:
         compiled = load(bundle, target=target)
@@ -121,7 +127,7 @@ def test_quantized_bundle_matches_emulation(tmp_path, checkpoint, case):
         assert out == [int(t) for t in step[11:].argmax(-1)]
     manifest = load(bundle).bundle.manifest
     kinds = {k["kind"] for t in manifest["targets"] for k in t["kernels"]}
-    assert "qlinear" in kinds and ("qembedding" in kinds) == embedding
+    assert "qlinear" in kinds and ("qembedding" in kinds) == embedding and ("hadamard" in kinds) == bool(rotated)
 
 
 def test_auto_kv_cache_follows_the_checkpoint_not_the_codes(tmp_path, checkpoint):

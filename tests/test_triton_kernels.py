@@ -19,6 +19,7 @@ import triton_interpreter  # noqa: F401  (bf16 fixes to Triton's interpreter)
 
 from helpers import (QMAX, buf, check_guard, code_values, int8_pool, ld, make_batch, ref_attention,
                      ref_kv_append_quantized, to_codes)
+from llmirc import quant
 from llmirc.passes.onnx_fuse_norm import layer_norm as ref_layer_norm
 from llmirc.passes.onnx_fuse_norm import rms_norm as ref_rms_norm
 from llmirc.targets.triton.arch import ARCHS
@@ -122,6 +123,20 @@ def test_act_and_act_mul(rng, act):
     finite = np.isfinite(ref)
     np.testing.assert_allclose(out[finite], ref[finite], rtol=2e-6, atol=1e-37)
     check_guard(ob, T, dim)
+
+
+@pytest.mark.parametrize("dim,block", [(8, 2), (48, 16), (384, 128), (512, 256)])
+def test_hadamard(rng, dim, block):
+    T = 5
+    xb, x = buf(rng, T, dim, pad=2)
+    ob, out = buf(rng, T, dim, fill=np.nan)
+    call("hadamard", {"dim": dim, "block": block}, out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), T=T)
+    np.testing.assert_allclose(out, quant.hadamard(x, block), rtol=0, atol=1e-5)
+    check_guard(ob, T, dim)
+    call("hadamard", {"dim": dim, "block": block}, out=ob, ld_out=ld(ob), x=ob, ld_x=ld(ob), T=T)  # in place
+    np.testing.assert_allclose(out, x, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="power of two from 2 to 256"):
+        launch_rule("hadamard", {"dim": 1024, "block": 512}, ARCHS["sm_90"])
 
 
 # --- norms (float64 references: the ONNX fusion's)

@@ -290,6 +290,41 @@ def _emit_act(module, fn, b, p, cpu):
     _rows(module, fn, b, _arg(fn, "T"), _act_cost(p.act) * p.dim, body)
 
 
+# --- hadamard
+
+def _emit_hadamard(module, fn, b, p, cpu):
+    """Each block of a row in registers (block / vw vectors): log2(block) rounds of sums and
+    differences, those of pairs more than a vector apart between vectors, the others within
+    each vector by a lane shuffle (x[l ^ h]) and a blend; then times 1/sqrt(block)."""
+    _positive(dim=p.dim, block=p.block)
+    bs = p.block
+    if bs & (bs - 1) or p.dim % bs:
+        raise ValueError(f"hadamard kernel: block {bs} must be a power of two dividing dim {p.dim}")
+    vw = min(cpu.vector_width, bs)
+    norm = 1.0 / math.sqrt(bs)
+
+    def body(cb, t, A):
+        x, o = _row(cb, A.x, t, A.ld_x), _row(cb, A.out, t, A.ld_out)
+        with irb.for_range(cb, 0, p.dim, bs, "blk") as j:
+            v = [irb.load_vec(cb, x, cb.add(j, i64(i)), vw) for i in range(0, bs, vw)]
+            h = 1
+            while h < bs:
+                if h >= vw:
+                    d = h // vw
+                    for i in range(len(v)):
+                        if not i & d:
+                            v[i], v[i + d] = cb.fadd(v[i], v[i + d]), cb.fsub(v[i], v[i + d])
+                else:
+                    for i, a in enumerate(v):
+                        pair = irb.shuffle(cb, a, a, [lane ^ h for lane in range(vw)])
+                        v[i] = irb.shuffle(cb, cb.fadd(a, pair), cb.fsub(pair, a),
+                                           [lane if not lane & h else vw + lane for lane in range(vw)])
+                h *= 2
+            for i, a in enumerate(v):
+                irb.store_vec(cb, cb.fmul(a, irb.splat(cb, norm, vw)), o, cb.add(j, i64(i * vw)))
+    _rows(module, fn, b, _arg(fn, "T"), p.dim * (bs.bit_length() + 1), body)
+
+
 # --- linear
 
 _LIN_X_BYTES = 256 * 1024  # prefill: tokens per pass over w so their x rows fit in L2
@@ -1242,4 +1277,5 @@ _EMITTERS = {
     "act": _emit_act,
     "gather_rows": _emit_gather_rows,
     "add": _emit_add,
+    "hadamard": _emit_hadamard,
 }

@@ -1,4 +1,4 @@
-"""Row-wise kernels: embedding, gather_rows, add, act, act_mul (semantics: targets/signatures.py).
+"""Row-wise kernels: embedding, gather_rows, add, act, act_mul, hadamard (semantics: targets/signatures.py).
 
 Each program handles one row and one column block of BLOCK = min(next_pow2(dim), 1024)
 columns; grid (rows, cdiv(dim, BLOCK)). Activations are computed as in the CPU kernels: silu
@@ -16,6 +16,7 @@ import triton.language as tl
 from .spec import Launch, Rule, Variant, cdiv, kernel, next_pow2
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+HADAMARD_MAX = 256  # the hadamard kernel's largest block (its [B, B] signs live in registers)
 
 
 @triton.jit
@@ -107,6 +108,31 @@ def act_mul_kernel(out, ld_out, gate, ld_gate, up, ld_up, T, DIM: tl.constexpr, 
     g = tl.load(gate + t * ld_gate + c, mask=m)
     u = tl.load(up + t * ld_up + c, mask=m)
     tl.store(out + t * ld_out + c, activation(g, ACT) * u, mask=m)
+
+
+@triton.jit
+def hadamard_kernel(out, ld_out, x, ld_x, T, B: tl.constexpr):
+    """One row's block of B columns: y_i = sum_l (-1)^popcount(i & l) x_l / sqrt(B), as a [B, B]
+    product (at most 256 x 256: few FLOPs next to the linear that reads y)."""
+    t = tl.program_id(0).to(tl.int64)
+    c0 = tl.program_id(1) * B
+    i = tl.arange(0, B)
+    v = tl.load(x + t * ld_x + c0 + i)
+    p = i[:, None] & i[None, :]
+    p = p ^ (p >> 4)
+    p = p ^ (p >> 2)
+    p = p ^ (p >> 1)
+    sign = tl.where((p & 1) == 0, 1.0, -1.0)
+    tl.store(out + t * ld_out + c0 + i, tl.sum(sign * v[None, :], axis=1) * (1.0 / tl.sqrt(B * 1.0)))
+
+
+def rule_hadamard(params, arch, args) -> Rule:
+    dim, block = params["dim"], params["block"]
+    if not 2 <= block <= HADAMARD_MAX or block & (block - 1) or dim % block:
+        raise ValueError(f"hadamard: block {block} must be a power of two from 2 to {HADAMARD_MAX} dividing "
+                         f"dim {dim}")
+    spec = kernel(hadamard_kernel, {"B": block}, args, num_warps=max(1, min(4, block // 32)))
+    return Rule("hadamard", params, args, [Variant(1, (Launch(spec, ("T", dim // block, 1)),))])
 
 
 def _row_rule(kind, params, fn, args, rows, constexprs) -> Rule:

@@ -56,7 +56,7 @@ BUILDERS = {
     "act": elementwise.rule_act, "gather_rows": elementwise.rule_gather_rows, "add": elementwise.rule_add,
     "add_rms_norm": norm.rule_add_rms_norm, "add_layer_norm": norm.rule_add_layer_norm,
     "rope_kv_append": rope.rule_rope_kv_append, "argmax": sampling.rule_argmax, "sample": sampling.rule_sample,
-    "qlinear": quant.rule_qlinear, "qembedding": quant.rule_qembedding,
+    "qlinear": quant.rule_qlinear, "qembedding": quant.rule_qembedding, "hadamard": elementwise.rule_hadamard,
 }
 
 
