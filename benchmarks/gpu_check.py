@@ -8,7 +8,7 @@
    nothing is fetched from the network.
 2. Runs the GPU tests (tests/test_gpu_targets.py: greedy tokens of Llama, Qwen2 and Mistral
    checkpoints compiled for cuda against transformers, quantized bundles (int8, int4 with
-   zero points) against transformers on their dequantized weights, and int8 and FP8 KV caches; they
+   zero points, int4 with down_proj's input rotated) against transformers on their dequantized weights, and int8 and FP8 KV caches; they
    skip without a GPU,
    which this script reports as a failure) with a JUnit report in $OUT.
 3. Benchmarks a benchmark checkpoint (benchmarks/models.py; `medium`: a ~1B-parameter bf16

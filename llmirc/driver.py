@@ -55,7 +55,8 @@ class CompileOptions:
     quant_keep: tuple[str, ...] = ("embedding",)  # what stays in higher precision (quantize-weights' keep)
     quant_lm_head: str = "auto"         # auto (int6 for int4, int8 for int8), int8 (per row), int6, int4
     quant_method: str = "rtn"           # rtn (round to nearest) or gptq (needs `calibration`)
-    quant_rotate: bool = False          # rotate down_proj's input by a block Hadamard (quantize-weights' rotate)
+    quant_rotate: bool | None = None    # rotate down_proj's input by a block Hadamard (quantize-weights' rotate);
+                                        # None: for int4 with GPTQ
     quant_smooth: float | None = None   # SmoothQuant's alpha (the smooth pass; needs `calibration`); None: off
     calibration: Path | None = None     # text file GPTQ and smoothing calibrate on
     calibration_tokens: int = 8192      # at most this many of its tokens
@@ -76,7 +77,14 @@ class CompileOptions:
         head = 0 if self.quant_lm_head == "auto" else self.quant_lm_head[3:]
         return (f"quantize-weights{{bits={self.quant[3:]} group-size={self.quant_group_size} "
                 f"symmetric={str(self.quant_symmetric).lower()} keep={keep} "
-                f"lm-head-bits={head} method={self.quant_method} rotate={str(self.quant_rotate).lower()}}}")
+                f"lm-head-bits={head} method={self.quant_method} rotate={str(self.rotates()).lower()}}}")
+
+    def rotates(self) -> bool:
+        """Whether down_proj's input is rotated (`quant_rotate`, by default for int4 with GPTQ:
+        DESIGN.md, "Rotation")."""
+        if self.quant_rotate is None:
+            return self.quant == "int4" and self.quant_method == "gptq"
+        return bool(self.quant_rotate)
 
     def check_calibration(self) -> None:
         """--quant-method, --quant-smooth and --calibration agree (before the checkpoint is read)."""

@@ -528,7 +528,7 @@ def _gpu_or_skip():
         pytest.skip(why)
 
 
-@pytest.mark.parametrize("case", ["int8", "int4-g64-zero-points-all", "int4-down-proj-int8"])
+@pytest.mark.parametrize("case", ["int8", "int4-g64-zero-points-all", "int4-down-proj-int8", "int4-rotated"])
 def test_gpu_quantized_matches_transformers(tmp_path, cache, case):
     """On a GPU: a quantized bundle's cuda target against transformers in float64 with the bundle's
     weights dequantized and the inputs of its quantized linears rounded to bfloat16 (the GPU
@@ -537,13 +537,13 @@ def test_gpu_quantized_matches_transformers(tmp_path, cache, case):
     from test_quant_models import CASES, OVERRIDES, TOKENS, emulated, pass_of, rel_rms
 
     from llmirc.runtime.model import load
-    options, head, embedding, *int8 = CASES[case]
+    options, head, embedding, int8, rotated = (*CASES[case], (), False)[:5]
     options = {k: v for k, v in options.items() if k != "cpu_variants"}
     model = make_checkpoint(tmp_path / "ckpt", "llama", **OVERRIDES)
     _compile(tmp_path / "ckpt", tmp_path / "m.llmir", targets=("cuda",), **options)
     compiled = load(tmp_path / "m.llmir")
     assert compiled.executor.kind == "cuda" and compiled.target_notes == []
-    ref = emulated(model, pass_of(options).scheme, head, embedding, TOKENS, block=None, int8=int8[0] if int8 else ())
+    ref = emulated(model, pass_of(options).scheme, head, embedding, TOKENS, block=None, int8=int8, rotated=rotated)
     got = compiled.score(TOKENS)
     assert rel_rms(got, ref) < 1e-2 and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95, rel_rms(got, ref)
     out = compiled.generate([TOKENS[:12]], max_new_tokens=6, ignore_eos=True)[0]  # the decode (GEMV) variant

@@ -34,6 +34,7 @@ CALLS = [  # one call of every kind, shapes of a small Llama (head_dim 64, GQA 4
     ("act", {"dim": 512, "act": "gelu"}),
     ("gather_rows", {"dim": 256}),
     ("add", {"dim": 256}),
+    ("hadamard", {"dim": 1536, "block": 128}),
     ("argmax", {"vocab": 1000}),
     ("sample", {"vocab": 1000}),
     # quantized weights: int4 groups of 32 with mins (Q4_1-like); int8 per row, act-order, zero points
