@@ -326,6 +326,11 @@ LLMIRC_VARIANTS = {  # `llmirc:VARIANT` -> `llmirc compile` options
     "int8-gptq": ["--quant", "int8", "--quant-method", "gptq"],
     "int4-gptq": ["--quant", "int4", "--quant-method", "gptq"],
     "int4-g128-gptq": ["--quant", "int4", "--quant-group-size", "128", "--quant-method", "gptq"],
+    "int4-g128-zp-gptq": ["--quant", "int4", "--quant-group-size", "128", "--quant-zero-points", "--quant-method",
+                          "gptq"],
+    # without the rotation of down_proj's input that int4 GPTQ does by default
+    "int4-g128-gptq-unrotated": ["--quant", "int4", "--quant-group-size", "128", "--quant-method", "gptq",
+                                 "--no-quant-rotate"],
     "int4-g128-down8-gptq": ["--quant", "int4", "--quant-group-size", "128", "--quant-keep",
                              "embedding,*.down_proj.*=int8", "--quant-method", "gptq"]}
 
