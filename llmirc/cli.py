@@ -171,6 +171,7 @@ def _warn_unused_quant_options(quant: str, quant_keep: str) -> None:
     given = [f"--{name.replace('_', '-')}" for name in ("quant_group_size", "quant_zero_points", "quant_keep",
                                                          "quant_lm_head", "quant_rotate")
              if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    given = [g if g != "--quant-rotate" or ctx.params["quant_rotate"] else "--no-quant-rotate" for g in given]
     if quant == "none" and given:
         click.echo(f"warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
                    "--quant int8|int4", err=True)

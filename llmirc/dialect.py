@@ -9,8 +9,8 @@ bits, group size, scale dtype, zero points; see llmirc/quant.py): `llmir.quantiz
 a float weight at compile time, `llmir.packed_weight` names one a checkpoint already holds
 (GPTQ, AWQ), and `llmir.linear` / `llmir.embedding` read either kind. `llmir.scale` multiplies
 a weight by per-channel factors at compile time (SmoothQuant's, from the `smooth` pass);
-`llmir.hadamard` rotates blocks of a row (the `rotate` pass: on an activation a kernel, on a
-weight folded at compile time). The KV cache is a value of type `!llmir.kv_pool<...>` threaded through
+`llmir.hadamard` rotates blocks of a row (quantize-weights{rotate}: on an activation a kernel,
+on a weight folded at compile time). The KV cache is a value of type `!llmir.kv_pool<...>` threaded through
 `kv_append` (which returns the updated pool) to `paged_attention`, so ordering is explicit SSA.
 
 The generic textual form of everything here parses and verifies in upstream MLIR (as an
@@ -344,8 +344,8 @@ class HadamardOp(_LlmirOp):
     Walsh-Hadamard matrix H_b / sqrt(b) (Sylvester's order: H_b[i, j] = (-1)^popcount(i & j)),
     computed in f32 (llmirc/quant.py `hadamard` is the reference). H_b / sqrt(b) is orthogonal
     and its own inverse, so linear(hadamard(x), hadamard(w)) = linear(x, w) in exact arithmetic
-    (QuaRot's online Hadamard, Ashkboos et al. 2024): the `rotate` pass puts it before a linear
-    whose input has outlier channels, so that its weight's rotated rows quantize with less error.
+    (QuaRot's online Hadamard, Ashkboos et al. 2024): quantize-weights{rotate} puts it before a
+    linear whose input has outlier channels, so that its rotated weight quantizes with less error.
     On an activation it is a kernel (`hadamard`); on a weight it is folded into the bundle at
     compile time, like `llmir.scale`. The result is f32."""
 
@@ -828,9 +828,9 @@ def is_weight_op(op) -> bool:
 
 LLMIR = Dialect(
     "llmir",
-    [WeightOp, ConstantOp, ConcatOp, TransposeOp, CastOp, ScaleOp, HadamardOp, QuantizeOp, PackedWeightOp, SplitOp, EmbeddingOp,
-     RMSNormOp, LayerNormOp, LinearOp, RopeOp, AttentionOp, KVAppendOp, RopeKVAppendOp, PagedAttentionOp, ActMulOp,
-     ActOp, AddOp, GatherRowsOp, SqueezeBatchOp, UnsqueezeBatchOp],
+    [WeightOp, ConstantOp, ConcatOp, TransposeOp, CastOp, ScaleOp, HadamardOp, QuantizeOp, PackedWeightOp, SplitOp,
+     EmbeddingOp, RMSNormOp, LayerNormOp, LinearOp, RopeOp, AttentionOp, KVAppendOp, RopeKVAppendOp, PagedAttentionOp,
+     ActMulOp, ActOp, AddOp, GatherRowsOp, SqueezeBatchOp, UnsqueezeBatchOp],
     [KVPoolType, QuantType],
 )
 
@@ -840,5 +840,5 @@ ARG_ATTR = "llmir.arg"
 # step recomputes the whole sequence (see passes/onnx_to_llmir.py and targets/generic_plan.py).
 FULL_SEQUENCE = "llmir.full_sequence"
 __all__ = [name for name in dir() if name.endswith("Op")] + ["KVPoolType", "QuantType", "LLMIR", "tensor", "DYN",
-                                                              "ARG_ATTR", "FULL_SEQUENCE", "is_float", "WEIGHT_OPS", "is_weight_op",
-                                                              "is_weight_element", "FLOAT_TYPES"]
+                                                              "ARG_ATTR", "FULL_SEQUENCE", "is_float", "WEIGHT_OPS",
+                                                              "is_weight_op", "is_weight_element", "FLOAT_TYPES"]

@@ -247,6 +247,10 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         if options.quant_smooth is not None and not any(k.startswith("smooth: ") for k in ctx.report):
             progress.note(f"--quant-smooth smoothed nothing: no norm or act_mul of {model} feeds only linears with "
                           f"float weights{_DEQUANTIZE_HINT.get(source.kind, '')}")
+        if options.quant_rotate and quantize is not None and not kept_stored and \
+                not any(k.startswith("quantize-weights: input rotated") for k in ctx.report):
+            progress.note(f"--quant-rotate rotated nothing: no MLP down projection of {model} is quantized from float "
+                          f"weights with a power-of-two block of at least 16 dividing its inputs")
         if quantize is not None and not kept_stored and (unmatched := quantize.unmatched_keep(module)):
             example = next((n for u, w in weight_uses(module) if isinstance(u, L.LinearOp)
                             for n in source_names(w)), "")

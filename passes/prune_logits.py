@@ -37,6 +37,7 @@ ROW_OPERANDS = {
     L.ActMulOp: ("gate", "up"),
     L.ActOp: ("input",),
     L.AddOp: ("lhs", "rhs"),
+    L.HadamardOp: ("input",),
 }
 
 

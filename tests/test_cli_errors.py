@@ -573,6 +573,20 @@ def test_compile_warns_of_quant_options_without_effect(ckpt):
     assert r.returncode == 0 and r.stderr.startswith("warning: --quant-lm-head has no effect: --quant-keep lm_head")
     r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--quant", "int4", "--quant-lm-head", "int4")
     assert r.returncode == 0 and r.stderr == "", r.stderr
+    r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--no-quant-rotate")
+    assert r.returncode == 0 and r.stderr == "warning: --no-quant-rotate has no effect without --quant int8|int4\n", \
+        r.stderr
+
+
+def test_compile_says_when_quant_rotate_rotates_nothing(tmp_path, ckpt):
+    """down_proj's 40 inputs split into no power-of-two block of 16 or more: --quant-rotate says so
+    in one note; with 128 inputs (the `ckpt` fixture's) it rotates and says nothing."""
+    make_checkpoint(tmp_path / "odd", "llama", tokenizer=True, intermediate_size=40)
+    r = llmirc("compile", tmp_path / "odd", "--emit", "mlir", "-q", "--quant", "int8", "--quant-rotate")
+    assert r.returncode == 0 and r.stderr.startswith("note: --quant-rotate rotated nothing: no MLP down projection") \
+        and len(r.stderr.splitlines()) == 1 and '"llmir.hadamard"' not in r.stdout, r.stderr
+    r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--quant", "int8", "--quant-rotate")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.count('"llmir.hadamard"') == 4, r.stderr
     r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--dequantize")  # a safetensors checkpoint
     assert r.returncode == 0 and r.stderr == "warning: --dequantize has no effect: it expands a GGUF file's " \
         "quantized blocks\n", r.stderr
