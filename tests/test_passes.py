@@ -94,6 +94,11 @@ def test_prune_logits_moves_gather_above_final_norm_and_last_mlp():
     # Idempotent: a second run changes nothing.
     before = print_ir(m)
     assert print_ir(apply(m, "prune-logits")) == before
+    # quantize-weights{rotate} before it: the gather moves up through the last layer's
+    # llmir.hadamard (row-wise) as through its act_mul
+    m = apply(decoder(), "quantize-weights{bits=8 rotate=true},prune-logits,cse,dce")
+    assert len(ops(m, L.HadamardOp)) == 6 and {g.input.owner.name for g in ops(m, L.GatherRowsOp)} == \
+        {"llmir.attention", "llmir.add"}
 
 
 def test_paged_kv_rewrites_attention():
