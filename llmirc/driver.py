@@ -217,7 +217,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         ctx = make_context(read_weight=source.float32, add_weight=source.add_weight)
         with stage(f"front end ({source.kind})"):
             module = source.module()
-        progress(f"front end: {source.kind}, {model_facts(module).get('num_layers', '?')} attention layers")
+        layers = model_facts(module).get("num_layers")  # (none found in a full-sequence ONNX graph)
+        progress(f"front end: {source.kind}" + (f", {layers} attention layers" if layers is not None else ""))
         stored = _stored_quantized(source, module)
         if options.quant_method == "gptq" and stored is not None:
             _check_something_to_calibrate(model, source, module, stored, quantize)
@@ -231,7 +232,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                                                 (f"smooth, alpha {options.quant_smooth}",
                                                  options.quant_smooth is not None)) if on)
             ctx.report[f"calibration ({uses}): {calibration.tokens} tokens of {options.calibration.name} in "
-                       f"{calibration.windows} windows"] += 1
+                       f"{_count(calibration.windows, 'window')}"] += 1
         input_ir = print_ir(module) if out is not None else ""  # only the bundle keeps it
         progress("running passes")
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
@@ -372,7 +373,8 @@ def _calibrate(source, options: CompileOptions, progress: Callable[[str], None])
                           "model's embedding table (is tokenizer.json the model's?)")
     context = resolve_context(source.model_info(), module, options.max_model_len)  # what the bundle will run
     chunks = windows(ids, min(512, context.tokens))
-    progress(f"calibration: {sum(map(len, chunks))} tokens of {options.calibration.name} in {len(chunks)} windows")
+    progress(f"calibration: {sum(map(len, chunks))} tokens of {options.calibration.name} in "
+             f"{_count(len(chunks), 'window')}")
     return calibrate(module, source, chunks, progress, hessians=options.quant_method == "gptq")
 
 
@@ -484,3 +486,6 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
         })
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 window', '3 windows'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -125,9 +125,8 @@ def test_act_and_act_mul(rng, act):
     check_guard(ob, T, dim)
 
 
-@pytest.mark.parametrize("dim,block", [(8, 2), (48, 16), (384, 128), (512, 256)])
-def test_hadamard(rng, dim, block):
-    T = 5
+@pytest.mark.parametrize("dim,block,T", [(48, 16, 5), (64, 64, 1), (384, 128, 5), (256, 128, 70)])
+def test_hadamard(rng, dim, block, T):
     xb, x = buf(rng, T, dim, pad=2)
     ob, out = buf(rng, T, dim, fill=np.nan)
     call("hadamard", {"dim": dim, "block": block}, out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), T=T)
@@ -135,8 +134,9 @@ def test_hadamard(rng, dim, block):
     check_guard(ob, T, dim)
     call("hadamard", {"dim": dim, "block": block}, out=ob, ld_out=ld(ob), x=ob, ld_x=ld(ob), T=T)  # in place
     np.testing.assert_allclose(out, x, rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="power of two from 2 to 256"):
-        launch_rule("hadamard", {"dim": 1024, "block": 512}, ARCHS["sm_90"])
+    for bad in (8, 256):
+        with pytest.raises(ValueError, match="power of two from 16 to 128"):
+            launch_rule("hadamard", {"dim": 1024, "block": bad}, ARCHS["sm_90"])
 
 
 # --- norms (float64 references: the ONNX fusion's)
