@@ -137,8 +137,8 @@ def cli(debug: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress output (notes and warnings still show).")
 def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, arch, cpu_variants, dtype,
                 kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, quant_lm_head, quant_method,
-                quant_rotate, quant_smooth, calibration, calibration_tokens, report, dequantize, block_size, max_model_len, jobs,
-                quiet):
+                quant_rotate, quant_smooth, calibration, calibration_tokens, report, dequantize, block_size,
+                max_model_len, jobs, quiet):
     """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle."""
     try:
         from llmirc.driver import CompileOptions, Progress, compile_model

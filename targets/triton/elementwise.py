@@ -1,11 +1,12 @@
-"""Row-wise kernels: embedding, gather_rows, add, act, act_mul, hadamard (semantics: targets/signatures.py).
+"""Row-wise kernels: embedding, gather_rows, add, act, act_mul, hadamard (semantics:
+targets/signatures.py).
 
 Each program handles one row and one column block of BLOCK = min(next_pow2(dim), 1024)
-columns; grid (rows, cdiv(dim, BLOCK)). Activations are computed as in the CPU kernels: silu
-and gelu_tanh are x * sigmoid(z) with z and the exponential in f64, gelu is x * Phi(x) with
-erfc(|x|/sqrt2) = t exp(-z^2 + P(t)) in f64 (Numerical Recipes' erfcc, relative error ~1.2e-7),
-so every f32 input is within ~1e-6 relative of float64, tails included; act(-inf) = 0,
-act(inf) = inf, NaN propagates.
+columns; grid (rows, cdiv(dim, BLOCK)); hadamard takes 64 rows at a time (its docstring).
+Activations are computed as in the CPU kernels: silu and gelu_tanh are x * sigmoid(z) with z
+and the exponential in f64, gelu is x * Phi(x) with erfc(|x|/sqrt2) = t exp(-z^2 + P(t)) in f64
+(Numerical Recipes' erfcc, relative error ~1.2e-7), so every f32 input is within ~1e-6 relative
+of float64, tails included; act(-inf) = 0, act(inf) = inf, NaN propagates.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import triton.language as tl
 from .spec import Launch, Rule, Variant, cdiv, kernel, next_pow2
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
-HADAMARD_MIN, HADAMARD_MAX = 16, 128  # the hadamard kernel's blocks (tl.dot's least side; its [B, B] signs in registers)
+HADAMARD_MIN, HADAMARD_MAX = 16, 128  # hadamard's blocks (tl.dot's least side; its [B, B] signs in registers)
 
 
 @triton.jit
