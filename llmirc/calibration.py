@@ -215,7 +215,7 @@ def calibrate(module: ModuleOp, source, token_windows: list[np.ndarray],
     try:
         with np.errstate(all="ignore"):  # an overflow shows as a Hessian not finite: one error line
             for i, op in enumerate(ops):
-                if op not in consumed or _is_weight(op):
+                if op not in consumed or L.is_weight_op(op):
                     continue
                 if isinstance(op, L.LinearOp):
                     x = _get(env, op.input, source)
@@ -255,10 +255,6 @@ def _consumed(ops: list[Operation]) -> set:
     return consumed
 
 
-def _is_weight(op: Operation) -> bool:
-    return L.is_weight_op(op)
-
-
 def _weight(v: SSAValue, source) -> np.ndarray:
     """A weight value as float32 (computed per use: weights are not kept)."""
     value = float_value(v, source.float32, packed=lambda w: _dequantized(w, source))
@@ -282,7 +278,7 @@ def _dequantized(v: SSAValue, source) -> np.ndarray:
 def _get(env: dict, v: SSAValue, source) -> np.ndarray:
     if v in env:
         return env[v]
-    if isinstance(v.owner, Operation) and _is_weight(v.owner):
+    if isinstance(v.owner, Operation) and L.is_weight_op(v.owner):
         return _weight(v, source)
     raise LlmircError(f"--calibration: cannot calibrate: the forward reads {v.name_hint or 'an argument'} "
                       "(only token_ids and positions are known)")

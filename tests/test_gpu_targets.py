@@ -534,10 +534,10 @@ def test_gpu_quantized_matches_transformers(tmp_path, cache, case):
     weights dequantized and the inputs of its quantized linears rounded to bfloat16 (the GPU
     contract, targets/signatures.py): the tolerances of test_quant_models.py's exact reference."""
     _gpu_or_skip()
-    from test_quant_models import CASES, OVERRIDES, TOKENS, emulated, pass_of, rel_rms
+    from test_quant_models import OVERRIDES, TOKENS, case_of, emulated, pass_of, rel_rms
 
     from llmirc.runtime.model import load
-    options, head, embedding, int8, rotated = (*CASES[case], (), False)[:5]
+    options, head, embedding, int8, rotated = case_of(case)
     options = {k: v for k, v in options.items() if k != "cpu_variants"}
     model = make_checkpoint(tmp_path / "ckpt", "llama", **OVERRIDES)
     _compile(tmp_path / "ckpt", tmp_path / "m.llmir", targets=("cuda",), **options)

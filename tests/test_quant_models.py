@@ -96,6 +96,12 @@ CASES = {  # name -> (compile options, the LM head's scheme (None: float), embed
 }
 
 
+def case_of(name: str) -> tuple:
+    """(options, head scheme, embedding quantized, int8 linears, rotated) of CASES[name], with the
+    optional fields filled in."""
+    return (*CASES[name], (), False)[:5]
+
+
 def pass_of(options: dict) -> QuantizeWeights:
     """The quantize-weights pass the options run (its `scheme(k)` says how a weight is stored)."""
     (p,) = [p for p in parse_passes(CompileOptions(**options).quantize_pass())]
@@ -105,7 +111,7 @@ def pass_of(options: dict) -> QuantizeWeights:
 @pytest.mark.parametrize("case", CASES)
 def test_quantized_bundle_matches_emulation(tmp_path, checkpoint, case):
     ckpt, model = checkpoint
-    options, head, embedding, int8, rotated = (*CASES[case], (), False)[:5]
+    options, head, embedding, int8, rotated = case_of(case)
     bundle = compile_to(ckpt, tmp_path / "q.llmir", **options)
     schemes = pass_of(options).scheme
     ref = emulated(model, schemes, head, embedding, TOKENS, int8=int8, rotated=rotated)
