@@ -11,6 +11,7 @@ vLLM flag means the same thing, the same name is used (--max-model-len, --block-
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from llmirc import __version__, dtypes
 from llmirc.errors import LlmircError, internal_stage
 
 INTERNAL_ERROR = 3  # exit code of a bug in llmirc (user errors: 1, usage errors: 2)
+SHUTDOWN_GRACE_S = 5  # `serve`: how long Ctrl-C waits for running requests before aborting them
 _debug = os.environ.get("LLMIRC_DEBUG", "") not in ("", "0")
 _command = "llmirc"  # the subcommand running, for internal errors with no known stage
 
@@ -413,7 +415,8 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
           enable_prefix_caching, kv_cache_tokens, kv_cache_dtype, gpu_memory_utilization, threads, target,
           num_scheduler_steps, max_queued_requests, chat_template, no_verify, log_level):
     """Serve BUNDLE over HTTP: vLLM's OpenAI-compatible API (/v1/completions, /v1/chat/completions,
-    /v1/models) and SGLang's native API (/generate, /get_model_info), plus /health and /metrics."""
+    /v1/models) and SGLang's native API (/generate, /get_model_info), plus /health and /metrics.
+    Ctrl-C gives running requests 5 s to finish, then aborts them."""
     try:
         import uvicorn
 
@@ -470,7 +473,17 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
     logging.getLogger("llmirc").addHandler(handler)
     logging.getLogger("llmirc").setLevel(log_level.upper())
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # Ctrl-C: requests still running after the grace period are aborted (finish_reason "abort"),
+            # so their responses end properly; uvicorn cancels what is left 5 s later.
+            abort = asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, model.engine.abort_all)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                abort.cancel()
+
+    server = Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S + 5))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shut down cleanly and re-raised Ctrl-C: exit 0, as uvicorn.run does

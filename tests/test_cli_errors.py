@@ -920,8 +920,11 @@ def test_run_bad_tokenizer(bundle, bundle_notok, tmp_path, case):
 
 
 def test_bench_prompt_longer_than_context(bundle):
-    assert_user_error(llmirc("bench", bundle, "--prompt-len", "600", "--new-tokens", "2", "--repeat", "1"),
-                      "context of 512")
+    """The errors name bench's own flags."""
+    assert_user_error(llmirc("bench", bundle, "--prompt-len", "500", "--new-tokens", "20", "--repeat", "1"),
+                      "--prompt-len 500 + --new-tokens 20 = 520 tokens exceeds the model's context of 512")
+    assert_user_error(llmirc("bench", bundle, "--prompt-len", "30", "--new-tokens", "20", "--repeat", "1",
+                             "--kv-cache-tokens", "32"), "--kv-cache-tokens 32", "--batch 1")
 
 
 def test_bench_compare_transformers_bad_dir(bundle, tmp_path):

@@ -230,6 +230,20 @@ def test_closing_a_generation_early_aborts_it():
     assert engine.num_requests == 0 and engine.scheduler.allocator.num_available == 16
 
 
+def test_abort_all_ends_every_request():
+    """What `llmirc serve` does when Ctrl-C's grace period ends: every request ends with "abort"."""
+    engine, _ = make(num_blocks=16)
+    got: dict[int, list] = {}
+    for prompt in ([1, 2], [3, 4, 5]):
+        engine.add_request(prompt, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True),
+                           lambda o: got.setdefault(o.request_id, []).append(o))
+    engine.step()
+    engine.abort_all()
+    engine.step()
+    assert len(got) == 2 and all(outs[-1].finish_reason == "abort" and len(outs) < 50 for outs in got.values())
+    assert engine.num_requests == 0 and engine.scheduler.allocator.num_available == 16
+
+
 def test_a_failing_step_fails_every_request_and_the_engine():
     engine, executor = make()
     stream = engine.generate([[1, 2], [3]], [SamplingParams(max_tokens=5, temperature=0)] * 2)

@@ -300,6 +300,24 @@ def test_disconnect_mid_stream_frees_the_blocks(server):
     assert after["llmirc:generation_tokens_total"] - before["llmirc:generation_tokens_total"] < 1500
 
 
+@pytest.mark.parametrize("which", ["server", "guarded"])
+def test_disconnect_before_the_answer_frees_the_blocks(request, which):
+    """A non-streaming request whose client gives up is aborted too (with and without an API key)."""
+    server = request.getfixturevalue(which)
+    before = metrics(server)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", headers={"authorization": "Bearer sekret"}, timeout=0.2, json={
+            "prompt": LONG, "max_tokens": 2000, "temperature": 0, "ignore_eos": True})
+    deadline = time.monotonic() + 15
+    while metrics(server)["llmirc:num_requests_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = metrics(server)
+    assert after["llmirc:num_requests_running"] == 0 and after["llmirc:kv_cache_usage_perc"] == 0
+    assert after['llmirc:request_success_total{finished_reason="abort"}'] == \
+        before['llmirc:request_success_total{finished_reason="abort"}'] + 1
+    assert after["llmirc:generation_tokens_total"] - before["llmirc:generation_tokens_total"] < 1800  # the tiny model makes 2000 in about a second
+
+
 def test_health_and_metrics(server):
     assert httpx.get(server.url + "/health").status_code == 200
     m = metrics(server)
@@ -368,6 +386,19 @@ def test_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving(server, clien
     assert not param or error["param"] == param[0], error
     assert httpx.get(server.url + "/health").status_code == 200
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=1).choices[0].finish_reason
+
+
+def test_chat_template_kwargs_override_the_request(server, model):
+    """As in vLLM, chat_template_kwargs win over the request's own add_generation_prompt (and the
+    like); 'messages' cannot be set there."""
+    messages = [{"role": "user", "content": "hello there"}]
+    url = server.url + "/v1/chat/completions"
+    r = httpx.post(url, json={"messages": messages, "max_tokens": 1,
+                              "chat_template_kwargs": {"add_generation_prompt": False}})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(
+        model.apply_chat_template(messages, add_generation_prompt=False))
+    r = httpx.post(url, json={"messages": messages, "chat_template_kwargs": {"messages": []}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
 
 
 def test_chat_template_errors_do_not_show_the_servers_paths(server, bundle):

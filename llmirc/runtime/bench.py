@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from llmirc.artifact_format.reader import open_bundle
+from llmirc.errors import LlmircError
 
 from .inspect import parameter_count
 from .model import load
@@ -84,6 +85,13 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
     # No prefix caching: every repeat must compute its prompt.
     model = load(bundle, kv_cache_tokens=kv_cache_tokens or batch * (len(prompt) + new_tokens) + 64,
                  threads=threads, enable_prefix_caching=False, target=target)
+    need = len(prompt) + new_tokens
+    if need > model.max_context:
+        raise LlmircError(f"--prompt-len {len(prompt)} + --new-tokens {new_tokens} = {need} tokens exceeds the "
+                          f"model's context of {model.max_context}")
+    if batch * -(-need // model.block_size) > model.num_blocks:
+        raise LlmircError(f"--kv-cache-tokens {kv_cache_tokens}: a KV cache of {model.num_blocks * model.block_size} "
+                          f"tokens cannot hold --batch {batch} sequences of {need} tokens")
     prefill, decode = [], []
     for _ in range(repeat):
         t0 = time.perf_counter()

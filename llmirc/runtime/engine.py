@@ -214,6 +214,10 @@ class Engine:
         """Stop a request and free its KV blocks at the next step boundary (no-op if finished)."""
         self._inbox.put(("abort", request_id))
 
+    def abort_all(self) -> None:
+        """`abort` every request the engine has at the next step boundary (a server shutting down)."""
+        self._inbox.put(("abort_all",))
+
     def call(self, fn: Callable[[], object]):
         """Run `fn` on the loop's thread between two steps (inline when no loop thread runs); returns its result."""
         if not self.running_in_thread:
@@ -278,6 +282,9 @@ class Engine:
                 self._add(*command[1:])
             elif kind == "abort":
                 self._abort(command[1], "abort")
+            elif kind == "abort_all":
+                for request_id in list(self._requests):
+                    self._abort(request_id, "abort")
             elif kind == "call":
                 fn, done = command[1], command[2]
                 try:

@@ -45,6 +45,29 @@ class APIError(Exception):
                           "param": self.param, "code": self.status}}
 
 
+class APIKeyCheck:
+    """ASGI middleware: an HTTP request for anything but /health and /metrics needs the header
+    `Authorization: Bearer KEY`, or gets a 401. Plain ASGI on purpose: behind Starlette's
+    `@app.middleware("http")` a route never sees its client disconnect (`Request.is_disconnected`
+    stays False), so a non-streaming request would run on to max_tokens."""
+
+    OPEN = ("/health", "/metrics")
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in self.OPEN:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                from fastapi.responses import JSONResponse
+
+                error = APIError(401, "Unauthorized: a valid API key is needed (Authorization: Bearer KEY)")
+                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 @dataclass
 class ServerOptions:
     served_model_name: str
@@ -211,7 +234,7 @@ def create_app(model: Model, options: ServerOptions):
     """The FastAPI application serving `model` (its engine starts and stops with the app)."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.exceptions import HTTPException
@@ -236,15 +259,8 @@ def create_app(model: Model, options: ServerOptions):
     app = FastAPI(title="llmirc", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        key = options.api_key
-        if key and request.url.path not in ("/health", "/metrics"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return JSONResponse(APIError(401, "Unauthorized: a valid API key is needed "
-                                                  "(Authorization: Bearer KEY)").body(), status_code=401)
-        return await call_next(request)
+    if options.api_key:
+        app.add_middleware(APIKeyCheck, key=options.api_key)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
