@@ -291,16 +291,21 @@ def test_qlinear_bias_residual(lib, rng, name):
 
 def test_qlinear_token_counts(lib, rng):
     """Every token count from 1 to 40 (token groups of every size) and a prefill long enough to
-    run in several token slices."""
+    run in several token slices; below the AMX threshold each token's outputs are bit for bit
+    those it gets alone (README: outputs do not depend on the batch)."""
     n, k = MAIN["i4_g32_min"]
     scheme = SCHEMES["i4_g32_min"](k)
     parts, w = quantized_weight(rng, scheme, n, k)
     slice_tokens = QK._XQ_BYTES // qlinear_scratch_bytes(k, 32)
     x = rng.standard_normal((slice_tokens + 50, k)).astype(np.float32)
+    alone = np.concatenate([call_qlinear(lib, f"q_i4_g32_min_{n}_{k}", scheme, parts, x[t:t + 1])
+                            for t in range(40)])
     for T in list(range(1, 41)) + [slice_tokens + 50]:
         out = call_qlinear(lib, f"q_i4_g32_min_{n}_{k}", scheme, parts, x[:T])
         ref, scale, _, _ = reference(x[:T], scheme, w, None)
         assert np.all(np.abs(out - ref) <= 2e-6 * scale + 1e-30), T
+        if T < QK.AMX_MIN_TOKENS:  # batch invariance: a token's outputs do not depend on the others (vector path)
+            np.testing.assert_array_equal(out, alone[:T], err_msg=f"{T} tokens")
 
 
 @pytest.mark.parametrize("T", [1, 3, 8])

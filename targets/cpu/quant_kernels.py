@@ -366,7 +366,10 @@ def _emit_qlinear(module, fn, b, A, p, variant):
                     zv = irb.fma(cb, sv, irb.const_like(zv.type, 128.0), zv)
                 for ci in range(c):
                     f = cb.sitofp(iacc[ri][ci], irb.vty(W))
-                    acc = cb.load(facc[ri][ci]) if W == L else irb.const_like(irb.vty(W), 0.0)
+                    # narrow vectors add into the accumulator's first W lanes with the same fma as
+                    # full ones, so a token's result does not depend on how many share the codes
+                    whole = cb.load(facc[ri][ci])
+                    acc = irb.lanes(cb, whole, 0, W)
                     if s.zero == "none" and signed8:
                         acc = irb.fma(cb, sv, cb.fmul(f, dv[ci]), acc)
                     elif s.zero == "none":
@@ -376,7 +379,7 @@ def _emit_qlinear(module, fn, b, A, p, variant):
                     else:
                         acc = irb.fma(cb, zv, ev[ci], irb.fma(cb, sv, cb.fmul(f, dv[ci]), acc))
                     if W < L:
-                        acc = cb.fadd(cb.load(facc[ri][ci]), irb.widen(cb, acc, L))
+                        acc = irb.shuffle(cb, irb.widen(cb, acc, L), whole, [*range(W), *range(L + W, 2 * L)])
                     cb.store(acc, facc[ri][ci])
 
         def super_block(cb, sb, lanes):
