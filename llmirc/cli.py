@@ -247,7 +247,8 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, 
     """Generate text or tokens with a compiled BUNDLE.
 
     Without --json, a single prompt streams its text as it is generated; a batch prints each
-    sequence under a label. A summary (tokens/s, time to first token) goes to stderr."""
+    sequence under a label [i], i counting the --token-ids prompts first, then --prompt, then
+    --prompt-file (each in the order given). A summary (tokens/s, time to first token) goes to stderr."""
     texts = [_read_prompt(p) for p in prompts] + [_read_file(f) for f in prompt_files]
     if not texts and not token_ids:
         raise LlmircError("give --prompt TEXT, --prompt-file PATH or --token-ids 1,2,3")
@@ -285,7 +286,7 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, 
     for i, r in enumerate(records):
         if as_json:
             n, total = len(r["token_ids"]), r["total_s"]
-            record = {"prompt_token_ids": r["prompt_token_ids"], "token_ids": r["token_ids"],
+            record = {"index": i, "prompt_token_ids": r["prompt_token_ids"], "token_ids": r["token_ids"],
                       "finish_reason": r["finish_reason"], "stop_reason": r["stop_reason"],
                       "cached_tokens": r["cached_tokens"],
                       "timings": {"time_to_first_token_s": r.get("first_token_s"), "total_s": total,

@@ -1011,7 +1011,7 @@ def run_json(b, *args) -> list[dict]:
 def test_run_json_token_ids(bundle_notok):
     records = run_json(bundle_notok, "--token-ids", "0,5,9", "--token-ids", "3, 4", "--max-new-tokens", "5",
                        "--ignore-eos")
-    assert [r["prompt_token_ids"] for r in records] == [[0, 5, 9], [3, 4]]
+    assert [(r["index"], r["prompt_token_ids"]) for r in records] == [(0, [0, 5, 9]), (1, [3, 4])]
     assert all(len(r["token_ids"]) == 5 and "text" not in r for r in records)
     assert all(0 <= t < 384 for r in records for t in r["token_ids"])
 
