@@ -351,21 +351,28 @@ def test_linear(lib, rng, n, k, bias, res, T):
 def test_linear_token_counts(lib, rng, n, k):
     """Every token count from 1 to 70 (balanced token groups of every size, the decode path
     with its k slices) and around the switch to the prefill path (k = 513: 128 tokens,
-    k = 2050: 63 tokens)."""
+    k = 2050: 63 tokens); each token's outputs bit for bit those it gets alone (batch
+    invariance, README)."""
     counts = list(range(1, 71)) + ([127, 128, 129] if k == 513 else [])
     xb, x = buf(rng, max(counts), k, pad=3)
+    rb, r_all = buf(rng, max(counts), n, pad=6)
     w = rng.standard_normal((n, k)).astype(np.float32)
     bv = rng.standard_normal(n).astype(np.float32)
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    f = getattr(lib, f"lin_{n}_{k}_11")
+    alone = np.empty((max(counts), n), np.float32)
+    for t in range(max(counts)):
+        f(alone[t:], n, xb[t:], ld(xb), w, bv, rb[t:], ld(rb), 1)
     for T in counts:
-        rb, r = buf(rng, T, n, pad=6)
+        r = r_all[:T]
         ob, out = buf(rng, T, n, pad=2, fill=np.nan)
-        getattr(lib, f"lin_{n}_{k}_11")(ob, ld(ob), xb, ld(xb), w, bv, rb, ld(rb), T)
+        f(ob, ld(ob), xb, ld(xb), w, bv, rb, ld(rb), T)
         ref = x64[:T] @ w64.T + bv + r
         scale = math.sqrt(k) * (np.abs(x64[:T]) @ np.abs(w64).T) + np.abs(bv) + np.abs(r)
         tol = 1e-6 * (scale + np.abs(ref)) + 1e-30
         assert np.all(np.abs(out - ref) <= tol), (T, np.abs(out - ref).max())
         check_guard(ob, T, n)
+        np.testing.assert_array_equal(out, alone[:T], err_msg=f"{T} tokens: not what each token gets alone")
 
 
 @pytest.mark.parametrize("dtype", HALF)
