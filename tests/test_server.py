@@ -397,6 +397,8 @@ def test_chat_template_kwargs_override_the_request(server, model):
         model.apply_chat_template(messages, add_generation_prompt=False))
     r = httpx.post(url, json={"messages": messages, "chat_template_kwargs": {"messages": []}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
+    r = httpx.post(url, json={"messages": messages, "max_tokens": 1, "chat_template_kwargs": {"self": 1}})
+    assert r.status_code == 200, r.text  # a template variable like any other
 
 
 def test_chat_template_errors_do_not_show_the_servers_paths(server, bundle):

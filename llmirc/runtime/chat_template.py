@@ -63,14 +63,14 @@ class ChatTemplate:
             raise LlmircError(f"{where}: expected a string or a list of named templates")
         return cls(template, special_tokens, where)
 
-    def render(self, messages: list[dict], *, add_generation_prompt: bool = True, tools: list[dict] | None = None,
+    def render(self, messages: list[dict], /, *, add_generation_prompt: bool = True, tools: list[dict] | None = None,
                documents: list[dict] | None = None, continue_final_message: bool = False, **kwargs) -> str:
         """The prompt text of `messages` ([{"role": ..., "content": ...}, ...]).
 
         `continue_final_message` leaves the last (assistant) message open, for the model to
         continue it (transformers' semantics). Extra keyword arguments are template variables
-        (transformers' `**kwargs`, vLLM's chat_template_kwargs). Raises LlmircError for an
-        empty conversation or a template error (its message names the template)."""
+        (transformers' `**kwargs`, vLLM's chat_template_kwargs; any name, `self` included). Raises
+        LlmircError for an empty conversation or a template error (its message names the template)."""
         import jinja2
 
         if not isinstance(messages, list) or not messages:
