@@ -89,8 +89,9 @@ class ChatTemplate:
             chat[-1] = {**chat[-1], "content": final + tag}
         variables = {**self.special_tokens, **kwargs}
         try:
-            text = self._template(source).render(messages=chat, tools=tools, documents=documents,
-                                                 add_generation_prompt=add_generation_prompt, **variables)
+            # one dict, not keywords: a variable may be named like jinja's own parameters ('self')
+            text = self._template(source).render({**variables, "messages": chat, "tools": tools, "documents": documents,
+                                                  "add_generation_prompt": add_generation_prompt})
         except jinja2.TemplateError as e:
             raise LlmircError(f"{self.name}: {type(e).__name__}: {e}") from None
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
