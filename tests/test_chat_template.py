@@ -161,6 +161,8 @@ def test_template_errors_are_one_line_naming_the_template(folder, tmp_path):
         template.render(bad)
     with pytest.raises(LlmircError, match="empty"):
         template.render([])
+    with pytest.raises(LlmircError, match="'messages' cannot be a template variable"):
+        template.render(bad[:1], messages=[])
     with pytest.raises(LlmircError, match="SecurityError|unsafe|access"):
         ChatTemplate("{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}").render(
             [{"role": "user", "content": "x"}])

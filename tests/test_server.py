@@ -366,7 +366,12 @@ BAD = {
     "sglang-stop-empty-string": ("/generate", {"text": "hi", "sampling_params": {"stop": [""]}}, 400, "empty string"),
     "sglang-stop-token-id-outside-vocab": ("/generate", {"text": "hi", "sampling_params": {"stop_token_ids": [384]}},
                                            400, "outside the model's vocabulary"),
+    "sglang-logprob-start-past-prompt": ("/generate", {"input_ids": [1, 2, 3], "return_logprob": True,
+                                                       "logprob_start_len": 3}, 400,
+                                         "logprob_start_len must be -1 or a prompt position (0 to 2)",
+                                         "logprob_start_len"),
     "unknown-route": ("/v1/embeddings", {"input": "hi"}, 404, "Not Found"),
+    "wrong-method": ("/health", {}, 405, "Method Not Allowed"),
 }
 
 
@@ -380,6 +385,7 @@ def test_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving(server, clien
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert needle.lower() in error["message"].lower() and error["code"] == status, error
+    assert error["type"].endswith("Error") and error["type"] != "APIError", error  # a kind, as OpenAI's types
     assert error.get("param") is None or not error["param"].isdigit(), error  # a field, not a character offset
     assert not param or error["param"] == param[0], error
     assert httpx.get(server.url + "/health").status_code == 200

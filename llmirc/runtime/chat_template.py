@@ -70,13 +70,16 @@ class ChatTemplate:
         `continue_final_message` leaves the last (assistant) message open, for the model to
         continue it (transformers' semantics). Extra keyword arguments are template variables
         (transformers' `**kwargs`, vLLM's chat_template_kwargs; any name, `self` included). Raises
-        LlmircError for an empty conversation or a template error (its message names the template)."""
+        LlmircError for an empty conversation, a variable named `messages`, or a template error (its
+        message names the template)."""
         import jinja2
 
         if not isinstance(messages, list) or not messages:
             raise LlmircError("the conversation is empty: give at least one message")
         if any(not isinstance(m, dict) for m in messages):
             raise LlmircError("each message must be an object with a role and content")
+        if "messages" in kwargs:
+            raise LlmircError("'messages' cannot be a template variable: the conversation is given as messages")
         if continue_final_message and add_generation_prompt:
             raise LlmircError("continue_final_message and add_generation_prompt cannot both be set")
         chat = [{k: v for k, v in m.items() if v is not None} for m in messages]

@@ -21,6 +21,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from http import HTTPStatus
 
 from llmirc.errors import LlmircError, RuntimeLimitError
 from llmirc.runtime.engine import RequestOutput, SamplingParams, TokenLogprob
@@ -41,7 +42,8 @@ class APIError(Exception):
         self.status, self.message, self.param = status, message, param
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "APIError"),
+        kind = self.TYPES.get(self.status) or HTTPStatus(self.status).phrase.title().replace(" ", "") + "Error"
+        return {"error": {"message": self.message, "type": kind,
                           "param": self.param, "code": self.status}}
 
 

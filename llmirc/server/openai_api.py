@@ -313,13 +313,10 @@ def _chat_prompt(server: Server, req: ChatRequest) -> list[int]:
     # chat_template_kwargs override the request's own fields, as in vLLM
     options = {"add_generation_prompt": req.add_generation_prompt, "tools": req.tools,
                "continue_final_message": req.continue_final_message, **(req.chat_template_kwargs or {})}
-    if "messages" in options:
-        raise APIError(400, "chat_template_kwargs cannot set 'messages' (give them in messages)",
-                       "chat_template_kwargs")
     try:
         text = model.chat_template.render(messages, **options)
     except LlmircError as e:
-        raise APIError(400, str(e), "messages") from None
+        raise APIError(400, str(e), "chat_template_kwargs" if "messages" in options else "messages") from None
     return model.tokenizer.encode(text, add_special_tokens=False)
 
 

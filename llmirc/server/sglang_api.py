@@ -177,8 +177,9 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         if not 0 <= tops[i] <= MAX_LOGPROBS:
             raise APIError(400, f"top_logprobs_num must be between 0 and {MAX_LOGPROBS}", "top_logprobs_num")
-        if starts[i] < -1:
-            raise APIError(400, "logprob_start_len must be >= -1", "logprob_start_len")
+        if not -1 <= starts[i] < len(prompt):
+            raise APIError(400, f"logprob_start_len must be -1 or a prompt position (0 to {len(prompt) - 1}), got "
+                                f"{starts[i]}", "logprob_start_len")
         server.check_length(len(prompt), p.max_new_tokens, "input")
         want_prompt = logprob[i] and starts[i] >= 0
         requests.append((prompt, SamplingParams(
