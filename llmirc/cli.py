@@ -255,6 +255,8 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, 
     if chat and token_ids:
         raise LlmircError("--chat takes text prompts (--prompt, --prompt-file), not --token-ids")
     _warn_unused_sampling(temperature, top_k, top_p)
+    if logprobs is not None and not as_json:
+        click.echo("warning: --logprobs has no effect without --json (they are printed in its records)", err=True)
     model = _load(bundle, kv_cache_tokens, no_verify, threads=threads, target=target)
     batch = [_parse_ids(s) for s in token_ids]
     if texts:
@@ -552,11 +554,12 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens
 @cli.command("eval-ppl")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--text", "text_file", type=click.Path(path_type=Path), required=True,
-              help="UTF-8 text file to evaluate (tokenized with the bundle's tokenizer).")
+              help="UTF-8 text file to evaluate (tokenized with the bundle's tokenizer); '-' reads standard input.")
 @click.option("--context", type=click.IntRange(min=2), default=512, show_default=True,
               help="Tokens per window.")
 @click.option("--stride", type=click.IntRange(min=1), default=None,
-              help="Tokens between window starts (default: half the context); each token is scored once.")
+              help="Tokens between window starts (default: half the context); each token is scored at most "
+                   "once (a window's first token is not scored: nothing precedes it there).")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Evaluate only the first N tokens.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads (default: the CPUs this process may use).")
@@ -567,7 +570,7 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
     from llmirc.runtime.perplexity import perplexity, windows
 
     try:
-        text = text_file.read_text(encoding="utf-8")
+        text = sys.stdin.read() if str(text_file) == "-" else text_file.read_text(encoding="utf-8")
     except OSError as e:
         raise LlmircError(f"--text {text_file}: cannot read it: {e.strerror}") from None
     except UnicodeDecodeError as e:

@@ -772,6 +772,11 @@ def _replace_library(data: bytes):
     return fn
 
 
+def _truncated_library(b):
+    rel = json.loads((b / "manifest.json").read_text())["targets"][0]["library"]
+    replace_file(b, rel, (b / rel).read_bytes()[:5000])  # the manifest re-hashed: the sizes agree
+
+
 def _other_shared_library() -> bytes:
     import _ctypes  # a real shared library that loads here but is not an llmir kernel library
 
@@ -819,6 +824,7 @@ def test_bad_bundle(bundle, tmp_path, case, command):
 BAD_FOR_LOADING = {
     "garbage-library": (_replace_library(b"\x7fELF" + bytes(range(256)) * 8), ["libllmir_model-", "cannot load"]),
     "foreign-library": (_replace_library(_other_shared_library()), ["libllmir_model-", "llmir_abi_version"]),
+    "truncated-library": (_truncated_library, ["libllmir_model-", "past its 5000 bytes"]),  # was a SIGBUS
     "no-weights-section": (_manifest(lambda m: m.pop("weights")), ["manifest.json", "weights"]),
     "no-kv-cache-field": (_manifest(lambda m: m["kv_cache"].pop("num_kv_heads")), ["manifest.json", "num_kv_heads"]),
     "weights-order-unknown": (_manifest(lambda m: m["weights"]["order"].__setitem__(0, "nope")),
@@ -828,6 +834,8 @@ BAD_FOR_LOADING = {
                             ["weights.order"]),
     "no-targets": (_manifest(lambda m: m.update(targets=[])), ["no target"]),
     "foreign-arch": (_manifest(lambda m: m["targets"][0].update(arch="riscv64")), ["riscv64"]),
+    "targets-not-list": (_manifest(lambda m: m.update(targets=5)), ["manifest.json", "targets"]),  # was an internal error
+    "target-kind-not-string": (_manifest(lambda m: m["targets"][0].update(kind=[])), ["manifest.json", "targets"]),
     "generation-not-object": (_manifest(lambda m: m.update(generation=[1])), ["manifest.json", "malformed"]),
     "kv-cache-not-numbers": (_manifest(lambda m: m["kv_cache"].update(head_dim="x")),
                              ["manifest.json", "kv_cache.head_dim"]),
@@ -859,6 +867,8 @@ def test_manifest_sizes_disagreeing_with_the_library(bundle, tmp_path, edit):
 
 INCOMPLETE_FOR_INSPECT = {
     "no-weights": (lambda m: m.pop("weights"), "'weights'"),
+    "no-model": (lambda m: m.pop("model"), "lacks the field 'model'"),  # inspect said "model None"
+    "no-generation": (lambda m: m.pop("generation"), "lacks the field 'generation'"),
     "target-without-library": (lambda m: m["targets"][0].pop("library"), "'library'"),
     "model-not-object": (lambda m: m.update(model=[1, 2]), "model"),
     "plan-not-list": (lambda m: m.update(plan=7), "plan"),
@@ -1137,9 +1147,11 @@ def test_run_stop_string_ends_the_text(bundle):
     assert cut["stop_reason"] == stop and len(cut["token_ids"]) < 12
 
 
-def test_run_warns_that_top_k_and_top_p_need_a_temperature(bundle_notok):
+def test_run_warns_of_options_without_effect(bundle_notok):
     r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--top-k", "5", "-q")
     assert r.returncode == 0 and r.stderr.startswith("warning: --top-k/--top-p have no effect with --temperature 0")
+    r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--logprobs", "2", "-q")
+    assert r.returncode == 0 and r.stderr.startswith("warning: --logprobs has no effect without --json")
 
 
 def test_run_reads_prompts_from_stdin_and_files(bundle, tmp_path):
@@ -1196,6 +1208,37 @@ def test_python_api_takes_text_prompts(bundle):
         with pytest.raises(LlmircError, match=needle):
             model.generate(bad, 2)
 
+
+def test_python_api_arguments(bundle):
+    """One stop string alone is one stop (it was split into characters); wrong types and values
+    are LlmircErrors naming the argument, raised at the call, not at the first next()."""
+    from llmirc.errors import LlmircError
+    from llmirc.runtime import load
+    from llmirc.runtime.chat_template import ChatTemplate
+
+    model = load(bundle)
+    queued = []
+    with pytest.MonkeyPatch.context() as mp:  # the tiny model's text is not UTF-8: look at the requests
+        mp.setattr(model.engine, "generate", lambda ids, params: queued.extend(params) or iter(()))
+        model.generate_stream([[1, 2], [3]], 2, stop="ab", stop_token_ids=(7,))
+    assert [(p.stop, p.stop_token_ids) for p in queued] == [(("ab",), (7,))] * 2
+    for kwargs, needle in ((dict(stop_token_ids=5), "stop_token_ids must be a list"),
+                           (dict(stop_token_ids=["a"]), "stop_token_ids must be integer token ids"),
+                           (dict(temperature=1.0, seed="a"), "seed must be an integer"),
+                           (dict(max_new_tokens=10**9), "exceeds the model's context")):
+        with pytest.raises(LlmircError, match=needle):
+            model.generate_stream([[1, 2]], **{"max_new_tokens": 2, **kwargs})
+    for bad, needle in (([0.5, 1.2], "integer token ids"), ([True, False], "integer token ids"),
+                        ("ab", "not text"), ([[0, 1]], "integer token ids")):
+        with pytest.raises(LlmircError, match=needle):
+            model.score(bad)
+    assert model.score(np.array([1, 2])).shape == (2, model.vocab_size)
+    for kwargs in (dict(kv_cache_tokens=0), dict(kv_cache_tokens=2.5), dict(max_model_len="16"), dict(threads=2.5),
+                   dict(max_num_seqs=True)):
+        with pytest.raises(LlmircError, match=f"{next(iter(kwargs))} must be an integer >= 1"):
+            load(bundle, **kwargs)
+    with pytest.raises(LlmircError, match="must be a list of messages"):
+        ChatTemplate("{{ messages }}").render("hi")
 
 
 def test_python_api_refuses_stops_that_cannot_match(bundle):
@@ -1254,6 +1297,36 @@ def test_chat_command_through_a_pipe(chat_bundle, bundle):
         expected.append(reply + "\n")
     assert r.stdout == "".join(expected)
     assert_user_error(llmirc("chat", bundle), "no chat template")
+
+
+def test_tokenizer_files_the_manifest_does_not_list_are_not_read(bundle, chat_bundle, tmp_path):
+    """Only files the manifest lists (checked inside the bundle, checksummed) are read from
+    tokenizer/: an unlisted chat template, tokenizer config or nested tokenizer.json, here
+    symlinks to files outside the bundle, is ignored."""
+    from llmirc.runtime import load
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "chat_template.jinja").write_text("SECRET {{ messages[0].content }}")
+    (outside / "tokenizer_config.json").write_text(json.dumps({"chat_template": "SECRET", "bos_token": "SECRET"}))
+    messages = [{"role": "user", "content": "hi"}]
+    for source, expected in ((bundle, None), (chat_bundle, load(chat_bundle).apply_chat_template(messages))):
+        copy = tmp_path / source.name
+        shutil.copytree(source, copy, symlinks=True)
+        listed = {f["path"] for f in json.loads((copy / "manifest.json").read_text())["files"]}
+        for name in ("chat_template.jinja", "tokenizer_config.json", "special_tokens_map.json",
+                     "tokenizer/tokenizer.json"):
+            if f"tokenizer/{name}" not in listed:
+                (copy / "tokenizer" / name).parent.mkdir(exist_ok=True)
+                (copy / "tokenizer" / name).unlink(missing_ok=True)
+                (copy / "tokenizer" / name).symlink_to(outside / Path(name).name if name.endswith(
+                    (".jinja", "config.json")) else "/etc/passwd")
+        model = load(copy)
+        if expected is None:
+            assert model.chat_template is None
+        else:
+            assert model.apply_chat_template(messages) == expected
+        assert model.tokenizer.encode("hello") == load(source).tokenizer.encode("hello")
 
 
 # -- compile: vLLM's engine flags ----------------------------------------------------------------

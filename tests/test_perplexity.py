@@ -67,3 +67,6 @@ def test_eval_ppl_matches_the_hf_guide(tmp_path):
         ref, count = hf_guide_perplexity(model, ids, context, stride)
         assert ours["tokens"] == count and ours["target"].startswith("cpu-")
         assert np.isclose(ours["perplexity"], ref, rtol=1e-4), (ours, ref)
+    piped = CliRunner().invoke(cli, ["eval-ppl", str(bundle), "--text", "-", "--context", "64", "--stride", "5",
+                                     "--json"], input=text.read_text())
+    assert piped.exit_code == 0 and json.loads(piped.output) == ours, piped.output  # '-': standard input

@@ -17,10 +17,12 @@ jinja2 is an optional dependency (the `serve` extra): imported only when a templ
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from datetime import datetime
 from pathlib import Path
 
 from llmirc.errors import LlmircError
+from llmirc.runtime.tokenizer import readable
 
 JINJA_FILE = "chat_template.jinja"
 
@@ -36,16 +38,18 @@ class ChatTemplate:
         self._compiled: dict[str, object] = {}
 
     @classmethod
-    def from_folder(cls, folder: Path, special_tokens: dict[str, str] | None = None) -> ChatTemplate | None:
-        """The template of the tokenizer files in `folder`, or None when it has none."""
-        jinja = folder / JINJA_FILE
-        if jinja.is_file():
+    def from_folder(cls, folder: Path, special_tokens: dict[str, str] | None = None,
+                    listed: Collection[str] | None = None) -> ChatTemplate | None:
+        """The template of the tokenizer files in `folder`, or None when it has none. `listed`: the
+        only file names there that may be read (`Tokenizer.from_bundle_dir`'s); None: any."""
+        jinja = readable(folder, JINJA_FILE, listed)
+        if jinja is not None:
             try:
                 return cls(jinja.read_text(encoding="utf-8"), special_tokens, str(jinja))
             except (OSError, UnicodeDecodeError) as e:
                 raise LlmircError(f"{jinja}: cannot read the chat template: {e}") from None
-        config_file = folder / "tokenizer_config.json"
-        if not config_file.is_file():
+        config_file = readable(folder, "tokenizer_config.json", listed)
+        if config_file is None:
             return None
         try:
             template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
@@ -74,7 +78,10 @@ class ChatTemplate:
         message names the template)."""
         import jinja2
 
-        if not isinstance(messages, list) or not messages:
+        if not isinstance(messages, list):
+            raise LlmircError(f"the conversation must be a list of messages ({{'role': ..., 'content': ...}}), "
+                              f"got {type(messages).__name__}")
+        if not messages:
             raise LlmircError("the conversation is empty: give at least one message")
         if any(not isinstance(m, dict) for m in messages):
             raise LlmircError("each message must be an object with a role and content")

@@ -16,6 +16,7 @@ import ctypes
 import functools
 import json
 import platform
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,33 @@ def pick_cpu_target(bundle: Bundle, name: str | None = None) -> dict:
     raise BundleError(f"bundle {bundle.name}: no target fits this {arch} host ({why})")
 
 
+def elf_problem(path: Path) -> str | None:
+    """Why the shared library at `path` cannot be mapped whole, or None: not a 64-bit ELF file, or
+    its program headers or a loadable segment end past the file's end (a truncated file). The
+    dynamic loader maps segments without checking them against the file's size, and reading a
+    page past the end is a SIGBUS. Layout: the ELF-64 object file format (e_phoff at byte 32,
+    e_phentsize and e_phnum at 54; a program header is p_type, p_flags, p_offset, p_vaddr,
+    p_paddr, p_filesz, ...). Raises OSError when the file cannot be read."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] not in (1, 2):
+            return "not a 64-bit ELF shared library"
+        order = "<" if head[5] == 1 else ">"
+        (phoff,), (phentsize, phnum) = struct.unpack_from(order + "Q", head, 32), struct.unpack_from(order + "HH",
+                                                                                                   head, 54)
+        if phentsize < 56 or phoff + phnum * phentsize > size:
+            return f"its program headers end past its {size} bytes (a truncated file?)"
+        f.seek(phoff)
+        table = f.read(phnum * phentsize)
+    for i in range(phnum):
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(order + "IIQQQQ", table, i * phentsize)
+        if p_type == 1 and p_offset + p_filesz > size:  # PT_LOAD
+            return f"its loadable segment {i} ends at byte {p_offset + p_filesz}, past its {size} bytes (a truncated " \
+                   "file?)"
+    return None
+
+
 class CpuExecutor:
     kind = "cpu"
 
@@ -93,8 +121,11 @@ class CpuExecutor:
         m, name = bundle.manifest, bundle.name
         self.target = pick_cpu_target(bundle, target)
         library = self.target["library"]
+        path = bundle.file(library)
         try:
-            self.lib = ctypes.CDLL(str(bundle.file(library)))
+            if problem := elf_problem(path):
+                raise OSError(problem)
+            self.lib = ctypes.CDLL(str(path))
         except OSError as e:
             raise BundleError(f"bundle {name}: cannot load {library}: {e}") from None
         try:

@@ -70,6 +70,8 @@ class SamplingParams:
         validate_sampling(self.temperature, self.top_k, self.top_p)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise LlmircError(f"seed must be an integer >= 0 (or unset), got {self.seed!r}")
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in self.stop_token_ids):
+            raise LlmircError(f"stop_token_ids must be integer token ids, got {self.stop_token_ids!r}")
         if any(not isinstance(s, str) for s in self.stop):
             raise LlmircError(f"stop must be strings, got {self.stop!r}")
         if "" in self.stop:  # it would match everywhere; vLLM's SamplingParams refuses it too
@@ -451,10 +453,13 @@ class Engine:
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[RequestOutput]:
         """Run requests to completion, yielding their outputs as they come (request_id = index).
 
-        All requests are validated before any is queued. Closing the generator early aborts
-        what is left of them."""
+        All requests are validated here, at the call (LlmircError), and queued at the first
+        `next`. Closing the generator early aborts what is left of them."""
         for prompt, p in zip(prompts, params):
             self.check([int(t) for t in prompt], p)
+        return self._run(prompts, params)
+
+    def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[RequestOutput]:
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         ids = {self.add_request(prompt, p, outputs.put): i for i, (prompt, p) in enumerate(zip(prompts, params))}
         remaining = set(ids)

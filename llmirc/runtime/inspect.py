@@ -19,8 +19,10 @@ SECTIONS = {"model": dict, "generation": dict, "kv_cache": dict, "abi": dict, "w
 
 def summary(path: Path, verify: bool = True) -> dict:
     bundle = open_bundle(path, verify=verify)
-    for key, kind in SECTIONS.items():
-        if key in bundle.manifest and not isinstance(bundle.manifest[key], kind):
+    for key, kind in SECTIONS.items():  # every bundle has them all; run needs them
+        if key not in bundle.manifest:
+            raise BundleError(f"bundle {bundle.name}: manifest.json lacks the field '{key}'")
+        if not isinstance(bundle.manifest[key], kind):
             raise BundleError(f"bundle {bundle.name}: manifest.json field '{key}' is not a JSON "
                               f"{'object' if kind is dict else 'list'}")
     try:

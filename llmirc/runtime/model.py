@@ -12,7 +12,7 @@ decode: the scheduler runs its sequences one at a time, recomputing the whole se
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -68,7 +68,11 @@ def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | 
     from .gpu_executor import GpuExecutor
     from .gpu_program import GpuUnavailable
 
-    targets = [t for t in bundle.manifest.get("targets") or [] if isinstance(t, dict)]
+    targets = bundle.manifest.get("targets") or []
+    if not isinstance(targets, list) or any(not isinstance(t, dict) or not isinstance(t.get("kind"), str)
+                                            for t in targets):
+        raise BundleError(f"bundle {bundle.name}: manifest.json: targets must be a list of objects with a kind "
+                          "(a string)")
     kinds = list(dict.fromkeys(t.get("kind") for t in targets))
     named = next((t for t in targets if t.get("name") == target), None)
     if target is not None and named is None and target not in kinds:
@@ -91,8 +95,6 @@ def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | 
                 raise
             notes.append(str(e))
     tokens = kv_cache_tokens or min(max_context, DEFAULT_KV_TOKENS)
-    if tokens < 1:
-        raise LlmircError(f"kv_cache_tokens must be positive, got {kv_cache_tokens}")
     return CpuExecutor(bundle, blocks_for(tokens, block_size), name, threads), notes
 
 
@@ -100,6 +102,11 @@ class Model:
     def __init__(self, bundle: Bundle, *, kv_cache_tokens: int | None, max_batched_tokens: int, max_num_seqs: int,
                  target: str | None = None, threads: int | None = None, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, num_scheduler_steps: int = 8):
+        for name, value in (("kv_cache_tokens", kv_cache_tokens), ("max_model_len", max_model_len),
+                            ("threads", threads), ("max_batched_tokens", max_batched_tokens),
+                            ("max_num_seqs", max_num_seqs)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+                raise LlmircError(f"{name} must be an integer >= 1, got {value!r}")
         self.bundle = bundle
         m = bundle.manifest
         try:
@@ -132,13 +139,15 @@ class Model:
                                    max_num_seqs=max_num_seqs, vocab_size=self.vocab_size,
                                    enable_prefix_caching=enable_prefix_caching,
                                    full_sequence=self.executor.full_sequence)
-        tokenizer = m.get("tokenizer")
-        # Through bundle.file: only a tokenizer.json listed in the manifest (so checksummed) is used.
-        self.tokenizer = Tokenizer.from_bundle_dir(bundle.file(str(tokenizer)).parent) if tokenizer else None
+        self.tokenizer, self.chat_template = None, None
+        if tokenizer := m.get("tokenizer"):
+            # Only files the manifest lists beside tokenizer.json (so inside the bundle, checksummed) are read.
+            file, folder = bundle.file(str(tokenizer)), PurePosixPath(str(tokenizer)).parent
+            listed = {PurePosixPath(f).name for f in bundle.files if PurePosixPath(f).parent == folder}
+            self.tokenizer = Tokenizer.from_bundle_dir(file.parent, listed)
+            self.chat_template = ChatTemplate.from_folder(self.tokenizer.folder, self.tokenizer.special_tokens_map,
+                                                          listed)
         self.engine = Engine(self.executor, self.scheduler, self.tokenizer, num_scheduler_steps)
-        self.chat_template = None
-        if self.tokenizer is not None and any(f.startswith("tokenizer/") for f in bundle.files):
-            self.chat_template = ChatTemplate.from_folder(self.tokenizer.folder, self.tokenizer.special_tokens_map)
 
     @property
     def full_sequence(self) -> bool:
@@ -172,28 +181,31 @@ class Model:
 
     def generate_stream(self, prompts: list[str | list[int]], max_new_tokens: int, temperature: float = 0.0,
                         top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                        ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = (), stop: tuple[str, ...] = (),
+                        ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = (), stop: str | tuple[str, ...] = (),
                         logprobs: int | None = None) -> Iterator[RequestOutput]:
         """Runs all prompts as one continuous batch; yields a RequestOutput (request_id = prompt
         index, token, text, finished, finish_reason, logprob...) for every token as soon as it is
-        sampled.
+        sampled. Bad arguments raise LlmircError here, not at the first `next`.
 
         With a seed, prompt i samples from its own generator seeded `seed + i` (vLLM's rule for
         n > 1), so runs are reproducible. `stop` strings end a sequence (and its text, which
         leaves them out). `logprobs` n adds each token's logprob and the n most likely. Closing
         the generator early aborts the rest (their KV blocks are freed)."""
         ids = self._prompts(prompts)
+        stop, stop_token_ids = _items(stop, "stop"), _items(stop_token_ids, "stop_token_ids")
+        offset = isinstance(seed, int) and not isinstance(seed, bool)  # else SamplingParams names the bad seed
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 seed=None if seed is None else seed + i, stop_token_ids=tuple(stop_token_ids),
-                                 stop=tuple(stop), ignore_eos=ignore_eos, logprobs=logprobs)
+                                 seed=seed + i if offset else seed, stop_token_ids=stop_token_ids, stop=stop,
+                                 ignore_eos=ignore_eos, logprobs=logprobs)
                   for i in range(len(ids))]
         return self.engine.generate(ids, params)
 
     def generate(self, prompts: list[str | list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = (), stop: tuple[str, ...] = ()
+                 ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = (), stop: str | tuple[str, ...] = ()
                  ) -> list[list[int]]:
-        """The generated ids of each prompt (a stop token, when hit, is included, as in transformers)."""
+        """The generated ids of each prompt (a stop token, when hit, is included, as in transformers;
+        so are the tokens of a stop string, which `generate_stream`'s text leaves out)."""
         out: list[list[int]] = [[] for _ in prompts]
         for event in self.generate_stream(prompts, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
                                           stop_token_ids, stop):
@@ -201,17 +213,31 @@ class Model:
                 out[event.request_id].append(event.token)
         return out
 
-    def stream_text(self, prompt: str | list[int], **kwargs) -> Iterator[str]:
+    def stream_text(self, prompt: str | list[int], max_new_tokens: int, **kwargs) -> Iterator[str]:
         """Text deltas of one prompt's continuation, as they are generated. Keyword arguments as
         `generate_stream` (e.g. `stop` strings, left out of the text)."""
         if self.tokenizer is None:
             raise LlmircError(f"bundle {self.bundle.name} has no tokenizer")
-        for event in self.generate_stream([prompt], **kwargs):
-            if event.text:
-                yield event.text
+        return (event.text for event in self.generate_stream([prompt], max_new_tokens, **kwargs) if event.text)
 
     def score(self, token_ids: list[int]) -> np.ndarray:
-        """Logits [len(token_ids), vocab] float32 at every position (for evaluation)."""
+        """Logits [len(token_ids), vocab] float32 at every position (for evaluation). Raises
+        LlmircError for anything but a list (or array) of token ids of the vocabulary."""
+        if isinstance(token_ids, str):
+            raise LlmircError("score takes token ids, not text: encode it first (Model.encode)")
+        token_ids = self.encode(token_ids)
+
         def run():
             return [self.executor.forward(*step.abi_inputs()) for step in self.scheduler.score_steps(token_ids)]
         return np.concatenate(self.engine.call(run), axis=0)
+
+
+def _items(value, name: str) -> tuple:
+    """A sequence argument as a tuple; one string alone is one item (`stop="\\n"`, as OpenAI's
+    API takes it)."""
+    if isinstance(value, str):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise LlmircError(f"{name} must be a list, got {value!r}") from None

@@ -20,6 +20,7 @@ does; the chat template (`chat_template.py`) reads the same folder.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 from llmirc.errors import LlmircError
@@ -48,23 +49,29 @@ class Tokenizer:
         self.prepend_bos = bool(add_bos_token) and bos_token_id is not None and not adds_bos
 
     @classmethod
-    def from_bundle_dir(cls, path) -> Tokenizer:
-        """Load from a bundle (its `tokenizer/` folder) or from a folder holding tokenizer.json."""
+    def from_bundle_dir(cls, path, listed: Collection[str] | None = None) -> Tokenizer:
+        """Load from a folder holding tokenizer.json, or its parent (a checkpoint's or bundle's
+        folder with a `tokenizer/` folder). `listed`: the only file names of the folder `path`
+        that may be read (a bundle gives those its manifest lists, which the reader has checked:
+        inside the bundle, checksummed); None: any file there. Raises LlmircError."""
         path = Path(path)
-        folder = path / "tokenizer" if (path / "tokenizer" / "tokenizer.json").is_file() else path
+        if listed is None:
+            folder = path / "tokenizer" if (path / "tokenizer" / "tokenizer.json").is_file() else path
+        else:
+            folder = path
         file = folder / "tokenizer.json"
-        if not file.is_file():
+        if not (file.is_file() if listed is None else "tokenizer.json" in listed):
             raise LlmircError(f"{path}: no tokenizer.json (looked in {path / 'tokenizer'} and {path})")
         tokenizers = _import_tokenizers()
         backend = _guarded(file, "load the tokenizer", tokenizers.Tokenizer.from_file, str(file))
-        config = _read_config(folder / "tokenizer_config.json")
+        config = _read_config(folder, "tokenizer_config.json", listed)
         specials = [t for t in (_token_text(config.get(k)) for k in _SPECIAL_KEYS) if t]
         if specials:
             _guarded(file, "add the special tokens of tokenizer_config.json", backend.add_special_tokens,
                      [tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
         bos = _token_text(config.get("bos_token"))
         bos_id = backend.token_to_id(bos) if bos else None
-        legacy = _read_config(folder / "special_tokens_map.json")  # older checkpoints keep them here
+        legacy = _read_config(folder, "special_tokens_map.json", listed)  # older checkpoints keep them here
         named = {k: _token_text(config.get(k)) or _token_text(legacy.get(k)) for k in TEMPLATE_TOKEN_KEYS}
         return cls(backend, bos_id, config.get("add_bos_token") is True, {k: v for k, v in named.items() if v},
                    folder, str(file))
@@ -191,8 +198,15 @@ def _import_tokenizers():
     return tokenizers
 
 
-def _read_config(file: Path) -> dict:
-    if not file.is_file():
+def readable(folder: Path, name: str, listed: Collection[str] | None) -> Path | None:
+    """folder / name if that file may be read: it is among `listed`, or (listed None) it exists."""
+    file = folder / name
+    return file if (file.is_file() if listed is None else name in listed) else None
+
+
+def _read_config(folder: Path, name: str, listed: Collection[str] | None) -> dict:
+    file = readable(folder, name, listed)
+    if file is None:
         return {}
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
