@@ -1221,7 +1221,10 @@ def test_python_api_arguments(bundle):
     with pytest.MonkeyPatch.context() as mp:  # the tiny model's text is not UTF-8: look at the requests
         mp.setattr(model.engine, "generate", lambda ids, params: queued.extend(params) or iter(()))
         model.generate_stream([[1, 2], [3]], 2, stop="ab", stop_token_ids=(7,))
-    assert [(p.stop, p.stop_token_ids) for p in queued] == [(("ab",), (7,))] * 2
+        model.generate_stream([[1]], np.int16(2), stop=None, stop_token_ids=np.array([7]), seed=np.int8(3),
+                              temperature=1.0)
+    assert [(p.stop, p.stop_token_ids) for p in queued] == [(("ab",), (7,))] * 2 + [((), (7,))]
+    assert type(queued[-1].seed) is type(queued[-1].max_tokens) is type(queued[-1].stop_token_ids[0]) is int
     for kwargs, needle in ((dict(stop_token_ids=5), "stop_token_ids must be a list"),
                            (dict(stop_token_ids=["a"]), "stop_token_ids must be integer token ids"),
                            (dict(temperature=1.0, seed="a"), "seed must be an integer"),
@@ -1233,6 +1236,9 @@ def test_python_api_arguments(bundle):
         with pytest.raises(LlmircError, match=needle):
             model.score(bad)
     assert model.score(np.array([1, 2])).shape == (2, model.vocab_size)
+    # a narrow NumPy integer is taken as its value (np.int16(300) * block bytes wrapped: a segfault)
+    assert load(bundle, kv_cache_tokens=np.int16(300), max_model_len=np.int16(300)).generate([[1, 2]], 3) == \
+        load(bundle, kv_cache_tokens=300, max_model_len=300).generate([[1, 2]], 3)
     for kwargs in (dict(kv_cache_tokens=0), dict(kv_cache_tokens=2.5), dict(max_model_len="16"), dict(threads=2.5),
                    dict(max_num_seqs=True)):
         with pytest.raises(LlmircError, match=f"{next(iter(kwargs))} must be an integer >= 1"):

@@ -281,16 +281,17 @@ def test_echo_with_logprobs_scores_the_prompt(server, client, model):
         len(prompt) + 2
 
 
-def assert_aborted(server, before: dict, max_tokens: int) -> None:
-    """One request aborted since `before` (metrics), its blocks freed, fewer than max_tokens made."""
+def assert_aborted(server, before: dict) -> None:
+    """One request aborted since `before` (metrics), not finished (finish reason "length"), and its
+    blocks freed. How many tokens it made first depends on the load: not checked."""
     deadline = time.monotonic() + 15
     while metrics(server)["llmirc:num_requests_running"] and time.monotonic() < deadline:
         time.sleep(0.1)
     after = metrics(server)
     assert after["llmirc:num_requests_running"] == 0 and after["llmirc:kv_cache_usage_perc"] == 0
-    assert after['llmirc:request_success_total{finished_reason="abort"}'] == \
-        before['llmirc:request_success_total{finished_reason="abort"}'] + 1
-    assert after["llmirc:generation_tokens_total"] - before["llmirc:generation_tokens_total"] < max_tokens
+    for reason, more in (("abort", 1), ("length", 0)):
+        key = f'llmirc:request_success_total{{finished_reason="{reason}"}}'
+        assert after[key] == before[key] + more, reason
 
 
 def test_disconnect_mid_stream_frees_the_blocks(server):
@@ -302,7 +303,7 @@ def test_disconnect_mid_stream_frees_the_blocks(server):
         seen = [next(lines) for _ in range(6)]
         assert any(s.startswith("data: ") for s in seen)
         assert metrics(server)["llmirc:num_requests_running"] == 1
-    assert_aborted(server, before, 1500)
+    assert_aborted(server, before)
 
 
 @pytest.mark.parametrize("which", ["server", "guarded"])
@@ -313,7 +314,7 @@ def test_disconnect_before_the_answer_frees_the_blocks(request, which):
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.url + "/v1/completions", headers={"authorization": "Bearer sekret"}, timeout=0.2, json={
             "prompt": LONG, "max_tokens": 2000, "temperature": 0, "ignore_eos": True})
-    assert_aborted(server, before, 1800)  # the tiny model makes 2000 in about a second
+    assert_aborted(server, before)
 
 
 def test_health_and_metrics(server):

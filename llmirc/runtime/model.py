@@ -102,11 +102,10 @@ class Model:
     def __init__(self, bundle: Bundle, *, kv_cache_tokens: int | None, max_batched_tokens: int, max_num_seqs: int,
                  target: str | None = None, threads: int | None = None, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, num_scheduler_steps: int = 8):
-        for name, value in (("kv_cache_tokens", kv_cache_tokens), ("max_model_len", max_model_len),
-                            ("threads", threads), ("max_batched_tokens", max_batched_tokens),
-                            ("max_num_seqs", max_num_seqs)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-                raise LlmircError(f"{name} must be an integer >= 1, got {value!r}")
+        kv_cache_tokens, max_model_len, threads, max_batched_tokens, max_num_seqs = (
+            _count(name, value) for name, value in (
+                ("kv_cache_tokens", kv_cache_tokens), ("max_model_len", max_model_len), ("threads", threads),
+                ("max_batched_tokens", max_batched_tokens), ("max_num_seqs", max_num_seqs)))
         self.bundle = bundle
         m = bundle.manifest
         try:
@@ -192,7 +191,8 @@ class Model:
         leaves them out). `logprobs` n adds each token's logprob and the n most likely. Closing
         the generator early aborts the rest (their KV blocks are freed)."""
         ids = self._prompts(prompts)
-        stop, stop_token_ids = _items(stop, "stop"), _items(stop_token_ids, "stop_token_ids")
+        stop, stop_token_ids = _items(stop, "stop"), tuple(map(_plain, _items(stop_token_ids, "stop_token_ids")))
+        max_new_tokens, top_k, seed, logprobs = map(_plain, (max_new_tokens, top_k, seed, logprobs))
         offset = isinstance(seed, int) and not isinstance(seed, bool)  # else SamplingParams names the bad seed
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  seed=seed + i if offset else seed, stop_token_ids=stop_token_ids, stop=stop,
@@ -232,11 +232,28 @@ class Model:
         return np.concatenate(self.engine.call(run), axis=0)
 
 
+def _count(name: str, value) -> int | None:
+    """A size option (None: the default) as a Python int >= 1 (a NumPy integer of a narrow type
+    would wrap around in the sizes computed from it). Raises LlmircError."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+        raise LlmircError(f"{name} must be an integer >= 1, got {value!r}")
+    return None if value is None else int(value)
+
+
+def _plain(value):
+    """A NumPy integer as a Python int (anything else as it is, for SamplingParams to check)."""
+    return int(value) if isinstance(value, np.integer) else value
+
+
 def _items(value, name: str) -> tuple:
-    """A sequence argument as a tuple; one string alone is one item (`stop="\\n"`, as OpenAI's
-    API takes it)."""
+    """A sequence argument as a tuple: None is none, one string alone is one item (`stop="\\n"`,
+    as OpenAI's API takes both)."""
+    if value is None:
+        return ()
     if isinstance(value, str):
         return (value,)
+    if isinstance(value, (bytes, bytearray)):
+        raise LlmircError(f"{name} must be a list, got {value!r}")
     try:
         return tuple(value)
     except TypeError:

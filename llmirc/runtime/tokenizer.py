@@ -61,7 +61,8 @@ class Tokenizer:
             folder = path
         file = folder / "tokenizer.json"
         if not (file.is_file() if listed is None else "tokenizer.json" in listed):
-            raise LlmircError(f"{path}: no tokenizer.json (looked in {path / 'tokenizer'} and {path})")
+            where = f"looked in {path / 'tokenizer'} and {path}" if listed is None else "the manifest lists none there"
+            raise LlmircError(f"{path}: no tokenizer.json ({where})")
         tokenizers = _import_tokenizers()
         backend = _guarded(file, "load the tokenizer", tokenizers.Tokenizer.from_file, str(file))
         config = _read_config(folder, "tokenizer_config.json", listed)
