@@ -834,7 +834,7 @@ BAD_FOR_LOADING = {
                             ["weights.order"]),
     "no-targets": (_manifest(lambda m: m.update(targets=[])), ["no target"]),
     "foreign-arch": (_manifest(lambda m: m["targets"][0].update(arch="riscv64")), ["riscv64"]),
-    "targets-not-list": (_manifest(lambda m: m.update(targets=5)), ["manifest.json", "targets"]),  # was an internal error
+    "targets-not-list": (_manifest(lambda m: m.update(targets=5)), ["manifest.json", "targets"]),  # internal error
     "target-kind-not-string": (_manifest(lambda m: m["targets"][0].update(kind=[])), ["manifest.json", "targets"]),
     "generation-not-object": (_manifest(lambda m: m.update(generation=[1])), ["manifest.json", "malformed"]),
     "kv-cache-not-numbers": (_manifest(lambda m: m["kv_cache"].update(head_dim="x")),

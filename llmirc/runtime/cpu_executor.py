@@ -89,11 +89,11 @@ def pick_cpu_target(bundle: Bundle, name: str | None = None) -> dict:
 
 def elf_problem(path: Path) -> str | None:
     """Why the shared library at `path` cannot be mapped whole, or None: not a 64-bit ELF shared
-    object, or its program headers or a loadable segment end past the file's end (a truncated file). The
-    dynamic loader maps segments without checking them against the file's size, and reading a
-    page past the end is a SIGBUS. Layout: the ELF-64 object file format (e_type at byte 16, e_phoff at 32,
-    e_phentsize and e_phnum at 54; a program header is p_type, p_flags, p_offset, p_vaddr,
-    p_paddr, p_filesz, ...). Raises OSError when the file cannot be read."""
+    object, or its program headers or a loadable segment end past the file's end (a truncated
+    file). The dynamic loader maps segments without checking them against the file's size, and
+    reading a page past the end is a SIGBUS. Layout: the ELF-64 object file format (e_type at
+    byte 16, e_phoff at 32, e_phentsize and e_phnum at 54; a program header is p_type, p_flags,
+    p_offset, p_vaddr, p_paddr, p_filesz, ...). Raises OSError when the file cannot be read."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(64)
@@ -102,8 +102,8 @@ def elf_problem(path: Path) -> str | None:
         order = "<" if head[5] == 1 else ">"
         if struct.unpack_from(order + "H", head, 16)[0] != 3:  # e_type ET_DYN
             return "not a shared library (an ELF file of another type: an object file, an executable?)"
-        (phoff,), (phentsize, phnum) = struct.unpack_from(order + "Q", head, 32), struct.unpack_from(order + "HH",
-                                                                                                   head, 54)
+        (phoff,) = struct.unpack_from(order + "Q", head, 32)
+        phentsize, phnum = struct.unpack_from(order + "HH", head, 54)
         if phentsize < 56 or phoff + phnum * phentsize > size:
             return f"its program headers end past its {size} bytes (a truncated file?)"
         f.seek(phoff)

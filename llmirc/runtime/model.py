@@ -180,8 +180,8 @@ class Model:
 
     def generate_stream(self, prompts: list[str | list[int]], max_new_tokens: int, temperature: float = 0.0,
                         top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                        ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = (), stop: str | tuple[str, ...] = (),
-                        logprobs: int | None = None) -> Iterator[RequestOutput]:
+                        ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = (),
+                        stop: str | tuple[str, ...] = (), logprobs: int | None = None) -> Iterator[RequestOutput]:
         """Runs all prompts as one continuous batch; yields a RequestOutput (request_id = prompt
         index, token, text, finished, finish_reason, logprob...) for every token as soon as it is
         sampled. Bad arguments raise LlmircError here, not at the first `next`.

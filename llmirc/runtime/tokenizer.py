@@ -59,8 +59,8 @@ class Tokenizer:
             folder = path / "tokenizer" if (path / "tokenizer" / "tokenizer.json").is_file() else path
         else:
             folder = path
-        file = folder / "tokenizer.json"
-        if not (file.is_file() if listed is None else "tokenizer.json" in listed):
+        file = readable(folder, "tokenizer.json", listed)
+        if file is None:
             where = f"looked in {path / 'tokenizer'} and {path}" if listed is None else "the manifest lists none there"
             raise LlmircError(f"{path}: no tokenizer.json ({where})")
         tokenizers = _import_tokenizers()
