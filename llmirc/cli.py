@@ -320,7 +320,20 @@ def _summary(records: list[dict], elapsed: float, target: str) -> str:
 
 def _read_prompt(text: str) -> str:
     """--prompt TEXT; '-' reads standard input (trailing newlines dropped, as $(...) does)."""
-    return sys.stdin.read().rstrip("\n") if text == "-" else text
+    return _read_stdin("--prompt").rstrip("\n") if text == "-" else text
+
+
+def _read_stdin(flag: str) -> str:
+    """Standard input read as a file's text is (Path.read_text): UTF-8 whatever the locale, with
+    universal newlines. Raises LlmircError naming `flag`."""
+    try:
+        data = sys.stdin.buffer.read()
+    except (OSError, ValueError, AttributeError) as e:  # closed, or not a byte stream
+        raise LlmircError(f"{flag} -: cannot read standard input: {e}") from None
+    try:
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as e:
+        raise LlmircError(f"{flag} -: standard input is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _read_file(path: Path) -> str:
@@ -570,7 +583,7 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
     from llmirc.runtime.perplexity import perplexity, windows
 
     try:
-        text = sys.stdin.read() if str(text_file) == "-" else text_file.read_text(encoding="utf-8")
+        text = _read_stdin("--text") if str(text_file) == "-" else text_file.read_text(encoding="utf-8")
     except OSError as e:
         raise LlmircError(f"--text {text_file}: cannot read it: {e.strerror}") from None
     except UnicodeDecodeError as e:

@@ -1165,6 +1165,16 @@ def test_run_reads_prompts_from_stdin_and_files(bundle, tmp_path):
     assert json.loads(r.stdout) == {**by_arg[0], "timings": json.loads(r.stdout)["timings"]}
     assert by_file[0]["prompt_token_ids"] == by_arg[0]["prompt_token_ids"]
     assert_user_error(llmirc("run", bundle, "--prompt-file", tmp_path / "nope.txt"), "nope.txt", "cannot read")
+    for data, expected in ((b"the quick\r\nbrown\r\n", "the quick\nbrown"), (b"caf\xe9", None)):  # as a file reads
+        r = subprocess.run([sys.executable, "-m", "llmirc.cli", "run", str(bundle), "--prompt", "-", "--json", "-q",
+                            "--max-new-tokens", "1"], input=data.decode("utf-8", "surrogateescape"),
+                           capture_output=True, encoding="utf-8", errors="surrogateescape",
+                           env={**ENV, "LC_ALL": "C"}, timeout=300)
+        if expected is None:
+            assert_user_error(r, "--prompt -: standard input is not UTF-8 text (unexpected end of data at byte 3)")
+        else:
+            assert json.loads(r.stdout)["prompt_token_ids"] == run_json(bundle, "--prompt", expected,
+                                                                        "--max-new-tokens", "1")[0]["prompt_token_ids"]
 
 
 def test_run_labels_each_sequence_of_a_batch(bundle):
