@@ -249,7 +249,8 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, 
     Without --json, a single prompt streams its text as it is generated; a batch prints each
     sequence under a label [i], i counting the --token-ids prompts first, then --prompt, then
     --prompt-file (each in the order given). A summary (tokens/s, time to first token) goes to stderr."""
-    texts = [_read_prompt(p) for p in prompts] + [_read_file(f) for f in prompt_files]
+    texts = [_read_prompt(p) for p in prompts] + \
+        [_read_text(f, "--prompt-file").rstrip("\n") for f in prompt_files]
     if not texts and not token_ids:
         raise LlmircError("give --prompt TEXT, --prompt-file PATH or --token-ids 1,2,3")
     if chat and token_ids:
@@ -320,27 +321,19 @@ def _summary(records: list[dict], elapsed: float, target: str) -> str:
 
 def _read_prompt(text: str) -> str:
     """--prompt TEXT; '-' reads standard input (trailing newlines dropped, as $(...) does)."""
-    return _read_stdin("--prompt").rstrip("\n") if text == "-" else text
+    return _read_text("-", "--prompt").rstrip("\n") if text == "-" else text
 
 
-def _read_stdin(flag: str) -> str:
-    """Standard input read as a file's text is (Path.read_text): UTF-8 whatever the locale, with
-    universal newlines. Raises LlmircError naming `flag`."""
+def _read_text(path: Path | str, flag: str) -> str:
+    """The text of file `path`, '-' standard input, read alike: UTF-8 whatever the locale, with
+    universal newlines (as Path.read_text). Raises LlmircError naming `flag` and the path."""
     try:
-        data = sys.stdin.buffer.read()
-    except (OSError, ValueError, AttributeError) as e:  # closed, or not a byte stream
-        raise LlmircError(f"{flag} -: cannot read standard input: {e}") from None
-    try:
+        data = sys.stdin.buffer.read() if str(path) == "-" else Path(path).read_bytes()
         return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:
-        raise LlmircError(f"{flag} -: standard input is not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def _read_file(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8").rstrip("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LlmircError(f"--prompt-file {path}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
+        raise LlmircError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, ValueError, AttributeError) as e:  # stdin: closed, or not a byte stream
+        raise LlmircError(f"{flag} {path}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
 
 
 @cli.command()
@@ -582,12 +575,7 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
     """Perplexity of BUNDLE on a text, over sliding windows (Hugging Face's perplexity guide)."""
     from llmirc.runtime.perplexity import perplexity, windows
 
-    try:
-        text = _read_stdin("--text") if str(text_file) == "-" else text_file.read_text(encoding="utf-8")
-    except OSError as e:
-        raise LlmircError(f"--text {text_file}: cannot read it: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise LlmircError(f"--text {text_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = _read_text(text_file, "--text")
     stride = stride or max(1, context // 2)
     model = _load(bundle, context, no_verify=False, max_batched_tokens=context, max_num_seqs=1, threads=threads,
                   target=target)

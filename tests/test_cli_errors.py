@@ -1171,7 +1171,7 @@ def test_run_reads_prompts_from_stdin_and_files(bundle, tmp_path):
                            capture_output=True, encoding="utf-8", errors="surrogateescape",
                            env={**ENV, "LC_ALL": "C"}, timeout=300)
         if expected is None:
-            assert_user_error(r, "--prompt -: standard input is not UTF-8 text (unexpected end of data at byte 3)")
+            assert_user_error(r, "--prompt -: not UTF-8 text (unexpected end of data at byte 3)")
         else:
             assert json.loads(r.stdout)["prompt_token_ids"] == run_json(bundle, "--prompt", expected,
                                                                         "--max-new-tokens", "1")[0]["prompt_token_ids"]
