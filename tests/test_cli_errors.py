@@ -1214,9 +1214,11 @@ def test_python_api_takes_text_prompts(bundle):
     assert "".join(model.stream_text("the quick", max_new_tokens=4, ignore_eos=True)) == \
         model.tokenizer.decode(by_text[0])
     for bad, needle in (("hello", "list of prompts"), ([1, 2, 3], "list of prompts"), ([[1.5, 2]], "integer"),
-                        ([None], "text or a list")):
+                        ([None], "text or a list"), ([np.array(5)], "text or a list"),
+                        ([np.array([[1, 2]])], "text or a list")):
         with pytest.raises(LlmircError, match=needle):
             model.generate(bad, 2)
+    assert model.generate([np.array([1, 2])], 2) == model.generate([[1, 2]], 2)
 
 
 def test_python_api_arguments(bundle):

@@ -8,6 +8,7 @@ bundle per module; references come from the same bundle loaded in this process (
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -26,7 +27,11 @@ from llmirc.runtime import load
 pytestmark = pytest.mark.slow
 
 LONG = " ".join(CORPUS[:4])  # ~40 tokens: more than two KV blocks of 16
-CONTEXT = 2048  # long enough for a stream that outlives a disconnect by seconds
+CONTEXT = 16384
+# Requests that must outlive a disconnect or a second request: seconds of decoding even on a fast
+# host (the tiny model decodes about 8,500 tokens/s on a Sapphire Rapids core; 2000 tokens were
+# over before a 0.2 s client timeout there).
+LONG_RUN = CONTEXT - 256
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +51,7 @@ def model(bundle):
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    with RunningServer(bundle, "--served-model-name", "tiny", "--kv-cache-tokens", 4096, "--max-num-seqs", 8,
+    with RunningServer(bundle, "--served-model-name", "tiny", "--kv-cache-tokens", CONTEXT, "--max-num-seqs", 8,
                        "--max-num-batched-tokens", 256) as s:
         yield s
 
@@ -297,7 +302,7 @@ def assert_aborted(server, before: dict) -> None:
 def test_disconnect_mid_stream_frees_the_blocks(server):
     before = metrics(server)
     with httpx.stream("POST", server.url + "/v1/completions", json={
-            "model": "tiny", "prompt": LONG, "max_tokens": 2000, "stream": True, "temperature": 0,
+            "model": "tiny", "prompt": LONG, "max_tokens": LONG_RUN, "stream": True, "temperature": 0,
             "ignore_eos": True}) as response:
         lines = response.iter_lines()
         seen = [next(lines) for _ in range(6)]
@@ -313,7 +318,7 @@ def test_disconnect_before_the_answer_frees_the_blocks(request, which):
     before = metrics(server)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.url + "/v1/completions", headers={"authorization": "Bearer sekret"}, timeout=0.2, json={
-            "prompt": LONG, "max_tokens": 2000, "temperature": 0, "ignore_eos": True})
+            "prompt": LONG, "max_tokens": LONG_RUN, "temperature": 0, "ignore_eos": True})
     assert_aborted(server, before)
 
 
@@ -339,12 +344,12 @@ BAD = {
     "messages-empty": ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     "negative-max-tokens": ("/v1/completions", {"prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
     "huge-max-tokens": ("/v1/completions", {"prompt": "hi", "max_tokens": 10**12}, 400,
-                        "maximum context length is 2048"),
+                        f"maximum context length is {CONTEXT}"),
     "unknown-model": ("/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404, "gpt-9"),
-    "prompt-over-context": ("/v1/completions", {"prompt": "the quick brown fox " * 600}, 400,
-                            "maximum context length is 2048"),
-    "chat-over-context": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 2100}]}, 400,
-                          "maximum context length is 2048"),
+    "prompt-over-context": ("/v1/completions", {"prompt": "the quick brown fox " * (CONTEXT // 3)}, 400,
+                            f"maximum context length is {CONTEXT}"),
+    "chat-over-context": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * (CONTEXT + 50)}]}, 400,
+                          f"maximum context length is {CONTEXT}"),
     "token-id-outside-vocab": ("/v1/completions", {"prompt": [1, 2, 5000]}, 400, "vocabulary of 384"),
     "top-p-zero": ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     "logprobs-too-many": ("/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
@@ -446,12 +451,13 @@ def test_api_key_is_required(guarded):
 def test_overload_is_503_and_clears(guarded):
     headers = {"authorization": "Bearer sekret"}
     with httpx.stream("POST", guarded.url + "/v1/completions", headers=headers, json={
-            "prompt": LONG * 4, "max_tokens": 1500, "stream": True, "ignore_eos": True}) as busy:
+            "prompt": LONG * 4, "max_tokens": LONG_RUN, "stream": True, "ignore_eos": True}) as busy:
         lines = busy.iter_lines()
         next(lines)
         r = httpx.post(guarded.url + "/v1/completions", headers=headers, json={"prompt": "hi", "max_tokens": 2})
         assert r.status_code == 503 and "overloaded" in r.json()["error"]["message"]
-        assert sum(line.startswith("data: {") for line in lines) > 500  # the busy one was still running
+        data = (line for line in lines if line.startswith("data: {"))
+        assert len(list(itertools.islice(data, 500))) == 500  # the busy one was still running
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         r = httpx.post(guarded.url + "/v1/completions", headers=headers, json={"prompt": "hi", "max_tokens": 2})

@@ -197,3 +197,14 @@ def test_tokenizer_errors_at_encode_time_are_one_line(tmp_path):
     with pytest.raises(LlmircError, match=r"tokenizer.json: cannot encode: .*UNK") as e:
         tok.encode("xyz")
     assert "\n" not in str(e.value)
+
+
+def test_a_lone_surrogate_is_the_texts_fault_not_the_tokenizers(tmp_path):
+    # JSON's "\ud800" decodes to a lone surrogate; the tokenizers library said "TextInputSequence
+    # must be str", which _guarded blamed on tokenizer.json.
+    write(tmp_path, *byte_level())
+    tok = Tokenizer.from_bundle_dir(tmp_path)
+    with pytest.raises(LlmircError, match=r"lone surrogate \(U\+D800\) at character 2") as e:
+        tok.encode("hi\ud800!")
+    assert "tokenizer.json" not in str(e.value)
+    assert tok.decode(tok.encode("hi \U0001F600")) == "hi \U0001F600"  # a pair of surrogates in UTF-16, one here

@@ -158,7 +158,7 @@ class Model:
             if self.tokenizer is None:
                 raise LlmircError(f"bundle {self.bundle.name} has no tokenizer: give prompts as token id lists")
             return self.tokenizer.encode(prompt)
-        if not isinstance(prompt, (list, tuple, np.ndarray)) or \
+        if not isinstance(prompt, (list, tuple, np.ndarray)) or getattr(prompt, "ndim", 1) != 1 or \
                 any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in prompt):
             raise LlmircError(f"a prompt must be text or a list of integer token ids, got {prompt!r:.60}")
         return [int(t) for t in prompt]

@@ -20,6 +20,7 @@ does; the chat template (`chat_template.py`) reads the same folder.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection
 from pathlib import Path
 
@@ -82,6 +83,11 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` (bos first where the tokenizer adds it). Raises LlmircError for text
+        that is not Unicode scalar values (a lone surrogate, as JSON's "\\ud800" decodes to)."""
+        if isinstance(text, str) and (m := _SURROGATE.search(text)):
+            raise LlmircError(f"the text holds a lone surrogate (U+{ord(m[0]):04X}) at character {m.start()}: "
+                              "not Unicode text that can be encoded")
         ids = _guarded(self.source, "encode", self.backend.encode, text, add_special_tokens=add_special_tokens).ids
         return [self.bos_token_id] + ids if add_special_tokens and self.prepend_bos else ids
 
@@ -177,6 +183,9 @@ class TextStream:
                 end -= tail
         delta, self._emitted = self.text[self._emitted:end], max(self._emitted, end)
         return delta
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _guarded(source, what: str, fn, *args, **kwargs):
