@@ -9,6 +9,7 @@ than the row) check that padding columns and rows past T are never written.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 import os
 
@@ -159,11 +160,13 @@ class Lib:
 
 def _variant(name):
     """native, the portable baseline, and (where this host can run it and its native code is not
-    already 8-lane AVX2) x86-64-v3, so 16-, 4- and 8-lane code paths all run."""
+    already 8-lane AVX2) x86-64-v3, so 16-, 4- and 8-lane code paths all run. The baseline reads
+    decode's weights the other way from native (one row at a time or in row blocks,
+    CpuVariant.one_row_decode), so that both run on every host."""
     if name == "native":
         return tc.host_variant()
     if name == "baseline":
-        return tc.baseline_variant()
+        return dataclasses.replace(tc.baseline_variant(), one_row_decode=not tc.host_variant().one_row_decode)
     host = tc.host_variant()
     if not {"avx2", "fma", "f16c", "bmi2", "movbe"} <= set(host.required_flags):
         pytest.skip(f"this host cannot run {name}")

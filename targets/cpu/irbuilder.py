@@ -168,19 +168,27 @@ def rows_ahead(R: int, row_bytes: int) -> int:
     return R if R > 1 else -(-PREFETCH_AHEAD // row_bytes)
 
 
-def by_row_blocks(b: ir.IRBuilder, ng: ir.Value, cmax: ir.Value, rows: Sequence[int], emit) -> None:
+def by_row_blocks(b: ir.IRBuilder, ng: ir.Value, cmax: ir.Value, rows: Sequence[int], emit,
+                  one_row_decode: bool = True) -> None:
     """Emit, under the condition that picks it, emit(R, sizes) for each row-block height R: with one
-    token group (decode: memory-bound) one row at a time, for groups of 1..C tokens; otherwise R =
-    rows[c - 1] for the largest group c = cmax (groups hold cmax or cmax - 1 tokens)."""
+    token group (decode: memory-bound) and `one_row_decode` (CpuVariant.one_row_decode) one row at
+    a time, for groups of 1..C tokens; otherwise R = rows[c - 1] for the largest group c = cmax
+    (groups hold cmax or cmax - 1 tokens)."""
     C = len(rows)
-    with b.if_else(b.icmp_signed("==", ng, i64(1))) as (streamed, blocked):
+
+    def blocked():
+        for R in sorted(set(rows), reverse=True):
+            cs = [c for c in range(1, C + 1) if rows[c - 1] == R]
+            with b.if_then(b.and_(b.icmp_signed(">=", cmax, i64(cs[0])), b.icmp_signed("<=", cmax, i64(cs[-1])))):
+                emit(R, range(max(1, cs[0] - 1), cs[-1] + 1))
+    if not one_row_decode:
+        blocked()
+        return
+    with b.if_else(b.icmp_signed("==", ng, i64(1))) as (streamed, other):
         with streamed:
             emit(1, range(1, C + 1))
-        with blocked:
-            for R in sorted(set(rows), reverse=True):
-                cs = [c for c in range(1, C + 1) if rows[c - 1] == R]
-                with b.if_then(b.and_(b.icmp_signed(">=", cmax, i64(cs[0])), b.icmp_signed("<=", cmax, i64(cs[-1])))):
-                    emit(R, range(max(1, cs[0] - 1), cs[-1] + 1))
+        with other:
+            blocked()
 
 
 def prefetch(b: ir.IRBuilder, ptr: ir.Value) -> None:

@@ -338,7 +338,8 @@ def _linear_blocking(vw: int) -> tuple[int, tuple[int, ...]]:
     with AVX2 + FMA, 16 xmm otherwise (SSE has no FMA: a multiply needs a scratch register).
     Fewer tokens, more rows. Decode (one group of <= C tokens) takes one row at a time
     instead: w then streams from memory in address order, which on a Zen 4 host ran
-    1.5x faster than 8 rows read side by side (BENCHMARKS.md, "one row at a time")."""
+    1.5x faster than 8 rows read side by side (BENCHMARKS.md, "one row at a time"); not on
+    Intel CPUs, where the row blocks were faster (CpuVariant.one_row_decode)."""
     if vw >= 16:
         return 4, (8, 8, 6, 6)
     if vw == 8:
@@ -496,7 +497,8 @@ def _emit_linear(module, fn, b, p, cpu):
                 ng, base, extra = groups(b, T)
                 cmax = b.add(base, b.zext(b.icmp_signed(">", extra, i64(0)), I64))
                 irb.by_row_blocks(b, ng, cmax, rows,
-                                  lambda r, sizes: row_blocks(b, r, one_pass(r, sizes), (i64(0), ng, base, extra)))
+                                  lambda r, sizes: row_blocks(b, r, one_pass(r, sizes), (i64(0), ng, base, extra)),
+                                  cpu.one_row_decode)
             with large:
                 def fma_prefill():
                     R = rows[C - 1]

@@ -32,7 +32,8 @@ sub-group) to int8 first, into the `xq` scratch and in the weights' super-block 
   into the cache (software prefetch) while one computes. Decode (one group of c <= 4 tokens)
   takes one row at a time, so the weight streams in address order, prefetched 16 KiB ahead:
   on a Zen 4 host 8 rows side by side reached 45% of the bandwidth floor, one row 75%
-  (BENCHMARKS.md). A short last super-block (576 inputs in groups of 32: a tail of 2 lanes)
+  (BENCHMARKS.md); except on Intel CPUs (CpuVariant.one_row_decode), where row blocks were
+  5-10% faster. A short last super-block (576 inputs in groups of 32: a tail of 2 lanes)
   runs in 4 or 8-lane vectors when several tokens share it, not in full ones padded with
   zeros. Threads claim row blocks dynamically (irbuilder.parallel_for). Long prefills run in token slices whose quantized
   activations stay in L2.
@@ -428,7 +429,7 @@ def _emit_qlinear(module, fn, b, A, p, variant):
                 _row_blocks(module, b, fn, R, n, k, row_bytes,
                             lambda cb, X, j0, r, pf, ex: _token_groups(cb, X, j0, r, pf, ex, micro, sizes),
                             (t_lo, ng, base, extra))
-            irb.by_row_blocks(b, ng, cmax, rows, row_blocks)
+            irb.by_row_blocks(b, ng, cmax, rows, row_blocks, variant.one_row_decode)
 
     T = A.T
     with b.if_then(b.icmp_signed(">", T, i64(0))):

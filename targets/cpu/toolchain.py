@@ -53,6 +53,11 @@ class CpuVariant:
     features: str                  # LLVM feature string ('+avx2,+fma,...'; '' = the cpu's own)
     vector_width: int              # f32 lanes of the widest vector register the kernels use
     required_flags: tuple[str, ...]  # /proc/cpuinfo flags a host needs to run this code
+    # Decode (one group of tokens) reads a weight one row at a time, in address order, rather than
+    # in the prefill's blocks of rows side by side: 1.5-2x faster on AMD Zen 4, 5-15% slower on an
+    # Intel Xeon (BENCHMARKS.md, "Decode one row at a time" and "... on Intel"). So only a native
+    # variant on an Intel CPU reads row blocks; the portable ones take the smaller worst case.
+    one_row_decode: bool = True
 
     def has(self, feature: str) -> bool:
         """Whether the feature string enables `feature` (an LLVM name: amx-bf16, avx512bf16, ...)."""
@@ -155,7 +160,21 @@ def host_variant() -> CpuVariant:
         features=feats.flatten(),
         vector_width=_width_from_features(enabled, arch),
         required_flags=flags,
+        one_row_decode=_cpu_vendor() != "GenuineIntel",
     )
+
+
+def _cpu_vendor() -> str:
+    """The build host's x86 vendor (/proc/cpuinfo's vendor_id: GenuineIntel, AuthenticAMD, ...),
+    '' where it does not say."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
 
 
 _AARCH64_TRIPLE = "aarch64-unknown-linux-gnu"
