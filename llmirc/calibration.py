@@ -22,10 +22,6 @@ largest of their maxima. Models that keep ONNX ops (full-sequence models) are re
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,28 +32,27 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
 
 from llmirc import dialect as L
-from llmirc.artifact_format.writer import host_tag, process_alive
 from llmirc.errors import LlmircError
 from llmirc.passes.func_args import arg_names, forward_func
 from llmirc.passes.onnx_fuse_activation import REFERENCE
 from llmirc.passes.quantize_weights import source_names
 from llmirc.passes.smooth import float_value
+from llmirc.scratch import scratch_dir
 
 PREFIX = "calibration."
 HESSIAN = PREFIX + "hessian."  # + input index: float32 [k, k]
-FOLDER = "llmirc-calibration-"  # + host-pid-random, in the temporary directory (TMPDIR)
 
 
 class Calibration:
     """What calibration found about the linears' inputs: per input, its Hessian (GPTQ; in a
-    temporary folder, removed by `close`, or by the next compile on this host when the process
-    was killed: `remove_stale`) and each channel's max |x| (SmoothQuant), and the tensors a pass
+    scratch folder in TMPDIR, removed by `close`, or by the next compile on this host when the
+    process was killed: llmirc.scratch) and each channel's max |x| (SmoothQuant), and the tensors a pass
     derives from them (`add`: the `smooth` pass's scales). Tensors are named `<PREFIX><kind>.<i>`
     for input i; passes read them through `llmir.weight` ops of those names."""
 
     def __init__(self, tokens: int, windows: int, hessians: bool = True):
         self.tokens, self.windows, self.hessians = tokens, windows, hessians
-        self._dir = tempfile.TemporaryDirectory(prefix=f"{FOLDER}{host_tag()}-{os.getpid()}-")
+        self._dir = scratch_dir("calibration")
         self.by_weight: dict[str, int] = {}   # checkpoint tensor of a linear's weight -> its input's index
         self.maxima: list[np.ndarray] = []    # per input: max |x_j| (f32 [k]), each window's first token left out
         self._tensors: dict[str, np.ndarray] = {}  # added by passes (small)
@@ -110,29 +105,18 @@ class Calibration:
         if not np.isfinite(self.maxima[i]).all() or (h is not None and not np.isfinite(h).all()):
             raise LlmircError(f"--calibration: the inputs of the linear reading {weights[0]} overflow float32")
         if h is not None:
-            np.save(self._path(f"{HESSIAN}{i}"), h)
+            path = self._path(f"{HESSIAN}{i}")
+            try:
+                np.save(path, h)
+            except OSError as e:  # (numpy's short write has no errno: say what it is)
+                raise LlmircError(f"--calibration: cannot write a Hessian ({h.nbytes / 2**20:.0f} MiB) to {path.parent} "
+                                  f"(TMPDIR): {e.strerror or 'short write: no space left?'}") from None
         for n in weights:
             self.by_weight[n] = i
         return i
 
     def close(self) -> None:
         self._dir.cleanup()
-
-
-def remove_stale() -> list[str]:
-    """Removes the Hessian folders that GPTQ compiles on this host left when they were killed
-    (SIGKILL, out of memory: an 8B model's take 30 GB; after SIGINT and SIGTERM the CLI cleans
-    up itself) and returns their names; the folders of running compiles, other hosts and other
-    users are left alone."""
-    pattern = re.compile(re.escape(FOLDER + host_tag()) + r"-(\d+)-\w+")
-    removed = []
-    for p in Path(tempfile.gettempdir()).glob(FOLDER + "*"):
-        m = pattern.fullmatch(p.name)
-        if m and p.is_dir() and not p.is_symlink() and p.stat().st_uid == os.getuid() \
-                and not process_alive(int(m[1])):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p.name)
-    return removed
 
 
 def _hessian(x: np.ndarray) -> np.ndarray:
@@ -194,8 +178,6 @@ def calibrate(module: ModuleOp, source, token_windows: list[np.ndarray],
     positions = np.concatenate([np.arange(len(w), dtype=np.int32) for w in token_windows])
     starts = np.cumsum([0] + [len(w) for w in token_windows])
     args = {"token_ids": ids, "positions": positions}
-    if removed := remove_stale():
-        progress(f"removed {', '.join(removed)}: Hessians of GPTQ compiles that were killed")
     cal = Calibration(len(ids), len(token_windows), hessians)
     ops = list(f.body.block.ops)
     generic = sorted({op.name for op in ops if op.name.startswith("onnx.")})

@@ -1,7 +1,7 @@
 """The `llmirc` command line: compile, run, chat, serve, inspect, bench, eval-ppl.
 
-Exit codes: 0 success; 1 a user error (bad checkpoint, bundle, request or option: one line
-`error: ...`); 2 a command-line usage error (click's); 3 an internal error, a bug in llmirc (one
+Exit codes: 0 success; 1 a user error (bad checkpoint, bundle, request or option) or the
+machine's (no space left, permission denied: the files named): one line `error: ...`; 2 a command-line usage error (click's); 3 an internal error, a bug in llmirc (one
 line `internal error in <stage>: ...; please report`, the traceback with `--debug` or
 LLMIRC_DEBUG=1); 130 interrupted. Never a traceback otherwise. `compile` needs the compiler
 extra, `serve` the serve extra; the other commands need only the loader. Where a
@@ -12,6 +12,7 @@ vLLM flag means the same thing, the same name is used (--max-model-len, --block-
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -601,20 +602,26 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
 
 
 class _Terminated(BaseException):
-    """SIGTERM, raised where Python next runs, so that `with` blocks clean up (the bundle writer's
-    temporary directory, calibration's Hessian files) as they do for Ctrl-C."""
+    """SIGTERM or SIGHUP (the terminal closed), raised where Python next runs, so that `with`
+    blocks clean up (the bundle writer's temporary directory, calibration's Hessian files) as they
+    do for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame) -> None:
-    raise _Terminated()
+    raise _Terminated(signum)
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)  # `llmirc serve`: uvicorn installs its own while it runs
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # `llmirc serve`: uvicorn installs its own while it runs
+        signal.signal(sig, _terminate)
     try:
         cli.main(standalone_mode=False)
-    except _Terminated:
-        _fail("terminated", 128 + signal.SIGTERM)
+    except _Terminated as e:
+        _fail("terminated" if e.signum == signal.SIGTERM else "hung up (SIGHUP)", 128 + e.signum)
     except LlmircError as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except click.exceptions.Abort as e:  # click's form of Ctrl-C (after printing a newline)
@@ -635,14 +642,30 @@ def main() -> None:
         sys.exit(1)
     except MemoryError as e:
         _fail(f"out of memory in {internal_stage(e) or _command}")
-    except Exception as e:  # a bug in llmirc: one line, the traceback only when asked for
-        if _debug:
-            traceback.print_exc()
-        reason = " ".join(str(e).split("\n", 1)[0].split())
-        reason = f"{type(e).__name__}: {reason[:300]}" if reason else type(e).__name__
-        hint = "" if _debug else " (--debug or LLMIRC_DEBUG=1 shows the traceback)"
-        click.echo(f"internal error in {internal_stage(e) or _command}: {reason}; please report{hint}", err=True)
-        sys.exit(INTERNAL_ERROR)
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            _internal_error(e)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # in case stdout is what failed
+        files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        _fail(f"{internal_stage(e) or _command}: {files + ': ' if files else ''}{e.strerror}")
+    except Exception as e:
+        _internal_error(e)
+
+
+# OSErrors of the machine, not of llmirc: disk full or over quota, read-only or denied, too many files.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EMFILE,
+                       errno.ENFILE, errno.EFBIG, errno.ENAMETOOLONG}
+
+
+def _internal_error(e: Exception) -> None:
+    """A bug in llmirc: one line, the traceback only when asked for; exit 3."""
+    if _debug:
+        traceback.print_exception(e)
+    reason = " ".join(str(e).split("\n", 1)[0].split())
+    reason = f"{type(e).__name__}: {reason[:300]}" if reason else type(e).__name__
+    hint = "" if _debug else " (--debug or LLMIRC_DEBUG=1 shows the traceback)"
+    click.echo(f"internal error in {internal_stage(e) or _command}: {reason}; please report{hint}", err=True)
+    sys.exit(INTERNAL_ERROR)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import numpy as np
 
 from llmirc import __version__, dtypes
 from llmirc import dialect as L
+from llmirc import scratch
 from llmirc.artifact_format.writer import BundleWriter, check_replaceable, remove_stale_temporaries
 from llmirc.errors import CheckpointError, LlmircError, stage
 from llmirc.frontend import open_source
@@ -139,8 +141,11 @@ class Progress:
 
     def __call__(self, message: str) -> None:
         if self.stream is not None:
-            self.stream.write(f"[{time.perf_counter() - self.start:6.1f}s] {message}\n")
-            self.stream.flush()
+            try:
+                self.stream.write(f"[{time.perf_counter() - self.start:6.1f}s] {message}\n")
+                self.stream.flush()
+            except OSError:  # a closed or full stderr (`2>/dev/full`, `| head -1`) does not fail the compile
+                self.stream = None
 
     def note(self, message: str) -> None:
         if self.stream is not None:
@@ -196,10 +201,12 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     quantize = next((p for p in parse_passes(options.required()) if isinstance(p, QuantizeWeights)), None)
     if quantize is not None:  # (the flags made it: errors name them)
         quantize.check({"group-size": "--quant-group-size", "keep": "--quant-keep"})
+    if removed := scratch.remove_stale():
+        progress.note(f"removed {_listed_names(removed)} from {tempfile.gettempdir()}: left by compiles that were killed")
     if out is not None:
         removed, unknown = remove_stale_temporaries(out)
         if removed:
-            progress(f"removed {_listed_names(removed)}: left by compiles to {out} that were killed")
+            progress.note(f"removed {_listed_names(removed)}: left by compiles to {out} that were killed")
         if unknown:
             progress.note(f"{_listed_names(unknown)} next to {out} may be left by a killed compile (on another "
                           "host or by an older llmirc): remove it unless a compile is still writing it")

@@ -658,6 +658,7 @@ def test_failed_compile_keeps_existing_bundle(ckpt, bundle, tmp_path, failure):
     # click turns KeyboardInterrupt into Abort (after an empty line on stderr): said as interrupted too.
     (signal.SIGINT, 130, ("error: interrupted",)),
     (signal.SIGTERM, 143, ("error: terminated",)),
+    (signal.SIGHUP, 129, ("error: hung up (SIGHUP)",)),  # the terminal closed
 ])
 def test_interrupted_compile_keeps_existing_bundle(ckpt, bundle, tmp_path, sig, code, messages):
     # Ctrl-C or a kill during code generation: one error line, exit 128 + the signal, the old
@@ -683,7 +684,7 @@ def test_interrupted_compile_keeps_existing_bundle(ckpt, bundle, tmp_path, sig, 
     assert snapshot(out) == before and leftovers(out) == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupted_gptq_compile_removes_its_hessians(ckpt, tmp_path, sig):
     """Ctrl-C or a kill during a GPTQ compile: exit 128 + the signal and no Hessian folder left
     in TMPDIR."""
@@ -710,27 +711,26 @@ def test_interrupted_gptq_compile_removes_its_hessians(ckpt, tmp_path, sig):
     assert not (tmp_path / "o.llmir").exists()
 
 
-def test_gptq_compile_removes_hessians_of_killed_compiles(ckpt, tmp_path):
-    """A killed GPTQ compile's Hessian folder (its pid dead) goes at the next one; a running
-    compile's (a live pid) and another host's stay."""
+def test_compile_removes_scratch_folders_of_killed_compiles(ckpt, tmp_path):
+    """The scratch folders a killed compile left in TMPDIR (its pid dead: GPTQ's Hessians, a link,
+    a GGUF's tokenizer files) go at the next compile, whatever it compiles; a running compile's
+    (a live pid), another host's and other folders stay."""
     import socket
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
     tmp = tmp_path / "tmp"
-    names = [f"llmirc-calibration-{host}-{dead.pid}-x1", f"llmirc-calibration-{host}-{os.getpid()}-x2",
-             f"llmirc-calibration-elsewhere-{dead.pid}-x3"]
-    for name in names:
+    stale = [f"llmirc-calibration-{host}-{dead.pid}-x1", f"llmirc-link-{host}-{dead.pid}-x2"]
+    kept = [f"llmirc-calibration-{host}-{os.getpid()}-x3", f"llmirc-gguf-elsewhere-{dead.pid}-x4",
+            f"other-{host}-{dead.pid}-x5"]
+    for name in stale + kept:
         (tmp / name).mkdir(parents=True)
         (tmp / name / "calibration.hessian.0.npy").write_bytes(b"x")
-    text = tmp_path / "text.txt"
-    text.write_text("Some text to calibrate on. " * 50)
-    r = llmirc("compile", ckpt, "--emit", "mlir", "--quant", "int4", "--quant-method", "gptq", "--calibration", text,
-               env={"TMPDIR": str(tmp)})
+    r = llmirc("compile", ckpt, "--emit", "mlir", "-q", env={"TMPDIR": str(tmp)})
     assert r.returncode == 0, r.stderr
-    assert f"removed {names[0]}: Hessians of GPTQ compiles that were killed" in r.stderr
-    assert sorted(p.name for p in tmp.iterdir()) == sorted(names[1:])
+    assert f"note: removed {', '.join(stale)} from {tmp}: left by compiles that were killed" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp.iterdir()) == sorted(kept)
 
 
 # -- run / inspect / bench: bad bundles ----------------------------------------------------------
@@ -1423,6 +1423,25 @@ def test_internal_error_in_a_pass(ckpt, tmp_path):
     assert_internal_error(r, "pass fuse-linears")
     assert "KeyError: 'boom'" in r.stderr.splitlines()[-1]
     assert not out.exists() and leftovers(out) == []
+
+
+def test_a_full_disk_is_the_machines_fault_not_a_bug(ckpt, bundle, tmp_path):
+    """No space left (the link's move into the bundle, standard output): exit 1, one line naming
+    the files and the reason, nothing left; a full stderr only silences the progress lines."""
+    out = tmp_path / "out.llmir"
+    full_move = ("import errno, shutil\n"
+                 "def move(src, dst): raise OSError(errno.ENOSPC, 'No space left on device', src, None, dst)\n"
+                 "shutil.move = move")
+    r = llmirc_with_bug(full_move, "compile", ckpt, "-o", out, "-q", "--cpu-variants", "native")
+    assert_user_error(r, "cpu codegen", "libllmir_model.so -> ", "No space left on device")
+    assert not out.exists() and leftovers(out) == []
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "llmirc.cli", "inspect", str(bundle)], stdout=full,
+                           stderr=subprocess.PIPE, text=True, env=ENV, timeout=120)
+        assert r.returncode == 1 and r.stderr == "error: llmirc inspect: No space left on device\n", r.stderr
+        r = subprocess.run([sys.executable, "-m", "llmirc.cli", "compile", str(ckpt), "-o", str(out),
+                            "--cpu-variants", "native"], stdout=subprocess.PIPE, stderr=full, env=ENV, timeout=300)
+    assert r.returncode == 0 and llmirc("inspect", out).returncode == 0
 
 
 @pytest.mark.parametrize("how", [["--debug"], {"LLMIRC_DEBUG": "1"}])

@@ -32,8 +32,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +40,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from llmirc import dialect as L
 from llmirc import dtypes
 from llmirc.errors import CheckpointError
+from llmirc.scratch import scratch_dir
 
 from . import build_graph, parse_spec
 from .checkpoint import Checkpoint, finite
@@ -364,7 +363,8 @@ class GgufCheckpoint:
     def _files(self) -> Path:
         """config.json, generation_config.json and the tokenizer files, written once to a private folder."""
         if self._tmp is None:
-            self._tmp = Path(tempfile.mkdtemp(prefix="llmirc-gguf-"))
+            self._scratch = scratch_dir("gguf")  # removed by close
+            self._tmp = Path(self._scratch.name)
             (self._tmp / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
             (self._tmp / "generation_config.json").write_text(json.dumps(self.generation_config(), indent=2) + "\n")
             if self.tokenizer is not None:
@@ -399,7 +399,7 @@ class GgufCheckpoint:
 
     def close(self) -> None:
         if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._scratch.cleanup()
             self._tmp = None
 
 

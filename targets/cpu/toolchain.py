@@ -37,6 +37,7 @@ import llvmlite
 import llvmlite.binding as llvm
 
 from llmirc.errors import LlmircError
+from llmirc.scratch import scratch_dir
 from llmirc.targets.workers import worker_count, worker_pool
 
 __all__ = [
@@ -396,7 +397,7 @@ def link_shared(objects: list[bytes], out_path: Path, arch: str | None = None) -
     cc = find_linker(arch)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="llmirc-link-") as tmp:
+    with scratch_dir("link") as tmp:
         paths = []
         for i, obj in enumerate(objects):
             p = Path(tmp) / f"part{i}.o"
