@@ -18,6 +18,7 @@ BundleErrors; misuse by the calling code is ValueError/RuntimeError.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -191,22 +192,34 @@ class BundleWriter:
         return sorted(entries, key=lambda e: e["path"])
 
     def _install(self) -> None:
+        """Moves the old bundle aside, the new one in, and deletes the old one; on any failure
+        (KeyboardInterrupt too) puts the old one back. Another compile to the same output that
+        installs its bundle between the two moves makes the second fail (not empty): then its
+        bundle is the old one, and the last to install wins."""
         tmp, out = self._tmp, self.out
-        if not os.path.lexists(out):
-            os.rename(tmp, out)
-        else:
-            # Move the old bundle aside, move the new one in, delete the old one; on any
-            # failure (KeyboardInterrupt too) put the old one back.
-            aside = out.with_name(f"{out.name}.old-{secrets.token_hex(6)}")
+        for _ in range(100):
+            aside = None
             try:
-                os.rename(out, aside)
+                if os.path.lexists(out):
+                    aside = out.with_name(f"{out.name}.old-{host_tag()}-{os.getpid()}-{secrets.token_hex(6)}")
+                    os.rename(out, aside)
                 os.rename(tmp, out)
+            except OSError as e:
+                if aside is not None and os.path.lexists(aside) and not os.path.lexists(out):
+                    os.rename(aside, out)
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.lexists(out):
+                    raise
+                continue  # another compile's bundle arrived meanwhile
             except BaseException:
-                if os.path.lexists(aside) and not os.path.lexists(out):
+                if aside is not None and os.path.lexists(aside) and not os.path.lexists(out):
                     os.rename(aside, out)
                 raise
-            shutil.rmtree(aside, ignore_errors=True)
-        self._tmp = None
+            finally:
+                if aside is not None and os.path.lexists(out):
+                    shutil.rmtree(aside, ignore_errors=True)
+            self._tmp = None
+            return
+        raise BundleError(f"bundle {self.name}: other compiles kept replacing it")
 
 
 def host_tag() -> str:
@@ -215,25 +228,33 @@ def host_tag() -> str:
 
 
 def remove_stale_temporaries(out_path) -> tuple[list[str], list[str]]:
-    """Removes the temporary directories of writers to `out_path` whose process has died.
+    """Removes the temporary directories of writers to `out_path` whose process has died: a
+    new bundle being written (`.tmp-`) or an old one moved aside to be replaced (`.old-`). While
+    `out_path` itself is missing (a writer killed between moving the old bundle aside and the new
+    one in), finished ones (with a manifest) are left for the user.
 
     Returns (removed, unknown): the names removed, and those of other hosts or older llmirc
-    versions (no owner in the name) that were left alone, for the caller to mention."""
+    versions (no owner in the name), or kept as above, for the caller to mention."""
     out = Path(out_path)
     removed, unknown = [], []
     try:
         siblings = list(out.absolute().parent.iterdir())
+        finished_is_garbage = os.path.lexists(out)
     except OSError:
         return removed, unknown
-    pattern = re.compile(re.escape(out.name) + r"\.tmp-(?:(.+)-(\d+)-)?[0-9a-f]{12}")
+    pattern = re.compile(re.escape(out.name) + r"\.(?:tmp|old)-(?:(.+)-(\d+)-)?[0-9a-f]{12}")
     for p in siblings:
         m = pattern.fullmatch(p.name)
-        if m is None or p.is_symlink() or not p.is_dir() or (p / MANIFEST).exists():
+        if m is None or p.is_symlink() or not p.is_dir():
             continue
         host, pid = m[1], int(m[2]) if m[2] else None
         if pid is None or host != host_tag():
             unknown.append(p.name)
-        elif not process_alive(pid):
+        elif process_alive(pid):
+            continue
+        elif not finished_is_garbage and (p / MANIFEST).exists():
+            unknown.append(p.name)
+        else:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     return removed, unknown

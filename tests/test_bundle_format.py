@@ -130,6 +130,52 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     assert sorted(siblings(tmp_path)) == sorted(n for k, n in names.items() if k != "dead")
 
 
+def test_two_writers_racing_for_one_output_the_last_wins(tmp_path, monkeypatch):
+    """A second compile that installs its bundle between the first's two moves (old bundle aside,
+    new one in): the first then replaces it, and no `.old-` folder is left (it was, and the first
+    compile failed with 'Directory not empty')."""
+    out = tmp_path / "out"
+    with BundleWriter(out) as w:
+        w.path("x").write_text("old")
+        w.commit({})
+    real_rename, raced = os.rename, []
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        if ".old-" in str(dst) and not raced:
+            raced.append(dst)
+            with BundleWriter(out) as b:
+                b.path("x").write_text("B")
+                b.commit({})
+    with BundleWriter(out) as a:
+        a.path("x").write_text("A")
+        monkeypatch.setattr(writer_mod.os, "rename", rename)
+        a.commit({})
+    monkeypatch.undo()
+    assert raced and (out / "x").read_text() == "A" and siblings(tmp_path) == ["out"]
+    assert open_bundle(out).files == ("x",)
+
+
+def test_a_writer_killed_between_its_moves_leaves_the_bundles_to_the_user(tmp_path):
+    """Killed after moving the old bundle aside, before moving the new one in: while the output is
+    missing, both stay (mentioned); once it is back, the next writer removes them."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = writer_mod.host_tag()
+    for kind in ("old", "tmp"):
+        with BundleWriter(tmp_path / f"{kind}") as w:
+            w.commit({})
+        (tmp_path / kind).rename(tmp_path / f"out.llmir.{kind}-{host}-{dead.pid}-0123456789ab")
+    removed, unknown = writer_mod.remove_stale_temporaries(tmp_path / "out.llmir")
+    assert removed == [] and len(unknown) == 2
+    (tmp_path / "out.llmir").mkdir()
+    removed, unknown = writer_mod.remove_stale_temporaries(tmp_path / "out.llmir")
+    assert len(removed) == 2 and unknown == [] and siblings(tmp_path) == ["out.llmir"]
+
+
 def test_commit_refuses_symlinks(tmp_path):
     with pytest.raises(BundleError, match=r"bundle .*out: link is not a regular file"):
         with BundleWriter(tmp_path / "out") as b:
