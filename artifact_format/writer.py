@@ -40,12 +40,21 @@ def check_replaceable(out: Path) -> None:
     bundle may replace), and a directory can be made beside it (tried in its nearest existing
     ancestor, and removed)."""
     out = Path(out)
-    if os.path.lexists(out) and not (out.is_dir() and not out.is_symlink()
-                                     and (is_bundle(out) or not any(out.iterdir()))):
+    if out.is_symlink():  # the link itself would be replaced, not what it points to
+        raise BundleError(f"refusing to overwrite {out}: it is a symbolic link (give the path it points to)")
+    if os.path.lexists(out) and not (out.is_dir() and (is_bundle(out) or not any(out.iterdir()))):
         raise BundleError(f"refusing to overwrite {out}: it exists and is not an llmir bundle")
     folder = next(p for p in out.absolute().parents if os.path.lexists(p))
     if not folder.is_dir():  # else mkdir fails with a bare "File exists"
         raise BundleError(f"bundle {out}: cannot create it there: {folder} is not a directory")
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    sibling = f"{out.name}.tmp-{host_tag()}-{os.getpid()}-{secrets.token_hex(6)}"  # (.old- names as long)
+    if len(os.fsencode(sibling)) > name_max:
+        raise BundleError(f"bundle {out}: the name is too long: the compile writes {sibling[len(out.name):]!r} "
+                          f"beside it, and names here are at most {name_max} bytes")
     probe = folder / f".llmirc-probe-{os.getpid()}-{secrets.token_hex(6)}"
     try:
         probe.mkdir()

@@ -49,8 +49,9 @@ def _fail(message: str, code: int = 1) -> None:
 def cli(debug: bool) -> None:
     """llmirc: ahead-of-time compiler for LLM inference.
 
-    Compile a Hugging Face checkpoint into a portable bundle of compiled kernels, weights and
-    a manifest, then run, inspect or benchmark the bundle with the thin loader.
+    Compile a checkpoint (Hugging Face safetensors, ONNX or GGUF) into a portable bundle of
+    compiled kernels, weights and a manifest, then run, serve, inspect or benchmark the bundle
+    with the thin loader.
     """
     global _debug, _command
     _debug = _debug or debug
@@ -63,7 +64,8 @@ def cli(debug: bool) -> None:
               help="Targets to compile for, comma-separated: cpu, cuda, hip (one bundle, weights stored once).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory to write (OUT.llmir).")
 @click.option("--passes", default=None, help="Textual pass pipeline replacing the default, e.g. "
-              "'canonicalize,cse,fuse-linears,paged-kv{block-size=32}'. prune-logits and paged-kv always run last.")
+              "'canonicalize,cse,fuse-linears,paged-kv{block-size=32}'. Whatever it says, the weights' quantization and type, prune-logits, paged-kv, "
+                   "kv-cache-dtype, fuse-rope-kv-append and dce run at the end.")
 @click.option("--print-ir-after-all", is_flag=True, help="Print the IR after every pass (stderr).")
 @click.option("--emit", default=None, metavar="STAGE",
               help="Print a stage to stdout: the optimized IR (mlir), or a target's text stage (cpu: llvm-ir, asm; "

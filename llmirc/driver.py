@@ -24,6 +24,7 @@ import numpy as np
 from llmirc import __version__, dtypes
 from llmirc import dialect as L
 from llmirc import scratch
+from llmirc.artifact_format.reader import is_bundle
 from llmirc.artifact_format.writer import BundleWriter, check_replaceable, remove_stale_temporaries
 from llmirc.errors import CheckpointError, LlmircError, stage
 from llmirc.frontend import open_source
@@ -213,6 +214,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     size = os.path.getsize(model) if os.path.isfile(model) else 0  # (errors are the front end's to report)
     if size >= 16 << 20:  # a big file (GGUF, ONNX) takes seconds to parse
         progress(f"reading {Path(model).name} ({size / 2**20:.0f} MiB)")
+    if is_bundle(model):
+        raise CheckpointError(f"{model}: a compiled llmir bundle, not a checkpoint (`llmirc run` runs it; compile "
+                              "the checkpoint it came from)")
     with stage("front end"):
         source = open_source(model, dequantize=options.dequantize)
     if out is not None:

@@ -234,21 +234,34 @@ def test_failed_replacement_keeps_the_old_bundle(tmp_path, monkeypatch):
     assert siblings(tmp_path) == ["out.llmir"]
 
 
-@pytest.mark.parametrize("kind", ["file", "dir", "foreign_manifest", "symlink"])
+@pytest.mark.parametrize("kind", ["file", "dir", "foreign_manifest", "symlink", "symlink_to_bundle", "dangling"])
 def test_refuses_to_overwrite_non_bundles(tmp_path, kind):
     out = tmp_path / "out"
     if kind == "file":
         out.write_text("precious")
-    elif kind == "symlink":
-        (tmp_path / "target").mkdir()
+    elif kind.startswith("symlink"):
+        with BundleWriter(tmp_path / "target") as w:  # a bundle or (symlink) an empty directory
+            w.commit({})
+        if kind == "symlink":
+            (tmp_path / "target" / "manifest.json").unlink()
         out.symlink_to(tmp_path / "target")
+    elif kind == "dangling":
+        out.symlink_to(tmp_path / "nowhere")
     else:
         out.mkdir()
         (out / ("manifest.json" if kind == "foreign_manifest" else "data.txt")).write_text('{"format": "other"}')
     before = siblings(tmp_path)
-    with pytest.raises(BundleError, match=r"^refusing to overwrite .*out: it exists and is not an llmir bundle$"):
+    reason = "it is a symbolic link" if kind.startswith("symlink") or kind == "dangling" else \
+        "it exists and is not an llmir bundle"
+    with pytest.raises(BundleError, match=rf"^refusing to overwrite .*out: {reason}"):
         BundleWriter(out)
     assert siblings(tmp_path) == before
+
+
+def test_refuses_a_name_too_long_for_its_temporary_sibling(tmp_path):
+    with pytest.raises(BundleError, match=r"the name is too long: the compile writes '\.tmp-.*at most 255 bytes"):
+        BundleWriter(tmp_path / ("b" * 240))
+    assert siblings(tmp_path) == []
 
 
 def test_refuses_at_commit_if_a_non_bundle_appeared(tmp_path):

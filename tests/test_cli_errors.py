@@ -297,6 +297,11 @@ def test_compile_bad_checkpoint(ckpt, tmp_path, case):
     assert not (src / "PWNED").exists()
 
 
+def test_compile_a_bundle_says_it_is_one(bundle, tmp_path):
+    assert_user_error(llmirc("compile", bundle, "-o", tmp_path / "out.llmir", "-q"), str(bundle),
+                      "a compiled llmir bundle, not a checkpoint")
+
+
 def test_compile_missing_model_path(tmp_path):
     out = tmp_path / "out.llmir"
     assert_user_error(llmirc("compile", tmp_path / "nope", "-o", out), "nope", "no such file")
