@@ -46,8 +46,8 @@ HESSIAN = PREFIX + "hessian."  # + input index: float32 [k, k]
 class Calibration:
     """What calibration found about the linears' inputs: per input, its Hessian (GPTQ; in a
     scratch folder in TMPDIR, removed by `close`, or by the next compile on this host when the
-    process was killed: llmirc.scratch) and each channel's max |x| (SmoothQuant), and the tensors a pass
-    derives from them (`add`: the `smooth` pass's scales). Tensors are named `<PREFIX><kind>.<i>`
+    process was killed: llmirc.scratch) and each channel's max |x| (SmoothQuant), and the
+    tensors a pass derives from them (`add`: the `smooth` pass's scales). Tensors are named `<PREFIX><kind>.<i>`
     for input i; passes read them through `llmir.weight` ops of those names."""
 
     def __init__(self, tokens: int, windows: int, hessians: bool = True):
@@ -109,8 +109,8 @@ class Calibration:
             try:
                 np.save(path, h)
             except OSError as e:  # (numpy's short write has no errno: say what it is)
-                raise LlmircError(f"--calibration: cannot write a Hessian ({h.nbytes / 2**20:.0f} MiB) to {path.parent} "
-                                  f"(TMPDIR): {e.strerror or 'short write: no space left?'}") from None
+                raise LlmircError(f"--calibration: cannot write a Hessian ({h.nbytes / 2**20:.0f} MiB) to "
+                                  f"{path.parent} (TMPDIR): {e.strerror or 'short write: no space left?'}") from None
         for n in weights:
             self.by_weight[n] = i
         return i

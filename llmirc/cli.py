@@ -1,9 +1,10 @@
 """The `llmirc` command line: compile, run, chat, serve, inspect, bench, eval-ppl.
 
 Exit codes: 0 success; 1 a user error (bad checkpoint, bundle, request or option) or the
-machine's (no space left, permission denied: the files named): one line `error: ...`; 2 a command-line usage error (click's); 3 an internal error, a bug in llmirc (one
-line `internal error in <stage>: ...; please report`, the traceback with `--debug` or
-LLMIRC_DEBUG=1); 130 interrupted. Never a traceback otherwise. `compile` needs the compiler
+machine's (no space left, permission denied: the files named): one line `error: ...`; 2 a
+command-line usage error (click's); 3 an internal error, a bug in llmirc (one line `internal
+error in <stage>: ...; please report`, the traceback with `--debug` or LLMIRC_DEBUG=1); 130
+interrupted, 143 terminated, 129 hung up. Never a traceback otherwise. `compile` needs the compiler
 extra, `serve` the serve extra; the other commands need only the loader. Where a
 vLLM flag means the same thing, the same name is used (--max-model-len, --block-size,
 --kv-cache-dtype, --max-num-seqs, ...), so a vLLM command line carries over.
@@ -64,8 +65,9 @@ def cli(debug: bool) -> None:
               help="Targets to compile for, comma-separated: cpu, cuda, hip (one bundle, weights stored once).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory to write (OUT.llmir).")
 @click.option("--passes", default=None, help="Textual pass pipeline replacing the default, e.g. "
-              "'canonicalize,cse,fuse-linears,paged-kv{block-size=32}'. Whatever it says, the weights' quantization and type, prune-logits, paged-kv, "
-                   "kv-cache-dtype, fuse-rope-kv-append and dce run at the end.")
+              "'canonicalize,cse,fuse-linears,paged-kv{block-size=32}'. Whatever it says, the weights' "
+              "quantization and type, prune-logits, paged-kv, kv-cache-dtype, fuse-rope-kv-append and dce run "
+              "at the end.")
 @click.option("--print-ir-after-all", is_flag=True, help="Print the IR after every pass (stderr).")
 @click.option("--emit", default=None, metavar="STAGE",
               help="Print a stage to stdout: the optimized IR (mlir), or a target's text stage (cpu: llvm-ir, asm; "

@@ -203,7 +203,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     if quantize is not None:  # (the flags made it: errors name them)
         quantize.check({"group-size": "--quant-group-size", "keep": "--quant-keep"})
     if removed := scratch.remove_stale():
-        progress.note(f"removed {_listed_names(removed)} from {tempfile.gettempdir()}: left by compiles that were killed")
+        progress.note(f"removed {_listed_names(removed)} from {tempfile.gettempdir()}: left by compiles that were "
+                      "killed")
     if out is not None:
         removed, unknown = remove_stale_temporaries(out)
         if removed:
@@ -447,7 +448,8 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
         for w in plan.weights:
             writer.declare(w.name, dtypes.dtype(w.dtype).safetensors, w.shape)
         total = sum(w.nbytes for w in plan.weights)
-        progress(f"writing {len(plan.weights)} weights ({total / 2**20:.1f} MiB)")
+        gptq = "quantizing (GPTQ) and " if options.quant_method == "gptq" and options.quant != "none" else ""
+        progress(f"{gptq}writing {len(plan.weights)} weights ({total / 2**20:.1f} MiB)")
         done, shown, parts, when = 0, 0, {}, time.monotonic()
         slow = total > 2**30 or options.quant_method == "gptq"
         for i, w in enumerate(plan.weights):
