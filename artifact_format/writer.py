@@ -130,11 +130,12 @@ class BundleWriter:
             manifest.setdefault("format_version", FORMAT_VERSION)
             with self._io():
                 manifest["files"] = self._file_entries()
-                text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-                with open(self._tmp / MANIFEST, "w", encoding="utf-8") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
+            text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+            with self._io(f"cannot write {MANIFEST}"), open(self._tmp / MANIFEST, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            with self._io():
                 _fsync_dirs(self._tmp)
                 self._check_replaceable()
                 self._install()
