@@ -314,7 +314,10 @@ class SafetensorsWriter:
         """Close and delete the partial file."""
         f, self._file = self._file, None
         if f is not None:
-            f.close()
+            try:
+                f.close()  # (flushing its buffer may fail again, e.g. on a full disk)
+            except OSError:
+                pass
             self.path.unlink(missing_ok=True)
 
     def __enter__(self):

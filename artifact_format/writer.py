@@ -70,6 +70,7 @@ class BundleWriter:
         self._check_replaceable()  # fail before a long compile, not after
         self._tmp = self._make_tmp_dir()
         self._open_writers: list[SafetensorsWriter] = []
+        self._written: set[str] = set()  # files this writer wrote: commit checks they are all there
 
     # -- writing files -------------------------------------------------------------------
 
@@ -81,14 +82,23 @@ class BundleWriter:
         if problem or rel == MANIFEST:
             raise BundleError(f"bundle {self.name}: path {rel!r} {problem or 'is reserved'}")
         p = self._tmp / rel
+        self._check_tmp()
         with self._io():
             p.parent.mkdir(parents=True, exist_ok=True)
         return p
+
+    def _check_tmp(self) -> None:
+        """BundleError if the temporary directory vanished (another process removed it): making it
+        anew would install a bundle without what was written before."""
+        if not self._tmp.is_dir() or self._tmp.is_symlink():
+            raise BundleError(f"bundle {self.name}: its temporary directory {self._tmp.name} disappeared while it was "
+                              "written (removed by another process?)")
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         p = self.path(rel)
         with self._io():
             p.write_bytes(data)
+        self._written.add(rel)
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
@@ -101,6 +111,7 @@ class BundleWriter:
         p = self.path(rel)
         with self._io(f"cannot copy {src_path}"):
             shutil.copyfile(src_path, p)
+        self._written.add(rel)
 
     def safetensors(self, rel: str, metadata: dict[str, str] | None = None, tensors=None,
                     align: int = 64) -> SafetensorsWriter:
@@ -110,6 +121,7 @@ class BundleWriter:
         w = SafetensorsWriter(self.path(rel), metadata, tensors, error_cls=BundleError,
                               label=f"bundle {self.name}: file {rel}", align=align)
         self._open_writers.append(w)
+        self._written.add(rel)
         return w
 
     # -- finishing -----------------------------------------------------------------------
@@ -128,8 +140,12 @@ class BundleWriter:
             manifest = dict(manifest)
             manifest.setdefault("format", FORMAT)
             manifest.setdefault("format_version", FORMAT_VERSION)
+            self._check_tmp()
             with self._io():
                 manifest["files"] = self._file_entries()
+            if missing := sorted(self._written - {e["path"] for e in manifest["files"]}):
+                raise BundleError(f"bundle {self.name}: {missing[0]} disappeared from its temporary directory while "
+                                  "it was written (removed by another process?)")
             text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
             with self._io(f"cannot write {MANIFEST}"), open(self._tmp / MANIFEST, "w", encoding="utf-8") as f:
                 f.write(text)
@@ -214,18 +230,15 @@ class BundleWriter:
                     aside = out.with_name(f"{out.name}.old-{host_tag()}-{os.getpid()}-{secrets.token_hex(6)}")
                     os.rename(out, aside)
                 os.rename(tmp, out)
-            except OSError as e:
+            except BaseException as e:
                 if aside is not None and os.path.lexists(aside) and not os.path.lexists(out):
                     os.rename(aside, out)
-                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.lexists(out):
+                    aside = None
+                if not (isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST) and os.path.lexists(out)):
                     raise
                 continue  # another compile's bundle arrived meanwhile
-            except BaseException:
-                if aside is not None and os.path.lexists(aside) and not os.path.lexists(out):
-                    os.rename(aside, out)
-                raise
-            finally:
-                if aside is not None and os.path.lexists(out):
+            finally:  # what was moved aside and not put back is an old bundle: out holds one
+                if aside is not None and os.path.lexists(aside):
                     shutil.rmtree(aside, ignore_errors=True)
             self._tmp = None
             return
@@ -233,8 +246,15 @@ class BundleWriter:
 
 
 def host_tag() -> str:
-    """This host's name as it may appear in a file name (owner tags of temporary folders)."""
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+    """This host's name as it may appear in a file name (owner tags of temporary folders), with
+    the process-ID namespace where Linux tells it: containers sharing a host name and a folder
+    (host networking) cannot see each other's processes, and would each take the other's running
+    compile for a dead one."""
+    tag = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+    try:
+        return f"{tag}.ns{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return tag
 
 
 def remove_stale_temporaries(out_path) -> tuple[list[str], list[str]]:
@@ -266,7 +286,7 @@ def remove_stale_temporaries(out_path) -> tuple[list[str], list[str]]:
             unknown.append(p.name)
         else:
             shutil.rmtree(p, ignore_errors=True)
-            removed.append(p.name)
+            (unknown if os.path.lexists(p) else removed).append(p.name)  # (another user's, in a shared folder)
     return removed, unknown
 
 

@@ -498,6 +498,8 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
                 abort.cancel()
 
     server = Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S + 5))
+    # uvicorn shuts down gracefully on SIGINT and SIGTERM only: SIGHUP (the terminal closed) as SIGTERM
+    signal.signal(signal.SIGHUP, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shut down cleanly and re-raised Ctrl-C: exit 0, as uvicorn.run does

@@ -25,7 +25,7 @@ from llmirc import __version__, dtypes
 from llmirc import dialect as L
 from llmirc import scratch
 from llmirc.artifact_format.reader import is_bundle
-from llmirc.artifact_format.writer import BundleWriter, check_replaceable, remove_stale_temporaries
+from llmirc.artifact_format.writer import BundleWriter, check_replaceable, host_tag, remove_stale_temporaries
 from llmirc.errors import CheckpointError, LlmircError, stage
 from llmirc.frontend import open_source
 from llmirc.frontend.checkpoint import missing_tokenizer_note
@@ -155,10 +155,13 @@ class Progress:
             self.pending.append(message)
 
     def done(self) -> None:
-        """The compile succeeded: the notes held back under -q."""
+        """The compile succeeded: the notes held back under -q (a full or closed stream loses them)."""
         if self.notes is not None and self.pending:
-            self.notes.write("".join(f"note: {m}\n" for m in self.pending))
-            self.notes.flush()
+            try:
+                self.notes.write("".join(f"note: {m}\n" for m in self.pending))
+                self.notes.flush()
+            except OSError:
+                pass
         self.pending = []
 
 
@@ -209,8 +212,16 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         removed, unknown = remove_stale_temporaries(out)
         if removed:
             progress.note(f"removed {_listed_names(removed)}: left by compiles to {out} that were killed")
-        if unknown:
-            progress.note(f"{_listed_names(unknown)} next to {out} may be left by a killed compile (on another "
+        # ours, kept because out is missing: a writer killed between its two moves
+        kept = [n for n in unknown if f"-{host_tag()}-" in n] if not os.path.lexists(out) else []
+        if kept:
+            old = [n for n in kept if f"{out.name}.old-" in n]
+            progress.note(f"{out} is missing: a compile replacing it was killed; {_listed_names(kept)} beside it "
+                          f"{'hold' if len(kept) > 1 else 'holds'} "
+                          f"{'the previous bundle (' + ', '.join(old) + ')' if old else 'a finished bundle'}: "
+                          f"move one back to {out.name} to keep it, this compile writes a new one")
+        if others := [n for n in unknown if n not in kept]:
+            progress.note(f"{_listed_names(others)} next to {out} may be left by a killed compile (on another "
                           "host or by an older llmirc): remove it unless a compile is still writing it")
     size = os.path.getsize(model) if os.path.isfile(model) else 0  # (errors are the front end's to report)
     if size >= 16 << 20:  # a big file (GGUF, ONNX) takes seconds to parse

@@ -37,7 +37,8 @@ def remove_stale() -> list[str]:
             if m and p.is_dir() and not p.is_symlink() and p.stat().st_uid == os.getuid() \
                     and not process_alive(int(m[1])):
                 shutil.rmtree(p, ignore_errors=True)
-                removed.append(p.name)
+                if not os.path.lexists(p):
+                    removed.append(p.name)
         except OSError:  # gone meanwhile
             continue
     return removed

@@ -176,6 +176,27 @@ def test_a_writer_killed_between_its_moves_leaves_the_bundles_to_the_user(tmp_pa
     assert len(removed) == 2 and unknown == [] and siblings(tmp_path) == ["out.llmir"]
 
 
+@pytest.mark.parametrize("recreated", [False, True])
+def test_a_vanished_temporary_directory_fails_the_compile(tmp_path, recreated):
+    """Another process removes the temporary directory mid-write: the writer must not make it anew
+    and install a bundle without the weights written before (it did, exit 0)."""
+    import shutil
+
+    out = tmp_path / "out"
+    with BundleWriter(out) as w:
+        w.write_bytes("weights", b"old")
+        w.commit({})
+    with pytest.raises(BundleError, match="disappeared"):
+        with BundleWriter(out) as w:
+            w.write_bytes("weights", b"new")
+            shutil.rmtree(w._tmp)
+            if recreated:  # as a link step's mkdir(parents=True) would
+                (w._tmp / "kernels").mkdir(parents=True)
+                w.commit({})
+            w.write_bytes("later", b"x")
+    assert (out / "weights").read_bytes() == b"old"
+
+
 def test_commit_refuses_symlinks(tmp_path):
     with pytest.raises(BundleError, match=r"bundle .*out: link is not a regular file"):
         with BundleWriter(tmp_path / "out") as b:

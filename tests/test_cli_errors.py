@@ -720,11 +720,11 @@ def test_compile_removes_scratch_folders_of_killed_compiles(ckpt, tmp_path):
     """The scratch folders a killed compile left in TMPDIR (its pid dead: GPTQ's Hessians, a link,
     a GGUF's tokenizer files) go at the next compile, whatever it compiles; a running compile's
     (a live pid), another host's and other folders stay."""
-    import socket
+    from llmirc.artifact_format.writer import host_tag
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    host = host_tag()
     tmp = tmp_path / "tmp"
     stale = [f"llmirc-calibration-{host}-{dead.pid}-x1", f"llmirc-link-{host}-{dead.pid}-x2"]
     kept = [f"llmirc-calibration-{host}-{os.getpid()}-x3", f"llmirc-gguf-elsewhere-{dead.pid}-x4",
