@@ -622,6 +622,8 @@ def _terminate(signum, frame) -> None:
 
 
 def main() -> None:
+    if sys.stdout is None:  # started with standard output closed (`>&-`): what goes there is dropped
+        sys.stdout = open(os.devnull, "w")
     for sig in (signal.SIGTERM, signal.SIGHUP):  # `llmirc serve`: uvicorn installs its own while it runs
         signal.signal(sig, _terminate)
     try:
@@ -651,8 +653,9 @@ def main() -> None:
     except OSError as e:
         if e.errno not in _ENVIRONMENT_ERRNOS:
             _internal_error(e)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # in case stdout is what failed
         files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        if not files:  # perhaps standard output (`> /dev/full`): what is left in its buffer goes nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         _fail(f"{internal_stage(e) or _command}: {files + ': ' if files else ''}{e.strerror}")
     except Exception as e:
         _internal_error(e)

@@ -226,7 +226,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     size = os.path.getsize(model) if os.path.isfile(model) else 0  # (errors are the front end's to report)
     if size >= 16 << 20:  # a big file (GGUF, ONNX) takes seconds to parse
         progress(f"reading {Path(model).name} ({size / 2**20:.0f} MiB)")
-    if is_bundle(model):
+    if is_bundle(os.path.realpath(model)):
         raise CheckpointError(f"{model}: a compiled llmir bundle, not a checkpoint (`llmirc run` runs it; compile "
                               "the checkpoint it came from)")
     with stage("front end"):

@@ -298,8 +298,16 @@ def test_compile_bad_checkpoint(ckpt, tmp_path, case):
 
 
 def test_compile_a_bundle_says_it_is_one(bundle, tmp_path):
-    assert_user_error(llmirc("compile", bundle, "-o", tmp_path / "out.llmir", "-q"), str(bundle),
-                      "a compiled llmir bundle, not a checkpoint")
+    (tmp_path / "link").symlink_to(bundle)
+    for model in (bundle, tmp_path / "link"):
+        assert_user_error(llmirc("compile", model, "-o", tmp_path / "out.llmir", "-q"), str(model),
+                          "a compiled llmir bundle, not a checkpoint")
+
+
+def test_closed_standard_output_drops_what_goes_there(ckpt):
+    r = subprocess.run(f"{sys.executable} -m llmirc.cli compile {ckpt} --emit mlir -q >&-", shell=True,
+                       capture_output=False, stderr=subprocess.PIPE, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
 def test_compile_missing_model_path(tmp_path):
