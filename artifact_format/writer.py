@@ -19,6 +19,7 @@ BundleErrors; misuse by the calling code is ValueError/RuntimeError.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -245,6 +246,7 @@ class BundleWriter:
         raise BundleError(f"bundle {self.name}: other compiles kept replacing it")
 
 
+@functools.cache
 def host_tag() -> str:
     """This host's name as it may appear in a file name (owner tags of temporary folders), with
     the process-ID namespace where Linux tells it: containers sharing a host name and a folder

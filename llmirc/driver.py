@@ -141,12 +141,9 @@ class Progress:
         self.pending: list[str] = []
 
     def __call__(self, message: str) -> None:
-        if self.stream is not None:
-            try:
-                self.stream.write(f"[{time.perf_counter() - self.start:6.1f}s] {message}\n")
-                self.stream.flush()
-            except OSError:  # a closed or full stderr (`2>/dev/full`, `| head -1`) does not fail the compile
-                self.stream = None
+        line = f"[{time.perf_counter() - self.start:6.1f}s] {message}\n"
+        if self.stream is not None and not _write(self.stream, line):
+            self.stream = None
 
     def note(self, message: str) -> None:
         if self.stream is not None:
@@ -157,12 +154,19 @@ class Progress:
     def done(self) -> None:
         """The compile succeeded: the notes held back under -q (a full or closed stream loses them)."""
         if self.notes is not None and self.pending:
-            try:
-                self.notes.write("".join(f"note: {m}\n" for m in self.pending))
-                self.notes.flush()
-            except OSError:
-                pass
+            _write(self.notes, "".join(f"note: {m}\n" for m in self.pending))
         self.pending = []
+
+
+def _write(stream: TextIO, text: str) -> bool:
+    """Writes and flushes; False where the stream is full or closed (`2>/dev/full`, `| head -1`):
+    what a compile says about itself never fails it."""
+    try:
+        stream.write(text)
+        stream.flush()
+        return True
+    except OSError:
+        return False
 
 
 def compile_model(model: Path, out: Path | None, options: CompileOptions, progress: Progress | None = None,
@@ -215,11 +219,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         # ours, kept because out is missing: a writer killed between its two moves
         kept = [n for n in unknown if f"-{host_tag()}-" in n] if not os.path.lexists(out) else []
         if kept:
-            old = [n for n in kept if f"{out.name}.old-" in n]
-            progress.note(f"{out} is missing: a compile replacing it was killed; {_listed_names(kept)} beside it "
-                          f"{'hold' if len(kept) > 1 else 'holds'} "
-                          f"{'the previous bundle (' + ', '.join(old) + ')' if old else 'a finished bundle'}: "
-                          f"move one back to {out.name} to keep it, this compile writes a new one")
+            progress.note(f"{out} is missing: a compile replacing it was killed; beside it, {_listed_names(kept)} "
+                          f"(.old-: the previous bundle, .tmp-: the new one): move one back to {out.name} to keep it, "
+                          "this compile writes a new one")
         if others := [n for n in unknown if n not in kept]:
             progress.note(f"{_listed_names(others)} next to {out} may be left by a killed compile (on another "
                           "host or by an older llmirc): remove it unless a compile is still writing it")
