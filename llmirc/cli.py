@@ -1,8 +1,9 @@
 """The `llmirc` command line: compile, run, chat, serve, inspect, bench, eval-ppl.
 
-Exit codes: 0 success; 1 a user error (bad checkpoint, bundle, request or option) or the
-machine's (no space left, permission denied: the files named): one line `error: ...`; 2 a
-command-line usage error (click's); 3 an internal error, a bug in llmirc (one line `internal
+Exit codes: 0 success; 1 a user error (bad checkpoint, bundle, request, or an option that does
+not fit them) or the machine's (no space left, permission denied: the files named): one line
+`error: ...`; 2 a command-line usage error (click's, and an option wrong whatever the input:
+errors.UsageError); 3 an internal error, a bug in llmirc (one line `internal
 error in <stage>: ...; please report`, the traceback with `--debug` or LLMIRC_DEBUG=1); 130
 interrupted, 143 terminated, 129 hung up. Never a traceback otherwise. `compile` needs the compiler
 extra, `serve` the serve extra; the other commands need only the loader. Where a
@@ -27,7 +28,7 @@ from pathlib import Path
 import click
 
 from llmirc import __version__, dtypes
-from llmirc.errors import LlmircError, internal_stage
+from llmirc.errors import LlmircError, UsageError, internal_stage
 
 INTERNAL_ERROR = 3  # exit code of a bug in llmirc (user errors: 1, usage errors: 2)
 SHUTDOWN_GRACE_S = 5  # `serve`: how long Ctrl-C waits for running requests before aborting them
@@ -152,7 +153,7 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
     except ImportError as e:
         _fail(f"the compiler is not installed ({e.name} missing): pip install 'llmirc[compiler]'")
     if not quant_keep.replace(",", "").strip():
-        raise LlmircError(f"--quant-keep {quant_keep!r}: nothing named (none alone quantizes everything)")
+        raise UsageError(f"--quant-keep {quant_keep!r}: nothing named (none alone quantizes everything)")
     _warn_unused_quant_options(quant, quant_keep)
     if dequantize and not (Path(model).suffix == ".gguf" and Path(model).is_file()):
         click.echo("warning: --dequantize has no effect: it expands a GGUF file's quantized blocks", err=True)
@@ -257,9 +258,9 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, 
     texts = [_read_prompt(p) for p in prompts] + \
         [_read_text(f, "--prompt-file").rstrip("\n") for f in prompt_files]
     if not texts and not token_ids:
-        raise LlmircError("give --prompt TEXT, --prompt-file PATH or --token-ids 1,2,3")
+        raise UsageError("give --prompt TEXT, --prompt-file PATH or --token-ids 1,2,3")
     if chat and token_ids:
-        raise LlmircError("--chat takes text prompts (--prompt, --prompt-file), not --token-ids")
+        raise UsageError("--chat takes text prompts (--prompt, --prompt-file), not --token-ids")
     _warn_unused_sampling(temperature, top_k, top_p)
     if logprobs is not None and not as_json:
         click.echo("warning: --logprobs has no effect without --json (they are printed in its records)", err=True)
@@ -438,7 +439,7 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
     except ImportError as e:
         raise LlmircError(f"serving needs the serve extra ({e.name} missing): pip install 'llmirc[serve]'") from None
     if max_num_batched_tokens < max_num_seqs:
-        raise LlmircError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-num-seqs "
+        raise UsageError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-num-seqs "
                           f"({max_num_seqs})")
     if kv_cache_dtype != "auto":  # vLLM's flag; the cache type was chosen when compiling (checked before loading)
         from llmirc.artifact_format.reader import read_manifest
@@ -511,11 +512,11 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
 def _parse_ids(text: str) -> list[int]:
     items = text.replace(" ", "").split(",")
     if not any(items):
-        raise LlmircError("--token-ids: empty prompt")
+        raise UsageError("--token-ids: empty prompt")
     try:
         return [int(t) for t in items]
     except ValueError:
-        raise LlmircError(f"--token-ids {text!r}: expected comma-separated integers") from None
+        raise UsageError(f"--token-ids {text!r}: expected comma-separated integers") from None
 
 
 @cli.command()
@@ -630,6 +631,8 @@ def main() -> None:
         cli.main(standalone_mode=False)
     except _Terminated as e:
         _fail("terminated" if e.signum == signal.SIGTERM else "hung up (SIGHUP)", 128 + e.signum)
+    except UsageError as e:  # exit 2 and the help's name, as click's own usage errors
+        _fail(f"{str(e).splitlines()[0]} (see '{_command} --help')", 2)
     except LlmircError as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except click.exceptions.Abort as e:  # click's form of Ctrl-C (after printing a newline)

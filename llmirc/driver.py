@@ -26,7 +26,7 @@ from llmirc import dialect as L
 from llmirc import scratch
 from llmirc.artifact_format.reader import is_bundle
 from llmirc.artifact_format.writer import BundleWriter, check_replaceable, host_tag, remove_stale_temporaries
-from llmirc.errors import CheckpointError, LlmircError, stage
+from llmirc.errors import CheckpointError, LlmircError, UsageError, stage
 from llmirc.frontend import open_source
 from llmirc.frontend.checkpoint import missing_tokenizer_note
 from llmirc.frontend.context import Limit, index_limits, resolve_context, table_rows
@@ -72,9 +72,9 @@ class CompileOptions:
         if self.quant == "none":
             return ""
         if self.quant not in ("int8", "int4"):
-            raise LlmircError(f"--quant: unknown scheme {self.quant!r} (choose none, int8 or int4)")
+            raise UsageError(f"--quant: unknown scheme {self.quant!r} (choose none, int8 or int4)")
         if self.quant_lm_head not in ("auto", "int8", "int6", "int4"):
-            raise LlmircError(f"--quant-lm-head: unknown scheme {self.quant_lm_head!r} (choose auto, int8, int6 "
+            raise UsageError(f"--quant-lm-head: unknown scheme {self.quant_lm_head!r} (choose auto, int8, int6 "
                               "or int4)")
         keep = ",".join(f'"{k}"' for k in self.quant_keep) or '"none"'
         head = 0 if self.quant_lm_head == "auto" else self.quant_lm_head[3:]
@@ -92,20 +92,20 @@ class CompileOptions:
     def check_calibration(self) -> None:
         """--quant-method, --quant-smooth and --calibration agree (before the checkpoint is read)."""
         if self.quant_method not in ("rtn", "gptq"):
-            raise LlmircError(f"--quant-method: unknown method {self.quant_method!r} (choose rtn or gptq)")
+            raise UsageError(f"--quant-method: unknown method {self.quant_method!r} (choose rtn or gptq)")
         for option, wanted in (("--quant-method gptq", self.quant_method == "gptq"),
                                (f"--quant-smooth {self.quant_smooth}", self.quant_smooth is not None)):
             if wanted and self.quant == "none":
-                raise LlmircError(f"{option}: give --quant int8 or int4 too")
+                raise UsageError(f"{option}: give --quant int8 or int4 too")
             if wanted and self.calibration is None:
-                raise LlmircError(f"{option} needs --calibration FILE (text to calibrate on)")
+                raise UsageError(f"{option} needs --calibration FILE (text to calibrate on)")
         if self.quant_smooth is not None and (isinstance(self.quant_smooth, bool) or
                                               not isinstance(self.quant_smooth, (int, float))):
-            raise LlmircError(f"--quant-smooth {self.quant_smooth!r}: alpha must be a number between 0 and 1")
+            raise UsageError(f"--quant-smooth {self.quant_smooth!r}: alpha must be a number between 0 and 1")
         if self.quant_smooth is not None and not 0 < self.quant_smooth < 1:
-            raise LlmircError(f"--quant-smooth {self.quant_smooth}: alpha must be between 0 and 1 (0.5 is usual)")
+            raise UsageError(f"--quant-smooth {self.quant_smooth}: alpha must be between 0 and 1 (0.5 is usual)")
         if self.calibration is not None and not self.calibrates():
-            raise LlmircError("--calibration is only read by --quant-method gptq and --quant-smooth")
+            raise UsageError("--calibration is only read by --quant-method gptq and --quant-smooth")
         if self.calibration is None:
             return
         path = Path(self.calibration)  # (the Python API may give a str)
@@ -173,7 +173,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                   stdout: TextIO = sys.stdout) -> Plan:
     progress = progress or Progress()
     if not options.targets:
-        raise LlmircError("--target: no target given (choose from cpu, cuda, hip)")
+        raise UsageError("--target: no target given (choose from cpu, cuda, hip)")
     backends = [backend(kind, options) for kind in dict.fromkeys(options.targets)]
     stages: dict = {}
     for b in backends:  # a stage two targets share (ttir, ...) is emitted for the first named
@@ -181,24 +181,24 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             stages.setdefault(name, b)
     unused = [a for a in options.archs if not any(a in getattr(b, "archs", ()) for b in backends)]
     if unused:
-        raise LlmircError(f"--arch {','.join(unused)}: no --target here compiles for it (sm_*: cuda, gfx*: hip)")
+        raise UsageError(f"--arch {','.join(unused)}: no --target here compiles for it (sm_*: cuda, gfx*: hip)")
     if options.emit is not None and options.emit != "mlir" and options.emit not in stages:
-        raise LlmircError(f"--emit {options.emit}: not a text stage of the targets given (choose from mlir, "
+        raise UsageError(f"--emit {options.emit}: not a text stage of the targets given (choose from mlir, "
                           f"{', '.join(stages)}); binary stages go into the bundle (-o)")
     if out is None and options.emit is None:
-        raise LlmircError("no output: give -o OUT.llmir (or --emit STAGE to print a stage)")
+        raise UsageError("no output: give -o OUT.llmir (or --emit STAGE to print a stage)")
     if out is not None:
         check_replaceable(out)  # before the checkpoint is read (the writer checks again)
     if options.passes is not None:
         parse_passes(options.passes)  # fail before the checkpoint is read
     if options.block_size is not None:
         if options.block_size < 1 or options.block_size & (options.block_size - 1):
-            raise LlmircError(f"--block-size {options.block_size}: must be a positive power of two")
+            raise UsageError(f"--block-size {options.block_size}: must be a positive power of two")
         if options.passes is not None and "paged-kv" in options.passes:
-            raise LlmircError("--block-size and a paged-kv pass in --passes: give the block size in one place")
+            raise UsageError("--block-size and a paged-kv pass in --passes: give the block size in one place")
     if options.quant_smooth is not None and options.passes is not None and \
             any(p.name == "smooth" for p in parse_passes(options.passes)):
-        raise LlmircError("--quant-smooth and a smooth pass in --passes: --quant-smooth runs it before the pipeline; "
+        raise UsageError("--quant-smooth and a smooth pass in --passes: --quant-smooth runs it before the pipeline; "
                           "give it in one place")
     block_size = options.block_size or DEFAULT_BLOCK_SIZE
     options.check_calibration()

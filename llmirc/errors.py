@@ -1,6 +1,7 @@
 """User-facing errors: one line, naming the file or option at fault.
 
-The CLI prints `error: <message>` and exits 1 for these. Anything else is a bug in llmirc: the
+The CLI prints `error: <message>` and exits 1 for these (2 for a UsageError, as for click's own
+usage errors). Anything else is a bug in llmirc: the
 CLI prints `internal error in <stage>: ...; please report` and exits 3 (the traceback only with
 `--debug` or LLMIRC_DEBUG=1); `stage` names where it happened. This module is part of the
 loader, so it imports nothing heavy.
@@ -11,6 +12,11 @@ import contextlib
 
 class LlmircError(Exception):
     """An error caused by the user's input (checkpoint, bundle, option), not by llmirc."""
+
+
+class UsageError(LlmircError):
+    """An option's value, or a combination of options, that no input could make right (an unknown
+    dtype, --quant-method gptq without --calibration): a usage error, exit 2 on the command line."""
 
 
 class CheckpointError(LlmircError):

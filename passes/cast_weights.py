@@ -24,7 +24,7 @@ from xdsl.passes import ModulePass
 
 from llmirc import dialect as L
 from llmirc import dtypes
-from llmirc.errors import LlmircError
+from llmirc.errors import UsageError
 
 from .report import note
 
@@ -36,7 +36,7 @@ def float_type(name: str, option: str):
     except KeyError:
         d = None
     if d is None or d.name not in L.FLOAT_TYPES:
-        raise LlmircError(f"{option}: unknown dtype {name!r} (choose auto, float32, bfloat16 or float16)")
+        raise UsageError(f"{option}: unknown dtype {name!r} (choose auto, float32, bfloat16 or float16)")
     return L.FLOAT_TYPES[d.name]
 
 

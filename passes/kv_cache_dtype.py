@@ -26,7 +26,7 @@ from xdsl.rewriter import Rewriter
 
 from llmirc import dialect as L
 from llmirc.dtypes import FP8_NAMES
-from llmirc.errors import LlmircError
+from llmirc.errors import LlmircError, UsageError
 
 from .cast_weights import float_type, source_type
 from .func_args import forward_func
@@ -56,12 +56,12 @@ def kv_type(name: str, option: str):
     if name in FP8_NAMES:
         return f8E4M3FN
     if name in ("fp8_e5m2", "float8_e5m2"):
-        raise LlmircError(f"{option}: {name} is not supported (two mantissa bits); fp8 here is E4M3 "
+        raise UsageError(f"{option}: {name} is not supported (two mantissa bits); fp8 here is E4M3 "
                           "(float8_e4m3fn), with a scale per block")
     try:
         return float_type(name, option)
     except LlmircError:
-        raise LlmircError(f"{option}: unknown dtype {name!r} (choose auto, float32, bfloat16, float16, "
+        raise UsageError(f"{option}: unknown dtype {name!r} (choose auto, float32, bfloat16, float16, "
                           "int8 or fp8)") from None
 
 

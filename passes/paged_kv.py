@@ -22,7 +22,7 @@ from xdsl.dialects.builtin import ModuleOp, i32
 from xdsl.passes import ModulePass
 
 from llmirc import dialect as L
-from llmirc.errors import LlmircError
+from llmirc.errors import LlmircError, UsageError
 
 from .func_args import add_arg, find_arg, forward_func
 from .report import note
@@ -36,7 +36,7 @@ class PagedKV(ModulePass):
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise LlmircError(f"paged-kv: block-size must be a positive power of two, got {self.block_size}")
+            raise UsageError(f"paged-kv: block-size must be a positive power of two, got {self.block_size}")
         f = forward_func(op)
         attentions = [o for o in f.walk() if isinstance(o, L.AttentionOp)]
         if not attentions:

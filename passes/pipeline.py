@@ -22,7 +22,7 @@ from xdsl.printer import Printer
 from xdsl.utils.exceptions import ArgSpecParseError, VerifyException
 
 from llmirc.dialect import LLMIR
-from llmirc.errors import LlmircError, stage
+from llmirc.errors import UsageError, stage
 
 from . import PASSES
 
@@ -86,13 +86,13 @@ def parse_passes(spec: str) -> list[ModulePass]:
     except ArgSpecParseError as e:  # a BaseException in xDSL: bad syntax, with the column in its text
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         where = re.search(r":\d+:(\d+)$", lines[1]) if len(lines) > 1 else None
-        raise LlmircError(f"--passes {spec!r}: {'column ' + where[1] + ': ' if where else ''}{lines[-1]}") from None
+        raise UsageError(f"--passes {spec!r}: {'column ' + where[1] + ': ' if where else ''}{lines[-1]}") from None
     except ValueError as e:
         if "Unrecognized passes" in str(e):
-            raise LlmircError(f"--passes {spec!r}: {e} (available: {', '.join(sorted(PASSES))})") from None
-        raise LlmircError(f"--passes {spec!r}: {str(e).splitlines()[0]}") from None
+            raise UsageError(f"--passes {spec!r}: {e} (available: {', '.join(sorted(PASSES))})") from None
+        raise UsageError(f"--passes {spec!r}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # xDSL raises assorted errors for bad pass options
-        raise LlmircError(f"--passes {spec!r}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"--passes {spec!r}: {str(e).splitlines()[0]}") from None
 
 
 def run_passes(module: ModuleOp, spec: str | None = None, *, print_after_all: TextIO | None = None,

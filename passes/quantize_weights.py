@@ -78,7 +78,7 @@ from xdsl.passes import ModulePass
 
 from llmirc import dialect as L
 from llmirc import dtypes
-from llmirc.errors import LlmircError
+from llmirc.errors import LlmircError, UsageError
 from llmirc.quant import Scheme
 
 from .cast_weights import float_type, replace_weight, weight_uses
@@ -176,7 +176,7 @@ class QuantizeWeights(ModulePass):
     def scheme(self, k: int) -> Scheme:
         """The scheme for a weight of k inputs (option values checked here)."""
         if self.bits not in (4, 8):
-            raise LlmircError(f"{self.name}: bits must be 8 or 4, got {self.bits}")
+            raise UsageError(f"{self.name}: bits must be 8 or 4, got {self.bits}")
         self._check_group_size(f"{self.name}: group-size")
         group = self.group_size or (k if self.bits == 8 else 32)
         scale = self.scale_dtype
@@ -195,7 +195,7 @@ class QuantizeWeights(ModulePass):
         if bits == 6:  # 6.5 bits a weight, as llama.cpp's Q6_K (6.5625)
             return Scheme(6, 32, "float16", "none")
         if bits != 4:
-            raise LlmircError(f"{self.name}: lm-head-bits must be 0 (auto), 8, 6 or 4, got {self.lm_head_bits}")
+            raise UsageError(f"{self.name}: lm-head-bits must be 0 (auto), 8, 6 or 4, got {self.lm_head_bits}")
         return dataclasses.replace(self, bits=4).scheme(k)
 
     def keep_items(self) -> list[tuple[str, str, str]]:
@@ -206,7 +206,7 @@ class QuantizeWeights(ModulePass):
     def _check_group_size(self, label: str) -> None:
         g = self.group_size
         if g and not (16 <= g <= 512 and g & (g - 1) == 0):
-            raise LlmircError(f"{label} {g}: must be a power of two from 16 to 512")
+            raise UsageError(f"{label} {g}: must be a power of two from 16 to 512")
 
     def check(self, labels: dict[str, str] | None = None) -> None:
         """Raises LlmircError for a bad option value (before anything is read or changed).
@@ -219,25 +219,25 @@ class QuantizeWeights(ModulePass):
         self._check_group_size(label("group-size"))
         self.scheme(64), self.head_scheme(64)
         if "none" in self.keep and len(self.keep) > 1:
-            raise LlmircError(f"{label('keep')} {','.join(self.keep)}: none (quantize everything) cannot go with "
+            raise UsageError(f"{label('keep')} {','.join(self.keep)}: none (quantize everything) cannot go with "
                               "other items")
         for item in self.keep:
             what, sep, level = item.partition("=")
             if not what:
-                raise LlmircError(f"{label('keep')} {item!r}: no name before '=' (embedding, lm_head or a glob "
+                raise UsageError(f"{label('keep')} {item!r}: no name before '=' (embedding, lm_head or a glob "
                                   "pattern)")
             if sep and level not in ("float", "int8"):
-                raise LlmircError(f"{label('keep')} {item!r}: the precision kept is float or int8")
+                raise UsageError(f"{label('keep')} {item!r}: the precision kept is float or int8")
 
     def calibration(self, ctx: Context):
         """The calibration GPTQ reads (None for round to nearest)."""
         if self.method not in ("rtn", "gptq"):
-            raise LlmircError(f"{self.name}: method must be rtn or gptq, got {self.method!r}")
+            raise UsageError(f"{self.name}: method must be rtn or gptq, got {self.method!r}")
         if self.method == "rtn":
             return None
         calibration = getattr(ctx, "calibration", None)
         if calibration is None:
-            raise LlmircError(f"{self.name}: method=gptq needs calibration data (llmirc compile --quant-method gptq "
+            raise UsageError(f"{self.name}: method=gptq needs calibration data (llmirc compile --quant-method gptq "
                               "--calibration FILE)")
         return calibration
 

@@ -49,7 +49,7 @@ from xdsl.passes import ModulePass
 
 from llmirc import dialect as L
 from llmirc import quant
-from llmirc.errors import LlmircError
+from llmirc.errors import UsageError
 
 from .func_args import forward_func
 from .quantize_weights import lm_head_of, source_names
@@ -105,10 +105,10 @@ class Smooth(ModulePass):
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         if not 0 < self.alpha < 1:
-            raise LlmircError(f"{self.name}: alpha must be between 0 and 1, got {self.alpha}")
+            raise UsageError(f"{self.name}: alpha must be between 0 and 1, got {self.alpha}")
         calibration = getattr(ctx, "calibration", None)
         if calibration is None:
-            raise LlmircError(f"{self.name}: needs calibration data (llmirc compile --quant-smooth ALPHA "
+            raise UsageError(f"{self.name}: needs calibration data (llmirc compile --quant-smooth ALPHA "
                               "--calibration FILE)")
         read = lambda name: calibration.read(name) if calibration.has(name) else ctx.read_weight(name)
         lm_head = lm_head_of(op)

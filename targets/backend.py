@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from llmirc.errors import LlmircError
+from llmirc.errors import UsageError
 
 from .plan import Plan
 
@@ -50,6 +50,6 @@ class Backend(Protocol):
 def backend(kind: str, options) -> Backend:
     """The backend for target `kind`, configured from the compile options."""
     if kind not in KNOWN:
-        raise LlmircError(f"unknown target {kind!r} (choose from {', '.join(KNOWN)})")
+        raise UsageError(f"unknown target {kind!r} (choose from {', '.join(KNOWN)})")
     module, cls = BACKENDS[kind].split(":")
     return getattr(importlib.import_module(module), cls)(options)

@@ -18,7 +18,7 @@ from llvmlite import ir
 
 from llmirc.cache import cache_dir
 from llmirc.dtypes import FP8_E4M3
-from llmirc.errors import LlmircError, stage as internal_stage
+from llmirc.errors import LlmircError, UsageError, stage as internal_stage
 from llmirc.targets.plan import KernelCall, Plan
 
 from . import amx
@@ -109,7 +109,7 @@ class CpuBackend:
         self.keep_intermediates = options.keep_intermediates
         self.cache, self.jobs = cache_dir("cpu"), options.jobs
         if not self.variant_names:  # a bundle without a library cannot run anywhere
-            raise LlmircError("--cpu-variants: no CPU variant given (choose native and/or baseline)")
+            raise UsageError("--cpu-variants: no CPU variant given (choose native and/or baseline)")
         variants = variants_for(self.variant_names)  # unknown variant names fail before the checkpoint is read
         if options.emit is None:  # so does a missing (cross) linker (--emit alone prints a stage: nothing is linked)
             for arch in dict.fromkeys(v.arch for v in variants):

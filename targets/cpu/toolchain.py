@@ -36,7 +36,7 @@ from pathlib import Path
 import llvmlite
 import llvmlite.binding as llvm
 
-from llmirc.errors import LlmircError
+from llmirc.errors import LlmircError, UsageError
 from llmirc.scratch import scratch_dir
 from llmirc.targets.workers import worker_count, worker_pool
 
@@ -201,7 +201,7 @@ def _level_variant(name: str) -> CpuVariant:
             return _level_variant("aarch64-generic")
         if arch == "x86_64":
             return _level_variant("x86-64-v2")
-    raise LlmircError(f"unknown cpu variant {name!r} (known: {', '.join(known_variant_names())})")
+    raise UsageError(f"unknown cpu variant {name!r} (known: {', '.join(known_variant_names())})")
 
 
 def baseline_variant() -> CpuVariant:

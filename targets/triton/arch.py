@@ -45,5 +45,5 @@ def get_arch(name: str) -> Arch:
     try:
         return ARCHS[name]
     except KeyError:
-        from llmirc.errors import LlmircError
-        raise LlmircError(f"unknown GPU architecture {name!r} (known: {', '.join(ARCHS)})") from None
+        from llmirc.errors import UsageError
+        raise UsageError(f"unknown GPU architecture {name!r} (known: {', '.join(ARCHS)})") from None

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llmirc import dtypes
-from llmirc.errors import LlmircError
+from llmirc.errors import LlmircError, UsageError
 from llmirc.targets.plan import ABI_VERSION, Plan, Ref
 
 from .arch import ARCHS, get_arch
@@ -65,7 +65,7 @@ class TritonBackend:
         self.archs_given = bool(options.archs)
         self.archs = tuple(dict.fromkeys(mine)) if options.archs else DEFAULT_ARCHS[self.kind]
         if not self.archs:
-            raise LlmircError(f"--arch {','.join(given)}: no {self.kind} architecture given "
+            raise UsageError(f"--arch {','.join(given)}: no {self.kind} architecture given "
                               f"(known: {', '.join(a for a, x in ARCHS.items() if x.backend == self.kind)})")
         self.stages, self.text_stages = STAGES[self.kind], TEXT_STAGES[self.kind]
         self.keep_intermediates = options.keep_intermediates
