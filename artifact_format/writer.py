@@ -41,6 +41,10 @@ def check_replaceable(out: Path) -> None:
     bundle may replace), and a directory can be made beside it (tried in its nearest existing
     ancestor, and removed)."""
     out = Path(out)
+    if out.name in ("", "..") or os.path.ismount(out):  # ".", "/": no folder to write beside and move in place
+        why = "a mount point" if os.path.ismount(out) else "not a name"
+        raise BundleError(f"refusing to write a bundle as {out}: it is {why}; the bundle is written beside its path "
+                          "and moved in place (give a new folder's name, as OUT.llmir)")
     if out.is_symlink():  # the link itself would be replaced, not what it points to
         raise BundleError(f"refusing to overwrite {out}: it is a symbolic link (give the path it points to)")
     if os.path.lexists(out) and not (out.is_dir() and (is_bundle(out) or not any(out.iterdir()))):

@@ -653,6 +653,15 @@ def test_compile_output_parent_is_a_file(ckpt, tmp_path):
     assert (tmp_path / "afile").read_text() == "x"
 
 
+@pytest.mark.parametrize("out, why", [("", "not a name"), (".", "not a name"), ("/", "a mount point"),
+                                      ("/proc", "a mount point")])
+def test_compile_output_names_no_new_folder(ckpt, out, why):
+    """-o the current folder or a mount point (where the bundle cannot be moved in place): refused
+    before the work, not with "Device or resource busy" at its end."""
+    r = llmirc("compile", ckpt, "-o", out, "-q", "--cpu-variants", "native")
+    assert_user_error(r, "refusing to write a bundle as", why, code=1)
+
+
 def test_compile_output_folder_not_writable(ckpt):
     """A folder where nothing can be made (/proc, even for root): one error line (checked before
     the checkpoint is read: writer.check_replaceable)."""
@@ -673,6 +682,21 @@ def test_failed_compile_keeps_existing_bundle(ckpt, bundle, tmp_path, failure):
     assert_user_error(llmirc("compile", src, "-o", out, "-q", "--cpu-variants", "native"), "error")
     assert snapshot(out) == before and leftovers(out) == []
     assert llmirc("inspect", out).returncode == 0
+
+
+def test_interrupt_while_the_command_line_loads():
+    """Ctrl-C while the console script imports llmirc.cli (a few tenths of a second; here an import
+    hook raises it there): exit 130 and one line, no traceback."""
+    code = ("import sys\n"
+            "class Interrupt:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'llmirc.cli':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            "from llmirc.entry import main\n"
+            "main()\n")
+    r = subprocess.run([sys.executable, "-c", code, "--version"], capture_output=True, text=True, env=ENV, timeout=60)
+    assert (r.returncode, r.stderr, r.stdout) == (130, "error: interrupted\n", ""), r.stderr
 
 
 @pytest.mark.parametrize("sig, code, messages", [
