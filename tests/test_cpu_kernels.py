@@ -399,6 +399,31 @@ def test_linear_half_weights(lib, rng, n, k, flags, T, dtype):
     check_guard(ob, T, n)
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("n,k", [(33, 100), (130, 513), (10, 2050), (64, 256)])
+def test_linear_half_weights_token_counts(lib, rng, n, k, dtype):
+    """bf16/f16 weights at every token count from 1 to 70 and around the switch to the prefill
+    path (k = 513): each token's outputs bit for bit those it gets alone, as with f32 weights
+    (batch invariance, README). (64, 256) takes AMX tiles from 32 tokens on a host that has them,
+    which sum in their own order: checked below that only."""
+    counts = list(range(1, 71)) + ([127, 128, 129] if k == 513 else [])
+    if (n, k) == (64, 256) and dtype == "bfloat16" and lib.variant.has("amx-bf16"):
+        counts = [c for c in counts if c < 32]
+    xb, x = buf(rng, max(counts), k, pad=3)
+    rb, _ = buf(rng, max(counts), n, pad=6)
+    w, w64 = stored(rng, (n, k), dtype)
+    bv = rng.standard_normal(n).astype(np.float32)
+    f = getattr(lib, f"lin_{n}_{k}_11_{dtype}")
+    alone = np.empty((max(counts), n), np.float32)
+    for t in range(max(counts)):
+        f(alone[t:], n, xb[t:], ld(xb), w, bv, rb[t:], ld(rb), 1)
+    for T in counts:
+        ob, out = buf(rng, T, n, pad=2, fill=np.nan)
+        f(ob, ld(ob), xb, ld(xb), w, bv, rb, ld(rb), T)
+        check_guard(ob, T, n)
+        np.testing.assert_array_equal(out, alone[:T], err_msg=f"{T} tokens: not what each token gets alone")
+
+
 def test_linear_special_values(lib, rng):
     """inf and NaN in x propagate to exactly the outputs of the affected rows."""
     x = rng.standard_normal((5, 77)).astype(np.float32)
