@@ -440,7 +440,7 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
         raise LlmircError(f"serving needs the serve extra ({e.name} missing): pip install 'llmirc[serve]'") from None
     if max_num_batched_tokens < max_num_seqs:
         raise UsageError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-num-seqs "
-                          f"({max_num_seqs})")
+                         f"({max_num_seqs})")
     if kv_cache_dtype != "auto":  # vLLM's flag; the cache type was chosen when compiling (checked before loading)
         from llmirc.artifact_format.reader import read_manifest
 

@@ -75,7 +75,7 @@ class CompileOptions:
             raise UsageError(f"--quant: unknown scheme {self.quant!r} (choose none, int8 or int4)")
         if self.quant_lm_head not in ("auto", "int8", "int6", "int4"):
             raise UsageError(f"--quant-lm-head: unknown scheme {self.quant_lm_head!r} (choose auto, int8, int6 "
-                              "or int4)")
+                             "or int4)")
         keep = ",".join(f'"{k}"' for k in self.quant_keep) or '"none"'
         head = 0 if self.quant_lm_head == "auto" else self.quant_lm_head[3:]
         return (f"quantize-weights{{bits={self.quant[3:]} group-size={self.quant_group_size} "
@@ -184,7 +184,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         raise UsageError(f"--arch {','.join(unused)}: no --target here compiles for it (sm_*: cuda, gfx*: hip)")
     if options.emit is not None and options.emit != "mlir" and options.emit not in stages:
         raise UsageError(f"--emit {options.emit}: not a text stage of the targets given (choose from mlir, "
-                          f"{', '.join(stages)}); binary stages go into the bundle (-o)")
+                         f"{', '.join(stages)}); binary stages go into the bundle (-o)")
     if out is None and options.emit is None:
         raise UsageError("no output: give -o OUT.llmir (or --emit STAGE to print a stage)")
     if out is not None:
@@ -199,7 +199,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     if options.quant_smooth is not None and options.passes is not None and \
             any(p.name == "smooth" for p in parse_passes(options.passes)):
         raise UsageError("--quant-smooth and a smooth pass in --passes: --quant-smooth runs it before the pipeline; "
-                          "give it in one place")
+                         "give it in one place")
     block_size = options.block_size or DEFAULT_BLOCK_SIZE
     options.check_calibration()
     if options.dtype != "auto":  # bad option values fail before the checkpoint is read, by their names

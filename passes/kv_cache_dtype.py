@@ -57,12 +57,12 @@ def kv_type(name: str, option: str):
         return f8E4M3FN
     if name in ("fp8_e5m2", "float8_e5m2"):
         raise UsageError(f"{option}: {name} is not supported (two mantissa bits); fp8 here is E4M3 "
-                          "(float8_e4m3fn), with a scale per block")
+                         "(float8_e4m3fn), with a scale per block")
     try:
         return float_type(name, option)
     except LlmircError:
         raise UsageError(f"{option}: unknown dtype {name!r} (choose auto, float32, bfloat16, float16, "
-                          "int8 or fp8)") from None
+                         "int8 or fp8)") from None
 
 
 @dataclass(frozen=True)

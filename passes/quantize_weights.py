@@ -220,12 +220,12 @@ class QuantizeWeights(ModulePass):
         self.scheme(64), self.head_scheme(64)
         if "none" in self.keep and len(self.keep) > 1:
             raise UsageError(f"{label('keep')} {','.join(self.keep)}: none (quantize everything) cannot go with "
-                              "other items")
+                             "other items")
         for item in self.keep:
             what, sep, level = item.partition("=")
             if not what:
                 raise UsageError(f"{label('keep')} {item!r}: no name before '=' (embedding, lm_head or a glob "
-                                  "pattern)")
+                                 "pattern)")
             if sep and level not in ("float", "int8"):
                 raise UsageError(f"{label('keep')} {item!r}: the precision kept is float or int8")
 
@@ -238,7 +238,7 @@ class QuantizeWeights(ModulePass):
         calibration = getattr(ctx, "calibration", None)
         if calibration is None:
             raise UsageError(f"{self.name}: method=gptq needs calibration data (llmirc compile --quant-method gptq "
-                              "--calibration FILE)")
+                             "--calibration FILE)")
         return calibration
 
     def kept(self, user, w: SSAValue, lm_head) -> tuple[str | None, str | None]:

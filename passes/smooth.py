@@ -109,7 +109,7 @@ class Smooth(ModulePass):
         calibration = getattr(ctx, "calibration", None)
         if calibration is None:
             raise UsageError(f"{self.name}: needs calibration data (llmirc compile --quant-smooth ALPHA "
-                              "--calibration FILE)")
+                             "--calibration FILE)")
         read = lambda name: calibration.read(name) if calibration.has(name) else ctx.read_weight(name)
         lm_head = lm_head_of(op)
         for producer in list(forward_func(op).body.block.ops):

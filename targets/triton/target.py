@@ -66,7 +66,7 @@ class TritonBackend:
         self.archs = tuple(dict.fromkeys(mine)) if options.archs else DEFAULT_ARCHS[self.kind]
         if not self.archs:
             raise UsageError(f"--arch {','.join(given)}: no {self.kind} architecture given "
-                              f"(known: {', '.join(a for a, x in ARCHS.items() if x.backend == self.kind)})")
+                             f"(known: {', '.join(a for a, x in ARCHS.items() if x.backend == self.kind)})")
         self.stages, self.text_stages = STAGES[self.kind], TEXT_STAGES[self.kind]
         self.keep_intermediates = options.keep_intermediates
         self.cache_dir = default_cache_dir()
