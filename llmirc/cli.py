@@ -470,6 +470,7 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
         except (OSError, UnicodeDecodeError) as e:
             raise LlmircError(f"--chat-template {chat_template}: cannot read it: {e}") from None
         model.chat_template = ChatTemplate(source, model.tokenizer.special_tokens_map, str(chat_template))
+        model.chat_template.check()  # a syntax error now, not in every chat request
     name = served_model_name or str(bundle)
     app = create_app(model, ServerOptions(served_model_name=name, api_key=api_key,
                                           max_queued_requests=max_queued_requests))

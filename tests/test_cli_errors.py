@@ -1415,6 +1415,13 @@ def test_serve_bad_options(bundle, args, needles):
     assert_user_error(llmirc("serve", bundle, "--port", "0", *args), *needles)
 
 
+def test_serve_chat_template_with_a_syntax_error(bundle, tmp_path):
+    """Refused at start-up, not in every chat request (naming messages)."""
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}{{ m.content }")
+    assert_user_error(llmirc("serve", bundle, "--port", "0", "--chat-template", bad), str(bad), "line 1")
+
+
 def test_kv_cache_dtype_spellings():
     """`serve --kv-cache-dtype` is checked against the bundle's cache by what it names, so vLLM's
     spellings of a compiled cache pass (fp8 for float8_e4m3fn)."""

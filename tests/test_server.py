@@ -377,6 +377,34 @@ BAD = {
                                                        "logprob_start_len": 3}, 400,
                                          "logprob_start_len must be -1 or a prompt position (0 to 2)",
                                          "logprob_start_len"),
+    # vLLM fields that change the output and that llmirc does not implement: refused, not ignored
+    "guided-json": ("/v1/completions", {"prompt": "hi", "guided_json": {"type": "object"}}, 400, "guided_json",
+                    "guided_json"),
+    "json-mode-completion": ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_object"}}, 400,
+                             "response_format", "response_format"),
+    "json-mode-chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                "response_format": {"type": "json_object"}}, 400, "response_format"),
+    "prompt-logprobs": ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+    "beam-search": ("/v1/completions", {"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
+    "bad-words": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "bad_words": ["no"]},
+                  400, "bad_words"),
+    "tools-auto": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tool_choice 'none'",
+        "tool_choice"),
+    "stream-options-without-stream": ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
+                                      400, "stream: true", "stream_options"),
+    "seed-beyond-64-bits": ("/v1/completions", {"prompt": "hi", "seed": 2**70}, 400, "64-bit", "seed"),
+    "more-sequences-than-the-server-takes": ("/v1/completions", {"prompt": [[1, 2]] * 9, "n": 128}, 400,
+                                             "1152 sequences"),
+    # text that is not Unicode (JSON's escape of a lone surrogate): a 400, not a 500
+    "surrogate-prompt": ("/v1/completions", b'{"model": "tiny", "prompt": "\\ud800 abc"}',
+                         400, "lone surrogate", "prompt"),
+    "surrogate-chat": ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": '
+                       b'"a \\udfff"}]}', 400, "lone surrogate", "messages"),
+    "surrogate-sglang": ("/generate", b'{"text": "\\ud800"}', 400, "lone surrogate",
+                         "text"),
+    "surrogate-model-name": ("/v1/completions", b'{"model": "\\ud800", "prompt": "hi"}',
+                             404, "\\ud800"),
     "unknown-route": ("/v1/embeddings", {"input": "hi"}, 404, "Not Found"),
     "wrong-method": ("/health", {}, 405, "Method Not Allowed"),
 }
@@ -397,6 +425,34 @@ def test_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving(server, clien
     assert not param or error["param"] == param[0], error
     assert httpx.get(server.url + "/health").status_code == 200
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=1).choices[0].finish_reason
+
+
+def test_huge_prompt_is_refused_before_it_is_tokenized(server, model):
+    """More characters than the context's tokens can stand for: a 400 at once (tokenizing 20 MB
+    held every stream up for seconds and took a gigabyte)."""
+    text = "a" * (4 * CONTEXT * model.tokenizer.max_token_chars + 1)
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": text, "max_tokens": 1}, timeout=60)
+    assert r.status_code == 400 and f"{len(text)} characters" in r.json()["error"]["message"], r.text
+    assert model.tokenizer.max_token_chars == max(map(len, model.tokenizer.backend.get_vocab()))
+
+
+def test_chat_echo_and_tools_as_vllm(server, model):
+    """echo puts the last message's content first when it is the assistant's (being continued), as
+    vLLM does, and nothing else of the prompt; tools with tool_choice "none" reach the template."""
+    url = server.url + "/v1/chat/completions"
+    continued = [{"role": "user", "content": "count"}, {"role": "assistant", "content": "one two"}]
+    r = httpx.post(url, json={"messages": continued, "max_tokens": 2, "echo": True, "continue_final_message": True,
+                              "add_generation_prompt": False, "temperature": 0})
+    plain = httpx.post(url, json={"messages": continued, "max_tokens": 2, "continue_final_message": True,
+                                  "add_generation_prompt": False, "temperature": 0})
+    assert r.json()["choices"][0]["message"]["content"] == "one two" + plain.json()["choices"][0]["message"]["content"]
+    asked = [{"role": "user", "content": "count"}]
+    r = httpx.post(url, json={"messages": asked, "max_tokens": 2, "echo": True, "temperature": 0})
+    plain = httpx.post(url, json={"messages": asked, "max_tokens": 2, "temperature": 0})
+    assert r.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    r = httpx.post(url, json={"messages": asked, "max_tokens": 1, "tools": tools, "tool_choice": "none"})
+    assert r.status_code == 200, r.text
 
 
 def test_chat_template_kwargs_override_the_request(server, model):

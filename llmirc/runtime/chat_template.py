@@ -114,6 +114,16 @@ class ChatTemplate:
             text = text[:at] if text[at:at + len(tag)] == tag else text[:at].rstrip()
         return text
 
+    def check(self) -> None:
+        """Compiles the template(s): LlmircError naming the template and the line of a syntax error."""
+        import jinja2
+
+        for source in filter(None, (self.source, self.tool_source)):
+            try:
+                self._template(source)
+            except jinja2.TemplateSyntaxError as e:
+                raise LlmircError(f"{self.name}: line {e.lineno}: {e.message}") from None
+
     def _template(self, source: str):
         if source not in self._compiled:
             self._compiled[source] = _environment().from_string(source)

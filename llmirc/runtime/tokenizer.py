@@ -19,6 +19,7 @@ does; the chat template (`chat_template.py`) reads the same folder.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Collection
@@ -90,6 +91,13 @@ class Tokenizer:
                               "not Unicode text that can be encoded")
         ids = _guarded(self.source, "encode", self.backend.encode, text, add_special_tokens=add_special_tokens).ids
         return [self.bos_token_id] + ids if add_special_tokens and self.prepend_bos else ids
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token can stand for: the longest vocabulary entry, added
+        tokens included (byte-level BPE writes each byte of the text as one character of an entry;
+        SentencePiece's entries are the text's characters, its byte fallback `<0xE3>` six for one)."""
+        return max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
 
     def decode(self, ids) -> str:
         return _guarded(self.source, "decode", self.backend.decode, [int(i) for i in ids], skip_special_tokens=True)

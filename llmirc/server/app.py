@@ -43,7 +43,8 @@ class APIError(Exception):
 
     def body(self) -> dict:
         kind = self.TYPES.get(self.status) or HTTPStatus(self.status).phrase.title().replace(" ", "") + "Error"
-        return {"error": {"message": self.message, "type": kind,
+        message = self.message.encode("utf-8", "backslashreplace").decode()  # (a lone surrogate the client sent)
+        return {"error": {"message": message, "type": kind,
                           "param": self.param, "code": self.status}}
 
 
@@ -90,6 +91,26 @@ class Server:
         if name is not None and name != self.options.served_model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "model")
 
+    async def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a request's text (`Tokenizer.encode`), tokenized in a worker thread so that
+        a long text does not hold up the other requests. APIError 400 naming `param` for a bundle
+        without a tokenizer, for text that is not Unicode (a lone surrogate), and for text with
+        more characters than the context's tokens can stand for (checked first: a 20 MB prompt is
+        refused at once, not after seconds of work and a gigabyte of memory). Each token stands
+        for at most `max_token_chars` characters; the bound allows four times as many, as a
+        normalizer may shorten the text (NFC composes characters)."""
+        tok = self.model.tokenizer
+        if tok is None:
+            raise APIError(400, "this bundle has no tokenizer: give prompts as token ids", param)
+        context = self.model.max_context
+        if len(text) > 4 * context * tok.max_token_chars:
+            raise APIError(400, f"{param}: {len(text)} characters, more than this model's maximum context length "
+                                f"of {context} tokens can hold", param)
+        try:
+            return await asyncio.to_thread(tok.encode, text, add_special_tokens)
+        except LlmircError as e:
+            raise APIError(400, f"{param}: {e}", param) from None
+
     def check_length(self, prompt_len: int, max_tokens: int, what: str = "messages") -> None:
         """vLLM's error for a request over the context (named limit, prompt and completion)."""
         limit = self.model.max_context
@@ -108,6 +129,9 @@ class Server:
         if self.engine.error is not None:
             raise APIError(503, f"the engine stopped after an error: {self.engine.error}")
         limit = self.model.scheduler.max_num_seqs + self.options.max_queued_requests
+        if len(requests) > limit:  # it would never fit: not a reason to retry
+            raise APIError(400, f"the request asks for {len(requests)} sequences (prompts times n); this server "
+                                f"takes at most {limit} at once (running + --max-queued-requests)")
         if self.in_flight + len(requests) > limit:
             raise APIError(503, f"server overloaded: {self.in_flight} requests in flight, at most {limit} "
                                 "(running + --max-queued-requests); retry later")

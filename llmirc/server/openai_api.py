@@ -5,11 +5,12 @@ messages, max_tokens / max_completion_tokens, temperature, top_p, seed, stop, n,
 top_logprobs, echo, stream, stream_options.include_usage) and vLLM's extensions (top_k,
 stop_token_ids, ignore_eos, include_stop_str_in_output, skip_special_tokens, add_generation_prompt,
 continue_final_message, chat_template_kwargs, return_token_ids). Parameters that would change the output and
-that llmirc does not implement (penalties, logit_bias, min_p, min_tokens, best_of != n,
-suffix, skip_special_tokens false, non-text content, tool choice other than none/auto, response formats other than
-text) are refused with a 400 naming them, never silently ignored, as are an empty stop string and
-stop token ids outside the vocabulary (vLLM's SamplingParams checks); unknown fields are
-ignored, as vLLM does.
+that llmirc does not implement (`NOT_IMPLEMENTED`: penalties, logit_bias, min_p, min_tokens, guided
+decoding and response formats other than text, beam search, prompt_logprobs, truncation; best_of !=
+n, suffix, skip_special_tokens false, non-text content, tools unless tool_choice is "none") are
+refused with a 400 naming them, never silently ignored, as are an empty stop string, stop token
+ids outside the vocabulary (vLLM's SamplingParams checks) and stream_options without stream;
+unknown fields are ignored, as vLLM does.
 
 Defaults follow vLLM: temperature 1, max_tokens 16 for completions and "up to the context"
 for chat; `usage.prompt_tokens_details.cached_tokens` is the prompt tokens found in the prefix
@@ -40,10 +41,22 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
-class _Common(BaseModel):
-    """Fields both endpoints share."""
+# vLLM request fields that change the output and that llmirc does not implement: a 400 naming
+# them unless absent, null or at a value that changes nothing (listed).
+NOT_IMPLEMENTED = {
+    "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "repetition_penalty": (1.0,), "min_p": (0.0,),
+    "min_tokens": (0,), "logit_bias": ({},), "allowed_token_ids": (), "bad_words": ([],), "logits_processors": ([],),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
+    "response_format": ({"type": "text"},), "use_beam_search": (False,), "length_penalty": (1.0,),
+    "prompt_logprobs": (), "truncate_prompt_tokens": (), "detokenize": (True,), "return_tokens_as_token_ids": (False,),
+    "functions": ([],), "function_call": ("none",),
+}
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+
+class _Common(BaseModel):
+    """Fields both endpoints share (others are kept in `model_extra`: see NOT_IMPLEMENTED)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -51,7 +64,7 @@ class _Common(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    n: int = 1
+    n: int | None = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -60,14 +73,7 @@ class _Common(BaseModel):
     echo: bool = False
     return_token_ids: bool = False  # vLLM: the generated ids in each choice and stream chunk
     user: str | None = None
-    # Not implemented: refused unless left at their neutral value.
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_p: float = 0.0
-    min_tokens: int = 0
-    logit_bias: dict[str, float] | None = None
-    best_of: int | None = None
+    best_of: int | None = None  # not implemented unless equal to n
 
 
 class CompletionRequest(_Common):
@@ -94,15 +100,19 @@ class ChatRequest(_Common):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
 
 
 def _refuse_unsupported(req: _Common) -> None:
-    neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0,
-               "min_tokens": 0, "logit_bias": None}
-    for name, value in neutral.items():
-        if getattr(req, name) not in (value, {} if name == "logit_bias" else value):
-            raise APIError(400, f"{name} is not supported by llmirc (only {value!r})", name)
+    for name, neutral in NOT_IMPLEMENTED.items():
+        if (value := (req.model_extra or {}).get(name)) is not None and value not in neutral:
+            only = f" (only {' or '.join(map(repr, neutral))})" if neutral else ""
+            raise APIError(400, f"{name} is not supported by llmirc{only}", name)
+    if req.n is None:  # (vLLM: null is the default)
+        req.n = 1
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options can only be given with stream: true", "stream_options")
+    if req.seed is not None and not -2**63 <= req.seed < 2**63:
+        raise APIError(400, f"seed must be a 64-bit signed integer, got {req.seed}", "seed")
     if not req.skip_special_tokens:
         raise APIError(400, "skip_special_tokens false is not supported by llmirc (special tokens are always "
                             "left out of the text)", "skip_special_tokens")
@@ -138,13 +148,6 @@ def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | Non
         include_stop_str_in_output=req.include_stop_str_in_output)
 
 
-def _tokenizer(server: Server):
-    tokenizer = server.model.tokenizer
-    if tokenizer is None:
-        raise APIError(400, "this bundle has no tokenizer: give prompts as token ids")
-    return tokenizer
-
-
 def _finish(c: Generation) -> dict:
     return {"finish_reason": c.finish_reason if c.done else None, "stop_reason": c.stop_reason if c.done else None}
 
@@ -172,14 +175,14 @@ def _usage(prompt_tokens: int, choices: list[Generation], cached: int) -> dict:
 
 # -- /v1/completions ---------------------------------------------------------------------------
 
-def _completion_prompts(server: Server, prompt) -> list[list[int]]:
+async def _completion_prompts(server: Server, prompt) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [_tokenizer(server).encode(prompt)]
+        return [await server.encode(prompt, "prompt")]
     if prompt and all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     if not prompt:
         raise APIError(400, "prompt is empty", "prompt")
-    return [_tokenizer(server).encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    return [await server.encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
 
 
 def _position_logprobs(entry: TokenLogprob) -> list[tuple[int, float]]:
@@ -219,7 +222,7 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
         raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}", "logprobs")
     if req.max_tokens is not None and req.max_tokens < 0:
         raise APIError(400, f"max_tokens must be >= 0, got {req.max_tokens}", "max_tokens")
-    prompts = _completion_prompts(server, req.prompt)
+    prompts = await _completion_prompts(server, req.prompt)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     for prompt in prompts:
         if not prompt:
@@ -288,16 +291,17 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
 
 # -- /v1/chat/completions ----------------------------------------------------------------------
 
-def _chat_prompt(server: Server, req: ChatRequest) -> list[int]:
+async def _chat_prompt(server: Server, req: ChatRequest) -> tuple[list[int], list[dict]]:
+    """The prompt's token ids, and the messages as the template saw them (text content)."""
     model = server.model
     if model.chat_template is None:
         raise APIError(400, "this bundle has no chat template (its tokenizer_config.json has no chat_template and "
                             "there is no chat_template.jinja); use /v1/completions")
+    if req.tools and req.tool_choice != "none":  # (OpenAI: "auto" is the default when tools are given)
+        raise APIError(400, "tools are supported only with tool_choice 'none' (shown to the template): llmirc "
+                            "does not parse tool calls", "tool_choice")
     if req.tool_choice not in (None, "none", "auto"):
         raise APIError(400, "tool_choice other than 'none' or 'auto' is not supported by llmirc", "tool_choice")
-    if req.response_format not in (None, {"type": "text"}):
-        raise APIError(400, "response_format other than {'type': 'text'} is not supported by llmirc",
-                       "response_format")
     messages = []
     for i, m in enumerate(req.messages):
         message = m.model_dump(exclude_none=False)
@@ -317,7 +321,7 @@ def _chat_prompt(server: Server, req: ChatRequest) -> list[int]:
         text = model.chat_template.render(messages, **options)
     except LlmircError as e:
         raise APIError(400, str(e), "chat_template_kwargs" if "messages" in options else "messages") from None
-    return model.tokenizer.encode(text, add_special_tokens=False)
+    return await server.encode(text, "messages", add_special_tokens=False), messages
 
 
 def _chat_logprobs(server: Server, entries: list[TokenLogprob]) -> dict:
@@ -342,7 +346,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
                        "top_logprobs")
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    prompt = _chat_prompt(server, req)
+    prompt, messages = await _chat_prompt(server, req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is not None and max_tokens < 0:
         raise APIError(400, f"max_tokens must be >= 0, got {max_tokens}", "max_tokens")
@@ -356,7 +360,8 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     choices = [Generation() for _ in requests]
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     name = server.options.served_model_name
-    echo = server.model.tokenizer.decode(prompt) if req.echo else ""
+    # vLLM's echo: the last message's content when it is the assistant's (the one being continued)
+    echo = (messages[-1]["content"] or "") if req.echo and messages[-1]["role"] == "assistant" else ""
 
     def usage():
         return _usage(len(prompt), choices, choices[0].cached_tokens)

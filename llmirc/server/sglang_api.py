@@ -158,10 +158,7 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
     batched = isinstance(req.text, list) or (req.input_ids is not None and bool(req.input_ids)
                                              and isinstance(req.input_ids[0], list))
     if req.text is not None:
-        tok = server.model.tokenizer
-        if tok is None:
-            raise APIError(400, "this bundle has no tokenizer: give input_ids", "text")
-        prompts = [tok.encode(t) for t in (req.text if batched else [req.text])]
+        prompts = [await server.encode(t, "text") for t in (req.text if batched else [req.text])]
     else:
         prompts = [list(p) for p in (req.input_ids if batched else [req.input_ids])]
     if not prompts or any(not p for p in prompts):
