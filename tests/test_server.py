@@ -455,6 +455,32 @@ def test_chat_echo_and_tools_as_vllm(server, model):
     assert r.status_code == 200, r.text
 
 
+def test_tokenize_detokenize_version_and_model_card(server, model):
+    """vLLM's /tokenize (a prompt, or chat messages as the chat endpoint sees them), /detokenize,
+    /version, GET /v1/models/{id} (OpenAI's retrieve) and HEAD /health, /ping."""
+    url = server.url
+    r = httpx.post(url + "/tokenize", json={"model": "tiny", "prompt": "the quick brown fox", "return_token_strs": True})
+    ids = model.encode("the quick brown fox")
+    assert r.json() == {"count": len(ids), "max_model_len": CONTEXT, "tokens": ids,
+                        "token_strs": [model.tokenizer.token_text(t) for t in ids]}
+    messages = [{"role": "user", "content": "hello there"}]
+    r = httpx.post(url + "/tokenize", json={"messages": messages})
+    assert r.json()["tokens"] == model.apply_chat_template(messages)
+    chat = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+    assert chat.json()["usage"]["prompt_tokens"] == r.json()["count"]
+    r = httpx.post(url + "/detokenize", json={"tokens": ids})
+    assert r.json() == {"prompt": model.tokenizer.decode(ids)}
+    r = httpx.post(url + "/detokenize", json={"tokens": [1, 10**6]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+    assert httpx.post(url + "/tokenize", json={"prompt": "a", "messages": messages}).status_code == 400
+    assert httpx.get(url + "/version").json()["version"]
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+    assert httpx.head(url + "/health").status_code == httpx.get(url + "/ping").status_code == 200
+
+
 def test_chat_template_kwargs_override_the_request(server, model):
     """As in vLLM, chat_template_kwargs win over the request's own add_generation_prompt (and the
     like); 'messages' cannot be set there."""
@@ -494,6 +520,17 @@ def guarded(bundle):
         yield s
 
 
+def test_chat_without_max_tokens_fits_a_smaller_kv_cache(bundle):
+    """Chat's default max_tokens is the rest of what one sequence can hold: with a KV cache of 64
+    tokens on a 16k context, 64 - prompt (it was the rest of the context: refused every time)."""
+    with RunningServer(bundle, "--kv-cache-tokens", 64) as s:
+        r = httpx.post(s.url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True, "temperature": 0}, timeout=60)
+        usage = r.json()["usage"]
+        assert r.status_code == 200 and usage["total_tokens"] == 64 and \
+            r.json()["choices"][0]["finish_reason"] == "length", r.text
+
+
 def test_api_key_is_required(guarded):
     for path in ("/v1/models", "/generate", "/get_model_info"):
         r = httpx.request("POST" if path == "/generate" else "GET", guarded.url + path, json={"text": "hi"})
@@ -513,6 +550,7 @@ def test_overload_is_503_and_clears(guarded):
         next(lines)
         r = httpx.post(guarded.url + "/v1/completions", headers=headers, json={"prompt": "hi", "max_tokens": 2})
         assert r.status_code == 503 and "overloaded" in r.json()["error"]["message"]
+        assert r.headers["retry-after"] == "1"
         data = (line for line in lines if line.startswith("data: {"))
         assert len(list(itertools.islice(data, 500))) == 500  # the busy one was still running
     deadline = time.monotonic() + 15

@@ -8,8 +8,10 @@ step boundary.
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with the status
 in `code`: 400 for a bad or over-long request (validation errors included, as vLLM does, not
-FastAPI's 422), 401 without the API key, 404 for an unknown model or route, 503 when more than
-`max_queued_requests` requests wait, or the engine has failed.
+FastAPI's 422), 401 without the API key, 404 for an unknown model or route, 503 (with
+Retry-After) when more than `max_queued_requests` requests wait, or the engine has failed.
+Besides the APIs' routes: GET (and HEAD) /health and /ping, /version, /metrics, /v1/models and
+/v1/models/{id}.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from http import HTTPStatus
 
+from llmirc import __version__
 from llmirc.errors import LlmircError, RuntimeLimitError
 from llmirc.runtime.engine import RequestOutput, SamplingParams, TokenLogprob
 from llmirc.runtime.model import Model
@@ -110,6 +113,11 @@ class Server:
             return await asyncio.to_thread(tok.encode, text, add_special_tokens)
         except LlmircError as e:
             raise APIError(400, f"{param}: {e}", param) from None
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        """The most tokens one sequence can have: the context, or the KV cache when it is smaller."""
+        return min(self.model.max_context, self.model.num_blocks * self.model.block_size)
 
     def check_length(self, prompt_len: int, max_tokens: int, what: str = "messages") -> None:
         """vLLM's error for a request over the context (named limit, prompt and completion)."""
@@ -290,7 +298,7 @@ def create_app(model: Model, options: ServerOptions):
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers={"Retry-After": "1"} if e.status == 503 else None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, e: RequestValidationError):
@@ -307,7 +315,8 @@ def create_app(model: Model, options: ServerOptions):
     async def limit_error(request, e: RuntimeLimitError):
         return JSONResponse(APIError(400, _without_request_id(str(e))).body(), status_code=400)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.api_route("/ping", methods=["GET", "HEAD"])  # (vLLM's name for it too)
     async def health():
         if model.engine.error is not None:
             return JSONResponse(APIError(503, f"engine failed: {model.engine.error}").body(), status_code=503)
@@ -317,12 +326,21 @@ def create_app(model: Model, options: ServerOptions):
     async def metrics():
         return PlainTextResponse(prometheus_text(server), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    card = {"id": options.served_model_name, "object": "model", "created": int(server.started),
+            "owned_by": "llmirc", "root": str(model.bundle.root), "parent": None, "max_model_len": model.max_context}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{
-            "id": options.served_model_name, "object": "model", "created": int(server.started),
-            "owned_by": "llmirc", "root": str(model.bundle.root), "parent": None,
-            "max_model_len": model.max_context}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str):
+        server.check_model(name)
+        return card
 
     openai_api.add_routes(app, server)
     sglang_api.add_routes(app, server)

@@ -10,10 +10,11 @@ decoding and response formats other than text, beam search, prompt_logprobs, tru
 n, suffix, skip_special_tokens false, non-text content, tools unless tool_choice is "none") are
 refused with a 400 naming them, never silently ignored, as are an empty stop string, stop token
 ids outside the vocabulary (vLLM's SamplingParams checks) and stream_options without stream;
-unknown fields are ignored, as vLLM does.
+unknown fields are ignored, as vLLM does. POST /tokenize and /detokenize are vLLM's (a prompt
+or chat messages to token ids, token ids to text).
 
 Defaults follow vLLM: temperature 1, max_tokens 16 for completions and "up to the context"
-for chat; `usage.prompt_tokens_details.cached_tokens` is the prompt tokens found in the prefix
+(or the KV cache, where it holds fewer tokens) for chat; `usage.prompt_tokens_details.cached_tokens` is the prompt tokens found in the prefix
 cache; `finish_reason` is "stop" or "length" (`stop_reason`: the stop string or token id hit,
 null for end-of-sequence). A stream is server-sent events ending in `data: [DONE]`.
 """
@@ -291,8 +292,10 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
 
 # -- /v1/chat/completions ----------------------------------------------------------------------
 
-async def _chat_prompt(server: Server, req: ChatRequest) -> tuple[list[int], list[dict]]:
-    """The prompt's token ids, and the messages as the template saw them (text content)."""
+async def _chat_prompt(server: Server, req: ChatRequest, add_special_tokens: bool = False
+                       ) -> tuple[list[int], list[dict]]:
+    """The prompt's token ids (the template writes the special tokens: none added, as vLLM), and
+    the messages as the template saw them (text content)."""
     model = server.model
     if model.chat_template is None:
         raise APIError(400, "this bundle has no chat template (its tokenizer_config.json has no chat_template and "
@@ -321,7 +324,7 @@ async def _chat_prompt(server: Server, req: ChatRequest) -> tuple[list[int], lis
         text = model.chat_template.render(messages, **options)
     except LlmircError as e:
         raise APIError(400, str(e), "chat_template_kwargs" if "messages" in options else "messages") from None
-    return await server.encode(text, "messages", add_special_tokens=False), messages
+    return await server.encode(text, "messages", add_special_tokens), messages
 
 
 def _chat_logprobs(server: Server, entries: list[TokenLogprob]) -> dict:
@@ -350,8 +353,8 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is not None and max_tokens < 0:
         raise APIError(400, f"max_tokens must be >= 0, got {max_tokens}", "max_tokens")
-    if max_tokens is None:
-        max_tokens = server.model.max_context - len(prompt)
+    if max_tokens is None:  # vLLM's default: the rest of the context (here: of what the KV cache holds)
+        max_tokens = server.max_sequence_tokens - len(prompt)
         if max_tokens < 1:
             server.check_length(len(prompt), 1)
     server.check_length(len(prompt), max_tokens)
@@ -404,7 +407,62 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
             "usage": usage()}
 
 
+# -- /tokenize and /detokenize (vLLM's) -----------------------------------------------------------
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (vLLM's)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    tokens: list[int]
+
+
+async def tokenize(server: Server, req: TokenizeRequest) -> dict:
+    server.check_model(req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give exactly one of prompt and messages", "prompt")
+    if req.prompt is not None:
+        ids = await server.encode(req.prompt, "prompt", req.add_special_tokens is not False)
+    else:
+        chat = ChatRequest(messages=req.messages, add_generation_prompt=req.add_generation_prompt,
+                           continue_final_message=req.continue_final_message,
+                           chat_template_kwargs=req.chat_template_kwargs)
+        ids, _ = await _chat_prompt(server, chat, bool(req.add_special_tokens))
+    strs = [server.model.tokenizer.token_text(t) for t in ids] if req.return_token_strs else None
+    return {"count": len(ids), "max_model_len": server.model.max_context, "tokens": ids, "token_strs": strs}
+
+
+async def detokenize(server: Server, req: DetokenizeRequest) -> dict:
+    server.check_model(req.model)
+    tok = server.model.tokenizer
+    if tok is None:
+        raise APIError(400, "this bundle has no tokenizer", "tokens")
+    bad = [t for t in req.tokens if not 0 <= t < tok.vocab_size]
+    if bad:
+        raise APIError(400, f"tokens: token id {bad[0]} is outside the tokenizer's vocabulary of {tok.vocab_size}",
+                       "tokens")
+    return {"prompt": tok.decode(req.tokens)}
+
+
 def add_routes(app, server: Server) -> None:
+    @app.post("/tokenize")
+    async def _tokenize(req: TokenizeRequest):
+        return await tokenize(server, req)
+
+    @app.post("/detokenize")
+    async def _detokenize(req: DetokenizeRequest):
+        return await detokenize(server, req)
+
     @app.post("/v1/completions")
     async def _completions(req: CompletionRequest, raw_request: Request):
         return await completions(server, req, raw_request)
