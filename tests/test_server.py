@@ -351,7 +351,12 @@ BAD = {
     "chat-over-context": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * (CONTEXT + 50)}]},
                           400,
                           f"maximum context length is {CONTEXT}"),
-    "token-id-outside-vocab": ("/v1/completions", {"prompt": [1, 2, 5000]}, 400, "vocabulary of 384"),
+    "token-id-outside-vocab": ("/v1/completions", {"prompt": [1, 2, 5000]}, 400, "vocabulary of 384", "prompt"),
+    "sglang-token-id-outside-vocab": ("/generate", {"input_ids": [1, 384]}, 400, "vocabulary of 384", "input_ids"),
+    "temperature-nan": ("/v1/completions", b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', 400,
+                        "temperature", "temperature"),
+    "sglang-over-context": ("/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": CONTEXT}}, 400,
+                            f"maximum context length is {CONTEXT}", "sampling_params"),
     "top-p-zero": ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     "logprobs-too-many": ("/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
     "stop-empty-string": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
@@ -529,6 +534,9 @@ def test_chat_without_max_tokens_fits_a_smaller_kv_cache(bundle):
         usage = r.json()["usage"]
         assert r.status_code == 200 and usage["total_tokens"] == 64 and \
             r.json()["choices"][0]["finish_reason"] == "length", r.text
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 100})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens" and \
+            "KV cache holds 64 tokens (--kv-cache-tokens)" in r.json()["error"]["message"], r.text
 
 
 def test_api_key_is_required(guarded):

@@ -119,14 +119,25 @@ class Server:
         """The most tokens one sequence can have: the context, or the KV cache when it is smaller."""
         return min(self.model.max_context, self.model.num_blocks * self.model.block_size)
 
-    def check_length(self, prompt_len: int, max_tokens: int, what: str = "messages") -> None:
-        """vLLM's error for a request over the context (named limit, prompt and completion)."""
-        limit = self.model.max_context
+    def check_length(self, prompt_len: int, max_tokens: int, what: str = "messages",
+                     param: str = "max_tokens") -> None:
+        """vLLM's error for a request over the context (named limit, prompt and completion), and
+        the like for one over the KV cache, where that holds fewer tokens (--kv-cache-tokens)."""
+        context, limit = self.model.max_context, self.max_sequence_tokens
+        asked = f"you requested {prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the " \
+                f"completion). Please reduce the length of the {what} or completion."
+        if prompt_len + max_tokens > context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, {asked}", param)
         if prompt_len + max_tokens > limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
-                                "completion). Please reduce the length of the {what} or completion.".replace(
-                                    "{what}", what), "max_tokens")
+            raise APIError(400, f"This server's KV cache holds {limit} tokens (--kv-cache-tokens). However, {asked}",
+                           param)
+
+    def check_prompt_ids(self, prompt: list[int], param: str) -> None:
+        """400 naming `param` for a token id outside the model's vocabulary (the logits' width)."""
+        vocab = self.model.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"{param}: token id {bad} is outside the model's vocabulary of {vocab}", param)
 
     async def generate(self, requests: list[tuple[list[int], SamplingParams]], raw_request=None
                        ) -> AsyncIterator[tuple[int, RequestOutput]]:

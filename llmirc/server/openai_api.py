@@ -121,7 +121,7 @@ def _refuse_unsupported(req: _Common) -> None:
         raise APIError(400, "best_of is not supported by llmirc (only best_of == n)", "best_of")
     if not 1 <= req.n <= MAX_N:
         raise APIError(400, f"n must be between 1 and {MAX_N}, got {req.n}", "n")
-    if req.temperature is not None and req.temperature < 0:
+    if req.temperature is not None and not req.temperature >= 0:  # (NaN too)
         raise APIError(400, f"temperature must be >= 0, got {req.temperature}", "temperature")
     if req.top_p is not None and not 0 < req.top_p <= 1:
         raise APIError(400, f"top_p must be in (0, 1], got {req.top_p}", "top_p")
@@ -229,6 +229,7 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
         if not prompt:
             raise APIError(400, "prompt is empty", "prompt")
         server.check_length(len(prompt), max_tokens, "prompt")
+        server.check_prompt_ids(prompt, "prompt")
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     requests = [(p, _sampling(server, req, max_tokens, req.logprobs, prompt_logprobs, j))
                 for p in prompts for j in range(req.n)]

@@ -91,7 +91,7 @@ def _params(raw: dict | None) -> _Params:
                            "sampling_params")
     if p.max_new_tokens < 0:
         raise APIError(400, f"sampling_params.max_new_tokens must be >= 0, got {p.max_new_tokens}", "sampling_params")
-    if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < -1 or p.top_k == 0:
+    if not p.temperature >= 0 or not 0 < p.top_p <= 1 or p.top_k < -1 or p.top_k == 0:  # (NaN too)
         raise APIError(400, "sampling_params: temperature must be >= 0, top_p in (0, 1], top_k -1 or >= 1",
                        "sampling_params")
     return p
@@ -177,7 +177,8 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
         if not -1 <= starts[i] < len(prompt):
             raise APIError(400, f"logprob_start_len must be -1 or a prompt position (0 to {len(prompt) - 1}), got "
                                 f"{starts[i]}", "logprob_start_len")
-        server.check_length(len(prompt), p.max_new_tokens, "input")
+        server.check_length(len(prompt), p.max_new_tokens, "input", "sampling_params")
+        server.check_prompt_ids(prompt, "text" if req.text is not None else "input_ids")
         want_prompt = logprob[i] and starts[i] >= 0
         requests.append((prompt, SamplingParams(
             max_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k if p.top_k > 0 else None,
