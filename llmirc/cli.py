@@ -421,8 +421,9 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
                    "up to this many. 1: one step at a time.")
 @click.option("--max-queued-requests", type=click.IntRange(min=0), default=1024, show_default=True,
               help="Requests that may wait beyond the running batch; more are answered 503.")
-@click.option("--chat-template", type=click.Path(path_type=Path), default=None,
-              help="A jinja chat template file replacing the bundle's.")
+@click.option("--chat-template", default=None,
+              help="A jinja chat template replacing the bundle's: a file, or the template itself (text with "
+                   "'{' that names no file, as vLLM takes it).")
 @click.option("--no-verify", is_flag=True, help="Skip checksum verification.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
@@ -465,11 +466,14 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
 
         if model.tokenizer is None:
             raise LlmircError(f"--chat-template {chat_template}: the bundle has no tokenizer")
-        try:
-            source = chat_template.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise LlmircError(f"--chat-template {chat_template}: cannot read it: {e}") from None
-        model.chat_template = ChatTemplate(source, model.tokenizer.special_tokens_map, str(chat_template))
+        if "{" in chat_template and not os.path.exists(chat_template):  # the template itself
+            source, name = chat_template, "--chat-template"
+        else:
+            try:
+                source, name = Path(chat_template).read_text(encoding="utf-8"), chat_template
+            except (OSError, UnicodeDecodeError) as e:
+                raise LlmircError(f"--chat-template {chat_template}: cannot read it: {e}") from None
+        model.chat_template = ChatTemplate(source, model.tokenizer.special_tokens_map, name)
         model.chat_template.check()  # a syntax error now, not in every chat request
     name = served_model_name or str(bundle)
     app = create_app(model, ServerOptions(served_model_name=name, api_key=api_key,

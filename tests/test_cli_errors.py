@@ -1420,6 +1420,8 @@ def test_serve_chat_template_with_a_syntax_error(bundle, tmp_path):
     bad = tmp_path / "bad.jinja"
     bad.write_text("{% for m in messages %}{{ m.content }")
     assert_user_error(llmirc("serve", bundle, "--port", "0", "--chat-template", bad), str(bad), "line 1")
+    assert_user_error(llmirc("serve", bundle, "--port", "0", "--chat-template", bad.read_text()),
+                      "--chat-template: line 1")  # the template given inline, as vLLM takes it
 
 
 def test_kv_cache_dtype_spellings():

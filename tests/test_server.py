@@ -539,6 +539,13 @@ def test_chat_without_max_tokens_fits_a_smaller_kv_cache(bundle):
             "KV cache holds 64 tokens (--kv-cache-tokens)" in r.json()["error"]["message"], r.text
 
 
+def test_chat_template_given_inline(bundle, model):
+    """--chat-template takes the template itself as well as a file, as vLLM's does."""
+    with RunningServer(bundle, "--chat-template", "{% for m in messages %}<{{ m.content }}>{% endfor %}") as s:
+        r = httpx.post(s.url + "/tokenize", json={"messages": [{"role": "user", "content": "hello"}]})
+        assert r.json()["tokens"] == model.tokenizer.encode("<hello>", add_special_tokens=False), r.text
+
+
 def test_api_key_is_required(guarded):
     for path in ("/v1/models", "/generate", "/get_model_info"):
         r = httpx.request("POST" if path == "/generate" else "GET", guarded.url + path, json={"text": "hi"})
