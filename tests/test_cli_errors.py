@@ -1489,6 +1489,16 @@ def test_a_full_disk_is_the_machines_fault_not_a_bug(ckpt, bundle, tmp_path):
     r = llmirc_with_bug(full_move, "compile", ckpt, "-o", out, "-q", "--cpu-variants", "native")
     assert_user_error(r, "cpu codegen", "libllmir_model.so -> ", "No space left on device")
     assert not out.exists() and leftovers(out) == []
+    full_tmp = ("import errno, pathlib\n"  # the link's objects in a full TMPDIR: the write names no file
+                "write = pathlib.Path.write_bytes\n"
+                "def write_bytes(self, data):\n"
+                "    if self.suffix == '.o':\n"
+                "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+                "    return write(self, data)\n"
+                "pathlib.Path.write_bytes = write_bytes")
+    r = llmirc_with_bug(full_tmp, "compile", ckpt, "-o", out, "-q", "--cpu-variants", "native")
+    assert_user_error(r, "cpu codegen", "llmirc-link-", "part0.o: No space left on device")
+    assert not out.exists() and leftovers(out) == []
     with open("/dev/full", "w") as full:
         r = subprocess.run([sys.executable, "-m", "llmirc.cli", "inspect", str(bundle)], stdout=full,
                            stderr=subprocess.PIPE, text=True, env=ENV, timeout=120)

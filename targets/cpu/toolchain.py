@@ -401,7 +401,10 @@ def link_shared(objects: list[bytes], out_path: Path, arch: str | None = None) -
         paths = []
         for i, obj in enumerate(objects):
             p = Path(tmp) / f"part{i}.o"
-            p.write_bytes(obj)
+            try:
+                p.write_bytes(obj)
+            except OSError as e:  # a full TMPDIR: its write names no file
+                raise OSError(e.errno, e.strerror, str(p)) from None
             paths.append(str(p))
         tmp_out = Path(tmp) / out_path.name
         cmd = [cc, "-shared", "-O2", "-fPIC", "-std=c11", "-o", str(tmp_out), *paths, str(RUNTIME_C),
