@@ -466,6 +466,8 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
 
         if model.tokenizer is None:
             raise LlmircError(f"--chat-template {chat_template}: the bundle has no tokenizer")
+        if not chat_template.strip():
+            raise UsageError("--chat-template: empty (give a file or the template itself)")
         if "{" in chat_template and not os.path.exists(chat_template):  # the template itself
             source, name = chat_template, "--chat-template"
         else:

@@ -83,13 +83,21 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, release_gil: bool = False) -> list[int]:
         """Token ids of `text` (bos first where the tokenizer adds it). Raises LlmircError for text
-        that is not Unicode scalar values (a lone surrogate, as JSON's "\\ud800" decodes to)."""
+        that is not Unicode scalar values (a lone surrogate, as JSON's "\\ud800" decodes to).
+        `release_gil`: through the backend's batch call, which lets other threads run while it
+        works (its one-text call holds the GIL: a server thread tokenizing 2 MB stopped the event
+        loop and the engine for seconds); its thread pool makes tokenizers warn if the process
+        forks afterwards, so only for a process that does not (the server)."""
         if isinstance(text, str) and (m := _SURROGATE.search(text)):
             raise LlmircError(f"the text holds a lone surrogate (U+{ord(m[0]):04X}) at character {m.start()}: "
                               "not Unicode text that can be encoded")
-        ids = _guarded(self.source, "encode", self.backend.encode, text, add_special_tokens=add_special_tokens).ids
+        if release_gil:
+            ids = _guarded(self.source, "encode", self.backend.encode_batch, [text],
+                           add_special_tokens=add_special_tokens)[0].ids
+        else:
+            ids = _guarded(self.source, "encode", self.backend.encode, text, add_special_tokens=add_special_tokens).ids
         return [self.bos_token_id] + ids if add_special_tokens and self.prepend_bos else ids
 
     @functools.cached_property
@@ -99,8 +107,12 @@ class Tokenizer:
         SentencePiece's entries are the text's characters, its byte fallback `<0xE3>` six for one)."""
         return max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
 
-    def decode(self, ids) -> str:
-        return _guarded(self.source, "decode", self.backend.decode, [int(i) for i in ids], skip_special_tokens=True)
+    def decode(self, ids, release_gil: bool = False) -> str:
+        """The text of token ids, special tokens left out (`release_gil`: as for `encode`)."""
+        ids = [int(i) for i in ids]
+        if release_gil:
+            return _guarded(self.source, "decode", self.backend.decode_batch, [ids], skip_special_tokens=True)[0]
+        return _guarded(self.source, "decode", self.backend.decode, ids, skip_special_tokens=True)
 
     def token_text(self, token_id: int) -> str:
         """One token as text, special tokens included (as OpenAI logprobs show tokens)."""

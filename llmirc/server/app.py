@@ -95,13 +95,21 @@ class Server:
             raise APIError(404, f"The model `{name}` does not exist.", "model")
 
     async def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of a request's text (`Tokenizer.encode`), tokenized in a worker thread so that
-        a long text does not hold up the other requests. APIError 400 naming `param` for a bundle
+        """Token ids of a request's text (`Tokenizer.encode`), tokenized in a worker thread that
+        releases the GIL, so that a long text does not hold up the other requests. APIError 400 naming `param` for a bundle
         without a tokenizer, for text that is not Unicode (a lone surrogate), and for text with
         more characters than the context's tokens can stand for (checked first: a 20 MB prompt is
         refused at once, not after seconds of work and a gigabyte of memory). Each token stands
         for at most `max_token_chars` characters; the bound allows four times as many, as a
         normalizer may shorten the text (NFC composes characters)."""
+        self.check_text(text, param)
+        try:
+            return await asyncio.to_thread(self.model.tokenizer.encode, text, add_special_tokens, True)
+        except LlmircError as e:
+            raise APIError(400, f"{param}: {e}", param) from None
+
+    def check_text(self, text: str, param: str) -> None:
+        """`encode`'s checks before tokenizing (a request with several texts checks them all first)."""
         tok = self.model.tokenizer
         if tok is None:
             raise APIError(400, "this bundle has no tokenizer: give prompts as token ids", param)
@@ -109,10 +117,6 @@ class Server:
         if len(text) > 4 * context * tok.max_token_chars:
             raise APIError(400, f"{param}: {len(text)} characters, more than this model's maximum context length "
                                 f"of {context} tokens can hold", param)
-        try:
-            return await asyncio.to_thread(tok.encode, text, add_special_tokens)
-        except LlmircError as e:
-            raise APIError(400, f"{param}: {e}", param) from None
 
     @property
     def max_sequence_tokens(self) -> int:
@@ -230,9 +234,20 @@ class Generation:
         return out.text
 
 
+def json_text(data) -> str:
+    """`data` as JSON text that encodes to UTF-8: non-ASCII as it is, but a lone surrogate that a
+    client sent (JSON's "\\ud800", in an SGLang rid) escaped, as `ensure_ascii` writes it."""
+    text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(data, allow_nan=False, separators=(",", ":"))
+    return text
+
+
 def sse(data) -> str:
     """One server-sent event carrying `data` as JSON."""
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {json_text(data)}\n\n"
 
 
 async def event_stream(server: Server, requests: list[tuple[list[int], SamplingParams]], raw_request, bodies,
@@ -301,7 +316,11 @@ def create_app(model: Model, options: ServerOptions):
         finally:
             model.engine.stop()
 
-    app = FastAPI(title="llmirc", lifespan=lifespan, docs_url=None, redoc_url=None)
+    class JSON(JSONResponse):
+        def render(self, content) -> bytes:
+            return json_text(content).encode("utf-8")
+
+    app = FastAPI(title="llmirc", lifespan=lifespan, docs_url=None, redoc_url=None, default_response_class=JSON)
     app.state.server = server
 
     if options.api_key:
@@ -327,7 +346,7 @@ def create_app(model: Model, options: ServerOptions):
         return JSONResponse(APIError(400, _without_request_id(str(e))).body(), status_code=400)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
-    @app.api_route("/ping", methods=["GET", "HEAD"])  # (vLLM's name for it too)
+    @app.api_route("/ping", methods=["GET", "HEAD", "POST"])  # (vLLM's, for SageMaker)
     async def health():
         if model.engine.error is not None:
             return JSONResponse(APIError(503, f"engine failed: {model.engine.error}").body(), status_code=503)
@@ -337,14 +356,14 @@ def create_app(model: Model, options: ServerOptions):
     async def metrics():
         return PlainTextResponse(prometheus_text(server), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/version")
+    @app.api_route("/version", methods=["GET", "HEAD"])
     async def version():
         return {"version": __version__}
 
     card = {"id": options.served_model_name, "object": "model", "created": int(server.started),
             "owned_by": "llmirc", "root": str(model.bundle.root), "parent": None, "max_model_len": model.max_context}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
         return {"object": "list", "data": [card]}
 

@@ -21,6 +21,8 @@ null for end-of-sequence). A stream is server-sent events ending in `data: [DONE
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 import uuid
 from typing import Any
@@ -50,7 +52,7 @@ NOT_IMPLEMENTED = {
     "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
     "response_format": ({"type": "text"},), "use_beam_search": (False,), "length_penalty": (1.0,),
     "prompt_logprobs": (), "truncate_prompt_tokens": (), "detokenize": (True,), "return_tokens_as_token_ids": (False,),
-    "functions": ([],), "function_call": ("none",),
+    "functions": ([],), "function_call": ("none",), "chat_template": (),
 }
 
 
@@ -66,19 +68,20 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     n: int | None = 1
-    stream: bool = False
+    stream: bool | None = False  # (None: as vLLM, the default; so for echo, logprobs, return_token_ids)
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    echo: bool = False
-    return_token_ids: bool = False  # vLLM: the generated ids in each choice and stream chunk
+    echo: bool | None = False
+    return_token_ids: bool | None = False  # vLLM: the generated ids in each choice and stream chunk
     user: str | None = None
     best_of: int | None = None  # not implemented unless equal to n
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
+    add_special_tokens: bool = True
     max_tokens: int | None = 16
     logprobs: int | None = None
     suffix: str | None = None
@@ -94,8 +97,9 @@ class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
+    add_special_tokens: bool = False  # (vLLM's default: the template writes them)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
@@ -121,7 +125,7 @@ def _refuse_unsupported(req: _Common) -> None:
         raise APIError(400, "best_of is not supported by llmirc (only best_of == n)", "best_of")
     if not 1 <= req.n <= MAX_N:
         raise APIError(400, f"n must be between 1 and {MAX_N}, got {req.n}", "n")
-    if req.temperature is not None and not req.temperature >= 0:  # (NaN too)
+    if req.temperature is not None and not 0 <= req.temperature < math.inf:  # (NaN too)
         raise APIError(400, f"temperature must be >= 0, got {req.temperature}", "temperature")
     if req.top_p is not None and not 0 < req.top_p <= 1:
         raise APIError(400, f"top_p must be in (0, 1], got {req.top_p}", "top_p")
@@ -176,14 +180,19 @@ def _usage(prompt_tokens: int, choices: list[Generation], cached: int) -> dict:
 
 # -- /v1/completions ---------------------------------------------------------------------------
 
-async def _completion_prompts(server: Server, prompt) -> list[list[int]]:
+async def _completion_prompts(server: Server, req: CompletionRequest) -> list[list[int]]:
+    prompt = req.prompt
     if isinstance(prompt, str):
-        return [await server.encode(prompt, "prompt")]
-    if prompt and all(isinstance(p, int) for p in prompt):
+        prompt = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     if not prompt:
         raise APIError(400, "prompt is empty", "prompt")
-    return [await server.encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
+    for p in prompt:  # every text checked before any is tokenized
+        if isinstance(p, str):
+            server.check_text(p, "prompt")
+    return [await server.encode(p, "prompt", req.add_special_tokens) if isinstance(p, str) else list(p)
+            for p in prompt]
 
 
 def _position_logprobs(entry: TokenLogprob) -> list[tuple[int, float]]:
@@ -223,7 +232,7 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
         raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}", "logprobs")
     if req.max_tokens is not None and req.max_tokens < 0:
         raise APIError(400, f"max_tokens must be >= 0, got {req.max_tokens}", "max_tokens")
-    prompts = await _completion_prompts(server, req.prompt)
+    prompts = await _completion_prompts(server, req)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     for prompt in prompts:
         if not prompt:
@@ -309,7 +318,9 @@ async def _chat_prompt(server: Server, req: ChatRequest, add_special_tokens: boo
     messages = []
     for i, m in enumerate(req.messages):
         message = m.model_dump(exclude_none=False)
-        if isinstance(m.content, list):
+        if m.content is None:  # (vLLM renders null content as empty text)
+            message["content"] = ""
+        elif isinstance(m.content, list):
             texts = []
             for part in m.content:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -350,7 +361,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
                        "top_logprobs")
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    prompt, messages = await _chat_prompt(server, req)
+    prompt, messages = await _chat_prompt(server, req, req.add_special_tokens)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is not None and max_tokens < 0:
         raise APIError(400, f"max_tokens must be >= 0, got {max_tokens}", "max_tokens")
@@ -419,7 +430,9 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    return_token_strs: bool = False
+    tools: list[dict[str, Any]] | None = None  # shown to the template, as with tool_choice "none"
+    chat_template: str | None = None  # refused, as in chat requests
+    return_token_strs: bool | None = False
 
 
 class DetokenizeRequest(BaseModel):
@@ -435,11 +448,16 @@ async def tokenize(server: Server, req: TokenizeRequest) -> dict:
     if req.prompt is not None:
         ids = await server.encode(req.prompt, "prompt", req.add_special_tokens is not False)
     else:
+        if req.chat_template is not None:
+            raise APIError(400, "chat_template is not supported by llmirc (the bundle's, or serve --chat-template)",
+                           "chat_template")
         chat = ChatRequest(messages=req.messages, add_generation_prompt=req.add_generation_prompt,
                            continue_final_message=req.continue_final_message,
-                           chat_template_kwargs=req.chat_template_kwargs)
+                           chat_template_kwargs=req.chat_template_kwargs, tools=req.tools,
+                           tool_choice="none" if req.tools else None)
         ids, _ = await _chat_prompt(server, chat, bool(req.add_special_tokens))
-    strs = [server.model.tokenizer.token_text(t) for t in ids] if req.return_token_strs else None
+    backend = server.model.tokenizer.backend  # vLLM's token_strs: the vocabulary's entries (convert_ids_to_tokens)
+    strs = await asyncio.to_thread(lambda: [backend.id_to_token(t) for t in ids]) if req.return_token_strs else None
     return {"count": len(ids), "max_model_len": server.model.max_context, "tokens": ids, "token_strs": strs}
 
 
@@ -452,7 +470,7 @@ async def detokenize(server: Server, req: DetokenizeRequest) -> dict:
     if bad:
         raise APIError(400, f"tokens: token id {bad[0]} is outside the tokenizer's vocabulary of {tok.vocab_size}",
                        "tokens")
-    return {"prompt": tok.decode(req.tokens)}
+    return {"prompt": await asyncio.to_thread(tok.decode, req.tokens, True)}
 
 
 def add_routes(app, server: Server) -> None:
