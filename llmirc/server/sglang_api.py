@@ -158,7 +158,10 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
     batched = isinstance(req.text, list) or (req.input_ids is not None and bool(req.input_ids)
                                              and isinstance(req.input_ids[0], list))
     if req.text is not None:
-        prompts = [await server.encode(t, "text") for t in (req.text if batched else [req.text])]
+        texts = req.text if batched else [req.text]
+        for t in texts:  # every text checked before any is tokenized
+            server.check_text(t, "text")
+        prompts = [await server.encode(t, "text") for t in texts]
     else:
         prompts = [list(p) for p in (req.input_ids if batched else [req.input_ids])]
     if not prompts or any(not p for p in prompts):
