@@ -134,7 +134,7 @@ def cli(debug: bool) -> None:
 @click.option("--dequantize", is_flag=True, help="Expand quantized tensors (GGUF Q8_0, Q4_K, ...) to float32; "
               "without it matrices are kept quantized (a quantized bias or norm is refused).")
 @click.option("--block-size", type=int, default=None,
-              help="Tokens per paged KV cache block (a power of two; default 16), as vLLM's --block-size.")
+              help="Tokens per paged KV cache block (a power of two up to 256; default 16), as vLLM's --block-size.")
 @click.option("--max-model-len", type=click.IntRange(min=1), default=None,
               help="The bundle's context in tokens (default: what the model states; refused above what its "
                    "config or position tables support).")

@@ -34,6 +34,7 @@ from llmirc.passes.func_args import forward_func
 from llmirc.passes.pipeline import DEFAULT_BLOCK_SIZE, make_context, parse_passes, print_ir, required, run_passes
 from llmirc.passes.cast_weights import float_type, weight_uses
 from llmirc.passes.kv_cache_dtype import kv_type
+from llmirc.passes.paged_kv import block_size_problem
 from llmirc.passes.quantize_weights import TIED_HEAD, TIED_TWICE, QuantizeWeights, source_names
 from llmirc.targets.backend import backend
 from llmirc.targets.plan import ABI_INPUTS, ABI_VERSION, Plan, build_plan
@@ -192,8 +193,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     if options.passes is not None:
         parse_passes(options.passes)  # fail before the checkpoint is read
     if options.block_size is not None:
-        if options.block_size < 1 or options.block_size & (options.block_size - 1):
-            raise UsageError(f"--block-size {options.block_size}: must be a positive power of two")
+        if why := block_size_problem(options.block_size):
+            raise UsageError(f"--block-size {options.block_size}: {why}")
         if options.passes is not None and "paged-kv" in options.passes:
             raise UsageError("--block-size and a paged-kv pass in --passes: give the block size in one place")
     if options.quant_smooth is not None and options.passes is not None and \

@@ -28,6 +28,17 @@ from .func_args import add_arg, find_arg, forward_func
 from .report import note
 
 
+MAX_BLOCK_SIZE = 256  # tokens; vLLM's CUDA blocks go to 128. The kernels unroll over a block: 4096 took
+                     # 55 s and 3 GB of code generation, 1M exhausted the machine's memory
+
+
+def block_size_problem(block_size: int) -> str | None:
+    """Why `block_size` (tokens per KV cache block) cannot be used, or None."""
+    if not 1 <= block_size <= MAX_BLOCK_SIZE or block_size & (block_size - 1):
+        return f"must be a power of two from 1 to {MAX_BLOCK_SIZE}"
+    return None
+
+
 @dataclass(frozen=True)
 class PagedKV(ModulePass):
     name = "paged-kv"
@@ -35,8 +46,8 @@ class PagedKV(ModulePass):
     block_size: int = 16
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise UsageError(f"paged-kv: block-size must be a positive power of two, got {self.block_size}")
+        if why := block_size_problem(self.block_size):
+            raise UsageError(f"paged-kv: block-size {self.block_size}: {why}")
         f = forward_func(op)
         attentions = [o for o in f.walk() if isinstance(o, L.AttentionOp)]
         if not attentions:

@@ -351,6 +351,7 @@ BAD_OPTIONS = {
     "no-cpu-variant": (["--cpu-variants", ","], ["--cpu-variants"]),
     "unknown-option": (["--frobnicate"], ["--frobnicate"]),
     "block-size-not-power-of-two": (["--block-size", "12"], ["--block-size 12", "power of two"]),
+    "block-size-huge": (["--block-size", "1048576"], ["--block-size 1048576", "from 1 to 256"]),
     "block-size-twice": (["--block-size", "8", "--passes", "paged-kv{block-size=16}"], ["--block-size", "one place"]),
     "kv-cache-dtype": (["--kv-cache-dtype", "int3"], ["--kv-cache-dtype", "unknown dtype 'int3'"]),
     "max-model-len-too-long": (["--max-model-len", "600"], ["--max-model-len 600", "exceeds the 512 tokens"]),
