@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -261,6 +262,8 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, 
         raise UsageError("give --prompt TEXT, --prompt-file PATH or --token-ids 1,2,3")
     if chat and token_ids:
         raise UsageError("--chat takes text prompts (--prompt, --prompt-file), not --token-ids")
+    if system is not None and not chat:
+        click.echo("warning: --system has no effect without --chat", err=True)
     _warn_unused_sampling(temperature, top_k, top_p)
     if logprobs is not None and not as_json:
         click.echo("warning: --logprobs has no effect without --json (they are printed in its records)", err=True)
@@ -551,7 +554,11 @@ def inspect(bundle, as_json, no_verify):
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads (default: the CPUs this process may use); transformers gets as many.")
 @_target_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: bundle, llmirc_version, date, host, threads, target, the run's sizes, "
+                   "bandwidth_gb_s, decode_floor_ms_per_step, sgemm_gflop_s, llmirc {prefill_tok_s, decode_tok_s, "
+                   "decode_ms_per_step, fraction_of_floor, ...}, model; transformers likewise with "
+                   "--compare-transformers.")
 def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens, threads, target, as_json):
     """Measure prefill and decode tokens/s of BUNDLE (and the memory-bandwidth floor)."""
     from llmirc.runtime.bench import format_table, run_bench
@@ -585,13 +592,17 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads (default: the CPUs this process may use).")
 @_target_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: perplexity, nll (mean, nats), tokens, windows, context, stride, target, "
+                   "bundle, text, text_sha256 (of the text read), llmirc_version, seconds.")
 def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as_json):
     """Perplexity of BUNDLE on a text, over sliding windows (Hugging Face's perplexity guide)."""
     from llmirc.runtime.perplexity import perplexity, windows
 
     text = _read_text(text_file, "--text")
     stride = stride or max(1, context // 2)
+    windows(0, context, stride)  # bad --context/--stride: a usage error before the bundle loads
+    started = time.perf_counter()
     model = _load(bundle, context, no_verify=False, max_batched_tokens=context, max_num_seqs=1, threads=threads,
                   target=target)
     if model.tokenizer is None:
@@ -607,7 +618,10 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
         result = perplexity(model.score, ids, context, stride)
     used = model.executor.target["name"]
     if as_json:
-        click.echo(json.dumps({**result.to_json(), "target": used}))
+        click.echo(json.dumps({**result.to_json(), "target": used, "bundle": str(Path(bundle).resolve()),
+                               "text": "-" if str(text_file) == "-" else str(Path(text_file).resolve()),
+                               "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                               "llmirc_version": __version__, "seconds": round(time.perf_counter() - started, 3)}))
     else:
         span = min(context, len(ids))
         click.echo(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.5f} nats) over {result.tokens} "

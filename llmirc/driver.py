@@ -490,7 +490,7 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
         bundle.commit({
             "producer": f"llmirc {__version__}",
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"kind": source.kind, "name": Path(source.root).name, "fingerprint": source.fingerprint()},
+            "source": {"kind": source.kind, "name": Path(source.root).resolve().name, "fingerprint": source.fingerprint()},
             "model": {"architecture": info["architecture"], **facts,
                       "max_position_embeddings": context.tokens, "context_from": context.why,
                       "weight_bytes": plan.bytes_by_dtype()},

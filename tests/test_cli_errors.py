@@ -614,6 +614,13 @@ def test_compile_says_when_quant_rotate_rotates_nothing(tmp_path, ckpt):
         "quantized blocks\n", r.stderr
 
 
+def test_compile_of_the_current_folder_names_it(ckpt, tmp_path):
+    out = tmp_path / "here.llmir"
+    r = llmirc("compile", ".", "-o", out, "-q", "--cpu-variants", "native", cwd=ckpt)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(llmirc("inspect", out, "--json").stdout)["source"]["name"] == ckpt.name
+
+
 def test_compile_without_output(ckpt):
     assert_user_error(llmirc("compile", ckpt), "-o")
 
@@ -1198,6 +1205,8 @@ def test_run_warns_of_options_without_effect(bundle_notok):
     assert r.returncode == 0 and r.stderr.startswith("warning: --top-k/--top-p have no effect with --temperature 0")
     r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--logprobs", "2", "-q")
     assert r.returncode == 0 and r.stderr.startswith("warning: --logprobs has no effect without --json")
+    r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--system", "be brief", "-q")
+    assert r.returncode == 0 and r.stderr.startswith("warning: --system has no effect without --chat")
 
 
 def test_run_reads_prompts_from_stdin_and_files(bundle, tmp_path):

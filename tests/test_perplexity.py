@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from helpers import CORPUS, make_checkpoint
 from llmirc.cli import cli
 from llmirc.driver import CompileOptions, Progress, compile_model
+from llmirc.errors import UsageError
 from llmirc.runtime.perplexity import windows
 
 
@@ -69,4 +71,11 @@ def test_eval_ppl_matches_the_hf_guide(tmp_path):
         assert np.isclose(ours["perplexity"], ref, rtol=1e-4), (ours, ref)
     piped = CliRunner().invoke(cli, ["eval-ppl", str(bundle), "--text", "-", "--context", "64", "--stride", "5",
                                      "--json"], input=text.read_text())
-    assert piped.exit_code == 0 and json.loads(piped.output) == ours, piped.output  # '-': standard input
+    assert piped.exit_code == 0, piped.output
+    piped = json.loads(piped.output)  # '-': standard input, the same text
+    assert piped["text"] == "-" and ours["text"] == str(text.resolve()) and ours["bundle"] == str(bundle.resolve())
+    assert {k: v for k, v in piped.items() if k not in ("text", "seconds")} == \
+        {k: v for k, v in ours.items() if k not in ("text", "seconds")}
+    assert ours["text_sha256"] == hashlib.sha256(text.read_bytes()).hexdigest() and ours["seconds"] > 0
+    bad = CliRunner().invoke(cli, ["eval-ppl", str(bundle), "--text", str(text), "--context", "64", "--stride", "128"])
+    assert isinstance(bad.exception, UsageError) and "stride" in str(bad.exception), bad.output  # exit 2 in main()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmirc import __version__
 from llmirc.artifact_format.reader import open_bundle
 from llmirc.errors import LlmircError
 
@@ -144,7 +145,8 @@ def run_bench(bundle: Path, *, prompt_len: int = 128, new_tokens: int = 64, batc
     bandwidth, peak = measure_bandwidth(), measure_peak_gflops()
     floor_ms = ours["bytes_per_step"] / (bandwidth * 1e9) * 1e3
     results = {
-        "bundle": str(bundle), "host": platform.processor() or platform.machine(),
+        "bundle": str(Path(bundle).resolve()), "llmirc_version": __version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.processor() or platform.machine(),
         "threads": ours["threads"], "target": ours["target"], "amx": ours["amx"],
         "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "repeat": repeat,
         "bandwidth_gb_s": bandwidth, "decode_floor_ms_per_step": floor_ms, "sgemm_gflop_s": peak,

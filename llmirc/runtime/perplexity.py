@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmirc.errors import LlmircError
+from llmirc.errors import LlmircError, UsageError
 
 
 @dataclass
@@ -34,7 +34,7 @@ class PerplexityResult:
 def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored position) of each window over n tokens."""
     if context < 2 or not 1 <= stride <= context:
-        raise LlmircError(f"perplexity: need context >= 2 and 1 <= stride <= context, got {context} and {stride}")
+        raise UsageError(f"perplexity: need context >= 2 and 1 <= stride <= context, got {context} and {stride}")
     out, scored = [], 1  # tokens [0, scored) are done (token 0 has no prediction)
     begin = 0
     while scored < n:
