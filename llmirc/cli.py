@@ -533,11 +533,22 @@ def _parse_ids(text: str) -> list[int]:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="The manifest summary as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip checksum verification.")
-def inspect(bundle, as_json, no_verify):
+@click.option("--load", "try_load", is_flag=True,
+              help="Also load the bundle as `run` does (its library for this host, the manifest checked against "
+                   "it, one token through the model): a check that it runs here. The checksums cover every "
+                   "file but manifest.json, whose values only loading checks.")
+@_target_option
+def inspect(bundle, as_json, no_verify, try_load, target):
     """Show what is inside BUNDLE: model, targets, kernels, KV cache, weights, sizes, versions."""
     from llmirc.runtime.inspect import describe, summary
 
     info = summary(bundle, verify=not no_verify)
+    if try_load:
+        model = _load(bundle, 64, no_verify, target=target)  # (a KV cache of 64 tokens is enough here)
+        model.score([0])
+        info["loads"] = {"target": model.executor.target["name"]}
+    elif target is not None:
+        click.echo("warning: --target has no effect without --load", err=True)
     click.echo(json.dumps(info, indent=2) if as_json else describe(info))
 
 

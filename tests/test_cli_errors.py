@@ -614,6 +614,18 @@ def test_compile_says_when_quant_rotate_rotates_nothing(tmp_path, ckpt):
         "quantized blocks\n", r.stderr
 
 
+def test_inspect_load_checks_the_manifest_against_the_library(bundle, tmp_path):
+    """The checksums cover every file but manifest.json; `inspect --load` loads the bundle as
+    `run` does, so an edited manifest value fails it as it fails `run` (a CI check that the
+    bundle runs here)."""
+    out = copy_bundle(bundle, tmp_path)
+    r = llmirc("inspect", out, "--load", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["loads"]["target"].startswith("cpu-"), r.stderr
+    edit_json(out / "manifest.json", lambda m: m["kv_cache"].update(num_layers=m["kv_cache"]["num_layers"] + 1))
+    assert llmirc("inspect", out).returncode == 0
+    assert_user_error(llmirc("inspect", out, "--load"), "kv_cache.num_layers", "compiled library", code=1)
+
+
 def test_compile_of_the_current_folder_names_it(ckpt, tmp_path):
     out = tmp_path / "here.llmir"
     r = llmirc("compile", ".", "-o", out, "-q", "--cpu-variants", "native", cwd=ckpt)

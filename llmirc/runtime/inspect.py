@@ -195,5 +195,8 @@ def _describe(info: dict) -> str:
                 symbol = k.split(":")[0]
                 lines.append(f"  {k}  x{calls.get(symbol, 0)}: " + "; ".join(t["launches"].get(symbol, [])))
     lines.append("sizes      " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sorted(info["sizes_bytes"].items())))
-    lines.append(f"checksums  {'verified' if info['verified'] else 'not verified (--no-verify)'}")
+    lines.append(f"checksums  {'verified' if info['verified'] else 'not verified (--no-verify)'} (every file "
+                 "but manifest.json, whose values loading checks against the library: --load)")
+    if "loads" in info:
+        lines.append(f"loads      yes, target {info['loads']['target']}")
     return "\n".join(lines)
