@@ -319,7 +319,12 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                  f"{len(plan.weights)} weights ({by_dtype}), {len(plan.slots)} workspace buffers, "
                  f"{plan.pool.dtype} KV cache")
         if options.emit in stages:
-            stdout.write(stages[options.emit].emit(plan, options.emit))
+            emitter = stages[options.emit]
+            choices = list(getattr(emitter, "archs", None) or getattr(emitter, "variant_names", ()))
+            if len(choices) > 1:  # (the first CPU variant, the first GPU architecture)
+                progress.note(f"--emit {options.emit}: the text for {choices[0]} only, the first of "
+                              f"{', '.join(choices)}")
+            stdout.write(emitter.emit(plan, options.emit))
         if out is not None:
             with stage("bundle writer"):
                 _write_bundle(source, read, module, plan, backends, out, options, input_ir, optimized_ir, progress,

@@ -1041,6 +1041,12 @@ def test_emit_mlir_prints_ir_on_stdout(ckpt, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written without -o
 
 
+def test_emit_of_several_variants_says_which_it_prints(ckpt):
+    r = llmirc("compile", ckpt, "--emit", "llvm-ir", "--cpu-variants", "baseline,native", "-q")
+    assert r.returncode == 0 and "define" in r.stdout, r.stderr
+    assert r.stderr == "note: --emit llvm-ir: the text for baseline only, the first of baseline, native\n", r.stderr
+
+
 def test_print_ir_after_all_dumps_on_stderr(ckpt, tmp_path):
     r = llmirc("compile", ckpt, "--emit", "mlir", "--print-ir-after-all", "-q")
     assert r.returncode == 0, r.stderr
