@@ -96,12 +96,12 @@ class Server:
 
     async def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a request's text (`Tokenizer.encode`), tokenized in a worker thread that
-        releases the GIL, so that a long text does not hold up the other requests. APIError 400 naming `param` for a bundle
-        without a tokenizer, for text that is not Unicode (a lone surrogate), and for text with
-        more characters than the context's tokens can stand for (checked first: a 20 MB prompt is
-        refused at once, not after seconds of work and a gigabyte of memory). Each token stands
-        for at most `max_token_chars` characters; the bound allows four times as many, as a
-        normalizer may shorten the text (NFC composes characters)."""
+        releases the GIL, so that a long text does not hold up the other requests. APIError 400
+        naming `param` for a bundle without a tokenizer, for text that is not Unicode (a lone
+        surrogate), and for text with more characters than the context's tokens can stand for
+        (checked first: a 20 MB prompt is refused at once, not after seconds of work and a
+        gigabyte of memory). Each token stands for at most `max_token_chars` characters; the bound
+        allows four times as many, as a normalizer may shorten the text (NFC composes characters)."""
         self.check_text(text, param)
         try:
             return await asyncio.to_thread(self.model.tokenizer.encode, text, add_special_tokens, True)
@@ -237,11 +237,11 @@ class Generation:
 def json_text(data) -> str:
     """`data` as JSON text that encodes to UTF-8: non-ASCII as it is, but a lone surrogate that a
     client sent (JSON's "\\ud800", in an SGLang rid) escaped, as `ensure_ascii` writes it."""
-    text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        text = json.dumps(data, allow_nan=False, separators=(",", ":"))
+        text = json.dumps(data, separators=(",", ":"))
     return text
 
 

@@ -14,8 +14,9 @@ unknown fields are ignored, as vLLM does. POST /tokenize and /detokenize are vLL
 or chat messages to token ids, token ids to text).
 
 Defaults follow vLLM: temperature 1, max_tokens 16 for completions and "up to the context"
-(or the KV cache, where it holds fewer tokens) for chat; `usage.prompt_tokens_details.cached_tokens` is the prompt tokens found in the prefix
-cache; `finish_reason` is "stop" or "length" (`stop_reason`: the stop string or token id hit,
+(or the KV cache, where it holds fewer tokens) for chat;
+`usage.prompt_tokens_details.cached_tokens` is the prompt tokens found in the prefix cache;
+`finish_reason` is "stop" or "length" (`stop_reason`: the stop string or token id hit,
 null for end-of-sequence). A stream is server-sent events ending in `data: [DONE]`.
 """
 
