@@ -68,6 +68,12 @@ class CompileOptions:
     block_size: int | None = None       # KV cache block (tokens); None: the pipeline's (16)
     max_model_len: int | None = None    # the context the bundle states (<= the checkpoint's)
 
+    def recorded(self) -> dict:
+        """The options as the manifest records them (`compile_options`; JSON: tuples as lists,
+        paths as text)."""
+        return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
     def quantize_pass(self) -> str:
         """The quantize-weights pass spec `--quant` asks for ('' for none)."""
         if self.quant == "none":
@@ -496,6 +502,7 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
             "producer": f"llmirc {__version__}",
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": {"kind": source.kind, "name": Path(source.root).resolve().name, "fingerprint": source.fingerprint()},
+            "compile_options": options.recorded(),
             "model": {"architecture": info["architecture"], **facts,
                       "max_position_embeddings": context.tokens, "context_from": context.why,
                       "weight_bytes": plan.bytes_by_dtype()},

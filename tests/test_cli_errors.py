@@ -626,6 +626,23 @@ def test_inspect_load_checks_the_manifest_against_the_library(bundle, tmp_path):
     assert_user_error(llmirc("inspect", out, "--load"), "kv_cache.num_layers", "compiled library", code=1)
 
 
+def test_inspect_json_says_how_weights_are_stored_and_the_options(ckpt, tmp_path):
+    """A CI step reads the quantization and the compile options as fields, not report sentences."""
+    out = tmp_path / "q.llmir"
+    r = llmirc("compile", ckpt, "-o", out, "-q", "--cpu-variants", "native", "--quant", "int4", "--quant-group-size",
+               "32", "--quant-zero-points")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(llmirc("inspect", out, "--json").stdout)
+    linears = [q for q in info["quantization"] if q["op"] == "linear"]
+    assert {"storage": "int4", "group_size": 32, "zero": "int", "scale_dtype": "float16", "act_order": False} \
+        .items() <= linears[0].items() and linears[0]["calls"] > 0, info["quantization"]
+    assert sum(q["calls"] for q in info["quantization"]) <= info["plan"]["kernel_calls"]
+    options = info["compile_options"]
+    assert (options["quant"], options["quant_group_size"], options["quant_symmetric"], options["cpu_variants"]) == \
+        ("int4", 32, False, ["native"])
+    assert "linear int4 (groups of 32, zero points, float16 scales)" in llmirc("inspect", out).stdout
+
+
 def test_compile_of_the_current_folder_names_it(ckpt, tmp_path):
     out = tmp_path / "here.llmir"
     r = llmirc("compile", ".", "-o", out, "-q", "--cpu-variants", "native", cwd=ckpt)

@@ -92,6 +92,8 @@ def _summary(bundle: Bundle, verify: bool) -> dict:
                     "parameters": num_params, "bytes_by_dtype": dict(by_dtype),
                     "derived": m["weights"].get("derived", {})},
         "targets": [_target(t) for t in m.get("targets", [])],
+        "quantization": _quantization(m, calls),
+        "compile_options": m.get("compile_options"),  # (bundles of llmirc before 2026-12-02: None)
         "plan": {"kernel_calls": sum(calls.values()), "calls_per_kernel": dict(calls)},
         "workspace_bytes": m.get("abi", {}).get("workspace"),
         "passes": m.get("passes"),
@@ -101,6 +103,36 @@ def _summary(bundle: Bundle, verify: bool) -> dict:
         "sizes_bytes": dict(sizes),
         "verified": verify,
     }
+
+
+def _quantization(m: dict, calls: Counter) -> list[dict]:
+    """How the linears and embedding tables of the first target store their weights: one entry
+    per storage (float dtype, or bits, group size, zero points, scale dtype, act-order) with the
+    kernel calls of one forward that read it."""
+    kernels = (m.get("targets") or [{}])[0].get("kernels") or []
+    kinds = {"linear": "linear", "qlinear": "linear", "embedding": "embedding", "qembedding": "embedding"}
+    storages: Counter = Counter()
+    for k in kernels:
+        if k["kind"] not in kinds:
+            continue
+        p = k["params"]
+        if k["kind"].startswith("q"):
+            key = (kinds[k["kind"]], f"int{p['bits']}", p["group_size"] if p["group_size"] != p.get("k") else "row",
+                   p["zero"], p["scale_dtype"], bool(p.get("act_order")))
+        else:
+            key = (kinds[k["kind"]], p.get("w_dtype") or p.get("dtype") or "float32", None, None, None, False)
+        storages[key] += calls.get(k["symbol"], 0)
+    fields = ("op", "storage", "group_size", "zero", "scale_dtype", "act_order")
+    return [{**{f: v for f, v in zip(fields, key) if v is not None}, "calls": n} for key, n in storages.items()]
+
+
+def _storage(q: dict) -> str:
+    """The rest of a quantized storage's description (`_quantization`), after its bits."""
+    if "group_size" not in q:
+        return ""
+    groups = "per output row" if q["group_size"] == "row" else f"groups of {q['group_size']}"
+    zero = {"none": "symmetric", "int": "zero points", "min": "mins"}.get(q["zero"], q["zero"])
+    return f" ({groups}, {zero}, {q['scale_dtype']} scales{', act-order' if q['act_order'] else ''})"
 
 
 def _target(t: dict) -> dict:
@@ -164,6 +196,8 @@ def _describe(info: dict) -> str:
         f"weights    {info['weights']['parameters'] / 1e6:.2f}M parameters in {info['weights']['tensors']} tensors: "
         + ", ".join(f"{n / 2**20:.2f} MiB {d}" for d, n in info["weights"]["bytes_by_dtype"].items())
         + f" ({len(info['weights']['derived'])} concatenated, transposed or cast at compile time)",
+        *[f"  {q['op']} {q['storage']}{_storage(q)}: {q['calls']} call{'s' * (q['calls'] != 1)} per step"
+          for q in info["quantization"]],
         _execution(model),
         f"kv cache   paged: block size {kv.get('block_size')}, {kv.get('num_layers')} layers x "
         f"{kv.get('num_kv_heads')} kv heads x {kv.get('head_dim')}, {kv.get('dtype')}, layout [{kv.get('layout')}]"
