@@ -238,14 +238,21 @@ def call_qlinear(lib, sym, scheme, parts, x, bias=None, res=None, ld_out=None):
     return out
 
 
-def reference(x, scheme, w_stored, perm):
-    """(activation-quantized reference, its error scale, the bound to the exact product)."""
+def quantized_activations(x, scheme, perm):
+    """(x in stored column order, x quantized per block as the kernels do and read back, each
+    element's quantization step), the last two float64."""
     xp = x[:, perm] if perm is not None else x
     q, d = quant.activation_block(xp, scheme.sub_group)
-    xhat = q.astype(np.float64) * np.repeat(d.astype(np.float64), scheme.sub_group, axis=1)
+    step = np.repeat(d.astype(np.float64), scheme.sub_group, axis=1)
+    return xp, q.astype(np.float64) * step, step
+
+
+def reference(x, scheme, w_stored, perm):
+    """(activation-quantized reference, its error scale, the bound to the exact product)."""
+    xp, xhat, step = quantized_activations(x, scheme, perm)
     ref = xhat @ w_stored.T
     scale = np.abs(xhat) @ np.abs(w_stored).T
-    step_bound = np.repeat(d.astype(np.float64), scheme.sub_group, axis=1) / 2 @ np.abs(w_stored).T
+    step_bound = step / 2 @ np.abs(w_stored).T
     exact = xp.astype(np.float64) @ w_stored.T
     return ref, scale, step_bound, exact
 
@@ -256,9 +263,7 @@ def offset_scale(x, scheme, parts):
     apart from the codes' sum, so their rounding is relative to it too: a group whose codes all
     equal its zero point holds weights of 0, which `reference`'s scale leaves out (seed
     3603220229 found it in test_qlinear_extreme_codes, all codes 15 against zero points near 15)."""
-    xp = x[:, parts["perm"]] if scheme.act_order else x
-    q, d = quant.activation_block(xp, scheme.sub_group)
-    xhat = np.abs(q.astype(np.float64) * np.repeat(d.astype(np.float64), scheme.sub_group, axis=1))
+    xhat = np.abs(quantized_activations(x, scheme, parts.get("perm"))[1])
     group_sums = xhat.reshape(len(x), -1, scheme.group_size).sum(-1)  # [T, groups]
     s = np.abs(dtypes.to_float32(parts["scales"], scheme.scale_dtype).astype(np.float64))
     if scheme.zero == "int":
