@@ -256,6 +256,8 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, 
     Without --json, a single prompt streams its text as it is generated; a batch prints each
     sequence under a label [i], i counting the --token-ids prompts first, then --prompt, then
     --prompt-file (each in the order given). A summary (tokens/s, time to first token) goes to stderr."""
+    if [*prompts, *map(str, prompt_files)].count("-") > 1:
+        raise UsageError("standard input ('-') can be read once: give '-' to one --prompt or --prompt-file")
     texts = [_read_prompt(p) for p in prompts] + \
         [_read_text(f, "--prompt-file").rstrip("\n") for f in prompt_files]
     if not texts and not token_ids:

@@ -1255,6 +1255,8 @@ def test_run_reads_prompts_from_stdin_and_files(bundle, tmp_path):
     assert json.loads(r.stdout) == {**by_arg[0], "timings": json.loads(r.stdout)["timings"]}
     assert by_file[0]["prompt_token_ids"] == by_arg[0]["prompt_token_ids"]
     assert_user_error(llmirc("run", bundle, "--prompt-file", tmp_path / "nope.txt"), "nope.txt", "cannot read")
+    for twice in (("--prompt", "-", "--prompt", "-"), ("--prompt", "-", "--prompt-file", "-")):
+        assert_user_error(llmirc("run", bundle, *twice), "standard input ('-') can be read once", code=2)
     for data, expected in ((b"the quick\r\nbrown\r\n", "the quick\nbrown"), (b"caf\xe9", None)):  # as a file reads
         r = subprocess.run([sys.executable, "-m", "llmirc.cli", "run", str(bundle), "--prompt", "-", "--json", "-q",
                             "--max-new-tokens", "1"], input=data.decode("utf-8", "surrogateescape"),
