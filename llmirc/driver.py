@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -333,8 +334,10 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             stdout.write(emitter.emit(plan, options.emit))
         if out is not None:
             with stage("bundle writer"):
+                calibrated = calibration and {"text_sha256": _sha256(options.calibration),
+                                              "tokens": calibration.tokens, "windows": calibration.windows}
                 _write_bundle(source, read, module, plan, backends, out, options, input_ir, optimized_ir, progress,
-                              dict(ctx.report), context)
+                              dict(ctx.report), context, calibrated)
             progress(f"wrote {out}")
         progress.done()
         return plan
@@ -382,6 +385,12 @@ def _check_tokenizer(source, progress: Progress) -> None:
         Tokenizer.from_bundle_dir(files["tokenizer.json"].parent)
     elif note := missing_tokenizer_note(Path(source.root)):  # a GGUF file's embedded one counts
         progress.note(note)
+
+
+def _sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes (the manifest records the calibration text by it)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _calibrate(source, options: CompileOptions, progress: Callable[[str], None]):
@@ -464,7 +473,8 @@ def model_facts(module) -> dict:
 
 
 def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, options: CompileOptions, input_ir: str,
-                  optimized_ir: str, progress: Callable[[str], None], report: dict, context: Limit) -> None:
+                  optimized_ir: str, progress: Callable[[str], None], report: dict, context: Limit,
+                  calibrated: dict | None) -> None:
     info, facts = source.model_info(), model_facts(module)
     facts.update(full_sequence=plan.full_sequence, generic_ops=generic_ops(module))
     with BundleWriter(out) as bundle:
@@ -503,6 +513,7 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": {"kind": source.kind, "name": Path(source.root).resolve().name, "fingerprint": source.fingerprint()},
             "compile_options": options.recorded(),
+            "calibration": calibrated,
             "model": {"architecture": info["architecture"], **facts,
                       "max_position_embeddings": context.tokens, "context_from": context.why,
                       "weight_bytes": plan.bytes_by_dtype()},

@@ -14,6 +14,7 @@ compile end to end.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -203,8 +204,10 @@ def test_gptq_bundle(tmp_path):
     options = dict(quant="int4", quant_method="gptq", calibration=CALIBRATION, calibration_tokens=2048,
                    cpu_variants=("native",))
     compile_model(ckpt, tmp_path / "gptq.llmir", CompileOptions(**options), Progress(None))
-    rewrites = load(tmp_path / "gptq.llmir").bundle.manifest["rewrites"]  # kept for inspect
-    assert any(r.startswith("calibration (GPTQ): ") and "tokens of DESIGN.md" in r for r in rewrites), rewrites
+    manifest = load(tmp_path / "gptq.llmir").bundle.manifest
+    assert any(r.startswith("calibration (GPTQ): ") and "tokens of DESIGN.md" in r for r in manifest["rewrites"])
+    assert manifest["calibration"] == {"text_sha256": hashlib.sha256(CALIBRATION.read_bytes()).hexdigest(),
+                                       "tokens": 2048, "windows": 4}  # the text by its content, not its path
     compile_model(ckpt, None, CompileOptions(**options, emit="mlir"), Progress(None), stdout=emitted)
     ir = emitted.getvalue()
     # q|k|v, o, gate|up, down per layer and the LM head: each quantize op reads a Hessian

@@ -640,6 +640,7 @@ def test_inspect_json_says_how_weights_are_stored_and_the_options(ckpt, tmp_path
     options = info["compile_options"]
     assert (options["quant"], options["quant_group_size"], options["quant_symmetric"], options["cpu_variants"]) == \
         ("int4", 32, False, ["native"])
+    assert info["calibration"] is None  # (a GPTQ bundle's: tests/test_calibration.py)
     assert "linear int4 (groups of 32, zero points, float16 scales)" in llmirc("inspect", out).stdout
 
 

@@ -94,6 +94,7 @@ def _summary(bundle: Bundle, verify: bool) -> dict:
         "targets": [_target(t) for t in m.get("targets", [])],
         "quantization": _quantization(m, calls),
         "compile_options": m.get("compile_options"),  # (bundles of llmirc before 2026-12-02: None)
+        "calibration": m.get("calibration"),  # text sha256, tokens, windows (None: not calibrated, or before 2026-12-03)
         "plan": {"kernel_calls": sum(calls.values()), "calls_per_kernel": dict(calls)},
         "workspace_bytes": m.get("abi", {}).get("workspace"),
         "passes": m.get("passes"),
