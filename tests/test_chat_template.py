@@ -5,6 +5,7 @@ the less common features: generation blocks, loop controls, namespaces, tojson).
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from transformers import PreTrainedTokenizerFast
@@ -176,3 +177,14 @@ def test_no_template_and_bad_template_field(folder, tmp_path):
     (dst / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(LlmircError, match="tokenizer_config.json chat_template: expected a string"):
         ChatTemplate.from_folder(dst)
+
+
+def test_without_jinja2_chat_templates_say_what_to_install(monkeypatch):
+    """jinja2 is the serve extra's: a loader installed without it says so (was a raw ImportError,
+    an internal error in `llmirc run --chat`)."""
+    for name in ("jinja2", "jinja2.ext", "jinja2.sandbox"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+    template = ChatTemplate(CHATML, {}, "tokenizer_config.json")
+    for call in (template.check, lambda: template.render([{"role": "user", "content": "hi"}])):
+        with pytest.raises(LlmircError, match=r"chat templates need jinja2: pip install 'llmirc\[serve\]'"):
+            call()

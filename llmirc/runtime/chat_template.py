@@ -75,9 +75,8 @@ class ChatTemplate:
         continue it (transformers' semantics). Extra keyword arguments are template variables
         (transformers' `**kwargs`, vLLM's chat_template_kwargs; any name, `self` included). Raises
         LlmircError for an empty conversation, a variable named `messages`, or a template error (its
-        message names the template)."""
-        import jinja2
-
+        message names the template), and when jinja2 is not installed."""
+        jinja2 = _jinja2()
         if not isinstance(messages, list):
             raise LlmircError(f"the conversation must be a list of messages ({{'role': ..., 'content': ...}}), "
                               f"got {type(messages).__name__}")
@@ -115,9 +114,9 @@ class ChatTemplate:
         return text
 
     def check(self) -> None:
-        """Compiles the template(s): LlmircError naming the template and the line of a syntax error."""
-        import jinja2
-
+        """Compiles the template(s): LlmircError naming the template and the line of a syntax error
+        (or saying jinja2 is not installed)."""
+        jinja2 = _jinja2()
         for source in filter(None, (self.source, self.tool_source)):
             try:
                 self._template(source)
@@ -130,13 +129,20 @@ class ChatTemplate:
         return self._compiled[source]
 
 
-def _environment():
+def _jinja2():
+    """The jinja2 module (an optional dependency: the `serve` extra), or LlmircError saying so."""
     try:
         import jinja2
         import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        import jinja2.sandbox
     except ImportError:
-        raise LlmircError("chat templates need jinja2: pip install 'llmirc[serve]'") from None
+        raise LlmircError("chat templates need jinja2: pip install 'llmirc[serve]' (or jinja2)") from None
+    return jinja2
+
+
+def _environment():
+    jinja2 = _jinja2()
+    ImmutableSandboxedEnvironment = jinja2.sandbox.ImmutableSandboxedEnvironment
 
     class Generation(jinja2.ext.Extension):
         tags = {"generation"}
