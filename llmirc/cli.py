@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -35,6 +36,17 @@ INTERNAL_ERROR = 3  # exit code of a bug in llmirc (user errors: 1, usage errors
 SHUTDOWN_GRACE_S = 5  # `serve`: how long Ctrl-C waits for running requests before aborting them
 _debug = os.environ.get("LLMIRC_DEBUG", "") not in ("", "0")
 _command = "llmirc"  # the subcommand running, for internal errors with no known stage
+
+
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (nan compares false with any bound, so
+    FloatRange lets it through to fail later as an input error, exit 1)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 # click >= 8.2 raises this (a UsageError whose message is the whole help) for a bare `llmirc`.
@@ -122,7 +134,7 @@ def cli(debug: bool) -> None:
                    "Default: on for --quant int4 --quant-method gptq (on SmolLM2-135M it took int4-g128's "
                    "perplexity cost from +9.1% to +6.9%, with zero points from +8.2% to +5.5%), off otherwise "
                    "(round to nearest got worse).")
-@click.option("--quant-smooth", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+@click.option("--quant-smooth", type=FiniteRange(0, 1, min_open=True, max_open=True), default=None,
               metavar="ALPHA", help="SmoothQuant (Xiao et al. 2023) before quantizing: each linear input's outlier "
               "channels shrunk by (max|x|^ALPHA / max|w|^(1-ALPHA)) relative to the median channel, the weights "
               "scaled to match, so int8 activations lose less. Needs --calibration; 0.5 is usual.")
@@ -199,10 +211,10 @@ def _sampling_options(fn):
     """The sampling options run and chat share (transformers' semantics; 0 is greedy)."""
     for option in reversed([
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True),
-        click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+        click.option("--temperature", type=FiniteRange(min=0.0), default=0.0, show_default=True,
                      help="0 is greedy decoding."),
         click.option("--top-k", type=click.IntRange(min=1), default=None),
-        click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=None),
+        click.option("--top-p", type=FiniteRange(min=0.0, max=1.0, min_open=True), default=None),
         click.option("--seed", type=click.IntRange(min=0), default=None,
                      help="Seed for sampling (reproducible output)."),
         click.option("--stop", "stops", multiple=True, help="Stop at this text (repeatable); it is left out."),
@@ -415,7 +427,7 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
               help="KV cache size in tokens (default: the model's context, at most 16384).")
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
               help="auto, or the dtype the bundle was compiled with (`llmirc inspect` shows it).")
-@click.option("--gpu-memory-utilization", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+@click.option("--gpu-memory-utilization", type=FiniteRange(0.0, 1.0, min_open=True), default=None,
               help="GPU targets only (no effect on a CPU bundle).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for the model (default: all cores this process may use).")

@@ -992,6 +992,12 @@ def test_run_bad_request(bundle, bundle_notok, case):
     assert_user_error(llmirc("run", bundle_notok if notok else bundle, *args), *needles)
 
 
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan")])
+def test_run_non_finite_sampling_options_are_usage_errors(bundle, flag, value):
+    """nan compares false with any bound: click's FloatRange let it through, to fail as exit 1."""
+    assert_user_error(llmirc("run", bundle, "--token-ids", "1", flag, value), flag, "not a finite number", code=2)
+
+
 def _unlisted_tokenizer(b):
     # A tokenizer.json dropped into a bundle but not in its manifest (so never checksummed): not used.
     (b / "tokenizer").mkdir()
