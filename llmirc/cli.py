@@ -368,7 +368,9 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
     """Chat with BUNDLE in the terminal: each input line is a user message; replies stream.
 
     Uses the bundle's chat template. Earlier turns stay in the prefix cache, so each reply
-    prefills only the new message. /reset starts over, /exit (or end of input) quits."""
+    prefills only the new message. /reset starts over, /exit (or end of input) quits. A turn
+    past the context or KV cache is an error line and the chat goes on; with input from a pipe
+    or file, the command then exits 1 at the end."""
     from llmirc.errors import RuntimeLimitError
 
     _warn_unused_sampling(temperature, top_k, top_p)
@@ -379,7 +381,7 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
     start = [{"role": "system", "content": system}] if system is not None else []
     history = list(start)
     interactive = sys.stdin.isatty()
-    turn = 0
+    turn, failed = 0, False
     while True:
         if interactive:
             click.echo("> ", nl=False, err=True)
@@ -402,10 +404,13 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
                 click.echo(delta, nl=False)
         except RuntimeLimitError as e:
             click.echo(f"error: {e} (the conversation is too long: /reset starts over)", err=True)
+            failed = True
             continue
         click.echo()
         history = messages + [{"role": "assistant", "content": reply}]
         turn += 1
+    if failed and not interactive:  # a script's turn was lost
+        sys.exit(1)
 
 
 @cli.command()

@@ -1414,6 +1414,12 @@ def test_chat_command_through_a_pipe(chat_bundle, bundle):
         expected.append(reply + "\n")
     assert r.stdout == "".join(expected)
     assert_user_error(llmirc("chat", bundle), "no chat template")
+    # a turn past the KV cache: an error line, the next turns still answered, exit 1 at the end
+    r = subprocess.run([sys.executable, "-m", "llmirc.cli", "chat", str(chat_bundle), "--max-new-tokens", "6",
+                        "--kv-cache-tokens", "64"], input="hello there\n" + "word " * 60 + "\n/reset\nhello there\n",
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 1 and r.stderr.count("error: ") == 1 and "/reset starts over" in r.stderr, r.stderr
+    assert r.stdout == expected[0] * 2
 
 
 def test_tokenizer_files_the_manifest_does_not_list_are_not_read(bundle, chat_bundle, tmp_path):
