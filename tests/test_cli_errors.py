@@ -1339,6 +1339,7 @@ def test_python_api_arguments(bundle):
     for kwargs, needle in ((dict(stop_token_ids=5), "stop_token_ids must be a list"),
                            (dict(stop_token_ids=["a"]), "stop_token_ids must be integer token ids"),
                            (dict(temperature=1.0, seed="a"), "seed must be an integer"),
+                           (dict(ignore_eos="no"), "ignore_eos must be True or False"),
                            (dict(max_new_tokens=10**9), "exceeds the model's context")):
         with pytest.raises(LlmircError, match=needle):
             model.generate_stream([[1, 2]], **{"max_new_tokens": 2, **kwargs})
@@ -1354,6 +1355,9 @@ def test_python_api_arguments(bundle):
                    dict(max_num_seqs=True)):
         with pytest.raises(LlmircError, match=f"{next(iter(kwargs))} must be an integer >= 1"):
             load(bundle, **kwargs)
+    for name in ("verify", "enable_prefix_caching"):
+        with pytest.raises(LlmircError, match=f"{name} must be True or False, got 'no'"):
+            load(bundle, **{name: "no"})
     with pytest.raises(LlmircError, match="must be a list of messages"):
         ChatTemplate("{{ messages }}").render("hi")
 

@@ -82,6 +82,9 @@ class SamplingParams:
                 raise LlmircError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         if not isinstance(self.prompt_logprobs_start, int) or self.prompt_logprobs_start < 0:
             raise LlmircError(f"prompt_logprobs_start must be an integer >= 0, got {self.prompt_logprobs_start!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "detokenize"):  # "no" would act as True
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise LlmircError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 @dataclass

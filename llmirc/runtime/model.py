@@ -50,6 +50,9 @@ def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_to
     scheduling; CPU targets, when every running request is greedy without logprobs or stop strings
     and none waits; 1: one step per call). Streamed tokens then come in bursts of up to this many.
     Raises BundleError for a bad bundle, LlmircError for bad options."""
+    for name, flag in (("verify", verify), ("enable_prefix_caching", enable_prefix_caching)):
+        if not isinstance(flag, (bool, np.bool_)):  # "no" would act as True
+            raise LlmircError(f"{name} must be True or False, got {flag!r}")
     return Model(open_bundle(Path(path), verify=verify, remember=True), kv_cache_tokens=kv_cache_tokens,
                  max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs, target=target, threads=threads,
                  enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
