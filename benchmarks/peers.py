@@ -332,11 +332,14 @@ LLMIRC_VARIANTS = {  # `llmirc:VARIANT` -> `llmirc compile` options
     "int4-g128-gptq-unrotated": ["--quant", "int4", "--quant-group-size", "128", "--quant-method", "gptq",
                                  "--no-quant-rotate"],
     "int4-g128-down8-gptq": ["--quant", "int4", "--quant-group-size", "128", "--quant-keep",
-                             "embedding,*.down_proj.*=int8", "--quant-method", "gptq"]}
+                             "embedding,*.down_proj.*=int8", "--quant-method", "gptq"],
+    # learned rounding from GPTQ's codes (about 30 minutes for SmolLM2 on 2 cores)
+    "int4-g128-zp-autoround": ["--quant", "int4", "--quant-group-size", "128", "--quant-zero-points",
+                               "--quant-method", "autoround"]}
 
 
 def calibration_text(work: Path) -> Path:
-    """The text `llmirc:*-gptq` variants calibrate on: the topics of the Python language reference
+    """The text `llmirc:*-gptq` and `*-autoround` variants calibrate on: the topics of the Python language reference
     (the standard library's pydoc_data; about 460 KB of English prose and code), unlike the
     perplexity benchmark's text (a licence)."""
     from pydoc_data.topics import topics
@@ -366,7 +369,7 @@ def prepare(engine: str, checkpoint: Path, work: Path) -> Prepared:
         shutil.rmtree(bundle, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
         source, options = (to_gguf(checkpoint, work, gguf), []) if gguf else (checkpoint, LLMIRC_VARIANTS[variant])
-        if "gptq" in options:
+        if "gptq" in options or "autoround" in options:
             options = [*options, "--calibration", str(calibration_text(work))]
         compiled = _run([sys.executable, "-m", "llmirc.cli", "compile", str(source), "-o", str(bundle), "-q",
                          *options], "llmirc compile")

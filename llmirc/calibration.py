@@ -13,6 +13,10 @@ names each Hessian as a weight (`calibration.hessian.<i>`) and gives it to the
 `llmir.quantize` op; the smooth pass derives its scales from the maxima
 (`calibration.smooth.<i>`, passes/smooth.py).
 
+`--quant-method autoround` runs the same ops decoder layer by layer instead, through the layers
+already quantized, and learns their codes (llmirc/autoround.py; its tensors
+`calibration.learned.*` are kept here too).
+
 This is compile-time analysis, not an execution path: the bundle's kernels are what run the
 model. The statistics come from the float model in one pass (the GPTQ reference feeds each layer
 the outputs of the layers already quantized: on SmolLM2 that did worse, DESIGN.md "GPTQ");
@@ -37,10 +41,12 @@ from llmirc.passes.func_args import arg_names, forward_func
 from llmirc.passes.onnx_fuse_activation import REFERENCE
 from llmirc.passes.quantize_weights import source_names
 from llmirc.passes.smooth import float_value
+from llmirc.quant import Scheme
 from llmirc.scratch import scratch_dir
 
 PREFIX = "calibration."
 HESSIAN = PREFIX + "hessian."  # + input index: float32 [k, k]
+LEARNED = PREFIX + "learned."  # + checkpoint weight name + "." + part: codes learned by autoround
 
 
 class Calibration:
@@ -56,6 +62,8 @@ class Calibration:
         self.by_weight: dict[str, int] = {}   # checkpoint tensor of a linear's weight -> its input's index
         self.maxima: list[np.ndarray] = []    # per input: max |x_j| (f32 [k]), each window's first token left out
         self._tensors: dict[str, np.ndarray] = {}  # added by passes (small)
+        self._files: dict[str, Path] = {}  # Hessians and learned codes, in the scratch folder
+        self.learned: dict[str, Scheme] = {}  # checkpoint weight -> the scheme of its learned codes (autoround)
 
     def hessian_for(self, weights: list[str]) -> str | None:
         """The name of the Hessian of a weight made of the checkpoint tensors `weights` (stacked
@@ -77,16 +85,33 @@ class Calibration:
         """Keeps a tensor a pass derived (f32), for `read`."""
         self._tensors[name] = np.asarray(value, np.float32)
 
+    def add_learned(self, weight: str, parts: dict[str, np.ndarray], scheme: Scheme) -> None:
+        """Keeps the parts (llmirc/quant.py) autoround learned for the checkpoint tensor `weight`
+        (the linear's [n, k] weight, in the rotated basis when its input is rotated), read as
+        `<LEARNED><weight>.<part>` (frontend/packed.py, format learned)."""
+        for part, value in parts.items():
+            self._save(f"{LEARNED}{weight}.{part}", value, "learned codes")
+        self.learned[weight] = scheme
+
     def has(self, name: str) -> bool:
         """Whether `name` is one of this calibration's tensors (else a checkpoint's)."""
-        return name in self._tensors or (name.startswith(HESSIAN) and self._path(name).is_file())
+        return name in self._tensors or name in self._files
 
     def read(self, name: str) -> np.ndarray:
-        """Tensor `name`: a Hessian (float32 [k, k], memory-mapped) or one `add` kept."""
-        return self._tensors[name] if name in self._tensors else np.load(self._path(name), mmap_mode="r")
+        """Tensor `name`: one `add` kept, or a Hessian (float32 [k, k]) or learned codes,
+        memory-mapped."""
+        return self._tensors[name] if name in self._tensors else np.load(self._files[name], mmap_mode="r")
 
-    def _path(self, name: str) -> Path:
-        return Path(self._dir.name) / f"{name}.npy"
+    def _save(self, name: str, value: np.ndarray, what: str) -> None:
+        """Writes tensor `name` to the scratch folder (files named by number: the name comes from
+        the checkpoint). Raises LlmircError when it cannot."""
+        path = self._files.get(name) or Path(self._dir.name) / f"{len(self._files)}.npy"
+        try:
+            np.save(path, value)
+        except OSError as e:  # (numpy's short write has no errno: say what it is)
+            raise LlmircError(f"--calibration: cannot write {what} ({value.nbytes / 2**20:.0f} MiB) to "
+                              f"{path.parent} (TMPDIR): {e.strerror or 'short write: no space left?'}") from None
+        self._files[name] = path
 
     def _add(self, weights: list[str], x: np.ndarray, first: np.ndarray, known: int | None) -> int:
         """Records input rows x [N, k] of the linear reading `weights` (`first`: the rows that
@@ -105,12 +130,7 @@ class Calibration:
         if not np.isfinite(self.maxima[i]).all() or (h is not None and not np.isfinite(h).all()):
             raise LlmircError(f"--calibration: the inputs of the linear reading {weights[0]} overflow float32")
         if h is not None:
-            path = self._path(f"{HESSIAN}{i}")
-            try:
-                np.save(path, h)
-            except OSError as e:  # (numpy's short write has no errno: say what it is)
-                raise LlmircError(f"--calibration: cannot write a Hessian ({h.nbytes / 2**20:.0f} MiB) to "
-                                  f"{path.parent} (TMPDIR): {e.strerror or 'short write: no space left?'}") from None
+            self._save(f"{HESSIAN}{i}", h, "a Hessian")
         for n in weights:
             self.by_weight[n] = i
         return i
@@ -172,25 +192,11 @@ def calibrate(module: ModuleOp, source, token_windows: list[np.ndarray],
     built from (its `float32(name)` gives a weight as float32, its `read(name)` a packed
     weight's tensors as stored). Raises LlmircError for an op it cannot run (ONNX ops, a paged
     KV cache)."""
-    f = forward_func(module)
-    names = arg_names(f)
-    ids = np.concatenate(token_windows)
-    positions = np.concatenate([np.arange(len(w), dtype=np.int32) for w in token_windows])
-    starts = np.cumsum([0] + [len(w) for w in token_windows])
-    args = {"token_ids": ids, "positions": positions}
-    cal = Calibration(len(ids), len(token_windows), hessians)
-    ops = list(f.body.block.ops)
-    generic = sorted({op.name for op in ops if op.name.startswith("onnx.")})
-    if generic:
-        raise LlmircError(f"--calibration: cannot calibrate a full-sequence model (ONNX ops left generic: "
-                          f"{', '.join(generic[:4])}{', ...' if len(generic) > 4 else ''}); calibration needs every "
-                          "op to have an llmir kernel")
+    ops, args, starts = forward_inputs(module, token_windows)
+    cal = Calibration(int(starts[-1]), len(token_windows), hessians)
     consumed = _consumed(ops)
     last_use = {v: i for i, op in enumerate(ops) for v in op.operands}
-    env: dict[SSAValue, np.ndarray] = {}
-    for a, n in zip(f.args, names):
-        if n in args:
-            env[a] = args[n]
+    env: dict[SSAValue, np.ndarray] = dict(args)
     linears = sum(isinstance(op, L.LinearOp) for op in ops)
     seen, shown = 0, time.monotonic()
     by_input: dict[SSAValue, int] = {}  # q, k and v (gate and up) share their input's statistics
@@ -221,6 +227,23 @@ def calibrate(module: ModuleOp, source, token_windows: list[np.ndarray],
         size = sum(len(m) ** 2 * 4 for m in cal.maxima)
         progress(f"calibration: {len(cal.maxima)} Hessians ({size / 2**20:.1f} MiB in {cal._dir.name})")
     return cal
+
+
+def forward_inputs(module: ModuleOp, token_windows: list[np.ndarray]):
+    """(ops, args, starts): the forward function's ops, its arguments' values for the windows
+    concatenated ({token_ids value: int32 [N], positions value: int32 [N]}) and where each
+    window starts (int [windows + 1]). Raises LlmircError for ops left in ONNX form."""
+    f = forward_func(module)
+    ops = list(f.body.block.ops)
+    generic = sorted({op.name for op in ops if op.name.startswith("onnx.")})
+    if generic:
+        raise LlmircError(f"--calibration: cannot calibrate a full-sequence model (ONNX ops left generic: "
+                          f"{', '.join(generic[:4])}{', ...' if len(generic) > 4 else ''}); calibration needs every "
+                          "op to have an llmir kernel")
+    values = {"token_ids": np.concatenate(token_windows),
+              "positions": np.concatenate([np.arange(len(w), dtype=np.int32) for w in token_windows])}
+    args = {a: values[n] for a, n in zip(f.args, arg_names(f)) if n in values}
+    return ops, args, np.cumsum([0] + [len(w) for w in token_windows])
 
 
 def _consumed(ops: list[Operation]) -> set:
@@ -278,7 +301,7 @@ def _linear(op: L.LinearOp, x: np.ndarray, source, env) -> np.ndarray:
 def _run(op: Operation, env: dict, source, starts: np.ndarray) -> list[np.ndarray]:
     get = lambda v: _get(env, v, source)  # noqa: E731
     if isinstance(op, L.EmbeddingOp):
-        return [_weight(op.table, source)[get(op.token_ids)]]
+        return [get(op.table)[get(op.token_ids)]]
     if isinstance(op, L.RMSNormOp):
         x = get(op.input)
         return [x / np.sqrt(np.mean(x * x, -1, keepdims=True) + np.float32(op.eps.value.data)) * get(op.weight)]
@@ -305,13 +328,15 @@ def _run(op: Operation, env: dict, source, starts: np.ndarray) -> list[np.ndarra
                       "(calibration needs a model whose ops all have llmir kernels)")
 
 
-def _rope(op: L.RopeOp, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+def _rope(op: L.RopeOp, x: np.ndarray, pos: np.ndarray, sign: float = 1.0) -> np.ndarray:
+    """Rotary embedding of x [N, heads*head_dim] at positions pos [N]; sign -1 rotates back
+    (the transpose: rope's vector-Jacobian product, llmirc/autoround.py)."""
     h, d = op.num_heads.value.data, op.head_dim.value.data
     inv = np.asarray(op.inv_freq.get_values(), np.float32)
     half = len(inv)
     ang = pos.astype(np.float32)[:, None] * inv[None, :]
-    c = (np.cos(ang) * op.scaling.value.data)[:, None, :].astype(np.float32)
-    s = (np.sin(ang) * op.scaling.value.data)[:, None, :].astype(np.float32)
+    c = (np.cos(ang) * op.scaling.value.data)[:, None, :].astype(x.dtype)
+    s = (sign * np.sin(ang) * op.scaling.value.data)[:, None, :].astype(x.dtype)
     x = x.reshape(len(x), h, d)
     out = x.copy()
     if op.style.data == "neox":

@@ -36,7 +36,7 @@ from llmirc.passes.pipeline import DEFAULT_BLOCK_SIZE, make_context, parse_passe
 from llmirc.passes.cast_weights import float_type, weight_uses
 from llmirc.passes.kv_cache_dtype import kv_type
 from llmirc.passes.paged_kv import block_size_problem
-from llmirc.passes.quantize_weights import TIED_HEAD, TIED_TWICE, QuantizeWeights, source_names
+from llmirc.passes.quantize_weights import METHODS, TIED_HEAD, TIED_TWICE, QuantizeWeights, source_names
 from llmirc.targets.backend import backend
 from llmirc.targets.plan import ABI_INPUTS, ABI_VERSION, Plan, build_plan
 
@@ -59,12 +59,13 @@ class CompileOptions:
     quant_symmetric: bool = True        # false: a zero point per group
     quant_keep: tuple[str, ...] = ("embedding",)  # what stays in higher precision (quantize-weights' keep)
     quant_lm_head: str = "auto"         # auto (int6 for int4, int8 for int8), int8 (per row), int6, int4
-    quant_method: str = "rtn"           # rtn (round to nearest) or gptq (needs `calibration`)
+    quant_method: str = "rtn"           # rtn (round to nearest), gptq or autoround (need `calibration`)
     quant_rotate: bool | None = None    # rotate down_proj's input by a block Hadamard (quantize-weights' rotate);
-                                        # None: for int4 with GPTQ
+                                        # None: for int4 with GPTQ or autoround
     quant_smooth: float | None = None   # SmoothQuant's alpha (the smooth pass; needs `calibration`); None: off
     calibration: Path | None = None     # text file GPTQ and smoothing calibrate on
     calibration_tokens: int = 8192      # at most this many of its tokens
+    quant_iters: int = 200              # autoround's signed-gradient steps per decoder layer
     dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of keeping them
     block_size: int | None = None       # KV cache block (tokens); None: the pipeline's (16)
     max_model_len: int | None = None    # the context the bundle states (<= the checkpoint's)
@@ -91,17 +92,22 @@ class CompileOptions:
                 f"lm-head-bits={head} method={self.quant_method} rotate={str(self.rotates()).lower()}}}")
 
     def rotates(self) -> bool:
-        """Whether down_proj's input is rotated (`quant_rotate`, by default for int4 with GPTQ:
-        DESIGN.md, "Rotation")."""
+        """Whether down_proj's input is rotated (`quant_rotate`, by default for int4 with GPTQ or
+        autoround: DESIGN.md, "Rotation")."""
         if self.quant_rotate is None:
-            return self.quant == "int4" and self.quant_method == "gptq"
+            return self.quant == "int4" and self.quant_method in ("gptq", "autoround")
         return bool(self.quant_rotate)
 
     def check_calibration(self) -> None:
         """--quant-method, --quant-smooth and --calibration agree (before the checkpoint is read)."""
-        if self.quant_method not in ("rtn", "gptq"):
-            raise UsageError(f"--quant-method: unknown method {self.quant_method!r} (choose rtn or gptq)")
-        for option, wanted in (("--quant-method gptq", self.quant_method == "gptq"),
+        if self.quant_method not in METHODS:
+            raise UsageError(f"--quant-method: unknown method {self.quant_method!r} (choose rtn, gptq or autoround)")
+        if isinstance(self.quant_iters, bool) or not isinstance(self.quant_iters, int) or self.quant_iters < 0:
+            raise UsageError(f"--quant-iters {self.quant_iters!r}: a whole number of steps, 0 or more")
+        if self.quant_method == "autoround" and self.quant_smooth is not None:
+            raise UsageError("--quant-smooth cannot go with --quant-method autoround (the codes are learned "
+                             "for the weights as the checkpoint has them)")
+        for option, wanted in ((f"--quant-method {self.quant_method}", self.quant_method != "rtn"),
                                (f"--quant-smooth {self.quant_smooth}", self.quant_smooth is not None)):
             if wanted and self.quant == "none":
                 raise UsageError(f"{option}: give --quant int8 or int4 too")
@@ -113,7 +119,7 @@ class CompileOptions:
         if self.quant_smooth is not None and not 0 < self.quant_smooth < 1:
             raise UsageError(f"--quant-smooth {self.quant_smooth}: alpha must be between 0 and 1 (0.5 is usual)")
         if self.calibration is not None and not self.calibrates():
-            raise UsageError("--calibration is only read by --quant-method gptq and --quant-smooth")
+            raise UsageError("--calibration is only read by --quant-method gptq or autoround and --quant-smooth")
         if self.calibration is None:
             return
         path = Path(self.calibration)  # (the Python API may give a str)
@@ -132,7 +138,7 @@ class CompileOptions:
         return f"smooth{{alpha={np.format_float_positional(self.quant_smooth)}}}"  # xDSL reads no 1e-05
 
     def calibrates(self) -> bool:
-        return self.quant_method == "gptq" or self.quant_smooth is not None
+        return self.quant_method != "rtn" or self.quant_smooth is not None
 
     def required(self) -> str:
         return required(self.dtype, self.kv_cache_dtype, self.block_size or DEFAULT_BLOCK_SIZE, self.quantize_pass())
@@ -253,7 +259,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         layers = model_facts(module).get("num_layers")  # (none found in a full-sequence ONNX graph)
         progress(f"front end: {source.kind}" + (f", {layers} attention layers" if layers is not None else ""))
         stored = _stored_quantized(source, module)
-        if options.quant_method == "gptq" and stored is not None:
+        if options.quant_method != "rtn" and stored is not None:
             _check_something_to_calibrate(model, source, module, stored, quantize)
         elif options.quant_smooth is not None and stored is not None and not stored[0]:
             raise LlmircError(f"--quant-smooth: every linear weight of {model} is stored quantized already, so there "
@@ -261,7 +267,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         if options.calibrates():
             with stage("calibration"):
                 ctx.calibration = calibration = _calibrate(source, options, progress)
-            uses = " and ".join(u for u, on in (("GPTQ", options.quant_method == "gptq"),
+            method = {"gptq": "GPTQ"}.get(options.quant_method, options.quant_method)
+            uses = " and ".join(u for u, on in ((method, options.quant_method != "rtn"),
                                                 (f"smooth, alpha {options.quant_smooth}",
                                                  options.quant_smooth is not None)) if on)
             ctx.report[f"calibration ({uses}): {calibration.tokens} tokens of {options.calibration.name} in "
@@ -370,7 +377,7 @@ def _check_something_to_calibrate(model: Path, source, module, stored: tuple[int
     if floats:
         tied = " (the LM head is tied to an embedding table kept in float)" if TIED_HEAD in seen.report else ""
         why.append(f"kept in float by --quant-keep {','.join(quantize.keep) or 'none'}{tied}")
-    raise LlmircError(f"--quant-method gptq: every linear weight of {model} is {' or '.join(why)}, so there is "
+    raise LlmircError(f"--quant-method {quantize.method}: every linear weight of {model} is {' or '.join(why)}, so there is "
                       f"nothing to calibrate{_DEQUANTIZE_HINT.get(source.kind, '') if quantized else ''}")
 
 
@@ -421,6 +428,15 @@ def _calibrate(source, options: CompileOptions, progress: Callable[[str], None])
     chunks = windows(ids, min(512, context.tokens))
     progress(f"calibration: {sum(map(len, chunks))} tokens of {options.calibration.name} in "
              f"{_count(len(chunks), 'window')}")
+    if options.quant_method == "autoround":
+        from llmirc.autoround import calibrate_autoround
+        from llmirc.passes.quantize_weights import rotation_block
+
+        quantize = next(p for p in parse_passes(options.required()) if isinstance(p, QuantizeWeights))
+        planned = {user: (scheme, rotation_block(user, k) if quantize.rotate else 0)
+                   for user, _, k, scheme in quantize.plan(module) if isinstance(user, L.LinearOp)}
+        progress(f"autoround: {len(planned)} linears, {options.quant_iters} steps per decoder layer")
+        return calibrate_autoround(module, source, chunks, planned, options.quant_iters, progress)
     return calibrate(module, source, chunks, progress, hessians=options.quant_method == "gptq")
 
 
@@ -483,11 +499,11 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
         for w in plan.weights:
             writer.declare(w.name, dtypes.dtype(w.dtype).safetensors, w.shape)
         total = sum(w.nbytes for w in plan.weights)
-        gptq = "quantizing (GPTQ) and " if options.quant_method == "gptq" and options.quant != "none" else ""
+        gptq = "quantizing (GPTQ) and " if options.quant_method != "rtn" and options.quant != "none" else ""
         progress(f"{gptq}writing {len(plan.weights)} weights ({total / 2**20:.1f} MiB)")
         effort = [_effort(w) for w in plan.weights]
         total, done, shown, parts, when = sum(effort), 0, 0, {}, time.monotonic()
-        slow = total > 2**30 or options.quant_method == "gptq"
+        slow = total > 2**30 or options.quant_method != "rtn"
         for i, w in enumerate(plan.weights):
             writer.write(w.name, w.materialize(read, parts))
             source.drop_pages()  # the weights stream through: what was read need not stay resident

@@ -31,13 +31,17 @@ not split into the groups gets the largest smaller power-of-two group that does 
 group-size 128: groups of 64; llama.cpp falls back to another type for such rows), down to 16;
 else it stays as it is (both counted in --report).
 
-`method`: rtn (round to nearest, the default) or gptq: each linear weight is quantized by GPTQ
+`method`: rtn (round to nearest, the default), gptq or autoround. gptq: each linear weight is quantized by GPTQ
 (llmirc/quant.py `gptq`) with the Hessian of its input that calibration collected
 (llmirc/calibration.py: `llmirc compile --quant-method gptq --calibration FILE`); the Hessian
 is an `llmir.weight` operand of the quantize op, so the IR shows which weights it serves; for an
 input the smooth pass divided by s, it goes through two `llmir.scale` ops (diag(1/s) H diag(1/s)).
 Embedding tables have no input to calibrate and stay round-to-nearest, except a table tied to
 an LM head quantized in the same type: it shares the head's GPTQ codes (one copy).
+`method` autoround (`--quant-method autoround`): the calibration learned each decoder linear's
+codes (llmirc/autoround.py); its weight becomes `llmir.packed_weight` ops of format `learned`
+(concatenated as fuse-linears concatenated the weights; in the rotated basis already, so only
+the input is rotated), and linears without learned codes (an LM head) get GPTQ as above.
 
 `rotate` (`llmirc compile --quant-rotate`): before quantizing a linear that reads an MLP's
 activation (act_mul or act: down_proj, GPT-2's c_proj), its input x becomes llmir.hadamard(x)
@@ -63,6 +67,8 @@ After (bits=4):
 After (bits=4 method=gptq):
          %h = "llmir.weight"() {weight = "calibration.hessian.0"} : () -> tensor<64x64xf32>
          %q = "llmir.quantize"(%w, %h) : (tensor<64x64xf32>, tensor<64x64xf32>) -> tensor<64x64x!llmir.quant<...>>
+After (bits=4 method=autoround):
+         %q = "llmir.packed_weight"() <{format = "learned", weight = "...q_proj.weight"}> : () -> tensor<64x64x!llmir.quant<...>>
 """
 
 from __future__ import annotations
@@ -127,6 +133,26 @@ def int8_rows(k: int) -> Scheme:
     return Scheme(8, k, "float32", "none")
 
 
+METHODS = ("rtn", "gptq", "autoround")
+
+
+def learned_weight(w: SSAValue, qtype: L.QuantType, calibration) -> list[Operation] | None:
+    """The ops making weight `w` from the codes autoround learned (llmir.packed_weight of format
+    learned, concatenated as `w` is), or None when some part of it has none in this type."""
+    op = w.owner
+    if isinstance(op, L.ConcatOp) and op.axis.value.data == 0:
+        parts = [learned_weight(i, qtype, calibration) for i in op.inputs]
+        if any(p is None for p in parts):
+            return None
+        return [o for p in parts for o in p] + [L.ConcatOp([p[-1].results[0] for p in parts], 0)]
+    names = source_names(w)
+    scheme = calibration.learned.get(names[0]) if len(names) == 1 else None
+    if scheme is None or L.QuantType(scheme.bits, scheme.group_size, L.FLOAT_TYPES[scheme.scale_dtype],
+                                     scheme.zero) != qtype:
+        return None
+    return [L.PackedWeightOp(names[0], "learned", L.shape_of(w), qtype)]
+
+
 ROTATION_BLOCK = 128  # the largest block `rotate` uses (the size QuaRot's online Hadamard of down_proj is built from)
 
 
@@ -145,15 +171,18 @@ def rotation_block(user: Operation, k: int) -> int:
     return block if block >= 16 else 0
 
 
-def _rotate_input(user: L.LinearOp, w: SSAValue, block: int, rotated: dict) -> SSAValue:
+def _rotate_input(user: L.LinearOp, w: SSAValue | None, block: int, rotated: dict) -> SSAValue | None:
     """Makes `user` read hadamard(x) and hadamard(w) for x and w (an activation's llmir.hadamard
-    is made once, after its producer: `rotated` keeps them); returns the rotated weight."""
+    is made once, after its producer: `rotated` keeps them); returns the rotated weight (None
+    for w None: learned codes are in the rotated basis already)."""
     x = user.input
     if x not in rotated:
         hx = L.HadamardOp(x, block)
         x.owner.parent_block().insert_op_after(hx, x.owner)
         rotated[x] = hx.result
     user.operands[0] = rotated[x]
+    if w is None:
+        return None
     hw = L.HadamardOp(w, block)
     user.parent_block().insert_op_before(hw, user)
     replace_weight(user, w, hw.result)
@@ -230,15 +259,16 @@ class QuantizeWeights(ModulePass):
                 raise UsageError(f"{label('keep')} {item!r}: the precision kept is float or int8")
 
     def calibration(self, ctx: Context):
-        """The calibration GPTQ reads (None for round to nearest)."""
-        if self.method not in ("rtn", "gptq"):
-            raise UsageError(f"{self.name}: method must be rtn or gptq, got {self.method!r}")
+        """The calibration GPTQ and autoround read (None for round to nearest)."""
+        if self.method not in METHODS:
+            raise UsageError(f"{self.name}: method must be {', '.join(METHODS[:-1])} or {METHODS[-1]}, "
+                             f"got {self.method!r}")
         if self.method == "rtn":
             return None
         calibration = getattr(ctx, "calibration", None)
         if calibration is None:
-            raise UsageError(f"{self.name}: method=gptq needs calibration data (llmirc compile --quant-method gptq "
-                             "--calibration FILE)")
+            raise UsageError(f"{self.name}: method={self.method} needs its calibration data (llmirc compile "
+                             f"--quant-method {self.method} --calibration FILE)")
         return calibration
 
     def kept(self, user, w: SSAValue, lm_head) -> tuple[str | None, str | None]:
@@ -303,6 +333,11 @@ class QuantizeWeights(ModulePass):
             note(ctx, TIED_TWICE)
         return planned
 
+    def _note_quantized(self, ctx: Context, user, w: SSAValue, lm_head, bits: int) -> None:
+        if user is not lm_head:
+            level, item = self.kept(user, w, lm_head)
+            note(ctx, f"{self.name}: weight -> int{bits}" + (f" (keep {item})" if level else ""))
+
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         if self.bits == 0:
             return
@@ -317,9 +352,20 @@ class QuantizeWeights(ModulePass):
         made: dict[tuple, SSAValue] = {}
         rotated: dict[SSAValue, SSAValue] = {}  # activation -> its llmir.hadamard
         for user, w, k, bits, qtype in planned:
+            block = rotation_block(user, k) if self.rotate else 0
+            learned = learned_weight(w, qtype, calibration) if self.method == "autoround" and \
+                isinstance(user, L.LinearOp) else None
+            if learned:
+                if block:
+                    _rotate_input(user, None, block, rotated)
+                    note(ctx, f"{self.name}: input rotated (hadamard, blocks of {block})")
+                user.parent_block().insert_ops_before(learned, user)
+                replace_weight(user, w, learned[-1].results[0])
+                note(ctx, f"{self.name}: learned rounding (autoround)")
+                self._note_quantized(ctx, user, w, lm_head, bits)
+                continue
             gptq = calibration is not None and (w, qtype) in calibrated
             smoothed = column_scale(w)
-            block = rotation_block(user, k) if self.rotate else 0
             if block:
                 w = _rotate_input(user, w, block, rotated)
                 note(ctx, f"{self.name}: input rotated (hadamard, blocks of {block})")
@@ -347,9 +393,7 @@ class QuantizeWeights(ModulePass):
                 q = L.QuantizeOp(w, qtype, h.results[0] if h else None)
                 user.parent_block().insert_op_before(q, user)
                 made[key] = q.result
-                if user is not lm_head:
-                    level, item = self.kept(user, w, lm_head)
-                    note(ctx, f"{self.name}: weight -> int{bits}" + (f" (keep {item})" if level else ""))
+                self._note_quantized(ctx, user, w, lm_head, bits)
             if user is lm_head:  # counted apart, also when it shares its table's codes (quantized, tied)
                 note(ctx, f"{self.name}: LM head -> int{bits}")
             replace_weight(user, w, made[key])

@@ -688,7 +688,8 @@ def _weight_expr(v: SSAValue) -> tuple[tuple, str]:
         return ("quantize", expr, quant_scheme(v.type.element_type), hessian), name
     if isinstance(op, L.PackedWeightOp):
         name = op.weight.data
-        return ("packed", op.format.data, name, quant_scheme(v.type.element_type), L.shape_of(v)[1]), name + ".weight"
+        return (("packed", op.format.data, name, quant_scheme(v.type.element_type), L.shape_of(v)[1]),
+                name if op.format.data == "learned" else name + ".weight")
     if isinstance(op, L.ConcatOp) and op.axis.value.data == 0:
         parts = [_weight_expr(i) for i in op.inputs]
         return ("concat", tuple(e for e, _ in parts)), _fused_name(tuple(n for _, n in parts))

@@ -201,6 +201,10 @@ def repack(fmt: str, prefix: str, scheme: quant.Scheme, k: int, read) -> dict[st
     """The llmirc parts (llmirc/quant.py) of a packed weight, from the checkpoint's tensors (GGUF:
     `read(prefix + ".weight")` gives the tensor unpacked, a gguf_quants.Unpacked)."""
     bits, g = scheme.bits, scheme.group_size
+    if fmt == "learned":  # llmirc's own parts, learned at compile time (llmirc/autoround.py)
+        from llmirc.calibration import LEARNED
+
+        return {p: np.asarray(read(f"{LEARNED}{prefix}.{p}")) for p in scheme.parts()}
     if fmt == "gguf":
         u = read(f"{prefix}.weight")
         codes = u.codes.astype(np.int16) + (scheme.center if scheme.zero == "none" else 0)
