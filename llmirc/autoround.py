@@ -43,7 +43,10 @@ from xdsl.ir import Operation, SSAValue
 
 from llmirc import dialect as L
 from llmirc import dtypes, quant
+from llmirc.calibration import _rope, _run, linear
 from llmirc.errors import LlmircError
+from llmirc.frontend.onnx_ops import erf
+from llmirc.passes.onnx_fuse_activation import REFERENCE
 
 ITERS = 200          # signed-gradient steps per layer (AutoRound's default)
 STEP_TOKENS = 1024   # tokens per step (AutoRound: 8 sequences of 2048; here 2 windows of 512)
@@ -63,16 +66,10 @@ def _gelu_tanh_grad(x: np.ndarray) -> np.ndarray:
 
 DERIVATIVE = {  # d act(x) / dx for llmir's activations (passes/onnx_fuse_activation.py REFERENCE)
     "silu": lambda x: _sigmoid(x) * (1 + x * (1 - _sigmoid(x))),
-    "gelu": lambda x: 0.5 * (1 + _erf(x / math.sqrt(2))) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi),
+    "gelu": lambda x: 0.5 * (1 + erf(x / math.sqrt(2))) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi),
     "gelu_tanh": _gelu_tanh_grad,
     "relu": lambda x: (x > 0).astype(x.dtype),
 }
-
-
-def _erf(x: np.ndarray) -> np.ndarray:
-    from llmirc.frontend.onnx_ops import erf
-
-    return erf(x)
 
 
 # ---- vector-Jacobian products (float64 in the tests against finite differences) ----
@@ -234,8 +231,6 @@ class Layer:
                 on_linear: Callable[[L.LinearOp, np.ndarray], None] | None = None) -> dict:
         """The values of the layer (all of them with `keep`, for `backward`; else its outputs) for
         `inputs` (value -> rows), the linears reading `weights[op]` where given (float32 [n, k])."""
-        from llmirc.calibration import _run
-
         env = dict(self.weights)
         env.update(inputs)
         for i, op in enumerate(self.ops):
@@ -243,12 +238,7 @@ class Layer:
                 x = env[op.input]
                 if on_linear is not None:
                     on_linear(op, x)
-                y = x @ weights.get(op, env[op.weight]).T
-                if op.bias is not None:
-                    y += env[op.bias]
-                if op.residual is not None:
-                    y += env[op.residual]
-                env[op.result] = y
+                env[op.result] = linear(op, x, weights.get(op, env[op.weight]), env.__getitem__)
             else:
                 env.update(zip(op.results, _run(op, env, None, starts)))
             if not keep:
@@ -270,9 +260,6 @@ class Layer:
         return dws
 
     def _vjp(self, op, env, dys, weights, starts, learned, dws):
-        from llmirc.calibration import _rope
-        from llmirc.passes.onnx_fuse_activation import REFERENCE
-
         dy = dys[0]
         if isinstance(op, L.LinearOp):
             if op in learned:

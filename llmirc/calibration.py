@@ -214,7 +214,7 @@ def calibrate(module: ModuleOp, source, token_windows: list[np.ndarray],
                         shown = time.monotonic()
                         progress(f"  calibration: {seen} of {linears} linears")
                     if op.result in consumed:
-                        env[op.result] = _linear(op, x, source, env)
+                        env[op.result] = linear(op, x, _weight(op.weight, source), lambda v: _get(env, v, source))
                 else:
                     env.update(zip(op.results, _run(op, env, source, starts)))
                 for v in set(op.operands):
@@ -289,12 +289,13 @@ def _get(env: dict, v: SSAValue, source) -> np.ndarray:
                       "(only token_ids and positions are known)")
 
 
-def _linear(op: L.LinearOp, x: np.ndarray, source, env) -> np.ndarray:
-    y = x @ _weight(op.weight, source).T
+def linear(op: L.LinearOp, x: np.ndarray, w: np.ndarray, get: Callable[[SSAValue], np.ndarray]) -> np.ndarray:
+    """x [N, k] @ w [n, k]^T, plus op's bias and residual (`get`: a value's array)."""
+    y = x @ w.T
     if op.bias is not None:
-        y += _get(env, op.bias, source)
+        y += get(op.bias)
     if op.residual is not None:
-        y += _get(env, op.residual, source)
+        y += get(op.residual)
     return y
 
 
