@@ -622,8 +622,8 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--text", "text_file", type=click.Path(path_type=Path), required=True,
               help="UTF-8 text file to evaluate (tokenized with the bundle's tokenizer); '-' reads standard input.")
-@click.option("--context", type=click.IntRange(min=2), default=512, show_default=True,
-              help="Tokens per window.")
+@click.option("--context", type=click.IntRange(min=2), default=None,
+              help="Tokens per window (default: 512, or the model's context when shorter).")
 @click.option("--stride", type=click.IntRange(min=1), default=None,
               help="Tokens between window starts (default: half the context); each token is scored at most "
                    "once (a window's first token is not scored: nothing precedes it there).")
@@ -639,6 +639,8 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
     from llmirc.runtime.perplexity import perplexity, windows
 
     text = _read_text(text_file, "--text")
+    asked, given_stride = context, stride
+    context = context or 512
     stride = stride or max(1, context // 2)
     windows(0, context, stride)  # bad --context/--stride: a usage error before the bundle loads
     started = time.perf_counter()
@@ -647,7 +649,11 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
     if model.tokenizer is None:
         raise LlmircError(f"{bundle}: the bundle has no tokenizer")
     if context > model.max_context:
-        raise LlmircError(f"--context {context} exceeds the model's context of {model.max_context} tokens")
+        if asked:
+            raise LlmircError(f"--context {context} exceeds the model's context of {model.max_context} tokens")
+        context = model.max_context
+        stride = given_stride or max(1, context // 2)
+        windows(0, context, stride)
     ids = model.tokenizer.encode(text)[:max_tokens]
     if sys.stderr.isatty():  # a progress bar at a terminal only: stderr may be merged with --json's stdout
         with click.progressbar(length=len(windows(len(ids), context, stride)), label="scoring windows",

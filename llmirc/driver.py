@@ -73,8 +73,9 @@ class CompileOptions:
     def recorded(self) -> dict:
         """The options as the manifest records them (`compile_options`; JSON: tuples as lists,
         paths as text)."""
-        return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+        recorded = {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+                    for k, v in dataclasses.asdict(self).items()}
+        return dict(recorded, quant_rotate=self.rotates() if self.quant != "none" else None)
 
     def quantize_pass(self) -> str:
         """The quantize-weights pass spec `--quant` asks for ('' for none)."""
@@ -435,7 +436,6 @@ def _calibrate(source, options: CompileOptions, progress: Callable[[str], None])
         quantize = next(p for p in parse_passes(options.required()) if isinstance(p, QuantizeWeights))
         planned = {user: (scheme, rotation_block(user, k) if quantize.rotate else 0)
                    for user, _, k, scheme in quantize.plan(module) if isinstance(user, L.LinearOp)}
-        progress(f"autoround: {len(planned)} linears, {options.quant_iters} steps per decoder layer")
         return calibrate_autoround(module, source, chunks, planned, options.quant_iters, progress)
     return calibrate(module, source, chunks, progress, hessians=options.quant_method == "gptq")
 
@@ -499,7 +499,8 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
         for w in plan.weights:
             writer.declare(w.name, dtypes.dtype(w.dtype).safetensors, w.shape)
         total = sum(w.nbytes for w in plan.weights)
-        gptq = "quantizing (GPTQ) and " if options.quant_method != "rtn" and options.quant != "none" else ""
+        gptq = f"quantizing ({ {'gptq': 'GPTQ', 'autoround': 'learned codes'}[options.quant_method]}) and " \
+            if options.quant_method != "rtn" and options.quant != "none" else ""
         progress(f"{gptq}writing {len(plan.weights)} weights ({total / 2**20:.1f} MiB)")
         effort = [_effort(w) for w in plan.weights]
         total, done, shown, parts, when = sum(effort), 0, 0, {}, time.monotonic()

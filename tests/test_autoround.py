@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import hf_logits, make_checkpoint
-from llmirc import quant
+from helpers import export_onnx, hf_logits, make_checkpoint
+from llmirc import dtypes, quant
 from llmirc.autoround import (DERIVATIVE, Layer, Rounding, attention_vjp, layer_norm_vjp, normalized_error,
                               rms_norm_vjp, split_layers)
 from llmirc.calibration import _attention, _weight, forward_inputs
@@ -168,6 +168,27 @@ def test_rounding_starts_at_gptq(rng, scheme, block):
     assert np.abs(moved).max() == 1 and (moved != 0).mean() > 0.3
 
 
+@pytest.mark.parametrize("scheme,block", [(quant.Scheme(4, 32, "float16", "int"), 0),
+                                          (quant.Scheme(4, 64), 64), (quant.Scheme(8, 128, "float32"), 0)], ids=str)
+def test_rounding_step_descends(rng, scheme, block):
+    """Codes one off round to nearest, loss |W - w|^2: one small step brings them back (through
+    symmetric schemes' negative scales too) and leaves the others."""
+    w = rng.normal(size=(24, 128)).astype(np.float32)
+    basis = quant.hadamard(w, block) if block else w
+    parts = quant.quantize(basis, scheme)
+    nearest = quant.unpack(parts["codes"], scheme.bits, scheme.sub_group, 128).astype(int)
+    off = rng.choice([-1, 1], size=nearest.shape) * (rng.random(nearest.shape) < 0.2)
+    off[(nearest + off < 0) | (nearest + off > (1 << scheme.bits) - 1)] = 0
+    parts["codes"] = quant.pack((nearest + off).astype(np.uint8), scheme.bits, scheme.sub_group)
+    if scheme.zero == "none":
+        assert (dtypes.to_float32(parts["scales"], scheme.scale_dtype) < 0).any()
+    r = Rounding(scheme, parts, block, basis)
+    r.step(2 * (r.weight() - w), 0.01)
+    codes = quant.unpack(r.learned_parts()["codes"], scheme.bits, scheme.sub_group, 128).astype(int)
+    assert (codes == nearest)[off != 0].mean() > 0.9
+    assert (codes != nearest + off)[off == 0].mean() < 0.05
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_autoround_bundle(tmp_path, arch):
@@ -192,3 +213,21 @@ def test_autoround_bundle(tmp_path, arch):
     err = {m: np.sqrt(((load(tmp_path / f"{m}.llmir").score(ids) - ref) ** 2).mean() / (ref ** 2).mean())
            for m in ("autoround", "rtn")}
     assert err["autoround"] < 0.9 * err["rtn"], err
+
+
+@pytest.mark.slow
+def test_autoround_onnx_without_layer_names(tmp_path):
+    """A dynamo ONNX export names its linears' weights val_N: no decoder layers, so GPTQ alone on
+    the chain (q, k and v sharing their input's Hessian, as fuse-linears stacks them)."""
+    ckpt = tmp_path / "ckpt"
+    model = make_checkpoint(ckpt, "llama", tokenizer=True)
+    export_onnx(model, tmp_path / "onnx" / "model.onnx")
+    (tmp_path / "onnx" / "tokenizer.json").write_bytes((ckpt / "tokenizer.json").read_bytes())
+    lines = io.StringIO()
+    compile_model(tmp_path / "onnx" / "model.onnx", tmp_path / "b.llmir",
+                  CompileOptions(quant="int4", quant_method="autoround", calibration=CALIBRATION,
+                                 calibration_tokens=1024, cpu_variants=("native",)), Progress(lines))
+    assert "no decoder layers" in lines.getvalue(), lines.getvalue()
+    ids = list(range(3, 40))
+    ref = hf_logits(model, ids)
+    assert np.sqrt(((load(tmp_path / "b.llmir").score(ids) - ref) ** 2).mean() / (ref ** 2).mean()) < 0.4  # int4, g32

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from helpers import CORPUS, make_checkpoint
 from llmirc.cli import cli
 from llmirc.driver import CompileOptions, Progress, compile_model
-from llmirc.errors import UsageError
+from llmirc.errors import LlmircError, UsageError
 from llmirc.runtime.perplexity import windows
 
 
@@ -77,5 +77,11 @@ def test_eval_ppl_matches_the_hf_guide(tmp_path):
     assert {k: v for k, v in piped.items() if k not in ("text", "seconds")} == \
         {k: v for k, v in ours.items() if k not in ("text", "seconds")}
     assert ours["text_sha256"] == hashlib.sha256(text.read_bytes()).hexdigest() and ours["seconds"] > 0
+    short, whole = tmp_path / "short.llmir", 100
+    compile_model(tmp_path / "ckpt", short, CompileOptions(cpu_variants=("native",), max_model_len=whole), Progress(None))
+    default = CliRunner().invoke(cli, ["eval-ppl", str(short), "--text", str(text), "--json"])
+    assert default.exit_code == 0 and json.loads(default.output)["context"] == whole, default.output
+    too_long = CliRunner().invoke(cli, ["eval-ppl", str(short), "--text", str(text), "--context", str(whole + 1)])
+    assert isinstance(too_long.exception, LlmircError) and "exceeds the model's context" in str(too_long.exception)
     bad = CliRunner().invoke(cli, ["eval-ppl", str(bundle), "--text", str(text), "--context", "64", "--stride", "128"])
     assert isinstance(bad.exception, UsageError) and "stride" in str(bad.exception), bad.output  # exit 2 in main()
