@@ -642,8 +642,8 @@ def test_inspect_json_says_how_weights_are_stored_and_the_options(ckpt, tmp_path
         .items() <= linears[0].items() and linears[0]["calls"] > 0, info["quantization"]
     assert sum(q["calls"] for q in info["quantization"]) <= info["plan"]["kernel_calls"]
     options = info["compile_options"]
-    assert (options["quant"], options["quant_group_size"], options["quant_symmetric"], options["cpu_variants"]) == \
-        ("int4", 32, False, ["native"])
+    assert (options["quant"], options["quant_group_size"], options["quant_symmetric"], options["cpu_variants"],
+            options["quant_rotate"]) == ("int4", 32, False, ["native"], False)  # the rotation used, not the default's None
     assert info["calibration"] is None  # (a GPTQ bundle's: tests/test_calibration.py)
     assert "linear int4 (groups of 32, zero points, float16 scales)" in llmirc("inspect", out).stdout
 
