@@ -1,6 +1,6 @@
 """Perplexity of llmirc bundles and llama.cpp GGUF files on the same token ids (issue 9's quality goal).
 
-    python benchmarks/perplexity.py --model smollm2 --text FILE [--context 512] [--stride 256]
+    python benchmarks/perplexity.py --model smollm2 --text FILE [--text FILE2 ...] [--context 512] [--stride 256]
         [--max-tokens N] [--threads 2] [--engines llmirc:bf16,llmirc:int8,...] [--gguf FILE] [--json OUT]
 
 --model: a benchmark checkpoint of benchmarks/models.py or a checkpoint folder; engines are
@@ -10,8 +10,8 @@ quantizer; conversions are cached in the model's work folder). --gguf FILE adds 
 that file as it is: `llmirc:gguf` (compiled without --dequantize: its blocks kept quantized) and
 `llama.cpp:file`.
 
-The text is tokenized once, with the checkpoint's tokenizer (no BOS added), and every engine
-scores the same ids over the same sliding windows (llmirc.runtime.perplexity: windows of
+Each text is tokenized once, with the checkpoint's tokenizer (no BOS added), and every engine
+(prepared once: an autoround compile takes half an hour) scores each text's same ids over the same sliding windows (llmirc.runtime.perplexity: windows of
 --context tokens every --stride tokens, each token scored once with at least context - stride
 tokens before it, as Hugging Face's perplexity guide does; `llmirc eval-ppl` computes the same).
 llama.cpp scores a window with llama-cpp-python (logits_all, its KV cache reset between windows).
@@ -73,7 +73,7 @@ def prepare(engine: str, checkpoint: Path, work: Path, gguf_file: Path | None) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--text", type=Path, required=True)
+    parser.add_argument("--text", type=Path, required=True, action="append", help="repeat for more texts")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--stride", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=None)
@@ -89,36 +89,40 @@ def main() -> None:
 
     checkpoint, work = models.resolve(args.model)
     work = args.work or work
-    ids = Tokenizer.from_bundle_dir(checkpoint).encode(args.text.read_text(encoding="utf-8"))[:args.max_tokens]
+    tokenizer = Tokenizer.from_bundle_dir(checkpoint)
+    texts = {str(t): tokenizer.encode(t.read_text(encoding="utf-8"))[:args.max_tokens] for t in args.text}
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if args.gguf is not None:
         engines += ["llmirc:gguf", "llama.cpp:file"]
-    print(f"load average {os.getloadavg()[0]:.2f} at the start; {len(ids)} tokens of {args.text}, context "
-          f"{args.context}, stride {args.stride}, {args.threads} threads", file=sys.stderr, flush=True)
-    results = {}
+    print(f"load average {os.getloadavg()[0]:.2f} at the start; " + ", ".join(
+        f"{len(ids)} tokens of {t}" for t, ids in texts.items()) + f"; context {args.context}, stride "
+          f"{args.stride}, {args.threads} threads", file=sys.stderr, flush=True)
+    results = {t: {} for t in texts}
     for engine in engines:
         try:
             kind, model = prepare(engine, checkpoint, work, args.gguf)
             scorer = (llmirc_scorer if kind == "llmirc" else llama_cpp_scorer)(model, args.context, args.threads)
-            start = time.perf_counter()
-            r = perplexity(scorer, ids, args.context, args.stride)
-            results[engine] = dict(r.to_json(), model=str(model), seconds=time.perf_counter() - start,
-                                   load_average=os.getloadavg()[0])
-            print(f"{engine:18s} perplexity {r.perplexity:8.4f}  ({r.tokens} tokens, {r.windows} windows, "
-                  f"{results[engine]['seconds']:.0f} s, load {results[engine]['load_average']:.2f})", flush=True)
+            for text, ids in texts.items():
+                start = time.perf_counter()
+                r = perplexity(scorer, ids, args.context, args.stride)
+                results[text][engine] = dict(r.to_json(), model=str(model), seconds=time.perf_counter() - start,
+                                             load_average=os.getloadavg()[0])
+                print(f"{engine:18s} perplexity {r.perplexity:8.4f}  ({Path(text).name}: {r.tokens} tokens, "
+                      f"{r.windows} windows, {results[text][engine]['seconds']:.0f} s, load "
+                      f"{results[text][engine]['load_average']:.2f})", flush=True)
         except Exception as e:  # a failing engine is reported, the others go on
-            results[engine] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"{engine:18s} FAILED: {results[engine]['error']}", flush=True)
-    base = results[engines[0]].get("perplexity")
-    if base:
-        print(f"(relative to {engines[0]}): " + ", ".join(
-            f"{e} {r['perplexity'] / base - 1:+.2%}" for e, r in results.items() if "perplexity" in r))
+            for r in results.values():
+                r.setdefault(engine, {"error": f"{type(e).__name__}: {e}"})
+            print(f"{engine:18s} FAILED: {type(e).__name__}: {e}", flush=True)
+    for text, by_engine in results.items():
+        if base := by_engine[engines[0]].get("perplexity"):
+            print(f"{Path(text).name} (relative to {engines[0]}): " + ", ".join(
+                f"{e} {r['perplexity'] / base - 1:+.2%}" for e, r in by_engine.items() if "perplexity" in r))
     print(f"load average {os.getloadavg()[0]:.2f} at the end", file=sys.stderr)
     if args.json:
-        args.json.write_text(json.dumps({"text": str(args.text), "tokens": len(ids), "context": args.context,
+        args.json.write_text(json.dumps({"texts": {t: len(ids) for t, ids in texts.items()}, "context": args.context,
                                          "stride": args.stride, "threads": args.threads, "results": results},
                                         indent=2) + "\n")
-
 
 if __name__ == "__main__":
     main()
