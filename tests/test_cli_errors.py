@@ -1366,6 +1366,24 @@ def test_python_api_arguments(bundle):
         ChatTemplate("{{ messages }}").render("hi")
 
 
+
+def test_python_api_close(bundle):
+    """Model.close() (or leaving a `with` block) ends the model: later calls raise LlmircError,
+    never touch the freed KV cache."""
+    from llmirc.errors import LlmircError
+    from llmirc.runtime import load
+
+    with load(bundle) as model:
+        stream = model.generate_stream([[1, 2]], 20, ignore_eos=True)
+        first = next(stream)
+    assert first.token is not None and [o.finish_reason for o in stream] == ["abort"]
+    for call in (lambda: model.generate([[1, 2]], 2), lambda: model.score([1, 2])):
+        with pytest.raises(LlmircError, match="the model was closed"):
+            call()
+    model.close()
+    with pytest.raises(LlmircError, match="load takes a bundle's path"):
+        load(None)
+
 def test_python_api_refuses_stops_that_cannot_match(bundle):
     """As vLLM's SamplingParams: an empty stop string, a stop token id outside the vocabulary
     (the server's OpenAI and SGLang endpoints go through the same check)."""

@@ -244,6 +244,24 @@ def test_abort_all_ends_every_request():
     assert engine.num_requests == 0 and engine.scheduler.allocator.num_available == 16
 
 
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_close_ends_requests_and_refuses_more(threaded):
+    engine, _ = make(num_blocks=16)
+    if threaded:
+        engine.start()
+    stream = engine.generate([[1, 2], [3, 4]], [SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)] * 2)
+    next(stream)
+    engine.close()
+    rest = list(stream)
+    assert rest and all(o.finish_reason == "abort" for o in rest if o.finished) and len(rest) < 99
+    assert not engine.running_in_thread and engine.num_requests == 0
+    assert engine.scheduler.allocator.num_available == 16
+    for call in (lambda: engine.generate([[1]], [SamplingParams(max_tokens=2)]), lambda: engine.call(lambda: 1)):
+        with pytest.raises(LlmircError, match="the model was closed"):
+            call()
+    engine.close()  # twice: nothing
+
 def test_a_failing_step_fails_every_request_and_the_engine():
     engine, executor = make()
     stream = engine.generate([[1, 2], [3]], [SamplingParams(max_tokens=5, temperature=0)] * 2)

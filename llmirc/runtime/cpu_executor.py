@@ -196,6 +196,12 @@ class CpuExecutor:
         self._ptrs[len(INPUTS)] = self.kv_pool.ctypes.data
         self._dims = (ctypes.c_int64 * 5)()
 
+    def close(self) -> None:
+        """Drops the KV cache and the weights' file mapping (the executor is unusable afterwards;
+        the library stays mapped: a process cannot unload it safely)."""
+        self.kv_pool = self.workspace = self._ptrs = None
+        self.weights = []
+
     def forward(self, token_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc,
                 logits_indices) -> np.ndarray:
         """Logits [len(logits_indices), vocab] for one step; K/V of the step's tokens land in the pool.

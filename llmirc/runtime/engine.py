@@ -174,6 +174,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.stats = EngineStats()
         self.failure: BaseException | None = None  # set when a step failed: the engine serves nothing more
+        self.closed = False  # set by close(): the engine serves nothing more
         self._requests: dict[int, _Request] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -207,6 +208,8 @@ class Engine:
 
     def check(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise the error `add_request` would (thread-safe: reads only fixed settings)."""
+        if self.closed:
+            raise LlmircError("the model was closed")
         params.validate()
         vocab = self.scheduler.vocab_size
         if vocab is not None and (bad := [t for t in params.stop_token_ids if not 0 <= t < vocab]):
@@ -225,6 +228,8 @@ class Engine:
 
     def call(self, fn: Callable[[], object]):
         """Run `fn` on the loop's thread between two steps (inline when no loop thread runs); returns its result."""
+        if self.closed:
+            raise LlmircError("the model was closed")
         if not self.running_in_thread:
             with self._stepping:
                 return fn()
@@ -255,6 +260,17 @@ class Engine:
             self._inbox.put(("stop",))
             self._thread.join()
         self._thread = None
+
+    def close(self) -> None:
+        """Refuse new requests, end every request in flight (finish_reason "abort") and stop the
+        loop thread. The executor is the caller's to close."""
+        self.closed = True
+        self.abort_all()
+        if self.running_in_thread:
+            self.stop()
+        else:
+            with self._stepping:
+                self._drain(block=False)
 
     # -- the loop ---------------------------------------------------------------------------
 

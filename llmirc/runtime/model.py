@@ -11,6 +11,7 @@ decode: the scheduler runs its sequences one at a time, recomputing the whole se
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -49,7 +50,10 @@ def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_to
     `num_scheduler_steps`: greedy decode steps one native call may run (vLLM's multi-step
     scheduling; CPU targets, when every running request is greedy without logprobs or stop strings
     and none waits; 1: one step per call). Streamed tokens then come in bursts of up to this many.
-    Raises BundleError for a bad bundle, LlmircError for bad options."""
+    Raises BundleError for a bad bundle, LlmircError for bad options. `Model.close()` (or a
+    `with` block) frees the KV cache and the weights."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise LlmircError(f"load takes a bundle's path (str or Path), got {path!r:.60}")
     for name, flag in (("verify", verify), ("enable_prefix_caching", enable_prefix_caching)):
         if not isinstance(flag, (bool, np.bool_)):  # "no" would act as True
             raise LlmircError(f"{name} must be True or False, got {flag!r}")
@@ -150,6 +154,20 @@ class Model:
             self.chat_template = ChatTemplate.from_folder(self.tokenizer.folder, self.tokenizer.special_tokens_map,
                                                           listed)
         self.engine = Engine(self.executor, self.scheduler, self.tokenizer, num_scheduler_steps)
+
+    def close(self) -> None:
+        """Ends the requests in flight (finish_reason "abort"), stops the engine and frees the KV
+        cache and the weights (GPU memory on a GPU target). Calls afterwards raise LlmircError;
+        closing twice does nothing. `with load(path) as model:` closes on leaving the block."""
+        if not self.engine.closed:
+            self.engine.close()
+            self.executor.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def full_sequence(self) -> bool:
