@@ -195,6 +195,25 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
     compile_model(model, output, options, Progress(None if quiet else sys.stderr, notes=sys.stderr))
 
 
+def _origins(value: str | None) -> tuple[str, ...]:
+    """--allowed-origins as a tuple: comma-separated, or a JSON list of strings (vLLM's form)."""
+    if value is None:
+        return ()
+    if value.lstrip().startswith("["):
+        try:
+            origins = json.loads(value)
+        except ValueError as e:
+            raise UsageError(f"--allowed-origins {value}: not a JSON list ({e})") from None
+        if not all(isinstance(o, str) for o in origins):
+            raise UsageError(f"--allowed-origins {value}: the list must hold strings")
+    else:
+        origins = value.split(",")
+    origins = tuple(o.strip() for o in origins if o.strip())
+    if not origins:
+        raise UsageError(f"--allowed-origins {value!r}: no origin named")
+    return origins
+
+
 def _warn_unused_quant_options(quant: str, quant_keep: str) -> None:
     """A warning for --quant-* options given where they change nothing (as --top-k at temperature 0)."""
     ctx = click.get_current_context()
@@ -429,6 +448,10 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
 @click.option("--served-model-name", default=None, help="The model name clients use (default: BUNDLE as given).")
 @click.option("--api-key", default=None, envvar="LLMIRC_API_KEY",
               help="Require 'Authorization: Bearer KEY' (also from $LLMIRC_API_KEY).")
+@click.option("--allowed-origins", default=None, metavar="ORIGINS",
+              help="Web origins whose pages may call the server (CORS), comma-separated or a JSON list as vLLM "
+                   "takes it; '*' for any. Default: none (vLLM's is any: every page the user visits could "
+                   "reach a local server).")
 @click.option("--max-model-len", type=click.IntRange(min=1), default=None,
               help="The longest prompt + completion accepted (at most the bundle's context).")
 @click.option("--max-num-seqs", type=click.IntRange(min=1), default=64, show_default=True,
@@ -458,7 +481,7 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
 @click.option("--no-verify", is_flag=True, help="Skip checksum verification.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
-def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num_seqs, max_num_batched_tokens,
+def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_model_len, max_num_seqs, max_num_batched_tokens,
           enable_prefix_caching, kv_cache_tokens, kv_cache_dtype, gpu_memory_utilization, threads, target,
           num_scheduler_steps, max_queued_requests, chat_template, no_verify, log_level):
     """Serve BUNDLE over HTTP: vLLM's OpenAI-compatible API (/v1/completions, /v1/chat/completions,
@@ -470,6 +493,7 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
         from llmirc.server.app import ServerOptions, create_app
     except ImportError as e:
         raise LlmircError(f"serving needs the serve extra ({e.name} missing): pip install 'llmirc[serve]'") from None
+    origins = _origins(allowed_origins)
     if max_num_batched_tokens < max_num_seqs:
         raise UsageError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-num-seqs "
                          f"({max_num_seqs})")
@@ -510,6 +534,7 @@ def serve(bundle, host, port, served_model_name, api_key, max_model_len, max_num
         model.chat_template.check()  # a syntax error now, not in every chat request
     name = served_model_name or str(bundle)
     app = create_app(model, ServerOptions(served_model_name=name, api_key=api_key,
+                                          allowed_origins=origins,
                                           max_queued_requests=max_queued_requests))
     # listen here, not in uvicorn: an address in use is the user's error, and uvicorn's startup
     # failure exits 3, llmirc's code for an internal error

@@ -1496,6 +1496,9 @@ def test_compile_block_size_and_max_model_len(ckpt, tmp_path):
     (["--max-model-len", "600"], ["max_model_len 600", "context of 512"]),
     (["--max-num-seqs", "64", "--max-num-batched-tokens", "32"], ["--max-num-batched-tokens (32)"]),
     (["--chat-template", "/nonexistent.jinja"], ["/nonexistent.jinja", "cannot read"]),
+    (["--allowed-origins", "[1]"], ["--allowed-origins [1]", "strings"]),
+    (["--allowed-origins", "[https://a"], ["--allowed-origins [https://a", "not a JSON list"]),
+    (["--allowed-origins", " , "], ["no origin named"]),
 ])
 def test_serve_bad_options(bundle, args, needles):
     assert_user_error(llmirc("serve", bundle, "--port", "0", *args), *needles)

@@ -554,7 +554,7 @@ def test_openai_client_raises_its_own_error_types(client):
 @pytest.fixture(scope="module")
 def guarded(bundle):
     with RunningServer(bundle, "--api-key", "sekret", "--max-num-seqs", 1, "--max-num-batched-tokens", 64,
-                       "--max-queued-requests", 0) as s:
+                       "--max-queued-requests", 0, "--allowed-origins", '["https://app.example"]') as s:
         yield s
 
 
@@ -589,6 +589,20 @@ def test_api_key_is_required(guarded):
     good = openai.OpenAI(base_url=guarded.url + "/v1", api_key="sekret", max_retries=0)
     assert good.completions.create(model=str(guarded.proc.args[4]), prompt="hi", max_tokens=2).usage.total_tokens
 
+
+
+def test_allowed_origins_cors(guarded, server):
+    """--allowed-origins: a browser's preflight from a listed origin passes without the API key,
+    the answer names the origin; another origin, or a server without the option, gets no grant."""
+    preflight = {"access-control-request-method": "POST", "access-control-request-headers": "authorization"}
+    r = httpx.options(guarded.url + "/v1/completions", headers={"origin": "https://app.example", **preflight})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example", r.text
+    r = httpx.get(guarded.url + "/v1/models", headers={"origin": "https://app.example",
+                                                       "authorization": "Bearer sekret"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    for url, origin in ((guarded.url, "https://evil.example"), (server.url, "https://app.example")):
+        r = httpx.options(url + "/v1/completions", headers={"origin": origin, **preflight})
+        assert "access-control-allow-origin" not in r.headers, (url, r.headers)
 
 def test_overload_is_503_and_clears(guarded):
     headers = {"authorization": "Bearer sekret"}

@@ -78,6 +78,7 @@ class APIKeyCheck:
 class ServerOptions:
     served_model_name: str
     api_key: str | None = None
+    allowed_origins: tuple[str, ...] = ()  # CORS: web origins whose pages may call the server ("*": any)
     max_queued_requests: int = 1024  # waiting requests beyond the running batch; then 503
 
 
@@ -325,6 +326,11 @@ def create_app(model: Model, options: ServerOptions):
 
     if options.api_key:
         app.add_middleware(APIKeyCheck, key=options.api_key)
+    if options.allowed_origins:  # added last, so outermost: a browser's preflight needs no API key
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
