@@ -73,7 +73,8 @@ def prepare(engine: str, checkpoint: Path, work: Path, gguf_file: Path | None) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--text", type=Path, required=True, action="append", help="repeat for more texts")
+    parser.add_argument("--text", type=Path, required=True, action="append", metavar="FILE",
+                        help="a UTF-8 text file; repeat for more")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--stride", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=None)

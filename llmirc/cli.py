@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -211,6 +212,10 @@ def _origins(value: str | None) -> tuple[str, ...]:
     origins = tuple(o.strip() for o in origins if o.strip())
     if not origins:
         raise UsageError(f"--allowed-origins {value!r}: no origin named")
+    for origin in origins:  # what a browser sends in Origin: scheme://host[:port], nothing after
+        if origin != "*" and not re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s?#\"']+", origin):
+            raise UsageError(f"--allowed-origins: {origin!r} is not an origin (scheme://host[:port] without a "
+                             "path, as browsers send it, e.g. https://app.example; or *)")
     return origins
 
 

@@ -1499,6 +1499,8 @@ def test_compile_block_size_and_max_model_len(ckpt, tmp_path):
     (["--allowed-origins", "[1]"], ["--allowed-origins [1]", "strings"]),
     (["--allowed-origins", "[https://a"], ["--allowed-origins [https://a", "not a JSON list"]),
     (["--allowed-origins", " , "], ["no origin named"]),
+    (["--allowed-origins", '{"a": 1}'], ["'{\"a\": 1}' is not an origin"]),
+    (["--allowed-origins", "https://a.example/"], ["'https://a.example/' is not an origin", "without a path"]),
 ])
 def test_serve_bad_options(bundle, args, needles):
     assert_user_error(llmirc("serve", bundle, "--port", "0", *args), *needles)

@@ -166,6 +166,10 @@ class EngineStats:
     e2e: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))  # arrival to finish
 
 
+
+def _closed() -> LlmircError:
+    return LlmircError("the model was closed")
+
 class Engine:
     def __init__(self, executor, scheduler: Scheduler, tokenizer: Tokenizer | None = None,
                  num_scheduler_steps: int = 8):
@@ -174,7 +178,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.stats = EngineStats()
         self.failure: BaseException | None = None  # set when a step failed: the engine serves nothing more
-        self.closed = False  # set by close(): the engine serves nothing more
+        self.closed = False  # set by close(): the engine serves nothing more, its executor is closed
         self._requests: dict[int, _Request] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -209,7 +213,7 @@ class Engine:
     def check(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise the error `add_request` would (thread-safe: reads only fixed settings)."""
         if self.closed:
-            raise LlmircError("the model was closed")
+            raise _closed()
         params.validate()
         vocab = self.scheduler.vocab_size
         if vocab is not None and (bad := [t for t in params.stop_token_ids if not 0 <= t < vocab]):
@@ -227,15 +231,27 @@ class Engine:
         self._inbox.put(("abort_all",))
 
     def call(self, fn: Callable[[], object]):
-        """Run `fn` on the loop's thread between two steps (inline when no loop thread runs); returns its result."""
+        """Run `fn` on the loop's thread between two steps (inline when no loop thread runs); returns its result.
+        Raises LlmircError once the engine is closed."""
         if self.closed:
-            raise LlmircError("the model was closed")
+            raise _closed()
         if not self.running_in_thread:
             with self._stepping:
+                if self.closed:
+                    raise _closed()
                 return fn()
         done: queue.SimpleQueue = queue.SimpleQueue()
         self._inbox.put(("call", fn, done))
-        ok, value = done.get()
+        while True:
+            try:
+                ok, value = done.get(timeout=0.05)
+                break
+            except queue.Empty:
+                if not self.running_in_thread:  # the loop stopped (closed) before it took the call
+                    with self._stepping:
+                        self._drain(block=False)
+                    ok, value = done.get()
+                    break
         if not ok:
             raise value
         return value
@@ -250,6 +266,8 @@ class Engine:
 
     def start(self) -> None:
         """Run the loop on a daemon thread until `stop()`."""
+        if self.closed:
+            raise _closed()
         if self.running_in_thread:
             return
         self._thread = threading.Thread(target=self._loop, name="llmirc-engine", daemon=True)
@@ -262,15 +280,16 @@ class Engine:
         self._thread = None
 
     def close(self) -> None:
-        """Refuse new requests, end every request in flight (finish_reason "abort") and stop the
-        loop thread. The executor is the caller's to close."""
+        """Refuse new requests, end every request in flight (finish_reason "abort"), stop the
+        loop thread and close the executor (`close()`, where it has one) once no step runs.
+        Requests and calls that race with it end with LlmircError "the model was closed"."""
         self.closed = True
         self.abort_all()
-        if self.running_in_thread:
-            self.stop()
-        else:
-            with self._stepping:
-                self._drain(block=False)
+        self.stop()
+        with self._stepping:
+            self._drain(block=False)  # what other threads queued: refused now that closed is set
+            if hasattr(self.executor, "close"):
+                self.executor.close()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -299,13 +318,17 @@ class Engine:
             kind = command[0]
             if kind == "stop":
                 return False
-            if kind == "add":
+            if kind == "add" and self.closed:
+                command[4](RequestOutput(command[1], None, True, "abort", error="the model was closed"))
+            elif kind == "add":
                 self._add(*command[1:])
             elif kind == "abort":
                 self._abort(command[1], "abort")
             elif kind == "abort_all":
                 for request_id in list(self._requests):
                     self._abort(request_id, "abort")
+            elif kind == "call" and self.closed:
+                command[2].put((False, _closed()))
             elif kind == "call":
                 fn, done = command[1], command[2]
                 try:
@@ -491,7 +514,8 @@ class Engine:
                 if out.finished:
                     remaining.discard(out.request_id)
                 if out.error:  # the step's own exception: a bug stays an internal error, a limit a user error
-                    raise self.failure or LlmircError(f"generation failed: {out.error}")
+                    raise self.failure or (_closed() if self.closed else
+                                           LlmircError(f"generation failed: {out.error}"))
                 out.request_id = ids[out.request_id]
                 yield out
         finally:

@@ -157,11 +157,11 @@ class Model:
 
     def close(self) -> None:
         """Ends the requests in flight (finish_reason "abort"), stops the engine and frees the KV
-        cache and the weights (GPU memory on a GPU target). Calls afterwards raise LlmircError;
-        closing twice does nothing. `with load(path) as model:` closes on leaving the block."""
-        if not self.engine.closed:
-            self.engine.close()
-            self.executor.close()
+        cache and the weights (GPU memory on a GPU target) once no step runs. Generation and
+        scoring afterwards (or racing with it, from other threads) raise LlmircError; encode and
+        the tokenizer still work. Closing twice does nothing. `with load(path) as model:` closes
+        on leaving the block."""
+        self.engine.close()
 
     def __enter__(self) -> Model:
         return self
