@@ -111,8 +111,8 @@ def _checkpoint_dtype(checkpoint: Path) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
-def _run(cmd: list[str], what: str) -> Measured:
-    r = run_measured(cmd)
+def _run(cmd: list[str], what: str, timeout: float = 1800) -> Measured:
+    r = run_measured(cmd, timeout)
     if r.returncode != 0:
         raise RuntimeError(r.error(what))
     return r
@@ -311,6 +311,7 @@ def _ort_genai(model, prompt, new, prefill, threads):
 
 # -- preparing an engine's model ------------------------------------------------------------------
 
+COMPILE_TIMEOUT = 4 * 3600  # seconds: an autoround compile of SmolLM2 takes half an hour on 2 idle cores
 LLMIRC_VARIANTS = {  # `llmirc:VARIANT` -> `llmirc compile` options
     "": [], "f32": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"], "f16": ["--dtype", "float16"],
     "int8": ["--quant", "int8"], "int4": ["--quant", "int4"],
@@ -372,7 +373,7 @@ def prepare(engine: str, checkpoint: Path, work: Path) -> Prepared:
         if "gptq" in options or "autoround" in options:
             options = [*options, "--calibration", str(calibration_text(work))]
         compiled = _run([sys.executable, "-m", "llmirc.cli", "compile", str(source), "-o", str(bundle), "-q",
-                         *options], "llmirc compile")
+                         *options], "llmirc compile", COMPILE_TIMEOUT)
         return Prepared(kind, bundle, compiled, source)
     if kind == "transformers" and not variant:
         return Prepared(kind, checkpoint)
