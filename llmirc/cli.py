@@ -486,9 +486,9 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
 @click.option("--no-verify", is_flag=True, help="Skip checksum verification.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
-def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_model_len, max_num_seqs, max_num_batched_tokens,
-          enable_prefix_caching, kv_cache_tokens, kv_cache_dtype, gpu_memory_utilization, threads, target,
-          num_scheduler_steps, max_queued_requests, chat_template, no_verify, log_level):
+def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_model_len, max_num_seqs,
+          max_num_batched_tokens, enable_prefix_caching, kv_cache_tokens, kv_cache_dtype, gpu_memory_utilization,
+          threads, target, num_scheduler_steps, max_queued_requests, chat_template, no_verify, log_level):
     """Serve BUNDLE over HTTP: vLLM's OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models) and SGLang's native API (/generate, /get_model_info), plus /health and /metrics.
     Ctrl-C gives running requests 5 s to finish, then aborts them."""

@@ -166,9 +166,9 @@ class EngineStats:
     e2e: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))  # arrival to finish
 
 
-
 def _closed() -> LlmircError:
     return LlmircError("the model was closed")
+
 
 class Engine:
     def __init__(self, executor, scheduler: Scheduler, tokenizer: Tokenizer | None = None,
@@ -319,7 +319,7 @@ class Engine:
             if kind == "stop":
                 return False
             if kind == "add" and self.closed:
-                command[4](RequestOutput(command[1], None, True, "abort", error="the model was closed"))
+                command[4](RequestOutput(command[1], None, True, "abort", error=str(_closed())))
             elif kind == "add":
                 self._add(*command[1:])
             elif kind == "abort":
