@@ -11,9 +11,10 @@ that file as it is: `llmirc:gguf` (compiled without --dequantize: its blocks kep
 `llama.cpp:file`.
 
 Each text is tokenized once, with the checkpoint's tokenizer (no BOS added), and every engine
-(prepared once: an autoround compile takes half an hour) scores each text's same ids over the same sliding windows (llmirc.runtime.perplexity: windows of
---context tokens every --stride tokens, each token scored once with at least context - stride
-tokens before it, as Hugging Face's perplexity guide does; `llmirc eval-ppl` computes the same).
+(prepared once: an autoround compile takes half an hour) scores the same ids of each text over
+the same sliding windows (llmirc.runtime.perplexity: windows of --context tokens every --stride
+tokens, each token scored once with at least context - stride tokens before it, as Hugging
+Face's perplexity guide does; `llmirc eval-ppl` computes the same).
 llama.cpp scores a window with llama-cpp-python (logits_all, its KV cache reset between windows).
 The load average is printed at the start and the end (other work slows the run, not the result).
 """
@@ -124,6 +125,7 @@ def main() -> None:
         args.json.write_text(json.dumps({"texts": {t: len(ids) for t, ids in texts.items()}, "context": args.context,
                                          "stride": args.stride, "threads": args.threads, "results": results},
                                         indent=2) + "\n")
+
 
 if __name__ == "__main__":
     main()

@@ -250,8 +250,6 @@ class Engine:
                 if not self.running_in_thread:  # the loop stopped (closed) before it took the call
                     with self._stepping:
                         self._drain(block=False)
-                    ok, value = done.get()
-                    break
         if not ok:
             raise value
         return value
@@ -318,9 +316,7 @@ class Engine:
             kind = command[0]
             if kind == "stop":
                 return False
-            if kind == "add" and self.closed:
-                command[4](RequestOutput(command[1], None, True, "abort", error=str(_closed())))
-            elif kind == "add":
+            if kind == "add":
                 self._add(*command[1:])
             elif kind == "abort":
                 self._abort(command[1], "abort")
@@ -341,8 +337,8 @@ class Engine:
                 return True
 
     def _add(self, request_id, prompt, params: SamplingParams, sink, rng, arrival) -> None:
-        if self.error is not None:
-            sink(RequestOutput(request_id, None, True, "abort", error=self.error))
+        if self.error is not None or self.closed:  # queued as the engine failed or closed: refused
+            sink(RequestOutput(request_id, None, True, "abort", error=self.error or str(_closed())))
             return
         start = params.prompt_logprobs_start if params.prompt_logprobs is not None else None
         self.scheduler.add_request(prompt, params.max_tokens, request_id=request_id, ignore_eos=params.ignore_eos,
