@@ -252,6 +252,7 @@ def test_close_ends_requests_and_refuses_more(threaded):
         engine.start()
     stream = engine.generate([[1, 2], [3, 4]], [SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)] * 2)
     next(stream)
+    engine.call(lambda: None)  # queued after both requests: the loop thread has admitted them
     engine.close()
     rest = list(stream)
     ends = [o.finish_reason for o in rest if o.finished]
