@@ -44,7 +44,7 @@ from xdsl.ir import Operation, SSAValue
 
 from llmirc import dialect as L
 from llmirc import dtypes, quant
-from llmirc.calibration import _rope, _run, linear
+from llmirc.calibration import _rope, _run, causal_softmax, linear
 from llmirc.errors import LlmircError
 from llmirc.frontend.onnx_ops import erf
 from llmirc.passes.onnx_fuse_activation import REFERENCE
@@ -108,11 +108,7 @@ def attention_vjp(q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarray,
         ks = k[a:b].reshape(n, g, d).transpose(1, 0, 2)[:, None]    # [g, 1, n, d]
         vs = v[a:b].reshape(n, g, d).transpose(1, 0, 2)[:, None]
         do = dout[a:b].reshape(n, g, r, d).transpose(1, 2, 0, 3)
-        s = (qs @ ks.transpose(0, 1, 3, 2)) * scale
-        i, j = np.arange(n)[:, None], np.arange(n)[None, :]
-        s = np.where((j <= i) & ((i - j < window) if window else True), s, -np.inf)
-        p = np.exp(s - s.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
+        p = causal_softmax((qs @ ks.transpose(0, 1, 3, 2)) * scale, window)
         dp = do @ vs.transpose(0, 1, 3, 2)                           # [g, r, n, n]
         ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * scale
         dq[a:b] = (ds @ ks).transpose(2, 0, 1, 3).reshape(n, heads * d)
@@ -189,6 +185,12 @@ class Rounding:
         x = self.w.reshape(self.shape3) / self.s + self.z
         self.b = u + np.clip(x - u, -0.499, 0.499)
         del self.w
+        # the rotation as a float32 matrix: a matmul is ~4x quant.hadamard's float64 transform here
+        self.h = quant.hadamard(np.eye(self.block), self.block).astype(np.float32) if self.block else None
+
+    def _rotate(self, a: np.ndarray) -> np.ndarray:
+        """quant.hadamard(a, block) in float32 (a [n, k]; H_b / sqrt(b) is symmetric)."""
+        return (a.reshape(-1, self.block) @ self.h).reshape(a.shape)
 
     def codes(self) -> np.ndarray:
         return np.clip(np.rint(self.b + self.v), 0, self.top)
@@ -196,13 +198,13 @@ class Rounding:
     def weight(self) -> np.ndarray:
         """The dequantized weight (float32 [n, k]) in the linear's own basis (rotated back)."""
         w = ((self.codes() - self.z) * self.s).reshape(self.shape3[0], self.k)
-        return quant.hadamard(w, self.block).astype(np.float32) if self.block else w
+        return self._rotate(w) if self.block else w
 
     def step(self, dw: np.ndarray, lr: float) -> None:
         """v -= lr sign(dL/dv) given dL/dW [n, k] of the linear's own weight: dL/dv = dL/dW s,
         straight through the rounding (no gradient where the code is clamped)."""
         if self.block:
-            dw = quant.hadamard(dw, self.block)
+            dw = self._rotate(dw)
         pre = np.rint(self.b + self.v)
         inside = (pre >= 0) & (pre <= self.top)
         dq = dw.reshape(self.shape3) * self.s  # dL/d(code): symmetric schemes' scales may be negative

@@ -340,10 +340,9 @@ def _rope(op: L.RopeOp, x: np.ndarray, pos: np.ndarray, sign: float = 1.0) -> np
     s = (sign * np.sin(ang) * op.scaling.value.data)[:, None, :].astype(x.dtype)
     x = x.reshape(len(x), h, d)
     out = x.copy()
-    if op.style.data == "neox":
-        i1, i2 = np.arange(half), np.arange(half, 2 * half)
-    else:
-        i1, i2 = np.arange(0, 2 * half, 2), np.arange(1, 2 * half, 2)
+    # the rotated pairs: halves (neox) or neighbours (gpt-j), as views (fancy indexing copies)
+    i1, i2 = (slice(0, half), slice(half, 2 * half)) if op.style.data == "neox" else \
+        (slice(0, 2 * half, 2), slice(1, 2 * half, 2))
     x1, x2 = x[:, :, i1], x[:, :, i2]
     out[:, :, i1], out[:, :, i2] = x1 * c - x2 * s, x2 * c + x1 * s
     return out.reshape(len(x), h * d)
@@ -360,9 +359,18 @@ def _attention(op: L.AttentionOp, q: np.ndarray, k: np.ndarray, v: np.ndarray, s
         ks = k[a:b].reshape(n, g, d).transpose(1, 0, 2)[:, None]       # [g, 1, n, d]
         vs = v[a:b].reshape(n, g, d).transpose(1, 0, 2)[:, None]
         s = (qs @ ks.transpose(0, 1, 3, 2)) * np.float32(scale)        # [g, r, n, n]
-        i, j = np.arange(n)[:, None], np.arange(n)[None, :]
-        s = np.where((j <= i) & ((i - j < win) if win else True), s, -np.inf)
-        p = np.exp(s - s.max(-1, keepdims=True))
-        o = (p / p.sum(-1, keepdims=True)) @ vs                         # [g, r, n, d]
+        o = causal_softmax(s, win) @ vs                                 # [g, r, n, d]
         out[a:b] = o.transpose(2, 0, 1, 3).reshape(n, h * d)
     return out
+
+
+def causal_softmax(s: np.ndarray, window: int) -> np.ndarray:
+    """softmax over the last axis of scores s [..., n, n] (query i, key j), keys j > i and, with a
+    sliding `window`, i - j >= window masked out; in place (s is returned, overwritten)."""
+    n = s.shape[-1]
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    s += np.where((j <= i) & ((i - j < window) if window else True), np.float32(0), -np.inf).astype(s.dtype)
+    s -= s.max(-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(-1, keepdims=True)
+    return s
