@@ -183,7 +183,7 @@ class Rounding:
         # that round(b) is the code (GPTQ's rounding residuals instead: lower layer errors on the
         # calibration text, worse perplexity on SmolLM2, 12.66 / 16.50 against 12.49 / 16.01)
         x = self.w.reshape(self.shape3) / self.s + self.z
-        self.b = u + np.clip(x - u, -0.499, 0.499)
+        self.b = (u + np.clip(x - u, -0.499, 0.499)).astype(np.float32)  # (x: float64 when rotated)
         del self.w
         # the rotation as a float32 matrix: a matmul is ~4x quant.hadamard's float64 transform here
         self.h = quant.hadamard(np.eye(self.block), self.block).astype(np.float32) if self.block else None
