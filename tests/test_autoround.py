@@ -162,6 +162,7 @@ def test_rounding_starts_at_gptq(rng, scheme, block):
     r = Rounding(scheme, dict(plain), block, quant.hadamard(w, block) if block else w)
     assert all(np.array_equal(r.learned_parts()[p], plain[p]) for p in plain)
     want = quant.dequantize(plain, scheme, 128)
+    assert r.weight().dtype == np.float32  # a float64 weight would turn the layer's whole backward float64
     np.testing.assert_allclose(r.weight(), quant.hadamard(want, block) if block else want, rtol=1e-5, atol=1e-6)
     r.step(rng.normal(size=w.shape).astype(np.float32), 0.6)  # every code free to move by one
     moved = quant.unpack(r.learned_parts()["codes"], scheme.bits, scheme.sub_group, 128).astype(int) - u
