@@ -613,7 +613,8 @@ def inspect(bundle, as_json, no_verify, try_load, target):
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Tokens generated per sequence; decode is timed over all but the first.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences decoded together.")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Best of N runs.")
 @click.option("--compare-transformers", "hf_dir", type=click.Path(path_type=Path), default=None,

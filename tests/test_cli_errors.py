@@ -1151,6 +1151,9 @@ def test_bench_runs(bundle, ckpt, tmp_path):
     assert r.returncode == 0 and r.stderr == "", r.stderr
     result = json.loads(r.stdout)
     assert result["llmirc"]["decode_tok_s"] > 0
+    # short sequences hold a whole KV block each: the default cache counts blocks, not tokens
+    r = llmirc("bench", bundle, "--batch", "8", "--prompt-len", "1", "--new-tokens", "2", "--repeat", "1", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["batch"] == 8, r.stderr
     assert result["amx"] is False  # float32 weights: no kernel uses AMX tiles, whatever the host
     # bfloat16 weights: AMX-BF16 tiles on a host that has them (Linux grants the state from 5.16),
     # never with LLMIR_AMX=0

@@ -83,26 +83,31 @@ def decode_bytes_per_step(model, context: int) -> dict[str, int]:
 
 def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, repeat: int,
                  threads: int | None = None, kv_cache_tokens: int | None = None, target: str | None = None) -> dict:
-    # No prefix caching: every repeat must compute its prompt.
-    model = load(bundle, kv_cache_tokens=kv_cache_tokens or batch * (len(prompt) + new_tokens) + 64,
-                 threads=threads, enable_prefix_caching=False, target=target)
+    def open_model(tokens: int):  # no prefix caching: every repeat must compute its prompt
+        return load(bundle, kv_cache_tokens=tokens, threads=threads, enable_prefix_caching=False, target=target)
+
     need = len(prompt) + new_tokens
+    model = open_model(kv_cache_tokens or batch * need + 64)
     if need > model.max_context:
         raise LlmircError(f"--prompt-len {len(prompt)} + --new-tokens {new_tokens} = {need} tokens exceeds the "
                           f"model's context of {model.max_context}")
-    if batch * -(-need // model.block_size) > model.num_blocks:
-        raise LlmircError(f"--kv-cache-tokens {kv_cache_tokens}: a KV cache of {model.num_blocks * model.block_size} "
-                          f"tokens cannot hold --batch {batch} sequences of {need} tokens")
+    blocks = batch * -(-need // model.block_size)  # each sequence holds whole blocks
+    if kv_cache_tokens is None and blocks > model.num_blocks:
+        model.close()
+        model = open_model(blocks * model.block_size)
+    if blocks > model.num_blocks:
+        raise LlmircError(f"--kv-cache-tokens {kv_cache_tokens}: a KV cache of {model.num_blocks} blocks of "
+                          f"{model.block_size} tokens cannot hold --batch {batch} sequences of {need} tokens "
+                          f"({blocks} blocks)")
     prefill, decode = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        model.generate([prompt], max_new_tokens=1, ignore_eos=True)
-        prefill.append(time.perf_counter() - t0)
-        times = []
-        for event in model.generate_stream([prompt] * batch, max_new_tokens=new_tokens, ignore_eos=True):
-            if event.request_id == 0:
-                times.append(time.perf_counter())
-        decode.append((times[-1] - times[0]) / (len(times) - 1))  # per step, after the first token
+        prefill.append(_timed(lambda: model.generate([prompt], max_new_tokens=1, ignore_eos=True)))
+        # Per decode step: the whole run less one that stops at the first token (the prompts'
+        # prefill). Not the time between streamed tokens: greedy decode steps run in bursts of
+        # num_scheduler_steps, and a prompt of one token starts the first burst.
+        first = _timed(lambda: model.generate([prompt] * batch, max_new_tokens=1, ignore_eos=True))
+        whole = _timed(lambda: model.generate([prompt] * batch, max_new_tokens=new_tokens, ignore_eos=True))
+        decode.append(max(whole - first, 1e-9) / (new_tokens - 1))
     step = min(decode)
     by_dtype = decode_bytes_per_step(model, len(prompt) + new_tokens // 2)
     return {"prefill_tok_s": len(prompt) / min(prefill), "decode_tok_s": batch / step, "decode_ms_per_step": step * 1e3,
@@ -138,7 +143,8 @@ def bench_transformers(hf_dir: Path, prompt: list[int], batch: int, new_tokens: 
 def run_bench(bundle: Path, *, prompt_len: int = 128, new_tokens: int = 64, batch: int = 1, repeat: int = 3,
               hf_dir: Path | None = None, threads: int | None = None, kv_cache_tokens: int | None = None,
               target: str | None = None) -> dict:
-    new_tokens = max(new_tokens, 2)
+    if new_tokens < 2:
+        raise LlmircError(f"--new-tokens {new_tokens}: decode is timed over at least 2 new tokens")
     vocab = open_bundle(bundle, verify=False).manifest["model"]["vocab_size"]
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
     ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat, threads, kv_cache_tokens, target)
