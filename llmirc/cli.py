@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -240,10 +241,10 @@ def _target_option(fn):
                              "or the best of a kind (cpu, cuda, hip); default: the best this host runs.")(fn)
 
 
-def _sampling_options(fn):
+def _sampling_options(fn, max_new_tokens: click.Option | None = None):
     """The sampling options run and chat share (transformers' semantics; 0 is greedy)."""
     for option in reversed([
-        click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True),
+        max_new_tokens or click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True),
         click.option("--temperature", type=FiniteRange(min=0.0), default=0.0, show_default=True,
                      help="0 is greedy decoding."),
         click.option("--top-k", type=click.IntRange(min=1), default=None),
@@ -395,19 +396,23 @@ def _read_text(path: Path | str, flag: str) -> str:
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--system", default=None, help="A system message starting the conversation.")
-@_sampling_options
+@functools.partial(_sampling_options, max_new_tokens=click.option(
+    "--max-new-tokens", type=click.IntRange(min=1), default=None,
+    help="Cut a reply after this many tokens (default: when the model ends its turn, within the context)."))
 def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops, kv_cache_tokens, no_verify, threads,
          target):
     """Chat with BUNDLE in the terminal: each input line is a user message; replies stream.
 
     Uses the bundle's chat template. Earlier turns stay in the prefix cache, so each reply
-    prefills only the new message. /reset starts over, /exit (or end of input) quits. A turn
-    past the context or KV cache is an error line and the chat goes on; with input from a pipe
-    or file, the command then exits 1 at the end."""
+    prefills only the new message. /reset starts over, /exit (or end of input) quits; Ctrl-C
+    stops a reply (what it said stays in the conversation), at the prompt it quits. In a terminal,
+    a reply cut by --max-new-tokens or the context says so. A turn past the context or KV cache is an error line
+    and the chat goes on; with input from a pipe or file, the command then exits 1 at the end."""
     from llmirc.errors import RuntimeLimitError
 
     _warn_unused_sampling(temperature, top_k, top_p)
     model = _load(bundle, kv_cache_tokens, no_verify, threads=threads, target=target)
+    model.engine.start()  # steps on their own thread: Ctrl-C lands between them, on this one
     if model.chat_template is None:
         raise LlmircError(f"{bundle}: the bundle has no chat template (its tokenizer_config.json has no "
                           "chat_template and there is no chat_template.jinja)")
@@ -427,18 +432,28 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
         if not line.strip():
             continue
         messages = history + [{"role": "user", "content": line.rstrip("\n")}]
+        reply, stream = "", None
         try:
             prompt = model.apply_chat_template(messages)
-            reply = ""
-            for delta in model.stream_text(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                           top_k=top_k, top_p=top_p, seed=None if seed is None else seed + turn,
-                                           stop=stops):
-                reply += delta
-                click.echo(delta, nl=False)
+            stream = model.generate_stream([prompt], max(1, model.max_context - len(prompt)) if max_new_tokens is None
+                                           else max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                           seed=None if seed is None else seed + turn, stop=stops)
+            for event in stream:
+                reply += event.text or ""
+                click.echo(event.text or "", nl=False)
+                if event.finish_reason == "length" and interactive:
+                    click.echo("\n[cut: " + ("the context is full]" if max_new_tokens is None else
+                                              f"--max-new-tokens {max_new_tokens}]"), nl=False, err=True)
         except RuntimeLimitError as e:
             click.echo(f"error: {e} (the conversation is too long: /reset starts over)", err=True)
             failed = True
             continue
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            if stream is not None:
+                stream.close()  # aborts the request; its KV blocks are freed
+            click.echo("\n[stopped]", nl=False, err=True)
         click.echo()
         history = messages + [{"role": "assistant", "content": reply}]
         turn += 1

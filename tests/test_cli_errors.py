@@ -1451,6 +1451,58 @@ def test_chat_command_through_a_pipe(chat_bundle, bundle):
     assert r.stdout == expected[0] * 2
 
 
+def _chat_in_terminal(bundle, *args):
+    """`llmirc chat` on a pseudo-terminal: (send(bytes), read_until(predicate) -> all output so
+    far, wait() -> exit code)."""
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stdin, stdout and stderr are the terminal
+        os.execve(sys.executable, [sys.executable, "-m", "llmirc.cli", "chat", str(bundle), *args], ENV)
+    out = bytearray()
+
+    def read_until(done, timeout=120):
+        end = time.monotonic() + timeout
+        while not done(bytes(out)) and time.monotonic() < end:
+            if select.select([fd], [], [], 0.05)[0]:
+                try:
+                    out.extend(os.read(fd, 4096))
+                except OSError:  # the child exited
+                    break
+        return out.decode(errors="replace")
+
+    def wait():
+        read_until(lambda b: False, 60)  # until the child exits and the terminal closes
+        os.close(fd)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return lambda data: os.write(fd, data), read_until, wait
+
+
+def test_chat_in_a_terminal_says_a_reply_was_cut_and_ctrl_c_stops_a_reply(chat_bundle):
+    send, read_until, wait = _chat_in_terminal(chat_bundle, "--max-new-tokens", "3")
+    read_until(lambda b: b.endswith(b"> "))
+    send(b"hello there\n")
+    assert "[cut: --max-new-tokens 3]" in read_until(lambda b: b.count(b"> ") == 2)
+    send(b"/exit\n")
+    assert wait() == 0
+    # without --max-new-tokens a reply runs to the model's end of turn or the context: Ctrl-C stops it
+    send, read_until, wait = _chat_in_terminal(chat_bundle, "--seed", "1", "--temperature", "1")
+    read_until(lambda b: b.endswith(b"> "))
+    send(b"the quick brown\n")
+    read_until(lambda b: len(b) > 40)
+    send(b"\x03")
+    out = read_until(lambda b: b.count(b"> ") == 2 or b"[stopped]" in b and b.endswith(b"> "), 30)
+    if "[stopped]" not in out:
+        wait()
+        pytest.skip("the reply ended before Ctrl-C arrived")
+    send(b"hello\n")
+    read_until(lambda b: b.count(b"> ") == 3)
+    send(b"/exit\n")
+    assert wait() == 0  # the chat went on after the stopped reply
+
+
 def test_tokenizer_files_the_manifest_does_not_list_are_not_read(bundle, chat_bundle, tmp_path):
     """Only files the manifest lists (checked inside the bundle, checksummed) are read from
     tokenizer/: an unlisted chat template, tokenizer config or nested tokenizer.json, here
