@@ -90,9 +90,23 @@ def parse_passes(spec: str) -> list[ModulePass]:
     except ValueError as e:
         if "Unrecognized passes" in str(e):
             raise UsageError(f"--passes {spec!r}: {e} (available: {', '.join(sorted(PASSES))})") from None
-        raise UsageError(f"--passes {spec!r}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"--passes {spec!r}: {_option_error(str(e).splitlines()[0])}") from None
     except Exception as e:  # xDSL raises assorted errors for bad pass options
-        raise UsageError(f"--passes {spec!r}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"--passes {spec!r}: {_option_error(str(e).splitlines()[0])}") from None
+
+
+_KINDS = {"int": "an integer", "float": "a number with a decimal point (as 0.5 or 2.0)", "str": "a string",
+          "bool": "true or false"}
+
+
+def _option_error(text: str) -> str:
+    """xDSL's message for a bad pass option, in the pipeline's own words."""
+    if m := re.fullmatch(r"Incompatible types: given \((.*?),?\), expected <class '(\w+)'>", text):
+        return f"an option takes {_KINDS.get(m[2], m[2])}, got {m[1]}"
+    if m := re.fullmatch(r"Provided arguments \[(.*)\] not found in expected arguments \[(.*)\]", text):
+        return (f"unknown option {m[1].replace('_', '-')} (the pass takes "
+                f"{m[2].replace('_', '-') if m[2] else 'no options'})")
+    return text
 
 
 def run_passes(module: ModuleOp, spec: str | None = None, *, print_after_all: TextIO | None = None,
