@@ -405,17 +405,18 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
 
     Uses the bundle's chat template. Earlier turns stay in the prefix cache, so each reply
     prefills only the new message. /reset starts over, /exit (or end of input) quits; Ctrl-C
-    stops a reply (what it said stays in the conversation), at the prompt it quits. In a terminal,
-    a reply cut by --max-new-tokens or the context says so. A turn past the context or KV cache is an error line
-    and the chat goes on; with input from a pipe or file, the command then exits 1 at the end."""
+    stops a reply (what it said stays in the conversation), at the prompt it quits. In a
+    terminal, a reply cut by --max-new-tokens or the context says so. A turn past the context or
+    KV cache is an error line and the chat goes on; with input from a pipe or file, the command
+    then exits 1 at the end."""
     from llmirc.errors import RuntimeLimitError
 
     _warn_unused_sampling(temperature, top_k, top_p)
     model = _load(bundle, kv_cache_tokens, no_verify, threads=threads, target=target)
-    model.engine.start()  # steps on their own thread: Ctrl-C lands between them, on this one
     if model.chat_template is None:
         raise LlmircError(f"{bundle}: the bundle has no chat template (its tokenizer_config.json has no "
                           "chat_template and there is no chat_template.jinja)")
+    model.engine.start()  # steps on their own thread: Ctrl-C lands between them, on this one
     start = [{"role": "system", "content": system}] if system is not None else []
     history = list(start)
     interactive = sys.stdin.isatty()
@@ -435,8 +436,8 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
         reply, stream = "", None
         try:
             prompt = model.apply_chat_template(messages)
-            stream = model.generate_stream([prompt], max(1, model.max_context - len(prompt)) if max_new_tokens is None
-                                           else max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            budget = max_new_tokens or max(1, model.max_context - len(prompt))  # default: the rest of the context
+            stream = model.generate_stream([prompt], budget, temperature=temperature, top_k=top_k, top_p=top_p,
                                            seed=None if seed is None else seed + turn, stop=stops)
             for event in stream:
                 reply += event.text or ""
