@@ -1489,7 +1489,7 @@ def test_chat_in_a_terminal_says_a_reply_was_cut_and_ctrl_c_stops_a_reply(chat_b
     send, read_until, wait = _chat_in_terminal(chat_bundle, "--max-new-tokens", "3")
     read_until(lambda b: b.endswith(b"> "))
     send(b"hello there\n")
-    assert "[cut: --max-new-tokens 3]" in read_until(lambda b: b.count(b"> ") == 2)
+    assert "[cut: --max-new-tokens 3]" in read_until(lambda b: b"[cut" in b and b.endswith(b"> "))
     send(b"/exit\n")
     assert wait() == 0
     # without --max-new-tokens a reply runs to the model's end of turn or the context: Ctrl-C stops it
@@ -1498,7 +1498,7 @@ def test_chat_in_a_terminal_says_a_reply_was_cut_and_ctrl_c_stops_a_reply(chat_b
     send(b"the quick brown\n")
     read_until(lambda b: len(b) > 40)
     send(b"\x03")
-    out = read_until(lambda b: b.count(b"> ") == 2 or b"[stopped]" in b and b.endswith(b"> "), 30)
+    out = read_until(lambda b: b"[stopped]" in b and b.endswith(b"> "), 30)  # (random text may hold "> ")
     if "[stopped]" not in out:
         wait()
         pytest.skip("the reply ended before Ctrl-C arrived")
