@@ -1465,6 +1465,7 @@ def _chat_in_terminal(bundle, *args):
 
     pid, fd = pty.fork()
     if pid == 0:  # the child: stdin, stdout and stderr are the terminal
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # pytest-xdist's workers ignore Ctrl-C, and exec keeps that
         os.execve(sys.executable, [sys.executable, "-m", "llmirc.cli", "chat", str(bundle), *args], ENV)
     out = bytearray()
 
