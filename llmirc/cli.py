@@ -51,6 +51,18 @@ class FiniteRange(click.FloatRange):
         return number
 
 
+class PathArg(click.Path):
+    """click.Path that refuses an empty value, which pathlib would read as the current folder."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("an empty path.", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 # click >= 8.2 raises this (a UsageError whose message is the whole help) for a bare `llmirc`.
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -76,10 +88,10 @@ def cli(debug: bool) -> None:
 
 
 @cli.command("compile")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=PathArg())
 @click.option("--target", default="cpu", show_default=True,
               help="Targets to compile for, comma-separated: cpu, cuda, hip (one bundle, weights stored once).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory to write (OUT.llmir).")
+@click.option("-o", "--output", type=PathArg(), help="Bundle directory to write (OUT.llmir).")
 @click.option("--passes", default=None, help="Textual pass pipeline replacing the default, e.g. "
               "'canonicalize,cse,fuse-linears,paged-kv{block-size=32}'. Whatever it says, the weights' "
               "quantization and type, prune-logits, paged-kv, kv-cache-dtype, fuse-rope-kv-append and dce run "
@@ -145,7 +157,7 @@ def cli(debug: bool) -> None:
               metavar="ALPHA", help="SmoothQuant (Xiao et al. 2023) before quantizing: each linear input's outlier "
               "channels shrunk by (max|x|^ALPHA / max|w|^(1-ALPHA)) relative to the median channel, the weights "
               "scaled to match, so int8 activations lose less. Needs --calibration; 0.5 is usual.")
-@click.option("--calibration", type=click.Path(path_type=Path), default=None, metavar="FILE",
+@click.option("--calibration", type=PathArg(), default=None, metavar="FILE",
               help="UTF-8 text for --quant-method gptq or autoround and --quant-smooth, tokenized with the checkpoint's tokenizer (use text other "
                    "than what you evaluate on).")
 @click.option("--calibration-tokens", type=click.IntRange(min=16), default=8192, show_default=True,
@@ -280,10 +292,10 @@ def _warn_unused_sampling(temperature, top_k, top_p) -> None:
 
 
 @cli.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=PathArg())
 @click.option("--prompt", "prompts", multiple=True,
               help="Prompt text (repeat for a batch; '-' reads standard input); needs a tokenizer.")
-@click.option("--prompt-file", "prompt_files", multiple=True, type=click.Path(path_type=Path),
+@click.option("--prompt-file", "prompt_files", multiple=True, type=PathArg(),
               help="Read a prompt from this file (repeatable).")
 @click.option("--token-ids", "token_ids", multiple=True, help="Prompt as comma-separated token ids (repeatable).")
 @click.option("--chat", is_flag=True, help="Each prompt is a user message, formatted with the bundle's chat template.")
@@ -394,7 +406,7 @@ def _read_text(path: Path | str, flag: str) -> str:
 
 
 @cli.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=PathArg())
 @click.option("--system", default=None, help="A system message starting the conversation.")
 @functools.partial(_sampling_options, max_new_tokens=click.option(
     "--max-new-tokens", type=click.IntRange(min=1), default=None,
@@ -463,7 +475,7 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
 
 
 @cli.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=PathArg())
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--served-model-name", default=None, help="The model name clients use (default: BUNDLE as given).")
@@ -604,7 +616,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 @cli.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=PathArg())
 @click.option("--json", "as_json", is_flag=True, help="The manifest summary as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip checksum verification.")
 @click.option("--load", "try_load", is_flag=True,
@@ -627,13 +639,13 @@ def inspect(bundle, as_json, no_verify, try_load, target):
 
 
 @cli.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=PathArg())
 @click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True,
               help="Tokens generated per sequence; decode is timed over all but the first.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences decoded together.")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Best of N runs.")
-@click.option("--compare-transformers", "hf_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--compare-transformers", "hf_dir", type=PathArg(), default=None,
               help="Also time Hugging Face transformers (eager, float32) on this checkpoint in the same run.")
 @click.option("--kv-cache-tokens", type=click.IntRange(min=1), default=None,
               help="KV cache size in tokens (default: what the benchmark needs).")
@@ -666,8 +678,8 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens
 
 
 @cli.command("eval-ppl")
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--text", "text_file", type=click.Path(path_type=Path), required=True,
+@click.argument("bundle", type=PathArg())
+@click.option("--text", "text_file", type=PathArg(), required=True,
               help="UTF-8 text file to evaluate (tokenized with the bundle's tokenizer); '-' reads standard input.")
 @click.option("--context", type=click.IntRange(min=2), default=None,
               help="Tokens per window (default: 512, or the model's context when shorter).")

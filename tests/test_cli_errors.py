@@ -698,13 +698,22 @@ def test_compile_output_parent_is_a_file(ckpt, tmp_path):
     assert (tmp_path / "afile").read_text() == "x"
 
 
-@pytest.mark.parametrize("out, why", [("", "not a name"), (".", "not a name"), ("/", "a mount point"),
-                                      ("/proc", "a mount point")])
+@pytest.mark.parametrize("out, why", [(".", "not a name"), ("/", "a mount point"), ("/proc", "a mount point")])
 def test_compile_output_names_no_new_folder(ckpt, out, why):
     """-o the current folder or a mount point (where the bundle cannot be moved in place): refused
     before the work, not with "Device or resource busy" at its end."""
     r = llmirc("compile", ckpt, "-o", out, "-q", "--cpu-variants", "native")
     assert_user_error(r, "refusing to write a bundle as", why, code=1)
+
+
+@pytest.mark.parametrize("args", [["compile", "", "-o", "out.llmir"], ["compile", "MODEL", "-o", ""],
+                                  ["compile", "MODEL", "--quant", "int4", "--quant-method", "gptq", "--calibration", ""],
+                                  ["run", "", "--prompt", "hi"], ["eval-ppl", "B", "--text", " "]])
+def test_empty_path_is_a_usage_error(ckpt, tmp_path, args):
+    """An empty path (pathlib reads '' as the current folder) is refused as such, exit 2."""
+    args = [str(ckpt) if a == "MODEL" else a for a in args]
+    assert_user_error(llmirc(*args, cwd=tmp_path), "an empty path", code=2)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_compile_output_folder_not_writable(ckpt):
