@@ -390,18 +390,21 @@ def calibrate_autoround(module, source, token_windows: list[np.ndarray], planned
 
                 out = layer.forward(inputs, {op: r.weight() for op, r in roundings.items()}, starts)
                 errors = f"{error(out):.4g}"
+                origin = "GPTQ's codes (--quant-iters 0)"
                 if iters > 0 and roundings:
                     _learn(layer, roundings, inputs, target, starts, iters, per_step, rng)
                     learned = layer.forward(inputs, {op: r.weight() for op, r in roundings.items()}, starts)
                     e_gptq, e_learned = error(out), error(learned)
                     if e_learned < e_gptq:
                         out, errors = learned, f"{errors} -> {e_learned:.4g}"
+                        origin = "learned rounding"
                     else:  # no better on all the windows than GPTQ's codes: those stay
                         for r in roundings.values():
                             r.v[:] = 0
                         errors += f" (learned: {e_learned:.4g}, GPTQ's codes kept)"
+                        origin = "GPTQ's codes (learning did not lower the layer's output error)"
                 for op, r in roundings.items():
-                    cal.add_learned(source_names(op.weight)[0], r.learned_parts(), r.scheme)
+                    cal.add_learned(source_names(op.weight)[0], r.learned_parts(), r.scheme, origin)
                 progress(f"  autoround: layer {li + 1} of {len(layers)}: output error {errors} "
                          f"({time.monotonic() - begin:.0f} s)")
                 env_q.update(out)

@@ -64,6 +64,7 @@ class Calibration:
         self._tensors: dict[str, np.ndarray] = {}  # added by passes (small)
         self._files: dict[str, Path] = {}  # Hessians and learned codes, in the scratch folder
         self.learned: dict[str, Scheme] = {}  # checkpoint weight -> the scheme of its learned codes (autoround)
+        self.origins: dict[str, str] = {}  # checkpoint weight -> where autoround's codes came from (--report)
 
     def hessian_for(self, weights: list[str]) -> str | None:
         """The name of the Hessian of a weight made of the checkpoint tensors `weights` (stacked
@@ -85,13 +86,15 @@ class Calibration:
         """Keeps a tensor a pass derived (f32), for `read`."""
         self._tensors[name] = np.asarray(value, np.float32)
 
-    def add_learned(self, weight: str, parts: dict[str, np.ndarray], scheme: Scheme) -> None:
+    def add_learned(self, weight: str, parts: dict[str, np.ndarray], scheme: Scheme, origin: str) -> None:
         """Keeps the parts (llmirc/quant.py) autoround learned for the checkpoint tensor `weight`
         (the linear's [n, k] weight, in the rotated basis when its input is rotated), read as
-        `<LEARNED><weight>.<part>` (frontend/packed.py, format learned)."""
+        `<LEARNED><weight>.<part>` (frontend/packed.py, format learned); `origin` says for
+        --report whether the codes are learned or GPTQ's, and why."""
         for part, value in parts.items():
             self._save(f"{LEARNED}{weight}.{part}", value, "learned codes")
         self.learned[weight] = scheme
+        self.origins[weight] = origin
 
     def has(self, name: str) -> bool:
         """Whether `name` is one of this calibration's tensors (else a checkpoint's)."""

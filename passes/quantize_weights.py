@@ -361,7 +361,7 @@ class QuantizeWeights(ModulePass):
                     note(ctx, f"{self.name}: input rotated (hadamard, blocks of {block})")
                 user.parent_block().insert_ops_before(learned, user)
                 replace_weight(user, w, learned[-1].results[0])
-                note(ctx, f"{self.name}: learned rounding (autoround)")
+                note(ctx, f"{self.name}: autoround: {calibration.origins[source_names(w)[0]]}")
                 self._note_quantized(ctx, user, w, lm_head, bits)
                 continue
             gptq = calibration is not None and (w, qtype) in calibrated

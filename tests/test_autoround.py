@@ -192,17 +192,25 @@ def test_rounding_step_descends(rng, scheme, block):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_autoround_bundle(tmp_path, arch):
+def test_autoround_bundle(tmp_path, arch, capsys):
     ckpt = tmp_path / "ckpt"
     model = make_checkpoint(ckpt, arch, tokenizer=True, intermediate_size=576)
-    options = dict(quant="int4", calibration=CALIBRATION, calibration_tokens=1024, cpu_variants=("native",))
-    lines = io.StringIO()
+    options = dict(quant="int4", calibration=CALIBRATION, calibration_tokens=1024, cpu_variants=("native",),
+                   report=True)
+    lines, report = io.StringIO(), io.StringIO()
     compile_model(ckpt, tmp_path / "autoround.llmir", CompileOptions(**options, quant_method="autoround",
-                                                                     quant_iters=30), Progress(lines))
-    assert lines.getvalue().count("autoround: layer ") == 2, lines.getvalue()
+                                                                     quant_iters=30), Progress(lines), stdout=report)
+    layers = [line for line in lines.getvalue().splitlines() if "autoround: layer " in line]
+    assert len(layers) == 2, lines.getvalue()
+    # --report says which layers' codes are learned and which GPTQ's, as the progress lines do
+    assert ("autoround: learned rounding" in report.getvalue()) == any(" -> " in line for line in layers)
+    assert ("autoround: GPTQ's codes (learning did not" in report.getvalue()) == \
+        any("GPTQ's codes kept" in line for line in layers), report.getvalue()
     emitted = io.StringIO()
     compile_model(ckpt, None, CompileOptions(**options, quant_method="autoround", quant_iters=0, emit="mlir"),
                   Progress(None), stdout=emitted)
+    reported = capsys.readouterr().err
+    assert "autoround: GPTQ's codes (--quant-iters 0)" in reported and "learned rounding" not in reported, reported
     ir = emitted.getvalue()
     learned = ir.count('format = "learned"')
     assert learned == (4 if arch == "gpt2" else 7) * 2, ir  # every decoder linear, per checkpoint tensor
