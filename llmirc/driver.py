@@ -512,7 +512,7 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
             # big models and GPTQ: a line per tenth, and every 5 s (GPTQ's time goes by weight, not by byte)
             if slow and (done - shown >= total / 10 or time.monotonic() - when > 5):
                 shown, when = done, time.monotonic()
-                progress(f"  {100 * done // max(total, 1)}% of the weights written ({i + 1} of {len(plan.weights)})")
+                progress(f"  {i + 1} of {len(plan.weights)} weights written ({100 * done // max(total, 1)}% of the work)")
         writer.close()
         targets = [entry for b in backends for entry in b.build(plan, bundle.path, progress)]
         bundle.write_text("ir/input.mlir", input_ir)
