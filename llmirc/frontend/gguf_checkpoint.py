@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,22 @@ def _global_names(arch: str) -> dict[str, str]:
             "lm_head.weight": "output.weight"}
 
 
+def _why_unreadable(path: Path, e: Exception) -> str:
+    """Words for the gguf reader's failure on `path`: it raises numpy's and its own assorted
+    exceptions (ValueError, IndexError, KeyError, ...) on malformed input."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "it is empty"
+    if head[:4] != b"GGUF":
+        return f"it begins with {head[:4]!r}, not with GGUF's magic b'GGUF'"
+    if "version" in str(e):
+        return f"GGUF version {int.from_bytes(head[4:8], 'little')}, which the gguf reader cannot read"
+    if any(frame.name == "_build_tensors" for frame in traceback.extract_tb(e.__traceback__)):
+        return f"a tensor's data runs past the end of the file ({path.stat().st_size} bytes): truncated?"
+    return f"its header (metadata and tensor table) is truncated or corrupt; the file has {path.stat().st_size} bytes"
+
+
 class GgufCheckpoint:
     """A source of the compiler (see frontend.open_source) reading one .gguf file."""
 
@@ -99,12 +116,10 @@ class GgufCheckpoint:
         self.dequantize = dequantize
         self._tmp: Path | None = None
         try:
-            # The reader raises assorted exceptions (ValueError, IndexError, KeyError, ...) on
-            # malformed input; any of them means the file is not a GGUF file we can read.
             self._reader = GGUFReader(path, "r")
             self.meta = {k: f.contents() for k, f in self._reader.fields.items() if not k.startswith("GGUF.")}
         except Exception as e:  # noqa: BLE001 (third-party parser of untrusted input)
-            raise CheckpointError(f"{path}: not a readable GGUF file (truncated or corrupt: {e})") from None
+            raise CheckpointError(f"{path}: not a readable GGUF file: {_why_unreadable(path, e)}") from None
         self._tensors = {t.name: t for t in self._reader.tensors}
         self._check_bounds()
         self.arch = self._get("general.architecture", str)
