@@ -204,8 +204,10 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         raise UsageError("no output: give -o OUT.llmir (or --emit STAGE to print a stage)")
     if out is not None:
         check_replaceable(out)  # before the checkpoint is read (the writer checks again)
-    if options.passes is not None:
-        parse_passes(options.passes)  # fail before the checkpoint is read
+    if options.passes is not None:  # fail before the checkpoint is read
+        if lowering := [p.name for p in parse_passes(options.passes) if p.name.startswith("onnx-")]:
+            raise UsageError(f"--passes: {lowering[0]} is the ONNX front end's lowering, which runs on ONNX input "
+                             "before the pipeline; leave it out")
     if options.block_size is not None:
         if why := block_size_problem(options.block_size):
             raise UsageError(f"--block-size {options.block_size}: {why}")

@@ -348,6 +348,7 @@ BAD_OPTIONS = {
     "unknown-pass-option": (["--passes", "paged-kv{bogus=1}"], ["--passes", 'unknown option "bogus"',
                                                                  'the pass takes "block-size"']),
     "pass-syntax": (["--passes", "paged-kv{block-size=16"], ["--passes"]),
+    "front-end-pass": (["--passes", "canonicalize,onnx-to-llmir"], ["--passes", "onnx-to-llmir", "front end"]),
     "bad-emit": (["--emit", "ptx"], ["--emit", "ptx"]),
     "emit-binary-stage": (["--emit", "obj"], ["--emit obj", "not a text stage", "(choose from mlir, llvm-ir, asm)"]),
     "bad-cpu-variant": (["--cpu-variants", "pentium9"], ["pentium9"]),
