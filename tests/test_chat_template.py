@@ -139,6 +139,17 @@ def test_template_variables_tools_and_continue_final_message(folder, tmp_path):
         hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
 
 
+@pytest.mark.parametrize("name", ["smollm2", "qwen2"])
+def test_a_message_without_content_reads_as_empty_text(folder, tmp_path, name):
+    """As the server takes a null content (vLLM's rule); transformers' templates fail on it."""
+    path = with_template(folder, tmp_path, TEMPLATES[name], as_file=False)
+    hf = PreTrainedTokenizerFast.from_pretrained(str(path))
+    _, template = ours(path)
+    empty = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}, {"role": "user", "content": "x"}]
+    expected = hf.apply_chat_template(empty, tokenize=False, add_generation_prompt=True)
+    assert template.render([{"role": "user"}, {"role": "assistant", "content": None}, empty[-1]]) == expected
+
+
 def test_named_templates_pick_default_or_tool_use(folder, tmp_path):
     dst = with_template(folder, tmp_path, CHATML, as_file=False)
     config = json.loads((dst / "tokenizer_config.json").read_text())

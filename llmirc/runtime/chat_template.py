@@ -88,7 +88,10 @@ class ChatTemplate:
             raise LlmircError("'messages' cannot be a template variable: the conversation is given as messages")
         if continue_final_message and add_generation_prompt:
             raise LlmircError("continue_final_message and add_generation_prompt cannot both be set")
+        # null values left out (templates test `is defined`); a message without content and without
+        # tool calls reads as empty text, as vLLM renders a null content (and the server sends it)
         chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        chat = [m if "content" in m or "tool_calls" in m else {**m, "content": ""} for m in chat]
         source = self.tool_source if tools and self.tool_source else self.source
         tag = "CONTINUE_FINAL_MESSAGE_TAG "
         if continue_final_message:
