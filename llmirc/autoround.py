@@ -130,7 +130,7 @@ def layer_index(names: list[str]) -> int | None:
 def split_layers(ops: list[Operation], names_of: Callable[[SSAValue], list[str]]) -> list[list[Operation]]:
     """The forward's ops (weight ops left out) as [before, layer 0, layer 1, ..., after]: an op
     is in the layer of its weights (`names_of`: a weight value's checkpoint names), or, without
-    weights, in the latest layer of its operands; ops whose weights have no layer index (the
+    named weights, in the latest layer of its operands; ops whose weights have no layer index (the
     embedding, the final norm) go before the layers or after them. Raises LlmircError when an
     op would read a later layer's value (no decoder-layer structure)."""
     before, after = -1, 1 << 30
@@ -142,8 +142,9 @@ def split_layers(ops: list[Operation], names_of: Callable[[SSAValue], list[str]]
             continue
         weights = [v for v in op.operands if isinstance(v.owner, Operation) and L.is_weight_op(v.owner)]
         inputs = [where.get(v, before) for v in op.operands if v not in weights]
-        if weights:
-            index = layer_index([n for w in weights for n in names_of(w)])
+        names = [n for w in weights for n in names_of(w)]
+        if names:  # (constants folded into the graph, as an ONNX export's layer norms' ones, have none)
+            index = layer_index(names)
             at = index if index is not None else (after if seen_layer else before)
             seen_layer |= index is not None
         else:

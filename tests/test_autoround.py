@@ -240,3 +240,22 @@ def test_autoround_onnx_without_layer_names(tmp_path):
     ids = list(range(3, 40))
     ref = hf_logits(model, ids)
     assert np.sqrt(((load(tmp_path / "b.llmir").score(ids) - ref) ** 2).mean() / (ref ** 2).mean()) < 0.4  # int4, g32
+
+
+@pytest.mark.slow
+def test_autoround_onnx_gpt2_with_constant_norms(tmp_path):
+    """A GPT-2 ONNX export keeps its weights' names but folds the layer norms' parameters into
+    unnamed constants: those ops belong to the layer of their input (they were put after the
+    layers, and the next linear "read a later layer's value")."""
+    ckpt = tmp_path / "ckpt"
+    model = make_checkpoint(ckpt, "gpt2", tokenizer=True)
+    export_onnx(model, tmp_path / "onnx" / "model.onnx")
+    (tmp_path / "onnx" / "tokenizer.json").write_bytes((ckpt / "tokenizer.json").read_bytes())
+    lines = io.StringIO()
+    compile_model(tmp_path / "onnx" / "model.onnx", tmp_path / "b.llmir",
+                  CompileOptions(quant="int4", quant_method="autoround", quant_iters=10, calibration=CALIBRATION,
+                                 calibration_tokens=1024, cpu_variants=("native",)), Progress(lines))
+    assert lines.getvalue().count("autoround: layer ") == 2, lines.getvalue()
+    ids = list(range(3, 40))
+    ref = hf_logits(model, ids)
+    assert np.sqrt(((load(tmp_path / "b.llmir").score(ids) - ref) ** 2).mean() / (ref ** 2).mean()) < 0.4  # int4, g32
