@@ -225,37 +225,22 @@ def test_autoround_bundle(tmp_path, arch, capsys):
 
 
 @pytest.mark.slow
-def test_autoround_onnx_without_layer_names(tmp_path):
-    """A dynamo ONNX export names its linears' weights val_N: no decoder layers, so GPTQ alone on
-    the chain (q, k and v sharing their input's Hessian, as fuse-linears stacks them)."""
+@pytest.mark.parametrize("arch, expected", [("llama", "no decoder layers"), ("gpt2", "autoround: layer 2 of 2")])
+def test_autoround_onnx(tmp_path, arch, expected):
+    """A dynamo ONNX export of llama names its linears' weights val_N: no decoder layers, so GPTQ
+    alone on the chain (q, k and v sharing their input's Hessian, as fuse-linears stacks them).
+    GPT-2's keeps its weights' names but folds the layer norms' parameters into unnamed constants:
+    those ops belong to the layer of their input (they were put after the layers, and the next
+    linear "read a later layer's value")."""
     ckpt = tmp_path / "ckpt"
-    model = make_checkpoint(ckpt, "llama", tokenizer=True)
-    export_onnx(model, tmp_path / "onnx" / "model.onnx")
-    (tmp_path / "onnx" / "tokenizer.json").write_bytes((ckpt / "tokenizer.json").read_bytes())
-    lines = io.StringIO()
-    compile_model(tmp_path / "onnx" / "model.onnx", tmp_path / "b.llmir",
-                  CompileOptions(quant="int4", quant_method="autoround", calibration=CALIBRATION,
-                                 calibration_tokens=1024, cpu_variants=("native",)), Progress(lines))
-    assert "no decoder layers" in lines.getvalue(), lines.getvalue()
-    ids = list(range(3, 40))
-    ref = hf_logits(model, ids)
-    assert np.sqrt(((load(tmp_path / "b.llmir").score(ids) - ref) ** 2).mean() / (ref ** 2).mean()) < 0.4  # int4, g32
-
-
-@pytest.mark.slow
-def test_autoround_onnx_gpt2_with_constant_norms(tmp_path):
-    """A GPT-2 ONNX export keeps its weights' names but folds the layer norms' parameters into
-    unnamed constants: those ops belong to the layer of their input (they were put after the
-    layers, and the next linear "read a later layer's value")."""
-    ckpt = tmp_path / "ckpt"
-    model = make_checkpoint(ckpt, "gpt2", tokenizer=True)
+    model = make_checkpoint(ckpt, arch, tokenizer=True)
     export_onnx(model, tmp_path / "onnx" / "model.onnx")
     (tmp_path / "onnx" / "tokenizer.json").write_bytes((ckpt / "tokenizer.json").read_bytes())
     lines = io.StringIO()
     compile_model(tmp_path / "onnx" / "model.onnx", tmp_path / "b.llmir",
                   CompileOptions(quant="int4", quant_method="autoround", quant_iters=10, calibration=CALIBRATION,
                                  calibration_tokens=1024, cpu_variants=("native",)), Progress(lines))
-    assert lines.getvalue().count("autoround: layer ") == 2, lines.getvalue()
+    assert expected in lines.getvalue(), lines.getvalue()
     ids = list(range(3, 40))
     ref = hf_logits(model, ids)
     assert np.sqrt(((load(tmp_path / "b.llmir").score(ids) - ref) ** 2).mean() / (ref ** 2).mean()) < 0.4  # int4, g32
