@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import sys
 import time
 import traceback
@@ -395,8 +396,11 @@ def _read_prompt(text: str) -> str:
 
 def _read_text(path: Path | str, flag: str) -> str:
     """The text of file `path`, '-' standard input, read alike: UTF-8 whatever the locale, with
-    universal newlines (as Path.read_text). Raises LlmircError naming `flag` and the path."""
+    universal newlines (as Path.read_text). Raises LlmircError naming `flag` and the path, also for
+    a device or a folder (/dev/zero would be read until memory runs out); pipes are read."""
     try:
+        if str(path) != "-" and not stat.S_ISREG(mode := os.stat(path).st_mode) and not stat.S_ISFIFO(mode):
+            raise LlmircError(f"{flag} {path}: not a file or a pipe")
         data = sys.stdin.buffer.read() if str(path) == "-" else Path(path).read_bytes()
         return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:

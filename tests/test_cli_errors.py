@@ -238,7 +238,21 @@ def _bad_index(d):
     (d / "model.safetensors.index.json").write_text('{"weight_map": [1, 2]}')
 
 
+def _linked(name: str, target: str):
+    """`name` replaced by a link to `target` (a device, a FIFO): refused, never read."""
+    def mutate(d):
+        (d / name).unlink(missing_ok=True)
+        if target == "fifo":
+            os.mkfifo(d / "fifo")
+        (d / name).symlink_to(d / target if target == "fifo" else target)
+    return mutate
+
+
 BAD_CHECKPOINTS = {
+    # a config.json linked to /dev/zero was read until the OOM killer stopped the compiler at 23 GB
+    **{f"{name}-{what}": (_linked(name, target), [name, "not a regular file"])
+       for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                    "tokenizer_config.json") for what, target in (("dev-zero", "/dev/zero"), ("fifo", "fifo"))},
     "no-config": (_no_config, ["config.json", "not found"]),
     "config-invalid-json": (_config_text('{"hidden_size": 64,'), ["config.json", "invalid JSON"]),
     "config-not-object": (_config_text("[1, 2, 3]"), ["config.json", "JSON object"]),
@@ -1000,6 +1014,9 @@ BAD_RUNS = {
     "max-new-tokens-zero": (["--token-ids", "1", "--max-new-tokens", "0"], False, ["--max-new-tokens"]),
     "top-p-zero": (["--token-ids", "1", "--top-p", "0"], False, ["--top-p"]),
     "negative-temperature": (["--token-ids", "1", "--temperature", "-1"], False, ["--temperature"]),
+    "prompt-file-device": (["--prompt-file", "/dev/zero"], False, ["--prompt-file /dev/zero", "not a file or a pipe"]),
+    # refused before it is tokenized (a 60 MB prompt took 82 s and 8 GB to be refused after)
+    "prompt-far-too-long": (["--prompt", "word " * 20_000], False, ["100000 characters", "context length of 512"]),
 }
 
 

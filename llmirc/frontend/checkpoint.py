@@ -15,6 +15,7 @@ import numpy as np
 from llmirc import dtypes
 from llmirc.artifact_format.safetensors import SafetensorsFile, open_safetensors
 from llmirc.errors import CheckpointError
+from llmirc.small_files import check_small_file, read_small_text
 
 from . import build_graph, parse_spec
 from .context import Limit
@@ -30,7 +31,16 @@ OTHER_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.m
 
 def tokenizer_files(root: Path) -> list[Path]:
     """The tokenizer files of a checkpoint's folder that a bundle carries."""
-    return [root / n for n in TOKENIZER_FILES if (root / n).is_file()]
+    found = [root / n for n in TOKENIZER_FILES if present(root / n)]
+    for path in found:
+        check_small_file(path, CheckpointError)
+    return found
+
+
+def present(path: Path) -> bool:
+    """Whether `path` is there, as a file or anything else (a FIFO, a device, a dangling link):
+    what is there by a file's name is read or refused, not passed over as missing."""
+    return path.exists() or path.is_symlink()
 
 
 def missing_tokenizer_note(root: Path) -> str | None:
@@ -79,15 +89,19 @@ class Checkpoint:
 
     def _index(self) -> dict[str, Path]:
         single, index = self.root / "model.safetensors", self.root / "model.safetensors.index.json"
-        if index.is_file():
+        if present(index):
             try:
-                data = json.loads(index.read_text(encoding="utf-8"))
+                data = json.loads(read_small_text(index, CheckpointError))
                 weight_map = data["weight_map"]
                 assert isinstance(weight_map, dict)
-            except (ValueError, KeyError, AssertionError, UnicodeDecodeError):
+            except OSError as e:
+                raise CheckpointError(f"{index}: cannot read: {e.strerror or e}") from None
+            except (ValueError, KeyError, AssertionError):
                 raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
             return {name: self._inside(index, shard) for name, shard in weight_map.items()}
-        if single.is_file():
+        if present(single):
+            if not single.is_file():
+                raise CheckpointError(f"{single}: not a regular file")
             with self._open(single) as f:
                 return {name: single for name in f.names()}
         if any((self.root / p).exists() for p in PICKLE_FILES):
@@ -171,7 +185,10 @@ class Checkpoint:
                 "pad_token_id": s.pad_token_id}
 
     def config_files(self) -> list[Path]:
-        return [p for p in (self.config_path, self.root / "generation_config.json") if p.is_file()]
+        found = [p for p in (self.config_path, self.root / "generation_config.json") if present(p)]
+        for path in found:
+            check_small_file(path, CheckpointError)
+        return found
 
     def read(self, name: str) -> np.ndarray:
         """The tensor as stored (a zero-copy view of the mapped file; BF16 as uint16 bits); a float
@@ -191,7 +208,7 @@ class Checkpoint:
 
     def generation_config(self) -> dict:
         path = self.root / "generation_config.json"
-        return load_config(path) if path.is_file() else {}
+        return load_config(path) if present(path) else {}
 
     def fingerprint(self) -> str:
         """sha256 over config.json and each shard's name, size and first 64 KiB (its header).

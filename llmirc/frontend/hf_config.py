@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from llmirc.errors import CheckpointError
+from llmirc.small_files import read_small_text
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                  "GPT2LMHeadModel": "gpt2"}
@@ -70,11 +71,11 @@ class DecoderSpec:
 
 def load_config(path: Path) -> dict:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_small_text(path, CheckpointError)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found (a Hugging Face checkpoint needs config.json)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         config = json.loads(text)
     except json.JSONDecodeError as e:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from llmirc.errors import LlmircError
 from llmirc.runtime.tokenizer import readable
+from llmirc.small_files import read_small_text
 
 JINJA_FILE = "chat_template.jinja"
 
@@ -45,14 +46,14 @@ class ChatTemplate:
         jinja = readable(folder, JINJA_FILE, listed)
         if jinja is not None:
             try:
-                return cls(jinja.read_text(encoding="utf-8"), special_tokens, str(jinja))
-            except (OSError, UnicodeDecodeError) as e:
+                return cls(read_small_text(jinja), special_tokens, str(jinja))
+            except OSError as e:
                 raise LlmircError(f"{jinja}: cannot read the chat template: {e}") from None
         config_file = readable(folder, "tokenizer_config.json", listed)
         if config_file is None:
             return None
         try:
-            template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
+            template = json.loads(read_small_text(config_file)).get("chat_template")
         except (OSError, ValueError, AttributeError) as e:
             raise LlmircError(f"{config_file}: cannot read it: {e}") from None
         where = f"{config_file} chat_template"

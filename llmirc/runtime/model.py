@@ -174,15 +174,26 @@ class Model:
         return self.executor.full_sequence
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        """A prompt as token ids: text is encoded with the bundle's tokenizer (adding bos as it does)."""
+        """A prompt as token ids: text is encoded with the bundle's tokenizer (adding bos as it does)
+        after `check_text_length`."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise LlmircError(f"bundle {self.bundle.name} has no tokenizer: give prompts as token id lists")
+            self.check_text_length(prompt)
             return self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple, np.ndarray)) or getattr(prompt, "ndim", 1) != 1 or \
                 any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in prompt):
             raise LlmircError(f"a prompt must be text or a list of integer token ids, got {prompt!r:.60}")
         return [int(t) for t in prompt]
+
+    def check_text_length(self, text: str) -> None:
+        """Raises LlmircError for text with more characters than the context's tokens can stand
+        for, before it is tokenized (a 60 MB prompt took 82 s and 8 GB of memory to be refused
+        after). Each token stands for at most `tokenizer.max_token_chars` characters; the bound
+        allows four times as many, as a normalizer may shorten the text (NFC composes characters)."""
+        if len(text) > 4 * self.max_context * self.tokenizer.max_token_chars:
+            raise LlmircError(f"text of {len(text)} characters, more than this model's maximum context length of "
+                              f"{self.max_context} tokens can hold")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         """The token ids of a conversation rendered with the bundle's chat template (see chat_template.py)."""
@@ -190,6 +201,7 @@ class Model:
             raise LlmircError(f"bundle {self.bundle.name} has no chat template (its tokenizer_config.json has no "
                               "chat_template and there is no chat_template.jinja)")
         text = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        self.check_text_length(text)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _prompts(self, prompts) -> list[list[int]]:

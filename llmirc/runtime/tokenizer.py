@@ -26,6 +26,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from llmirc.errors import LlmircError
+from llmirc.small_files import check_small_file, read_small_text
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # The named special tokens transformers passes to chat templates as strings (SPECIAL_TOKENS_ATTRIBUTES).
@@ -58,7 +59,8 @@ class Tokenizer:
         inside the bundle, checksummed); None: any file there. Raises LlmircError."""
         path = Path(path)
         if listed is None:
-            folder = path / "tokenizer" if (path / "tokenizer" / "tokenizer.json").is_file() else path
+            inner = path / "tokenizer" / "tokenizer.json"
+            folder = inner.parent if inner.exists() or inner.is_symlink() else path
         else:
             folder = path
         file = readable(folder, "tokenizer.json", listed)
@@ -229,9 +231,18 @@ def _import_tokenizers():
 
 
 def readable(folder: Path, name: str, listed: Collection[str] | None) -> Path | None:
-    """folder / name if that file may be read: it is among `listed`, or (listed None) it exists."""
+    """folder / name if that file may be read: it is among `listed`, or (listed None) it is there
+    (a FIFO, a device or a huge file there: LlmircError, small_files.check_small_file)."""
     file = folder / name
-    return file if (file.is_file() if listed is None else name in listed) else None
+    if listed is not None:
+        return file if name in listed else None
+    if not (file.exists() or file.is_symlink()):
+        return None
+    try:
+        check_small_file(file)
+    except OSError as e:
+        raise LlmircError(f"{file}: cannot read it: {e.strerror or e}") from None
+    return file
 
 
 def _read_config(folder: Path, name: str, listed: Collection[str] | None) -> dict:
@@ -239,7 +250,7 @@ def _read_config(folder: Path, name: str, listed: Collection[str] | None) -> dic
     if file is None:
         return {}
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        config = json.loads(read_small_text(file))
     except (OSError, ValueError) as e:
         raise LlmircError(f"{file}: cannot read it: {e}") from None
     if not isinstance(config, dict):

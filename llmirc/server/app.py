@@ -100,9 +100,7 @@ class Server:
         releases the GIL, so that a long text does not hold up the other requests. APIError 400
         naming `param` for a bundle without a tokenizer, for text that is not Unicode (a lone
         surrogate), and for text with more characters than the context's tokens can stand for
-        (checked first: a 20 MB prompt is refused at once, not after seconds of work and a
-        gigabyte of memory). Each token stands for at most `max_token_chars` characters; the bound
-        allows four times as many, as a normalizer may shorten the text (NFC composes characters)."""
+        (checked first: Model.check_text_length)."""
         self.check_text(text, param)
         try:
             return await asyncio.to_thread(self.model.tokenizer.encode, text, add_special_tokens, True)
@@ -111,13 +109,12 @@ class Server:
 
     def check_text(self, text: str, param: str) -> None:
         """`encode`'s checks before tokenizing (a request with several texts checks them all first)."""
-        tok = self.model.tokenizer
-        if tok is None:
+        if self.model.tokenizer is None:
             raise APIError(400, "this bundle has no tokenizer: give prompts as token ids", param)
-        context = self.model.max_context
-        if len(text) > 4 * context * tok.max_token_chars:
-            raise APIError(400, f"{param}: {len(text)} characters, more than this model's maximum context length "
-                                f"of {context} tokens can hold", param)
+        try:
+            self.model.check_text_length(text)
+        except LlmircError as e:
+            raise APIError(400, f"{param}: {e}", param) from None
 
     @property
     def max_sequence_tokens(self) -> int:

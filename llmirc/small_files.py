@@ -1,0 +1,40 @@
+"""The small files a checkpoint or bundle brings beside its weights: config.json,
+generation_config.json, a safetensors index, tokenizer files, chat templates.
+
+They are untrusted input: a FIFO, a device or a huge file is refused by name before anything
+is read (a config.json linked to /dev/zero was read until the kernel's OOM killer stopped the
+compiler at 23 GB).
+"""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from llmirc.errors import LlmircError
+
+LIMIT = 256 * 2**20  # bytes; the largest of these files in common checkpoints, tokenizer.json, is tens of MB
+
+
+def check_small_file(path: Path, error: type[LlmircError] = LlmircError) -> None:
+    """Raises `error` naming `path` when it is not a regular file (symlinks followed) or is larger
+    than LIMIT; OSError (FileNotFoundError, ...) when it cannot be looked at."""
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{path}: not a regular file")
+    if st.st_size > LIMIT:
+        raise error(f"{path}: {st.st_size / 2**20:.0f} MiB, larger than such a file may be ({LIMIT >> 20} MiB)")
+
+
+def read_small_text(path: Path, error: type[LlmircError] = LlmircError) -> str:
+    """The UTF-8 text of `path` after `check_small_file`. Raises `error` naming the file for text
+    that is not UTF-8; OSError when it cannot be read."""
+    check_small_file(path, error)
+    with open(path, "rb") as f:
+        data = f.read(LIMIT + 1)
+    if len(data) > LIMIT:
+        raise error(f"{path}: larger than such a file may be ({LIMIT >> 20} MiB)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
