@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -272,6 +273,12 @@ BAD_CHECKPOINTS = {
                   ["config.json", "rope type", "longrope"]),
     "rope-missing-factor": (_config(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0}),
                             ["config.json", "linear", "factor"]),
+    # Python's json reads NaN and Infinity; they made the manifest unwritable (an internal error)
+    "rope-theta-nan": (_config(rope_parameters={"rope_type": "default", "rope_theta": math.nan}),
+                       ["config.json", "rope_theta", "finite", "nan"]),
+    "rope-factor-nan": (_config(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": math.nan}),
+                        ["config.json", "factor", "finite"]),
+    "norm-eps-inf": (_config(rms_norm_eps=math.inf), ["config.json", "rms_norm_eps", "finite", "inf"]),
     "hidden-act": (_config(hidden_act="quick_gelu"), ["config.json", "hidden_act", "quick_gelu"]),
     "softcapping": (_config(final_logit_softcapping=30.0), ["config.json", "final_logit_softcapping"]),
     "only-pickle": (_only_pickle, ["pickle", "safetensors"]),

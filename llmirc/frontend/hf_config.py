@@ -108,6 +108,8 @@ class _Reader:
             value = float(value)
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             raise self.fail(f"field '{key}' must be {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(f"field '{key}' must be a finite number, got {value!r}")
         if positive and not value > 0:
             raise self.fail(f"field '{key}' must be positive, got {value!r}")
         if isinstance(value, int) and not isinstance(value, bool) and value > maximum:
@@ -257,8 +259,8 @@ def _rope_spec(r: _Reader, head_dim: int, max_pos: int) -> RopeSpec:
     rope_type, theta = params["rope_type"], params["rope_theta"]
     if rope_type not in ROPE_TYPES:
         raise r.fail(f"unsupported rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-        raise r.fail(f"rope_theta must be a positive number, got {theta!r}")
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0 < theta < math.inf:
+        raise r.fail(f"rope_theta must be a positive finite number, got {theta!r}")
     partial = params.get("partial_rotary_factor", 1.0)
     if rope_type != "default" and partial != 1.0:
         # transformers' default rope ignores it; the others make tables narrower than the head, which
@@ -268,8 +270,9 @@ def _rope_spec(r: _Reader, head_dim: int, max_pos: int) -> RopeSpec:
 
     def need(key: str, positive: bool = True) -> float:
         value = params.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or (positive and value <= 0):
-            raise r.fail(f"rope type {rope_type!r} needs a {'positive ' if positive else ''}numeric '{key}'"
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or \
+                (positive and value <= 0):
+            raise r.fail(f"rope type {rope_type!r} needs a {'positive ' if positive else ''}finite number '{key}'"
                          + (f", got {value!r}" if key in params else ""))
         return float(value)
 
