@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 import dataclasses
 import hashlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -387,12 +388,17 @@ def _check_something_to_calibrate(model: Path, source, module, stored: tuple[int
 def _check_tokenizer(source, progress: Progress) -> None:
     """Loads the checkpoint's tokenizer.json (with its tokenizer_config.json) as the loader will load
     the bundle's copy, so that a corrupt one is refused naming the checkpoint's file (LlmircError)
-    instead of making a bundle that fails on every text prompt; notes a checkpoint without one."""
+    instead of making a bundle that fails on every text prompt; so is a chat template with a
+    syntax error, where jinja2 (the serve extra) is installed. Notes a checkpoint without one."""
+    from llmirc.runtime.chat_template import ChatTemplate
     from llmirc.runtime.tokenizer import Tokenizer
 
     files = {p.name: p for p in source.tokenizer_files()}
     if "tokenizer.json" in files:
-        Tokenizer.from_bundle_dir(files["tokenizer.json"].parent)
+        tokenizer = Tokenizer.from_bundle_dir(files["tokenizer.json"].parent)
+        template = ChatTemplate.from_folder(files["tokenizer.json"].parent, tokenizer.special_tokens_map)
+        if template is not None and importlib.util.find_spec("jinja2") is not None:
+            template.check()
     elif note := missing_tokenizer_note(Path(source.root)):  # a GGUF file's embedded one counts
         progress.note(note)
 

@@ -178,6 +178,14 @@ def test_template_errors_are_one_line_naming_the_template(folder, tmp_path):
     with pytest.raises(LlmircError, match="SecurityError|unsafe|access"):
         ChatTemplate("{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}").render(
             [{"role": "user", "content": "x"}])
+    # the template's own failures are the bundle's errors, not llmirc's (they were internal errors)
+    for source, error in [("{{ 1 / 0 }}", "ZeroDivisionError"), ("{% for i in range(10**12) %}{% endfor %}",
+                                                                 "OverflowError"),
+                          ("{% macro r(n) %}{{ r(n + 1) }}{% endmacro %}{{ r(0) }}", "RecursionError"),
+                          ("{{ 'x' * 10**10 }}", "SecurityError"), ("{{ [0] * 10**9 }}", "SecurityError")]:
+        with pytest.raises(LlmircError, match=f"T: .*{error}"):
+            ChatTemplate(source, name="T").render([{"role": "user", "content": "x"}])
+    assert ChatTemplate("{{ 'ab' * 2 }}{{ [1] * 2 }}{{ 2 ** 10 }}").render([{"role": "user"}]) == "abab[1, 1]1024"
 
 
 def test_no_template_and_bad_template_field(folder, tmp_path):

@@ -305,6 +305,9 @@ BAD_CHECKPOINTS = {
                                ["ckpt/tokenizer.json", "cannot load the tokenizer"]),
     "tokenizer-config-invalid-json": (lambda d: (d / "tokenizer_config.json").write_text("{"),
                                       ["ckpt/tokenizer_config.json"]),
+    # a syntax error in the chat template: refused at compile time, not in every chat request
+    "chat-template-syntax": (lambda d: (d / "chat_template.jinja").write_text("{% if %}"),
+                             ["ckpt/chat_template.jinja", "line 1"]),
 }
 
 

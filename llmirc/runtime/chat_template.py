@@ -107,7 +107,8 @@ class ChatTemplate:
                                                   "add_generation_prompt": add_generation_prompt})
         except jinja2.TemplateError as e:
             raise LlmircError(f"{self.name}: {type(e).__name__}: {e}") from None
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError, RecursionError) as e:
+            # the template is the bundle's code: its own errors (1 / 0, range(10**12), endless recursion)
             raise LlmircError(f"{self.name}: rendering failed: {type(e).__name__}: {e}") from None
         if continue_final_message:
             at = text.rfind(tag.strip())
@@ -144,6 +145,9 @@ def _jinja2():
     return jinja2
 
 
+MAX_RENDERED = 1 << 24  # items or characters one * may make in a template
+
+
 def _environment():
     jinja2 = _jinja2()
     ImmutableSandboxedEnvironment = jinja2.sandbox.ImmutableSandboxedEnvironment
@@ -169,8 +173,19 @@ def _environment():
     def strftime_now(fmt):
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, "jinja2.ext.loopcontrols"])
+    class Sandbox(ImmutableSandboxedEnvironment):
+        """jinja's sandbox bounds range() (MAX_RANGE items); this bounds what * and ** make too
+        ('x' * 10**10 would take 10 GB, 9 ** 10**9 minutes)."""
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, int) and abs(right) > 1024 or operator == "*" and any(
+                    isinstance(a, (str, list, tuple)) and isinstance(b, int) and len(a) * b > MAX_RENDERED
+                    for a, b in ((left, right), (right, left))):
+                raise jinja2.exceptions.SecurityError(f"{operator} making more than the sandbox allows")
+            return super().call_binop(context, operator, left, right)
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
