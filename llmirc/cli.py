@@ -64,6 +64,15 @@ class PathArg(click.Path):
         return super().convert(value, param, ctx)
 
 
+def _not_empty(param, value: str | None) -> str | None:
+    """An option that must not be given as '' (an unset shell variable, `--host "$HOST"`): an empty
+    --host would listen on every interface and an empty --api-key turn authentication off."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("empty (an unset shell variable?); leave the option out for its default",
+                                 param=param)
+    return value
+
+
 # click >= 8.2 raises this (a UsageError whose message is the whole help) for a bare `llmirc`.
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -480,10 +489,11 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
 
 @cli.command()
 @click.argument("bundle", type=PathArg())
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True, callback=lambda c, p, v: _not_empty(p, v),
+              help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--served-model-name", default=None, help="The model name clients use (default: BUNDLE as given).")
-@click.option("--api-key", default=None, envvar="LLMIRC_API_KEY",
+@click.option("--api-key", default=None, envvar="LLMIRC_API_KEY", callback=lambda c, p, v: _not_empty(p, v),
               help="Require 'Authorization: Bearer KEY' (also from $LLMIRC_API_KEY).")
 @click.option("--allowed-origins", default=None, metavar="ORIGINS",
               help="Web origins whose pages may call the server (CORS), comma-separated or a JSON list as vLLM "

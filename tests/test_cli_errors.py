@@ -1599,6 +1599,9 @@ def test_compile_block_size_and_max_model_len(ckpt, tmp_path):
     (["--allowed-origins", " , "], ["no origin named"]),
     (["--allowed-origins", '{"a": 1}'], ["'{\"a\": 1}' is not an origin"]),
     (["--allowed-origins", "https://a.example/"], ["'https://a.example/' is not an origin", "without a path"]),
+    # an unset shell variable: every interface, or no authentication, were taken silently
+    (["--host", ""], ["--host", "empty"]),
+    (["--api-key", ""], ["--api-key", "empty"]),
 ])
 def test_serve_bad_options(bundle, args, needles):
     assert_user_error(llmirc("serve", bundle, "--port", "0", *args), *needles)

@@ -588,6 +588,10 @@ def test_api_key_is_required(guarded):
         openai.OpenAI(base_url=guarded.url + "/v1", api_key="wrong", max_retries=0).models.list()
     good = openai.OpenAI(base_url=guarded.url + "/v1", api_key="sekret", max_retries=0)
     assert good.completions.create(model=str(guarded.proc.args[4]), prompt="hi", max_tokens=2).usage.total_tokens
+    # the scheme's name is case-insensitive (RFC 9110); the key is not
+    for header, status in (("bearer sekret", 200), ("BEARER sekret", 200), ("Bearer SEKRET", 401),
+                           ("Basic sekret", 401), ("Bearersekret", 401), ("Bearer  sekret", 401)):
+        assert httpx.get(guarded.url + "/v1/models", headers={"authorization": header}).status_code == status, header
 
 
 

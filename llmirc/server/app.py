@@ -60,12 +60,13 @@ class APIKeyCheck:
     OPEN = ("/health", "/metrics")
 
     def __init__(self, app, key: str):
-        self.app, self.expected = app, f"Bearer {key}".encode()
+        self.app, self.expected = app, key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in self.OPEN:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            # (the scheme's name is case-insensitive: RFC 9110, 11.1)
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(given, self.expected):
                 from fastapi.responses import JSONResponse
 
                 error = APIError(401, "Unauthorized: a valid API key is needed (Authorization: Bearer KEY)")
