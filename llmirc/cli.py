@@ -432,8 +432,8 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
     prefills only the new message. /reset starts over, /exit (or end of input) quits; Ctrl-C
     stops a reply (what it said stays in the conversation), at the prompt it quits. In a
     terminal, a reply cut by --max-new-tokens or the context says so. A turn past the context or
-    KV cache is an error line and the chat goes on; with input from a pipe or file, the command
-    then exits 1 at the end."""
+    KV cache, a line that is not UTF-8 or an unknown /command is an error line and the chat goes
+    on; with input from a pipe or file, the command then exits 1 at the end."""
     from llmirc.errors import RuntimeLimitError
 
     _warn_unused_sampling(temperature, top_k, top_p)
@@ -449,11 +449,21 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
     while True:
         if interactive:
             click.echo("> ", nl=False, err=True)
-        line = sys.stdin.readline()
+        data = sys.stdin.buffer.readline()
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            click.echo(f"error: the line is not UTF-8 text ({e.reason} at byte {e.start}); not sent", err=True)
+            failed = True
+            continue
         if not line or line.strip() == "/exit":
             break
         if line.strip() == "/reset":
             history = list(start)
+            continue
+        if re.fullmatch(r"/\w+", line.strip()):
+            click.echo(f"error: unknown command {line.strip()} (/reset, /exit); not sent", err=True)
+            failed = True
             continue
         if not line.strip():
             continue

@@ -1491,6 +1491,12 @@ def test_chat_command_through_a_pipe(chat_bundle, bundle):
                        capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 1 and r.stderr.count("error: ") == 1 and "/reset starts over" in r.stderr, r.stderr
     assert r.stdout == expected[0] * 2
+    # a line that is not UTF-8 and an unknown command: error lines, not sent; the chat goes on
+    r = subprocess.run([sys.executable, "-m", "llmirc.cli", "chat", str(chat_bundle), "--max-new-tokens", "6"],
+                       input=b"\xff bad\n/help\nhello there\n", capture_output=True, env=ENV, timeout=300)
+    assert r.returncode == 1 and r.stdout.decode() == expected[0], r.stderr
+    assert r.stderr.decode().splitlines() == ["error: the line is not UTF-8 text (invalid start byte at byte 0); "
+                                              "not sent", "error: unknown command /help (/reset, /exit); not sent"]
 
 
 def _chat_in_terminal(bundle, *args):
