@@ -208,3 +208,20 @@ def test_a_lone_surrogate_is_the_texts_fault_not_the_tokenizers(tmp_path):
         tok.encode("hi\ud800!")
     assert "tokenizer.json" not in str(e.value)
     assert tok.decode(tok.encode("hi \U0001F600")) == "hi \U0001F600"  # a pair of surrogates in UTF-16, one here
+
+
+def test_guarded_wraps_the_librarys_errors_not_signals():
+    """A long encode raises the CLI's SIGTERM exception (a BaseException) from its signal checks:
+    it goes on as it is ("terminated", 143), not as "cannot encode: 15"."""
+    from llmirc.runtime.tokenizer import _guarded
+
+    class Terminated(BaseException):
+        pass
+
+    def fail(e):
+        raise e
+    with pytest.raises(LlmircError, match="tok.json: cannot encode: bad token"):
+        _guarded("tok.json", "encode", fail, Exception("bad token"))
+    for e in (Terminated(15), KeyboardInterrupt()):
+        with pytest.raises(type(e)):
+            _guarded("tok.json", "encode", fail, e)

@@ -213,12 +213,13 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def _guarded(source, what: str, fn, *args, **kwargs):
     """fn(*args, **kwargs), a call into the tokenizers library, whose errors become one-line LlmircErrors
     naming `source`: it raises plain Exception (bad JSON, an unknown model, an unknown token without
-    unk_token) and, on a Rust panic, pyo3's PanicException, a BaseException."""
+    unk_token) and, on a Rust panic, pyo3's PanicException, a BaseException. Other BaseExceptions
+    (Ctrl-C, the CLI's SIGTERM, which a long encode raises from its signal checks) go on as they are."""
     try:
         return fn(*args, **kwargs)
-    except (KeyboardInterrupt, SystemExit):
-        raise
     except BaseException as e:
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise
         raise LlmircError(f"{source}: cannot {what}: {' '.join(str(e).split())[:300]}") from None
 
 
