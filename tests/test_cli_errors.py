@@ -1075,6 +1075,16 @@ def test_bench_compare_transformers_bad_dir(bundle, tmp_path):
                              "--compare-transformers", tmp_path / "nope"), "nope")
 
 
+def test_bench_compare_transformers_another_model(bundle, ckpt, tmp_path):
+    """Another model's speed was printed as a ratio; the same checkpoint is compared (the
+    bundle's is a llama of 2 layers, hidden 64)."""
+    config = json.loads((ckpt / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    assert_user_error(llmirc("bench", bundle, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1",
+                             "--compare-transformers", tmp_path), "another model than the bundle's",
+                      "num_layers 3, the bundle's 2")
+
+
 def test_bench_compare_transformers_without_torch(bundle, tmp_path):
     """A loader-only install (no PyTorch) is told so before the benchmark runs."""
     (tmp_path / "config.json").write_text("{}")

@@ -11,6 +11,7 @@ sit in the last-level cache, and a floor at memory's bandwidth would be beaten).
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import time
@@ -21,6 +22,7 @@ import numpy as np
 from llmirc import __version__
 from llmirc.artifact_format.reader import open_bundle
 from llmirc.errors import LlmircError
+from llmirc.small_files import read_small_text
 
 from .inspect import parameter_count
 from .model import load
@@ -129,6 +131,28 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
             "amx": getattr(model.executor, "amx", False)}
 
 
+def check_same_model(model: dict, hf_dir: Path) -> None:
+    """Raises LlmircError when the checkpoint in `hf_dir` is not the model of the bundle's manifest
+    `model` (architecture, layers, hidden size, vocabulary): a comparison with another model's
+    speed was printed as a ratio."""
+    try:
+        config = json.loads(read_small_text(hf_dir / "config.json"))
+    except (OSError, ValueError) as e:
+        raise LlmircError(f"--compare-transformers {hf_dir}: cannot read config.json: {e}") from None
+    if not isinstance(config, dict):
+        raise LlmircError(f"--compare-transformers {hf_dir}: config.json is not a JSON object")
+    archs = config.get("architectures")
+    theirs = {"architecture": archs[0] if isinstance(archs, list) and archs else None,
+              "num_layers": config.get("num_hidden_layers", config.get("n_layer")),
+              "hidden_size": config.get("hidden_size", config.get("n_embd")), "vocab_size": config.get("vocab_size")}
+    if not str(model.get("architecture")).isidentifier():  # an ONNX export's: "ONNX (pytorch 2.13.0)"
+        del theirs["architecture"]
+    differ = [f"{key} {value!r}, the bundle's {model.get(key)!r}" for key, value in theirs.items()
+              if value is not None and value != model.get(key)]
+    if differ:
+        raise LlmircError(f"--compare-transformers {hf_dir}: another model than the bundle's ({'; '.join(differ)})")
+
+
 def bench_transformers(hf_dir: Path, prompt: list[int], batch: int, new_tokens: int, repeat: int,
                        threads: int) -> dict:
     import torch
@@ -155,7 +179,10 @@ def run_bench(bundle: Path, *, prompt_len: int = 128, new_tokens: int = 64, batc
               target: str | None = None) -> dict:
     if new_tokens < 2:
         raise LlmircError(f"--new-tokens {new_tokens}: decode is timed over at least 2 new tokens")
-    vocab = open_bundle(bundle, verify=False).manifest["model"]["vocab_size"]
+    model = open_bundle(bundle, verify=False).manifest["model"]
+    if hf_dir is not None:
+        check_same_model(model, Path(hf_dir))
+    vocab = model["vocab_size"]
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
     ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat, threads, kv_cache_tokens, target)
     bandwidth, peak = measure_bandwidth(ours["bytes_per_step"]), measure_peak_gflops()
