@@ -273,7 +273,8 @@ def _sampling_options(fn, max_new_tokens: click.Option | None = None):
         click.option("--top-p", type=FiniteRange(min=0.0, max=1.0, min_open=True), default=None),
         click.option("--seed", type=click.IntRange(min=0), default=None,
                      help="Seed for sampling (reproducible output)."),
-        click.option("--stop", "stops", multiple=True, help="Stop at this text (repeatable); it is left out."),
+        click.option("--stop", "stops", multiple=True, callback=lambda c, p, v: tuple(_not_empty(p, s) for s in v),
+                     help="Stop at this text (repeatable); it is left out."),
         click.option("--kv-cache-tokens", type=click.IntRange(min=1), default=None,
                      help="KV cache size in tokens (default: the model's context, at most 16384)."),
         click.option("--no-verify", is_flag=True, help="Skip checksum verification (by default it runs once per "

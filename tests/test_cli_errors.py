@@ -1024,6 +1024,7 @@ BAD_RUNS = {
     "max-new-tokens-zero": (["--token-ids", "1", "--max-new-tokens", "0"], False, ["--max-new-tokens"]),
     "top-p-zero": (["--token-ids", "1", "--top-p", "0"], False, ["--top-p"]),
     "negative-temperature": (["--token-ids", "1", "--temperature", "-1"], False, ["--temperature"]),
+    "stop-empty": (["--token-ids", "1", "--stop", "a", "--stop", ""], False, ["--stop", "empty"]),
     "prompt-file-device": (["--prompt-file", "/dev/zero"], False, ["--prompt-file /dev/zero", "not a file or a pipe"]),
     # refused before it is tokenized (a 60 MB prompt took 82 s and 8 GB to be refused after)
     "prompt-far-too-long": (["--prompt", "word " * 20_000], False, ["100000 characters", "context length of 512"]),

@@ -84,6 +84,22 @@ def test_external_data_truncated(tmp_path):
     compile_fails(tmp_path, path, "m.onnx", "'E'", "truncated")
 
 
+def test_external_data_mis_sized(tmp_path):
+    path = save(graph([helper.make_node("Gather", ["E", "input_ids"], ["y"])], [embed()]), tmp_path / "m.onnx",
+                external=True)
+    model = onnx.load(str(path), load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "length":
+            entry.value = str(int(entry.value) - 4)
+    onnx.save(model, path)
+    compile_fails(tmp_path, path, "m.onnx", "'E'", "where its shape and type take 512")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"")
+    compile_fails(tmp_path, tmp_path / "m.onnx", "m.onnx", "not an ONNX model")
+
+
 @pytest.mark.parametrize("external", [False, True])
 def test_weight_holding_nan(tmp_path, external):
     """A weight read for the bundle that holds NaN: CheckpointError naming the file and tensor (the

@@ -97,6 +97,8 @@ class OnnxCheckpoint:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"{path}: not a valid ONNX model ({reason})") from None
         graph = self.proto.graph
+        if not graph.node and not self.proto.opset_import:  # (protobuf reads an empty file as an empty model)
+            raise CheckpointError(f"{path}: not an ONNX model (no graph and no opset: empty, or another format)")
         opsets = {o.domain or "ai.onnx": o.version for o in self.proto.opset_import}
         if opsets.get("ai.onnx", 0) < MIN_OPSET:
             raise CheckpointError(f"{path}: opset {opsets.get('ai.onnx')} is too old; llmirc reads opset {MIN_OPSET} "
@@ -150,9 +152,13 @@ class OnnxCheckpoint:
         except ValueError:
             raise CheckpointError(f"{self.path}: external data of tensor '{t.name}' has a non-integer offset or "
                                   "length") from None
-        if length != expected or offset < 0 or offset + length > file.stat().st_size:
-            raise CheckpointError(f"{self.path}: external data of tensor '{t.name}' in {location} is truncated or "
-                                  f"mis-sized ({length} bytes at offset {offset}, expected {expected})")
+        size = file.stat().st_size
+        if length != expected or offset < 0:
+            raise CheckpointError(f"{self.path}: external data of tensor '{t.name}' in {location}: {length} bytes "
+                                  f"at offset {offset}, where its shape and type take {expected}")
+        if offset + length > size:
+            raise CheckpointError(f"{self.path}: external data of tensor '{t.name}' in {location} ends at byte "
+                                  f"{offset + length}, past the file's end ({size} bytes): truncated?")
 
     def read(self, name: str) -> np.ndarray:
         """An initializer (or a constant folded at compile time) in the type llmirc computes it in
