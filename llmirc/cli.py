@@ -439,6 +439,8 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
 
     _warn_unused_sampling(temperature, top_k, top_p)
     model = _load(bundle, kv_cache_tokens, no_verify, threads=threads, target=target)
+    if model.tokenizer is None:
+        raise LlmircError(f"{bundle}: the bundle has no tokenizer, so no chat (its checkpoint had no tokenizer.json)")
     if model.chat_template is None:
         raise LlmircError(f"{bundle}: the bundle has no chat template (its tokenizer_config.json has no "
                           "chat_template and there is no chat_template.jinja)")

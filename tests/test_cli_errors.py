@@ -1480,7 +1480,7 @@ def test_run_chat_formats_the_prompt_with_the_template(chat_bundle):
     assert_user_error(llmirc("run", chat_bundle, "--chat", "--token-ids", "1,2"), "--chat", "--token-ids")
 
 
-def test_chat_command_through_a_pipe(chat_bundle, bundle):
+def test_chat_command_through_a_pipe(chat_bundle, bundle, bundle_notok):
     from llmirc.runtime import load
 
     model = load(chat_bundle)
@@ -1496,6 +1496,7 @@ def test_chat_command_through_a_pipe(chat_bundle, bundle):
         expected.append(reply + "\n")
     assert r.stdout == "".join(expected)
     assert_user_error(llmirc("chat", bundle), "no chat template")
+    assert_user_error(llmirc("chat", bundle_notok), "no tokenizer")
     # a turn past the KV cache: an error line, the next turns still answered, exit 1 at the end
     r = subprocess.run([sys.executable, "-m", "llmirc.cli", "chat", str(chat_bundle), "--max-new-tokens", "6",
                         "--kv-cache-tokens", "64"], input="hello there\n" + "word " * 60 + "\n/reset\nhello there\n",
