@@ -1,6 +1,6 @@
 """Make a small random Llama checkpoint, compile it with llmirc, run it, compare with transformers.
 
-    python examples/quickstart.py [OUT_DIR]
+    python examples/quickstart.py [OUT_DIR]      # default: examples/out beside this file
 
 Needs the dev install (transformers makes the checkpoint: nothing is downloaded).
 """
@@ -41,4 +41,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("examples/out"))
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "out")
