@@ -320,3 +320,10 @@ def test_metadata_errors_name_the_key(tmp_path):
     w.write_tensors_to_file()
     w.close()
     assert "has type Q2_K" in _open_error(quant, dequantize=True)
+    # a size of 0, named by its own key (it failed later under config.json's names, or as a head size of 0)
+    for key in ("llama.attention.head_count", "llama.context_length", "llama.embedding_length"):
+        at = _tensor_info_offset(data, key)  # (a key is written as a name too) then its type, then the value
+        assert struct.unpack_from("<I", data, at)[0] == gguf.GGUFValueType.UINT32
+        zero = tmp_path / f"{key}.gguf"
+        zero.write_bytes(data[:at + 4] + struct.pack("<I", 0) + data[at + 8:])
+        assert f"{key} is 0; it must be positive" in _open_error(zero)

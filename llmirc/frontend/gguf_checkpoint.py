@@ -211,6 +211,10 @@ class GgufCheckpoint:
                                  if isinstance(ids[k], int)))
         common = {"vocab_size": vocab, "bos_token_id": ids["bos_token_id"], "eos_token_id": eos or None,
                   "pad_token_id": ids["padding_token_id"], "tie_word_embeddings": "output.weight" not in self._tensors}
+        for key in ("attention.head_count", "embedding_length", "context_length", "feed_forward_length"):
+            # named here: past this point they are checked under config.json's names
+            if get(f"{a}.{key}", int, 1) <= 0:
+                raise CheckpointError(f"{self.path}: {a}.{key} is {self.meta[f'{a}.{key}']}; it must be positive")
         heads = get(f"{a}.attention.head_count", int)
         if a == "gpt2":
             return {"architectures": [ARCHITECTURES[a]], "model_type": "gpt2", **common,
