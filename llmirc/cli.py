@@ -560,6 +560,9 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
     if kv_cache_dtype != "auto":  # vLLM's flag; the cache type was chosen when compiling (checked before loading)
         from llmirc.artifact_format.reader import read_manifest
 
+        if dtypes.kv_cache_dtype_name(kv_cache_dtype) is None:
+            raise UsageError(f"--kv-cache-dtype {kv_cache_dtype}: unknown dtype (auto, or the bundle's: float32, "
+                             "bf16, fp16, int8, fp8)")
         dtype = (read_manifest(bundle, str(bundle)).get("kv_cache") or {}).get("dtype", "float32")
         if dtypes.kv_cache_dtype_name(kv_cache_dtype) != dtype:
             raise LlmircError(f"--kv-cache-dtype {kv_cache_dtype}: this bundle's KV cache is {dtype} (the cache "
