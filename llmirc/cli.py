@@ -278,7 +278,8 @@ def _sampling_options(fn, max_new_tokens: click.Option | None = None):
         click.option("--kv-cache-tokens", type=click.IntRange(min=1), default=None,
                      help="KV cache size in tokens (default: the model's context, at most 16384)."),
         click.option("--no-verify", is_flag=True, help="Skip checksum verification (by default it runs once per "
-                                                       "unchanged bundle and is remembered)."),
+                                                       "unchanged bundle and is remembered); a damaged kernel "
+                                                       "library may then crash the process."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="CPU threads (default: the CPUs this process may use)."),
         _target_option,
