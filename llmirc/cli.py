@@ -539,7 +539,8 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
 @click.option("--chat-template", default=None,
               help="A jinja chat template replacing the bundle's: a file, or the template itself (text with "
                    "'{' that names no file, as vLLM takes it).")
-@click.option("--no-verify", is_flag=True, help="Skip checksum verification.")
+@click.option("--no-verify", is_flag=True,
+              help="Skip checksum verification (a damaged kernel library may then crash the process).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_model_len, max_num_seqs,
@@ -649,7 +650,8 @@ def _parse_ids(text: str) -> list[int]:
 @cli.command()
 @click.argument("bundle", type=PathArg())
 @click.option("--json", "as_json", is_flag=True, help="The manifest summary as JSON.")
-@click.option("--no-verify", is_flag=True, help="Skip checksum verification.")
+@click.option("--no-verify", is_flag=True,
+              help="Skip checksum verification (a damaged kernel library may then crash the process).")
 @click.option("--load", "try_load", is_flag=True,
               help="Also load the bundle as `run` does (its library for this host, the manifest checked against "
                    "it, one token through the model): a check that it runs here. The checksums cover every "
