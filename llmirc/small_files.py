@@ -16,10 +16,19 @@ from llmirc.errors import LlmircError
 LIMIT = 256 * 2**20  # bytes; the largest of these files in common checkpoints, tokenizer.json, is tens of MB
 
 
+def present(path: Path) -> bool:
+    """Whether `path` is there, as a file or anything else (a FIFO, a device, a dangling link):
+    what is there by a file's name is read or refused, not passed over as missing."""
+    return path.exists() or path.is_symlink()
+
+
 def check_small_file(path: Path, error: type[LlmircError] = LlmircError) -> None:
-    """Raises `error` naming `path` when it is not a regular file (symlinks followed) or is larger
-    than LIMIT; OSError (FileNotFoundError, ...) when it cannot be looked at."""
-    st = path.stat()
+    """Raises `error` naming `path` when it is not a regular file (symlinks followed), is larger
+    than LIMIT or cannot be looked at (a dangling link: FileNotFoundError's words)."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise error(f"{path}: cannot read it: {e.strerror or e}") from None
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{path}: not a regular file")
     if st.st_size > LIMIT:
@@ -27,11 +36,14 @@ def check_small_file(path: Path, error: type[LlmircError] = LlmircError) -> None
 
 
 def read_small_text(path: Path, error: type[LlmircError] = LlmircError) -> str:
-    """The UTF-8 text of `path` after `check_small_file`. Raises `error` naming the file for text
-    that is not UTF-8; OSError when it cannot be read."""
+    """The UTF-8 text of `path` after `check_small_file`. Raises `error` naming the file, also for
+    text that is not UTF-8 and a file that cannot be read."""
     check_small_file(path, error)
-    with open(path, "rb") as f:
-        data = f.read(LIMIT + 1)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(LIMIT + 1)
+    except OSError as e:
+        raise error(f"{path}: cannot read it: {e.strerror or e}") from None
     if len(data) > LIMIT:
         raise error(f"{path}: larger than such a file may be ({LIMIT >> 20} MiB)")
     try:

@@ -15,7 +15,7 @@ import numpy as np
 from llmirc import dtypes
 from llmirc.artifact_format.safetensors import SafetensorsFile, open_safetensors
 from llmirc.errors import CheckpointError
-from llmirc.small_files import check_small_file, read_small_text
+from llmirc.small_files import check_small_file, present, read_small_text
 
 from . import build_graph, parse_spec
 from .context import Limit
@@ -35,12 +35,6 @@ def tokenizer_files(root: Path) -> list[Path]:
     for path in found:
         check_small_file(path, CheckpointError)
     return found
-
-
-def present(path: Path) -> bool:
-    """Whether `path` is there, as a file or anything else (a FIFO, a device, a dangling link):
-    what is there by a file's name is read or refused, not passed over as missing."""
-    return path.exists() or path.is_symlink()
 
 
 def missing_tokenizer_note(root: Path) -> str | None:
@@ -94,8 +88,6 @@ class Checkpoint:
                 data = json.loads(read_small_text(index, CheckpointError))
                 weight_map = data["weight_map"]
                 assert isinstance(weight_map, dict)
-            except OSError as e:
-                raise CheckpointError(f"{index}: cannot read: {e.strerror or e}") from None
             except (ValueError, KeyError, AssertionError):
                 raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
             return {name: self._inside(index, shard) for name, shard in weight_map.items()}

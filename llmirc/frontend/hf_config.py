@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from llmirc.errors import CheckpointError
-from llmirc.small_files import read_small_text
+from llmirc.small_files import present, read_small_text
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                  "GPT2LMHeadModel": "gpt2"}
@@ -70,12 +70,9 @@ class DecoderSpec:
 
 
 def load_config(path: Path) -> dict:
-    try:
-        text = read_small_text(path, CheckpointError)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found (a Hugging Face checkpoint needs config.json)") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not present(path):
+        raise CheckpointError(f"{path}: not found (a Hugging Face checkpoint needs config.json)")
+    text = read_small_text(path, CheckpointError)
     try:
         config = json.loads(text)
     except json.JSONDecodeError as e:

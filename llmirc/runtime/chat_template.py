@@ -45,16 +45,13 @@ class ChatTemplate:
         only file names there that may be read (`Tokenizer.from_bundle_dir`'s); None: any."""
         jinja = readable(folder, JINJA_FILE, listed)
         if jinja is not None:
-            try:
-                return cls(read_small_text(jinja), special_tokens, str(jinja))
-            except OSError as e:
-                raise LlmircError(f"{jinja}: cannot read the chat template: {e}") from None
+            return cls(read_small_text(jinja), special_tokens, str(jinja))
         config_file = readable(folder, "tokenizer_config.json", listed)
         if config_file is None:
             return None
         try:
             template = json.loads(read_small_text(config_file)).get("chat_template")
-        except (OSError, ValueError, AttributeError) as e:
+        except (ValueError, AttributeError) as e:
             raise LlmircError(f"{config_file}: cannot read it: {e}") from None
         where = f"{config_file} chat_template"
         if template is None:

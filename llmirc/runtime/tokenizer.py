@@ -26,7 +26,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from llmirc.errors import LlmircError
-from llmirc.small_files import check_small_file, read_small_text
+from llmirc.small_files import check_small_file, present, read_small_text
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # The named special tokens transformers passes to chat templates as strings (SPECIAL_TOKENS_ATTRIBUTES).
@@ -60,7 +60,7 @@ class Tokenizer:
         path = Path(path)
         if listed is None:
             inner = path / "tokenizer" / "tokenizer.json"
-            folder = inner.parent if inner.exists() or inner.is_symlink() else path
+            folder = inner.parent if present(inner) else path
         else:
             folder = path
         file = readable(folder, "tokenizer.json", listed)
@@ -237,12 +237,9 @@ def readable(folder: Path, name: str, listed: Collection[str] | None) -> Path | 
     file = folder / name
     if listed is not None:
         return file if name in listed else None
-    if not (file.exists() or file.is_symlink()):
+    if not present(file):
         return None
-    try:
-        check_small_file(file)
-    except OSError as e:
-        raise LlmircError(f"{file}: cannot read it: {e.strerror or e}") from None
+    check_small_file(file)
     return file
 
 
@@ -252,7 +249,7 @@ def _read_config(folder: Path, name: str, listed: Collection[str] | None) -> dic
         return {}
     try:
         config = json.loads(read_small_text(file))
-    except (OSError, ValueError) as e:
+    except ValueError as e:
         raise LlmircError(f"{file}: cannot read it: {e}") from None
     if not isinstance(config, dict):
         raise LlmircError(f"{file}: expected a JSON object")
