@@ -5,7 +5,8 @@ Decode is memory-bound: each step reads every weight except the embedding table 
 per token) plus the KV cache, so bytes per step / measured bandwidth is the floor. The
 bandwidth is measured here with a NumPy (BLAS) matrix-vector product over as many bytes, the
 same access pattern as decode with the same working set (a small quantized model's weights can
-sit in the last-level cache, and a floor at memory's bandwidth would be beaten). This machine may be shared and noisy: every figure is the best of
+sit in the last-level cache, and a floor at memory's bandwidth would be beaten). This machine
+may be shared and noisy: every figure is the best of
 `repeat` runs, and peers are run back to back in one process.
 """
 
@@ -137,8 +138,8 @@ def check_same_model(model: dict, hf_dir: Path) -> None:
     speed was printed as a ratio."""
     try:
         config = json.loads(read_small_text(hf_dir / "config.json"))
-    except (OSError, ValueError) as e:
-        raise LlmircError(f"--compare-transformers {hf_dir}: cannot read config.json: {e}") from None
+    except ValueError as e:
+        raise LlmircError(f"--compare-transformers {hf_dir}: config.json is not JSON: {e}") from None
     if not isinstance(config, dict):
         raise LlmircError(f"--compare-transformers {hf_dir}: config.json is not a JSON object")
     archs = config.get("architectures")

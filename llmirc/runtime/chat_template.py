@@ -172,7 +172,7 @@ def _environment():
 
     class Sandbox(ImmutableSandboxedEnvironment):
         """jinja's sandbox bounds range() (MAX_RANGE items); this bounds what * and ** make too
-        ('x' * 10**10 would take 10 GB, 9 ** 10**9 minutes)."""
+        ('x' * 10**10 would take 10 GB, x ** 1000000000 minutes)."""
         intercepted_binops = frozenset(["*", "**"])
 
         def call_binop(self, context, operator, left, right):
