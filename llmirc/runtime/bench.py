@@ -6,8 +6,8 @@ per token) plus the KV cache, so bytes per step / measured bandwidth is the floo
 bandwidth is measured here with a NumPy (BLAS) matrix-vector product over as many bytes, the
 same access pattern as decode with the same working set (a small quantized model's weights can
 sit in the last-level cache, and a floor at memory's bandwidth would be beaten). This machine
-may be shared and noisy: every figure is the best of
-`repeat` runs, and peers are run back to back in one process.
+may be shared and noisy: every figure is the best of `repeat` runs, and peers are run back to
+back in one process.
 """
 
 from __future__ import annotations
