@@ -64,12 +64,14 @@ class PathArg(click.Path):
         return super().convert(value, param, ctx)
 
 
-def _not_empty(param, value: str | None) -> str | None:
-    """An option that must not be given as '' (an unset shell variable, `--host "$HOST"`): an empty
-    --host would listen on every interface and an empty --api-key turn authentication off."""
-    if value is not None and not value.strip():
-        raise click.BadParameter("empty (an unset shell variable?); leave the option out for its default",
-                                 param=param)
+def _not_empty(ctx, param, value):
+    """click callback: an option (each value of a repeatable one) must not be given as '' (an unset
+    shell variable, `--host "$HOST"`): an empty --host would listen on every interface and an empty
+    --api-key turn authentication off."""
+    for v in value if isinstance(value, tuple) else (value,):
+        if v is not None and not v.strip():
+            raise click.BadParameter("empty (an unset shell variable?); leave the option out for its default",
+                                     param=param)
     return value
 
 
@@ -273,7 +275,7 @@ def _sampling_options(fn, max_new_tokens: click.Option | None = None):
         click.option("--top-p", type=FiniteRange(min=0.0, max=1.0, min_open=True), default=None),
         click.option("--seed", type=click.IntRange(min=0), default=None,
                      help="Seed for sampling (reproducible output)."),
-        click.option("--stop", "stops", multiple=True, callback=lambda c, p, v: tuple(_not_empty(p, s) for s in v),
+        click.option("--stop", "stops", multiple=True, callback=_not_empty,
                      help="Stop at this text (repeatable); it is left out."),
         click.option("--kv-cache-tokens", type=click.IntRange(min=1), default=None,
                      help="KV cache size in tokens (default: the model's context, at most 16384)."),
@@ -503,11 +505,11 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
 
 @cli.command()
 @click.argument("bundle", type=PathArg())
-@click.option("--host", default="127.0.0.1", show_default=True, callback=lambda c, p, v: _not_empty(p, v),
+@click.option("--host", default="127.0.0.1", show_default=True, callback=_not_empty,
               help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--served-model-name", default=None, help="The model name clients use (default: BUNDLE as given).")
-@click.option("--api-key", default=None, envvar="LLMIRC_API_KEY", callback=lambda c, p, v: _not_empty(p, v),
+@click.option("--api-key", default=None, envvar="LLMIRC_API_KEY", callback=_not_empty,
               help="Require 'Authorization: Bearer KEY' (also from $LLMIRC_API_KEY).")
 @click.option("--allowed-origins", default=None, metavar="ORIGINS",
               help="Web origins whose pages may call the server (CORS), comma-separated or a JSON list as vLLM "
@@ -562,11 +564,12 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
     if kv_cache_dtype != "auto":  # vLLM's flag; the cache type was chosen when compiling (checked before loading)
         from llmirc.artifact_format.reader import read_manifest
 
-        if dtypes.kv_cache_dtype_name(kv_cache_dtype) is None:
+        asked = dtypes.kv_cache_dtype_name(kv_cache_dtype)
+        if asked is None:
             raise UsageError(f"--kv-cache-dtype {kv_cache_dtype}: unknown dtype (auto, or the bundle's: float32, "
                              "bf16, fp16, int8, fp8)")
         dtype = (read_manifest(bundle, str(bundle)).get("kv_cache") or {}).get("dtype", "float32")
-        if dtypes.kv_cache_dtype_name(kv_cache_dtype) != dtype:
+        if asked != dtype:
             raise LlmircError(f"--kv-cache-dtype {kv_cache_dtype}: this bundle's KV cache is {dtype} (the cache "
                               "dtype is chosen when compiling: llmirc compile --kv-cache-dtype)")
     model = _load(bundle, kv_cache_tokens, no_verify, max_batched_tokens=max_num_batched_tokens,

@@ -22,6 +22,14 @@ def present(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
 
+def present_small_files(paths, error: type[LlmircError] = LlmircError) -> list[Path]:
+    """Those of `paths` that are there (`present`), each checked by `check_small_file`."""
+    found = [p for p in paths if present(p)]
+    for path in found:
+        check_small_file(path, error)
+    return found
+
+
 def check_small_file(path: Path, error: type[LlmircError] = LlmircError) -> None:
     """Raises `error` naming `path` when it is not a regular file (symlinks followed), is larger
     than LIMIT or cannot be looked at (a dangling link: FileNotFoundError's words)."""

@@ -15,7 +15,7 @@ import numpy as np
 from llmirc import dtypes
 from llmirc.artifact_format.safetensors import SafetensorsFile, open_safetensors
 from llmirc.errors import CheckpointError
-from llmirc.small_files import check_small_file, present, read_small_text
+from llmirc.small_files import present, present_small_files, read_small_text
 
 from . import build_graph, parse_spec
 from .context import Limit
@@ -31,10 +31,7 @@ OTHER_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.m
 
 def tokenizer_files(root: Path) -> list[Path]:
     """The tokenizer files of a checkpoint's folder that a bundle carries."""
-    found = [root / n for n in TOKENIZER_FILES if present(root / n)]
-    for path in found:
-        check_small_file(path, CheckpointError)
-    return found
+    return present_small_files([root / n for n in TOKENIZER_FILES], CheckpointError)
 
 
 def missing_tokenizer_note(root: Path) -> str | None:
@@ -177,10 +174,7 @@ class Checkpoint:
                 "pad_token_id": s.pad_token_id}
 
     def config_files(self) -> list[Path]:
-        found = [p for p in (self.config_path, self.root / "generation_config.json") if present(p)]
-        for path in found:
-            check_small_file(path, CheckpointError)
-        return found
+        return present_small_files([self.config_path, self.root / "generation_config.json"], CheckpointError)
 
     def read(self, name: str) -> np.ndarray:
         """The tensor as stored (a zero-copy view of the mapped file; BF16 as uint16 bits); a float
