@@ -205,17 +205,19 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         raise UsageError("no output: give -o OUT.llmir (or --emit STAGE to print a stage)")
     if out is not None:
         check_replaceable(out)  # before the checkpoint is read (the writer checks again)
-    if options.passes is not None:  # fail before the checkpoint is read
-        if lowering := [p.name for p in parse_passes(options.passes) if p.name.startswith("onnx-")]:
-            raise UsageError(f"--passes: {lowering[0]} is the ONNX front end's lowering, which runs on ONNX input "
-                             "before the pipeline; leave it out")
+    user_passes = parse_passes(options.passes) if options.passes is not None else []  # fail before reading
+    if lowering := [p.name for p in user_passes if p.name.startswith("onnx-")]:
+        raise UsageError(f"--passes: {lowering[0]} is the ONNX front end's lowering, which runs on ONNX input "
+                         "before the pipeline; leave it out")
+    for p in user_passes:
+        if isinstance(p, QuantizeWeights):
+            p.check()
     if options.block_size is not None:
         if why := block_size_problem(options.block_size):
             raise UsageError(f"--block-size {options.block_size}: {why}")
         if options.passes is not None and "paged-kv" in options.passes:
             raise UsageError("--block-size and a paged-kv pass in --passes: give the block size in one place")
-    if options.quant_smooth is not None and options.passes is not None and \
-            any(p.name == "smooth" for p in parse_passes(options.passes)):
+    if options.quant_smooth is not None and any(p.name == "smooth" for p in user_passes):
         raise UsageError("--quant-smooth and a smooth pass in --passes: --quant-smooth runs it before the pipeline; "
                          "give it in one place")
     block_size = options.block_size or DEFAULT_BLOCK_SIZE

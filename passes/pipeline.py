@@ -87,11 +87,9 @@ def parse_passes(spec: str) -> list[ModulePass]:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         where = re.search(r":\d+:(\d+)$", lines[1]) if len(lines) > 1 else None
         raise UsageError(f"--passes {spec!r}: {'column ' + where[1] + ': ' if where else ''}{lines[-1]}") from None
-    except ValueError as e:
-        if "Unrecognized passes" in str(e):
-            raise UsageError(f"--passes {spec!r}: {e} (available: {', '.join(sorted(PASSES))})") from None
-        raise UsageError(f"--passes {spec!r}: {_option_error(str(e).splitlines()[0])}") from None
     except Exception as e:  # xDSL raises assorted errors for bad pass options
+        if isinstance(e, ValueError) and "Unrecognized passes" in str(e):
+            raise UsageError(f"--passes {spec!r}: {e} (available: {', '.join(sorted(PASSES))})") from None
         raise UsageError(f"--passes {spec!r}: {_option_error(str(e).splitlines()[0])}") from None
 
 

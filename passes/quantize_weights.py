@@ -1,6 +1,6 @@
 """quantize-weights: store the weights of linear (and embedding) ops as integer codes with scales.
 
-`llmirc compile --quant int8|int4` runs it (bits=0, the default, does nothing). Each chosen
+`llmirc compile --quant int8|int4` runs it (in a `--passes` pipeline it needs `bits`). Each chosen
 weight gets an `llmir.quantize` op whose result type says the scheme; the bundle writer folds
 it (round to nearest, llmirc/quant.py) and the kernels read the codes directly (activations
 are quantized to int8 on the fly, per block of 32 values).
@@ -205,7 +205,8 @@ class QuantizeWeights(ModulePass):
     def scheme(self, k: int) -> Scheme:
         """The scheme for a weight of k inputs (option values checked here)."""
         if self.bits not in (4, 8):
-            raise UsageError(f"{self.name}: bits must be 8 or 4, got {self.bits}")
+            raise UsageError(f"{self.name}: bits must be 8 or 4, got {self.bits}" if self.bits else
+                             f"{self.name}: give bits=8 or bits=4 (llmirc compile --quant int8|int4 sets them)")
         self._check_group_size(f"{self.name}: group-size")
         group = self.group_size or (k if self.bits == 8 else 32)
         scale = self.scale_dtype
@@ -339,8 +340,6 @@ class QuantizeWeights(ModulePass):
             note(ctx, f"{self.name}: weight -> int{bits}" + (f" (keep {item})" if level else ""))
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        if self.bits == 0:
-            return
         self.check()
         calibration = self.calibration(ctx)
         lm_head = lm_head_of(op)

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from helpers import CHATML, make_tokenizer
 from llmirc.errors import LlmircError
+from llmirc.runtime import chat_template
 from llmirc.runtime.chat_template import ChatTemplate
 from llmirc.runtime.tokenizer import Tokenizer
 
@@ -186,6 +187,31 @@ def test_template_errors_are_one_line_naming_the_template(folder, tmp_path):
         with pytest.raises(LlmircError, match=f"T: .*{error}"):
             ChatTemplate(source, name="T").render([{"role": "user", "content": "x"}])
     assert ChatTemplate("{{ 'ab' * 2 }}{{ [1] * 2 }}{{ 2 ** 10 }}").render([{"role": "user"}]) == "abab[1, 1]1024"
+
+
+def test_sandbox_bounds_loops_and_output(monkeypatch):
+    """Loops are what jinja's sandbox leaves unbounded (each range() is bounded, nested ones
+    multiply): a rendering's iterations, time and output are, and loops still behave."""
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    for source, text in [
+            ("{% for m in messages %}{{ loop.index }}/{{ loop.length }} {{ m.content }}{% if loop.last %}!"
+             "{% endif %}{% endfor %}", "1/2 hi2/2 yo!"),
+            ("{% for m in messages if m.role == 'tool' %}x{% else %}none{% endfor %}", "none"),
+            ("{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% endfor %}{% for c in 'bc' %}{{ c }}{% endfor %}",
+             "a=1bc"),
+            ("{% for i in range(2) recursive %}{% if loop.depth < 3 %}[{{ loop(range(2)) }}]{% endif %}{{ i }}"
+             "{% endfor %}", "[[01]0[01]1]0[[01]0[01]1]1")]:
+        assert ChatTemplate(source).render(chat) == text
+    for source, error in [("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+                           "loops ran more than the sandbox allows"),
+                          ("{% for i in range(40) recursive %}{% if loop.depth < 6 %}{{ loop(range(40)) }}{% endif %}"
+                           "{% endfor %}", "loops ran more"),
+                          ("{% for i in range(99999) %}{{ 'x' * 1000 }}{% endfor %}", "wrote more than the sandbox")]:
+        with pytest.raises(LlmircError, match=f"T: SecurityError: .*{error}"):
+            ChatTemplate(source, name="T").render(chat)
+    monkeypatch.setattr(chat_template, "MAX_SECONDS", 0.2)  # loops whose bodies are slow stop by the clock
+    with pytest.raises(LlmircError, match="loops ran more"):  # (minutes without the clock)
+        ChatTemplate("{% for i in range(99999) %}{% set y = 'x' * 4000000 %}{% endfor %}").render(chat)
 
 
 def test_no_template_and_bad_template_field(folder, tmp_path):

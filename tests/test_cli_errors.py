@@ -414,6 +414,8 @@ BAD_OPTIONS = {
                          ["error: --quant-group-size 100: must be a power of two from 16 to 512"]),
     "pass-group-size": (["--passes", "quantize-weights{bits=4 group-size=100}"],
                         ["quantize-weights: group-size 100: must be a power of two"]),
+    "pass-without-bits": (["--passes", "canonicalize,quantize-weights"],
+                          ["quantize-weights: give bits=8 or bits=4", "--quant int8|int4"]),
 }
 
 
