@@ -968,6 +968,11 @@ BAD_FOR_LOADING = {
     "no-workspace": (_manifest(lambda m: m["abi"].pop("workspace")), ["manifest.json", "workspace"]),
     "huge-kv-cache": (_manifest(lambda m: m["kv_cache"].update(head_dim=2**40)), ["compiled library"]),
     "zero-block-size": (_manifest(lambda m: m["kv_cache"].update(block_size=0)), ["manifest.json", "kv_cache"]),
+    # said "block_size is '16' but the compiled library was built for 16"
+    "block-size-text": (_manifest(lambda m: m["kv_cache"].update(block_size=str(m["kv_cache"]["block_size"]))),
+                        ["manifest.json", "kv_cache.block_size is '", "not a whole number"]),
+    "vocab-size-fraction": (_manifest(lambda m: m["model"].update(vocab_size=m["model"]["vocab_size"] + 0.5)),
+                            ["manifest.json", "model.vocab_size is", "not a whole number"]),
 }
 
 

@@ -118,10 +118,11 @@ class Model:
         try:
             self.config = m["model"]
             kv, gen = m["kv_cache"], m["generation"]
-            self.max_context = int(self.config["max_position_embeddings"])
-            self.vocab_size = int(self.config["vocab_size"])
-            self.block_size = int(kv["block_size"])
-            self.eos_token_ids = [int(t) for t in gen.get("eos_token_ids") or [] if t is not None]
+            self.max_context = _whole(self.config["max_position_embeddings"], "model.max_position_embeddings")
+            self.vocab_size = _whole(self.config["vocab_size"], "model.vocab_size")
+            self.block_size = _whole(kv["block_size"], "kv_cache.block_size")
+            self.eos_token_ids = [_whole(t, "generation.eos_token_ids") for t in gen.get("eos_token_ids") or []
+                                  if t is not None]
         except KeyError as e:
             raise BundleError(f"bundle {bundle.name}: manifest.json lacks the field {e}") from None
         except (TypeError, ValueError, AttributeError) as e:  # the manifest is untrusted: a field of the wrong type
@@ -263,6 +264,14 @@ class Model:
         def run():
             return [self.executor.forward(*step.abi_inputs()) for step in self.scheduler.score_steps(token_ids)]
         return np.concatenate(self.engine.call(run), axis=0)
+
+
+def _whole(value, field: str) -> int:
+    """A manifest field that must be a JSON integer ("16" or 16.5 are not: the library checks the
+    field as written). Raises TypeError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{field} is {value!r}, not a whole number")
+    return value
 
 
 def _count(name: str, value) -> int | None:
