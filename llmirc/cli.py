@@ -437,7 +437,8 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
     stops a reply (what it said stays in the conversation), at the prompt it quits. In a
     terminal, a reply cut by --max-new-tokens or the context says so. A turn past the context or
     KV cache, a line that is not UTF-8 or an unknown /command is an error line and the chat goes
-    on; with input from a pipe or file, the command then exits 1 at the end."""
+    on; with input from a pipe or file, the command then exits 1 at the end. A --system message the
+    template refuses, or that fills the context, is refused at start."""
     from llmirc.errors import RuntimeLimitError
 
     _warn_unused_sampling(temperature, top_k, top_p)
@@ -449,6 +450,10 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
                           "chat_template and there is no chat_template.jinja)")
     model.engine.start()  # steps on their own thread: Ctrl-C lands between them, on this one
     start = [{"role": "system", "content": system}] if system is not None else []
+    if start:  # a template refusing system messages, or one too long, fails now, not at every turn
+        if (used := len(model.apply_chat_template(start + [{"role": "user", "content": ""}]))) >= model.max_context:
+            raise LlmircError(f"--system: the system message takes {used} tokens in the chat template, and the "
+                              f"model's context is {model.max_context}")
     history = list(start)
     interactive = sys.stdin.isatty()
     turn, failed = 0, False
@@ -487,7 +492,8 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
                     click.echo("\n[cut: " + ("the context is full]" if max_new_tokens is None else
                                               f"--max-new-tokens {max_new_tokens}]"), nl=False, err=True)
         except RuntimeLimitError as e:
-            click.echo(f"error: {e} (the conversation is too long: /reset starts over)", err=True)
+            click.echo(f"error: {e} (" + ("the conversation is too long: /reset starts over)" if history != start
+                                          else "the message is too long for the context)"), err=True)
             failed = True
             continue
         except KeyboardInterrupt:

@@ -1510,6 +1510,13 @@ def test_chat_command_through_a_pipe(chat_bundle, bundle, bundle_notok):
                        capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 1 and r.stderr.count("error: ") == 1 and "/reset starts over" in r.stderr, r.stderr
     assert r.stdout == expected[0] * 2
+    # the first message too long: /reset would not help; a system message too long fails at once
+    r = subprocess.run([sys.executable, "-m", "llmirc.cli", "chat", str(chat_bundle), "--kv-cache-tokens", "64"],
+                       input="word " * 60 + "\n", capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 1 and "the message is too long for the context" in r.stderr, r.stderr
+    context = model.max_context
+    assert_user_error(llmirc("chat", chat_bundle, "--system", "word " * context),
+                      "--system: the system message takes", f"context is {context}")
     # a line that is not UTF-8 and an unknown command: error lines, not sent; the chat goes on
     r = subprocess.run([sys.executable, "-m", "llmirc.cli", "chat", str(chat_bundle), "--max-new-tokens", "6"],
                        input=b"\xff bad\n/help\nhello there\n", capture_output=True, env=ENV, timeout=300)
