@@ -107,7 +107,8 @@ def cli(debug: bool) -> None:
 @click.option("--passes", default=None, help="Textual pass pipeline replacing the default, e.g. "
               "'canonicalize,cse,fuse-linears,paged-kv{block-size=32}'. Whatever it says, the weights' "
               "quantization and type, prune-logits, paged-kv, kv-cache-dtype, fuse-rope-kv-append and dce run "
-              "at the end.")
+              "at the end (as its own paged-kv, kv-cache-dtype... say); a pass here and the flag doing its job "
+              "(--quant, --dtype, --kv-cache-dtype, --block-size, --quant-smooth) cannot go together.")
 @click.option("--print-ir-after-all", is_flag=True, help="Print the IR after every pass (stderr).")
 @click.option("--emit", default=None, metavar="STAGE",
               help="Print a stage to stdout: the optimized IR (mlir), or a target's text stage (cpu: llvm-ir, asm; "

@@ -212,15 +212,21 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     for p in user_passes:
         if isinstance(p, QuantizeWeights):
             p.check()
-    if options.block_size is not None:
-        if why := block_size_problem(options.block_size):
-            raise UsageError(f"--block-size {options.block_size}: {why}")
-        if options.passes is not None and "paged-kv" in options.passes:
-            raise UsageError("--block-size and a paged-kv pass in --passes: give the block size in one place")
-    if options.quant_smooth is not None and any(p.name == "smooth" for p in user_passes):
-        raise UsageError("--quant-smooth and a smooth pass in --passes: --quant-smooth runs it before the pipeline; "
-                         "give it in one place")
+    if options.block_size is not None and (why := block_size_problem(options.block_size)):
+        raise UsageError(f"--block-size {options.block_size}: {why}")
+    # a flag and a pass in --passes doing one job: the user's pass would run first and the flag's
+    # (in the required tail, or smooth before the pipeline) find it done, or undo it
+    flags = {"quantize-weights": ("--quant", options.quant != "none"),
+             "cast-weights": ("--dtype", options.dtype != "auto"),
+             "kv-cache-dtype": ("--kv-cache-dtype", options.kv_cache_dtype != "auto"),
+             "paged-kv": ("--block-size", options.block_size is not None),
+             "smooth": ("--quant-smooth", options.quant_smooth is not None)}
+    for p in user_passes:
+        if p.name in flags and flags[p.name][1]:
+            raise UsageError(f"{flags[p.name][0]} and a {p.name} pass in --passes: give it in one place")
     block_size = options.block_size or DEFAULT_BLOCK_SIZE
+    # the required tail's kv-cache-dtype (which would put auto back) does what the user's asked
+    kv_cache_dtype = next((p.dtype for p in reversed(user_passes) if p.name == "kv-cache-dtype"), options.kv_cache_dtype)
     options.check_calibration()
     if options.dtype != "auto":  # bad option values fail before the checkpoint is read, by their names
         float_type(options.dtype, "--dtype")
@@ -284,7 +290,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
                    ctx=ctx, prefix=",".join(filter(None, (source.lowering, options.smooth_pass()))),
                    block_size=block_size,
-                   tail=dataclasses.replace(options, dtype=dtype).required())
+                   tail=dataclasses.replace(options, dtype=dtype, kv_cache_dtype=kv_cache_dtype).required())
         kept_stored = options.quant != "none" and stored and stored[1] and \
             not any(isinstance(op, L.QuantizeOp) for op in module.walk())
         if kept_stored:

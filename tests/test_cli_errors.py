@@ -414,6 +414,12 @@ BAD_OPTIONS = {
                          ["error: --quant-group-size 100: must be a power of two from 16 to 512"]),
     "pass-group-size": (["--passes", "quantize-weights{bits=4 group-size=100}"],
                         ["quantize-weights: group-size 100: must be a power of two"]),
+    "quant-twice": (["--quant", "int8", "--passes", "quantize-weights{bits=4}"],  # --quant was ignored
+                    ["--quant and a quantize-weights pass in --passes", "one place"]),
+    "dtype-twice": (["--dtype", "bfloat16", "--passes", "cast-weights{dtype=float16}"],  # rounded twice
+                    ["--dtype and a cast-weights pass in --passes", "one place"]),
+    "kv-cache-dtype-twice": (["--kv-cache-dtype", "bfloat16", "--passes", "kv-cache-dtype{dtype=int8}"],
+                             ["--kv-cache-dtype and a kv-cache-dtype pass", "one place"]),
     "pass-without-bits": (["--passes", "canonicalize,quantize-weights"],
                           ["quantize-weights: give bits=8 or bits=4", "--quant int8|int4"]),
 }
@@ -1619,6 +1625,17 @@ def test_compile_block_size_and_max_model_len(ckpt, tmp_path):
     assert m["kv_cache"]["block_size"] == 8 and m["model"]["max_position_embeddings"] == 64
     assert run_json(out, "--token-ids", "1,2,3", "--max-new-tokens", "20", "--ignore-eos")[0]["finish_reason"]
     assert_user_error(llmirc("run", out, "--token-ids", "1,2,3", "--max-new-tokens", "62"), "context of 64")
+
+
+def test_kv_cache_dtype_pass_in_the_pipeline(ckpt, tmp_path):
+    """A kv-cache-dtype pass in --passes decides the cache's type wherever it stands (the required
+    tail's kv-cache-dtype put auto back, and one before paged-kv found no pool)."""
+    for spec in ("kv-cache-dtype{dtype=int8},paged-kv", "paged-kv,kv-cache-dtype{dtype=int8}"):
+        out = tmp_path / "int8.llmir"
+        r = llmirc("compile", ckpt, "-o", out, "--cpu-variants", "native", "-q", "--passes", spec)
+        assert r.returncode == 0, r.stderr
+        assert json.loads((out / "manifest.json").read_text())["kv_cache"]["dtype"] == "int8", spec
+        shutil.rmtree(out)
 
 
 @pytest.mark.parametrize("args,needles", [
