@@ -153,7 +153,7 @@ def _jinja2():
 
 MAX_RENDERED = 1 << 24  # characters a rendering may write, items or characters one * may make
 MAX_ITERATIONS = 1 << 20  # loop iterations a rendering may run (nested loops multiply)
-MAX_SECONDS = 10.0  # a rendering's time: its loops stop past it
+MAX_SECONDS = 2.0  # a rendering's time (the server renders on its event loop): its loops stop past it
 
 
 class _Budget:
