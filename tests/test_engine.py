@@ -306,6 +306,30 @@ def test_a_failing_step_fails_every_request_and_the_engine():
         engine.add_request([1], SamplingParams(), lambda o: None)
 
 
+@pytest.mark.parametrize("executor_class", [FakeExecutor, FakeRunExecutor])
+def test_ctrl_c_in_a_step_leaves_the_engine_usable(executor_class):
+    """KeyboardInterrupt in the forward (Ctrl-C in a notebook) undoes the step: it reaches the
+    caller, the interrupted generation is aborted, and later ones run as if it never happened (they
+    raised "commit() the previous step" forever)."""
+    engine, executor = make(executor_class=executor_class)
+    forward = executor.forward
+    calls = 0
+
+    def interrupted(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        return forward(*args)
+    executor.forward = interrupted
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)] * 2
+    with pytest.raises(KeyboardInterrupt):
+        collect(engine, [[1, 2, 3], [4, 5]], params)
+    assert engine.error is None and engine.num_requests == 0 and engine.scheduler.allocator.num_available == 64
+    out = collect(engine, [[1, 2, 3], [4, 5]], params)
+    assert [[o.token for o in out[i]] for i in (0, 1)] == [greedy_reference(p, 6) for p in ([1, 2, 3], [4, 5])]
+
+
 def test_requests_are_checked_before_anything_runs():
     engine, _ = make(num_blocks=8)
     with pytest.raises(LlmircError, match="context of 256"):

@@ -383,6 +383,9 @@ class Engine:
             for request_id in list(self._requests):
                 self._abort(request_id, "abort", self.error)
             return
+        except BaseException:  # Ctrl-C in the forward: the step is undone (its chunks run again), the engine usable
+            self.scheduler.discard(step)
+            raise
         steps = len(tokens) if run > 1 else 1
         self.stats.steps += steps
         self.stats.computed_tokens += step.num_tokens * steps

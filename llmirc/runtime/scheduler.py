@@ -316,6 +316,12 @@ class Scheduler:
         self._pending = None
         return [e for row in np.asarray(tokens).tolist() for e in self._commit_chunks(chunks, row)]
 
+    def discard(self, step: Step) -> None:
+        """Forget the pending `step` unrecorded (it was interrupted): its sequences compute the same
+        chunks in the next step, writing the same KV slots again (only a commit caches blocks)."""
+        if self._pending is not None and self._pending[0] is step:
+            self._pending = None
+
     def _commit_chunks(self, chunks: list[_Chunk], sampled: list[int]) -> list[Event]:
         events = []
         tokens = iter(sampled)
