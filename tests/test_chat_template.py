@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from helpers import CHATML, make_tokenizer
 from llmirc.errors import LlmircError
-from llmirc.runtime import chat_template
+from llmirc.runtime import jinja_sandbox
 from llmirc.runtime.chat_template import ChatTemplate
 from llmirc.runtime.tokenizer import Tokenizer
 
@@ -186,7 +186,9 @@ def test_template_errors_are_one_line_naming_the_template(folder, tmp_path):
                           ("{{ 'x' * 10**10 }}", "SecurityError"), ("{{ [0] * 10**9 }}", "SecurityError")]:
         with pytest.raises(LlmircError, match=f"T: .*{error}"):
             ChatTemplate(source, name="T").render([{"role": "user", "content": "x"}])
-    assert ChatTemplate("{{ 'ab' * 2 }}{{ [1] * 2 }}{{ 2 ** 10 }}").render([{"role": "user"}]) == "abab[1, 1]1024"
+    assert ChatTemplate("{{ 'ab' * 2 }}{{ [1] * 2 }}{{ 2 ** 10 }}{{ 7 * 6 }}{{ '%5.1f|' % 2.25 }}{{ '{:>4}'.format(1) }}"
+                        "{{ 'a b' | replace(' ', '--') }}{{ 'x' | center(3) }}|{{ [1, 2] | join(', ') }}{{ 'a' ~ 'b' }}"
+                        ).render([{"role": "user"}]) == "abab[1, 1]102442  2.2|   1a--b x |1, 2ab"
 
 
 def test_sandbox_bounds_loops_and_output(monkeypatch):
@@ -206,10 +208,31 @@ def test_sandbox_bounds_loops_and_output(monkeypatch):
                            "loops ran more than the sandbox allows"),
                           ("{% for i in range(40) recursive %}{% if loop.depth < 6 %}{{ loop(range(40)) }}{% endif %}"
                            "{% endfor %}", "loops ran more"),
-                          ("{% for i in range(99999) %}{{ 'x' * 1000 }}{% endfor %}", "wrote more than the sandbox")]:
+                          ("{% for i in range(99999) %}{{ 'x' * 1000 }}{% endfor %}", "output would make"),
+                          # one operation making a huge value from small ones (a fresh user's tryout:
+                          # each froze the server, or took gigabytes)
+                          ("{{ ((9 ** 1024) ** 1024) ** 1024 }}", "an integer of about"),
+                          ("{% set ns = namespace(x=3) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}"
+                           "{% endfor %}", "an integer of about"),
+                          ("{{ 'a' | center(2000000000) }}", "the center filter would make"),
+                          ("{{ '%0999999999d' % 1 }}", "the format '%0999999999'"),
+                          ("{{ '%*d' % (999999999, 1) }}", "with 999999999"),
+                          ("{{ '{:>999999999}'.format(1) }}", "the format"),
+                          ("{{ '{:>{}}'.format(1, 999999999) }}", "with 999999999"),
+                          ("{{ 'a%s' | format(1) }}{{ '%0999999999d' | format(1) }}", "the format"),
+                          ("{% set s = 'x' * 100000 %}{{ s | replace('x', s) }}", "the replace filter"),
+                          ("{% set s = 'x' * 100000 %}{{ s.replace('x', s) }}", "str.replace"),
+                          ("{{ ('a ' * 8000000) | wordwrap(1) }}", "the wordwrap filter"),
+                          ("{{ range(99999) | join('x' * 100000) }}", "the join filter"),
+                          ("{{ 'a'.ljust(10 ** 9) }}", "str.ljust"),
+                          ("{{ [1] | batch(10 ** 9, 0) | list }}", "the batch filter"),
+                          ("{% set ns = namespace(s='x' * 1000) %}{% for i in range(20) %}{% set ns.s = ns.s ~ ns.s %}"
+                           "{% endfor %}", "~ would make"),
+                          ("{% set ns = namespace(s=['x'] * 1000) %}{% for i in range(20) %}"
+                           "{% set ns.s = ns.s + ns.s %}{% endfor %}", "\\+ would make")]:
         with pytest.raises(LlmircError, match=f"T: SecurityError: .*{error}"):
             ChatTemplate(source, name="T").render(chat)
-    monkeypatch.setattr(chat_template, "MAX_SECONDS", 0.2)  # loops whose bodies are slow stop by the clock
+    monkeypatch.setattr(jinja_sandbox, "MAX_SECONDS", 0.2)  # loops whose bodies are slow stop by the clock
     with pytest.raises(LlmircError, match="loops ran more"):  # (minutes without the clock)
         ChatTemplate("{% for i in range(99999) %}{% set y = 'x' * 4000000 %}{% endfor %}").render(chat)
 

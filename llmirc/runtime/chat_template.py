@@ -4,7 +4,8 @@ The template is the tokenizer's: `chat_template.jinja` beside tokenizer.json, el
 `chat_template` field of tokenizer_config.json (a string, or a list of named templates of which
 "default" is used, "tool_use" when tools are given and it exists). It is rendered with jinja2's
 sandbox exactly as transformers 5's `apply_chat_template(..., tokenize=False)` does:
-ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks, the loopcontrols extension,
+ImmutableSandboxedEnvironment (bounded: jinja_sandbox.py) with trim_blocks and lstrip_blocks, the
+loopcontrols extension,
 `{% generation %}` blocks (transformers marks assistant tokens with them; here they render
 their body), a `tojson` that does not escape HTML, `raise_exception`, `strftime_now`, and the variables
 `messages`, `tools`, `documents`, `add_generation_prompt` and the named special tokens
@@ -17,13 +18,12 @@ jinja2 is an optional dependency (the `serve` extra): imported only when a templ
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Collection
-from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
 
 from llmirc.errors import LlmircError
+from llmirc.runtime import jinja_sandbox
 from llmirc.runtime.tokenizer import readable
 from llmirc.small_files import read_small_text
 
@@ -100,20 +100,16 @@ class ChatTemplate:
                 raise LlmircError("continue_final_message needs a final message with text content")
             chat[-1] = {**chat[-1], "content": final + tag}
         variables = {**self.special_tokens, **kwargs}
-        budget = _BUDGET.set(_Budget())
         try:
             # one dict, not keywords: a variable may be named like jinja's own parameters ('self')
-            chunks = self._template(source).generate({**variables, "messages": chat, "tools": tools,
-                                                      "documents": documents,
-                                                      "add_generation_prompt": add_generation_prompt})
-            text = "".join(_bounded(chunks, jinja2))
+            text = jinja_sandbox.render(self._template(source), {
+                **variables, "messages": chat, "tools": tools, "documents": documents,
+                "add_generation_prompt": add_generation_prompt})
         except jinja2.TemplateError as e:
             raise LlmircError(f"{self.name}: {type(e).__name__}: {e}") from None
-        except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError, RecursionError) as e:
-            # the template is the bundle's code: its own errors (1 / 0, range(10**12), endless recursion)
+        except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError, RecursionError,
+                MemoryError) as e:  # the template is the bundle's code: its own errors (1 / 0, endless recursion)
             raise LlmircError(f"{self.name}: rendering failed: {type(e).__name__}: {e}") from None
-        finally:
-            _BUDGET.reset(budget)
         if continue_final_message:
             at = text.rfind(tag.strip())
             if at < 0:
@@ -142,69 +138,14 @@ def _jinja2():
     """The jinja2 module (an optional dependency: the `serve` extra), or LlmircError saying so."""
     try:
         import jinja2
-        import jinja2.compiler
         import jinja2.ext
-        import jinja2.runtime
-        import jinja2.sandbox
     except ImportError:
         raise LlmircError("chat templates need jinja2: pip install 'llmirc[serve]' (or jinja2)") from None
     return jinja2
 
 
-MAX_RENDERED = 1 << 24  # characters a rendering may write, items or characters one * may make
-MAX_ITERATIONS = 1 << 20  # loop iterations a rendering may run (nested loops multiply)
-MAX_SECONDS = 2.0  # a rendering's time (the server renders on its event loop): its loops stop past it
-
-
-class _Budget:
-    """What one rendering may still spend: jinja's sandbox bounds each range() and (here) each *,
-    not the loops around them ({% for i in range(99999) %}{% for j in range(99999) %} runs 10^10
-    times)."""
-
-    def __init__(self):
-        self.iterations, self.deadline = MAX_ITERATIONS, time.monotonic() + MAX_SECONDS
-
-    def spend(self, jinja2) -> None:
-        self.iterations -= 1
-        if self.iterations < 0 or time.monotonic() > self.deadline:
-            raise jinja2.exceptions.SecurityError(f"the template's loops ran more than the sandbox allows "
-                                                  f"({MAX_ITERATIONS} iterations, {MAX_SECONDS:g} s)")
-
-
-_BUDGET: ContextVar[_Budget] = ContextVar("llmirc_chat_template_budget")
-
-
-def _bounded(chunks, jinja2):
-    """`chunks` (a template's output), refused past MAX_RENDERED characters."""
-    written = 0
-    for chunk in chunks:
-        written += len(chunk)
-        if written > MAX_RENDERED:
-            raise jinja2.exceptions.SecurityError(f"the template wrote more than the sandbox allows "
-                                                  f"({MAX_RENDERED} characters)")
-        yield chunk
-
-
-class _Counted:
-    """A for loop's iterable, each item charged to the rendering's budget (len() kept, for
-    loop.length and loop.last)."""
-
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __iter__(self):
-        jinja2, budget = _jinja2(), _BUDGET.get()
-        for item in self.items:
-            budget.spend(jinja2)
-            yield item
-
-
 def _environment():
     jinja2 = _jinja2()
-    ImmutableSandboxedEnvironment = jinja2.sandbox.ImmutableSandboxedEnvironment
 
     class Generation(jinja2.ext.Extension):
         tags = {"generation"}
@@ -227,35 +168,9 @@ def _environment():
     def strftime_now(fmt):
         return datetime.now().strftime(fmt)
 
-    class CountedLoops(jinja2.compiler.CodeGenerator):
-        """Compiles every {% for %} over `_Counted(iterable)`."""
-
-        def visit_Template(self, node, frame=None):
-            for loop in node.find_all(jinja2.nodes.For):
-                loop.iter = jinja2.nodes.Filter(loop.iter, "llmirc_counted", [], [], None, None)
-            super().visit_Template(node, frame)
-
-    class Sandbox(ImmutableSandboxedEnvironment):
-        """jinja's sandbox bounds range() (MAX_RANGE items); this bounds what * and ** make too
-        ('x' * 10**10 would take 10 GB, x ** 1000000000 minutes), and the loops (_Budget)."""
-        intercepted_binops = frozenset(["*", "**"])
-        code_generator_class = CountedLoops
-
-        def call(self, context, obj, *args, **kwargs):
-            if isinstance(obj, jinja2.runtime.LoopContext) and args:  # a recursive loop's loop(children)
-                args = (_Counted(args[0]), *args[1:])
-            return super().call(context, obj, *args, **kwargs)
-
-        def call_binop(self, context, operator, left, right):
-            if operator == "**" and isinstance(right, int) and abs(right) > 1024 or operator == "*" and any(
-                    isinstance(a, (str, list, tuple)) and isinstance(b, int) and len(a) * b > MAX_RENDERED
-                    for a, b in ((left, right), (right, left))):
-                raise jinja2.exceptions.SecurityError(f"{operator} making more than the sandbox allows")
-            return super().call_binop(context, operator, left, right)
-
-    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, "jinja2.ext.loopcontrols"])
+    env = jinja_sandbox.environment(trim_blocks=True, lstrip_blocks=True,
+                                    extensions=[Generation, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
-    env.filters["llmirc_counted"] = _Counted
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     return env
