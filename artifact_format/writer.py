@@ -18,6 +18,7 @@ BundleErrors; misuse by the calling code is ValueError/RuntimeError.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import functools
 import hashlib
@@ -30,10 +31,25 @@ import socket
 import stat
 from pathlib import Path
 
-from llmirc.errors import BundleError
+from llmirc.errors import BundleError, UsageError
 
 from .reader import FORMAT, FORMAT_VERSION, MANIFEST, is_bundle, rel_path_problem
 from .safetensors import SafetensorsWriter, reraise_os_error
+
+
+def created_utc() -> str:
+    """A bundle's creation time (ISO 8601, UTC, seconds): SOURCE_DATE_EPOCH (whole seconds since
+    1970, the reproducible-builds convention) when set, so that compiling a checkpoint again gives
+    the same bytes; else now. Raises UsageError for a SOURCE_DATE_EPOCH that is not such a number."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is None:
+        return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    try:
+        if not epoch.isascii() or not epoch.isdigit():
+            raise ValueError
+        return datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc).isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError):
+        raise UsageError(f"SOURCE_DATE_EPOCH={epoch!r}: not a time (whole seconds since 1970)") from None
 
 
 def check_replaceable(out: Path) -> None:

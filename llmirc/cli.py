@@ -192,7 +192,14 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
                 kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, quant_lm_head, quant_method,
                 quant_iters, quant_rotate, quant_smooth, calibration, calibration_tokens, report, dequantize, block_size,
                 max_model_len, jobs, quiet):
-    """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle."""
+    """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle.
+
+    An existing bundle at -o is replaced whole (files added to its folder go with it). Compiling
+    a checkpoint again on one machine gives the same bundle, byte for byte, but for manifest.json's created_utc:
+    with SOURCE_DATE_EPOCH set, that too."""
+    from llmirc.artifact_format.writer import created_utc
+
+    created_utc()  # a malformed SOURCE_DATE_EPOCH, before importing scipy (numpy's f2py reads it, and fails)
     try:
         from llmirc.driver import CompileOptions, Progress, compile_model
     except ImportError as e:

@@ -6,7 +6,6 @@ any step fails).
 
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 import tempfile
@@ -27,7 +26,8 @@ from llmirc import __version__, dtypes
 from llmirc import dialect as L
 from llmirc import scratch
 from llmirc.artifact_format.reader import is_bundle
-from llmirc.artifact_format.writer import BundleWriter, check_replaceable, host_tag, remove_stale_temporaries
+from llmirc.artifact_format.writer import (BundleWriter, check_replaceable, created_utc, host_tag,
+                                           remove_stale_temporaries)
 from llmirc.errors import CheckpointError, LlmircError, UsageError, stage
 from llmirc.frontend import open_source
 from llmirc.frontend.checkpoint import missing_tokenizer_note
@@ -224,6 +224,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     for p in user_passes:
         if p.name in flags and flags[p.name][1]:
             raise UsageError(f"{flags[p.name][0]} and a {p.name} pass in --passes: give it in one place")
+    created_utc()  # a malformed SOURCE_DATE_EPOCH fails before the checkpoint is read
     block_size = options.block_size or DEFAULT_BLOCK_SIZE
     # the required tail's kv-cache-dtype (which would put auto back) does what the user's asked
     kv_cache_dtype = next((p.dtype for p in reversed(user_passes) if p.name == "kv-cache-dtype"), options.kv_cache_dtype)
@@ -544,7 +545,7 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
         eos = generation.get("eos_token_id", info["eos_token_ids"])
         bundle.commit({
             "producer": f"llmirc {__version__}",
-            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created_utc": created_utc(),
             "source": {"kind": source.kind, "name": Path(source.root).resolve().name, "fingerprint": source.fingerprint()},
             "compile_options": options.recorded(),
             "calibration": calibrated,

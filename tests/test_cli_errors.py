@@ -1627,6 +1627,23 @@ def test_compile_block_size_and_max_model_len(ckpt, tmp_path):
     assert_user_error(llmirc("run", out, "--token-ids", "1,2,3", "--max-new-tokens", "62"), "context of 64")
 
 
+def test_bundles_are_reproducible_with_source_date_epoch(ckpt, tmp_path):
+    """Two compiles of one checkpoint: the same bytes in every file, created_utc too with
+    SOURCE_DATE_EPOCH (reproducible-builds' convention); a malformed one is a usage error (it was
+    numpy's f2py failing, an internal error)."""
+    def files(bundle):
+        return {p.relative_to(bundle): p.read_bytes() for p in sorted(bundle.rglob("*")) if p.is_file()}
+    epoch = {"SOURCE_DATE_EPOCH": "1700000000"}
+    for name in ("a", "b"):
+        r = llmirc("compile", ckpt, "-o", tmp_path / f"{name}.llmir", "--cpu-variants", "native", "-q", env=epoch)
+        assert r.returncode == 0, r.stderr
+    assert files(tmp_path / "a.llmir") == files(tmp_path / "b.llmir")
+    assert json.loads((tmp_path / "a.llmir" / "manifest.json").read_text())["created_utc"] == "2023-11-14T22:13:20+00:00"
+    for bad in ("soon", "-1", "1e9", "99999999999999999999"):
+        assert_user_error(llmirc("compile", ckpt, "-o", tmp_path / "c.llmir", env={"SOURCE_DATE_EPOCH": bad}),
+                          f"SOURCE_DATE_EPOCH={bad!r}", code=2)
+
+
 def test_kv_cache_dtype_pass_in_the_pipeline(ckpt, tmp_path):
     """A kv-cache-dtype pass in --passes decides the cache's type wherever it stands (the required
     tail's kv-cache-dtype put auto back, and one before paged-kv found no pool)."""
