@@ -1484,6 +1484,7 @@ def chat_bundle(ckpt, tmp_path_factory):
 
 
 def test_run_chat_formats_the_prompt_with_the_template(chat_bundle):
+    from llmirc.errors import LlmircError
     from llmirc.runtime import load
 
     model = load(chat_bundle)
@@ -1491,6 +1492,8 @@ def test_run_chat_formats_the_prompt_with_the_template(chat_bundle):
     assert record["prompt_token_ids"] == model.apply_chat_template(
         [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}])
     assert_user_error(llmirc("run", chat_bundle, "--chat", "--token-ids", "1,2"), "--chat", "--token-ids")
+    with pytest.raises(LlmircError, match="add_generation_prompt must be True or False, got 'no'"):
+        model.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt="no")
 
 
 def test_chat_command_through_a_pipe(chat_bundle, bundle, bundle_notok):

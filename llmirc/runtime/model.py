@@ -106,6 +106,17 @@ def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | 
 
 
 class Model:
+    """A loaded bundle (made by `load`): its kernels, paged KV cache and engine.
+
+    Attributes: `max_context` (tokens a sequence may hold: prompt + generated), `vocab_size`,
+    `block_size` (KV cache block, tokens), `num_blocks`, `eos_token_ids` (generation stops at
+    these unless ignore_eos), `tokenizer` (llmirc.runtime.tokenizer.Tokenizer, None when the bundle
+    has none: prompts are then token ids), `chat_template` (ChatTemplate or None), `engine`.
+    Generation: `generate` (token ids), `generate_stream` (RequestOutput events: token, text,
+    finish_reason, logprob as TokenLogprob(token, logprob, top)...; llmirc.runtime.engine),
+    `stream_text`; `score` (logits of a sequence). Its methods may be called from several threads
+    at once; Ctrl-C in a call leaves the model usable."""
+
     def __init__(self, bundle: Bundle, *, kv_cache_tokens: int | None, max_batched_tokens: int, max_num_seqs: int,
                  target: str | None = None, threads: int | None = None, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, num_scheduler_steps: int = 8):
@@ -197,7 +208,16 @@ class Model:
                               f"{self.max_context} tokens can hold")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
-        """The token ids of a conversation rendered with the bundle's chat template (see chat_template.py)."""
+        """The token ids of a conversation ([{"role": "user", "content": "..."}, ...]; content a
+        string, as the template expects it) rendered with the bundle's chat template as transformers
+        renders it (`ChatTemplate.render`): `add_generation_prompt` ends with the assistant's turn
+        opened; keyword arguments are the template's variables, among them `tools`, `documents` and
+        `continue_final_message` (leave the last assistant message open). Special tokens come from
+        the text only (none added). Raises LlmircError when the bundle has no chat template, for a
+        template error or one past the sandbox's limits (jinja_sandbox.py), and for text longer
+        than the context can hold (`check_text_length`)."""
+        if not isinstance(add_generation_prompt, (bool, np.bool_)):  # "no" would act as True
+            raise LlmircError(f"add_generation_prompt must be True or False, got {add_generation_prompt!r}")
         if self.chat_template is None:
             raise LlmircError(f"bundle {self.bundle.name} has no chat template (its tokenizer_config.json has no "
                               "chat_template and there is no chat_template.jinja)")
