@@ -307,10 +307,11 @@ def _load(bundle, kv_cache_tokens, no_verify, **kwargs):
     return model
 
 
-def _warn_unused_sampling(temperature, top_k, top_p) -> None:
-    if temperature == 0 and (top_k is not None or top_p is not None):
-        click.echo("warning: --top-k/--top-p have no effect with --temperature 0 (greedy decoding); "
-                   "give --temperature > 0 to sample", err=True)
+def _warn_unused_sampling(temperature, top_k, top_p, seed) -> None:
+    unused = [flag for flag, value in (("--top-k", top_k), ("--top-p", top_p), ("--seed", seed)) if value is not None]
+    if temperature == 0 and unused:
+        click.echo(f"warning: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with "
+                   "--temperature 0 (greedy decoding); give --temperature > 0 to sample", err=True)
 
 
 @cli.command()
@@ -346,7 +347,7 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, 
         raise UsageError("--chat takes text prompts (--prompt, --prompt-file), not --token-ids")
     if system is not None and not chat:
         click.echo("warning: --system has no effect without --chat", err=True)
-    _warn_unused_sampling(temperature, top_k, top_p)
+    _warn_unused_sampling(temperature, top_k, top_p, seed)
     if logprobs is not None and not as_json:
         click.echo("warning: --logprobs has no effect without --json (they are printed in its records)", err=True)
     model = _load(bundle, kv_cache_tokens, no_verify, threads=threads, target=target)
@@ -449,7 +450,7 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
     template refuses, or that fills the context, is refused at start."""
     from llmirc.errors import RuntimeLimitError
 
-    _warn_unused_sampling(temperature, top_k, top_p)
+    _warn_unused_sampling(temperature, top_k, top_p, seed)
     model = _load(bundle, kv_cache_tokens, no_verify, threads=threads, target=target)
     if model.tokenizer is None:
         raise LlmircError(f"{bundle}: the bundle has no tokenizer, so no chat (its checkpoint had no tokenizer.json)")
@@ -690,9 +691,11 @@ def inspect(bundle, as_json, no_verify, try_load, target):
 
 @cli.command()
 @click.argument("bundle", type=PathArg())
-@click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True,
-              help="Tokens generated per sequence; decode is timed over all but the first.")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=None,
+              help="Prompt tokens (default: 128, or two thirds of a shorter context).")
+@click.option("--new-tokens", type=click.IntRange(min=2), default=None,
+              help="Tokens generated per sequence; decode is timed over all but the first (default: 64, or a "
+                   "third of a shorter context).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences decoded together.")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Best of N runs.")
 @click.option("--compare-transformers", "hf_dir", type=PathArg(), default=None,

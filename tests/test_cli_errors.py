@@ -1222,7 +1222,10 @@ def test_bench_runs(bundle, ckpt, tmp_path):
     # bfloat16 weights: AMX-BF16 tiles on a host that has them (Linux grants the state from 5.16),
     # never with LLMIR_AMX=0
     bf16 = tmp_path / "bf16.llmir"
-    assert llmirc("compile", ckpt, "-o", bf16, "--cpu-variants", "native", "--dtype", "bfloat16", "-q").returncode == 0
+    assert llmirc("compile", ckpt, "-o", bf16, "--cpu-variants", "native", "--dtype", "bfloat16", "-q",
+                  "--max-model-len", "48").returncode == 0
+    r = llmirc("bench", bf16, "--repeat", "1", "--json")  # the default sizes (128 + 64) fit a short context
+    assert r.returncode == 0 and (json.loads(r.stdout)["prompt_len"], json.loads(r.stdout)["new_tokens"]) == (32, 16)
     r = llmirc("bench", bf16, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1", "--json")
     result = json.loads(r.stdout)
     assert result["amx"] == ("amx_bf16" in host_cpu_flags() and result["target"].endswith("native"))
@@ -1315,7 +1318,9 @@ def test_run_stop_string_ends_the_text(bundle):
 
 def test_run_warns_of_options_without_effect(bundle_notok):
     r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--top-k", "5", "-q")
-    assert r.returncode == 0 and r.stderr.startswith("warning: --top-k/--top-p have no effect with --temperature 0")
+    assert r.returncode == 0 and r.stderr.startswith("warning: --top-k has no effect with --temperature 0")
+    r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--top-p", "0.5", "--seed", "1", "-q")
+    assert r.returncode == 0 and r.stderr.startswith("warning: --top-p, --seed have no effect with --temperature 0")
     r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--logprobs", "2", "-q")
     assert r.returncode == 0 and r.stderr.startswith("warning: --logprobs has no effect without --json")
     r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--system", "be brief", "-q")

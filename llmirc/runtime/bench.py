@@ -175,12 +175,21 @@ def bench_transformers(hf_dir: Path, prompt: list[int], batch: int, new_tokens: 
     return {"prefill_tok_s": len(prompt) / min(prefill), "decode_tok_s": batch / step, "decode_ms_per_step": step * 1e3}
 
 
-def run_bench(bundle: Path, *, prompt_len: int = 128, new_tokens: int = 64, batch: int = 1, repeat: int = 3,
-              hf_dir: Path | None = None, threads: int | None = None, kv_cache_tokens: int | None = None,
-              target: str | None = None) -> dict:
+def run_bench(bundle: Path, *, prompt_len: int | None = None, new_tokens: int | None = None, batch: int = 1,
+              repeat: int = 3, hf_dir: Path | None = None, threads: int | None = None,
+              kv_cache_tokens: int | None = None, target: str | None = None) -> dict:
+    """`prompt_len` and `new_tokens` (tokens) default to 128 and 64, or to two thirds and one third
+    of a shorter context."""
+    model = open_bundle(bundle, verify=False).manifest["model"]
+    context = model.get("max_position_embeddings")
+    if isinstance(context, int) and not isinstance(context, bool):  # (else the load says what is wrong)
+        if prompt_len is None:
+            prompt_len = max(1, min(128, context * 2 // 3 if new_tokens is None else context - new_tokens))
+        if new_tokens is None:
+            new_tokens = min(64, context - prompt_len)
+    prompt_len, new_tokens = prompt_len or 128, new_tokens or 64
     if new_tokens < 2:
         raise LlmircError(f"--new-tokens {new_tokens}: decode is timed over at least 2 new tokens")
-    model = open_bundle(bundle, verify=False).manifest["model"]
     if hf_dir is not None:
         check_same_model(model, Path(hf_dir))
     vocab = model["vocab_size"]

@@ -25,8 +25,8 @@ from . import amx
 from .forward import ABI_VERSION, emit_forward
 from .generic import emit_generic
 from .kernels import emit_kernel
-from .toolchain import (CpuVariant, cached_objects, compile_object, find_linker, link_shared, linked_module,
-                        variants_for)
+from .toolchain import (CpuVariant, cached_objects, compile_object, find_linker, known_variant_names, link_shared,
+                        linked_module, variants_for)
 
 LIBRARY = "libllmir_model.so"
 
@@ -109,7 +109,7 @@ class CpuBackend:
         self.keep_intermediates = options.keep_intermediates
         self.cache, self.jobs = cache_dir("cpu"), options.jobs
         if not self.variant_names:  # a bundle without a library cannot run anywhere
-            raise UsageError("--cpu-variants: no CPU variant given (choose native and/or baseline)")
+            raise UsageError(f"--cpu-variants: no CPU variant given (choose from {', '.join(known_variant_names())})")
         variants = variants_for(self.variant_names)  # unknown variant names fail before the checkpoint is read
         if options.emit is None:  # so does a missing (cross) linker (--emit alone prints a stage: nothing is linked)
             for arch in dict.fromkeys(v.arch for v in variants):
