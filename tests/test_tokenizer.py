@@ -3,6 +3,7 @@
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from llmirc.errors import LlmircError
@@ -96,6 +97,10 @@ def test_named_special_tokens_are_skipped_in_decode(tmp_path):
     ids = ref.encode("hi<|im_end|> there")
     assert ours.encode("hi<|im_end|> there") == ids
     assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True) == "hi there"
+    assert ours.decode(np.array(ids)) == "hi there"
+    for bad in (["a"], None, "hi", [1.5]):  # (raw ValueError and TypeError)
+        with pytest.raises(LlmircError, match="decode takes a list of integer token ids"):
+            ours.decode(bad)
 
 
 def stream(tokenizer, ids, prompt_ids=()):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import re
 from collections.abc import Collection
 from pathlib import Path
@@ -110,8 +111,14 @@ class Tokenizer:
         return max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
 
     def decode(self, ids, release_gil: bool = False) -> str:
-        """The text of token ids, special tokens left out (`release_gil`: as for `encode`)."""
-        ids = [int(i) for i in ids]
+        """The text of token ids (a list or 1-D array of integers), special tokens left out
+        (`release_gil`: as for `encode`). Raises LlmircError for anything else."""
+        try:
+            if isinstance(ids, (str, bytes)):
+                raise TypeError
+            ids = [operator.index(i) for i in ids]
+        except TypeError:
+            raise LlmircError(f"decode takes a list of integer token ids, got {ids!r:.60}") from None
         if release_gil:
             return _guarded(self.source, "decode", self.backend.decode_batch, [ids], skip_special_tokens=True)[0]
         return _guarded(self.source, "decode", self.backend.decode, ids, skip_special_tokens=True)
