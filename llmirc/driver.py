@@ -209,9 +209,6 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     if lowering := [p.name for p in user_passes if p.name.startswith("onnx-")]:
         raise UsageError(f"--passes: {lowering[0]} is the ONNX front end's lowering, which runs on ONNX input "
                          "before the pipeline; leave it out")
-    for p in user_passes:
-        if isinstance(p, QuantizeWeights):
-            p.check()
     if options.block_size is not None and (why := block_size_problem(options.block_size)):
         raise UsageError(f"--block-size {options.block_size}: {why}")
     # a flag and a pass in --passes doing one job: the user's pass would run first and the flag's
@@ -224,6 +221,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     for p in user_passes:
         if p.name in flags and flags[p.name][1]:
             raise UsageError(f"{flags[p.name][0]} and a {p.name} pass in --passes: give it in one place")
+        if isinstance(p, QuantizeWeights):
+            p.check()
     created_utc()  # a malformed SOURCE_DATE_EPOCH fails before the checkpoint is read
     block_size = options.block_size or DEFAULT_BLOCK_SIZE
     # the required tail's kv-cache-dtype (which would put auto back) does what the user's asked
