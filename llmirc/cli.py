@@ -195,8 +195,8 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
     """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle.
 
     An existing bundle at -o is replaced whole (files added to its folder go with it). Compiling
-    a checkpoint again on one machine gives the same bundle, byte for byte, but for manifest.json's created_utc:
-    with SOURCE_DATE_EPOCH set, that too."""
+    a checkpoint again on one machine gives the same bundle, byte for byte, but for
+    manifest.json's created_utc: with SOURCE_DATE_EPOCH set, that too."""
     from llmirc.artifact_format.writer import created_utc
 
     created_utc()  # a malformed SOURCE_DATE_EPOCH, before importing scipy (numpy's f2py reads it, and fails)

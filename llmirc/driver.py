@@ -226,7 +226,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     created_utc()  # a malformed SOURCE_DATE_EPOCH fails before the checkpoint is read
     block_size = options.block_size or DEFAULT_BLOCK_SIZE
     # the required tail's kv-cache-dtype (which would put auto back) does what the user's asked
-    kv_cache_dtype = next((p.dtype for p in reversed(user_passes) if p.name == "kv-cache-dtype"), options.kv_cache_dtype)
+    kv_cache_dtype = next((p.dtype for p in reversed(user_passes) if p.name == "kv-cache-dtype"),
+                          options.kv_cache_dtype)
     options.check_calibration()
     if options.dtype != "auto":  # bad option values fail before the checkpoint is read, by their names
         float_type(options.dtype, "--dtype")

@@ -186,7 +186,8 @@ def test_template_errors_are_one_line_naming_the_template(folder, tmp_path):
                           ("{{ 'x' * 10**10 }}", "SecurityError"), ("{{ [0] * 10**9 }}", "SecurityError")]:
         with pytest.raises(LlmircError, match=f"T: .*{error}"):
             ChatTemplate(source, name="T").render([{"role": "user", "content": "x"}])
-    assert ChatTemplate("{{ 'ab' * 2 }}{{ [1] * 2 }}{{ 2 ** 10 }}{{ 7 * 6 }}{{ '%5.1f|' % 2.25 }}{{ '{:>4}'.format(1) }}"
+    assert ChatTemplate("{{ 'ab' * 2 }}{{ [1] * 2 }}{{ 2 ** 10 }}{{ 7 * 6 }}{{ '%5.1f|' % 2.25 }}"
+                        "{{ '{:>4}'.format(1) }}"
                         "{{ 'a b' | replace(' ', '--') }}{{ 'x' | center(3) }}|{{ [1, 2] | join(', ') }}{{ 'a' ~ 'b' }}"
                         ).render([{"role": "user"}]) == "abab[1, 1]102442  2.2|   1a--b x |1, 2ab"
 

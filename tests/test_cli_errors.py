@@ -1319,7 +1319,8 @@ def test_run_stop_string_ends_the_text(bundle):
 def test_run_warns_of_options_without_effect(bundle_notok):
     r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--top-k", "5", "-q")
     assert r.returncode == 0 and r.stderr.startswith("warning: --top-k has no effect with --temperature 0")
-    r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--top-p", "0.5", "--seed", "1", "-q")
+    r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--top-p", "0.5", "--seed", "1",
+               "-q")
     assert r.returncode == 0 and r.stderr.startswith("warning: --top-p, --seed have no effect with --temperature 0")
     r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--logprobs", "2", "-q")
     assert r.returncode == 0 and r.stderr.startswith("warning: --logprobs has no effect without --json")
