@@ -218,9 +218,12 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
              "kv-cache-dtype": ("--kv-cache-dtype", options.kv_cache_dtype != "auto"),
              "paged-kv": ("--block-size", options.block_size is not None),
              "smooth": ("--quant-smooth", options.quant_smooth is not None)}
+    first: dict = {}  # (and one of those passes twice, differently: the first would decide, the second do nothing)
     for p in user_passes:
         if p.name in flags and flags[p.name][1]:
             raise UsageError(f"{flags[p.name][0]} and a {p.name} pass in --passes: give it in one place")
+        if p.name in flags and first.setdefault(p.name, p) != p:
+            raise UsageError(f"--passes: {p.name} twice, with other options: give it once")
         if isinstance(p, QuantizeWeights):
             p.check()
     created_utc()  # a malformed SOURCE_DATE_EPOCH fails before the checkpoint is read

@@ -420,6 +420,8 @@ BAD_OPTIONS = {
                     ["--dtype and a cast-weights pass in --passes", "one place"]),
     "kv-cache-dtype-twice": (["--kv-cache-dtype", "bfloat16", "--passes", "kv-cache-dtype{dtype=int8}"],
                              ["--kv-cache-dtype and a kv-cache-dtype pass", "one place"]),
+    "pass-twice": (["--passes", "paged-kv{block-size=16},cse,paged-kv{block-size=32}"],  # the second was a no-op
+                   ["--passes: paged-kv twice, with other options"]),
     "pass-without-bits": (["--passes", "canonicalize,quantize-weights"],
                           ["quantize-weights: give bits=8 or bits=4", "--quant int8|int4"]),
 }
