@@ -17,13 +17,14 @@ jinja2 is an optional dependency (the `serve` extra): imported only when a templ
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Collection
 from datetime import datetime
 from pathlib import Path
 
 from llmirc.errors import LlmircError
-from llmirc.runtime import jinja_sandbox
+from llmirc.runtime import jinja_sandbox, template_worker
 from llmirc.runtime.tokenizer import readable
 from llmirc.small_files import read_small_text
 
@@ -38,7 +39,6 @@ class ChatTemplate:
         self.source, self.tool_source = source, tool_source
         self.special_tokens = dict(special_tokens or {})
         self.name = name
-        self._compiled: dict[str, object] = {}
 
     @classmethod
     def from_folder(cls, folder: Path, special_tokens: dict[str, str] | None = None,
@@ -74,9 +74,10 @@ class ChatTemplate:
         `continue_final_message` leaves the last (assistant) message open, for the model to
         continue it (transformers' semantics). Extra keyword arguments are template variables
         (transformers' `**kwargs`, vLLM's chat_template_kwargs; any name, `self` included). Raises
-        LlmircError for an empty conversation, a variable named `messages`, or a template error (its
-        message names the template), and when jinja2 is not installed."""
-        jinja2 = _jinja2()
+        LlmircError for an empty conversation, a variable named `messages`, variables that are not
+        JSON values, a template error or limit (its message names the template; the rendering runs
+        in template_worker's child process), and when jinja2 is not installed."""
+        _jinja2()
         if not isinstance(messages, list):
             raise LlmircError(f"the conversation must be a list of messages ({{'role': ..., 'content': ...}}), "
                               f"got {type(messages).__name__}")
@@ -99,17 +100,12 @@ class ChatTemplate:
             if not isinstance(final, str):
                 raise LlmircError("continue_final_message needs a final message with text content")
             chat[-1] = {**chat[-1], "content": final + tag}
-        variables = {**self.special_tokens, **kwargs}
+        variables = {**self.special_tokens, **kwargs, "messages": chat, "tools": tools, "documents": documents,
+                     "add_generation_prompt": add_generation_prompt}
         try:
-            # one dict, not keywords: a variable may be named like jinja's own parameters ('self')
-            text = jinja_sandbox.render(self._template(source), {
-                **variables, "messages": chat, "tools": tools, "documents": documents,
-                "add_generation_prompt": add_generation_prompt})
-        except jinja2.TemplateError as e:
-            raise LlmircError(f"{self.name}: {type(e).__name__}: {e}") from None
-        except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError, RecursionError,
-                MemoryError) as e:  # the template is the bundle's code: its own errors (1 / 0, endless recursion)
-            raise LlmircError(f"{self.name}: rendering failed: {type(e).__name__}: {e}") from None
+            text = template_worker.render(source, variables)
+        except LlmircError as e:
+            raise LlmircError(f"{self.name}: {e}") from None
         if continue_final_message:
             at = text.rfind(tag.strip())
             if at < 0:
@@ -124,14 +120,32 @@ class ChatTemplate:
         jinja2 = _jinja2()
         for source in filter(None, (self.source, self.tool_source)):
             try:
-                self._template(source)
+                _compiled(source)
             except jinja2.TemplateSyntaxError as e:
                 raise LlmircError(f"{self.name}: line {e.lineno}: {e.message}") from None
+            except (SyntaxError, RecursionError, MemoryError) as e:  # Python's own limits (21 nested loops)
+                raise LlmircError(f"{self.name}: cannot compile it: {type(e).__name__}: {e}") from None
 
-    def _template(self, source: str):
-        if source not in self._compiled:
-            self._compiled[source] = _environment().from_string(source)
-        return self._compiled[source]
+
+def render_here(source: str, variables: dict) -> str:
+    """`source` rendered with `variables` in this process, in the bounded sandbox (template_worker's
+    child calls it). Raises LlmircError with the template's failure; MemoryError passes."""
+    jinja2 = _jinja2()
+    try:
+        # one dict, not keywords: a variable may be named like jinja's own parameters ('self')
+        return jinja_sandbox.render(_compiled(source), variables)
+    except jinja2.TemplateSyntaxError as e:
+        raise LlmircError(f"line {e.lineno}: {e.message}") from None
+    except jinja2.TemplateError as e:
+        raise LlmircError(f"{type(e).__name__}: {e}") from None
+    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError, RecursionError, SyntaxError) as e:
+        # the template is the bundle's code: its own errors (1 / 0, endless recursion, 21 nested loops)
+        raise LlmircError(f"rendering failed: {type(e).__name__}: {e}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(source: str):
+    return _environment().from_string(source)
 
 
 def _jinja2():
