@@ -250,6 +250,27 @@ def test_sandbox_bounds_loops_and_output(monkeypatch):
         ChatTemplate("{{ when }}").render(chat, when=object())
 
 
+def test_a_forked_process_renders_through_its_own_child():
+    """The renderer's pipes belong to the process that started it: a process forked after a
+    rendering starts its own (sharing them mixed the two processes' messages)."""
+    import os
+
+    template = ChatTemplate("{{ messages[0].content }}!")
+    assert template.render([{"role": "user", "content": "parent"}]) == "parent!"
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the forked process: its answer through the pipe, then out at once (no pytest teardown)
+        try:
+            fresh = template_worker._child is None  # (not the parent's pipes)
+            os.write(write, template.render([{"role": "user", "content": "child" if fresh else "shared"}]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 100) == b"child!"
+    assert template.render([{"role": "user", "content": "parent again"}]) == "parent again!"
+
+
 def test_no_template_and_bad_template_field(folder, tmp_path):
     assert ChatTemplate.from_folder(folder) is None  # make_tokenizer writes none
     dst = with_template(folder, tmp_path, CHATML, as_file=False)

@@ -35,6 +35,15 @@ _lock = threading.Lock()
 _child: subprocess.Popen | None = None
 
 
+def _forget_the_parents_child() -> None:
+    """After os.fork: the pipes to the parent's child are the parent's (this process starts its own)."""
+    global _lock, _child
+    _lock, _child = threading.Lock(), None
+
+
+os.register_at_fork(after_in_child=_forget_the_parents_child)
+
+
 def render(source: str, variables: dict) -> str:
     """The text of jinja `source` rendered with `variables` (JSON values), in the child. Raises
     LlmircError with the failure (the template's error, a limit of the sandbox, the time or the
