@@ -271,6 +271,47 @@ def test_a_forked_process_renders_through_its_own_child():
     assert template.render([{"role": "user", "content": "parent again"}]) == "parent again!"
 
 
+def test_ctrl_c_while_rendering_leaves_no_reply_behind(monkeypatch):
+    """Ctrl-C while the child renders ends the child: its reply answered the next request (every
+    rendering after it came one behind)."""
+    template = ChatTemplate("[{{ messages[0].content }}]")
+    assert template.render([{"role": "user", "content": "first"}]) == "[first]"  # the child runs
+    receive = template_worker._receive
+
+    def interrupted(fd, deadline):
+        monkeypatch.setattr(template_worker, "_receive", receive)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(template_worker, "_receive", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        template.render([{"role": "user", "content": "interrupted"}])
+    assert template.render([{"role": "user", "content": "next"}]) == "[next]"
+
+
+def test_the_renderer_ends_itself_and_keeps_the_users_memory_limit():
+    """Its time limit holds without its parent (a killed server left it rendering at 100% CPU),
+    and its memory limit stays under the user's `ulimit -v` (raising it failed: no chat at all)."""
+    import signal
+    import struct
+    import subprocess
+    import time
+
+    child = subprocess.Popen([sys.executable, "-m", "llmirc.runtime.template_worker"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)
+    assert child.stdout.read(6) == struct.pack(">I", 2) + b"{}"
+    request = json.dumps({"source": "{% macro f(n) %}{% if n %}{{ f(n-1) }}{{ f(n-1) }}{% endif %}{% endmacro %}"
+                                    "{{ f(40) }}", "variables": {}}).encode()
+    child.stdin.write(struct.pack(">I", len(request)) + request)
+    child.stdin.flush()  # and its reply never read
+    started = time.monotonic()
+    assert child.wait(timeout=60) == -signal.SIGALRM
+    assert time.monotonic() - started < template_worker.TIMEOUT + 10
+    limited = "import resource; resource.setrlimit(resource.RLIMIT_AS, (1032 << 20, 1032 << 20))\n"
+    code = limited + ("from llmirc.runtime.chat_template import ChatTemplate\n"
+                      "print(ChatTemplate('{{ messages[0].content }}').render([{'role': 'user', 'content': 'ok'}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+
+
 def test_no_template_and_bad_template_field(folder, tmp_path):
     assert ChatTemplate.from_folder(folder) is None  # make_tokenizer writes none
     dst = with_template(folder, tmp_path, CHATML, as_file=False)

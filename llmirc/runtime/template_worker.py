@@ -5,8 +5,10 @@ and stops the common ways to spend time and memory, but not every one (a recursi
 doubling its work at each level, `lipsum(10**6)`, a list of a million strings sorted, ...). So
 `render` sends the template's source and variables, as JSON, to a child Python process that
 renders them (`chat_template.render_here`) within MAX_MEMORY bytes of address space beyond what
-it had started with (RLIMIT_AS), and is killed past TIMEOUT seconds; the next rendering starts
-a new child. Renderings take turns (one child per process, behind a lock). The child ignores
+it had started with (RLIMIT_AS, never above the user's `ulimit -v`), and is killed past TIMEOUT
+seconds (by its parent, and by its own SIGALRM a second later should the parent be gone); the
+next rendering starts a new child. Variables arrive as JSON gives them back: tuples as lists,
+dict keys as strings. Renderings take turns (one child per process, behind a lock). The child ignores
 SIGINT (Ctrl-C is its parent's to handle) and exits when its standard input closes, so with its
 parent. Messages both ways: a 4-byte big-endian length, then UTF-8 JSON: {} once started, then
 {"source", "variables"} -> {"text"} or {"error", "restart"}.
@@ -72,6 +74,9 @@ def render(source: str, variables: dict) -> str:
         except (OSError, EOFError, ValueError):
             _stop()
             raise LlmircError("rendering failed: the renderer process ended") from None
+        except BaseException:  # Ctrl-C while it rendered: its reply would answer the next request
+            _stop()
+            raise
         if reply.get("restart"):
             _stop()
     if "error" in reply:
@@ -94,6 +99,12 @@ def _stop() -> None:
     _child.kill()
     _child.wait()
     _child = None
+
+
+def stop() -> None:
+    """Ends the child, if any (a rendering waiting on it fails at once); the next starts another."""
+    if _child is not None:
+        _child.kill()
 
 
 def _receive(fd: int, deadline: float) -> bytes:
@@ -121,18 +132,23 @@ def main() -> None:
 
     with open("/proc/self/statm") as f:  # address space now (pages), imports done
         used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    resource.setrlimit(resource.RLIMIT_AS, (used + MAX_MEMORY, used + MAX_MEMORY))
+    # (never above a limit the user set: `ulimit -v`)
+    limit = min([used + MAX_MEMORY] + [n for n in resource.getrlimit(resource.RLIMIT_AS)
+                                       if n != resource.RLIM_INFINITY])
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     stdout.write(struct.pack(">I", 2) + b"{}")
     stdout.flush()
     while len(header := stdin.read(4)) == 4:
         request = json.loads(stdin.read(struct.unpack(">I", header)[0]))
+        signal.setitimer(signal.ITIMER_REAL, TIMEOUT + 1)  # SIGALRM ends it, should its parent be gone
         try:
             reply = {"text": render_here(request["source"], request["variables"])}
         except LlmircError as e:
             reply = {"error": str(e)}
         except MemoryError:
             reply = {"error": f"rendering failed: it needed more than {MAX_MEMORY >> 20} MiB", "restart": True}
+        signal.setitimer(signal.ITIMER_REAL, 0)
         data = json.dumps(reply).encode()
         stdout.write(struct.pack(">I", len(data)) + data)
         stdout.flush()

@@ -17,6 +17,8 @@ Besides the APIs' routes: GET (and HEAD) /health and /ping, /version, /metrics, 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import json
 import logging
 import secrets
@@ -27,6 +29,7 @@ from http import HTTPStatus
 
 from llmirc import __version__
 from llmirc.errors import LlmircError, RuntimeLimitError
+from llmirc.runtime import template_worker
 from llmirc.runtime.engine import RequestOutput, SamplingParams, TokenLogprob
 from llmirc.runtime.model import Model
 
@@ -91,6 +94,14 @@ class Server:
         self.engine = model.engine
         self.in_flight = 0  # engine requests added and not finished (event-loop thread only)
         self.started = time.time()
+        # chat templates render one at a time (template_worker's child): their queue waits on its
+        # own thread, not in the pool that tokenizes every request
+        self.renderer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-template")
+
+    async def render_chat(self, messages: list[dict], /, **options) -> str:
+        """The chat template's text of `messages` (ChatTemplate.render's errors)."""
+        render = functools.partial(self.model.chat_template.render, messages, **options)
+        return await asyncio.get_running_loop().run_in_executor(self.renderer, render)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.options.served_model_name:
@@ -313,6 +324,8 @@ def create_app(model: Model, options: ServerOptions):
         try:
             yield
         finally:
+            server.renderer.shutdown(wait=False, cancel_futures=True)
+            template_worker.stop()  # (a rendering under way fails at once)
             model.engine.stop()
 
     class JSON(JSONResponse):

@@ -334,7 +334,7 @@ async def _chat_prompt(server: Server, req: ChatRequest, add_special_tokens: boo
     options = {"add_generation_prompt": req.add_generation_prompt, "tools": req.tools,
                "continue_final_message": req.continue_final_message, **(req.chat_template_kwargs or {})}
     try:
-        text = await asyncio.to_thread(model.chat_template.render, messages, **options)  # (a slow template)
+        text = await server.render_chat(messages, **options)
     except LlmircError as e:
         raise APIError(400, str(e), "chat_template_kwargs" if "messages" in options else "messages") from None
     return await server.encode(text, "messages", add_special_tokens), messages
