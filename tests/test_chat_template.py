@@ -240,7 +240,8 @@ def test_sandbox_bounds_loops_and_output(monkeypatch):
                            "rendering took more than 1 s, so it was stopped"),
                           ("{{ lipsum(10 ** 6) }}", "rendering took more than 1 s"),
                           ("{{ (['x' * 10000000] * 150) | join | length }}", "rendering failed: it needed more than"),
-                          ("{% for m in messages %}" * 21 + "{% endfor %}" * 21, "rendering failed: SyntaxError: too many")]:
+                          ("{% for m in messages %}" * 21 + "{% endfor %}" * 21,
+                           "rendering failed: SyntaxError: too many")]:
         with pytest.raises(LlmircError, match=f"T: {error}"):
             ChatTemplate(source, name="T").render(chat)
         assert ChatTemplate("{{ messages[0].content }}").render(chat) == "hi"
