@@ -233,11 +233,11 @@ def _check_method(obj, args: tuple, kwargs: dict) -> None:
     owner, name = getattr(method, "__self__", None), getattr(method, "__name__", "")
     if not isinstance(owner, str):
         return
-    if name in ("format", "format_map"):
-        _check_format(owner, args, kwargs if name == "format" else (args[0] if args and isinstance(args[0], dict)
-                                                                   else {}))
-        return
-    if name in _STR_METHOD_SIZES:
+    if name == "format":
+        _check_format(owner, args, kwargs)
+    elif name == "format_map" and args and isinstance(args[0], dict):
+        _check_format(owner, (), args[0])
+    elif name in _STR_METHOD_SIZES:
         try:
             made = _STR_METHOD_SIZES[name](owner, *args, **kwargs)
         except (TypeError, ValueError, AttributeError):

@@ -8,8 +8,8 @@ renders them (`chat_template.render_here`) within MAX_MEMORY bytes of address sp
 it had started with (RLIMIT_AS, never above the user's `ulimit -v`), and is killed past TIMEOUT
 seconds (by its parent, and by its own SIGALRM a second later should the parent be gone); the
 next rendering starts a new child. Variables arrive as JSON gives them back: tuples as lists,
-dict keys as strings. Renderings take turns (one child per process, behind a lock). The child ignores
-SIGINT (Ctrl-C is its parent's to handle) and exits when its standard input closes, so with its
+dict keys as strings. Renderings take turns (one child per process, behind a lock). The child
+ignores SIGINT (Ctrl-C is its parent's to handle) and exits when its standard input closes, so with its
 parent. Messages both ways: a 4-byte big-endian length, then UTF-8 JSON: {} once started, then
 {"source", "variables"} -> {"text"} or {"error", "restart"}.
 """
@@ -56,21 +56,15 @@ def render(source: str, variables: dict) -> str:
         raise LlmircError(f"template variables must be JSON values (text, numbers, lists, objects): {e}") from None
     with _lock:
         global _child
-        waited = "start"
         try:
             if _child is None or _child.poll() is not None:
-                _child = subprocess.Popen([sys.executable, "-m", "llmirc.runtime.template_worker"],
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                          env=_child_environment())
-                _receive(_child.stdout.fileno(), time.monotonic() + STARTUP)  # ready: imported, limited
-            waited = "render"
+                _child = _start()
             _child.stdin.write(struct.pack(">I", len(request)) + request)
             _child.stdin.flush()
             reply = json.loads(_receive(_child.stdout.fileno(), time.monotonic() + TIMEOUT))
         except TimeoutError:
             _stop()
-            raise LlmircError(f"rendering took more than {TIMEOUT:g} s, so it was stopped" if waited == "render" else
-                              f"the renderer process did not start within {STARTUP:g} s") from None
+            raise LlmircError(f"rendering took more than {TIMEOUT:g} s, so it was stopped") from None
         except (OSError, EOFError, ValueError):
             _stop()
             raise LlmircError("rendering failed: the renderer process ended") from None
@@ -82,6 +76,19 @@ def render(source: str, variables: dict) -> str:
     if "error" in reply:
         raise LlmircError(reply["error"])
     return reply["text"]
+
+
+def _start() -> subprocess.Popen:
+    """A new child, once it says it is ready (imported, limited); LlmircError if it does not."""
+    child = subprocess.Popen([sys.executable, "-m", "llmirc.runtime.template_worker"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_environment())
+    try:
+        _receive(child.stdout.fileno(), time.monotonic() + STARTUP)
+    except (TimeoutError, OSError, EOFError, ValueError):
+        child.kill()
+        child.wait()
+        raise LlmircError(f"the renderer process did not start within {STARTUP:g} s") from None
+    return child
 
 
 def _child_environment() -> dict:
@@ -96,8 +103,9 @@ def _child_environment() -> dict:
 
 def _stop() -> None:
     global _child
-    _child.kill()
-    _child.wait()
+    if _child is not None:
+        _child.kill()
+        _child.wait()
     _child = None
 
 
