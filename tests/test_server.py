@@ -197,6 +197,15 @@ def test_stop_strings_and_stop_token_ids(client, model):
     assert out.usage.completion_tokens == tokens.index(tokens[3]) + 1
 
 
+
+def test_a_stop_string_in_the_held_back_text_finishes_with_stop(client, model):
+    """An incomplete character at the end is held back until the end (U+FFFD) and only then cut."""
+    tokens = model.generate(["the quick"], 24, ignore_eos=True)[0]
+    k = next(k for k in range(1, 25) if model.tokenizer.decode(tokens[:k]).endswith("\ufffd"))
+    out = client.completions.create(model="tiny", prompt="the quick", max_tokens=k, temperature=0, stop=["\ufffd"],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert "\ufffd" not in out.text and out.finish_reason == "stop" and out.model_extra["stop_reason"] == "\ufffd"
+
 def test_n_seed_and_sampling_parameters(client):
     kwargs = dict(model="tiny", prompt="the quick", max_tokens=12, temperature=1.0, top_p=0.9, n=3, seed=11,
                   extra_body={"top_k": 50, "ignore_eos": True})

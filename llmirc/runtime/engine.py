@@ -417,6 +417,8 @@ class Engine:
                         out.finished, out.finish_reason, out.stop_reason = True, "stop", req.text.stopped
             if out.finished and req.text is not None:
                 out.text += req.text.finish()
+                if req.text.stopped is not None:  # held-back text (an incomplete character) held a stop string
+                    out.finish_reason, out.stop_reason = "stop", req.text.stopped
             out.num_generated = req.num_generated
             if req.prompt_logprobs is not None:
                 out.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None
