@@ -767,6 +767,9 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
         stride = given_stride or max(1, context // 2)
         windows(0, context, stride)
     ids = model.tokenizer.encode(text)[:max_tokens]
+    if len(ids) < 2:
+        raise LlmircError(f"--text {text_file}: {len(ids)} token{'' if len(ids) == 1 else 's'}, and perplexity "
+                          "needs at least 2")
     if sys.stderr.isatty():  # a progress bar at a terminal only: stderr may be merged with --json's stdout
         with click.progressbar(length=len(windows(len(ids), context, stride)), label="scoring windows",
                                file=sys.stderr) as bar:

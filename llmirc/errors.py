@@ -28,7 +28,8 @@ class BundleError(LlmircError):
 
 
 class RuntimeLimitError(LlmircError):
-    """A request does not fit the loaded model (KV cache full, context too long, bad token id)."""
+    """A request does not fit the loaded model (KV cache full, context too long, bad token id), or
+    a KV cache does not fit this machine's memory."""
 
 
 @contextlib.contextmanager

@@ -1101,6 +1101,36 @@ def test_bench_compare_transformers_another_model(bundle, ckpt, tmp_path):
                       "num_layers 3, the bundle's 2")
 
 
+def test_bench_compare_transformers_that_transformers_cannot_load(bundle, ckpt, tmp_path):
+    """A config transformers does not know, or no weights: one line, before the benchmark runs."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    r = llmirc("bench", bundle, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1",
+               "--compare-transformers", tmp_path)
+    assert_user_error(r, f"--compare-transformers {tmp_path}: transformers cannot load it")
+    (tmp_path / "config.json").write_text((ckpt / "config.json").read_text())
+    assert_user_error(llmirc("bench", bundle, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1",
+                             "--compare-transformers", tmp_path), "transformers cannot load it")
+
+
+def test_bench_checks_the_manifest_fields_it_reads(bundle, tmp_path):
+    """The model fields and the plan bench's figures come from (the library reads neither, so loading
+    does not check them) are refused by name when malformed, not an internal error or negative FLOP/s."""
+    for i, (field, value, says) in enumerate((("model", {"num_layers": "2"}, "model.num_layers is '2'"),
+                                              ("model", {"hidden_size": -1}, "model.hidden_size is -1"),
+                                              ("plan", [], "plan reads no weights"))):
+        copy = tmp_path / f"{i}.llmir"
+        shutil.copytree(bundle, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest[field] = {**manifest[field], **value} if isinstance(value, dict) else value
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        assert_user_error(llmirc("bench", copy, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1"), says)
+
+
+def test_bench_batch_too_large_for_memory(bundle):
+    """Without --kv-cache-tokens, bench sizes the cache for --batch: the error says to lower that."""
+    assert_user_error(llmirc("bench", bundle, "--batch", "100000000000", "--prompt-len", "4", "--new-tokens", "2",
+                             "--repeat", "1"), "--batch 100000000000 sequences of 6 tokens", "lower --batch")
+
 def test_bench_compare_transformers_without_torch(bundle, tmp_path):
     """A loader-only install (no PyTorch) is told so before the benchmark runs."""
     (tmp_path / "config.json").write_text("{}")
@@ -1391,7 +1421,8 @@ def test_python_api_takes_text_prompts(bundle):
     assert by_text == model.generate([model.tokenizer.encode("the quick")], 4, ignore_eos=True)
     assert "".join(model.stream_text("the quick", max_new_tokens=4, ignore_eos=True)) == \
         model.tokenizer.decode(by_text[0])
-    for bad, needle in (("hello", "list of prompts"), ([1, 2, 3], "list of prompts"), ([[1.5, 2]], "integer"),
+    for bad, needle in (("hello", "list of prompts"), ([1, 2, 3], "list of prompts"), (None, "list of prompts"),
+                        ([[1.5, 2]], "integer"),
                         ([None], "text or a list"), ([np.array(5)], "text or a list"),
                         ([np.array([[1, 2]])], "text or a list")):
         with pytest.raises(LlmircError, match=needle):

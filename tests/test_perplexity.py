@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -85,3 +86,8 @@ def test_eval_ppl_matches_the_hf_guide(tmp_path):
     assert isinstance(too_long.exception, LlmircError) and "exceeds the model's context" in str(too_long.exception)
     bad = CliRunner().invoke(cli, ["eval-ppl", str(bundle), "--text", str(text), "--context", "64", "--stride", "128"])
     assert isinstance(bad.exception, UsageError) and "stride" in str(bad.exception), bad.output  # exit 2 in main()
+    (tmp_path / "empty.txt").write_text("")
+    empty = CliRunner().invoke(cli, ["eval-ppl", str(bundle), "--text", str(tmp_path / "empty.txt")])
+    assert isinstance(empty.exception, LlmircError) and \
+        re.fullmatch(rf"--text {re.escape(str(tmp_path))}/empty.txt: [01] tokens?, and perplexity needs at least 2",
+                     str(empty.exception))  # (0, or 1 with a BOS token)

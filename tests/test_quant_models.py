@@ -254,7 +254,8 @@ def test_group_size_halved_where_it_does_not_divide(checkpoint, capsys):
 
 def test_parameters_count_the_logical_weights(tmp_path):
     """inspect and bench count a quantized weight's n x k elements, not its packed bytes: the same
-    figure for every storage of one checkpoint."""
+    figures (parameters, a prefill's matmul FLOPs) for every storage of one checkpoint."""
+    from llmirc.runtime.bench import prefill_flops
     from llmirc.runtime.inspect import summary
 
     model = make_checkpoint(tmp_path / "ckpt", "llama", tie_word_embeddings=True, **OVERRIDES)
@@ -263,6 +264,9 @@ def test_parameters_count_the_logical_weights(tmp_path):
              "int4-zp": dict(quant="int4", quant_symmetric=False, quant_keep=("none",), quant_lm_head="int4"),
              "int8-mix": dict(quant="int4", quant_keep=("embedding=int8", "*.down_proj.*=int8")),
              "head-copy": dict(quant="int4", quant_keep=("none",))}  # table int4, head int6: two copies
+    flops = set()
     for name, options in cases.items():
         bundle = compile_to(tmp_path / "ckpt", tmp_path / f"{name}.llmir", **options)
         assert summary(bundle)["weights"]["parameters"] == expected, name
+        flops.add(prefill_flops(load(bundle), 16))
+    assert len(flops) == 1

@@ -22,10 +22,10 @@ import numpy as np
 
 from llmirc import __version__
 from llmirc.artifact_format.reader import open_bundle
-from llmirc.errors import LlmircError
+from llmirc.errors import BundleError, LlmircError, RuntimeLimitError
 from llmirc.small_files import read_small_text
 
-from .inspect import parameter_count
+from .inspect import logical_sizes, parameter_count
 from .model import load
 
 
@@ -56,11 +56,22 @@ def measure_peak_gflops(n: int = 1024, repeat: int = 3) -> float:
 def prefill_flops(model, prompt_len: int) -> float:
     """Matmul FLOPs of a prefill: every layer weight per token, the LM head once (prune-logits),
     causal attention scores and values."""
-    m = model.config
-    head = m["vocab_size"] * m["hidden_size"]
-    layer_params = sum(model.executor.weights[i].size for i in _weights_read(model)) - head
-    attention = 2 * 2 * prompt_len * (prompt_len + 1) / 2 * m["num_layers"] * m["num_heads"] * m["head_dim"]
-    return 2 * layer_params * prompt_len + 2 * head + attention
+    vocab, hidden, layers, heads, head_dim = (_size(model, f) for f in (
+        "vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim"))
+    sizes = logical_sizes(model.bundle.manifest, [w.shape for w in model.executor.weights])
+    layer_params = sum(sizes[i] for i in _weights_read(model)) - vocab * hidden
+    attention = 2 * 2 * prompt_len * (prompt_len + 1) / 2 * layers * heads * head_dim
+    return 2 * layer_params * prompt_len + 2 * vocab * hidden + attention
+
+
+def _size(model, field: str) -> int:
+    """A positive whole number of the manifest's model fields (the library does not read these:
+    loading does not check them). Raises BundleError."""
+    value = model.config.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BundleError(f"bundle {model.bundle.name}: manifest.json model.{field} is {value!r}, not a positive "
+                          "whole number")
+    return value
 
 
 def _timed(fn) -> float:
@@ -76,8 +87,14 @@ def _weights_read(model) -> list[int]:
     for call in model.bundle.manifest["plan"]:
         for arg in call["args"].values():
             if isinstance(arg, dict) and arg.get("ptr") == "weight":
+                if not (isinstance(arg.get("index"), int) and 0 <= arg["index"] < len(model.executor.weights)):
+                    raise BundleError(f"bundle {model.bundle.name}: manifest.json's plan reads weight "
+                                      f"{arg.get('index')!r}, which the bundle does not have")
                 full = kinds[call["kernel"]] not in ("embedding", "qembedding")
                 used[arg["index"]] = used.get(arg["index"], False) or full
+    if not any(used.values()):  # (the CPU library holds its own plan: a model without this one still runs)
+        raise BundleError(f"bundle {model.bundle.name}: manifest.json's plan reads no weights, so the bytes a step "
+                          "reads are unknown")
     return [i for i, full in used.items() if full]
 
 
@@ -97,7 +114,13 @@ def decode_bytes_per_step(model, context: int) -> dict[str, int]:
 def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, repeat: int,
                  threads: int | None = None, kv_cache_tokens: int | None = None, target: str | None = None) -> dict:
     def open_model(tokens: int):  # no prefix caching: every repeat must compute its prompt
-        return load(bundle, kv_cache_tokens=tokens, threads=threads, enable_prefix_caching=False, target=target)
+        try:
+            return load(bundle, kv_cache_tokens=tokens, threads=threads, enable_prefix_caching=False, target=target)
+        except RuntimeLimitError as e:  # a cache sized for --batch sequences (no --kv-cache-tokens) too large
+            if kv_cache_tokens is not None:
+                raise
+            raise RuntimeLimitError(f"--batch {batch} sequences of {len(prompt) + new_tokens} tokens: "
+                                    f"{str(e).partition('; ')[0]}; lower --batch") from None
 
     need = len(prompt) + new_tokens
     model = open_model(kv_cache_tokens or batch * need + 64)
@@ -109,7 +132,7 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
         model.close()
         model = open_model(blocks * model.block_size)
     if blocks > model.num_blocks:
-        raise LlmircError(f"--kv-cache-tokens {kv_cache_tokens}: a KV cache of {model.num_blocks} blocks of "
+        raise LlmircError(f"--kv-cache-tokens {kv_cache_tokens}: a KV cache of {model.num_blocks} block{'s' * (model.num_blocks != 1)} of "
                           f"{model.block_size} tokens cannot hold --batch {batch} sequences of {need} tokens "
                           f"({blocks} blocks)")
     prefill, decode = [], []
@@ -154,13 +177,24 @@ def check_same_model(model: dict, hf_dir: Path) -> None:
         raise LlmircError(f"--compare-transformers {hf_dir}: another model than the bundle's ({'; '.join(differ)})")
 
 
-def bench_transformers(hf_dir: Path, prompt: list[int], batch: int, new_tokens: int, repeat: int,
-                       threads: int) -> dict:
+def load_transformers(hf_dir: Path):
+    """transformers' float32 model of the checkpoint in `hf_dir`; LlmircError (one line) when it
+    cannot load it (an unknown model type, no weights, ...)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    try:
+        return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    except Exception as e:  # transformers raises ValueError, OSError, KeyError, ... by what is wrong
+        raise LlmircError(f"--compare-transformers {hf_dir}: transformers cannot load it: "
+                          f"{' '.join(str(e).split())[:300]}") from None
+
+
+def bench_transformers(model, prompt: list[int], batch: int, new_tokens: int, repeat: int, threads: int) -> dict:
+    """Times transformers' `model` (load_transformers) as bench_llmirc times a bundle."""
+    import torch
+
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ids = torch.tensor([prompt])
     prefill, decode = [], []
     with torch.inference_mode():
@@ -190,8 +224,10 @@ def run_bench(bundle: Path, *, prompt_len: int | None = None, new_tokens: int | 
     prompt_len, new_tokens = prompt_len or 128, new_tokens or 64
     if new_tokens < 2:
         raise LlmircError(f"--new-tokens {new_tokens}: decode is timed over at least 2 new tokens")
-    if hf_dir is not None:
+    hf_model = None
+    if hf_dir is not None:  # loaded first: a checkpoint transformers cannot load fails before the long run
         check_same_model(model, Path(hf_dir))
+        hf_model = load_transformers(Path(hf_dir))
     vocab = model["vocab_size"]
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
     ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat, threads, kv_cache_tokens, target)
@@ -208,8 +244,8 @@ def run_bench(bundle: Path, *, prompt_len: int | None = None, new_tokens: int | 
     }
     results["llmirc"]["fraction_of_floor"] = floor_ms / ours["decode_ms_per_step"]
     results["llmirc"]["prefill_gflop_s"] = ours["prefill_gflop"] * ours["prefill_tok_s"] / prompt_len
-    if hf_dir is not None:
-        results["transformers"] = bench_transformers(hf_dir, prompt, batch, new_tokens, repeat, ours["threads"])
+    if hf_model is not None:
+        results["transformers"] = bench_transformers(hf_model, prompt, batch, new_tokens, repeat, ours["threads"])
     return results
 
 

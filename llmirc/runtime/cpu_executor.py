@@ -23,7 +23,7 @@ import numpy as np
 
 from llmirc import dtypes
 from llmirc.artifact_format.reader import Bundle
-from llmirc.errors import BundleError, LlmircError
+from llmirc.errors import BundleError, LlmircError, RuntimeLimitError
 
 from .step_check import INPUTS, StepLimits, checked_inputs
 
@@ -185,9 +185,9 @@ class CpuExecutor:
         try:
             self.kv_pool = np.zeros(num_blocks * int(pool["block_bytes"]), dtype=np.uint8)
         except (MemoryError, ValueError):  # numpy raises ValueError for sizes it cannot even represent
-            raise LlmircError(f"bundle {name}: cannot allocate a KV cache of "
-                              f"{num_blocks * pool['block_bytes'] / 2**30:.1f} GiB; load it with fewer "
-                              "kv_cache_tokens") from None
+            raise RuntimeLimitError(f"bundle {name}: cannot allocate a KV cache of "
+                                    f"{num_blocks * pool['block_bytes'] / 2**30:.1f} GiB; give it fewer tokens "
+                                    "(--kv-cache-tokens, load(kv_cache_tokens=...))") from None
         self.workspace = np.empty(0, dtype=np.uint8)
         first_weight = len(INPUTS) + 3
         self._ptrs = (ctypes.c_void_p * (first_weight + len(self.weights)))()

@@ -45,23 +45,32 @@ def _workspace(w) -> str:
 
 def parameter_count(manifest: dict, shapes: list) -> int:
     """The model's parameters in a bundle whose weights (manifest["weights"]["order"]) have these
-    shapes: a quantized weight counts its logical n x k elements (k from the qlinear / qembedding
-    kernel that reads its codes), not its packed bytes, and its scales, zero points and input
-    order count nothing; a second copy of a tensor in another type (`NAME.1`, beside `NAME`: a
-    tied LM head stored apart from its table) counts nothing; any other weight counts its
-    elements."""
+    shapes: `logical_sizes`, less a second copy of a tensor in another type (`NAME.1`, beside
+    `NAME`: a tied LM head stored apart from its table), which counts nothing."""
     order = manifest["weights"]["order"]
     names = set(order)
     copies = {i for i, name in enumerate(order) if (m := re.fullmatch(r"(.+)\.\d+", name)) and m[1] in names}
+    return sum(size for i, size in enumerate(logical_sizes(manifest, shapes)) if i not in copies)
+
+
+def logical_sizes(manifest: dict, shapes: list) -> list[int]:
+    """Elements of each weight (manifest["weights"]["order"], of these shapes) as the model's
+    matrices count them: a quantized weight's codes its logical n x k (k from the qlinear /
+    qembedding kernel that reads them), not its packed bytes; its scales, zero points and input
+    order nothing; any other weight its elements."""
+    order = manifest["weights"]["order"]
     kernels = {k["symbol"]: k for t in manifest.get("targets") or [] for k in t.get("kernels") or []}
     columns: dict[int, int] = {}  # index of a quantized weight's codes -> its logical input size
     for call in manifest.get("plan") or []:
         kernel, codes = kernels.get(call["kernel"]), call["args"].get("codes")
         if kernel and kernel["kind"] in ("qlinear", "qembedding") and isinstance(codes, dict):
             columns[codes["index"]] = int(kernel["params"].get("k") or kernel["params"]["dim"])
-    parts = {order[i].removesuffix(".codes") + suffix for i in columns for suffix in (".scales", ".zeros", ".perm")}
-    return sum(0 if i in copies or name in parts else int(shape[0]) * columns[i] if i in columns else _numel(shape)
-               for i, (name, shape) in enumerate(zip(order, shapes)))
+    parts = set()  # their scales, zeros and perm (`NAME.codes.1`, a copy: `NAME.scales.1`, ...)
+    for i in columns:
+        if m := re.fullmatch(r"(.+)\.codes((?:\.\d+)?)", order[i]):
+            parts.update(f"{m[1]}.{part}{m[2]}" for part in ("scales", "zeros", "perm"))
+    return [0 if name in parts else int(shape[0]) * columns[i] if i in columns else _numel(shape)
+            for i, (name, shape) in enumerate(zip(order, shapes))]
 
 
 def _summary(bundle: Bundle, verify: bool) -> dict:

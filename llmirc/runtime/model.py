@@ -260,6 +260,7 @@ class Model:
                  ) -> list[list[int]]:
         """The generated ids of each prompt (a stop token, when hit, is included, as in transformers;
         so are the tokens of a stop string, which `generate_stream`'s text leaves out)."""
+        prompts = self._prompts(prompts)
         out: list[list[int]] = [[] for _ in prompts]
         for event in self.generate_stream(prompts, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
                                           stop_token_ids, stop):
