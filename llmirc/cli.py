@@ -443,7 +443,8 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
 
     Uses the bundle's chat template. Earlier turns stay in the prefix cache, so each reply
     prefills only the new message. /reset starts over, /exit (or end of input) quits; Ctrl-C
-    stops a reply (what it said stays in the conversation), at the prompt it quits. In a
+    stops a reply (what it said stays in the conversation), at the prompt it quits (with input
+    from a pipe or file, it always quits: exit 130). In a
     terminal, a reply cut by --max-new-tokens or the context says so. A turn past the context or
     KV cache, a line that is not UTF-8 or an unknown /command is an error line and the chat goes
     on; with input from a pipe or file, the command then exits 1 at the end. A --system message the
@@ -711,7 +712,10 @@ def inspect(bundle, as_json, no_verify, try_load, target):
                    "decode_ms_per_step, fraction_of_floor, ...}, model; transformers likewise with "
                    "--compare-transformers.")
 def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens, threads, target, as_json):
-    """Measure prefill and decode tokens/s of BUNDLE (and the memory-bandwidth floor)."""
+    """Measure prefill and decode tokens/s of BUNDLE (and the memory-bandwidth floor).
+
+    Prefill is timed on one prompt of --prompt-len random tokens, decode on --batch sequences of
+    that prompt; each figure is the best of --repeat runs."""
     from llmirc.runtime.bench import format_table, run_bench
 
     # Checked first: transformers would fail only after our benchmark, with a hub lookup traceback.
