@@ -132,8 +132,8 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
         model.close()
         model = open_model(blocks * model.block_size)
     if blocks > model.num_blocks:
-        raise LlmircError(f"--kv-cache-tokens {kv_cache_tokens}: a KV cache of {model.num_blocks} block{'s' * (model.num_blocks != 1)} of "
-                          f"{model.block_size} tokens cannot hold --batch {batch} sequences of {need} tokens "
+        raise LlmircError(f"--kv-cache-tokens {kv_cache_tokens}: a KV cache of {model.num_blocks} "
+                          f"block{'s' * (model.num_blocks != 1)} of {model.block_size} tokens cannot hold --batch {batch} sequences of {need} tokens "
                           f"({blocks} blocks)")
     prefill, decode = [], []
     for _ in range(repeat):
