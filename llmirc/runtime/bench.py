@@ -133,8 +133,8 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
         model = open_model(blocks * model.block_size)
     if blocks > model.num_blocks:
         raise LlmircError(f"--kv-cache-tokens {kv_cache_tokens}: a KV cache of {model.num_blocks} "
-                          f"block{'s' * (model.num_blocks != 1)} of {model.block_size} tokens cannot hold --batch {batch} sequences of {need} tokens "
-                          f"({blocks} blocks)")
+                          f"block{'s' * (model.num_blocks != 1)} of {model.block_size} tokens cannot hold "
+                          f"--batch {batch} sequences of {need} tokens ({blocks} blocks)")
     prefill, decode = [], []
     for _ in range(repeat):
         prefill.append(_timed(lambda: model.generate([prompt], max_new_tokens=1, ignore_eos=True)))
