@@ -26,7 +26,7 @@ from llmirc.errors import BundleError, LlmircError, RuntimeLimitError
 from llmirc.small_files import read_small_text
 
 from .inspect import logical_sizes, parameter_count
-from .model import load
+from .model import _whole, load
 
 
 def measure_bandwidth(nbytes: int = 256 * 2**20, repeat: int = 5) -> float:
@@ -67,10 +67,12 @@ def prefill_flops(model, prompt_len: int) -> float:
 def _size(model, field: str) -> int:
     """A positive whole number of the manifest's model fields (the library does not read these:
     loading does not check them). Raises BundleError."""
-    value = model.config.get(field)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BundleError(f"bundle {model.bundle.name}: manifest.json model.{field} is {value!r}, not a positive "
-                          "whole number")
+    try:
+        value = _whole(model.config.get(field), f"model.{field}")
+    except TypeError as e:
+        raise BundleError(f"bundle {model.bundle.name}: manifest.json {e}") from None
+    if value < 1:
+        raise BundleError(f"bundle {model.bundle.name}: manifest.json model.{field} is {value}, not positive")
     return value
 
 
@@ -116,11 +118,11 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
     def open_model(tokens: int):  # no prefix caching: every repeat must compute its prompt
         try:
             return load(bundle, kv_cache_tokens=tokens, threads=threads, enable_prefix_caching=False, target=target)
-        except RuntimeLimitError as e:  # a cache sized for --batch sequences (no --kv-cache-tokens) too large
+        except RuntimeLimitError:  # a cache sized for --batch sequences (no --kv-cache-tokens) too large
             if kv_cache_tokens is not None:
                 raise
-            raise RuntimeLimitError(f"--batch {batch} sequences of {len(prompt) + new_tokens} tokens: "
-                                    f"{str(e).partition('; ')[0]}; lower --batch") from None
+            raise RuntimeLimitError(f"--batch {batch} sequences of {len(prompt) + new_tokens} tokens: a KV cache of "
+                                    f"{tokens} tokens for them cannot be allocated; lower --batch") from None
 
     need = len(prompt) + new_tokens
     model = open_model(kv_cache_tokens or batch * need + 64)

@@ -411,13 +411,12 @@ class Engine:
                     out.stop_reason = event.token
                 if req.text is not None:
                     out.text = req.text.add(event.token)
-                    if req.text.stopped is not None:  # a stop string: finished now, blocks freed
-                        if not event.finished:
-                            self.scheduler.abort(event.request_id)
-                        out.finished, out.finish_reason, out.stop_reason = True, "stop", req.text.stopped
+                    if req.text.stopped is not None and not event.finished:  # a stop string: finished now
+                        self.scheduler.abort(event.request_id)  # (its blocks freed)
+                        out.finished = True
             if out.finished and req.text is not None:
                 out.text += req.text.finish()
-                if req.text.stopped is not None:  # held-back text (an incomplete character) held a stop string
+                if req.text.stopped is not None:  # in the text, or in what was held back to the end (a U+FFFD)
                     out.finish_reason, out.stop_reason = "stop", req.text.stopped
             out.num_generated = req.num_generated
             if req.prompt_logprobs is not None:
