@@ -554,6 +554,8 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
                    "up to this many. 1: one step at a time.")
 @click.option("--max-queued-requests", type=click.IntRange(min=0), default=1024, show_default=True,
               help="Requests that may wait beyond the running batch; more are answered 503.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=64 << 20, show_default=True,
+              help="The largest request body accepted; a larger one is answered 413 before it is read whole.")
 @click.option("--chat-template", default=None,
               help="A jinja chat template replacing the bundle's: a file, or the template itself (text with "
                    "'{' that names no file, as vLLM takes it).")
@@ -563,7 +565,8 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
               show_default=True)
 def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_model_len, max_num_seqs,
           max_num_batched_tokens, enable_prefix_caching, kv_cache_tokens, kv_cache_dtype, gpu_memory_utilization,
-          threads, target, num_scheduler_steps, max_queued_requests, chat_template, no_verify, log_level):
+          threads, target, num_scheduler_steps, max_queued_requests, max_body_bytes, chat_template, no_verify,
+          log_level):
     """Serve BUNDLE over HTTP: vLLM's OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models) and SGLang's native API (/generate, /get_model_info), plus /health and /metrics.
     Ctrl-C gives running requests 5 s to finish, then aborts them."""
@@ -619,7 +622,7 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
     name = served_model_name or str(bundle)
     app = create_app(model, ServerOptions(served_model_name=name, api_key=api_key,
                                           allowed_origins=origins,
-                                          max_queued_requests=max_queued_requests))
+                                          max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes))
     # listen here, not in uvicorn: an address in use is the user's error, and uvicorn's startup
     # failure exits 3, llmirc's code for an internal error
     try:

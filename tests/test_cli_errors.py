@@ -1700,7 +1700,7 @@ def test_kv_cache_dtype_pass_in_the_pipeline(ckpt, tmp_path):
 @pytest.mark.parametrize("args,needles", [
     (["--kv-cache-dtype", "bfloat16"], ["--kv-cache-dtype bfloat16", "this bundle's KV cache is float32"]),
     (["--kv-cache-dtype", "banana"], ["--kv-cache-dtype banana", "unknown dtype"]),
-    (["--max-model-len", "600"], ["max_model_len 600", "context of 512"]),
+    (["--max-model-len", "600"], ["(--max-model-len) 600", "context of 512"]),
     (["--max-num-seqs", "64", "--max-num-batched-tokens", "32"], ["--max-num-batched-tokens (32)"]),
     (["--chat-template", "/nonexistent.jinja"], ["/nonexistent.jinja", "cannot read"]),
     (["--allowed-origins", "[1]"], ["--allowed-origins [1]", "strings"]),

@@ -563,7 +563,8 @@ def test_openai_client_raises_its_own_error_types(client):
 @pytest.fixture(scope="module")
 def guarded(bundle):
     with RunningServer(bundle, "--api-key", "sekret", "--max-num-seqs", 1, "--max-num-batched-tokens", 64,
-                       "--max-queued-requests", 0, "--allowed-origins", '["https://app.example"]') as s:
+                       "--max-queued-requests", 0, "--allowed-origins", '["https://app.example"]',
+                       "--max-body-bytes", 4096) as s:
         yield s
 
 
@@ -602,6 +603,26 @@ def test_api_key_is_required(guarded):
                            ("Basic sekret", 401), ("Bearersekret", 401), ("Bearer  sekret", 401)):
         assert httpx.get(guarded.url + "/v1/models", headers={"authorization": header}).status_code == status, header
 
+
+def test_body_over_the_limit_is_413(guarded):
+    """--max-body-bytes: a larger body is answered 413 in the API's error format, whether its
+    Content-Length says so or it comes in chunks; the server goes on serving."""
+    headers = {"authorization": "Bearer sekret"}
+
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(10):
+            yield b"hello " * 100
+        yield b'", "max_tokens": 2}'
+
+    for body in ({"json": {"prompt": "hello " * 1000, "max_tokens": 2}},
+                 {"content": chunks(), "headers": {**headers, "content-type": "application/json"}}):
+        r = httpx.post(guarded.url + "/v1/completions", **{"headers": headers, **body})
+        error = r.json()["error"]
+        assert r.status_code == error["code"] == 413 and \
+            "over this server's limit of 4096 bytes (llmirc serve --max-body-bytes)" in error["message"], r.text
+    r = httpx.post(guarded.url + "/v1/completions", headers=headers, json={"prompt": "hello " * 100, "max_tokens": 2})
+    assert r.status_code == 200, r.text
 
 
 def test_allowed_origins_cors(guarded, server):

@@ -144,8 +144,8 @@ class Model:
                               "vocab_size or kv_cache block_size")
         if max_model_len is not None:
             if not 1 <= max_model_len <= self.max_context:
-                raise LlmircError(f"max_model_len {max_model_len} must be between 1 and the bundle's context of "
-                                  f"{self.max_context} tokens")
+                raise LlmircError(f"max_model_len (--max-model-len) {max_model_len} must be between 1 and the "
+                                  f"bundle's context of {self.max_context} tokens")
             self.max_context = max_model_len
         self.executor, self.target_notes = pick_executor(
             bundle, target=target, kv_cache_tokens=kv_cache_tokens, max_context=self.max_context,

@@ -8,7 +8,8 @@ step boundary.
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with the status
 in `code`: 400 for a bad or over-long request (validation errors included, as vLLM does, not
-FastAPI's 422), 401 without the API key, 404 for an unknown model or route, 503 (with
+FastAPI's 422), 401 without the API key, 404 for an unknown model or route, 413 for a body over
+`max_body_bytes`, 503 (with
 Retry-After) when more than `max_queued_requests` requests wait, or the engine has failed.
 Besides the APIs' routes: GET (and HEAD) /health and /ping, /version, /metrics, /v1/models and
 /v1/models/{id}.
@@ -78,12 +79,47 @@ class APIKeyCheck:
         await self.app(scope, receive, send)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 before it is parsed, by its
+    Content-Length or, sent in chunks, once the chunks received pass the limit (as the route reads
+    them: HTTPException, which FastAPI's body reading passes on), so no client makes the server
+    hold more than `limit` bytes of one body. Plain ASGI for APIKeyCheck's reason."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        error = (f"the request body is over this server's limit of {self.limit} bytes "
+                 "(llmirc serve --max-body-bytes)")
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            from fastapi.responses import JSONResponse
+
+            return await JSONResponse(APIError(413, error).body(), status_code=413)(scope, receive, send)
+        received = 0
+
+        async def receive_counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                from fastapi import HTTPException
+
+                raise HTTPException(413, error)
+            return message
+
+        await self.app(scope, receive_counted, send)
+
+
 @dataclass
 class ServerOptions:
     served_model_name: str
     api_key: str | None = None
     allowed_origins: tuple[str, ...] = ()  # CORS: web origins whose pages may call the server ("*": any)
     max_queued_requests: int = 1024  # waiting requests beyond the running batch; then 503
+    max_body_bytes: int = 64 << 20  # a larger request body is answered 413
 
 
 class Server:
@@ -335,6 +371,7 @@ def create_app(model: Model, options: ServerOptions):
     app = FastAPI(title="llmirc", lifespan=lifespan, docs_url=None, redoc_url=None, default_response_class=JSON)
     app.state.server = server
 
+    app.add_middleware(BodyLimit, limit=options.max_body_bytes)
     if options.api_key:
         app.add_middleware(APIKeyCheck, key=options.api_key)
     if options.allowed_origins:  # added last, so outermost: a browser's preflight needs no API key
