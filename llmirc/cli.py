@@ -642,7 +642,11 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
         async def shutdown(self, sockets=None):
             # Ctrl-C: requests still running after the grace period are aborted (finish_reason "abort"),
             # so their responses end properly; uvicorn cancels what is left 5 s later.
-            abort = asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, model.engine.abort_all)
+            # A request whose body is still arriving then gets a 503 (RequestBody).
+            def abort_all():
+                model.engine.abort_all()
+                app.state.server.closing.set()
+            abort = asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, abort_all)
             try:
                 await super().shutdown(sockets)
             finally:

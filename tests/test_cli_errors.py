@@ -1492,14 +1492,15 @@ def test_python_api_close(bundle):
 
 def test_python_api_refuses_stops_that_cannot_match(bundle):
     """As vLLM's SamplingParams: an empty stop string, a stop token id outside the vocabulary
-    (the server's OpenAI and SGLang endpoints go through the same check)."""
+    (the server's OpenAI and SGLang endpoints go through the same check); logprobs=True."""
     from llmirc.errors import LlmircError
     from llmirc.runtime import load
     from llmirc.runtime.engine import SamplingParams
 
     model = load(bundle)
     for params, needle in ((SamplingParams(stop=("",)), "empty string"),
-                           (SamplingParams(stop_token_ids=(model.vocab_size,)), "outside the model's vocabulary")):
+                           (SamplingParams(stop_token_ids=(model.vocab_size,)), "outside the model's vocabulary"),
+                           (SamplingParams(logprobs=True), "logprobs must be an integer")):  # (True is not 1)
         with pytest.raises(LlmircError, match=needle):
             model.engine.check([1, 2], params)
 

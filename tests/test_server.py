@@ -385,6 +385,15 @@ BAD = {
     "n-zero": ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n must be"),
     "image-content": ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "only text"),
+    "text-part-without-text": ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "txt": "hi"}]}]}, 400, "a text part needs a string 'text', got None", "messages"),
+    "audio-modality": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                "modalities": ["text", "audio"]}, 400, "modalities", "modalities"),
+    "sglang-image": ("/generate", {"text": "hi", "image_data": "http://x/cat.png"}, 400,
+                     "image_data is not supported", "image_data"),
+    "sglang-lora": ("/generate", {"text": "hi", "lora_path": "my-lora"}, 400, "lora_path", "lora_path"),
+    "sglang-hidden-states": ("/generate", {"text": "hi", "return_hidden_states": True}, 400,
+                             "return_hidden_states is not supported by llmirc (only False)", "return_hidden_states"),
     "sglang-no-prompt": ("/generate", {"sampling_params": {}}, 400, "text and input_ids"),
     "sglang-bad-param": ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": "many"}}, 400,
                          "max_new_tokens"),
@@ -623,6 +632,37 @@ def test_body_over_the_limit_is_413(guarded):
             "over this server's limit of 4096 bytes (llmirc serve --max-body-bytes)" in error["message"], r.text
     r = httpx.post(guarded.url + "/v1/completions", headers=headers, json={"prompt": "hello " * 100, "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+def test_shutdown_ends_running_and_half_sent_requests(bundle):
+    """SIGTERM: after the 5 s grace a running stream ends with finish_reason "abort", a request
+    whose body is still arriving gets a 503 (it held the shutdown another 5 s and left a
+    CancelledError traceback), and serve exits 143 with no traceback in its log."""
+    import signal
+    import socket
+
+    with RunningServer(bundle) as s:
+        stream = httpx.stream("POST", s.url + "/v1/completions", json={
+            "prompt": "hi", "max_tokens": LONG_RUN, "stream": True, "ignore_eos": True}, timeout=60)
+        lines = stream.__enter__().iter_lines()
+        next(lines)
+        stalled = socket.create_connection(("127.0.0.1", s.port))
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100\r\n\r\n{")
+        time.sleep(0.3)
+        start = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] == "abort"
+        stalled.settimeout(30)
+        answer = stalled.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 503") and b"shutting down" in answer, answer
+        assert s.proc.wait(timeout=30) == 143
+        assert time.monotonic() - start < 8
+        stream.__exit__(None, None, None)
+        stalled.close()
+        log = s.log.read_text()
+        assert "Traceback" not in log and "Exception in ASGI" not in log, log
 
 
 def test_allowed_origins_cors(guarded, server):

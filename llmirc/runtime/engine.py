@@ -78,7 +78,8 @@ class SamplingParams:
             raise LlmircError("stop cannot contain an empty string")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                          and 0 <= value <= MAX_LOGPROBS):  # (True would mean 1)
                 raise LlmircError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         if not isinstance(self.prompt_logprobs_start, int) or self.prompt_logprobs_start < 0:
             raise LlmircError(f"prompt_logprobs_start must be an integer >= 0, got {self.prompt_logprobs_start!r}")

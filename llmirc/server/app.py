@@ -55,6 +55,16 @@ class APIError(Exception):
                           "param": self.param, "code": self.status}}
 
 
+def refuse_not_implemented(fields: dict, table: dict[str, tuple], prefix: str = "") -> None:
+    """A 400 (APIError) naming the first field of `fields` that `table` lists whose value is not
+    None nor one of its neutral values there (`{name: (neutral, ...)}`): parameters llmirc does not
+    implement are refused, never silently ignored."""
+    for name, neutral in table.items():
+        if (value := fields.get(name)) is not None and value not in neutral:
+            only = f" (only {' or '.join(map(repr, neutral))})" if neutral else ""
+            raise APIError(400, f"{prefix}{name} is not supported by llmirc{only}", name)
+
+
 class APIKeyCheck:
     """ASGI middleware: an HTTP request for anything but /health and /metrics needs the header
     `Authorization: Bearer KEY`, or gets a 401. Plain ASGI on purpose: behind Starlette's
@@ -79,18 +89,22 @@ class APIKeyCheck:
         await self.app(scope, receive, send)
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is answered 413 before it is parsed, by its
-    Content-Length or, sent in chunks, once the chunks received pass the limit (as the route reads
-    them: HTTPException, which FastAPI's body reading passes on), so no client makes the server
-    hold more than `limit` bytes of one body. Plain ASGI for APIKeyCheck's reason."""
+class RequestBody:
+    """ASGI middleware for reading request bodies: one over `limit` bytes is answered 413 before it
+    is parsed, by its Content-Length or, sent in chunks, once the chunks received pass the limit,
+    so no client makes the server hold more than `limit` bytes of one body; and once `closing` is
+    set (the server's shutdown grace is over), a body still arriving is answered 503, so that a
+    client that stalls mid-body does not hold the shutdown. Both as HTTPException from the
+    route's read, which FastAPI's body reading passes on. Plain ASGI for APIKeyCheck's reason."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, closing: asyncio.Event):
+        self.app, self.limit, self.closing = app, limit, closing
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        from fastapi import HTTPException
+
         error = (f"the request body is over this server's limit of {self.limit} bytes "
                  "(llmirc serve --max-body-bytes)")
         length = dict(scope["headers"]).get(b"content-length", b"")
@@ -98,19 +112,28 @@ class BodyLimit:
             from fastapi.responses import JSONResponse
 
             return await JSONResponse(APIError(413, error).body(), status_code=413)(scope, receive, send)
-        received = 0
+        received, whole = 0, False
 
-        async def receive_counted():
-            nonlocal received
-            message = await receive()
+        async def receive_body():
+            nonlocal received, whole
+            if whole:  # (later calls wait for a disconnect: passed on as they are)
+                return await receive()
+            message, stop = asyncio.ensure_future(receive()), asyncio.ensure_future(self.closing.wait())
+            try:
+                await asyncio.wait((message, stop), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                message.cancel()  # (a no-op once it is done)
+            if not message.done():
+                raise HTTPException(503, "the server is shutting down")
+            message = message.result()
             received += len(message.get("body", b""))
+            whole = message["type"] != "http.request" or not message.get("more_body", False)
             if received > self.limit:
-                from fastapi import HTTPException
-
                 raise HTTPException(413, error)
             return message
 
-        await self.app(scope, receive_counted, send)
+        await self.app(scope, receive_body, send)
 
 
 @dataclass
@@ -133,6 +156,7 @@ class Server:
         # chat templates render one at a time (template_worker's child): their queue waits on its
         # own thread, not in the pool that tokenizes every request
         self.renderer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-template")
+        self.closing = asyncio.Event()  # set when the shutdown's grace is over: bodies still arriving get 503
 
     async def render_chat(self, messages: list[dict], /, **options) -> str:
         """The chat template's text of `messages` (ChatTemplate.render's errors)."""
@@ -371,7 +395,7 @@ def create_app(model: Model, options: ServerOptions):
     app = FastAPI(title="llmirc", lifespan=lifespan, docs_url=None, redoc_url=None, default_response_class=JSON)
     app.state.server = server
 
-    app.add_middleware(BodyLimit, limit=options.max_body_bytes)
+    app.add_middleware(RequestBody, limit=options.max_body_bytes, closing=server.closing)
     if options.api_key:
         app.add_middleware(APIKeyCheck, key=options.api_key)
     if options.allowed_origins:  # added last, so outermost: a browser's preflight needs no API key

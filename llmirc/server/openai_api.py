@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmirc.errors import LlmircError
 from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
-from .app import APIError, Generation, Server, event_stream
+from .app import APIError, Generation, Server, event_stream, refuse_not_implemented
 
 MAX_N = 128
 
@@ -53,7 +53,7 @@ NOT_IMPLEMENTED = {
     "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
     "response_format": ({"type": "text"},), "use_beam_search": (False,), "length_penalty": (1.0,),
     "prompt_logprobs": (), "truncate_prompt_tokens": (), "detokenize": (True,), "return_tokens_as_token_ids": (False,),
-    "functions": ([],), "function_call": ("none",), "chat_template": (),
+    "functions": ([],), "function_call": ("none",), "chat_template": (), "modalities": (["text"],), "audio": (),
 }
 
 
@@ -109,10 +109,7 @@ class ChatRequest(_Common):
 
 
 def _refuse_unsupported(req: _Common) -> None:
-    for name, neutral in NOT_IMPLEMENTED.items():
-        if (value := (req.model_extra or {}).get(name)) is not None and value not in neutral:
-            only = f" (only {' or '.join(map(repr, neutral))})" if neutral else ""
-            raise APIError(400, f"{name} is not supported by llmirc{only}", name)
+    refuse_not_implemented(req.model_extra or {}, NOT_IMPLEMENTED)
     if req.n is None:  # (vLLM: null is the default)
         req.n = 1
     if req.stream_options is not None and not req.stream:
@@ -324,9 +321,12 @@ async def _chat_prompt(server: Server, req: ChatRequest, add_special_tokens: boo
         elif isinstance(m.content, list):
             texts = []
             for part in m.content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                if part.get("type") != "text":
                     raise APIError(400, f"messages[{i}].content: only text parts are supported, got "
                                         f"{part.get('type')!r}", "messages")
+                if not isinstance(part.get("text"), str):
+                    raise APIError(400, f"messages[{i}].content: a text part needs a string 'text', got "
+                                        f"{part.get('text')!r}", "messages")
                 texts.append(part["text"])
             message["content"] = "\n".join(texts)
         messages.append(message)

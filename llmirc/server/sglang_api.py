@@ -11,7 +11,9 @@ and `stream`. It answers `{"text", "output_ids", "meta_info": {"id", "finish_rea
 logprobs as [logprob, token_id, text or null] (the first prompt token's logprob is null).
 finish_reason is {"type": "length", "length": n}, {"type": "stop", "matched": id or string}
 or {"type": "abort", ...}. A stream sends the cumulative text and output_ids in each
-`data:` event, then `data: [DONE]`, as SGLang does by default.
+`data:` event, then `data: [DONE]`, as SGLang does by default. GenerateReqInput's fields for
+what llmirc does not do (images, audio, video, embeddings, LoRA, sessions, custom logit
+processors, hidden states) are refused unless null or neutral; unknown fields are ignored.
 
 `max_new_tokens` 0 computes the prompt only (it enters the prefix cache; SGLang frontend
 programs use this for `select` and to cache shared prefixes). Sampling parameters llmirc does
@@ -30,11 +32,11 @@ from pydantic import BaseModel, ConfigDict
 
 from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams
 
-from .app import APIError, Generation, Server, event_stream
+from .app import APIError, Generation, Server, event_stream, refuse_not_implemented
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="allow")  # (NOT_IMPLEMENTED's are refused, others ignored)
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
@@ -70,6 +72,11 @@ class _Params(BaseModel):
     json_schema: str | None = None
     ebnf: str | None = None
 
+
+# GenerateReqInput's fields that would change the answer: {name: neutral values} (None is neutral too)
+NOT_IMPLEMENTED = {name: () for name in ("image_data", "audio_data", "video_data", "input_embeds", "lora_path",
+                                         "lora_id", "session_params", "custom_logit_processor",
+                                         "token_ids_logprob")} | {"return_hidden_states": (False,), "modalities": ([],)}
 
 NEUTRAL = {"skip_special_tokens": True, "min_p": 0.0, "n": 1, "min_new_tokens": 0, "frequency_penalty": 0.0,
            "presence_penalty": 0.0,
@@ -153,6 +160,7 @@ class _Item(Generation):
 
 
 async def generate(server: Server, req: GenerateRequest, raw_request):
+    refuse_not_implemented(req.model_extra or {}, NOT_IMPLEMENTED)
     if (req.text is None) == (req.input_ids is None):
         raise APIError(400, "give exactly one of text and input_ids", "text")
     batched = isinstance(req.text, list) or (req.input_ids is not None and bool(req.input_ids)
