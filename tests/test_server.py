@@ -128,10 +128,16 @@ def test_return_token_ids_accounts_for_every_streamed_token(server, model):
     full = httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]
     expected = model.generate(["héllo wörld ✓ 日本"], 24, ignore_eos=True)[0]
     assert full["token_ids"] == expected and full["prompt_token_ids"] == model.encode("héllo wörld ✓ 日本")
-    for path, payload in (("/v1/completions", body), ("/v1/chat/completions", {
-            **{k: v for k, v in body.items() if k != "prompt"}, "messages": [{"role": "user", "content": "hi"}]})):
+    chat = {**{k: v for k, v in body.items() if k != "prompt"}, "messages": [{"role": "user", "content": "hi"}]}
+    chat_prompt = model.apply_chat_template(chat["messages"])
+    assert httpx.post(server.url + "/v1/chat/completions", json=chat).json()["prompt_token_ids"] == chat_prompt
+    for path, payload, prompt in (("/v1/completions", body, full["prompt_token_ids"]),
+                                  ("/v1/chat/completions", chat, chat_prompt)):
         with httpx.stream("POST", server.url + path, json={**payload, "stream": True}) as response:
             events = sse(response)
+        # vLLM's places: the first chunk's choice (completions), the first chunk (chat)
+        firsts = [e.get("prompt_token_ids", e["choices"][0].get("prompt_token_ids")) for e in events]
+        assert firsts[0] == prompt and not any(firsts[1:]), firsts
         ids = [t for e in events for t in e["choices"][0].get("token_ids", [])]
         text = "".join(e["choices"][0].get("text") or e["choices"][0].get("delta", {}).get("content") or ""
                        for e in events)

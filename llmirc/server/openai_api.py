@@ -75,7 +75,7 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     echo: bool | None = False
-    return_token_ids: bool | None = False  # vLLM: the generated ids in each choice and stream chunk
+    return_token_ids: bool | None = False  # vLLM: the generated ids in each choice and chunk, prompt_token_ids
     user: str | None = None
     best_of: int | None = None  # not implemented unless equal to n
 
@@ -276,10 +276,12 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
                 new_ids = req.return_token_ids and len(c.tokens) > sent_ids[i]  # ids stream even without text
                 if not text and not c.done and not entries and not new_ids:
                     continue
-                started[i] = True
                 body = {"index": i, "text": text, "logprobs": logprobs_of(i, entries, offsets[i]), **_finish(c)}
-                if req.return_token_ids:
+                if req.return_token_ids:  # (vLLM: the prompt's ids in each choice's first chunk)
                     body["token_ids"], sent_ids[i] = c.tokens[sent_ids[i]:], len(c.tokens)
+                    if not started[i]:
+                        body["prompt_token_ids"] = requests[i][0]
+                started[i] = True
                 yield chunk([body], usage() if continuous else None)
                 offsets[i] += len(text)
 
@@ -390,8 +392,11 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
         async def bodies(outputs):
             for i in range(len(choices)):
                 role = {"role": "assistant", "content": echo}
-                yield chunk([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}],
-                            usage() if continuous else None)
+                first = chunk([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}],
+                              usage() if continuous else None)
+                if req.return_token_ids:  # (vLLM: in each choice's first chunk)
+                    first["prompt_token_ids"] = requests[0][0]
+                yield first
             sent_ids = [0] * len(choices)
             async for i, out in outputs:
                 c = choices[i]
@@ -417,6 +422,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
                          "logprobs": _chat_logprobs(server, c.logprobs) if req.logprobs else None, **_finish(c),
                          **({"token_ids": c.tokens} if req.return_token_ids else {})}
                         for i, c in enumerate(choices)],
+            **({"prompt_token_ids": requests[0][0]} if req.return_token_ids else {}),
             "usage": usage()}
 
 
