@@ -439,6 +439,7 @@ BAD = {
                          "text"),
     "surrogate-model-name": ("/v1/completions", b'{"model": "\\ud800", "prompt": "hi"}',
                              404, "\\ud800"),
+    "empty-body": ("/v1/completions", b"", 400, "the request body is empty: a JSON object is expected"),
     "unknown-route": ("/v1/embeddings", {"input": "hi"}, 404, "Not Found"),
     "wrong-method": ("/health", {}, 405, "Method Not Allowed"),
 }

@@ -461,6 +461,8 @@ def _validation_message(e) -> str:
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
         if err.get("type") == "json_invalid":
             parts.append(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', err.get('msg'))})")
+        elif not loc and err.get("type") == "missing":  # (FastAPI's "body: Field required")
+            parts.append("the request body is empty: a JSON object is expected")
         elif not loc and err.get("type") in ("dict_type", "model_attributes_type"):
             parts.append("the request body must be a JSON object (with Content-Type: application/json)")
         else:
