@@ -9,8 +9,8 @@ step boundary.
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with the status
 in `code`: 400 for a bad or over-long request (validation errors included, as vLLM does, not
 FastAPI's 422), 401 without the API key, 404 for an unknown model or route, 413 for a body over
-`max_body_bytes`, 503 (with
-Retry-After) when more than `max_queued_requests` requests wait, or the engine has failed.
+`max_body_bytes`, 503 (with Retry-After) when more than `max_queued_requests` requests wait, or
+the engine has failed, or the server is shutting down.
 Besides the APIs' routes: GET (and HEAD) /health and /ping, /version, /metrics, /v1/models and
 /v1/models/{id}.
 """
@@ -55,14 +55,14 @@ class APIError(Exception):
                           "param": self.param, "code": self.status}}
 
 
-def refuse_not_implemented(fields: dict, table: dict[str, tuple], prefix: str = "") -> None:
+def refuse_not_implemented(fields: dict, table: dict[str, tuple]) -> None:
     """A 400 (APIError) naming the first field of `fields` that `table` lists whose value is not
     None nor one of its neutral values there (`{name: (neutral, ...)}`): parameters llmirc does not
     implement are refused, never silently ignored."""
     for name, neutral in table.items():
         if (value := fields.get(name)) is not None and value not in neutral:
             only = f" (only {' or '.join(map(repr, neutral))})" if neutral else ""
-            raise APIError(400, f"{prefix}{name} is not supported by llmirc{only}", name)
+            raise APIError(400, f"{name} is not supported by llmirc{only}", name)
 
 
 class APIKeyCheck:
