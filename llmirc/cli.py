@@ -814,6 +814,15 @@ def _terminate(signum, frame) -> None:
     raise _Terminated(signum)
 
 
+def _stopped(message: str, code: int) -> None:
+    """_fail for a signal's exit: a second Ctrl-C (or SIGTERM, SIGHUP) is ignored from here on, as
+    it would interrupt the exit's waits for the compile's worker processes (targets/workers.py)
+    with a traceback."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    _fail(message, code)
+
+
 def main() -> None:
     if sys.stdout is None:  # started with standard output closed (`>&-`): what goes there is dropped
         sys.stdout = open(os.devnull, "w")
@@ -822,15 +831,15 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except _Terminated as e:
-        _fail("terminated" if e.signum == signal.SIGTERM else "hung up (SIGHUP)", 128 + e.signum)
+        _stopped("terminated" if e.signum == signal.SIGTERM else "hung up (SIGHUP)", 128 + e.signum)
     except UsageError as e:  # exit 2 and the help's name, as click's own usage errors
         _fail(f"{str(e).splitlines()[0]} (see '{_command} --help')", 2)
     except LlmircError as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except click.exceptions.Abort as e:  # click's form of Ctrl-C (after printing a newline)
-        _fail("interrupted" if isinstance(e.__cause__, KeyboardInterrupt) else "aborted", 130)
+        _stopped("interrupted" if isinstance(e.__cause__, KeyboardInterrupt) else "aborted", 130)
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        _stopped("interrupted", 130)
     except _NO_ARGS_IS_HELP as e:  # bare `llmirc`: the help, as click shows it
         e.show()
         sys.exit(e.exit_code)

@@ -3,7 +3,10 @@
 Workers are spawned (no forked copy of a process that may hold threads and locks) and end with
 the process that made them: on Linux each asks for SIGKILL when its parent dies
 (prctl PR_SET_PDEATHSIG), so a compile killed with SIGKILL, or by the out-of-memory killer,
-leaves no workers behind holding its pipes open. At most one worker per usable CPU.
+leaves no workers behind holding its pipes open. Ctrl-C is the parent's alone (workers ignore
+SIGINT, which a terminal sends to the whole process group): when the parent's work ends with an
+exception, Ctrl-C included, its workers are killed, not waited for. (A Ctrl-C landing in a wait
+for a worker could hang the exit for good.) At most one worker per usable CPU.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import ctypes
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from multiprocessing import get_context
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -31,14 +35,35 @@ def worker_count(jobs: int | None, tasks: int) -> int:
     return max(1, min(jobs or usable, usable, tasks))
 
 
-def worker_pool(workers: int, initializer: Callable[[], None] | None = None) -> ProcessPoolExecutor:
-    """A pool of `workers` spawned processes that die with this one; `initializer` (a module-level
-    function) runs first in each."""
-    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start,
+@contextmanager
+def worker_pool(workers: int, initializer: Callable[[], None] | None = None) -> Iterator[ProcessPoolExecutor]:
+    """A pool of `workers` spawned processes that die with this one, for a `with` block;
+    `initializer` (a module-level function) runs first in each. The block's end waits for the
+    work; an exception out of the block (KeyboardInterrupt, a signal's, a task's error) kills
+    the workers first."""
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start,
                                initargs=(os.getpid(), initializer))
+    try:
+        yield pool
+    except BaseException:
+        _kill(pool)
+        raise
+    pool.shutdown()
+
+
+def _kill(pool: ProcessPoolExecutor) -> None:
+    """Kills the pool's workers; the pool's manager thread then fails the work left and reaps
+    them. Not here: a wait (Process.join) that a second Ctrl-C interrupts between waitpid and
+    recording the exit leaves that thread waiting for good for a process that no longer exists;
+    cancelling futures races with the thread failing them (an InvalidStateError traceback), so
+    callers wait on futures with `result()`, not `Executor.map`, which cancels them when stopped."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):  # (3.14: pool.kill_workers())
+        process.kill()
+    pool.shutdown(wait=False)
 
 
 def _start(parent: int, initializer: Callable[[], None] | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if os.getppid() != parent:  # it died before the request took effect

@@ -271,6 +271,46 @@ def test_compile_workers_die_with_the_compile(tmp_path):
     assert not alive
 
 
+@pytest.mark.skipif(platform.system() != "Linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_ctrl_c_kills_busy_workers_and_exits(tmp_path):
+    """Ctrl-C, as a terminal sends it (SIGINT to the whole process group), twice, while a worker
+    is busy: the parent exits at once with KeyboardInterrupt and its worker, which ignores SIGINT,
+    is killed, not waited for. (Waiting could hang for good: a Ctrl-C in the executor's shutdown
+    left the exit waiting for an idle worker.)"""
+    import os
+    import signal
+    import sys
+    import time
+
+    script = tmp_path / "pool.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from llmirc.targets.workers import worker_pool\n"
+        "if __name__ == '__main__':\n"
+        "    with worker_pool(1) as pool:\n"
+        "        pid = pool.submit(os.getpid).result()\n"
+        "        print(pid, flush=True)\n"
+        "        pool.submit(time.sleep, 300).result()\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    worker = int(proc.stdout.readline())
+    time.sleep(0.5)
+    start = time.monotonic()
+    for _ in range(2):
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.05)
+    try:
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - start < 10 and "KeyboardInterrupt" in proc.stderr.read()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{worker}").exists()
+
+
 def test_cross_linking_needs_the_cross_compiler(monkeypatch, tmp_path):
     monkeypatch.setattr(tc.shutil, "which", lambda name: None)
     other = "x86_64" if not X86 else "aarch64"

@@ -93,7 +93,8 @@ def compile_kernels(kernels, *, cache_dir: Path | None = None, jobs: int | None 
     keys = [json.dumps(r, sort_keys=True, default=repr) for r in requests]
     unique = dict(zip(keys, requests))
     with worker_pool(worker_count(jobs, len(unique)), _worker_init) as pool:
-        done = dict(zip(unique, pool.map(_compile_one, unique.values(), [str(cache_dir)] * len(unique))))
+        futures = {key: pool.submit(_compile_one, request, str(cache_dir)) for key, request in unique.items()}
+        done = {key: future.result() for key, future in futures.items()}
     return [done[k] for k in keys]
 
 
