@@ -566,7 +566,7 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
                         "dtypes": {w.name: w.dtype for w in plan.weights},
                         "derived": {w.name: w.sources() for w in plan.weights if w.expr[0] != "tensor"}},
             "targets": targets,
-            "passes": options.passes or "default",
+            "passes": "default" if options.passes is None else options.passes,  # ("": the required passes only)
             "rewrites": report,
             "plan": plan.to_json(),
             "ir": {"input": "ir/input.mlir", "optimized": "ir/optimized.mlir"},

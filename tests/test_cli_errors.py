@@ -1687,6 +1687,15 @@ def test_bundles_are_reproducible_with_source_date_epoch(ckpt, tmp_path):
                           f"SOURCE_DATE_EPOCH={bad!r}", code=2)
 
 
+def test_empty_pipeline_is_shown_as_such(ckpt, tmp_path):
+    """--passes '': no optional pass (no fusion), and inspect says so (it said "default")."""
+    out = tmp_path / "bare.llmir"
+    r = llmirc("compile", ckpt, "-o", out, "--cpu-variants", "native", "-q", "--passes", "", "--report")
+    assert r.returncode == 0 and "fuse-linears" not in r.stdout + r.stderr, r.stderr
+    assert json.loads((out / "manifest.json").read_text())["passes"] == ""
+    assert "passes     none (--passes '': the required passes only)" in llmirc("inspect", out).stdout
+
+
 def test_kv_cache_dtype_pass_in_the_pipeline(ckpt, tmp_path):
     """A kv-cache-dtype pass in --passes decides the cache's type wherever it stands (the required
     tail's kv-cache-dtype put auto back, and one before paged-kv found no pool)."""

@@ -214,7 +214,7 @@ def _describe(info: dict) -> str:
         if kv.get("num_layers") != 0 else "kv cache   none (no attention layer uses one)",
         f"plan       {info['plan']['kernel_calls']} kernel calls per step; workspace "
         f"{_workspace(info['workspace_bytes'])}",
-        f"passes     {info['passes']}",
+        "passes     " + (info["passes"] or "none (--passes '': the required passes only)"),
         *[f"  {what}  x{n}" for what, n in sorted(info["rewrites"].items())],
         f"tokenizer  {info['tokenizer'] or 'none'}",
         "targets",
