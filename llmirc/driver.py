@@ -73,9 +73,11 @@ class CompileOptions:
 
     def recorded(self) -> dict:
         """The options as the manifest records them (`compile_options`; JSON: tuples as lists,
-        paths as text)."""
+        paths as text), but for those of how the compile ran, which do not change the bundle (so
+        `-j` does not change its bytes)."""
         recorded = {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
-                    for k, v in dataclasses.asdict(self).items()}
+                    for k, v in dataclasses.asdict(self).items()
+                    if k not in ("jobs", "report", "print_ir_after_all", "emit")}
         return dict(recorded, quant_rotate=self.rotates() if self.quant != "none" else None)
 
     def quantize_pass(self) -> str:

@@ -1671,14 +1671,15 @@ def test_compile_block_size_and_max_model_len(ckpt, tmp_path):
 
 
 def test_bundles_are_reproducible_with_source_date_epoch(ckpt, tmp_path):
-    """Two compiles of one checkpoint: the same bytes in every file, created_utc too with
-    SOURCE_DATE_EPOCH (reproducible-builds' convention); a malformed one is a usage error (it was
-    numpy's f2py failing, an internal error)."""
+    """Two compiles of one checkpoint, with options of how the compile runs that differ (-j,
+    --report): the same bytes in every file, created_utc too with SOURCE_DATE_EPOCH
+    (reproducible-builds' convention); a malformed one is a usage error (it was numpy's f2py
+    failing, an internal error)."""
     def files(bundle):
         return {p.relative_to(bundle): p.read_bytes() for p in sorted(bundle.rglob("*")) if p.is_file()}
     epoch = {"SOURCE_DATE_EPOCH": "1700000000"}
-    for name in ("a", "b"):
-        r = llmirc("compile", ckpt, "-o", tmp_path / f"{name}.llmir", "--cpu-variants", "native", "-q", env=epoch)
+    for name, how in (("a", ()), ("b", ("-j", "1", "--report"))):
+        r = llmirc("compile", ckpt, "-o", tmp_path / f"{name}.llmir", "--cpu-variants", "native", "-q", *how, env=epoch)
         assert r.returncode == 0, r.stderr
     assert files(tmp_path / "a.llmir") == files(tmp_path / "b.llmir")
     assert json.loads((tmp_path / "a.llmir" / "manifest.json").read_text())["created_utc"] == "2023-11-14T22:13:20+00:00"
