@@ -215,6 +215,14 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
     variants = tuple(v.strip() for v in cpu_variants.split(",") if v.strip())
     targets = tuple(t.strip() for t in target.split(",") if t.strip())
     archs = tuple(a.strip() for a in (arch or "").split(",") if a.strip())
+    if arch is not None and not archs:  # (an unset shell variable: the defaults were taken silently)
+        raise UsageError(f"--arch {arch!r}: no architecture named")
+    given = click.get_current_context().get_parameter_source
+    if "cpu" not in targets and given("cpu_variants") is click.core.ParameterSource.COMMANDLINE:
+        click.echo("warning: --cpu-variants has no effect without --target cpu: the bundle has no CPU library",
+                   err=True)
+    if keep_intermediates and output is None:
+        click.echo("warning: --keep-intermediates has no effect without -o: no bundle is written", err=True)
     options = CompileOptions(targets=targets, passes=passes, print_ir_after_all=print_ir_after_all, emit=emit,
                              keep_intermediates=keep_intermediates, cpu_variants=variants, report=report, archs=archs,
                              dtype=dtype, kv_cache_dtype=kv_cache_dtype, quant=quant, quant_group_size=quant_group_size,

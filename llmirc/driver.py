@@ -353,9 +353,12 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         if options.emit in stages:
             emitter = stages[options.emit]
             choices = list(getattr(emitter, "archs", None) or getattr(emitter, "variant_names", ()))
-            if len(choices) > 1:  # (the first CPU variant, the first GPU architecture)
-                progress.note(f"--emit {options.emit}: the text for {choices[0]} only, the first of "
-                              f"{', '.join(choices)}")
+            others = [b.kind for b in backends if b is not emitter and options.emit in b.text_stages]
+            if len(choices) > 1 or others:  # (the first CPU variant, the first GPU architecture)
+                progress.note(f"--emit {options.emit}: the text for {choices[0]} only"
+                              + (f", the first of {', '.join(choices)}" if len(choices) > 1 else "")
+                              + (f"; not for {' or '.join(others)} (--target {others[0]} alone prints its own)"
+                                 if others else ""))
             stdout.write(emitter.emit(plan, options.emit))
         if out is not None:
             with stage("bundle writer"):

@@ -141,6 +141,13 @@ def test_keep_intermediates_and_emit(llama, tmp_path):
     r = llmirc("compile", tmp / "ckpt", "--target", "cuda", "--arch", "sm_90", "--emit", "ptx", "-q")
     assert r.returncode == 0, r.stderr
     assert ".entry linear_kernel(" in r.stdout and ".target sm_90a" in r.stdout
+    # a stage two targets have: the note names what is not printed; options that do nothing here warn
+    r = llmirc("compile", tmp / "ckpt", "--target", "cuda,hip", "--arch", "sm_90,gfx942", "--emit", "llir", "-q",
+               "--cpu-variants", "baseline", "--keep-intermediates")
+    assert r.returncode == 0 and r.stderr.splitlines() == [
+        "warning: --cpu-variants has no effect without --target cpu: the bundle has no CPU library",
+        "warning: --keep-intermediates has no effect without -o: no bundle is written",
+        "note: --emit llir: the text for sm_90 only; not for hip (--target hip alone prints its own)"], r.stderr
 
 
 def test_gpu_option_errors(llama, tmp_path):
@@ -159,6 +166,7 @@ def test_gpu_option_errors(llama, tmp_path):
         (("--kv-cache-dtype", "fp8_e5m2"), "--kv-cache-dtype: fp8_e5m2 is not supported"),
         (("--target", "cpu,cuda", "--arch", "sm_90", "--kv-cache-dtype", "fp8"),
          "target cpu: no kernel for a float8_e4m3fn (fp8) KV cache"),
+        (("--target", "cuda", "--arch", ""), "--arch '': no architecture named"),  # (the defaults were taken)
     ]:
         r = llmirc("compile", tmp / "ckpt", *args, "-o", tmp_path / "x.llmir", "-q")
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
