@@ -265,8 +265,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                               "the checkpoint it came from)")
     with stage("front end"):
         source = open_source(model, dequantize=options.dequantize)
-    if out is not None:
-        _check_tokenizer(source, progress)
+    highest_token = _check_tokenizer(source, progress) if out is not None else None
     calibration = None
     try:
         # auto: the checkpoint's types; a half-precision ONNX export is read as float32 and stored as it was
@@ -275,6 +274,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         with stage(f"front end ({source.kind})"):
             module = source.module()
         layers = model_facts(module).get("num_layers")  # (none found in a full-sequence ONNX graph)
+        _note_ids_outside_vocab(source, model_facts(module).get("vocab_size"), highest_token, progress)
         progress(f"front end: {source.kind}" + (f", {layers} attention layers" if layers is not None else ""))
         stored = _stored_quantized(source, module)
         if options.quant_method != "rtn" and stored is not None:
@@ -402,11 +402,12 @@ def _check_something_to_calibrate(model: Path, source, module, stored: tuple[int
                       f"nothing to calibrate{_DEQUANTIZE_HINT.get(source.kind, '') if quantized else ''}")
 
 
-def _check_tokenizer(source, progress: Progress) -> None:
+def _check_tokenizer(source, progress: Progress) -> int | None:
     """Loads the checkpoint's tokenizer.json (with its tokenizer_config.json) as the loader will load
     the bundle's copy, so that a corrupt one is refused naming the checkpoint's file (LlmircError)
     instead of making a bundle that fails on every text prompt; so is a chat template with a
-    syntax error, where jinja2 (the serve extra) is installed. Notes a checkpoint without one."""
+    syntax error, where jinja2 (the serve extra) is installed. Notes a checkpoint without one.
+    Returns the tokenizer's highest token id (None without one)."""
     from llmirc.runtime.chat_template import ChatTemplate
     from llmirc.runtime.tokenizer import Tokenizer
 
@@ -416,8 +417,26 @@ def _check_tokenizer(source, progress: Progress) -> None:
         template = ChatTemplate.from_folder(files["tokenizer.json"].parent, tokenizer.special_tokens_map)
         if template is not None and importlib.util.find_spec("jinja2") is not None:
             template.check()
-    elif note := missing_tokenizer_note(Path(source.root)):  # a GGUF file's embedded one counts
+        return max(tokenizer.backend.get_vocab(with_added_tokens=True).values(), default=None)
+    if note := missing_tokenizer_note(Path(source.root)):  # a GGUF file's embedded one counts
         progress.note(note)
+    return None
+
+
+def _note_ids_outside_vocab(source, vocab: int | None, highest_token: int | None, progress: Progress) -> None:
+    """A note for token ids the model's logits cannot hold (`vocab` columns): an eos id of the
+    generation config (generation then never ends on it), tokenizer ids past the vocabulary (a
+    prompt with one is refused). Both come from a checkpoint's files that do not agree."""
+    if vocab is None:
+        return
+    eos = source.generation_config().get("eos_token_id", source.model_info()["eos_token_ids"])
+    outside = [t for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int) and not 0 <= t < vocab]
+    if outside:
+        progress.note(f"eos_token_id {', '.join(map(str, outside))} is outside the model's vocabulary of {vocab}: "
+                      "generation never ends on it (only at the length asked or a stop)")
+    if highest_token is not None and highest_token >= vocab:
+        progress.note(f"the tokenizer has token ids up to {highest_token}, outside the model's vocabulary of "
+                      f"{vocab}: a prompt holding one is refused")
 
 
 def _sha256(path: Path) -> str:

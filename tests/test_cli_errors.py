@@ -1688,6 +1688,31 @@ def test_bundles_are_reproducible_with_source_date_epoch(ckpt, tmp_path):
                           f"SOURCE_DATE_EPOCH={bad!r}", code=2)
 
 
+def test_compile_notes_token_ids_outside_the_vocabulary(ckpt, tmp_path):
+    """An eos id and a tokenizer id the model's logits cannot hold (files of a checkpoint that do
+    not agree) are said at compile time, not found at run time; the checkpoint as made says nothing."""
+    import tokenizers
+
+    src = tmp_path / "odd"
+    shutil.copytree(ckpt, src)
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, vocab + 7]}))
+    tokenizer = json.loads((src / "tokenizer.json").read_text())
+    tokenizer["added_tokens"].append({"id": vocab + 3, "content": "<big>", "single_word": False, "lstrip": False,
+                                      "rstrip": False, "normalized": False, "special": True})
+    (src / "tokenizer.json").write_text(json.dumps(tokenizer))
+    big = tokenizers.Tokenizer.from_file(str(src / "tokenizer.json")).token_to_id("<big>")  # (its own numbering)
+    assert big >= vocab
+    r = llmirc("compile", src, "-o", tmp_path / "odd.llmir", "--cpu-variants", "native", "-q")
+    assert r.returncode == 0 and r.stderr.splitlines() == [
+        f"note: eos_token_id {vocab + 7} is outside the model's vocabulary of {vocab}: generation never ends on it "
+        "(only at the length asked or a stop)",
+        f"note: the tokenizer has token ids up to {big}, outside the model's vocabulary of {vocab}: a prompt "
+        "holding one is refused"], r.stderr
+    r = llmirc("compile", ckpt, "-o", tmp_path / "ok.llmir", "--cpu-variants", "native", "-q")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
 def test_empty_pipeline_is_shown_as_such(ckpt, tmp_path):
     """--passes '': no optional pass (no fusion), and inspect says so (it said "default")."""
     out = tmp_path / "bare.llmir"
