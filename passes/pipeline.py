@@ -81,16 +81,24 @@ def print_ir(module: ModuleOp, generic: bool = True) -> str:
 
 
 def parse_passes(spec: str) -> list[ModulePass]:
+    """The passes of a --passes pipeline, their options checked. Raises UsageError naming --passes."""
+    from .paged_kv import PagedKV, block_size_problem
+
     try:
-        return list(PassPipeline.parse_spec({n: (lambda p=p: p) for n, p in PASSES.items()}, spec).passes)
+        passes = list(PassPipeline.parse_spec({n: (lambda p=p: p) for n, p in PASSES.items()}, spec).passes)
     except ArgSpecParseError as e:  # a BaseException in xDSL: bad syntax, with the column in its text
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         where = re.search(r":\d+:(\d+)$", lines[1]) if len(lines) > 1 else None
         raise UsageError(f"--passes {spec!r}: {'column ' + where[1] + ': ' if where else ''}{lines[-1]}") from None
     except Exception as e:  # xDSL raises assorted errors for bad pass options
-        if isinstance(e, ValueError) and "Unrecognized passes" in str(e):
-            raise UsageError(f"--passes {spec!r}: {e} (available: {', '.join(sorted(PASSES))})") from None
+        if isinstance(e, ValueError) and "Unrecognized passes" in str(e):  # (the ONNX lowering's are not for --passes)
+            available = sorted(n for n in PASSES if not n.startswith("onnx-"))
+            raise UsageError(f"--passes {spec!r}: {e} (available: {', '.join(available)})") from None
         raise UsageError(f"--passes {spec!r}: {_option_error(str(e).splitlines()[0])}") from None
+    for p in passes:  # (before the checkpoint is read)
+        if isinstance(p, PagedKV) and (why := block_size_problem(p.block_size)):
+            raise UsageError(f"--passes {spec!r}: paged-kv block-size {p.block_size}: {why}")
+    return passes
 
 
 _KINDS = {"int": "an integer", "float": "a number with a decimal point (as 0.5 or 2.0)", "str": "a string",

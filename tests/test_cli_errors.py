@@ -365,7 +365,10 @@ BAD_OPTIONS = {
     "target-tpu": (["--target", "tpu"], ["tpu", "unknown target"]),
     "target-cuda-arch": (["--target", "cuda", "--arch", "sm_75"], ["sm_75", "unknown GPU architecture"]),
     "target-hip-arch": (["--target", "hip", "--arch", "sm_90"], ["--arch sm_90", "no hip architecture"]),
-    "unknown-pass": (["--passes", "canonicalize,frobnicate"], ["--passes", "frobnicate"]),
+    "unknown-pass": (["--passes", "canonicalize,frobnicate"], ["--passes", "frobnicate", "(available: canonicalize,",
+                                                               "quantize-weights, smooth)"]),  # (no onnx-* listed)
+    "pass-block-size": (["--passes", "paged-kv{block-size=3}"], ["--passes 'paged-kv{block-size=3}'",
+                                                                 "block-size 3: must be a power of two"]),
     "bad-pass-option-value": (["--passes", "paged-kv{block-size=abc}"], ["--passes", "block-size",
                                                                          "takes an integer, got 'abc'"]),
     "int-for-float-pass-option": (["--passes", "smooth{alpha=2}"], ["takes a number with a decimal point", "got 2"]),

@@ -17,7 +17,7 @@ from pathlib import Path
 from llvmlite import ir
 
 from llmirc.cache import cache_dir
-from llmirc.dtypes import FP8_E4M3
+from llmirc.dtypes import FP8_E4M3, kv_cache_dtype_name
 from llmirc.errors import LlmircError, UsageError, stage as internal_stage
 from llmirc.targets.plan import KernelCall, Plan
 
@@ -99,6 +99,10 @@ def target_name(variant: CpuVariant) -> str:
     return f"cpu-{variant.arch}-{variant.name.removeprefix('x86-64-').removeprefix('aarch64-')}"
 
 
+_NO_FP8 = ("target cpu: no kernel for a float8_e4m3fn (fp8) KV cache (CPUs have no FP8 arithmetic); give "
+           "--kv-cache-dtype int8, or compile fp8 for --target cuda --arch sm_90")
+
+
 class CpuBackend:
     kind = "cpu"
     stages = ("llvm-ir", "asm", "obj", "so")
@@ -110,6 +114,8 @@ class CpuBackend:
         self.cache, self.jobs = cache_dir("cpu"), options.jobs
         if not self.variant_names:  # a bundle without a library cannot run anywhere
             raise UsageError(f"--cpu-variants: no CPU variant given (choose from {', '.join(known_variant_names())})")
+        if kv_cache_dtype_name(options.kv_cache_dtype) == FP8_E4M3.name:  # (given as the flag: before reading)
+            raise UsageError(_NO_FP8)
         variants = variants_for(self.variant_names)  # unknown variant names fail before the checkpoint is read
         if options.emit is None:  # so does a missing (cross) linker (--emit alone prints a stage: nothing is linked)
             for arch in dict.fromkeys(v.arch for v in variants):
@@ -117,9 +123,8 @@ class CpuBackend:
 
     def check(self, plan: Plan) -> None:
         """The variants and linkers were checked at construction; an FP8 KV cache has no CPU kernels."""
-        if plan.pool.dtype == FP8_E4M3.name:
-            raise LlmircError("target cpu: no kernel for a float8_e4m3fn (fp8) KV cache (CPUs have no FP8 "
-                              "arithmetic); give --kv-cache-dtype int8, or compile fp8 for --target cuda --arch sm_90")
+        if plan.pool.dtype == FP8_E4M3.name:  # (a kv-cache-dtype pass in --passes)
+            raise UsageError(_NO_FP8)
 
     def emit(self, plan: Plan, stage: str) -> str:
         """The text of `llvm-ir` or `asm` for the first variant (the host's by default)."""
