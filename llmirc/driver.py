@@ -273,8 +273,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         ctx = make_context(read_weight=source.float32, add_weight=source.add_weight)
         with stage(f"front end ({source.kind})"):
             module = source.module()
-        layers = model_facts(module).get("num_layers")  # (none found in a full-sequence ONNX graph)
-        _note_ids_outside_vocab(source, model_facts(module).get("vocab_size"), highest_token, progress)
+        facts = model_facts(module)
+        layers = facts.get("num_layers")  # (none found in a full-sequence ONNX graph)
+        _note_ids_outside_vocab(source, facts.get("vocab_size"), highest_token, progress)
         progress(f"front end: {source.kind}" + (f", {layers} attention layers" if layers is not None else ""))
         stored = _stored_quantized(source, module)
         if options.quant_method != "rtn" and stored is not None:
