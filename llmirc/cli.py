@@ -196,7 +196,8 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
 
     An existing bundle at -o is replaced whole (files added to its folder go with it). Compiling
     a checkpoint again on one machine gives the same bundle, byte for byte, but for
-    manifest.json's created_utc: with SOURCE_DATE_EPOCH set, that too."""
+    manifest.json's created_utc (with SOURCE_DATE_EPOCH set, that too) and a GPU target's
+    compile_seconds."""
     from llmirc.artifact_format.writer import created_utc
 
     created_utc()  # a malformed SOURCE_DATE_EPOCH, before importing scipy (numpy's f2py reads it, and fails)
@@ -647,18 +648,36 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
     logging.getLogger("llmirc").addHandler(handler)
     logging.getLogger("llmirc").setLevel(log_level.upper())
     class Server(uvicorn.Server):
+        loop = None
+
+        async def serve(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def stop_requests(self):
+            """Running requests are aborted (finish_reason "abort"), so their responses end properly;
+            a request whose body is still arriving gets a 503 (RequestBody)."""
+            model.engine.abort_all()
+            app.state.server.closing.set()
+
+        def handle_exit(self, sig, frame):
+            # A second Ctrl-C (or signal) stops the requests now, as the grace's end does, instead of
+            # uvicorn's force exit, which cancelled them: 500s and tracebacks. (Captured once: uvicorn
+            # raises each captured signal again at its end.)
+            if self.should_exit:
+                if self.loop is not None:
+                    self.loop.call_soon_threadsafe(self.stop_requests)
+                return
+            super().handle_exit(sig, frame)
+
         async def shutdown(self, sockets=None):
-            # Ctrl-C: requests still running after the grace period are aborted (finish_reason "abort"),
-            # so their responses end properly; uvicorn cancels what is left 5 s later.
-            # A request whose body is still arriving then gets a 503 (RequestBody).
-            def abort_all():
-                model.engine.abort_all()
-                app.state.server.closing.set()
-            abort = asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, abort_all)
+            # Ctrl-C: the requests still running after the grace period are stopped; uvicorn cancels
+            # what is left 5 s later.
+            stop = asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, self.stop_requests)
             try:
                 await super().shutdown(sockets)
             finally:
-                abort.cancel()
+                stop.cancel()
 
     server = Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S + 5))
     # uvicorn shuts down gracefully on SIGINT and SIGTERM only: SIGHUP (the terminal closed) as SIGTERM

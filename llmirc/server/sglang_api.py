@@ -73,10 +73,16 @@ class _Params(BaseModel):
     ebnf: str | None = None
 
 
-# GenerateReqInput's fields that would change the answer: {name: neutral values} (None is neutral too)
+# GenerateReqInput's fields that would change the answer, refused unless `_neutral`
 NOT_IMPLEMENTED = {name: () for name in ("image_data", "audio_data", "video_data", "input_embeds", "lora_path",
-                                         "lora_id", "session_params", "custom_logit_processor",
-                                         "token_ids_logprob")} | {"return_hidden_states": (False,), "modalities": ([],)}
+                                         "lora_id", "session_params", "custom_logit_processor", "token_ids_logprob",
+                                         "return_hidden_states", "modalities")}
+
+
+def _neutral(value) -> bool:
+    """None, false or empty, or a batch's list of such (one per prompt, as SGLang's clients send)."""
+    return value is None or value is False or value == [] or value == {} or \
+        (isinstance(value, list) and all(map(_neutral, value)))
 
 NEUTRAL = {"skip_special_tokens": True, "min_p": 0.0, "n": 1, "min_new_tokens": 0, "frequency_penalty": 0.0,
            "presence_penalty": 0.0,
@@ -160,7 +166,7 @@ class _Item(Generation):
 
 
 async def generate(server: Server, req: GenerateRequest, raw_request):
-    refuse_not_implemented(req.model_extra or {}, NOT_IMPLEMENTED)
+    refuse_not_implemented({k: v for k, v in (req.model_extra or {}).items() if not _neutral(v)}, NOT_IMPLEMENTED)
     if (req.text is None) == (req.input_ids is None):
         raise APIError(400, "give exactly one of text and input_ids", "text")
     batched = isinstance(req.text, list) or (req.input_ids is not None and bool(req.input_ids)
