@@ -284,9 +284,10 @@ def test_ctrl_c_kills_busy_workers_and_exits(tmp_path):
 
     script = tmp_path / "pool.py"
     script.write_text(
-        "import os, sys, time\n"
+        "import os, signal, sys, time\n"
         "from llmirc.targets.workers import worker_pool\n"
         "if __name__ == '__main__':\n"
+        "    signal.signal(signal.SIGINT, signal.default_int_handler)  # (xdist's workers ignore it: exec keeps that)\n"
         "    with worker_pool(1) as pool:\n"
         "        pid = pool.submit(os.getpid).result()\n"
         "        print(pid, flush=True)\n"
