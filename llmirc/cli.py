@@ -208,8 +208,7 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
     if not quant_keep.replace(",", "").strip():
         raise UsageError(f"--quant-keep {quant_keep!r}: nothing named (none alone quantizes everything)")
     _warn_unused_quant_options(quant, quant_keep)
-    if quant_method != "autoround" and \
-            click.get_current_context().get_parameter_source("quant_iters") is click.core.ParameterSource.COMMANDLINE:
+    if quant_method != "autoround" and _given("quant_iters"):
         click.echo("warning: --quant-iters has no effect without --quant-method autoround", err=True)
     if dequantize and not (Path(model).suffix == ".gguf" and Path(model).is_file()):
         click.echo("warning: --dequantize has no effect: it expands a GGUF file's quantized blocks", err=True)
@@ -218,8 +217,7 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
     archs = tuple(a.strip() for a in (arch or "").split(",") if a.strip())
     if arch is not None and not archs:  # (an unset shell variable: the defaults were taken silently)
         raise UsageError(f"--arch {arch!r}: no architecture named")
-    given = click.get_current_context().get_parameter_source
-    if "cpu" not in targets and given("cpu_variants") is click.core.ParameterSource.COMMANDLINE:
+    if "cpu" not in targets and _given("cpu_variants"):
         click.echo("warning: --cpu-variants has no effect without --target cpu: the bundle has no CPU library",
                    err=True)
     if keep_intermediates and output is None:
@@ -261,13 +259,17 @@ def _origins(value: str | None) -> tuple[str, ...]:
     return origins
 
 
+def _given(name: str) -> bool:
+    """Whether the current command's option `name` (its parameter name) was on the command line."""
+    return click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+
+
 def _warn_unused_quant_options(quant: str, quant_keep: str) -> None:
     """A warning for --quant-* options given where they change nothing (as --top-k at temperature 0)."""
-    ctx = click.get_current_context()
     given = [f"--{name.replace('_', '-')}" for name in ("quant_group_size", "quant_zero_points", "quant_keep",
-                                                         "quant_lm_head", "quant_rotate")
-             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
-    given = [g if g != "--quant-rotate" or ctx.params["quant_rotate"] else "--no-quant-rotate" for g in given]
+                                                         "quant_lm_head", "quant_rotate") if _given(name)]
+    rotate = click.get_current_context().params["quant_rotate"]
+    given = [g if g != "--quant-rotate" or rotate else "--no-quant-rotate" for g in given]
     if quant == "none" and given:
         click.echo(f"warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
                    "--quant int8|int4", err=True)
