@@ -276,6 +276,11 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         facts = model_facts(module)
         layers = facts.get("num_layers")  # (none found in a full-sequence ONNX graph)
         _note_ids_outside_vocab(source, facts.get("vocab_size"), highest_token, progress)
+        if unused := source.unused_tensors():
+            verb = "is" if len(unused) == 1 else "are"
+            progress.note(f"{_count(len(unused), 'tensor')} of {Path(model).name} {verb} not used by "
+                          f"the model its config describes: {_listed_names(unused)} (where the config leaves out a "
+                          "feature the tensors have, biases say, the model is not the one trained)")
         progress(f"front end: {source.kind}" + (f", {layers} attention layers" if layers is not None else ""))
         stored = _stored_quantized(source, module)
         if options.quant_method != "rtn" and stored is not None:

@@ -1716,6 +1716,27 @@ def test_compile_notes_token_ids_outside_the_vocabulary(ckpt, tmp_path):
     assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
+def test_compile_notes_tensors_the_model_does_not_use(ckpt, tmp_path):
+    """Biases in the tensors that config.json does not declare, and a tensor of no known use, are
+    named (transformers warns of such weights too); a rotary inv_freq buffer, which transformers
+    ignores as well, is not."""
+    src = tmp_path / "extra"
+    shutil.copytree(ckpt, src)
+    q = "model.layers.0.self_attn.q_proj"
+
+    def add(t):
+        t[f"{q}.bias"] = np.ones(t[f"{q}.weight"].shape[0], np.float32)
+        t["model.layers.1.self_attn.k_proj.bias"] = t["model.layers.1.self_attn.k_proj.weight"][:, 0].copy()
+        t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+        t["score.weight"] = np.ones((2, 2), np.float32)
+    rewrite_tensors(src / "model.safetensors", add)
+    r = llmirc("compile", src, "--emit", "mlir", "-q")
+    assert r.returncode == 0 and r.stderr.splitlines() == [
+        "note: 3 tensors of extra are not used by the model its config describes: model.layers.0.self_attn.q_proj.bias, "
+        "model.layers.1.self_attn.k_proj.bias, score.weight (where the config leaves out a feature the tensors have, "
+        "biases say, the model is not the one trained)"], r.stderr
+
+
 def test_empty_pipeline_is_shown_as_such(ckpt, tmp_path):
     """--passes '': no optional pass (no fusion), and inspect says so (it said "default")."""
     out = tmp_path / "bare.llmir"

@@ -25,6 +25,9 @@ from .packed import PackedLinears, parse_quantization_config
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 # Tokenizer files of other formats, which llmirc does not read (it reads tokenizer.json only).
+# Tensors a checkpoint may hold that transformers leaves unused too: buffers some exports save (the rotary
+# inverse frequencies, GPT-2's causal mask) and a tied LM head's copy of the embedding.
+EXPECTED_UNUSED = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 OTHER_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt",
                          "vocab.txt", "added_tokens.json", "tokenizer.tiktoken", "qwen.tiktoken")
 
@@ -77,6 +80,7 @@ class Checkpoint:
         self.summary = f"{self.quantization['method']} {self.quantization['bits']}-bit" if self.quantization else ""
         self._where = self._index()  # tensor name -> shard path
         self._files: dict[Path, SafetensorsFile] = {}
+        self._used: set[str] = set()  # the tensors looked at so far (_file)
 
     def _index(self) -> dict[str, Path]:
         single, index = self.root / "model.safetensors", self.root / "model.safetensors.index.json"
@@ -121,6 +125,7 @@ class Checkpoint:
         f = self._files[path]
         if name not in f.names():
             raise CheckpointError(f"{path}: tensor '{name}' listed in the index is not in the file")
+        self._used.add(name)
         return f
 
     def has(self, name: str) -> bool:
@@ -162,6 +167,14 @@ class Checkpoint:
 
     def add_weight(self, name: str, value: np.ndarray) -> None:
         raise AssertionError("the Hugging Face front end synthesizes no weights")
+
+    def unused_tensors(self) -> list[str]:
+        """After module(): the checkpoint's tensors the graph does not use, sorted, leaving out those
+        transformers ignores too (EXPECTED_UNUSED; a tied model's lm_head.weight). A checkpoint
+        whose config.json leaves out a feature its tensors have (biases, say) shows here."""
+        tied = self.spec.tie_word_embeddings
+        return sorted(n for n in self._where if n not in self._used and not n.endswith(EXPECTED_UNUSED)
+                      and not (tied and n == "lm_head.weight"))
 
     def model_info(self) -> dict:
         """Facts from config.json that the graph does not hold (`context`: the one it states)."""

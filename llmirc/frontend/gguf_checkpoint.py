@@ -121,6 +121,7 @@ class GgufCheckpoint:
         except Exception as e:  # noqa: BLE001 (third-party parser of untrusted input)
             raise CheckpointError(f"{path}: not a readable GGUF file: {_why_unreadable(path, e)}") from None
         self._tensors = {t.name: t for t in self._reader.tensors}
+        self._used: set[str] = set()  # the tensors looked at so far (_gguf_name, _stored, _packed)
         self._check_bounds()
         self.arch = self._get("general.architecture", str)
         if self.arch not in ARCHITECTURES:
@@ -290,6 +291,7 @@ class GgufCheckpoint:
         NaN or infinite values, or a block with a NaN or infinite scale: CheckpointError."""
         t, kind = self._tensors[gguf_name], self._type_name(gguf_name)
         shape = self.shape_of(gguf_name)
+        self._used.add(gguf_name)
         if kind in STORED:
             data = t.data.view("<u2" if kind == "BF16" else t.data.dtype).reshape(shape)
             return finite(self.path, gguf_name, data, STORED[kind]), STORED[kind]
@@ -306,6 +308,7 @@ class GgufCheckpoint:
         gguf_name = self._names.get(name)
         if gguf_name is None or gguf_name not in self._tensors:
             raise CheckpointError(f"{self.path}: tensor '{gguf_name or name}' is missing from the GGUF file")
+        self._used.add(gguf_name)
         return gguf_name
 
     def has(self, name: str) -> bool:
@@ -352,6 +355,7 @@ class GgufCheckpoint:
         if self.shape_of(gguf_name) != (n, k):
             raise CheckpointError(f"{self.path}: tensor '{gguf_name}' has shape {list(self.shape_of(gguf_name))}, "
                                   f"the metadata implies {[n, k]}")
+        self._used.add(gguf_name)
         return L.PackedWeightOp(prefix, "gguf", (n, k), gguf_qtype(kind)).result
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> str:
@@ -369,6 +373,10 @@ class GgufCheckpoint:
 
     def add_weight(self, name: str, value: np.ndarray) -> None:
         raise AssertionError("the GGUF front end synthesizes no weights")
+
+    def unused_tensors(self) -> list[str]:
+        """After module(): the file's tensors the graph does not use (GGUF names), sorted."""
+        return sorted(set(self._tensors) - self._used)
 
     def model_info(self) -> dict:
         """Checkpoint's facts of the spec the graph does not hold, the context named by its metadata key."""

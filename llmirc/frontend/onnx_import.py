@@ -195,6 +195,10 @@ class OnnxCheckpoint:
     def add_weight(self, name: str, value: np.ndarray) -> None:
         self.folded[name] = value
 
+    def unused_tensors(self) -> list[str]:
+        """None to report: an initializer no node reads is not part of the graph ONNX defines."""
+        return []
+
     def module(self) -> ModuleOp:
         return import_onnx(self)
 
