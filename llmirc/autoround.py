@@ -46,8 +46,8 @@ from llmirc import dialect as L
 from llmirc import dtypes, quant
 from llmirc.calibration import _rope, _run, causal_softmax, linear
 from llmirc.errors import LlmircError
-from llmirc.frontend.onnx_ops import erf
 from llmirc.passes.onnx_fuse_activation import REFERENCE
+from llmirc.special_functions import erf
 
 ITERS = 200          # signed-gradient steps per layer (AutoRound's default)
 STEP_TOKENS = 1024   # tokens per step (AutoRound: 8 sequences of 2048; here 2 windows of 512)

@@ -25,7 +25,7 @@ from xdsl.passes import ModulePass
 
 from llmirc import dialect as L
 from llmirc.frontend.onnx_dialect import OnnxOp
-from llmirc.frontend.onnx_ops import erf
+from llmirc.special_functions import erf
 
 from .func_args import forward_func
 from .onnx_fuse_norm import sources_above

@@ -85,7 +85,7 @@ def parse_passes(spec: str) -> list[ModulePass]:
     from .paged_kv import PagedKV, block_size_problem
 
     try:
-        passes = list(PassPipeline.parse_spec({n: (lambda p=p: p) for n, p in PASSES.items()}, spec).passes)
+        passes = list(PassPipeline.parse_spec(PASSES, spec).passes)
     except ArgSpecParseError as e:  # a BaseException in xDSL: bad syntax, with the column in its text
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         where = re.search(r":\d+:(\d+)$", lines[1]) if len(lines) > 1 else None

@@ -172,3 +172,19 @@ def test_i32_vectors_in_signature():
     named = dict(zip(arg_names(f), f.args))
     assert named["token_ids"].type == L.tensor(L.DYN, dtype=i32)
     assert named["block_tables"].type == L.tensor(L.DYN, L.DYN, dtype=i32)
+
+
+def test_onnx_passes_load_by_their_names_and_only_when_named():
+    """The ONNX lowering's passes are registered by name and imported on use (they import onnx,
+    ~0.6 s with ml_dtypes): each loads as the class of that name, and a compile's modules leave
+    onnx unimported until then."""
+    import subprocess
+    import sys
+
+    from llmirc.passes import ONNX_PASSES, PASSES
+
+    for name in ONNX_PASSES:
+        assert PASSES[name]().name == name
+    code = "import sys, llmirc.driver, llmirc.passes.pipeline; print('onnx' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"

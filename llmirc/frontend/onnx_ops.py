@@ -36,11 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from llmirc.errors import CheckpointError
-
-try:  # scipy's erf is vectorized; math.erf is exact too, one element at a time
-    from scipy.special import erf as _erf64
-except ImportError:  # pragma: no cover - depends on the environment
-    _erf64 = np.frompyfunc(math.erf, 1, 1)
+from llmirc.special_functions import erf
 
 Shape = tuple[int, ...]
 _BOOL, _INT64 = np.dtype(bool), np.dtype(np.int64)
@@ -158,11 +154,6 @@ def _bcast_bool(c, s, d):
 
 
 # --- Elementwise ------------------------------------------------------------------------------
-
-def erf(x: np.ndarray) -> np.ndarray:
-    """The error function of x, elementwise, in x's dtype (computed in float64)."""
-    return np.asarray(_erf64(x.astype(np.float64)), np.float64).astype(x.dtype)
-
 
 def _gelu(c, x):
     approx = c.attr("approximate", "none")
