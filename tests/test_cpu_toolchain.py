@@ -168,7 +168,8 @@ def test_a_missing_cross_linker_fails_before_the_weights_are_written(monkeypatch
 
 def test_recompiling_a_model_reads_its_kernels_from_the_cache(monkeypatch, tmp_path):
     """Each kernel, the forward and the AMX micro-kernels are objects of their own (the unit of the
-    cache): compiling the same checkpoint again compiles none of them and links the same library."""
+    cache): compiling the same checkpoint again compiles none of them, emits no kernel's IR (the IR
+    cache) and links the same library."""
     from helpers import make_checkpoint
     from llmirc.driver import CompileOptions, Progress, compile_model
 
@@ -181,12 +182,23 @@ def test_recompiling_a_model_reads_its_kernels_from_the_cache(monkeypatch, tmp_p
         (target,) = json.loads((tmp_path / out / "manifest.json").read_text())["targets"]
         libraries.append((target["library"], (tmp_path / out / target["library"]).read_bytes()))
         counts.append(re.search(r"cpu: (\d+) objects \((\d+) from the cache\)", log.getvalue()).groups())
+        if out == "a.llmir":
+            mtimes = [p.stat().st_mtime_ns for p in sorted((tmp_path / "cache" / "cpu-ir").rglob("*")) if p.is_file()]
     assert libraries[0] == libraries[1]
     units = len(target["kernels"]) + 1
     assert counts == [(str(units), "0"), (str(units), str(units))]
+    # The kernels' IR texts were cached by the first compile and read by the second: it emitted none.
+    texts = sorted(p for p in (tmp_path / "cache" / "cpu-ir").rglob("*") if p.is_file())
+    assert len(texts) == len(target["kernels"])
+    assert all(p.stat().st_mtime_ns == m for p, m in zip(texts, mtimes))
+    # An IR entry that does not decompress (a good digest: a bug, or a forged file) is made again.
+    junk = b"not zlib"
+    texts[0].write_bytes(tc.hashlib.sha256(junk).digest() + junk)
+    compile_model(tmp_path / "ckpt", tmp_path / "d.llmir", CompileOptions(cpu_variants=("baseline",)), Progress(None))
+    assert len(texts[0].read_bytes()) > 100
     # An entry with a good digest but a bad object (a bug, or a forged file): the link fails, the
     # cached units are compiled again, the entry is repaired.
-    entry = max((p for p in (tmp_path / "cache").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    entry = max((p for p in (tmp_path / "cache" / "cpu").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     bad = entry.read_bytes()[32:][:1000]
     entry.write_bytes(tc.hashlib.sha256(bad).digest() + bad)
     log = StringIO()

@@ -515,7 +515,7 @@ def test_qlinear_amx_against_vector_path(rng, tmp_path):
         module.triple = variant.triple
         for sym, params in specs:
             QK.emit_quant_kernel(module, "qlinear", sym, params, variant)
-        assert amx.int8_used_by(module) == (tag == "amx")
+        assert amx.int8_used_by(str(module)) == (tag == "amx")
         tc.link_shared([compile_module(module, variant)], tmp_path / f"{tag}.so")
         libs.append(Lib(ctypes.CDLL(str(tmp_path / f"{tag}.so")), variant, [(sym, "qlinear", p) for sym, p in specs], True))
     if not libs[0].dll.llmir_amx_ready():
@@ -552,7 +552,7 @@ def test_qlinear_amx_compiles_for_sapphire_rapids():
         QK.emit_quant_kernel(module, "qlinear", f"q_{name}", dict(
             n=n, k=k, bits=s.bits, group_size=s.group_size, scale_dtype=s.scale_dtype, zero=s.zero,
             zero_dtype=s.zero_dtype, act_order=s.act_order), spr)
-    asm = tc.emit_assembly(str(module), spr, extra=extra_modules([module], spr))
+    asm = tc.emit_assembly(str(module), spr, extra=extra_modules([str(module)], spr))
     assert "tdpbssd" in asm and "tdpbusd" in asm
 
 

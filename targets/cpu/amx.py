@@ -29,6 +29,8 @@ only rounding besides f32 accumulation is that of x into hi + lo (relative 2^-18
 
 from __future__ import annotations
 
+import re
+
 from llvmlite import ir
 
 ATTRS = '"target-features"="+amx-tile,+amx-bf16,+avx512f"'
@@ -210,9 +212,11 @@ def _declare(module: ir.Module, name: str, int8: bool) -> ir.Function:
     return fn
 
 
-def used_by(module: ir.Module) -> bool:
-    return any(name.startswith("llmir_amx_") for name in module.globals)
+def used_by(llvm_ir: str) -> bool:
+    """Whether a module's LLVM IR text calls the AMX micro-kernels."""
+    return re.search(r'@"?llmir_amx_', llvm_ir) is not None
 
 
-def int8_used_by(module: ir.Module) -> bool:
-    return any(name.startswith("llmir_amx_i8_") for name in module.globals)
+def int8_used_by(llvm_ir: str) -> bool:
+    """Whether a module's LLVM IR text calls the AMX-INT8 micro-kernels."""
+    return re.search(r'@"?llmir_amx_i8_', llvm_ir) is not None

@@ -2,15 +2,19 @@
 
 Stages, in order, each kept on request (`--keep-intermediates`): `llvm-ir`, `asm`, `obj`, `so`.
 Each plan kernel is a module of its own, and so are `llmir_forward` and the AMX micro-kernels:
-one object each, compiled through the object cache (toolchain.cached_objects), in parallel.
+one object each, compiled through the object cache (toolchain.cached_objects), in parallel. A
+kernel's text comes from the IR cache where it holds it (kernel_text).
 A bundle carries a library for the host CPU (`native`) and one for a portable baseline, so it
 still loads on an older CPU of the same architecture.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -20,13 +24,14 @@ from llmirc.cache import cache_dir
 from llmirc.dtypes import FP8_E4M3, kv_cache_dtype_name
 from llmirc.errors import LlmircError, UsageError, stage as internal_stage
 from llmirc.targets.plan import KernelCall, Plan
+from llmirc.targets.signatures import signature
 
 from . import amx
 from .forward import ABI_VERSION, emit_forward
 from .generic import emit_generic
-from .kernels import emit_kernel
-from .toolchain import (CpuVariant, cached_objects, compile_object, find_linker, known_variant_names, link_shared,
-                        linked_module, variants_for)
+from .kernels import emit_kernel, llvm_type
+from .toolchain import (CpuVariant, cached_objects, compile_object, find_linker, ir_cache_entry, known_variant_names,
+                        link_shared, linked_module, read_entry, variants_for, write_entry)
 
 LIBRARY = "libllmir_model.so"
 
@@ -53,24 +58,46 @@ def kernel_module(symbol: str, call: KernelCall, variant: CpuVariant) -> ir.Modu
     return module
 
 
-def forward_module(plan: Plan, variant: CpuVariant, kernels: dict[str, ir.Module]) -> ir.Module:
-    """`llmir_forward` and the library's info functions, calling the kernels of `kernels` (by symbol)
-    declared as external functions."""
+def kernel_type(call: KernelCall) -> ir.FunctionType:
+    """The LLVM type of a kernel's function: void(its signature's parameters)."""
+    return ir.FunctionType(ir.VoidType(), [llvm_type(p.type) for p in signature(call.kind, call.params).params])
+
+
+def kernel_text(symbol: str, call: KernelCall, variant: CpuVariant, cache: Path | None) -> str:
+    """The LLVM IR text of kernel_module, from the IR cache where it holds it: emitting a kernel
+    with llvmlite's Python builder and printing it takes most of a compile whose objects are cached
+    (0.1-0.3 s a kernel). The cache's key is the symbol, kind, params, variant, llvmlite's version and
+    the sha256 of llmirc's source files (which generate the text); an entry is compressed text."""
+    entry = ir_cache_entry(cache, [symbol, call.kind, call.params, dataclasses.astuple(variant)])
+    if (data := read_entry(entry)) is not None:
+        with contextlib.suppress(zlib.error, UnicodeDecodeError):  # (else: a damaged entry, made again)
+            return zlib.decompress(data).decode()
+    module = kernel_module(symbol, call, variant)
+    if module.get_global(symbol).function_type != kernel_type(call):  # (llmir_forward declares it so)
+        raise AssertionError(f"{symbol}: the {call.kind} kernel's function type differs from its signature's")
+    text = str(module)
+    write_entry(entry, zlib.compress(text.encode(), 1))
+    return text
+
+
+def forward_module(plan: Plan, variant: CpuVariant, uses_amx: bool) -> ir.Module:
+    """`llmir_forward` and the library's info functions, calling the plan's kernels (declared as
+    external functions of kernel_type)."""
     module = ir.Module(name="llmir_model")
     module.triple = variant.triple
-    declared = {symbol: ir.Function(module, k.get_global(symbol).function_type, symbol) for symbol, k in kernels.items()}
-    emit_forward(module, plan, declared, uses_amx=any(amx.used_by(k) for k in kernels.values()))
+    declared = {symbol: ir.Function(module, kernel_type(call), symbol) for symbol, call in plan.kernels().items()}
+    emit_forward(module, plan, declared, uses_amx=uses_amx)
     return module
 
 
-def llvm_modules(plan: Plan, variant: CpuVariant) -> dict[str, str]:
+def llvm_modules(plan: Plan, variant: CpuVariant, cache: Path | None = None) -> dict[str, str]:
     """The LLVM IR texts the library of `variant` is compiled from, by unit name: one per kernel
-    symbol, `llmir_forward`, and `llmir_amx` (the AMX micro-kernels, amx.module_text) when a
-    kernel calls them."""
-    kernels = {symbol: kernel_module(symbol, call, variant) for symbol, call in plan.kernels().items()}
-    texts = {symbol: str(module) for symbol, module in kernels.items()}
-    texts["llmir_forward"] = str(forward_module(plan, variant, kernels))
-    for text in extra_modules(kernels.values(), variant):
+    symbol (through the IR cache `cache`, kernel_text), `llmir_forward`, and `llmir_amx` (the AMX
+    micro-kernels, amx.module_text) when a kernel calls them."""
+    texts = {symbol: kernel_text(symbol, call, variant, cache) for symbol, call in plan.kernels().items()}
+    extra = extra_modules(texts.values(), variant)
+    texts["llmir_forward"] = str(forward_module(plan, variant, uses_amx=bool(extra)))
+    for text in extra:
         texts["llmir_amx"] = text
     return texts
 
@@ -81,17 +108,18 @@ def library_text(texts: dict[str, str], variant: CpuVariant, stage: str) -> str:
     return str(module) if stage == "llvm-ir" else tm.emit_assembly(module)
 
 
-def extra_modules(modules: Iterable[ir.Module], variant: CpuVariant) -> tuple[str, ...]:
-    """LLVM IR texts the modules' kernels call into (the AMX micro-kernels, if any calls them)."""
-    modules = list(modules)
-    if not any(amx.used_by(m) for m in modules):
+def extra_modules(texts: Iterable[str], variant: CpuVariant) -> tuple[str, ...]:
+    """LLVM IR texts the modules of `texts` call into (the AMX micro-kernels, if any calls them)."""
+    texts = list(texts)
+    if not any(amx.used_by(t) for t in texts):
         return ()
-    return (amx.module_text(variant.triple, int8=any(amx.int8_used_by(m) for m in modules)),)
+    return (amx.module_text(variant.triple, int8=any(amx.int8_used_by(t) for t in texts)),)
 
 
 def compile_module(module: ir.Module, variant: CpuVariant) -> bytes:
     """Object code of a module of kernels, with the LLVM IR texts they call linked in."""
-    return compile_object(str(module), variant, extra=extra_modules([module], variant))
+    text = str(module)
+    return compile_object(text, variant, extra=extra_modules([text], variant))
 
 
 def target_name(variant: CpuVariant) -> str:
@@ -111,7 +139,7 @@ class CpuBackend:
     def __init__(self, options):
         self.variant_names = list(options.cpu_variants)
         self.keep_intermediates = options.keep_intermediates
-        self.cache, self.jobs = cache_dir("cpu"), options.jobs
+        self.cache, self.ir_cache, self.jobs = cache_dir("cpu"), cache_dir("cpu-ir"), options.jobs
         if not self.variant_names:  # a bundle without a library cannot run anywhere
             raise UsageError(f"--cpu-variants: no CPU variant given (choose from {', '.join(known_variant_names())})")
         if kv_cache_dtype_name(options.kv_cache_dtype) == FP8_E4M3.name:  # (given as the flag: before reading)
@@ -130,7 +158,7 @@ class CpuBackend:
         """The text of `llvm-ir` or `asm` for the first variant (the host's by default)."""
         variant = variants_for(self.variant_names)[0]
         with internal_stage(f"cpu codegen for {target_name(variant)}"):
-            return library_text(llvm_modules(plan, variant), variant, stage)
+            return library_text(llvm_modules(plan, variant, self.ir_cache), variant, stage)
 
     def build(self, plan: Plan, path: Callable[[str], Path], progress) -> list[dict]:
         """Compiles the plan for each variant into `kernels/<target>/`; returns manifest entries.
@@ -142,7 +170,7 @@ class CpuBackend:
                                                 for n, v in zip(names, variants)))
         with internal_stage(f"cpu codegen for {', '.join(names)}"):
             start = time.perf_counter()
-            texts = {name: llvm_modules(plan, v) for name, v in zip(names, variants)}
+            texts = {name: llvm_modules(plan, v, self.ir_cache) for name, v in zip(names, variants)}
             units = {(name, unit): (text, v) for name, v in zip(names, variants) for unit, text in texts[name].items()}
             objects = cached_objects(units, self.cache, self.jobs, progress.note)
             hits = sum(hit for _, hit in objects.values())

@@ -9,7 +9,9 @@ ARMv8.2's FEAT_DotProd: Neoverse N1, Cortex-A76 and later, Apple M1) compile for
 Linux from any host: linking them needs the cross compiler `aarch64-linux-gnu-gcc`.
 
 Objects go through a disk cache (`cached_objects`: keyed by the IR text, the variant, this file
-and the LLVM version) and compile in spawned processes when several are missing.
+and the LLVM version) and compile in spawned processes when several are missing. The kernels' IR
+texts have a cache of their own (`ir_cache_entry`: keyed by what the text is generated from, and
+llmirc's sources), so a compile whose objects are all cached emits nothing.
 
 Optimization uses llvmlite's new pass manager (the default O3 pipeline, with loop and SLP
 vectorization on) on a target machine for the variant, so the cost model and instruction
@@ -20,7 +22,9 @@ thread pool (runtime.c) into every library; the library needs only libc, libpthr
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -271,6 +275,28 @@ def compile_object(llvm_ir: str, variant: CpuVariant, opt_level: int = 3, extra:
 _PIPELINE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # what compile_object does to IR
 
 
+@functools.cache
+def _source_digest() -> str:
+    """The sha256 of llmirc's Python sources (every .py file of its packages, by path and content):
+    what the kernels' IR texts are generated from."""
+    files = {f.resolve() for pkg in ("llmirc", "llmirc.targets", "llmirc.passes", "llmirc.artifact_format")
+             for root in importlib.import_module(pkg).__path__ for f in Path(root).rglob("*.py")}
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f"{f.parent.name}/{f.name}\0".encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def ir_cache_entry(cache: Path | None, key: list) -> Path | None:
+    """Where the IR cache `cache` keeps the text generated from `key` (JSON-able: what the text
+    depends on besides llmirc's sources and the llvmlite version, which are added). None: no cache.
+    Entries are read and written with read_entry and write_entry."""
+    if cache is None:
+        return None
+    digest = hashlib.sha256(json.dumps([_source_digest(), llvmlite.__version__, key]).encode()).hexdigest()
+    return cache / digest[:2] / digest
+
+
 def cached_objects(units: dict, cache: Path | None, jobs: int | None = None,
                    warn: Callable[[str], None] = lambda message: None, refresh: bool = False) -> dict:
     """compile_object (-O3) of each unit, {key: (LLVM IR text, CpuVariant)}, through a disk cache;
@@ -287,14 +313,14 @@ def cached_objects(units: dict, cache: Path | None, jobs: int | None = None,
     cache. Raises RuntimeError for IR that LLVM rejects (a bug in llmirc)."""
     entries = {key: _cache_entry(cache, *unit) for key, unit in units.items()}
     out = {} if refresh else {key: (obj, True) for key, entry in entries.items()
-                              if (obj := _read_entry(entry)) is not None}
+                              if (obj := read_entry(entry)) is not None}
     missing = [key for key in units if key not in out]
     warned = False
 
     def done(key, obj: bytes) -> None:
         nonlocal warned
         out[key] = (obj, False)
-        problem = _write_entry(entries[key], obj)
+        problem = write_entry(entries[key], obj)
         if problem and not warned:
             warned = True
             warn(f"the kernel cache {cache} cannot be written ({problem}): nothing compiled now is kept")
@@ -319,7 +345,8 @@ def _cache_entry(cache: Path | None, text: str, variant: CpuVariant) -> Path | N
     return cache / key[:2] / key
 
 
-def _read_entry(entry: Path | None) -> bytes | None:
+def read_entry(entry: Path | None) -> bytes | None:
+    """The data stored at a cache entry; None when there is none, or its digest does not match."""
     try:
         data = entry.read_bytes() if entry is not None else b""
     except OSError:
@@ -327,7 +354,7 @@ def _read_entry(entry: Path | None) -> bytes | None:
     return data[32:] if len(data) > 32 and hashlib.sha256(data[32:]).digest() == data[:32] else None
 
 
-def _write_entry(entry: Path | None, obj: bytes) -> str | None:
+def write_entry(entry: Path | None, obj: bytes) -> str | None:
     """Stores `obj` at `entry`; returns why it could not (None when it did)."""
     if entry is None:
         return None
