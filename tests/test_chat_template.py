@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from helpers import CHATML, make_tokenizer
 from llmirc.errors import LlmircError
 from llmirc.runtime import template_worker
-from llmirc.runtime.chat_template import ChatTemplate
+from llmirc.runtime.chat_template import ChatTemplate, render_here
 from llmirc.runtime.tokenizer import Tokenizer
 
 LLAMA31 = """{{- bos_token }}
@@ -194,7 +194,8 @@ def test_template_errors_are_one_line_naming_the_template(folder, tmp_path):
 
 def test_sandbox_bounds_loops_and_output(monkeypatch):
     """Loops are what jinja's sandbox leaves unbounded (each range() is bounded, nested ones
-    multiply): a rendering's iterations, time and output are, and loops still behave."""
+    multiply): a rendering's iterations, time and output are, and loops still behave. The
+    sandbox's bounds are checked in this process, the child's time and memory through ChatTemplate."""
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     for source, text in [
             ("{% for m in messages %}{{ loop.index }}/{{ loop.length }} {{ m.content }}{% if loop.last %}!"
@@ -231,8 +232,10 @@ def test_sandbox_bounds_loops_and_output(monkeypatch):
                            "{% endfor %}", "~ would make"),
                           ("{% set ns = namespace(s=['x'] * 1000) %}{% for i in range(20) %}"
                            "{% set ns.s = ns.s + ns.s %}{% endfor %}", "\\+ would make")]:
-        with pytest.raises(LlmircError, match=f"T: SecurityError: .*{error}"):
-            ChatTemplate(source, name="T").render(chat)
+        # (in this process: the sandbox's own bounds, not the child's time limit, which a loaded host
+        # can make the first to end a recursive loop's 2^20 iterations, 2.7 s when idle)
+        with pytest.raises(LlmircError, match=f"^SecurityError: .*{error}"):
+            render_here(source, {"messages": chat})
     # what the sandbox's checks miss, the renderer's child process bounds (template_worker.py): a
     # template taking too long is stopped, one taking too much memory fails, and the next renders
     monkeypatch.setattr(template_worker, "TIMEOUT", 1.0)
