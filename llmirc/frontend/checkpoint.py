@@ -24,10 +24,10 @@ from .packed import PackedLinears, parse_quantization_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
-# Tokenizer files of other formats, which llmirc does not read (it reads tokenizer.json only).
-# Tensors a checkpoint may hold that transformers leaves unused too: buffers some exports save (the rotary
-# inverse frequencies, GPT-2's causal mask) and a tied LM head's copy of the embedding.
+# Tensors a checkpoint may hold that transformers leaves unused too: buffers some exports save (the
+# rotary inverse frequencies, GPT-2's causal mask). (A tied LM head's copy of the embedding is another.)
 EXPECTED_UNUSED = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+# Tokenizer files of other formats, which llmirc does not read (it reads tokenizer.json only).
 OTHER_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt",
                          "vocab.txt", "added_tokens.json", "tokenizer.tiktoken", "qwen.tiktoken")
 
