@@ -476,7 +476,10 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
             raise LlmircError(f"--system: the system message takes {used} tokens in the chat template, and the "
                               f"model's context is {model.max_context}")
     history = list(start)
+    if sys.stdin is None:
+        raise LlmircError("standard input is closed: chat reads the user's messages from it")
     interactive = sys.stdin.isatty()
+    room = min(model.max_context, model.num_blocks * model.block_size)  # one conversation's tokens at most
     turn, failed = 0, False
     while True:
         if interactive:
@@ -499,11 +502,11 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
             continue
         if not line.strip():
             continue
-        messages = history + [{"role": "user", "content": line.rstrip("\n")}]
+        messages = history + [{"role": "user", "content": line.rstrip("\r\n")}]
         reply, stream = "", None
         try:
             prompt = model.apply_chat_template(messages)
-            budget = max_new_tokens or max(1, model.max_context - len(prompt))  # default: the rest of the context
+            budget = max_new_tokens or max(1, room - len(prompt))  # default: the rest of the context (or KV cache)
             stream = model.generate_stream([prompt], budget, temperature=temperature, top_k=top_k, top_p=top_p,
                                            seed=None if seed is None else seed + turn, stop=stops)
             for event in stream:
@@ -515,6 +518,10 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
         except RuntimeLimitError as e:
             click.echo(f"error: {e} (" + ("the conversation is too long: /reset starts over)" if history != start
                                           else "the message is too long for the context)"), err=True)
+            failed = True
+            continue
+        except LlmircError as e:  # the template refused the turn, a text too long to tokenize, ...
+            click.echo(("\n" if reply else "") + f"error: {e} (the message is not kept)", err=True)
             failed = True
             continue
         except KeyboardInterrupt:
@@ -784,8 +791,8 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens
               help="CPU threads (default: the CPUs this process may use).")
 @_target_option
 @click.option("--json", "as_json", is_flag=True,
-              help="One JSON object: perplexity, nll (mean, nats), tokens, windows, context, stride, target, "
-                   "bundle, text, text_sha256 (of the text read), llmirc_version, seconds.")
+              help="One JSON object: perplexity (null past float64's range), nll (mean, nats), tokens, windows, "
+                   "context, stride, target, bundle, text, text_sha256 (of the text read), llmirc_version, seconds.")
 def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as_json):
     """Perplexity of BUNDLE on a text, over sliding windows (Hugging Face's perplexity guide)."""
     from llmirc.runtime.perplexity import perplexity, windows
@@ -805,7 +812,9 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
             raise LlmircError(f"--context {context} exceeds the model's context of {model.max_context} tokens")
         context = model.max_context
         stride = given_stride or max(1, context // 2)
-        windows(0, context, stride)
+        if stride > context:
+            raise LlmircError(f"--stride {stride} exceeds the window of {context} tokens (the model's context, "
+                              "shorter than --context's default of 512)")
     ids = model.tokenizer.encode(text)[:max_tokens]
     if len(ids) < 2:
         raise LlmircError(f"--text {text_file}: {len(ids)} token{'' if len(ids) == 1 else 's'}, and perplexity "

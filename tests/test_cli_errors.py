@@ -1087,6 +1087,9 @@ def test_bench_prompt_longer_than_context(bundle):
                       "--prompt-len 500 + --new-tokens 20 = 520 tokens exceeds the model's context of 512")
     assert_user_error(llmirc("bench", bundle, "--prompt-len", "30", "--new-tokens", "20", "--repeat", "1",
                              "--kv-cache-tokens", "32"), "--kv-cache-tokens 32", "--batch 1")
+    # --new-tokens not given: the error names what was (it named a derived --new-tokens -88)
+    assert_user_error(llmirc("bench", bundle, "--prompt-len", "600"),
+                      "--prompt-len 600 leaves 0 of the model's context of 512 tokens to decode")
 
 
 def test_bench_compare_transformers_bad_dir(bundle, tmp_path):
@@ -1246,12 +1249,14 @@ def test_run_sampling_is_reproducible(bundle_notok):
 
 
 def test_bench_runs(bundle, ckpt, tmp_path):
-    r = llmirc("bench", bundle, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1", "--json")
+    """(16 new tokens, 2 rounds: with fewer, a tiny model's decode steps can take less than the
+    timing's noise, and bench then says it could not time decode.)"""
+    r = llmirc("bench", bundle, "--prompt-len", "4", "--new-tokens", "16", "--repeat", "2", "--json")
     assert r.returncode == 0 and r.stderr == "", r.stderr
     result = json.loads(r.stdout)
     assert result["llmirc"]["decode_tok_s"] > 0
     # short sequences hold a whole KV block each: the default cache counts blocks, not tokens
-    r = llmirc("bench", bundle, "--batch", "8", "--prompt-len", "1", "--new-tokens", "2", "--repeat", "1", "--json")
+    r = llmirc("bench", bundle, "--batch", "8", "--prompt-len", "1", "--new-tokens", "16", "--repeat", "2", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["batch"] == 8, r.stderr
     assert result["amx"] is False  # float32 weights: no kernel uses AMX tiles, whatever the host
     # bfloat16 weights: AMX-BF16 tiles on a host that has them (Linux grants the state from 5.16),
@@ -1261,10 +1266,10 @@ def test_bench_runs(bundle, ckpt, tmp_path):
                   "--max-model-len", "48").returncode == 0
     r = llmirc("bench", bf16, "--repeat", "1", "--json")  # the default sizes (128 + 64) fit a short context
     assert r.returncode == 0 and (json.loads(r.stdout)["prompt_len"], json.loads(r.stdout)["new_tokens"]) == (32, 16)
-    r = llmirc("bench", bf16, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1", "--json")
+    r = llmirc("bench", bf16, "--prompt-len", "4", "--new-tokens", "16", "--repeat", "2", "--json")
     result = json.loads(r.stdout)
     assert result["amx"] == ("amx_bf16" in host_cpu_flags() and result["target"].endswith("native"))
-    off = llmirc("bench", bf16, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1", env={"LLMIR_AMX": "0"})
+    off = llmirc("bench", bf16, "--prompt-len", "4", "--new-tokens", "16", "--repeat", "2", env={"LLMIR_AMX": "0"})
     assert off.returncode == 0 and "AMX" not in off.stdout, off.stdout
 
 
@@ -1575,6 +1580,21 @@ def test_chat_command_through_a_pipe(chat_bundle, bundle, bundle_notok):
     assert r.returncode == 1 and r.stdout.decode() == expected[0], r.stderr
     assert r.stderr.decode().splitlines() == ["error: the line is not UTF-8 text (invalid start byte at byte 0); "
                                               "not sent", "error: unknown command /help (/reset, /exit); not sent"]
+    # a message the tokenizer refuses (any error of a turn): an error line, the chat goes on; a CRLF
+    # line is the message without its \r; a small KV cache bounds the default reply (it was the
+    # context's rest, and every turn failed)
+    r = subprocess.run([sys.executable, "-m", "llmirc.cli", "chat", str(chat_bundle), "--max-new-tokens", "6"],
+                       input="word " * 600_000 + "\nhello there\r\n", capture_output=True, text=True, env=ENV,
+                       timeout=300)
+    assert r.returncode == 1 and r.stdout == expected[0], r.stderr
+    assert r.stderr.count("error: ") == 1 and "(the message is not kept)" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "llmirc.cli", "chat", str(chat_bundle), "--kv-cache-tokens", "64"],
+                       input="hello there\n", capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0 and r.stdout and r.stderr == "", r.stderr
+    r = subprocess.run(["sh", "-c", 'exec "$0" -m llmirc.cli chat "$1" <&-', sys.executable, str(chat_bundle)],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 1 and r.stderr == "error: standard input is closed: chat reads the user's messages from " \
+        "it\n", r.stderr
 
 
 def _chat_in_terminal(bundle, *args):

@@ -15,7 +15,7 @@ from helpers import CORPUS, make_checkpoint
 from llmirc.cli import cli
 from llmirc.driver import CompileOptions, Progress, compile_model
 from llmirc.errors import LlmircError, UsageError
-from llmirc.runtime.perplexity import windows
+from llmirc.runtime.perplexity import perplexity, windows
 
 
 def test_windows_score_each_token_once():
@@ -84,6 +84,11 @@ def test_eval_ppl_matches_the_hf_guide(tmp_path):
     assert default.exit_code == 0 and json.loads(default.output)["context"] == whole, default.output
     too_long = CliRunner().invoke(cli, ["eval-ppl", str(short), "--text", str(text), "--context", str(whole + 1)])
     assert isinstance(too_long.exception, LlmircError) and "exceeds the model's context" in str(too_long.exception)
+    # a --stride longer than the window only because this model's context is short: exit 1, saying so
+    stride = CliRunner().invoke(cli, ["eval-ppl", str(short), "--text", str(text), "--stride", str(whole + 1)])
+    assert type(stride.exception) is LlmircError and str(stride.exception) == \
+        f"--stride {whole + 1} exceeds the window of {whole} tokens (the model's context, shorter than --context's " \
+        "default of 512)"
     bad = CliRunner().invoke(cli, ["eval-ppl", str(bundle), "--text", str(text), "--context", "64", "--stride", "128"])
     assert isinstance(bad.exception, UsageError) and "stride" in str(bad.exception), bad.output  # exit 2 in main()
     (tmp_path / "empty.txt").write_text("")
@@ -91,3 +96,13 @@ def test_eval_ppl_matches_the_hf_guide(tmp_path):
     assert isinstance(empty.exception, LlmircError) and \
         re.fullmatch(rf"--text {re.escape(str(tmp_path))}/empty.txt: [01] tokens?, and perplexity needs at least 2",
                      str(empty.exception))  # (0, or 1 with a BOS token)
+
+
+def test_perplexity_past_float64_is_infinite():
+    """A mean NLL past log(float64 max) (a model sure of the wrong tokens) gives an infinite
+    perplexity, null in JSON; it was an OverflowError, an internal error."""
+    row = np.zeros((1, 4), np.float32)
+    row[0, 0] = 2000.0  # every target is token 1: NLL 2000 nats each
+    result = perplexity(lambda ids: np.tile(row, (len(ids), 1)), [1, 1, 1, 1], 4, 2)
+    assert result.perplexity == math.inf and result.nll == pytest.approx(2000.0)
+    assert result.to_json()["perplexity"] is None and json.loads(json.dumps(result.to_json()))["nll"] > 709

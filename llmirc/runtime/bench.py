@@ -137,16 +137,15 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
         raise LlmircError(f"--kv-cache-tokens {kv_cache_tokens}: a KV cache of {model.num_blocks} "
                           f"block{'s' * (model.num_blocks != 1)} of {model.block_size} tokens cannot hold "
                           f"--batch {batch} sequences of {need} tokens ({blocks} blocks)")
-    prefill, decode = [], []
+    prefill, first, whole = [], [], []
     for _ in range(repeat):
         prefill.append(_timed(lambda: model.generate([prompt], max_new_tokens=1, ignore_eos=True)))
         # Per decode step: the whole run less one that stops at the first token (the prompts'
-        # prefill). Not the time between streamed tokens: greedy decode steps run in bursts of
-        # num_scheduler_steps, and a prompt of one token starts the first burst.
-        first = _timed(lambda: model.generate([prompt] * batch, max_new_tokens=1, ignore_eos=True))
-        whole = _timed(lambda: model.generate([prompt] * batch, max_new_tokens=new_tokens, ignore_eos=True))
-        decode.append(max(whole - first, 1e-9) / (new_tokens - 1))
-    step = min(decode)
+        # prefill), each the fastest of the rounds. Not the time between streamed tokens: greedy
+        # decode steps run in bursts of num_scheduler_steps, and a prompt of one token starts the first burst.
+        first.append(_timed(lambda: model.generate([prompt] * batch, max_new_tokens=1, ignore_eos=True)))
+        whole.append(_timed(lambda: model.generate([prompt] * batch, max_new_tokens=new_tokens, ignore_eos=True)))
+    step = _decode_step(first, whole, new_tokens, "llmirc")
     by_dtype = decode_bytes_per_step(model, len(prompt) + new_tokens // 2)
     return {"prefill_tok_s": len(prompt) / min(prefill), "decode_tok_s": batch / step, "decode_ms_per_step": step * 1e3,
             "bytes_per_step": sum(by_dtype.values()), "bytes_per_step_by_dtype": by_dtype,
@@ -192,22 +191,32 @@ def load_transformers(hf_dir: Path):
                           f"{' '.join(str(e).split())[:300]}") from None
 
 
+def _decode_step(first: list[float], whole: list[float], new_tokens: int, engine: str) -> float:
+    """Seconds per decode step: the fastest run to `new_tokens` tokens less the fastest run to the
+    first (the prefill), over the steps between. LlmircError when the longer run was no slower:
+    the steps took less than the timing's noise, and any figure would be made up."""
+    if min(whole) <= min(first):
+        raise LlmircError(f"{engine}: decode could not be timed: {new_tokens} new tokens took no longer than 1 "
+                          f"({min(whole) * 1e3:.2f} ms against {min(first) * 1e3:.2f} ms); give more --new-tokens "
+                          "or --repeat")
+    return (min(whole) - min(first)) / (new_tokens - 1)
+
+
 def bench_transformers(model, prompt: list[int], batch: int, new_tokens: int, repeat: int, threads: int) -> dict:
     """Times transformers' `model` (load_transformers) as bench_llmirc times a bundle."""
     import torch
 
     torch.set_num_threads(threads)
     ids = torch.tensor([prompt])
-    prefill, decode = [], []
+    prefill, first, whole = [], [], []
     with torch.inference_mode():
         for _ in range(repeat):
             prefill.append(_timed(lambda: model(ids)))
-            t_short = _timed(lambda: model.generate(ids.repeat(batch, 1), max_new_tokens=1, min_new_tokens=1,
-                                                    do_sample=False, pad_token_id=0))
-            t_long = _timed(lambda: model.generate(ids.repeat(batch, 1), max_new_tokens=new_tokens,
-                                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0))
-            decode.append((t_long - t_short) / (new_tokens - 1))
-    step = min(decode)
+            first.append(_timed(lambda: model.generate(ids.repeat(batch, 1), max_new_tokens=1, min_new_tokens=1,
+                                                       do_sample=False, pad_token_id=0)))
+            whole.append(_timed(lambda: model.generate(ids.repeat(batch, 1), max_new_tokens=new_tokens,
+                                                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)))
+    step = _decode_step(first, whole, new_tokens, "transformers")
     return {"prefill_tok_s": len(prompt) / min(prefill), "decode_tok_s": batch / step, "decode_ms_per_step": step * 1e3}
 
 
@@ -218,12 +227,17 @@ def run_bench(bundle: Path, *, prompt_len: int | None = None, new_tokens: int | 
     of a shorter context."""
     model = open_bundle(bundle, verify=False).manifest["model"]
     context = model.get("max_position_embeddings")
+    derived = new_tokens is None
     if isinstance(context, int) and not isinstance(context, bool):  # (else the load says what is wrong)
         if prompt_len is None:
-            prompt_len = max(1, min(128, context * 2 // 3 if new_tokens is None else context - new_tokens))
+            prompt_len = max(1, min(128, context * 2 // 3 if new_tokens is None else context - new_tokens,
+                                    context - 2))
         if new_tokens is None:
             new_tokens = min(64, context - prompt_len)
-    prompt_len, new_tokens = prompt_len or 128, new_tokens or 64
+    prompt_len, new_tokens = prompt_len or 128, 64 if new_tokens is None else new_tokens
+    if new_tokens < 2 and derived:  # (the context left after --prompt-len)
+        raise LlmircError(f"--prompt-len {prompt_len} leaves {max(0, new_tokens)} of the model's context of {context} "
+                          "tokens to decode, and decode is timed over at least 2 new tokens")
     if new_tokens < 2:
         raise LlmircError(f"--new-tokens {new_tokens}: decode is timed over at least 2 new tokens")
     hf_model = None

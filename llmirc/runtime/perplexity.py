@@ -11,6 +11,7 @@ prediction in it (so with stride = context those are not scored, as in the guide
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from llmirc.errors import LlmircError, UsageError
 
 @dataclass
 class PerplexityResult:
-    perplexity: float
+    perplexity: float   # exp(nll); inf past float64's range (a mean NLL above ~709.78 nats)
     nll: float          # mean negative log-likelihood (nats per token)
     tokens: int         # tokens scored
     windows: int
@@ -28,7 +29,8 @@ class PerplexityResult:
     stride: int
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        """The fields; an infinite perplexity as null (JSON has no infinity)."""
+        return dict(self.__dict__, perplexity=self.perplexity if math.isfinite(self.perplexity) else None)
 
 
 def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -68,4 +70,5 @@ def perplexity(score, ids: list[int], context: int, stride: int, on_window=None)
         if on_window is not None:
             on_window()
     mean = total / count
-    return PerplexityResult(math.exp(mean), mean, count, len(spans), context, stride)
+    return PerplexityResult(math.exp(mean) if mean < math.log(sys.float_info.max) else math.inf, mean, count,
+                            len(spans), context, stride)
