@@ -84,6 +84,9 @@ def test_eval_ppl_matches_the_hf_guide(tmp_path):
     assert default.exit_code == 0 and json.loads(default.output)["context"] == whole, default.output
     too_long = CliRunner().invoke(cli, ["eval-ppl", str(short), "--text", str(text), "--context", str(whole + 1)])
     assert isinstance(too_long.exception, LlmircError) and "exceeds the model's context" in str(too_long.exception)
+    absurd = CliRunner().invoke(cli, ["eval-ppl", str(short), "--text", str(text), "--context", str(10 ** 11)])
+    assert str(absurd.exception) == f"--context {10 ** 11} exceeds the model's context of {whole} tokens"  # (not
+    # a KV cache of 10^11 tokens that cannot be allocated)
     # a --stride longer than the window only because this model's context is short: exit 1, saying so
     stride = CliRunner().invoke(cli, ["eval-ppl", str(short), "--text", str(text), "--stride", str(whole + 1)])
     assert type(stride.exception) is LlmircError and str(stride.exception) == \
