@@ -109,3 +109,21 @@ def test_perplexity_past_float64_is_infinite():
     result = perplexity(lambda ids: np.tile(row, (len(ids), 1)), [1, 1, 1, 1], 4, 2)
     assert result.perplexity == math.inf and result.nll == pytest.approx(2000.0)
     assert result.to_json()["perplexity"] is None and json.loads(json.dumps(result.to_json()))["nll"] > 709
+
+
+def test_max_tokens_tokenizes_a_prefix_only():
+    """eval-ppl --max-tokens N encodes a prefix of the text (cut at a line's end, well past N
+    tokens), with the first N tokens the whole text's; without N, or with a short text, all of it."""
+    from llmirc.cli import _first_tokens
+
+    text = "".join(f"{' '.join(CORPUS[i % len(CORPUS)] for i in range(j, j + 9))}\n" for j in range(3000))
+    calls = []
+
+    def encode(s):
+        calls.append(len(s))
+        return [ord(c) for c in s.replace(" ", "")]  # (a stand-in: a token per non-space character)
+    full = encode(text)
+    for n in (2, 100, 5000, None, len(full) + 5):
+        calls.clear()
+        assert _first_tokens(encode, text, n) == full[:n]
+        assert (max(calls) < len(text)) == (n is not None and n <= 5000), (n, calls)
