@@ -795,7 +795,7 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens
                    "context, stride, target, bundle, text, text_sha256 (of the text read), llmirc_version, seconds.")
 def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as_json):
     """Perplexity of BUNDLE on a text, over sliding windows (Hugging Face's perplexity guide)."""
-    from llmirc.artifact_format.reader import open_bundle
+    from llmirc.runtime.model import declared_model
     from llmirc.runtime.perplexity import perplexity, windows
 
     text = _read_text(text_file, "--text")
@@ -805,7 +805,7 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
     windows(0, context, stride)  # bad --context/--stride: a usage error before the bundle loads
     started = time.perf_counter()
     if asked:  # (before the KV cache is sized for it: an absurd one failed as a KV cache too large)
-        declared = open_bundle(Path(bundle), verify=False).manifest["model"].get("max_position_embeddings")
+        declared = declared_model(bundle).get("max_position_embeddings")
         if isinstance(declared, int) and not isinstance(declared, bool) and 0 < declared < context:
             raise LlmircError(f"--context {context} exceeds the model's context of {declared} tokens")
     model = _load(bundle, context, no_verify=False, max_batched_tokens=context, max_num_seqs=1, threads=threads,

@@ -1123,6 +1123,8 @@ def test_bench_checks_the_manifest_fields_it_reads(bundle, tmp_path):
     does not check them) are refused by name when malformed, not an internal error or negative FLOP/s."""
     for i, (field, value, says) in enumerate((("model", {"num_layers": "2"}, "model.num_layers is '2'"),
                                               ("model", {"hidden_size": -1}, "model.hidden_size is -1"),
+                                              ("model", {"vocab_size": None}, "model.vocab_size is None"),
+                                              ("model", 5, "malformed model field (not an object)"),
                                               ("plan", [], "plan reads no weights"))):
         copy = tmp_path / f"{i}.llmir"
         shutil.copytree(bundle, copy)
@@ -1130,6 +1132,9 @@ def test_bench_checks_the_manifest_fields_it_reads(bundle, tmp_path):
         manifest[field] = {**manifest[field], **value} if isinstance(value, dict) else value
         (copy / "manifest.json").write_text(json.dumps(manifest))
         assert_user_error(llmirc("bench", copy, "--prompt-len", "4", "--new-tokens", "2", "--repeat", "1"), says)
+        if value == 5:  # (eval-ppl reads the model's context from it before loading)
+            (copy / "t.txt").write_text("some text")
+            assert_user_error(llmirc("eval-ppl", copy, "--text", copy / "t.txt", "--context", "8"), says)
 
 
 def test_bench_batch_too_large_for_memory(bundle):

@@ -21,12 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from llmirc import __version__
-from llmirc.artifact_format.reader import open_bundle
 from llmirc.errors import BundleError, LlmircError, RuntimeLimitError
 from llmirc.small_files import read_small_text
 
 from .inspect import logical_sizes, parameter_count
-from .model import _whole, load
+from .model import _whole, declared_model, load
 
 
 def measure_bandwidth(nbytes: int = 256 * 2**20, repeat: int = 5) -> float:
@@ -225,7 +224,7 @@ def run_bench(bundle: Path, *, prompt_len: int | None = None, new_tokens: int | 
               kv_cache_tokens: int | None = None, target: str | None = None) -> dict:
     """`prompt_len` and `new_tokens` (tokens) default to 128 and 64, or to two thirds and one third
     of a shorter context."""
-    model = open_bundle(bundle, verify=False).manifest["model"]
+    model = declared_model(bundle)
     context = model.get("max_position_embeddings")
     derived = new_tokens is None
     if isinstance(context, int) and not isinstance(context, bool):  # (else the load says what is wrong)
@@ -244,7 +243,10 @@ def run_bench(bundle: Path, *, prompt_len: int | None = None, new_tokens: int | 
     if hf_dir is not None:  # loaded first: a checkpoint transformers cannot load fails before the long run
         check_same_model(model, Path(hf_dir))
         hf_model = load_transformers(Path(hf_dir))
-    vocab = model["vocab_size"]
+    vocab = model.get("vocab_size")
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:  # (the prompt's ids are drawn below it)
+        raise BundleError(f"bundle {bundle}: manifest.json's model.vocab_size is {vocab!r}, not a whole number "
+                          "(at least 1)")
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
     ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat, threads, kv_cache_tokens, target)
     bandwidth, peak = measure_bandwidth(ours["bytes_per_step"]), measure_peak_gflops()

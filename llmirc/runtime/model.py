@@ -63,6 +63,16 @@ def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_to
                  gpu_memory_utilization=gpu_memory_utilization, num_scheduler_steps=num_scheduler_steps)
 
 
+def declared_model(path: str | Path) -> dict:
+    """The `model` object of a bundle's manifest, read without loading the bundle (bench and
+    eval-ppl size their runs from it). Its values are untrusted: each user checks what it reads.
+    BundleError when the bundle cannot be opened or `model` is not an object."""
+    model = open_bundle(Path(path), verify=False).manifest.get("model")
+    if not isinstance(model, dict):
+        raise BundleError(f"bundle {path}: manifest.json has a malformed model field (not an object)")
+    return model
+
+
 def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | None, max_context: int,
                   block_size: int, max_batched_tokens: int, max_num_seqs: int, threads: int | None,
                   gpu_memory_utilization: float) -> tuple[object, list[str]]:
