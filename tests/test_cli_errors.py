@@ -1757,9 +1757,9 @@ def test_compile_notes_tensors_the_model_does_not_use(ckpt, tmp_path):
     rewrite_tensors(src / "model.safetensors", add)
     r = llmirc("compile", src, "--emit", "mlir", "-q")
     assert r.returncode == 0 and r.stderr.splitlines() == [
-        "note: 3 tensors of extra are not used by the model its config describes: model.layers.0.self_attn.q_proj.bias, "
-        "model.layers.1.self_attn.k_proj.bias, score.weight (where the config leaves out a feature the tensors have, "
-        "biases say, the model is not the one trained)"], r.stderr
+        "note: 3 tensors of extra are not used by the model its config describes: "
+        "model.layers.0.self_attn.q_proj.bias, model.layers.1.self_attn.k_proj.bias, score.weight (where the config "
+        "leaves out a feature the tensors have, biases say, the model is not the one trained)"], r.stderr
 
 
 def test_empty_pipeline_is_shown_as_such(ckpt, tmp_path):
