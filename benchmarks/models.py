@@ -99,7 +99,7 @@ def resolve(model: str) -> tuple[Path, Path]:
     return ckpt, CACHE / f"path-{hashlib.sha256(str(ckpt).encode()).hexdigest()[:10]}"
 
 
-def _make_llama(spec: dict, out: Path) -> None:
+def _make_llama(spec: dict, out: Path, with_tokenizer: bool = True) -> None:
     import numpy as np
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -120,7 +120,7 @@ def _make_llama(spec: dict, out: Path) -> None:
             else:
                 p.copy_(torch.from_numpy(rng.standard_normal(p.shape, dtype=np.float32) * np.float32(INIT_STD)))
     model.save_pretrained(out)
-    for f in tokenizer().iterdir():
+    for f in tokenizer().iterdir() if with_tokenizer else ():
         shutil.copy(f, out / f.name)
 
 
