@@ -18,8 +18,8 @@
    prefill tok/s and the linears' share of the matmul rate (their FLOPs over the whole prefill's
    time: a lower bound), batch-1 and batch-32 decode tok/s, batch 1 against the HBM floor (weight
    bytes per step over the copy bandwidth); then each `--quant` scheme and each `--kv` KV cache.
-5. `peer`: transformers on the same checkpoint and GPU, bf16, static KV cache, forward under
-   torch.compile (mode reduce-overhead): batch-1 decode tok/s.
+5. `peer`: transformers on the same checkpoint and GPU, bf16, static KV cache (with which
+   generate compiles the decode step: torch.compile, mode reduce-overhead): batch-1 decode tok/s.
 
 Each stage runs in a process of its own under a time limit (a hung kernel costs its stage, not
 the run); stages that no longer fit `--budget` are skipped and say so. Writes $OUT/gpu_check.json
@@ -151,6 +151,8 @@ def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda") -> d
         step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)  # after the first token (the prefill)
         result[f"decode_b{batch}_tok_s"] = batch / step
         result[f"decode_b{batch}_ms_per_step"] = step * 1e3
+        if hasattr(model.executor, "forward_tokens"):  # the executor's step alone, without the engine around it
+            result[f"decode_b{batch}_executor_ms_per_step"] = executor_step_s(model.executor, batch) * 1e3
     weight_bytes = sum(v for k, v in decode_bytes_per_step(model, DECODE_PROMPT).items() if not k.startswith("kv"))
     result["weight_bytes_per_step"] = weight_bytes
     if quant == "none":  # the prefill linears' FLOPs: 2 x tokens x their parameters (not the LM head)
@@ -162,12 +164,33 @@ def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda") -> d
     return result
 
 
+def executor_step_s(executor, batch: int, repeat: int = 50) -> float:
+    """Seconds per greedy decode step of `batch` sequences of DECODE_PROMPT tokens, calling the executor
+    directly (one graph launch, the inputs' upload and the token ids' copy back)."""
+    import numpy as np
+    blocks = -(-DECODE_PROMPT // executor.block_size)
+    tables = np.arange(batch * blocks, dtype=np.int32).reshape(batch, blocks)
+    pos = DECODE_PROMPT - 1
+    slots = tables[:, pos // executor.block_size] * executor.block_size + pos % executor.block_size
+    inputs = (np.full(batch, 5, np.int32), np.full(batch, pos, np.int32), slots.astype(np.int32), tables,
+              np.full(batch, DECODE_PROMPT, np.int32), np.arange(batch + 1, dtype=np.int32),
+              np.arange(batch, dtype=np.int32))
+    sampling = (np.zeros(batch, np.float32), np.zeros(batch, np.int32), np.ones(batch, np.float32),
+                np.zeros(batch, np.int64), np.zeros(batch, np.int64))
+    executor.forward_tokens(inputs, *sampling)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        executor.forward_tokens(inputs, *sampling)
+    return (time.perf_counter() - t0) / repeat
+
+
 def stage_peer(model_name: str, device: str = "cuda") -> dict:
     import torch
     from transformers import AutoModelForCausalLM
     ckpt = make_checkpoint(model_name)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).to(device).eval()
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    # a static cache on a GPU: generate compiles the decode step itself (its compile_config: torch.compile,
+    # mode reduce-overhead, fullgraph); a forward compiled by hand besides breaks on its CUDA graphs' outputs
     ids = torch.tensor([[5 + (7 * i) % 31000 for i in range(DECODE_PROMPT)]], device=device)
     kw = dict(do_sample=False, cache_implementation="static", pad_token_id=0, eos_token_id=None)
 
@@ -184,8 +207,9 @@ def stage_peer(model_name: str, device: str = "cuda") -> dict:
     run(DECODE_STEPS + 1), run(1)  # compiles (prefill and decode shapes), captures
     warm = time.perf_counter() - t0
     step = (min(run(DECODE_STEPS + 1) for _ in range(2)) - min(run(1) for _ in range(2))) / DECODE_STEPS
-    return {"peer": "transformers " + __import__("transformers").__version__ + ", torch.compile reduce-overhead, "
-            "static cache, bf16", "warmup_s": warm, "decode_b1_tok_s": 1 / step, "decode_b1_ms_per_step": step * 1e3}
+    return {"peer": f"transformers {__import__('transformers').__version__}, static cache (generate's own "
+            "torch.compile, reduce-overhead), bf16", "compiled": getattr(model, "_compiled_call", None) is not None,
+            "warmup_s": warm, "decode_b1_tok_s": 1 / step, "decode_b1_ms_per_step": step * 1e3}
 
 
 def run_stage(out: Path, name: str, argv: list[str], limit: float) -> dict | None:
@@ -290,9 +314,10 @@ def main() -> int:
         ok = ok and "error" not in results[name]
     if "decode_b1_ms_per_step" in results.get("bench", {}) and "copy_bandwidth_gb_s" in results.get("rates", {}):
         b, rates = results["bench"], results["rates"]
-        floor_s = b["weight_bytes_per_step"] / (rates["copy_bandwidth_gb_s"] * 1e9 / 2)  # weights read once
+        floor_s = b["weight_bytes_per_step"] / (rates["copy_bandwidth_gb_s"] * 1e9)  # weights read once
         results["summary"] = {
             "decode_b1_fraction_of_hbm_floor": floor_s / (b["decode_b1_ms_per_step"] / 1e3),
+            "decode_b1_executor_fraction_of_hbm_floor": floor_s / (b.get("decode_b1_executor_ms_per_step", 1e9) / 1e3),
             "decode_b32_over_b1": b["decode_b32_tok_s"] / b["decode_b1_tok_s"],
             "prefill_linears_fraction_of_matmul_rate": b.get("prefill_linear_tflop_s", 0) /
             rates["bf16_matmul_tflop_s"]}

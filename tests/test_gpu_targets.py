@@ -415,6 +415,21 @@ def test_loader_says_why_a_gpu_target_is_not_used(llama):
     assert r.returncode == 0 and f"note: not using {why[0]}" in r.stderr and f"note: not using {why[1]}" in r.stderr
 
 
+def test_a_gpu_only_bundle_says_why_it_cannot_run(gpt2):
+    """A bundle of GPU targets alone on a host that runs none: one line naming each kind's reason."""
+    from llmirc.runtime.gpu_program import GpuUnavailable
+    from llmirc.runtime.model import load
+    why = [_why_not("cuda"), _why_not("hip")]
+    if None in why:
+        pytest.skip("this host has a GPU")
+    tmp, _ = gpt2
+    with pytest.raises(GpuUnavailable) as e:
+        load(tmp / "m.llmir")
+    assert str(e.value) == f"bundle {tmp / 'm.llmir'}: no target this host can run ({why[0]}; {why[1]})"
+    r = llmirc("run", tmp / "m.llmir", "--token-ids", "0,5", "--max-new-tokens", "2")
+    assert r.returncode == 1 and r.stderr == f"error: {e.value}\n", r.stderr
+
+
 @pytest.mark.parametrize("kind,module,message", [
     ("cuda", "cuda", "cuda: cuda-python is not installed (pip install 'llmirc[cuda]')"),
     ("hip", "hip", "hip: hip-python is not installed (pip install 'llmirc[hip]')")])
@@ -530,28 +545,38 @@ def test_cuda_and_hip_share_one_executor(llama):
     assert kernels["cuda"] == kernels["hip"]  # one plan: the same kernels in the same order
 
 
-def _gpu_or_skip():
+@pytest.fixture
+def gpu_load():
+    """`load` on a GPU host (skips elsewhere); the models are closed after the test: each holds its
+    weights and a KV cache of most of the free device memory (gpu_memory_utilization) until then."""
+    from llmirc.runtime.model import load
     why = _why_not("cuda")
     if why:
         pytest.skip(why)
+    models = []
+
+    def open_model(path, **kw):
+        models.append(load(path, **kw))
+        assert models[-1].executor.kind == "cuda" and models[-1].target_notes == []
+        return models[-1]
+    yield open_model
+    for m in models:
+        m.close()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["int8", "int4-g64-zero-points-all", "int4-down-proj-int8", "int4-rotated"])
-def test_gpu_quantized_matches_transformers(tmp_path, cache, case):
+def test_gpu_quantized_matches_transformers(tmp_path, cache, gpu_load, case):
     """On a GPU: a quantized bundle's cuda target against transformers in float64 with the bundle's
     weights dequantized and the inputs of its quantized linears rounded to bfloat16 (the GPU
     contract, targets/signatures.py): the tolerances of test_quant_models.py's exact reference."""
-    _gpu_or_skip()
     from test_quant_models import OVERRIDES, TOKENS, case_of, emulated, pass_of, rel_rms
 
-    from llmirc.runtime.model import load
     options, head, embedding, int8, rotated = case_of(case)
     options = {k: v for k, v in options.items() if k != "cpu_variants"}
     model = make_checkpoint(tmp_path / "ckpt", "llama", **OVERRIDES)
     _compile(tmp_path / "ckpt", tmp_path / "m.llmir", targets=("cuda",), **options)
-    compiled = load(tmp_path / "m.llmir")
-    assert compiled.executor.kind == "cuda" and compiled.target_notes == []
+    compiled = gpu_load(tmp_path / "m.llmir")
     ref = emulated(model, pass_of(options).scheme, head, embedding, TOKENS, block=None, int8=int8, rotated=rotated)
     got = compiled.score(TOKENS)
     assert rel_rms(got, ref) < 1e-2 and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95, rel_rms(got, ref)
@@ -561,21 +586,18 @@ def test_gpu_quantized_matches_transformers(tmp_path, cache, case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
-def test_gpu_quantized_kv_cache(tmp_path, cache, kv_dtype):
+def test_gpu_quantized_kv_cache(tmp_path, cache, gpu_load, kv_dtype):
     """On a GPU: an int8 or FP8 KV cache (test_quant_models.py's test_int8_kv_cache on the cuda
     target): logits against transformers, prefill in chunks, decode against scoring the same
     sequence."""
-    _gpu_or_skip()
     import numpy as np
     from test_quant_models import OVERRIDES, TOKENS, rel_rms
 
     from helpers import hf_logits
-    from llmirc.runtime.model import load
     model = make_checkpoint(tmp_path / "ckpt", "llama", **OVERRIDES)
     _compile(tmp_path / "ckpt", tmp_path / "m.llmir", targets=("cuda",), kv_cache_dtype=kv_dtype,
              archs=("sm_90",) if kv_dtype == "fp8" else ())
-    compiled = load(tmp_path / "m.llmir", max_batched_tokens=13, max_num_seqs=2)
-    assert compiled.executor.kind == "cuda" and compiled.target_notes == []
+    compiled = gpu_load(tmp_path / "m.llmir", max_batched_tokens=13, max_num_seqs=2)
     assert compiled.bundle.manifest["kv_cache"]["dtype"] == {"int8": "int8", "fp8": "float8_e4m3fn"}[kv_dtype]
     seq = TOKENS + TOKENS[::-1]
     got = compiled.score(seq)
@@ -592,16 +614,13 @@ def test_gpu_quantized_kv_cache(tmp_path, cache, kv_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("qwen2", "float32"), ("mistral", "bfloat16")])
-def test_gpu_greedy_matches_transformers(tmp_path, cache, arch, dtype):
+def test_gpu_greedy_matches_transformers(tmp_path, cache, gpu_load, arch, dtype):
     """On a GPU: greedy tokens of the cuda target equal transformers' (near-ties excepted)."""
-    _gpu_or_skip()
     from helpers import check_greedy, hf_greedy
 
-    from llmirc.runtime.model import load
     ref = make_checkpoint(tmp_path / "ckpt", arch, dtype=dtype)
     _compile(tmp_path / "ckpt", tmp_path / "m.llmir", targets=("cuda",))
-    model = load(tmp_path / "m.llmir")
-    assert model.executor.kind == "cuda" and model.target_notes == []
+    model = gpu_load(tmp_path / "m.llmir")
     prompt = [0, 17, 42, 99, 5]
     ours = model.generate([prompt], 16, ignore_eos=True)[0]
     check_greedy(ref, prompt, ours, hf_greedy(ref, prompt, 16), margin=1e-2 if dtype == "bfloat16" else 1e-3)
@@ -609,22 +628,20 @@ def test_gpu_greedy_matches_transformers(tmp_path, cache, arch, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_gpu_bf16_logits_match_transformers(tmp_path, cache, arch):
+def test_gpu_bf16_logits_match_transformers(tmp_path, cache, gpu_load, arch):
     """On a GPU: a bf16 checkpoint's logits over 256 positions against transformers in float32 on the
     same (exactly widened) weights: top-1 agreement and logit error within the CPU target's bounds
     for a half-precision KV cache (test_models.py), the GPU rounding activations to bf16 at each
     linear besides (targets/signatures.py)."""
-    _gpu_or_skip()
     import numpy as np
     from test_models import HALF_KV_LOGITS, HALF_KV_TOP1
 
     from helpers import hf_logits
-    from llmirc.runtime.model import load
     overrides = dict(sliding_window=8) if arch == "mistral" else {}
     ref_model = make_checkpoint(tmp_path / "ckpt", arch, dtype="bfloat16", **overrides)
     _compile(tmp_path / "ckpt", tmp_path / "m.llmir", targets=("cuda",))
-    model = load(tmp_path / "m.llmir")
-    assert model.executor.kind == "cuda" and model.bundle.manifest["kv_cache"]["dtype"] == "bfloat16"
+    model = gpu_load(tmp_path / "m.llmir")
+    assert model.bundle.manifest["kv_cache"]["dtype"] == "bfloat16"
     seq = [int(t) for t in np.random.default_rng(0).integers(0, 384, 256)]
     ref, got = hf_logits(ref_model, seq), model.score(seq)
     top1, err = (ref.argmax(-1) == got.argmax(-1)).mean(), np.abs(got - ref).max() / np.abs(ref).max()

@@ -80,7 +80,8 @@ def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | 
     one line per GPU kind of the bundle that could not be used (cuda tried first, then hip), saying
     why (no cuda-python / hip-python, no driver, no kernels or PTX for this GPU, too little
     memory). `target`, a target's name or a kind (cpu, cuda, hip), restricts the choice to it, and
-    its failure is the error."""
+    its failure is the error. A bundle with no cpu target that no GPU here can run: GpuUnavailable
+    with those lines."""
     from .gpu_drivers import DRIVERS
     from .gpu_executor import GpuExecutor
     from .gpu_program import GpuUnavailable
@@ -111,6 +112,8 @@ def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | 
             if target is not None:
                 raise
             notes.append(str(e))
+    if notes and "cpu" not in kinds:
+        raise GpuUnavailable(f"bundle {bundle.name}: no target this host can run ({'; '.join(notes)})")
     tokens = kv_cache_tokens or min(max_context, DEFAULT_KV_TOKENS)
     return CpuExecutor(bundle, blocks_for(tokens, block_size), name, threads), notes
 
