@@ -11,8 +11,9 @@ the same arguments in both APIs (cuMemcpyHtoDAsync(dst, src, bytes, stream) and
 hipMemcpyHtoDAsync(...) alike); the few calls that differ (device query, stream creation, graph
 instantiation, opting in to large shared memory) are methods of the adapter.
 
-NOT YET RUN ON A GPU: neither adapter has met a device; tests check their tables against the
-installed bindings and the host side through a recording driver.
+The cuda adapter has run on an NVIDIA H200 (cuda-bindings 13.3, driver 580; benchmarks/gpu_check.py);
+the hip adapter has not met a device. Tests without a GPU check both tables against the installed
+bindings and the host side through a recording driver.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 a small driver adapter (gpu_drivers.py: cuda-python's `cuda.bindings.driver`, hip-python's
 `hip.hip`, optional extras imported only when a GPU is tried).
 
-NOT YET RUN ON A GPU: the host side (gpu_program.py: launches, argument packing, memory plan;
-this file's step padding, graph buckets and call sequence, through a recording driver) is tested
-without one; the driver calls themselves are exercised only by benchmarks/gpu_check.py (cuda;
-nothing exercises hip on a device yet). Host arrays are uploaded with async copies from pageable
+Run on an NVIDIA H200 through the cuda adapter (the GPU tests and benchmarks/gpu_check.py); not
+yet on an AMD GPU. Without a GPU, the host side (gpu_program.py: launches, argument packing,
+memory plan; this file's step padding, graph buckets and call sequence, through a recording
+driver) is tested. Host arrays are uploaded with async copies from pageable
 memory, which CUDA stages and HIP performs synchronously before returning (both drivers'
 documented behaviour for unpinned memory), so the arrays may go once the call returns.
 
