@@ -130,7 +130,8 @@ def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda") -> d
     result |= {"device": dev["name"], "arch": dev["arch"], "driver_version": dev["driver_version"],
                "compile_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    model = load(bundle, max_batched_tokens=PROMPT, max_num_seqs=32, enable_prefix_caching=False)
+    model = load(bundle, max_batched_tokens=PROMPT, max_num_seqs=32, enable_prefix_caching=False,
+                 kv_cache_tokens=None if target == "cuda" else 32 * (DECODE_PROMPT + 2 * DECODE_STEPS))
     result["load_s"] = time.perf_counter() - t0
     assert model.executor.kind == target, model.target_notes
     prompt = [5 + (7 * i) % 31000 for i in range(PROMPT)]
@@ -153,6 +154,8 @@ def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda") -> d
         result[f"decode_b{batch}_ms_per_step"] = step * 1e3
         if hasattr(model.executor, "forward_tokens"):  # the executor's step alone, without the engine around it
             result[f"decode_b{batch}_executor_ms_per_step"] = executor_step_s(model.executor, batch) * 1e3
+        if getattr(model.executor, "supports_greedy_runs", False):  # and its multi-step decode, 64 steps a run
+            result[f"decode_b{batch}_executor_run_ms_per_step"] = executor_step_s(model.executor, batch, 64, 5) * 1e3
     weight_bytes = sum(v for k, v in decode_bytes_per_step(model, DECODE_PROMPT).items() if not k.startswith("kv"))
     result["weight_bytes_per_step"] = weight_bytes
     if quant == "none":  # the prefill linears' FLOPs: 2 x tokens x their parameters (not the LM head)
@@ -164,11 +167,12 @@ def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda") -> d
     return result
 
 
-def executor_step_s(executor, batch: int, repeat: int = 50) -> float:
+def executor_step_s(executor, batch: int, run: int = 1, repeat: int = 50) -> float:
     """Seconds per greedy decode step of `batch` sequences of DECODE_PROMPT tokens, calling the executor
-    directly (one graph launch, the inputs' upload and the token ids' copy back)."""
+    directly: single steps (forward_tokens: a graph launch, the inputs' upload and the token ids'
+    copy back), or runs of `run` steps (forward_greedy: the multi-step decode the engine uses)."""
     import numpy as np
-    blocks = -(-DECODE_PROMPT // executor.block_size)
+    blocks = -(-(DECODE_PROMPT + run) // executor.block_size)
     tables = np.arange(batch * blocks, dtype=np.int32).reshape(batch, blocks)
     pos = DECODE_PROMPT - 1
     slots = tables[:, pos // executor.block_size] * executor.block_size + pos % executor.block_size
@@ -177,11 +181,14 @@ def executor_step_s(executor, batch: int, repeat: int = 50) -> float:
               np.arange(batch, dtype=np.int32))
     sampling = (np.zeros(batch, np.float32), np.zeros(batch, np.int32), np.ones(batch, np.float32),
                 np.zeros(batch, np.int64), np.zeros(batch, np.int64))
-    executor.forward_tokens(inputs, *sampling)
+
+    def once():
+        return executor.forward_greedy(inputs, run) if run > 1 else executor.forward_tokens(inputs, *sampling)
+    once()
     t0 = time.perf_counter()
     for _ in range(repeat):
-        executor.forward_tokens(inputs, *sampling)
-    return (time.perf_counter() - t0) / repeat
+        once()
+    return (time.perf_counter() - t0) / repeat / run
 
 
 def stage_peer(model_name: str, device: str = "cuda") -> dict:

@@ -468,7 +468,9 @@ def test_driver_tables_name_real_functions(kind, module):
 
 def _recording_driver(kind, arch):
     """A driver that runs nothing: it records the host side's calls (allocations get fake
-    addresses; no kernel runs and no result comes back). For testing the call sequence only."""
+    addresses; no kernel runs; copies back give zeros). For testing the call sequence only."""
+    import ctypes
+
     from llmirc.runtime.gpu_drivers import DRIVERS, OPERATIONS, Driver
 
     class Recording(Driver):
@@ -491,6 +493,8 @@ def _recording_driver(kind, arch):
                 return self.allocated[-1]
             if op in ("load_module", "get_function"):  # a distinct handle per kernel
                 return (op, *args)
+            if op == "dtoh_async":  # zeros come back
+                ctypes.memset(args[0], 0, args[2])
             return {"mem_info": (8 << 30, 16 << 30), "end_capture": "graph"}.get(op)
 
         make_current = opt_in_shared = lambda self, *a: None
@@ -543,6 +547,51 @@ def test_cuda_and_hip_share_one_executor(llama):
         ex.close()
         assert sorted(args[0] for op, args in driver.log if op == "free") == sorted(driver.allocated)
     assert kernels["cuda"] == kernels["hip"]  # one plan: the same kernels in the same order
+
+
+def test_multi_step_decode_is_one_graph_per_bucket(llama, monkeypatch):
+    """forward_greedy over a recording driver: the inputs go up once, a graph of the decode step and
+    advance_step is captured once per bucket and launched once per step, and every step's tokens
+    come back in one copy; the last step's inputs are checked first, and a run is cut at MAX_RUN
+    steps. The engine's multi-step decode runs through it."""
+    import numpy as np
+
+    from llmirc.artifact_format.reader import open_bundle
+    from llmirc.errors import RuntimeLimitError
+    from llmirc.runtime import gpu_drivers
+    from llmirc.runtime.gpu_executor import MAX_RUN, GpuExecutor
+    from llmirc.runtime.model import load
+    tmp, _, _ = llama
+    driver = _recording_driver("cuda", "sm_90")
+    ex = GpuExecutor(open_bundle(tmp / "m.llmir"), driver, max_context=256, max_batched_tokens=32, max_num_seqs=4)
+    assert ex.supports_greedy_runs and ex.run_bucket == 4
+    bs, nb = ex.block_size, -(-(6 + MAX_RUN) // ex.block_size)
+    tables = np.arange(3 * nb, dtype=np.int32).reshape(3, nb)
+    step = (np.array([1, 2, 3], np.int32), np.array([5, 5, 5], np.int32), tables[:, 0] * bs + 5, tables,
+            np.array([6, 6, 6], np.int32), np.arange(4, dtype=np.int32), np.arange(3, dtype=np.int32))
+    key_of = {f: k for k, f in ex.functions.items()}
+    for steps in (5, 3):
+        driver.log.clear()
+        tokens = ex.forward_greedy(step, steps)
+        assert tokens.shape == (steps, 3) and tokens.dtype == np.int32 and not tokens.any()
+        ops = [op for op, _ in driver.log]
+        assert ops.count("graph_launch") == steps and ops.count("begin_capture") == (steps == 5)
+        assert ops.count("dtoh_async") == 1 and ops[-2:] == ["dtoh_async", "synchronize"]
+        assert "htod_async" not in ops[ops.index("graph_launch"):]
+        if steps == 5:  # the captured step ends with advance_step
+            last = [args for op, args in driver.log if op == "launch"][-1]
+            assert ex.program.binaries[key_of[last[0]]]["kernel"] == "advance_step_kernel"
+    assert list(ex.graphs) == [("run", 4)]
+    with pytest.raises(RuntimeLimitError, match="block"):  # the last step's positions need blocks the tables lack
+        ex.forward_greedy((*step[:3], tables[:, :1], *step[4:]), bs)
+    assert len(ex.forward_greedy(step, 10 * MAX_RUN)) == MAX_RUN
+    ex.close()
+
+    driver = _recording_driver("cuda", "sm_90")
+    monkeypatch.setitem(gpu_drivers.DRIVERS, "cuda", lambda: driver)
+    with load(tmp / "m.llmir", target="cuda", max_num_seqs=4) as model:
+        assert model.generate([[1, 2, 3]] * 2, max_new_tokens=12, ignore_eos=True) == [[0] * 12] * 2
+        assert ("run", 2) in model.executor.graphs and [op for op, _ in driver.log].count("graph_launch") == 11
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ CALLS = [  # one call of every kind, shapes of a small Llama (head_dim 64, GQA 4
     ("hadamard", {"dim": 1536, "block": 128}),
     ("argmax", {"vocab": 1000}),
     ("sample", {"vocab": 1000}),
+    ("advance_step", {"block_size": 16}),
     # quantized weights: int4 groups of 32 with mins (Q4_1-like); int8 per row, act-order, zero points
     ("qlinear", {"n": 384, "k": 256, "bits": 4, "group_size": 32, "zero": "min", "zero_dtype": "float16",
                  "bias": True, "residual": True}),

@@ -592,3 +592,30 @@ def test_sample_top_p_ties_and_distribution():
     # top-k ties: k = 2 keeps every score >= the 2nd largest (all three 0.2s with the 0.4)
     tokens = sample(logits.repeat(40, 0), [1.0] * 40, [2] * 40, [1.0] * 40, [9] * 40, np.arange(40))
     assert set(tokens.tolist()) == {0, 1, 2, 3}
+
+
+def test_advance_step(rng):
+    """advance_step against its definition (sampling.py): step s's tokens land in row s of `out`;
+    live rows move to their next position (row 1 into its next block), the padding row (slot -1)
+    stays, a token past the embedding's rows feeds 0, and a table entry past max_blocks reads as
+    block 0 (row 4: only after a run's last step)."""
+    B, bs, max_blocks, token_rows = 5, 4, 3, 100
+    tables = rng.permutation(64)[:B * max_blocks].reshape(B, max_blocks).astype(np.int32)
+    pos = np.array([2, 3, 7, 0, 11], np.int32)
+    slots = (tables[np.arange(B), pos // bs] * bs + pos % bs).astype(np.int32)
+    slots[3] = -1
+    ids, lens = rng.integers(0, token_rows, B).astype(np.int32), pos + 1
+    tokens = np.array([7, 150, 9, 4, 3], np.int32)
+    state = {"token_ids": ids.copy(), "positions": pos.copy(), "slot_mapping": slots.copy(), "seq_lens": lens.copy()}
+    out, step = np.full((3, B), -9, np.int32), np.array([1], np.int32)
+    call("advance_step", {"block_size": bs}, tokens=tokens, block_tables=tables, out=out, step=step, B=B,
+         max_blocks=max_blocks, token_rows=token_rows, **state)
+    np.testing.assert_array_equal(out, [[-9] * B, tokens, [-9] * B])
+    assert step.tolist() == [2]
+    live, p = slots >= 0, pos + 1
+    entry = tables[np.arange(B), np.minimum(p // bs, max_blocks - 1)] * (p // bs < max_blocks)
+    np.testing.assert_array_equal(state["token_ids"], np.where(live, np.where(tokens < token_rows, tokens, 0), ids))
+    np.testing.assert_array_equal(state["positions"], np.where(live, p, pos))
+    np.testing.assert_array_equal(state["seq_lens"], np.where(live, lens + 1, lens))
+    np.testing.assert_array_equal(state["slot_mapping"], np.where(live, entry * bs + p % bs, slots))
+    assert state["slot_mapping"][1] == tables[1, 1] * bs and state["slot_mapping"][4] == 0

@@ -25,7 +25,7 @@ from llmirc import dtypes
 from llmirc.artifact_format.reader import Bundle
 from llmirc.errors import BundleError, LlmircError, RuntimeLimitError
 
-from .step_check import INPUTS, StepLimits, checked_inputs
+from .step_check import INPUTS, StepLimits, checked_decode_run, checked_inputs
 
 ABI_VERSION = 2
 
@@ -224,16 +224,8 @@ class CpuExecutor:
         tables must already hold. The first and the last step's inputs are checked like forward's
         (the steps between lie between them): RuntimeLimitError. Fewer rows come back when a token
         falls outside the embedding table (the next step's check reports it)."""
-        first = checked_inputs(self.limits, *inputs)
-        ids, pos, slots, tables, seq_lens, qsl, logits_idx = first
-        B = len(seq_lens)
-        if not (len(ids) == B == len(logits_idx)) or qsl.tolist() != list(range(B + 1)) or \
-                logits_idx.tolist() != list(range(B)):
-            raise LlmircError("forward_greedy: every sequence must have exactly one token and one logits row")
-        # the last step: its positions and lengths, and the table entries they use (the native loop's
-        # slots are those entries' slots, so within the pool once the entries are)
-        checked_inputs(self.limits, ids, pos + (steps - 1), slots, tables, seq_lens + (steps - 1), qsl, logits_idx)
-        first = [a.copy() for a in first]  # advanced in place by the native loop
+        first = [a.copy() for a in checked_decode_run(self.limits, inputs, steps)]  # advanced in place
+        B = len(first[4])
         logits = self._bind(first)  # every step writes it: this name keeps it alive through the call
         out = np.empty((steps, B), dtype=np.int32)
         done = self._greedy(ctypes.cast(self._forward, ctypes.c_void_p), self._dims, self._ptrs, steps,

@@ -20,7 +20,13 @@ One forward = the CPU executor's flat-batch ABI: the same seven int32 inputs, lo
 [L, vocab] float32 back (`forward`), or token ids sampled on the device (`forward_tokens`:
 argmax, or temperature/top-k/top-p from a seed and offset per row), so a decode step copies
 back L int32s. A decode step (T == B == L, one token per sequence) runs as one CUDA/HIP graph
-launch: padded to a batch-size bucket (GRAPH_BUCKETS), captured on first use.
+launch: padded to a batch-size bucket (GRAPH_BUCKETS), captured on first use. A run of greedy
+decode steps (`forward_greedy`, the engine's multi-step decode) launches a second graph per
+bucket, the step followed by advance_step (targets/triton/sampling.py), once per step with
+nothing copied between them: the next step's inputs are computed on the device and the tokens
+of every step come back in one copy. forward_greedy has NOT run on a GPU yet (written after the
+H200 runs of 2026-12-04): the engine uses it only with num_scheduler_steps > 1 (the default,
+8); load(..., num_scheduler_steps=1) turns it off.
 """
 
 from __future__ import annotations
@@ -35,10 +41,13 @@ from llmirc.errors import BundleError, LlmircError
 from .cpu_executor import _load_weights
 from .gpu_drivers import Driver
 from .gpu_program import GpuProgram, GpuUnavailable, align, kv_cache_blocks, pack
-from .step_check import INPUTS, StepLimits, checked_inputs
+from .step_check import INPUTS, StepLimits, checked_decode_run, checked_inputs
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 GRAPH_RESERVE = 256 << 20   # bytes left free for graphs and the driver's own allocations
+MAX_RUN = 64                # decode steps one forward_greedy call runs at most
+GREEDY = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.int64),
+          np.zeros(1, np.int64))  # temperature, top_k, top_p, seeds, offsets of argmax sampling
 
 
 class GpuExecutor:
@@ -104,6 +113,9 @@ class GpuExecutor:
             self.addr["buffers"][key] = self._alloc(n, zero=zero)
         self.sample_bufs = {name: self._alloc(8 * self.max_L) for name in
                             ("tokens", "temperature", "top_k", "top_p", "seeds", "offsets")}
+        self.run_bucket = next((n for n in reversed(GRAPH_BUCKETS) if n <= self.max_B), None)
+        if "advance_step" in self.program.sampling and self.run_bucket is not None:  # multi-step decode
+            self.run_out, self.run_step = self._alloc(4 * MAX_RUN * self.run_bucket), self._alloc(4)
 
         free, total_mem = driver.call("mem_info")
         block_bytes = int(kv["block_bytes"])
@@ -162,7 +174,19 @@ class GpuExecutor:
     def _step(self, inputs, sampling) -> tuple[int, bool]:
         """Uploads the inputs (padded to a graph bucket for a decode step) and runs the step;
         returns L and whether it ran as a graph."""
-        a = checked_inputs(self.limits, *inputs)  # every index, before it reaches a kernel
+        a, T, B, L, max_blocks, bucket = self._stage(checked_inputs(self.limits, *inputs), sampling)
+        if bucket is None:
+            for ln in self._launches(T, B, L, max_blocks):
+                self._launch(ln)
+            return L, False
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self._capture(bucket)
+        self.driver.call("graph_launch", self.graphs[bucket], self.stream)
+        return L, True
+
+    def _stage(self, a: list, sampling) -> tuple:
+        """Uploads checked inputs `a` (padded to a graph bucket for a decode step) and the sampling
+        parameters; (padded inputs, T, B, L, max_blocks, bucket or None)."""
         T, B, L = len(a[0]), len(a[4]), len(a[6])
         max_blocks = a[3].shape[1] if a[3].ndim == 2 else 0
         if T > self.max_T or B > self.max_B or L > self.max_L or max_blocks > self.max_blocks:
@@ -189,31 +213,31 @@ class GpuExecutor:
             x = np.ascontiguousarray(np.resize(x, rows))
             self.driver.call("htod_async", self.sample_bufs[name], x.ctypes.data, x.nbytes, self.stream)
             keep.append(x)
-        if bucket is None:
-            for ln in self._launches(T, B, L, max_blocks):
-                self._launch(ln)
-            return L, False
-        if bucket not in self.graphs:
-            self.graphs[bucket] = self._capture(bucket)
-        self.driver.call("graph_launch", self.graphs[bucket], self.stream)
-        return L, True
+        return a, T, B, L, max_blocks, bucket
 
-    def _capture(self, bucket: int):
+    def _capture(self, bucket: int, run: bool = False):
+        """A graph of one decode step of `bucket` rows; `run`: followed by advance_step (forward_greedy)."""
         def record():
             for ln in self._launches(bucket, bucket, bucket, self.max_blocks):
                 self._launch(ln)
+            if run:
+                values = {"tokens": self.sample_bufs["tokens"], "out": self.run_out, "step": self.run_step,
+                          "B": bucket, "max_blocks": self.max_blocks, "token_rows": self.limits.token_rows} | \
+                    {name: self.addr[name] for name in ("token_ids", "positions", "slot_mapping", "block_tables",
+                                                        "seq_lens")}
+                for ln in self.program.launches("advance_step", self.program.sampling["advance_step"], values,
+                                                self.addr["buffers"]):
+                    self._launch(ln)
         return self.driver.capture(self.stream, record)
 
     def forward(self, token_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc,
                 logits_indices) -> np.ndarray:
         """Logits [len(logits_indices), vocab] float32, as CpuExecutor.forward."""
         L = len(logits_indices)
-        greedy = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.int64),
-                  np.zeros(1, np.int64))
         with self.lock:
             self.driver.make_current()
             self._step((token_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc, logits_indices),
-                       greedy)
+                       GREEDY)
             out = np.empty((L, self.vocab_size), np.float32)
             self.driver.call("dtoh_async", out.ctypes.data, self.addr["logits"], out.nbytes, self.stream)
             self.driver.call("synchronize", self.stream)
@@ -230,3 +254,37 @@ class GpuExecutor:
             self.driver.call("dtoh_async", out.ctypes.data, self.sample_bufs["tokens"], out.nbytes, self.stream)
             self.driver.call("synchronize", self.stream)
         return out
+
+    @property
+    def supports_greedy_runs(self) -> bool:
+        """Whether forward_greedy runs (the bundle has advance_step kernels: compiled since 2026-12-04)."""
+        return hasattr(self, "run_out")
+
+    def forward_greedy(self, inputs, steps: int) -> np.ndarray:
+        """Tokens [n, B] int32 of n <= `steps` greedy decode steps (CpuExecutor.forward_greedy's
+        contract): `inputs` is a decode step of B sequences with one token each, whose block
+        tables already hold the slots of the next steps. The first and last step's inputs are
+        checked (RuntimeLimitError). The steps run as launches of one graph (a decode step of the
+        bucket, then advance_step) with no copy between them; the tokens come back once. Fewer
+        rows come back than asked for past MAX_RUN, for more sequences than the largest bucket
+        holds, and after a step whose token falls outside the embedding table."""
+        steps = max(1, min(steps, MAX_RUN))
+        first = checked_decode_run(self.limits, inputs, steps)
+        B = len(first[4])
+        if B > self.run_bucket:
+            return self.forward_tokens(inputs, *(np.resize(x, B) for x in GREEDY))[None]
+        zero = np.zeros(1, np.int32)
+        with self.lock:
+            self.driver.make_current()
+            bucket = self._stage(first, GREEDY)[-1]
+            self.driver.call("htod_async", self.run_step, zero.ctypes.data, 4, self.stream)
+            if ("run", bucket) not in self.graphs:
+                self.graphs[("run", bucket)] = self._capture(bucket, run=True)
+            for _ in range(steps):
+                self.driver.call("graph_launch", self.graphs[("run", bucket)], self.stream)
+            out = np.empty((steps, bucket), np.int32)
+            self.driver.call("dtoh_async", out.ctypes.data, self.run_out, out.nbytes, self.stream)
+            self.driver.call("synchronize", self.stream)
+        out = out[:, :B]
+        outside = np.flatnonzero((out >= self.limits.token_rows).any(axis=1))
+        return out[:outside[0] + 1] if len(outside) else out

@@ -47,6 +47,11 @@ GPU_SIGNATURES: dict[str, Signature] = {s.kind: s for s in (
     Signature("sample", {"vocab": REQUIRED},
               (*_LOGITS, _ptr("temperature"), _ptr("top_k", "int32"), _ptr("top_p"), _ptr("seeds", "int64"),
                _ptr("offsets", "int64"), _i64("L"))),
+    # multi-step decode: the next step's inputs from this step's tokens (sampling.py)
+    Signature("advance_step", {"block_size": REQUIRED},
+              (_ptr("tokens", "int32"), *(_ptr(n, "int32", "rw") for n in ("token_ids", "positions", "slot_mapping")),
+               _ptr("block_tables", "int32"), _ptr("seq_lens", "int32", "rw"), _ptr("out", "int32", "w"),
+               _ptr("step", "int32", "rw"), _i64("B"), _i64("max_blocks"), _i64("token_rows"))),
 )}
 
 BUILDERS = {
@@ -56,6 +61,7 @@ BUILDERS = {
     "act": elementwise.rule_act, "gather_rows": elementwise.rule_gather_rows, "add": elementwise.rule_add,
     "add_rms_norm": norm.rule_add_rms_norm, "add_layer_norm": norm.rule_add_layer_norm,
     "rope_kv_append": rope.rule_rope_kv_append, "argmax": sampling.rule_argmax, "sample": sampling.rule_sample,
+    "advance_step": sampling.rule_advance_step,
     "qlinear": quant.rule_qlinear, "qembedding": quant.rule_qembedding, "hadamard": elementwise.rule_hadamard,
 }
 

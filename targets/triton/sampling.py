@@ -22,6 +22,17 @@ sample {vocab}
     boundary's ties are resolved exactly (the lowest indices go first, as the stable sort
     orders them). Cost per sampled row: 1 + 8 (top-k) + 1 + 8 (top-p) + 1 passes over the
     row, in one program; greedy rows take one pass.
+
+advance_step {block_size}
+    (tokens, token_ids, positions, slot_mapping, block_tables, seq_lens, out, step, B,
+    max_blocks, token_rows): between two greedy decode steps of a run captured in one graph
+    (multi-step decode, vLLM's num_scheduler_steps; its advance_step kernels): with s = *step,
+    out[s * B + b] = tokens[b]; then each live row b (slot_mapping[b] >= 0; padding rows have
+    -1 and stay as they are) moves to its next position p + 1: token_ids[b] = tokens[b] (0 when
+    at or past token_rows: the host ends the run there), seq_lens[b] + 1, and the slot its
+    block table gives, block_tables[b, (p + 1) // block_size] * block_size + (p + 1) % block_size
+    (a table entry past max_blocks reads as block 0: only after a run's last step, whose
+    inputs are not used). *step += 1. One program: B <= the largest graph bucket.
 """
 
 from __future__ import annotations
@@ -196,3 +207,29 @@ def rule_sample(params, arch, args) -> Rule:
     spec = kernel(sample_kernel, {"VOCAB": vocab, "BLOCK": min(next_pow2(vocab), 1024),
                                   "GREEDY_T": GREEDY_TEMPERATURE}, args, num_warps=8)
     return Rule("sample", params, args, [Variant(1, (Launch(spec, ("L", 1, 1)),))])
+
+
+@triton.jit
+def advance_step_kernel(tokens, token_ids, positions, slot_mapping, block_tables, seq_lens, out, step, B,
+                        max_blocks, token_rows, BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    s = tl.load(step)
+    for b0 in range(0, B, BLOCK):
+        b = b0 + tl.arange(0, BLOCK)
+        rows = b < B
+        t = tl.load(tokens + b, mask=rows, other=0)
+        tl.store(out + s.to(tl.int64) * B + b, t, mask=rows)
+        live = rows & (tl.load(slot_mapping + b, mask=rows, other=-1) >= 0)
+        p = tl.load(positions + b, mask=live, other=0) + 1
+        entry = p // BLOCK_SIZE
+        block = tl.load(block_tables + b.to(tl.int64) * max_blocks + entry, mask=live & (entry < max_blocks),
+                        other=0)
+        tl.store(token_ids + b, tl.where(t < token_rows, t, 0), mask=live)
+        tl.store(positions + b, p, mask=live)
+        tl.store(seq_lens + b, tl.load(seq_lens + b, mask=live, other=0) + 1, mask=live)
+        tl.store(slot_mapping + b, block * BLOCK_SIZE + p % BLOCK_SIZE, mask=live)
+    tl.store(step, s + 1)
+
+
+def rule_advance_step(params, arch, args) -> Rule:
+    spec = kernel(advance_step_kernel, {"BLOCK_SIZE": int(params["block_size"]), "BLOCK": 256}, args, num_warps=4)
+    return Rule("advance_step", params, args, [Variant(1, (Launch(spec, (1, 1, 1)),))])

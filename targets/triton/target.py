@@ -4,7 +4,8 @@ Stages, in order, each kept on request (`--keep-intermediates`): cuda `ttir`, `t
 `ptx`, `cubin`; hip `ttir`, `ttgir`, `llir`, `amdgcn`, `hsaco`. Every plan kernel (a kind with
 static params) gets the launch rule of its kind for each architecture (kinds.py), compiled with
 the divisibility hints its calls allow (`aligned_args`); the sampling kernels (`argmax`,
-`sample` over the logits) come along so that a decode step can copy back token ids. Identical
+`sample` over the logits) come along so that a decode step can copy back token ids, and
+`advance_step`, which feeds a step's tokens to the next within a multi-step decode run. Identical
 kernels compile once (compile.py's cache, keyed by source and options), in parallel.
 
 One manifest entry per architecture (`kind` cuda or hip) carries, per plan kernel symbol, its
@@ -29,7 +30,7 @@ from .compile import BINARY, STAGES, compile_kernels, default_cache_dir
 from .kinds import BUILDERS, KV_STORAGE, launch_rule
 
 DEFAULT_ARCHS = {"cuda": ("sm_80", "sm_90"), "hip": ("gfx90a", "gfx942")}
-SAMPLING = ("argmax", "sample")  # kinds run on the logits, outside the plan
+SAMPLING = ("argmax", "sample", "advance_step")  # kinds the executor runs outside the plan
 TEXT_STAGES = {"cuda": STAGES["cuda"][:-1], "hip": STAGES["hip"][:-1]}
 
 
@@ -102,11 +103,12 @@ class TritonBackend:
             rule = launch_rule(call.kind, call.params, a)
             out[symbol] = rule.with_aligned(aligned_args(plan, symbol) | {b["name"] for b in rule.buffers})
             out[symbol].check()
-        for kind in SAMPLING:  # tokens, logits (aligned: device buffers); ld_logits = vocab
+        for kind in ("argmax", "sample"):  # tokens, logits (aligned: device buffers); ld_logits = vocab
             aligned = {"tokens", "logits", "temperature", "top_k", "top_p", "seeds", "offsets"}
             if plan.logits_cols % 16 == 0:
                 aligned.add("ld_logits")
             out[kind] = launch_rule(kind, {"vocab": plan.logits_cols}, a, aligned=aligned)
+        out["advance_step"] = launch_rule("advance_step", {"block_size": plan.pool.block_size}, a)
         return out
 
     def _compile(self, plan: Plan, archs) -> dict:
