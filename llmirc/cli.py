@@ -750,8 +750,9 @@ def inspect(bundle, as_json, no_verify, try_load, target):
               help="CPU threads (default: the CPUs this process may use); transformers gets as many.")
 @_target_option
 @click.option("--json", "as_json", is_flag=True,
-              help="One JSON object: bundle, llmirc_version, date, host, threads, target, the run's sizes, "
-                   "bandwidth_gb_s, decode_floor_ms_per_step, sgemm_gflop_s, llmirc {prefill_tok_s, decode_tok_s, "
+              help="One JSON object: bundle, llmirc_version, date, host, threads, target, device (a GPU's "
+                   "name, else null), the run's sizes, bandwidth_gb_s, decode_floor_ms_per_step, sgemm_gflop_s "
+                   "(null on a GPU), llmirc {prefill_tok_s, decode_tok_s, "
                    "decode_ms_per_step, fraction_of_floor, ...}, model; transformers likewise with "
                    "--compare-transformers.")
 def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens, threads, target, as_json):

@@ -471,7 +471,7 @@ def _recording_driver(kind, arch):
     addresses; no kernel runs; copies back give zeros). For testing the call sequence only."""
     import ctypes
 
-    from llmirc.runtime.gpu_drivers import DRIVERS, OPERATIONS, Driver
+    from llmirc.runtime.gpu_drivers import OPERATIONS, CudaDriver, Driver, HipDriver
 
     class Recording(Driver):
         CALLS = {op: op for op in OPERATIONS}
@@ -500,7 +500,7 @@ def _recording_driver(kind, arch):
         make_current = opt_in_shared = lambda self, *a: None
         create_stream = lambda self: "stream"
         instantiate = lambda self, graph: f"exec({graph})"
-        pick_target = DRIVERS[kind].pick_target
+        pick_target = {"cuda": CudaDriver, "hip": HipDriver}[kind].pick_target
     return Recording()
 
 
@@ -592,6 +592,27 @@ def test_multi_step_decode_is_one_graph_per_bucket(llama, monkeypatch):
     with load(tmp / "m.llmir", target="cuda", max_num_seqs=4) as model:
         assert model.generate([[1, 2, 3]] * 2, max_new_tokens=12, ignore_eos=True) == [[0] * 12] * 2
         assert ("run", 2) in model.executor.graphs and [op for op, _ in driver.log].count("graph_launch") == 11
+
+
+def test_bench_of_a_gpu_target_holds_it_against_the_device(llama, monkeypatch):
+    """`llmirc bench`'s run on a cuda target (a recording driver: the host side only): the floor is
+    the device's copy bandwidth (11 device-to-device copies, after the model is closed), no numpy
+    sgemm roof, and the table names the device instead of threads."""
+    from llmirc.runtime import gpu_drivers
+    from llmirc.runtime.bench import format_table, run_bench
+    tmp, _, _ = llama
+    drivers = []
+    monkeypatch.setitem(gpu_drivers.DRIVERS, "cuda", lambda: drivers.append(_recording_driver("cuda", "sm_90")) or
+                        drivers[-1])
+    r = run_bench(tmp / "m.llmir", prompt_len=8, new_tokens=16, repeat=2, target="cuda")
+    model_driver, probe = drivers
+    assert r["device"] == "recording" and r["target"] == "cuda-sm_90" and r["sgemm_gflop_s"] is None
+    ops = [op for op, _ in probe.log]
+    assert ops.count("dtod_async") == 11 and sorted(a[0] for op, a in probe.log if op == "free") == probe.allocated
+    assert [op for op, _ in model_driver.log][-1] == "free"  # the model's memory went first
+    table = format_table(r)
+    assert "target cuda-sm_90 (recording)" in table and "the device's copies, bytes read + written" in table
+    assert "thread" not in table and "sgemm" not in table
 
 
 @pytest.fixture

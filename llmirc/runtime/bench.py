@@ -146,13 +146,15 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
         whole.append(_timed(lambda: model.generate([prompt] * batch, max_new_tokens=new_tokens, ignore_eos=True)))
     step = _decode_step(first, whole, new_tokens, "llmirc")
     by_dtype = decode_bytes_per_step(model, len(prompt) + new_tokens // 2)
-    return {"prefill_tok_s": len(prompt) / min(prefill), "decode_tok_s": batch / step, "decode_ms_per_step": step * 1e3,
+    out = {"prefill_tok_s": len(prompt) / min(prefill), "decode_tok_s": batch / step, "decode_ms_per_step": step * 1e3,
             "bytes_per_step": sum(by_dtype.values()), "bytes_per_step_by_dtype": by_dtype,
             "prefill_gflop": prefill_flops(model, len(prompt)) / 1e9,
             "params": parameter_count(model.bundle.manifest, [w.shape for w in model.executor.weights]),
             "model": model.config,
             "threads": model.executor.threads, "target": model.executor.target["name"],
-            "amx": getattr(model.executor, "amx", False)}
+            "device": getattr(model.executor, "dev", {}).get("name"), "amx": getattr(model.executor, "amx", False)}
+    model.close()  # (a GPU target's memory, before the bandwidth probe)
+    return out
 
 
 def check_same_model(model: dict, hf_dir: Path) -> None:
@@ -249,15 +251,21 @@ def run_bench(bundle: Path, *, prompt_len: int | None = None, new_tokens: int | 
                           "(at least 1)")
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
     ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat, threads, kv_cache_tokens, target)
-    bandwidth, peak = measure_bandwidth(ours["bytes_per_step"]), measure_peak_gflops()
+    if ours["device"] is None:
+        bandwidth, peak = measure_bandwidth(ours["bytes_per_step"]), measure_peak_gflops()
+    else:  # a GPU target: the device's copy bandwidth; no matmul roof without a BLAS on the device
+        from .gpu_drivers import DRIVERS
+        driver = DRIVERS[ours["target"].split("-")[0]]()
+        driver.open()
+        bandwidth, peak = driver.copy_bandwidth() / 1e9, None
     floor_ms = ours["bytes_per_step"] / (bandwidth * 1e9) * 1e3
     results = {
         "bundle": str(Path(bundle).resolve()), "llmirc_version": __version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.processor() or platform.machine(),
-        "threads": ours["threads"], "target": ours["target"], "amx": ours["amx"],
+        "threads": ours["threads"], "target": ours["target"], "device": ours["device"], "amx": ours["amx"],
         "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "repeat": repeat,
         "bandwidth_gb_s": bandwidth, "decode_floor_ms_per_step": floor_ms, "sgemm_gflop_s": peak,
-        "llmirc": {k: v for k, v in ours.items() if k not in ("model", "threads", "target", "amx")},
+        "llmirc": {k: v for k, v in ours.items() if k not in ("model", "threads", "target", "device", "amx")},
         "model": ours["model"],
     }
     results["llmirc"]["fraction_of_floor"] = floor_ms / ours["decode_ms_per_step"]
@@ -268,11 +276,12 @@ def run_bench(bundle: Path, *, prompt_len: int | None = None, new_tokens: int | 
 
 
 def format_table(r: dict) -> str:
-    m = r["model"]
+    m, gpu = r["model"], r.get("device")
+    where = f"target {r['target']} ({gpu})" if gpu else \
+        f"{r['threads']} thread{'s' * (r['threads'] != 1)}, target {r['target']}{' (AMX tiles)' if r.get('amx') else ''}"
     lines = [
         f"{r['bundle']}: {m['architecture']}, {r['llmirc']['params'] / 1e6:.1f}M parameters; "
-        f"prompt {r['prompt_len']}, {r['new_tokens']} new tokens, batch {r['batch']}, best of {r['repeat']}, "
-        f"{r['threads']} thread{'s' * (r['threads'] != 1)}, target {r['target']}{' (AMX tiles)' if r.get('amx') else ''}",
+        f"prompt {r['prompt_len']}, {r['new_tokens']} new tokens, batch {r['batch']}, best of {r['repeat']}, {where}",
         f"{'':22s}{'prefill tok/s':>14s}{'decode tok/s':>14s}{'ms/step':>10s}",
     ]
     for name, key in (("llmirc", "llmirc"), ("transformers (eager)", "transformers")):
@@ -284,11 +293,15 @@ def format_table(r: dict) -> str:
         lines.append(f"llmirc / transformers: prefill {ours['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, "
                      f"decode {ours['decode_tok_s'] / peer['decode_tok_s']:.2f}x")
     split = ", ".join(f"{n / 1e6:.1f} MB {d}" for d, n in r["llmirc"]["bytes_per_step_by_dtype"].items())
+    probe = "the device's copies, bytes read + written" if gpu else "numpy sgemv over as many bytes"
     lines.append(f"decode floor: {r['llmirc']['bytes_per_step'] / 1e6:.1f} MB/step ({split}) at "
                  f"{r['bandwidth_gb_s']:.1f} GB/s "
-                 f"(numpy sgemv over as many bytes) = {r['decode_floor_ms_per_step']:.2f} ms/step; llmirc reaches "
+                 f"({probe}) = {r['decode_floor_ms_per_step']:.2f} ms/step; llmirc reaches "
                  f"{100 * r['llmirc']['fraction_of_floor']:.0f}% of it")
-    lines.append(f"prefill: {r['llmirc']['prefill_gflop_s']:.0f} GFLOP/s of matmul work, "
-                 f"{100 * r['llmirc']['prefill_gflop_s'] / r['sgemm_gflop_s']:.0f}% of numpy sgemm's "
-                 f"{r['sgemm_gflop_s']:.0f} GFLOP/s (1024^3)")
+    if r["sgemm_gflop_s"]:
+        lines.append(f"prefill: {r['llmirc']['prefill_gflop_s']:.0f} GFLOP/s of matmul work, "
+                     f"{100 * r['llmirc']['prefill_gflop_s'] / r['sgemm_gflop_s']:.0f}% of numpy sgemm's "
+                     f"{r['sgemm_gflop_s']:.0f} GFLOP/s (1024^3)")
+    else:
+        lines.append(f"prefill: {r['llmirc']['prefill_gflop_s']:.0f} GFLOP/s of matmul work")
     return "\n".join(lines)

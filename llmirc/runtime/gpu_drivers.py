@@ -19,6 +19,7 @@ bindings and the host side through a recording driver.
 from __future__ import annotations
 
 import ctypes
+import time
 
 from llmirc.errors import LlmircError
 
@@ -28,6 +29,7 @@ from .gpu_program import GpuUnavailable
 OPERATIONS = {
     "alloc": "(bytes) -> address", "free": "(address)", "memset_d8": "(address, byte, bytes)",
     "htod": "(dst, src, bytes)", "htod_async": "(dst, src, bytes, stream)", "dtoh_async": "(dst, src, bytes, stream)",
+    "dtod_async": "(dst, src, bytes, stream)",
     "synchronize": "(stream)", "mem_info": "() -> (free, total)", "load_module": "(image) -> module",
     "get_function": "(module, name) -> function",
     "launch": "(function, gx, gy, gz, bx, by, bz, shared, stream, params, extra)",
@@ -81,6 +83,30 @@ class Driver:
         """One launch; `params` a ctypes array of void* to the argument values (gpu_program.pack)."""
         self.call("launch", fn, *grid, threads, 1, 1, shared, stream, ctypes.addressof(params), 0)
 
+    def copy_bandwidth(self, nbytes: int = 512 << 20, repeat: int = 10) -> float:
+        """Bytes/s of device-to-device copies of `nbytes` (bytes read + written, the HBM figure GPU
+        benchmarks quote), timed on the host around `repeat` copies after one untimed; the open
+        device needs 2 x nbytes free. LlmircError naming the driver's error otherwise."""
+        stream = self.create_stream()
+        src = self.alloc(nbytes)
+        try:
+            dst = self.alloc(nbytes)
+        except LlmircError:
+            self.call("free", src)
+            raise
+        try:
+            self.call("memset_d8", src, 1, nbytes)
+            self.call("dtod_async", dst, src, nbytes, stream)
+            self.call("synchronize", stream)
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                self.call("dtod_async", dst, src, nbytes, stream)
+            self.call("synchronize", stream)
+            return 2 * nbytes * repeat / (time.perf_counter() - t0)
+        finally:
+            self.call("free", src)
+            self.call("free", dst)
+
     def capture(self, stream, record) -> object:
         """An executable graph of what `record()` launches on `stream`."""
         self.call("begin_capture", stream, self.capture_mode)
@@ -94,7 +120,8 @@ class Driver:
 class CudaDriver(Driver):
     kind = "cuda"
     CALLS = {"alloc": "cuMemAlloc", "free": "cuMemFree", "memset_d8": "cuMemsetD8", "htod": "cuMemcpyHtoD",
-             "htod_async": "cuMemcpyHtoDAsync", "dtoh_async": "cuMemcpyDtoHAsync", "synchronize": "cuStreamSynchronize",
+             "htod_async": "cuMemcpyHtoDAsync", "dtoh_async": "cuMemcpyDtoHAsync", "dtod_async": "cuMemcpyDtoDAsync",
+             "synchronize": "cuStreamSynchronize",
              "mem_info": "cuMemGetInfo", "load_module": "cuModuleLoadData", "get_function": "cuModuleGetFunction",
              "launch": "cuLaunchKernel", "begin_capture": "cuStreamBeginCapture", "end_capture": "cuStreamEndCapture",
              "graph_launch": "cuGraphLaunch"}
@@ -160,7 +187,7 @@ class CudaDriver(Driver):
 class HipDriver(Driver):
     kind = "hip"
     CALLS = {"alloc": "hipMalloc", "free": "hipFree", "memset_d8": "hipMemsetD8", "htod": "hipMemcpyHtoD",
-             "htod_async": "hipMemcpyHtoDAsync", "dtoh_async": "hipMemcpyDtoHAsync",
+             "htod_async": "hipMemcpyHtoDAsync", "dtoh_async": "hipMemcpyDtoHAsync", "dtod_async": "hipMemcpyDtoDAsync",
              "synchronize": "hipStreamSynchronize", "mem_info": "hipMemGetInfo", "load_module": "hipModuleLoadData",
              "get_function": "hipModuleGetFunction", "launch": "hipModuleLaunchKernel",
              "begin_capture": "hipStreamBeginCapture", "end_capture": "hipStreamEndCapture",
