@@ -277,8 +277,9 @@ def run_bench(bundle: Path, *, prompt_len: int | None = None, new_tokens: int | 
 
 def format_table(r: dict) -> str:
     m, gpu = r["model"], r.get("device")
+    amx = " (AMX tiles)" if r.get("amx") else ""
     where = f"target {r['target']} ({gpu})" if gpu else \
-        f"{r['threads']} thread{'s' * (r['threads'] != 1)}, target {r['target']}{' (AMX tiles)' if r.get('amx') else ''}"
+        f"{r['threads']} thread{'s' * (r['threads'] != 1)}, target {r['target']}{amx}"
     lines = [
         f"{r['bundle']}: {m['architecture']}, {r['llmirc']['params'] / 1e6:.1f}M parameters; "
         f"prompt {r['prompt_len']}, {r['new_tokens']} new tokens, batch {r['batch']}, best of {r['repeat']}, {where}",
