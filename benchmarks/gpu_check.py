@@ -17,7 +17,9 @@
    made here without a tokenizer) compiled for cuda at the device's architecture: 2047-token
    prefill tok/s and the linears' share of the matmul rate (their FLOPs over the whole prefill's
    time: a lower bound), batch-1 and batch-32 decode tok/s, batch 1 against the HBM floor (weight
-   bytes per step over the copy bandwidth); then each `--quant` scheme and each `--kv` KV cache.
+   bytes per step over the copy bandwidth), the executor's own single steps and 64-step runs
+   (multi-step decode), and `llmirc bench`'s run on the same bundle; then each `--quant` scheme
+   and each `--kv` KV cache.
 5. `peer`: transformers on the same checkpoint and GPU, bf16, static KV cache (with which
    generate compiles the decode step: torch.compile, mode reduce-overhead): batch-1 decode tok/s.
 
@@ -164,6 +166,12 @@ def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda") -> d
                      if n.startswith("model.layers.") and "norm" not in n)
         result["prefill_linear_tflop"] = 2 * PROMPT * params / 1e12
         result["prefill_linear_tflop_s"] = result["prefill_linear_tflop"] / prefill_s
+    model.close()
+    if quant == "none" and kv == "auto":  # `llmirc bench`'s own run (its floor: the driver's copy probe)
+        from llmirc.runtime.bench import run_bench
+        r = run_bench(bundle, prompt_len=DECODE_PROMPT, new_tokens=64, repeat=2, target=target)
+        result["llmirc_bench"] = {k: r[k] for k in ("bandwidth_gb_s", "decode_floor_ms_per_step")} | \
+            {k: r["llmirc"][k] for k in ("decode_tok_s", "decode_ms_per_step", "fraction_of_floor", "prefill_tok_s")}
     return result
 
 
