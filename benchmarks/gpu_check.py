@@ -193,10 +193,10 @@ def executor_step_s(executor, batch: int, run: int = 1, repeat: int = 50) -> flo
     def once():
         return executor.forward_greedy(inputs, run) if run > 1 else executor.forward_tokens(inputs, *sampling)
     once()
-    t0 = time.perf_counter()
+    t0, steps = time.perf_counter(), 0
     for _ in range(repeat):
-        once()
-    return (time.perf_counter() - t0) / repeat / run
+        steps += len(once()) if run > 1 else 1
+    return (time.perf_counter() - t0) / steps
 
 
 def stage_peer(model_name: str, device: str = "cuda") -> dict:

@@ -584,6 +584,8 @@ def test_multi_step_decode_is_one_graph_per_bucket(llama, monkeypatch):
     assert list(ex.graphs) == [("run", 4)]
     with pytest.raises(RuntimeLimitError, match="block"):  # the last step's positions need blocks the tables lack
         ex.forward_greedy((*step[:3], tables[:, :1], *step[4:]), bs)
+    with pytest.raises(LlmircError, match="needs a KV slot"):  # (a run would keep such a row as padding)
+        ex.forward_greedy((*step[:2], np.array([5, -1, 5], np.int32), *step[3:]), 2)
     assert len(ex.forward_greedy(step, 10 * MAX_RUN)) == MAX_RUN
     ex.close()
 

@@ -91,6 +91,37 @@ def test_greedy_decode_runs_match_single_steps(tmp_path):
         greedy(one_block, 2)
 
 
+def test_greedy_decode_run_ends_after_a_whole_step_past_the_embedding(tmp_path):
+    """runtime.c's llmir_greedy_decode with a stand-in forward: sequence 0's token of step 1 lies past
+    the embedding's rows, so the run ends after step 1, with every sequence's token of that step
+    written (the engine commits them all) and the next step's inputs advanced by step 0 only."""
+    import ctypes
+
+    make_checkpoint(tmp_path / "ckpt", "llama")
+    ex = load(compile_to(tmp_path / "ckpt", tmp_path / "m.llmir")).executor
+    B, vocab, rows, bs = 3, 8, 6, ex.block_size
+    winners, calls = [[1, 2, 3], [7, 4, 5], [1, 1, 1]], []
+    logits = np.zeros((B, vocab), np.float32)
+
+    @ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p))
+    def forward(dims, ptrs):
+        logits[:] = 0
+        logits[np.arange(B), winners[len(calls)]] = 1
+        calls.append(len(calls))
+    ids, pos, lens = np.array([9, 9, 9], np.int32), np.array([4, 4, 4], np.int32), np.array([5, 5, 5], np.int32)
+    tables = np.arange(B, dtype=np.int32)[:, None]
+    slots = tables[:, 0] * bs + 4
+    ptrs = (ctypes.c_void_p * 12)()
+    for i, a in enumerate((ids, pos, slots, tables, lens)):
+        ptrs[i] = a.ctypes.data
+    ptrs[9] = logits.ctypes.data
+    out = np.full((3, B), -1, np.int32)
+    done = ex._greedy(ctypes.cast(forward, ctypes.c_void_p), (ctypes.c_int64 * 5)(B, B, B, 1, B), ptrs, 3, vocab,
+                      rows, bs, out.ctypes.data)
+    assert done == 2 and calls == [0, 1] and out[:2].tolist() == winners[:2] and out[2].tolist() == [-1] * B
+    assert ids.tolist() == winners[0] and pos.tolist() == [5] * B and lens.tolist() == [6] * B
+
+
 HALF_CASES = [(arch, dtype) for arch in ("llama", "qwen2", "mistral", "gpt2") for dtype in ("bfloat16", "float16")]
 HALF_KV_TOP1 = 0.99     # top-1 agreement with a bf16/f16 KV cache over 256 positions, at least
 HALF_KV_LOGITS = 0.03   # and logits within this fraction of the largest reference logit

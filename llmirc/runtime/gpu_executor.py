@@ -267,7 +267,12 @@ class GpuExecutor:
         checked (RuntimeLimitError). The steps run as launches of one graph (a decode step of the
         bucket, then advance_step) with no copy between them; the tokens come back once. Fewer
         rows come back than asked for past MAX_RUN, for more sequences than the largest bucket
-        holds, and after a step whose token falls outside the embedding table."""
+        holds, and after a step whose token falls outside the embedding table (the steps after it
+        still run on the device, feeding token 0 and writing K/V into slots the run reserved,
+        which the next step writes again). LlmircError for a bundle without advance_step."""
+        if not self.supports_greedy_runs:
+            raise LlmircError(f"{self.kind}: this bundle has no advance_step kernels (compiled before 2026-12-04): "
+                              "no multi-step decode")
         steps = max(1, min(steps, MAX_RUN))
         first = checked_decode_run(self.limits, inputs, steps)
         B = len(first[4])

@@ -109,16 +109,18 @@ def checked_inputs(limits: StepLimits, *arrays) -> list[np.ndarray]:
 
 
 def checked_decode_run(limits: StepLimits, inputs, steps: int) -> list[np.ndarray]:
-    """The checked inputs of the first of `steps` greedy decode steps (forward_greedy): one token and
-    one logits row per sequence (LlmircError otherwise); the last step's positions and lengths, and
-    the block-table entries they use, are checked too (the steps between lie between them; the
-    slots of each step are those entries' slots, so within the pool once the entries are)."""
+    """The checked inputs of the first of `steps` greedy decode steps (forward_greedy): one token, one
+    logits row and a KV slot per sequence (LlmircError otherwise); the last step's positions and
+    lengths, and the block-table entries they use, are checked too (the steps between lie between
+    them; the slots of each step are those entries' slots, so within the pool once the entries are)."""
     first = checked_inputs(limits, *inputs)
     ids, pos, slots, tables, seq_lens, qsl, logits_idx = first
     B = len(seq_lens)
     if not (len(ids) == B == len(logits_idx)) or qsl.tolist() != list(range(B + 1)) or \
             logits_idx.tolist() != list(range(B)):
         raise LlmircError("forward_greedy: every sequence must have exactly one token and one logits row")
+    if (slots < 0).any():  # (a GPU run keeps such rows as padding, which a CPU run would advance)
+        raise LlmircError("forward_greedy: every sequence's token needs a KV slot (slot_mapping >= 0)")
     checked_inputs(limits, ids, pos + (steps - 1), slots, tables, seq_lens + (steps - 1), qsl, logits_idx)
     return first
 

@@ -245,7 +245,7 @@ void *llmir_scratch(int64_t bytes) {
  * step at position + 1, seq_len + 1 and the slot its block table gives. The caller checks the first
  * and the last step's inputs against the library's limits beforehand (the values in between lie
  * between them); a token at or above token_rows (an embedding table smaller than the logits) ends
- * the run. Returns the steps done. */
+ * the run after its step's row is complete. Returns the steps done. */
 int64_t llmir_greedy_decode(void (*forward)(int64_t *, void **), int64_t *dims, void **ptrs, int64_t steps,
                             int64_t vocab, int64_t token_rows, int64_t block_size, int32_t *out) {
     int64_t B = dims[1], max_blocks = dims[3];
@@ -253,6 +253,7 @@ int64_t llmir_greedy_decode(void (*forward)(int64_t *, void **), int64_t *dims, 
     const float *logits = ptrs[9];
     for (int64_t s = 0; s < steps; s++) {
         forward(dims, ptrs);
+        int outside = 0;
         for (int64_t b = 0; b < B; b++) {
             const float *row = logits + b * vocab;
             int64_t best = 0;
@@ -261,8 +262,9 @@ int64_t llmir_greedy_decode(void (*forward)(int64_t *, void **), int64_t *dims, 
                 if (row[i] > row[best]) best = i;
             }
             out[s * B + b] = (int32_t)best;
-            if (best >= token_rows) return s + 1;
+            outside |= best >= token_rows;
         }
+        if (outside) return s + 1;  /* (after the whole row: every sequence's token of step s is committed) */
         if (s + 1 == steps) break;
         for (int64_t b = 0; b < B; b++) {
             int32_t p = pos[b] + 1;

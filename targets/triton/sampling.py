@@ -32,7 +32,8 @@ advance_step {block_size}
     at or past token_rows: the host ends the run there), seq_lens[b] + 1, and the slot its
     block table gives, block_tables[b, (p + 1) // block_size] * block_size + (p + 1) % block_size
     (a table entry past max_blocks reads as block 0: only after a run's last step, whose
-    inputs are not used). *step += 1. One program: B <= the largest graph bucket.
+    inputs are not used). *step += 1, after a barrier: every warp reads it first. One program:
+    B <= the largest graph bucket.
 """
 
 from __future__ import annotations
@@ -227,6 +228,7 @@ def advance_step_kernel(tokens, token_ids, positions, slot_mapping, block_tables
         tl.store(positions + b, p, mask=live)
         tl.store(seq_lens + b, tl.load(seq_lens + b, mask=live, other=0) + 1, mask=live)
         tl.store(slot_mapping + b, block * BLOCK_SIZE + p % BLOCK_SIZE, mask=live)
+    tl.debug_barrier()  # every warp has read *step before it moves on
     tl.store(step, s + 1)
 
 
