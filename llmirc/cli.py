@@ -743,7 +743,8 @@ def inspect(bundle, as_json, no_verify, try_load, target):
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences decoded together.")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Best of N runs.")
 @click.option("--compare-transformers", "hf_dir", type=PathArg(), default=None,
-              help="Also time Hugging Face transformers (eager, float32) on this checkpoint in the same run.")
+              help="Also time Hugging Face transformers (eager, float32, on the CPU) on this checkpoint in the "
+                   "same run (a CPU target only).")
 @click.option("--kv-cache-tokens", type=click.IntRange(min=1), default=None,
               help="KV cache size in tokens (default: what the benchmark needs).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,

@@ -615,6 +615,9 @@ def test_bench_of_a_gpu_target_holds_it_against_the_device(llama, monkeypatch):
     table = format_table(r)
     assert "target cuda-sm_90 (recording)" in table and "the device's copies, bytes read + written" in table
     assert "thread" not in table and "sgemm" not in table
+    with pytest.raises(LlmircError, match=r"^--compare-transformers times transformers on the CPU, and the bundle ran "
+                       r"on recording \(target cuda-sm_90\): give --target cpu"):
+        run_bench(tmp / "m.llmir", prompt_len=8, new_tokens=16, repeat=1, target="cuda", hf_dir=tmp / "ckpt")
 
 
 @pytest.fixture

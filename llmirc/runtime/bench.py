@@ -251,6 +251,10 @@ def run_bench(bundle: Path, *, prompt_len: int | None = None, new_tokens: int | 
                           "(at least 1)")
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
     ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat, threads, kv_cache_tokens, target)
+    if hf_model is not None and ours["device"] is not None:
+        raise LlmircError(f"--compare-transformers times transformers on the CPU, and the bundle ran on "
+                          f"{ours['device']} (target {ours['target']}): give --target cpu, or compare on the GPU "
+                          "with benchmarks/gpu_check.py")
     if ours["device"] is None:
         bandwidth, peak = measure_bandwidth(ours["bytes_per_step"]), measure_peak_gflops()
     else:  # a GPU target: the device's copy bandwidth; no matmul roof without a BLAS on the device
