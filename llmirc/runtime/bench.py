@@ -153,7 +153,10 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
             "model": model.config,
             "threads": model.executor.threads, "target": model.executor.target["name"],
             "device": getattr(model.executor, "dev", {}).get("name"), "amx": getattr(model.executor, "amx", False)}
-    model.close()  # (a GPU target's memory, before the bandwidth probe)
+    driver = getattr(model.executor, "driver", None)  # a GPU target's
+    model.close()
+    if driver is not None:  # the device's copy bandwidth, in the memory the model held
+        out["device_bandwidth_gb_s"] = driver.copy_bandwidth() / 1e9
     return out
 
 
@@ -255,13 +258,9 @@ def run_bench(bundle: Path, *, prompt_len: int | None = None, new_tokens: int | 
         raise LlmircError(f"--compare-transformers times transformers on the CPU, and the bundle ran on "
                           f"{ours['device']} (target {ours['target']}): give --target cpu, or compare on the GPU "
                           "with benchmarks/gpu_check.py")
-    if ours["device"] is None:
+    bandwidth, peak = ours.pop("device_bandwidth_gb_s", None), None  # a GPU's: no matmul roof without a BLAS there
+    if bandwidth is None:
         bandwidth, peak = measure_bandwidth(ours["bytes_per_step"]), measure_peak_gflops()
-    else:  # a GPU target: the device's copy bandwidth; no matmul roof without a BLAS on the device
-        from .gpu_drivers import DRIVERS
-        driver = DRIVERS[ours["target"].split("-")[0]]()
-        driver.open()
-        bandwidth, peak = driver.copy_bandwidth() / 1e9, None
     floor_ms = ours["bytes_per_step"] / (bandwidth * 1e9) * 1e3
     results = {
         "bundle": str(Path(bundle).resolve()), "llmirc_version": __version__,

@@ -87,14 +87,11 @@ class Driver:
         """Bytes/s of device-to-device copies of `nbytes` (bytes read + written, the HBM figure GPU
         benchmarks quote), timed on the host around `repeat` copies after one untimed; the open
         device needs 2 x nbytes free. LlmircError naming the driver's error otherwise."""
-        stream = self.create_stream()
-        src = self.alloc(nbytes)
+        stream, buffers = self.create_stream(), []
         try:
-            dst = self.alloc(nbytes)
-        except LlmircError:
-            self.call("free", src)
-            raise
-        try:
+            buffers += [self.alloc(nbytes)]
+            buffers += [self.alloc(nbytes)]
+            src, dst = buffers
             self.call("memset_d8", src, 1, nbytes)
             self.call("dtod_async", dst, src, nbytes, stream)
             self.call("synchronize", stream)
@@ -104,8 +101,8 @@ class Driver:
             self.call("synchronize", stream)
             return 2 * nbytes * repeat / (time.perf_counter() - t0)
         finally:
-            self.call("free", src)
-            self.call("free", dst)
+            for ptr in buffers:
+                self.call("free", ptr)
 
     def capture(self, stream, record) -> object:
         """An executable graph of what `record()` launches on `stream`."""

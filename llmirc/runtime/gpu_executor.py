@@ -72,7 +72,8 @@ class GpuExecutor:
         self.max_blocks = -(-max_context // self.block_size)
         self.lock = threading.Lock()
         self._allocations: list[int] = []
-        self.graphs: dict[int, object] = {}
+        self.graphs: dict = {}  # bucket, or ("run", bucket) for forward_greedy -> executable graph
+        self.run_out = self.run_step = None  # forward_greedy's token rows and step counter (device)
         try:
             self._setup(bundle, kv_cache_tokens, gpu_memory_utilization)
         except BaseException:
@@ -174,7 +175,7 @@ class GpuExecutor:
     def _step(self, inputs, sampling) -> tuple[int, bool]:
         """Uploads the inputs (padded to a graph bucket for a decode step) and runs the step;
         returns L and whether it ran as a graph."""
-        a, T, B, L, max_blocks, bucket = self._stage(checked_inputs(self.limits, *inputs), sampling)
+        T, B, L, max_blocks, bucket = self._stage(checked_inputs(self.limits, *inputs), sampling)
         if bucket is None:
             for ln in self._launches(T, B, L, max_blocks):
                 self._launch(ln)
@@ -186,7 +187,8 @@ class GpuExecutor:
 
     def _stage(self, a: list, sampling) -> tuple:
         """Uploads checked inputs `a` (padded to a graph bucket for a decode step) and the sampling
-        parameters; (padded inputs, T, B, L, max_blocks, bucket or None)."""
+        parameters (pageable copies: the arrays may go once the calls return); (T, B, L, max_blocks,
+        bucket or None)."""
         T, B, L = len(a[0]), len(a[4]), len(a[6])
         max_blocks = a[3].shape[1] if a[3].ndim == 2 else 0
         if T > self.max_T or B > self.max_B or L > self.max_L or max_blocks > self.max_blocks:
@@ -206,14 +208,12 @@ class GpuExecutor:
             self._upload(name, np.ascontiguousarray(x))
         rows = bucket or L
         temperature, top_k, top_p, seeds, offsets = sampling
-        keep = a  # host arrays stay alive until the step's copies are staged
         for name, x in (("temperature", temperature.astype(np.float32)), ("top_k", top_k.astype(np.int32)),
                         ("top_p", top_p.astype(np.float32)), ("seeds", seeds.astype(np.int64)),
                         ("offsets", offsets.astype(np.int64))):
             x = np.ascontiguousarray(np.resize(x, rows))
             self.driver.call("htod_async", self.sample_bufs[name], x.ctypes.data, x.nbytes, self.stream)
-            keep.append(x)
-        return a, T, B, L, max_blocks, bucket
+        return T, B, L, max_blocks, bucket
 
     def _capture(self, bucket: int, run: bool = False):
         """A graph of one decode step of `bucket` rows; `run`: followed by advance_step (forward_greedy)."""
@@ -258,7 +258,7 @@ class GpuExecutor:
     @property
     def supports_greedy_runs(self) -> bool:
         """Whether forward_greedy runs (the bundle has advance_step kernels: compiled since 2026-12-04)."""
-        return hasattr(self, "run_out")
+        return self.run_out is not None
 
     def forward_greedy(self, inputs, steps: int) -> np.ndarray:
         """Tokens [n, B] int32 of n <= `steps` greedy decode steps (CpuExecutor.forward_greedy's
