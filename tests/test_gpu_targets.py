@@ -543,9 +543,18 @@ def test_cuda_and_hip_share_one_executor(llama):
                               np.zeros(3))
         ops = [op for op, _ in driver.log]
         assert ops.count("begin_capture") == 1 and ops.count("graph_launch") == 2
+        assert ops.index("destroy_graph") == ops.index("end_capture") + 1  # the template goes once instantiated
         assert list(ex.graphs) == [4] and ops.index("begin_capture") < ops.index("launch") < ops.index("end_capture")
+        modules = list(ex.modules)  # one per kernel, what load_module returned
+        assert len(modules) == len(ex.program.binaries) and all(m[0] == "load_module" for m in modules)
+        driver.log.clear()
         ex.close()
-        assert sorted(args[0] for op, args in driver.log if op == "free") == sorted(driver.allocated)
+        ex.close()  # a second close does nothing
+        done = {op: [a[0] for o, a in driver.log if o == op] for op in
+                ("synchronize", "destroy_graph_exec", "unload_module", "free", "destroy_stream")}
+        assert [op for op, _ in driver.log][0] == "synchronize" and done["destroy_stream"] == ["stream"]
+        assert done["destroy_graph_exec"] == ["exec(graph)"] and done["unload_module"] == modules
+        assert sorted(done["free"]) == sorted(driver.allocated)
     assert kernels["cuda"] == kernels["hip"]  # one plan: the same kernels in the same order
 
 

@@ -34,6 +34,8 @@ OPERATIONS = {
     "get_function": "(module, name) -> function",
     "launch": "(function, gx, gy, gz, bx, by, bz, shared, stream, params, extra)",
     "begin_capture": "(stream, mode)", "end_capture": "(stream) -> graph", "graph_launch": "(graph_exec, stream)",
+    "destroy_graph": "(graph)", "destroy_graph_exec": "(graph_exec)", "unload_module": "(module)",
+    "destroy_stream": "(stream)",
 }
 
 
@@ -68,16 +70,21 @@ class Driver:
     def alloc(self, n: int) -> int:
         return int(self.call("alloc", max(1, n)))
 
-    def load(self, image: bytes, symbol: str, shared: int, what: str):
-        """The kernel `symbol` of a code object (cubin, PTX, hsaco): GpuUnavailable naming `what`
-        when the driver refuses the image."""
+    def load(self, image: bytes, symbol: str, shared: int, what: str) -> tuple:
+        """(module, function) of the kernel `symbol` of a code object (cubin, PTX, hsaco); the
+        caller unloads the module (`unload_module`). GpuUnavailable naming `what` when the driver
+        refuses the image."""
         try:
             module = self.call("load_module", image)
         except LlmircError as e:
             raise GpuUnavailable(f"{self.kind}: cannot load kernel {what}: {e}") from None
-        fn = self.call("get_function", module, symbol.encode())
-        self.opt_in_shared(fn, shared)
-        return fn
+        try:
+            fn = self.call("get_function", module, symbol.encode())
+            self.opt_in_shared(fn, shared)
+        except BaseException:
+            self.call("unload_module", module)
+            raise
+        return module, fn
 
     def launch(self, fn, grid: tuple[int, int, int], threads: int, shared: int, stream, params) -> None:
         """One launch; `params` a ctypes array of void* to the argument values (gpu_program.pack)."""
@@ -103,15 +110,20 @@ class Driver:
         finally:
             for ptr in buffers:
                 self.call("free", ptr)
+            self.call("destroy_stream", stream)
 
     def capture(self, stream, record) -> object:
-        """An executable graph of what `record()` launches on `stream`."""
+        """An executable graph of what `record()` launches on `stream` (the caller destroys it:
+        `destroy_graph_exec`; the captured graph itself goes once instantiated)."""
         self.call("begin_capture", stream, self.capture_mode)
         try:
             record()
         finally:
             graph = self.call("end_capture", stream)
-        return self.instantiate(graph)
+        try:
+            return self.instantiate(graph)
+        finally:
+            self.call("destroy_graph", graph)
 
 
 class CudaDriver(Driver):
@@ -121,7 +133,9 @@ class CudaDriver(Driver):
              "synchronize": "cuStreamSynchronize",
              "mem_info": "cuMemGetInfo", "load_module": "cuModuleLoadData", "get_function": "cuModuleGetFunction",
              "launch": "cuLaunchKernel", "begin_capture": "cuStreamBeginCapture", "end_capture": "cuStreamEndCapture",
-             "graph_launch": "cuGraphLaunch"}
+             "graph_launch": "cuGraphLaunch", "destroy_graph": "cuGraphDestroy",
+             "destroy_graph_exec": "cuGraphExecDestroy", "unload_module": "cuModuleUnload",
+             "destroy_stream": "cuStreamDestroy"}
     OTHER = ("cuInit", "cuDeviceGetCount", "cuDeviceGet", "cuDeviceGetAttribute", "cuDeviceGetName",
              "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent", "cuDriverGetVersion", "cuStreamCreate",
              "cuGraphInstantiate", "cuFuncSetAttribute")
@@ -188,7 +202,9 @@ class HipDriver(Driver):
              "synchronize": "hipStreamSynchronize", "mem_info": "hipMemGetInfo", "load_module": "hipModuleLoadData",
              "get_function": "hipModuleGetFunction", "launch": "hipModuleLaunchKernel",
              "begin_capture": "hipStreamBeginCapture", "end_capture": "hipStreamEndCapture",
-             "graph_launch": "hipGraphLaunch"}
+             "graph_launch": "hipGraphLaunch", "destroy_graph": "hipGraphDestroy",
+             "destroy_graph_exec": "hipGraphExecDestroy", "unload_module": "hipModuleUnload",
+             "destroy_stream": "hipStreamDestroy"}
     OTHER = ("hipInit", "hipGetDeviceCount", "hipGetDeviceProperties", "hipSetDevice", "hipDriverGetVersion",
              "hipStreamCreate", "hipGraphInstantiate")
     ERROR_NAME = "hipGetErrorName"

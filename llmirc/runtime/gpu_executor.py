@@ -72,19 +72,36 @@ class GpuExecutor:
         self.max_blocks = -(-max_context // self.block_size)
         self.lock = threading.Lock()
         self._allocations: list[int] = []
+        self.modules: list = []
         self.graphs: dict = {}  # bucket, or ("run", bucket) for forward_greedy -> executable graph
+        self.stream = None
         self.run_out = self.run_step = None  # forward_greedy's token rows and step counter (device)
         try:
             self._setup(bundle, kv_cache_tokens, gpu_memory_utilization)
         except BaseException:
-            self.close()
+            try:
+                self.close()
+            except LlmircError:
+                pass  # the setup's own error says more
             raise
 
     def close(self) -> None:
-        """Frees the device memory (the executor is unusable afterwards)."""
-        for ptr in self._allocations:
-            self.driver.call("free", ptr)
-        self._allocations.clear()
+        """Waits for the stream, then destroys what the executor made on the device: graphs,
+        modules, memory, the stream (the executor is unusable afterwards; a second call does
+        nothing). Every release is tried; the first driver error (LlmircError) is raised after."""
+        first = None
+        steps = [("synchronize", self.stream)] if self.stream is not None else []
+        steps += [("destroy_graph_exec", g) for g in self.graphs.values()]
+        steps += [("unload_module", m) for m in self.modules] + [("free", p) for p in self._allocations]
+        steps += [("destroy_stream", self.stream)] if self.stream is not None else []
+        self.graphs, self.modules, self._allocations, self.stream = {}, [], [], None
+        for op, handle in steps:
+            try:
+                self.driver.call(op, handle)
+            except LlmircError as e:
+                first = first or e
+        if first is not None:
+            raise first
 
     def _setup(self, bundle: Bundle, kv_cache_tokens: int | None, gpu_memory_utilization: float) -> None:
         driver, m = self.driver, bundle.manifest
@@ -149,8 +166,10 @@ class GpuExecutor:
         else:
             image = bundle.file(b["binary"]).read_bytes()
         form = f"PTX {b.get('ptx_isa')}" if self.use_ptx else b["binary"].rsplit(".", 1)[-1]
-        return self.driver.load(image, str(b["symbol"]), int(b["shared"]),
-                                f"{b.get('kernel')} of {self.target['name']} ({form})")
+        module, fn = self.driver.load(image, str(b["symbol"]), int(b["shared"]),
+                                      f"{b.get('kernel')} of {self.target['name']} ({form})")
+        self.modules.append(module)
+        return fn
 
     # -- steps -------------------------------------------------------------------------------
     def _launch(self, ln) -> None:
