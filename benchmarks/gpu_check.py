@@ -20,7 +20,14 @@
    bytes per step over the copy bandwidth), the executor's own single steps and 64-step runs
    (multi-step decode), and `llmirc bench`'s run on the same bundle; then each `--quant` scheme
    and each `--kv` KV cache.
-5. `peer`: transformers on the same checkpoint and GPU, bf16, static KV cache (with which
+5. `profile`: every kernel of a decode step (batch 1 and 32) and of the prefill, timed on the
+   device inside the step's graph (benchmarks/gpu_profile.py: torch's profiler): per kind in the
+   result, per launch (device time, the gap before the next kernel, weight GB/s, TFLOP/s) in
+   $OUT/profile_none.json; after each `--quant` bench, its profile too.
+6. `sweep`: the linear kernel's tile configurations against each other and cuBLAS at the
+   model's linear shapes, for batch-1 and batch-32 decode and the prefill
+   (benchmarks/gpu_sweep.py): the best three per shape, every row in $OUT/sweep.json.
+7. `peer`: transformers on the same checkpoint and GPU, bf16, static KV cache (with which
    generate compiles the decode step: torch.compile, mode reduce-overhead): batch-1 decode tok/s.
 
 Each stage runs in a process of its own under a time limit (a hung kernel costs its stage, not
@@ -114,12 +121,11 @@ def make_checkpoint(model_name: str) -> Path:
     return ckpt
 
 
-def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda") -> dict:
-    """`target` cpu: the same steps on the CPU target (a dry run of this script on a host without a GPU)."""
+def compiled_bundle(model_name: str, quant: str, kv: str, target: str = "cuda") -> tuple[Path, dict]:
+    """(bundle, facts) of the benchmark checkpoint compiled for `target` at this device's
+    architecture (compiled once per process tree: a later stage finds it in WORK)."""
     from llmirc.driver import CompileOptions, Progress, compile_model
-    from llmirc.runtime.bench import decode_bytes_per_step
     from llmirc.runtime.gpu_drivers import CudaDriver
-    from llmirc.runtime.model import load
 
     t0 = time.perf_counter()
     ckpt = make_checkpoint(model_name)
@@ -127,10 +133,20 @@ def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda") -> d
     dev = CudaDriver().open() if target == "cuda" else {"name": "cpu", "arch": None, "driver_version": None}
     bundle = WORK / f"{Path(model_name).name}-{target}-{dev['arch']}-{quant}-kv-{kv}.llmir"
     t0 = time.perf_counter()
-    compile_model(ckpt, bundle, CompileOptions(targets=(target,), archs=(dev["arch"],) if dev["arch"] else (),
-                                               quant=quant, kv_cache_dtype=kv), Progress(sys.stderr))
+    if not (bundle / "manifest.json").is_file():
+        compile_model(ckpt, bundle, CompileOptions(targets=(target,), archs=(dev["arch"],) if dev["arch"] else (),
+                                                   quant=quant, kv_cache_dtype=kv), Progress(sys.stderr))
     result |= {"device": dev["name"], "arch": dev["arch"], "driver_version": dev["driver_version"],
                "compile_s": time.perf_counter() - t0}
+    return bundle, result
+
+
+def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda") -> dict:
+    """`target` cpu: the same steps on the CPU target (a dry run of this script on a host without a GPU)."""
+    from llmirc.runtime.bench import decode_bytes_per_step
+    from llmirc.runtime.model import load
+
+    bundle, result = compiled_bundle(model_name, quant, kv, target)
     t0 = time.perf_counter()
     model = load(bundle, max_batched_tokens=PROMPT, max_num_seqs=32, enable_prefix_caching=False,
                  kv_cache_tokens=None if target == "cuda" else 32 * (DECODE_PROMPT + 2 * DECODE_STEPS))
@@ -173,6 +189,25 @@ def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda") -> d
         result["llmirc_bench"] = {k: r[k] for k in ("bandwidth_gb_s", "decode_floor_ms_per_step")} | \
             {k: r["llmirc"][k] for k in ("decode_tok_s", "decode_ms_per_step", "fraction_of_floor", "prefill_tok_s")}
     return result
+
+
+def stage_profile(model_name: str, quant: str) -> dict:
+    """Every kernel of a decode step (batch 1, 32) and a prefill, timed on the device in the step's
+    graph (benchmarks/gpu_profile.py): per kind here, per launch in $OUT/profile_<quant>.json."""
+    import gpu_profile
+    bundle, result = compiled_bundle(model_name, quant, "auto")
+    full = gpu_profile.profile_bundle(bundle)
+    (Path(os.environ["OUT"]) / f"profile_{quant}.json").write_text(json.dumps(full, indent=1))
+    return result | gpu_profile.brief(full)
+
+
+def stage_sweep(model_name: str) -> dict:
+    """The linear kernel's tile configurations at the model's shapes (benchmarks/gpu_sweep.py):
+    the best per case here, every row in $OUT/sweep.json."""
+    import gpu_sweep
+    full = gpu_sweep.sweep(model_name, log=lambda m: print(m, file=sys.stderr))
+    (Path(os.environ["OUT"]) / "sweep.json").write_text(json.dumps(full, indent=1))
+    return gpu_sweep.best(full)
 
 
 def executor_step_s(executor, batch: int, run: int = 1, repeat: int = 50) -> float:
@@ -261,6 +296,10 @@ def child(argv: list[str]) -> int:
             result = stage_rates()
         elif argv[0] == "bench":
             result = stage_bench(*argv[1:])
+        elif argv[0] == "profile":
+            result = stage_profile(*argv[1:])
+        elif argv[0] == "sweep":
+            result = stage_sweep(*argv[1:])
         else:
             result = stage_peer(*argv[1:])
     except BaseException as e:  # noqa: BLE001  (reported, not hidden: the parent records it)
@@ -316,8 +355,11 @@ def main() -> int:
         if "short test summary" in text:
             log(out, text[text.index("short test summary"):][-3000:])
     stages = [("rates", ["rates"], 40), ("bench", ["bench", args.model, "none", "auto"], 200),
-              ("peer", ["peer", args.model], 150)]
-    stages += [(f"bench_{q}", ["bench", args.model, q, "auto"], 150) for q in args.quant.split(",") if q]
+              ("profile", ["profile", args.model, "none"], 90)]
+    stages += [("sweep", ["sweep", args.model], 150)] if args.model in __import__("models").MODELS else []
+    for q in filter(None, args.quant.split(",")):
+        stages += [(f"bench_{q}", ["bench", args.model, q, "auto"], 150), (f"profile_{q}", ["profile", args.model, q], 90)]
+    stages += [("peer", ["peer", args.model], 150)]
     stages += [(f"bench_kv_{kv}", ["bench", args.model, "none", kv], 120) for kv in args.kv.split(",") if kv]
     for name, argv, limit in stages:
         left = deadline - time.perf_counter()

@@ -201,7 +201,8 @@ def test_linear(rng, w_dtype, arch):
     wq = rounded(w, w_dtype)
     params = {"n": n, "k": k, "bias": True, "residual": True, "w_dtype": w_dtype}
     for split in (3, None):
-        rule = rule_linear(params, ARCHS[arch], triton_args(SIGNATURES["linear"], params), split)
+        rule = rule_linear(params, ARCHS[arch], triton_args(SIGNATURES["linear"], params),
+                           {16: {"split_k": split}, 128: {"split_k": split}})
         for T in LINEAR_T:
             xb, x = buf(rng, T, k, pad=3)
             rb, res = buf(rng, T, n, pad=2)

@@ -43,12 +43,14 @@ HIDDEN = ("global_scratch", "profile_scratch")
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch: the compiled kernel (its key in the target's binaries), the grid and the
-    argument values in the binary's parameter order (ints; floats for fp32)."""
+    """One kernel launch: the compiled kernel (its key in the target's binaries), the grid, the
+    argument values in the binary's parameter order (ints; floats for fp32) and the plan kernel
+    symbol (or sampling kind) it is a launch of."""
 
     kernel: str
     grid: tuple[int, int, int]
     values: tuple
+    symbol: str = ""
 
 
 class GpuUnavailable(LlmircError):
@@ -145,7 +147,7 @@ class GpuProgram:
                 continue
             v = values | launch_rules.scalars(ln, env)
             launch_rules.check_aligned(ln, v)
-            out.append(Launch(ln["kernel"], grid, tuple(v[a] for a in ln["args"]) + (0, 0)))
+            out.append(Launch(ln["kernel"], grid, tuple(v[a] for a in ln["args"]) + (0, 0), symbol))
         return out
 
     def _value(self, a, dims: dict, addr: dict):

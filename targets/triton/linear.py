@@ -137,20 +137,27 @@ def split_k(n: int, k: int, block_n: int, block_k: int, tiles_m: int, num_sms: i
     return _cdiv(k, k_split), k_split
 
 
-def rule_linear(params, arch, args, split_k_override: int | None = None) -> Rule:
-    """The launch rule of one linear; `split_k_override` forces a split count (tests)."""
+T_RANGES = (16, 128, None)  # the variants' upper bounds on T (None: the rest)
+
+
+def rule_linear(params, arch, args, overrides: dict | None = None) -> Rule:
+    """The launch rule of one linear. `overrides` {t_max (T_RANGES): {key: value}} replaces the
+    tile configuration of a variant (BLOCK_M/N/K, num_warps, num_stages; `split_k` forces a split
+    count): for tests and benchmarks/gpu_sweep.py."""
     n, k = int(params["n"]), int(params["k"])
     w_dtype = params["w_dtype"]
     kernel_args = args + (("splitk_workspace", "*fp32"),)
     variants, ws_floats = [], 0
-    for t_max in (16, 128, None):
-        cfg = _config(arch, w_dtype, t_max)
+    for t_max in T_RANGES:
+        cfg = _config(arch, w_dtype, t_max) | (overrides or {}).get(t_max, {})
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         max_tiles = _cdiv(t_max, bm) * _cdiv(n, bn) if t_max else 0
         if t_max is None:
+            if cfg.get("split_k", 1) != 1:
+                raise ValueError("linear: no split-K for T > 128 (its workspace is sized for 128 rows)")
             splits, k_split = split_k(n, k, bn, bk, 1, arch.num_sms, splits=1)
         else:
-            splits, k_split = split_k(n, k, bn, bk, _cdiv(t_max, bm), arch.num_sms, split_k_override)
+            splits, k_split = split_k(n, k, bn, bk, _cdiv(t_max, bm), arch.num_sms, cfg.get("split_k"))
         if splits > 1:
             ws_floats = max(ws_floats, max_tiles * (splits * bm * bn + 1))
         spec = kernel(linear_kernel, {
