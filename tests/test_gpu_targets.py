@@ -60,7 +60,7 @@ def _gpu(manifest):
 def _check_target(bundle, manifest, t):
     """Every launch of every kernel (plan and sampling) has its binary, and the binary's parameters
     are the launch's arguments (typed as the rule says) then the two hidden pointers."""
-    plan_symbols = {step["kernel"] for step in manifest["plan"]}
+    plan_symbols = {step["kernel"] for step in t["plan"]}
     assert {k["symbol"] for k in t["kernels"]} == plan_symbols
     magic = b"\x7fELF"
     for rule in [k["rule"] for k in t["kernels"]] + list(t["sampling"].values()):
@@ -185,6 +185,49 @@ def test_kernel_limits_are_user_errors(tmp_path):
         "(the float32 scales after the codes must be 4-byte aligned)")
 
 
+def test_prologue_fusion_conditions():
+    """fuse.py fuses a norm or act_mul with the linear after it only when the linear reads exactly
+    its output, writes none of its inputs, and nothing later reads that output before it is
+    written again."""
+    from llmirc.targets.plan import Dim, KernelCall, Plan, Ref
+    from llmirc.targets.triton.fuse import fuse_prologues
+    T, null = Dim("T"), Ref("null")
+
+    def ws(i, col=0):
+        return Ref("ws", i, col)
+
+    def norm(out, x):
+        return KernelCall("rms_norm", {"dim": 64, "eps": 1e-5}, {"out": out, "ld_out": 64, "x": x, "ld_x": 64,
+                                                                  "w": Ref("weight", 0), "T": T}, "llmir_rms_norm_0")
+
+    def linear(out, x, residual=null, k=64):
+        return KernelCall("linear", {"n": 32, "k": k, "bias": False, "residual": residual != null,
+                                     "w_dtype": "bfloat16"},
+                          {"out": out, "ld_out": 32, "x": x, "ld_x": 64, "w": Ref("weight", 1), "bias": null,
+                           "residual": residual, "ld_res": 32, "T": T}, "llmir_linear_1")
+
+    def add(out, a, b):
+        return KernelCall("add", {"dim": 32}, {"out": out, "ld_out": 32, "a": a, "ld_a": 32, "b": b, "ld_b": 32,
+                                               "T": T}, "llmir_add_2")
+
+    def kinds(calls):
+        return [c.kind for c in fuse_prologues(Plan(calls=calls)).calls]
+    fused = fuse_prologues(Plan(calls=[norm(ws(0), ws(1)), linear(ws(2), ws(0))])).calls
+    assert [c.kind for c in fused] == ["rms_norm_linear"] and fused[0].symbol == "llmir_rms_norm_linear_2"
+    assert fused[0].args["src"] == ws(1) and fused[0].args["x"] == ws(0) and fused[0].params["eps"] == 1e-5
+    assert kinds([norm(ws(0), ws(1)), linear(ws(2), ws(0)), add(ws(3), ws(0), ws(2))]) == ["rms_norm", "linear", "add"]
+    assert kinds([norm(ws(0), ws(1)), linear(ws(2), ws(0)), add(ws(0), ws(2), ws(2)), add(ws(3), ws(0), ws(2))]) \
+        == ["rms_norm_linear", "add", "add"]  # written again before it is read
+    assert kinds([norm(ws(0), ws(1)), linear(ws(1), ws(0), residual=ws(1))]) == ["rms_norm", "linear"]  # out = src
+    assert kinds([norm(ws(0), ws(1)), linear(ws(2), ws(0, 8))]) == ["rms_norm", "linear"]  # another view
+    assert kinds([norm(ws(0), ws(1)), linear(ws(2), ws(0), k=128)]) == ["rms_norm", "linear"]
+    act = KernelCall("act_mul", {"dim": 64, "act": "silu"}, {"out": ws(0), "ld_out": 64, "gate": ws(1), "ld_gate": 128,
+                                                             "up": ws(1, 64), "ld_up": 128, "T": T}, "llmir_act_mul_3")
+    fused = fuse_prologues(Plan(calls=[act, linear(ws(2), ws(0), residual=ws(2))])).calls
+    assert [c.kind for c in fused] == ["act_mul_linear"] and fused[0].args["up"] == ws(1, 64)
+    assert fused[0].params["act"] == "silu" and fused[0].params["residual"]
+
+
 def test_full_sequence_models_are_refused(tmp_path):
     path = save(bidirectional_decoder(), tmp_path)
     r = llmirc("compile", path, "--target", "cuda", "-o", tmp_path / "m.llmir")
@@ -241,7 +284,17 @@ def test_launches_point_inside_their_buffers(llama, T, B, L):
     dims = {"T": T, "B": B, "L": L, "max_blocks": 4, "num_blocks": 64}
     addr, regions = _regions(program, dims | {"T": 512, "L": 512})
     launches = program.forward(dims, addr)
-    assert len(launches) >= len(manifest["plan"])
+    assert len(launches) >= len(program.steps)
+    # the GPU's own plan: each norm and act_mul fused with the linear that reads it (fuse.py), into its
+    # loads at T <= 16 (one launch), launched before it otherwise
+    kernels = {program.binaries[ln.kernel]["kernel"] for ln in launches}
+    assert len(program.steps) == len(manifest["plan"]) - 7  # 2 layers x 3 pairs, and the final norm + LM head
+    fused, alone = {"rms_norm_linear_kernel", "act_mul_linear_kernel"}, {"rms_norm_into_kernel", "act_mul_into_kernel"}
+    if T <= 16:
+        assert fused <= kernels and not kernels & alone
+    else:  # (the last layer's MLP, the final norm and the LM head run on the L logits rows: fused at L <= 16)
+        assert alone <= kernels and fused <= kernels
+    assert not kernels & {"rms_norm_kernel", "act_mul_kernel"}
     for ln in launches:
         b = program.binaries[ln.kernel]
         array, cells = pack(b, ln.values)
@@ -344,7 +397,7 @@ def test_misaligned_buffers_and_bad_entries_are_refused(llama):
     with pytest.raises(BundleError, match="its launch rule passes"):
         GpuProgram(bad, target, "m.llmir")
     bad = copy.deepcopy(manifest)
-    bad["plan"][0]["args"]["ids"] = {"ptr": "input", "index": "../etc"}
+    _gpu(bad)["sm_90"]["plan"][0]["args"]["ids"] = {"ptr": "input", "index": "../etc"}
     addr, _ = _regions(program, dims)
     with pytest.raises(BundleError, match="unknown input"):
         GpuProgram(bad, _gpu(bad)["sm_90"], "m.llmir").forward(dims, addr)

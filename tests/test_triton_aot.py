@@ -23,6 +23,8 @@ CALLS = [  # one call of every kind, shapes of a small Llama (head_dim 64, GQA 4
     ("layer_norm", {"dim": 256, "eps": 1e-5}),
     ("add_layer_norm", {"dim": 256, "eps": 1e-5, "bias": False}),
     ("linear", {"n": 384, "k": 256, "w_dtype": "bfloat16", "bias": True, "residual": True}),  # ld_* aligned too
+    ("rms_norm_linear", {"n": 384, "k": 256, "w_dtype": "bfloat16", "bias": True, "residual": True, "eps": 1e-5}),
+    ("act_mul_linear", {"n": 384, "k": 256, "w_dtype": "bfloat16", "bias": True, "residual": True, "act": "silu"}),
     ("rope", {"num_heads": 4, "head_dim": 64, "inv_freq": INV_FREQ}),
     ("kv_append", {"num_layers": 2, "num_kv_heads": 1, "head_dim": 64, "block_size": 16, "kv_dtype": "bfloat16"}),
     ("kv_append", {"num_layers": 2, "num_kv_heads": 1, "head_dim": 64, "block_size": 16, "kv_dtype": "int8"}),
@@ -54,11 +56,11 @@ def compiled(tmp_path_factory):
     for kind, params in CALLS:
         for arch in ARCHS.values():
             rule = launch_rule(kind, params, arch)
-            if kind == "linear":  # as a plan whose leading dimensions are multiples of 16 asks
+            if kind.endswith("linear"):  # as a plan whose leading dimensions are multiples of 16 asks
                 rule = rule.with_aligned(a for a, _ in rule.all_args())
             for key, spec in rule.kernels().items():
                 pairs[(key, arch.name)] = spec
-                owners[(key, arch.name)] = kind
+                owners.setdefault((key, arch.name), kind)  # (a fused kind's linear kernels are linear's)
     cache = tmp_path_factory.mktemp("triton-cache")
     results = compile_kernels([(spec, arch) for (_, arch), spec in pairs.items()], cache_dir=cache, jobs=2)
     out = {}
@@ -103,6 +105,9 @@ def test_tensor_core_instructions_and_wide_loads(compiled):
     # the decode-shaped (16-row) variant uses mma.sync on Hopper as well
     decode = [r for r in out[("linear", "linear_kernel", "sm_90")] if r.metadata["constexprs"]["BLOCK_M"] == 16][0]
     assert "HMMA" in sass(decode.binary)
+    for kind in ("rms_norm_linear", "act_mul_linear"):  # and with a prologue fused into its loads
+        (fused,) = out[(kind, f"{kind}_kernel", "sm_90")]
+        assert "HMMA" in sass(fused.binary) and "LDG.E.128" in sass(fused.binary)
 
 
 def test_quantized_linears_use_tensor_cores(compiled):

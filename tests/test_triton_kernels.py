@@ -227,6 +227,49 @@ def test_linear_flags_off_and_big_k(rng):
     assert rule.kernels() and rule.buffers[0]["zero_init"]
 
 
+@pytest.mark.parametrize("kind", ["rms_norm_linear", "act_mul_linear"])
+@pytest.mark.parametrize("w_dtype", ["float32", "bfloat16"])
+def test_prologue_linear(rng, kind, w_dtype):
+    """rms_norm / act_mul fused into the linear's loads (T <= 16), or launched first into x (the
+    other variants), against float64 at every T range: with f32 weights the linear is exact to
+    f32, so the fused prologue must be too; with bf16 ones the input is rounded to bf16 first
+    (tensor cores), and the fused norm's sum order may flip that rounding of an element."""
+    n, k = 70, 300
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    wq = rounded(w, w_dtype)
+    params = {"n": n, "k": k, "residual": True, "w_dtype": w_dtype}
+    params |= {"eps": 1e-5} if kind == "rms_norm_linear" else {"act": "silu"}
+    for split in (3, None):
+        rule = launch_rule(kind, params, ARCHS["sm_90"])
+        if split:
+            from llmirc.targets.triton.linear import _prologue_rule
+            tile = {16: {"split_k": split}, 128: {"split_k": split}}
+            rule = _prologue_rule(kind, rule.params, ARCHS["sm_90"], rule.args, tile)
+        for T in LINEAR_T:
+            sb, src = buf(rng, T, k, pad=3)
+            ub, up = buf(rng, T, k, pad=1)
+            norm_w = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32)
+            xb, x = buf(rng, T, k, fill=np.nan, pad=2)
+            rb, res = buf(rng, T, n, pad=2)
+            res0 = res.copy()
+            if kind == "rms_norm_linear":
+                ref_x = ref_rms_norm(src, norm_w, 1e-5)
+                inputs = {"src": sb, "ld_src": ld(sb), "norm_w": norm_w}
+            else:
+                ref_x = ref_act("silu", src) * up
+                inputs = {"gate": sb, "ld_gate": ld(sb), "up": ub, "ld_up": ld(ub)}
+            call(rule, out=rb, ld_out=ld(rb), x=xb, ld_x=ld(xb), w=stored(w, w_dtype), bias=np.zeros(1, np.float32),
+                 residual=rb, ld_res=ld(rb), T=T, **inputs)
+            if T > 16:  # the prologue's own kernel wrote x
+                np.testing.assert_allclose(x, ref_x, rtol=2e-5, atol=1e-6)
+            else:  # x untouched (NaN): the fused loads computed it
+                assert np.isnan(x).all()
+            ref = rounded(ref_x, w_dtype) @ wq.T + res0
+            scale = np.abs(ref_x).max(initial=0) * np.abs(wq).sum(1).max() if w_dtype != "float32" else 0
+            np.testing.assert_allclose(res, ref, rtol=1e-5, atol=3e-5 + 2 ** -8 * scale / 16,
+                                       err_msg=f"T={T} split={split}")
+
+
 # --- rope and the KV pool
 
 def inv_freq(rot, base=10000.0):

@@ -85,7 +85,7 @@ def _weights_read(model) -> list[int]:
     """Indices of the weights a step reads in full (embedding tables are read a row per token)."""
     kinds = {k["symbol"]: k["kind"] for k in model.executor.target["kernels"]}
     used = {}  # weight index -> read in full by some non-embedding kernel
-    for call in model.bundle.manifest["plan"]:
+    for call in model.executor.target.get("plan") or model.bundle.manifest["plan"]:  # (a GPU target's own)
         for arg in call["args"].values():
             if isinstance(arg, dict) and arg.get("ptr") == "weight":
                 if not (isinstance(arg.get("index"), int) and 0 <= arg["index"] < len(model.executor.weights)):

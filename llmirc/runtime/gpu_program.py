@@ -5,7 +5,8 @@ A GPU target entry of the manifest (targets/triton/target.py) holds, per plan ke
 launch rule of its kind (llmirc.runtime.launch_rules), per compiled kernel its binary and launch
 metadata, and the workspace layout (`slots`: each workspace slot's dtype and byte offset as
 coefficients of T, L, TT and const). One forward is the manifest's plan (`plan`: the calls in
-order, arguments by name) with every argument resolved:
+order, arguments by name; the target's own `plan` where it has one: the GPU-only fusions of
+targets/triton/fuse.py) with every argument resolved:
 
     pointer {"ptr": space, "index": i, "col": c}: the base address of the buffer (an ABI input,
             the KV pool, a workspace slot, the logits, a weight) + c elements of its dtype
@@ -73,7 +74,7 @@ class GpuProgram:
             self.sampling = dict(target["sampling"])
             self.slots = [(dtypes.dtype(s["dtype"]), {k: int(v) for k, v in s["offset"].items()})
                           for s in target["slots"]]
-            self.steps = [(s["kernel"], s["args"]) for s in manifest["plan"]]
+            self.steps = [(s["kernel"], s["args"]) for s in target.get("plan", manifest["plan"])]
             weights = manifest["weights"]
             self.weight_dtypes = [dtypes.dtype(weights["dtypes"][n]) for n in weights["order"]]
             self.pool_dtype = dtypes.dtype(manifest["kv_cache"]["dtype"])

@@ -112,6 +112,13 @@ def act_mul_kernel(out, ld_out, gate, ld_gate, up, ld_up, T, DIM: tl.constexpr, 
 
 
 @triton.jit
+def act_mul_into_kernel(x, ld_x, gate, ld_gate, up, ld_up, T, DIM: tl.constexpr, ACT: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """act_mul_kernel under act_mul_linear's argument names: x = act(gate) * up."""
+    act_mul_kernel(x, ld_x, gate, ld_gate, up, ld_up, T, DIM, ACT, BLOCK)
+
+
+@triton.jit
 def hadamard_kernel(out, ld_out, x, ld_x, T, B: tl.constexpr, BT: tl.constexpr):
     """BT rows' blocks of B columns times the [B, B] signs (-1)^popcount(i & l) (symmetric) on the
     tensor cores, then times 1/sqrt(B). x is split into three bfloat16 parts (x = hi + mid + lo
@@ -178,6 +185,15 @@ def _check_act(act):
 def rule_act(params, arch, args) -> Rule:
     _check_act(params["act"])
     return _row_rule("act", params, act_kernel, args, "T", {"ACT": params["act"]})
+
+
+def act_mul_into_launch(dim: int, act: str, types: dict) -> Launch:
+    """act_mul_linear's prologue launched alone (T > 16): x = act(gate) * up."""
+    _check_act(act)
+    rule = _row_rule("act_mul", {"dim": dim, "act": act}, act_mul_into_kernel,
+                     tuple((a, types[a]) for a in ("x", "ld_x", "gate", "ld_gate", "up", "ld_up", "T")), "T",
+                     {"ACT": act})
+    return rule.variants[0].launches[0]
 
 
 def rule_act_mul(params, arch, args) -> Rule:

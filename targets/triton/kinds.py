@@ -2,7 +2,8 @@
 
 Every kind of targets/signatures.py (static params, named typed arguments and semantics shared
 with the CPU target, so one plan drives both), plus the GPU-only fusions declared here the same
-way: add_rms_norm, add_layer_norm (norm.py), argmax and sample (sampling.py). Storage dtypes
+way: add_rms_norm, add_layer_norm (norm.py), rms_norm_linear and act_mul_linear (linear.py; made
+by fuse.py), argmax, sample and advance_step (sampling.py). Storage dtypes
 (`w_dtype`, `dtype`, `kv_dtype`) may be float32, bfloat16 or float16; a KV pool (kv_append, paged_attention) may also be int8 or float8_e4m3fn (codes with a
 float32 scale per block; FP8 on the architectures that have it).
 
@@ -36,6 +37,8 @@ def _i64(name):
 _OUT = (_ptr("out", access="w"), _i64("ld_out"))
 _ADD = (_ptr("h", access="rw"), _i64("ld_h"), _ptr("x"), _i64("ld_x"))
 _LOGITS = (_ptr("tokens", "int32", "w"), _ptr("logits"), _i64("ld_logits"))
+_LINEAR_STATIC = SIGNATURES["linear"].static
+_LINEAR_TAIL = tuple(p for p in SIGNATURES["linear"].params if p.name in ("w", "bias", "residual", "ld_res", "T"))
 
 GPU_SIGNATURES: dict[str, Signature] = {s.kind: s for s in (
     # h[t] += x[t]; out[t] = norm(h[t])   (vLLM's fused_add_rms_norm); out may equal x
@@ -47,6 +50,14 @@ GPU_SIGNATURES: dict[str, Signature] = {s.kind: s for s in (
     Signature("sample", {"vocab": REQUIRED},
               (*_LOGITS, _ptr("temperature"), _ptr("top_k", "int32"), _ptr("top_p"), _ptr("seeds", "int64"),
                _ptr("offsets", "int64"), _i64("L"))),
+    # a plan's rms_norm / act_mul and the linear that reads its output, as one call (fuse.py): x = the
+    # prologue's output (written only when T > 16: with fewer rows the linear computes it as it loads)
+    Signature("rms_norm_linear", {**_LINEAR_STATIC, "eps": REQUIRED},
+              (*_OUT, _ptr("x", access="rw"), _i64("ld_x"), _ptr("src"), _i64("ld_src"), _ptr("norm_w"),
+               *_LINEAR_TAIL)),
+    Signature("act_mul_linear", {**_LINEAR_STATIC, "act": REQUIRED},
+              (*_OUT, _ptr("x", access="rw"), _i64("ld_x"), _ptr("gate"), _i64("ld_gate"), _ptr("up"),
+               _i64("ld_up"), *_LINEAR_TAIL)),
     # multi-step decode: the next step's inputs from this step's tokens (sampling.py)
     Signature("advance_step", {"block_size": REQUIRED},
               (_ptr("tokens", "int32"), *(_ptr(n, "int32", "rw") for n in ("token_ids", "positions", "slot_mapping")),
@@ -61,7 +72,8 @@ BUILDERS = {
     "act": elementwise.rule_act, "gather_rows": elementwise.rule_gather_rows, "add": elementwise.rule_add,
     "add_rms_norm": norm.rule_add_rms_norm, "add_layer_norm": norm.rule_add_layer_norm,
     "rope_kv_append": rope.rule_rope_kv_append, "argmax": sampling.rule_argmax, "sample": sampling.rule_sample,
-    "advance_step": sampling.rule_advance_step,
+    "advance_step": sampling.rule_advance_step, "rms_norm_linear": linear.rule_rms_norm_linear,
+    "act_mul_linear": linear.rule_act_mul_linear,
     "qlinear": quant.rule_qlinear, "qembedding": quant.rule_qembedding, "hadamard": elementwise.rule_hadamard,
 }
 

@@ -34,6 +34,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .elementwise import activation, act_mul_into_launch
+from .norm import rms_norm_into_launch
 from .spec import Launch, Rule, Variant, cdiv, kernel, mul
 
 @triton.jit
@@ -49,11 +51,15 @@ def _epilogue(out, ld_out, bias, residual, ld_res, acc, rm, rn, T, N: tl.constex
 
 
 @triton.jit
-def linear_kernel(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_workspace,
-                  N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                  K_SPLIT: tl.constexpr, GROUP_M: tl.constexpr, MAX_TILES: tl.constexpr,
-                  RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr):
+def _linear(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_workspace, aux, ld_aux,
+            N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+            K_SPLIT: tl.constexpr, GROUP_M: tl.constexpr, MAX_TILES: tl.constexpr,
+            RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr, PROLOGUE: tl.constexpr, EPS: tl.constexpr,
+            ACT: tl.constexpr):
+    """One (m, n) tile's split of the linear; the rows of its input are x's ("none"), rms_norm(x) * aux
+    ("rms_norm": aux the norm's weight, each program summing its rows' squares over all of K first)
+    or act(x) * aux ("act_mul": x the gate, aux the up matrix, ld_aux its leading dimension)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     tiles_m = tl.cdiv(T, BLOCK_M).to(tl.int32)
@@ -72,10 +78,22 @@ def linear_kernel(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_wor
     w_ptrs = w + rn.to(tl.int64)[:, None] * K + rk[None, :]
     row_ok = rm[:, None] < T
     col_ok = rn[:, None] < N
+    if PROLOGUE == "rms_norm":  # 1/sqrt(mean(x^2) + eps) of each row, as rms_norm_kernel
+        sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        for c0 in range(0, K, BLOCK_K):
+            c = c0 + tl.arange(0, BLOCK_K)
+            v = tl.load(x + rm.to(tl.int64)[:, None] * ld_x + c[None, :], mask=row_ok & (c[None, :] < K), other=0.0)
+            sq += v * v
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(sq, 1) / K + EPS)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for kk in range(0, K_SPLIT, BLOCK_K):
         k_ok = (rk[None, :] + kk) < K
         a = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
+        if PROLOGUE == "rms_norm":
+            a = (a * rstd[:, None]) * tl.load(aux + rk + kk, mask=(rk + kk) < K, other=0.0)[None, :]
+        elif PROLOGUE == "act_mul":
+            up = tl.load(aux + rm.to(tl.int64)[:, None] * ld_aux + (rk[None, :] + kk), mask=row_ok & k_ok, other=0.0)
+            a = activation(a, ACT) * up
         b = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
         if w.dtype.element_ty == tl.float32:
             acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
@@ -104,6 +122,41 @@ def linear_kernel(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_wor
             for s in range(SPLIT_K):
                 acc += tl.load(parts + s * tile_elems + offs, cache_modifier=".cg")
             _epilogue(out, ld_out, bias, residual, ld_res, acc, rm, rn, T, N, HAS_BIAS, HAS_RESIDUAL)
+
+
+@triton.jit
+def linear_kernel(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_workspace,
+                  N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                  K_SPLIT: tl.constexpr, GROUP_M: tl.constexpr, MAX_TILES: tl.constexpr,
+                  RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr):
+    _linear(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_workspace, x, 0, N, K, HAS_BIAS,
+            HAS_RESIDUAL, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_SPLIT, GROUP_M, MAX_TILES, RELEASE_ALL, THREADS,
+            "none", 0.0, "silu")
+
+
+@triton.jit
+def rms_norm_linear_kernel(out, ld_out, src, ld_src, norm_w, w, bias, residual, ld_res, T, splitk_workspace,
+                           N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           SPLIT_K: tl.constexpr, K_SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
+                           MAX_TILES: tl.constexpr, RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr,
+                           EPS: tl.constexpr):
+    _linear(out, ld_out, src, ld_src, w, bias, residual, ld_res, T, splitk_workspace, norm_w, 0, N, K, HAS_BIAS,
+            HAS_RESIDUAL, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_SPLIT, GROUP_M, MAX_TILES, RELEASE_ALL, THREADS,
+            "rms_norm", EPS, "silu")
+
+
+@triton.jit
+def act_mul_linear_kernel(out, ld_out, gate, ld_gate, up, ld_up, w, bias, residual, ld_res, T, splitk_workspace,
+                          N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          SPLIT_K: tl.constexpr, K_SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
+                          MAX_TILES: tl.constexpr, RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr,
+                          ACT: tl.constexpr):
+    _linear(out, ld_out, gate, ld_gate, w, bias, residual, ld_res, T, splitk_workspace, up, ld_up, N, K, HAS_BIAS,
+            HAS_RESIDUAL, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_SPLIT, GROUP_M, MAX_TILES, RELEASE_ALL, THREADS,
+            "act_mul", 0.0, ACT)
 
 
 def _config(arch, w_dtype: str, t_max: int | None) -> dict:
@@ -170,3 +223,36 @@ def rule_linear(params, arch, args, overrides: dict | None = None) -> Rule:
         variants.append(Variant(["<=", "T", t_max] if t_max else 1, (Launch(spec, grid),)))
     buffers = [{"name": "splitk_workspace", "type": "*fp32", "bytes": 4 * ws_floats, "zero_init": True}]
     return Rule("linear", params, args, variants, buffers)
+
+
+LINEAR_PARAMS = ("n", "k", "bias", "residual", "w_dtype")
+PROLOGUES = {"rms_norm_linear": (rms_norm_linear_kernel, "eps", "EPS"), "act_mul_linear": (act_mul_linear_kernel, "act", "ACT")}
+
+
+def rule_rms_norm_linear(params, arch, args) -> Rule:
+    return _prologue_rule("rms_norm_linear", params, arch, args)
+
+
+def rule_act_mul_linear(params, arch, args) -> Rule:
+    return _prologue_rule("act_mul_linear", params, arch, args)
+
+
+def _prologue_rule(kind, params, arch, args, overrides: dict | None = None) -> Rule:
+    """rms_norm_linear / act_mul_linear (kinds.py): the linear's variants, the first (T <= 16) one
+    kernel with the prologue fused into its loads, the others the prologue's own kernel (writing
+    x) then the linear's. `overrides` as rule_linear's."""
+    fn, param, constexpr = PROLOGUES[kind]
+    types = dict(args) | {"splitk_workspace": "*fp32"}
+    linear_args = ("out", "ld_out", "x", "ld_x", "w", "bias", "residual", "ld_res", "T")
+    base = rule_linear({p: params[p] for p in LINEAR_PARAMS}, arch, tuple((a, types[a]) for a in linear_args),
+                       overrides)
+    first = base.variants[0].launches[0]
+    value = float(params[param]) if param == "eps" else params[param]
+    fused = kernel(fn, dict(first.kernel.constexprs) | {constexpr: value},
+                   [(a, types[a]) for a in fn.arg_names if a in types], first.kernel.num_warps,
+                   first.kernel.num_stages)
+    into = rms_norm_into_launch if kind == "rms_norm_linear" else act_mul_into_launch
+    pre = into(int(params["k"]), value, types)
+    variants = [Variant(base.variants[0].when, (Launch(fused, first.grid, first.scalars),))]
+    variants += [Variant(v.when, (pre, *v.launches)) for v in base.variants[1:]]
+    return Rule(kind, params, args, variants, base.buffers)

@@ -62,6 +62,15 @@ def rms_norm_kernel(out, ld_out, x, ld_x, w, T, DIM: tl.constexpr, EPS: tl.const
 
 
 @triton.jit
+def rms_norm_into_kernel(x, ld_x, src, ld_src, norm_w, T, DIM: tl.constexpr, EPS: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """rms_norm_kernel under rms_norm_linear's argument names: x = rms_norm(src) * norm_w."""
+    t = tl.program_id(0).to(tl.int64)
+    r = _rms_scale(src, ld_src, src, ld_src, t, DIM, EPS, BLOCK, False)
+    _rms_write(x, ld_x, src, ld_src, norm_w, t, r, DIM, BLOCK)
+
+
+@triton.jit
 def add_rms_norm_kernel(out, ld_out, h, ld_h, x, ld_x, w, T, DIM: tl.constexpr, EPS: tl.constexpr,
                         BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -114,6 +123,13 @@ def _norm_rule(kind, params, fn, args, constexprs) -> Rule:
     spec = kernel(fn, {"DIM": dim, "EPS": float(params["eps"]), "BLOCK": block, **constexprs}, args,
                   num_warps=max(1, min(8, block // 256)))
     return Rule(kind, params, args, [Variant(1, (Launch(spec, ("T", 1, 1)),))])
+
+
+def rms_norm_into_launch(dim: int, eps: float, types: dict) -> Launch:
+    """rms_norm_linear's prologue launched alone (T > 16): x = rms_norm(src) * norm_w, a row a program."""
+    rule = _norm_rule("rms_norm", {"dim": dim, "eps": eps}, rms_norm_into_kernel,
+                      tuple((a, types[a]) for a in ("x", "ld_x", "src", "ld_src", "norm_w", "T")), {})
+    return rule.variants[0].launches[0]
 
 
 def rule_rms_norm(params, arch, args) -> Rule:

@@ -8,8 +8,9 @@ the divisibility hints its calls allow (`aligned_args`); the sampling kernels (`
 `advance_step`, which feeds a step's tokens to the next within a multi-step decode run. Identical
 kernels compile once (compile.py's cache, keyed by source and options), in parallel.
 
-One manifest entry per architecture (`kind` cuda or hip) carries, per plan kernel symbol, its
-launch rule (the JSON llmirc.runtime.launch_rules evaluates) and, per compiled kernel, its
+The backend compiles its own plan: the manifest's with GPU-only fusions (fuse.py: a norm or
+act_mul and the linear reading it as one call), stored in its entry as `plan`. One manifest
+entry per architecture (`kind` cuda or hip) carries, per plan kernel symbol, its launch rule (the JSON llmirc.runtime.launch_rules evaluates) and, per compiled kernel, its
 binary and launch metadata (symbol, warps, shared memory, parameters). PTX that a newer GPU's
 driver can JIT-compile (sm_80's, not sm_90a's) is always stored.
 
@@ -27,6 +28,7 @@ from llmirc.targets.plan import ABI_VERSION, Plan, Ref
 
 from .arch import ARCHS, get_arch
 from .compile import BINARY, STAGES, compile_kernels, default_cache_dir
+from .fuse import fuse_prologues
 from .kinds import BUILDERS, KV_STORAGE, launch_rule
 
 DEFAULT_ARCHS = {"cuda": ("sm_80", "sm_90"), "hip": ("gfx90a", "gfx942")}
@@ -89,6 +91,7 @@ class TritonBackend:
             why, hint = ((f"FP8 E4M3 conversions need sm_89 or newer{default}", "--arch sm_90") if self.kind == "cuda"
                          else ("gfx90a has no FP8, gfx942's is the FNUZ kind", "--kv-cache-dtype int8"))
             raise LlmircError(f"target {self.kind}: no fp8 KV cache on {', '.join(lacking)} ({why}); give {hint}")
+        plan = fuse_prologues(plan)
         for arch in self.archs:  # the kernels' own limits (head_dim, block shapes), before anything is compiled
             try:
                 self.rules(plan, arch)
@@ -125,7 +128,7 @@ class TritonBackend:
     def emit(self, plan: Plan, stage: str) -> str:
         """One text stage of every kernel for this backend's first architecture."""
         arch = self.archs[0]
-        rules, compiled = self._compile(plan, [arch])[arch]
+        rules, compiled = self._compile(fuse_prologues(plan), [arch])[arch]
         comment = ";" if stage in ("llir", "amdgcn") else "//"
         parts = []
         for symbol, rule in rules.items():
@@ -138,6 +141,7 @@ class TritonBackend:
         """Compiles every kernel for each architecture into `kernels/<kind>-<arch>/`; returns one
         manifest entry per architecture."""
         progress(f"{self.kind}: compiling Triton kernels for {', '.join(self.archs)}")
+        plan = fuse_prologues(plan)
         done = self._compile(plan, self.archs)
         entries = []
         for arch in self.archs:
@@ -173,6 +177,7 @@ class TritonBackend:
                 "ptx_portable": self.kind == "cuda" and all(not b["ptx_target"].endswith("a") for b in binaries.values()),
                 "kernels": [{"symbol": s, "kind": c.kind, "params": c.params, "rule": rules[s].to_json()}
                             for s, c in plan.kernels().items()],
+                "plan": plan.to_json(),  # the manifest's plan with the GPU-only fusions (fuse.py)
                 "sampling": {k: rules[k].to_json() for k in SAMPLING},
                 # workspace slots: dtype and byte offset (coefficients of T, L, TT, const; plan.slot_offset)
                 # index limits the loader checks each step against (llmirc/runtime/step_check.py)
