@@ -1,7 +1,7 @@
 """Every GPU check and the GPU benchmark, in one run, on a host with an NVIDIA GPU.
 
     OUT=/path/to/results python benchmarks/gpu_check.py [--model medium] [--quant int4] [--kv fp8]
-        [--budget SECONDS] [--skip-tests]
+        [--budget SECONDS] [--skip-tests] [--diagnose]
 
 1. Installs what the host lacks (xdsl and its needs, gguf) from wheels taken along in `wheels/`
    (an ignored folder: `pip download --no-deps -d wheels xdsl==0.74.0 immutabledict==4.3.1
@@ -20,11 +20,12 @@
    bytes per step over the copy bandwidth), the executor's own single steps and 64-step runs
    (multi-step decode), and `llmirc bench`'s run on the same bundle; then each `--quant` scheme
    and each `--kv` KV cache.
-5. `profile`: every kernel of a decode step (batch 1 and 32) and of the prefill, timed on the
+5. `profile` (with --diagnose): every kernel of a decode step (batch 1 and 32) and of the prefill, timed on the
    device inside the step's graph (benchmarks/gpu_profile.py: torch's profiler): per kind in the
    result, per launch (device time, the gap before the next kernel, weight GB/s, TFLOP/s) in
-   $OUT/profile_none.json; after each `--quant` bench, its profile too.
-6. `sweep`: the linear kernel's tile configurations against each other and cuBLAS at the
+   $OUT/profile_none.json; after each `--quant` bench, its profile too. Without --diagnose the
+   run is the issue's checks and benchmark, within its 8 minutes (480 s, the default budget).
+6. `sweep` (with --diagnose): the linear kernel's tile configurations against each other and cuBLAS at the
    model's linear shapes, for batch-1 and batch-32 decode and the prefill
    (benchmarks/gpu_sweep.py): the best three per shape, every row in $OUT/sweep.json.
 7. `peer`: transformers on the same checkpoint and GPU, bf16, static KV cache (with which
@@ -319,6 +320,8 @@ def main() -> int:
                                                    "(comma-separated; '' for none)")
     parser.add_argument("--budget", type=float, default=480, help="seconds for the whole run (default 480)")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--diagnose", action="store_true", help="also the profile and sweep stages (a few minutes "
+                        "more: give --budget to match)")
     args = parser.parse_args()
     if "OUT" not in os.environ:
         print("gpu_check: set OUT to the folder for the results", file=sys.stderr)
@@ -354,11 +357,13 @@ def main() -> int:
         log(out, f"--- tests ({time.perf_counter() - t0:.0f}s, exit {rc}): {summary}")
         if "short test summary" in text:
             log(out, text[text.index("short test summary"):][-3000:])
-    stages = [("rates", ["rates"], 40), ("bench", ["bench", args.model, "none", "auto"], 200),
-              ("profile", ["profile", args.model, "none"], 90)]
-    stages += [("sweep", ["sweep", args.model], 150)] if args.model in __import__("models").MODELS else []
+    stages = [("rates", ["rates"], 40), ("bench", ["bench", args.model, "none", "auto"], 200)]
+    if args.diagnose:
+        stages += [("profile", ["profile", args.model, "none"], 90)]
+        stages += [("sweep", ["sweep", args.model], 150)] if args.model in __import__("models").MODELS else []
     for q in filter(None, args.quant.split(",")):
-        stages += [(f"bench_{q}", ["bench", args.model, q, "auto"], 150), (f"profile_{q}", ["profile", args.model, q], 90)]
+        stages += [(f"bench_{q}", ["bench", args.model, q, "auto"], 150)]
+        stages += [(f"profile_{q}", ["profile", args.model, q], 90)] if args.diagnose else []
     stages += [("peer", ["peer", args.model], 150)]
     stages += [(f"bench_kv_{kv}", ["bench", args.model, "none", kv], 120) for kv in args.kv.split(",") if kv]
     for name, argv, limit in stages:
