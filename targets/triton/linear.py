@@ -19,14 +19,9 @@ One @triton.jit kernel, three tile configurations chosen by T (the launch rule's
     T > 128    prefill: 128 x 128 x 64 tiles (sm_90: wgmma; sm_80: mma; gfx9: MFMA), grouped
                launch order (GROUP_M 8) for L2 reuse, no split-K.
 
-Split-K is deterministic and one launch: each program of a (m, n) tile writes its f32 partial
-tile to `splitk_workspace`, then counts itself on the tile's int32 counter (after a CTA
-barrier; on HIP every thread releases its own stores first, as s_barrier does not wait for
-them); the program that arrives last sums the partials in split order, applies bias and
-residual, writes `out` and resets the counter to 0. So the workspace's counters must be zero
-when it is first used (zero_init) and are zero again after every launch; calls that run one
-after another on one stream may share one workspace. Its size (bytes, a constant per call) is
-4 * (max_tiles * split_k * BLOCK_M * BLOCK_N + max_tiles) over the split variants.
+Split-K is deterministic and one launch (splitk.py: the last program of a tile sums the
+partials in split order, then applies bias and residual); the workspace's size (bytes, a
+constant per call) is the largest over the split variants.
 """
 
 from __future__ import annotations
@@ -37,6 +32,7 @@ import triton.language as tl
 from .elementwise import activation, act_mul_into_launch
 from .norm import rms_norm_into_launch
 from .spec import Launch, Rule, Variant, cdiv, kernel, mul
+from .splitk import splitk_arrive, splitk_total, workspace_floats
 
 @triton.jit
 def _epilogue(out, ld_out, bias, residual, ld_res, acc, rm, rn, T, N: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -106,21 +102,11 @@ def _linear(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_workspace
         _epilogue(out, ld_out, bias, residual, ld_res, acc, rm, rn, T, N, HAS_BIAS, HAS_RESIDUAL)
     else:
         tile = pid_m * tiles_n + pid_n
-        tile_elems: tl.constexpr = BLOCK_M * BLOCK_N
         offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        parts = splitk_workspace + tile.to(tl.int64) * (SPLIT_K * tile_elems)
-        tl.store(parts + split * tile_elems + offs, acc)
-        counter = (splitk_workspace + MAX_TILES * SPLIT_K * tile_elems).to(tl.pointer_type(tl.int32)) + tile
-        if RELEASE_ALL:  # every thread's stores released at gpu scope before the barrier
-            tl.atomic_add(counter + tl.zeros([THREADS], tl.int32), tl.zeros([THREADS], tl.int32), sem="release",
-                          scope="gpu")
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        arrived = splitk_arrive(splitk_workspace, acc, offs, tile, split, SPLIT_K, MAX_TILES, BLOCK_M * BLOCK_N,
+                                RELEASE_ALL, THREADS)
         if arrived == SPLIT_K - 1:
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for s in range(SPLIT_K):
-                acc += tl.load(parts + s * tile_elems + offs, cache_modifier=".cg")
+            acc = splitk_total(splitk_workspace, acc, offs, tile, SPLIT_K, MAX_TILES, BLOCK_M * BLOCK_N)
             _epilogue(out, ld_out, bias, residual, ld_res, acc, rm, rn, T, N, HAS_BIAS, HAS_RESIDUAL)
 
 
@@ -212,7 +198,7 @@ def rule_linear(params, arch, args, overrides: dict | None = None) -> Rule:
         else:
             splits, k_split = split_k(n, k, bn, bk, _cdiv(t_max, bm), arch.num_sms, cfg.get("split_k"))
         if splits > 1:
-            ws_floats = max(ws_floats, max_tiles * (splits * bm * bn + 1))
+            ws_floats = max(ws_floats, workspace_floats(max_tiles, splits, bm * bn))
         spec = kernel(linear_kernel, {
             "N": n, "K": k, "HAS_BIAS": bool(params["bias"]), "HAS_RESIDUAL": bool(params["residual"]),
             "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,

@@ -17,13 +17,18 @@ with c = 2^(bits-1) (zero none), z[j,g] (int), 0 (min), and x~ = x rounded to bf
 never spans two groups (BK <= group_size, both powers of two; per-row scales: one group), so the
 scale is applied after each group's blocks (per-row: once, after the whole row).
 
-Variants by T (the launch rule's), no split-K:
+Variants by T (the launch rule's):
 
-    T <= 4     qlinear_gemv: one program per (BN rows, token), f32 FMAs and a row sum per block;
-               BN from 32 down to 4 until the row blocks fill 2 x SMs; blocks of ~256 columns.
+    T <= 4     qlinear_gemv: one program per (32 rows, token, split), f32 FMAs and a row sum per
+               block; blocks of ~256 columns. Per-row scales (one group): no split, the rows per
+               program from 32 down to 4 until they fill 2 x SMs.
     T <= 16    qlinear_dot: 16 x 32 tiles, tl.dot on bf16 (x~ by u - c), blocks of ~64 columns.
     T <= 128   64 x 64 tiles.
-    T > 128    128 x 128 tiles (8 warps).
+    T > 128    128 x 128 tiles (8 warps), no split.
+
+Split-K (splitk.py) splits the groups toward tiles x splits >= 2 x SMs, two groups a split at
+least (added 2026-12-04 after the H200 measured int4 2.4x slower than bf16 at batch 1 and 5.8x
+at batch 32, where o_proj's 2048 rows were 32 tiles of 64 for 132 SMs; not yet timed on a GPU).
 
 qembedding: one program per (token, BLOCK columns), each column's code found by the layout
 formula; out = s (u - c) (+ m) in f32, as the CPU kernel.
@@ -37,6 +42,7 @@ import triton.language as tl
 from llmirc.quant import LANES, Scheme
 
 from .spec import Launch, Rule, Variant, cdiv, kernel, mul, next_pow2
+from .splitk import splitk_arrive, splitk_total, workspace_floats
 
 @triton.jit
 def _code_offsets(first, step, lanes, SG: tl.constexpr, BITS: tl.constexpr):
@@ -138,11 +144,22 @@ def _epilogue(out, ld_out, bias, residual, ld_res, acc, rows, row_ok, rn, n_ok, 
 
 
 @triton.jit
-def qlinear_gemv(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual, ld_res, T,
+def _chunks(split, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr, PER_SPLIT: tl.constexpr):
+    """The groups (chunks) of split `split`: [lo, hi)."""
+    if SPLIT_K == 1:
+        return 0, CHUNKS
+    lo = split * PER_SPLIT
+    return lo, tl.minimum(lo + PER_SPLIT, CHUNKS)
+
+
+@triton.jit
+def qlinear_gemv(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual, ld_res, T, splitk_workspace,
                  N: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr, SG: tl.constexpr, NG: tl.constexpr,
                  ZERO: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                 LB: tl.constexpr, CHUNKS: tl.constexpr, PER_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows [pid0 BLOCK_N, +BLOCK_N) of the output for token pid1."""
+                 LB: tl.constexpr, CHUNKS: tl.constexpr, PER_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SPLIT_K: tl.constexpr, PER_SPLIT: tl.constexpr, MAX_TILES: tl.constexpr, RELEASE_ALL: tl.constexpr,
+                 THREADS: tl.constexpr):
+    """Rows [pid0 BLOCK_N, +BLOCK_N) of the output for token pid1, groups of split pid2."""
     BK: tl.constexpr = LB * SG
     NSUB: tl.constexpr = K // SG
     ROW_BYTES: tl.constexpr = K * BITS // 8
@@ -151,7 +168,8 @@ def qlinear_gemv(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residua
     row = tl.program_id(1).to(tl.int64) + tl.zeros([1, 1], tl.int64)
     row_ok = row < T
     acc = tl.zeros([BLOCK_N], tl.float32)
-    for chunk in range(CHUNKS):  # one group (per-row scales: the whole row)
+    lo, hi = _chunks(tl.program_id(2), CHUNKS, SPLIT_K, PER_SPLIT)
+    for chunk in range(lo, hi):  # one group (per-row scales: the whole row)
         s, c, m = _group_params(scales, zeros, rn, n_ok, chunk, NG, ZERO, BITS)
         part = tl.zeros([BLOCK_N], tl.float32)
         xsum = tl.zeros([1], tl.float32)
@@ -165,16 +183,29 @@ def qlinear_gemv(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residua
         acc += part * s
         if ZERO == "min":
             acc += m * xsum
-    _epilogue(out, ld_out, bias, residual, ld_res, acc[None, :], row, row_ok, rn, n_ok, HAS_BIAS, HAS_RESIDUAL)
+    if SPLIT_K == 1:
+        _epilogue(out, ld_out, bias, residual, ld_res, acc[None, :], row, row_ok, rn, n_ok, HAS_BIAS, HAS_RESIDUAL)
+    else:
+        tile = tl.program_id(1) * ((N + BLOCK_N - 1) // BLOCK_N) + tl.program_id(0)  # (not tl.num_programs:
+        # on AMD it reads the grid from hidden kernel arguments, which the launcher does not pass)
+        offs = tl.arange(0, BLOCK_N)
+        arrived = splitk_arrive(splitk_workspace, acc, offs, tile, tl.program_id(2), SPLIT_K, MAX_TILES, BLOCK_N,
+                                RELEASE_ALL, THREADS)
+        if arrived == SPLIT_K - 1:
+            acc = splitk_total(splitk_workspace, acc, offs, tile, SPLIT_K, MAX_TILES, BLOCK_N)
+            _epilogue(out, ld_out, bias, residual, ld_res, acc[None, :], row, row_ok, rn, n_ok, HAS_BIAS,
+                      HAS_RESIDUAL)
 
 
 @triton.jit
-def qlinear_dot(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual, ld_res, T,
+def qlinear_dot(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual, ld_res, T, splitk_workspace,
                 N: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr, SG: tl.constexpr, NG: tl.constexpr,
                 ZERO: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                 LB: tl.constexpr, CHUNKS: tl.constexpr, PER_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-    """A BLOCK_M x BLOCK_N tile of the output (program pid: tile (pid // tiles_n, pid % tiles_n))."""
+                BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PER_SPLIT: tl.constexpr, MAX_TILES: tl.constexpr,
+                RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr):
+    """A BLOCK_M x BLOCK_N tile of the output (program pid: tile (pid // tiles_n, pid % tiles_n)),
+    groups of split pid1."""
     BK: tl.constexpr = LB * SG
     NSUB: tl.constexpr = K // SG
     ROW_BYTES: tl.constexpr = K * BITS // 8
@@ -186,7 +217,8 @@ def qlinear_dot(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual
     rows = rm.to(tl.int64)[:, None]
     row_ok = rows < T
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for chunk in range(CHUNKS):
+    lo, hi = _chunks(tl.program_id(1), CHUNKS, SPLIT_K, PER_SPLIT)
+    for chunk in range(lo, hi):
         s, c, m = _group_params(scales, zeros, rn, n_ok, chunk, NG, ZERO, BITS)
         part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         xsum = tl.zeros([BLOCK_M], tl.float32)
@@ -200,7 +232,15 @@ def qlinear_dot(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual
         acc += part * s[None, :]
         if ZERO == "min":
             acc += xsum[:, None] * m[None, :]
-    _epilogue(out, ld_out, bias, residual, ld_res, acc, rows, row_ok, rn, n_ok, HAS_BIAS, HAS_RESIDUAL)
+    if SPLIT_K == 1:
+        _epilogue(out, ld_out, bias, residual, ld_res, acc, rows, row_ok, rn, n_ok, HAS_BIAS, HAS_RESIDUAL)
+    else:
+        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        arrived = splitk_arrive(splitk_workspace, acc, offs, pid, tl.program_id(1), SPLIT_K, MAX_TILES,
+                                BLOCK_M * BLOCK_N, RELEASE_ALL, THREADS)
+        if arrived == SPLIT_K - 1:
+            acc = splitk_total(splitk_workspace, acc, offs, pid, SPLIT_K, MAX_TILES, BLOCK_M * BLOCK_N)
+            _epilogue(out, ld_out, bias, residual, ld_res, acc, rows, row_ok, rn, n_ok, HAS_BIAS, HAS_RESIDUAL)
 
 
 @triton.jit
@@ -255,27 +295,56 @@ def _blocking(s: Scheme, k: int, columns: int) -> dict:
     return {"LB": lb, "CHUNKS": chunks, "PER_CHUNK": blocks // chunks}
 
 
-def rule_qlinear(params, arch, args) -> Rule:
+def _splits(chunks: int, tiles: int, num_sms: int) -> tuple[int, int]:
+    """(SPLIT_K, PER_SPLIT): the groups split toward tiles x splits >= 2 x SMs, at least two groups a
+    split, none empty; per-row scales (one chunk) are not split."""
+    splits = max(1, min(-(-2 * num_sms // tiles), chunks // 2))
+    per = -(-chunks // splits)
+    return -(-chunks // per), per
+
+
+def rule_qlinear(params, arch, args, split_k: int | None = None) -> Rule:
+    """The launch rule of one qlinear; `split_k` forces the split count of every split variant (tests)."""
     n, k = int(params["n"]), int(params["k"])
     if n <= 0:
         raise ValueError(f"qlinear: n must be positive, got {n}")
     s = _scheme(params, k)
     common = {"N": n, "K": k, "BITS": s.bits, "SG": s.sub_group, "NG": k // s.group_size, "ZERO": s.zero,
-              "ACT_ORDER": s.act_order, "HAS_BIAS": bool(params["bias"]), "HAS_RESIDUAL": bool(params["residual"])}
+              "ACT_ORDER": s.act_order, "HAS_BIAS": bool(params["bias"]), "HAS_RESIDUAL": bool(params["residual"]),
+              "RELEASE_ALL": arch.backend == "hip"}
     stages = 2 if arch.backend == "hip" else 3
-    kernel_args = tuple(a for a in args if a[0] != "xq")  # (the CPU's scratch: not used here)
+    kernel_args = tuple(a for a in args if a[0] != "xq") + (("splitk_workspace", "*fp32"),)  # (xq: the CPU's scratch)
+
+    def split(blocking, tiles):
+        splits, per = _splits(blocking["CHUNKS"], tiles, arch.num_sms)
+        if split_k is not None and blocking["CHUNKS"] > 1:
+            per = -(-blocking["CHUNKS"] // min(split_k, blocking["CHUNKS"]))
+            splits = -(-blocking["CHUNKS"] // per)
+        return {"SPLIT_K": splits, "PER_SPLIT": per, "MAX_TILES": tiles}
+
+    blocking = _blocking(s, k, 256)
     bn = 32
-    while bn > 4 and -(-n // bn) < 2 * arch.num_sms:
+    while blocking["CHUNKS"] == 1 and bn > 4 and -(-n // bn) < 2 * arch.num_sms:  # no split: narrower rows
         bn //= 2
-    gemv = kernel(qlinear_gemv, {**common, **_blocking(s, k, 256), "BLOCK_N": bn}, kernel_args, num_warps=4,
-                  num_stages=stages)
-    variants = [Variant(["<=", "T", 4], (Launch(gemv, (-(-n // bn), "T", 1)),))]
+    tiles = 4 * -(-n // bn)  # (T <= 4 tokens)
+    cfg = split(blocking, tiles // 4)
+    cfg["MAX_TILES"], ws_floats = tiles, workspace_floats(tiles, cfg["SPLIT_K"], bn) if cfg["SPLIT_K"] > 1 else 0
+    gemv = kernel(qlinear_gemv, {**common, **blocking, "BLOCK_N": bn, **cfg, "THREADS": 4 * arch.warp_size},
+                  kernel_args, num_warps=4, num_stages=stages)
+    variants = [Variant(["<=", "T", 4], (Launch(gemv, (-(-n // bn), "T", cfg["SPLIT_K"])),))]
     for t_max, bm, bn, warps in ((16, 16, 32, 4), (128, 64, 64, 4), (None, 128, 128, 8)):
-        spec = kernel(qlinear_dot, {**common, **_blocking(s, k, 64), "BLOCK_M": bm, "BLOCK_N": bn},
-                      kernel_args, num_warps=warps, num_stages=stages)
-        grid = (mul(cdiv("T", bm), -(-n // bn)), 1, 1)
+        blocking = _blocking(s, k, 64)
+        tiles = -(-t_max // bm) * -(-n // bn) if t_max else 0
+        cfg = split(blocking, tiles) if t_max else {"SPLIT_K": 1, "PER_SPLIT": blocking["CHUNKS"], "MAX_TILES": 0}
+        if cfg["SPLIT_K"] > 1:
+            ws_floats = max(ws_floats, workspace_floats(tiles, cfg["SPLIT_K"], bm * bn))
+        spec = kernel(qlinear_dot, {**common, **blocking, "BLOCK_M": bm, "BLOCK_N": bn, **cfg,
+                                    "THREADS": warps * arch.warp_size}, kernel_args, num_warps=warps,
+                      num_stages=stages)
+        grid = (mul(cdiv("T", bm), -(-n // bn)), cfg["SPLIT_K"], 1)
         variants.append(Variant(["<=", "T", t_max] if t_max else 1, (Launch(spec, grid),)))
-    return Rule("qlinear", params, args, variants)
+    buffers = [{"name": "splitk_workspace", "type": "*fp32", "bytes": 4 * ws_floats, "zero_init": True}]
+    return Rule("qlinear", params, args, variants, buffers)
 
 
 def rule_qembedding(params, arch, args) -> Rule:

@@ -1,0 +1,50 @@
+"""Deterministic split-K in one launch, shared by linear and qlinear.
+
+Each program of a tile computes the partial product of its split of k, stores it to the tile's
+slot in `splitk_workspace` (`splitk_arrive`) and counts itself on the tile's int32 counter
+(after a CTA barrier; on HIP every thread first releases its own stores at gpu scope, as
+s_barrier does not wait for them). The program that arrives last resets the counter to 0 and
+sums the partials in split order (`splitk_total`), so the result does not depend on which split
+finished first; it then applies the epilogue. The counters must be zero when the workspace is
+first used (zero_init) and are zero after every launch, so calls that run one after another on
+one stream may share a workspace. Layout, in f32 elements: MAX_TILES x SPLIT_K partial tiles of
+TILE_ELEMS, then MAX_TILES int32 counters: 4 * MAX_TILES * (SPLIT_K * TILE_ELEMS + 1) bytes.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+def workspace_floats(max_tiles: int, splits: int, tile_elems: int) -> int:
+    return max_tiles * (splits * tile_elems + 1)
+
+
+@triton.jit
+def splitk_arrive(splitk_workspace, acc, offs, tile, split, SPLIT_K: tl.constexpr, MAX_TILES: tl.constexpr,
+                  TILE_ELEMS: tl.constexpr, RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr):
+    """Stores this split's partial tile `acc` (its elements at `offs`) and counts it; returns how
+    many splits of the tile had arrived before (SPLIT_K - 1: this one is the last)."""
+    parts = splitk_workspace + tile.to(tl.int64) * (SPLIT_K * TILE_ELEMS)
+    tl.store(parts + split * TILE_ELEMS + offs, acc)
+    counter = (splitk_workspace + MAX_TILES * SPLIT_K * TILE_ELEMS).to(tl.pointer_type(tl.int32)) + tile
+    if RELEASE_ALL:  # every thread's stores released at gpu scope before the barrier
+        tl.atomic_add(counter + tl.zeros([THREADS], tl.int32), tl.zeros([THREADS], tl.int32), sem="release",
+                      scope="gpu")
+    tl.debug_barrier()
+    return tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
+def splitk_total(splitk_workspace, acc, offs, tile, SPLIT_K: tl.constexpr, MAX_TILES: tl.constexpr,
+                 TILE_ELEMS: tl.constexpr):
+    """For the last program of a tile: resets its counter and returns the sum of its partials
+    in split order (`acc` gives the shape)."""
+    parts = splitk_workspace + tile.to(tl.int64) * (SPLIT_K * TILE_ELEMS)
+    counter = (splitk_workspace + MAX_TILES * SPLIT_K * TILE_ELEMS).to(tl.pointer_type(tl.int32)) + tile
+    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+    total = tl.zeros_like(acc)
+    for s in range(SPLIT_K):
+        total += tl.load(parts + s * TILE_ELEMS + offs, cache_modifier=".cg")
+    return total
