@@ -20,15 +20,17 @@
    bytes per step over the copy bandwidth), the executor's own single steps and 64-step runs
    (multi-step decode), and `llmirc bench`'s run on the same bundle; then each `--quant` scheme
    and each `--kv` KV cache.
-5. `profile` (with --diagnose): every kernel of a decode step (batch 1 and 32) and of the prefill, timed on the
+5. `bench_unfused` (with --diagnose): the bench without the GPU-only fusions (fuse.py), to time
+   them against.
+6. `profile` (with --diagnose): every kernel of a decode step (batch 1 and 32) and of the prefill, timed on the
    device inside the step's graph (benchmarks/gpu_profile.py: torch's profiler): per kind in the
    result, per launch (device time, the gap before the next kernel, weight GB/s, TFLOP/s) in
    $OUT/profile_none.json; after each `--quant` bench, its profile too. Without --diagnose the
    run is the issue's checks and benchmark, within its 8 minutes (480 s, the default budget).
-6. `sweep` (with --diagnose): the linear kernel's tile configurations against each other and cuBLAS at the
+7. `sweep` (with --diagnose): the linear kernel's tile configurations against each other and cuBLAS at the
    model's linear shapes, for batch-1 and batch-32 decode and the prefill
    (benchmarks/gpu_sweep.py): the best three per shape, every row in $OUT/sweep.json.
-7. `peer`: transformers on the same checkpoint and GPU, bf16, static KV cache (with which
+8. `peer`: transformers on the same checkpoint and GPU, bf16, static KV cache (with which
    generate compiles the decode step: torch.compile, mode reduce-overhead): batch-1 decode tok/s.
 
 Each stage runs in a process of its own under a time limit (a hung kernel costs its stage, not
@@ -122,9 +124,10 @@ def make_checkpoint(model_name: str) -> Path:
     return ckpt
 
 
-def compiled_bundle(model_name: str, quant: str, kv: str, target: str = "cuda") -> tuple[Path, dict]:
+def compiled_bundle(model_name: str, quant: str, kv: str, target: str = "cuda", fusions: str = "on") -> tuple[Path, dict]:
     """(bundle, facts) of the benchmark checkpoint compiled for `target` at this device's
-    architecture (compiled once per process tree: a later stage finds it in WORK)."""
+    architecture (compiled once per process tree: a later stage finds it in WORK); `fusions` off:
+    without the GPU-only fusions (CompileOptions.gpu_fusions)."""
     from llmirc.driver import CompileOptions, Progress, compile_model
     from llmirc.runtime.gpu_drivers import CudaDriver
 
@@ -132,22 +135,24 @@ def compiled_bundle(model_name: str, quant: str, kv: str, target: str = "cuda") 
     ckpt = make_checkpoint(model_name)
     result = {"model": model_name, "quant": quant, "kv_cache_dtype": kv, "checkpoint_s": time.perf_counter() - t0}
     dev = CudaDriver().open() if target == "cuda" else {"name": "cpu", "arch": None, "driver_version": None}
-    bundle = WORK / f"{Path(model_name).name}-{target}-{dev['arch']}-{quant}-kv-{kv}.llmir"
+    bundle = WORK / f"{Path(model_name).name}-{target}-{dev['arch']}-{quant}-kv-{kv}-fusions-{fusions}.llmir"
     t0 = time.perf_counter()
     if not (bundle / "manifest.json").is_file():
         compile_model(ckpt, bundle, CompileOptions(targets=(target,), archs=(dev["arch"],) if dev["arch"] else (),
-                                                   quant=quant, kv_cache_dtype=kv), Progress(sys.stderr))
+                                                   quant=quant, kv_cache_dtype=kv, gpu_fusions=fusions == "on"),
+                      Progress(sys.stderr))
     result |= {"device": dev["name"], "arch": dev["arch"], "driver_version": dev["driver_version"],
                "compile_s": time.perf_counter() - t0}
     return bundle, result
 
 
-def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda") -> dict:
+def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda", fusions: str = "on") -> dict:
     """`target` cpu: the same steps on the CPU target (a dry run of this script on a host without a GPU)."""
     from llmirc.runtime.bench import decode_bytes_per_step
     from llmirc.runtime.model import load
 
-    bundle, result = compiled_bundle(model_name, quant, kv, target)
+    bundle, result = compiled_bundle(model_name, quant, kv, target, fusions)
+    result["gpu_fusions"] = fusions
     t0 = time.perf_counter()
     model = load(bundle, max_batched_tokens=PROMPT, max_num_seqs=32, enable_prefix_caching=False,
                  kv_cache_tokens=None if target == "cuda" else 32 * (DECODE_PROMPT + 2 * DECODE_STEPS))
@@ -184,7 +189,7 @@ def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda") -> d
         result["prefill_linear_tflop"] = 2 * PROMPT * params / 1e12
         result["prefill_linear_tflop_s"] = result["prefill_linear_tflop"] / prefill_s
     model.close()
-    if quant == "none" and kv == "auto":  # `llmirc bench`'s own run (its floor: the driver's copy probe)
+    if quant == "none" and kv == "auto" and fusions == "on":  # `llmirc bench`'s own run (floor: the copy probe)
         from llmirc.runtime.bench import run_bench
         r = run_bench(bundle, prompt_len=DECODE_PROMPT, new_tokens=64, repeat=2, target=target)
         result["llmirc_bench"] = {k: r[k] for k in ("bandwidth_gb_s", "decode_floor_ms_per_step")} | \
@@ -358,7 +363,8 @@ def main() -> int:
         if "short test summary" in text:
             log(out, text[text.index("short test summary"):][-3000:])
     stages = [("rates", ["rates"], 40), ("bench", ["bench", args.model, "none", "auto"], 200)]
-    if args.diagnose:
+    if args.diagnose:  # the GPU-only fusions against none, the kernels' times, the linear's tile configurations
+        stages += [("bench_unfused", ["bench", args.model, "none", "auto", "cuda", "off"], 150)]
         stages += [("profile", ["profile", args.model, "none"], 90)]
         stages += [("sweep", ["sweep", args.model], 150)] if args.model in __import__("models").MODELS else []
     for q in filter(None, args.quant.split(",")):

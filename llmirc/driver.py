@@ -70,6 +70,7 @@ class CompileOptions:
     dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of keeping them
     block_size: int | None = None       # KV cache block (tokens); None: the pipeline's (16)
     max_model_len: int | None = None    # the context the bundle states (<= the checkpoint's)
+    gpu_fusions: bool = True            # GPU targets: norms and act_mul into the next linear (targets/triton/fuse.py)
 
     def recorded(self) -> dict:
         """The options as the manifest records them (`compile_options`; JSON: tuples as lists,

@@ -226,6 +226,10 @@ def test_prologue_fusion_conditions():
     fused = fuse_prologues(Plan(calls=[act, linear(ws(2), ws(0), residual=ws(2))])).calls
     assert [c.kind for c in fused] == ["act_mul_linear"] and fused[0].args["up"] == ws(1, 64)
     assert fused[0].params["act"] == "silu" and fused[0].params["residual"]
+    from llmirc.targets.triton.target import CudaBackend  # CompileOptions.gpu_fusions off: the manifest's plan
+    plan = Plan(calls=[act, linear(ws(2), ws(0))])
+    assert [c.kind for c in CudaBackend(CompileOptions(targets=("cuda",))).plan(plan).calls] == ["act_mul_linear"]
+    assert CudaBackend(CompileOptions(targets=("cuda",), gpu_fusions=False)).plan(plan) is plan
 
 
 def test_full_sequence_models_are_refused(tmp_path):

@@ -108,6 +108,10 @@ def test_tensor_core_instructions_and_wide_loads(compiled):
     for kind in ("rms_norm_linear", "act_mul_linear"):  # and with a prologue fused into its loads
         (fused,) = out[(kind, f"{kind}_kernel", "sm_90")]
         assert "HMMA" in sass(fused.binary) and "LDG.E.128" in sass(fused.binary)
+    # the fused activation in f32 (every program recomputes it), the act_mul kernel's in f64
+    (fused,) = out[("act_mul_linear", "act_mul_linear_kernel", "sm_90")]
+    (alone,) = out[("act_mul", "act_mul_kernel", "sm_90")]
+    assert "DFMA" not in sass(fused.binary) and "DFMA" in sass(alone.binary)
 
 
 def test_quantized_linears_use_tensor_cores(compiled):

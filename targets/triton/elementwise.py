@@ -22,9 +22,10 @@ HADAMARD_MIN, HADAMARD_MAX = 16, 128  # hadamard's blocks (tl.dot's least side; 
 
 @triton.jit
 def _sigmoid_mul(x, z):
-    """x * sigmoid(z) = x / (1 + exp(-z)) for f32 x and f64 z, without overflow or cancellation."""
+    """x * sigmoid(z) = x / (1 + exp(-z)) for f32 x and z of z's type (f64, or f32 in the fused
+    prologues), without overflow or cancellation."""
     t = tl.exp(-tl.abs(z))
-    xd = x.to(tl.float64)
+    xd = x.to(z.dtype)
     num = tl.where(z < 0, tl.where(t > 0, xd * t, 0.0), xd)
     return (num / (1.0 + t)).to(tl.float32)
 
@@ -46,15 +47,18 @@ def _erfc_pos(z):
 
 
 @triton.jit
-def activation(x, ACT: tl.constexpr):
-    """silu, gelu, gelu_tanh or relu of an f32 tensor (see the module docstring)."""
+def activation(x, ACT: tl.constexpr, WIDE: tl.constexpr = tl.float64):
+    """silu, gelu, gelu_tanh or relu of an f32 tensor (see the module docstring), computed in
+    WIDE: float64, or float32 where every program of a linear recomputes its input's activations
+    (act_mul_linear: f64 exp and division there would cost more than the launch they save; f32
+    is within ~1e-6 relative, and the result is rounded to the weights' half dtype anyway)."""
     if ACT == "silu":
-        y = _sigmoid_mul(x, x.to(tl.float64))
+        y = _sigmoid_mul(x, x.to(WIDE))
     elif ACT == "gelu_tanh":
-        xd = x.to(tl.float64)
+        xd = x.to(WIDE)
         y = _sigmoid_mul(x, 1.5957691216057308 * (xd + 0.044715 * xd * xd * xd))  # 2 sqrt(2/pi)
     elif ACT == "gelu":
-        xd = x.to(tl.float64)
+        xd = x.to(WIDE)
         half = 0.5 * _erfc_pos(tl.abs(xd) * 0.7071067811865476)
         phi = tl.where(xd < 0, half, 1.0 - half)
         y = tl.where(phi == 0, 0.0, xd * phi).to(tl.float32)

@@ -74,10 +74,11 @@ def _linear(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_workspace
     w_ptrs = w + rn.to(tl.int64)[:, None] * K + rk[None, :]
     row_ok = rm[:, None] < T
     col_ok = rn[:, None] < N
-    if PROLOGUE == "rms_norm":  # 1/sqrt(mean(x^2) + eps) of each row, as rms_norm_kernel
-        sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-        for c0 in range(0, K, BLOCK_K):
-            c = c0 + tl.arange(0, BLOCK_K)
+    if PROLOGUE == "rms_norm":  # 1/sqrt(mean(x^2) + eps) of each row, as rms_norm_kernel, in chunks of 8192
+        SQ: tl.constexpr = 8192 // BLOCK_M  # elements (few dependent L2 round trips: K / SQ of them)
+        sq = tl.zeros([BLOCK_M, SQ], tl.float32)
+        for c0 in range(0, K, SQ):
+            c = c0 + tl.arange(0, SQ)
             v = tl.load(x + rm.to(tl.int64)[:, None] * ld_x + c[None, :], mask=row_ok & (c[None, :] < K), other=0.0)
             sq += v * v
         rstd = 1.0 / tl.sqrt_rn(tl.sum(sq, 1) / K + EPS)
@@ -89,7 +90,7 @@ def _linear(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_workspace
             a = (a * rstd[:, None]) * tl.load(aux + rk + kk, mask=(rk + kk) < K, other=0.0)[None, :]
         elif PROLOGUE == "act_mul":
             up = tl.load(aux + rm.to(tl.int64)[:, None] * ld_aux + (rk[None, :] + kk), mask=row_ok & k_ok, other=0.0)
-            a = activation(a, ACT) * up
+            a = activation(a, ACT, tl.float32) * up
         b = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
         if w.dtype.element_ty == tl.float32:
             acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")

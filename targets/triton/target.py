@@ -74,6 +74,12 @@ class TritonBackend:
         self.keep_intermediates = options.keep_intermediates
         self.cache_dir = default_cache_dir()
         self.jobs = options.jobs
+        self.fusions = options.gpu_fusions
+
+    def plan(self, plan: Plan) -> Plan:
+        """This backend's own plan: the manifest's, with the GPU-only fusions (fuse.py) unless
+        CompileOptions.gpu_fusions is off (for timing them against the unfused plan)."""
+        return fuse_prologues(plan) if self.fusions else plan
 
     def check(self, plan: Plan) -> None:
         if plan.full_sequence:
@@ -91,7 +97,7 @@ class TritonBackend:
             why, hint = ((f"FP8 E4M3 conversions need sm_89 or newer{default}", "--arch sm_90") if self.kind == "cuda"
                          else ("gfx90a has no FP8, gfx942's is the FNUZ kind", "--kv-cache-dtype int8"))
             raise LlmircError(f"target {self.kind}: no fp8 KV cache on {', '.join(lacking)} ({why}); give {hint}")
-        plan = fuse_prologues(plan)
+        plan = self.plan(plan)
         for arch in self.archs:  # the kernels' own limits (head_dim, block shapes), before anything is compiled
             try:
                 self.rules(plan, arch)
@@ -128,7 +134,7 @@ class TritonBackend:
     def emit(self, plan: Plan, stage: str) -> str:
         """One text stage of every kernel for this backend's first architecture."""
         arch = self.archs[0]
-        rules, compiled = self._compile(fuse_prologues(plan), [arch])[arch]
+        rules, compiled = self._compile(self.plan(plan), [arch])[arch]
         comment = ";" if stage in ("llir", "amdgcn") else "//"
         parts = []
         for symbol, rule in rules.items():
@@ -141,7 +147,7 @@ class TritonBackend:
         """Compiles every kernel for each architecture into `kernels/<kind>-<arch>/`; returns one
         manifest entry per architecture."""
         progress(f"{self.kind}: compiling Triton kernels for {', '.join(self.archs)}")
-        plan = fuse_prologues(plan)
+        plan = self.plan(plan)
         done = self._compile(plan, self.archs)
         entries = []
         for arch in self.archs:
