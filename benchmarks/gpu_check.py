@@ -124,7 +124,8 @@ def make_checkpoint(model_name: str) -> Path:
     return ckpt
 
 
-def compiled_bundle(model_name: str, quant: str, kv: str, target: str = "cuda", fusions: str = "on") -> tuple[Path, dict]:
+def compiled_bundle(model_name: str, quant: str, kv: str, target: str = "cuda",
+                    fusions: str = "on") -> tuple[Path, dict]:
     """(bundle, facts) of the benchmark checkpoint compiled for `target` at this device's
     architecture (compiled once per process tree: a later stage finds it in WORK); `fusions` off:
     without the GPU-only fusions (CompileOptions.gpu_fusions)."""

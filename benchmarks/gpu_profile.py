@@ -37,8 +37,8 @@ def _decode_inputs(ex, batch: int, context: int = 128):
 def _prefill_inputs(ex, tokens: int):
     blocks = -(-tokens // ex.block_size)
     t = np.arange(tokens, dtype=np.int32)
-    return ((5 + 7 * t) % min(1000, ex.vocab_size), t, t, np.arange(blocks, dtype=np.int32)[None], np.array([tokens], np.int32),
-            np.array([0, tokens], np.int32), np.array([tokens - 1], np.int32))
+    return ((5 + 7 * t) % min(1000, ex.vocab_size), t, t, np.arange(blocks, dtype=np.int32)[None],
+            np.array([tokens], np.int32), np.array([0, tokens], np.int32), np.array([tokens - 1], np.int32))
 
 
 def call_costs(ex) -> dict:

@@ -213,7 +213,8 @@ def rule_linear(params, arch, args, overrides: dict | None = None) -> Rule:
 
 
 LINEAR_PARAMS = ("n", "k", "bias", "residual", "w_dtype")
-PROLOGUES = {"rms_norm_linear": (rms_norm_linear_kernel, "eps", "EPS"), "act_mul_linear": (act_mul_linear_kernel, "act", "ACT")}
+FUSED_KERNELS = {  # kind: (its T <= 16 kernel, the prologue's static param, that kernel's constexpr)
+    "rms_norm_linear": (rms_norm_linear_kernel, "eps", "EPS"), "act_mul_linear": (act_mul_linear_kernel, "act", "ACT")}
 
 
 def rule_rms_norm_linear(params, arch, args) -> Rule:
@@ -228,7 +229,7 @@ def _prologue_rule(kind, params, arch, args, overrides: dict | None = None) -> R
     """rms_norm_linear / act_mul_linear (kinds.py): the linear's variants, the first (T <= 16) one
     kernel with the prologue fused into its loads, the others the prologue's own kernel (writing
     x) then the linear's. `overrides` as rule_linear's."""
-    fn, param, constexpr = PROLOGUES[kind]
+    fn, param, constexpr = FUSED_KERNELS[kind]
     types = dict(args) | {"splitk_workspace": "*fp32"}
     linear_args = ("out", "ld_out", "x", "ld_x", "w", "bias", "residual", "ld_res", "T")
     base = rule_linear({p: params[p] for p in LINEAR_PARAMS}, arch, tuple((a, types[a]) for a in linear_args),

@@ -10,8 +10,9 @@ kernels compile once (compile.py's cache, keyed by source and options), in paral
 
 The backend compiles its own plan: the manifest's with GPU-only fusions (fuse.py: a norm or
 act_mul and the linear reading it as one call), stored in its entry as `plan`. One manifest
-entry per architecture (`kind` cuda or hip) carries, per plan kernel symbol, its launch rule (the JSON llmirc.runtime.launch_rules evaluates) and, per compiled kernel, its
-binary and launch metadata (symbol, warps, shared memory, parameters). PTX that a newer GPU's
+entry per architecture (`kind` cuda or hip) carries, per plan kernel symbol, its launch rule
+(the JSON llmirc.runtime.launch_rules evaluates) and, per compiled kernel, its binary and
+launch metadata (symbol, warps, shared memory, parameters). PTX that a newer GPU's
 driver can JIT-compile (sm_80's, not sm_90a's) is always stored.
 
 Full-sequence (generic-kernel) models stay CPU-only: `check` refuses them.
