@@ -1269,7 +1269,7 @@ def test_bench_runs(bundle, ckpt, tmp_path):
     bf16 = tmp_path / "bf16.llmir"
     assert llmirc("compile", ckpt, "-o", bf16, "--cpu-variants", "native", "--dtype", "bfloat16", "-q",
                   "--max-model-len", "48").returncode == 0
-    r = llmirc("bench", bf16, "--repeat", "1", "--json")  # the default sizes (128 + 64) fit a short context
+    r = llmirc("bench", bf16, "--repeat", "2", "--json")  # the default sizes (128 + 64) fit a short context
     assert r.returncode == 0 and (json.loads(r.stdout)["prompt_len"], json.loads(r.stdout)["new_tokens"]) == (32, 16)
     r = llmirc("bench", bf16, "--prompt-len", "4", "--new-tokens", "16", "--repeat", "2", "--json")
     result = json.loads(r.stdout)

@@ -144,7 +144,7 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
         # decode steps run in bursts of num_scheduler_steps, and a prompt of one token starts the first burst.
         first.append(_timed(lambda: model.generate([prompt] * batch, max_new_tokens=1, ignore_eos=True)))
         whole.append(_timed(lambda: model.generate([prompt] * batch, max_new_tokens=new_tokens, ignore_eos=True)))
-    step = _decode_step(first, whole, new_tokens, "llmirc")
+    step = _decode_step(first + (prefill if batch == 1 else []), whole, new_tokens, "llmirc")  # (the same run at 1)
     by_dtype = decode_bytes_per_step(model, len(prompt) + new_tokens // 2)
     out = {"prefill_tok_s": len(prompt) / min(prefill), "decode_tok_s": batch / step, "decode_ms_per_step": step * 1e3,
             "bytes_per_step": sum(by_dtype.values()), "bytes_per_step_by_dtype": by_dtype,
