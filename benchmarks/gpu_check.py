@@ -222,13 +222,8 @@ def executor_step_s(executor, batch: int, run: int = 1, repeat: int = 50) -> flo
     directly: single steps (forward_tokens: a graph launch, the inputs' upload and the token ids'
     copy back), or runs of `run` steps (forward_greedy: the multi-step decode the engine uses)."""
     import numpy as np
-    blocks = -(-(DECODE_PROMPT + run) // executor.block_size)
-    tables = np.arange(batch * blocks, dtype=np.int32).reshape(batch, blocks)
-    pos = DECODE_PROMPT - 1
-    slots = tables[:, pos // executor.block_size] * executor.block_size + pos % executor.block_size
-    inputs = (np.full(batch, 5, np.int32), np.full(batch, pos, np.int32), slots.astype(np.int32), tables,
-              np.full(batch, DECODE_PROMPT, np.int32), np.arange(batch + 1, dtype=np.int32),
-              np.arange(batch, dtype=np.int32))
+    from gpu_profile import decode_inputs
+    inputs = decode_inputs(executor, batch, DECODE_PROMPT, run)
     sampling = (np.zeros(batch, np.float32), np.zeros(batch, np.int32), np.ones(batch, np.float32),
                 np.zeros(batch, np.int64), np.zeros(batch, np.int64))
 

@@ -25,8 +25,10 @@ import numpy as np
 PROMPT = 2047
 
 
-def _decode_inputs(ex, batch: int, context: int = 128):
-    blocks = -(-(context + 1) // ex.block_size)
+def decode_inputs(ex, batch: int, context: int = 128, steps: int = 1):
+    """A decode step of `batch` sequences of `context` tokens (the flat-batch ABI), their block
+    tables long enough for `steps` steps."""
+    blocks = -(-(context + steps) // ex.block_size)
     tables = np.arange(batch * blocks, dtype=np.int32).reshape(batch, blocks)
     pos = context - 1
     slots = tables[:, pos // ex.block_size] * ex.block_size + pos % ex.block_size
@@ -105,6 +107,18 @@ def summarize(rows: list[dict], costs: dict, tokens: int) -> dict:
             "by_kind": by_kind}
 
 
+def replay_us(driver, graph, stream, replays: int) -> float:
+    """Host-timed microseconds per launch of an executable graph, after two untimed."""
+    for _ in range(2):
+        driver.call("graph_launch", graph, stream)
+    driver.call("synchronize", stream)
+    t0 = time.perf_counter()
+    for _ in range(replays):
+        driver.call("graph_launch", graph, stream)
+    driver.call("synchronize", stream)
+    return (time.perf_counter() - t0) / replays * 1e6
+
+
 def profile_step(ex, inputs, replays: int = 5) -> dict:
     """One step's launches captured as a graph, replayed under torch's profiler (CUPTI)."""
     import torch
@@ -117,14 +131,7 @@ def profile_step(ex, inputs, replays: int = 5) -> dict:
         launches, tokens = staged_launches(ex, inputs)
         graph = ex.driver.capture(ex.stream, lambda: [ex._launch(ln) for ln in launches])
         try:
-            for _ in range(3):
-                ex.driver.call("graph_launch", graph, ex.stream)
-            ex.driver.call("synchronize", ex.stream)
-            t0 = time.perf_counter()
-            for _ in range(20):
-                ex.driver.call("graph_launch", graph, ex.stream)
-            ex.driver.call("synchronize", ex.stream)
-            wall_us = (time.perf_counter() - t0) / 20 * 1e6
+            wall_us = replay_us(ex.driver, graph, ex.stream, 20)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(replays):
                     ex.driver.call("graph_launch", graph, ex.stream)
@@ -149,7 +156,7 @@ def profile_bundle(bundle, cases=("decode_b1", "decode_b32", "prefill")) -> dict
         ex = model.executor
         out = {}
         for case in cases:
-            inputs = _prefill_inputs(ex, PROMPT) if case == "prefill" else _decode_inputs(ex, int(case[8:]))
+            inputs = _prefill_inputs(ex, PROMPT) if case == "prefill" else decode_inputs(ex, int(case[8:]))
             try:
                 out[case] = profile_step(ex, inputs)
             except Exception as e:  # noqa: BLE001  (a case's failure is reported; the others still run)

@@ -55,22 +55,26 @@ def candidates(t_max) -> list[dict]:
 
 
 def _rule(n: int, k: int, arch, t_max, cfg: dict | None):
+    """The linear's rule with `cfg` for the T range `t_max` (split_k "x2": twice the split the rule
+    chooses for that tile), its leading dimensions aligned as the benchmark models' are."""
     from llmirc.targets.signatures import SIGNATURES
     from llmirc.targets.triton.kinds import triton_args
-    from llmirc.targets.triton.linear import _config, rule_linear, split_k
+    from llmirc.targets.triton.linear import T_RANGES, rule_linear
     params = {"n": n, "k": k, "bias": False, "residual": False, "w_dtype": "bfloat16"}
+    args = triton_args(SIGNATURES["linear"], params)
     cfg = dict(cfg or {})
-    if cfg.get("split_k") == "x2":  # twice the rule's own choice
-        base = _config(arch, "bfloat16", t_max) | cfg
-        auto = split_k(n, k, base["BLOCK_N"], base["BLOCK_K"], -(-t_max // base["BLOCK_M"]), arch.num_sms)[0]
-        cfg["split_k"] = 2 * auto
-    rule = rule_linear(params, arch, triton_args(SIGNATURES["linear"], params), {t_max: cfg} if cfg else None)
+    if cfg.get("split_k") == "x2":
+        auto = rule_linear(params, arch, args, {t_max: cfg | {"split_k": None}})
+        cfg["split_k"] = 2 * auto.variants[T_RANGES.index(t_max)].launches[0].grid[1]
+    rule = rule_linear(params, arch, args, {t_max: cfg} if cfg else None)
     aligned = {"out", "x", "w", "bias", "residual", "ld_out", "ld_x", "ld_res", "splitk_workspace"}
     return rule.with_aligned(aligned)
 
 
 def sweep(model: str = "medium", arch_name: str | None = None, jobs: int = 16, log=print) -> dict:
     import torch
+
+    from gpu_profile import replay_us
 
     from llmirc.runtime import launch_rules
     from llmirc.runtime.gpu_drivers import CudaDriver
@@ -151,7 +155,7 @@ def sweep(model: str = "medium", arch_name: str | None = None, jobs: int = 16, l
                               c.metadata["shared"], stream, params)
         try:
             graph = driver.capture(stream, record)
-            us = _replay_us(driver, graph, stream)
+            us = replay_us(driver, graph, stream, REPLAYS) / REPEAT
             driver.call("destroy_graph_exec", graph)
         except Exception as e:  # noqa: BLE001  (a config that fails to launch is reported, the rest go on)
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -189,17 +193,6 @@ def _cublas(shapes: dict, weights: dict, results: dict) -> None:
             torch.cuda.synchronize()
             us = (time.perf_counter() - t0) / (REPLAYS * REPEAT) * 1e6
             results[case][name].append({"config": "torch bf16 (cuBLAS)"} | _figures(us, T, n, k))
-
-
-def _replay_us(driver, graph, stream) -> float:
-    for _ in range(2):
-        driver.call("graph_launch", graph, stream)
-    driver.call("synchronize", stream)
-    t0 = time.perf_counter()
-    for _ in range(REPLAYS):
-        driver.call("graph_launch", graph, stream)
-    driver.call("synchronize", stream)
-    return (time.perf_counter() - t0) / (REPLAYS * REPEAT) * 1e6
 
 
 def _figures(us: float, T: int, n: int, k: int) -> dict:

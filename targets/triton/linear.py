@@ -213,8 +213,9 @@ def rule_linear(params, arch, args, overrides: dict | None = None) -> Rule:
 
 
 LINEAR_PARAMS = ("n", "k", "bias", "residual", "w_dtype")
-FUSED_KERNELS = {  # kind: (its T <= 16 kernel, the prologue's static param, that kernel's constexpr)
-    "rms_norm_linear": (rms_norm_linear_kernel, "eps", "EPS"), "act_mul_linear": (act_mul_linear_kernel, "act", "ACT")}
+FUSED_KERNELS = {  # kind: (its T <= 16 kernel, the prologue's static param and constexpr, the prologue alone)
+    "rms_norm_linear": (rms_norm_linear_kernel, "eps", "EPS", rms_norm_into_launch),
+    "act_mul_linear": (act_mul_linear_kernel, "act", "ACT", act_mul_into_launch)}
 
 
 def rule_rms_norm_linear(params, arch, args) -> Rule:
@@ -229,7 +230,7 @@ def _prologue_rule(kind, params, arch, args, overrides: dict | None = None) -> R
     """rms_norm_linear / act_mul_linear (kinds.py): the linear's variants, the first (T <= 16) one
     kernel with the prologue fused into its loads, the others the prologue's own kernel (writing
     x) then the linear's. `overrides` as rule_linear's."""
-    fn, param, constexpr = FUSED_KERNELS[kind]
+    fn, param, constexpr, alone = FUSED_KERNELS[kind]
     types = dict(args) | {"splitk_workspace": "*fp32"}
     linear_args = ("out", "ld_out", "x", "ld_x", "w", "bias", "residual", "ld_res", "T")
     base = rule_linear({p: params[p] for p in LINEAR_PARAMS}, arch, tuple((a, types[a]) for a in linear_args),
@@ -239,8 +240,7 @@ def _prologue_rule(kind, params, arch, args, overrides: dict | None = None) -> R
     fused = kernel(fn, dict(first.kernel.constexprs) | {constexpr: value},
                    [(a, types[a]) for a in fn.arg_names if a in types], first.kernel.num_warps,
                    first.kernel.num_stages)
-    into = rms_norm_into_launch if kind == "rms_norm_linear" else act_mul_into_launch
-    pre = into(int(params["k"]), value, types)
+    pre = alone(int(params["k"]), value, types)
     variants = [Variant(base.variants[0].when, (Launch(fused, first.grid, first.scalars),))]
     variants += [Variant(v.when, (pre, *v.launches)) for v in base.variants[1:]]
     return Rule(kind, params, args, variants, base.buffers)

@@ -295,16 +295,16 @@ def _blocking(s: Scheme, k: int, columns: int) -> dict:
     return {"LB": lb, "CHUNKS": chunks, "PER_CHUNK": blocks // chunks}
 
 
-def _splits(chunks: int, tiles: int, num_sms: int) -> tuple[int, int]:
-    """(SPLIT_K, PER_SPLIT): the groups split toward tiles x splits >= 2 x SMs, at least two groups a
-    split, none empty; per-row scales (one chunk) are not split."""
-    splits = max(1, min(-(-2 * num_sms // tiles), chunks // 2))
+def _split(chunks: int, programs: int, max_tiles: int, num_sms: int) -> dict:
+    """SPLIT_K, PER_SPLIT (groups a split) and MAX_TILES of a variant of `programs` unsplit programs:
+    the groups split toward programs x splits >= 2 x SMs, at least two groups a split, none empty
+    (per-row scales, one group, are not split)."""
+    splits = max(1, min(-(-2 * num_sms // programs), chunks // 2))
     per = -(-chunks // splits)
-    return -(-chunks // per), per
+    return {"SPLIT_K": -(-chunks // per), "PER_SPLIT": per, "MAX_TILES": max_tiles}
 
 
-def rule_qlinear(params, arch, args, split_k: int | None = None) -> Rule:
-    """The launch rule of one qlinear; `split_k` forces the split count of every split variant (tests)."""
+def rule_qlinear(params, arch, args) -> Rule:
     n, k = int(params["n"]), int(params["k"])
     if n <= 0:
         raise ValueError(f"qlinear: n must be positive, got {n}")
@@ -314,30 +314,24 @@ def rule_qlinear(params, arch, args, split_k: int | None = None) -> Rule:
               "RELEASE_ALL": arch.backend == "hip"}
     stages = 2 if arch.backend == "hip" else 3
     kernel_args = tuple(a for a in args if a[0] != "xq") + (("splitk_workspace", "*fp32"),)  # (xq: the CPU's scratch)
-
-    def split(blocking, tiles):
-        splits, per = _splits(blocking["CHUNKS"], tiles, arch.num_sms)
-        if split_k is not None and blocking["CHUNKS"] > 1:
-            per = -(-blocking["CHUNKS"] // min(split_k, blocking["CHUNKS"]))
-            splits = -(-blocking["CHUNKS"] // per)
-        return {"SPLIT_K": splits, "PER_SPLIT": per, "MAX_TILES": tiles}
-
     blocking = _blocking(s, k, 256)
     bn = 32
     while blocking["CHUNKS"] == 1 and bn > 4 and -(-n // bn) < 2 * arch.num_sms:  # no split: narrower rows
         bn //= 2
-    tiles = 4 * -(-n // bn)  # (T <= 4 tokens)
-    cfg = split(blocking, tiles // 4)
-    cfg["MAX_TILES"], ws_floats = tiles, workspace_floats(tiles, cfg["SPLIT_K"], bn) if cfg["SPLIT_K"] > 1 else 0
+    cfg = _split(blocking["CHUNKS"], -(-n // bn), 4 * -(-n // bn), arch.num_sms)  # (T <= 4 tokens)
     gemv = kernel(qlinear_gemv, {**common, **blocking, "BLOCK_N": bn, **cfg, "THREADS": 4 * arch.warp_size},
                   kernel_args, num_warps=4, num_stages=stages)
     variants = [Variant(["<=", "T", 4], (Launch(gemv, (-(-n // bn), "T", cfg["SPLIT_K"])),))]
+    ws_floats = workspace_floats(cfg["MAX_TILES"], cfg["SPLIT_K"], bn) if cfg["SPLIT_K"] > 1 else 0
     for t_max, bm, bn, warps in ((16, 16, 32, 4), (128, 64, 64, 4), (None, 128, 128, 8)):
         blocking = _blocking(s, k, 64)
-        tiles = -(-t_max // bm) * -(-n // bn) if t_max else 0
-        cfg = split(blocking, tiles) if t_max else {"SPLIT_K": 1, "PER_SPLIT": blocking["CHUNKS"], "MAX_TILES": 0}
+        if t_max:
+            tiles = -(-t_max // bm) * -(-n // bn)
+            cfg = _split(blocking["CHUNKS"], tiles, tiles, arch.num_sms)
+        else:  # prefill: no split
+            cfg = {"SPLIT_K": 1, "PER_SPLIT": blocking["CHUNKS"], "MAX_TILES": 0}
         if cfg["SPLIT_K"] > 1:
-            ws_floats = max(ws_floats, workspace_floats(tiles, cfg["SPLIT_K"], bm * bn))
+            ws_floats = max(ws_floats, workspace_floats(cfg["MAX_TILES"], cfg["SPLIT_K"], bm * bn))
         spec = kernel(qlinear_dot, {**common, **blocking, "BLOCK_M": bm, "BLOCK_N": bn, **cfg,
                                     "THREADS": warps * arch.warp_size}, kernel_args, num_warps=warps,
                       num_stages=stages)
