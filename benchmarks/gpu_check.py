@@ -212,8 +212,10 @@ def stage_sweep(model_name: str) -> dict:
     """The linear kernel's tile configurations at the model's shapes (benchmarks/gpu_sweep.py):
     the best per case here, every row in $OUT/sweep.json."""
     import gpu_sweep
-    full = gpu_sweep.sweep(model_name, log=lambda m: print(m, file=sys.stderr))
-    (Path(os.environ["OUT"]) / "sweep.json").write_text(json.dumps(full, indent=1))
+    path = Path(os.environ["OUT"]) / "sweep.json"
+    full = gpu_sweep.sweep(model_name, log=lambda m: print(m, file=sys.stderr),
+                           save=lambda partial: path.write_text(json.dumps(partial, indent=1)))
+    path.write_text(json.dumps(full, indent=1))
     return gpu_sweep.best(full)
 
 
@@ -362,7 +364,7 @@ def main() -> int:
     if args.diagnose:  # the GPU-only fusions against none, the kernels' times, the linear's tile configurations
         stages += [("bench_unfused", ["bench", args.model, "none", "auto", "cuda", "off"], 150)]
         stages += [("profile", ["profile", args.model, "none"], 90)]
-        stages += [("sweep", ["sweep", args.model], 150)] if args.model in __import__("models").MODELS else []
+        stages += [("sweep", ["sweep", args.model], 180)] if args.model in __import__("models").MODELS else []
     for q in filter(None, args.quant.split(",")):
         stages += [(f"bench_{q}", ["bench", args.model, q, "auto"], 150)]
         stages += [(f"profile_{q}", ["profile", args.model, q], 90)] if args.diagnose else []

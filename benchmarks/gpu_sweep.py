@@ -71,7 +71,9 @@ def _rule(n: int, k: int, arch, t_max, cfg: dict | None):
     return rule.with_aligned(aligned)
 
 
-def sweep(model: str = "medium", arch_name: str | None = None, jobs: int = 16, log=print) -> dict:
+def sweep(model: str = "medium", arch_name: str | None = None, jobs: int = 16, log=print, save=None) -> dict:
+    """Every configuration of `candidates` and the default at `model`'s shapes; `save(result)` is
+    called after each case (so a run stopped by its time limit keeps the cases it finished)."""
     import torch
 
     from gpu_profile import replay_us
@@ -119,7 +121,12 @@ def sweep(model: str = "medium", arch_name: str | None = None, jobs: int = 16, l
 
     modules, results = [], {}
     weights = {}
-    for case, name, cfg, spec, rule in jobs_list:
+    done = lambda: {"device": dev["name"], "arch": arch.name, "model": model, "results": results}  # noqa: E731
+    for i, (case, name, cfg, spec, rule) in enumerate(jobs_list):
+        if i and case != jobs_list[i - 1][0]:
+            _cublas(jobs_list[i - 1][0], shapes, weights, results)
+            if save:
+                save(done())
         T, t_max = TOKENS[case]
         n, k = shapes[name]
         c = compiled.get(spec.key())
@@ -163,36 +170,36 @@ def sweep(model: str = "medium", arch_name: str | None = None, jobs: int = 16, l
         ref = x.to(torch.bfloat16).float() @ ws[(REPEAT - 1) % len(ws)].float().T  # the last launch's
         row["max_rel_error"] = float((out - ref).abs().max() / ref.abs().max())
         row |= _figures(us, T, n, k)
-    _cublas(shapes, weights, results)
+    _cublas(jobs_list[-1][0], shapes, weights, results)
     for m in modules:
         driver.call("unload_module", m)
     driver.call("destroy_stream", stream)
-    return {"device": dev["name"], "arch": arch.name, "model": model, "results": results}
+    return done()
 
 
-def _cublas(shapes: dict, weights: dict, results: dict) -> None:
-    """torch's bf16 linear (cuBLAS) on each case and shape, the same rotation of weight copies."""
+def _cublas(case: str, shapes: dict, weights: dict, results: dict) -> None:
+    """torch's bf16 linear (cuBLAS) on `case`'s shapes, the same rotation of weight copies."""
     import torch
-    for case, (T, _) in TOKENS.items():
-        for name, (n, k) in shapes.items():
-            ws = weights.get((n, k))
-            if not ws:
-                continue
-            x = torch.randn(T, k, device="cuda", dtype=torch.bfloat16)
-            s = torch.cuda.Stream()
-            with torch.cuda.stream(s):
-                torch.nn.functional.linear(x, ws[0])
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, stream=s):
-                    for r in range(REPEAT):
-                        torch.nn.functional.linear(x, ws[r % len(ws)])
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(REPLAYS):
-                g.replay()
-            torch.cuda.synchronize()
-            us = (time.perf_counter() - t0) / (REPLAYS * REPEAT) * 1e6
-            results[case][name].append({"config": "torch bf16 (cuBLAS)"} | _figures(us, T, n, k))
+    T = TOKENS[case][0]
+    for name, (n, k) in shapes.items():
+        ws = weights.get((n, k))
+        if not ws:
+            continue
+        x = torch.randn(T, k, device="cuda", dtype=torch.bfloat16)
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            torch.nn.functional.linear(x, ws[0])
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=s):
+                for r in range(REPEAT):
+                    torch.nn.functional.linear(x, ws[r % len(ws)])
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(REPLAYS):
+            g.replay()
+        torch.cuda.synchronize()
+        us = (time.perf_counter() - t0) / (REPLAYS * REPEAT) * 1e6
+        results[case][name].append({"config": "torch bf16 (cuBLAS)"} | _figures(us, T, n, k))
 
 
 def _figures(us: float, T: int, n: int, k: int) -> dict:
