@@ -187,7 +187,14 @@ def test_layer_norm(rng, bias, dim):
 
 # --- linear
 
-LINEAR_T = [0, 1, 3, 16, 17, 70, 129, 200]  # every variant: decode (<= 16), <= 128, prefill
+LINEAR_T = [0, 1, 3, 16, 17, 70, 129, 200, 70, 3]  # every variant (decode (<= 16), <= 128, prefill), then the
+# split ones again: a rule's variants share one split-K workspace, as in the loader (gpu_program.buffers)
+
+
+def shared_workspace(rule) -> dict:
+    """The rule's zero-filled buffers, for every call of a test (splitk.py: they stay valid)."""
+    from llmirc.targets.triton.run import allocate_buffers
+    return allocate_buffers(rule, {"T": 256}, "cpu")
 
 
 @pytest.mark.parametrize("w_dtype", ["float32", "bfloat16", "float16"])
@@ -203,12 +210,13 @@ def test_linear(rng, w_dtype, arch):
     for split in (3, None):
         rule = rule_linear(params, ARCHS[arch], triton_args(SIGNATURES["linear"], params),
                            {16: {"split_k": split}, 128: {"split_k": split}})
+        ws = shared_workspace(rule)
         for T in LINEAR_T:
             xb, x = buf(rng, T, k, pad=3)
             rb, res = buf(rng, T, n, pad=2)
             res0 = res.copy()
             call(rule, out=rb, ld_out=ld(rb), x=xb, ld_x=ld(xb), w=stored(w, w_dtype), bias=bias,
-                 residual=rb, ld_res=ld(rb), T=T)
+                 residual=rb, ld_res=ld(rb), T=T, **ws)
             ref = rounded(x, w_dtype) @ wq.T + bias + res0  # x rounded to the weights' dtype (tensor cores)
             np.testing.assert_allclose(res, ref, rtol=1e-5, atol=3e-5, err_msg=f"T={T} split={split}")
 
@@ -245,6 +253,7 @@ def test_prologue_linear(rng, kind, w_dtype):
             from llmirc.targets.triton.linear import _prologue_rule
             tile = {16: {"split_k": split}, 128: {"split_k": split}}
             rule = _prologue_rule(kind, rule.params, ARCHS["sm_90"], rule.args, tile)
+        ws = shared_workspace(rule)
         for T in LINEAR_T:
             sb, src = buf(rng, T, k, pad=3)
             ub, up = buf(rng, T, k, pad=1)
@@ -259,7 +268,7 @@ def test_prologue_linear(rng, kind, w_dtype):
                 ref_x = ref_act("silu", src) * up
                 inputs = {"gate": sb, "ld_gate": ld(sb), "up": ub, "ld_up": ld(ub)}
             call(rule, out=rb, ld_out=ld(rb), x=xb, ld_x=ld(xb), w=stored(w, w_dtype), bias=np.zeros(1, np.float32),
-                 residual=rb, ld_res=ld(rb), T=T, **inputs)
+                 residual=rb, ld_res=ld(rb), T=T, **inputs, **ws)
             if T > 16:  # the prologue's own kernel wrote x
                 np.testing.assert_allclose(x, ref_x, rtol=2e-5, atol=1e-6)
             else:  # x untouched (NaN): the fused loads computed it

@@ -80,7 +80,7 @@ def test_linear_variants_by_t():
     rule = launch_rule("linear", {"n": 2048, "k": 2048, "w_dtype": "bfloat16"}, ARCHS["sm_90"])
     specs = rule.kernels()
     rj = rule.to_json()
-    for T, block_m in ((1, 16), (16, 16), (17, 64), (128, 64), (129, 128), (2048, 128)):
+    for T, block_m in ((1, 16), (16, 16), (17, 32), (128, 32), (129, 128), (2048, 128)):
         (launch,) = lr.select(rj, ENV | {"T": T})
         cx = dict(specs[launch["kernel"]].constexprs)
         assert cx["BLOCK_M"] == block_m
@@ -94,11 +94,14 @@ def test_linear_variants_by_t():
     cx = dict(small.kernels()[lr.select(small.to_json(), ENV | {"T": 1})[0]["kernel"]].constexprs)
     assert 28 * cx["SPLIT_K"] >= 132 and cx["K_SPLIT"] >= 4 * 128 and cx["SPLIT_K"] * cx["K_SPLIT"] >= 4864
     assert dict(specs[lr.select(rj, ENV | {"T": 4096})[0]["kernel"]].constexprs)["SPLIT_K"] == 1
-    # the workspace holds every split variant's partial tiles and counters, zeroed once
+    # the workspace holds one counter per tile of the largest split variant (the T <= 128 one: 4 x 16
+    # tiles), padded to 64, then the largest variant's partial tiles; its kernels all know the counters
     (ws,) = rj["buffers"]
     assert ws["name"] == "splitk_workspace" and ws["zero_init"]
-    need = max(cx["MAX_TILES"] * (cx["SPLIT_K"] * cx["BLOCK_M"] * cx["BLOCK_N"] + 1)
-               for cx in map(dict, (s.constexprs for s in specs.values())) if cx["SPLIT_K"] > 1)
+    split = [dict(s.constexprs) for s in specs.values() if dict(s.constexprs)["SPLIT_K"] > 1]
+    assert {cx["MAX_TILES"] for cx in split} == {4 * 16}
+    tiles = {16: 64, 32: 4 * 16}  # per BLOCK_M: the T <= 16 variant's (1 x 64) and the T <= 128 one's
+    need = 64 + max(tiles[cx["BLOCK_M"]] * cx["SPLIT_K"] * cx["BLOCK_M"] * cx["BLOCK_N"] for cx in split)
     assert lr.buffer_bytes(rj, ENV) == {"splitk_workspace": 4 * need}
 
 

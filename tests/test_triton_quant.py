@@ -18,14 +18,15 @@ from helpers import buf, check_guard, ld
 from llmirc import quant
 from llmirc.targets.triton.arch import ARCHS
 from llmirc.targets.triton.kinds import launch_rule
-from llmirc.targets.triton.run import run
+from llmirc.targets.triton.run import allocate_buffers, run
 from test_quant_kernels import SCHEMES, quantized_weight
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 # k per scheme: a full super-block and a tail of lanes (576 = 18 x 32, 288 = 18 x 16), or groups that fit
 K = {"i8_g16_f32": 288, "i4_g16_min_f32": 288, "i4_g128_int": 640, "i8_g256_min": 768}
-T_ALL = [0, 1, 4, 9, 40, 150]   # no rows; GEMV (<= 4); tiles of 16, 64 and 128 rows
+T_ALL = [0, 1, 4, 9, 40, 150, 40, 1, 9]  # no rows; GEMV (<= 4); tiles of 16, 64 and 128 rows; the split ones
+# again (a rule's variants share one split-K workspace, as in the loader)
 
 
 @pytest.fixture
@@ -59,13 +60,14 @@ def qargs(parts, scheme):
     return out
 
 
-def call_qlinear(rule, scheme, parts, ob, xb, T, bias=None):
+def call_qlinear(rule, scheme, parts, ob, xb, T, bias=None, workspace=None):
     """out = ob (a [rows, ld] buffer), x = xb; with bias, ob is the residual too (in place). The
-    CPU's activation scratch `xq` is one byte: the GPU kernels do not touch it."""
+    CPU's activation scratch `xq` is one byte: the GPU kernels do not touch it. `workspace`: the
+    rule's buffers (allocate_buffers), shared between calls; by default fresh ones."""
     unused = np.zeros(1, np.float32)
     run(rule, tensors(out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), **qargs(parts, scheme),
                       bias=unused if bias is None else bias, residual=unused if bias is None else ob,
-                      ld_res=0 if bias is None else ld(ob), xq=np.zeros(1, np.int8), T=T))
+                      ld_res=0 if bias is None else ld(ob), xq=np.zeros(1, np.int8), T=T) | (workspace or {}))
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))
@@ -78,6 +80,7 @@ def test_qlinear(rng, name):
     fused = name in ("i8_row", "i4_g32_min", "i4_g64_act", "i8_g16_f32")
     rule = launch_rule("qlinear", qlinear_params(scheme, n, k, fused, fused), ARCHS["sm_90"])
     bias = rng.standard_normal(n).astype(np.float32)
+    workspace = allocate_buffers(rule, {"T": 256}, "cpu")
     for T in T_ALL:
         xb, x = buf(rng, T, k, pad=5)
         x[:, : k // 7] *= 8  # columns of different magnitudes
@@ -86,7 +89,7 @@ def test_qlinear(rng, name):
             res0 = out.copy()
         else:
             ob, out = buf(rng, T, n, fill=np.nan)
-        call_qlinear(rule, scheme, parts, ob, xb, T, bias if fused else None)
+        call_qlinear(rule, scheme, parts, ob, xb, T, bias if fused else None, workspace)
         xr = bf16(x)
         ref, scale = xr @ w.T, np.abs(xr) @ np.abs(w).T
         if fused:

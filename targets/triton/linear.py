@@ -147,18 +147,23 @@ def act_mul_linear_kernel(out, ld_out, gate, ld_gate, up, ld_up, w, bias, residu
 
 
 def _config(arch, w_dtype: str, t_max: int | None) -> dict:
-    """Tile shape, warps and stages for one T range on one architecture."""
+    """Tile shape, warps and stages for one T range on one architecture. The decode ranges are the
+    configurations of `medium`'s linears that took the least time summed over a layer's linears
+    and the LM head on an H200 (benchmarks/gpu_sweep.py, BENCHMARKS.md 2026-12-04): at T = 1,
+    16 x 32 tiles of two warps (6% less than four warps); at T = 32, 32 x 128 tiles (21% less
+    than 64 x 64, which left half of each tile's rows empty)."""
     f32 = w_dtype == "float32"
     hip = arch.backend == "hip"
     if t_max is not None and t_max <= 16:
-        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64 if f32 else 128, num_warps=4)
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64 if f32 else 128, num_warps=2, num_stages=3)
     elif t_max is not None:
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if f32 else 64, num_warps=4)
+        cfg = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=32 if f32 else 64, num_warps=4, num_stages=4)
     elif hip or arch.arch == 80:  # 64 KB of LDS / 163 KB: the f32 x tile takes twice the weights' bytes
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8)
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
     else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32 if f32 else 64, num_warps=8)
-    cfg["num_stages"] = 2 if hip else (4 if t_max is not None else 3)
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32 if f32 else 64, num_warps=8, num_stages=3)
+    if hip:
+        cfg["num_stages"] = 2
     return cfg
 
 
@@ -187,23 +192,28 @@ def rule_linear(params, arch, args, overrides: dict | None = None) -> Rule:
     n, k = int(params["n"]), int(params["k"])
     w_dtype = params["w_dtype"]
     kernel_args = args + (("splitk_workspace", "*fp32"),)
-    variants, ws_floats = [], 0
+    plans = []  # (t_max, cfg, splits, k_split, tiles)
     for t_max in T_RANGES:
         cfg = _config(arch, w_dtype, t_max) | (overrides or {}).get(t_max, {})
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-        max_tiles = _cdiv(t_max, bm) * _cdiv(n, bn) if t_max else 0
         if t_max is None:
             if cfg.get("split_k", 1) != 1:
                 raise ValueError("linear: no split-K for T > 128 (its workspace is sized for 128 rows)")
             splits, k_split = split_k(n, k, bn, bk, 1, arch.num_sms, splits=1)
         else:
             splits, k_split = split_k(n, k, bn, bk, _cdiv(t_max, bm), arch.num_sms, cfg.get("split_k"))
-        if splits > 1:
-            ws_floats = max(ws_floats, workspace_floats(max_tiles, splits, bm * bn))
+        plans.append((t_max, cfg, splits, k_split, _cdiv(t_max, bm) * _cdiv(n, bn) if t_max else 0))
+    max_tiles = max([tiles for *_, splits, _, tiles in plans if splits > 1], default=0)  # splitk.py: one
+    ws_floats = max([workspace_floats(max_tiles, tiles, splits, cfg["BLOCK_M"] * cfg["BLOCK_N"])  # counter each
+                     for _, cfg, splits, _, tiles in plans if splits > 1], default=0)
+    variants = []
+    for t_max, cfg, splits, k_split, _ in plans:
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         spec = kernel(linear_kernel, {
             "N": n, "K": k, "HAS_BIAS": bool(params["bias"]), "HAS_RESIDUAL": bool(params["residual"]),
             "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-            "SPLIT_K": splits, "K_SPLIT": k_split, "GROUP_M": 8 if t_max is None else 1, "MAX_TILES": max_tiles,
+            "SPLIT_K": splits, "K_SPLIT": k_split, "GROUP_M": 8 if t_max is None else 1,
+            "MAX_TILES": max_tiles if splits > 1 else 0,
             "RELEASE_ALL": arch.backend == "hip", "THREADS": cfg["num_warps"] * arch.warp_size},
             kernel_args, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         grid = (mul(cdiv("T", bm), _cdiv(n, bn)), splits, 1)

@@ -295,13 +295,13 @@ def _blocking(s: Scheme, k: int, columns: int) -> dict:
     return {"LB": lb, "CHUNKS": chunks, "PER_CHUNK": blocks // chunks}
 
 
-def _split(chunks: int, programs: int, max_tiles: int, num_sms: int) -> dict:
-    """SPLIT_K, PER_SPLIT (groups a split) and MAX_TILES of a variant of `programs` unsplit programs:
+def _split(chunks: int, programs: int, num_sms: int) -> dict:
+    """SPLIT_K and PER_SPLIT (groups a split) of a variant of `programs` unsplit programs:
     the groups split toward programs x splits >= 2 x SMs, at least two groups a split, none empty
     (per-row scales, one group, are not split)."""
     splits = max(1, min(-(-2 * num_sms // programs), chunks // 2))
     per = -(-chunks // splits)
-    return {"SPLIT_K": -(-chunks // per), "PER_SPLIT": per, "MAX_TILES": max_tiles}
+    return {"SPLIT_K": -(-chunks // per), "PER_SPLIT": per}
 
 
 def rule_qlinear(params, arch, args) -> Rule:
@@ -318,25 +318,28 @@ def rule_qlinear(params, arch, args) -> Rule:
     bn = 32
     while blocking["CHUNKS"] == 1 and bn > 4 and -(-n // bn) < 2 * arch.num_sms:  # no split: narrower rows
         bn //= 2
-    cfg = _split(blocking["CHUNKS"], -(-n // bn), 4 * -(-n // bn), arch.num_sms)  # (T <= 4 tokens)
-    gemv = kernel(qlinear_gemv, {**common, **blocking, "BLOCK_N": bn, **cfg, "THREADS": 4 * arch.warp_size},
-                  kernel_args, num_warps=4, num_stages=stages)
-    variants = [Variant(["<=", "T", 4], (Launch(gemv, (-(-n // bn), "T", cfg["SPLIT_K"])),))]
-    ws_floats = workspace_floats(cfg["MAX_TILES"], cfg["SPLIT_K"], bn) if cfg["SPLIT_K"] > 1 else 0
+    # the variants: the GEMV (T <= 4; its programs are for one token, its tiles for 4), then tl.dot tiles
+    plans = [dict(fn=qlinear_gemv, when=["<=", "T", 4], grid=(-(-n // bn), "T"), warps=4,
+                  c={**blocking, "BLOCK_N": bn}, programs=-(-n // bn), tiles=4 * -(-n // bn), tile=bn)]
     for t_max, bm, bn, warps in ((16, 16, 32, 4), (128, 64, 64, 4), (None, 128, 128, 8)):
-        blocking = _blocking(s, k, 64)
-        if t_max:
-            tiles = -(-t_max // bm) * -(-n // bn)
-            cfg = _split(blocking["CHUNKS"], tiles, tiles, arch.num_sms)
-        else:  # prefill: no split
-            cfg = {"SPLIT_K": 1, "PER_SPLIT": blocking["CHUNKS"], "MAX_TILES": 0}
-        if cfg["SPLIT_K"] > 1:
-            ws_floats = max(ws_floats, workspace_floats(cfg["MAX_TILES"], cfg["SPLIT_K"], bm * bn))
-        spec = kernel(qlinear_dot, {**common, **blocking, "BLOCK_M": bm, "BLOCK_N": bn, **cfg,
-                                    "THREADS": warps * arch.warp_size}, kernel_args, num_warps=warps,
+        tiles = -(-t_max // bm) * -(-n // bn) if t_max else 0  # (prefill: no split)
+        plans.append(dict(fn=qlinear_dot, when=["<=", "T", t_max] if t_max else 1,
+                          grid=(mul(cdiv("T", bm), -(-n // bn)),), warps=warps,
+                          c={**_blocking(s, k, 64), "BLOCK_M": bm, "BLOCK_N": bn}, programs=tiles, tiles=tiles,
+                          tile=bm * bn))
+    for v in plans:
+        chunks = v["c"]["CHUNKS"]
+        v["c"] |= _split(chunks, v["programs"], arch.num_sms) if v["tiles"] else {"SPLIT_K": 1, "PER_SPLIT": chunks}
+    split = [v for v in plans if v["c"]["SPLIT_K"] > 1]
+    max_tiles = max([v["tiles"] for v in split], default=0)  # one counter each (splitk.py)
+    ws_floats = max([workspace_floats(max_tiles, v["tiles"], v["c"]["SPLIT_K"], v["tile"]) for v in split], default=0)
+    variants = []
+    for v in plans:
+        spec = kernel(v["fn"], {**common, **v["c"], "MAX_TILES": max_tiles if v in split else 0,
+                                "THREADS": v["warps"] * arch.warp_size}, kernel_args, num_warps=v["warps"],
                       num_stages=stages)
-        grid = (mul(cdiv("T", bm), -(-n // bn)), cfg["SPLIT_K"], 1)
-        variants.append(Variant(["<=", "T", t_max] if t_max else 1, (Launch(spec, grid),)))
+        grid = (*v["grid"], v["c"]["SPLIT_K"]) + ((1,) if v["fn"] is qlinear_dot else ())
+        variants.append(Variant(v["when"], (Launch(spec, grid),)))
     buffers = [{"name": "splitk_workspace", "type": "*fp32", "bytes": 4 * ws_floats, "zero_init": True}]
     return Rule("qlinear", params, args, variants, buffers)
 

@@ -5,10 +5,15 @@ slot in `splitk_workspace` (`splitk_arrive`) and counts itself on the tile's int
 (after a CTA barrier; on HIP every thread first releases its own stores at gpu scope, as
 s_barrier does not wait for them). The program that arrives last resets the counter to 0 and
 sums the partials in split order (`splitk_total`), so the result does not depend on which split
-finished first; it then applies the epilogue. The counters must be zero when the workspace is
-first used (zero_init) and are zero after every launch, so calls that run one after another on
-one stream may share a workspace. Layout, in f32 elements: MAX_TILES x SPLIT_K partial tiles of
-TILE_ELEMS, then MAX_TILES int32 counters: 4 * MAX_TILES * (SPLIT_K * TILE_ELEMS + 1) bytes.
+finished first; it then applies the epilogue.
+
+The counters must be zero when the workspace is first used (zero_init) and are zero after every
+launch, so calls that run one after another on one stream share a workspace: every variant of a
+rule (the loader gives a rule's variants one workspace). So the counters sit at the front, one
+per tile of the rule's largest split variant (MAX_TILES, the same in each of its kernels), and
+each variant's partial tiles after them: a variant's partials never overwrite another's
+counters. Layout, in 4-byte elements: MAX_TILES int32 counters padded to 64 elements (256
+bytes), then tiles x SPLIT_K partial tiles of TILE_ELEMS f32.
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ import triton
 import triton.language as tl
 
 
-def workspace_floats(max_tiles: int, splits: int, tile_elems: int) -> int:
-    return max_tiles * (splits * tile_elems + 1)
+def workspace_floats(max_tiles: int, tiles: int, splits: int, tile_elems: int) -> int:
+    """4-byte elements of the workspace of a rule whose largest split variant has `max_tiles` tiles,
+    for a variant of `tiles` tiles of `splits` splits of `tile_elems` elements (the rule's
+    workspace: the largest over its split variants)."""
+    return -(-max_tiles // 64) * 64 + tiles * splits * tile_elems
 
 
 @triton.jit
@@ -26,9 +34,10 @@ def splitk_arrive(splitk_workspace, acc, offs, tile, split, SPLIT_K: tl.constexp
                   TILE_ELEMS: tl.constexpr, RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr):
     """Stores this split's partial tile `acc` (its elements at `offs`) and counts it; returns how
     many splits of the tile had arrived before (SPLIT_K - 1: this one is the last)."""
-    parts = splitk_workspace + tile.to(tl.int64) * (SPLIT_K * TILE_ELEMS)
+    COUNTERS: tl.constexpr = (MAX_TILES + 63) // 64 * 64
+    parts = splitk_workspace + COUNTERS + tile.to(tl.int64) * (SPLIT_K * TILE_ELEMS)
     tl.store(parts + split * TILE_ELEMS + offs, acc)
-    counter = (splitk_workspace + MAX_TILES * SPLIT_K * TILE_ELEMS).to(tl.pointer_type(tl.int32)) + tile
+    counter = splitk_workspace.to(tl.pointer_type(tl.int32)) + tile
     if RELEASE_ALL:  # every thread's stores released at gpu scope before the barrier
         tl.atomic_add(counter + tl.zeros([THREADS], tl.int32), tl.zeros([THREADS], tl.int32), sem="release",
                       scope="gpu")
@@ -41,8 +50,9 @@ def splitk_total(splitk_workspace, acc, offs, tile, SPLIT_K: tl.constexpr, MAX_T
                  TILE_ELEMS: tl.constexpr):
     """For the last program of a tile: resets its counter and returns the sum of its partials
     in split order (`acc` gives the shape)."""
-    parts = splitk_workspace + tile.to(tl.int64) * (SPLIT_K * TILE_ELEMS)
-    counter = (splitk_workspace + MAX_TILES * SPLIT_K * TILE_ELEMS).to(tl.pointer_type(tl.int32)) + tile
+    COUNTERS: tl.constexpr = (MAX_TILES + 63) // 64 * 64
+    parts = splitk_workspace + COUNTERS + tile.to(tl.int64) * (SPLIT_K * TILE_ELEMS)
+    counter = splitk_workspace.to(tl.pointer_type(tl.int32)) + tile
     tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
     total = tl.zeros_like(acc)
     for s in range(SPLIT_K):
