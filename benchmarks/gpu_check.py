@@ -18,20 +18,19 @@
    prefill tok/s and the linears' share of the matmul rate (their FLOPs over the whole prefill's
    time: a lower bound), batch-1 and batch-32 decode tok/s, batch 1 against the HBM floor (weight
    bytes per step over the copy bandwidth), the executor's own single steps and 64-step runs
-   (multi-step decode), and `llmirc bench`'s run on the same bundle; then each `--quant` scheme
-   and each `--kv` KV cache.
-5. `bench_unfused` (with --diagnose): the bench without the GPU-only fusions (fuse.py), to time
-   them against.
-6. `profile` (with --diagnose): every kernel of a decode step (batch 1 and 32) and of the prefill, timed on the
+   (multi-step decode), and `llmirc bench`'s run on the same bundle.
+5. `profile` (with --diagnose): every kernel of a decode step (batch 1 and 32) and of the prefill, timed on the
    device inside the step's graph (benchmarks/gpu_profile.py: torch's profiler): per kind in the
    result, per launch (device time, the gap before the next kernel, weight GB/s, TFLOP/s) in
    $OUT/profile_none.json; after each `--quant` bench, its profile too. Without --diagnose the
    run is the issue's checks and benchmark, within its 8 minutes (480 s, the default budget).
-7. `sweep` (with --diagnose): the linear kernel's tile configurations against each other and cuBLAS at the
+6. `sweep` (with --diagnose): the linear kernel's tile configurations against each other and cuBLAS at the
    model's linear shapes, for batch-1 and batch-32 decode and the prefill
    (benchmarks/gpu_sweep.py): the best three per shape, every row in $OUT/sweep.json.
-8. `peer`: transformers on the same checkpoint and GPU, bf16, static KV cache (with which
+7. `peer`: transformers on the same checkpoint and GPU, bf16, static KV cache (with which
    generate compiles the decode step: torch.compile, mode reduce-overhead): batch-1 decode tok/s.
+8. then each `--quant` bench (and its profile with --diagnose) and each `--kv` bench; last, with
+   --diagnose, `bench_fused`: the bench with the GPU-only fusions (fuse.py; off by default: slower).
 
 Each stage runs in a process of its own under a time limit (a hung kernel costs its stage, not
 the run); stages that no longer fit `--budget` are skipped and say so. Writes $OUT/gpu_check.json
@@ -125,10 +124,10 @@ def make_checkpoint(model_name: str) -> Path:
 
 
 def compiled_bundle(model_name: str, quant: str, kv: str, target: str = "cuda",
-                    fusions: str = "on") -> tuple[Path, dict]:
+                    fusions: str = "off") -> tuple[Path, dict]:
     """(bundle, facts) of the benchmark checkpoint compiled for `target` at this device's
-    architecture (compiled once per process tree: a later stage finds it in WORK); `fusions` off:
-    without the GPU-only fusions (CompileOptions.gpu_fusions)."""
+    architecture (compiled once per process tree: a later stage finds it in WORK); `fusions` on:
+    with the GPU-only fusions (CompileOptions.gpu_fusions)."""
     from llmirc.driver import CompileOptions, Progress, compile_model
     from llmirc.runtime.gpu_drivers import CudaDriver
 
@@ -147,7 +146,7 @@ def compiled_bundle(model_name: str, quant: str, kv: str, target: str = "cuda",
     return bundle, result
 
 
-def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda", fusions: str = "on") -> dict:
+def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda", fusions: str = "off") -> dict:
     """`target` cpu: the same steps on the CPU target (a dry run of this script on a host without a GPU)."""
     from llmirc.runtime.bench import decode_bytes_per_step
     from llmirc.runtime.model import load
@@ -190,7 +189,7 @@ def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda", fusi
         result["prefill_linear_tflop"] = 2 * PROMPT * params / 1e12
         result["prefill_linear_tflop_s"] = result["prefill_linear_tflop"] / prefill_s
     model.close()
-    if quant == "none" and kv == "auto" and fusions == "on":  # `llmirc bench`'s own run (floor: the copy probe)
+    if quant == "none" and kv == "auto" and fusions == "off":  # `llmirc bench`'s own run (floor: the copy probe)
         from llmirc.runtime.bench import run_bench
         r = run_bench(bundle, prompt_len=DECODE_PROMPT, new_tokens=64, repeat=2, target=target)
         result["llmirc_bench"] = {k: r[k] for k in ("bandwidth_gb_s", "decode_floor_ms_per_step")} | \
@@ -234,7 +233,8 @@ def executor_step_s(executor, batch: int, run: int = 1, repeat: int = 50) -> flo
     once()
     t0, steps = time.perf_counter(), 0
     for _ in range(repeat):
-        steps += len(once()) if run > 1 else 1
+        tokens = once()
+        steps += len(tokens) if run > 1 else 1
     return (time.perf_counter() - t0) / steps
 
 
@@ -361,15 +361,16 @@ def main() -> int:
         if "short test summary" in text:
             log(out, text[text.index("short test summary"):][-3000:])
     stages = [("rates", ["rates"], 40), ("bench", ["bench", args.model, "none", "auto"], 200)]
-    if args.diagnose:  # the GPU-only fusions against none, the kernels' times, the linear's tile configurations
-        stages += [("bench_unfused", ["bench", args.model, "none", "auto", "cuda", "off"], 150)]
+    if args.diagnose:  # the kernels' times, the linear's tile configurations
         stages += [("profile", ["profile", args.model, "none"], 90)]
         stages += [("sweep", ["sweep", args.model], 180)] if args.model in __import__("models").MODELS else []
+    stages += [("peer", ["peer", args.model], 150)]
     for q in filter(None, args.quant.split(",")):
         stages += [(f"bench_{q}", ["bench", args.model, q, "auto"], 150)]
         stages += [(f"profile_{q}", ["profile", args.model, q], 90)] if args.diagnose else []
-    stages += [("peer", ["peer", args.model], 150)]
     stages += [(f"bench_kv_{kv}", ["bench", args.model, "none", kv], 120) for kv in args.kv.split(",") if kv]
+    if args.diagnose:  # the GPU-only fusions (off by default) against the default
+        stages += [("bench_fused", ["bench", args.model, "none", "auto", "cuda", "on"], 150)]
     for name, argv, limit in stages:
         left = deadline - time.perf_counter()
         if left < 30:

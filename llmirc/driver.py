@@ -70,7 +70,8 @@ class CompileOptions:
     dequantize: bool = False            # expand quantized tensors (GGUF) to float32 instead of keeping them
     block_size: int | None = None       # KV cache block (tokens); None: the pipeline's (16)
     max_model_len: int | None = None    # the context the bundle states (<= the checkpoint's)
-    gpu_fusions: bool = True            # GPU targets: norms and act_mul into the next linear (targets/triton/fuse.py)
+    gpu_fusions: bool = False           # GPU targets: norms and act_mul into the next linear (targets/triton/fuse.py;
+                                        # off: slower on an H200, DESIGN.md "GPU kernels")
 
     def recorded(self) -> dict:
         """The options as the manifest records them (`compile_options`; JSON: tuples as lists,

@@ -226,10 +226,11 @@ def test_prologue_fusion_conditions():
     fused = fuse_prologues(Plan(calls=[act, linear(ws(2), ws(0), residual=ws(2))])).calls
     assert [c.kind for c in fused] == ["act_mul_linear"] and fused[0].args["up"] == ws(1, 64)
     assert fused[0].params["act"] == "silu" and fused[0].params["residual"]
-    from llmirc.targets.triton.target import CudaBackend  # CompileOptions.gpu_fusions off: the manifest's plan
+    from llmirc.targets.triton.target import CudaBackend  # by default (gpu_fusions off) the manifest's plan
     plan = Plan(calls=[act, linear(ws(2), ws(0))])
-    assert [c.kind for c in CudaBackend(CompileOptions(targets=("cuda",))).plan(plan).calls] == ["act_mul_linear"]
-    assert CudaBackend(CompileOptions(targets=("cuda",), gpu_fusions=False)).plan(plan) is plan
+    fusing = CudaBackend(CompileOptions(targets=("cuda",), gpu_fusions=True))
+    assert [c.kind for c in fusing.plan(plan).calls] == ["act_mul_linear"]
+    assert CudaBackend(CompileOptions(targets=("cuda",))).plan(plan) is plan
 
 
 def test_full_sequence_models_are_refused(tmp_path):
@@ -289,16 +290,12 @@ def test_launches_point_inside_their_buffers(llama, T, B, L):
     addr, regions = _regions(program, dims | {"T": 512, "L": 512})
     launches = program.forward(dims, addr)
     assert len(launches) >= len(program.steps)
-    # the GPU's own plan: each norm and act_mul fused with the linear that reads it (fuse.py), into its
-    # loads at T <= 16 (one launch), launched before it otherwise
+    # the GPU's own plan is the manifest's by default (the GPU-only fusions of fuse.py are off)
     kernels = {program.binaries[ln.kernel]["kernel"] for ln in launches}
-    assert len(program.steps) == len(manifest["plan"]) - 7  # 2 layers x 3 pairs, and the final norm + LM head
-    fused, alone = {"rms_norm_linear_kernel", "act_mul_linear_kernel"}, {"rms_norm_into_kernel", "act_mul_into_kernel"}
-    if T <= 16:
-        assert fused <= kernels and not kernels & alone
-    else:  # (the last layer's MLP, the final norm and the LM head run on the L logits rows: fused at L <= 16)
-        assert alone <= kernels and fused <= kernels
-    assert not kernels & {"rms_norm_kernel", "act_mul_kernel"}
+    assert len(program.steps) == len(manifest["plan"])
+    assert {"rms_norm_kernel", "act_mul_kernel", "linear_kernel"} <= kernels
+    assert not kernels & {"rms_norm_linear_kernel", "act_mul_linear_kernel", "rms_norm_into_kernel",
+                          "act_mul_into_kernel"}
     for ln in launches:
         b = program.binaries[ln.kernel]
         array, cells = pack(b, ln.values)
@@ -309,10 +306,10 @@ def test_launches_point_inside_their_buffers(llama, T, B, L):
             if t.startswith("*") and name not in ("global_scratch", "profile_scratch", "bias", "residual", "b"):
                 assert any(lo <= v < hi for lo, hi in regions), (b["kernel"], name, hex(v))
         assert ln.values[-2:] == (0, 0) and all(g >= 1 for g in ln.grid)
-    # the linear variant follows T (decode: 16-row tiles, split-K; prefill above 128 rows: 128-row tiles)
+    # the linear variant follows T (decode: 16- and 32-row tiles, split-K; prefill above 128 rows: 128-row tiles)
     first_linear = next(ln for ln in launches if program.binaries[ln.kernel]["kernel"] == "linear_kernel")
     block_m = program.binaries[first_linear.kernel]["constexprs"]["BLOCK_M"]
-    assert block_m == (16 if T <= 16 else 64 if T <= 128 else 128)
+    assert block_m == (16 if T <= 16 else 32 if T <= 128 else 128)
 
 
 @pytest.fixture(scope="module")

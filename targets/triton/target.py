@@ -78,8 +78,8 @@ class TritonBackend:
         self.fusions = options.gpu_fusions
 
     def plan(self, plan: Plan) -> Plan:
-        """This backend's own plan: the manifest's, with the GPU-only fusions (fuse.py) unless
-        CompileOptions.gpu_fusions is off (for timing them against the unfused plan)."""
+        """This backend's own plan: the manifest's, with the GPU-only fusions (fuse.py) when
+        CompileOptions.gpu_fusions asks for them (off by default: slower, DESIGN.md)."""
         return fuse_prologues(plan) if self.fusions else plan
 
     def check(self, plan: Plan) -> None:
