@@ -16,7 +16,8 @@
 4. `bench`: the benchmark checkpoint (`medium`: a 836M-parameter bf16 Llama, benchmarks/models.py,
    made here without a tokenizer) compiled for cuda at the device's architecture: 2047-token
    prefill tok/s and the linears' share of the matmul rate (their FLOPs over the whole prefill's
-   time: a lower bound), batch-1 and batch-32 decode tok/s, batch 1 against the HBM floor (weight
+   time: a lower bound), batch-1 and batch-32 decode tok/s (decode_step_s: the prefills subtracted,
+   every sequence decoding), batch 1 against the HBM floor (weight
    bytes per step over the copy bandwidth), the executor's own single steps and 64-step runs
    (multi-step decode), and `llmirc bench`'s run on the same bundle.
 5. `profile` (with --diagnose): every kernel of a decode step (batch 1 and 32) and of the prefill, timed on the
@@ -168,12 +169,7 @@ def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda", fusi
     prefill_s = min(times)
     result["prefill_tokens"], result["prefill_tok_s"] = PROMPT, PROMPT / prefill_s
     for batch in (1, 32):
-        stamps = []
-        for event in model.generate_stream([prompt[:DECODE_PROMPT]] * batch, max_new_tokens=DECODE_STEPS + 1,
-                                           ignore_eos=True):
-            if event.request_id == 0:
-                stamps.append(time.perf_counter())
-        step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)  # after the first token (the prefill)
+        step = decode_step_s(model, [prompt[:DECODE_PROMPT]] * batch)
         result[f"decode_b{batch}_tok_s"] = batch / step
         result[f"decode_b{batch}_ms_per_step"] = step * 1e3
         if hasattr(model.executor, "forward_tokens"):  # the executor's step alone, without the engine around it
@@ -216,6 +212,19 @@ def stage_sweep(model_name: str) -> dict:
                            save=lambda partial: path.write_text(json.dumps(partial, indent=1)))
     path.write_text(json.dumps(full, indent=1))
     return gpu_sweep.best(full)
+
+
+def decode_step_s(model, prompts: list) -> float:
+    """Seconds per decode step of the engine with every one of `prompts` decoding: generate of 1 +
+    DECODE_STEPS tokens less generate of 1 + DECODE_STEPS / 2 (the same prefills, which a batch's
+    later sequences run while its first ones decode; the engine's runs of 8 steps end at both),
+    the least of two tries each."""
+    def generate_s(new_tokens):
+        t0 = time.perf_counter()
+        model.generate(prompts, new_tokens, ignore_eos=True)
+        return time.perf_counter() - t0
+    half = DECODE_STEPS // 2
+    return (min(generate_s(1 + DECODE_STEPS) for _ in range(2)) - min(generate_s(1 + half) for _ in range(2))) / half
 
 
 def executor_step_s(executor, batch: int, run: int = 1, repeat: int = 50) -> float:

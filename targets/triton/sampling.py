@@ -48,16 +48,20 @@ GREEDY_TEMPERATURE = 1e-5  # llmirc.runtime.sampling.GREEDY_TEMPERATURE
 
 @triton.jit
 def _argmax(row, VOCAB: tl.constexpr, BLOCK: tl.constexpr):
-    best_v = tl.load(row)
-    best_i = 0
-    for c0 in range(0, VOCAB, BLOCK):
-        c = c0 + tl.arange(0, BLOCK)
-        v = tl.load(row + c, mask=c < VOCAB, other=float("-inf"))
-        cv, ci = tl.max(v, 0, return_indices=True, return_indices_tie_break_left=True)
-        better = cv > best_v
-        best_i = tl.where(better, c0 + ci, best_i)
-        best_v = tl.where(better, cv, best_v)
-    return best_v, best_i
+    """(the largest of row[:VOCAB], its first index): each lane keeps its own best over the chunks
+    (the earliest on ties), then one reduction takes the lowest index holding the largest value.
+    (A reduction per chunk, 32 dependent ones over a 32000-entry row, took 17 us on an H200.)"""
+    c = tl.arange(0, BLOCK)
+    best_v = tl.load(row + c, mask=c < VOCAB, other=float("-inf"))
+    best_i = c
+    for c0 in range(BLOCK, VOCAB, BLOCK):
+        cc = c0 + tl.arange(0, BLOCK)
+        v = tl.load(row + cc, mask=cc < VOCAB, other=float("-inf"))
+        better = v > best_v
+        best_i = tl.where(better, cc, best_i)
+        best_v = tl.where(better, v, best_v)
+    best = tl.max(best_v, 0)
+    return best, tl.min(tl.where(best_v == best, best_i, VOCAB), 0)
 
 
 @triton.jit
