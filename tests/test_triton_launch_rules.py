@@ -107,11 +107,12 @@ def test_linear_variants_by_t():
 
 def test_paged_attention_variants():
     rule = launch_rule("paged_attention", ATTN, ARCHS["sm_90"])
-    short = ENV | {"T": 2, "B": 2, "max_blocks": 16}  # 256 keys at most: one split, no reduce
+    short = ENV | {"T": 2, "B": 2, "max_blocks": 16}  # 256 keys at most: one split, writing out directly
     assert _kernels(rule, short) == [("paged_attention_decode_kernel", (2, 8, 1), {"num_splits": 1})]
-    long = ENV | {"T": 2, "B": 2, "max_blocks": 256}  # 4096 keys: min(16, cdiv(528, 16)) = 16 splits
-    assert _kernels(rule, long) == [("paged_attention_decode_kernel", (2, 8, 16), {"num_splits": 16}),
-                                    ("paged_attention_reduce_kernel", (2, 32, 1), {"num_splits": 16})]
+    long = ENV | {"T": 2, "B": 2, "max_blocks": 256}  # 4096 keys: min(16, cdiv(528, 16)) = 16 splits, the last
+    assert _kernels(rule, long) == [("paged_attention_decode_kernel", (2, 8, 16), {"num_splits": 16})]  # merging
+    direct = [dict(s.constexprs).get("DIRECT") for s in rule.kernels().values()]  # (and the prefill kernel)
+    assert sorted(map(str, direct)) == ["False", "None", "True"]
     batch = ENV | {"T": 64, "B": 64, "max_blocks": 256}  # 64 x 8 programs already fill the GPU
     assert _kernels(rule, batch)[0][1] == (64, 8, 2)
     prefill = ENV | {"T": 100, "B": 3}  # BLOCK_Q = 64 / 4 tokens: 100 // 16 + 3 tile programs
@@ -121,7 +122,9 @@ def test_paged_attention_variants():
     for T in (1, 2, 3, 7, 64, 300):
         env = ENV | {"T": T, "B": T, "max_blocks": 4096}
         splits = lr.scalars(lr.select(rj, env)[0], env)["num_splits"]
-        assert T * splits * 32 * (64 + 2) * 4 <= lr.buffer_bytes(rj, env)["attn_workspace"]
+        sizes = lr.buffer_bytes(rj, env)
+        assert T * splits * 32 * (64 + 2) * 4 <= sizes["attn_workspace"] and sizes["attn_counters"] == 4 * T * 8
+    assert [(b["name"], b["zero_init"]) for b in rj["buffers"]] == [("attn_workspace", False), ("attn_counters", True)]
 
 
 def test_alignment_hints():

@@ -23,11 +23,13 @@ Two kernels, chosen by the launch rule:
 * T <= B (decode: one token per sequence, or fewer): flash-decoding. Grid (T, num_kv_heads, S):
   split s of token t covers a contiguous S-th of the token's key range [lo, hi]. With
   S = max(1, min(cdiv(max_blocks * block_size, 256), cdiv(4 * SMs, T * num_kv_heads))) the
-  grid fills the GPU at batch 1 and long contexts. S == 1: the split kernel writes `out`
-  directly (one launch). S > 1: it writes (acc, max, sum) per (token, head, split) to
-  `attn_workspace` and a reduce kernel, grid (T, num_heads), merges them in split order.
-  attn_workspace: 4 * (head_dim + 2) * num_heads * (T + cdiv(4 * SMs, num_kv_heads)) bytes
-  (an upper bound of T * S rows).
+  grid fills the GPU at batch 1 and long contexts. S == 1: the kernel writes `out` directly.
+  S > 1: each split writes (acc, max, sum) of its heads to `attn_workspace` and counts itself
+  on the (token, kv head)'s counter in `attn_counters` (splitk.py's `arrive`); the last to
+  arrive resets the counter and merges the S partials in split order into `out`. One launch
+  either way (a reduce kernel of its own cost 2.3 us a layer on an H200). attn_workspace:
+  4 * (head_dim + 2) * num_heads * (T + cdiv(4 * SMs, num_kv_heads)) bytes (an upper bound of
+  T * S rows); attn_counters: 4 * T * num_kv_heads bytes, zeroed once (zero after each launch).
 * otherwise (prefill, chunked prefill, mixed batches): flash attention over variable-length
   sequences in one flat batch. Program (i, g) takes a tile of BLOCK_Q = BLOCK_M / HP
   consecutive tokens of one sequence: tile j of sequence b is program
@@ -44,6 +46,7 @@ import triton.language as tl
 from llmirc import dtypes
 
 from .rope import check_quantized_pool, pool_scales
+from .splitk import arrive
 from .spec import Launch, Rule, Variant, add, cdiv, eq, kernel, le, max_, min_, mul, next_pow2
 
 LOG2E = 1.4426950408889634
@@ -133,10 +136,11 @@ def _key_range(pos, seq_len, WINDOW: tl.constexpr):
 @triton.jit
 def paged_attention_decode_kernel(
         out, ld_out, q, ld_q, pool, num_blocks, layer, block_tables, max_blocks, seq_lens, query_start_loc, B,
-        positions, T, attn_workspace, num_splits,
+        positions, T, attn_workspace, attn_counters, num_splits,
         H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
         SCALE_LOG2: tl.constexpr, WINDOW: tl.constexpr, HP: tl.constexpr, HP_PAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, KV_F32: tl.constexpr, NUM_LAYERS: tl.constexpr, DIRECT: tl.constexpr):
+        BLOCK_N: tl.constexpr, KV_F32: tl.constexpr, NUM_LAYERS: tl.constexpr, DIRECT: tl.constexpr,
+        RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr):
     t = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
@@ -156,36 +160,31 @@ def paged_attention_decode_kernel(
     d = tl.arange(0, D_PAD)
     t64 = t.to(tl.int64)
     q_mask = (r[:, None] < HP) & (d[None, :] < D)
+    dst = out + t64 * ld_out + head[:, None] * D + d[None, :]
     if DIRECT:
-        res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out + t64 * ld_out + head[:, None] * D + d[None, :], res, mask=q_mask)
+        tl.store(dst, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], mask=q_mask)
     else:
-        row = ((t64 * H + head) * num_splits + split) * (D + 2)
-        tl.store(attn_workspace + row[:, None] + d[None, :], acc, mask=q_mask)
-        tl.store(attn_workspace + row + D, m_i, mask=r < HP)
-        tl.store(attn_workspace + row + D + 1, l_i, mask=r < HP)
-
-
-@triton.jit
-def paged_attention_reduce_kernel(out, ld_out, T, attn_workspace, num_splits, H: tl.constexpr, D: tl.constexpr,
-                                  D_PAD: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    d = tl.arange(0, D_PAD)
-    base = (t * H + h) * num_splits * (D + 2)
-    m = tl.load(attn_workspace + base + D)
-    for s in range(1, num_splits):
-        m = tl.maximum(m, tl.load(attn_workspace + base + s * (D + 2) + D))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([D_PAD], tl.float32)
-    l_sum = 0.0
-    for s in range(num_splits):
-        row = attn_workspace + base + s * (D + 2)
-        w = tl.exp2(tl.load(row + D) - m_safe)
-        l_sum += w * tl.load(row + D + 1)
-        acc += w * tl.load(row + d, mask=d < D, other=0.0)
-    res = acc / tl.where(l_sum > 0, l_sum, 1.0)
-    tl.store(out + t * ld_out + h * D + d, res, mask=d < D)
+        rows = ((t64 * H + head) * num_splits) * (D + 2)  # split s of head h: rows + s * (D + 2)
+        tl.store(attn_workspace + rows[:, None] + split * (D + 2) + d[None, :], acc, mask=q_mask)
+        tl.store(attn_workspace + rows + split * (D + 2) + D, m_i, mask=r < HP)
+        tl.store(attn_workspace + rows + split * (D + 2) + D + 1, l_i, mask=r < HP)
+        counter = attn_counters + t * G + g
+        if arrive(counter, RELEASE_ALL, THREADS) == num_splits - 1:  # the last split merges them all
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+            m = tl.full([HP_PAD], float("-inf"), tl.float32)
+            for s in range(num_splits):
+                m = tl.maximum(m, tl.load(attn_workspace + rows + s * (D + 2) + D, mask=r < HP,
+                                          other=float("-inf"), cache_modifier=".cg"))
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            total = tl.zeros([HP_PAD, D_PAD], tl.float32)
+            l_sum = tl.zeros([HP_PAD], tl.float32)
+            for s in range(num_splits):
+                part = attn_workspace + rows + s * (D + 2)
+                w = tl.exp2(tl.load(part + D, mask=r < HP, other=float("-inf"), cache_modifier=".cg") - m_safe)
+                l_sum += w * tl.load(part + D + 1, mask=r < HP, other=0.0, cache_modifier=".cg")
+                total += w[:, None] * tl.load(part[:, None] + d[None, :], mask=q_mask, other=0.0,
+                                              cache_modifier=".cg")
+            tl.store(dst, total / tl.where(l_sum > 0, l_sum, 1.0)[:, None], mask=q_mask)
 
 
 @triton.jit
@@ -248,21 +247,19 @@ def rule_paged_attention(params, arch, args) -> Rule:
               "WINDOW": int(params["sliding_window"] or 0), "HP": hp, "KV_F32": kv_f32, "NUM_LAYERS": num_layers}
     ws_rows = add("T", -(-4 * arch.num_sms // g))
     ws = {"name": "attn_workspace", "type": "*fp32", "bytes": mul(4 * (d + 2) * h, ws_rows), "zero_init": False}
-    # decode: flash-decoding split over the key range, then a reduce (or direct when one split)
+    counters = {"name": "attn_counters", "type": "*i32", "bytes": mul(4 * g, "T"), "zero_init": True}
+    # decode: flash-decoding split over the key range, the last split of a token merging them
     splits = max_(1, min_(cdiv(mul("max_blocks", bs), KEYS_PER_SPLIT), cdiv(4 * arch.num_sms, max_(1, mul("T", g)))))
     # key tiles of <= 32 KB of K and V (64 KB of LDS on gfx9)
     block_n = max(16, min(64, 32768 // (2 * d_pad * (4 if kv_f32 else 2))))
-    dec = {**common, "HP_PAD": max(16, next_pow2(hp)), "BLOCK_N": block_n}
-    dec_args = args + (("attn_workspace", "*fp32"), ("num_splits", "i64"))
     warps_dec = 4 if d_pad <= 128 else 8
+    dec = {**common, "HP_PAD": max(16, next_pow2(hp)), "BLOCK_N": block_n, "RELEASE_ALL": arch.backend == "hip",
+           "THREADS": warps_dec * arch.warp_size}
+    dec_args = args + (("attn_workspace", "*fp32"), ("attn_counters", "*i32"), ("num_splits", "i64"))
     direct = kernel(paged_attention_decode_kernel, dec | {"DIRECT": True}, dec_args, num_warps=warps_dec,
                     num_stages=2)
     split = kernel(paged_attention_decode_kernel, dec | {"DIRECT": False}, dec_args, num_warps=warps_dec,
                    num_stages=2)
-    reduce = kernel(paged_attention_reduce_kernel, {"H": h, "D": d, "D_PAD": d_pad},
-                    (("out", "*fp32"), ("ld_out", "i64"), ("T", "i64"), ("attn_workspace", "*fp32"),
-                     ("num_splits", "i64")), num_warps=1)
-    s = (("num_splits", splits),)
     # prefill: varlen flash attention
     block_m = max(16 if d_pad > 128 else 64, next_pow2(hp))
     block_q = block_m // hp
@@ -271,10 +268,10 @@ def rule_paged_attention(params, arch, args) -> Rule:
     variants = [
         Variant(["and", le("T", "B"), eq(splits, 1)],
                 (Launch(direct, ("T", g, 1), (("num_splits", 1),)),)),
-        Variant(le("T", "B"), (Launch(split, ("T", g, splits), s), Launch(reduce, ("T", h, 1), s))),
+        Variant(le("T", "B"), (Launch(split, ("T", g, splits), (("num_splits", splits),)),)),
         Variant(1, (Launch(pre, (_prefill_grid(block_q), g, 1)),)),
     ]
-    return Rule("paged_attention", params, args, variants, [ws])
+    return Rule("paged_attention", params, args, variants, [ws, counters])
 
 
 def _prefill_grid(block_q: int):

@@ -37,7 +37,13 @@ def splitk_arrive(splitk_workspace, acc, offs, tile, split, SPLIT_K: tl.constexp
     COUNTERS: tl.constexpr = (MAX_TILES + 63) // 64 * 64
     parts = splitk_workspace + COUNTERS + tile.to(tl.int64) * (SPLIT_K * TILE_ELEMS)
     tl.store(parts + split * TILE_ELEMS + offs, acc)
-    counter = splitk_workspace.to(tl.pointer_type(tl.int32)) + tile
+    return arrive(splitk_workspace.to(tl.pointer_type(tl.int32)) + tile, RELEASE_ALL, THREADS)
+
+
+@triton.jit
+def arrive(counter, RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr):
+    """Counts this program on `counter` (int32) once all its threads' stores are visible at gpu
+    scope; returns the count before it (also for paged_attention's fused split merge)."""
     if RELEASE_ALL:  # every thread's stores released at gpu scope before the barrier
         tl.atomic_add(counter + tl.zeros([THREADS], tl.int32), tl.zeros([THREADS], tl.int32), sem="release",
                       scope="gpu")
