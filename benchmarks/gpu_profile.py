@@ -61,8 +61,8 @@ def staged_launches(ex, inputs) -> tuple[list, int]:
     from llmirc.runtime.step_check import checked_inputs
     T, B, L, max_blocks, bucket = ex._stage(checked_inputs(ex.limits, *inputs), GREEDY)
     if bucket is not None:
-        return ex._launches(bucket, bucket, bucket, ex.max_blocks), T
-    return ex._launches(T, B, L, max_blocks), T
+        return list(ex._launches(bucket, bucket, bucket, ex.max_blocks)), T
+    return list(ex._launches(T, B, L, max_blocks)), T
 
 
 def per_launch(launches, names: dict, kernels: list, replays: int) -> list[dict]:

@@ -52,6 +52,20 @@ def test_sequence_blocks_grow_map_slots_and_release():
     assert seq.block_table == [] and alloc.num_free == 8 - 2
 
 
+def test_slots_of_a_long_chunk_match_slot():
+    """`slots` (NumPy from 64 positions on) gives each position's `slot`, and refuses the same."""
+    alloc = BlockAllocator(64)
+    a, b = SequenceBlocks(alloc, 16), SequenceBlocks(alloc, 16)
+    for n in (16, 40, 100, 200):  # interleaved: a's blocks are not contiguous
+        a.ensure_capacity(n)
+        b.ensure_capacity(n)
+    for start, n in ((0, 200), (5, 64), (37, 63), (199, 1), (0, 0)):
+        assert a.slots(start, n) == [a.slot(p) for p in range(start, start + n)]
+    for start, n in ((150, 64), (190, 20), (-1, 70), (145, 64)):  # (208 slots: 145 + 64 reaches one past)
+        with pytest.raises(IndexError, match="outside the 208 allocated slots"):
+            a.slots(start, n)
+
+
 def test_ensure_capacity_is_all_or_nothing():
     alloc = BlockAllocator(3)
     seq = SequenceBlocks(alloc, 2)

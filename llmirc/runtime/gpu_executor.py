@@ -183,13 +183,14 @@ class GpuExecutor:
         self.driver.call("htod_async", self.addr[name], a.ctypes.data, a.nbytes, self.stream)
 
     def _launches(self, T: int, B: int, L: int, max_blocks: int):
+        """The step's launches, then the sampling kernel's, each computed as it is asked for."""
         dims = {"T": T, "B": B, "L": L, "max_blocks": max_blocks, "num_blocks": self.num_blocks}
-        out = self.program.forward(dims, self.addr)
+        yield from self.program.forward(dims, self.addr)
         s = self.sample_bufs
         values = {"tokens": s["tokens"], "logits": self.addr["logits"], "ld_logits": self.vocab_size,
                   "temperature": s["temperature"], "top_k": s["top_k"], "top_p": s["top_p"], "seeds": s["seeds"],
                   "offsets": s["offsets"], "L": L}
-        return out + self.program.launches("sample", self.program.sampling["sample"], values, self.addr["buffers"])
+        yield from self.program.launches("sample", self.program.sampling["sample"], values, self.addr["buffers"])
 
     def _step(self, inputs, sampling) -> tuple[int, bool]:
         """Uploads the inputs (padded to a graph bucket for a decode step) and runs the step;

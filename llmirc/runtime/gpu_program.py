@@ -27,6 +27,7 @@ symbol, as their layouts differ; the others (scratch) one per name, shared by al
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from llmirc import dtypes
@@ -85,6 +86,11 @@ class GpuProgram:
             if symbol not in self.rules:
                 raise BundleError(f"bundle {bundle}: the plan calls {symbol!r}, which target {target.get('name')!r} "
                                   "does not compile")
+        if any(not isinstance(args, dict) for _, args in self.steps):
+            raise BundleError(f"bundle {bundle}: a plan call's arguments are not a mapping")
+        # each argument checked once here and kept resolved to (space, index, byte offset): a
+        # forward only adds addresses (it runs per prefill step, 150 calls for a 16-layer model)
+        self.calls = [(symbol, {name: self._arg(a) for name, a in args.items()}) for symbol, args in self.steps]
         for rule in [*self.rules.values(), *self.sampling.values()]:
             for v in rule["variants"]:
                 for ln in v["launches"]:
@@ -126,15 +132,14 @@ class GpuProgram:
         return out
 
     # -- launches --------------------------------------------------------------------------
-    def forward(self, dims: dict, addr: dict) -> list[Launch]:
-        """The launches of one forward. `dims`: T, B, L, max_blocks, num_blocks; `addr`: device
-        addresses of the inputs (by name), "pool", "ws", "logits", "weights" (a list, plan order)
-        and "buffers" ({(owner, name): address}, see `buffers`)."""
-        out = []
-        for symbol, args in self.steps:
+    def forward(self, dims: dict, addr: dict) -> Iterator[Launch]:
+        """The launches of one forward, in order, each computed as it is asked for (so a launcher
+        starts the first while the rest are computed). `dims`: T, B, L, max_blocks, num_blocks;
+        `addr`: device addresses of the inputs (by name), "pool", "ws", "logits", "weights" (a
+        list, plan order) and "buffers" ({(owner, name): address}, see `buffers`)."""
+        for symbol, args in self.calls:
             values = {name: self._value(a, dims, addr) for name, a in args.items()}
-            out += self.launches(symbol, self.rules[symbol], values, addr["buffers"])
-        return out
+            yield from self.launches(symbol, self.rules[symbol], values, addr["buffers"])
 
     def launches(self, symbol: str, rule: dict, values: dict, buffers: dict) -> list[Launch]:
         """The launches of one call of `rule` with its argument values (ints, floats, addresses)."""
@@ -151,33 +156,53 @@ class GpuProgram:
             out.append(Launch(ln["kernel"], grid, tuple(v[a] for a in ln["args"]) + (0, 0), symbol))
         return out
 
-    def _value(self, a, dims: dict, addr: dict):
+    def _arg(self, a):
+        """A plan argument checked and resolved: ("const", value), ("dim", name), ("null",) or
+        (space, index, byte offset) for a pointer."""
         if isinstance(a, bool) or not isinstance(a, (int, float, dict)):
             raise BundleError(f"bundle {self.name}: malformed plan argument {a!r:.60}")
         if not isinstance(a, dict):
-            return a
+            return ("const", a)
         if "dim" in a:
             if a["dim"] not in DIMS:
                 raise BundleError(f"bundle {self.name}: the plan names an unknown dim {a['dim']!r}")
-            return int(dims[a["dim"]])
+            return ("dim", a["dim"])
         space, index, col = a.get("ptr"), a.get("index", 0), a.get("col", 0)
-        if space not in SPACES or not isinstance(col, int) or col < 0:
+        if space not in SPACES or isinstance(col, bool) or not isinstance(col, int) or col < 0:
             raise BundleError(f"bundle {self.name}: malformed plan pointer {a!r:.80}")
         if space == "null":
-            return 0
+            return ("null",)
         if space == "input":
             if index not in INPUTS:
                 raise BundleError(f"bundle {self.name}: the plan names an unknown input {index!r}")
-            return addr[index] + 4 * col
+            return ("input", index, 4 * col)
         if space == "weight":
-            if not isinstance(index, int) or not 0 <= index < len(self.weight_dtypes):
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.weight_dtypes):
                 raise BundleError(f"bundle {self.name}: the plan names weight {index!r}")
-            return addr["weights"][index] + self.weight_dtypes[index].itemsize * col
+            return ("weight", index, self.weight_dtypes[index].itemsize * col)
         if space == "ws":
-            return addr["ws"] + self.slot_offset(index, dims["T"], dims["L"]) + self.slots[index][0].itemsize * col
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.slots):
+                raise BundleError(f"bundle {self.name}: the plan names workspace slot {index!r} of {len(self.slots)}")
+            return ("ws", index, self.slots[index][0].itemsize * col)
         if space == "pool":
-            return addr["pool"] + self.pool_dtype.itemsize * col
-        return addr["logits"] + 4 * col
+            return ("pool", None, self.pool_dtype.itemsize * col)
+        return ("logits", None, 4 * col)
+
+    def _value(self, a: tuple, dims: dict, addr: dict):
+        space = a[0]
+        if space == "const":
+            return a[1]
+        if space == "dim":
+            return int(dims[a[1]])
+        if space == "null":
+            return 0
+        if space == "input":
+            return addr[a[1]] + a[2]
+        if space == "weight":
+            return addr["weights"][a[1]] + a[2]
+        if space == "ws":
+            return addr["ws"] + self.slot_offset(a[1], dims["T"], dims["L"]) + a[2]
+        return addr[space] + a[2]
 
 
 def pack(binary: dict, values: tuple):

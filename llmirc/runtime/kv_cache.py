@@ -11,6 +11,8 @@ sequence references are reclaimed, least recently used first, when the free list
 
 from __future__ import annotations
 
+import numpy as np
+
 from llmirc.errors import LlmircError, RuntimeLimitError
 
 from .prefix_cache import Node, PrefixCache
@@ -132,6 +134,15 @@ class SequenceBlocks:
         if not 0 <= position < self.capacity:
             raise IndexError(f"position {position} is outside the {self.capacity} allocated slots")
         return self.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def slots(self, start: int, n: int) -> list[int]:
+        """The slots of positions start..start+n-1 (`slot` of each; a prefill chunk's at once)."""
+        if n < 64:
+            return [self.slot(p) for p in range(start, start + n)]
+        if start < 0 or start + n > self.capacity:
+            raise IndexError(f"positions {start}..{start + n - 1} are outside the {self.capacity} allocated slots")
+        p = np.arange(start, start + n)
+        return (np.asarray(self.block_table)[p // self.block_size] * self.block_size + p % self.block_size).tolist()
 
     def release(self) -> None:
         if self.nodes:

@@ -68,20 +68,21 @@ def evaluate(expr, env: dict[str, int], _depth: int = 0) -> int:
     """The integer value of `expr` (see the module docstring) with the call's integers `env`."""
     if _depth > _MAX_DEPTH:
         raise BundleError("launch rule expression nested too deeply")
-    if isinstance(expr, bool) or expr is None:
-        raise BundleError(f"launch rule expression has a non-integer value {expr!r}")
-    if isinstance(expr, int):
+    kind = type(expr)  # (exact types: a bool is not an int here; JSON gives no subclasses)
+    if kind is int:
         value = expr
-    elif isinstance(expr, str):
+    elif kind is str:
         if expr not in env:
             raise BundleError(f"launch rule names {expr!r}, not an integer argument of the call "
                               f"({', '.join(env) or 'none'})")
         value = int(env[expr])
-    elif isinstance(expr, list) and expr and isinstance(expr[0], str) and expr[0] in _OPS and len(expr) >= 3:
+    elif kind is list and expr and type(expr[0]) is str and expr[0] in _OPS and len(expr) >= 3:
         op = expr[0]
         if op in ("-", "*", "cdiv", "<", "<=", "==") and len(expr) != 3:
             raise BundleError(f"launch rule op {op!r} takes 2 operands, got {len(expr) - 1}")
         value = _OPS[op](*(evaluate(e, env, _depth + 1) for e in expr[1:]))
+    elif expr is None or kind is bool:
+        raise BundleError(f"launch rule expression has a non-integer value {expr!r}")
     else:
         raise BundleError(f"launch rule expression is malformed: {expr!r:.80}")
     if not -_LIMIT <= value <= _LIMIT:

@@ -461,7 +461,7 @@ def _build_step(chunks: list[_Chunk]) -> Step:
         n, q0 = len(c.tokens), query_start_loc[-1]
         token_ids += c.tokens
         positions += range(c.start, c.start + n)
-        slots += map(c.blocks.slot, range(c.start, c.start + n))
+        slots += c.blocks.slots(c.start, n)
         seq_lens.append(c.start + n)
         query_start_loc.append(q0 + n)
         logits_indices += [q0 + p - c.start for p in c.rows]
