@@ -10,18 +10,21 @@ rounded to the weight's dtype in registers: what a bf16 model's activations are)
 use tl.dot with input_precision="ieee" (no TF32: exact as transformers' f32). `out` may be
 `residual` (same ld); it never aliases x or w.
 
-One @triton.jit kernel, three tile configurations chosen by T (the launch rule's variants):
+One @triton.jit kernel, three tile configurations chosen by T (the launch rule's variants;
+`_config` says where they come from):
 
-    T <= 16    decode: BLOCK_M 16, BLOCK_N 32, BLOCK_K 128 (64 for f32 weights): GEMV-shaped; the
-               weight rows stream through a num_stages-deep pipeline (cp.async/TMA-free loads,
-               16-byte vectors along k), split-K so that cdiv(n, 32) * split_k >= 2 * SMs.
-    T <= 128   BLOCK_M 64, BLOCK_N 64, BLOCK_K 64 (32 for f32), split-K likewise.
-    T > 128    prefill: 128 x 128 x 64 tiles (sm_90: wgmma; sm_80: mma; gfx9: MFMA), grouped
-               launch order (GROUP_M 8) for L2 reuse, no split-K.
+    T <= 16    decode: BLOCK_M 16, BLOCK_N 32, BLOCK_K 128 (64 for f32 weights), two warps:
+               GEMV-shaped; the weight rows stream through a num_stages-deep pipeline
+               (cp.async/TMA-free loads, 16-byte vectors along k), split-K so that
+               cdiv(n, 32) * split_k >= 2 * SMs.
+    T <= 128   BLOCK_M 32, BLOCK_N 128, BLOCK_K 64 (32 for f32), split-K likewise.
+    T > 128    prefill: 128 x 256 x 64 tiles on sm_90 with bf16/f16 weights (wgmma), 128 x 128
+               otherwise (sm_80: mma; gfx9: MFMA); grouped launch order (GROUP_M 8) for L2
+               reuse, no split-K.
 
 Split-K is deterministic and one launch (splitk.py: the last program of a tile sums the
 partials in split order, then applies bias and residual); the workspace's size (bytes, a
-constant per call) is the largest over the split variants.
+constant per call) is the largest over the split variants, which share it.
 """
 
 from __future__ import annotations
