@@ -136,6 +136,13 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
         raise LlmircError(f"--kv-cache-tokens {kv_cache_tokens}: a KV cache of {model.num_blocks} "
                           f"block{'s' * (model.num_blocks != 1)} of {model.block_size} tokens cannot hold "
                           f"--batch {batch} sequences of {need} tokens ({blocks} blocks)")
+    try:  # the manifest's fields the figures need, read (and refused when malformed) before the long run
+        by_dtype = decode_bytes_per_step(model, len(prompt) + new_tokens // 2)
+        flops = prefill_flops(model, len(prompt))
+        params = parameter_count(model.bundle.manifest, [w.shape for w in model.executor.weights])
+    except BaseException:
+        model.close()
+        raise
     prefill, first, whole = [], [], []
     for _ in range(repeat):
         prefill.append(_timed(lambda: model.generate([prompt], max_new_tokens=1, ignore_eos=True)))
@@ -145,12 +152,9 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
         first.append(_timed(lambda: model.generate([prompt] * batch, max_new_tokens=1, ignore_eos=True)))
         whole.append(_timed(lambda: model.generate([prompt] * batch, max_new_tokens=new_tokens, ignore_eos=True)))
     step = _decode_step(first + (prefill if batch == 1 else []), whole, new_tokens, "llmirc")  # (the same run at 1)
-    by_dtype = decode_bytes_per_step(model, len(prompt) + new_tokens // 2)
     out = {"prefill_tok_s": len(prompt) / min(prefill), "decode_tok_s": batch / step, "decode_ms_per_step": step * 1e3,
             "bytes_per_step": sum(by_dtype.values()), "bytes_per_step_by_dtype": by_dtype,
-            "prefill_gflop": prefill_flops(model, len(prompt)) / 1e9,
-            "params": parameter_count(model.bundle.manifest, [w.shape for w in model.executor.weights]),
-            "model": model.config,
+            "prefill_gflop": flops / 1e9, "params": params, "model": model.config,
             "threads": model.executor.threads, "target": model.executor.target["name"],
             "device": getattr(model.executor, "dev", {}).get("name"), "amx": getattr(model.executor, "amx", False)}
     driver = getattr(model.executor, "driver", None)  # a GPU target's

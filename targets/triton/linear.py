@@ -209,8 +209,9 @@ def rule_linear(params, arch, args, overrides: dict | None = None) -> Rule:
         else:
             splits, k_split = split_k(n, k, bn, bk, _cdiv(t_max, bm), arch.num_sms, cfg.get("split_k"))
         plans.append((t_max, cfg, splits, k_split, _cdiv(t_max, bm) * _cdiv(n, bn) if t_max else 0))
-    max_tiles = max([tiles for *_, splits, _, tiles in plans if splits > 1], default=0)  # splitk.py: one
-    ws_floats = max([workspace_floats(max_tiles, tiles, splits, cfg["BLOCK_M"] * cfg["BLOCK_N"])  # counter each
+    # one workspace for the split variants: a counter per tile of the largest, then partials (splitk.py)
+    max_tiles = max([tiles for *_, splits, _, tiles in plans if splits > 1], default=0)
+    ws_floats = max([workspace_floats(max_tiles, tiles, splits, cfg["BLOCK_M"] * cfg["BLOCK_N"])
                      for _, cfg, splits, _, tiles in plans if splits > 1], default=0)
     variants = []
     for t_max, cfg, splits, k_split, _ in plans:
