@@ -58,6 +58,7 @@ ARENA = 64 << 20         # bytes of emulated device memory
 REPORTED = 1 << 30       # what mem_info says is free (and total): above the executor's graph reserve
 BLOCK_SIZE = 16          # the bundle's KV block size (the default)
 BLOCKS = 3               # KV blocks per sequence in the executor checks
+CONTEXT = 512            # the executor's: decode graphs split attention in two (the last split merges)
 
 
 def _spec(key: str, b: dict) -> KernelSpec:
@@ -186,11 +187,12 @@ class Emulated(Driver):
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    """A bf16 llama (hidden 64, 2 layers) compiled for cpu and cuda sm_90, its Triton cache its own."""
+    """A bf16 llama (hidden 64, 2 layers; intermediate 1024, so down_proj splits k in the T <= 16 and
+    T <= 128 variants, which share a workspace) compiled for cpu and cuda sm_90, its Triton cache its own."""
     tmp = tmp_path_factory.mktemp("gpu-emulated")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMIRC_CACHE_DIR", str(tmp / "cache"))
-        make_checkpoint(tmp / "ckpt", "llama", dtype="bfloat16")
+        make_checkpoint(tmp / "ckpt", "llama", dtype="bfloat16", intermediate_size=1024)
         compile_model(tmp / "ckpt", tmp / "m.llmir", CompileOptions(targets=("cpu", "cuda"), archs=("sm_90",),
                                                                     cpu_variants=("baseline",), jobs=2),
                       Progress(io.StringIO()))
@@ -231,9 +233,16 @@ def test_executor_matches_cpu_target(bundle):
     on the same inputs: every logits row close, and no fused prologue (gpu_fusions is off by default)."""
     b = open_bundle(bundle)
     driver = Emulated(b)
-    gpu = GpuExecutor(b, driver, max_context=BLOCKS * BLOCK_SIZE, max_batched_tokens=64, max_num_seqs=4,
+    gpu = GpuExecutor(b, driver, max_context=CONTEXT, max_batched_tokens=64, max_num_seqs=4,
                       kv_cache_tokens=2 * BLOCKS * BLOCK_SIZE)
     assert gpu.block_size == BLOCK_SIZE
+    # the split paths run: split-K in the prefill's and the decode's down_proj, two attention splits in decode
+    splits = {T: {(gpu.program.binaries[ln.kernel]["kernel"], dict(zip(
+        [n for n, _ in gpu.program.binaries[ln.kernel]["params"]], ln.values)).get("num_splits"),
+        gpu.program.binaries[ln.kernel]["constexprs"].get("SPLIT_K")) for ln in gpu._launches(T, 2, T, m)}
+        for T, m in ((33, BLOCKS), (2, gpu.max_blocks))}
+    assert ("linear_kernel", None, 4) in splits[33] and ("linear_kernel", None, 2) in splits[2]
+    assert ("paged_attention_decode_kernel", 2, None) in splits[2]
     cpu = CpuExecutor(b, gpu.num_blocks)
     rng = np.random.default_rng(0)
     a, c = [int(t) for t in rng.integers(0, 384, 20)], [int(t) for t in rng.integers(0, 384, 30)]
