@@ -192,7 +192,7 @@ def rule_act(params, arch, args) -> Rule:
 
 
 def act_mul_into_launch(dim: int, act: str, types: dict) -> Launch:
-    """act_mul_linear's prologue launched alone (T > 16): x = act(gate) * up."""
+    """act_mul_linear's prologue launched alone (T > 1): x = act(gate) * up."""
     _check_act(act)
     rule = _row_rule("act_mul", {"dim": dim, "act": act}, act_mul_into_kernel,
                      tuple((a, types[a]) for a in ("x", "ld_x", "gate", "ld_gate", "up", "ld_up", "T")), "T",

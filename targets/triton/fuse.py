@@ -1,10 +1,12 @@
 """GPU-only fusions of a plan's calls: the GPU targets' own plan (a target entry's `plan`), the
 CPU target keeps the manifest's.
 
-A decode step's kernels are small and the launch gaps between them add up (the H200 runs of
+A decode step's kernels are small and each costs its launch and ramp (the H200 runs of
 2026-12-04: 163 launches a step, about 6.7 us each), so the calls whose output feeds only the
-next call, a linear, become one call of a fused kind (kinds.py) whose T <= 16 variant computes
-the prologue inside the linear's loads:
+next call, a linear, become one call of a fused kind (kinds.py) whose one-token variant (T <= 1)
+is a GEMV computing the prologue inside its loads (linear.py). Off by default
+(CompileOptions.gpu_fusions): the first fused kernels, 16-row MMA tiles, were slower on the H200;
+these GEMVs have not run on a GPU yet:
 
     rms_norm(out=S, x=X, w=N); linear(x=S, ...)      ->  rms_norm_linear(x=S, src=X, norm_w=N, ...)
     act_mul(out=S, gate=G, up=U); linear(x=S, ...)   ->  act_mul_linear(x=S, gate=G, up=U, ...)
@@ -14,7 +16,7 @@ matmul would sum each row's squares once per column tile. Conditions (else the c
 the linear reads exactly the prologue's output (same slot, offset and leading dimension) over
 the same rows; the linear's output and residual are not in the prologue's input slots (the
 fused kernel reads those while other programs write); and no later call reads S before a call
-writes it (with T <= 16 the fused call leaves S unwritten).
+writes it (with one token the fused call leaves S unwritten).
 """
 
 from __future__ import annotations

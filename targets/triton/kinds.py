@@ -51,7 +51,7 @@ GPU_SIGNATURES: dict[str, Signature] = {s.kind: s for s in (
               (*_LOGITS, _ptr("temperature"), _ptr("top_k", "int32"), _ptr("top_p"), _ptr("seeds", "int64"),
                _ptr("offsets", "int64"), _i64("L"))),
     # a plan's rms_norm / act_mul and the linear that reads its output, as one call (fuse.py): x = the
-    # prologue's output (written only when T > 16: with fewer rows the linear computes it as it loads)
+    # prologue's output (written only when T > 1: for one token the GEMV computes it as it loads)
     Signature("rms_norm_linear", {**_LINEAR_STATIC, "eps": REQUIRED},
               (*_OUT, _ptr("x", access="rw"), _i64("ld_x"), _ptr("src"), _i64("ld_src"), _ptr("norm_w"),
                *_LINEAR_TAIL)),

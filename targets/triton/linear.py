@@ -50,15 +50,12 @@ def _epilogue(out, ld_out, bias, residual, ld_res, acc, rm, rn, T, N: tl.constex
 
 
 @triton.jit
-def _linear(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_workspace, aux, ld_aux,
-            N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-            K_SPLIT: tl.constexpr, GROUP_M: tl.constexpr, MAX_TILES: tl.constexpr,
-            RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr, PROLOGUE: tl.constexpr, EPS: tl.constexpr,
-            ACT: tl.constexpr):
-    """One (m, n) tile's split of the linear; the rows of its input are x's ("none"), rms_norm(x) * aux
-    ("rms_norm": aux the norm's weight, each program summing its rows' squares over all of K first)
-    or act(x) * aux ("act_mul": x the gate, aux the up matrix, ld_aux its leading dimension)."""
+def linear_kernel(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_workspace,
+                  N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                  K_SPLIT: tl.constexpr, GROUP_M: tl.constexpr, MAX_TILES: tl.constexpr,
+                  RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr):
+    """One (m, n) tile's split of the linear."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     tiles_m = tl.cdiv(T, BLOCK_M).to(tl.int32)
@@ -77,23 +74,10 @@ def _linear(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_workspace
     w_ptrs = w + rn.to(tl.int64)[:, None] * K + rk[None, :]
     row_ok = rm[:, None] < T
     col_ok = rn[:, None] < N
-    if PROLOGUE == "rms_norm":  # 1/sqrt(mean(x^2) + eps) of each row, as rms_norm_kernel, in chunks of 8192
-        SQ: tl.constexpr = 8192 // BLOCK_M  # elements (few dependent L2 round trips: K / SQ of them)
-        sq = tl.zeros([BLOCK_M, SQ], tl.float32)
-        for c0 in range(0, K, SQ):
-            c = c0 + tl.arange(0, SQ)
-            v = tl.load(x + rm.to(tl.int64)[:, None] * ld_x + c[None, :], mask=row_ok & (c[None, :] < K), other=0.0)
-            sq += v * v
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(sq, 1) / K + EPS)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for kk in range(0, K_SPLIT, BLOCK_K):
         k_ok = (rk[None, :] + kk) < K
         a = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
-        if PROLOGUE == "rms_norm":
-            a = (a * rstd[:, None]) * tl.load(aux + rk + kk, mask=(rk + kk) < K, other=0.0)[None, :]
-        elif PROLOGUE == "act_mul":
-            up = tl.load(aux + rm.to(tl.int64)[:, None] * ld_aux + (rk[None, :] + kk), mask=row_ok & k_ok, other=0.0)
-            a = activation(a, ACT, tl.float32) * up
         b = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
         if w.dtype.element_ty == tl.float32:
             acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
@@ -115,38 +99,69 @@ def _linear(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_workspace
 
 
 @triton.jit
-def linear_kernel(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_workspace,
-                  N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                  K_SPLIT: tl.constexpr, GROUP_M: tl.constexpr, MAX_TILES: tl.constexpr,
-                  RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr):
-    _linear(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_workspace, x, 0, N, K, HAS_BIAS,
-            HAS_RESIDUAL, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_SPLIT, GROUP_M, MAX_TILES, RELEASE_ALL, THREADS,
-            "none", 0.0, "silu")
+def _prologue_gemv(out, ld_out, x, ld_x, w, bias, residual, ld_res, splitk_workspace, aux, N: tl.constexpr,
+                   K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, K_SPLIT: tl.constexpr, MAX_TILES: tl.constexpr,
+                   RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr, PROLOGUE: tl.constexpr, EPS: tl.constexpr,
+                   ACT: tl.constexpr):
+    """Rows [pid0 BLOCK_N, +BLOCK_N) of the output of one token (row 0), split pid1 of k, its input
+    computed as it is loaded: rms_norm(x) * aux ("rms_norm": aux the norm's weight; each program
+    first sums the row's squares over all of K) or act(x) * aux ("act_mul": x the gate, aux the up
+    row). A GEMV (no MMA tile: the prologue is computed for the one row there is), the input
+    rounded to the weight's dtype as linear_kernel's tensor-core path rounds it."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    n_ok = rn < N
+    if PROLOGUE == "rms_norm":  # 1/sqrt(mean(x^2) + eps), as rms_norm_kernel
+        sq = tl.zeros([BLOCK_K], tl.float32)
+        for c0 in range(0, K, BLOCK_K):
+            c = c0 + tl.arange(0, BLOCK_K)
+            v = tl.load(x + c, mask=c < K, other=0.0)
+            sq += v * v
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(sq, 0) / K + EPS)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for kk in range(0, K_SPLIT, BLOCK_K):
+        rk = split * K_SPLIT + kk + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        a = tl.load(x + rk, mask=k_ok, other=0.0)
+        if PROLOGUE == "rms_norm":
+            a = (a * rstd) * tl.load(aux + rk, mask=k_ok, other=0.0)
+        else:
+            a = activation(a, ACT, tl.float32) * tl.load(aux + rk, mask=k_ok, other=0.0)
+        a = a.to(w.dtype.element_ty).to(tl.float32)
+        b = tl.load(w + rn.to(tl.int64)[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.sum(b.to(tl.float32) * a[None, :], 1)
+    rm = tl.zeros([1], tl.int32)
+    if SPLIT_K == 1:
+        _epilogue(out, ld_out, bias, residual, ld_res, acc[None, :], rm, rn, 1, N, HAS_BIAS, HAS_RESIDUAL)
+    else:
+        offs = tl.arange(0, BLOCK_N)
+        if splitk_arrive(splitk_workspace, acc, offs, tl.program_id(0), split, SPLIT_K, MAX_TILES, BLOCK_N,
+                         RELEASE_ALL, THREADS) == SPLIT_K - 1:
+            acc = splitk_total(splitk_workspace, acc, offs, tl.program_id(0), SPLIT_K, MAX_TILES, BLOCK_N)
+            _epilogue(out, ld_out, bias, residual, ld_res, acc[None, :], rm, rn, 1, N, HAS_BIAS, HAS_RESIDUAL)
 
 
 @triton.jit
 def rms_norm_linear_kernel(out, ld_out, src, ld_src, norm_w, w, bias, residual, ld_res, T, splitk_workspace,
                            N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           SPLIT_K: tl.constexpr, K_SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
-                           MAX_TILES: tl.constexpr, RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr,
-                           EPS: tl.constexpr):
-    _linear(out, ld_out, src, ld_src, w, bias, residual, ld_res, T, splitk_workspace, norm_w, 0, N, K, HAS_BIAS,
-            HAS_RESIDUAL, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_SPLIT, GROUP_M, MAX_TILES, RELEASE_ALL, THREADS,
-            "rms_norm", EPS, "silu")
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                           K_SPLIT: tl.constexpr, MAX_TILES: tl.constexpr, RELEASE_ALL: tl.constexpr,
+                           THREADS: tl.constexpr, EPS: tl.constexpr):
+    _prologue_gemv(out, ld_out, src, ld_src, w, bias, residual, ld_res, splitk_workspace, norm_w, N, K, HAS_BIAS,
+                   HAS_RESIDUAL, BLOCK_N, BLOCK_K, SPLIT_K, K_SPLIT, MAX_TILES, RELEASE_ALL, THREADS, "rms_norm", EPS,
+                   "silu")
 
 
 @triton.jit
 def act_mul_linear_kernel(out, ld_out, gate, ld_gate, up, ld_up, w, bias, residual, ld_res, T, splitk_workspace,
                           N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          SPLIT_K: tl.constexpr, K_SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
-                          MAX_TILES: tl.constexpr, RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr,
-                          ACT: tl.constexpr):
-    _linear(out, ld_out, gate, ld_gate, w, bias, residual, ld_res, T, splitk_workspace, up, ld_up, N, K, HAS_BIAS,
-            HAS_RESIDUAL, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, K_SPLIT, GROUP_M, MAX_TILES, RELEASE_ALL, THREADS,
-            "act_mul", 0.0, ACT)
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                          K_SPLIT: tl.constexpr, MAX_TILES: tl.constexpr, RELEASE_ALL: tl.constexpr,
+                          THREADS: tl.constexpr, ACT: tl.constexpr):
+    _prologue_gemv(out, ld_out, gate, ld_gate, w, bias, residual, ld_res, splitk_workspace, up, N, K, HAS_BIAS,
+                   HAS_RESIDUAL, BLOCK_N, BLOCK_K, SPLIT_K, K_SPLIT, MAX_TILES, RELEASE_ALL, THREADS, "act_mul", 0.0,
+                   ACT)
 
 
 def _config(arch, w_dtype: str, t_max: int | None) -> dict:
@@ -230,7 +245,7 @@ def rule_linear(params, arch, args, overrides: dict | None = None) -> Rule:
 
 
 LINEAR_PARAMS = ("n", "k", "bias", "residual", "w_dtype")
-FUSED_KERNELS = {  # kind: (its T <= 16 kernel, the prologue's static param and constexpr, the prologue alone)
+FUSED_KERNELS = {  # kind: (its one-token GEMV, the prologue's static param and constexpr, the prologue alone)
     "rms_norm_linear": (rms_norm_linear_kernel, "eps", "EPS", rms_norm_into_launch),
     "act_mul_linear": (act_mul_linear_kernel, "act", "ACT", act_mul_into_launch)}
 
@@ -244,20 +259,24 @@ def rule_act_mul_linear(params, arch, args) -> Rule:
 
 
 def _prologue_rule(kind, params, arch, args, overrides: dict | None = None) -> Rule:
-    """rms_norm_linear / act_mul_linear (kinds.py): the linear's variants, the first (T <= 16) one
-    kernel with the prologue fused into its loads, the others the prologue's own kernel (writing
-    x) then the linear's. `overrides` as rule_linear's."""
+    """rms_norm_linear / act_mul_linear (kinds.py): for one token (T <= 1: batch-1 decode, a
+    logits row) one GEMV kernel with the prologue in its loads; otherwise the prologue's own kernel
+    (writing x) then the linear's variant. The GEMV takes the T <= 16 variant's columns per
+    program, k split and workspace (its partials fit that variant's). `overrides` as rule_linear's."""
     fn, param, constexpr, alone = FUSED_KERNELS[kind]
     types = dict(args) | {"splitk_workspace": "*fp32"}
     linear_args = ("out", "ld_out", "x", "ld_x", "w", "bias", "residual", "ld_res", "T")
     base = rule_linear({p: params[p] for p in LINEAR_PARAMS}, arch, tuple((a, types[a]) for a in linear_args),
                        overrides)
-    first = base.variants[0].launches[0]
+    decode = base.variants[0].launches[0]
+    c = dict(decode.kernel.constexprs)
     value = float(params[param]) if param == "eps" else params[param]
-    fused = kernel(fn, dict(first.kernel.constexprs) | {constexpr: value},
-                   [(a, types[a]) for a in fn.arg_names if a in types], first.kernel.num_warps,
-                   first.kernel.num_stages)
+    warps = 4
+    gemv = kernel(fn, {**{k: c[k] for k in ("N", "K", "HAS_BIAS", "HAS_RESIDUAL", "BLOCK_N", "BLOCK_K", "SPLIT_K",
+                                            "K_SPLIT", "MAX_TILES", "RELEASE_ALL")},
+                       "THREADS": warps * arch.warp_size, constexpr: value},
+                  [(a, types[a]) for a in fn.arg_names if a in types], warps, decode.kernel.num_stages)
     pre = alone(int(params["k"]), value, types)
-    variants = [Variant(base.variants[0].when, (Launch(fused, first.grid, first.scalars),))]
-    variants += [Variant(v.when, (pre, *v.launches)) for v in base.variants[1:]]
+    variants = [Variant(["<=", "T", 1], (Launch(gemv, (-(-int(params["n"]) // c["BLOCK_N"]), c["SPLIT_K"], "T")),))]
+    variants += [Variant(v.when, (pre, *v.launches)) for v in base.variants]
     return Rule(kind, params, args, variants, base.buffers)

@@ -126,7 +126,7 @@ def _norm_rule(kind, params, fn, args, constexprs) -> Rule:
 
 
 def rms_norm_into_launch(dim: int, eps: float, types: dict) -> Launch:
-    """rms_norm_linear's prologue launched alone (T > 16): x = rms_norm(src) * norm_w, a row a program."""
+    """rms_norm_linear's prologue launched alone (T > 1): x = rms_norm(src) * norm_w, a row a program."""
     rule = _norm_rule("rms_norm", {"dim": dim, "eps": eps}, rms_norm_into_kernel,
                       tuple((a, types[a]) for a in ("x", "ld_x", "src", "ld_src", "norm_w", "T")), {})
     return rule.variants[0].launches[0]
