@@ -595,7 +595,7 @@ def test_paged_attention_no_keys_gives_zeros(rng):
 # --- argmax and sampling on the device
 
 def test_argmax(rng):
-    L, vocab = 7, 5000  # two column blocks of 4096
+    L, vocab = 9, 5000  # two column blocks of 4096
     lb, logits = buf(rng, L, vocab)
     logits[1, [10, 4500]] = 50.0         # tie across blocks: the first wins
     logits[2, [4097, 4098]] = 60.0       # tie inside a block
@@ -603,6 +603,8 @@ def test_argmax(rng):
     logits[4, 0] = 70.0
     logits[5, [7, 4103]] = 80.0          # tie in one lane (4103 = 4096 + 7)
     logits[6, [300, 4101]] = 90.0        # tie where the later block's lane is the lower one
+    logits[7, [4200, 4300]] = np.nan     # NaN counts as the largest: the first one
+    logits[8, [5, 4097]] = [np.nan, 1e9]  # a lane's first value NaN, a larger one later in another
     tokens = np.full(L + 1, -7, np.int32)
     call("argmax", {"vocab": vocab}, tokens=tokens, logits=lb, ld_logits=ld(lb), L=L)
     np.testing.assert_array_equal(tokens[:L], np.argmax(logits, axis=1))

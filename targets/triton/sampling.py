@@ -2,7 +2,7 @@
 
 argmax {vocab}
     (tokens, logits, ld_logits, L): tokens[l] = the first index of the largest logits[l, :]
-    (torch.argmax; NaN is not handled). Grid (L, 1, 1).
+    (torch.argmax; a NaN counts as the largest, as np.argmax). Grid (L, 1, 1).
 
 sample {vocab}
     (tokens, logits, ld_logits, temperature, top_k, top_p, seeds, offsets, L), per row l:
@@ -48,20 +48,25 @@ GREEDY_TEMPERATURE = 1e-5  # llmirc.runtime.sampling.GREEDY_TEMPERATURE
 
 @triton.jit
 def _argmax(row, VOCAB: tl.constexpr, BLOCK: tl.constexpr):
-    """(the largest of row[:VOCAB], its first index): each lane keeps its own best over the chunks
-    (the earliest on ties), then one reduction takes the lowest index holding the largest value.
-    (A reduction per chunk, 32 dependent ones over a 32000-entry row, took 17 us on an H200.)"""
+    """(the largest of row[:VOCAB], its first index), a NaN counting as the largest (np.argmax's
+    answer: the first NaN): each lane keeps its own best over the chunks (the earliest on ties),
+    then one reduction takes the lowest index holding the largest value. (A reduction per chunk,
+    32 dependent ones over a 32000-entry row, took 17 us on an H200.)"""
     c = tl.arange(0, BLOCK)
     best_v = tl.load(row + c, mask=c < VOCAB, other=float("-inf"))
     best_i = c
     for c0 in range(BLOCK, VOCAB, BLOCK):
         cc = c0 + tl.arange(0, BLOCK)
         v = tl.load(row + cc, mask=cc < VOCAB, other=float("-inf"))
-        better = v > best_v
+        better = (v > best_v) | ((v != v) & (best_v == best_v))
         best_i = tl.where(better, cc, best_i)
         best_v = tl.where(better, v, best_v)
+    nan = best_v != best_v
+    any_nan = tl.max(nan.to(tl.int32), 0) > 0
     best = tl.max(best_v, 0)
-    return best, tl.min(tl.where(best_v == best, best_i, VOCAB), 0)
+    first = tl.where(any_nan, tl.min(tl.where(nan, best_i, VOCAB), 0),
+                     tl.min(tl.where(best_v == best, best_i, VOCAB), 0))
+    return tl.where(any_nan, float("nan"), best), first
 
 
 @triton.jit
