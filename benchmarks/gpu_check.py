@@ -31,7 +31,7 @@
 7. `peer`: transformers on the same checkpoint and GPU, bf16, static KV cache (with which
    generate compiles the decode step: torch.compile, mode reduce-overhead): batch-1 decode tok/s.
 8. then each `--quant` bench (and its profile with --diagnose) and each `--kv` bench; last, with
-   --diagnose, `bench_fused`: the bench with the GPU-only fusions (fuse.py; off by default: slower).
+   --diagnose, `bench_fused`: the bench with the GPU-only fusions (fuse.py; off by default).
 
 Each stage runs in a process of its own under a time limit (a hung kernel costs its stage, not
 the run); stages that no longer fit `--budget` are skipped and say so. Writes $OUT/gpu_check.json
