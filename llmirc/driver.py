@@ -71,7 +71,8 @@ class CompileOptions:
     block_size: int | None = None       # KV cache block (tokens); None: the pipeline's (16)
     max_model_len: int | None = None    # the context the bundle states (<= the checkpoint's)
     gpu_fusions: bool = False           # GPU targets: norms and act_mul into the next linear (targets/triton/fuse.py;
-                                        # off: slower on an H200, DESIGN.md "GPU kernels")
+                                        # off by default: the first design was slower on an H200,
+                                        # DESIGN.md "GPU kernels")
 
     def recorded(self) -> dict:
         """The options as the manifest records them (`compile_options`; JSON: tuples as lists,

@@ -33,9 +33,10 @@ import triton
 import triton.language as tl
 
 from .elementwise import activation, act_mul_into_launch
-from .norm import rms_norm_into_launch
+from .norm import rms_scale, rms_norm_into_launch
 from .spec import Launch, Rule, Variant, cdiv, kernel, mul
-from .splitk import splitk_arrive, splitk_total, workspace_floats
+from .splitk import splitk_arrive, splitk_total, workspace
+
 
 @triton.jit
 def _epilogue(out, ld_out, bias, residual, ld_res, acc, rm, rn, T, N: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -99,7 +100,7 @@ def linear_kernel(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_wor
 
 
 @triton.jit
-def _prologue_gemv(out, ld_out, x, ld_x, w, bias, residual, ld_res, splitk_workspace, aux, N: tl.constexpr,
+def _prologue_gemv(out, ld_out, x, w, bias, residual, ld_res, splitk_workspace, aux, N: tl.constexpr,
                    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, K_SPLIT: tl.constexpr, MAX_TILES: tl.constexpr,
                    RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr, PROLOGUE: tl.constexpr, EPS: tl.constexpr,
@@ -112,13 +113,8 @@ def _prologue_gemv(out, ld_out, x, ld_x, w, bias, residual, ld_res, splitk_works
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     n_ok = rn < N
-    if PROLOGUE == "rms_norm":  # 1/sqrt(mean(x^2) + eps), as rms_norm_kernel
-        sq = tl.zeros([BLOCK_K], tl.float32)
-        for c0 in range(0, K, BLOCK_K):
-            c = c0 + tl.arange(0, BLOCK_K)
-            v = tl.load(x + c, mask=c < K, other=0.0)
-            sq += v * v
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(sq, 0) / K + EPS)
+    if PROLOGUE == "rms_norm":
+        rstd = rms_scale(x, 0, x, 0, 0, K, EPS, BLOCK_K, False)
     acc = tl.zeros([BLOCK_N], tl.float32)
     for kk in range(0, K_SPLIT, BLOCK_K):
         rk = split * K_SPLIT + kk + tl.arange(0, BLOCK_K)
@@ -148,7 +144,7 @@ def rms_norm_linear_kernel(out, ld_out, src, ld_src, norm_w, w, bias, residual, 
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                            K_SPLIT: tl.constexpr, MAX_TILES: tl.constexpr, RELEASE_ALL: tl.constexpr,
                            THREADS: tl.constexpr, EPS: tl.constexpr):
-    _prologue_gemv(out, ld_out, src, ld_src, w, bias, residual, ld_res, splitk_workspace, norm_w, N, K, HAS_BIAS,
+    _prologue_gemv(out, ld_out, src, w, bias, residual, ld_res, splitk_workspace, norm_w, N, K, HAS_BIAS,
                    HAS_RESIDUAL, BLOCK_N, BLOCK_K, SPLIT_K, K_SPLIT, MAX_TILES, RELEASE_ALL, THREADS, "rms_norm", EPS,
                    "silu")
 
@@ -159,7 +155,7 @@ def act_mul_linear_kernel(out, ld_out, gate, ld_gate, up, ld_up, w, bias, residu
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                           K_SPLIT: tl.constexpr, MAX_TILES: tl.constexpr, RELEASE_ALL: tl.constexpr,
                           THREADS: tl.constexpr, ACT: tl.constexpr):
-    _prologue_gemv(out, ld_out, gate, ld_gate, w, bias, residual, ld_res, splitk_workspace, up, N, K, HAS_BIAS,
+    _prologue_gemv(out, ld_out, gate, w, bias, residual, ld_res, splitk_workspace, up, N, K, HAS_BIAS,
                    HAS_RESIDUAL, BLOCK_N, BLOCK_K, SPLIT_K, K_SPLIT, MAX_TILES, RELEASE_ALL, THREADS, "act_mul", 0.0,
                    ACT)
 
@@ -224,10 +220,8 @@ def rule_linear(params, arch, args, overrides: dict | None = None) -> Rule:
         else:
             splits, k_split = split_k(n, k, bn, bk, _cdiv(t_max, bm), arch.num_sms, cfg.get("split_k"))
         plans.append((t_max, cfg, splits, k_split, _cdiv(t_max, bm) * _cdiv(n, bn) if t_max else 0))
-    # one workspace for the split variants: a counter per tile of the largest, then partials (splitk.py)
-    max_tiles = max([tiles for *_, splits, _, tiles in plans if splits > 1], default=0)
-    ws_floats = max([workspace_floats(max_tiles, tiles, splits, cfg["BLOCK_M"] * cfg["BLOCK_N"])
-                     for _, cfg, splits, _, tiles in plans if splits > 1], default=0)
+    max_tiles, buffer = workspace([(tiles, splits, cfg["BLOCK_M"] * cfg["BLOCK_N"])
+                                   for _, cfg, splits, _, tiles in plans])
     variants = []
     for t_max, cfg, splits, k_split, _ in plans:
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -240,8 +234,7 @@ def rule_linear(params, arch, args, overrides: dict | None = None) -> Rule:
             kernel_args, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         grid = (mul(cdiv("T", bm), _cdiv(n, bn)), splits, 1)
         variants.append(Variant(["<=", "T", t_max] if t_max else 1, (Launch(spec, grid),)))
-    buffers = [{"name": "splitk_workspace", "type": "*fp32", "bytes": 4 * ws_floats, "zero_init": True}]
-    return Rule("linear", params, args, variants, buffers)
+    return Rule("linear", params, args, variants, [buffer])
 
 
 LINEAR_PARAMS = ("n", "k", "bias", "residual", "w_dtype")

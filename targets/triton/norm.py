@@ -33,7 +33,7 @@ def _load_row(src, ld_src, x, ld_x, t, c, m, ADD: tl.constexpr):
 
 
 @triton.jit
-def _rms_scale(src, ld_src, x, ld_x, t, DIM: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
+def rms_scale(src, ld_src, x, ld_x, t, DIM: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
                ADD: tl.constexpr):
     """1/sqrt(mean(row^2) + eps) of row t of src (after src += x when ADD)."""
     acc = tl.zeros([BLOCK], tl.float32)
@@ -57,7 +57,7 @@ def _rms_write(out, ld_out, src, ld_src, w, t, r, DIM: tl.constexpr, BLOCK: tl.c
 @triton.jit
 def rms_norm_kernel(out, ld_out, x, ld_x, w, T, DIM: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    r = _rms_scale(x, ld_x, x, ld_x, t, DIM, EPS, BLOCK, False)
+    r = rms_scale(x, ld_x, x, ld_x, t, DIM, EPS, BLOCK, False)
     _rms_write(out, ld_out, x, ld_x, w, t, r, DIM, BLOCK)
 
 
@@ -66,7 +66,7 @@ def rms_norm_into_kernel(x, ld_x, src, ld_src, norm_w, T, DIM: tl.constexpr, EPS
                          BLOCK: tl.constexpr):
     """rms_norm_kernel under rms_norm_linear's argument names: x = rms_norm(src) * norm_w."""
     t = tl.program_id(0).to(tl.int64)
-    r = _rms_scale(src, ld_src, src, ld_src, t, DIM, EPS, BLOCK, False)
+    r = rms_scale(src, ld_src, src, ld_src, t, DIM, EPS, BLOCK, False)
     _rms_write(x, ld_x, src, ld_src, norm_w, t, r, DIM, BLOCK)
 
 
@@ -74,7 +74,7 @@ def rms_norm_into_kernel(x, ld_x, src, ld_src, norm_w, T, DIM: tl.constexpr, EPS
 def add_rms_norm_kernel(out, ld_out, h, ld_h, x, ld_x, w, T, DIM: tl.constexpr, EPS: tl.constexpr,
                         BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    r = _rms_scale(h, ld_h, x, ld_x, t, DIM, EPS, BLOCK, True)
+    r = rms_scale(h, ld_h, x, ld_x, t, DIM, EPS, BLOCK, True)
     _rms_write(out, ld_out, h, ld_h, w, t, r, DIM, BLOCK)
 
 

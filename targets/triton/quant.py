@@ -28,7 +28,8 @@ Variants by T (the launch rule's):
 
 Split-K (splitk.py) splits the groups toward tiles x splits >= 2 x SMs, two groups a split at
 least (added 2026-12-04 after the H200 measured int4 2.4x slower than bf16 at batch 1 and 5.8x
-at batch 32, where o_proj's 2048 rows were 32 tiles of 64 for 132 SMs; not yet timed on a GPU).
+at batch 32, where o_proj's 2048 rows were 32 tiles of 64 for 132 SMs; with it, int4 decode was
+1.58x faster at batch 1 and 1.68x at batch 32 on the H200, BENCHMARKS.md).
 
 qembedding: one program per (token, BLOCK columns), each column's code found by the layout
 formula; out = s (u - c) (+ m) in f32, as the CPU kernel.
@@ -42,7 +43,7 @@ import triton.language as tl
 from llmirc.quant import LANES, Scheme
 
 from .spec import Launch, Rule, Variant, cdiv, kernel, mul, next_pow2
-from .splitk import splitk_arrive, splitk_total, workspace_floats
+from .splitk import splitk_arrive, splitk_total, workspace
 
 @triton.jit
 def _code_offsets(first, step, lanes, SG: tl.constexpr, BITS: tl.constexpr):
@@ -330,18 +331,15 @@ def rule_qlinear(params, arch, args) -> Rule:
     for v in plans:
         chunks = v["c"]["CHUNKS"]
         v["c"] |= _split(chunks, v["programs"], arch.num_sms) if v["tiles"] else {"SPLIT_K": 1, "PER_SPLIT": chunks}
-    split = [v for v in plans if v["c"]["SPLIT_K"] > 1]
-    max_tiles = max([v["tiles"] for v in split], default=0)  # one counter each (splitk.py)
-    ws_floats = max([workspace_floats(max_tiles, v["tiles"], v["c"]["SPLIT_K"], v["tile"]) for v in split], default=0)
+    max_tiles, buffer = workspace([(v["tiles"], v["c"]["SPLIT_K"], v["tile"]) for v in plans])
     variants = []
     for v in plans:
-        spec = kernel(v["fn"], {**common, **v["c"], "MAX_TILES": max_tiles if v in split else 0,
+        spec = kernel(v["fn"], {**common, **v["c"], "MAX_TILES": max_tiles if v["c"]["SPLIT_K"] > 1 else 0,
                                 "THREADS": v["warps"] * arch.warp_size}, kernel_args, num_warps=v["warps"],
                       num_stages=stages)
         grid = (*v["grid"], v["c"]["SPLIT_K"]) + ((1,) if v["fn"] is qlinear_dot else ())
         variants.append(Variant(v["when"], (Launch(spec, grid),)))
-    buffers = [{"name": "splitk_workspace", "type": "*fp32", "bytes": 4 * ws_floats, "zero_init": True}]
-    return Rule("qlinear", params, args, variants, buffers)
+    return Rule("qlinear", params, args, variants, [buffer])
 
 
 def rule_qembedding(params, arch, args) -> Rule:

@@ -22,11 +22,16 @@ import triton
 import triton.language as tl
 
 
-def workspace_floats(max_tiles: int, tiles: int, splits: int, tile_elems: int) -> int:
-    """4-byte elements of the workspace of a rule whose largest split variant has `max_tiles` tiles,
-    for a variant of `tiles` tiles of `splits` splits of `tile_elems` elements (the rule's
-    workspace: the largest over its split variants)."""
-    return -(-max_tiles // 64) * 64 + tiles * splits * tile_elems
+def workspace(variants: list[tuple[int, int, int]]) -> tuple[int, dict]:
+    """(MAX_TILES, the `splitk_workspace` buffer) of a rule whose variants are `variants`: (tiles,
+    splits, tile elements) each, those of one split needing none. MAX_TILES is the most tiles of
+    a split variant (its kernels all take it); the buffer holds that many counters (padded to
+    64) and the largest variant's partial tiles."""
+    split = [v for v in variants if v[1] > 1]
+    max_tiles = max((tiles for tiles, _, _ in split), default=0)
+    counters = -(-max_tiles // 64) * 64
+    floats = max((counters + tiles * splits * elems for tiles, splits, elems in split), default=0)
+    return max_tiles, {"name": "splitk_workspace", "type": "*fp32", "bytes": 4 * floats, "zero_init": True}
 
 
 @triton.jit

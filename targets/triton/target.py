@@ -8,8 +8,9 @@ the divisibility hints its calls allow (`aligned_args`); the sampling kernels (`
 `advance_step`, which feeds a step's tokens to the next within a multi-step decode run. Identical
 kernels compile once (compile.py's cache, keyed by source and options), in parallel.
 
-The backend compiles its own plan: the manifest's with GPU-only fusions (fuse.py: a norm or
-act_mul and the linear reading it as one call), stored in its entry as `plan`. One manifest
+The backend compiles its own plan, stored in its entry as `plan`: the manifest's, with the
+GPU-only fusions when CompileOptions.gpu_fusions asks for them (fuse.py: a norm or act_mul and
+the linear reading it as one call). One manifest
 entry per architecture (`kind` cuda or hip) carries, per plan kernel symbol, its launch rule
 (the JSON llmirc.runtime.launch_rules evaluates) and, per compiled kernel, its binary and
 launch metadata (symbol, warps, shared memory, parameters). PTX that a newer GPU's
@@ -79,7 +80,7 @@ class TritonBackend:
 
     def plan(self, plan: Plan) -> Plan:
         """This backend's own plan: the manifest's, with the GPU-only fusions (fuse.py) when
-        CompileOptions.gpu_fusions asks for them (off by default: slower, DESIGN.md)."""
+        CompileOptions.gpu_fusions asks for them (off by default, DESIGN.md)."""
         return fuse_prologues(plan) if self.fusions else plan
 
     def check(self, plan: Plan) -> None:
