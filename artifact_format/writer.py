@@ -117,7 +117,7 @@ class BundleWriter:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         p = self.path(rel)
-        with self._io():
+        with self._io(f"cannot write {rel}"):
             p.write_bytes(data)
         self._written.add(rel)
 
@@ -188,7 +188,11 @@ class BundleWriter:
             w.abort()
         tmp, self._tmp = self._tmp, None
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+            finally:  # a signal's exception (Ctrl-C, SIGTERM) raised part way: the rest still goes
+                if os.path.lexists(tmp):
+                    shutil.rmtree(tmp, ignore_errors=True)
 
     def __enter__(self):
         return self

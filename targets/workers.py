@@ -3,10 +3,16 @@
 Workers are spawned (no forked copy of a process that may hold threads and locks) and end with
 the process that made them: on Linux each asks for SIGKILL when its parent dies
 (prctl PR_SET_PDEATHSIG), so a compile killed with SIGKILL, or by the out-of-memory killer,
-leaves no workers behind holding its pipes open. Ctrl-C is the parent's alone (workers ignore
-SIGINT, which a terminal sends to the whole process group): when the parent's work ends with an
-exception, Ctrl-C included, its workers are killed, not waited for. (A Ctrl-C landing in a wait
-for a worker could hang the exit for good.) At most one worker per usable CPU.
+leaves no workers behind holding its pipes open. Ctrl-C, SIGTERM and SIGHUP are the parent's
+alone: a terminal, or `timeout`, signals the whole process group, and a worker, or the ptxas a
+Triton compile runs, dying first made the parent's clean-up race its own signal (a half-written
+bundle left behind; Triton's reproducer of the "failed" ptxas on stdout). So each worker ignores
+them and leads a process group of its own, which the tools it runs inherit; multiprocessing's
+resource tracker ignores SIGINT and SIGTERM itself and is started here with SIGHUP ignored (it
+died on a hang-up and printed tracebacks).
+When the parent's work ends with an exception, a signal's included, its workers are killed, not
+waited for. (A Ctrl-C landing in a wait for a worker could hang the exit for good.) At most one
+worker per usable CPU.
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from multiprocessing import get_context
+from multiprocessing import get_context, resource_tracker
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -41,6 +48,7 @@ def worker_pool(workers: int, initializer: Callable[[], None] | None = None) -> 
     `initializer` (a module-level function) runs first in each. The block's end waits for the
     work; an exception out of the block (KeyboardInterrupt, a signal's, a task's error) kills
     the workers first."""
+    _start_resource_tracker()
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start,
                                initargs=(os.getpid(), initializer))
     try:
@@ -62,8 +70,23 @@ def _kill(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False)
 
 
+def _start_resource_tracker() -> None:
+    """multiprocessing's resource tracker (spawned pools' semaphores), started with SIGHUP ignored,
+    which it inherits (a Python handler would not be)."""
+    if threading.current_thread() is not threading.main_thread():  # (signal handlers are the main thread's)
+        resource_tracker.ensure_running()
+        return
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def _start(parent: int, initializer: Callable[[], None] | None) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    os.setpgid(0, 0)  # a group of its own: what it runs (ptxas, which handles these signals itself) too
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if os.getppid() != parent:  # it died before the request took effect

@@ -23,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -818,6 +819,35 @@ def test_interrupted_compile_keeps_existing_bundle(ckpt, bundle, tmp_path, sig, 
         pytest.skip("the compile finished before the signal arrived")
     assert proc.returncode == code and "Traceback" not in err, err
     assert err.splitlines()[-1] in messages, err
+    assert snapshot(out) == before and leftovers(out) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signal_to_the_process_group_during_gpu_kernels(ckpt, bundle, tmp_path, sig):
+    """Ctrl-C in a terminal, `timeout` or a closed terminal signal the whole process group: the
+    compile workers (and their ptxas) too. During the Triton stage (a cold kernel cache): exit
+    128 + the signal, one line, nothing on stdout, the old bundle as it was and no temporary
+    directory. (Before the workers ignored SIGTERM and SIGHUP, 3 of 5 SIGTERMs left the new
+    bundle's, and a SIGHUP killed multiprocessing's resource tracker: tracebacks.)"""
+    out = copy_bundle(bundle, tmp_path)
+    before = snapshot(out)
+    proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "compile", str(ckpt), "-o", str(out), "--target",
+                             "cpu,cuda", "--cpu-variants", "native"], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=dict(ENV, LLMIRC_CACHE_DIR=str(tmp_path / "cache")), start_new_session=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "compiling Triton kernels" in line:
+            time.sleep(2)  # the workers are compiling
+            os.killpg(proc.pid, sig)
+            break
+    err = "".join(seen) + proc.stderr.read()
+    proc.wait(timeout=120)
+    assert "compiling Triton kernels" in seen[-1], err
+    if proc.returncode == 0:
+        pytest.skip("the compile finished before the signal arrived")
+    assert proc.returncode == 128 + sig and "Traceback" not in err and "Warning" not in err, err
+    assert err.splitlines()[-1].startswith("error: ") and proc.stdout.read() == "", err
     assert snapshot(out) == before and leftovers(out) == []
 
 
