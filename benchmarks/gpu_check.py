@@ -31,7 +31,9 @@
 7. `peer`: transformers on the same checkpoint and GPU, bf16, static KV cache (with which
    generate compiles the decode step: torch.compile, mode reduce-overhead): batch-1 decode tok/s.
 8. then each `--quant` bench (and its profile with --diagnose) and each `--kv` bench; last, with
-   --diagnose, `bench_fused`: the bench with the GPU-only fusions (fuse.py; off by default).
+   --diagnose, the bench of what is off by default until a GPU says it pays: `bench_pdl`, with
+   programmatic dependent launch (CompileOptions.gpu_pdl, targets/triton/pdl.py), and
+   `bench_fused`, with the GPU-only fusions (CompileOptions.gpu_fusions, fuse.py).
 
 Each stage runs in a process of its own under a time limit (a hung kernel costs its stage, not
 the run); stages that no longer fit `--budget` are skipped and say so. Writes $OUT/gpu_check.json
@@ -125,10 +127,10 @@ def make_checkpoint(model_name: str) -> Path:
 
 
 def compiled_bundle(model_name: str, quant: str, kv: str, target: str = "cuda",
-                    fusions: str = "off") -> tuple[Path, dict]:
+                    option: str = "none") -> tuple[Path, dict]:
     """(bundle, facts) of the benchmark checkpoint compiled for `target` at this device's
-    architecture (compiled once per process tree: a later stage finds it in WORK); `fusions` on:
-    with the GPU-only fusions (CompileOptions.gpu_fusions)."""
+    architecture (compiled once per process tree: a later stage finds it in WORK); `option`: a
+    CompileOptions flag to turn on (gpu_fusions, gpu_pdl; `none`: the defaults)."""
     from llmirc.driver import CompileOptions, Progress, compile_model
     from llmirc.runtime.gpu_drivers import CudaDriver
 
@@ -136,24 +138,25 @@ def compiled_bundle(model_name: str, quant: str, kv: str, target: str = "cuda",
     ckpt = make_checkpoint(model_name)
     result = {"model": model_name, "quant": quant, "kv_cache_dtype": kv, "checkpoint_s": time.perf_counter() - t0}
     dev = CudaDriver().open() if target == "cuda" else {"name": "cpu", "arch": None, "driver_version": None}
-    bundle = WORK / f"{Path(model_name).name}-{target}-{dev['arch']}-{quant}-kv-{kv}-fusions-{fusions}.llmir"
+    bundle = WORK / f"{Path(model_name).name}-{target}-{dev['arch']}-{quant}-kv-{kv}-{option}.llmir"
     t0 = time.perf_counter()
     if not (bundle / "manifest.json").is_file():
         compile_model(ckpt, bundle, CompileOptions(targets=(target,), archs=(dev["arch"],) if dev["arch"] else (),
-                                                   quant=quant, kv_cache_dtype=kv, gpu_fusions=fusions == "on"),
+                                                   quant=quant, kv_cache_dtype=kv,
+                                                   **({} if option == "none" else {option: True})),
                       Progress(sys.stderr))
     result |= {"device": dev["name"], "arch": dev["arch"], "driver_version": dev["driver_version"],
                "compile_s": time.perf_counter() - t0}
     return bundle, result
 
 
-def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda", fusions: str = "off") -> dict:
+def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda", option: str = "none") -> dict:
     """`target` cpu: the same steps on the CPU target (a dry run of this script on a host without a GPU)."""
     from llmirc.runtime.bench import decode_bytes_per_step
     from llmirc.runtime.model import load
 
-    bundle, result = compiled_bundle(model_name, quant, kv, target, fusions)
-    result["gpu_fusions"] = fusions
+    bundle, result = compiled_bundle(model_name, quant, kv, target, option)
+    result["option"] = option
     t0 = time.perf_counter()
     model = load(bundle, max_batched_tokens=PROMPT, max_num_seqs=32, enable_prefix_caching=False,
                  kv_cache_tokens=None if target == "cuda" else 32 * (DECODE_PROMPT + 2 * DECODE_STEPS))
@@ -185,7 +188,7 @@ def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda", fusi
         result["prefill_linear_tflop"] = 2 * PROMPT * params / 1e12
         result["prefill_linear_tflop_s"] = result["prefill_linear_tflop"] / prefill_s
     model.close()
-    if quant == "none" and kv == "auto" and fusions == "off":  # `llmirc bench`'s own run (floor: the copy probe)
+    if quant == "none" and kv == "auto" and option == "none":  # `llmirc bench`'s own run (floor: the copy probe)
         from llmirc.runtime.bench import run_bench
         r = run_bench(bundle, prompt_len=DECODE_PROMPT, new_tokens=64, repeat=2, target=target)
         result["llmirc_bench"] = {k: r[k] for k in ("bandwidth_gb_s", "decode_floor_ms_per_step")} | \
@@ -378,8 +381,9 @@ def main() -> int:
         stages += [(f"bench_{q}", ["bench", args.model, q, "auto"], 150)]
         stages += [(f"profile_{q}", ["profile", args.model, q], 90)] if args.diagnose else []
     stages += [(f"bench_kv_{kv}", ["bench", args.model, "none", kv], 120) for kv in args.kv.split(",") if kv]
-    if args.diagnose:  # the GPU-only fusions (off by default) against the default
-        stages += [("bench_fused", ["bench", args.model, "none", "auto", "cuda", "on"], 150)]
+    if args.diagnose:  # what is off by default until measured: programmatic dependent launch, the fusions
+        stages += [("bench_pdl", ["bench", args.model, "none", "auto", "cuda", "gpu_pdl"], 150)]
+        stages += [("bench_fused", ["bench", args.model, "none", "auto", "cuda", "gpu_fusions"], 150)]
     for name, argv, limit in stages:
         left = deadline - time.perf_counter()
         if left < 30:

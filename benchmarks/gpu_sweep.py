@@ -2,8 +2,9 @@
 `sweep` stage): the kernels compiled ahead of time as a bundle's are (targets/triton/linear.py's
 rule with its variant's configuration replaced, compile_kernels on every core), launched through
 llmirc's own driver adapter inside a CUDA graph, at a benchmark model's linear shapes and the
-token counts of batch-1 decode (T = 1), batch-32 decode (T = 32) and a prefill (T = 2047).
-torch's own bf16 linear (cuBLAS) on the same shapes is the reference.
+token counts of batch-1 decode (T = 1), batch-32 decode (T = 32) and a prefill (T = 2047), with
+the residual add in o_proj's and down_proj's epilogues as llmirc's plans have it. torch's own
+bf16 linear (cuBLAS, no residual) on the same shapes is the reference.
 
 A graph launches each kernel `REPEAT` times, each on another copy of the weights (copies enough
 to overrun the L2 cache twice: a decode step reads every weight from HBM once). Figures: device
@@ -24,6 +25,7 @@ import time
 REPEAT, REPLAYS = 32, 10
 L2_BYTES = 64 << 20  # H100/H200: 50 MB; MI300X: 256 MB of Infinity Cache, which this does not defeat
 TOKENS = {"decode_b1": (1, 16), "decode_b32": (32, 128), "prefill": (2047, None)}  # T, the rule's T range
+RESIDUAL = ("o_proj", "down_proj")  # the linears whose epilogue adds the residual stream in llmirc's plans
 
 
 def model_shapes(name: str) -> dict[str, tuple[int, int]]:
@@ -54,13 +56,14 @@ def candidates(t_max) -> list[dict]:
     return out
 
 
-def _rule(n: int, k: int, arch, t_max, cfg: dict | None):
+def _rule(n: int, k: int, arch, t_max, cfg: dict | None, residual: bool = False):
     """The linear's rule with `cfg` for the T range `t_max` (split_k "x2": twice the split the rule
-    chooses for that tile), its leading dimensions aligned as the benchmark models' are."""
+    chooses for that tile), its leading dimensions aligned as the benchmark models' are; `residual`:
+    with the residual add in its epilogue (on sm_90 the 128 x 256 prefill tile spills there)."""
     from llmirc.targets.signatures import SIGNATURES
     from llmirc.targets.triton.kinds import triton_args
     from llmirc.targets.triton.linear import T_RANGES, rule_linear
-    params = {"n": n, "k": k, "bias": False, "residual": False, "w_dtype": "bfloat16"}
+    params = {"n": n, "k": k, "bias": False, "residual": residual, "w_dtype": "bfloat16"}
     args = triton_args(SIGNATURES["linear"], params)
     cfg = dict(cfg or {})
     if cfg.get("split_k") == "x2":
@@ -98,7 +101,7 @@ def sweep(model: str = "medium", arch_name: str | None = None, jobs: int = 16, l
                 continue
             for cfg in [None, *candidates(t_max)]:
                 try:
-                    rule = _rule(n, k, arch, t_max, cfg)
+                    rule = _rule(n, k, arch, t_max, cfg, name in RESIDUAL)
                 except ValueError:
                     continue
                 spec = rule.variants[T_RANGES.index(t_max)].launches[0].kernel
@@ -144,6 +147,7 @@ def sweep(model: str = "medium", arch_name: str | None = None, jobs: int = 16, l
         ws = weights[(n, k)]
         x = torch.randn(T, k, device="cuda")
         out = torch.empty(T, n, device="cuda")
+        res = torch.randn(T, n, device="cuda") if name in RESIDUAL else None
         scratch = torch.zeros(max(1, launch_rules.buffer_bytes(rj, env | {"T": t_max or T})["splitk_workspace"] // 4),
                               device="cuda")
         module, fn = driver.load(c.binary, c.metadata["symbol"], c.metadata["shared"], f"linear {name} {cfg}")
@@ -154,7 +158,8 @@ def sweep(model: str = "medium", arch_name: str | None = None, jobs: int = 16, l
         def record():
             for r in range(REPEAT):
                 values = {"out": out.data_ptr(), "ld_out": n, "x": x.data_ptr(), "ld_x": k,
-                          "w": ws[r % len(ws)].data_ptr(), "bias": 0, "residual": 0, "ld_res": n, "T": T,
+                          "w": ws[r % len(ws)].data_ptr(), "bias": 0,
+                          "residual": 0 if res is None else res.data_ptr(), "ld_res": n, "T": T,
                           "splitk_workspace": scratch.data_ptr()} | launch_rules.scalars(ln, env)
                 params, keep = pack(binary, tuple(values[a] for a in ln["args"]) + (0, 0))
                 cells.append((params, keep))
@@ -168,6 +173,7 @@ def sweep(model: str = "medium", arch_name: str | None = None, jobs: int = 16, l
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             continue
         ref = x.to(torch.bfloat16).float() @ ws[(REPEAT - 1) % len(ws)].float().T  # the last launch's
+        ref = ref if res is None else ref + res
         row["max_rel_error"] = float((out - ref).abs().max() / ref.abs().max())
         row |= _figures(us, T, n, k)
     _cublas(jobs_list[-1][0], shapes, weights, results)

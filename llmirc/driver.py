@@ -73,6 +73,9 @@ class CompileOptions:
     gpu_fusions: bool = False           # GPU targets: norms and act_mul into the next linear (targets/triton/fuse.py;
                                         # off by default: the first design was slower on an H200,
                                         # DESIGN.md "GPU kernels")
+    gpu_pdl: bool = False               # cuda sm_90+: programmatic dependent launch, each linear streaming its
+                                        # weights into L2 while the kernel before it runs
+                                        # (targets/triton/pdl.py; off until measured on a GPU)
 
     def recorded(self) -> dict:
         """The options as the manifest records them (`compile_options`; JSON: tuples as lists,
@@ -204,8 +207,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     if unused:
         raise UsageError(f"--arch {','.join(unused)}: no --target here compiles for it (sm_*: cuda, gfx*: hip)")
     if options.emit is not None and options.emit != "mlir" and options.emit not in stages:
+        binary = options.emit in {s for b in backends for s in b.stages}
         raise UsageError(f"--emit {options.emit}: not a text stage of the targets given (choose from mlir, "
-                         f"{', '.join(stages)}); binary stages go into the bundle (-o)")
+                         f"{', '.join(stages)})" + ("; binary stages go into the bundle (-o)" if binary else ""))
     if out is None and options.emit is None:
         raise UsageError("no output: give -o OUT.llmir (or --emit STAGE to print a stage)")
     if out is not None:
@@ -567,7 +571,7 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
                 shown, when = done, time.monotonic()
                 progress(f"  {i + 1} of {len(plan.weights)} weights written ({100 * done // max(total, 1)}% of the work)")
         writer.close()
-        targets = [entry for b in backends for entry in b.build(plan, bundle.path, progress)]
+        targets = [entry for b in backends for entry in b.build(plan, bundle, progress)]
         bundle.write_text("ir/input.mlir", input_ir)
         bundle.write_text("ir/optimized.mlir", optimized_ir)
         for path in source.config_files():

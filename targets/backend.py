@@ -7,7 +7,8 @@ A backend takes the target-independent plan (targets/plan.py) and:
   cubin; hip: ..., amdgcn, hsaco); `--keep-intermediates` stores all of them in the bundle;
 * `text_stages`: those `--emit STAGE` prints (`emit`): all but the binaries (cpu: llvm-ir, asm);
 * `check(plan)`: refuses, with a one-line LlmircError, a plan it cannot compile;
-* `build(plan, path, progress)`: writes its binaries under `kernels/<target name>/` and returns the
+* `build(plan, bundle, progress)`: writes its binaries under `kernels/<target name>/` of `bundle`
+  (artifact_format's BundleWriter: `write_bytes`, or `path(rel)` for tools that write files) and returns the
   manifest entries of the targets it built (one per CPU variant or GPU architecture), each with a
   `kind` the loader picks an executor by, and its launch metadata. `progress` is the compile's
   driver.Progress: called with a progress line; `progress.note(...)` for what the user should know.
@@ -18,13 +19,14 @@ The driver names no target: it asks `backend(kind, options)` for each requested 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from llmirc.errors import UsageError
 
 from .plan import Plan
+
+if TYPE_CHECKING:
+    from llmirc.artifact_format.writer import BundleWriter
 
 # kind -> "module:class", imported on demand (a CPU-only compile never imports Triton)
 BACKENDS = {
@@ -44,7 +46,7 @@ class Backend(Protocol):
 
     def emit(self, plan: Plan, stage: str) -> str: ...
 
-    def build(self, plan: Plan, path: Callable[[str], Path], progress) -> list[dict]: ...
+    def build(self, plan: Plan, bundle: BundleWriter, progress) -> list[dict]: ...
 
 
 def backend(kind: str, options) -> Backend:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from helpers import make_checkpoint
@@ -91,6 +92,9 @@ def test_one_bundle_for_cpu_cuda_hip(llama):
     assert all((bundle / b["ptx"]).read_text().lstrip().startswith("//") for b in gpu["sm_80"]["binaries"].values())
     assert not any("ptx" in b for b in gpu["sm_90"]["binaries"].values())
     assert all(b["binary"].endswith(".hsaco") for b in gpu["gfx942"]["binaries"].values())
+    # no source line info: the binaries do not name the checkout that compiled them
+    checkout = str(Path(__file__).resolve().parents[1]).encode()
+    assert [p.name for p in (bundle / "kernels").rglob("*") if p.is_file() and checkout in p.read_bytes()] == []
 
 
 def test_sm90_prefill_matmuls_use_hgmma(llama):
@@ -157,7 +161,10 @@ def test_gpu_option_errors(llama, tmp_path):
         (("--target", "cuda", "--arch", "gfx942"), "--arch gfx942: no cuda architecture given"),
         (("--target", "cpu", "--arch", "sm_90"), "--arch sm_90: no --target here compiles for it"),
         (("--target", "cuda", "--emit", "cubin"), "--emit cubin: not a text stage of the targets given (choose "
-                                                  "from mlir, ttir, ttgir, llir, ptx)"),
+                                                  "from mlir, ttir, ttgir, llir, ptx); binary stages go into the "
+                                                  "bundle (-o)"),
+        (("--target", "cuda", "--emit", "foo"), "--emit foo: not a text stage of the targets given (choose "
+                                                "from mlir, ttir, ttgir, llir, ptx) (see"),  # (no hint: no stage)
         # an fp8 KV cache: E4M3 conversions only from sm_89; none on the CPU
         (("--target", "cuda", "--kv-cache-dtype", "fp8"), "target cuda: no fp8 KV cache on sm_80 (FP8 E4M3 "
                                                           "conversions need sm_89 or newer; sm_80,sm_90 is the "
@@ -169,7 +176,7 @@ def test_gpu_option_errors(llama, tmp_path):
         (("--target", "cuda", "--arch", ""), "--arch '': no architecture named"),  # (the defaults were taken)
     ]:
         r = llmirc("compile", tmp / "ckpt", *args, "-o", tmp_path / "x.llmir", "-q")
-        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert not (tmp_path / "x.llmir").exists()
 
 
@@ -231,6 +238,68 @@ def test_prologue_fusion_conditions():
     fusing = CudaBackend(CompileOptions(targets=("cuda",), gpu_fusions=True))
     assert [c.kind for c in fusing.plan(plan).calls] == ["act_mul_linear"]
     assert CudaBackend(CompileOptions(targets=("cuda",))).plan(plan) is plan
+
+
+def _pdl_plan():
+    """A norm, linear, act_mul and linear (the decode step's pattern) as a Plan."""
+    from llmirc.targets.plan import NO_POOL, Dim, KernelCall, Plan, Ref, Slot, WeightEntry
+    T, null = Dim("T"), Ref("null")
+
+    def linear(symbol, out, x, n, k):
+        return KernelCall("linear", {"n": n, "k": k, "bias": False, "residual": False, "w_dtype": "bfloat16"},
+                          {"out": out, "ld_out": n, "x": x, "ld_x": k, "w": Ref("weight", 1), "bias": null,
+                           "residual": null, "ld_res": n, "T": T}, symbol)
+    return Plan(calls=[
+        KernelCall("rms_norm", {"dim": 256, "eps": 1e-5}, {"out": Ref("ws", 0), "ld_out": 256, "x": Ref("ws", 1),
+                                                           "ld_x": 256, "w": Ref("weight", 0), "T": T}, "norm"),
+        linear("gate_up", Ref("ws", 2), Ref("ws", 0), 1024, 256),
+        KernelCall("act_mul", {"dim": 512, "act": "silu"}, {"out": Ref("ws", 3), "ld_out": 512, "gate": Ref("ws", 2),
+                                                            "ld_gate": 1024, "up": Ref("ws", 2, 512), "ld_up": 1024,
+                                                            "T": T}, "act_mul"),
+        linear("down", Ref("ws", 1), Ref("ws", 3), 256, 512)], pool=NO_POOL, logits_cols=256,
+        slots=[Slot("float32", {"T": 4096})] * 4,
+        weights=[WeightEntry(f"w{i}", (1,), ("tensor", f"w{i}", "bfloat16"), "bfloat16") for i in range(2)])
+
+
+def test_pdl_rules(cache):
+    """CompileOptions.gpu_pdl (targets/triton/pdl.py): on sm_90 the linears wait (launched with PDL,
+    their decode variants prefetching the first 1 KB of each weight row of their k range) and the
+    kernels before them trigger; sm_80 and hip compile as without it, and so does sm_90 by default.
+    The sm_90 kernels' PTX: the linear prefetches, then waits before anything else, the norm
+    triggers its dependents first; the binary's metadata asks for the launch."""
+    from llmirc.targets.triton.compile import compile_kernels
+    from llmirc.targets.triton.linear import _prefetch
+    from llmirc.targets.triton.target import CudaBackend, HipBackend
+
+    def modes(backend, arch):
+        return {(s, ln.kernel.name, dict(ln.kernel.constexprs).get("PDL"), dict(ln.kernel.constexprs).get("PREFETCH"))
+                for s, r in backend.rules(_pdl_plan(), arch).items() for v in r.variants for ln in v.launches}
+    pdl = CudaBackend(CompileOptions(targets=("cuda",), gpu_pdl=True))
+    on = modes(pdl, "sm_90")
+    assert {(s, m, p) for s, _, m, p in on if s in ("gate_up", "down")} == {
+        ("gate_up", "wait", 256), ("gate_up", "wait", 0), ("down", "wait", 512), ("down", "wait", 256),
+        ("down", "wait", 0)}  # (down's T <= 128 variant splits k in two)
+    assert {s for s, _, m, _ in on if m == "trigger"} == {"norm", "act_mul"}
+    assert {s for s, _, m, _ in on if not m} == {"argmax", "sample", "advance_step"}
+    off = [modes(pdl, "sm_80"), modes(CudaBackend(CompileOptions(targets=("cuda",))), "sm_90"),
+           modes(HipBackend(CompileOptions(targets=("hip",), gpu_pdl=True)), "gfx942")]
+    assert all(not m and not p for mo in off for _, _, m, p in mo)
+    assert [_prefetch(k, "bfloat16") for k in (8, 64, 100, 256, 700, 4096)] == [64, 64, 64, 256, 512, 512]
+    assert [_prefetch(k, "float32") for k in (8, 700)] == [32, 256]
+
+    rules = pdl.rules(_pdl_plan(), "sm_90")
+    specs = [rules["down"].variants[0].launches[0].kernel, rules["norm"].variants[0].launches[0].kernel]
+    assert [s.launch_pdl for s in specs] == [True, False]
+    down, norm = compile_kernels([(s, "sm_90") for s in specs], cache_dir=cache, jobs=2)
+    assert down.metadata["launch_pdl"] and not norm.metadata["launch_pdl"]
+    body = [line.strip() for line in down.asm["ptx"].splitlines()]
+    wait = next(i for i, line in enumerate(body) if line.startswith("griddepcontrol.wait"))
+    prefetches = [i for i, line in enumerate(body) if line.startswith("prefetch.global.L2")]
+    loads = [i for i, line in enumerate(body) if line.startswith(("ld.global", "cp.async", "st.global", "atom"))]
+    assert len(prefetches) == 4 and max(prefetches) < wait < min(loads)  # 32 rows x 8 lines over 64 threads
+    norm_ptx = [line.strip() for line in norm.asm["ptx"].splitlines()]
+    first = next(i for i, line in enumerate(norm_ptx) if line.startswith(("ld.global", "griddepcontrol")))
+    assert norm_ptx[first].startswith("griddepcontrol.launch_dependents")
 
 
 def test_full_sequence_models_are_refused(tmp_path):
@@ -401,6 +470,15 @@ def test_misaligned_buffers_and_bad_entries_are_refused(llama):
     _gpu(bad)["sm_90"]["plan"][0]["args"]["ids"] = {"ptr": "input", "index": "../etc"}
     with pytest.raises(BundleError, match="unknown input"):  # when the bundle is opened
         GpuProgram(bad, _gpu(bad)["sm_90"], "m.llmir")
+    pdl = copy.deepcopy(manifest)  # programmatic dependent launch: a cuda kernel's choice, true or false
+    for arch in ("sm_90", "gfx942"):
+        next(iter(_gpu(pdl)[arch]["binaries"].values()))["launch_pdl"] = True
+    GpuProgram(pdl, _gpu(pdl)["sm_90"], "m.llmir")
+    with pytest.raises(BundleError, match="asks for launch_pdl True, which only a cuda target may"):
+        GpuProgram(pdl, _gpu(pdl)["gfx942"], "m.llmir")
+    next(iter(_gpu(pdl)["sm_90"]["binaries"].values()))["launch_pdl"] = "yes"
+    with pytest.raises(BundleError, match="asks for launch_pdl 'yes'"):
+        GpuProgram(pdl, _gpu(pdl)["sm_90"], "m.llmir")
 
 
 def test_kv_cache_memory_plan():
@@ -555,6 +633,39 @@ def _recording_driver(kind, arch):
         instantiate = lambda self, graph: f"exec({graph})"
         pick_target = {"cuda": CudaDriver, "hip": HipDriver}[kind].pick_target
     return Recording()
+
+
+def test_cuda_pdl_launch_passes_the_attribute():
+    """CudaDriver.launch(pdl=True) is cuLaunchKernelEx with the launch attribute
+    PROGRAMMATIC_STREAM_SERIALIZATION (built with the installed cuda-bindings' own types); without
+    pdl, cuLaunchKernel as before; the hip adapter refuses pdl."""
+    import ctypes
+
+    pytest.importorskip("cuda.bindings")
+    from llmirc.runtime.gpu_drivers import CudaDriver, HipDriver
+
+    class Recording(CudaDriver):
+        def call(self, op, *args):
+            self.log.append((op, args))
+
+    driver = Recording()
+    driver.api, driver.log = CudaDriver.import_api(), []
+    params, stream = (ctypes.c_void_p * 2)(), driver.api.CUstream(0)
+    driver.launch("fn", (3, 2, 1), 64, 1024, stream, params, pdl=True)
+    driver.launch("fn", (3, 2, 1), 64, 1024, stream, params)
+    driver.launch("fn2", (3, 2, 1), 64, 1024, stream, params, pdl=True)
+    (op, (config, fn, address, extra)), plain, again = driver.log
+    assert again == ("cuLaunchKernelEx", (config, "fn2", address, 0))  # the configuration is built once
+    assert op == "cuLaunchKernelEx" and fn == "fn" and address == ctypes.addressof(params) and extra == 0
+    assert (config.gridDimX, config.gridDimY, config.gridDimZ, config.blockDimX, config.blockDimY,
+            config.blockDimZ, config.sharedMemBytes, config.numAttrs) == (3, 2, 1, 64, 1, 1, 1024, 1)
+    (attr,) = config.attrs
+    ids = driver.api.CUlaunchAttributeID
+    assert attr.id == ids.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    assert attr.value.programmaticStreamSerializationAllowed == 1
+    assert plain == ("launch", ("fn", 3, 2, 1, 64, 1, 1, 1024, stream, ctypes.addressof(params), 0))
+    with pytest.raises(LlmircError, match="programmatic dependent launch is a CUDA feature"):
+        HipDriver().launch("fn", (1, 1, 1), 64, 0, "stream", params, pdl=True)
 
 
 def test_cuda_and_hip_share_one_executor(llama):
@@ -748,6 +859,26 @@ def test_gpu_quantized_kv_cache(tmp_path, cache, gpu_load, kv_dtype):
     for prompt, out in zip(prompts, compiled.generate(prompts, max_new_tokens=20, ignore_eos=True)):
         step = compiled.score(prompt + out[:-1])
         assert np.mean(np.array(out) == step[len(prompt) - 1:].argmax(-1)) >= 0.9
+
+
+@pytest.mark.gpu
+def test_gpu_pdl_changes_no_result(tmp_path, cache, gpu_load):
+    """On a GPU: a bundle compiled with programmatic dependent launch (CompileOptions.gpu_pdl) gives
+    the default bundle's logits bit for bit (a prefill and decode steps, with split-K and the
+    attention's merge, and multi-step decode in one graph) where the device has PDL."""
+    import numpy as np
+
+    make_checkpoint(tmp_path / "ckpt", "llama", dtype="bfloat16", intermediate_size=1024, max_position_embeddings=512)
+    seq = [int(t) for t in np.random.default_rng(1).integers(0, 384, 300)]
+    got = {}
+    for pdl in (False, True):
+        manifest, _ = _compile(tmp_path / "ckpt", tmp_path / f"{pdl}.llmir", targets=("cuda",), gpu_pdl=pdl)
+        model = gpu_load(tmp_path / f"{pdl}.llmir")
+        kernels = {b["kernel"] for t in manifest["targets"] if t["name"] == model.executor.target["name"]
+                   for b in t["binaries"].values() if b["launch_pdl"]}
+        assert kernels == ({"linear_kernel"} if pdl and int(model.executor.target["arch"][3:]) >= 90 else set())
+        got[pdl] = (model.score(seq), model.generate([seq[:40], seq[:7]], 24, ignore_eos=True))
+    assert np.array_equal(got[False][0], got[True][0]) and got[False][1] == got[True][1]
 
 
 @pytest.mark.gpu

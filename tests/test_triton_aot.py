@@ -172,7 +172,7 @@ def test_shared_memory_over_the_limit_is_a_clear_error(tmp_path):
     spec = kernel(linear.linear_kernel, {
         "N": 512, "K": 512, "HAS_BIAS": False, "HAS_RESIDUAL": False, "BLOCK_M": 256, "BLOCK_N": 256,
         "BLOCK_K": 128, "SPLIT_K": 1, "K_SPLIT": 512, "GROUP_M": 8, "MAX_TILES": 0, "RELEASE_ALL": True,
-        "THREADS": 512}, args, num_warps=8, num_stages=2)
+        "THREADS": 512, "PDL": "", "PREFETCH": 0}, args, num_warps=8, num_stages=2)
     with pytest.raises(CompileError, match=r"linear_kernel needs \d+ bytes of shared memory; gfx942"):
         compile_kernels([(spec, "gfx942")], cache_dir=tmp_path, jobs=1)
 

@@ -86,8 +86,12 @@ class Driver:
             raise
         return module, fn
 
-    def launch(self, fn, grid: tuple[int, int, int], threads: int, shared: int, stream, params) -> None:
-        """One launch; `params` a ctypes array of void* to the argument values (gpu_program.pack)."""
+    def launch(self, fn, grid: tuple[int, int, int], threads: int, shared: int, stream, params,
+               pdl: bool = False) -> None:
+        """One launch; `params` a ctypes array of void* to the argument values (gpu_program.pack);
+        `pdl`: with programmatic dependent launch (CudaDriver only; targets/triton/pdl.py)."""
+        if pdl:
+            raise LlmircError(f"{self.kind}: programmatic dependent launch is a CUDA feature")
         self.call("launch", fn, *grid, threads, 1, 1, shared, stream, ctypes.addressof(params), 0)
 
     def copy_bandwidth(self, nbytes: int = 512 << 20, repeat: int = 10) -> float:
@@ -138,9 +142,13 @@ class CudaDriver(Driver):
              "destroy_stream": "cuStreamDestroy"}
     OTHER = ("cuInit", "cuDeviceGetCount", "cuDeviceGet", "cuDeviceGetAttribute", "cuDeviceGetName",
              "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent", "cuDriverGetVersion", "cuStreamCreate",
-             "cuGraphInstantiate", "cuFuncSetAttribute")
+             "cuGraphInstantiate", "cuFuncSetAttribute", "cuLaunchKernelEx")
     ERROR_NAME = "cuGetErrorName"
     MAX_STATIC_SHARED = 48 << 10  # above this a kernel must opt in to dynamic shared memory
+
+    def __init__(self):
+        super().__init__()
+        self._pdl_configs = {}  # launch configurations with the PDL attribute, by grid, block, shared memory, stream
 
     @staticmethod
     def import_api():
@@ -179,6 +187,25 @@ class CudaDriver(Driver):
 
     def make_current(self) -> None:
         self.call("cuCtxSetCurrent", self.context)
+
+    def launch(self, fn, grid: tuple[int, int, int], threads: int, shared: int, stream, params,
+               pdl: bool = False) -> None:
+        if not pdl:
+            return super().launch(fn, grid, threads, shared, stream, params)
+        key = (*grid, threads, shared, int(stream))  # (building a config costs ~10 us of Python)
+        config = self._pdl_configs.get(key)
+        if config is None:
+            d = self.api
+            attr = d.CUlaunchAttribute()
+            attr.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            attr.value.programmaticStreamSerializationAllowed = 1
+            config = d.CUlaunchConfig()
+            config.gridDimX, config.gridDimY, config.gridDimZ = grid
+            config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
+            config.sharedMemBytes, config.hStream = shared, stream
+            config.attrs, config.numAttrs = [attr], 1
+            self._pdl_configs[key] = config
+        self.call("cuLaunchKernelEx", config, fn, ctypes.addressof(params), 0)
 
     def create_stream(self):
         return self.call("cuStreamCreate", 0)

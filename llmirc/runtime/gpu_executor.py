@@ -176,7 +176,7 @@ class GpuExecutor:
         b = self.program.binaries[ln.kernel]
         params, cells = pack(b, ln.values)
         self.driver.launch(self.functions[ln.kernel], ln.grid, int(b["num_warps"]) * int(b["warp_size"]),
-                           int(b["shared"]), self.stream, params)
+                           int(b["shared"]), self.stream, params, pdl=bool(b.get("launch_pdl")))
         del cells  # the driver copied the values at the launch
 
     def _upload(self, name: str, a: np.ndarray) -> None:

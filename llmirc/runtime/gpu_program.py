@@ -17,7 +17,8 @@ then the rule's variant for the call's integers picks the launches; each launch'
 its arguments by name (the call's, its computed scalars, the rule's buffers) and two trailing
 NULL pointers (Triton's global and profile scratch, unused by our kernels: checked at compile
 time, and here). Arguments are packed as the binary's parameter list says: pointers and i64 as
-8 bytes, i32 and fp32 as 4 (`pack`).
+8 bytes, i32 and fp32 as 4 (`pack`). A cuda kernel whose metadata says `launch_pdl` is launched
+with programmatic dependent launch (targets/triton/pdl.py).
 
 Buffers a rule asks for (`splitk_workspace`, `attn_workspace`) are allocated once at the
 largest dims the executor runs: zero-initialized ones (split-K tile counters) one per kernel
@@ -103,9 +104,12 @@ class GpuProgram:
         types = dict(map(tuple, rule["args"])) | {s: "i64" for s in ln.get("scalars", {})}
         want = [[a, types.get(a)] for a in ln["args"]] + [[h, "*i8"] for h in HIDDEN]
         if b.get("params") != want or b.get("global_scratch_size") or b.get("profile_scratch_size") or \
-                b.get("num_ctas") != 1 or b.get("launch_cooperative_grid") or b.get("launch_pdl"):
+                b.get("num_ctas") != 1 or b.get("launch_cooperative_grid"):
             raise BundleError(f"bundle {self.name}: kernel {b.get('kernel')!r} takes {b.get('params')}, its launch "
                               f"rule passes {want} (or it needs scratch, clusters or cooperative launch)")
+        if b.get("launch_pdl") not in (None, False, True) or (b.get("launch_pdl") and self.target.get("kind") != "cuda"):
+            raise BundleError(f"bundle {self.name}: kernel {b.get('kernel')!r} asks for launch_pdl "
+                              f"{b.get('launch_pdl')!r}, which only a cuda target may (true or false)")
 
     # -- memory ----------------------------------------------------------------------------
     def workspace_bytes(self, T: int, L: int) -> int:

@@ -15,11 +15,12 @@ import dataclasses
 import hashlib
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from llvmlite import ir
 
+from llmirc.artifact_format.writer import BundleWriter
 from llmirc.cache import cache_dir
 from llmirc.dtypes import FP8_E4M3, kv_cache_dtype_name
 from llmirc.errors import LlmircError, UsageError, stage as internal_stage
@@ -160,10 +161,10 @@ class CpuBackend:
         with internal_stage(f"cpu codegen for {target_name(variant)}"):
             return library_text(llvm_modules(plan, variant, self.ir_cache), variant, stage)
 
-    def build(self, plan: Plan, path: Callable[[str], Path], progress) -> list[dict]:
-        """Compiles the plan for each variant into `kernels/<target>/`; returns manifest entries.
-
-        `path(rel)` gives a writable path inside the bundle being written."""
+    def build(self, plan: Plan, bundle: BundleWriter, progress) -> list[dict]:
+        """Compiles the plan for each variant into `kernels/<target>/` of the bundle being written;
+        returns manifest entries."""
+        path = bundle.path
         variants = variants_for(self.variant_names)
         names = [target_name(v) for v in variants]
         progress("cpu codegen for " + ", ".join(f"{n} ({v.cpu}, {v.vector_width} f32 lanes)"

@@ -20,12 +20,19 @@ class Arch:
     num_sms: int
     max_shared: int
     reference: str       # the part num_sms and max_shared describe
+    pdl: bool = False    # kernels launched with programmatic dependent launch (pdl.py; has_pdl,
+                         # CompileOptions.gpu_pdl): a choice of the compile, not of the part
 
     @property
     def has_fp8_e4m3(self) -> bool:
         """Converts to and from OCP FP8 E4M3 (float8_e4m3fn): sm_89 and newer. gfx942's FP8 is
         the FNUZ variant (another bias, no infinities, max 240), which Triton spells otherwise."""
         return self.backend == "cuda" and int(self.arch) >= 89
+
+    @property
+    def has_pdl(self) -> bool:
+        """Programmatic dependent launch (PTX griddepcontrol): sm_90 and newer."""
+        return self.backend == "cuda" and int(self.arch) >= 90
 
     def gpu_target(self):
         """triton.backends.compiler.GPUTarget for this architecture (never the active driver's)."""

@@ -45,9 +45,10 @@ import triton.language as tl
 
 from llmirc import dtypes
 
+from .pdl import pdl_mode, pdl_trigger
 from .rope import check_quantized_pool, pool_scales
-from .splitk import arrive
 from .spec import Launch, Rule, Variant, add, cdiv, eq, kernel, le, max_, min_, mul, next_pow2
+from .splitk import arrive
 
 LOG2E = 1.4426950408889634
 KEYS_PER_SPLIT = 256  # the fewest keys a decode split takes (before the GPU is full)
@@ -140,7 +141,8 @@ def paged_attention_decode_kernel(
         H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
         SCALE_LOG2: tl.constexpr, WINDOW: tl.constexpr, HP: tl.constexpr, HP_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, KV_F32: tl.constexpr, NUM_LAYERS: tl.constexpr, DIRECT: tl.constexpr,
-        RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr):
+        RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr, PDL: tl.constexpr):
+    pdl_trigger(PDL)
     t = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
@@ -193,7 +195,9 @@ def paged_attention_prefill_kernel(
         positions, T,
         H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
         SCALE_LOG2: tl.constexpr, WINDOW: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KV_F32: tl.constexpr, NUM_LAYERS: tl.constexpr):
+        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KV_F32: tl.constexpr, NUM_LAYERS: tl.constexpr,
+        PDL: tl.constexpr):
+    pdl_trigger(PDL)
     i = tl.program_id(0)
     g = tl.program_id(1)
     # sequence b owns programs [qsl[b] // BLOCK_Q + b, qsl[b + 1] // BLOCK_Q + b + 1)
@@ -244,7 +248,8 @@ def rule_paged_attention(params, arch, args) -> Rule:
         num_layers = int(params["num_layers"])
     hp = h // g
     common = {"H": h, "G": g, "D": d, "D_PAD": d_pad, "BS": bs, "SCALE_LOG2": float(params["scale"]) * LOG2E,
-              "WINDOW": int(params["sliding_window"] or 0), "HP": hp, "KV_F32": kv_f32, "NUM_LAYERS": num_layers}
+              "WINDOW": int(params["sliding_window"] or 0), "HP": hp, "KV_F32": kv_f32, "NUM_LAYERS": num_layers,
+              "PDL": pdl_mode(arch)}
     ws_rows = add("T", -(-4 * arch.num_sms // g))
     ws = {"name": "attn_workspace", "type": "*fp32", "bytes": mul(4 * (d + 2) * h, ws_rows), "zero_init": False}
     counters = {"name": "attn_counters", "type": "*i32", "bytes": mul(4 * g, "T"), "zero_init": True}

@@ -17,13 +17,17 @@ and the launch metadata a launcher outside Triton needs:
                `global_scratch` and `profile_scratch`. When global_scratch_size (resp.
                profile_scratch_size) is 0 the launcher passes NULL; otherwise a buffer of
                grid_x * grid_y * grid_z * num_ctas * size bytes aligned to *_align. Our
-               kernels need neither (checked: 0 for all); launch_cooperative_grid and
-               launch_pdl are false and num_ctas is 1 (a launcher must refuse otherwise).
+               kernels need neither (checked: 0 for all); launch_cooperative_grid is
+               false and num_ctas is 1 (a launcher must refuse otherwise).
+  launch_pdl   launch with programmatic dependent launch (CUDA's launch attribute
+               PROGRAMMATIC_STREAM_SERIALIZATION): the kernels whose constexpr PDL is "wait"
+               (pdl.py), only when CompileOptions.gpu_pdl asks for them.
   params are checked against the binary itself (the PTX .entry parameter list; the AMDGPU
   kernel descriptor's .args), so a Triton that changes its ABI fails here, not on a GPU.
 
 Compilation runs in worker processes (spawned, with TRITON_INTERPRET unset: kernels are
-decorated as compilable JITFunctions there even when this process runs the interpreter),
+decorated as compilable JITFunctions there even when this process runs the interpreter; and
+without source line info, which named the compiling checkout's paths in the binaries),
 `jobs` at a time. A disk cache keyed by the Triton version, the kernel's source (with its
 callees', Triton's cache_key), constexprs, signature, options and architecture makes an
 identical kernel compile once.
@@ -80,7 +84,8 @@ def _request(spec: KernelSpec, arch: str) -> dict:
     raw = getattr(fn, "fn", fn)  # JITFunction / InterpretedFunction -> the Python function
     return {"module": raw.__module__, "name": raw.__name__, "signature": spec.signature(),
             "constexprs": dict(spec.constexprs), "aligned": sorted(spec.aligned), "args": [list(a) for a in spec.args],
-            "num_warps": spec.num_warps, "num_stages": spec.num_stages, "arch": arch}
+            "num_warps": spec.num_warps, "num_stages": spec.num_stages, "arch": arch,
+            **({"launch_pdl": True} if spec.launch_pdl else {})}
 
 
 def compile_kernels(kernels, *, cache_dir: Path | None = None, jobs: int | None = None) -> list[Compiled]:
@@ -100,6 +105,10 @@ def compile_kernels(kernels, *, cache_dir: Path | None = None, jobs: int | None 
 
 def _worker_init():
     os.environ.pop("TRITON_INTERPRET", None)
+    # no source line info in the binaries: it named this checkout's absolute paths, so a bundle's
+    # bytes depended on which checkout first filled the kernel cache, and shipped them
+    os.environ["TRITON_DISABLE_LINE_INFO"] = "1"
+    os.dup2(2, 1)  # what Triton prints (a failed ptxas's reproducer) goes to stderr: stdout is `--emit`'s
 
 
 def _compile_one(req: dict, cache_dir: str) -> Compiled:
@@ -114,8 +123,10 @@ def _compile_one(req: dict, cache_dir: str) -> Compiled:
                            "the main module sets TRITON_INTERPRET or imports kernels outside `if __name__ == "
                            "'__main__':`")
     arch = get_arch(req["arch"])
-    options = {"num_warps": req["num_warps"], "num_stages": req["num_stages"], "enable_fp_fusion": True}
-    key_text = json.dumps([triton.__version__, fn.cache_key, req, options], sort_keys=True, default=repr)
+    options = {"num_warps": req["num_warps"], "num_stages": req["num_stages"], "enable_fp_fusion": True,
+               **({"launch_pdl": True} if req.get("launch_pdl") else {})}
+    key_text = json.dumps([triton.__version__, fn.cache_key, req, options, "no line info"], sort_keys=True,
+                          default=repr)
     key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
     entry = Path(cache_dir) / arch.name / key
     if (entry / "metadata.json").is_file():
@@ -145,8 +156,10 @@ def _compile_one(req: dict, cache_dir: str) -> Compiled:
     if md.shared > arch.max_shared:
         raise CompileError(f"Triton kernel {req['name']} needs {md.shared} bytes of shared memory; {arch.name} "
                            f"({arch.reference}) allows {arch.max_shared}")
-    if md.num_ctas != 1 or md.launch_cooperative_grid or getattr(md, "launch_pdl", False):
-        raise CompileError(f"Triton kernel {req['name']}: clusters, cooperative or PDL launches are not supported")
+    if md.num_ctas != 1 or md.launch_cooperative_grid or bool(getattr(md, "launch_pdl", False)) != bool(
+            req.get("launch_pdl")):
+        raise CompileError(f"Triton kernel {req['name']}: clusters, cooperative launches or PDL other than "
+                           "requested are not supported")
     params = [tuple(a) for a in req["args"]] + list(HIDDEN_PARAMS)
     stages = STAGES[arch.backend]
     asm = {s: k.asm[s] for s in stages[:-1]}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl import pdl_mode, pdl_trigger
 from .spec import Launch, Rule, Variant, cdiv, kernel, next_pow2
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
@@ -97,7 +98,9 @@ def add_kernel(out, ld_out, a, ld_a, b, ld_b, T, DIM: tl.constexpr, BLOCK: tl.co
 
 
 @triton.jit
-def act_kernel(out, ld_out, x, ld_x, T, DIM: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def act_kernel(out, ld_out, x, ld_x, T, DIM: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+               PDL: tl.constexpr):
+    pdl_trigger(PDL)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < DIM
@@ -106,7 +109,8 @@ def act_kernel(out, ld_out, x, ld_x, T, DIM: tl.constexpr, ACT: tl.constexpr, BL
 
 @triton.jit
 def act_mul_kernel(out, ld_out, gate, ld_gate, up, ld_up, T, DIM: tl.constexpr, ACT: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_trigger(PDL)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < DIM
@@ -119,7 +123,7 @@ def act_mul_kernel(out, ld_out, gate, ld_gate, up, ld_up, T, DIM: tl.constexpr, 
 def act_mul_into_kernel(x, ld_x, gate, ld_gate, up, ld_up, T, DIM: tl.constexpr, ACT: tl.constexpr,
                         BLOCK: tl.constexpr):
     """act_mul_kernel under act_mul_linear's argument names: x = act(gate) * up."""
-    act_mul_kernel(x, ld_x, gate, ld_gate, up, ld_up, T, DIM, ACT, BLOCK)
+    act_mul_kernel(x, ld_x, gate, ld_gate, up, ld_up, T, DIM, ACT, BLOCK, "")
 
 
 @triton.jit
@@ -188,7 +192,7 @@ def _check_act(act):
 
 def rule_act(params, arch, args) -> Rule:
     _check_act(params["act"])
-    return _row_rule("act", params, act_kernel, args, "T", {"ACT": params["act"]})
+    return _row_rule("act", params, act_kernel, args, "T", {"ACT": params["act"], "PDL": pdl_mode(arch)})
 
 
 def act_mul_into_launch(dim: int, act: str, types: dict) -> Launch:
@@ -202,4 +206,4 @@ def act_mul_into_launch(dim: int, act: str, types: dict) -> Launch:
 
 def rule_act_mul(params, arch, args) -> Rule:
     _check_act(params["act"])
-    return _row_rule("act_mul", params, act_mul_kernel, args, "T", {"ACT": params["act"]})
+    return _row_rule("act_mul", params, act_mul_kernel, args, "T", {"ACT": params["act"], "PDL": pdl_mode(arch)})

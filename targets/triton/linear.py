@@ -25,6 +25,10 @@ One @triton.jit kernel, three tile configurations chosen by T (the launch rule's
 Split-K is deterministic and one launch (splitk.py: the last program of a tile sums the
 partials in split order, then applies bias and residual); the workspace's size (bytes, a
 constant per call) is the largest over the split variants, which share it.
+
+With CompileOptions.gpu_pdl on sm_90 (pdl.py) every variant is launched with programmatic
+dependent launch: the decode variants prefetch the first PREFETCH_BYTES of each of their weight
+rows into L2 while the kernel before them still runs, then wait for it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import triton.language as tl
 
 from .elementwise import activation, act_mul_into_launch
 from .norm import rms_scale, rms_norm_into_launch
+from .pdl import pdl_wait
 from .spec import Launch, Rule, Variant, cdiv, kernel, mul
 from .splitk import splitk_arrive, splitk_total, workspace
 
@@ -55,7 +60,7 @@ def linear_kernel(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_wor
                   N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                   K_SPLIT: tl.constexpr, GROUP_M: tl.constexpr, MAX_TILES: tl.constexpr,
-                  RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr):
+                  RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     """One (m, n) tile's split of the linear."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -70,6 +75,7 @@ def linear_kernel(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_wor
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = split * K_SPLIT
+    pdl_wait(w, rn, K, N, k0, K, PREFETCH, PDL)
     rk = k0 + tl.arange(0, BLOCK_K)
     x_ptrs = x + rm.to(tl.int64)[:, None] * ld_x + rk[None, :]
     w_ptrs = w + rn.to(tl.int64)[:, None] * K + rk[None, :]
@@ -200,6 +206,18 @@ def split_k(n: int, k: int, block_n: int, block_k: int, tiles_m: int, num_sms: i
 
 
 T_RANGES = (16, 128, None)  # the variants' upper bounds on T (None: the rest)
+PREFETCH_BYTES = 1024  # PDL: the bytes of each weight row a decode program prefetches before its wait
+
+
+def _prefetch(k_split: int, w_dtype: str) -> int:
+    """PDL's prefetch, in columns, of a decode program's rows (pdl.py): the first PREFETCH_BYTES
+    of its k range, at least one 128-byte line, a power of two of lines. For `medium`'s decode
+    linears about 8-12 MB a linear, what HBM delivers in the few microseconds of the norm,
+    activation or attention kernel before it (BENCHMARKS.md, 2026-12-04: 1.9-3.4 us each)."""
+    itemsize = 4 if w_dtype == "float32" else 2
+    line = 128 // itemsize
+    cols = min(max(k_split, line), PREFETCH_BYTES // itemsize)
+    return line * (1 << ((cols // line).bit_length() - 1))
 
 
 def rule_linear(params, arch, args, overrides: dict | None = None) -> Rule:
@@ -230,7 +248,8 @@ def rule_linear(params, arch, args, overrides: dict | None = None) -> Rule:
             "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
             "SPLIT_K": splits, "K_SPLIT": k_split, "GROUP_M": 8 if t_max is None else 1,
             "MAX_TILES": max_tiles if splits > 1 else 0,
-            "RELEASE_ALL": arch.backend == "hip", "THREADS": cfg["num_warps"] * arch.warp_size},
+            "RELEASE_ALL": arch.backend == "hip", "THREADS": cfg["num_warps"] * arch.warp_size,
+            "PDL": "wait" if arch.pdl else "", "PREFETCH": _prefetch(k_split, w_dtype) if arch.pdl and t_max else 0},
             kernel_args, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         grid = (mul(cdiv("T", bm), _cdiv(n, bn)), splits, 1)
         variants.append(Variant(["<=", "T", t_max] if t_max else 1, (Launch(spec, grid),)))

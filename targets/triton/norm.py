@@ -19,6 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl import pdl_mode, pdl_trigger
 from .spec import Launch, Rule, Variant, kernel, next_pow2
 
 
@@ -55,7 +56,9 @@ def _rms_write(out, ld_out, src, ld_src, w, t, r, DIM: tl.constexpr, BLOCK: tl.c
 
 
 @triton.jit
-def rms_norm_kernel(out, ld_out, x, ld_x, w, T, DIM: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr):
+def rms_norm_kernel(out, ld_out, x, ld_x, w, T, DIM: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
+                    PDL: tl.constexpr):
+    pdl_trigger(PDL)
     t = tl.program_id(0).to(tl.int64)
     r = rms_scale(x, ld_x, x, ld_x, t, DIM, EPS, BLOCK, False)
     _rms_write(out, ld_out, x, ld_x, w, t, r, DIM, BLOCK)
@@ -72,7 +75,8 @@ def rms_norm_into_kernel(x, ld_x, src, ld_src, norm_w, T, DIM: tl.constexpr, EPS
 
 @triton.jit
 def add_rms_norm_kernel(out, ld_out, h, ld_h, x, ld_x, w, T, DIM: tl.constexpr, EPS: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_trigger(PDL)
     t = tl.program_id(0).to(tl.int64)
     r = rms_scale(h, ld_h, x, ld_x, t, DIM, EPS, BLOCK, True)
     _rms_write(out, ld_out, h, ld_h, w, t, r, DIM, BLOCK)
@@ -105,14 +109,16 @@ def _layer_norm_row(out, ld_out, src, ld_src, x, ld_x, w, b, t, DIM: tl.constexp
 
 @triton.jit
 def layer_norm_kernel(out, ld_out, x, ld_x, w, b, T, DIM: tl.constexpr, EPS: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_trigger(PDL)
     _layer_norm_row(out, ld_out, x, ld_x, x, ld_x, w, b, tl.program_id(0).to(tl.int64), DIM, EPS, HAS_BIAS,
                     BLOCK, False)
 
 
 @triton.jit
 def add_layer_norm_kernel(out, ld_out, h, ld_h, x, ld_x, w, b, T, DIM: tl.constexpr, EPS: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_trigger(PDL)
     _layer_norm_row(out, ld_out, h, ld_h, x, ld_x, w, b, tl.program_id(0).to(tl.int64), DIM, EPS, HAS_BIAS,
                     BLOCK, True)
 
@@ -133,16 +139,18 @@ def rms_norm_into_launch(dim: int, eps: float, types: dict) -> Launch:
 
 
 def rule_rms_norm(params, arch, args) -> Rule:
-    return _norm_rule("rms_norm", params, rms_norm_kernel, args, {})
+    return _norm_rule("rms_norm", params, rms_norm_kernel, args, {"PDL": pdl_mode(arch)})
 
 
 def rule_add_rms_norm(params, arch, args) -> Rule:
-    return _norm_rule("add_rms_norm", params, add_rms_norm_kernel, args, {})
+    return _norm_rule("add_rms_norm", params, add_rms_norm_kernel, args, {"PDL": pdl_mode(arch)})
 
 
 def rule_layer_norm(params, arch, args) -> Rule:
-    return _norm_rule("layer_norm", params, layer_norm_kernel, args, {"HAS_BIAS": bool(params["bias"])})
+    return _norm_rule("layer_norm", params, layer_norm_kernel, args,
+                      {"HAS_BIAS": bool(params["bias"]), "PDL": pdl_mode(arch)})
 
 
 def rule_add_layer_norm(params, arch, args) -> Rule:
-    return _norm_rule("add_layer_norm", params, add_layer_norm_kernel, args, {"HAS_BIAS": bool(params["bias"])})
+    return _norm_rule("add_layer_norm", params, add_layer_norm_kernel, args,
+                      {"HAS_BIAS": bool(params["bias"]), "PDL": pdl_mode(arch)})

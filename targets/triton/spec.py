@@ -70,6 +70,11 @@ class KernelSpec:
     def name(self) -> str:
         return self.fn.__name__
 
+    @property
+    def launch_pdl(self) -> bool:
+        """Launched with programmatic dependent launch: its constexpr PDL is "wait" (pdl.py)."""
+        return dict(self.constexprs).get("PDL") == "wait"
+
     def signature(self) -> dict[str, str]:
         """ASTSource's signature: every parameter of fn, run-time types or 'constexpr'."""
         sig = dict(self.args) | {name: "constexpr" for name, _ in self.constexprs}

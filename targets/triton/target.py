@@ -22,9 +22,10 @@ Full-sequence (generic-kernel) models stay CPU-only: `check` refuses them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import replace
 
 from llmirc import dtypes
+from llmirc.artifact_format.writer import BundleWriter
 from llmirc.errors import LlmircError, UsageError
 from llmirc.targets.plan import ABI_VERSION, Plan, Ref
 
@@ -77,6 +78,7 @@ class TritonBackend:
         self.cache_dir = default_cache_dir()
         self.jobs = options.jobs
         self.fusions = options.gpu_fusions
+        self.pdl = options.gpu_pdl
 
     def plan(self, plan: Plan) -> Plan:
         """This backend's own plan: the manifest's, with the GPU-only fusions (fuse.py) when
@@ -98,7 +100,7 @@ class TritonBackend:
             default = "" if self.archs_given else f"; {','.join(self.archs)} is the default --arch"
             why, hint = ((f"FP8 E4M3 conversions need sm_89 or newer{default}", "--arch sm_90") if self.kind == "cuda"
                          else ("gfx90a has no FP8, gfx942's is the FNUZ kind", "--kv-cache-dtype int8"))
-            raise LlmircError(f"target {self.kind}: no fp8 KV cache on {', '.join(lacking)} ({why}); give {hint}")
+            raise UsageError(f"target {self.kind}: no fp8 KV cache on {', '.join(lacking)} ({why}); give {hint}")
         plan = self.plan(plan)
         for arch in self.archs:  # the kernels' own limits (head_dim, block shapes), before anything is compiled
             try:
@@ -107,8 +109,11 @@ class TritonBackend:
                 raise LlmircError(f"target {self.kind} ({arch}): {e}") from None
 
     def rules(self, plan: Plan, arch: str) -> dict:
-        """{symbol: Rule} of every plan kernel and of the sampling kinds, for one architecture."""
+        """{symbol: Rule} of every plan kernel and of the sampling kinds, for one architecture (with
+        programmatic dependent launch where CompileOptions.gpu_pdl asks for it and it has it: pdl.py)."""
         a = get_arch(arch)
+        if self.pdl and a.has_pdl:
+            a = replace(a, pdl=True)
         out = {}
         for symbol, call in plan.kernels().items():
             rule = launch_rule(call.kind, call.params, a)
@@ -145,7 +150,7 @@ class TritonBackend:
                              f"{compiled[key].asm[stage]}")
         return "\n".join(parts)
 
-    def build(self, plan: Plan, path: Callable[[str], Path], progress: Callable[[str], None]) -> list[dict]:
+    def build(self, plan: Plan, bundle: BundleWriter, progress: Callable[[str], None]) -> list[dict]:
         """Compiles every kernel for each architecture into `kernels/<kind>-<arch>/`; returns one
         manifest entry per architecture."""
         progress(f"{self.kind}: compiling Triton kernels for {', '.join(self.archs)}")
@@ -156,27 +161,29 @@ class TritonBackend:
             rules, compiled = done[arch]
             a = get_arch(arch)
             name = f"{self.kind}-{arch}"
-            binaries, times, fresh = {}, {}, 0
+            binaries, times, spent, fresh = {}, {}, {}, 0
             for key, c in compiled.items():
                 stem = f"kernels/{name}/{c.kernel}_{key}"
                 binary = f"{stem}.{BINARY[self.kind]}"
-                path(binary).write_bytes(c.binary)
+                bundle.write_bytes(binary, c.binary)
                 entry = {"kernel": c.kernel, "binary": binary, **c.metadata}
                 portable = self.kind == "cuda" and not c.metadata["ptx_target"].endswith("a")
                 if portable or self.keep_intermediates:  # PTX a newer GPU's driver can JIT-compile
                     if "ptx" in c.asm:
-                        path(f"{stem}.ptx").write_text(c.asm["ptx"])
+                        bundle.write_text(f"{stem}.ptx", c.asm["ptx"])
                         entry["ptx"] = f"{stem}.ptx"
                 if self.keep_intermediates:
                     for stage, text in c.asm.items():
                         if stage != "ptx":
-                            path(f"{stem}.{stage}").write_text(text)
+                            bundle.write_text(f"{stem}.{stage}", text)
                 binaries[key] = entry
                 fresh += not c.cached
-                for stage, seconds in c.times.items():
+                for stage, seconds in c.times.items():  # (a cached kernel's: when it was compiled)
                     times[stage] = times.get(stage, 0.0) + seconds
+                    if not c.cached:
+                        spent[stage] = spent.get(stage, 0.0) + seconds
             progress(f"{name}: {len(compiled)} kernels ({len(compiled) - fresh} from the cache); compile time "
-                     + (", ".join(f"{s} {t:.1f}s" for s, t in times.items()) or "0s"))
+                     + (", ".join(f"{s} {t:.1f}s" for s, t in spent.items()) or "0s"))
             entries.append({
                 "name": name, "kind": self.kind, "arch": arch, "target": {"backend": a.backend, "arch": a.arch,
                                                                            "warp_size": a.warp_size},
