@@ -245,10 +245,11 @@ def _pdl_plan():
     from llmirc.targets.plan import NO_POOL, Dim, KernelCall, Plan, Ref, Slot, WeightEntry
     T, null = Dim("T"), Ref("null")
 
-    def linear(symbol, out, x, n, k):
-        return KernelCall("linear", {"n": n, "k": k, "bias": False, "residual": False, "w_dtype": "bfloat16"},
+    def linear(symbol, out, x, n, k, residual=null):
+        return KernelCall("linear", {"n": n, "k": k, "bias": False, "residual": residual != null,
+                                     "w_dtype": "bfloat16"},
                           {"out": out, "ld_out": n, "x": x, "ld_x": k, "w": Ref("weight", 1), "bias": null,
-                           "residual": null, "ld_res": n, "T": T}, symbol)
+                           "residual": residual, "ld_res": n, "T": T}, symbol)
     return Plan(calls=[
         KernelCall("rms_norm", {"dim": 256, "eps": 1e-5}, {"out": Ref("ws", 0), "ld_out": 256, "x": Ref("ws", 1),
                                                            "ld_x": 256, "w": Ref("weight", 0), "T": T}, "norm"),
@@ -256,7 +257,7 @@ def _pdl_plan():
         KernelCall("act_mul", {"dim": 512, "act": "silu"}, {"out": Ref("ws", 3), "ld_out": 512, "gate": Ref("ws", 2),
                                                             "ld_gate": 1024, "up": Ref("ws", 2, 512), "ld_up": 1024,
                                                             "T": T}, "act_mul"),
-        linear("down", Ref("ws", 1), Ref("ws", 3), 256, 512)], pool=NO_POOL, logits_cols=256,
+        linear("down", Ref("ws", 1), Ref("ws", 3), 256, 512, residual=Ref("ws", 1))], pool=NO_POOL, logits_cols=256,
         slots=[Slot("float32", {"T": 4096})] * 4,
         weights=[WeightEntry(f"w{i}", (1,), ("tensor", f"w{i}", "bfloat16"), "bfloat16") for i in range(2)])
 
@@ -265,8 +266,9 @@ def test_pdl_rules(cache):
     """CompileOptions.gpu_pdl (targets/triton/pdl.py): on sm_90 the linears wait (launched with PDL,
     their decode variants prefetching the first 1 KB of each weight row of their k range) and the
     kernels before them trigger; sm_80 and hip compile as without it, and so does sm_90 by default.
-    The sm_90 kernels' PTX: the linear prefetches, then waits before anything else, the norm
-    triggers its dependents first; the binary's metadata asks for the launch."""
+    The sm_90 SASS: each linear variant (GEMV-shaped, split-K, prefill; with a residual) prefetches
+    (decode), then waits (ACQBULK) before any other load, store or atomic; the norm triggers its
+    dependents first (PREEXIT); the binary's metadata asks for the launch."""
     from llmirc.targets.triton.compile import compile_kernels
     from llmirc.targets.triton.linear import _prefetch
     from llmirc.targets.triton.target import CudaBackend, HipBackend
@@ -288,18 +290,22 @@ def test_pdl_rules(cache):
     assert [_prefetch(k, "float32") for k in (8, 700)] == [32, 256]
 
     rules = pdl.rules(_pdl_plan(), "sm_90")
-    specs = [rules["down"].variants[0].launches[0].kernel, rules["norm"].variants[0].launches[0].kernel]
-    assert [s.launch_pdl for s in specs] == [True, False]
-    down, norm = compile_kernels([(s, "sm_90") for s in specs], cache_dir=cache, jobs=2)
-    assert down.metadata["launch_pdl"] and not norm.metadata["launch_pdl"]
-    body = [line.strip() for line in down.asm["ptx"].splitlines()]
-    wait = next(i for i, line in enumerate(body) if line.startswith("griddepcontrol.wait"))
-    prefetches = [i for i, line in enumerate(body) if line.startswith("prefetch.global.L2")]
-    loads = [i for i, line in enumerate(body) if line.startswith(("ld.global", "cp.async", "st.global", "atom"))]
-    assert len(prefetches) == 4 and max(prefetches) < wait < min(loads)  # 32 rows x 8 lines over 64 threads
-    norm_ptx = [line.strip() for line in norm.asm["ptx"].splitlines()]
-    first = next(i for i, line in enumerate(norm_ptx) if line.startswith(("ld.global", "griddepcontrol")))
-    assert norm_ptx[first].startswith("griddepcontrol.launch_dependents")
+    specs = [v.launches[0].kernel for v in rules["down"].variants] + [rules["norm"].variants[0].launches[0].kernel]
+    assert [s.launch_pdl for s in specs] == [True, True, True, False]
+    *downs, norm = compile_kernels([(s, "sm_90") for s in specs], cache_dir=cache, jobs=2)
+    assert all(d.metadata["launch_pdl"] for d in downs) and not norm.metadata["launch_pdl"]
+
+    def opcodes(c):  # ("--:-:-:-:1\t@P0 LDG.E R2, [R4];": the control code, a predicate, the opcode)
+        return [next(t for t in line.split("\t")[1].split() if not t.startswith("@")).rstrip(";")
+                for line in sass(c.binary).splitlines() if "\t" in line]
+    memory = ("LDG", "LDGSTS", "STG", "ATOM", "RED", "LDL", "STL", "UBLKCP", "UTMALDG")
+    for d, prefetched in zip(downs, (True, True, False)):
+        ops = opcodes(d)
+        wait = ops.index("ACQBULK")
+        assert not [op for op in ops[:wait] if op.startswith(memory)], ops[:wait]
+        assert any(op.startswith("CCTL") for op in ops[:wait]) == prefetched  # prefetch.global.L2: CCTL.E.PF2
+    ops = opcodes(norm)
+    assert ops.index("PREEXIT") < min(i for i, op in enumerate(ops) if op.startswith("LDG"))
 
 
 def test_full_sequence_models_are_refused(tmp_path):
@@ -470,15 +476,18 @@ def test_misaligned_buffers_and_bad_entries_are_refused(llama):
     _gpu(bad)["sm_90"]["plan"][0]["args"]["ids"] = {"ptr": "input", "index": "../etc"}
     with pytest.raises(BundleError, match="unknown input"):  # when the bundle is opened
         GpuProgram(bad, _gpu(bad)["sm_90"], "m.llmir")
-    pdl = copy.deepcopy(manifest)  # programmatic dependent launch: a cuda kernel's choice, true or false
-    for arch in ("sm_90", "gfx942"):
-        next(iter(_gpu(pdl)[arch]["binaries"].values()))["launch_pdl"] = True
-    GpuProgram(pdl, _gpu(pdl)["sm_90"], "m.llmir")
-    with pytest.raises(BundleError, match="asks for launch_pdl True, which only a cuda target may"):
-        GpuProgram(pdl, _gpu(pdl)["gfx942"], "m.llmir")
-    next(iter(_gpu(pdl)["sm_90"]["binaries"].values()))["launch_pdl"] = "yes"
-    with pytest.raises(BundleError, match="asks for launch_pdl 'yes'"):
-        GpuProgram(pdl, _gpu(pdl)["sm_90"], "m.llmir")
+    # programmatic dependent launch: only for a kernel of a cuda sm_90+ target compiled to wait
+    for arch, wait, flag, ok in [("sm_90", "wait", True, True), ("sm_90", "", True, False),
+                                 ("sm_80", "wait", True, False), ("gfx942", "wait", True, False),
+                                 ("sm_90", "wait", "yes", False), ("sm_90", "", False, True)]:
+        pdl = copy.deepcopy(manifest)
+        b = next(iter(_gpu(pdl)[arch]["binaries"].values()))
+        b["launch_pdl"], b["constexprs"]["PDL"] = flag, wait
+        if ok:
+            GpuProgram(pdl, _gpu(pdl)[arch], "m.llmir")
+        else:
+            with pytest.raises(BundleError, match=f"asks for launch_pdl {flag!r}, which only a kernel of a cuda"):
+                GpuProgram(pdl, _gpu(pdl)[arch], "m.llmir")
 
 
 def test_kv_cache_memory_plan():
@@ -614,7 +623,7 @@ def _recording_driver(kind, arch):
 
         def open(self, ordinal=0):
             self.device = {"name": "recording", "arch": arch, "capability": (int(arch[3]), int(arch[4:]))
-                           if kind == "cuda" else None}
+                           if kind == "cuda" else None, "driver_version": 13000}
             return self.device
 
         def call(self, op, *args):
@@ -632,6 +641,10 @@ def _recording_driver(kind, arch):
         create_stream = lambda self: "stream"
         instantiate = lambda self, graph: f"exec({graph})"
         pick_target = {"cuda": CudaDriver, "hip": HipDriver}[kind].pick_target
+
+        def launch(self, fn, grid, threads, shared, stream, params, pdl=False):  # (pdl: the flag, logged)
+            Driver.launch(self, fn, grid, threads, shared, stream, params)
+            self.log[-1] = ("launch", self.log[-1][1] + (pdl,))
     return Recording()
 
 
@@ -720,6 +733,44 @@ def test_cuda_and_hip_share_one_executor(llama):
         assert done["destroy_graph_exec"] == ["exec(graph)"] and done["unload_module"] == modules
         assert sorted(done["free"]) == sorted(driver.allocated)
     assert kernels["cuda"] == kernels["hip"]  # one plan: the same kernels in the same order
+
+
+def test_pdl_kernels_are_launched_with_it(llama, tmp_path):
+    """A bundle whose sm_90 linears were compiled to wait (as CompileOptions.gpu_pdl compiles them;
+    here their manifest entries say so): the executor launches exactly those with programmatic
+    dependent launch, eagerly and in a captured decode step, on a driver of CUDA 12.3 or newer;
+    on an older one (graph capture would drop it) none."""
+    import shutil
+
+    import numpy as np
+
+    from llmirc.artifact_format.reader import open_bundle
+    from llmirc.runtime.gpu_executor import GpuExecutor
+    tmp, _, _ = llama
+    bundle = shutil.copytree(tmp / "m.llmir", tmp_path / "m.llmir")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for b in _gpu(manifest)["sm_90"]["binaries"].values():
+        if b["kernel"] == "linear_kernel":
+            b["launch_pdl"], b["constexprs"]["PDL"] = True, "wait"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    step = (np.array([1, 2, 3], np.int32), np.array([5, 5, 5], np.int32), np.array([5, 69, 133], np.int32),
+            np.array([[0], [1], [2]], np.int32), np.array([6, 6, 6], np.int32), np.arange(4, dtype=np.int32),
+            np.arange(3, dtype=np.int32))
+    for version, expected in ((13000, True), (12020, False)):
+        driver = _recording_driver("cuda", "sm_90")
+        driver.open = (lambda open_: lambda ordinal=0: dict(open_(ordinal), driver_version=version))(driver.open)
+        ex = GpuExecutor(open_bundle(bundle), driver, max_context=64, max_batched_tokens=32, max_num_seqs=4)
+        key_of = {f: k for k, f in ex.functions.items()}
+        ex.forward(np.arange(5, dtype=np.int32), np.arange(5, dtype=np.int32), np.arange(5, dtype=np.int32),
+                   np.zeros((1, 4), np.int32), np.array([5], np.int32), np.array([0, 5], np.int32),
+                   np.array([4], np.int32))
+        ex.forward_tokens(step, np.zeros(3), np.zeros(3), np.ones(3), np.zeros(3), np.zeros(3))
+        ops = [op for op, _ in driver.log]
+        assert ops.count("begin_capture") == 1
+        launches = [(ex.program.binaries[key_of[a[0]]]["kernel"], a[-1]) for op, a in driver.log if op == "launch"]
+        assert {k for k, _ in launches} > {"linear_kernel"}
+        assert all(pdl == (expected and kernel == "linear_kernel") for kernel, pdl in launches), launches
+        ex.close()
 
 
 def test_multi_step_decode_is_one_graph_per_bucket(llama, monkeypatch):

@@ -46,6 +46,7 @@ from .step_check import INPUTS, StepLimits, checked_decode_run, checked_inputs
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 GRAPH_RESERVE = 256 << 20   # bytes left free for graphs and the driver's own allocations
 MAX_RUN = 64                # decode steps one forward_greedy call runs at most
+PDL_DRIVER = 12030          # CUDA 12.3: stream capture keeps programmatic dependent launch (cuDriverGetVersion)
 GREEDY = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.int64),
           np.zeros(1, np.int64))  # temperature, top_k, top_p, seeds, offsets of argmax sampling
 
@@ -64,6 +65,9 @@ class GpuExecutor:
         self.dev = driver.open(device)
         self.target, self.use_ptx = driver.pick_target(m.get("targets") or [], target)
         self.program = GpuProgram(m, self.target, bundle.name)
+        # programmatic dependent launch where the bundle asks for it (targets/triton/pdl.py) and graph
+        # capture keeps it; an older driver gets plain launches, which the kernels' wait makes no different
+        self.pdl = self.kind == "cuda" and int(self.dev.get("driver_version") or 0) >= PDL_DRIVER
         kv = m["kv_cache"]
         self.block_size, self.vocab_size = int(kv["block_size"]), int(m["model"]["vocab_size"])
         self.full_sequence = False  # GPU targets refuse full-sequence models at compile time
@@ -176,7 +180,7 @@ class GpuExecutor:
         b = self.program.binaries[ln.kernel]
         params, cells = pack(b, ln.values)
         self.driver.launch(self.functions[ln.kernel], ln.grid, int(b["num_warps"]) * int(b["warp_size"]),
-                           int(b["shared"]), self.stream, params, pdl=bool(b.get("launch_pdl")))
+                           int(b["shared"]), self.stream, params, pdl=self.pdl and b.get("launch_pdl", False))
         del cells  # the driver copied the values at the launch
 
     def _upload(self, name: str, a: np.ndarray) -> None:

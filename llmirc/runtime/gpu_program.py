@@ -61,6 +61,15 @@ class GpuUnavailable(LlmircError):
     for the device, too little memory)."""
 
 
+def waits_for_pdl(target: dict, binary: dict) -> bool:
+    """Whether a binary's kernel waits for the kernel before it (targets/triton/pdl.py: constexpr
+    PDL "wait", a cuda target for sm_90 or newer), so that launching it with programmatic
+    dependent launch is safe."""
+    arch = str(target.get("arch", ""))
+    return target.get("kind") == "cuda" and arch[3:].isdigit() and int(arch[3:]) >= 90 and \
+        isinstance(binary.get("constexprs"), dict) and binary["constexprs"].get("PDL") == "wait"
+
+
 def align(n: int, to: int = ALIGN) -> int:
     return -(-n // to) * to
 
@@ -107,9 +116,10 @@ class GpuProgram:
                 b.get("num_ctas") != 1 or b.get("launch_cooperative_grid"):
             raise BundleError(f"bundle {self.name}: kernel {b.get('kernel')!r} takes {b.get('params')}, its launch "
                               f"rule passes {want} (or it needs scratch, clusters or cooperative launch)")
-        if b.get("launch_pdl") not in (None, False, True) or (b.get("launch_pdl") and self.target.get("kind") != "cuda"):
-            raise BundleError(f"bundle {self.name}: kernel {b.get('kernel')!r} asks for launch_pdl "
-                              f"{b.get('launch_pdl')!r}, which only a cuda target may (true or false)")
+        pdl = b.get("launch_pdl", False)
+        if pdl is not False and (pdl is not True or not waits_for_pdl(self.target, b)):
+            raise BundleError(f"bundle {self.name}: kernel {b.get('kernel')!r} asks for launch_pdl {pdl!r}, which "
+                              "only a kernel of a cuda target for sm_90 or newer compiled to wait may (true)")
 
     # -- memory ----------------------------------------------------------------------------
     def workspace_bytes(self, T: int, L: int) -> int:

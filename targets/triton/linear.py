@@ -26,9 +26,11 @@ Split-K is deterministic and one launch (splitk.py: the last program of a tile s
 partials in split order, then applies bias and residual); the workspace's size (bytes, a
 constant per call) is the largest over the split variants, which share it.
 
-With CompileOptions.gpu_pdl on sm_90 (pdl.py) every variant is launched with programmatic
-dependent launch: the decode variants prefetch the first PREFETCH_BYTES of each of their weight
-rows into L2 while the kernel before them still runs, then wait for it.
+With CompileOptions.gpu_pdl on sm_90 (pdl.py) the three variants are launched with programmatic
+dependent launch: in the decode ones the first M tile's programs prefetch the first
+PREFETCH_BYTES of their k split of each weight row into L2 while the kernel before them still
+runs, then every program waits for it (the prefill's wait without prefetching). The fused
+one-token GEMV (gpu_fusions) is not.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def linear_kernel(out, ld_out, x, ld_x, w, bias, residual, ld_res, T, splitk_wor
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = split * K_SPLIT
-    pdl_wait(w, rn, K, N, k0, K, PREFETCH, PDL)
+    pdl_wait(w, rn, K, N, k0, K, pid_m == 0, PREFETCH, PDL)
     rk = k0 + tl.arange(0, BLOCK_K)
     x_ptrs = x + rm.to(tl.int64)[:, None] * ld_x + rk[None, :]
     w_ptrs = w + rn.to(tl.int64)[:, None] * K + rk[None, :]
@@ -211,9 +213,10 @@ PREFETCH_BYTES = 1024  # PDL: the bytes of each weight row a decode program pref
 
 def _prefetch(k_split: int, w_dtype: str) -> int:
     """PDL's prefetch, in columns, of a decode program's rows (pdl.py): the first PREFETCH_BYTES
-    of its k range, at least one 128-byte line, a power of two of lines. For `medium`'s decode
-    linears about 8-12 MB a linear, what HBM delivers in the few microseconds of the norm,
-    activation or attention kernel before it (BENCHMARKS.md, 2026-12-04: 1.9-3.4 us each)."""
+    of its k split, at least one 128-byte line, a power of two of lines. For `medium`'s decode
+    layers 8-12 MB a linear (q/k/v's and o_proj's whole matrices: their splits are 512 columns;
+    the LM head 33 MB), about what HBM delivers in the few microseconds of the norm, activation
+    or attention kernel before it (BENCHMARKS.md, 2026-12-04: 1.9-3.4 us each)."""
     itemsize = 4 if w_dtype == "float32" else 2
     line = 128 // itemsize
     cols = min(max(k_split, line), PREFETCH_BYTES // itemsize)

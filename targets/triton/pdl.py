@@ -37,13 +37,14 @@ def pdl_trigger(PDL: tl.constexpr):
 
 
 @triton.jit
-def pdl_wait(w, rows, ld: tl.constexpr, n_rows: tl.constexpr, k0, n_cols: tl.constexpr, PREFETCH: tl.constexpr,
-             PDL: tl.constexpr):
-    """PDL "wait": prefetch w[rows, k0:k0 + PREFETCH] into L2 (rows clamped to n_rows, columns
-    to n_cols: no address past the matrix), then wait for the kernel before. `rows` [R] int32;
-    ld, n_cols, PREFETCH in elements of w."""
+def pdl_wait(w, rows, ld: tl.constexpr, n_rows: tl.constexpr, k0, n_cols: tl.constexpr, prefetch,
+             PREFETCH: tl.constexpr, PDL: tl.constexpr):
+    """PDL "wait": when `prefetch` (a program's choice: one of the programs reading the same rows),
+    prefetch w[rows, k0:k0 + PREFETCH] into L2 (rows clamped to n_rows, columns to n_cols: no
+    address past the matrix); then wait for the kernel before. `rows` [R] int32; ld, n_cols,
+    PREFETCH in elements of w."""
     if PDL == "wait":
-        if PREFETCH > 0:
+        if PREFETCH > 0 and prefetch:
             step: tl.constexpr = LINE * 8 // w.dtype.element_ty.primitive_bitwidth  # elements per line
             cols = tl.minimum(k0 + tl.arange(0, PREFETCH // step) * step, n_cols - 1)
             lines = w + tl.minimum(rows, n_rows - 1).to(tl.int64)[:, None] * ld + cols[None, :]
