@@ -727,7 +727,7 @@ def inspect(bundle, as_json, no_verify, try_load, target):
     if try_load:
         model = _load(bundle, 64, no_verify, target=target)  # (a KV cache of 64 tokens is enough here)
         model.score([0])
-        info["loads"] = {"target": model.executor.target["name"]}
+        info["loads"] = {"target": model.executor.target["name"], "not_used": list(model.target_notes)}
     elif target is not None:
         click.echo("warning: --target has no effect without --load", err=True)
     click.echo(json.dumps(info, indent=2) if as_json else describe(info))

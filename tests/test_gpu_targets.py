@@ -553,6 +553,8 @@ def test_loader_says_why_a_gpu_target_is_not_used(llama):
             load(tmp / "m.llmir", target=name)
     r = llmirc("run", tmp / "m.llmir", "--token-ids", "0,5", "--max-new-tokens", "2")
     assert r.returncode == 0 and f"note: not using {why[0]}" in r.stderr and f"note: not using {why[1]}" in r.stderr
+    r = llmirc("inspect", tmp / "m.llmir", "--load", "--json")  # and inspect --load's report says so too
+    assert r.returncode == 0 and json.loads(r.stdout)["loads"]["not_used"] == why, r.stderr
 
 
 def test_a_gpu_only_bundle_says_why_it_cannot_run(gpt2):

@@ -243,4 +243,5 @@ def _describe(info: dict) -> str:
                  "but manifest.json, whose values loading checks against the library: --load)")
     if "loads" in info:
         lines.append(f"loads      yes, target {info['loads']['target']}")
+        lines += [f"           not using {note}" for note in info["loads"].get("not_used", [])]
     return "\n".join(lines)
