@@ -716,11 +716,13 @@ def _parse_ids(text: str) -> list[int]:
               help="Skip checksum verification (a damaged kernel library may then crash the process).")
 @click.option("--load", "try_load", is_flag=True,
               help="Also load the bundle as `run` does (its library for this host, the manifest checked against "
-                   "it, one token through the model): a check that it runs here. The checksums cover every "
-                   "file but manifest.json, whose values only loading checks.")
+                   "it, one token through the model): a check that it runs here; the GPU targets it does not "
+                   "load get the checks that need no GPU (launch rules against binaries, files). The "
+                   "checksums cover every file but manifest.json, whose values only loading checks.")
 @_target_option
 def inspect(bundle, as_json, no_verify, try_load, target):
     """Show what is inside BUNDLE: model, targets, kernels, KV cache, weights, sizes, versions."""
+    from llmirc.runtime.gpu_program import check_target
     from llmirc.runtime.inspect import describe, summary
 
     info = summary(bundle, verify=not no_verify)
@@ -728,6 +730,11 @@ def inspect(bundle, as_json, no_verify, try_load, target):
         model = _load(bundle, 64, no_verify, target=target)  # (a KV cache of 64 tokens is enough here)
         model.score([0])
         info["loads"] = {"target": model.executor.target["name"], "not_used": list(model.target_notes)}
+        others = [t for t in model.bundle.manifest["targets"]
+                  if t.get("kind") in ("cuda", "hip") and t is not model.executor.target]
+        for t in others:  # the GPU targets this host did not load: their host-side checks (no driver needed)
+            check_target(model.bundle, t)
+        info["loads"]["checked"] = [t["name"] for t in others]
     elif target is not None:
         click.echo("warning: --target has no effect without --load", err=True)
     click.echo(json.dumps(info, indent=2) if as_json else describe(info))

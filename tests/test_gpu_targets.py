@@ -555,6 +555,27 @@ def test_loader_says_why_a_gpu_target_is_not_used(llama):
     assert r.returncode == 0 and f"note: not using {why[0]}" in r.stderr and f"note: not using {why[1]}" in r.stderr
     r = llmirc("inspect", tmp / "m.llmir", "--load", "--json")  # and inspect --load's report says so too
     assert r.returncode == 0 and json.loads(r.stdout)["loads"]["not_used"] == why, r.stderr
+    assert json.loads(r.stdout)["loads"]["checked"] == ["cuda-sm_80", "cuda-sm_90", "hip-gfx90a", "hip-gfx942"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b.update(binary="../../etc/passwd"), "no file '../../etc/passwd' listed in manifest.json"),
+    (lambda b: b["params"].pop(0), "its launch rule passes"),
+    (lambda b: b.update(launch_pdl=True), "asks for launch_pdl True"),
+])
+def test_inspect_load_checks_gpu_targets_without_a_gpu(llama, tmp_path, damage, message):
+    """`inspect --load` on a host without the GPU (a CI build step): the GPU targets it cannot load
+    still get the host-side checks, so a damaged one fails there, not on the GPU host."""
+    import shutil
+    if None in (_why_not("cuda"), _why_not("hip")):
+        pytest.skip("this host has a GPU")
+    tmp, _, _ = llama
+    bundle = shutil.copytree(tmp / "m.llmir", tmp_path / "m.llmir")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    damage(next(iter(_gpu(manifest)["gfx942"]["binaries"].values())))
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    r = llmirc("inspect", bundle, "--load")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and message in r.stderr.splitlines()[-1], r.stderr
 
 
 def test_a_gpu_only_bundle_says_why_it_cannot_run(gpt2):

@@ -61,6 +61,17 @@ class GpuUnavailable(LlmircError):
     for the device, too little memory)."""
 
 
+def check_target(bundle, target: dict) -> None:
+    """What a GPU executor checks of a target entry when it opens it, without a driver (`inspect
+    --load` on a host without that GPU): its launch rules against its binaries' parameters
+    (GpuProgram) and every binary and PTX file listed in the bundle. BundleError otherwise."""
+    program = GpuProgram(bundle.manifest, target, bundle.name)
+    for b in program.binaries.values():
+        for key in ("binary", "ptx"):
+            if key in b:
+                bundle.file(b[key])
+
+
 def waits_for_pdl(target: dict, binary: dict) -> bool:
     """Whether a binary's kernel waits for the kernel before it (targets/triton/pdl.py: constexpr
     PDL "wait", a cuda target for sm_90 or newer), so that launching it with programmatic

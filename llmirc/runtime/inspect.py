@@ -244,4 +244,6 @@ def _describe(info: dict) -> str:
     if "loads" in info:
         lines.append(f"loads      yes, target {info['loads']['target']}")
         lines += [f"           not using {note}" for note in info["loads"].get("not_used", [])]
+        if info["loads"].get("checked"):
+            lines.append(f"           checked without a GPU: {', '.join(info['loads']['checked'])}")
     return "\n".join(lines)
