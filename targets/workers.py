@@ -21,7 +21,6 @@ import ctypes
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -71,16 +70,15 @@ def _kill(pool: ProcessPoolExecutor) -> None:
 
 
 def _start_resource_tracker() -> None:
-    """multiprocessing's resource tracker (spawned pools' semaphores), started with SIGHUP ignored,
-    which it inherits (a Python handler would not be)."""
-    if threading.current_thread() is not threading.main_thread():  # (signal handlers are the main thread's)
-        resource_tracker.ensure_running()
-        return
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    """multiprocessing's resource tracker (spawned pools' semaphores), started while this thread
+    blocks SIGHUP: the tracker then survives a hang-up (tests/test_cli_errors.py), and one that
+    arrives meanwhile waits here. (Ignoring SIGHUP for that moment lost such a hang-up: the compile
+    went on and finished.)"""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     try:
         resource_tracker.ensure_running()
     finally:
-        signal.signal(signal.SIGHUP, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _start(parent: int, initializer: Callable[[], None] | None) -> None:
