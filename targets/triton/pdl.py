@@ -9,7 +9,7 @@ Dependent Launch and Synchronization"; PTX `griddepcontrol`):
     trigger   a kernel that may precede a linear lets the next launch start as soon as all its
               own programs have started (`griddepcontrol.launch_dependents`, first thing);
     wait      a kernel launched with the PDL attribute (its compiled metadata's `launch_pdl`,
-              which the loader passes to cuLaunchKernelEx) prefetches the first `prefetch` columns
+              which the loader passes to cuLaunchKernelEx) prefetches the first PREFETCH columns
               of its weight rows into L2, then waits (`griddepcontrol.wait`) until the kernel
               before it has completed and its writes are visible, before it reads or writes
               anything else.
