@@ -124,7 +124,7 @@ def _refuse_unsupported(req: _Common) -> None:
     if not 1 <= req.n <= MAX_N:
         raise APIError(400, f"n must be between 1 and {MAX_N}, got {req.n}", "n")
     if req.temperature is not None and not 0 <= req.temperature < math.inf:  # (NaN too)
-        raise APIError(400, f"temperature must be >= 0, got {req.temperature}", "temperature")
+        raise APIError(400, f"temperature must be a finite number >= 0, got {req.temperature}", "temperature")
     if req.top_p is not None and not 0 < req.top_p <= 1:
         raise APIError(400, f"top_p must be in (0, 1], got {req.top_p}", "top_p")
     if req.top_k is not None and req.top_k < -1:
