@@ -506,7 +506,10 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
         reply, stream = "", None
         try:
             prompt = model.apply_chat_template(messages)
-            budget = max_new_tokens or max(1, room - len(prompt))  # default: the rest of the context (or KV cache)
+            if max_new_tokens is None and len(prompt) >= room:  # no room left for a reply
+                raise RuntimeLimitError(f"the chat is {len(prompt)} tokens with this message, and a reply needs "
+                                        f"room after them: the model holds {room} (its context or KV cache)")
+            budget = max_new_tokens or room - len(prompt)  # default: the rest of the context (or KV cache)
             stream = model.generate_stream([prompt], budget, temperature=temperature, top_k=top_k, top_p=top_p,
                                            seed=None if seed is None else seed + turn, stop=stops)
             for event in stream:
