@@ -598,6 +598,11 @@ def test_chat_without_max_tokens_fits_a_smaller_kv_cache(bundle):
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 100})
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens" and \
             "KV cache holds 64 tokens (--kv-cache-tokens)" in r.json()["error"]["message"], r.text
+        # a prompt too long by itself: the error names it, not a max_tokens the request did not give
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi " * 80}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi " * 80})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
 
 
 def test_chat_template_given_inline(bundle, model):

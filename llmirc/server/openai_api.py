@@ -235,7 +235,8 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
     for prompt in prompts:
         if not prompt:
             raise APIError(400, "prompt is empty", "prompt")
-        server.check_length(len(prompt), max_tokens, "prompt")
+        server.check_length(len(prompt), max_tokens, "prompt",
+                            "max_tokens" if "max_tokens" in req.model_fields_set else "prompt")
         server.check_prompt_ids(prompt, "prompt")
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     requests = [(p, _sampling(server, req, max_tokens, req.logprobs, prompt_logprobs, j))
@@ -371,7 +372,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     if max_tokens is None:  # vLLM's default: the rest of the context (here: of what the KV cache holds)
         max_tokens = server.max_sequence_tokens - len(prompt)
         if max_tokens < 1:
-            server.check_length(len(prompt), 1)
+            server.check_length(len(prompt), 1, param="messages")  # (max_tokens was not given)
     server.check_length(len(prompt), max_tokens)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     requests = [(prompt, _sampling(server, req, max_tokens, logprobs, None, j)) for j in range(req.n)]
