@@ -792,6 +792,30 @@ def test_interrupt_while_the_command_line_loads():
     assert (r.returncode, r.stderr, r.stdout) == (130, "error: interrupted\n", ""), r.stderr
 
 
+def _signal_compile(args, marker: str, sig, *, env=None, group: bool = False, delay: float = 0.0):
+    """(exit code, stderr, stdout) of `llmirc compile ARGS` sent `sig` once a stderr line holds
+    `marker` (after `delay` seconds; to its whole process group when `group`, as a terminal's Ctrl-C
+    or `timeout` does); skips the test when the compile finished first."""
+    proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "compile", *map(str, args)], stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=dict(ENV, **(env or {})), start_new_session=group)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            time.sleep(delay)
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+            break
+    err = "".join(seen) + proc.stderr.read()
+    proc.wait(timeout=120)
+    assert seen and marker in seen[-1], err
+    if proc.returncode == 0:
+        pytest.skip("the compile finished before the signal arrived")
+    return proc.returncode, err, proc.stdout.read()
+
+
 @pytest.mark.parametrize("sig, code, messages", [
     # click turns KeyboardInterrupt into Abort (after an empty line on stderr): said as interrupted too.
     (signal.SIGINT, 130, ("error: interrupted",)),
@@ -803,21 +827,9 @@ def test_interrupted_compile_keeps_existing_bundle(ckpt, bundle, tmp_path, sig, 
     # bundle as it was, no temporary directory left.
     out = copy_bundle(bundle, tmp_path)
     before = snapshot(out)
-    proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "compile", str(ckpt), "-o", str(out),
-                             "--cpu-variants", "native"], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=ENV)
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if "cpu codegen" in line:  # the new bundle is half-written in its temporary directory
-            proc.send_signal(sig)
-            break
-    err = "".join(seen) + proc.stderr.read()
-    proc.wait(timeout=120)
-    assert "cpu codegen" in seen[-1], err
-    if proc.returncode == 0:
-        pytest.skip("the compile finished before the signal arrived")
-    assert proc.returncode == code and "Traceback" not in err, err
+    # at "cpu codegen" the new bundle is half-written in its temporary directory
+    returncode, err, _ = _signal_compile([ckpt, "-o", out, "--cpu-variants", "native"], "cpu codegen", sig)
+    assert returncode == code and "Traceback" not in err, err
     assert err.splitlines()[-1] in messages, err
     assert snapshot(out) == before and leftovers(out) == []
 
@@ -831,23 +843,11 @@ def test_signal_to_the_process_group_during_gpu_kernels(ckpt, bundle, tmp_path, 
     bundle's, and a SIGHUP killed multiprocessing's resource tracker: tracebacks.)"""
     out = copy_bundle(bundle, tmp_path)
     before = snapshot(out)
-    proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "compile", str(ckpt), "-o", str(out), "--target",
-                             "cuda"], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=dict(ENV, LLMIRC_CACHE_DIR=str(tmp_path / "cache")), start_new_session=True)
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if "compiling Triton kernels" in line:
-            time.sleep(2)  # the workers are compiling
-            os.killpg(proc.pid, sig)
-            break
-    err = "".join(seen) + proc.stderr.read()
-    proc.wait(timeout=120)
-    assert "compiling Triton kernels" in seen[-1], err
-    if proc.returncode == 0:
-        pytest.skip("the compile finished before the signal arrived")
-    assert proc.returncode == 128 + sig and "Traceback" not in err and "Warning" not in err, err
-    assert err.splitlines()[-1].startswith("error: ") and proc.stdout.read() == "", err
+    returncode, err, stdout = _signal_compile(  # (2 s in, the workers are compiling)
+        [ckpt, "-o", out, "--target", "cuda"], "compiling Triton kernels", sig,
+        env={"LLMIRC_CACHE_DIR": str(tmp_path / "cache")}, group=True, delay=2)
+    assert returncode == 128 + sig and "Traceback" not in err and "Warning" not in err, err
+    assert err.splitlines()[-1].startswith("error: ") and stdout == "", err
     assert snapshot(out) == before and leftovers(out) == []
 
 
@@ -857,21 +857,10 @@ def test_interrupted_gptq_compile_removes_its_hessians(ckpt, tmp_path, sig):
     in TMPDIR."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "compile", str(ckpt), "-o", str(tmp_path / "o.llmir"),
-                             "--cpu-variants", "native", "--quant", "int4", "--quant-method", "gptq",
-                             "--calibration", str(Path(__file__).parents[1] / "DESIGN.md")],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(ENV, TMPDIR=str(tmp)))
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if "calibration: " in line:  # the forward over the text starts
-            proc.send_signal(sig)
-            break
-    err = "".join(seen) + proc.stderr.read()
-    proc.wait(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the compile finished before the signal arrived")
-    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    returncode, err, _ = _signal_compile(  # at "calibration: " the forward over the text starts
+        [ckpt, "-o", tmp_path / "o.llmir", "--cpu-variants", "native", "--quant", "int4", "--quant-method", "gptq",
+         "--calibration", Path(__file__).parents[1] / "DESIGN.md"], "calibration: ", sig, env={"TMPDIR": str(tmp)})
+    assert returncode == 128 + sig and "Traceback" not in err, err
     # Only llmirc's folders count: the signal can also land inside tempfile.gettempdir()'s first
     # call, between creating and removing the file it probes TMPDIR with (a random 8-letter name).
     assert [p.name for p in tmp.iterdir() if p.name.startswith("llmirc-")] == []

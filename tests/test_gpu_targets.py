@@ -17,6 +17,7 @@ from test_onnx_fallback import bidirectional_decoder
 from llmirc.driver import CompileOptions, Progress, compile_model
 from llmirc.errors import LlmircError
 from llmirc.runtime import inspect
+from llmirc.targets.plan import Dim, KernelCall, Plan, Ref
 from llmirc.targets.triton.compile import HIDDEN_PARAMS, sass
 
 # its module-scoped fixtures build once: the module runs on one xdist worker (pyproject.toml)
@@ -192,30 +193,46 @@ def test_kernel_limits_are_user_errors(tmp_path):
         "(the float32 scales after the codes must be 4-byte aligned)")
 
 
+def _ws(i, col=0):
+    return Ref("ws", i, col)
+
+
+def _norm_call(out, x, dim=64, symbol="llmir_rms_norm_0"):
+    """A plan's rms_norm call (weight 0) over T rows."""
+    return KernelCall("rms_norm", {"dim": dim, "eps": 1e-5}, {"out": out, "ld_out": dim, "x": x, "ld_x": dim,
+                                                             "w": Ref("weight", 0), "T": Dim("T")}, symbol)
+
+
+def _linear_call(out, x, *, n=32, k=64, ld_x=None, residual=None, symbol="llmir_linear_1"):
+    """A plan's bf16 linear call (weight 1; ld_x k unless given; with a residual add when given)."""
+    null = Ref("null")
+    return KernelCall("linear", {"n": n, "k": k, "bias": False, "residual": residual is not None,
+                                 "w_dtype": "bfloat16"},
+                      {"out": out, "ld_out": n, "x": x, "ld_x": ld_x or k, "w": Ref("weight", 1), "bias": null,
+                       "residual": residual or null, "ld_res": n, "T": Dim("T")}, symbol)
+
+
+def _act_mul_call(out, gate_up, dim, symbol="llmir_act_mul_3"):
+    """A plan's silu act_mul call: gate and up side by side in the rows of `gate_up`."""
+    return KernelCall("act_mul", {"dim": dim, "act": "silu"},
+                      {"out": out, "ld_out": dim, "gate": gate_up, "ld_gate": 2 * dim,
+                       "up": Ref(gate_up.space, gate_up.index, gate_up.col + dim), "ld_up": 2 * dim, "T": Dim("T")},
+                      symbol)
+
+
 def test_prologue_fusion_conditions():
     """fuse.py fuses a norm or act_mul with the linear after it only when the linear reads exactly
     its output, writes none of its inputs, and nothing later reads that output before it is
     written again."""
-    from llmirc.targets.plan import Dim, KernelCall, Plan, Ref
     from llmirc.targets.triton.fuse import fuse_prologues
-    T, null = Dim("T"), Ref("null")
+    ws, norm = _ws, _norm_call
 
-    def ws(i, col=0):
-        return Ref("ws", i, col)
-
-    def norm(out, x):
-        return KernelCall("rms_norm", {"dim": 64, "eps": 1e-5}, {"out": out, "ld_out": 64, "x": x, "ld_x": 64,
-                                                                  "w": Ref("weight", 0), "T": T}, "llmir_rms_norm_0")
-
-    def linear(out, x, residual=null, k=64):
-        return KernelCall("linear", {"n": 32, "k": k, "bias": False, "residual": residual != null,
-                                     "w_dtype": "bfloat16"},
-                          {"out": out, "ld_out": 32, "x": x, "ld_x": 64, "w": Ref("weight", 1), "bias": null,
-                           "residual": residual, "ld_res": 32, "T": T}, "llmir_linear_1")
+    def linear(out, x, residual=None, k=64):
+        return _linear_call(out, x, k=k, ld_x=64, residual=residual)
 
     def add(out, a, b):
         return KernelCall("add", {"dim": 32}, {"out": out, "ld_out": 32, "a": a, "ld_a": 32, "b": b, "ld_b": 32,
-                                               "T": T}, "llmir_add_2")
+                                               "T": Dim("T")}, "llmir_add_2")
 
     def kinds(calls):
         return [c.kind for c in fuse_prologues(Plan(calls=calls)).calls]
@@ -228,8 +245,7 @@ def test_prologue_fusion_conditions():
     assert kinds([norm(ws(0), ws(1)), linear(ws(1), ws(0), residual=ws(1))]) == ["rms_norm", "linear"]  # out = src
     assert kinds([norm(ws(0), ws(1)), linear(ws(2), ws(0, 8))]) == ["rms_norm", "linear"]  # another view
     assert kinds([norm(ws(0), ws(1)), linear(ws(2), ws(0), k=128)]) == ["rms_norm", "linear"]
-    act = KernelCall("act_mul", {"dim": 64, "act": "silu"}, {"out": ws(0), "ld_out": 64, "gate": ws(1), "ld_gate": 128,
-                                                             "up": ws(1, 64), "ld_up": 128, "T": T}, "llmir_act_mul_3")
+    act = _act_mul_call(ws(0), ws(1), 64)
     fused = fuse_prologues(Plan(calls=[act, linear(ws(2), ws(0), residual=ws(2))])).calls
     assert [c.kind for c in fused] == ["act_mul_linear"] and fused[0].args["up"] == ws(1, 64)
     assert fused[0].params["act"] == "silu" and fused[0].params["residual"]
@@ -242,22 +258,12 @@ def test_prologue_fusion_conditions():
 
 def _pdl_plan():
     """A norm, linear, act_mul and linear (the decode step's pattern) as a Plan."""
-    from llmirc.targets.plan import NO_POOL, Dim, KernelCall, Plan, Ref, Slot, WeightEntry
-    T, null = Dim("T"), Ref("null")
-
-    def linear(symbol, out, x, n, k, residual=null):
-        return KernelCall("linear", {"n": n, "k": k, "bias": False, "residual": residual != null,
-                                     "w_dtype": "bfloat16"},
-                          {"out": out, "ld_out": n, "x": x, "ld_x": k, "w": Ref("weight", 1), "bias": null,
-                           "residual": residual, "ld_res": n, "T": T}, symbol)
+    from llmirc.targets.plan import NO_POOL, Slot, WeightEntry
     return Plan(calls=[
-        KernelCall("rms_norm", {"dim": 256, "eps": 1e-5}, {"out": Ref("ws", 0), "ld_out": 256, "x": Ref("ws", 1),
-                                                           "ld_x": 256, "w": Ref("weight", 0), "T": T}, "norm"),
-        linear("gate_up", Ref("ws", 2), Ref("ws", 0), 1024, 256),
-        KernelCall("act_mul", {"dim": 512, "act": "silu"}, {"out": Ref("ws", 3), "ld_out": 512, "gate": Ref("ws", 2),
-                                                            "ld_gate": 1024, "up": Ref("ws", 2, 512), "ld_up": 1024,
-                                                            "T": T}, "act_mul"),
-        linear("down", Ref("ws", 1), Ref("ws", 3), 256, 512, residual=Ref("ws", 1))], pool=NO_POOL, logits_cols=256,
+        _norm_call(_ws(0), _ws(1), dim=256, symbol="norm"),
+        _linear_call(_ws(2), _ws(0), n=1024, k=256, symbol="gate_up"),
+        _act_mul_call(_ws(3), _ws(2), 512, symbol="act_mul"),
+        _linear_call(_ws(1), _ws(3), n=256, k=512, residual=_ws(1), symbol="down")], pool=NO_POOL, logits_cols=256,
         slots=[Slot("float32", {"T": 4096})] * 4,
         weights=[WeightEntry(f"w{i}", (1,), ("tensor", f"w{i}", "bfloat16"), "bfloat16") for i in range(2)])
 
