@@ -316,6 +316,58 @@ def make_batch(rng, seqs, bs, num_layers, G, hd, spare_blocks=3):
     return pool, nb, bt, max_blocks, np.asarray(lens, np.int32), qsl, positions
 
 
+# (tokens cached, new tokens) of the sequences check_attention_batch_invariance checks: decoding
+# with contexts of 2 to 12 key chunks of 256, and prefilling
+INVARIANCE_TARGETS = [(300, 1), (700, 1), (1500, 1), (3000, 1), (0, 23), (270, 19)]
+
+
+def check_attention_batch_invariance(step, seqs, bt, positions, q, set_threads, rng):
+    """Check that paged attention gives each token the same outputs, bit for bit, whatever it is
+    batched with, however many threads run the step and however its sequence's new tokens are cut
+    into steps: a token a step (so a prompt token gets what a decoded one would) and uneven
+    chunks. Split-K cuts long contexts in parts when a step has few units, not when it has many.
+
+    seqs: (cached, new) tokens of a make_batch pool's sequences, INVARIANCE_TARGETS first, then 7
+    others (the last one prefilling), that the targets are batched with. step(out, q, bt, lens,
+    qsl, positions) runs the kernel on a step's ABI arrays and returns out. Yields, per target, its
+    outputs alone on one thread and that step's arrays (for a check against a reference)."""
+    starts = np.cumsum([0] + [n for _, n in seqs])
+
+    def run(pieces):  # (i, a, n): new tokens a..a+n-1 of sequence i (its cache ending with a+n-1)
+        rows = np.concatenate([np.arange(starts[i] + a, starts[i] + a + n) for i, a, n in pieces])
+        qsl = np.concatenate([[0], np.cumsum([n for _, _, n in pieces])]).astype(np.int32)
+        arrays = (np.ascontiguousarray(q[rows]), np.ascontiguousarray(bt[[i for i, _, _ in pieces]]),
+                  np.asarray([seqs[i][0] + a + n for i, a, n in pieces], np.int32), qsl,
+                  np.ascontiguousarray(positions[rows]))
+        return step(np.full(arrays[0].shape, np.nan, np.float32), *arrays), arrays
+
+    o = len(INVARIANCE_TARGETS)
+    beside = [[], [o], [o, o + 1, o + 6], [o + 6], list(range(o, o + 7))]
+    try:
+        for t, (ctx, n) in enumerate(INVARIANCE_TARGETS):
+            set_threads(1)
+            alone, (sq, sbt, slens, sqsl, spos) = run([(t, 0, n)])
+            cut = sorted({0, n, *rng.integers(1, n, 2).tolist()}) if n > 2 else [0, n]
+            cuttings = [[(0, n)], [(a, 1) for a in range(n)], [(a, e - a) for a, e in zip(cut, cut[1:])]]
+            for n_threads in (1, 2, 3, 8):
+                set_threads(n_threads)
+                for others in beside:
+                    for cutting in cuttings[:1] if n == 1 else cuttings:
+                        got = np.empty_like(alone)
+                        for a, k in cutting:  # the target second when there are others
+                            out, arrays = run([(i, 0, seqs[i][1]) for i in others[:1]] + [(t, a, k)] +
+                                              [(i, 0, seqs[i][1]) for i in others[1:]])
+                            row = arrays[3][1] if others else 0
+                            got[a:a + k] = out[row:row + k]
+                        np.testing.assert_array_equal(
+                            got, alone, err_msg=f"context {ctx} + {n} new tokens in steps of "
+                            f"{[k for _, k in cutting]}, {n_threads} threads, beside {len(others)}: not what "
+                            "the tokens get alone")
+            yield alone, (sbt, slens, sqsl, spos, sq)
+    finally:
+        set_threads(0)
+
+
 def int8_pool(L, G, hd, bs, nb):
     """An int8 pool (codes [L, 2, nb, G, bs, hd], then float32 scales [L, 2, nb, G]) as one
     byte buffer, with numpy views of both parts."""

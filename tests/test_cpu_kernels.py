@@ -24,7 +24,8 @@ from llmirc.targets.cpu import toolchain as tc
 from llmirc.targets.cpu.target import compile_module
 from llmirc.targets.signatures import SIGNATURES, signature
 
-from helpers import buf, check_guard, ld, make_batch, one_worker_each, ref_attention
+from helpers import (INVARIANCE_TARGETS, buf, check_attention_batch_invariance, check_guard, ld, make_batch,
+                     one_worker_each, ref_attention)
 
 ROWS = [0, 1, 3, 17, 130]
 # (dim, block): blocks narrower than, as wide as and wider than the vector registers, one or many
@@ -693,6 +694,30 @@ def test_paged_attention_reads_only_its_layer_and_blocks(lib, rng):
     lib.attn_gqa2(out, H * hd, q, H * hd, pool, nb, 1, bt, mb, lens, qsl, 2, positions, T)
     ref = ref_attention(q, clean, 1, bt, qsl, positions, H, G, hd, bs, 1 / math.sqrt(hd), 0)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("name,dtype", [(n, "float32") for n in ("attn_gqa2", "attn_gqa8", "attn_gqa8x8", "attn_gqa6",
+                                                                 "attn_mqa", "attn_swa_long", "attn_d128")]
+                         + [("attn_gqa4", "bfloat16"), ("attn_d128", "float16")])
+def test_paged_attention_batch_invariance(lib, rng, name, dtype):
+    """Each token's outputs, bit for bit, whatever it is batched with, however many threads run
+    the step and however its sequence's new tokens are cut into steps (batch invariance,
+    README; helpers.check_attention_batch_invariance); and right, alone."""
+    H, G, hd, bs, win = ATTN[name]
+    seqs = INVARIANCE_TARGETS + [(int(rng.integers(0, 3500)), 1) for _ in range(6)] + [(40, 30)]
+    pool32, nb, bt, mb, lens, _, positions = make_batch(rng, seqs, bs, 1, G, hd)
+    pool = dtypes.from_float32(pool32, dtype)
+    q = rng.standard_normal((len(positions), H * hd)).astype(np.float32)
+    f = getattr(lib, name if dtype == "float32" else f"{name}_{dtype}")
+
+    def step(out, sq, sbt, slens, sqsl, spos):
+        f(out, H * hd, sq, H * hd, pool, nb, 0, sbt, mb, slens, sqsl, len(slens), spos, len(spos))
+        return out
+    for alone, (sbt, slens, sqsl, spos, sq) in check_attention_batch_invariance(
+            step, seqs, bt, positions, q, lib.dll.llmir_set_num_threads, rng):
+        ref = ref_attention(sq, dtypes.to_float32(pool, dtype), 0, sbt, sqsl, spos, H, G, hd, bs,
+                            1 / math.sqrt(hd), win)
+        np.testing.assert_allclose(alone, ref, rtol=1e-4, atol=2e-5)
 
 
 def test_paged_attention_large_scores(lib, rng):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import importlib.util
+import math
 import os
 import re
 import threading
@@ -28,7 +29,8 @@ import pytest
 from llvmlite import ir
 
 import aarch64_emulator
-from helpers import int8_pool, one_worker_each, ref_kv_append_quantized
+from helpers import (INVARIANCE_TARGETS, check_attention_batch_invariance, int8_pool, make_batch, one_worker_each,
+                     ref_attention, ref_kv_append_quantized)
 from llmirc import dtypes, quant
 from llmirc.quant import Scheme
 from llmirc.targets.cpu import amx
@@ -458,6 +460,30 @@ def test_paged_attention_int8(lib, rng):
             e = np.exp(sc - sc.max(-1, keepdims=True))
             ref[t] = np.einsum("grj,jgd->grd", e / e.sum(-1, keepdims=True), V_).reshape(-1)
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("sym,shape", [("attn8", (4, 2, 16, 4)), ("attn8_d64", (8, 2, 64, 16))])
+def test_paged_attention_int8_batch_invariance(lib, rng, sym, shape):
+    """Over an int8 pool too, each token's outputs bit for bit whatever its batch, threads and
+    steps (helpers.check_attention_batch_invariance), and right alone."""
+    if isinstance(lib.dll, aarch64_emulator.Emulated):
+        pytest.skip("thousands of calls: on libraries that run natively")
+    H, G, hd, bs = shape
+    seqs = INVARIANCE_TARGETS + [(int(rng.integers(0, 3500)), 1) for _ in range(6)] + [(40, 30)]
+    _, nb, bt, mb, _, _, positions = make_batch(rng, seqs, bs, 1, G, hd)
+    raw, codes, scales = int8_pool(1, G, hd, bs, nb)
+    codes[...] = rng.integers(-127, 128, codes.shape)
+    scales[...] = rng.uniform(0.001, 0.05, scales.shape)
+    q = rng.standard_normal((len(positions), H * hd)).astype(np.float32) * 3
+
+    def step(out, sq, sbt, slens, sqsl, spos):
+        getattr(lib, sym)(out, H * hd, sq, H * hd, raw, nb, 0, sbt, mb, slens, sqsl, len(slens), spos, len(spos))
+        return out
+    values = codes.astype(np.float64) * scales[..., None, None]
+    for alone, (sbt, slens, sqsl, spos, sq) in check_attention_batch_invariance(
+            step, seqs, bt, positions, q, lib.dll.llmir_set_num_threads, rng):
+        ref = ref_attention(sq, values, 0, sbt, sqsl, spos, H, G, hd, bs, 1 / math.sqrt(hd), 0)
+        np.testing.assert_allclose(alone, ref, rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -403,7 +403,9 @@ def hsum_many(b: ir.IRBuilder, vecs: Sequence[ir.Value]) -> ir.Value:
 
     Returns a vector whose lane i is the sum of the lanes of vecs[i] (padded with zero lanes to
     a power of two). Costs about 3 shuffle/add instructions per pair instead of a full
-    reduction per vector.
+    reduction per vector. Each vector's lanes are summed in the same order whatever the number
+    of vectors, Butterfly's: lane j with lane j + w/2, then those sums alike (no reassociation:
+    kernels that must match bit for bit across shapes rely on it).
     """
     vecs = list(vecs)
     w = width(vecs[0])
@@ -423,7 +425,7 @@ def hsum_many(b: ir.IRBuilder, vecs: Sequence[ir.Value]) -> ir.Value:
         for x, y in zip(vecs[0::2], vecs[1::2]):
             lo = shuffle(b, x, y, first + [w + i for i in first])
             hi = shuffle(b, x, y, second + [w + i for i in second])
-            nxt.append(b.fadd(lo, hi, flags=FAST))
+            nxt.append(b.fadd(lo, hi))
         vecs, seg = nxt, half
     v = vecs[0]
     while seg > 1:  # fewer vectors than lanes: fold within each segment
@@ -431,9 +433,38 @@ def hsum_many(b: ir.IRBuilder, vecs: Sequence[ir.Value]) -> ir.Value:
         half = seg // 2
         lo = shuffle(b, v, v, [s * seg + j for s in range(n // seg) for j in range(half)])
         hi = shuffle(b, v, v, [s * seg + half + j for s in range(n // seg) for j in range(half)])
-        v = b.fadd(lo, hi, flags=FAST)
+        v = b.fadd(lo, hi)
         seg = half
     return v
+
+
+def bit_reversed(n: int) -> list[int]:
+    """0..n-1 (n a power of two) in bit-reversed order: the order in which Butterfly takes the
+    lanes of a vector."""
+    bits = n.bit_length() - 1
+    return [int(format(i, f"0{bits}b")[::-1], 2) if bits else 0 for i in range(n)]
+
+
+class Butterfly:
+    """The sum of n values (n a power of two), fed one at a time, in the order hsum_many sums
+    the n lanes of one vector: lane j + lane j + n/2 for j < n/2, then the same on those sums,
+    until one is left. Fed in bit_reversed(n) order, that is adjacent pairs, then adjacent pairs
+    of pairs: add() emits each sum as soon as both halves are there, so few partial sums are
+    live at once (values may be vectors: a lane each summed alike)."""
+
+    def __init__(self, b: ir.IRBuilder):
+        self.b, self.stack = b, []  # (level, partial sum)
+
+    def add(self, v: ir.Value) -> None:
+        level = 0
+        while self.stack and self.stack[-1][0] == level:
+            v = self.b.fadd(self.stack.pop()[1], v)
+            level += 1
+        self.stack.append((level, v))
+
+    def total(self) -> ir.Value:
+        assert len(self.stack) == 1, "Butterfly: fed a number of values that is not a power of two"
+        return self.stack[0][1]
 
 
 def vector_chunks(n: int, vw: int) -> tuple[int, list[tuple[int, int]]]:

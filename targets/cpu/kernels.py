@@ -351,7 +351,9 @@ def _dot_tile(b, arows, brows, n, vw, pf=None, pf_stride=0, bst=None):
     """Dot products of each of the c rows `arows` (f32) with each of the r rows `brows`
     (pointers to elements stored as `bst`, an irbuilder.Storage; default f32) over n elements,
     in one pass: c*r vector accumulators reduced together by one hsum_many. Lane ci*r + ri of
-    the result is dot(arows[ci], brows[ri]). With `pf`, the cache line at pf + ri*pf_stride +
+    the result is dot(arows[ci], brows[ri]), summed in an order that does not depend on c or r:
+    lane j of an accumulator is the fma chain over elements j, j + vw, ... (tails zero-padded),
+    and the lanes are summed by hsum_many's tree. With `pf`, the cache line at pf + ri*pf_stride +
     off (elements of bst) is prefetched next to each full vector of brows[ri] (the data the
     caller reads next, so that memory streams while this tile computes)."""
     c, r = len(arows), len(brows)
@@ -367,12 +369,9 @@ def _dot_tile(b, arows, brows, n, vw, pf=None, pf_stride=0, bst=None):
         for ci in range(c):
             av = irb.load_vec(cb, arows[ci], off, w)
             for ri in range(r):
-                acc = cb.load(accs[ci][ri])
-                if w == vw:
-                    acc = irb.fma(cb, bv[ri], av, acc)
-                else:  # tail: narrower vectors
-                    acc = cb.fadd(acc, irb.widen(cb, cb.fmul(bv[ri], av, flags=FAST), vw),
-                                  flags=FAST)
+                # (a tail's narrower vectors are zero-padded: lane j of every accumulator is an
+                # fma chain over elements j, vw + j, ...; kernels that sum alike rely on it)
+                acc = irb.fma(cb, irb.widen(cb, bv[ri], vw), irb.widen(cb, av, vw), cb.load(accs[ci][ri]))
                 cb.store(acc, accs[ci][ri])
     irb.vector_loop(b, n, vw, chunk, unroll=max(1, line // vw) if pf is not None else 1)
     return irb.hsum_many(b, [b.load(accs[ci][ri]) for ci in range(c) for ri in range(r)])
@@ -749,7 +748,8 @@ def _emit_kv_append(module, fn, b, p, cpu):
 
 _ATTN_HEADS = 8        # prefill: at most this many query heads of one kv head per work unit
 _ATTN_SEQ_CAP = 4096   # more sequences than this: one query token per unit (no prefix array)
-_ATTN_SPLIT_KEYS = 256  # split-K: at least this many keys per split
+_ATTN_CHUNK_KEYS = 256  # keys are cut into chunks at multiples of this (of whole blocks)
+_ATTN_LEVELS = 8       # levels of the chunks' merge tree kept (above 2^7 chunks: merged in order)
 _ATTN_PF = 4           # blocks of K/V prefetched ahead (a block computes faster than DRAM latency)
 _ATTN_SPLIT_FLOATS = 16384  # split-K partial results live in this much stack (64 KiB)
 
@@ -786,19 +786,22 @@ def _emit_paged_attention(module, fn, b, p, cpu):
     HPD = divisor(rep, lambda d: d <= 2 * ACC)
     GD = divisor(G, lambda d: d * HPD <= 2 * ACC)
     RMAX = max(ACC, GD * HPD)
-    REC = RMAX * (hd + 2)        # split-K partial record: m[RMAX], l[RMAX], acc[RMAX][hd]
     # Units with at least LANE_MIN rows of one kv head (prefill) compute scores with rows in
     # vector lanes: S^T[j] = sum_d Q^T[d] * K[j][d] (no horizontal sums, which would cost
     # as much as the dot products when head_dim is small), and their online softmax runs
     # across the lanes. NLG lane groups of vw rows; scores are then [lane group][key][lane].
     NLG = -(-RMAX // vw)
     RPAD = NLG * vw
+    # A softmax state (record): running max m[RPAD], sum l[RPAD], V accumulator acc[RMAX][hd].
+    REC = 2 * RPAD + RMAX * hd
+    CB = max(1, _ATTN_CHUNK_KEYS // bs)  # blocks per key chunk
     # (with 4 lanes, and no FMA on the baseline, the row tiles are faster: no lanes path)
     LANE_MIN = max(2, vw // 4) if vw >= 8 else None
-    KGL = min(bs, 16 if vw >= 16 else 8)  # keys per pass of the lane score loop
+    KGL = 4 if vw >= 16 else 2  # keys per pass of the lane score loop (each with its partial sums)
     hs = bs * hd                 # floats of one kv head's block
     nfull, tail = irb.vector_chunks(hd, vw)
-    chunks = [(i * vw, vw) for i in range(nfull)] + tail
+    chunks = [(i * vw, vw) for i in range(nfull)] + tail  # of a head's hd elements
+    bchunks = [(i * vw, vw) for i in range(bs // vw)] + irb.vector_chunks(bs, vw)[1]  # of a block's keys
     neg_inf = f32(float("-inf"))
 
     def key_groups(rt):
@@ -885,27 +888,22 @@ def _emit_paged_attention(module, fn, b, p, cpu):
     def launch(vals):
         """the caller's per-call values the parallel body and the combine share"""
         A = irb.named(fn, vals)
-        cum, qb, gn, hp, U, S, scratch = vals[len(fn.args):]
-        return A, SimpleNamespace(cum=cum, qb=qb, gn=gn, hp=hp, U=U, S=S, scratch=scratch)
+        cum, qb, gn, hp, U, S, lvl, scratch = vals[len(fn.args):]
+        return A, SimpleNamespace(cum=cum, qb=qb, gn=gn, hp=hp, U=U, S=S, lvl=lvl, scratch=scratch)
 
     def body(cb, item, vals):
         A, L = launch(vals)
         unit = cb.sub(cb.sub(L.U, i64(1)), cb.udiv(item, L.S))  # last query blocks first:
         s = cb.urem(item, L.S)                                 # they have the most keys
         u = unit_rows(cb, A, unit, L)
-        # per-row online-softmax state: running max, sum, rescale factor, V accumulator
-        m_arr = irb.var(cb, ir.ArrayType(F32, RPAD), name="m")
-        l_arr = irb.var(cb, ir.ArrayType(F32, RPAD), name="l")
+        # per-row online-softmax state (a record: running max, sum, V accumulator), the
+        # rescale factor of a block, and the merge tree's pending states
+        st = irb.var(cb, ir.ArrayType(F32, REC), name="state")
+        m_arr, l_arr, acc = rec_m(cb, st), rec_l(cb, st), rec_acc(cb, st)
         c_arr = irb.var(cb, ir.ArrayType(F32, RPAD), name="corr")
-        acc = irb.var(cb, ir.ArrayType(F32, RMAX * hd), name="acc")
         scores = irb.var(cb, ir.ArrayType(F32, RPAD * bs), name="scores")
-        irb.vector_loop(cb, RPAD, vw, lambda c, off, w, _: (
-            irb.store_vec(c, irb.splat(c, neg_inf, w), m_arr, off),
-            irb.store_vec(c, _zero(w), l_arr, off)))
-        with irb.for_range(cb, 0, u.R, 1, "init") as rho:
-            a_r = irb.gep(cb, acc, cb.mul(rho, i64(hd)))
-            for off, w in chunks:
-                irb.store_vec(cb, _zero(w), a_r, off)
+        tree = Tree(cb, u.R)
+        reset(cb, st, u.R)
         if LANE_MIN:
             lanes = cb.and_(cb.icmp_signed("==", L.gn, i64(1)),
                             cb.icmp_signed(">=", u.rh, i64(LANE_MIN)))
@@ -929,10 +927,16 @@ def _emit_paged_attention(module, fn, b, p, cpu):
             return kvs.gep(cb, heads, cb.mul(irb.load_i32(cb, bt, idx), i64(G * hs)))
 
         with cb.if_then(cb.icmp_signed("<=", u.klo, u.khi)):
-            lb0 = cb.sdiv(u.klo, i64(bs))
-            nblk = cb.sub(cb.add(cb.sdiv(u.khi, i64(bs)), i64(1)), lb0)
-            lb_a = cb.add(lb0, cb.udiv(cb.mul(nblk, s), L.S))  # this item's split of the blocks
-            lb_e = cb.add(lb0, cb.udiv(cb.mul(nblk, cb.add(s, i64(1))), L.S))
+            # the unit's key blocks [lb0, lb1] in chunks of CB blocks at fixed multiples (chunk c:
+            # blocks [c CB, (c+1) CB)); this item takes those of group s, the chunks
+            # [s 2^lvl, (s+1) 2^lvl) (all of them when the call does not split: lvl = 62)
+            lb0, lb1 = cb.sdiv(u.klo, i64(bs)), cb.sdiv(u.khi, i64(bs))
+            c0, c1 = cb.sdiv(lb0, i64(CB)), cb.sdiv(lb1, i64(CB))
+            ca = irb.imax(cb, c0, cb.shl(s, L.lvl))
+            ce = irb.imin(cb, cb.add(c1, i64(1)), cb.shl(cb.add(s, i64(1)), L.lvl))
+            lb_a = irb.imax(cb, lb0, cb.mul(ca, i64(CB)))  # this item's blocks
+            lb_e = irb.imin(cb, cb.add(lb1, i64(1)), cb.mul(ce, i64(CB)))
+            many = cb.icmp_signed(">", cb.sub(ce, ca), i64(1))
             # the first blocks: the loop below prefetches _ATTN_PF blocks ahead of itself
             with irb.for_range(cb, lb_a, irb.imin(cb, lb_e, cb.add(lb_a, i64(_ATTN_PF))), 1,
                                "pf") as lb:
@@ -940,74 +944,68 @@ def _emit_paged_attention(module, fn, b, p, cpu):
                 with irb.for_range(cb, 0, cb.mul(L.gn, i64(hs)), line, "pfl") as off:
                     irb.prefetch(cb, kvs.gep(cb, kp, off))
                     irb.prefetch(cb, kvs.gep(cb, kp, cb.add(off, kv_stride)))
-            with irb.for_range(cb, lb_a, lb_e, 1, "lb") as lb:
-                kb = kbase(lb)
-                nkb = kbase(irb.imin(cb, cb.add(lb, i64(_ATTN_PF)), cb.sub(lb_e, i64(1))))
-                first = cb.mul(lb, i64(bs))
-                o0 = cb.sub(irb.imax(cb, u.klo, first), first)
-                o1 = cb.sub(irb.imin(cb, cb.add(u.khi, i64(1)), cb.add(first, i64(bs))), first)
-                with irb.for_range(cb, 0, L.gn, 1, "gg") as gg:
-                    k = kvs.gep(cb, kb, cb.mul(gg, i64(hs)))
-                    nk = kvs.gep(cb, nkb, cb.mul(gg, i64(hs)))
-                    blk = SimpleNamespace(k=k, v=kvs.gep(cb, k, kv_stride), nk=nk,
-                                          nv=kvs.gep(cb, nk, kv_stride), first=first,
-                                          ks=None, vs=None)
-                    if int8:  # the block's K and V scales: keys scale the scores, values the p_j
-                        sidx = cb.add(cb.mul(cb.add(cb.mul(cb.mul(A.layer, i64(2)), A.num_blocks),
-                                                    irb.load_i32(cb, bt, lb)), i64(G)), cb.add(u.g0, gg))
-                        sbase = irb.gep(cb, A.pool, cb.mul(A.num_blocks, i64(p.num_layers * 2 * G * hs)), irb.I8)
-                        blk.ks = cb.load(irb.gep(cb, sbase, cb.mul(sidx, i64(4)), irb.I8), typ=F32, align=1)
-                        blk.vs = cb.load(irb.gep(cb, sbase, cb.mul(cb.add(sidx, cb.mul(A.num_blocks, i64(G))),
-                                                                   i64(4)), irb.I8), typ=F32, align=1)
-                    r_first = cb.mul(gg, u.rh)
+            with irb.for_range(cb, ca, ce, 1, "chunk") as c:
+                with cb.if_then(cb.icmp_signed(">", c, ca)):
+                    reset(cb, st, u.R)
+                with irb.for_range(cb, irb.imax(cb, lb_a, cb.mul(c, i64(CB))),
+                                   irb.imin(cb, lb_e, cb.mul(cb.add(c, i64(1)), i64(CB))), 1, "lb") as lb:
+                    kb = kbase(lb)
+                    nkb = kbase(irb.imin(cb, cb.add(lb, i64(_ATTN_PF)), cb.sub(lb_e, i64(1))))
+                    first = cb.mul(lb, i64(bs))
+                    o0 = cb.sub(irb.imax(cb, u.klo, first), first)
+                    o1 = cb.sub(irb.imin(cb, cb.add(u.khi, i64(1)), cb.add(first, i64(bs))), first)
+                    with irb.for_range(cb, 0, L.gn, 1, "gg") as gg:
+                        k = kvs.gep(cb, kb, cb.mul(gg, i64(hs)))
+                        nk = kvs.gep(cb, nkb, cb.mul(gg, i64(hs)))
+                        blk = SimpleNamespace(k=k, v=kvs.gep(cb, k, kv_stride), nk=nk,
+                                              nv=kvs.gep(cb, nk, kv_stride), first=first,
+                                              ks=None, vs=None)
+                        if int8:  # the block's K and V scales: keys scale the scores, values the p_j
+                            sidx = cb.add(cb.mul(cb.add(cb.mul(cb.mul(A.layer, i64(2)), A.num_blocks),
+                                                        irb.load_i32(cb, bt, lb)), i64(G)), cb.add(u.g0, gg))
+                            sbase = irb.gep(cb, A.pool, cb.mul(A.num_blocks, i64(p.num_layers * 2 * G * hs)), irb.I8)
+                            blk.ks = cb.load(irb.gep(cb, sbase, cb.mul(sidx, i64(4)), irb.I8), typ=F32, align=1)
+                            blk.vs = cb.load(irb.gep(cb, sbase, cb.mul(cb.add(sidx, cb.mul(A.num_blocks, i64(G))),
+                                                                       i64(4)), irb.I8), typ=F32, align=1)
+                        r_first = cb.mul(gg, u.rh)
 
-                    def by_lanes():  # (one kv head: r_first = 0)
-                        if kf is not None:
-                            irb.vector_loop(cb, hs, vw, lambda c, off, w, _: irb.store_vec(
-                                c, kvs.load(c, blk.k, off, w), kf, off), unroll=4)
-                        for lg in range(NLG):
-                            with cb.if_then(cb.icmp_signed("<", i64(lg * vw), u.rh)):
-                                score_lanes(cb, blk, qt, lo_v, hi_v, scores, lg, kf)
-                                softmax_lanes(cb, scores, m_arr, l_arr, c_arr, lg, blk.vs)
-                        row_tiles(cb, r_first, u.rh, lambda r0, rt: pv_tile(
-                            cb, blk, scores, c_arr, acc, o0, o1, r0, rt, r_first, True))
+                        def by_lanes():  # (one kv head: r_first = 0)
+                            if kf is not None:
+                                irb.vector_loop(cb, hs, vw, lambda c, off, w, _: irb.store_vec(
+                                    c, kvs.load(c, blk.k, off, w), kf, off), unroll=4)
+                            for lg in range(NLG):
+                                with cb.if_then(cb.icmp_signed("<", i64(lg * vw), u.rh)):
+                                    score_lanes(cb, blk, qt, lo_v, hi_v, scores, lg, kf)
+                                    softmax_lanes(cb, scores, m_arr, l_arr, c_arr, lg, blk.vs)
+                            row_tiles(cb, r_first, u.rh, lambda r0, rt: pv_tile(
+                                cb, blk, scores, c_arr, acc, o0, o1, r0, rt, r_first, True))
 
-                    def by_rows():
-                        row_tiles(cb, r_first, u.rh, lambda r0, rt: score_tile(
-                            cb, u, blk, scores, r0, rt, r_first))
-                        with irb.for_range(cb, r_first, cb.add(r_first, u.rh), 1, "sm") as rho:
-                            softmax_row(cb, rho, scores, m_arr, l_arr, c_arr, blk.vs)
-                        row_tiles(cb, r_first, u.rh, lambda r0, rt: pv_tile(
-                            cb, blk, scores, c_arr, acc, o0, o1, r0, rt, r_first, False))
-                    if LANE_MIN:
-                        with cb.if_else(lanes) as (then, otherwise):
-                            with then:
-                                by_lanes()
-                            with otherwise:
-                                by_rows()
-                    else:
-                        by_rows()
+                        def by_rows():
+                            row_tiles(cb, r_first, u.rh, lambda r0, rt: score_tile(
+                                cb, u, blk, scores, r0, rt, r_first))
+                            with irb.for_range(cb, r_first, cb.add(r_first, u.rh), 1, "sm") as rho:
+                                softmax_row(cb, rho, scores, m_arr, l_arr, c_arr, blk.vs)
+                            row_tiles(cb, r_first, u.rh, lambda r0, rt: pv_tile(
+                                cb, blk, scores, c_arr, acc, o0, o1, r0, rt, r_first, False))
+                        if LANE_MIN:
+                            with cb.if_else(lanes) as (then, otherwise):
+                                with then:
+                                    by_lanes()
+                                with otherwise:
+                                    by_rows()
+                        else:
+                            by_rows()
+
+                with cb.if_then(many):
+                    tree.push(st, c, i64(0))
+            with cb.if_then(many):
+                tree.fold(st)
 
         with cb.if_else(cb.icmp_signed("==", L.S, i64(1))) as (whole, part):
             with whole:
-                with irb.for_range(cb, 0, u.R, 1, "fin") as rho:
-                    lv = irb.load_f32(cb, l_arr, rho)
-                    inv = cb.select(cb.fcmp_ordered(">", lv, f32(0.0)),
-                                    cb.fdiv(f32(1.0), lv), f32(0.0))
-                    a_r, o_r = irb.gep(cb, acc, cb.mul(rho, i64(hd))), row_ptr(cb, u.op, rho)
-                    for off, w in chunks:
-                        irb.store_vec(cb, cb.fmul(irb.load_vec(cb, a_r, off, w),
-                                                  irb.splat(cb, inv, w)), o_r, off)
-            with part:  # partial result for the combine after the parallel loop
-                rec = irb.gep(cb, L.scratch, cb.mul(item, i64(REC)))
-                with irb.for_range(cb, 0, u.R, 1, "part") as rho:
-                    cb.store(irb.load_f32(cb, m_arr, rho), irb.gep(cb, rec, rho))
-                    cb.store(irb.load_f32(cb, l_arr, rho),
-                             irb.gep(cb, rec, cb.add(rho, i64(RMAX))))
-                    a_r = irb.gep(cb, acc, cb.mul(rho, i64(hd)))
-                    p_r = irb.gep(cb, rec, cb.add(i64(2 * RMAX), cb.mul(rho, i64(hd))))
-                    for off, w in chunks:
-                        irb.store_vec(cb, irb.load_vec(cb, a_r, off, w), p_r, off)
+                finish(cb, st, u)
+            with part:  # the group's state, for the combine after the parallel loop
+                copy_rec(cb, st, irb.gep(cb, L.scratch, cb.mul(item, i64(REC))), u.R)
 
     def score_tile(cb, u, blk, scores, r0, rt, r_first):
         """scores[rho][0:bs] = scale * q_rho . K_j for rows r0..r0+rt and all keys of the
@@ -1038,7 +1036,6 @@ def _emit_paged_attention(module, fn, b, p, cpu):
         """online softmax over one block: running max and sum, p_j = exp(s_j - max) in
         place, and the factor that rescales the row's earlier V sum"""
         srow = irb.gep(cb, scores, cb.mul(rho, i64(bs)))
-        bchunks = [(i * vw, vw) for i in range(bs // vw)] + irb.vector_chunks(bs, vw)[1]
         sv = [irb.load_vec(cb, srow, off, w) for off, w in bchunks]
         mb = None
         for v in sv:
@@ -1053,8 +1050,8 @@ def _emit_paged_attention(module, fn, b, p, cpu):
         for (off, w), v in zip(bchunks, sv):
             pv = irb.exp(cb, cb.fsub(v, irb.splat(cb, m_sub, w)))
             irb.store_vec(cb, pv if vs is None else cb.fmul(pv, irb.splat(cb, vs, w)), srow, off)
-            ps = irb.hsum(cb, pv)
-            lsum = ps if lsum is None else cb.fadd(lsum, ps, flags=FAST)
+            ps = cb.extract_element(irb.hsum_many(cb, [pv]), irb.i32(0))  # (softmax_lanes sums alike)
+            lsum = ps if lsum is None else cb.fadd(lsum, ps)
         cb.store(m_new, irb.gep(cb, m_arr, rho))
         cb.store(cb.fadd(cb.fmul(irb.load_f32(cb, l_arr, rho), corr), lsum),
                  irb.gep(cb, l_arr, rho))
@@ -1089,30 +1086,39 @@ def _emit_paged_attention(module, fn, b, p, cpu):
         hi = cb.load(irb.gep(cb, hi_v, lg * vw, irb.I32), typ=irb.vty(vw, irb.I32), align=4)
         pf = blk.nk if lg == 0 else None
 
-        def step(d, j0, accs):  # accs[kk] += Q^T[d] * K[j0 + kk][d]
-            qv = irb.load_vec(cb, q0, cb.mul(d, i64(vw)), vw)
-            for kk, a in enumerate(accs):
-                kj = kst.load(cb, kbase, cb.add(d, i64((j0 + kk) * hd)), 0)
-                cb.store(irb.fma(cb, qv, irb.splat(cb, kj, vw), cb.load(a)), a)
-        for j0 in range(0, bs, KGL):
-            kg = min(KGL, bs - j0)
-            accs = [irb.var(cb, irb.vty(vw), _zero(vw)) for _ in range(kg)]
-            # d in steps of 16 floats (one cache line of each key row: one prefetch per row)
-            with irb.for_range(cb, 0, hd // 16 * 16, 16, "d16") as d0:
-                for i in range(16):
-                    step(cb.add(d0, i64(i)), j0, accs)
-                if pf is not None:
-                    for kk in range(kg):
-                        irb.prefetch(cb, kvs.gep(cb, pf, cb.add(d0, i64((j0 + kk) * hd))))
-            for d in range(hd // 16 * 16, hd):
-                step(i64(d), j0, accs)
-            for kk in range(kg):
-                key = cb.trunc(cb.add(blk.first, i64(j0 + kk)), irb.I32)
+        def key_group(j0, kg):
+            """keys j0..j0+kg-1 (j0 may be a runtime value): each key's dot products in
+            _dot_tile's order (lane i: the fma chain over elements i, vw + i, ... of `chunks`,
+            zero-padded past a tail; then hsum_many's tree over i), rows in lanes"""
+            krow = [kst.gep(cb, kbase, cb.mul(cb.add(j0, i64(kk)), i64(hd))) for kk in range(kg)]
+            if pf is not None:
+                for kk in range(kg):
+                    prow = kvs.gep(cb, pf, cb.mul(cb.add(j0, i64(kk)), i64(hd)))
+                    for off in range(0, hd, line):
+                        irb.prefetch(cb, kvs.gep(cb, prow, off))
+            trees = [irb.Butterfly(cb) for _ in range(kg)]
+            for i in irb.bit_reversed(vw):
+                accs = [_zero(vw)] * kg
+                for off, w in chunks:
+                    if i < w:
+                        qv = irb.load_vec(cb, q0, (off + i) * vw, vw)
+                        accs = [irb.fma(cb, qv, irb.splat(cb, kst.load(cb, krow[kk], off + i, 0), vw), a)
+                                for kk, a in enumerate(accs)]
+                    else:  # (_dot_tile's zero padding: + 0 * 0)
+                        accs = [cb.fadd(a, _zero(vw)) for a in accs]
+                for tree, a in zip(trees, accs):
+                    tree.add(a)
+            for kk, tree in enumerate(trees):
+                key = cb.trunc(cb.add(blk.first, cb.add(j0, i64(kk))), irb.I32)
                 kv = irb.splat(cb, key, vw)
                 ok = cb.and_(cb.icmp_signed(">=", kv, lo), cb.icmp_signed("<=", kv, hi))
-                sv = cb.fmul(cb.load(accs[kk]), irb.splat(cb, qk_scale(cb, blk), vw))
+                sv = cb.fmul(tree.total(), irb.splat(cb, qk_scale(cb, blk), vw))
                 irb.store_vec(cb, cb.select(ok, sv, irb.splat(cb, neg_inf, vw)), scores,
-                              (lg * bs + j0 + kk) * vw)
+                              cb.mul(cb.add(i64(lg * bs), cb.add(j0, i64(kk))), i64(vw)))
+        with irb.for_range(cb, 0, bs // KGL * KGL, KGL, "kg") as j0:
+            key_group(j0, KGL)
+        if bs % KGL:
+            key_group(i64(bs // KGL * KGL), bs % KGL)
 
     def softmax_lanes(cb, scores, m_arr, l_arr, c_arr, lg, vs):
         """softmax_row for the vw rows of lane group lg at once (scores in lanes layout)"""
@@ -1126,14 +1132,18 @@ def _emit_paged_attention(module, fn, b, p, cpu):
         inf = irb.splat(cb, neg_inf, vw)
         m_sub = cb.select(cb.fcmp_ordered("==", m_new, inf), _zero(vw), m_new)
         corr = irb.exp(cb, cb.fsub(m_old, m_sub))
-        lsum = irb.var(cb, irb.vty(vw), _zero(vw), "lsum")
-        with irb.for_range(cb, 0, bs, 1, "ex") as j:
-            pv = irb.exp(cb, cb.fsub(irb.load_vec(cb, srow, cb.mul(j, i64(vw)), vw), m_sub))
-            irb.store_vec(cb, pv if vs is None else cb.fmul(pv, irb.splat(cb, vs, vw)), srow, cb.mul(j, i64(vw)))
-            cb.store(cb.fadd(cb.load(lsum), pv, flags=FAST), lsum)
+        lsum = None
+        for off, w in bchunks:  # the sum of p_j in softmax_row's order: per chunk, hsum_many's tree
+            tree = irb.Butterfly(cb)
+            for i in irb.bit_reversed(w):
+                j = off + i
+                pv = irb.exp(cb, cb.fsub(irb.load_vec(cb, srow, j * vw, vw), m_sub))
+                irb.store_vec(cb, pv if vs is None else cb.fmul(pv, irb.splat(cb, vs, vw)), srow, j * vw)
+                tree.add(pv)
+            lsum = tree.total() if lsum is None else cb.fadd(lsum, tree.total())
         irb.store_vec(cb, m_new, m_arr, lg * vw)
-        irb.store_vec(cb, cb.fadd(cb.fmul(irb.load_vec(cb, l_arr, lg * vw, vw), corr),
-                                  cb.load(lsum)), l_arr, lg * vw)
+        irb.store_vec(cb, cb.fadd(cb.fmul(irb.load_vec(cb, l_arr, lg * vw, vw), corr), lsum),
+                      l_arr, lg * vw)
         irb.store_vec(cb, corr, c_arr, lg * vw)
 
     def pv_tile(cb, blk, scores, c_arr, acc, o0, o1, r0, rt, r_first, lanes):
@@ -1172,34 +1182,146 @@ def _emit_paged_attention(module, fn, b, p, cpu):
                 for ci, (off, w) in enumerate(dch):
                     irb.store_vec(cb, cb.load(accs[ri][ci]), a_rows[ri], off)
 
-    def combine(cb, A, L, unit):
-        """out = the splits' partial (m, l, acc) merged: sum_s acc_s e^(m_s - M) / L"""
-        u = unit_rows(cb, A, unit, L)
-        item0 = cb.mul(cb.sub(cb.sub(L.U, i64(1)), unit), L.S)
-        with irb.for_range(cb, 0, u.R, 1, "row") as rho:
-            def rec(s):
-                return irb.gep(cb, L.scratch, cb.mul(cb.add(item0, s), i64(REC)))
-            mx = irb.var(cb, F32, neg_inf, "mx")
-            with irb.for_range(cb, 0, L.S, 1, "s") as s:
-                cb.store(irb.fmax(cb, cb.load(mx), irb.load_f32(cb, rec(s), rho)), mx)
-            M = cb.load(mx)
-            M = cb.select(cb.fcmp_ordered("==", M, neg_inf), f32(0.0), M)
-            tot = irb.var(cb, F32, f32(0.0), "tot")
-            sums = [irb.var(cb, irb.vty(w), _zero(w)) for _, w in chunks]
-            with irb.for_range(cb, 0, L.S, 1, "s") as s:
-                r = rec(s)
-                e = irb.exp(cb, cb.fsub(irb.load_f32(cb, r, rho), M))
-                l_s = irb.load_f32(cb, r, cb.add(rho, i64(RMAX)))
-                cb.store(cb.fadd(cb.load(tot), cb.fmul(l_s, e)), tot)
-                a_r = irb.gep(cb, r, cb.add(i64(2 * RMAX), cb.mul(rho, i64(hd))))
-                for (off, w), sv in zip(chunks, sums):
-                    cb.store(irb.fma(cb, irb.load_vec(cb, a_r, off, w), irb.splat(cb, e, w),
-                                     cb.load(sv)), sv)
-            lv = cb.load(tot)
+    # --- softmax states: each key chunk gets its own online softmax, and the chunks' states are
+    # merged pairwise up a binary tree over their (absolute) indices, whether one item walks all
+    # of a unit's chunks or items take aligned groups of them and the caller merges the groups:
+    # so a row's result never depends on the split, the threads or the rest of the batch
+    def rec_m(cb, r):
+        return r
+
+    def rec_l(cb, r):
+        return irb.gep(cb, r, RPAD)
+
+    def rec_acc(cb, r):
+        return irb.gep(cb, r, 2 * RPAD)
+
+    def reset(cb, r, R):
+        """the empty state: m = -inf, l = 0, acc = 0 (rows [0, R) of acc)"""
+        irb.vector_loop(cb, RPAD, vw, lambda c, off, w, _: (
+            irb.store_vec(c, irb.splat(c, neg_inf, w), rec_m(c, r), off),
+            irb.store_vec(c, _zero(w), rec_l(c, r), off)))
+        with irb.for_range(cb, 0, R, 1, "reset") as rho:
+            a_r = irb.gep(cb, rec_acc(cb, r), cb.mul(rho, i64(hd)))
+            for off, w in chunks:
+                irb.store_vec(cb, _zero(w), a_r, off)
+
+    def copy_rec(cb, src, dst, R):
+        irb.vector_loop(cb, 2 * RPAD, vw, lambda c, off, w, _: irb.store_vec(
+            c, irb.load_vec(c, src, off, w), dst, off))
+        with irb.for_range(cb, 0, R, 1, "copy") as rho:
+            s_r, d_r = (irb.gep(cb, rec_acc(cb, x), cb.mul(rho, i64(hd))) for x in (src, dst))
+            for off, w in chunks:
+                irb.store_vec(cb, irb.load_vec(cb, s_r, off, w), d_r, off)
+
+    merge_fn, mb = irb.define(module, fn.name + ".merge", [("R", I64), ("a", PTR), ("b", PTR), ("o", PTR)],
+                              internal=True)
+    R_, ra, rb_, ro = merge_fn.args
+    with irb.for_range(mb, 0, R_, 1, "row") as rho:
+        # o = a (+) b, b's keys after a's: M = max, l = l_a e^(m_a - M) + l_b e^(m_b - M), acc alike
+        # (one function, so every merge rounds alike; o may be a or b)
+        ma, mb_ = irb.load_f32(mb, rec_m(mb, ra), rho), irb.load_f32(mb, rec_m(mb, rb_), rho)
+        M = irb.fmax(mb, ma, mb_)
+        Ms = mb.select(mb.fcmp_ordered("==", M, neg_inf), f32(0.0), M)
+        ea, eb = irb.exp(mb, mb.fsub(ma, Ms)), irb.exp(mb, mb.fsub(mb_, Ms))
+        la, lb_ = irb.load_f32(mb, rec_l(mb, ra), rho), irb.load_f32(mb, rec_l(mb, rb_), rho)
+        mb.store(M, irb.gep(mb, rec_m(mb, ro), rho))
+        mb.store(irb.fma(mb, lb_, eb, mb.fmul(la, ea)), irb.gep(mb, rec_l(mb, ro), rho))
+        a_r, b_r, o_r = (irb.gep(mb, rec_acc(mb, x), mb.mul(rho, i64(hd))) for x in (ra, rb_, ro))
+        for off, w in chunks:
+            irb.store_vec(mb, irb.fma(mb, irb.load_vec(mb, b_r, off, w), irb.splat(mb, eb, w),
+                                      mb.fmul(irb.load_vec(mb, a_r, off, w), irb.splat(mb, ea, w))), o_r, off)
+    mb.ret_void()
+
+    class Tree:
+        """The pending states of a merge tree over chunk (or group) indices: push(r, idx, lvl)
+        adds the state of node idx at level lvl (covering chunks [idx 2^lvl, (idx+1) 2^lvl)),
+        merging it with its left siblings as far up as they are complete; fold(dst) merges what
+        is left, right to left, into dst. Levels above _ATTN_LEVELS - 1 are merged in order
+        there. A level whose left sibling never came (chunks before a window) passes up
+        unmerged, as if it were the empty state."""
+
+        def __init__(self, cb, R):
+            self.cb, self.R = cb, R
+            self.slots = irb.var(cb, ir.ArrayType(F32, _ATTN_LEVELS * REC), name="tree")
+            self.occ = irb.var(cb, I64, i64(0), "occ")
+
+        def _slot(self, lv):
+            return irb.gep(self.cb, self.slots, self.cb.mul(lv, i64(REC)))
+
+        def _has(self, lv):
+            cb = self.cb
+            return cb.icmp_unsigned("!=", cb.and_(cb.lshr(cb.load(self.occ), lv), i64(1)), i64(0))
+
+        def _mark(self, lv, on):
+            cb = self.cb
+            bit = cb.shl(i64(1), lv)
+            occ = cb.load(self.occ)
+            cb.store(cb.or_(occ, bit) if on else cb.and_(occ, cb.not_(bit)), self.occ)
+
+        def _merge(self, a, b_, o):
+            self.cb.call(merge_fn, [self.R, a, b_, o])
+
+        def push(self, r, idx, lvl):
+            cb = self.cb
+            j, lv = irb.var(cb, I64, idx, "j"), irb.var(cb, I64, lvl, "lv")
+            go = irb.var(cb, irb.I1, ir.Constant(irb.I1, 1), "go")
+            with irb.while_(cb, lambda c: c.load(go), "push"):
+                L_ = cb.load(lv)
+                slot, has = self._slot(L_), self._has(L_)
+                top = cb.icmp_signed("==", L_, i64(_ATTN_LEVELS - 1))
+                left = cb.icmp_unsigned("==", cb.and_(cb.load(j), i64(1)), i64(0))
+                with cb.if_else(cb.or_(top, left)) as (park, carry):
+                    with park:  # a left child (or the top): it waits for its sibling
+                        with cb.if_else(cb.and_(top, has)) as (fold_in, keep):
+                            with fold_in:
+                                self._merge(slot, r, slot)
+                            with keep:
+                                copy_rec(cb, r, slot, self.R)
+                        self._mark(L_, True)
+                        cb.store(ir.Constant(irb.I1, 0), go)
+                    with carry:  # a right child: merged with its left sibling, one level up
+                        with cb.if_then(has):
+                            self._merge(slot, r, r)
+                            self._mark(L_, False)
+                        cb.store(cb.lshr(cb.load(j), i64(1)), j)
+                        cb.store(cb.add(L_, i64(1)), lv)
+
+        def fold(self, dst):
+            cb = self.cb
+            have = irb.var(cb, irb.I1, ir.Constant(irb.I1, 0), "have")
+            with irb.for_range(cb, 0, _ATTN_LEVELS, 1, "fold") as lv:
+                with cb.if_then(self._has(lv)):
+                    with cb.if_else(cb.load(have)) as (more, first):
+                        with more:
+                            self._merge(self._slot(lv), dst, dst)
+                        with first:
+                            copy_rec(cb, self._slot(lv), dst, self.R)
+                    cb.store(ir.Constant(irb.I1, 1), have)
+
+    def finish(cb, r, u):
+        """out rows = acc / l (0 for a row without keys)"""
+        with irb.for_range(cb, 0, u.R, 1, "fin") as rho:
+            lv = irb.load_f32(cb, rec_l(cb, r), rho)
             inv = cb.select(cb.fcmp_ordered(">", lv, f32(0.0)), cb.fdiv(f32(1.0), lv), f32(0.0))
-            o_r = row_ptr(cb, u.op, rho)
-            for (off, w), sv in zip(chunks, sums):
-                irb.store_vec(cb, cb.fmul(cb.load(sv), irb.splat(cb, inv, w)), o_r, off)
+            a_r, o_r = irb.gep(cb, rec_acc(cb, r), cb.mul(rho, i64(hd))), row_ptr(cb, u.op, rho)
+            for off, w in chunks:
+                irb.store_vec(cb, cb.fmul(irb.load_vec(cb, a_r, off, w), irb.splat(cb, inv, w)), o_r, off)
+
+    def combine(cb, A, L, unit):
+        """a split unit's output: its groups' states (item (U-1-unit)*S + group) merged up the
+        same tree as an unsplit unit's chunks"""
+        u = unit_rows(cb, A, unit, L)
+        recs = irb.gep(cb, L.scratch, cb.mul(cb.mul(cb.sub(cb.sub(L.U, i64(1)), unit), L.S), i64(REC)))
+        keys = cb.icmp_signed("<=", u.klo, u.khi)  # (without keys: group 0's empty state)
+        g0, g1 = (cb.select(keys, cb.ashr(cb.sdiv(cb.sdiv(k, i64(bs)), i64(CB)), L.lvl), i64(0))
+                  for k in (u.klo, u.khi))
+        res = irb.gep(cb, recs, cb.mul(g0, i64(REC)))
+        with cb.if_then(cb.icmp_signed(">", g1, g0)):
+            tree = Tree(cb, u.R)
+            with irb.for_range(cb, g0, cb.add(g1, i64(1)), 1, "grp") as g:
+                tree.push(irb.gep(cb, recs, cb.mul(g, i64(REC))), g, L.lvl)
+            tree.fold(res)
+        finish(cb, res, u)
 
     # --- the caller: query blocks, units, split count, the parallel loop, the combine
     A = irb.named(fn, fn.args)
@@ -1208,7 +1330,7 @@ def _emit_paged_attention(module, fn, b, p, cpu):
         # cum[b] = query blocks of the sequences before b (a prefix array on the stack);
         # decode, or more than _ATTN_SEQ_CAP sequences: one token per unit, cum = qsl
         work = irb.var(b, I64, i64(0), "work")
-        maxk = irb.var(b, I64, i64(0), "maxk")
+        maxlen = irb.var(b, I64, i64(0), "maxlen")
         maxn = irb.var(b, I64, i64(0), "maxn")
         cbuf = None
         if QB > 1:
@@ -1223,7 +1345,7 @@ def _emit_paged_attention(module, fn, b, p, cpu):
             if win:
                 keys = irb.imin(b, keys, i64(win))
             b.store(b.add(b.load(work), b.mul(n_b, keys)), work)
-            b.store(irb.imax(b, b.load(maxk), keys), maxk)
+            b.store(irb.imax(b, b.load(maxlen), irb.load_i32(b, A.seq_lens, sq)), maxlen)
             b.store(irb.imax(b, b.load(maxn), n_b), maxn)
             if cbuf is not None:
                 with b.if_then(use_cbuf):
@@ -1241,22 +1363,34 @@ def _emit_paged_attention(module, fn, b, p, cpu):
         else:
             cum, qb, nqb = A.query_start_loc, i64(1), T
         U = b.mul(nqb, b.mul(b.udiv(i64(G), gn), b.udiv(i64(rep), hp)))
-        # split-K when there are too few units to keep the threads busy and contexts are long
+        # split-K when there are too few units to keep the threads busy and contexts are long:
+        # item s of a unit takes its chunks' group s, groups of 2^lvl chunks, S groups, at most
+        # about 2 threads / U of them with keys (with a window: its span) and S records in scratch
         nth = b.sext(b.call(irb.declare(module, "llmir_num_threads", irb.I32, []), []), I64)
         S = irb.var(b, I64, i64(1), "S")
+        lvl = irb.var(b, I64, i64(62), "lvl")
         maxs = b.sdiv(i64(_ATTN_SPLIT_FLOATS // REC), U)
         with b.if_then(b.and_(b.icmp_signed("<", U, b.mul(nth, i64(2))),
                               b.icmp_signed(">=", maxs, i64(2)))):
             want = b.sdiv(b.add(b.mul(nth, i64(2)), b.sub(U, i64(1))), U)
-            by_keys = b.sdiv(b.load(maxk), i64(_ATTN_SPLIT_KEYS))
-            b.store(irb.imax(b, i64(1), irb.imin(b, want, irb.imin(b, by_keys, maxs))), S)
-        S = b.load(S)
+            clast = b.sdiv(b.sdiv(b.sub(b.load(maxlen), i64(1)), i64(bs)), i64(CB))
+            span = clast if not win else irb.imin(b, clast, i64(win // (CB * bs) + 1))
+            g = irb.var(b, I64, i64(0), "g")
+            with irb.while_(b, lambda c: c.and_(c.icmp_signed("<", c.load(g), i64(_ATTN_LEVELS - 1)), c.or_(
+                    c.icmp_signed(">=", c.ashr(span, c.load(g)), want),
+                    c.icmp_signed(">=", c.ashr(clast, c.load(g)), maxs))), "lvl"):
+                b.store(b.add(b.load(g), i64(1)), g)
+            ng = b.add(b.ashr(clast, b.load(g)), i64(1))
+            with b.if_then(b.and_(b.icmp_signed(">=", ng, i64(2)), b.icmp_signed("<=", ng, maxs))):
+                b.store(ng, S)
+                b.store(b.load(g), lvl)
+        S, lvl = b.load(S), b.load(lvl)
         scratch = irb.var(b, ir.ArrayType(F32, _ATTN_SPLIT_FLOATS), name="split")
         items = b.mul(U, S)
         # team size from the work (key-head dot products) rather than the item count
         flops = irb.imax(b, i64(1), b.mul(b.load(work), i64(4 * H * hd)))
         min_items = b.add(b.sdiv(b.mul(items, i64(_GRAIN)), flops), i64(1))
-        extra = [cum, qb, gn, hp, U, S, scratch]
+        extra = [cum, qb, gn, hp, U, S, lvl, scratch]
         irb.parallel_for(module, b, items, body, min_items,
                          captures=list(fn.args) + extra, dynamic=1)
         with b.if_then(b.icmp_signed(">", S, i64(1))):
