@@ -935,12 +935,13 @@ def _emit_paged_attention(module, fn, b, p, cpu):
 
         with cb.if_then(cb.icmp_signed("<=", u.klo, u.khi)):
             # the unit's key blocks [lb0, lb1] in chunks of CB blocks at fixed multiples (chunk c:
-            # blocks [c CB, (c+1) CB)); this item takes those of group s, the chunks
-            # [s 2^lvl, (s+1) 2^lvl) (all of them when the call does not split: lvl = 62)
+            # blocks [c CB, (c+1) CB)); this item takes those of group (c0 >> lvl) + s, the
+            # chunks [grp 2^lvl, (grp+1) 2^lvl) (all of them when the call does not split: lvl = 62)
             lb0, lb1 = cb.sdiv(u.klo, i64(bs)), cb.sdiv(u.khi, i64(bs))
             c0, c1 = cb.sdiv(lb0, i64(CB)), cb.sdiv(lb1, i64(CB))
-            ca = irb.imax(cb, c0, cb.shl(s, L.lvl))
-            ce = irb.imin(cb, cb.add(c1, i64(1)), cb.shl(cb.add(s, i64(1)), L.lvl))
+            grp = cb.add(cb.ashr(c0, L.lvl), s)
+            ca = irb.imax(cb, c0, cb.shl(grp, L.lvl))
+            ce = irb.imin(cb, cb.add(c1, i64(1)), cb.shl(cb.add(grp, i64(1)), L.lvl))
             lb_a = irb.imax(cb, lb0, cb.mul(ca, i64(CB)))  # this item's blocks
             lb_e = irb.imin(cb, cb.add(lb1, i64(1)), cb.mul(ce, i64(CB)))
             many = cb.icmp_signed(">", cb.sub(ce, ca), i64(1))
@@ -1315,20 +1316,19 @@ def _emit_paged_attention(module, fn, b, p, cpu):
                 irb.store_vec(cb, cb.fmul(irb.load_vec(cb, a_r, off, w), irb.splat(cb, inv, w)), o_r, off)
 
     def combine(cb, A, L, unit):
-        """a split unit's output: its groups' states (item (U-1-unit)*S + group) merged up the
-        same tree as an unsplit unit's chunks"""
+        """a split unit's output: its groups' states (group g in item (U-1-unit)*S + g - g0, g0 its
+        first group) merged up the same tree as an unsplit unit's chunks"""
         u = unit_rows(cb, A, unit, L)
         recs = irb.gep(cb, L.scratch, cb.mul(cb.mul(cb.sub(cb.sub(L.U, i64(1)), unit), L.S), i64(REC)))
         keys = cb.icmp_signed("<=", u.klo, u.khi)  # (without keys: group 0's empty state)
         g0, g1 = (cb.select(keys, cb.ashr(cb.sdiv(cb.sdiv(k, i64(bs)), i64(CB)), L.lvl), i64(0))
                   for k in (u.klo, u.khi))
-        res = irb.gep(cb, recs, cb.mul(g0, i64(REC)))
         with cb.if_then(cb.icmp_signed(">", g1, g0)):
             tree = Tree(cb, u.R)
             with irb.for_range(cb, g0, cb.add(g1, i64(1)), 1, "grp") as g:
-                tree.push(irb.gep(cb, recs, cb.mul(g, i64(REC))), g, L.lvl)
-            tree.fold(res)
-        finish(cb, res, u)
+                tree.push(irb.gep(cb, recs, cb.mul(cb.sub(g, g0), i64(REC))), g, L.lvl)
+            tree.fold(recs)
+        finish(cb, recs, u)
 
     # --- the caller: query blocks, units, split count, the parallel loop, the combine
     A = irb.named(fn, fn.args)
@@ -1337,7 +1337,7 @@ def _emit_paged_attention(module, fn, b, p, cpu):
         # cum[b] = query blocks of the sequences before b (a prefix array on the stack);
         # decode, or more than _ATTN_SEQ_CAP sequences: one token per unit, cum = qsl
         work = irb.var(b, I64, i64(0), "work")
-        maxlen = irb.var(b, I64, i64(0), "maxlen")
+        spanc = irb.var(b, I64, i64(0), "spanc")  # the most chunks between a sequence's first and last key
         maxn = irb.var(b, I64, i64(0), "maxn")
         cbuf = None
         if QB > 1:
@@ -1352,7 +1352,16 @@ def _emit_paged_attention(module, fn, b, p, cpu):
             if win:
                 keys = irb.imin(b, keys, i64(win))
             b.store(b.add(b.load(work), b.mul(n_b, keys)), work)
-            b.store(irb.imax(b, b.load(maxlen), irb.load_i32(b, A.seq_lens, sq)), maxlen)
+            # (a bound for each of its units: keys up to seq_len - 1, from the earliest token's window)
+            last = b.sdiv(b.sdiv(b.sub(irb.load_i32(b, A.seq_lens, sq), i64(1)), i64(bs)), i64(CB))
+            if win:
+                t0 = irb.load_i32(b, A.query_start_loc, sq)
+                first = irb.var(b, I64, i64(2 ** 62), "first")
+                with irb.for_range(b, t0, b.add(t0, n_b), 1, "tok") as t:
+                    lo = irb.imax(b, i64(0), b.sub(irb.load_i32(b, A.positions, t), i64(win - 1)))
+                    b.store(irb.imin(b, b.load(first), b.sdiv(b.sdiv(lo, i64(bs)), i64(CB))), first)
+                last = b.sub(last, irb.imin(b, b.load(first), last))
+            b.store(irb.imax(b, b.load(spanc), last), spanc)
             b.store(irb.imax(b, b.load(maxn), n_b), maxn)
             if cbuf is not None:
                 with b.if_then(use_cbuf):
@@ -1371,8 +1380,9 @@ def _emit_paged_attention(module, fn, b, p, cpu):
             cum, qb, nqb = A.query_start_loc, i64(1), T
         U = b.mul(nqb, b.mul(b.udiv(i64(G), gn), b.udiv(i64(rep), hp)))
         # split-K when there are too few units to keep the threads busy and contexts are long:
-        # item s of a unit takes its chunks' group s, groups of 2^lvl chunks, S groups, at most
-        # about 2 threads / U of them with keys (with a window: its span) and S records in scratch
+        # item s of a unit takes the s-th group (of 2^lvl chunks) from its first chunk's; S groups
+        # cover every unit's chunks (one more with a window: its chunks need not start a group),
+        # about 2 threads / U of them, and their S records fit in scratch
         nth = b.sext(b.call(irb.declare(module, "llmir_num_threads", irb.I32, []), []), I64)
         S = irb.var(b, I64, i64(1), "S")
         lvl = irb.var(b, I64, i64(62), "lvl")
@@ -1380,14 +1390,13 @@ def _emit_paged_attention(module, fn, b, p, cpu):
         with b.if_then(b.and_(b.icmp_signed("<", U, b.mul(nth, i64(2))),
                               b.icmp_signed(">=", maxs, i64(2)))):
             want = b.sdiv(b.add(b.mul(nth, i64(2)), b.sub(U, i64(1))), U)
-            clast = b.sdiv(b.sdiv(b.sub(b.load(maxlen), i64(1)), i64(bs)), i64(CB))
-            span = clast if not win else irb.imin(b, clast, i64(win // (CB * bs) + 1))
+            span, more = b.load(spanc), i64(2 if win else 1)
             g = irb.var(b, I64, i64(0), "g")
             with irb.while_(b, lambda c: c.and_(c.icmp_signed("<", c.load(g), i64(_ATTN_LEVELS - 1)), c.or_(
                     c.icmp_signed(">=", c.ashr(span, c.load(g)), want),
-                    c.icmp_signed(">=", c.ashr(clast, c.load(g)), maxs))), "lvl"):
+                    c.icmp_signed(">", c.add(c.ashr(span, c.load(g)), more), maxs))), "lvl"):
                 b.store(b.add(b.load(g), i64(1)), g)
-            ng = b.add(b.ashr(clast, b.load(g)), i64(1))
+            ng = b.add(b.ashr(span, b.load(g)), more)
             with b.if_then(b.and_(b.icmp_signed(">=", ng, i64(2)), b.icmp_signed("<=", ng, maxs))):
                 b.store(ng, S)
                 b.store(b.load(g), lvl)
