@@ -793,18 +793,21 @@ def _emit_paged_attention(module, fn, b, p, cpu):
     HPD = divisor(rep, lambda d: d <= 2 * ACC)
     GD = divisor(G, lambda d: d * HPD <= 2 * ACC)
     RMAX = max(ACC, GD * HPD)
-    # Units with at least LANE_MIN rows of one kv head (prefill) compute scores with rows in
-    # vector lanes: S^T[j] = sum_d Q^T[d] * K[j][d] (no horizontal sums, which would cost
-    # as much as the dot products when head_dim is small), and their online softmax runs
-    # across the lanes. NLG lane groups of vw rows; scores are then [lane group][key][lane].
+    # Units with a full vector of rows of one kv head (prefill, and decode with one kv head per
+    # unit) compute scores with rows in vector lanes, S^T[j] = sum_d Q^T[d] * K[j][d], with
+    # the row tiles' summation order (score_lanes), and their online softmax runs across the
+    # lanes. NLG lane groups of vw rows; scores are then [lane group][key][lane]. Row tiles
+    # end each dot product in horizontal sums, which cost as much as its FMAs when head_dim is
+    # small; the lanes pay a load per FMA and the order's partial sums. Measured (BENCHMARKS.md,
+    # "CPU attention"): lanes faster below head_dim 128 with full lane groups, row tiles from
+    # 128 on and with half-empty groups. (With 4 lanes and no FMA, the baseline: row tiles.)
     NLG = -(-RMAX // vw)
     RPAD = NLG * vw
     # A softmax state (record): running max m[RPAD], sum l[RPAD], V accumulator acc[RMAX][hd].
     REC = 2 * RPAD + RMAX * hd
     CB = max(1, _ATTN_CHUNK_KEYS // bs)  # blocks per key chunk
-    # (with 4 lanes, and no FMA on the baseline, the row tiles are faster: no lanes path)
-    LANE_MIN = max(2, vw // 4) if vw >= 8 else None
-    KGL = 4 if vw >= 16 else 2  # keys per pass of the lane score loop (each with its partial sums)
+    LANE_MIN = vw if vw >= 8 and hd < 128 else None
+    KGL = 4 if vw >= 16 else 3  # keys per pass of the lane score loop (each with its partial sums)
     hs = bs * hd                 # floats of one kv head's block
     nfull, tail = irb.vector_chunks(hd, vw)
     chunks = [(i * vw, vw) for i in range(nfull)] + tail  # of a head's hd elements
@@ -1105,17 +1108,21 @@ def _emit_paged_attention(module, fn, b, p, cpu):
                     for off in range(0, hd, line):
                         irb.prefetch(cb, kvs.gep(cb, prow, off))
             trees = [irb.Butterfly(cb) for _ in range(kg)]
-            for i in irb.bit_reversed(vw):
-                accs = [_zero(vw)] * kg
+            order = irb.bit_reversed(vw)
+            for n0 in range(0, vw, 2):  # two lanes' chains at once: more independent FMAs in flight
+                lanes_ = order[n0:n0 + 2]
+                accs = [[_zero(vw)] * kg for _ in lanes_]
                 for off, w in chunks:
-                    if i < w:
-                        qv = irb.load_vec(cb, q0, (off + i) * vw, vw)
-                        accs = [irb.fma(cb, qv, irb.splat(cb, kst.load(cb, krow[kk], off + i, 0), vw), a)
-                                for kk, a in enumerate(accs)]
-                    else:  # (_dot_tile's zero padding: + 0 * 0)
-                        accs = [cb.fadd(a, _zero(vw)) for a in accs]
-                for tree, a in zip(trees, accs):
-                    tree.add(a)
+                    for li, i in enumerate(lanes_):
+                        if i < w:
+                            qv = irb.load_vec(cb, q0, (off + i) * vw, vw)
+                            accs[li] = [irb.fma(cb, qv, irb.splat(cb, kst.load(cb, krow[kk], off + i, 0), vw), a)
+                                        for kk, a in enumerate(accs[li])]
+                        else:  # (_dot_tile's zero padding: + 0 * 0)
+                            accs[li] = [cb.fadd(a, _zero(vw)) for a in accs[li]]
+                for chains in accs:
+                    for tree, a in zip(trees, chains):
+                        tree.add(a)
             for kk, tree in enumerate(trees):
                 key = cb.trunc(cb.add(blk.first, cb.add(j0, i64(kk))), irb.I32)
                 kv = irb.splat(cb, key, vw)
