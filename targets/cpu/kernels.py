@@ -757,6 +757,7 @@ _ATTN_HEADS = 8        # prefill: at most this many query heads of one kv head p
 _ATTN_SEQ_CAP = 4096   # more sequences than this: one query token per unit (no prefix array)
 _ATTN_CHUNK_KEYS = 256  # keys are cut into chunks at multiples of this (of whole blocks)
 _ATTN_LEVELS = 8       # levels of the chunks' merge tree kept (above 2^7 chunks: merged in order)
+_ATTN_LANES_BELOW_HD = 256  # head_dim from which the row tiles compute attention (not rows in lanes)
 _ATTN_PF = 4           # blocks of K/V prefetched ahead (a block computes faster than DRAM latency)
 _ATTN_SPLIT_FLOATS = 16384  # split-K partial results live in this much stack (64 KiB)
 
@@ -799,14 +800,14 @@ def _emit_paged_attention(module, fn, b, p, cpu):
     # lanes. NLG lane groups of vw rows; scores are then [lane group][key][lane]. Row tiles
     # end each dot product in horizontal sums, which cost as much as its FMAs when head_dim is
     # small; the lanes pay a load per FMA and the order's partial sums. Measured (BENCHMARKS.md,
-    # "CPU attention"): lanes faster below head_dim 128 with full lane groups, row tiles from
-    # 128 on and with half-empty groups. (With 4 lanes and no FMA, the baseline: row tiles.)
+    # "CPU attention"): lanes faster at head_dim 64 and a little at 128 with full lane groups,
+    # row tiles at 256 and with half-empty groups. (4 lanes and no FMA, the baseline: row tiles.)
     NLG = -(-RMAX // vw)
     RPAD = NLG * vw
     # A softmax state (record): running max m[RPAD], sum l[RPAD], V accumulator acc[RMAX][hd].
     REC = 2 * RPAD + RMAX * hd
     CB = max(1, _ATTN_CHUNK_KEYS // bs)  # blocks per key chunk
-    LANE_MIN = vw if vw >= 8 and hd < 128 else None
+    LANE_MIN = vw if vw >= 8 and hd < _ATTN_LANES_BELOW_HD else None
     KGL = 4 if vw >= 16 else 3  # keys per pass of the lane score loop (each with its partial sums)
     hs = bs * hd                 # floats of one kv head's block
     nfull, tail = irb.vector_chunks(hd, vw)
