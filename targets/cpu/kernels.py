@@ -27,21 +27,24 @@ How the CPU kernels do it:
 * paged_attention: work units share each K/V block load among their query rows. Prefill: a
   block of 16/HP consecutive tokens of one sequence (8/HP on 16-register ISAs) times HP
   query heads of one kv head (HP divides both; scores with rows in vector lanes on AVX2 and
-  AVX-512, without horizontal sums; keys stored as f16/bf16/int8 are widened into an f32 copy
-  of the block first, so that loop broadcasts from L1). Decode (no sequence with more than one new token): one
-  token with all query heads of several kv heads, whose blocks are adjacent in the pool: one
-  contiguous read per key block. Softmax is f32 and online (running max and sum, updated once
-  per block of keys) within chunks of 256 keys cut at fixed positions; the chunks' states are
-  merged pairwise up a binary tree over their indices. With fewer units than twice the threads
+  AVX-512 below head_dim 256; keys stored as f16/bf16/int8 are widened into an f32 copy of the
+  block first, so that loop broadcasts from L1). Decode (no sequence with more than one new
+  token): one token with all query heads of several kv heads, whose blocks are adjacent in the
+  pool: one contiguous read per key block. Softmax is f32 and online (running max and sum,
+  updated once per block of keys) within chunks of 256 keys (of whole blocks: 255 for blocks
+  of 3) cut at fixed positions; the chunks' states are merged pairwise up a binary tree over
+  their indices. With fewer units than twice the threads
   and long contexts, work items take aligned groups of a unit's chunks (split-K) and the caller
   merges the groups' states up the same tree. Threads claim units dynamically, those with the
   most keys first; K/V blocks are prefetched ahead.
-  Batch invariant: a row's result depends only on its query, keys and values. The chunks and
-  the tree do not depend on the split or the threads, and both score layouts (rows in lanes
-  for prefill units, a vector per row otherwise) sum each dot product and each block's p_j in
-  one order: lane i the fma chain over elements i, i + vw, ..., then hsum_many's tree. So a
-  token gets the same bits in a decode step, beside other sequences' prefill chunks, or as
-  one of its own prompt's tokens in any chunking.
+  Batch invariant: with finite K and V, a row's result depends only on its query, keys and
+  values (a zero's sign aside). The chunks and the tree do not depend on the split or the
+  threads, and both score layouts (rows in lanes for full lane groups below head_dim 256, a
+  vector per row otherwise) sum each dot product and each block's p_j in one order: lane i
+  the fma chain over elements i, i + vw, ..., then hsum_many's tree. So a token gets the same
+  bits in a decode step, beside other sequences' prefill chunks, or as one of its own prompt's
+  tokens in any chunking. (An infinite V of a key in the unit's range but not the row's adds
+  0 * inf = NaN: a prompt step's row, not the same row alone.)
 * Activations: silu and gelu_tanh are x * sigmoid(z) with the vector exp of irbuilder.exp
   (~1 ulp); gelu_tanh forms z = 2 sqrt(2/pi) (x + 0.044715 x^3) in f64; gelu uses
   erfc(|x|/sqrt2) = t exp(-z^2 + P(t)) (irbuilder.erfc_pos, relative error ~2e-7) with the
