@@ -12,7 +12,9 @@ resource tracker ignores SIGINT and SIGTERM itself and is started here with SIGH
 died on a hang-up and printed tracebacks).
 When the parent's work ends with an exception, a signal's included, its workers are killed, not
 waited for. (A Ctrl-C landing in a wait for a worker could hang the exit for good.) At most one
-worker per usable CPU.
+worker per usable CPU. Native code runs only in workers, even for one task: when it crashes (an
+assertion in llvmlite's LLVM, which is built with them, aborted a compile) the worker dies, not
+the compile, which reports it (run_tasks: WorkerDied) and cleans up as for any error.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from multiprocessing import get_context, resource_tracker
 
@@ -56,6 +59,31 @@ def worker_pool(workers: int, initializer: Callable[[], None] | None = None) -> 
         _kill(pool)
         raise
     pool.shutdown()
+
+
+class WorkerDied(RuntimeError):
+    """A worker process died (a crash in native code it ran: an LLVM assertion, a segmentation
+    fault) with tasks unfinished; the crash's own message, if any, went to stderr."""
+
+
+def run_tasks(pool: ProcessPoolExecutor, tasks: dict, done: Callable | None = None,
+              name: Callable = str) -> dict:
+    """Runs `tasks`, {key: (function, *args)} (module-level functions, picklable arguments), on
+    `pool`; returns {key: result}, calling done(key, result) as each finishes. A task's exception
+    propagates; a worker that dies raises WorkerDied naming (`name(key)`) the tasks left."""
+    futures = {pool.submit(fn, *args): key for key, (fn, *args) in tasks.items()}
+    results = {}
+    try:
+        for future in as_completed(futures):
+            key = futures[future]
+            results[key] = future.result()
+            if done is not None:
+                done(key, results[key])
+    except BrokenProcessPool:
+        left = [name(key) for key in tasks if key not in results]
+        raise WorkerDied(f"a compile process crashed (in native code; its message, if any, is above) on one of "
+                         f"{len(left)} unfinished: {', '.join(left[:6])}{', ...' if len(left) > 6 else ''}") from None
+    return results
 
 
 def _kill(pool: ProcessPoolExecutor) -> None:

@@ -242,6 +242,23 @@ def test_emit_and_intermediates_are_one_module_per_library(monkeypatch, tmp_path
 
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_that_dies_is_an_error_naming_the_tasks_left():
+    """Native code that crashes (an assertion in llvmlite's LLVM aborted a compile) kills a worker,
+    not the compile: run_tasks raises WorkerDied naming the tasks left (the CLI's internal error),
+    not concurrent.futures' BrokenProcessPool; a task's own error propagates as it is."""
+    import os
+
+    from llmirc.targets.workers import WorkerDied, run_tasks, worker_pool
+
+    with pytest.raises(WorkerDied, match=r"crashed \(in native code; .*\) on one of 1 unfinished: crash$"):
+        with worker_pool(1) as pool:
+            run_tasks(pool, {"fine": (abs, -1), "crash": (os._exit, 3)})
+    with worker_pool(1) as pool:
+        assert run_tasks(pool, {"a": (abs, -2), "b": (abs, 3)}) == {"a": 2, "b": 3}
+        with pytest.raises(ValueError, match="invalid literal"):
+            run_tasks(pool, {"bad": (int, "x")})
+
+
 def test_compile_workers_die_with_the_compile(tmp_path):
     """A compile killed with SIGKILL (or by the out-of-memory killer) leaves no worker behind."""
     import os

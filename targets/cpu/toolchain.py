@@ -33,7 +33,6 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import llvmlite.binding as llvm
 
 from llmirc.errors import LlmircError, UsageError
 from llmirc.scratch import scratch_dir
-from llmirc.targets.workers import worker_count, worker_pool
+from llmirc.targets.workers import run_tasks, worker_count, worker_pool
 
 __all__ = [
     "CpuVariant", "host_variant", "baseline_variant", "variants_for", "known_variant_names",
@@ -310,7 +309,8 @@ def cached_objects(units: dict, cache: Path | None, jobs: int | None = None,
     renamed into place, so a reader never sees half of one; an entry whose digest does not match
     is compiled again; `refresh` compiles and stores every unit whatever the cache holds. A cache
     that cannot be written costs only the compilation (`warn` is told why, once). `cache` None: no
-    cache. Raises RuntimeError for IR that LLVM rejects (a bug in llmirc)."""
+    cache. Raises RuntimeError for IR that LLVM rejects (a bug in llmirc), and workers.WorkerDied
+    (a RuntimeError) when LLVM crashes."""
     entries = {key: _cache_entry(cache, *unit) for key, unit in units.items()}
     out = {} if refresh else {key: (obj, True) for key, entry in entries.items()
                               if (obj := read_entry(entry)) is not None}
@@ -325,15 +325,10 @@ def cached_objects(units: dict, cache: Path | None, jobs: int | None = None,
             warned = True
             warn(f"the kernel cache {cache} cannot be written ({problem}): nothing compiled now is kept")
 
-    workers = worker_count(jobs, len(missing))
-    if workers == 1:
-        for key in missing:
-            done(key, compile_object(*units[key]))
-    else:
-        with worker_pool(workers) as pool:
-            futures = {pool.submit(compile_object, *units[key]): key for key in missing}
-            for future in as_completed(futures):
-                done(futures[future], future.result())
+    if missing:  # (in workers even for one: an LLVM crash kills a worker, not the compile)
+        with worker_pool(worker_count(jobs, len(missing))) as pool:
+            run_tasks(pool, {key: (compile_object, *units[key]) for key in missing}, done,
+                      name=lambda key: " for ".join(reversed(key)) if isinstance(key, tuple) else str(key))
     return {key: out[key] for key in units}
 
 

@@ -48,7 +48,7 @@ from pathlib import Path
 from llmirc.cache import cache_dir
 from llmirc.errors import LlmircError
 
-from ..workers import worker_count, worker_pool
+from ..workers import run_tasks, worker_count, worker_pool
 from .arch import get_arch
 from .spec import KernelSpec
 
@@ -98,8 +98,8 @@ def compile_kernels(kernels, *, cache_dir: Path | None = None, jobs: int | None 
     keys = [json.dumps(r, sort_keys=True, default=repr) for r in requests]
     unique = dict(zip(keys, requests))
     with worker_pool(worker_count(jobs, len(unique)), _worker_init) as pool:
-        futures = {key: pool.submit(_compile_one, request, str(cache_dir)) for key, request in unique.items()}
-        done = {key: future.result() for key, future in futures.items()}
+        done = run_tasks(pool, {key: (_compile_one, request, str(cache_dir)) for key, request in unique.items()},
+                         name=lambda key: f"{unique[key]['name']} for {unique[key]['arch']}")
     return [done[k] for k in keys]
 
 
