@@ -26,6 +26,7 @@ from llmirc.dtypes import FP8_E4M3, kv_cache_dtype_name
 from llmirc.errors import LlmircError, UsageError, stage as internal_stage
 from llmirc.targets.plan import KernelCall, Plan
 from llmirc.targets.signatures import signature
+from llmirc.targets.workers import run_tasks, worker_pool
 
 from . import amx
 from .forward import ABI_VERSION, emit_forward
@@ -104,9 +105,19 @@ def llvm_modules(plan: Plan, variant: CpuVariant, cache: Path | None = None) -> 
 
 
 def library_text(texts: dict[str, str], variant: CpuVariant, stage: str) -> str:
-    """`llvm-ir` (as generated) or `asm` (as compiled) of a library's units, linked into one module."""
-    tm, module = linked_module(list(texts.values()), variant, optimized=stage == "asm")
-    return str(module) if stage == "llvm-ir" else tm.emit_assembly(module)
+    """`llvm-ir` (as generated) or `asm` (as compiled: optimized in a worker, as objects are, so
+    that an LLVM crash stops the compile with an error) of a library's units, linked into one
+    module."""
+    if stage == "llvm-ir":
+        return str(linked_module(list(texts.values()), variant, optimized=False)[1])
+    with worker_pool(1) as pool:
+        return run_tasks(pool, {"asm": (_assembly, list(texts.values()), variant)},
+                         name=lambda _: f"the assembly of {target_name(variant)}")["asm"]
+
+
+def _assembly(texts: list[str], variant: CpuVariant) -> str:
+    tm, module = linked_module(texts, variant, optimized=True)
+    return tm.emit_assembly(module)
 
 
 def extra_modules(texts: Iterable[str], variant: CpuVariant) -> tuple[str, ...]:
