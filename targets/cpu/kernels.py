@@ -140,7 +140,6 @@ def _emit_embedding(module, fn, b, p, cpu):
 
 
 def _emit_gather_rows(module, fn, b, p, cpu):
-    vw = cpu.vector_width
     _positive(dim=p.dim)
 
     def body(cb, r, A):
@@ -1224,13 +1223,8 @@ def _emit_paged_attention(module, fn, b, p, cpu):
             for off, w in chunks:
                 irb.store_vec(cb, _zero(w), a_r, off)
 
-    def copy_rec(cb, src, dst, R):
-        irb.vector_loop(cb, 2 * RPAD, vw, lambda c, off, w, _: irb.store_vec(
-            c, irb.load_vec(c, src, off, w), dst, off))
-        with irb.for_range(cb, 0, R, 1, "copy") as rho:
-            s_r, d_r = (irb.gep(cb, rec_acc(cb, x), cb.mul(rho, i64(hd))) for x in (src, dst))
-            for off, w in chunks:
-                irb.store_vec(cb, irb.load_vec(cb, s_r, off, w), d_r, off)
+    def copy_rec(cb, src, dst, R):  # (m, l and acc's first R rows)
+        irb.memcpy(cb, dst, src, cb.mul(cb.add(i64(2 * RPAD), cb.mul(R, i64(hd))), i64(4)))
 
     merge_fn, mb = irb.define(module, fn.name + ".merge", [("R", I64), ("a", PTR), ("b", PTR), ("o", PTR)],
                               internal=True)
