@@ -719,25 +719,28 @@ def _parse_ids(text: str) -> list[int]:
               help="Skip checksum verification (a damaged kernel library may then crash the process).")
 @click.option("--load", "try_load", is_flag=True,
               help="Also load the bundle as `run` does (its library for this host, the manifest checked against "
-                   "it, one token through the model): a check that it runs here; the GPU targets it does not "
-                   "load get the checks that need no GPU (launch rules against binaries, files). The "
+                   "it, one token through the model): a check that it runs here; first, every GPU target gets "
+                   "the checks that need no GPU (launch rules against binaries, files). The "
                    "checksums cover every file but manifest.json, whose values only loading checks.")
 @_target_option
 def inspect(bundle, as_json, no_verify, try_load, target):
     """Show what is inside BUNDLE: model, targets, kernels, KV cache, weights, sizes, versions."""
+    from llmirc.artifact_format.reader import open_bundle
     from llmirc.runtime.gpu_program import check_target
     from llmirc.runtime.inspect import describe, summary
 
     info = summary(bundle, verify=not no_verify)
     if try_load:
+        # Every GPU target's host-side checks first (no driver needed): a damaged one is reported as
+        # such on any host, before a GPU-only bundle is refused for want of a GPU.
+        opened = open_bundle(bundle, verify=False)  # (summary verified the checksums)
+        gpu = [t for t in opened.manifest["targets"] if t.get("kind") in ("cuda", "hip")]
+        for t in gpu:
+            check_target(opened, t)
         model = _load(bundle, 64, no_verify, target=target)  # (a KV cache of 64 tokens is enough here)
         model.score([0])
-        info["loads"] = {"target": model.executor.target["name"], "not_used": list(model.target_notes)}
-        others = [t for t in model.bundle.manifest["targets"]
-                  if t.get("kind") in ("cuda", "hip") and t is not model.executor.target]
-        for t in others:  # the GPU targets this host did not load: their host-side checks (no driver needed)
-            check_target(model.bundle, t)
-        info["loads"]["checked"] = [t["name"] for t in others]
+        info["loads"] = {"target": model.executor.target["name"], "not_used": list(model.target_notes),
+                         "checked": [t["name"] for t in gpu if t["name"] != model.executor.target["name"]]}
     elif target is not None:
         click.echo("warning: --target has no effect without --load", err=True)
     click.echo(json.dumps(info, indent=2) if as_json else describe(info))

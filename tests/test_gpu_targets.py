@@ -599,6 +599,24 @@ def test_a_gpu_only_bundle_says_why_it_cannot_run(gpt2):
     assert r.returncode == 1 and r.stderr == f"error: {e.value}\n", r.stderr
 
 
+def test_inspect_load_reports_a_damaged_gpu_only_bundle_before_the_missing_gpu(gpt2, tmp_path):
+    """A GPU-only bundle checked on a host without that GPU (a CI build step): `inspect --load`
+    names the damage first; an intact one is refused only for want of a GPU."""
+    import shutil
+    why = [_why_not("cuda"), _why_not("hip")]
+    if None in why:
+        pytest.skip("this host has a GPU")
+    tmp, _ = gpt2
+    r = llmirc("inspect", tmp / "m.llmir", "--load")
+    assert r.returncode == 1 and "no target this host can run" in r.stderr.splitlines()[-1], r.stderr
+    bundle = shutil.copytree(tmp / "m.llmir", tmp_path / "m.llmir")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    next(iter(_gpu(manifest)["sm_90"]["binaries"].values()))["params"].pop(0)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    r = llmirc("inspect", bundle, "--load")
+    assert r.returncode == 1 and "its launch rule passes" in r.stderr.splitlines()[-1], r.stderr
+
+
 @pytest.mark.parametrize("kind,module,message", [
     ("cuda", "cuda", "cuda: cuda-python is not installed (pip install 'llmirc[cuda]')"),
     ("hip", "hip", "hip: hip-python is not installed (pip install 'llmirc[hip]')")])
