@@ -7,7 +7,11 @@ to 16 sequences at several context lengths (1 sequence splits its keys over the 
 To compare two builds, run it in each checkout, alternating (this machine's load drifts).
 
     python benchmarks/cpu_attention.py [--threads 2] [--kv-dtype float32|bfloat16|float16]
-        [--heads 9 --kv-heads 3 --head-dim 64 --block-size 16] [--repeats 7]
+        [--heads 9 --kv-heads 3 --head-dim 64 --block-size 16] [--sliding-window 0]
+        [--variant native|x86-64-v3|...] [--case NAME ...] [--repeats 7]
+
+--variant compiles for another CPU level this host runs (x86-64-v3: AVX2); --case picks cases by
+name (repeatable; default all).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ CASES = {
     "decode 1 @ 200": [(200, 1)],
     "decode 1 @ 2048": [(2048, 1)],
     "decode 1 @ 8192": [(8192, 1)],
+    "decode 1 @ 32767": [(32767, 1)],
     "decode 4 @ 1024": [(1024, 1)] * 4,
     "decode 16 @ 1024": [(1024, 1)] * 16,
 }
@@ -51,13 +56,16 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--sliding-window", type=int, default=0, help="keys a token sees (0: all)")
+    ap.add_argument("--variant", default="native", help="a CPU variant, as `llmirc compile --cpu-variants` names them")
+    ap.add_argument("--case", action="append", choices=list(CASES), help="default: every case")
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     H, G, hd, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
-    variant = toolchain.variants_for(["native"])[0]
+    variant = toolchain.variants_for([args.variant])[0]
     module = ir.Module()
     kernels.emit_kernel(module, "paged_attention", "attn", dict(
-        num_heads=H, num_kv_heads=G, head_dim=hd, block_size=bs, scale=1 / math.sqrt(hd), sliding_window=0,
+        num_heads=H, num_kv_heads=G, head_dim=hd, block_size=bs, scale=1 / math.sqrt(hd), sliding_window=args.sliding_window,
         kv_dtype=args.kv_dtype), variant)
     with tempfile.TemporaryDirectory() as tmp:
         toolchain.link_shared([compile_module(module, variant)], Path(tmp) / "attn.so")
@@ -65,8 +73,10 @@ def main() -> None:
     lib.llmir_set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     print(f"paged_attention, {H} heads, {G} kv heads, head_dim {hd}, blocks of {bs}, {args.kv_dtype} pool, "
-          f"{args.threads} threads, {variant.name}")
-    for name, seqs in CASES.items():
+          f"{args.threads} threads, {variant.name}"
+          + (f", sliding window {args.sliding_window}" if args.sliding_window else ""))
+    for name in args.case or CASES:
+        seqs = CASES[name]
         pool, nb, bt, mb, lens, qsl, positions = make_batch(rng, seqs, bs, 1, G, hd)
         pool = dtypes.from_float32(pool, args.kv_dtype)
         T = len(positions)
