@@ -81,7 +81,7 @@ DERIVATIVE = {  # d act(x) / dx for llmir's activations (passes/onnx_fuse_activa
 # ---- vector-Jacobian products (float64 in the tests against finite differences) ----
 
 def rms_norm_vjp(x: np.ndarray, g: np.ndarray, eps: float, dy: np.ndarray) -> np.ndarray:
-    """dL/dx of y = x / sqrt(mean(x^2) + eps) * g over the last axis, given dL/dy ([N, d])."""
+    """dL/dx of y = x / sqrt(mean(x^2) + eps) * g over the last axis, given dL/dy ([..., d])."""
     inv = 1 / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps)
     a = dy * g
     return inv * a - x * inv ** 3 * np.mean(a * x, -1, keepdims=True)
@@ -282,10 +282,14 @@ class Layer:
                 yield op.input, dy @ weights.get(op, env[op.weight])
             if op.residual is not None:
                 yield op.residual, dy
-        elif isinstance(op, (L.RMSNormOp, L.LayerNormOp)):
+        elif isinstance(op, L.RMSNormOp):
+            if op.input in needed:  # (per head: [N, heads, d])
+                x = env[op.input]
+                heads = lambda a: a.reshape(len(a), op.heads, -1)  # noqa: E731
+                yield op.input, rms_norm_vjp(heads(x), env[op.weight], op.eps.value.data, heads(dy)).reshape(x.shape)
+        elif isinstance(op, L.LayerNormOp):
             if op.input in needed:
-                vjp = rms_norm_vjp if isinstance(op, L.RMSNormOp) else layer_norm_vjp
-                yield op.input, vjp(env[op.input], env[op.weight], op.eps.value.data, dy)
+                yield op.input, layer_norm_vjp(env[op.input], env[op.weight], op.eps.value.data, dy)
         elif isinstance(op, L.RopeOp):
             yield op.input, _rope(op, dy, env[op.positions], sign=-1.0)
         elif isinstance(op, L.AttentionOp):

@@ -308,7 +308,9 @@ def _run(op: Operation, env: dict, source, starts: np.ndarray) -> list[np.ndarra
         return [get(op.table)[get(op.token_ids)]]
     if isinstance(op, L.RMSNormOp):
         x = get(op.input)
-        return [x / np.sqrt(np.mean(x * x, -1, keepdims=True) + np.float32(op.eps.value.data)) * get(op.weight)]
+        x = x.reshape(len(x), op.heads, -1)  # (each head on its own: Qwen3's q_norm and k_norm)
+        y = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + np.float32(op.eps.value.data)) * get(op.weight)
+        return [y.reshape(len(y), -1)]
     if isinstance(op, L.LayerNormOp):
         x = get(op.input)
         x = x - x.mean(-1, keepdims=True)

@@ -45,6 +45,7 @@ from xdsl.irdl import (
     irdl_op_definition,
     operand_def,
     opt_operand_def,
+    opt_prop_def,
     prop_def,
     result_def,
     traits_def,
@@ -473,20 +474,32 @@ def _act_order(v: SSAValue) -> bool:
 
 @irdl_op_definition
 class RMSNormOp(_LlmirOp):
-    """out = x * rsqrt(mean(x^2, axis=-1) + eps) * weight"""
+    """out = x * rsqrt(mean(x^2, axis=-1) + eps) * weight: x [T, dim], weight [dim].
+
+    With `num_heads` H (Qwen3's q_norm and k_norm), each of a row's H heads is normalized on its
+    own: x [T, H * d] read as [T, H, d], weight [d] (shared by the heads)."""
 
     name = "llmir.rms_norm"
     input = operand_def(TensorType)
     weight = operand_def(TensorType)
     eps = prop_def(FloatAttr)
+    num_heads = opt_prop_def(IntegerAttr)
     result = result_def(TensorType)
 
-    def __init__(self, input: SSAValue, weight: SSAValue, eps: float):
-        super().__init__(operands=[input, weight], properties={"eps": _f(eps)}, result_types=[input.type])
+    def __init__(self, input: SSAValue, weight: SSAValue, eps: float, num_heads: int | None = None):
+        props = {"eps": _f(eps)} | ({"num_heads": _i(num_heads)} if num_heads is not None else {})
+        super().__init__(operands=[input, weight], properties=props, result_types=[input.type])
+
+    @property
+    def heads(self) -> int:
+        """How many parts each row is normalized in (1: the whole row)."""
+        return self.num_heads.value.data if self.num_heads is not None else 1
 
     def verify_(self) -> None:
         _, dim = _rows(self.input)
-        _check(shape_of(self.weight) == (dim,), f"rms_norm weight must be [{dim}]")
+        h = self.heads
+        _check(h >= 1 and dim % h == 0, f"rms_norm num_heads {h} does not divide the row of {dim}")
+        _check(shape_of(self.weight) == (dim // h,), f"rms_norm weight must be [{dim // h}]")
 
 
 @irdl_op_definition

@@ -633,7 +633,8 @@ def _norm_weights(p: _Planner, op) -> dict[str, Arg]:
 
 _RULES = {
     L.EmbeddingOp: _embedding,
-    L.RMSNormOp: lambda p, op: ("rms_norm", {"dim": L.shape_of(op.input)[1], "eps": _f(op.eps)},
+    L.RMSNormOp: lambda p, op: ("rms_norm", {"dim": L.shape_of(op.input)[1] // op.heads, "eps": _f(op.eps),
+                                             "heads": op.heads},
                                 {**p.mat("x", op.input), **_norm_weights(p, op)}),
     L.LayerNormOp: lambda p, op: ("layer_norm", {"dim": L.shape_of(op.input)[1], "eps": _f(op.eps),
                                                  "bias": op.bias is not None},

@@ -23,8 +23,10 @@ Conventions every backend implements:
 Semantics (`p.` = static param):
 
 embedding {dim, dtype}: out[t, 0:dim] = table[ids[t], 0:dim] (table [vocab, dim] of p.dtype).
-rms_norm {dim, eps}: out[t,i] = (x[t,i] * r_t) * w[i], r_t = 1/sqrt(sum_i x[t,i]^2 / dim + eps)
-    (Hugging Face order). out may equal x.
+rms_norm {dim, eps, heads}: out[t,i] = (x[t,i] * r_t) * w[i], r_t = 1/sqrt(sum_i x[t,i]^2 / dim + eps)
+    (Hugging Face order), for i < dim. heads > 1 (Qwen3's q_norm, k_norm): each row holds heads
+    parts of dim, each normalized alike with the same w [dim] (x[t, h*dim + i], r_{t,h}). out may
+    equal x.
 layer_norm {dim, eps, bias}: mu = mean_i x[t,i]; var = mean_i (x[t,i] - mu)^2 (biased, two-pass);
     out[t,i] = (x[t,i] - mu) / sqrt(var + eps) * w[i] (+ b[i] if p.bias). out may equal x.
 linear {n, k, bias, residual, w_dtype}: out[t,j] = sum_i x[t,i] * w[j,i] (+ bias[j]) (+ residual[t,j])
@@ -152,7 +154,7 @@ def _mat(name):
 _SIGNATURES = [
     Signature("embedding", {"dim": REQUIRED, "dtype": "float32"},
               (*_OUT, _ptr("table", "{dtype}"), _ptr("ids", "int32"), _i64("T"))),
-    Signature("rms_norm", {"dim": REQUIRED, "eps": REQUIRED},
+    Signature("rms_norm", {"dim": REQUIRED, "eps": REQUIRED, "heads": 1},
               (*_OUT, *_mat("x"), _ptr("w"), _i64("T"))),
     Signature("layer_norm", {"dim": REQUIRED, "eps": REQUIRED, "bias": True},
               (*_OUT, *_mat("x"), _ptr("w"), _ptr("b", nullable=True), _i64("T"))),

@@ -70,7 +70,8 @@ def hf_to_gguf_names(config, arch: str) -> dict[str, str]:
                   "lm_head.weight": "output.weight"})
     parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}  # (qwen3)
     for i in range(config.num_hidden_layers):
         for hf, gg in parts.items():
             for kind in ("weight", "bias"):
@@ -80,7 +81,7 @@ def hf_to_gguf_names(config, arch: str) -> dict[str, str]:
 
 def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokenizer: dict | None = None,
                seed: int = 0, extra_tensors: dict | None = None) -> Path:
-    """Writes `model` (a transformers model of llama/mistral/qwen2/gpt2) to a GGUF file at `path`
+    """Writes `model` (a transformers model of llama/mistral/qwen2/qwen3/gpt2) to a GGUF file at `path`
     with its 2-D weights stored as `kind` (several kinds: taken in turn), and loads the values the
     file holds back into `model`, so that model is the float32 reference of the file.
     tokenizer: `tokenizer.*` metadata; extra_tensors: written as they are (float32)."""
@@ -88,7 +89,7 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
 
     rng = np.random.default_rng(seed)
     c = model.config
-    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}[c.model_type]
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}[c.model_type]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)

@@ -108,7 +108,7 @@ def test_activation_derivatives(rng):
         np.testing.assert_allclose(DERIVATIVE[act](x), want, rtol=1e-5, atol=1e-7, err_msg=act)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
 def test_layer_weight_gradients(tmp_path, rng, arch):
     make_checkpoint(tmp_path, arch)
     source = open_source(tmp_path)

@@ -132,8 +132,8 @@ def test_read_token_ids(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen2", {}), ("mistral", dict(sliding_window=40)),
-                                            ("gpt2", {})])
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen2", {}), ("qwen3", dict(head_dim=32)),
+                                            ("mistral", dict(sliding_window=40)), ("gpt2", {})])
 def test_calibration_forward_matches_transformers(tmp_path, arch, overrides):
     model = make_checkpoint(tmp_path, arch, tokenizer=True, **overrides)
     linears = [m for m in model.modules() if type(m).__name__ in ("Linear", "Conv1D")]

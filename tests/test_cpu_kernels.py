@@ -83,6 +83,7 @@ HALF = ["bfloat16", "float16"]  # storage types of weights and KV caches besides
 # AMX path: whole and half 32-row pairs, token tails)
 HALF_LINEAR_SHAPES = [(5, 3), (33, 100), (130, 513), (10, 2050), (48, 96), (64, 256)]
 HALF_ATTN = ["attn_gqa2", "attn_gqa4", "attn_d128", "attn_swa"]
+HEAD_NORMS = [(16, 3), (64, 2), (128, 8), (7, 5)]  # rms_norm per head (dim, heads): Qwen3's q_norm, k_norm
 
 
 def _specs():
@@ -93,6 +94,8 @@ def _specs():
             s.append((f"embedding_{d}_{dt}", "embedding", dict(dim=d, dtype=dt)))
     for d in (1, 7, 64, 100, 1000):
         s.append((f"rms_{d}", "rms_norm", dict(dim=d, eps=1e-6)))
+    for d, h in HEAD_NORMS:
+        s.append((f"rms_{d}x{h}", "rms_norm", dict(dim=d, eps=1e-6, heads=h)))
     for d in (7, 100, 1000):
         for bias in (True, False):
             s.append((f"ln_{d}_{int(bias)}", "layer_norm", dict(dim=d, eps=1e-5, bias=bias)))
@@ -284,6 +287,23 @@ def test_rms_norm(lib, rng, dim, T):
     np.testing.assert_allclose(out, ref_rms(x, w, 1e-6), rtol=2e-5, atol=1e-6)
     check_guard(ob, T, dim)
     ref = ref_rms(x, w, 1e-6)
+    f(xb, ld(xb), xb, ld(xb), w, T)  # in place
+    np.testing.assert_allclose(x, ref, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim, heads", HEAD_NORMS)
+@pytest.mark.parametrize("T", ROWS)
+def test_rms_norm_per_head(lib, rng, dim, heads, T):
+    """Each of a row's heads normalized on its own, with the one weight [dim]."""
+    xb, x = buf(rng, T, dim * heads, pad=5)
+    x *= 3.0
+    w = rng.standard_normal(dim).astype(np.float32)
+    ref = ref_rms(x.reshape(T, heads, dim), w, 1e-6).reshape(T, dim * heads)
+    ob, out = buf(rng, T, dim * heads, fill=np.nan)
+    f = getattr(lib, f"rms_{dim}x{heads}")
+    f(ob, ld(ob), xb, ld(xb), w, T)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=1e-6)
+    check_guard(ob, T, dim * heads)
     f(xb, ld(xb), xb, ld(xb), w, T)  # in place
     np.testing.assert_allclose(x, ref, rtol=2e-5, atol=1e-6)
 

@@ -71,6 +71,7 @@ CASES = {
     "mistral-as-llama-f16": ("mistral", "F16", dict(sliding_window=None)),
     "qwen2-f32-tied-yarn": ("qwen2", "F32", dict(tie_word_embeddings=True, rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})),
+    "qwen3-f16-headdim": ("qwen3", "F16", dict(head_dim=32)),
     "gpt2-bf16": ("gpt2", "BF16", {}),
 }
 

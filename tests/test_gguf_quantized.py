@@ -62,6 +62,8 @@ def test_repack_is_lossless(kind):
                               num_key_value_heads=2, init_std=0.03)),
     # SmolLM2's kind of file: Q4_1 everywhere, the embedding tied to the LM head
     ("qwen2", ("Q4_1",), dict(hidden_size=128, tie_word_embeddings=True)),
+    # Qwen3: q_norm and k_norm (float tensors in the file), head_dim 64 of hidden 128 over 4 heads
+    ("qwen3", ("Q8_0", "Q4_1"), dict(hidden_size=128, intermediate_size=256, head_dim=64, tie_word_embeddings=True)),
     # GPT-2 (fused q/k/v, biases, learned positions, tied head): every matrix quantized, the position
     # table too (llama.cpp's quantize keeps that one float: llama-quant.cpp; other writers need not)
     ("gpt2", ("Q8_0", "Q4_0", "Q5_1", "Q6_K"), dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,

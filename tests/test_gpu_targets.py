@@ -135,6 +135,17 @@ def test_gpt2_compiles_for_cuda_and_hip(gpt2):
         _check_target(tmp / "m.llmir", manifest, t)
 
 
+def test_qwen3_head_norms_compile_for_cuda_and_hip(tmp_path, cache):
+    """Qwen3's q_norm and k_norm: rms_norm per head, one program per (token, head)."""
+    make_checkpoint(tmp_path / "ckpt", "qwen3", head_dim=32)
+    manifest, _ = _compile(tmp_path / "ckpt", tmp_path / "m.llmir", targets=("cuda", "hip"), archs=("sm_90", "gfx942"))
+    for t in _gpu(manifest).values():
+        _check_target(tmp_path / "m.llmir", manifest, t)
+        grids = {tuple(ln["grid"]) for k in t["kernels"] if k["kind"] == "rms_norm"
+                 for v in k["rule"]["variants"] for ln in v["launches"]}
+        assert grids == {("T", 1, 1), ("T", 4, 1), ("T", 2, 1)}, grids  # final/layer norms, q_norm, k_norm
+
+
 def test_keep_intermediates_and_emit(llama, tmp_path):
     tmp, _, _ = llama
     manifest, _ = _compile(tmp / "ckpt", tmp_path / "k.llmir", targets=("hip",), archs=("gfx942",),
@@ -980,7 +991,8 @@ def test_gpu_pdl_changes_no_result(tmp_path, cache, gpu_load):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("qwen2", "float32"), ("mistral", "bfloat16")])
+@pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("qwen2", "float32"), ("qwen3", "float32"),
+                                        ("mistral", "bfloat16")])
 def test_gpu_greedy_matches_transformers(tmp_path, cache, gpu_load, arch, dtype):
     """On a GPU: greedy tokens of the cuda target equal transformers' (near-ties excepted)."""
     from helpers import check_greedy, hf_greedy

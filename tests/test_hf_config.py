@@ -19,7 +19,7 @@ import transformers
 from llmirc.errors import CheckpointError
 from llmirc.frontend.hf_config import parse_config
 
-FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
 def base(family: str = "llama", **overrides) -> dict:
@@ -155,13 +155,17 @@ FIELD_CASES = {
     "qwen2-window-needs-use_sliding_window": base("qwen2", sliding_window=8, max_window_layers=0),
     "qwen2-layer-types": base("qwen2", use_sliding_window=True, sliding_window=6,
                               layer_types=["sliding_attention", "full_attention"]),
+    "qwen3-defaults": base("qwen3", num_key_value_heads=DROP, max_position_embeddings=DROP, num_attention_heads=32,
+                           hidden_size=256, head_dim=DROP),
+    "qwen3-sliding-layer-types": base("qwen3", use_sliding_window=True, sliding_window=6,
+                                      layer_types=["full_attention", "sliding_attention"]),
 }
 
 
 def _hf_windows(cfg) -> tuple[int, ...]:
     if cfg.model_type == "mistral":
         return (cfg.sliding_window or 0,) * cfg.num_hidden_layers
-    if cfg.model_type == "qwen2":
+    if cfg.model_type in ("qwen2", "qwen3"):
         return tuple((cfg.sliding_window or 0) if t == "sliding_attention" else 0 for t in cfg.layer_types)
     return (0,) * cfg.num_hidden_layers
 
@@ -171,7 +175,7 @@ def test_fields_match_transformers(tmp_path, case):
     config = FIELD_CASES[case]
     cfg, spec = hf(tmp_path, config), parse_config(config)
     assert spec.num_kv_heads == cfg.num_key_value_heads
-    assert spec.head_dim == getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert spec.head_dim == (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     assert spec.max_position_embeddings == cfg.max_position_embeddings
     assert spec.norm_eps == cfg.rms_norm_eps
     assert spec.tie_word_embeddings == cfg.tie_word_embeddings

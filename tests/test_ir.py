@@ -15,8 +15,8 @@ CONFIG = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 100, "hidden_size
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
 
 
-def optimized_ir(tail: str | None = None) -> str:
-    module = build_decoder(parse_config(CONFIG), lambda n, s: "float32", lambda n: True)
+def optimized_ir(tail: str | None = None, config: dict = CONFIG) -> str:
+    module = build_decoder(parse_config(config), lambda n, s: "float32", lambda n: True)
     run_passes(module, tail=tail)
     return print_ir(module)
 
@@ -74,12 +74,30 @@ def test_optimized_ir_round_trips_through_xdsl():
     assert print_ir(module) == text
 
 
+def test_qwen3_head_norms_round_trip():
+    """Qwen3's q_norm / k_norm: rms_norm with num_heads, in upstream MLIR and back in xDSL."""
+    from iree.compiler import ir
+    text = optimized_ir(config=dict(CONFIG, architectures=["Qwen3ForCausalLM"], head_dim=32))
+    assert text.count("<{eps = 1.000000e-06 : f32, num_heads = 4 : i64}> : (tensor<?x128xf32>, tensor<32xf32>)") \
+        == 2 and text.count("num_heads = 2 : i64}> : (tensor<?x64xf32>, tensor<32xf32>)") == 2, text
+    with ir.Context() as ctx:
+        ctx.allow_unregistered_dialects = True
+        assert ir.Module.parse(text).operation.verify()
+    module = Parser(make_context(), text).parse_module()
+    module.verify()
+    assert print_ir(module) == text
+
+
 def test_verifiers_reject_bad_shapes():
     x = L.WeightOp("x", (3, 8)).result
     with pytest.raises(VerifyException, match="features"):
         L.LinearOp(x, L.WeightOp("w", (4, 9)).result).verify()
     with pytest.raises(VerifyException, match="rms_norm weight"):
         L.RMSNormOp(x, L.WeightOp("n", (7,)).result, 1e-5).verify()
+    with pytest.raises(VerifyException, match=r"rms_norm weight must be \[4\]"):
+        L.RMSNormOp(x, L.WeightOp("n", (8,)).result, 1e-5, num_heads=2).verify()
+    with pytest.raises(VerifyException, match="num_heads 3 does not divide"):
+        L.RMSNormOp(x, L.WeightOp("n", (8,)).result, 1e-5, num_heads=3).verify()
     q, kv = L.WeightOp("q", (3, 64)).result, L.WeightOp("k", (3, 32)).result
     with pytest.raises(VerifyException, match="not divisible"):
         L.AttentionOp(q, kv, kv, num_heads=4, num_kv_heads=3, head_dim=16, scale=0.25).verify()

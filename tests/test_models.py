@@ -39,6 +39,10 @@ CASES = {
                                                    scale_attn_by_inverse_layer_idx=True)),
     "qwen2-tied-sliding": ("qwen2", dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=6,
                                          max_window_layers=1)),
+    # q_norm and k_norm; head_dim 32 (not hidden / heads), as Qwen3's checkpoints set it
+    "qwen3-tied-headdim": ("qwen3", dict(tie_word_embeddings=True, head_dim=32)),
+    "qwen3-bias-sliding": ("qwen3", dict(attention_bias=True, use_sliding_window=True, sliding_window=6,
+                                         max_window_layers=1)),
 }
 
 
@@ -147,7 +151,7 @@ def test_greedy_decode_run_ends_after_a_whole_step_past_the_embedding(tmp_path):
     assert ids.tolist() == winners[0] and pos.tolist() == [5] * B and lens.tolist() == [6] * B
 
 
-HALF_CASES = [(arch, dtype) for arch in ("llama", "qwen2", "mistral", "gpt2") for dtype in ("bfloat16", "float16")]
+HALF_CASES = [(arch, dtype) for arch in ("llama", "qwen2", "qwen3", "mistral", "gpt2") for dtype in ("bfloat16", "float16")]
 HALF_KV_TOP1 = 0.99     # top-1 agreement with a bf16/f16 KV cache over 256 positions, at least
 HALF_KV_LOGITS = 0.03   # and logits within this fraction of the largest reference logit
 

@@ -163,6 +163,20 @@ def test_rms_norm(rng, dim):
     check_guard(ob, T, dim)
 
 
+@pytest.mark.parametrize("dim, heads", [(16, 3), (128, 8)])
+def test_rms_norm_per_head(rng, dim, heads):
+    """Qwen3's q_norm / k_norm: each head of a row normalized on its own, one weight [dim]."""
+    T = 5
+    xb, x = buf(rng, T, dim * heads)
+    x += 3.0 * rng.standard_normal(heads).repeat(dim)  # heads of different scales
+    w = rng.standard_normal(dim).astype(np.float32)
+    ob, out = buf(rng, T, dim * heads, fill=np.nan)
+    call("rms_norm", {"dim": dim, "eps": 1e-6, "heads": heads}, out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), w=w, T=T)
+    want = ref_rms_norm(x.reshape(T, heads, dim), w, 1e-6).reshape(T, dim * heads)
+    np.testing.assert_allclose(out, want, rtol=2e-5, atol=1e-6)
+    check_guard(ob, T, dim * heads)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dim", [7, 5000])
 def test_layer_norm(rng, bias, dim):

@@ -74,6 +74,10 @@ def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[st
             q = linear(x, f"{p}.self_attn.q_proj", q_dim, s.hidden_size, s.qkv_bias)
             k = linear(x, f"{p}.self_attn.k_proj", kv_dim, s.hidden_size, s.qkv_bias)
             v = linear(x, f"{p}.self_attn.v_proj", kv_dim, s.hidden_size, s.qkv_bias)
+            if s.qk_norm:  # Qwen3: each head normalized over head_dim, one weight for all heads
+                q = L.RMSNormOp(q, weight(f"{p}.self_attn.q_norm.weight", s.head_dim), s.norm_eps, s.num_heads).result
+                k = L.RMSNormOp(k, weight(f"{p}.self_attn.k_norm.weight", s.head_dim), s.norm_eps,
+                                s.num_kv_heads).result
             rope = dict(head_dim=s.head_dim, inv_freq=s.rope.inv_freq, scaling=s.rope.scaling, style=s.rope.style)
             q = L.RopeOp(q, positions, num_heads=s.num_heads, **rope).result
             k = L.RopeOp(k, positions, num_heads=s.num_kv_heads, **rope).result

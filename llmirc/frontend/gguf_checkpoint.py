@@ -50,7 +50,8 @@ from .gguf_quants import FORMATS, Unpacked, dequantize, unpack
 from .packed import gguf_qtype
 from .gguf_tokenizer import build_tokenizer
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "gpt2": "GPT2LMHeadModel"}
 FLOAT_TYPES = {GGMLQuantizationType.F32: "F32", GGMLQuantizationType.F16: "F16", GGMLQuantizationType.BF16: "BF16"}
 STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # -> llmirc.dtypes names
 _MISSING = object()
@@ -77,6 +78,9 @@ def _layer_names(arch: str, i: int) -> dict[str, str]:
                    "mlp.down_proj": "ffn_down"}.items():
         for kind in ("weight", "bias"):
             names[f"{p}.{hf}.{kind}"] = f"{g}.{gg}.{kind}"
+    if arch == "qwen3":
+        names |= {f"{p}.self_attn.q_norm.weight": f"{g}.attn_q_norm.weight",
+                  f"{p}.self_attn.k_norm.weight": f"{g}.attn_k_norm.weight"}
     return names
 
 
@@ -243,6 +247,8 @@ class GgufCheckpoint:
         if a == "llama":
             config.update(attention_bias="blk.0.attn_q.bias" in self._tensors,
                           mlp_bias="blk.0.ffn_up.bias" in self._tensors)
+        if a == "qwen3":
+            config.update(attention_bias="blk.0.attn_q.bias" in self._tensors)
         scaling = self._rope_scaling()
         if scaling:
             config["rope_scaling"] = scaling

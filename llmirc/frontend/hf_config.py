@@ -17,19 +17,24 @@ from llmirc.errors import CheckpointError
 from llmirc.small_files import present, read_small_text
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "GPT2LMHeadModel": "gpt2"}
+                 "Qwen3ForCausalLM": "qwen3", "GPT2LMHeadModel": "gpt2"}
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_new": "gelu_tanh", "relu": "relu"}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 MAX_INT = 2**31 - 1      # sizes and ids: the kernels index with int32
 MAX_LAYERS = MAX_HEAD_DIM = 1 << 16  # per-layer and rotary tables are built from these before weights are read
-# transformers 5.24's defaults where its config classes differ (LlamaConfig, MistralConfig, Qwen2Config):
-# a field missing from config.json takes these; a field set to null takes num_attention_heads (kv heads)
-# or turns sliding windows off.
+# transformers 5.24's defaults where its config classes differ (LlamaConfig, MistralConfig, Qwen2Config,
+# Qwen3Config): a field missing from config.json takes these; a field set to null takes num_attention_heads
+# (kv heads), hidden_size / num_attention_heads (head_dim) or turns sliding windows off.
 FAMILY_DEFAULTS = {
-    "llama": {"max_position_embeddings": 2048, "num_key_value_heads": None, "sliding_window": None},
-    "mistral": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8, "sliding_window": 4096},
-    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096},
+    "llama": {"max_position_embeddings": 2048, "num_key_value_heads": None, "sliding_window": None,
+              "head_dim": None},
+    "mistral": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8, "sliding_window": 4096,
+                "head_dim": None},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096,
+              "head_dim": None},
+    "qwen3": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096,
+              "head_dim": 128},
 }
 
 
@@ -59,6 +64,7 @@ class DecoderSpec:
     mlp_bias: bool
     tie_word_embeddings: bool
     sliding_windows: tuple[int, ...]  # per layer; 0 = full attention
+    qk_norm: bool = False  # Qwen3: RMSNorm of each q and k head (q_norm, k_norm) before the rotary embedding
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -134,10 +140,10 @@ def architecture(config: dict, source: str = "config.json") -> tuple[str, str]:
 
 
 def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
-    """A Llama-family config (Llama, Mistral, Qwen2)."""
+    """A Llama-family config (Llama, Mistral, Qwen2, Qwen3)."""
     r = _Reader(config, source)
     arch, family = architecture(config, source)
-    if family not in ("llama", "mistral", "qwen2"):
+    if family not in FAMILY_DEFAULTS:
         raise r.fail(f"{arch} is not a Llama-family architecture")
 
     hidden = r.get("hidden_size", int, required=True, positive=True)
@@ -146,7 +152,8 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
     kv_heads = r.get("num_key_value_heads", int, positive=True) if "num_key_value_heads" in config \
         else defaults["num_key_value_heads"]
     kv_heads = kv_heads or heads  # null: as many as the query heads
-    head_dim = r.get("head_dim", int, default=None, positive=True, maximum=MAX_HEAD_DIM)
+    head_dim = r.get("head_dim", int, default=defaults["head_dim"] if "head_dim" not in config else None,
+                     positive=True, maximum=MAX_HEAD_DIM)
     if head_dim is None:
         if hidden % heads:
             raise r.fail(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
@@ -167,8 +174,9 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
     max_pos = r.get("max_position_embeddings", int, default=defaults["max_position_embeddings"], positive=True)
     eos = config.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
-    qkv_bias = {"llama": r.get("attention_bias", bool, default=False), "mistral": False, "qwen2": True}[family]
-    o_bias = family == "llama" and qkv_bias
+    attention_bias = r.get("attention_bias", bool, default=False)
+    qkv_bias = {"llama": attention_bias, "mistral": False, "qwen2": True, "qwen3": attention_bias}[family]
+    o_bias = family in ("llama", "qwen3") and qkv_bias
     mlp_bias = family == "llama" and r.get("mlp_bias", bool, default=False)
     return DecoderSpec(
         architecture=arch,
@@ -188,6 +196,7 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
         mlp_bias=mlp_bias,
         tie_word_embeddings=r.get("tie_word_embeddings", bool, default=False),
         sliding_windows=_sliding_windows(r, family, layers),
+        qk_norm=family == "qwen3",
         bos_token_id=r.get("bos_token_id", int),
         eos_token_ids=eos_ids,
         pad_token_id=r.get("pad_token_id", int),
@@ -196,7 +205,7 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
 
 def _sliding_windows(r: _Reader, family: str, layers: int) -> tuple[int, ...]:
     """Per layer, as transformers 5.24 reads them: Llama has none; Mistral one window for every layer;
-    Qwen2 a window only with use_sliding_window, on the layers that
+    Qwen2 and Qwen3 a window only with use_sliding_window, on the layers that
     layer_types marks sliding_attention (by default those from max_window_layers on)."""
     if family == "llama":
         return (0,) * layers

@@ -181,11 +181,13 @@ def _sum_vec(b, n, vw, value_fn, unroll=4):
 
 def _emit_rms_norm(module, fn, b, p, cpu):
     vw = cpu.vector_width
-    _positive(dim=p.dim)
-    eps = float(p.eps)
+    _positive(dim=p.dim, heads=p.heads)
+    eps, H = float(p.eps), int(p.heads)
 
-    def body(cb, t, A):
-        x, o = _row(cb, A.x, t, A.ld_x), _row(cb, A.out, t, A.ld_out)
+    def body(cb, r, A):  # r: token r / H, its head r % H
+        t, h = (cb.udiv(r, i64(H)), cb.urem(r, i64(H))) if H > 1 else (r, i64(0))
+        x = irb.gep(cb, _row(cb, A.x, t, A.ld_x), cb.mul(h, i64(p.dim)))
+        o = irb.gep(cb, _row(cb, A.out, t, A.ld_out), cb.mul(h, i64(p.dim)))
 
         def sq(cb, off, w):
             v = irb.load_vec(cb, x, off, w)
@@ -198,7 +200,7 @@ def _emit_rms_norm(module, fn, b, p, cpu):
             y = cb.fmul(irb.load_vec(cb, x, off, w), irb.splat(cb, r, w))
             irb.store_vec(cb, cb.fmul(y, irb.load_vec(cb, A.w, off, w)), o, off)
         irb.vector_loop(cb, p.dim, vw, scale, unroll=2)
-    _rows(module, fn, b, _arg(fn, "T"), 3 * p.dim, body)
+    _rows(module, fn, b, b.mul(_arg(fn, "T"), i64(H)), 3 * p.dim, body)
 
 
 def _emit_layer_norm(module, fn, b, p, cpu):

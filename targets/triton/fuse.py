@@ -53,7 +53,7 @@ def _slot(a) -> int | None:
 
 def _fused(calls: list[KernelCall], i: int) -> KernelCall | None:
     pro, lin = calls[i], calls[i + 1]
-    if pro.kind not in PROLOGUES or lin.kind != "linear":
+    if pro.kind not in PROLOGUES or lin.kind != "linear" or int(pro.params.get("heads", 1)) != 1:
         return None
     kind, param, inputs = PROLOGUES[pro.kind]
     s = pro.args["out"]

@@ -58,8 +58,12 @@ def _rms_write(out, ld_out, src, ld_src, w, t, r, DIM: tl.constexpr, BLOCK: tl.c
 @triton.jit
 def rms_norm_kernel(out, ld_out, x, ld_x, w, T, DIM: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
                     PDL: tl.constexpr):
+    """Row t = program_id(0), its head program_id(1) (the grid's heads: DIM columns each)."""
     pdl_trigger(PDL)
     t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    x += h * DIM
+    out += h * DIM
     r = rms_scale(x, ld_x, x, ld_x, t, DIM, EPS, BLOCK, False)
     _rms_write(out, ld_out, x, ld_x, w, t, r, DIM, BLOCK)
 
@@ -123,12 +127,12 @@ def add_layer_norm_kernel(out, ld_out, h, ld_h, x, ld_x, w, b, T, DIM: tl.conste
                     BLOCK, True)
 
 
-def _norm_rule(kind, params, fn, args, constexprs) -> Rule:
+def _norm_rule(kind, params, fn, args, constexprs, heads: int = 1) -> Rule:
     dim = params["dim"]
     block = min(next_pow2(dim), 4096)
     spec = kernel(fn, {"DIM": dim, "EPS": float(params["eps"]), "BLOCK": block, **constexprs}, args,
                   num_warps=max(1, min(8, block // 256)))
-    return Rule(kind, params, args, [Variant(1, (Launch(spec, ("T", 1, 1)),))])
+    return Rule(kind, params, args, [Variant(1, (Launch(spec, ("T", heads, 1)),))])
 
 
 def rms_norm_into_launch(dim: int, eps: float, types: dict) -> Launch:
@@ -139,7 +143,7 @@ def rms_norm_into_launch(dim: int, eps: float, types: dict) -> Launch:
 
 
 def rule_rms_norm(params, arch, args) -> Rule:
-    return _norm_rule("rms_norm", params, rms_norm_kernel, args, {"PDL": pdl_mode(arch)})
+    return _norm_rule("rms_norm", params, rms_norm_kernel, args, {"PDL": pdl_mode(arch)}, int(params["heads"]))
 
 
 def rule_add_rms_norm(params, arch, args) -> Rule:
