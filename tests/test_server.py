@@ -225,6 +225,30 @@ def test_n_seed_and_sampling_parameters(client):
     assert len(batch.choices) == 4 and batch.choices[0].text == batch.choices[1].text
 
 
+def test_integer_fields_take_integral_numbers_as_vllm(server):
+    """JSON has one number type: 5.0 is taken for an integer field, as vLLM's (lax) models and SGLang
+    take it (5.5 is a 400: BAD); a seed of -1 is no seed, as in vLLM's SamplingParams."""
+    url = server.url
+    body = {"prompt": [1, 2, 3], "max_tokens": 5, "n": 2, "top_k": 3, "seed": 7, "logprobs": 1, "temperature": 1.0,
+            "stop_token_ids": [383], "ignore_eos": True}
+    ints = httpx.post(url + "/v1/completions", json=body).json()
+    floats = httpx.post(url + "/v1/completions", json={
+        **body, "prompt": [1.0, 2.0, 3.0], "max_tokens": 5.0, "n": 2.0, "top_k": 3.0, "seed": 7.0, "logprobs": 1.0,
+        "stop_token_ids": [383.0]}).json()
+    assert [(c["text"], c["logprobs"]["tokens"]) for c in floats["choices"]] == \
+        [(c["text"], c["logprobs"]["tokens"]) for c in ints["choices"]] and ints["usage"]["completion_tokens"] == 10
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 3.0, "logprobs": True,
+            "top_logprobs": 2.0}
+    r = httpx.post(url + "/v1/chat/completions", json=chat)
+    assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2, r.text
+    r = httpx.post(url + "/generate", json={"input_ids": [1.0, 2.0], "sampling_params": {
+        "max_new_tokens": 3.0, "top_k": 1.0, "ignore_eos": True}, "return_logprob": True, "top_logprobs_num": 1.0})
+    assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 3, r.text
+    unseeded = {"prompt": "the quick", "max_tokens": 12, "temperature": 1.0, "seed": -1, "ignore_eos": True}
+    texts = {httpx.post(url + "/v1/completions", json=unseeded).json()["choices"][0]["text"] for _ in range(3)}
+    assert len(texts) > 1, texts  # (-1 was the seed 2**64 - 1: the same text every time)
+
+
 def test_logprobs_are_the_models_log_softmax(client, model):
     out = client.completions.create(model="tiny", prompt="the quick brown", max_tokens=5, temperature=0,
                                     logprobs=3, extra_body={"ignore_eos": True})
@@ -358,6 +382,27 @@ BAD = {
     "messages-wrong-type": ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
     "messages-empty": ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     "negative-max-tokens": ("/v1/completions", {"prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
+    # vLLM's SamplingParams: at least one token (completions' echo with max_tokens 0 is the prompt alone)
+    "max-tokens-zero": ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400,
+                        "max_tokens must be at least 1, got 0", "max_tokens"),
+    "chat-max-tokens-zero": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                      "max_tokens": 0}, 400, "max_tokens must be at least 1",
+                             "max_tokens"),
+    "chat-max-completion-tokens-zero": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                                 "max_completion_tokens": 0}, 400,
+                                        "max_completion_tokens must be at least 1", "max_completion_tokens"),
+    # an integral float is an integer (vLLM's lax models); a fraction is not
+    "max-tokens-fraction": ("/v1/completions", {"prompt": "hi", "max_tokens": 5.5}, 400,
+                            "max_tokens: Input should be a valid integer, got a number with a fractional part",
+                            "max_tokens"),
+    "n-fraction": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 1.5}, 400,
+                   "n: Input should be a valid integer", "n"),
+    "max-tokens-string": ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, 400, "valid integer", "max_tokens"),
+    "sglang-max-new-tokens-fraction": ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 2.5}}, 400,
+                                       "max_new_tokens: Input should be a valid integer, got a number with a "
+                                       "fractional part", "sampling_params"),
+    "sglang-negative-max-new-tokens": ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": -1}}, 400,
+                                       "max_new_tokens must be at least 0", "sampling_params"),
     "huge-max-tokens": ("/v1/completions", {"prompt": "hi", "max_tokens": 10**12}, 400,
                         f"maximum context length is {CONTEXT}"),
     "unknown-model": ("/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404, "gpt-9"),

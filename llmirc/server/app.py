@@ -22,11 +22,16 @@ import concurrent.futures
 import functools
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Annotated
+
+from pydantic import BeforeValidator
+from pydantic_core import PydanticCustomError
 
 from llmirc import __version__
 from llmirc.errors import LlmircError, RuntimeLimitError
@@ -53,6 +58,21 @@ class APIError(Exception):
         message = self.message.encode("utf-8", "backslashreplace").decode()  # (a lone surrogate the client sent)
         return {"error": {"message": message, "type": kind,
                           "param": self.param, "code": self.status}}
+
+
+def _integral(value):
+    # JSON has one number type: 5.0 is the integer 5, as vLLM's (lax) request models take it; a
+    # fraction is refused in pydantic's own words, a string or a boolean by the strict int check.
+    if isinstance(value, float) and math.isfinite(value):
+        if not value.is_integer():
+            raise PydanticCustomError("int_from_float", "Input should be a valid integer, got a number with a "
+                                                        "fractional part")
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+"""An integer request field: an int, or a float with an integral value (5.0, not 5.5)."""
 
 
 def refuse_not_implemented(fields: dict, table: dict[str, tuple]) -> None:

@@ -10,8 +10,11 @@ decoding and response formats other than text, beam search, prompt_logprobs, tru
 n, suffix, skip_special_tokens false, non-text content, tools unless tool_choice is "none") are
 refused with a 400 naming them, never silently ignored, as are an empty stop string, stop token
 ids outside the vocabulary (vLLM's SamplingParams checks) and stream_options without stream;
-unknown fields are ignored, as vLLM does. POST /tokenize and /detokenize are vLLM's (a prompt
-or chat messages to token ids, token ids to text).
+unknown fields are ignored, as vLLM does. Integer fields take an integral number written as a
+float (5.0), as vLLM's models do, not a fraction, a string or a boolean. max_tokens (or
+max_completion_tokens) must be at least 1, as vLLM's SamplingParams say, except completions'
+max_tokens 0 with echo (the prompt alone); seed -1 is no seed. POST /tokenize and /detokenize
+are vLLM's (a prompt or chat messages to token ids, token ids to text).
 
 Defaults follow vLLM: temperature 1, max_tokens 16 for completions and "up to the context"
 (or the KV cache, where it holds fewer tokens) for chat;
@@ -34,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmirc.errors import LlmircError
 from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
-from .app import APIError, Generation, Server, event_stream, refuse_not_implemented
+from .app import APIError, Generation, Int, Server, event_stream, refuse_not_implemented
 
 MAX_N = 128
 
@@ -64,11 +67,11 @@ class _Common(BaseModel):
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
+    top_k: Int | None = None
+    seed: Int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    n: int | None = 1
+    stop_token_ids: list[Int] | None = None
+    n: Int | None = 1
     stream: bool | None = False  # (None: as vLLM, the default; so for echo, logprobs, return_token_ids)
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -77,14 +80,14 @@ class _Common(BaseModel):
     echo: bool | None = False
     return_token_ids: bool | None = False  # vLLM: the generated ids in each choice and chunk, prompt_token_ids
     user: str | None = None
-    best_of: int | None = None  # not implemented unless equal to n
+    best_of: Int | None = None  # not implemented unless equal to n
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[Int] | list[list[Int]]
     add_special_tokens: bool = True
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    max_tokens: Int | None = 16
+    logprobs: Int | None = None
     suffix: str | None = None
 
 
@@ -96,10 +99,10 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
     add_special_tokens: bool = False  # (vLLM's default: the template writes them)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -116,6 +119,8 @@ def _refuse_unsupported(req: _Common) -> None:
         raise APIError(400, "stream_options can only be given with stream: true", "stream_options")
     if req.seed is not None and not -2**63 <= req.seed < 2**63:
         raise APIError(400, f"seed must be a 64-bit signed integer, got {req.seed}", "seed")
+    if req.seed == -1:  # (vLLM: -1 is no seed)
+        req.seed = None
     if not req.skip_special_tokens:
         raise APIError(400, "skip_special_tokens false is not supported by llmirc (special tokens are always "
                             "left out of the text)", "skip_special_tokens")
@@ -228,8 +233,9 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
         raise APIError(400, "suffix is not supported by llmirc", "suffix")
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}", "logprobs")
-    if req.max_tokens is not None and req.max_tokens < 0:
-        raise APIError(400, f"max_tokens must be >= 0, got {req.max_tokens}", "max_tokens")
+    if req.max_tokens is not None and req.max_tokens < 1 and not (req.echo and req.max_tokens == 0):
+        # (vLLM's SamplingParams; echo with max_tokens 0 answers the prompt alone, as OpenAI and vLLM do)
+        raise APIError(400, f"max_tokens must be at least 1, got {req.max_tokens}", "max_tokens")
     prompts = await _completion_prompts(server, req)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     for prompt in prompts:
@@ -365,15 +371,16 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
                        "top_logprobs")
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    given = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = getattr(req, given)
+    if max_tokens is not None and max_tokens < 1:  # (vLLM's SamplingParams)
+        raise APIError(400, f"{given} must be at least 1, got {max_tokens}", given)
     prompt, messages = await _chat_prompt(server, req, req.add_special_tokens)
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    if max_tokens is not None and max_tokens < 0:
-        raise APIError(400, f"max_tokens must be >= 0, got {max_tokens}", "max_tokens")
     if max_tokens is None:  # vLLM's default: the rest of the context (here: of what the KV cache holds)
         max_tokens = server.max_sequence_tokens - len(prompt)
         if max_tokens < 1:
             server.check_length(len(prompt), 1, param="messages")  # (max_tokens was not given)
-    server.check_length(len(prompt), max_tokens)
+    server.check_length(len(prompt), max_tokens, param=given)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     requests = [(prompt, _sampling(server, req, max_tokens, logprobs, None, j)) for j in range(req.n)]
     choices = [Generation() for _ in requests]
@@ -446,7 +453,7 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int]
 
 
 async def tokenize(server: Server, req: TokenizeRequest) -> dict:

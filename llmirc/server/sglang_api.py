@@ -32,17 +32,17 @@ from pydantic import BaseModel, ConfigDict
 
 from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams
 
-from .app import APIError, Generation, Server, event_stream, refuse_not_implemented
+from .app import APIError, Generation, Int, Server, event_stream, refuse_not_implemented
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")  # (NOT_IMPLEMENTED's are refused, others ignored)
     text: str | list[str] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
+    input_ids: list[Int] | list[list[Int]] | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
     return_logprob: bool | list[bool] = False
-    logprob_start_len: int | list[int] = -1
-    top_logprobs_num: int | list[int] = 0
+    logprob_start_len: Int | list[Int] = -1
+    top_logprobs_num: Int | list[Int] = 0
     return_text_in_logprobs: bool = False
     stream: bool = False
     rid: str | list[str] | None = None
@@ -52,19 +52,19 @@ class _Params(BaseModel):
     """SGLang's SamplingParams fields llmirc reads (others: refused when not neutral)."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
-    max_new_tokens: int = 128
+    max_new_tokens: Int = 128
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1
+    top_k: Int = -1
     min_p: float = 0.0
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
-    n: int = 1
-    min_new_tokens: int = 0
+    n: Int = 1
+    min_new_tokens: Int = 0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -103,7 +103,8 @@ def _params(raw: dict | None) -> _Params:
             raise APIError(400, f"sampling_params.{name} is not supported by llmirc (only {value!r})",
                            "sampling_params")
     if p.max_new_tokens < 0:
-        raise APIError(400, f"sampling_params.max_new_tokens must be >= 0, got {p.max_new_tokens}", "sampling_params")
+        raise APIError(400, f"sampling_params.max_new_tokens must be at least 0, got {p.max_new_tokens}",
+                       "sampling_params")
     if not p.temperature >= 0 or not 0 < p.top_p <= 1 or p.top_k < -1 or p.top_k == 0:  # (NaN too)
         raise APIError(400, "sampling_params: temperature must be >= 0, top_p in (0, 1], top_k -1 or >= 1",
                        "sampling_params")
