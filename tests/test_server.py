@@ -631,23 +631,50 @@ def guarded(bundle):
         yield s
 
 
-def test_chat_without_max_tokens_fits_a_smaller_kv_cache(bundle):
+@pytest.fixture(scope="module")
+def small_kv(bundle):
+    """A server whose KV cache holds 64 tokens (a sequence's limit: the context is 16k)."""
+    with RunningServer(bundle, "--kv-cache-tokens", 64) as s:
+        yield s
+
+
+def test_chat_without_max_tokens_fits_a_smaller_kv_cache(small_kv):
     """Chat's default max_tokens is the rest of what one sequence can hold: with a KV cache of 64
     tokens on a 16k context, 64 - prompt (it was the rest of the context: refused every time)."""
-    with RunningServer(bundle, "--kv-cache-tokens", 64) as s:
-        r = httpx.post(s.url + "/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True, "temperature": 0}, timeout=60)
-        usage = r.json()["usage"]
-        assert r.status_code == 200 and usage["total_tokens"] == 64 and \
-            r.json()["choices"][0]["finish_reason"] == "length", r.text
-        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 100})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens" and \
-            "KV cache holds 64 tokens (--kv-cache-tokens)" in r.json()["error"]["message"], r.text
-        # a prompt too long by itself: the error names it, not a max_tokens the request did not give
-        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi " * 80}]})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
-        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi " * 80})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    r = httpx.post(small_kv.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True, "temperature": 0}, timeout=60)
+    usage = r.json()["usage"]
+    assert r.status_code == 200 and usage["total_tokens"] == 64 and \
+        r.json()["choices"][0]["finish_reason"] == "length", r.text
+    r = httpx.post(small_kv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 100})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens" and \
+        "KV cache holds 64 tokens (--kv-cache-tokens)" in r.json()["error"]["message"], r.text
+    # a prompt too long by itself: the error names it, not a max_tokens the request did not give
+    r = httpx.post(small_kv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi " * 80}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    r = httpx.post(small_kv.url + "/v1/completions", json={"prompt": "hi " * 80})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
+def test_sglang_max_new_tokens_fits_a_smaller_kv_cache_as_sglang(small_kv):
+    """SGLang's max_new_tokens: the default 128 (it was refused: "you requested 131 tokens", never
+    asked for) and a number over the KV cache are clipped to what one sequence holds, as SGLang's
+    scheduler clips to max_req_len, the finish_reason saying how many; null is no limit but that;
+    over the context is SGLang's 400; a prompt that leaves no room for a token names the prompt."""
+    url = small_kv.url + "/generate"
+    for params, length in (({}, 61), ({"max_new_tokens": 100}, 61), ({"max_new_tokens": None}, 61),
+                           ({"max_new_tokens": 40}, 40)):
+        r = httpx.post(url, json={"text": "hi", "sampling_params": {**params, "ignore_eos": True}}, timeout=60)
+        meta = r.json()["meta_info"]
+        assert r.status_code == 200 and meta["completion_tokens"] == length and \
+            meta["finish_reason"] == {"type": "length", "length": length}, (params, r.text)
+    r = httpx.post(url, json={"text": "hi", "sampling_params": {"max_new_tokens": CONTEXT}})
+    assert r.status_code == 400 and "maximum context length is 16384" in r.json()["error"]["message"], r.text
+    r = httpx.post(url, json={"input_ids": list(range(1, 65))})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input_ids" and \
+        "KV cache holds 64 tokens" in r.json()["error"]["message"], r.text
+    r = httpx.post(url, json={"input_ids": list(range(1, 65)), "sampling_params": {"max_new_tokens": 0}})
+    assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 0, r.text
 
 
 def test_chat_template_given_inline(bundle, model):
@@ -797,6 +824,21 @@ def test_sglang_generate_text_ids_batch_and_logprobs(server, model):
     assert prefill_only["text"] == "" and prefill_only["meta_info"]["completion_tokens"] == 0
     again = httpx.post(server.url + "/generate", json={"text": LONG, "sampling_params": {"max_new_tokens": 1}}).json()
     assert again["meta_info"]["cached_tokens"] >= 32
+
+
+def test_sglang_sampling_seed_and_null_parameters(server):
+    """SGLang's sampling_params.sampling_seed makes a sampled answer reproducible (it was refused as
+    an unknown field); null is a parameter's default, as in SGLang's SamplingParams."""
+    def ids(**params):
+        r = httpx.post(server.url + "/generate", json={"text": "the quick", "sampling_params": {
+            "max_new_tokens": 12, "temperature": 1.0, "ignore_eos": True, **params}})
+        assert r.status_code == 200, r.text
+        return r.json()["output_ids"]
+
+    assert ids(sampling_seed=5) == ids(sampling_seed=5.0) != ids(sampling_seed=6)
+    assert ids(sampling_seed=7, top_k=None, top_p=None, stop=None) == ids(sampling_seed=7)
+    r = httpx.post(server.url + "/generate", json={"text": "hi", "sampling_params": {"sampling_seed": 2**64}})
+    assert r.status_code == 400 and "sampling_seed" in r.json()["error"]["message"], r.text
 
 
 def test_sglang_generate_streams_cumulative_text(server, model):

@@ -3,7 +3,8 @@
 
 /generate takes `text` or `input_ids` (one prompt, or a list: a batch answered by a list),
 `sampling_params` (max_new_tokens 128, temperature 1, top_p 1, top_k -1, stop, stop_token_ids,
-ignore_eos, skip_special_tokens, no_stop_trim; one dict or one per prompt), `return_logprob`,
+ignore_eos, skip_special_tokens, no_stop_trim, sampling_seed; null for the default; one dict or
+one per prompt), `return_logprob`,
 `logprob_start_len` (-1: output tokens only), `top_logprobs_num`, `return_text_in_logprobs`
 and `stream`. It answers `{"text", "output_ids", "meta_info": {"id", "finish_reason",
 "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency", and with return_logprob
@@ -16,7 +17,10 @@ what llmirc does not do (images, audio, video, embeddings, LoRA, sessions, custo
 processors, hidden states) are refused unless null or neutral; unknown fields are ignored.
 
 `max_new_tokens` 0 computes the prompt only (it enters the prefix cache; SGLang frontend
-programs use this for `select` and to cache shared prefixes). Sampling parameters llmirc does
+programs use this for `select` and to cache shared prefixes). As in SGLang, a max_new_tokens
+given that would pass the context is a 400, and otherwise it is clipped to what one sequence can
+hold (the context, or the KV cache when smaller; null: no limit but that), the finish_reason's
+length saying how many. Sampling parameters llmirc does
 not implement (penalties, min_p, min_new_tokens, regex, json_schema, ebnf, n > 1,
 skip_special_tokens false) are refused.
 """
@@ -52,7 +56,7 @@ class _Params(BaseModel):
     """SGLang's SamplingParams fields llmirc reads (others: refused when not neutral)."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
-    max_new_tokens: Int = 128
+    max_new_tokens: Int | None = 128  # None (null): no limit but what one sequence holds
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: Int = -1
@@ -63,6 +67,7 @@ class _Params(BaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
+    sampling_seed: Int | None = None
     n: Int = 1
     min_new_tokens: Int = 0
     frequency_penalty: float = 0.0
@@ -92,8 +97,10 @@ NEUTRAL = {"skip_special_tokens": True, "min_p": 0.0, "n": 1, "min_new_tokens": 
 def _params(raw: dict | None) -> _Params:
     from pydantic import ValidationError
 
+    # as SGLang's SamplingParams.__post_init__: null is the default (max_new_tokens: no limit)
+    raw = {k: v for k, v in (raw or {}).items() if v is not None or k == "max_new_tokens"}
     try:
-        p = _Params.model_validate(raw or {})
+        p = _Params.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
@@ -102,13 +109,32 @@ def _params(raw: dict | None) -> _Params:
         if getattr(p, name) != value:
             raise APIError(400, f"sampling_params.{name} is not supported by llmirc (only {value!r})",
                            "sampling_params")
-    if p.max_new_tokens < 0:
+    if p.max_new_tokens is not None and p.max_new_tokens < 0:
         raise APIError(400, f"sampling_params.max_new_tokens must be at least 0, got {p.max_new_tokens}",
                        "sampling_params")
     if not p.temperature >= 0 or not 0 < p.top_p <= 1 or p.top_k < -1 or p.top_k == 0:  # (NaN too)
         raise APIError(400, "sampling_params: temperature must be >= 0, top_p in (0, 1], top_k -1 or >= 1",
                        "sampling_params")
+    if p.sampling_seed is not None and not -2**63 <= p.sampling_seed < 2**63:
+        raise APIError(400, f"sampling_params.sampling_seed must be a 64-bit integer, got {p.sampling_seed}",
+                       "sampling_params")
     return p
+
+
+def _max_new_tokens(server: Server, prompt: list[int], p: _Params, prompt_param: str) -> int:
+    """The tokens one prompt may generate, as SGLang decides: a max_new_tokens given that would
+    pass the context is a 400 (its tokenizer manager's check); otherwise max_new_tokens (128 when
+    not given, no limit when null) is clipped to what one sequence holds, the context or the KV
+    cache when smaller (its scheduler clips to max_req_len). A prompt that leaves no room for one
+    token (none for max_new_tokens 0) is a 400 naming `prompt_param`."""
+    asked = p.max_new_tokens
+    if asked is not None and "max_new_tokens" in p.model_fields_set and \
+            len(prompt) + asked > server.model.max_context:
+        server.check_length(len(prompt), asked, "input", "sampling_params")
+    room, need = server.max_sequence_tokens - len(prompt), 0 if asked == 0 else 1
+    if room < need:
+        server.check_length(len(prompt), need, "input", prompt_param)
+    return room if asked is None else min(asked, room)
 
 
 def _per_item(value, count: int, name: str) -> list:
@@ -134,9 +160,9 @@ def _logprob_triples(server: Server, entries, with_text: bool) -> tuple[list, li
 class _Item(Generation):
     """One prompt of a /generate call, while it runs."""
 
-    def __init__(self, prompt: list[int], p: _Params, rid: str, logprob: bool):
+    def __init__(self, prompt: list[int], max_new_tokens: int, rid: str, logprob: bool):
         super().__init__()
-        self.prompt, self.p, self.rid, self.logprob = prompt, p, rid, logprob
+        self.prompt, self.max_new_tokens, self.rid, self.logprob = prompt, max_new_tokens, rid, logprob
         self.arrival = time.perf_counter()
 
     def sglang_finish_reason(self) -> dict | None:
@@ -146,7 +172,7 @@ class _Item(Generation):
             return {"type": "stop", "matched": self.stop_reason if self.stop_reason is not None else
                     (self.tokens[-1] if self.tokens else None)}
         if self.finish_reason == "length":
-            return {"type": "length", "length": self.p.max_new_tokens}
+            return {"type": "length", "length": self.max_new_tokens}  # (as clipped, as SGLang reports it)
         return {"type": "abort", "message": self.error or "aborted"}
 
     def response(self, server: Server, with_text: bool) -> dict:
@@ -195,17 +221,20 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
         if not -1 <= starts[i] < len(prompt):
             raise APIError(400, f"logprob_start_len must be -1 or a prompt position (0 to {len(prompt) - 1}), got "
                                 f"{starts[i]}", "logprob_start_len")
-        server.check_length(len(prompt), p.max_new_tokens, "input", "sampling_params")
-        server.check_prompt_ids(prompt, "text" if req.text is not None else "input_ids")
+        prompt_param = "text" if req.text is not None else "input_ids"
+        max_new_tokens = _max_new_tokens(server, prompt, p, prompt_param)
+        server.check_prompt_ids(prompt, prompt_param)
         want_prompt = logprob[i] and starts[i] >= 0
         requests.append((prompt, SamplingParams(
-            max_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k if p.top_k > 0 else None,
-            top_p=p.top_p if p.top_p < 1 else None, stop_token_ids=tuple(p.stop_token_ids or ()),
+            max_tokens=max_new_tokens, temperature=p.temperature, top_k=p.top_k if p.top_k > 0 else None,
+            top_p=p.top_p if p.top_p < 1 else None,
+            seed=None if p.sampling_seed is None else p.sampling_seed % 2**64,
+            stop_token_ids=tuple(p.stop_token_ids or ()),
             ignore_eos=p.ignore_eos, logprobs=tops[i] if logprob[i] else None,
             prompt_logprobs=tops[i] if want_prompt else None, prompt_logprobs_start=max(starts[i], 0),
             stop=tuple([p.stop] if isinstance(p.stop, str) else p.stop or ()),
             include_stop_str_in_output=p.no_stop_trim)))
-        items.append(_Item(prompt, p, rids[i], logprob[i]))
+        items.append(_Item(prompt, max_new_tokens, rids[i], logprob[i]))
     with_text = req.return_text_in_logprobs
 
     if req.stream:
