@@ -350,6 +350,28 @@ def test_disconnect_mid_stream_frees_the_blocks(server):
     assert_aborted(server, before)
 
 
+def test_stream_headers_go_out_once_the_request_is_admitted(server):
+    """A stream's 200 and headers go out as soon as its requests are admitted, as vLLM's do, not
+    with the first token (a long prefill, or a wait for a free slot, left the client with nothing,
+    not even a status); refusals found before that keep their status."""
+    busy = {"prompt": "hi", "n": 8, "max_tokens": LONG_RUN, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=busy) as running:
+        lines = running.iter_lines()  # (kept: a dropped iterator closes the stream)
+        next(lines)  # 8 sequences run: every slot of --max-num-seqs 8 is taken
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True, "temperature": 0}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=chat, timeout=10) as waiting:
+            assert waiting.status_code == 200 and waiting.headers["content-type"].startswith("text/event-stream")
+            deadline = time.monotonic() + 5  # (the engine takes it in at its next step)
+            while not metrics(server)["llmirc:num_requests_waiting"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert metrics(server)["llmirc:num_requests_waiting"] >= 1  # it waits: not one token yet
+            running.close()  # the 8 are aborted: the waiting request runs
+            events = sse(waiting)
+    assert events[-1]["choices"][0]["finish_reason"] == "length", events
+    r = httpx.post(server.url + "/v1/chat/completions", json={**chat, "max_tokens": 10**6})
+    assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"], r.text
+
+
 @pytest.mark.parametrize("which", ["server", "guarded"])
 def test_disconnect_before_the_answer_frees_the_blocks(request, which):
     """A non-streaming request whose client gives up is aborted too (with and without an API key)."""

@@ -10,7 +10,8 @@ Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, wit
 in `code`: 400 for a bad or over-long request (validation errors included, as vLLM does, not
 FastAPI's 422), 401 without the API key, 404 for an unknown model or route, 413 for a body over
 `max_body_bytes`, 503 (with Retry-After) when more than `max_queued_requests` requests wait, or
-the engine has failed, or the server is shutting down.
+the engine has failed, or the server is shutting down. A stream answers 200 as soon as its
+requests are admitted; an error after that is an event with the error body (`event_stream`).
 Besides the APIs' routes: GET (and HEAD) /health and /ping, /version, /metrics, /v1/models and
 /v1/models/{id}.
 """
@@ -233,12 +234,11 @@ class Server:
         if bad is not None:
             raise APIError(400, f"{param}: token id {bad} is outside the model's vocabulary of {vocab}", param)
 
-    async def generate(self, requests: list[tuple[list[int], SamplingParams]], raw_request=None
-                       ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Run engine requests; yields (index in `requests`, output) as outputs arrive, until all finish.
+    def admit(self, requests: list[tuple[list[int], SamplingParams]]) -> Admitted:
+        """Add engine requests, all or none; returns them running (call from the event loop).
 
-        Raises APIError 503 when overloaded, 400 for a request the engine refuses. Leaving the
-        iteration early (a disconnect, an error, a stop string) aborts what is still running."""
+        Raises APIError 503 when overloaded or the engine has failed, 400 for a request that could
+        never fit or that the engine refuses."""
         if self.engine.error is not None:
             raise APIError(503, f"the engine stopped after an error: {self.engine.error}")
         limit = self.model.scheduler.max_num_seqs + self.options.max_queued_requests
@@ -266,32 +266,62 @@ class Server:
                 raise APIError(503 if self.engine.error else 400, _without_request_id(str(e))) from None
             index[rid] = i
             self.in_flight += 1
-        remaining = set(index)
+        return Admitted(self, index, queue)
+
+    async def generate(self, requests: list[tuple[list[int], SamplingParams]], raw_request=None
+                       ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """`admit` the requests (its errors) and yield their `Admitted.outputs`; leaving the
+        iteration early aborts what is still running."""
+        admitted = self.admit(requests)
+        try:
+            async for item in admitted.outputs(raw_request):
+                yield item
+        finally:
+            admitted.close()
+
+
+class Admitted:
+    """Engine requests that `Server.admit` added, until they finish or are aborted."""
+
+    def __init__(self, server: Server, index: dict[int, int], queue: asyncio.Queue):
+        self.server, self.index, self.queue = server, index, queue
+        self.remaining = set(index)
+
+    async def outputs(self, raw_request=None) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Yields (index in the admitted list, output) as outputs arrive, until all finish. Raises
+        APIError 503 when generation fails (the engine's error); a disconnect of `raw_request` (a
+        Starlette Request) ends it. However it ends, what still runs is aborted (`close`)."""
+        loop = asyncio.get_running_loop()
         next_check = loop.time() + DISCONNECT_POLL_S
         try:
-            while remaining:
+            while self.remaining:
                 # Whether tokens flow or not, look for a disconnect every DISCONNECT_POLL_S (the
                 # server does not fail writes to a closed connection: it drops them).
                 if raw_request is not None and loop.time() >= next_check:
                     if await raw_request.is_disconnected():
-                        log.info("client disconnected: aborting %d request(s)", len(remaining))
+                        log.info("client disconnected: aborting %d request(s)", len(self.remaining))
                         return
                     next_check = loop.time() + DISCONNECT_POLL_S
                 try:
-                    out = await asyncio.wait_for(queue.get(), max(next_check - loop.time(), 0.001)) \
-                        if raw_request is not None else await queue.get()
+                    out = await asyncio.wait_for(self.queue.get(), max(next_check - loop.time(), 0.001)) \
+                        if raw_request is not None else await self.queue.get()
                 except asyncio.TimeoutError:
                     continue
                 if out.finished:
-                    remaining.discard(out.request_id)
-                    self.in_flight -= 1
+                    self.remaining.discard(out.request_id)
+                    self.server.in_flight -= 1
                 if out.error:
                     raise APIError(503, f"generation failed: {out.error}")
-                yield index[out.request_id], out
+                yield self.index[out.request_id], out
         finally:
-            for rid in remaining:
-                self.engine.abort(rid)
-            self.in_flight -= len(remaining)
+            self.close()
+
+    def close(self) -> None:
+        """Abort the requests still running (their KV blocks freed at the engine's next step); idempotent."""
+        for rid in self.remaining:
+            self.server.engine.abort(rid)
+        self.server.in_flight -= len(self.remaining)
+        self.remaining.clear()
 
 
 class Generation:
@@ -340,39 +370,38 @@ def sse(data) -> str:
     return f"data: {json_text(data)}\n\n"
 
 
-async def event_stream(server: Server, requests: list[tuple[list[int], SamplingParams]], raw_request, bodies,
-                       final=None):
+def event_stream(server: Server, requests: list[tuple[list[int], SamplingParams]], raw_request, bodies,
+                 final=None):
     """A streaming response: `bodies(outputs)` turns the engine outputs ((index, output) pairs)
-    into event bodies, then `final()` (when given) adds one, an engine failure adds an error
-    body, and `data: [DONE]` ends it. The first output is awaited before the response starts,
-    so that refusals (400, 503) keep their status; a disconnect aborts what still runs."""
+    into event bodies, then `final()` (when given) adds one, and `data: [DONE]` ends it. The
+    requests are admitted here, so that refusals keep their status (400, 503); then the response
+    (status 200 and headers) starts at once, not after the prefill, and an error after that (the
+    engine failed) is an event with an error body, as vLLM sends it. However the response ends (a
+    disconnect, even before its first byte), what still runs is aborted."""
     from fastapi.responses import StreamingResponse
 
-    stream = server.generate(requests, raw_request)
-    try:
-        first = [await stream.__anext__()]
-    except StopAsyncIteration:
-        first = []
-
-    async def outputs():
-        for item in first:
-            yield item
-        async for item in stream:
-            yield item
+    admitted = server.admit(requests)
 
     async def events():
         try:
-            async for body in bodies(outputs()):
+            async for body in bodies(admitted.outputs(raw_request)):
                 yield sse(body)
             if final is not None:
                 yield sse(final())
         except APIError as e:
             yield sse(e.body())
         finally:
-            await stream.aclose()
+            admitted.close()
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    class Stream(StreamingResponse):
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:  # (the body's own finally never runs when it never started)
+                admitted.close()
+
+    return Stream(events(), media_type="text/event-stream")
 
 
 def _without_request_id(message: str) -> str:

@@ -292,7 +292,7 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
                 yield chunk([body], usage() if continuous else None)
                 offsets[i] += len(text)
 
-        return await event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage))
+        return event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage))
 
     async for i, out in server.generate(requests, raw_request):
         choices[i].update(out)
@@ -421,7 +421,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
                     body["token_ids"], sent_ids[i] = c.tokens[sent_ids[i]:], len(c.tokens)
                 yield chunk([body], usage() if continuous else None)
 
-        return await event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage))
+        return event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage))
 
     async for i, out in server.generate(requests, raw_request):
         choices[i].update(out)

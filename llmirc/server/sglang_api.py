@@ -243,7 +243,7 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
                 items[i].update(out)
                 yield _indexed(items[i].response(server, with_text), i, batched)
 
-        return await event_stream(server, requests, raw_request, bodies)
+        return event_stream(server, requests, raw_request, bodies)
 
     async for i, out in server.generate(requests, raw_request):
         items[i].update(out)
