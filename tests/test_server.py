@@ -164,6 +164,29 @@ def test_repeated_long_prompt_is_served_from_the_prefix_cache(server, client):
     assert after["llmirc:prefix_cache_hits_total"] - before["llmirc:prefix_cache_hits_total"] == cached
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_streamed_usage_with_n_agrees_with_the_whole_response(server, path):
+    """With n: 2 the prompt counts once, its cached tokens as its first choice found them: a stream's
+    final usage says what the whole response says. Its continuous usage is, as vLLM's, each chunk's
+    own choice (prompt and tokens so far) without cached tokens, which chunks sent before the prefill
+    cannot know (they said 0, and later ones the real number; completion_tokens mixed the choices)."""
+    text = LONG + " and the n of two"
+    body = {"model": "tiny", "max_tokens": 5, "n": 2, "temperature": 1.0, "seed": 5, "ignore_eos": True,
+            **({"prompt": text} if "chat" not in path else {"messages": [{"role": "user", "content": text}]})}
+    httpx.post(server.url + path, json={**body, "n": 1})  # the prompt in the prefix cache: each run alike
+    whole = httpx.post(server.url + path, json=body).json()["usage"]
+    with httpx.stream("POST", server.url + path, json={**body, "stream": True, "stream_options": {
+            "include_usage": True, "continuous_usage_stats": True}}) as response:
+        events = sse(response)
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole, (events[-1], whole)
+    assert whole["prompt_tokens_details"]["cached_tokens"] >= 32 and whole["completion_tokens"] == 10
+    for e in events[:-1]:
+        assert len(e["choices"]) == 1 and set(e["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}, e
+        assert e["usage"]["prompt_tokens"] == whole["prompt_tokens"], e
+    last = {e["choices"][0]["index"]: e["usage"]["completion_tokens"] for e in events[:-1]}
+    assert last == {0: 5, 1: 5}, last
+
+
 def test_chat_completion_uses_the_chat_template(client, model):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
     out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,

@@ -18,7 +18,9 @@ are vLLM's (a prompt or chat messages to token ids, token ids to text).
 
 Defaults follow vLLM: temperature 1, max_tokens 16 for completions and "up to the context"
 (or the KV cache, where it holds fewer tokens) for chat;
-`usage.prompt_tokens_details.cached_tokens` is the prompt tokens found in the prefix cache;
+`usage.prompt_tokens_details.cached_tokens` is the prompt tokens found in the prefix cache
+(each prompt counted once, as its first choice found them; streamed: in the final usage only,
+the continuous usage of stream_options being, as vLLM's, each chunk's own choice's);
 `finish_reason` is "stop" or "length" (`stop_reason`: the stop string or token id hit,
 null for end-of-sequence). A stream is server-sent events ending in `data: [DONE]`.
 """
@@ -175,10 +177,17 @@ def _usage_chunk(req: _Common, chunk, usage):
     return (lambda: chunk([], usage())) if req.stream_options and req.stream_options.include_usage else None
 
 
-def _usage(prompt_tokens: int, choices: list[Generation], cached: int) -> dict:
+def _usage(prompt_tokens: int, choices: list[Generation], cached: int | None = None) -> dict:
+    """OpenAI's usage of `choices` (their tokens so far) over `prompt_tokens`; with `cached`, the
+    prompt_tokens_details of a whole response. A stream's continuous usage is, as vLLM's, its
+    chunk's choice alone, without details: the cached tokens are known only after the prefill, and
+    chunks go out before it (the response starts when its requests are admitted)."""
     completion = sum(len(c.tokens) for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+             "total_tokens": prompt_tokens + completion}
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
 
 
 # -- /v1/completions ---------------------------------------------------------------------------
@@ -258,7 +267,7 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
     def logprobs_of(i: int, entries: list, offset: int) -> dict | None:
         return None if req.logprobs is None else _completion_logprobs(server, entries, offset, requests[i][0])
 
-    def usage():
+    def usage():  # each prompt once, as its first choice found it (the other n - 1 reuse what that one computed)
         cached = sum(choices[i * req.n].cached_tokens for i in range(len(prompts)))
         return _usage(prompt_tokens, choices, cached)
 
@@ -289,7 +298,7 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
                     if not started[i]:
                         body["prompt_token_ids"] = requests[i][0]
                 started[i] = True
-                yield chunk([body], usage() if continuous else None)
+                yield chunk([body], _usage(len(requests[i][0]), [c]) if continuous else None)
                 offsets[i] += len(text)
 
         return event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage))
@@ -389,7 +398,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     # vLLM's echo: the last message's content when it is the assistant's (the one being continued)
     echo = (messages[-1]["content"] or "") if req.echo and messages[-1]["role"] == "assistant" else ""
 
-    def usage():
+    def usage():  # (the prompt once, as the first choice found it: see completions)
         return _usage(len(prompt), choices, choices[0].cached_tokens)
 
     chunk = _chunks(req, "chat.completion.chunk", request_id, created, name)
@@ -401,7 +410,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
             for i in range(len(choices)):
                 role = {"role": "assistant", "content": echo}
                 first = chunk([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}],
-                              usage() if continuous else None)
+                              _usage(len(prompt), [choices[i]]) if continuous else None)
                 if req.return_token_ids:  # (vLLM: in each choice's first chunk)
                     first["prompt_token_ids"] = requests[0][0]
                 yield first
@@ -419,7 +428,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
                         "logprobs": _chat_logprobs(server, new) if req.logprobs else None, **_finish(c)}
                 if req.return_token_ids:
                     body["token_ids"], sent_ids[i] = c.tokens[sent_ids[i]:], len(c.tokens)
-                yield chunk([body], usage() if continuous else None)
+                yield chunk([body], _usage(len(prompt), [c]) if continuous else None)
 
         return event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage))
 
