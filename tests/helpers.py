@@ -219,6 +219,16 @@ def hf_logits_quantized(model, weights: dict, token_ids: list[int]) -> np.ndarra
     return out
 
 
+def generated_text(tokenizer, ids) -> str:
+    """The text the engine gives for generated `ids` (byte-level BPE): their decode up to the last
+    token after which it does not end in U+FFFD, as vLLM's detokenizer leaves out the character
+    that tokens stopping mid-character leave incomplete."""
+    k = len(ids)
+    while k and tokenizer.decode(ids[:k]).endswith("\ufffd"):
+        k -= 1
+    return tokenizer.decode(ids[:k])
+
+
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
           " + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import make_checkpoint
+from helpers import generated_text, make_checkpoint
 from llmirc.artifact_format.safetensors import open_safetensors, save_safetensors
 from llmirc.runtime.cpu_executor import host_cpu_flags
 
@@ -1453,7 +1453,7 @@ def test_python_api_takes_text_prompts(bundle):
     by_text = model.generate(["the quick"], 4, ignore_eos=True)
     assert by_text == model.generate([model.tokenizer.encode("the quick")], 4, ignore_eos=True)
     assert "".join(model.stream_text("the quick", max_new_tokens=4, ignore_eos=True)) == \
-        model.tokenizer.decode(by_text[0])
+        generated_text(model.tokenizer, by_text[0])
     for bad, needle in (("hello", "list of prompts"), ([1, 2, 3], "list of prompts"), (None, "list of prompts"),
                         ([[1.5, 2]], "integer"),
                         ([None], "text or a list"), ([np.array(5)], "text or a list"),

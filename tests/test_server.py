@@ -20,7 +20,7 @@ import numpy as np
 import openai
 import pytest
 
-from helpers import CHATML, CORPUS, RunningServer, make_checkpoint
+from helpers import CHATML, CORPUS, RunningServer, generated_text, make_checkpoint
 from llmirc.driver import CompileOptions, Progress, compile_model
 from llmirc.runtime import load
 
@@ -141,7 +141,7 @@ def test_return_token_ids_accounts_for_every_streamed_token(server, model):
         ids = [t for e in events for t in e["choices"][0].get("token_ids", [])]
         text = "".join(e["choices"][0].get("text") or e["choices"][0].get("delta", {}).get("content") or ""
                        for e in events)
-        assert len(ids) == 24 and model.tokenizer.decode(ids) == text
+        assert len(ids) == 24 and generated_text(model.tokenizer, ids) == text
         # one id per step, as generated: not held back with text waiting on a partial character
         assert max(len(e["choices"][0].get("token_ids", [])) for e in events) == 1, events
     assert ids == model.generate([model.apply_chat_template([{"role": "user", "content": "hi"}])], 24,
@@ -195,7 +195,7 @@ def test_chat_completion_uses_the_chat_template(client, model):
     assert model.tokenizer.decode(ids) == model.tokenizer.decode(model.tokenizer.encode(
         "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n",
         add_special_tokens=False))
-    expected = model.tokenizer.decode(model.generate([ids], 10, ignore_eos=True)[0])
+    expected = generated_text(model.tokenizer, model.generate([ids], 10, ignore_eos=True)[0])
     assert out.choices[0].message.content == expected and out.choices[0].message.role == "assistant"
     assert out.usage.prompt_tokens == len(ids)
     stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
@@ -227,13 +227,25 @@ def test_stop_strings_and_stop_token_ids(client, model):
 
 
 
-def test_a_stop_string_in_the_held_back_text_finishes_with_stop(client, model):
-    """An incomplete character at the end is held back until the end (U+FFFD) and only then cut."""
+def test_tokens_cut_mid_character_end_the_text_before_it_as_vllm(server, model):
+    """Generation that stops in the middle of a character (max_tokens here) ends the text before
+    it, as vLLM's detokenizer leaves such a tail out (it ended in U+FFFD); streamed or not, OpenAI
+    or SGLang API. A stop string "\ufffd" is not met by what is left out."""
     tokens = model.generate(["the quick"], 24, ignore_eos=True)[0]
-    k = next(k for k in range(1, 25) if model.tokenizer.decode(tokens[:k]).endswith("\ufffd"))
-    out = client.completions.create(model="tiny", prompt="the quick", max_tokens=k, temperature=0, stop=["\ufffd"],
-                                    extra_body={"ignore_eos": True}).choices[0]
-    assert "\ufffd" not in out.text and out.finish_reason == "stop" and out.model_extra["stop_reason"] == "\ufffd"
+    ends = [model.tokenizer.decode(tokens[:k]).endswith("\ufffd") for k in range(25)]
+    k = next(k for k in range(2, 25) if ends[k] and not ends[k - 1])  # text, then a token mid-character
+    expected = model.tokenizer.decode(tokens[:k - 1])
+    body = {"model": "tiny", "prompt": "the quick", "max_tokens": k, "temperature": 0, "ignore_eos": True}
+    whole = httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]
+    streamed = "".join(e["choices"][0]["text"] for e in sse(httpx.post(server.url + "/v1/completions",
+                                                                       json={**body, "stream": True})))
+    sglang = httpx.post(server.url + "/generate", json={"text": "the quick", "sampling_params": {
+        "max_new_tokens": k, "temperature": 0, "ignore_eos": True}}).json()
+    assert whole["text"] == streamed == sglang["text"] == expected and whole["finish_reason"] == "length", \
+        (whole, streamed, sglang["text"], expected)
+    first = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 1, "stop": ["\ufffd"]}).json()
+    assert ends[1] and first["choices"][0]["text"] == "" and first["choices"][0]["finish_reason"] == "length"
+
 
 def test_n_seed_and_sampling_parameters(client):
     kwargs = dict(model="tiny", prompt="the quick", max_tokens=12, temperature=1.0, top_p=0.9, n=3, seed=11,
@@ -848,7 +860,7 @@ def test_sglang_generate_text_ids_batch_and_logprobs(server, model):
     out = r.json()
     expected = model.generate([ids], 6, ignore_eos=True)[0]
     meta = out["meta_info"]
-    assert out["output_ids"] == expected and out["text"] == model.tokenizer.decode(expected)
+    assert out["output_ids"] == expected and out["text"] == generated_text(model.tokenizer, expected)
     assert meta["finish_reason"] == {"type": "length", "length": 6}
     assert meta["prompt_tokens"] == len(ids) and meta["completion_tokens"] == 6
     ref = log_softmax(model.score(ids + expected))
@@ -913,7 +925,7 @@ def test_sglang_frontend_program_runs_against_llmirc(server, model):
         s += " " + sgl.select("pick", choices=["quick brown fox", "lazy dog"])
 
     state = program.run(subject="the", backend=backend)
-    expected = model.tokenizer.decode(model.generate([model.encode("the ")], 6)[0])
+    expected = generated_text(model.tokenizer, model.generate([model.encode("the ")], 6)[0])
     assert state["words"] == expected
     # select: the choice whose tokens have the highest mean logprob after the shared prefix.
     prefix = "the " + expected + " "

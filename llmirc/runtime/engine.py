@@ -417,7 +417,7 @@ class Engine:
                         out.finished = True
             if out.finished and req.text is not None:
                 out.text += req.text.finish()
-                if req.text.stopped is not None:  # in the text, or in what was held back to the end (a U+FFFD)
+                if req.text.stopped is not None:  # (a stop string met: "stop", even if the length was reached too)
                     out.finish_reason, out.stop_reason = "stop", req.text.stopped
             out.num_generated = req.num_generated
             if req.prompt_logprobs is not None:

@@ -137,7 +137,10 @@ class IncrementalDetokenizer:
     Decoding a token alone is wrong twice over: a multi-byte character split across tokens
     decodes to U+FFFD, and sentencepiece decoders drop the leading space of the first token.
     So each step decodes a short window ending at the new token, compares it with the same
-    window without it, and emits the new suffix only once it no longer ends in U+FFFD.
+    window without it, and emits the new suffix only once it no longer ends in U+FFFD; a suffix
+    that still does when generation ends (tokens that stopped mid-character) is left out, not
+    shown as U+FFFD, as vLLM leaves it out (its slow path's `detokenize_incrementally` and its
+    fast path's `DecodeStream.step`, from tokenizers, both hold it back; nothing flushes it).
     The prompt's last ids seed the window, so the first generated token gets its leading space.
     """
 
@@ -152,22 +155,20 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one id; returns the text it completes (may be empty)."""
         self.ids.append(int(token_id))
-        return self._emit(final=False)
-
-    def finish(self) -> str:
-        """Text still held back (an incomplete character at the very end)."""
-        return self._emit(final=True)
-
-    def _emit(self, final: bool) -> str:
         decode = self.tokenizer.decode
         prefix_text = decode(self.ids[self._prefix:self._read])
         new_text = decode(self.ids[self._prefix:])
-        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return ""
         # Drop ids that are fully emitted and no longer needed as context.
         del self.ids[:self._read]
         self._prefix, self._read = 0, len(self.ids)
         return new_text[len(prefix_text):]
+
+    def finish(self) -> str:
+        """The text to add when generation ends: none (what is held back ends in an incomplete
+        character and is left out, as in vLLM)."""
+        return ""
 
 
 class TextStream:
