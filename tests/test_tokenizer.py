@@ -150,6 +150,25 @@ def test_tokens_cut_mid_character_give_vllms_text(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", BUILDERS)
+def test_streaming_after_a_prompt_gives_vllms_text(tmp_path, kind):
+    """After any prompt that ends on a character, the streamed text is what vLLM's fast
+    detokenizer (tokenizers' DecodeStream, primed with the prompt) gives. The window of prompt
+    ids began inside 本 of "日本✓✓ é", and the ✓✓ after it, byte-fallback tokens, came out as
+    six U+FFFD."""
+    from tokenizers.decoders import DecodeStream
+
+    tok, config = BUILDERS[kind]()
+    ours = Tokenizer.from_bundle_dir(write(tmp_path, tok, config))
+    for text in TEXTS + ["日本語 ✓✓ 日本"]:
+        ids = ours.encode(text)
+        for p in (p for p in range(len(ids)) if not ours.decode(ids[:p]).endswith("\ufffd")):
+            for k in range(p + 1, len(ids) + 1):
+                stream_ = DecodeStream(ids=ids[:p], skip_special_tokens=True)
+                vllm = "".join(stream_.step(tok, i) or "" for i in ids[p:k])
+                assert "".join(stream(ours, ids[p:k], ids[:p])) == vllm, (text, p, k)
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
 def test_streaming_after_a_prompt_keeps_leading_spaces(tmp_path, kind):
     tok, config = BUILDERS[kind]()
     ours = Tokenizer.from_bundle_dir(write(tmp_path, tok, config))

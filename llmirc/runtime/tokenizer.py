@@ -141,14 +141,21 @@ class IncrementalDetokenizer:
     that still does when generation ends (tokens that stopped mid-character) is left out, not
     shown as U+FFFD, as vLLM leaves it out (its slow path's `detokenize_incrementally` and its
     fast path's `DecodeStream.step`, from tokenizers, both hold it back; nothing flushes it).
-    The prompt's last ids seed the window, so the first generated token gets its leading space.
+    The prompt's last ids seed the window, so the first generated token gets its leading space;
+    the window never starts inside a character, whose cut-off bytes would decode to U+FFFD (and
+    with byte-fallback tokens, as Llama-2's, so would every byte of the run they start, the
+    generated ones too).
     """
 
-    CONTEXT = 5  # prompt ids kept as left context
+    CONTEXT = 5  # prompt ids kept as left context (more, up to 4, to start at a character)
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids=()):
         self.tokenizer = tokenizer
-        self.ids = [int(i) for i in prompt_ids][-self.CONTEXT:]
+        ids = [int(i) for i in prompt_ids]
+        start = max(len(ids) - self.CONTEXT, 0)
+        while start > max(len(ids) - self.CONTEXT - 4, 0) and tokenizer.decode(ids[start:]).startswith("\ufffd"):
+            start -= 1
+        self.ids = ids[start:]
         self._prefix = 0  # window start
         self._read = len(self.ids)  # ids before this have been emitted as text
 
