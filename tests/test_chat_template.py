@@ -1,5 +1,5 @@
 """Chat templates rendered and tokenized as transformers' apply_chat_template does, on templates
-written like the ones real checkpoints ship (Llama 3.1, Qwen2/ChatML, SmolLM2, and one using
+written like the ones real checkpoints ship (Llama 3.1, Qwen2/ChatML, Qwen3, SmolLM2, and one using
 the less common features: generation blocks, loop controls, namespaces, tojson)."""
 
 from __future__ import annotations
@@ -58,6 +58,44 @@ You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
 '}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant
 ' }}{% endif %}"""
 
+# Qwen3's (without its tool parts): a reversed slice, a namespace, string methods, reasoning_content
+# and the enable_thinking variable (vLLM's chat_template_kwargs)
+QWEN3 = """{%- if messages[0].role == 'system' %}
+    {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}{%- set content = message.content %}{%- else %}{%- set content = '' %}{%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- elif '</think>' in content %}
+            {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}
+            {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}
+{%- endif %}"""
+
 FEATURES = """{%- set ns = namespace(turns=0) -%}
 {%- for message in messages -%}
   {%- if message.role == 'stop' %}{% break %}{% endif -%}
@@ -70,7 +108,8 @@ FEATURES = """{%- set ns = namespace(turns=0) -%}
 {% endfor -%}
 {{ 'turns=' ~ ns.turns }}{% if add_generation_prompt %}<a>{% endif %}"""
 
-TEMPLATES = {"llama3.1": LLAMA31, "qwen2": QWEN2, "smollm2": SMOLLM2, "chatml": CHATML, "features": FEATURES}
+TEMPLATES = {"llama3.1": LLAMA31, "qwen2": QWEN2, "qwen3": QWEN3, "smollm2": SMOLLM2, "chatml": CHATML,
+             "features": FEATURES}
 
 CONVERSATIONS = {
     "one-user": [{"role": "user", "content": "hello there"}],
@@ -138,6 +177,21 @@ def test_template_variables_tools_and_continue_final_message(folder, tmp_path):
             messages[:1], tokenize=False, add_generation_prompt=True, **kwargs)
     assert template.render(messages, add_generation_prompt=False, continue_final_message=True) == \
         hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+
+
+def test_qwen3_thinking_switch_and_reasoning(folder, tmp_path):
+    """enable_thinking (vLLM's chat_template_kwargs) and an assistant turn's <think> part, as transformers."""
+    path = with_template(folder, tmp_path, QWEN3, as_file=True)
+    hf = PreTrainedTokenizerFast.from_pretrained(str(path))
+    _, template = ours(path)
+    messages = [{"role": "system", "content": "brief"}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+                {"role": "user", "content": "and 3+3?"}]
+    for kwargs in (dict(enable_thinking=False), dict(enable_thinking=True), dict()):
+        text = template.render(messages, **kwargs)
+        assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        assert text.endswith("assistant\n<think>\n\n</think>\n\n") == (kwargs.get("enable_thinking") is False)
+    assert "add them" not in template.render(messages)  # an earlier turn's reasoning is left out
 
 
 @pytest.mark.parametrize("name", ["smollm2", "qwen2"])
