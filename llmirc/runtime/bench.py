@@ -113,7 +113,8 @@ def decode_bytes_per_step(model, context: int) -> dict[str, int]:
 
 
 def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, repeat: int,
-                 threads: int | None = None, kv_cache_tokens: int | None = None, target: str | None = None) -> dict:
+                 threads: int | None = None, kv_cache_tokens: int | None = None, target: str | None = None,
+                 cpu_only: bool = False) -> dict:
     def open_model(tokens: int):  # no prefix caching: every repeat must compute its prompt
         try:
             return load(bundle, kv_cache_tokens=tokens, threads=threads, enable_prefix_caching=False, target=target)
@@ -136,6 +137,12 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
         raise LlmircError(f"--kv-cache-tokens {kv_cache_tokens}: a KV cache of {model.num_blocks} "
                           f"block{'s' * (model.num_blocks != 1)} of {model.block_size} tokens cannot hold "
                           f"--batch {batch} sequences of {need} tokens ({blocks} blocks)")
+    device = getattr(model.executor, "dev", {}).get("name")
+    if cpu_only and device is not None:  # (refused before the long run)
+        model.close()
+        raise LlmircError(f"--compare-transformers times transformers on the CPU, and the bundle ran on "
+                          f"{device} (target {model.executor.target['name']}): give --target cpu, or compare on "
+                          "the GPU with benchmarks/gpu_check.py")
     try:  # the manifest's fields the figures need, read (and refused when malformed) before the long run
         by_dtype = decode_bytes_per_step(model, len(prompt) + new_tokens // 2)
         flops = prefill_flops(model, len(prompt))
@@ -156,7 +163,7 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
             "bytes_per_step": sum(by_dtype.values()), "bytes_per_step_by_dtype": by_dtype,
             "prefill_gflop": flops / 1e9, "params": params, "model": model.config,
             "threads": model.executor.threads, "target": model.executor.target["name"],
-            "device": getattr(model.executor, "dev", {}).get("name"), "amx": getattr(model.executor, "amx", False)}
+            "device": device, "amx": getattr(model.executor, "amx", False)}
     driver = getattr(model.executor, "driver", None)  # a GPU target's
     model.close()
     if driver is not None:  # the device's copy bandwidth, in the memory the model held
@@ -257,11 +264,8 @@ def run_bench(bundle: Path, *, prompt_len: int | None = None, new_tokens: int | 
         raise BundleError(f"bundle {bundle}: manifest.json's model.vocab_size is {vocab!r}, not a whole number "
                           "(at least 1)")
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
-    ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat, threads, kv_cache_tokens, target)
-    if hf_model is not None and ours["device"] is not None:
-        raise LlmircError(f"--compare-transformers times transformers on the CPU, and the bundle ran on "
-                          f"{ours['device']} (target {ours['target']}): give --target cpu, or compare on the GPU "
-                          "with benchmarks/gpu_check.py")
+    ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat, threads, kv_cache_tokens, target,
+                        cpu_only=hf_model is not None)
     bandwidth, peak = ours.pop("device_bandwidth_gb_s", None), None  # a GPU's: no matmul roof without a BLAS there
     if bandwidth is None:
         bandwidth, peak = measure_bandwidth(ours["bytes_per_step"]), measure_peak_gflops()
