@@ -403,7 +403,10 @@ class _Planner:
         return len(self.plan.slots) - 1
 
     def release(self, slot: int) -> None:
-        self.free.setdefault(self.plan.slots[slot].key(), []).append(slot)
+        free = self.free.setdefault(self.plan.slots[slot].key(), [])
+        if slot in free:  # (two values would then be given one slot)
+            raise LlmircError(f"internal error: workspace slot {slot} released twice")
+        free.append(slot)
 
     def alloc(self, v: SSAValue, rows: str, index: int) -> _Value:
         cols = L.shape_of(v)[1]
@@ -444,13 +447,14 @@ class _Planner:
         for i, op in enumerate(ops):
             self.lower(op, i, logits)
             # Free slots whose values (and views of them) are not read after this op.
-            for operand in set(op.operands):
+            for operand in op.operands:
                 val = self.values.get(operand)
-                if val is not None and val.slot is not None and self._slot_dead_after(val.slot, i, last_reader):
-                    self.release(val.slot)
+                slot = val.slot if val is not None else None
+                if slot is not None and self._slot_dead_after(slot, i, last_reader):
+                    self.release(slot)
                     for other in self.values.values():
-                        if other.slot == val.slot:
-                            other.slot = None  # released; stale aliases must not free it twice
+                        if other.slot == slot:  # (val among them: compare with the slot, not val.slot)
+                            other.slot = None  # released; stale aliases (a split's other views) must not free it twice
         return self.plan
 
     def _slot_dead_after(self, slot: int, i: int, last_reader: dict[SSAValue, int]) -> bool:

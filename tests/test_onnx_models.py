@@ -22,6 +22,10 @@ CASES = {
     "mistral-sliding": ("mistral", dict(sliding_window=8), {}),
     "gpt2": ("gpt2", {}, {}),
     "llama-torchscript": ("llama", dict(num_key_value_heads=2), dict(torchscript=True)),
+    # q wider than the hidden size, q/k/v not fused (q's bias a weight, k's and v's constants), gate/up
+    # fused: the split's views released the slot twice, and two live values shared it
+    "llama-headdim-bias": ("llama", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                                         attention_bias=True), {}),
     "gpt2-torchscript": ("gpt2", {}, dict(torchscript=True)),
 }
 PROMPTS = [[0, 5, 9, 200, 17], [0] + [(7 * i + 3) % 380 for i in range(30)]]
