@@ -284,6 +284,26 @@ def _target_option(fn):
                              "or the best of a kind (cpu, cuda, hip); default: the best this host runs.")(fn)
 
 
+def _template_kwargs(text: str | None) -> dict:
+    """--chat-template-kwargs: a JSON object of the chat template's variables (vLLM's request field)."""
+    if text is None:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--chat-template-kwargs: not JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"--chat-template-kwargs: expected a JSON object, e.g. '{{\"enable_thinking\": false}}', "
+                         f"got {text!r}")
+    return kwargs
+
+
+_chat_template_kwargs_option = click.option(
+    "--chat-template-kwargs", "template_kwargs", default=None, metavar="JSON",
+    help="Variables for the chat template, a JSON object (vLLM's chat_template_kwargs), e.g. "
+         "'{\"enable_thinking\": false}' for Qwen3's non-thinking mode.")
+
+
 def _sampling_options(fn, max_new_tokens: click.Option | None = None):
     """The sampling options run and chat share (transformers' semantics; 0 is greedy)."""
     for option in reversed([
@@ -334,6 +354,7 @@ def _warn_unused_sampling(temperature, top_k, top_p, seed) -> None:
 @click.option("--token-ids", "token_ids", multiple=True, help="Prompt as comma-separated token ids (repeatable).")
 @click.option("--chat", is_flag=True, help="Each prompt is a user message, formatted with the bundle's chat template.")
 @click.option("--system", default=None, help="A system message for --chat.")
+@_chat_template_kwargs_option
 @_sampling_options
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens.")
 @click.option("--logprobs", type=click.IntRange(0, 20), default=None,
@@ -341,8 +362,8 @@ def _warn_unused_sampling(temperature, top_k, top_p, seed) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per sequence: tokens, text, finish_reason, timings (and logprobs).")
 @click.option("-q", "--quiet", is_flag=True, help="No tokens/s and time-to-first-token summary on stderr.")
-def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
-        kv_cache_tokens, no_verify, threads, target, ignore_eos, logprobs, as_json, quiet):
+def run(bundle, prompts, prompt_files, token_ids, chat, system, template_kwargs, max_new_tokens, temperature, top_k, top_p,
+        seed, stops, kv_cache_tokens, no_verify, threads, target, ignore_eos, logprobs, as_json, quiet):
     """Generate text or tokens with a compiled BUNDLE.
 
     Without --json, a single prompt streams its text as it is generated; a batch prints each
@@ -358,6 +379,9 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, 
         raise UsageError("--chat takes text prompts (--prompt, --prompt-file), not --token-ids")
     if system is not None and not chat:
         click.echo("warning: --system has no effect without --chat", err=True)
+    if template_kwargs is not None and not chat:
+        click.echo("warning: --chat-template-kwargs has no effect without --chat", err=True)
+    template_kwargs = _template_kwargs(template_kwargs)
     _warn_unused_sampling(temperature, top_k, top_p, seed)
     if logprobs is not None and not as_json:
         click.echo("warning: --logprobs has no effect without --json (they are printed in its records)", err=True)
@@ -368,7 +392,8 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, max_new_tokens, 
             raise LlmircError(f"{bundle}: the bundle has no tokenizer; use --token-ids")
         if chat:
             head = [{"role": "system", "content": system}] if system is not None else []
-            batch += [model.apply_chat_template(head + [{"role": "user", "content": t}]) for t in texts]
+            batch += [model.apply_chat_template(head + [{"role": "user", "content": t}], **template_kwargs)
+                      for t in texts]
         else:
             batch += [model.encode(t) for t in texts]
     stream = len(batch) == 1 and not as_json and model.tokenizer is not None
@@ -445,11 +470,12 @@ def _read_text(path: Path | str, flag: str) -> str:
 @cli.command()
 @click.argument("bundle", type=PathArg())
 @click.option("--system", default=None, help="A system message starting the conversation.")
+@_chat_template_kwargs_option
 @functools.partial(_sampling_options, max_new_tokens=click.option(
     "--max-new-tokens", type=click.IntRange(min=1), default=None,
     help="Cut a reply after this many tokens (default: when the model ends its turn, within the context)."))
-def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops, kv_cache_tokens, no_verify, threads,
-         target):
+def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, top_p, seed, stops, kv_cache_tokens,
+         no_verify, threads, target):
     """Chat with BUNDLE in the terminal: each input line is a user message; replies stream.
 
     Uses the bundle's chat template. Earlier turns stay in the prefix cache, so each reply
@@ -463,6 +489,7 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
     from llmirc.errors import RuntimeLimitError
 
     _warn_unused_sampling(temperature, top_k, top_p, seed)
+    template_kwargs = _template_kwargs(template_kwargs)
     model = _load(bundle, kv_cache_tokens, no_verify, threads=threads, target=target)
     if model.tokenizer is None:
         raise LlmircError(f"{bundle}: the bundle has no tokenizer, so no chat (its checkpoint had no tokenizer.json)")
@@ -472,7 +499,8 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
     model.engine.start()  # steps on their own thread: Ctrl-C lands between them, on this one
     start = [{"role": "system", "content": system}] if system is not None else []
     if start:  # a template refusing system messages, or one too long, fails now, not at every turn
-        if (used := len(model.apply_chat_template(start + [{"role": "user", "content": ""}]))) >= model.max_context:
+        if (used := len(model.apply_chat_template(start + [{"role": "user", "content": ""}], **template_kwargs))) \
+                >= model.max_context:
             raise LlmircError(f"--system: the system message takes {used} tokens in the chat template, and the "
                               f"model's context is {model.max_context}")
     history = list(start)
@@ -505,7 +533,7 @@ def chat(bundle, system, max_new_tokens, temperature, top_k, top_p, seed, stops,
         messages = history + [{"role": "user", "content": line.rstrip("\r\n")}]
         reply, stream = "", None
         try:
-            prompt = model.apply_chat_template(messages)
+            prompt = model.apply_chat_template(messages, **template_kwargs)
             if max_new_tokens is None and len(prompt) >= room:  # no room left for a reply
                 raise RuntimeLimitError(f"the chat is {len(prompt)} tokens with this message, and a reply needs "
                                         f"room after them: the model holds {room} (its context or KV cache)")

@@ -1569,6 +1569,36 @@ def test_run_chat_formats_the_prompt_with_the_template(chat_bundle):
         model.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt="no")
 
 
+def test_chat_template_kwargs_from_the_cli(ckpt, tmp_path):
+    """--chat-template-kwargs (vLLM's chat_template_kwargs) sets the template's variables in run --chat
+    and chat, as Qwen3's enable_thinking; anything but a JSON object is a usage error."""
+    from helpers import CHATML
+    from llmirc.runtime import load
+
+    src = tmp_path / "tiny"
+    shutil.copytree(ckpt, src)
+    (src / "chat_template.jinja").write_text(CHATML + "{% if enable_thinking is defined and not enable_thinking %}"
+                                             "<think>\n\n</think>\n\n{% endif %}")
+    out = tmp_path / "chat.llmir"
+    assert llmirc("compile", src, "-o", out, "--cpu-variants", "native", "-q").returncode == 0
+    model = load(out)
+    messages = [{"role": "user", "content": "hello"}]
+    off = model.apply_chat_template(messages, enable_thinking=False)
+    assert off != model.apply_chat_template(messages)
+    [record] = run_json(out, "--chat", "--prompt", "hello", "--max-new-tokens", "2",
+                        "--chat-template-kwargs", '{"enable_thinking": false}')
+    assert record["prompt_token_ids"] == off
+    reply = "".join(model.stream_text(off, max_new_tokens=3))
+    r = subprocess.run([sys.executable, "-m", "llmirc.cli", "chat", str(out), "--max-new-tokens", "3",
+                        "--chat-template-kwargs", '{"enable_thinking": false}'], input="hello\n", capture_output=True,
+                       text=True, env=ENV, timeout=300)
+    assert r.returncode == 0 and r.stdout == reply + "\n", r.stderr
+    for bad, needle in (("[1]", "expected a JSON object"), ("{enable", "not JSON")):
+        assert_user_error(llmirc("run", out, "--chat", "--prompt", "x", "--chat-template-kwargs", bad), needle, code=2)
+    r = llmirc("run", out, "--prompt", "x", "--max-new-tokens", "1", "--chat-template-kwargs", "{}")
+    assert r.returncode == 0 and "--chat-template-kwargs has no effect without --chat" in r.stderr
+
+
 def test_chat_command_through_a_pipe(chat_bundle, bundle, bundle_notok):
     from llmirc.runtime import load
 
