@@ -284,17 +284,16 @@ def _target_option(fn):
                              "or the best of a kind (cpu, cuda, hip); default: the best this host runs.")(fn)
 
 
-def _template_kwargs(text: str | None) -> dict:
-    """--chat-template-kwargs: a JSON object of the chat template's variables (vLLM's request field)."""
+def _template_kwargs(text: str | None, flag: str = "--chat-template-kwargs") -> dict:
+    """A JSON object of the chat template's variables (vLLM's chat_template_kwargs)."""
     if text is None:
         return {}
     try:
         kwargs = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UsageError(f"--chat-template-kwargs: not JSON ({e.msg} at character {e.pos})") from None
+        raise UsageError(f"{flag}: not JSON ({e.msg} at character {e.pos})") from None
     if not isinstance(kwargs, dict):
-        raise UsageError(f"--chat-template-kwargs: expected a JSON object, e.g. '{{\"enable_thinking\": false}}', "
-                         f"got {text!r}")
+        raise UsageError(f"{flag}: expected a JSON object, e.g. '{{\"enable_thinking\": false}}', got {text!r}")
     return kwargs
 
 
@@ -608,14 +607,17 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
 @click.option("--chat-template", default=None,
               help="A jinja chat template replacing the bundle's: a file, or the template itself (text with "
                    "'{' that names no file, as vLLM takes it).")
+@click.option("--default-chat-template-kwargs", "template_kwargs", default=None, metavar="JSON",
+              help="Chat template variables for every chat request, a JSON object, e.g. "
+                   "'{\"enable_thinking\": false}'; a request's chat_template_kwargs override them (vLLM's flag).")
 @click.option("--no-verify", is_flag=True,
               help="Skip checksum verification (a damaged kernel library may then crash the process).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_model_len, max_num_seqs,
           max_num_batched_tokens, enable_prefix_caching, kv_cache_tokens, kv_cache_dtype, gpu_memory_utilization,
-          threads, target, num_scheduler_steps, max_queued_requests, max_body_bytes, chat_template, no_verify,
-          log_level):
+          threads, target, num_scheduler_steps, max_queued_requests, max_body_bytes, chat_template, template_kwargs,
+          no_verify, log_level):
     """Serve BUNDLE over HTTP: vLLM's OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models) and SGLang's native API (/generate, /get_model_info), plus /health and /metrics.
     Ctrl-C gives running requests 5 s to finish, then aborts them."""
@@ -626,6 +628,7 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
     except ImportError as e:
         raise LlmircError(f"serving needs the serve extra ({e.name} missing): pip install 'llmirc[serve]'") from None
     origins = _origins(allowed_origins)
+    template_kwargs = _template_kwargs(template_kwargs, "--default-chat-template-kwargs")
     if max_num_batched_tokens < max_num_seqs:
         raise UsageError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-num-seqs "
                          f"({max_num_seqs})")
@@ -670,7 +673,7 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
         model.chat_template.check()  # a syntax error now, not in every chat request
     name = served_model_name or str(bundle)
     app = create_app(model, ServerOptions(served_model_name=name, api_key=api_key,
-                                          allowed_origins=origins,
+                                          allowed_origins=origins, default_chat_template_kwargs=template_kwargs,
                                           max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes))
     # listen here, not in uvicorn: an address in use is the user's error, and uvicorn's startup
     # failure exits 3, llmirc's code for an internal error

@@ -660,6 +660,25 @@ def test_chat_template_kwargs_override_the_request(server, model):
     assert r.status_code == 200, r.text  # a template variable like any other
 
 
+def test_default_chat_template_kwargs_under_the_requests(bundle, model):
+    """serve --default-chat-template-kwargs (vLLM's flag): every chat request's template variables,
+    which a request's own chat_template_kwargs override; /tokenize renders alike."""
+    messages = [{"role": "user", "content": "hello there"}]
+    without = len(model.apply_chat_template(messages, add_generation_prompt=False))
+    with RunningServer(bundle, "--kv-cache-tokens", 256, "--default-chat-template-kwargs",
+                       '{"add_generation_prompt": false}') as s:
+        url = s.url + "/v1/chat/completions"
+        r = httpx.post(url, json={"messages": messages, "max_tokens": 1})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == without, r.text
+        assert httpx.post(s.url + "/tokenize", json={"messages": messages}).json()["count"] == without
+        r = httpx.post(url, json={"messages": messages, "max_tokens": 1,
+                                  "chat_template_kwargs": {"add_generation_prompt": True}})
+        assert r.json()["usage"]["prompt_tokens"] == len(model.apply_chat_template(messages))
+    r = subprocess.run([sys.executable, "-m", "llmirc.cli", "serve", str(bundle), "--default-chat-template-kwargs",
+                        "[1]"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--default-chat-template-kwargs: expected a JSON object" in r.stderr, r.stderr
+
+
 def test_chat_template_errors_do_not_show_the_servers_paths(bundle):
     template = bundle.parent / "strict.jinja"
     template.write_text("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system') }}"

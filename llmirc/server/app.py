@@ -27,7 +27,7 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Annotated
 
@@ -164,6 +164,7 @@ class ServerOptions:
     allowed_origins: tuple[str, ...] = ()  # CORS: web origins whose pages may call the server ("*": any)
     max_queued_requests: int = 1024  # waiting requests beyond the running batch; then 503
     max_body_bytes: int = 64 << 20  # a larger request body is answered 413
+    default_chat_template_kwargs: dict = field(default_factory=dict)  # under each request's chat_template_kwargs
 
 
 class Server:

@@ -348,9 +348,10 @@ async def _chat_prompt(server: Server, req: ChatRequest, add_special_tokens: boo
                 texts.append(part["text"])
             message["content"] = "\n".join(texts)
         messages.append(message)
-    # chat_template_kwargs override the request's own fields, as in vLLM
+    # chat_template_kwargs (over serve's defaults) override the request's own fields, as in vLLM
     options = {"add_generation_prompt": req.add_generation_prompt, "tools": req.tools,
-               "continue_final_message": req.continue_final_message, **(req.chat_template_kwargs or {})}
+               "continue_final_message": req.continue_final_message,
+               **server.options.default_chat_template_kwargs, **(req.chat_template_kwargs or {})}
     try:
         text = await server.render_chat(messages, **options)
     except LlmircError as e:
