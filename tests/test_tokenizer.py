@@ -151,19 +151,22 @@ def test_tokens_cut_mid_character_give_vllms_text(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", BUILDERS)
 def test_streaming_after_a_prompt_gives_vllms_text(tmp_path, kind):
-    """After any prompt that ends on a character, the streamed text is what vLLM's fast
-    detokenizer (tokenizers' DecodeStream, primed with the prompt) gives. The window of prompt
-    ids began inside 本 of "日本✓✓ é", and the ✓✓ after it, byte-fallback tokens, came out as
-    six U+FFFD."""
+    """After any prompt, the streamed text is what vLLM's fast detokenizer (tokenizers'
+    DecodeStream, primed by stepping through the prompt) gives. The window of prompt ids began inside 本 of
+    "日本✓✓ é", and the ✓✓ after it, byte-fallback tokens, came out as six U+FFFD; and a prompt
+    ending inside a character (ids sent back after a cut) lost the character its first
+    generated token completed (helper-61: "首都" then "で..." streamed without "で")."""
     from tokenizers.decoders import DecodeStream
 
     tok, config = BUILDERS[kind]()
     ours = Tokenizer.from_bundle_dir(write(tmp_path, tok, config))
     for text in TEXTS + ["日本語 ✓✓ 日本"]:
         ids = ours.encode(text)
-        for p in (p for p in range(len(ids)) if not ours.decode(ids[:p]).endswith("\ufffd")):
+        for p in range(len(ids)):
             for k in range(p + 1, len(ids) + 1):
-                stream_ = DecodeStream(ids=ids[:p], skip_special_tokens=True)
+                stream_ = DecodeStream(skip_special_tokens=True)
+                for i in ids[:p]:
+                    stream_.step(tok, i)
                 vllm = "".join(stream_.step(tok, i) or "" for i in ids[p:k])
                 assert "".join(stream(ours, ids[p:k], ids[:p])) == vllm, (text, p, k)
 
@@ -176,6 +179,8 @@ def test_streaming_after_a_prompt_keeps_leading_spaces(tmp_path, kind):
     full = ours.encode("hello there héllo wörld ✓ 日本 the lazy dog") + [eos]
     for k in range(1, len(full)):
         prompt, generated = full[:k], full[k:]
+        if ours.decode(prompt).endswith("\ufffd"):  # (a prompt cut inside a character: the test above)
+            continue
         expected = ours.decode(full)[len(ours.decode(prompt)):]
         assert "".join(stream(ours, generated, prompt)) == expected, k
 

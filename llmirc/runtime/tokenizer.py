@@ -141,23 +141,33 @@ class IncrementalDetokenizer:
     that still does when generation ends (tokens that stopped mid-character) is left out, not
     shown as U+FFFD, as vLLM leaves it out (its slow path's `detokenize_incrementally` and its
     fast path's `DecodeStream.step`, from tokenizers, both hold it back; nothing flushes it).
-    The prompt's last ids seed the window, so the first generated token gets its leading space;
-    the window never starts inside a character, whose cut-off bytes would decode to U+FFFD (and
-    with byte-fallback tokens, as Llama-2's, so would every byte of the run they start, the
-    generated ones too).
+    The prompt's last ids prime the window, as vLLM primes its DecodeStream: stepped through
+    from a suffix that decodes without U+FFFD (of CONTEXT to 24 ids), so the first generated
+    token gets its leading space and a character the prompt ends inside of (ids sent back after a
+    cut) is emitted whole once generated ids complete it. Where no such suffix is found (a prompt
+    that ends inside a character, or holds a U+FFFD of its own), the last PRIME_MAX ids: vLLM
+    steps through the whole prompt, which would cost a long prompt O(length) decodes. (A window
+    cannot start just anywhere: with byte-fallback tokens, as Llama-2's, a run of byte tokens
+    that a window cuts decodes to one U+FFFD per byte, the generated ones too.)
     """
 
-    CONTEXT = 5  # prompt ids kept as left context (more, up to 4, to start at a character)
+    CONTEXT = 5      # the shortest prompt suffix tried (vLLM: 4)
+    CLEAN_MAX = 24   # the longest (vLLM's)
+    PRIME_MAX = 512  # prompt ids stepped through when no suffix decodes cleanly
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids=()):
         self.tokenizer = tokenizer
-        ids = [int(i) for i in prompt_ids]
-        start = max(len(ids) - self.CONTEXT, 0)
-        while start > max(len(ids) - self.CONTEXT - 4, 0) and tokenizer.decode(ids[start:]).startswith("\ufffd"):
-            start -= 1
-        self.ids = ids[start:]
+        self.ids: list[int] = []
         self._prefix = 0  # window start
-        self._read = len(self.ids)  # ids before this have been emitted as text
+        self._read = 0  # ids before this have been emitted as text
+        ids = [int(i) for i in prompt_ids]
+        start = max(len(ids) - self.PRIME_MAX, 0)
+        for n in range(self.CONTEXT, min(len(ids), self.CLEAN_MAX) + 1):
+            if "\ufffd" not in tokenizer.decode(ids[-n:]):
+                start = len(ids) - n
+                break
+        for i in ids[start:]:  # (the prompt's text is not emitted)
+            self.add(i)
 
     def add(self, token_id: int) -> str:
         """Append one id; returns the text it completes (may be empty)."""
