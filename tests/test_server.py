@@ -620,6 +620,26 @@ def test_tokenize_detokenize_version_and_model_card(server, model):
     assert httpx.head(url + "/health").status_code == httpx.get(url + "/ping").status_code == 200
 
 
+def test_detokenize_takes_ids_of_a_padded_vocabulary(tmp_path):
+    """Logits often outnumber the tokenizer's tokens (Qwen's 151936 for 151669): the ids between
+    can be generated, and /detokenize takes them, decoded to nothing, as vLLM's tokenizer does."""
+    import asyncio
+
+    from llmirc.server.app import APIError, Server, ServerOptions
+    from llmirc.server.openai_api import DetokenizeRequest, detokenize
+
+    make_checkpoint(tmp_path / "ckpt", "llama", tokenizer=True, vocab_size=400)  # (a tokenizer of 384)
+    compile_model(tmp_path / "ckpt", tmp_path / "m.llmir", CompileOptions(cpu_variants=("native",)), Progress(None))
+    model = load(tmp_path / "m.llmir", kv_cache_tokens=64)
+    server = Server(model, ServerOptions("m"))
+    ids = model.encode("the quick brown fox")
+    assert model.tokenizer.vocab_size < 399 < model.vocab_size
+    got = asyncio.run(detokenize(server, DetokenizeRequest(tokens=ids + [399])))
+    assert got == {"prompt": model.tokenizer.decode(ids)}
+    with pytest.raises(APIError, match="token id 400 is outside the vocabulary of 400"):
+        asyncio.run(detokenize(server, DetokenizeRequest(tokens=[400])))
+
+
 def test_null_fields_odd_text_and_special_tokens_as_vllm(server, model):
     """null where vLLM's fields are Optional (the openai SDK sends it for None), null message
     content rendered as empty text, a lone surrogate in an SGLang rid echoed escaped (it was a

@@ -491,10 +491,12 @@ async def detokenize(server: Server, req: DetokenizeRequest) -> dict:
     tok = server.model.tokenizer
     if tok is None:
         raise APIError(400, "this bundle has no tokenizer", "tokens")
-    bad = [t for t in req.tokens if not 0 <= t < tok.vocab_size]
+    # ids the model can generate (its logits are often padded past the tokenizer's vocabulary:
+    # those decode to nothing, as in vLLM), or the tokenizer knows
+    vocab = max(tok.vocab_size, server.model.vocab_size)
+    bad = [t for t in req.tokens if not 0 <= t < vocab]
     if bad:
-        raise APIError(400, f"tokens: token id {bad[0]} is outside the tokenizer's vocabulary of {tok.vocab_size}",
-                       "tokens")
+        raise APIError(400, f"tokens: token id {bad[0]} is outside the vocabulary of {vocab}", "tokens")
     return {"prompt": await asyncio.to_thread(tok.decode, req.tokens, True)}
 
 
