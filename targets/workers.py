@@ -94,6 +94,14 @@ def _kill(pool: ProcessPoolExecutor) -> None:
     callers wait on futures with `result()`, not `Executor.map`, which cancels them when stopped."""
     for process in list((getattr(pool, "_processes", None) or {}).values()):  # (3.14: pool.kill_workers())
         process.kill()
+    # A worker killed while it wrote a result leaves part of it in the result pipe, and the
+    # manager thread would wait for the rest for good, and the exit with it (it joins that thread:
+    # a SIGTERM to a compile's process group hung it, ignoring further signals, in CI). This
+    # process's copy of the pipe's write end is the last one once the workers are dead: closed,
+    # the read ends (EOF) and the thread fails the pool as broken.
+    queue = getattr(pool, "_result_queue", None)
+    if queue is not None:
+        queue._writer.close()
     pool.shutdown(wait=False)
 
 

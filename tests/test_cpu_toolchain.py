@@ -259,6 +259,29 @@ def test_a_worker_that_dies_is_an_error_naming_the_tasks_left():
             run_tasks(pool, {"bad": (int, "x")})
 
 
+def test_killed_workers_cannot_leave_the_pool_waiting_for_a_half_written_result():
+    """A worker killed in the middle of writing its result leaves part of a message in the
+    result pipe; the pool's manager thread then waited for the rest for good, and so did the
+    exit of the process, which joins it (a compile's SIGTERM hung in CI). Here the half message is
+    written by hand, then the pool is killed as an exception out of worker_pool kills it."""
+    import os
+    import struct
+    import time
+
+    from llmirc.targets.workers import worker_pool
+
+    with pytest.raises(KeyboardInterrupt):
+        with worker_pool(1) as pool:
+            pool.submit(time.sleep, 30)
+            manager = pool._executor_manager_thread
+            os.write(pool._result_queue._writer.fileno(), struct.pack("!i", 100) + b"x" * 10)  # 10 of 100 bytes
+            time.sleep(0.5)  # (the manager thread is now reading the rest)
+            assert manager.is_alive()
+            raise KeyboardInterrupt
+    manager.join(timeout=20)
+    assert not manager.is_alive()
+
+
 def test_compile_workers_die_with_the_compile(tmp_path):
     """A compile killed with SIGKILL (or by the out-of-memory killer) leaves no worker behind."""
     import os
