@@ -313,7 +313,6 @@ def read_tokenizer(folder: Path) -> None:
     detok = tok.detokenizer(ids[:2])
     for i in ids[2:] + [3]:
         detok.add(i)
-    detok.finish()
 
 
 def setup_onnx(folder: Path) -> list[bytes]:

@@ -107,7 +107,6 @@ def stream(tokenizer, ids, prompt_ids=()):
     detok, deltas = tokenizer.detokenizer(prompt_ids), []
     for i in ids:
         deltas.append(detok.add(i))
-    deltas.append(detok.finish())
     return deltas
 
 

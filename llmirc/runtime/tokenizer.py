@@ -182,11 +182,6 @@ class IncrementalDetokenizer:
         self._prefix, self._read = 0, len(self.ids)
         return new_text[len(prefix_text):]
 
-    def finish(self) -> str:
-        """The text to add when generation ends: none (what is held back ends in an incomplete
-        character and is left out, as in vLLM)."""
-        return ""
-
 
 class TextStream:
     """The text of one generated sequence, delta by delta, cut at the first stop string.
@@ -211,9 +206,8 @@ class TextStream:
         return self._emit(final=False)
 
     def finish(self) -> str:
-        """The text still held back, at the end of generation."""
-        if self.stopped is None:
-            self.text += self.detokenizer.finish()
+        """The text still held back, at the end of generation (not the detokenizer's: an
+        incomplete character, left out)."""
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
