@@ -10,6 +10,10 @@ Candidates: every ReduceMean over the last axis of an activation, with the eleme
 computed from the same input around it; `onnx.LayerNormalization` directly. The candidate's
 weight ([C] constants), bias and epsilon (scalar constants) are read off the region, and the
 region must compute rms_norm / layer_norm on random inputs to be fused.
+
+Per-head RMSNorm (Qwen3's q_norm / k_norm): the input is a projection's heads, x [1, S, H, D] =
+Reshape(y [1, S, H*D]), normalized over D. It becomes rms_norm{num_heads = H} of y's rows, and a
+copy of the Reshape gives the region's users the [1, S, H, D] they read.
 """
 
 from __future__ import annotations
@@ -67,6 +71,14 @@ def _feeding(out: SSAValue, ops: list[OnnxOp]) -> list[OnnxOp]:
     return [op for op in ops if op in need]
 
 
+def _heads_of(x: SSAValue, oracle: Oracle) -> int | None:
+    """H where x [1, S, H, D] = Reshape(y [1, S, H*D]) of data y (a projection's heads), else None."""
+    op, shape = x.owner, oracle.shape(x)
+    if not (isinstance(op, OnnxOp) and op.op_type == "Reshape" and len(shape) == 4 and oracle.is_data(op.operands[0])):
+        return None
+    return shape[2] if oracle.shape(op.operands[0]) == (1, shape[1], shape[2] * shape[3]) else None
+
+
 def _closed(ops: list[OnnxOp], out: SSAValue) -> bool:
     return all(u.operation in ops for op in ops for r in op.results if r is not out for u in r.uses)
 
@@ -103,8 +115,9 @@ class FuseNorm(ModulePass):
         return True
 
     def _decomposed(self, anchor: OnnxOp, x: SSAValue, oracle: Oracle, ctx) -> str | None:
-        """The kind of norm fused ("rms_norm", "layer_norm (decomposed)") or None."""
-        if len(oracle.shape(x)) != 3 or oracle.shape(x)[0] != 1:
+        """The kind of norm fused ("rms_norm", "layer_norm (decomposed)", "rms_norm per head") or None."""
+        shape = oracle.shape(x)
+        if shape[:1] != (1,) or (len(shape) != 3 and _heads_of(x, oracle) is None):
             return None
         closure, outs = closure_down(x, oracle)
         for out in outs:  # several norms of one x (parallel residual) share a closure: one at a time
@@ -114,7 +127,7 @@ class FuseNorm(ModulePass):
         return None
 
     def _fit(self, anchor, x, ops, out, oracle, ctx) -> str | None:
-        cols = oracle.shape(x)[-1]
+        cols, heads = oracle.shape(x)[-1], _heads_of(x, oracle)
         consts = [v for o in ops for v in o.operands if oracle.has_value(v)]
         vectors = [v for v in consts if oracle.shape(v) == (cols,) and isinstance(v.owner, (L.WeightOp, L.ConstantOp))]
         scalars = sorted({float(np.asarray(oracle.value(v)).reshape(-1)[0]) for v in consts
@@ -122,9 +135,9 @@ class FuseNorm(ModulePass):
         eps_candidates = [e for e in scalars if 0 < e < 1e-2] or [1e-5, 1e-6]
         rng = np.random.default_rng(0)
         S = 7
-        xs = rng.standard_normal((1, S, cols)).astype(np.float32) * 3 + 1
+        xs = rng.standard_normal((1, S) + oracle.shape(x)[2:]).astype(np.float32) * 3 + 1
         # Rows of tiny magnitude, where eps decides the result: sqrt(mean) + eps is not rms_norm.
-        xs[0, :3] *= np.array([1e-3, 1e-4, 0], np.float32)[:, None]
+        xs[0, :3] *= np.array([1e-3, 1e-4, 0], np.float32).reshape((3,) + (1,) * (xs.ndim - 2))
         got = evaluate(ops, {x: xs}, oracle, S)[out]
         value = {id(v): np.asarray(oracle.value(v), np.float64) for v in vectors}
         ones = [None]
@@ -132,8 +145,14 @@ class FuseNorm(ModulePass):
             for w in vectors + ones:
                 wv = value[id(w)] if w is not None else 1.0
                 if close(got, rms_norm(xs, wv, eps), 1e-5):
+                    if heads is not None:
+                        self._replace(out, x.owner.operands[0], lambda rows: L.RMSNormOp(
+                            rows, self._weight(w, cols, ctx), eps, heads), ops, heads_of=x.owner)
+                        return "rms_norm per head"
                     self._replace(out, x, lambda rows: L.RMSNormOp(rows, self._weight(w, cols, ctx), eps), ops)
                     return "rms_norm"
+                if heads is not None:
+                    continue  # llmir.layer_norm has no heads
                 for b in vectors + ones:
                     if b is w and b is not None:
                         continue
@@ -153,7 +172,9 @@ class FuseNorm(ModulePass):
         return L.WeightOp(name, (cols,)).result  # inserted by _replace's caller below
 
     @staticmethod
-    def _replace(out: SSAValue, x: SSAValue, make, ops) -> None:
+    def _replace(out: SSAValue, x: SSAValue, make, ops, heads_of: OnnxOp | None = None) -> None:
+        """out (computed by `ops` from x) becomes unsqueeze_batch(make(squeeze_batch(x))). Per head,
+        x is the input of the Reshape `heads_of`, and a copy of that Reshape follows."""
         anchor = out.owner
         block = anchor.parent_block()
         rows = L.SqueezeBatchOp(x)
@@ -162,7 +183,9 @@ class FuseNorm(ModulePass):
         for operand in norm.operands:  # a synthesized weight op is not in the block yet
             if isinstance(operand.owner, L.WeightOp) and operand.owner.parent is None:
                 block.insert_op_before(operand.owner, anchor)
-        back = L.UnsqueezeBatchOp(norm.result)
-        block.insert_ops_before([norm, back], anchor)
-        out.replace_all_uses_with(back.result)
-        erase_dead(ops)
+        new = [norm, L.UnsqueezeBatchOp(norm.result)]
+        if heads_of is not None:
+            new.append(heads_of.clone(value_mapper={heads_of.operands[0]: new[-1].results[0]}))
+        block.insert_ops_before(new, anchor)
+        out.replace_all_uses_with(new[-1].results[0])
+        erase_dead(ops + ([heads_of] if heads_of is not None else []))

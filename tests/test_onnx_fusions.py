@@ -137,7 +137,8 @@ def _eval(op, val, src) -> list:
     if isinstance(op, L.AddOp):
         return [val(op.lhs) + val(op.rhs)]
     if isinstance(op, L.RMSNormOp):
-        return [rms_norm(val(op.input), val(op.weight), op.eps.value.data)]
+        x = val(op.input)
+        return [rms_norm(x.reshape(len(x), op.heads, -1), val(op.weight), op.eps.value.data).reshape(x.shape)]
     if isinstance(op, L.LayerNormOp):
         return [layer_norm(val(op.input), val(op.weight), None if op.bias is None else val(op.bias),
                            op.eps.value.data)]
@@ -304,6 +305,36 @@ def test_rms_norm_two_norms_of_one_input(tmp_path):
 def test_rms_norm_cast_lowers_fully(tmp_path):
     model, _, _ = rms_graph(cast=True)
     fused(model, tmp_path)
+
+
+def per_head_rms_graph(layout="reshape", weight_shape=(8,)):
+    """Qwen3's q_norm: a projection's heads [1, S, 4, 8] normalized over their 8 elements each, with
+    one weight for all heads; then back to [1, S, 32] for a linear. `layout`: how the heads are
+    made ("reshape"; "transpose": [1, S, 8, 4], normalized over the 4 heads, a near miss)."""
+    g = Graph()
+    q = g.matmul(g.x, 32, 32)
+    heads = g.op("Reshape", q, g.i64(1, -1, 4, 8))
+    if layout == "transpose":
+        heads = g.op("Transpose", heads, perm=[0, 1, 3, 2])
+    m = g.op("ReduceMean", g.op("Pow", heads, np.float32(2)), g.i64(-1))
+    n = g.op("Mul", g.randn(*weight_shape, shift=1.0), g.op("Mul", heads, g.op("Reciprocal", g.op(
+        "Sqrt", g.op("Add", m, np.float32(1e-6))))))
+    if layout == "transpose":
+        n = g.op("Transpose", n, perm=[0, 1, 3, 2])
+    return g.model(g.matmul(g.op("Reshape", n, g.i64(1, -1, 32)), 32, 32))
+
+
+def test_rms_norm_per_head(tmp_path):
+    module, _ = fused(per_head_rms_graph(), tmp_path)
+    (norm,) = ops(module, L.RMSNormOp)
+    assert norm.heads == 4 and L.shape_of(norm.weight) == (8,) and isinstance(norm.input.owner, L.LinearOp)
+
+
+@pytest.mark.parametrize("near_miss", [dict(layout="transpose", weight_shape=(4,)), dict(weight_shape=(4, 8))],
+                         ids=["normalized_over_heads", "weight_per_head"])
+def test_rms_norm_per_head_near_miss(near_miss, tmp_path):
+    module = not_fused(per_head_rms_graph(**near_miss), tmp_path)
+    assert not ops(module, L.RMSNormOp) and "ReduceMean" in onnx_left(module)
 
 
 # == 2. LayerNorm =================================================================================

@@ -27,6 +27,10 @@ CASES = {
     "llama-headdim-bias": ("llama", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
                                          attention_bias=True), {}),
     "gpt2-torchscript": ("gpt2", {}, dict(torchscript=True)),
+    # per-head q/k norms; q wider than the hidden size, as Qwen3's checkpoints have it
+    "qwen3-headdim": ("qwen3", dict(hidden_size=128, head_dim=64, intermediate_size=96), {}),
+    "qwen3-bias-tied-torchscript": ("qwen3", dict(attention_bias=True, tie_word_embeddings=True),
+                                    dict(torchscript=True)),
 }
 PROMPTS = [[0, 5, 9, 200, 17], [0] + [(7 * i + 3) % 380 for i in range(30)]]
 
