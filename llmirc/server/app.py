@@ -64,12 +64,23 @@ class APIError(Exception):
 def _integral(value):
     # JSON has one number type: 5.0 is the integer 5, as vLLM's (lax) request models take it; a
     # fraction is refused in pydantic's own words, a string or a boolean by the strict int check.
+    # An integral float beyond 64 bits (1e300) is refused too, rather than written out in full in
+    # a later error.
     if isinstance(value, float) and math.isfinite(value):
         if not value.is_integer():
             raise PydanticCustomError("int_from_float", "Input should be a valid integer, got a number with a "
                                                         "fractional part")
+        if not -2**63 <= value < 2**63:
+            raise PydanticCustomError("int_from_float", "Input should be a 64-bit integer, got {value}",
+                                      {"value": value})
         return int(value)
     return value
+
+
+def check_int64(value: int | None, field: str, param: str) -> None:
+    """A 400 (APIError, naming `param`) unless `value` is None or a signed 64-bit integer (seeds)."""
+    if value is not None and not -2**63 <= value < 2**63:
+        raise APIError(400, f"{field} must be a 64-bit signed integer, got {value}", param)
 
 
 Int = Annotated[int, BeforeValidator(_integral)]
