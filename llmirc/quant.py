@@ -175,6 +175,8 @@ def layout_problem(bits: int, sg: int, k: int) -> str | None:
         return f"{bits}-bit codes (llmirc stores 4, 5, 6 or 8)"
     if k % sg:
         return f"{k} inputs, not a multiple of the sub-group {sg}"
+    if sg % 4:  # a step of the layout (and a dot product's lane) takes 4 inputs
+        return f"sub-groups of {sg} inputs (a multiple of 4)"
     if sg * high_bits(bits) % 32:
         return f"{bits}-bit codes in sub-groups of {sg} (5 bits take groups of 32 or more)"
     return None

@@ -62,7 +62,8 @@ MAIN = {name: (37, next(k for k in (576, 640, 1536) if make(k).check(k) is None)
 EXTRA = [("i8_g32", 64, 512), ("i4_g32", 64, 512), ("i8_row", 9, 2048), ("i8_g256_min", 9, 2048),
          ("i4_g128_int", 9, 2048), ("i4_g32_min", 5, 64), ("i8_g16_f32", 5, 64),
          ("i5_g32", 5, 32), ("i5_g32_min_f32", 7, 96), ("i6_g16_f32", 3, 48),  # 5/6 bits: tails of 1 to 3 lanes
-         ("i4_g32", 11, 704), ("i6_g16_f32", 5, 352), ("i4_g128_int", 3, 2816)]  # tails of 6 and 8 lanes (8-lane vectors)
+         ("i4_g32", 11, 704), ("i6_g16_f32", 5, 352), ("i4_g128_int", 3, 2816),  # tails of 6 and 8 lanes (8-lane vectors)
+         ("i8_row", 7, 24)]  # a sub-group of 24 (a row of 24 inputs): activation scales over 24 values, not 16 or 32
 CASES = [(name, *MAIN[name]) for name in SCHEMES] + EXTRA
 # The other instruction paths share the per-format code; they run the formats that exercise
 # their dot products and unpacking differently (int8 and int4 codes, zero kinds, 16-wide blocks).
@@ -215,6 +216,7 @@ def test_pack_round_trip(rng, bits):
     (Scheme(7, 32), 64, "7-bit codes (llmirc stores 4, 5, 6 or 8)"),
     (Scheme(5, 32), 48, "48 inputs, not a multiple of the group size 32"),
     (Scheme(8, 8, "float32"), 8, "group size 8 (at least 16)"),  # per output row of 8 inputs
+    (Scheme(8, 18, "float32"), 18, "sub-groups of 18 inputs (a multiple of 4)"),  # the kernels read 4 at a time
 ])
 def test_quantize_refuses_schemes_without_a_layout(rng, scheme, k, message):
     """quantize, gptq and pack name what is impossible (Scheme.check's words) instead of failing in

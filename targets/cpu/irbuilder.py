@@ -387,11 +387,16 @@ def hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
 
 
 def hmax(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
-    """Max of the lanes of v (width a power of two) by a shuffle tree of maxnum (NaN lanes
-    are ignored). llvm.vector.reduce.fmax without fast-math flags lowers to a serial chain."""
+    """Max of the lanes of v by a shuffle tree of maxnum (NaN lanes are ignored); another width
+    than a power of two is first padded to one with copies of lane 0 (the tree dropped lanes:
+    int8 per-row qlinear's sub-groups of 20, 24 or 28 inputs lost the activation scale's maximum).
+    llvm.vector.reduce.fmax without fast-math flags lowers to a serial chain."""
     n = width(v)
     if n == 0:
         return v
+    if n & (n - 1):
+        v = shuffle(b, v, v, [*range(n), *[0] * ((1 << n.bit_length()) - n)])
+        n = width(v)
     while n > 1:
         n //= 2
         v = fmax(b, lanes(b, v, 0, n), lanes(b, v, n, n))
