@@ -349,6 +349,14 @@ def test_compile_model_path_is_a_file(tmp_path):
     assert not out.exists() and leftovers(out) == []
 
 
+def test_python_dash_m_llmirc_is_the_cli(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "llmirc", "--help"], capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("Usage: python -m llmirc "), r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "llmirc", "inspect", tmp_path / "nope"], capture_output=True, text=True,
+                       env=ENV, timeout=60)
+    assert_user_error(r, "nope", "no such file")
+
+
 def test_compile_error_after_progress_is_the_last_line(ckpt, tmp_path):
     # Without -q, progress lines may come first; the error is still one line, and the last.
     src = copy_ckpt(ckpt, tmp_path)

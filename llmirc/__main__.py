@@ -1,0 +1,5 @@
+"""`python -m llmirc ...`: the `llmirc` console script."""
+
+from llmirc.entry import main
+
+main()
