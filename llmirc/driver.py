@@ -316,6 +316,11 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             progress.note(f"--quant {options.quant} changed nothing: the weights it would quantize are stored "
                           f"quantized in {model} already and are kept as they are"
                           f"{_DEQUANTIZE_HINT.get(source.kind, '')}")
+        if quantize is not None and not kept_stored and \
+                any(k.startswith(f"{quantize.name}: kept a weight of") for k in ctx.report) and \
+                not any(isinstance(op, (L.QuantizeOp, L.PackedWeightOp)) for op in module.walk()):
+            progress.note(f"--quant {options.quant} quantized nothing: no linear weight of {model} has inputs in "
+                          f"groups its scheme takes, so every one stays in float (--report lists them)")
         if options.quant_smooth is not None and not any(k.startswith("smooth: ") for k in ctx.report):
             progress.note(f"--quant-smooth smoothed nothing: no norm or act_mul of {model} feeds only linears with "
                           f"float weights{_DEQUANTIZE_HINT.get(source.kind, '')}")

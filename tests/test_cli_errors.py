@@ -654,6 +654,18 @@ def test_compile_warns_of_quant_options_without_effect(ckpt):
         r.stderr
 
 
+def test_compile_says_when_quant_quantizes_nothing(tmp_path):
+    """int4's groups (32, down to 16) divide none of 24 or 40 inputs: every weight stays in float, and
+    one note says so (the compile used to be silent, as if it had quantized)."""
+    make_checkpoint(tmp_path / "narrow", "llama", tokenizer=True, hidden_size=24, num_attention_heads=2,
+                    num_key_value_heads=1, intermediate_size=40)
+    r = llmirc("compile", tmp_path / "narrow", "--emit", "mlir", "-q", "--quant", "int4", "--no-quant-rotate")
+    assert r.returncode == 0 and r.stderr.startswith("note: --quant int4 quantized nothing: no linear weight of") \
+        and len(r.stderr.splitlines()) == 1 and "llmir.quantize" not in r.stdout, r.stderr
+    r = llmirc("compile", tmp_path / "narrow", "--emit", "mlir", "-q", "--quant", "int8")  # rows of any width
+    assert r.returncode == 0 and r.stderr == "" and "llmir.quantize" in r.stdout, r.stderr
+
+
 def test_compile_says_when_quant_rotate_rotates_nothing(tmp_path, ckpt):
     """down_proj's 40 inputs split into no power-of-two block of 16 or more: --quant-rotate says so
     in one note; with 128 inputs (the `ckpt` fixture's) it rotates and says nothing."""
