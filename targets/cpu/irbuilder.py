@@ -162,33 +162,35 @@ def gep(b: ir.IRBuilder, ptr: ir.Value, idx, ety: ir.Type = F32, inbounds: bool 
 PREFETCH_AHEAD = 16 * 1024
 
 
-def rows_ahead(R: int, row_bytes: int) -> int:
+def rows_ahead(R: int, row_bytes: int, streamed: bool = False) -> int:
     """Rows of the weight ahead of a block of R rows that its software prefetch reads: the next
-    block, or for one-row (decode) blocks the row PREFETCH_AHEAD bytes on."""
-    return R if R > 1 else -(-PREFETCH_AHEAD // row_bytes)
+    block, or for a decode block (`streamed`, see by_row_blocks) the row PREFETCH_AHEAD bytes on
+    (at least the next block)."""
+    return max(R, -(-PREFETCH_AHEAD // row_bytes)) if streamed else R
 
 
 def by_row_blocks(b: ir.IRBuilder, ng: ir.Value, cmax: ir.Value, rows: Sequence[int], emit,
-                  one_row_decode: bool = True) -> None:
-    """Emit, under the condition that picks it, emit(R, sizes) for each row-block height R: with one
-    token group (decode: memory-bound) and `one_row_decode` (CpuVariant.one_row_decode) one row at
-    a time, for groups of 1..C tokens; otherwise R = rows[c - 1] for the largest group c = cmax
-    (groups hold cmax or cmax - 1 tokens)."""
+                  one_row_decode: bool = True, decode_rows: Sequence[int] | None = None) -> None:
+    """Emit, under the condition that picks it, emit(R, sizes, streamed) for each row-block height
+    R. With one token group (decode: memory-bound) and `one_row_decode` (CpuVariant.one_row_decode),
+    the weight streams in address order (`streamed`): a group of c tokens reads decode_rows[c - 1]
+    rows side by side (default 1, one row at a time). Otherwise R = rows[c - 1] for the largest
+    group c = cmax (groups hold cmax or cmax - 1 tokens). Heights must not grow with c."""
     C = len(rows)
 
-    def blocked():
-        for R in sorted(set(rows), reverse=True):
-            cs = [c for c in range(1, C + 1) if rows[c - 1] == R]
+    def by_height(heights, streamed: bool):
+        for R in sorted(set(heights), reverse=True):
+            cs = [c for c in range(1, C + 1) if heights[c - 1] == R]
             with b.if_then(b.and_(b.icmp_signed(">=", cmax, i64(cs[0])), b.icmp_signed("<=", cmax, i64(cs[-1])))):
-                emit(R, range(max(1, cs[0] - 1), cs[-1] + 1))
+                emit(R, range(cs[0] if streamed else max(1, cs[0] - 1), cs[-1] + 1), streamed)
     if not one_row_decode:
-        blocked()
+        by_height(rows, False)
         return
     with b.if_else(b.icmp_signed("==", ng, i64(1))) as (streamed, other):
         with streamed:
-            emit(1, range(1, C + 1))
+            by_height(decode_rows or (1,) * C, True)
         with other:
-            blocked()
+            by_height(rows, False)
 
 
 def prefetch(b: ir.IRBuilder, ptr: ir.Value) -> None:

@@ -348,14 +348,26 @@ def _linear_blocking(vw: int) -> tuple[int, tuple[int, ...]]:
     vectors and an x vector fit the register file: 32 zmm with AVX-512 (16 lanes), 16 ymm
     with AVX2 + FMA, 16 xmm otherwise (SSE has no FMA: a multiply needs a scratch register).
     Fewer tokens, more rows. Decode (one group of <= C tokens) takes one row at a time
-    instead: w then streams from memory in address order, which on a Zen 4 host ran
-    1.5x faster than 8 rows read side by side (BENCHMARKS.md, "one row at a time"); not on
-    Intel CPUs, where the row blocks were faster (CpuVariant.one_row_decode)."""
+    instead (or a few side by side: _decode_rows): w then streams from memory in address
+    order, which on a Zen 4 host ran 1.5x faster than 8 rows read side by side (BENCHMARKS.md,
+    "one row at a time"); not on Intel CPUs, where the row blocks were faster
+    (CpuVariant.one_row_decode)."""
     if vw >= 16:
         return 4, (8, 8, 6, 6)
     if vw == 8:
         return 4, (6, 4, 3, 3)
     return 4, (4, 4, 3, 2)
+
+
+def _decode_rows(vw: int, row_bytes: int) -> tuple[int, ...] | None:
+    """Rows of w a decode group of 1..4 tokens reads side by side (irbuilder.by_row_blocks; None:
+    one at a time). One row and one token is one FMA chain, vw lanes per FMA latency (4 cycles on
+    Zen 3): with 8 f32 lanes that is 8 bytes of f32 weights a cycle, 4 of bf16, under a core's share
+    of DRAM. Four rows side by side (two for two tokens) read rows of 2 KiB or more 9-26% faster
+    (f32) and level to 14% faster (bf16) on a Zen 3 host, two threads, weights beyond the L3; rows
+    of 1 KiB (bf16, 512 inputs) 25% slower, so shorter rows stay one at a time (BENCHMARKS.md,
+    "Decode rows side by side"). 16-lane (AVX-512) variants keep one row: not measured there."""
+    return (4, 2, 1, 1) if vw <= 8 and row_bytes >= 2048 else None
 
 
 def _dot_tile(b, arows, brows, n, vw, pf=None, pf_stride=0, bst=None):
@@ -429,6 +441,8 @@ def _emit_linear(module, fn, b, p, cpu):
     _positive(n=p.n, k=p.k)
     C, rows = _linear_blocking(vw)
     T = _arg(fn, "T")
+    wst = irb.storage(p.w_dtype)
+    row_bytes = p.k * wst.itemsize
 
     def row_blocks(b, R, block, extra):
         """one parallel loop over blocks of R rows of w: block(cb, args, extra, j0, rows)"""
@@ -467,12 +481,11 @@ def _emit_linear(module, fn, b, p, cpu):
                     _linear_micro(cb, A, p, vw, j0, t0, r, c, k0, klen, first,
                                   pf)
 
-    def one_pass(R, cs):
+    def one_pass(R, cs, streamed):
         """block(): all k slices of the row block in turn (each w slice and x[:, slice] stay
         in L1), prefetching the next block's rows meanwhile (the hardware prefetcher alone
         leaves memory idle while a block computes)"""
-        wst = irb.storage(p.w_dtype)
-        ahead = irb.rows_ahead(R, p.k * wst.itemsize)
+        ahead = irb.rows_ahead(R, row_bytes, streamed)
 
         def block(cb, A, ex, j0, r):
             pf = wst.gep(cb, A.w, cb.mul(cb.add(j0, i64(ahead)), i64(p.k)), inbounds=False)
@@ -507,8 +520,9 @@ def _emit_linear(module, fn, b, p, cpu):
                 ng, base, extra = groups(b, T)
                 cmax = b.add(base, b.zext(b.icmp_signed(">", extra, i64(0)), I64))
                 irb.by_row_blocks(b, ng, cmax, rows,
-                                  lambda r, sizes: row_blocks(b, r, one_pass(r, sizes), (i64(0), ng, base, extra)),
-                                  cpu.one_row_decode)
+                                  lambda r, sizes, streamed: row_blocks(b, r, one_pass(r, sizes, streamed),
+                                                                        (i64(0), ng, base, extra)),
+                                  cpu.one_row_decode, _decode_rows(vw, row_bytes))
             with large:
                 def fma_prefill():
                     R = rows[C - 1]

@@ -425,10 +425,10 @@ def _emit_qlinear(module, fn, b, A, p, variant):
             base, extra = b.sdiv(nt, ng), b.srem(nt, ng)
             cmax = b.add(base, b.zext(b.icmp_signed(">", extra, i64(0)), I64))
 
-            def row_blocks(R, sizes):
+            def row_blocks(R, sizes, streamed):
                 _row_blocks(module, b, fn, R, n, k, row_bytes,
                             lambda cb, X, j0, r, pf, ex: _token_groups(cb, X, j0, r, pf, ex, micro, sizes),
-                            (t_lo, ng, base, extra))
+                            (t_lo, ng, base, extra), streamed)
             irb.by_row_blocks(b, ng, cmax, rows, row_blocks, variant.one_row_decode)
 
     T = A.T
@@ -636,11 +636,11 @@ def _finish(cb, X, p, v, t, col, width):
         cb.store(v, irb.gep(cb, X.out, out_at))
 
 
-def _row_blocks(module, b, fn, R, n, k, row_bytes, block, extra):
+def _row_blocks(module, b, fn, R, n, k, row_bytes, block, extra, streamed=False):
     """One parallel loop over blocks of R rows of the weight: block(cb, args, j0, rows, prefetch
-    pointer (irbuilder.rows_ahead), extra values)."""
+    pointer (irbuilder.rows_ahead; `streamed`: a decode pass), extra values)."""
     nbf, rrem = divmod(n, R)
-    ahead = irb.rows_ahead(R, row_bytes)
+    ahead = irb.rows_ahead(R, row_bytes, streamed)
 
     def body(cb, rb, vals):
         X = irb.named(fn, vals)
