@@ -27,6 +27,7 @@ from xdsl.ir import SSAValue
 from xdsl.passes import ModulePass
 
 from llmirc import dialect as L
+from llmirc.frontend.onnx_analysis import PROBE_LENGTHS
 from llmirc.frontend.onnx_dialect import OnnxOp
 
 from .func_args import forward_func
@@ -72,11 +73,14 @@ def _feeding(out: SSAValue, ops: list[OnnxOp]) -> list[OnnxOp]:
 
 
 def _heads_of(x: SSAValue, oracle: Oracle) -> int | None:
-    """H where x [1, S, H, D] = Reshape(y [1, S, H*D]) of data y (a projection's heads), else None."""
+    """H where x [1, S, H, D] = Reshape(y [1, S, H*D]) of data y (a projection's heads) at every probed
+    length S, else None (a split seen at one length only, [1, 3, 4, -1] at S = 3, is no heads)."""
     op, shape = x.owner, oracle.shape(x)
     if not (isinstance(op, OnnxOp) and op.op_type == "Reshape" and len(shape) == 4 and oracle.is_data(op.operands[0])):
         return None
-    return shape[2] if oracle.shape(op.operands[0]) == (1, shape[1], shape[2] * shape[3]) else None
+    return shape[2] if all(oracle.shape(x, S) == (1, S) + shape[2:] and
+                           oracle.shape(op.operands[0], S) == (1, S, shape[2] * shape[3])
+                           for S in PROBE_LENGTHS) else None
 
 
 def _closed(ops: list[OnnxOp], out: SSAValue) -> bool:

@@ -337,6 +337,17 @@ def test_rms_norm_per_head_near_miss(near_miss, tmp_path):
     assert not ops(module, L.RMSNormOp) and "ReduceMean" in onnx_left(module)
 
 
+def test_rms_norm_per_head_split_seen_at_one_length(tmp_path):
+    """Reshape([1, S, 12], [1, 3, 4, -1]) is [1, S, 4, 3] at S = 3 (a probe length) only: at S = 5 the
+    norm runs over 5 elements, not over heads of 3 (it was fused as rms_norm{num_heads = 4}: wrong numbers)."""
+    g = Graph()
+    x = g.op("Reshape", g.matmul(g.x, 32, 12), g.i64(1, 3, 4, -1))
+    m = g.op("ReduceMean", g.op("Pow", x, np.float32(2)), g.i64(-1))
+    n = g.op("Mul", x, g.op("Reciprocal", g.op("Sqrt", g.op("Add", m, np.float32(1e-6)))))
+    module = not_fused(g.model(g.matmul(g.op("Reshape", n, g.i64(1, -1, 12)), 12, 32)), tmp_path)
+    assert not ops(module, L.RMSNormOp)
+
+
 # == 2. LayerNorm =================================================================================
 
 def layer_norm_graph(form="op", bias=True, eps=1e-5, variance="centered"):
