@@ -666,6 +666,17 @@ def test_compile_says_when_quant_quantizes_nothing(tmp_path):
     assert r.returncode == 0 and r.stderr == "" and "llmir.quantize" in r.stdout, r.stderr
 
 
+def test_quant_nothing_note_names_quant_keep(tmp_path):
+    """down_proj's 64 inputs fit int4's groups, but --quant-keep keeps it in float: the note must not say
+    that no weight fits (it did), and names --quant-keep."""
+    make_checkpoint(tmp_path / "narrow", "llama", tokenizer=True, hidden_size=24, num_attention_heads=2,
+                    num_key_value_heads=1, intermediate_size=64)
+    r = llmirc("compile", tmp_path / "narrow", "--emit", "mlir", "-q", "--quant", "int4", "--no-quant-rotate",
+               "--quant-keep", "embedding,*.down_proj.*")
+    assert r.returncode == 0 and r.stderr.startswith("note: --quant int4 quantized nothing: ") \
+        and "but those --quant-keep keeps in float" in r.stderr and "llmir.quantize" not in r.stdout, r.stderr
+
+
 def test_compile_says_when_quant_rotate_rotates_nothing(tmp_path, ckpt):
     """down_proj's 40 inputs split into no power-of-two block of 16 or more: --quant-rotate says so
     in one note; with 128 inputs (the `ckpt` fixture's) it rotates and says nothing."""
