@@ -2,4 +2,5 @@
 
 from llmirc.entry import main
 
-main()
+if __name__ == "__main__":
+    main()

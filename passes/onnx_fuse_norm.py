@@ -123,6 +123,8 @@ class FuseNorm(ModulePass):
         shape = oracle.shape(x)
         if shape[:1] != (1,) or (len(shape) != 3 and _heads_of(x, oracle) is None):
             return None
+        if any(oracle.shape(x, S)[-1] != shape[-1] for S in PROBE_LENGTHS):
+            return None  # the normalized axis grows with S (a [C] weight cannot scale it)
         closure, outs = closure_down(x, oracle)
         for out in outs:  # several norms of one x (parallel residual) share a closure: one at a time
             ops = _feeding(out, closure)

@@ -307,6 +307,18 @@ def test_rms_norm_cast_lowers_fully(tmp_path):
     fused(model, tmp_path)
 
 
+def test_rms_norm_over_an_axis_that_grows_with_the_sequence(tmp_path):
+    """A norm over the last axis of Reshape(y [1, S, 12], [1, 12, -1]): that axis is S long, no
+    rms_norm of rows; it stays generic and computes the graph (fusing it was an internal error)."""
+    g = Graph()
+    y = g.op("Reshape", g.matmul(g.x, 32, 12), g.i64(1, 12, -1))
+    m = g.op("ReduceMean", g.op("Pow", y, np.float32(2)), g.i64(-1))
+    n = g.op("Mul", y, g.op("Reciprocal", g.op("Sqrt", g.op("Add", m, np.float32(1e-6)))))
+    model = g.model(g.matmul(g.op("Reshape", n, g.i64(1, -1, 12)), 12, 32))
+    module = not_fused(model, tmp_path)
+    assert not ops(module, L.RMSNormOp) and "ReduceMean" in onnx_left(module)
+
+
 def per_head_rms_graph(layout="reshape", weight_shape=(8,)):
     """Qwen3's q_norm: a projection's heads [1, S, 4, 8] normalized over their 8 elements each, with
     one weight for all heads; then back to [1, S, 32] for a linear. `layout`: how the heads are
