@@ -114,6 +114,8 @@ class Smooth(ModulePass):
         lm_head = lm_head_of(op)
         for producer in list(forward_func(op).body.block.ops):
             if isinstance(producer, (L.RMSNormOp, L.LayerNormOp)):
+                if isinstance(producer, L.RMSNormOp) and producer.heads > 1:
+                    continue  # a weight of head_dim shared by the heads: no per-channel scale folds into it
                 before = [producer.weight] + ([producer.bias] if isinstance(producer, L.LayerNormOp)
                                               and producer.bias is not None else [])
                 what = producer.name.removeprefix("llmir.")
