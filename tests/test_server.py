@@ -531,12 +531,18 @@ BAD = {
         "tool_choice"),
     "stream-options-without-stream": ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
                                       400, "stream: true", "stream_options"),
-    "seed-beyond-64-bits": ("/v1/completions", {"prompt": "hi", "seed": 2**70}, 400, "64-bit", "seed"),
+    "seed-beyond-64-bits": ("/v1/completions", {"prompt": "hi", "seed": 2**70}, 400, "seed: Input should be a 64-bit "
+                            "integer", "seed"),
     "sglang-seed-beyond-64-bits": ("/generate", {"text": "hi", "sampling_params": {"sampling_seed": -2**63 - 1}}, 400,
-                                   "sampling_seed must be a 64-bit signed integer", "sampling_params"),
+                                   "sampling_seed: Input should be a 64-bit integer", "sampling_params"),
     # an integral float too large for any integer field: refused in a few words, not written out in 301 digits
     "n-1e300": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 1e300}, 400,
                 "n: Input should be a 64-bit integer, got 1e+300", "n"),
+    # the same for an integer written out (top_k was accepted; others echoed all its digits)
+    "top-k-beyond-64-bits": ("/v1/completions", {"prompt": "hi", "top_k": 10**19}, 400,
+                             "top_k: Input should be a 64-bit integer, got an integer of 20 digits", "top_k"),
+    "n-301-digits": ("/v1/completions", {"prompt": "hi", "n": 10**300}, 400,
+                     "n: Input should be a 64-bit integer, got an integer of 301 digits", "n"),
     "more-sequences-than-the-server-takes": ("/v1/completions", {"prompt": [[1, 2]] * 9, "n": 128}, 400,
                                              "1152 sequences"),
     # text that is not Unicode (JSON's escape of a lone surrogate): a 400, not a 500

@@ -64,23 +64,18 @@ class APIError(Exception):
 def _integral(value):
     # JSON has one number type: 5.0 is the integer 5, as vLLM's (lax) request models take it; a
     # fraction is refused in pydantic's own words, a string or a boolean by the strict int check.
-    # An integral float beyond 64 bits (1e300) is refused too, rather than written out in full in
-    # a later error.
+    # A number beyond 64 bits (1e300, or 10**19 written out) is refused in every integer field, in
+    # a few words, rather than accepted by some fields and echoed digit by digit in others' errors.
     if isinstance(value, float) and math.isfinite(value):
         if not value.is_integer():
             raise PydanticCustomError("int_from_float", "Input should be a valid integer, got a number with a "
                                                         "fractional part")
-        if not -2**63 <= value < 2**63:
-            raise PydanticCustomError("int_from_float", "Input should be a 64-bit integer, got {value}",
-                                      {"value": value})
-        return int(value)
-    return value
-
-
-def check_int64(value: int | None, field: str, param: str) -> None:
-    """A 400 (APIError, naming `param`) unless `value` is None or a signed 64-bit integer (seeds)."""
-    if value is not None and not -2**63 <= value < 2**63:
-        raise APIError(400, f"{field} must be a 64-bit signed integer, got {value}", param)
+    elif not isinstance(value, int) or isinstance(value, bool):
+        return value
+    if not -2**63 <= value < 2**63:
+        got = f"{value:.3g}" if isinstance(value, float) else f"an integer of {len(str(abs(value)))} digits"
+        raise PydanticCustomError("int_too_large", f"Input should be a 64-bit integer, got {got}")
+    return int(value)
 
 
 Int = Annotated[int, BeforeValidator(_integral)]

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmirc.errors import LlmircError
 from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
-from .app import APIError, Generation, Int, Server, check_int64, event_stream, refuse_not_implemented
+from .app import APIError, Generation, Int, Server, event_stream, refuse_not_implemented
 
 MAX_N = 128
 
@@ -119,7 +119,6 @@ def _refuse_unsupported(req: _Common) -> None:
         req.n = 1
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options can only be given with stream: true", "stream_options")
-    check_int64(req.seed, "seed", "seed")
     if req.seed == -1:  # (vLLM: -1 is no seed)
         req.seed = None
     if not req.skip_special_tokens:

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict
 
 from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams
 
-from .app import APIError, Generation, Int, Server, check_int64, event_stream, refuse_not_implemented
+from .app import APIError, Generation, Int, Server, event_stream, refuse_not_implemented
 
 
 class GenerateRequest(BaseModel):
@@ -115,7 +115,6 @@ def _params(raw: dict | None) -> _Params:
     if not p.temperature >= 0 or not 0 < p.top_p <= 1 or p.top_k < -1 or p.top_k == 0:  # (NaN too)
         raise APIError(400, "sampling_params: temperature must be >= 0, top_p in (0, 1], top_k -1 or >= 1",
                        "sampling_params")
-    check_int64(p.sampling_seed, "sampling_params.sampling_seed", "sampling_params")
     return p
 
 
