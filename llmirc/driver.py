@@ -321,9 +321,10 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                 not any(isinstance(op, (L.QuantizeOp, L.PackedWeightOp)) for op in module.walk()):
             keep = f"{quantize.name}: float (keep "  # a weight kept by a --quant-keep item (one that may fit)
             user_kept = any(k.startswith(keep) and k != f"{keep}embedding)" for k in ctx.report)
-            progress.note(f"--quant {options.quant} quantized nothing: no linear weight of {model} has inputs in "
-                          f"groups its scheme takes{' but those --quant-keep keeps in float' if user_kept else ''}, "
-                          f"so every one stays in float (--report lists them)")
+            why = (f"the linear weights of {model} whose inputs fit its groups are kept in float by --quant-keep, and "
+                   f"the others' fit none" if user_kept else
+                   f"no linear weight of {model} has inputs in groups its scheme takes, so every one stays in float")
+            progress.note(f"--quant {options.quant} quantized nothing: {why} (--report lists them)")
         if options.quant_smooth is not None and not any(k.startswith("smooth: ") for k in ctx.report):
             progress.note(f"--quant-smooth smoothed nothing: no norm or act_mul of {model} feeds only linears with "
                           f"float weights{_DEQUANTIZE_HINT.get(source.kind, '')}")
