@@ -363,9 +363,10 @@ def _decode_rows(vw: int, row_bytes: int) -> tuple[int, ...] | None:
     """Rows of w a decode group of 1..4 tokens reads side by side (irbuilder.by_row_blocks; None:
     one at a time). One row and one token is one FMA chain, vw lanes per FMA latency (4 cycles on
     Zen 3): with 8 f32 lanes that is 8 bytes of f32 weights a cycle, 4 of bf16, under a core's share
-    of DRAM. Four rows side by side (two for two tokens) read rows of 2 KiB or more 9-26% faster
-    (f32) and level to 14% faster (bf16) on a Zen 3 host, two threads, weights beyond the L3; rows
-    of 1 KiB (bf16, 512 inputs) 25% slower, so shorter rows stay one at a time (BENCHMARKS.md,
+    of DRAM. Four rows side by side (two for two tokens): four chains, the same bits. On a Zen 3
+    host, rows of 2 KiB or more ran 30% (f32) and 90% (bf16) faster from the cache on one thread,
+    and about level to 26% faster from DRAM on two (the longest rows gained most); rows of 1 KiB
+    (bf16, 512 inputs) were 25% slower from DRAM, so shorter rows stay one at a time (BENCHMARKS.md,
     "Decode rows side by side"). 16-lane (AVX-512) variants keep one row: not measured there."""
     return (4, 2, 1, 1) if vw <= 8 and row_bytes >= 2048 else None
 
