@@ -45,6 +45,19 @@ def test_unsupported_ops_are_listed_with_counts(tmp_path):
     compile_fails(tmp_path, save(graph(nodes, [embed()]), tmp_path / "m.onnx"), "m.onnx", "Conv x2", "Loop x1")
 
 
+def test_opset_23_fused_ops_are_named_with_a_way_out(tmp_path):
+    """torch.onnx at opset 23 writes fused RMSNormalization (and Attention, RotaryEmbedding): the error
+    says to export at an older opset, whose decomposed forms llmirc recognizes."""
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["x"]),
+             helper.make_node("RMSNormalization", ["x", "w"], ["y"], axis=-1)]
+    w = numpy_helper.from_array(np.ones(8, np.float32), "w")
+    compile_fails(tmp_path, save(graph(nodes, [embed(), w], opset=23), tmp_path / "m.onnx"), "RMSNormalization x1",
+                  "opset 23's fused RMSNormalization: export with opset 17 to 22")
+    nodes[1] = helper.make_node("Conv", ["x", "E"], ["y"])  # no hint for other operators
+    r = llmirc("compile", save(graph(nodes, [embed()]), tmp_path / "c.onnx"), "-o", tmp_path / "c.llmir")
+    assert "Conv x1" in r.stderr and "opset 23" not in r.stderr, r.stderr
+
+
 def test_old_opset_refused(tmp_path):
     nodes = [helper.make_node("Gather", ["E", "input_ids"], ["y"])]
     compile_fails(tmp_path, save(graph(nodes, [embed()], opset=13), tmp_path / "m.onnx"), "opset 13")

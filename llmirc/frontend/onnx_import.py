@@ -46,6 +46,9 @@ from .onnx_analysis import CONST, DATA, PROBE_LENGTHS, SONLY, AV, Node, interpre
 from .onnx_dialect import NoneOp, element_type, make_op
 
 MIN_OPSET = 17
+# Opset 23's fused LLM operators, which torch.onnx writes at that opset; llmirc reads their
+# decomposed forms (opsets 17 to 22).
+OPSET23_FUSED = frozenset({"Attention", "RMSNormalization", "RotaryEmbedding"})
 SMALL_CONSTANT = 256  # constants up to this many elements are kept in the IR text
 INPUT_ROLES = {"input_ids": "onnx:input_ids", "attention_mask": "onnx:attention_mask",
                "position_ids": "onnx:position_ids"}
@@ -107,7 +110,9 @@ class OnnxCheckpoint:
                               if n.domain not in ("", "ai.onnx") or n.op_type not in onnx_ops.SUPPORTED)
         if unsupported:
             listed = ", ".join(f"{op} x{count}" for op, count in sorted(unsupported.items()))
-            raise CheckpointError(f"{path}: unsupported ONNX operators: {listed}")
+            fused = sorted(set(unsupported) & OPSET23_FUSED)
+            hint = f" (opset 23's fused {', '.join(fused)}: export with opset 17 to 22)" if fused else ""
+            raise CheckpointError(f"{path}: unsupported ONNX operators: {listed}{hint}")
         self.initializers = {t.name: t for t in graph.initializer}
         for t in graph.initializer:
             self._check_initializer(t)
