@@ -37,7 +37,8 @@ from llmirc.passes.pipeline import DEFAULT_BLOCK_SIZE, make_context, parse_passe
 from llmirc.passes.cast_weights import float_type, weight_uses
 from llmirc.passes.kv_cache_dtype import kv_type
 from llmirc.passes.paged_kv import block_size_problem
-from llmirc.passes.quantize_weights import METHODS, TIED_HEAD, TIED_TWICE, QuantizeWeights, source_names
+from llmirc.passes.quantize_weights import (METHODS, NOTHING_FITS, NOTHING_FITS_BUT_KEPT, TIED_HEAD, TIED_TWICE,
+                                            QuantizeWeights, source_names)
 from llmirc.targets.backend import backend
 from llmirc.targets.plan import ABI_INPUTS, ABI_VERSION, Plan, build_plan
 
@@ -316,13 +317,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             progress.note(f"--quant {options.quant} changed nothing: the weights it would quantize are stored "
                           f"quantized in {model} already and are kept as they are"
                           f"{_DEQUANTIZE_HINT.get(source.kind, '')}")
-        if quantize is not None and not kept_stored and \
-                any(k.startswith(f"{quantize.name}: kept a weight of") for k in ctx.report) and \
-                not any(isinstance(op, (L.QuantizeOp, L.PackedWeightOp)) for op in module.walk()):
-            keep = f"{quantize.name}: float (keep "  # a weight kept by a --quant-keep item (one that may fit)
-            user_kept = any(k.startswith(keep) and k != f"{keep}embedding)" for k in ctx.report)
+        if NOTHING_FITS_BUT_KEPT in ctx.report or NOTHING_FITS in ctx.report:
             why = (f"the linear weights of {model} whose inputs fit its groups are kept in float by --quant-keep, and "
-                   f"the others' fit none" if user_kept else
+                   f"the others' fit none" if NOTHING_FITS_BUT_KEPT in ctx.report else
                    f"no linear weight of {model} has inputs in groups its scheme takes, so every one stays in float")
             progress.note(f"--quant {options.quant} quantized nothing: {why} (--report lists them)")
         if options.quant_smooth is not None and not any(k.startswith("smooth: ") for k in ctx.report):

@@ -125,6 +125,8 @@ def lm_head_of(module: ModuleOp) -> L.LinearOp | None:
 
 TIED_HEAD = "quantize-weights: LM head tied to a kept embedding table: float"
 TIED_TWICE = "quantize-weights: LM head tied to an embedding table of another type: a second copy"
+NOTHING_FITS = "quantize-weights: no weight's inputs fit the scheme's groups: nothing quantized"
+NOTHING_FITS_BUT_KEPT = "quantize-weights: the weights that fit the scheme's groups are kept: nothing quantized"
 
 
 def int8_rows(k: int) -> Scheme:
@@ -296,13 +298,14 @@ class QuantizeWeights(ModulePass):
         lm_head = lm_head_of(op)
         tables = {n: self.kept(e, t, lm_head)[0] for e, t in weight_uses(op) if isinstance(e, L.EmbeddingOp)
                   for n in source_names(t)}  # source name -> the level `keep` gives the table
-        planned = []
+        planned, misfits, user_kept = [], 0, False
         for user, w in weight_uses(op):
             if not L.is_float(w.type.element_type):
                 continue
             level, item = self.kept(user, w, lm_head)
             if level == "float":
                 note(ctx, f"{self.name}: LM head kept" if user is lm_head else f"{self.name}: float (keep {item})")
+                user_kept |= item != "embedding"  # (the default keeps the table)
                 continue
             n, k = L.shape_of(w)
             if level == "int8":  # a tied table and head kept so share one copy
@@ -324,8 +327,11 @@ class QuantizeWeights(ModulePass):
                           f"(not a multiple of {wanted.group_size})")
             if scheme.check(k) is not None:
                 note(ctx, f"{self.name}: kept a weight of {k} inputs in float (groups of {scheme.group_size})")
+                misfits += 1
                 continue
             planned.append((user, w, k, scheme))
+        if misfits and not planned:
+            note(ctx, NOTHING_FITS_BUT_KEPT if user_kept else NOTHING_FITS)
         schemes = {}  # source name -> schemes of the uses planned
         for user, w, _, scheme in planned:
             for n in source_names(w):
