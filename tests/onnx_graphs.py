@@ -80,11 +80,14 @@ class Graph:
         y = self.op("MatMul", x, self.randn(n_in, n_out, scale=scale))
         return self.op("Add", y, self.randn(n_out, scale=0.1)) if bias else y
 
-    def model(self, output: str, shape: list | None = None, opset: int = OPSET) -> onnx.ModelProto:
-        """The model computing `output` ([1, S, C] unless `shape` says otherwise)."""
+    def model(self, output: str, shape: list | None = None, opset: int = OPSET,
+              functions: list[onnx.FunctionProto] = ()) -> onnx.ModelProto:
+        """The model computing `output` ([1, S, C] unless `shape` says otherwise), with model-local
+        `functions`."""
         out = helper.make_tensor_value_info(output, TensorProto.FLOAT, shape or [1, "S", self.C])
         graph = helper.make_graph(self.nodes, "test", self.inputs, [out], self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        opsets = [helper.make_opsetid("", opset), *(helper.make_opsetid(f.domain, 1) for f in functions)]
+        model = helper.make_model(graph, opset_imports=opsets, functions=functions)
         model.ir_version = 10
         onnx.checker.check_model(model)
         return model

@@ -45,17 +45,15 @@ def test_unsupported_ops_are_listed_with_counts(tmp_path):
     compile_fails(tmp_path, save(graph(nodes, [embed()]), tmp_path / "m.onnx"), "m.onnx", "Conv x2", "Loop x1")
 
 
-def test_opset_23_fused_ops_are_named_with_a_way_out(tmp_path):
-    """torch.onnx at opset 23 writes fused RMSNormalization (and Attention, RotaryEmbedding): the error
-    says to export at an older opset, whose decomposed forms llmirc recognizes."""
+def test_function_op_problem_names_the_call(tmp_path):
+    """Opset 23's fused operators are read as their ONNX function bodies: a problem inside one names the
+    file and the call it came from."""
     nodes = [helper.make_node("Gather", ["E", "input_ids"], ["x"]),
-             helper.make_node("RMSNormalization", ["x", "w"], ["y"], axis=-1)]
-    w = numpy_helper.from_array(np.ones(8, np.float32), "w")
-    compile_fails(tmp_path, save(graph(nodes, [embed(), w], opset=23), tmp_path / "m.onnx"), "RMSNormalization x1",
-                  "opset 23's fused RMSNormalization: export with opset 17 to 22")
-    nodes[1] = helper.make_node("Conv", ["x", "E"], ["y"])  # no hint for other operators
-    r = llmirc("compile", save(graph(nodes, [embed()]), tmp_path / "c.onnx"), "-o", tmp_path / "c.llmir")
-    assert "Conv x1" in r.stderr and "opset 23" not in r.stderr, r.stderr
+             # no position_ids: the caches must already be [batch, S, d/2]
+             helper.make_node("RotaryEmbedding", ["x", "cos", "sin"], ["y"], name="rope_q", num_heads=2)]
+    tables = [numpy_helper.from_array(np.ones((64, 2), np.float32), n) for n in ("cos", "sin")]
+    compile_fails(tmp_path, save(graph(nodes, [embed(), *tables], opset=23), tmp_path / "m.onnx"), "m.onnx: ",
+                  "node 'rope_q/Slice")
 
 
 def test_old_opset_refused(tmp_path):

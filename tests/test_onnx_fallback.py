@@ -299,6 +299,46 @@ def test_op_zoo(tmp_path):
         assert_close(compiled.score(ids), ref(ids), f"S={S}, ids={ids}")
 
 
+def function_zoo(C=8, heads=2, vocab=40) -> onnx.ModelProto:
+    """Standard operators the ONNX standard defines as functions, at opset 23, each used in a way the
+    fusions do not recognize (so their bodies stay generic), and a model-local function."""
+    g = Graph(C, vocab=vocab, inputs=("input_ids", "position_ids"), seed=4)
+    x, d = g.x, C // heads
+    local = onnx.helper.make_function("zoo.local", "ScaledTanh", ["X"], ["Y"], [
+        onnx.helper.make_node("Constant", [], ["c"], value_float=0.5),
+        onnx.helper.make_node("Mul", ["X", "c"], ["h"]), onnx.helper.make_node("Tanh", ["h"], ["Y"])],
+        [onnx.helper.make_opsetid("", 23)])
+    branches = [
+        g.op("Mish", x),
+        g.op("Celu", x, alpha=0.7),
+        g.op("RMSNormalization", x, g.randn(C), axis=-1, epsilon=1e-3),
+        g.op("RMSNormalization", x, g.randn(1, C), axis=1),  # over [S, C]: not a row norm
+        # interleaved rotation read from a [max positions, d/2] cache at position_ids
+        g.op("RotaryEmbedding", x, g.randn(64, d // 2), g.randn(64, d // 2), "position_ids", interleaved=1,
+             num_heads=heads),
+        # bidirectional grouped-query attention on [1, S, C] inputs (no mask: not an LLM attention)
+        g.op("Attention", x, g.matmul(x, C, d), g.matmul(x, C, d), q_num_heads=heads, kv_num_heads=1),
+    ]
+    g.nodes.append(onnx.helper.make_node("ScaledTanh", [x], ["local_out"], domain="zoo.local"))
+    total = "local_out"
+    for i, b in enumerate(branches):
+        total = g.op("Add", total, g.op("Mul", b, np.float32(0.5 + 0.1 * i)))
+    y = g.op("MatMul", total, g.randn(C, vocab, scale=0.3))
+    return g.model(y, shape=[1, "S", vocab], opset=23, functions=[local])
+
+
+def test_function_ops_expanded(tmp_path):
+    """Function operators (opset 23's fused LLM operators among them) compute onnxruntime's numbers."""
+    path = save(function_zoo(), tmp_path)
+    bundle = tmp_path / "m.llmir"
+    compile_model(path, bundle, CompileOptions(cpu_variants=("native",)), Progress(None))
+    ref, compiled = onnxruntime_logits(path), load(bundle)
+    rng = np.random.default_rng()
+    for S in (1, 2, 5, 17):
+        ids = rng.integers(0, 40, S).tolist()
+        assert_close(compiled.score(ids), ref(ids), f"S={S}, ids={ids}")
+
+
 # -- what stays as it was, and what the loader refuses ----------------------------------------------------------
 
 def test_fully_recognized_graph_stays_incremental(tmp_path):

@@ -31,6 +31,10 @@ CASES = {
     "qwen3-headdim": ("qwen3", dict(hidden_size=128, head_dim=64, intermediate_size=96), {}),
     "qwen3-bias-tied-torchscript": ("qwen3", dict(attention_bias=True, tie_word_embeddings=True),
                                     dict(torchscript=True)),
+    # opset 23: RMSNormalization, RotaryEmbedding and Attention, expanded into their ONNX function bodies
+    "llama-past-kv-opset23": ("llama", dict(num_key_value_heads=1), dict(opset=23, with_past=True)),
+    "qwen3-opset23": ("qwen3", {}, dict(opset=23)),
+    "mistral-sliding-opset23": ("mistral", dict(sliding_window=8), dict(opset=23)),
 }
 PROMPTS = [[0, 5, 9, 200, 17], [0] + [(7 * i + 3) % 380 for i in range(30)]]
 

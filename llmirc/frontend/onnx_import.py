@@ -40,15 +40,13 @@ from llmirc import dialect as L
 from llmirc.errors import CheckpointError
 
 from . import onnx_ops
+from .onnx_functions import expand_functions
 from .checkpoint import tokenizer_files
 from .context import Limit
 from .onnx_analysis import CONST, DATA, PROBE_LENGTHS, SONLY, AV, Node, interpret, symbolic_shape
 from .onnx_dialect import NoneOp, element_type, make_op
 
 MIN_OPSET = 17
-# Opset 23's fused LLM operators, which torch.onnx writes at that opset; llmirc reads their
-# decomposed forms (opsets 17 to 22).
-OPSET23_FUSED = frozenset({"Attention", "RMSNormalization", "RotaryEmbedding"})
 SMALL_CONSTANT = 256  # constants up to this many elements are kept in the IR text
 INPUT_ROLES = {"input_ids": "onnx:input_ids", "attention_mask": "onnx:attention_mask",
                "position_ids": "onnx:position_ids"}
@@ -106,13 +104,13 @@ class OnnxCheckpoint:
         if opsets.get("ai.onnx", 0) < MIN_OPSET:
             raise CheckpointError(f"{path}: opset {opsets.get('ai.onnx')} is too old; llmirc reads opset {MIN_OPSET} "
                                   "and newer (re-export, or convert with onnx.version_converter)")
+        self.expanded = Counter(expand_functions(self.proto, onnx_ops.SUPPORTED, path))
+        graph = self.proto.graph  # (the expansion replaced it)
         unsupported = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in graph.node
                               if n.domain not in ("", "ai.onnx") or n.op_type not in onnx_ops.SUPPORTED)
         if unsupported:
             listed = ", ".join(f"{op} x{count}" for op, count in sorted(unsupported.items()))
-            fused = sorted(set(unsupported) & OPSET23_FUSED)
-            hint = f" (opset 23's fused {', '.join(fused)}: export with opset 17 to 22)" if fused else ""
-            raise CheckpointError(f"{path}: unsupported ONNX operators: {listed}{hint}")
+            raise CheckpointError(f"{path}: unsupported ONNX operators: {listed}")
         self.initializers = {t.name: t for t in graph.initializer}
         for t in graph.initializer:
             self._check_initializer(t)
@@ -333,7 +331,12 @@ def import_onnx(ckpt: OnnxCheckpoint) -> ModuleOp:
                     for name, t in ckpt.initializers.items()]
     _check_order(ckpt, nodes, set(roots) | set(ckpt.initializers))
     cache: dict = {}
-    probes = [interpret(weight_nodes + nodes, roots, S, ckpt.read, cache=cache) for S in PROBE_LENGTHS]
+    try:
+        probes = [interpret(weight_nodes + nodes, roots, S, ckpt.read, cache=cache) for S in PROBE_LENGTHS]
+    except CheckpointError as e:  # a node's problem, found by evaluating it: named with the file
+        if str(e).startswith(f"{ckpt.path}:"):
+            raise
+        raise CheckpointError(f"{ckpt.path}: {e}") from None
     ckpt.position_tables = position_tables(nodes, probes)
     return _emit(ckpt, nodes, roles, probes)
 
@@ -448,8 +451,10 @@ def _emit(ckpt: OnnxCheckpoint, nodes: list[Node], roles: dict, probes: list[dic
         values.update(zip(node.outputs, op.results))
     block.add_op(func.ReturnOp(*[operand(k) for k in outputs]))
     half = sorted({HALF[t.data_type] for t in ckpt.initializers.values() if t.data_type in HALF})
+    expanded = ", ".join(f"{op} x{n}" for op, n in sorted(ckpt.expanded.items()))
     ckpt.summary = f"{len(nodes)} ONNX nodes, {folded} folded into constants at compile time" + \
-        (f", {'/'.join(half)} weights computed in float32" if half else "")
+        (f", {'/'.join(half)} weights computed in float32" if half else "") + \
+        (f", expanded into their ONNX function bodies: {expanded}" if expanded else "")
     return ModuleOp([forward])
 
 
