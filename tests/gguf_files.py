@@ -11,6 +11,10 @@ import numpy as np
 import gguf
 
 QUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+FLOAT_ONLY = ("Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS")  # (some of them) read with --dequantize only
+# where each random-block format keeps its float16 super-scales (d, and dmin): byte offsets in a block
+_SCALES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82), "Q3_K": (108,), "IQ4_NL": (0,),
+           "IQ4_XS": (0,)}
 CONTROL, NORMAL, UNKNOWN, BYTE = (int(gguf.TokenType.CONTROL), int(gguf.TokenType.NORMAL),
                                   int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.BYTE))
 
@@ -21,16 +25,12 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def random_blocks(qtype: gguf.GGMLQuantizationType, rows: int, cols: int, rng) -> np.ndarray:
-    """Random blocks of a K-quant format (gguf-py has no quantizer for them) with scales chosen so that
+    """Random blocks of a format gguf-py has no quantizer for (K-quants, IQ4) with scales chosen so that
     the values are of the size of a trained weight: uint8 [rows, bytes per row]."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
-    d = rng.uniform(1e-4, 3e-4, size=(raw.shape[0], 1)).astype(np.float16).view(np.uint8)
-    if qtype == gguf.GGMLQuantizationType.Q6_K:
-        raw[:, 208:210] = d
-    else:
-        raw[:, 0:2] = d
-        raw[:, 2:4] = rng.uniform(5e-4, 2e-3, size=(raw.shape[0], 1)).astype(np.float16).view(np.uint8)
+    for at, (lo, hi) in zip(_SCALES[qtype.name], ((1e-4, 3e-4), (5e-4, 2e-3))):  # d, then dmin
+        raw[:, at:at + 2] = rng.uniform(lo, hi, size=(raw.shape[0], 1)).astype(np.float16).view(np.uint8)
     return raw.reshape(rows, -1)
 
 
@@ -46,7 +46,7 @@ def encode(array: np.ndarray, kind: str, rng) -> tuple[np.ndarray, np.ndarray, g
     if kind == "BF16":
         raw = gguf.quants.quantize(array.astype(np.float32), qtype)
         return raw, gguf.quants.dequantize(raw, qtype), qtype
-    if kind in ("Q4_K", "Q5_K", "Q6_K"):
+    if kind in _SCALES:
         raw = random_blocks(qtype, array.shape[0], array.shape[1], rng)
     else:
         raw = gguf.quants.quantize(array.astype(np.float32), qtype)
@@ -82,7 +82,7 @@ def hf_to_gguf_names(config, arch: str) -> dict[str, str]:
 def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokenizer: dict | None = None,
                seed: int = 0, extra_tensors: dict | None = None) -> Path:
     """Writes `model` (a transformers model of llama/mistral/qwen2/qwen3/gpt2) to a GGUF file at `path`
-    with its 2-D weights stored as `kind` (several kinds: taken in turn), and loads the values the
+    with its 2-D weights stored as `kind` (several kinds: taken in turn, matrix by matrix), and loads the values the
     file holds back into `model`, so that model is the float32 reference of the file.
     tokenizer: `tokenizer.*` metadata; extra_tensors: written as they are (float32)."""
     import torch
@@ -126,7 +126,7 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     if getattr(c, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    values = {}
+    values, matrices = {}, 0
     for hf_name, tensor in state.items():
         if hf_name.endswith((".attn.bias", ".attn.masked_bias")) or "rotary_emb" in hf_name:
             continue
@@ -136,7 +136,8 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
         if arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
             heads = c.num_attention_heads if ".q_proj." in hf_name else c.num_key_value_heads
             tensor = permute(tensor, heads)
-        this = kind if isinstance(kind, str) else kind[len(values) % len(kind)] if tensor.ndim == 2 else "F32"
+        matrices += tensor.ndim == 2
+        this = kind if isinstance(kind, str) else kind[(matrices - 1) % len(kind)] if tensor.ndim == 2 else "F32"
         data, value, qtype = encode(np.ascontiguousarray(tensor), this, rng)
         w.add_tensor(gguf_name, data, raw_dtype=qtype)
         # The reference: the stored values, un-permuted / transposed back to the model's layout.

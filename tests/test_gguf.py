@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gguf
-from gguf_files import QUANTIZED, bpe_tokenizer_metadata, spm_tokenizer_metadata, write_gguf
+from gguf_files import FLOAT_ONLY, QUANTIZED, bpe_tokenizer_metadata, spm_tokenizer_metadata, write_gguf
 from helpers import CORPUS, make_checkpoint, make_tokenizer
 from llmirc.errors import CheckpointError
 from llmirc.frontend import open_source
@@ -108,19 +108,20 @@ def test_llama3_rope_freqs_tensor(tmp_path):
 
 @pytest.mark.slow
 def test_quantized_file_with_dequantize(tmp_path):
-    """Every block format in one file (round-robin over the weights), --dequantize: the compiled model
-    equals transformers on the dequantized values and transformers' own GGUF loading of the file."""
+    """Every block format in one file (round-robin over the weights), those llmirc reads as float only
+    among them, --dequantize: the compiled model equals transformers on the dequantized values and
+    transformers' own GGUF loading of the file."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = make_checkpoint(tmp_path / "ckpt", "llama", hidden_size=256, intermediate_size=512,
                             num_attention_heads=4, num_key_value_heads=2, init_std=0.03)
-    path = write_gguf(model, tmp_path / "m.gguf", QUANTIZED)
+    path = write_gguf(model, tmp_path / "m.gguf", QUANTIZED + FLOAT_ONLY)
     src = open_source(path, dequantize=True)
     assert {src.dtype(n) for n in ("model.embed_tokens.weight", "lm_head.weight")} | {
         src.dtype(f"model.layers.{i}.{p}.weight") for i in range(2) for p in
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-         "mlp.up_proj", "mlp.down_proj")} == set(QUANTIZED)
+         "mlp.up_proj", "mlp.down_proj")} == set(QUANTIZED + FLOAT_ONLY)
     src.close()
     bundle = compile_to(path, tmp_path / "m.llmir", dequantize=True)
     compiled = check_model(model, bundle, prompts=[[0, 5, 9, 200, 17]])
@@ -312,15 +313,20 @@ def test_metadata_errors_name_the_key(tmp_path):
     length = struct.pack("<Q", 5)  # general.architecture's value: a 5-byte string
     unknown.write_bytes(data.replace(length + b"llama", length + b"bloom"))
     assert "unsupported GGUF architecture 'bloom'" in _open_error(unknown)
-    quant = tmp_path / "q2k.gguf"
-    w = gguf.GGUFWriter(str(quant), "llama")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((384, 84), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q2_K)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    assert "has type Q2_K" in _open_error(quant, dequantize=True)
+    for kind, raw in (("Q2_K", np.zeros((384, 84), np.uint8)), ("Q8_K", np.zeros((384, 292), np.uint8))):
+        quant = tmp_path / f"{kind}.gguf"
+        w = gguf.GGUFWriter(str(quant), "llama")
+        w.add_block_count(1)
+        w.add_tensor("token_embd.weight", raw, raw_dtype=gguf.GGMLQuantizationType[kind])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        if kind == "Q2_K":  # a format llmirc reads as float32 only
+            assert "has type Q2_K, which llmirc cannot keep quantized" in _open_error(quant)
+            assert "compile with --dequantize" in _open_error(quant)
+        else:  # one it cannot read at all (ggml's intermediate Q8_K, which no dequantizer reads)
+            assert "has type Q8_K, which llmirc cannot read" in _open_error(quant, dequantize=True)
     # a size of 0, named by its own key (it failed later under config.json's names, or as a head size of 0)
     for key in ("llama.attention.head_count", "llama.context_length", "llama.embedding_length"):
         at = _tensor_info_offset(data, key)  # (a key is written as a name too) then its type, then the value

@@ -24,7 +24,9 @@ repacked into losslessly (frontend/packed.py says which, per format), and `read(
 `gguf_quants.unpack` of the blocks (the q/k row un-permutation moves whole rows, so it applies
 unchanged). With `dequantize=True` (`llmirc compile --dequantize`) they are expanded to float32
 with `gguf_quants.dequantize` instead. Quantized vectors (biases, norms) are refused unless
-dequantizing.
+dequantizing. The formats llmirc has no layout for (Q2_K, Q3_K, the IQ and TQ families, MXFP4:
+FLOAT_ONLY) are read with `--dequantize` only, expanded by the gguf package's own dequantizer
+(`gguf.quants.dequantize`); without it they are refused by name, with that way out.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import json
 import traceback
 from pathlib import Path
 
+import gguf.quants
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
@@ -54,6 +57,9 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen
                  "gpt2": "GPT2LMHeadModel"}
 FLOAT_TYPES = {GGMLQuantizationType.F32: "F32", GGMLQuantizationType.F16: "F16", GGMLQuantizationType.BF16: "BF16"}
 STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # -> llmirc.dtypes names
+# Block formats read only as float32 (--dequantize), by gguf.quants.dequantize: no llmirc layout keeps them.
+FLOAT_ONLY = ("Q2_K", "Q3_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS",
+              "TQ1_0", "TQ2_0", "MXFP4")
 _MISSING = object()
 
 # Keys that change the math of these architectures in llama.cpp, with the value that does not.
@@ -145,9 +151,15 @@ class GgufCheckpoint:
                                   + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
         quantized = [n for n in self._tensors if self._type_name(n) not in FLOAT_TYPES.values()]
         for name in quantized:
-            if self._type_name(name) not in FORMATS:
-                raise CheckpointError(f"{path}: tensor '{name}' has type {self._type_name(name)}, which llmirc cannot "
-                                      f"read (readable: {', '.join(list(FLOAT_TYPES.values()) + list(FORMATS))})")
+            kind = self._type_name(name)
+            if kind in FLOAT_ONLY and not dequantize:
+                raise CheckpointError(f"{path}: tensor '{name}' has type {kind}, which llmirc cannot keep quantized "
+                                      f"(it keeps {', '.join(FORMATS)}): compile with --dequantize to expand it to "
+                                      "float32")
+            if kind not in FORMATS and kind not in FLOAT_ONLY:
+                raise CheckpointError(f"{path}: tensor '{name}' has type {kind}, which llmirc cannot read (readable: "
+                                      f"{', '.join(list(FLOAT_TYPES.values()) + list(FORMATS))}, and with "
+                                      f"--dequantize {', '.join(FLOAT_ONLY)})")
         self.tokenizer, self.tokenizer_config = (build_tokenizer(self.meta, str(path))
                                                  if "tokenizer.ggml.model" in self.meta else (None, None))
         self.config = self._hf_config()
@@ -301,6 +313,10 @@ class GgufCheckpoint:
         if kind in STORED:
             data = t.data.view("<u2" if kind == "BF16" else t.data.dtype).reshape(shape)
             return finite(self.path, gguf_name, data, STORED[kind]), STORED[kind]
+        if kind in FLOAT_ONLY:  # (read with dequantize=True only: __init__ refuses them otherwise)
+            with np.errstate(all="ignore"):  # (a corrupt block's inf or NaN is refused by finite)
+                data = gguf.quants.dequantize(t.data, GGMLQuantizationType[kind]).astype(np.float32, copy=False)
+            return finite(self.path, gguf_name, data.reshape(shape), "float32"), "float32"
         try:
             if not self.dequantize:
                 return unpack(FORMATS[kind], t.data, shape[-1]), "quantized"
