@@ -36,7 +36,8 @@ def test_dequantize_is_bit_exact_with_gguf(name):
     raw = rng.integers(0, 256, size=(rows, n // fmt.block_size * fmt.type_size), dtype=np.uint8)
     blocks = raw.reshape(-1, fmt.type_size)
     # Finite float16 super-scales of both signs (random bytes would also give inf/nan).
-    scale_at = [208] if name == "Q6_K" else ([0, 2] if name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else [0])
+    scale_at = {"Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108]}.get(
+        name, [0, 2] if name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else [0])
     for at in scale_at:
         blocks[:, at:at + 2] = rng.normal(0, 0.01, size=(len(blocks), 1)).astype(np.float16).view(np.uint8)
     ref = gguf.quants.dequantize(raw, qtype)
@@ -45,9 +46,10 @@ def test_dequantize_is_bit_exact_with_gguf(name):
     np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))
     u = unpack(fmt, raw, n)
     lo, hi = {"Q8_0": (-128, 127), "Q4_0": (-8, 7), "Q5_0": (-16, 15), "Q6_K": (-32, 31), "Q4_1": (0, 15),
-              "Q4_K": (0, 15), "Q5_1": (0, 31), "Q5_K": (0, 31)}[name]
+              "Q4_K": (0, 15), "Q5_1": (0, 31), "Q5_K": (0, 31), "Q2_K": (0, 3), "Q3_K": (-4, 3)}[name]
     assert u.codes.dtype == np.int8 and lo <= u.codes.min() and u.codes.max() <= hi
-    assert u.scales.shape == (rows, n // u.group) and (u.offsets is None) == (name in ("Q8_0", "Q4_0", "Q5_0", "Q6_K"))
+    assert u.scales.shape == (rows, n // u.group)
+    assert (u.offsets is None) == (name in ("Q8_0", "Q4_0", "Q5_0", "Q6_K", "Q3_K"))
     # The codes take every value the format allows (the bit unpacking reaches every bit).
     assert u.codes.min() == lo and u.codes.max() == hi
 
@@ -313,7 +315,7 @@ def test_metadata_errors_name_the_key(tmp_path):
     length = struct.pack("<Q", 5)  # general.architecture's value: a 5-byte string
     unknown.write_bytes(data.replace(length + b"llama", length + b"bloom"))
     assert "unsupported GGUF architecture 'bloom'" in _open_error(unknown)
-    for kind, raw in (("Q2_K", np.zeros((384, 84), np.uint8)), ("Q8_K", np.zeros((384, 292), np.uint8))):
+    for kind, raw in (("IQ4_NL", np.zeros((384, 144), np.uint8)), ("Q8_K", np.zeros((384, 292), np.uint8))):
         quant = tmp_path / f"{kind}.gguf"
         w = gguf.GGUFWriter(str(quant), "llama")
         w.add_block_count(1)
@@ -322,8 +324,8 @@ def test_metadata_errors_name_the_key(tmp_path):
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        if kind == "Q2_K":  # a format llmirc reads as float32 only
-            assert "has type Q2_K, which llmirc cannot keep quantized" in _open_error(quant)
+        if kind == "IQ4_NL":  # a format llmirc reads as float32 only
+            assert "has type IQ4_NL, which llmirc cannot keep quantized" in _open_error(quant)
             assert "compile with --dequantize" in _open_error(quant)
         else:  # one it cannot read at all (ggml's intermediate Q8_K, which no dequantizer reads)
             assert "has type Q8_K, which llmirc cannot read" in _open_error(quant, dequantize=True)

@@ -49,7 +49,8 @@ SCHEMES = {  # name -> (scheme factory of k)
     "i4_g32_min": lambda k: Scheme(4, 32, "float16", "min"),      # Q4_1-like
     "i4_g128_int": lambda k: Scheme(4, 128, "float16", "int"),    # GPTQ/AWQ-like
     "i4_g64_act": lambda k: Scheme(4, 64, "float16", "int", act_order=True),
-    "i4_g16_min_f32": lambda k: Scheme(4, 16, "float32", "min"),
+    "i4_g16_min_f32": lambda k: Scheme(4, 16, "float32", "min"),  # Q2_K repacked
+    "i4_g16_f32": lambda k: Scheme(4, 16, "float32"),             # Q3_K repacked
     "i8_g256_min": lambda k: Scheme(8, 256, "float16", "min"),
     "i5_g32": lambda k: Scheme(5, 32, "float16"),                 # Q5_0
     "i5_g32_min_f32": lambda k: Scheme(5, 32, "float32", "min"),  # Q5_1 / Q5_K

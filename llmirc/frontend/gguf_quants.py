@@ -10,6 +10,8 @@ A quantized GGUF tensor stores each row as consecutive blocks. Every format here
 | Q4_1   | 32, 20                 | 32    | q (0..15)   | d                    | m                    |
 | Q5_0   | 32, 22                 | 32    | q - 16      | d                    | -                    |
 | Q5_1   | 32, 24                 | 32    | q (0..31)   | d                    | m                    |
+| Q2_K   | 256, 84                | 16    | q (0..3)    | d * sc (4-bit sc)    | -(dmin * mn) (4-bit) |
+| Q3_K   | 256, 110               | 16    | q - 4       | d * (sc - 32) (6-bit)| -                    |
 | Q4_K   | 256, 144               | 32    | q (0..15)   | d * sc (6-bit sc)    | -(dmin * mn) (6-bit) |
 | Q5_K   | 256, 176               | 32    | q (0..31)   | d * sc (6-bit sc)    | -(dmin * mn) (6-bit) |
 | Q6_K   | 256, 210               | 16    | q - 32      | d * sc (int8 sc)     | -                    |
@@ -23,10 +25,12 @@ Keeping them quantized (frontend/packed.py, per format): `unpack`'s codes, scale
 are repacked losslessly into llmirc's own layouts (llmirc/quant.py). Q8_0, Q4_0, Q4_1, Q5_0 and
 Q5_1 keep their size (8, 4 or 5-bit codes, a float16 scale per group, and for Q4_1/Q5_1 a float16
 *offset* per group: its m is not an integer multiple of d, so an integer zero point would lose
-it). The K-quants keep their 4, 5 or 6-bit codes, but their two-level scales (6- or 8-bit
-integer sub-block scales under a float16 super-block scale) become float32 per-group scales and
-offsets, exact but 1.4-1.5 more bits per weight than the file (kernels that read the sub-scales
-as they are would not need them).
+it). Q4_K, Q5_K and Q6_K keep their 4, 5 or 6-bit codes, but their two-level scales (6- or
+8-bit integer sub-block scales under a float16 super-block scale) become float32 per-group
+scales and offsets, exact but 1.4-1.5 more bits per weight than the file (kernels that read the
+sub-scales as they are would not need them). Q2_K and Q3_K have no 2- or 3-bit layout: their
+codes widen to 4 bits, and with float32 scales (and mins) per 16 they take 8 and 6 bits a weight
+(the file's 2.6 and 3.4).
 
 Block layouts: ggml/src/ggml-common.h (`block_q4_0` ... `block_q6_K`); formulas:
 ggml/src/ggml-quants.c (`dequantize_row_q4_0` ... `dequantize_row_q6_K`, `get_scale_min_k4`).
@@ -56,6 +60,8 @@ FORMATS = {f.name: f for f in (
     BlockFormat("Q5_0", 6, 32, 22, 32),
     BlockFormat("Q5_1", 7, 32, 24, 32),
     BlockFormat("Q8_0", 8, 32, 34, 32),
+    BlockFormat("Q2_K", 10, QK_K, 84, 16),
+    BlockFormat("Q3_K", 11, QK_K, 110, 16),
     BlockFormat("Q4_K", 12, QK_K, 144, 32),
     BlockFormat("Q5_K", 13, QK_K, 176, 32),
     BlockFormat("Q6_K", 14, QK_K, 210, 16),
@@ -98,6 +104,13 @@ def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
+def _two_bit(qs: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K: [nb, 64] bytes -> [nb, 256] 2-bit codes. Per 128 elements, 32 bytes: bits 2j, 2j+1 of
+    byte l are element 32 j + l."""
+    shifts = np.arange(0, 8, 2, dtype=np.uint8)[None, None, :, None]
+    return ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, QK_K)
+
+
 def _unpack_blocks(fmt: BlockFormat, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """[nb, type_size] uint8 blocks -> codes [nb, block_size], scales and offsets [nb, block_size // group]."""
     name = fmt.name
@@ -115,6 +128,19 @@ def _unpack_blocks(fmt: BlockFormat, b: np.ndarray) -> tuple[np.ndarray, np.ndar
         if name == "Q5_0":
             return q.astype(np.int8) - 16, _f16(b[:, 0:2])[:, None], None
         return q.astype(np.int8), _f16(b[:, 0:2])[:, None], _f16(b[:, 2:4])[:, None]
+    if name == "Q2_K":  # scales[16] (low nibble: sc, high: mn), qs[64], d, dmin
+        sc, d, dmin = b[:, 0:16], _f16(b[:, 80:82])[:, None], _f16(b[:, 82:84])[:, None]
+        return _two_bit(b[:, 16:80]).astype(np.int8), d * (sc & 0x0F), -(dmin * (sc >> 4))
+    if name == "Q3_K":  # hmask[32], qs[64], scales[12], d
+        # element e: its third bit is bit e // 32 of hmask[e % 32], and a clear bit subtracts 4
+        high = (b[:, None, 0:32] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [nb, 8, 32]
+        q = _two_bit(b[:, 32:96]).astype(np.int8) - 4 * (1 - high.reshape(-1, QK_K).astype(np.int8))
+        # sub-block s: low 4 bits in byte s % 8 (nibble s // 8), high 2 bits in byte 8 + s % 4 (pair s // 4)
+        packed, s = b[:, 96:108], np.arange(16)
+        low = (packed[:, s % 8] >> (4 * (s // 8)).astype(np.uint8)) & 0x0F
+        top = (packed[:, 8 + s % 4] >> (2 * (s // 4)).astype(np.uint8)) & 3
+        sc = (low | (top << 4)).astype(np.float32) - 32
+        return q, _f16(b[:, 108:110])[:, None] * sc, None
     if name in ("Q4_K", "Q5_K"):
         d, dmin = _f16(b[:, 0:2])[:, None], _f16(b[:, 2:4])[:, None]
         sc, mn = _k_scales(b[:, 4:16])

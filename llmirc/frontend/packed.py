@@ -26,8 +26,11 @@ linear of k inputs and n outputs, b bits, groups of g inputs (g = -1: one group 
       Q4_K 4.5 -> 6.0   4-bit codes, float32 scale d * sc and min -dmin * mn per 32
       Q5_K 5.5 -> 7.0   5-bit codes, float32 scale and min per 32
       Q6_K 6.56 -> 8.0  6-bit codes (q), float32 scale d * sc per 16, symmetric (w = d sc (q - 32))
+      Q3_K 3.44 -> 6.0  3-bit codes widened to 4 (q + 4), float32 scale d * (sc - 32) per 16, symmetric
+      Q2_K 2.63 -> 8.0  2-bit codes widened to 4, float32 scale d * sc and min -dmin * mn per 16
   The products d * sc, dmin * mn are exact in float32 (not in float16): the K-quants' two-level
-  scales cost 1.4-1.5 more bits per weight flattened.
+  scales cost 1.4-1.5 more bits per weight flattened, and Q2_K/Q3_K's codes widen too (llmirc has
+  no 2- or 3-bit layout).
 
 What llmirc keeps of GPTQ and AWQ: the codes as they are (4-bit codes in 4 bits, 8-bit in 8), the
 scales in their dtype, uint8 zero points per group (none when every zero point is the symmetric
@@ -49,6 +52,7 @@ GGUF_SCHEMES = {  # GGUF block format -> how llmirc keeps it (see the module doc
     "Q4_1": quant.Scheme(4, 32, "float16", "min"), "Q5_0": quant.Scheme(5, 32, "float16"),
     "Q5_1": quant.Scheme(5, 32, "float16", "min"), "Q4_K": quant.Scheme(4, 32, "float32", "min"),
     "Q5_K": quant.Scheme(5, 32, "float32", "min"), "Q6_K": quant.Scheme(6, 16, "float32"),
+    "Q2_K": quant.Scheme(4, 16, "float32", "min"), "Q3_K": quant.Scheme(4, 16, "float32"),
 }
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an int32 holds output 8c + _AWQ_ORDER[i]
 
