@@ -178,7 +178,7 @@ def cli(debug: bool) -> None:
 @click.option("--report", is_flag=True, help="Print what the passes fused or rewrote, and how often.")
 @click.option("--dequantize", is_flag=True, help="Expand quantized tensors (GGUF Q8_0, Q4_K, ...) to float32; "
               "without it matrices are kept quantized (a quantized bias or norm is refused), and formats "
-              "llmirc has no layout for (IQ1-IQ4, TQ1_0/TQ2_0, MXFP4) are refused.")
+              "llmirc has no layout for (IQ1-IQ3, TQ1_0/TQ2_0, MXFP4) are refused.")
 @click.option("--block-size", type=int, default=None,
               help="Tokens per paged KV cache block (a power of two up to 256; default 16), as vLLM's --block-size.")
 @click.option("--max-model-len", type=click.IntRange(min=1), default=None,

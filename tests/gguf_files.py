@@ -10,11 +10,11 @@ import numpy as np
 
 import gguf
 
-QUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-FLOAT_ONLY = ("IQ4_NL", "IQ4_XS")  # (some of them) read with --dequantize only
+QUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+FLOAT_ONLY = ("IQ2_XXS", "IQ3_S")  # (some of them) read with --dequantize only
 # where each random-block format keeps its float16 super-scales (d, and dmin): byte offsets in a block
 _SCALES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82), "Q3_K": (108,), "IQ4_NL": (0,),
-           "IQ4_XS": (0,)}
+           "IQ4_XS": (0,), "IQ2_XXS": (0,), "IQ3_S": (0,)}
 CONTROL, NORMAL, UNKNOWN, BYTE = (int(gguf.TokenType.CONTROL), int(gguf.TokenType.NORMAL),
                                   int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.BYTE))
 

@@ -46,10 +46,10 @@ def test_dequantize_is_bit_exact_with_gguf(name):
     np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))
     u = unpack(fmt, raw, n)
     lo, hi = {"Q8_0": (-128, 127), "Q4_0": (-8, 7), "Q5_0": (-16, 15), "Q6_K": (-32, 31), "Q4_1": (0, 15),
-              "Q4_K": (0, 15), "Q5_1": (0, 31), "Q5_K": (0, 31), "Q2_K": (0, 3), "Q3_K": (-4, 3)}[name]
+              "Q4_K": (0, 15), "Q5_1": (0, 31), "Q5_K": (0, 31), "Q2_K": (0, 3), "Q3_K": (-4, 3), "IQ4_NL": (-127, 113), "IQ4_XS": (-127, 113)}[name]
     assert u.codes.dtype == np.int8 and lo <= u.codes.min() and u.codes.max() <= hi
     assert u.scales.shape == (rows, n // u.group)
-    assert (u.offsets is None) == (name in ("Q8_0", "Q4_0", "Q5_0", "Q6_K", "Q3_K"))
+    assert (u.offsets is None) == (name in ("Q8_0", "Q4_0", "Q5_0", "Q6_K", "Q3_K", "IQ4_NL", "IQ4_XS"))
     # The codes take every value the format allows (the bit unpacking reaches every bit).
     assert u.codes.min() == lo and u.codes.max() == hi
 
@@ -315,7 +315,7 @@ def test_metadata_errors_name_the_key(tmp_path):
     length = struct.pack("<Q", 5)  # general.architecture's value: a 5-byte string
     unknown.write_bytes(data.replace(length + b"llama", length + b"bloom"))
     assert "unsupported GGUF architecture 'bloom'" in _open_error(unknown)
-    for kind, raw in (("IQ4_NL", np.zeros((384, 144), np.uint8)), ("Q8_K", np.zeros((384, 292), np.uint8))):
+    for kind, raw in (("IQ2_XXS", np.zeros((384, 66), np.uint8)), ("Q8_K", np.zeros((384, 292), np.uint8))):
         quant = tmp_path / f"{kind}.gguf"
         w = gguf.GGUFWriter(str(quant), "llama")
         w.add_block_count(1)
@@ -324,8 +324,8 @@ def test_metadata_errors_name_the_key(tmp_path):
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        if kind == "IQ4_NL":  # a format llmirc reads as float32 only
-            assert "has type IQ4_NL, which llmirc cannot keep quantized" in _open_error(quant)
+        if kind == "IQ2_XXS":  # a format llmirc reads as float32 only
+            assert "has type IQ2_XXS, which llmirc cannot keep quantized" in _open_error(quant)
             assert "compile with --dequantize" in _open_error(quant)
         else:  # one it cannot read at all (ggml's intermediate Q8_K, which no dequantizer reads)
             assert "has type Q8_K, which llmirc cannot read" in _open_error(quant, dequantize=True)

@@ -15,6 +15,11 @@ A quantized GGUF tensor stores each row as consecutive blocks. Every format here
 | Q4_K   | 256, 144               | 32    | q (0..15)   | d * sc (6-bit sc)    | -(dmin * mn) (6-bit) |
 | Q5_K   | 256, 176               | 32    | q (0..31)   | d * sc (6-bit sc)    | -(dmin * mn) (6-bit) |
 | Q6_K   | 256, 210               | 16    | q - 32      | d * sc (int8 sc)     | -                    |
+| IQ4_NL | 32, 18                 | 32    | kvalues[q]  | d                    | -                    |
+| IQ4_XS | 256, 136               | 32    | kvalues[q]  | d * (sc - 32) (6-bit)| -                    |
+
+(IQ4's 4-bit q index a fixed table of 16 int8 values, `kvalues_iq4nl`: a non-uniform grid, so its
+code is the table's value, an int8.)
 
 d, m, dmin are float16; the products d * sc are exact in float32 (at most 11 + 8 significant bits).
 `unpack` returns those codes, scales and offsets: a lossless repacking that a kernel can read
@@ -41,6 +46,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf.quants import IQ4_NL
+
+IQ4_VALUES = np.array(IQ4_NL.kvalues, dtype=np.int8)  # ggml's kvalues_iq4nl
 
 QK_K = 256  # elements in a K-quant super-block
 
@@ -65,6 +73,8 @@ FORMATS = {f.name: f for f in (
     BlockFormat("Q4_K", 12, QK_K, 144, 32),
     BlockFormat("Q5_K", 13, QK_K, 176, 32),
     BlockFormat("Q6_K", 14, QK_K, 210, 16),
+    BlockFormat("IQ4_NL", 20, 32, 18, 32),
+    BlockFormat("IQ4_XS", 23, QK_K, 136, 32),
 )}
 
 
@@ -153,6 +163,16 @@ def _unpack_blocks(fmt: BlockFormat, b: np.ndarray) -> tuple[np.ndarray, np.ndar
             bits = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [nb, 8, 32]
             q = q | (bits.reshape(-1, QK_K) << 4)
         return q.astype(np.int8), d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
+    if name == "IQ4_NL":  # d, qs[16] (nibbles as Q4_0's)
+        return IQ4_VALUES[_nibbles(b[:, 2:18])], _f16(b[:, 0:2])[:, None], None
+    if name == "IQ4_XS":  # d, scales_h (uint16), scales_l[4], qs[128]: per 32, 16 bytes of nibbles as Q4_0's
+        # sub-block s: low 4 bits in nibble s % 2 of scales_l[s // 2], high 2 bits in bits 2s, 2s+1 of scales_h
+        s = np.arange(8)
+        low = (b[:, 4 + s // 2] >> (4 * (s % 2)).astype(np.uint8)) & 0x0F
+        high = (b[:, 2:4].copy().view("<u2") >> (2 * s).astype(np.uint16)) & 3
+        sc = (low | (high << 4)).astype(np.float32) - 32
+        q = IQ4_VALUES[_nibbles(b[:, 8:136].reshape(-1, 16))].reshape(-1, QK_K)
+        return q, _f16(b[:, 0:2])[:, None] * sc, None
     if name == "Q6_K":
         ql, qh = b[:, 0:128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
         sc = b[:, 192:208].view(np.int8).astype(np.float32)

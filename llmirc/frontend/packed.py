@@ -28,6 +28,8 @@ linear of k inputs and n outputs, b bits, groups of g inputs (g = -1: one group 
       Q6_K 6.56 -> 8.0  6-bit codes (q), float32 scale d * sc per 16, symmetric (w = d sc (q - 32))
       Q3_K 3.44 -> 6.0  3-bit codes widened to 4 (q + 4), float32 scale d * (sc - 32) per 16, symmetric
       Q2_K 2.63 -> 8.0  2-bit codes widened to 4, float32 scale d * sc and min -dmin * mn per 16
+      IQ4_NL 4.5 -> 8.5 int8 codes (the table's values), float16 scale per 32, symmetric (Q8_0's layout)
+      IQ4_XS 4.25 -> 9.0 int8 codes (the table's values), float32 scale d * (sc - 32) per 32, symmetric
   The products d * sc, dmin * mn are exact in float32 (not in float16): the K-quants' two-level
   scales cost 1.4-1.5 more bits per weight flattened, and Q2_K/Q3_K's codes widen too (llmirc has
   no 2- or 3-bit layout).
@@ -53,6 +55,7 @@ GGUF_SCHEMES = {  # GGUF block format -> how llmirc keeps it (see the module doc
     "Q5_1": quant.Scheme(5, 32, "float16", "min"), "Q4_K": quant.Scheme(4, 32, "float32", "min"),
     "Q5_K": quant.Scheme(5, 32, "float32", "min"), "Q6_K": quant.Scheme(6, 16, "float32"),
     "Q2_K": quant.Scheme(4, 16, "float32", "min"), "Q3_K": quant.Scheme(4, 16, "float32"),
+    "IQ4_NL": quant.Scheme(8, 32, "float16"), "IQ4_XS": quant.Scheme(8, 32, "float32"),
 }
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an int32 holds output 8c + _AWQ_ORDER[i]
 
