@@ -46,7 +46,8 @@ def test_dequantize_is_bit_exact_with_gguf(name):
     np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))
     u = unpack(fmt, raw, n)
     lo, hi = {"Q8_0": (-128, 127), "Q4_0": (-8, 7), "Q5_0": (-16, 15), "Q6_K": (-32, 31), "Q4_1": (0, 15),
-              "Q4_K": (0, 15), "Q5_1": (0, 31), "Q5_K": (0, 31), "Q2_K": (0, 3), "Q3_K": (-4, 3), "IQ4_NL": (-127, 113), "IQ4_XS": (-127, 113)}[name]
+              "Q4_K": (0, 15), "Q5_1": (0, 31), "Q5_K": (0, 31), "Q2_K": (0, 3), "Q3_K": (-4, 3),
+              "IQ4_NL": (-127, 113), "IQ4_XS": (-127, 113)}[name]
     assert u.codes.dtype == np.int8 and lo <= u.codes.min() and u.codes.max() <= hi
     assert u.scales.shape == (rows, n // u.group)
     assert (u.offsets is None) == (name in ("Q8_0", "Q4_0", "Q5_0", "Q6_K", "Q3_K", "IQ4_NL", "IQ4_XS"))
