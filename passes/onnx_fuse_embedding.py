@@ -18,7 +18,7 @@ from xdsl.dialects.builtin import ModuleOp, i32
 from xdsl.passes import ModulePass
 
 from llmirc import dialect as L
-from llmirc.frontend.onnx_analysis import PROBE_LENGTHS
+from llmirc.frontend.onnx_analysis import CONST, PROBE_LENGTHS
 from llmirc.frontend.onnx_dialect import OnnxOp
 
 from .func_args import add_arg, arg_names, find_arg, forward_func
@@ -40,7 +40,8 @@ class FuseEmbedding(ModulePass):
         roles = dict(zip(f.args, arg_names(f)))
         for gather in [o for o in f.body.block.ops if isinstance(o, OnnxOp) and o.op_type == "Gather"]:
             table, ids = gather.operands
-            if gather.py_attrs().get("axis", 0) != 0 or oracle.is_data(table) or len(L.shape_of(table)) != 2:
+            # a table computed from the sequence length (a rotary cache read at position_ids) is no weight
+            if gather.py_attrs().get("axis", 0) != 0 or oracle.kind(table) != CONST or len(L.shape_of(table)) != 2:
                 continue
             src = ids  # through casts and reshapes that keep [1, S] (GPT-2 views the ids)
             while isinstance(src.owner, OnnxOp) and src.owner.op_type in ("Cast", "Reshape", "Identity") and \

@@ -339,6 +339,31 @@ def test_function_ops_expanded(tmp_path):
         assert_close(compiled.score(ids), ref(ids), f"S={S}, ids={ids}")
 
 
+def test_table_computed_from_the_length_read_at_position_ids(tmp_path):
+    """A table computed from the sequence length (cos(range(S) * f)) read at position_ids is no weight:
+    neither as a Gather (opset 18) nor as RotaryEmbedding's cache (opset 23), which the standard lets be
+    any [positions, d/2] value, is it an embedding of positions."""
+    C, vocab = 8, 40
+    for opset in (18, 23):
+        g = Graph(C, vocab=vocab, inputs=("input_ids", "position_ids"), seed=1)
+        angles = g.op("Mul", g.op("Unsqueeze", g.op("Cast", g.positions(), to=FLOAT), g.i64(-1)),
+                      g.init(np.linspace(0.1, 1, C if opset == 18 else C // 2)))
+        if opset == 18:
+            y = g.op("Add", g.x, g.op("Gather", g.op("Cos", angles), "position_ids", axis=0))
+        else:
+            y = g.op("RotaryEmbedding", g.op("Reshape", g.x, g.i64(1, 1, -1, C)), g.op("Cos", angles),
+                     g.op("Sin", angles), "position_ids")
+            y = g.op("Reshape", y, g.i64(1, -1, C))
+        y = g.op("Add", y, g.op("CumSum", g.x, np.array(1, np.int64)))  # each token reads the ones before
+        path = save(g.model(g.op("MatMul", y, g.randn(C, vocab)), shape=[1, "S", vocab], opset=opset), tmp_path,
+                    f"m{opset}.onnx")
+        bundle = tmp_path / f"m{opset}.llmir"
+        compile_model(path, bundle, CompileOptions(cpu_variants=("native",)), Progress(None))
+        ref, compiled = onnxruntime_logits(path), load(bundle)
+        for ids in ([3], [3, 1, 4, 1, 5, 9, 2]):
+            assert_close(compiled.score(ids), ref(ids), f"opset {opset}, ids={ids}")
+
+
 # -- what stays as it was, and what the loader refuses ----------------------------------------------------------
 
 def test_fully_recognized_graph_stays_incremental(tmp_path):
