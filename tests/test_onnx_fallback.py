@@ -339,6 +339,34 @@ def test_function_ops_expanded(tmp_path):
         assert_close(compiled.score(ids), ref(ids), f"S={S}, ids={ids}")
 
 
+def test_function_ops_inside_model_local_functions(tmp_path):
+    """Model-local functions whose bodies call operators the standard defines as functions (Mish and
+    RMSNormalization in a function called by another, Celu in one that imports opset 13) are expanded
+    all the way down, not left for the importer to refuse."""
+    C, vocab = 8, 40
+    g = Graph(C, vocab=vocab, seed=5)
+    opsets = [onnx.helper.make_opsetid("", 23), onnx.helper.make_opsetid("loc", 1)]
+    inner = onnx.helper.make_function("loc", "Inner", ["X"], ["Y"], [onnx.helper.make_node("Mish", ["X"], ["Y"])],
+                                      opsets[:1])
+    outer = onnx.helper.make_function("loc", "Outer", ["X", "w"], ["Y"], [
+        onnx.helper.make_node("Inner", ["X"], ["a"], domain="loc"),
+        onnx.helper.make_node("RMSNormalization", ["a", "w"], ["Y"], axis=-1, epsilon=1e-3)], opsets)
+    old = onnx.helper.make_function("loc", "Old", ["X"], ["Y"], [onnx.helper.make_node("Celu", ["X"], ["Y"], alpha=0.5)],
+                                    [onnx.helper.make_opsetid("", 13)])
+    g.nodes += [onnx.helper.make_node("Outer", [g.x, g.randn(C)], ["outer_out"], domain="loc"),
+                onnx.helper.make_node("Old", [g.x], ["old_out"], domain="loc")]
+    y = g.op("Add", g.op("Add", "outer_out", "old_out"), g.op("CumSum", g.x, np.array(1, np.int64)))
+    model = g.model(g.op("MatMul", y, g.randn(C, vocab)), shape=[1, "S", vocab], opset=23, functions=[inner, outer, old])
+    path = save(model, tmp_path)
+    bundle = tmp_path / "m.llmir"
+    r = llmirc("compile", path, "-o", bundle, "--cpu-variants", "native", "--report")
+    assert r.returncode == 0, r.stderr
+    assert "expanded into their ONNX function bodies: Celu x1, Mish x1, RMSNormalization x1" in r.stdout, r.stdout
+    ref, compiled = onnxruntime_logits(path), load(bundle)
+    for ids in ([3], [3, 1, 4, 1, 5, 9, 2]):
+        assert_close(compiled.score(ids), ref(ids), f"ids={ids}")
+
+
 def test_table_computed_from_the_length_read_at_position_ids(tmp_path):
     """A table computed from the sequence length (cos(range(S) * f)) read at position_ids is no weight:
     neither as a Gather (opset 18) nor as RotaryEmbedding's cache (opset 23), which the standard lets be

@@ -42,37 +42,57 @@ def expand_functions(model: onnx.ModelProto, evaluated: frozenset[str], path: Pa
 
     Returns the expanded operators' names, one per call, for the compile report. A call the
     schema builds no body for (an input of unknown type, say) is left as it is, for the importer to
-    refuse by name. Raises CheckpointError when shape inference or the inliner fails."""
+    refuse by name. Raises CheckpointError when shape inference or the inliner fails.
+
+    A body may call such operators itself (a model-local function calling Mish or RMSNormalization, one
+    function calling another): the expansion repeats until none is left."""
+    expanded_ops: list[str] = []
+    for _ in range(MAX_ROUNDS):
+        if not _expand_once(model, evaluated, path, expanded_ops):
+            return expanded_ops
+    raise CheckpointError(f"{path}: its functions are nested more than {MAX_ROUNDS} deep")
+
+
+MAX_ROUNDS = 16
+
+
+def _expand_once(model: onnx.ModelProto, evaluated: frozenset[str], path: Path, expanded_ops: list[str]) -> bool:
+    """One round of expand_functions: the top graph's calls (and every model-local function) inlined;
+    appends to `expanded_ops`. False when there was nothing to expand."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     calls = [(i, s) for i, n in enumerate(model.graph.node) if n.op_type not in evaluated
              if (s := _function_schema(n, opset)) is not None]
     if not calls and not model.functions:
-        return []
+        return False
     # Bodies built for an older opset are converted to the model's, which takes every value's type.
     typed = _with_types(model, path)
     types = {v.name: v.type for v in [*typed.graph.input, *typed.graph.value_info, *typed.graph.output]}
     for t in typed.graph.initializer:
         types.setdefault(t.name, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
-    expanded_ops = []
+    bodies = 0
     for i, schema in calls:
         node = typed.graph.node[i]
         body = _body(node, schema, opset, types)
         if body is None:
             continue
+        bodies += 1
         for j, inner in enumerate(body.node):  # errors name the call: 'RotaryEmbedding_3/Slice.5'
             inner.name = f"{node.name or node.op_type}/{inner.op_type}.{j}"
         body.domain, body.name = DOMAIN, f"{node.op_type}.{len(expanded_ops)}"
         expanded_ops.append(node.op_type)
         node.domain, node.op_type = DOMAIN, body.name
         typed.functions.append(body)
-    typed.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    if not bodies and not model.functions:  # (calls left for the importer to refuse)
+        return False
+    if all(o.domain != DOMAIN for o in typed.opset_import):
+        typed.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     try:
         expanded = onnx.inliner.inline_local_functions(typed, convert_version=True)
     except Exception as e:  # the C++ inliner raises its own error types
         raise CheckpointError(f"{path}: its functions cannot be inlined ({' '.join(str(e).split())[:200]})") from None
     del expanded.graph.value_info[:]  # (the importer finds its own shapes)
     model.CopyFrom(expanded)
-    return expanded_ops
+    return True
 
 
 def _with_types(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
