@@ -54,6 +54,15 @@ def test_function_op_problem_names_the_call(tmp_path):
     tables = [numpy_helper.from_array(np.ones((64, 2), np.float32), n) for n in ("cos", "sin")]
     compile_fails(tmp_path, save(graph(nodes, [embed(), *tables], opset=23), tmp_path / "m.onnx"), "m.onnx: ",
                   "node 'rope_q/Slice")
+    # a call without the inputs its schema requires (onnx.checker), before any body is built from it
+    nodes[1] = helper.make_node("RMSNormalization", ["x", ""], ["y"], name="norm")
+    compile_fails(tmp_path, save(graph(nodes, [embed()], opset=23), tmp_path / "n.onnx"), "n.onnx: ",
+                  "RMSNormalization node 'norm'", "input 1")
+    # a call fed by an operator onnx does not know keeps its name: both are refused
+    nodes[1:] = [helper.make_node("Foo", ["x"], ["f"], domain="custom"), helper.make_node("Mish", ["f"], ["y"])]
+    model = graph(nodes, [embed()], opset=23)
+    model.opset_import.append(helper.make_opsetid("custom", 1))
+    compile_fails(tmp_path, save(model, tmp_path / "c.onnx"), "unsupported ONNX operators: Mish x1, custom.Foo x1")
 
 
 def test_old_opset_refused(tmp_path):

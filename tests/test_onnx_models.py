@@ -34,7 +34,8 @@ CASES = {
     # opset 23: RMSNormalization, RotaryEmbedding and Attention, expanded into their ONNX function bodies
     "llama-past-kv-opset23": ("llama", dict(num_key_value_heads=1), dict(opset=23, with_past=True)),
     "qwen3-opset23": ("qwen3", {}, dict(opset=23)),
-    "mistral-sliding-opset23": ("mistral", dict(sliding_window=8), dict(opset=23)),
+    # with past_key_values: the present keys, truncated to the window, are no affine shape (not read)
+    "mistral-sliding-past-kv-opset23": ("mistral", dict(sliding_window=8), dict(opset=23, with_past=True)),
 }
 PROMPTS = [[0, 5, 9, 200, 17], [0] + [(7 * i + 3) % 380 for i in range(30)]]
 

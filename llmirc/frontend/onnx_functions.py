@@ -40,7 +40,8 @@ def expand_functions(model: onnx.ModelProto, evaluated: frozenset[str], path: Pa
     """Replace, in place, every call of a standard operator outside `evaluated` that the ONNX
     standard defines as a function (and every call of a model-local function) by its body.
 
-    Returns the expanded operators' names, one per call, for the compile report. A call the
+    Returns the expanded operators' names (model-local functions as domain.name), one per call,
+    for the compile report. A call the
     schema builds no body for (an input of unknown type, say) is left as it is, for the importer to
     refuse by name. Raises CheckpointError when shape inference or the inliner fails.
 
@@ -64,11 +65,14 @@ def _expand_once(model: onnx.ModelProto, evaluated: frozenset[str], path: Path, 
              if (s := _function_schema(n, opset)) is not None]
     if not calls and not model.functions:
         return False
+    _check_calls(model, [model.graph.node[i] for i, _ in calls], path)
     # Bodies built for an older opset are converted to the model's, which takes every value's type.
     typed = _with_types(model, path)
     types = {v.name: v.type for v in [*typed.graph.input, *typed.graph.value_info, *typed.graph.output]}
     for t in typed.graph.initializer:
         types.setdefault(t.name, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
+    local = {(f.domain, f.name) for f in model.functions}
+    expanded_ops.extend(f"{n.domain}.{n.op_type}" for n in model.graph.node if (n.domain, n.op_type) in local)
     bodies = 0
     for i, schema in calls:
         node = typed.graph.node[i]
@@ -95,6 +99,21 @@ def _expand_once(model: onnx.ModelProto, evaluated: frozenset[str], path: Path, 
     return True
 
 
+def _check_calls(model: onnx.ModelProto, calls: list[onnx.NodeProto], path: Path) -> None:
+    """Each call has the inputs and attribute types its schema requires (onnx.checker), before a body
+    is built from it."""
+    context = onnx.checker.C.CheckerContext()
+    context.ir_version = model.ir_version
+    context.opset_imports = {o.domain: o.version for o in model.opset_import}
+    for node in calls:
+        try:
+            onnx.checker.check_node(node, context)
+        except onnx.checker.ValidationError as e:
+            reason = " ".join(str(e).split("==>")[0].split())[:200]
+            raise CheckpointError(f"{path}: ONNX {node.op_type} node '{node.name or node.output[0]}': "
+                                  f"{reason}") from None
+
+
 def _with_types(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     """The model with every value's type (element type and shape, as far as onnx's shape inference
     finds them) in its value_info."""
@@ -106,8 +125,10 @@ def _with_types(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
 
 def _body(node: onnx.NodeProto, schema: defs.OpSchema, opset: int, types: dict) -> onnx.FunctionProto | None:
     """The function body the standard gives for this call, or None where it gives none (context-dependent
-    bodies are built from the call's attributes and its inputs' types; the builder gives none when a
-    type it needs is unknown)."""
+    bodies are built from the call's attributes and its inputs' types; none is built when an input's
+    type is unknown, as after an operator onnx does not know)."""
+    if any(x and not types.get(x, onnx.TypeProto()).tensor_type.elem_type for x in node.input):
+        return None
     plain = schema.has_function
     # bodies are defined at some opsets; the newest up to the model's is the one
     defined = schema.function_opset_versions if plain else schema.context_dependent_function_opset_versions

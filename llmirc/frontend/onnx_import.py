@@ -333,12 +333,12 @@ def import_onnx(ckpt: OnnxCheckpoint) -> ModuleOp:
     cache: dict = {}
     try:
         probes = [interpret(weight_nodes + nodes, roots, S, ckpt.read, cache=cache) for S in PROBE_LENGTHS]
+        ckpt.position_tables = position_tables(nodes, probes)
+        return _emit(ckpt, nodes, roles, probes)
     except CheckpointError as e:  # a node's problem, found by evaluating it: named with the file
         if str(e).startswith(f"{ckpt.path}:"):
             raise
         raise CheckpointError(f"{ckpt.path}: {e}") from None
-    ckpt.position_tables = position_tables(nodes, probes)
-    return _emit(ckpt, nodes, roles, probes)
 
 
 def _check_order(ckpt: OnnxCheckpoint, nodes: list[Node], defined: set[str]) -> None:
@@ -400,6 +400,17 @@ def _type(key, probes: list[dict]) -> TensorType:
     return TensorType(element_type(probes[0][key].dtype), [L.DYN if a else b for a, b in dims])
 
 
+def _needed(nodes: list[Node], outputs: list[str]) -> list[Node]:
+    """The nodes the outputs depend on, in graph order (present-KV outputs' own computations are left
+    out: a sliding-window cache's keys, truncated to the window, have no shape affine in S)."""
+    wanted, kept = set(outputs), []
+    for node in reversed(nodes):
+        if wanted.intersection(node.outputs):
+            kept.append(node)
+            wanted.update(k for k in node.inputs if k is not None)
+    return kept[::-1]
+
+
 def _emit(ckpt: OnnxCheckpoint, nodes: list[Node], roles: dict, probes: list[dict]) -> ModuleOp:
     graph = ckpt.proto.graph
     inputs = [i.name for i in graph.input if i.name in roles]
@@ -441,7 +452,7 @@ def _emit(ckpt: OnnxCheckpoint, nodes: list[Node], roles: dict, probes: list[dic
         return values[key]
 
     folded = 0
-    for node in nodes:
+    for node in _needed(nodes, outputs):
         if all(_foldable(k, probes) for k in node.outputs):
             folded += 1
             continue  # its outputs are materialized as constants where they are used
