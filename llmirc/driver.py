@@ -307,10 +307,15 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                        f"{_count(calibration.windows, 'window')}"] += 1
         input_ir = print_ir(module) if out is not None else ""  # only the bundle keeps it
         progress("running passes")
-        run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
-                   ctx=ctx, prefix=",".join(filter(None, (source.lowering, options.smooth_pass()))),
-                   block_size=block_size,
-                   tail=dataclasses.replace(options, dtype=dtype, kv_cache_dtype=kv_cache_dtype).required())
+        try:
+            run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
+                       ctx=ctx, prefix=",".join(filter(None, (source.lowering, options.smooth_pass()))),
+                       block_size=block_size,
+                       tail=dataclasses.replace(options, dtype=dtype, kv_cache_dtype=kv_cache_dtype).required())
+        except CheckpointError as e:  # a node the ONNX lowering evaluated: named with the file
+            if str(e).startswith((str(model), str(getattr(source, "path", model)))):
+                raise
+            raise CheckpointError(f"{model}: {e}") from None
         kept_stored = options.quant != "none" and stored and stored[1] and \
             not any(isinstance(op, L.QuantizeOp) for op in module.walk())
         if kept_stored:

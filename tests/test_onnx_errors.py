@@ -65,6 +65,18 @@ def test_function_op_problem_names_the_call(tmp_path):
     compile_fails(tmp_path, save(model, tmp_path / "c.onnx"), "unsupported ONNX operators: Mish x1, custom.Foo x1")
 
 
+def test_problem_found_by_a_fusion_names_the_file(tmp_path):
+    """A node the importer only shapes, and a fusion evaluates (a norm whose scale is missing): the
+    error names the file too."""
+    consts = [numpy_helper.from_array(np.array([-1], np.int64), "ax"),
+              numpy_helper.from_array(np.array(1e-5, np.float32), "eps")]
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["x"]), helper.make_node("Mul", ["x", "x"], ["x2"]),
+             helper.make_node("ReduceMean", ["x2", "ax"], ["m"]), helper.make_node("Add", ["m", "eps"], ["me"]),
+             helper.make_node("Sqrt", ["me"], ["r"]), helper.make_node("Div", ["x", "r"], ["n"]),
+             helper.make_node("Mul", ["n", ""], ["y"])]
+    compile_fails(tmp_path, save(graph(nodes, [embed(), *consts]), tmp_path / "m.onnx"), "m.onnx: ONNX Mul node")
+
+
 def test_old_opset_refused(tmp_path):
     nodes = [helper.make_node("Gather", ["E", "input_ids"], ["y"])]
     compile_fails(tmp_path, save(graph(nodes, [embed()], opset=13), tmp_path / "m.onnx"), "opset 13")
