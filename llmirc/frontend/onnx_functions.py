@@ -23,6 +23,7 @@ from onnx import defs, shape_inference
 from llmirc.errors import CheckpointError
 
 DOMAIN = "llmirc.expanded"  # the model-local functions made here, inlined before the importer reads the graph
+MAX_ROUNDS = 16  # bodies calling function operators, functions calling functions: expanded round by round
 
 
 def _function_schema(node: onnx.NodeProto, opset: int) -> defs.OpSchema | None:
@@ -41,20 +42,16 @@ def expand_functions(model: onnx.ModelProto, evaluated: frozenset[str], path: Pa
     standard defines as a function (and every call of a model-local function) by its body.
 
     Returns the expanded operators' names (model-local functions as domain.name), one per call,
-    for the compile report. A call the
-    schema builds no body for (an input of unknown type, say) is left as it is, for the importer to
-    refuse by name. Raises CheckpointError when shape inference or the inliner fails.
-
-    A body may call such operators itself (a model-local function calling Mish or RMSNormalization, one
-    function calling another): the expansion repeats until none is left."""
+    for the compile report. A call the schema builds no body for (an input of unknown type, say)
+    is left as it is, for the importer to refuse by name. A body may call such operators itself (a
+    model-local function calling Mish, one function calling another): the expansion repeats until
+    none is left. Raises CheckpointError for a call its schema refuses (onnx.checker), or when
+    shape inference or the inliner fails."""
     expanded_ops: list[str] = []
     for _ in range(MAX_ROUNDS):
         if not _expand_once(model, evaluated, path, expanded_ops):
             return expanded_ops
     raise CheckpointError(f"{path}: its functions are nested more than {MAX_ROUNDS} deep")
-
-
-MAX_ROUNDS = 16
 
 
 def _expand_once(model: onnx.ModelProto, evaluated: frozenset[str], path: Path, expanded_ops: list[str]) -> bool:
@@ -73,20 +70,18 @@ def _expand_once(model: onnx.ModelProto, evaluated: frozenset[str], path: Path, 
         types.setdefault(t.name, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
     local = {(f.domain, f.name) for f in model.functions}
     expanded_ops.extend(f"{n.domain}.{n.op_type}" for n in model.graph.node if (n.domain, n.op_type) in local)
-    bodies = 0
     for i, schema in calls:
         node = typed.graph.node[i]
         body = _body(node, schema, opset, types)
         if body is None:
             continue
-        bodies += 1
         for j, inner in enumerate(body.node):  # errors name the call: 'RotaryEmbedding_3/Slice.5'
             inner.name = f"{node.name or node.op_type}/{inner.op_type}.{j}"
         body.domain, body.name = DOMAIN, f"{node.op_type}.{len(expanded_ops)}"
         expanded_ops.append(node.op_type)
         node.domain, node.op_type = DOMAIN, body.name
         typed.functions.append(body)
-    if not bodies and not model.functions:  # (calls left for the importer to refuse)
+    if not typed.functions:  # (calls left for the importer to refuse)
         return False
     if all(o.domain != DOMAIN for o in typed.opset_import):
         typed.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
