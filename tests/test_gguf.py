@@ -337,3 +337,19 @@ def test_metadata_errors_name_the_key(tmp_path):
         zero = tmp_path / f"{key}.gguf"
         zero.write_bytes(data[:at + 4] + struct.pack("<I", 0) + data[at + 8:])
         assert f"{key} is 0; it must be positive" in _open_error(zero)
+
+
+def test_unknown_type_and_partial_blocks_are_named(good_file, tmp_path):
+    """The gguf reader's refusals of a tensor type id it does not know, and of rows that are not a whole
+    number of a block format's blocks, are put in those words (not as a truncated file)."""
+    data = good_file.read_bytes()
+    info = _tensor_info_offset(data, "token_embd.weight")
+    at = info + 4 + 8 * struct.unpack_from("<I", data, info)[0]
+    for type_id, why in [(99, "type id 99, which the gguf reader does not know"),
+                         (int(gguf.GGMLQuantizationType.Q2_K),
+                          "row size (64) is not a multiple of Q2_K block size (256)"),
+                         (int(gguf.GGMLQuantizationType.IQ4_XS), "not a multiple of IQ4_XS block size (256)")]:
+        p = tmp_path / f"type{type_id}.gguf"
+        p.write_bytes(data[:at] + struct.pack("<I", type_id) + data[at + 4:])
+        message = _open_error(p)
+        assert "not a readable GGUF file: " in message and why in message and "truncated" not in message, message

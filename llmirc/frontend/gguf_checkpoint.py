@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import traceback
 from pathlib import Path
 
@@ -109,6 +110,11 @@ def _why_unreadable(path: Path, e: Exception) -> str:
         return f"it begins with {head[:4]!r}, not with GGUF's magic b'GGUF'"
     if "version" in str(e):
         return f"GGUF version {int.from_bytes(head[4:8], 'little')}, which the gguf reader cannot read"
+    unknown = re.fullmatch(r"(?:np\.uint32\()?(\d+)\)? is not a valid GGMLQuantizationType", str(e))
+    if unknown:
+        return f"a tensor has type id {unknown[1]}, which the gguf reader does not know"
+    if "is not a multiple of" in str(e) and "block size" in str(e):  # a row cut inside a block
+        return f"a tensor's rows are not a whole number of blocks: {e}"
     if any(frame.name == "_build_tensors" for frame in traceback.extract_tb(e.__traceback__)):
         return f"a tensor's data runs past the end of the file ({path.stat().st_size} bytes): truncated?"
     return f"its header (metadata and tensor table) is truncated or corrupt; the file has {path.stat().st_size} bytes"
