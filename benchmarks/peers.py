@@ -9,8 +9,8 @@ reported as failed, with its error, and the others go on.
 Engines: `llmirc[:VARIANT]` (compiles the checkpoint; VARIANT in LLMIRC_VARIANTS, none: weights
 as the checkpoint has them; `gguf-KIND`: compiles the GGUF file `llama.cpp:KIND` runs, the same
 file for both), `transformers` (eager, float32), `llama.cpp:KIND` with KIND in F32, F16, BF16,
-Q8_0 (convert_hf_to_gguf.py --outtype) or Q4_0, Q4_K_M, Q5_K_M, Q6_K (converted, then llama.cpp's
-quantizer), `ort-genai:PRECISION` with PRECISION in fp32, int8, int4
+Q8_0 (convert_hf_to_gguf.py --outtype) or Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q2_K, Q3_K_M, IQ4_NL, IQ4_XS
+(converted, then llama.cpp's quantizer), `ort-genai:PRECISION` with PRECISION in fp32, int8, int4
 (onnxruntime_genai.models.builder). Each run: prefill = one forward over `prefill` token ids;
 decode = greedy generation of `new` tokens after `prompt`, timed from the first generated token
 to the last (tokens/s over new - 1 steps); peak RSS of the whole process (loading included).
@@ -31,8 +31,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-GGUF_KINDS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
-QUANTIZED_KINDS = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")  # made by llama.cpp's quantizer from a float file
+QUANTIZED_KINDS = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K",  # made by llama.cpp's quantizer from a float file
+                   "Q2_K", "Q3_K_M", "IQ4_NL", "IQ4_XS")
+GGUF_KINDS = ("F32", "F16", "BF16", "Q8_0") + QUANTIZED_KINDS
 ORT_PRECISIONS = ("fp32", "int8", "int4")
 PEERS_CACHE = Path(os.environ.get("LLMIRC_PEERS_CACHE", Path.home() / ".cache" / "llmirc" / "peers"))
 
