@@ -19,8 +19,8 @@ into the rotary frequencies.
 Tensor types: F32/F16/BF16 tensors keep their type (`read` returns them as stored, like
 safetensors weights; `--dtype` can still cast them). The block-quantized formats (Q8_0, Q4_0,
 Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) are kept quantized: their
-matrices (linears, the embedding, the LM head) enter the graph as `llmir.packed_weight` of the `!llmir.quant` type each format is
-repacked into losslessly (frontend/packed.py says which, per format), and `read(name)` returns
+matrices (linears, the embedding, the LM head) enter the graph as `llmir.packed_weight` of the
+`!llmir.quant` type each format is repacked into losslessly (frontend/packed.py says which, per format), and `read(name)` returns
 `gguf_quants.unpack` of the blocks (the q/k row un-permutation moves whole rows, so it applies
 unchanged). With `dequantize=True` (`llmirc compile --dequantize`) they are expanded to float32
 with `gguf_quants.dequantize` instead. Quantized vectors (biases, norms) are refused unless

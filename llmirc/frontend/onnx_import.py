@@ -40,11 +40,11 @@ from llmirc import dialect as L
 from llmirc.errors import CheckpointError
 
 from . import onnx_ops
-from .onnx_functions import expand_functions
 from .checkpoint import tokenizer_files
 from .context import Limit
 from .onnx_analysis import CONST, DATA, PROBE_LENGTHS, SONLY, AV, Node, interpret, symbolic_shape
 from .onnx_dialect import NoneOp, element_type, make_op
+from .onnx_functions import expand_functions
 
 MIN_OPSET = 17
 SMALL_CONSTANT = 256  # constants up to this many elements are kept in the IR text
