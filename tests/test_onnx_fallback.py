@@ -351,12 +351,14 @@ def test_function_ops_inside_model_local_functions(tmp_path):
     outer = onnx.helper.make_function("loc", "Outer", ["X", "w"], ["Y"], [
         onnx.helper.make_node("Inner", ["X"], ["a"], domain="loc"),
         onnx.helper.make_node("RMSNormalization", ["a", "w"], ["Y"], axis=-1, epsilon=1e-3)], opsets)
-    old = onnx.helper.make_function("loc", "Old", ["X"], ["Y"], [onnx.helper.make_node("Celu", ["X"], ["Y"], alpha=0.5)],
+    old = onnx.helper.make_function("loc", "Old", ["X"], ["Y"],
+                                    [onnx.helper.make_node("Celu", ["X"], ["Y"], alpha=0.5)],
                                     [onnx.helper.make_opsetid("", 13)])
     g.nodes += [onnx.helper.make_node("Outer", [g.x, g.randn(C)], ["outer_out"], domain="loc"),
                 onnx.helper.make_node("Old", [g.x], ["old_out"], domain="loc")]
     y = g.op("Add", g.op("Add", "outer_out", "old_out"), g.op("CumSum", g.x, np.array(1, np.int64)))
-    model = g.model(g.op("MatMul", y, g.randn(C, vocab)), shape=[1, "S", vocab], opset=23, functions=[inner, outer, old])
+    model = g.model(g.op("MatMul", y, g.randn(C, vocab)), shape=[1, "S", vocab], opset=23,
+                    functions=[inner, outer, old])
     path = save(model, tmp_path)
     bundle = tmp_path / "m.llmir"
     r = llmirc("compile", path, "-o", bundle, "--cpu-variants", "native", "--report")
