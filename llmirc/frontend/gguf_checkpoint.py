@@ -22,9 +22,9 @@ Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) are kept quantiz
 matrices (linears, the embedding, the LM head) enter the graph as `llmir.packed_weight` of the
 `!llmir.quant` type each format is repacked into losslessly (frontend/packed.py says which, per
 format), and `read(name)` returns `gguf_quants.unpack` of the blocks (the q/k row un-permutation
-moves whole rows, so it applies unchanged). With `dequantize=True` (`llmirc compile --dequantize`) they are expanded to float32
-with `gguf_quants.dequantize` instead. Quantized vectors (biases, norms) are refused unless
-dequantizing. The formats llmirc has no layout for (IQ1-IQ3, TQ1_0, TQ2_0, MXFP4:
+moves whole rows, so it applies unchanged). With `dequantize=True` (`llmirc compile
+--dequantize`) they are expanded to float32 with `gguf_quants.dequantize` instead. Quantized
+vectors (biases, norms) are refused unless dequantizing. The formats llmirc has no layout for (IQ1-IQ3, TQ1_0, TQ2_0, MXFP4:
 FLOAT_ONLY) are read with `--dequantize` only, expanded by the gguf package's own dequantizer
 (`gguf.quants.dequantize`); without it they are refused by name, with that way out.
 """
