@@ -16,16 +16,16 @@ half-split (`neox`) rope; Qwen2 and GPT-2 files are not permuted. GPT-2 projecti
 Llama-3 rope scaling arrives as the `rope_freqs.weight` tensor (per-frequency divisors), folded
 into the rotary frequencies.
 
-Tensor types: F32/F16/BF16 tensors keep their type (`read` returns them as stored, like
-safetensors weights; `--dtype` can still cast them). The block-quantized formats (Q8_0, Q4_0,
-Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) are kept quantized: their
-matrices (linears, the embedding, the LM head) enter the graph as `llmir.packed_weight` of the
-`!llmir.quant` type each format is repacked into losslessly (frontend/packed.py says which, per
-format), and `read(name)` returns `gguf_quants.unpack` of the blocks (the q/k row un-permutation
-moves whole rows, so it applies unchanged). With `dequantize=True` (`llmirc compile
---dequantize`) they are expanded to float32 with `gguf_quants.dequantize` instead. Quantized
-vectors (biases, norms) are refused unless dequantizing. The formats llmirc has no layout for (IQ1-IQ3, TQ1_0, TQ2_0, MXFP4:
-FLOAT_ONLY) are read with `--dequantize` only, expanded by the gguf package's own dequantizer
+Tensor types: F32/F16/BF16 tensors keep their type (`read` returns them as stored, like safetensors
+weights; `--dtype` can still cast them). The block-quantized formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) are kept quantized: their matrices (linears, the
+embedding, the LM head) enter the graph as `llmir.packed_weight` of the `!llmir.quant` type each
+format is repacked into losslessly (frontend/packed.py says which, per format), and `read(name)`
+returns `gguf_quants.unpack` of the blocks (the q/k row un-permutation moves whole rows, so it
+applies unchanged). With `dequantize=True` (`llmirc compile --dequantize`) they are expanded to
+float32 with `gguf_quants.dequantize` instead. Quantized vectors (biases, norms) are refused unless
+dequantizing. The formats llmirc has no layout for (IQ1-IQ3, TQ1_0, TQ2_0, MXFP4: FLOAT_ONLY) are
+read with `--dequantize` only, expanded by the gguf package's own dequantizer
 (`gguf.quants.dequantize`); without it they are refused by name, with that way out.
 """
 
