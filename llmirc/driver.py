@@ -28,7 +28,7 @@ from llmirc import scratch
 from llmirc.artifact_format.reader import is_bundle
 from llmirc.artifact_format.writer import (BundleWriter, check_replaceable, created_utc, host_tag,
                                            remove_stale_temporaries)
-from llmirc.errors import CheckpointError, LlmircError, UsageError, stage
+from llmirc.errors import CheckpointError, LlmircError, UsageError, naming, stage
 from llmirc.frontend import open_source
 from llmirc.frontend.checkpoint import missing_tokenizer_note
 from llmirc.frontend.context import Limit, index_limits, resolve_context, table_rows
@@ -307,15 +307,11 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                        f"{_count(calibration.windows, 'window')}"] += 1
         input_ir = print_ir(module) if out is not None else ""  # only the bundle keeps it
         progress("running passes")
-        try:
+        with naming(model, getattr(source, "path", model)):  # a node the ONNX lowering evaluated
             run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
                        ctx=ctx, prefix=",".join(filter(None, (source.lowering, options.smooth_pass()))),
                        block_size=block_size,
                        tail=dataclasses.replace(options, dtype=dtype, kv_cache_dtype=kv_cache_dtype).required())
-        except CheckpointError as e:  # a node the ONNX lowering evaluated: named with the file
-            if str(e).startswith((str(model), str(getattr(source, "path", model)))):
-                raise
-            raise CheckpointError(f"{model}: {e}") from None
         kept_stored = options.quant != "none" and stored and stored[1] and \
             not any(isinstance(op, L.QuantizeOp) for op in module.walk())
         if kept_stored:

@@ -47,6 +47,19 @@ def stage(name: str):
         raise
 
 
+@contextlib.contextmanager
+def naming(path, *aliases):
+    """A CheckpointError raised inside the block (a node's problem found deep in the ONNX importer or
+    a pass, which knows the node, not the file) names `path` first, unless it names `path` or one of
+    its `aliases` (the same file under another spelling) already."""
+    try:
+        yield
+    except CheckpointError as e:
+        if str(e).startswith(tuple(f"{p}:" for p in (path, *aliases))):
+            raise
+        raise CheckpointError(f"{path}: {e}") from None
+
+
 def internal_stage(e: BaseException) -> str | None:
     """The stage (`stage(name)`) an unexpected exception came from, if known."""
     return getattr(e, "llmirc_stage", None)

@@ -37,7 +37,7 @@ from xdsl.dialects.builtin import (
 from xdsl.ir import SSAValue
 
 from llmirc import dialect as L
-from llmirc.errors import CheckpointError
+from llmirc.errors import CheckpointError, naming
 
 from . import onnx_ops
 from .checkpoint import tokenizer_files
@@ -331,14 +331,10 @@ def import_onnx(ckpt: OnnxCheckpoint) -> ModuleOp:
                     for name, t in ckpt.initializers.items()]
     _check_order(ckpt, nodes, set(roots) | set(ckpt.initializers))
     cache: dict = {}
-    try:
+    with naming(ckpt.path):  # a node's problem, found by evaluating it
         probes = [interpret(weight_nodes + nodes, roots, S, ckpt.read, cache=cache) for S in PROBE_LENGTHS]
         ckpt.position_tables = position_tables(nodes, probes)
         return _emit(ckpt, nodes, roles, probes)
-    except CheckpointError as e:  # a node's problem, found by evaluating it: named with the file
-        if str(e).startswith(f"{ckpt.path}:"):
-            raise
-        raise CheckpointError(f"{ckpt.path}: {e}") from None
 
 
 def _check_order(ckpt: OnnxCheckpoint, nodes: list[Node], defined: set[str]) -> None:
