@@ -359,7 +359,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                    for op in module.walk()):
             raise CheckpointError(f"{model}: the model has no attention layer (no token reads the ones before "
                                   "it): llmirc compiles decoder language models")
-        with stage("plan"):
+        with stage("plan"), naming(model, getattr(source, "path", model)):  # a node a generic kernel lowers
             plan = build_plan(module, read_weight=source.read)
         read = source.read if calibration is None else \
             (lambda name: calibration.read(name) if calibration.has(name) else source.read(name))

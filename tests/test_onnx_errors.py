@@ -7,6 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_graphs import Graph
 from test_cli_errors import assert_user_error, leftovers, llmirc
 from llmirc.errors import CheckpointError
 from llmirc.frontend.onnx_import import OnnxCheckpoint
@@ -58,6 +59,10 @@ def test_function_op_problem_names_the_call(tmp_path):
     nodes[1] = helper.make_node("RMSNormalization", ["x", ""], ["y"], name="norm")
     compile_fails(tmp_path, save(graph(nodes, [embed()], opset=23), tmp_path / "n.onnx"), "n.onnx: ",
                   "RMSNormalization node 'norm'", "input 1")
+    # an axis out of the input's range: onnx builds a body reducing over no axis; onnxruntime refuses it
+    nodes[1] = helper.make_node("RMSNormalization", ["x", "E"], ["y"], name="norm", axis=3)
+    compile_fails(tmp_path, save(graph(nodes, [embed()], opset=23), tmp_path / "a.onnx"), "a.onnx: ",
+                  "RMSNormalization node 'norm': axis 3 is out of range for its rank-3 input")
     # a call fed by an operator onnx does not know keeps its name: both are refused
     nodes[1:] = [helper.make_node("Foo", ["x"], ["f"], domain="custom"), helper.make_node("Mish", ["f"], ["y"])]
     model = graph(nodes, [embed()], opset=23)
@@ -75,6 +80,15 @@ def test_problem_found_by_a_fusion_names_the_file(tmp_path):
              helper.make_node("Sqrt", ["me"], ["r"]), helper.make_node("Div", ["x", "r"], ["n"]),
              helper.make_node("Mul", ["n", ""], ["y"])]
     compile_fails(tmp_path, save(graph(nodes, [embed(), *consts]), tmp_path / "m.onnx"), "m.onnx: ONNX Mul node")
+
+
+def test_problem_found_by_a_generic_kernel_names_the_file(tmp_path):
+    """A node only the full-sequence fallback reads (a Softmax over no axis of its input), refused when its
+    kernel is planned: the error names the file too."""
+    g = Graph(8, vocab=40)
+    y = g.op("Add", g.op("Softmax", g.x, axis=5), g.op("CumSum", g.x, np.array(1, np.int64)))
+    model = g.model(g.op("MatMul", y, g.randn(8, 40)), shape=[1, "S", 40])
+    compile_fails(tmp_path, save(model, tmp_path / "m.onnx"), "m.onnx: ONNX Softmax node", "axis 5 is out of range")
 
 
 def test_old_opset_refused(tmp_path):

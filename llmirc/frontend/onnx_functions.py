@@ -72,6 +72,7 @@ def _expand_once(model: onnx.ModelProto, evaluated: frozenset[str], path: Path, 
     expanded_ops.extend(f"{n.domain}.{n.op_type}" for n in model.graph.node if (n.domain, n.op_type) in local)
     for i, schema in calls:
         node = typed.graph.node[i]
+        _check_axes(node, types, path)
         body = _body(node, schema, opset, types)
         if body is None:
             continue
@@ -107,6 +108,24 @@ def _check_calls(model: onnx.ModelProto, calls: list[onnx.NodeProto], path: Path
             reason = " ".join(str(e).split("==>")[0].split())[:200]
             raise CheckpointError(f"{path}: ONNX {node.op_type} node '{node.name or node.output[0]}': "
                                   f"{reason}") from None
+
+
+def _check_axes(node: onnx.NodeProto, types: dict, path: Path) -> None:
+    """An `axis` (or `axes`) attribute names an axis of the first input: -rank <= axis < rank, as
+    onnxruntime requires (RMSNormalization, LayerNormalization, Softmax, MeanVarianceNormalization;
+    a body built from an axis out of range reduces over no axis, or fails elsewhere). Unchecked
+    while the input's rank is unknown."""
+    shape = types.get(node.input[0], onnx.TypeProto()).tensor_type if node.input else None
+    if shape is None or not shape.HasField("shape"):
+        return
+    rank = len(shape.shape.dim)
+    for a in node.attribute:
+        values = [a.i] if a.name == "axis" and a.type == onnx.AttributeProto.INT else \
+            list(a.ints) if a.name == "axes" and a.type == onnx.AttributeProto.INTS else []
+        for v in values:
+            if not -rank <= v < rank:
+                raise CheckpointError(f"{path}: ONNX {node.op_type} node '{node.name or node.output[0]}': "
+                                      f"{a.name} {v} is out of range for its rank-{rank} input (from {-rank} to {rank - 1})")
 
 
 def _with_types(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
