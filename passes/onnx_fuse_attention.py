@@ -45,6 +45,7 @@ class Rope:
     inv_freq: np.ndarray  # float32 [rotary_dim / 2]
     scaling: float
     style: str
+    tol: float = 1e-5  # how closely the model's tables hold cos and sin: their rounding (half tables)
 
 
 def rope_ref(x: np.ndarray, heads: int, d: int, rope: Rope | None) -> np.ndarray:
@@ -108,6 +109,39 @@ def _only_use(v: SSAValue) -> Operation | None:
     """The one op reading v, not counting Shape/Size (they read the shape only)."""
     uses = [u.operation for u in v.uses if not shape_only(u.operation)]
     return uses[0] if len(uses) == 1 else None
+
+
+def _rounding(table: np.ndarray) -> float:
+    """The absolute error of a table of values up to 1 as stored: float16's or bfloat16's half unit
+    in the last place where every value is one of theirs (the importer reads half tables as float32),
+    else 1e-5."""
+    t = np.asarray(table, np.float32)
+    if np.array_equal(t.astype(np.float16).astype(np.float32), t):
+        return 2 ** -11
+    if not np.any(t.view(np.uint32) & 0xFFFF):
+        return 2 ** -8
+    return 1e-5
+
+
+def _inv_freq_from_tables(cos: np.ndarray, sin: np.ndarray) -> list[np.ndarray]:
+    """Inverse-frequency candidates behind cos/sin tables [LONG, w] read at positions 0..LONG-1 (a
+    rotary cache stored as a weight, as onnxruntime-genai's builder stores it): each column's angle
+    grows by inv per position, so the unwrapped atan2 over the positions gives inv, which is then
+    snapped to the float32 value (of the few nearest) whose float32 angles p * inv best give the
+    tables. Widths w = D/2 (halves or even/odd) or D (the angles twice: [a, a] or each repeated)."""
+    ang = np.unwrap(np.arctan2(sin, cos), axis=0)
+    p = np.arange(LONG, dtype=np.float64)[:, None]
+    est = (p * ang).sum(0) / (p * p).sum()  # least squares through the origin
+    if not np.all(np.isfinite(est)) or np.any(np.abs(est) > np.pi):
+        return []
+    near = est.astype(np.float32)[None, :] + np.arange(-3, 4, dtype=np.float32)[:, None] * np.spacing(
+        est.astype(np.float32))[None, :]
+    pf = np.arange(LONG, dtype=np.float32)[:, None, None]
+    angles = (pf * near[None]).astype(np.float64)  # [LONG, 7, w]
+    err = np.abs(np.cos(angles) - cos[:, None, :] / max(abs(float(cos[0, 0])), 1e-30)).max(0)
+    inv = near[err.argmin(0), np.arange(near.shape[1])].astype(np.float32)
+    w = len(inv)
+    return [inv] if w % 2 else [inv, inv[: w // 2].copy(), inv[::2].copy()]
 
 
 @dataclass(frozen=True)
@@ -243,6 +277,9 @@ class FuseAttention(ModulePass):
                 elif isinstance(o, (L.WeightOp, L.ConstantOp)) and \
                         sum(n > 1 for n in L.shape_of(x)) == 1 and 1 < max(L.shape_of(x)) <= d // 2:
                     consts.append(np.asarray(oracle.value(x), np.float32).reshape(-1))  # e.g. [1, D/2, 1]
+        for c, s in product(tables, tables):  # stored tables (no inverse frequencies to find above them)
+            if c is not s and c.shape == s.shape:
+                consts += [inv for inv in _inv_freq_from_tables(c, s) if 1 < len(inv) <= d // 2]
         found = []
         for inv in consts:
             if inv.dtype.kind != "f" or len(inv) < 1:
@@ -263,8 +300,9 @@ class FuseAttention(ModulePass):
                         if fn is np.sin:
                             nz = np.abs(ref) > 0.1
                             scaling = float(np.median(table[nz] / ref[nz])) if nz.any() else 1.0
-                        if scaling and close(table, ref * scaling, 1e-5):
-                            rope = Rope(inv, scaling, style)
+                        tol = _rounding(table)
+                        if scaling and close(table, ref * scaling, tol):
+                            rope = Rope(inv, scaling, style, tol)
                             if not any(np.array_equal(r.inv_freq, inv) and r.style == style for r in found):
                                 found.append(rope)
         return found
@@ -285,7 +323,8 @@ class FuseAttention(ModulePass):
             if [p.shape[1] for p in parts] != [heads * d, kv_heads * d, kv_heads * d]:
                 return False  # the sources are not q, k and v of these heads
             want = attention_ref(*parts, heads, kv_heads, d, scale, window, rope)
-            if not close(got, want, 1e-4):
+            # half tables move q and k by their rounding; the scores (|q||k| scale ~ d scale) move by as much
+            if not close(got, want, 1e-4 + (0 if rope is None else 4 * rope.tol * d * scale)):
                 return False
         return True
 

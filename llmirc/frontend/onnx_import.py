@@ -44,9 +44,14 @@ from .checkpoint import tokenizer_files
 from .context import Limit
 from .onnx_analysis import CONST, DATA, PROBE_LENGTHS, SONLY, AV, Node, interpret, symbolic_shape
 from .onnx_dialect import NoneOp, element_type, make_op
+from .onnx_contrib import expand_contrib
 from .onnx_functions import expand_functions
 
 MIN_OPSET = 17
+UNSUPPORTED_HINTS = {  # ways around operators people meet most
+    "com.microsoft.MatMulNBits": "MatMulNBits holds onnxruntime-genai's int4/int8 weights, which llmirc does not "
+                                 "read: build the model with `-p fp32` or `-p fp16` and compile it with --quant int4",
+}
 SMALL_CONSTANT = 256  # constants up to this many elements are kept in the IR text
 INPUT_ROLES = {"input_ids": "onnx:input_ids", "attention_mask": "onnx:attention_mask",
                "position_ids": "onnx:position_ids"}
@@ -104,13 +109,15 @@ class OnnxCheckpoint:
         if opsets.get("ai.onnx", 0) < MIN_OPSET:
             raise CheckpointError(f"{path}: opset {opsets.get('ai.onnx')} is too old; llmirc reads opset {MIN_OPSET} "
                                   "and newer (re-export, or convert with onnx.version_converter)")
+        self.contrib = Counter(expand_contrib(self.proto, path))
         self.expanded = Counter(expand_functions(self.proto, onnx_ops.SUPPORTED, path))
         graph = self.proto.graph  # (the expansion replaced it)
         unsupported = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in graph.node
                               if n.domain not in ("", "ai.onnx") or n.op_type not in onnx_ops.SUPPORTED)
         if unsupported:
             listed = ", ".join(f"{op} x{count}" for op, count in sorted(unsupported.items()))
-            raise CheckpointError(f"{path}: unsupported ONNX operators: {listed}")
+            hints = "".join(f"; {h}" for op, h in UNSUPPORTED_HINTS.items() if op in unsupported)
+            raise CheckpointError(f"{path}: unsupported ONNX operators: {listed}{hints}")
         self.initializers = {t.name: t for t in graph.initializer}
         for t in graph.initializer:
             self._check_initializer(t)
@@ -458,10 +465,11 @@ def _emit(ckpt: OnnxCheckpoint, nodes: list[Node], roles: dict, probes: list[dic
         values.update(zip(node.outputs, op.results))
     block.add_op(func.ReturnOp(*[operand(k) for k in outputs]))
     half = sorted({HALF[t.data_type] for t in ckpt.initializers.values() if t.data_type in HALF})
-    expanded = ", ".join(f"{op} x{n}" for op, n in sorted(ckpt.expanded.items()))
+    expanded, contrib = (", ".join(f"{op} x{n}" for op, n in sorted(c.items())) for c in (ckpt.expanded, ckpt.contrib))
     ckpt.summary = f"{len(nodes)} ONNX nodes, {folded} folded into constants at compile time" + \
         (f", {'/'.join(half)} weights computed in float32" if half else "") + \
-        (f", expanded into their ONNX function bodies: {expanded}" if expanded else "")
+        (f", expanded into their ONNX function bodies: {expanded}" if expanded else "") + \
+        (f", onnxruntime contrib operators replaced: {contrib}" if contrib else "")
     return ModuleOp([forward])
 
 

@@ -1,0 +1,279 @@
+"""onnxruntime's contrib operators that onnxruntime-genai's model builder writes, replaced by the
+standard operators they are defined by.
+
+`python -m onnxruntime_genai.models.builder` (the source of most ONNX LLMs people download) writes
+its decoders with four operators of onnxruntime's own (ONNX Runtime's ContribOperators.md):
+`SimplifiedLayerNormalization` (RMSNorm; in the default domain, though no ONNX opset defines it),
+`com.microsoft.SkipSimplifiedLayerNormalization` (the residual add, then RMSNorm),
+`com.microsoft.SkipLayerNormalization` (the same with LayerNorm) and
+`com.microsoft.GroupQueryAttention` (rotary embedding from cos/sin tables, the KV cache's append
+and causal grouped-query attention in one node). Each call is replaced here by the standard
+operators that compute it, spelled as torch.onnx spells them, so the importer, its fusions and the
+full-sequence fallback read a builder's model as they read an exported one: there is one reading
+of each computation. The KV cache is the paged one llmirc makes; the node's past/present inputs
+and outputs keep their meaning (present = past followed by the step's keys and values).
+
+What the replacement does not compute is refused by name: GroupQueryAttention's softcap,
+smooth_softmax, attention_bias and head_sink, a rotary table narrower than the head (partial
+rotary), the norms' mean / inv_std_var outputs. Padding is not modelled: a batch of one sequence
+without padding, as the importer reads every graph (seqlens_k and total_sequence_length then say
+nothing more than the shapes do). `com.microsoft.MatMulNBits` (the builder's int4/int8 weights)
+is not read: such a model is refused by the importer's operator check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from llmirc.errors import CheckpointError
+
+MS = "com.microsoft"
+SUPPORTED = {("", "SimplifiedLayerNormalization"), (MS, "SimplifiedLayerNormalization"),
+             (MS, "SkipSimplifiedLayerNormalization"), (MS, "SkipLayerNormalization"), (MS, "GroupQueryAttention")}
+
+
+def expand_contrib(model: onnx.ModelProto, path: Path) -> list[str]:
+    """Replace, in place, every call of a SUPPORTED contrib operator in the top graph by standard
+    operators (opset 18 and later spellings: ReduceMean, Split and Squeeze take their axes as
+    inputs). Returns the replaced operators' names, one per call, for the compile report. Raises
+    CheckpointError naming the file and the node for a call the replacement does not compute."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    calls = [n for n in model.graph.node if (_domain(n), n.op_type) in SUPPORTED]
+    if not calls:
+        return []
+    if opset < 18:
+        raise CheckpointError(f"{path}: contrib operators ({calls[0].op_type}) are read at opset 18 and later, "
+                              f"this model imports opset {opset}")
+    inits = {t.name: t for t in model.graph.initializer}
+    graph_inputs = {i.name: i for i in model.graph.input}
+    pending: list = []  # (call, its keys, kv heads) whose head size only shape inference finds
+    nodes, expanded = [], []
+    for n in model.graph.node:
+        if (_domain(n), n.op_type) not in SUPPORTED:
+            nodes.append(n)
+            continue
+        b = _Body(n, path)
+        {"SimplifiedLayerNormalization": _simplified_layer_norm, "SkipSimplifiedLayerNormalization": _skip_norm,
+         "SkipLayerNormalization": _skip_norm, "GroupQueryAttention": _group_query_attention}[n.op_type](b, inits, graph_inputs, pending)
+        nodes.extend(b.nodes)
+        expanded.append(f"{_domain(n) + '.' if _domain(n) else ''}{n.op_type}")
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    _infer_head_size(model, graph_inputs, pending)
+    return expanded
+
+
+def _infer_head_size(model: onnx.ModelProto, graph_inputs: dict, pending: list[tuple[_Body, str, int]]) -> None:
+    """Past inputs of calls without rotary tables (no head size to read off them): the head size of the
+    keys they are concatenated with, as onnx's shape inference finds it."""
+    if not pending:
+        return
+    try:
+        typed = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # (the importer reports what is wrong with the graph)
+        return
+    shapes = {v.name: v.type.tensor_type.shape.dim for v in typed.graph.value_info}
+    for b, keys, kv_heads in pending:
+        dims = shapes.get(keys, ())
+        if len(dims) == 4 and dims[3].HasField("dim_value"):
+            for i in (3, 4):
+                _past_dims(b, graph_inputs.get(b.input(i)), kv_heads, dims[3].dim_value)
+
+
+def _domain(n: onnx.NodeProto) -> str:
+    return "" if n.domain in ("", "ai.onnx") else n.domain
+
+
+class _Body:
+    """The standard nodes replacing one call; intermediate values are named after the call."""
+
+    def __init__(self, node: onnx.NodeProto, path: Path):
+        self.node, self.path, self.nodes = node, path, []
+        self.attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        self.name = node.name or f"{node.op_type}_{node.output[0]}"
+
+    def input(self, i: int) -> str:
+        return self.node.input[i] if i < len(self.node.input) else ""
+
+    def output(self, i: int) -> str:
+        return self.node.output[i] if i < len(self.node.output) else ""
+
+    def fail(self, problem: str):
+        raise CheckpointError(f"{self.path}: ONNX {self.node.op_type} node '{self.name}': {problem}")
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
+        out = out or f"{self.name}/{op_type}.{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=f"{self.name}/{op_type}.{len(self.nodes)}",
+                                           **attrs))
+        return out
+
+    def const(self, value, dtype=np.int64) -> str:
+        return self.op("Constant", value=numpy_helper.from_array(np.asarray(value, dtype)))
+
+    def scalar(self, value: float, elem_type: int) -> str:
+        """A float scalar of an ONNX element type (a constant: CastLike of an activation would not be)."""
+        return self.op("Cast", self.const(value, np.float32), to=elem_type)
+
+
+def _rms(b: _Body, x: str, gamma: str, eps: float, out: str, inits: dict) -> None:
+    """x / sqrt(mean(x^2 over the last axis) + eps) * gamma (torch.onnx's spelling of RMSNorm)."""
+    t = _elem_type(b, inits, gamma)
+    mean = b.op("ReduceMean", b.op("Pow", x, b.scalar(2.0, t)), b.const([-1]), keepdims=1)
+    inv = b.op("Reciprocal", b.op("Sqrt", b.op("Add", mean, b.scalar(eps, t))))
+    b.op("Mul", b.op("Mul", x, inv), gamma, out=out)
+
+
+def _elem_type(b: _Body, known: dict, name: str) -> int:
+    """The element type of an initializer or graph input (the activations' type in a builder's model)."""
+    v = known.get(name)
+    t = v.data_type if isinstance(v, onnx.TensorProto) else v.type.tensor_type.elem_type if v is not None else 0
+    if t not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+        b.fail(f"'{name}' must be a stored weight or a graph input of a float type")
+    return t
+
+
+def _no_statistics(b: _Body, *outputs: int) -> None:
+    for i in outputs:
+        if b.output(i):
+            b.fail(f"output {i} (the normalization's statistics) is not computed by llmirc")
+
+
+def _simplified_layer_norm(b: _Body, inits: dict, *_) -> None:
+    if b.attrs.get("axis", -1) != -1:
+        b.fail(f"axis {b.attrs['axis']}: llmirc reads RMSNorm over the last axis only")
+    _no_statistics(b, 1)
+    _rms(b, b.input(0), b.input(1), float(b.attrs.get("epsilon", 1e-5)), b.output(0), inits)
+
+
+def _skip_norm(b: _Body, inits: dict, *_) -> None:
+    """SkipSimplifiedLayerNormalization(input, skip, gamma) and SkipLayerNormalization(input, skip,
+    gamma, beta, bias): s = input + skip (+ bias), output 0 the norm of s, output 3 s itself."""
+    simplified = b.node.op_type == "SkipSimplifiedLayerNormalization"
+    if simplified and b.input(3):
+        b.fail("a bias input is not read by llmirc")  # (onnxruntime's versions disagree on where it goes)
+    _no_statistics(b, 1, 2)
+    s = b.op("Add", b.input(0), b.input(1))
+    if not simplified and b.input(4):
+        s = b.op("Add", s, b.input(4))
+    if b.output(3):
+        b.op("Identity", s, out=b.output(3))
+    eps = float(b.attrs.get("epsilon", 1e-12))
+    if simplified:
+        _rms(b, s, b.input(2), eps, b.output(0), inits)
+        return
+    inputs = [s, b.input(2)] + ([b.input(3)] if b.input(3) else [])
+    b.op("LayerNormalization", *inputs, out=b.output(0), axis=-1, epsilon=eps)
+
+
+def _group_query_attention(b: _Body, inits: dict, graph_inputs: dict, pending: list) -> None:
+    """GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+    cos_cache, sin_cache, position_ids): query [B, S, Hq*D] (q, k and v packed when key and value are
+    omitted), past [B, Hkv, P, D]; output [B, S, Hq*D], present [B, Hkv, P + S, D]."""
+    a = b.attrs
+    for attr in ("softcap", "smooth_softmax"):
+        if a.get(attr, 0):
+            b.fail(f"{attr}={a[attr]} is not computed by llmirc")
+    for i, what in ((10, "attention_bias"), (11, "head_sink")):
+        if b.input(i):
+            b.fail(f"input {i} ({what}) is not read by llmirc")
+    heads, kv_heads = int(a.get("num_heads", 0)), int(a.get("kv_num_heads", 0))
+    if heads < 1 or kv_heads < 1 or heads % kv_heads:
+        b.fail(f"num_heads {heads} is not a positive multiple of kv_num_heads {kv_heads}")
+    if bool(b.input(1)) != bool(b.input(2)):
+        b.fail("key and value must both be given, or both omitted (q, k and v packed in query)")
+    if not (b.input(3) and b.input(4)):
+        b.fail("past_key and past_value are missing")
+    rotary = bool(a.get("do_rotary", 0))
+    d = -1
+    if rotary:
+        tables = [inits.get(b.input(i)) for i in (7, 8)]
+        if any(t is None or len(t.dims) != 2 for t in tables) or tables[0].dims != tables[1].dims:
+            b.fail("with do_rotary, cos_cache and sin_cache must be stored tables of one shape [positions, d/2]")
+        d = 2 * int(tables[0].dims[1])  # the whole head rotates: a narrower table fails the head's reshape
+    q, k, v = b.input(0), b.input(1), b.input(2)
+    t = _elem_type(b, {**inits, **graph_inputs}, b.input(3))
+
+    def heads_first(x: str, n: int) -> str:  # [B, S, n*D] -> [B, n, S, D]
+        return b.op("Transpose", b.op("Reshape", x, b.const([0, 0, n, d])), perm=[0, 2, 1, 3])
+
+    if k:
+        q, k, v = heads_first(q, heads), heads_first(k, kv_heads), heads_first(v, kv_heads)
+    else:
+        packed = b.op("Transpose", b.op("Reshape", q, b.const([0, 0, heads + 2 * kv_heads, d])), perm=[0, 2, 1, 3])
+        q, k, v = (f"{b.name}/{x}" for x in "qkv")
+        b.nodes.append(helper.make_node("Split", [packed, b.const([heads, kv_heads, kv_heads])], [q, k, v],
+                                        name=f"{b.name}/Split", axis=1))
+    past_len = b.op("Shape", b.input(3), start=2, end=3)
+    total = b.op("Add", past_len, b.op("Shape", q, start=2, end=3))
+    if rotary:
+        if b.input(9):  # position_ids [B, S] -> tables [B, 1, S, d/2]
+            cos, sin = (b.op("Unsqueeze", b.op("Gather", b.input(i), b.input(9), axis=0), b.const([1])) for i in (7, 8))
+        else:  # positions past_len .. total - 1
+            pos = b.op("Range", *(b.op("Squeeze", x, b.const([0])) for x in (past_len, total)), b.const(1))
+            cos, sin = (b.op("Gather", b.input(i), pos, axis=0) for i in (7, 8))
+        q, k = (_rotate(b, x, cos, sin, d, bool(a.get("rotary_interleaved", 0))) for x in (q, k))
+    for i in (3, 4):  # the builder leaves the past's head size symbolic ('kv_cache_dim'): it is D
+        _past_dims(b, graph_inputs.get(b.input(i)), kv_heads, d)
+    if d < 0:
+        pending.append((b, k, kv_heads))
+    k = b.op("Concat", b.input(3), k, axis=2, out=b.output(1) or None)
+    v = b.op("Concat", b.input(4), v, axis=2, out=b.output(2) or None)
+    if heads != kv_heads:  # [B, Hkv, T, D] -> [B, Hq, T, D], each kv head serving heads/kv_heads query heads
+        k, v = (b.op("Reshape", b.op("Expand", b.op("Unsqueeze", x, b.const([2])), b.const([1, 1, heads // kv_heads, 1, 1])),
+                     b.const([0, heads, -1, d])) for x in (k, v))
+    scores = b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2]))
+    scale = float(a.get("scale", 0.0))
+    if scale:
+        scores = b.op("Mul", scores, b.scalar(scale, t))
+    else:  # 1 / sqrt(D)
+        width = b.op("Cast", b.op("Shape", q, start=3, end=4), to=t)
+        scores = b.op("Div", scores, b.op("Sqrt", width))
+    scores = b.op("Add", scores, _causal_mask(b, past_len, total, int(a.get("local_window_size", -1)), t))
+    out = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)
+    b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.const([0, 0, -1]), out=b.output(0))
+
+
+def _past_dims(b: _Body, inp: onnx.ValueInfoProto | None, kv_heads: int, d: int) -> None:
+    """A past input [B, Hkv, P, D] of the graph: symbolic Hkv and D (known here) made fixed; fixed ones
+    that disagree refused."""
+    if inp is None or len(inp.type.tensor_type.shape.dim) != 4:
+        return
+    for axis, want in ((1, kv_heads), (3, d)):
+        dim = inp.type.tensor_type.shape.dim[axis]
+        if want < 0:
+            continue
+        if dim.HasField("dim_value") and dim.dim_value != want:
+            b.fail(f"input '{inp.name}' has {dim.dim_value} at axis {axis}, where {want} is expected")
+        dim.dim_value = want
+
+
+def _rotate(b: _Body, x: str, cos: str, sin: str, d: int, interleaved: bool) -> str:
+    """x [B, H, S, D] rotated by the angles whose cos and sin are given ([S, D/2] or [B, 1, S, D/2]):
+    halves (x1, x2) -> (x1 c - x2 s, x2 c + x1 s), or the even and odd elements when interleaved."""
+    def part(start: int, step: int) -> str:
+        return b.op("Slice", x, b.const([start]), b.const([d if step == 2 else start + d // 2]), b.const([3]),
+                    b.const([step]))
+    x1, x2 = (part(0, 2), part(1, 2)) if interleaved else (part(0, 1), part(d // 2, 1))
+    r1 = b.op("Sub", b.op("Mul", x1, cos), b.op("Mul", x2, sin))
+    r2 = b.op("Add", b.op("Mul", x2, cos), b.op("Mul", x1, sin))
+    if not interleaved:
+        return b.op("Concat", r1, r2, axis=3)
+    pairs = b.op("Concat", b.op("Unsqueeze", r1, b.const([4])), b.op("Unsqueeze", r2, b.const([4])), axis=4)
+    return b.op("Reshape", pairs, b.const([0, 0, 0, d]))
+
+
+def _causal_mask(b: _Body, past_len: str, total: str, window: int, t: int) -> str:
+    """[S, T] additive mask: query i (position past_len + i) reads key j where j <= past_len + i, and
+    with a window w > 0 where j > past_len + i - w (local_window_size: w keys, the query's own
+    among them, as onnxruntime computes it and transformers' sliding_window counts)."""
+    scalar = [b.op("Squeeze", x, b.const([0])) for x in (past_len, total)]
+    rows = b.op("Unsqueeze", b.op("Range", *scalar, b.const(1)), b.const([1]))
+    cols = b.op("Range", b.const(0), scalar[1], b.const(1))
+    allowed = b.op("LessOrEqual", cols, rows)
+    if window > 0:
+        allowed = b.op("And", allowed, b.op("Greater", cols, b.op("Sub", rows, b.const(window))))
+    return b.op("Where", allowed, b.scalar(0.0, t), b.scalar(float(np.finfo(np.float32).min), t))
