@@ -226,6 +226,29 @@ def test_stop_strings_and_stop_token_ids(client, model):
     assert out.usage.completion_tokens == tokens.index(tokens[3]) + 1
 
 
+def test_stop_token_text_is_left_out_unless_asked_for_as_vllm(client, model):
+    """vLLM leaves the text of the stop token id that ended the request out of the output, unless
+    include_stop_str_in_output (SGLang: no_stop_trim), streamed or not."""
+    prompt = "the lazy dog"
+    tokens = model.generate([prompt], 16, ignore_eos=True)[0]
+
+    def text(max_tokens, **extra):
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                         extra_body={"ignore_eos": True, **extra}).choices[0].text
+
+    # a stop token whose text shows (not one that ends mid-character), first generated where it stops
+    at = next(i for i in range(1, 16) if tokens.index(tokens[i]) == i and text(i + 1) != text(i))
+    stop = {"stop_token_ids": [tokens[at]]}
+    assert text(16, **stop) == text(at) and text(16, **stop, include_stop_str_in_output=True) == text(at + 1)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=16, temperature=0, stream=True,
+        extra_body={"ignore_eos": True, **stop}))
+    assert streamed == text(at)
+    for trim, want in ((False, text(at)), (True, text(at + 1))):
+        sglang = httpx.post(str(client.base_url.join("/generate")), json={"text": prompt, "sampling_params": {
+            "max_new_tokens": 16, "temperature": 0, "ignore_eos": True, **stop, "no_stop_trim": trim}}).json()
+        assert sglang["text"] == want and sglang["output_ids"] == tokens[:at + 1]
+
 
 def test_tokens_cut_mid_character_end_the_text_before_it_as_vllm(server, model):
     """Generation that stops in the middle of a character (max_tokens here) ends the text before

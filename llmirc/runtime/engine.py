@@ -48,7 +48,8 @@ class SamplingParams:
     `prompt_logprobs` n: the same for every prompt token from `prompt_logprobs_start` on
     (position 0 has none). Logprobs are of the model's raw distribution (log-softmax of the
     logits), as vLLM reports them by default. `stop`: strings that end the text (left out of
-    it unless `include_stop_str_in_output`); they need the engine's tokenizer. `detokenize`:
+    it unless `include_stop_str_in_output`); they need the engine's tokenizer. The text of a
+    `stop_token_ids` token that ends the request is left out the same way (vLLM's). `detokenize`:
     produce text (when the engine has a tokenizer)."""
 
     max_tokens: int = 16
@@ -408,9 +409,11 @@ class Engine:
                 if req.params.logprobs is not None:
                     out.logprob = self._token_logprob(logits[rows[event.request_id]], event.token,
                                                       req.params.logprobs)
-                if event.finish_reason == "stop" and event.token in req.params.stop_token_ids:
+                stop_token = event.finish_reason == "stop" and event.token in req.params.stop_token_ids
+                if stop_token:
                     out.stop_reason = event.token
-                if req.text is not None:
+                # (vLLM: a stop token id's text is left out unless include_stop_str_in_output)
+                if req.text is not None and not (stop_token and not req.params.include_stop_str_in_output):
                     out.text = req.text.add(event.token)
                     if req.text.stopped is not None and not event.finished:  # a stop string: finished now
                         self.scheduler.abort(event.request_id)  # (its blocks freed)
