@@ -118,6 +118,17 @@ def _params(raw: dict | None) -> _Params:
     return p
 
 
+def _check_stops(server: Server, p: _Params) -> None:
+    """The engine's checks of stop strings and stop token ids, as 400s naming sampling_params."""
+    if p.stop == "" or (isinstance(p.stop, list) and "" in p.stop):
+        raise APIError(400, "sampling_params.stop cannot contain an empty string", "sampling_params")
+    vocab = server.model.vocab_size
+    bad = [t for t in p.stop_token_ids or () if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"sampling_params.stop_token_ids: token id {bad[0]} is outside the model's vocabulary "
+                            f"of {vocab}", "sampling_params")
+
+
 def _max_new_tokens(server: Server, prompt: list[int], p: _Params, prompt_param: str) -> int:
     """The tokens one prompt may generate, as SGLang decides: a max_new_tokens given that would
     pass the context is a 400 (its tokenizer manager's check); otherwise max_new_tokens (128 when
@@ -219,6 +230,7 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
             raise APIError(400, f"logprob_start_len must be -1 or a prompt position (0 to {len(prompt) - 1}), got "
                                 f"{starts[i]}", "logprob_start_len")
         prompt_param = "text" if req.text is not None else "input_ids"
+        _check_stops(server, p)
         max_new_tokens = _max_new_tokens(server, prompt, p, prompt_param)
         server.check_prompt_ids(prompt, prompt_param)
         want_prompt = logprob[i] and starts[i] >= 0
