@@ -580,6 +580,11 @@ BAD = {
                          "text"),
     "surrogate-model-name": ("/v1/completions", b'{"model": "\\ud800", "prompt": "hi"}',
                              404, "\\ud800"),
+    # more prompts than the server takes at once: refused before any is tokenized (the last would fail to)
+    "too-many-prompts": ("/v1/completions", b'{"prompt": [' + b'"hi", ' * 1100 + b'"\\ud800"]}', 400,
+                         "the request asks for 1101 sequences"),
+    "too-many-prompts-sglang": ("/generate", b'{"text": [' + b'"hi", ' * 1100 + b'"\\ud800"]}', 400,
+                                "the request asks for 1101 sequences"),
     "empty-body": ("/v1/completions", b"", 400, "the request body is empty: a JSON object is expected"),
     "unknown-route": ("/v1/embeddings", {"input": "hi"}, 404, "Not Found"),
     "wrong-method": ("/health", {}, 405, "Method Not Allowed"),

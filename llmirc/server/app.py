@@ -241,6 +241,14 @@ class Server:
         if bad is not None:
             raise APIError(400, f"{param}: token id {bad} is outside the model's vocabulary of {vocab}", param)
 
+    def check_sequences(self, count: int) -> None:
+        """400 for a request of `count` sequences (prompts times n), more than the server takes at
+        once: it would never fit, not a reason to retry (checked before any text is tokenized)."""
+        limit = self.model.scheduler.max_num_seqs + self.options.max_queued_requests
+        if count > limit:
+            raise APIError(400, f"the request asks for {count} sequences (prompts times n); this server "
+                                f"takes at most {limit} at once (running + --max-queued-requests)")
+
     def admit(self, requests: list[tuple[list[int], SamplingParams]]) -> Admitted:
         """Add engine requests, all or none; returns them running (call from the event loop).
 
@@ -248,10 +256,8 @@ class Server:
         never fit or that the engine refuses."""
         if self.engine.error is not None:
             raise APIError(503, f"the engine stopped after an error: {self.engine.error}")
+        self.check_sequences(len(requests))
         limit = self.model.scheduler.max_num_seqs + self.options.max_queued_requests
-        if len(requests) > limit:  # it would never fit: not a reason to retry
-            raise APIError(400, f"the request asks for {len(requests)} sequences (prompts times n); this server "
-                                f"takes at most {limit} at once (running + --max-queued-requests)")
         if self.in_flight + len(requests) > limit:
             raise APIError(503, f"server overloaded: {self.in_flight} requests in flight, at most {limit} "
                                 "(running + --max-queued-requests); retry later")

@@ -198,6 +198,7 @@ async def _completion_prompts(server: Server, req: CompletionRequest) -> list[li
         return [list(prompt)]
     if not prompt:
         raise APIError(400, "prompt is empty", "prompt")
+    server.check_sequences(len(prompt) * req.n)  # (before tokenizing thousands of texts for nothing)
     for p in prompt:  # every text checked before any is tokenized
         if isinstance(p, str):
             server.check_text(p, "prompt")

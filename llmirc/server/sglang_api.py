@@ -208,6 +208,7 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
                                              and isinstance(req.input_ids[0], list))
     if req.text is not None:
         texts = req.text if batched else [req.text]
+        server.check_sequences(len(texts))  # (before tokenizing thousands of texts for nothing)
         for t in texts:  # every text checked before any is tokenized
             server.check_text(t, "text")
         prompts = [await server.encode(t, "text") for t in texts]
