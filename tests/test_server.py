@@ -383,6 +383,25 @@ def test_echo_with_logprobs_scores_the_prompt(server, client, model):
         len(prompt) + 2
 
 
+def test_echo_repeats_a_text_prompt_as_given_as_vllm(server, client, model):
+    """vLLM echoes a text prompt as the request gave it (special tokens written in it included),
+    a prompt of token ids as their text."""
+    text, ids = "the quick</s> brown", model.encode("the lazy dog")
+    assert model.tokenizer.decode(model.encode(text)) != text  # (</s> is a special token: decoding drops it)
+    for prompt, echo in (([text, text], text), ([ids, ids], model.tokenizer.decode(ids))):
+        choices = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, n=2, echo=True,
+                                            temperature=0, extra_body={"ignore_eos": True}).choices
+        assert len(choices) == 4 and all(c.text.startswith(echo) for c in choices)
+    out = client.completions.create(model="tiny", prompt=text, max_tokens=2, echo=True, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    events = sse(httpx.post(server.url + "/v1/completions", json={
+        "model": "tiny", "prompt": text, "max_tokens": 2, "echo": True, "stream": True, "temperature": 0,
+        "ignore_eos": True}))
+    assert "".join(e["choices"][0]["text"] for e in events) == out.choices[0].text
+    out = client.completions.create(model="tiny", prompt=text, max_tokens=0, echo=True)
+    assert out.choices[0].text == text
+
+
 def assert_aborted(server, before: dict) -> None:
     """One request aborted since `before` (metrics), not finished (finish reason "length"), and its
     blocks freed. How many tokens it made first depends on the load: not checked."""

@@ -259,9 +259,15 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prompt_tokens = sum(map(len, prompts))
 
-    def echo_text(i: int) -> str:
+    given = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+
+    def echo_text(i: int) -> str:  # (vLLM: a text prompt as given, special tokens and all; token ids decoded)
+        if not req.echo:
+            return ""
+        if isinstance(text := given[i // req.n], str):
+            return text
         tok = server.model.tokenizer
-        return tok.decode(requests[i][0]) if req.echo and tok is not None else ""
+        return tok.decode(requests[i][0]) if tok is not None else ""
 
     def logprobs_of(i: int, entries: list, offset: int) -> dict | None:
         return None if req.logprobs is None else _completion_logprobs(server, entries, offset, requests[i][0])
