@@ -574,6 +574,11 @@ def _rope(g, t, n, style, table):
 
 def _rope_tables(g, style, pos, freqs):
     """cos, sin broadcastable to [1, heads, S, D] (width D/2 for the slice-step style)."""
+    if freqs == "stored":  # cos/sin tables stored as weights (onnxruntime-genai's builder), read at positions
+        p = g.op("Squeeze", "position_ids", g.i64(0)) if pos == "position_ids" else g.positions()
+        ang = np.arange(2048, dtype=np.float32)[:, None] * INV_FREQ[None]
+        ang = np.concatenate([ang, ang], 1) if style == "neox" else np.repeat(ang, 2, 1)
+        return [g.op("Unsqueeze", g.op("Gather", g.init(f(ang)), p, axis=0), g.i64(0, 1)) for f in (np.cos, np.sin)]
     inv = g.init(INV_FREQ, "inv_freq")
     if pos == "position_ids":
         p = g.op("Cast", g.op("Squeeze", "position_ids", g.i64(0)), to=FLOAT)
@@ -670,6 +675,9 @@ ATTENTION = {  # id: (graph variant, expected kv heads, scale, sliding window, r
     "interleaved_slice_steps_half_tables": (dict(rope="interleaved_slices"), 2, ROOT, 0, "interleaved"),
     "freqs_by_matmul": (dict(freqs="matmul"), 2, ROOT, 0, "neox"),
     "window3_where_masked_bool": (dict(mask="where_masked", window=3), 2, ROOT, 3, "neox"),
+    "stored_tables": (dict(freqs="stored"), 2, ROOT, 0, "neox"),
+    "stored_tables_interleaved_position_ids": (dict(freqs="stored", rope="interleaved", pos="position_ids"), 2, ROOT, 0,
+                                               "interleaved"),
 }
 
 
