@@ -7,6 +7,10 @@ After:   %z = "llmir.unsqueeze_batch"("llmir.linear"("llmir.squeeze_batch"(%x), 
 Gemm (alpha = beta = 1, A not transposed) on 2-D rows [S, K] maps to llmir.linear directly
 (rows are llmir's form). The transpose of W is folded into the bundle ([N, K] is the layout
 the kernels read). onnx-glue cancels the batch squeezes.
+
+onnxruntime's MatMulNBits (x [1, S, K] times quantized weights B, scales, zero points, + bias)
+becomes llmir.linear of an `llmir.packed_weight` (format matmul_nbits, named after B): the codes
+stay quantized, repacked losslessly when the bundle is written (frontend/packed.py).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.passes import ModulePass
 
 from llmirc import dialect as L
-from llmirc.frontend.onnx_dialect import OnnxOp
+from llmirc.errors import CheckpointError
+from llmirc.frontend.onnx_contrib import matmul_nbits_parts
+from llmirc.frontend.onnx_dialect import NoneOp, OnnxOp
 
 from .func_args import forward_func
 from .onnx_match import Oracle, erase_dead
@@ -33,6 +39,8 @@ class FuseLinear(ModulePass):
         f = forward_func(op)
         oracle = Oracle(op, ctx.read_weight)
         block = f.body.block
+        for mm in [o for o in block.ops if isinstance(o, OnnxOp) and o.op_type == "MatMulNBits"]:
+            self._nbits(ctx, mm, oracle, block)
         for mm in [o for o in block.ops if isinstance(o, OnnxOp) and o.op_type in ("MatMul", "Gemm")]:
             x, w = mm.operands[:2]
             if not oracle.is_data(x) or not _const(w) or len(L.shape_of(w)) != 2:
@@ -60,6 +68,33 @@ class FuseLinear(ModulePass):
                 mm.results[0].replace_all_uses_with(out.result)
             erase_dead([mm])
             note(ctx, f"{self.name}: {mm.op_type} -> linear")
+
+    def _nbits(self, ctx: Context, mm: OnnxOp, oracle: Oracle, block) -> None:
+        x, b, scales = mm.operands[:3]
+        rest = list(mm.operands[3:])
+        zp, bias = (rest + [None] * 3)[0], (rest + [None] * 3)[2]
+        zp = None if zp is None or isinstance(zp.owner, NoneOp) else zp
+        bias = None if bias is None or isinstance(bias.owner, NoneOp) else bias
+        shape = L.shape_of(x)
+        if not oracle.is_data(x) or len(shape) != 3 or shape[0] != 1 or not isinstance(b.owner, L.WeightOp) or \
+                not all(v is None or _const(v) for v in (scales, zp, bias)):
+            raise CheckpointError(f"ONNX MatMulNBits node '{mm.attributes.get('onnx.name', '')}': llmirc reads it on "
+                                  "[1, S, K] activations, with B, scales, zero_points and bias stored in the model")
+        a = mm.py_attrs()
+        k, n, bits, g = (int(a.get(key, d)) for key, d in (("K", 0), ("N", 0), ("bits", 4), ("block_size", 0)))
+        zero = "none"
+        if zp is not None:
+            _, _, z = matmul_nbits_parts(oracle.value(b), oracle.value(scales), oracle.value(zp), k, bits, g)
+            zero = "none" if (z == 1 << (bits - 1)).all() else "int"
+        qtype = L.QuantType(bits, g, L.FLOAT_TYPES["float32"], zero, False)
+        w = L.PackedWeightOp(b.owner.weight.data, "matmul_nbits", (n, k), qtype)
+        rows = L.SqueezeBatchOp(x)
+        lin = L.LinearOp(rows.result, w.result, bias)
+        out = L.UnsqueezeBatchOp(lin.result)
+        block.insert_ops_before([w, rows, lin, out], mm)
+        mm.results[0].replace_all_uses_with(out.result)
+        erase_dead([mm])
+        note(ctx, f"{self.name}: MatMulNBits -> linear ({bits}-bit, groups of {g}, kept quantized)")
 
 
 def _const(v) -> bool:

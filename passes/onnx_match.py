@@ -111,7 +111,9 @@ def _opaque_shape(node: Node, S: int):
         if not isinstance(t, TensorType):  # the KV pool threaded through kv_append
             out.append(((), np.dtype(np.float32)))
             continue
-        out.append((tuple(S if d == L.DYN else d for d in t.get_shape()), numpy_dtype(t.element_type)))
+        quantized = isinstance(t.element_type, L.QuantType)  # (packed weights: MatMulNBits' codes)
+        out.append((tuple(S if d == L.DYN else d for d in t.get_shape()),
+                    np.dtype(np.uint8) if quantized else numpy_dtype(t.element_type)))
     return out
 
 

@@ -17,8 +17,12 @@ What the replacement does not compute is refused by name: GroupQueryAttention's 
 smooth_softmax, attention_bias and head_sink, a rotary table narrower than the head (partial
 rotary), the norms' mean / inv_std_var outputs. Padding is not modelled: a batch of one sequence
 without padding, as the importer reads every graph (seqlens_k and total_sequence_length then say
-nothing more than the shapes do). `com.microsoft.MatMulNBits` (the builder's int4/int8 weights)
-is not read: such a model is refused by the importer's operator check.
+nothing more than the shapes do).
+
+`com.microsoft.MatMulNBits` (the builder's int4 and int8 weights, `-p int4`) is the one kept as an
+operator of its own (KEPT): onnx-fuse-linear makes it a linear of an `llmir.packed_weight`
+(format `matmul_nbits`), repacked losslessly into llmirc's layout (frontend/packed.py) from the
+parts `matmul_nbits_parts` reads, so the weights stay quantized.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from llmirc.errors import CheckpointError
 MS = "com.microsoft"
 SUPPORTED = {("", "SimplifiedLayerNormalization"), (MS, "SimplifiedLayerNormalization"),
              (MS, "SkipSimplifiedLayerNormalization"), (MS, "SkipLayerNormalization"), (MS, "GroupQueryAttention")}
+
+KEPT = {(MS, "MatMulNBits")}
 
 
 def expand_contrib(model: onnx.ModelProto, path: Path) -> list[str]:
@@ -277,3 +283,48 @@ def _causal_mask(b: _Body, past_len: str, total: str, window: int, t: int) -> st
     if window > 0:
         allowed = b.op("And", allowed, b.op("Greater", cols, b.op("Sub", rows, b.const(window))))
     return b.op("Where", allowed, b.scalar(0.0, t), b.scalar(float(np.finfo(np.float32).min), t))
+
+
+def matmul_nbits_parts(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, bits: int,
+                       block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """MatMulNBits' weight (ONNX Runtime's ContribOperators.md) as (codes uint8 [N, K], scales
+    float32 [N, K / block], zero points uint8 [N, K / block] or None for the default 2^(bits-1)):
+    B uint8 [N, K / block, block * bits / 8] holds each block's codes, 8 / bits per byte, the first
+    in the lowest bits; scales [N * K / block] (any shape of that size); zero_points uint8 packed the
+    same way, each row's padded to whole bytes. w[n, i] = scales[n, i / block] * (code - zero).
+    Raises ValueError for what does not fit that layout (llmirc reads 4 and 8 bits, K a multiple of
+    block, zero points as codes rather than floats)."""
+    if bits not in (4, 8):
+        raise ValueError(f"{bits}-bit weights (llmirc reads 4 and 8 bits)")
+    if block < 16 or block & (block - 1) or k % block:
+        raise ValueError(f"K={k} in blocks of {block}: llmirc reads blocks of a power of two of at least 16 "
+                         "dividing K")
+    b = np.asarray(b)
+    n, blocks = (b.shape[0] if b.ndim == 3 else 0), k // block
+    if b.dtype != np.uint8 or b.shape != (n, blocks, block * bits // 8) or n == 0:
+        raise ValueError(f"B is {b.dtype}{list(b.shape)}, where uint8[N, {blocks}, {block * bits // 8}] is expected")
+    scales = np.asarray(scales)
+    if scales.dtype.kind != "f" or scales.size != n * blocks:
+        raise ValueError(f"scales is {scales.dtype}{list(scales.shape)}, where {n * blocks} floats are expected")
+
+    def unpack(x: np.ndarray, count: int) -> np.ndarray:  # [rows, bytes] -> [rows, count] codes
+        if bits == 8:
+            return x[:, :count]
+        return np.stack([x & 15, x >> 4], -1).reshape(x.shape[0], -1)[:, :count]
+    codes = unpack(b.reshape(n, -1), k)
+    zeros = None
+    if zero_points is not None:
+        zp = np.asarray(zero_points)
+        per_row = -(-blocks * bits // 8)
+        if zp.dtype != np.uint8 or zp.size != n * per_row:
+            raise ValueError(f"zero_points is {zp.dtype}{list(zp.shape)}, where uint8[{n * per_row}] is expected "
+                             "(llmirc does not read float zero points)")
+        zeros = unpack(zp.reshape(n, per_row), blocks)
+    return codes, scales.reshape(n, blocks).astype(np.float32), zeros
+
+
+def matmul_nbits_weight(b, scales, zero_points, k: int, bits: int, block: int) -> np.ndarray:
+    """The float32 weight [N, K] MatMulNBits' parts stand for (the reference the importer evaluates)."""
+    codes, s, z = matmul_nbits_parts(b, scales, zero_points, k, bits, block)
+    zero = np.float32(1 << (bits - 1)) if z is None else np.repeat(z, block, 1).astype(np.float32)
+    return (codes.astype(np.float32) - zero) * np.repeat(s, block, 1)

@@ -44,14 +44,11 @@ from .checkpoint import tokenizer_files
 from .context import Limit
 from .onnx_analysis import CONST, DATA, PROBE_LENGTHS, SONLY, AV, Node, interpret, symbolic_shape
 from .onnx_dialect import NoneOp, element_type, make_op
+from . import onnx_contrib
 from .onnx_contrib import expand_contrib
 from .onnx_functions import expand_functions
 
 MIN_OPSET = 17
-UNSUPPORTED_HINTS = {  # ways around operators people meet most
-    "com.microsoft.MatMulNBits": "MatMulNBits holds onnxruntime-genai's int4/int8 weights, which llmirc does not "
-                                 "read: build the model with `-p fp32` or `-p fp16` and compile it with --quant int4",
-}
 SMALL_CONSTANT = 256  # constants up to this many elements are kept in the IR text
 INPUT_ROLES = {"input_ids": "onnx:input_ids", "attention_mask": "onnx:attention_mask",
                "position_ids": "onnx:position_ids"}
@@ -113,12 +110,16 @@ class OnnxCheckpoint:
         self.expanded = Counter(expand_functions(self.proto, onnx_ops.SUPPORTED, path))
         graph = self.proto.graph  # (the expansion replaced it)
         unsupported = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in graph.node
-                              if n.domain not in ("", "ai.onnx") or n.op_type not in onnx_ops.SUPPORTED)
+                              if (n.domain, n.op_type) not in onnx_contrib.KEPT and
+                              (n.domain not in ("", "ai.onnx") or n.op_type not in onnx_ops.SUPPORTED))
         if unsupported:
             listed = ", ".join(f"{op} x{count}" for op, count in sorted(unsupported.items()))
-            hints = "".join(f"; {h}" for op, h in UNSUPPORTED_HINTS.items() if op in unsupported)
-            raise CheckpointError(f"{path}: unsupported ONNX operators: {listed}{hints}")
+            raise CheckpointError(f"{path}: unsupported ONNX operators: {listed}")
         self.initializers = {t.name: t for t in graph.initializer}
+        # MatMulNBits' parts under the names frontend/packed.py reads a quantized linear's by (<B>.qweight, ...)
+        self.packed_parts = {f"{n.input[1]}.{part}": n.input[i] for n in graph.node
+                             if (n.domain, n.op_type) in onnx_contrib.KEPT
+                             for i, part in ((1, "qweight"), (2, "scales"), (3, "qzeros")) if i < len(n.input)}
         for t in graph.initializer:
             self._check_initializer(t)
         self.folded: dict[str, np.ndarray] = {}  # large constants computed at compile time
@@ -175,6 +176,7 @@ class OnnxCheckpoint:
         (`computed_dtype`: f16/bf16 as float32)."""
         if name in self.folded:
             return self.folded[name]
+        name = self.packed_parts.get(name, name)
         t = self.initializers.get(name)
         if t is None:
             raise CheckpointError(f"{self.path}: no initializer '{name}'")
@@ -190,9 +192,12 @@ class OnnxCheckpoint:
         return data.astype(np.float32) if t.data_type in HALF else data
 
     def float32(self, name: str) -> np.ndarray:
-        """A weight as float32. Raises CheckpointError for a non-float initializer, or one holding
-        NaN (infinities pass: exports keep -inf mask constants)."""
+        """A weight as float32 (MatMulNBits' packed codes and zero points as stored, uint8). Raises
+        CheckpointError for another non-float initializer, or one holding NaN (infinities pass:
+        exports keep -inf mask constants)."""
         a = self.read(name)
+        if a.dtype == np.uint8 and name in self.packed_parts.values():
+            return a
         if a.dtype.kind != "f":
             raise CheckpointError(f"{self.path}: weight '{name}' has dtype {a.dtype}; weights must be floating point")
         a = a.astype(np.float32, copy=False)

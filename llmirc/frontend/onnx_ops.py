@@ -6,6 +6,7 @@ reference interpreter. It never runs a model in production, so clarity beats spe
 
 Caller's side of the contract:
 - Only ops of the default domain ("" / "ai.onnx"); check `node.domain` before looking in SUPPORTED.
+  CONTRIB names the onnxruntime (com.microsoft) operators evaluated here too (MatMulNBits).
 - `inputs[i]` is a numpy array, or None where the node leaves optional input i empty (ONNX empty
   name); trailing omitted inputs may also be left off the list.
 - `attrs` holds decoded attribute values, as `attrs_of(node)` returns them: int, float, str (not
@@ -431,6 +432,33 @@ def _matmul_shape(c, s, d):
 _op("MatMul", shape=_matmul_shape)(lambda c, a, b: np.matmul(a, b))
 
 
+def _matmul_nbits_weight(c, b, scales, zero_points):
+    from .onnx_contrib import matmul_nbits_weight
+
+    try:
+        return matmul_nbits_weight(b, scales, zero_points, c.attr("K", 0), c.attr("bits", 4), c.attr("block_size", 0))
+    except ValueError as e:
+        c.fail(str(e))
+
+
+def _matmul_nbits_shape(c, s, d):
+    k, n = c.attr("K", 0), c.attr("N", 0)
+    if not s[0] or s[0][-1] != k or n < 1:
+        c.fail(f"input A {s[0]} does not end in K={k} (N={n})")
+    if len(s) > 4 and s[4] is not None:
+        c.fail("g_idx (act-order) is not read by llmirc")
+    return [(s[0][:-1] + (n,), d[0])]
+
+
+def _matmul_nbits(c, a, b, scales, zero_points=None, g_idx=None, bias=None):
+    """com.microsoft.MatMulNBits: A [..., K] times the dequantized weight [N, K], transposed (+ bias)."""
+    y = np.matmul(a, _matmul_nbits_weight(c, b, scales, zero_points).T.astype(a.dtype))
+    return y if bias is None else y + bias
+
+
+_op("MatMulNBits", shape=_matmul_nbits_shape)(_matmul_nbits)
+
+
 def _gemm_mn(c, a: Shape, b: Shape) -> Shape:
     if len(a) != 2 or len(b) != 2:
         c.fail(f"A and B must be 2-D, got {a} and {b}")
@@ -840,7 +868,8 @@ def _nonzero(c, x):
 
 _op("NonZero", shape=lambda c, s, d: [(_nonzero(c, c.value(0, "X")).shape, _INT64)])(_nonzero)
 
-SUPPORTED: frozenset[str] = frozenset(_EVAL)
+CONTRIB: frozenset[str] = frozenset({"MatMulNBits"})  # onnxruntime's (com.microsoft), not the standard's
+SUPPORTED: frozenset[str] = frozenset(_EVAL) - CONTRIB
 
 
 # --- Entry points ----------------------------------------------------------------------------------------

@@ -15,6 +15,11 @@ linear of k inputs and n outputs, b bits, groups of g inputs (g = -1: one group 
   [k / g, n b / 32], 8 codes of outputs 8c + (0, 2, 4, 6, 1, 3, 5, 7) in nibbles 0..7 of int32 c;
   `scales` [k / g, n]. w[j, i] = scales[i / g, j] * (q[i, j] - zero[i / g, j]).
 
+* matmul_nbits (onnxruntime's com.microsoft.MatMulNBits, as onnxruntime-genai's builder writes int4
+  and int8 models): B uint8 [n, k / g, g b / 8], scales [n k / g], zero_points uint8 packed alike
+  (absent: 2^(b-1)); read by frontend/onnx_contrib.py `matmul_nbits_parts`, kept as 4 / 8-bit
+  codes, float32 scales (a float16 model's exactly), uint8 zero points.
+
 * gguf (llama.cpp's block formats, unpacked by frontend/gguf_quants.py into codes, float32
   scales and offsets per group): repacked per format as below (GGUF_SCHEMES); the bits per
   weight of the file's format -> of llmirc's layout:
@@ -96,6 +101,8 @@ def tensor_names(fmt: str, prefix: str, scheme: quant.Scheme) -> list[str]:
     """The checkpoint tensors a packed weight is made of."""
     if fmt == "gguf":
         return [f"{prefix}.weight"]
+    if fmt == "matmul_nbits":
+        return [f"{prefix}.qweight", f"{prefix}.scales"] + ([f"{prefix}.qzeros"] if scheme.zero == "int" else [])
     names = [f"{prefix}.qweight", f"{prefix}.scales", f"{prefix}.qzeros"]
     return names + ([f"{prefix}.g_idx"] if scheme.act_order else [])
 
@@ -212,6 +219,19 @@ def repack(fmt: str, prefix: str, scheme: quant.Scheme, k: int, read) -> dict[st
         from llmirc.calibration import LEARNED
 
         return {p: np.asarray(read(f"{LEARNED}{prefix}.{p}")) for p in scheme.parts()}
+    if fmt == "matmul_nbits":  # an ONNX MatMulNBits' B, scales and zero_points (frontend/onnx_contrib.py)
+        from .onnx_contrib import matmul_nbits_parts
+
+        zp = np.asarray(read(f"{prefix}.qzeros")) if scheme.zero == "int" else None
+        try:
+            codes, scales, zeros = matmul_nbits_parts(read(f"{prefix}.qweight"), read(f"{prefix}.scales"), zp, k, bits, g)
+        except ValueError as e:
+            raise CheckpointError(f"MatMulNBits weight '{prefix}': {e}") from None
+        parts = {"codes": quant.pack(codes, bits, scheme.sub_group),
+                 "scales": dtypes.from_float32(scales, scheme.scale_dtype)}
+        if zeros is not None:
+            parts["zeros"] = zeros
+        return parts
     if fmt == "gguf":
         u = read(f"{prefix}.weight")
         codes = u.codes.astype(np.int16) + (scheme.center if scheme.zero == "none" else 0)
