@@ -33,15 +33,21 @@ from .func_args import forward_func
 from .report import note
 
 
-def auto_kv_dtype(module: ModuleOp):
+def auto_kv_dtype(module: ModuleOp, quantized_as=None):
     """The half type all float linear weights share, else f32; f16 (llama.cpp's default) when
     some linears are quantized and no weight is in a half type. A weight quantized by
     quantize-weights counts as the float weight it was made from (a bf16 checkpoint compiled with
-    --quant, or smoothed, keeps a bf16 cache; an f32 one gets f16). Where the checkpoint quantized
-    linears itself (GGUF, GPTQ, AWQ), its f32 linears are fallbacks (as in GGUF files made with
-    llama.cpp's --leave-output-tensor) and do not vote."""
+    --quant, or smoothed, keeps a bf16 cache; an f32 one gets f16), or as `quantized_as` where given
+    (--dtype: the type it would have been stored in, kept float, as the linears kept are).
+    Where the checkpoint quantized linears itself (GGUF, GPTQ, AWQ), its f32 linears are
+    fallbacks (as in GGUF files made with llama.cpp's --leave-output-tensor) and do not vote."""
+    def source(w):
+        if isinstance(w.owner, L.QuantizeOp):
+            return quantized_as or source_type(w.owner.input)
+        return source_type(w)
+
     weights = [op.weight for op in module.walk() if isinstance(op, L.LinearOp)]
-    sources = {source_type(w.owner.input if isinstance(w.owner, L.QuantizeOp) else w) for w in weights}
+    sources = {source(w) for w in weights}
     quantized = any(isinstance(w.owner, L.QuantizeOp) for w in weights) or not all(map(L.is_float, sources))
     halves = {t for t in sources if L.is_float(t)} - {f32}
     if len(halves) == 1 and (quantized or f32 not in sources):
@@ -70,9 +76,16 @@ class KVCacheDtype(ModulePass):
     name = "kv-cache-dtype"
 
     dtype: str = "auto"
+    # with dtype auto: the type the weights quantize-weights quantized count as (auto: the
+    # checkpoint's; the required tail passes --dtype)
+    weights: str = "auto"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        target = auto_kv_dtype(op) if self.dtype == "auto" else kv_type(self.dtype, f"{self.name}{{dtype}}")
+        if self.dtype == "auto":
+            weights = None if self.weights == "auto" else float_type(self.weights, f"{self.name}{{weights}}")
+            target = auto_kv_dtype(op, weights)
+        else:
+            target = kv_type(self.dtype, f"{self.name}{{dtype}}")
         f = forward_func(op)
         pools = [a for a in f.args if isinstance(a.type, L.KVPoolType)]
         pools += [o.result for o in f.walk() if isinstance(o, L.KVAppendOp)]

@@ -49,7 +49,7 @@ def required(dtype: str = "auto", kv_cache_dtype: str = "auto", block_size: int 
     type (it leaves quantized pools alone)."""
     return (f"{quantize + ',' if quantize else ''}cast-weights{{dtype={dtype}}},prune-logits,"
             f"paged-kv{{block-size={block_size}}},"
-            f"kv-cache-dtype{{dtype={kv_cache_dtype}}},fuse-rope-kv-append,dce")
+            f"kv-cache-dtype{{dtype={kv_cache_dtype} weights={dtype}}},fuse-rope-kv-append,dce")
 
 
 def default_pipeline(block_size: int = DEFAULT_BLOCK_SIZE) -> str:

@@ -146,6 +146,25 @@ def test_auto_kv_cache_follows_the_checkpoint_not_the_codes(tmp_path, checkpoint
         assert load(bundle).bundle.manifest["kv_cache"]["dtype"] == want
 
 
+@pytest.mark.parametrize("checkpoint_dtype,dtype,keep,want", [
+    ("bfloat16", "float32", ("embedding",), "f16"),  # as an f32 checkpoint's (was bf16)
+    ("bfloat16", "float16", ("embedding",), "f16"),  # (was bf16, the weights kept float being f16)
+    ("bfloat16", "float16", (), "f16"),
+    ("float32", "bfloat16", (), "bf16"),  # (was f16: the codes counted as the f32 checkpoint's)
+    ("bfloat16", "auto", (), "bf16"),
+])
+def test_auto_kv_cache_follows_dtype(tmp_path, checkpoint_dtype, dtype, keep, want):
+    """--kv-cache-dtype auto with --dtype and --quant: the quantized weights count as what --dtype
+    stores the float ones in, not as the checkpoint's type."""
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt, "llama", dtype=checkpoint_dtype)
+    emitted = io.StringIO()
+    compile_model(ckpt, None, CompileOptions(quant="int4", quant_keep=keep, dtype=dtype, emit="mlir"), Progress(None),
+                  stdout=emitted)
+    pools = set(re.findall(r"!llmir.kv_pool<[^>]*, (\w+)>", emitted.getvalue()))
+    assert pools == {want}, pools
+
+
 def test_int8_kv_cache(tmp_path, checkpoint):
     """Float weights, an int8 KV cache: long enough to fill several blocks (scales requantized
     as a block fills) in prefill, chunked prefill and decode."""
