@@ -211,6 +211,9 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
     _warn_unused_quant_options(quant, quant_keep)
     if quant_method != "autoround" and _given("quant_iters"):
         click.echo("warning: --quant-iters has no effect without --quant-method autoround", err=True)
+    if quant_method == "rtn" and quant_smooth is None and _given("calibration_tokens"):
+        click.echo("warning: --calibration-tokens has no effect without --quant-method gptq|autoround or "
+                   "--quant-smooth", err=True)
     if dequantize and not (Path(model).suffix == ".gguf" and Path(model).is_file()):
         click.echo("warning: --dequantize has no effect: it expands a GGUF file's quantized blocks", err=True)
     variants = tuple(v.strip() for v in cpu_variants.split(",") if v.strip())

@@ -652,6 +652,9 @@ def test_compile_warns_of_quant_options_without_effect(ckpt):
     r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--no-quant-rotate")
     assert r.returncode == 0 and r.stderr == "warning: --no-quant-rotate has no effect without --quant int8|int4\n", \
         r.stderr
+    r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--quant", "int4", "--calibration-tokens", "100")
+    assert r.returncode == 0 and r.stderr == "warning: --calibration-tokens has no effect without --quant-method " \
+        "gptq|autoround or --quant-smooth\n", r.stderr
 
 
 def test_compile_says_when_quant_quantizes_nothing(tmp_path):
