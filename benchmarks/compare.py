@@ -166,13 +166,16 @@ def memory_report(engine: str, prepared: peers.Prepared, prompt: list[int], thre
     kv_cache = blocks_for(min(int(m["model"]["max_position_embeddings"]), DEFAULT_KV_TOKENS),
                           kv["block_size"]) * kv["block_bytes"]  # what `run` allocates (load's default)
     weights = (bundle / m["weights"]["file"]).stat().st_size
+    src = prepared.source  # a checkpoint folder, a GGUF file, or an ONNX file with its external data beside it
+    source = (src.parent, f"{src.name}*") if src.suffix == ".onnx" else (src, "*")
+    weight_source = None if src.suffix == ".onnx" else (src, "*.safetensors")
     run = peers.run_measured([sys.executable, "-m", "llmirc.cli", "run", str(bundle), "--token-ids",
                               ",".join(map(str, prompt)), "--max-new-tokens", "8", "--ignore-eos", "--json",
                               "--threads", str(threads)])
     return {
         "engine": engine, "weight_bytes_by_dtype": m["model"].get("weight_bytes"),
-        "bundle_bytes": folder_bytes(bundle), "checkpoint_bytes": folder_bytes(prepared.source),
-        "bundle_weights_bytes": weights, "checkpoint_weights_bytes": folder_bytes(prepared.source, "*.safetensors"),
+        "bundle_bytes": folder_bytes(bundle), "checkpoint_bytes": folder_bytes(*source),
+        "bundle_weights_bytes": weights, "checkpoint_weights_bytes": folder_bytes(*(weight_source or source)),
         "kv_cache_bytes": kv_cache, "kv_cache_dtype": kv["dtype"],
         "run_peak_rss_mb": run.peak_rss_mb if run.returncode == 0 else None,
         "run_error": run.error("llmirc run") if run.returncode else "",

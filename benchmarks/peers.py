@@ -8,7 +8,7 @@ reported as failed, with its error, and the others go on.
 
 Engines: `llmirc[:VARIANT]` (compiles the checkpoint; VARIANT in LLMIRC_VARIANTS, none: weights
 as the checkpoint has them; `gguf-KIND`: compiles the GGUF file `llama.cpp:KIND` runs, the same
-file for both), `transformers` (eager, float32), `llama.cpp:KIND` with KIND in F32, F16, BF16,
+file for both; `ort-PRECISION`: compiles the ONNX model `ort-genai:PRECISION` runs), `transformers` (eager, float32), `llama.cpp:KIND` with KIND in F32, F16, BF16,
 Q8_0 (convert_hf_to_gguf.py --outtype) or Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q2_K, Q3_K_M, IQ4_NL, IQ4_XS
 (converted, then llama.cpp's quantizer), `ort-genai:PRECISION` with PRECISION in fp32, int8, int4
 (onnxruntime_genai.models.builder). Each run: prefill = one forward over `prefill` token ids;
@@ -366,11 +366,13 @@ def prepare(engine: str, checkpoint: Path, work: Path) -> Prepared:
     peers' conversions are kept in `work` and reused; llmirc compiles anew (it is what is measured)."""
     kind, _, variant = engine.partition(":")
     gguf = variant.removeprefix("gguf-") if variant.startswith("gguf-") else None
-    if kind == "llmirc" and (variant in LLMIRC_VARIANTS or gguf in GGUF_KINDS):
+    ort = variant.removeprefix("ort-") if variant.startswith("ort-") else None
+    if kind == "llmirc" and (variant in LLMIRC_VARIANTS or gguf in GGUF_KINDS or ort in ORT_PRECISIONS):
         bundle = work / f"{checkpoint.name}{'-' + variant if variant else ''}.llmir"
         shutil.rmtree(bundle, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
-        source, options = (to_gguf(checkpoint, work, gguf), []) if gguf else (checkpoint, LLMIRC_VARIANTS[variant])
+        source, options = (to_gguf(checkpoint, work, gguf), []) if gguf else \
+            (to_onnx_genai(checkpoint, work, ort) / "model.onnx", []) if ort else (checkpoint, LLMIRC_VARIANTS[variant])
         if "gptq" in options or "autoround" in options:
             options = [*options, "--calibration", str(calibration_text(work))]
         compiled = _run([sys.executable, "-m", "llmirc.cli", "compile", str(source), "-o", str(bundle), "-q",
