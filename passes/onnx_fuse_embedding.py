@@ -3,6 +3,9 @@
 Before:  %e = "onnx.Gather"(%table, %input_ids) {axis = 0}             // [1, S, C]
 After:   %e = "llmir.unsqueeze_batch"("llmir.embedding"(%table, %token_ids))
 
+onnxruntime's GatherBlockQuantized of the tokens (onnxruntime-genai's int4 embedding, tied to the
+LM head's MatMulNBits codes) becomes an embedding of the same `llmir.packed_weight` the head reads.
+
 Learned absolute positions (GPT-2's wpe) are a Gather of the table by an s-only index that
 equals 0..S-1; they become an embedding of the `positions` argument. The indices are checked
 by value at several sequence lengths, whatever ops the exporter used to build them.
@@ -19,7 +22,9 @@ from xdsl.passes import ModulePass
 
 from llmirc import dialect as L
 from llmirc.frontend.onnx_analysis import CONST, PROBE_LENGTHS
-from llmirc.frontend.onnx_dialect import OnnxOp
+from llmirc.errors import CheckpointError
+from llmirc.frontend.onnx_contrib import matmul_nbits_parts, packed_weight
+from llmirc.frontend.onnx_dialect import NoneOp, OnnxOp
 
 from .func_args import add_arg, arg_names, find_arg, forward_func
 from .onnx_match import Oracle, erase_dead
@@ -55,9 +60,33 @@ class FuseEmbedding(ModulePass):
                 index, what = index_arg(f, "positions"), "embedding of positions"
             else:
                 continue
-            emb = L.EmbeddingOp(table, index)
-            out = L.UnsqueezeBatchOp(emb.result)
-            f.body.block.insert_ops_before([emb, out], gather)
-            gather.results[0].replace_all_uses_with(out.result)
-            erase_dead([gather])
-            note(ctx, f"{self.name}: {what}")
+            self._replace(ctx, f, gather, [], table, index, what)
+        for gather in [o for o in f.body.block.ops if isinstance(o, OnnxOp) and o.op_type == "GatherBlockQuantized"]:
+            self._quantized(ctx, f, gather, oracle, roles)
+
+    def _replace(self, ctx, f, gather: OnnxOp, new: list, table, index, what: str) -> None:
+        emb = L.EmbeddingOp(table, index)
+        out = L.UnsqueezeBatchOp(emb.result)
+        f.body.block.insert_ops_before([*new, emb, out], gather)
+        gather.results[0].replace_all_uses_with(out.result)
+        erase_dead([gather])
+        note(ctx, f"{self.name}: {what}")
+
+    def _quantized(self, ctx, f, gather: OnnxOp, oracle: Oracle, roles: dict) -> None:
+        """GatherBlockQuantized(codes, input_ids, scales[, zero_points]): an embedding of the packed table
+        (onnxruntime-genai's tied embedding, the LM head's codes)."""
+        data, ids, scales = gather.operands[:3]
+        zp = gather.operands[3] if len(gather.operands) > 3 and not isinstance(gather.operands[3].owner, NoneOp) \
+            else None
+        if roles.get(ids) != "onnx:input_ids" or not isinstance(data.owner, L.WeightOp) or \
+                not all(v is None or oracle.kind(v) == CONST for v in (scales, zp)):
+            raise CheckpointError(f"ONNX GatherBlockQuantized node '{gather.attributes.get('onnx.name', '')}': "
+                                  "llmirc reads it as the token embedding, of codes and scales stored in the model")
+        a = gather.py_attrs()
+        n, bits, block = L.shape_of(data)[0], int(a.get("bits", 4)), int(a.get("block_size", 128))
+        k = L.shape_of(gather.results[0])[-1]
+        zeros = None if zp is None else \
+            matmul_nbits_parts(oracle.value(data), oracle.value(scales), oracle.value(zp), k, bits, block)[2]
+        table = packed_weight(data.owner.weight.data, n, k, bits, block, zeros)
+        self._replace(ctx, f, gather, [table], table.result, index_arg(f, "token_ids"),
+                      f"embedding of tokens ({bits}-bit, groups of {block}, kept quantized)")

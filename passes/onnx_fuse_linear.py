@@ -23,7 +23,7 @@ from xdsl.passes import ModulePass
 
 from llmirc import dialect as L
 from llmirc.errors import CheckpointError
-from llmirc.frontend.onnx_contrib import matmul_nbits_parts
+from llmirc.frontend.onnx_contrib import matmul_nbits_parts, packed_weight
 from llmirc.frontend.onnx_dialect import NoneOp, OnnxOp
 
 from .func_args import forward_func
@@ -82,12 +82,9 @@ class FuseLinear(ModulePass):
                                   "[1, S, K] activations, with B, scales, zero_points and bias stored in the model")
         a = mm.py_attrs()
         k, n, bits, g = (int(a.get(key, d)) for key, d in (("K", 0), ("N", 0), ("bits", 4), ("block_size", 0)))
-        zero = "none"
-        if zp is not None:
-            _, _, z = matmul_nbits_parts(oracle.value(b), oracle.value(scales), oracle.value(zp), k, bits, g)
-            zero = "none" if (z == 1 << (bits - 1)).all() else "int"
-        qtype = L.QuantType(bits, g, L.FLOAT_TYPES["float32"], zero, False)
-        w = L.PackedWeightOp(b.owner.weight.data, "matmul_nbits", (n, k), qtype)
+        zeros = None if zp is None else \
+            matmul_nbits_parts(oracle.value(b), oracle.value(scales), oracle.value(zp), k, bits, g)[2]
+        w = packed_weight(b.owner.weight.data, n, k, bits, g, zeros)
         rows = L.SqueezeBatchOp(x)
         lin = L.LinearOp(rows.result, w.result, bias)
         out = L.UnsqueezeBatchOp(lin.result)

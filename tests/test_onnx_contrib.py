@@ -5,6 +5,8 @@ paged incremental decoders whose logits are onnxruntime's, step by step with its
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -15,6 +17,7 @@ from test_cli_errors import assert_user_error, llmirc
 from llmirc.frontend.onnx_contrib import matmul_nbits_weight
 from llmirc.frontend.packed import repack
 from llmirc.quant import Scheme, dequantize
+from llmirc.artifact_format.reader import open_bundle
 from llmirc.runtime import load
 
 MS = "com.microsoft"
@@ -22,10 +25,12 @@ VOCAB, C, LAYERS = 64, 64, 2
 
 
 def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=False, window=-1, scale=None,
-                  layer_norm=False, dtype=np.float32, nbits=None, zero_points=False, seed=0) -> onnx.ModelProto:
+                  layer_norm=False, dtype=np.float32, nbits=None, zero_points=False, tied=False,
+                  seed=0) -> onnx.ModelProto:
     """A random decoder in the builder's form: input_ids, attention_mask and past_key_values.N.key/value
     [batch, kv_heads, past, 'kv_cache_dim'] in; logits and present.N.key/value out. With `nbits` (4 or 8)
-    every MatMul is a MatMulNBits (blocks of 32, zero points or not), as the builder's `-p int4` writes."""
+    every MatMul is a MatMulNBits (blocks of 32, zero points or not), as the builder's `-p int4` writes;
+    `tied` then reads the embedding from the LM head's codes (GatherBlockQuantized of a Reshape)."""
     rng = np.random.default_rng(seed)
     d = C // heads
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
@@ -61,7 +66,15 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
     angles = np.arange(1024)[:, None] * inv_freq[None].astype(np.float32)
     init("cos_cache", np.cos(angles))
     init("sin_cache", np.sin(angles))
-    x = node("Gather", [w("embed", VOCAB, C, s=1.0), "input_ids"], ["x0"])
+    if tied:  # the builder's tied int4 embedding: the LM head's codes [VOCAB, C/32, 16] viewed as rows
+        b, scales, zp = matmul_nbits(rng.standard_normal((VOCAB, C)), nbits, 32, zero_points, rng)
+        head = [init("W.head_Q", b), init("W.head_scales", scales)] + \
+            ([init("W.head_zp", zp.reshape(VOCAB, -1))] if zero_points else [])  # (rows: as GatherBlockQuantized needs)
+        rows = node("Reshape", [head[0], init("rows_shape", np.array([VOCAB, C * nbits // 8], np.int64))], ["rows"])
+        x = node("GatherBlockQuantized", [rows, "input_ids", *head[1:]], ["x0"], domain=MS, bits=nbits, block_size=32,
+                 gather_axis=0, quantize_axis=1)
+    else:
+        x = node("Gather", [w("embed", VOCAB, C, s=1.0), "input_ids"], ["x0"])
 
     def norm(i, inp, skip=None):
         names = [f"n{i}", "", "", f"s{i}"] if skip else [f"n{i}"]
@@ -96,7 +109,11 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
         act = node("Mul", [gate, node("Sigmoid", [gate], [f"sg{i}"])], [f"silu{i}"])
         up = node("Mul", [act, node("MatMul", [h, w(f"up{i}", C, 2 * C)], [f"u{i}"])], [f"m{i}"])
         h = norm(2 * i + 2, f"s{2 * i + 1}", node("MatMul", [up, w(f"down{i}", 2 * C, C)], [f"d{i}"]))
-    node("MatMul", [h, w("lm_head", C, VOCAB)], ["logits"])
+    if tied:
+        nodes.append(helper.make_node("MatMulNBits", [h, *head], ["logits"], domain=MS, K=C, N=VOCAB, bits=nbits,
+                                      block_size=32))
+    else:
+        node("MatMul", [h, w("lm_head", C, VOCAB)], ["logits"])
     past = [helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", elem, ["batch_size", kv_heads, "past_len",
                                                                               "kv_cache_dim"])
             for i in range(LAYERS) for kv in ("key", "value")]
@@ -164,6 +181,8 @@ CASES = {
     "int4": dict(nbits=4),
     "int4-zero-points": dict(nbits=4, zero_points=True),
     "int8-float16": dict(nbits=8, dtype=np.float16),
+    "int4-tied": dict(nbits=4, tied=True),
+    "int8-tied-zero-points": dict(nbits=8, tied=True, zero_points=True),
 }
 
 
@@ -171,9 +190,16 @@ CASES = {
 def test_builder_model_matches_onnxruntime(tmp_path, case):
     path = tmp_path / "model.onnx"
     onnx.save(builder_model(**CASES[case]), str(path))
+    if "tied" in CASES[case]:  # the builder's config: the context and the special tokens
+        (tmp_path / "genai_config.json").write_text(json.dumps(
+            {"model": {"type": "llama", "context_length": 512, "eos_token_id": 7, "bos_token_id": 1}}))
     bundle = tmp_path / "m.llmir"
     r = llmirc("compile", path, "-o", bundle, "--cpu-variants", "native", "--report")
     assert r.returncode == 0, r.stderr
+    if "tied" in CASES[case]:
+        assert "onnx-fuse-embedding: embedding of tokens (" in r.stdout, r.stdout
+        assert "context: 512 tokens (genai_config.json model context_length)" in r.stderr, r.stderr
+        assert open_bundle(bundle, verify=False).manifest["generation"]["eos_token_ids"] == [7]
     assert "onnx-fuse-attention: attention" in r.stdout and "left generic: none" in r.stdout, r.stdout
     assert ("MatMulNBits -> linear" in r.stdout) == ("nbits" in CASES[case]), r.stdout
     assert "onnxruntime contrib operators replaced: " in r.stdout and "GroupQueryAttention x2" in r.stdout, r.stdout

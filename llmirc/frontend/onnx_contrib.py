@@ -19,10 +19,12 @@ rotary), the norms' mean / inv_std_var outputs. Padding is not modelled: a batch
 without padding, as the importer reads every graph (seqlens_k and total_sequence_length then say
 nothing more than the shapes do).
 
-`com.microsoft.MatMulNBits` (the builder's int4 and int8 weights, `-p int4`) is the one kept as an
-operator of its own (KEPT): onnx-fuse-linear makes it a linear of an `llmir.packed_weight`
-(format `matmul_nbits`), repacked losslessly into llmirc's layout (frontend/packed.py) from the
-parts `matmul_nbits_parts` reads, so the weights stay quantized.
+`com.microsoft.MatMulNBits` and `GatherBlockQuantized` (the builder's int4 and int8 weights,
+`-p int4`; the second for an embedding tied to the LM head, read from the head's codes) are kept as
+operators of their own (KEPT): onnx-fuse-linear and onnx-fuse-embedding make them a linear and an
+embedding of an `llmir.packed_weight` (format `matmul_nbits`), repacked losslessly into llmirc's
+layout (frontend/packed.py) from the parts `matmul_nbits_parts` reads, so the weights stay
+quantized, one copy for a tied pair.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ MS = "com.microsoft"
 SUPPORTED = {("", "SimplifiedLayerNormalization"), (MS, "SimplifiedLayerNormalization"),
              (MS, "SkipSimplifiedLayerNormalization"), (MS, "SkipLayerNormalization"), (MS, "GroupQueryAttention")}
 
-KEPT = {(MS, "MatMulNBits")}
+# kept as operators: the positions of their packed codes, scales and zero points among the inputs
+KEPT = {(MS, "MatMulNBits"): (1, 2, 3), (MS, "GatherBlockQuantized"): (0, 2, 3)}
 
 
 def expand_contrib(model: onnx.ModelProto, path: Path) -> list[str]:
@@ -70,7 +73,35 @@ def expand_contrib(model: onnx.ModelProto, path: Path) -> list[str]:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     _infer_head_size(model, graph_inputs, pending)
+    _gather_stored_codes(model, inits)
     return expanded
+
+
+def _reshaped_rows(reshape: onnx.NodeProto, inits: dict, made: dict) -> int | None:
+    """The rows a Reshape to [rows, cols] asks for, from a stored shape or a Constant (else None)."""
+    name = reshape.input[1] if len(reshape.input) > 1 else ""
+    const = made.get(name)
+    shape = inits.get(name) if const is None else next(
+        (a.t for a in const.attribute if a.name == "value") if const.op_type == "Constant" else iter(()), None)
+    if shape is None:
+        return None
+    values = numpy_helper.to_array(shape).reshape(-1)
+    return int(values[0]) if len(values) == 2 else None
+
+
+def _gather_stored_codes(model: onnx.ModelProto, inits: dict) -> None:
+    """GatherBlockQuantized of a Reshape of stored codes (the builder's tied embedding reads the LM
+    head's MatMulNBits codes [N, blocks, blob] as [N, blocks * blob]) reads the stored tensor itself:
+    the same bytes, and the same packed weight as the head's."""
+    made = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        src = made.get(n.input[0]) if (n.domain, n.op_type) == (MS, "GatherBlockQuantized") and n.input else None
+        if src is not None and src.op_type == "Reshape" and src.input[0] in inits and \
+                len(inits[src.input[0]].dims) >= 2 and inits[src.input[0]].dims[0] == _reshaped_rows(src, inits, made):
+            n.input[0] = src.input[0]
+            for a in n.attribute:  # (each row's codes are still its last axis's, now in blocks)
+                if a.name == "quantize_axis":
+                    a.i = len(inits[src.input[0]].dims) - 1
 
 
 def _infer_head_size(model: onnx.ModelProto, graph_inputs: dict, pending: list[tuple[_Body, str, int]]) -> None:
@@ -300,9 +331,10 @@ def matmul_nbits_parts(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarra
         raise ValueError(f"K={k} in blocks of {block}: llmirc reads blocks of a power of two of at least 16 "
                          "dividing K")
     b = np.asarray(b)
-    n, blocks = (b.shape[0] if b.ndim == 3 else 0), k // block
-    if b.dtype != np.uint8 or b.shape != (n, blocks, block * bits // 8) or n == 0:
-        raise ValueError(f"B is {b.dtype}{list(b.shape)}, where uint8[N, {blocks}, {block * bits // 8}] is expected")
+    n, blocks = (b.shape[0] if b.ndim else 0), k // block
+    if b.dtype != np.uint8 or n == 0 or b.size != n * k * bits // 8:
+        raise ValueError(f"B is {b.dtype}{list(b.shape)}, where uint8[N, {blocks}, {block * bits // 8}] (or any "
+                         "shape of those bytes a row) is expected")
     scales = np.asarray(scales)
     if scales.dtype.kind != "f" or scales.size != n * blocks:
         raise ValueError(f"scales is {scales.dtype}{list(scales.shape)}, where {n * blocks} floats are expected")
@@ -328,3 +360,13 @@ def matmul_nbits_weight(b, scales, zero_points, k: int, bits: int, block: int) -
     codes, s, z = matmul_nbits_parts(b, scales, zero_points, k, bits, block)
     zero = np.float32(1 << (bits - 1)) if z is None else np.repeat(z, block, 1).astype(np.float32)
     return (codes.astype(np.float32) - zero) * np.repeat(s, block, 1)
+
+
+def packed_weight(name: str, n: int, k: int, bits: int, block: int, zeros: np.ndarray | None):
+    """The `llmir.packed_weight` [n, k] of a MatMulNBits / GatherBlockQuantized weight whose stored codes
+    are the initializer `name` (zero points: none when absent or all 2^(bits-1))."""
+    from llmirc import dialect as L
+
+    zero = "none" if zeros is None or (zeros == 1 << (bits - 1)).all() else "int"
+    qtype = L.QuantType(bits, block, L.FLOAT_TYPES["float32"], zero, False)
+    return L.PackedWeightOp(name, "matmul_nbits", (n, k), qtype)

@@ -116,10 +116,10 @@ class OnnxCheckpoint:
             listed = ", ".join(f"{op} x{count}" for op, count in sorted(unsupported.items()))
             raise CheckpointError(f"{path}: unsupported ONNX operators: {listed}")
         self.initializers = {t.name: t for t in graph.initializer}
-        # MatMulNBits' parts under the names frontend/packed.py reads a quantized linear's by (<B>.qweight, ...)
-        self.packed_parts = {f"{n.input[1]}.{part}": n.input[i] for n in graph.node
-                             if (n.domain, n.op_type) in onnx_contrib.KEPT
-                             for i, part in ((1, "qweight"), (2, "scales"), (3, "qzeros")) if i < len(n.input)}
+        # packed weights' parts (MatMulNBits, GatherBlockQuantized) by GPTQ's names: <codes>.qweight, .scales, ...
+        self.packed_parts = {f"{n.input[at[0]]}.{part}": n.input[i] for n in graph.node
+                             if (at := onnx_contrib.KEPT.get((n.domain, n.op_type)))
+                             for i, part in zip(at, ("qweight", "scales", "qzeros")) if i < len(n.input) and n.input[i]}
         for t in graph.initializer:
             self._check_initializer(t)
         self.folded: dict[str, np.ndarray] = {}  # large constants computed at compile time
@@ -227,18 +227,28 @@ class OnnxCheckpoint:
         return self._config("generation_config.json")
 
     def model_info(self) -> dict:
-        """Facts the graph does not hold, from config.json when there is one; `context` is what it
-        states (None without config.json), `position_tables` what the graph's tables allow."""
-        config = self._config("config.json")
-        eos = config.get("eos_token_id")
+        """Facts the graph does not hold, from config.json when there is one, else from
+        onnxruntime-genai's genai_config.json (its `model` object: context_length, bos/eos/pad token
+        ids, type); `context` is what it states (None without either), `position_tables` what the
+        graph's tables allow."""
+        config, source = self._config("config.json"), "config.json"
         archs = config.get("architectures") or []
+        if not config and (self.root / "genai_config.json").is_file():
+            config, source = self._config("genai_config.json").get("model"), "genai_config.json model"
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{self.root / 'genai_config.json'}: 'model' must be an object")
+            config = {**config, "max_position_embeddings": config.get("context_length")} if \
+                "context_length" in config else config
+            archs = [f"onnxruntime-genai {config.get('type', 'model')}"]
+        eos = config.get("eos_token_id")
         producer = f"{self.proto.producer_name} {self.proto.producer_version}".strip()
         key = next((k for k in ("max_position_embeddings", "n_positions") if k in config), None)
+        field = "context_length" if source != "config.json" else key
         if key is not None and (not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1):
-            raise CheckpointError(f"{self.root / 'config.json'}: field '{key}' must be a positive integer, "
+            raise CheckpointError(f"{self.root / source.split()[0]}: field '{field}' must be a positive integer, "
                                   f"got {config[key]!r}")
         return {"architecture": f"ONNX ({archs[0] if archs else producer or 'unknown producer'})",
-                "context": Limit(config[key], f"config.json {key}") if key else None,
+                "context": Limit(config[key], f"{source} {field}") if key else None,
                 "position_tables": self.position_tables,
                 "bos_token_id": config.get("bos_token_id"),
                 "eos_token_ids": eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [],

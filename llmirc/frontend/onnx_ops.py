@@ -6,7 +6,7 @@ reference interpreter. It never runs a model in production, so clarity beats spe
 
 Caller's side of the contract:
 - Only ops of the default domain ("" / "ai.onnx"); check `node.domain` before looking in SUPPORTED.
-  CONTRIB names the onnxruntime (com.microsoft) operators evaluated here too (MatMulNBits).
+  CONTRIB names the onnxruntime (com.microsoft) operators evaluated here too (MatMulNBits, ...).
 - `inputs[i]` is a numpy array, or None where the node leaves optional input i empty (ONNX empty
   name); trailing omitted inputs may also be left off the list.
 - `attrs` holds decoded attribute values, as `attrs_of(node)` returns them: int, float, str (not
@@ -432,11 +432,11 @@ def _matmul_shape(c, s, d):
 _op("MatMul", shape=_matmul_shape)(lambda c, a, b: np.matmul(a, b))
 
 
-def _matmul_nbits_weight(c, b, scales, zero_points):
+def _matmul_nbits_weight(c, b, scales, zero_points, k: int, block: int):
     from .onnx_contrib import matmul_nbits_weight
 
     try:
-        return matmul_nbits_weight(b, scales, zero_points, c.attr("K", 0), c.attr("bits", 4), c.attr("block_size", 0))
+        return matmul_nbits_weight(b, scales, zero_points, k, c.attr("bits", 4), block)
     except ValueError as e:
         c.fail(str(e))
 
@@ -452,11 +452,35 @@ def _matmul_nbits_shape(c, s, d):
 
 def _matmul_nbits(c, a, b, scales, zero_points=None, g_idx=None, bias=None):
     """com.microsoft.MatMulNBits: A [..., K] times the dequantized weight [N, K], transposed (+ bias)."""
-    y = np.matmul(a, _matmul_nbits_weight(c, b, scales, zero_points).T.astype(a.dtype))
+    w = _matmul_nbits_weight(c, b, scales, zero_points, c.attr("K", 0), c.attr("block_size", 0))
+    y = np.matmul(a, w.T.astype(a.dtype))
     return y if bias is None else y + bias
 
 
 _op("MatMulNBits", shape=_matmul_nbits_shape)(_matmul_nbits)
+
+
+def _gather_block_quantized_k(c, data: Shape) -> int:
+    """GatherBlockQuantized's row width: uint8 data [N, ...] packs 8 / bits codes a byte."""
+    if c.attr("gather_axis", 0) != 0 or c.attr("quantize_axis", 1) != len(data) - 1 or len(data) < 2:
+        c.fail("llmirc reads rows (gather_axis 0) quantized along the last axis")
+    return math.prod(data[1:]) * 8 // c.attr("bits", 4)
+
+
+def _gather_block_quantized_shape(c, s, d):
+    if d[0] != np.uint8:
+        c.fail(f"data of type {d[0]}: llmirc reads uint8 codes")
+    return [(tuple(s[1]) + (_gather_block_quantized_k(c, s[0]),), d[2])]
+
+
+def _gather_block_quantized(c, data, indices, scales, zero_points=None):
+    """com.microsoft.GatherBlockQuantized: rows `indices` of the dequantized table [N, K]."""
+    w = _matmul_nbits_weight(c, data, scales, zero_points, _gather_block_quantized_k(c, data.shape),
+                             c.attr("block_size", 128))
+    return w[indices].astype(scales.dtype)
+
+
+_op("GatherBlockQuantized", shape=_gather_block_quantized_shape)(_gather_block_quantized)
 
 
 def _gemm_mn(c, a: Shape, b: Shape) -> Shape:
@@ -868,7 +892,7 @@ def _nonzero(c, x):
 
 _op("NonZero", shape=lambda c, s, d: [(_nonzero(c, c.value(0, "X")).shape, _INT64)])(_nonzero)
 
-CONTRIB: frozenset[str] = frozenset({"MatMulNBits"})  # onnxruntime's (com.microsoft), not the standard's
+CONTRIB: frozenset[str] = frozenset({"MatMulNBits", "GatherBlockQuantized"})  # onnxruntime's (com.microsoft), not the standard's
 SUPPORTED: frozenset[str] = frozenset(_EVAL) - CONTRIB
 
 
