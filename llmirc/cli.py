@@ -614,6 +614,10 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
 @click.option("--default-chat-template-kwargs", "template_kwargs", default=None, metavar="JSON",
               help="Chat template variables for every chat request, a JSON object, e.g. "
                    "'{\"enable_thinking\": false}'; a request's chat_template_kwargs override them (vLLM's flag).")
+@click.option("--generation-config", "generation_config", type=click.Choice(["auto", "vllm"]), default="auto",
+              show_default=True, help="auto: requests that leave temperature, top_p or top_k out get the model's "
+                                      "generation_config.json values (vLLM's and SGLang's default); vllm: the APIs' own "
+                                      "defaults (temperature 1, no top-p or top-k)")
 @click.option("--no-verify", is_flag=True,
               help="Skip checksum verification (a damaged kernel library may then crash the process).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
@@ -621,14 +625,14 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
 def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_model_len, max_num_seqs,
           max_num_batched_tokens, enable_prefix_caching, kv_cache_tokens, kv_cache_dtype, gpu_memory_utilization,
           threads, target, num_scheduler_steps, max_queued_requests, max_body_bytes, chat_template, template_kwargs,
-          no_verify, log_level):
+          generation_config, no_verify, log_level):
     """Serve BUNDLE over HTTP: vLLM's OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models) and SGLang's native API (/generate, /get_model_info), plus /health and /metrics.
     Ctrl-C gives running requests 5 s to finish, then aborts them."""
     try:
         import uvicorn
 
-        from llmirc.server.app import ServerOptions, create_app
+        from llmirc.server.app import ServerOptions, create_app, sampling_defaults
     except ImportError as e:
         raise LlmircError(f"serving needs the serve extra ({e.name} missing): pip install 'llmirc[serve]'") from None
     origins = _origins(allowed_origins)
@@ -676,9 +680,20 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
         model.chat_template = ChatTemplate(source, model.tokenizer.special_tokens_map, name)
         model.chat_template.check()  # a syntax error now, not in every chat request
     name = served_model_name or str(bundle)
+    defaults = {}
+    if generation_config == "auto":
+        defaults, ignored = sampling_defaults(model.generation_config, f"bundle {bundle}: generation_config.json")
+        if defaults:
+            listed = ", ".join(f"{k} {v}" for k, v in defaults.items())
+            click.echo(f"note: requests that leave them out get the model's generation_config.json sampling: {listed} "
+                       "(--generation-config vllm: the APIs' own defaults)", err=True)
+        if ignored:
+            click.echo(f"warning: the model's generation_config.json also sets {', '.join(ignored)}, which llmirc "
+                       "does not apply", err=True)
     app = create_app(model, ServerOptions(served_model_name=name, api_key=api_key,
                                           allowed_origins=origins, default_chat_template_kwargs=template_kwargs,
-                                          max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes))
+                                          max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes,
+                                          sampling_defaults=defaults))
     # listen here, not in uvicorn: an address in use is the user's error, and uvicorn's startup
     # failure exits 3, llmirc's code for an internal error
     try:

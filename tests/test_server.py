@@ -1038,3 +1038,48 @@ def test_sglang_frontend_program_runs_against_llmirc(server, model):
         scores.append(np.mean(values))
     assert state["pick"] in ("quick brown fox", "lazy dog")
     assert state["pick"] == ["quick brown fox", "lazy dog"][int(np.argmax(scores))] or abs(scores[0] - scores[1]) < 1e-3
+
+
+# -- the model's recommended sampling (generation_config.json) -------------------------------------
+
+def test_requests_get_the_models_generation_config_sampling_as_vllm(tmp_path):
+    """serve --generation-config auto (vLLM's and SGLang's default): a request that leaves temperature,
+    top_p or top_k out gets the generation_config.json values (here top_k 1: greedy whatever the seed);
+    a field set at transformers' default is no recommendation; repetition_penalty is named as not
+    applied; --generation-config vllm: the APIs' own defaults (sampling at temperature 1)."""
+    make_checkpoint(tmp_path / "ckpt", "llama", tokenizer=True)
+    (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.7, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.1, "eos_token_id": 2}))
+    compile_model(tmp_path / "ckpt", tmp_path / "g.llmir", CompileOptions(cpu_variants=("native",)), Progress(None))
+    prompt = [5, 6, 7, 8]
+    greedy = load(tmp_path / "g.llmir").generate([prompt], max_new_tokens=12, ignore_eos=True)[0]
+    body = {"prompt": prompt, "max_tokens": 12, "ignore_eos": True}
+    with RunningServer(tmp_path / "g.llmir", "--kv-cache-tokens", 256) as s:
+        for seed in (1, 2, 3):
+            r = httpx.post(s.url + "/v1/completions", json={**body, "seed": seed, "return_token_ids": True})
+            assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == greedy, r.text
+        r = httpx.post(s.url + "/generate", json={"input_ids": prompt, "sampling_params": {
+            "max_new_tokens": 12, "ignore_eos": True, "sampling_seed": 4}})
+        assert r.json()["output_ids"] == greedy, r.text
+        r = httpx.post(s.url + "/v1/completions", json={**body, "seed": 1, "top_k": -1, "return_token_ids": True})
+        sampled = [r.json()["choices"][0]["token_ids"]]  # the request's own top_k wins
+    log = s.log.read_text()
+    assert "generation_config.json sampling: temperature 0.7, top_k 1 " in log, log
+    assert "also sets repetition_penalty 1.1, which llmirc does not apply" in log, log
+    with RunningServer(tmp_path / "g.llmir", "--kv-cache-tokens", 256, "--generation-config", "vllm") as s:
+        for seed in (1, 2, 3):
+            r = httpx.post(s.url + "/v1/completions", json={**body, "seed": seed, "return_token_ids": True})
+            sampled.append(r.json()["choices"][0]["token_ids"])
+    assert any(t != greedy for t in sampled), sampled
+
+
+def test_a_malformed_generation_config_is_named():
+    from llmirc.errors import LlmircError
+    from llmirc.server.app import sampling_defaults
+
+    assert sampling_defaults({"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05}, "g") == (
+        {"temperature": 0.6, "top_p": 0.9, "top_k": 20}, ["min_p 0.05"])
+    assert sampling_defaults({"temperature": 1.0, "top_k": 50, "do_sample": True}, "g") == ({}, [])
+    for bad in ({"top_p": 2}, {"temperature": "hot"}, {"top_k": 2.5}, {"temperature": float("nan")}):
+        with pytest.raises(LlmircError, match="^g: "):
+            sampling_defaults(bad, "g")

@@ -180,6 +180,25 @@ class Model:
                                                           listed)
         self.engine = Engine(self.executor, self.scheduler, self.tokenizer, num_scheduler_steps)
 
+    @property
+    def generation_config(self) -> dict:
+        """The checkpoint's generation_config.json as the bundle keeps it ({} when it has none): the
+        model maker's recommended sampling (temperature, top_p, ...). BundleError when it is not a
+        JSON object."""
+        if "generation_config.json" not in self.bundle.files:
+            return {}
+        import json
+
+        from llmirc.small_files import read_small_text
+
+        try:
+            config = json.loads(read_small_text(self.bundle.file("generation_config.json"), BundleError))
+        except json.JSONDecodeError as e:
+            raise BundleError(f"bundle {self.bundle.name}: generation_config.json is not valid JSON ({e.msg})") from None
+        if not isinstance(config, dict):
+            raise BundleError(f"bundle {self.bundle.name}: generation_config.json is not a JSON object")
+        return config
+
     def close(self) -> None:
         """Ends the requests in flight (finish_reason "abort"), stops the engine and frees the KV
         cache and the weights (GPU memory on a GPU target) once no step runs. Generation and

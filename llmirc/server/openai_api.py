@@ -16,7 +16,8 @@ max_completion_tokens) must be at least 1, as vLLM's SamplingParams say, except 
 max_tokens 0 with echo (the prompt alone); seed -1 is no seed. POST /tokenize and /detokenize
 are vLLM's (a prompt or chat messages to token ids, token ids to text).
 
-Defaults follow vLLM: temperature 1, max_tokens 16 for completions and "up to the context"
+Defaults follow vLLM: temperature, top_p and top_k from the model's generation_config.json (vLLM's
+--generation-config auto; else temperature 1, no top-p or top-k), max_tokens 16 for completions and "up to the context"
 (or the KV cache, where it holds fewer tokens) for chat;
 `usage.prompt_tokens_details.cached_tokens` is the prompt tokens found in the prefix cache
 (each prompt counted once, as its first choice found them; streamed: in the final usage only,
@@ -147,10 +148,12 @@ def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | Non
     if bad:  # vLLM checks them against the vocabulary (the logits' width) as it does prompt ids
         raise APIError(400, f"stop_token_ids: token id {bad[0]} is outside the model's vocabulary of {vocab}",
                        "stop_token_ids")
+    model = server.options.sampling_defaults  # (the model's generation config, as vLLM's --generation-config auto)
+    temperature, top_k, top_p = (model.get(k, d) if v is None else v for k, v, d in (
+        ("temperature", req.temperature, 1.0), ("top_k", req.top_k, None), ("top_p", req.top_p, None)))
     return SamplingParams(
-        max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-        top_k=req.top_k if req.top_k and req.top_k > 0 else None,
-        top_p=req.top_p if req.top_p is not None and req.top_p < 1 else None, seed=seed,
+        max_tokens=max_tokens, temperature=temperature, top_k=top_k if top_k and top_k > 0 else None,
+        top_p=top_p if top_p is not None and top_p < 1 else None, seed=seed,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, prompt_logprobs_start=0, stop=tuple(stop),
         include_stop_str_in_output=req.include_stop_str_in_output)

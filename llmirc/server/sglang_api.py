@@ -2,7 +2,8 @@
 (`GenerateReqInput` in sglang/srt/managers/io_struct.py, the native API docs).
 
 /generate takes `text` or `input_ids` (one prompt, or a list: a batch answered by a list),
-`sampling_params` (max_new_tokens 128, temperature 1, top_p 1, top_k -1, stop, stop_token_ids,
+`sampling_params` (max_new_tokens 128, temperature 1, top_p 1, top_k -1, but the model's
+generation_config.json values for those it sets, as SGLang's --sampling-defaults model; stop, stop_token_ids,
 ignore_eos, skip_special_tokens, no_stop_trim, sampling_seed; null for the default; one dict or
 one per prompt), `return_logprob`,
 `logprob_start_len` (-1: output tokens only), `top_logprobs_num`, `return_text_in_logprobs`
@@ -235,9 +236,13 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
         max_new_tokens = _max_new_tokens(server, prompt, p, prompt_param)
         server.check_prompt_ids(prompt, prompt_param)
         want_prompt = logprob[i] and starts[i] >= 0
+        # fields the request leaves out: the model's generation config first (SGLang's --sampling-defaults model)
+        temperature, top_k, top_p = (getattr(p, k) if k in p.model_fields_set else
+                                     server.options.sampling_defaults.get(k, getattr(p, k))
+                                     for k in ("temperature", "top_k", "top_p"))
         requests.append((prompt, SamplingParams(
-            max_tokens=max_new_tokens, temperature=p.temperature, top_k=p.top_k if p.top_k > 0 else None,
-            top_p=p.top_p if p.top_p < 1 else None,
+            max_tokens=max_new_tokens, temperature=temperature, top_k=top_k if top_k > 0 else None,
+            top_p=top_p if top_p < 1 else None,
             seed=None if p.sampling_seed is None else p.sampling_seed % 2**64,
             stop_token_ids=tuple(p.stop_token_ids or ()),
             ignore_eos=p.ignore_eos, logprobs=tops[i] if logprob[i] else None,
