@@ -93,7 +93,9 @@ def parse_passes(spec: str) -> list[ModulePass]:
     except Exception as e:  # xDSL raises assorted errors for bad pass options
         if isinstance(e, ValueError) and "Unrecognized passes" in str(e):  # (the ONNX lowering's are not for --passes)
             available = sorted(n for n in PASSES if not n.startswith("onnx-"))
-            raise UsageError(f"--passes {spec!r}: {e} (available: {', '.join(available)})") from None
+            unknown = [n for n in re.findall(r"'([^']*)'", str(e))] or [str(e)]
+            raise UsageError(f"--passes {spec!r}: unknown pass{'es' * (len(unknown) > 1)} {', '.join(unknown)} "
+                             f"(available: {', '.join(available)})") from None
         raise UsageError(f"--passes {spec!r}: {_option_error(str(e).splitlines()[0])}") from None
     for p in passes:  # (before the checkpoint is read)
         if isinstance(p, PagedKV) and (why := block_size_problem(p.block_size)):

@@ -142,7 +142,7 @@ def test_fuse_rope_kv_append_near_misses():
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("fuse-everything", "Unrecognized passes"),
+    ("fuse-everything", r"unknown pass fuse-everything \(available: "),
     ("paged-kv{block-size=12}", "power of two"),
     ("paged-kv{bogus=1}", "paged-kv"),
 ])
