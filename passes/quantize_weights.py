@@ -258,6 +258,8 @@ class QuantizeWeights(ModulePass):
             if not what:
                 raise UsageError(f"{label('keep')} {item!r}: no name before '=' (embedding, lm_head or a glob "
                                  "pattern)")
+            if what == "none" and sep:  # (none keeps nothing: it has no precision)
+                raise UsageError(f"{label('keep')} {item!r}: none (quantize everything) takes no '='")
             if sep and level not in ("float", "int8"):
                 raise UsageError(f"{label('keep')} {item!r}: the precision kept is float or int8")
 

@@ -421,6 +421,8 @@ BAD_OPTIONS = {
                            ["error: --quant-keep '=int8'", "no name"]),
     "quant-keep-none-and-more": (["--quant", "int4", "--quant-keep", "none,*.down_proj.*=int8"],
                                  ["error: --quant-keep none,*.down_proj.*=int8: none (quantize everything)"]),
+    "quant-keep-none-with-a-level": (["--quant", "int4", "--quant-keep", "none=int8"],
+                                     ["error: --quant-keep 'none=int8': none (quantize everything) takes no '='"]),
     "quant-keep-empty": (["--quant", "int4", "--quant-keep", ","], ["error: --quant-keep ','", "nothing named"]),
     "quant-group-size": (["--quant", "int4", "--quant-group-size", "100"],
                          ["error: --quant-group-size 100: must be a power of two from 16 to 512"]),
