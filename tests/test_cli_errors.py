@@ -587,6 +587,12 @@ def test_quant_on_a_checkpoint_stored_quantized(tmp_path, ckpt):
     assert not out.exists() and leftovers(out) == []
     r = llmirc("compile", ckpt, "--emit", "mlir", "--quant", "int4")
     assert r.returncode == 0 and "changed nothing" not in r.stderr, r.stderr
+    # --dtype likewise: the quantized weights keep their types
+    r = llmirc("compile", path, "--emit", "mlir", "--dtype", "bfloat16")
+    assert r.returncode == 0 and f"note: --dtype bfloat16 changed nothing: the linear and embedding weights of " \
+        f"{path} are stored quantized" in r.stderr and "--dequantize" in r.stderr, r.stderr
+    r = llmirc("compile", ckpt, "--emit", "mlir", "--dtype", "bfloat16")
+    assert r.returncode == 0 and "changed nothing" not in r.stderr, r.stderr
 
 
 def test_gptq_refused_when_every_float_linear_is_kept(tmp_path, ckpt):
