@@ -105,6 +105,15 @@ def _matmul_below(v: SSAValue) -> OnnxOp | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _split_shared(op: OnnxOp) -> bool:
+    """A Split of the columns some of whose parts llmir ops read already (onnxruntime-genai's builder
+    splits its packed q/k/v projection, then normalizes q and k per head, Qwen3's q_norm and k_norm):
+    its parts are the attention's sources, not its region (onnx-glue makes the Split an llmir.split)."""
+    return op.op_type == "Split" and len(L.shape_of(op.operands[0])) == 3 and \
+        op.py_attrs().get("axis", 0) in (-1, 2) and \
+        any(not isinstance(u.operation, OnnxOp) for r in op.results for u in r.uses)
+
+
 def _only_use(v: SSAValue) -> Operation | None:
     """The one op reading v, not counting Shape/Size (they read the shape only)."""
     uses = [u.operation for u in v.uses if not shape_only(u.operation)]
@@ -175,7 +184,7 @@ class FuseAttention(ModulePass):
         def is_source(x: SSAValue) -> bool:
             o = x.owner
             return not isinstance(o, OnnxOp) or (o.op_type not in ELEMENTWISE | LAYOUT | {"MatMul", "Softmax"}) \
-                or (o.op_type == "MatMul" and o not in inner)
+                or (o.op_type == "MatMul" and o not in inner) or _split_shared(o)
 
         region = region_up(out, oracle, is_source)
         if region is None or len(region.sources) not in (1, 3):

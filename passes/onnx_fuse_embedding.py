@@ -60,9 +60,33 @@ class FuseEmbedding(ModulePass):
                 index, what = index_arg(f, "positions"), "embedding of positions"
             else:
                 continue
-            self._replace(ctx, f, gather, [], table, index, what)
+            new = []
+            if (scaled := self._scale_of(gather, oracle)) is not None:  # Gemma's embedding * sqrt(hidden)
+                mul, c = scaled
+                name = f"llmir.embedding_scale[{L.shape_of(table)[1]}]={c!r}"
+                ctx.add_weight(name, np.full(L.shape_of(table)[1], c, np.float32))
+                new = [L.WeightOp(name, (L.shape_of(table)[1],))]
+                new.append(L.ScaleOp(table, new[0].result, 1))
+                table, what = new[1].result, f"{what}, scaled by {c:g}"
+                mul.results[0].replace_all_uses_with(gather.results[0])
+                erase_dead([mul])
+            self._replace(ctx, f, gather, new, table, index, what)
         for gather in [o for o in f.body.block.ops if isinstance(o, OnnxOp) and o.op_type == "GatherBlockQuantized"]:
             self._quantized(ctx, f, gather, oracle, roles)
+
+    @staticmethod
+    def _scale_of(gather: OnnxOp, oracle: Oracle) -> tuple[OnnxOp, float] | None:
+        """(Mul, c) when the lookup's only use multiplies it by a float scalar constant c, folded into a
+        float table (the builder writes Gemma's input scaling so)."""
+        uses = list(gather.results[0].uses)
+        if len(uses) != 1 or not isinstance(mul := uses[0].operation, OnnxOp) or mul.op_type != "Mul" or \
+                not L.is_float(gather.operands[0].type.element_type) or mul.results[0].type != gather.results[0].type:
+            return None
+        other = mul.operands[1 - uses[0].index]
+        if oracle.kind(other) != CONST or int(np.prod(oracle.shape(other))) != 1:
+            return None
+        c = np.asarray(oracle.value(other)).reshape(-1)
+        return (mul, float(np.float32(c[0]))) if c.dtype.kind == "f" and np.isfinite(c[0]) else None
 
     def _replace(self, ctx, f, gather: OnnxOp, new: list, table, index, what: str) -> None:
         emb = L.EmbeddingOp(table, index)

@@ -12,7 +12,8 @@ weight ([C] constants), bias and epsilon (scalar constants) are read off the reg
 region must compute rms_norm / layer_norm on random inputs to be fused.
 
 Per-head RMSNorm (Qwen3's q_norm / k_norm): the input is a projection's heads, x [1, S, H, D] =
-Reshape(y [1, S, H*D]), normalized over D. It becomes rms_norm{num_heads = H} of y's rows, and a
+Reshape(y [1, S, H*D]) (or [1, S*H, D], as onnxruntime-genai's builder writes it), normalized over D.
+It becomes rms_norm{num_heads = H} of y's rows, and a
 copy of the Reshape gives the region's users the [1, S, H, D] they read.
 """
 
@@ -76,8 +77,14 @@ def _heads_of(x: SSAValue, oracle: Oracle) -> int | None:
     """H where x [1, S, H, D] = Reshape(y [1, S, H*D]) of data y (a projection's heads) at every probed
     length S, else None (a split seen at one length only, [1, 3, 4, -1] at S = 3, is no heads)."""
     op, shape = x.owner, oracle.shape(x)
-    if not (isinstance(op, OnnxOp) and op.op_type == "Reshape" and len(shape) == 4 and oracle.is_data(op.operands[0])):
+    if not (isinstance(op, OnnxOp) and op.op_type == "Reshape" and len(shape) in (3, 4) and
+            oracle.is_data(op.operands[0])):
         return None
+    if len(shape) == 3:  # onnxruntime-genai's builder: x [1, S*H, D] = Reshape(y [1, S, H*D], [0, -1, D])
+        heads = oracle.shape(op.operands[0])[-1] // shape[2]
+        return heads if heads > 1 and all(oracle.shape(x, S) == (1, S * heads, shape[2]) and
+                                          oracle.shape(op.operands[0], S) == (1, S, heads * shape[2])
+                                          for S in PROBE_LENGTHS) else None
     return shape[2] if all(oracle.shape(x, S) == (1, S) + shape[2:] and
                            oracle.shape(op.operands[0], S) == (1, S, shape[2] * shape[3])
                            for S in PROBE_LENGTHS) else None
@@ -120,9 +127,10 @@ class FuseNorm(ModulePass):
 
     def _decomposed(self, anchor: OnnxOp, x: SSAValue, oracle: Oracle, ctx) -> str | None:
         """The kind of norm fused ("rms_norm", "layer_norm (decomposed)", "rms_norm per head") or None."""
-        shape = oracle.shape(x)
-        if shape[:1] != (1,) or (len(shape) != 3 and _heads_of(x, oracle) is None):
-            return None
+        shape, heads = oracle.shape(x), _heads_of(x, oracle)
+        if shape[:1] != (1,) or (heads is None and (len(shape) != 3 or
+                                                    any(oracle.shape(x, S)[1] != S for S in PROBE_LENGTHS))):
+            return None  # rows are the tokens' (llmir's [T, C]), or a projection's heads
         if any(oracle.shape(x, S)[-1] != shape[-1] for S in PROBE_LENGTHS):
             return None  # the normalized axis grows with S (a [C] weight cannot scale it)
         closure, outs = closure_down(x, oracle)

@@ -113,6 +113,23 @@ class ElementwiseGlue(RewritePattern):
                 return
 
 
+class SplitRows(RewritePattern):
+    """Split of [1, S, C] rows along the columns (onnxruntime-genai's packed q/k/v projection) is
+    llmir.split of the rows."""
+
+    def match_and_rewrite(self, op, rewriter: PatternRewriter) -> None:
+        if not isinstance(op, OnnxOp) or op.op_type != "Split" or (rows := _rows(op.operands[0])) is None:
+            return
+        if op.py_attrs().get("axis", 0) not in (-1, 2) or len(L.shape_of(op.operands[0])) != 3:
+            return
+        sizes = [L.shape_of(r)[-1] for r in op.results]
+        if L.DYN in sizes or sum(sizes) != L.shape_of(rows)[1]:
+            return
+        split = L.SplitOp(rows, sizes)
+        outs = [L.UnsqueezeBatchOp(r) for r in split.outputs]
+        rewriter.replace(op, [split, *outs], [o.result for o in outs])
+
+
 @dataclass(frozen=True)
 class OnnxGlue(ModulePass):
     """onnx-glue: the elementwise glue between llmir values as llmir ops; batch squeezes cancelled."""
@@ -121,7 +138,7 @@ class OnnxGlue(ModulePass):
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         glue = ElementwiseGlue(lambda what: note(ctx, f"{self.name}: {what}"))
-        PatternRewriteWalker(GreedyRewritePatternApplier([CancelBatch(), ReshapeBatch(), glue]),
+        PatternRewriteWalker(GreedyRewritePatternApplier([CancelBatch(), ReshapeBatch(), SplitRows(), glue]),
                              post_walk_func=region_dce).rewrite_module(op)
 
 

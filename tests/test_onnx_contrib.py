@@ -26,11 +26,14 @@ VOCAB, C, LAYERS = 64, 64, 2
 
 def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=False, window=-1, scale=None,
                   layer_norm=False, dtype=np.float32, nbits=None, zero_points=False, tied=False,
-                  seed=0) -> onnx.ModelProto:
+                  qk_norm=False, embed_scale=None, seed=0) -> onnx.ModelProto:
     """A random decoder in the builder's form: input_ids, attention_mask and past_key_values.N.key/value
     [batch, kv_heads, past, 'kv_cache_dim'] in; logits and present.N.key/value out. With `nbits` (4 or 8)
     every MatMul is a MatMulNBits (blocks of 32, zero points or not), as the builder's `-p int4` writes;
-    `tied` then reads the embedding from the LM head's codes (GatherBlockQuantized of a Reshape)."""
+    `tied` then reads the embedding from the LM head's codes (GatherBlockQuantized of a Reshape). `qk_norm`:
+    Qwen3's per-head q/k RMSNorm as the builder writes it (the packed projection Split, each of q and k
+    reshaped to [B, S*H, D], SimplifiedLayerNormalization, reshaped back); `embed_scale`: the embedding
+    multiplied by that scalar (Gemma's sqrt(hidden))."""
     rng = np.random.default_rng(seed)
     d = C // heads
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
@@ -75,6 +78,8 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
                  gather_axis=0, quantize_axis=1)
     else:
         x = node("Gather", [w("embed", VOCAB, C, s=1.0), "input_ids"], ["x0"])
+    if embed_scale is not None:
+        x = node("Mul", [x, init("embed_scale", np.array(embed_scale))], ["x0_scaled"])
 
     def norm(i, inp, skip=None):
         names = [f"n{i}", "", "", f"s{i}"] if skip else [f"n{i}"]
@@ -90,7 +95,20 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
 
     h, residual, presents = norm(0, x), x, []
     for i in range(LAYERS):
-        if packed:
+        if qk_norm:
+            split = node("MatMul", [h, w(f"qkv{i}", C, (heads + 2 * kv_heads) * d)], [f"qkv{i}"])
+            sizes = init(f"sizes{i}", np.array([heads * d, kv_heads * d, kv_heads * d], np.int64))
+            nodes.append(helper.make_node("Split", [split, sizes], [f"q{i}", f"k{i}", f"v{i}"], name=f"/Split{i}",
+                                          axis=-1))
+            qkv = [f"v{i}"]
+            for p, n in (("k", kv_heads), ("q", heads)):
+                x_heads = node("Reshape", [f"{p}{i}", init(f"{p}heads{i}", np.array([0, -1, d], np.int64))],
+                               [f"{p}h{i}"])
+                normed = node("SimplifiedLayerNormalization", [x_heads, w(f"{p}norm{i}", d, s=0.1, shift=1.0)],
+                              [f"{p}n{i}"], axis=-1, epsilon=1e-6)
+                qkv.insert(0, node("Reshape", [normed, init(f"{p}rows{i}", np.array([0, -1, n * d], np.int64))],
+                                   [f"{p}r{i}"]))
+        elif packed:
             qkv = [node("MatMul", [h, w(f"qkv{i}", C, (heads + 2 * kv_heads) * d)], [f"qkv{i}"]), "", ""]
         else:
             qkv = [node("MatMul", [h, w(f"{p}{i}", C, n * d)], [f"{p}{i}_out"])
@@ -178,6 +196,9 @@ CASES = {
     # kernels round the activations to int8 per 32, onnxruntime does not (accuracy_level 0): on these
     # random models that alone moves the logits by 4-6% relative RMS (measured against llmirc's own
     # float bundle of the dequantized weights, which matches onnxruntime to 2e-6)
+    "qk-norm": dict(qk_norm=True),  # Qwen3
+    "embedding-scale": dict(embed_scale=8.0),  # Gemma
+    "qk-norm-int4": dict(qk_norm=True, nbits=4),
     "int4": dict(nbits=4),
     "int4-zero-points": dict(nbits=4, zero_points=True),
     "int8-float16": dict(nbits=8, dtype=np.float16),
