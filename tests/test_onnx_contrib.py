@@ -290,3 +290,19 @@ def test_matmul_nbits_llmirc_does_not_read_is_refused(tmp_path):
     onnx.save(model, str(path))
     assert_user_error(llmirc("compile", path, "-o", tmp_path / "m.llmir", "-q"), "model.onnx: ONNX MatMulNBits",
                       "g_idx")
+
+
+def test_builder_model_without_lm_head_is_refused(tmp_path):
+    """exclude_lm_head=true: the output is the final norm's hidden_states, no logits; it was compiled
+    as a model whose vocabulary was the hidden size."""
+    model = builder_model()
+    head = next(n for n in model.graph.node if n.output[0] == "logits")
+    model.graph.node.remove(head)
+    model.graph.output[0].name = "hidden_states"
+    next(n for n in model.graph.node if n.output[0] == head.input[0]).output[0] = "hidden_states"
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = C
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    r = llmirc("compile", path, "-o", tmp_path / "m.llmir", "-q")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1].startswith("error: ") and "the graph's output is 'hidden_states'" in r.stderr

@@ -435,6 +435,10 @@ def _emit(ckpt: OnnxCheckpoint, nodes: list[Node], roles: dict, probes: list[dic
     names = [o.name for o in graph.output]
     # The logits; present-KV outputs are what the paged cache replaces.
     outputs = ["logits"] if "logits" in names else names[:1]
+    if outputs == ["hidden_states"]:  # onnxruntime-genai's builder with exclude_lm_head=true
+        raise CheckpointError(f"{ckpt.path}: the graph's output is 'hidden_states', with no 'logits' (a model "
+                              "without its LM head, as the builder's exclude_lm_head writes it): llmirc compiles "
+                              "decoders whose output is the logits")
     arg_types = [_type(name, probes) for name in inputs]
     out_types = [_type(name, probes) for name in outputs]
     forward = func.FuncOp("forward", (arg_types, out_types), arg_attrs=ArrayAttr([
