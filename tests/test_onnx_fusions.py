@@ -127,6 +127,12 @@ def _eval(op, val, src) -> list:
         return [val(op.input)[None]]
     if isinstance(op, L.TransposeOp):
         return [val(op.input).T]
+    if isinstance(op, L.ScaleOp):  # slices along axis times (inverse: over) the scale's elements
+        axis, inverse = props(op, "axis", "inverse")
+        shape = [1] * len(L.shape_of(op.input))
+        shape[axis] = -1
+        scale = val(op.scale).reshape(shape)
+        return [val(op.input) / scale if inverse else val(op.input) * scale]
     if isinstance(op, L.ConcatOp):
         return [np.concatenate([val(v) for v in op.inputs], op.axis.value.data)]
     if isinstance(op, L.SplitOp):
