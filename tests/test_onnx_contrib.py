@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from test_cli_errors import assert_user_error, llmirc
+from llmirc.frontend import onnx_ops
 from llmirc.frontend.onnx_contrib import matmul_nbits_weight
 from llmirc.frontend.packed import repack
 from llmirc.quant import Scheme, dequantize
@@ -270,12 +271,23 @@ def test_matmul_nbits_weights_are_kept_exactly(bits, zero_points, dtype):
     node = helper.make_node("MatMulNBits", ["A", "B", "scales"] + (["zp"] if zero_points else []), ["Y"], domain=MS,
                             K=k, N=n, bits=bits, block_size=block)
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", elem, [k, k])],
-                              [helper.make_tensor_value_info("Y", elem, [k, n])], inits)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", elem, ["rows", k])],
+                              [helper.make_tensor_value_info("Y", elem, ["rows", n])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)])
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(sess.run(None, {"A": np.eye(k, dtype=dtype)})[0].T.astype(np.float32),
                                   ref.astype(dtype).astype(np.float32))
+    # the importer's evaluators (onnx_ops) of MatMulNBits and of GatherBlockQuantized (rows of the same codes)
+    attrs = dict(K=k, N=n, bits=bits, block_size=block)
+    a = rng.standard_normal((3, k)).astype(dtype)
+    (y,) = onnx_ops.evaluate("MatMulNBits", [a, b, scales] + ([zp] if zero_points else []), attrs)
+    np.testing.assert_allclose(y, sess.run(None, {"A": a})[0], rtol=2e-3 if dtype == np.float16 else 1e-5,
+                               atol=1e-2 if dtype == np.float16 else 1e-4)
+    ids = rng.integers(0, n, (1, 5))
+    gather_attrs = dict(bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
+    inputs = [b.reshape(n, -1), ids, scales.reshape(n, -1)] + ([zp.reshape(n, -1)] if zero_points else [])
+    (rows,) = onnx_ops.evaluate("GatherBlockQuantized", inputs, gather_attrs)
+    np.testing.assert_array_equal(rows, ref.astype(dtype)[ids])
     scheme = Scheme(bits, block, "float32", "int" if zero_points else "none")
     tensors = {"W.qweight": b, "W.scales": scales.astype(np.float32), "W.qzeros": zp}
     parts = repack("matmul_nbits", "W", scheme, k, tensors.__getitem__)
