@@ -8,7 +8,8 @@ reported as failed, with its error, and the others go on.
 
 Engines: `llmirc[:VARIANT]` (compiles the checkpoint; VARIANT in LLMIRC_VARIANTS, none: weights
 as the checkpoint has them; `gguf-KIND`: compiles the GGUF file `llama.cpp:KIND` runs, the same
-file for both; `ort-PRECISION`: compiles the ONNX model `ort-genai:PRECISION` runs), `transformers` (eager, float32), `llama.cpp:KIND` with KIND in F32, F16, BF16,
+file for both; `ort-PRECISION`: compiles the ONNX model `ort-genai:PRECISION` runs),
+`transformers` (eager, float32), `llama.cpp:KIND` with KIND in F32, F16, BF16,
 Q8_0 (convert_hf_to_gguf.py --outtype) or Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q2_K, Q3_K_M, IQ4_NL, IQ4_XS
 (converted, then llama.cpp's quantizer), `ort-genai:PRECISION` with PRECISION in fp32, int8, int4
 (onnxruntime_genai.models.builder). Each run: prefill = one forward over `prefill` token ids;

@@ -318,7 +318,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             progress.note(f"--quant {options.quant} changed nothing: the weights it would quantize are stored "
                           f"quantized in {model} already and are kept as they are"
                           f"{_DEQUANTIZE_HINT.get(source.kind, '')}")
-        if options.dtype != "auto" and stored and stored[1] and not any(k.startswith("cast-weights:") for k in ctx.report):
+        cast = any(k.startswith("cast-weights:") for k in ctx.report)
+        if options.dtype != "auto" and stored and stored[1] and not cast:
             progress.note(f"--dtype {options.dtype} changed nothing: the linear and embedding weights of {model} are "
                           "stored quantized and are kept as they are"
                           + (" (--dequantize reads them as float, in that type)" if source.kind == "gguf" else ""))

@@ -52,9 +52,7 @@ def expand_contrib(model: onnx.ModelProto, path: Path) -> list[str]:
     CheckpointError naming the file and the node for a call the replacement does not compute."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     calls = [n for n in model.graph.node if (_domain(n), n.op_type) in SUPPORTED]
-    if not calls:
-        return []
-    if opset < 18:
+    if calls and opset < 18:
         raise CheckpointError(f"{path}: contrib operators ({calls[0].op_type}) are read at opset 18 and later, "
                               f"this model imports opset {opset}")
     inits = {t.name: t for t in model.graph.initializer}
@@ -66,13 +64,13 @@ def expand_contrib(model: onnx.ModelProto, path: Path) -> list[str]:
             nodes.append(n)
             continue
         b = _Body(n, path)
-        {"SimplifiedLayerNormalization": _simplified_layer_norm, "SkipSimplifiedLayerNormalization": _skip_norm,
-         "SkipLayerNormalization": _skip_norm, "GroupQueryAttention": _group_query_attention}[n.op_type](b, inits, graph_inputs, pending)
+        _BODIES[n.op_type](b, inits, graph_inputs, pending)
         nodes.extend(b.nodes)
         expanded.append(f"{_domain(n) + '.' if _domain(n) else ''}{n.op_type}")
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    _infer_head_size(model, graph_inputs, pending)
+    if calls:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        _infer_head_size(model, graph_inputs, pending)
     _gather_stored_codes(model, inits)
     return expanded
 
@@ -144,8 +142,8 @@ class _Body:
 
     def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
         out = out or f"{self.name}/{op_type}.{len(self.nodes)}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=f"{self.name}/{op_type}.{len(self.nodes)}",
-                                           **attrs))
+        name = f"{self.name}/{op_type}.{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=name, **attrs))
         return out
 
     def const(self, value, dtype=np.int64) -> str:
@@ -260,8 +258,9 @@ def _group_query_attention(b: _Body, inits: dict, graph_inputs: dict, pending: l
     k = b.op("Concat", b.input(3), k, axis=2, out=b.output(1) or None)
     v = b.op("Concat", b.input(4), v, axis=2, out=b.output(2) or None)
     if heads != kv_heads:  # [B, Hkv, T, D] -> [B, Hq, T, D], each kv head serving heads/kv_heads query heads
-        k, v = (b.op("Reshape", b.op("Expand", b.op("Unsqueeze", x, b.const([2])), b.const([1, 1, heads // kv_heads, 1, 1])),
-                     b.const([0, heads, -1, d])) for x in (k, v))
+        repeat = b.const([1, 1, heads // kv_heads, 1, 1])
+        k, v = (b.op("Reshape", b.op("Expand", b.op("Unsqueeze", x, b.const([2])), repeat), b.const([0, heads, -1, d]))
+                for x in (k, v))
     scores = b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2]))
     scale = float(a.get("scale", 0.0))
     if scale:
@@ -314,6 +313,10 @@ def _causal_mask(b: _Body, past_len: str, total: str, window: int, t: int) -> st
     if window > 0:
         allowed = b.op("And", allowed, b.op("Greater", cols, b.op("Sub", rows, b.const(window))))
     return b.op("Where", allowed, b.scalar(0.0, t), b.scalar(float(np.finfo(np.float32).min), t))
+
+
+_BODIES = {"SimplifiedLayerNormalization": _simplified_layer_norm, "SkipSimplifiedLayerNormalization": _skip_norm,
+           "SkipLayerNormalization": _skip_norm, "GroupQueryAttention": _group_query_attention}
 
 
 def matmul_nbits_parts(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, bits: int,

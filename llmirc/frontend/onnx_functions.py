@@ -125,7 +125,8 @@ def _check_axes(node: onnx.NodeProto, types: dict, path: Path) -> None:
         for v in values:
             if not -rank <= v < rank:
                 raise CheckpointError(f"{path}: ONNX {node.op_type} node '{node.name or node.output[0]}': "
-                                      f"{a.name} {v} is out of range for its rank-{rank} input (from {-rank} to {rank - 1})")
+                                      f"{a.name} {v} is out of range for its rank-{rank} input "
+                                      f"(from {-rank} to {rank - 1})")
 
 
 def _with_types(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:

@@ -892,7 +892,7 @@ def _nonzero(c, x):
 
 _op("NonZero", shape=lambda c, s, d: [(_nonzero(c, c.value(0, "X")).shape, _INT64)])(_nonzero)
 
-CONTRIB: frozenset[str] = frozenset({"MatMulNBits", "GatherBlockQuantized"})  # onnxruntime's (com.microsoft), not the standard's
+CONTRIB: frozenset[str] = frozenset({"MatMulNBits", "GatherBlockQuantized"})  # onnxruntime's (com.microsoft)
 SUPPORTED: frozenset[str] = frozenset(_EVAL) - CONTRIB
 
 

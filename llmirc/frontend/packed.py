@@ -224,7 +224,8 @@ def repack(fmt: str, prefix: str, scheme: quant.Scheme, k: int, read) -> dict[st
 
         zp = np.asarray(read(f"{prefix}.qzeros")) if scheme.zero == "int" else None
         try:
-            codes, scales, zeros = matmul_nbits_parts(read(f"{prefix}.qweight"), read(f"{prefix}.scales"), zp, k, bits, g)
+            codes, scales, zeros = matmul_nbits_parts(read(f"{prefix}.qweight"), read(f"{prefix}.scales"), zp, k,
+                                                      bits, g)
         except ValueError as e:
             raise CheckpointError(f"MatMulNBits weight '{prefix}': {e}") from None
         parts = {"codes": quant.pack(codes, bits, scheme.sub_group),

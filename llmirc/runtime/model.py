@@ -194,7 +194,8 @@ class Model:
         try:
             config = json.loads(read_small_text(self.bundle.file("generation_config.json"), BundleError))
         except json.JSONDecodeError as e:
-            raise BundleError(f"bundle {self.bundle.name}: generation_config.json is not valid JSON ({e.msg})") from None
+            raise BundleError(f"bundle {self.bundle.name}: generation_config.json is not valid JSON "
+                              f"({e.msg})") from None
         if not isinstance(config, dict):
             raise BundleError(f"bundle {self.bundle.name}: generation_config.json is not a JSON object")
         return config
