@@ -23,7 +23,7 @@ from xdsl.passes import ModulePass
 from llmirc import dialect as L
 from llmirc.frontend.onnx_analysis import CONST, PROBE_LENGTHS
 from llmirc.errors import CheckpointError
-from llmirc.frontend.onnx_contrib import matmul_nbits_parts, packed_weight
+from llmirc.frontend.onnx_contrib import matmul_nbits_parts, matmul_nbits_problem, packed_weight
 from llmirc.frontend.onnx_dialect import NoneOp, OnnxOp
 
 from .func_args import add_arg, arg_names, find_arg, forward_func
@@ -99,18 +99,23 @@ class FuseEmbedding(ModulePass):
     def _quantized(self, ctx, f, gather: OnnxOp, oracle: Oracle, roles: dict) -> None:
         """GatherBlockQuantized(codes, input_ids, scales[, zero_points]): an embedding of the packed table
         (onnxruntime-genai's tied embedding, the LM head's codes)."""
-        data, ids, scales = gather.operands[:3]
-        zp = gather.operands[3] if len(gather.operands) > 3 and not isinstance(gather.operands[3].owner, NoneOp) \
-            else None
-        if roles.get(ids) != "onnx:input_ids" or not isinstance(data.owner, L.WeightOp) or \
-                not all(v is None or oracle.kind(v) == CONST for v in (scales, zp)):
-            raise CheckpointError(f"ONNX GatherBlockQuantized node '{gather.attributes.get('onnx.name', '')}': "
-                                  "llmirc reads it as the token embedding, of codes and scales stored in the model")
+        data, ids, scales, zp = [*gather.operands, None][:4]
+        zp = None if zp is None or isinstance(zp.owner, NoneOp) else zp
         a = gather.py_attrs()
         n, bits, block = L.shape_of(data)[0], int(a.get("bits", 4)), int(a.get("block_size", 128))
         k = L.shape_of(gather.results[0])[-1]
-        zeros = None if zp is None else \
-            matmul_nbits_parts(oracle.value(data), oracle.value(scales), oracle.value(zp), k, bits, block)[2]
+        problem, zeros = "llmirc reads it as the token embedding, of codes and scales stored in the model", None
+        if roles.get(ids) == "onnx:input_ids" and isinstance(data.owner, L.WeightOp) and \
+                all(v is None or oracle.kind(v) == CONST for v in (scales, zp)):
+            try:
+                zeros = None if zp is None else \
+                    matmul_nbits_parts(oracle.value(data), oracle.value(scales), oracle.value(zp), k, bits, block)[2]
+                problem = matmul_nbits_problem(L.shape_of(data), np.uint8, int(np.prod(L.shape_of(scales))), k, bits,
+                                               block)
+            except ValueError as e:
+                problem = str(e)
+        if problem is not None:
+            raise CheckpointError(f"ONNX GatherBlockQuantized node '{gather.node.data}': {problem}")
         table = packed_weight(data.owner.weight.data, n, k, bits, block, zeros)
         self._replace(ctx, f, gather, [table], table.result, index_arg(f, "token_ids"),
                       f"embedding of tokens ({bits}-bit, groups of {block}, kept quantized)")

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.passes import ModulePass
 
 from llmirc import dialect as L
 from llmirc.errors import CheckpointError
-from llmirc.frontend.onnx_contrib import matmul_nbits_parts, packed_weight
+from llmirc.frontend.onnx_contrib import matmul_nbits_parts, matmul_nbits_problem, packed_weight
 from llmirc.frontend.onnx_dialect import NoneOp, OnnxOp
 
 from .func_args import forward_func
@@ -70,20 +72,24 @@ class FuseLinear(ModulePass):
             note(ctx, f"{self.name}: {mm.op_type} -> linear")
 
     def _nbits(self, ctx: Context, mm: OnnxOp, oracle: Oracle, block) -> None:
-        x, b, scales = mm.operands[:3]
-        rest = list(mm.operands[3:])
-        zp, bias = (rest + [None] * 3)[0], (rest + [None] * 3)[2]
-        zp = None if zp is None or isinstance(zp.owner, NoneOp) else zp
-        bias = None if bias is None or isinstance(bias.owner, NoneOp) else bias
+        x, b, scales, zp, _, bias = [*mm.operands, *[None] * 6][:6]  # (g_idx: refused by the importer)
+        zp, bias = (None if v is None or isinstance(v.owner, NoneOp) else v for v in (zp, bias))
         shape = L.shape_of(x)
-        if not oracle.is_data(x) or len(shape) != 3 or shape[0] != 1 or not isinstance(b.owner, L.WeightOp) or \
-                not all(v is None or _const(v) for v in (scales, zp, bias)):
-            raise CheckpointError(f"ONNX MatMulNBits node '{mm.attributes.get('onnx.name', '')}': llmirc reads it on "
-                                  "[1, S, K] activations, with B, scales, zero_points and bias stored in the model")
         a = mm.py_attrs()
         k, n, bits, g = (int(a.get(key, d)) for key, d in (("K", 0), ("N", 0), ("bits", 4), ("block_size", 0)))
-        zeros = None if zp is None else \
-            matmul_nbits_parts(oracle.value(b), oracle.value(scales), oracle.value(zp), k, bits, g)[2]
+        problem = "llmirc reads it on [1, S, K] activations, with B, scales, zero_points and bias stored in the model"
+        if oracle.is_data(x) and len(shape) == 3 and shape[0] == 1 and isinstance(b.owner, L.WeightOp) and \
+                all(v is None or _const(v) for v in (scales, zp, bias)):
+            problem = matmul_nbits_problem(L.shape_of(b), np.uint8, int(np.prod(L.shape_of(scales))), k, bits, g)
+            problem = problem or (f"N={n}, where B has {L.shape_of(b)[0]} rows" if L.shape_of(b)[0] != n else None)
+        zeros = None
+        if problem is None and zp is not None:
+            try:
+                zeros = matmul_nbits_parts(oracle.value(b), oracle.value(scales), oracle.value(zp), k, bits, g)[2]
+            except ValueError as e:
+                problem = str(e)
+        if problem is not None:
+            raise CheckpointError(f"ONNX MatMulNBits node '{mm.node.data}': {problem}")
         w = packed_weight(b.owner.weight.data, n, k, bits, g, zeros)
         rows = L.SqueezeBatchOp(x)
         lin = L.LinearOp(rows.result, w.result, bias)

@@ -297,6 +297,17 @@ def test_matmul_nbits_llmirc_does_not_read_is_refused(tmp_path):
     onnx.save(model, str(path))
     assert_user_error(llmirc("compile", path, "-o", tmp_path / "m.llmir", "-q"), "model.onnx: ONNX MatMulNBits",
                       "g_idx")
+    for bits, needle in ((3, "3-bit weights"), (4, "scales has 1 values")):  # a layout that is not MatMulNBits'
+        model = builder_model(nbits=4, zero_points=bits == 4)
+        node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+        if bits == 3:
+            next(a for a in node.attribute if a.name == "bits").i = 3
+        else:
+            next(t for t in model.graph.initializer if t.name == node.input[2]).CopyFrom(
+                numpy_helper.from_array(np.ones(1, np.float32), node.input[2]))
+        onnx.save(model, str(path))
+        assert_user_error(llmirc("compile", path, "-o", tmp_path / "m.llmir", "-q"), "model.onnx: ONNX MatMulNBits",
+                          needle)
 
 
 def test_builder_model_without_lm_head_is_refused(tmp_path):

@@ -319,6 +319,22 @@ _BODIES = {"SimplifiedLayerNormalization": _simplified_layer_norm, "SkipSimplifi
            "SkipLayerNormalization": _skip_norm, "GroupQueryAttention": _group_query_attention}
 
 
+def matmul_nbits_problem(b_shape: tuple, b_dtype, scales_size: int, k: int, bits: int, block: int) -> str | None:
+    """Why MatMulNBits' B (of this shape and dtype) and scales (of this size) are not the layout
+    `matmul_nbits_parts` reads for K inputs, or None: checkable from the shapes alone."""
+    if bits not in (4, 8):
+        return f"{bits}-bit weights (llmirc reads 4 and 8 bits)"
+    if block < 16 or block & (block - 1) or k % block:
+        return f"K={k} in blocks of {block}: llmirc reads blocks of a power of two of at least 16 dividing K"
+    n, blocks = (b_shape[0] if len(b_shape) else 0), k // block
+    if np.dtype(b_dtype) != np.uint8 or n == 0 or int(np.prod(b_shape)) != n * k * bits // 8:
+        return (f"B is {np.dtype(b_dtype)}{list(b_shape)}, where uint8[N, {blocks}, {block * bits // 8}] (or any "
+                "shape of those bytes a row) is expected")
+    if scales_size != n * blocks:
+        return f"scales has {scales_size} values, where {n * blocks} are expected"
+    return None
+
+
 def matmul_nbits_parts(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, bits: int,
                        block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """MatMulNBits' weight (ONNX Runtime's ContribOperators.md) as (codes uint8 [N, K], scales
@@ -328,19 +344,13 @@ def matmul_nbits_parts(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarra
     same way, each row's padded to whole bytes. w[n, i] = scales[n, i / block] * (code - zero).
     Raises ValueError for what does not fit that layout (llmirc reads 4 and 8 bits, K a multiple of
     block, zero points as codes rather than floats)."""
-    if bits not in (4, 8):
-        raise ValueError(f"{bits}-bit weights (llmirc reads 4 and 8 bits)")
-    if block < 16 or block & (block - 1) or k % block:
-        raise ValueError(f"K={k} in blocks of {block}: llmirc reads blocks of a power of two of at least 16 "
-                         "dividing K")
-    b = np.asarray(b)
-    n, blocks = (b.shape[0] if b.ndim else 0), k // block
-    if b.dtype != np.uint8 or n == 0 or b.size != n * k * bits // 8:
-        raise ValueError(f"B is {b.dtype}{list(b.shape)}, where uint8[N, {blocks}, {block * bits // 8}] (or any "
-                         "shape of those bytes a row) is expected")
-    scales = np.asarray(scales)
-    if scales.dtype.kind != "f" or scales.size != n * blocks:
-        raise ValueError(f"scales is {scales.dtype}{list(scales.shape)}, where {n * blocks} floats are expected")
+    b, scales = np.asarray(b), np.asarray(scales)
+    problem = matmul_nbits_problem(b.shape, b.dtype, scales.size, k, bits, block)
+    if problem is None and scales.dtype.kind != "f":
+        problem = f"scales of type {scales.dtype} (floats expected)"
+    if problem is not None:
+        raise ValueError(problem)
+    n, blocks = b.shape[0], k // block
 
     def unpack(x: np.ndarray, count: int) -> np.ndarray:  # [rows, bytes] -> [rows, count] codes
         if bits == 8:
