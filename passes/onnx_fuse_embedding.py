@@ -23,8 +23,8 @@ from xdsl.passes import ModulePass
 from llmirc import dialect as L
 from llmirc.frontend.onnx_analysis import CONST, PROBE_LENGTHS
 from llmirc.errors import CheckpointError
-from llmirc.frontend.onnx_contrib import matmul_nbits_parts, matmul_nbits_problem, packed_weight
-from llmirc.frontend.onnx_dialect import NoneOp, OnnxOp
+from llmirc.frontend.onnx_contrib import packed_weight
+from llmirc.frontend.onnx_dialect import NoneOp, OnnxOp, numpy_dtype
 
 from .func_args import add_arg, arg_names, find_arg, forward_func
 from .onnx_match import Oracle, erase_dead
@@ -102,20 +102,17 @@ class FuseEmbedding(ModulePass):
         data, ids, scales, zp = [*gather.operands, None][:4]
         zp = None if zp is None or isinstance(zp.owner, NoneOp) else zp
         a = gather.py_attrs()
-        n, bits, block = L.shape_of(data)[0], int(a.get("bits", 4)), int(a.get("block_size", 128))
+        bits, block = int(a.get("bits", 4)), int(a.get("block_size", 128))
         k = L.shape_of(gather.results[0])[-1]
-        problem, zeros = "llmirc reads it as the token embedding, of codes and scales stored in the model", None
-        if roles.get(ids) == "onnx:input_ids" and isinstance(data.owner, L.WeightOp) and \
-                all(v is None or oracle.kind(v) == CONST for v in (scales, zp)):
-            try:
-                zeros = None if zp is None else \
-                    matmul_nbits_parts(oracle.value(data), oracle.value(scales), oracle.value(zp), k, bits, block)[2]
-                problem = matmul_nbits_problem(L.shape_of(data), np.uint8, int(np.prod(L.shape_of(scales))), k, bits,
-                                               block)
-            except ValueError as e:
-                problem = str(e)
-        if problem is not None:
-            raise CheckpointError(f"ONNX GatherBlockQuantized node '{gather.node.data}': {problem}")
-        table = packed_weight(data.owner.weight.data, n, k, bits, block, zeros)
+        if not (roles.get(ids) == "onnx:input_ids" and isinstance(data.owner, L.WeightOp) and
+                all(v is None or oracle.kind(v) == CONST for v in (scales, zp))):
+            raise CheckpointError(f"ONNX GatherBlockQuantized node '{gather.node.data}': llmirc reads it as the token "
+                                  "embedding, of codes and scales stored in the model")
+        try:
+            table = packed_weight(data.owner.weight.data, L.shape_of(data), numpy_dtype(data.type.element_type),
+                                  int(np.prod(L.shape_of(scales))), None if zp is None else oracle.value(zp), k,
+                                  bits, block)
+        except ValueError as e:
+            raise CheckpointError(f"ONNX GatherBlockQuantized node '{gather.node.data}': {e}") from None
         self._replace(ctx, f, gather, [table], table.result, index_arg(f, "token_ids"),
                       f"embedding of tokens ({bits}-bit, groups of {block}, kept quantized)")

@@ -25,8 +25,8 @@ from xdsl.passes import ModulePass
 
 from llmirc import dialect as L
 from llmirc.errors import CheckpointError
-from llmirc.frontend.onnx_contrib import matmul_nbits_parts, matmul_nbits_problem, packed_weight
-from llmirc.frontend.onnx_dialect import NoneOp, OnnxOp
+from llmirc.frontend.onnx_contrib import packed_weight
+from llmirc.frontend.onnx_dialect import NoneOp, OnnxOp, numpy_dtype
 
 from .func_args import forward_func
 from .onnx_match import Oracle, erase_dead
@@ -77,20 +77,17 @@ class FuseLinear(ModulePass):
         shape = L.shape_of(x)
         a = mm.py_attrs()
         k, n, bits, g = (int(a.get(key, d)) for key, d in (("K", 0), ("N", 0), ("bits", 4), ("block_size", 0)))
-        problem = "llmirc reads it on [1, S, K] activations, with B, scales, zero_points and bias stored in the model"
-        if oracle.is_data(x) and len(shape) == 3 and shape[0] == 1 and isinstance(b.owner, L.WeightOp) and \
-                all(v is None or _const(v) for v in (scales, zp, bias)):
-            problem = matmul_nbits_problem(L.shape_of(b), np.uint8, int(np.prod(L.shape_of(scales))), k, bits, g)
-            problem = problem or (f"N={n}, where B has {L.shape_of(b)[0]} rows" if L.shape_of(b)[0] != n else None)
-        zeros = None
-        if problem is None and zp is not None:
-            try:
-                zeros = matmul_nbits_parts(oracle.value(b), oracle.value(scales), oracle.value(zp), k, bits, g)[2]
-            except ValueError as e:
-                problem = str(e)
-        if problem is not None:
-            raise CheckpointError(f"ONNX MatMulNBits node '{mm.node.data}': {problem}")
-        w = packed_weight(b.owner.weight.data, n, k, bits, g, zeros)
+        if not (oracle.is_data(x) and len(shape) == 3 and shape[0] == 1 and isinstance(b.owner, L.WeightOp) and
+                all(v is None or _const(v) for v in (scales, zp, bias))):
+            raise CheckpointError(f"ONNX MatMulNBits node '{mm.node.data}': llmirc reads it on [1, S, K] activations, "
+                                  "with B, scales, zero_points and bias stored in the model")
+        try:
+            if L.shape_of(b)[0] != n:
+                raise ValueError(f"N={n}, where B has {L.shape_of(b)[0]} rows")
+            w = packed_weight(b.owner.weight.data, L.shape_of(b), numpy_dtype(b.type.element_type),
+                              int(np.prod(L.shape_of(scales))), None if zp is None else oracle.value(zp), k, bits, g)
+        except ValueError as e:
+            raise CheckpointError(f"ONNX MatMulNBits node '{mm.node.data}': {e}") from None
         rows = L.SqueezeBatchOp(x)
         lin = L.LinearOp(rows.result, w.result, bias)
         out = L.UnsqueezeBatchOp(lin.result)

@@ -335,6 +335,23 @@ def matmul_nbits_problem(b_shape: tuple, b_dtype, scales_size: int, k: int, bits
     return None
 
 
+def _unpack(x: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """[rows, bytes] of 8 / bits codes a byte (the first in the lowest bits) -> [rows, count] codes."""
+    if bits == 8:
+        return x[:, :count]
+    return np.stack([x & 15, x >> 4], -1).reshape(x.shape[0], -1)[:, :count]
+
+
+def _zero_points(zero_points, n: int, blocks: int, bits: int) -> np.ndarray:
+    """zero_points uint8, packed as the codes and each row padded to whole bytes -> [n, blocks]."""
+    zp = np.asarray(zero_points)
+    per_row = -(-blocks * bits // 8)
+    if zp.dtype != np.uint8 or zp.size != n * per_row:
+        raise ValueError(f"zero_points is {zp.dtype}{list(zp.shape)}, where uint8[{n * per_row}] is expected "
+                         "(llmirc does not read float zero points)")
+    return _unpack(zp.reshape(n, per_row), bits, blocks)
+
+
 def matmul_nbits_parts(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, bits: int,
                        block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """MatMulNBits' weight (ONNX Runtime's ContribOperators.md) as (codes uint8 [N, K], scales
@@ -351,21 +368,8 @@ def matmul_nbits_parts(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarra
     if problem is not None:
         raise ValueError(problem)
     n, blocks = b.shape[0], k // block
-
-    def unpack(x: np.ndarray, count: int) -> np.ndarray:  # [rows, bytes] -> [rows, count] codes
-        if bits == 8:
-            return x[:, :count]
-        return np.stack([x & 15, x >> 4], -1).reshape(x.shape[0], -1)[:, :count]
-    codes = unpack(b.reshape(n, -1), k)
-    zeros = None
-    if zero_points is not None:
-        zp = np.asarray(zero_points)
-        per_row = -(-blocks * bits // 8)
-        if zp.dtype != np.uint8 or zp.size != n * per_row:
-            raise ValueError(f"zero_points is {zp.dtype}{list(zp.shape)}, where uint8[{n * per_row}] is expected "
-                             "(llmirc does not read float zero points)")
-        zeros = unpack(zp.reshape(n, per_row), blocks)
-    return codes, scales.reshape(n, blocks).astype(np.float32), zeros
+    zeros = None if zero_points is None else _zero_points(zero_points, n, blocks, bits)
+    return _unpack(b.reshape(n, -1), bits, k), scales.reshape(n, blocks).astype(np.float32), zeros
 
 
 def matmul_nbits_weight(b, scales, zero_points, k: int, bits: int, block: int) -> np.ndarray:
@@ -375,11 +379,16 @@ def matmul_nbits_weight(b, scales, zero_points, k: int, bits: int, block: int) -
     return (codes.astype(np.float32) - zero) * np.repeat(s, block, 1)
 
 
-def packed_weight(name: str, n: int, k: int, bits: int, block: int, zeros: np.ndarray | None):
-    """The `llmir.packed_weight` [n, k] of a MatMulNBits / GatherBlockQuantized weight whose stored codes
-    are the initializer `name` (zero points: none when absent or all 2^(bits-1))."""
+def packed_weight(name: str, b_shape: tuple, b_dtype, scales_size: int, zero_points, k: int, bits: int, block: int):
+    """The `llmir.packed_weight` [N, k] of a MatMulNBits / GatherBlockQuantized weight whose stored codes
+    are the initializer `name`, of this shape and dtype (zero points: none when absent or all
+    2^(bits-1)). Raises ValueError for a layout `matmul_nbits_parts` does not read, found from the
+    shapes (and the zero points' values)."""
     from llmirc import dialect as L
 
+    if problem := matmul_nbits_problem(b_shape, b_dtype, scales_size, k, bits, block):
+        raise ValueError(problem)
+    zeros = None if zero_points is None else _zero_points(zero_points, b_shape[0], k // block, bits)
     zero = "none" if zeros is None or (zeros == 1 << (bits - 1)).all() else "int"
     qtype = L.QuantType(bits, block, L.FLOAT_TYPES["float32"], zero, False)
-    return L.PackedWeightOp(name, "matmul_nbits", (n, k), qtype)
+    return L.PackedWeightOp(name, "matmul_nbits", (b_shape[0], k), qtype)
