@@ -43,10 +43,14 @@ class FuseEmbedding(ModulePass):
         f = forward_func(op)
         oracle = Oracle(op, ctx.read_weight)
         roles = dict(zip(f.args, arg_names(f)))
-        for gather in [o for o in f.body.block.ops if isinstance(o, OnnxOp) and o.op_type == "Gather"]:
+        gathers = [o for o in f.body.block.ops if isinstance(o, OnnxOp) and o.op_type == "Gather"]
+        rotary = self._rotary_tables(gathers, oracle)
+        for gather in gathers:
             table, ids = gather.operands
             # a table computed from the sequence length (a rotary cache read at position_ids) is no weight
             if gather.py_attrs().get("axis", 0) != 0 or oracle.kind(table) != CONST or len(L.shape_of(table)) != 2:
+                continue
+            if table in rotary:  # (read at the positions, it stays an s-only value the attention fusion reads)
                 continue
             src = ids  # through casts and reshapes that keep [1, S] (GPT-2 views the ids)
             while isinstance(src.owner, OnnxOp) and src.owner.op_type in ("Cast", "Reshape", "Identity") and \
@@ -73,6 +77,19 @@ class FuseEmbedding(ModulePass):
             self._replace(ctx, f, gather, new, table, index, what)
         for gather in [o for o in f.body.block.ops if isinstance(o, OnnxOp) and o.op_type == "GatherBlockQuantized"]:
             self._quantized(ctx, f, gather, oracle, roles)
+
+    @staticmethod
+    def _rotary_tables(gathers: list[OnnxOp], oracle: Oracle) -> set:
+        """Stored tables read by rows that are a rotary cos/sin pair (cos^2 + sin^2 = 1 at every entry, up to
+        half precision), not embeddings: onnxruntime's RotaryEmbedding reads them at position_ids."""
+        tables = {g.operands[0] for g in gathers if g.py_attrs().get("axis", 0) == 0 and
+                  oracle.kind(g.operands[0]) == CONST and len(L.shape_of(g.operands[0])) == 2}
+        values = {t: np.asarray(oracle.value(t), np.float64) for t in tables}
+        pairs = set()
+        for t, u in ((t, u) for t in values for u in values if t is not u and values[t].shape == values[u].shape):
+            if np.abs(values[t] ** 2 + values[u] ** 2 - 1).max() < 2e-2:  # (bfloat16 tables: 2^-8 each)
+                pairs |= {t, u}
+        return pairs
 
     @staticmethod
     def _scale_of(gather: OnnxOp, oracle: Oracle) -> tuple[OnnxOp, float] | None:

@@ -39,7 +39,9 @@ from llmirc.errors import CheckpointError
 
 MS = "com.microsoft"
 SUPPORTED = {("", "SimplifiedLayerNormalization"), (MS, "SimplifiedLayerNormalization"),
-             (MS, "SkipSimplifiedLayerNormalization"), (MS, "SkipLayerNormalization"), (MS, "GroupQueryAttention")}
+             (MS, "SkipSimplifiedLayerNormalization"), (MS, "SkipLayerNormalization"), (MS, "GroupQueryAttention"),
+             (MS, "RotaryEmbedding"), (MS, "MultiHeadAttention")}
+RANKED = {"RotaryEmbedding", "MultiHeadAttention"}  # their forms differ by their inputs' ranks
 
 # kept as operators: the positions of their packed codes, scales and zero points among the inputs
 KEPT = {(MS, "MatMulNBits"): (1, 2, 3), (MS, "GatherBlockQuantized"): (0, 2, 3)}
@@ -59,20 +61,37 @@ def expand_contrib(model: onnx.ModelProto, path: Path) -> list[str]:
     graph_inputs = {i.name: i for i in model.graph.input}
     pending: list = []  # (call, its keys, kv heads) whose head size only shape inference finds
     nodes, expanded = [], []
+    ranks = _ranks(model) if any(n.op_type in RANKED for n in calls) else {}
     for n in model.graph.node:
         if (_domain(n), n.op_type) not in SUPPORTED:
             nodes.append(n)
             continue
-        b = _Body(n, path)
+        b = _Body(n, path, ranks)
         _BODIES[n.op_type](b, inits, graph_inputs, pending)
         nodes.extend(b.nodes)
         expanded.append(f"{_domain(n) + '.' if _domain(n) else ''}{n.op_type}")
     if calls:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-        _infer_head_size(model, graph_inputs, pending)
+        _infer_head_size(model, graph_inputs, pending, path)
     _gather_stored_codes(model, inits)
     return expanded
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
+    """(element type, dims: ints or None) of the graph's values that its inputs, initializers, value_info
+    and onnx's shape inference give (the builder writes value_info for every node's output)."""
+    try:
+        typed = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # (the importer reports what is wrong with the graph)
+        typed = model
+    g = typed.graph
+    ranks = {t.name: (t.data_type, tuple(t.dims)) for t in g.initializer}
+    for v in [*g.input, *g.value_info, *g.output]:
+        tt = v.type.tensor_type
+        if tt.HasField("shape"):
+            ranks[v.name] = (tt.elem_type, tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim))
+    return ranks
 
 
 def _reshaped_rows(reshape: onnx.NodeProto, inits: dict, made: dict) -> int | None:
@@ -102,10 +121,16 @@ def _gather_stored_codes(model: onnx.ModelProto, inits: dict) -> None:
                     a.i = len(inits[src.input[0]].dims) - 1
 
 
-def _infer_head_size(model: onnx.ModelProto, graph_inputs: dict, pending: list[tuple[_Body, str, int]]) -> None:
-    """Past inputs of calls without rotary tables (no head size to read off them): the head size of the
-    keys they are concatenated with, as onnx's shape inference finds it."""
-    if not pending:
+def _infer_head_size(model: onnx.ModelProto, graph_inputs: dict, pending: list[tuple[_Body, str, int]],
+                     path: Path) -> None:
+    """Past inputs of calls without rotary tables (no head size to read off them), and past inputs a
+    Concat appends keys or values to (MultiHeadAttention's past, or the builder's own Concat before it
+    for grouped-query heads): the heads and head size of what they are concatenated with, as onnx's
+    shape inference finds them."""
+    concats = [n for n in model.graph.node if n.op_type == "Concat" and len(n.input) == 2 and
+               n.input[0] in graph_inputs and any(a.name == "axis" and a.i == 2 for a in n.attribute) and
+               any(not d.HasField("dim_value") for d in graph_inputs[n.input[0]].type.tensor_type.shape.dim[1:])]
+    if not pending and not concats:
         return
     try:
         typed = onnx.shape_inference.infer_shapes(model)
@@ -117,6 +142,10 @@ def _infer_head_size(model: onnx.ModelProto, graph_inputs: dict, pending: list[t
         if len(dims) == 4 and dims[3].HasField("dim_value"):
             for i in (3, 4):
                 _past_dims(b, graph_inputs.get(b.input(i)), kv_heads, dims[3].dim_value)
+    for n in concats:
+        dims = shapes.get(n.input[1], ())
+        if len(dims) == 4 and all(dims[i].HasField("dim_value") for i in (1, 3)):
+            _past_dims(_Body(n, path), graph_inputs[n.input[0]], dims[1].dim_value, dims[3].dim_value)
 
 
 def _domain(n: onnx.NodeProto) -> str:
@@ -126,8 +155,8 @@ def _domain(n: onnx.NodeProto) -> str:
 class _Body:
     """The standard nodes replacing one call; intermediate values are named after the call."""
 
-    def __init__(self, node: onnx.NodeProto, path: Path):
-        self.node, self.path, self.nodes = node, path, []
+    def __init__(self, node: onnx.NodeProto, path: Path, ranks: dict[str, tuple] | None = None):
+        self.node, self.path, self.nodes, self.ranks = node, path, [], ranks if ranks is not None else {}
         self.attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         self.name = node.name or f"{node.op_type}_{node.output[0]}"
 
@@ -139,6 +168,27 @@ class _Body:
 
     def fail(self, problem: str):
         raise CheckpointError(f"{self.path}: ONNX {self.node.op_type} node '{self.name}': {problem}")
+
+    def rank(self, i: int, *allowed: int) -> int:
+        """The rank of input i, one of `allowed` (else the call is refused)."""
+        known = self.ranks.get(self.input(i))
+        if known is None:
+            self.fail(f"the rank of input {i} ('{self.input(i)}') is not known (no shape for it in the graph)")
+        if len(known[1]) not in allowed:
+            self.fail(f"input {i} ('{self.input(i)}') has rank {len(known[1])}, where llmirc reads "
+                      f"{' or '.join(map(str, allowed))}")
+        return len(known[1])
+
+    def dim(self, i: int, axis: int) -> int | None:
+        """Input i's size along `axis` where the graph gives it."""
+        known = self.ranks.get(self.input(i))
+        return known[1][axis] if known is not None and -len(known[1]) <= axis < len(known[1]) else None
+
+    def typed(self, i: int, rank: int, elem_type: int | None = None) -> None:
+        """Record output i's rank (and element type, else input 0's): later calls read it."""
+        if self.output(i) and self.output(i) not in self.ranks:
+            t = elem_type if elem_type is not None else self.ranks.get(self.input(0), (0, ()))[0]
+            self.ranks[self.output(i)] = (t, (None,) * rank)
 
     def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
         out = out or f"{self.name}/{op_type}.{len(self.nodes)}"
@@ -287,9 +337,11 @@ def _past_dims(b: _Body, inp: onnx.ValueInfoProto | None, kv_heads: int, d: int)
         dim.dim_value = want
 
 
-def _rotate(b: _Body, x: str, cos: str, sin: str, d: int, interleaved: bool) -> str:
-    """x [B, H, S, D] rotated by the angles whose cos and sin are given ([S, D/2] or [B, 1, S, D/2]):
-    halves (x1, x2) -> (x1 c - x2 s, x2 c + x1 s), or the even and odd elements when interleaved."""
+def _rotate(b: _Body, x: str, cos: str, sin: str, d: int, interleaved: bool, partial: bool = False) -> str:
+    """x [B, H, S, D] (or [B, S, H, D]) rotated by the angles whose cos and sin are given (broadcasting
+    to [.., d/2]): halves (x1, x2) of its first d elements -> (x1 c - x2 s, x2 c + x1 s), or their even
+    and odd elements when interleaved; with `partial`, x's elements after the first d kept as they are
+    (d is then at most D, else D itself)."""
     def part(start: int, step: int) -> str:
         return b.op("Slice", x, b.const([start]), b.const([d if step == 2 else start + d // 2]), b.const([3]),
                     b.const([step]))
@@ -297,9 +349,14 @@ def _rotate(b: _Body, x: str, cos: str, sin: str, d: int, interleaved: bool) -> 
     r1 = b.op("Sub", b.op("Mul", x1, cos), b.op("Mul", x2, sin))
     r2 = b.op("Add", b.op("Mul", x2, cos), b.op("Mul", x1, sin))
     if not interleaved:
-        return b.op("Concat", r1, r2, axis=3)
-    pairs = b.op("Concat", b.op("Unsqueeze", r1, b.const([4])), b.op("Unsqueeze", r2, b.const([4])), axis=4)
-    return b.op("Reshape", pairs, b.const([0, 0, 0, d]))
+        rotated = b.op("Concat", r1, r2, axis=3)
+    else:
+        pairs = b.op("Concat", b.op("Unsqueeze", r1, b.const([4])), b.op("Unsqueeze", r2, b.const([4])), axis=4)
+        rotated = b.op("Reshape", pairs, b.const([0, 0, 0, d]))
+    if not partial:
+        return rotated
+    rest = b.op("Slice", x, b.const([d]), b.const([np.iinfo(np.int64).max]), b.const([3]))
+    return b.op("Concat", rotated, rest, axis=3)
 
 
 def _causal_mask(b: _Body, past_len: str, total: str, window: int, t: int) -> str:
@@ -315,8 +372,123 @@ def _causal_mask(b: _Body, past_len: str, total: str, window: int, t: int) -> st
     return b.op("Where", allowed, b.scalar(0.0, t), b.scalar(float(np.finfo(np.float32).min), t))
 
 
+def _rotary_embedding(b: _Body, inits: dict, *_) -> None:
+    """RotaryEmbedding(input, position_ids, cos_cache, sin_cache): input [B, S, N*H] or [B, N, S, H],
+    each head's first r elements rotated (r = 2 * the tables' width; r < H only with num_heads and
+    rotary_embedding_dim given: partial rotary), as halves or interleaved pairs, by the tables' rows at
+    position_ids [B, S], or at position_ids[0] + i for position_ids of shape [1]."""
+    a = b.attrs
+    if a.get("is_packed_batching", 0):
+        b.fail("is_packed_batching=1 (ragged batches) is not read by llmirc")
+    if float(a.get("scale", 1.0)) != 1.0:
+        b.fail(f"scale={a['scale']} is not read by llmirc (onnxruntime's CPU kernel ignores it)")
+    tables = [inits.get(b.input(i)) for i in (2, 3)]
+    if any(t is None or len(t.dims) != 2 for t in tables) or tables[0].dims != tables[1].dims:
+        b.fail("cos_cache and sin_cache must be stored tables of one shape [positions, r/2]")
+    r = 2 * int(tables[0].dims[1])
+    heads, dim = int(a.get("num_heads", 0)), int(a.get("rotary_embedding_dim", 0))
+    rank, pos_rank = b.rank(0, 3, 4), b.rank(1, 1, 2)
+    if dim and dim != r:
+        b.fail(f"rotary_embedding_dim {dim} with tables of width {r // 2} (rotary_embedding_dim / 2 expected)")
+    if dim and rank == 3 and not heads:
+        b.fail("rotary_embedding_dim without num_heads (onnxruntime requires both for a 3D input)")
+    x = b.input(0)
+    if rank == 3:  # [B, S, N*H] -> [B, S, N, H]
+        x = b.op("Reshape", x, b.const([0, 0, heads, -1] if dim else [0, 0, -1, r]))
+    head = b.dim(0, 3) if rank == 4 else (b.dim(0, 2) // heads if dim and b.dim(0, 2) else None if dim else r)
+    seq_axis = 1 if rank == 3 else 2  # of x as rotated; the tables get a unit heads axis
+    if pos_rank == 2:  # [B, S] -> tables [B, S, 1, r/2] or [B, 1, S, r/2]
+        cos, sin = (b.op("Unsqueeze", b.op("Gather", b.input(i), b.input(1), axis=0), b.const([3 - seq_axis]))
+                    for i in (2, 3))
+    else:  # positions p .. p + S - 1 -> tables [S, 1, r/2] or [S, r/2]
+        start = b.op("Squeeze", b.op("Reshape", b.input(1), b.const([1])), b.const([0]))
+        length = b.op("Squeeze", b.op("Shape", x, start=seq_axis, end=seq_axis + 1), b.const([0]))
+        pos = b.op("Range", start, b.op("Add", start, length), b.op("CastLike", b.const(1), start))
+        cos, sin = (b.op("Gather", b.input(i), pos, axis=0) for i in (2, 3))
+        if rank == 3:
+            cos, sin = (b.op("Unsqueeze", t, b.const([1])) for t in (cos, sin))
+    y = _rotate(b, x, cos, sin, r, bool(a.get("interleaved", 0)), partial=head != r)
+    b.op("Reshape", y, b.const([0, 0, -1]), out=b.output(0)) if rank == 3 else b.op("Identity", y, out=b.output(0))
+    b.typed(0, rank)
+
+
+def _multi_head_attention(b: _Body, inits: dict, graph_inputs: dict, pending: list) -> None:
+    """MultiHeadAttention(query, key, value, bias, key_padding_mask, attention_bias, past_key, past_value):
+    query [B, S, N*H], key and value [B, L, N*H] (appended to past_key/past_value [B, N, P, H] when given:
+    present = the concatenation, T = P + L) or [B, N, T, H] as they are; bias [3 widths] added to q, k
+    and v; key_padding_mask [B, T] or [B, S, T] (0: masked by mask_filter_value), attention_bias
+    [B|1, N|1, S, T] added to the scaled scores; unidirectional: query i reads keys j <= T - S + i."""
+    a = b.attrs
+    heads = int(a.get("num_heads", 0))
+    if heads < 1:
+        b.fail(f"num_heads {heads} is not a positive number")
+    for i, what in ((8, "past_sequence_length (a shared KV buffer)"), (9, "cache_indirection (beam search)")):
+        if b.input(i):
+            b.fail(f"input {i} ({what}) is not read by llmirc")
+    if b.output(3):
+        b.fail("output 3 (qk, the attention probabilities) is not computed by llmirc")
+    if not (b.input(1) and b.input(2)):
+        b.fail("key and value must be given (q, k and v packed in query are not read by llmirc)")
+    b.rank(0, 3)
+    kv_rank = b.rank(1, 3, 4)
+    b.rank(2, kv_rank)
+    if bool(b.input(6)) != bool(b.input(7)):
+        b.fail("past_key and past_value must both be given, or both omitted")
+    if b.input(6) and not (b.output(1) and b.output(2)):  # (its CPU kernel then reads no past: garbage out)
+        b.fail("past_key and past_value without the present_key and present_value outputs are not read by llmirc")
+    if kv_rank == 4 and (b.input(3) or b.input(6)):
+        b.fail("key and value of shape [B, N, T, H] (used as they are) with a bias or a past are not read by llmirc")
+    t = b.ranks.get(b.input(0), (0,))[0]
+    if t not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+        b.fail(f"query '{b.input(0)}' must be of a float type")
+    q, k, v = b.input(0), b.input(1), b.input(2)
+    if b.input(3):  # bias [Dq + Dk + Dv]: Dk = Dq
+        dq, dv = (b.op("Shape", x, start=2, end=3) for x in (q, v))
+        ends = [dq, b.op("Add", dq, dq), b.op("Add", b.op("Add", dq, dq), dv)]
+        starts = [b.const([0]), ends[0], ends[1]]
+        q, k, v = (b.op("Add", x, b.op("Slice", b.input(3), s0, e, b.const([0]))) for x, s0, e in zip((q, k, v), starts, ends))
+
+    def heads_first(x: str) -> str:  # [B, S, N*H] -> [B, N, S, H]
+        return b.op("Transpose", b.op("Reshape", x, b.const([0, 0, heads, -1])), perm=[0, 2, 1, 3])
+
+    q = heads_first(q)
+    if kv_rank == 3:
+        k, v = heads_first(k), heads_first(v)
+    if b.input(6):
+        k = b.op("Concat", b.input(6), k, axis=2, out=b.output(1) or None)
+        v = b.op("Concat", b.input(7), v, axis=2, out=b.output(2) or None)
+    else:
+        for i, x in ((1, k), (2, v)):
+            if b.output(i):
+                b.op("Identity", x, out=b.output(i))
+    scores = b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2]))
+    scale = float(a.get("scale", 0.0))
+    if scale:
+        scores = b.op("Mul", scores, b.scalar(scale, t))
+    else:  # 1 / sqrt(H)
+        width = b.op("Cast", b.op("Shape", q, start=3, end=4), to=t)
+        scores = b.op("Div", scores, b.op("Sqrt", width))
+    total = b.op("Shape", k, start=2, end=3)
+    if a.get("unidirectional", 0):
+        past_len = b.op("Sub", total, b.op("Shape", q, start=2, end=3))
+        scores = b.op("Add", scores, _causal_mask(b, past_len, total, -1, t))
+    if b.input(4):
+        mask_rank = b.rank(4, 2, 3)
+        masked = b.op("Equal", b.op("Cast", b.input(4), to=onnx.TensorProto.INT64), b.const(0))
+        filt = b.op("Where", masked, b.scalar(float(a.get("mask_filter_value", -10000.0)), t), b.scalar(0.0, t))
+        scores = b.op("Add", scores, b.op("Unsqueeze", filt, b.const([1, 2] if mask_rank == 2 else [1])))
+    if b.input(5):
+        scores = b.op("Add", scores, b.input(5))
+    out = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)
+    b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.const([0, 0, -1]), out=b.output(0))
+    b.typed(0, 3)
+    b.typed(1, 4)
+    b.typed(2, 4)
+
+
 _BODIES = {"SimplifiedLayerNormalization": _simplified_layer_norm, "SkipSimplifiedLayerNormalization": _skip_norm,
-           "SkipLayerNormalization": _skip_norm, "GroupQueryAttention": _group_query_attention}
+           "SkipLayerNormalization": _skip_norm, "GroupQueryAttention": _group_query_attention,
+           "RotaryEmbedding": _rotary_embedding, "MultiHeadAttention": _multi_head_attention}
 
 
 def matmul_nbits_problem(b_shape: tuple, b_dtype, scales_size: int, k: int, bits: int, block: int) -> str | None:
