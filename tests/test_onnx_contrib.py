@@ -6,6 +6,7 @@ paged incremental decoders whose logits are onnxruntime's, step by step with its
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -27,14 +28,18 @@ VOCAB, C, LAYERS = 64, 64, 2
 
 def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=False, window=-1, scale=None,
                   layer_norm=False, dtype=np.float32, nbits=None, zero_points=False, tied=False,
-                  qk_norm=False, embed_scale=None, seed=0) -> onnx.ModelProto:
+                  qk_norm=False, embed_scale=None, mha=False, partial=False, seed=0) -> onnx.ModelProto:
     """A random decoder in the builder's form: input_ids, attention_mask and past_key_values.N.key/value
     [batch, kv_heads, past, 'kv_cache_dim'] in; logits and present.N.key/value out. With `nbits` (4 or 8)
     every MatMul is a MatMulNBits (blocks of 32, zero points or not), as the builder's `-p int4` writes;
     `tied` then reads the embedding from the LM head's codes (GatherBlockQuantized of a Reshape). `qk_norm`:
     Qwen3's per-head q/k RMSNorm as the builder writes it (the packed projection Split, each of q and k
     reshaped to [B, S*H, D], SimplifiedLayerNormalization, reshaped back); `embed_scale`: the embedding
-    multiplied by that scalar (Gemma's sqrt(hidden))."""
+    multiplied by that scalar (Gemma's sqrt(hidden)). `mha`: the form the builder writes for `-e cpu -p fp16`
+    (separate q/k/v only): RotaryEmbedding of q and k at position_ids (an input then), and MultiHeadAttention:
+    for grouped-query heads, after the past's Concat and the k/v heads' repeat in plain ops, with an additive
+    causal + attention_mask bias built in the graph; else reading the past itself, unidirectional. `partial`:
+    the first half of each head rotated (RotaryEmbedding's num_heads and rotary_embedding_dim)."""
     rng = np.random.default_rng(seed)
     d = C // heads
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
@@ -66,7 +71,8 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
     total = node("Cast", [node("Gather", [node("Shape", ["attention_mask"], ["shape"]),
                                           init("idx1", np.array(1, np.int64))], ["tot"], axis=0)],
                  ["total_len"], to=TensorProto.INT32)
-    inv_freq = 1.0 / 10000 ** (np.arange(0, d, 2) / d)
+    rd = d // 2 if partial else d  # the rotated width
+    inv_freq = 1.0 / 10000 ** (np.arange(0, rd, 2) / rd)
     angles = np.arange(1024)[:, None] * inv_freq[None].astype(np.float32)
     init("cos_cache", np.cos(angles))
     init("sin_cache", np.sin(angles))
@@ -114,14 +120,17 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
         else:
             qkv = [node("MatMul", [h, w(f"{p}{i}", C, n * d)], [f"{p}{i}_out"])
                    for p, n in (("q", heads), ("k", kv_heads), ("v", kv_heads))]
-        attrs = dict(num_heads=heads, kv_num_heads=kv_heads, local_window_size=window, do_rotary=int(rotary),
-                     rotary_interleaved=int(interleaved))
-        if scale is not None:
-            attrs["scale"] = scale
-        presents += [f"present.{i}.key", f"present.{i}.value"]
-        a = node("GroupQueryAttention", [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
-                                         total, "cos_cache" if rotary else "", "sin_cache" if rotary else ""],
-                 [f"attn{i}", *presents[-2:]], domain=MS, **attrs)
+        if mha:
+            a = mha_attention(node, init, qkv, i, heads, kv_heads, d, rd, interleaved, scale, presents, elem)
+        else:
+            attrs = dict(num_heads=heads, kv_num_heads=kv_heads, local_window_size=window, do_rotary=int(rotary),
+                         rotary_interleaved=int(interleaved))
+            if scale is not None:
+                attrs["scale"] = scale
+            presents += [f"present.{i}.key", f"present.{i}.value"]
+            a = node("GroupQueryAttention", [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
+                                             total, "cos_cache" if rotary else "", "sin_cache" if rotary else ""],
+                     [f"attn{i}", *presents[-2:]], domain=MS, **attrs)
         o = node("MatMul", [a, w(f"o{i}", heads * d, C)], [f"o{i}_out"])
         h = norm(2 * i + 1, residual if i == 0 else f"s{2 * i}", o)
         gate = node("MatMul", [h, w(f"gate{i}", C, 2 * C)], [f"g{i}"])
@@ -138,11 +147,67 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
             for i in range(LAYERS) for kv in ("key", "value")]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_len"]), *past]
+    if mha:
+        inputs.insert(2, helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
     outputs = [helper.make_tensor_value_info("logits", elem, ["batch_size", "sequence_length", VOCAB])] + \
         [helper.make_tensor_value_info(p, elem, ["batch_size", kv_heads, "total_len", d]) for p in presents]
     graph = helper.make_graph(nodes, "builder", inputs, outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
                              ir_version=10)
+
+
+def mha_attention(node, init, qkv, i, heads, kv_heads, d, rd, interleaved, scale, presents, elem) -> str:
+    """Layer i's attention as the builder writes it for MultiHeadAttention (base.py's make_repeat_kv and
+    make_attention_mask_reformatting_for_mha): its output [B, S, heads*d]."""
+    made = {}
+
+    def const(name, value):
+        if name not in made:
+            made[name] = init(f"{name}{i}", np.array(value, np.int64))
+        return made[name]
+
+    rope = dict(domain=MS, interleaved=int(interleaved), num_heads=0, rotary_embedding_dim=0)
+    q, k, v = qkv
+    qr, kr = (node("RotaryEmbedding", [x, "position_ids", "cos_cache", "sin_cache"], [f"{x}_rot"],
+                   **{**rope, **(dict(num_heads=n, rotary_embedding_dim=rd) if rd < d else {})})
+              for x, n in ((q, heads), (k, kv_heads)))
+    past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+    presents += [f"present.{i}.key", f"present.{i}.value"]
+    attrs = dict(num_heads=heads, **({"scale": scale} if scale is not None else {}))
+    if heads == kv_heads:  # the past read by the node itself
+        return node("MultiHeadAttention", [qr, kr, v, "", "", "", *past], [f"attn{i}", *presents[-2:]],
+                    domain=MS, unidirectional=1, **attrs)
+    kv = []
+    for x, p, out in zip((kr, v), past, presents[-2:]):  # [B, S, kv*d] -> present [B, kv, T, d] -> [B, T, heads*d]
+        heads_first = node("Transpose", [node("Reshape", [x, const("kvshape", [0, 0, kv_heads, d])], [f"{x}_4d"])],
+                           [f"{x}_bnsd"], perm=[0, 2, 1, 3])
+        present = node("Concat", [p, heads_first], [out], axis=2)
+        rep = node("Expand", [node("Unsqueeze", [present, const("ax2", [2])], [f"{out}_u"]),
+                              const("rep", [1, 1, heads // kv_heads, 1, 1])], [f"{out}_e"])
+        rep = node("Reshape", [rep, const("hshape", [0, heads, -1, d])], [f"{out}_r"])
+        rep = node("Transpose", [rep], [f"{out}_t"], perm=[0, 2, 1, 3])
+        kv.append(node("Reshape", [rep, const("flat", [0, 0, heads * d])], [f"{out}_flat"]))
+    # the bias [1, heads, S, T]: causal (query j at past + j) plus attention_mask's, each -max where masked
+    low = init(f"low{i}", np.array(np.finfo(elem_np(elem)).min, elem_np(elem)))
+    zero = init(f"zero{i}", np.array(0, elem_np(elem)))
+    length = node("Shape", ["input_ids"], [f"S{i}"], start=1, end=2)
+    total = node("Shape", ["attention_mask"], [f"T{i}"], start=1, end=2)
+    scal = [node("Squeeze", [x, const("ax0", [0])], [f"{x}_s"]) for x in (length, total)]
+    first = node("Sub", [scal[1], scal[0]], [f"P{i}"])
+    rows = node("Unsqueeze", [node("Range", [first, scal[1], const("one", 1)], [f"rows{i}"]), const("ax1", [1])],
+                [f"rows_u{i}"])
+    cols = node("Range", [const("zero_i", 0), scal[1], const("one_i", 1)], [f"cols{i}"])
+    causal = node("Where", [node("LessOrEqual", [cols, rows], [f"le{i}"]), zero, low], [f"causal{i}"])
+    keep = node("Cast", ["attention_mask"], [f"keep{i}"], to=TensorProto.BOOL)
+    padding = node("Where", [keep, zero, low], [f"pad{i}"])  # [B, T]
+    padding = node("Unsqueeze", [padding, const("ax12", [1, 2])], [f"pad_u{i}"])
+    bias = node("Add", [node("Unsqueeze", [causal, const("ax01", [0, 1])], [f"causal_u{i}"]), padding], [f"bias{i}"])
+    bias = node("Tile", [bias, const("tile", [1, heads, 1, 1])], [f"bias_t{i}"])
+    return node("MultiHeadAttention", [qr, *kv, "", "", bias], [f"attn{i}"], domain=MS, **attrs)
+
+
+def elem_np(elem: int):
+    return helper.tensor_dtype_to_np_dtype(elem)
 
 
 def matmul_nbits(w: np.ndarray, bits: int, block: int, zero_points: bool, rng):
@@ -173,11 +238,14 @@ def onnxruntime_steps(path, prompt: list[int], steps: int, head_dim: int):
     last logits row (float64) and the tokens."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     pasts = [i for i in sess.get_inputs() if i.name.startswith("past")]
+    names = {i.name for i in sess.get_inputs()}
     dtype = np.float16 if pasts[0].type == "tensor(float16)" else np.float32
     past = [np.zeros((1, i.shape[1], 0, head_dim), dtype) for i in pasts]
     rows, tokens, ids, length = [], [], list(prompt), 0
     for _ in range(steps):
         feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, length + len(ids)), np.int64)}
+        if "position_ids" in names:
+            feeds["position_ids"] = np.arange(length, length + len(ids))[None]
         out = sess.run(None, {**feeds, **{i.name: p for i, p in zip(pasts, past)}})
         rows.append(out[0][0, -1].astype(np.float64))
         length, past = length + len(ids), out[1:]
@@ -200,6 +268,11 @@ CASES = {  # each feature once, several to a model (a case is a compile)
     "qk-norm-int4": dict(qk_norm=True, nbits=4),
     "int8-float16": dict(nbits=8, dtype=np.float16),
     "int4-tied-zero-points": dict(nbits=4, tied=True, zero_points=True),
+    # -e cpu -p fp16's RotaryEmbedding + MultiHeadAttention, in float32 (onnxruntime's float16 MultiHeadAttention
+    # moves these logits by 1%; the builder's own float16 output matches to 0.1%)
+    "mha-grouped": dict(mha=True, packed=False),  # the past's Concat, the heads' repeat and the bias in plain ops
+    "mha-past-partial-interleaved": dict(mha=True, packed=False, heads=4, kv_heads=4, partial=True, interleaved=True,
+                                         scale=0.3),
 }
 
 
@@ -219,7 +292,8 @@ def test_builder_model_matches_onnxruntime(tmp_path, case):
         assert open_bundle(bundle, verify=False).manifest["generation"]["eos_token_ids"] == [7]
     assert "onnx-fuse-attention: attention" in r.stdout and "left generic: none" in r.stdout, r.stdout
     assert ("MatMulNBits -> linear" in r.stdout) == ("nbits" in CASES[case]), r.stdout
-    assert "onnxruntime contrib operators replaced: " in r.stdout and "GroupQueryAttention x2" in r.stdout, r.stdout
+    ops = ("MultiHeadAttention x2", "RotaryEmbedding x4") if "mha" in CASES[case] else ("GroupQueryAttention x2",)
+    assert "onnxruntime contrib operators replaced: " in r.stdout and all(o in r.stdout for o in ops), r.stdout
     prompt = [3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7, 9]
     want_rows, want_tokens = onnxruntime_steps(path, prompt, 10, C // CASES[case].get("heads", 4))
     compiled = load(bundle)
@@ -324,3 +398,85 @@ def test_builder_model_without_lm_head_is_refused(tmp_path):
     r = llmirc("compile", path, "-o", tmp_path / "m.llmir", "-q")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.splitlines()[-1].startswith("error: ") and "the graph's output is 'hidden_states'" in r.stderr
+
+
+def _single_node(node, inputs: dict, inits=()) -> onnx.ModelProto:
+    vi = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+          for k, v in inputs.items()]
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in node.output if o]
+    graph = helper.make_graph([node], "g", vi, outs, list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
+                             ir_version=10)
+
+
+def _ort(model, feeds):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # (no fusing the expansion back)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("form", [
+    "rope 3d", "rope 3d interleaved partial", "rope 4d offset", "rope 4d interleaved partial offset",
+    "mha bias", "mha unidirectional past", "mha padding-mask-2d filter unidirectional",
+    "mha padding-mask-3d past", "mha attention-bias past", "mha 4d-kv unidirectional"])
+def test_rotary_and_multi_head_attention_are_onnxruntimes(form):
+    """Each form of the two operators, one call on random inputs: onnxruntime's kernel and onnxruntime
+    running llmirc's replacement agree (the semantics the compiled models rely on)."""
+    from llmirc.frontend.onnx_contrib import expand_contrib
+
+    rng = np.random.default_rng(1)
+    B, S, N, H, P = 2, 5, 3, 8, 4
+    f = rng.standard_normal
+    inits = []
+    if form.startswith("rope"):
+        r = H // 2 if "partial" in form else H
+        inits = [numpy_helper.from_array(fn(f((32, r // 2))).astype(np.float32), n)
+                 for fn, n in ((np.cos, "cos"), (np.sin, "sin"))]
+        x = f((B, N, S, H) if "4d" in form else (B, S, N * H)).astype(np.float32)
+        pos = np.array([7]) if "offset" in form else rng.integers(0, 32, (B, S))
+        feeds = {"x": x, "pos": pos}
+        attrs = dict(interleaved=int("interleaved" in form))
+        attrs.update(dict(num_heads=N, rotary_embedding_dim=r) if "partial" in form else {})
+        node = helper.make_node("RotaryEmbedding", ["x", "pos", "cos", "sin"], ["y"], domain=MS, **attrs)
+    else:
+        T = S + P if "past" in form else S
+        kv = (B, N, T, H) if "4d-kv" in form else (B, S, N * H)
+        feeds = {"q": f((B, S, N * H)), "k": f(kv), "v": f(kv)}
+        names, outputs = ["q", "k", "v", "", "", "", "", ""], ["y"]
+        attrs = dict(num_heads=N, unidirectional=int("unidirectional" in form))
+        if "bias" in form and "attention" not in form:
+            feeds["bias"], names[3] = f(3 * N * H), "bias"
+        if "padding-mask" in form:
+            mask = np.ones((B, T) if "2d" in form else (B, S, T), np.int32)
+            mask[0, ..., 1] = 0
+            feeds["mask"], names[4] = mask, "mask"
+        if "filter" in form:
+            attrs["mask_filter_value"] = -3.0
+        if "attention-bias" in form:
+            feeds["ab"], names[5] = 2 * f((1, N, S, T)), "ab"
+        if "past" in form:
+            feeds["pk"], feeds["pv"], names[6:8], outputs = f((B, N, P, H)), f((B, N, P, H)), ["pk", "pv"], \
+                ["y", "present_k", "present_v"]
+        feeds = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in feeds.items()}
+        node = helper.make_node("MultiHeadAttention", names, outputs, domain=MS, **attrs)
+    model = _single_node(node, feeds, inits)
+    want = _ort(model, feeds)
+    assert expand_contrib(model, Path("model.onnx")) and not any(n.domain == MS for n in model.graph.node)
+    for got, w in zip(_ort(model, feeds), want):
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("op,change,needle", [
+    ("RotaryEmbedding", lambda n: n.attribute.append(helper.make_attribute("is_packed_batching", 1)),
+     "is_packed_batching=1"),
+    ("RotaryEmbedding", lambda n: n.attribute.append(helper.make_attribute("scale", 2.0)), "scale=2.0"),
+    ("MultiHeadAttention", lambda n: n.output.append("qk"), "output 3 (qk"),
+    ("MultiHeadAttention", lambda n: n.input.extend(["", "position_ids"]), "input 9 (cache_indirection"),
+    ("MultiHeadAttention", lambda n: n.output.__delitem__(slice(1, None)), "without the present_key"),
+])
+def test_builder_rotary_or_attention_llmirc_does_not_compute_is_refused(tmp_path, op, change, needle):
+    model = builder_model(mha=True, packed=False, heads=4, kv_heads=4)
+    change(next(n for n in model.graph.node if n.op_type == op))
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    assert_user_error(llmirc("compile", path, "-o", tmp_path / "m.llmir", "-q"), f"model.onnx: ONNX {op}", needle)

@@ -62,10 +62,14 @@ def expand_contrib(model: onnx.ModelProto, path: Path) -> list[str]:
     pending: list = []  # (call, its keys, kv heads) whose head size only shape inference finds
     nodes, expanded = [], []
     ranks = _ranks(model) if any(n.op_type in RANKED for n in calls) else {}
-    for n in model.graph.node:
+    original = list(model.graph.node)
+    for at, n in enumerate(original):
         if (_domain(n), n.op_type) not in SUPPORTED:
             nodes.append(n)
             continue
+        if n.op_type in RANKED and any(i and i not in ranks for i in n.input):
+            # values after calls onnx has no schema for: inferred again through the calls replaced so far
+            ranks.update({k: v for k, v in _ranks(model, nodes + original[at:]).items() if k not in ranks})
         b = _Body(n, path, ranks)
         _BODIES[n.op_type](b, inits, graph_inputs, pending)
         nodes.extend(b.nodes)
@@ -78,9 +82,14 @@ def expand_contrib(model: onnx.ModelProto, path: Path) -> list[str]:
     return expanded
 
 
-def _ranks(model: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
+def _ranks(model: onnx.ModelProto, nodes: list | None = None) -> dict[str, tuple[int, tuple]]:
     """(element type, dims: ints or None) of the graph's values that its inputs, initializers, value_info
-    and onnx's shape inference give (the builder writes value_info for every node's output)."""
+    and onnx's shape inference give (the builder writes value_info for every node's output), for the
+    graph's nodes or `nodes` in their place."""
+    if nodes is not None:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
     try:
         typed = onnx.shape_inference.infer_shapes(model)
     except Exception:  # (the importer reports what is wrong with the graph)
