@@ -148,7 +148,8 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_len"]), *past]
     if mha:
-        inputs.insert(2, helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
+        inputs.insert(2, helper.make_tensor_value_info("position_ids", TensorProto.INT64,
+                                                       ["batch_size", "sequence_length"]))
     outputs = [helper.make_tensor_value_info("logits", elem, ["batch_size", "sequence_length", VOCAB])] + \
         [helper.make_tensor_value_info(p, elem, ["batch_size", kv_heads, "total_len", d]) for p in presents]
     graph = helper.make_graph(nodes, "builder", inputs, outputs, inits)

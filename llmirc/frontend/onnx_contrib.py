@@ -99,7 +99,8 @@ def _ranks(model: onnx.ModelProto, nodes: list | None = None) -> dict[str, tuple
     for v in [*g.input, *g.value_info, *g.output]:
         tt = v.type.tensor_type
         if tt.HasField("shape"):
-            ranks[v.name] = (tt.elem_type, tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim))
+            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+            ranks[v.name] = (tt.elem_type, dims)
     return ranks
 
 
@@ -455,7 +456,8 @@ def _multi_head_attention(b: _Body, inits: dict, graph_inputs: dict, pending: li
         dq, dv = (b.op("Shape", x, start=2, end=3) for x in (q, v))
         ends = [dq, b.op("Add", dq, dq), b.op("Add", b.op("Add", dq, dq), dv)]
         starts = [b.const([0]), ends[0], ends[1]]
-        q, k, v = (b.op("Add", x, b.op("Slice", b.input(3), s0, e, b.const([0]))) for x, s0, e in zip((q, k, v), starts, ends))
+        q, k, v = (b.op("Add", x, b.op("Slice", b.input(3), s0, e, b.const([0])))
+                   for x, s0, e in zip((q, k, v), starts, ends))
 
     def heads_first(x: str) -> str:  # [B, S, N*H] -> [B, N, S, H]
         return b.op("Transpose", b.op("Reshape", x, b.const([0, 0, heads, -1])), perm=[0, 2, 1, 3])
