@@ -7,7 +7,8 @@ its decoders with four operators of onnxruntime's own (ONNX Runtime's ContribOpe
 `com.microsoft.SkipSimplifiedLayerNormalization` (the residual add, then RMSNorm),
 `com.microsoft.SkipLayerNormalization` (the same with LayerNorm) and
 `com.microsoft.GroupQueryAttention` (rotary embedding from cos/sin tables, the KV cache's append
-and causal grouped-query attention in one node). Each call is replaced here by the standard
+and causal grouped-query attention in one node); for `-e cpu -p fp16`, `com.microsoft.RotaryEmbedding`
+and `com.microsoft.MultiHeadAttention` in its place. Each call is replaced here by the standard
 operators that compute it, spelled as torch.onnx spells them, so the importer, its fusions and the
 full-sequence fallback read a builder's model as they read an exported one: there is one reading
 of each computation. The KV cache is the paged one llmirc makes; the node's past/present inputs
@@ -15,7 +16,9 @@ and outputs keep their meaning (present = past followed by the step's keys and v
 
 What the replacement does not compute is refused by name: GroupQueryAttention's softcap,
 smooth_softmax, attention_bias and head_sink, a rotary table narrower than the head (partial
-rotary), the norms' mean / inv_std_var outputs. Padding is not modelled: a batch of one sequence
+rotary), the norms' mean / inv_std_var outputs, RotaryEmbedding's is_packed_batching and scale (which
+onnxruntime's CPU kernel ignores), MultiHeadAttention's packed q/k/v, past_sequence_length,
+cache_indirection and qk output, and a past without the present outputs. Padding is not modelled: a batch of one sequence
 without padding, as the importer reads every graph (seqlens_k and total_sequence_length then say
 nothing more than the shapes do).
 
