@@ -82,13 +82,16 @@ class FuseEmbedding(ModulePass):
     def _rotary_tables(gathers: list[OnnxOp], oracle: Oracle) -> set:
         """Stored tables read by rows that are a rotary cos/sin pair (cos^2 + sin^2 = 1 at every entry, up to
         half precision), not embeddings: onnxruntime's RotaryEmbedding reads them at position_ids."""
-        tables = {g.operands[0] for g in gathers if g.py_attrs().get("axis", 0) == 0 and
-                  oracle.kind(g.operands[0]) == CONST and len(L.shape_of(g.operands[0])) == 2}
-        values = {t: np.asarray(oracle.value(t), np.float64) for t in tables}
+        tables = list({g.operands[0] for g in gathers if g.py_attrs().get("axis", 0) == 0 and
+                       oracle.kind(g.operands[0]) == CONST and len(L.shape_of(g.operands[0])) == 2})
         pairs = set()
-        for t, u in ((t, u) for t in values for u in values if t is not u and values[t].shape == values[u].shape):
-            if np.abs(values[t] ** 2 + values[u] ** 2 - 1).max() < 2e-2:  # (bfloat16 tables: 2^-8 each)
-                pairs |= {t, u}
+        for i, t in enumerate(tables):  # (only tables of one shape are read: an embedding alone never is)
+            for u in tables[i + 1:]:
+                if tuple(L.shape_of(t)) != tuple(L.shape_of(u)):
+                    continue
+                c, s = (np.asarray(oracle.value(x), np.float64) for x in (t, u))
+                if np.abs(c ** 2 + s ** 2 - 1).max() < 2e-2:  # (bfloat16 tables: 2^-8 each)
+                    pairs |= {t, u}
         return pairs
 
     @staticmethod
