@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xdsl.dialects import func
-from xdsl.dialects.builtin import ModuleOp, f8E4M3FN
+from xdsl.dialects.builtin import BFloat16Type, ModuleOp, f8E4M3FN
 from xdsl.ir import Operation, SSAValue
 
 from llmirc import dialect as L
@@ -540,6 +540,8 @@ def _element_dtype(t) -> str:
 
     if t == f8E4M3FN:  # no numpy type
         return dtypes.FP8_E4M3.name
+    if isinstance(t, BFloat16Type):  # (numpy's would be ml_dtypes', which takes 0.7 s to import)
+        return dtypes.BFLOAT16.name
     return dtypes.dtype(numpy_dtype(t)).name
 
 
