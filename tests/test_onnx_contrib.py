@@ -5,6 +5,7 @@ paged incremental decoders whose logits are onnxruntime's, step by step with its
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -14,16 +15,29 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from test_cli_errors import assert_user_error, llmirc
 from llmirc.frontend import onnx_ops
 from llmirc.frontend.onnx_contrib import matmul_nbits_weight
 from llmirc.frontend.packed import repack
 from llmirc.quant import Scheme, dequantize
 from llmirc.artifact_format.reader import open_bundle
+from llmirc.driver import CompileOptions, Progress, compile_model
+from llmirc.errors import CheckpointError
 from llmirc.runtime import load
 
 MS = "com.microsoft"
 VOCAB, C, LAYERS = 64, 64, 2
+
+
+def refused(model: onnx.ModelProto, tmp_path: Path, *needles: str) -> None:
+    """Compiling `model` (saved as model.onnx) is refused with a CheckpointError naming every needle,
+    and writes nothing. (In process: test_onnx_errors checks that the CLI says such an error in one line.)"""
+    path, out = tmp_path / "model.onnx", tmp_path / "m.llmir"
+    onnx.save(model, str(path))
+    with pytest.raises(CheckpointError) as e:
+        compile_model(path, out, CompileOptions(), Progress(None))
+    for needle in needles:
+        assert needle in str(e.value), str(e.value)
+    assert not out.exists()
 
 
 def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=False, window=-1, scale=None,
@@ -285,16 +299,17 @@ def test_builder_model_matches_onnxruntime(tmp_path, case):
         (tmp_path / "genai_config.json").write_text(json.dumps(
             {"model": {"type": "llama", "context_length": 512, "eos_token_id": 7, "bos_token_id": 1}}))
     bundle = tmp_path / "m.llmir"
-    r = llmirc("compile", path, "-o", bundle, "--cpu-variants", "native", "--report")
-    assert r.returncode == 0, r.stderr
+    log, report = io.StringIO(), io.StringIO()
+    compile_model(path, bundle, CompileOptions(cpu_variants=("native",), report=True), Progress(log), stdout=report)
+    report = report.getvalue()
     if "tied" in CASES[case]:
-        assert "onnx-fuse-embedding: embedding of tokens (" in r.stdout, r.stdout
-        assert "context: 512 tokens (genai_config.json model context_length)" in r.stderr, r.stderr
+        assert "onnx-fuse-embedding: embedding of tokens (" in report, report
+        assert "context: 512 tokens (genai_config.json model context_length)" in log.getvalue(), log.getvalue()
         assert open_bundle(bundle, verify=False).manifest["generation"]["eos_token_ids"] == [7]
-    assert "onnx-fuse-attention: attention" in r.stdout and "left generic: none" in r.stdout, r.stdout
-    assert ("MatMulNBits -> linear" in r.stdout) == ("nbits" in CASES[case]), r.stdout
+    assert "onnx-fuse-attention: attention" in report and "left generic: none" in report, report
+    assert ("MatMulNBits -> linear" in report) == ("nbits" in CASES[case]), report
     ops = ("MultiHeadAttention x2", "RotaryEmbedding x4") if "mha" in CASES[case] else ("GroupQueryAttention x2",)
-    assert "onnxruntime contrib operators replaced: " in r.stdout and all(o in r.stdout for o in ops), r.stdout
+    assert "onnxruntime contrib operators replaced: " in report and all(o in report for o in ops), report
     prompt = [3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7, 9]
     want_rows, want_tokens = onnxruntime_steps(path, prompt, 10, C // CASES[case].get("heads", 4))
     compiled = load(bundle)
@@ -320,10 +335,7 @@ def test_builder_model_matches_onnxruntime(tmp_path, case):
 def test_builder_attention_llmirc_does_not_compute_is_refused(tmp_path, change, needle):
     model = builder_model()
     change(next(n for n in model.graph.node if n.op_type == "GroupQueryAttention"))
-    path = tmp_path / "model.onnx"
-    onnx.save(model, str(path))
-    assert_user_error(llmirc("compile", path, "-o", tmp_path / "m.llmir", "-q"), "model.onnx: ONNX GroupQueryAttention",
-                      needle)
+    refused(model, tmp_path, "model.onnx: ONNX GroupQueryAttention", needle)
 
 
 @pytest.mark.parametrize("bits,zero_points,dtype", [(4, False, np.float32), (4, True, np.float16),
@@ -368,10 +380,7 @@ def test_matmul_nbits_llmirc_does_not_read_is_refused(tmp_path):
     model = builder_model(nbits=4)
     next(n for n in model.graph.node if n.op_type == "MatMulNBits").input.extend(["", "g_idx"])
     model.graph.initializer.append(numpy_helper.from_array(np.arange(C, dtype=np.int32) // 32, "g_idx"))
-    path = tmp_path / "model.onnx"
-    onnx.save(model, str(path))
-    assert_user_error(llmirc("compile", path, "-o", tmp_path / "m.llmir", "-q"), "model.onnx: ONNX MatMulNBits",
-                      "g_idx")
+    refused(model, tmp_path, "model.onnx: ONNX MatMulNBits", "g_idx")
     for bits, needle in ((3, "3-bit weights"), (4, "scales has 1 values")):  # a layout that is not MatMulNBits'
         model = builder_model(nbits=4, zero_points=bits == 4)
         node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
@@ -380,9 +389,7 @@ def test_matmul_nbits_llmirc_does_not_read_is_refused(tmp_path):
         else:
             next(t for t in model.graph.initializer if t.name == node.input[2]).CopyFrom(
                 numpy_helper.from_array(np.ones(1, np.float32), node.input[2]))
-        onnx.save(model, str(path))
-        assert_user_error(llmirc("compile", path, "-o", tmp_path / "m.llmir", "-q"), "model.onnx: ONNX MatMulNBits",
-                          needle)
+        refused(model, tmp_path, "model.onnx: ONNX MatMulNBits", needle)
 
 
 def test_builder_model_without_lm_head_is_refused(tmp_path):
@@ -394,11 +401,7 @@ def test_builder_model_without_lm_head_is_refused(tmp_path):
     model.graph.output[0].name = "hidden_states"
     next(n for n in model.graph.node if n.output[0] == head.input[0]).output[0] = "hidden_states"
     model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = C
-    path = tmp_path / "model.onnx"
-    onnx.save(model, str(path))
-    r = llmirc("compile", path, "-o", tmp_path / "m.llmir", "-q")
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.splitlines()[-1].startswith("error: ") and "the graph's output is 'hidden_states'" in r.stderr
+    refused(model, tmp_path, "model.onnx: ", "the graph's output is 'hidden_states'")
 
 
 def _single_node(node, inputs: dict, inits=()) -> onnx.ModelProto:
@@ -478,6 +481,4 @@ def test_rotary_and_multi_head_attention_are_onnxruntimes(form):
 def test_builder_rotary_or_attention_llmirc_does_not_compute_is_refused(tmp_path, op, change, needle):
     model = builder_model(mha=True, packed=False, heads=4, kv_heads=4)
     change(next(n for n in model.graph.node if n.op_type == op))
-    path = tmp_path / "model.onnx"
-    onnx.save(model, str(path))
-    assert_user_error(llmirc("compile", path, "-o", tmp_path / "m.llmir", "-q"), f"model.onnx: ONNX {op}", needle)
+    refused(model, tmp_path, f"model.onnx: ONNX {op}", needle)
