@@ -419,8 +419,8 @@ def quantized(tmp_path_factory, cache, llama):
     out["int4"] = (tmp / "int4.llmir", json.loads((tmp / "int4.llmir" / "manifest.json").read_text()))
     out["int8"] = (tmp / "int8.llmir", _compile(llama[0] / "ckpt", tmp / "int8.llmir", targets=("cuda", "hip"),
                                                 archs=("sm_90", "gfx942"), quant="int8", kv_cache_dtype="int8")[0])
-    make_checkpoint(tmp / "float", "llama", intermediate_size=576, num_key_value_heads=4)
-    write_quantized(tmp / "float", tmp / "gptq", method="gptq", bits=4, group=64, act_order=True)
+    make_checkpoint(tmp / "float", "llama")  # (the shapes of `llama`: its other kernels are in the cache)
+    write_quantized(tmp / "float", tmp / "gptq", method="gptq", bits=4, group=32, act_order=True)
     out["gptq"] = (tmp / "gptq.llmir", _compile(tmp / "gptq", tmp / "gptq.llmir", targets=("cuda",),
                                                 archs=("sm_90",))[0])
     model = make_checkpoint(tmp / "k", "llama", hidden_size=256, intermediate_size=512, num_attention_heads=4,
