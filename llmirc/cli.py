@@ -616,8 +616,9 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
                    "'{\"enable_thinking\": false}'; a request's chat_template_kwargs override them (vLLM's flag).")
 @click.option("--generation-config", "generation_config", type=click.Choice(["auto", "vllm"]), default="auto",
               show_default=True, help="auto: requests that leave temperature, top_p or top_k out get the "
-                                      "model's generation_config.json values (vLLM's and SGLang's default); vllm: "
-                                      "the APIs' own defaults (temperature 1, no top-p or top-k)")
+                                      "model's generation_config.json values, and chat requests without max_tokens "
+                                      "its max_new_tokens (vLLM's and SGLang's default); vllm: the APIs' own "
+                                      "defaults (temperature 1, no top-p or top-k)")
 @click.option("--no-verify", is_flag=True,
               help="Skip checksum verification (a damaged kernel library may then crash the process).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",

@@ -1044,12 +1044,16 @@ def test_sglang_frontend_program_runs_against_llmirc(server, model):
 
 def test_requests_get_the_models_generation_config_sampling_as_vllm(tmp_path):
     """serve --generation-config auto (vLLM's and SGLang's default): a request that leaves temperature,
-    top_p or top_k out gets the generation_config.json values (here top_k 1: greedy whatever the seed);
+    top_p or top_k out gets the generation_config.json values (here top_k 1: greedy whatever the seed),
+    a chat request without max_tokens its max_new_tokens;
     a field set at transformers' default is no recommendation; repetition_penalty is named as not
     applied; --generation-config vllm: the APIs' own defaults (sampling at temperature 1)."""
     make_checkpoint(tmp_path / "ckpt", "llama", tokenizer=True)
     (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps(
-        {"temperature": 0.7, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.1, "eos_token_id": 2}))
+        {"temperature": 0.7, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.1, "max_new_tokens": 5,
+         "eos_token_id": 2}))
+    config = json.loads((tmp_path / "ckpt" / "tokenizer_config.json").read_text())
+    (tmp_path / "ckpt" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
     compile_model(tmp_path / "ckpt", tmp_path / "g.llmir", CompileOptions(cpu_variants=("native",)), Progress(None))
     prompt = [5, 6, 7, 8]
     greedy = load(tmp_path / "g.llmir").generate([prompt], max_new_tokens=12, ignore_eos=True)[0]
@@ -1063,8 +1067,13 @@ def test_requests_get_the_models_generation_config_sampling_as_vllm(tmp_path):
         assert r.json()["output_ids"] == greedy, r.text
         r = httpx.post(s.url + "/v1/completions", json={**body, "seed": 1, "top_k": -1, "return_token_ids": True})
         sampled = [r.json()["choices"][0]["token_ids"]]  # the request's own top_k wins
+        chat = {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+        r = httpx.post(s.url + "/v1/chat/completions", json=chat)  # max_tokens: the file's max_new_tokens (vLLM)
+        assert r.json()["usage"]["completion_tokens"] == 5 and r.json()["choices"][0]["finish_reason"] == "length"
+        r = httpx.post(s.url + "/v1/chat/completions", json={**chat, "max_tokens": 7})  # the request's own wins
+        assert r.json()["usage"]["completion_tokens"] == 7, r.text
     log = s.log.read_text()
-    assert "generation_config.json sampling: temperature 0.7, top_k 1 " in log, log
+    assert "generation_config.json sampling: temperature 0.7, top_k 1, max_new_tokens 5 " in log, log
     assert "also sets repetition_penalty 1.1, which llmirc does not apply" in log, log
     with RunningServer(tmp_path / "g.llmir", "--kv-cache-tokens", 256, "--generation-config", "vllm") as s:
         for seed in (1, 2, 3):
@@ -1080,6 +1089,8 @@ def test_a_malformed_generation_config_is_named():
     assert sampling_defaults({"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05}, "g") == (
         {"temperature": 0.6, "top_p": 0.9, "top_k": 20}, ["min_p 0.05"])
     assert sampling_defaults({"temperature": 1.0, "top_k": 50, "do_sample": True}, "g") == ({}, [])
-    for bad in ({"top_p": 2}, {"temperature": "hot"}, {"top_k": 2.5}, {"temperature": float("nan")}):
+    assert sampling_defaults({"max_new_tokens": 64.0}, "g") == ({"max_new_tokens": 64}, [])
+    for bad in ({"top_p": 2}, {"temperature": "hot"}, {"top_k": 2.5}, {"temperature": float("nan")},
+                {"max_new_tokens": 0}, {"max_new_tokens": 1.5}):
         with pytest.raises(LlmircError, match="^g: "):
             sampling_defaults(bad, "g")

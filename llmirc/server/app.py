@@ -171,31 +171,36 @@ class ServerOptions:
     max_queued_requests: int = 1024  # waiting requests beyond the running batch; then 503
     max_body_bytes: int = 64 << 20  # a larger request body is answered 413
     default_chat_template_kwargs: dict = field(default_factory=dict)  # under each request's chat_template_kwargs
-    # what a request that leaves temperature, top_p or top_k out gets (sampling_defaults: the model's)
+    # what a request that leaves temperature, top_p, top_k (or a chat request max_tokens) out gets
+    # (sampling_defaults: the model's)
     sampling_defaults: dict = field(default_factory=dict)
 
 
 # generation_config.json fields vLLM's --generation-config auto applies, with transformers' defaults
 # (a field at its default is left out, as GenerationConfig.to_diff_dict leaves it)
-GENERATION_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0, "min_p": None}
-APPLIED = ("temperature", "top_p", "top_k")
+GENERATION_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "max_new_tokens": None,
+                       "repetition_penalty": 1.0, "min_p": None}
+APPLIED = ("temperature", "top_p", "top_k", "max_new_tokens")
+WHOLE = ("top_k", "max_new_tokens")
 
 
 def sampling_defaults(config: dict, source: str) -> tuple[dict, list[str]]:
-    """({temperature, top_p, top_k} the model's generation config sets, [those it sets that llmirc
-    cannot apply, as 'name value']), as vLLM's --generation-config auto reads them (repetition_penalty
-    and min_p: no penalties or min-p in llmirc). LlmircError naming `source` for a value of the wrong
-    type or range."""
+    """({temperature, top_p, top_k, max_new_tokens} the model's generation config sets, [those it sets
+    that llmirc cannot apply, as 'name value']), as vLLM's --generation-config auto reads them
+    (max_new_tokens: the max_tokens of chat requests that leave it out, capped by the context;
+    repetition_penalty and min_p: no penalties or min-p in llmirc). LlmircError naming `source` for a
+    value of the wrong type or range."""
     defaults, ignored = {}, []
     for name, default in GENERATION_DEFAULTS.items():
         value = config.get(name)
         if value is None or value == default:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or \
-                (name == "top_p" and not 0 < value <= 1) or (name == "top_k" and value != int(value)):
+                (name == "top_p" and not 0 < value <= 1) or (name in WHOLE and value != int(value)) or \
+                (name == "max_new_tokens" and value < 1):
             raise LlmircError(f"{source}: {name} {value!r} is not a valid value")
         if name in APPLIED:
-            defaults[name] = int(value) if name == "top_k" else float(value)
+            defaults[name] = int(value) if name in WHOLE else float(value)
         else:
             ignored.append(f"{name} {value}")
     return defaults, ignored

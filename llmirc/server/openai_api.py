@@ -18,7 +18,7 @@ are vLLM's (a prompt or chat messages to token ids, token ids to text).
 
 Defaults follow vLLM: temperature, top_p and top_k from the model's generation_config.json (vLLM's
 --generation-config auto; else temperature 1, no top-p or top-k), max_tokens 16 for completions and "up to the context"
-(or the KV cache, where it holds fewer tokens) for chat;
+(or the KV cache, where it holds fewer tokens) for chat, at most generation_config.json's max_new_tokens as in vLLM;
 `usage.prompt_tokens_details.cached_tokens` is the prompt tokens found in the prefix cache
 (each prompt counted once, as its first choice found them; streamed: in the final usage only,
 the continuous usage of stream_options being, as vLLM's, each chunk's own choice's);
@@ -394,10 +394,11 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     if max_tokens is not None and max_tokens < 1:  # (vLLM's SamplingParams)
         raise APIError(400, f"{given} must be at least 1, got {max_tokens}", given)
     prompt, messages = await _chat_prompt(server, req, req.add_special_tokens)
-    if max_tokens is None:  # vLLM's default: the rest of the context (here: of what the KV cache holds)
-        max_tokens = server.max_sequence_tokens - len(prompt)
+    if max_tokens is None:  # vLLM's default: the rest of the context (here: of what the KV cache holds), at most
+        max_tokens = server.max_sequence_tokens - len(prompt)  # the generation config's max_new_tokens
         if max_tokens < 1:
             server.check_length(len(prompt), 1, param="messages")  # (max_tokens was not given)
+        max_tokens = min(max_tokens, server.options.sampling_defaults.get("max_new_tokens", max_tokens))
     server.check_length(len(prompt), max_tokens, param=given)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     requests = [(prompt, _sampling(server, req, max_tokens, logprobs, None, j)) for j in range(req.n)]
