@@ -112,7 +112,7 @@ def test_read_token_ids(tmp_path):
     """The first N ids of a file are those of the whole text, from a prefix of it (a huge file is
     not read whole); a file shorter than asked gives all its ids."""
     tokenizer = Tokenizer.from_bundle_dir(make_tokenizer_dir(tmp_path))
-    text = CALIBRATION.read_text() * 40  # ~1.4 MB
+    text = CALIBRATION.read_text() * 8  # ~280 kB
     path = tmp_path / "text.txt"
     path.write_text(text)
     longest = []
