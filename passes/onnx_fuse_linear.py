@@ -21,6 +21,7 @@ import numpy as np
 
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
+from xdsl.ir import SSAValue
 from xdsl.passes import ModulePass
 
 from llmirc import dialect as L
@@ -54,19 +55,18 @@ class FuseLinear(ModulePass):
                         len(L.shape_of(x)) != 2 or (len(mm.operands) > 2 and bias is None) or \
                         (bias is not None and len(L.shape_of(bias)) != 1):
                     continue
-                weight = w if a.get("transB", 0) else L.TransposeOp(w)
-                new = [weight] if weight is not w else []
-                lin = L.LinearOp(x, weight if weight is w else weight.result, bias)
+                new, weight = ([], w) if a.get("transB", 0) else _transposed(w)
+                lin = L.LinearOp(x, weight, bias)
                 block.insert_ops_before([*new, lin], mm)
                 mm.results[0].replace_all_uses_with(lin.result)
             else:
                 shape = L.shape_of(x)
                 if len(shape) != 3 or shape[0] != 1:
                     continue
-                rows, wt = L.SqueezeBatchOp(x), L.TransposeOp(w)
-                lin = L.LinearOp(rows.result, wt.result)
+                rows, (new, wt) = L.SqueezeBatchOp(x), _transposed(w)
+                lin = L.LinearOp(rows.result, wt)
                 out = L.UnsqueezeBatchOp(lin.result)
-                block.insert_ops_before([rows, wt, lin, out], mm)
+                block.insert_ops_before([rows, *new, lin, out], mm)
                 mm.results[0].replace_all_uses_with(out.result)
             erase_dead([mm])
             note(ctx, f"{self.name}: {mm.op_type} -> linear")
@@ -98,4 +98,15 @@ class FuseLinear(ModulePass):
 
 
 def _const(v) -> bool:
-    return isinstance(v.owner, (L.WeightOp, L.ConstantOp))
+    """A stored value: a weight, a constant, or a weight's transpose (the importer's view of a transposed
+    initializer)."""
+    return isinstance(v.owner, (L.WeightOp, L.ConstantOp)) or \
+        isinstance(v.owner, L.TransposeOp) and isinstance(v.owner.input.owner, L.WeightOp)
+
+
+def _transposed(w: SSAValue) -> tuple[list, SSAValue]:
+    """(new ops, w's transpose): the weight itself when w is a transpose of it."""
+    if isinstance(w.owner, L.TransposeOp):
+        return [], w.owner.input
+    t = L.TransposeOp(w)
+    return [t], t.result

@@ -99,6 +99,8 @@ def _node(op: Operation) -> Node | None:
         t = op.result.type
         return Node("weight", [], [op.result], {"name": op.weight.data, "shape": tuple(t.get_shape()),
                                                 "dtype": numpy_dtype(t.element_type)})
+    if isinstance(op, L.TransposeOp):  # (of a weight: the importer's view of a transposed initializer)
+        return Node("Transpose", [op.input], [op.result], {"perm": [1, 0]})
     if isinstance(op, (NoneOp, func.ReturnOp)):
         return None
     return Node("opaque", list(op.operands), list(op.results))

@@ -292,7 +292,7 @@ class GenericLowering:
         if val is not None:  # an llmir matrix read directly (onnx-glue cancelled a batch squeeze)
             return self.from_matrix(val)
         owner = v.owner
-        if isinstance(owner, (L.WeightOp, L.ConstantOp)):
+        if isinstance(owner, (L.WeightOp, L.ConstantOp, L.TransposeOp)):  # (a transposed initializer, as imported)
             t = self._weight(v)
         elif isinstance(v, BlockArgument) and (self.roles.get(v) or "").startswith("onnx:"):
             t = self._onnx_input(v, self.roles[v])

@@ -46,7 +46,8 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
     """A random decoder in the builder's form: input_ids, attention_mask and past_key_values.N.key/value
     [batch, kv_heads, past, 'kv_cache_dim'] in; logits and present.N.key/value out. With `nbits` (4 or 8)
     every MatMul is a MatMulNBits (blocks of 32, zero points or not), as the builder's `-p int4` writes;
-    `tied` then reads the embedding from the LM head's codes (GatherBlockQuantized of a Reshape). `qk_norm`:
+    `tied` then reads the embedding from the LM head's codes (GatherBlockQuantized of a Reshape); without
+    `nbits`, a Gather of the Transpose of the LM head's MatMul weight. `qk_norm`:
     Qwen3's per-head q/k RMSNorm as the builder writes it (the packed projection Split, each of q and k
     reshaped to [B, S*H, D], SimplifiedLayerNormalization, reshaped back); `embed_scale`: the embedding
     multiplied by that scalar (Gemma's sqrt(hidden)). `mha`: the form the builder writes for `-e cpu -p fp16`
@@ -90,7 +91,9 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
     angles = np.arange(1024)[:, None] * inv_freq[None].astype(np.float32)
     init("cos_cache", np.cos(angles))
     init("sin_cache", np.sin(angles))
-    if tied:  # the builder's tied int4 embedding: the LM head's codes [VOCAB, C/32, 16] viewed as rows
+    if tied and not nbits:  # the builder's tied float embedding: the LM head's MatMul weight [C, VOCAB] transposed
+        x = node("Gather", [node("Transpose", [w("lm_head", C, VOCAB)], ["embed_t"]), "input_ids"], ["x0"])
+    elif tied:  # the builder's tied int4 embedding: the LM head's codes [VOCAB, C/32, 16] viewed as rows
         b, scales, zp = matmul_nbits(rng.standard_normal((VOCAB, C)), nbits, 32, zero_points, rng)
         head = [init("W.head_Q", b), init("W.head_scales", scales)] + \
             ([init("W.head_zp", zp.reshape(VOCAB, -1))] if zero_points else [])  # (rows: as GatherBlockQuantized needs)
@@ -151,11 +154,11 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
         act = node("Mul", [gate, node("Sigmoid", [gate], [f"sg{i}"])], [f"silu{i}"])
         up = node("Mul", [act, node("MatMul", [h, w(f"up{i}", C, 2 * C)], [f"u{i}"])], [f"m{i}"])
         h = norm(2 * i + 2, f"s{2 * i + 1}", node("MatMul", [up, w(f"down{i}", 2 * C, C)], [f"d{i}"]))
-    if tied:
+    if tied and nbits:
         nodes.append(helper.make_node("MatMulNBits", [h, *head], ["logits"], domain=MS, K=C, N=VOCAB, bits=nbits,
                                       block_size=32))
     else:
-        node("MatMul", [h, w("lm_head", C, VOCAB)], ["logits"])
+        node("MatMul", [h, "W.lm_head" if tied else w("lm_head", C, VOCAB)], ["logits"])
     past = [helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", elem, ["batch_size", kv_heads, "past_len",
                                                                               "kv_cache_dim"])
             for i in range(LAYERS) for kv in ("key", "value")]
@@ -276,6 +279,7 @@ CASES = {  # each feature once, several to a model (a case is a compile)
     "float16": dict(dtype=np.float16),  # llmirc computes in float32, onnxruntime partly in float16
     "qk-norm": dict(qk_norm=True),  # Qwen3
     "embedding-scale": dict(embed_scale=8.0),  # Gemma
+    "tied": dict(tied=True),  # the embedding a Transpose of the LM head's weight: one copy in the bundle
     # weights kept quantized (bit for bit: test_matmul_nbits_weights_are_kept_exactly); llmirc's CPU
     # kernels round the activations to int8 per 32, onnxruntime does not (accuracy_level 0): on these
     # random models that alone moves the logits by 4-6% relative RMS (measured against llmirc's own
@@ -303,7 +307,11 @@ def test_builder_model_matches_onnxruntime(tmp_path, case):
     compile_model(path, bundle, CompileOptions(cpu_variants=("native",), report=True), Progress(log), stdout=report)
     report = report.getvalue()
     if "tied" in CASES[case]:
-        assert "onnx-fuse-embedding: embedding of tokens (" in report, report
+        assert "onnx-fuse-embedding: embedding of tokens" in report, report
+        order = open_bundle(bundle, verify=False).manifest["weights"]["order"]
+        one_copy = ["W.lm_head.T"] if "nbits" not in CASES[case] else [f"W.head_Q.weight.{p}"
+                                                                          for p in ("codes", "scales", "zeros")]
+        assert [n for n in order if "head" in n or "embed" in n] == one_copy, order
         assert "context: 512 tokens (genai_config.json model context_length)" in log.getvalue(), log.getvalue()
         assert open_bundle(bundle, verify=False).manifest["generation"]["eos_token_ids"] == [7]
     assert "onnx-fuse-attention: attention" in report and "left generic: none" in report, report

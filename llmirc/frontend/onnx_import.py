@@ -445,10 +445,20 @@ def _emit(ckpt: OnnxCheckpoint, nodes: list[Node], roles: dict, probes: list[dic
         DictionaryAttr({L.ARG_ATTR: StringAttr(roles[n]), "onnx.name": StringAttr(n)}) for n in inputs]))
     block = forward.body.block
     values: dict[str, SSAValue] = dict(zip(inputs, block.args))
+    producers = {k: n for n in nodes for k in n.outputs}
 
     def constant(key: str) -> SSAValue:
-        """A folded value (initializer or computed) as llmir.constant (small) or llmir.weight."""
+        """A folded value (initializer or computed) as llmir.constant (small), llmir.weight, or the
+        llmir.transpose of an initializer's llmir.weight (a tied embedding that transposes the LM head's
+        MatMul weight, as onnxruntime-genai's builder writes it: then stored once, with the head's)."""
         av = probes[0][key]
+        src = producers.get(key)
+        if src is not None and src.op_type == "Transpose" and src.inputs[0] in ckpt.initializers and \
+                len(av.shape) == 2 and list(src.attrs.get("perm") or [1, 0]) == [1, 0] and \
+                int(np.prod(av.shape)) > SMALL_CONSTANT:
+            op = L.TransposeOp(operand(src.inputs[0]))
+            block.add_op(op)
+            return op.result
         value = av.value if av.value is not None else (av.load() if int(np.prod(av.shape)) <= SMALL_CONSTANT
                                                         else None)
         if value is not None and value.size <= SMALL_CONSTANT:
