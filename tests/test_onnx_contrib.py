@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from llmirc.frontend import onnx_ops
-from llmirc.frontend.onnx_contrib import matmul_nbits_weight
+from llmirc.frontend.onnx_contrib import expand_contrib, matmul_nbits_weight
 from llmirc.frontend.packed import repack
 from llmirc.quant import Scheme, dequantize
 from llmirc.artifact_format.reader import open_bundle
@@ -42,7 +42,7 @@ def refused(model: onnx.ModelProto, tmp_path: Path, *needles: str) -> None:
 
 def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=False, window=-1, scale=None,
                   layer_norm=False, dtype=np.float32, nbits=None, zero_points=False, tied=False,
-                  qk_norm=False, embed_scale=None, mha=False, partial=False, seed=0) -> onnx.ModelProto:
+                  qk_norm=False, embed_scale=None, mha=False, partial=False, qdq=False, seed=0) -> onnx.ModelProto:
     """A random decoder in the builder's form: input_ids, attention_mask and past_key_values.N.key/value
     [batch, kv_heads, past, 'kv_cache_dim'] in; logits and present.N.key/value out. With `nbits` (4 or 8)
     every MatMul is a MatMulNBits (blocks of 32, zero points or not), as the builder's `-p int4` writes;
@@ -54,7 +54,9 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
     (separate q/k/v only): RotaryEmbedding of q and k at position_ids (an input then), and MultiHeadAttention:
     for grouped-query heads, after the past's Concat and the k/v heads' repeat in plain ops, with an additive
     causal + attention_mask bias built in the graph; else reading the past itself, unidirectional. `partial`:
-    the first half of each head rotated (RotaryEmbedding's num_heads and rotary_embedding_dim)."""
+    the first half of each head rotated (RotaryEmbedding's num_heads and rotary_embedding_dim). `qdq` (with
+    `nbits`): the builder's `use_qdq=true` form instead, MatMul (and the embedding's Gather) of a blocked
+    DequantizeLinear of int4 / int8 codes (uint4 / uint8 with `zero_points`)."""
     rng = np.random.default_rng(seed)
     d = C // heads
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
@@ -68,8 +70,32 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
     def w(name, *shape, s=0.3, shift=0.0):
         return init(f"W.{name}", rng.standard_normal(shape) * s + shift)
 
+    def dequantized(name, w, axis=0):  # w [N, K] in blocks of 32 along K: DequantizeLinear of its codes,
+        b, scales, zp = matmul_nbits(w, nbits, 32, zero_points, rng)  # [K, N] (axis 0, MatMul's B) or [N, K]
+        n, k = w.shape
+
+        def codes_of(packed, count):
+            packed = packed.reshape(n, -1)
+            return packed if nbits == 8 else np.stack([packed & 15, packed >> 4], -1).reshape(n, -1)[:, :count]
+        elem = {(4, False): TensorProto.INT4, (4, True): TensorProto.UINT4, (8, False): TensorProto.INT8,
+                (8, True): TensorProto.UINT8}[nbits, zero_points]
+        parts = [(codes_of(b, k).astype(np.int64) - (0 if zero_points else 1 << (nbits - 1)), f"{name}_Q"),
+                 (scales, f"{name}_scales")] + ([(codes_of(zp, k // 32), f"{name}_zp")] if zero_points else [])
+        for i, (value, part) in enumerate(parts):
+            value = value.T if axis == 0 else value
+            if i == 1:
+                init(part, value)
+            else:
+                inits.append(helper.make_tensor(part, elem, value.shape, value.reshape(-1).tolist()))
+        nodes.append(helper.make_node("DequantizeLinear", [p for _, p in parts], [f"{name}_DQ"],
+                                      name=f"/DQ_{len(nodes)}", axis=axis, block_size=32))
+        return f"{name}_DQ"
+
     def node(op, inputs, outputs, domain="", **attrs):
-        if op == "MatMul" and nbits:
+        if op == "MatMul" and nbits and qdq:
+            w = numpy_helper.to_array(next(t for t in inits if t.name == inputs[1])).astype(np.float32)
+            inputs = [inputs[0], dequantized(inputs[1], w.T)]
+        elif op == "MatMul" and nbits:
             w = numpy_helper.to_array(next(t for t in inits if t.name == inputs[1])).astype(np.float32)
             b, scales, zp = matmul_nbits(w.T, nbits, 32, zero_points, rng)
             parts = [init(f"{inputs[1]}_Q", b), init(f"{inputs[1]}_scales", scales)]
@@ -100,6 +126,9 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
         rows = node("Reshape", [head[0], init("rows_shape", np.array([VOCAB, C * nbits // 8], np.int64))], ["rows"])
         x = node("GatherBlockQuantized", [rows, "input_ids", *head[1:]], ["x0"], domain=MS, bits=nbits, block_size=32,
                  gather_axis=0, quantize_axis=1)
+    elif qdq:  # the table [VOCAB, C] in blocks along C: DequantizeLinear's axis 1
+        table = dequantized("W.embed", rng.standard_normal((VOCAB, C)), axis=1)
+        x = node("Gather", [table, "input_ids"], ["x0"])
     else:
         x = node("Gather", [w("embed", VOCAB, C, s=1.0), "input_ids"], ["x0"])
     if embed_scale is not None:
@@ -287,6 +316,7 @@ CASES = {  # each feature once, several to a model (a case is a compile)
     "qk-norm-int4": dict(qk_norm=True, nbits=4),
     "int8-float16": dict(nbits=8, dtype=np.float16),
     "int4-tied-zero-points": dict(nbits=4, tied=True, zero_points=True),
+    "qdq-uint4-zero-points": dict(nbits=4, qdq=True, zero_points=True),  # use_qdq=true: DequantizeLinear
     # -e cpu -p fp16's RotaryEmbedding + MultiHeadAttention, in float32 (onnxruntime's float16 MultiHeadAttention
     # moves these logits by 1%; the builder's own float16 output matches to 0.1%)
     "mha-grouped": dict(mha=True, packed=False),  # the past's Concat, the heads' repeat and the bias in plain ops
@@ -316,6 +346,8 @@ def test_builder_model_matches_onnxruntime(tmp_path, case):
         assert open_bundle(bundle, verify=False).manifest["generation"]["eos_token_ids"] == [7]
     assert "onnx-fuse-attention: attention" in report and "left generic: none" in report, report
     assert ("MatMulNBits -> linear" in report) == ("nbits" in CASES[case]), report
+    assert ("DequantizeLinear + MatMul -> MatMulNBits x" in report) == ("qdq" in CASES[case]), report
+    assert ("DequantizeLinear + Gather -> GatherBlockQuantized x1" in report) == ("qdq" in CASES[case]), report
     ops = ("MultiHeadAttention x2", "RotaryEmbedding x4") if "mha" in CASES[case] else ("GroupQueryAttention x2",)
     assert "onnxruntime contrib operators replaced: " in report and all(o in report for o in ops), report
     prompt = [3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7, 9]
@@ -384,6 +416,51 @@ def test_matmul_nbits_weights_are_kept_exactly(bits, zero_points, dtype):
     np.testing.assert_array_equal(dequantize(parts, scheme, k).astype(np.float32), ref)  # (one rounding of s (u - z))
 
 
+@pytest.mark.parametrize("elem", [TensorProto.INT4, TensorProto.UINT4, TensorProto.INT8, TensorProto.UINT8])
+def test_blocked_dequantize_linear_is_read_as_onnxruntimes_quantized_operators(tmp_path, elem):
+    """The QDQ form's blocked DequantizeLinear before a MatMul (codes [K, N]) and a Gather (a table [V, H]),
+    zero points or not, and GatherBlockQuantized of int4 codes: rewritten as MatMulNBits and
+    GatherBlockQuantized of unsigned codes, which onnxruntime computes to the same bits; nothing of int4 is left."""
+    rng = np.random.default_rng(0)
+    bits, signed = (4 if elem in (TensorProto.INT4, TensorProto.UINT4) else 8), elem in (TensorProto.INT4,
+                                                                                        TensorProto.INT8)
+    lo, hi = (-(1 << (bits - 1)), 1 << (bits - 1)) if signed else (0, 1 << bits)
+    v, k, n, block = 16, 64, 24, 32
+    inits = []
+
+    def codes(name, shape, dtype=elem):
+        inits.append(helper.make_tensor(name, dtype, shape, rng.integers(lo, hi, shape).reshape(-1).tolist()))
+        return name
+
+    def scales(name, shape):
+        inits.append(numpy_helper.from_array((rng.random(shape) * 0.1 + 0.01).astype(np.float32), name))
+        return name
+    nodes = [helper.make_node("DequantizeLinear", [codes("T", [v, k]), scales("Ts", [v, k // block])], ["t"],
+                              axis=1, block_size=block),
+             helper.make_node("Gather", ["t", "ids"], ["x"]),
+             helper.make_node("DequantizeLinear", [codes("W", [k, n]), scales("Ws", [k // block, n]),
+                                                   codes("Wz", [k // block, n])], ["w"], axis=0, block_size=block),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if elem == TensorProto.INT4:  # (the builder's op_types_to_quantize=MatMul/Gather writes this one)
+        gather = [codes("G", [v, k]), "ids", scales("Gs", [v, k // block])]
+        nodes.append(helper.make_node("GatherBlockQuantized", gather, ["g"], domain=MS, bits=4, block_size=block,
+                                      gather_axis=0, quantize_axis=1))
+        outputs.append(helper.make_tensor_value_info("g", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "s"])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)])
+    feeds = {"ids": rng.integers(0, v, (1, 7))}
+    want = _ort(model, feeds)
+    done = expand_contrib(model, tmp_path / "model.onnx")
+    assert sorted(done)[:2] == ["DequantizeLinear + Gather -> GatherBlockQuantized",
+                                "DequantizeLinear + MatMul -> MatMulNBits"], done
+    assert [nd.op_type for nd in model.graph.node][:2] == ["GatherBlockQuantized", "MatMulNBits"]
+    assert not any(t.data_type in (TensorProto.INT4, TensorProto.UINT4) for t in model.graph.initializer)
+    for got, w in zip(_ort(model, feeds), want):
+        np.testing.assert_array_equal(got, w)
+
+
 def test_matmul_nbits_llmirc_does_not_read_is_refused(tmp_path):
     model = builder_model(nbits=4)
     next(n for n in model.graph.node if n.op_type == "MatMulNBits").input.extend(["", "g_idx"])
@@ -434,7 +511,6 @@ def _ort(model, feeds):
 def test_rotary_and_multi_head_attention_are_onnxruntimes(form):
     """Each form of the two operators, one call on random inputs: onnxruntime's kernel and onnxruntime
     running llmirc's replacement agree (the semantics the compiled models rely on)."""
-    from llmirc.frontend.onnx_contrib import expand_contrib
 
     rng = np.random.default_rng(1)
     B, S, N, H, P = 2, 5, 3, 8, 4

@@ -27,7 +27,9 @@ nothing more than the shapes do).
 operators of their own (KEPT): onnx-fuse-linear and onnx-fuse-embedding make them a linear and an
 embedding of an `llmir.packed_weight` (format `matmul_nbits`), repacked losslessly into llmirc's
 layout (frontend/packed.py) from the parts `matmul_nbits_parts` reads, so the weights stay
-quantized, one copy for a tied pair.
+quantized, one copy for a tied pair. The QDQ form of the same weights (`use_qdq=true`: a blocked
+DequantizeLinear before a MatMul or a Gather) and GatherBlockQuantized of int4 codes are rewritten
+into these two first (`_blocked_dequantize_to_nbits`).
 """
 
 from __future__ import annotations
@@ -82,7 +84,111 @@ def expand_contrib(model: onnx.ModelProto, path: Path) -> list[str]:
         model.graph.node.extend(nodes)
         _infer_head_size(model, graph_inputs, pending, path)
     _gather_stored_codes(model, inits)
+    expanded += _blocked_dequantize_to_nbits(model, path)
     return expanded
+
+
+_QDQ_CODES = {onnx.TensorProto.INT4: (4, 8), onnx.TensorProto.UINT4: (4, 0),
+              onnx.TensorProto.INT8: (8, 128), onnx.TensorProto.UINT8: (8, 0)}  # bits, offset to unsigned
+
+
+def _blocked_dequantize_to_nbits(model: onnx.ModelProto, path: Path) -> list[str]:
+    """The QDQ form of blocked int4/int8 weights (the builder's `use_qdq=true`, and Gather quantized
+    by `op_types_to_quantize=MatMul/Gather`): a DequantizeLinear (opset 21's block_size) of stored
+    codes [K, N] blocked along K, read only by MatMul as its B, is that MatMul's MatMulNBits; of a
+    table [V, H] blocked along H, read only by Gather as its data, the Gather's GatherBlockQuantized.
+    The codes are the same numbers made unsigned (int4 + 8, int8 + 128, the zero points so too), so
+    both read them as they read the builder's default form: quantized, repacked losslessly. Other
+    DequantizeLinear nodes are left as they are. Returns what was rewritten, one entry per node."""
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in model.graph.output}
+    replaced, dropped, added, done = {}, set(), [], []
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or _domain(n) or len(n.output) != 1 or n.output[0] in outputs:
+            continue
+        x, scale = (inits.get(i) for i in (list(n.input) + [""])[:2])
+        zp = inits.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        users = readers.get(n.output[0], [])
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        block, axis = attrs.get("block_size", 0), attrs.get("axis", 1)
+        if x is None or scale is None or x.data_type not in _QDQ_CODES or len(x.dims) != 2 or len(users) != 1 or \
+                (zp is not None and zp.data_type != x.data_type) or block < 16 or block & (block - 1):
+            continue
+        user, (rows, cols) = users[0], x.dims
+        matmul = user.op_type == "MatMul" and list(user.input).index(n.output[0]) == 1 and axis in (0, -2)
+        gather = user.op_type == "Gather" and list(user.input).index(n.output[0]) == 0 and axis in (1, -1) and \
+            next((a.i for a in user.attribute if a.name == "axis"), 0) == 0
+        k, n_rows = (rows, cols) if matmul else (cols, rows)  # the weight [N, K] / table [V, H] read
+        if _domain(user) or not (matmul or gather) or k % block or tuple(scale.dims) != \
+                ((k // block, n_rows) if matmul else (n_rows, k // block)):
+            continue
+        bits, offset = _QDQ_CODES[x.data_type]
+        read = [numpy_helper.to_array(t, str(path.parent)) for t in (x, scale) + ((zp,) if zp is not None else ())]
+        codes = (read[0].astype(np.int16) + offset).astype(np.uint8)
+        codes, scales = (codes.T, read[1].T) if matmul else (codes, read[1])
+        packed = codes if bits == 8 else (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+        stem = n.output[0]
+        names = [f"{stem}_nbits_codes", f"{stem}_nbits_scales"]
+        added += [numpy_helper.from_array(np.ascontiguousarray(packed.reshape(n_rows, k // block, -1) if matmul
+                                                                else packed), names[0]),
+                  numpy_helper.from_array(np.ascontiguousarray(scales), names[1])]
+        if zp is not None or not offset:  # (unsigned codes without zero points: zero 0, not 2^(bits-1))
+            z = (read[2].astype(np.int16) + offset).astype(np.uint8) if zp is not None else \
+                np.zeros(read[1].shape, np.uint8)
+            z = z.T if matmul else z
+            if bits == 4:
+                z = np.concatenate([z, np.full((z.shape[0], z.shape[1] % 2), 1 << (bits - 1), np.uint8)], 1)
+                z = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+            names.append(f"{stem}_nbits_zero_points")
+            added.append(numpy_helper.from_array(np.ascontiguousarray(z.reshape(-1) if matmul else z), names[2]))
+        if matmul:
+            replaced[id(user)] = helper.make_node("MatMulNBits", [user.input[0], *names], list(user.output),
+                                                  user.name, domain=MS, K=k, N=n_rows, bits=bits, block_size=block)
+        else:
+            replaced[id(user)] = helper.make_node(
+                "GatherBlockQuantized", [names[0], user.input[1], *names[1:]], list(user.output), user.name,
+                domain=MS, bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
+        replaced[id(n)] = None
+        dropped.update(i for i in n.input if i)
+        done.append(f"DequantizeLinear + {user.op_type} -> {replaced[id(user)].op_type}")
+    for n in model.graph.node:  # GatherBlockQuantized of signed int4 codes (zero 0): the same, made unsigned
+        data = inits.get(n.input[0]) if (_domain(n), n.op_type) == (MS, "GatherBlockQuantized") else None
+        if data is None or data.data_type != onnx.TensorProto.INT4 or len(data.dims) != 2 or data.dims[1] % 2:
+            continue
+        zp_name = n.input[3] if len(n.input) > 3 else ""
+        if zp_name and (zp_name not in inits or inits[zp_name].data_type != onnx.TensorProto.INT4):
+            continue
+        zp = numpy_helper.to_array(inits[zp_name], str(path.parent)) if zp_name else None
+        codes = (numpy_helper.to_array(data, str(path.parent)).astype(np.int16) + 8).astype(np.uint8)
+        new = [numpy_helper.from_array((codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8),
+                                       f"{n.input[0]}_uint4")]
+        if zp is not None:
+            z = (zp.astype(np.int16) + 8).astype(np.uint8)
+            z = np.concatenate([z, np.full((z.shape[0], z.shape[1] % 2), 8, np.uint8)], 1)
+            new.append(numpy_helper.from_array((z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8),
+                                               f"{zp_name}_uint4"))
+        dropped.update(i for i in (n.input[0], zp_name) if i)
+        n.input[0] = new[0].name
+        if zp_name:
+            n.input[3] = new[1].name
+        added += new
+        done.append("GatherBlockQuantized of int4 codes -> of uint8")
+    if not added:
+        return done
+    nodes = [replaced.get(id(n), n) for n in model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(n for n in nodes if n is not None)
+    still = {i for n in model.graph.node for i in n.input} | outputs
+    kept = [t for t in model.graph.initializer if t.name not in dropped or t.name in still]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept + added)
+    if not any(o.domain == MS for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS, 1))
+    return done
 
 
 def _ranks(model: onnx.ModelProto, nodes: list | None = None) -> dict[str, tuple[int, tuple]]:
