@@ -125,10 +125,10 @@ def _rounding(table: np.ndarray) -> float:
     in the last place where every value is one of theirs (the importer reads half tables as float32),
     else 1e-5."""
     t = np.asarray(table, np.float32)
+    if not np.any(t.view(np.uint32) & 0xFFFF):  # (first: bfloat16's values up to 1 are mostly float16's too)
+        return 2 ** -8
     if np.array_equal(t.astype(np.float16).astype(np.float32), t):
         return 2 ** -11
-    if not np.any(t.view(np.uint32) & 0xFFFF):
-        return 2 ** -8
     return 1e-5
 
 

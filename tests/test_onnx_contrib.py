@@ -566,3 +566,22 @@ def test_builder_rotary_or_attention_llmirc_does_not_compute_is_refused(tmp_path
     model = builder_model(mha=True, packed=False, heads=4, kv_heads=4)
     change(next(n for n in model.graph.node if n.op_type == op))
     refused(model, tmp_path, f"model.onnx: ONNX {op}", needle)
+
+
+def test_bfloat16_rotary_tables_are_read_at_bfloat16s_rounding():
+    """`-e cuda -p bf16` stores the cos/sin caches in bfloat16, whose values up to 1 are mostly float16's
+    too: they are checked at bfloat16's rounding, so the rotary and the attention are recognized (checked at
+    float16's, neither was, and the builder's bf16 model compiled as a full-sequence model)."""
+    from llmirc.passes.onnx_fuse_attention import _inv_freq_from_tables, _rounding, close
+
+    def bf16(x):  # float32 rounded to the nearest bfloat16 (ties to even), as float32
+        u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+    angles = np.arange(512, dtype=np.float32)[:, None] * (1.0 / 10000 ** (np.arange(0, 16, 2) / 16)).astype(
+        np.float32)[None]
+    cos, sin = bf16(np.cos(angles)), bf16(np.sin(angles))
+    tol = _rounding(cos)
+    assert tol == 2 ** -8
+    inv = _inv_freq_from_tables(cos, sin)[0]
+    found = (np.arange(512, dtype=np.float32)[:, None] * inv[None]).astype(np.float32).astype(np.float64)
+    assert close(cos, np.cos(found), tol) and close(sin, np.sin(found), tol)
