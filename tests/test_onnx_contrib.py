@@ -419,7 +419,7 @@ def test_matmul_nbits_weights_are_kept_exactly(bits, zero_points, dtype):
 @pytest.mark.parametrize("elem", [TensorProto.INT4, TensorProto.UINT4, TensorProto.INT8, TensorProto.UINT8])
 def test_blocked_dequantize_linear_is_read_as_onnxruntimes_quantized_operators(tmp_path, elem):
     """The QDQ form's blocked DequantizeLinear before a MatMul (codes [K, N]) and a Gather (a table [V, H]),
-    zero points or not, and GatherBlockQuantized of int4 codes: rewritten as MatMulNBits and
+    zero points or not, and GatherBlockQuantized of 4-bit codes: rewritten as MatMulNBits and
     GatherBlockQuantized of unsigned codes, which onnxruntime computes to the same bits; nothing of int4 is left."""
     rng = np.random.default_rng(0)
     bits, signed = (4 if elem in (TensorProto.INT4, TensorProto.UINT4) else 8), elem in (TensorProto.INT4,
@@ -442,8 +442,9 @@ def test_blocked_dequantize_linear_is_read_as_onnxruntimes_quantized_operators(t
                                                    codes("Wz", [k // block, n])], ["w"], axis=0, block_size=block),
              helper.make_node("MatMul", ["x", "w"], ["y"])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
-    if elem == TensorProto.INT4:  # (the builder's op_types_to_quantize=MatMul/Gather writes this one)
-        gather = [codes("G", [v, k]), "ids", scales("Gs", [v, k // block])]
+    if bits == 4:  # (the builder's op_types_to_quantize=MatMul/Gather writes these: uint4 with zero points)
+        gather = [codes("G", [v, k]), "ids", scales("Gs", [v, k // block])] + \
+            ([] if signed else [codes("Gz", [v, k // block])])
         nodes.append(helper.make_node("GatherBlockQuantized", gather, ["g"], domain=MS, bits=4, block_size=block,
                                       gather_axis=0, quantize_axis=1))
         outputs.append(helper.make_tensor_value_info("g", TensorProto.FLOAT, None))

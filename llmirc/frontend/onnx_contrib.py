@@ -155,19 +155,21 @@ def _blocked_dequantize_to_nbits(model: onnx.ModelProto, path: Path) -> list[str
         replaced[id(n)] = None
         dropped.update(i for i in n.input if i)
         done.append(f"DequantizeLinear + {user.op_type} -> {replaced[id(user)].op_type}")
-    for n in model.graph.node:  # GatherBlockQuantized of signed int4 codes (zero 0): the same, made unsigned
+    for n in model.graph.node:  # GatherBlockQuantized of int4 codes (zero 0) or uint4 codes and zero points:
         data = inits.get(n.input[0]) if (_domain(n), n.op_type) == (MS, "GatherBlockQuantized") else None
-        if data is None or data.data_type != onnx.TensorProto.INT4 or len(data.dims) != 2 or data.dims[1] % 2:
+        zp_name = n.input[3] if data is not None and len(n.input) > 3 else ""  # the same as unsigned bytes
+        if data is None or data.data_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or \
+                len(data.dims) != 2 or data.dims[1] % 2 or (data.data_type == onnx.TensorProto.UINT4 and not zp_name):
             continue
-        zp_name = n.input[3] if len(n.input) > 3 else ""
-        if zp_name and (zp_name not in inits or inits[zp_name].data_type != onnx.TensorProto.INT4):
+        if zp_name and (zp_name not in inits or inits[zp_name].data_type != data.data_type):
             continue
+        offset = 8 if data.data_type == onnx.TensorProto.INT4 else 0
         zp = numpy_helper.to_array(inits[zp_name], str(path.parent)) if zp_name else None
-        codes = (numpy_helper.to_array(data, str(path.parent)).astype(np.int16) + 8).astype(np.uint8)
+        codes = (numpy_helper.to_array(data, str(path.parent)).astype(np.int16) + offset).astype(np.uint8)
         new = [numpy_helper.from_array((codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8),
                                        f"{n.input[0]}_uint4")]
         if zp is not None:
-            z = (zp.astype(np.int16) + 8).astype(np.uint8)
+            z = (zp.astype(np.int16) + offset).astype(np.uint8)
             z = np.concatenate([z, np.full((z.shape[0], z.shape[1] % 2), 8, np.uint8)], 1)
             new.append(numpy_helper.from_array((z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8),
                                                f"{zp_name}_uint4"))
@@ -176,7 +178,7 @@ def _blocked_dequantize_to_nbits(model: onnx.ModelProto, path: Path) -> list[str
         if zp_name:
             n.input[3] = new[1].name
         added += new
-        done.append("GatherBlockQuantized of int4 codes -> of uint8")
+        done.append("GatherBlockQuantized of 4-bit codes -> of uint8")
     if not added:
         return done
     nodes = [replaced.get(id(n), n) for n in model.graph.node]
