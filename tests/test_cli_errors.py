@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -731,6 +732,22 @@ def test_inspect_json_says_how_weights_are_stored_and_the_options(ckpt, tmp_path
             options["quant_rotate"]) == ("int4", 32, False, ["native"], False)  # the rotation used, not the default's None
     assert info["calibration"] is None  # (a GPTQ bundle's: tests/test_calibration.py)
     assert "linear int4 (groups of 32, zero points, float16 scales)" in llmirc("inspect", out).stdout
+
+
+def test_inspect_says_an_int8_table_is_stored_per_row():
+    """--quant int8 --quant-keep none stores a table (and its tied head) in 8 bits per row: inspect said
+    `groups of 64` for the table (its row is `dim`, not `k`) and `per output row` for the head."""
+    from llmirc.runtime.inspect import _quantization, _storage
+
+    scheme = {"bits": 8, "group_size": 64, "scale_dtype": "float32", "zero": "none"}
+    m = {"targets": [{"kernels": [{"kind": "qembedding", "symbol": "e", "params": {"dim": 64, **scheme}},
+                                  {"kind": "qlinear", "symbol": "l", "params": {"n": 384, "k": 64, **scheme}},
+                                  {"kind": "qlinear", "symbol": "g", "params": {"n": 64, "k": 128, **scheme}}]}]}
+    table, head, grouped = _quantization(m, Counter(e=1, l=1, g=2))
+    assert (table["group_size"], head["group_size"], grouped["group_size"]) == ("row", "row", 64)
+    assert [_storage(q) for q in (table, head, grouped)] == [
+        " (per row, symmetric, float32 scales)", " (per output row, symmetric, float32 scales)",
+        " (groups of 64, symmetric, float32 scales)"]
 
 
 def test_compile_of_the_current_folder_names_it(ckpt, tmp_path):

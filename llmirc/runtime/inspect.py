@@ -127,7 +127,8 @@ def _quantization(m: dict, calls: Counter) -> list[dict]:
             continue
         p = k["params"]
         if k["kind"].startswith("q"):
-            key = (kinds[k["kind"]], f"int{p['bits']}", p["group_size"] if p["group_size"] != p.get("k") else "row",
+            row = p.get("k", p.get("dim"))  # a linear's inputs, an embedding table's row
+            key = (kinds[k["kind"]], f"int{p['bits']}", p["group_size"] if p["group_size"] != row else "row",
                    p["zero"], p["scale_dtype"], bool(p.get("act_order")))
         else:
             key = (kinds[k["kind"]], p.get("w_dtype") or p.get("dtype") or "float32", None, None, None, False)
@@ -140,7 +141,8 @@ def _storage(q: dict) -> str:
     """The rest of a quantized storage's description (`_quantization`), after its bits."""
     if "group_size" not in q:
         return ""
-    groups = "per output row" if q["group_size"] == "row" else f"groups of {q['group_size']}"
+    row = "per output row" if q.get("op") == "linear" else "per row"  # (an embedding table's row: a token's)
+    groups = row if q["group_size"] == "row" else f"groups of {q['group_size']}"
     zero = {"none": "symmetric", "int": "zero points", "min": "mins"}.get(q["zero"], q["zero"])
     return f" ({groups}, {zero}, {q['scale_dtype']} scales{', act-order' if q['act_order'] else ''})"
 
