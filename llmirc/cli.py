@@ -139,10 +139,11 @@ def cli(debug: bool) -> None:
               help="Weights per scale along the input dimension: 16..512, a power of two (0: the scheme's default); "
                    "halved for a weight whose input size it does not divide.")
 @click.option("--quant-zero-points", is_flag=True, help="Asymmetric quantization: a uint8 zero point per group.")
-@click.option("--quant-keep", default="embedding", show_default=True,
+@click.option("--quant-keep", multiple=True, default=["embedding"], show_default=True,
               help="What stays in higher precision: embedding, lm_head and/or glob patterns over checkpoint tensor "
-                   "names, comma-separated, the first naming a weight deciding ('none' alone: quantize "
-                   "everything); float, or 8 bits per output row for an item ending in =int8 "
+                   "names, comma-separated or in repeated --quant-keep (in that order), the first naming a weight "
+                   "deciding ('none' alone: quantize everything); float, or 8 bits per output row for an item "
+                   "ending in =int8 "
                    "('embedding,*.down_proj.*=int8'). An LM head not kept is stored as "
                    "--quant-lm-head says (one tied to an embedding kept in float stays float).")
 @click.option("--quant-lm-head", type=click.Choice(["auto", "int8", "int6", "int4"]), default="auto",
@@ -206,8 +207,10 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
         from llmirc.driver import CompileOptions, Progress, compile_model
     except ImportError as e:
         _fail(f"the compiler is not installed ({e.name} missing): pip install 'llmirc[compiler]'")
-    if not quant_keep.replace(",", "").strip():
-        raise UsageError(f"--quant-keep {quant_keep!r}: nothing named (none alone quantizes everything)")
+    for given in quant_keep:  # (repeated, as llama-quantize's --tensor-type: each adds its items, in order)
+        if not given.replace(",", "").strip():
+            raise UsageError(f"--quant-keep {given!r}: nothing named (none alone quantizes everything)")
+    quant_keep = ",".join(quant_keep)
     _warn_unused_quant_options(quant, quant_keep)
     if quant_method != "autoround" and _given("quant_iters"):
         click.echo("warning: --quant-iters has no effect without --quant-method autoround", err=True)

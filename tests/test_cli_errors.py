@@ -649,6 +649,19 @@ def test_compile_notes_quant_keep_patterns_that_name_no_weight(ckpt):
         len(r.stderr.splitlines()) == 1, r.stderr  # -q hides the progress, not the notes
 
 
+def test_compile_adds_up_repeated_quant_keeps(ckpt):
+    """--quant-keep given twice adds its items after the first's, as llama-quantize's repeated
+    --tensor-type (the last alone was kept, silently: here the embedding was quantized)."""
+    r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--report", "--quant", "int4", "--quant-keep", "embedding",
+               "--quant-keep", "*.down_proj.*=int8")
+    assert r.returncode == 0 and "float (keep embedding)" in r.stderr and \
+        "weight -> int8 (keep *.down_proj.*=int8)  " in r.stderr, r.stderr
+    assert_user_error(llmirc("compile", ckpt, "--emit", "mlir", "--quant", "int4", "--quant-keep", "embedding",
+                             "--quant-keep", "none"), "--quant-keep embedding,none: none", code=2)
+    assert_user_error(llmirc("compile", ckpt, "--emit", "mlir", "--quant", "int4", "--quant-keep", "embedding",
+                             "--quant-keep", " "), "--quant-keep ' ': nothing named", code=2)
+
+
 def test_compile_warns_of_quant_options_without_effect(ckpt):
     r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--quant-group-size", "64", "--quant-lm-head", "int4")
     assert r.returncode == 0 and r.stderr == "warning: --quant-group-size, --quant-lm-head have no effect without " \
