@@ -340,6 +340,10 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                             for n in source_names(w)), "")
             progress.note(f"--quant-keep {', '.join(unmatched)} named no weight of {model} (its weights are named "
                           f"like {example})")
+        for item, deciders in quantize.shadowed_keep(module) if quantize is not None and not kept_stored else ():
+            progress.note(f"--quant-keep {item} is given twice: the second changes nothing" if deciders == [item] else
+                          f"--quant-keep {item} changes nothing: every weight it names is decided by "
+                          f"{', '.join(deciders)} before it (the first item naming a weight decides)")
         if TIED_TWICE in ctx.report:
             progress.note("the LM head is tied to the embedding table but stored apart, in another type "
                           "(--quant-lm-head int4 shares the table's int4 codes; --quant-keep embedding=int8 shares "

@@ -129,6 +129,13 @@ NOTHING_FITS = "quantize-weights: no weight's inputs fit the scheme's groups: no
 NOTHING_FITS_BUT_KEPT = "quantize-weights: the weights that fit the scheme's groups are kept: nothing quantized"
 
 
+def _names(what: str, user, w: SSAValue, lm_head) -> bool:
+    """Whether the `keep` item name `what` (embedding, lm_head or a glob) names the weight `w` of `user`."""
+    if what in ("embedding", "lm_head"):
+        return isinstance(user, L.EmbeddingOp) if what == "embedding" else user is lm_head
+    return any(fnmatch.fnmatchcase(n, what) for n in source_names(w))
+
+
 def int8_rows(k: int) -> Scheme:
     """8 bits per output row of k inputs, float32 scales, symmetric: an LM head's with bits=8 and
     a keep item's `=int8`."""
@@ -280,9 +287,7 @@ class QuantizeWeights(ModulePass):
         """(level, item): what `keep` says for the weight `w` of `user`, "float", "int8" or None
         (not kept), and the item that says it (the first that names the weight)."""
         for item, what, level in self.keep_items():
-            if (what == "embedding" and isinstance(user, L.EmbeddingOp)) or (what == "lm_head" and user is lm_head) \
-                    or (what not in ("embedding", "lm_head") and any(fnmatch.fnmatchcase(n, what)
-                                                                     for n in source_names(w))):
+            if _names(what, user, w, lm_head):
                 return level or "float", item
         return None, None
 
@@ -293,6 +298,20 @@ class QuantizeWeights(ModulePass):
         names = {n for _, w in weight_uses(op) for n in source_names(w)}
         return [item for item, what, _ in self.keep_items() if what not in ("embedding", "lm_head")
                 and not any(fnmatch.fnmatchcase(n, what) for n in names)]
+
+    def shadowed_keep(self, op: ModuleOp) -> list[tuple[str, list[str]]]:
+        """(item, the items before it that decide instead) for each `keep` item that names weights
+        of the module but decides for none of them, the first item naming a weight deciding
+        (`*.mlp.*,*.down_proj.*=int8`: the second changes nothing; so does an item given twice)."""
+        lm_head, items, uses = lm_head_of(op), self.keep_items(), list(weight_uses(op))
+        deciders = [next((i for i, (_, what, _) in enumerate(items) if _names(what, user, w, lm_head)), None)
+                    for user, w in uses]
+        out = []
+        for i, (item, what, _) in enumerate(items):
+            named = [d for (user, w), d in zip(uses, deciders) if _names(what, user, w, lm_head)]
+            if named and i not in named:
+                out.append((item, list(dict.fromkeys(items[d][0] for d in named))))
+        return out
 
     def plan(self, op: ModuleOp, ctx: Context | None = None) -> list[tuple[Operation, SSAValue, int, Scheme]]:
         """(user, weight, k, scheme) of each float weight use this pass quantizes, in IR order;

@@ -649,6 +649,19 @@ def test_compile_notes_quant_keep_patterns_that_name_no_weight(ckpt):
         len(r.stderr.splitlines()) == 1, r.stderr  # -q hides the progress, not the notes
 
 
+def test_compile_notes_quant_keep_items_that_decide_nothing(ckpt):
+    """An item naming weights that items before it all decide (the first naming a weight decides)
+    changes nothing, and is said as a pattern naming no weight is; one deciding for some is not."""
+    r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--quant", "int4", "--quant-keep",
+               "embedding,*.mlp.*,*.down_proj.*=int8")
+    assert r.returncode == 0 and r.stderr == "note: --quant-keep *.down_proj.*=int8 changes nothing: every weight it " \
+        "names is decided by *.mlp.* before it (the first item naming a weight decides)\n", r.stderr
+    r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--quant", "int4", "--quant-keep", "embedding",
+               "--quant-keep", "embedding,*.down_proj.*=int8,*.mlp.*")
+    assert r.returncode == 0 and r.stderr == "note: --quant-keep embedding is given twice: the second changes " \
+        "nothing\n", r.stderr
+
+
 def test_compile_adds_up_repeated_quant_keeps(ckpt):
     """--quant-keep given twice adds its items after the first's, as llama-quantize's repeated
     --tensor-type (the last alone was kept, silently: here the embedding was quantized)."""
