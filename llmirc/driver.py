@@ -345,9 +345,12 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                           f"--quant-keep {item} changes nothing: every weight it names is decided by "
                           f"{', '.join(deciders)} before it (the first item naming a weight decides)")
         if TIED_TWICE in ctx.report:
-            progress.note("the LM head is tied to the embedding table but stored apart, in another type "
-                          "(--quant-lm-head int4 shares the table's int4 codes; --quant-keep embedding=int8 shares "
-                          "int8 ones)")
+            table, head = ctx.tied_storage
+            int4 = "; with --quant int4, --quant-keep none and --quant-lm-head int4 share int4 codes" * \
+                (options.quant == "int4")
+            progress.note(f"the LM head is tied to the embedding table but stored apart: the table {table}, the head "
+                          f"{head}, a second copy of the matrix (one copy: --quant-keep embedding keeps both in "
+                          f"float, --quant-keep embedding=int8 both in int8 per row with --quant-lm-head auto{int4})")
         if TIED_HEAD in ctx.report:  # its largest matrix, in float whatever --quant-lm-head says
             ignored = f"; --quant-lm-head {options.quant_lm_head} changes nothing" * (options.quant_lm_head != "auto")
             progress.note("the LM head is tied to the embedding table, which --quant-keep keeps in float: it stays "

@@ -22,8 +22,9 @@ onnxruntime-genai's int4 models store it); 0 (the default) is 6 for bits=4 and 8
 llama.cpp stores the output matrix of its Q4 files in Q6_K and of its Q8_0 files in Q8_0 (at 4
 bits it costs the most quality: BENCHMARKS.md, "A 6-bit LM head"), and 8 for a head tied to an
 embedding table kept `=int8` (one copy); one tied to an embedding table kept in float stays
-float (one copy); one tied to a table quantized in another type is a second copy (said in the
-report). --report counts the LM head apart (`LM
+float (one copy); one stored in another type than its table (quantized in another scheme, or
+kept in float by a `keep` item beside a quantized table, or quantized beside a float one) is a
+second copy (said in the report). --report counts the LM head apart (`LM
 head -> int8`, `LM head kept`, `LM head tied to a kept embedding table`) and names the item
 that kept each other weight (`float (keep embedding)`, `weight -> int8 (keep
 *.down_proj.*=int8)`), so `inspect` says how each is stored. A weight whose input size does
@@ -134,6 +135,15 @@ def _names(what: str, user, w: SSAValue, lm_head) -> bool:
     if what in ("embedding", "lm_head"):
         return isinstance(user, L.EmbeddingOp) if what == "embedding" else user is lm_head
     return any(fnmatch.fnmatchcase(n, what) for n in source_names(w))
+
+
+def _described(stored: tuple[Scheme, int] | str) -> str:
+    """A weight's storage (its scheme and inputs k, or float) in words: float, int4 in groups of 32,
+    int8 per row."""
+    if stored == "float":
+        return "in float"
+    scheme, k = stored
+    return f"in int{scheme.bits} " + ("per row" if scheme.group_size == k else f"groups of {scheme.group_size}")
 
 
 def int8_rows(k: int) -> Scheme:
@@ -319,12 +329,14 @@ class QuantizeWeights(ModulePass):
         lm_head = lm_head_of(op)
         tables = {n: self.kept(e, t, lm_head)[0] for e, t in weight_uses(op) if isinstance(e, L.EmbeddingOp)
                   for n in source_names(t)}  # source name -> the level `keep` gives the table
-        planned, misfits, user_kept = [], 0, False
+        planned, misfits, user_kept, head_float = [], 0, False, False
         for user, w in weight_uses(op):
             if not L.is_float(w.type.element_type):
                 continue
             level, item = self.kept(user, w, lm_head)
             if level == "float":
+                if user is lm_head:
+                    head_float = True
                 note(ctx, f"{self.name}: LM head kept" if user is lm_head else f"{self.name}: float (keep {item})")
                 user_kept |= item != "embedding"  # (the default keeps the table)
                 continue
@@ -353,13 +365,26 @@ class QuantizeWeights(ModulePass):
             planned.append((user, w, k, scheme))
         if misfits and not planned:
             note(ctx, NOTHING_FITS_BUT_KEPT if user_kept else NOTHING_FITS)
-        schemes = {}  # source name -> schemes of the uses planned
-        for user, w, _, scheme in planned:
-            for n in source_names(w):
-                schemes.setdefault(n, set()).add(scheme)
-        if lm_head is not None and any(len(schemes.get(n, ())) > 1 for n in source_names(lm_head.weight)):
-            note(ctx, TIED_TWICE)
+        if lm_head is not None:
+            self._check_tied(ctx, op, lm_head, planned, head_float)
         return planned
+
+    def _check_tied(self, ctx, op: ModuleOp, lm_head, planned, head_float: bool) -> None:
+        """Notes TIED_TWICE when the LM head and the embedding table it is tied to are stored in two
+        types (float and quantized, or two schemes): a second copy of the largest matrix; the two
+        storages, described, go to ctx.tied_storage (for compile's note)."""
+        names = set(source_names(lm_head.weight))
+        stored = {id(user): (scheme, k) for user, _, k, scheme in planned}
+        tables = [(user, w) for user, w in weight_uses(op) if isinstance(user, L.EmbeddingOp)
+                  and names & set(source_names(w)) and L.is_float(w.type.element_type)]
+        if not tables or not L.is_float(lm_head.weight.type.element_type):
+            return  # (not tied, or stored quantized by the checkpoint: as it is)
+        head = "float" if head_float else stored.get(id(lm_head), "float")
+        table = stored.get(id(tables[0][0]), "float")
+        if head != table:
+            note(ctx, TIED_TWICE)
+            if ctx is not None:
+                ctx.tied_storage = (_described(table), _described(head))
 
     def _note_quantized(self, ctx: Context, user, w: SSAValue, lm_head, bits: int) -> None:
         if user is not lm_head:

@@ -634,6 +634,21 @@ def test_compile_notes_a_tied_head_stored_twice(tmp_path):
                                                      "apart") and len(r.stderr.splitlines()) == 1, r.stderr
     r = llmirc("compile", tmp_path / "tied", "-o", tmp_path / "b.llmir", *quant, "--quant-lm-head", "int4")
     assert r.returncode == 0 and r.stderr == "", r.stderr
+    # each as stored, and the second copy said whichever is float (it was not, for a head kept in float)
+    for keep, table, head in (("lm_head", "int4 groups of 32", "float"), ("embedding,lm_head=int8", "float",
+                                                                          "int8 per row")):
+        r = llmirc("compile", tmp_path / "tied", "--emit", "mlir", "-q", "--quant", "int4", "--quant-keep", keep)
+        assert r.returncode == 0 and r.stderr.startswith(f"note: the LM head is tied to the embedding table but "
+                                                         f"stored apart: the table in {table}, the head in {head}, "
+                                                         "a second copy"), r.stderr
+    # the way out it names is one (int8 in groups of 32 has no --quant-lm-head of its own: int4 was named)
+    r = llmirc("compile", tmp_path / "tied", "--emit", "mlir", "-q", "--quant", "int8", "--quant-keep", "none",
+               "--quant-group-size", "32")
+    assert r.returncode == 0 and "table in int8 groups of 32, the head in int8 per row" in r.stderr and \
+        "--quant-lm-head int4" not in r.stderr, r.stderr
+    r = llmirc("compile", tmp_path / "tied", "--emit", "mlir", "-q", "--quant", "int8", "--quant-keep",
+               "embedding=int8")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
 def test_compile_notes_quant_keep_patterns_that_name_no_weight(ckpt):
