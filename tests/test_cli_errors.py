@@ -791,6 +791,21 @@ def test_inspect_says_an_int8_table_is_stored_per_row():
         " (groups of 64, symmetric, float32 scales)"]
 
 
+def test_inspect_counts_a_float_head_beside_its_quantized_table_once():
+    """--quant-keep lm_head of a tied model: the table's codes and the head's float copy (`NAME.codes`,
+    `NAME`) are one matrix of parameters, as `NAME.codes.1` beside `NAME.codes` is (inspect said 0.12M
+    for a 0.10M model)."""
+    from llmirc.runtime.inspect import parameter_count
+
+    for order in (["e.codes", "e.scales", "e"], ["e", "e.codes", "e.scales"], ["e.codes", "e.scales", "e.codes.1",
+                                                                               "e.scales.1"]):
+        m = {"weights": {"order": order}, "targets": [{"kernels": [{"symbol": "q", "kind": "qembedding",
+                                                                     "params": {"dim": 64}}]}],
+             "plan": [{"kernel": "q", "args": {"codes": {"index": i}}} for i, n in enumerate(order) if ".codes" in n]}
+        shapes = [(384, 64) if n == "e" else (384, 2) if "scales" in n else (384, 32) for n in order]
+        assert parameter_count(m, shapes) == 384 * 64, order
+
+
 def test_compile_of_the_current_folder_names_it(ckpt, tmp_path):
     out = tmp_path / "here.llmir"
     r = llmirc("compile", ".", "-o", out, "-q", "--cpu-variants", "native", cwd=ckpt)

@@ -45,12 +45,19 @@ def _workspace(w) -> str:
 
 def parameter_count(manifest: dict, shapes: list) -> int:
     """The model's parameters in a bundle whose weights (manifest["weights"]["order"]) have these
-    shapes: `logical_sizes`, less a second copy of a tensor in another type (`NAME.1`, beside
-    `NAME`: a tied LM head stored apart from its table), which counts nothing."""
+    shapes: `logical_sizes`, less a second copy of a tensor in another type (`NAME.1` beside `NAME`,
+    or a float `NAME` beside quantized `NAME.codes`: a tied LM head stored apart from its table),
+    which counts nothing."""
     order = manifest["weights"]["order"]
-    names = set(order)
-    copies = {i for i, name in enumerate(order) if (m := re.fullmatch(r"(.+)\.\d+", name)) and m[1] in names}
-    return sum(size for i, size in enumerate(logical_sizes(manifest, shapes)) if i not in copies)
+    names, counted, total = set(order), set(), 0
+    for name, size in zip(order, logical_sizes(manifest, shapes)):
+        if (m := re.fullmatch(r"(.+)\.\d+", name)) and m[1] in names:
+            name = m[1]
+        name = name.removesuffix(".codes")
+        if size and name not in counted:
+            counted.add(name)
+            total += size
+    return total
 
 
 def logical_sizes(manifest: dict, shapes: list) -> list[int]:
