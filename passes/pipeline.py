@@ -65,6 +65,7 @@ class LlmirContext(Context):
     add_weight: Callable[[str, np.ndarray], None] | None = None
     report: Counter = field(default_factory=Counter)  # rewrites done, see passes/report.py
     calibration: object | None = None  # llmirc.calibration.Calibration: Hessians for quantize-weights' GPTQ
+    tied_storage: tuple[str, str] | None = None  # quantize-weights: (table, head) storages of a tied pair stored twice
 
 
 def make_context(read_weight=None, add_weight=None) -> LlmirContext:

@@ -383,7 +383,7 @@ class QuantizeWeights(ModulePass):
         table = stored.get(id(tables[0][0]), "float")
         if head != table:
             note(ctx, TIED_TWICE)
-            if getattr(ctx, "report", None) is not None:  # (llmirc's context; not a plain xDSL one)
+            if hasattr(ctx, "tied_storage"):  # (llmirc's context; not a plain xDSL one)
                 ctx.tied_storage = (_described(table), _described(head))
 
     def _note_quantized(self, ctx: Context, user, w: SSAValue, lm_head, bits: int) -> None:
