@@ -432,14 +432,7 @@ def _group_query_attention(b: _Body, inits: dict, graph_inputs: dict, pending: l
         repeat = b.const([1, 1, heads // kv_heads, 1, 1])
         k, v = (b.op("Reshape", b.op("Expand", b.op("Unsqueeze", x, b.const([2])), repeat), b.const([0, heads, -1, d]))
                 for x in (k, v))
-    scores = b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2]))
-    scale = float(a.get("scale", 0.0))
-    if scale:
-        scores = b.op("Mul", scores, b.scalar(scale, t))
-    else:  # 1 / sqrt(D)
-        width = b.op("Cast", b.op("Shape", q, start=3, end=4), to=t)
-        scores = b.op("Div", scores, b.op("Sqrt", width))
-    scores = b.op("Add", scores, _causal_mask(b, past_len, total, int(a.get("local_window_size", -1)), t))
+    scores = b.op("Add", _scaled_scores(b, q, k, float(a.get("scale", 0.0)), t), _causal_mask(b, past_len, total, int(a.get("local_window_size", -1)), t))
     out = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)
     b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.const([0, 0, -1]), out=b.output(0))
 
@@ -478,6 +471,16 @@ def _rotate(b: _Body, x: str, cos: str, sin: str, d: int, interleaved: bool, par
         return rotated
     rest = b.op("Slice", x, b.const([d]), b.const([np.iinfo(np.int64).max]), b.const([3]))
     return b.op("Concat", rotated, rest, axis=3)
+
+
+def _scaled_scores(b: _Body, q: str, k: str, scale: float, t: int) -> str:
+    """q [B, H, S, D] times k [B, H, T, D] transposed, times `scale` (0: 1 / sqrt(D), as the contrib
+    attention operators default it), in element type t."""
+    scores = b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2]))
+    if scale:
+        return b.op("Mul", scores, b.scalar(scale, t))
+    width = b.op("Cast", b.op("Shape", q, start=3, end=4), to=t)
+    return b.op("Div", scores, b.op("Sqrt", width))
 
 
 def _causal_mask(b: _Body, past_len: str, total: str, window: int, t: int) -> str:
@@ -583,13 +586,7 @@ def _multi_head_attention(b: _Body, inits: dict, graph_inputs: dict, pending: li
         for i, x in ((1, k), (2, v)):
             if b.output(i):
                 b.op("Identity", x, out=b.output(i))
-    scores = b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2]))
-    scale = float(a.get("scale", 0.0))
-    if scale:
-        scores = b.op("Mul", scores, b.scalar(scale, t))
-    else:  # 1 / sqrt(H)
-        width = b.op("Cast", b.op("Shape", q, start=3, end=4), to=t)
-        scores = b.op("Div", scores, b.op("Sqrt", width))
+    scores = _scaled_scores(b, q, k, float(a.get("scale", 0.0)), t)
     total = b.op("Shape", k, start=2, end=3)
     if a.get("unidirectional", 0):
         past_len = b.op("Sub", total, b.op("Shape", q, start=2, end=3))
