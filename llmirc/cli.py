@@ -871,7 +871,9 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
     asked, given_stride = context, stride
     context = context or 512
     stride = stride or max(1, context // 2)
-    windows(0, context, stride)  # bad --context/--stride: a usage error before the bundle loads
+    if stride > context:  # (a usage error before the bundle loads)
+        raise UsageError(f"--stride {stride} exceeds the window of {context} tokens (--context"
+                         f"{'' if asked else ', by default 512'})")
     started = time.perf_counter()
     if asked:  # (before the KV cache is sized for it: an absurd one failed as a KV cache too large)
         declared = declared_model(bundle).get("max_position_embeddings")
@@ -887,6 +889,8 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
         if stride > context:
             raise LlmircError(f"--stride {stride} exceeds the window of {context} tokens (the model's context, "
                               "shorter than --context's default of 512)")
+    if not text.strip():
+        raise LlmircError(f"--text {text_file}: the text is empty")
     ids = _first_tokens(model.tokenizer.encode, text, max_tokens)
     if len(ids) < 2:
         raise LlmircError(f"--text {text_file}: {len(ids)} token{'' if len(ids) == 1 else 's'}, and perplexity "
@@ -905,6 +909,9 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
                                "llmirc_version": __version__, "seconds": round(time.perf_counter() - started, 3)}))
     else:
         span = min(context, len(ids))
+        if len(ids) < context:  # (a perplexity over shorter windows than asked: not comparable with one over full ones)
+            click.echo(f"note: the text's {len(ids)} tokens are fewer than a window's {context}: one window of "
+                       f"{len(ids)} tokens", err=True)
         click.echo(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.5f} nats) over {result.tokens} "
                    f"token{'s' * (result.tokens != 1)}: {result.windows} window{'s' * (result.windows != 1)} of "
                    f"{'up to ' * (span < len(ids))}{span} tokens, stride {stride}; target {used}")

@@ -93,12 +93,17 @@ def test_eval_ppl_matches_the_hf_guide(tmp_path):
         f"--stride {whole + 1} exceeds the window of {whole} tokens (the model's context, shorter than --context's " \
         "default of 512)"
     bad = CliRunner().invoke(cli, ["eval-ppl", str(bundle), "--text", str(text), "--context", "64", "--stride", "128"])
-    assert isinstance(bad.exception, UsageError) and "stride" in str(bad.exception), bad.output  # exit 2 in main()
-    (tmp_path / "empty.txt").write_text("")
+    assert isinstance(bad.exception, UsageError) and \
+        str(bad.exception) == "--stride 128 exceeds the window of 64 tokens (--context)", bad.output  # exit 2
+    (tmp_path / "few.txt").write_text(CORPUS[0])  # fewer tokens than a window: said, as not comparable
+    few = CliRunner().invoke(cli, ["eval-ppl", str(bundle), "--text", str(tmp_path / "few.txt"), "--context", "64"])
+    assert few.exit_code == 0 and re.search(r"note: the text's (\d+) tokens are fewer than a window's 64: one window "
+                                            r"of \1 tokens", few.output), few.output
+    (tmp_path / "empty.txt").write_text("\n")
     empty = CliRunner().invoke(cli, ["eval-ppl", str(bundle), "--text", str(tmp_path / "empty.txt")])
     assert isinstance(empty.exception, LlmircError) and \
-        re.fullmatch(rf"--text {re.escape(str(tmp_path))}/empty.txt: [01] tokens?, and perplexity needs at least 2",
-                     str(empty.exception))  # (0, or 1 with a BOS token)
+        str(empty.exception) == f"--text {tmp_path}/empty.txt: the text is empty"  # (not "1 token": a BOS)
+
 
 
 def test_perplexity_past_float64_is_infinite():
