@@ -157,8 +157,10 @@ class OnnxToLlmir(ModulePass):
         shape = L.shape_of(logits)
         if len(shape) != 3 or shape[0] != 1 or shape[1] != L.DYN:
             dims = ", ".join("S" if d == L.DYN else str(d) for d in shape)
+            pruned = " (onnxruntime-genai's builder writes the last row alone with prune_lm_head=true: build " \
+                "without it)" if len(shape) == 3 and shape[1] == 1 else ""
             raise LlmircError(f"the ONNX graph's output has shape [{dims}]; llmirc expects logits [1, S, vocab] "
-                              "(batch 1, a row per token)")
+                              f"(batch 1, a row per token){pruned}")
         squeeze = L.SqueezeBatchOp(logits)
         f.body.block.insert_op_before(squeeze, ret)
         ret.operands = [squeeze.result]  # present-KV outputs: the paged cache replaces them

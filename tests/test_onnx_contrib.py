@@ -21,7 +21,7 @@ from llmirc.frontend.packed import repack
 from llmirc.quant import Scheme, dequantize
 from llmirc.artifact_format.reader import open_bundle
 from llmirc.driver import CompileOptions, Progress, compile_model
-from llmirc.errors import CheckpointError
+from llmirc.errors import CheckpointError, LlmircError
 from llmirc.runtime import load
 
 MS = "com.microsoft"
@@ -488,6 +488,24 @@ def test_builder_model_without_lm_head_is_refused(tmp_path):
     next(n for n in model.graph.node if n.output[0] == head.input[0]).output[0] = "hidden_states"
     model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = C
     refused(model, tmp_path, "model.onnx: ", "the graph's output is 'hidden_states'")
+
+
+def test_builder_options_llmirc_does_not_read_are_named(tmp_path):
+    """exclude_embeds=true (inputs_embeds instead of input_ids) and prune_lm_head=true (the last row's
+    logits alone) are refused naming the builder's option."""
+    model = builder_model()
+    model.graph.input[0].name = "inputs_embeds"
+    refused(model, tmp_path, "graph input 'inputs_embeds' has no known role", "exclude_embeds=true")
+    model = builder_model()
+    head = next(n for n in model.graph.node if n.output[0] == "logits")
+    head.output[0] = "all_logits"
+    model.graph.node.append(helper.make_node("Slice", ["all_logits", "last", "end", "seq_axis"], ["logits"]))
+    model.graph.initializer.extend(numpy_helper.from_array(np.array([v], np.int64), name) for name, v in
+                                   (("last", -1), ("end", np.iinfo(np.int64).max), ("seq_axis", 1)))
+    with pytest.raises(LlmircError, match=r"output has shape \[1, 1, 64\].*prune_lm_head=true"):
+        path = tmp_path / "pruned.onnx"
+        onnx.save(model, str(path))
+        compile_model(path, tmp_path / "p.llmir", CompileOptions(), Progress(None))
 
 
 def _single_node(node, inputs: dict, inits=()) -> onnx.ModelProto:

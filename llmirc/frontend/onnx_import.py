@@ -315,8 +315,11 @@ class OnnxCheckpoint:
                                       "llmirc reads a batch-1 (or dynamic-batch) graph")
             role = INPUT_ROLES.get(inp.name) or ("onnx:past" if PAST.fullmatch(inp.name) else None)
             if role is None:
+                embeds = " (the embeddings as an input: onnxruntime-genai's builder writes it with " \
+                    "exclude_embeds=true; llmirc compiles graphs that read token ids: build without it)" \
+                    if inp.name == "inputs_embeds" else ""
                 raise CheckpointError(f"{self.path}: graph input '{inp.name}' has no known role (expected "
-                                      f"{', '.join(INPUT_ROLES)} or past_key_values.N.key/value)")
+                                      f"{', '.join(INPUT_ROLES)} or past_key_values.N.key/value){embeds}")
             if role != "onnx:past" and len(dims) != 2:
                 raise CheckpointError(f"{self.path}: input '{inp.name}' must be [batch, sequence]")
             seq_axis = 1 if role != "onnx:past" else 2 if len(dims) == 4 else None
