@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 import dataclasses
 import hashlib
+import json
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -601,6 +602,8 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
             if path.name == "tokenizer.json":
                 tokenizer = "tokenizer/tokenizer.json"
         generation = source.generation_config()
+        if generation and "generation_config.json" not in [p.name for p in source.config_files()]:
+            bundle.write_text("generation_config.json", json.dumps(generation, indent=2) + "\n")  # (genai_config's)
         eos = generation.get("eos_token_id", info["eos_token_ids"])
         bundle.commit({
             "producer": f"llmirc {__version__}",

@@ -331,7 +331,8 @@ def test_builder_model_matches_onnxruntime(tmp_path, case):
     onnx.save(builder_model(**CASES[case]), str(path))
     if "tied" in CASES[case]:  # the builder's config: the context and the special tokens
         (tmp_path / "genai_config.json").write_text(json.dumps(
-            {"model": {"type": "llama", "context_length": 512, "eos_token_id": 7, "bos_token_id": 1}}))
+            {"model": {"type": "llama", "context_length": 512, "eos_token_id": 7, "bos_token_id": 1},
+             "search": {"do_sample": True, "temperature": 0.6, "top_k": 20, "num_beams": 1}}))
     bundle = tmp_path / "m.llmir"
     log, report = io.StringIO(), io.StringIO()
     compile_model(path, bundle, CompileOptions(cpu_variants=("native",), report=True), Progress(log), stdout=report)
@@ -354,6 +355,8 @@ def test_builder_model_matches_onnxruntime(tmp_path, case):
     want_rows, want_tokens = onnxruntime_steps(path, prompt, 10, C // CASES[case].get("heads", 4))
     compiled = load(bundle)
     assert not compiled.full_sequence
+    # the sampling genai_config.json's search recommends: the bundle's generation config (serve's defaults)
+    assert compiled.generation_config == ({"temperature": 0.6, "top_k": 20} if "tied" in CASES[case] else {})
     got = compiled.score(prompt + want_tokens[:-1])[len(prompt) - 1:]
     if "nbits" in CASES[case]:
         want = np.array(want_rows)

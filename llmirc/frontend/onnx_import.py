@@ -54,6 +54,7 @@ INPUT_ROLES = {"input_ids": "onnx:input_ids", "attention_mask": "onnx:attention_
                "position_ids": "onnx:position_ids"}
 PAST = re.compile(r"past_key_values[._](\d+)[._](key|value)|past[._](key|value)[._](\d+)|past[._](\d+)[._](key|value)")
 HALF = {onnx.TensorProto.FLOAT16: "f16", onnx.TensorProto.BFLOAT16: "bf16"}
+GENAI_SEARCH = ("temperature", "top_k", "top_p", "repetition_penalty")  # generation_config.json's names too
 ELEMENT_TYPES = set(onnx_ops.DTYPES)  # what tensors, graph inputs and Casts may hold
 
 
@@ -224,7 +225,13 @@ class OnnxCheckpoint:
         return load_config(path) if path.is_file() else {}
 
     def generation_config(self) -> dict:
-        return self._config("generation_config.json")
+        """generation_config.json, else the sampling fields of onnxruntime-genai's genai_config.json
+        `search` object (GENAI_SEARCH: the builder copies them there from the model's generation
+        config; `serve` reads them as vLLM reads generation_config.json)."""
+        if (self.root / "generation_config.json").is_file() or not (self.root / "genai_config.json").is_file():
+            return self._config("generation_config.json")
+        search = self._config("genai_config.json").get("search")
+        return {k: search[k] for k in GENAI_SEARCH if k in search} if isinstance(search, dict) else {}
 
     def model_info(self) -> dict:
         """Facts the graph does not hold, from config.json when there is one, else from
