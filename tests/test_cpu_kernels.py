@@ -722,7 +722,11 @@ def test_paged_attention_reads_only_its_layer_and_blocks(lib, rng):
 def test_paged_attention_batch_invariance(lib, rng, name, dtype):
     """Each token's outputs, bit for bit, whatever it is batched with, however many threads run
     the step and however its sequence's new tokens are cut into steps (batch invariance,
-    README; helpers.check_attention_batch_invariance); and right, alone."""
+    README; helpers.check_attention_batch_invariance); and right, alone. Half-precision pools on the
+    native library only: the summation order is the same code for every pool type (the baseline's
+    emulated float16 conversions made one case 16 s)."""
+    if dtype != "float32" and lib.variant.name != "native":
+        pytest.skip("half-precision pools: the native library's run checks the same summation order")
     H, G, hd, bs, win = ATTN[name]
     seqs = INVARIANCE_TARGETS + [(int(rng.integers(0, 3500)), 1) for _ in range(6)] + [(40, 30)]
     pool32, nb, bt, mb, lens, _, positions = make_batch(rng, seqs, bs, 1, G, hd)
