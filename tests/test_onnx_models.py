@@ -25,14 +25,14 @@ CASES = {
     "llama-headdim-bias": ("llama", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
                                          attention_bias=True), {}),
     "gpt2-torchscript": ("gpt2", {}, dict(torchscript=True)),
-    # per-head q/k norms; q wider than the hidden size, as Qwen3's checkpoints have it
-    "qwen3-headdim": ("qwen3", dict(hidden_size=128, head_dim=64, intermediate_size=96), {}),
+
     "qwen3-bias-tied-torchscript": ("qwen3", dict(attention_bias=True, tie_word_embeddings=True),
                                     dict(torchscript=True)),
     # opset 23: RMSNormalization, RotaryEmbedding and Attention, expanded into their ONNX function bodies (past
     # key/value inputs and sliding windows are read as at opset 18: the graph's own Concat and mask)
     "llama-past-kv-opset23": ("llama", dict(num_key_value_heads=1), dict(opset=23, with_past=True)),
-    "qwen3-opset23": ("qwen3", {}, dict(opset=23)),
+    # per-head q/k norms; q wider than the hidden size, as Qwen3's checkpoints have it
+    "qwen3-headdim-opset23": ("qwen3", dict(hidden_size=128, head_dim=64, intermediate_size=96), dict(opset=23)),
     # with past_key_values: the present keys, truncated to the window, are no affine shape (not read)
     "mistral-sliding-past-kv-opset23": ("mistral", dict(sliding_window=8), dict(opset=23, with_past=True)),
 }
