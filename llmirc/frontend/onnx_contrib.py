@@ -18,9 +18,9 @@ What the replacement does not compute is refused by name: GroupQueryAttention's 
 smooth_softmax, attention_bias and head_sink, a rotary table narrower than the head (partial
 rotary), the norms' mean / inv_std_var outputs, RotaryEmbedding's is_packed_batching and scale (which
 onnxruntime's CPU kernel ignores), MultiHeadAttention's packed q/k/v, past_sequence_length,
-cache_indirection and qk output, and a past without the present outputs. Padding is not modelled: a batch of one sequence
-without padding, as the importer reads every graph (seqlens_k and total_sequence_length then say
-nothing more than the shapes do).
+cache_indirection and qk output, and a past without the present outputs. Padding is not modelled: a
+batch of one sequence without padding, as the importer reads every graph (seqlens_k and
+total_sequence_length then say nothing more than the shapes do).
 
 `com.microsoft.MatMulNBits` and `GatherBlockQuantized` (the builder's int4 and int8 weights,
 `-p int4`; the second for an embedding tied to the LM head, read from the head's codes) are kept as
@@ -130,7 +130,7 @@ def _blocked_dequantize_to_nbits(model: onnx.ModelProto, path: Path) -> list[str
         read = [numpy_helper.to_array(t, str(path.parent)) for t in (x, scale) + ((zp,) if zp is not None else ())]
         codes = (read[0].astype(np.int16) + offset).astype(np.uint8)
         codes, scales = (codes.T, read[1].T) if matmul else (codes, read[1])
-        packed = codes if bits == 8 else (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+        packed = codes if bits == 8 else _pack4(codes)
         stem = n.output[0]
         names = [f"{stem}_nbits_codes", f"{stem}_nbits_scales"]
         added += [numpy_helper.from_array(np.ascontiguousarray(packed.reshape(n_rows, k // block, -1) if matmul
@@ -140,9 +140,7 @@ def _blocked_dequantize_to_nbits(model: onnx.ModelProto, path: Path) -> list[str
             z = (read[2].astype(np.int16) + offset).astype(np.uint8) if zp is not None else \
                 np.zeros(read[1].shape, np.uint8)
             z = z.T if matmul else z
-            if bits == 4:
-                z = np.concatenate([z, np.full((z.shape[0], z.shape[1] % 2), 1 << (bits - 1), np.uint8)], 1)
-                z = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+            z = _pack4(z) if bits == 4 else z
             names.append(f"{stem}_nbits_zero_points")
             added.append(numpy_helper.from_array(np.ascontiguousarray(z.reshape(-1) if matmul else z), names[2]))
         if matmul:
@@ -166,12 +164,9 @@ def _blocked_dequantize_to_nbits(model: onnx.ModelProto, path: Path) -> list[str
         offset = 8 if data.data_type == onnx.TensorProto.INT4 else 0
         zp = numpy_helper.to_array(inits[zp_name], str(path.parent)) if zp_name else None
         codes = (numpy_helper.to_array(data, str(path.parent)).astype(np.int16) + offset).astype(np.uint8)
-        new = [numpy_helper.from_array((codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8),
-                                       f"{n.input[0]}_uint4")]
+        new = [numpy_helper.from_array(_pack4(codes), f"{n.input[0]}_uint4")]
         if zp is not None:
-            z = (zp.astype(np.int16) + offset).astype(np.uint8)
-            z = np.concatenate([z, np.full((z.shape[0], z.shape[1] % 2), 8, np.uint8)], 1)
-            new.append(numpy_helper.from_array((z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8),
+            new.append(numpy_helper.from_array(_pack4((zp.astype(np.int16) + offset).astype(np.uint8)),
                                                f"{zp_name}_uint4"))
         dropped.update(i for i in (n.input[0], zp_name) if i)
         n.input[0] = new[0].name
@@ -305,11 +300,10 @@ class _Body:
         known = self.ranks.get(self.input(i))
         return known[1][axis] if known is not None and -len(known[1]) <= axis < len(known[1]) else None
 
-    def typed(self, i: int, rank: int, elem_type: int | None = None) -> None:
-        """Record output i's rank (and element type, else input 0's): later calls read it."""
+    def typed(self, i: int, rank: int) -> None:
+        """Record output i's rank (and input 0's element type): later calls read it."""
         if self.output(i) and self.output(i) not in self.ranks:
-            t = elem_type if elem_type is not None else self.ranks.get(self.input(0), (0, ()))[0]
-            self.ranks[self.output(i)] = (t, (None,) * rank)
+            self.ranks[self.output(i)] = (self.ranks.get(self.input(0), (0, ()))[0], (None,) * rank)
 
     def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
         out = out or f"{self.name}/{op_type}.{len(self.nodes)}"
@@ -432,7 +426,8 @@ def _group_query_attention(b: _Body, inits: dict, graph_inputs: dict, pending: l
         repeat = b.const([1, 1, heads // kv_heads, 1, 1])
         k, v = (b.op("Reshape", b.op("Expand", b.op("Unsqueeze", x, b.const([2])), repeat), b.const([0, heads, -1, d]))
                 for x in (k, v))
-    scores = b.op("Add", _scaled_scores(b, q, k, float(a.get("scale", 0.0)), t), _causal_mask(b, past_len, total, int(a.get("local_window_size", -1)), t))
+    mask = _causal_mask(b, past_len, total, int(a.get("local_window_size", -1)), t)
+    scores = b.op("Add", _scaled_scores(b, q, k, float(a.get("scale", 0.0)), t), mask)
     out = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)
     b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.const([0, 0, -1]), out=b.output(0))
 
@@ -519,7 +514,12 @@ def _rotary_embedding(b: _Body, inits: dict, *_) -> None:
     x = b.input(0)
     if rank == 3:  # [B, S, N*H] -> [B, S, N, H]
         x = b.op("Reshape", x, b.const([0, 0, heads, -1] if dim else [0, 0, -1, r]))
-    head = b.dim(0, 3) if rank == 4 else (b.dim(0, 2) // heads if dim and b.dim(0, 2) else None if dim else r)
+    if rank == 4:
+        head = b.dim(0, 3)
+    elif not dim:  # (heads of the tables' width)
+        head = r
+    else:
+        head = b.dim(0, 2) // heads if b.dim(0, 2) else None
     seq_axis = 1 if rank == 3 else 2  # of x as rotated; the tables get a unit heads axis
     if pos_rank == 2:  # [B, S] -> tables [B, S, 1, r/2] or [B, 1, S, r/2]
         cos, sin = (b.op("Unsqueeze", b.op("Gather", b.input(i), b.input(1), axis=0), b.const([3 - seq_axis]))
@@ -624,6 +624,13 @@ def matmul_nbits_problem(b_shape: tuple, b_dtype, scales_size: int, k: int, bits
     if scales_size != n * blocks:
         return f"scales has {scales_size} values, where {n * blocks} are expected"
     return None
+
+
+def _pack4(u: np.ndarray) -> np.ndarray:
+    """[rows, count] 4-bit codes -> [rows, ceil(count / 2)] bytes, the first code in the low bits
+    (`_unpack`'s layout); an odd row padded with 8, the default zero point."""
+    u = np.concatenate([u, np.full((u.shape[0], u.shape[1] % 2), 8, np.uint8)], 1)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
 
 
 def _unpack(x: np.ndarray, bits: int, count: int) -> np.ndarray:
