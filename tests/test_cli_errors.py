@@ -1639,6 +1639,36 @@ def test_python_api_close(bundle):
     with pytest.raises(LlmircError, match="load takes a bundle's path"):
         load(None)
 
+
+@pytest.mark.parametrize("call", ["generate", "stream_text"])
+def test_python_api_close_from_another_thread_ends_generate_with_an_error(bundle, call):
+    """close() while generate or stream_text runs in another thread: LlmircError, not the tokens
+    so far passed off as the whole result (neither gives a finish_reason)."""
+    import threading
+
+    from llmirc.errors import LlmircError
+    from llmirc.runtime import load
+
+    model = load(bundle, num_scheduler_steps=1)
+    closer = threading.Thread(target=model.close)
+    forward = model.executor.forward
+
+    def closing_forward(*args):  # the first step starts close(), which waits for the step to end
+        if not closer.is_alive() and not model.engine.closed:
+            closer.start()
+            while not model.engine.closed:
+                time.sleep(0.001)
+            time.sleep(0.05)  # (abort_all queued)
+        return forward(*args)
+
+    model.executor.forward = closing_forward
+    with pytest.raises(LlmircError, match="the model was closed"):
+        if call == "generate":
+            model.generate([[1, 2]], 200, ignore_eos=True)
+        else:
+            list(model.stream_text([1, 2], 200, ignore_eos=True))
+    closer.join()
+
 def test_python_api_refuses_stops_that_cannot_match(bundle):
     """As vLLM's SamplingParams: an empty stop string, a stop token id outside the vocabulary
     (the server's OpenAI and SGLang endpoints go through the same check); logprobs=True."""

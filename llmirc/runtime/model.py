@@ -11,6 +11,7 @@ decode: the scheduler runs its sequences one at a time, recomputing the whole se
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -292,21 +293,24 @@ class Model:
                  ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = (), stop: str | tuple[str, ...] = ()
                  ) -> list[list[int]]:
         """The generated ids of each prompt (a stop token, when hit, is included, as in transformers;
-        so are the tokens of a stop string, which `generate_stream`'s text leaves out)."""
+        so are the tokens of a stop string, which `generate_stream`'s text leaves out). Arguments
+        as `generate_stream`'s; LlmircError when `close()` ends the call from another thread."""
         prompts = self._prompts(prompts)
         out: list[list[int]] = [[] for _ in prompts]
-        for event in self.generate_stream(prompts, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
-                                          stop_token_ids, stop):
+        for event in _unless_closed(self.generate_stream(prompts, max_new_tokens, temperature, top_k, top_p, seed,
+                                                         ignore_eos, stop_token_ids, stop)):
             if event.token is not None:
                 out[event.request_id].append(event.token)
         return out
 
     def stream_text(self, prompt: str | list[int], max_new_tokens: int, **kwargs) -> Iterator[str]:
         """Text deltas of one prompt's continuation, as they are generated. Keyword arguments as
-        `generate_stream` (e.g. `stop` strings, left out of the text)."""
+        `generate_stream` (e.g. `stop` strings, left out of the text). LlmircError when `close()`
+        ends it from another thread."""
         if self.tokenizer is None:
             raise LlmircError(f"bundle {self.bundle.name} has no tokenizer")
-        return (event.text for event in self.generate_stream([prompt], max_new_tokens, **kwargs) if event.text)
+        events = self.generate_stream([prompt], max_new_tokens, **kwargs)
+        return (event.text for event in _unless_closed(events) if event.text)
 
     def score(self, token_ids: list[int]) -> np.ndarray:
         """Logits [len(token_ids), vocab] float32 at every position (for evaluation). Raises
@@ -318,6 +322,17 @@ class Model:
         def run():
             return [self.executor.forward(*step.abi_inputs()) for step in self.scheduler.score_steps(token_ids)]
         return np.concatenate(self.engine.call(run), axis=0)
+
+
+def _unless_closed(events: Iterator[RequestOutput]) -> Iterator[RequestOutput]:
+    """generate_stream's events, with LlmircError in place of one that `close()` aborted: generate
+    and stream_text give no finish_reason, so their shortened result would pass for a whole one.
+    (A failed step raises in generate_stream already.)"""
+    with contextlib.closing(events):  # (a consumer leaving early aborts the rest at once)
+        for event in events:
+            if event.finish_reason == "abort":
+                raise LlmircError("the model was closed")
+            yield event
 
 
 def _whole(value, field: str) -> int:
