@@ -1617,6 +1617,9 @@ def test_python_api_arguments(bundle):
     for name in ("verify", "enable_prefix_caching"):
         with pytest.raises(LlmircError, match=f"{name} must be True or False, got 'no'"):
             load(bundle, **{name: "no"})
+    for bad in (0, 1.5, "0.5", float("nan"), True):  # (a CPU target does not use it: checked all the same)
+        with pytest.raises(LlmircError, match="gpu_memory_utilization must be a number in"):
+            load(bundle, gpu_memory_utilization=bad)
     with pytest.raises(LlmircError, match="must be a list of messages"):
         ChatTemplate("{{ messages }}").render("hi")
 

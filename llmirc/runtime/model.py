@@ -46,8 +46,8 @@ def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_to
     by default the best this host runs: a GPU target first (see `pick_executor`), then the CPU
     library that fits needing the most CPU features (`cpu_executor.pick_cpu_target`). `threads`:
     CPU threads the kernels use (default: the CPUs this process may run on).
-    `gpu_memory_utilization`: the share of GPU memory the model may use, the KV cache taking what
-    the weights and buffers leave (vLLM's option; a GPU target without kv_cache_tokens).
+    `gpu_memory_utilization`: the share of GPU memory the model may use, in (0, 1], the KV cache
+    taking what the weights and buffers leave (vLLM's option; a GPU target without kv_cache_tokens).
     `num_scheduler_steps`: greedy decode steps one native call may run (vLLM's multi-step
     scheduling; CPU targets, when every running request is greedy without logprobs or stop strings
     and none waits; 1: one step per call). Streamed tokens then come in bursts of up to this many.
@@ -138,6 +138,11 @@ class Model:
             _count(name, value) for name, value in (
                 ("kv_cache_tokens", kv_cache_tokens), ("max_model_len", max_model_len), ("threads", threads),
                 ("max_batched_tokens", max_batched_tokens), ("max_num_seqs", max_num_seqs)))
+        # checked on every host, as vLLM does (a GPU target compared "0.5" with 0: a TypeError)
+        share = gpu_memory_utilization
+        if isinstance(share, bool) or not isinstance(share, (int, float, np.integer, np.floating)) or \
+                not 0 < share <= 1:
+            raise LlmircError(f"gpu_memory_utilization must be a number in (0, 1], got {share!r}")
         self.bundle = bundle
         m = bundle.manifest
         try:
