@@ -1617,6 +1617,8 @@ def test_python_api_arguments(bundle):
     for name in ("verify", "enable_prefix_caching"):
         with pytest.raises(LlmircError, match=f"{name} must be True or False, got 'no'"):
             load(bundle, **{name: "no"})
+    # past runtime.c's 256 threads: 256 (2**32 + 1 wrapped to 1 thread in the library's C int)
+    assert load(bundle, threads=2**32 + 1).executor.threads == load(bundle, threads=1000).executor.threads == 256
     for bad in (0, 1.5, "0.5", float("nan"), True):  # (a CPU target does not use it: checked all the same)
         with pytest.raises(LlmircError, match="gpu_memory_utilization must be a number in"):
             load(bundle, gpu_memory_utilization=bad)

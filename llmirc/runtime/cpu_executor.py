@@ -28,6 +28,7 @@ from llmirc.errors import BundleError, LlmircError, RuntimeLimitError
 from .step_check import INPUTS, StepLimits, checked_decode_run, checked_inputs
 
 ABI_VERSION = 2
+MAX_THREADS = 256  # runtime.c's: a larger count runs this many
 
 
 # Linux arm64's AT_HWCAP and AT_HWCAP2 bits (arch/arm64/include/uapi/asm/hwcap.h) under their
@@ -153,7 +154,9 @@ class CpuExecutor:
             raise LlmircError(f"threads must be >= 1, got {threads}")
         # The count is the library's global, and a process maps a library once: two executors of the same
         # bundle share it, so each sets its own before every call (0: the CPUs this process may use).
-        self._set_threads = functools.partial(self.lib.llmir_set_num_threads, ctypes.c_int(threads or 0))
+        # Capped here too: 2**32 + 1 would wrap to 1 in the C int.
+        self._set_threads = functools.partial(self.lib.llmir_set_num_threads,
+                                              ctypes.c_int(min(threads or 0, MAX_THREADS)))
         self._set_threads()
         self.lib.llmir_num_threads.restype = ctypes.c_int
         self.threads = self.lib.llmir_num_threads()
