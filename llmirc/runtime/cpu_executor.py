@@ -233,6 +233,7 @@ class CpuExecutor:
         out = np.empty((steps, B), dtype=np.int32)
         done = self._greedy(ctypes.cast(self._forward, ctypes.c_void_p), self._dims, self._ptrs, steps,
                             self.vocab_size, self.limits.token_rows, self.block_size, out.ctypes.data)
+        del logits  # (alive until here)
         return out[:done]
 
     def _bind(self, inputs: list[np.ndarray]) -> np.ndarray:
