@@ -1718,6 +1718,13 @@ def test_run_chat_formats_the_prompt_with_the_template(chat_bundle):
     assert_user_error(llmirc("run", chat_bundle, "--chat", "--token-ids", "1,2"), "--chat", "--token-ids")
     with pytest.raises(LlmircError, match="add_generation_prompt must be True or False, got 'no'"):
         model.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt="no")
+    # tokenize=False: the text, as transformers gives it (it was taken as a template variable: ids came back)
+    text = model.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False)
+    assert text == model.chat_template.render([{"role": "user", "content": "hello"}])
+    assert model.tokenizer.encode(text, add_special_tokens=False) == model.apply_chat_template(
+        [{"role": "user", "content": "hello"}])
+    with pytest.raises(LlmircError, match="tokenize must be True or False, got 'no'"):
+        model.apply_chat_template([{"role": "user", "content": "hello"}], tokenize="no")
 
 
 def test_chat_template_kwargs_from_the_cli(ckpt, tmp_path):

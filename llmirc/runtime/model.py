@@ -246,23 +246,27 @@ class Model:
             raise LlmircError(f"text of {len(text)} characters, more than this model's maximum context length of "
                               f"{self.max_context} tokens can hold")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = True,
+                            **kwargs) -> list[int] | str:
         """The token ids of a conversation ([{"role": "user", "content": "..."}, ...]; content a
         string, as the template expects it) rendered with the bundle's chat template as transformers
         renders it (`ChatTemplate.render`): `add_generation_prompt` ends with the assistant's turn
         opened; keyword arguments are the template's variables, among them `tools`, `documents` and
         `continue_final_message` (leave the last assistant message open). Special tokens come from
-        the text only (none added). Raises LlmircError when the bundle has no chat template, for a
-        template error or one past the sandbox's limits (jinja_sandbox.py), and for text longer
-        than the context can hold (`check_text_length`)."""
-        if not isinstance(add_generation_prompt, (bool, np.bool_)):  # "no" would act as True
-            raise LlmircError(f"add_generation_prompt must be True or False, got {add_generation_prompt!r}")
+        the text only (none added). `tokenize=False` returns the rendered text instead, as
+        transformers does (give generate the ids: encoding the text adds bos before the template's
+        own). Raises LlmircError when the bundle has no chat template, for a template error or one
+        past the sandbox's limits (jinja_sandbox.py), and for text longer than the context can hold
+        (`check_text_length`)."""
+        for name, flag in (("add_generation_prompt", add_generation_prompt), ("tokenize", tokenize)):
+            if not isinstance(flag, (bool, np.bool_)):  # "no" would act as True
+                raise LlmircError(f"{name} must be True or False, got {flag!r}")
         if self.chat_template is None:
             raise LlmircError(f"bundle {self.bundle.name} has no chat template (its tokenizer_config.json has no "
                               "chat_template and there is no chat_template.jinja)")
         text = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
         self.check_text_length(text)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=False) if tokenize else text
 
     def _prompts(self, prompts) -> list[list[int]]:
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or \
