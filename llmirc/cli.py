@@ -301,6 +301,8 @@ def _template_kwargs(text: str | None, flag: str = "--chat-template-kwargs") -> 
         raise UsageError(f"{flag}: not JSON ({e.msg} at character {e.pos})") from None
     if not isinstance(kwargs, dict):
         raise UsageError(f"{flag}: expected a JSON object, e.g. '{{\"enable_thinking\": false}}', got {text!r}")
+    if "tokenize" in kwargs:  # Model.apply_chat_template's own argument (False: text, not ids)
+        raise UsageError(f"{flag}: tokenize is not a template variable")
     return kwargs
 
 

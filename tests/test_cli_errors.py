@@ -1751,7 +1751,8 @@ def test_chat_template_kwargs_from_the_cli(ckpt, tmp_path):
                         "--chat-template-kwargs", '{"enable_thinking": false}'], input="hello\n", capture_output=True,
                        text=True, env=ENV, timeout=300)
     assert r.returncode == 0 and r.stdout == reply + "\n", r.stderr
-    for bad, needle in (("[1]", "expected a JSON object"), ("{enable", "not JSON")):
+    for bad, needle in (("[1]", "expected a JSON object"), ("{enable", "not JSON"),
+                        ('{"tokenize": false}', "tokenize is not a template variable")):
         assert_user_error(llmirc("run", out, "--chat", "--prompt", "x", "--chat-template-kwargs", bad), needle, code=2)
     r = llmirc("run", out, "--prompt", "x", "--max-new-tokens", "1", "--chat-template-kwargs", "{}")
     assert r.returncode == 0 and "--chat-template-kwargs has no effect without --chat" in r.stderr
