@@ -258,6 +258,14 @@ def test_a_lone_surrogate_is_the_texts_fault_not_the_tokenizers(tmp_path):
         tok.encode("hi\ud800!")
     assert "tokenizer.json" not in str(e.value)
     assert tok.decode(tok.encode("hi \U0001F600")) == "hi \U0001F600"  # a pair of surrogates in UTF-16, one here
+    for bad in (5, None, b"hi", ["hi"]):  # the same message, for anything but text
+        with pytest.raises(LlmircError, match="encode takes text") as e:
+            tok.encode(bad)
+        assert "tokenizer.json" not in str(e.value)
+    for bad in ("a", 1.5, None):  # (int("a"): a raw ValueError)
+        with pytest.raises(LlmircError, match="token_text takes an integer token id"):
+            tok.token_text(bad)
+    assert tok.token_text(np.int64(tok.encode("hi")[0])) == tok.token_text(tok.encode("hi")[0])
 
 
 def test_guarded_wraps_the_librarys_errors_not_signals():

@@ -93,7 +93,9 @@ class Tokenizer:
         works (its one-text call holds the GIL: a server thread tokenizing 2 MB stopped the event
         loop and the engine for seconds); its thread pool makes tokenizers warn if the process
         forks afterwards, so only for a process that does not (the server)."""
-        if isinstance(text, str) and (m := _SURROGATE.search(text)):
+        if not isinstance(text, str):  # (the library's "TextInputSequence must be str" blamed tokenizer.json)
+            raise LlmircError(f"encode takes text (a str), got {text!r:.60}")
+        if m := _SURROGATE.search(text):
             raise LlmircError(f"the text holds a lone surrogate (U+{ord(m[0]):04X}) at character {m.start()}: "
                               "not Unicode text that can be encoded")
         if release_gil:
@@ -125,7 +127,11 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         """One token as text, special tokens included (as OpenAI logprobs show tokens)."""
-        return _guarded(self.source, "decode", self.backend.decode, [int(token_id)], skip_special_tokens=False)
+        try:
+            token_id = operator.index(token_id)
+        except TypeError:
+            raise LlmircError(f"token_text takes an integer token id, got {token_id!r:.60}") from None
+        return _guarded(self.source, "decode", self.backend.decode, [token_id], skip_special_tokens=False)
 
     def detokenizer(self, prompt_ids=()) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, prompt_ids)
