@@ -38,3 +38,10 @@ def test_loader_runs_without_compiler_dependencies(tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_dir_lists_the_lazily_imported_names():
+    """load and Model are imported on first use; dir() (tab completion) lists them all the same."""
+    import llmirc.runtime as rt
+
+    assert {"load", "Model"} <= set(dir(rt))

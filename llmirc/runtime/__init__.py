@@ -16,3 +16,8 @@ def __getattr__(name: str):
 
         return getattr(model, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names and the lazy ones (tab completion, help)."""
+    return sorted({*globals(), *__all__})
