@@ -94,6 +94,7 @@ def test_sampling_never_draws_masked_tokens():
     (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(temperature=1.0, top_k=0), "top_k"), (dict(temperature=1.0, top_k=2.5), "top_k"),
     (dict(temperature=1.0, top_p=0.0), "top_p"), (dict(temperature=1.0, top_p=1.5), "top_p"),
+    (dict(temperature=True), "temperature"), (dict(temperature=1.0, top_p=True), "top_p"),  # (they acted as 1)
 ])
 def test_bad_options_name_the_option(kwargs, option):
     with pytest.raises(LlmircError, match=option):

@@ -130,10 +130,11 @@ def logprobs(logits: np.ndarray, token_ids, top_n: int = 0) -> tuple[np.ndarray,
 
 
 def validate_sampling(temperature, top_k, top_p) -> None:
-    """Raises LlmircError naming the first invalid parameter."""
-    if not (isinstance(temperature, Real) and math.isfinite(temperature) and temperature >= 0):
+    """Raises LlmircError naming the first invalid parameter (True is not a number here: it would act as 1)."""
+    if isinstance(temperature, bool) or not (isinstance(temperature, Real) and math.isfinite(temperature)
+                                             and temperature >= 0):
         raise LlmircError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise LlmircError(f"top_k must be an integer >= 1 (or unset), got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, Real) and 0 < top_p <= 1):
+    if top_p is not None and (isinstance(top_p, bool) or not (isinstance(top_p, Real) and 0 < top_p <= 1)):
         raise LlmircError(f"top_p must be in (0, 1] (or unset), got {top_p!r}")
