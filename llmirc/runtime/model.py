@@ -222,6 +222,8 @@ class Model:
 
     @property
     def full_sequence(self) -> bool:
+        """Whether the bundle recomputes the whole sequence each step (no incremental decode: see the
+        module's docstring); its sequences then run one at a time."""
         return self.executor.full_sequence
 
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -322,8 +324,10 @@ class Model:
         return (event.text for event in _unless_closed(events) if event.text)
 
     def score(self, token_ids: list[int]) -> np.ndarray:
-        """Logits [len(token_ids), vocab] float32 at every position (for evaluation). Raises
-        LlmircError for anything but a list (or array) of token ids of the vocabulary."""
+        """Logits [len(token_ids), vocab] float32 at every position (for evaluation): row i scores the
+        token after token_ids[:i + 1], as transformers' `model(ids).logits[0]` (no bos is added).
+        Raises LlmircError for anything but a list (or 1-D array) of token ids, RuntimeLimitError
+        for an id outside the vocabulary or more tokens than the context or the free KV cache hold."""
         if isinstance(token_ids, str):
             raise LlmircError("score takes token ids, not text: encode it first (Model.encode)")
         token_ids = self.encode(token_ids)
