@@ -130,8 +130,7 @@ class FuseEmbedding(ModulePass):
                                   "embedding, of codes and scales stored in the model")
         try:
             table = packed_weight(data.owner.weight.data, L.shape_of(data), numpy_dtype(data.type.element_type),
-                                  int(np.prod(L.shape_of(scales))), None if zp is None else oracle.value(zp), k,
-                                  bits, block)
+                                  scales, None if zp is None else oracle.value(zp), k, bits, block)
         except ValueError as e:
             raise CheckpointError(f"ONNX GatherBlockQuantized node '{gather.node.data}': {e}") from None
         self._replace(ctx, f, gather, [table], table.result, index_arg(f, "token_ids"),

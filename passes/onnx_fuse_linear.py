@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import SSAValue
@@ -84,8 +82,8 @@ class FuseLinear(ModulePass):
         try:
             if L.shape_of(b)[0] != n:
                 raise ValueError(f"N={n}, where B has {L.shape_of(b)[0]} rows")
-            w = packed_weight(b.owner.weight.data, L.shape_of(b), numpy_dtype(b.type.element_type),
-                              int(np.prod(L.shape_of(scales))), None if zp is None else oracle.value(zp), k, bits, g)
+            w = packed_weight(b.owner.weight.data, L.shape_of(b), numpy_dtype(b.type.element_type), scales,
+                              None if zp is None else oracle.value(zp), k, bits, g)
         except ValueError as e:
             raise CheckpointError(f"ONNX MatMulNBits node '{mm.node.data}': {e}") from None
         rows = L.SqueezeBatchOp(x)

@@ -95,10 +95,10 @@ def _node(op: Operation) -> Node | None:
         return Node(op.op_type, ins, list(op.results), op.py_attrs(), op.node.data)
     if isinstance(op, L.ConstantOp):
         return Node("constant", [], [op.result], {"value": constant_value(op.value)})
-    if isinstance(op, L.WeightOp):
+    if isinstance(op, L.WeightOp):  # (read_weight gives floats as float32: a packed weight's float16 scales too)
         t = op.result.type
-        return Node("weight", [], [op.result], {"name": op.weight.data, "shape": tuple(t.get_shape()),
-                                                "dtype": numpy_dtype(t.element_type)})
+        dtype = np.dtype(np.float32) if L.is_float(t.element_type) else numpy_dtype(t.element_type)
+        return Node("weight", [], [op.result], {"name": op.weight.data, "shape": tuple(t.get_shape()), "dtype": dtype})
     if isinstance(op, L.TransposeOp):  # (of a weight: the importer's view of a transposed initializer)
         return Node("Transpose", [op.input], [op.result], {"perm": [1, 0]})
     if isinstance(op, (NoneOp, func.ReturnOp)):

@@ -23,6 +23,7 @@ from llmirc.artifact_format.reader import open_bundle
 from llmirc.driver import CompileOptions, Progress, compile_model
 from llmirc.errors import CheckpointError, LlmircError
 from llmirc.runtime import load
+from llmirc.runtime.inspect import summary
 
 MS = "com.microsoft"
 VOCAB, C, LAYERS = 64, 64, 2
@@ -312,10 +313,11 @@ CASES = {  # each feature once, several to a model (a case is a compile)
     # weights kept quantized (bit for bit: test_matmul_nbits_weights_are_kept_exactly); llmirc's CPU
     # kernels round the activations to int8 per 32, onnxruntime does not (accuracy_level 0): on these
     # random models that alone moves the logits by 4-6% relative RMS (measured against llmirc's own
-    # float bundle of the dequantized weights, which matches onnxruntime to 2e-6)
+    # float bundle of the dequantized weights, which matches onnxruntime to 2e-6); the scales are kept in
+    # their stored type, float32 or float16
     "qk-norm-int4": dict(qk_norm=True, nbits=4),
     "int8-float16": dict(nbits=8, dtype=np.float16),
-    "int4-tied-zero-points": dict(nbits=4, tied=True, zero_points=True),
+    "int4-tied-zero-points-float16": dict(nbits=4, tied=True, zero_points=True, dtype=np.float16),
     "qdq-uint4-zero-points": dict(nbits=4, qdq=True, zero_points=True),  # use_qdq=true: DequantizeLinear
     # -e cpu -p fp16's RotaryEmbedding + MultiHeadAttention, in float32 (onnxruntime's float16 MultiHeadAttention
     # moves these logits by 1%; the builder's own float16 output matches to 0.1%)
@@ -347,6 +349,11 @@ def test_builder_model_matches_onnxruntime(tmp_path, case):
         assert open_bundle(bundle, verify=False).manifest["generation"]["eos_token_ids"] == [7]
     assert "onnx-fuse-attention: attention" in report and "left generic: none" in report, report
     assert ("MatMulNBits -> linear" in report) == ("nbits" in CASES[case]), report
+    if "nbits" in CASES[case]:  # the packed weights' scales as stored (a float16 model's in 16 bits), as inspect says
+        stored = np.dtype(CASES[case].get("dtype", np.float32)).name
+        dtypes = open_bundle(bundle, verify=False).manifest["weights"]["dtypes"]
+        assert {d for name, d in dtypes.items() if name.endswith(".scales")} == {stored}, dtypes
+        assert {q.get("scale_dtype", stored) for q in summary(bundle, verify=False)["quantization"]} == {stored}
     assert ("DequantizeLinear + MatMul -> MatMulNBits x" in report) == ("qdq" in CASES[case]), report
     assert ("DequantizeLinear + Gather -> GatherBlockQuantized x1" in report) == ("qdq" in CASES[case]), report
     ops = ("MultiHeadAttention x2", "RotaryEmbedding x4") if "mha" in CASES[case] else ("GroupQueryAttention x2",)
@@ -413,8 +420,8 @@ def test_matmul_nbits_weights_are_kept_exactly(bits, zero_points, dtype):
     inputs = [b.reshape(n, -1), ids, scales.reshape(n, -1)] + ([zp.reshape(n, -1)] if zero_points else [])
     (rows,) = onnx_ops.evaluate("GatherBlockQuantized", inputs, gather_attrs)
     np.testing.assert_array_equal(rows, ref.astype(dtype)[ids])
-    scheme = Scheme(bits, block, "float32", "int" if zero_points else "none")
-    tensors = {"W.qweight": b, "W.scales": scales.astype(np.float32), "W.qzeros": zp}
+    scheme = Scheme(bits, block, np.dtype(dtype).name, "int" if zero_points else "none")  # (scales as stored)
+    tensors = {"W.qweight": b, "W.scales": scales.astype(np.float32), "W.qzeros": zp}  # (read as float32)
     parts = repack("matmul_nbits", "W", scheme, k, tensors.__getitem__)
     np.testing.assert_array_equal(dequantize(parts, scheme, k).astype(np.float32), ref)  # (one rounding of s (u - z))
 

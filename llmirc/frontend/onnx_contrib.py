@@ -677,16 +677,18 @@ def matmul_nbits_weight(b, scales, zero_points, k: int, bits: int, block: int) -
     return (codes.astype(np.float32) - zero) * np.repeat(s, block, 1)
 
 
-def packed_weight(name: str, b_shape: tuple, b_dtype, scales_size: int, zero_points, k: int, bits: int, block: int):
+def packed_weight(name: str, b_shape: tuple, b_dtype, scales, zero_points, k: int, bits: int, block: int):
     """The `llmir.packed_weight` [N, k] of a MatMulNBits / GatherBlockQuantized weight whose stored codes
-    are the initializer `name`, of this shape and dtype (zero points: none when absent or all
-    2^(bits-1)). Raises ValueError for a layout `matmul_nbits_parts` does not read, found from the
+    are the initializer `name`, of this shape and dtype, its scales of the type of the value `scales`
+    (the stored one: float16, bfloat16 or float32; float32 for another), zero points none when absent or
+    all 2^(bits-1). Raises ValueError for a layout `matmul_nbits_parts` does not read, found from the
     shapes (and the zero points' values)."""
     from llmirc import dialect as L
 
-    if problem := matmul_nbits_problem(b_shape, b_dtype, scales_size, k, bits, block):
+    if problem := matmul_nbits_problem(b_shape, b_dtype, int(np.prod(L.shape_of(scales))), k, bits, block):
         raise ValueError(problem)
     zeros = None if zero_points is None else _zero_points(zero_points, b_shape[0], k // block, bits)
     zero = "none" if zeros is None or (zeros == 1 << (bits - 1)).all() else "int"
-    qtype = L.QuantType(bits, block, L.FLOAT_TYPES["float32"], zero, False)
+    scale = scales.type.element_type
+    qtype = L.QuantType(bits, block, scale if L.is_float(scale) else L.FLOAT_TYPES["float32"], zero, False)
     return L.PackedWeightOp(name, "matmul_nbits", (b_shape[0], k), qtype)

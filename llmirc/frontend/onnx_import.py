@@ -8,8 +8,10 @@ shape with `?` for the dims that grow with S.
 
 Half-precision exports (float16, bfloat16: `model.half()` before `torch.onnx.export`) are
 computed in float32, as f16/bf16 safetensors checkpoints are: the importer sees every f16/bf16
-tensor type, initializer, constant and Cast target as float32. Their linear and embedding
-weights are stored in the export's type again (`half_dtype`, `--dtype auto`), losslessly.
+tensor type, initializer, constant and Cast target as float32 (but for the scales of
+MatMulNBits / GatherBlockQuantized weights: their llmir.weight has the stored type, which the packed
+weight keeps). Their linear and embedding weights are stored in the export's type again
+(`half_dtype`, `--dtype auto`), losslessly.
 
 Untrusted input: external data paths must stay in the model's folder and lie within their
 files; nothing is unpickled.
@@ -456,12 +458,18 @@ def _emit(ckpt: OnnxCheckpoint, nodes: list[Node], roles: dict, probes: list[dic
     block = forward.body.block
     values: dict[str, SSAValue] = dict(zip(inputs, block.args))
     producers = {k: n for n in nodes for k in n.outputs}
+    scales = {v for k, v in ckpt.packed_parts.items() if k.endswith(".scales") and v in ckpt.initializers}
 
     def constant(key: str) -> SSAValue:
         """A folded value (initializer or computed) as llmir.constant (small), llmir.weight, or the
         llmir.transpose of an initializer's llmir.weight (a tied embedding that transposes the LM head's
-        MatMul weight, as onnxruntime-genai's builder writes it: then stored once, with the head's)."""
+        MatMul weight, as onnxruntime-genai's builder writes it: then stored once, with the head's). A
+        packed weight's scales are an llmir.weight of their stored type (float16 too): the packed weight's."""
         av = probes[0][key]
+        if key in scales:
+            op = L.WeightOp(key, av.shape, element_type(onnx_ops.DTYPES[ckpt.initializers[key].data_type]))
+            block.add_op(op)
+            return op.result
         src = producers.get(key)
         if src is not None and src.op_type == "Transpose" and src.inputs[0] in ckpt.initializers and \
                 len(av.shape) == 2 and list(src.attrs.get("perm") or [1, 0]) == [1, 0] and \

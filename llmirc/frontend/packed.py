@@ -18,7 +18,7 @@ linear of k inputs and n outputs, b bits, groups of g inputs (g = -1: one group 
 * matmul_nbits (onnxruntime's com.microsoft.MatMulNBits, as onnxruntime-genai's builder writes int4
   and int8 models): B uint8 [n, k / g, g b / 8], scales [n k / g], zero_points uint8 packed alike
   (absent: 2^(b-1)); read by frontend/onnx_contrib.py `matmul_nbits_parts`, kept as 4 / 8-bit
-  codes, float32 scales (a float16 model's exactly), uint8 zero points.
+  codes, scales in their stored dtype (the packed weight's scale type, from the importer), uint8 zero points.
 
 * gguf (llama.cpp's block formats, unpacked by frontend/gguf_quants.py into codes, float32
   scales and offsets per group): repacked per format as below (GGUF_SCHEMES); the bits per
