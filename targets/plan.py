@@ -27,6 +27,7 @@ lowers those ops to generic kernels. Their buffers share the workspace and its l
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -676,7 +677,7 @@ def _weight_expr(v: SSAValue) -> tuple[tuple, str]:
         d = _ir_dtype(v)
         tag = "" if d == "float32" else f".{d}"
         return (("value", value.tobytes(), value.shape, d),
-                f"constant{tag}.{hash((value.tobytes(), value.shape)) & 0xffffffff:08x}")
+                f"constant{tag}.{hashlib.sha256(repr(value.shape).encode() + value.tobytes()).hexdigest()[:8]}")
     if isinstance(op, L.TransposeOp):
         expr, name = _weight_expr(op.input)
         return ("transpose", expr), name + ".T"
