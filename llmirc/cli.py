@@ -217,7 +217,9 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
     if quant_method == "rtn" and quant_smooth is None and _given("calibration_tokens"):
         click.echo("warning: --calibration-tokens has no effect without --quant-method gptq|autoround or "
                    "--quant-smooth", err=True)
-    if dequantize and not (Path(model).suffix == ".gguf" and Path(model).is_file()):
+    from llmirc.frontend import is_gguf
+
+    if dequantize and not is_gguf(model):
         click.echo("warning: --dequantize has no effect: it expands a GGUF file's quantized blocks", err=True)
     variants = tuple(v.strip() for v in cpu_variants.split(",") if v.strip())
     targets = tuple(t.strip() for t in target.split(",") if t.strip())

@@ -253,6 +253,15 @@ def test_context_is_named_by_its_metadata_key(good_file):
     assert context.why == "good.gguf llama.context_length" and context.tokens == 512
 
 
+def test_a_gguf_file_is_known_by_its_magic_whatever_its_name(tmp_path, good_file):
+    """llama.cpp reads a GGUF file by its content: Ollama's model blobs are named sha256-<digest>."""
+    blob = tmp_path / "sha256-6a0746a1ec1a"
+    blob.write_bytes(good_file.read_bytes())
+    src = open_source(blob)
+    assert src.kind == "gguf" and src.arch == "llama"
+    src.close()
+
+
 def test_bad_files_are_refused_with_one_line(tmp_path, good_file):
     data = good_file.read_bytes()
 

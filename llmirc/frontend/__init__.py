@@ -26,6 +26,23 @@ def build_graph(spec: Spec, check: ShapeCheck, has_tensor: Callable[[str], bool]
     return build_decoder(spec, check, has_tensor, packed)
 
 
+def is_gguf(path) -> bool:
+    """A .gguf file, or a file of another name beginning with GGUF's magic (as llama.cpp reads it:
+    Ollama keeps its models as `blobs/sha256-...`)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def open_source(path, dequantize: bool = False):
     """The compiler's input: a Hugging Face checkpoint directory, an .onnx file or a .gguf file.
 
@@ -41,7 +58,7 @@ def open_source(path, dequantize: bool = False):
         from .onnx_import import OnnxCheckpoint
 
         return OnnxCheckpoint(path)
-    if path.is_file() and path.suffix == ".gguf":
+    if is_gguf(path):
         from .gguf_checkpoint import GgufCheckpoint
 
         return GgufCheckpoint(path, dequantize=dequantize)
