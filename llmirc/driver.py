@@ -448,6 +448,8 @@ def _check_tokenizer(source, progress: Progress) -> int | None:
     if "tokenizer.json" in files:
         tokenizer = Tokenizer.from_bundle_dir(files["tokenizer.json"].parent)
         template = ChatTemplate.from_folder(files["tokenizer.json"].parent, tokenizer.special_tokens_map)
+        if template is not None and source.kind == "gguf":  # (written to a scratch folder from the metadata)
+            template.name = f"{source.path}: tokenizer.chat_template"
         if template is not None and importlib.util.find_spec("jinja2") is not None:
             template.check()
         return max(tokenizer.backend.get_vocab(with_added_tokens=True).values(), default=None)

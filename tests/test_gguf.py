@@ -179,6 +179,22 @@ def test_compile_notes_a_missing_tokenizer_only_when_the_file_has_none(tmp_path)
         assert ("no tokenizer.json" in log.getvalue()) == noted, log.getvalue()
 
 
+def test_a_broken_chat_template_is_named_by_the_file_and_key(tmp_path):
+    """The template is checked from a scratch copy: the error names the GGUF file's metadata key, not that copy."""
+    from llmirc.driver import CompileOptions, Progress, compile_model
+    from llmirc.errors import LlmircError
+
+    pytest.importorskip("jinja2")
+    make_tokenizer(tmp_path / "tok", 384)
+    meta = bpe_tokenizer_metadata(tmp_path / "tok" / "tokenizer.json", "gpt-2",
+                                  **{"tokenizer.chat_template": "{% for %}"})
+    path = _gguf_with_tokenizer(tmp_path, meta)
+    with pytest.raises(LlmircError) as e:
+        compile_model(path, tmp_path / "m.llmir", CompileOptions(cpu_variants=("native",)), Progress(None))
+    assert str(e.value).startswith(f"{path}: tokenizer.chat_template: line 1: "), str(e.value)
+    assert not (tmp_path / "m.llmir").exists()
+
+
 def test_smollm_pre_tokenizer_splits_digits_like_the_original(tmp_path):
     """llama.cpp's "smollm" pre-tokenizer splits digits one by one before the GPT-2 regex, as the
     original SmolLM2 tokenizer.json does (transformers' GGUF conversion does not know the name)."""
