@@ -80,17 +80,18 @@ def hf_to_gguf_names(config, arch: str) -> dict[str, str]:
 
 
 def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokenizer: dict | None = None,
-               seed: int = 0, extra_tensors: dict | None = None) -> Path:
+               seed: int = 0, extra_tensors: dict | None = None, split_max_tensors: int = 0) -> Path:
     """Writes `model` (a transformers model of llama/mistral/qwen2/qwen3/gpt2) to a GGUF file at `path`
     with its 2-D weights stored as `kind` (several kinds: taken in turn, matrix by matrix), and loads the values the
     file holds back into `model`, so that model is the float32 reference of the file.
-    tokenizer: `tokenizer.*` metadata; extra_tensors: written as they are (float32)."""
+    tokenizer: `tokenizer.*` metadata; extra_tensors: written as they are (float32); split_max_tensors: split the
+    model as llama.cpp's gguf-split does, into `path`'s stem-0000i-of-0000N.gguf files of at most that many tensors."""
     import torch
 
     rng = np.random.default_rng(seed)
     c = model.config
     arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}[c.model_type]
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)

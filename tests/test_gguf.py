@@ -278,6 +278,24 @@ def test_a_gguf_file_is_known_by_its_magic_whatever_its_name(tmp_path, good_file
     src.close()
 
 
+def test_a_split_model_is_read_from_its_first_file(tmp_path):
+    """gguf-split's NAME-00001-of-0000N.gguf: the first file names the others, as llama.cpp loads them."""
+    model = make_checkpoint(tmp_path / "ckpt", "llama")
+    write_gguf(model, tmp_path / "m.gguf", "Q8_0", split_max_tensors=8)
+    parts = sorted(tmp_path.glob("m-*.gguf"))
+    assert [p.name for p in parts] == [f"m-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    src = open_source(parts[0])
+    src.module()
+    assert src.unused_tensors() == []
+    reference = model.state_dict()
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
+        np.testing.assert_array_equal(src.float32(name), reference[name].numpy())
+    src.close()
+    assert "compile the first, m-00001-of-00003.gguf" in _open_error(parts[1])
+    parts[2].rename(tmp_path / "elsewhere.gguf")
+    assert "split 3 of 3 of the model, m-00003-of-00003.gguf, is missing" in _open_error(parts[0])
+
+
 def test_bad_files_are_refused_with_one_line(tmp_path, good_file):
     data = good_file.read_bytes()
 

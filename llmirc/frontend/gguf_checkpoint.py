@@ -16,6 +16,9 @@ half-split (`neox`) rope; Qwen2 and GPT-2 files are not permuted. GPT-2 projecti
 Llama-3 rope scaling arrives as the `rope_freqs.weight` tensor (per-frequency divisors), folded
 into the rotary frequencies.
 
+A model split by gguf-split (`NAME-00001-of-0000N.gguf`, ...) is read from its first file, which holds
+the metadata; the other files' tensors join it (_open_splits), as llama.cpp loads them.
+
 Tensor types: F32/F16/BF16 tensors keep their type (`read` returns them as stored, like safetensors
 weights; `--dtype` can still cast them). The block-quantized formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) are kept quantized: their matrices (linears, the
@@ -135,8 +138,10 @@ class GgufCheckpoint:
             self.meta = {k: f.contents() for k, f in self._reader.fields.items() if not k.startswith("GGUF.")}
         except Exception as e:  # noqa: BLE001 (third-party parser of untrusted input)
             raise CheckpointError(f"{path}: not a readable GGUF file: {_why_unreadable(path, e)}") from None
+        self._readers = {path: self._reader}  # the files of a split model (_open_splits), the first given
         self._tensors = {t.name: t for t in self._reader.tensors}
         self._used: set[str] = set()  # the tensors looked at so far (_gguf_name, _stored, _packed)
+        self._open_splits()
         self._check_bounds()
         self.arch = self._get("general.architecture", str)
         if self.arch not in ARCHITECTURES:
@@ -179,16 +184,55 @@ class GgufCheckpoint:
 
     # -- reading the file ---------------------------------------------------------------------
 
+    def _open_splits(self) -> None:
+        """A model split by llama.cpp's gguf-split (`NAME-00001-of-0000N.gguf`, `split.count` N): the
+        other files' tensors join the first's, as llama.cpp loads them given the first file. The
+        metadata is the first file's (the others hold only `split.*`)."""
+        count, no = self.meta.get("split.count", 1), self.meta.get("split.no", 0)
+        if count == 1:
+            return
+        name = re.fullmatch(r"(.*)-(\d{5})-of-(\d{5})\.gguf", self.path.name)
+        if not isinstance(count, int) or not isinstance(no, int) or not 0 <= no < count:
+            raise CheckpointError(f"{self.path}: split.no {no!r} of split.count {count!r} is not a split of a model")
+        if name is None or (int(name[2]), int(name[3])) != (no + 1, count):
+            raise CheckpointError(f"{self.path}: split {no + 1} of {count} of a model split by gguf-split, not named "
+                                  f"as one (NAME-{no + 1:05d}-of-{count:05d}.gguf), so its other files cannot be found")
+        if no != 0:
+            raise CheckpointError(f"{self.path}: split {no + 1} of {count} of a model split by gguf-split: compile "
+                                  f"the first, {name[1]}-00001-of-{count:05d}.gguf (it reads the others)")
+        for i in range(1, count):
+            part = self.path.with_name(f"{name[1]}-{i + 1:05d}-of-{count:05d}.gguf")
+            if not part.is_file():
+                raise CheckpointError(f"{self.path}: split {i + 1} of {count} of the model, {part.name}, is missing")
+            try:
+                reader = GGUFReader(part, "r")
+            except Exception as e:  # noqa: BLE001 (third-party parser of untrusted input)
+                raise CheckpointError(f"{part}: not a readable GGUF file: {_why_unreadable(part, e)}") from None
+            fields = {k: reader.fields[k].contents() for k in ("split.no", "split.count") if k in reader.fields}
+            if fields != {"split.no": i, "split.count": count}:
+                raise CheckpointError(f"{part}: its split.no and split.count are {fields}, not split {i + 1} of "
+                                      f"{count} as its name says")
+            self._readers[part] = reader
+            for t in reader.tensors:
+                if t.name in self._tensors:
+                    raise CheckpointError(f"{part}: tensor '{t.name}' is in another split of the model too")
+                self._tensors[t.name] = t
+        declared = self.meta.get("split.tensors.count")
+        if declared is not None and declared != len(self._tensors):
+            raise CheckpointError(f"{self.path}: split.tensors.count is {declared!r}, but the {count} splits hold "
+                                  f"{len(self._tensors)} tensors")
+
     def _check_bounds(self) -> None:
-        """Every tensor's data aligned, inside the file and not overlapping another's."""
-        size, end, previous = self.path.stat().st_size, 0, None
-        for t in sorted(self._tensors.values(), key=lambda t: t.data_offset):
-            if t.data_offset % self._reader.alignment or t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-                raise CheckpointError(f"{self.path}: tensor '{t.name}' data (offset {t.data_offset}, "
-                                      f"{t.n_bytes} bytes) is misaligned or past the end of the file ({size} bytes)")
-            if t.data_offset < end:
-                raise CheckpointError(f"{self.path}: tensor '{t.name}' data overlaps tensor '{previous}'")
-            end, previous = t.data_offset + t.n_bytes, t.name
+        """Every tensor's data aligned, inside its file and not overlapping another's."""
+        for path, reader in self._readers.items():
+            size, end, previous = path.stat().st_size, 0, None
+            for t in sorted(reader.tensors, key=lambda t: t.data_offset):
+                if t.data_offset % reader.alignment or t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+                    raise CheckpointError(f"{path}: tensor '{t.name}' data (offset {t.data_offset}, {t.n_bytes} "
+                                          f"bytes) is misaligned or past the end of the file ({size} bytes)")
+                if t.data_offset < end:
+                    raise CheckpointError(f"{path}: tensor '{t.name}' data overlaps tensor '{previous}'")
+                end, previous = t.data_offset + t.n_bytes, t.name
 
     def _get(self, key: str, kind: type, default=_MISSING):
         value = self.meta.get(key, _MISSING)
@@ -439,13 +483,15 @@ class GgufCheckpoint:
                 if (folder / n).is_file()]
 
     def fingerprint(self) -> str:
-        """sha256 over the file's name, size and first 64 KiB (its header).
+        """sha256 over the file's name, size and first 64 KiB (its header); of each file, for a split model.
 
         Cheap identification of the source; the bundle's own weights carry full checksums."""
-        h = hashlib.sha256(self.path.name.encode())
-        h.update(str(self.path.stat().st_size).encode())
-        with open(self.path, "rb") as fh:
-            h.update(fh.read(1 << 16))
+        h = hashlib.sha256()
+        for path in self._readers:
+            h.update(path.name.encode())
+            h.update(str(path.stat().st_size).encode())
+            with open(path, "rb") as fh:
+                h.update(fh.read(1 << 16))
         return h.hexdigest()
 
     def drop_pages(self) -> None:
