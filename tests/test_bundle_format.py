@@ -435,6 +435,9 @@ def test_not_a_directory(tmp_path):
     (tmp_path / "file.llmir").write_text("x")
     expect(tmp_path / "file.llmir", "not an llmir bundle directory")
     expect(tmp_path / "nothing", "no such file or directory")
+    (tmp_path / "model.gguf").write_bytes(b"GGUF" + bytes(20))  # llama.cpp's users run their files directly
+    expect(tmp_path / "model.gguf", "a GGUF file, not an llmir bundle directory: compile it into one first (llmirc "
+           f"compile {tmp_path / 'model.gguf'} -o model.llmir)")
 
 
 def test_bundle_accessors_only_serve_listed_files(bundle):
