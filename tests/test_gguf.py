@@ -278,6 +278,14 @@ def test_a_gguf_file_is_known_by_its_magic_whatever_its_name(tmp_path, good_file
     src.close()
 
 
+def test_a_folder_of_gguf_files_names_them(tmp_path):
+    """A folder as a Hugging Face repository of GGUF files comes: not a checkpoint, so which file to compile."""
+    (tmp_path / "other.gguf").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r": a folder of GGUF files \(other.gguf\), not a checkpoint \(no "
+                                              rf"config.json\): compile one file, e.g. {tmp_path / 'other.gguf'}$"):
+        open_source(tmp_path)
+
+
 def test_a_split_model_is_read_from_its_first_file(tmp_path):
     """gguf-split's NAME-00001-of-0000N.gguf: the first file names the others, as llama.cpp loads them."""
     model = make_checkpoint(tmp_path / "ckpt", "llama")

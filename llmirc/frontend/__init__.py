@@ -65,6 +65,10 @@ def open_source(path, dequantize: bool = False):
     if path.is_file():
         raise CheckpointError(f"{path}: not a checkpoint directory (config.json + safetensors), "
                               "an .onnx file nor a .gguf file")
+    ggufs = sorted(p.name for p in path.glob("*.gguf")) if not (path / "config.json").exists() else []
+    if ggufs:  # a folder as llama.cpp's models come (a Hugging Face repository of GGUF files)
+        raise CheckpointError(f"{path}: a folder of GGUF files ({', '.join(ggufs[:3])}{', ...' * (len(ggufs) > 3)}), "
+                              f"not a checkpoint (no config.json): compile one file, e.g. {path / ggufs[0]}")
     from .checkpoint import Checkpoint
 
     return Checkpoint(path)
