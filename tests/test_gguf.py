@@ -256,6 +256,14 @@ def _open_error(path, **kw) -> str:
     return message
 
 
+def _with_alignment(data: bytes, alignment: int) -> bytes:
+    """A GGUF file's bytes with a general.alignment key (uint32) added before its other keys."""
+    kv_count = struct.unpack_from("<Q", data, 16)[0]
+    key = b"general.alignment"
+    entry = struct.pack("<Q", len(key)) + key + struct.pack("<II", gguf.GGUFValueType.UINT32, alignment)
+    return data[:16] + struct.pack("<Q", kv_count + 1) + entry + data[24:]
+
+
 def _tensor_info_offset(data: bytes, name: str) -> int:
     """Byte offset of tensor `name`'s info record (name length, name, dims...) in a GGUF header."""
     key = struct.pack("<Q", len(name)) + name.encode()
@@ -317,7 +325,8 @@ def test_bad_files_are_refused_with_one_line(tmp_path, good_file):
                                ("version.gguf", data[:4] + struct.pack("<I", 99) + data[8:], "GGUF version 99"),
                                ("header.gguf", data[:200], "its header (metadata and tensor table) is truncated"),
                                ("truncated.gguf", data[:len(data) - 1000], "a tensor's data runs past the end"),
-                               ("empty.gguf", b"", "it is empty")]:
+                               ("empty.gguf", b"", "it is empty"),
+                               ("alignment.gguf", _with_alignment(data, 3), "its general.alignment is not a power of two")]:
         message = _open_error(variant(name, content))
         assert f"not a readable GGUF file: {why}" in message, message
         assert not any(w in message for w in ("array", "axis", "dtype", "index")), message

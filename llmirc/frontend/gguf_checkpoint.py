@@ -113,6 +113,8 @@ def _why_unreadable(path: Path, e: Exception) -> str:
         return f"it begins with {head[:4]!r}, not with GGUF's magic b'GGUF'"
     if "version" in str(e):
         return f"GGUF version {int.from_bytes(head[4:8], 'little')}, which the gguf reader cannot read"
+    if "Invalid alignment" in str(e):
+        return "its general.alignment is not a power of two"
     unknown = re.fullmatch(r"(?:np\.uint32\()?(\d+)\)? is not a valid GGMLQuantizationType", str(e))
     if unknown:
         return f"a tensor has type id {unknown[1]}, which the gguf reader does not know"
