@@ -158,7 +158,7 @@ def stage_bench(model_name: str, quant: str, kv: str, target: str = "cuda", opti
     bundle, result = compiled_bundle(model_name, quant, kv, target, option)
     result["option"] = option
     t0 = time.perf_counter()
-    model = load(bundle, max_batched_tokens=PROMPT, max_num_seqs=32, enable_prefix_caching=False,
+    model = load(bundle, max_num_batched_tokens=PROMPT, max_num_seqs=32, enable_prefix_caching=False,
                  kv_cache_tokens=None if target == "cuda" else 32 * (DECODE_PROMPT + 2 * DECODE_STEPS))
     result["load_s"] = time.perf_counter() - t0
     assert model.executor.kind == target, model.target_notes

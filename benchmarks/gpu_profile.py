@@ -151,7 +151,7 @@ def profile_step(ex, inputs, replays: int = 5) -> dict:
 
 def profile_bundle(bundle, cases=("decode_b1", "decode_b32", "prefill")) -> dict:
     from llmirc.runtime.model import load
-    model = load(bundle, max_batched_tokens=PROMPT, max_num_seqs=32, enable_prefix_caching=False)
+    model = load(bundle, max_num_batched_tokens=PROMPT, max_num_seqs=32, enable_prefix_caching=False)
     try:
         ex = model.executor
         out = {}

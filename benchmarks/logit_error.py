@@ -20,7 +20,7 @@ from llmirc.runtime import load
 
 
 def logits(bundle: Path, ids: list[int]) -> np.ndarray:
-    model = load(bundle, kv_cache_tokens=len(ids), max_batched_tokens=len(ids), max_num_seqs=1)
+    model = load(bundle, kv_cache_tokens=len(ids), max_num_batched_tokens=len(ids), max_num_seqs=1)
     return np.asarray(model.score(ids), np.float64)
 
 

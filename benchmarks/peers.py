@@ -208,7 +208,7 @@ def _llmirc(model, prompt, new, prefill, threads, batch):
     from llmirc.runtime.bench import decode_bytes_per_step
 
     m = load(model, kv_cache_tokens=max(len(prefill), batch * (len(prompt) + new)) + 64,
-             max_batched_tokens=max(len(prefill), batch * len(prompt)), max_num_seqs=batch, threads=threads,
+             max_num_batched_tokens=max(len(prefill), batch * len(prompt)), max_num_seqs=batch, threads=threads,
              enable_prefix_caching=False)  # else the timed prefill finds the warm-up's blocks and skips the work
     m.generate([prefill], max_new_tokens=1)  # warm-up
     t = time.perf_counter()

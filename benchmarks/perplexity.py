@@ -40,7 +40,7 @@ DEFAULT_ENGINES = "llmirc:bf16,llmirc:int8,llmirc:int4-g128,llama.cpp:Q8_0,llama
 def llmirc_scorer(bundle: Path, context: int, threads: int):
     from llmirc.runtime import load
 
-    model = load(bundle, kv_cache_tokens=context, max_batched_tokens=context, max_num_seqs=1, threads=threads)
+    model = load(bundle, kv_cache_tokens=context, max_num_batched_tokens=context, max_num_seqs=1, threads=threads)
     return model.score
 
 

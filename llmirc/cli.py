@@ -659,7 +659,7 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
         if asked != dtype:
             raise LlmircError(f"--kv-cache-dtype {kv_cache_dtype}: this bundle's KV cache is {dtype} (the cache "
                               "dtype is chosen when compiling: llmirc compile --kv-cache-dtype)")
-    model = _load(bundle, kv_cache_tokens, no_verify, max_batched_tokens=max_num_batched_tokens,
+    model = _load(bundle, kv_cache_tokens, no_verify, max_num_batched_tokens=max_num_batched_tokens,
                   max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
                   threads=threads, target=target, gpu_memory_utilization=gpu_memory_utilization or 0.9,
                   num_scheduler_steps=num_scheduler_steps)
@@ -883,7 +883,7 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
         declared = declared_model(bundle).get("max_position_embeddings")
         if isinstance(declared, int) and not isinstance(declared, bool) and 0 < declared < context:
             raise LlmircError(f"--context {context} exceeds the model's context of {declared} tokens")
-    model = _load(bundle, context, no_verify=False, max_batched_tokens=context, max_num_seqs=1, threads=threads,
+    model = _load(bundle, context, no_verify=False, max_num_batched_tokens=context, max_num_seqs=1, threads=threads,
                   target=target)
     if model.tokenizer is None:
         raise LlmircError(f"{bundle}: the bundle has no tokenizer")

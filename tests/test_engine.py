@@ -86,7 +86,7 @@ def collect(engine, prompts, params):
 
 
 def test_greedy_batch_matches_reference_and_frees_everything():
-    engine, _ = make(max_num_seqs=3, max_batched_tokens=8)
+    engine, _ = make(max_num_seqs=3, max_num_batched_tokens=8)
     prompts = [[1, 2, 3], [4] * 11, [5, 6], [1, 2, 3, 7]]
     params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)] * 4
     out = collect(engine, prompts, params)
@@ -105,7 +105,7 @@ def test_greedy_decode_runs_match_single_steps():
     stop = reference[3][4]  # the fourth request stops at its fifth token (or earlier, at an equal one)
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (13, 5, 11, 13, 2)]
     params[3] = SamplingParams(max_tokens=13, temperature=0, ignore_eos=True, stop_token_ids=(stop,))
-    engine, executor = make(executor_class=FakeRunExecutor, max_num_seqs=5, max_batched_tokens=8)
+    engine, executor = make(executor_class=FakeRunExecutor, max_num_seqs=5, max_num_batched_tokens=8)
     out = collect(engine, prompts, params)
     assert max(executor.runs) >= 4 and engine.scheduler.allocator.num_available == 64
     for i, p in enumerate(params):
@@ -179,7 +179,7 @@ def test_logprobs_and_prompt_logprobs_are_log_softmax_of_the_logits():
 
 
 def test_threads_add_and_abort_while_the_loop_runs():
-    engine, _ = make(num_blocks=24, max_num_seqs=4, max_batched_tokens=16)
+    engine, _ = make(num_blocks=24, max_num_seqs=4, max_num_batched_tokens=16)
     engine.start()
     results, errors = {}, []
     done = threading.Event()

@@ -233,7 +233,7 @@ def test_executor_matches_cpu_target(bundle):
     on the same inputs: every logits row close, and no fused prologue (gpu_fusions is off by default)."""
     b = open_bundle(bundle)
     driver = Emulated(b)
-    gpu = GpuExecutor(b, driver, max_context=CONTEXT, max_batched_tokens=64, max_num_seqs=4,
+    gpu = GpuExecutor(b, driver, max_context=CONTEXT, max_num_batched_tokens=64, max_num_seqs=4,
                       kv_cache_tokens=2 * BLOCKS * BLOCK_SIZE)
     assert gpu.block_size == BLOCK_SIZE
     # the split paths run: split-K in the prefill's and the decode's down_proj, two attention splits in decode
@@ -271,7 +271,7 @@ def test_engine_greedy_matches_cpu_target(bundle, monkeypatch):
         want = model.generate(prompts, 6, ignore_eos=True)
     driver = Emulated(open_bundle(bundle))
     monkeypatch.setitem(gpu_drivers.DRIVERS, "cuda", lambda: driver)
-    with load(bundle, target="cuda", kv_cache_tokens=256, max_batched_tokens=64, max_num_seqs=4) as model:
+    with load(bundle, target="cuda", kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4) as model:
         assert model.executor.kind == "cuda"
         got = model.generate(prompts, 6, ignore_eos=True)
         assert ("run", 4) in model.executor.graphs and "advance_step_kernel" in driver.launched

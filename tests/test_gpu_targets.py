@@ -752,7 +752,7 @@ def test_cuda_and_hip_share_one_executor(llama):
     kernels = {}
     for kind, arch in (("cuda", "sm_90"), ("hip", "gfx942")):
         driver = _recording_driver(kind, arch)
-        ex = GpuExecutor(bundle, driver, max_context=64, max_batched_tokens=32, max_num_seqs=4)
+        ex = GpuExecutor(bundle, driver, max_context=64, max_num_batched_tokens=32, max_num_seqs=4)
         assert ex.kind == kind and ex.target["name"] == f"{kind}-{arch}"
         # prefill of 5 tokens, one sequence: no graph
         driver.log.clear()
@@ -817,7 +817,7 @@ def test_pdl_kernels_are_launched_with_it(llama, tmp_path):
     for version, expected in ((13000, True), (12020, False)):
         driver = _recording_driver("cuda", "sm_90")
         driver.open = (lambda open_: lambda ordinal=0: dict(open_(ordinal), driver_version=version))(driver.open)
-        ex = GpuExecutor(open_bundle(bundle), driver, max_context=64, max_batched_tokens=32, max_num_seqs=4)
+        ex = GpuExecutor(open_bundle(bundle), driver, max_context=64, max_num_batched_tokens=32, max_num_seqs=4)
         key_of = {f: k for k, f in ex.functions.items()}
         ex.forward(np.arange(5, dtype=np.int32), np.arange(5, dtype=np.int32), np.arange(5, dtype=np.int32),
                    np.zeros((1, 4), np.int32), np.array([5], np.int32), np.array([0, 5], np.int32),
@@ -845,7 +845,7 @@ def test_multi_step_decode_is_one_graph_per_bucket(llama, monkeypatch):
     from llmirc.runtime.model import load
     tmp, _, _ = llama
     driver = _recording_driver("cuda", "sm_90")
-    ex = GpuExecutor(open_bundle(tmp / "m.llmir"), driver, max_context=256, max_batched_tokens=32, max_num_seqs=4)
+    ex = GpuExecutor(open_bundle(tmp / "m.llmir"), driver, max_context=256, max_num_batched_tokens=32, max_num_seqs=4)
     assert ex.supports_greedy_runs and ex.run_bucket == 4
     bs, nb = ex.block_size, -(-(6 + MAX_RUN) // ex.block_size)
     tables = np.arange(3 * nb, dtype=np.int32).reshape(3, nb)
@@ -955,7 +955,7 @@ def test_gpu_quantized_kv_cache(tmp_path, cache, gpu_load, kv_dtype):
     model = make_checkpoint(tmp_path / "ckpt", "llama", **OVERRIDES)
     _compile(tmp_path / "ckpt", tmp_path / "m.llmir", targets=("cuda",), kv_cache_dtype=kv_dtype,
              archs=("sm_90",) if kv_dtype == "fp8" else ())
-    compiled = gpu_load(tmp_path / "m.llmir", max_batched_tokens=13, max_num_seqs=2)
+    compiled = gpu_load(tmp_path / "m.llmir", max_num_batched_tokens=13, max_num_seqs=2)
     assert compiled.bundle.manifest["kv_cache"]["dtype"] == {"int8": "int8", "fp8": "float8_e4m3fn"}[kv_dtype]
     seq = TOKENS + TOKENS[::-1]
     got = compiled.score(seq)

@@ -115,8 +115,8 @@ def test_a_sequence_gets_the_same_logprobs_whatever_its_batch(tmp_path):
     alone = run([target], threads=1)
     assert len(alone) == 610
     # the other prompts' seeds are seed + their index; the target's is seed + 0 in both runs
-    crowd = run([target, [0, 3, 9], list(range(40, 97)), [5] * 200], threads=2, max_batched_tokens=24, max_num_seqs=4,
-                kv_cache_tokens=4096)
+    crowd = run([target, [0, 3, 9], list(range(40, 97)), [5] * 200], threads=2, max_num_batched_tokens=24,
+                max_num_seqs=4, kv_cache_tokens=4096)
     assert crowd == alone
 
 
@@ -205,7 +205,7 @@ def test_sharded_checkpoint_chunked_prefill_small_cache(tmp_path):
     bundle = compile_to(tmp_path / "ckpt", tmp_path / "m.llmir")
     # A token budget smaller than the prompts forces chunked prefill mixed with decode steps;
     # a cache of 8 blocks of 16 tokens forces the third prompt to wait for the first two.
-    check_model(model, bundle, max_batched_tokens=8, max_num_seqs=4, kv_cache_tokens=128)
+    check_model(model, bundle, max_num_batched_tokens=8, max_num_seqs=4, kv_cache_tokens=128)
 
 
 def test_without_fusion_passes_same_result(tmp_path):

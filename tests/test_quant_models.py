@@ -170,7 +170,7 @@ def test_int8_kv_cache(tmp_path, checkpoint):
     as a block fills) in prefill, chunked prefill and decode."""
     ckpt, model = checkpoint
     bundle = compile_to(ckpt, tmp_path / "kv8.llmir", kv_cache_dtype="int8")
-    compiled = load(bundle, max_batched_tokens=13, max_num_seqs=2)  # prefill in chunks of 13 tokens
+    compiled = load(bundle, max_num_batched_tokens=13, max_num_seqs=2)  # prefill in chunks of 13 tokens
     assert compiled.bundle.manifest["kv_cache"]["dtype"] == "int8"
     seq = TOKENS + TOKENS[::-1]
     ref = hf_logits(model, seq)

@@ -66,7 +66,7 @@ def check_step(step, sched, scoring=False):
     assert step.positions.shape == step.slot_mapping.shape == (T,) and qsl.shape == (B + 1,)
     assert step.block_tables.shape[0] == B and len(step.request_ids) == len(step.logits_indices)
     assert qsl[0] == 0 and qsl[-1] == T and (np.diff(qsl) > 0).all()
-    assert T <= sched.max_batched_tokens
+    assert T <= sched.max_num_batched_tokens
     bs = sched.block_size
     for b in range(B):
         pos = step.positions[qsl[b]:qsl[b + 1]]
@@ -149,7 +149,7 @@ def test_single_request_arrays():
 
 
 def test_chunked_prefill_only_last_chunk_has_logits():
-    sched, model = make(max_batched_tokens=4, max_num_seqs=2)
+    sched, model = make(max_num_batched_tokens=4, max_num_seqs=2)
     sched.add_request(list(range(1, 11)), 2, ignore_eos=True)
     steps = []
     for _ in range(3):
@@ -163,7 +163,7 @@ def test_chunked_prefill_only_last_chunk_has_logits():
 
 
 def test_decode_and_prefill_mix_in_one_step():
-    sched, model = make(max_batched_tokens=6, max_num_seqs=4)
+    sched, model = make(max_num_batched_tokens=6, max_num_seqs=4)
     a = sched.add_request([1, 2, 3], 5, ignore_eos=True)
     step = sched.schedule()
     sched.commit(step, model.forward(step).argmax(-1))
@@ -213,8 +213,8 @@ def test_add_time_rejections():
     fresh, _ = make()
     fresh.add_request([1], 1, request_id=0)
     assert fresh.add_request([1], 1) == 1  # fresh ids skip the ones callers chose
-    with pytest.raises(LlmircError, match="max_batched_tokens"):
-        Scheduler(4, 4, 20, max_batched_tokens=8, max_num_seqs=16)
+    with pytest.raises(LlmircError, match="max_num_batched_tokens"):
+        Scheduler(4, 4, 20, max_num_batched_tokens=8, max_num_seqs=16)
 
 
 @pytest.mark.parametrize("caching", [False, True])
@@ -251,7 +251,7 @@ def test_preempted_request_resumes_from_its_cached_blocks():
 
 
 def test_max_num_seqs_caps_the_batch():
-    sched, model = make(max_num_seqs=2, max_batched_tokens=64)
+    sched, model = make(max_num_seqs=2, max_num_batched_tokens=64)
     for i in range(5):
         sched.add_request([i + 1, 2], 3, ignore_eos=True)
     _, shapes = run(sched, model)
@@ -285,7 +285,7 @@ def test_commit_protocol():
 def test_end_to_end_matches_unbatched_reference():
     rng = np.random.default_rng(0)
     requests = [(i, rng.integers(1, VOCAB, rng.integers(1, 20)).tolist(), int(rng.integers(1, 12))) for i in range(40)]
-    sched, model = make(num_blocks=12, block_size=4, max_context=64, max_batched_tokens=7, max_num_seqs=4)
+    sched, model = make(num_blocks=12, block_size=4, max_context=64, max_num_batched_tokens=7, max_num_seqs=4)
     for rid, prompt, n in requests[:25]:
         sched.add_request(prompt, n, request_id=rid)
     outputs, shapes = run(sched, model, add_later=requests[25:])
@@ -295,7 +295,7 @@ def test_end_to_end_matches_unbatched_reference():
 
 
 def test_score_steps_give_logits_at_every_position_and_free_blocks():
-    sched, model = make(num_blocks=8, block_size=4, max_batched_tokens=5, max_num_seqs=2)
+    sched, model = make(num_blocks=8, block_size=4, max_num_batched_tokens=5, max_num_seqs=2)
     tokens = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
     rows = []
     for step in sched.score_steps(tokens):
@@ -433,7 +433,7 @@ def test_prompt_logprob_rows_and_prompt_only_requests():
 
 
 def test_logprob_rows_are_not_repeated_after_a_preemption():
-    sched, model = make(num_blocks=4, block_size=4, max_batched_tokens=64)
+    sched, model = make(num_blocks=4, block_size=4, max_num_batched_tokens=64)
     a = sched.add_request([1] * 4, 11, ignore_eos=True)
     b = sched.add_request([2] * 6, 6, ignore_eos=True, prompt_logprobs_from=1)
     rows = []
@@ -446,7 +446,7 @@ def test_logprob_rows_are_not_repeated_after_a_preemption():
 
 
 def test_full_sequence_mode_recomputes_one_sequence_at_a_time():
-    sched = Scheduler(8, 4, 64, eos_token_ids=[EOS], max_num_seqs=4, max_batched_tokens=8, full_sequence=True)
+    sched = Scheduler(8, 4, 64, eos_token_ids=[EOS], max_num_seqs=4, max_num_batched_tokens=8, full_sequence=True)
     model = FakeModel(8, 4)
     a = sched.add_request([1, 2, 3], 3, ignore_eos=True)
     b = sched.add_request([4, 5], 2, ignore_eos=True)
@@ -462,7 +462,7 @@ def test_full_sequence_mode_recomputes_one_sequence_at_a_time():
 def test_random_workloads_match_the_unbatched_reference(data):
     """Shared prefixes, a cache too small for the load, chunking, arrivals over time and aborts."""
     num_blocks = data.draw(st.integers(6, 14), "num_blocks")
-    sched, model = make(num_blocks=num_blocks, block_size=4, max_context=40, max_batched_tokens=9, max_num_seqs=4,
+    sched, model = make(num_blocks=num_blocks, block_size=4, max_context=40, max_num_batched_tokens=9, max_num_seqs=4,
                         enable_prefix_caching=data.draw(st.booleans(), "caching"))
     stems = [[1 + i] * 8 for i in range(3)]
     pending = []

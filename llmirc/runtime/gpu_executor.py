@@ -13,7 +13,7 @@ Picks the target for the device (the driver's `pick_target`: cuda, the cubin of 
 a cubin of the same major version built for a lower minor (sm_80 SASS runs on 8.x), else PTX a
 newer GPU's driver can JIT-compile; hip, the hsaco of its gfx architecture), loads every kernel,
 uploads the weights once, allocates inputs, workspace, logits and the rules' buffers for the
-largest step (`max_batched_tokens`, `max_num_seqs`, the context), then sizes the paged KV pool
+largest step (`max_num_batched_tokens`, `max_num_seqs`, the context), then sizes the paged KV pool
 from what is free (`gpu_memory_utilization`, vLLM's rule: see gpu_program.kv_cache_blocks).
 
 One forward = the CPU executor's flat-batch ABI: the same seven int32 inputs, logits
@@ -57,7 +57,7 @@ class GpuExecutor:
 
     threads = None  # (CPU threads: not used)
 
-    def __init__(self, bundle: Bundle, driver: Driver, *, max_context: int, max_batched_tokens: int,
+    def __init__(self, bundle: Bundle, driver: Driver, *, max_context: int, max_num_batched_tokens: int,
                  max_num_seqs: int, kv_cache_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
                  target: str | None = None, device: int = 0):
         m = bundle.manifest
@@ -71,8 +71,8 @@ class GpuExecutor:
         kv = m["kv_cache"]
         self.block_size, self.vocab_size = int(kv["block_size"]), int(m["model"]["vocab_size"])
         self.full_sequence = False  # GPU targets refuse full-sequence models at compile time
-        self.max_T, self.max_B = max_batched_tokens, max_num_seqs
-        self.max_L = max_batched_tokens  # prompt-logprob steps keep a row per token
+        self.max_T, self.max_B = max_num_batched_tokens, max_num_seqs
+        self.max_L = max_num_batched_tokens  # prompt-logprob steps keep a row per token
         self.max_blocks = -(-max_context // self.block_size)
         self.lock = threading.Lock()
         self._allocations: list[int] = []

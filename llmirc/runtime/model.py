@@ -31,7 +31,7 @@ from .tokenizer import Tokenizer
 DEFAULT_KV_TOKENS = 16384
 
 
-def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_tokens: int = 2048,
+def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_num_batched_tokens: int = 2048,
          max_num_seqs: int = 64, verify: bool = True, target: str | None = None, threads: int | None = None,
          enable_prefix_caching: bool = True, max_model_len: int | None = None,
          gpu_memory_utilization: float = 0.9, num_scheduler_steps: int = 8) -> Model:
@@ -39,7 +39,7 @@ def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_to
 
     `verify` checks every file's sha256, once per unchanged bundle (the result is remembered,
     see `artifact_format.reader`). `kv_cache_tokens` sizes the paged KV cache (tokens across all
-    sequences; default: the model's context, capped at 16384). `max_batched_tokens` bounds one
+    sequences; default: the model's context, capped at 16384). `max_num_batched_tokens` bounds one
     step (longer prompts are prefilled in chunks), `max_num_seqs` the sequences per step.
     `max_model_len` lowers the context the model accepts (never above the bundle's). `target`
     picks a target by name (`llmirc inspect` lists them) or the best of a kind (cpu, cuda, hip);
@@ -59,8 +59,8 @@ def load(path: str | Path, *, kv_cache_tokens: int | None = None, max_batched_to
         if not isinstance(flag, (bool, np.bool_)):  # "no" would act as True
             raise LlmircError(f"{name} must be True or False, got {flag!r}")
     return Model(open_bundle(Path(path), verify=verify, remember=True), kv_cache_tokens=kv_cache_tokens,
-                 max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs, target=target, threads=threads,
-                 enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
+                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, target=target,
+                 threads=threads, enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
                  gpu_memory_utilization=gpu_memory_utilization, num_scheduler_steps=num_scheduler_steps)
 
 
@@ -75,7 +75,7 @@ def declared_model(path: str | Path) -> dict:
 
 
 def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | None, max_context: int,
-                  block_size: int, max_batched_tokens: int, max_num_seqs: int, threads: int | None,
+                  block_size: int, max_num_batched_tokens: int, max_num_seqs: int, threads: int | None,
                   gpu_memory_utilization: float) -> tuple[object, list[str]]:
     """(executor, notes): the executor of the best target this host runs, a GPU target first, and
     one line per GPU kind of the bundle that could not be used (cuda tried first, then hip), saying
@@ -106,8 +106,9 @@ def pick_executor(bundle: Bundle, *, target: str | None, kv_cache_tokens: int | 
         if kind not in kinds:
             continue
         try:
-            return GpuExecutor(bundle, DRIVERS[kind](), max_context=max_context, max_batched_tokens=max_batched_tokens,
-                               max_num_seqs=max_num_seqs, kv_cache_tokens=kv_cache_tokens,
+            return GpuExecutor(bundle, DRIVERS[kind](), max_context=max_context,
+                               max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                               kv_cache_tokens=kv_cache_tokens,
                                gpu_memory_utilization=gpu_memory_utilization, target=name), notes
         except GpuUnavailable as e:
             if target is not None:
@@ -131,13 +132,13 @@ class Model:
     `stream_text`; `score` (logits of a sequence). Its methods may be called from several threads
     at once; Ctrl-C in a call leaves the model usable."""
 
-    def __init__(self, bundle: Bundle, *, kv_cache_tokens: int | None, max_batched_tokens: int, max_num_seqs: int,
+    def __init__(self, bundle: Bundle, *, kv_cache_tokens: int | None, max_num_batched_tokens: int, max_num_seqs: int,
                  target: str | None = None, threads: int | None = None, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, num_scheduler_steps: int = 8):
-        kv_cache_tokens, max_model_len, threads, max_batched_tokens, max_num_seqs = (
+        kv_cache_tokens, max_model_len, threads, max_num_batched_tokens, max_num_seqs = (
             _count(name, value) for name, value in (
                 ("kv_cache_tokens", kv_cache_tokens), ("max_model_len", max_model_len), ("threads", threads),
-                ("max_batched_tokens", max_batched_tokens), ("max_num_seqs", max_num_seqs)))
+                ("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)))
         # checked on every host, as vLLM does (a GPU target compared "0.5" with 0: a TypeError)
         share = gpu_memory_utilization
         if isinstance(share, bool) or not isinstance(share, (int, float, np.integer, np.floating)) or \
@@ -168,11 +169,11 @@ class Model:
             self.max_context = max_model_len
         self.executor, self.target_notes = pick_executor(
             bundle, target=target, kv_cache_tokens=kv_cache_tokens, max_context=self.max_context,
-            block_size=self.block_size, max_batched_tokens=max_batched_tokens, max_num_seqs=max_num_seqs,
+            block_size=self.block_size, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
             threads=threads, gpu_memory_utilization=gpu_memory_utilization)
         self.num_blocks = self.executor.num_blocks
         self.scheduler = Scheduler(self.num_blocks, self.block_size, self.max_context,
-                                   eos_token_ids=self.eos_token_ids, max_batched_tokens=max_batched_tokens,
+                                   eos_token_ids=self.eos_token_ids, max_num_batched_tokens=max_num_batched_tokens,
                                    max_num_seqs=max_num_seqs, vocab_size=self.vocab_size,
                                    enable_prefix_caching=enable_prefix_caching,
                                    full_sequence=self.executor.full_sequence)

@@ -132,24 +132,25 @@ class _Chunk:
 
 class Scheduler:
     def __init__(self, num_blocks: int, block_size: int, max_context: int, *,
-                 eos_token_ids: Iterable[int] = (), max_batched_tokens: int = 2048,
+                 eos_token_ids: Iterable[int] = (), max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 64, vocab_size: int | None = None, enable_prefix_caching: bool = True,
                  full_sequence: bool = False):
-        if max_batched_tokens < max_num_seqs:
+        if max_num_batched_tokens < max_num_seqs:
             # Otherwise the decode tokens alone could exceed one step's budget.
-            raise LlmircError(f"max_batched_tokens ({max_batched_tokens}) must be >= max_num_seqs ({max_num_seqs})")
+            raise LlmircError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs "
+                              f"({max_num_seqs})")
         for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size), ("max_context", max_context)):
             if value < 1:
                 raise LlmircError(f"{name} must be >= 1, got {value}")
         self.full_sequence = full_sequence
         if full_sequence:  # the whole sequence every step: one at a time, never chunked, nothing to reuse
-            max_num_seqs, max_batched_tokens = 1, max(max_batched_tokens, max_context)
+            max_num_seqs, max_num_batched_tokens = 1, max(max_num_batched_tokens, max_context)
             enable_prefix_caching = False
         self.allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching)
         self.block_size = block_size
         self.max_context = max_context
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
-        self.max_batched_tokens = max_batched_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.vocab_size = vocab_size
         # Admission keeps this many blocks spare while others run, so that admitting one
@@ -226,7 +227,7 @@ class Scheduler:
         """Build the next step; None when nothing can run now (no work, or a score pass holds the blocks)."""
         if self._pending is not None:
             raise RuntimeError("commit() the previous step before scheduling the next")
-        budget = self.max_batched_tokens
+        budget = self.max_num_batched_tokens
         chunks: list[_Chunk] = []
         preempted = False
         # Decodes first (one token each, always fit: running <= max_num_seqs <= budget), then
@@ -382,8 +383,8 @@ class Scheduler:
         # A separate generator so that score_steps() validates when called, not at first next().
         blocks = SequenceBlocks(self.allocator, self.block_size)
         try:
-            for start in range(0, len(tokens), self.max_batched_tokens):
-                chunk = tokens[start:start + self.max_batched_tokens]
+            for start in range(0, len(tokens), self.max_num_batched_tokens):
+                chunk = tokens[start:start + self.max_num_batched_tokens]
                 blocks.ensure_capacity(start + len(chunk))
                 rows = list(range(start, start + len(chunk)))
                 targets = [tokens[p + 1] if p + 1 < len(tokens) else -1 for p in rows]
