@@ -80,13 +80,15 @@ class CompileOptions:
                                         # (targets/triton/pdl.py; off until measured on a GPU)
 
     def recorded(self) -> dict:
-        """The options as the manifest records them (`compile_options`; JSON: tuples as lists,
-        paths as text), but for those of how the compile ran, which do not change the bundle (so
-        `-j` does not change its bytes)."""
-        recorded = {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
-                    for k, v in dataclasses.asdict(self).items()
+        """The options as the manifest records them (`compile_options`; JSON: tuples as lists),
+        but for those of how the compile ran, which do not change the bundle (so `-j` does not
+        change its bytes). The calibration text is named by its file's name alone (its bytes by
+        `calibration`'s sha256): a path of the build machine is no part of a portable bundle, and
+        the same file named from another folder gives the same bytes."""
+        recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
                     if k not in ("jobs", "report", "print_ir_after_all", "emit")}
-        return dict(recorded, quant_rotate=self.rotates() if self.quant != "none" else None)
+        return dict(recorded, quant_rotate=self.rotates() if self.quant != "none" else None,
+                    calibration=Path(self.calibration).name if self.calibration is not None else None)
 
     def quantize_pass(self) -> str:
         """The quantize-weights pass spec `--quant` asks for ('' for none)."""

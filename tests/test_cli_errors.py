@@ -1909,17 +1909,25 @@ def test_compile_block_size_and_max_model_len(ckpt, tmp_path):
 
 def test_bundles_are_reproducible_with_source_date_epoch(ckpt, tmp_path):
     """Two compiles of one checkpoint, with options of how the compile runs that differ (-j,
-    --report): the same bytes in every file, created_utc too with SOURCE_DATE_EPOCH
-    (reproducible-builds' convention); a malformed one is a usage error (it was numpy's f2py
-    failing, an internal error)."""
+    --report, the calibration text named by an absolute path or from its folder, PYTHONHASHSEED):
+    the same bytes in every file, created_utc too with SOURCE_DATE_EPOCH (reproducible-builds'
+    convention), and no path of the build machine in them (the manifest recorded --calibration as
+    given); a malformed one is a usage error (it was numpy's f2py failing, an internal error)."""
     def files(bundle):
         return {p.relative_to(bundle): p.read_bytes() for p in sorted(bundle.rglob("*")) if p.is_file()}
-    epoch = {"SOURCE_DATE_EPOCH": "1700000000"}
-    for name, how in (("a", ()), ("b", ("-j", "1", "--report"))):
-        r = llmirc("compile", ckpt, "-o", tmp_path / f"{name}.llmir", "--cpu-variants", "native", "-q", *how, env=epoch)
+    (tmp_path / "calib.txt").write_text("the quick brown fox jumps over the lazy dog " * 8)
+    quant = ("--quant", "int8", "--quant-smooth", "0.5")
+    for name, seed, how in (("a", "1", ("--calibration", tmp_path / "calib.txt")),
+                            ("b", "2", ("--calibration", "calib.txt", "-j", "1", "--report"))):
+        r = llmirc("compile", ckpt, "-o", tmp_path / f"{name}.llmir", "--cpu-variants", "native", "-q", *quant, *how,
+                   cwd=tmp_path, env={"SOURCE_DATE_EPOCH": "1700000000", "PYTHONHASHSEED": seed})
         assert r.returncode == 0, r.stderr
     assert files(tmp_path / "a.llmir") == files(tmp_path / "b.llmir")
-    assert json.loads((tmp_path / "a.llmir" / "manifest.json").read_text())["created_utc"] == "2023-11-14T22:13:20+00:00"
+    manifest = json.loads((tmp_path / "a.llmir" / "manifest.json").read_text())
+    assert manifest["created_utc"] == "2023-11-14T22:13:20+00:00"
+    assert manifest["compile_options"]["calibration"] == "calib.txt"
+    assert not [p for p, data in files(tmp_path / "a.llmir").items()
+                if str(tmp_path).encode() in data or str(ckpt.parent).encode() in data]
     for bad in ("soon", "-1", "1e9", "99999999999999999999"):
         assert_user_error(llmirc("compile", ckpt, "-o", tmp_path / "c.llmir", env={"SOURCE_DATE_EPOCH": bad}),
                           f"SOURCE_DATE_EPOCH={bad!r}", code=2)
