@@ -326,7 +326,8 @@ def test_bad_files_are_refused_with_one_line(tmp_path, good_file):
                                ("header.gguf", data[:200], "its header (metadata and tensor table) is truncated"),
                                ("truncated.gguf", data[:len(data) - 1000], "a tensor's data runs past the end"),
                                ("empty.gguf", b"", "it is empty"),
-                               ("alignment.gguf", _with_alignment(data, 3), "its general.alignment is not a power of two")]:
+                               ("alignment.gguf", _with_alignment(data, 3),
+                                "its general.alignment is not a power of two")]:
         message = _open_error(variant(name, content))
         assert f"not a readable GGUF file: {why}" in message, message
         assert not any(w in message for w in ("array", "axis", "dtype", "index")), message
