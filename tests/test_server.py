@@ -813,6 +813,19 @@ def test_chat_without_max_tokens_fits_a_smaller_kv_cache(small_kv):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
 
 
+def test_completions_max_tokens_null_is_the_rest_of_the_sequence(small_kv):
+    """As in vLLM (get_max_tokens), completions' max_tokens of null is chat's default, the rest of
+    what one sequence holds, per prompt; left out, it is 16 (it was 16 for null too)."""
+    body = {"prompt": ["hi", "hello there"], "max_tokens": None, "ignore_eos": True, "temperature": 0}
+    r = httpx.post(small_kv.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and [c["finish_reason"] for c in r.json()["choices"]] == ["length"] * 2, r.text
+    assert r.json()["usage"]["total_tokens"] == 2 * 64, r.text
+    body.pop("max_tokens")
+    assert httpx.post(small_kv.url + "/v1/completions", json=body).json()["usage"]["completion_tokens"] == 2 * 16
+    r = httpx.post(small_kv.url + "/v1/completions", json={"prompt": "hi " * 80, "max_tokens": None})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
 def test_sglang_max_new_tokens_fits_a_smaller_kv_cache_as_sglang(small_kv):
     """SGLang's max_new_tokens: the default 128 (it was refused: "you requested 131 tokens", never
     asked for) and a number over the KV cache are clipped to what one sequence holds, as SGLang's

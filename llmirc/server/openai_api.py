@@ -18,7 +18,8 @@ are vLLM's (a prompt or chat messages to token ids, token ids to text).
 
 Defaults follow vLLM: temperature, top_p and top_k from the model's generation_config.json (vLLM's
 --generation-config auto; else temperature 1, no top-p or top-k), max_tokens 16 for completions and "up to the context"
-(or the KV cache, where it holds fewer tokens) for chat, at most generation_config.json's max_new_tokens as in vLLM;
+(or the KV cache, where it holds fewer tokens) for chat and for a max_tokens of null, at most generation_config.json's
+max_new_tokens as in vLLM;
 `usage.prompt_tokens_details.cached_tokens` is the prompt tokens found in the prefix cache
 (each prompt counted once, as its first choice found them; streamed: in the final usage only,
 the continuous usage of stream_options being, as vLLM's, each chunk's own choice's);
@@ -159,6 +160,16 @@ def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | Non
         include_stop_str_in_output=req.include_stop_str_in_output)
 
 
+def _rest_of_sequence(server: Server, prompt_len: int, what: str) -> int:
+    """vLLM's max_tokens for a request that leaves it out (chat) or gives null (both APIs): the rest
+    of the context (here: of what one sequence can hold, the KV cache being smaller), at most the
+    generation config's max_new_tokens. A 400 naming `what` when not one token fits."""
+    rest = server.max_sequence_tokens - prompt_len
+    if rest < 1:
+        server.check_length(prompt_len, 1, what, what)
+    return min(rest, server.options.sampling_defaults.get("max_new_tokens", rest))
+
+
 def _finish(c: Generation) -> dict:
     return {"finish_reason": c.finish_reason if c.done else None, "stop_reason": c.stop_reason if c.done else None}
 
@@ -248,16 +259,18 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
         # (vLLM's SamplingParams; echo with max_tokens 0 answers the prompt alone, as OpenAI and vLLM do)
         raise APIError(400, f"max_tokens must be at least 1, got {req.max_tokens}", "max_tokens")
     prompts = await _completion_prompts(server, req)
-    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    limits = []  # each prompt's max_tokens (null: vLLM's default, the rest of the sequence, as chat's)
     for prompt in prompts:
         if not prompt:
             raise APIError(400, "prompt is empty", "prompt")
-        server.check_length(len(prompt), max_tokens, "prompt",
-                            "max_tokens" if "max_tokens" in req.model_fields_set else "prompt")
+        limits.append(_rest_of_sequence(server, len(prompt), "prompt") if req.max_tokens is None else req.max_tokens)
+        server.check_length(len(prompt), limits[-1], "prompt",
+                            "max_tokens" if req.max_tokens is not None and "max_tokens" in req.model_fields_set
+                            else "prompt")
         server.check_prompt_ids(prompt, "prompt")
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-    requests = [(p, _sampling(server, req, max_tokens, req.logprobs, prompt_logprobs, j))
-                for p in prompts for j in range(req.n)]
+    requests = [(p, _sampling(server, req, limit, req.logprobs, prompt_logprobs, j))
+                for p, limit in zip(prompts, limits) for j in range(req.n)]
     choices = [Generation() for _ in requests]
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prompt_tokens = sum(map(len, prompts))
@@ -394,11 +407,8 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     if max_tokens is not None and max_tokens < 1:  # (vLLM's SamplingParams)
         raise APIError(400, f"{given} must be at least 1, got {max_tokens}", given)
     prompt, messages = await _chat_prompt(server, req, req.add_special_tokens)
-    if max_tokens is None:  # vLLM's default: the rest of the context (here: of what the KV cache holds), at most
-        max_tokens = server.max_sequence_tokens - len(prompt)  # the generation config's max_new_tokens
-        if max_tokens < 1:
-            server.check_length(len(prompt), 1, param="messages")  # (max_tokens was not given)
-        max_tokens = min(max_tokens, server.options.sampling_defaults.get("max_new_tokens", max_tokens))
+    if max_tokens is None:
+        max_tokens = _rest_of_sequence(server, len(prompt), "messages")
     server.check_length(len(prompt), max_tokens, param=given)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     requests = [(prompt, _sampling(server, req, max_tokens, logprobs, None, j)) for j in range(req.n)]
