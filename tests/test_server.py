@@ -858,7 +858,9 @@ def test_api_key_is_required(guarded):
     for path in ("/v1/models", "/generate", "/get_model_info"):
         r = httpx.request("POST" if path == "/generate" else "GET", guarded.url + path, json={"text": "hi"})
         assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
-    assert httpx.get(guarded.url + "/health").status_code == 200
+    # health checks need no key: /ping is vLLM's (SageMaker's), which vLLM answers without one
+    assert httpx.get(guarded.url + "/health").status_code == httpx.get(guarded.url + "/ping").status_code == 200
+    assert httpx.head(guarded.url + "/ping").status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=guarded.url + "/v1", api_key="wrong", max_retries=0).models.list()
     good = openai.OpenAI(base_url=guarded.url + "/v1", api_key="sekret", max_retries=0)

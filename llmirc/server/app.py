@@ -93,12 +93,13 @@ def refuse_not_implemented(fields: dict, table: dict[str, tuple]) -> None:
 
 
 class APIKeyCheck:
-    """ASGI middleware: an HTTP request for anything but /health and /metrics needs the header
-    `Authorization: Bearer KEY`, or gets a 401. Plain ASGI on purpose: behind Starlette's
-    `@app.middleware("http")` a route never sees its client disconnect (`Request.is_disconnected`
-    stays False), so a non-streaming request would run on to max_tokens."""
+    """ASGI middleware: an HTTP request for anything but /health, /ping (vLLM's health check, which
+    it answers without the key) and /metrics needs the header `Authorization: Bearer KEY`, or gets
+    a 401. Plain ASGI on purpose: behind Starlette's `@app.middleware("http")` a route never sees
+    its client disconnect (`Request.is_disconnected` stays False), so a non-streaming request would
+    run on to max_tokens."""
 
-    OPEN = ("/health", "/metrics")
+    OPEN = ("/health", "/ping", "/metrics")
 
     def __init__(self, app, key: str):
         self.app, self.expected = app, key.encode()
