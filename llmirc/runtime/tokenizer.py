@@ -112,9 +112,9 @@ class Tokenizer:
         SentencePiece's entries are the text's characters, its byte fallback `<0xE3>` six for one)."""
         return max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
 
-    def decode(self, ids, release_gil: bool = False) -> str:
-        """The text of token ids (a list or 1-D array of integers), special tokens left out
-        (`release_gil`: as for `encode`). Raises LlmircError for anything else."""
+    def decode(self, ids, release_gil: bool = False, skip_special_tokens: bool = True) -> str:
+        """The text of token ids (a list or 1-D array of integers), special tokens left out unless
+        `skip_special_tokens` is false (`release_gil`: as for `encode`). Raises LlmircError for anything else."""
         try:
             if isinstance(ids, (str, bytes)):
                 raise TypeError
@@ -122,8 +122,9 @@ class Tokenizer:
         except TypeError:
             raise LlmircError(f"decode takes a list of integer token ids, got {ids!r:.60}") from None
         if release_gil:
-            return _guarded(self.source, "decode", self.backend.decode_batch, [ids], skip_special_tokens=True)[0]
-        return _guarded(self.source, "decode", self.backend.decode, ids, skip_special_tokens=True)
+            return _guarded(self.source, "decode", self.backend.decode_batch, [ids],
+                            skip_special_tokens=skip_special_tokens)[0]
+        return _guarded(self.source, "decode", self.backend.decode, ids, skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
         """One token as text, special tokens included (as OpenAI logprobs show tokens)."""

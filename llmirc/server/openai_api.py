@@ -14,7 +14,7 @@ unknown fields are ignored, as vLLM does. Integer fields take an integral number
 float (5.0), as vLLM's models do, not a fraction, a string or a boolean. max_tokens (or
 max_completion_tokens) must be at least 1, as vLLM's SamplingParams say, except completions'
 max_tokens 0 with echo (the prompt alone); seed -1 is no seed. POST /tokenize and /detokenize
-are vLLM's (a prompt or chat messages to token ids, token ids to text).
+are vLLM's (a prompt or chat messages to token ids, token ids to text, special tokens included).
 
 Defaults follow vLLM: temperature, top_p and top_k from the model's generation_config.json (vLLM's
 --generation-config auto; else temperature 1, no top-p or top-k), max_tokens 16 for completions and "up to the context"
@@ -516,7 +516,8 @@ async def detokenize(server: Server, req: DetokenizeRequest) -> dict:
     bad = [t for t in req.tokens if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"tokens: token id {bad[0]} is outside the vocabulary of {vocab}", "tokens")
-    return {"prompt": await asyncio.to_thread(tok.decode, req.tokens, True)}
+    # special tokens kept, as vLLM's /detokenize (tokenizer.decode(ids)): the text of /tokenize's ids, <s> and all
+    return {"prompt": await asyncio.to_thread(tok.decode, req.tokens, True, False)}
 
 
 def add_routes(app, server: Server) -> None:
