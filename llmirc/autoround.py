@@ -44,7 +44,7 @@ from xdsl.ir import Operation, SSAValue
 
 from llmirc import dialect as L
 from llmirc import dtypes, quant
-from llmirc.calibration import _rope, _run, attention_operands, attention_probs, linear, ungroup
+from llmirc.calibration import _rope, _run, causal_softmax, linear
 from llmirc.errors import LlmircError
 from llmirc.passes.onnx_fuse_activation import REFERENCE
 from llmirc.special_functions import erf
@@ -100,20 +100,20 @@ def attention_vjp(q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarray,
     """(dq, dk, dv) of causal grouped-query attention within each sequence [starts[i],
     starts[i+1]) (q [N, heads*head_dim], k and v [N, kv_heads*head_dim], a sliding `window` when
     not 0), given dL/dout [N, heads*head_dim]: softmax's backward, dS = P (dP - rowsum(dP P))."""
-    g, d = kv_heads, head_dim
-    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    g, d, r = kv_heads, head_dim, heads // kv_heads
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     for a, b in zip(starts[:-1], starts[1:]):
         n = b - a
-        qs, ks, vs = attention_operands(q[a:b], k[a:b], v[a:b], g, d)
-        do = attention_operands(dout[a:b], k[a:b], v[a:b], g, d)[0]    # [g, r*n, d]
-        p = attention_probs(qs, ks, heads // g, window, scale)          # [g, r*n, n]
-        ds = do @ vs.transpose(0, 2, 1)                                 # dP, then dS in place
-        ds -= (ds * p).sum(-1, keepdims=True)
-        ds *= p
-        ds *= np.float32(scale)
-        dq[a:b] = ungroup(ds @ ks, n)
-        dk[a:b] = (ds.transpose(0, 2, 1) @ qs).transpose(1, 0, 2).reshape(n, g * d)   # (summed over r)
-        dv[a:b] = (p.transpose(0, 2, 1) @ do).transpose(1, 0, 2).reshape(n, g * d)
+        qs = q[a:b].reshape(n, g, r, d).transpose(1, 2, 0, 3)      # [g, r, n, d]
+        ks = k[a:b].reshape(n, g, d).transpose(1, 0, 2)[:, None]    # [g, 1, n, d]
+        vs = v[a:b].reshape(n, g, d).transpose(1, 0, 2)[:, None]
+        do = dout[a:b].reshape(n, g, r, d).transpose(1, 2, 0, 3)
+        p = causal_softmax((qs @ ks.transpose(0, 1, 3, 2)) * scale, window)
+        dp = do @ vs.transpose(0, 1, 3, 2)                           # [g, r, n, n]
+        ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * scale
+        dq[a:b] = (ds @ ks).transpose(2, 0, 1, 3).reshape(n, heads * d)
+        dk[a:b] = (ds.transpose(0, 1, 3, 2) @ qs).sum(1).transpose(1, 0, 2).reshape(n, g * d)
+        dv[a:b] = (p.transpose(0, 1, 3, 2) @ do).sum(1).transpose(1, 0, 2).reshape(n, g * d)
     return dq, dk, dv
 
 

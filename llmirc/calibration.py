@@ -359,32 +359,14 @@ def _attention(op: L.AttentionOp, q: np.ndarray, k: np.ndarray, v: np.ndarray, s
     win, scale = op.sliding_window.value.data, op.scale.value.data
     out = np.empty_like(q)
     for a, b in zip(starts[:-1], starts[1:]):
-        qs, ks, vs = attention_operands(q[a:b], k[a:b], v[a:b], g, d)
-        p = attention_probs(qs, ks, h // g, win, scale)
-        out[a:b] = ungroup(p @ vs, b - a)
+        n = b - a
+        qs = q[a:b].reshape(n, g, h // g, d).transpose(1, 2, 0, 3)   # [g, r, n, d]
+        ks = k[a:b].reshape(n, g, d).transpose(1, 0, 2)[:, None]       # [g, 1, n, d]
+        vs = v[a:b].reshape(n, g, d).transpose(1, 0, 2)[:, None]
+        s = (qs @ ks.transpose(0, 1, 3, 2)) * np.float32(scale)        # [g, r, n, n]
+        o = causal_softmax(s, win) @ vs                                 # [g, r, n, d]
+        out[a:b] = o.transpose(2, 0, 1, 3).reshape(n, h * d)
     return out
-
-
-def attention_operands(q: np.ndarray, k: np.ndarray, v: np.ndarray, g: int, d: int) -> tuple[np.ndarray, ...]:
-    """One window's q [n, heads*d], k and v [n, g*d] as [g, r*n, d] (the r query heads of a KV head
-    stacked as rows, so that each product is one matrix product per KV head: a broadcast batch
-    of r products ran several times slower in NumPy) and [g, n, d]."""
-    n = len(q)
-    qs = np.ascontiguousarray(q.reshape(n, g, -1, d).transpose(1, 2, 0, 3)).reshape(g, -1, d)
-    return qs, k.reshape(n, g, d).transpose(1, 0, 2), v.reshape(n, g, d).transpose(1, 0, 2)
-
-
-def attention_probs(qs: np.ndarray, ks: np.ndarray, r: int, window: int, scale: float) -> np.ndarray:
-    """The attention weights [g, r*n, n] of `attention_operands`' queries and keys."""
-    g, n = ks.shape[:2]
-    s = (qs @ ks.transpose(0, 2, 1)) * np.float32(scale)
-    return causal_softmax(s.reshape(g, r, n, n), window).reshape(g, r * n, n)
-
-
-def ungroup(x: np.ndarray, n: int) -> np.ndarray:
-    """[g, r*n, d] (stacked query heads) -> [n, g*r*d], the rows' layout."""
-    g, _, d = x.shape
-    return x.reshape(g, -1, n, d).transpose(2, 0, 1, 3).reshape(n, -1)
 
 
 def causal_softmax(s: np.ndarray, window: int) -> np.ndarray:
