@@ -21,6 +21,7 @@ from pathlib import Path
 
 from llmirc.cache import cache_dir
 from llmirc.errors import BundleError
+from llmirc.small_files import is_gguf
 
 from .safetensors import SafetensorsFile, open_safetensors, parse_json_strict
 
@@ -134,14 +135,6 @@ class Bundle:
         return open_safetensors(self.file(rel), error_cls=BundleError, label=f"bundle {self.name}: file {rel}")
 
 
-def _begins_with(path: Path, magic: bytes) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(magic)) == magic
-    except OSError:
-        return False
-
-
 def open_bundle(path, verify: bool = True, remember: bool = False) -> Bundle:
     """Check a bundle's manifest, paths and file sizes, and with verify=True every sha256.
 
@@ -152,7 +145,7 @@ def open_bundle(path, verify: bool = True, remember: bool = False) -> Bundle:
     if not p.exists():
         raise BundleError(f"bundle {name}: no such file or directory")
     if not p.is_dir():
-        if _begins_with(p, b"GGUF"):  # what llama.cpp runs directly
+        if is_gguf(p):  # what llama.cpp runs directly
             raise BundleError(f"bundle {name}: a GGUF file, not an llmir bundle directory: compile it into one "
                               f"first (llmirc compile {name} -o {p.stem}.llmir)")
         raise BundleError(f"bundle {name}: not an llmir bundle directory")

@@ -217,7 +217,7 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
     if quant_method == "rtn" and quant_smooth is None and _given("calibration_tokens"):
         click.echo("warning: --calibration-tokens has no effect without --quant-method gptq|autoround or "
                    "--quant-smooth", err=True)
-    from llmirc.frontend import is_gguf
+    from llmirc.small_files import is_gguf
 
     if dequantize and not is_gguf(model):
         click.echo("warning: --dequantize has no effect: it expands a GGUF file's quantized blocks", err=True)

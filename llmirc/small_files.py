@@ -58,3 +58,19 @@ def read_small_text(path: Path, error: type[LlmircError] = LlmircError) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def is_gguf(path) -> bool:
+    """Whether `path` is a regular file named .gguf or beginning with GGUF's magic, as llama.cpp
+    reads it whatever its name (Ollama keeps its models as `blobs/sha256-...`). Never opens
+    anything but a regular file (a FIFO would block)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -438,6 +439,14 @@ def test_not_a_directory(tmp_path):
     (tmp_path / "model.gguf").write_bytes(b"GGUF" + bytes(20))  # llama.cpp's users run their files directly
     expect(tmp_path / "model.gguf", "a GGUF file, not an llmir bundle directory: compile it into one first (llmirc "
            f"compile {tmp_path / 'model.gguf'} -o model.llmir)")
+    os.mkfifo(tmp_path / "fifo")  # not opened to look for GGUF's magic: open() of a FIFO waits for a writer
+    errors = []
+    checked = threading.Thread(target=lambda: errors.append(pytest.raises(BundleError, open_bundle, tmp_path / "fifo")),
+                               daemon=True)
+    checked.start()
+    checked.join(30)
+    assert not checked.is_alive(), "open_bundle of a FIFO blocked"
+    assert "fifo: not an llmir bundle directory" in str(errors[0].value)
 
 
 def test_bundle_accessors_only_serve_listed_files(bundle):

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from xdsl.dialects.builtin import ModuleOp
 
+from llmirc.small_files import is_gguf
+
 from .decoder import ShapeCheck, build_decoder
 from .gpt2 import Gpt2Spec, build_gpt2, parse_gpt2_config
 from .hf_config import DecoderSpec, architecture, parse_config
@@ -24,23 +26,6 @@ def build_graph(spec: Spec, check: ShapeCheck, has_tensor: Callable[[str], bool]
     if isinstance(spec, Gpt2Spec):
         return build_gpt2(spec, check, has_tensor, packed)
     return build_decoder(spec, check, has_tensor, packed)
-
-
-def is_gguf(path) -> bool:
-    """A .gguf file, or a file of another name beginning with GGUF's magic (as llama.cpp reads it:
-    Ollama keeps its models as `blobs/sha256-...`)."""
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_file():
-        return False
-    if path.suffix == ".gguf":
-        return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
 
 
 def open_source(path, dequantize: bool = False):
