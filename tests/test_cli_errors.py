@@ -1673,6 +1673,7 @@ def test_python_api_close_from_another_thread_ends_generate_with_an_error(bundle
             list(model.stream_text([1, 2], 200, ignore_eos=True))
     closer.join()
 
+
 def test_python_api_refuses_stops_that_cannot_match(bundle):
     """As vLLM's SamplingParams: an empty stop string, a stop token id outside the vocabulary
     (the server's OpenAI and SGLang endpoints go through the same check); logprobs=True."""
