@@ -18,6 +18,7 @@ from helpers import CORPUS, make_checkpoint, make_tokenizer
 from llmirc.errors import CheckpointError
 from llmirc.frontend import open_source
 from llmirc.frontend.gguf_checkpoint import unpermute_rows
+from llmirc.frontend.gguf_tokenizer import PRE_TOKENIZERS
 from llmirc.frontend.gguf_quants import FORMATS, dequantize, unpack
 from test_models import check_model, compile_to
 
@@ -212,6 +213,49 @@ def test_smollm_pre_tokenizer_splits_digits_like_the_original(tmp_path):
     ours = open_source(path).tokenizer
     for text in TEXTS:
         assert ours.encode(text).ids == tok.encode(text).ids, text
+
+
+# Texts where the pre-tokenizers differ: scripts, cases, digits, non-ASCII white space, contractions.
+SPLIT_TEXTS = TEXTS + [
+    "中文字符和日本語のテキスト 한국어 텍스트", "ＦＵＬＬ\u3000ｗｉｄｔｈ！？「」", "MixedCase CamelCaseWord HTTPServer iPhone",
+    "x = f(a, b) + 3 * [1, 2, 3]; // comment\n\tif (y != 0) { return y; }", "trailing spaces   ", "  \n  \n",
+    "µ À Ω ℃ 1,234,567.89 ١٢٣", "a\r\nb\rc", "\u00a0nbsp\u2003em", "..., !!! ??? --- ___", "Ελληνικά кириллица עברית",
+    "e\u0301 combining", "1 22 333 4444 55555 666666", "path/to/file.txt https://x.y/z?q=1",
+    "ΣΊΣΥΦΟΣ Ἀθῆναι ÉCOLE école",
+    "it'ſx THE\u212a kelvin'S WE'LL", "\u3000\u2003lead \u2028 sep\u3000中文\u3000字", "ǅungla ǈ ǋx"]
+
+
+@pytest.fixture(scope="module")
+def split_vocab(tmp_path_factory):
+    """A byte-level BPE trained on SPLIT_TEXTS without any pre-tokenizer split, so that its merges
+    cross every boundary a pre-tokenizer could draw (a split drawn elsewhere changes the tokens),
+    and a llama model of its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tmp = tmp_path_factory.mktemp("split-vocab")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(SPLIT_TEXTS * 4, trainers.BpeTrainer(
+        vocab_size=2000, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(str(tmp / "tokenizer.json"))
+    return tmp, make_checkpoint(tmp / "ckpt", "llama", vocab_size=tok.get_vocab_size())
+
+
+@pytest.mark.parametrize("pre", sorted(PRE_TOKENIZERS))
+def test_pre_tokenizers_split_as_llama_cpp(split_vocab, pre):
+    """Every tokenizer.ggml.pre llmirc converts gives llama.cpp's tokens (llama-cpp-python on the
+    same file, the regexes of its llama-vocab.cpp) and its bos default."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tmp, model = split_vocab
+    path = write_gguf(model, tmp / f"{pre}.gguf", tokenizer=bpe_tokenizer_metadata(tmp / "tokenizer.json", pre))
+    ours = open_source(path).tokenizer
+    theirs = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    for text in SPLIT_TEXTS:
+        assert ours.encode(text, add_special_tokens=False).ids == theirs.tokenize(
+            text.encode(), add_bos=False, special=True), text  # (<s> in a text: a special token, as llmirc reads it)
+    assert ours.encode("a").ids == theirs.tokenize(b"a", add_bos=True)
 
 
 @pytest.mark.slow
