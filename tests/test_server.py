@@ -122,6 +122,20 @@ def test_streaming_completion_matches_and_reports_usage(server, client):
     assert all(e["object"] == "text_completion" for e in events)
 
 
+def test_the_clients_request_id_names_the_response_as_vllm(server):
+    """X-Request-Id becomes the response's id (cmpl-ID / chatcmpl-ID, streamed or not), as vLLM's
+    _base_request_id; without it the id is random."""
+    headers = {"x-request-id": "trace-42"}
+    body = {"model": "tiny", "prompt": "the lazy dog", "max_tokens": 2}
+    assert httpx.post(server.url + "/v1/completions", headers=headers, json=body).json()["id"] == "cmpl-trace-42"
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers=headers, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "stream": True}) as response:
+        assert {e["id"] for e in sse(response)} == {"chatcmpl-trace-42"}
+    ids = {httpx.post(server.url + "/v1/completions", json=body).json()["id"] for _ in range(2)}
+    assert len(ids) == 2 and all(i.startswith("cmpl-") and "trace" not in i for i in ids)
+
+
 def test_return_token_ids_accounts_for_every_streamed_token(server, model):
     body = {"model": "tiny", "prompt": "héllo wörld ✓ 日本", "max_tokens": 24, "temperature": 0, "ignore_eos": True,
             "return_token_ids": True}

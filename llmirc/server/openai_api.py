@@ -24,7 +24,8 @@ max_new_tokens as in vLLM;
 (each prompt counted once, as its first choice found them; streamed: in the final usage only,
 the continuous usage of stream_options being, as vLLM's, each chunk's own choice's);
 `finish_reason` is "stop" or "length" (`stop_reason`: the stop string or token id hit,
-null for end-of-sequence). A stream is server-sent events ending in `data: [DONE]`.
+null for end-of-sequence); a response's `id` is cmpl- / chatcmpl- and the request's X-Request-Id header, or
+a random id. A stream is server-sent events ending in `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -174,6 +175,12 @@ def _finish(c: Generation) -> dict:
     return {"finish_reason": c.finish_reason if c.done else None, "stop_reason": c.stop_reason if c.done else None}
 
 
+def _request_id(prefix: str, raw_request) -> str:
+    """The response's id: PREFIX-ID for the client's X-Request-Id header (vLLM's, so that a client or
+    proxy can trace its request), else PREFIX- and a random hex id."""
+    return f"{prefix}-{raw_request.headers.get('x-request-id') or uuid.uuid4().hex}"
+
+
 def _chunks(req: _Common, kind: str, request_id: str, created: int, model: str):
     """The function making this request's stream chunks: chunk(choices, usage) -> body."""
     def chunk(choices: list, usage: dict | None = None) -> dict:
@@ -272,7 +279,7 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
     requests = [(p, _sampling(server, req, limit, req.logprobs, prompt_logprobs, j))
                 for p, limit in zip(prompts, limits) for j in range(req.n)]
     choices = [Generation() for _ in requests]
-    request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    request_id, created = _request_id("cmpl", raw_request), int(time.time())
     prompt_tokens = sum(map(len, prompts))
 
     given = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -413,7 +420,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     requests = [(prompt, _sampling(server, req, max_tokens, logprobs, None, j)) for j in range(req.n)]
     choices = [Generation() for _ in requests]
-    request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    request_id, created = _request_id("chatcmpl", raw_request), int(time.time())
     name = server.options.served_model_name
     # vLLM's echo: the last message's content when it is the assistant's (the one being continued)
     echo = (messages[-1]["content"] or "") if req.echo and messages[-1]["role"] == "assistant" else ""
