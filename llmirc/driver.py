@@ -268,9 +268,13 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         if others := [n for n in unknown if n not in kept]:
             progress.note(f"{_listed_names(others)} next to {out} may be left by a killed compile (on another "
                           "host or by an older llmirc): remove it unless a compile is still writing it")
-    size = os.path.getsize(model) if os.path.isfile(model) else 0  # (errors are the front end's to report)
+    from llmirc.frontend.gguf_checkpoint import split_files
+
+    files = split_files(Path(model)) if os.path.isfile(model) else []  # (errors are the front end's to report)
+    size = sum(os.path.getsize(f) for f in files)
     if size >= 16 << 20:  # a big file (GGUF, ONNX) takes seconds to parse
-        progress(f"reading {Path(model).name} ({size / 2**20:.0f} MiB)")
+        progress(f"reading {Path(model).name}{f' and {len(files) - 1} more' if len(files) > 1 else ''} "
+                 f"({size / 2**20:.0f} MiB)")
     if is_bundle(os.path.realpath(model)):
         raise CheckpointError(f"{model}: a compiled llmir bundle, not a checkpoint (`llmirc run` runs it; compile "
                               "the checkpoint it came from)")

@@ -17,7 +17,7 @@ from gguf_files import FLOAT_ONLY, QUANTIZED, bpe_tokenizer_metadata, spm_tokeni
 from helpers import CORPUS, make_checkpoint, make_tokenizer
 from llmirc.errors import CheckpointError
 from llmirc.frontend import open_source
-from llmirc.frontend.gguf_checkpoint import unpermute_rows
+from llmirc.frontend.gguf_checkpoint import split_files, unpermute_rows
 from llmirc.frontend.gguf_tokenizer import PRE_TOKENIZERS
 from llmirc.frontend.gguf_quants import FORMATS, dequantize, unpack
 from test_models import check_model, compile_to
@@ -165,7 +165,7 @@ def test_tokenizer_matches_transformers_gguf_conversion(tmp_path, kind):
 
 
 def test_compile_notes_a_missing_tokenizer_only_when_the_file_has_none(tmp_path):
-    """The embedded tokenizer counts: no "no tokenizer.json" note for a GGUF file that has one."""
+    """The embedded tokenizer counts: a note for a GGUF file without one only."""
     import io
 
     from llmirc.driver import CompileOptions, Progress, compile_model
@@ -177,7 +177,7 @@ def test_compile_notes_a_missing_tokenizer_only_when_the_file_has_none(tmp_path)
     for path, noted in ((with_tokenizer, False), (without, True)):
         log = io.StringIO()
         compile_model(path, tmp_path / f"{path.stem}.llmir", CompileOptions(cpu_variants=("native",)), Progress(log))
-        assert ("no tokenizer.json" in log.getvalue()) == noted, log.getvalue()
+        assert (f"{path} holds no tokenizer (tokenizer.ggml.*)" in log.getvalue()) == noted, log.getvalue()
 
 
 def test_a_broken_chat_template_is_named_by_the_file_and_key(tmp_path):
@@ -351,6 +351,8 @@ def test_a_split_model_is_read_from_its_first_file(tmp_path):
     for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
         np.testing.assert_array_equal(src.float32(name), reference[name].numpy())
     src.close()
+    # (the compile's "reading m-00001-of-00003.gguf and 2 more (N MiB)" counts them all)
+    assert split_files(parts[0]) == parts and split_files(parts[1]) == [parts[1]]
     assert "compile the first, m-00001-of-00003.gguf" in _open_error(parts[1])
     parts[2].rename(tmp_path / "elsewhere.gguf")
     assert "split 3 of 3 of the model, m-00003-of-00003.gguf, is missing" in _open_error(parts[0])

@@ -39,7 +39,10 @@ def tokenizer_files(root: Path) -> list[Path]:
 
 def missing_tokenizer_note(root: Path) -> str | None:
     """One line when `root` has no tokenizer.json (the bundle then takes token ids only), naming the
-    tokenizer files found there that llmirc does not read; None when there is one."""
+    tokenizer files found there that llmirc does not read; None when there is one. `root` a file
+    (GGUF, whose tokenizer is its tokenizer.ggml.* metadata): one line saying it has none."""
+    if root.is_file():
+        return f"{root} holds no tokenizer (tokenizer.ggml.*): the bundle has no tokenizer and takes token ids only"
     if (root / "tokenizer.json").is_file():
         return None
     others = [n for n in OTHER_TOKENIZER_FILES + TOKENIZER_FILES[1:] if (root / n).is_file()]

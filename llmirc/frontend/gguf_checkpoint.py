@@ -57,6 +57,23 @@ from .gguf_quants import FORMATS, Unpacked, dequantize, unpack
 from .packed import gguf_qtype
 from .gguf_tokenizer import build_tokenizer
 
+SPLIT_NAME = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")  # gguf-split's file names (NAME-00001-of-00003.gguf)
+
+
+def split_part(first: Path, i: int, count: int) -> Path:
+    """File i (from 0) of `count` of the split model whose first file is `first` (named as SPLIT_NAME)."""
+    return first.with_name(f"{SPLIT_NAME.fullmatch(first.name)[1]}-{i + 1:05d}-of-{count:05d}.gguf")
+
+
+def split_files(path: Path) -> list[Path]:
+    """The files of a gguf-split model that `path` names as its first (path itself for any other
+    name; the others that exist, by name only: the reader checks their split.* metadata)."""
+    name = SPLIT_NAME.fullmatch(path.name)
+    if name is None or int(name[2]) != 1:
+        return [path]
+    return [path] + [p for i in range(1, int(name[3])) if (p := split_part(path, i, int(name[3]))).is_file()]
+
+
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "gpt2": "GPT2LMHeadModel"}
 FLOAT_TYPES = {GGMLQuantizationType.F32: "F32", GGMLQuantizationType.F16: "F16", GGMLQuantizationType.BF16: "BF16"}
@@ -193,7 +210,7 @@ class GgufCheckpoint:
         count, no = self.meta.get("split.count", 1), self.meta.get("split.no", 0)
         if count == 1:
             return
-        name = re.fullmatch(r"(.*)-(\d{5})-of-(\d{5})\.gguf", self.path.name)
+        name = SPLIT_NAME.fullmatch(self.path.name)
         if not isinstance(count, int) or not isinstance(no, int) or not 0 <= no < count:
             raise CheckpointError(f"{self.path}: split.no {no!r} of split.count {count!r} is not a split of a model")
         if name is None or (int(name[2]), int(name[3])) != (no + 1, count):
@@ -203,7 +220,7 @@ class GgufCheckpoint:
             raise CheckpointError(f"{self.path}: split {no + 1} of {count} of a model split by gguf-split: compile "
                                   f"the first, {name[1]}-00001-of-{count:05d}.gguf (it reads the others)")
         for i in range(1, count):
-            part = self.path.with_name(f"{name[1]}-{i + 1:05d}-of-{count:05d}.gguf")
+            part = split_part(self.path, i, count)
             if not part.is_file():
                 raise CheckpointError(f"{self.path}: split {i + 1} of {count} of the model, {part.name}, is missing")
             try:
