@@ -12,6 +12,7 @@ ARCH_CONFIGS = {
     "mistral": "MistralConfig",
     "qwen2": "Qwen2Config",
     "qwen3": "Qwen3Config",
+    "phi3": "Phi3Config",
 }
 ARCH_MODELS = {
     "gpt2": "GPT2LMHeadModel",
@@ -19,6 +20,7 @@ ARCH_MODELS = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 
@@ -71,6 +73,8 @@ def make_checkpoint(path: Path, arch: str = "llama", *, seed: int = 0, dtype: st
     if arch == "gpt2":  # GPT-2's own names; no grouped-query attention
         cfg["n_inner"] = cfg.pop("intermediate_size")
         cfg.pop("num_key_value_heads")
+    if arch == "phi3":  # (Phi3Config's pad id, 32000, is past a small vocabulary)
+        cfg.setdefault("pad_token_id", 2)
     cfg.setdefault("bos_token_id", 0)
     cfg.setdefault("eos_token_id", 1)
     config = getattr(transformers, ARCH_CONFIGS[arch])(**cfg, initializer_range=init_std)

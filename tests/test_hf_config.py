@@ -19,7 +19,7 @@ import transformers
 from llmirc.errors import CheckpointError
 from llmirc.frontend.hf_config import parse_config
 
-FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3"}
 
 
 def base(family: str = "llama", **overrides) -> dict:
@@ -51,6 +51,9 @@ def hf_rope(tmp_path, config: dict) -> tuple[np.ndarray, float, float]:
 
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+# longrope's factors, one per rotary frequency (head_dim 16: 8; Phi-3's partial 0.5: 4)
+SHORT, LONG = [1.0, 1.1, 1.3, 1.7, 2.2, 3.0, 4.1, 5.5], [1.2, 1.9, 3.1, 5.0, 8.2, 13.0, 21.0, 34.0]
+LONGROPE = {"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG}
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
 
@@ -92,6 +95,18 @@ ROPE_CASES = {
     "yarn-factor-below-one": base(rope_scaling=dict(YARN, factor=0.5)),
     "mistral-defaults": base("mistral", rope_theta=1e6),
     "qwen2-yarn": base("qwen2", rope_parameters=dict(YARN, rope_theta=1e6)),
+    "phi3-default": base("phi3", rope_theta=20000.0),
+    "phi3-partial": base("phi3", partial_rotary_factor=0.75),
+    "phi3-longrope": base("phi3", original_max_position_embeddings=128, rope_scaling=LONGROPE),
+    "phi3-yarn-is-longrope": base("phi3", original_max_position_embeddings=64, rope_scaling={
+        "type": "yarn", "short_factor": SHORT, "long_factor": LONG}),
+    "phi3-longrope-original-default": base("phi3", max_position_embeddings=8192, rope_scaling=LONGROPE),
+    "phi3-longrope-partial": base("phi3", partial_rotary_factor=0.5, original_max_position_embeddings=128,
+                                  rope_parameters={"rope_type": "longrope", "short_factor": SHORT[:4],
+                                                   "long_factor": LONG[:4], "rope_theta": 10000.0}),
+    "phi3-longrope-factor-and-attention": base("phi3", original_max_position_embeddings=128, rope_scaling=dict(
+        LONGROPE, factor=2.0, attention_factor=1.1)),
+    "llama-longrope": base(original_max_position_embeddings=128, rope_scaling=LONGROPE),
 }
 
 
@@ -118,7 +133,13 @@ REFUSED = {
                                     "partial_rotary_factor"),
     # AutoConfig reads a Mistral config with layer_types as Ministral, MistralForCausalLM ignores them.
     "mistral-layer-types": (base("mistral", layer_types=["full_attention", "sliding_attention"]), "layer_types"),
-    "unknown-rope-type": (base(rope_scaling={"rope_type": "longrope", "factor": 2.0}), "longrope"),
+    "unknown-rope-type": (base(rope_scaling={"rope_type": "proportional", "factor": 2.0}), "proportional"),
+    # Phi3Config turns the legacy "su" into longrope after its original_max_position_embeddings would have been read
+    "phi3-su-legacy-type": (base("phi3", rope_scaling={"type": "su", "short_factor": SHORT, "long_factor": LONG}),
+                            "unsupported rope type 'su'"),
+    "longrope-without-factors": (base(rope_scaling={"rope_type": "longrope", "factor": 2.0}), "short_factor"),
+    "longrope-factors-of-another-length": (base("phi3", partial_rotary_factor=0.5, rope_scaling=LONGROPE),
+                                           "'short_factor': 4 positive numbers"),
     "rope-parameters-not-an-object": (base(rope_parameters=[1, 2]), "rope_parameters"),
     "yarn-original-null-at-top-level": (base(original_max_position_embeddings=None, rope_scaling=YARN),
                                         "original_max_position_embeddings"),
@@ -159,11 +180,13 @@ FIELD_CASES = {
                            hidden_size=256, head_dim=DROP),
     "qwen3-sliding-layer-types": base("qwen3", use_sliding_window=True, sliding_window=6,
                                       layer_types=["full_attention", "sliding_attention"]),
+    "phi3-defaults": base("phi3", num_key_value_heads=DROP, max_position_embeddings=DROP, sliding_window=DROP),
+    "phi3-sliding-tied": base("phi3", sliding_window=7, tie_word_embeddings=True),
 }
 
 
 def _hf_windows(cfg) -> tuple[int, ...]:
-    if cfg.model_type == "mistral":
+    if cfg.model_type in ("mistral", "phi3"):
         return (cfg.sliding_window or 0,) * cfg.num_hidden_layers
     if cfg.model_type in ("qwen2", "qwen3"):
         return tuple((cfg.sliding_window or 0) if t == "sliding_attention" else 0 for t in cfg.layer_types)

@@ -43,6 +43,13 @@ CASES = {
     "qwen3-tied-headdim": ("qwen3", dict(tie_word_embeddings=True, head_dim=32)),
     "qwen3-bias-sliding": ("qwen3", dict(attention_bias=True, use_sliding_window=True, sliding_window=6,
                                          max_window_layers=1)),
+    # fused qkv_proj and gate_up_proj; Phi-3-mini-4k's sliding window on every layer
+    "phi3-sliding": ("phi3", dict(sliding_window=7)),
+    # Phi-4-mini's kind: partial rotary, longrope (its short factors: the context stops at 128), tied head
+    "phi3-longrope-partial-tied": ("phi3", dict(partial_rotary_factor=0.5, tie_word_embeddings=True,
+                                                original_max_position_embeddings=128, rope_parameters={
+                                                    "rope_type": "longrope", "short_factor": [1.0, 1.4, 2.1, 3.3],
+                                                    "long_factor": [1.5, 3.0, 6.0, 12.0], "rope_theta": 10000.0})),
 }
 
 

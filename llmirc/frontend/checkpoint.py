@@ -183,7 +183,10 @@ class Checkpoint:
         """Facts from config.json that the graph does not hold (`context`: the one it states)."""
         s = self.spec
         key = "n_positions" if s.architecture == "GPT2LMHeadModel" else "max_position_embeddings"
-        return {"architecture": s.architecture, "position_tables": [],
+        # longrope: its short factors hold up to original_max_position_embeddings (DecoderSpec.rope_context)
+        rope = [Limit(s.rope_context, "rope type 'longrope': its short factors, up to original_max_position_embeddings "
+                      "(the long ones past it are not built)")] if getattr(s, "rope_context", None) else []
+        return {"architecture": s.architecture, "position_tables": rope,
                 "context": Limit(s.max_position_embeddings, f"config.json {key}" + ("" if key in self.config else
                                                                                      " (its default)")),
                 "bos_token_id": s.bos_token_id, "eos_token_ids": list(s.eos_token_ids),

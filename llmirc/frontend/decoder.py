@@ -71,9 +71,13 @@ def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[st
         for i in range(s.num_layers):
             p = f"model.layers.{i}"
             x = L.RMSNormOp(h, weight(f"{p}.input_layernorm.weight", s.hidden_size), s.norm_eps).result
-            q = linear(x, f"{p}.self_attn.q_proj", q_dim, s.hidden_size, s.qkv_bias)
-            k = linear(x, f"{p}.self_attn.k_proj", kv_dim, s.hidden_size, s.qkv_bias)
-            v = linear(x, f"{p}.self_attn.v_proj", kv_dim, s.hidden_size, s.qkv_bias)
+            if s.fused_projections:  # Phi-3: one qkv_proj, its rows q, k, v (as fuse-linears would make it)
+                qkv = linear(x, f"{p}.self_attn.qkv_proj", q_dim + 2 * kv_dim, s.hidden_size, s.qkv_bias)
+                q, k, v = L.SplitOp(qkv, [q_dim, kv_dim, kv_dim]).outputs
+            else:
+                q = linear(x, f"{p}.self_attn.q_proj", q_dim, s.hidden_size, s.qkv_bias)
+                k = linear(x, f"{p}.self_attn.k_proj", kv_dim, s.hidden_size, s.qkv_bias)
+                v = linear(x, f"{p}.self_attn.v_proj", kv_dim, s.hidden_size, s.qkv_bias)
             if s.qk_norm:  # Qwen3: each head normalized over head_dim, one weight for all heads
                 q = L.RMSNormOp(q, weight(f"{p}.self_attn.q_norm.weight", s.head_dim), s.norm_eps, s.num_heads).result
                 k = L.RMSNormOp(k, weight(f"{p}.self_attn.k_norm.weight", s.head_dim), s.norm_eps,
@@ -85,8 +89,12 @@ def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[st
                               scale=s.attention_scale, sliding_window=s.sliding_windows[i]).result
             h = L.AddOp(h, linear(a, f"{p}.self_attn.o_proj", s.hidden_size, q_dim, s.o_bias)).result
             x = L.RMSNormOp(h, weight(f"{p}.post_attention_layernorm.weight", s.hidden_size), s.norm_eps).result
-            gate = linear(x, f"{p}.mlp.gate_proj", s.intermediate_size, s.hidden_size, s.mlp_bias)
-            up = linear(x, f"{p}.mlp.up_proj", s.intermediate_size, s.hidden_size, s.mlp_bias)
+            if s.fused_projections:  # Phi-3: gate_up_proj, gate's rows first
+                gate_up = linear(x, f"{p}.mlp.gate_up_proj", 2 * s.intermediate_size, s.hidden_size, s.mlp_bias)
+                gate, up = L.SplitOp(gate_up, [s.intermediate_size, s.intermediate_size]).outputs
+            else:
+                gate = linear(x, f"{p}.mlp.gate_proj", s.intermediate_size, s.hidden_size, s.mlp_bias)
+                up = linear(x, f"{p}.mlp.up_proj", s.intermediate_size, s.hidden_size, s.mlp_bias)
             m = L.ActMulOp(gate, up, s.act).result
             h = L.AddOp(h, linear(m, f"{p}.mlp.down_proj", s.hidden_size, s.intermediate_size, s.mlp_bias)).result
         h = L.RMSNormOp(h, weight("model.norm.weight", s.hidden_size), s.norm_eps).result

@@ -17,24 +17,26 @@ from llmirc.errors import CheckpointError
 from llmirc.small_files import present, read_small_text
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3", "GPT2LMHeadModel": "gpt2"}
+                 "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "GPT2LMHeadModel": "gpt2"}
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_new": "gelu_tanh", "relu": "relu"}
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 MAX_INT = 2**31 - 1      # sizes and ids: the kernels index with int32
 MAX_LAYERS = MAX_HEAD_DIM = 1 << 16  # per-layer and rotary tables are built from these before weights are read
 # transformers 5.24's defaults where its config classes differ (LlamaConfig, MistralConfig, Qwen2Config,
-# Qwen3Config): a field missing from config.json takes these; a field set to null takes num_attention_heads
+# Qwen3Config, Phi3Config): a field missing from config.json takes these; a field set to null takes num_attention_heads
 # (kv heads), hidden_size / num_attention_heads (head_dim) or turns sliding windows off.
 FAMILY_DEFAULTS = {
     "llama": {"max_position_embeddings": 2048, "num_key_value_heads": None, "sliding_window": None,
-              "head_dim": None},
+              "head_dim": None, "rms_norm_eps": 1e-6},
     "mistral": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8, "sliding_window": 4096,
-                "head_dim": None},
+                "head_dim": None, "rms_norm_eps": 1e-6},
     "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096,
-              "head_dim": None},
+              "head_dim": None, "rms_norm_eps": 1e-6},
     "qwen3": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096,
-              "head_dim": 128},
+              "head_dim": 128, "rms_norm_eps": 1e-6},
+    "phi3": {"max_position_embeddings": 4096, "num_key_value_heads": None, "sliding_window": None,
+             "head_dim": None, "rms_norm_eps": 1e-5},
 }
 
 
@@ -65,6 +67,8 @@ class DecoderSpec:
     tie_word_embeddings: bool
     sliding_windows: tuple[int, ...]  # per layer; 0 = full attention
     qk_norm: bool = False  # Qwen3: RMSNorm of each q and k head (q_norm, k_norm) before the rotary embedding
+    fused_projections: bool = False  # Phi-3: qkv_proj (q, k, v rows) and gate_up_proj (gate, up rows)
+    rope_context: int | None = None  # longrope: the positions its short factors are for (the bundle's cap)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -140,7 +144,7 @@ def architecture(config: dict, source: str = "config.json") -> tuple[str, str]:
 
 
 def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
-    """A Llama-family config (Llama, Mistral, Qwen2, Qwen3)."""
+    """A Llama-family config (Llama, Mistral, Qwen2, Qwen3, Phi-3)."""
     r = _Reader(config, source)
     arch, family = architecture(config, source)
     if family not in FAMILY_DEFAULTS:
@@ -175,9 +179,11 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
     eos = config.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
     attention_bias = r.get("attention_bias", bool, default=False)
-    qkv_bias = {"llama": attention_bias, "mistral": False, "qwen2": True, "qwen3": attention_bias}[family]
+    qkv_bias = {"llama": attention_bias, "mistral": False, "qwen2": True, "qwen3": attention_bias,
+                "phi3": False}[family]
     o_bias = family in ("llama", "qwen3") and qkv_bias
     mlp_bias = family == "llama" and r.get("mlp_bias", bool, default=False)
+    rope, rope_context = _rope_spec(r, head_dim, max_pos, family)
     return DecoderSpec(
         architecture=arch,
         vocab_size=r.get("vocab_size", int, required=True, positive=True),
@@ -187,16 +193,18 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        norm_eps=r.get("rms_norm_eps", float, default=1e-6, positive=True),
+        norm_eps=r.get("rms_norm_eps", float, default=defaults["rms_norm_eps"], positive=True),
         act=ACTIVATIONS[act_name],
         max_position_embeddings=max_pos,
-        rope=_rope_spec(r, head_dim, max_pos),
+        rope=rope,
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=mlp_bias,
         tie_word_embeddings=r.get("tie_word_embeddings", bool, default=False),
         sliding_windows=_sliding_windows(r, family, layers),
         qk_norm=family == "qwen3",
+        fused_projections=family == "phi3",
+        rope_context=rope_context,
         bos_token_id=r.get("bos_token_id", int),
         eos_token_ids=eos_ids,
         pad_token_id=r.get("pad_token_id", int),
@@ -211,6 +219,8 @@ def _sliding_windows(r: _Reader, family: str, layers: int) -> tuple[int, ...]:
         return (0,) * layers
     default = FAMILY_DEFAULTS[family]["sliding_window"] if "sliding_window" not in r.config else None
     window = r.get("sliding_window", int, positive=True, default=default)
+    if family == "phi3":  # (Phi3Model: a sliding-window mask on every layer when sliding_window is set)
+        return (window or 0,) * layers
     if family == "mistral":
         if "layer_types" in r.config:  # AutoConfig then reads it as Ministral, MistralForCausalLM ignores them
             raise r.fail("field 'layer_types' in a Mistral config is ambiguous in transformers (Ministral or Mistral "
@@ -230,13 +240,14 @@ def _sliding_windows(r: _Reader, family: str, layers: int) -> tuple[int, ...]:
     return tuple(window if t == "sliding_attention" else 0 for t in layer_types)
 
 
-def rope_parameters(r: _Reader, max_pos: int) -> dict:
+def rope_parameters(r: _Reader, max_pos: int, family: str = "llama") -> dict:
     """The rope parameters as transformers 5.24 standardizes them (RotaryEmbeddingConfigMixin's
     convert_rope_params_to_dict and standardize_rope_params, run again when the rotary embedding is
     built): `rope_scaling` (the legacy name) before `rope_parameters`; rope_type from `rope_type`,
     else `type`, else "default"; rope_theta and partial_rotary_factor from the dict, else the top
-    level, else 10000 and 1; for llama3 and yarn, original_max_position_embeddings from the top level
-    (Phi-3 style configs put it there), else the dict, else max_position_embeddings."""
+    level, else 10000 and 1; for llama3, yarn and longrope, original_max_position_embeddings from the
+    top level (Phi-3 style configs put it there; Phi3Config's default 4096), else the dict, else
+    max_position_embeddings. Phi-3's legacy rope type "yarn" is longrope (Phi3Config; its "su" fails there)."""
     config = r.config
     scaling, parameters = config.get("rope_scaling"), config.get("rope_parameters")
     for key, value in (("rope_scaling", scaling), ("rope_parameters", parameters)):
@@ -249,30 +260,45 @@ def rope_parameters(r: _Reader, max_pos: int) -> dict:
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     if config.get("partial_rotary_factor") is not None:
         params.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
-    if params["rope_type"] in ("llama3", "yarn"):
+    if family == "phi3" and params["rope_type"] == "yarn":
+        params["rope_type"] = "longrope"
+    if params["rope_type"] in ("llama3", "yarn", "longrope"):
         if "original_max_position_embeddings" in config:
             params["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+        elif family == "phi3":
+            params["original_max_position_embeddings"] = 4096
         else:
             params.setdefault("original_max_position_embeddings", max_pos)
     return params
 
 
-def _rope_spec(r: _Reader, head_dim: int, max_pos: int) -> RopeSpec:
+def _rope_spec(r: _Reader, head_dim: int, max_pos: int, family: str) -> tuple[RopeSpec, int | None]:
     """Inverse frequencies and attention factor as transformers' rope initialisation functions
     (modeling_rope_utils.ROPE_INIT_FUNCTIONS, and the default of LlamaRotaryEmbedding) compute them
-    in float32; tests/test_hf_config.py compares the two for every rope type and spelling."""
-    params = rope_parameters(r, max_pos)
+    in float32; tests/test_hf_config.py compares the two for every rope type and spelling. And the
+    context they hold for: longrope's short factors, original_max_position_embeddings (transformers
+    switches every position to the long factors once a sequence is longer; not built), else None."""
+    params = rope_parameters(r, max_pos, family)
     rope_type, theta = params["rope_type"], params["rope_theta"]
     if rope_type not in ROPE_TYPES:
         raise r.fail(f"unsupported rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0 < theta < math.inf:
         raise r.fail(f"rope_theta must be a positive finite number, got {theta!r}")
     partial = params.get("partial_rotary_factor", 1.0)
-    if rope_type != "default" and partial != 1.0:
+    if family == "phi3":  # Phi3's rotary embedding rotates the first int(head_dim * partial) of each head
+        if not isinstance(partial, (int, float)) or isinstance(partial, bool) or not 0 < partial <= 1:
+            raise r.fail(f"partial_rotary_factor must be a number in (0, 1], got {partial!r}")
+        dim = int(head_dim * partial)
+        if dim < 2 or dim % 2:
+            raise r.fail(f"partial_rotary_factor {partial!r} rotates {dim} of the head's {head_dim} dims, "
+                         "not an even number of at least 2")
+    elif rope_type != "default" and partial != 1.0:
         # transformers' default rope ignores it; the others make tables narrower than the head, which
         # Llama, Mistral and Qwen2 cannot apply.
         raise r.fail(f"partial_rotary_factor {partial!r} with rope type {rope_type!r} is not supported (these "
                      "architectures rotate the whole head)")
+    else:
+        dim = head_dim
 
     def need(key: str, positive: bool = True) -> float:
         value = params.get(key)
@@ -282,9 +308,9 @@ def _rope_spec(r: _Reader, head_dim: int, max_pos: int) -> RopeSpec:
                          + (f", got {value!r}" if key in params else ""))
         return float(value)
 
-    f32, dim = np.float32, head_dim
+    f32 = np.float32
     inv_freq = f32(1.0) / (f32(theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(f32) / f32(dim)))
-    scaling = 1.0
+    scaling, context = 1.0, None
     if rope_type == "linear":
         inv_freq = inv_freq / f32(need("factor"))
     elif rope_type == "dynamic":
@@ -304,7 +330,33 @@ def _rope_spec(r: _Reader, head_dim: int, max_pos: int) -> RopeSpec:
         inv_freq = np.where(medium, smoothed, scaled).astype(f32)
     elif rope_type == "yarn":
         inv_freq, scaling = _yarn(params, need, float(theta), dim, max_pos, r)
-    return RopeSpec(inv_freq=tuple(float(x) for x in np.asarray(inv_freq, dtype=f32)), scaling=float(scaling))
+    elif rope_type == "longrope":
+        inv_freq, scaling, context = _longrope(params, need, float(theta), dim, max_pos, r)
+    return RopeSpec(inv_freq=tuple(float(x) for x in np.asarray(inv_freq, dtype=f32)),
+                    scaling=float(scaling)), context
+
+
+def _longrope(params: dict, need, base: float, dim: int, max_pos: int, r: _Reader):
+    """transformers' _compute_longrope_parameters for a sequence within original_max_position_embeddings
+    (the short factors): (inv_freq, attention factor, that length)."""
+    f32 = np.float32
+    original = need("original_max_position_embeddings")
+    for key in ("short_factor", "long_factor"):
+        factors = params.get(key)
+        if not isinstance(factors, list) or len(factors) != dim // 2 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+                for x in factors):
+            raise r.fail(f"rope type 'longrope' needs '{key}': {dim // 2} positive numbers (one per rotary "
+                         f"frequency), got {factors!r}"[:300])
+    factor = need("factor") if params.get("factor") is not None else max_pos / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    else:
+        attention = need("attention_factor")
+    shape = np.arange(0, dim, 2, dtype=np.int64).astype(f32) / f32(dim)
+    inv = f32(1.0) / (np.asarray(params["short_factor"], dtype=f32) * f32(base) ** shape)
+    return inv.astype(f32), float(attention), int(original)
 
 
 def _yarn(params: dict, need, base: float, dim: int, max_pos: int, r: _Reader):
