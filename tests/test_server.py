@@ -1027,6 +1027,30 @@ def test_sglang_sampling_seed_and_null_parameters(server):
     assert r.status_code == 400 and "sampling_seed" in r.json()["error"]["message"], r.text
 
 
+def test_sglang_null_logprob_fields_and_its_other_sampling_params(server):
+    """GenerateReqInput's return_logprob, logprob_start_len and top_logprobs_num are Optional in
+    SGLang, null meaning the default (they were refused with a 400); SamplingParams' stream_interval
+    and custom_params change no answer and are taken; structural_tag and logit_bias, which llmirc
+    does not implement, are refused by name (not as fields SGLang does not have)."""
+    body = {"text": "the quick", "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}}
+    plain = httpx.post(server.url + "/generate", json=body).json()
+    nulls = httpx.post(server.url + "/generate", json={**body, "return_logprob": None, "logprob_start_len": None,
+                                                       "top_logprobs_num": None})
+    assert nulls.status_code == 200, nulls.text
+    out = nulls.json()
+    assert out["output_ids"] == plain["output_ids"] and "output_token_logprobs" not in out["meta_info"]
+    asked = httpx.post(server.url + "/generate", json={**body, "return_logprob": True, "top_logprobs_num": None})
+    assert asked.status_code == 200 and len(asked.json()["meta_info"]["output_token_logprobs"]) == 4, asked.text
+    taken = {**body["sampling_params"], "stream_interval": 1, "custom_params": {"x": 1}, "logit_bias": {},
+             "structural_tag": None}
+    r = httpx.post(server.url + "/generate", json={**body, "sampling_params": taken})
+    assert r.status_code == 200 and r.json()["output_ids"] == plain["output_ids"], r.text
+    for name, value in (("structural_tag", '{"structures": []}'), ("logit_bias", {"5": 2.0})):
+        r = httpx.post(server.url + "/generate", json={**body, "sampling_params": {name: value}})
+        assert r.status_code == 400 and f"sampling_params.{name} is not supported by llmirc" in \
+            r.json()["error"]["message"], r.text
+
+
 def test_sglang_generate_streams_cumulative_text(server, model):
     with httpx.stream("POST", server.url + "/generate", json={
             "text": "the lazy", "stream": True,

@@ -22,8 +22,9 @@ programs use this for `select` and to cache shared prefixes). As in SGLang, a ma
 given that would pass the context is a 400, and otherwise it is clipped to what one sequence can
 hold (the context, or the KV cache when smaller; null: no limit but that), the finish_reason's
 length saying how many. Sampling parameters llmirc does
-not implement (penalties, min_p, min_new_tokens, regex, json_schema, ebnf, n > 1,
-skip_special_tokens false) are refused.
+not implement (penalties, min_p, min_new_tokens, regex, json_schema, ebnf, structural_tag, logit_bias,
+n > 1, skip_special_tokens false) are refused; stream_interval and custom_params (which only a
+custom logit processor reads) are taken and change nothing.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ class GenerateRequest(BaseModel):
     text: str | list[str] | None = None
     input_ids: list[Int] | list[list[Int]] | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
-    return_logprob: bool | list[bool] = False
-    logprob_start_len: Int | list[Int] = -1
-    top_logprobs_num: Int | list[Int] = 0
+    # (null: the default, as SGLang's GenerateReqInput.normalize_batch_and_arguments reads it)
+    return_logprob: bool | list[bool] | None = None
+    logprob_start_len: Int | list[Int] | None = None
+    top_logprobs_num: Int | list[Int] | None = None
     return_text_in_logprobs: bool = False
     stream: bool = False
     rid: str | list[str] | None = None
@@ -77,6 +79,10 @@ class _Params(BaseModel):
     regex: str | None = None
     json_schema: str | None = None
     ebnf: str | None = None
+    structural_tag: str | None = None
+    logit_bias: dict[str, float] | None = None
+    custom_params: dict[str, Any] | None = None  # (read by custom_logit_processor alone, which is refused)
+    stream_interval: Int | None = None  # (how often a stream sends: llmirc sends every step's tokens)
 
 
 # GenerateReqInput's fields that would change the answer, refused unless `_neutral`
@@ -92,7 +98,8 @@ def _neutral(value) -> bool:
 
 NEUTRAL = {"skip_special_tokens": True, "min_p": 0.0, "n": 1, "min_new_tokens": 0, "frequency_penalty": 0.0,
            "presence_penalty": 0.0,
-           "repetition_penalty": 1.0, "regex": None, "json_schema": None, "ebnf": None}
+           "repetition_penalty": 1.0, "regex": None, "json_schema": None, "ebnf": None, "structural_tag": None,
+           "logit_bias": None}
 
 
 def _params(raw: dict | None) -> _Params:
@@ -100,6 +107,8 @@ def _params(raw: dict | None) -> _Params:
 
     # as SGLang's SamplingParams.__post_init__: null is the default (max_new_tokens: no limit)
     raw = {k: v for k, v in (raw or {}).items() if v is not None or k == "max_new_tokens"}
+    if raw.get("logit_bias") == {}:  # (no bias)
+        del raw["logit_bias"]
     try:
         p = _Params.model_validate(raw)
     except ValidationError as e:
@@ -219,9 +228,9 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
         raise APIError(400, "empty prompt", "text" if req.text is not None else "input_ids")
     n = len(prompts)
     params = [_params(p) for p in _per_item(req.sampling_params, n, "sampling_params")]
-    logprob = _per_item(req.return_logprob, n, "return_logprob")
-    starts = _per_item(req.logprob_start_len, n, "logprob_start_len")
-    tops = _per_item(req.top_logprobs_num, n, "top_logprobs_num")
+    logprob = _per_item(False if req.return_logprob is None else req.return_logprob, n, "return_logprob")
+    starts = _per_item(-1 if req.logprob_start_len is None else req.logprob_start_len, n, "logprob_start_len")
+    tops = _per_item(0 if req.top_logprobs_num is None else req.top_logprobs_num, n, "top_logprobs_num")
     rids = _per_item(req.rid, n, "rid") if isinstance(req.rid, list) else \
         [f"{req.rid}_{i}" if batched and req.rid else req.rid or uuid.uuid4().hex for i in range(n)]
     requests, items = [], []
