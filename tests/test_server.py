@@ -869,11 +869,12 @@ def test_chat_template_given_inline(bundle, model):
 
 
 def test_api_key_is_required(guarded):
-    for path in ("/v1/models", "/generate", "/get_model_info"):
+    for path in ("/v1/models", "/generate", "/get_model_info", "/flush_cache"):
         r = httpx.request("POST" if path == "/generate" else "GET", guarded.url + path, json={"text": "hi"})
         assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
     # health checks need no key: /ping is vLLM's (SageMaker's), which vLLM answers without one
     assert httpx.get(guarded.url + "/health").status_code == httpx.get(guarded.url + "/ping").status_code == 200
+    assert httpx.get(guarded.url + "/health_generate").status_code == 200  # (SGLang's, open as there)
     assert httpx.head(guarded.url + "/ping").status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=guarded.url + "/v1", api_key="wrong", max_retries=0).models.list()
@@ -1049,6 +1050,30 @@ def test_sglang_null_logprob_fields_and_its_other_sampling_params(server):
         r = httpx.post(server.url + "/generate", json={**body, "sampling_params": {name: value}})
         assert r.status_code == 400 and f"sampling_params.{name} is not supported by llmirc" in \
             r.json()["error"]["message"], r.text
+
+
+def test_sglang_health_generate_flush_cache_and_put(server):
+    """SGLang's /health_generate (the engine's loop answers), /flush_cache (the prefix cache emptied,
+    only while nothing runs: else 400) and PUT /generate, which SGLang clients use (they were 404 and 405)."""
+    assert httpx.get(server.url + "/health_generate").status_code == 200
+    body = {"text": LONG, "sampling_params": {"max_new_tokens": 1, "temperature": 0}}
+    assert httpx.put(server.url + "/generate", json=body).status_code == 200
+    assert httpx.post(server.url + "/generate", json=body).json()["meta_info"]["cached_tokens"] >= 32
+    with httpx.stream("POST", server.url + "/generate", json={
+            "text": "hi", "stream": True, "sampling_params": {"max_new_tokens": LONG_RUN, "ignore_eos": True}}) as busy:
+        lines = busy.iter_lines()  # (kept: a dropped iterator closes the stream)
+        next(lines)
+        r = httpx.post(server.url + "/flush_cache")
+        assert r.status_code == 400 and "not flushed" in r.text, r.text
+    for method in ("GET", "POST"):  # (the stream's abort reaches the engine at its next step)
+        deadline = time.monotonic() + 10
+        while (r := httpx.request(method, server.url + "/flush_cache")).status_code == 400 and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert r.status_code == 200 and r.text.startswith("Cache flushed"), r.text
+    assert httpx.post(server.url + "/generate", json=body).json()["meta_info"]["cached_tokens"] == 0
+    m = metrics(server)
+    assert m["llmirc:kv_cache_usage_perc"] == 0 and m["llmirc:num_requests_running"] == 0
 
 
 def test_sglang_generate_streams_cumulative_text(server, model):

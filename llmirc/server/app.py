@@ -13,7 +13,7 @@ FastAPI's 422), 401 without the API key, 404 for an unknown model or route, 413 
 the engine has failed, or the server is shutting down. A stream answers 200 as soon as its
 requests are admitted; an error after that is an event with the error body (`event_stream`).
 Besides the APIs' routes: GET (and HEAD) /health and /ping, /version, /metrics, /v1/models and
-/v1/models/{id}.
+/v1/models/{id} (SGLang's /health_generate and /flush_cache are in sglang_api.py).
 """
 
 from __future__ import annotations
@@ -94,12 +94,12 @@ def refuse_not_implemented(fields: dict, table: dict[str, tuple]) -> None:
 
 class APIKeyCheck:
     """ASGI middleware: an HTTP request for anything but /health, /ping (vLLM's health check, which
-    it answers without the key) and /metrics needs the header `Authorization: Bearer KEY`, or gets
-    a 401. Plain ASGI on purpose: behind Starlette's `@app.middleware("http")` a route never sees
-    its client disconnect (`Request.is_disconnected` stays False), so a non-streaming request would
-    run on to max_tokens."""
+    it answers without the key), /health_generate (SGLang's, which SGLang answers without one) and
+    /metrics needs the header `Authorization: Bearer KEY`, or gets a 401. Plain ASGI on purpose:
+    behind Starlette's `@app.middleware("http")` a route never sees its client disconnect
+    (`Request.is_disconnected` stays False), so a non-streaming request would run on to max_tokens."""
 
-    OPEN = ("/health", "/ping", "/metrics")
+    OPEN = ("/health", "/ping", "/health_generate", "/metrics")
 
     def __init__(self, app, key: str):
         self.app, self.expected = app, key.encode()

@@ -1,5 +1,6 @@
-"""SGLang's native API: POST /generate and GET /get_model_info, as SGLang defines them
-(`GenerateReqInput` in sglang/srt/managers/io_struct.py, the native API docs).
+"""SGLang's native API: POST (or PUT) /generate, GET /get_model_info, GET /health_generate and
+GET or POST /flush_cache, as SGLang defines them (`GenerateReqInput` in
+sglang/srt/managers/io_struct.py, http_server.py, the native API docs).
 
 /generate takes `text` or `input_ids` (one prompt, or a list: a batch answered by a list),
 `sampling_params` (max_new_tokens 128, temperature 1, top_p 1, top_k -1, but the model's
@@ -29,6 +30,7 @@ custom logit processor reads) are taken and change nothing.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -36,6 +38,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict
 
+from llmirc.errors import LlmircError
 from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams
 
 from .app import APIError, Generation, Int, Server, event_stream, refuse_not_implemented
@@ -281,10 +284,51 @@ def _indexed(response: dict, index: int, batched: bool) -> dict:
     return response
 
 
+HEALTH_GENERATE_TIMEOUT_S = 20  # (SGLang's SGLANG_HEALTH_CHECK_TIMEOUT)
+
+
 def add_routes(app, server: Server) -> None:
-    @app.post("/generate")
+    from fastapi.responses import PlainTextResponse
+
+    @app.api_route("/generate", methods=["POST", "PUT"])  # (SGLang takes both)
     async def _generate(req: GenerateRequest, raw_request: Request):
         return await generate(server, req, raw_request)
+
+    @app.get("/health_generate")
+    async def _health_generate():
+        """SGLang's deep health check: 200 once the engine's loop has taken a command between two
+        steps (it is not stuck in a step), 503 after an engine error or 20 s without an answer."""
+        engine = server.engine
+        if engine.error is None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(engine.call, lambda: None), HEALTH_GENERATE_TIMEOUT_S)
+            except (asyncio.TimeoutError, LlmircError):
+                pass
+            else:
+                if engine.error is None:
+                    return PlainTextResponse("")
+        raise APIError(503, f"engine failed: {engine.error}" if engine.error is not None else
+                       f"the engine did not answer within {HEALTH_GENERATE_TIMEOUT_S} s")
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def _flush_cache():
+        """SGLang's: empty the prefix cache (its KV blocks back to the free list), only while no
+        request runs or waits (else 400, nothing flushed)."""
+        def flush() -> bool:
+            if server.engine.num_requests:
+                return False
+            cache = server.model.scheduler.prefix_cache
+            if cache is not None:
+                cache.evict(cache.num_cached)
+            return True
+
+        try:
+            flushed = await asyncio.to_thread(server.engine.call, flush)
+        except LlmircError as e:
+            raise APIError(503, str(e)) from None
+        if not flushed:
+            return PlainTextResponse("Cache not flushed: requests are running or waiting.\n", status_code=400)
+        return PlainTextResponse("Cache flushed.\n")
 
     @app.get("/get_model_info")
     async def _model_info():
