@@ -4,6 +4,8 @@ transposed GPT-2 projections, tokenizer metadata), from transformers models made
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +70,8 @@ def hf_to_gguf_names(config, arch: str) -> dict[str, str]:
         return names
     names.update({"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                   "lm_head.weight": "output.weight"})
-    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    parts = {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"} if arch == "phi3" else {}  # fused
+    parts |= {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}  # (qwen3)
@@ -81,7 +84,7 @@ def hf_to_gguf_names(config, arch: str) -> dict[str, str]:
 
 def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokenizer: dict | None = None,
                seed: int = 0, extra_tensors: dict | None = None, split_max_tensors: int = 0) -> Path:
-    """Writes `model` (a transformers model of llama/mistral/qwen2/qwen3/gpt2) to a GGUF file at `path`
+    """Writes `model` (a transformers model of llama/mistral/qwen2/qwen3/phi3/gpt2) to a GGUF file at `path`
     with its 2-D weights stored as `kind` (several kinds: taken in turn, matrix by matrix), and loads the values the
     file holds back into `model`, so that model is the float32 reference of the file.
     tokenizer: `tokenizer.*` metadata; extra_tensors: written as they are (float32); split_max_tensors: split the
@@ -90,7 +93,8 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
 
     rng = np.random.default_rng(seed)
     c = model.config
-    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}[c.model_type]
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+            "gpt2": "gpt2"}[c.model_type]
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -112,6 +116,17 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
         if head_dim != c.hidden_size // c.num_attention_heads:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
+        if arch == "phi3":  # as convert_hf_to_gguf's Phi3MiniModel writes them
+            w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+            w.add_sliding_window(c.sliding_window or 0)
+            original = c.original_max_position_embeddings
+            w.add_rope_scaling_orig_ctx_len(original)
+            if rope.get("rope_type") == "longrope":
+                scale = c.max_position_embeddings / original
+                attn_factor = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+                w.add_rope_scaling_attn_factors(attn_factor)
+                w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+                w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
         if rope.get("rope_type") == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(rope["factor"])

@@ -77,6 +77,11 @@ CASES = {
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})),
     "qwen3-f16-headdim": ("qwen3", "F16", dict(head_dim=32)),
     "gpt2-bf16": ("gpt2", "BF16", {}),
+    # fused attn_qkv and ffn_up; partial rotary; longrope's factors as tensors, its attention factor as metadata
+    "phi3-f16-longrope-partial-sliding": ("phi3", "F16", dict(
+        partial_rotary_factor=0.5, sliding_window=9, original_max_position_embeddings=128, rope_parameters={
+            "rope_type": "longrope", "short_factor": [1.0, 1.4, 2.1, 3.3], "long_factor": [1.5, 3.0, 6.0, 12.0],
+            "rope_theta": 10000.0})),
 }
 
 

@@ -26,6 +26,7 @@ from test_models import compile_to
 
 TOKENS = [1, 5, 9, 200, 17, 3, 44, 91, 12, 7, 250, 300, 31, 64, 128, 2, 8, 99, 150, 42] * 2
 MATRICES = ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
+            "qkv_proj", "gate_up_proj",  # Phi-3's
             "wte", "wpe", "c_attn", "c_proj", "c_fc")  # the last: GPT-2's
 
 
@@ -68,6 +69,14 @@ def test_repack_is_lossless(kind):
     # table too (llama.cpp's quantize keeps that one float: llama-quant.cpp; other writers need not)
     ("gpt2", ("Q8_0", "Q4_0", "Q5_1", "Q6_K"), dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
                                                   tie_word_embeddings=True)),
+    # Phi-4-mini's kind: fused qkv / gate_up, partial rotary (48 of 64), longrope's short factors, tied head
+    # (llama.cpp rounds its context, 128, up to 256: within original_max_position_embeddings, short factors too)
+    ("phi3", ("Q8_0", "Q4_K"), dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                    num_key_value_heads=2, init_std=0.03, tie_word_embeddings=True,
+                                    partial_rotary_factor=0.75, original_max_position_embeddings=256,
+                                    rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                     "short_factor": [1 + i / 8 for i in range(24)],
+                                                     "long_factor": [1 + i for i in range(24)]})),
 ])
 def test_kept_quantized_matches_references(tmp_path, arch, kinds, overrides):
     model = make_checkpoint(tmp_path / "ckpt", arch, **overrides)

@@ -75,7 +75,8 @@ def split_files(path: Path) -> list[Path]:
 
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "gpt2": "GPT2LMHeadModel"}
+                 "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+ROPE_FACTORS = ("rope_factors_short.weight", "rope_factors_long.weight")  # phi3's longrope, one factor per frequency
 FLOAT_TYPES = {GGMLQuantizationType.F32: "F32", GGMLQuantizationType.F16: "F16", GGMLQuantizationType.BF16: "BF16"}
 STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # -> llmirc.dtypes names
 # Block formats read only as float32 (--dequantize), by gguf.quants.dequantize: no llmirc layout keeps them.
@@ -99,9 +100,12 @@ def _layer_names(arch: str, i: int) -> dict[str, str]:
     p = f"model.layers.{i}"
     names = {f"{p}.input_layernorm.weight": f"{g}.attn_norm.weight",
              f"{p}.post_attention_layernorm.weight": f"{g}.ffn_norm.weight"}
-    for hf, gg in {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                   "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                   "mlp.down_proj": "ffn_down"}.items():
+    pairs = {"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"} if arch == "phi3" else {  # (phi3: fused q/k/v and gate/up, as in HF)
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down"}
+    for hf, gg in pairs.items():
         for kind in ("weight", "bias"):
             names[f"{p}.{hf}.{kind}"] = f"{g}.{gg}.{kind}"
     if arch == "qwen3":
@@ -173,7 +177,8 @@ class GgufCheckpoint:
                                   f"{len(self._tensors)} tensors")
         for i in range(layers):
             self._names.update(_layer_names(self.arch, i))
-        known = set(self._names.values()) | ({"rope_freqs.weight"} if self.arch == "llama" else set())
+        known = set(self._names.values()) | {"llama": {"rope_freqs.weight"}, "phi3": set(ROPE_FACTORS)}.get(
+            self.arch, set())
         unexpected = sorted(set(self._tensors) - known)
         if unexpected:
             raise CheckpointError(f"{path}: tensor '{unexpected[0]}' is not part of a {self.arch} model llmirc knows"
@@ -283,6 +288,8 @@ class GgufCheckpoint:
             raise CheckpointError(f"{self.path}: token_embd.weight has {vocab} rows but {a}.vocab_size is {declared}"
                                   + (f" and the tokenizer has {len(tokens)} tokens" if tokens else ""))
         for key, neutral in _NEUTRAL.items():
+            if a == "phi3" and key == "attention.sliding_window":  # (read below)
+                continue
             value = self.meta.get(f"{a}.{key}")
             if value is not None and value != neutral:
                 raise CheckpointError(f"{self.path}: unsupported metadata {a}.{key} = {value!r}"[:300])
@@ -329,6 +336,13 @@ class GgufCheckpoint:
                           mlp_bias="blk.0.ffn_up.bias" in self._tensors)
         if a == "qwen3":
             config.update(attention_bias="blk.0.attn_q.bias" in self._tensors)
+        if a == "phi3":
+            # The window applies as in transformers (llama.cpp 0.3.36 ignores phi3's: "Phi SWA is currently
+            # disabled"), the same below it; convert_hf_to_gguf writes 0 for none.
+            config.update(sliding_window=get(f"{a}.attention.sliding_window", int, 0) or None)
+            if any(n in self._tensors for n in ROPE_FACTORS):
+                config.update(self._longrope())
+                return config
         scaling = self._rope_scaling()
         if scaling:
             config["rope_scaling"] = scaling
@@ -356,6 +370,20 @@ class GgufCheckpoint:
                     raise CheckpointError(f"{self.path}: unsupported metadata {p + key} = {self.meta[p + key]!r}")
             return scaling
         raise CheckpointError(f"{self.path}: unsupported rope scaling type {kind!r} (supported: none, linear, yarn)")
+
+    def _longrope(self) -> dict:
+        """phi3's longrope (convert_hf_to_gguf's Phi3MiniModel writes its factors as tensors) -> config.json's
+        original_max_position_embeddings and rope_scaling, the file's attention factor with them."""
+        short, long = (dtypes.to_float32(*self._stored(n)).tolist() if n in self._tensors else None
+                       for n in ROPE_FACTORS)
+        if short is None or long is None:
+            raise CheckpointError(f"{self.path}: longrope needs both tensors {' and '.join(ROPE_FACTORS)}")
+        p = f"{self.arch}.rope.scaling."
+        scaling = {"rope_type": "longrope", "short_factor": short, "long_factor": long}
+        if p + "attn_factor" in self.meta:
+            scaling["attention_factor"] = self._get(p + "attn_factor", float)
+        return {"original_max_position_embeddings": self._get(p + "original_context_length", int),
+                "rope_scaling": scaling}
 
     def _rope_freqs(self, rope):
         """Llama-3 scaling as llama.cpp applies it: theta_i = pos * base^(-2i/d) / rope_freqs[i]."""
