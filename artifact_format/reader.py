@@ -177,7 +177,7 @@ def _state_key(root: Path, files: dict[str, dict]) -> str | None:
 
 
 def _record_path(root: Path) -> Path:
-    return cache_dir("verified") / hashlib.sha256(str(root).encode()).hexdigest()
+    return cache_dir("verified") / hashlib.sha256(os.fsencode(root)).hexdigest()
 
 
 def _recorded(root: Path) -> str | None:

@@ -88,7 +88,7 @@ class CompileOptions:
         recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
                     if k not in ("jobs", "report", "print_ir_after_all", "emit")}
         return dict(recorded, quant_rotate=self.rotates() if self.quant != "none" else None,
-                    calibration=Path(self.calibration).name if self.calibration is not None else None)
+                    calibration=unicode_text(Path(self.calibration).name) if self.calibration is not None else None)
 
     def quantize_pass(self) -> str:
         """The quantize-weights pass spec `--quant` asks for ('' for none)."""
@@ -616,7 +616,8 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
         bundle.commit({
             "producer": f"llmirc {__version__}",
             "created_utc": created_utc(),
-            "source": {"kind": source.kind, "name": Path(source.root).resolve().name, "fingerprint": source.fingerprint()},
+            "source": {"kind": source.kind, "name": unicode_text(Path(source.root).resolve().name),
+                       "fingerprint": source.fingerprint()},
             "compile_options": options.recorded(),
             "calibration": calibrated,
             "model": {"architecture": info["architecture"], **facts,
@@ -639,6 +640,12 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
             "ir": {"input": "ir/input.mlir", "optimized": "ir/optimized.mlir"},
             "tokenizer": tokenizer,
         })
+
+
+def unicode_text(name: str) -> str:
+    """A file name as text JSON can hold: the bytes of a name that is not UTF-8 (which Python keeps
+    as lone surrogates, and json.dumps's output cannot be encoded with) as U+FFFD."""
+    return os.fsencode(name).decode("utf-8", "replace")
 
 
 def _effort(w) -> int:

@@ -813,6 +813,25 @@ def test_compile_of_the_current_folder_names_it(ckpt, tmp_path):
     assert json.loads(llmirc("inspect", out, "--json").stdout)["source"]["name"] == ckpt.name
 
 
+def test_paths_that_are_not_utf8(ckpt, tmp_path):
+    """File names are bytes on Linux: a checkpoint, bundle and text whose names are not UTF-8 (Python
+    keeps them as lone surrogates) compile, run, and are recorded and shown with U+FFFD; also with
+    names holding spaces and non-ASCII letters, and in the C locale."""
+    src = tmp_path / os.fsdecode(b"ckpt \xff caf\xc3\xa9")
+    shutil.copytree(ckpt, src)
+    out = tmp_path / os.fsdecode(b"out \xfe \xe2\x9c\x93") / "b \xfc.llmir"
+    env = {"LC_ALL": "C", "LANG": "C"}
+    r = llmirc("compile", src, "-o", out, "-q", "--cpu-variants", "native", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "manifest.json").read_text(encoding="utf-8"))["source"]["name"] == "ckpt \ufffd café"
+    r = llmirc("run", out, "--prompt", "héllo", "--max-new-tokens", "2", "--json", env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["token_ids"], r.stderr
+    text = tmp_path / os.fsdecode(b"t\xfd.txt")
+    text.write_text("the quick brown fox jumps over the lazy dog")
+    r = llmirc("eval-ppl", out, "--text", text, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("perplexity"), r.stderr
+
+
 def test_compile_without_output(ckpt):
     assert_user_error(llmirc("compile", ckpt), "-o")
 

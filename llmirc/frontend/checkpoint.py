@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -221,7 +222,7 @@ class Checkpoint:
         Cheap identification of the source; the bundle's own weights carry full checksums."""
         h = hashlib.sha256(self.config_path.read_bytes())
         for path in sorted(set(self._where.values())):
-            h.update(path.name.encode())
+            h.update(os.fsencode(path.name))
             h.update(str(path.stat().st_size).encode())
             with open(path, "rb") as fh:
                 h.update(fh.read(1 << 16))

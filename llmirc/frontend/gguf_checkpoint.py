@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import traceback
 from pathlib import Path
@@ -535,7 +536,7 @@ class GgufCheckpoint:
         Cheap identification of the source; the bundle's own weights carry full checksums."""
         h = hashlib.sha256()
         for path in self._readers:
-            h.update(path.name.encode())
+            h.update(os.fsencode(path.name))
             h.update(str(path.stat().st_size).encode())
             with open(path, "rb") as fh:
                 h.update(fh.read(1 << 16))

@@ -69,7 +69,11 @@ class Tokenizer:
             where = f"looked in {path / 'tokenizer'} and {path}" if listed is None else "the manifest lists none there"
             raise LlmircError(f"{path}: no tokenizer.json ({where})")
         tokenizers = _import_tokenizers()
-        backend = _guarded(file, "load the tokenizer", tokenizers.Tokenizer.from_file, str(file))
+        try:  # (read here: Tokenizer.from_file takes a str path, and fails on one that is not UTF-8)
+            data = file.read_bytes()
+        except OSError as e:
+            raise LlmircError(f"{file}: cannot read it: {e.strerror or e}") from None
+        backend = _guarded(file, "load the tokenizer", tokenizers.Tokenizer.from_buffer, data)
         config = _read_config(folder, "tokenizer_config.json", listed)
         specials = [t for t in (_token_text(config.get(k)) for k in _SPECIAL_KEYS) if t]
         if specials:

@@ -282,7 +282,7 @@ def _source_digest() -> str:
              for root in importlib.import_module(pkg).__path__ for f in Path(root).rglob("*.py")}
     h = hashlib.sha256()
     for f in sorted(files):
-        h.update(f"{f.parent.name}/{f.name}\0".encode() + f.read_bytes())
+        h.update(os.fsencode(f"{f.parent.name}/{f.name}\0") + f.read_bytes())
     return h.hexdigest()
 
 
