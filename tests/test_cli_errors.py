@@ -1002,6 +1002,31 @@ def test_interrupted_gptq_compile_removes_its_hessians(ckpt, tmp_path, sig):
     assert not (tmp_path / "o.llmir").exists()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_compile_stopped_while_linking_leaves_nothing_in_tmpdir(ckpt, bundle, tmp_path, sig):
+    """A compile stopped while the C compiler links a library kills it, and it cannot remove its
+    temporary files (gcc's ccXXXXXX.s, .o, .res): they must be in llmirc's scratch folder, not in
+    TMPDIR. A stand-in `cc` makes one where gcc would and waits."""
+    tmp, bin_dir, started = tmp_path / "tmp", tmp_path / "bin", tmp_path / "cc-started"
+    tmp.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "cc").write_text(f'#!/bin/sh\n: > "${{TMPDIR:-/tmp}}/ccFAKE.s"\n: > "{started}"\nexec sleep 60\n')
+    (bin_dir / "cc").chmod(0o755)
+    out = copy_bundle(bundle, tmp_path)
+    before = snapshot(out)
+    env = dict(ENV, TMPDIR=str(tmp), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "compile", ckpt, "-o", out, "--cpu-variants",
+                             "native", "-q"], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1]
+    assert started.exists() and proc.returncode == 128 + sig and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp.iterdir()) == []
+    assert snapshot(out) == before and leftovers(out) == []
+
+
 def test_compile_removes_scratch_folders_of_killed_compiles(ckpt, tmp_path):
     """The scratch folders a killed compile left in TMPDIR (its pid dead: GPTQ's Hessians, a link,
     a GGUF's tokenizer files) go at the next compile, whatever it compiles; a running compile's

@@ -433,8 +433,9 @@ def link_shared(objects: list[bytes], out_path: Path, arch: str | None = None) -
                "-lpthread", "-lm"]
         if platform.system() == "Linux":
             cmd[2:2] = ["-Wl,--no-undefined", "-Wl,-z,noexecstack"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:  # (cc's own temporary files in the scratch folder too: a compile stopped during the link kills
+            # cc, which then cannot remove them)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TMPDIR=tmp))
         except OSError as e:
             raise LlmircError(f"could not run the C linker {cc}: {e}") from None
         if proc.returncode != 0:
