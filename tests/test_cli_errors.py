@@ -927,10 +927,10 @@ def test_interrupt_while_the_command_line_loads():
     assert (r.returncode, r.stderr, r.stdout) == (130, "error: interrupted\n", ""), r.stderr
 
 
-def _signal_compile(args, marker: str, sig, *, env=None, group: bool = False, delay: float = 0.0):
+def _signal_compile(args, marker: str, sig, *, env=None, group: bool = False, delay: float = 0.0, until=None):
     """(exit code, stderr, stdout) of `llmirc compile ARGS` sent `sig` once a stderr line holds
-    `marker` (after `delay` seconds; to its whole process group when `group`, as a terminal's Ctrl-C
-    or `timeout` does); skips the test when the compile finished first."""
+    `marker` (after `delay` seconds, or once `until()` is true; to its whole process group when
+    `group`, as a terminal's Ctrl-C or `timeout` does); skips the test when the compile finished first."""
     proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "compile", *map(str, args)], stderr=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=dict(ENV, **(env or {})), start_new_session=group)
     seen = []
@@ -938,6 +938,9 @@ def _signal_compile(args, marker: str, sig, *, env=None, group: bool = False, de
         seen.append(line)
         if marker in line:
             time.sleep(delay)
+            deadline = time.monotonic() + 120
+            while until is not None and not until() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
             if group:
                 os.killpg(proc.pid, sig)
             else:
@@ -975,15 +978,20 @@ def test_signal_to_the_process_group_during_gpu_kernels(ckpt, bundle, tmp_path, 
     compile workers (and their ptxas) too. During the Triton stage (a cold kernel cache): exit
     128 + the signal, one line, nothing on stdout, the old bundle as it was and no temporary
     directory. (Before the workers ignored SIGTERM and SIGHUP, 3 of 5 SIGTERMs left the new
-    bundle's, and a SIGHUP killed multiprocessing's resource tracker: tracebacks.)"""
+    bundle's, and a SIGHUP killed multiprocessing's resource tracker: tracebacks.) Nothing left in
+    TMPDIR either (the killed workers' ptxas files, tmpXXXXXXXX.ptx, .ptx.o and .log, were)."""
     out = copy_bundle(bundle, tmp_path)
     before = snapshot(out)
-    returncode, err, stdout = _signal_compile(  # (2 s in, the workers are compiling)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    returncode, err, stdout = _signal_compile(  # (2 s in, the workers are compiling; then a ptxas runs)
         [ckpt, "-o", out, "--target", "cuda"], "compiling Triton kernels", sig,
-        env={"LLMIRC_CACHE_DIR": str(tmp_path / "cache")}, group=True, delay=2)
+        env={"LLMIRC_CACHE_DIR": str(tmp_path / "cache"), "TMPDIR": str(tmp)}, group=True, delay=2,
+        until=lambda: any(tmp.rglob("*.ptx")))
     assert returncode == 128 + sig and "Traceback" not in err and "Warning" not in err, err
     assert err.splitlines()[-1].startswith("error: ") and stdout == "", err
     assert snapshot(out) == before and leftovers(out) == []
+    assert sorted(p.name for p in tmp.iterdir()) == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])

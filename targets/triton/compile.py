@@ -35,6 +35,7 @@ identical kernel compile once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -47,6 +48,7 @@ from pathlib import Path
 
 from llmirc.cache import cache_dir
 from llmirc.errors import LlmircError
+from llmirc.scratch import scratch_dir
 
 from ..workers import run_tasks, worker_count, worker_pool
 from .arch import get_arch
@@ -97,14 +99,18 @@ def compile_kernels(kernels, *, cache_dir: Path | None = None, jobs: int | None 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     keys = [json.dumps(r, sort_keys=True, default=repr) for r in requests]
     unique = dict(zip(keys, requests))
-    with worker_pool(worker_count(jobs, len(unique)), _worker_init) as pool:
+    # Triton's temporary files (ptxas' .ptx, .ptx.o and .log) in a scratch folder of this compile: a
+    # worker killed as the compile stops cannot remove its own, and they were left in TMPDIR
+    with scratch_dir("triton") as tmp, worker_pool(worker_count(jobs, len(unique)),
+                                                   functools.partial(_worker_init, tmp)) as pool:
         done = run_tasks(pool, {key: (_compile_one, request, str(cache_dir)) for key, request in unique.items()},
                          name=lambda key: f"{unique[key]['name']} for {unique[key]['arch']}")
     return [done[k] for k in keys]
 
 
-def _worker_init():
+def _worker_init(tmp: str):
     os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TMPDIR"], tempfile.tempdir = tmp, tmp  # (and the tools it runs)
     # no source line info in the binaries: it named this checkout's absolute paths, so a bundle's
     # bytes depended on which checkout first filled the kernel cache, and shipped them
     os.environ["TRITON_DISABLE_LINE_INFO"] = "1"
