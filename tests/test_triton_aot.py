@@ -166,6 +166,19 @@ def test_cache_hits_and_stage_times(compiled):
     assert fresh and all(set(r.times) >= {"ttir", "ttgir", "llir"} for r in fresh)
 
 
+def test_a_cache_that_cannot_be_written_costs_only_the_compilation(tmp_path):
+    """As the CPU objects' cache: a kernel cache folder that cannot be made (a file in its place, a
+    read-only home) is said once, and the kernels compile (Triton's own cache, kept inside it,
+    failed each of them: "does not compile for sm_90: Not a directory")."""
+    (tmp_path / "file").write_text("x")
+    spec = next(iter(launch_rule("add", {"dim": 256}, ARCHS["sm_90"]).kernels().values()))
+    said = []
+    out = compile_kernels([(spec, "sm_90")], cache_dir=tmp_path / "file" / "triton", jobs=1, warn=said.append)[0]
+    assert out.binary and not out.cached
+    assert said == [f"the kernel cache {tmp_path / 'file' / 'triton'} cannot be written (Not a directory): nothing "
+                    "compiled now is kept"]
+
+
 def test_shared_memory_over_the_limit_is_a_clear_error(tmp_path):
     args = next(iter(launch_rule("linear", {"n": 8, "k": 8, "w_dtype": "bfloat16"}, ARCHS["gfx942"])
                      .kernels().values())).args

@@ -43,6 +43,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,9 +91,11 @@ def _request(spec: KernelSpec, arch: str) -> dict:
             **({"launch_pdl": True} if spec.launch_pdl else {})}
 
 
-def compile_kernels(kernels, *, cache_dir: Path | None = None, jobs: int | None = None) -> list[Compiled]:
+def compile_kernels(kernels, *, cache_dir: Path | None = None, jobs: int | None = None,
+                    warn: Callable[[str], None] = lambda message: None) -> list[Compiled]:
     """Compiles (KernelSpec, arch name) pairs, in order, `jobs` processes at a time (default and
-    most: the CPUs this process may use; targets/workers.py). Raises CompileError."""
+    most: the CPUs this process may use; targets/workers.py). A cache that cannot be written costs
+    only the compilation (`warn` is told why), as the CPU objects' does. Raises CompileError."""
     requests = [_request(spec, get_arch(arch).name) for spec, arch in kernels]
     if not requests:
         return []
@@ -103,9 +106,22 @@ def compile_kernels(kernels, *, cache_dir: Path | None = None, jobs: int | None 
     # worker killed as the compile stops cannot remove its own, and they were left in TMPDIR
     with scratch_dir("triton") as tmp, worker_pool(worker_count(jobs, len(unique)),
                                                    functools.partial(_worker_init, tmp)) as pool:
+        if problem := _unwritable(cache_dir):  # (Triton's own cache too: it failed every kernel's compile)
+            warn(f"the kernel cache {cache_dir} cannot be written ({problem}): nothing compiled now is kept")
+            cache_dir = Path(tmp) / "cache"
         done = run_tasks(pool, {key: (_compile_one, request, str(cache_dir)) for key, request in unique.items()},
                          name=lambda key: f"{unique[key]['name']} for {unique[key]['arch']}")
     return [done[k] for k in keys]
+
+
+def _unwritable(cache: Path) -> str | None:
+    """Why a folder cannot be made and written at `cache` (None: it can)."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=cache, prefix=".tmp-"))
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def _worker_init(tmp: str):

@@ -21,6 +21,7 @@ Full-sequence (generic-kernel) models stay CPU-only: `check` refuses them.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -127,12 +128,13 @@ class TritonBackend:
         out["advance_step"] = launch_rule("advance_step", {"block_size": plan.pool.block_size}, a)
         return out
 
-    def _compile(self, plan: Plan, archs) -> dict:
-        """{arch: (rules, {spec key: Compiled})}, every kernel of every arch compiled in one batch."""
+    def _compile(self, plan: Plan, archs, warn: Callable[[str], None]) -> dict:
+        """{arch: (rules, {spec key: Compiled})}, every kernel of every arch compiled in one batch;
+        `warn`: told when the kernel cache cannot be written."""
         rules = {arch: self.rules(plan, arch) for arch in archs}
         pairs = {(key, arch): spec for arch in archs for r in rules[arch].values() for key, spec in r.kernels().items()}
         results = compile_kernels([(spec, arch) for (_, arch), spec in pairs.items()], cache_dir=self.cache_dir,
-                                  jobs=self.jobs)
+                                  jobs=self.jobs, warn=warn)
         compiled = {arch: {} for arch in archs}
         for (key, arch), res in zip(pairs, results):
             compiled[arch][key] = res
@@ -141,7 +143,7 @@ class TritonBackend:
     def emit(self, plan: Plan, stage: str) -> str:
         """One text stage of every kernel for this backend's first architecture."""
         arch = self.archs[0]
-        rules, compiled = self._compile(self.plan(plan), [arch])[arch]
+        rules, compiled = self._compile(self.plan(plan), [arch], lambda m: print(f"note: {m}", file=sys.stderr))[arch]
         comment = ";" if stage in ("llir", "amdgcn") else "//"
         parts = []
         for symbol, rule in rules.items():
@@ -155,7 +157,7 @@ class TritonBackend:
         manifest entry per architecture."""
         progress(f"{self.kind}: compiling Triton kernels for {', '.join(self.archs)}")
         plan = self.plan(plan)
-        done = self._compile(plan, self.archs)
+        done = self._compile(plan, self.archs, getattr(progress, "note", progress))
         entries = []
         for arch in self.archs:
             rules, compiled = done[arch]
