@@ -1305,6 +1305,15 @@ def test_bench_compare_transformers_that_transformers_cannot_load(bundle, ckpt, 
                              "--compare-transformers", tmp_path), "transformers cannot load it")
 
 
+def test_bench_compare_transformers_into_a_log(bundle, ckpt):
+    """stderr not a terminal (CI's log): no transformers progress bar (carriage returns); --json's
+    stdout is one JSON object with both engines' figures."""
+    r = llmirc("bench", bundle, "--prompt-len", "4", "--new-tokens", "3", "--repeat", "1", "--json",
+               "--compare-transformers", ckpt)
+    assert r.returncode == 0 and "\r" not in r.stderr and "Loading weights" not in r.stderr, r.stderr
+    assert {"llmirc", "transformers"} <= set(json.loads(r.stdout))
+
+
 def test_bench_checks_the_manifest_fields_it_reads(bundle, tmp_path):
     """The model fields and the plan bench's figures come from (the library reads neither, so loading
     does not check them) are refused by name when malformed, not an internal error or negative FLOP/s."""

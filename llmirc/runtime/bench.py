@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -198,12 +199,20 @@ def load_transformers(hf_dir: Path):
     cannot load it (an unknown model type, no weights, ...)."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    # its "Loading weights" progress bar only at a terminal: in a log it is carriage returns
+    quiet = hf_logging.is_progress_bar_enabled() and not (sys.stderr is not None and sys.stderr.isatty())
+    if quiet:
+        hf_logging.disable_progress_bar()
     try:
         return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     except Exception as e:  # transformers raises ValueError, OSError, KeyError, ... by what is wrong
         raise LlmircError(f"--compare-transformers {hf_dir}: transformers cannot load it: "
                           f"{' '.join(str(e).split())[:300]}") from None
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
 
 
 def _decode_step(first: list[float], whole: list[float], new_tokens: int, engine: str) -> float:
