@@ -344,6 +344,23 @@ def test_verification_is_remembered_until_anything_changes(bundle, tmp_path, mon
     assert hashed
 
 
+def test_cache_folder_from_the_environment(tmp_path, monkeypatch):
+    """LLMIRC_CACHE_DIR, else XDG_CACHE_HOME/llmirc when it is an absolute path (the XDG Base Directory
+    specification: a relative one is ignored; it made a cache in each current directory), else
+    ~/.cache/llmirc."""
+    from llmirc.cache import cache_dir
+
+    monkeypatch.delenv("LLMIRC_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home_cache = tmp_path / "home" / ".cache" / "llmirc" / "cpu"
+    for xdg, expected in (("rel/cache", home_cache), ("", home_cache),
+                          (str(tmp_path / "xdg"), tmp_path / "xdg" / "llmirc" / "cpu")):
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+        assert cache_dir("cpu") == expected, xdg
+    monkeypatch.setenv("LLMIRC_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir("cpu") == tmp_path / "mine" / "cpu"
+
+
 def test_verification_without_a_writable_cache_still_verifies(bundle, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # not a directory
