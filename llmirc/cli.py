@@ -317,11 +317,16 @@ _chat_template_kwargs_option = click.option(
 def _sampling_options(fn, max_new_tokens: click.Option | None = None):
     """The sampling options run and chat share (transformers' semantics; 0 is greedy)."""
     for option in reversed([
-        max_new_tokens or click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True),
+        max_new_tokens or click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+                                       help="Tokens generated per sequence at most (fewer at end-of-sequence, "
+                                            "--stop or the context's end)."),
         click.option("--temperature", type=FiniteRange(min=0.0), default=0.0, show_default=True,
                      help="0 is greedy decoding."),
-        click.option("--top-k", type=click.IntRange(min=1), default=None),
-        click.option("--top-p", type=FiniteRange(min=0.0, max=1.0, min_open=True), default=None),
+        click.option("--top-k", type=click.IntRange(min=1), default=None,
+                     help="Sample from the K most likely tokens only (default: all; with --temperature > 0)."),
+        click.option("--top-p", type=FiniteRange(min=0.0, max=1.0, min_open=True), default=None,
+                     help="Sample from the smallest set of tokens whose probability reaches P (nucleus sampling; "
+                          "default: 1, all; with --temperature > 0)."),
         click.option("--seed", type=click.IntRange(min=0), default=None,
                      help="Seed for sampling (reproducible output)."),
         click.option("--stop", "stops", multiple=True, callback=_not_empty,
@@ -582,7 +587,8 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
 @click.argument("bundle", type=PathArg())
 @click.option("--host", default="127.0.0.1", show_default=True, callback=_not_empty,
               help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="TCP port to listen on (0: one the system picks, printed at start).")
 @click.option("--served-model-name", default=None, help="The model name clients use (default: BUNDLE as given).")
 @click.option("--api-key", default=None, envvar="LLMIRC_API_KEY", callback=_not_empty,
               help="Require 'Authorization: Bearer KEY' (also from $LLMIRC_API_KEY).")
@@ -629,7 +635,7 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
 @click.option("--no-verify", is_flag=True,
               help="Skip checksum verification (a damaged kernel library may then crash the process).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
-              show_default=True)
+              show_default=True, help="Server log messages at this level and above (stderr).")
 def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_model_len, max_num_seqs,
           max_num_batched_tokens, enable_prefix_caching, kv_cache_tokens, kv_cache_dtype, gpu_memory_utilization,
           threads, target, num_scheduler_steps, max_queued_requests, max_body_bytes, chat_template, template_kwargs,

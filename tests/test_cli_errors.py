@@ -1475,10 +1475,26 @@ def test_bench_runs(bundle, ckpt, tmp_path):
     assert off.returncode == 0 and "AMX" not in off.stdout, off.stdout
 
 
-@pytest.mark.parametrize("command", [[], ["compile"], ["run"], ["chat"], ["serve"], ["inspect"], ["bench"]])
+@pytest.mark.parametrize("command", [[], ["compile"], ["run"], ["chat"], ["serve"], ["inspect"], ["bench"],
+                                     ["eval-ppl"]])
 def test_help(command):
     r = llmirc(*command, "--help")
     assert r.returncode == 0 and r.stderr == "" and "Usage:" in r.stdout, r.stderr
+
+
+def test_every_option_is_documented():
+    """Every option of every command says what it does in --help (run's --max-new-tokens, --top-k and
+    --top-p, serve's --port and --log-level said nothing), and README's command list names every command."""
+    import click
+
+    from llmirc.cli import cli
+
+    bare = [f"{name} {p.opts[0]}" for name, command in cli.commands.items() for p in command.params
+            if isinstance(p, click.Option) and not (p.help or "").strip()]
+    assert bare == []
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    commands = readme.split("## Commands", 1)[1].split("Every command has `--help`", 1)[0]
+    assert [name for name in cli.commands if f"llmirc {name} " not in commands] == []
 
 
 def test_compile_help_names_the_stages_emit_prints():
