@@ -189,13 +189,19 @@ def _recorded(root: Path) -> str | None:
 
 def _record(root: Path, key: str) -> None:
     path = _record_path(root)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(key, encoding="ascii")
         os.replace(tmp, path)
-    except OSError:
-        pass  # no cache directory: verify every time
+    except BaseException as e:  # (a full disk, Ctrl-C: the temporary file does not stay)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if not isinstance(e, OSError):
+            raise
+        # no cache directory: verify every time
 
 
 def _check_files(root: Path, name: str, entries) -> dict[str, dict]:

@@ -361,6 +361,25 @@ def test_cache_folder_from_the_environment(tmp_path, monkeypatch):
     assert cache_dir("cpu") == tmp_path / "mine" / "cpu"
 
 
+def test_a_record_that_cannot_be_written_leaves_no_temporary_file(bundle, tmp_path, monkeypatch):
+    """A verification record whose write fails (a full disk) or is stopped (Ctrl-C): no `*.tmp` file
+    stays in the cache's verified/ folder; the error is the caller's only for the signal."""
+    import llmirc.artifact_format.reader as reader
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for error in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+        def fail(src, dst, error=error):
+            raise error
+
+        monkeypatch.setattr(reader.os, "replace", fail)
+        if isinstance(error, OSError):
+            assert open_bundle(bundle, remember=True)
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                open_bundle(bundle, remember=True)
+        assert list((tmp_path / "cache" / "llmirc" / "verified").iterdir()) == []
+
+
 def test_verification_without_a_writable_cache_still_verifies(bundle, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # not a directory

@@ -405,6 +405,20 @@ def test_invalid_ir_is_rejected():
         tc.compile_object("define void @f() { ret i32 0 }", tc.baseline_variant())
 
 
+def test_cache_write_stopped_by_a_signal_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """Ctrl-C (or the CLI's SIGTERM) while an entry is stored: the signal goes on, and the entry's
+    temporary file (.tmp-XXXXXXXX) does not stay in the cache for good (only OSErrors removed it)."""
+    entry = tmp_path / "cache" / "ab" / "abcd"
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tc.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tc.write_entry(entry, b"object")
+    assert list((tmp_path / "cache").rglob("*")) == [entry.parent]
+
+
 def test_object_cache(tmp_path):
     """A second compilation of the same IR for the same variant is read from the cache; another
     text or variant is not; a damaged entry is compiled again and repaired; a cache that cannot be

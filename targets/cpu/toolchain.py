@@ -362,9 +362,11 @@ def write_entry(entry: Path | None, obj: bytes) -> str | None:
         with os.fdopen(fd, "wb") as f:
             f.write(hashlib.sha256(obj).digest() + obj)
         os.replace(tmp, entry)
-    except OSError as e:
+    except BaseException as e:  # (Ctrl-C, the CLI's SIGTERM too: the temporary file goes, as the compile stops)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if not isinstance(e, OSError):
+            raise
         return e.strerror or str(e)
     return None
 
