@@ -168,8 +168,9 @@ def test_cache_hits_and_stage_times(compiled):
 
 def test_a_cache_that_cannot_be_written_costs_only_the_compilation(tmp_path):
     """As the CPU objects' cache: a kernel cache folder that cannot be made (a file in its place, a
-    read-only home) is said once, and the kernels compile (Triton's own cache, kept inside it,
-    failed each of them: "does not compile for sm_90: Not a directory")."""
+    read-only home) or written is said once, and the kernels compile (Triton's own cache, kept inside
+    it, failed each of them: "does not compile for sm_90: Not a directory", or "No space left on
+    device" when the disk was full)."""
     (tmp_path / "file").write_text("x")
     spec = next(iter(launch_rule("add", {"dim": 256}, ARCHS["sm_90"]).kernels().values()))
     said = []
@@ -177,6 +178,15 @@ def test_a_cache_that_cannot_be_written_costs_only_the_compilation(tmp_path):
     assert out.binary and not out.cached
     assert said == [f"the kernel cache {tmp_path / 'file' / 'triton'} cannot be written (Not a directory): nothing "
                     "compiled now is kept"]
+    # A cache whose entries cannot be stored (a full disk; here a file where the arch's folder goes):
+    # said once, and the kernels compile (the error went out of the worker: an internal error).
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "sm_90").write_text("x")
+    said.clear()
+    out = compile_kernels([(spec, "sm_90")], cache_dir=tmp_path / "cache", jobs=1, warn=said.append)[0]
+    assert out.binary and said == [f"the kernel cache {tmp_path / 'cache'} cannot be written (File exists): some "
+                                   "kernels compiled now are not kept"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["sm_90"]  # (Triton's own cache is not here)
 
 
 def test_shared_memory_over_the_limit_is_a_clear_error(tmp_path):

@@ -75,6 +75,7 @@ class Compiled:
     metadata: dict = field(default_factory=dict)
     times: dict = field(default_factory=dict)  # stage -> seconds (empty on a cache hit)
     cached: bool = False
+    unstored: str = ""             # why it could not be stored in the cache ("": it was, or came from it)
 
 
 def default_cache_dir() -> Path:
@@ -111,6 +112,8 @@ def compile_kernels(kernels, *, cache_dir: Path | None = None, jobs: int | None 
             cache_dir = Path(tmp) / "cache"
         done = run_tasks(pool, {key: (_compile_one, request, str(cache_dir)) for key, request in unique.items()},
                          name=lambda key: f"{unique[key]['name']} for {unique[key]['arch']}")
+    if problem := next((c.unstored for c in done.values() if c.unstored), ""):  # (a full disk)
+        warn(f"the kernel cache {cache_dir} cannot be written ({problem}): some kernels compiled now are not kept")
     return [done[k] for k in keys]
 
 
@@ -161,7 +164,9 @@ def _compile_one(req: dict, cache_dir: str) -> Compiled:
     def listener(*, src, metadata, metadata_group, times, cache_hit):  # times: triton.knobs.CompileTimes
         listener.times = {stage: us / 1e6 for stage, us in times.lowering_stages}
 
-    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(cache_dir) / ".triton"))
+    # Triton's own cache, in the compile's scratch folder: what it would keep is in this one, and a full
+    # disk under it failed the kernel's compile ("does not compile for sm_90: No space left on device")
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(tempfile.gettempdir(), "triton-cache"))
     triton.knobs.compilation.listener = listener
     start = time.perf_counter()
     try:
@@ -201,7 +206,10 @@ def _compile_one(req: dict, cache_dir: str) -> Compiled:
         metadata["ptx_target"] = re.search(r"^\.target\s+(\w+)", asm["ptx"], re.M).group(1)
         metadata["ptxas"] = _ptxas_version(arch.arch)
     result = Compiled(key, arch.name, req["name"], k.asm[stages[-1]], asm, metadata, times)
-    _store(entry, result)
+    try:
+        _store(entry, result)
+    except OSError as e:  # the cache only saves work: a full or read-only disk costs only the compilation
+        result.unstored = e.strerror or str(e)
     return result
 
 
