@@ -189,6 +189,25 @@ def test_a_cache_that_cannot_be_written_costs_only_the_compilation(tmp_path):
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["sm_90"]  # (Triton's own cache is not here)
 
 
+def test_a_damaged_cache_entry_is_compiled_again(tmp_path):
+    """A cache entry with a truncated binary was shipped in the bundle as it was (a cubin that only a
+    GPU would refuse), and one with metadata.json unreadable or a file missing was an internal error;
+    each is compiled again and stored anew, as the CPU objects' cache does."""
+    spec = next(iter(launch_rule("add", {"dim": 256}, ARCHS["sm_90"]).kernels().values()))
+    cache = tmp_path / "cache"
+    good = compile_kernels([(spec, "sm_90")], cache_dir=cache, jobs=1)[0]
+    (entry,) = (cache / "sm_90").iterdir()
+    for damage in (lambda: (entry / "kernel.cubin").write_bytes(good.binary[:100]),
+                   lambda: (entry / "kernel.ptx").unlink(),
+                   lambda: (entry / "metadata.json").write_text("{"),
+                   lambda: (entry / "metadata.json").write_text("[]")):
+        damage()
+        again = compile_kernels([(spec, "sm_90")], cache_dir=cache, jobs=1)[0]
+        assert not again.cached and again.binary == good.binary and again.asm == good.asm
+        hit = compile_kernels([(spec, "sm_90")], cache_dir=cache, jobs=1)[0]  # stored anew
+        assert hit.cached and hit.binary == good.binary and hit.metadata == good.metadata
+
+
 def test_shared_memory_over_the_limit_is_a_clear_error(tmp_path):
     args = next(iter(launch_rule("linear", {"n": 8, "k": 8, "w_dtype": "bfloat16"}, ARCHS["gfx942"])
                      .kernels().values())).args

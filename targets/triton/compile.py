@@ -154,8 +154,10 @@ def _compile_one(req: dict, cache_dir: str) -> Compiled:
                           default=repr)
     key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
     entry = Path(cache_dir) / arch.name / key
-    if (entry / "metadata.json").is_file():
-        return _load(entry, key, arch.name, req["name"])
+    if os.path.lexists(entry):
+        if (hit := _load(entry, key, arch.name)) is not None:
+            return hit
+        shutil.rmtree(entry, ignore_errors=True)  # damaged (a truncated file): compiled again and stored anew
 
     order = list(fn.arg_names)
     attrs = {(order.index(a),): [["tt.divisibility", 16]] for a in req["aligned"]}
@@ -236,15 +238,18 @@ def _check_params(text: str, params: list, backend: str, name: str) -> None:
 
 
 def _store(entry: Path, c: Compiled) -> None:
-    """Writes the cache entry atomically (a temporary directory renamed into place)."""
+    """Writes the cache entry atomically (a temporary directory renamed into place), with each
+    file's sha256 in its metadata.json, so that a damaged entry is compiled again (_load)."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".tmp-"))
     try:
-        for stage, text in c.asm.items():
-            (tmp / f"kernel.{stage}").write_text(text)
-        (tmp / f"kernel.{BINARY[get_arch(c.arch).backend]}").write_bytes(c.binary)
-        (tmp / "metadata.json").write_text(json.dumps({"kernel": c.kernel, "metadata": c.metadata,
-                                                       "times": c.times}, indent=1))
+        files = {f"kernel.{stage}": text.encode() for stage, text in c.asm.items()}
+        files[f"kernel.{BINARY[get_arch(c.arch).backend]}"] = c.binary
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        (tmp / "metadata.json").write_text(json.dumps({
+            "kernel": c.kernel, "metadata": c.metadata, "times": c.times,
+            "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}, indent=1))
         try:
             tmp.rename(entry)
         except OSError:  # another process stored it first
@@ -253,12 +258,23 @@ def _store(entry: Path, c: Compiled) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load(entry: Path, key: str, arch: str, kernel: str) -> Compiled:
+def _load(entry: Path, key: str, arch: str) -> Compiled | None:
+    """The kernel a cache entry holds; None when it is damaged or incomplete (a file missing,
+    truncated or not matching its sha256: a crash before the disk had it all, a full disk), or was
+    stored without the digests (an older llmirc's)."""
     backend = get_arch(arch).backend
-    meta = json.loads((entry / "metadata.json").read_text())
-    asm = {s: (entry / f"kernel.{s}").read_text() for s in STAGES[backend][:-1]}
-    binary = (entry / f"kernel.{BINARY[backend]}").read_bytes()
-    return Compiled(key, arch, meta["kernel"], binary, asm, meta["metadata"], meta["times"], cached=True)
+    try:
+        meta = json.loads((entry / "metadata.json").read_text())
+        files = {}
+        for name in [f"kernel.{s}" for s in STAGES[backend]]:
+            files[name] = (entry / name).read_bytes()
+            if hashlib.sha256(files[name]).hexdigest() != meta["sha256"][name]:
+                return None
+        asm = {s: files[f"kernel.{s}"].decode() for s in STAGES[backend][:-1]}
+        return Compiled(key, arch, meta["kernel"], files[f"kernel.{BINARY[backend]}"], asm, meta["metadata"],
+                        meta["times"], cached=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # (UnicodeDecodeError: a ValueError)
+        return None
 
 
 def sass(cubin: bytes) -> str:
