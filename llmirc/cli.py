@@ -96,7 +96,8 @@ def cli(debug: bool) -> None:
     """
     global _debug, _command
     _debug = _debug or debug
-    _command = f"llmirc {click.get_current_context().invoked_subcommand}"
+    ctx = click.get_current_context()  # (its path is how llmirc was started: "llmirc", "python -m llmirc")
+    _command = f"{ctx.command_path} {ctx.invoked_subcommand}"
 
 
 @cli.command("compile")

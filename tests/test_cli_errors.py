@@ -2229,7 +2229,7 @@ def test_internal_error_in_codegen_leaves_no_bundle(ckpt, bundle, tmp_path):
 def test_internal_error_at_run_time(bundle_notok):
     r = llmirc_with_bug("import llmirc.runtime.engine as e\ne.np = None", "run", bundle_notok, "--token-ids",
                         "1,2", "--max-new-tokens", "2")
-    assert_internal_error(r, "llmirc run")
+    assert_internal_error(r, "llmirc run")  # (the command as it was started: sys.argv[0] 'llmirc', as click names it)
 
 
 # -- leftovers and silence -----------------------------------------------------------------------
