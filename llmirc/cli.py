@@ -790,7 +790,7 @@ def _parse_ids(text: str) -> list[int]:
                    "checksums cover every file but manifest.json, whose values only loading checks.")
 @_target_option
 def inspect(bundle, as_json, no_verify, try_load, target):
-    """Show what is inside BUNDLE: model, targets, kernels, KV cache, weights, sizes, versions."""
+    """Show what is inside BUNDLE: model, targets, kernels, KV cache, weights, sizes, versions, compile options."""
     from llmirc.artifact_format.reader import open_bundle
     from llmirc.runtime.gpu_program import check_target
     from llmirc.runtime.inspect import describe, summary

@@ -772,7 +772,28 @@ def test_inspect_json_says_how_weights_are_stored_and_the_options(ckpt, tmp_path
     assert (options["quant"], options["quant_group_size"], options["quant_symmetric"], options["cpu_variants"],
             options["quant_rotate"]) == ("int4", 32, False, ["native"], False)  # the rotation used, not the default's None
     assert info["calibration"] is None  # (a GPTQ bundle's: tests/test_calibration.py)
-    assert "linear int4 (groups of 32, zero points, float16 scales)" in llmirc("inspect", out).stdout
+    text = llmirc("inspect", out).stdout
+    assert "linear int4 (groups of 32, zero points, float16 scales)" in text
+    assert "\noptions    --cpu-variants native --quant int4 --quant-group-size 32 --quant-zero-points\n" in text, text
+
+
+def test_inspect_shows_the_compile_options_as_flags():
+    """README: inspect shows the compile options; the text showed none (only --json had them): now the
+    `llmirc compile` flags that differ from the defaults, whose table matches CompileOptions'."""
+    from llmirc.driver import CompileOptions
+    from llmirc.runtime.inspect import COMPILE_FLAGS, compile_flags
+
+    recorded = CompileOptions().recorded()
+    assert {k: d for k, (_, d) in COMPILE_FLAGS.items() if k != "quant_rotate"} == \
+        {k: v for k, v in recorded.items() if k != "quant_rotate"}
+    assert compile_flags(recorded) == "default" and compile_flags(None).startswith("not recorded")
+    options = CompileOptions(quant="int4", quant_method="gptq", calibration=Path("/data/cal.txt"),
+                             quant_keep=("embedding", "*.down_proj.*=int8"), passes="cse,paged-kv{block-size=32}")
+    assert compile_flags(options.recorded()) == ("--passes 'cse,paged-kv{block-size=32}' --quant int4 --quant-keep "
+                                                 "'embedding,*.down_proj.*=int8' --quant-method gptq --calibration "
+                                                 "cal.txt")  # (the rotation on, as gptq's default)
+    assert compile_flags(CompileOptions(quant="int4", quant_keep=(), quant_rotate=True, gpu_pdl=True).recorded()) == \
+        "--quant int4 --quant-keep none --quant-rotate gpu_pdl=True"
 
 
 def test_inspect_says_an_int8_table_is_stored_per_row():

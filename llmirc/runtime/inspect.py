@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from collections import Counter
 from pathlib import Path
 
@@ -171,6 +172,49 @@ def _target(t: dict) -> dict:
                                for s, keys in launched.items()}}
 
 
+# manifest compile_options field -> (`llmirc compile` flag, its default): driver.CompileOptions.recorded(), which a
+# test compares with these (the loader imports nothing of the compiler)
+COMPILE_FLAGS = {
+    "targets": ("--target", ["cpu"]), "passes": ("--passes", None),
+    "keep_intermediates": ("--keep-intermediates", False),
+    "cpu_variants": ("--cpu-variants", ["native", "baseline"]), "archs": ("--arch", []), "dtype": ("--dtype", "auto"),
+    "kv_cache_dtype": ("--kv-cache-dtype", "auto"), "quant": ("--quant", "none"),
+    "quant_group_size": ("--quant-group-size", 0), "quant_symmetric": ("--quant-zero-points", True),
+    "quant_keep": ("--quant-keep", ["embedding"]), "quant_lm_head": ("--quant-lm-head", "auto"),
+    "quant_method": ("--quant-method", "rtn"), "quant_rotate": ("--quant-rotate", None),
+    "quant_smooth": ("--quant-smooth", None), "calibration": ("--calibration", None),
+    "calibration_tokens": ("--calibration-tokens", 8192), "quant_iters": ("--quant-iters", 200),
+    "dequantize": ("--dequantize", False), "block_size": ("--block-size", None),
+    "max_model_len": ("--max-model-len", None), "gpu_fusions": ("gpu_fusions", False), "gpu_pdl": ("gpu_pdl", False)}
+
+
+def compile_flags(options) -> str:
+    """The manifest's compile_options as the `llmirc compile` flags that differ from the defaults
+    (the text `inspect` shows; CompileOptions' gpu_fusions and gpu_pdl, which have no flag, as
+    NAME=VALUE)."""
+    if not isinstance(options, dict):
+        return "not recorded (a bundle of llmirc before 2026-12-02)"
+    flags = []
+    for key, value in options.items():
+        flag, default = COMPILE_FLAGS.get(key, (key, None))
+        if key == "quant_rotate":  # recorded: the rotation used (None: not quantized); its default depends
+            default = options.get("quant") == "int4" and options.get("quant_method") in ("gptq", "autoround")
+            if value is None or value == default:
+                continue
+            flags.append("--quant-rotate" if value else "--no-quant-rotate")
+        elif value == default:
+            continue
+        elif isinstance(value, bool) and flag.startswith("--"):
+            flags.append(flag)  # (quant_symmetric false: --quant-zero-points)
+        elif not flag.startswith("--"):  # (a field of a newer llmirc too)
+            flags.append(f"{key}={value}")
+        elif key == "quant_keep" and isinstance(value, list):
+            flags.append(f"{flag} " + shlex.quote(",".join(map(str, value)) or "none"))
+        else:
+            flags.append(f"{flag} " + shlex.quote(",".join(map(str, value)) if isinstance(value, list) else str(value)))
+    return " ".join(flags) or "default"
+
+
 def _numel(shape) -> int:
     n = 1
     for d in shape:
@@ -223,6 +267,7 @@ def _describe(info: dict) -> str:
         if kv.get("num_layers") != 0 else "kv cache   none (no attention layer uses one)",
         f"plan       {info['plan']['kernel_calls']} kernel calls per step; workspace "
         f"{_workspace(info['workspace_bytes'])}",
+        "options    " + compile_flags(info.get("compile_options")),
         "passes     " + (info["passes"] or "none (--passes '': the required passes only)"),
         *[f"  {what}  x{n}" for what, n in sorted(info["rewrites"].items())],
         f"tokenizer  {info['tokenizer'] or 'none'}",
