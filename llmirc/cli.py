@@ -564,7 +564,7 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
                                               f"--max-new-tokens {max_new_tokens}]"), nl=False, err=True)
         except RuntimeLimitError as e:
             click.echo(f"error: {e} (" + ("the conversation is too long: /reset starts over)" if history != start
-                                          else "the message is too long for the context)"), err=True)
+                                          else "the message is too long for the context or the KV cache)"), err=True)
             failed = True
             continue
         except LlmircError as e:  # the template refused the turn, a text too long to tokenize, ...
