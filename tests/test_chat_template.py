@@ -177,6 +177,9 @@ def test_template_variables_tools_and_continue_final_message(folder, tmp_path):
             messages[:1], tokenize=False, add_generation_prompt=True, **kwargs)
     assert template.render(messages, add_generation_prompt=False, continue_final_message=True) == \
         hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    # transformers' add_generation_prompt is false by default; here (and in vLLM) it is true: the error says so
+    with pytest.raises(LlmircError, match="add_generation_prompt is true by default .*: set it to false"):
+        template.render(messages, continue_final_message=True)
 
 
 def test_qwen3_thinking_switch_and_reasoning(folder, tmp_path):

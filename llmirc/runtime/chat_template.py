@@ -88,7 +88,8 @@ class ChatTemplate:
         if "messages" in kwargs:
             raise LlmircError("'messages' cannot be a template variable: the conversation is given as messages")
         if continue_final_message and add_generation_prompt:
-            raise LlmircError("continue_final_message and add_generation_prompt cannot both be set")
+            raise LlmircError("continue_final_message and add_generation_prompt cannot both be true, and "
+                              "add_generation_prompt is true by default (as in vLLM): set it to false")
         # null values left out (templates test `is defined`); a message without content and without
         # tool calls reads as empty text, as vLLM renders a null content (and the server sends it)
         chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
