@@ -758,12 +758,23 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
                 stop.cancel()
 
     server = Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S + 5))
-    # uvicorn shuts down gracefully on SIGINT and SIGTERM only: SIGHUP (the terminal closed) as SIGTERM
-    signal.signal(signal.SIGHUP, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+    # uvicorn shuts down gracefully on SIGINT and SIGTERM only: SIGHUP (the terminal closed) as SIGTERM,
+    # and the exit then says hung up (129), as every other command's
+    hung_up = []
+
+    def hang_up(signum, frame):
+        hung_up.append(signum)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGHUP, hang_up)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shut down cleanly and re-raised Ctrl-C: exit 0, as uvicorn.run does
         pass
+    except _Terminated as e:  # uvicorn re-raised the SIGTERM it captured
+        if hung_up and e.signum == signal.SIGTERM:
+            raise _Terminated(signal.SIGHUP) from None
+        raise
     if not server.started:
         raise RuntimeError("the server did not start (uvicorn's error above)")
 
