@@ -514,16 +514,18 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
                           "chat_template and there is no chat_template.jinja)")
     model.engine.start()  # steps on their own thread: Ctrl-C lands between them, on this one
     start = [{"role": "system", "content": system}] if system is not None else []
+    room = min(model.max_context, model.num_blocks * model.block_size)  # one conversation's tokens at most
     if start:  # a template refusing system messages, or one too long, fails now, not at every turn
         if (used := len(model.apply_chat_template(start + [{"role": "user", "content": ""}], **template_kwargs))) \
-                >= model.max_context:
+                >= room:
+            limit = f"model's context is {model.max_context}" if room == model.max_context else \
+                f"KV cache holds {room} (--kv-cache-tokens)"
             raise LlmircError(f"--system: the system message takes {used} tokens in the chat template, and the "
-                              f"model's context is {model.max_context}")
+                              f"{limit}")
     history = list(start)
     if sys.stdin is None:
         raise LlmircError("standard input is closed: chat reads the user's messages from it")
     interactive = sys.stdin.isatty()
-    room = min(model.max_context, model.num_blocks * model.block_size)  # one conversation's tokens at most
     turn, failed = 0, False
     while True:
         if interactive:

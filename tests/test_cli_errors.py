@@ -1887,6 +1887,8 @@ def test_chat_command_through_a_pipe(chat_bundle, bundle, bundle_notok):
     context = model.max_context
     assert_user_error(llmirc("chat", chat_bundle, "--system", "word " * context),
                       "--system: the system message takes", f"context is {context}")
+    assert_user_error(llmirc("chat", chat_bundle, "--kv-cache-tokens", "64", "--system", "word " * 70),
+                      "--system: the system message takes", "KV cache holds 64 (--kv-cache-tokens)")
     # a line that is not UTF-8 and an unknown command: error lines, not sent; the chat goes on
     r = subprocess.run([sys.executable, "-m", "llmirc.cli", "chat", str(chat_bundle), "--max-new-tokens", "6"],
                        input=b"\xff bad\n/help\nhello there\n", capture_output=True, env=ENV, timeout=300)

@@ -101,6 +101,10 @@ def test_named_special_tokens_are_skipped_in_decode(tmp_path):
     for bad in (["a"], None, "hi", [1.5]):  # (raw ValueError and TypeError)
         with pytest.raises(LlmircError, match="decode takes a list of integer token ids"):
             ours.decode(bad)
+    with pytest.raises(LlmircError, match="token id -1 is negative"):  # (tokenizers: 'number too small to fit')
+        ours.decode([5, -1])
+    with pytest.raises(LlmircError, match="token id -2 is negative"):
+        ours.token_text(-2)
 
 
 def stream(tokenizer, ids, prompt_ids=()):

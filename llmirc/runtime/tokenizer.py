@@ -125,6 +125,8 @@ class Tokenizer:
             ids = [operator.index(i) for i in ids]
         except TypeError:
             raise LlmircError(f"decode takes a list of integer token ids, got {ids!r:.60}") from None
+        if negative := next((i for i in ids if i < 0), None):  # (ids past the vocabulary decode to '', as HF's)
+            raise LlmircError(f"decode: token id {negative} is negative")
         if release_gil:
             return _guarded(self.source, "decode", self.backend.decode_batch, [ids],
                             skip_special_tokens=skip_special_tokens)[0]
@@ -136,6 +138,8 @@ class Tokenizer:
             token_id = operator.index(token_id)
         except TypeError:
             raise LlmircError(f"token_text takes an integer token id, got {token_id!r:.60}") from None
+        if token_id < 0:
+            raise LlmircError(f"token_text: token id {token_id} is negative")
         return _guarded(self.source, "decode", self.backend.decode, [token_id], skip_special_tokens=False)
 
     def detokenizer(self, prompt_ids=()) -> IncrementalDetokenizer:
