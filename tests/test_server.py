@@ -861,6 +861,18 @@ def test_sglang_max_new_tokens_fits_a_smaller_kv_cache_as_sglang(small_kv):
     assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 0, r.text
 
 
+def test_sglang_prompt_over_the_context_names_the_prompt(server):
+    """A prompt longer than the context is the prompt's fault whatever max_new_tokens says (SGLang's
+    _validate_one_request checks the input first): it named sampling_params when max_new_tokens was given."""
+    for params in ({"max_new_tokens": 0}, {"max_new_tokens": 5}, {}):
+        r = httpx.post(server.url + "/generate", json={"input_ids": [0] * (CONTEXT + 1), "sampling_params": params})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input_ids", (params, r.text)
+        assert f"{CONTEXT + 1} in the input" in r.json()["error"]["message"], r.text
+    r = httpx.post(server.url + "/generate", json={"input_ids": [0] * 8,
+                                                   "sampling_params": {"max_new_tokens": CONTEXT}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "sampling_params", r.text
+
+
 def test_chat_template_given_inline(bundle, model):
     """--chat-template takes the template itself as well as a file, as vLLM's does."""
     with RunningServer(bundle, "--chat-template", "{% for m in messages %}<{{ m.content }}>{% endfor %}") as s:

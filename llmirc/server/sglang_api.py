@@ -146,9 +146,12 @@ def _max_new_tokens(server: Server, prompt: list[int], p: _Params, prompt_param:
     """The tokens one prompt may generate, as SGLang decides: a max_new_tokens given that would
     pass the context is a 400 (its tokenizer manager's check); otherwise max_new_tokens (128 when
     not given, no limit when null) is clipped to what one sequence holds, the context or the KV
-    cache when smaller (its scheduler clips to max_req_len). A prompt that leaves no room for one
-    token (none for max_new_tokens 0) is a 400 naming `prompt_param`."""
+    cache when smaller (its scheduler clips to max_req_len). A prompt longer than the context, or
+    that leaves no room for one token (none for max_new_tokens 0), is a 400 naming `prompt_param`
+    (the prompt is checked first, as SGLang's _validate_one_request does)."""
     asked = p.max_new_tokens
+    if len(prompt) > server.model.max_context:
+        server.check_length(len(prompt), 0, "input", prompt_param)
     if asked is not None and "max_new_tokens" in p.model_fields_set and \
             len(prompt) + asked > server.model.max_context:
         server.check_length(len(prompt), asked, "input", "sampling_params")
