@@ -10,8 +10,11 @@ one per prompt), `return_logprob`,
 `logprob_start_len` (-1: output tokens only), `top_logprobs_num`, `return_text_in_logprobs`
 and `stream`. It answers `{"text", "output_ids", "meta_info": {"id", "finish_reason",
 "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency", and with return_logprob
-"input_token_logprobs", "output_token_logprobs", "input_top_logprobs", "output_top_logprobs"}}`,
-logprobs as [logprob, token_id, text or null] (the first prompt token's logprob is null).
+"input_token_logprobs", "output_token_logprobs", and with top_logprobs_num > 0 "input_top_logprobs",
+"output_top_logprobs"}}`, logprobs as [logprob, token_id, text or null]. As SGLang's scheduler lists
+them, input_token_logprobs are prompt[logprob_start_len:] (-1: the last prompt token alone), the
+first with a null logprob and top list (SGLang's select relies on it), the others scored given the
+tokens before them.
 finish_reason is {"type": "length", "length": n}, {"type": "stop", "matched": id or string}
 or {"type": "abort", ...}. A stream sends the cumulative text and output_ids in each
 `data:` event, then `data: [DONE]`, as SGLang does by default. GenerateReqInput's fields for
@@ -174,7 +177,9 @@ def _logprob_triples(server: Server, entries, with_text: bool) -> tuple[list, li
     text = (lambda t: tok.token_text(t)) if with_text and tok is not None else (lambda t: None)
     tokens, tops = [], []
     for e in entries:
-        if e is None:  # the first prompt token
+        if isinstance(e, int):  # the first prompt token scored (SGLang's: no logprob, no top)
+            tokens.append([None, e, text(e)])
+            tops.append(None)
             continue
         tokens.append([e.logprob, e.token, text(e.token)])
         tops.append([[lp, t, text(t)] for t, lp in e.top] or None)
@@ -184,9 +189,11 @@ def _logprob_triples(server: Server, entries, with_text: bool) -> tuple[list, li
 class _Item(Generation):
     """One prompt of a /generate call, while it runs."""
 
-    def __init__(self, prompt: list[int], max_new_tokens: int, rid: str, logprob: bool):
+    def __init__(self, prompt: list[int], max_new_tokens: int, rid: str, logprob: bool, logprob_start: int,
+                 top: int):
         super().__init__()
         self.prompt, self.max_new_tokens, self.rid, self.logprob = prompt, max_new_tokens, rid, logprob
+        self.logprob_start, self.top = logprob_start, top  # (the first prompt position listed; -1 taken as SGLang)
         self.arrival = time.perf_counter()
 
     def sglang_finish_reason(self) -> dict | None:
@@ -204,15 +211,15 @@ class _Item(Generation):
                 "prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens),
                 "cached_tokens": self.cached_tokens, "e2e_latency": time.perf_counter() - self.arrival}
         if self.logprob:
-            meta["input_token_logprobs"], meta["input_top_logprobs"] = _logprob_triples(
-                server, self.prompt_logprobs or [], with_text)
-            if self.prompt_logprobs and self.prompt_logprobs[0] is None:  # SGLang lists the first token too
-                first = [None, self.prompt[0], server.model.tokenizer.token_text(self.prompt[0])
-                         if with_text and server.model.tokenizer else None]
-                meta["input_token_logprobs"].insert(0, first)
-                meta["input_top_logprobs"].insert(0, None)
-            meta["output_token_logprobs"], meta["output_top_logprobs"] = _logprob_triples(
-                server, self.logprobs, with_text)
+            # as SGLang's scheduler: prompt[start:], the first with no logprob (it pads with None),
+            # the others scored by the engine (from start + 1); -1 (the default) is the last prompt token
+            start = self.logprob_start if self.logprob_start >= 0 else len(self.prompt) - 1
+            inputs, input_tops = _logprob_triples(server, [self.prompt[start], *(self.prompt_logprobs or ())],
+                                                  with_text)
+            outputs, output_tops = _logprob_triples(server, self.logprobs, with_text)
+            meta["input_token_logprobs"], meta["output_token_logprobs"] = inputs, outputs
+            if self.top > 0:  # (SGLang leaves the top lists out without top_logprobs_num)
+                meta["input_top_logprobs"], meta["output_top_logprobs"] = input_tops, output_tops
         return {"text": self.text, "output_ids": list(self.tokens), "meta_info": meta}
 
 
@@ -250,7 +257,9 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
         _check_stops(server, p)
         max_new_tokens = _max_new_tokens(server, prompt, p, prompt_param)
         server.check_prompt_ids(prompt, prompt_param)
-        want_prompt = logprob[i] and starts[i] >= 0
+        # the prompt tokens scored: SGLang's logprob_start_len + 1 on (-1: the last prompt token, so none)
+        scored_from = (starts[i] if starts[i] >= 0 else len(prompt) - 1) + 1
+        want_prompt = logprob[i] and scored_from < len(prompt)
         # fields the request leaves out: the model's generation config first (SGLang's --sampling-defaults model)
         temperature, top_k, top_p = (getattr(p, k) if k in p.model_fields_set else
                                      server.options.sampling_defaults.get(k, getattr(p, k))
@@ -261,10 +270,10 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
             seed=None if p.sampling_seed is None else p.sampling_seed % 2**64,
             stop_token_ids=tuple(p.stop_token_ids or ()),
             ignore_eos=p.ignore_eos, logprobs=tops[i] if logprob[i] else None,
-            prompt_logprobs=tops[i] if want_prompt else None, prompt_logprobs_start=max(starts[i], 0),
+            prompt_logprobs=tops[i] if want_prompt else None, prompt_logprobs_start=scored_from,
             stop=tuple([p.stop] if isinstance(p.stop, str) else p.stop or ()),
             include_stop_str_in_output=p.no_stop_trim)))
-        items.append(_Item(prompt, max_new_tokens, rids[i], logprob[i]))
+        items.append(_Item(prompt, max_new_tokens, rids[i], logprob[i], starts[i], tops[i]))
     with_text = req.return_text_in_logprobs
 
     if req.stream:
