@@ -644,7 +644,8 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
           threads, target, num_scheduler_steps, max_queued_requests, max_body_bytes, chat_template, template_kwargs,
           generation_config, no_verify, log_level):
     """Serve BUNDLE over HTTP: vLLM's OpenAI-compatible API (/v1/completions, /v1/chat/completions,
-    /v1/models) and SGLang's native API (/generate, /get_model_info, /health_generate, /flush_cache), plus
+    /v1/models) and SGLang's native API (/generate, /get_model_info, /get_server_info, /abort_request,
+    /health_generate, /flush_cache), plus
     /health and /metrics.
     Ctrl-C gives running requests 5 s to finish, then aborts them."""
     try:

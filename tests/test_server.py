@@ -1120,6 +1120,56 @@ def test_sglang_health_generate_flush_cache_and_put(server):
     assert m["llmirc:kv_cache_usage_perc"] == 0 and m["llmirc:num_requests_running"] == 0
 
 
+def test_sglang_abort_request_and_get_server_info(server):
+    """SGLang's POST /abort_request {"rid"} ends the running /generate request of that rid (finish_reason
+    abort), and as SGLang's scheduler those whose rid starts with it, no other; a batch's rid "b" names
+    no request (its prompts are b_0, b_1), as in SGLang; abort_all ends them all. GET /get_server_info
+    answers SGLang's client. (Both were 404.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import sglang as sgl
+
+    info = sgl.RuntimeEndpoint(server.url).get_server_info()
+    assert info["served_model_name"] == "tiny" and info["context_length"] == CONTEXT, info
+    assert info["max_total_num_tokens"] == CONTEXT and info["max_running_requests"] == 8 and \
+        info["chunked_prefill_size"] == 256 and info["internal_states"][0]["memory_usage"]["token_capacity"] == CONTEXT
+
+    def generate(body):
+        r = httpx.post(server.url + "/generate", json={**body, "sampling_params": {
+            "max_new_tokens": LONG_RUN, "ignore_eos": True}}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def abort(**body):
+        r = httpx.post(server.url + "/abort_request", json=body)
+        assert r.status_code == 200 and r.content == b"", r.text
+
+    def running(count):
+        deadline = time.monotonic() + 30
+        while (now := metrics(server)["llmirc:num_requests_running"]) != count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return now
+
+    with ThreadPoolExecutor(4) as pool:
+        job, job2, other = (pool.submit(generate, {"text": "hi", "rid": rid}) for rid in ("job", "job-2", "other"))
+        batch = pool.submit(generate, {"text": ["a", "b"], "rid": "b"})
+        try:
+            assert running(5) == 5
+            for rid in ("b", "nothing", "b_1", "job"):
+                abort(rid=rid)
+            for out, rid in ((job.result(), "job"), (job2.result(), "job-2")):
+                assert out["meta_info"]["id"] == rid and out["meta_info"]["finish_reason"]["type"] == "abort", out
+            assert running(2) == 2 and not other.done() and not batch.done()  # (other and b_0)
+        finally:
+            abort(abort_all=True)
+        assert other.result()["meta_info"]["finish_reason"]["type"] == "abort"
+        outs = batch.result()
+    assert [o["meta_info"]["finish_reason"]["type"] for o in outs] == ["abort", "abort"], outs
+    assert outs[0]["meta_info"]["completion_tokens"] > outs[1]["meta_info"]["completion_tokens"], outs
+    r = httpx.post(server.url + "/abort_request", json={"rid": 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "rid", r.text
+
+
 def test_sglang_generate_streams_cumulative_text(server, model):
     with httpx.stream("POST", server.url + "/generate", json={
             "text": "the lazy", "stream": True,

@@ -214,6 +214,7 @@ class Server:
         self.model, self.options = model, options
         self.engine = model.engine
         self.in_flight = 0  # engine requests added and not finished (event-loop thread only)
+        self.named: dict[int, str] = {}  # engine request id -> the client's id (SGLang's rid) while it runs
         self.started = time.time()
         # chat templates render one at a time (template_worker's child): their queue waits on its
         # own thread, not in the pool that tokenizes every request
@@ -283,8 +284,9 @@ class Server:
             raise APIError(400, f"the request asks for {count} sequences (prompts times n); this server "
                                 f"takes at most {limit} at once (running + --max-queued-requests)")
 
-    def admit(self, requests: list[tuple[list[int], SamplingParams]]) -> Admitted:
+    def admit(self, requests: list[tuple[list[int], SamplingParams]], names: list[str] | None = None) -> Admitted:
         """Add engine requests, all or none; returns them running (call from the event loop).
+        `names`: the client's id of each (SGLang's rid), kept in `named` while it runs (`abort_named`).
 
         Raises APIError 503 when overloaded or the engine has failed, 400 for a request that could
         never fit or that the engine refuses."""
@@ -310,16 +312,30 @@ class Server:
             except LlmircError as e:
                 for running in index:
                     self.engine.abort(running)
+                    self.named.pop(running, None)
                 raise APIError(503 if self.engine.error else 400, _without_request_id(str(e))) from None
             index[rid] = i
+            if names is not None:
+                self.named[rid] = names[i]
             self.in_flight += 1
         return Admitted(self, index, queue)
 
-    async def generate(self, requests: list[tuple[list[int], SamplingParams]], raw_request=None
-                       ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    def abort_named(self, name: str) -> int:
+        """SGLang's abort of a request by its rid (TokenizerManager.abort_request, then the
+        scheduler's): nothing unless `name` is the id of a running request; then that request and
+        every other whose id starts with `name`. Returns how many (aborted at the engine's next step)."""
+        if name not in self.named.values():
+            return 0
+        chosen = [rid for rid, given in self.named.items() if given.startswith(name)]
+        for rid in chosen:
+            self.engine.abort(rid)
+        return len(chosen)
+
+    async def generate(self, requests: list[tuple[list[int], SamplingParams]], raw_request=None,
+                       names: list[str] | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
         """`admit` the requests (its errors) and yield their `Admitted.outputs`; leaving the
         iteration early aborts what is still running."""
-        admitted = self.admit(requests)
+        admitted = self.admit(requests, names)
         try:
             async for item in admitted.outputs(raw_request):
                 yield item
@@ -356,6 +372,7 @@ class Admitted:
                     continue
                 if out.finished:
                     self.remaining.discard(out.request_id)
+                    self.server.named.pop(out.request_id, None)
                     self.server.in_flight -= 1
                 if out.error:
                     raise APIError(503, f"generation failed: {out.error}")
@@ -367,6 +384,7 @@ class Admitted:
         """Abort the requests still running (their KV blocks freed at the engine's next step); idempotent."""
         for rid in self.remaining:
             self.server.engine.abort(rid)
+            self.server.named.pop(rid, None)
         self.server.in_flight -= len(self.remaining)
         self.remaining.clear()
 
@@ -418,16 +436,16 @@ def sse(data) -> str:
 
 
 def event_stream(server: Server, requests: list[tuple[list[int], SamplingParams]], raw_request, bodies,
-                 final=None):
+                 final=None, names: list[str] | None = None):
     """A streaming response: `bodies(outputs)` turns the engine outputs ((index, output) pairs)
     into event bodies, then `final()` (when given) adds one, and `data: [DONE]` ends it. The
     requests are admitted here, so that refusals keep their status (400, 503); then the response
     (status 200 and headers) starts at once, not after the prefill, and an error after that (the
     engine failed) is an event with an error body, as vLLM sends it. However the response ends (a
-    disconnect, even before its first byte), what still runs is aborted."""
+    disconnect, even before its first byte), what still runs is aborted. `names`: as `Server.admit`'s."""
     from fastapi.responses import StreamingResponse
 
-    admitted = server.admit(requests)
+    admitted = server.admit(requests, names)
 
     async def events():
         try:

@@ -1,5 +1,5 @@
-"""SGLang's native API: POST (or PUT) /generate, GET /get_model_info, GET /health_generate and
-GET or POST /flush_cache, as SGLang defines them (`GenerateReqInput` in
+"""SGLang's native API: POST (or PUT) /generate, GET /get_model_info, GET /get_server_info,
+POST /abort_request, GET /health_generate and GET or POST /flush_cache, as SGLang defines them (`GenerateReqInput` in
 sglang/srt/managers/io_struct.py, http_server.py, the native API docs).
 
 /generate takes `text` or `input_ids` (one prompt, or a list: a batch answered by a list),
@@ -282,9 +282,9 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
                 items[i].update(out)
                 yield _indexed(items[i].response(server, with_text), i, batched)
 
-        return event_stream(server, requests, raw_request, bodies)
+        return event_stream(server, requests, raw_request, bodies, names=rids)
 
-    async for i, out in server.generate(requests, raw_request):
+    async for i, out in server.generate(requests, raw_request, names=rids):
         items[i].update(out)
     results = [item.response(server, with_text) for item in items]
     return results if batched else results[0]
@@ -296,15 +296,62 @@ def _indexed(response: dict, index: int, batched: bool) -> dict:
     return response
 
 
+class AbortRequest(BaseModel):
+    """SGLang's AbortReq (finished_reason: taken, and unused, as its HTTP route does)."""
+
+    model_config = ConfigDict(strict=True)
+    rid: str = ""
+    abort_all: bool = False
+    finished_reason: dict[str, Any] | None = None
+
+
+def server_info(server: Server) -> dict:
+    """SGLang's /get_server_info for llmirc: the ServerArgs fields llmirc has, under SGLang's names
+    (with llmirc's values: kv_cache_dtype is the bundle's, device its executor's), the scheduler's
+    info, one internal state and the version (llmirc's). The API key is not echoed (SGLang's is)."""
+    from llmirc import __version__
+
+    model, sched = server.model, server.model.scheduler
+    capacity = model.num_blocks * model.block_size
+    return {"model_path": str(model.bundle.root),
+            "tokenizer_path": str(model.tokenizer.folder) if model.tokenizer is not None else None,
+            "skip_tokenizer_init": model.tokenizer is None, "is_embedding": False,
+            "served_model_name": server.options.served_model_name, "context_length": model.max_context,
+            "kv_cache_dtype": (model.bundle.manifest.get("kv_cache") or {}).get("dtype", "float32"),
+            "device": model.executor.kind, "page_size": model.block_size, "max_total_tokens": capacity,
+            "max_running_requests": sched.max_num_seqs, "max_queued_requests": server.options.max_queued_requests,
+            "chunked_prefill_size": sched.max_num_batched_tokens, "disable_radix_cache": sched.prefix_cache is None,
+            "tp_size": 1, "dp_size": 1, "pp_size": 1,
+            # the scheduler's info (SGLang's scheduler_info): a prompt must leave room for one token
+            "status": "ready", "max_total_num_tokens": capacity, "max_req_input_len": server.max_sequence_tokens - 1,
+            "internal_states": [{"memory_usage": {"token_capacity": capacity}}], "version": __version__}
+
+
 HEALTH_GENERATE_TIMEOUT_S = 20  # (SGLang's SGLANG_HEALTH_CHECK_TIMEOUT)
 
 
 def add_routes(app, server: Server) -> None:
-    from fastapi.responses import PlainTextResponse
+    from fastapi.responses import PlainTextResponse, Response
 
     @app.api_route("/generate", methods=["POST", "PUT"])  # (SGLang takes both)
     async def _generate(req: GenerateRequest, raw_request: Request):
         return await generate(server, req, raw_request)
+
+    @app.post("/abort_request")
+    async def _abort_request(req: AbortRequest):
+        """SGLang's: abort the running /generate request whose rid is `rid` (and, as SGLang's scheduler
+        does, the others whose rid starts with it), or with abort_all every request of the server
+        (either API's); an unknown rid aborts nothing. 200 with no body, as SGLang answers. The
+        requests end at the engine's next step, with finish_reason {"type": "abort"}."""
+        if req.abort_all:
+            server.engine.abort_all()
+        else:
+            server.abort_named(req.rid)
+        return Response(status_code=200)
+
+    @app.get("/get_server_info")
+    async def _get_server_info():
+        return server_info(server)
 
     @app.get("/health_generate")
     async def _health_generate():
