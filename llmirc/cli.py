@@ -253,7 +253,7 @@ def _origins(value: str | None) -> tuple[str, ...]:
     if value.lstrip().startswith("["):
         try:
             origins = json.loads(value)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise UsageError(f"--allowed-origins {value}: not a JSON list ({e})") from None
         if not all(isinstance(o, str) for o in origins):
             raise UsageError(f"--allowed-origins {value}: the list must hold strings")
@@ -302,6 +302,8 @@ def _template_kwargs(text: str | None, flag: str = "--chat-template-kwargs") -> 
         kwargs = json.loads(text)
     except json.JSONDecodeError as e:
         raise UsageError(f"{flag}: not JSON ({e.msg} at character {e.pos})") from None
+    except RecursionError:
+        raise UsageError(f"{flag}: not JSON (nested too deeply)") from None
     if not isinstance(kwargs, dict):
         raise UsageError(f"{flag}: expected a JSON object, e.g. '{{\"enable_thinking\": false}}', got {text!r}")
     if "tokenize" in kwargs:  # Model.apply_chat_template's own argument (False: text, not ids)

@@ -307,6 +307,12 @@ BAD_CHECKPOINTS = {
                                ["ckpt/tokenizer.json", "cannot load the tokenizer"]),
     "tokenizer-config-invalid-json": (lambda d: (d / "tokenizer_config.json").write_text("{"),
                                       ["ckpt/tokenizer_config.json"]),
+    # JSON nested deeper than Python's parser goes: a RecursionError was an internal error
+    **{f"{name}-nested-too-deeply": (lambda d, name=name: (d / name).write_text("[" * 100_000), [f"ckpt/{name}"])
+       for name in ("config.json", "generation_config.json", "tokenizer_config.json")},
+    "index-nested-too-deeply": (lambda d: (_sharded(lambda d, i, name: "model-00001-of-00002.safetensors")(d),
+                                           (d / "model.safetensors.index.json").write_text("[" * 100_000)),
+                                ["model.safetensors.index.json"]),
     # a syntax error in the chat template: refused at compile time, not in every chat request
     "chat-template-syntax": (lambda d: (d / "chat_template.jinja").write_text("{% if %}"),
                              ["ckpt/chat_template.jinja", "line 1"]),

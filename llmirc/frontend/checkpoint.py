@@ -93,7 +93,7 @@ class Checkpoint:
                 data = json.loads(read_small_text(index, CheckpointError))
                 weight_map = data["weight_map"]
                 assert isinstance(weight_map, dict)
-            except (ValueError, KeyError, AssertionError):
+            except (ValueError, KeyError, AssertionError, RecursionError):
                 raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
             return {name: self._inside(index, shard) for name, shard in weight_map.items()}
         if present(single):

@@ -87,6 +87,8 @@ def load_config(path: Path) -> dict:
         config = json.loads(text)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except RecursionError:  # "[[[[..." deeper than the parser goes
+        raise CheckpointError(f"{path}: invalid JSON: nested too deeply") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return config

@@ -178,7 +178,7 @@ def check_same_model(model: dict, hf_dir: Path) -> None:
     speed was printed as a ratio."""
     try:
         config = json.loads(read_small_text(hf_dir / "config.json"))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the parser goes
         raise LlmircError(f"--compare-transformers {hf_dir}: config.json is not JSON: {e}") from None
     if not isinstance(config, dict):
         raise LlmircError(f"--compare-transformers {hf_dir}: config.json is not a JSON object")

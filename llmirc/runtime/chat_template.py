@@ -53,7 +53,7 @@ class ChatTemplate:
             return None
         try:
             template = json.loads(read_small_text(config_file)).get("chat_template")
-        except (ValueError, AttributeError) as e:
+        except (ValueError, AttributeError, RecursionError) as e:  # RecursionError: JSON nested too deeply
             raise LlmircError(f"{config_file}: cannot read it: {e}") from None
         where = f"{config_file} chat_template"
         if template is None:

@@ -203,6 +203,9 @@ class Model:
         except json.JSONDecodeError as e:
             raise BundleError(f"bundle {self.bundle.name}: generation_config.json is not valid JSON "
                               f"({e.msg})") from None
+        except RecursionError:
+            raise BundleError(f"bundle {self.bundle.name}: generation_config.json is not valid JSON "
+                              "(nested too deeply)") from None
         if not isinstance(config, dict):
             raise BundleError(f"bundle {self.bundle.name}: generation_config.json is not a JSON object")
         return config

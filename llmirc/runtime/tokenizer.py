@@ -283,7 +283,7 @@ def _read_config(folder: Path, name: str, listed: Collection[str] | None) -> dic
         return {}
     try:
         config = json.loads(read_small_text(file))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the parser goes
         raise LlmircError(f"{file}: cannot read it: {e}") from None
     if not isinstance(config, dict):
         raise LlmircError(f"{file}: expected a JSON object")
