@@ -11,6 +11,7 @@ included). What transformers refuses, llmirc refuses too, naming the field.
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -107,6 +108,11 @@ ROPE_CASES = {
     "phi3-longrope-factor-and-attention": base("phi3", original_max_position_embeddings=128, rope_scaling=dict(
         LONGROPE, factor=2.0, attention_factor=1.1)),
     "llama-longrope": base(original_max_position_embeddings=128, rope_scaling=LONGROPE),
+    # past float32's range: computed as transformers computes them (NumPy warned on stderr)
+    "theta-past-float32": base(rope_parameters={"rope_type": "default", "rope_theta": 1e300}),
+    "linear-factor-past-float32": base(rope_parameters={"rope_type": "linear", "factor": 1e300,
+                                                        "rope_theta": 10000.0}),
+    "yarn-factor-past-float32": base(rope_scaling=dict(YARN, factor=1e300)),
 }
 
 
@@ -114,7 +120,9 @@ ROPE_CASES = {
 def test_rope_matches_transformers(tmp_path, case):
     config = ROPE_CASES[case]
     inv_freq, factor, scale = hf_rope(tmp_path, config)
-    spec = parse_config(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the CLI would print them beside its own lines
+        spec = parse_config(config)
     np.testing.assert_allclose(np.array(spec.rope.inv_freq), inv_freq, rtol=1e-6, atol=0)
     assert spec.rope.scaling == pytest.approx(factor, rel=1e-7)
     assert spec.attention_scale == pytest.approx(scale, rel=1e-7)
@@ -147,6 +155,9 @@ REFUSED = {
     "huge-head-dim": (base(head_dim=10**12), "field 'head_dim' is 1000000000000, more than llmirc reads"),
     "huge-layer-count": (base(num_hidden_layers=10**9), "'num_hidden_layers' is 1000000000"),
     "huge-vocab": (base(vocab_size=2**40), "'vocab_size' is 1099511627776"),
+    # frequencies divided by a factor that is 0 in float32: infinite (an internal error writing the manifest)
+    "linear-factor-zero-in-float32": (base(rope_parameters={"rope_type": "linear", "factor": 1e-300,
+                                                            "rope_theta": 10000.0}), "not finite in float32"),
 }
 
 

@@ -279,7 +279,18 @@ def _rope_spec(r: _Reader, head_dim: int, max_pos: int, family: str) -> tuple[Ro
     (modeling_rope_utils.ROPE_INIT_FUNCTIONS, and the default of LlamaRotaryEmbedding) compute them
     in float32; tests/test_hf_config.py compares the two for every rope type and spelling. And the
     context they hold for: longrope's short factors, original_max_position_embeddings (transformers
-    switches every position to the long factors once a sequence is longer; not built), else None."""
+    switches every position to the long factors once a sequence is longer; not built), else None.
+    Values past float32's range compute as transformers' do, without NumPy's warnings; a frequency or
+    factor that is not finite then (a linear factor of 1e-300 divides by zero) is refused."""
+    with np.errstate(all="ignore"):
+        spec, context = _rope_tables(r, head_dim, max_pos, family)
+    if not all(map(math.isfinite, (*spec.inv_freq, spec.scaling))):
+        raise r.fail(f"rope parameters {rope_parameters(r, max_pos, family)} give rotary frequencies or an attention "
+                     "factor that are not finite in float32")
+    return spec, context
+
+
+def _rope_tables(r: _Reader, head_dim: int, max_pos: int, family: str) -> tuple[RopeSpec, int | None]:
     params = rope_parameters(r, max_pos, family)
     rope_type, theta = params["rope_type"], params["rope_theta"]
     if rope_type not in ROPE_TYPES:
