@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -465,3 +466,51 @@ def test_unknown_type_and_partial_blocks_are_named(good_file, tmp_path):
         p.write_bytes(data[:at] + struct.pack("<I", type_id) + data[at + 4:])
         message = _open_error(p)
         assert "not a readable GGUF file: " in message and why in message and "truncated" not in message, message
+
+
+def test_counts_and_lengths_past_the_end_of_the_file_are_refused_at_once(tmp_path):
+    """Every count and length of the header must fit in the bytes after it (llama.cpp's reader checks
+    them): the gguf package's reader trusts them, and an array declaring 2**63 one-byte items at the
+    end of a 94-byte file had it loop without end, its memory growing (1.7 GB in 30 s)."""
+    from fuzz_readers import time_limit
+
+    def s(text: str) -> bytes:
+        return struct.pack("<Q", len(text)) + text.encode()
+
+    def header(tensors: int, keys: int) -> bytes:
+        return b"GGUF" + struct.pack("<IQQ", 3, tensors, keys) + s("general.architecture") + \
+            struct.pack("<I", gguf.GGUFValueType.STRING) + s("llama")
+
+    array = struct.pack("<I", gguf.GGUFValueType.ARRAY)
+    files = {
+        "u8-array": (header(0, 2) + s("x") + array + struct.pack("<IQ", gguf.GGUFValueType.UINT8, 2**63),
+                     "metadata key 'x' (9223372036854775808 items) needs 9223372036854775808 bytes at byte 94"),
+        "string-array": (header(0, 2) + s("x") + array + struct.pack("<IQ", gguf.GGUFValueType.STRING, 2**40),
+                         "metadata key 'x' (1099511627776 items)"),
+        "string": (header(0, 2) + s("x") + struct.pack("<IQ", gguf.GGUFValueType.STRING, 2**62) + b"abc",
+                   "metadata key 'x' needs 4611686018427387904 bytes"),
+        "keys": (header(0, 2**63), "a metadata key count of 9223372036854775808"),
+        "tensors": (header(2**40, 1), "a tensor count of 1099511627776"),
+        "dimensions": (header(1, 1) + s("token_embd.weight") + struct.pack("<I", 2**31) + bytes(28),
+                       "tensor 'token_embd.weight' (2147483648 dimensions)"),
+        "nested": (header(0, 2) + s("x") + array + struct.pack("<IQ", gguf.GGUFValueType.ARRAY, 1) * 200,
+                   "metadata key 'x' has value type 9, arrays nested too deeply"),
+        # the reader added it to where the data begins: wrapped around, with NumPy's warning on stderr
+        "offset": (header(1, 1) + s("token_embd.weight") + struct.pack("<IQIQ", 1, 4, 0, 2**64 - 8) + bytes(48),
+                   "tensor 'token_embd.weight' has its data at offset 18446744073709551608, past the end"),
+    }
+    for name, (data, why) in files.items():
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(data)
+        with time_limit(20), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            message = _open_error(path)
+        assert "not a readable GGUF file: its header (metadata and tensor table) is truncated or corrupt: " in message
+        assert why in message, message
+
+
+def test_tensor_names_from_the_file_are_quoted_in_messages(good_file, tmp_path):
+    """A name holding a newline (found by tests/fuzz_readers.py) made the error two lines."""
+    bad = tmp_path / "newline.gguf"
+    bad.write_bytes(good_file.read_bytes().replace(b"blk.0.ffn_gate.weight", b"blk\n0.ffn_gate.weight"))
+    assert "tensor 'blk\\n0.ffn_gate.weight' is not part of a llama model" in _open_error(bad)

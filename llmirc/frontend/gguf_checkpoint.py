@@ -147,6 +147,105 @@ def _why_unreadable(path: Path, e: Exception) -> str:
     return f"its header (metadata and tensor table) is truncated or corrupt; the file has {path.stat().st_size} bytes"
 
 
+# GGUF metadata value types (gguf.GGUFValueType): the size of each scalar; 8 is a string, 9 an array
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_MAX_ARRAY_DEPTH = 8  # arrays of arrays (real files have none)
+
+
+def layout_problem(path: Path) -> str | None:
+    """Why the header of the GGUF file at `path` (version 2 or 3; the gguf reader judges others) cannot
+    be read within the file, or None: every count and length it declares must fit in the bytes that
+    follow it, as llama.cpp's gguf reader checks them. The gguf package's reader trusts them: an array
+    declaring 2**63 one-byte items at the end of a 94-byte file had it loop without end, its memory
+    growing (1.7 GB in 30 s). Raises OSError when the file cannot be read."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            return None  # the reader names what is wrong with it
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data[:4] != b"GGUF":
+                return None
+            order = ">" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF == 0 else "<"  # as the reader decides
+            if struct.unpack_from(order + "I", data, 4)[0] not in (2, 3):
+                return None
+            tensors, kvs = struct.unpack_from(order + "QQ", data, 8)
+            pos = 24
+
+            def need(n: int, what: str) -> None:
+                if n > size - pos:
+                    raise _Overrun(f"{what} needs {n} bytes at byte {pos}, past the end of the file ({size} bytes)")
+
+            def number(fmt: str, what: str) -> int:
+                nonlocal pos
+                need(struct.calcsize(fmt), what)
+                (value,) = struct.unpack_from(order + fmt, data, pos)
+                pos += struct.calcsize(fmt)
+                return value
+
+            def string(what: str) -> str:
+                nonlocal pos
+                n = number("Q", what)
+                need(n, what)
+                pos += n
+                return bytes(data[pos - n:pos - n + min(n, 60)]).decode("utf-8", "replace")
+
+            def value(kind: int, what: str, depth: int) -> None:
+                nonlocal pos
+                if kind in _SCALAR_BYTES:
+                    need(_SCALAR_BYTES[kind], what)
+                    pos += _SCALAR_BYTES[kind]
+                elif kind == 8:
+                    string(what)
+                elif kind == 9 and depth < _MAX_ARRAY_DEPTH:
+                    item, count = number("I", what), number("Q", what)
+                    if item in _SCALAR_BYTES:
+                        need(count * _SCALAR_BYTES[item], f"{what} ({count} items)")
+                        pos += count * _SCALAR_BYTES[item]
+                    else:  # strings of 8 bytes at least, arrays of 12
+                        need(count * (8 if item == 8 else 12), f"{what} ({count} items)")
+                        for _ in range(count):
+                            value(item, what, depth + 1)
+                else:
+                    raise _Overrun(f"{what} has value type {kind}" + (", arrays nested too deeply" if kind == 9 else
+                                                                       ", which GGUF does not define"))
+
+            try:
+                need(kvs * 13, f"a metadata key count of {kvs}")  # a key's length, its type and a byte at least
+                for i in range(kvs):
+                    key = string(f"metadata key {i}")
+                    value(number("I", f"metadata key {key!r}"), f"the value of metadata key {key!r}", 0)
+                need(tensors * 24, f"a tensor count of {tensors}")  # a name's length, dimensions, type, offset
+                for i in range(tensors):
+                    name = string(f"the name of tensor {i}")
+                    dims = number("I", f"tensor {name!r}")
+                    need(dims * 8 + 12, f"tensor {name!r} ({dims} dimensions)")
+                    pos += dims * 8 + 12
+                    (offset,) = struct.unpack_from(order + "Q", data, pos - 8)
+                    if offset > size:  # (the reader adds it to where the data begins: 2**64 - 8 wrapped around)
+                        raise _Overrun(f"tensor {name!r} has its data at offset {offset}, past the end of the file "
+                                       f"({size} bytes)")
+            except _Overrun as e:
+                return f"its header (metadata and tensor table) is truncated or corrupt: {e}"
+    return None
+
+
+class _Overrun(Exception):
+    pass
+
+
+def _check_layout(path: Path) -> None:
+    """CheckpointError naming `path` and the problem when `layout_problem` finds one."""
+    try:
+        problem = layout_problem(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it: {e.strerror or e}") from None
+    if problem:
+        raise CheckpointError(f"{path}: not a readable GGUF file: {problem}")
+
+
 class GgufCheckpoint:
     """A source of the compiler (see frontend.open_source) reading one .gguf file."""
 
@@ -157,6 +256,7 @@ class GgufCheckpoint:
         self.root = self.path = path
         self.dequantize = dequantize
         self._tmp: Path | None = None
+        _check_layout(path)
         try:
             self._reader = GGUFReader(path, "r")
             self.meta = {k: f.contents() for k, f in self._reader.fields.items() if not k.startswith("GGUF.")}
@@ -182,7 +282,7 @@ class GgufCheckpoint:
             self.arch, set())
         unexpected = sorted(set(self._tensors) - known)
         if unexpected:
-            raise CheckpointError(f"{path}: tensor '{unexpected[0]}' is not part of a {self.arch} model llmirc knows"
+            raise CheckpointError(f"{path}: tensor {unexpected[0]!r} is not part of a {self.arch} model llmirc knows"
                                   + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
         quantized = [n for n in self._tensors if self._type_name(n) not in FLOAT_TYPES.values()]
         for name in quantized:
@@ -229,6 +329,7 @@ class GgufCheckpoint:
             part = split_part(self.path, i, count)
             if not part.is_file():
                 raise CheckpointError(f"{self.path}: split {i + 1} of {count} of the model, {part.name}, is missing")
+            _check_layout(part)
             try:
                 reader = GGUFReader(part, "r")
             except Exception as e:  # noqa: BLE001 (third-party parser of untrusted input)
@@ -240,7 +341,7 @@ class GgufCheckpoint:
             self._readers[part] = reader
             for t in reader.tensors:
                 if t.name in self._tensors:
-                    raise CheckpointError(f"{part}: tensor '{t.name}' is in another split of the model too")
+                    raise CheckpointError(f"{part}: tensor {t.name!r} is in another split of the model too")
                 self._tensors[t.name] = t
         declared = self.meta.get("split.tensors.count")
         if declared is not None and declared != len(self._tensors):
@@ -253,10 +354,10 @@ class GgufCheckpoint:
             size, end, previous = path.stat().st_size, 0, None
             for t in sorted(reader.tensors, key=lambda t: t.data_offset):
                 if t.data_offset % reader.alignment or t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-                    raise CheckpointError(f"{path}: tensor '{t.name}' data (offset {t.data_offset}, {t.n_bytes} "
+                    raise CheckpointError(f"{path}: tensor {t.name!r} data (offset {t.data_offset}, {t.n_bytes} "
                                           f"bytes) is misaligned or past the end of the file ({size} bytes)")
                 if t.data_offset < end:
-                    raise CheckpointError(f"{path}: tensor '{t.name}' data overlaps tensor '{previous}'")
+                    raise CheckpointError(f"{path}: tensor {t.name!r} data overlaps tensor {previous!r}")
                 end, previous = t.data_offset + t.n_bytes, t.name
 
     def _get(self, key: str, kind: type, default=_MISSING):
