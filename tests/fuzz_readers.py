@@ -1,6 +1,6 @@
 """Fuzzing the readers of untrusted input with Hypothesis: mutated and truncated inputs derived from
-valid ones, for the safetensors reader, a bundle's manifest.json, config.json, tokenizer.json and
-the ONNX importer.
+valid ones, for the safetensors reader, a bundle's manifest.json, config.json, tokenizer.json, the
+ONNX importer and the GGUF front end.
 
 Every outcome must be a result or an LlmircError with a one-line message: no other exception, no
 case running past TIME_LIMIT seconds of CPU time (WALL_LIMIT of wall time), no memory blow-up (the
@@ -21,7 +21,9 @@ What each reader does with an input:
 - config: a Hugging Face checkpoint folder with this config.json (and valid weights): the front end
   builds the llmir graph and the model facts;
 - tokenizer: a folder with this tokenizer.json: load, encode, decode, stream-decode;
-- onnx: this .onnx file: the importer builds the IR, then the ONNX lowering passes run on it.
+- onnx: this .onnx file: the importer builds the IR, then the ONNX lowering passes run on it;
+- gguf: this .gguf file (a one-layer Llama with a tokenizer; its header's counts, lengths, types and
+  values edited): the front end builds the llmir graph and the model facts, and reads every weight.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -409,6 +412,111 @@ def mutated_onnx(draw, data: bytes) -> bytes:
     return draw(mutated_bytes(out)) if draw(st.integers(0, 5)) == 0 else out
 
 
+def setup_gguf(folder: Path) -> list[bytes]:
+    """A one-layer Llama as GGUF (float32; and with a Q8_0 matrix) with a SentencePiece-style tokenizer."""
+    import gguf
+
+    from gguf_files import _add, spm_tokenizer_metadata
+
+    _tiny_llama(folder / "ckpt")
+    from llmirc.artifact_format.safetensors import open_safetensors
+
+    with open_safetensors(folder / "ckpt" / "model.safetensors") as f:
+        weights = {n: np.array(f.array(n)) for n in f.names()}
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    for hf, g in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"),
+                  ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+                  ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+                  ("mlp.down_proj", "ffn_down")):
+        names[f"model.layers.0.{hf}.weight"] = f"blk.0.{g}.weight"
+    tokenizer = spm_tokenizer_metadata(["the quick brown fox", "héllo wörld"] * 4, 300)
+    vocab = len(tokenizer["tokenizer.ggml.tokens"])
+    weights["model.embed_tokens.weight"] = np.resize(weights["model.embed_tokens.weight"], (vocab, 16))
+    seeds = []
+    for kind in ("F32", "Q8_0"):
+        path = folder / f"{kind}.gguf"
+        w = gguf.GGUFWriter(str(path), "llama")
+        for add, value in ((w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, 16),
+                           (w.add_head_count, 2), (w.add_head_count_kv, 1), (w.add_feed_forward_length, 32),
+                           (w.add_layer_norm_rms_eps, 1e-6), (w.add_rope_freq_base, 10000.0),
+                           (w.add_rope_dimension_count, 8), (w.add_vocab_size, vocab)):
+            add(value)
+        for key, value in tokenizer.items():
+            _add(w, key, value)
+        w.add_string("tokenizer.chat_template", "{% for m in messages %}{{ m.content }}{% endfor %}")
+        for hf, g in names.items():
+            a = weights[hf].astype(np.float32)
+            if kind == "Q8_0" and a.ndim == 2 and a.shape[1] % 32 == 0:  # (blocks of 32: down_proj)
+                w.add_tensor(g, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
+                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                w.add_tensor(g, a)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        seeds.append(path.read_bytes())
+    return seeds
+
+
+def read_gguf(folder: Path) -> None:
+    from llmirc.frontend import open_source
+
+    source = open_source(folder / "model.gguf")
+    try:
+        source.module()
+        source.model_info()
+        for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
+            source.read(name)
+    finally:
+        source.close()
+
+
+def _gguf_layout(data: bytes) -> tuple[int, list[tuple[int, int]]]:
+    """(where a valid GGUF file's tensor data begins, [(offset, width)] of each single number of its
+    header: the counts, lengths, value types, scalar values, tensor dimensions, types and offsets)."""
+    import gguf
+
+    with tempfile.NamedTemporaryFile(suffix=".gguf") as f:
+        f.write(data)
+        f.flush()
+        reader = gguf.GGUFReader(f.name)
+    numbers = []
+    for entry in [*reader.fields.values(), *(t.field for t in reader.tensors)]:
+        at = entry.offset
+        # an array's items are left alone (they would be most of the numbers): its key, type, item type, count
+        parts = entry.parts[:5] if entry.types[:1] == [gguf.GGUFValueType.ARRAY] else entry.parts
+        for part in parts:
+            if part.dtype.kind in "uif" and (part.size == 1 or entry.name.endswith(".weight")):  # (dimensions)
+                numbers += [(at + i * part.itemsize, part.itemsize) for i in range(part.size)]
+            at += part.nbytes
+    return reader.data_offset, numbers
+
+
+@st.composite
+def mutated_gguf(draw, data: bytes) -> bytes:
+    """One to three of the header's numbers (a count, length, value type, scalar value, tensor
+    dimension, type or offset) replaced by an extreme or small one, or byte-level edits of the
+    header; sometimes byte-level edits of the whole file."""
+    end, numbers = _GGUF_LAYOUTS.setdefault(data, _gguf_layout(data))
+    header, rest = bytearray(data[:end]), data[end:]
+    for _ in range(draw(st.integers(1, 3))):
+        at, width = numbers[draw(st.integers(0, len(numbers) - 1))]
+        value = draw(st.one_of(st.sampled_from([x for x in SPECIAL_NUMBERS if isinstance(x, int)]),
+                               st.integers(0, 16)))
+        header[at:at + width] = (value % 2**(8 * width)).to_bytes(width, "little")
+    out = bytes(header) + rest
+    kind = draw(st.integers(0, 5))
+    if kind == 0:
+        return draw(mutated_bytes(out))
+    if kind == 1:
+        return draw(mutated_bytes(bytes(header))) + rest
+    return out
+
+
+_GGUF_LAYOUTS: dict[bytes, tuple[int, list[tuple[int, int]]]] = {}
+
+
 READERS = {
     "safetensors": Reader("safetensors", setup_safetensors, "model.safetensors", read_safetensors,
                           mutated_safetensors),
@@ -416,6 +524,7 @@ READERS = {
     "config": Reader("config", setup_config, "config.json", read_config),
     "tokenizer": Reader("tokenizer", setup_tokenizer, "tokenizer.json", read_tokenizer),
     "onnx": Reader("onnx", setup_onnx, "model.onnx", read_onnx, mutated_onnx),
+    "gguf": Reader("gguf", setup_gguf, "model.gguf", read_gguf, mutated_gguf),
 }
 
 
@@ -450,15 +559,20 @@ def run_case(reader: Reader, data: bytes) -> str:
     target.write_bytes(data)
     before = _listing(reader.folder)
     start = time.process_time()
-    try:
-        with time_limit(WALL_LIMIT):
-            reader.read(reader.folder)
-        outcome = "result"
-    except LlmircError as e:
-        message = str(e)
-        assert message and "\n" not in message, f"{reader.name}: an error message that is not one line: {message!r}"
-        outcome = "error"
+    with warnings.catch_warnings(record=True) as warned:  # the CLI would print them beside its one line
+        warnings.simplefilter("always")
+        try:
+            with time_limit(WALL_LIMIT):
+                reader.read(reader.folder)
+            outcome = "result"
+        except LlmircError as e:
+            message = str(e)
+            assert message and "\n" not in message, \
+                f"{reader.name}: an error message that is not one line: {message!r}"
+            outcome = "error"
     elapsed = time.process_time() - start
+    assert not warned, f"{reader.name}: a warning: {warned[0].category.__name__}: {warned[0].message} " \
+                       f"({warned[0].filename}:{warned[0].lineno})"
     assert _listing(reader.folder) == before, f"{reader.name}: the reader wrote or changed files"
     assert elapsed < TIME_LIMIT, f"{reader.name}: a case took {elapsed:.1f} s of CPU time"
     return outcome
