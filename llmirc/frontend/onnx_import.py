@@ -155,6 +155,9 @@ class OnnxCheckpoint:
         if not location or rel.is_absolute() or ".." in rel.parts:
             raise CheckpointError(f"{self.path}: tensor '{t.name}' has external data at {location!r}, outside the "
                                   "model's folder")
+        if "\0" in location:  # (no file has such a name: the OS refuses it, as a ValueError)
+            raise CheckpointError(f"{self.path}: tensor '{t.name}' has external data at {location!r}, a name with a "
+                                  "NUL character")
         file = (self.root / rel).resolve()
         if not file.is_relative_to(self.root.resolve()) or not file.is_file():
             raise CheckpointError(f"{self.path}: external data {location!r} of tensor '{t.name}' is missing or "
