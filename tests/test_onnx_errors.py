@@ -119,7 +119,8 @@ def test_external_data_outside_the_folder(tmp_path, location):
             entry.value = location
     onnx.save(model, path)
     (tmp_path / "w.bin").write_bytes((tmp_path / "m" / "w.bin").read_bytes())  # it exists, outside
-    compile_fails(tmp_path, path, "m.onnx", "'E'", "NUL character" if "\0" in location else "outside the model's folder")
+    why = "NUL character" if "\0" in location else "outside the model's folder"
+    compile_fails(tmp_path, path, "m.onnx", "'E'", why)
 
 
 def test_external_data_truncated(tmp_path):
