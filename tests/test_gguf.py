@@ -493,6 +493,9 @@ def test_counts_and_lengths_past_the_end_of_the_file_are_refused_at_once(tmp_pat
         "tensors": (header(2**40, 1), "a tensor count of 1099511627776"),
         "dimensions": (header(1, 1) + s("token_embd.weight") + struct.pack("<I", 2**31) + bytes(28),
                        "tensor 'token_embd.weight' (2147483648 dimensions)"),
+        # within the file, but more items than a real file's (the gguf reader parses about a million a minute)
+        "items": (header(0, 2) + s("x") + array + struct.pack("<IQ", gguf.GGUFValueType.UINT8, 2**22 + 1)
+                  + bytes(2**22 + 1), "metadata key 'x' takes the metadata's arrays past 4194304 items in all"),
         "nested": (header(0, 2) + s("x") + array + struct.pack("<IQ", gguf.GGUFValueType.ARRAY, 1) * 200,
                    "metadata key 'x' has value type 9, arrays nested too deeply"),
         # the reader added it to where the data begins: wrapped around, with NumPy's warning on stderr
