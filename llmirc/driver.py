@@ -370,8 +370,6 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         report = format_report(source, ctx.report, generic)
         if options.report:
             (sys.stderr if options.emit else stdout).write(report)
-        if options.emit == "mlir":
-            stdout.write(optimized_ir)
         context = resolve_context(source.model_info(), module, options.max_model_len)
         progress(f"context: {context.tokens} tokens ({context.why})")
         if not any(isinstance(op, (L.AttentionOp, L.PagedAttentionOp)) or L.FULL_SEQUENCE in op.attributes
@@ -385,6 +383,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         plan.limits = index_limits(module, context)
         for b in backends:
             b.check(plan)
+        if options.emit == "mlir":  # (after the targets' checks: a compile that fails prints nothing)
+            stdout.write(optimized_ir)
         by_dtype = ", ".join(f"{n / 2**20:.1f} MiB {d}" for d, n in plan.bytes_by_dtype().items())
         progress(f"plan: {len(plan.calls)} kernel calls, {len(plan.kernels())} kernels, "
                  f"{len(plan.weights)} weights ({by_dtype}), {len(plan.slots)} workspace buffers, "

@@ -1399,6 +1399,20 @@ def test_emit_mlir_prints_ir_on_stdout(ckpt, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written without -o
 
 
+def test_emit_prints_nothing_when_a_target_refuses_the_model(ckpt, tmp_path):
+    """An fp8 KV cache on an architecture without FP8: the flag is refused before the checkpoint is read
+    (as for the cpu target), and a kv-cache-dtype pass asking for it (found once the passes ran) before
+    --emit prints the IR: a compile that fails prints nothing on stdout."""
+    r = llmirc("compile", tmp_path / "missing", "--target", "cuda", "--kv-cache-dtype", "fp8", "--emit", "mlir")
+    assert_user_error(r, "target cuda: no fp8 KV cache on sm_80", code=2)
+    r = llmirc("compile", tmp_path / "missing", "--target", "hip", "--kv-cache-dtype", "fp8", "-o", tmp_path / "x")
+    assert_user_error(r, "target hip: no fp8 KV cache on gfx90a, gfx942", code=2)
+    for target in ("cpu", "cuda"):
+        r = llmirc("compile", ckpt, "--target", target, "--passes", "kv-cache-dtype{dtype=fp8}", "--emit", "mlir",
+                   "-q")
+        assert_user_error(r, f"target {target}: no", "fp8", code=2)
+
+
 def test_emit_of_several_variants_says_which_it_prints(ckpt):
     r = llmirc("compile", ckpt, "--emit", "llvm-ir", "--cpu-variants", "baseline,native", "-q")
     assert r.returncode == 0 and "define" in r.stdout, r.stderr

@@ -80,6 +80,8 @@ class TritonBackend:
         self.jobs = options.jobs
         self.fusions = options.gpu_fusions
         self.pdl = options.gpu_pdl
+        if dtypes.kv_cache_dtype_name(options.kv_cache_dtype) == dtypes.FP8_E4M3.name:  # (the flag: before reading)
+            self._check_fp8()
 
     def plan(self, plan: Plan) -> Plan:
         """This backend's own plan: the manifest's, with the GPU-only fusions (fuse.py) when
@@ -96,18 +98,23 @@ class TritonBackend:
         if plan.pool.dtype not in KV_STORAGE:
             raise LlmircError(f"target {self.kind}: no GPU kernel for an {plan.pool.dtype} KV cache (the GPU kernels take "
                               f"{', '.join(KV_STORAGE)}); give --kv-cache-dtype auto or compile with --target cpu")
-        lacking = [a for a in self.archs if plan.pool.dtype == dtypes.FP8_E4M3.name and not get_arch(a).has_fp8_e4m3]
-        if lacking:
-            default = "" if self.archs_given else f"; {','.join(self.archs)} is the default --arch"
-            why, hint = ((f"FP8 E4M3 conversions need sm_89 or newer{default}", "--arch sm_90") if self.kind == "cuda"
-                         else ("gfx90a has no FP8, gfx942's is the FNUZ kind", "--kv-cache-dtype int8"))
-            raise UsageError(f"target {self.kind}: no fp8 KV cache on {', '.join(lacking)} ({why}); give {hint}")
+        if plan.pool.dtype == dtypes.FP8_E4M3.name:  # (a kv-cache-dtype pass in --passes)
+            self._check_fp8()
         plan = self.plan(plan)
         for arch in self.archs:  # the kernels' own limits (head_dim, block shapes), before anything is compiled
             try:
                 self.rules(plan, arch)
             except ValueError as e:
                 raise LlmircError(f"target {self.kind} ({arch}): {e}") from None
+
+    def _check_fp8(self) -> None:
+        """An fp8 (E4M3) KV cache needs its conversions on every architecture asked for."""
+        lacking = [a for a in self.archs if not get_arch(a).has_fp8_e4m3]
+        if lacking:
+            default = "" if self.archs_given else f"; {','.join(self.archs)} is the default --arch"
+            why, hint = ((f"FP8 E4M3 conversions need sm_89 or newer{default}", "--arch sm_90") if self.kind == "cuda"
+                         else ("gfx90a has no FP8, gfx942's is the FNUZ kind", "--kv-cache-dtype int8"))
+            raise UsageError(f"target {self.kind}: no fp8 KV cache on {', '.join(lacking)} ({why}); give {hint}")
 
     def rules(self, plan: Plan, arch: str) -> dict:
         """{symbol: Rule} of every plan kernel and of the sampling kinds, for one architecture (with
