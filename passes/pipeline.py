@@ -118,6 +118,21 @@ def _option_error(text: str) -> str:
     return text
 
 
+def _failing_op(e: VerifyException) -> str | None:
+    """The op a verifier failed on, from the module xDSL prints into the exception's notes with the
+    failing op underlined: its results, name, operands and types (`%6 = "llmir.rms_norm"(%4, %3) :
+    (tensor<?x64xf32>, tensor<384x64xf32>) -> tensor<?x64xf32>`), without its properties."""
+    for text in getattr(e, "__notes__", ()):
+        lines = text.splitlines()
+        for above, line in zip(lines, lines[1:]):
+            if re.fullmatch(r"\s*\^+-*", line):
+                op = above.strip()
+                head = op[:op.index(")") + 1] if ")" in op else op
+                types = op.rfind(" : (")
+                return head + (op[types:] if types > len(head) else "")
+    return None
+
+
 def run_passes(module: ModuleOp, spec: str | None = None, *, print_after_all: TextIO | None = None,
                on_pass: Callable[[str], None] | None = None, ctx: LlmirContext | None = None,
                prefix: str = "", tail: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> list[str]:
@@ -141,7 +156,9 @@ def run_passes(module: ModuleOp, spec: str | None = None, *, print_after_all: Te
             try:
                 module.verify()
             except VerifyException as e:
-                raise AssertionError(f"IR does not verify after pass {p.name}: {e}") from e
+                where = _failing_op(e)
+                raise AssertionError(f"IR does not verify after pass {p.name}: {e}"
+                                     + (f", at {where}" if where else "")) from e
         ran.append(p.name)
         if print_after_all is not None:
             print_after_all.write(f"// -----// IR Dump After {p.name} //----- //\n")

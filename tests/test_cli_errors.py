@@ -2221,6 +2221,29 @@ def test_internal_error_in_a_pass(ckpt, tmp_path):
     assert not out.exists() and leftovers(out) == []
 
 
+BREAK_IR_IN_A_PASS = """
+import llmirc.passes.fuse_linears as m
+from llmirc import dialect as L
+apply = m.FuseLinears.apply
+def broken(self, ctx, op):
+    apply(self, ctx, op)
+    norm = next(o for o in op.walk() if isinstance(o, L.RMSNormOp))
+    norm.operands[1] = next(o for o in op.walk() if isinstance(o, L.WeightOp)).result  # the embedding table
+m.FuseLinears.apply = broken
+"""
+
+
+def test_ir_that_does_not_verify_after_a_pass_names_the_pass_and_the_op(ckpt):
+    """As mlir-opt's verifier points at the op: the one line names the pass, the verifier's message and the
+    op it failed on (results, operands, types, as --print-ir-after-all would number them)."""
+    r = llmirc_with_bug(BREAK_IR_IN_A_PASS, "compile", ckpt, "--emit", "mlir", "-q")
+    assert_internal_error(r, "pass fuse-linears")
+    assert r.stdout == ""
+    assert re.search(r"IR does not verify after pass fuse-linears: rms_norm weight must be \[64\], at %\d+ = "
+                     r'"llmir.rms_norm"\(%\d+, %\d+\) : \(tensor<\?x64xf32>, tensor<384x64xf32>\) -> '
+                     r"tensor<\?x64xf32>; please report", r.stderr.splitlines()[-1]), r.stderr
+
+
 def test_a_full_disk_is_the_machines_fault_not_a_bug(ckpt, bundle, tmp_path):
     """No space left (the link's move into the bundle, standard output): exit 1, one line naming
     the files and the reason, nothing left; a full stderr only silences the progress lines."""
