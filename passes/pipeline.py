@@ -19,6 +19,7 @@ from xdsl.dialects import builtin, func
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.passes import ModulePass, PassPipeline
 from xdsl.printer import Printer
+from xdsl.utils.arg_spec import PipelineLexer, SpecTokenKind
 from xdsl.utils.exceptions import ArgSpecParseError, VerifyException
 
 from llmirc.dialect import LLMIR
@@ -98,10 +99,34 @@ def parse_passes(spec: str) -> list[ModulePass]:
             raise UsageError(f"--passes {spec!r}: unknown pass{'es' * (len(unknown) > 1)} {', '.join(unknown)} "
                              f"(available: {', '.join(available)})") from None
         raise UsageError(f"--passes {spec!r}: {_option_error(str(e).splitlines()[0])}") from None
+    if repeated := _repeated_option(spec):
+        raise UsageError(f"--passes {spec!r}: {repeated[0]} takes {repeated[1]} once, given twice here (a list "
+                         "is one option, comma-separated: keep=embedding,lm_head)")
     for p in passes:  # (before the checkpoint is read)
         if isinstance(p, PagedKV) and (why := block_size_problem(p.block_size)):
             raise UsageError(f"--passes {spec!r}: paged-kv block-size {p.block_size}: {why}")
     return passes
+
+
+def _repeated_option(spec: str) -> tuple[str, str] | None:
+    """(pass, option) of an option given twice in one pass's braces of `spec` (a pipeline xDSL parsed),
+    which xDSL would take the last of, silently; None if there is none."""
+    lexer = PipelineLexer(spec)
+    name, keys, before = "", None, None
+    while (token := lexer.lex()).kind is not SpecTokenKind.EOF:
+        if token.kind is SpecTokenKind.L_BRACE:
+            keys = set()
+        elif token.kind is SpecTokenKind.R_BRACE:
+            keys = None
+        elif token.kind is SpecTokenKind.IDENT and keys is None:
+            name = token.span.text
+        elif token.kind is SpecTokenKind.IDENT and before in (SpecTokenKind.L_BRACE, SpecTokenKind.SPACE):
+            key = token.span.text.replace("_", "-")  # (xDSL reads block_size as block-size)
+            if key in keys:
+                return name, key
+            keys.add(key)
+        before = token.kind
+    return None
 
 
 _KINDS = {"int": "an integer", "float": "a number with a decimal point (as 0.5 or 2.0)", "str": "a string",

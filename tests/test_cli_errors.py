@@ -445,6 +445,11 @@ BAD_OPTIONS = {
                    ["--passes: paged-kv twice, with other options"]),
     "pass-without-bits": (["--passes", "canonicalize,quantize-weights"],
                           ["quantize-weights: give bits=8 or bits=4", "--quant int8|int4"]),
+    # an option twice in one pass's braces: xDSL took the last (keep=lm_head alone: the embedding quantized)
+    "pass-option-twice": (["--passes", "quantize-weights{bits=4 keep=embedding keep=lm_head}"],
+                          ["quantize-weights takes keep once, given twice", "keep=embedding,lm_head"]),
+    "pass-option-twice-spelled-apart": (["--passes", "paged-kv{block-size=16 block_size=32}"],
+                                        ["paged-kv takes block-size once"]),
 }
 
 
