@@ -157,6 +157,18 @@ def test_keep_intermediates_and_emit(llama, tmp_path):
     r = llmirc("compile", tmp / "ckpt", "--target", "cuda", "--arch", "sm_90", "--emit", "ptx", "-q")
     assert r.returncode == 0, r.stderr
     assert ".entry linear_kernel(" in r.stdout and ".target sm_90a" in r.stdout
+    # an MLIR stage: a module per kernel, apart by `// -----` as --split-input-file reads them, each parsing
+    # alone (one file of them did not: each module defines its own #loc aliases)
+    from triton._C.libtriton import ir
+    r = llmirc("compile", tmp / "ckpt", "--target", "cuda", "--arch", "sm_90", "--emit", "ttgir", "-q")
+    assert r.returncode == 0, r.stderr
+    modules = r.stdout.split("\n// -----\n")
+    assert len(modules) == r.stdout.count("tt.func public @") > 1
+    for i, text in enumerate(modules):
+        (tmp_path / f"{i}.ttgir").write_text(text)
+        ctx = ir.context()
+        ir.load_dialects(ctx)
+        assert ir.parse_mlir_module(str(tmp_path / f"{i}.ttgir"), ctx) is not None, text[:200]
     # a stage two targets have: the note names what is not printed; options that do nothing here warn
     r = llmirc("compile", tmp / "ckpt", "--target", "cuda,hip", "--arch", "sm_90,gfx942", "--emit", "llir", "-q",
                "--cpu-variants", "baseline", "--keep-intermediates")

@@ -148,7 +148,10 @@ class TritonBackend:
         return {arch: (rules[arch], compiled[arch]) for arch in archs}
 
     def emit(self, plan: Plan, stage: str) -> str:
-        """One text stage of every kernel for this backend's first architecture."""
+        """One text stage of every kernel for this backend's first architecture: a module per kernel,
+        each after a comment naming it; the MLIR stages' modules apart by `// -----`, as
+        mlir-opt's and triton-opt's --split-input-file read them (one file of them does not parse:
+        each module defines its own #loc aliases)."""
         arch = self.archs[0]
         rules, compiled = self._compile(self.plan(plan), [arch], lambda m: print(f"note: {m}", file=sys.stderr))[arch]
         comment = ";" if stage in ("llir", "amdgcn") else "//"
@@ -157,7 +160,7 @@ class TritonBackend:
             for key in rule.kernels():
                 parts.append(f"{comment} {symbol} ({rule.kind}): {compiled[key].kernel} {key} for {arch}\n"
                              f"{compiled[key].asm[stage]}")
-        return "\n".join(parts)
+        return ("\n// -----\n" if stage in ("ttir", "ttgir") else "\n").join(parts)
 
     def build(self, plan: Plan, bundle: BundleWriter, progress: Callable[[str], None]) -> list[dict]:
         """Compiles every kernel for each architecture into `kernels/<kind>-<arch>/`; returns one
