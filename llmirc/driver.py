@@ -202,7 +202,10 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     progress = progress or Progress()
     if not options.targets:
         raise UsageError("--target: no target given (choose from cpu, cuda, hip)")
-    backends = [backend(kind, options) for kind in dict.fromkeys(options.targets)]
+    # (emit None: a bundle is written, so the backends check the tools it needs, a cross linker, now; with -o,
+    # --emit prints a stage and the bundle is still written)
+    building = dataclasses.replace(options, emit=None) if out is not None else options
+    backends = [backend(kind, building) for kind in dict.fromkeys(options.targets)]
     stages: dict = {}
     for b in backends:  # a stage two targets share (ttir, ...) is emitted for the first named
         for name in b.text_stages:

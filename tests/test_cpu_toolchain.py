@@ -162,6 +162,11 @@ def test_a_missing_cross_linker_fails_before_the_weights_are_written(monkeypatch
     with pytest.raises(LlmircError, match="no aarch64-linux-gnu-gcc found"):
         compile_model(tmp_path / "ckpt", tmp_path / "m.llmir", options, Progress(log))
     assert "writing" not in log.getvalue() and not (tmp_path / "m.llmir").exists()
+    ir = StringIO()  # nor before the IR is printed, when a bundle is written too
+    with pytest.raises(LlmircError, match="no aarch64-linux-gnu-gcc found"):
+        compile_model(tmp_path / "ckpt", tmp_path / "m.llmir", dataclasses.replace(options, emit="mlir"), Progress(log),
+                      stdout=ir)
+    assert ir.getvalue() == "" and "running passes" not in log.getvalue() and not (tmp_path / "m.llmir").exists()
     asm = StringIO()  # printing a stage links nothing
     compile_model(tmp_path / "ckpt", None, dataclasses.replace(options, emit="asm", cpu_variants=("aarch64-generic",)),
                   Progress(None), stdout=asm)

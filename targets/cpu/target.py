@@ -157,7 +157,8 @@ class CpuBackend:
         if kv_cache_dtype_name(options.kv_cache_dtype) == FP8_E4M3.name:  # (given as the flag: before reading)
             raise UsageError(_NO_FP8)
         variants = variants_for(self.variant_names)  # unknown variant names fail before the checkpoint is read
-        if options.emit is None:  # so does a missing (cross) linker (--emit alone prints a stage: nothing is linked)
+        if options.emit is None:  # so does a missing (cross) linker, where a bundle is written (the driver
+            # passes emit None with -o; --emit alone prints a stage: nothing is linked)
             for arch in dict.fromkeys(v.arch for v in variants):
                 find_linker(arch)
 
