@@ -14,7 +14,7 @@ on a weight folded at compile time). The KV cache is a value of type `!llmir.kv_
 `kv_append` (which returns the updated pool) to `paged_attention`, so ordering is explicit SSA.
 
 The generic textual form of everything here parses and verifies in upstream MLIR (as an
-unregistered dialect); tests/test_ir_upstream.py checks that.
+unregistered dialect); tests/test_ir.py checks that (iree.compiler's MLIR).
 """
 
 from __future__ import annotations
