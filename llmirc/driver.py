@@ -41,6 +41,7 @@ from llmirc.passes.paged_kv import block_size_problem
 from llmirc.passes.quantize_weights import (METHODS, NOTHING_FITS, NOTHING_FITS_BUT_KEPT, TIED_HEAD, TIED_TWICE,
                                             QuantizeWeights, source_names)
 from llmirc.targets.backend import backend
+from llmirc.targets.triton.compile import STAGES as GPU_STAGES
 from llmirc.targets.plan import ABI_INPUTS, ABI_VERSION, Plan, build_plan
 
 
@@ -215,8 +216,11 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         raise UsageError(f"--arch {','.join(unused)}: no --target here compiles for it (sm_*: cuda, gfx*: hip)")
     if options.emit is not None and options.emit != "mlir" and options.emit not in stages:
         binary = options.emit in {s for b in backends for s in b.stages}
+        owner = next((kind for kind, names in GPU_STAGES.items() if options.emit in names and
+                      kind not in {b.kind for b in backends}), None)  # a stage of a target not given
         raise UsageError(f"--emit {options.emit}: not a text stage of the targets given (choose from mlir, "
-                         f"{', '.join(stages)})" + ("; binary stages go into the bundle (-o)" if binary else ""))
+                         f"{', '.join(stages)})" + ("; binary stages go into the bundle (-o)" if binary else "")
+                         + (f"; {options.emit} is a stage of --target {owner}" if owner else ""))
     if out is None and options.emit is None:
         raise UsageError("no output: give -o OUT.llmir (or --emit STAGE to print a stage)")
     if out is not None:

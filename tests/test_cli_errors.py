@@ -380,6 +380,8 @@ def test_compile_error_after_progress_is_the_last_line(ckpt, tmp_path):
 BAD_OPTIONS = {
     "target-tpu": (["--target", "tpu"], ["tpu", "unknown target"]),
     "target-cuda-arch": (["--target", "cuda", "--arch", "sm_75"], ["sm_75", "unknown GPU architecture"]),
+    "target-cuda-arch-a": (["--target", "cuda", "--arch", "sm_90a"], ["sm_90a", "unknown GPU architecture",
+                                                                      "other NVIDIA GPUs run sm_80's or sm_90's PTX"]),
     "target-hip-arch": (["--target", "hip", "--arch", "sm_90"], ["--arch sm_90", "no hip architecture"]),
     "unknown-pass": (["--passes", "canonicalize,frobnicate"], ["--passes", "frobnicate", "(available: canonicalize,",
                                                                "quantize-weights, smooth)"]),  # (no onnx-* listed)
@@ -392,7 +394,7 @@ BAD_OPTIONS = {
                                                                  'the pass takes "block-size"']),
     "pass-syntax": (["--passes", "paged-kv{block-size=16"], ["--passes"]),
     "front-end-pass": (["--passes", "canonicalize,onnx-to-llmir"], ["--passes", "onnx-to-llmir", "front end"]),
-    "bad-emit": (["--emit", "ptx"], ["--emit", "ptx"]),
+    "bad-emit": (["--emit", "ptx"], ["--emit", "ptx", "ptx is a stage of --target cuda"]),
     "emit-binary-stage": (["--emit", "obj"], ["--emit obj", "not a text stage", "(choose from mlir, llvm-ir, asm)"]),
     "bad-cpu-variant": (["--cpu-variants", "pentium9"], ["pentium9"]),
     "no-cpu-variant": (["--cpu-variants", ","], ["--cpu-variants"]),

@@ -53,4 +53,6 @@ def get_arch(name: str) -> Arch:
         return ARCHS[name]
     except KeyError:
         from llmirc.errors import UsageError
-        raise UsageError(f"unknown GPU architecture {name!r} (known: {', '.join(ARCHS)})") from None
+        hint = "; other NVIDIA GPUs run sm_80's or sm_90's PTX, which the driver compiles for them" \
+            if name.startswith(("sm_", "compute_")) else ""
+        raise UsageError(f"unknown GPU architecture {name!r} (known: {', '.join(ARCHS)}{hint})") from None
