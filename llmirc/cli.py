@@ -110,7 +110,16 @@ def cli(debug: bool) -> None:
               "quantization and type, prune-logits, paged-kv, kv-cache-dtype, fuse-rope-kv-append and dce run "
               "at the end (as its own paged-kv, kv-cache-dtype... say); a pass here and the flag doing its job "
               "(--quant, --dtype, --kv-cache-dtype, --block-size, --quant-smooth) cannot go together.")
-@click.option("--print-ir-after-all", is_flag=True, help="Print the IR after every pass (stderr).")
+@click.option("--print-ir-after-all", is_flag=True, help="Print the IR after every pass (stderr; mlir-opt's "
+              "--mlir-print-ir-* options, as the next five).")
+@click.option("--print-ir-before-all", is_flag=True, help="Print the IR before every pass.")
+@click.option("--print-ir-after", "print_ir_after", multiple=True, metavar="PASSES",
+              help="Print the IR after the passes named (comma-separated --passes names; repeatable).")
+@click.option("--print-ir-before", "print_ir_before", multiple=True, metavar="PASSES",
+              help="Print the IR before the passes named.")
+@click.option("--print-ir-after-change", is_flag=True,
+              help="With --print-ir-after(-all): only where the pass changed the IR.")
+@click.option("--print-ir-after-failure", is_flag=True, help="Print the IR as a failing pass left it.")
 @click.option("--emit", default=None, metavar="STAGE",
               help="Print a stage to stdout: the optimized IR (mlir), or a target's text stage (cpu: llvm-ir, asm; "
                    "cuda: ttir, ttgir, llir, ptx; hip: ttir, ttgir, llir, amdgcn). The binary stages (obj, so, "
@@ -191,10 +200,11 @@ def cli(debug: bool) -> None:
                    "Compiled kernels are cached in $LLMIRC_CACHE_DIR (default $XDG_CACHE_HOME/llmirc, "
                    "~/.cache/llmirc).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output (notes and warnings still show).")
-def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_intermediates, arch, cpu_variants, dtype,
-                kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep, quant_lm_head, quant_method,
-                quant_iters, quant_rotate, quant_smooth, calibration, calibration_tokens, report, dequantize, block_size,
-                max_model_len, jobs, quiet):
+def compile_cmd(model, target, output, passes, print_ir_after_all, print_ir_before_all, print_ir_after,
+                print_ir_before, print_ir_after_change, print_ir_after_failure, emit, keep_intermediates, arch,
+                cpu_variants, dtype, kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep,
+                quant_lm_head, quant_method, quant_iters, quant_rotate, quant_smooth, calibration, calibration_tokens,
+                report, dequantize, block_size, max_model_len, jobs, quiet):
     """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle.
 
     An existing bundle at -o is replaced whole (files added to its folder go with it). Compiling
@@ -232,7 +242,16 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, emit, keep_in
                    err=True)
     if keep_intermediates and output is None:
         click.echo("warning: --keep-intermediates has no effect without -o: no bundle is written", err=True)
-    options = CompileOptions(targets=targets, passes=passes, print_ir_after_all=print_ir_after_all, emit=emit,
+    from llmirc.passes.pipeline import IRPrinting
+
+    names = lambda given: frozenset(n.strip() for g in given for n in g.split(",") if n.strip())  # noqa: E731
+    printing = IRPrinting(before=names(print_ir_before), after=names(print_ir_after), before_all=print_ir_before_all,
+                          after_all=print_ir_after_all, after_change=print_ir_after_change,
+                          after_failure=print_ir_after_failure)
+    if print_ir_after_change and not (print_ir_after_all or printing.after):
+        click.echo("warning: --print-ir-after-change has no effect without --print-ir-after or --print-ir-after-all",
+                   err=True)
+    options = CompileOptions(targets=targets, passes=passes, print_ir=printing, emit=emit,
                              keep_intermediates=keep_intermediates, cpu_variants=variants, report=report, archs=archs,
                              dtype=dtype, kv_cache_dtype=kv_cache_dtype, quant=quant, quant_group_size=quant_group_size,
                              quant_symmetric=not quant_zero_points,

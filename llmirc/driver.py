@@ -34,7 +34,8 @@ from llmirc.frontend import open_source
 from llmirc.frontend.checkpoint import missing_tokenizer_note
 from llmirc.frontend.context import Limit, index_limits, resolve_context, table_rows
 from llmirc.passes.func_args import forward_func
-from llmirc.passes.pipeline import DEFAULT_BLOCK_SIZE, make_context, parse_passes, print_ir, required, run_passes
+from llmirc.passes.pipeline import (DEFAULT_BLOCK_SIZE, IRPrinting, make_context, parse_passes, print_ir, required,
+                                   run_passes)
 from llmirc.passes.cast_weights import float_type, weight_uses
 from llmirc.passes.kv_cache_dtype import kv_type
 from llmirc.passes.paged_kv import block_size_problem
@@ -49,7 +50,7 @@ from llmirc.targets.plan import ABI_INPUTS, ABI_VERSION, Plan, build_plan
 class CompileOptions:
     targets: tuple[str, ...] = ("cpu",)
     passes: str | None = None           # None: the default pipeline
-    print_ir_after_all: bool = False
+    print_ir: IRPrinting | None = None  # IR dumps during the passes (stderr), as mlir-opt's --mlir-print-ir-*
     emit: str | None = None             # print this stage to stdout
     keep_intermediates: bool = False
     report: bool = False                # print what the passes did
@@ -87,7 +88,7 @@ class CompileOptions:
         `calibration`'s sha256): a path of the build machine is no part of a portable bundle, and
         the same file named from another folder gives the same bytes."""
         recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-                    if k not in ("jobs", "report", "print_ir_after_all", "emit")}
+                    if k not in ("jobs", "report", "print_ir", "emit")}
         return dict(recorded, quant_rotate=self.rotates() if self.quant != "none" else None,
                     calibration=unicode_text(Path(self.calibration).name) if self.calibration is not None else None)
 
@@ -203,6 +204,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
     progress = progress or Progress()
     if not options.targets:
         raise UsageError("--target: no target given (choose from cpu, cuda, hip)")
+    if options.print_ir is not None:
+        options.print_ir.check()
     # (emit None: a bundle is written, so the backends check the tools it needs, a cross linker, now; with -o,
     # --emit prints a stage and the bundle is still written)
     building = dataclasses.replace(options, emit=None) if out is not None else options
@@ -322,7 +325,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         input_ir = print_ir(module) if out is not None else ""  # only the bundle keeps it
         progress("running passes")
         with naming(model, getattr(source, "path", model)):  # a node the ONNX lowering evaluated
-            run_passes(module, options.passes, print_after_all=sys.stderr if options.print_ir_after_all else None,
+            run_passes(module, options.passes, printing=options.print_ir,
                        ctx=ctx, prefix=",".join(filter(None, (source.lowering, options.smooth_pass()))),
                        block_size=block_size,
                        tail=dataclasses.replace(options, dtype=dtype, kv_cache_dtype=kv_cache_dtype).required())

@@ -158,36 +158,87 @@ def _failing_op(e: VerifyException) -> str | None:
     return None
 
 
-def run_passes(module: ModuleOp, spec: str | None = None, *, print_after_all: TextIO | None = None,
-               on_pass: Callable[[str], None] | None = None, ctx: LlmirContext | None = None,
-               prefix: str = "", tail: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> list[str]:
+@dataclass(frozen=True)
+class IRPrinting:
+    """Which IR dumps run_passes writes, as mlir-opt's --mlir-print-ir-* options choose them: before
+    and after the passes named (or every pass: `before_all`, `after_all`), after only where the pass
+    changed the IR (`after_change`, with after or after_all), and the IR as a failing pass left it
+    (`after_failure`). Each dump is headed `// -----// IR Dump After NAME //----- //` (Before, and
+    `After NAME Failed`), the pass's --passes name, as mlir-opt heads them."""
+
+    before: frozenset[str] = frozenset()
+    after: frozenset[str] = frozenset()
+    before_all: bool = False
+    after_all: bool = False
+    after_change: bool = False
+    after_failure: bool = False
+
+    def check(self) -> None:
+        """UsageError for a pass name no pass has (the option named as the CLI spells it)."""
+        for option, names in (("--print-ir-before", self.before), ("--print-ir-after", self.after)):
+            if unknown := sorted(n for n in names if n not in PASSES):
+                raise UsageError(f"{option} {','.join(unknown)}: no such pass (available: "
+                                 f"{', '.join(sorted(PASSES))})")
+
+    def prints_before(self, name: str) -> bool:
+        return self.before_all or name in self.before
+
+    def prints_after(self, name: str) -> bool:
+        return self.after_all or name in self.after
+
+
+def run_passes(module: ModuleOp, spec: str | None = None, *, printing: IRPrinting | None = None,
+               print_to: TextIO | None = None, on_pass: Callable[[str], None] | None = None,
+               ctx: LlmirContext | None = None, prefix: str = "", tail: str | None = None,
+               block_size: int = DEFAULT_BLOCK_SIZE) -> list[str]:
     """Runs `prefix` (a front end's lowering, then `smooth` when --quant-smooth asks: it needs the
     linears unfused), the user's (or default) pipeline, then `tail`
     (default: `required()`); verifies after every pass.
 
-    `block_size`: the KV cache block of the default pipeline and of the default tail's paged-kv
-    (a user pipeline's own paged-kv, when it has one, runs first and decides). Returns the
-    names of the passes that ran, in order."""
+    `printing`: the IR dumps to write to `print_to` (default: stderr). `block_size`: the KV cache
+    block of the default pipeline and of the default tail's paged-kv (a user pipeline's own
+    paged-kv, when it has one, runs first and decides). Returns the names of the passes that
+    ran, in order."""
+    import sys
+
     ctx = ctx or make_context()
     passes = (parse_passes(prefix) if prefix else []) + \
         parse_passes(spec if spec is not None else default_pipeline(block_size)) + \
         parse_passes(tail or required(block_size=block_size))
+    show = printing or IRPrinting()
+    out = print_to or sys.stderr
+
+    def dump(when: str, name: str, text: str | None = None) -> None:
+        out.write(f"// -----// IR Dump {when} {name} //----- //\n")
+        out.write(text if text is not None else print_ir(module))
+
     ran = []
     for p in passes:
         if on_pass:
             on_pass(p.name)
+        if show.prints_before(p.name):
+            dump("Before", p.name)
+        before = print_ir(module) if show.after_change and show.prints_after(p.name) else None
         with stage(f"pass {p.name}"):
-            p.apply(ctx, module)
             try:
+                p.apply(ctx, module)
                 module.verify()
-            except VerifyException as e:
+            except Exception as e:
+                if show.after_failure:
+                    try:
+                        dump("After", f"{p.name} Failed")
+                    except Exception:  # noqa: BLE001 (IR too broken to print: the pass's error is what counts)
+                        out.write("(the IR cannot be printed)\n")
+                if not isinstance(e, VerifyException):
+                    raise
                 where = _failing_op(e)
                 raise AssertionError(f"IR does not verify after pass {p.name}: {e}"
                                      + (f", at {where}" if where else "")) from e
         ran.append(p.name)
-        if print_after_all is not None:
-            print_after_all.write(f"// -----// IR Dump After {p.name} //----- //\n")
-            print_after_all.write(print_ir(module))
+        if show.prints_after(p.name):
+            after = print_ir(module)
+            if before is None or after != before:
+                dump("After", p.name, after)
     return ran
 
 

@@ -1434,6 +1434,31 @@ def test_print_ir_after_all_dumps_on_stderr(ckpt, tmp_path):
     assert "IR Dump" not in r.stdout and '"func.func"' in r.stdout
 
 
+def dumps(stderr: str) -> list[tuple[str, str]]:
+    return re.findall(r"^// -----// IR Dump (Before|After) (\S+(?: Failed)?) //----- //$", stderr, re.M)
+
+
+def test_print_ir_before_after_change_and_failure_as_mlir_opt(ckpt):
+    """mlir-opt's --mlir-print-ir-* options: before / after the passes named or all, after only where
+    the pass changed the IR, the IR a failing pass left; an unknown pass name is a usage error."""
+    r = llmirc("compile", ckpt, "--emit", "mlir", "-q", "--print-ir-before", "paged-kv",
+               "--print-ir-after", "fuse-linears,paged-kv")
+    # (paged-kv twice: the default pipeline's, then the required tail's, a no-op by then)
+    assert r.returncode == 0 and dumps(r.stderr) == [("After", "fuse-linears")] + [("Before", "paged-kv"),
+                                                                                   ("After", "paged-kv")] * 2
+    before, after = r.stderr.split("IR Dump Before paged-kv")[1], r.stderr.split("IR Dump After paged-kv")[1]
+    assert "llmir.paged_attention" not in before.split("IR Dump")[0] and "llmir.paged_attention" in after
+    every = dumps(llmirc("compile", ckpt, "--emit", "mlir", "-q", "--print-ir-before-all").stderr)
+    changed = dumps(llmirc("compile", ckpt, "--emit", "mlir", "-q", "--print-ir-after-all",
+                           "--print-ir-after-change").stderr)
+    assert [n for _, n in every].count("canonicalize") == 2 and all(w == "Before" for w, _ in every)
+    assert ("After", "fuse-linears") in changed and len(changed) < len(every)  # (a second cse changes nothing)
+    r = llmirc_with_bug(BUG_IN_A_PASS, "compile", ckpt, "--emit", "mlir", "-q", "--print-ir-after-failure")
+    assert dumps(r.stderr) == [("After", "fuse-linears Failed")] and '"llmir.linear"' in r.stderr, r.stderr[-2000:]
+    assert_user_error(llmirc("compile", ckpt, "--emit", "mlir", "--print-ir-after", "fuse-linear"),
+                      "--print-ir-after fuse-linear: no such pass", "fuse-linears", code=2)
+
+
 def test_inspect(bundle):
     r = llmirc("inspect", bundle)
     assert r.returncode == 0 and r.stderr == "", r.stderr

@@ -26,6 +26,7 @@ import pytest
 from helpers import hf_logits, hf_logits_quantized, make_checkpoint
 from llmirc import quant
 from llmirc.driver import CompileOptions, Progress, compile_model
+from llmirc.passes.pipeline import IRPrinting
 from llmirc.passes.pipeline import parse_passes
 from llmirc.passes.quantize_weights import QuantizeWeights
 from llmirc.runtime import load
@@ -188,7 +189,7 @@ def test_quantized_ir(tmp_path, checkpoint, capsys):
     """The types show in the IR (--emit mlir, --print-ir-after-all); keep chooses what stays float."""
     ckpt, _ = checkpoint
     emitted = io.StringIO()
-    plan = compile_model(ckpt, None, CompileOptions(quant="int4", emit="mlir", print_ir_after_all=True,
+    plan = compile_model(ckpt, None, CompileOptions(quant="int4", emit="mlir", print_ir=IRPrinting(after_all=True),
                                                     quant_keep=("lm_head", "*.down_proj.*")), Progress(None),
                          stdout=emitted)
     out, err = emitted.getvalue(), capsys.readouterr().err
