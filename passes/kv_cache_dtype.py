@@ -81,8 +81,9 @@ class KVCacheDtype(ModulePass):
     weights: str = "auto"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
+        # (checked whatever dtype says: a misspelled weights=... was taken silently beside dtype=int8)
+        weights = None if self.weights == "auto" else float_type(self.weights, f"{self.name}{{weights}}")
         if self.dtype == "auto":
-            weights = None if self.weights == "auto" else float_type(self.weights, f"{self.name}{{weights}}")
             target = auto_kv_dtype(op, weights)
         else:
             target = kv_type(self.dtype, f"{self.name}{{dtype}}")

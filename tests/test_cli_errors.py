@@ -387,6 +387,8 @@ BAD_OPTIONS = {
                                                                "quantize-weights, smooth)"]),  # (no onnx-* listed)
     "pass-block-size": (["--passes", "paged-kv{block-size=3}"], ["--passes 'paged-kv{block-size=3}'",
                                                                  "block-size 3: must be a power of two"]),
+    "kv-pass-weights-misspelled": (["--passes", "kv-cache-dtype{dtype=int8 weights=foo}"],
+                                   ["kv-cache-dtype{weights}", "unknown dtype 'foo'"]),
     "bad-pass-option-value": (["--passes", "paged-kv{block-size=abc}"], ["--passes", "block-size",
                                                                          "takes an integer, got 'abc'"]),
     "int-for-float-pass-option": (["--passes", "smooth{alpha=2}"], ["takes a number with a decimal point", "got 2"]),
