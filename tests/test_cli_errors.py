@@ -1050,11 +1050,13 @@ def test_interrupted_gptq_compile_removes_its_hessians(ckpt, tmp_path, sig):
 def test_compile_stopped_while_linking_leaves_nothing_in_tmpdir(ckpt, bundle, tmp_path, sig):
     """A compile stopped while the C compiler links a library kills it, and it cannot remove its
     temporary files (gcc's ccXXXXXX.s, .o, .res): they must be in llmirc's scratch folder, not in
-    TMPDIR. A stand-in `cc` makes one where gcc would and waits."""
-    tmp, bin_dir, started = tmp_path / "tmp", tmp_path / "bin", tmp_path / "cc-started"
+    TMPDIR. A stand-in `cc` makes one where gcc would and waits for a child of its own (gcc's cc1, as,
+    ld), which is killed with it (it ran on when cc alone was killed)."""
+    tmp, bin_dir, started, child = tmp_path / "tmp", tmp_path / "bin", tmp_path / "cc-started", tmp_path / "child"
     tmp.mkdir()
     bin_dir.mkdir()
-    (bin_dir / "cc").write_text(f'#!/bin/sh\n: > "${{TMPDIR:-/tmp}}/ccFAKE.s"\n: > "{started}"\nexec sleep 60\n')
+    (bin_dir / "cc").write_text(f'#!/bin/sh\n: > "${{TMPDIR:-/tmp}}/ccFAKE.s"\nsleep 60 &\necho $! > "{child}"\n'
+                                f': > "{started}"\nwait\n')
     (bin_dir / "cc").chmod(0o755)
     out = copy_bundle(bundle, tmp_path)
     before = snapshot(out)
@@ -1069,6 +1071,12 @@ def test_compile_stopped_while_linking_leaves_nothing_in_tmpdir(ckpt, bundle, tm
     assert started.exists() and proc.returncode == 128 + sig and "Traceback" not in err, err
     assert sorted(p.name for p in tmp.iterdir()) == []
     assert snapshot(out) == before and leftovers(out) == []
+    pid = int(child.read_text())
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text() \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
 
 
 def test_compile_removes_scratch_folders_of_killed_compiles(ckpt, tmp_path):

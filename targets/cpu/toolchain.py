@@ -437,7 +437,7 @@ def link_shared(objects: list[bytes], out_path: Path, arch: str | None = None) -
             cmd[2:2] = ["-Wl,--no-undefined", "-Wl,-z,noexecstack"]
         try:  # (cc's own temporary files in the scratch folder too: a compile stopped during the link kills
             # cc, which then cannot remove them)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TMPDIR=tmp))
+            proc = _run_group(cmd, env=dict(os.environ, TMPDIR=tmp))
         except OSError as e:
             raise LlmircError(f"could not run the C linker {cc}: {e}") from None
         if proc.returncode != 0:
@@ -446,3 +446,23 @@ def link_shared(objects: list[bytes], out_path: Path, arch: str | None = None) -
             raise LlmircError(f"linking {out_path.name} failed: {detail}")
         shutil.move(str(tmp_out), str(out_path))
     return out_path
+
+
+def _run_group(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True) in a process group of its own, which is
+    killed whole when this process is stopped (Ctrl-C, SIGTERM: an exception here): cc's children
+    (cc1, as, ld) ran on after subprocess.run killed cc alone."""
+    import signal
+
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
