@@ -269,13 +269,15 @@ def _origins(value: str | None) -> tuple[str, ...]:
     """--allowed-origins as a tuple: comma-separated, or a JSON list of strings (vLLM's form)."""
     if value is None:
         return ()
+    shown = value if len(value) <= 80 else f"{value[:60]}... ({len(value)} characters)"
     if value.lstrip().startswith("["):
         try:
             origins = json.loads(value)
         except (ValueError, RecursionError) as e:
-            raise UsageError(f"--allowed-origins {value}: not a JSON list ({e})") from None
-        if not all(isinstance(o, str) for o in origins):
-            raise UsageError(f"--allowed-origins {value}: the list must hold strings")
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise UsageError(f"--allowed-origins {shown}: not a JSON list ({why})") from None
+        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+            raise UsageError(f"--allowed-origins {shown}: the list must hold strings")
     else:
         origins = value.split(",")
     origins = tuple(o.strip() for o in origins if o.strip())

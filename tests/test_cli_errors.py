@@ -2189,6 +2189,8 @@ def test_kv_cache_dtype_pass_in_the_pipeline(ckpt, tmp_path):
     (["--allowed-origins", "[1]"], ["--allowed-origins [1]", "strings"]),
     (["--allowed-origins", "[https://a"], ["--allowed-origins [https://a", "not a JSON list"]),
     (["--allowed-origins", " , "], ["no origin named"]),
+    (["--allowed-origins", "[" * 100_000], ["--allowed-origins " + "[" * 60 + "... (100000 characters)",
+                                            "nested too deeply"]),  # (one short line, not the value)
     (["--allowed-origins", '{"a": 1}'], ["'{\"a\": 1}' is not an origin"]),
     (["--allowed-origins", "https://a.example/"], ["'https://a.example/' is not an origin", "without a path"]),
     # an unset shell variable: every interface, or no authentication, were taken silently

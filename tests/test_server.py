@@ -487,6 +487,8 @@ def test_health_and_metrics(server):
 
 BAD = {
     "malformed-json": ("/v1/completions", b'{"model": "tiny", "prompt": ', 400, "not valid JSON"),
+    "nested-too-deeply": ("/v1/completions", b'{"model": "tiny", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
+                          "nested too deeply"),  # (valid JSON, past Python's parser depth)
     "invalid-utf8": ("/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe"}', 400, "JSON"),
     "not-an-object": ("/v1/completions", b'[1, 2]', 400, "JSON object"),
     "max-tokens-wrong-type": ("/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),

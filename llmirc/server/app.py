@@ -530,7 +530,7 @@ def create_app(model: Model, options: ServerOptions):
     async def http_error(request, e: HTTPException):
         message = str(e.detail)
         if message == "There was an error parsing the body":  # FastAPI's words for bytes that are not UTF-8 JSON
-            message = "the request body is not valid JSON (or not UTF-8)"
+            message = "the request body is not valid JSON (or not UTF-8, or nested too deeply)"
         return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code)
 
     @app.exception_handler(RuntimeLimitError)
