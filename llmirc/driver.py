@@ -297,6 +297,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         dtype = options.dtype if options.dtype != "auto" else source.model_info().get("weight_dtype") or "auto"
         ctx = make_context(read_weight=source.float32, add_weight=source.add_weight)
         with stage(f"front end ({source.kind})"):
+            if hasattr(source, "use_context"):  # (a rotary table chosen by the context: longrope)
+                source.use_context(options.max_model_len)
             module = source.module()
         facts = model_facts(module)
         layers = facts.get("num_layers")  # (none found in a full-sequence ONNX graph)

@@ -77,6 +77,25 @@ def test_matches_transformers(tmp_path, case):
     check_model(model, compile_to(tmp_path / "ckpt", tmp_path / "m.llmir"))
 
 
+def test_longrope_tables_by_the_bundles_context(tmp_path):
+    """Phi-3's longrope: a bundle within original_max_position_embeddings (the default context) has the
+    short factors' table, one of a longer --max-model-len the long factors' (llama.cpp's choice by its
+    context); each equals transformers where transformers takes the same table (by the sequence's
+    length: short up to 64 tokens here, long past them)."""
+    model = make_checkpoint(tmp_path / "ckpt", "phi3", original_max_position_embeddings=64, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.3, 1.9, 2.8, 4.0, 5.6, 7.7, 10.0],
+        "long_factor": [1.5, 2.9, 5.1, 9.0, 15.0, 26.0, 44.0, 70.0]})
+    short = load(compile_to(tmp_path / "ckpt", tmp_path / "short.llmir"))
+    long = load(compile_to(tmp_path / "ckpt", tmp_path / "long.llmir", max_model_len=256))
+    assert (short.max_context, long.max_context) == (64, 256)
+    for compiled, n in ((short, 60), (long, 200)):
+        seq = [(13 * i + 7) % 380 for i in range(n)]
+        ref = hf_logits(model, seq)
+        np.testing.assert_allclose(compiled.score(seq), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    seq = list(range(3, 63))  # (within 64 tokens the long table is not transformers')
+    assert np.abs(long.score(seq) - hf_logits(model, seq)).max() > 1e-2
+
+
 def test_greedy_decode_runs_match_single_steps(tmp_path):
     """Multi-step decode in the library (runtime.c's llmir_greedy_decode, 8 steps a call by default)
     against one step per call: the same tokens for a batch whose sequences cross KV blocks, and for

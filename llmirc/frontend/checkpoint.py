@@ -20,7 +20,7 @@ from llmirc.small_files import present, present_small_files, read_small_text
 
 from . import build_graph, parse_spec
 from .context import Limit
-from .hf_config import load_config
+from .hf_config import DecoderSpec, for_context, load_config
 from .packed import PackedLinears, parse_quantization_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -150,6 +150,13 @@ class Checkpoint:
                                   "weights must be F32, F16 or BF16")
         return finite(self._where[name], name, f.as_float32(name), "float32")
 
+    def use_context(self, max_model_len: int | None) -> None:
+        """The model for a bundle of `max_model_len` tokens (--max-model-len; None: the one the source
+        states): longrope's long factors past original_max_position_embeddings (hf_config.for_context).
+        Called before module()."""
+        if isinstance(self.spec, DecoderSpec):
+            self.spec = for_context(self.spec, max_model_len)
+
     def module(self):
         packed = None
         if self.quantization:
@@ -184,9 +191,10 @@ class Checkpoint:
         """Facts from config.json that the graph does not hold (`context`: the one it states)."""
         s = self.spec
         key = "n_positions" if s.architecture == "GPT2LMHeadModel" else "max_position_embeddings"
-        # longrope: its short factors hold up to original_max_position_embeddings (DecoderSpec.rope_context)
-        rope = [Limit(s.rope_context, "rope type 'longrope': its short factors, up to original_max_position_embeddings "
-                      "(the long ones past it are not built)")] if getattr(s, "rope_context", None) else []
+        # longrope's short factors hold up to original_max_position_embeddings (DecoderSpec.rope_context)
+        rope = [Limit(s.rope_context, "rope type 'longrope': its short factors, up to "
+                      "original_max_position_embeddings; a --max-model-len past it takes the long ones")] \
+            if getattr(s, "rope_context", None) else []
         return {"architecture": s.architecture, "position_tables": rope,
                 "context": Limit(s.max_position_embeddings, f"config.json {key}" + ("" if key in self.config else
                                                                                      " (its default)")),

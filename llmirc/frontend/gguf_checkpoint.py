@@ -604,6 +604,8 @@ class GgufCheckpoint:
         """After module(): the file's tensors the graph does not use (GGUF names), sorted."""
         return sorted(set(self._tensors) - self._used)
 
+    use_context = Checkpoint.use_context  # (longrope's long factors past original_max_position_embeddings)
+
     def model_info(self) -> dict:
         """Checkpoint's facts of the spec the graph does not hold, the context named by its metadata key."""
         info = Checkpoint.model_info(self)

@@ -6,6 +6,7 @@ silently different math. Rotary tables follow transformers' `modeling_rope_utils
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ FAMILY_DEFAULTS = {
 class RopeSpec:
     inv_freq: tuple[float, ...]  # rotary_dim / 2 float32 values
     scaling: float = 1.0         # multiplies cos and sin (yarn's attention factor)
+    long_inv_freq: tuple[float, ...] | None = None  # longrope: the long factors' table (for_context)
     style: str = "neox"
 
 
@@ -68,7 +70,7 @@ class DecoderSpec:
     sliding_windows: tuple[int, ...]  # per layer; 0 = full attention
     qk_norm: bool = False  # Qwen3: RMSNorm of each q and k head (q_norm, k_norm) before the rotary embedding
     fused_projections: bool = False  # Phi-3: qkv_proj (q, k, v rows) and gate_up_proj (gate, up rows)
-    rope_context: int | None = None  # longrope: the positions its short factors are for (the bundle's cap)
+    rope_context: int | None = None  # longrope with its short factors: the positions they are for (the context's cap)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -284,7 +286,7 @@ def _rope_spec(r: _Reader, head_dim: int, max_pos: int, family: str) -> tuple[Ro
     factor that is not finite then (a linear factor of 1e-300 divides by zero) is refused."""
     with np.errstate(all="ignore"):
         spec, context = _rope_tables(r, head_dim, max_pos, family)
-    if not all(map(math.isfinite, (*spec.inv_freq, spec.scaling))):
+    if not all(map(math.isfinite, (*spec.inv_freq, *(spec.long_inv_freq or ()), spec.scaling))):
         raise r.fail(f"rope parameters {rope_parameters(r, max_pos, family)} give rotary frequencies or an attention "
                      "factor that are not finite in float32")
     return spec, context
@@ -344,14 +346,28 @@ def _rope_tables(r: _Reader, head_dim: int, max_pos: int, family: str) -> tuple[
     elif rope_type == "yarn":
         inv_freq, scaling = _yarn(params, need, float(theta), dim, max_pos, r)
     elif rope_type == "longrope":
-        inv_freq, scaling, context = _longrope(params, need, float(theta), dim, max_pos, r)
-    return RopeSpec(inv_freq=tuple(float(x) for x in np.asarray(inv_freq, dtype=f32)),
-                    scaling=float(scaling)), context
+        inv_freq, long, scaling, context = _longrope(params, need, float(theta), dim, max_pos, r)
+        return RopeSpec(inv_freq=_floats(inv_freq), scaling=float(scaling), long_inv_freq=_floats(long)), context
+    return RopeSpec(inv_freq=_floats(inv_freq), scaling=float(scaling)), context
+
+
+def _floats(values) -> tuple[float, ...]:
+    return tuple(float(x) for x in np.asarray(values, dtype=np.float32))
+
+
+def for_context(spec: DecoderSpec, max_model_len: int | None) -> DecoderSpec:
+    """`spec` for a bundle of `max_model_len` tokens (None: the one the source states): with longrope,
+    the long factors' table where that is past original_max_position_embeddings, as llama.cpp chooses by
+    its context size (transformers chooses per forward, by the sequence's length), else the short one."""
+    if spec.rope_context is None or max_model_len is None or max_model_len <= spec.rope_context:
+        return spec
+    rope = dataclasses.replace(spec.rope, inv_freq=spec.rope.long_inv_freq)
+    return dataclasses.replace(spec, rope=rope, rope_context=None)
 
 
 def _longrope(params: dict, need, base: float, dim: int, max_pos: int, r: _Reader):
-    """transformers' _compute_longrope_parameters for a sequence within original_max_position_embeddings
-    (the short factors): (inv_freq, attention factor, that length)."""
+    """transformers' _compute_longrope_parameters: (the short factors' inv_freq, the long factors', the
+    attention factor, original_max_position_embeddings)."""
     f32 = np.float32
     original = need("original_max_position_embeddings")
     for key in ("short_factor", "long_factor"):
@@ -368,8 +384,9 @@ def _longrope(params: dict, need, base: float, dim: int, max_pos: int, r: _Reade
     else:
         attention = need("attention_factor")
     shape = np.arange(0, dim, 2, dtype=np.int64).astype(f32) / f32(dim)
-    inv = f32(1.0) / (np.asarray(params["short_factor"], dtype=f32) * f32(base) ** shape)
-    return inv.astype(f32), float(attention), int(original)
+    short, long = (f32(1.0) / (np.asarray(params[k], dtype=f32) * f32(base) ** shape) for k in ("short_factor",
+                                                                                            "long_factor"))
+    return short.astype(f32), long.astype(f32), float(attention), int(original)
 
 
 def _yarn(params: dict, need, base: float, dim: int, max_pos: int, r: _Reader):
