@@ -7,6 +7,7 @@ lowering (`required()`) always runs after it and is a no-op where it has already
 from __future__ import annotations
 
 import io
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 import re
@@ -199,8 +200,6 @@ def run_passes(module: ModuleOp, spec: str | None = None, *, printing: IRPrintin
     block of the default pipeline and of the default tail's paged-kv (a user pipeline's own
     paged-kv, when it has one, runs first and decides). Returns the names of the passes that
     ran, in order."""
-    import sys
-
     ctx = ctx or make_context()
     passes = (parse_passes(prefix) if prefix else []) + \
         parse_passes(spec if spec is not None else default_pipeline(block_size)) + \
