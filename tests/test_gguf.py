@@ -289,6 +289,34 @@ def test_bundle_tokenizer_chat_template_and_generation_ids(tmp_path):
     assert len(out[0]) == 4
 
 
+@pytest.mark.parametrize("extra,ends", [
+    # Phi-3's turn ends with <|end|>, its file's eos is <|endoftext|>; </s> and the FIM file separator end too
+    (["<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>", "<|file_sep|>"],
+     ["</s>", "<|endoftext|>", "<|end|>", "<|file_sep|>"]),
+    # gpt-oss's vocabulary: <|end|> is not an end there (<|return|> and <|call|> are)
+    (["<|endoftext|>", "<|end|>", "<|return|>", "<|call|>"], ["</s>", "<|endoftext|>", "<|return|>", "<|call|>"]),
+])
+def test_end_of_generation_tokens_as_llama_cpp_finds_them(tmp_path, extra, ends):
+    """Generation stops at every token llama.cpp ends it at, named by their text whatever eos_token_id says
+    (a Phi-3 file converted by convert_hf_to_gguf has eos <|endoftext|>; its chat turns end with <|end|>)."""
+    meta = spm_tokenizer_metadata(CORPUS, 300)
+    base = len(meta["tokenizer.ggml.tokens"])
+    meta["tokenizer.ggml.tokens"] += extra
+    meta["tokenizer.ggml.scores"] += [-1000.0] * len(extra)
+    meta["tokenizer.ggml.token_type"] += [int(gguf.TokenType.CONTROL)] * len(extra)
+    meta["tokenizer.ggml.eos_token_id"] = base  # <|endoftext|>
+    path = _gguf_with_tokenizer(tmp_path, meta)
+    tokens = meta["tokenizer.ggml.tokens"]
+    src = open_source(path)
+    got = sorted(src.generation_config()["eos_token_id"])
+    src.close()
+    assert [tokens[i] for i in got] == ends
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    assert [i for i in range(len(tokens)) if llama_cpp.llama_vocab_is_eog(vocab, i)] == got
+
+
 # -- bad files ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

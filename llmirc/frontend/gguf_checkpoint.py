@@ -84,6 +84,17 @@ STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # -> llmirc.d
 FLOAT_ONLY = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0", "MXFP4")
 _MISSING = object()
 
+# llama.cpp's end-of-generation tokens found by their text (llama-vocab.cpp, llama_vocab::impl::load, 0.3.36):
+# every token so named ends generation, and so do the FIM pad/repo/separator tokens, given by their
+# tokenizer.ggml.fim_*_token_id or else found by these texts (the first token of each).
+EOG_TEXTS = frozenset((
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
+    "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
+    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~["))
+FIM_EOG_TEXTS = {"fim_pad_token_id": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
+                 "fim_rep_token_id": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+                 "fim_sep_token_id": ("<|file_sep|>",)}
+
 # Keys that change the math of these architectures in llama.cpp, with the value that does not.
 _NEUTRAL = {"attention.scale": None, "logit_scale": 1.0, "attention.clamp_kqv": 0.0, "attention.max_alibi_bias": 0.0,
             "expert_count": 0, "attention.causal": True, "attention.sliding_window": 0,
@@ -407,8 +418,8 @@ class GgufCheckpoint:
         for key, value in ids.items():
             if value is not None and (not isinstance(value, int) or not 0 <= value < vocab):
                 raise CheckpointError(f"{self.path}: {tok + key} {value!r} is not a token id (vocabulary {vocab})")
-        eos = list(dict.fromkeys(ids[k] for k in ("eos_token_id", "eot_token_id", "eom_token_id")
-                                 if isinstance(ids[k], int)))
+        eos = list(dict.fromkeys([ids[k] for k in ("eos_token_id", "eot_token_id", "eom_token_id")
+                                  if isinstance(ids[k], int)] + self._eog_by_text(tokens, vocab)))
         common = {"vocab_size": vocab, "bos_token_id": ids["bos_token_id"], "eos_token_id": eos or None,
                   "pad_token_id": ids["padding_token_id"], "tie_word_embeddings": "output.weight" not in self._tensors}
         for key in ("attention.head_count", "embedding_length", "context_length", "feed_forward_length"):
@@ -455,6 +466,25 @@ class GgufCheckpoint:
         if scaling:
             config["rope_scaling"] = scaling
         return config
+
+    def _eog_by_text(self, tokens, vocab: int) -> list[int]:
+        """The tokens llama.cpp ends generation at besides eos/eot/eom: those named as EOG_TEXTS says
+        (Phi-3's <|end|>, ChatML's <|im_end|>, ... whatever the file's eos), and the FIM pad/repo/separator
+        tokens; <|end|> not where <|return|> and <|call|> (or <|calls|> and <|flush|>) are, as there."""
+        if not isinstance(tokens, list):
+            return []
+        ids = {t: i for i, t in enumerate(tokens) if isinstance(t, str) and i < vocab}  # (the last of a text)
+        found = [i for t, i in ids.items() if t in EOG_TEXTS]
+        for key, texts in FIM_EOG_TEXTS.items():
+            given = self.meta.get("tokenizer.ggml." + key)
+            if isinstance(given, int) and 0 <= given < vocab:
+                found.append(given)
+            else:
+                first = min((i for t, i in ids.items() if t in texts), default=None)
+                found += [] if first is None else [first]
+        if {"<|return|>", "<|call|>"} <= ids.keys() or {"<|calls|>", "<|flush|>"} <= ids.keys():
+            found = [i for i in found if i != ids.get("<|end|>")]
+        return sorted(set(found))
 
     def _rope_scaling(self) -> dict | None:
         """`{arch}.rope.scaling.*` -> a Hugging Face rope_scaling dict (convert_hf_to_gguf writes the reverse)."""
