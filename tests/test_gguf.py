@@ -102,6 +102,30 @@ def test_matches_transformers(tmp_path, case):
 
 
 @pytest.mark.slow
+def test_phi3_longrope_without_attn_factor_is_read_as_llama_cpp_reads_it(tmp_path, monkeypatch):
+    """A phi3 file with longrope's factor tensors but no phi3.rope.scaling.attn_factor: llama.cpp scales
+    by 1 (its default), not by transformers' sqrt(1 + ln(512 / 256) / ln(256)) from the context lengths.
+    (llama.cpp's context, 128, is rounded up to 256: within original_max_position_embeddings, short factors.)"""
+    monkeypatch.setattr(gguf.GGUFWriter, "add_rope_scaling_attn_factors", lambda self, value: None)
+    model = make_checkpoint(tmp_path / "ckpt", "phi3", original_max_position_embeddings=256, rope_parameters={
+        "rope_type": "longrope", "short_factor": [1.0, 1.4, 2.1, 3.3, 1.2, 1.1, 1.0, 1.5],
+        "long_factor": [1.5, 3.0, 6.0, 12.0, 2.0, 2.0, 2.0, 2.0], "rope_theta": 10000.0})
+    path = write_gguf(model, tmp_path / "m.gguf", tokenizer=spm_tokenizer_metadata(CORPUS, model.config.vocab_size))
+    src = open_source(path)
+    assert "phi3.rope.scaling.attn_factor" not in src.meta and src.config["rope_scaling"]["attention_factor"] == 1.0
+    src.close()
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llmirc.runtime import load
+
+    tokens = [0, 5, 9, 200, 17, 3, 44, 91, 12, 7, 250, 300, 31, 64, 128, 2]
+    got = load(compile_to(path, tmp_path / "m.llmir")).score(tokens)
+    llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, n_threads=2, verbose=False)
+    llm.eval(tokens)
+    theirs = np.array(llm.scores[:len(tokens)], dtype=np.float64)
+    assert np.abs(got - theirs).max() < 1e-2 * np.abs(theirs).max()
+
+
+@pytest.mark.slow
 def test_llama3_rope_freqs_tensor(tmp_path):
     # convert_hf_to_gguf writes llama3 rope scaling as per-frequency divisors in rope_freqs.weight.
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -511,15 +511,15 @@ class GgufCheckpoint:
 
     def _longrope(self) -> dict:
         """phi3's longrope (convert_hf_to_gguf's Phi3MiniModel writes its factors as tensors) -> config.json's
-        original_max_position_embeddings and rope_scaling, the file's attention factor with them."""
+        original_max_position_embeddings and rope_scaling, the file's attention factor with them (1 where
+        the file has none, as llama.cpp reads it: not transformers' default from the context lengths)."""
         short, long = (dtypes.to_float32(*self._stored(n)).tolist() if n in self._tensors else None
                        for n in ROPE_FACTORS)
         if short is None or long is None:
             raise CheckpointError(f"{self.path}: longrope needs both tensors {' and '.join(ROPE_FACTORS)}")
         p = f"{self.arch}.rope.scaling."
-        scaling = {"rope_type": "longrope", "short_factor": short, "long_factor": long}
-        if p + "attn_factor" in self.meta:
-            scaling["attention_factor"] = self._get(p + "attn_factor", float)
+        scaling = {"rope_type": "longrope", "short_factor": short, "long_factor": long,
+                   "attention_factor": self._get(p + "attn_factor", float, 1.0)}
         return {"original_max_position_embeddings": self._get(p + "original_context_length", int),
                 "rope_scaling": scaling}
 
