@@ -11,14 +11,17 @@ means, and this conversion follows it:
 * `tokenizer.ggml.model = "llama"`: SentencePiece BPE. Merges are rebuilt from the scores (a pair
   ranks by the score of the token it makes, as sentencepiece and llama.cpp's `llm_tokenizer_spm`
   merge), unknown characters fall back to the `<0xXX>` byte tokens, "▁" marks spaces and is
-  prepended unless `tokenizer.ggml.add_space_prefix` is false; bos is added unless
-  `tokenizer.ggml.add_bos_token` is false.
+  prepended to every piece of text (the first and each after a special token) unless
+  `tokenizer.ggml.add_space_prefix` is false; bos is added unless `tokenizer.ggml.add_bos_token` is false.
 
 Tokens of type CONTROL and UNKNOWN become special added tokens, USER_DEFINED ones plain added
-tokens (llama.cpp matches all three whole in the text). bos/eos are added by the post-processor.
-transformers' own GGUF conversion (`transformers.integrations.gguf`) builds the same models; it
-differs only where it ignores `tokenizer.ggml.pre` names it does not know (e.g. "smollm", whose
-digits llama.cpp splits one by one, as the original SmolLM2 tokenizer.json does).
+tokens (llama.cpp matches all three whole in the text; for a model whose general.name says Phi-3,
+white space after them is dropped, but after <unk>, <s> and <|endoftext|>, as llama.cpp does).
+bos/eos are added by the post-processor. transformers' own GGUF conversion
+(`transformers.integrations.gguf`) builds the same models; it differs where it ignores
+`tokenizer.ggml.pre` names it does not know (e.g. "smollm", whose digits llama.cpp splits one by
+one, as the original SmolLM2 tokenizer.json does), and for SentencePiece it prefixes a space to the
+first piece of text only, and none to a text that starts with one.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def build_tokenizer(meta: dict, source: str):
 
     meta: the GGUF metadata as plain Python values; source names the file in errors.
     Raises CheckpointError for a tokenizer kind or pre-tokenizer llmirc does not convert."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, Regex
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, Regex
 
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -133,8 +136,10 @@ def build_tokenizer(meta: dict, source: str):
         tok = Tokenizer(models.BPE(vocab, _merges_from_scores(tokens, scores), unk_token=unk_text, fuse_unk=True,
                                    byte_fallback=True))
         add_prefix_space = meta.get("tokenizer.ggml.add_space_prefix", True) is not False
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", split=False,
-                                                     prepend_scheme="first" if add_prefix_space else "never")
+        # llama.cpp prefixes a space to every piece of text, the first and each after a special token
+        # (llama_vocab::impl::tokenize); tokenizers normalizes each piece between added tokens on its own.
+        tok.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if add_prefix_space else [])
+                                              + [normalizers.Replace(" ", "▁")])
         steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
         tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1, right=0)]
                                                  if add_prefix_space else []))
@@ -143,9 +148,16 @@ def build_tokenizer(meta: dict, source: str):
         raise CheckpointError(f"{source}: unsupported tokenizer.ggml.model {kind!r} "
                               "(llmirc converts 'gpt2' byte-level BPE and 'llama' SentencePiece)")
 
+    # llama.cpp's Phi-3 rule (by general.name): white space after a special token is dropped, but after these
+    name = meta.get("general.name")
+    phi3 = isinstance(name, str) and any(n in name.lower() for n in ("phi-3", "phi3"))
+
+    def rstrip(i: int) -> bool:
+        return phi3 and tokens[i] not in ("<unk>", "<s>", "<|endoftext|>")
+
     specials = [i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)]
-    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in specials])
-    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False, rstrip=rstrip(i)) for i in specials])
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False, rstrip=rstrip(i))
                     for i, t in enumerate(types) if t == USER_DEFINED])
 
     add_bos = meta.get("tokenizer.ggml.add_bos_token", add_bos_default) is True and bos is not None
