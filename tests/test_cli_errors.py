@@ -963,12 +963,19 @@ def test_interrupt_while_the_command_line_loads():
     assert (r.returncode, r.stderr, r.stdout) == (130, "error: interrupted\n", ""), r.stderr
 
 
+def default_sigint() -> None:
+    """preexec_fn of a child that is sent SIGINT: pytest-xdist's workers may ignore it, a child inherits
+    that, and Python then installs no KeyboardInterrupt (the compile ran on and a test skipped or failed)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _signal_compile(args, marker: str, sig, *, env=None, group: bool = False, delay: float = 0.0, until=None):
     """(exit code, stderr, stdout) of `llmirc compile ARGS` sent `sig` once a stderr line holds
     `marker` (after `delay` seconds, or once `until()` is true; to its whole process group when
     `group`, as a terminal's Ctrl-C or `timeout` does); skips the test when the compile finished first."""
     proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "compile", *map(str, args)], stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=dict(ENV, **(env or {})), start_new_session=group)
+                            stdout=subprocess.PIPE, text=True, env=dict(ENV, **(env or {})), start_new_session=group,
+                            preexec_fn=default_sigint)
     seen = []
     for line in proc.stderr:
         seen.append(line)
@@ -1062,7 +1069,7 @@ def test_compile_stopped_while_linking_leaves_nothing_in_tmpdir(ckpt, bundle, tm
     before = snapshot(out)
     env = dict(ENV, TMPDIR=str(tmp), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.Popen([sys.executable, "-m", "llmirc.cli", "compile", ckpt, "-o", out, "--cpu-variants",
-                             "native", "-q"], stderr=subprocess.PIPE, text=True, env=env)
+                             "native", "-q"], stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint)
     deadline = time.monotonic() + 240
     while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
