@@ -19,7 +19,7 @@ import re
 import stat
 from pathlib import Path
 
-from llmirc.cache import cache_dir
+from llmirc.cache import cache_dir, store
 from llmirc.errors import BundleError
 from llmirc.small_files import is_gguf
 
@@ -188,20 +188,7 @@ def _recorded(root: Path) -> str | None:
 
 
 def _record(root: Path, key: str) -> None:
-    path = _record_path(root)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(key, encoding="ascii")
-        os.replace(tmp, path)
-    except BaseException as e:  # (a full disk, Ctrl-C: the temporary file does not stay)
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if not isinstance(e, OSError):
-            raise
-        # no cache directory: verify every time
+    store(_record_path(root), key.encode("ascii"))  # (where it cannot: the bundle is verified every time)
 
 
 def _check_files(root: Path, name: str, entries) -> dict[str, dict]:

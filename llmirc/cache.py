@@ -9,7 +9,9 @@ only (the loader imports it).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -20,3 +22,25 @@ def cache_dir(part: str) -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME", "")
         root = os.path.join(xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache"), "llmirc")
     return Path(root) / part
+
+
+def store(path: Path, data: bytes) -> str | None:
+    """Writes `data` to `path` atomically (a temporary file beside it, renamed into place); returns
+    why it could not (None when it did). The temporary file goes whatever stops the write: a full
+    disk, Ctrl-C or the CLI's SIGTERM (those are raised again)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    except OSError as e:
+        return e.strerror or str(e)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if not isinstance(e, OSError):
+            raise
+        return e.strerror or str(e)
+    return None

@@ -21,7 +21,6 @@ thread pool (runtime.c) into every library; the library needs only libc, libpthr
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib
@@ -30,7 +29,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from pathlib import Path
 import llvmlite
 import llvmlite.binding as llvm
 
+from llmirc.cache import store
 from llmirc.errors import LlmircError, UsageError
 from llmirc.scratch import scratch_dir
 from llmirc.targets.workers import run_tasks, worker_count, worker_pool
@@ -351,24 +350,7 @@ def read_entry(entry: Path | None) -> bytes | None:
 
 def write_entry(entry: Path | None, obj: bytes) -> str | None:
     """Stores `obj` at `entry`; returns why it could not (None when it did)."""
-    if entry is None:
-        return None
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-")
-    except OSError as e:
-        return e.strerror or str(e)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(hashlib.sha256(obj).digest() + obj)
-        os.replace(tmp, entry)
-    except BaseException as e:  # (Ctrl-C, the CLI's SIGTERM too: the temporary file goes, as the compile stops)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if not isinstance(e, OSError):
-            raise
-        return e.strerror or str(e)
-    return None
+    return None if entry is None else store(entry, hashlib.sha256(obj).digest() + obj)
 
 
 def linked_module(texts: list[str], variant: CpuVariant, optimized: bool):
