@@ -305,7 +305,7 @@ def linear(op: L.LinearOp, x: np.ndarray, w: np.ndarray, get: Callable[[SSAValue
 def _run(op: Operation, env: dict, source, starts: np.ndarray) -> list[np.ndarray]:
     get = lambda v: _get(env, v, source)  # noqa: E731
     if isinstance(op, L.EmbeddingOp):
-        return [get(op.table)[get(op.token_ids)]]
+        return [get(op.table)[get(op.token_ids)] * np.float32(op.factor)]
     if isinstance(op, L.RMSNormOp):
         x = get(op.input)
         x = x.reshape(len(x), op.heads, -1)  # (each head on its own: Qwen3's q_norm and k_norm)

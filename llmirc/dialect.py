@@ -8,7 +8,8 @@ IR never holds weight data. A quantized weight has the element type `!llmir.quan
 bits, group size, scale dtype, zero points; see llmirc/quant.py): `llmir.quantize` makes one from
 a float weight at compile time, `llmir.packed_weight` names one a checkpoint already holds
 (GPTQ, AWQ), and `llmir.linear` / `llmir.embedding` read either kind. `llmir.scale` multiplies
-a weight by per-channel factors at compile time (SmoothQuant's, from the `smooth` pass);
+a weight by per-channel factors at compile time (SmoothQuant's, from the `smooth` pass),
+`llmir.offset` adds a constant to one (Gemma's norm weights, 1 + w);
 `llmir.hadamard` rotates blocks of a row (quantize-weights{rotate}: on an activation a kernel,
 on a weight folded at compile time). The KV cache is a value of type `!llmir.kv_pool<...>` threaded through
 `kv_append` (which returns the updated pool) to `paged_attention`, so ordering is explicit SSA.
@@ -340,6 +341,26 @@ class ScaleOp(_LlmirOp):
 
 
 @irdl_op_definition
+class OffsetOp(_LlmirOp):
+    """A float weight plus the constant `offset`, computed in f32 (Gemma's RMSNorm multiplies by
+    1 + w: transformers' Gemma3RMSNorm, `1.0 + self.weight.float()`); folded into the bundle at
+    compile time. The result is f32."""
+
+    name = "llmir.offset"
+    input = operand_def(TensorType)
+    offset = prop_def(FloatAttr)
+    result = result_def(TensorType)
+
+    def __init__(self, input: SSAValue, offset: float):
+        super().__init__(operands=[input], properties={"offset": _f(offset)}, result_types=[tensor(*shape_of(input))])
+
+    def verify_(self) -> None:
+        _check(is_float(self.input.type.element_type), "offset: the input must be a float weight")
+        _check(shape_of(self.result) == shape_of(self.input) and self.result.type.element_type == f32,
+               "offset: the result must be f32 of the input's shape")
+
+
+@irdl_op_definition
 class HadamardOp(_LlmirOp):
     """x (2-D [rows, k]) with each block of `block` columns of a row multiplied by the normalized
     Walsh-Hadamard matrix H_b / sqrt(b) (Sylvester's order: H_b[i, j] = (-1)^popcount(i & j)),
@@ -448,16 +469,23 @@ class SplitOp(_LlmirOp):
 
 @irdl_op_definition
 class EmbeddingOp(_LlmirOp):
-    """out[t] = table[token_ids[t]]"""
+    """out[t] = table[token_ids[t]] * scale, in f32 (`scale`, default 1: Gemma's sqrt(hidden_size),
+    which its tied LM head does not take)."""
 
     name = "llmir.embedding"
     table = operand_def(TensorType)
     token_ids = operand_def(TensorType)
+    scale = opt_prop_def(FloatAttr)
     result = result_def(TensorType)
 
-    def __init__(self, table: SSAValue, token_ids: SSAValue):
-        super().__init__(operands=[table, token_ids],
+    def __init__(self, table: SSAValue, token_ids: SSAValue, scale: float = 1.0):
+        super().__init__(operands=[table, token_ids], properties={"scale": _f(scale)} if scale != 1.0 else {},
                          result_types=[tensor(shape_of(token_ids)[0], shape_of(table)[1])])
+
+    @property
+    def factor(self) -> float:
+        """The scale (1.0 where none is set)."""
+        return self.scale.value.data if self.scale is not None else 1.0
 
     def verify_(self) -> None:
         _, dim = _rows(self.table, what="embedding table")
@@ -828,7 +856,7 @@ class UnsqueezeBatchOp(_LlmirOp):
 
 
 # Ops that only make weights: the bundle writer folds them at compile time (targets/plan.py).
-WEIGHT_OPS = (WeightOp, ConstantOp, ConcatOp, TransposeOp, CastOp, ScaleOp, QuantizeOp, PackedWeightOp)
+WEIGHT_OPS = (WeightOp, ConstantOp, ConcatOp, TransposeOp, CastOp, ScaleOp, OffsetOp, QuantizeOp, PackedWeightOp)
 
 
 def is_weight_op(op) -> bool:
@@ -841,9 +869,9 @@ def is_weight_op(op) -> bool:
 
 LLMIR = Dialect(
     "llmir",
-    [WeightOp, ConstantOp, ConcatOp, TransposeOp, CastOp, ScaleOp, HadamardOp, QuantizeOp, PackedWeightOp, SplitOp,
-     EmbeddingOp, RMSNormOp, LayerNormOp, LinearOp, RopeOp, AttentionOp, KVAppendOp, RopeKVAppendOp, PagedAttentionOp,
-     ActMulOp, ActOp, AddOp, GatherRowsOp, SqueezeBatchOp, UnsqueezeBatchOp],
+    [WeightOp, ConstantOp, ConcatOp, TransposeOp, CastOp, ScaleOp, OffsetOp, HadamardOp, QuantizeOp, PackedWeightOp,
+     SplitOp, EmbeddingOp, RMSNormOp, LayerNormOp, LinearOp, RopeOp, AttentionOp, KVAppendOp, RopeKVAppendOp,
+     PagedAttentionOp, ActMulOp, ActOp, AddOp, GatherRowsOp, SqueezeBatchOp, UnsqueezeBatchOp],
     [KVPoolType, QuantType],
 )
 

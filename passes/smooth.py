@@ -90,6 +90,8 @@ def float_value(v: SSAValue, read, packed=None) -> np.ndarray | None:
         a, s = parts
         s = s.reshape([-1 if d == op.axis.value.data else 1 for d in range(a.ndim)])
         return a / s if op.inverse.value.data else a * s
+    if isinstance(op, L.OffsetOp):
+        return parts[0] + np.float32(op.offset.value.data)
     if isinstance(op, L.HadamardOp):
         return quant.hadamard(parts[0], op.block.value.data)
     if isinstance(op, L.ConcatOp):

@@ -102,8 +102,8 @@ class WeightEntry:
     `expr` is ("tensor", name, stored dtype) | ("value", bytes, shape, dtype) (a folded
     constant) | ("transpose", expr) | ("concat", (expr, ...)) (along rows) | ("cast", expr, dtype)
     | ("scale", expr, scale expr, axis, inverse) (float32: expr times, or divided by, the scale
-    along axis; llmir.scale) | ("hadamard", expr, block) (float32: each row's blocks rotated;
-    llmir.hadamard)
+    along axis; llmir.scale) | ("offset", expr, value) (float32: expr plus value; llmir.offset)
+    | ("hadamard", expr, block) (float32: each row's blocks rotated; llmir.hadamard)
     | ("quantize", expr, scheme, hessian, part) (one part of the float expr quantized: codes,
     scales, zeros or perm; llmirc/quant.py; round to nearest when `hessian` is None, else GPTQ
     with that float32 expr) | ("packed", format, name, scheme, k, part) (one part of a
@@ -169,6 +169,8 @@ class WeightEntry:
                 shape[e[3]] = len(s)
                 s = s.reshape(shape)
                 return (a / s if e[4] else a * s).astype(np.float32), dtypes.dtype("float32")
+            if e[0] == "offset":
+                return (dtypes.to_float32(*ev(e[1])) + np.float32(e[2])).astype(np.float32), dtypes.dtype("float32")
             if e[0] == "hadamard":
                 return quant.hadamard(dtypes.to_float32(*ev(e[1])), e[2]).astype(np.float32), dtypes.dtype("float32")
             if e[0] == "cast":
@@ -596,12 +598,12 @@ def _linear(p: _Planner, op: L.LinearOp):
 
 
 def _embedding(p: _Planner, op: L.EmbeddingOp):
+    params = {"dim": L.shape_of(op.table)[1], "scale": op.factor}
     if isinstance(op.table.type.element_type, L.QuantType):
         scheme, w = p.quant_weight(op.table)
-        return "qembedding", {"dim": L.shape_of(op.table)[1], **_quant_params(scheme)}, \
-            {**_quant_args(w), "ids": _input(p, op.token_ids)}
+        return "qembedding", {**params, **_quant_params(scheme)}, {**_quant_args(w), "ids": _input(p, op.token_ids)}
     table = p.weight(op.table)
-    return "embedding", {"dim": L.shape_of(op.table)[1], "dtype": p.plan.weights[table.index].dtype}, \
+    return "embedding", {**params, "dtype": p.plan.weights[table.index].dtype}, \
         {"table": table, "ids": _input(p, op.token_ids)}
 
 
@@ -687,6 +689,9 @@ def _weight_expr(v: SSAValue) -> tuple[tuple, str]:
     if isinstance(op, L.ScaleOp):
         expr, name = _weight_expr(op.input)
         return ("scale", expr, _weight_expr(op.scale)[0], op.axis.value.data, bool(op.inverse.value.data)), name
+    if isinstance(op, L.OffsetOp):
+        expr, name = _weight_expr(op.input)
+        return ("offset", expr, op.offset.value.data), name
     if isinstance(op, L.HadamardOp):
         expr, name = _weight_expr(op.input)
         return ("hadamard", expr, op.block.value.data), name

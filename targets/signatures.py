@@ -22,7 +22,8 @@ Conventions every backend implements:
 
 Semantics (`p.` = static param):
 
-embedding {dim, dtype}: out[t, 0:dim] = table[ids[t], 0:dim] (table [vocab, dim] of p.dtype).
+embedding {dim, dtype, scale}: out[t, 0:dim] = table[ids[t], 0:dim] * p.scale (table [vocab, dim] of
+    p.dtype; a scale of 1 copies the row exactly, any other is one f32 multiply per element).
 rms_norm {dim, eps, heads}: out[t,i] = (x[t,i] * r_t) * w[i], r_t = 1/sqrt(sum_i x[t,i]^2 / dim + eps)
     (Hugging Face order), for i < dim. heads > 1 (Qwen3's q_norm, k_norm): each row holds heads
     parts of dim, each normalized alike with the same w [dim] (x[t, h*dim + i], r_{t,h}). out may
@@ -50,8 +51,8 @@ qlinear {n, k, bits, group_size, scale_dtype, zero, zero_dtype, act_order, bias,
     is bound by the weight bytes either way; x~ keeps 8 significant bits per value, at least as
     precise as the CPU's int8 blocks. So a bundle's cpu and cuda/hip targets agree to within the
     CPU's activation quantization (half a step d/2 per value), not to f32 rounding.
-qembedding {dim, bits, group_size, scale_dtype, zero, zero_dtype}: embedding of a quantized table
-    (as qlinear's weight, [vocab, dim]): out[t, :] = the dequantized row ids[t], in f32.
+qembedding {dim, bits, group_size, scale_dtype, zero, zero_dtype, scale}: embedding of a quantized table
+    (as qlinear's weight, [vocab, dim]): out[t, :] = the dequantized row ids[t] * p.scale, in f32.
 rope {num_heads, head_dim, rotary_dim, style, inv_freq, scaling}: for token t, head h,
     i < rotary_dim/2: a = (float)positions[t] * inv_freq[i] (one f32 multiply);
     c = cos(a) * scaling, s = sin(a) * scaling; neox pairs x[h*hd + i] with x[h*hd + i + rot/2],
@@ -152,7 +153,7 @@ def _mat(name):
 
 
 _SIGNATURES = [
-    Signature("embedding", {"dim": REQUIRED, "dtype": "float32"},
+    Signature("embedding", {"dim": REQUIRED, "dtype": "float32", "scale": 1.0},
               (*_OUT, _ptr("table", "{dtype}"), _ptr("ids", "int32"), _i64("T"))),
     Signature("rms_norm", {"dim": REQUIRED, "eps": REQUIRED, "heads": 1},
               (*_OUT, *_mat("x"), _ptr("w"), _i64("T"))),
@@ -169,7 +170,7 @@ _SIGNATURES = [
                _ptr("bias", nullable=True), _ptr("residual", nullable=True), _i64("ld_res"),
                _ptr("xq", "int8", "w"), _i64("T"))),
     Signature("qembedding", {"dim": REQUIRED, "bits": REQUIRED, "group_size": REQUIRED, "scale_dtype": "float16",
-                             "zero": "none", "zero_dtype": "uint8"},
+                             "zero": "none", "zero_dtype": "uint8", "scale": 1.0},
               (*_OUT, _ptr("codes", "uint8"), _ptr("scales", "{scale_dtype}"),
                _ptr("zeros", "{zero_dtype}", nullable=True), _ptr("ids", "int32"), _i64("T"))),
     Signature("rope", {"num_heads": REQUIRED, "head_dim": REQUIRED, "rotary_dim": None, "style": "neox",

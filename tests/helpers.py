@@ -13,6 +13,7 @@ ARCH_CONFIGS = {
     "qwen2": "Qwen2Config",
     "qwen3": "Qwen3Config",
     "phi3": "Phi3Config",
+    "gemma3": "Gemma3TextConfig",
 }
 ARCH_MODELS = {
     "gpt2": "GPT2LMHeadModel",
@@ -21,6 +22,7 @@ ARCH_MODELS = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
 
 
@@ -75,6 +77,8 @@ def make_checkpoint(path: Path, arch: str = "llama", *, seed: int = 0, dtype: st
         cfg.pop("num_key_value_heads")
     if arch == "phi3":  # (Phi3Config's pad id, 32000, is past a small vocabulary)
         cfg.setdefault("pad_token_id", 2)
+    if arch == "gemma3":  # (Gemma3TextConfig's head_dim is 256)
+        cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
     cfg.setdefault("bos_token_id", 0)
     cfg.setdefault("eos_token_id", 1)
     config = getattr(transformers, ARCH_CONFIGS[arch])(**cfg, initializer_range=init_std)

@@ -87,6 +87,7 @@ HALF_LINEAR_SHAPES = [(5, 3), (33, 100), (130, 513), (10, 2050), (48, 96), (64, 
 HALF_LINEAR_CASES = [(n, k, flags, dt) for n, k in HALF_LINEAR_SHAPES for dt in HALF for flags in ("00", "11")
                      if dt == "bfloat16" or flags == "11"]
 HALF_ATTN = ["attn_gqa2", "attn_gqa4", "attn_d128", "attn_swa"]
+EMBED_SCALE = float(np.float32(1152 ** 0.5))  # Gemma 3 1B's embedding scale
 HEAD_NORMS = [(16, 3), (64, 2), (128, 8), (7, 5)]  # rms_norm per head (dim, heads): Qwen3's q_norm, k_norm
 
 
@@ -96,6 +97,8 @@ def _specs():
         s.append((f"embedding_{d}", "embedding", dict(dim=d)))
         for dt in HALF:
             s.append((f"embedding_{d}_{dt}", "embedding", dict(dim=d, dtype=dt)))
+    for dt in ("float32", "bfloat16"):  # Gemma's sqrt(hidden_size)
+        s.append((f"embedding_scaled_{dt}", "embedding", dict(dim=37, dtype=dt, scale=EMBED_SCALE)))
     for d in (1, 7, 64, 100, 1000):
         s.append((f"rms_{d}", "rms_norm", dict(dim=d, eps=1e-6)))
     for d, h in HEAD_NORMS:
@@ -222,6 +225,18 @@ def test_embedding(lib, rng, dim, T, dtype):
     getattr(lib, f"embedding_{dim}" + ("" if dtype == "float32" else f"_{dtype}"))(ob, ld(ob), table, ids, T)
     np.testing.assert_array_equal(out, exact[ids[:T]])
     check_guard(ob, T, dim)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("T", [0, 3, 130])
+def test_embedding_scaled(lib, rng, T, dtype):
+    """Rows times the scale: one float32 multiply each."""
+    table, exact = stored(rng, (50, 37), dtype)
+    ids = rng.integers(0, 50, max(T, 1)).astype(np.int32)
+    ob, out = buf(rng, T, 37, fill=np.nan)
+    getattr(lib, f"embedding_scaled_{dtype}")(ob, ld(ob), table, ids, T)
+    np.testing.assert_array_equal(out, exact[ids[:T]].astype(np.float32) * np.float32(EMBED_SCALE))
+    check_guard(ob, T, 37)
 
 
 @pytest.mark.parametrize("dim", [5, 64])

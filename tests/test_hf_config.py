@@ -20,11 +20,14 @@ import transformers
 from llmirc.errors import CheckpointError
 from llmirc.frontend.hf_config import parse_config
 
-FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3"}
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
+            "gemma3": "Gemma3"}
+MODEL_TYPES = {"gemma3": "gemma3_text"}  # (model_type "gemma3" is the multimodal Gemma3Config)
 
 
 def base(family: str = "llama", **overrides) -> dict:
-    cfg = {"architectures": [f"{FAMILIES[family]}ForCausalLM"], "model_type": family, "vocab_size": 384,
+    cfg = {"architectures": [f"{FAMILIES[family]}ForCausalLM"], "model_type": MODEL_TYPES.get(family, family),
+           "vocab_size": 384,
            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
            "num_key_value_heads": 2, "max_position_embeddings": 512}
     cfg.update(overrides)
@@ -168,6 +171,66 @@ def test_rope_refused_by_name(case):
         parse_config(config, "m/config.json")
 
 
+def gemma3(**overrides) -> dict:
+    return base("gemma3", head_dim=16, **overrides)
+
+
+# Gemma 3: a rotary table per layer type, from the nested rope_parameters of transformers 5 or the Hub's
+# legacy fields (rope_theta and rope_scaling for full_attention, rope_local_base_freq for sliding_attention)
+GEMMA3_ROPE_CASES = {
+    "defaults": gemma3(num_hidden_layers=7),
+    "legacy-fields": gemma3(num_hidden_layers=4, sliding_window_pattern=2, rope_theta=50000.0,
+                            rope_local_base_freq=500.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                            query_pre_attn_scalar=20),
+    "legacy-type-key": gemma3(rope_scaling={"type": "linear", "factor": 2.0}, layer_types=["full_attention"] * 2),
+    "nested": gemma3(layer_types=["sliding_attention", "full_attention"], rope_parameters={
+        "full_attention": dict(YARN, rope_theta=1e5), "sliding_attention": {"rope_type": "default",
+                                                                            "rope_theta": 300.0}}),
+    "nested-one-type": gemma3(layer_types=["sliding_attention", "full_attention"], rope_local_base_freq=700.0,
+                              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                  "rope_theta": 1e5}}),
+    "rope_scaling-merged-into-nested": gemma3(rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 2e4}}, layer_types=["full_attention"] * 2),
+}
+
+
+@pytest.mark.parametrize("case", GEMMA3_ROPE_CASES)
+def test_gemma3_rope_per_layer_type_matches_transformers(tmp_path, case):
+    config = GEMMA3_ROPE_CASES[case]
+    cfg = hf(tmp_path, config)
+    modeling = transformers.models.gemma3.modeling_gemma3
+    rotary, spec = modeling.Gemma3RotaryEmbedding(cfg), parse_config(config)
+    for i, layer_type in enumerate(cfg.layer_types):
+        rope = spec.rope_of(i)
+        np.testing.assert_allclose(np.array(rope.inv_freq), getattr(rotary, f"{layer_type}_inv_freq").numpy(),
+                                   rtol=1e-6, atol=0)
+        assert rope.scaling == pytest.approx(getattr(rotary, f"{layer_type}_attention_scaling"), rel=1e-7)
+        attention = modeling.Gemma3Attention(cfg, layer_idx=i)
+        assert spec.attention_scale == pytest.approx(attention.scaling, rel=1e-7)
+        assert spec.sliding_windows[i] == (attention.sliding_window or 0)
+    assert spec.embedding_scale == np.float32(cfg.hidden_size ** 0.5)
+
+
+GEMMA3_REFUSED = {
+    # transformers 5.24 ignores the keys of a flat dict (every layer type takes its default)
+    "flat-rope_parameters": (gemma3(rope_parameters={"rope_type": "linear", "factor": 2.0}),
+                             "'rope_parameters' of a Gemma 3 config must map full_attention"),
+    "longrope": (gemma3(layer_types=["full_attention"] * 2,
+                        rope_parameters={"full_attention": dict(LONGROPE, rope_theta=1e4)}), "'longrope'"),
+    "bidirectional": (gemma3(use_bidirectional_attention=True), "use_bidirectional_attention"),
+    "attention-softcapping": (gemma3(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
+    "final-softcapping": (gemma3(final_logit_softcapping=30.0), "final_logit_softcapping"),
+    "layer-types-length": (gemma3(layer_types=["full_attention"]), "layer_types"),
+}
+
+
+@pytest.mark.parametrize("case", GEMMA3_REFUSED)
+def test_gemma3_refused_by_name(case):
+    config, needle = GEMMA3_REFUSED[case]
+    with pytest.raises(CheckpointError, match=needle):
+        parse_config(config, "m/config.json")
+
+
 def test_transformers_refuses_the_missing_keys_too(tmp_path):
     for case in ("yarn-without-factor", "llama3-without-low-freq", "linear-without-factor"):
         with pytest.raises(KeyError):
@@ -193,13 +256,17 @@ FIELD_CASES = {
                                       layer_types=["full_attention", "sliding_attention"]),
     "phi3-defaults": base("phi3", num_key_value_heads=DROP, max_position_embeddings=DROP, sliding_window=DROP),
     "phi3-sliding-tied": base("phi3", sliding_window=7, tie_word_embeddings=True),
+    "gemma3-defaults": base("gemma3", num_key_value_heads=DROP, max_position_embeddings=DROP, sliding_window=DROP,
+                            num_hidden_layers=7),
+    "gemma3-untied-window-null": base("gemma3", tie_word_embeddings=False, sliding_window=None, head_dim=32),
+    "gemma3-pattern": base("gemma3", sliding_window=9, sliding_window_pattern=3, num_hidden_layers=6),
 }
 
 
 def _hf_windows(cfg) -> tuple[int, ...]:
     if cfg.model_type in ("mistral", "phi3"):
         return (cfg.sliding_window or 0,) * cfg.num_hidden_layers
-    if cfg.model_type in ("qwen2", "qwen3"):
+    if cfg.model_type in ("qwen2", "qwen3", "gemma3_text"):
         return tuple((cfg.sliding_window or 0) if t == "sliding_attention" else 0 for t in cfg.layer_types)
     return (0,) * cfg.num_hidden_layers
 

@@ -50,6 +50,12 @@ CASES = {
                                                 original_max_position_embeddings=128, rope_parameters={
                                                     "rope_type": "longrope", "short_factor": [1.0, 1.4, 2.1, 3.3],
                                                     "long_factor": [1.5, 3.0, 6.0, 12.0], "rope_theta": 10000.0})),
+    # (1 + w) norms, sandwich norms, q/k norms, the scaled embedding and tied head, query_pre_attn_scalar (256, not
+    # head_dim), a local rotary table on the sliding layers and a global linear-scaled one on the full layer
+    "gemma3-sliding-local-rope": ("gemma3", dict(num_hidden_layers=3, sliding_window=5, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}},
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
 }
 
 
@@ -178,6 +184,7 @@ def test_greedy_decode_run_ends_after_a_whole_step_past_the_embedding(tmp_path):
 
 
 HALF_CASES = [(arch, dtype) for arch in ("llama", "qwen2", "qwen3", "mistral", "gpt2") for dtype in ("bfloat16", "float16")]
+HALF_CASES.append(("gemma3", "bfloat16"))  # Gemma's norm weights: 1 + w computed in float32 from the bf16 w
 HALF_KV_TOP1 = 0.99     # top-1 agreement with a bf16/f16 KV cache over 256 positions, at least
 HALF_KV_LOGITS = 0.03   # and logits within this fraction of the largest reference logit
 

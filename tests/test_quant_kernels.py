@@ -74,6 +74,7 @@ BIAS_RESIDUAL = ("i8_row", "i4_g32_min", "i4_g64_act")
 ROWS = [0, 1, 2, 3, 4, 5, 8, 17, 130]
 QE_DIMS = {"i8_g32": 576, "i4_g32_min": 576, "i4_g128_int": 640, "i8_g16_f32": 80, "i5_g32_min_f32": 576,
            "i6_g16_f32": 80, "i5_g32": 32}  # embedding widths
+QE_SCALED, QE_SCALE = ("i8_g32", "i4_g128_int"), float(np.float32(640 ** 0.5))  # Gemma's embedding scale
 
 
 def _specs(full: bool = True):
@@ -89,9 +90,11 @@ def _specs(full: bool = True):
             specs.append((f"q_{name}_{n}_{k}_br", "qlinear", dict(base, bias=True, residual=True)))
     for name, dim in QE_DIMS.items():
         s = SCHEMES[name](dim)
-        specs.append((f"qe_{name}", "qembedding", dict(dim=dim, bits=s.bits, group_size=s.group_size,
-                                                        scale_dtype=s.scale_dtype, zero=s.zero,
-                                                        zero_dtype=s.zero_dtype)))
+        qe = dict(dim=dim, bits=s.bits, group_size=s.group_size, scale_dtype=s.scale_dtype, zero=s.zero,
+                  zero_dtype=s.zero_dtype)
+        specs.append((f"qe_{name}", "qembedding", qe))
+        if name in QE_SCALED:
+            specs.append((f"qe_{name}_scaled", "qembedding", dict(qe, scale=QE_SCALE)))
     for G, hd, bs in ((2, 16, 4), (1, 64, 16)):
         specs.append((f"kv8_{G}_{hd}_{bs}", "kv_append", dict(num_layers=2, num_kv_heads=G, head_dim=hd,
                                                               block_size=bs, kv_dtype="int8")))
@@ -384,6 +387,9 @@ def test_qembedding(lib, rng, name, T):
     getattr(lib, f"qe_{name}")(out, dim + 3, parts["codes"], parts["scales"], parts.get("zeros"), ids, T)
     np.testing.assert_allclose(out[:T, :dim], w[ids[:T]], rtol=1e-6, atol=1e-7)
     assert np.isnan(out[T:]).all() and np.isnan(out[:, dim:]).all()
+    if name in QE_SCALED:  # the dequantized rows times the scale
+        getattr(lib, f"qe_{name}_scaled")(out, dim + 3, parts["codes"], parts["scales"], parts.get("zeros"), ids, T)
+        np.testing.assert_allclose(out[:T, :dim], w[ids[:T]] * QE_SCALE, rtol=1e-6, atol=1e-7 * QE_SCALE)
 
 
 # --- the int8 KV cache

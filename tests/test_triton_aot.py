@@ -17,7 +17,7 @@ pytestmark = pytest.mark.xdist_group("triton-aot")
 
 INV_FREQ = [1.0 / 10000 ** (2 * i / 64) for i in range(32)]
 CALLS = [  # one call of every kind, shapes of a small Llama (head_dim 64, GQA 4)
-    ("embedding", {"dim": 256, "dtype": "bfloat16"}),
+    ("embedding", {"dim": 256, "dtype": "bfloat16", "scale": 16.0}),  # (Gemma's scale: its multiply compiled)
     ("rms_norm", {"dim": 256, "eps": 1e-5}),
     ("add_rms_norm", {"dim": 256, "eps": 1e-5}),
     ("layer_norm", {"dim": 256, "eps": 1e-5}),
@@ -45,7 +45,7 @@ CALLS = [  # one call of every kind, shapes of a small Llama (head_dim 64, GQA 4
                  "bias": True, "residual": True}),
     ("qlinear", {"n": 384, "k": 256, "bits": 8, "group_size": 256, "scale_dtype": "float32", "zero": "int",
                  "act_order": True}),
-    ("qembedding", {"dim": 256, "bits": 4, "group_size": 32, "scale_dtype": "bfloat16"}),
+    ("qembedding", {"dim": 256, "bits": 4, "group_size": 32, "scale_dtype": "bfloat16", "scale": 16.0}),
 ]
 
 

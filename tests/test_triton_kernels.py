@@ -69,6 +69,10 @@ def test_embedding(rng, dtype, T):
          table=stored(table, dtype), ids=ids, T=T)
     np.testing.assert_array_equal(out, rounded(table, dtype)[ids[:T]])
     check_guard(ob, T, dim)
+    scale = np.float32(1152 ** 0.5)  # Gemma's: one float32 multiply
+    call("embedding", {"dim": dim, "dtype": dtype, "scale": float(scale)}, out=ob, ld_out=ld(ob),
+         table=stored(table, dtype), ids=ids, T=T)
+    np.testing.assert_array_equal(out, rounded(table, dtype)[ids[:T]].astype(np.float32) * scale)
 
 
 def test_gather_rows_and_add(rng):

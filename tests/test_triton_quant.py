@@ -152,3 +152,7 @@ def test_qembedding(rng, name):
         np.testing.assert_allclose(out, table[ids[:T]].astype(np.float32), rtol=1.2e-7 if scheme.zero == "min" else 0,
                                    atol=0)
         check_guard(ob, T, dim)
+    scale = np.float32(dim ** 0.5)  # Gemma's embedding scale: the row, then one float32 multiply
+    run(launch_rule("qembedding", {**params, "scale": float(scale)}, ARCHS["sm_90"]),
+        tensors(out=ob, ld_out=ld(ob), **a, ids=ids, T=T))
+    np.testing.assert_allclose(out, table[ids[:T]].astype(np.float32) * scale, rtol=2.4e-7, atol=0)

@@ -65,12 +65,18 @@ def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[st
         b = weight(f"{prefix}.bias", n) if bias else None
         return L.LinearOp(x, matrix(prefix, n, k), b).result
 
+    def norm(x, name: str, dim: int, heads: int | None = None) -> SSAValue:
+        w = weight(f"{name}.weight", dim)
+        if s.norm_offset:  # Gemma: x normalized times (1 + w)
+            w = L.OffsetOp(w, s.norm_offset).result
+        return L.RMSNormOp(x, w, s.norm_eps, heads).result
+
     with ImplicitBuilder(forward.body) as (token_ids, positions):
         embed = matrix("model.embed_tokens", s.vocab_size, s.hidden_size)
-        h = L.EmbeddingOp(embed, token_ids).result
+        h = L.EmbeddingOp(embed, token_ids, s.embedding_scale).result
         for i in range(s.num_layers):
             p = f"model.layers.{i}"
-            x = L.RMSNormOp(h, weight(f"{p}.input_layernorm.weight", s.hidden_size), s.norm_eps).result
+            x = norm(h, f"{p}.input_layernorm", s.hidden_size)
             if s.fused_projections:  # Phi-3: one qkv_proj, its rows q, k, v (as fuse-linears would make it)
                 qkv = linear(x, f"{p}.self_attn.qkv_proj", q_dim + 2 * kv_dim, s.hidden_size, s.qkv_bias)
                 q, k, v = L.SplitOp(qkv, [q_dim, kv_dim, kv_dim]).outputs
@@ -78,17 +84,22 @@ def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[st
                 q = linear(x, f"{p}.self_attn.q_proj", q_dim, s.hidden_size, s.qkv_bias)
                 k = linear(x, f"{p}.self_attn.k_proj", kv_dim, s.hidden_size, s.qkv_bias)
                 v = linear(x, f"{p}.self_attn.v_proj", kv_dim, s.hidden_size, s.qkv_bias)
-            if s.qk_norm:  # Qwen3: each head normalized over head_dim, one weight for all heads
-                q = L.RMSNormOp(q, weight(f"{p}.self_attn.q_norm.weight", s.head_dim), s.norm_eps, s.num_heads).result
-                k = L.RMSNormOp(k, weight(f"{p}.self_attn.k_norm.weight", s.head_dim), s.norm_eps,
-                                s.num_kv_heads).result
-            rope = dict(head_dim=s.head_dim, inv_freq=s.rope.inv_freq, scaling=s.rope.scaling, style=s.rope.style)
+            if s.qk_norm:  # Qwen3, Gemma 3: each head normalized over head_dim, one weight for all heads
+                q = norm(q, f"{p}.self_attn.q_norm", s.head_dim, s.num_heads)
+                k = norm(k, f"{p}.self_attn.k_norm", s.head_dim, s.num_kv_heads)
+            r = s.rope_of(i)
+            rope = dict(head_dim=s.head_dim, inv_freq=r.inv_freq, scaling=r.scaling, style=r.style)
             q = L.RopeOp(q, positions, num_heads=s.num_heads, **rope).result
             k = L.RopeOp(k, positions, num_heads=s.num_kv_heads, **rope).result
             a = L.AttentionOp(q, k, v, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
                               scale=s.attention_scale, sliding_window=s.sliding_windows[i]).result
-            h = L.AddOp(h, linear(a, f"{p}.self_attn.o_proj", s.hidden_size, q_dim, s.o_bias)).result
-            x = L.RMSNormOp(h, weight(f"{p}.post_attention_layernorm.weight", s.hidden_size), s.norm_eps).result
+            o = linear(a, f"{p}.self_attn.o_proj", s.hidden_size, q_dim, s.o_bias)
+            if s.sandwich_norms:  # Gemma 3: the attention's output normalized before the residual add
+                h = L.AddOp(h, norm(o, f"{p}.post_attention_layernorm", s.hidden_size)).result
+                x = norm(h, f"{p}.pre_feedforward_layernorm", s.hidden_size)
+            else:
+                h = L.AddOp(h, o).result
+                x = norm(h, f"{p}.post_attention_layernorm", s.hidden_size)
             if s.fused_projections:  # Phi-3: gate_up_proj, gate's rows first
                 gate_up = linear(x, f"{p}.mlp.gate_up_proj", 2 * s.intermediate_size, s.hidden_size, s.mlp_bias)
                 gate, up = L.SplitOp(gate_up, [s.intermediate_size, s.intermediate_size]).outputs
@@ -96,8 +107,11 @@ def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[st
                 gate = linear(x, f"{p}.mlp.gate_proj", s.intermediate_size, s.hidden_size, s.mlp_bias)
                 up = linear(x, f"{p}.mlp.up_proj", s.intermediate_size, s.hidden_size, s.mlp_bias)
             m = L.ActMulOp(gate, up, s.act).result
-            h = L.AddOp(h, linear(m, f"{p}.mlp.down_proj", s.hidden_size, s.intermediate_size, s.mlp_bias)).result
-        h = L.RMSNormOp(h, weight("model.norm.weight", s.hidden_size), s.norm_eps).result
+            d = linear(m, f"{p}.mlp.down_proj", s.hidden_size, s.intermediate_size, s.mlp_bias)
+            if s.sandwich_norms:
+                d = norm(d, f"{p}.post_feedforward_layernorm", s.hidden_size)
+            h = L.AddOp(h, d).result
+        h = norm(h, "model.norm", s.hidden_size)
         if s.tie_word_embeddings or not has_tensor("lm_head.weight"):
             if not s.tie_word_embeddings:
                 raise CheckpointError("checkpoint has no 'lm_head.weight' and config.json does not set "

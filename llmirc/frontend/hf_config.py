@@ -18,27 +18,32 @@ from llmirc.errors import CheckpointError
 from llmirc.small_files import present, read_small_text
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "GPT2LMHeadModel": "gpt2"}
+                 "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3",
+                 "GPT2LMHeadModel": "gpt2"}
+MODEL_TYPES = {"gemma3_text": "Gemma3ForCausalLM"}  # where a config's model_type is not its family's name
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_new": "gelu_tanh", "relu": "relu"}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 MAX_INT = 2**31 - 1      # sizes and ids: the kernels index with int32
 MAX_LAYERS = MAX_HEAD_DIM = 1 << 16  # per-layer and rotary tables are built from these before weights are read
 # transformers 5.24's defaults where its config classes differ (LlamaConfig, MistralConfig, Qwen2Config,
-# Qwen3Config, Phi3Config): a field missing from config.json takes these; a field set to null takes num_attention_heads
-# (kv heads), hidden_size / num_attention_heads (head_dim) or turns sliding windows off.
+# Qwen3Config, Phi3Config, Gemma3TextConfig): a field missing from config.json takes these; a field set to null
+# takes num_attention_heads (kv heads), hidden_size / num_attention_heads (head_dim) or turns sliding windows off.
 FAMILY_DEFAULTS = {
     "llama": {"max_position_embeddings": 2048, "num_key_value_heads": None, "sliding_window": None,
-              "head_dim": None, "rms_norm_eps": 1e-6},
+              "head_dim": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "mistral": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8, "sliding_window": 4096,
-                "head_dim": None, "rms_norm_eps": 1e-6},
+                "head_dim": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096,
-              "head_dim": None, "rms_norm_eps": 1e-6},
+              "head_dim": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "qwen3": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096,
-              "head_dim": 128, "rms_norm_eps": 1e-6},
+              "head_dim": 128, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "phi3": {"max_position_embeddings": 4096, "num_key_value_heads": None, "sliding_window": None,
-             "head_dim": None, "rms_norm_eps": 1e-5},
+             "head_dim": None, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+    "gemma3": {"max_position_embeddings": 131072, "num_key_value_heads": 4, "sliding_window": 4096,
+               "head_dim": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
 }
+GEMMA3_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}  # Gemma3TextConfig.default_theta
 
 
 @dataclass(frozen=True)
@@ -68,9 +73,15 @@ class DecoderSpec:
     mlp_bias: bool
     tie_word_embeddings: bool
     sliding_windows: tuple[int, ...]  # per layer; 0 = full attention
-    qk_norm: bool = False  # Qwen3: RMSNorm of each q and k head (q_norm, k_norm) before the rotary embedding
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm of each q and k head (q_norm, k_norm) before the rotary embedding
     fused_projections: bool = False  # Phi-3: qkv_proj (q, k, v rows) and gate_up_proj (gate, up rows)
     rope_context: int | None = None  # longrope with its short factors: the positions they are for (the context's cap)
+    layer_ropes: tuple[RopeSpec, ...] = ()  # per layer where layers differ (Gemma 3's local and global); () = rope
+    norm_offset: float = 0.0  # Gemma: RMSNorm weights are stored as w and multiply by norm_offset + w
+    sandwich_norms: bool = False  # Gemma 3: post_attention_layernorm on the attention's output, pre_ and
+    #                               post_feedforward_layernorm around the MLP (Llama's post_attention is Gemma's pre_ff)
+    embedding_scale: float = 1.0  # Gemma: the embedding's rows times sqrt(hidden_size), not the tied LM head's
+    query_pre_attn_scalar: float | None = None  # Gemma: attention scores scaled by its -1/2 power, not head_dim's
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -78,7 +89,10 @@ class DecoderSpec:
 
     @property
     def attention_scale(self) -> float:
-        return self.head_dim ** -0.5
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def rope_of(self, layer: int) -> RopeSpec:
+        return self.layer_ropes[layer] if self.layer_ropes else self.rope
 
 
 def load_config(path: Path) -> dict:
@@ -140,7 +154,7 @@ def architecture(config: dict, source: str = "config.json") -> tuple[str, str]:
                          f"(supported: {', '.join(ARCHITECTURES)})")
         arch = archs[0]
     else:
-        by_type = {v: k for k, v in ARCHITECTURES.items()}
+        by_type = {v: k for k, v in ARCHITECTURES.items()} | MODEL_TYPES
         if model_type not in by_type:
             raise r.fail(f"unsupported model_type {model_type!r} and no 'architectures' field")
         arch = by_type[model_type]
@@ -148,7 +162,7 @@ def architecture(config: dict, source: str = "config.json") -> tuple[str, str]:
 
 
 def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
-    """A Llama-family config (Llama, Mistral, Qwen2, Qwen3, Phi-3)."""
+    """A Llama-family config (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3's text model)."""
     r = _Reader(config, source)
     arch, family = architecture(config, source)
     if family not in FAMILY_DEFAULTS:
@@ -171,12 +185,15 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
                          f"({MAX_HEAD_DIM})")
     if heads % kv_heads:
         raise r.fail(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    act_name = r.get("hidden_act", str, default="silu")
+    act_key = "hidden_activation" if family == "gemma3" else "hidden_act"  # (Gemma3MLP reads only hidden_activation)
+    act_name = r.get(act_key, str, default="gelu_pytorch_tanh" if family == "gemma3" else "silu")
     if act_name not in ACTIVATIONS:
-        raise r.fail(f"unsupported hidden_act {act_name!r} (supported: {', '.join(ACTIVATIONS)})")
+        raise r.fail(f"unsupported {act_key} {act_name!r} (supported: {', '.join(ACTIVATIONS)})")
     for unsupported in ("attention_chunk_size", "attn_logit_softcapping", "final_logit_softcapping"):
         if config.get(unsupported) is not None:
             raise r.fail(f"unsupported option '{unsupported}'")
+    if r.get("use_bidirectional_attention", bool, default=False):
+        raise r.fail("use_bidirectional_attention (an encoder, as EmbeddingGemma) is not a causal language model")
 
     layers = r.get("num_hidden_layers", int, required=True, positive=True, maximum=MAX_LAYERS)
     max_pos = r.get("max_position_embeddings", int, default=defaults["max_position_embeddings"], positive=True)
@@ -184,10 +201,18 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
     attention_bias = r.get("attention_bias", bool, default=False)
     qkv_bias = {"llama": attention_bias, "mistral": False, "qwen2": True, "qwen3": attention_bias,
-                "phi3": False}[family]
-    o_bias = family in ("llama", "qwen3") and qkv_bias
+                "phi3": False, "gemma3": attention_bias}[family]
+    o_bias = family in ("llama", "qwen3", "gemma3") and qkv_bias
     mlp_bias = family == "llama" and r.get("mlp_bias", bool, default=False)
-    rope, rope_context = _rope_spec(r, head_dim, max_pos, family)
+    windows = _sliding_windows(r, family, layers)
+    gemma = family == "gemma3"
+    if gemma:  # a rotary table per layer type (layer_types, as _sliding_windows checked them)
+        types = _gemma3_layer_types(r, layers)
+        tables = {t: _rope_spec(r, head_dim, max_pos, family, t)[0] for t in sorted(set(types))}
+        rope, rope_context, layer_ropes = tables.get("full_attention", tables[types[0]]), None, \
+            tuple(tables[t] for t in types)
+    else:
+        (rope, rope_context), layer_ropes = _rope_spec(r, head_dim, max_pos, family), ()
     return DecoderSpec(
         architecture=arch,
         vocab_size=r.get("vocab_size", int, required=True, positive=True),
@@ -204,11 +229,18 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=mlp_bias,
-        tie_word_embeddings=r.get("tie_word_embeddings", bool, default=False),
-        sliding_windows=_sliding_windows(r, family, layers),
-        qk_norm=family == "qwen3",
+        tie_word_embeddings=r.get("tie_word_embeddings", bool, default=defaults["tie_word_embeddings"]),
+        sliding_windows=windows,
+        qk_norm=family in ("qwen3", "gemma3"),
         fused_projections=family == "phi3",
         rope_context=rope_context,
+        layer_ropes=layer_ropes,
+        norm_offset=1.0 if gemma else 0.0,
+        sandwich_norms=gemma,
+        # Gemma3TextScaledWordEmbedding: sqrt(hidden_size) as a float32 tensor (cast to the weights' dtype,
+        # which the float32 reference keeps)
+        embedding_scale=float(np.float32(math.sqrt(hidden))) if gemma else 1.0,
+        query_pre_attn_scalar=r.get("query_pre_attn_scalar", float, default=256.0, positive=True) if gemma else None,
         bos_token_id=r.get("bos_token_id", int),
         eos_token_ids=eos_ids,
         pad_token_id=r.get("pad_token_id", int),
@@ -225,6 +257,8 @@ def _sliding_windows(r: _Reader, family: str, layers: int) -> tuple[int, ...]:
     window = r.get("sliding_window", int, positive=True, default=default)
     if family == "phi3":  # (Phi3Model: a sliding-window mask on every layer when sliding_window is set)
         return (window or 0,) * layers
+    if family == "gemma3":  # (null: the sliding_attention layers attend to everything, with the local rotary table)
+        return tuple((window or 0) if t == "sliding_attention" else 0 for t in _gemma3_layer_types(r, layers))
     if family == "mistral":
         if "layer_types" in r.config:  # AutoConfig then reads it as Ministral, MistralForCausalLM ignores them
             raise r.fail("field 'layer_types' in a Mistral config is ambiguous in transformers (Ministral or Mistral "
@@ -244,14 +278,54 @@ def _sliding_windows(r: _Reader, family: str, layers: int) -> tuple[int, ...]:
     return tuple(window if t == "sliding_attention" else 0 for t in layer_types)
 
 
-def rope_parameters(r: _Reader, max_pos: int, family: str = "llama") -> dict:
+def _gemma3_layer_types(r: _Reader, layers: int) -> tuple[str, ...]:
+    """Gemma3TextConfig's layer_types: the field, else every sliding_window_pattern-th layer (6 by default)
+    full_attention and the others sliding_attention."""
+    types = r.get("layer_types", list)
+    if types is None:
+        pattern = r.get("sliding_window_pattern", int, default=6, positive=True)
+        return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers))
+    if len(types) != layers or not set(types) <= {"full_attention", "sliding_attention"}:
+        raise r.fail("field 'layer_types' must list 'full_attention'/'sliding_attention' for each layer")
+    return tuple(types)
+
+
+def _gemma3_rope_parameters(r: _Reader, max_pos: int, layer_type: str) -> dict:
+    """One layer type's rope parameters as Gemma3TextConfig.convert_rope_params_to_dict and
+    standardize_rope_params make them: `rope_parameters` keyed by layer type (a type missing takes the
+    default rope), the legacy `rope_scaling` merged into full_attention's, the theta from the entry, else
+    rope_theta (full_attention) or rope_local_base_freq (sliding_attention), else 1e6 / 1e4."""
+    config = r.config
+    nested = config.get("rope_parameters") or {}
+    if not isinstance(nested, dict) or not set(nested) <= set(GEMMA3_THETA) or \
+            not all(v is None or isinstance(v, dict) for v in nested.values()):
+        raise r.fail("field 'rope_parameters' of a Gemma 3 config must map full_attention and sliding_attention to "
+                     f"objects, got {nested!r}"[:300])
+    params = dict(nested.get(layer_type) or {"rope_type": "default"})
+    scaling = config.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise r.fail(f"field 'rope_scaling' must be an object, got {scaling!r}")
+    if layer_type == "full_attention" and scaling:
+        params.update(scaling)
+    key = "rope_theta" if layer_type == "full_attention" else "rope_local_base_freq"
+    params.setdefault("rope_theta", config.get(key, GEMMA3_THETA[layer_type]))
+    params.setdefault("rope_type", params.get("type", "default"))
+    if params["rope_type"] in ("llama3", "yarn"):
+        params.setdefault("original_max_position_embeddings", max_pos)
+    return params
+
+
+def rope_parameters(r: _Reader, max_pos: int, family: str = "llama", layer_type: str | None = None) -> dict:
     """The rope parameters as transformers 5.24 standardizes them (RotaryEmbeddingConfigMixin's
     convert_rope_params_to_dict and standardize_rope_params, run again when the rotary embedding is
     built): `rope_scaling` (the legacy name) before `rope_parameters`; rope_type from `rope_type`,
     else `type`, else "default"; rope_theta and partial_rotary_factor from the dict, else the top
     level, else 10000 and 1; for llama3, yarn and longrope, original_max_position_embeddings from the
     top level (Phi-3 style configs put it there; Phi3Config's default 4096), else the dict, else
-    max_position_embeddings. Phi-3's legacy rope type "yarn" is longrope (Phi3Config; its "su" fails there)."""
+    max_position_embeddings. Phi-3's legacy rope type "yarn" is longrope (Phi3Config; its "su" fails there).
+    Gemma 3: the parameters of `layer_type`'s layers (_gemma3_rope_parameters)."""
+    if family == "gemma3":
+        return _gemma3_rope_parameters(r, max_pos, layer_type)
     config = r.config
     scaling, parameters = config.get("rope_scaling"), config.get("rope_parameters")
     for key, value in (("rope_scaling", scaling), ("rope_parameters", parameters)):
@@ -276,7 +350,8 @@ def rope_parameters(r: _Reader, max_pos: int, family: str = "llama") -> dict:
     return params
 
 
-def _rope_spec(r: _Reader, head_dim: int, max_pos: int, family: str) -> tuple[RopeSpec, int | None]:
+def _rope_spec(r: _Reader, head_dim: int, max_pos: int, family: str,
+               layer_type: str | None = None) -> tuple[RopeSpec, int | None]:
     """Inverse frequencies and attention factor as transformers' rope initialisation functions
     (modeling_rope_utils.ROPE_INIT_FUNCTIONS, and the default of LlamaRotaryEmbedding) compute them
     in float32; tests/test_hf_config.py compares the two for every rope type and spelling. And the
@@ -284,19 +359,21 @@ def _rope_spec(r: _Reader, head_dim: int, max_pos: int, family: str) -> tuple[Ro
     switches every position to the long factors once a sequence is longer; not built), else None.
     Values past float32's range compute as transformers' do, without NumPy's warnings; a frequency or
     factor that is not finite then (a linear factor of 1e-300 divides by zero) is refused."""
+    params = rope_parameters(r, max_pos, family, layer_type)
     with np.errstate(all="ignore"):
-        spec, context = _rope_tables(r, head_dim, max_pos, family)
+        spec, context = _rope_tables(r, params, head_dim, max_pos, family)
     if not all(map(math.isfinite, (*spec.inv_freq, *(spec.long_inv_freq or ()), spec.scaling))):
-        raise r.fail(f"rope parameters {rope_parameters(r, max_pos, family)} give rotary frequencies or an attention "
+        raise r.fail(f"rope parameters {params} give rotary frequencies or an attention "
                      "factor that are not finite in float32")
     return spec, context
 
 
-def _rope_tables(r: _Reader, head_dim: int, max_pos: int, family: str) -> tuple[RopeSpec, int | None]:
-    params = rope_parameters(r, max_pos, family)
+def _rope_tables(r: _Reader, params: dict, head_dim: int, max_pos: int,
+                 family: str) -> tuple[RopeSpec, int | None]:
     rope_type, theta = params["rope_type"], params["rope_theta"]
-    if rope_type not in ROPE_TYPES:
-        raise r.fail(f"unsupported rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+    supported = [t for t in ROPE_TYPES if family != "gemma3" or t != "longrope"]  # (a context per layer type: no)
+    if rope_type not in supported:
+        raise r.fail(f"unsupported rope type {rope_type!r} (supported: {', '.join(supported)})")
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0 < theta < math.inf:
         raise r.fail(f"rope_theta must be a positive finite number, got {theta!r}")
     partial = params.get("partial_rotary_factor", 1.0)

@@ -129,13 +129,17 @@ def _emit_embedding(module, fn, b, p, cpu):
     _positive(dim=p.dim)
     st = irb.storage(p.dtype)
 
+    def row(c, src, dst, off, w):
+        v = st.load(c, src, off, w)
+        irb.store_vec(c, v if p.scale == 1 else c.fmul(v, irb.const_like(v.type, p.scale)), dst, off)
+
     def body(cb, t, A):
         tok = irb.load_i32(cb, A.ids, t)
         src, dst = st.gep(cb, A.table, cb.mul(tok, i64(p.dim))), _row(cb, A.out, t, A.ld_out)
-        if p.dtype == "float32":
+        if p.dtype == "float32" and p.scale == 1:
             irb.memcpy(cb, dst, src, p.dim * 4)
         else:
-            irb.vector_loop(cb, p.dim, vw, lambda c, off, w, _: irb.store_vec(c, st.load(c, src, off, w), dst, off))
+            irb.vector_loop(cb, p.dim, vw, lambda c, off, w, _: row(c, src, dst, off, w))
     _rows(module, fn, b, _arg(fn, "T"), p.dim, body, grain=4 * _GRAIN)
 
 

@@ -709,6 +709,8 @@ def _emit_qembedding(module, fn, b, A, p):
                     w = cb.fmul(sv, cb.fsub(u, irb.splat(cb, zero, 4)))
                 else:
                     w = irb.fma(cb, sv, u, irb.splat(cb, zero, 4))
+                if p.scale != 1:
+                    w = cb.fmul(w, irb.const_like(w.type, p.scale))
                 irb.store_vec(cb, w, out, cb.add(cb.mul(j, i64(sg)), i64(4 * tt)))
     irb.parallel_for(module, b, A.T, body, irb.min_items(4 * dim, 4 * _GRAIN))
     b.ret_void()

@@ -70,13 +70,15 @@ def activation(x, ACT: tl.constexpr, WIDE: tl.constexpr = tl.float64):
 
 
 @triton.jit
-def embedding_kernel(out, ld_out, table, ids, T, DIM: tl.constexpr, BLOCK: tl.constexpr):
+def embedding_kernel(out, ld_out, table, ids, T, DIM: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < DIM
     row = tl.load(ids + t).to(tl.int64)
-    v = tl.load(table + row * DIM + c, mask=m)
-    tl.store(out + t * ld_out + c, v.to(tl.float32), mask=m)
+    v = tl.load(table + row * DIM + c, mask=m).to(tl.float32)
+    if SCALE != 1.0:
+        v = v * SCALE
+    tl.store(out + t * ld_out + c, v, mask=m)
 
 
 @triton.jit
@@ -174,7 +176,7 @@ def _row_rule(kind, params, fn, args, rows, constexprs) -> Rule:
 
 
 def rule_embedding(params, arch, args) -> Rule:
-    return _row_rule("embedding", params, embedding_kernel, args, "T", {})
+    return _row_rule("embedding", params, embedding_kernel, args, "T", {"SCALE": float(params["scale"])})
 
 
 def rule_gather_rows(params, arch, args) -> Rule:

@@ -246,7 +246,8 @@ def qlinear_dot(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual
 
 @triton.jit
 def qembedding_kernel(out, ld_out, codes, scales, zeros, ids, T, DIM: tl.constexpr, BITS: tl.constexpr,
-                      SG: tl.constexpr, GROUP: tl.constexpr, ZERO: tl.constexpr, BLOCK: tl.constexpr):
+                      SG: tl.constexpr, GROUP: tl.constexpr, ZERO: tl.constexpr, SCALE: tl.constexpr,
+                      BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = col < DIM
@@ -271,6 +272,8 @@ def qembedding_kernel(out, ld_out, codes, scales, zeros, ids, T, DIM: tl.constex
         w = tl.fma(s, u.to(tl.float32), tl.load(zeros + g, mask=ok, other=0.0).to(tl.float32))
     else:
         w = s * (u - (1 << (BITS - 1))).to(tl.float32)
+    if SCALE != 1.0:
+        w = w * SCALE
     tl.store(out + t * ld_out + col, w, mask=ok)
 
 
@@ -347,5 +350,6 @@ def rule_qembedding(params, arch, args) -> Rule:
     s = _scheme(params, dim)
     block = min(next_pow2(dim), 1024)
     spec = kernel(qembedding_kernel, {"DIM": dim, "BITS": s.bits, "SG": s.sub_group, "GROUP": s.group_size,
-                                      "ZERO": s.zero, "BLOCK": block}, args, num_warps=max(1, min(4, block // 256)))
+                                      "ZERO": s.zero, "SCALE": float(params["scale"]), "BLOCK": block}, args,
+                  num_warps=max(1, min(4, block // 256)))
     return Rule("qembedding", params, args, [Variant(1, (Launch(spec, ("T", cdiv(dim, block), 1)),))])
