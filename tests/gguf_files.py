@@ -70,11 +70,15 @@ def hf_to_gguf_names(config, arch: str) -> dict[str, str]:
         return names
     names.update({"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                   "lm_head.weight": "output.weight"})
-    parts = {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"} if arch == "phi3" else {}  # fused
-    parts |= {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}  # (qwen3)
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}  # (qwen3, gemma3)
+    if arch == "phi3":  # fused
+        parts |= {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+    if arch == "gemma3":  # the attention's output normalized, and the MLP's input and output
+        parts |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                  "post_feedforward_layernorm": "post_ffw_norm"}
     for i in range(config.num_hidden_layers):
         for hf, gg in parts.items():
             for kind in ("weight", "bias"):
@@ -94,7 +98,7 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
     rng = np.random.default_rng(seed)
     c = model.config
     arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-            "gpt2": "gpt2"}[c.model_type]
+            "gemma3_text": "gemma3", "gpt2": "gpt2"}[c.model_type]
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -108,6 +112,13 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
         w.add_head_count_kv(c.num_key_value_heads)
         w.add_layer_norm_rms_eps(c.rms_norm_eps)
         rope = c.rope_parameters if getattr(c, "rope_parameters", None) else (c.rope_scaling or {})
+        if arch == "gemma3":  # as convert_hf_to_gguf's Gemma3Model writes them, but for the layers' pattern:
+            w.add_sliding_window(c.sliding_window)  # (convert leaves it to llama.cpp's default, every 6th full)
+            sliding = [t == "sliding_attention" for t in c.layer_types]
+            if sliding != [i % 6 < 5 for i in range(c.num_hidden_layers)]:
+                w.add_sliding_window_pattern(sliding)
+            w.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
+            rope = rope["full_attention"]
         w.add_rope_freq_base(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
         w.add_vocab_size(c.vocab_size)
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -152,6 +163,8 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
         if arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
             heads = c.num_attention_heads if ".q_proj." in hf_name else c.num_key_value_heads
             tensor = permute(tensor, heads)
+        shift = 1.0 if arch == "gemma3" and hf_name.endswith("norm.weight") else 0.0  # Gemma's 1 + w, stored
+        tensor = tensor + np.float32(shift)
         matrices += tensor.ndim == 2
         this = kind if isinstance(kind, str) else kind[(matrices - 1) % len(kind)] if tensor.ndim == 2 else "F32"
         data, value, qtype = encode(np.ascontiguousarray(tensor), this, rng)
@@ -161,6 +174,7 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
             value = value.reshape(heads, -1, 2, *value.shape[1:]).swapaxes(1, 2).reshape(value.shape)
         if arch == "gpt2" and hf_name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
             value = value.T
+        value = value - np.float32(shift)  # (exact for the weights near 0 the tests make: Sterbenz)
         values[hf_name] = torch.from_numpy(np.ascontiguousarray(value))
     for name, tensor in (extra_tensors or {}).items():
         w.add_tensor(name, tensor)

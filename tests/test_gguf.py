@@ -83,6 +83,13 @@ CASES = {
         partial_rotary_factor=0.5, sliding_window=9, original_max_position_embeddings=128, rope_parameters={
             "rope_type": "longrope", "short_factor": [1.0, 1.4, 2.1, 3.3], "long_factor": [1.5, 3.0, 6.0, 12.0],
             "rope_theta": 10000.0})),
+    # norms stored as 1 + w, post_attention_norm / ffn_norm / post_ffw_norm, q/k norms; sliding layers with
+    # rope.freq_base_swa, the full one with rope.freq_base and linear scaling (the pattern as flags)
+    "gemma3-f16-sliding-local-rope": ("gemma3", "F16", dict(
+        num_hidden_layers=3, sliding_window=6, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
 }
 
 

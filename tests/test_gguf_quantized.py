@@ -77,6 +77,11 @@ def test_repack_is_lossless(kind):
                                     rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                                                      "short_factor": [1 + i / 8 for i in range(24)],
                                                      "long_factor": [1 + i for i in range(24)]})),
+    # Gemma 3 1B's kind: GQA 4:1, head_dim 64 (not hidden / heads), every 6th layer full (llama.cpp's default
+    # pattern), a window of 8 over the 40 tokens, local and global rotary tables, the tied head scaled embedding
+    ("gemma3", ("Q8_0", "Q4_K"), dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                      num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64, init_std=0.03,
+                                      num_hidden_layers=7, sliding_window=8, tie_word_embeddings=True)),
 ])
 def test_kept_quantized_matches_references(tmp_path, arch, kinds, overrides):
     model = make_checkpoint(tmp_path / "ckpt", arch, **overrides)
