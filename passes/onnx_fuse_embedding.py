@@ -64,17 +64,13 @@ class FuseEmbedding(ModulePass):
                 index, what = index_arg(f, "positions"), "embedding of positions"
             else:
                 continue
-            new = []
+            scale = 1.0
             if (scaled := self._scale_of(gather, oracle)) is not None:  # Gemma's embedding * sqrt(hidden)
-                mul, c = scaled
-                name = f"llmir.embedding_scale[{L.shape_of(table)[1]}]={c!r}"
-                ctx.add_weight(name, np.full(L.shape_of(table)[1], c, np.float32))
-                new = [L.WeightOp(name, (L.shape_of(table)[1],))]
-                new.append(L.ScaleOp(table, new[0].result, 1))
-                table, what = new[1].result, f"{what}, scaled by {c:g}"
+                mul, scale = scaled
+                what = f"{what}, scaled by {scale:g}"
                 mul.results[0].replace_all_uses_with(gather.results[0])
                 erase_dead([mul])
-            self._replace(ctx, f, gather, new, table, index, what)
+            self._replace(ctx, f, gather, [], table, index, what, scale)
         for gather in [o for o in f.body.block.ops if isinstance(o, OnnxOp) and o.op_type == "GatherBlockQuantized"]:
             self._quantized(ctx, f, gather, oracle, roles)
 
@@ -96,8 +92,8 @@ class FuseEmbedding(ModulePass):
 
     @staticmethod
     def _scale_of(gather: OnnxOp, oracle: Oracle) -> tuple[OnnxOp, float] | None:
-        """(Mul, c) when the lookup's only use multiplies it by a float scalar constant c, folded into a
-        float table (the builder writes Gemma's input scaling so)."""
+        """(Mul, c) when the lookup's only use multiplies it by a float scalar constant c (the builder writes
+        Gemma's input scaling so): llmir.embedding's scale."""
         uses = list(gather.results[0].uses)
         if len(uses) != 1 or not isinstance(mul := uses[0].operation, OnnxOp) or mul.op_type != "Mul" or \
                 not L.is_float(gather.operands[0].type.element_type) or mul.results[0].type != gather.results[0].type:
@@ -108,8 +104,8 @@ class FuseEmbedding(ModulePass):
         c = np.asarray(oracle.value(other)).reshape(-1)
         return (mul, float(np.float32(c[0]))) if c.dtype.kind == "f" and np.isfinite(c[0]) else None
 
-    def _replace(self, ctx, f, gather: OnnxOp, new: list, table, index, what: str) -> None:
-        emb = L.EmbeddingOp(table, index)
+    def _replace(self, ctx, f, gather: OnnxOp, new: list, table, index, what: str, scale: float = 1.0) -> None:
+        emb = L.EmbeddingOp(table, index, scale)
         out = L.UnsqueezeBatchOp(emb.result)
         f.body.block.insert_ops_before([*new, emb, out], gather)
         gather.results[0].replace_all_uses_with(out.result)
