@@ -303,6 +303,9 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
         facts = model_facts(module)
         layers = facts.get("num_layers")  # (none found in a full-sequence ONNX graph)
         _note_ids_outside_vocab(source, facts.get("vocab_size"), highest_token, progress)
+        if other := getattr(source, "other_modalities", None):
+            progress.note(f"{Path(model).name} is a multimodal checkpoint: compiled as its text model "
+                          f"({_count(len(other), 'tensor')} of the image model left out; prompts are text only)")
         if unused := source.unused_tensors():
             verb = "is" if len(unused) == 1 else "are"
             progress.note(f"{_count(len(unused), 'tensor')} of {Path(model).name} {verb} not used by "

@@ -231,6 +231,27 @@ def test_gemma3_refused_by_name(case):
         parse_config(config, "m/config.json")
 
 
+def test_gemma3_multimodal_config_is_read_as_its_text_config(tmp_path):
+    """gemma-3-4b-it's config.json kind: the sizes it leaves out of text_config take Gemma3TextConfig's
+    defaults, the special tokens come from the top level."""
+    from llmirc.frontend.hf_config import text_config
+
+    config = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "eos_token_id": [1, 106],
+              "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                              "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                              "sliding_window": 1024}, "vision_config": {"model_type": "siglip_vision_model"}}
+    cfg = hf(tmp_path, config).text_config
+    spec = parse_config(text_config(config))
+    assert (spec.vocab_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_layers) == \
+        (cfg.vocab_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers)
+    assert spec.eos_token_ids == (1, 106) and spec.tie_word_embeddings
+    rotary = transformers.models.gemma3.modeling_gemma3.Gemma3RotaryEmbedding(cfg)
+    for i, layer_type in enumerate(cfg.layer_types):
+        np.testing.assert_allclose(spec.rope_of(i).inv_freq, getattr(rotary, f"{layer_type}_inv_freq").numpy(),
+                                   rtol=1e-6)
+    assert spec.sliding_windows == tuple(1024 if t == "sliding_attention" else 0 for t in cfg.layer_types)
+
+
 def test_transformers_refuses_the_missing_keys_too(tmp_path):
     for case in ("yarn-without-factor", "llama3-without-low-freq", "linear-without-factor"):
         with pytest.raises(KeyError):

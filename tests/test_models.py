@@ -7,6 +7,8 @@ reference's top two logits are nearly tied), and `score` logits within 1e-4 rela
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
@@ -100,6 +102,40 @@ def test_longrope_tables_by_the_bundles_context(tmp_path):
         np.testing.assert_allclose(compiled.score(seq), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     seq = list(range(3, 63))  # (within 64 tokens the long table is not transformers')
     assert np.abs(long.score(seq) - hf_logits(model, seq)).max() > 1e-2
+
+
+def test_gemma3_multimodal_checkpoint_compiles_as_its_text_model(tmp_path):
+    """Gemma3ForConditionalGeneration (gemma-3-4b and larger): the text model under the names transformers
+    saves it with (language_model.model.*), its config from text_config; the same logits as the whole model's
+    on text, and a note that the image model is left out."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    text = transformers.Gemma3TextConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5,
+                                         sliding_window_pattern=2, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                                         initializer_range=0.08)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=383, boi_token_index=381, eoi_token_index=382)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # (zeros at init: 1 + w would not show w applied)
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "ckpt")
+    notes = io.StringIO()
+    options = CompileOptions(cpu_variants=("native",), kv_cache_dtype="float32")
+    compile_model(tmp_path / "ckpt", tmp_path / "m.llmir", options, Progress(None, notes))
+    assert "multimodal checkpoint: compiled as its text model (34 tensors of the image model left out" in \
+        notes.getvalue(), notes.getvalue()
+    seq = [2] + [(7 * i + 3) % 380 for i in range(30)]
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([seq])).logits[0].double().numpy()
+    got = load(tmp_path / "m.llmir").score(seq)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 def test_greedy_decode_runs_match_single_steps(tmp_path):

@@ -6,6 +6,7 @@ twice. Shard paths from the index must stay inside the checkpoint directory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from llmirc.small_files import present, present_small_files, read_small_text
 
 from . import build_graph, parse_spec
 from .context import Limit
-from .hf_config import DecoderSpec, for_context, load_config
+from .hf_config import DecoderSpec, for_context, load_config, text_config
 from .packed import PackedLinears, parse_quantization_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -28,6 +29,9 @@ PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 # Tensors a checkpoint may hold that transformers leaves unused too: buffers some exports save (the
 # rotary inverse frequencies, GPT-2's causal mask). (A tied LM head's copy of the embedding is another.)
 EXPECTED_UNUSED = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+# A multimodal checkpoint's text model (hf_config.text_config): its tensors' prefix and LM head, as transformers
+# 5 saves them, then as transformers 4.50 saved them (the Hub's gemma-3-4b-it and larger)
+TEXT_MODEL_NAMES = (("model.language_model.", "lm_head"), ("language_model.model.", "language_model.lm_head"))
 # Tokenizer files of other formats, which llmirc does not read (it reads tokenizer.json only).
 OTHER_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt",
                          "vocab.txt", "added_tokens.json", "tokenizer.tiktoken", "qwen.tiktoken")
@@ -76,7 +80,8 @@ class Checkpoint:
             raise CheckpointError(f"{root}: not a checkpoint directory")
         self.config_path = root / "config.json"
         self.config = load_config(self.config_path)
-        self.spec = parse_spec(self.config, str(self.config_path))
+        text = text_config(self.config, str(self.config_path))
+        self.spec = parse_spec(text or self.config, str(self.config_path))
         self.quantization = parse_quantization_config(self.config, str(self.config_path))
         if self.quantization and self.spec.architecture == "GPT2LMHeadModel":
             raise CheckpointError(f"{self.config_path}: {self.quantization['method']} checkpoints of GPT-2 are "
@@ -85,6 +90,23 @@ class Checkpoint:
         self._where = self._index()  # tensor name -> shard path
         self._files: dict[Path, SafetensorsFile] = {}
         self._used: set[str] = set()  # the tensors looked at so far (_file)
+        self.other_modalities: list[str] = []  # a multimodal checkpoint's tensors outside its text model
+        if text is not None:
+            self.config = text
+            self._text_model()
+
+    def _text_model(self) -> None:
+        """A multimodal checkpoint compiled as its text model: the decoder's tensors under their prefix,
+        the image model's left out (and said so)."""
+        for prefix, head in TEXT_MODEL_NAMES:
+            if f"{prefix}embed_tokens.weight" in self._where:
+                self.spec = dataclasses.replace(self.spec, tensor_prefix=prefix, lm_head=head)
+                self.other_modalities = sorted(n for n in self._where if not n.startswith((prefix, head + ".")))
+                self.summary = ", ".join(filter(None, [self.summary, f"text model only ({len(self.other_modalities)} "
+                                                                     "tensors of the image model left out)"]))
+                return
+        raise CheckpointError(f"{self.root}: a multimodal checkpoint without its text model's embedding "
+                              f"({' or '.join(p + 'embed_tokens.weight' for p, _ in TEXT_MODEL_NAMES)})")
 
     def _index(self) -> dict[str, Path]:
         single, index = self.root / "model.safetensors", self.root / "model.safetensors.index.json"
@@ -183,9 +205,10 @@ class Checkpoint:
         """After module(): the checkpoint's tensors the graph does not use, sorted, leaving out those
         transformers ignores too (EXPECTED_UNUSED; a tied model's lm_head.weight). A checkpoint
         whose config.json leaves out a feature its tensors have (biases, say) shows here."""
-        tied = self.spec.tie_word_embeddings
+        tied, head = self.spec.tie_word_embeddings, getattr(self.spec, "lm_head", "lm_head")
+        skip = set(self.other_modalities)  # (said in the summary)
         return sorted(n for n in self._where if n not in self._used and not n.endswith(EXPECTED_UNUSED)
-                      and not (tied and n == "lm_head.weight"))
+                      and not (tied and n == f"{head}.weight") and n not in skip)
 
     def model_info(self) -> dict:
         """Facts from config.json that the graph does not hold (`context`: the one it states)."""

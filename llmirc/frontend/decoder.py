@@ -72,10 +72,10 @@ def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[st
         return L.RMSNormOp(x, w, s.norm_eps, heads).result
 
     with ImplicitBuilder(forward.body) as (token_ids, positions):
-        embed = matrix("model.embed_tokens", s.vocab_size, s.hidden_size)
+        embed = matrix(f"{s.tensor_prefix}embed_tokens", s.vocab_size, s.hidden_size)
         h = L.EmbeddingOp(embed, token_ids, s.embedding_scale).result
         for i in range(s.num_layers):
-            p = f"model.layers.{i}"
+            p = f"{s.tensor_prefix}layers.{i}"
             x = norm(h, f"{p}.input_layernorm", s.hidden_size)
             if s.fused_projections:  # Phi-3: one qkv_proj, its rows q, k, v (as fuse-linears would make it)
                 qkv = linear(x, f"{p}.self_attn.qkv_proj", q_dim + 2 * kv_dim, s.hidden_size, s.qkv_bias)
@@ -111,14 +111,14 @@ def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[st
             if s.sandwich_norms:
                 d = norm(d, f"{p}.post_feedforward_layernorm", s.hidden_size)
             h = L.AddOp(h, d).result
-        h = norm(h, "model.norm", s.hidden_size)
-        if s.tie_word_embeddings or not has_tensor("lm_head.weight"):
+        h = norm(h, f"{s.tensor_prefix}norm", s.hidden_size)
+        if s.tie_word_embeddings or not has_tensor(f"{s.lm_head}.weight"):
             if not s.tie_word_embeddings:
-                raise CheckpointError("checkpoint has no 'lm_head.weight' and config.json does not set "
+                raise CheckpointError(f"checkpoint has no '{s.lm_head}.weight' and config.json does not set "
                                       "tie_word_embeddings")
             head = embed
         else:
-            head = matrix("lm_head", s.vocab_size, s.hidden_size)
+            head = matrix(s.lm_head, s.vocab_size, s.hidden_size)
         func.ReturnOp(L.LinearOp(h, head).result)
     module = ModuleOp([forward])
     module.verify()

@@ -21,6 +21,12 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "
                  "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3",
                  "GPT2LMHeadModel": "gpt2"}
 MODEL_TYPES = {"gemma3_text": "Gemma3ForCausalLM"}  # where a config's model_type is not its family's name
+# Multimodal checkpoints compiled as their text model (text_config): model_type -> the text model's architecture
+MULTIMODAL = {"gemma3": "Gemma3ForCausalLM"}
+# Gemma3TextConfig's defaults of the sizes other families' configs must state (a Gemma3ForConditionalGeneration's
+# text_config, as the Hub's gemma-3-4b-it ships it, leaves out those its defaults give)
+GEMMA3_SIZES = {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                "num_attention_heads": 8}
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_new": "gelu_tanh", "relu": "relu"}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
@@ -81,6 +87,8 @@ class DecoderSpec:
     sandwich_norms: bool = False  # Gemma 3: post_attention_layernorm on the attention's output, pre_ and
     #                               post_feedforward_layernorm around the MLP (Llama's post_attention is Gemma's pre_ff)
     embedding_scale: float = 1.0  # Gemma: the embedding's rows times sqrt(hidden_size), not the tied LM head's
+    tensor_prefix: str = "model."  # of the decoder's tensors (a multimodal checkpoint's text model: its own)
+    lm_head: str = "lm_head"
     query_pre_attn_scalar: float | None = None  # Gemma: attention scores scaled by its -1/2 power, not head_dim's
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -142,6 +150,24 @@ class _Reader:
         return value
 
 
+def text_config(config: dict, source: str = "config.json") -> dict | None:
+    """A multimodal checkpoint's config (Gemma3ForConditionalGeneration: model_type gemma3) -> its text
+    model's, as Gemma3Config builds it: `text_config` (absent: every default), with the top level's special
+    tokens and tie_word_embeddings; None for any other config."""
+    model_type = config.get("model_type")
+    if model_type not in MULTIMODAL:
+        return None
+    text = config.get("text_config") or {}
+    if not isinstance(text, dict):
+        raise CheckpointError(f"{source}: field 'text_config' must be an object, got {text!r}"[:300])
+    text = dict(text, architectures=[MULTIMODAL[model_type]])
+    text.pop("model_type", None)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        if key in config:
+            text[key] = config[key]
+    return text
+
+
 def architecture(config: dict, source: str = "config.json") -> tuple[str, str]:
     """(architecture, family) from `architectures`, or from `model_type` when that is missing."""
     r = _Reader(config, source)
@@ -163,8 +189,10 @@ def architecture(config: dict, source: str = "config.json") -> tuple[str, str]:
 
 def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
     """A Llama-family config (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3's text model)."""
-    r = _Reader(config, source)
     arch, family = architecture(config, source)
+    if family == "gemma3":
+        config = GEMMA3_SIZES | config
+    r = _Reader(config, source)
     if family not in FAMILY_DEFAULTS:
         raise r.fail(f"{arch} is not a Llama-family architecture")
 
