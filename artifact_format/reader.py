@@ -13,7 +13,6 @@ without rehashing; any change, a copy or a move makes it hash again.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import stat
@@ -21,9 +20,9 @@ from pathlib import Path
 
 from llmirc.cache import cache_dir, store
 from llmirc.errors import BundleError
-from llmirc.small_files import is_gguf
+from llmirc.small_files import is_gguf, parse_json
 
-from .safetensors import SafetensorsFile, open_safetensors, parse_json_strict
+from .safetensors import SafetensorsFile, open_safetensors
 
 FORMAT = "llmir-bundle"
 FORMAT_VERSION = "1.0"
@@ -67,8 +66,8 @@ def _load_manifest(root: Path, name: str) -> dict:
     except OSError as e:
         raise BundleError(f"bundle {name}: {MANIFEST}: cannot read: {e.strerror or e}") from None
     try:
-        manifest = parse_json_strict(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        manifest = parse_json(raw, strict=True)
+    except ValueError as e:
         raise BundleError(f"bundle {name}: {MANIFEST} is not valid JSON: {_one_line(e)}") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"bundle {name}: {MANIFEST} is not a JSON object")
@@ -124,8 +123,8 @@ class Bundle:
     def read_json(self, rel: str):
         path = self.file(rel)
         try:
-            return json.loads(path.read_bytes().decode("utf-8"))
-        except (ValueError, RecursionError) as e:
+            return parse_json(path.read_bytes())
+        except ValueError as e:
             raise BundleError(f"bundle {self.name}: file {rel}: invalid JSON: {_one_line(e)}") from None
         except OSError as e:
             raise BundleError(f"bundle {self.name}: file {rel}: cannot read: {e.strerror or e}") from None

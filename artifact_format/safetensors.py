@@ -27,6 +27,7 @@ import numpy as np
 
 from llmirc.dtypes import SAFETENSORS_CODES, dtype as _dtype, to_float32
 from llmirc.errors import CheckpointError
+from llmirc.small_files import parse_json
 
 # dtypes are the safetensors codes of llmirc.dtypes (BF16 is stored and returned as its raw
 # uint16 bit pattern; `as_float32` converts it). These are recognized so the error says
@@ -45,24 +46,6 @@ def _itemsize(dtype: str) -> int:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _no_duplicates(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise ValueError(f"duplicate key {k!r}")
-        d[k] = v
-    return d
-
-
-def _reject_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def parse_json_strict(text: str):
-    """json.loads that rejects duplicate keys and NaN/Infinity (smuggling and non-portable JSON)."""
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
 
 
 class SafetensorsFile:
@@ -176,11 +159,7 @@ def open_safetensors(path, *, error_cls: type[Exception] = CheckpointError,
 
 def _parse_header(raw: bytes, data_size: int, fail):
     try:
-        header = parse_json_strict(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise fail("header is not valid UTF-8") from None
-    except RecursionError:
-        raise fail("header JSON is nested too deeply") from None
+        header = parse_json(raw, strict=True)
     except ValueError as e:
         raise fail(f"header is not valid JSON: {e}") from None
     if not isinstance(header, dict):

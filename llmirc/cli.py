@@ -34,6 +34,7 @@ import click
 
 from llmirc import __version__, dtypes
 from llmirc.errors import LlmircError, UsageError, internal_stage
+from llmirc.small_files import parse_json
 
 INTERNAL_ERROR = 3  # exit code of a bug in llmirc (user errors: 1, usage errors: 2)
 SHUTDOWN_GRACE_S = 5  # `serve`: how long Ctrl-C waits for running requests before aborting them
@@ -272,10 +273,9 @@ def _origins(value: str | None) -> tuple[str, ...]:
     shown = value if len(value) <= 80 else f"{value[:60]}... ({len(value)} characters)"
     if value.lstrip().startswith("["):
         try:
-            origins = json.loads(value)
-        except (ValueError, RecursionError) as e:
-            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-            raise UsageError(f"--allowed-origins {shown}: not a JSON list ({why})") from None
+            origins = parse_json(value)
+        except ValueError as e:
+            raise UsageError(f"--allowed-origins {shown}: not a JSON list ({e})") from None
         if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
             raise UsageError(f"--allowed-origins {shown}: the list must hold strings")
     else:
@@ -320,11 +320,9 @@ def _template_kwargs(text: str | None, flag: str = "--chat-template-kwargs") -> 
     if text is None:
         return {}
     try:
-        kwargs = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{flag}: not JSON ({e.msg} at character {e.pos})") from None
-    except RecursionError:
-        raise UsageError(f"{flag}: not JSON (nested too deeply)") from None
+        kwargs = parse_json(text)
+    except ValueError as e:
+        raise UsageError(f"{flag}: not JSON ({e})") from None
     if not isinstance(kwargs, dict):
         raise UsageError(f"{flag}: expected a JSON object, e.g. '{{\"enable_thinking\": false}}', got {text!r}")
     if "tokenize" in kwargs:  # Model.apply_chat_template's own argument (False: text, not ids)

@@ -8,10 +8,41 @@ compiler at 23 GB).
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
 from llmirc.errors import LlmircError
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(text: str | bytes, strict: bool = False):
+    """The value of the JSON `text` (bytes: UTF-8). Raises ValueError with a one-line reason: json's
+    own (its message, line and column), "not UTF-8", or "nested too deeply" where json.loads raises
+    RecursionError (a valid text nesting deeper than Python's parser goes, "[[[[...", which would
+    otherwise escape every `except ValueError`). strict: duplicate keys and NaN/Infinity are refused
+    too (a bundle's manifest, safetensors headers: smuggled or non-portable JSON)."""
+    hooks = {"object_pairs_hook": _no_duplicates, "parse_constant": _reject_constant} if strict else {}
+    try:
+        return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text, **hooks)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{e.msg} (line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
 
 LIMIT = 256 * 2**20  # bytes; the largest of these files in common checkpoints, tokenizer.json, is tens of MB
 

@@ -248,7 +248,7 @@ MALFORMED = {
     "length_past_end": (b"{}", b"", 9999999, r"header length 9999999 exceeds file size 10"),
     "huge_length": (b"{}", b"", 2**64 - 1, r"header length 18446744073709551615 exceeds file size"),
     "not_json": (b"{nope", b"", None, r"header is not valid JSON"),
-    "not_utf8": (b'{"\xff": 1}', b"", None, r"header is not valid UTF-8"),
+    "not_utf8": (b'{"\xff": 1}', b"", None, r"header is not valid JSON: not UTF-8"),
     "not_object": (b"[1, 2]", b"", None, r"header is a JSON list, not an object"),
     "duplicate_key": (b'{"a": {}, "a": {}}', b"", None, r"duplicate key 'a'"),
     "nan": (b'{"a": NaN}', b"", None, r"NaN is not valid JSON"),
@@ -302,3 +302,21 @@ def test_tensor_names_with_newlines_stay_one_line(tmp_path):
     with pytest.raises(CheckpointError) as e:
         open_safetensors(p)
     assert "\n" not in str(e.value) and "'a\\nb'" in str(e.value)
+
+
+@pytest.mark.parametrize("text,strict,reason", [
+    ("[" * 100_000 + "]" * 100_000, False, "nested too deeply"),  # valid, past Python's parser (RecursionError)
+    (b'{"a": "\xff"}', False, "not UTF-8"),
+    ('{"a": 1,}', False, r"Expecting property name enclosed in double quotes \(line 1, column 9\)"),
+    ('{"a": 1, "a": 2}', True, "duplicate key 'a'"),
+    ('{"a": NaN}', True, "NaN is not valid JSON"),
+])
+def test_parse_json_fails_with_one_value_error(text, strict, reason):
+    """Every untrusted JSON file (config.json, an index, a manifest, a header) is read by small_files.parse_json,
+    whose failures are all ValueErrors with a one-line reason."""
+    from llmirc.small_files import parse_json
+
+    with pytest.raises(ValueError, match=reason):
+        parse_json(text, strict)
+    if strict:  # (not strict: json's own rules)
+        assert parse_json(text) is not None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 from llmirc import dtypes
 from llmirc.artifact_format.safetensors import SafetensorsFile, open_safetensors
 from llmirc.errors import CheckpointError
-from llmirc.small_files import present, present_small_files, read_small_text
+from llmirc.small_files import parse_json, present, present_small_files, read_small_text
 
 from . import build_graph, parse_spec
 from .context import Limit
@@ -112,10 +111,10 @@ class Checkpoint:
         single, index = self.root / "model.safetensors", self.root / "model.safetensors.index.json"
         if present(index):
             try:
-                data = json.loads(read_small_text(index, CheckpointError))
+                data = parse_json(read_small_text(index, CheckpointError))
                 weight_map = data["weight_map"]
                 assert isinstance(weight_map, dict)
-            except (ValueError, KeyError, AssertionError, RecursionError):
+            except (ValueError, KeyError, TypeError, AssertionError):
                 raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
             return {name: self._inside(index, shard) for name, shard in weight_map.items()}
         if present(single):

@@ -7,7 +7,6 @@ silently different math. Rotary tables follow transformers' `modeling_rope_utils
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from llmirc.errors import CheckpointError
-from llmirc.small_files import present, read_small_text
+from llmirc.small_files import parse_json, present, read_small_text
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                  "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3",
@@ -108,11 +107,9 @@ def load_config(path: Path) -> dict:
         raise CheckpointError(f"{path}: not found (a Hugging Face checkpoint needs config.json)")
     text = read_small_text(path, CheckpointError)
     try:
-        config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-    except RecursionError:  # "[[[[..." deeper than the parser goes
-        raise CheckpointError(f"{path}: invalid JSON: nested too deeply") from None
+        config = parse_json(text)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return config

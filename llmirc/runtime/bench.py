@@ -12,7 +12,6 @@ back in one process.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import sys
@@ -23,7 +22,7 @@ import numpy as np
 
 from llmirc import __version__
 from llmirc.errors import BundleError, LlmircError, RuntimeLimitError
-from llmirc.small_files import read_small_text
+from llmirc.small_files import parse_json, read_small_text
 
 from .inspect import logical_sizes, parameter_count
 from .model import _whole, declared_model, load
@@ -177,8 +176,8 @@ def check_same_model(model: dict, hf_dir: Path) -> None:
     `model` (architecture, layers, hidden size, vocabulary): a comparison with another model's
     speed was printed as a ratio."""
     try:
-        config = json.loads(read_small_text(hf_dir / "config.json"))
-    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the parser goes
+        config = parse_json(read_small_text(hf_dir / "config.json"))
+    except ValueError as e:
         raise LlmircError(f"--compare-transformers {hf_dir}: config.json is not JSON: {e}") from None
     if not isinstance(config, dict):
         raise LlmircError(f"--compare-transformers {hf_dir}: config.json is not a JSON object")

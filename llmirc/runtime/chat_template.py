@@ -26,7 +26,7 @@ from pathlib import Path
 from llmirc.errors import LlmircError
 from llmirc.runtime import jinja_sandbox, template_worker
 from llmirc.runtime.tokenizer import readable
-from llmirc.small_files import read_small_text
+from llmirc.small_files import parse_json, read_small_text
 
 JINJA_FILE = "chat_template.jinja"
 
@@ -52,8 +52,8 @@ class ChatTemplate:
         if config_file is None:
             return None
         try:
-            template = json.loads(read_small_text(config_file)).get("chat_template")
-        except (ValueError, AttributeError, RecursionError) as e:  # RecursionError: JSON nested too deeply
+            template = parse_json(read_small_text(config_file)).get("chat_template")
+        except (ValueError, AttributeError) as e:
             raise LlmircError(f"{config_file}: cannot read it: {e}") from None
         where = f"{config_file} chat_template"
         if template is None:

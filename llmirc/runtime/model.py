@@ -194,18 +194,12 @@ class Model:
         JSON object."""
         if "generation_config.json" not in self.bundle.files:
             return {}
-        import json
-
-        from llmirc.small_files import read_small_text
+        from llmirc.small_files import parse_json, read_small_text
 
         try:
-            config = json.loads(read_small_text(self.bundle.file("generation_config.json"), BundleError))
-        except json.JSONDecodeError as e:
-            raise BundleError(f"bundle {self.bundle.name}: generation_config.json is not valid JSON "
-                              f"({e.msg})") from None
-        except RecursionError:
-            raise BundleError(f"bundle {self.bundle.name}: generation_config.json is not valid JSON "
-                              "(nested too deeply)") from None
+            config = parse_json(read_small_text(self.bundle.file("generation_config.json"), BundleError))
+        except ValueError as e:
+            raise BundleError(f"bundle {self.bundle.name}: generation_config.json is not valid JSON ({e})") from None
         if not isinstance(config, dict):
             raise BundleError(f"bundle {self.bundle.name}: generation_config.json is not a JSON object")
         return config

@@ -20,14 +20,13 @@ does; the chat template (`chat_template.py`) reads the same folder.
 from __future__ import annotations
 
 import functools
-import json
 import operator
 import re
 from collections.abc import Collection
 from pathlib import Path
 
 from llmirc.errors import LlmircError
-from llmirc.small_files import check_small_file, present, read_small_text
+from llmirc.small_files import check_small_file, parse_json, present, read_small_text
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # The named special tokens transformers passes to chat templates as strings (SPECIAL_TOKENS_ATTRIBUTES).
@@ -282,8 +281,8 @@ def _read_config(folder: Path, name: str, listed: Collection[str] | None) -> dic
     if file is None:
         return {}
     try:
-        config = json.loads(read_small_text(file))
-    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the parser goes
+        config = parse_json(read_small_text(file))
+    except ValueError as e:
         raise LlmircError(f"{file}: cannot read it: {e}") from None
     if not isinstance(config, dict):
         raise LlmircError(f"{file}: expected a JSON object")
