@@ -221,6 +221,7 @@ GEMMA3_REFUSED = {
     "attention-softcapping": (gemma3(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
     "final-softcapping": (gemma3(final_logit_softcapping=30.0), "final_logit_softcapping"),
     "layer-types-length": (gemma3(layer_types=["full_attention"]), "layer_types"),
+    "layer-types-unhashable": (gemma3(layer_types=[["full_attention"], "full_attention"]), "layer_types"),
 }
 
 

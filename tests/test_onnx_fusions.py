@@ -120,7 +120,7 @@ def _eval(op, val, src) -> list:
         ins = [None if isinstance(v.type, NoneType) else val(v) for v in op.operands]
         return onnx_ops.evaluate(op.op_type, ins, op.py_attrs(), n_outputs=len(op.results))
     if isinstance(op, L.EmbeddingOp):
-        return [val(op.table)[val(op.token_ids)]]
+        return [val(op.table)[val(op.token_ids)] * np.float32(op.factor)]
     if isinstance(op, L.SqueezeBatchOp):
         return [val(op.input)[0]]
     if isinstance(op, L.UnsqueezeBatchOp):

@@ -295,7 +295,7 @@ def _sliding_windows(r: _Reader, family: str, layers: int) -> tuple[int, ...]:
     if layer_types is None:
         first = r.get("max_window_layers", int, default=28)
         return tuple(window if window is not None and i >= first else 0 for i in range(layers))
-    if len(layer_types) != layers or not set(layer_types) <= {"full_attention", "sliding_attention"}:
+    if len(layer_types) != layers or not all(t in ("full_attention", "sliding_attention") for t in layer_types):
         raise r.fail("field 'layer_types' must list 'full_attention'/'sliding_attention' for each layer")
     if "sliding_attention" in layer_types and window is None:
         raise r.fail("layer_types has sliding_attention layers but no sliding window is in use "
@@ -310,7 +310,7 @@ def _gemma3_layer_types(r: _Reader, layers: int) -> tuple[str, ...]:
     if types is None:
         pattern = r.get("sliding_window_pattern", int, default=6, positive=True)
         return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers))
-    if len(types) != layers or not set(types) <= {"full_attention", "sliding_attention"}:
+    if len(types) != layers or not all(t in ("full_attention", "sliding_attention") for t in types):
         raise r.fail("field 'layer_types' must list 'full_attention'/'sliding_attention' for each layer")
     return tuple(types)
 
