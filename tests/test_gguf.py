@@ -108,6 +108,17 @@ def test_matches_transformers(tmp_path, case):
         {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[kind]
 
 
+def test_original_context_defaults_to_the_context_length(tmp_path, monkeypatch):
+    """A phi3 longrope file without rope.scaling.original_context_length: llama.cpp takes the trained context
+    length (its n_ctx_orig_yarn default); it was refused as a missing key."""
+    monkeypatch.setattr(gguf.GGUFWriter, "add_rope_scaling_orig_ctx_len", lambda self, value: None)
+    model = make_checkpoint(tmp_path / "ckpt", "phi3", original_max_position_embeddings=256, rope_parameters={
+        "rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "rope_theta": 10000.0})
+    src = open_source(write_gguf(model, tmp_path / "m.gguf"))
+    assert src.config["original_max_position_embeddings"] == model.config.max_position_embeddings == 512
+    src.close()
+
+
 @pytest.mark.slow
 def test_phi3_longrope_without_attn_factor_is_read_as_llama_cpp_reads_it(tmp_path, monkeypatch):
     """A phi3 file with longrope's factor tensors but no phi3.rope.scaling.attn_factor: llama.cpp scales

@@ -543,7 +543,7 @@ class GgufCheckpoint:
             return {"rope_type": "linear", "factor": factor}
         if kind == "yarn":
             scaling = {"rope_type": "yarn", "factor": self._get(p + "scaling.factor", float),
-                       "original_max_position_embeddings": self._get(p + "scaling.original_context_length", int)}
+                       "original_max_position_embeddings": self._original_context()}
             for key, hf in (("scaling.yarn_beta_fast", "beta_fast"), ("scaling.yarn_beta_slow", "beta_slow"),
                             ("scaling.yarn_attn_factor", "attention_factor"),
                             ("scaling.attn_factor", "attention_factor")):
@@ -566,8 +566,13 @@ class GgufCheckpoint:
         p = f"{self.arch}.rope.scaling."
         scaling = {"rope_type": "longrope", "short_factor": short, "long_factor": long,
                    "attention_factor": self._get(p + "attn_factor", float, 1.0)}
-        return {"original_max_position_embeddings": self._get(p + "original_context_length", int),
+        return {"original_max_position_embeddings": self._original_context(),
                 "rope_scaling": scaling}
+
+    def _original_context(self) -> int:
+        """rope.scaling.original_context_length, else the context length (llama.cpp's n_ctx_orig_yarn)."""
+        a = self.arch
+        return self._get(f"{a}.rope.scaling.original_context_length", int, self._get(f"{a}.context_length", int))
 
     def _rope_freqs(self, rope):
         """Llama-3 scaling as llama.cpp applies it: theta_i = pos * base^(-2i/d) / rope_freqs[i]."""
