@@ -1275,3 +1275,19 @@ def test_a_malformed_generation_config_is_named():
                 {"max_new_tokens": 0}, {"max_new_tokens": 1.5}):
         with pytest.raises(LlmircError, match="^g: "):
             sampling_defaults(bad, "g")
+
+
+def test_generation_config_eos_ids_beside_the_tokenizers_are_stop_reasons_as_vllm(bundle):
+    """vLLM adds generation_config.json's end-of-sequence ids other than the tokenizer's eos_token to each
+    request's stop_token_ids (Gemma's <end_of_turn>, 106, beside <eos>, 1): ending at one reports its id as the
+    stop_reason, where the tokenizer's own eos reports null."""
+    m = load(bundle, kv_cache_tokens=512)
+    tokens = m.generate(["the quick"], 16, ignore_eos=True)[0]
+    at = next(i for i in range(1, 16) if tokens.index(tokens[i]) == i)
+    m.engine.scheduler.eos_token_ids = frozenset({m.tokenizer.eos_token_id, tokens[at]})
+    last = list(m.generate_stream(["the quick"], 16))[-1]
+    assert (last.finish_reason, last.stop_reason, last.num_generated) == ("stop", tokens[at], at + 1)
+    m.tokenizer.eos_token_id = tokens[at]  # the same token as the tokenizer's eos_token: null
+    last = list(m.generate_stream(["the quick"], 16))[-1]
+    assert (last.finish_reason, last.stop_reason, last.num_generated) == ("stop", None, at + 1)
+    m.close()

@@ -105,7 +105,8 @@ class RequestOutput:
     `prompt_logprobs` (one entry per prompt position from the requested start, None for
     position 0) comes with the request's first output only. finish_reason: "stop" (an
     end-of-sequence token, or `stop_reason`: the stop token id or stop string hit), "length",
-    or "abort" (aborted, or the engine failed: `error`)."""
+    or "abort" (aborted, or the engine failed: `error`). An end-of-sequence id other than the tokenizer's
+    eos_token is a stop token id to vLLM, so its id is the stop_reason (and its text left out) too."""
 
     request_id: Hashable
     token: int | None
@@ -192,6 +193,13 @@ class Engine:
         if isinstance(num_scheduler_steps, bool) or not isinstance(num_scheduler_steps, int) or num_scheduler_steps < 1:
             raise LlmircError(f"num_scheduler_steps must be an integer >= 1, got {num_scheduler_steps!r}")
         self.num_scheduler_steps = num_scheduler_steps
+
+    def _stop_eos_ids(self) -> frozenset[int]:
+        """The end-of-sequence ids vLLM reports as a stop_reason: those beside the tokenizer's eos_token
+        (generation_config.json's list, as Gemma's <end_of_turn> or Llama 3's <|eom_id|>), which vLLM adds to
+        each request's stop_token_ids (SamplingParams.update_from_generation_config); none without a tokenizer."""
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        return self.scheduler.eos_token_ids - {eos} if eos is not None else frozenset()
 
     # -- called from any thread -------------------------------------------------------------
 
@@ -409,7 +417,8 @@ class Engine:
                 if req.params.logprobs is not None:
                     out.logprob = self._token_logprob(logits[rows[event.request_id]], event.token,
                                                       req.params.logprobs)
-                stop_token = event.finish_reason == "stop" and event.token in req.params.stop_token_ids
+                stop_token = event.finish_reason == "stop" and (event.token in req.params.stop_token_ids or
+                                                                 event.token in self._stop_eos_ids())
                 if stop_token:
                     out.stop_reason = event.token
                 # (vLLM: a stop token id's text is left out unless include_stop_str_in_output)

@@ -47,6 +47,8 @@ class Tokenizer:
         self.bos_token_id = bos_token_id
         self.special_tokens_map = dict(special_tokens_map or {})
         self.folder = folder
+        eos = self.special_tokens_map.get("eos_token")
+        self.eos_token_id: int | None = backend.token_to_id(eos) if isinstance(eos, str) else None
         first = _guarded(source, "encode", backend.encode, "a", add_special_tokens=True).ids[:1]
         adds_bos = bos_token_id is not None and first == [bos_token_id]
         self.prepend_bos = bool(add_bos_token) and bos_token_id is not None and not adds_bos

@@ -23,8 +23,9 @@ max_new_tokens as in vLLM;
 `usage.prompt_tokens_details.cached_tokens` is the prompt tokens found in the prefix cache
 (each prompt counted once, as its first choice found them; streamed: in the final usage only,
 the continuous usage of stream_options being, as vLLM's, each chunk's own choice's);
-`finish_reason` is "stop" or "length" (`stop_reason`: the stop string or token id hit,
-null for end-of-sequence); a response's `id` is cmpl- / chatcmpl- and the request's X-Request-Id header, or
+`finish_reason` is "stop" or "length" (`stop_reason`: the stop string or token id hit, null for
+the tokenizer's eos_token; generation_config.json's other end-of-sequence ids, as Gemma's <end_of_turn>,
+are stop token ids to vLLM, and so their id); a response's `id` is cmpl- / chatcmpl- and the request's X-Request-Id header, or
 a random id. A stream is server-sent events ending in `data: [DONE]`.
 """
 
