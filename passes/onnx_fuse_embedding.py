@@ -64,13 +64,7 @@ class FuseEmbedding(ModulePass):
                 index, what = index_arg(f, "positions"), "embedding of positions"
             else:
                 continue
-            scale = 1.0
-            if (scaled := self._scale_of(gather, oracle)) is not None:  # Gemma's embedding * sqrt(hidden)
-                mul, scale = scaled
-                what = f"{what}, scaled by {scale:g}"
-                mul.results[0].replace_all_uses_with(gather.results[0])
-                erase_dead([mul])
-            self._replace(ctx, f, gather, [], table, index, what, scale)
+            self._replace(ctx, f, gather, [], table, index, what, oracle)
         for gather in [o for o in f.body.block.ops if isinstance(o, OnnxOp) and o.op_type == "GatherBlockQuantized"]:
             self._quantized(ctx, f, gather, oracle, roles)
 
@@ -93,10 +87,10 @@ class FuseEmbedding(ModulePass):
     @staticmethod
     def _scale_of(gather: OnnxOp, oracle: Oracle) -> tuple[OnnxOp, float] | None:
         """(Mul, c) when the lookup's only use multiplies it by a float scalar constant c (the builder writes
-        Gemma's input scaling so): llmir.embedding's scale."""
+        Gemma's input scaling so, after a float Gather or the int4 GatherBlockQuantized): llmir.embedding's scale."""
         uses = list(gather.results[0].uses)
         if len(uses) != 1 or not isinstance(mul := uses[0].operation, OnnxOp) or mul.op_type != "Mul" or \
-                not L.is_float(gather.operands[0].type.element_type) or mul.results[0].type != gather.results[0].type:
+                mul.results[0].type != gather.results[0].type:
             return None
         other = mul.operands[1 - uses[0].index]
         if oracle.kind(other) != CONST or int(np.prod(oracle.shape(other))) != 1:
@@ -104,7 +98,13 @@ class FuseEmbedding(ModulePass):
         c = np.asarray(oracle.value(other)).reshape(-1)
         return (mul, float(np.float32(c[0]))) if c.dtype.kind == "f" and np.isfinite(c[0]) else None
 
-    def _replace(self, ctx, f, gather: OnnxOp, new: list, table, index, what: str, scale: float = 1.0) -> None:
+    def _replace(self, ctx, f, gather: OnnxOp, new: list, table, index, what: str, oracle: Oracle) -> None:
+        scale = 1.0
+        if (scaled := self._scale_of(gather, oracle)) is not None:  # Gemma's embedding * sqrt(hidden)
+            mul, scale = scaled
+            what = f"{what}, scaled by {scale:g}"
+            mul.results[0].replace_all_uses_with(gather.results[0])
+            erase_dead([mul])
         emb = L.EmbeddingOp(table, index, scale)
         out = L.UnsqueezeBatchOp(emb.result)
         f.body.block.insert_ops_before([*new, emb, out], gather)
@@ -130,4 +130,4 @@ class FuseEmbedding(ModulePass):
         except ValueError as e:
             raise CheckpointError(f"ONNX GatherBlockQuantized node '{gather.node.data}': {e}") from None
         self._replace(ctx, f, gather, [table], table.result, index_arg(f, "token_ids"),
-                      f"embedding of tokens ({bits}-bit, groups of {block}, kept quantized)")
+                      f"embedding of tokens ({bits}-bit, groups of {block}, kept quantized)", oracle)

@@ -317,7 +317,9 @@ CASES = {  # each feature once, several to a model (a case is a compile)
     # their stored type, float32 or float16
     "qk-norm-int4": dict(qk_norm=True, nbits=4),
     "int8-float16": dict(nbits=8, dtype=np.float16),
-    "int4-tied-zero-points-float16": dict(nbits=4, tied=True, zero_points=True, dtype=np.float16),
+    # Gemma's int4 form: the tied quantized embedding scaled (llmir.embedding's scale; it was left generic)
+    "int4-tied-zero-points-float16-scaled": dict(nbits=4, tied=True, zero_points=True, dtype=np.float16,
+                                                 embed_scale=8.0),
     "qdq-uint4-zero-points": dict(nbits=4, qdq=True, zero_points=True),  # use_qdq=true: DequantizeLinear
     # -e cpu -p fp16's RotaryEmbedding + MultiHeadAttention, in float32 (onnxruntime's float16 MultiHeadAttention
     # moves these logits by 1%; the builder's own float16 output matches to 0.1%)
