@@ -98,7 +98,7 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
     rng = np.random.default_rng(seed)
     c = model.config
     arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-            "gemma3_text": "gemma3", "gpt2": "gpt2"}[c.model_type]
+            "gemma3_text": "gemma3", "smollm3": "smollm3", "gpt2": "gpt2"}[c.model_type]
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -122,7 +122,7 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
         w.add_rope_freq_base(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
         w.add_vocab_size(c.vocab_size)
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        if arch == "llama":
+        if arch in ("llama", "smollm3"):
             w.add_rope_dimension_count(head_dim)
         if head_dim != c.hidden_size // c.num_attention_heads:
             w.add_key_length(head_dim)
@@ -160,7 +160,7 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
         gguf_name = names[hf_name]
         if arch == "gpt2" and hf_name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
             tensor = tensor.T
-        if arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
+        if arch in ("llama", "smollm3") and (".q_proj." in hf_name or ".k_proj." in hf_name):
             heads = c.num_attention_heads if ".q_proj." in hf_name else c.num_key_value_heads
             tensor = permute(tensor, heads)
         shift = 1.0 if arch == "gemma3" and hf_name.endswith("norm.weight") else 0.0  # Gemma's 1 + w, stored
@@ -170,7 +170,7 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
         data, value, qtype = encode(np.ascontiguousarray(tensor), this, rng)
         w.add_tensor(gguf_name, data, raw_dtype=qtype)
         # The reference: the stored values, un-permuted / transposed back to the model's layout.
-        if arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
+        if arch in ("llama", "smollm3") and (".q_proj." in hf_name or ".k_proj." in hf_name):
             value = value.reshape(heads, -1, 2, *value.shape[1:]).swapaxes(1, 2).reshape(value.shape)
         if arch == "gpt2" and hf_name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
             value = value.T

@@ -14,6 +14,7 @@ ARCH_CONFIGS = {
     "qwen3": "Qwen3Config",
     "phi3": "Phi3Config",
     "gemma3": "Gemma3TextConfig",
+    "smollm3": "SmolLM3Config",
 }
 ARCH_MODELS = {
     "gpt2": "GPT2LMHeadModel",
@@ -23,6 +24,7 @@ ARCH_MODELS = {
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
 }
 
 
@@ -75,7 +77,7 @@ def make_checkpoint(path: Path, arch: str = "llama", *, seed: int = 0, dtype: st
     if arch == "gpt2":  # GPT-2's own names; no grouped-query attention
         cfg["n_inner"] = cfg.pop("intermediate_size")
         cfg.pop("num_key_value_heads")
-    if arch == "phi3":  # (Phi3Config's pad id, 32000, is past a small vocabulary)
+    if arch in ("phi3", "smollm3"):  # (their configs' pad ids, 32000 and 128004, are past a small vocabulary)
         cfg.setdefault("pad_token_id", 2)
     if arch == "gemma3":  # (Gemma3TextConfig's head_dim is 256)
         cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])

@@ -83,6 +83,8 @@ CASES = {
         partial_rotary_factor=0.5, sliding_window=9, original_max_position_embeddings=128, rope_parameters={
             "rope_type": "longrope", "short_factor": [1.0, 1.4, 2.1, 3.3], "long_factor": [1.5, 3.0, 6.0, 12.0],
             "rope_theta": 10000.0})),
+    # q/k permuted as llama's; every 4th layer without rope (llama.cpp's fixed step); q/k/v/o biases
+    "smollm3-bf16-nope-bias": ("smollm3", "BF16", dict(num_hidden_layers=4, attention_bias=True)),
     # norms stored as 1 + w, post_attention_norm / ffn_norm / post_ffw_norm, q/k norms; sliding layers with
     # rope.freq_base_swa, the full one with rope.freq_base and linear scaling (the pattern as flags)
     "gemma3-f16-sliding-local-rope": ("gemma3", "F16", dict(

@@ -82,6 +82,10 @@ def test_repack_is_lossless(kind):
     ("gemma3", ("Q8_0", "Q4_K"), dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
                                       num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64, init_std=0.03,
                                       num_hidden_layers=7, sliding_window=8, tie_word_embeddings=True)),
+    # SmolLM3: llama's permuted q/k, the 4th layer without rope (llama.cpp's fixed step), tied head
+    ("smollm3", ("Q8_0", "Q4_K"), dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                       num_key_value_heads=2, init_std=0.03, num_hidden_layers=4,
+                                       tie_word_embeddings=True)),
 ])
 def test_kept_quantized_matches_references(tmp_path, arch, kinds, overrides):
     model = make_checkpoint(tmp_path / "ckpt", arch, **overrides)

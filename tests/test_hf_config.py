@@ -21,7 +21,7 @@ from llmirc.errors import CheckpointError
 from llmirc.frontend.hf_config import parse_config
 
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
-            "gemma3": "Gemma3"}
+            "gemma3": "Gemma3", "smollm3": "SmolLM3"}
 MODEL_TYPES = {"gemma3": "gemma3_text"}  # (model_type "gemma3" is the multimodal Gemma3Config)
 
 
@@ -251,6 +251,37 @@ def test_gemma3_multimodal_config_is_read_as_its_text_config(tmp_path):
         np.testing.assert_allclose(spec.rope_of(i).inv_freq, getattr(rotary, f"{layer_type}_inv_freq").numpy(),
                                    rtol=1e-6)
     assert spec.sliding_windows == tuple(1024 if t == "sliding_attention" else 0 for t in cfg.layer_types)
+
+
+SMOLLM3_CASES = {
+    "defaults": base("smollm3", num_hidden_layers=8, num_key_value_heads=DROP),  # rope_theta 2e6, every 4th NoPE
+    "interval-sliding": base("smollm3", num_hidden_layers=6, no_rope_layer_interval=3, use_sliding_window=True,
+                             sliding_window=7, rope_theta=1e5),
+    "flags-layer-types": base("smollm3", no_rope_layers=[0, 1], use_sliding_window=True, sliding_window=7,
+                              layer_types=["full_attention", "sliding_attention"],
+                              rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "window-without-use": base("smollm3", sliding_window=7),
+}
+
+
+@pytest.mark.parametrize("case", SMOLLM3_CASES)
+def test_smollm3_nope_layers_and_windows_match_transformers(tmp_path, case):
+    """SmolLM3: the rotary table on the layers no_rope_layers (or its interval) gives one, none on the others; the
+    windows on the sliding_attention layers with use_sliding_window; SmolLM3Config's defaults."""
+    config = SMOLLM3_CASES[case]
+    cfg = hf(tmp_path, config)
+    modeling = transformers.models.smollm3.modeling_smollm3
+    rotary, spec = modeling.SmolLM3RotaryEmbedding(cfg), parse_config(config)
+    for i in range(cfg.num_hidden_layers):
+        attention = modeling.SmolLM3Attention(cfg, layer_idx=i)
+        rope = spec.rope_of(i)
+        assert (rope is not None) == bool(attention.use_rope)
+        if rope is not None:
+            np.testing.assert_allclose(np.array(rope.inv_freq), rotary.inv_freq.numpy(), rtol=1e-6, atol=0)
+        assert spec.sliding_windows[i] == (attention.sliding_window or 0)
+        assert spec.attention_scale == pytest.approx(attention.scaling, rel=1e-7)
+    assert (spec.num_kv_heads, spec.tie_word_embeddings, spec.max_position_embeddings) == \
+        (cfg.num_key_value_heads, cfg.tie_word_embeddings, cfg.max_position_embeddings)
 
 
 def test_transformers_refuses_the_missing_keys_too(tmp_path):

@@ -87,10 +87,10 @@ def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[st
             if s.qk_norm:  # Qwen3, Gemma 3: each head normalized over head_dim, one weight for all heads
                 q = norm(q, f"{p}.self_attn.q_norm", s.head_dim, s.num_heads)
                 k = norm(k, f"{p}.self_attn.k_norm", s.head_dim, s.num_kv_heads)
-            r = s.rope_of(i)
-            rope = dict(head_dim=s.head_dim, inv_freq=r.inv_freq, scaling=r.scaling, style=r.style)
-            q = L.RopeOp(q, positions, num_heads=s.num_heads, **rope).result
-            k = L.RopeOp(k, positions, num_heads=s.num_kv_heads, **rope).result
+            if (r := s.rope_of(i)) is not None:  # (SmolLM3's NoPE layers have none)
+                rope = dict(head_dim=s.head_dim, inv_freq=r.inv_freq, scaling=r.scaling, style=r.style)
+                q = L.RopeOp(q, positions, num_heads=s.num_heads, **rope).result
+                k = L.RopeOp(k, positions, num_heads=s.num_kv_heads, **rope).result
             a = L.AttentionOp(q, k, v, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
                               scale=s.attention_scale, sliding_window=s.sliding_windows[i]).result
             o = linear(a, f"{p}.self_attn.o_proj", s.hidden_size, q_dim, s.o_bias)

@@ -76,7 +76,9 @@ def split_files(path: Path) -> list[Path]:
 
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "phi3": "Phi3ForCausalLM", "gemma3": "Gemma3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+                 "phi3": "Phi3ForCausalLM", "gemma3": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+                 "gpt2": "GPT2LMHeadModel"}
+PERMUTED = ("llama", "smollm3")  # convert_hf_to_gguf's LlamaModel and its subclasses permute q and k
 ROPE_FACTORS = ("rope_factors_short.weight", "rope_factors_long.weight")  # phi3's longrope, one factor per frequency
 FLOAT_TYPES = {GGMLQuantizationType.F32: "F32", GGMLQuantizationType.F16: "F16", GGMLQuantizationType.BF16: "BF16"}
 STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # -> llmirc.dtypes names
@@ -445,7 +447,7 @@ class GgufCheckpoint:
         if get(f"{a}.attention.value_length", int, head_dim) != head_dim:
             raise CheckpointError(f"{self.path}: {a}.attention.value_length differs from key_length {head_dim}")
         rotary = get(f"{a}.rope.dimension_count", int, head_dim)
-        if a in ("llama", "gemma3") and rotary != head_dim:  # llama.cpp refuses this too (invalid n_rot)
+        if a in ("llama", "smollm3", "gemma3") and rotary != head_dim:  # llama.cpp refuses this too (invalid n_rot)
             raise CheckpointError(f"{self.path}: {a}.rope.dimension_count {rotary} differs from the head size "
                                   f"{head_dim}")
         config = {"architectures": [ARCHITECTURES[a]], "model_type": a, **common, "hidden_size": hidden,
@@ -456,7 +458,7 @@ class GgufCheckpoint:
                   "max_position_embeddings": get(f"{a}.context_length", int),
                   "rope_theta": get(f"{a}.rope.freq_base", float, 10000.0), "hidden_act": "silu",
                   "partial_rotary_factor": rotary / head_dim if head_dim else 1.0}
-        if a == "llama":
+        if a in ("llama", "smollm3"):  # (smollm3: every 4th layer without rope, llama.cpp's n_no_rope_layer_step)
             config.update(attention_bias="blk.0.attn_q.bias" in self._tensors,
                           mlp_bias="blk.0.ffn_up.bias" in self._tensors)
         if a == "qwen3":
@@ -630,7 +632,7 @@ class GgufCheckpoint:
     def read(self, name: str) -> np.ndarray | Unpacked:
         """The tensor under its Hugging Face name as stored (see _stored), llama q/k rows un-permuted."""
         data, _ = self._stored(self._gguf_name(name))
-        if self.arch == "llama" and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+        if self.arch in PERMUTED and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
             heads = self.spec.num_heads if ".q_proj." in name else self.spec.num_kv_heads
             if isinstance(data, Unpacked):  # rows of codes, scales and offsets move together
                 return dataclasses.replace(data, **{f: unpermute_rows(getattr(data, f), heads) for f in

@@ -18,7 +18,7 @@ from llmirc.small_files import parse_json, present, read_small_text
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                  "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3",
-                 "GPT2LMHeadModel": "gpt2"}
+                 "SmolLM3ForCausalLM": "smollm3", "GPT2LMHeadModel": "gpt2"}
 MODEL_TYPES = {"gemma3_text": "Gemma3ForCausalLM"}  # where a config's model_type is not its family's name
 # Multimodal checkpoints compiled as their text model (text_config): model_type -> the text model's architecture
 MULTIMODAL = {"gemma3": "Gemma3ForCausalLM"}
@@ -32,8 +32,9 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 MAX_INT = 2**31 - 1      # sizes and ids: the kernels index with int32
 MAX_LAYERS = MAX_HEAD_DIM = 1 << 16  # per-layer and rotary tables are built from these before weights are read
 # transformers 5.24's defaults where its config classes differ (LlamaConfig, MistralConfig, Qwen2Config,
-# Qwen3Config, Phi3Config, Gemma3TextConfig): a field missing from config.json takes these; a field set to null
-# takes num_attention_heads (kv heads), hidden_size / num_attention_heads (head_dim) or turns sliding windows off.
+# Qwen3Config, Phi3Config, Gemma3TextConfig, SmolLM3Config): a field missing from config.json takes these; a field
+# set to null takes num_attention_heads (kv heads), hidden_size / num_attention_heads (head_dim) or turns sliding
+# windows off; rope_theta where it is not 10000 (the config class's default_theta).
 FAMILY_DEFAULTS = {
     "llama": {"max_position_embeddings": 2048, "num_key_value_heads": None, "sliding_window": None,
               "head_dim": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
@@ -47,6 +48,8 @@ FAMILY_DEFAULTS = {
              "head_dim": None, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
     "gemma3": {"max_position_embeddings": 131072, "num_key_value_heads": 4, "sliding_window": 4096,
                "head_dim": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+    "smollm3": {"max_position_embeddings": 32768, "num_key_value_heads": 4, "sliding_window": None,
+                "head_dim": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "rope_theta": 2_000_000.0},
 }
 GEMMA3_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}  # Gemma3TextConfig.default_theta
 
@@ -81,7 +84,8 @@ class DecoderSpec:
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm of each q and k head (q_norm, k_norm) before the rotary embedding
     fused_projections: bool = False  # Phi-3: qkv_proj (q, k, v rows) and gate_up_proj (gate, up rows)
     rope_context: int | None = None  # longrope with its short factors: the positions they are for (the context's cap)
-    layer_ropes: tuple[RopeSpec, ...] = ()  # per layer where layers differ (Gemma 3's local and global); () = rope
+    # per layer where layers differ (Gemma 3's local and global tables; SmolLM3's NoPE layers: None); () = rope
+    layer_ropes: tuple[RopeSpec | None, ...] = ()
     norm_offset: float = 0.0  # Gemma: RMSNorm weights are stored as w and multiply by norm_offset + w
     sandwich_norms: bool = False  # Gemma 3: post_attention_layernorm on the attention's output, pre_ and
     #                               post_feedforward_layernorm around the MLP (Llama's post_attention is Gemma's pre_ff)
@@ -98,7 +102,8 @@ class DecoderSpec:
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
-    def rope_of(self, layer: int) -> RopeSpec:
+    def rope_of(self, layer: int) -> RopeSpec | None:
+        """The layer's rotary table (None: the layer has no position embedding)."""
         return self.layer_ropes[layer] if self.layer_ropes else self.rope
 
 
@@ -185,7 +190,7 @@ def architecture(config: dict, source: str = "config.json") -> tuple[str, str]:
 
 
 def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
-    """A Llama-family config (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3's text model)."""
+    """A Llama-family config (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3's text model, SmolLM3)."""
     arch, family = architecture(config, source)
     if family == "gemma3":
         config = GEMMA3_SIZES | config
@@ -226,9 +231,9 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
     attention_bias = r.get("attention_bias", bool, default=False)
     qkv_bias = {"llama": attention_bias, "mistral": False, "qwen2": True, "qwen3": attention_bias,
-                "phi3": False, "gemma3": attention_bias}[family]
-    o_bias = family in ("llama", "qwen3", "gemma3") and qkv_bias
-    mlp_bias = family == "llama" and r.get("mlp_bias", bool, default=False)
+                "phi3": False, "gemma3": attention_bias, "smollm3": attention_bias}[family]
+    o_bias = family in ("llama", "qwen3", "gemma3", "smollm3") and qkv_bias
+    mlp_bias = family in ("llama", "smollm3") and r.get("mlp_bias", bool, default=False)
     windows = _sliding_windows(r, family, layers)
     gemma = family == "gemma3"
     if gemma:  # a rotary table per layer type (layer_types, as _sliding_windows checked them)
@@ -238,6 +243,8 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
             tuple(tables[t] for t in types)
     else:
         (rope, rope_context), layer_ropes = _rope_spec(r, head_dim, max_pos, family), ()
+        if family == "smollm3":  # NoPE layers: no rotary embedding at all
+            layer_ropes = tuple(rope if use else None for use in _smollm3_rope_layers(r, layers))
     return DecoderSpec(
         architecture=arch,
         vocab_size=r.get("vocab_size", int, required=True, positive=True),
@@ -282,6 +289,15 @@ def _sliding_windows(r: _Reader, family: str, layers: int) -> tuple[int, ...]:
     window = r.get("sliding_window", int, positive=True, default=default)
     if family == "phi3":  # (Phi3Model: a sliding-window mask on every layer when sliding_window is set)
         return (window or 0,) * layers
+    if family == "smollm3":  # (with use_sliding_window, on the layers layer_types names; by default the NoPE ones)
+        if not r.get("use_sliding_window", bool, default=False) or window is None:
+            return (0,) * layers
+        types = r.get("layer_types", list)
+        if types is None:
+            return tuple(0 if use else window for use in _smollm3_rope_layers(r, layers))
+        if len(types) != layers or not all(t in ("full_attention", "sliding_attention") for t in types):
+            raise r.fail("field 'layer_types' must list 'full_attention'/'sliding_attention' for each layer")
+        return tuple(window if t == "sliding_attention" else 0 for t in types)
     if family == "gemma3":  # (null: the sliding_attention layers attend to everything, with the local rotary table)
         return tuple((window or 0) if t == "sliding_attention" else 0 for t in _gemma3_layer_types(r, layers))
     if family == "mistral":
@@ -301,6 +317,18 @@ def _sliding_windows(r: _Reader, family: str, layers: int) -> tuple[int, ...]:
         raise r.fail("layer_types has sliding_attention layers but no sliding window is in use "
                      "(sliding_window with use_sliding_window)")
     return tuple(window if t == "sliding_attention" else 0 for t in layer_types)
+
+
+def _smollm3_rope_layers(r: _Reader, layers: int) -> tuple[bool, ...]:
+    """SmolLM3Config's no_rope_layers (1: the layer has a rotary embedding), else every
+    no_rope_layer_interval-th layer (4 by default) without one."""
+    flags = r.get("no_rope_layers", list)
+    if flags is None:
+        interval = r.get("no_rope_layer_interval", int, default=4, positive=True)
+        return tuple((i + 1) % interval != 0 for i in range(layers))
+    if len(flags) != layers or not all(f in (0, 1) and not isinstance(f, float) for f in flags):
+        raise r.fail(f"field 'no_rope_layers' must hold {layers} flags, 1 or 0 (one per layer), got {flags!r}"[:300])
+    return tuple(bool(f) for f in flags)
 
 
 def _gemma3_layer_types(r: _Reader, layers: int) -> tuple[str, ...]:
@@ -360,7 +388,7 @@ def rope_parameters(r: _Reader, max_pos: int, family: str = "llama", layer_type:
     if "layer_types" in config and any(isinstance(v, dict) for v in params.values()):
         raise r.fail("per-layer rope_parameters are not supported")
     params.setdefault("rope_type", params.get("type", "default"))
-    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    params.setdefault("rope_theta", config.get("rope_theta", FAMILY_DEFAULTS.get(family, {}).get("rope_theta", 1e4)))
     if config.get("partial_rotary_factor") is not None:
         params.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
     if family == "phi3" and params["rope_type"] == "yarn":
