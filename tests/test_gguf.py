@@ -239,6 +239,26 @@ def test_spm_tokenizer_matches_llama_cpp(tmp_path, name):
         assert ours.encode(text).ids == theirs.tokenize(text.encode(), add_bos=True, special=True), text
 
 
+def test_end_of_turn_tokens_are_special_whatever_their_type(tmp_path):
+    """llama.cpp makes every token it ends generation at by its text a control token: a Gemma tokenizer saved
+    by transformers 5 has no added_tokens_decoder, so convert_hf_to_gguf writes <start_of_turn> and
+    <end_of_turn> as normal tokens, and llama.cpp still reads a chat template's <end_of_turn> as one token."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    meta = spm_tokenizer_metadata(CORPUS, 300)
+    extra = ["<start_of_turn>", "<end_of_turn>", "<|im_end|>"]
+    meta["tokenizer.ggml.tokens"] += extra
+    meta["tokenizer.ggml.scores"] += [0.0] * len(extra)
+    meta["tokenizer.ggml.token_type"] += [int(gguf.TokenType.NORMAL)] * 2 + [int(gguf.TokenType.USER_DEFINED)]
+    path = _gguf_with_tokenizer(tmp_path, meta)
+    ours = open_source(path).tokenizer
+    theirs = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    end = meta["tokenizer.ggml.tokens"].index("<end_of_turn>")
+    for text in ["<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", "a<end_of_turn>b",
+                 "x <|im_end|> y"]:
+        assert ours.encode(text).ids == theirs.tokenize(text.encode(), add_bos=True, special=True), text
+    assert end in ours.encode("a<end_of_turn>b").ids
+
+
 def test_compile_notes_a_missing_tokenizer_only_when_the_file_has_none(tmp_path):
     """The embedded tokenizer counts: a note for a GGUF file without one only."""
     import io

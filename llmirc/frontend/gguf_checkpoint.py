@@ -56,7 +56,7 @@ from .checkpoint import Checkpoint, finite
 from .context import Limit
 from .gguf_quants import FORMATS, Unpacked, dequantize, unpack
 from .packed import gguf_qtype
-from .gguf_tokenizer import build_tokenizer
+from .gguf_tokenizer import EOG_TEXTS, build_tokenizer
 
 SPLIT_NAME = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")  # gguf-split's file names (NAME-00001-of-00003.gguf)
 
@@ -86,13 +86,9 @@ STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # -> llmirc.d
 FLOAT_ONLY = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0", "MXFP4")
 _MISSING = object()
 
-# llama.cpp's end-of-generation tokens found by their text (llama-vocab.cpp, llama_vocab::impl::load, 0.3.36):
-# every token so named ends generation, and so do the FIM pad/repo/separator tokens, given by their
-# tokenizer.ggml.fim_*_token_id or else found by these texts (the first token of each).
-EOG_TEXTS = frozenset((
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
-    "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
-    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~["))
+# llama.cpp's end-of-generation tokens found by their text (EOG_TEXTS, gguf_tokenizer): every token so named
+# ends generation, and so do the FIM pad/repo/separator tokens, given by their tokenizer.ggml.fim_*_token_id or
+# else found by these texts (the first token of each).
 FIM_EOG_TEXTS = {"fim_pad_token_id": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
                  "fim_rep_token_id": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
                  "fim_sep_token_id": ("<|file_sep|>",)}

@@ -14,7 +14,8 @@ means, and this conversion follows it:
   prepended to every piece of text (the first and each after a special token) unless
   `tokenizer.ggml.add_space_prefix` is false; bos is added unless `tokenizer.ggml.add_bos_token` is false.
 
-Tokens of type CONTROL and UNKNOWN become special added tokens, USER_DEFINED ones plain added
+Tokens of type CONTROL and UNKNOWN become special added tokens, and so do those llama.cpp ends
+generation at by their text (EOG_TEXTS: it makes them control tokens), USER_DEFINED ones plain added
 tokens (llama.cpp matches all three whole in the text; for a model whose general.name says Phi-3,
 white space after them is dropped, but after <unk>, <s> and <|endoftext|>, as llama.cpp does).
 bos/eos are added by the post-processor. transformers' own GGUF conversion
@@ -29,6 +30,15 @@ from __future__ import annotations
 from llmirc.errors import CheckpointError
 
 CONTROL, UNKNOWN, USER_DEFINED = 3, 2, 4  # gguf.TokenType
+
+# llama.cpp's end-of-generation tokens found by their text (llama-vocab.cpp, llama_vocab::impl::load, 0.3.36). It
+# makes each a control token whatever its tokenizer.ggml.token_type ("control-looking token ... was not
+# control-type ... its type will be overridden"), so a chat template's <end_of_turn> is one token there even in a
+# file whose converter found no added_tokens_decoder (a tokenizer saved by transformers 5).
+EOG_TEXTS = frozenset((
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
+    "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
+    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~["))
 
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"  # ASCII case only, as llama.cpp
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -155,10 +165,10 @@ def build_tokenizer(meta: dict, source: str):
     def rstrip(i: int) -> bool:
         return phi3 and tokens[i] not in ("<unk>", "<s>", "<|endoftext|>")
 
-    specials = [i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)]
+    specials = [i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN) or tokens[i] in EOG_TEXTS]
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False, rstrip=rstrip(i)) for i in specials])
     tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False, rstrip=rstrip(i))
-                    for i, t in enumerate(types) if t == USER_DEFINED])
+                    for i, t in enumerate(types) if t == USER_DEFINED and tokens[i] not in EOG_TEXTS])
 
     add_bos = meta.get("tokenizer.ggml.add_bos_token", add_bos_default) is True and bos is not None
     add_eos = meta.get("tokenizer.ggml.add_eos_token", False) is True and eos is not None
