@@ -811,6 +811,16 @@ def test_inspect_shows_the_compile_options_as_flags():
         "--quant int4 --quant-keep none --quant-rotate gpu_pdl=True"
 
 
+def test_inspect_says_on_how_many_layers_the_window_slides():
+    """Gemma 3 slides its window on five layers of six: inspect said `sliding window [8]` as for Mistral's,
+    whose every layer slides."""
+    from llmirc.runtime.inspect import _windows
+
+    assert _windows({"sliding_windows": [8, 8, 8, 8, 8, 0, 8]}) == ", sliding window [8] on 6 of 7 layers"
+    assert _windows({"sliding_windows": [8, 8]}) == ", sliding window [8]"
+    assert _windows({"sliding_windows": [0, 0]}) == _windows({}) == ""
+
+
 def test_inspect_says_an_int8_table_is_stored_per_row():
     """--quant int8 --quant-keep none stores a table (and its tied head) in 8 bits per row: inspect said
     `groups of 64` for the table (its row is `dim`, not `k`) and `per output row` for the head."""

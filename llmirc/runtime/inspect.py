@@ -247,15 +247,26 @@ def describe(info: dict) -> str:
         raise BundleError(f"bundle {info['bundle']}: manifest.json has a malformed entry ({e})") from None
 
 
+def _windows(model: dict) -> str:
+    """', sliding window [W, ...]' of the manifest's per-layer windows (0: full attention), and on how many
+    layers where the others attend in full (Gemma 3's five of every six)."""
+    per_layer = list(model.get("sliding_windows", []) or [])
+    windows = sorted(set(per_layer) - {0})
+    if not windows:
+        return ""
+    sliding = sum(1 for w in per_layer if w)
+    return f", sliding window {windows}" + (f" on {sliding} of {len(per_layer)} layers" if sliding < len(per_layer)
+                                             else "")
+
+
 def _describe(info: dict) -> str:
     model, kv = info["model"] or {}, info["kv_cache"] or {}
-    windows = sorted(set(model.get("sliding_windows", []) or [0]) - {0})
     lines = [
         f"bundle     {info['bundle']}  (format {info['format_version']}, {info['producer']}, {info['created_utc']})",
         f"model      {model.get('architecture')}: {_layers(model)}vocab {model.get('vocab_size')}, "
         f"context {model.get('max_position_embeddings')}"
         + (f" ({model['context_from']})" if model.get("context_from") else "")
-        + (f", sliding window {windows}" if windows else ""),
+        + _windows(model),
         f"weights    {info['weights']['parameters'] / 1e6:.2f}M parameters in {info['weights']['tensors']} tensors: "
         + ", ".join(f"{n / 2**20:.2f} MiB {d}" for d, n in info["weights"]["bytes_by_dtype"].items())
         + f" ({len(info['weights']['derived'])} concatenated, transposed or cast at compile time)",
