@@ -32,6 +32,31 @@ from multiprocessing import get_context, resource_tracker
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def held_signals() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP that arrive inside the block take effect as it ends (their handlers
+    run then, raising there): for a few lines that must not stop half done, as starting a process
+    whose pid the caller needs to kill it. Outside the main thread (where handlers cannot be set)
+    it holds nothing."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in STOPS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in arrived:
+            signal.raise_signal(signum)
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

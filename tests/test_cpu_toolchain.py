@@ -538,3 +538,48 @@ def test_the_loader_runs_the_fitting_library_needing_the_most_features(monkeypat
     if platform.machine() == "x86_64":  # AT_HWCAP is read on aarch64 only
         monkeypatch.undo()
         assert "asimd" not in cpu_executor.host_cpu_flags()
+
+
+class _Stopped(BaseException):
+    pass
+
+
+def test_a_stop_while_the_linker_starts_kills_its_process_group(tmp_path, monkeypatch):
+    """A SIGTERM landing inside subprocess.Popen once cc runs (seen on a loaded CI host): it is held until Popen
+    returns, so cc's process group is killed; the exception left Popen with no pid to kill, and cc's child ran on."""
+    import os
+    import signal
+    import time
+
+    child = tmp_path / "child"
+    script = tmp_path / "cc"
+    script.write_text(f'#!/bin/sh\nsleep 60 &\necho $! > "{child}"\nwait\n')
+    script.chmod(0o755)
+    real = subprocess.Popen
+
+    class StoppedWhileStarting(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            while not child.exists() or not child.read_text().strip():  # (cc and its child running)
+                time.sleep(0.01)
+            signal.raise_signal(signal.SIGTERM)
+
+    def stop(signum, frame):
+        raise _Stopped()
+
+    monkeypatch.setattr(subprocess, "Popen", StoppedWhileStarting)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(_Stopped):
+            tc._run_group([str(script)], dict(os.environ))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    pid = int(child.read_text())
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text() \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    if alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "cc's child ran on"

@@ -40,7 +40,7 @@ import llvmlite.binding as llvm
 from llmirc.cache import store
 from llmirc.errors import LlmircError, UsageError
 from llmirc.scratch import scratch_dir
-from llmirc.targets.workers import run_tasks, worker_count, worker_pool
+from llmirc.targets.workers import held_signals, run_tasks, worker_count, worker_pool
 
 __all__ = [
     "CpuVariant", "host_variant", "baseline_variant", "variants_for", "known_variant_names",
@@ -436,15 +436,20 @@ def _run_group(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
     (cc1, as, ld) ran on after subprocess.run killed cc alone."""
     import signal
 
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                          start_new_session=True) as proc:
-        try:
-            out, err = proc.communicate()
-        except BaseException:
+    proc = None
+    try:
+        with held_signals():  # (a stop inside Popen, once cc runs, would leave it no pid to kill: a loaded CI host)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                    start_new_session=True)
+        out, err = proc.communicate()
+    except BaseException:
+        if proc is not None:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             proc.wait()
-            raise
+            proc.stdout.close()
+            proc.stderr.close()
+        raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
