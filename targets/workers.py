@@ -51,8 +51,8 @@ def held_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in previous.items():  # (None: a handler not set from Python, which cannot be put back)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         for signum in arrived:
             signal.raise_signal(signum)
 
