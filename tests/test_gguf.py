@@ -245,16 +245,18 @@ def test_end_of_turn_tokens_are_special_whatever_their_type(tmp_path):
     <end_of_turn> as normal tokens, and llama.cpp still reads a chat template's <end_of_turn> as one token."""
     llama_cpp = pytest.importorskip("llama_cpp")
     meta = spm_tokenizer_metadata(CORPUS, 300)
-    extra = ["<start_of_turn>", "<end_of_turn>", "<|im_end|>"]
+    # (and fill-in-the-middle tokens found by their text, when the file names none)
+    extra = ["<start_of_turn>", "<end_of_turn>", "<|im_end|>", "<|fim_prefix|>", "<|fim_suffix|>"]
     meta["tokenizer.ggml.tokens"] += extra
     meta["tokenizer.ggml.scores"] += [0.0] * len(extra)
-    meta["tokenizer.ggml.token_type"] += [int(gguf.TokenType.NORMAL)] * 2 + [int(gguf.TokenType.USER_DEFINED)]
+    meta["tokenizer.ggml.token_type"] += [int(gguf.TokenType.NORMAL)] * 2 + [int(gguf.TokenType.USER_DEFINED)] + \
+        [int(gguf.TokenType.NORMAL)] * 2
     path = _gguf_with_tokenizer(tmp_path, meta)
     ours = open_source(path).tokenizer
     theirs = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     end = meta["tokenizer.ggml.tokens"].index("<end_of_turn>")
     for text in ["<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", "a<end_of_turn>b",
-                 "x <|im_end|> y"]:
+                 "x <|im_end|> y", "<|fim_prefix|>def f(<|fim_suffix|>)"]:
         assert ours.encode(text).ids == theirs.tokenize(text.encode(), add_bos=True, special=True), text
     assert end in ours.encode("a<end_of_turn>b").ids
 

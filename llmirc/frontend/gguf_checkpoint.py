@@ -56,7 +56,7 @@ from .checkpoint import Checkpoint, finite
 from .context import Limit
 from .gguf_quants import FORMATS, Unpacked, dequantize, unpack
 from .packed import gguf_qtype
-from .gguf_tokenizer import EOG_TEXTS, build_tokenizer
+from .gguf_tokenizer import EOG_TEXTS, build_tokenizer, fim_tokens
 
 SPLIT_NAME = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")  # gguf-split's file names (NAME-00001-of-00003.gguf)
 
@@ -86,12 +86,9 @@ STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # -> llmirc.d
 FLOAT_ONLY = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0", "MXFP4")
 _MISSING = object()
 
-# llama.cpp's end-of-generation tokens found by their text (EOG_TEXTS, gguf_tokenizer): every token so named
-# ends generation, and so do the FIM pad/repo/separator tokens, given by their tokenizer.ggml.fim_*_token_id or
-# else found by these texts (the first token of each).
-FIM_EOG_TEXTS = {"fim_pad_token_id": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
-                 "fim_rep_token_id": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
-                 "fim_sep_token_id": ("<|file_sep|>",)}
+# llama.cpp's end-of-generation tokens besides eos/eot/eom: those named as EOG_TEXTS says (gguf_tokenizer), and
+# the FIM pad/repo/separator tokens (gguf_tokenizer.fim_tokens: the file's ids, or found by their texts).
+FIM_EOG = ("fim_pad_token_id", "fim_rep_token_id", "fim_sep_token_id")
 
 # Keys that change the math of these architectures in llama.cpp, with the value that does not.
 _NEUTRAL = {"attention.scale": None, "logit_scale": 1.0, "attention.clamp_kqv": 0.0, "attention.max_alibi_bias": 0.0,
@@ -519,13 +516,7 @@ class GgufCheckpoint:
             return []
         ids = {t: i for i, t in enumerate(tokens) if isinstance(t, str) and i < vocab}  # (the last of a text)
         found = [i for t, i in ids.items() if t in EOG_TEXTS]
-        for key, texts in FIM_EOG_TEXTS.items():
-            given = self.meta.get("tokenizer.ggml." + key)
-            if isinstance(given, int) and 0 <= given < vocab:
-                found.append(given)
-            else:
-                first = min((i for t, i in ids.items() if t in texts), default=None)
-                found += [] if first is None else [first]
+        found += [i for key, i in fim_tokens(self.meta, tokens, vocab).items() if key in FIM_EOG]
         if {"<|return|>", "<|call|>"} <= ids.keys() or {"<|calls|>", "<|flush|>"} <= ids.keys():
             found = [i for i in found if i != ids.get("<|end|>")]
         return sorted(set(found))

@@ -15,7 +15,8 @@ means, and this conversion follows it:
   `tokenizer.ggml.add_space_prefix` is false; bos is added unless `tokenizer.ggml.add_bos_token` is false.
 
 Tokens of type CONTROL and UNKNOWN become special added tokens, and so do those llama.cpp ends
-generation at by their text (EOG_TEXTS: it makes them control tokens), USER_DEFINED ones plain added
+generation at or takes as fill-in-the-middle tokens by their text (EOG_TEXTS, FIM_TEXTS: it makes them
+control tokens), USER_DEFINED ones plain added
 tokens (llama.cpp matches all three whole in the text; for a model whose general.name says Phi-3,
 white space after them is dropped, but after <unk>, <s> and <|endoftext|>, as llama.cpp does).
 bos/eos are added by the post-processor. transformers' own GGUF conversion
@@ -39,6 +40,37 @@ EOG_TEXTS = frozenset((
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
     "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
     "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~["))
+
+# llama.cpp's fill-in-the-middle tokens by their text, for each tokenizer.ggml.fim_*_token_id a file does not give
+# (llama_vocab::impl::load, 0.3.36): the first token with one of these texts is that FIM token, made a control
+# token whatever its type; the pad, repo and separator ones end generation too.
+FIM_TEXTS = {
+    "fim_pre_token_id": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\uff5cfim\u2581begin\uff5c>", "<PRE>",
+                         "\u2581<PRE>", "<|code_prefix|>", "<|prefix|>"),
+    "fim_suf_token_id": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<\uff5cfim\u2581hole\uff5c>", "<SUF>",
+                         "\u2581<SUF>", "<|code_suffix|>", "<|suffix|>"),
+    "fim_mid_token_id": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<\uff5cfim\u2581end\uff5c>", "<MID>",
+                         "\u2581<MID>", "<|code_middle|>", "<|middle|>"),
+    "fim_pad_token_id": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
+    "fim_rep_token_id": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "fim_sep_token_id": ("<|file_sep|>",),
+}
+
+
+def fim_tokens(meta: dict, tokens: list, vocab: int) -> dict[str, int]:
+    """{tokenizer.ggml.fim_*_token_id key: token id} for the FIM tokens llama.cpp knows: the id the file gives,
+    else the first token (lowest id: llama.cpp takes the first its hash map yields) with one of FIM_TEXTS."""
+    found = {}
+    for key, texts in FIM_TEXTS.items():
+        given = meta.get("tokenizer.ggml." + key)
+        if isinstance(given, int) and not isinstance(given, bool) and 0 <= given < vocab:
+            found[key] = given
+        else:
+            first = min((i for i, t in enumerate(tokens[:vocab]) if t in texts), default=None)
+            if first is not None:
+                found[key] = first
+    return found
+
 
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"  # ASCII case only, as llama.cpp
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -165,10 +197,14 @@ def build_tokenizer(meta: dict, source: str):
     def rstrip(i: int) -> bool:
         return phi3 and tokens[i] not in ("<unk>", "<s>", "<|endoftext|>")
 
-    specials = [i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN) or tokens[i] in EOG_TEXTS]
+    given = {meta.get("tokenizer.ggml." + key) for key in FIM_TEXTS}
+    control = {i for key, i in fim_tokens(meta, tokens, len(tokens)).items()
+               if i not in given}  # (found by text: llama.cpp makes them control; one the file names keeps its type)
+    control |= {i for i, t in enumerate(tokens) if t in EOG_TEXTS}
+    specials = [i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN) or i in control]
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False, rstrip=rstrip(i)) for i in specials])
     tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False, rstrip=rstrip(i))
-                    for i, t in enumerate(types) if t == USER_DEFINED and tokens[i] not in EOG_TEXTS])
+                    for i, t in enumerate(types) if t == USER_DEFINED and i not in control])
 
     add_bos = meta.get("tokenizer.ggml.add_bos_token", add_bos_default) is True and bos is not None
     add_eos = meta.get("tokenizer.ggml.add_eos_token", False) is True and eos is not None
