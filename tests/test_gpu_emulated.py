@@ -187,12 +187,14 @@ class Emulated(Driver):
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    """A bf16 llama (hidden 64, 2 layers; intermediate 1024, so down_proj splits k in the T <= 16 and
-    T <= 128 variants, which share a workspace) compiled for cpu and cuda sm_90, its Triton cache its own."""
+    """A bf16 Gemma 3 (hidden 64, 2 layers: a sliding window of 8 on the first; the scaled embedding, q/k and
+    sandwich norms; intermediate 1024, so down_proj splits k in the T <= 16 and T <= 128 variants, which share
+    a workspace) compiled for cpu and cuda sm_90, its Triton cache its own."""
     tmp = tmp_path_factory.mktemp("gpu-emulated")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMIRC_CACHE_DIR", str(tmp / "cache"))
-        make_checkpoint(tmp / "ckpt", "llama", dtype="bfloat16", intermediate_size=1024)
+        make_checkpoint(tmp / "ckpt", "gemma3", dtype="bfloat16", intermediate_size=1024, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention"])
         compile_model(tmp / "ckpt", tmp / "m.llmir", CompileOptions(targets=("cpu", "cuda"), archs=("sm_90",),
                                                                     cpu_variants=("baseline",), jobs=2),
                       Progress(io.StringIO()))
