@@ -15,6 +15,8 @@ waited for. (A Ctrl-C landing in a wait for a worker could hang the exit for goo
 worker per usable CPU. Native code runs only in workers, even for one task: when it crashes (an
 assertion in llvmlite's LLVM, which is built with them, aborted a compile) the worker dies, not
 the compile, which reports it (run_tasks: WorkerDied) and cleans up as for any error.
+A tool the parent runs itself (the C linker) leads a process group too, killed whole on a stop;
+`held_signals` keeps a stop from landing between the tool's start and its pid being known.
 """
 
 from __future__ import annotations
