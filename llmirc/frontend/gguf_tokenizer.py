@@ -56,19 +56,23 @@ FIM_TEXTS = {
     "fim_sep_token_id": ("<|file_sep|>",),
 }
 
+_ALL_FIM_TEXTS = frozenset(t for texts in FIM_TEXTS.values() for t in texts)
+
 
 def fim_tokens(meta: dict, tokens: list, vocab: int) -> dict[str, int]:
     """{tokenizer.ggml.fim_*_token_id key: token id} for the FIM tokens llama.cpp knows: the id the file gives,
     else the first token (lowest id: llama.cpp takes the first its hash map yields) with one of FIM_TEXTS."""
+    first: dict[str, int] = {}  # FIM text -> its first token (one pass over a vocabulary of up to 262k)
+    for i, t in enumerate(tokens[:vocab]):
+        if isinstance(t, str) and t in _ALL_FIM_TEXTS:
+            first.setdefault(t, i)
     found = {}
     for key, texts in FIM_TEXTS.items():
         given = meta.get("tokenizer.ggml." + key)
         if isinstance(given, int) and not isinstance(given, bool) and 0 <= given < vocab:
             found[key] = given
-        else:
-            first = min((i for i, t in enumerate(tokens[:vocab]) if t in texts), default=None)
-            if first is not None:
-                found[key] = first
+        elif ids := [first[t] for t in texts if t in first]:
+            found[key] = min(ids)
     return found
 
 

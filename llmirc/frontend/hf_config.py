@@ -292,11 +292,8 @@ def _sliding_windows(r: _Reader, family: str, layers: int) -> tuple[int, ...]:
     if family == "smollm3":  # (with use_sliding_window, on the layers layer_types names; by default the NoPE ones)
         if not r.get("use_sliding_window", bool, default=False) or window is None:
             return (0,) * layers
-        types = r.get("layer_types", list)
-        if types is None:
-            return tuple(0 if use else window for use in _smollm3_rope_layers(r, layers))
-        if len(types) != layers or not all(t in ("full_attention", "sliding_attention") for t in types):
-            raise r.fail("field 'layer_types' must list 'full_attention'/'sliding_attention' for each layer")
+        types = _layer_types(r, layers) or tuple("full_attention" if use else "sliding_attention"
+                                                 for use in _smollm3_rope_layers(r, layers))
         return tuple(window if t == "sliding_attention" else 0 for t in types)
     if family == "gemma3":  # (null: the sliding_attention layers attend to everything, with the local rotary table)
         return tuple((window or 0) if t == "sliding_attention" else 0 for t in _gemma3_layer_types(r, layers))
@@ -307,16 +304,23 @@ def _sliding_windows(r: _Reader, family: str, layers: int) -> tuple[int, ...]:
         return (window or 0,) * layers
     if not r.get("use_sliding_window", bool, default=False):
         window = None
-    layer_types = r.get("layer_types", list)
+    layer_types = _layer_types(r, layers)
     if layer_types is None:
         first = r.get("max_window_layers", int, default=28)
         return tuple(window if window is not None and i >= first else 0 for i in range(layers))
-    if len(layer_types) != layers or not all(t in ("full_attention", "sliding_attention") for t in layer_types):
-        raise r.fail("field 'layer_types' must list 'full_attention'/'sliding_attention' for each layer")
     if "sliding_attention" in layer_types and window is None:
         raise r.fail("layer_types has sliding_attention layers but no sliding window is in use "
                      "(sliding_window with use_sliding_window)")
     return tuple(window if t == "sliding_attention" else 0 for t in layer_types)
+
+
+def _layer_types(r: _Reader, layers: int) -> tuple[str, ...] | None:
+    """config.json's layer_types, 'full_attention' or 'sliding_attention' for each layer; None when absent."""
+    types = r.get("layer_types", list)
+    if types is not None and (len(types) != layers or
+                              not all(t in ("full_attention", "sliding_attention") for t in types)):
+        raise r.fail("field 'layer_types' must list 'full_attention'/'sliding_attention' for each layer")
+    return None if types is None else tuple(types)
 
 
 def _smollm3_rope_layers(r: _Reader, layers: int) -> tuple[bool, ...]:
@@ -334,13 +338,11 @@ def _smollm3_rope_layers(r: _Reader, layers: int) -> tuple[bool, ...]:
 def _gemma3_layer_types(r: _Reader, layers: int) -> tuple[str, ...]:
     """Gemma3TextConfig's layer_types: the field, else every sliding_window_pattern-th layer (6 by default)
     full_attention and the others sliding_attention."""
-    types = r.get("layer_types", list)
+    types = _layer_types(r, layers)
     if types is None:
         pattern = r.get("sliding_window_pattern", int, default=6, positive=True)
         return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers))
-    if len(types) != layers or not all(t in ("full_attention", "sliding_attention") for t in types):
-        raise r.fail("field 'layer_types' must list 'full_attention'/'sliding_attention' for each layer")
-    return tuple(types)
+    return types
 
 
 def _gemma3_rope_parameters(r: _Reader, max_pos: int, layer_type: str) -> dict:
