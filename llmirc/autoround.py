@@ -96,10 +96,12 @@ def layer_norm_vjp(x: np.ndarray, g: np.ndarray, eps: float, dy: np.ndarray) -> 
 
 
 def attention_vjp(q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarray, heads: int, kv_heads: int,
-                  head_dim: int, window: int, scale: float, starts: np.ndarray) -> tuple[np.ndarray, ...]:
+                  head_dim: int, window: int, scale: float, starts: np.ndarray,
+                  softcap: float = 0.0) -> tuple[np.ndarray, ...]:
     """(dq, dk, dv) of causal grouped-query attention within each sequence [starts[i],
     starts[i+1]) (q [N, heads*head_dim], k and v [N, kv_heads*head_dim], a sliding `window` when
-    not 0), given dL/dout [N, heads*head_dim]: softmax's backward, dS = P (dP - rowsum(dP P))."""
+    not 0, scores softcap * tanh(s / softcap) when softcap is not 0), given dL/dout [N, heads*head_dim]:
+    softmax's backward, dS = P (dP - rowsum(dP P)), times the cap's 1 - tanh^2."""
     g, d, r = kv_heads, head_dim, heads // kv_heads
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     for a, b in zip(starts[:-1], starts[1:]):
@@ -108,9 +110,15 @@ def attention_vjp(q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarray,
         ks = k[a:b].reshape(n, g, d).transpose(1, 0, 2)[:, None]    # [g, 1, n, d]
         vs = v[a:b].reshape(n, g, d).transpose(1, 0, 2)[:, None]
         do = dout[a:b].reshape(n, g, r, d).transpose(1, 2, 0, 3)
-        p = causal_softmax((qs @ ks.transpose(0, 1, 3, 2)) * scale, window)
+        s = (qs @ ks.transpose(0, 1, 3, 2)) * scale
+        if softcap:
+            t = np.tanh(s / softcap)
+            s = softcap * t
+        p = causal_softmax(s, window)
         dp = do @ vs.transpose(0, 1, 3, 2)                           # [g, r, n, n]
         ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * scale
+        if softcap:
+            ds *= 1 - t * t
         dq[a:b] = (ds @ ks).transpose(2, 0, 1, 3).reshape(n, heads * d)
         dk[a:b] = (ds.transpose(0, 1, 3, 2) @ qs).sum(1).transpose(1, 0, 2).reshape(n, g * d)
         dv[a:b] = (p.transpose(0, 1, 3, 2) @ do).sum(1).transpose(1, 0, 2).reshape(n, g * d)
@@ -295,7 +303,7 @@ class Layer:
         elif isinstance(op, L.AttentionOp):
             h, g, d = (a.value.data for a in (op.num_heads, op.num_kv_heads, op.head_dim))
             grads = attention_vjp(env[op.q], env[op.k], env[op.v], dy, h, g, d, op.sliding_window.value.data,
-                                  op.scale.value.data, starts)
+                                  op.scale.value.data, starts, op.softcap_value())
             yield from zip((op.q, op.k, op.v), grads)
         elif isinstance(op, L.ActMulOp):
             gate, act = env[op.gate], op.act.data
@@ -303,6 +311,9 @@ class Layer:
             yield op.up, dy * REFERENCE[act](gate)
         elif isinstance(op, L.ActOp):
             yield op.input, dy * DERIVATIVE[op.act.data](env[op.input])
+        elif isinstance(op, L.SoftcapOp):
+            t = np.tanh(env[op.input] / np.float32(op.cap.value.data))
+            yield op.input, dy * (1 - t * t)
         elif isinstance(op, L.AddOp):
             yield op.lhs, dy
             yield op.rhs, dy

@@ -324,6 +324,9 @@ def _run(op: Operation, env: dict, source, starts: np.ndarray) -> list[np.ndarra
         return [REFERENCE[op.act.data](get(op.gate)) * get(op.up)]
     if isinstance(op, L.ActOp):
         return [REFERENCE[op.act.data](get(op.input))]
+    if isinstance(op, L.SoftcapOp):
+        cap = np.float32(op.cap.value.data)
+        return [cap * np.tanh(get(op.input) / cap)]
     if isinstance(op, L.AddOp):
         return [get(op.lhs) + get(op.rhs)]
     if isinstance(op, L.SplitOp):
@@ -356,7 +359,7 @@ def _rope(op: L.RopeOp, x: np.ndarray, pos: np.ndarray, sign: float = 1.0) -> np
 def _attention(op: L.AttentionOp, q: np.ndarray, k: np.ndarray, v: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """Causal attention within each window (grouped-query; a sliding window when set)."""
     h, g, d = (a.value.data for a in (op.num_heads, op.num_kv_heads, op.head_dim))
-    win, scale = op.sliding_window.value.data, op.scale.value.data
+    win, scale, cap = op.sliding_window.value.data, op.scale.value.data, op.softcap_value()
     out = np.empty_like(q)
     for a, b in zip(starts[:-1], starts[1:]):
         n = b - a
@@ -364,6 +367,8 @@ def _attention(op: L.AttentionOp, q: np.ndarray, k: np.ndarray, v: np.ndarray, s
         ks = k[a:b].reshape(n, g, d).transpose(1, 0, 2)[:, None]       # [g, 1, n, d]
         vs = v[a:b].reshape(n, g, d).transpose(1, 0, 2)[:, None]
         s = (qs @ ks.transpose(0, 1, 3, 2)) * np.float32(scale)        # [g, r, n, n]
+        if cap:  # (Gemma 2)
+            s = np.float32(cap) * np.tanh(s / np.float32(cap))
         o = causal_softmax(s, win) @ vs                                 # [g, r, n, d]
         out[a:b] = o.transpose(2, 0, 1, 3).reshape(n, h * d)
     return out

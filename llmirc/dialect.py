@@ -20,6 +20,7 @@ unregistered dialect); tests/test_ir.py checks that (iree.compiler's MLIR).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from xdsl.dialects.builtin import (
@@ -626,16 +627,24 @@ class _AttentionShape(_LlmirOp):
     head_dim = prop_def(IntegerAttr)
     scale = prop_def(FloatAttr)
     sliding_window = prop_def(IntegerAttr)  # 0: attend to the whole prefix
+    softcap = opt_prop_def(FloatAttr)  # scores capped to softcap * tanh(s / softcap) (Gemma 2); absent: not capped
 
     def _dims(self) -> tuple[int, int, int]:
         h, g, d = (a.value.data for a in (self.num_heads, self.num_kv_heads, self.head_dim))
         _check(h > 0 and g > 0 and d > 0 and h % g == 0, f"attention: {h} heads not divisible into {g} kv heads")
+        cap = self.softcap_value()
+        _check(self.softcap is None or 0.0 < cap < math.inf, f"attention: softcap must be finite and > 0, got {cap}")
         return h, g, d
 
+    def softcap_value(self) -> float:
+        """The softcap, 0.0 where the scores are not capped."""
+        return self.softcap.value.data if self.softcap is not None else 0.0
+
     @staticmethod
-    def props(num_heads, num_kv_heads, head_dim, scale, sliding_window) -> dict[str, Attribute]:
-        return {"num_heads": _i(num_heads), "num_kv_heads": _i(num_kv_heads), "head_dim": _i(head_dim),
-                "scale": _f(scale), "sliding_window": _i(sliding_window or 0)}
+    def props(num_heads, num_kv_heads, head_dim, scale, sliding_window, softcap=0.0) -> dict[str, Attribute]:
+        props = {"num_heads": _i(num_heads), "num_kv_heads": _i(num_kv_heads), "head_dim": _i(head_dim),
+                 "scale": _f(scale), "sliding_window": _i(sliding_window or 0)}
+        return props | ({"softcap": _f(softcap)} if softcap else {})
 
 
 @irdl_op_definition
@@ -651,9 +660,9 @@ class AttentionOp(_AttentionShape):
     v = operand_def(TensorType)
     result = result_def(TensorType)
 
-    def __init__(self, q, k, v, *, num_heads, num_kv_heads, head_dim, scale, sliding_window=0):
+    def __init__(self, q, k, v, *, num_heads, num_kv_heads, head_dim, scale, sliding_window=0, softcap=0.0):
         super().__init__(operands=[q, k, v], result_types=[q.type],
-                         properties=self.props(num_heads, num_kv_heads, head_dim, scale, sliding_window))
+                         properties=self.props(num_heads, num_kv_heads, head_dim, scale, sliding_window, softcap))
 
     def verify_(self) -> None:
         h, g, d = self._dims()
@@ -741,8 +750,8 @@ class PagedAttentionOp(_AttentionShape):
     result = result_def(TensorType)
 
     def __init__(self, q, pool, block_tables, seq_lens, query_start_loc, positions, *, layer,
-                 num_heads, num_kv_heads, head_dim, scale, sliding_window=0):
-        props = self.props(num_heads, num_kv_heads, head_dim, scale, sliding_window)
+                 num_heads, num_kv_heads, head_dim, scale, sliding_window=0, softcap=0.0):
+        props = self.props(num_heads, num_kv_heads, head_dim, scale, sliding_window, softcap)
         props["layer"] = _i(layer)
         super().__init__(operands=[q, pool, block_tables, seq_lens, query_start_loc, positions],
                          properties=props, result_types=[q.type])
@@ -788,6 +797,23 @@ class ActOp(_LlmirOp):
 
     def verify_(self) -> None:
         _check(self.act.data in ACTIVATIONS, f"unknown activation {self.act.data}")
+
+
+@irdl_op_definition
+class SoftcapOp(_LlmirOp):
+    """out = cap * tanh(x / cap): Gemma 2's soft-capping of the final logits (final_logit_softcapping)."""
+
+    name = "llmir.softcap"
+    input = operand_def(TensorType)
+    cap = prop_def(FloatAttr)
+    result = result_def(TensorType)
+
+    def __init__(self, input: SSAValue, cap: float):
+        super().__init__(operands=[input], properties={"cap": _f(cap)}, result_types=[input.type])
+
+    def verify_(self) -> None:
+        cap = self.cap.value.data
+        _check(0.0 < cap < math.inf, f"softcap: cap must be finite and > 0, got {cap}")
 
 
 @irdl_op_definition
@@ -871,7 +897,7 @@ LLMIR = Dialect(
     "llmir",
     [WeightOp, ConstantOp, ConcatOp, TransposeOp, CastOp, ScaleOp, OffsetOp, HadamardOp, QuantizeOp, PackedWeightOp,
      SplitOp, EmbeddingOp, RMSNormOp, LayerNormOp, LinearOp, RopeOp, AttentionOp, KVAppendOp, RopeKVAppendOp,
-     PagedAttentionOp, ActMulOp, ActOp, AddOp, GatherRowsOp, SqueezeBatchOp, UnsqueezeBatchOp],
+     PagedAttentionOp, ActMulOp, ActOp, SoftcapOp, AddOp, GatherRowsOp, SqueezeBatchOp, UnsqueezeBatchOp],
     [KVPoolType, QuantType],
 )
 

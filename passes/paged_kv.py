@@ -72,7 +72,7 @@ class PagedKV(ModulePass):
             paged = L.PagedAttentionOp(
                 att.q, append.result, tables, seq_lens, starts, positions, layer=layer,
                 num_heads=att.num_heads.value.data, num_kv_heads=kv_heads, head_dim=head_dim,
-                scale=att.scale.value.data, sliding_window=att.sliding_window.value.data)
+                scale=att.scale.value.data, sliding_window=att.sliding_window.value.data, softcap=att.softcap_value())
             block.insert_op_before(append, att)
             block.insert_op_before(paged, att)
             att.result.replace_all_uses_with(paged.result)

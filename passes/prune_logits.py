@@ -36,6 +36,7 @@ ROW_OPERANDS = {
     L.LayerNormOp: ("input",),
     L.ActMulOp: ("gate", "up"),
     L.ActOp: ("input",),
+    L.SoftcapOp: ("input",),
     L.AddOp: ("lhs", "rhs"),
     L.HadamardOp: ("input",),
 }

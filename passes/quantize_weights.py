@@ -118,9 +118,12 @@ def column_scale(w: SSAValue) -> SSAValue | None:
 
 
 def lm_head_of(module: ModuleOp) -> L.LinearOp | None:
-    """The linear op producing the logits (the forward function's first result), if one does."""
+    """The linear op producing the logits (the forward function's first result; through Gemma 2's
+    llmir.softcap of them), if one does."""
     ret = forward_func(module).get_return_op()
     logits = ret.operands[0] if ret is not None and ret.operands else None
+    if logits is not None and isinstance(logits.owner, L.SoftcapOp):
+        logits = logits.owner.input
     return logits.owner if logits is not None and isinstance(logits.owner, L.LinearOp) else None
 
 

@@ -612,6 +612,8 @@ def _paged_attention(p: _Planner, op: L.PagedAttentionOp):
               "block_size": p.plan.pool.block_size, "scale": _f(op.scale),
               "sliding_window": _i(op.sliding_window), "kv_dtype": p.plan.pool.dtype,
               "num_layers": p.plan.pool.layers if p.plan.pool.dtype in dtypes.QUANTIZED_KV else 0}
+    if op.softcap is not None:
+        params["softcap"] = _f(op.softcap)
     return "paged_attention", params, {
         **p.mat("q", op.q), "pool": Ref("pool"), "num_blocks": Dim("num_blocks"), "layer": _i(op.layer),
         "block_tables": Ref("input", "block_tables"), "max_blocks": Dim("max_blocks"),
@@ -655,6 +657,7 @@ _RULES = {
     L.ActMulOp: lambda p, op: ("act_mul", {"dim": L.shape_of(op.gate)[1], "act": op.act.data},
                                {**p.mat("gate", op.gate), **p.mat("up", op.up)}),
     L.ActOp: lambda p, op: ("act", {"dim": L.shape_of(op.input)[1], "act": op.act.data}, p.mat("x", op.input)),
+    L.SoftcapOp: lambda p, op: ("softcap", {"dim": L.shape_of(op.input)[1], "cap": _f(op.cap)}, p.mat("x", op.input)),
     L.AddOp: lambda p, op: ("add", {"dim": L.shape_of(op.lhs)[1]}, {**p.mat("a", op.lhs), **p.mat("b", op.rhs)}),
     L.HadamardOp: lambda p, op: ("hadamard", {"dim": L.shape_of(op.input)[1], "block": op.block.value.data},
                                  p.mat("x", op.input)),

@@ -72,14 +72,17 @@ kv_append {num_layers, num_kv_heads, head_dim, block_size, kv_dtype}: pool is
     K/V are finite (a NaN is not kept; an infinity makes its block's scale infinite). An FP8
     pool (float8_e4m3fn, GPU only) is the same with 448 for 127 and the E4M3 conversion's round
     to nearest even for rint.
-paged_attention {num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window, kv_dtype, num_layers}:
+paged_attention {num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window, softcap, kv_dtype,
+        num_layers}:
     for token t of sequence b (query_start_loc[b] <= t < query_start_loc[b+1]), p = positions[t],
     head h, kv head g = h / (num_heads / num_kv_heads): keys j in [lo, hi] with
     lo = max(0, p - sliding_window + 1) if sliding_window > 0 else 0, hi = min(p, seq_lens[b] - 1);
     key j is at block block_tables[b, j / block_size], slot j % block_size of the pool;
-    out[t, h*hd : +hd] = sum_j softmax_j(scale * q[t, h*hd : +hd] . K_j) V_j (zeros without keys).
+    out[t, h*hd : +hd] = sum_j softmax_j(s_j) V_j (zeros without keys), s_j = scale * q[t, h*hd : +hd] . K_j,
+    soft-capped to softcap * tanh(s_j / softcap) where softcap > 0 (Gemma 2's attn_logit_softcapping).
     out may equal q. num_layers (the pool's) is needed only for an int8 pool (where its scales are).
 act_mul {dim, act}: out[t,i] = act(gate[t,i]) * up[t,i]. act {dim, act}: out[t,i] = act(x[t,i]).
+softcap {dim, cap}: out[t,i] = cap * tanh(x[t,i] / cap) (Gemma 2's final_logit_softcapping). out may equal x.
     silu(x) = x / (1 + exp(-x)); gelu(x) = 0.5 x (1 + erf(x / sqrt 2));
     gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); relu(x) = max(x, 0).
     out may equal an input.
@@ -187,13 +190,14 @@ _SIGNATURES = [
                _ptr("pool", "{kv_dtype}", "rw"), _i64("num_blocks"), _i64("layer"), _ptr("slot_mapping", "int32"),
                _i64("T"))),
     Signature("paged_attention", {"num_heads": REQUIRED, "num_kv_heads": REQUIRED, "head_dim": REQUIRED,
-                                  "block_size": REQUIRED, "scale": REQUIRED, "sliding_window": 0,
+                                  "block_size": REQUIRED, "scale": REQUIRED, "sliding_window": 0, "softcap": 0.0,
                                   "kv_dtype": "float32", "num_layers": 0},
               (*_OUT, *_mat("q"), _ptr("pool", "{kv_dtype}"), _i64("num_blocks"), _i64("layer"),
                _ptr("block_tables", "int32"), _i64("max_blocks"), _ptr("seq_lens", "int32"),
                _ptr("query_start_loc", "int32"), _i64("B"), _ptr("positions", "int32"), _i64("T"))),
     Signature("act_mul", {"dim": REQUIRED, "act": REQUIRED}, (*_OUT, *_mat("gate"), *_mat("up"), _i64("T"))),
     Signature("act", {"dim": REQUIRED, "act": REQUIRED}, (*_OUT, *_mat("x"), _i64("T"))),
+    Signature("softcap", {"dim": REQUIRED, "cap": REQUIRED}, (*_OUT, *_mat("x"), _i64("T"))),
     Signature("gather_rows", {"dim": REQUIRED}, (*_OUT, *_mat("x"), _ptr("idx", "int32"), _i64("L"))),
     Signature("add", {"dim": REQUIRED}, (*_OUT, *_mat("a"), *_mat("b"), _i64("T"))),
     Signature("hadamard", {"dim": REQUIRED, "block": REQUIRED}, (*_OUT, *_mat("x"), _i64("T"))),

@@ -76,7 +76,7 @@ def hf_to_gguf_names(config, arch: str) -> dict[str, str]:
              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}  # (qwen3, gemma3)
     if arch == "phi3":  # fused
         parts |= {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
-    if arch == "gemma3":  # the attention's output normalized, and the MLP's input and output
+    if arch in ("gemma2", "gemma3"):  # the attention's output normalized, and the MLP's input and output
         parts |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm"}
     for i in range(config.num_hidden_layers):
@@ -88,7 +88,7 @@ def hf_to_gguf_names(config, arch: str) -> dict[str, str]:
 
 def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokenizer: dict | None = None,
                seed: int = 0, extra_tensors: dict | None = None, split_max_tensors: int = 0) -> Path:
-    """Writes `model` (a transformers model of llama/mistral/qwen2/qwen3/phi3/gpt2) to a GGUF file at `path`
+    """Writes `model` (a transformers model of llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3/smollm3/gpt2) to a GGUF file at `path`
     with its 2-D weights stored as `kind` (several kinds: taken in turn, matrix by matrix), and loads the values the
     file holds back into `model`, so that model is the float32 reference of the file.
     tokenizer: `tokenizer.*` metadata; extra_tensors: written as they are (float32); split_max_tensors: split the
@@ -98,7 +98,7 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
     rng = np.random.default_rng(seed)
     c = model.config
     arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-            "gemma3_text": "gemma3", "smollm3": "smollm3", "gpt2": "gpt2"}[c.model_type]
+            "gemma2": "gemma2", "gemma3_text": "gemma3", "smollm3": "smollm3", "gpt2": "gpt2"}[c.model_type]
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -119,6 +119,12 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
                 w.add_sliding_window_pattern(sliding)
             w.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
             rope = rope["full_attention"]
+        if arch == "gemma2":  # as convert_hf_to_gguf's Gemma2Model writes them (llama.cpp: every 2nd layer full)
+            assert c.layer_types == ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                     for i in range(c.num_hidden_layers)]
+            w.add_sliding_window(c.sliding_window)
+            w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+            w.add_final_logit_softcapping(c.final_logit_softcapping)
         w.add_rope_freq_base(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
         w.add_vocab_size(c.vocab_size)
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -163,7 +169,7 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
         if arch in ("llama", "smollm3") and (".q_proj." in hf_name or ".k_proj." in hf_name):
             heads = c.num_attention_heads if ".q_proj." in hf_name else c.num_key_value_heads
             tensor = permute(tensor, heads)
-        shift = 1.0 if arch == "gemma3" and hf_name.endswith("norm.weight") else 0.0  # Gemma's 1 + w, stored
+        shift = 1.0 if arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight") else 0.0  # Gemma's 1 + w, stored
         tensor = tensor + np.float32(shift)
         matrices += tensor.ndim == 2
         this = kind if isinstance(kind, str) else kind[(matrices - 1) % len(kind)] if tensor.ndim == 2 else "F32"

@@ -13,6 +13,7 @@ ARCH_CONFIGS = {
     "qwen2": "Qwen2Config",
     "qwen3": "Qwen3Config",
     "phi3": "Phi3Config",
+    "gemma2": "Gemma2Config",
     "gemma3": "Gemma3TextConfig",
     "smollm3": "SmolLM3Config",
 }
@@ -23,6 +24,7 @@ ARCH_MODELS = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
 }
@@ -79,7 +81,7 @@ def make_checkpoint(path: Path, arch: str = "llama", *, seed: int = 0, dtype: st
         cfg.pop("num_key_value_heads")
     if arch in ("phi3", "smollm3"):  # (their configs' pad ids, 32000 and 128004, are past a small vocabulary)
         cfg.setdefault("pad_token_id", 2)
-    if arch == "gemma3":  # (Gemma3TextConfig's head_dim is 256)
+    if arch in ("gemma2", "gemma3"):  # (their configs' head_dim is 256)
         cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
     cfg.setdefault("bos_token_id", 0)
     cfg.setdefault("eos_token_id", 1)
@@ -453,7 +455,8 @@ def ref_kv_append_quantized(codes, scales, layer, k, v, slots, G, hd, bs, kv_dty
     return codes, scales
 
 
-def ref_attention(q, pool, layer, bt, qsl, positions, H, G, hd, bs, scale, win):
+def ref_attention(q, pool, layer, bt, qsl, positions, H, G, hd, bs, scale, win, softcap=0.0):
+    """paged_attention's semantics (targets/signatures.py) in float64."""
     T = len(positions)
     out = np.zeros((T, H * hd))
     for t in range(T):
@@ -466,6 +469,8 @@ def ref_attention(q, pool, layer, bt, qsl, positions, H, G, hd, bs, scale, win):
         V = pool[layer, 1, blocks, :, offs].astype(np.float64)
         qt = q[t].astype(np.float64).reshape(G, H // G, hd)
         s = scale * np.einsum("grd,jgd->grj", qt, K)
+        if softcap:
+            s = softcap * np.tanh(s / softcap)
         e = np.exp(s - s.max(-1, keepdims=True))
         out[t] = np.einsum("grj,jgd->grd", e / e.sum(-1, keepdims=True), V).reshape(-1)
     return out

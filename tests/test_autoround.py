@@ -77,22 +77,23 @@ def test_norm_vjps(rng):
 
 
 class _Attention:  # the attributes calibration's _attention reads
-    def __init__(self, h, g, d, win, scale):
+    def __init__(self, h, g, d, win, scale, softcap):
         box = lambda v: type("A", (), {"value": type("V", (), {"data": v})()})()  # noqa: E731
         self.num_heads, self.num_kv_heads, self.head_dim = box(h), box(g), box(d)
         self.sliding_window, self.scale = box(win), box(scale)
+        self.softcap_value = lambda: softcap
 
 
-@pytest.mark.parametrize("window", [0, 4])
-def test_attention_vjp(rng, window):
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (4, 0.0), (4, 1.5)])
+def test_attention_vjp(rng, window, softcap):
     h, g, d, starts = 4, 2, 3, np.array([0, 7, 12])
     q, k, v = rng.normal(size=(12, h * d)), rng.normal(size=(12, g * d)), rng.normal(size=(12, g * d))
-    dout, op = rng.normal(size=(12, h * d)), _Attention(h, g, d, window, 0.6)
+    dout, op = rng.normal(size=(12, h * d)), _Attention(h, g, d, window, 0.6, softcap)
 
     def loss(q, k, v):
         return float(np.sum(_attention(op, q, k, v, starts) * dout))
 
-    got = attention_vjp(q, k, v, dout, h, g, d, window, 0.6, starts)
+    got = attention_vjp(q, k, v, dout, h, g, d, window, 0.6, starts, softcap)
     wants = (numeric_grad(lambda a: loss(a, k, v), q.copy()), numeric_grad(lambda a: loss(q, a, v), k.copy()),
              numeric_grad(lambda a: loss(q, k, a), v.copy()))
     for a, want in zip(got, wants):

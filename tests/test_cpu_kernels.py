@@ -87,6 +87,10 @@ HALF_LINEAR_SHAPES = [(5, 3), (33, 100), (130, 513), (10, 2050), (48, 96), (64, 
 HALF_LINEAR_CASES = [(n, k, flags, dt) for n, k in HALF_LINEAR_SHAPES for dt in HALF for flags in ("00", "11")
                      if dt == "bfloat16" or flags == "11"]
 HALF_ATTN = ["attn_gqa2", "attn_gqa4", "attn_d128", "attn_swa"]
+# Gemma 2's soft-capped scores (a cap small enough to bend the test's peaky scores): rows in lanes and in tiles
+ATTN_SOFTCAP = {"attn_cap_gqa2": ("attn_gqa2", 2.0), "attn_cap_swa": ("attn_swa", 1.5),
+                "attn_cap_d128": ("attn_d128", 3.0)}
+SOFTCAP_DIMS = (13, 300)
 EMBED_SCALE = float(np.float32(1152 ** 0.5))  # Gemma 3 1B's embedding scale
 HEAD_NORMS = [(16, 3), (64, 2), (128, 8), (7, 5)]  # rms_norm per head (dim, heads): Qwen3's q_norm, k_norm
 
@@ -130,6 +134,12 @@ def _specs():
             s.append((f"{name}_{dt}", "paged_attention", dict(
                 num_heads=h, num_kv_heads=g, head_dim=hd, block_size=bs, scale=1 / math.sqrt(hd),
                 sliding_window=win, kv_dtype=dt)))
+    for name, (base, cap) in ATTN_SOFTCAP.items():
+        h, g, hd, bs, win = ATTN[base]
+        s.append((name, "paged_attention", dict(num_heads=h, num_kv_heads=g, head_dim=hd, block_size=bs,
+                                                scale=1 / math.sqrt(hd), sliding_window=win, softcap=cap)))
+    for d in SOFTCAP_DIMS:
+        s.append((f"softcap_{d}", "softcap", dict(dim=d, cap=30.0)))
     for act in ACTS:
         for d in (1, 13, 64, 300):
             s.append((f"actmul_{act}_{d}", "act_mul", dict(dim=d, act=act)))
@@ -642,6 +652,26 @@ def test_paged_attention(lib, rng, name, batch):
     np.testing.assert_allclose(q, ref, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("name", list(ATTN_SOFTCAP))
+@pytest.mark.parametrize("batch", ["prefill", "decode", "mixed", "long_decode", "long_chunk"])
+def test_paged_attention_softcap(lib, rng, name, batch):
+    """Gemma 2's scores softcap * tanh(s / softcap), in both score layouts and across split-K."""
+    base, cap = ATTN_SOFTCAP[name]
+    H, G, hd, bs, win = ATTN[base]
+    seqs = BATCHES[batch]
+    pool, nb, bt, mb, lens, qsl, positions = make_batch(rng, seqs, bs, 2, G, hd)
+    T, B = len(positions), len(seqs)
+    qb, q = buf(rng, T, H * hd, pad=5)
+    q *= 3.0  # scores well past the cap
+    ob, out = buf(rng, T, H * hd, pad=3, fill=np.nan)
+    getattr(lib, name)(ob, ld(ob), qb, ld(qb), pool, nb, 1, bt, mb, lens, qsl, B, positions, T)
+    ref = ref_attention(q, pool, 1, bt, qsl, positions, H, G, hd, bs, 1 / math.sqrt(hd), win, softcap=cap)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
+    plain = ref_attention(q, pool, 1, bt, qsl, positions, H, G, hd, bs, 1 / math.sqrt(hd), win)
+    assert T == 0 or np.abs(plain - ref).max() > 1e-2  # (the cap changed the result)
+    check_guard(ob, T, H * hd)
+
+
 @pytest.mark.parametrize("name", ["attn_mha", "attn_gqa2", "attn_gqa8", "attn_swa"])
 def test_paged_attention_query_counts(lib, rng, name):
     """Chunks of 2..70 new tokens (full and partial query blocks) over cached contexts,
@@ -842,6 +872,33 @@ def test_act_dense_range(lib, act):
     getattr(lib, f"act_{act}_300")(out, 300, x, 300, len(x))
     ref = ref_act(act, x)
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-37)
+
+
+@pytest.mark.parametrize("dim", SOFTCAP_DIMS)
+@pytest.mark.parametrize("T", [0, 1, 130])
+def test_softcap(lib, rng, dim, T):
+    """30 tanh(x / 30) (Gemma 2's final logits) over the range where tanh bends and its tails,
+    against float64; in place too."""
+    xb, x = buf(rng, T, dim, pad=2)
+    x[...] = rng.standard_normal((T, dim)) * np.exp(rng.uniform(-12, 6, (T, dim)))
+    ob, out = buf(rng, T, dim, fill=np.nan)
+    f = getattr(lib, f"softcap_{dim}")
+    f(ob, ld(ob), xb, ld(xb), T)
+    ref = 30.0 * np.tanh(x.astype(np.float64) / 30.0)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=0)
+    check_guard(ob, T, dim)
+    f(xb, ld(xb), xb, ld(xb), T)
+    np.testing.assert_allclose(x, ref, rtol=1e-6, atol=0)
+
+
+def test_softcap_dense_range_and_specials(lib):
+    x = np.concatenate([np.linspace(-400, 400, 300 * 399), [np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-38, -1e-30] +
+                        [0.0] * 293]).astype(np.float32).reshape(-1, 300)
+    out = np.full_like(x, np.nan)
+    getattr(lib, "softcap_300")(out, 300, x, 300, len(x))
+    ref = 30.0 * np.tanh(x.astype(np.float64) / 30.0)
+    np.testing.assert_allclose(out, ref, rtol=6e-7, atol=1e-37)  # (absolute where x / 30 is subnormal)
+    assert np.signbit(out[-1, 4]) and out[-1, 5] > 0
 
 
 def test_act_nan_propagates(lib):

@@ -82,6 +82,11 @@ def test_repack_is_lossless(kind):
     ("gemma3", ("Q8_0", "Q4_K"), dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
                                       num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64, init_std=0.03,
                                       num_hidden_layers=7, sliding_window=8, tie_word_embeddings=True)),
+    # Gemma 2: every 2nd layer full, soft-capped attention scores and logits (caps that bend this model's)
+    ("gemma2", ("Q8_0", "Q4_K"), dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, init_std=0.03,
+                                      num_hidden_layers=4, sliding_window=8, attn_logit_softcapping=0.5,
+                                      final_logit_softcapping=1.0, tie_word_embeddings=True)),
     # SmolLM3: llama's permuted q/k, the 4th layer without rope (llama.cpp's fixed step), tied head
     ("smollm3", ("Q8_0", "Q4_K"), dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
                                        num_key_value_heads=2, init_std=0.03, num_hidden_layers=4,

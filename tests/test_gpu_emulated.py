@@ -188,13 +188,15 @@ class Emulated(Driver):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """A bf16 Gemma 3 (hidden 64, 2 layers: a sliding window of 8 on the first; the scaled embedding, q/k and
-    sandwich norms; intermediate 1024, so down_proj splits k in the T <= 16 and T <= 128 variants, which share
+    sandwich norms; Gemma 2's soft-capped attention scores and logits, which Gemma3ForCausalLM computes where its
+    config sets them; intermediate 1024, so down_proj splits k in the T <= 16 and T <= 128 variants, which share
     a workspace) compiled for cpu and cuda sm_90, its Triton cache its own."""
     tmp = tmp_path_factory.mktemp("gpu-emulated")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMIRC_CACHE_DIR", str(tmp / "cache"))
         make_checkpoint(tmp / "ckpt", "gemma3", dtype="bfloat16", intermediate_size=1024, sliding_window=8,
-                        layer_types=["sliding_attention", "full_attention"])
+                        layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=2.0,
+                        final_logit_softcapping=5.0)
         compile_model(tmp / "ckpt", tmp / "m.llmir", CompileOptions(targets=("cpu", "cuda"), archs=("sm_90",),
                                                                     cpu_variants=("baseline",), jobs=2),
                       Progress(io.StringIO()))
@@ -260,7 +262,8 @@ def test_executor_matches_cpu_target(bundle):
     for what, inputs in steps:
         driver.launched.clear()
         _close(gpu.forward(*inputs), cpu.forward(*inputs), what)
-        assert {"rms_norm_kernel", "linear_kernel"} <= set(driver.launched) and not fused & set(driver.launched)
+        assert {"rms_norm_kernel", "linear_kernel", "softcap_kernel"} <= set(driver.launched)
+        assert not fused & set(driver.launched)
     assert list(gpu.graphs) == [2] and driver.graph_launches == 3  # decode: captured once, launched per step
     gpu.close()
 

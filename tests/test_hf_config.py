@@ -21,7 +21,7 @@ from llmirc.errors import CheckpointError
 from llmirc.frontend.hf_config import parse_config
 
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
-            "gemma3": "Gemma3", "smollm3": "SmolLM3"}
+            "gemma2": "Gemma2", "gemma3": "Gemma3", "smollm3": "SmolLM3"}
 MODEL_TYPES = {"gemma3": "gemma3_text"}  # (model_type "gemma3" is the multimodal Gemma3Config)
 
 
@@ -218,8 +218,8 @@ GEMMA3_REFUSED = {
     "longrope": (gemma3(layer_types=["full_attention"] * 2,
                         rope_parameters={"full_attention": dict(LONGROPE, rope_theta=1e4)}), "'longrope'"),
     "bidirectional": (gemma3(use_bidirectional_attention=True), "use_bidirectional_attention"),
-    "attention-softcapping": (gemma3(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
-    "final-softcapping": (gemma3(final_logit_softcapping=30.0), "final_logit_softcapping"),
+    "softcapping-not-a-number": (gemma3(attn_logit_softcapping="50"), "attn_logit_softcapping"),
+    "softcapping-negative": (gemma3(final_logit_softcapping=-30.0), "final_logit_softcapping"),
     "layer-types-length": (gemma3(layer_types=["full_attention"]), "layer_types"),
     "layer-types-unhashable": (gemma3(layer_types=[["full_attention"], "full_attention"]), "layer_types"),
 }
@@ -230,6 +230,52 @@ def test_gemma3_refused_by_name(case):
     config, needle = GEMMA3_REFUSED[case]
     with pytest.raises(CheckpointError, match=needle):
         parse_config(config, "m/config.json")
+
+
+# Gemma 2: soft-capping (Gemma2Config's 50 and 30 when the fields are missing, none when null), sliding and full
+# layers alternating unless layer_types says otherwise, query_pre_attn_scalar
+GEMMA2_CASES = {
+    "defaults": base("gemma2", num_hidden_layers=5, head_dim=16),
+    "null-caps-layer-types": base("gemma2", head_dim=16, attn_logit_softcapping=None, final_logit_softcapping=None,
+                                  layer_types=["full_attention", "sliding_attention"], sliding_window=9,
+                                  query_pre_attn_scalar=20),
+    "caps": base("gemma2", head_dim=16, attn_logit_softcapping=7.5, final_logit_softcapping=12.0,
+                 rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e4}),
+}
+
+
+@pytest.mark.parametrize("case", GEMMA2_CASES)
+def test_gemma2_matches_transformers(tmp_path, case):
+    config = GEMMA2_CASES[case]
+    cfg = hf(tmp_path, config)
+    modeling = transformers.models.gemma2.modeling_gemma2
+    spec = parse_config(config)
+    assert spec.final_softcap == (cfg.final_logit_softcapping or 0.0)
+    np.testing.assert_allclose(spec.rope.inv_freq, modeling.Gemma2RotaryEmbedding(cfg).inv_freq.numpy(), rtol=1e-6)
+    for i in range(cfg.num_hidden_layers):
+        attention = modeling.Gemma2Attention(cfg, layer_idx=i)
+        assert spec.attention_scale == pytest.approx(attention.scaling, rel=1e-7)
+        assert spec.attn_softcap == (attention.attn_logit_softcapping or 0.0)
+        assert spec.sliding_windows[i] == (attention.sliding_window or 0)
+    assert not spec.qk_norm and spec.sandwich_norms and spec.norm_offset == 1.0
+    assert spec.embedding_scale == np.float32(cfg.hidden_size ** 0.5)
+
+
+def test_softcapping_read_for_gemma3_refused_elsewhere():
+    """Gemma3ForCausalLM applies both caps where its config sets them; Gemma3ForConditionalGeneration only the
+    attention's (its forward leaves the logits alone); families whose models never cap refuse the fields."""
+    from llmirc.frontend.hf_config import text_config
+
+    spec = parse_config(gemma3(attn_logit_softcapping=50.0, final_logit_softcapping=30.0))
+    assert (spec.attn_softcap, spec.final_softcap) == (50.0, 30.0)
+    assert (parse_config(gemma3()).attn_softcap, parse_config(gemma3()).final_softcap) == (0.0, 0.0)
+    multimodal = {"model_type": "gemma3", "text_config": gemma3(attn_logit_softcapping=50.0,
+                                                                final_logit_softcapping=30.0)}
+    spec = parse_config(text_config(multimodal))
+    assert (spec.attn_softcap, spec.final_softcap) == (50.0, 0.0)
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        with pytest.raises(CheckpointError, match=key):
+            parse_config(base("llama", **{key: 30.0}))
 
 
 def test_gemma3_multimodal_config_is_read_as_its_text_config(tmp_path):

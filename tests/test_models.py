@@ -58,6 +58,10 @@ CASES = {
         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}},
         layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    # Gemma 2: Gemma 3's layer without q/k norms, sliding and full layers alternating, soft-capped attention scores
+    # and logits (caps small enough to bend this model's scores and logits: the test fails without them)
+    "gemma2-softcap-sliding": ("gemma2", dict(num_hidden_layers=3, sliding_window=5, attn_logit_softcapping=1.0,
+                                              final_logit_softcapping=2.0)),
     # NoPE layers (every 2nd: no rotary embedding), sliding there (use_sliding_window), q/k/v/o and MLP biases, tied
     "smollm3-nope-sliding-bias": ("smollm3", dict(num_hidden_layers=4, no_rope_layer_interval=2,
                                                   use_sliding_window=True, sliding_window=5, attention_bias=True,

@@ -30,10 +30,12 @@ CALLS = [  # one call of every kind, shapes of a small Llama (head_dim 64, GQA 4
     ("kv_append", {"num_layers": 2, "num_kv_heads": 1, "head_dim": 64, "block_size": 16, "kv_dtype": "int8"}),
     ("rope_kv_append", {"num_heads": 4, "num_kv_heads": 1, "head_dim": 64, "inv_freq": INV_FREQ, "num_layers": 2,
                         "block_size": 16, "kv_dtype": "bfloat16"}),
+    # (Gemma 2's soft-capped scores; the plain ones are compiled by the whole models of test_gpu_targets.py)
     ("paged_attention", {"num_heads": 4, "num_kv_heads": 1, "head_dim": 64, "block_size": 16, "scale": 0.125,
-                         "kv_dtype": "bfloat16"}),
+                         "kv_dtype": "bfloat16", "softcap": 50.0}),
     ("act_mul", {"dim": 512, "act": "silu"}),
     ("act", {"dim": 512, "act": "gelu"}),
+    ("softcap", {"dim": 1000, "cap": 30.0}),
     ("gather_rows", {"dim": 256}),
     ("add", {"dim": 256}),
     ("hadamard", {"dim": 1536, "block": 128}),

@@ -129,6 +129,19 @@ def test_act_and_act_mul(rng, act):
     check_guard(ob, T, dim)
 
 
+def test_softcap(rng):
+    """Gemma 2's final logits 30 tanh(x / 30) against float64, the tails and specials included."""
+    T, dim = 5, 300
+    xb, x = buf(rng, T, dim)
+    x[...] = rng.standard_normal((T, dim)) * np.exp(rng.uniform(-12, 6, (T, dim)))
+    x[0, :6] = [np.inf, -np.inf, 0.0, -0.0, 400.0, -1e-30]
+    ob, out = buf(rng, T, dim, fill=np.nan)
+    call("softcap", {"dim": dim, "cap": 30.0}, out=ob, ld_out=ld(ob), x=xb, ld_x=ld(xb), T=T)
+    np.testing.assert_allclose(out, 30.0 * np.tanh(x.astype(np.float64) / 30.0), rtol=1e-6, atol=1e-37)
+    assert np.signbit(out[0, 3]) and not np.signbit(out[0, 2])
+    check_guard(ob, T, dim)
+
+
 @pytest.mark.parametrize("dim,block,T", [(48, 16, 5), (64, 64, 1), (384, 128, 5), (256, 128, 70)])
 def test_hadamard(rng, dim, block, T):
     xb, x = buf(rng, T, dim, pad=2)
@@ -496,7 +509,7 @@ BATCHES = {
 }
 
 
-def attention(rng, name, seqs, kv_dtype, arch="sm_90", in_place=False):
+def attention(rng, name, seqs, kv_dtype, arch="sm_90", in_place=False, softcap=0.0):
     H, G, hd, bs, win = ATTN[name]
     pool, nb, bt, mb, lens, qsl, positions = make_batch(rng, seqs, bs, 2, G, hd)
     pool = rounded(pool, kv_dtype)
@@ -504,9 +517,10 @@ def attention(rng, name, seqs, kv_dtype, arch="sm_90", in_place=False):
     qb, q = buf(rng, T, H * hd, pad=5)
     q *= 2.0  # peaky softmax
     ob, out = (qb, q) if in_place else buf(rng, T, H * hd, pad=3, fill=np.nan)
-    ref = ref_attention(rounded(q, kv_dtype), pool, 1, bt, qsl, positions, H, G, hd, bs, 1 / math.sqrt(hd), win)
+    ref = ref_attention(rounded(q, kv_dtype), pool, 1, bt, qsl, positions, H, G, hd, bs, 1 / math.sqrt(hd), win,
+                        softcap)
     params = {"num_heads": H, "num_kv_heads": G, "head_dim": hd, "block_size": bs, "scale": 1 / math.sqrt(hd),
-              "sliding_window": win, "kv_dtype": kv_dtype}
+              "sliding_window": win, "softcap": softcap, "kv_dtype": kv_dtype}
     rule = launch_rule("paged_attention", params, ARCHS[arch])
     buffers = shared_workspace(rule)  # twice over the same buffers: the split counters are zero again after a call
     tol = 2e-5 if kv_dtype == "float32" else 1e-2  # half pools: q and P rounded to the pool's dtype
@@ -541,6 +555,14 @@ def test_paged_attention_in_place_and_hip(rng, batch):
     """out is q (same pointer and ld); gfx942's rule (more SMs: other split counts)."""
     attention(rng, "swa", BATCHES[batch], "float32", in_place=True)
     attention(rng, "gqa7_swa", BATCHES[batch], "bfloat16", arch="gfx942")
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("batch", ["mixed", "long_decode"])
+def test_paged_attention_softcap(rng, batch, kv_dtype):
+    """Gemma 2's soft-capped scores (a cap that bends the test's peaky scores), prefill and split decode."""
+    attention(rng, "gqa7_swa", BATCHES[batch], kv_dtype, softcap=1.5)
+    attention(rng, "mqa_d6_bs3", BATCHES[batch], kv_dtype, softcap=2.0)
 
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])

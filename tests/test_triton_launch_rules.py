@@ -159,7 +159,7 @@ def test_zero_rows_launch_nothing():
 
 SMALL = {"dim": 64, "eps": 1e-5, "act": "silu", "n": 32, "k": 64, "bits": 4, "group_size": 32, "num_heads": 4,
          "num_kv_heads": 2, "head_dim": 16, "inv_freq": [1.0] * 8, "num_layers": 2, "block_size": 16, "scale": 0.25,
-         "vocab": 100, "block": 16}
+         "vocab": 100, "block": 16, "cap": 30.0}
 
 
 @pytest.mark.parametrize("kind", sorted(set(SIGNATURES | GPU_SIGNATURES)))

@@ -76,8 +76,10 @@ def split_files(path: Path) -> list[Path]:
 
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "phi3": "Phi3ForCausalLM", "gemma3": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+                 "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+                 "smollm3": "SmolLM3ForCausalLM",
                  "gpt2": "GPT2LMHeadModel"}
+GEMMA = ("gemma2", "gemma3")
 PERMUTED = ("llama", "smollm3")  # convert_hf_to_gguf's LlamaModel and its subclasses permute q and k
 ROPE_FACTORS = ("rope_factors_short.weight", "rope_factors_long.weight")  # phi3's longrope, one factor per frequency
 FLOAT_TYPES = {GGMLQuantizationType.F32: "F32", GGMLQuantizationType.F16: "F16", GGMLQuantizationType.BF16: "BF16"}
@@ -107,7 +109,7 @@ def _layer_names(arch: str, i: int) -> dict[str, str]:
     p = f"model.layers.{i}"
     names = {f"{p}.input_layernorm.weight": f"{g}.attn_norm.weight",
              f"{p}.post_attention_layernorm.weight": f"{g}.ffn_norm.weight"}
-    if arch == "gemma3":  # its post_attention_layernorm is on the attention's output; the MLP's are pre and post
+    if arch in GEMMA:  # its post_attention_layernorm is on the attention's output; the MLP's are pre and post
         names |= {f"{p}.post_attention_layernorm.weight": f"{g}.post_attention_norm.weight",
                   f"{p}.pre_feedforward_layernorm.weight": f"{g}.ffn_norm.weight",
                   f"{p}.post_feedforward_layernorm.weight": f"{g}.post_ffw_norm.weight"}
@@ -317,7 +319,7 @@ class GgufCheckpoint:
         self.spec = parse_spec(self.config, str(path))
         if self.arch == "gpt2":
             self.spec = dataclasses.replace(self.spec, conv1d_weights=False)
-        elif self.arch == "gemma3":  # (convert_hf_to_gguf stores Gemma's norm weights as 1 + w)
+        elif self.arch in GEMMA:  # (convert_hf_to_gguf stores Gemma's norm weights as 1 + w)
             self.spec = dataclasses.replace(self.spec, norm_offset=0.0)
         elif "rope_freqs.weight" in self._tensors:
             self.spec = dataclasses.replace(self.spec, rope=self._rope_freqs(self.spec.rope))
@@ -408,7 +410,7 @@ class GgufCheckpoint:
             raise CheckpointError(f"{self.path}: token_embd.weight has {vocab} rows but {a}.vocab_size is {declared}"
                                   + (f" and the tokenizer has {len(tokens)} tokens" if tokens else ""))
         for key, neutral in _NEUTRAL.items():
-            if a in ("phi3", "gemma3") and key == "attention.sliding_window":  # (read below)
+            if a in ("phi3", *GEMMA) and key == "attention.sliding_window":  # (read below)
                 continue
             value = self.meta.get(f"{a}.{key}")
             if value is not None and value != neutral:
@@ -440,7 +442,7 @@ class GgufCheckpoint:
         if get(f"{a}.attention.value_length", int, head_dim) != head_dim:
             raise CheckpointError(f"{self.path}: {a}.attention.value_length differs from key_length {head_dim}")
         rotary = get(f"{a}.rope.dimension_count", int, head_dim)
-        if a in ("llama", "smollm3", "gemma3") and rotary != head_dim:  # llama.cpp refuses this too (invalid n_rot)
+        if a in ("llama", "smollm3", *GEMMA) and rotary != head_dim:  # llama.cpp refuses this too (invalid n_rot)
             raise CheckpointError(f"{self.path}: {a}.rope.dimension_count {rotary} differs from the head size "
                                   f"{head_dim}")
         config = {"architectures": [ARCHITECTURES[a]], "model_type": a, **common, "hidden_size": hidden,
@@ -456,8 +458,8 @@ class GgufCheckpoint:
                           mlp_bias="blk.0.ffn_up.bias" in self._tensors)
         if a == "qwen3":
             config.update(attention_bias="blk.0.attn_q.bias" in self._tensors)
-        if a == "gemma3":
-            config.update(self._gemma3())
+        if a in GEMMA:
+            config.update(self._gemma())
             return config
         if a == "phi3":
             # The window applies as in transformers (llama.cpp 0.3.36 ignores phi3's: "Phi SWA is currently
@@ -471,20 +473,25 @@ class GgufCheckpoint:
             config["rope_scaling"] = scaling
         return config
 
-    def _gemma3(self) -> dict:
-        """gemma3's config.json fields as llama.cpp reads the file (src/models/gemma3.cpp, 0.3.36): with a
-        sliding window, the layers sliding as attention.sliding_window_pattern says (an array of flags, or
-        every n-th layer full, 6 by default) with rope.freq_base_swa's unscaled rotary table (10000 by
-        default), the others rope.freq_base's and rope.scaling's; without one every layer full and the
-        latter. Queries scaled by head_dim^-1/2, except the 62-layer model's (Gemma 3 27B) by (hidden /
-        heads)^-1/2: query_pre_attn_scalar, which the file does not hold. Norm weights are stored as 1 + w."""
+    def _gemma(self) -> dict:
+        """gemma2's and gemma3's config.json fields as llama.cpp reads the file (src/models/gemma2.cpp and
+        gemma3.cpp, 0.3.36): with a sliding window (gemma2: 4096 when the file has none; gemma3: none), the
+        layers sliding as attention.sliding_window_pattern says (an array of flags, or every n-th layer full;
+        gemma2 every 2nd, gemma3 every 6th by default), gemma3's with rope.freq_base_swa's unscaled rotary table
+        (10000 by default), the others rope.freq_base's and rope.scaling's; gemma3 without a window: every layer
+        full and the latter. Queries scaled by head_dim^-1/2, except the 27B models' (gemma2 with 46 layers,
+        gemma3 with 62) by (hidden / heads)^-1/2: query_pre_attn_scalar, which the file does not hold. gemma2's
+        attention scores and logits soft-capped (attn_logit_softcapping, final_logit_softcapping: 50 and 30 when
+        missing); gemma3's logits where final_logit_softcapping is set (its attention's cap is never applied).
+        Norm weights are stored as 1 + w."""
         a, get = self.arch, self._get
         layers, heads = get(f"{a}.block_count", int), get(f"{a}.attention.head_count", int)
         hidden = get(f"{a}.embedding_length", int)
-        window = get(f"{a}.attention.sliding_window", int, 0)
+        gemma2 = a == "gemma2"
+        window = get(f"{a}.attention.sliding_window", int, 4096 if gemma2 else 0)
         if window < 0:
             raise CheckpointError(f"{self.path}: {a}.attention.sliding_window {window} is negative")
-        pattern = self.meta.get(f"{a}.attention.sliding_window_pattern", 6)
+        pattern = self.meta.get(f"{a}.attention.sliding_window_pattern", 2 if gemma2 else 6)
         if isinstance(pattern, list):
             if len(pattern) != layers or not all(isinstance(f, bool) for f in pattern):
                 raise CheckpointError(f"{self.path}: {a}.attention.sliding_window_pattern must be {layers} flags (one "
@@ -497,16 +504,23 @@ class GgufCheckpoint:
                                   f"flags, got {pattern!r}"[:300])
         if not window:
             sliding = [False] * layers
-        full = {"rope_type": "default", "rope_theta": get(f"{a}.rope.freq_base", float, 10000.0)}
-        full |= self._rope_scaling() or {}
-        local = {"rope_type": "default", "rope_theta": get(f"{a}.rope.freq_base_swa", float, 10000.0)}
         head_dim = get(f"{a}.attention.key_length", int, hidden // heads)
-        return {"model_type": "gemma3_text", "hidden_activation": "gelu_pytorch_tanh",
-                "sliding_window": window or None,
-                "layer_types": ["sliding_attention" if f else "full_attention" for f in sliding],
-                "rope_parameters": {"full_attention": full, "sliding_attention": local},
-                "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
-                "final_logit_softcapping": get(f"{a}.final_logit_softcapping", float, None)}
+        config = {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": window or None,
+                  "layer_types": ["sliding_attention" if f else "full_attention" for f in sliding],
+                  "query_pre_attn_scalar": hidden // heads if layers == (46 if gemma2 else 62) else head_dim,
+                  "final_logit_softcapping": get(f"{a}.final_logit_softcapping", float, 30.0 if gemma2 else None)}
+        theta = get(f"{a}.rope.freq_base", float, 10000.0)
+        if gemma2:  # (one rotary table: the sliding layers' base is the full layers' unless the file says otherwise)
+            if get(f"{a}.rope.freq_base_swa", float, theta) != theta:
+                raise CheckpointError(f"{self.path}: {a}.rope.freq_base_swa differs from {a}.rope.freq_base "
+                                      "(a second rotary table, which Gemma 2 does not have)")
+            scaling = self._rope_scaling()
+            return config | {"attn_logit_softcapping": get(f"{a}.attn_logit_softcapping", float, 50.0)} | (
+                {"rope_scaling": scaling} if scaling else {})
+        full = {"rope_type": "default", "rope_theta": theta} | (self._rope_scaling() or {})
+        local = {"rope_type": "default", "rope_theta": get(f"{a}.rope.freq_base_swa", float, 10000.0)}
+        return config | {"model_type": "gemma3_text",
+                         "rope_parameters": {"full_attention": full, "sliding_attention": local}}
 
     def _eog_by_text(self, tokens, vocab: int) -> list[int]:
         """The tokens llama.cpp ends generation at besides eos/eot/eom: those named as EOG_TEXTS says

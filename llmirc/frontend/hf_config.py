@@ -17,8 +17,8 @@ from llmirc.errors import CheckpointError
 from llmirc.small_files import parse_json, present, read_small_text
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3",
-                 "SmolLM3ForCausalLM": "smollm3", "GPT2LMHeadModel": "gpt2"}
+                 "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Gemma2ForCausalLM": "gemma2",
+                 "Gemma3ForCausalLM": "gemma3", "SmolLM3ForCausalLM": "smollm3", "GPT2LMHeadModel": "gpt2"}
 MODEL_TYPES = {"gemma3_text": "Gemma3ForCausalLM"}  # where a config's model_type is not its family's name
 # Multimodal checkpoints compiled as their text model (text_config): model_type -> the text model's architecture
 MULTIMODAL = {"gemma3": "Gemma3ForCausalLM"}
@@ -32,7 +32,7 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 MAX_INT = 2**31 - 1      # sizes and ids: the kernels index with int32
 MAX_LAYERS = MAX_HEAD_DIM = 1 << 16  # per-layer and rotary tables are built from these before weights are read
 # transformers 5.24's defaults where its config classes differ (LlamaConfig, MistralConfig, Qwen2Config,
-# Qwen3Config, Phi3Config, Gemma3TextConfig, SmolLM3Config): a field missing from config.json takes these; a field
+# Qwen3Config, Phi3Config, Gemma2Config, Gemma3TextConfig, SmolLM3Config): a field missing from config.json takes these; a field
 # set to null takes num_attention_heads (kv heads), hidden_size / num_attention_heads (head_dim) or turns sliding
 # windows off; rope_theta where it is not 10000 (the config class's default_theta).
 FAMILY_DEFAULTS = {
@@ -46,6 +46,9 @@ FAMILY_DEFAULTS = {
               "head_dim": 128, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "phi3": {"max_position_embeddings": 4096, "num_key_value_heads": None, "sliding_window": None,
              "head_dim": None, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+    "gemma2": {"max_position_embeddings": 8192, "num_key_value_heads": 4, "sliding_window": 4096,
+               "head_dim": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
     "gemma3": {"max_position_embeddings": 131072, "num_key_value_heads": 4, "sliding_window": 4096,
                "head_dim": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
     "smollm3": {"max_position_embeddings": 32768, "num_key_value_heads": 4, "sliding_window": None,
@@ -93,6 +96,8 @@ class DecoderSpec:
     tensor_prefix: str = "model."  # of the decoder's tensors (a multimodal checkpoint's text model: its own)
     lm_head: str = "lm_head"
     query_pre_attn_scalar: float | None = None  # Gemma: attention scores scaled by its -1/2 power, not head_dim's
+    attn_softcap: float = 0.0   # Gemma 2: attention scores s -> cap * tanh(s / cap) (attn_logit_softcapping); 0: none
+    final_softcap: float = 0.0  # Gemma 2: logits likewise (final_logit_softcapping); 0: none
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -155,7 +160,8 @@ class _Reader:
 def text_config(config: dict, source: str = "config.json") -> dict | None:
     """A multimodal checkpoint's config (Gemma3ForConditionalGeneration: model_type gemma3) -> its text
     model's, as Gemma3Config builds it: `text_config` (absent: every default), with the top level's special
-    tokens and tie_word_embeddings; None for any other config."""
+    tokens and tie_word_embeddings, without final_logit_softcapping (Gemma3ForConditionalGeneration, unlike
+    Gemma3ForCausalLM, does not apply it); None for any other config."""
     model_type = config.get("model_type")
     if model_type not in MULTIMODAL:
         return None
@@ -164,6 +170,7 @@ def text_config(config: dict, source: str = "config.json") -> dict | None:
         raise CheckpointError(f"{source}: field 'text_config' must be an object, got {text!r}"[:300])
     text = dict(text, architectures=[MULTIMODAL[model_type]])
     text.pop("model_type", None)
+    text.pop("final_logit_softcapping", None)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
         if key in config:
             text[key] = config[key]
@@ -190,7 +197,7 @@ def architecture(config: dict, source: str = "config.json") -> tuple[str, str]:
 
 
 def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
-    """A Llama-family config (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3's text model, SmolLM3)."""
+    """A Llama-family config (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3's text model, SmolLM3)."""
     arch, family = architecture(config, source)
     if family == "gemma3":
         config = GEMMA3_SIZES | config
@@ -215,13 +222,18 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
                          f"({MAX_HEAD_DIM})")
     if heads % kv_heads:
         raise r.fail(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    act_key = "hidden_activation" if family == "gemma3" else "hidden_act"  # (Gemma3MLP reads only hidden_activation)
-    act_name = r.get(act_key, str, default="gelu_pytorch_tanh" if family == "gemma3" else "silu")
+    gemma = family in ("gemma2", "gemma3")
+    act_key = "hidden_activation" if gemma else "hidden_act"  # (Gemma's MLP reads only hidden_activation)
+    act_name = r.get(act_key, str, default="gelu_pytorch_tanh" if gemma else "silu")
     if act_name not in ACTIVATIONS:
         raise r.fail(f"unsupported {act_key} {act_name!r} (supported: {', '.join(ACTIVATIONS)})")
-    for unsupported in ("attention_chunk_size", "attn_logit_softcapping", "final_logit_softcapping"):
+    for unsupported in ("attention_chunk_size",) + (() if gemma else ("attn_logit_softcapping",
+                                                                      "final_logit_softcapping")):
         if config.get(unsupported) is not None:
             raise r.fail(f"unsupported option '{unsupported}'")
+    # (Gemma: a missing field takes the config class's default, null turns the capping off)
+    softcaps = [r.get(key, float, positive=True) if key in config else defaults.get(key)
+                for key in ("attn_logit_softcapping", "final_logit_softcapping")] if gemma else [None, None]
     if r.get("use_bidirectional_attention", bool, default=False):
         raise r.fail("use_bidirectional_attention (an encoder, as EmbeddingGemma) is not a causal language model")
 
@@ -231,13 +243,12 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
     attention_bias = r.get("attention_bias", bool, default=False)
     qkv_bias = {"llama": attention_bias, "mistral": False, "qwen2": True, "qwen3": attention_bias,
-                "phi3": False, "gemma3": attention_bias, "smollm3": attention_bias}[family]
-    o_bias = family in ("llama", "qwen3", "gemma3", "smollm3") and qkv_bias
+                "phi3": False, "gemma2": attention_bias, "gemma3": attention_bias, "smollm3": attention_bias}[family]
+    o_bias = family in ("llama", "qwen3", "gemma2", "gemma3", "smollm3") and qkv_bias
     mlp_bias = family in ("llama", "smollm3") and r.get("mlp_bias", bool, default=False)
     windows = _sliding_windows(r, family, layers)
-    gemma = family == "gemma3"
-    if gemma:  # a rotary table per layer type (layer_types, as _sliding_windows checked them)
-        types = _gemma3_layer_types(r, layers)
+    if family == "gemma3":  # a rotary table per layer type (layer_types, as _sliding_windows checked them)
+        types = _gemma_layer_types(r, family, layers)
         tables = {t: _rope_spec(r, head_dim, max_pos, family, t)[0] for t in sorted(set(types))}
         rope, rope_context, layer_ropes = tables.get("full_attention", tables[types[0]]), None, \
             tuple(tables[t] for t in types)
@@ -273,6 +284,8 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
         # which the float32 reference keeps)
         embedding_scale=float(np.float32(math.sqrt(hidden))) if gemma else 1.0,
         query_pre_attn_scalar=r.get("query_pre_attn_scalar", float, default=256.0, positive=True) if gemma else None,
+        attn_softcap=softcaps[0] or 0.0,
+        final_softcap=softcaps[1] or 0.0,
         bos_token_id=r.get("bos_token_id", int),
         eos_token_ids=eos_ids,
         pad_token_id=r.get("pad_token_id", int),
@@ -295,8 +308,8 @@ def _sliding_windows(r: _Reader, family: str, layers: int) -> tuple[int, ...]:
         types = _layer_types(r, layers) or tuple("full_attention" if use else "sliding_attention"
                                                  for use in _smollm3_rope_layers(r, layers))
         return tuple(window if t == "sliding_attention" else 0 for t in types)
-    if family == "gemma3":  # (null: the sliding_attention layers attend to everything, with the local rotary table)
-        return tuple((window or 0) if t == "sliding_attention" else 0 for t in _gemma3_layer_types(r, layers))
+    if family in ("gemma2", "gemma3"):  # (null: the sliding_attention layers attend to everything)
+        return tuple((window or 0) if t == "sliding_attention" else 0 for t in _gemma_layer_types(r, family, layers))
     if family == "mistral":
         if "layer_types" in r.config:  # AutoConfig then reads it as Ministral, MistralForCausalLM ignores them
             raise r.fail("field 'layer_types' in a Mistral config is ambiguous in transformers (Ministral or Mistral "
@@ -335,12 +348,12 @@ def _smollm3_rope_layers(r: _Reader, layers: int) -> tuple[bool, ...]:
     return tuple(bool(f) for f in flags)
 
 
-def _gemma3_layer_types(r: _Reader, layers: int) -> tuple[str, ...]:
-    """Gemma3TextConfig's layer_types: the field, else every sliding_window_pattern-th layer (6 by default)
-    full_attention and the others sliding_attention."""
+def _gemma_layer_types(r: _Reader, family: str, layers: int) -> tuple[str, ...]:
+    """Gemma2Config's and Gemma3TextConfig's layer_types: the field, else every sliding_window_pattern-th
+    layer (Gemma 2: every 2nd; Gemma 3: 6th by default) full_attention and the others sliding_attention."""
     types = _layer_types(r, layers)
     if types is None:
-        pattern = r.get("sliding_window_pattern", int, default=6, positive=True)
+        pattern = 2 if family == "gemma2" else r.get("sliding_window_pattern", int, default=6, positive=True)
         return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers))
     return types
 

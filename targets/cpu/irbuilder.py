@@ -599,6 +599,34 @@ def erfc_pos(b: ir.IRBuilder, z: ir.Value) -> ir.Value:
     return b.fmul(b.fptrunc(t, e.type), e)
 
 
+# tanh(y) = y P(y^2) for |y| < TANH_SMALL: the Maclaurin series' first six terms (1.5 ulp there;
+# (1 - t) / (1 + t) would lose bits to the cancellation in 1 - t)
+TANH_SMALL = 0.35
+TANH_POLY = (1.0, -1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925)
+
+
+def tanh(b: ir.IRBuilder, y: ir.Value) -> ir.Value:
+    """tanh(y) for f32 y (scalar or vector), inline: y P(y^2) below TANH_SMALL, else
+    sign(y) (1 - t) / (1 + t) with t = exp(-2|y|) (no overflow: t <= 1). Within 4 ulp of the
+    exact value for every f32 y; tanh(+-inf) = +-1, NaN propagates."""
+    c = lambda v: const_like(y.type, v)  # noqa: E731
+    a = intrinsic(b, "llvm.fabs", [y])
+    t = exp(b, b.fmul(a, c(-2.0)))
+    big = b.fdiv(b.fsub(c(1.0), t), b.fadd(c(1.0), t))
+    u = b.fmul(y, y)
+    p = c(TANH_POLY[-1])
+    for coef in TANH_POLY[-2::-1]:
+        p = fma(b, p, u, c(coef))
+    small = b.fmul(y, p)
+    return b.select(b.fcmp_unordered("<", a, c(TANH_SMALL)), small, intrinsic(b, "llvm.copysign", [big, y]))
+
+
+def softcap(b: ir.IRBuilder, x: ir.Value, cap: float) -> ir.Value:
+    """cap * tanh(x / cap) for f32 x (Gemma 2's soft-capping of attention scores and logits),
+    x / cap as x * (1 / cap) rounded (llama.cpp's ggml_scale): within ~5 ulp of cap * tanh(x / cap)."""
+    return b.fmul(tanh(b, b.fmul(x, const_like(x.type, 1.0 / cap))), const_like(x.type, cap))
+
+
 def sigmoid_mul(b: ir.IRBuilder, x: ir.Value, z: ir.Value) -> ir.Value:
     """x * sigmoid(z) = x / (1 + exp(-z)) in f32, accurate for any sign and size of z:
     with t = exp(-|z|), it is x / (1 + t) for z >= 0 and x t / (1 + t) for z < 0 (no

@@ -305,6 +305,22 @@ def _emit_act(module, fn, b, p, cpu):
     _rows(module, fn, b, _arg(fn, "T"), _act_cost(p.act) * p.dim, body)
 
 
+def _emit_softcap(module, fn, b, p, cpu):
+    vw = cpu.vector_width
+    _positive(dim=p.dim)
+    cap = float(p.cap)
+    if not 0.0 < cap < math.inf:
+        raise ValueError(f"softcap kernel: cap must be finite and > 0, got {cap}")
+
+    def body(cb, t, A):
+        o, x = _row(cb, A.out, t, A.ld_out), _row(cb, A.x, t, A.ld_x)
+
+        def chunk(cb, off, w, slot):
+            irb.store_vec(cb, irb.softcap(cb, irb.load_vec(cb, x, off, w), cap), o, off)
+        irb.vector_loop(cb, p.dim, vw, chunk)
+    _rows(module, fn, b, _arg(fn, "T"), _act_cost("gelu_tanh") * p.dim, body)
+
+
 # --- hadamard
 
 def _emit_hadamard(module, fn, b, p, cpu):
@@ -794,6 +810,9 @@ def _emit_paged_attention(module, fn, b, p, cpu):
     win = int(p.sliding_window or 0)
     if win < 0:
         raise ValueError(f"paged_attention: sliding_window must be >= 0, got {win}")
+    softcap = float(p.softcap or 0.0)
+    if not softcap >= 0.0 or math.isinf(softcap):
+        raise ValueError(f"paged_attention: softcap must be finite and >= 0, got {softcap}")
     rep = H // G
     kvs = irb.storage(p.kv_dtype)  # how K/V are stored in the pool
     line = 64 // kvs.itemsize      # elements of K/V per cache line
@@ -1057,15 +1076,19 @@ def _emit_paged_attention(module, fn, b, p, cpu):
             keys = cb.add(irb.splat(cb, cb.add(blk.first, i64(j0)), kg),
                           ir.Constant(irb.vty(kg, I64), list(range(kg))))
             for ri in range(rt):
-                sv = cb.fmul(irb.lanes(cb, sums, ri * kg, kg), irb.splat(cb, qk_scale(cb, blk), kg))
+                sv = scaled(cb, irb.lanes(cb, sums, ri * kg, kg), blk)
                 ok = cb.and_(cb.icmp_signed(">=", keys, irb.splat(cb, lo[ri], kg)),
                              cb.icmp_signed("<=", keys, irb.splat(cb, hi[ri], kg)))
                 sv = cb.select(ok, sv, irb.splat(cb, neg_inf, kg))
                 dst = irb.gep(cb, scores, cb.add(cb.mul(rows[ri], i64(bs)), i64(j0)))
                 cb.store(sv, dst, align=4)
 
-    def qk_scale(cb, blk):
-        return f32(p.scale) if blk.ks is None else cb.fmul(f32(p.scale), blk.ks)
+    def scaled(cb, dots, blk):
+        """scores of a vector of q.K dot products: times the scale (and an int8 block's K scale),
+        soft-capped where p.softcap is set"""
+        s = f32(p.scale) if blk.ks is None else cb.fmul(f32(p.scale), blk.ks)
+        sv = cb.fmul(dots, irb.splat(cb, s, irb.width(dots)))
+        return irb.softcap(cb, sv, softcap) if softcap else sv
 
     def softmax_row(cb, rho, scores, m_arr, l_arr, c_arr, vs):
         """online softmax over one block: running max and sum, p_j = exp(s_j - max) in
@@ -1151,7 +1174,7 @@ def _emit_paged_attention(module, fn, b, p, cpu):
                 key = cb.trunc(cb.add(blk.first, cb.add(j0, i64(kk))), irb.I32)
                 kv = irb.splat(cb, key, vw)
                 ok = cb.and_(cb.icmp_signed(">=", kv, lo), cb.icmp_signed("<=", kv, hi))
-                sv = cb.fmul(tree.total(), irb.splat(cb, qk_scale(cb, blk), vw))
+                sv = scaled(cb, tree.total(), blk)
                 irb.store_vec(cb, cb.select(ok, sv, irb.splat(cb, neg_inf, vw)), scores,
                               cb.mul(cb.add(i64(lg * bs), cb.add(j0, i64(kk))), i64(vw)))
         with irb.for_range(cb, 0, bs // KGL * KGL, KGL, "kg") as j0:
@@ -1453,6 +1476,7 @@ _EMITTERS = {
     "paged_attention": _emit_paged_attention,
     "act_mul": _emit_act_mul,
     "act": _emit_act,
+    "softcap": _emit_softcap,
     "gather_rows": _emit_gather_rows,
     "add": _emit_add,
     "hadamard": _emit_hadamard,

@@ -1,4 +1,4 @@
-"""paged_attention {num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window, kv_dtype}.
+"""paged_attention {num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window, softcap, kv_dtype}.
 
 Semantics and arguments as targets/signatures.py says (shared with the CPU target), the pool
 in `kv_dtype` (float32, bfloat16, float16, or int8 / FP8 codes with float32 scales after them),
@@ -10,7 +10,7 @@ plus one buffer:
 Each program takes the HP = num_heads / num_kv_heads query heads that share a kv head (GQA
 packing) for some tokens and streams that kv head's keys through the block table in tiles of
 BLOCK_N keys (any block_size: each key's block is looked up), with an online softmax in f32
-(exp2, scale folded with log2 e). Scores and P.V are tl.dot: for f32 pools in
+(exp2, scale folded with log2 e; with a softcap, scores are capped by elementwise.softcap first). Scores and P.V are tl.dot: for f32 pools in
 input_precision="ieee"; for bf16/f16 pools q and P are rounded to the pool's dtype (tensor
 cores, f32 accumulation), as a half-precision model computes them. A quantized pool's codes
 (int8, FP8 E4M3) widen exactly to bf16 and go through the tensor cores with bf16 q: each key's
@@ -45,12 +45,13 @@ import triton.language as tl
 
 from llmirc import dtypes
 
+from .elementwise import softcap
 from .pdl import pdl_mode, pdl_trigger
 from .rope import check_quantized_pool, pool_scales
 from .spec import Launch, Rule, Variant, add, cdiv, eq, kernel, le, max_, min_, mul, next_pow2
 from .splitk import arrive
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 KEYS_PER_SPLIT = 256  # the fewest keys a decode split takes (before the GPU is full)
 
 
@@ -71,11 +72,12 @@ def _find_sequence(query_start_loc, B, t):
 @triton.jit
 def _attend(q, ld_q, tok, head, row_ok, pool, num_blocks, layer, g, block_tables_b, k_lo, k_hi, row_lo, row_hi,
             M: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-            BLOCK_N: tl.constexpr, SCALE_LOG2: tl.constexpr, KV_F32: tl.constexpr, NUM_LAYERS: tl.constexpr):
+            BLOCK_N: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr, KV_F32: tl.constexpr,
+            NUM_LAYERS: tl.constexpr):
     """(acc [M, D_PAD], max [M], sum [M]): online softmax of M query rows (row r: token tok[r], head
     head[r], keys row_lo[r]..row_hi[r]) over the keys k_lo..k_hi of kv head g, key j read at block
     block_tables_b[j // BS], slot j % BS of the pool. NUM_LAYERS > 0: a quantized pool (its scales
-    after the codes of NUM_LAYERS layers)."""
+    after the codes of NUM_LAYERS layers). SOFTCAP > 0: scores SOFTCAP * tanh(s / SOFTCAP)."""
     d = tl.arange(0, D_PAD)
     q_mask = row_ok[:, None] & (d[None, :] < D)
     qt = tl.load(q + tok.to(tl.int64)[:, None] * ld_q + head[:, None] * D + d[None, :], mask=q_mask, other=0.0)
@@ -104,7 +106,10 @@ def _attend(q, ld_q, tok, head, row_ok, pool, num_blocks, layer, g, block_tables
             s = tl.dot(qt, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(qt, tl.trans(k))
-        s = s * SCALE_LOG2
+        if SOFTCAP > 0:
+            s = softcap(s * SCALE, SOFTCAP) * LOG2E
+        else:
+            s = s * (SCALE * LOG2E)
         ok = (j[None, :] >= row_lo[:, None]) & (j[None, :] <= row_hi[:, None])
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -139,7 +144,7 @@ def paged_attention_decode_kernel(
         out, ld_out, q, ld_q, pool, num_blocks, layer, block_tables, max_blocks, seq_lens, query_start_loc, B,
         positions, T, attn_workspace, attn_counters, num_splits,
         H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
-        SCALE_LOG2: tl.constexpr, WINDOW: tl.constexpr, HP: tl.constexpr, HP_PAD: tl.constexpr,
+        SCALE: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, HP: tl.constexpr, HP_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, KV_F32: tl.constexpr, NUM_LAYERS: tl.constexpr, DIRECT: tl.constexpr,
         RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr, PDL: tl.constexpr):
     pdl_trigger(PDL)
@@ -157,7 +162,7 @@ def paged_attention_decode_kernel(
     tok = tl.zeros([HP_PAD], tl.int32) + t
     acc, m_i, l_i = _attend(q, ld_q, tok, head, r < HP, pool, num_blocks, layer, g,
                             block_tables + b.to(tl.int64) * max_blocks, k_lo, k_hi, tl.zeros([HP_PAD], tl.int32) + k_lo,
-                            tl.zeros([HP_PAD], tl.int32) + k_hi, HP_PAD, G, BS, D, D_PAD, BLOCK_N, SCALE_LOG2, KV_F32,
+                            tl.zeros([HP_PAD], tl.int32) + k_hi, HP_PAD, G, BS, D, D_PAD, BLOCK_N, SCALE, SOFTCAP, KV_F32,
                             NUM_LAYERS)
     d = tl.arange(0, D_PAD)
     t64 = t.to(tl.int64)
@@ -194,7 +199,7 @@ def paged_attention_prefill_kernel(
         out, ld_out, q, ld_q, pool, num_blocks, layer, block_tables, max_blocks, seq_lens, query_start_loc, B,
         positions, T,
         H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
-        SCALE_LOG2: tl.constexpr, WINDOW: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr,
+        SCALE: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KV_F32: tl.constexpr, NUM_LAYERS: tl.constexpr,
         PDL: tl.constexpr):
     pdl_trigger(PDL)
@@ -226,7 +231,7 @@ def paged_attention_prefill_kernel(
 
         acc, m_i, l_i = _attend(q, ld_q, tok, head, row_ok, pool, num_blocks, layer, g,
                                 block_tables + b.to(tl.int64) * max_blocks, k_lo, k_hi, row_lo, row_hi, BLOCK_M, G, BS,
-                                D, D_PAD, BLOCK_N, SCALE_LOG2, KV_F32, NUM_LAYERS)
+                                D, D_PAD, BLOCK_N, SCALE, SOFTCAP, KV_F32, NUM_LAYERS)
         d = tl.arange(0, D_PAD)
         tok64 = tok.to(tl.int64)
         q_mask = row_ok[:, None] & (d[None, :] < D)
@@ -247,7 +252,8 @@ def rule_paged_attention(params, arch, args) -> Rule:
         check_quantized_pool(params, arch)
         num_layers = int(params["num_layers"])
     hp = h // g
-    common = {"H": h, "G": g, "D": d, "D_PAD": d_pad, "BS": bs, "SCALE_LOG2": float(params["scale"]) * LOG2E,
+    common = {"H": h, "G": g, "D": d, "D_PAD": d_pad, "BS": bs, "SCALE": float(params["scale"]),
+              "SOFTCAP": softcap_of(params),
               "WINDOW": int(params["sliding_window"] or 0), "HP": hp, "KV_F32": kv_f32, "NUM_LAYERS": num_layers,
               "PDL": pdl_mode(arch)}
     ws_rows = add("T", -(-4 * arch.num_sms // g))
@@ -277,6 +283,14 @@ def rule_paged_attention(params, arch, args) -> Rule:
         Variant(1, (Launch(pre, (_prefill_grid(block_q), g, 1)),)),
     ]
     return Rule("paged_attention", params, args, variants, [ws, counters])
+
+
+def softcap_of(params) -> float:
+    """paged_attention's softcap (0.0: none); ValueError unless finite and >= 0."""
+    cap = float(params.get("softcap") or 0.0)
+    if not 0.0 <= cap < float("inf"):
+        raise ValueError(f"paged_attention: softcap must be finite and >= 0, got {cap}")
+    return cap
 
 
 def _prefill_grid(block_q: int):

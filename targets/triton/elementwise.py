@@ -1,4 +1,4 @@
-"""Row-wise kernels: embedding, gather_rows, add, act, act_mul, hadamard (semantics:
+"""Row-wise kernels: embedding, gather_rows, add, act, act_mul, softcap, hadamard (semantics:
 targets/signatures.py).
 
 Each program handles one row and one column block of BLOCK = min(next_pow2(dim), 1024)
@@ -45,6 +45,36 @@ def _erfc_pos(z):
     p = p * t + 1.00002368
     p = p * t - 1.26551223
     return t * tl.exp(p - z * z)
+
+
+@triton.jit
+def softcap(x, CAP: tl.constexpr):
+    """CAP * tanh(x / CAP) of an f32 tensor, as the CPU kernels compute it (irbuilder.softcap): x / CAP as
+    x * (1 / CAP); tanh(y) = y P(y^2) below 0.35 (Maclaurin, six terms), else sign(y) (1 - t) / (1 + t) with
+    t = exp(-2|y|). Within ~5 ulp; NaN propagates, +-inf gives +-CAP."""
+    y = x * (1.0 / CAP)
+    a = tl.abs(y)
+    t = tl.exp(-2.0 * a)
+    big = (1.0 - t) / (1.0 + t)
+    u = y * y
+    p = -1382.0 / 155925.0
+    p = p * u + 62.0 / 2835.0
+    p = p * u - 17.0 / 315.0
+    p = p * u + 2.0 / 15.0
+    p = p * u - 1.0 / 3.0
+    p = p * u + 1.0
+    return tl.where(a < 0.35, y * p, tl.where(y < 0, -big, big)) * CAP
+
+
+@triton.jit
+def softcap_kernel(out, ld_out, x, ld_x, T, DIM: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
+                   PDL: tl.constexpr):
+    pdl_trigger(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < DIM
+    v = tl.load(x + t * ld_x + c, mask=m).to(tl.float32)
+    tl.store(out + t * ld_out + c, softcap(v, CAP), mask=m)
 
 
 @triton.jit
@@ -195,6 +225,13 @@ def _check_act(act):
 def rule_act(params, arch, args) -> Rule:
     _check_act(params["act"])
     return _row_rule("act", params, act_kernel, args, "T", {"ACT": params["act"], "PDL": pdl_mode(arch)})
+
+
+def rule_softcap(params, arch, args) -> Rule:
+    cap = float(params["cap"])
+    if not 0.0 < cap < float("inf"):
+        raise ValueError(f"softcap: cap must be finite and > 0, got {cap}")
+    return _row_rule("softcap", params, softcap_kernel, args, "T", {"CAP": cap, "PDL": pdl_mode(arch)})
 
 
 def act_mul_into_launch(dim: int, act: str, types: dict) -> Launch:

@@ -69,7 +69,7 @@ BUILDERS = {
     "embedding": elementwise.rule_embedding, "rms_norm": norm.rule_rms_norm, "layer_norm": norm.rule_layer_norm,
     "linear": linear.rule_linear, "rope": rope.rule_rope, "kv_append": rope.rule_kv_append,
     "paged_attention": attention.rule_paged_attention, "act_mul": elementwise.rule_act_mul,
-    "act": elementwise.rule_act, "gather_rows": elementwise.rule_gather_rows, "add": elementwise.rule_add,
+    "act": elementwise.rule_act, "softcap": elementwise.rule_softcap, "gather_rows": elementwise.rule_gather_rows, "add": elementwise.rule_add,
     "add_rms_norm": norm.rule_add_rms_norm, "add_layer_norm": norm.rule_add_layer_norm,
     "rope_kv_append": rope.rule_rope_kv_append, "argmax": sampling.rule_argmax, "sample": sampling.rule_sample,
     "advance_step": sampling.rule_advance_step, "rms_norm_linear": linear.rule_rms_norm_linear,
