@@ -570,7 +570,7 @@ def _listed(ops: dict[str, int]) -> str:
 
 
 def model_facts(module) -> dict:
-    """What the graph itself says about the model (sizes, layers, heads, windows)."""
+    """What the graph itself says about the model (sizes, layers, heads, windows, soft-capping)."""
     from llmirc import dialect as L
 
     facts: dict = {}
@@ -579,12 +579,16 @@ def model_facts(module) -> dict:
         a = attn[0]
         facts.update(num_layers=len(attn), num_heads=a.num_heads.value.data, num_kv_heads=a.num_kv_heads.value.data,
                      head_dim=a.head_dim.value.data, sliding_windows=[o.sliding_window.value.data for o in attn])
+        if a.softcap is not None:
+            facts["attention_softcap"] = a.softcap_value()
     for op in module.walk():
         if isinstance(op, L.EmbeddingOp):
             facts.setdefault("hidden_size", L.shape_of(op.table)[1])
     ret = forward_func(module).get_return_op()
     if ret is not None and ret.operands and len(L.shape_of(ret.operands[0])) == 2:
         facts["vocab_size"] = L.shape_of(ret.operands[0])[1]
+        if isinstance(ret.operands[0].owner, L.SoftcapOp):
+            facts["logits_softcap"] = ret.operands[0].owner.cap.value.data
     return facts
 
 

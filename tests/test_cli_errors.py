@@ -821,6 +821,13 @@ def test_inspect_says_on_how_many_layers_the_window_slides():
     assert _windows({"sliding_windows": [0, 0]}) == _windows({}) == ""
 
 
+def test_inspect_shows_soft_capping():
+    from llmirc.runtime.inspect import _softcaps
+
+    assert _softcaps({"attention_softcap": 50.0, "logits_softcap": 30.0}) == ", soft-capped: attention 50, logits 30"
+    assert _softcaps({"logits_softcap": 7.5}) == ", soft-capped: logits 7.5" and _softcaps({}) == ""
+
+
 def test_inspect_says_an_int8_table_is_stored_per_row():
     """--quant int8 --quant-keep none stores a table (and its tied head) in 8 bits per row: inspect said
     `groups of 64` for the table (its row is `dim`, not `k`) and `per output row` for the head."""

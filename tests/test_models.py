@@ -90,7 +90,10 @@ def check_model(model, bundle, prompts=PROMPTS, **load_options):
 def test_matches_transformers(tmp_path, case):
     arch, overrides = CASES[case]
     model = make_checkpoint(tmp_path / "ckpt", arch, **overrides)
-    check_model(model, compile_to(tmp_path / "ckpt", tmp_path / "m.llmir"))
+    compiled = check_model(model, compile_to(tmp_path / "ckpt", tmp_path / "m.llmir"))
+    if arch == "gemma2":  # (what inspect shows)
+        facts = compiled.bundle.manifest["model"]
+        assert (facts["attention_softcap"], facts["logits_softcap"]) == (1.0, 2.0)
 
 
 def test_longrope_tables_by_the_bundles_context(tmp_path):

@@ -259,6 +259,13 @@ def _windows(model: dict) -> str:
                                              else "")
 
 
+def _softcaps(model: dict) -> str:
+    """', soft-capped: attention 50, logits 30' (Gemma 2) where the manifest records the caps."""
+    caps = [f"{what} {model[key]:g}" for what, key in (("attention", "attention_softcap"), ("logits", "logits_softcap"))
+            if model.get(key)]
+    return f", soft-capped: {', '.join(caps)}" if caps else ""
+
+
 def _describe(info: dict) -> str:
     model, kv = info["model"] or {}, info["kv_cache"] or {}
     lines = [
@@ -266,7 +273,7 @@ def _describe(info: dict) -> str:
         f"model      {model.get('architecture')}: {_layers(model)}vocab {model.get('vocab_size')}, "
         f"context {model.get('max_position_embeddings')}"
         + (f" ({model['context_from']})" if model.get("context_from") else "")
-        + _windows(model),
+        + _windows(model) + _softcaps(model),
         f"weights    {info['weights']['parameters'] / 1e6:.2f}M parameters in {info['weights']['tensors']} tensors: "
         + ", ".join(f"{n / 2**20:.2f} MiB {d}" for d, n in info["weights"]["bytes_by_dtype"].items())
         + f" ({len(info['weights']['derived'])} concatenated, transposed or cast at compile time)",
