@@ -1,4 +1,5 @@
-"""onnx-fuse-activation: SiLU, GELU (erf and tanh forms) and ReLU become llmir.act.
+"""onnx-fuse-activation: SiLU, GELU (erf and tanh forms) and ReLU become llmir.act, Gemma 2's soft-capping
+of the logits (cap * tanh(x / cap)) llmir.softcap.
 
 Before (GELU, erf form):
     %d = "onnx.Div"(%x, 1.414)  %e = "onnx.Erf"(%d)  %a = "onnx.Add"(%e, 1)
@@ -8,7 +9,8 @@ After:
 
 Anchors: Sigmoid, Erf, Tanh, Relu and onnx.Gelu on activations. The region is every
 elementwise op computed from the anchor's input alone; it is fused when it computes one of
-the activations on random inputs (the closest one, within a tolerance that allows for the region's
+the activations, or a soft-cap by one of its scalar constants, on random inputs (the closest one, within
+a tolerance that allows for the region's
 constants being rounded: a bfloat16 export stores 0.7978845 as 0.796875). onnx-to-llmir
 then turns act(gate) * up into act_mul.
 """
@@ -68,20 +70,39 @@ class FuseActivation(ModulePass):
         xs = (np.random.default_rng(1).standard_normal((1, S, shape[-1])) * 4).astype(np.float32)
         got = evaluate(ops, {x: xs}, oracle, S)[outs[0]]
         tol = constant_precision(ops, oracle)
-        refs = {act: ref(xs.astype(np.float64)) for act, ref in REFERENCE.items()}
+        x64 = xs.astype(np.float64)
+        refs = {act: ref(x64) for act, ref in REFERENCE.items()}
+        if anchor.op_type == "Tanh":
+            refs |= {cap: cap * np.tanh(x64 / cap) for cap in _softcap_candidates(ops, oracle)}
         for act in sorted(refs, key=lambda a: float(np.nanmax(np.abs(got - refs[a])))):  # closest first
             if close(got, refs[act], tol):
                 out = outs[0]
                 at = out.owner
                 block = at.parent_block()
                 rows = L.SqueezeBatchOp(x)
-                new = L.ActOp(rows.result, act)
+                new = L.ActOp(rows.result, act) if isinstance(act, str) else L.SoftcapOp(rows.result, act)
                 back = L.UnsqueezeBatchOp(new.result)
                 block.insert_ops_before([rows, new, back], at)
                 out.replace_all_uses_with(back.result)
                 erase_dead(ops)
-                return act
+                return act if isinstance(act, str) else f"softcap {act:g}"
         return None
+
+
+def _softcap_candidates(ops, oracle: Oracle) -> set[float]:
+    """The soft-cap candidates of a region: 1 (x / 1 and x * 1 are dropped by exporters), its float scalar
+    constants c > 1, and 1 / c of those below 1 (x / cap may be spelled x * (1 / cap))."""
+    found = {1.0}
+    for op in ops:
+        for v in op.operands:
+            if oracle.has_value(v) and np.asarray(oracle.value(v)).dtype.kind == "f" and \
+                    np.asarray(oracle.value(v)).size == 1:
+                c = float(np.asarray(oracle.value(v)).reshape(-1)[0])
+                if math.isfinite(c) and c > 1:
+                    found.add(c)
+                elif 0 < c < 1:
+                    found.add(1 / c)
+    return found
 
 
 def constant_precision(ops, oracle: Oracle) -> float:

@@ -43,7 +43,8 @@ def refused(model: onnx.ModelProto, tmp_path: Path, *needles: str) -> None:
 
 def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=False, window=-1, scale=None,
                   layer_norm=False, dtype=np.float32, nbits=None, zero_points=False, tied=False,
-                  qk_norm=False, embed_scale=None, mha=False, partial=False, qdq=False, seed=0) -> onnx.ModelProto:
+                  qk_norm=False, embed_scale=None, mha=False, partial=False, qdq=False, softcap=None,
+                  final_softcap=None, seed=0) -> onnx.ModelProto:
     """A random decoder in the builder's form: input_ids, attention_mask and past_key_values.N.key/value
     [batch, kv_heads, past, 'kv_cache_dim'] in; logits and present.N.key/value out. With `nbits` (4 or 8)
     every MatMul is a MatMulNBits (blocks of 32, zero points or not), as the builder's `-p int4` writes;
@@ -57,7 +58,8 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
     causal + attention_mask bias built in the graph; else reading the past itself, unidirectional. `partial`:
     the first half of each head rotated (RotaryEmbedding's num_heads and rotary_embedding_dim). `qdq` (with
     `nbits`): the builder's `use_qdq=true` form instead, MatMul (and the embedding's Gather) of a blocked
-    DequantizeLinear of int4 / int8 codes (uint4 / uint8 with `zero_points`)."""
+    DequantizeLinear of int4 / int8 codes (uint4 / uint8 with `zero_points`). `softcap`, `final_softcap`: Gemma 2's,
+    GroupQueryAttention's softcap attribute and the logits' Div, Tanh and Mul as the builder writes them."""
     rng = np.random.default_rng(seed)
     d = C // heads
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
@@ -174,6 +176,8 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
                          rotary_interleaved=int(interleaved))
             if scale is not None:
                 attrs["scale"] = scale
+            if softcap is not None:
+                attrs["softcap"] = softcap
             presents += [f"present.{i}.key", f"present.{i}.value"]
             a = node("GroupQueryAttention", [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
                                              total, "cos_cache" if rotary else "", "sin_cache" if rotary else ""],
@@ -187,6 +191,10 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
     if tied and nbits:
         nodes.append(helper.make_node("MatMulNBits", [h, *head], ["logits"], domain=MS, K=C, N=VOCAB, bits=nbits,
                                       block_size=32))
+    elif final_softcap:
+        cap = init("final_softcap", np.array(final_softcap))
+        logits = node("MatMul", [h, "W.lm_head" if tied else w("lm_head", C, VOCAB)], ["lm_head_out"])
+        node("Mul", [node("Tanh", [node("Div", [logits, cap], ["capped"])], ["tanh"]), cap], ["logits"])
     else:
         node("MatMul", [h, "W.lm_head" if tied else w("lm_head", C, VOCAB)], ["logits"])
     past = [helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", elem, ["batch_size", kv_heads, "past_len",
@@ -309,6 +317,9 @@ CASES = {  # each feature once, several to a model (a case is a compile)
     "float16": dict(dtype=np.float16),  # llmirc computes in float32, onnxruntime partly in float16
     "qk-norm": dict(qk_norm=True),  # Qwen3
     "embedding-scale": dict(embed_scale=8.0),  # Gemma
+    # Gemma 2 as the builder writes it: a cap of 50 beside a scale that is not head_dim's (query_pre_attn_scalar; the
+    # product of the three, tried first, passed with a tolerance it made itself), a logits cap that bends the logits
+    "softcap-window-scaled": dict(softcap=50.0, final_softcap=3.0, window=5, scale=0.0625),
     "tied": dict(tied=True),  # the embedding a Transpose of the LM head's weight: one copy in the bundle
     # weights kept quantized (bit for bit: test_matmul_nbits_weights_are_kept_exactly); llmirc's CPU
     # kernels round the activations to int8 per 32, onnxruntime does not (accuracy_level 0): on these
@@ -358,6 +369,8 @@ def test_builder_model_matches_onnxruntime(tmp_path, case):
         assert {q.get("scale_dtype", stored) for q in summary(bundle, verify=False)["quantization"]} == {stored}
     assert ("DequantizeLinear + MatMul -> MatMulNBits x" in report) == ("qdq" in CASES[case]), report
     assert ("DequantizeLinear + Gather -> GatherBlockQuantized x1" in report) == ("qdq" in CASES[case]), report
+    if "softcap" in CASES[case]:  # (1 / scale = 16 passed for the cap of 50 too: scores of 0.25 hardly bend)
+        assert "softcap 50)" in report and "onnx-fuse-activation: softcap 3 " in report, report
     ops = ("MultiHeadAttention x2", "RotaryEmbedding x4") if "mha" in CASES[case] else ("GroupQueryAttention x2",)
     assert "onnxruntime contrib operators replaced: " in report and all(o in report for o in ops), report
     prompt = [3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7, 9]
@@ -380,7 +393,8 @@ def test_builder_model_matches_onnxruntime(tmp_path, case):
 
 
 @pytest.mark.parametrize("change,needle", [
-    (lambda n: n.attribute.append(helper.make_attribute("softcap", 30.0)), "softcap=30.0 is not computed"),
+    (lambda n: n.attribute.append(helper.make_attribute("smooth_softmax", 1)), "smooth_softmax=1 is not computed"),
+    (lambda n: n.attribute.append(helper.make_attribute("softcap", -3.0)), "softcap=-3.0 is not a finite number"),
     (lambda n: n.input.extend(["", "", "cos_cache"]), "input 11 (head_sink)"),
     (lambda n: n.input.__setitem__(1, "x0"), "key and value must both be given"),
 ])

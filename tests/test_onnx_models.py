@@ -35,6 +35,10 @@ CASES = {
     "qwen3-headdim-opset23": ("qwen3", dict(hidden_size=128, head_dim=64, intermediate_size=96), dict(opset=23)),
     # with past_key_values: the present keys, truncated to the window, are no affine shape (not read)
     "mistral-sliding-past-kv-opset23": ("mistral", dict(sliding_window=8), dict(opset=23, with_past=True)),
+    # Gemma 2 (eager attention): soft-capped scores (tanh(s / cap) * cap before the mask) and logits, sliding and
+    # full layers alternating, sandwich norms of 1 + w, the scaled embedding; with attention_mask and position_ids
+    "gemma2-softcap-sliding-mask": ("gemma2", dict(sliding_window=5, attn_logit_softcapping=1.0,
+                                                   final_logit_softcapping=2.0), dict(with_mask=True)),
 }
 PROMPTS = [[0, 5, 9, 200, 17], [0] + [(7 * i + 3) % 380 for i in range(30)]]
 

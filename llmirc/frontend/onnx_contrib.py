@@ -14,7 +14,7 @@ full-sequence fallback read a builder's model as they read an exported one: ther
 of each computation. The KV cache is the paged one llmirc makes; the node's past/present inputs
 and outputs keep their meaning (present = past followed by the step's keys and values).
 
-What the replacement does not compute is refused by name: GroupQueryAttention's softcap,
+What the replacement does not compute is refused by name: GroupQueryAttention's
 smooth_softmax, attention_bias and head_sink, a rotary table narrower than the head (partial
 rotary), the norms' mean / inv_std_var outputs, RotaryEmbedding's is_packed_batching and scale (which
 onnxruntime's CPU kernel ignores), MultiHeadAttention's packed q/k/v, past_sequence_length,
@@ -374,9 +374,11 @@ def _group_query_attention(b: _Body, inits: dict, graph_inputs: dict, pending: l
     cos_cache, sin_cache, position_ids): query [B, S, Hq*D] (q, k and v packed when key and value are
     omitted), past [B, Hkv, P, D]; output [B, S, Hq*D], present [B, Hkv, P + S, D]."""
     a = b.attrs
-    for attr in ("softcap", "smooth_softmax"):
-        if a.get(attr, 0):
-            b.fail(f"{attr}={a[attr]} is not computed by llmirc")
+    if a.get("smooth_softmax", 0):
+        b.fail(f"smooth_softmax={a['smooth_softmax']} is not computed by llmirc")
+    cap = float(a.get("softcap", 0.0))
+    if not 0.0 <= cap < float("inf"):
+        b.fail(f"softcap={cap} is not a finite number >= 0")
     for i, what in ((10, "attention_bias"), (11, "head_sink")):
         if b.input(i):
             b.fail(f"input {i} ({what}) is not read by llmirc")
@@ -427,7 +429,10 @@ def _group_query_attention(b: _Body, inits: dict, graph_inputs: dict, pending: l
         k, v = (b.op("Reshape", b.op("Expand", b.op("Unsqueeze", x, b.const([2])), repeat), b.const([0, heads, -1, d]))
                 for x in (k, v))
     mask = _causal_mask(b, past_len, total, int(a.get("local_window_size", -1)), t)
-    scores = b.op("Add", _scaled_scores(b, q, k, float(a.get("scale", 0.0)), t), mask)
+    scores = _scaled_scores(b, q, k, float(a.get("scale", 0.0)), t)
+    if cap:  # Gemma 2's soft-capping, as transformers' eager attention spells it: tanh(s / cap) * cap
+        scores = b.op("Mul", b.op("Tanh", b.op("Div", scores, b.scalar(cap, t))), b.scalar(cap, t))
+    scores = b.op("Add", scores, mask)
     out = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)
     b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.const([0, 0, -1]), out=b.output(0))
 
