@@ -207,7 +207,9 @@ def test_gemma3_rope_per_layer_type_matches_transformers(tmp_path, case):
         assert rope.scaling == pytest.approx(getattr(rotary, f"{layer_type}_attention_scaling"), rel=1e-7)
         attention = modeling.Gemma3Attention(cfg, layer_idx=i)
         assert spec.attention_scale == pytest.approx(attention.scaling, rel=1e-7)
-        assert spec.sliding_windows[i] == (attention.sliding_window or 0)
+        sliding = cfg.layer_types[i] == "sliding_attention" and cfg.sliding_window is not None
+        assert spec.sliding_windows[i] == (cfg.sliding_window if sliding else 0)
+        assert attention.sliding_window in (None, spec.sliding_windows[i])
     assert spec.embedding_scale == np.float32(cfg.hidden_size ** 0.5)
 
 
@@ -307,13 +309,18 @@ SMOLLM3_CASES = {
                               layer_types=["full_attention", "sliding_attention"],
                               rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "window-without-use": base("smollm3", sliding_window=7),
+    # (the sliding_attention layers' masks slide without use_sliding_window, which only the flash-attention path and
+    # SmolLM3Config's default layer_types read)
+    "layer-types-without-use": base("smollm3", num_hidden_layers=3, sliding_window=7,
+                                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
 }
 
 
 @pytest.mark.parametrize("case", SMOLLM3_CASES)
 def test_smollm3_nope_layers_and_windows_match_transformers(tmp_path, case):
     """SmolLM3: the rotary table on the layers no_rope_layers (or its interval) gives one, none on the others; the
-    windows on the sliding_attention layers with use_sliding_window; SmolLM3Config's defaults."""
+    windows on the sliding_attention layers (as SmolLM3Model's masks: the attention's own sliding_window, for flash
+    attention, also needs use_sliding_window); SmolLM3Config's defaults."""
     config = SMOLLM3_CASES[case]
     cfg = hf(tmp_path, config)
     modeling = transformers.models.smollm3.modeling_smollm3
@@ -324,7 +331,9 @@ def test_smollm3_nope_layers_and_windows_match_transformers(tmp_path, case):
         assert (rope is not None) == bool(attention.use_rope)
         if rope is not None:
             np.testing.assert_allclose(np.array(rope.inv_freq), rotary.inv_freq.numpy(), rtol=1e-6, atol=0)
-        assert spec.sliding_windows[i] == (attention.sliding_window or 0)
+        sliding = cfg.layer_types[i] == "sliding_attention" and cfg.sliding_window is not None
+        assert spec.sliding_windows[i] == (cfg.sliding_window if sliding else 0)
+        assert attention.sliding_window in (None, spec.sliding_windows[i])
         assert spec.attention_scale == pytest.approx(attention.scaling, rel=1e-7)
     assert (spec.num_kv_heads, spec.tie_word_embeddings, spec.max_position_embeddings) == \
         (cfg.num_key_value_heads, cfg.tie_word_embeddings, cfg.max_position_embeddings)

@@ -66,6 +66,9 @@ CASES = {
     "smollm3-nope-sliding-bias": ("smollm3", dict(num_hidden_layers=4, no_rope_layer_interval=2,
                                                   use_sliding_window=True, sliding_window=5, attention_bias=True,
                                                   mlp_bias=True)),
+    # sliding_attention layers without use_sliding_window: SmolLM3Model's masks still slide there
+    "smollm3-layer-types-without-use": ("smollm3", dict(num_hidden_layers=4, sliding_window=4, layer_types=[
+        "sliding_attention", "full_attention", "full_attention", "sliding_attention"])),
 }
 
 

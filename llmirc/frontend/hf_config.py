@@ -302,12 +302,14 @@ def _sliding_windows(r: _Reader, family: str, layers: int) -> tuple[int, ...]:
     window = r.get("sliding_window", int, positive=True, default=default)
     if family == "phi3":  # (Phi3Model: a sliding-window mask on every layer when sliding_window is set)
         return (window or 0,) * layers
-    if family == "smollm3":  # (with use_sliding_window, on the layers layer_types names; by default the NoPE ones)
-        if not r.get("use_sliding_window", bool, default=False) or window is None:
-            return (0,) * layers
-        types = _layer_types(r, layers) or tuple("full_attention" if use else "sliding_attention"
-                                                 for use in _smollm3_rope_layers(r, layers))
-        return tuple(window if t == "sliding_attention" else 0 for t in types)
+    if family == "smollm3":  # (on the layers layer_types names, as transformers' masks and vLLM read it, whatever
+        # use_sliding_window says, which only SmolLM3Config's default layer_types follows: the NoPE layers with it)
+        types = _layer_types(r, layers)
+        if types is None:
+            use = r.get("use_sliding_window", bool, default=False)
+            types = tuple("full_attention" if rope or not use else "sliding_attention"
+                          for rope in _smollm3_rope_layers(r, layers))
+        return tuple(window if t == "sliding_attention" and window is not None else 0 for t in types)
     if family in ("gemma2", "gemma3"):  # (null: the sliding_attention layers attend to everything)
         return tuple((window or 0) if t == "sliding_attention" else 0 for t in _gemma_layer_types(r, family, layers))
     if family == "mistral":
