@@ -8,9 +8,11 @@ bundle per module; references come from the same bundle loaded in this process (
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -1291,3 +1293,29 @@ def test_generation_config_eos_ids_beside_the_tokenizers_are_stop_reasons_as_vll
     last = list(m.generate_stream(["the quick"], 16))[-1]
     assert (last.finish_reason, last.stop_reason, last.num_generated) == ("stop", None, at + 1)
     m.close()
+
+
+def test_the_tokenizers_eos_token_ends_a_sequence_that_generation_config_does_not_list(bundle, tmp_path):
+    """vLLM stops at the tokenizer's eos_token whatever generation_config.json lists (a ChatML fine-tune's
+    <|im_end|> beside the base model's eos ids): a bundle whose manifest lists no eos id still ends there, with a
+    null stop_reason (it ran on to max_tokens)."""
+    copy = tmp_path / "m.llmir"
+    shutil.copytree(bundle, copy)
+    with load(copy, kv_cache_tokens=512) as m:
+        tokens = m.generate(["the quick"], 16, ignore_eos=True)[0]
+        at = next(i for i in range(1, 16) if tokens.index(tokens[i]) == i)
+        text = m.tokenizer.backend.id_to_token(tokens[at])
+    config = json.loads((copy / "tokenizer" / "tokenizer_config.json").read_text())
+    edited = json.dumps({**config, "eos_token": text}).encode()
+    (copy / "tokenizer" / "tokenizer_config.json").write_bytes(edited)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["generation"]["eos_token_ids"] = []
+    for f in manifest["files"]:
+        if f["path"] == "tokenizer/tokenizer_config.json":
+            f.update(size=len(edited), sha256=hashlib.sha256(edited).hexdigest())
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with load(copy, kv_cache_tokens=512) as m:
+        assert m.tokenizer.eos_token_id == tokens[at] and m.eos_token_ids == [tokens[at]]
+        last = list(m.generate_stream(["the quick"], 16))[-1]
+        assert (last.finish_reason, last.stop_reason, last.num_generated) == ("stop", None, at + 1)
+        assert m.generate(["the quick"], 16, ignore_eos=True)[0] == tokens

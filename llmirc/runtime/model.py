@@ -125,8 +125,9 @@ class Model:
 
     Attributes: `max_context` (tokens a sequence may hold: prompt + generated), `vocab_size`,
     `block_size` (KV cache block, tokens), `num_blocks`, `eos_token_ids` (generation stops at
-    these unless ignore_eos), `tokenizer` (llmirc.runtime.tokenizer.Tokenizer, None when the bundle
-    has none: prompts are then token ids), `chat_template` (ChatTemplate or None), `engine`.
+    these unless ignore_eos: generation_config.json's and the tokenizer's eos_token), `tokenizer`
+    (llmirc.runtime.tokenizer.Tokenizer, None when the bundle has none: prompts are then token ids),
+    `chat_template` (ChatTemplate or None), `engine`.
     Generation: `generate` (token ids), `generate_stream` (RequestOutput events: token, text,
     finish_reason, logprob as TokenLogprob(token, logprob, top)...; llmirc.runtime.engine),
     `stream_text`; `score` (logits of a sequence). Its methods may be called from several threads
@@ -185,6 +186,11 @@ class Model:
             self.tokenizer = Tokenizer.from_bundle_dir(file.parent, listed)
             self.chat_template = ChatTemplate.from_folder(self.tokenizer.folder, self.tokenizer.special_tokens_map,
                                                           listed)
+            eos = self.tokenizer.eos_token_id
+            if eos is not None and eos not in self.eos_token_ids:  # (vLLM's request.eos_token_id: the tokenizer's
+                # eos_token ends a sequence whatever generation_config.json lists, as a ChatML fine-tune's <|im_end|>)
+                self.eos_token_ids.append(eos)
+                self.scheduler.eos_token_ids |= {eos}
         self.engine = Engine(self.executor, self.scheduler, self.tokenizer, num_scheduler_steps)
 
     @property
