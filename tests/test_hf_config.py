@@ -301,6 +301,20 @@ def test_gemma3_multimodal_config_is_read_as_its_text_config(tmp_path):
     assert spec.sliding_windows == tuple(1024 if t == "sliding_attention" else 0 for t in cfg.layer_types)
 
 
+
+@pytest.mark.parametrize("archs", [["Gemma3ForSequenceClassification"], ["Gemma3ForCausalLM"], ["A", "B"], "x"])
+def test_gemma3_multimodal_config_of_another_architecture_is_refused_by_name(archs):
+    """model_type gemma3 with an architecture other than Gemma3ForConditionalGeneration: refused by name (a
+    Gemma3ForSequenceClassification compiled as a language model, its score.weight counted as the image model's)."""
+    from llmirc.frontend.hf_config import text_config
+
+    config = {"architectures": archs, "model_type": "gemma3", "text_config": {"num_hidden_layers": 2}}
+    with pytest.raises(CheckpointError, match="^m/config.json: unsupported architecture .* for model_type 'gemma3' "
+                                              r"\(supported: Gemma3ForConditionalGeneration\)$"):
+        text_config(config, "m/config.json")
+    assert text_config(dict(config, architectures=["Gemma3ForConditionalGeneration"]))["architectures"] == \
+        ["Gemma3ForCausalLM"]
+
 SMOLLM3_CASES = {
     "defaults": base("smollm3", num_hidden_layers=8, num_key_value_heads=DROP),  # rope_theta 2e6, every 4th NoPE
     "interval-sliding": base("smollm3", num_hidden_layers=6, no_rope_layer_interval=3, use_sliding_window=True,

@@ -20,8 +20,9 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "
                  "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Gemma2ForCausalLM": "gemma2",
                  "Gemma3ForCausalLM": "gemma3", "SmolLM3ForCausalLM": "smollm3", "GPT2LMHeadModel": "gpt2"}
 MODEL_TYPES = {"gemma3_text": "Gemma3ForCausalLM"}  # where a config's model_type is not its family's name
-# Multimodal checkpoints compiled as their text model (text_config): model_type -> the text model's architecture
-MULTIMODAL = {"gemma3": "Gemma3ForCausalLM"}
+# Multimodal checkpoints compiled as their text model (text_config): model_type -> (the checkpoint's architecture,
+# its text model's); another architecture of that model_type (Gemma3ForSequenceClassification) is refused
+MULTIMODAL = {"gemma3": ("Gemma3ForConditionalGeneration", "Gemma3ForCausalLM")}
 # Gemma3TextConfig's defaults of the sizes other families' configs must state (a Gemma3ForConditionalGeneration's
 # text_config, as the Hub's gemma-3-4b-it ships it, leaves out those its defaults give)
 GEMMA3_SIZES = {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -165,10 +166,16 @@ def text_config(config: dict, source: str = "config.json") -> dict | None:
     model_type = config.get("model_type")
     if model_type not in MULTIMODAL:
         return None
+    archs = config.get("architectures")
+    if archs and archs != [MULTIMODAL[model_type][0]]:  # (a classifier's score.weight read as the image model's)
+        named = ", ".join(a if isinstance(a, str) and a.isprintable() else repr(a) for a in archs) \
+            if isinstance(archs, list) else repr(archs)
+        raise CheckpointError(f"{source}: unsupported architecture {named} for model_type {model_type!r} (supported: "
+                              f"{MULTIMODAL[model_type][0]})"[:300])
     text = config.get("text_config") or {}
     if not isinstance(text, dict):
         raise CheckpointError(f"{source}: field 'text_config' must be an object, got {text!r}"[:300])
-    text = dict(text, architectures=[MULTIMODAL[model_type]])
+    text = dict(text, architectures=[MULTIMODAL[model_type][1]])
     text.pop("model_type", None)
     text.pop("final_logit_softcapping", None)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
@@ -186,7 +193,7 @@ def architecture(config: dict, source: str = "config.json") -> tuple[str, str]:
         if len(archs) != 1 or not isinstance(archs[0], str) or archs[0] not in ARCHITECTURES:
             named = ", ".join(a if isinstance(a, str) and a.isprintable() else repr(a) for a in archs)
             raise r.fail(f"unsupported architecture {named} "
-                         f"(supported: {', '.join(ARCHITECTURES)})")
+                         f"(supported: {', '.join([*ARCHITECTURES, *(a for a, _ in MULTIMODAL.values())])})")
         arch = archs[0]
     else:
         by_type = {v: k for k, v in ARCHITECTURES.items()} | MODEL_TYPES
