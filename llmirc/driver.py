@@ -334,6 +334,8 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
                        ctx=ctx, prefix=",".join(filter(None, (source.lowering, options.smooth_pass()))),
                        block_size=block_size,
                        tail=dataclasses.replace(options, dtype=dtype, kv_cache_dtype=kv_cache_dtype).required())
+        if stored is None:  # (an ONNX model's weights are llmir ops once lowered; the quantize pass's own come
+            stored = _stored_quantized(None, module)  # from QuantizeOps, which the checks below look for)
         kept_stored = options.quant != "none" and stored and stored[1] and \
             not any(isinstance(op, L.QuantizeOp) for op in module.walk())
         if kept_stored:
@@ -434,8 +436,9 @@ _DEQUANTIZE_HINT = {"gguf": " (--dequantize expands them to float32 first, to qu
 
 def _stored_quantized(source, module) -> tuple[int, int] | None:
     """(float, quantized) counts of the linear weights of a front end's llmir module as the checkpoint
-    stores them; None for a source lowered by passes (ONNX), whose weights are not llmir ops yet."""
-    if source.lowering:
+    stores them; None for a source lowered by passes (ONNX), whose weights are not llmir ops yet (source None:
+    a module after its passes)."""
+    if source is not None and source.lowering:
         return None
     floats = [L.is_float(w.type.element_type) for user, w in weight_uses(module) if isinstance(user, L.LinearOp)]
     return sum(floats), len(floats) - sum(floats)

@@ -630,3 +630,20 @@ def test_bfloat16_rotary_tables_are_read_at_bfloat16s_rounding():
     inv = _inv_freq_from_tables(cos, sin)[0]
     found = (np.arange(512, dtype=np.float32)[:, None] * inv[None]).astype(np.float32).astype(np.float64)
     assert close(cos, np.cos(found), tol) and close(sin, np.sin(found), tol)
+
+
+def test_quant_and_dtype_on_an_int4_model_note_that_they_changed_nothing(tmp_path):
+    """--quant and --dtype on the builder's int4 model (every linear MatMulNBits, the tied embedding its codes): a
+    note that they changed nothing, as for a GGUF file (an ONNX model's weights are llmir ops only after its lowering:
+    none was said); a float model's weights are quantized and cast, without a note."""
+    for kind, model in (("int4", builder_model(nbits=4, tied=True)), ("float", builder_model(tied=True))):
+        path = tmp_path / kind / "model.onnx"
+        path.parent.mkdir()
+        onnx.save(model, str(path))
+        for options, needle in ((dict(quant="int8"), f"--quant int8 changed nothing: the weights it would quantize are "
+                                 f"stored quantized in {path} already and are kept as they are\n"),
+                                (dict(dtype="bfloat16"), f"--dtype bfloat16 changed nothing: the linear and embedding "
+                                 f"weights of {path} are stored quantized and are kept as they are\n")):
+            log = io.StringIO()
+            compile_model(path, None, CompileOptions(emit="mlir", **options), Progress(log), stdout=io.StringIO())
+            assert (needle in log.getvalue()) == (kind == "int4"), log.getvalue()
