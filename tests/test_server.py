@@ -1292,6 +1292,11 @@ def test_generation_config_eos_ids_beside_the_tokenizers_are_stop_reasons_as_vll
     m.tokenizer.eos_token_id = tokens[at]  # the same token as the tokenizer's eos_token: null
     last = list(m.generate_stream(["the quick"], 16))[-1]
     assert (last.finish_reason, last.stop_reason, last.num_generated) == ("stop", None, at + 1)
+    # named in stop_token_ids too (Llama 3.1's <|eot_id|>, its eos_token): still null, as vLLM checks eos first;
+    # with ignore_eos, only stop_token_ids stops there, so its id
+    for ignore_eos, reason in ((False, None), (True, tokens[at])):
+        last = list(m.generate_stream(["the quick"], 16, stop_token_ids=(tokens[at],), ignore_eos=ignore_eos))[-1]
+        assert (last.finish_reason, last.stop_reason, last.num_generated) == ("stop", reason, at + 1)
     m.close()
 
 

@@ -106,7 +106,8 @@ class RequestOutput:
     position 0) comes with the request's first output only. finish_reason: "stop" (an
     end-of-sequence token, or `stop_reason`: the stop token id or stop string hit), "length",
     or "abort" (aborted, or the engine failed: `error`). An end-of-sequence id other than the tokenizer's
-    eos_token is a stop token id to vLLM, so its id is the stop_reason (and its text left out) too."""
+    eos_token is a stop token id to vLLM, so its id is the stop_reason (and its text left out) too; the
+    tokenizer's eos_token is null even among the request's stop_token_ids (unless ignore_eos)."""
 
     request_id: Hashable
     token: int | None
@@ -417,8 +418,10 @@ class Engine:
                 if req.params.logprobs is not None:
                     out.logprob = self._token_logprob(logits[rows[event.request_id]], event.token,
                                                       req.params.logprobs)
-                stop_token = event.finish_reason == "stop" and (event.token in req.params.stop_token_ids or
-                                                                 event.token in self._stop_eos_ids())
+                # (vLLM checks the tokenizer's eos_token before stop_token_ids: null for it, unless ignore_eos)
+                eos = self.tokenizer.eos_token_id if self.tokenizer is not None and not req.params.ignore_eos else None
+                stop_token = event.finish_reason == "stop" and event.token != eos and (
+                    event.token in req.params.stop_token_ids or event.token in self._stop_eos_ids())
                 if stop_token:
                     out.stop_reason = event.token
                 # (vLLM: a stop token id's text is left out unless include_stop_str_in_output)
