@@ -573,7 +573,7 @@ def _listed(ops: dict[str, int]) -> str:
 
 
 def model_facts(module) -> dict:
-    """What the graph itself says about the model (sizes, layers, heads, windows, soft-capping)."""
+    """What the graph itself says about the model (sizes, layers, heads, windows, rotary layers, soft-capping)."""
     from llmirc import dialect as L
 
     facts: dict = {}
@@ -584,6 +584,8 @@ def model_facts(module) -> dict:
                      head_dim=a.head_dim.value.data, sliding_windows=[o.sliding_window.value.data for o in attn])
         if a.softcap is not None:
             facts["attention_softcap"] = a.softcap_value()
+        # layers whose queries a rotary embedding turns (SmolLM3's NoPE layers have none)
+        facts["rope_layers"] = sum(isinstance(o.q.owner, (L.RopeOp, L.RopeKVAppendOp)) for o in attn)
     for op in module.walk():
         if isinstance(op, L.EmbeddingOp):
             facts.setdefault("hidden_size", L.shape_of(op.table)[1])

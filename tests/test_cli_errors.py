@@ -821,8 +821,11 @@ def test_inspect_says_on_how_many_layers_the_window_slides():
     assert _windows({"sliding_windows": [0, 0]}) == _windows({}) == ""
 
 
-def test_inspect_shows_soft_capping():
-    from llmirc.runtime.inspect import _softcaps
+def test_inspect_shows_soft_capping_and_nope_layers():
+    from llmirc.runtime.inspect import _nope, _softcaps
+
+    assert _nope({"rope_layers": 3, "num_layers": 4}) == ", no rotary embedding on 1 of 4 layers"
+    assert _nope({"rope_layers": 4, "num_layers": 4}) == _nope({"rope_layers": 0, "num_layers": 2}) == _nope({}) == ""
 
     assert _softcaps({"attention_softcap": 50.0, "logits_softcap": 30.0}) == ", soft-capped: attention 50, logits 30"
     assert _softcaps({"logits_softcap": 7.5}) == ", soft-capped: logits 7.5" and _softcaps({}) == ""

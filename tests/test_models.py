@@ -94,9 +94,11 @@ def test_matches_transformers(tmp_path, case):
     arch, overrides = CASES[case]
     model = make_checkpoint(tmp_path / "ckpt", arch, **overrides)
     compiled = check_model(model, compile_to(tmp_path / "ckpt", tmp_path / "m.llmir"))
-    if arch == "gemma2":  # (what inspect shows)
-        facts = compiled.bundle.manifest["model"]
+    facts = compiled.bundle.manifest["model"]  # (what inspect shows)
+    if arch == "gemma2":
         assert (facts["attention_softcap"], facts["logits_softcap"]) == (1.0, 2.0)
+    if case == "smollm3-nope-sliding-bias":  # (every 2nd layer without rope)
+        assert (facts["rope_layers"], facts["num_layers"]) == (2, 4)
 
 
 def test_longrope_tables_by_the_bundles_context(tmp_path):

@@ -259,6 +259,14 @@ def _windows(model: dict) -> str:
                                              else "")
 
 
+def _nope(model: dict) -> str:
+    """', no rotary embedding on 1 of 4 layers' where some layers have one and others not (SmolLM3's NoPE)."""
+    rope, layers = model.get("rope_layers"), model.get("num_layers")
+    if not isinstance(rope, int) or not isinstance(layers, int) or not 0 < rope < layers:
+        return ""
+    return f", no rotary embedding on {layers - rope} of {layers} layers"
+
+
 def _softcaps(model: dict) -> str:
     """', soft-capped: attention 50, logits 30' (Gemma 2) where the manifest records the caps."""
     caps = [f"{what} {model[key]:g}" for what, key in (("attention", "attention_softcap"), ("logits", "logits_softcap"))
@@ -273,7 +281,7 @@ def _describe(info: dict) -> str:
         f"model      {model.get('architecture')}: {_layers(model)}vocab {model.get('vocab_size')}, "
         f"context {model.get('max_position_embeddings')}"
         + (f" ({model['context_from']})" if model.get("context_from") else "")
-        + _windows(model) + _softcaps(model),
+        + _windows(model) + _nope(model) + _softcaps(model),
         f"weights    {info['weights']['parameters'] / 1e6:.2f}M parameters in {info['weights']['tensors']} tensors: "
         + ", ".join(f"{n / 2**20:.2f} MiB {d}" for d, n in info["weights"]["bytes_by_dtype"].items())
         + f" ({len(info['weights']['derived'])} concatenated, transposed or cast at compile time)",
