@@ -222,6 +222,10 @@ GEMMA3_REFUSED = {
     "bidirectional": (gemma3(use_bidirectional_attention=True), "use_bidirectional_attention"),
     "softcapping-not-a-number": (gemma3(attn_logit_softcapping="50"), "attn_logit_softcapping"),
     "softcapping-negative": (gemma3(final_logit_softcapping=-30.0), "final_logit_softcapping"),
+    # (the kernels compute with the cap and its reciprocal, with query_pre_attn_scalar's -1/2 power, in float32)
+    "softcapping-past-float32": (gemma3(attn_logit_softcapping=1e39), "'attn_logit_softcapping' is 1e.39, outside"),
+    "softcapping-below-float32": (gemma3(final_logit_softcapping=1e-300), "'final_logit_softcapping' is 1e-300"),
+    "query-scalar-below-float32": (gemma3(query_pre_attn_scalar=1e-80), "'query_pre_attn_scalar' is 1e-80"),
     "layer-types-length": (gemma3(layer_types=["full_attention"]), "layer_types"),
     "layer-types-unhashable": (gemma3(layer_types=[["full_attention"], "full_attention"]), "layer_types"),
 }

@@ -32,6 +32,7 @@ ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_ta
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 MAX_INT = 2**31 - 1      # sizes and ids: the kernels index with int32
 MAX_LAYERS = MAX_HEAD_DIM = 1 << 16  # per-layer and rotary tables are built from these before weights are read
+F32_FACTORS = (2.0**-126, 2.0**126)  # float32 normals whose reciprocals are float32 normals too
 # transformers 5.24's defaults where its config classes differ (LlamaConfig, MistralConfig, Qwen2Config,
 # Qwen3Config, Phi3Config, Gemma2Config, Gemma3TextConfig, SmolLM3Config): a field missing from config.json takes these; a field
 # set to null takes num_attention_heads (kv heads), hidden_size / num_attention_heads (head_dim) or turns sliding
@@ -157,6 +158,15 @@ class _Reader:
             raise self.fail(f"field '{key}' is {value}, more than llmirc reads ({maximum})")
         return value
 
+    def factor(self, key: str, default: float | None = None) -> float | None:
+        """A positive float the kernels compute with in float32, and with its reciprocal (a soft-cap, Gemma's
+        query_pre_attn_scalar): within float32's normal range, as its reciprocal must be too."""
+        value = self.get(key, float, default=default, positive=True)
+        if value is not None and not F32_FACTORS[0] <= value <= F32_FACTORS[1]:
+            raise self.fail(f"field '{key}' is {value!r}, outside what llmirc computes with in float32 "
+                            f"({F32_FACTORS[0]:.3g} to {F32_FACTORS[1]:.3g})")
+        return value
+
 
 def text_config(config: dict, source: str = "config.json") -> dict | None:
     """A multimodal checkpoint's config (Gemma3ForConditionalGeneration: model_type gemma3) -> its text
@@ -239,7 +249,7 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
         if config.get(unsupported) is not None:
             raise r.fail(f"unsupported option '{unsupported}'")
     # (Gemma: a missing field takes the config class's default, null turns the capping off)
-    softcaps = [r.get(key, float, positive=True) if key in config else defaults.get(key)
+    softcaps = [r.factor(key) if key in config else defaults.get(key)
                 for key in ("attn_logit_softcapping", "final_logit_softcapping")] if gemma else [None, None]
     if r.get("use_bidirectional_attention", bool, default=False):
         raise r.fail("use_bidirectional_attention (an encoder, as EmbeddingGemma) is not a causal language model")
@@ -290,7 +300,7 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
         # Gemma3TextScaledWordEmbedding: sqrt(hidden_size) as a float32 tensor (cast to the weights' dtype,
         # which the float32 reference keeps)
         embedding_scale=float(np.float32(math.sqrt(hidden))) if gemma else 1.0,
-        query_pre_attn_scalar=r.get("query_pre_attn_scalar", float, default=256.0, positive=True) if gemma else None,
+        query_pre_attn_scalar=r.factor("query_pre_attn_scalar", default=256.0) if gemma else None,
         attn_softcap=softcaps[0] or 0.0,
         final_softcap=softcaps[1] or 0.0,
         bos_token_id=r.get("bos_token_id", int),
