@@ -268,17 +268,18 @@ def test_gemma2_matches_transformers(tmp_path, case):
 
 
 def test_softcapping_read_for_gemma3_refused_elsewhere():
-    """Gemma3ForCausalLM applies both caps where its config sets them; Gemma3ForConditionalGeneration only the
-    attention's (its forward leaves the logits alone); families whose models never cap refuse the fields."""
+    """Gemma3ForCausalLM caps the logits where its config sets final_logit_softcapping, Gemma3ForConditionalGeneration
+    does not; neither caps the attention scores (transformers 5.24's Gemma3Attention reads attn_logit_softcapping
+    but never applies it: tests/test_models.py's gemma3-softcaps); families whose models never cap refuse the fields."""
     from llmirc.frontend.hf_config import text_config
 
     spec = parse_config(gemma3(attn_logit_softcapping=50.0, final_logit_softcapping=30.0))
-    assert (spec.attn_softcap, spec.final_softcap) == (50.0, 30.0)
+    assert (spec.attn_softcap, spec.final_softcap) == (0.0, 30.0)
     assert (parse_config(gemma3()).attn_softcap, parse_config(gemma3()).final_softcap) == (0.0, 0.0)
     multimodal = {"model_type": "gemma3", "text_config": gemma3(attn_logit_softcapping=50.0,
                                                                 final_logit_softcapping=30.0)}
     spec = parse_config(text_config(multimodal))
-    assert (spec.attn_softcap, spec.final_softcap) == (50.0, 0.0)
+    assert (spec.attn_softcap, spec.final_softcap) == (0.0, 0.0)
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         with pytest.raises(CheckpointError, match=key):
             parse_config(base("llama", **{key: 30.0}))

@@ -62,6 +62,10 @@ CASES = {
     # and logits (caps small enough to bend this model's scores and logits: the test fails without them)
     "gemma2-softcap-sliding": ("gemma2", dict(num_hidden_layers=3, sliding_window=5, attn_logit_softcapping=1.0,
                                               final_logit_softcapping=2.0)),
+    # Gemma 3 with both caps set: transformers 5.24 caps its logits but not its attention scores (Gemma3Attention
+    # reads attn_logit_softcapping and never applies it), as llama.cpp's gemma3 does; a cap of 1 would bend them
+    "gemma3-softcaps": ("gemma3", dict(num_hidden_layers=2, sliding_window=5, attn_logit_softcapping=1.0,
+                                       final_logit_softcapping=2.0)),
     # NoPE layers (every 2nd: no rotary embedding), sliding there (use_sliding_window), q/k/v/o and MLP biases, tied
     "smollm3-nope-sliding-bias": ("smollm3", dict(num_hidden_layers=4, no_rope_layer_interval=2,
                                                   use_sliding_window=True, sliding_window=5, attention_bias=True,

@@ -248,9 +248,12 @@ def parse_config(config: dict, source: str = "config.json") -> DecoderSpec:
                                                                       "final_logit_softcapping")):
         if config.get(unsupported) is not None:
             raise r.fail(f"unsupported option '{unsupported}'")
-    # (Gemma: a missing field takes the config class's default, null turns the capping off)
+    # (Gemma: a missing field takes the config class's default, null turns the capping off; transformers 5.24's
+    # Gemma 3 reads attn_logit_softcapping but never passes it to its attention, as llama.cpp's gemma3 never caps it)
     softcaps = [r.factor(key) if key in config else defaults.get(key)
                 for key in ("attn_logit_softcapping", "final_logit_softcapping")] if gemma else [None, None]
+    if family == "gemma3":
+        softcaps[0] = None
     if r.get("use_bidirectional_attention", bool, default=False):
         raise r.fail("use_bidirectional_attention (an encoder, as EmbeddingGemma) is not a causal language model")
 
