@@ -188,15 +188,15 @@ class Emulated(Driver):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """A bf16 Gemma 3 (hidden 64, 2 layers: a sliding window of 8 on the first; the scaled embedding, q/k and
-    sandwich norms; Gemma 2's soft-capped attention scores and logits, which Gemma3ForCausalLM computes where its
-    config sets them; intermediate 1024, so down_proj splits k in the T <= 16 and T <= 128 variants, which share
+    sandwich norms; Gemma 2's soft-capped logits, which Gemma3ForCausalLM computes where its config sets them (not
+    the attention scores' cap, which it reads and never applies: test_triton_kernels.py's test_paged_attention_softcap
+    runs that kernel); intermediate 1024, so down_proj splits k in the T <= 16 and T <= 128 variants, which share
     a workspace) compiled for cpu and cuda sm_90, its Triton cache its own."""
     tmp = tmp_path_factory.mktemp("gpu-emulated")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMIRC_CACHE_DIR", str(tmp / "cache"))
         make_checkpoint(tmp / "ckpt", "gemma3", dtype="bfloat16", intermediate_size=1024, sliding_window=8,
-                        layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=2.0,
-                        final_logit_softcapping=5.0)
+                        layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=5.0)
         compile_model(tmp / "ckpt", tmp / "m.llmir", CompileOptions(targets=("cpu", "cuda"), archs=("sm_90",),
                                                                     cpu_variants=("baseline",), jobs=2),
                       Progress(io.StringIO()))
