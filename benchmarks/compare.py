@@ -1,7 +1,7 @@
 """The peer benchmark of issue 7: llmirc against transformers, llama.cpp and onnxruntime-genai on
 one checkpoint, each engine in its own process with the same token ids and thread count.
 
-    python benchmarks/compare.py --model small|medium|smollm2|CHECKPOINT [--threads N] [--repeat 3]
+    python benchmarks/compare.py --model small|medium|gemma3-270m|smollm2|CHECKPOINT [--threads N] [--repeat 3]
         [--engines llmirc,transformers,llama.cpp:F32,...] [--json results.json]
 
 --model names a benchmark checkpoint of benchmarks/models.py (made once, cached) or a checkpoint

@@ -121,7 +121,7 @@ def make_checkpoint(model_name: str) -> Path:
         return Path(model_name).resolve()
     ckpt = WORK / model_name
     if not (ckpt / "config.json").is_file():
-        models._make_llama(models.MODELS[model_name], ckpt.with_suffix(".tmp"), with_tokenizer=False)
+        models._make(models.MODELS[model_name], ckpt.with_suffix(".tmp"), with_tokenizer=False)
         os.replace(ckpt.with_suffix(".tmp"), ckpt)
     return ckpt
 

