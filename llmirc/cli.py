@@ -156,7 +156,8 @@ def cli(debug: bool) -> None:
                    "deciding ('none' alone: quantize everything); float, or 8 bits per output row for an item "
                    "ending in =int8 "
                    "('embedding,*.down_proj.*=int8'). An LM head not kept is stored as "
-                   "--quant-lm-head says (one tied to an embedding kept in float stays float).")
+                   "--quant-lm-head says, and so is the embedding table it is tied to (one copy, as llama.cpp "
+                   "stores a tied token_embd); 'embedding=float' keeps such a table, and its head, in float.")
 @click.option("--quant-lm-head", type=click.Choice(["auto", "int8", "int6", "int4"]), default="auto",
               show_default=True,
               help="An LM head not kept: int8, one scale per output row; int6 in groups of 32 (the size of "

@@ -373,7 +373,7 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             int4 = "; with --quant int4, --quant-keep none and --quant-lm-head int4 share int4 codes" * \
                 (options.quant == "int4")
             progress.note(f"the LM head is tied to the embedding table but stored apart: the table {table}, the head "
-                          f"{head}, a second copy of the matrix (one copy: --quant-keep embedding keeps both in "
+                          f"{head}, a second copy of the matrix (one copy: --quant-keep embedding=float keeps both in "
                           f"float, --quant-keep embedding=int8 both in int8 per row with --quant-lm-head auto{int4})")
         if TIED_HEAD in ctx.report:  # its largest matrix, in float whatever --quant-lm-head says
             ignored = f"; --quant-lm-head {options.quant_lm_head} changes nothing" * (options.quant_lm_head != "auto")

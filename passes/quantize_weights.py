@@ -21,8 +21,11 @@ scales (the size of llama.cpp's Q6_K), 4 in 4-bit groups (`group-size`, else 32;
 onnxruntime-genai's int4 models store it); 0 (the default) is 6 for bits=4 and 8 for bits=8, as
 llama.cpp stores the output matrix of its Q4 files in Q6_K and of its Q8_0 files in Q8_0 (at 4
 bits it costs the most quality: BENCHMARKS.md, "A 6-bit LM head"), and 8 for a head tied to an
-embedding table kept `=int8` (one copy); one tied to an embedding table kept in float stays
-float (one copy); one stored in another type than its table (quantized in another scheme, or
+embedding table kept `=int8` (one copy). The table a head is tied to, where the `embedding` item
+(without `=`) names it and no item keeps the head, is stored as the head (one copy: llama.cpp
+quantizes a tied token_embd with its output matrix's type; Gemma's 262k x 640 table is 63% of
+Gemma 3 270M's weights); kept `embedding=float`, head and table stay float (one copy); a head
+stored in another type than its table (quantized in another scheme, or
 kept in float by a `keep` item beside a quantized table, or quantized beside a float one) is a
 second copy (said in the report). --report counts the LM head apart (`LM
 head -> int8`, `LM head kept`, `LM head tied to a kept embedding table`) and names the item
@@ -297,12 +300,24 @@ class QuantizeWeights(ModulePass):
         return calibration
 
     def kept(self, user, w: SSAValue, lm_head) -> tuple[str | None, str | None]:
-        """(level, item): what `keep` says for the weight `w` of `user`, "float", "int8" or None
-        (not kept), and the item that says it (the first that names the weight)."""
+        """(level, item): what `keep` says for the weight `w` of `user`, "float", "int8", "head" or None
+        (not kept), and the item that says it (the first that names the weight). "head": an `embedding`
+        item without `=` naming a table the LM head is tied to, where no item keeps the head: the table is
+        stored as the head is (head_scheme: one copy, as llama.cpp quantizes a tied token_embd with its
+        output matrix's type; `embedding=float` keeps both in float)."""
         for item, what, level in self.keep_items():
             if _names(what, user, w, lm_head):
+                if not level and what == "embedding" and self._tied_to_quantized_head(w, lm_head):
+                    return "head", item
                 return level or "float", item
         return None, None
+
+    def _tied_to_quantized_head(self, table: SSAValue, lm_head) -> bool:
+        """Whether the LM head reads `table`'s float weights (tied) and no keep item names it."""
+        if lm_head is None or not L.is_float(lm_head.weight.type.element_type) or \
+                not set(source_names(table)) & set(source_names(lm_head.weight)):
+            return False
+        return not any(_names(what, lm_head, lm_head.weight, lm_head) for _, what, _ in self.keep_items())
 
     def unmatched_keep(self, op: ModuleOp) -> list[str]:
         """The glob items of `keep` that name no weight of the module (a name from another
@@ -346,6 +361,8 @@ class QuantizeWeights(ModulePass):
             n, k = L.shape_of(w)
             if level == "int8":  # a tied table and head kept so share one copy
                 wanted = int8_rows(k)
+            elif level == "head":  # a table the LM head is tied to: stored as the head (one copy)
+                wanted = self.head_scheme(k)
             elif user is lm_head:
                 tied = {tables.get(n) for n in source_names(w)}
                 if "float" in tied:  # tied to a kept embedding table: one float copy
@@ -392,7 +409,10 @@ class QuantizeWeights(ModulePass):
     def _note_quantized(self, ctx: Context, user, w: SSAValue, lm_head, bits: int) -> None:
         if user is not lm_head:
             level, item = self.kept(user, w, lm_head)
-            note(ctx, f"{self.name}: weight -> int{bits}" + (f" (keep {item})" if level else ""))
+            if level == "head":
+                note(ctx, f"{self.name}: embedding table tied to the LM head -> int{bits} (one copy)")
+            else:
+                note(ctx, f"{self.name}: weight -> int{bits}" + (f" (keep {item})" if level else ""))
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         self.check()

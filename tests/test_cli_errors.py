@@ -613,9 +613,9 @@ def test_quant_on_a_checkpoint_stored_quantized(tmp_path, ckpt):
 
 def test_gptq_refused_when_every_float_linear_is_kept(tmp_path, ckpt):
     """GPTQ with nothing to calibrate, refused before calibrating: the linears a GGUF file stores in
-    float (here only an LM head tied to a float embedding table) all kept in float, or all of a
-    float checkpoint's by --quant-keep. An untied float LM head is calibrated (this file has no
-    tokenizer: the calibration stage says so)."""
+    float (here only an LM head tied to an embedding table kept float by --quant-keep embedding=float) all kept
+    in float, or all of a float checkpoint's by --quant-keep. A float LM head otherwise is calibrated (this file
+    has no tokenizer: the calibration stage says so)."""
     from gguf_files import write_gguf
 
     text = tmp_path / "calibration.txt"
@@ -626,14 +626,16 @@ def test_gptq_refused_when_every_float_linear_is_kept(tmp_path, ckpt):
         hf = make_checkpoint(tmp_path / f"hf-{tied}", "llama", tie_word_embeddings=tied)
         # matrix by matrix: the embedding table, 2 x 7 linears, the LM head (untied)
         path = write_gguf(hf, tmp_path / f"m-{tied}.gguf", ("F32",) + ("Q8_0",) * 14 + ("F32",))
-        r = llmirc("compile", path, "-o", out, "-q", *gptq)
+        r = llmirc("compile", path, "-o", out, "-q", *gptq, *(["--quant-keep", "embedding=float"] if tied else []))
         if tied:
             assert_user_error(r, f"--quant-method gptq: every linear weight of {path} is stored quantized already "
-                                 "or kept in float by --quant-keep embedding (the LM head is tied",
+                                 "or kept in float by --quant-keep embedding=float (the LM head is tied",
                               "nothing to calibrate")
         else:
             assert_user_error(r, "--calibration", "no tokenizer.json")
         assert not out.exists() and leftovers(out) == []
+    r = llmirc("compile", tmp_path / "m-True.gguf", "-o", out, "-q", *gptq)  # (the tied head stored as int6: GPTQ)
+    assert_user_error(r, "--calibration", "no tokenizer.json")
     r = llmirc("compile", ckpt, "-o", out, "-q", *gptq, "--quant-keep", "*")
     assert_user_error(r, f"every linear weight of {ckpt} is kept in float by --quant-keep *, so there is nothing")
     assert not out.exists() and leftovers(out) == []
