@@ -193,8 +193,12 @@ def _super_blocks(k: int, sg: int):
     return [(s * LANES * sg, min(LANES, nsub - s * LANES)) for s in range(-(-nsub // LANES))]
 
 
-def quantize(w: np.ndarray, scheme: Scheme) -> dict[str, np.ndarray]:
-    """Round-to-nearest quantization of w (float32 [n, k]) into the scheme's parts.
+QUANTIZE_BLOCK = 1 << 21  # weights quantize rounds at a time (a block of rows)
+
+
+def quantize(w: np.ndarray, scheme: Scheme, stored: str | dtypes.DType = "float32") -> dict[str, np.ndarray]:
+    """Round-to-nearest quantization of w ([n, k], stored as `stored`: bf16 as uint16 bits; widened to
+    float32 a block of rows at a time) into the scheme's parts.
 
     none: the group's value of largest magnitude m maps to code 0 (s = m / -2^(bits-1)), as
     llama.cpp's Q4_0/Q8_0 reference quantizers do. int: s = (max - min) / (2^bits - 1) over the
@@ -209,7 +213,11 @@ def quantize(w: np.ndarray, scheme: Scheme) -> dict[str, np.ndarray]:
     _check_scheme(scheme, k, "quantize")
     if scheme.act_order:
         raise ValueError("quantize: act-order comes only from GPTQ checkpoints")
-    x = np.asarray(w, np.float32).reshape(n, k // scheme.group_size, scheme.group_size)
+    rows = max(1, QUANTIZE_BLOCK // k)  # rows are independent: blocks keep the float64 temporaries small
+    if n > rows:  # (Gemma's 262144 x 640 table whole: 2.5 GB of them)
+        blocks = [quantize(w[i:i + rows], scheme, stored) for i in range(0, n, rows)]
+        return {p: np.concatenate([b[p] for b in blocks]) for p in blocks[0]}
+    x = dtypes.to_float32(w, stored).reshape(n, k // scheme.group_size, scheme.group_size)
     s, off = _group_params(x, scheme)
     return _parts_of(_encode(x, s[..., None], off[..., None], scheme).reshape(n, k), s, off, scheme)
 

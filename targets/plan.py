@@ -151,9 +151,10 @@ class WeightEntry:
                 return np.ascontiguousarray(a.T), d
             if e[0] == "quantize":
                 def make():
-                    w = dtypes.to_float32(*ev(e[1]))
+                    w, stored = ev(e[1])  # (round to nearest widens it a block of rows at a time)
                     try:
-                        return quant.quantize(w, e[2]) if e[3] is None else quant.gptq(w, ev(e[3])[0], e[2])
+                        return quant.quantize(w, e[2], stored) if e[3] is None else \
+                            quant.gptq(dtypes.to_float32(w, stored), ev(e[3])[0], e[2])
                     except ValueError as err:
                         raise LlmircError(f"cannot quantize {', '.join(self.sources())}: {err}") from None
                 parts = _parts(cache, e[:4], make)

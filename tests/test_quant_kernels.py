@@ -214,6 +214,22 @@ def test_pack_round_trip(rng, bits):
             np.testing.assert_array_equal(quant.unpack(codes, bits, sg, k), u, err_msg=f"{bits} bits, sg {sg}, k {k}")
 
 
+@pytest.mark.parametrize("scheme", [Scheme(4, 32), Scheme(6, 32), Scheme(8, 64, "float32"), Scheme(4, 32, zero="int"),
+                                    Scheme(5, 32, zero="min")])
+def test_quantize_in_row_blocks_is_quantize_whole(rng, monkeypatch, scheme):
+    """quantize rounds a large weight a block of rows at a time, widening a bf16 one block by block (its
+    float64 temporaries and float32 copy: 2.5 GB and 0.7 GB for Gemma's 262144 x 640 table whole); the
+    parts are those of the whole weight's, bit for bit."""
+    w = (rng.standard_normal((37, 64)) * np.exp(rng.uniform(-3, 3, (37, 1)))).astype(np.float32)
+    bits = dtypes.from_float32(w, "bfloat16")
+    whole, whole_bf16 = quant.quantize(w, scheme), quant.quantize(dtypes.to_float32(bits, "bfloat16"), scheme)
+    monkeypatch.setattr(quant, "QUANTIZE_BLOCK", 5 * 64)  # blocks of 5 rows, the last of 2
+    for want, got in ((whole, quant.quantize(w, scheme)), (whole_bf16, quant.quantize(bits, scheme, "bfloat16"))):
+        assert got.keys() == want.keys()
+        for part in want:
+            np.testing.assert_array_equal(got[part], want[part], err_msg=part)
+
+
 @pytest.mark.parametrize("scheme,k,message", [
     (Scheme(5, 16), 64, "5-bit codes in sub-groups of 16 (5 bits take groups of 32 or more)"),
     (Scheme(5, 16, "float32", "min"), 16, "5-bit codes in sub-groups of 16"),
