@@ -317,6 +317,9 @@ COMPILE_TIMEOUT = 4 * 3600  # seconds: an autoround compile of SmolLM2 takes hal
 LLMIRC_VARIANTS = {  # `llmirc:VARIANT` -> `llmirc compile` options
     "": [], "f32": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"], "f16": ["--dtype", "float16"],
     "int8": ["--quant", "int8"], "int4": ["--quant", "int4"],
+    # a table the LM head is tied to kept in float with the head (the default before 2026-12-06: now stored as the head)
+    "int8-table-float": ["--quant", "int8", "--quant-keep", "embedding=float"],
+    "int4-table-float": ["--quant", "int4", "--quant-keep", "embedding=float"],
     # the LM head in the weights' 4-bit groups, or in 8 bits per output row (by default in 6-bit
     # groups of 32, as llama.cpp's Q4_0 files keep it in Q6_K, of that size)
     "int4-head4": ["--quant", "int4", "--quant-lm-head", "int4"],

@@ -247,11 +247,11 @@ def test_report_names_the_keep_item_of_each_kept_weight(tmp_path, capsys):
     assert not re.search(r"weight -> int8 +x", err), err  # the kept ones are not counted twice
 
 
-@pytest.mark.parametrize("quant,scheme", [("int4", INT6), ("int8", PER_ROW_INT8)])
+@pytest.mark.parametrize("quant,scheme", [("int4", INT6), ("int8", lambda k: quant.Scheme(8, 32))])
 def test_table_tied_to_the_lm_head_is_stored_as_the_head(tmp_path, quant, scheme):
     """By default (--quant-keep embedding) a table the LM head is tied to is stored as the head (6-bit groups
-    with int4, 8 bits per row with int8), one copy read by both, as llama.cpp quantizes a tied token_embd with
-    its output matrix's type: it stayed in float, 63% of Gemma 3 270M's weights read each step."""
+    with int4, 8-bit groups of 32 with int8, as Q8_0), one copy read by both, as llama.cpp quantizes a tied
+    token_embd with its output matrix's type: it stayed in float, 63% of Gemma 3 270M's weights read each step."""
     model = make_checkpoint(tmp_path / "ckpt", "llama", tie_word_embeddings=True, **OVERRIDES)
     compiled = load(compile_to(tmp_path / "ckpt", tmp_path / "q.llmir", quant=quant))
     names = compiled.bundle.manifest["weights"]["order"]
