@@ -373,12 +373,14 @@ def compile_model(model: Path, out: Path | None, options: CompileOptions, progre
             int4 = "; with --quant int4, --quant-keep none and --quant-lm-head int4 share int4 codes" * \
                 (options.quant == "int4")
             progress.note(f"the LM head is tied to the embedding table but stored apart: the table {table}, the head "
-                          f"{head}, a second copy of the matrix (one copy: --quant-keep embedding=float keeps both in "
-                          f"float, --quant-keep embedding=int8 both in int8 per row with --quant-lm-head auto{int4})")
+                          f"{head}, a second copy of the matrix (one copy: --quant-keep embedding, the default, stores "
+                          f"both as --quant-lm-head says, embedding=float both in float, embedding=int8 both in int8 "
+                          f"per row with --quant-lm-head auto{int4})")
         if TIED_HEAD in ctx.report:  # its largest matrix, in float whatever --quant-lm-head says
             ignored = f"; --quant-lm-head {options.quant_lm_head} changes nothing" * (options.quant_lm_head != "auto")
             progress.note("the LM head is tied to the embedding table, which --quant-keep keeps in float: it stays "
-                          f"float (--quant-keep embedding=int8 or none quantizes both){ignored}")
+                          f"float (--quant-keep embedding, the default, quantizes both as --quant-lm-head says, one "
+                          f"copy; embedding=int8 both in int8 per row){ignored}")
         optimized_ir = print_ir(module)
         generic = generic_ops(module)
         if generic:

@@ -668,6 +668,16 @@ def test_compile_notes_a_tied_head_stored_twice(tmp_path):
     assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
+
+def test_compile_notes_on_a_tied_table_name_the_default_as_one_copy(tmp_path):
+    """The notes on a tied table and head name --quant-keep embedding (the default: both stored as the
+    head, one copy) as the way to one quantized copy, not none (with int4, a table in int4 and a head in int6)."""
+    make_checkpoint(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    for keep in ("embedding=float", "lm_head"):
+        r = llmirc("compile", tmp_path / "tied", "--emit", "mlir", "-q", "--quant", "int4", "--quant-keep", keep)
+        assert r.returncode == 0 and "--quant-keep embedding, the default," in r.stderr and \
+            "or none quantizes both" not in r.stderr, r.stderr
+
 def test_compile_notes_quant_keep_patterns_that_name_no_weight(ckpt):
     """A --quant-keep glob that matches no weight (GGUF's names, a typo) is said, with a name that
     would match; one that matches is not."""
