@@ -163,7 +163,8 @@ def cli(debug: bool) -> None:
               help="An LM head not kept: int8, one scale per output row; int6 in groups of 32 (the size of "
                    "llama.cpp's Q6_K); int4 in --quant-group-size groups (as onnxruntime-genai's int4 models); "
                    "auto: int6 with --quant int4, int8 with --quant int8 (as llama.cpp stores the output matrix "
-                   "of its Q4 and Q8_0 files). The smaller, the faster a decode step, at a quality cost.")
+                   "of its Q4 and Q8_0 files; a head tied to its embedding table, and the table, in 8-bit groups "
+                   "of 32 with --quant int8, as Q8_0). The smaller, the faster a decode step, at a quality cost.")
 @click.option("--quant-method", type=click.Choice(["rtn", "gptq", "autoround"]), default="rtn", show_default=True,
               help="rtn: round to nearest. gptq: GPTQ (Frantar et al. 2023), each linear's rounding error "
                    "compensated with the Hessian of its inputs on --calibration text; slower to compile, "
