@@ -115,8 +115,8 @@ def _make(spec: dict, out: Path, with_tokenizer: bool = True) -> None:
     dtype = getattr(torch, spec["dtype"])
     arch = spec.get("architecture", "LlamaForCausalLM")
     config_class = {"LlamaForCausalLM": "LlamaConfig", "Gemma3ForCausalLM": "Gemma3TextConfig"}[arch]
-    config = getattr(transformers, config_class)(**{k: v for k, v in spec.items() if k not in ("dtype", "architecture")},
-                                                 initializer_range=INIT_STD)
+    fields = {k: v for k, v in spec.items() if k not in ("dtype", "architecture")}
+    config = getattr(transformers, config_class)(**fields, initializer_range=INIT_STD)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built at its own precision: the medium model never exists in float32
     try:

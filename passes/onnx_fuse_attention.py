@@ -14,8 +14,9 @@ Structure finds the candidate: an activation Softmax over the last axis, the Mat
 (QK^T) and the one it feeds (PV), the block's output below through layout ops, and the q/k/v
 sources above. Shapes give heads and head dim. The rotary inverse frequencies are a float
 constant in the ancestry of the cos/sin tables (checked against the tables at a long length),
-the scale a product of the region's scalar constants, Gemma 2's soft-cap one of them (or its inverse) where the
-region has a Tanh, the sliding window the causal mask evaluated at a long length. The region must then compute exactly that on random q/k/v.
+the scale a product of the region's scalar constants, Gemma 2's soft-cap one of them (or its
+inverse) where the region has a Tanh, the sliding window the causal mask evaluated at a long
+length. The region must then compute exactly that on random q/k/v.
 """
 
 from __future__ import annotations
@@ -255,7 +256,7 @@ class FuseAttention(ModulePass):
         ropes = [None] + self._ropes(params, oracle, d)
         windows = sorted({self._window(params, oracle)})
         softcaps = [0.0]
-        if any(o.op_type == "Tanh" for o in region.ops):  # (a cap is divided by and multiplied by; 1: exporters drop it)
+        if any(o.op_type == "Tanh" for o in region.ops):  # (the cap: divided by, multiplied by; 1: exporters drop it)
             softcaps = sorted({1.0} | {s for s in scalars if s > 1} | {1 / s for s in scalars if 0 < s < 1})
         seen = set()
         for rope, scale, window, softcap in product(ropes, scales, windows, softcaps):

@@ -88,9 +88,9 @@ def hf_to_gguf_names(config, arch: str) -> dict[str, str]:
 
 def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokenizer: dict | None = None,
                seed: int = 0, extra_tensors: dict | None = None, split_max_tensors: int = 0) -> Path:
-    """Writes `model` (a transformers model of llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3/smollm3/gpt2) to a GGUF file at `path`
-    with its 2-D weights stored as `kind` (several kinds: taken in turn, matrix by matrix), and loads the values the
-    file holds back into `model`, so that model is the float32 reference of the file.
+    """Writes `model` (a transformers model of llama/mistral/qwen2/qwen3/phi3/gemma2/gemma3/smollm3/gpt2) to a GGUF
+    file at `path` with its 2-D weights stored as `kind` (several kinds: taken in turn, matrix by matrix), and loads
+    the values the file holds back into `model`, so that model is the float32 reference of the file.
     tokenizer: `tokenizer.*` metadata; extra_tensors: written as they are (float32); split_max_tensors: split the
     model as llama.cpp's gguf-split does, into `path`'s stem-0000i-of-0000N.gguf files of at most that many tensors."""
     import torch
@@ -169,7 +169,7 @@ def write_gguf(model, path: Path, kind: str | tuple[str, ...] = "F32", *, tokeni
         if arch in ("llama", "smollm3") and (".q_proj." in hf_name or ".k_proj." in hf_name):
             heads = c.num_attention_heads if ".q_proj." in hf_name else c.num_key_value_heads
             tensor = permute(tensor, heads)
-        shift = 1.0 if arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight") else 0.0  # Gemma's 1 + w, stored
+        shift = 1.0 if arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight") else 0.0  # Gemma's 1 + w
         tensor = tensor + np.float32(shift)
         matrices += tensor.ndim == 2
         this = kind if isinstance(kind, str) else kind[(matrices - 1) % len(kind)] if tensor.ndim == 2 else "F32"

@@ -94,8 +94,9 @@ CASES = {
             "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
     # Gemma 3's layer without q/k norms, every 2nd layer full, soft-capped scores and logits (caps that bend them)
     # (query_pre_attn_scalar: the head size, as llama.cpp scales queries)
-    "gemma2-bf16-softcap-sliding": ("gemma2", "BF16", dict(num_hidden_layers=3, sliding_window=6, query_pre_attn_scalar=16,
-                                                           attn_logit_softcapping=1.0, final_logit_softcapping=2.0)),
+    "gemma2-bf16-softcap-sliding": ("gemma2", "BF16", dict(num_hidden_layers=3, sliding_window=6,
+                                                           query_pre_attn_scalar=16, attn_logit_softcapping=1.0,
+                                                           final_logit_softcapping=2.0)),
 }
 
 

@@ -215,7 +215,8 @@ def test_quantized_ir(tmp_path, checkpoint, capsys):
     # the table the head is tied to is stored as the head (one copy), by default in 6-bit groups
     (True, dict(), "LM head -> int6"),
     (True, dict(quant_lm_head="int4"), "LM head -> int4"),
-    (True, dict(quant_keep=("embedding=float",), quant_lm_head="int4"), "LM head tied to a kept embedding table: float"),
+    (True, dict(quant_keep=("embedding=float",), quant_lm_head="int4"),
+     "LM head tied to a kept embedding table: float"),
     (True, dict(quant_keep=(), quant_lm_head="int4"), "LM head -> int4"),  # one int4 copy, shared
 ])
 def test_report_says_how_the_lm_head_is_stored(tmp_path, capsys, tied, options, line):

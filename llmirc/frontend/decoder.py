@@ -92,7 +92,8 @@ def build_decoder(spec: DecoderSpec, check: ShapeCheck, has_tensor: Callable[[st
                 q = L.RopeOp(q, positions, num_heads=s.num_heads, **rope).result
                 k = L.RopeOp(k, positions, num_heads=s.num_kv_heads, **rope).result
             a = L.AttentionOp(q, k, v, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
-                              scale=s.attention_scale, sliding_window=s.sliding_windows[i], softcap=s.attn_softcap).result
+                              scale=s.attention_scale, sliding_window=s.sliding_windows[i],
+                              softcap=s.attn_softcap).result
             o = linear(a, f"{p}.self_attn.o_proj", s.hidden_size, q_dim, s.o_bias)
             if s.sandwich_norms:  # Gemma 2 and 3: the attention's output normalized before the residual add
                 h = L.AddOp(h, norm(o, f"{p}.post_attention_layernorm", s.hidden_size)).result

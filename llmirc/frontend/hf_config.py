@@ -33,8 +33,8 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 MAX_INT = 2**31 - 1      # sizes and ids: the kernels index with int32
 MAX_LAYERS = MAX_HEAD_DIM = 1 << 16  # per-layer and rotary tables are built from these before weights are read
 F32_FACTORS = (2.0**-126, 2.0**126)  # float32 normals whose reciprocals are float32 normals too
-# transformers 5.24's defaults where its config classes differ (LlamaConfig, MistralConfig, Qwen2Config,
-# Qwen3Config, Phi3Config, Gemma2Config, Gemma3TextConfig, SmolLM3Config): a field missing from config.json takes these; a field
+# transformers 5.24's defaults where its config classes differ (LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config,
+# Phi3Config, Gemma2Config, Gemma3TextConfig, SmolLM3Config): a field missing from config.json takes these; a field
 # set to null takes num_attention_heads (kv heads), hidden_size / num_attention_heads (head_dim) or turns sliding
 # windows off; rope_theta where it is not 10000 (the config class's default_theta).
 FAMILY_DEFAULTS = {

@@ -10,8 +10,9 @@ plus one buffer:
 Each program takes the HP = num_heads / num_kv_heads query heads that share a kv head (GQA
 packing) for some tokens and streams that kv head's keys through the block table in tiles of
 BLOCK_N keys (any block_size: each key's block is looked up), with an online softmax in f32
-(exp2, scale folded with log2 e; with a softcap, scores are capped by elementwise.softcap first). Scores and P.V are tl.dot: for f32 pools in
-input_precision="ieee"; for bf16/f16 pools q and P are rounded to the pool's dtype (tensor
+(exp2, scale folded with log2 e; with a softcap, the scores capped by elementwise.softcap first).
+Scores and P.V are tl.dot: for f32 pools in input_precision="ieee"; for bf16/f16 pools q and P
+are rounded to the pool's dtype (tensor
 cores, f32 accumulation), as a half-precision model computes them. A quantized pool's codes
 (int8, FP8 E4M3) widen exactly to bf16 and go through the tensor cores with bf16 q: each key's
 block scale multiplies its score column, each value's its column of P before P is rounded (so
@@ -162,8 +163,8 @@ def paged_attention_decode_kernel(
     tok = tl.zeros([HP_PAD], tl.int32) + t
     acc, m_i, l_i = _attend(q, ld_q, tok, head, r < HP, pool, num_blocks, layer, g,
                             block_tables + b.to(tl.int64) * max_blocks, k_lo, k_hi, tl.zeros([HP_PAD], tl.int32) + k_lo,
-                            tl.zeros([HP_PAD], tl.int32) + k_hi, HP_PAD, G, BS, D, D_PAD, BLOCK_N, SCALE, SOFTCAP, KV_F32,
-                            NUM_LAYERS)
+                            tl.zeros([HP_PAD], tl.int32) + k_hi, HP_PAD, G, BS, D, D_PAD, BLOCK_N, SCALE, SOFTCAP,
+                            KV_F32, NUM_LAYERS)
     d = tl.arange(0, D_PAD)
     t64 = t.to(tl.int64)
     q_mask = (r[:, None] < HP) & (d[None, :] < D)
