@@ -621,6 +621,11 @@ def _check_rope(op: "RopeOp | RopeKVAppendOp") -> int:
     return h * d
 
 
+def _check_cap(attr: FloatAttr, what: str) -> None:
+    cap = attr.value.data
+    _check(0.0 < cap < math.inf, f"{what} must be finite and > 0, got {cap}")
+
+
 class _AttentionShape(_LlmirOp):
     num_heads = prop_def(IntegerAttr)
     num_kv_heads = prop_def(IntegerAttr)
@@ -632,8 +637,8 @@ class _AttentionShape(_LlmirOp):
     def _dims(self) -> tuple[int, int, int]:
         h, g, d = (a.value.data for a in (self.num_heads, self.num_kv_heads, self.head_dim))
         _check(h > 0 and g > 0 and d > 0 and h % g == 0, f"attention: {h} heads not divisible into {g} kv heads")
-        cap = self.softcap_value()
-        _check(self.softcap is None or 0.0 < cap < math.inf, f"attention: softcap must be finite and > 0, got {cap}")
+        if self.softcap is not None:
+            _check_cap(self.softcap, "attention: softcap")
         return h, g, d
 
     def softcap_value(self) -> float:
@@ -812,8 +817,7 @@ class SoftcapOp(_LlmirOp):
         super().__init__(operands=[input], properties={"cap": _f(cap)}, result_types=[input.type])
 
     def verify_(self) -> None:
-        cap = self.cap.value.data
-        _check(0.0 < cap < math.inf, f"softcap: cap must be finite and > 0, got {cap}")
+        _check_cap(self.cap, "softcap: cap")
 
 
 @irdl_op_definition

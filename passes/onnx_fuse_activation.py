@@ -31,7 +31,7 @@ from llmirc.special_functions import erf
 
 from .func_args import forward_func
 from .onnx_fuse_norm import sources_above
-from .onnx_match import Oracle, close, closure_down, erase_dead, evaluate
+from .onnx_match import Oracle, close, closure_down, erase_dead, evaluate, softcap_candidates
 from .report import note
 
 ANCHORS = ("Sigmoid", "Erf", "Tanh", "Relu", "Gelu")
@@ -73,7 +73,10 @@ class FuseActivation(ModulePass):
         x64 = xs.astype(np.float64)
         refs = {act: ref(x64) for act, ref in REFERENCE.items()}
         if anchor.op_type == "Tanh":
-            refs |= {cap: cap * np.tanh(x64 / cap) for cap in _softcap_candidates(ops, oracle)}
+            scalars = [float(np.asarray(oracle.value(v)).reshape(-1)[0]) for op in ops for v in op.operands
+                       if oracle.has_value(v) and np.asarray(oracle.value(v)).dtype.kind == "f"
+                       and np.asarray(oracle.value(v)).size == 1]
+            refs |= {cap: cap * np.tanh(x64 / cap) for cap in softcap_candidates(scalars)}
         for act in sorted(refs, key=lambda a: float(np.nanmax(np.abs(got - refs[a])))):  # closest first
             if close(got, refs[act], tol):
                 out = outs[0]
@@ -87,22 +90,6 @@ class FuseActivation(ModulePass):
                 erase_dead(ops)
                 return act if isinstance(act, str) else f"softcap {act:g}"
         return None
-
-
-def _softcap_candidates(ops, oracle: Oracle) -> set[float]:
-    """The soft-cap candidates of a region: 1 (x / 1 and x * 1 are dropped by exporters), its float scalar
-    constants c > 1, and 1 / c of those below 1 (x / cap may be spelled x * (1 / cap))."""
-    found = {1.0}
-    for op in ops:
-        for v in op.operands:
-            if oracle.has_value(v) and np.asarray(oracle.value(v)).dtype.kind == "f" and \
-                    np.asarray(oracle.value(v)).size == 1:
-                c = float(np.asarray(oracle.value(v)).reshape(-1)[0])
-                if math.isfinite(c) and c > 1:
-                    found.add(c)
-                elif 0 < c < 1:
-                    found.add(1 / c)
-    return found
 
 
 def constant_precision(ops, oracle: Oracle) -> float:

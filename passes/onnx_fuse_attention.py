@@ -37,7 +37,8 @@ from llmirc.frontend.onnx_dialect import OnnxOp
 
 from .func_args import forward_func
 from .onnx_fuse_embedding import index_arg
-from .onnx_match import ELEMENTWISE, LAYOUT, Oracle, Region, close, erase_dead, evaluate, region_up, shape_only
+from .onnx_match import (ELEMENTWISE, LAYOUT, Oracle, Region, close, erase_dead, evaluate, region_up, shape_only,
+                         softcap_candidates)
 from .report import note
 
 LONG = 512  # length at which masks and rotary tables are checked
@@ -212,7 +213,7 @@ class FuseAttention(ModulePass):
         # below the caps hardly bend, so 16 tanh(s / 16) passes for 50 tanh(s / 50) too, only less closely.
         capped = any(o.op_type == "Tanh" for o in region.ops)
         found = None
-        for params in self._candidates(region, oracle, heads, kv_heads, d):
+        for params in self._candidates(region, oracle, d, capped):
             error = self._error(region, srcs, oracle, heads, kv_heads, d, *params)
             if error <= 1 and (found is None or error < found[0]):
                 found = (error, params)
@@ -246,7 +247,7 @@ class FuseAttention(ModulePass):
             return None
         return q.pop(), k.pop(), v.pop()
 
-    def _candidates(self, region: Region, oracle: Oracle, heads: int, kv_heads: int, d: int):
+    def _candidates(self, region: Region, oracle: Oracle, d: int, capped: bool):
         params = region.params(oracle)
         scalars = [float(np.asarray(oracle.value(p)).reshape(-1)[0]) for p in params
                    if int(np.prod(oracle.shape(p))) == 1 and np.asarray(oracle.value(p)).dtype.kind == "f"]
@@ -255,9 +256,7 @@ class FuseAttention(ModulePass):
         scales += [prod_all, prod_all ** 2] + [s for s in scalars if 0 < s < 1] + [1 / s for s in scalars if s > 1]
         ropes = [None] + self._ropes(params, oracle, d)
         windows = sorted({self._window(params, oracle)})
-        softcaps = [0.0]
-        if any(o.op_type == "Tanh" for o in region.ops):  # (the cap: divided by, multiplied by; 1: exporters drop it)
-            softcaps = sorted({1.0} | {s for s in scalars if s > 1} | {1 / s for s in scalars if 0 < s < 1})
+        softcaps = softcap_candidates(scalars) if capped else [0.0]
         seen = set()
         for rope, scale, window, softcap in product(ropes, scales, windows, softcaps):
             key = (id(rope), round(scale, 9), window, softcap)

@@ -241,6 +241,13 @@ def evaluate(ops: list[OnnxOp], feeds: dict[SSAValue, np.ndarray], oracle: Oracl
     return env
 
 
+def softcap_candidates(scalars: Iterable[float]) -> list[float]:
+    """Gemma 2's soft-cap candidates of a region whose float scalar constants are `scalars`: 1 (x / 1 and
+    x * 1 are dropped by exporters), those above 1, and the inverses of those in (0, 1) (x / cap may be
+    spelled x * (1 / cap)); ascending."""
+    return sorted({1.0} | {s for s in scalars if 1 < s < float("inf")} | {1 / s for s in scalars if 0 < s < 1})
+
+
 def close(a: np.ndarray, b: np.ndarray, tol: float = 1e-4) -> bool:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape or not np.all(np.isfinite(a) == np.isfinite(b)):

@@ -205,6 +205,16 @@ _SIGNATURES = [
 SIGNATURES: dict[str, Signature] = {s.kind: s for s in _SIGNATURES}
 
 
+def softcap_param(params: dict, key: str, kind: str) -> float:
+    """A kernel's soft-cap parameter (paged_attention's `softcap`, 0 or absent: none; softcap's `cap`,
+    required) as a float; ValueError unless finite and > 0 (or 0 where it may be absent)."""
+    optional = key == "softcap"
+    cap = float(params.get(key) or 0.0) if optional else float(params[key])
+    if not (0.0 < cap < float("inf") or (optional and cap == 0.0)):
+        raise ValueError(f"{kind}: {key} must be finite and {'>= 0' if optional else '> 0'}, got {cap}")
+    return cap
+
+
 def qlinear_scratch_bytes(k: int, block: int) -> int:
     """Bytes of qlinear's `xq` scratch per row of x: k int8 values and two float32 per block of
     `block` values, rounded up to 64."""

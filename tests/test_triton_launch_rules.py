@@ -5,6 +5,7 @@ targets)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -192,3 +193,19 @@ def test_bad_static_params():
         launch_rule("linear", {"n": 8, "k": 8, "w_dtype": "int4"}, ARCHS["sm_90"])
     with pytest.raises(ValueError, match="head_dim 512 > 256"):
         launch_rule("paged_attention", ATTN | {"head_dim": 512}, ARCHS["sm_90"])
+
+
+@pytest.mark.parametrize("kind,params,message", [
+    ("softcap", {"dim": 64, "cap": 0.0}, "softcap: cap must be finite and > 0, got 0.0"),
+    ("paged_attention", dict(ATTN, softcap=float("inf")), "paged_attention: softcap must be finite and >= 0, got inf"),
+])
+def test_softcap_parameters_refused_alike_by_both_targets(kind, params, message):
+    """One check (signatures.softcap_param) for the cpu kernels and the Triton rules."""
+    from llvmlite import ir
+
+    from llmirc.targets.cpu import kernels, toolchain
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        launch_rule(kind, params, ARCHS["sm_90"])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        kernels.emit_kernel(ir.Module(), kind, "k", params, toolchain.baseline_variant())

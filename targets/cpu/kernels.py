@@ -65,7 +65,7 @@ from llmirc.dtypes import QUANTIZED_KV
 from . import amx
 from . import irbuilder as irb
 from .irbuilder import F32, I64, PTR, FAST, f32, i64
-from ..signatures import signature
+from ..signatures import signature, softcap_param
 from .quant_kernels import emit_quant_kernel, is_quant_kernel
 from .toolchain import CpuVariant
 
@@ -308,9 +308,7 @@ def _emit_act(module, fn, b, p, cpu):
 def _emit_softcap(module, fn, b, p, cpu):
     vw = cpu.vector_width
     _positive(dim=p.dim)
-    cap = float(p.cap)
-    if not 0.0 < cap < math.inf:
-        raise ValueError(f"softcap kernel: cap must be finite and > 0, got {cap}")
+    cap = softcap_param(vars(p), "cap", "softcap")
 
     def body(cb, t, A):
         o, x = _row(cb, A.out, t, A.ld_out), _row(cb, A.x, t, A.ld_x)
@@ -810,9 +808,7 @@ def _emit_paged_attention(module, fn, b, p, cpu):
     win = int(p.sliding_window or 0)
     if win < 0:
         raise ValueError(f"paged_attention: sliding_window must be >= 0, got {win}")
-    softcap = float(p.softcap or 0.0)
-    if not softcap >= 0.0 or math.isinf(softcap):
-        raise ValueError(f"paged_attention: softcap must be finite and >= 0, got {softcap}")
+    softcap = softcap_param(vars(p), "softcap", "paged_attention")
     rep = H // G
     kvs = irb.storage(p.kv_dtype)  # how K/V are stored in the pool
     line = 64 // kvs.itemsize      # elements of K/V per cache line

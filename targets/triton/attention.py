@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from llmirc import dtypes
+from llmirc.targets.signatures import softcap_param
 
 from .elementwise import softcap
 from .pdl import pdl_mode, pdl_trigger
@@ -254,7 +255,7 @@ def rule_paged_attention(params, arch, args) -> Rule:
         num_layers = int(params["num_layers"])
     hp = h // g
     common = {"H": h, "G": g, "D": d, "D_PAD": d_pad, "BS": bs, "SCALE": float(params["scale"]),
-              "SOFTCAP": softcap_of(params),
+              "SOFTCAP": softcap_param(params, "softcap", "paged_attention"),
               "WINDOW": int(params["sliding_window"] or 0), "HP": hp, "KV_F32": kv_f32, "NUM_LAYERS": num_layers,
               "PDL": pdl_mode(arch)}
     ws_rows = add("T", -(-4 * arch.num_sms // g))
@@ -284,14 +285,6 @@ def rule_paged_attention(params, arch, args) -> Rule:
         Variant(1, (Launch(pre, (_prefill_grid(block_q), g, 1)),)),
     ]
     return Rule("paged_attention", params, args, variants, [ws, counters])
-
-
-def softcap_of(params) -> float:
-    """paged_attention's softcap (0.0: none); ValueError unless finite and >= 0."""
-    cap = float(params.get("softcap") or 0.0)
-    if not 0.0 <= cap < float("inf"):
-        raise ValueError(f"paged_attention: softcap must be finite and >= 0, got {cap}")
-    return cap
 
 
 def _prefill_grid(block_q: int):

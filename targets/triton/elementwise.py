@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from llmirc.targets.signatures import softcap_param
+
 from .pdl import pdl_mode, pdl_trigger
 from .spec import Launch, Rule, Variant, cdiv, kernel, next_pow2
 
@@ -228,9 +230,7 @@ def rule_act(params, arch, args) -> Rule:
 
 
 def rule_softcap(params, arch, args) -> Rule:
-    cap = float(params["cap"])
-    if not 0.0 < cap < float("inf"):
-        raise ValueError(f"softcap: cap must be finite and > 0, got {cap}")
+    cap = softcap_param(params, "cap", "softcap")
     return _row_rule("softcap", params, softcap_kernel, args, "T", {"CAP": cap, "PDL": pdl_mode(arch)})
 
 
