@@ -41,7 +41,7 @@ from .onnx_match import (ELEMENTWISE, LAYOUT, Oracle, Region, close, erase_dead,
                          softcap_candidates)
 from .report import note
 
-LONG = 512  # length at which masks and rotary tables are checked
+LONG = 512  # length at which masks and rotary tables are checked (or the position tables' rows, when fewer)
 
 
 @dataclass
@@ -139,20 +139,21 @@ def _rounding(table: np.ndarray) -> float:
 
 
 def _inv_freq_from_tables(cos: np.ndarray, sin: np.ndarray) -> list[np.ndarray]:
-    """Inverse-frequency candidates behind cos/sin tables [LONG, w] read at positions 0..LONG-1 (a
+    """Inverse-frequency candidates behind cos/sin tables [n, w] read at positions 0..n-1 (a
     rotary cache stored as a weight, as onnxruntime-genai's builder stores it): each column's angle
     grows by inv per position, so the unwrapped atan2 over the positions gives inv, which is then
     snapped to the float32 value (of the few nearest) whose float32 angles p * inv best give the
     tables. Widths w = D/2 (halves or even/odd) or D (the angles twice: [a, a] or each repeated)."""
     ang = np.unwrap(np.arctan2(sin, cos), axis=0)
-    p = np.arange(LONG, dtype=np.float64)[:, None]
+    n = cos.shape[0]
+    p = np.arange(n, dtype=np.float64)[:, None]
     est = (p * ang).sum(0) / (p * p).sum()  # least squares through the origin
     if not np.all(np.isfinite(est)) or np.any(np.abs(est) > np.pi):
         return []
     near = est.astype(np.float32)[None, :] + np.arange(-3, 4, dtype=np.float32)[:, None] * np.spacing(
         est.astype(np.float32))[None, :]
-    pf = np.arange(LONG, dtype=np.float32)[:, None, None]
-    angles = (pf * near[None]).astype(np.float64)  # [LONG, 7, w]
+    pf = np.arange(n, dtype=np.float32)[:, None, None]
+    angles = (pf * near[None]).astype(np.float64)  # [n, 7, w]
     err = np.abs(np.cos(angles) - cos[:, None, :] / max(abs(float(cos[0, 0])), 1e-30)).max(0)
     inv = near[err.argmin(0), np.arange(near.shape[1])].astype(np.float32)
     w = len(inv)
@@ -166,12 +167,13 @@ class FuseAttention(ModulePass):
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         f = forward_func(op)
         oracle = Oracle(op, ctx.read_weight)
+        long = min(LONG, oracle.table_rows() or LONG)  # (a builder's rotary cache of 256 rows: 512 is past it)
         for softmax in [o for o in f.body.block.ops if isinstance(o, OnnxOp) and o.op_type == "Softmax"]:
             if softmax.parent is not None and oracle.is_data(softmax.operands[0]):
-                if what := self._try(softmax, oracle, f):
+                if what := self._try(softmax, oracle, f, long):
                     note(ctx, f"{self.name}: {what}")
 
-    def _try(self, softmax: OnnxOp, oracle: Oracle, f) -> str | None:
+    def _try(self, softmax: OnnxOp, oracle: Oracle, f, long: int) -> str | None:
         """A description of the fused block, or None."""
         rank = len(oracle.shape(softmax.operands[0]))
         if softmax.py_attrs().get("axis", -1) not in (-1, rank - 1):
@@ -213,7 +215,7 @@ class FuseAttention(ModulePass):
         # below the caps hardly bend, so 16 tanh(s / 16) passes for 50 tanh(s / 50) too, only less closely.
         capped = any(o.op_type == "Tanh" for o in region.ops)
         found = None
-        for params in self._candidates(region, oracle, d, capped):
+        for params in self._candidates(region, oracle, d, capped, long):
             error = self._error(region, srcs, oracle, heads, kv_heads, d, *params)
             if error <= 1 and (found is None or error < found[0]):
                 found = (error, params)
@@ -247,15 +249,15 @@ class FuseAttention(ModulePass):
             return None
         return q.pop(), k.pop(), v.pop()
 
-    def _candidates(self, region: Region, oracle: Oracle, d: int, capped: bool):
+    def _candidates(self, region: Region, oracle: Oracle, d: int, capped: bool, long: int):
         params = region.params(oracle)
         scalars = [float(np.asarray(oracle.value(p)).reshape(-1)[0]) for p in params
                    if int(np.prod(oracle.shape(p))) == 1 and np.asarray(oracle.value(p)).dtype.kind == "f"]
         scales = [d ** -0.5, 1.0]
         prod_all = float(np.prod([s for s in scalars if s not in (0.0, 1.0) and abs(s) < 1e3] or [1.0]))
         scales += [prod_all, prod_all ** 2] + [s for s in scalars if 0 < s < 1] + [1 / s for s in scalars if s > 1]
-        ropes = [None] + self._ropes(params, oracle, d)
-        windows = sorted({self._window(params, oracle)})
+        ropes = [None] + self._ropes(params, oracle, d, long)
+        windows = sorted({self._window(params, oracle, long)})
         softcaps = softcap_candidates(scalars) if capped else [0.0]
         seen = set()
         for rope, scale, window, softcap in product(ropes, scales, windows, softcaps):
@@ -265,31 +267,31 @@ class FuseAttention(ModulePass):
                 yield scale, window, rope, softcap
 
     @staticmethod
-    def _window(params, oracle: Oracle) -> int:
+    def _window(params, oracle: Oracle, long: int) -> int:
         """The sliding window of the causal mask (0: none), read from the mask at a long length."""
         for p in params:
-            shape = oracle.shape(p, LONG)
-            if len(shape) >= 2 and shape[-1] == shape[-2] == LONG:
-                m = np.asarray(oracle.value(p, LONG)).reshape(-1, LONG, LONG)[0]
+            shape = oracle.shape(p, long)
+            if len(shape) >= 2 and shape[-1] == shape[-2] == long:
+                m = np.asarray(oracle.value(p, long)).reshape(-1, long, long)[0]
                 allowed = m if m.dtype == np.bool_ else (m == 0)
                 if not allowed[0, 0]:  # a boolean "masked" mask (Where(masked, -inf, scores))
                     allowed = ~allowed
                 counts = allowed.sum(-1)
-                if allowed[0, 0] and counts.max() < LONG:
+                if allowed[0, 0] and counts.max() < long:
                     return int(counts.max())
         return 0
 
     @staticmethod
-    def _ropes(params, oracle: Oracle, d: int) -> list[Rope]:
+    def _ropes(params, oracle: Oracle, d: int, long: int) -> list[Rope]:
         """Rotary candidates: float constants of length rotary_dim/2 in the ancestry of the region's
         s-only inputs, checked against those inputs' cos/sin tables at a long length."""
         consts, tables = [], []
         for p in params:
             if oracle.kind(p) != "s-only":
                 continue
-            value = np.asarray(oracle.value(p, LONG), np.float64)
-            if value.dtype.kind == "f" and LONG in value.shape and value.shape[-1] <= d:
-                tables.append(value.reshape(LONG, -1))
+            value = np.asarray(oracle.value(p, long), np.float64)
+            if value.dtype.kind == "f" and long in value.shape and value.shape[-1] <= d:
+                tables.append(value.reshape(long, -1))
             stack, seen = [p], set()
             while stack:
                 x = stack.pop()
@@ -309,7 +311,7 @@ class FuseAttention(ModulePass):
         for inv in consts:
             if inv.dtype.kind != "f" or len(inv) < 1:
                 continue
-            ang = (np.arange(LONG, dtype=np.float32)[:, None] * inv[None, :]).astype(np.float32).astype(np.float64)
+            ang = (np.arange(long, dtype=np.float32)[:, None] * inv[None, :]).astype(np.float32).astype(np.float64)
             for table in tables:
                 width = table.shape[1]
                 # Tables of width rotary_dim (cat or repeat_interleave of the angles), or of width

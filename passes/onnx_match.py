@@ -81,6 +81,14 @@ class Oracle:
     def shape(self, v: SSAValue, S: int = PROBE_LENGTHS[0]) -> tuple[int, ...]:
         return self._av(v, S).shape
 
+    def table_rows(self) -> int | None:
+        """The fewest rows among the position tables the graph reads at positions 0..S-1 (a rotary cache, learned
+        position embeddings): past that length it cannot be evaluated. None without such tables."""
+        from llmirc.frontend.onnx_import import position_tables
+
+        tables = position_tables(self._nodes, [self.at(S) for S in PROBE_LENGTHS])
+        return min((t.tokens for t in tables), default=None)
+
     def is_data(self, v: SSAValue) -> bool:
         return self.kind(v) == DATA
 

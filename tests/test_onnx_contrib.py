@@ -44,7 +44,7 @@ def refused(model: onnx.ModelProto, tmp_path: Path, *needles: str) -> None:
 def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=False, window=-1, scale=None,
                   layer_norm=False, dtype=np.float32, nbits=None, zero_points=False, tied=False,
                   qk_norm=False, embed_scale=None, mha=False, partial=False, qdq=False, softcap=None,
-                  final_softcap=None, seed=0) -> onnx.ModelProto:
+                  final_softcap=None, positions=1024, seed=0) -> onnx.ModelProto:
     """A random decoder in the builder's form: input_ids, attention_mask and past_key_values.N.key/value
     [batch, kv_heads, past, 'kv_cache_dim'] in; logits and present.N.key/value out. With `nbits` (4 or 8)
     every MatMul is a MatMulNBits (blocks of 32, zero points or not), as the builder's `-p int4` writes;
@@ -59,7 +59,8 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
     the first half of each head rotated (RotaryEmbedding's num_heads and rotary_embedding_dim). `qdq` (with
     `nbits`): the builder's `use_qdq=true` form instead, MatMul (and the embedding's Gather) of a blocked
     DequantizeLinear of int4 / int8 codes (uint4 / uint8 with `zero_points`). `softcap`, `final_softcap`: Gemma 2's,
-    GroupQueryAttention's softcap attribute and the logits' Div, Tanh and Mul as the builder writes them."""
+    GroupQueryAttention's softcap attribute and the logits' Div, Tanh and Mul as the builder writes them. `positions`:
+    the rotary tables' rows (the builder's: max_position_embeddings)."""
     rng = np.random.default_rng(seed)
     d = C // heads
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
@@ -117,7 +118,7 @@ def builder_model(heads=4, kv_heads=2, packed=True, rotary=True, interleaved=Fal
                  ["total_len"], to=TensorProto.INT32)
     rd = d // 2 if partial else d  # the rotated width
     inv_freq = 1.0 / 10000 ** (np.arange(0, rd, 2) / rd)
-    angles = np.arange(1024)[:, None] * inv_freq[None].astype(np.float32)
+    angles = np.arange(positions)[:, None] * inv_freq[None].astype(np.float32)
     init("cos_cache", np.cos(angles))
     init("sin_cache", np.sin(angles))
     if tied and not nbits:  # the builder's tied float embedding: the LM head's MatMul weight [C, VOCAB] transposed
@@ -320,6 +321,8 @@ CASES = {  # each feature once, several to a model (a case is a compile)
     # Gemma 2 as the builder writes it: a cap of 50 beside a scale that is not head_dim's (query_pre_attn_scalar; the
     # product of the three, tried first, passed with a tolerance it made itself), a logits cap that bends the logits
     "softcap-window-scaled": dict(softcap=50.0, final_softcap=3.0, window=5, scale=0.0625),
+    # rotary tables shorter than the length the attention fusion reads masks and tables at (512): read at their rows
+    "window-short-tables": dict(window=5, positions=200),
     "tied": dict(tied=True),  # the embedding a Transpose of the LM head's weight: one copy in the bundle
     # weights kept quantized (bit for bit: test_matmul_nbits_weights_are_kept_exactly); llmirc's CPU
     # kernels round the activations to int8 per 32, onnxruntime does not (accuracy_level 0): on these
@@ -369,6 +372,8 @@ def test_builder_model_matches_onnxruntime(tmp_path, case):
         assert {q.get("scale_dtype", stored) for q in summary(bundle, verify=False)["quantization"]} == {stored}
     assert ("DequantizeLinear + MatMul -> MatMulNBits x" in report) == ("qdq" in CASES[case]), report
     assert ("DequantizeLinear + Gather -> GatherBlockQuantized x1" in report) == ("qdq" in CASES[case]), report
+    if "window" in CASES[case]:  # (read from the mask at 512 positions, or at the tables' rows when fewer)
+        assert f"window {CASES[case]['window']}" in report, report
     if "softcap" in CASES[case]:  # (1 / scale = 16 passed for the cap of 50 too: scores of 0.25 hardly bend)
         assert "softcap 50)" in report and "onnx-fuse-activation: softcap 3 " in report, report
     ops = ("MultiHeadAttention x2", "RotaryEmbedding x4") if "mha" in CASES[case] else ("GroupQueryAttention x2",)
