@@ -101,6 +101,19 @@ def test_not_an_onnx_file(tmp_path):
     compile_fails(tmp_path, tmp_path / "m.onnx", "m.onnx", "not a valid ONNX model")
 
 
+@pytest.mark.parametrize("config", [False, True])
+def test_a_folder_of_onnx_models_names_the_file(tmp_path, config):
+    """The folder onnxruntime-genai's builder writes (genai_config.json + model.onnx), or an export beside config.json
+    (optimum's): not a safetensors checkpoint, so which file to compile (it said 'config.json: not found', or 'no
+    model.safetensors')."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save(graph([helper.make_node("Gather", ["E", "input_ids"], ["y"])], [embed()]), folder / "model.onnx")
+    (folder / ("config.json" if config else "genai_config.json")).write_text("{}")
+    compile_fails(tmp_path, folder, f"{folder}: a folder of ONNX models (model.onnx), not a safetensors checkpoint: "
+                                    f"compile one file, e.g. {folder / 'model.onnx'}")
+
+
 def test_unknown_graph_input_role(tmp_path):
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "S"]),
               helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1, 3])]

@@ -54,6 +54,13 @@ def open_source(path, dequantize: bool = False):
     if ggufs:  # a folder as llama.cpp's models come (a Hugging Face repository of GGUF files)
         raise CheckpointError(f"{path}: a folder of GGUF files ({', '.join(ggufs[:3])}{', ...' * (len(ggufs) > 3)}), "
                               f"not a checkpoint (no config.json): compile one file, e.g. {path / ggufs[0]}")
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    onnx_files = sorted(p.name for p in path.glob("*.onnx")) if not any((path / w).exists() for w in weights) else []
+    if onnx_files:  # onnxruntime-genai's builder output (genai_config.json + model.onnx), an optimum export
+        first = "model.onnx" if "model.onnx" in onnx_files else onnx_files[0]
+        raise CheckpointError(f"{path}: a folder of ONNX models ({', '.join(onnx_files[:3])}"
+                              f"{', ...' * (len(onnx_files) > 3)}), not a safetensors checkpoint: compile one file, "
+                              f"e.g. {path / first}")
     from .checkpoint import Checkpoint
 
     return Checkpoint(path)
