@@ -251,9 +251,12 @@ def evaluate(ops: list[OnnxOp], feeds: dict[SSAValue, np.ndarray], oracle: Oracl
 
 def softcap_candidates(scalars: Iterable[float]) -> list[float]:
     """Gemma 2's soft-cap candidates of a region whose float scalar constants are `scalars`: 1 (x / 1 and
-    x * 1 are dropped by exporters), those above 1, and the inverses of those in (0, 1) (x / cap may be
-    spelled x * (1 / cap)); ascending."""
-    return sorted({1.0} | {s for s in scalars if 1 < s < float("inf")} | {1 / s for s in scalars if 0 < s < 1})
+    x * 1 are dropped by exporters), their magnitudes in float32's normal range (cap * tanh(x / cap) is
+    -cap's too; a cap below 1, as a config may set, is a cap), and the inverses of those in (0, 1) (x / cap
+    may be spelled x * (1 / cap)); ascending."""
+    f32 = np.finfo(np.float32)
+    caps = {abs(s) for s in scalars if f32.tiny <= abs(s) < f32.max}
+    return sorted({1.0} | caps | {1 / c for c in caps if c < 1})
 
 
 def close(a: np.ndarray, b: np.ndarray, tol: float = 1e-4) -> bool:

@@ -321,6 +321,9 @@ CASES = {  # each feature once, several to a model (a case is a compile)
     # Gemma 2 as the builder writes it: a cap of 50 beside a scale that is not head_dim's (query_pre_attn_scalar; the
     # product of the three, tried first, passed with a tolerance it made itself), a logits cap that bends the logits
     "softcap-window-scaled": dict(softcap=50.0, final_softcap=3.0, window=5, scale=0.0625),
+    # a cap below 1 (a config may set one) and a negative logits' cap, -3 tanh(x / -3) = 3 tanh(x / 3): both were left
+    # generic (a full-sequence model), no candidate matching them
+    "softcap-below-one-negative-final": dict(softcap=0.5, final_softcap=-3.0),
     # rotary tables shorter than the length the attention fusion reads masks and tables at (512): read at their rows
     "window-short-tables": dict(window=5, positions=200),
     "tied": dict(tied=True),  # the embedding a Transpose of the LM head's weight: one copy in the bundle
@@ -375,7 +378,8 @@ def test_builder_model_matches_onnxruntime(tmp_path, case):
     if "window" in CASES[case]:  # (read from the mask at 512 positions, or at the tables' rows when fewer)
         assert f"window {CASES[case]['window']}" in report, report
     if "softcap" in CASES[case]:  # (1 / scale = 16 passed for the cap of 50 too: scores of 0.25 hardly bend)
-        assert "softcap 50)" in report and "onnx-fuse-activation: softcap 3 " in report, report
+        caps = CASES[case]["softcap"], abs(CASES[case]["final_softcap"])
+        assert "softcap %g)" % caps[0] in report and "onnx-fuse-activation: softcap %g " % caps[1] in report, report
     ops = ("MultiHeadAttention x2", "RotaryEmbedding x4") if "mha" in CASES[case] else ("GroupQueryAttention x2",)
     assert "onnxruntime contrib operators replaced: " in report and all(o in report for o in ops), report
     prompt = [3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7, 9]
