@@ -351,6 +351,16 @@ def _sampling_options(fn, max_new_tokens: click.Option | None = None):
         click.option("--top-p", type=FiniteRange(min=0.0, max=1.0, min_open=True), default=None,
                      help="Sample from the smallest set of tokens whose probability reaches P (nucleus sampling; "
                           "default: 1, all; with --temperature > 0)."),
+        click.option("--min-p", type=FiniteRange(min=0.0, max=1.0), default=0.0,
+                     help="Sample only tokens at least P times as likely as the most likely one (default: 0, "
+                          "all; with --temperature > 0)."),
+        click.option("--repetition-penalty", type=FiniteRange(min=0.0, min_open=True), default=1.0,
+                     help="Divide positive logits (multiply negative ones) of tokens already in the prompt or "
+                          "the output by this (1: none; as transformers' and vLLM's, greedy decoding too)."),
+        click.option("--presence-penalty", type=FiniteRange(min=-2.0, max=2.0), default=0.0,
+                     help="Subtract this from the logits of tokens the output already holds (OpenAI's; 0: none)."),
+        click.option("--frequency-penalty", type=FiniteRange(min=-2.0, max=2.0), default=0.0,
+                     help="Subtract this times its count in the output from a token's logit (OpenAI's; 0: none)."),
         click.option("--seed", type=click.IntRange(min=0), default=None,
                      help="Seed for sampling (reproducible output)."),
         click.option("--stop", "stops", multiple=True, callback=_not_empty,
@@ -377,8 +387,9 @@ def _load(bundle, kv_cache_tokens, no_verify, **kwargs):
     return model
 
 
-def _warn_unused_sampling(temperature, top_k, top_p, seed) -> None:
-    unused = [flag for flag, value in (("--top-k", top_k), ("--top-p", top_p), ("--seed", seed)) if value is not None]
+def _warn_unused_sampling(temperature, top_k, top_p, seed, min_p) -> None:
+    unused = [flag for flag, value in (("--top-k", top_k), ("--top-p", top_p), ("--seed", seed),
+                                       ("--min-p", min_p or None)) if value is not None]
     if temperature == 0 and unused:
         click.echo(f"warning: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with "
                    "--temperature 0 (greedy decoding); give --temperature > 0 to sample", err=True)
@@ -402,7 +413,8 @@ def _warn_unused_sampling(temperature, top_k, top_p, seed) -> None:
               help="One JSON object per sequence: tokens, text, finish_reason, timings (and logprobs).")
 @click.option("-q", "--quiet", is_flag=True, help="No tokens/s and time-to-first-token summary on stderr.")
 def run(bundle, prompts, prompt_files, token_ids, chat, system, template_kwargs, max_new_tokens, temperature, top_k, top_p,
-        seed, stops, kv_cache_tokens, no_verify, threads, target, ignore_eos, logprobs, as_json, quiet):
+        min_p, repetition_penalty, presence_penalty, frequency_penalty, seed, stops, kv_cache_tokens, no_verify,
+        threads, target, ignore_eos, logprobs, as_json, quiet):
     """Generate text or tokens with a compiled BUNDLE.
 
     Without --json, a single prompt streams its text as it is generated; a batch prints each
@@ -421,7 +433,7 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, template_kwargs,
     if template_kwargs is not None and not chat:
         click.echo("warning: --chat-template-kwargs has no effect without --chat", err=True)
     template_kwargs = _template_kwargs(template_kwargs)
-    _warn_unused_sampling(temperature, top_k, top_p, seed)
+    _warn_unused_sampling(temperature, top_k, top_p, seed, min_p)
     if logprobs is not None and not as_json:
         click.echo("warning: --logprobs has no effect without --json (they are printed in its records)", err=True)
     model = _load(bundle, kv_cache_tokens, no_verify, threads=threads, target=target)
@@ -439,7 +451,8 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, template_kwargs,
     records = [{"prompt_token_ids": p, "token_ids": [], "text": "", "logprobs": []} for p in batch]
     start = time.perf_counter()
     for out in model.generate_stream(batch, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
-                                     stop=stops, logprobs=logprobs):
+                                     stop=stops, logprobs=logprobs, min_p=min_p, repetition_penalty=repetition_penalty,
+                                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty):
         r = records[out.request_id]
         if out.token is not None:
             r["token_ids"].append(out.token)
@@ -513,8 +526,8 @@ def _read_text(path: Path | str, flag: str) -> str:
 @functools.partial(_sampling_options, max_new_tokens=click.option(
     "--max-new-tokens", type=click.IntRange(min=1), default=None,
     help="Cut a reply after this many tokens (default: when the model ends its turn, within the context)."))
-def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, top_p, seed, stops, kv_cache_tokens,
-         no_verify, threads, target):
+def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+         presence_penalty, frequency_penalty, seed, stops, kv_cache_tokens, no_verify, threads, target):
     """Chat with BUNDLE in the terminal: each input line is a user message; replies stream.
 
     Uses the bundle's chat template. Earlier turns stay in the prefix cache, so each reply
@@ -527,7 +540,7 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
     template refuses, or that fills the context, is refused at start."""
     from llmirc.errors import RuntimeLimitError
 
-    _warn_unused_sampling(temperature, top_k, top_p, seed)
+    _warn_unused_sampling(temperature, top_k, top_p, seed, min_p)
     template_kwargs = _template_kwargs(template_kwargs)
     model = _load(bundle, kv_cache_tokens, no_verify, threads=threads, target=target)
     if model.tokenizer is None:
@@ -580,7 +593,9 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
                                         f"room after them: the model holds {room} (its context or KV cache)")
             budget = max_new_tokens or room - len(prompt)  # default: the rest of the context (or KV cache)
             stream = model.generate_stream([prompt], budget, temperature=temperature, top_k=top_k, top_p=top_p,
-                                           seed=None if seed is None else seed + turn, stop=stops)
+                                           seed=None if seed is None else seed + turn, stop=stops, min_p=min_p,
+                                           repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                           frequency_penalty=frequency_penalty)
             for event in stream:
                 reply += event.text or ""
                 click.echo(event.text or "", nl=False)
@@ -641,8 +656,8 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
 @_target_option
 @click.option("--num-scheduler-steps", type=click.IntRange(min=1), default=8, show_default=True,
               help="Greedy decode steps run in one native call while every running request is greedy, without "
-                   "logprobs or stop strings, and none waits (CPU targets); streamed tokens come in bursts of "
-                   "up to this many. 1: one step at a time.")
+                   "logprobs, penalties or stop strings, and none waits (CPU targets); streamed tokens come in "
+                   "bursts of up to this many. 1: one step at a time.")
 @click.option("--max-queued-requests", type=click.IntRange(min=0), default=1024, show_default=True,
               help="Requests that may wait beyond the running batch; more are answered 503.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=64 << 20, show_default=True,
@@ -654,10 +669,11 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
               help="Chat template variables for every chat request, a JSON object, e.g. "
                    "'{\"enable_thinking\": false}'; a request's chat_template_kwargs override them (vLLM's flag).")
 @click.option("--generation-config", "generation_config", type=click.Choice(["auto", "vllm"]), default="auto",
-              show_default=True, help="auto: requests that leave temperature, top_p or top_k out get the "
-                                      "model's generation_config.json values, and chat requests without max_tokens "
-                                      "its max_new_tokens (vLLM's and SGLang's default); vllm: the APIs' own "
-                                      "defaults (temperature 1, no top-p or top-k)")
+              show_default=True, help="auto: requests that leave temperature, top_p, top_k, min_p or "
+                                      "repetition_penalty out get the model's generation_config.json values, and "
+                                      "chat requests without max_tokens its max_new_tokens (vLLM's and SGLang's "
+                                      "default); vllm: the APIs' own defaults (temperature 1, no top-p, top-k, "
+                                      "min-p or penalty)")
 @click.option("--no-verify", is_flag=True,
               help="Skip checksum verification (a damaged kernel library may then crash the process).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
@@ -724,14 +740,11 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
     name = served_model_name or str(bundle)
     defaults = {}
     if generation_config == "auto":
-        defaults, ignored = sampling_defaults(model.generation_config, f"bundle {bundle}: generation_config.json")
+        defaults = sampling_defaults(model.generation_config, f"bundle {bundle}: generation_config.json")
         if defaults:
             listed = ", ".join(f"{k} {v}" for k, v in defaults.items())
             click.echo(f"note: requests that leave them out get the model's generation_config.json sampling: {listed} "
                        "(--generation-config vllm: the APIs' own defaults)", err=True)
-        if ignored:
-            click.echo(f"warning: the model's generation_config.json also sets {', '.join(ignored)}, which llmirc "
-                       "does not apply", err=True)
     app = create_app(model, ServerOptions(served_model_name=name, api_key=api_key,
                                           allowed_origins=origins, default_chat_template_kwargs=template_kwargs,
                                           max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes,

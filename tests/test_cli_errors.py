@@ -1325,7 +1325,8 @@ def test_run_bad_request(bundle, bundle_notok, case):
     assert_user_error(llmirc("run", bundle_notok if notok else bundle, *args), *needles)
 
 
-@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan")])
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan"),
+                                        ("--repetition-penalty", "nan"), ("--min-p", "nan")])
 def test_run_non_finite_sampling_options_are_usage_errors(bundle, flag, value):
     """nan compares false with any bound: click's FloatRange let it through, to fail as exit 1."""
     assert_user_error(llmirc("run", bundle, "--token-ids", "1", flag, value), flag, "not a finite number", code=2)
@@ -1571,6 +1572,23 @@ def test_run_sampling_is_reproducible(bundle_notok):
     assert run_json(bundle_notok, *args)[0]["token_ids"] != first
 
 
+def test_run_penalties_are_the_loaders(bundle_notok):
+    """--repetition-penalty, --presence-penalty and --frequency-penalty change greedy decoding as the loader's
+    keyword arguments do; out-of-range values are usage errors."""
+    from llmirc.runtime import load
+
+    penalties = dict(repetition_penalty=1.7, presence_penalty=1.0, frequency_penalty=0.5)
+    with load(bundle_notok) as model:
+        want = model.generate([[0, 5, 9, 5, 9]], max_new_tokens=12, ignore_eos=True, **penalties)[0]
+    flags = [x for k, v in penalties.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    got = run_json(bundle_notok, "--token-ids", "0,5,9,5,9", "--max-new-tokens", "12", "--ignore-eos", *flags)
+    assert got[0]["token_ids"] == want
+    assert run_json(bundle_notok, "--token-ids", "0,5,9,5,9", "--max-new-tokens", "12",
+                    "--ignore-eos")[0]["token_ids"] != want
+    for flag, value in (("--repetition-penalty", "0"), ("--presence-penalty", "2.5"), ("--min-p", "-0.1")):
+        assert_user_error(llmirc("run", bundle_notok, "--token-ids", "1", flag, value), flag, code=2)
+
+
 def test_bench_runs(bundle, ckpt, tmp_path):
     """(40 new tokens, 3 rounds: with fewer, a tiny model's decode steps can take less than the
     timing's noise, and bench then says it could not time decode: 16 tokens and 2 rounds failed
@@ -1702,6 +1720,8 @@ def test_run_warns_of_options_without_effect(bundle_notok):
     r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--top-p", "0.5", "--seed", "1",
                "-q")
     assert r.returncode == 0 and r.stderr.startswith("warning: --top-p, --seed have no effect with --temperature 0")
+    r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--min-p", "0.1", "-q")
+    assert r.returncode == 0 and r.stderr.startswith("warning: --min-p has no effect with --temperature 0")
     r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--logprobs", "2", "-q")
     assert r.returncode == 0 and r.stderr.startswith("warning: --logprobs has no effect without --json")
     r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--system", "be brief", "-q")

@@ -127,6 +127,47 @@ def test_decode_runs_only_for_plain_greedy_requests_with_nothing_waiting():
     assert executor.runs == [5]
 
 
+def test_penalties_and_bias_apply_per_request_on_the_hosts_logits():
+    """Penalties and logit_bias change greedy decoding (the tokens of argmax over sampling.penalize's row
+    at each step), each request its own beside a plain one in the batch; such requests take no
+    multi-step greedy runs; logprobs stay the raw distribution's; a bias of 100 on one token picks it
+    every step; an id outside the vocabulary is refused before anything runs."""
+    from llmirc.runtime.sampling import logprobs, penalize
+
+    def reference(prompt, n, **kw):
+        tokens = list(prompt)
+        for _ in range(n):
+            row = penalize(history_logits(tokens), prompt, tokens[len(prompt):], **kw)
+            tokens.append(int(np.argmax(row)))
+        return tokens[len(prompt):]
+
+    engine, executor = make(executor_class=FakeRunExecutor)
+    kinds = [dict(repetition_penalty=1.8), dict(presence_penalty=1.5, frequency_penalty=0.7),
+             dict(logit_bias=((3, 1.5), (7, -2.0))), {}]
+    prompts = [[1, 2, 3, 1], [4, 5], [6, 7, 8], [9, 1]]
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0 if i == 1 else None, **kw)
+              for i, kw in enumerate(kinds)]
+    out = collect(engine, prompts, params)
+    for i, (prompt, kw) in enumerate(zip(prompts, kinds)):
+        assert [o.token for o in out[i]] == reference(prompt, 12, **kw), i
+    assert reference(prompts[0], 12, **kinds[0]) != greedy_reference(prompts[0], 12)
+    history = prompts[1] + [o.token for o in out[1]]
+    for j, o in enumerate(out[1]):
+        raw = logprobs(history_logits(history[:len(prompts[1]) + j])[None], [o.token])[0][0]
+        assert o.logprob.logprob == pytest.approx(float(raw), abs=1e-6)
+    assert executor.runs == []  # (with the plain request alone, runs: test_decode_runs_only_for_plain_...)
+    forced = collect(engine, [[1, 2]], [SamplingParams(max_tokens=5, temperature=0.9, seed=3, ignore_eos=True,
+                                                       min_p=0.5, logit_bias=((11, 100.0),))])
+    assert [o.token for o in forced[0]] == [11] * 5
+    with pytest.raises(LlmircError, match="logit_bias: token id 50 is outside the model's vocabulary of 50"):
+        engine.add_request([1], SamplingParams(logit_bias=((50, 1.0),)), lambda out: None)
+    for bad, name in ((dict(repetition_penalty=0.0), "repetition_penalty"), (dict(presence_penalty=3), "presence"),
+                      (dict(frequency_penalty=float("nan")), "frequency"), (dict(logit_bias=((1, "x"),)), "logit_bias"),
+                      (dict(min_p=-0.1), "min_p")):
+        with pytest.raises(LlmircError, match=name):
+            engine.add_request([1], SamplingParams(**bad), lambda out: None)
+
+
 def test_a_run_cut_short_commits_the_steps_it_made():
     """forward_greedy may return fewer steps (a token past the embedding table): those are committed."""
     engine, executor = make(executor_class=FakeRunExecutor)

@@ -208,6 +208,34 @@ def test_a_sequence_gets_the_same_logprobs_whatever_its_batch(tmp_path):
     assert crowd == alone
 
 
+def test_repetition_penalty_matches_transformers(tmp_path):
+    """Greedy decoding with a repetition penalty (over the prompt and the output, as generate()'s
+    RepetitionPenaltyLogitsProcessor over its input_ids) gives transformers' tokens, three prompts in one
+    batch beside a plain greedy one (which keeps its own tokens); where a token differs, the reference's
+    penalized top two must be nearly tied."""
+    import torch
+
+    from llmirc.runtime.sampling import penalize
+
+    model = make_checkpoint(tmp_path / "ckpt", "llama")
+    prompts = [[5, 9, 9, 9, 200], list(range(2, 19)), [(7 * i + 3) % 380 for i in range(40)]]
+    with load(compile_to(tmp_path / "ckpt", tmp_path / "m.llmir")) as compiled:
+        ours = compiled.generate(prompts, max_new_tokens=NEW_TOKENS, ignore_eos=True, repetition_penalty=1.5)
+        plain = compiled.generate(prompts[:1], max_new_tokens=NEW_TOKENS, ignore_eos=True)[0]
+    assert ours[0] != plain  # the penalty changed something
+    for prompt, got in zip(prompts, ours):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 repetition_penalty=1.5, min_new_tokens=NEW_TOKENS, pad_token_id=None,
+                                 eos_token_id=None)[0, len(prompt):].tolist()
+        for i, (a, b) in enumerate(zip(got, ref)):
+            if a != b:
+                row = penalize(hf_logits(model, prompt + ref[:i])[-1].astype(np.float32), prompt, ref[:i], 1.5)
+                top2 = np.sort(row)[-2:]
+                assert top2[1] - top2[0] < 1e-3 * max(1.0, abs(top2[1])), f"token {i}: ours {a}, reference {b}"
+                break
+
+
 def test_greedy_decode_run_ends_after_a_whole_step_past_the_embedding(tmp_path):
     """runtime.c's llmir_greedy_decode with a stand-in forward: sequence 0's token of step 1 lies past
     the embedding's rows, so the run ends after step 1, with every sequence's token of that step

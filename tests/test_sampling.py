@@ -2,17 +2,19 @@ import numpy as np
 import pytest
 
 from llmirc.errors import LlmircError
-from llmirc.runtime.sampling import sample, warp
+from llmirc.runtime.sampling import penalize, sample, warp
 
 import torch
 from transformers.generation.logits_process import (  # noqa: E402
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
 
-def hf_warp(logits, temperature, top_k, top_p):
+def hf_warp(logits, temperature, top_k, top_p, min_p=0.0):
     """What generate() applies, in its order (it adds each warper only when it changes something)."""
     scores = torch.from_numpy(logits)
     ids = torch.zeros((logits.shape[0], 1), dtype=torch.long)
@@ -22,18 +24,21 @@ def hf_warp(logits, temperature, top_k, top_p):
         scores = TopKLogitsWarper(top_k)(ids, scores)
     if top_p is not None and top_p < 1.0:
         scores = TopPLogitsWarper(top_p)(ids, scores)
+    if min_p:
+        scores = MinPLogitsWarper(min_p)(ids, scores)
     return scores.numpy()
 
 
 SETTINGS = [(1.0, 5, None), (0.7, None, 0.9), (1.3, 10, 0.5), (0.5, 1, None), (1.0, None, 0.05),
             (2.0, 40, 0.95), (1.0, 64, 1.0), (0.8, 100, 0.3)]
+MIN_P = [(1.0, None, None, 0.05), (0.7, None, 0.9, 0.1), (1.3, 10, None, 0.3), (1.0, None, None, 1.0)]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS)
-def test_kept_tokens_match_hf_warpers(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [s + (0.0,) for s in SETTINGS] + MIN_P)
+def test_kept_tokens_match_hf_warpers(temperature, top_k, top_p, min_p):
     rng = np.random.default_rng(1)
     logits = (rng.standard_normal((64, 64)) * 3).astype(np.float32)
-    ours, ref = warp(logits, temperature, top_k, top_p), hf_warp(logits, temperature, top_k, top_p)
+    ours, ref = warp(logits, temperature, top_k, top_p, min_p), hf_warp(logits, temperature, top_k, top_p, min_p)
     np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref))
     kept = np.isfinite(ref)
     np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-6)
@@ -67,13 +72,15 @@ def test_seeded_sampling_is_reproducible():
     assert not np.array_equal(draw(7), draw(8))
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.6, None, None), (1.5, 4, None),
-                                                     (1.0, None, 0.8), (0.9, 5, 0.7)])
-def test_empirical_distribution_matches_softmax(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, None, None, 0.0), (0.6, None, None, 0.0),
+                                                           (1.5, 4, None, 0.0), (1.0, None, 0.8, 0.0),
+                                                           (0.9, 5, 0.7, 0.0), (1.0, None, None, 0.2),
+                                                           (0.8, None, 0.95, 0.1)])
+def test_empirical_distribution_matches_softmax(temperature, top_k, top_p, min_p):
     row = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0], dtype=np.float32)
     n = 40_000
-    tokens = sample(np.tile(row, (n, 1)), temperature, top_k, top_p, np.random.default_rng(0))
-    scores = hf_warp(row[None], temperature, top_k, top_p)[0].astype(np.float64)
+    tokens = sample(np.tile(row, (n, 1)), temperature, top_k, top_p, np.random.default_rng(0), min_p)
+    scores = hf_warp(row[None], temperature, top_k, top_p, min_p)[0].astype(np.float64)
     probs = np.exp(scores - scores.max())
     probs /= probs.sum()
     counts = np.bincount(tokens, minlength=len(row))
@@ -95,6 +102,7 @@ def test_sampling_never_draws_masked_tokens():
     (dict(temperature=1.0, top_k=0), "top_k"), (dict(temperature=1.0, top_k=2.5), "top_k"),
     (dict(temperature=1.0, top_p=0.0), "top_p"), (dict(temperature=1.0, top_p=1.5), "top_p"),
     (dict(temperature=True), "temperature"), (dict(temperature=1.0, top_p=True), "top_p"),  # (they acted as 1)
+    (dict(temperature=1.0, min_p=1.5), "min_p"), (dict(temperature=1.0, min_p=float("nan")), "min_p"),
 ])
 def test_bad_options_name_the_option(kwargs, option):
     with pytest.raises(LlmircError, match=option):
@@ -120,3 +128,38 @@ def test_one_generator_per_row():
         assert sample(logits[r:r + 1], 1.0, None, 0.9, [rngs()[r]])[0] == together[r]
     with pytest.raises(ValueError, match="2 generators for 3 rows"):
         sample(logits, 1.0, rng=rngs()[:2])
+
+
+def test_repetition_penalty_matches_hf():
+    """The repetition penalty over the prompt and the output as transformers' processor applies it over
+    generate()'s input_ids (the prompt and what it generated): repeated ids count once."""
+    rng = np.random.default_rng(8)
+    for penalty in (1.3, 0.7):
+        logits = (rng.standard_normal(200) * 4).astype(np.float32)
+        prompt, output = rng.integers(0, 200, 30), rng.integers(0, 200, 12)
+        ref = RepetitionPenaltyLogitsProcessor(penalty)(torch.from_numpy(np.concatenate([prompt, output]))[None],
+                                                        torch.from_numpy(logits[None].copy()))[0].numpy()
+        np.testing.assert_array_equal(penalize(logits, prompt, output, repetition_penalty=penalty), ref)
+
+
+def test_penalties_and_bias_match_their_definitions():
+    """Against float64: the bias added first, then the repetition penalty over the prompt and output,
+    then frequency * count + presence subtracted for each token the output holds (not the prompt's);
+    a token twice in logit_bias gets both biases; the input row is left as it was."""
+    rng = np.random.default_rng(9)
+    logits = (rng.standard_normal(50) * 3).astype(np.float32)
+    before = logits.copy()
+    prompt, output = [1, 2, 2, 3], [3, 4, 4, 4, 5]
+    bias = ((4, 2.5), (7, -1.0), (7, 0.5))
+    got = penalize(logits, prompt, output, 1.5, 0.25, 0.5, bias)
+    ref = logits.astype(np.float64)
+    for t, b in bias:
+        ref[t] += b
+    for t in set(prompt) | set(output):
+        ref[t] = ref[t] / 1.5 if ref[t] > 0 else ref[t] * 1.5
+    for t in set(output):
+        ref[t] -= 0.5 * output.count(t) + 0.25
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(logits, before)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(penalize(logits, prompt, []), logits)  # nothing asked: nothing changed

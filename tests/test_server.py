@@ -547,7 +547,19 @@ BAD = {
     "stop-token-id-outside-vocab": ("/v1/completions", {"prompt": "hi", "stop_token_ids": [2, 384]}, 400,
                                     "stop_token_ids: token id 384 is outside the model's vocabulary of 384",
                                     "stop_token_ids"),
-    "unsupported-penalty": ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    "unsupported-min-tokens": ("/v1/completions", {"prompt": "hi", "min_tokens": 3}, 400, "min_tokens"),
+    "presence-penalty-out-of-range": ("/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, 400,
+                                      "presence_penalty must be in [-2, 2]", "presence_penalty"),
+    "repetition-penalty-zero": ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400,
+                                "repetition_penalty must be a finite number > 0", "repetition_penalty"),
+    "min-p-above-one": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "min_p": 1.5},
+                        400, "min_p must be in [0, 1]", "min_p"),
+    "logit-bias-outside-vocab": ("/v1/completions", {"prompt": "hi", "logit_bias": {"384": 5}}, 400,
+                                 "logit_bias: token id 384 is outside the model's vocabulary of 384", "logit_bias"),
+    "logit-bias-not-an-id": ("/v1/completions", {"prompt": "hi", "logit_bias": {"the": 5}}, 400,
+                             "logit_bias: 'the' is not a token id", "logit_bias"),
+    "sglang-penalty-out-of-range": ("/generate", {"text": "hi", "sampling_params": {"frequency_penalty": -3}}, 400,
+                                    "frequency_penalty and presence_penalty in [-2, 2]", "sampling_params"),
     "special-tokens-kept": ("/v1/completions", {"prompt": "hi", "skip_special_tokens": False}, 400,
                             "skip_special_tokens"),
     "n-zero": ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n must be"),
@@ -1079,7 +1091,7 @@ def test_sglang_sampling_seed_and_null_parameters(server):
 def test_sglang_null_logprob_fields_and_its_other_sampling_params(server):
     """GenerateReqInput's return_logprob, logprob_start_len and top_logprobs_num are Optional in
     SGLang, null meaning the default (they were refused with a 400); SamplingParams' stream_interval
-    and custom_params change no answer and are taken; structural_tag and logit_bias, which llmirc
+    and custom_params change no answer and are taken; structural_tag and min_new_tokens, which llmirc
     does not implement, are refused by name (not as fields SGLang does not have)."""
     body = {"text": "the quick", "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}}
     plain = httpx.post(server.url + "/generate", json=body).json()
@@ -1094,10 +1106,34 @@ def test_sglang_null_logprob_fields_and_its_other_sampling_params(server):
              "structural_tag": None}
     r = httpx.post(server.url + "/generate", json={**body, "sampling_params": taken})
     assert r.status_code == 200 and r.json()["output_ids"] == plain["output_ids"], r.text
-    for name, value in (("structural_tag", '{"structures": []}'), ("logit_bias", {"5": 2.0})):
+    for name, value in (("structural_tag", '{"structures": []}'), ("min_new_tokens", 2)):
         r = httpx.post(server.url + "/generate", json={**body, "sampling_params": {name: value}})
         assert r.status_code == 400 and f"sampling_params.{name} is not supported by llmirc" in \
             r.json()["error"]["message"], r.text
+
+
+def test_penalties_min_p_and_logit_bias_in_both_apis(server, model):
+    """vLLM's repetition/presence/frequency penalties and logit_bias (string ids, biases clamped to
+    [-100, 100]) and SGLang's same sampling_params give the tokens the loader gives with them; min_p 1
+    leaves only the most likely token, so a seeded sample is the greedy one."""
+    prompt = [5, 6, 7, 5, 6, 7]
+    penalties = dict(repetition_penalty=1.6, presence_penalty=0.8, frequency_penalty=0.4)
+    want = model.generate([prompt], max_new_tokens=10, ignore_eos=True, **penalties)[0]
+    assert want != model.generate([prompt], max_new_tokens=10, ignore_eos=True)[0]
+    body = {"prompt": prompt, "max_tokens": 10, "ignore_eos": True, "temperature": 0, "return_token_ids": True}
+    r = httpx.post(server.url + "/v1/completions", json={**body, **penalties})
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == want, r.text
+    r = httpx.post(server.url + "/generate", json={"input_ids": prompt, "sampling_params": {
+        "max_new_tokens": 10, "ignore_eos": True, "temperature": 0, **penalties}})
+    assert r.status_code == 200 and r.json()["output_ids"] == want, r.text
+    r = httpx.post(server.url + "/v1/completions", json={**body, "logit_bias": {"17": 500}})
+    assert r.json()["choices"][0]["token_ids"] == [17] * 10, r.text
+    r = httpx.post(server.url + "/generate", json={"input_ids": prompt, "sampling_params": {
+        "max_new_tokens": 10, "ignore_eos": True, "temperature": 0, "logit_bias": {"17": 100.0}}})
+    assert r.json()["output_ids"] == [17] * 10, r.text
+    greedy = model.generate([prompt], max_new_tokens=10, ignore_eos=True)[0]
+    r = httpx.post(server.url + "/v1/completions", json={**body, "temperature": 1.5, "seed": 3, "min_p": 1.0})
+    assert r.json()["choices"][0]["token_ids"] == greedy, r.text
 
 
 def test_sglang_health_generate_flush_cache_and_put(server):
@@ -1229,8 +1265,9 @@ def test_requests_get_the_models_generation_config_sampling_as_vllm(tmp_path):
     """serve --generation-config auto (vLLM's and SGLang's default): a request that leaves temperature,
     top_p or top_k out gets the generation_config.json values (here top_k 1: greedy whatever the seed),
     a chat request without max_tokens its max_new_tokens;
-    a field set at transformers' default is no recommendation; repetition_penalty is named as not
-    applied; --generation-config vllm: the APIs' own defaults (sampling at temperature 1)."""
+    a field set at transformers' default is no recommendation; repetition_penalty is applied too (the
+    greedy tokens are those of a repetition penalty of 1.1); --generation-config vllm: the APIs' own
+    defaults (sampling at temperature 1)."""
     make_checkpoint(tmp_path / "ckpt", "llama", tokenizer=True)
     (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps(
         {"temperature": 0.7, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.1, "max_new_tokens": 5,
@@ -1239,7 +1276,8 @@ def test_requests_get_the_models_generation_config_sampling_as_vllm(tmp_path):
     (tmp_path / "ckpt" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
     compile_model(tmp_path / "ckpt", tmp_path / "g.llmir", CompileOptions(cpu_variants=("native",)), Progress(None))
     prompt = [5, 6, 7, 8]
-    greedy = load(tmp_path / "g.llmir").generate([prompt], max_new_tokens=12, ignore_eos=True)[0]
+    greedy = load(tmp_path / "g.llmir").generate([prompt], max_new_tokens=12, ignore_eos=True,
+                                                  repetition_penalty=1.1)[0]
     body = {"prompt": prompt, "max_tokens": 12, "ignore_eos": True}
     with RunningServer(tmp_path / "g.llmir", "--kv-cache-tokens", 256) as s:
         for seed in (1, 2, 3):
@@ -1256,8 +1294,8 @@ def test_requests_get_the_models_generation_config_sampling_as_vllm(tmp_path):
         r = httpx.post(s.url + "/v1/chat/completions", json={**chat, "max_tokens": 7})  # the request's own wins
         assert r.json()["usage"]["completion_tokens"] == 7, r.text
     log = s.log.read_text()
-    assert "generation_config.json sampling: temperature 0.7, top_k 1, max_new_tokens 5 " in log, log
-    assert "also sets repetition_penalty 1.1, which llmirc does not apply" in log, log
+    assert "generation_config.json sampling: temperature 0.7, top_k 1, max_new_tokens 5, repetition_penalty 1.1 " \
+        in log, log
     with RunningServer(tmp_path / "g.llmir", "--kv-cache-tokens", 256, "--generation-config", "vllm") as s:
         for seed in (1, 2, 3):
             r = httpx.post(s.url + "/v1/completions", json={**body, "seed": seed, "return_token_ids": True})
@@ -1269,12 +1307,12 @@ def test_a_malformed_generation_config_is_named():
     from llmirc.errors import LlmircError
     from llmirc.server.app import sampling_defaults
 
-    assert sampling_defaults({"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05}, "g") == (
-        {"temperature": 0.6, "top_p": 0.9, "top_k": 20}, ["min_p 0.05"])
-    assert sampling_defaults({"temperature": 1.0, "top_k": 50, "do_sample": True}, "g") == ({}, [])
-    assert sampling_defaults({"max_new_tokens": 64.0}, "g") == ({"max_new_tokens": 64}, [])
+    assert sampling_defaults({"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05}, "g") == \
+        {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05}
+    assert sampling_defaults({"temperature": 1.0, "top_k": 50, "do_sample": True, "repetition_penalty": 1.0}, "g") == {}
+    assert sampling_defaults({"max_new_tokens": 64.0}, "g") == {"max_new_tokens": 64}
     for bad in ({"top_p": 2}, {"temperature": "hot"}, {"top_k": 2.5}, {"temperature": float("nan")},
-                {"max_new_tokens": 0}, {"max_new_tokens": 1.5}):
+                {"max_new_tokens": 0}, {"max_new_tokens": 1.5}, {"min_p": 1.5}, {"repetition_penalty": 0}):
         with pytest.raises(LlmircError, match="^g: "):
             sampling_defaults(bad, "g")
 

@@ -15,24 +15,26 @@ The executor is the only model-specific part: anything with
 `forward(token_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc,
 logits_indices)` and `num_blocks`/`block_size`/`vocab_size` runs here. An executor with
 `forward_tokens` (a GPU target) samples on the device in steps that need no logits (no
-logprobs asked for): only token ids come back.
+logprobs, penalties, logit bias or min-p asked for): only token ids come back.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
+from numbers import Real
 
 import numpy as np
 
 from llmirc.errors import LlmircError
 
-from .sampling import GREEDY_TEMPERATURE, logprobs, sample, validate_sampling
+from .sampling import GREEDY_TEMPERATURE, logprobs, penalize, sample, validate_sampling
 from .scheduler import Scheduler
 from .tokenizer import TextStream, Tokenizer
 
@@ -50,7 +52,10 @@ class SamplingParams:
     logits), as vLLM reports them by default. `stop`: strings that end the text (left out of
     it unless `include_stop_str_in_output`); they need the engine's tokenizer. The text of a
     `stop_token_ids` token that ends the request is left out the same way (vLLM's). `detokenize`:
-    produce text (when the engine has a tokenizer)."""
+    produce text (when the engine has a tokenizer). `min_p`, `repetition_penalty`, `presence_penalty`,
+    `frequency_penalty` and `logit_bias` ((token id, bias) pairs) as vLLM's (sampling.penalize and
+    sample): they change greedy decoding too, and a request that sets any of them is sampled from
+    its logits on the host (no multi-step greedy runs, no sampling on a GPU)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -65,10 +70,32 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
     detokenize: bool = True
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits change before sampling (sampling.penalize)."""
+        return bool(self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
+                    or self.logit_bias)
 
     def validate(self) -> None:
         """Raises LlmircError naming the first invalid field."""
-        validate_sampling(self.temperature, self.top_k, self.top_p)
+        validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+        for name in ("presence_penalty", "frequency_penalty"):  # (vLLM's and OpenAI's range)
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, Real) and -2 <= value <= 2):
+                raise LlmircError(f"{name} must be in [-2, 2], got {value!r}")
+        rp = self.repetition_penalty
+        if isinstance(rp, bool) or not (isinstance(rp, Real) and 0 < rp < math.inf):
+            raise LlmircError(f"repetition_penalty must be a finite number > 0, got {rp!r}")
+        if any(not isinstance(pair, tuple) or len(pair) != 2 or isinstance(pair[0], bool)
+               or not isinstance(pair[0], (int, np.integer)) or pair[0] < 0 or isinstance(pair[1], bool)
+               or not isinstance(pair[1], Real) or not math.isfinite(pair[1]) for pair in self.logit_bias):
+            raise LlmircError(f"logit_bias must be (token id, finite bias) pairs, got {self.logit_bias!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise LlmircError(f"seed must be an integer >= 0 (or unset), got {self.seed!r}")
         if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in self.stop_token_ids):
@@ -125,7 +152,7 @@ class RequestOutput:
 
 @dataclass
 class _Request:
-    prompt_len: int
+    prompt: list[int]
     params: SamplingParams
     sink: Callable[[RequestOutput], None]
     rng: np.random.Generator
@@ -134,6 +161,11 @@ class _Request:
     num_generated: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None
     text: TextStream | None = None
+    output: list[int] = field(default_factory=list)  # the tokens generated so far (for penalties)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
 
 
 class Histogram:
@@ -229,6 +261,8 @@ class Engine:
         vocab = self.scheduler.vocab_size
         if vocab is not None and (bad := [t for t in params.stop_token_ids if not 0 <= t < vocab]):
             raise LlmircError(f"stop_token_ids: token id {bad[0]} is outside the model's vocabulary of {vocab}")
+        if vocab is not None and (bad := [t for t, _ in params.logit_bias if not 0 <= t < vocab]):
+            raise LlmircError(f"logit_bias: token id {bad[0]} is outside the model's vocabulary of {vocab}")
         if params.stop and self.tokenizer is None:
             raise LlmircError("stop strings need a tokenizer, and this bundle has none: use stop token ids")
         self.scheduler.check_request(prompt, params.max_tokens)
@@ -354,7 +388,7 @@ class Engine:
         start = params.prompt_logprobs_start if params.prompt_logprobs is not None else None
         self.scheduler.add_request(prompt, params.max_tokens, request_id=request_id, ignore_eos=params.ignore_eos,
                                    stop_token_ids=params.stop_token_ids, prompt_logprobs_from=start)
-        req = _Request(len(prompt), params, sink, rng, arrival)
+        req = _Request(prompt, params, sink, rng, arrival)
         if self.tokenizer is not None and params.detokenize:
             req.text = TextStream(self.tokenizer, prompt, params.stop, params.include_stop_str_in_output)
         if start is not None:
@@ -411,6 +445,7 @@ class Engine:
                                 prompt_tokens=req.prompt_len, cached_tokens=event.cached_tokens)
             if event.token is not None:
                 req.num_generated += 1
+                req.output.append(event.token)
                 self.stats.generation_tokens += 1
                 if req.first_token is None:
                     req.first_token = now
@@ -454,24 +489,37 @@ class Engine:
         return self.scheduler.reserve_decode_run(step, self.num_scheduler_steps)
 
     def _sample(self, step, logits: np.ndarray) -> np.ndarray:
-        """One token per sampling row, each with its request's parameters and generator."""
+        """One token per sampling row, each with its request's parameters (logits penalized first
+        where they ask for it: `logits` itself stays raw, for logprobs) and generator."""
         rows = step.sample_rows
-        params = [self._requests[step.request_ids[r]].params for r in rows]
-        if all(p.temperature <= GREEDY_TEMPERATURE for p in params):  # one argmax (first max, as sample())
-            return np.argmax(logits if len(rows) == len(logits) else logits[rows], axis=-1).astype(np.int64)
+        reqs = [self._requests[step.request_ids[r]] for r in rows]
+        scores = logits if len(rows) == len(logits) else logits[rows]
+        if any(req.params.penalized for req in reqs):
+            scores = scores.copy()
+            for i, req in enumerate(reqs):
+                p = req.params
+                if p.penalized:
+                    scores[i] = penalize(scores[i], req.prompt, req.output, p.repetition_penalty,
+                                         p.presence_penalty, p.frequency_penalty, p.logit_bias)
+        if all(req.params.temperature <= GREEDY_TEMPERATURE for req in reqs):  # one argmax (first max, as sample())
+            return np.argmax(scores, axis=-1).astype(np.int64)
         out = np.zeros(len(rows), dtype=np.int64)
         groups: dict[tuple, list[int]] = {}
-        for i, p in enumerate(params):
+        for i, req in enumerate(reqs):
+            p = req.params
             greedy = p.temperature <= GREEDY_TEMPERATURE
-            groups.setdefault((0.0, None, None) if greedy else (p.temperature, p.top_k, p.top_p), []).append(i)
-        for (temperature, top_k, top_p), members in groups.items():
-            rngs = [self._requests[step.request_ids[rows[i]]].rng for i in members]
-            out[members] = sample(logits[rows[members]], temperature, top_k, top_p, rngs)
+            key = (0.0, None, None, 0.0) if greedy else (p.temperature, p.top_k, p.top_p, p.min_p)
+            groups.setdefault(key, []).append(i)
+        for (temperature, top_k, top_p, min_p), members in groups.items():
+            out[members] = sample(scores[members], temperature, top_k, top_p, [reqs[i].rng for i in members], min_p)
         return out
 
     def _no_logits_needed(self, step) -> bool:
+        """Whether the step's tokens can be chosen without its logits on the host: no prompt logprobs,
+        logprobs, penalties or min-p asked for."""
         return not (step.targets >= 0).any() and all(
-            self._requests[step.request_ids[r]].params.logprobs is None for r in step.sample_rows)
+            p.logprobs is None and not p.penalized and not p.min_p
+            for p in (self._requests[step.request_ids[r]].params for r in step.sample_rows))
 
     def _sample_on_device(self, step) -> np.ndarray:
         """Tokens of the sampling rows drawn by the executor on the device (a GPU target): each row

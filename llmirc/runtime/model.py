@@ -284,14 +284,18 @@ class Model:
     def generate_stream(self, prompts: list[str | list[int]], max_new_tokens: int, temperature: float = 0.0,
                         top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                         ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = (),
-                        stop: str | tuple[str, ...] = (), logprobs: int | None = None) -> Iterator[RequestOutput]:
+                        stop: str | tuple[str, ...] = (), logprobs: int | None = None, *, min_p: float = 0.0,
+                        repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                        frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None
+                        ) -> Iterator[RequestOutput]:
         """Runs all prompts as one continuous batch; yields a RequestOutput (request_id = prompt
         index, token, text, finished, finish_reason, logprob...) for every token as soon as it is
         sampled. Bad arguments raise LlmircError here, not at the first `next`.
 
         With a seed, prompt i samples from its own generator seeded `seed + i` (vLLM's rule for
         n > 1), so runs are reproducible. `stop` strings end a sequence (and its text, which
-        leaves them out). `logprobs` n adds each token's logprob and the n most likely. Closing
+        leaves them out). `logprobs` n adds each token's logprob and the n most likely. `min_p`, the
+        penalties and `logit_bias` ({token id: bias}) as vLLM's (engine.SamplingParams). Closing
         the generator early aborts the rest (their KV blocks are freed)."""
         ids = self._prompts(prompts)
         stop, stop_token_ids = _items(stop, "stop"), tuple(map(_plain, _items(stop_token_ids, "stop_token_ids")))
@@ -299,21 +303,24 @@ class Model:
         offset = isinstance(seed, int) and not isinstance(seed, bool)  # else SamplingParams names the bad seed
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  seed=seed + i if offset else seed, stop_token_ids=stop_token_ids, stop=stop,
-                                 ignore_eos=ignore_eos, logprobs=logprobs)
+                                 ignore_eos=ignore_eos, logprobs=logprobs, min_p=min_p,
+                                 repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                 frequency_penalty=frequency_penalty, logit_bias=_bias_pairs(logit_bias))
                   for i in range(len(ids))]
         return self.engine.generate(ids, params)
 
     def generate(self, prompts: list[str | list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = (), stop: str | tuple[str, ...] = ()
-                 ) -> list[list[int]]:
+                 ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = (), stop: str | tuple[str, ...] = (),
+                 **penalties) -> list[list[int]]:
         """The generated ids of each prompt (a stop token, when hit, is included, as in transformers;
         so are the tokens of a stop string, which `generate_stream`'s text leaves out). Arguments
-        as `generate_stream`'s; LlmircError when `close()` ends the call from another thread."""
+        as `generate_stream`'s (`penalties`: its keyword-only ones); LlmircError when `close()` ends
+        the call from another thread."""
         prompts = self._prompts(prompts)
         out: list[list[int]] = [[] for _ in prompts]
         for event in _unless_closed(self.generate_stream(prompts, max_new_tokens, temperature, top_k, top_p, seed,
-                                                         ignore_eos, stop_token_ids, stop)):
+                                                         ignore_eos, stop_token_ids, stop, **penalties)):
             if event.token is not None:
                 out[event.request_id].append(event.token)
         return out
@@ -386,3 +393,12 @@ def _items(value, name: str) -> tuple:
         return tuple(value)
     except TypeError:
         raise LlmircError(f"{name} must be a list, got {value!r}") from None
+
+
+def _bias_pairs(logit_bias) -> tuple:
+    """{token id: bias} as SamplingParams' (id, bias) pairs (None: none); SamplingParams checks them."""
+    if logit_bias is None:
+        return ()
+    if not isinstance(logit_bias, dict):
+        raise LlmircError(f"logit_bias must be a dict of token id to bias, got {logit_bias!r}")
+    return tuple((_plain(t), float(b) if isinstance(b, np.floating) else b) for t, b in logit_bias.items())

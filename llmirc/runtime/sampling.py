@@ -1,10 +1,12 @@
 """Token sampling from logits, with Hugging Face generate()'s order and semantics.
 
-temperature -> top-k -> top-p, as HF's TemperatureLogitsWarper, TopKLogitsWarper and
-TopPLogitsWarper (ties at the top-k boundary are all kept; top-p removes the low tokens whose
-cumulative probability, summed from the least likely up, is <= 1 - top_p, and always keeps the
-most likely one). Probabilities are computed in float64 and sampled by inverse CDF, so a
-masked token can never be drawn.
+temperature -> top-k -> top-p -> min-p, as HF's TemperatureLogitsWarper, TopKLogitsWarper,
+TopPLogitsWarper and MinPLogitsWarper (ties at the top-k boundary are all kept; top-p removes the
+low tokens whose cumulative probability, summed from the least likely up, is <= 1 - top_p, and
+always keeps the most likely one; min-p removes the tokens less likely than min_p times the most
+likely). Probabilities are computed in float64 and sampled by inverse CDF, so a masked token can
+never be drawn. Before them `penalize` applies a request's logit bias and repetition, frequency
+and presence penalties to its logits, as vLLM's sampler does (greedy decoding included).
 
 Host work per row is linear in the vocabulary, never a full sort: top-k finds its threshold
 by partial selection (`np.partition`); top-p needs the row's normalizer (one pass of exp, done
@@ -27,12 +29,12 @@ TOP_P_CANDIDATES = 64  # first guess of how many tokens top-p keeps; grown 8x wh
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int | None = None, top_p: float | None = None,
-           rng: np.random.Generator | Sequence[np.random.Generator] | None = None) -> np.ndarray:
+           rng: np.random.Generator | Sequence[np.random.Generator] | None = None, min_p: float = 0.0) -> np.ndarray:
     """One token id per row of `logits` [R, V] (any float dtype); returns int64 [R].
 
     `rng` is one generator for all rows (drawn in row order) or one per row (so that each
     request keeps its own seeded stream). Raises LlmircError for invalid parameters."""
-    validate_sampling(temperature, top_k, top_p)
+    validate_sampling(temperature, top_k, top_p, min_p)
     logits = np.asarray(logits)
     if logits.ndim != 2:
         raise ValueError(f"logits must be [rows, vocab], got shape {logits.shape}")
@@ -44,8 +46,11 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None = None, top
         out = np.empty(len(weights), dtype=np.int64)
         for r, row in enumerate(weights):
             keep = _top_p(row, top_p)
+            keep = keep[row[keep] >= min_p]  # (the most likely token, weight 1, stays)
             out[r] = keep[_draw(row[keep], uniforms[r])]
         return out
+    if min_p > 0:  # a weight is the probability over the row's largest: min-p's ratio
+        weights[weights < min_p] = 0.0
     # Inverse CDF over the whole row, all rows at once.
     cdf = np.cumsum(weights, axis=-1)
     picked = (cdf <= uniforms[:, None] * cdf[:, -1:]).sum(axis=-1)
@@ -53,8 +58,10 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None = None, top
     return np.minimum(picked, last_possible).astype(np.int64)
 
 
-def warp(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None) -> np.ndarray:
-    """float64 logits / temperature with the tokens top-k and top-p remove set to -inf (temperature > 0).
+def warp(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,
+         min_p: float = 0.0) -> np.ndarray:
+    """float64 logits / temperature with the tokens top-k, top-p and min-p remove set to -inf
+    (temperature > 0).
 
     The dense form of what `sample` draws from, for comparison with transformers' warpers."""
     scores, weights = _top_k(np.asarray(logits), temperature, top_k)
@@ -63,7 +70,33 @@ def warp(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float
             removed = np.ones(len(row), dtype=bool)
             removed[_top_p(row, top_p)] = False
             scores[r, removed] = -np.inf
+    scores[weights < min_p] = -np.inf
     return scores
+
+
+def penalize(logits: np.ndarray, prompt_ids, output_ids, repetition_penalty: float = 1.0,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             logit_bias: Sequence[tuple[int, float]] = ()) -> np.ndarray:
+    """One row of logits [V] (float32) as a request's logit bias and penalties change it (a new array).
+
+    In vLLM's order: the bias is added (OpenAI's logit_bias); then the repetition penalty p divides a
+    positive logit and multiplies a negative one of every token in the prompt or the output (Keskar et
+    al. 2019, as HF's RepetitionPenaltyLogitsProcessor and vLLM); then a token that occurs c > 0 times
+    in the output loses frequency_penalty * c + presence_penalty (OpenAI's definition; the prompt does
+    not count). Token ids must lie in [0, V)."""
+    row = np.array(logits, dtype=np.float32)
+    if logit_bias:
+        ids, bias = zip(*logit_bias)
+        np.add.at(row, np.array(ids, dtype=np.int64), np.array(bias, dtype=np.float32))
+    if repetition_penalty != 1.0:
+        seen = np.unique(np.concatenate([np.asarray(prompt_ids, dtype=np.int64),
+                                         np.asarray(output_ids, dtype=np.int64)]))
+        v = row[seen]
+        row[seen] = np.where(v > 0, v / np.float32(repetition_penalty), v * np.float32(repetition_penalty))
+    if (presence_penalty or frequency_penalty) and len(output_ids):
+        ids, counts = np.unique(np.asarray(output_ids, dtype=np.int64), return_counts=True)
+        row[ids] -= (np.float32(frequency_penalty) * counts + np.float32(presence_penalty)).astype(np.float32)
+    return row
 
 
 def _top_k(logits: np.ndarray, temperature: float, top_k: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +162,7 @@ def logprobs(logits: np.ndarray, token_ids, top_n: int = 0) -> tuple[np.ndarray,
         np.float32)
 
 
-def validate_sampling(temperature, top_k, top_p) -> None:
+def validate_sampling(temperature, top_k, top_p, min_p=0.0) -> None:
     """Raises LlmircError naming the first invalid parameter (True is not a number here: it would act as 1)."""
     if isinstance(temperature, bool) or not (isinstance(temperature, Real) and math.isfinite(temperature)
                                              and temperature >= 0):
@@ -138,3 +171,5 @@ def validate_sampling(temperature, top_k, top_p) -> None:
         raise LlmircError(f"top_k must be an integer >= 1 (or unset), got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not (isinstance(top_p, Real) and 0 < top_p <= 1)):
         raise LlmircError(f"top_p must be in (0, 1] (or unset), got {top_p!r}")
+    if isinstance(min_p, bool) or not (isinstance(min_p, Real) and 0 <= min_p <= 1):
+        raise LlmircError(f"min_p must be in [0, 1], got {min_p!r}")

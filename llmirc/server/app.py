@@ -181,30 +181,43 @@ class ServerOptions:
 # (a field at its default is left out, as GenerationConfig.to_diff_dict leaves it)
 GENERATION_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "max_new_tokens": None,
                        "repetition_penalty": 1.0, "min_p": None}
-APPLIED = ("temperature", "top_p", "top_k", "max_new_tokens")
 WHOLE = ("top_k", "max_new_tokens")
 
 
-def sampling_defaults(config: dict, source: str) -> tuple[dict, list[str]]:
-    """({temperature, top_p, top_k, max_new_tokens} the model's generation config sets, [those it sets
-    that llmirc cannot apply, as 'name value']), as vLLM's --generation-config auto reads them
-    (max_new_tokens: the max_tokens of chat requests that leave it out, capped by the context;
-    repetition_penalty and min_p: no penalties or min-p in llmirc). LlmircError naming `source` for a
-    value of the wrong type or range."""
-    defaults, ignored = {}, []
+def sampling_defaults(config: dict, source: str) -> dict:
+    """{temperature, top_p, top_k, max_new_tokens, repetition_penalty, min_p} as the model's generation
+    config sets them, as vLLM's --generation-config auto reads them (max_new_tokens: the max_tokens of
+    chat requests that leave it out, capped by the context). LlmircError naming `source` for a value of
+    the wrong type or range."""
+    defaults = {}
     for name, default in GENERATION_DEFAULTS.items():
         value = config.get(name)
         if value is None or value == default:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or \
-                (name == "top_p" and not 0 < value <= 1) or (name in WHOLE and value != int(value)) or \
-                (name == "max_new_tokens" and value < 1):
+                (name in ("top_p", "min_p") and not value <= 1) or (name in WHOLE and value != int(value)) or \
+                (name in ("max_new_tokens", "top_p", "repetition_penalty") and not value > 0):
             raise LlmircError(f"{source}: {name} {value!r} is not a valid value")
-        if name in APPLIED:
-            defaults[name] = int(value) if name in WHOLE else float(value)
-        else:
-            ignored.append(f"{name} {value}")
-    return defaults, ignored
+        defaults[name] = int(value) if name in WHOLE else float(value)
+    return defaults
+
+
+def logit_bias_pairs(bias: dict[str, float] | None, vocab: int, param: str) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias (JSON: token id strings to biases) as SamplingParams' (id, bias) pairs, each
+    bias clamped to [-100, 100] as vLLM clamps it; a 400 naming `param` for a key that is not a token id
+    of the model's `vocab`."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(400, f"{param}: {key!r} is not a token id", param) from None
+        if not 0 <= token < vocab:
+            raise APIError(400, f"{param}: token id {token} is outside the model's vocabulary of {vocab}", param)
+        if not math.isfinite(value):
+            raise APIError(400, f"{param}: the bias of token {key} is not a finite number", param)
+        pairs.append((token, min(100.0, max(-100.0, float(value)))))
+    return tuple(pairs)
 
 
 class Server:

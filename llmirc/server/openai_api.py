@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmirc.errors import LlmircError
 from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
-from .app import APIError, Generation, Int, Server, event_stream, refuse_not_implemented
+from .app import APIError, Generation, Int, Server, event_stream, logit_bias_pairs, refuse_not_implemented
 
 MAX_N = 128
 
@@ -57,8 +57,7 @@ class StreamOptions(BaseModel):
 # vLLM request fields that change the output and that llmirc does not implement: a 400 naming
 # them unless absent, null or at a value that changes nothing (listed).
 NOT_IMPLEMENTED = {
-    "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "repetition_penalty": (1.0,), "min_p": (0.0,),
-    "min_tokens": (0,), "logit_bias": ({},), "allowed_token_ids": (), "bad_words": ([],), "logits_processors": ([],),
+    "min_tokens": (0,), "allowed_token_ids": (), "bad_words": ([],), "logits_processors": ([],),
     "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
     "response_format": ({"type": "text"},), "use_beam_search": (False,), "length_penalty": (1.0,),
     "prompt_logprobs": (), "truncate_prompt_tokens": (), "detokenize": (True,), "return_tokens_as_token_ids": (False,),
@@ -74,6 +73,11 @@ class _Common(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     top_k: Int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
     seed: Int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[Int] | None = None
@@ -138,6 +142,14 @@ def _refuse_unsupported(req: _Common) -> None:
         raise APIError(400, f"top_p must be in (0, 1], got {req.top_p}", "top_p")
     if req.top_k is not None and req.top_k < -1:
         raise APIError(400, f"top_k must be -1 or 0 (disabled) or >= 1, got {req.top_k}", "top_k")
+    if req.min_p is not None and not 0 <= req.min_p <= 1:
+        raise APIError(400, f"min_p must be in [0, 1], got {req.min_p}", "min_p")
+    if req.repetition_penalty is not None and not 0 < req.repetition_penalty < math.inf:
+        raise APIError(400, f"repetition_penalty must be a finite number > 0, got {req.repetition_penalty}",
+                       "repetition_penalty")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if (value := getattr(req, name)) is not None and not -2 <= value <= 2:
+            raise APIError(400, f"{name} must be in [-2, 2], got {value}", name)
 
 
 def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
@@ -152,14 +164,18 @@ def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | Non
         raise APIError(400, f"stop_token_ids: token id {bad[0]} is outside the model's vocabulary of {vocab}",
                        "stop_token_ids")
     model = server.options.sampling_defaults  # (the model's generation config, as vLLM's --generation-config auto)
-    temperature, top_k, top_p = (model.get(k, d) if v is None else v for k, v, d in (
-        ("temperature", req.temperature, 1.0), ("top_k", req.top_k, None), ("top_p", req.top_p, None)))
+    temperature, top_k, top_p, min_p, repetition_penalty = (model.get(k, d) if v is None else v for k, v, d in (
+        ("temperature", req.temperature, 1.0), ("top_k", req.top_k, None), ("top_p", req.top_p, None),
+        ("min_p", req.min_p, 0.0), ("repetition_penalty", req.repetition_penalty, 1.0)))
     return SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_k=top_k if top_k and top_k > 0 else None,
         top_p=top_p if top_p is not None and top_p < 1 else None, seed=seed,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, prompt_logprobs_start=0, stop=tuple(stop),
-        include_stop_str_in_output=req.include_stop_str_in_output)
+        include_stop_str_in_output=req.include_stop_str_in_output, min_p=min_p,
+        repetition_penalty=repetition_penalty, presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=logit_bias_pairs(req.logit_bias, vocab, "logit_bias"))
 
 
 def _rest_of_sequence(server: Server, prompt_len: int, what: str) -> int:

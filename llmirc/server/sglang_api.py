@@ -26,14 +26,15 @@ programs use this for `select` and to cache shared prefixes). As in SGLang, a ma
 given that would pass the context is a 400, and otherwise it is clipped to what one sequence can
 hold (the context, or the KV cache when smaller; null: no limit but that), the finish_reason's
 length saying how many. Sampling parameters llmirc does
-not implement (penalties, min_p, min_new_tokens, regex, json_schema, ebnf, structural_tag, logit_bias,
-n > 1, skip_special_tokens false) are refused; stream_interval and custom_params (which only a
+not implement (min_new_tokens, regex, json_schema, ebnf, structural_tag, n > 1, skip_special_tokens false)
+are refused; stream_interval and custom_params (which only a
 custom logit processor reads) are taken and change nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from typing import Any
@@ -44,7 +45,7 @@ from pydantic import BaseModel, ConfigDict
 from llmirc.errors import LlmircError
 from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams
 
-from .app import APIError, Generation, Int, Server, event_stream, refuse_not_implemented
+from .app import APIError, Generation, Int, Server, event_stream, logit_bias_pairs, refuse_not_implemented
 
 
 class GenerateRequest(BaseModel):
@@ -102,10 +103,8 @@ def _neutral(value) -> bool:
     return value is None or value is False or value == [] or value == {} or \
         (isinstance(value, list) and all(map(_neutral, value)))
 
-NEUTRAL = {"skip_special_tokens": True, "min_p": 0.0, "n": 1, "min_new_tokens": 0, "frequency_penalty": 0.0,
-           "presence_penalty": 0.0,
-           "repetition_penalty": 1.0, "regex": None, "json_schema": None, "ebnf": None, "structural_tag": None,
-           "logit_bias": None}
+NEUTRAL = {"skip_special_tokens": True, "n": 1, "min_new_tokens": 0, "regex": None, "json_schema": None,
+           "ebnf": None, "structural_tag": None}
 
 
 def _params(raw: dict | None) -> _Params:
@@ -131,6 +130,10 @@ def _params(raw: dict | None) -> _Params:
     if not p.temperature >= 0 or not 0 < p.top_p <= 1 or p.top_k < -1 or p.top_k == 0:  # (NaN too)
         raise APIError(400, "sampling_params: temperature must be >= 0, top_p in (0, 1], top_k -1 or >= 1",
                        "sampling_params")
+    if not 0 <= p.min_p <= 1 or not 0 < p.repetition_penalty < math.inf or \
+            not -2 <= p.frequency_penalty <= 2 or not -2 <= p.presence_penalty <= 2:
+        raise APIError(400, "sampling_params: min_p must be in [0, 1], repetition_penalty > 0, frequency_penalty "
+                            "and presence_penalty in [-2, 2]", "sampling_params")
     return p
 
 
@@ -261,9 +264,9 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
         scored_from = (starts[i] if starts[i] >= 0 else len(prompt) - 1) + 1
         want_prompt = logprob[i] and scored_from < len(prompt)
         # fields the request leaves out: the model's generation config first (SGLang's --sampling-defaults model)
-        temperature, top_k, top_p = (getattr(p, k) if k in p.model_fields_set else
-                                     server.options.sampling_defaults.get(k, getattr(p, k))
-                                     for k in ("temperature", "top_k", "top_p"))
+        temperature, top_k, top_p, min_p, repetition_penalty = (
+            getattr(p, k) if k in p.model_fields_set else server.options.sampling_defaults.get(k, getattr(p, k))
+            for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"))
         requests.append((prompt, SamplingParams(
             max_tokens=max_new_tokens, temperature=temperature, top_k=top_k if top_k > 0 else None,
             top_p=top_p if top_p < 1 else None,
@@ -272,7 +275,10 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
             ignore_eos=p.ignore_eos, logprobs=tops[i] if logprob[i] else None,
             prompt_logprobs=tops[i] if want_prompt else None, prompt_logprobs_start=scored_from,
             stop=tuple([p.stop] if isinstance(p.stop, str) else p.stop or ()),
-            include_stop_str_in_output=p.no_stop_trim)))
+            include_stop_str_in_output=p.no_stop_trim, min_p=min_p, repetition_penalty=repetition_penalty,
+            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+            logit_bias=logit_bias_pairs(p.logit_bias, server.model.vocab_size,
+                                        "sampling_params.logit_bias"))))
         items.append(_Item(prompt, max_new_tokens, rids[i], logprob[i], starts[i], tops[i]))
     with_text = req.return_text_in_logprobs
 
