@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 
@@ -163,3 +165,30 @@ def test_penalties_and_bias_match_their_definitions():
     np.testing.assert_array_equal(logits, before)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(penalize(logits, prompt, []), logits)  # nothing asked: nothing changed
+
+
+@pytest.mark.parametrize("kw", [dict(repetition_penalty=1e-50), dict(repetition_penalty=1e-30),
+                                dict(repetition_penalty=1e300), dict(repetition_penalty=1e39),
+                                dict(logit_bias=((2, 1e39), (5, -1e39))),
+                                dict(logit_bias=((2, 3e38), (2, 3e38)), repetition_penalty=1e-20)])
+def test_penalize_outside_float32s_range_keeps_the_limits_meaning(kw):
+    """A repetition penalty or a bias past float32's range (taken, as vLLM takes any penalty > 0) gives
+    no RuntimeWarning, no +inf (sampling's softmax of it is NaN) and no NaN (0 * inf: a zero logit seen
+    under a penalty that is inf in float32): a tiny penalty or a huge bias makes the token the most likely
+    (at most float32's largest), a huge penalty sends a negative seen logit to -inf, a positive one to 0."""
+    logits = np.array([-3.0, 0.0, 2.0, 5.0, 1.0, -1.0, 4.0], dtype=np.float32)
+    prompt = [0, 1, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        row = penalize(logits, prompt, [], **kw)
+    assert not np.isnan(row).any() and not np.isposinf(row).any()
+    assert row.dtype == np.float32
+    rp = kw.get("repetition_penalty", 1.0)
+    if rp < 1:  # the seen positive logit leads; the seen negative one goes to (nearly) 0
+        assert int(np.argmax(row)) == 2 and row[2] >= 2e30 and -1e-19 < row[0] <= 0
+    elif rp > 1:
+        assert row[0] == -np.inf and row[1] == 0 and 0 <= row[2] < 1e-30
+        np.testing.assert_array_equal(row[3:], logits[3:])
+    else:
+        assert int(np.argmax(row)) == 2 and row[5] == -np.inf
+    assert sample(row[None], 1.0, rng=np.random.default_rng(0))[0] == np.argmax(row) or rp > 1

@@ -26,6 +26,8 @@ from llmirc.errors import LlmircError
 
 GREEDY_TEMPERATURE = 1e-5  # at or below this, sampling is argmax
 TOP_P_CANDIDATES = 64  # first guess of how many tokens top-p keeps; grown 8x while too small
+F32_MAX = float(np.finfo(np.float32).max)
+F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int | None = None, top_p: float | None = None,
@@ -83,19 +85,28 @@ def penalize(logits: np.ndarray, prompt_ids, output_ids, repetition_penalty: flo
     positive logit and multiplies a negative one of every token in the prompt or the output (Keskar et
     al. 2019, as HF's RepetitionPenaltyLogitsProcessor and vLLM); then a token that occurs c > 0 times
     in the output loses frequency_penalty * c + presence_penalty (OpenAI's definition; the prompt does
-    not count). Token ids must lie in [0, V)."""
+    not count). Token ids must lie in [0, V).
+
+    The row stays float32 (a penalty outside float32's range acts as its nearest float32, above 0) and
+    never holds +inf or NaN, whatever the values: a logit pushed past float32's largest is held there
+    (a huge bias or a tiny repetition penalty; +inf would make sampling's softmax NaN), one pushed
+    below its lowest is -inf (that token is never picked)."""
     row = np.array(logits, dtype=np.float32)
-    if logit_bias:
-        ids, bias = zip(*logit_bias)
-        np.add.at(row, np.array(ids, dtype=np.int64), np.array(bias, dtype=np.float32))
-    if repetition_penalty != 1.0:
-        seen = np.unique(np.concatenate([np.asarray(prompt_ids, dtype=np.int64),
-                                         np.asarray(output_ids, dtype=np.int64)]))
-        v = row[seen]
-        row[seen] = np.where(v > 0, v / np.float32(repetition_penalty), v * np.float32(repetition_penalty))
-    if (presence_penalty or frequency_penalty) and len(output_ids):
-        ids, counts = np.unique(np.asarray(output_ids, dtype=np.int64), return_counts=True)
-        row[ids] -= (np.float32(frequency_penalty) * counts + np.float32(presence_penalty)).astype(np.float32)
+    with np.errstate(over="ignore"):  # (float32 overflow: handled below)
+        if logit_bias:
+            ids, bias = zip(*logit_bias)
+            np.add.at(row, np.array(ids, dtype=np.int64), np.array(bias, dtype=np.float32))
+            np.minimum(row, F32_MAX, out=row)
+        if repetition_penalty != 1.0:
+            seen = np.unique(np.concatenate([np.asarray(prompt_ids, dtype=np.int64),
+                                             np.asarray(output_ids, dtype=np.int64)]))
+            v = row[seen]
+            p = np.float32(min(max(repetition_penalty, F32_TINY), F32_MAX))  # (never 0 nor inf: no 0 * inf)
+            row[seen] = np.minimum(np.where(v < 0, v * p, v / p), F32_MAX)  # (HF's form: 0 is divided)
+        if (presence_penalty or frequency_penalty) and len(output_ids):
+            ids, counts = np.unique(np.asarray(output_ids, dtype=np.int64), return_counts=True)
+            row[ids] -= (np.float32(frequency_penalty) * counts + np.float32(presence_penalty)).astype(np.float32)
+            np.minimum(row, F32_MAX, out=row)
     return row
 
 
