@@ -1136,6 +1136,23 @@ def test_penalties_min_p_and_logit_bias_in_both_apis(server, model):
     assert r.json()["choices"][0]["token_ids"] == greedy, r.text
 
 
+def test_logit_bias_keys_of_one_id_and_sglang_penalty_ranges(server):
+    """Two logit_bias keys naming one id ("17" and "017") give it the last bias, as vLLM's
+    {int(key): bias} dict (they were added: -100 + 100 left it unbiased); SGLang's repetition_penalty is
+    refused past its range (0, 2], as SGLang's SamplingParams.verify (3 ran)."""
+    body = {"prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True, "temperature": 0, "return_token_ids": True}
+    r = httpx.post(server.url + "/v1/completions", json={**body, "logit_bias": {"17": -100, "017": 100}})
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == [17] * 4, r.text
+    r = httpx.post(server.url + "/v1/completions", json={**body, "logit_bias": {"017": 100, "17": -100}})
+    assert 17 not in r.json()["choices"][0]["token_ids"], r.text
+    sp = {"max_new_tokens": 2, "temperature": 0}
+    for rp, status in ((2.0, 200), (3.0, 400), (0.0, 400)):
+        r = httpx.post(server.url + "/generate", json={"input_ids": [5, 6], "sampling_params": {
+            **sp, "repetition_penalty": rp}})
+        assert r.status_code == status, (rp, r.text)
+    assert "repetition_penalty in (0, 2]" in r.json()["error"]["message"]
+
+
 def test_sglang_health_generate_flush_cache_and_put(server):
     """SGLang's /health_generate (the engine's loop answers), /flush_cache (the prefix cache emptied,
     only while nothing runs: else 400) and PUT /generate, which SGLang clients use (they were 404 and 405)."""

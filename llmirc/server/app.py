@@ -205,8 +205,9 @@ def sampling_defaults(config: dict, source: str) -> dict:
 def logit_bias_pairs(bias: dict[str, float] | None, vocab: int, param: str) -> tuple[tuple[int, float], ...]:
     """OpenAI's logit_bias (JSON: token id strings to biases) as SamplingParams' (id, bias) pairs, each
     bias clamped to [-100, 100] as vLLM clamps it; a 400 naming `param` for a key that is not a token id
-    of the model's `vocab`."""
-    pairs = []
+    of the model's `vocab`. Two keys of one id ("5" and "05") give it the last one's bias, as vLLM's
+    {int(key): bias} dict does (not both added: past the clamp)."""
+    pairs = {}
     for key, value in (bias or {}).items():
         try:
             token = int(key)
@@ -216,8 +217,8 @@ def logit_bias_pairs(bias: dict[str, float] | None, vocab: int, param: str) -> t
             raise APIError(400, f"{param}: token id {token} is outside the model's vocabulary of {vocab}", param)
         if not math.isfinite(value):
             raise APIError(400, f"{param}: the bias of token {key} is not a finite number", param)
-        pairs.append((token, min(100.0, max(-100.0, float(value)))))
-    return tuple(pairs)
+        pairs[token] = min(100.0, max(-100.0, float(value)))
+    return tuple(pairs.items())
 
 
 class Server:

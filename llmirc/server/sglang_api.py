@@ -28,13 +28,16 @@ hold (the context, or the KV cache when smaller; null: no limit but that), the f
 length saying how many. Sampling parameters llmirc does
 not implement (min_new_tokens, regex, json_schema, ebnf, structural_tag, n > 1, skip_special_tokens false)
 are refused; stream_interval and custom_params (which only a
-custom logit processor reads) are taken and change nothing.
+custom logit processor reads) are taken and change nothing. min_p, frequency_penalty and presence_penalty
+(the output's tokens only), logit_bias and repetition_penalty are applied with their ranges in SGLang's
+SamplingParams.verify (repetition_penalty in (0, 2]: 0, which SGLang takes, would divide by zero);
+repetition_penalty over the prompt and the output as vLLM and transformers apply it (SGLang 0.4.10
+checks it but its penalizers no longer apply it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import uuid
 from typing import Any
@@ -130,10 +133,10 @@ def _params(raw: dict | None) -> _Params:
     if not p.temperature >= 0 or not 0 < p.top_p <= 1 or p.top_k < -1 or p.top_k == 0:  # (NaN too)
         raise APIError(400, "sampling_params: temperature must be >= 0, top_p in (0, 1], top_k -1 or >= 1",
                        "sampling_params")
-    if not 0 <= p.min_p <= 1 or not 0 < p.repetition_penalty < math.inf or \
-            not -2 <= p.frequency_penalty <= 2 or not -2 <= p.presence_penalty <= 2:
-        raise APIError(400, "sampling_params: min_p must be in [0, 1], repetition_penalty > 0, frequency_penalty "
-                            "and presence_penalty in [-2, 2]", "sampling_params")
+    if not 0 <= p.min_p <= 1 or not 0 < p.repetition_penalty <= 2 or \
+            not -2 <= p.frequency_penalty <= 2 or not -2 <= p.presence_penalty <= 2:  # (SGLang's ranges)
+        raise APIError(400, "sampling_params: min_p must be in [0, 1], repetition_penalty in (0, 2], "
+                            "frequency_penalty and presence_penalty in [-2, 2]", "sampling_params")
     return p
 
 
