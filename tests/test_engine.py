@@ -127,6 +127,17 @@ def test_decode_runs_only_for_plain_greedy_requests_with_nothing_waiting():
     assert executor.runs == [5]
 
 
+def test_min_p_of_a_greedy_request_keeps_decode_runs():
+    """min_p changes nothing with temperature 0 (vLLM zeroes it for greedy requests; run warns that it has
+    no effect), so such a request still takes multi-step greedy runs (it took one step at a time, and
+    on a GPU target the host's logits) and gets the greedy tokens; sampled with min_p: no runs."""
+    engine, executor = make(executor_class=FakeRunExecutor)
+    out = collect(engine, [[1, 2]], [SamplingParams(max_tokens=6, temperature=0, min_p=0.5, ignore_eos=True)])
+    assert executor.runs == [5] and [o.token for o in out[0]] == greedy_reference([1, 2], 6)
+    collect(engine, [[1, 2]], [SamplingParams(max_tokens=6, temperature=0.7, seed=1, min_p=0.5, ignore_eos=True)])
+    assert executor.runs == [5]
+
+
 def test_penalties_and_bias_apply_per_request_on_the_hosts_logits():
     """Penalties and logit_bias change greedy decoding (the tokens of argmax over sampling.penalize's row
     at each step), each request its own beside a plain one in the batch; such requests take no

@@ -54,8 +54,8 @@ class SamplingParams:
     `stop_token_ids` token that ends the request is left out the same way (vLLM's). `detokenize`:
     produce text (when the engine has a tokenizer). `min_p`, `repetition_penalty`, `presence_penalty`,
     `frequency_penalty` and `logit_bias` ((token id, bias) pairs) as vLLM's (sampling.penalize and
-    sample): they change greedy decoding too, and a request that sets any of them is sampled from
-    its logits on the host (no multi-step greedy runs, no sampling on a GPU)."""
+    sample): they change greedy decoding too (min_p aside), and a request that sets any of them is sampled
+    from its logits on the host (no multi-step greedy runs, no sampling on a GPU)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -516,9 +516,9 @@ class Engine:
 
     def _no_logits_needed(self, step) -> bool:
         """Whether the step's tokens can be chosen without its logits on the host: no prompt logprobs,
-        logprobs, penalties or min-p asked for."""
+        logprobs, penalties or min-p asked for (min-p of a greedy request changes nothing: vLLM drops it)."""
         return not (step.targets >= 0).any() and all(
-            p.logprobs is None and not p.penalized and not p.min_p
+            p.logprobs is None and not p.penalized and not (p.min_p and p.temperature > GREEDY_TEMPERATURE)
             for p in (self._requests[step.request_ids[r]].params for r in step.sample_rows))
 
     def _sample_on_device(self, step) -> np.ndarray:
