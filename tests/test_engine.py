@@ -179,6 +179,27 @@ def test_penalties_and_bias_apply_per_request_on_the_hosts_logits():
             engine.add_request([1], SamplingParams(**bad), lambda out: None)
 
 
+def test_a_requests_bias_and_prompt_are_prepared_once(monkeypatch):
+    """A penalized request's logit bias is made into arrays (sorted, summed) and its prompt into an
+    array once, not at every step (a 10,000-entry bias cost 2 ms of host work per step on SmolLM2's
+    49152 tokens, an 8,000-token prompt 1.2 ms: np.unique of both each step); the tokens are those of
+    the pairs given to penalize at each step."""
+    import llmirc.runtime.engine as engine_module
+    from llmirc.runtime.sampling import bias_arrays, penalize
+
+    made = []
+    monkeypatch.setattr(engine_module, "bias_arrays", lambda pairs: made.append(pairs) or bias_arrays(pairs))
+    bias = tuple((t, -0.5 * (t % 3)) for t in range(VOCAB)) + ((9, 1.0),)
+    engine, _ = make()
+    prompt = [1, 2, 3, 1]
+    out = collect(engine, [prompt], [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                                    repetition_penalty=1.4, logit_bias=bias)])
+    assert len(made) == 1
+    tokens = list(prompt)
+    for _ in range(8):
+        tokens.append(int(np.argmax(penalize(history_logits(tokens), prompt, tokens[4:], 1.4, logit_bias=bias))))
+    assert [o.token for o in out[0]] == tokens[4:]
+
 def test_a_run_cut_short_commits_the_steps_it_made():
     """forward_greedy may return fewer steps (a token past the embedding table): those are committed."""
     engine, executor = make(executor_class=FakeRunExecutor)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from llmirc.errors import LlmircError
-from llmirc.runtime.sampling import penalize, sample, warp
+from llmirc.runtime.sampling import bias_arrays, penalize, sample, warp
 
 import torch
 from transformers.generation.logits_process import (  # noqa: E402
@@ -165,6 +165,9 @@ def test_penalties_and_bias_match_their_definitions():
     np.testing.assert_array_equal(logits, before)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(penalize(logits, prompt, []), logits)  # nothing asked: nothing changed
+    # what the engine passes, made once per request: the prompt as an array, the bias as BiasArrays
+    np.testing.assert_array_equal(penalize(logits, np.array(prompt), output, 1.5, 0.25, 0.5, bias_arrays(bias)), got)
+    np.testing.assert_array_equal(penalize(logits, prompt, [], logit_bias=bias_arrays(())), logits)
 
 
 @pytest.mark.parametrize("kw", [dict(repetition_penalty=1e-50), dict(repetition_penalty=1e-30),

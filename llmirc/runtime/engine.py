@@ -34,7 +34,7 @@ import numpy as np
 
 from llmirc.errors import LlmircError
 
-from .sampling import GREEDY_TEMPERATURE, logprobs, penalize, sample, validate_sampling
+from .sampling import GREEDY_TEMPERATURE, bias_arrays, logprobs, penalize, sample, validate_sampling
 from .scheduler import Scheduler
 from .tokenizer import TextStream, Tokenizer
 
@@ -162,6 +162,7 @@ class _Request:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     text: TextStream | None = None
     output: list[int] = field(default_factory=list)  # the tokens generated so far (for penalties)
+    penalty_inputs: tuple | None = None  # (prompt ids array, sampling.bias_arrays): made at its first penalized row
 
     @property
     def prompt_len(self) -> int:
@@ -499,8 +500,11 @@ class Engine:
             for i, req in enumerate(reqs):
                 p = req.params
                 if p.penalized:
-                    scores[i] = penalize(scores[i], req.prompt, req.output, p.repetition_penalty,
-                                         p.presence_penalty, p.frequency_penalty, p.logit_bias)
+                    if req.penalty_inputs is None:
+                        req.penalty_inputs = (np.asarray(req.prompt, dtype=np.int64), bias_arrays(p.logit_bias))
+                    prompt, bias = req.penalty_inputs
+                    scores[i] = penalize(scores[i], prompt, req.output, p.repetition_penalty,
+                                         p.presence_penalty, p.frequency_penalty, bias)
         if all(req.params.temperature <= GREEDY_TEMPERATURE for req in reqs):  # one argmax (first max, as sample())
             return np.argmax(scores, axis=-1).astype(np.int64)
         out = np.zeros(len(rows), dtype=np.int64)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Real
+from typing import NamedTuple
 
 import numpy as np
 
@@ -76,16 +77,36 @@ def warp(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float
     return scores
 
 
+class BiasArrays(NamedTuple):
+    """A logit bias as arrays: token ids (int64, each once) and their summed biases (float32)."""
+
+    ids: np.ndarray
+    biases: np.ndarray
+
+
+def bias_arrays(logit_bias: Sequence[tuple[int, float]]) -> BiasArrays:
+    """(token id, bias) pairs as BiasArrays, which `penalize` takes as its `logit_bias` too: made once
+    for a request's every step."""
+    if not logit_bias:
+        return BiasArrays(np.zeros(0, np.int64), np.zeros(0, np.float32))
+    ids, bias = zip(*logit_bias)
+    ids, where = np.unique(np.array(ids, dtype=np.int64), return_inverse=True)
+    with np.errstate(over="ignore"):
+        return BiasArrays(ids, np.bincount(where, weights=np.array(bias, dtype=np.float64)).astype(np.float32))
+
+
 def penalize(logits: np.ndarray, prompt_ids, output_ids, repetition_penalty: float = 1.0,
              presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-             logit_bias: Sequence[tuple[int, float]] = ()) -> np.ndarray:
+             logit_bias: Sequence[tuple[int, float]] | BiasArrays = ()) -> np.ndarray:
     """One row of logits [V] (float32) as a request's logit bias and penalties change it (a new array).
 
     In vLLM's order: the bias is added (OpenAI's logit_bias); then the repetition penalty p divides a
     positive logit and multiplies a negative one of every token in the prompt or the output (Keskar et
     al. 2019, as HF's RepetitionPenaltyLogitsProcessor and vLLM); then a token that occurs c > 0 times
     in the output loses frequency_penalty * c + presence_penalty (OpenAI's definition; the prompt does
-    not count). Token ids must lie in [0, V).
+    not count). Token ids must lie in [0, V). `logit_bias`: pairs, or `bias_arrays` of them; a token
+    twice gets both biases. A request's prompt ids as an array and its bias as `bias_arrays`, made
+    once, keep the host work per step small (no conversion nor sort of the prompt, nor of the bias).
 
     The row stays float32 (a penalty outside float32's range acts as its nearest float32, above 0) and
     never holds +inf or NaN, whatever the values: a logit pushed past float32's largest is held there
@@ -93,13 +114,13 @@ def penalize(logits: np.ndarray, prompt_ids, output_ids, repetition_penalty: flo
     below its lowest is -inf (that token is never picked)."""
     row = np.array(logits, dtype=np.float32)
     with np.errstate(over="ignore"):  # (float32 overflow: handled below)
-        if logit_bias:
-            ids, bias = zip(*logit_bias)
-            np.add.at(row, np.array(ids, dtype=np.int64), np.array(bias, dtype=np.float32))
+        ids, bias = logit_bias if isinstance(logit_bias, BiasArrays) else bias_arrays(logit_bias)
+        if len(ids):
+            row[ids] += bias  # (each id once)
             np.minimum(row, F32_MAX, out=row)
         if repetition_penalty != 1.0:
-            seen = np.unique(np.concatenate([np.asarray(prompt_ids, dtype=np.int64),
-                                             np.asarray(output_ids, dtype=np.int64)]))
+            # (an id twice is gathered twice, before any write, and written the same value twice)
+            seen = np.concatenate([np.asarray(prompt_ids, dtype=np.int64), np.asarray(output_ids, dtype=np.int64)])
             v = row[seen]
             p = np.float32(min(max(repetition_penalty, F32_TINY), F32_MAX))  # (never 0 nor inf: no 0 * inf)
             row[seen] = np.minimum(np.where(v < 0, v * p, v / p), F32_MAX)  # (HF's form: 0 is divided)
