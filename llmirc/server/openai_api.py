@@ -2,10 +2,11 @@
 
 POST /v1/completions and /v1/chat/completions take OpenAI's parameters (model, prompt or
 messages, max_tokens / max_completion_tokens, temperature, top_p, seed, stop, n, logprobs /
-top_logprobs, echo, stream, stream_options.include_usage) and vLLM's extensions (top_k,
-stop_token_ids, ignore_eos, include_stop_str_in_output, skip_special_tokens, add_generation_prompt,
-continue_final_message, chat_template_kwargs, return_token_ids). Parameters that would change the output and
-that llmirc does not implement (`NOT_IMPLEMENTED`: penalties, logit_bias, min_p, min_tokens, guided
+top_logprobs, echo, stream, stream_options.include_usage, presence_penalty, frequency_penalty,
+logit_bias) and vLLM's extensions (top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos,
+include_stop_str_in_output, skip_special_tokens, add_generation_prompt, continue_final_message,
+chat_template_kwargs, return_token_ids). Parameters that would change the output and
+that llmirc does not implement (`NOT_IMPLEMENTED`: min_tokens, guided
 decoding and response formats other than text, beam search, prompt_logprobs, truncation; best_of !=
 n, suffix, skip_special_tokens false, non-text content, tools unless tool_choice is "none") are
 refused with a 400 naming them, never silently ignored, as are an empty stop string, stop token
@@ -16,8 +17,9 @@ max_completion_tokens) must be at least 1, as vLLM's SamplingParams say, except 
 max_tokens 0 with echo (the prompt alone); seed -1 is no seed. POST /tokenize and /detokenize
 are vLLM's (a prompt or chat messages to token ids, token ids to text, special tokens included).
 
-Defaults follow vLLM: temperature, top_p and top_k from the model's generation_config.json (vLLM's
---generation-config auto; else temperature 1, no top-p or top-k), max_tokens 16 for completions and "up to the context"
+Defaults follow vLLM: temperature, top_p, top_k, min_p and repetition_penalty from the model's
+generation_config.json (vLLM's --generation-config auto; else temperature 1, no top-p, top-k, min-p or
+penalty), max_tokens 16 for completions and "up to the context"
 (or the KV cache, where it holds fewer tokens) for chat and for a max_tokens of null, at most generation_config.json's
 max_new_tokens as in vLLM;
 `usage.prompt_tokens_details.cached_tokens` is the prompt tokens found in the prefix cache
