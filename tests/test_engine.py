@@ -177,6 +177,12 @@ def test_penalties_and_bias_apply_per_request_on_the_hosts_logits():
                       (dict(min_p=-0.1), "min_p")):
         with pytest.raises(LlmircError, match=name):
             engine.add_request([1], SamplingParams(**bad), lambda out: None)
+    # the first bad pair named, not the whole bias (10,000 pairs were all printed); None: no traceback
+    long_bias = tuple((t, 0.5) for t in range(10_000)) + ((-3, 1.0),)
+    with pytest.raises(LlmircError, match=r"^logit_bias: \(-3, 1.0\) is not a \(token id >= 0, finite bias\) pair$"):
+        SamplingParams(logit_bias=long_bias).validate()
+    with pytest.raises(LlmircError, match="logit_bias must be"):
+        SamplingParams(logit_bias=None).validate()
 
 
 def test_a_requests_bias_and_prompt_are_prepared_once(monkeypatch):

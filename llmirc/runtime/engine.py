@@ -92,10 +92,13 @@ class SamplingParams:
         rp = self.repetition_penalty
         if isinstance(rp, bool) or not (isinstance(rp, Real) and 0 < rp < math.inf):
             raise LlmircError(f"repetition_penalty must be a finite number > 0, got {rp!r}")
-        if any(not isinstance(pair, tuple) or len(pair) != 2 or isinstance(pair[0], bool)
-               or not isinstance(pair[0], (int, np.integer)) or pair[0] < 0 or isinstance(pair[1], bool)
-               or not isinstance(pair[1], Real) or not math.isfinite(pair[1]) for pair in self.logit_bias):
-            raise LlmircError(f"logit_bias must be (token id, finite bias) pairs, got {self.logit_bias!r}")
+        if not isinstance(self.logit_bias, (tuple, list)):
+            raise LlmircError(f"logit_bias must be (token id, bias) pairs, got {self.logit_bias!r}")
+        for pair in self.logit_bias:  # (the first bad one named: not all 10,000 of a long bias)
+            if not isinstance(pair, tuple) or len(pair) != 2 or isinstance(pair[0], bool) \
+                    or not isinstance(pair[0], (int, np.integer)) or pair[0] < 0 or isinstance(pair[1], bool) \
+                    or not isinstance(pair[1], Real) or not math.isfinite(pair[1]):
+                raise LlmircError(f"logit_bias: {pair!r} is not a (token id >= 0, finite bias) pair")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise LlmircError(f"seed must be an integer >= 0 (or unset), got {self.seed!r}")
         if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in self.stop_token_ids):
