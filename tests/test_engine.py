@@ -206,6 +206,42 @@ def test_a_requests_bias_and_prompt_are_prepared_once(monkeypatch):
         tokens.append(int(np.argmax(penalize(history_logits(tokens), prompt, tokens[4:], 1.4, logit_bias=bias))))
     assert [o.token for o in out[0]] == tokens[4:]
 
+def test_min_tokens_holds_the_ids_that_would_end_the_request():
+    """min_tokens (vLLM's): until that many tokens are out, the stop token ids and the end-of-sequence id
+    are never sampled (the tokens of argmax over the rest), greedy and sampled alike, and no multi-step
+    run starts; then they end the request as usual; ignore_eos leaves the eos id alone; min_tokens past
+    max_tokens is refused."""
+    prompt = [1, 2, 3]
+    free = greedy_reference(prompt, 12)
+    stop = free[1]  # a stop id the plain request meets at its second token
+
+    def held(n, banned):
+        tokens = list(prompt)
+        for i in range(n):
+            row = history_logits(tokens)
+            if i < 6:
+                row[list(banned)] = -np.inf
+            tokens.append(int(np.argmax(row)))
+        return tokens[len(prompt):]
+
+    engine, executor = make(executor_class=FakeRunExecutor)
+    out = collect(engine, [prompt], [SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(stop,))])
+    assert [o.token for o in out[0]] == free[:2]
+    executor.runs.clear()
+    out = collect(engine, [prompt], [SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(stop,),
+                                                    min_tokens=6)])
+    assert sum(executor.runs) <= 12 - 6  # (runs only once the 6 tokens are out)
+    want = held(12, {stop, 0})
+    end = next((i for i, t in enumerate(want) if i >= 6 and t in (stop, 0)), 11)
+    assert [o.token for o in out[0]] == want[:end + 1] and len(out[0]) >= 6
+    assert stop not in want[:6] and 0 not in want[:6] and want[:6] != free[:6]
+    out = collect(engine, [prompt], [SamplingParams(max_tokens=8, temperature=0.8, seed=5, ignore_eos=True,
+                                                    stop_token_ids=(stop,), min_tokens=8)])
+    assert len(out[0]) == 8 and stop not in [o.token for o in out[0]]
+    with pytest.raises(LlmircError, match="min_tokens must be an integer from 0 to max_tokens"):
+        engine.add_request([1], SamplingParams(max_tokens=4, min_tokens=5), lambda out: None)
+
+
 def test_a_run_cut_short_commits_the_steps_it_made():
     """forward_greedy may return fewer steps (a token past the embedding table): those are committed."""
     engine, executor = make(executor_class=FakeRunExecutor)

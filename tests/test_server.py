@@ -547,7 +547,11 @@ BAD = {
     "stop-token-id-outside-vocab": ("/v1/completions", {"prompt": "hi", "stop_token_ids": [2, 384]}, 400,
                                     "stop_token_ids: token id 384 is outside the model's vocabulary of 384",
                                     "stop_token_ids"),
-    "unsupported-min-tokens": ("/v1/completions", {"prompt": "hi", "min_tokens": 3}, 400, "min_tokens"),
+    "min-tokens-past-max-tokens": ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "min_tokens": 3}, 400,
+                                   "min_tokens must be from 0 to max_tokens (2), got 3", "min_tokens"),
+    "sglang-min-new-tokens-past-max": ("/generate", {"text": "hi", "sampling_params": {
+        "max_new_tokens": 2, "min_new_tokens": 3}}, 400, "min_new_tokens must be in [0, max_new_tokens]",
+                                       "sampling_params"),
     "presence-penalty-out-of-range": ("/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, 400,
                                       "presence_penalty must be in [-2, 2]", "presence_penalty"),
     "repetition-penalty-zero": ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400,
@@ -1091,7 +1095,7 @@ def test_sglang_sampling_seed_and_null_parameters(server):
 def test_sglang_null_logprob_fields_and_its_other_sampling_params(server):
     """GenerateReqInput's return_logprob, logprob_start_len and top_logprobs_num are Optional in
     SGLang, null meaning the default (they were refused with a 400); SamplingParams' stream_interval
-    and custom_params change no answer and are taken; structural_tag and min_new_tokens, which llmirc
+    and custom_params change no answer and are taken; structural_tag and regex, which llmirc
     does not implement, are refused by name (not as fields SGLang does not have)."""
     body = {"text": "the quick", "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}}
     plain = httpx.post(server.url + "/generate", json=body).json()
@@ -1106,16 +1110,16 @@ def test_sglang_null_logprob_fields_and_its_other_sampling_params(server):
              "structural_tag": None}
     r = httpx.post(server.url + "/generate", json={**body, "sampling_params": taken})
     assert r.status_code == 200 and r.json()["output_ids"] == plain["output_ids"], r.text
-    for name, value in (("structural_tag", '{"structures": []}'), ("min_new_tokens", 2)):
+    for name, value in (("structural_tag", '{"structures": []}'), ("regex", "a+")):
         r = httpx.post(server.url + "/generate", json={**body, "sampling_params": {name: value}})
         assert r.status_code == 400 and f"sampling_params.{name} is not supported by llmirc" in \
             r.json()["error"]["message"], r.text
 
 
 def test_penalties_min_p_and_logit_bias_in_both_apis(server, model):
-    """vLLM's repetition/presence/frequency penalties and logit_bias (string ids, biases clamped to
-    [-100, 100]) and SGLang's same sampling_params give the tokens the loader gives with them; min_p 1
-    leaves only the most likely token, so a seeded sample is the greedy one."""
+    """vLLM's repetition/presence/frequency penalties, logit_bias (string ids, biases clamped to
+    [-100, 100]) and min_tokens and SGLang's same sampling_params (min_new_tokens) give the tokens the
+    loader gives with them; min_p 1 leaves only the most likely token, so a seeded sample is the greedy one."""
     prompt = [5, 6, 7, 5, 6, 7]
     penalties = dict(repetition_penalty=1.6, presence_penalty=0.8, frequency_penalty=0.4)
     want = model.generate([prompt], max_new_tokens=10, ignore_eos=True, **penalties)[0]
@@ -1134,6 +1138,15 @@ def test_penalties_min_p_and_logit_bias_in_both_apis(server, model):
     greedy = model.generate([prompt], max_new_tokens=10, ignore_eos=True)[0]
     r = httpx.post(server.url + "/v1/completions", json={**body, "temperature": 1.5, "seed": 3, "min_p": 1.0})
     assert r.json()["choices"][0]["token_ids"] == greedy, r.text
+    # min_tokens / min_new_tokens: the request's stop id (its second greedy token) is not sampled before 5 tokens
+    stop = dict(ignore_eos=True, stop_token_ids=[greedy[1]])
+    held = model.generate([prompt], max_new_tokens=10, min_tokens=5, **stop)[0]
+    assert len(held) >= 5 and greedy[1] not in held[:5]
+    r = httpx.post(server.url + "/v1/completions", json={**body, **stop, "min_tokens": 5})
+    assert r.json()["choices"][0]["token_ids"] == held, r.text
+    r = httpx.post(server.url + "/generate", json={"input_ids": prompt, "sampling_params": {
+        "max_new_tokens": 10, "temperature": 0, "min_new_tokens": 5, **stop}})
+    assert r.json()["output_ids"] == held, r.text
 
 
 def test_logit_bias_keys_of_one_id_and_sglang_penalty_ranges(server):

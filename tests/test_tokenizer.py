@@ -223,6 +223,25 @@ def test_text_stream_holds_back_only_a_possible_stop_prefix(tmp_path):
     assert shown == "hello " and text.finish() == "the"  # "the" may start "the end": held until the end
 
 
+@pytest.mark.parametrize("min_tokens", [1, 3, 6, 9])
+def test_text_stream_with_min_tokens_looks_for_stops_that_end_after_them(tmp_path, min_tokens):
+    """vLLM's min_tokens: stop strings are not looked for in the first min_tokens tokens' text; one that
+    ends later is cut there (found where it starts, even inside that text); nothing shown is taken back."""
+    ours = Tokenizer.from_bundle_dir(write(tmp_path, *byte_level()))
+    ids = ours.encode("ab ab cd ab cd ef ab", add_special_tokens=False)
+    full = ours.decode(ids)
+    for stops in (["ab"], ["cd"], ["b c", "ef"], ["zz"]):
+        text = TextStream(ours, (), stops, min_tokens=min_tokens)
+        seen = "".join(text.add(t) for t in ids) + text.finish()
+        boundary = len(ours.decode(ids[:min_tokens]))
+        ends = [(i, s) for s in stops for i in range(len(full)) if full.startswith(s, i) and i + len(s) > boundary]
+        if ends:
+            at, stop = min(ends)
+            assert (text.stopped, seen) == (stop, full[:at]), (stops, seen)
+        else:
+            assert text.stopped is None and seen == full, (stops, seen)
+
+
 def test_from_bundle_dir_finds_the_tokenizer_folder(tmp_path):
     write(tmp_path / "tokenizer", *byte_level())
     assert Tokenizer.from_bundle_dir(tmp_path).decode(Tokenizer.from_bundle_dir(tmp_path).encode("hi")) == "hi"

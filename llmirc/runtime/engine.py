@@ -55,7 +55,10 @@ class SamplingParams:
     produce text (when the engine has a tokenizer). `min_p`, `repetition_penalty`, `presence_penalty`,
     `frequency_penalty` and `logit_bias` ((token id, bias) pairs) as vLLM's (sampling.penalize and
     sample): they change greedy decoding too (min_p aside), and a request that sets any of them is sampled
-    from its logits on the host (no multi-step greedy runs, no sampling on a GPU)."""
+    from its logits on the host (no multi-step greedy runs, no sampling on a GPU). `min_tokens`: vLLM's;
+    until that many tokens are out, the ids that would end the request (stop_token_ids, and the
+    end-of-sequence ids unless ignore_eos) are never sampled and stop strings are not looked for (one
+    that ends later counts, as vLLM's detokenizer finds it)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -75,6 +78,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
 
     @property
     def penalized(self) -> bool:
@@ -99,6 +103,10 @@ class SamplingParams:
                     or not isinstance(pair[0], (int, np.integer)) or pair[0] < 0 or isinstance(pair[1], bool) \
                     or not isinstance(pair[1], Real) or not math.isfinite(pair[1]):
                 raise LlmircError(f"logit_bias: {pair!r} is not a (token id >= 0, finite bias) pair")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, (int, np.integer)) or \
+                not 0 <= self.min_tokens <= self.max_tokens:  # (vLLM's rule)
+            raise LlmircError(f"min_tokens must be an integer from 0 to max_tokens ({self.max_tokens}), "
+                              f"got {self.min_tokens!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise LlmircError(f"seed must be an integer >= 0 (or unset), got {self.seed!r}")
         if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in self.stop_token_ids):
@@ -166,6 +174,12 @@ class _Request:
     text: TextStream | None = None
     output: list[int] = field(default_factory=list)  # the tokens generated so far (for penalties)
     penalty_inputs: tuple | None = None  # (prompt ids array, sampling.bias_arrays): made at its first penalized row
+    held_ids: np.ndarray | None = None  # the ids min_tokens keeps from being sampled (None: none)
+
+    @property
+    def holds(self) -> bool:
+        """Whether min_tokens still keeps the ids that would end the request from being sampled."""
+        return self.held_ids is not None and self.num_generated < self.params.min_tokens
 
     @property
     def prompt_len(self) -> int:
@@ -394,7 +408,11 @@ class Engine:
                                    stop_token_ids=params.stop_token_ids, prompt_logprobs_from=start)
         req = _Request(prompt, params, sink, rng, arrival)
         if self.tokenizer is not None and params.detokenize:
-            req.text = TextStream(self.tokenizer, prompt, params.stop, params.include_stop_str_in_output)
+            req.text = TextStream(self.tokenizer, prompt, params.stop, params.include_stop_str_in_output,
+                                  params.min_tokens)
+        if params.min_tokens:  # (the scheduler's stop ids: scheduler.add_request)
+            ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.scheduler.eos_token_ids))
+            req.held_ids = np.array(sorted(ends), dtype=np.int64) if ends else None
         if start is not None:
             req.prompt_logprobs = [None] if start == 0 else []
         self._requests[request_id] = req
@@ -498,10 +516,12 @@ class Engine:
         rows = step.sample_rows
         reqs = [self._requests[step.request_ids[r]] for r in rows]
         scores = logits if len(rows) == len(logits) else logits[rows]
-        if any(req.params.penalized for req in reqs):
+        if any(req.params.penalized or req.holds for req in reqs):
             scores = scores.copy()
             for i, req in enumerate(reqs):
                 p = req.params
+                if req.holds:
+                    scores[i, req.held_ids] = -np.inf
                 if p.penalized:
                     if req.penalty_inputs is None:
                         req.penalty_inputs = (np.asarray(req.prompt, dtype=np.int64), bias_arrays(p.logit_bias))
@@ -523,10 +543,12 @@ class Engine:
 
     def _no_logits_needed(self, step) -> bool:
         """Whether the step's tokens can be chosen without its logits on the host: no prompt logprobs,
-        logprobs, penalties or min-p asked for (min-p of a greedy request changes nothing: vLLM drops it)."""
+        logprobs, penalties, min-p (min-p of a greedy request changes nothing: vLLM drops it) or
+        min_tokens still holding asked for."""
+        reqs = (self._requests[step.request_ids[r]] for r in step.sample_rows)
         return not (step.targets >= 0).any() and all(
-            p.logprobs is None and not p.penalized and not (p.min_p and p.temperature > GREEDY_TEMPERATURE)
-            for p in (self._requests[step.request_ids[r]].params for r in step.sample_rows))
+            req.params.logprobs is None and not req.params.penalized and not req.holds
+            and not (req.params.min_p and req.params.temperature > GREEDY_TEMPERATURE) for req in reqs)
 
     def _sample_on_device(self, step) -> np.ndarray:
         """Tokens of the sampling rows drawn by the executor on the device (a GPU target): each row

@@ -286,8 +286,8 @@ class Model:
                         ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = (),
                         stop: str | tuple[str, ...] = (), logprobs: int | None = None, *, min_p: float = 0.0,
                         repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-                        frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None
-                        ) -> Iterator[RequestOutput]:
+                        frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None,
+                        min_tokens: int = 0) -> Iterator[RequestOutput]:
         """Runs all prompts as one continuous batch; yields a RequestOutput (request_id = prompt
         index, token, text, finished, finish_reason, logprob...) for every token as soon as it is
         sampled. Bad arguments raise LlmircError here, not at the first `next`.
@@ -295,7 +295,7 @@ class Model:
         With a seed, prompt i samples from its own generator seeded `seed + i` (vLLM's rule for
         n > 1), so runs are reproducible. `stop` strings end a sequence (and its text, which
         leaves them out). `logprobs` n adds each token's logprob and the n most likely. `min_p`, the
-        penalties and `logit_bias` ({token id: bias}) as vLLM's (engine.SamplingParams). Closing
+        penalties, `logit_bias` ({token id: bias}) and `min_tokens` as vLLM's (engine.SamplingParams). Closing
         the generator early aborts the rest (their KV blocks are freed)."""
         ids = self._prompts(prompts)
         stop, stop_token_ids = _items(stop, "stop"), tuple(map(_plain, _items(stop_token_ids, "stop_token_ids")))
@@ -305,7 +305,8 @@ class Model:
                                  seed=seed + i if offset else seed, stop_token_ids=stop_token_ids, stop=stop,
                                  ignore_eos=ignore_eos, logprobs=logprobs, min_p=min_p,
                                  repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                                 frequency_penalty=frequency_penalty, logit_bias=_bias_pairs(logit_bias))
+                                 frequency_penalty=frequency_penalty, logit_bias=_bias_pairs(logit_bias),
+                                 min_tokens=_plain(min_tokens))
                   for i in range(len(ids))]
         return self.engine.generate(ids, params)
 

@@ -205,20 +205,28 @@ class TextStream:
     vLLM's semantics: the output ends just before the first occurrence of any stop string
     (with it, when `include_stop`); the generated tokens still count the ones that completed
     it. While streaming, text that could be the start of a stop string is held back until it
-    is known not to be one, so no delta ever has to be taken back."""
+    is known not to be one, so no delta ever has to be taken back. With `min_tokens`, stop strings
+    are looked for only once more tokens than that are out, and only those ending in the text of
+    the later tokens (vLLM's detokenizer searches each step's new text)."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids=(), stop=(), include_stop: bool = False):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids=(), stop=(), include_stop: bool = False,
+                 min_tokens: int = 0):
         self.detokenizer = tokenizer.detokenizer(prompt_ids)
         self.stop = [s for s in stop if s]
         self.include_stop = include_stop
         self.text = ""  # all text so far (cut at the stop string once matched)
         self.stopped: str | None = None  # the stop string matched
         self._emitted = 0
+        self._tokens, self._min_tokens = 0, min_tokens
+        self._checked_from = 0  # a stop string must end past this many characters (min_tokens' text)
 
     def add(self, token_id: int) -> str:
         """Append one generated id; returns the text that can be shown now (may be empty)."""
         if self.stopped is None:
             self.text += self.detokenizer.add(token_id)
+            self._tokens += 1
+            if self._tokens <= self._min_tokens:
+                self._checked_from = len(self.text)
         return self._emit(final=False)
 
     def finish(self) -> str:
@@ -229,7 +237,8 @@ class TextStream:
     def _emit(self, final: bool) -> str:
         end = len(self.text)
         if self.stopped is None and self.stop:
-            hits = [(i, s) for s in self.stop if (i := self.text.find(s, self._emitted)) >= 0]
+            # (within min_tokens no search; the tail that could start a stop string is still held back)
+            hits = [(i, s) for s in self.stop if (i := self._find(s)) >= 0] if self._tokens > self._min_tokens else []
             if hits:
                 at, self.stopped = min(hits)
                 self.text = self.text[:at + (len(self.stopped) if self.include_stop else 0)]
@@ -240,6 +249,10 @@ class TextStream:
                 end -= tail
         delta, self._emitted = self.text[self._emitted:end], max(self._emitted, end)
         return delta
+
+    def _find(self, stop: str) -> int:
+        """The first occurrence of `stop` not yet shown that ends past min_tokens' text (-1: none)."""
+        return self.text.find(stop, max(self._emitted, self._checked_from - len(stop) + 1))
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -3,10 +3,10 @@
 POST /v1/completions and /v1/chat/completions take OpenAI's parameters (model, prompt or
 messages, max_tokens / max_completion_tokens, temperature, top_p, seed, stop, n, logprobs /
 top_logprobs, echo, stream, stream_options.include_usage, presence_penalty, frequency_penalty,
-logit_bias) and vLLM's extensions (top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos,
+logit_bias) and vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos,
 include_stop_str_in_output, skip_special_tokens, add_generation_prompt, continue_final_message,
 chat_template_kwargs, return_token_ids). Parameters that would change the output and
-that llmirc does not implement (`NOT_IMPLEMENTED`: min_tokens, guided
+that llmirc does not implement (`NOT_IMPLEMENTED`: guided
 decoding and response formats other than text, beam search, prompt_logprobs, truncation; best_of !=
 n, suffix, skip_special_tokens false, non-text content, tools unless tool_choice is "none") are
 refused with a 400 naming them, never silently ignored, as are an empty stop string, stop token
@@ -59,7 +59,7 @@ class StreamOptions(BaseModel):
 # vLLM request fields that change the output and that llmirc does not implement: a 400 naming
 # them unless absent, null or at a value that changes nothing (listed).
 NOT_IMPLEMENTED = {
-    "min_tokens": (0,), "allowed_token_ids": (), "bad_words": ([],), "logits_processors": ([],),
+    "allowed_token_ids": (), "bad_words": ([],), "logits_processors": ([],),
     "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
     "response_format": ({"type": "text"},), "use_beam_search": (False,), "length_penalty": (1.0,),
     "prompt_logprobs": (), "truncate_prompt_tokens": (), "detokenize": (True,), "return_tokens_as_token_ids": (False,),
@@ -80,6 +80,7 @@ class _Common(BaseModel):
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
+    min_tokens: Int | None = 0
     seed: Int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[Int] | None = None
@@ -165,6 +166,9 @@ def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | Non
     if bad:  # vLLM checks them against the vocabulary (the logits' width) as it does prompt ids
         raise APIError(400, f"stop_token_ids: token id {bad[0]} is outside the model's vocabulary of {vocab}",
                        "stop_token_ids")
+    min_tokens = req.min_tokens or 0
+    if not 0 <= min_tokens <= max_tokens:  # (vLLM's SamplingParams)
+        raise APIError(400, f"min_tokens must be from 0 to max_tokens ({max_tokens}), got {min_tokens}", "min_tokens")
     model = server.options.sampling_defaults  # (the model's generation config, as vLLM's --generation-config auto)
     temperature, top_k, top_p, min_p, repetition_penalty = (model.get(k, d) if v is None else v for k, v, d in (
         ("temperature", req.temperature, 1.0), ("top_k", req.top_k, None), ("top_p", req.top_p, None),
@@ -177,7 +181,7 @@ def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | Non
         include_stop_str_in_output=req.include_stop_str_in_output, min_p=min_p,
         repetition_penalty=repetition_penalty, presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
-        logit_bias=logit_bias_pairs(req.logit_bias, vocab, "logit_bias"))
+        logit_bias=logit_bias_pairs(req.logit_bias, vocab, "logit_bias"), min_tokens=min_tokens)
 
 
 def _rest_of_sequence(server: Server, prompt_len: int, what: str) -> int:

@@ -26,18 +26,21 @@ programs use this for `select` and to cache shared prefixes). As in SGLang, a ma
 given that would pass the context is a 400, and otherwise it is clipped to what one sequence can
 hold (the context, or the KV cache when smaller; null: no limit but that), the finish_reason's
 length saying how many. Sampling parameters llmirc does
-not implement (min_new_tokens, regex, json_schema, ebnf, structural_tag, n > 1, skip_special_tokens false)
+not implement (regex, json_schema, ebnf, structural_tag, n > 1, skip_special_tokens false)
 are refused; stream_interval and custom_params (which only a
 custom logit processor reads) are taken and change nothing. min_p, frequency_penalty and presence_penalty
 (the output's tokens only), logit_bias and repetition_penalty are applied with their ranges in SGLang's
 SamplingParams.verify (repetition_penalty in (0, 2]: 0, which SGLang takes, would divide by zero);
 repetition_penalty over the prompt and the output as vLLM and transformers apply it (SGLang 0.4.10
-checks it but its penalizers no longer apply it).
+checks it but its penalizers no longer apply it). min_new_tokens keeps the stop token ids and the
+end-of-sequence ids from being sampled until that many tokens are out, as SGLang's penalizer does, and
+(vLLM's min_tokens, which the engine implements) stop strings from being looked for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from typing import Any
@@ -106,8 +109,8 @@ def _neutral(value) -> bool:
     return value is None or value is False or value == [] or value == {} or \
         (isinstance(value, list) and all(map(_neutral, value)))
 
-NEUTRAL = {"skip_special_tokens": True, "n": 1, "min_new_tokens": 0, "regex": None, "json_schema": None,
-           "ebnf": None, "structural_tag": None}
+NEUTRAL = {"skip_special_tokens": True, "n": 1, "regex": None, "json_schema": None, "ebnf": None,
+           "structural_tag": None}
 
 
 def _params(raw: dict | None) -> _Params:
@@ -137,6 +140,9 @@ def _params(raw: dict | None) -> _Params:
             not -2 <= p.frequency_penalty <= 2 or not -2 <= p.presence_penalty <= 2:  # (SGLang's ranges)
         raise APIError(400, "sampling_params: min_p must be in [0, 1], repetition_penalty in (0, 2], "
                             "frequency_penalty and presence_penalty in [-2, 2]", "sampling_params")
+    if not 0 <= p.min_new_tokens <= (math.inf if p.max_new_tokens is None else p.max_new_tokens):  # (SGLang's)
+        raise APIError(400, f"sampling_params.min_new_tokens must be in [0, max_new_tokens], got {p.min_new_tokens}",
+                       "sampling_params")
     return p
 
 
@@ -281,7 +287,8 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
             include_stop_str_in_output=p.no_stop_trim, min_p=min_p, repetition_penalty=repetition_penalty,
             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
             logit_bias=logit_bias_pairs(p.logit_bias, server.model.vocab_size,
-                                        "sampling_params.logit_bias"))))
+                                        "sampling_params.logit_bias"),
+            min_tokens=min(p.min_new_tokens, max_new_tokens))))  # (max_new_tokens as clipped to the context)
         items.append(_Item(prompt, max_new_tokens, rids[i], logprob[i], starts[i], tops[i]))
     with_text = req.return_text_in_logprobs
 
