@@ -562,6 +562,19 @@ BAD = {
                                  "logit_bias: token id 384 is outside the model's vocabulary of 384", "logit_bias"),
     "logit-bias-not-an-id": ("/v1/completions", {"prompt": "hi", "logit_bias": {"the": 5}}, 400,
                              "logit_bias: 'the' is not a token id", "logit_bias"),
+    "two-structured-outputs": ("/v1/completions", {"prompt": "hi", "guided_regex": "a+", "guided_choice": ["a"]}, 400,
+                               "only one structured output may be given, got guided_regex and guided_choice",
+                               "guided_choice"),
+    "bad-guided-regex": ("/v1/completions", {"prompt": "hi", "guided_regex": "(a"}, 400,
+                         "guided_regex: the regex format is not valid", "guided_regex"),
+    "response-format-xml": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                     "response_format": {"type": "xml"}}, 400,
+                            "response_format must be", "response_format"),
+    "guided-grammar": ("/v1/completions", {"prompt": "hi", "guided_grammar": "root ::= 'a'"}, 400,
+                       "guided_grammar is not supported", "guided_grammar"),
+    "sglang-regex-and-json-schema": ("/generate", {"text": "hi",
+                                                   "sampling_params": {"regex": "a", "json_schema": "{}"}},
+                                     400, "only one of json_schema and regex", "sampling_params"),
     "sglang-penalty-out-of-range": ("/generate", {"text": "hi", "sampling_params": {"frequency_penalty": -3}}, 400,
                                     "frequency_penalty and presence_penalty in [-2, 2]", "sampling_params"),
     "special-tokens-kept": ("/v1/completions", {"prompt": "hi", "skip_special_tokens": False}, 400,
@@ -583,7 +596,8 @@ BAD = {
     "sglang-no-prompt": ("/generate", {"sampling_params": {}}, 400, "text and input_ids"),
     "sglang-bad-param": ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": "many"}}, 400,
                          "max_new_tokens"),
-    "sglang-regex": ("/generate", {"text": "hi", "sampling_params": {"regex": "a+"}}, 400, "regex"),
+    "sglang-bad-regex": ("/generate", {"text": "hi", "sampling_params": {"regex": "(a"}}, 400,
+                         "sampling_params.regex: the regex format is not valid", "sampling_params"),
     "sglang-stop-empty-string": ("/generate", {"text": "hi", "sampling_params": {"stop": [""]}}, 400, "empty string",
                                  "sampling_params"),
     "sglang-stop-token-id-outside-vocab": ("/generate", {"text": "hi", "sampling_params": {"stop_token_ids": [384]}},
@@ -595,12 +609,8 @@ BAD = {
                                          "logprob_start_len must be -1 or a prompt position (0 to 2)",
                                          "logprob_start_len"),
     # vLLM fields that change the output and that llmirc does not implement: refused, not ignored
-    "guided-json": ("/v1/completions", {"prompt": "hi", "guided_json": {"type": "object"}}, 400, "guided_json",
-                    "guided_json"),
-    "json-mode-completion": ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_object"}}, 400,
-                             "response_format", "response_format"),
-    "json-mode-chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                                "response_format": {"type": "json_object"}}, 400, "response_format"),
+    "guided-json-not-json": ("/v1/completions", {"prompt": "hi", "guided_json": "{not json"}, 400,
+                             "guided_json: the JSON schema is not JSON", "guided_json"),
     "prompt-logprobs": ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     "beam-search": ("/v1/completions", {"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
     "bad-words": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "bad_words": ["no"]},
@@ -1095,7 +1105,7 @@ def test_sglang_sampling_seed_and_null_parameters(server):
 def test_sglang_null_logprob_fields_and_its_other_sampling_params(server):
     """GenerateReqInput's return_logprob, logprob_start_len and top_logprobs_num are Optional in
     SGLang, null meaning the default (they were refused with a 400); SamplingParams' stream_interval
-    and custom_params change no answer and are taken; structural_tag and regex, which llmirc
+    and custom_params change no answer and are taken; structural_tag and ebnf, which llmirc
     does not implement, are refused by name (not as fields SGLang does not have)."""
     body = {"text": "the quick", "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}}
     plain = httpx.post(server.url + "/generate", json=body).json()
@@ -1110,7 +1120,7 @@ def test_sglang_null_logprob_fields_and_its_other_sampling_params(server):
              "structural_tag": None}
     r = httpx.post(server.url + "/generate", json={**body, "sampling_params": taken})
     assert r.status_code == 200 and r.json()["output_ids"] == plain["output_ids"], r.text
-    for name, value in (("structural_tag", '{"structures": []}'), ("regex", "a+")):
+    for name, value in (("structural_tag", '{"structures": []}'), ("ebnf", "root ::= 'a'")):
         r = httpx.post(server.url + "/generate", json={**body, "sampling_params": {name: value}})
         assert r.status_code == 400 and f"sampling_params.{name} is not supported by llmirc" in \
             r.json()["error"]["message"], r.text
@@ -1164,6 +1174,35 @@ def test_logit_bias_keys_of_one_id_and_sglang_penalty_ranges(server):
             **sp, "repetition_penalty": rp}})
         assert r.status_code == status, (rp, r.text)
     assert "repetition_penalty in (0, 2]" in r.json()["error"]["message"]
+
+
+def test_structured_outputs_in_both_apis(server, client):
+    """vLLM's guided_choice / guided_regex / structured_outputs, OpenAI's response_format (json_object,
+    json_schema) through the openai client, and SGLang's regex and json_schema hold the text to the format."""
+    pytest.importorskip("llguidance")
+    body = {"prompt": "the quick", "max_tokens": 40, "temperature": 0}
+    r = httpx.post(server.url + "/v1/completions", json={**body, "guided_choice": ["alpha", "beta"]})
+    assert r.json()["choices"][0]["text"] in ("alpha", "beta") and r.json()["choices"][0]["finish_reason"] == "stop"
+    r = httpx.post(server.url + "/v1/completions", json={**body, "n": 2, "temperature": 1, "seed": 4,
+                                                         "guided_regex": "[0-9]{2}-[xy]"})
+    assert all(re.fullmatch("[0-9]{2}-[xy]", c["text"]) for c in r.json()["choices"]), r.text
+    schema = {"type": "object", "properties": {"n": {"enum": [7, 8]}}, "required": ["n"], "additionalProperties": False}
+    r = httpx.post(server.url + "/v1/completions", json={**body, "structured_outputs": {
+        "json": schema, "disable_any_whitespace": True}})
+    assert json.loads(r.json()["choices"][0]["text"])["n"] in (7, 8), r.text
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=30,
+                                          temperature=0, response_format={"type": "json_object"})
+    assert chat.choices[0].message.content.lstrip().startswith("{")
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=30,
+                                          temperature=0, response_format={"type": "json_schema", "json_schema": {
+                                              "name": "n", "schema": schema}})
+    assert chat.choices[0].message.content.lstrip().startswith("{")
+    r = httpx.post(server.url + "/generate", json={"text": "the quick", "sampling_params": {
+        "max_new_tokens": 20, "temperature": 0, "regex": "(yes|no)!"}})
+    assert r.json()["text"] in ("yes!", "no!"), r.text
+    r = httpx.post(server.url + "/generate", json={"text": "the quick", "sampling_params": {
+        "max_new_tokens": 40, "temperature": 0, "json_schema": json.dumps(schema)}})
+    assert r.json()["text"].lstrip().startswith("{"), r.text
 
 
 def test_sglang_health_generate_flush_cache_and_put(server):

@@ -36,6 +36,7 @@ from llmirc.errors import LlmircError
 
 from .sampling import GREEDY_TEMPERATURE, bias_arrays, logprobs, penalize, sample, validate_sampling
 from .scheduler import Scheduler
+from .structured import Guide, guide_tokenizer
 from .tokenizer import TextStream, Tokenizer
 
 log = logging.getLogger("llmirc.engine")
@@ -58,7 +59,9 @@ class SamplingParams:
     from its logits on the host (no multi-step greedy runs, no sampling on a GPU). `min_tokens`: vLLM's;
     until that many tokens are out, the ids that would end the request (stop_token_ids, and the
     end-of-sequence ids unless ignore_eos) are never sampled and stop strings are not looked for (one
-    that ends later counts, as vLLM's detokenizer finds it)."""
+    that ends later counts, as vLLM's detokenizer finds it). `guided`: an llguidance grammar
+    (structured.grammar: a JSON schema, a regex, choices) the text must follow; it needs the engine's
+    tokenizer, and its requests are sampled on the host too."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -79,6 +82,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
+    guided: str | None = None
 
     @property
     def penalized(self) -> bool:
@@ -107,6 +111,8 @@ class SamplingParams:
                 not 0 <= self.min_tokens <= self.max_tokens:  # (vLLM's rule)
             raise LlmircError(f"min_tokens must be an integer from 0 to max_tokens ({self.max_tokens}), "
                               f"got {self.min_tokens!r}")
+        if self.guided is not None and not isinstance(self.guided, str):
+            raise LlmircError(f"guided must be an llguidance grammar (structured.grammar), got {self.guided!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise LlmircError(f"seed must be an integer >= 0 (or unset), got {self.seed!r}")
         if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in self.stop_token_ids):
@@ -175,6 +181,7 @@ class _Request:
     output: list[int] = field(default_factory=list)  # the tokens generated so far (for penalties)
     penalty_inputs: tuple | None = None  # (prompt ids array, sampling.bias_arrays): made at its first penalized row
     held_ids: np.ndarray | None = None  # the ids min_tokens keeps from being sampled (None: none)
+    guide: Guide | None = None  # the structured output's matcher
 
     @property
     def holds(self) -> bool:
@@ -234,6 +241,7 @@ class Engine:
         self.failure: BaseException | None = None  # set when a step failed: the engine serves nothing more
         self.closed = False  # set by close(): the engine serves nothing more, its executor is closed
         self._requests: dict[int, _Request] = {}
+        self._guide_tokenizer = None  # llguidance's, made at the first guided request
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -283,6 +291,8 @@ class Engine:
             raise LlmircError(f"logit_bias: token id {bad[0]} is outside the model's vocabulary of {vocab}")
         if params.stop and self.tokenizer is None:
             raise LlmircError("stop strings need a tokenizer, and this bundle has none: use stop token ids")
+        if params.guided is not None and self.tokenizer is None:
+            raise LlmircError("structured outputs need a tokenizer, and this bundle has none")
         self.scheduler.check_request(prompt, params.max_tokens)
 
     def abort(self, request_id: int) -> None:
@@ -403,10 +413,20 @@ class Engine:
         if self.error is not None or self.closed:  # queued as the engine failed or closed: refused
             sink(RequestOutput(request_id, None, True, "abort", error=self.error or str(_closed())))
             return
+        guide = None
+        if params.guided is not None:
+            try:
+                if self._guide_tokenizer is None:
+                    self._guide_tokenizer = guide_tokenizer(self.tokenizer, self.executor.vocab_size,
+                                                            self.scheduler.eos_token_ids)
+                guide = Guide(self._guide_tokenizer, params.guided)
+            except LlmircError as e:
+                sink(RequestOutput(request_id, None, True, "abort", error=str(e)))
+                return
         start = params.prompt_logprobs_start if params.prompt_logprobs is not None else None
         self.scheduler.add_request(prompt, params.max_tokens, request_id=request_id, ignore_eos=params.ignore_eos,
                                    stop_token_ids=params.stop_token_ids, prompt_logprobs_from=start)
-        req = _Request(prompt, params, sink, rng, arrival)
+        req = _Request(prompt, params, sink, rng, arrival, guide=guide)
         if self.tokenizer is not None and params.detokenize:
             req.text = TextStream(self.tokenizer, prompt, params.stop, params.include_stop_str_in_output,
                                   params.min_tokens)
@@ -468,6 +488,13 @@ class Engine:
             if event.token is not None:
                 req.num_generated += 1
                 req.output.append(event.token)
+                if req.guide is not None and not event.finished:
+                    req.guide.consume(event.token)
+                    # (a complete grammar allows only the end-of-sequence ids: one sampled with ignore_eos
+                    # ends the request here; a broken matcher too)
+                    if req.guide.matcher.is_error() or (req.guide.done and event.token in self.scheduler.eos_token_ids):
+                        self.scheduler.abort(event.request_id)
+                        out.finished, out.finish_reason = True, "stop"
                 self.stats.generation_tokens += 1
                 if req.first_token is None:
                     req.first_token = now
@@ -516,10 +543,12 @@ class Engine:
         rows = step.sample_rows
         reqs = [self._requests[step.request_ids[r]] for r in rows]
         scores = logits if len(rows) == len(logits) else logits[rows]
-        if any(req.params.penalized or req.holds for req in reqs):
+        if any(req.params.penalized or req.holds or req.guide is not None for req in reqs):
             scores = scores.copy()
             for i, req in enumerate(reqs):
                 p = req.params
+                if req.guide is not None:
+                    scores[i, ~req.guide.allowed(scores.shape[1])] = -np.inf
                 if req.holds:
                     scores[i, req.held_ids] = -np.inf
                 if p.penalized:
@@ -547,7 +576,7 @@ class Engine:
         min_tokens still holding asked for."""
         reqs = (self._requests[step.request_ids[r]] for r in step.sample_rows)
         return not (step.targets >= 0).any() and all(
-            req.params.logprobs is None and not req.params.penalized and not req.holds
+            req.params.logprobs is None and not req.params.penalized and not req.holds and req.guide is None
             and not (req.params.min_p and req.params.temperature > GREEDY_TEMPERATURE) for req in reqs)
 
     def _sample_on_device(self, step) -> np.ndarray:

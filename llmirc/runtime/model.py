@@ -21,6 +21,7 @@ import numpy as np
 from llmirc.artifact_format.reader import Bundle, open_bundle
 from llmirc.errors import BundleError, LlmircError
 
+from . import structured
 from .chat_template import ChatTemplate
 from .cpu_executor import CpuExecutor
 from .engine import Engine, RequestOutput, SamplingParams
@@ -287,7 +288,7 @@ class Model:
                         stop: str | tuple[str, ...] = (), logprobs: int | None = None, *, min_p: float = 0.0,
                         repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
                         frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None,
-                        min_tokens: int = 0) -> Iterator[RequestOutput]:
+                        min_tokens: int = 0, structured_outputs: dict | None = None) -> Iterator[RequestOutput]:
         """Runs all prompts as one continuous batch; yields a RequestOutput (request_id = prompt
         index, token, text, finished, finish_reason, logprob...) for every token as soon as it is
         sampled. Bad arguments raise LlmircError here, not at the first `next`.
@@ -295,18 +296,21 @@ class Model:
         With a seed, prompt i samples from its own generator seeded `seed + i` (vLLM's rule for
         n > 1), so runs are reproducible. `stop` strings end a sequence (and its text, which
         leaves them out). `logprobs` n adds each token's logprob and the n most likely. `min_p`, the
-        penalties, `logit_bias` ({token id: bias}) and `min_tokens` as vLLM's (engine.SamplingParams). Closing
+        penalties, `logit_bias` ({token id: bias}) and `min_tokens` as vLLM's (engine.SamplingParams);
+        `structured_outputs` as vLLM's ({"json": schema}, {"regex": ...}, {"choice": [...]} or
+        {"json_object": True}: the text follows it; structured.py). Closing
         the generator early aborts the rest (their KV blocks are freed)."""
         ids = self._prompts(prompts)
         stop, stop_token_ids = _items(stop, "stop"), tuple(map(_plain, _items(stop_token_ids, "stop_token_ids")))
         max_new_tokens, top_k, seed, logprobs = map(_plain, (max_new_tokens, top_k, seed, logprobs))
         offset = isinstance(seed, int) and not isinstance(seed, bool)  # else SamplingParams names the bad seed
+        guided = structured.structured_outputs(structured_outputs)
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  seed=seed + i if offset else seed, stop_token_ids=stop_token_ids, stop=stop,
                                  ignore_eos=ignore_eos, logprobs=logprobs, min_p=min_p,
                                  repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                  frequency_penalty=frequency_penalty, logit_bias=_bias_pairs(logit_bias),
-                                 min_tokens=_plain(min_tokens))
+                                 min_tokens=_plain(min_tokens), guided=guided)
                   for i in range(len(ids))]
         return self.engine.generate(ids, params)
 

@@ -1,14 +1,15 @@
 """OpenAI-compatible routes, with vLLM's request fields and response shapes.
 
-POST /v1/completions and /v1/chat/completions take OpenAI's parameters (model, prompt or
-messages, max_tokens / max_completion_tokens, temperature, top_p, seed, stop, n, logprobs /
-top_logprobs, echo, stream, stream_options.include_usage, presence_penalty, frequency_penalty,
-logit_bias) and vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos,
+POST /v1/completions and /v1/chat/completions take OpenAI's parameters (model, prompt or messages,
+max_tokens / max_completion_tokens, temperature, top_p, seed, stop, n, logprobs / top_logprobs,
+echo, stream, stream_options.include_usage, presence_penalty, frequency_penalty, logit_bias) and
+vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos,
 include_stop_str_in_output, skip_special_tokens, add_generation_prompt, continue_final_message,
-chat_template_kwargs, return_token_ids). Parameters that would change the output and
-that llmirc does not implement (`NOT_IMPLEMENTED`: guided
-decoding and response formats other than text, beam search, prompt_logprobs, truncation; best_of !=
-n, suffix, skip_special_tokens false, non-text content, tools unless tool_choice is "none") are
+chat_template_kwargs, return_token_ids) and structured outputs (response_format json_object /
+json_schema, structured_outputs, guided_json / guided_regex / guided_choice: `_guided`). Parameters
+that would change the output and that llmirc does not implement (`NOT_IMPLEMENTED`: guided_grammar
+(EBNF), beam search, prompt_logprobs, truncation; best_of != n, suffix, skip_special_tokens false,
+non-text content, tools unless tool_choice is "none") are
 refused with a 400 naming them, never silently ignored, as are an empty stop string, stop token
 ids outside the vocabulary (vLLM's SamplingParams checks) and stream_options without stream;
 unknown fields are ignored, as vLLM does. Integer fields take an integral number written as a
@@ -43,6 +44,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmirc.errors import LlmircError
+from llmirc.runtime import structured
 from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 from .app import APIError, Generation, Int, Server, event_stream, logit_bias_pairs, refuse_not_implemented
@@ -60,8 +62,7 @@ class StreamOptions(BaseModel):
 # them unless absent, null or at a value that changes nothing (listed).
 NOT_IMPLEMENTED = {
     "allowed_token_ids": (), "bad_words": ([],), "logits_processors": ([],),
-    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
-    "response_format": ({"type": "text"},), "use_beam_search": (False,), "length_penalty": (1.0,),
+    "guided_grammar": (), "use_beam_search": (False,), "length_penalty": (1.0,),
     "prompt_logprobs": (), "truncate_prompt_tokens": (), "detokenize": (True,), "return_tokens_as_token_ids": (False,),
     "functions": ([],), "function_call": ("none",), "chat_template": (), "modalities": (["text"],), "audio": (),
 }
@@ -81,6 +82,11 @@ class _Common(BaseModel):
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     min_tokens: Int | None = 0
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
     seed: Int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[Int] | None = None
@@ -181,7 +187,40 @@ def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | Non
         include_stop_str_in_output=req.include_stop_str_in_output, min_p=min_p,
         repetition_penalty=repetition_penalty, presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
-        logit_bias=logit_bias_pairs(req.logit_bias, vocab, "logit_bias"), min_tokens=min_tokens)
+        logit_bias=logit_bias_pairs(req.logit_bias, vocab, "logit_bias"), min_tokens=min_tokens,
+        guided=_guided(req))
+
+
+def _guided(req: _Common) -> str | None:
+    """The llguidance grammar of the request's structured output (structured.py): vLLM's
+    structured_outputs or guided_json / guided_regex / guided_choice, or OpenAI's response_format
+    (json_object, json_schema); a 400 naming the field for more than one, or one that is not valid."""
+    given = [(name, value) for name, value in (
+        ("structured_outputs", req.structured_outputs), ("guided_json", req.guided_json),
+        ("guided_regex", req.guided_regex), ("guided_choice", req.guided_choice),
+        ("response_format", req.response_format)) if value is not None]
+    given = [(name, value) for name, value in given if not (name == "response_format" and value == {"type": "text"})]
+    if len(given) > 1:
+        raise APIError(400, f"only one structured output may be given, got {' and '.join(n for n, _ in given)}",
+                       given[1][0])
+    if not given:
+        return None
+    (name, value), = given
+    try:
+        if name == "structured_outputs":
+            return structured.structured_outputs(value)
+        if name != "response_format":
+            return structured.grammar(name.removeprefix("guided_"), value)
+        kind = value.get("type")
+        if kind == "json_object":
+            return structured.grammar("json", {})
+        schema = value.get("json_schema")
+        if kind != "json_schema" or not isinstance(schema, dict) or "schema" not in schema:
+            raise LlmircError("response_format must be {type: text}, {type: json_object} or {type: json_schema, "
+                              "json_schema: {name, schema}}")
+        return structured.grammar("json", schema["schema"])
+    except LlmircError as e:
+        raise APIError(400, f"{name}: {e}", name) from None
 
 
 def _rest_of_sequence(server: Server, prompt_len: int, what: str) -> int:

@@ -26,15 +26,16 @@ programs use this for `select` and to cache shared prefixes). As in SGLang, a ma
 given that would pass the context is a 400, and otherwise it is clipped to what one sequence can
 hold (the context, or the KV cache when smaller; null: no limit but that), the finish_reason's
 length saying how many. Sampling parameters llmirc does
-not implement (regex, json_schema, ebnf, structural_tag, n > 1, skip_special_tokens false)
-are refused; stream_interval and custom_params (which only a
-custom logit processor reads) are taken and change nothing. min_p, frequency_penalty and presence_penalty
-(the output's tokens only), logit_bias and repetition_penalty are applied with their ranges in SGLang's
-SamplingParams.verify (repetition_penalty in (0, 2]: 0, which SGLang takes, would divide by zero);
-repetition_penalty over the prompt and the output as vLLM and transformers apply it (SGLang 0.4.10
-checks it but its penalizers no longer apply it). min_new_tokens keeps the stop token ids and the
-end-of-sequence ids from being sampled until that many tokens are out, as SGLang's penalizer does, and
-(vLLM's min_tokens, which the engine implements) stop strings from being looked for.
+not implement (ebnf, structural_tag, n > 1, skip_special_tokens false) are refused; json_schema and
+regex hold the text to a JSON schema or a regular expression (structured.py, llguidance);
+stream_interval and custom_params (which only a custom logit processor reads) are taken and change
+nothing. min_p, frequency_penalty and presence_penalty (the output's tokens only), logit_bias and
+repetition_penalty are applied with their ranges in SGLang's SamplingParams.verify
+(repetition_penalty in (0, 2]: 0, which SGLang takes, would divide by zero); repetition_penalty over
+the prompt and the output as vLLM and transformers apply it (SGLang 0.4.10 checks it but its
+penalizers no longer apply it). min_new_tokens keeps the stop token ids and the end-of-sequence ids
+from being sampled until that many tokens are out, as SGLang's penalizer does, and (vLLM's
+min_tokens, which the engine implements) stop strings from being looked for.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict
 
 from llmirc.errors import LlmircError
+from llmirc.runtime import structured
 from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams
 
 from .app import APIError, Generation, Int, Server, event_stream, logit_bias_pairs, refuse_not_implemented
@@ -109,8 +111,7 @@ def _neutral(value) -> bool:
     return value is None or value is False or value == [] or value == {} or \
         (isinstance(value, list) and all(map(_neutral, value)))
 
-NEUTRAL = {"skip_special_tokens": True, "n": 1, "regex": None, "json_schema": None, "ebnf": None,
-           "structural_tag": None}
+NEUTRAL = {"skip_special_tokens": True, "n": 1, "ebnf": None, "structural_tag": None}
 
 
 def _params(raw: dict | None) -> _Params:
@@ -144,6 +145,18 @@ def _params(raw: dict | None) -> _Params:
         raise APIError(400, f"sampling_params.min_new_tokens must be in [0, max_new_tokens], got {p.min_new_tokens}",
                        "sampling_params")
     return p
+
+
+def _guided(p: _Params) -> str | None:
+    """The llguidance grammar of json_schema or regex (SGLang refuses both at once); a 400 when not valid."""
+    if p.json_schema is not None and p.regex is not None:
+        raise APIError(400, "sampling_params: only one of json_schema and regex may be given", "sampling_params")
+    kind, spec = ("json", p.json_schema) if p.json_schema is not None else ("regex", p.regex)
+    try:
+        return None if spec is None else structured.grammar(kind, spec)
+    except LlmircError as e:
+        raise APIError(400, f"sampling_params.{'json_schema' if kind == 'json' else 'regex'}: {e}",
+                       "sampling_params") from None
 
 
 def _check_stops(server: Server, p: _Params) -> None:
@@ -288,7 +301,8 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
             logit_bias=logit_bias_pairs(p.logit_bias, server.model.vocab_size,
                                         "sampling_params.logit_bias"),
-            min_tokens=min(p.min_new_tokens, max_new_tokens))))  # (max_new_tokens as clipped to the context)
+            min_tokens=min(p.min_new_tokens, max_new_tokens),  # (max_new_tokens as clipped to the context)
+            guided=_guided(p))))
         items.append(_Item(prompt, max_new_tokens, rids[i], logprob[i], starts[i], tops[i]))
     with_text = req.return_text_in_logprobs
 

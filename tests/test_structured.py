@@ -1,0 +1,88 @@
+"""Structured outputs (llmirc/runtime/structured.py, llguidance): a random model's text held to a
+JSON schema, a regular expression or a list of choices through the loader, and bad formats named."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from helpers import make_checkpoint
+from llmirc.driver import CompileOptions, Progress, compile_model
+from llmirc.errors import LlmircError
+from llmirc.runtime import load, structured
+
+pytest.importorskip("llguidance")
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 22, 333]}},
+          "required": ["ok", "n"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("structured")
+    make_checkpoint(root / "ckpt", "llama", tokenizer=True)
+    compile_model(root / "ckpt", root / "m.llmir", CompileOptions(cpu_variants=("native",)), Progress(None))
+    with load(root / "m.llmir", kv_cache_tokens=2048) as m:
+        yield m
+
+
+def _texts(model, spec, **kw):
+    prompts = ["the quick brown", "hello", "a small test"]
+    outs = {}
+    for event in model.generate_stream(prompts, 80, structured_outputs=spec, **kw):
+        text, reason = outs.get(event.request_id, ("", None))
+        outs[event.request_id] = (text + event.text, event.finish_reason or reason)
+    return [outs[i] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.0, seed=3)])
+def test_the_text_follows_the_format(model, sampling):
+    """Every output, greedy and sampled, is one of the choices / matches the regex whole / is a JSON
+    object of the schema; each ends at the grammar's end (finish_reason stop: the end-of-sequence id is
+    then the one token allowed), none cut by length, though the random model alone writes no such text."""
+    free = [t for t, _ in _texts(model, None, ignore_eos=True)]
+    assert not any(t in ("yes", "no") for t in free)
+    for text, reason in _texts(model, {"choice": ["yes", "no", "maybe not"]}, **sampling):
+        assert text in ("yes", "no", "maybe not") and reason == "stop"
+    for text, reason in _texts(model, {"regex": r"[a-c]{2,4}-[0-9]{3}"}, **sampling):
+        assert re.fullmatch(r"[a-c]{2,4}-[0-9]{3}", text) and reason == "stop", text
+    # (JSON without whitespace: a random model would write spaces to max_tokens, as the grammar allows)
+    for text, reason in _texts(model, {"json": SCHEMA, "disable_any_whitespace": True}, **sampling):
+        assert reason == "stop" and not re.search(r"\s", text), text
+        value = json.loads(text)
+        assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and value["n"] in (1, 22, 333)
+    for text, reason in _texts(model, {"json_object": True}, **sampling):
+        assert reason in ("stop", "length") and text.lstrip().startswith("{")
+        if reason == "stop":
+            assert isinstance(json.loads(text), dict)
+
+
+def test_ignore_eos_still_ends_at_the_grammars_end(model):
+    for text, reason in _texts(model, {"choice": ["yes", "no"]}, ignore_eos=True):
+        assert text in ("yes", "no") and reason == "stop"
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ({"regex": "(yes|no"}, "regex format is not valid"),
+    ({"json": "{not json"}, "JSON schema is not JSON"),
+    ({"json": [1, 2]}, "JSON schema must be an object"),
+    ({"choice": []}, "non-empty list of strings"),
+    ({"choice": ["a", 3]}, "non-empty list of strings"),
+    ({"regex": "a", "choice": ["b"]}, "exactly one of"),
+    ({"grammar": "start: x"}, "exactly one of"),
+    ({"json": {}, "disable_any_whitespace": "yes"}, "exactly one of"),
+    ({}, "exactly one of"),
+])
+def test_bad_formats_are_named(model, spec, needle):
+    with pytest.raises(LlmircError, match=re.escape(needle)):
+        list(model.generate_stream(["hi"], 4, structured_outputs=spec))
+
+
+def test_a_grammar_needs_the_tokenizer(tmp_path):
+    make_checkpoint(tmp_path / "ckpt", "llama")
+    compile_model(tmp_path / "ckpt", tmp_path / "m.llmir", CompileOptions(cpu_variants=("native",)), Progress(None))
+    with load(tmp_path / "m.llmir") as m, pytest.raises(LlmircError, match="need a tokenizer"):
+        list(m.generate_stream([[1, 2]], 4, structured_outputs={"choice": ["a"]}))
+    assert structured.structured_outputs(None) is None
