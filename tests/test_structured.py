@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from helpers import make_checkpoint
+from helpers import make_checkpoint, make_tokenizer
 from llmirc.driver import CompileOptions, Progress, compile_model
 from llmirc.errors import LlmircError
 from llmirc.runtime import load, structured
@@ -86,3 +86,16 @@ def test_a_grammar_needs_the_tokenizer(tmp_path):
     with load(tmp_path / "m.llmir") as m, pytest.raises(LlmircError, match="need a tokenizer"):
         list(m.generate_stream([[1, 2]], 4, structured_outputs={"choice": ["a"]}))
     assert structured.structured_outputs(None) is None
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_named(tmp_path):
+    """A tokenizer with more ids than the model's logits: llguidance's tokenizer cannot be made; that was
+    a ValueError on the engine's thread, which ended it (the server's requests all hung after it)."""
+    make_checkpoint(tmp_path / "ckpt", "llama", vocab_size=256)
+    make_tokenizer(tmp_path / "ckpt", 384)
+    compile_model(tmp_path / "ckpt", tmp_path / "m.llmir", CompileOptions(cpu_variants=("native",)), Progress(None))
+    with load(tmp_path / "m.llmir") as m:
+        m.engine.start()
+        with pytest.raises(LlmircError, match="tokenizer does not fit the model: vocab size too small"):
+            list(m.generate_stream([[0, 5, 6]], 4, structured_outputs={"choice": ["a"]}))
+        assert [e.token for e in m.generate_stream([[0, 5, 6]], 3, ignore_eos=True)][-1] is not None

@@ -241,7 +241,8 @@ class Engine:
         self.failure: BaseException | None = None  # set when a step failed: the engine serves nothing more
         self.closed = False  # set by close(): the engine serves nothing more, its executor is closed
         self._requests: dict[int, _Request] = {}
-        self._guide_tokenizer = None  # llguidance's, made at the first guided request
+        self._guide_tokenizer = None  # llguidance's, made at the first guided request (`_guides`)
+        self._guide_lock = threading.Lock()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -293,7 +294,22 @@ class Engine:
             raise LlmircError("stop strings need a tokenizer, and this bundle has none: use stop token ids")
         if params.guided is not None and self.tokenizer is None:
             raise LlmircError("structured outputs need a tokenizer, and this bundle has none")
+        if params.guided is not None:
+            self._guides()
         self.scheduler.check_request(prompt, params.max_tokens)
+
+    def _guides(self):
+        """llguidance's tokenizer of the bundle's (made once, from any thread); LlmircError when it does
+        not fit the model (a tokenizer with more ids than the logits)."""
+        with self._guide_lock:
+            if self._guide_tokenizer is None:
+                try:
+                    self._guide_tokenizer = guide_tokenizer(self.tokenizer, self.executor.vocab_size,
+                                                            self.scheduler.eos_token_ids)
+                except ValueError as e:
+                    raise LlmircError(f"structured outputs: the bundle's tokenizer does not fit the model: {e}") \
+                        from None
+            return self._guide_tokenizer
 
     def abort(self, request_id: int) -> None:
         """Stop a request and free its KV blocks at the next step boundary (no-op if finished)."""
@@ -415,12 +431,9 @@ class Engine:
             return
         guide = None
         if params.guided is not None:
-            try:
-                if self._guide_tokenizer is None:
-                    self._guide_tokenizer = guide_tokenizer(self.tokenizer, self.executor.vocab_size,
-                                                            self.scheduler.eos_token_ids)
-                guide = Guide(self._guide_tokenizer, params.guided)
-            except LlmircError as e:
+            try:  # (an exception here would end the loop's thread: every request after it would hang)
+                guide = Guide(self._guides(), params.guided)
+            except Exception as e:
                 sink(RequestOutput(request_id, None, True, "abort", error=str(e)))
                 return
         start = params.prompt_logprobs_start if params.prompt_logprobs is not None else None
