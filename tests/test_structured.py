@@ -68,6 +68,7 @@ def test_ignore_eos_still_ends_at_the_grammars_end(model):
     ({"regex": "(yes|no"}, "regex format is not valid"),
     ({"json": "{not json"}, "JSON schema is not JSON"),
     ({"json": [1, 2]}, "JSON schema must be an object"),
+    ({"json": "false"}, "the JSON schema false matches no value"),
     ({"choice": []}, "non-empty list of strings"),
     ({"choice": ["a", 3]}, "non-empty list of strings"),
     ({"regex": "a", "choice": ["b"]}, "exactly one of"),
@@ -78,6 +79,17 @@ def test_ignore_eos_still_ends_at_the_grammars_end(model):
 def test_bad_formats_are_named(model, spec, needle):
     with pytest.raises(LlmircError, match=re.escape(needle)):
         list(model.generate_stream(["hi"], 4, structured_outputs=spec))
+
+
+def test_the_schemas_true_and_empty_are_any_json_value(model):
+    """The JSON schema true (a 500 on the server: llguidance's ValueError) and {} take any JSON value, as
+    in JSON Schema and vLLM; json_object an object (false was taken as json_object: a 400 now)."""
+    assert structured.grammar("json", True) == structured.grammar("json", "true") == structured.grammar("json", {})
+    assert structured.grammar("json", {}) != structured.structured_outputs({"json_object": True})
+    for text, reason in _texts(model, {"json": True, "disable_any_whitespace": True}):
+        assert reason in ("stop", "length")
+        if reason == "stop":
+            json.loads(text)
 
 
 def test_a_grammar_needs_the_tokenizer(tmp_path):

@@ -19,6 +19,7 @@ import numpy as np
 from llmirc.errors import LlmircError
 
 KINDS = ("json", "regex", "choice")
+JSON_OBJECT = {"type": "object"}  # the schema of OpenAI's json_object (vLLM's structured_outputs json_object)
 
 
 def _llguidance():
@@ -30,8 +31,8 @@ def _llguidance():
 
 
 def grammar(kind: str, spec, compact: bool = False) -> str:
-    """The llguidance grammar of one format: kind "json" (a JSON schema, as a dict or its text; {}
-    for any JSON object, OpenAI's json_object; whitespace between tokens allowed, as vLLM's default,
+    """The llguidance grammar of one format: kind "json" (a JSON schema, as a dict or its text; JSON_OBJECT
+    for OpenAI's json_object; whitespace between tokens allowed, as vLLM's default,
     unless `compact`: vLLM's disable_any_whitespace), "regex" (the whole text matches it) or "choice"
     (the text is one of a list of strings). LlmircError for a spec of the wrong type or not valid."""
     llg = _llguidance()
@@ -43,8 +44,13 @@ def grammar(kind: str, spec, compact: bool = False) -> str:
                 raise LlmircError(f"the JSON schema is not JSON: {e}") from None
         if not isinstance(spec, (dict, bool)):
             raise LlmircError(f"a JSON schema must be an object, got {type(spec).__name__}")
-        text = llg.LLMatcher.grammar_from_json_schema(spec or {"type": "object"},
-                                                      defaults={"whitespace_flexible": not compact})
+        if spec is False:
+            raise LlmircError("the JSON schema false matches no value")
+        try:  # (the schema true is {}: any JSON value; llguidance takes only an object with its options)
+            text = llg.LLMatcher.grammar_from_json_schema({} if spec is True else spec,
+                                                          defaults={"whitespace_flexible": not compact})
+        except (ValueError, TypeError) as e:
+            raise LlmircError(f"the json format is not valid: {' '.join(str(e).split())[:300]}") from None
     elif kind == "regex":
         if not isinstance(spec, str):
             raise LlmircError(f"a regular expression must be a string, got {type(spec).__name__}")
@@ -75,7 +81,7 @@ def structured_outputs(spec: dict | None) -> str | None:
         raise LlmircError("structured_outputs takes exactly one of json, regex, choice, json_object (and "
                           "disable_any_whitespace: true or false)")
     (kind, value), = given.items()
-    return grammar("json", {} if kind == "json_object" else value, compact) if kind in ("json", "json_object") \
+    return grammar("json", JSON_OBJECT if kind == "json_object" else value, compact) if kind in ("json", "json_object") \
         else grammar(kind, value)
 
 

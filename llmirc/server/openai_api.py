@@ -213,7 +213,7 @@ def _guided(req: _Common) -> str | None:
             return structured.grammar(name.removeprefix("guided_"), value)
         kind = value.get("type")
         if kind == "json_object":
-            return structured.grammar("json", {})
+            return structured.grammar("json", structured.JSON_OBJECT)
         schema = value.get("json_schema")
         if kind != "json_schema" or not isinstance(schema, dict) or "schema" not in schema:
             raise LlmircError("response_format must be {type: text}, {type: json_object} or {type: json_schema, "
