@@ -64,6 +64,19 @@ def test_ignore_eos_still_ends_at_the_grammars_end(model):
         assert text in ("yes", "no") and reason == "stop"
 
 
+def test_the_grammars_end_wins_over_min_tokens(model):
+    """min_tokens past the grammar's end: the end-of-sequence ids, the only ones the grammar then allows,
+    were held too, and a token neither allowed (id 0 of a row all -inf) ended the request."""
+    eos = set(model.engine.scheduler.eos_token_ids)
+    for sampling in (dict(), dict(temperature=1.0, seed=3)):
+        events = list(model.generate_stream(["the quick brown", "hello"], 20, min_tokens=10,
+                                            structured_outputs={"choice": ["yes", "no"]}, **sampling))
+        for i in range(2):
+            mine = [e for e in events if e.request_id == i]
+            assert "".join(e.text for e in mine) in ("yes", "no") and mine[-1].finish_reason == "stop"
+            assert mine[-1].token in eos and len(mine) < 10
+
+
 @pytest.mark.parametrize("spec,needle", [
     ({"regex": "(yes|no"}, "regex format is not valid"),
     ({"json": "{not json"}, "JSON schema is not JSON"),

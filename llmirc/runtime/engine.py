@@ -563,7 +563,10 @@ class Engine:
                 if req.guide is not None:
                     scores[i, ~req.guide.allowed(scores.shape[1])] = -np.inf
                 if req.holds:
+                    held = scores[i, req.held_ids]
                     scores[i, req.held_ids] = -np.inf
+                    if req.guide is not None and not np.isfinite(scores[i]).any():  # the grammar's end wins
+                        scores[i, req.held_ids] = held
                 if p.penalized:
                     if req.penalty_inputs is None:
                         req.penalty_inputs = (np.asarray(req.prompt, dtype=np.int64), bias_arrays(p.logit_bias))
