@@ -8,7 +8,7 @@ include_stop_str_in_output, skip_special_tokens, add_generation_prompt, continue
 chat_template_kwargs, return_token_ids) and structured outputs (response_format json_object /
 json_schema, structured_outputs, guided_json / guided_regex / guided_choice: `_guided`). Parameters
 that would change the output and that llmirc does not implement (`NOT_IMPLEMENTED`: guided_grammar
-(EBNF), beam search, prompt_logprobs, truncation; best_of != n, suffix, skip_special_tokens false,
+(EBNF), guided_whitespace_pattern, beam search, prompt_logprobs, truncation; best_of != n, suffix, skip_special_tokens false,
 non-text content, tools unless tool_choice is "none") are
 refused with a 400 naming them, never silently ignored, as are an empty stop string, stop token
 ids outside the vocabulary (vLLM's SamplingParams checks) and stream_options without stream;
@@ -62,7 +62,7 @@ class StreamOptions(BaseModel):
 # them unless absent, null or at a value that changes nothing (listed).
 NOT_IMPLEMENTED = {
     "allowed_token_ids": (), "bad_words": ([],), "logits_processors": ([],),
-    "guided_grammar": (), "use_beam_search": (False,), "length_penalty": (1.0,),
+    "guided_grammar": (), "guided_whitespace_pattern": (), "use_beam_search": (False,), "length_penalty": (1.0,),
     "prompt_logprobs": (), "truncate_prompt_tokens": (), "detokenize": (True,), "return_tokens_as_token_ids": (False,),
     "functions": ([],), "function_call": ("none",), "chat_template": (), "modalities": (["text"],), "audio": (),
 }
