@@ -81,8 +81,9 @@ def structured_outputs(spec: dict | None) -> str | None:
         raise LlmircError("structured_outputs takes exactly one of json, regex, choice, json_object (and "
                           "disable_any_whitespace: true or false)")
     (kind, value), = given.items()
-    return grammar("json", JSON_OBJECT if kind == "json_object" else value, compact) if kind in ("json", "json_object") \
-        else grammar(kind, value)
+    if kind in ("json", "json_object"):
+        return grammar("json", JSON_OBJECT if kind == "json_object" else value, compact)
+    return grammar(kind, value)
 
 
 class Guide:

@@ -8,8 +8,8 @@ include_stop_str_in_output, skip_special_tokens, add_generation_prompt, continue
 chat_template_kwargs, return_token_ids) and structured outputs (response_format json_object /
 json_schema, structured_outputs, guided_json / guided_regex / guided_choice: `_guided`). Parameters
 that would change the output and that llmirc does not implement (`NOT_IMPLEMENTED`: guided_grammar
-(EBNF), guided_whitespace_pattern, beam search, prompt_logprobs, truncation; best_of != n, suffix, skip_special_tokens false,
-non-text content, tools unless tool_choice is "none") are
+(EBNF), guided_whitespace_pattern, beam search, prompt_logprobs, truncation; best_of != n, suffix,
+skip_special_tokens false, non-text content, tools unless tool_choice is "none") are
 refused with a 400 naming them, never silently ignored, as are an empty stop string, stop token
 ids outside the vocabulary (vLLM's SamplingParams checks) and stream_options without stream;
 unknown fields are ignored, as vLLM does. Integer fields take an integral number written as a
