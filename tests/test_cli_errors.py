@@ -1392,8 +1392,8 @@ def test_bench_compare_transformers_that_transformers_cannot_load(bundle, ckpt, 
 def test_bench_compare_transformers_into_a_log(bundle, ckpt):
     """stderr not a terminal (CI's log): no transformers progress bar (carriage returns); --json's
     stdout is one JSON object with both engines' figures."""
-    r = llmirc("bench", bundle, "--prompt-len", "4", "--new-tokens", "16", "--repeat", "2", "--json",
-               "--compare-transformers", ckpt)  # (16 tokens, best of 2: 3 did not outlast 1 on a busy host)
+    r = llmirc("bench", bundle, "--prompt-len", "4", "--new-tokens", "48", "--repeat", "3", "--json",
+               "--compare-transformers", ckpt)  # (3 tokens, then 16 best of 2, did not outlast 1 on a busy host)
     assert r.returncode == 0 and "\r" not in r.stderr and "Loading weights" not in r.stderr, r.stderr
     assert {"llmirc", "transformers"} <= set(json.loads(r.stdout))
 
