@@ -41,7 +41,7 @@ import uuid
 from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from llmirc.errors import LlmircError
 from llmirc.runtime import structured
@@ -87,6 +87,7 @@ class _Common(BaseModel):
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    _grammar: str | None = PrivateAttr(None)  # the structured output's grammar (`_guided`), made once
     seed: Int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[Int] | None = None
@@ -132,6 +133,7 @@ class ChatRequest(_Common):
 
 def _refuse_unsupported(req: _Common) -> None:
     refuse_not_implemented(req.model_extra or {}, NOT_IMPLEMENTED)
+    req._grammar = _guided(req)  # (once for all n choices)
     if req.n is None:  # (vLLM: null is the default)
         req.n = 1
     if req.stream_options is not None and not req.stream:
@@ -188,7 +190,7 @@ def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | Non
         repetition_penalty=repetition_penalty, presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias=logit_bias_pairs(req.logit_bias, vocab, "logit_bias"), min_tokens=min_tokens,
-        guided=_guided(req))
+        guided=req._grammar)
 
 
 def _guided(req: _Common) -> str | None:
