@@ -567,6 +567,8 @@ BAD = {
                                "guided_choice"),
     "bad-guided-regex": ("/v1/completions", {"prompt": "hi", "guided_regex": "(a"}, 400,
                          "guided_regex: the regex format is not valid", "guided_regex"),
+    "guided-regex-matching-nothing": ("/v1/completions", {"prompt": "hi", "guided_regex": "[^\\s\\S]"}, 400,
+                                      "admits no text"),
     "response-format-xml": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                      "response_format": {"type": "xml"}}, 400,
                             "response_format must be", "response_format"),

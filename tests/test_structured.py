@@ -79,6 +79,7 @@ def test_the_grammars_end_wins_over_min_tokens(model):
 
 @pytest.mark.parametrize("spec,needle", [
     ({"regex": "(yes|no"}, "regex format is not valid"),
+    ({"regex": r"[^\s\S]"}, "admits no text"),  # (valid, but no text matches it: a 400, not an empty answer)
     ({"json": "{not json"}, "JSON schema is not JSON"),
     ({"json": [1, 2]}, "JSON schema must be an object"),
     ({"json": "false"}, "the JSON schema false matches no value"),

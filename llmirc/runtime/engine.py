@@ -275,9 +275,11 @@ class Engine:
             raise LlmircError(f"the engine stopped after an error: {self.error}")
         prompt = [int(t) for t in prompt]
         self.check(prompt, params)
+        # a structured output's matcher is made here, off the loop's thread (a large schema's takes 0.1 s)
+        guide = Guide(self._guides(), params.guided) if params.guided is not None else None
         request_id = next(self._ids)
         rng = np.random.default_rng(params.seed)
-        self._inbox.put(("add", request_id, prompt, params, sink, rng, time.perf_counter()))
+        self._inbox.put(("add", request_id, prompt, params, sink, rng, time.perf_counter(), guide))
         return request_id
 
     def check(self, prompt: list[int], params: SamplingParams) -> None:
@@ -425,17 +427,10 @@ class Engine:
             except queue.Empty:
                 return True
 
-    def _add(self, request_id, prompt, params: SamplingParams, sink, rng, arrival) -> None:
+    def _add(self, request_id, prompt, params: SamplingParams, sink, rng, arrival, guide: Guide | None) -> None:
         if self.error is not None or self.closed:  # queued as the engine failed or closed: refused
             sink(RequestOutput(request_id, None, True, "abort", error=self.error or str(_closed())))
             return
-        guide = None
-        if params.guided is not None:
-            try:  # (an exception here would end the loop's thread: every request after it would hang)
-                guide = Guide(self._guides(), params.guided)
-            except Exception as e:
-                sink(RequestOutput(request_id, None, True, "abort", error=str(e)))
-                return
         start = params.prompt_logprobs_start if params.prompt_logprobs is not None else None
         self.scheduler.add_request(prompt, params.max_tokens, request_id=request_id, ignore_eos=params.ignore_eos,
                                    stop_token_ids=params.stop_token_ids, prompt_logprobs_from=start)

@@ -90,15 +90,19 @@ class Guide:
     """One request's matcher: which tokens its grammar allows next, and the tokens it has taken."""
 
     def __init__(self, tokenizer, grammar_text: str):
-        """`tokenizer`: `guide_tokenizer`'s; LlmircError when the grammar does not load."""
+        """`tokenizer`: `guide_tokenizer`'s; LlmircError when the grammar does not load, or admits no
+        text at all (a regex such as [^\\s\\S]: its first mask puts the matcher in error)."""
         self.matcher = _llguidance().LLMatcher(tokenizer, grammar_text, log_level=0)
+        self._first = None if self.matcher.is_error() else self.matcher.compute_bitmask()  # (the first step's)
         if self.matcher.is_error():
-            raise LlmircError(f"the structured output's grammar does not load: {self.matcher.get_error()[:300]}")
+            problem = " ".join(self.matcher.get_error().split())[:300]
+            raise LlmircError(f"the structured output's grammar does not load or admits no text: {problem}")
         self.vocab = tokenizer.vocab_size
 
     def allowed(self, width: int) -> np.ndarray:
         """bool [width]: the tokens the grammar allows next (ids past the tokenizer's are not)."""
-        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), np.uint8), bitorder="little")
+        mask, self._first = self._first or self.matcher.compute_bitmask(), None
+        bits = np.unpackbits(np.frombuffer(mask, np.uint8), bitorder="little")
         out = np.zeros(width, dtype=bool)
         n = min(width, self.vocab, len(bits))
         out[:n] = bits[:n].astype(bool)
