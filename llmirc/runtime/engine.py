@@ -175,10 +175,9 @@ class _Request:
     rng: np.random.Generator
     arrival: float
     first_token: float | None = None
-    num_generated: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None
     text: TextStream | None = None
-    output: list[int] = field(default_factory=list)  # the tokens generated so far (for penalties)
+    output: list[int] = field(default_factory=list)  # the tokens generated so far
     penalty_inputs: tuple | None = None  # (prompt ids array, sampling.bias_arrays): made at its first penalized row
     held_ids: np.ndarray | None = None  # the ids min_tokens keeps from being sampled (None: none)
     guide: Guide | None = None  # the structured output's matcher
@@ -191,6 +190,10 @@ class _Request:
     @property
     def prompt_len(self) -> int:
         return len(self.prompt)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output)
 
 
 class Histogram:
@@ -294,10 +297,10 @@ class Engine:
             raise LlmircError(f"logit_bias: token id {bad[0]} is outside the model's vocabulary of {vocab}")
         if params.stop and self.tokenizer is None:
             raise LlmircError("stop strings need a tokenizer, and this bundle has none: use stop token ids")
-        if params.guided is not None and self.tokenizer is None:
-            raise LlmircError("structured outputs need a tokenizer, and this bundle has none")
         if params.guided is not None:
-            self._guides()
+            if self.tokenizer is None:
+                raise LlmircError("structured outputs need a tokenizer, and this bundle has none")
+            self._guides()  # (LlmircError where its tokenizer does not fit the model)
         self.scheduler.check_request(prompt, params.max_tokens)
 
     def _guides(self):
@@ -494,13 +497,12 @@ class Engine:
             out = RequestOutput(event.request_id, event.token, event.finished, event.finish_reason,
                                 prompt_tokens=req.prompt_len, cached_tokens=event.cached_tokens)
             if event.token is not None:
-                req.num_generated += 1
                 req.output.append(event.token)
                 if req.guide is not None and not event.finished:
                     req.guide.consume(event.token)
                     # (a complete grammar allows only the end-of-sequence ids: one sampled with ignore_eos
                     # ends the request here; a broken matcher too)
-                    if req.guide.matcher.is_error() or (req.guide.done and event.token in self.scheduler.eos_token_ids):
+                    if req.guide.ended(event.token, self.scheduler.eos_token_ids):
                         self.scheduler.abort(event.request_id)
                         out.finished, out.finish_reason = True, "stop"
                 self.stats.generation_tokens += 1

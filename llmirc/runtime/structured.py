@@ -5,7 +5,7 @@ The API layers turn a request's format into an llguidance grammar (`grammar`); t
 such request a matcher (`Guide`) over the bundle's tokenizer: before each sampling, the tokens the
 grammar allows from the text so far (`Guide.allowed`: a bool mask over the logits' width; the
 others are set to -inf, greedy decoding included); after it, the token consumed. Once the grammar
-is complete only the end-of-sequence ids are allowed, and the request ends there (`Guide.done`).
+is complete only the end-of-sequence ids are allowed, and the request ends there (`Guide.ended`).
 llguidance is optional (the `serve` extra): a guided request without it is an LlmircError.
 """
 
@@ -111,10 +111,10 @@ class Guide:
     def consume(self, token: int) -> None:
         self.matcher.consume_token(int(token))
 
-    @property
-    def done(self) -> bool:
-        """Whether the grammar is complete (nothing but an end-of-sequence id may follow) or broken."""
-        return self.matcher.is_stopped() or self.matcher.is_error()
+    def ended(self, token: int, eos_ids) -> bool:
+        """Whether the request ends at `token`, just consumed, though the scheduler did not end it: the
+        matcher broke, or the grammar was complete and `token` is an end-of-sequence id (ignore_eos)."""
+        return self.matcher.is_error() or (self.matcher.is_stopped() and token in eos_ids)
 
 
 def guide_tokenizer(tokenizer, vocab_size: int, eos_ids) -> object:
