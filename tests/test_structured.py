@@ -86,13 +86,79 @@ def test_the_grammars_end_wins_over_min_tokens(model):
     ({"choice": []}, "non-empty list of strings"),
     ({"choice": ["a", 3]}, "non-empty list of strings"),
     ({"regex": "a", "choice": ["b"]}, "exactly one of"),
-    ({"grammar": "start: x"}, "exactly one of"),
-    ({"json": {}, "disable_any_whitespace": "yes"}, "exactly one of"),
+    ({"grammar": "start: x"}, 'grammar format is not valid: at 1(8): unknown name: "x"'),
+    ({"grammar": "root ::= ("}, "grammar format is not valid: Failed to convert the grammar from GBNF"),
+    ({"grammar": ["root ::= 'a'"]}, "a grammar must be a string, got list"),
+    ({"structural_tag": '{"structures": [], "triggers": ["<f"]}'}, "a structural tag must be"),
+    ({"structural_tag": {"structures": [{"begin": "<g>", "schema": {}, "end": ""}], "triggers": ["<f"]}},
+     "begin '<g>' starts with none of its triggers"),
+    ({"json": {}, "whitespace_pattern": "[ ]("}, "json format is not valid: regex parse error"),
+    ({"json": {}, "whitespace_pattern": 3}, "whitespace_pattern must be a string"),
+    ({"json": {}, "disable_any_whitespace": "yes"}, "disable_any_whitespace must be true or false"),
+    ({"json": {}, "backend": "xgrammar"}, "structured_outputs has no field 'backend'"),
     ({}, "exactly one of"),
 ])
 def test_bad_formats_are_named(model, spec, needle):
     with pytest.raises(LlmircError, match=re.escape(needle)):
         list(model.generate_stream(["hi"], 4, structured_outputs=spec))
+
+
+def _accepts(model, grammar, text: str) -> bool:
+    """Whether the grammar's matcher takes the text's tokens, each allowed in turn, and is then complete."""
+    guide = structured.Guide(model.engine._guides(), grammar)
+    for token in model.encode(text)[1:]:  # (the tokenizer's BOS left out)
+        if not guide.allowed(model.vocab_size)[token]:
+            return False
+        guide.consume(token)
+    return guide.matcher.is_accepting()
+
+
+def test_grammars_in_ebnf_and_lark(model):
+    """vLLM's structured_outputs grammar / guided_grammar and SGLang's ebnf: EBNF (GBNF's and XGrammar's
+    `root ::=`, character classes, repetition counts, comments) or Lark; the text is one the grammar makes."""
+    ebnf = 'root ::= word "-" [0-9]{2,3} # a comment\nword ::= "ab" | "cd" [xy]?'
+    for spec in ({"grammar": ebnf}, {"grammar": 'start: ("ab" | "cdx") "-" /[0-9]{2,3}/'}):
+        for sampling in (dict(), dict(temperature=1.0, seed=5)):
+            for text, reason in _texts(model, spec, **sampling):
+                assert re.fullmatch(r"(ab|cd[xy]?)-[0-9]{2,3}", text) and reason == "stop", (spec, text)
+    g = structured.grammar("grammar", ebnf)
+    assert _accepts(model, g, "cdy-123") and not _accepts(model, g, "cdy-1234") and not _accepts(model, g, "ef-12")
+
+
+def test_json_options(model):
+    """whitespace_pattern (the whitespace between JSON's tokens), disable_additional_properties (objects
+    with properties take no others: vLLM's walk of the schema) and disable_any_whitespace."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "object", "properties": {}}}}
+    for text, reason in _texts(model, {"json": schema, "whitespace_pattern": " ?", "disable_additional_properties": True},
+                               temperature=1.0, seed=2):
+        assert reason == "stop" and not re.search(r"[^ \S]|  ", text), text  # (single spaces only)
+        value = json.loads(text)
+        assert set(value) <= {"a", "b"} and (not isinstance(value.get("b"), dict) or value["b"] == {}), text
+    closed = structured.grammar("json", schema, structured.JsonOptions(closed=True))
+    assert not _accepts(model, closed, '{"c": 1}') and _accepts(model, closed, '{"a": 1, "b": {}}')
+    assert _accepts(model, structured.grammar("json", schema), '{"c": 1}')  # (JSON Schema's default: open)
+    assert not _accepts(model, structured.grammar("json", schema, structured.JsonOptions(compact=True)), '{"a": 1 }')
+    assert not _accepts(model, structured.grammar("json", schema, structured.JsonOptions(whitespace="")), '{ }')
+    assert structured._closed({"anyOf": [{"properties": {}}, {"properties": {}, "additionalProperties": True}]}) == \
+        {"anyOf": [{"properties": {}, "additionalProperties": False}, {"properties": {}, "additionalProperties": True}]}
+
+
+def test_structural_tags(model):
+    """vLLM's and SGLang's structural tags: free text, but once a trigger is written, one of its structures:
+    begin, a JSON value of the schema, end."""
+    tag = {"structures": [{"begin": "<fn=add>", "schema": {"type": "object", "properties": {"x": {"type": "integer"}},
+                                                          "required": ["x"], "additionalProperties": False},
+                           "end": "</fn>"}],
+           "triggers": ["<fn="]}
+    g = structured.structured_outputs({"structural_tag": json.dumps(tag), "disable_any_whitespace": True})
+    assert _accepts(model, g, 'sum: <fn=add>{"x":12}</fn> done')
+    assert _accepts(model, g, "no call at all")
+    assert not _accepts(model, g, "<fn=mul>") and not _accepts(model, g, '<fn=add>{"y":1}</fn>')
+    assert not _accepts(model, g, '<fn=add>{"x": 1}</fn>')  # (compact)
+    # a trigger <...>: text, as XGrammar reads it (llguidance's own default takes it for a special token)
+    g = structured.grammar("structural_tag", {"structures": [{"begin": "<f>", "schema": {"enum": [1]}, "end": ""}],
+                                              "triggers": ["<f>"]})
+    assert _accepts(model, g, "a <f>1 b") and not _accepts(model, g, "a <f>2")
 
 
 def test_the_schemas_true_and_empty_are_any_json_value(model):

@@ -297,8 +297,9 @@ class Model:
         n > 1), so runs are reproducible. `stop` strings end a sequence (and its text, which
         leaves them out). `logprobs` n adds each token's logprob and the n most likely. `min_p`, the
         penalties, `logit_bias` ({token id: bias}) and `min_tokens` as vLLM's (engine.SamplingParams);
-        `structured_outputs` as vLLM's ({"json": schema}, {"regex": ...}, {"choice": [...]} or
-        {"json_object": True}: the text follows it; structured.py). Closing
+        `structured_outputs` as vLLM's ({"json": schema}, {"regex": ...}, {"choice": [...]}, {"grammar":
+        EBNF or Lark}, {"structural_tag": ...} or {"json_object": True}, with disable_any_whitespace,
+        whitespace_pattern, disable_additional_properties: the text follows it; structured.py). Closing
         the generator early aborts the rest (their KV blocks are freed)."""
         ids = self._prompts(prompts)
         stop, stop_token_ids = _items(stop, "stop"), tuple(map(_plain, _items(stop_token_ids, "stop_token_ids")))

@@ -1,5 +1,6 @@
-"""Structured outputs (guided decoding): a request's text held to a JSON schema, a regular expression
-or a list of choices, with llguidance (the grammar engine vLLM and SGLang offer as a backend).
+"""Structured outputs (guided decoding): a request's text held to a JSON schema, a regular expression,
+a list of choices, a context-free grammar or structural tags, with llguidance (the grammar engine vLLM
+and SGLang offer as a backend).
 
 The API layers turn a request's format into an llguidance grammar (`grammar`); the engine gives each
 such request a matcher (`Guide`) over the bundle's tokenizer: before each sampling, the tokens the
@@ -11,14 +12,16 @@ llguidance is optional (the `serve` extra): a guided request without it is an Ll
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
 from llmirc.errors import LlmircError
 
-KINDS = ("json", "regex", "choice")
+KINDS = ("json", "regex", "choice", "grammar", "structural_tag")
 JSON_OBJECT = {"type": "object"}  # the schema of OpenAI's json_object (vLLM's structured_outputs json_object)
 
 
@@ -30,35 +33,107 @@ def _llguidance():
     return llguidance
 
 
-def grammar(kind: str, spec, compact: bool = False) -> str:
-    """The llguidance grammar of one format: kind "json" (a JSON schema, as a dict or its text; JSON_OBJECT
-    for OpenAI's json_object; whitespace between tokens allowed, as vLLM's default,
-    unless `compact`: vLLM's disable_any_whitespace), "regex" (the whole text matches it) or "choice"
-    (the text is one of a list of strings). LlmircError for a spec of the wrong type or not valid."""
+@dataclass(frozen=True)
+class JsonOptions:
+    """How a JSON format is written, as vLLM's StructuredOutputsParams options. `compact`
+    (disable_any_whitespace): no whitespace between JSON's tokens, where by default any is allowed;
+    `whitespace` (whitespace_pattern): a regular expression for the whitespace allowed there instead;
+    `closed` (disable_additional_properties): an object schema with properties or patternProperties
+    and no additionalProperties takes no other properties (JSON Schema's default takes any)."""
+
+    compact: bool = False
+    whitespace: str | None = None
+    closed: bool = False
+
+
+def _closed(schema):
+    """The schema with additionalProperties false wherever (properties or patternProperties) leave it out."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if ("properties" in out or "patternProperties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _json_schema(spec, options: JsonOptions) -> dict:
+    """A JSON schema (a dict, true, or their text) as llguidance takes it: a dict, with the options as its
+    x-guidance defaults (the schema's own x-guidance wins, as llguidance's defaults do)."""
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except ValueError as e:
+            raise LlmircError(f"the JSON schema is not JSON: {e}") from None
+    if not isinstance(spec, (dict, bool)):
+        raise LlmircError(f"a JSON schema must be an object, got {type(spec).__name__}")
+    if spec is False:
+        raise LlmircError("the JSON schema false matches no value")
+    schema = {} if spec is True else (_closed(spec) if options.closed else copy.deepcopy(spec))  # (true: any value)
+    given = schema.get("x-guidance", {})
+    if not isinstance(given, dict):
+        raise LlmircError("the JSON schema's x-guidance must be an object")
+    defaults = {"whitespace_flexible": not options.compact}
+    if options.whitespace is not None:
+        if not isinstance(options.whitespace, str):
+            raise LlmircError(f"whitespace_pattern must be a string, got {type(options.whitespace).__name__}")
+        defaults["whitespace_pattern"] = options.whitespace
+    schema["x-guidance"] = {**defaults, **given}
+    return schema
+
+
+def _structural_tags(spec, options: JsonOptions) -> str:
+    """The Lark grammar of vLLM's and SGLang's structural tags ({"structures": [{"begin", "schema", "end"}],
+    "triggers": [...]}, as an object or its text): free text, in which a trigger starts the structure whose
+    begin it prefixes, its JSON and its end, then free text again."""
+    llg = _llguidance()
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except ValueError as e:
+            raise LlmircError(f"the structural tag is not JSON: {e}") from None
+    structures, triggers = (spec.get("structures"), spec.get("triggers")) if isinstance(spec, dict) else (None, None)
+    if not (isinstance(structures, list) and structures and isinstance(triggers, list) and triggers
+            and all(isinstance(t, str) and t for t in triggers)
+            and all(isinstance(s, dict) and isinstance(s.get("begin"), str) and isinstance(s.get("end"), str)
+                    and "schema" in s for s in structures)):
+        raise LlmircError('a structural tag must be {"structures": [{"begin": str, "schema": JSON schema, '
+                          '"end": str}, ...], "triggers": [non-empty str, ...]} (the "format" form is not supported)')
+    tags = []
+    for s in structures:
+        trigger = next((t for t in triggers if s["begin"].startswith(t)), None)
+        if trigger is None:
+            raise LlmircError(f"the structural tag's begin {s['begin']!r} starts with none of its triggers")
+        tags.append(llg.StructTag(trigger=trigger, begin=s["begin"], grammar=_json_schema(s["schema"], options),
+                                  end=s["end"]))
+    return llg.StructTag.to_grammar(tags, assume_special=False)  # (triggers are text, as XGrammar reads them)
+
+
+def grammar(kind: str, spec, options: JsonOptions = JsonOptions()) -> str:
+    """The llguidance grammar of one format: kind "json" (a JSON schema, as a dict, true, or their text;
+    JSON_OBJECT for OpenAI's json_object; written as `options` say), "regex" (the whole text matches it),
+    "choice" (the text is one of a list of strings), "grammar" (a context-free grammar in EBNF, as
+    llama.cpp's GBNF and XGrammar's `root ::= ...`, or in llguidance's Lark, `start: ...`; vLLM's
+    guided_grammar, SGLang's ebnf; XGrammar's lookahead assertions are not read) or "structural_tag"
+    (`_structural_tags`). LlmircError for a spec of the wrong type or not valid."""
     llg = _llguidance()
     if kind == "json":
-        if isinstance(spec, str):
-            try:
-                spec = json.loads(spec)
-            except ValueError as e:
-                raise LlmircError(f"the JSON schema is not JSON: {e}") from None
-        if not isinstance(spec, (dict, bool)):
-            raise LlmircError(f"a JSON schema must be an object, got {type(spec).__name__}")
-        if spec is False:
-            raise LlmircError("the JSON schema false matches no value")
-        try:  # (the schema true is {}: any JSON value; llguidance takes only an object with its options)
-            text = llg.LLMatcher.grammar_from_json_schema({} if spec is True else spec,
-                                                          defaults={"whitespace_flexible": not compact})
-        except (ValueError, TypeError) as e:
-            raise LlmircError(f"the json format is not valid: {' '.join(str(e).split())[:300]}") from None
-    elif kind == "regex":
+        text = llg.LLMatcher.grammar_from_json_schema(_json_schema(spec, options))
+    elif kind in ("regex", "grammar"):
         if not isinstance(spec, str):
-            raise LlmircError(f"a regular expression must be a string, got {type(spec).__name__}")
-        text = llg.LLMatcher.grammar_from_regex(spec)
+            raise LlmircError(f"a {'regular expression' if kind == 'regex' else kind} must be a string, "
+                              f"got {type(spec).__name__}")
+        try:
+            text = llg.grammar_from(kind, spec)
+        except ValueError as e:  # (the EBNF reader's)
+            raise LlmircError(f"the {kind} format is not valid: {' '.join(str(e).split())[:300]}") from None
     elif kind == "choice":
         if not isinstance(spec, list) or not spec or not all(isinstance(c, str) for c in spec):
             raise LlmircError("choices must be a non-empty list of strings")
         text = llg.LLMatcher.grammar_from_regex("|".join(f"({re.escape(c)})" for c in spec))
+    elif kind == "structural_tag":
+        text = _structural_tags(spec, options)
     else:
         raise LlmircError(f"unknown structured output kind {kind!r} (known: {', '.join(KINDS)})")
     if problem := llg.LLMatcher.validate_grammar(text):
@@ -66,24 +141,32 @@ def grammar(kind: str, spec, compact: bool = False) -> str:
     return text
 
 
+OPTIONS = {"disable_any_whitespace": "compact", "whitespace_pattern": "whitespace",
+           "disable_additional_properties": "closed"}
+
+
 def structured_outputs(spec: dict | None) -> str | None:
     """The grammar of vLLM's `structured_outputs` object: one of {"json": schema}, {"regex": text},
-    {"choice": [strings]}, {"json_object": true} (any JSON object), and optionally
-    "disable_any_whitespace": true (JSON without whitespace between tokens); None for none.
-    LlmircError otherwise."""
+    {"choice": [strings]}, {"grammar": EBNF or Lark}, {"structural_tag": tags}, {"json_object": true}
+    (any JSON object), with `OPTIONS` (JsonOptions') and disable_fallback (no effect: llguidance is the one
+    backend); None for none. LlmircError otherwise, naming an unknown key."""
     if spec is None:
         return None
     if not isinstance(spec, dict):
         raise LlmircError("structured_outputs must be an object")
-    compact = spec.get("disable_any_whitespace", False)
-    given = {k: v for k, v in spec.items() if v is not None and v is not False and k != "disable_any_whitespace"}
-    if len(given) != 1 or not set(given) <= {*KINDS, "json_object"} or not isinstance(compact, bool):
-        raise LlmircError("structured_outputs takes exactly one of json, regex, choice, json_object (and "
-                          "disable_any_whitespace: true or false)")
+    if unknown := set(spec) - {*KINDS, "json_object", *OPTIONS, "disable_fallback"}:
+        raise LlmircError(f"structured_outputs has no field {sorted(unknown)[0]!r}")
+    for name in ("disable_any_whitespace", "disable_additional_properties", "disable_fallback"):
+        if not isinstance(spec.get(name, False), bool):
+            raise LlmircError(f"structured_outputs.{name} must be true or false")
+    options = JsonOptions(**{field: spec[name] for name, field in OPTIONS.items() if spec.get(name) is not None})
+    given = {k: v for k, v in spec.items() if k in (*KINDS, "json_object") and v is not None and v is not False}
+    if len(given) != 1:
+        raise LlmircError(f"structured_outputs takes exactly one of {', '.join(KINDS)}, json_object")
     (kind, value), = given.items()
-    if kind in ("json", "json_object"):
-        return grammar("json", JSON_OBJECT if kind == "json_object" else value, compact)
-    return grammar(kind, value)
+    if kind == "json_object":
+        return grammar("json", JSON_OBJECT, options)
+    return grammar(kind, value, options)
 
 
 class Guide:

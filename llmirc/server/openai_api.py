@@ -6,9 +6,9 @@ echo, stream, stream_options.include_usage, presence_penalty, frequency_penalty,
 vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos,
 include_stop_str_in_output, skip_special_tokens, add_generation_prompt, continue_final_message,
 chat_template_kwargs, return_token_ids) and structured outputs (response_format json_object /
-json_schema, structured_outputs, guided_json / guided_regex / guided_choice: `_guided`). Parameters
-that would change the output and that llmirc does not implement (`NOT_IMPLEMENTED`: guided_grammar
-(EBNF), guided_whitespace_pattern, beam search, prompt_logprobs, truncation; best_of != n, suffix,
+json_schema, structural_tag, structured_outputs, guided_json / guided_regex / guided_choice /
+guided_grammar: `_guided`). Parameters that would change the output and that llmirc does not implement
+(`NOT_IMPLEMENTED`: beam search, prompt_logprobs, truncation; best_of != n, suffix,
 skip_special_tokens false, non-text content, tools unless tool_choice is "none") are
 refused with a 400 naming them, never silently ignored, as are an empty stop string, stop token
 ids outside the vocabulary (vLLM's SamplingParams checks) and stream_options without stream;
@@ -62,7 +62,7 @@ class StreamOptions(BaseModel):
 # them unless absent, null or at a value that changes nothing (listed).
 NOT_IMPLEMENTED = {
     "allowed_token_ids": (), "bad_words": ([],), "logits_processors": ([],),
-    "guided_grammar": (), "guided_whitespace_pattern": (), "use_beam_search": (False,), "length_penalty": (1.0,),
+    "use_beam_search": (False,), "length_penalty": (1.0,),
     "prompt_logprobs": (), "truncate_prompt_tokens": (), "detokenize": (True,), "return_tokens_as_token_ids": (False,),
     "functions": ([],), "function_call": ("none",), "chat_template": (), "modalities": (["text"],), "audio": (),
 }
@@ -87,6 +87,8 @@ class _Common(BaseModel):
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
     _grammar: str | None = PrivateAttr(None)  # the structured output's grammar (`_guided`), made once
     seed: Int | None = None
     stop: str | list[str] | None = None
@@ -195,12 +197,13 @@ def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | Non
 
 def _guided(req: _Common) -> str | None:
     """The llguidance grammar of the request's structured output (structured.py): vLLM's
-    structured_outputs or guided_json / guided_regex / guided_choice, or OpenAI's response_format
-    (json_object, json_schema); a 400 naming the field for more than one, or one that is not valid."""
+    structured_outputs or guided_json / guided_regex / guided_choice / guided_grammar (with
+    guided_whitespace_pattern for JSON), or OpenAI's response_format (json_object, json_schema, and
+    vLLM's structural_tag); a 400 naming the field for more than one, or one that is not valid."""
     given = [(name, value) for name, value in (
         ("structured_outputs", req.structured_outputs), ("guided_json", req.guided_json),
         ("guided_regex", req.guided_regex), ("guided_choice", req.guided_choice),
-        ("response_format", req.response_format)) if value is not None]
+        ("guided_grammar", req.guided_grammar), ("response_format", req.response_format)) if value is not None]
     given = [(name, value) for name, value in given if not (name == "response_format" and value == {"type": "text"})]
     if len(given) > 1:
         raise APIError(400, f"only one structured output may be given, got {' and '.join(n for n, _ in given)}",
@@ -208,19 +211,24 @@ def _guided(req: _Common) -> str | None:
     if not given:
         return None
     (name, value), = given
+    options = structured.JsonOptions(whitespace=req.guided_whitespace_pattern)
     try:
         if name == "structured_outputs":
+            if req.guided_whitespace_pattern is not None and isinstance(value, dict):
+                value = {"whitespace_pattern": req.guided_whitespace_pattern, **value}
             return structured.structured_outputs(value)
         if name != "response_format":
-            return structured.grammar(name.removeprefix("guided_"), value)
+            return structured.grammar(name.removeprefix("guided_"), value, options)
         kind = value.get("type")
         if kind == "json_object":
-            return structured.grammar("json", structured.JSON_OBJECT)
+            return structured.grammar("json", structured.JSON_OBJECT, options)
+        if kind == "structural_tag":
+            return structured.grammar("structural_tag", value, options)
         schema = value.get("json_schema")
         if kind != "json_schema" or not isinstance(schema, dict) or "schema" not in schema:
-            raise LlmircError("response_format must be {type: text}, {type: json_object} or {type: json_schema, "
-                              "json_schema: {name, schema}}")
-        return structured.grammar("json", schema["schema"])
+            raise LlmircError("response_format must be {type: text}, {type: json_object}, {type: json_schema, "
+                              "json_schema: {name, schema}} or {type: structural_tag, structures, triggers}")
+        return structured.grammar("json", schema["schema"], options)
     except LlmircError as e:
         raise APIError(400, f"{name}: {e}", name) from None
 

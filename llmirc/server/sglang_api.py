@@ -26,8 +26,9 @@ programs use this for `select` and to cache shared prefixes). As in SGLang, a ma
 given that would pass the context is a 400, and otherwise it is clipped to what one sequence can
 hold (the context, or the KV cache when smaller; null: no limit but that), the finish_reason's
 length saying how many. Sampling parameters llmirc does
-not implement (ebnf, structural_tag, n > 1, skip_special_tokens false) are refused; json_schema and
-regex hold the text to a JSON schema or a regular expression (structured.py, llguidance);
+not implement (n > 1, skip_special_tokens false) are refused; json_schema, regex, ebnf and
+structural_tag hold the text to a JSON schema, a regular expression, a grammar or structural tags
+(structured.py, llguidance);
 stream_interval and custom_params (which only a custom logit processor reads) are taken and change
 nothing. min_p, frequency_penalty and presence_penalty (the output's tokens only), logit_bias and
 repetition_penalty are applied with their ranges in SGLang's SamplingParams.verify
@@ -111,7 +112,7 @@ def _neutral(value) -> bool:
     return value is None or value is False or value == [] or value == {} or \
         (isinstance(value, list) and all(map(_neutral, value)))
 
-NEUTRAL = {"skip_special_tokens": True, "n": 1, "ebnf": None, "structural_tag": None}
+NEUTRAL = {"skip_special_tokens": True, "n": 1}
 
 
 def _params(raw: dict | None) -> _Params:
@@ -148,15 +149,21 @@ def _params(raw: dict | None) -> _Params:
 
 
 def _guided(p: _Params) -> str | None:
-    """The llguidance grammar of json_schema or regex (SGLang refuses both at once); a 400 when not valid."""
-    if p.json_schema is not None and p.regex is not None:
-        raise APIError(400, "sampling_params: only one of json_schema and regex may be given", "sampling_params")
-    kind, spec = ("json", p.json_schema) if p.json_schema is not None else ("regex", p.regex)
+    """The llguidance grammar of json_schema, regex, ebnf or structural_tag (SGLang refuses more than one);
+    a 400 when not valid."""
+    given = [(name, kind, spec) for name, kind, spec in (
+        ("json_schema", "json", p.json_schema), ("regex", "regex", p.regex), ("ebnf", "grammar", p.ebnf),
+        ("structural_tag", "structural_tag", p.structural_tag)) if spec is not None]
+    if len(given) > 1:
+        raise APIError(400, f"sampling_params: only one of {', '.join(n for n, _, _ in given)} may be given",
+                       "sampling_params")
+    if not given:
+        return None
+    (name, kind, spec), = given
     try:
-        return None if spec is None else structured.grammar(kind, spec)
+        return structured.grammar(kind, spec)
     except LlmircError as e:
-        raise APIError(400, f"sampling_params.{'json_schema' if kind == 'json' else 'regex'}: {e}",
-                       "sampling_params") from None
+        raise APIError(400, f"sampling_params.{name}: {e}", "sampling_params") from None
 
 
 def _check_stops(server: Server, p: _Params) -> None:
