@@ -573,8 +573,8 @@ BAD = {
                                                      "response_format": {"type": "xml"}}, 400,
                             "response_format must be", "response_format"),
     "bad-guided-grammar": ("/v1/completions", {"prompt": "hi", "guided_grammar": "root ::= a"}, 400,
-                           "guided_grammar: the grammar format is not valid: Failed to convert the grammar from GBNF to "
-                           "Lark: Rule 'a' not found",
+                           "guided_grammar: the grammar format is not valid: Failed to convert the grammar from "
+                           "GBNF to Lark: Rule 'a' not found",
                            "guided_grammar"),
     "bad-response-format-structural-tag": ("/v1/chat/completions", {
         "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "structural_tag"}}, 400,

@@ -129,8 +129,8 @@ def test_json_options(model):
     """whitespace_pattern (the whitespace between JSON's tokens), disable_additional_properties (objects
     with properties take no others: vLLM's walk of the schema) and disable_any_whitespace."""
     schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "object", "properties": {}}}}
-    for text, reason in _texts(model, {"json": schema, "whitespace_pattern": " ?", "disable_additional_properties": True},
-                               temperature=1.0, seed=2):
+    spec = {"json": schema, "whitespace_pattern": " ?", "disable_additional_properties": True}
+    for text, reason in _texts(model, spec, temperature=1.0, seed=2):
         assert reason == "stop" and not re.search(r"[^ \S]|  ", text), text  # (single spaces only)
         value = json.loads(text)
         assert set(value) <= {"a", "b"} and (not isinstance(value.get("b"), dict) or value["b"] == {}), text
