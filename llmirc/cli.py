@@ -668,6 +668,14 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
 @click.option("--default-chat-template-kwargs", "template_kwargs", default=None, metavar="JSON",
               help="Chat template variables for every chat request, a JSON object, e.g. "
                    "'{\"enable_thinking\": false}'; a request's chat_template_kwargs override them (vLLM's flag).")
+@click.option("--enable-auto-tool-choice", is_flag=True,
+              help="Chat requests with tools may leave tool_choice at auto: the model chooses, and the calls in its "
+                   "text are found by --tool-call-parser (vLLM's flags; named and required tool choices need "
+                   "neither).")
+@click.option("--tool-call-parser", type=click.Choice(["hermes", "llama3_json"]), default=None,
+              help="The tool-call format of the model's family, for --enable-auto-tool-choice: hermes "
+                   "(<tool_call>{...}</tool_call>: Qwen2.5, Qwen3, Hermes), llama3_json (a JSON object {name, "
+                   "parameters}: Llama 3.1-3.3).")
 @click.option("--generation-config", "generation_config", type=click.Choice(["auto", "vllm"]), default="auto",
               show_default=True, help="auto: requests that leave temperature, top_p, top_k, min_p or "
                                       "repetition_penalty out get the model's generation_config.json values, and "
@@ -681,7 +689,7 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
 def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_model_len, max_num_seqs,
           max_num_batched_tokens, enable_prefix_caching, kv_cache_tokens, kv_cache_dtype, gpu_memory_utilization,
           threads, target, num_scheduler_steps, max_queued_requests, max_body_bytes, chat_template, template_kwargs,
-          generation_config, no_verify, log_level):
+          enable_auto_tool_choice, tool_call_parser, generation_config, no_verify, log_level):
     """Serve BUNDLE over HTTP: vLLM's OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models) and SGLang's native API (/generate, /get_model_info, /get_server_info, /abort_request,
     /health_generate, /flush_cache), plus
@@ -695,6 +703,8 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
         raise LlmircError(f"serving needs the serve extra ({e.name} missing): pip install 'llmirc[serve]'") from None
     origins = _origins(allowed_origins)
     template_kwargs = _template_kwargs(template_kwargs, "--default-chat-template-kwargs")
+    if enable_auto_tool_choice != (tool_call_parser is not None):
+        raise UsageError("--enable-auto-tool-choice and --tool-call-parser go together")
     if max_num_batched_tokens < max_num_seqs:
         raise UsageError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-num-seqs "
                          f"({max_num_seqs})")
@@ -748,7 +758,7 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
     app = create_app(model, ServerOptions(served_model_name=name, api_key=api_key,
                                           allowed_origins=origins, default_chat_template_kwargs=template_kwargs,
                                           max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes,
-                                          sampling_defaults=defaults))
+                                          sampling_defaults=defaults, tool_call_parser=tool_call_parser))
     # listen here, not in uvicorn: an address in use is the user's error, and uvicorn's startup
     # failure exits 3, llmirc's code for an internal error
     try:

@@ -630,8 +630,17 @@ BAD = {
     "bad-words": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "bad_words": ["no"]},
                   400, "bad_words"),
     "tools-auto": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
-        {"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tool_choice 'none'",
-        "tool_choice"),
+        {"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400,
+        '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set', "tool_choice"),
+    "tool-choice-names-no-tool": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {
+            "name": "g"}}}, 400, "tool_choice names 'g', which is not one of the tools", "tool_choice"),
+    "tool-choice-required-and-guided": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                                 "tools": [{"type": "function", "function": {
+                                                                     "name": "f"}}], "tool_choice": "required",
+                                                                 "guided_regex": "a"}, 400,
+                                        "tool_choice required and a structured output cannot both be given",
+                                        "tool_choice"),
     "stream-options-without-stream": ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
                                       400, "stream: true", "stream_options"),
     "seed-beyond-64-bits": ("/v1/completions", {"prompt": "hi", "seed": 2**70}, 400, "seed: Input should be a 64-bit "
@@ -711,6 +720,56 @@ def test_chat_echo_and_tools_as_vllm(server, model):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     r = httpx.post(url, json={"messages": asked, "max_tokens": 1, "tools": tools, "tool_choice": "none"})
     assert r.status_code == 200, r.text
+
+
+def test_tool_calls_as_vllm(bundle, model):
+    """tool_choice named and required hold the text to the tools' schemas and answer tool calls (openai's
+    client, streamed and not: the same calls); auto, with --enable-auto-tool-choice --tool-call-parser
+    hermes, finds the model's <tool_call> blocks (here forced by a guided regex: a random model writes
+    none); one of the two flags alone is a usage error."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"], "additionalProperties": False}}}]
+    # (whitespace biased away: JSON allows it anywhere, and a random model writes it to max_tokens)
+    spaces = {str(t): -100 for t in range(model.vocab_size) if model.tokenizer.token_text(t).isspace()}
+    asked = dict(model="tiny", messages=[{"role": "user", "content": "add"}], tools=tools, max_tokens=64,
+                 temperature=0, logit_bias=spaces)
+
+    def streamed(client, **kw):
+        content, calls, reason = "", {}, None
+        for chunk in client.chat.completions.create(**asked, **kw, stream=True):
+            delta = chunk.choices[0].delta
+            content += delta.content or ""
+            for t in delta.tool_calls or ():
+                if t.id:
+                    calls[t.index] = [t.function.name, ""]
+                calls[t.index][1] += t.function.arguments or ""
+            reason = chunk.choices[0].finish_reason or reason
+        return content, [tuple(c) for c in calls.values()], reason
+
+    def plain(client, **kw):
+        choice = client.chat.completions.create(**asked, **kw).choices[0]
+        calls = [(t.function.name, t.function.arguments) for t in choice.message.tool_calls or ()]
+        return choice.message.content, calls, choice.finish_reason
+
+    with RunningServer(bundle, "--served-model-name", "tiny", "--kv-cache-tokens", 2048, "--enable-auto-tool-choice",
+                       "--tool-call-parser", "hermes") as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        named = plain(client, tool_choice={"type": "function", "function": {"name": "add"}})
+        assert named[0] == "" and named[1][0][0] == "add" and json.loads(named[1][0][1])["x"] in (1, 2), named
+        assert named[2] == "stop" and streamed(client, tool_choice={"type": "function", "function": {
+            "name": "add"}}) == ("", named[1], "stop")
+        required = plain(client, tool_choice="required")
+        assert required[2] == "tool_calls" and all(n == "add" and json.loads(a)["x"] in (1, 2) for n, a in
+                                                   required[1]), required
+        assert streamed(client, tool_choice="required") == ("", required[1], "tool_calls")
+        call = '<tool_call>{"name": "add", "arguments": {"x": 2}}</tool_call>'
+        forced = dict(extra_body={"guided_regex": "Sure[.]" + re.escape(call)})
+        auto = plain(client, **forced)
+        assert auto == ("Sure.", [("add", '{"x": 2}')], "tool_calls") == streamed(client, **forced), auto
+        assert plain(client, extra_body={"guided_regex": "nocall"}) == ("nocall", [], "stop")
+    r = subprocess.run([sys.executable, "-m", "llmirc.cli", "serve", str(bundle), "--enable-auto-tool-choice"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--enable-auto-tool-choice and --tool-call-parser go together" in r.stderr, r.stderr
 
 
 def test_tokenize_detokenize_version_and_model_card(server, model):

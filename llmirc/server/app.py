@@ -172,6 +172,7 @@ class ServerOptions:
     max_queued_requests: int = 1024  # waiting requests beyond the running batch; then 503
     max_body_bytes: int = 64 << 20  # a larger request body is answered 413
     default_chat_template_kwargs: dict = field(default_factory=dict)  # under each request's chat_template_kwargs
+    tool_call_parser: str | None = None  # tool_choice auto's (tool_calls.PARSERS); None: auto is refused
     # what a request that leaves temperature, top_p, top_k (or a chat request max_tokens) out gets
     # (sampling_defaults: the model's)
     sampling_defaults: dict = field(default_factory=dict)

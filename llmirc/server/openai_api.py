@@ -9,7 +9,7 @@ chat_template_kwargs, return_token_ids) and structured outputs (response_format 
 json_schema, structural_tag, structured_outputs, guided_json / guided_regex / guided_choice /
 guided_grammar: `_guided`). Parameters that would change the output and that llmirc does not implement
 (`NOT_IMPLEMENTED`: beam search, prompt_logprobs, truncation; best_of != n, suffix,
-skip_special_tokens false, non-text content, tools unless tool_choice is "none") are
+skip_special_tokens false, non-text content) are
 refused with a 400 naming them, never silently ignored, as are an empty stop string, stop token
 ids outside the vocabulary (vLLM's SamplingParams checks) and stream_options without stream;
 unknown fields are ignored, as vLLM does. Integer fields take an integral number written as a
@@ -48,6 +48,7 @@ from llmirc.runtime import structured
 from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 from .app import APIError, Generation, Int, Server, event_stream, logit_bias_pairs, refuse_not_implemented
+from .tool_calls import ToolChoice
 
 MAX_N = 128
 
@@ -426,11 +427,6 @@ async def _chat_prompt(server: Server, req: ChatRequest, add_special_tokens: boo
     if model.chat_template is None:
         raise APIError(400, "this bundle has no chat template (its tokenizer_config.json has no chat_template and "
                             "there is no chat_template.jinja); use /v1/completions")
-    if req.tools and req.tool_choice != "none":  # (OpenAI: "auto" is the default when tools are given)
-        raise APIError(400, "tools are supported only with tool_choice 'none' (shown to the template): llmirc "
-                            "does not parse tool calls", "tool_choice")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, "tool_choice other than 'none' or 'auto' is not supported by llmirc", "tool_choice")
     messages = []
     for i, m in enumerate(req.messages):
         message = m.model_dump(exclude_none=False)
@@ -473,6 +469,17 @@ def _chat_logprobs(server: Server, entries: list[TokenLogprob]) -> dict:
                         for e in entries]}
 
 
+def _chat_choice(server: Server, req: ChatRequest, i: int, c: Generation, tools: ToolChoice, echo: str) -> dict:
+    """One choice of a chat answer: its message (content, or the tool calls found in it) and finish."""
+    finish = _finish(c)
+    message, finish["finish_reason"] = tools.message(c.text, finish["finish_reason"])
+    if echo:
+        message["content"] = echo + (message["content"] or "")
+    return {"index": i, "message": {"role": "assistant", **message},
+            "logprobs": _chat_logprobs(server, c.logprobs) if req.logprobs else None, **finish,
+            **({"token_ids": c.tokens} if req.return_token_ids else {})}
+
+
 async def chat_completions(server: Server, req: ChatRequest, raw_request):
     server.check_model(req.model)
     _refuse_unsupported(req)
@@ -485,6 +492,11 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     max_tokens = getattr(req, given)
     if max_tokens is not None and max_tokens < 1:  # (vLLM's SamplingParams)
         raise APIError(400, f"{given} must be at least 1, got {max_tokens}", given)
+    tools = ToolChoice.of(req.tools, req.tool_choice, server.options.tool_call_parser)
+    if tools.schema is not None:
+        if req._grammar is not None:  # (vLLM's rule)
+            raise APIError(400, f"tool_choice {tools.kind} and a structured output cannot both be given", "tool_choice")
+        req._grammar = structured.grammar("json", tools.schema)
     prompt, messages = await _chat_prompt(server, req, req.add_special_tokens)
     if max_tokens is None:
         max_tokens = _rest_of_sequence(server, len(prompt), "messages")
@@ -514,17 +526,20 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
                     first["prompt_token_ids"] = requests[0][0]
                 yield first
             sent_ids = [0] * len(choices)
+            streams = [tools.stream() for _ in choices]
             async for i, out in outputs:
                 c = choices[i]
                 if c.done:
                     continue
-                delta = c.update(out)
+                piece = c.update(out)
+                finish = _finish(c)
+                delta, finish["finish_reason"] = streams[i].feed(piece, c.done, finish["finish_reason"])
                 new = [c.logprobs[-1]] if out.logprob is not None and req.logprobs and c.logprobs else []
                 new_ids = req.return_token_ids and len(c.tokens) > sent_ids[i]  # ids stream even without text
                 if not delta and not c.done and not new and not new_ids:
                     continue
-                body = {"index": i, "delta": {"content": delta} if delta else {},
-                        "logprobs": _chat_logprobs(server, new) if req.logprobs else None, **_finish(c)}
+                body = {"index": i, "delta": delta,
+                        "logprobs": _chat_logprobs(server, new) if req.logprobs else None, **finish}
                 if req.return_token_ids:
                     body["token_ids"], sent_ids[i] = c.tokens[sent_ids[i]:], len(c.tokens)
                 yield chunk([body], _usage(len(prompt), [c]) if continuous else None)
@@ -534,10 +549,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     async for i, out in server.generate(requests, raw_request):
         choices[i].update(out)
     return {"id": request_id, "object": "chat.completion", "created": created, "model": name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": echo + c.text},
-                         "logprobs": _chat_logprobs(server, c.logprobs) if req.logprobs else None, **_finish(c),
-                         **({"token_ids": c.tokens} if req.return_token_ids else {})}
-                        for i, c in enumerate(choices)],
+            "choices": [_chat_choice(server, req, i, c, tools, echo) for i, c in enumerate(choices)],
             **({"prompt_token_ids": requests[0][0]} if req.return_token_ids else {}),
             "usage": usage()}
 

@@ -1,0 +1,109 @@
+"""Tool calls in chat answers (llmirc/server/tool_calls.py): tool_choice's checks, the hermes and
+llama3_json parsers, and streamed deltas that add up to the plain answer for any split of the text."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from llmirc.server.app import APIError  # noqa: E402
+from llmirc.server.tool_calls import ToolChoice  # noqa: E402
+
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {
+            "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}},
+         {"type": "function", "function": {"name": "now"}}]
+
+
+def _calls(message: dict) -> list[tuple[str, dict]]:
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message.get("tool_calls", [])]
+
+
+@pytest.mark.parametrize("tools,choice,parser,needle", [
+    (None, "auto", "hermes", "tool_choice needs tools"),
+    (TOOLS, "auto", None, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser'),
+    (TOOLS, None, None, '"auto" tool choice requires'),  # (auto: the default with tools, as OpenAI's)
+    (TOOLS, {"type": "function", "function": {"name": "mul"}}, None, "names 'mul', which is not one of the tools"),
+    (TOOLS, {"type": "function"}, None, "tool_choice must be none, auto, required or"),
+    (TOOLS, "always", None, "tool_choice must be none, auto, required or"),
+    ([{"type": "function", "function": {"parameters": {}}}], "required", None, "tools[0] must be"),
+    ([{"type": "code_interpreter"}], "required", None, "tools[0] must be"),
+])
+def test_bad_tool_choices_are_named(tools, choice, parser, needle):
+    with pytest.raises(APIError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        ToolChoice.of(tools, choice, parser)
+
+
+def test_none_named_and_required():
+    assert ToolChoice.of(TOOLS, "none", None).kind == ToolChoice.of(None, None, None).kind == "none"
+    named = ToolChoice.of(TOOLS, {"type": "function", "function": {"name": "add"}}, None)
+    assert named.schema == TOOLS[0]["function"]["parameters"]
+    message, reason = named.message('{"x": 3}', "stop")
+    assert message["content"] == "" and _calls(message) == [("add", {"x": 3})] and reason == "stop"
+    assert message["tool_calls"][0]["id"].startswith("chatcmpl-tool-") and message["tool_calls"][0]["type"] == "function"
+    required = ToolChoice.of(TOOLS, "required", None)
+    assert [item["properties"]["name"]["enum"] for item in required.schema["items"]["anyOf"]] == [["add"], ["now"]]
+    assert required.schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object", "properties": {}}
+    message, reason = required.message('[{"name": "add", "parameters": {"x": 1}}, {"name": "now", "parameters": {}}]',
+                                       "stop")
+    assert _calls(message) == [("add", {"x": 1}), ("now", {})] and reason == "tool_calls"
+    assert required.message('[{"name": "add", "para', "length") == ({"content": '[{"name": "add", "para'}, "length")
+
+
+HERMES = [
+    ("plain answer, no call", "plain answer, no call", [], "stop"),
+    ('<tool_call>\n{"name": "add", "arguments": {"x": 2}}\n</tool_call>', None, [("add", {"x": 2})], "tool_calls"),
+    ('Let me add. <tool_call>{"name": "add", "arguments": {"x": 2}}</tool_call>\n<tool_call>{"name": "now", '
+     '"arguments": {}}</tool_call>', "Let me add. ", [("add", {"x": 2}), ("now", {})], "tool_calls"),
+    ('<tool_call>{"name": "now"}', None, [("now", {})], "tool_calls"),  # (unclosed at the end: still a call)
+    ('x <tool_call>{"name": "add", "arguments": {"x": 2}</tool_call>', 'x <tool_call>{"name": "add", "arguments": '
+     '{"x": 2}</tool_call>', [], "stop"),  # (not JSON: the text is the answer, as vLLM's)
+    ("a <tool_ca", "a <tool_ca", [], "stop"),
+]
+LLAMA3 = [
+    ('{"name": "add", "parameters": {"x": 5}}', None, [("add", {"x": 5})], "tool_calls"),
+    ('{"name": "add", "parameters": {"x": 5}}; {"name": "now", "arguments": {}}', None,
+     [("add", {"x": 5}), ("now", {})], "tool_calls"),
+    ("The answer is 5.", "The answer is 5.", [], "stop"),
+    ('{"name": "add", "parameters": {"x": 5}} and more', '{"name": "add", "parameters": {"x": 5}} and more', [],
+     "stop"),
+    ('{"nam', '{"nam', [], "stop"),
+]
+
+
+@pytest.mark.parametrize("parser,text,content,calls,reason",
+                         [("hermes", *case) for case in HERMES] + [("llama3_json", *case) for case in LLAMA3])
+def test_auto_parsers_and_their_streams(parser, text, content, calls, reason):
+    """The plain answer, and the deltas of the same text streamed in random pieces: the content adds up to
+    the answer's (None as nothing), the calls are the answer's, the finish_reason too."""
+    choice = ToolChoice.of(TOOLS, "auto", parser)
+    message, got = choice.message(text, "stop")
+    assert (message["content"], _calls(message), got) == (content, calls, reason)
+    rng = random.Random(len(text))
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        stream, streamed, deltas = choice.stream(), "", []
+        for k, piece in enumerate(pieces):
+            delta, got = stream.feed(piece, k == len(pieces) - 1, "stop")
+            streamed += delta.get("content", "")
+            deltas.append(delta)
+        assert streamed == (content or "") and got == reason
+        tool_deltas = [t for d in deltas for t in d.get("tool_calls", [])]
+        assert [(t["function"]["name"], json.loads(t["function"]["arguments"])) for t in tool_deltas] == calls
+        assert [t["index"] for t in tool_deltas] == list(range(len(calls)))
+
+
+def test_a_named_calls_arguments_stream_as_written():
+    choice = ToolChoice.of(TOOLS, {"type": "function", "function": {"name": "add"}}, None)
+    stream = choice.stream()
+    deltas = [stream.feed(piece, done, "stop")[0] for piece, done in (("", False), ('{"x"', False), ("", False),
+                                                                       (": 4}", True))]
+    assert deltas[0] == {} and deltas[2] == {}
+    first, last = deltas[1]["tool_calls"][0], deltas[3]["tool_calls"][0]
+    assert first["function"] == {"name": "add", "arguments": '{"x"'} and first["id"].startswith("chatcmpl-tool-")
+    assert last == {"index": 0, "function": {"arguments": ": 4}"}}
+    assert choice.stream().feed("", True, "length")[0]["tool_calls"][0]["function"] == {"name": "add", "arguments": ""}
