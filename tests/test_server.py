@@ -767,6 +767,11 @@ def test_tool_calls_as_vllm(bundle, model):
         auto = plain(client, **forced)
         assert auto == ("Sure.", [("add", '{"x": 2}')], "tool_calls") == streamed(client, **forced), auto
         assert plain(client, extra_body={"guided_regex": "nocall"}) == ("nocall", [], "stop")
+        # the next turn of an agent's loop: the call as the client got it, the tool's answer
+        called = client.chat.completions.create(**asked, tool_choice="required").choices[0].message
+        turn = asked["messages"] + [called.model_dump(exclude_none=True), {
+            "role": "tool", "tool_call_id": called.tool_calls[0].id, "content": "3"}]
+        assert client.chat.completions.create(**{**asked, "messages": turn}).choices[0].message.content is not None
     r = subprocess.run([sys.executable, "-m", "llmirc.cli", "serve", str(bundle), "--enable-auto-tool-choice"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--enable-auto-tool-choice and --tool-call-parser go together" in r.stderr, r.stderr

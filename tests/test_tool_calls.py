@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 from llmirc.server.app import APIError  # noqa: E402
-from llmirc.server.tool_calls import ToolChoice  # noqa: E402
+from llmirc.server.tool_calls import ToolChoice, template_tool_calls  # noqa: E402
 
 TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {
             "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}},
@@ -107,3 +107,19 @@ def test_a_named_calls_arguments_stream_as_written():
     assert first["function"] == {"name": "add", "arguments": '{"x"'} and first["id"].startswith("chatcmpl-tool-")
     assert last == {"index": 0, "function": {"arguments": ": 4}"}}
     assert choice.stream().feed("", True, "length")[0]["tool_calls"][0]["function"] == {"name": "add", "arguments": ""}
+
+
+def test_an_assistants_tool_calls_reach_the_template_with_dict_arguments():
+    """As vLLM (and transformers' templates) take them: arguments parsed; not JSON or not an object -> {}."""
+    message = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "add", "arguments": '{"x": 3}'}},
+        {"id": "b", "type": "function", "function": {"name": "add", "arguments": "{broken"}},
+        {"id": "c", "function": {"name": "now", "arguments": "[1]"}},
+        {"id": "d", "type": "function", "function": {"name": "now", "arguments": ""}}]}
+    template_tool_calls(message, 1)
+    assert [c["function"]["arguments"] for c in message["tool_calls"]] == [{"x": 3}, {}, {}, {}]
+    empty = {"role": "assistant", "content": "hi", "tool_calls": []}
+    template_tool_calls(empty, 0)
+    assert empty == {"role": "assistant", "content": "hi"}
+    with pytest.raises(APIError, match=r"messages\[2\].tool_calls: each must be"):
+        template_tool_calls({"role": "assistant", "tool_calls": [{"type": "code"}]}, 2)

@@ -48,7 +48,7 @@ from llmirc.runtime import structured
 from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 from .app import APIError, Generation, Int, Server, event_stream, logit_bias_pairs, refuse_not_implemented
-from .tool_calls import ToolChoice
+from .tool_calls import ToolChoice, template_tool_calls
 
 MAX_N = 128
 
@@ -443,6 +443,7 @@ async def _chat_prompt(server: Server, req: ChatRequest, add_special_tokens: boo
                                         f"{part.get('text')!r}", "messages")
                 texts.append(part["text"])
             message["content"] = "\n".join(texts)
+        template_tool_calls(message, i)
         messages.append(message)
     # chat_template_kwargs (over serve's defaults) override the request's own fields, as in vLLM
     options = {"add_generation_prompt": req.add_generation_prompt, "tools": req.tools,
@@ -588,8 +589,7 @@ async def tokenize(server: Server, req: TokenizeRequest) -> dict:
                            "chat_template")
         chat = ChatRequest(messages=req.messages, add_generation_prompt=req.add_generation_prompt,
                            continue_final_message=req.continue_final_message,
-                           chat_template_kwargs=req.chat_template_kwargs, tools=req.tools,
-                           tool_choice="none" if req.tools else None)
+                           chat_template_kwargs=req.chat_template_kwargs, tools=req.tools)
         ids, _ = await _chat_prompt(server, chat, bool(req.add_special_tokens))
     backend = server.model.tokenizer.backend  # vLLM's token_strs: the vocabulary's entries (convert_ids_to_tokens)
     strs = await asyncio.to_thread(lambda: [backend.id_to_token(t) for t in ids]) if req.return_token_strs else None

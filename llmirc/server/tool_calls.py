@@ -94,6 +94,30 @@ def _required(text: str) -> list[dict] | None:
         return None
 
 
+def template_tool_calls(message: dict, i: int) -> None:
+    """An assistant message's tool_calls as chat templates take them (vLLM's, after transformers'): each
+    function's arguments a dict (its JSON text parsed; not JSON or not an object: {}, as vLLM, so that a
+    conversation with a broken call goes on), an empty list dropped. A 400 for a call that is not a function."""
+    calls = message.get("tool_calls")
+    if message["role"] != "assistant" or not isinstance(calls, list):
+        return
+    if not calls:
+        del message["tool_calls"]
+    for item in calls:
+        function = item.get("function") if isinstance(item, dict) and item.get("type", "function") == "function" \
+            else None
+        if not isinstance(function, dict):
+            raise APIError(400, f"messages[{i}].tool_calls: each must be {{type: function, function: {{name, "
+                                "arguments}}}", "messages")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments else {}
+            except ValueError:
+                arguments = {}
+        function["arguments"] = arguments if isinstance(arguments, dict) else {}
+
+
 @dataclass
 class ToolChoice:
     """A chat request's tool choice (`of`): kind "none", "named", "required" or "auto"; `schema` the JSON
