@@ -185,6 +185,79 @@ def test_penalties_and_bias_apply_per_request_on_the_hosts_logits():
         SamplingParams(logit_bias=None).validate()
 
 
+class DigitTokenizer:
+    """Token id t is the character chr(48 + t); spaces are not tokens (so a word's spaced form is the same)."""
+
+    eos_token_id = None
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) - 48 for c in text if c != " "]
+
+
+def test_allowed_token_ids_and_bad_words():
+    """vLLM's allowed_token_ids (only these are sampled) and bad_words (a one-token word never sampled, a
+    two-token word's last token never right after its first): the tokens of argmax over the masked rows,
+    beside a plain request; no multi-step runs; ids outside the vocabulary and bad words without a
+    tokenizer refused."""
+    prompt = [1, 2, 3]
+    free = greedy_reference(prompt, 12)
+    allowed = tuple(sorted(set(free[3:6])) + [7])
+    first, second, single = free[0], free[1], free[3]
+    words = (chr(48 + first) + chr(48 + second), " " + chr(48 + single))
+
+    def masked(n, keep=None):
+        tokens = list(prompt)
+        for _ in range(n):
+            row = history_logits(tokens)
+            if keep is not None:
+                row[[t for t in range(VOCAB) if t not in keep]] = -np.inf
+            else:
+                row[single] = -np.inf
+                if tokens[-1] == first and len(tokens) > len(prompt):
+                    row[second] = -np.inf
+            tokens.append(int(np.argmax(row)))
+        return tokens[len(prompt):]
+
+    engine, executor = make(executor_class=FakeRunExecutor)
+    engine.tokenizer = DigitTokenizer()
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, detokenize=False, **kw)
+              for kw in (dict(allowed_token_ids=allowed), dict(bad_words=words), {})]
+    out = collect(engine, [prompt] * 3, params)
+    assert [o.token for o in out[0]] == masked(12, set(allowed)) and set(o.token for o in out[0]) <= set(allowed)
+    banned = [o.token for o in out[1]]
+    assert banned == masked(12) and single not in banned and banned[:2] != [first, second]
+    assert [o.token for o in out[2]] == free and executor.runs == []
+    with pytest.raises(LlmircError, match="allowed_token_ids: token id 50 is outside the model's vocabulary of 50"):
+        engine.add_request([1], SamplingParams(allowed_token_ids=(1, 50)), lambda out: None)
+    with pytest.raises(LlmircError, match="allowed_token_ids must be a non-empty list"):
+        SamplingParams(allowed_token_ids=()).validate()
+    with pytest.raises(LlmircError, match="bad_words must be non-empty strings"):
+        SamplingParams(bad_words=(" ",)).validate()
+    with pytest.raises(LlmircError, match="bad_words: token id 74 is outside"):
+        engine.add_request([1], SamplingParams(bad_words=("z",)), lambda out: None)
+    plain, _ = make()
+    with pytest.raises(LlmircError, match="bad_words need a tokenizer"):
+        plain.add_request([1], SamplingParams(bad_words=("ab",)), lambda out: None)
+
+
+def test_bad_words_ids_as_vllm_tokenizes_them():
+    """Each word alone and after a space; the spaced form kept when it starts with another token and is as
+    long (a word-start token), as vLLM's SamplingParams.update_from_tokenizer."""
+    from llmirc.runtime.sampling import bad_words_ids
+
+    vocab = {"hello": 1, " hello": 2, "wor": 3, "ld": 4, " ": 5, "x": 6}
+
+    def encode(text):  # (longest match first)
+        ids = []
+        while text:
+            piece = max((p for p in vocab if text.startswith(p)), key=len)
+            ids.append(vocab[piece])
+            text = text[len(piece):]
+        return ids
+
+    assert bad_words_ids(encode, ["hello", "  world", "x"]) == [(1,), (2,), (3, 4), (6,)]  # (" world": 5, 3, 4)
+
+
 def test_a_requests_bias_and_prompt_are_prepared_once(monkeypatch):
     """A penalized request's logit bias is made into arrays (sorted, summed) and its prompt into an
     array once, not at every step (a 10,000-entry bias cost 2 ms of host work per step on SmolLM2's

@@ -627,8 +627,8 @@ BAD = {
                                                           "guided_whitespace_pattern": "[ ]("}, 400,
                                       "guided_json: the json format is not valid", "guided_json"),
     "beam-search": ("/v1/completions", {"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
-    "bad-words": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "bad_words": ["no"]},
-                  400, "bad_words"),
+    "allowed-token-ids-outside-vocab": ("/v1/completions", {"prompt": "hi", "allowed_token_ids": [1, 384]}, 400,
+                                        "allowed_token_ids: token id 384 is outside the model's vocabulary of 384"),
     "tools-auto": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
         {"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400,
         '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set', "tool_choice"),
@@ -1230,6 +1230,16 @@ def test_penalties_min_p_and_logit_bias_in_both_apis(server, model):
     r = httpx.post(server.url + "/generate", json={"input_ids": prompt, "sampling_params": {
         "max_new_tokens": 10, "temperature": 0, "min_new_tokens": 5, **stop}})
     assert r.json()["output_ids"] == held, r.text
+    # vLLM's allowed_token_ids and bad_words (two greedy tokens whose text tokenizes back to them as a bad word)
+    r = httpx.post(server.url + "/v1/completions", json={**body, "allowed_token_ids": [40, 41, 42]})
+    assert set(r.json()["choices"][0]["token_ids"]) <= {40, 41, 42}, r.text
+    i = next(i for i in range(9) if model.tokenizer.encode(model.tokenizer.decode(greedy[i:i + 2]).lstrip(),
+                                                           add_special_tokens=False) == greedy[i:i + 2])
+    words = [model.tokenizer.decode(greedy[i:i + 2])]
+    banned = model.generate([prompt], max_new_tokens=10, ignore_eos=True, bad_words=words)[0]
+    assert banned[:i + 2] != greedy[:i + 2]
+    r = httpx.post(server.url + "/v1/completions", json={**body, "bad_words": words})
+    assert r.json()["choices"][0]["token_ids"] == banned, r.text
 
 
 def test_logit_bias_keys_of_one_id_and_sglang_penalty_ranges(server):

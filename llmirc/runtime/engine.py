@@ -34,7 +34,8 @@ import numpy as np
 
 from llmirc.errors import LlmircError
 
-from .sampling import GREEDY_TEMPERATURE, bias_arrays, logprobs, penalize, sample, validate_sampling
+from .sampling import (GREEDY_TEMPERATURE, bad_words_ids, ban_bad_words, bias_arrays, logprobs, penalize, sample,
+                       validate_sampling)
 from .scheduler import Scheduler
 from .structured import Guide, guide_tokenizer
 from .tokenizer import TextStream, Tokenizer
@@ -59,7 +60,9 @@ class SamplingParams:
     from its logits on the host (no multi-step greedy runs, no sampling on a GPU). `min_tokens`: vLLM's;
     until that many tokens are out, the ids that would end the request (stop_token_ids, and the
     end-of-sequence ids unless ignore_eos) are never sampled and stop strings are not looked for (one
-    that ends later counts, as vLLM's detokenizer finds it). `guided`: an llguidance grammar
+    that ends later counts, as vLLM's detokenizer finds it). `allowed_token_ids`: vLLM's; only these are
+    sampled. `bad_words`: vLLM's; a token that would complete one of these words (sampling.bad_words_ids,
+    ban_bad_words; they need the engine's tokenizer) is never sampled. `guided`: an llguidance grammar
     (structured.grammar: a JSON schema, a regex, choices) the text must follow; it needs the engine's
     tokenizer, and its requests are sampled on the host too."""
 
@@ -82,13 +85,15 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
     guided: str | None = None
 
     @property
     def penalized(self) -> bool:
-        """Whether the logits change before sampling (sampling.penalize)."""
+        """Whether the logits change before sampling (sampling.penalize, the allowed ids, the bad words)."""
         return bool(self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
-                    or self.logit_bias)
+                    or self.logit_bias or self.allowed_token_ids is not None or self.bad_words)
 
     def validate(self) -> None:
         """Raises LlmircError naming the first invalid field."""
@@ -111,6 +116,13 @@ class SamplingParams:
                 not 0 <= self.min_tokens <= self.max_tokens:  # (vLLM's rule)
             raise LlmircError(f"min_tokens must be an integer from 0 to max_tokens ({self.max_tokens}), "
                               f"got {self.min_tokens!r}")
+        allowed = self.allowed_token_ids
+        if allowed is not None and (not isinstance(allowed, (tuple, list)) or not allowed or any(
+                isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in allowed)):
+            raise LlmircError(f"allowed_token_ids must be a non-empty list of token ids, got {allowed!r}")
+        if not isinstance(self.bad_words, (tuple, list)) or not all(isinstance(w, str) and w.strip()
+                                                                     for w in self.bad_words):
+            raise LlmircError(f"bad_words must be non-empty strings, got {self.bad_words!r}")
         if self.guided is not None and not isinstance(self.guided, str):
             raise LlmircError(f"guided must be an llguidance grammar (structured.grammar), got {self.guided!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
@@ -181,6 +193,8 @@ class _Request:
     penalty_inputs: tuple | None = None  # (prompt ids array, sampling.bias_arrays): made at its first penalized row
     held_ids: np.ndarray | None = None  # the ids min_tokens keeps from being sampled (None: none)
     guide: Guide | None = None  # the structured output's matcher
+    bad_words: list[tuple[int, ...]] = field(default_factory=list)  # token sequences never completed
+    disallowed: np.ndarray | None = None  # bool [V]: what allowed_token_ids leaves out (made at its first row)
 
     @property
     def holds(self) -> bool:
@@ -295,13 +309,25 @@ class Engine:
             raise LlmircError(f"stop_token_ids: token id {bad[0]} is outside the model's vocabulary of {vocab}")
         if vocab is not None and (bad := [t for t, _ in params.logit_bias if not 0 <= t < vocab]):
             raise LlmircError(f"logit_bias: token id {bad[0]} is outside the model's vocabulary of {vocab}")
+        if vocab is not None and (bad := [t for t in params.allowed_token_ids or () if not 0 <= t < vocab]):
+            raise LlmircError(f"allowed_token_ids: token id {bad[0]} is outside the model's vocabulary of {vocab}")
         if params.stop and self.tokenizer is None:
             raise LlmircError("stop strings need a tokenizer, and this bundle has none: use stop token ids")
+        if vocab is not None and (bad := [t for ids in self._bad_words(params) for t in ids if not 0 <= t < vocab]):
+            raise LlmircError(f"bad_words: token id {bad[0]} is outside the model's vocabulary of {vocab}")
         if params.guided is not None:
             if self.tokenizer is None:
                 raise LlmircError("structured outputs need a tokenizer, and this bundle has none")
             self._guides()  # (LlmircError where its tokenizer does not fit the model)
         self.scheduler.check_request(prompt, params.max_tokens)
+
+    def _bad_words(self, params: SamplingParams) -> list[tuple[int, ...]]:
+        """The request's bad words as token sequences (sampling.bad_words_ids); LlmircError without a tokenizer."""
+        if not params.bad_words:
+            return []
+        if self.tokenizer is None:
+            raise LlmircError("bad_words need a tokenizer, and this bundle has none")
+        return bad_words_ids(lambda text: self.tokenizer.encode(text, add_special_tokens=False), params.bad_words)
 
     def _guides(self):
         """llguidance's tokenizer of the bundle's (made once, from any thread); LlmircError when it does
@@ -437,7 +463,7 @@ class Engine:
         start = params.prompt_logprobs_start if params.prompt_logprobs is not None else None
         self.scheduler.add_request(prompt, params.max_tokens, request_id=request_id, ignore_eos=params.ignore_eos,
                                    stop_token_ids=params.stop_token_ids, prompt_logprobs_from=start)
-        req = _Request(prompt, params, sink, rng, arrival, guide=guide)
+        req = _Request(prompt, params, sink, rng, arrival, guide=guide, bad_words=self._bad_words(params))
         if self.tokenizer is not None and params.detokenize:
             req.text = TextStream(self.tokenizer, prompt, params.stop, params.include_stop_str_in_output,
                                   params.min_tokens)
@@ -565,6 +591,12 @@ class Engine:
                     scores[i, req.held_ids] = -np.inf
                     if req.guide is not None and not np.isfinite(scores[i]).any():  # the grammar's end wins
                         scores[i, req.held_ids] = held
+                if p.allowed_token_ids is not None:
+                    if req.disallowed is None:
+                        req.disallowed = np.ones(scores.shape[1], dtype=bool)
+                        req.disallowed[list(p.allowed_token_ids)] = False
+                    np.putmask(scores[i], req.disallowed, -np.inf)
+                ban_bad_words(scores[i], req.output, req.bad_words)
                 if p.penalized:
                     if req.penalty_inputs is None:
                         req.penalty_inputs = (np.asarray(req.prompt, dtype=np.int64), bias_arrays(p.logit_bias))

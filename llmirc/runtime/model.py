@@ -288,7 +288,8 @@ class Model:
                         stop: str | tuple[str, ...] = (), logprobs: int | None = None, *, min_p: float = 0.0,
                         repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
                         frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None,
-                        min_tokens: int = 0, structured_outputs: dict | None = None) -> Iterator[RequestOutput]:
+                        min_tokens: int = 0, allowed_token_ids: list[int] | None = None, bad_words: list[str] = (),
+                        structured_outputs: dict | None = None) -> Iterator[RequestOutput]:
         """Runs all prompts as one continuous batch; yields a RequestOutput (request_id = prompt
         index, token, text, finished, finish_reason, logprob...) for every token as soon as it is
         sampled. Bad arguments raise LlmircError here, not at the first `next`.
@@ -296,7 +297,8 @@ class Model:
         With a seed, prompt i samples from its own generator seeded `seed + i` (vLLM's rule for
         n > 1), so runs are reproducible. `stop` strings end a sequence (and its text, which
         leaves them out). `logprobs` n adds each token's logprob and the n most likely. `min_p`, the
-        penalties, `logit_bias` ({token id: bias}) and `min_tokens` as vLLM's (engine.SamplingParams);
+        penalties, `logit_bias` ({token id: bias}), `min_tokens`, `allowed_token_ids` and `bad_words` as
+        vLLM's (engine.SamplingParams);
         `structured_outputs` as vLLM's ({"json": schema}, {"regex": ...}, {"choice": [...]}, {"grammar":
         EBNF or Lark}, {"structural_tag": ...} or {"json_object": True}, with disable_any_whitespace,
         whitespace_pattern, disable_additional_properties: the text follows it; structured.py). Closing
@@ -311,7 +313,9 @@ class Model:
                                  ignore_eos=ignore_eos, logprobs=logprobs, min_p=min_p,
                                  repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                  frequency_penalty=frequency_penalty, logit_bias=_bias_pairs(logit_bias),
-                                 min_tokens=_plain(min_tokens), guided=guided)
+                                 min_tokens=_plain(min_tokens), guided=guided, bad_words=_items(bad_words, "bad_words"),
+                                 allowed_token_ids=None if allowed_token_ids is None else
+                                 tuple(map(_plain, _items(allowed_token_ids, "allowed_token_ids"))))
                   for i in range(len(ids))]
         return self.engine.generate(ids, params)
 

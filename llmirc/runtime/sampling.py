@@ -131,6 +131,27 @@ def penalize(logits: np.ndarray, prompt_ids, output_ids, repetition_penalty: flo
     return row
 
 
+def bad_words_ids(encode, words: Sequence[str]) -> list[tuple[int, ...]]:
+    """The token sequences of vLLM's bad_words: each word, its leading spaces stripped, tokenized alone
+    (`encode`: text -> ids, no special tokens) and after a space, the second kept when its first token
+    differs and its length does not (a word-start token, as SentencePiece and byte-level BPE have)."""
+    out = []
+    for word in words:
+        alone = tuple(encode(word.lstrip()))
+        spaced = tuple(encode(" " + word.lstrip()))
+        out += [alone] + ([spaced] if spaced[:1] != alone[:1] and len(spaced) == len(alone) else [])
+    return [ids for ids in out if ids]
+
+
+def ban_bad_words(row: np.ndarray, output_ids: Sequence[int], sequences: Sequence[tuple[int, ...]]) -> None:
+    """Set to -inf, in place, the last token of each bad-word sequence whose other tokens the output ends
+    with (a one-token sequence: always): vLLM's rule, so a bad word is never completed by this token."""
+    for ids in sequences:
+        head = len(ids) - 1
+        if head <= len(output_ids) and (not head or list(output_ids[-head:]) == list(ids[:-1])):
+            row[ids[-1]] = -np.inf
+
+
 def _top_k(logits: np.ndarray, temperature: float, top_k: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(float64 scores = logits / temperature with the tokens top-k removes at -inf,
     unnormalized probabilities exp(score - row max): 0 where removed), both [R, V]."""

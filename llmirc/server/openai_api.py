@@ -3,9 +3,9 @@
 POST /v1/completions and /v1/chat/completions take OpenAI's parameters (model, prompt or messages,
 max_tokens / max_completion_tokens, temperature, top_p, seed, stop, n, logprobs / top_logprobs,
 echo, stream, stream_options.include_usage, presence_penalty, frequency_penalty, logit_bias) and
-vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos,
-include_stop_str_in_output, skip_special_tokens, add_generation_prompt, continue_final_message,
-chat_template_kwargs, return_token_ids) and structured outputs (response_format json_object /
+vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, allowed_token_ids, bad_words,
+stop_token_ids, ignore_eos, include_stop_str_in_output, skip_special_tokens, add_generation_prompt,
+continue_final_message, chat_template_kwargs, return_token_ids) and structured outputs (response_format json_object /
 json_schema, structural_tag, structured_outputs, guided_json / guided_regex / guided_choice /
 guided_grammar: `_guided`). Parameters that would change the output and that llmirc does not implement
 (`NOT_IMPLEMENTED`: beam search, prompt_logprobs, truncation; best_of != n, suffix,
@@ -62,7 +62,7 @@ class StreamOptions(BaseModel):
 # vLLM request fields that change the output and that llmirc does not implement: a 400 naming
 # them unless absent, null or at a value that changes nothing (listed).
 NOT_IMPLEMENTED = {
-    "allowed_token_ids": (), "bad_words": ([],), "logits_processors": ([],),
+    "logits_processors": ([],),
     "use_beam_search": (False,), "length_penalty": (1.0,),
     "prompt_logprobs": (), "truncate_prompt_tokens": (), "detokenize": (True,), "return_tokens_as_token_ids": (False,),
     "functions": ([],), "function_call": ("none",), "chat_template": (), "modalities": (["text"],), "audio": (),
@@ -83,6 +83,8 @@ class _Common(BaseModel):
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     min_tokens: Int | None = 0
+    allowed_token_ids: list[Int] | None = None
+    bad_words: list[str] | None = None
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
@@ -193,7 +195,8 @@ def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | Non
         repetition_penalty=repetition_penalty, presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias=logit_bias_pairs(req.logit_bias, vocab, "logit_bias"), min_tokens=min_tokens,
-        guided=req._grammar)
+        allowed_token_ids=None if req.allowed_token_ids is None else tuple(req.allowed_token_ids),
+        bad_words=tuple(req.bad_words or ()), guided=req._grammar)
 
 
 def _guided(req: _Common) -> str | None:
