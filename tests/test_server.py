@@ -244,7 +244,7 @@ def test_stop_strings_and_stop_token_ids(client, model):
 
 def test_stop_token_text_is_left_out_unless_asked_for_as_vllm(client, model):
     """vLLM leaves the text of the stop token id that ended the request out of the output, unless
-    include_stop_str_in_output (SGLang: no_stop_trim), streamed or not."""
+    include_stop_str_in_output (SGLang: no_stop_trim, on both its APIs), streamed or not."""
     prompt = "the lazy dog"
     tokens = model.generate([prompt], 16, ignore_eos=True)[0]
 
@@ -256,6 +256,7 @@ def test_stop_token_text_is_left_out_unless_asked_for_as_vllm(client, model):
     at = next(i for i in range(1, 16) if tokens.index(tokens[i]) == i and text(i + 1) != text(i))
     stop = {"stop_token_ids": [tokens[at]]}
     assert text(16, **stop) == text(at) and text(16, **stop, include_stop_str_in_output=True) == text(at + 1)
+    assert text(16, **stop, no_stop_trim=True) == text(at + 1)  # (SGLang's name on its OpenAI API)
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="tiny", prompt=prompt, max_tokens=16, temperature=0, stream=True,
         extra_body={"ignore_eos": True, **stop}))
@@ -627,6 +628,10 @@ BAD = {
                                                           "guided_whitespace_pattern": "[ ]("}, 400,
                                       "guided_json: the json format is not valid", "guided_json"),
     "beam-search": ("/v1/completions", {"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
+    "sglang-lora-on-openai": ("/v1/completions", {"prompt": "hi", "lora_path": "my-lora"}, 400,
+                             "lora_path is not supported by llmirc", "lora_path"),
+    "sglang-regex-and-guided-json": ("/v1/completions", {"prompt": "hi", "regex": "a", "guided_json": {}}, 400,
+                                     "only one structured output may be given, got guided_json and regex", "regex"),
     "allowed-token-ids-outside-vocab": ("/v1/completions", {"prompt": "hi", "allowed_token_ids": [1, 384]}, 400,
                                         "allowed_token_ids: token id 384 is outside the model's vocabulary of 384"),
     "tools-auto": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
@@ -1294,6 +1299,12 @@ def test_structured_outputs_in_both_apis(server, client):
     r = httpx.post(server.url + "/generate", json={"text": "the quick", "sampling_params": {
         "max_new_tokens": 20, "temperature": 0, "ebnf": ebnf}})
     assert re.fullmatch("(ab|cd)[0-9]{2}", r.json()["text"]), r.text
+    # SGLang's names on its OpenAI API: regex, ebnf, json_schema (they were ignored: unknown to vLLM)
+    for field, pattern in (({"regex": "(yes|no)!"}, "(yes|no)!"), ({"ebnf": ebnf}, "(ab|cd)[0-9]{2}"),
+                           ({"json_schema": json.dumps(schema)}, r"\s*\{.*")):
+        r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                                  "max_tokens": 40, "temperature": 0, **field})
+        assert re.fullmatch(pattern, r.json()["choices"][0]["message"]["content"], re.S), (field, r.text)
     r = httpx.post(server.url + "/v1/completions", json={**body, "temperature": 1, "seed": 1, "guided_json": schema,
                                                          "guided_whitespace_pattern": "[ ]?"})
     text = r.json()["choices"][0]["text"]

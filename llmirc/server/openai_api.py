@@ -2,16 +2,17 @@
 
 POST /v1/completions and /v1/chat/completions take OpenAI's parameters (model, prompt or messages,
 max_tokens / max_completion_tokens, temperature, top_p, seed, stop, n, logprobs / top_logprobs,
-echo, stream, stream_options.include_usage, presence_penalty, frequency_penalty, logit_bias) and
-vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, allowed_token_ids, bad_words,
-stop_token_ids, ignore_eos, include_stop_str_in_output, skip_special_tokens, add_generation_prompt,
-continue_final_message, chat_template_kwargs, return_token_ids) and structured outputs (response_format json_object /
-json_schema, structural_tag, structured_outputs, guided_json / guided_regex / guided_choice /
-guided_grammar: `_guided`). Parameters that would change the output and that llmirc does not implement
-(`NOT_IMPLEMENTED`: beam search, prompt_logprobs, truncation; best_of != n, suffix,
-skip_special_tokens false, non-text content) are
-refused with a 400 naming them, never silently ignored, as are an empty stop string, stop token
-ids outside the vocabulary (vLLM's SamplingParams checks) and stream_options without stream;
+echo, stream, stream_options.include_usage, presence_penalty, frequency_penalty, logit_bias; chat's
+tools and tool_choice: tool_calls.py) and vLLM's extensions (top_k, min_p, repetition_penalty,
+min_tokens, allowed_token_ids, bad_words, stop_token_ids, ignore_eos, include_stop_str_in_output,
+skip_special_tokens, add_generation_prompt, continue_final_message, chat_template_kwargs,
+return_token_ids) and structured outputs (response_format json_object / json_schema / structural_tag,
+structured_outputs, guided_json / guided_regex / guided_choice / guided_grammar: `_guided`), and
+SGLang's names for some (regex, ebnf, json_schema, no_stop_trim). Parameters that would change the
+output and that llmirc does not implement (`NOT_IMPLEMENTED`: beam search, prompt_logprobs,
+truncation, LoRA; best_of != n, suffix, skip_special_tokens false, non-text content) are refused with
+a 400 naming them, never silently ignored, as are an empty stop string, stop token ids outside the
+vocabulary (vLLM's SamplingParams checks) and stream_options without stream;
 unknown fields are ignored, as vLLM does. Integer fields take an integral number written as a
 float (5.0), as vLLM's models do, not a fraction, a string or a boolean. max_tokens (or
 max_completion_tokens) must be at least 1, as vLLM's SamplingParams say, except completions'
@@ -66,7 +67,14 @@ NOT_IMPLEMENTED = {
     "use_beam_search": (False,), "length_penalty": (1.0,),
     "prompt_logprobs": (), "truncate_prompt_tokens": (), "detokenize": (True,), "return_tokens_as_token_ids": (False,),
     "functions": ([],), "function_call": ("none",), "chat_template": (), "modalities": (["text"],), "audio": (),
+    # SGLang's extra fields of its OpenAI API
+    "stop_regex": (), "lora_path": (), "session_params": (), "custom_logit_processor": (),
+    "return_hidden_states": (False,),
 }
+# the request fields that hold a structured output, and their kind (structured.grammar); SGLang's OpenAI API
+# takes regex, ebnf and json_schema as vLLM's takes guided_*
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar",
+          "regex": "regex", "ebnf": "grammar", "json_schema": "json"}
 
 
 class _Common(BaseModel):
@@ -92,6 +100,10 @@ class _Common(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
+    regex: str | None = None  # (SGLang's)
+    ebnf: str | None = None  # (SGLang's)
+    json_schema: dict[str, Any] | str | None = None  # (SGLang's)
+    no_stop_trim: bool = False  # (SGLang's include_stop_str_in_output)
     _grammar: str | None = PrivateAttr(None)  # the structured output's grammar (`_guided`), made once
     seed: Int | None = None
     stop: str | list[str] | None = None
@@ -191,7 +203,7 @@ def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | Non
         top_p=top_p if top_p is not None and top_p < 1 else None, seed=seed,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, prompt_logprobs_start=0, stop=tuple(stop),
-        include_stop_str_in_output=req.include_stop_str_in_output, min_p=min_p,
+        include_stop_str_in_output=req.include_stop_str_in_output or req.no_stop_trim, min_p=min_p,
         repetition_penalty=repetition_penalty, presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias=logit_bias_pairs(req.logit_bias, vocab, "logit_bias"), min_tokens=min_tokens,
@@ -202,12 +214,11 @@ def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | Non
 def _guided(req: _Common) -> str | None:
     """The llguidance grammar of the request's structured output (structured.py): vLLM's
     structured_outputs or guided_json / guided_regex / guided_choice / guided_grammar (with
-    guided_whitespace_pattern for JSON), or OpenAI's response_format (json_object, json_schema, and
-    vLLM's structural_tag); a 400 naming the field for more than one, or one that is not valid."""
-    given = [(name, value) for name, value in (
-        ("structured_outputs", req.structured_outputs), ("guided_json", req.guided_json),
-        ("guided_regex", req.guided_regex), ("guided_choice", req.guided_choice),
-        ("guided_grammar", req.guided_grammar), ("response_format", req.response_format)) if value is not None]
+    guided_whitespace_pattern for JSON), SGLang's regex / ebnf / json_schema, or OpenAI's response_format
+    (json_object, json_schema, and vLLM's structural_tag); a 400 naming the field for more than one, or one
+    that is not valid."""
+    given = [(name, value) for name in ("structured_outputs", *GUIDED, "response_format")
+             if (value := getattr(req, name)) is not None]
     given = [(name, value) for name, value in given if not (name == "response_format" and value == {"type": "text"})]
     if len(given) > 1:
         raise APIError(400, f"only one structured output may be given, got {' and '.join(n for n, _ in given)}",
@@ -222,7 +233,7 @@ def _guided(req: _Common) -> str | None:
                 value = {"whitespace_pattern": req.guided_whitespace_pattern, **value}
             return structured.structured_outputs(value)
         if name != "response_format":
-            return structured.grammar(name.removeprefix("guided_"), value, options)
+            return structured.grammar(GUIDED[name], value, options)
         kind = value.get("type")
         if kind == "json_object":
             return structured.grammar("json", structured.JSON_OBJECT, options)
