@@ -676,6 +676,10 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
               help="The tool-call format of the model's family, for --enable-auto-tool-choice: hermes "
                    "(<tool_call>{...}</tool_call>: Qwen2.5, Qwen3, Hermes), llama3_json (a JSON object {name, "
                    "parameters}: Llama 3.1-3.3).")
+@click.option("--reasoning-parser", type=click.Choice(["deepseek_r1", "qwen3"]), default=None,
+              help="Answer a thinking model's <think>...</think> text as message.reasoning_content (and "
+                   "reasoning), apart from its content (vLLM's flag): deepseek_r1 (DeepSeek-R1 and its "
+                   "distills, QwQ), qwen3 (Qwen3).")
 @click.option("--generation-config", "generation_config", type=click.Choice(["auto", "vllm"]), default="auto",
               show_default=True, help="auto: requests that leave temperature, top_p, top_k, min_p or "
                                       "repetition_penalty out get the model's generation_config.json values, and "
@@ -689,7 +693,7 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
 def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_model_len, max_num_seqs,
           max_num_batched_tokens, enable_prefix_caching, kv_cache_tokens, kv_cache_dtype, gpu_memory_utilization,
           threads, target, num_scheduler_steps, max_queued_requests, max_body_bytes, chat_template, template_kwargs,
-          enable_auto_tool_choice, tool_call_parser, generation_config, no_verify, log_level):
+          enable_auto_tool_choice, tool_call_parser, reasoning_parser, generation_config, no_verify, log_level):
     """Serve BUNDLE over HTTP: vLLM's OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models) and SGLang's native API (/generate, /get_model_info, /get_server_info, /abort_request,
     /health_generate, /flush_cache), plus
@@ -758,7 +762,8 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
     app = create_app(model, ServerOptions(served_model_name=name, api_key=api_key,
                                           allowed_origins=origins, default_chat_template_kwargs=template_kwargs,
                                           max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes,
-                                          sampling_defaults=defaults, tool_call_parser=tool_call_parser))
+                                          sampling_defaults=defaults, tool_call_parser=tool_call_parser,
+                                          reasoning_parser=reasoning_parser))
     # listen here, not in uvicorn: an address in use is the user's error, and uvicorn's startup
     # failure exits 3, llmirc's code for an internal error
     try:

@@ -173,6 +173,7 @@ class ServerOptions:
     max_body_bytes: int = 64 << 20  # a larger request body is answered 413
     default_chat_template_kwargs: dict = field(default_factory=dict)  # under each request's chat_template_kwargs
     tool_call_parser: str | None = None  # tool_choice auto's (tool_calls.PARSERS); None: auto is refused
+    reasoning_parser: str | None = None  # reasoning.PARSERS: a thinking model's reasoning answered apart
     # what a request that leaves temperature, top_p, top_k (or a chat request max_tokens) out gets
     # (sampling_defaults: the model's)
     sampling_defaults: dict = field(default_factory=dict)

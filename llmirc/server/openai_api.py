@@ -49,6 +49,7 @@ from llmirc.runtime import structured
 from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 from .app import APIError, Generation, Int, Server, event_stream, logit_bias_pairs, refuse_not_implemented
+from .reasoning import Reasoning
 from .tool_calls import ToolChoice, template_tool_calls
 
 MAX_N = 128
@@ -434,9 +435,9 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
 # -- /v1/chat/completions ----------------------------------------------------------------------
 
 async def _chat_prompt(server: Server, req: ChatRequest, add_special_tokens: bool = False
-                       ) -> tuple[list[int], list[dict]]:
-    """The prompt's token ids (the template writes the special tokens: none added, as vLLM), and
-    the messages as the template saw them (text content)."""
+                       ) -> tuple[list[int], list[dict], str]:
+    """The prompt's token ids (the template writes the special tokens: none added, as vLLM), the
+    messages as the template saw them (text content), and the rendered text."""
     model = server.model
     if model.chat_template is None:
         raise APIError(400, "this bundle has no chat template (its tokenizer_config.json has no chat_template and "
@@ -467,7 +468,7 @@ async def _chat_prompt(server: Server, req: ChatRequest, add_special_tokens: boo
         text = await server.render_chat(messages, **options)
     except LlmircError as e:
         raise APIError(400, str(e), "chat_template_kwargs" if "messages" in options else "messages") from None
-    return await server.encode(text, "messages", add_special_tokens), messages
+    return await server.encode(text, "messages", add_special_tokens), messages, text
 
 
 def _chat_logprobs(server: Server, entries: list[TokenLogprob]) -> dict:
@@ -484,10 +485,17 @@ def _chat_logprobs(server: Server, entries: list[TokenLogprob]) -> dict:
                         for e in entries]}
 
 
-def _chat_choice(server: Server, req: ChatRequest, i: int, c: Generation, tools: ToolChoice, echo: str) -> dict:
-    """One choice of a chat answer: its message (content, or the tool calls found in it) and finish."""
+def _chat_choice(server: Server, req: ChatRequest, i: int, c: Generation, tools: ToolChoice,
+                 thinking: Reasoning | None, echo: str) -> dict:
+    """One choice of a chat answer: its message (content, or the tool calls found in it; the reasoning
+    apart with a reasoning parser) and finish."""
     finish = _finish(c)
-    message, finish["finish_reason"] = tools.message(c.text, finish["finish_reason"])
+    reasoning, text = thinking.split(c.text) if thinking else (None, c.text)
+    message = {"content": None}
+    if text is not None:
+        message, finish["finish_reason"] = tools.message(text, finish["finish_reason"])
+    if thinking:
+        message["reasoning_content"] = message["reasoning"] = reasoning
     if echo:
         message["content"] = echo + (message["content"] or "")
     return {"index": i, "message": {"role": "assistant", **message},
@@ -512,7 +520,8 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
         if req._grammar is not None:  # (vLLM's rule)
             raise APIError(400, f"tool_choice {tools.kind} and a structured output cannot both be given", "tool_choice")
         req._grammar = structured.grammar("json", tools.schema)
-    prompt, messages = await _chat_prompt(server, req, req.add_special_tokens)
+    prompt, messages, rendered = await _chat_prompt(server, req, req.add_special_tokens)
+    thinking = Reasoning.of(server.options.reasoning_parser, rendered)
     if max_tokens is None:
         max_tokens = _rest_of_sequence(server, len(prompt), "messages")
     server.check_length(len(prompt), max_tokens, param=given)
@@ -541,14 +550,17 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
                     first["prompt_token_ids"] = requests[0][0]
                 yield first
             sent_ids = [0] * len(choices)
-            streams = [tools.stream() for _ in choices]
+            streams = [(tools.stream(), thinking and thinking.stream()) for _ in choices]
             async for i, out in outputs:
                 c = choices[i]
                 if c.done:
                     continue
-                piece = c.update(out)
+                piece, (calls, thoughts) = c.update(out), streams[i]
+                reasoning, piece = thoughts.feed(piece, c.done) if thoughts else ("", piece)
                 finish = _finish(c)
-                delta, finish["finish_reason"] = streams[i].feed(piece, c.done, finish["finish_reason"])
+                delta, finish["finish_reason"] = calls.feed(piece, c.done, finish["finish_reason"])
+                if reasoning:
+                    delta = {"reasoning_content": reasoning, "reasoning": reasoning, **delta}
                 new = [c.logprobs[-1]] if out.logprob is not None and req.logprobs and c.logprobs else []
                 new_ids = req.return_token_ids and len(c.tokens) > sent_ids[i]  # ids stream even without text
                 if not delta and not c.done and not new and not new_ids:
@@ -564,7 +576,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     async for i, out in server.generate(requests, raw_request):
         choices[i].update(out)
     return {"id": request_id, "object": "chat.completion", "created": created, "model": name,
-            "choices": [_chat_choice(server, req, i, c, tools, echo) for i, c in enumerate(choices)],
+            "choices": [_chat_choice(server, req, i, c, tools, thinking, echo) for i, c in enumerate(choices)],
             **({"prompt_token_ids": requests[0][0]} if req.return_token_ids else {}),
             "usage": usage()}
 
@@ -604,7 +616,7 @@ async def tokenize(server: Server, req: TokenizeRequest) -> dict:
         chat = ChatRequest(messages=req.messages, add_generation_prompt=req.add_generation_prompt,
                            continue_final_message=req.continue_final_message,
                            chat_template_kwargs=req.chat_template_kwargs, tools=req.tools)
-        ids, _ = await _chat_prompt(server, chat, bool(req.add_special_tokens))
+        ids, _, _ = await _chat_prompt(server, chat, bool(req.add_special_tokens))
     backend = server.model.tokenizer.backend  # vLLM's token_strs: the vocabulary's entries (convert_ids_to_tokens)
     strs = await asyncio.to_thread(lambda: [backend.id_to_token(t) for t in ids]) if req.return_token_strs else None
     return {"count": len(ids), "max_model_len": server.model.max_context, "tokens": ids, "token_strs": strs}
