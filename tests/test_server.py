@@ -731,8 +731,7 @@ def test_tool_calls_as_vllm(bundle, model):
     """tool_choice named and required hold the text to the tools' schemas and answer tool calls (openai's
     client, streamed and not: the same calls); auto, with --enable-auto-tool-choice --tool-call-parser
     hermes, finds the model's <tool_call> blocks (here forced by a guided regex: a random model writes
-    none), after the reasoning that --reasoning-parser sets apart; one of the two flags alone is a usage
-    error."""
+    none); one of the two flags alone is a usage error."""
     tools = [{"type": "function", "function": {"name": "add", "parameters": {
         "type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"], "additionalProperties": False}}}]
     # (whitespace biased away: JSON allows it anywhere, and a random model writes it to max_tokens)
@@ -758,7 +757,7 @@ def test_tool_calls_as_vllm(bundle, model):
         return choice.message.content, calls, choice.finish_reason
 
     with RunningServer(bundle, "--served-model-name", "tiny", "--kv-cache-tokens", 2048, "--enable-auto-tool-choice",
-                       "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3") as s:
+                       "--tool-call-parser", "hermes") as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
         named = plain(client, tool_choice={"type": "function", "function": {"name": "add"}})
         assert named[0] == "" and named[1][0][0] == "add" and json.loads(named[1][0][1])["x"] in (1, 2), named
@@ -773,15 +772,6 @@ def test_tool_calls_as_vllm(bundle, model):
         auto = plain(client, **forced)
         assert auto == ("Sure.", [("add", '{"x": 2}')], "tool_calls") == streamed(client, **forced), auto
         assert plain(client, extra_body={"guided_regex": "nocall"}) == ("nocall", [], "stop")
-        # --reasoning-parser qwen3: the <think> text apart, as reasoning_content (and reasoning), streamed too
-        thought = dict(extra_body={"guided_regex": "<think>hmm</think>" + re.escape(call)}, max_tokens=200)
-        asked = {k: v for k, v in asked.items() if k != "max_tokens"}
-        message = client.chat.completions.create(**asked, **thought).choices[0].message
-        assert message.reasoning_content == message.reasoning == "hmm" and message.content is None
-        assert message.tool_calls[0].function.arguments == '{"x": 2}'
-        chunks = list(client.chat.completions.create(**asked, **thought, stream=True))
-        assert "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks) == "hmm"
-        assert [t.function.name for c in chunks for t in c.choices[0].delta.tool_calls or ()] == ["add"]
         # the next turn of an agent's loop: the call as the client got it, the tool's answer
         called = client.chat.completions.create(**asked, tool_choice="required").choices[0].message
         turn = asked["messages"] + [called.model_dump(exclude_none=True), {
@@ -790,6 +780,34 @@ def test_tool_calls_as_vllm(bundle, model):
     r = subprocess.run([sys.executable, "-m", "llmirc.cli", "serve", str(bundle), "--enable-auto-tool-choice"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--enable-auto-tool-choice and --tool-call-parser go together" in r.stderr, r.stderr
+
+
+def test_reasoning_parser_as_vllm(bundle):
+    """serve --reasoning-parser qwen3: the <think> text is message.reasoning_content (and reasoning), streamed
+    as delta.reasoning_content, apart from the content, where the tool calls are found; a structured output
+    (here a regex) holds only after </think> when the prompt leaves the reasoning open (the CHATML template:
+    the model may think first), from the start when the prompt closed it (here a continued assistant
+    message ending in </think>; the guided text then writes the model's own think block)."""
+    call = '<tool_call>{"name": "add", "arguments": {"x": 2}}</tool_call>'
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    asked = dict(model="tiny", messages=[{"role": "user", "content": "add"}], max_tokens=200, temperature=0)
+    closed = dict(messages=[*asked["messages"], {"role": "assistant", "content": "<think>done</think>"}])
+    continued = {"continue_final_message": True, "add_generation_prompt": False}
+    with RunningServer(bundle, "--served-model-name", "tiny", "--kv-cache-tokens", 2048, "--enable-auto-tool-choice",
+                       "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3") as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        thought = {**asked, **closed, "tools": tools, "extra_body": {
+            **continued, "guided_regex": "<think>hmm</think>" + re.escape(call)}}
+        message = client.chat.completions.create(**thought).choices[0].message
+        assert message.reasoning_content == message.reasoning == "hmm" and message.content is None
+        assert message.tool_calls[0].function.arguments == '{"x": 2}', message
+        chunks = list(client.chat.completions.create(**thought, stream=True))
+        assert "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks) == "hmm"
+        assert [t.function.name for c in chunks for t in c.choices[0].delta.tool_calls or ()] == ["add"]
+        free = client.chat.completions.create(**{**asked, "max_tokens": 8}, extra_body={"guided_regex": "yes|no"})
+        assert free.choices[0].message.content not in ("yes", "no") and free.choices[0].finish_reason == "length"
+        answer = client.chat.completions.create(**{**asked, **closed}, extra_body={**continued, "guided_regex": "yes|no"})
+        assert answer.choices[0].message.content in ("yes", "no"), answer
 
 
 def test_tokenize_detokenize_version_and_model_card(server, model):

@@ -161,6 +161,17 @@ def test_structural_tags(model):
     assert _accepts(model, g, "a <f>1 b") and not _accepts(model, g, "a <f>2")
 
 
+def test_a_format_after_the_reasoning(model):
+    """structured.after_reasoning: any text up to the first </think>, then the format (the reasoning
+    parser's requests on a thinking prompt, as vLLM applies the format once reasoning has ended)."""
+    for inner, answer in ((structured.grammar("regex", "yes|no"), "yes"),
+                          (structured.grammar("grammar", 'root ::= "x" [0-9]'), "x1"),
+                          (structured.grammar("json", {"enum": [1]}), "1")):
+        g = structured.after_reasoning(inner)
+        assert _accepts(model, g, "<think>{any: thing}</think>" + answer) and _accepts(model, g, "</think>" + answer)
+        assert not _accepts(model, g, answer) and not _accepts(model, g, "a</think>b</think>" + answer)
+
+
 def test_the_schemas_true_and_empty_are_any_json_value(model):
     """The JSON schema true (a 500 on the server: llguidance's ValueError) and {} take any JSON value, as
     in JSON Schema and vLLM; json_object an object (false was taken as json_object: a 400 now)."""

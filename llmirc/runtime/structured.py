@@ -141,6 +141,18 @@ def grammar(kind: str, spec, options: JsonOptions = JsonOptions()) -> str:
     return text
 
 
+def after_reasoning(grammar_text: str, end: str = "</think>") -> str:
+    """`grammar_text` (an llguidance grammar) held from after the first `end` on, any text before it: a
+    thinking model's reasoning is free and its answer follows the format, as vLLM applies a structured
+    output once the reasoning has ended."""
+    spec = json.loads(grammar_text) if grammar_text.lstrip().startswith("{") else \
+        {"grammars": [{"lark_grammar": grammar_text}]}
+    name = spec["grammars"][0].setdefault("name", "answer")
+    lark = (f"%llguidance {{}}\nstart: thought @{name}\nthought[lazy]: THOUGHT {json.dumps(end)}\n"
+            "THOUGHT: /(.|\\n)*/\n")  # (lazy: the thought ends at the first `end`)
+    return json.dumps({**spec, "grammars": [{"name": "after_reasoning", "lark_grammar": lark}, *spec["grammars"]]})
+
+
 OPTIONS = {"disable_any_whitespace": "compact", "whitespace_pattern": "whitespace",
            "disable_additional_properties": "closed"}
 

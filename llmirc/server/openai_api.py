@@ -522,6 +522,8 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
         req._grammar = structured.grammar("json", tools.schema)
     prompt, messages, rendered = await _chat_prompt(server, req, req.add_special_tokens)
     thinking = Reasoning.of(server.options.reasoning_parser, rendered)
+    if thinking and req._grammar is not None and not thinking.ended:
+        req._grammar = structured.after_reasoning(req._grammar)
     if max_tokens is None:
         max_tokens = _rest_of_sequence(server, len(prompt), "messages")
     server.check_length(len(prompt), max_tokens, param=given)

@@ -7,7 +7,9 @@ template wrote `<think>` last: DeepSeek-R1's templates, Qwen3.5's), when the tex
 `<think>` (left out of the reasoning), or always with the deepseek_r1 parser (its models may leave the
 tag out); it is reasoning up to `</think>` and content after it. A text still thinking when it ends has
 no content (null); qwen3's text that does not start thinking is all content (Qwen3 with
-enable_thinking false: the template writes an empty think block into the prompt).
+enable_thinking false: the template writes an empty think block into the prompt). A structured output
+(or a named or required tool choice) holds from after the text's first `</think>` unless the prompt
+shows the reasoning over (structured.after_reasoning), as vLLM applies it once reasoning has ended.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class Reasoning:
 
     def __init__(self, parser: str, prompt: str):
         self.thinking = parser == "deepseek_r1" or prompt.rfind(START) > prompt.rfind(END)
+        # whether the prompt shows the reasoning over (a think block closed last: Qwen3 without thinking);
+        # else a structured output holds only after the text's </think> (vLLM: once reasoning has ended)
+        self.ended = prompt.rfind(END) > prompt.rfind(START)
 
     @staticmethod
     def of(parser: str | None, prompt: str) -> Reasoning | None:
