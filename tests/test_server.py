@@ -126,7 +126,7 @@ def test_streaming_completion_matches_and_reports_usage(server, client):
 
 def test_the_clients_request_id_names_the_response_as_vllm(server):
     """X-Request-Id becomes the response's id (cmpl-ID / chatcmpl-ID, streamed or not), as vLLM's
-    _base_request_id; without it the id is random."""
+    _base_request_id; without it the body's request_id (vLLM's field), and without both a random id."""
     headers = {"x-request-id": "trace-42"}
     body = {"model": "tiny", "prompt": "the lazy dog", "max_tokens": 2}
     assert httpx.post(server.url + "/v1/completions", headers=headers, json=body).json()["id"] == "cmpl-trace-42"
@@ -136,6 +136,11 @@ def test_the_clients_request_id_names_the_response_as_vllm(server):
         assert {e["id"] for e in sse(response)} == {"chatcmpl-trace-42"}
     ids = {httpx.post(server.url + "/v1/completions", json=body).json()["id"] for _ in range(2)}
     assert len(ids) == 2 and all(i.startswith("cmpl-") and "trace" not in i for i in ids)
+    assert httpx.post(server.url + "/v1/completions", json={**body, "request_id": "mine"}).json()["id"] == "cmpl-mine"
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "request_id": "mine"}
+    assert httpx.post(server.url + "/v1/chat/completions", json=chat).json()["id"] == "chatcmpl-mine"
+    assert httpx.post(server.url + "/v1/chat/completions", headers=headers, json=chat).json()["id"] == \
+        "chatcmpl-trace-42"  # (the header wins, as in vLLM)
 
 
 def test_return_token_ids_accounts_for_every_streamed_token(server, model):

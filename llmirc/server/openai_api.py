@@ -30,7 +30,7 @@ the continuous usage of stream_options being, as vLLM's, each chunk's own choice
 `finish_reason` is "stop" or "length" (`stop_reason`: the stop string or token id hit, null for
 the tokenizer's eos_token; generation_config.json's other end-of-sequence ids, as Gemma's <end_of_turn>,
 are stop token ids to vLLM, and so their id); a response's `id` is cmpl- / chatcmpl- and the request's X-Request-Id header, or
-a random id. A stream is server-sent events ending in `data: [DONE]`.
+its `request_id` field, or a random id. A stream is server-sent events ending in `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ class _Common(BaseModel):
     echo: bool | None = False
     return_token_ids: bool | None = False  # vLLM: the generated ids in each choice and chunk, prompt_token_ids
     user: str | None = None
+    request_id: str | None = None  # vLLM's: the response's id when there is no X-Request-Id header
     best_of: Int | None = None  # not implemented unless equal to n
 
 
@@ -263,10 +264,11 @@ def _finish(c: Generation) -> dict:
     return {"finish_reason": c.finish_reason if c.done else None, "stop_reason": c.stop_reason if c.done else None}
 
 
-def _request_id(prefix: str, raw_request) -> str:
+def _request_id(prefix: str, req: _Common, raw_request) -> str:
     """The response's id: PREFIX-ID for the client's X-Request-Id header (vLLM's, so that a client or
-    proxy can trace its request), else PREFIX- and a random hex id."""
-    return f"{prefix}-{raw_request.headers.get('x-request-id') or uuid.uuid4().hex}"
+    proxy can trace its request), else for the body's `request_id` (vLLM's field, the header winning
+    as in vLLM's _base_request_id), else PREFIX- and a random hex id."""
+    return f"{prefix}-{raw_request.headers.get('x-request-id') or req.request_id or uuid.uuid4().hex}"
 
 
 def _chunks(req: _Common, kind: str, request_id: str, created: int, model: str):
@@ -367,7 +369,7 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
     requests = [(p, _sampling(server, req, limit, req.logprobs, prompt_logprobs, j))
                 for p, limit in zip(prompts, limits) for j in range(req.n)]
     choices = [Generation() for _ in requests]
-    request_id, created = _request_id("cmpl", raw_request), int(time.time())
+    request_id, created = _request_id("cmpl", req, raw_request), int(time.time())
     prompt_tokens = sum(map(len, prompts))
 
     given = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -530,7 +532,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     requests = [(prompt, _sampling(server, req, max_tokens, logprobs, None, j)) for j in range(req.n)]
     choices = [Generation() for _ in requests]
-    request_id, created = _request_id("chatcmpl", raw_request), int(time.time())
+    request_id, created = _request_id("chatcmpl", req, raw_request), int(time.time())
     name = server.options.served_model_name
     # vLLM's echo: the last message's content when it is the assistant's (the one being continued)
     echo = (messages[-1]["content"] or "") if req.echo and messages[-1]["role"] == "assistant" else ""
