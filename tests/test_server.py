@@ -1020,10 +1020,18 @@ def test_sglang_prompt_over_the_context_names_the_prompt(server):
 
 
 def test_chat_template_given_inline(bundle, model):
-    """--chat-template takes the template itself as well as a file, as vLLM's does."""
-    with RunningServer(bundle, "--chat-template", "{% for m in messages %}<{{ m.content }}>{% endfor %}") as s:
+    """--chat-template takes the template itself as well as a file, as vLLM's does; a chat request's
+    `documents` (vLLM's field, for RAG templates) are the template's `documents`."""
+    template = "{% for d in documents or [] %}[{{ d.title }}: {{ d.text }}]{% endfor %}" \
+               "{% for m in messages %}<{{ m.content }}>{% endfor %}"
+    with RunningServer(bundle, "--chat-template", template) as s:
         r = httpx.post(s.url + "/tokenize", json={"messages": [{"role": "user", "content": "hello"}]})
         assert r.json()["tokens"] == model.tokenizer.encode("<hello>", add_special_tokens=False), r.text
+        r = httpx.post(s.url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1, "return_token_ids": True,
+            "documents": [{"title": "a", "text": "b"}]})
+        assert r.json()["prompt_token_ids"] == model.tokenizer.encode("[a: b]<hello>", add_special_tokens=False), \
+            r.text
 
 
 def test_api_key_is_required(guarded):

@@ -5,7 +5,7 @@ max_tokens / max_completion_tokens, temperature, top_p, seed, stop, n, logprobs 
 echo, stream, stream_options.include_usage, presence_penalty, frequency_penalty, logit_bias; chat's
 tools and tool_choice: tool_calls.py) and vLLM's extensions (top_k, min_p, repetition_penalty,
 min_tokens, allowed_token_ids, bad_words, stop_token_ids, ignore_eos, include_stop_str_in_output,
-skip_special_tokens, add_generation_prompt, continue_final_message, chat_template_kwargs,
+skip_special_tokens, add_generation_prompt, continue_final_message, chat_template_kwargs, documents,
 return_token_ids) and structured outputs (response_format json_object / json_schema / structural_tag,
 structured_outputs, guided_json / guided_regex / guided_choice / guided_grammar: `_guided`), and
 SGLang's names for some (regex, ebnf, json_schema, no_stop_trim). Parameters that would change the
@@ -148,6 +148,7 @@ class ChatRequest(_Common):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    documents: list[dict[str, str]] | None = None  # vLLM's: the template's `documents` (RAG templates read them)
 
 
 def _refuse_unsupported(req: _Common) -> None:
@@ -463,7 +464,7 @@ async def _chat_prompt(server: Server, req: ChatRequest, add_special_tokens: boo
         template_tool_calls(message, i)
         messages.append(message)
     # chat_template_kwargs (over serve's defaults) override the request's own fields, as in vLLM
-    options = {"add_generation_prompt": req.add_generation_prompt, "tools": req.tools,
+    options = {"add_generation_prompt": req.add_generation_prompt, "tools": req.tools, "documents": req.documents,
                "continue_final_message": req.continue_final_message,
                **server.options.default_chat_template_kwargs, **(req.chat_template_kwargs or {})}
     try:
