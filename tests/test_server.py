@@ -637,6 +637,13 @@ BAD = {
                              "lora_path is not supported by llmirc", "lora_path"),
     "sglang-regex-and-guided-json": ("/v1/completions", {"prompt": "hi", "regex": "a", "guided_json": {}}, 400,
                                      "only one structured output may be given, got guided_json and regex", "regex"),
+    "prompt-embeds": ("/v1/completions", {"prompt": "hi", "prompt_embeds": "AAAA"}, 400,
+                      "prompt_embeds is not supported", "prompt_embeds"),
+    "bad-structural-tag": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                    "structural_tag": '{"structures": [], "triggers": []}'}, 400,
+                           "structural_tag: a structural tag must be", "structural_tag"),
+    "priority": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "priority": 3}, 400,
+                 "priority is not supported by llmirc (only 0)", "priority"),
     "allowed-token-ids-outside-vocab": ("/v1/completions", {"prompt": "hi", "allowed_token_ids": [1, 384]}, 400,
                                         "allowed_token_ids: token id 384 is outside the model's vocabulary of 384"),
     "tools-auto": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [

@@ -7,10 +7,11 @@ tools and tool_choice: tool_calls.py) and vLLM's extensions (top_k, min_p, repet
 min_tokens, allowed_token_ids, bad_words, stop_token_ids, ignore_eos, include_stop_str_in_output,
 skip_special_tokens, add_generation_prompt, continue_final_message, chat_template_kwargs, documents,
 return_token_ids) and structured outputs (response_format json_object / json_schema / structural_tag,
-structured_outputs, guided_json / guided_regex / guided_choice / guided_grammar: `_guided`), and
+structured_outputs, guided_json / guided_regex / guided_choice / guided_grammar / structural_tag:
+`_guided`), and
 SGLang's names for some (regex, ebnf, json_schema, no_stop_trim). Parameters that would change the
 output and that llmirc does not implement (`NOT_IMPLEMENTED`: beam search, prompt_logprobs,
-truncation, LoRA; best_of != n, suffix, skip_special_tokens false, non-text content) are refused with
+prompt_embeds, truncation, LoRA, priority scheduling; best_of != n, suffix, skip_special_tokens false, non-text content) are refused with
 a 400 naming them, never silently ignored, as are an empty stop string, stop token ids outside the
 vocabulary (vLLM's SamplingParams checks) and stream_options without stream;
 unknown fields are ignored, as vLLM does. Integer fields take an integral number written as a
@@ -71,11 +72,14 @@ NOT_IMPLEMENTED = {
     # SGLang's extra fields of its OpenAI API
     "stop_regex": (), "lora_path": (), "session_params": (), "custom_logit_processor": (),
     "return_hidden_states": (False,),
+    # vLLM's completion prompt_embeds, and a priority other than 0, which vLLM refuses too without
+    # --scheduling-policy priority
+    "prompt_embeds": (), "priority": (0,),
 }
-# the request fields that hold a structured output, and their kind (structured.grammar); SGLang's OpenAI API
-# takes regex, ebnf and json_schema as vLLM's takes guided_*
+# the request fields that hold a structured output, and their kind (structured.grammar): older vLLM's
+# structural_tag beside guided_*, and SGLang's OpenAI API's regex, ebnf and json_schema
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar",
-          "regex": "regex", "ebnf": "grammar", "json_schema": "json"}
+          "structural_tag": "structural_tag", "regex": "regex", "ebnf": "grammar", "json_schema": "json"}
 
 
 class _Common(BaseModel):
@@ -101,6 +105,7 @@ class _Common(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
+    structural_tag: dict[str, Any] | str | None = None  # (older vLLM's)
     regex: str | None = None  # (SGLang's)
     ebnf: str | None = None  # (SGLang's)
     json_schema: dict[str, Any] | str | None = None  # (SGLang's)
