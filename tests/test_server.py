@@ -1452,8 +1452,15 @@ def test_sglang_generate_streams_cumulative_text(server, model):
 
 
 def test_sglang_get_model_info(server):
+    """SGLang's model_type and architectures are the checkpoint config.json's ("llama", not the
+    architecture's name); newer SGLang's /model_info and /server_info answer as /get_model_info and
+    /get_server_info do."""
     info = httpx.get(server.url + "/get_model_info").json()
     assert info["model_path"] == "tiny" and info["is_generation"] is True
+    assert info["model_type"] == "llama" and info["architectures"] == ["LlamaForCausalLM"], info
+    assert httpx.get(server.url + "/model_info").json() == info
+    assert httpx.get(server.url + "/server_info").json()["max_total_num_tokens"] == \
+        httpx.get(server.url + "/get_server_info").json()["max_total_num_tokens"]
 
 
 CHOICES = ["lazy dog", "a"]

@@ -1,5 +1,5 @@
-"""SGLang's native API: POST (or PUT) /generate, GET /get_model_info, GET /get_server_info,
-POST /abort_request, GET /health_generate and GET or POST /flush_cache, as SGLang defines them (`GenerateReqInput` in
+"""SGLang's native API: POST (or PUT) /generate, GET /get_model_info, GET /get_server_info (and their
+newer names /model_info, /server_info), POST /abort_request, GET /health_generate and GET or POST /flush_cache, as SGLang defines them (`GenerateReqInput` in
 sglang/srt/managers/io_struct.py, http_server.py, the native API docs).
 
 /generate takes `text` or `input_ids` (one prompt, or a list: a batch answered by a list),
@@ -387,6 +387,7 @@ def add_routes(app, server: Server) -> None:
         return Response(status_code=200)
 
     @app.get("/get_server_info")
+    @app.get("/server_info")  # (newer SGLang's name, as /model_info)
     async def _get_server_info():
         return server_info(server)
 
@@ -426,11 +427,33 @@ def add_routes(app, server: Server) -> None:
             return PlainTextResponse("Cache not flushed: requests are running or waiting.\n", status_code=400)
         return PlainTextResponse("Cache flushed.\n")
 
+    model_type, architectures = _hf_model_type(server.model)
+
     @app.get("/get_model_info")
+    @app.get("/model_info")  # (newer SGLang's name; /get_model_info is its deprecated alias)
     async def _model_info():
         model = server.model
         return {"model_path": server.options.served_model_name,
                 "tokenizer_path": str(model.tokenizer.folder) if model.tokenizer is not None else None,
                 "is_generation": True, "preferred_sampling_params": None, "weight_version": "default",
                 "has_image_understanding": False, "has_audio_understanding": False,
-                "model_type": model.config.get("architecture"), "architectures": [model.config.get("architecture")]}
+                "model_type": model_type, "architectures": architectures}
+
+
+def _hf_model_type(model) -> tuple[str | None, list[str]]:
+    """SGLang's model_type and architectures: the checkpoint's config.json values ("llama",
+    ["LlamaForCausalLM"]) as the bundle keeps that file; without it (or without model_type there),
+    None and the architecture llmirc compiled."""
+    from llmirc.small_files import parse_json, read_small_text
+
+    config = {}
+    if "config.json" in model.bundle.files:
+        try:
+            config = parse_json(read_small_text(model.bundle.file("config.json"), LlmircError))
+        except (ValueError, LlmircError):
+            pass
+    config = config if isinstance(config, dict) else {}
+    model_type, architectures = config.get("model_type"), config.get("architectures")
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        architectures = [model.config.get("architecture")]
+    return model_type if isinstance(model_type, str) else None, architectures
