@@ -1,6 +1,7 @@
 """SGLang's native API: POST (or PUT) /generate, GET /get_model_info, GET /get_server_info (and their
-newer names /model_info, /server_info), POST /abort_request, GET /health_generate and GET or POST /flush_cache, as SGLang defines them (`GenerateReqInput` in
-sglang/srt/managers/io_struct.py, http_server.py, the native API docs).
+newer names /model_info, /server_info), POST /abort_request, GET /health_generate and GET or POST
+/flush_cache, as SGLang defines them (`GenerateReqInput` in sglang/srt/managers/io_struct.py,
+http_server.py, the native API docs).
 
 /generate takes `text` or `input_ids` (one prompt, or a list: a batch answered by a list),
 `sampling_params` (max_new_tokens 128, temperature 1, top_p 1, top_k -1, but the model's
