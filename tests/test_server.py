@@ -637,6 +637,8 @@ BAD = {
                              "lora_path is not supported by llmirc", "lora_path"),
     "sglang-regex-and-guided-json": ("/v1/completions", {"prompt": "hi", "regex": "a", "guided_json": {}}, 400,
                                      "only one structured output may be given, got guided_json and regex", "regex"),
+    "sglang-openai-stop-regex": ("/v1/completions", {"prompt": "hi", "stop_regex": "[0-9]"}, 400,
+                                 "stop_regex is not supported", "stop_regex"),
     "prompt-embeds": ("/v1/completions", {"prompt": "hi", "prompt_embeds": "AAAA"}, 400,
                       "prompt_embeds is not supported", "prompt_embeds"),
     "bad-structural-tag": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
