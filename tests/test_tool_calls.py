@@ -123,3 +123,13 @@ def test_an_assistants_tool_calls_reach_the_template_with_dict_arguments():
     assert empty == {"role": "assistant", "content": "hi"}
     with pytest.raises(APIError, match=r"messages\[2\].tool_calls: each must be"):
         template_tool_calls({"role": "assistant", "tool_calls": [{"type": "code"}]}, 2)
+
+
+def test_serves_flags_list_the_parsers():
+    """`serve --tool-call-parser` / `--reasoning-parser` choices (written out: the CLI loads without the serve
+    extra) are the parsers the server has."""
+    from llmirc.cli import serve
+    from llmirc.server import reasoning, tool_calls
+
+    choices = {p.name: list(p.type.choices) for p in serve.params if p.name in ("tool_call_parser", "reasoning_parser")}
+    assert choices == {"tool_call_parser": list(tool_calls.PARSERS), "reasoning_parser": list(reasoning.PARSERS)}
