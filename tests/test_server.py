@@ -654,6 +654,11 @@ BAD = {
     "tool-choice-names-no-tool": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
         {"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {
             "name": "g"}}}, 400, "tool_choice names 'g', which is not one of the tools", "tool_choice"),
+    "tool-parameters-not-a-schema": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                              "tools": [{"type": "function", "function": {
+                                                                  "name": "f", "parameters": {"type": "nope"}}}],
+                                                              "tool_choice": "required"}, 400,
+                                     "tools: the json format is not valid", "tools"),
     "tool-choice-required-and-guided": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                                  "tools": [{"type": "function", "function": {
                                                                      "name": "f"}}], "tool_choice": "required",

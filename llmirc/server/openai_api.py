@@ -8,12 +8,12 @@ min_tokens, allowed_token_ids, bad_words, stop_token_ids, ignore_eos, include_st
 skip_special_tokens, add_generation_prompt, continue_final_message, chat_template_kwargs, documents,
 return_token_ids) and structured outputs (response_format json_object / json_schema / structural_tag,
 structured_outputs, guided_json / guided_regex / guided_choice / guided_grammar / structural_tag:
-`_guided`), and
-SGLang's names for some (regex, ebnf, json_schema, no_stop_trim). Parameters that would change the
-output and that llmirc does not implement (`NOT_IMPLEMENTED`: beam search, prompt_logprobs,
-prompt_embeds, truncation, LoRA, priority scheduling; best_of != n, suffix, skip_special_tokens false, non-text content) are refused with
-a 400 naming them, never silently ignored, as are an empty stop string, stop token ids outside the
-vocabulary (vLLM's SamplingParams checks) and stream_options without stream;
+`_guided`), and SGLang's names for some (regex, ebnf, json_schema, no_stop_trim). Parameters that
+would change the output and that llmirc does not implement (`NOT_IMPLEMENTED`: beam search,
+prompt_logprobs, prompt_embeds, truncation, LoRA, priority scheduling; best_of != n, suffix,
+skip_special_tokens false, non-text content) are refused with a 400 naming them, never silently
+ignored, as are an empty stop string, stop token ids outside the vocabulary (vLLM's SamplingParams
+checks) and stream_options without stream;
 unknown fields are ignored, as vLLM does. Integer fields take an integral number written as a
 float (5.0), as vLLM's models do, not a fraction, a string or a boolean. max_tokens (or
 max_completion_tokens) must be at least 1, as vLLM's SamplingParams say, except completions'
@@ -527,7 +527,10 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     if tools.schema is not None:
         if req._grammar is not None:  # (vLLM's rule)
             raise APIError(400, f"tool_choice {tools.kind} and a structured output cannot both be given", "tool_choice")
-        req._grammar = structured.grammar("json", tools.schema)
+        try:
+            req._grammar = structured.grammar("json", tools.schema)
+        except LlmircError as e:
+            raise APIError(400, f"tools: {e}", "tools") from None
     prompt, messages, rendered = await _chat_prompt(server, req, req.add_special_tokens)
     thinking = Reasoning.of(server.options.reasoning_parser, rendered)
     if thinking and req._grammar is not None and not thinking.ended:
