@@ -411,10 +411,18 @@ def _warn_unused_sampling(temperature, top_k, top_p, seed, min_p) -> None:
               help="With --json: each token's logprob and the N most likely tokens.")
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per sequence: tokens, text, finish_reason, timings (and logprobs).")
+@click.option("--json-schema", default=None, metavar="SCHEMA",
+              help="Hold the text to this JSON schema (llama.cpp's flag; whitespace between JSON's tokens allowed).")
+@click.option("--json-schema-file", type=PathArg(), default=None, help="--json-schema read from this file.")
+@click.option("--grammar", default=None, metavar="GRAMMAR",
+              help="Hold the text to this grammar: EBNF as llama.cpp's GBNF (root ::= ...), or Lark (start: ...).")
+@click.option("--grammar-file", type=PathArg(), default=None, help="--grammar read from this file (a .gbnf file).")
+@click.option("--regex", default=None, help="Hold the text to this regular expression (the whole text matches it).")
 @click.option("-q", "--quiet", is_flag=True, help="No tokens/s and time-to-first-token summary on stderr.")
 def run(bundle, prompts, prompt_files, token_ids, chat, system, template_kwargs, max_new_tokens, temperature, top_k, top_p,
         min_p, repetition_penalty, presence_penalty, frequency_penalty, seed, stops, kv_cache_tokens, no_verify,
-        threads, target, ignore_eos, logprobs, as_json, quiet):
+        threads, target, ignore_eos, logprobs, as_json, json_schema, json_schema_file, grammar, grammar_file, regex,
+        quiet):
     """Generate text or tokens with a compiled BUNDLE.
 
     Without --json, a single prompt streams its text as it is generated; a batch prints each
@@ -436,6 +444,7 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, template_kwargs,
     _warn_unused_sampling(temperature, top_k, top_p, seed, min_p)
     if logprobs is not None and not as_json:
         click.echo("warning: --logprobs has no effect without --json (they are printed in its records)", err=True)
+    structured = _structured_outputs(json_schema, json_schema_file, grammar, grammar_file, regex)
     model = _load(bundle, kv_cache_tokens, no_verify, threads=threads, target=target)
     batch = [_parse_ids(s) for s in token_ids]
     if texts:
@@ -452,7 +461,8 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, template_kwargs,
     start = time.perf_counter()
     for out in model.generate_stream(batch, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
                                      stop=stops, logprobs=logprobs, min_p=min_p, repetition_penalty=repetition_penalty,
-                                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty):
+                                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                     structured_outputs=structured):
         r = records[out.request_id]
         if out.token is not None:
             r["token_ids"].append(out.token)
@@ -502,6 +512,28 @@ def _summary(records: list[dict], elapsed: float, target: str) -> str:
 def _read_prompt(text: str) -> str:
     """--prompt TEXT; '-' reads standard input (trailing newlines dropped, as $(...) does)."""
     return _read_text("-", "--prompt").rstrip("\n") if text == "-" else text
+
+
+def _structured_outputs(json_schema, json_schema_file, grammar, grammar_file, regex) -> dict | None:
+    """run's structured-output flags as Model.generate's structured_outputs (at most one of them)."""
+    given = {flag: value for flag, value in (("--json-schema", json_schema), ("--json-schema-file", json_schema_file),
+                                             ("--grammar", grammar), ("--grammar-file", grammar_file),
+                                             ("--regex", regex)) if value is not None}
+    if len(given) > 1:
+        raise UsageError(f"give one of {', '.join(given)}")
+    if not given:
+        return None
+    (flag, value), = given.items()
+    if flag.endswith("-file"):
+        value = _read_text(value, flag)
+    kind = {"--json-schema": "json", "--grammar": "grammar", "--regex": "regex"}[flag.removesuffix("-file")]
+    try:
+        from llmirc.runtime import structured
+
+        structured.grammar(kind, value)  # (its errors name the flag)
+    except LlmircError as e:
+        raise LlmircError(f"{flag}: {e}") from None
+    return {kind: value}
 
 
 def _read_text(path: Path | str, flag: str) -> str:

@@ -1589,6 +1589,26 @@ def test_run_penalties_are_the_loaders(bundle_notok):
         assert_user_error(llmirc("run", bundle_notok, "--token-ids", "1", flag, value), flag, code=2)
 
 
+def test_run_structured_output_flags(bundle, tmp_path):
+    """--regex, --grammar(-file) and --json-schema(-file) (llama.cpp's flags) hold the text to the format; two
+    at once are a usage error, a bad one names its flag."""
+    pytest.importorskip("llguidance")
+    out = run_json(bundle, "--prompt", "hi", "--max-new-tokens", "20", "--regex", "(yes|no)!")[0]
+    assert out["text"] in ("yes!", "no!") and out["finish_reason"] == "stop", out
+    (tmp_path / "g.gbnf").write_text('root ::= ("ab" | "cd") digit digit\ndigit ::= [0-9]\n')
+    out = run_json(bundle, "--prompt", "hi", "--max-new-tokens", "20", "--grammar-file", tmp_path / "g.gbnf")[0]
+    assert re.fullmatch("(ab|cd)[0-9]{2}", out["text"]), out
+    (tmp_path / "s.json").write_text('{"enum": ["left", "right"]}')
+    for flag, value in (("--json-schema", '{"enum": ["left", "right"]}'), ("--json-schema-file", tmp_path / "s.json")):
+        out = run_json(bundle, "--prompt", "hi", "--max-new-tokens", "40", flag, value)[0]
+        assert out["finish_reason"] == "length" or json.loads(out["text"]) in ("left", "right"), out
+    assert_user_error(llmirc("run", bundle, "--prompt", "hi", "--regex", "a", "--grammar", "start: x"),
+                      "give one of --grammar, --regex", code=2)
+    assert_user_error(llmirc("run", bundle, "--prompt", "hi", "--regex", "(a"), "--regex: the regex format is not valid")
+    assert_user_error(llmirc("run", bundle, "--prompt", "hi", "--grammar-file", tmp_path / "none.gbnf"),
+                      "--grammar-file", "none.gbnf")
+
+
 def test_bench_runs(bundle, ckpt, tmp_path):
     """(40 new tokens, 3 rounds: with fewer, a tiny model's decode steps can take less than the
     timing's noise, and bench then says it could not time decode: 16 tokens and 2 rounds failed
