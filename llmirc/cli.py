@@ -342,8 +342,9 @@ def _sampling_options(fn, max_new_tokens: click.Option | None = None):
     """The sampling options run and chat share (transformers' semantics; 0 is greedy)."""
     for option in reversed([
         max_new_tokens or click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
-                                       help="Tokens generated per sequence at most (fewer at end-of-sequence, "
-                                            "--stop or the context's end)."),
+                                       help="Tokens generated per sequence at most (fewer at end-of-sequence or "
+                                            "--stop); a prompt whose tokens and these would pass the model's "
+                                            "context is refused."),
         click.option("--temperature", type=FiniteRange(min=0.0), default=0.0, show_default=True,
                      help="0 is greedy decoding."),
         click.option("--top-k", type=click.IntRange(min=1), default=None,

@@ -1694,6 +1694,15 @@ def test_run_json_has_finish_reason_timings_and_logprobs(bundle_notok):
                for e in record["logprobs"])
 
 
+def test_run_max_new_tokens_past_the_context_is_refused_as_its_help_says(bundle_notok):
+    """--help said a sequence got "fewer at ... the context's end", but a prompt and --max-new-tokens
+    past the context are refused (as vLLM refuses them): the help now says so."""
+    r = llmirc("run", bundle_notok, "--token-ids", "0,5,9", "--max-new-tokens", "600")
+    assert_user_error(r, "max_new_tokens (600)", "exceeds the model's context of 512", code=1)
+    text = " ".join(llmirc("run", "--help").stdout.split())
+    assert "context's end" not in text and "would pass the model's context is refused" in text
+
+
 def test_run_summary_on_stderr(bundle):
     r = llmirc("run", bundle, "--prompt", "the quick", "--max-new-tokens", "5", "--ignore-eos")
     assert r.returncode == 0 and SUMMARY.match(r.stderr), r.stderr
