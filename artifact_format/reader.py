@@ -49,6 +49,10 @@ def rel_path_problem(rel) -> str | None:
     return None
 
 
+# What `llmirc compile` reads in a checkpoint folder, beside config.json (a bundle keeps its weights under weights/).
+_CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
 def _load_manifest(root: Path, name: str) -> dict:
     """manifest.json of `root` as a JSON object (format not checked yet)."""
     path = root / MANIFEST
@@ -61,6 +65,9 @@ def _load_manifest(root: Path, name: str) -> dict:
                               f"over the limit of {MAX_MANIFEST_BYTES}")
         raw = path.read_bytes()
     except FileNotFoundError:
+        if (root / "config.json").is_file() and any((root / f).is_file() for f in _CHECKPOINT_WEIGHTS):
+            raise BundleError(f"bundle {name}: a Hugging Face checkpoint, not an llmir bundle: compile it into one "
+                              f"first (llmirc compile {name} -o {root.resolve().name}.llmir)") from None
         raise BundleError(f"bundle {name}: no {MANIFEST} (not an llmir bundle, or an unfinished compile)") \
             from None
     except OSError as e:
@@ -146,6 +153,9 @@ def open_bundle(path, verify: bool = True, remember: bool = False) -> Bundle:
     if not p.is_dir():
         if is_gguf(p):  # what llama.cpp runs directly
             raise BundleError(f"bundle {name}: a GGUF file, not an llmir bundle directory: compile it into one "
+                              f"first (llmirc compile {name} -o {p.stem}.llmir)")
+        if p.suffix.lower() == ".onnx":
+            raise BundleError(f"bundle {name}: an ONNX model, not an llmir bundle directory: compile it into one "
                               f"first (llmirc compile {name} -o {p.stem}.llmir)")
         raise BundleError(f"bundle {name}: not an llmir bundle directory")
     root = Path(os.path.realpath(p))

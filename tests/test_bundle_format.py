@@ -485,6 +485,23 @@ def test_not_a_directory(tmp_path):
     assert "fifo: not an llmir bundle directory" in str(errors[0].value)
 
 
+def test_a_checkpoint_or_onnx_model_given_as_a_bundle_says_to_compile_it(tmp_path, bundle):
+    """`llmirc run CHECKPOINT_DIR` said "no manifest.json (not an llmir bundle, or an unfinished
+    compile)", and `run model.onnx` "not an llmir bundle directory", where a GGUF file is told the
+    compile command: each now names what it is and the command."""
+    ckpt = tmp_path / "smollm2"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors.index.json").write_text("{}")
+    expect(ckpt, "a Hugging Face checkpoint, not an llmir bundle: compile it into one first (llmirc "
+           f"compile {ckpt} -o smollm2.llmir)")
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07")
+    expect(tmp_path / "model.onnx", "an ONNX model, not an llmir bundle directory: compile it into one first "
+           f"(llmirc compile {tmp_path / 'model.onnx'} -o model.llmir)")
+    (bundle / "manifest.json").unlink()  # a bundle keeps config.json, its weights under weights/: still damage
+    expect(bundle, "no manifest.json (not an llmir bundle, or an unfinished compile)")
+
+
 def test_bundle_accessors_only_serve_listed_files(bundle):
     (bundle / "extra.json").write_text("{}")  # present on disk, not in the manifest
     b = open_bundle(bundle)
