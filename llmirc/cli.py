@@ -401,7 +401,7 @@ def _warn_unused_sampling(temperature, top_k, top_p, seed, min_p) -> None:
 @click.option("--prompt", "prompts", multiple=True,
               help="Prompt text (repeat for a batch; '-' reads standard input); needs a tokenizer.")
 @click.option("--prompt-file", "prompt_files", multiple=True, type=PathArg(),
-              help="Read a prompt from this file (repeatable).")
+              help="Read a prompt from this file (repeatable; '-' reads standard input).")
 @click.option("--token-ids", "token_ids", multiple=True, help="Prompt as comma-separated token ids (repeatable).")
 @click.option("--chat", is_flag=True, help="Each prompt is a user message, formatted with the bundle's chat template.")
 @click.option("--system", default=None, help="A system message for --chat.")

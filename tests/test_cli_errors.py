@@ -1722,6 +1722,17 @@ def test_run_max_new_tokens_past_the_context_is_refused_as_its_help_says(bundle_
     assert "context's end" not in text and "would pass the model's context is refused" in text
 
 
+def test_run_prompt_file_dash_reads_standard_input(bundle):
+    """`--prompt-file -` read standard input, as `--prompt -` does, but only --prompt's help said so."""
+    r = subprocess.run([sys.executable, "-m", "llmirc.cli", "run", str(bundle), "--prompt-file", "-",
+                        "--max-new-tokens", "3", "--ignore-eos", "--json", "-q"], input="the quick\n",
+                       capture_output=True, text=True, timeout=300, env=ENV)
+    [same] = run_json(bundle, "--prompt", "the quick", "--max-new-tokens", "3", "--ignore-eos")
+    assert r.returncode == 0 and json.loads(r.stdout)["token_ids"] == same["token_ids"], r.stderr
+    text = " ".join(llmirc("run", "--help").stdout.split())
+    assert "--prompt-file PATH Read a prompt from this file (repeatable; '-' reads standard input)." in text
+
+
 def test_run_summary_on_stderr(bundle):
     r = llmirc("run", bundle, "--prompt", "the quick", "--max-new-tokens", "5", "--ignore-eos")
     assert r.returncode == 0 and SUMMARY.match(r.stderr), r.stderr
