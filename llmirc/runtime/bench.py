@@ -318,6 +318,9 @@ def format_table(r: dict) -> str:
                  f"{r['bandwidth_gb_s']:.1f} GB/s "
                  f"({probe}) = {r['decode_floor_ms_per_step']:.2f} ms/step; llmirc reaches "
                  f"{100 * r['llmirc']['fraction_of_floor']:.0f}% of it")
+    if r["llmirc"]["fraction_of_floor"] > 1.5:  # (multithreaded BLAS stalls beside other work: 0.4 GB/s seen)
+        lines.append("warning: above the floor, so the bandwidth probe was slowed (by other work on this machine, "
+                     "probably): the floor is not reliable; rerun when the machine is idle")
     if r["sgemm_gflop_s"]:
         lines.append(f"prefill: {r['llmirc']['prefill_gflop_s']:.0f} GFLOP/s of matmul work, "
                      f"{100 * r['llmirc']['prefill_gflop_s'] / r['sgemm_gflop_s']:.0f}% of numpy sgemm's "
