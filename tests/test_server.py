@@ -829,6 +829,57 @@ def test_reasoning_parser_as_vllm(bundle):
         assert answer.choices[0].message.content in ("yes", "no"), answer
 
 
+def test_responses_api_as_vllm(server, client):
+    """OpenAI's Responses API through the openai client: a string input with instructions answers what the chat
+    API answers for a system and a user message (output_text), cut at max_output_tokens as status incomplete;
+    streamed, the events (numbered from 0) add up to the same text and end with the final response; function
+    tools with a named tool choice give a function_call item (its arguments streamed as deltas), and an
+    agent's next turn (the call and its output as input items) is answered; text.format json_schema holds the
+    text; what llmirc cannot do is a 400 naming it, and no response is stored (GET is a 404)."""
+    chat = client.chat.completions.create(model="tiny", messages=[
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}], max_tokens=8, temperature=0)
+    asked = dict(model="tiny", input="hello", instructions="be brief", max_output_tokens=8, temperature=0)
+    r = client.responses.create(**asked)
+    assert r.output_text == chat.choices[0].message.content and r.status == "incomplete", r
+    assert r.incomplete_details.reason == "max_output_tokens" and r.id.startswith("resp_")
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (chat.usage.prompt_tokens, 8)
+    events = list(client.responses.create(**asked, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events[:4]] == ["response.created", "response.in_progress", "response.output_item.added",
+                                           "response.content_part.added"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    assert events[-1].type == "response.incomplete" and events[-1].response.output_text == r.output_text
+    # (no whitespace in the arguments: JSON allows it anywhere, and a random model writes it to max_output_tokens)
+    tools = [{"type": "function", "name": "add", "parameters": {
+        "type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"], "additionalProperties": False,
+        "x-guidance": {"whitespace_flexible": False}}}]
+    called = client.responses.create(model="tiny", input="add", tools=tools, max_output_tokens=64, temperature=0,
+                                     tool_choice={"type": "function", "name": "add"})
+    calls = [item for item in called.output if item.type == "function_call"]
+    assert calls and calls[0].name == "add" and json.loads(calls[0].arguments)["x"] in (1, 2), called.output
+    streamed = list(client.responses.create(model="tiny", input="add", tools=tools, max_output_tokens=64,
+                                            temperature=0, tool_choice={"type": "function", "name": "add"},
+                                            stream=True))
+    assert "".join(e.delta for e in streamed if e.type == "response.function_call_arguments.delta") == \
+        calls[0].arguments and streamed[-1].response.output[0].arguments == calls[0].arguments
+    turn = [{"role": "user", "content": "add"}, {"type": "function_call", "call_id": calls[0].call_id, "name": "add",
+                                                 "arguments": calls[0].arguments},
+            {"type": "function_call_output", "call_id": calls[0].call_id, "output": "3"}]
+    assert client.responses.create(model="tiny", input=turn, max_output_tokens=4).status == "incomplete"
+    schema = {"type": "json_schema", "name": "n", "schema": {"enum": ["yes", "no"]}}
+    answer = client.responses.create(model="tiny", input="hi", max_output_tokens=20, temperature=0,
+                                     text={"format": schema})
+    assert json.loads(answer.output_text) in ("yes", "no"), answer
+    for body, needle in (({"tools": [{"type": "web_search"}]}, "tools of type 'web_search' are not supported"),
+                         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+                          "only text parts are supported, got 'input_image'"),
+                         ({"previous_response_id": "resp_1"}, "previous_response_id is not supported")):
+        r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "hi", **body})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+    r = httpx.get(server.url + "/v1/responses/resp_1")
+    assert r.status_code == 404 and "llmirc keeps no responses" in r.json()["error"]["message"], r.text
+
+
 def test_tokenize_detokenize_version_and_model_card(server, model):
     """vLLM's /tokenize (a prompt, or chat messages as the chat endpoint sees them), /detokenize,
     /version, GET /v1/models/{id} (OpenAI's retrieve) and HEAD /health, /ping."""

@@ -499,7 +499,7 @@ def create_app(model: Model, options: ServerOptions):
     from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.exceptions import HTTPException
 
-    from . import openai_api, sglang_api
+    from . import openai_api, responses_api, sglang_api
 
     server = Server(model, options)
     if model.chat_template is not None:  # its errors reach clients: named so, not by the server's file path
@@ -581,6 +581,7 @@ def create_app(model: Model, options: ServerOptions):
         return card
 
     openai_api.add_routes(app, server)
+    responses_api.add_routes(app, server)
     sglang_api.add_routes(app, server)
     return app
 

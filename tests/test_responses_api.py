@@ -1,0 +1,77 @@
+"""The Responses API's adapter over chat completions (llmirc/server/responses_api.py): a chat answer with
+reasoning, text and tool calls as output items, and the same answer's chat chunks as the API's events."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from llmirc.server.responses_api import Responder, ResponseEvents, ResponsesRequest  # noqa: E402
+
+
+class FakeServer:
+    class options:
+        served_model_name = "m"
+
+    class model:
+        class tokenizer:
+            @staticmethod
+            def encode(text, add_special_tokens=False):
+                return text.split()
+
+
+USAGE = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14, "prompt_tokens_details": {"cached_tokens": 2}}
+CALL = {"id": "chatcmpl-tool-1", "type": "function", "function": {"name": "add", "arguments": '{"x": 1}'}}
+
+
+def chunk(delta=None, finish=None, usage=None):
+    return {"choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "usage": usage}
+
+
+def without_ids(output):
+    return [{k: v for k, v in item.items() if k != "id"} for item in output]
+
+
+@pytest.mark.parametrize("chunks,message,finish", [
+    ([{"role": "assistant", "content": ""}, {"reasoning_content": "let me ", "reasoning": "let me "},
+      {"reasoning_content": "think", "reasoning": "think"}, {"content": "Sure."},
+      {"tool_calls": [{"index": 0, **CALL}]}],
+     {"content": "Sure.", "reasoning_content": "let me think", "tool_calls": [CALL]}, "tool_calls"),
+    ([{"role": "assistant", "content": ""}, {"content": "one "}, {"content": "two"}],
+     {"content": "one two"}, "length"),
+    ([{"role": "assistant", "content": ""}, {"tool_calls": [{"index": 0, **{**CALL, "function": {
+        "name": "add", "arguments": '{"x"'}}}]}, {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}],
+     {"content": "", "tool_calls": [CALL]}, "stop"),  # (a named call: its arguments in pieces)
+    ([{"role": "assistant", "content": ""}], {"content": ""}, "stop"),
+])
+def test_streamed_events_add_up_to_the_plain_response(chunks, message, finish):
+    req = ResponsesRequest.model_validate({"input": "hi", "stream": True})
+    plain = Responder(FakeServer, req).of_chat({"choices": [{"message": message, "finish_reason": finish}],
+                                                "usage": USAGE})
+    events = ResponseEvents(Responder(FakeServer, req))
+    out = events.start()
+    for i, delta in enumerate(chunks):
+        out += events.feed(chunk(delta, finish if i == len(chunks) - 1 else None))
+    out += events.feed(chunk(usage=USAGE))
+    assert [e["sequence_number"] for e in out] == list(range(len(out)))
+    final = out[-1]["response"]
+    assert out[-1]["type"] == f"response.{plain['status']}" and final["status"] == plain["status"]
+    assert without_ids(final["output"]) == without_ids(plain["output"]) and final["usage"] == plain["usage"]
+    kinds = [e["type"] for e in out]
+    assert kinds.count("response.output_item.added") == kinds.count("response.output_item.done") == len(plain["output"])
+    texts = "".join(e["delta"] for e in out if e["type"] == "response.output_text.delta")
+    assert texts == (message["content"] or "")
+    assert plain["usage"] == {"input_tokens": 5, "input_tokens_details": {"cached_tokens": 2}, "output_tokens": 9,
+                              "output_tokens_details": {"reasoning_tokens": 3 if "reasoning_content" in message else 0},
+                              "total_tokens": 14}
+    calls = [item for item in plain["output"] if item["type"] == "function_call"]
+    assert [(c["call_id"], c["name"], c["arguments"]) for c in calls] == \
+        [(CALL["id"], "add", '{"x": 1}')] * ("tool_calls" in message)
+
+
+def test_an_error_in_the_stream_is_an_error_event():
+    events = ResponseEvents(Responder(FakeServer, ResponsesRequest.model_validate({"input": "hi"})))
+    assert events.feed({"error": {"message": "engine failed", "code": 503, "param": None}}) == [
+        {"type": "error", "sequence_number": 0, "code": "503", "message": "engine failed", "param": None}]
