@@ -133,3 +133,26 @@ def test_serves_flags_list_the_parsers():
 
     choices = {p.name: list(p.type.choices) for p in serve.params if p.name in ("tool_call_parser", "reasoning_parser")}
     assert choices == {"tool_call_parser": list(tool_calls.PARSERS), "reasoning_parser": list(reasoning.PARSERS)}
+
+
+def test_required_moves_each_tools_defs_to_the_schemas_root():
+    """A tool's parameters with $defs (pydantic's, openai.pydantic_function_tool's) point their $refs at the
+    document's root: tool_choice required's array schema holds them there, as vLLM's, and compiles (its
+    grammar was an LlmircError, a 500: "Pointer '/$defs/Addr' does not exist"); two tools' different
+    definitions of one name are a 400."""
+    structured = pytest.importorskip("llmirc.runtime.structured")
+    pytest.importorskip("llguidance")
+    addr = {"type": "object", "properties": {"zip": {"type": "integer"}}, "required": ["zip"]}
+    order = {"type": "function", "function": {"name": "order", "parameters": {
+        "$defs": {"Addr": addr}, "type": "object", "properties": {"to": {"$ref": "#/$defs/Addr"}}, "required": ["to"]}}}
+    ship = {"type": "function", "function": {"name": "ship", "parameters": {
+        "definitions": {"Addr": addr}, "type": "object", "properties": {"a": {"$ref": "#/definitions/Addr"}}}}}
+    required = ToolChoice.of([order, ship, TOOLS[1]], "required", None)
+    assert required.schema["$defs"] == required.schema["definitions"] == {"Addr": addr}
+    assert "$defs" not in required.schema["items"]["anyOf"][0]["properties"]["parameters"]
+    assert "$defs" in order["function"]["parameters"]  # (the request's own tools are left as they were)
+    structured.grammar("json", required.schema)
+    other = {"type": "function", "function": {"name": "other", "parameters": {
+        "$defs": {"Addr": {"type": "string"}}, "type": "object", "properties": {"x": {"$ref": "#/$defs/Addr"}}}}}
+    with pytest.raises(APIError, match="tool 'other': its parameters' \\$defs 'Addr' differs from another tool's"):
+        ToolChoice.of([order, other], "required", None)

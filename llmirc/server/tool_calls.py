@@ -118,6 +118,29 @@ def template_tool_calls(message: dict, i: int) -> None:
         function["arguments"] = arguments if isinstance(arguments, dict) else {}
 
 
+def _required_schema(functions: dict[str, dict]) -> dict:
+    """vLLM's schema of tool_choice required: an array of one or more {"name", "parameters"}, each naming a
+    function and holding its parameters schema. Each schema's own $defs (and draft-07's definitions), which
+    its $refs ("#/$defs/X") point into from the document's root, are moved to the array schema's root, as
+    vLLM does; a name two tools define differently is a 400 (vLLM's ValueError)."""
+    items, defs = [], {}
+    for name, schema in functions.items():
+        schema = dict(schema)
+        for key in ("$defs", "definitions"):
+            given = schema.pop(key, None)
+            if given is None:
+                continue
+            if not isinstance(given, dict):
+                raise APIError(400, f"tool {name!r}: its parameters' {key} must be an object", "tools")
+            for def_name, value in given.items():
+                if defs.setdefault(key, {}).setdefault(def_name, value) != value:
+                    raise APIError(400, f"tool {name!r}: its parameters' {key} {def_name!r} differs from another "
+                                        "tool's of that name (tool_choice required needs them alike)", "tools")
+        items.append({"properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
+                      "required": ["name", "parameters"]})
+    return {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": items}, **defs}
+
+
 @dataclass
 class ToolChoice:
     """A chat request's tool choice (`of`): kind "none", "named", "required" or "auto"; `schema` the JSON
@@ -150,9 +173,7 @@ class ToolChoice:
                                     "to be set", "tool_choice")
             return ToolChoice("auto", parser=parser)
         if tool_choice == "required":
-            return ToolChoice("required", {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": [
-                {"properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
-                 "required": ["name", "parameters"]} for name, schema in functions.items()]}})
+            return ToolChoice("required", _required_schema(functions))
         function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
         name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" or not isinstance(name, str):
