@@ -240,6 +240,24 @@ def test_allowed_token_ids_and_bad_words():
         plain.add_request([1], SamplingParams(bad_words=("ab",)), lambda out: None)
 
 
+def test_a_request_whose_constraints_leave_no_token_ends_without_one():
+    """allowed_token_ids, bad_words and min_tokens that leave no token between them at a step: the request ends
+    there (finish_reason stop) with the tokens it had; the argmax of the all -inf row, id 0, which none of them
+    allows (Llama 3's "!"), was added, and the next step's too until max_tokens."""
+    engine, _ = make(executor_class=FakeRunExecutor)
+    engine.tokenizer = DigitTokenizer()
+    params = [SamplingParams(max_tokens=4, temperature=t, seed=1, detokenize=False, **kw)
+              for t in (0, 0.8) for kw in (dict(allowed_token_ids=(5,), bad_words=("5",), ignore_eos=True),  # none
+                                           dict(allowed_token_ids=(5,), bad_words=("55",), ignore_eos=True),  # 5, none
+                                           dict(allowed_token_ids=(5, 0), min_tokens=2, bad_words=("5",)))]  # 0 held
+    out = collect(engine, [[1, 2, 3]] * len(params), params)
+    for i in range(len(params)):
+        assert [o.token for o in out[i][:-1]] == ([5] if i % 3 == 1 else []), (i, out[i])
+        last = out[i][-1]
+        assert last.token is None and last.finished and last.finish_reason == "stop", (i, last)
+    assert engine.num_requests == 0 and engine.scheduler.allocator.num_available == 64
+
+
 def test_bad_words_ids_as_vllm_tokenizes_them():
     """Each word alone and after a space; the spaced form kept when it starts with another token and is as
     long (a word-start token), as vLLM's SamplingParams.update_from_tokenizer."""

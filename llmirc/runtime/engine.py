@@ -160,7 +160,8 @@ class RequestOutput:
 
     `prompt_logprobs` (one entry per prompt position from the requested start, None for
     position 0) comes with the request's first output only. finish_reason: "stop" (an
-    end-of-sequence token, or `stop_reason`: the stop token id or stop string hit), "length",
+    end-of-sequence token, or `stop_reason`: the stop token id or stop string hit; or no token left by
+    allowed_token_ids, bad_words, min_tokens and its grammar together: a last output without one), "length",
     or "abort" (aborted, or the engine failed: `error`). An end-of-sequence id other than the tokenizer's
     eos_token is a stop token id to vLLM, so its id is the stop_reason (and its text left out) too; the
     tokenizer's eos_token is null even among the request's stop_token_ids (unless ignore_eos)."""
@@ -195,6 +196,7 @@ class _Request:
     guide: Guide | None = None  # the structured output's matcher
     bad_words: list[tuple[int, ...]] = field(default_factory=list)  # token sequences never completed
     disallowed: np.ndarray | None = None  # bool [V]: what allowed_token_ids leaves out (made at its first row)
+    stuck: bool = False  # its constraints left no token at its last row: it ends there, the token drawn dropped
 
     @property
     def holds(self) -> bool:
@@ -522,7 +524,11 @@ class Engine:
             req = self._requests[event.request_id]
             out = RequestOutput(event.request_id, event.token, event.finished, event.finish_reason,
                                 prompt_tokens=req.prompt_len, cached_tokens=event.cached_tokens)
-            if event.token is not None:
+            if event.token is not None and req.stuck:  # (no token was allowed: it ends without the one drawn)
+                if not event.finished:
+                    self.scheduler.abort(event.request_id)
+                out.token, out.finished, out.finish_reason = None, True, "stop"
+            elif event.token is not None:
                 req.output.append(event.token)
                 if req.guide is not None and not event.finished:
                     req.guide.consume(event.token)
@@ -603,6 +609,12 @@ class Engine:
                     prompt, bias = req.penalty_inputs
                     scores[i] = penalize(scores[i], prompt, req.output, p.repetition_penalty,
                                          p.presence_penalty, p.frequency_penalty, bias)
+                # allowed_token_ids, bad_words, min_tokens and a grammar that leave no token between them: the
+                # request ends (a token is drawn from a plain row all the same, and dropped: the argmax of the
+                # -inf row, id 0, which none of them allows, was added)
+                req.stuck = bool(np.isneginf(scores[i]).all())
+                if req.stuck:
+                    scores[i] = 0.0
         if all(req.params.temperature <= GREEDY_TEMPERATURE for req in reqs):  # one argmax (first max, as sample())
             return np.argmax(scores, axis=-1).astype(np.int64)
         out = np.zeros(len(rows), dtype=np.int64)
