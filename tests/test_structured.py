@@ -202,3 +202,16 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_named(tmp_path):
         with pytest.raises(LlmircError, match="tokenizer does not fit the model: vocab size too small"):
             list(m.generate_stream([[0, 5, 6]], 4, structured_outputs={"choice": ["a"]}))
         assert [e.token for e in m.generate_stream([[0, 5, 6]], 3, ignore_eos=True)][-1] is not None
+
+
+def test_allowed_token_ids_that_the_grammar_does_not_allow(model):
+    """allowed_token_ids beside a grammar: none that it allows at the start is an LlmircError (a 400; it was an
+    empty answer of id 0, a token neither allows); the grammar left with none of them later ends the request
+    (finish_reason stop) with the tokens it had, all allowed by both."""
+    yes = model.encode("yes")[1:]  # (the tokenizer's BOS left out)
+    with pytest.raises(LlmircError, match="allowed_token_ids: the structured output allows none of these tokens"):
+        list(model.generate_stream(["hi"], 4, structured_outputs={"choice": ["yes", "no"]},
+                                   allowed_token_ids=model.encode("zzz")[1:]))
+    for sampling in (dict(), dict(temperature=1.0, seed=2)):
+        (text, reason), *_ = _texts(model, {"choice": ["yes", "no"]}, allowed_token_ids=yes[:1], **sampling)
+        assert reason == "stop" and text == model.tokenizer.decode(yes[:1]), (text, reason)

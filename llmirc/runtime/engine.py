@@ -296,6 +296,9 @@ class Engine:
         self.check(prompt, params)
         # a structured output's matcher is made here, off the loop's thread (a large schema's takes 0.1 s)
         guide = Guide(self._guides(), params.guided) if params.guided is not None else None
+        if guide is not None and params.allowed_token_ids is not None and \
+                not guide.allows_first(params.allowed_token_ids):
+            raise LlmircError("allowed_token_ids: the structured output allows none of these tokens at the start")
         request_id = next(self._ids)
         rng = np.random.default_rng(params.seed)
         self._inbox.put(("add", request_id, prompt, params, sink, rng, time.perf_counter(), guide))

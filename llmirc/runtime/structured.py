@@ -203,6 +203,11 @@ class Guide:
         out[:n] = bits[:n].astype(bool)
         return out
 
+    def allows_first(self, ids) -> bool:
+        """Whether the grammar allows any of `ids` as the text's first token (before `allowed` is asked)."""
+        bits = np.unpackbits(np.frombuffer(self._first, np.uint8), bitorder="little")
+        return any(0 <= t < min(self.vocab, len(bits)) and bits[t] for t in ids)
+
     def consume(self, token: int) -> None:
         self.matcher.consume_token(int(token))
 
