@@ -44,3 +44,14 @@ def test_reasoning_apart_from_content_whole_and_streamed(parser, prompt, text, w
 
 def test_no_parser_no_split():
     assert Reasoning.of(None, CHATML_THINKING) is None
+
+
+def test_a_stream_says_whether_the_content_has_begun():
+    """ReasoningStream.answering: false while the text thinks (a stream's named tool call then waits for it, and a
+    text still thinking at its end has no call, as its plain answer has none), true from </think> on."""
+    stream = Reasoning.of("qwen3", CHATML_THINKING).stream()
+    assert stream.feed("hmm", False) == ("hmm", "") and not stream.answering
+    assert stream.feed("</thi", True) == ("</thi", "") and not stream.answering
+    stream = Reasoning.of("qwen3", CHATML_THINKING).stream()
+    assert stream.feed("hmm</think>", False) == ("hmm", "") and stream.answering
+    assert Reasoning.of("qwen3", CHATML).stream().feed("Yes", True) == ("", "Yes")

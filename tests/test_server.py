@@ -827,6 +827,18 @@ def test_reasoning_parser_as_vllm(bundle):
         assert free.choices[0].message.content not in ("yes", "no") and free.choices[0].finish_reason == "length"
         answer = client.chat.completions.create(**{**asked, **closed}, extra_body={**continued, "guided_regex": "yes|no"})
         assert answer.choices[0].message.content in ("yes", "no"), answer
+        # a named tool choice whose text is still thinking at max_tokens: no content and no call, streamed too (the
+        # stream answered a call of the function with empty arguments)
+        still = {**asked, "max_tokens": 4, "tools": tools,
+                 "tool_choice": {"type": "function", "function": {"name": "add"}},
+                 "messages": [*asked["messages"], {"role": "assistant", "content": "<think>let me"}],
+                 "extra_body": continued}
+        message = client.chat.completions.create(**still).choices[0].message
+        assert message.content is None and not message.tool_calls and message.reasoning_content, message
+        chunks = list(client.chat.completions.create(**still, stream=True))
+        assert not any(c.choices[0].delta.tool_calls or c.choices[0].delta.content for c in chunks), chunks
+        assert "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks) == \
+            message.reasoning_content
 
 
 def test_responses_api_as_vllm(server, client):

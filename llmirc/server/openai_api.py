@@ -571,7 +571,10 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
                 piece, (calls, thoughts) = c.update(out), streams[i]
                 reasoning, piece = thoughts.feed(piece, c.done) if thoughts else ("", piece)
                 finish = _finish(c)
-                delta, finish["finish_reason"] = calls.feed(piece, c.done, finish["finish_reason"])
+                if thoughts and c.done and not thoughts.answering:  # (no content: no call, as in the plain answer)
+                    delta = {}
+                else:
+                    delta, finish["finish_reason"] = calls.feed(piece, c.done, finish["finish_reason"])
                 if reasoning:
                     delta = {"reasoning_content": reasoning, "reasoning": reasoning, **delta}
                 new = [c.logprobs[-1]] if out.logprob is not None and req.logprobs and c.logprobs else []

@@ -57,11 +57,14 @@ class ReasoningStream:
 
     def __init__(self, reasoning: Reasoning):
         self.reasoning, self.text, self.sent = reasoning, "", [0, 0]
+        self.answering = False  # (whether the content has begun: a text still thinking at its end has none)
 
     def feed(self, piece: str, done: bool = False) -> tuple[str, str]:
         """(new reasoning, new content) once `piece` is added; `done`: the text's end."""
         self.text += piece
-        parts = [p or "" for p in self.reasoning.split(self.text, final=done)]
+        parts = self.reasoning.split(self.text, final=done)
+        self.answering = parts[1] is not None
+        parts = [p or "" for p in parts]
         new = [part[sent:] for part, sent in zip(parts, self.sent)]
         self.sent = [max(sent, len(part)) for part, sent in zip(parts, self.sent)]
         return new[0], new[1]
