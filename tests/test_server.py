@@ -659,6 +659,11 @@ BAD = {
                                                                   "name": "f", "parameters": {"type": "nope"}}}],
                                                               "tool_choice": "required"}, 400,
                                      "tools: the json format is not valid", "tools"),
+    "named-tool-parameters-bad-pattern": ("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string", "pattern": "(("}}}}}],
+        "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tools: the json format is not valid",
+        "tools"),
     "tool-choice-required-and-guided": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                                  "tools": [{"type": "function", "function": {
                                                                      "name": "f"}}], "tool_choice": "required",
