@@ -156,9 +156,10 @@ class ChatRequest(_Common):
     documents: list[dict[str, str]] | None = None  # vLLM's: the template's `documents` (RAG templates read them)
 
 
-def _refuse_unsupported(req: _Common) -> None:
+async def _refuse_unsupported(req: _Common) -> None:
     refuse_not_implemented(req.model_extra or {}, NOT_IMPLEMENTED)
-    req._grammar = _guided(req)  # (once for all n choices)
+    # (once for all n choices, off the event loop: a large schema's grammar takes a tenth of a second)
+    req._grammar = await asyncio.to_thread(_guided, req)
     if req.n is None:  # (vLLM: null is the default)
         req.n = 1
     if req.stream_options is not None and not req.stream:
@@ -353,7 +354,7 @@ def _completion_logprobs(server: Server, entries: list[TokenLogprob | None], off
 
 async def completions(server: Server, req: CompletionRequest, raw_request):
     server.check_model(req.model)
-    _refuse_unsupported(req)
+    await _refuse_unsupported(req)
     if req.suffix:
         raise APIError(400, "suffix is not supported by llmirc", "suffix")
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
@@ -513,7 +514,7 @@ def _chat_choice(server: Server, req: ChatRequest, i: int, c: Generation, tools:
 
 async def chat_completions(server: Server, req: ChatRequest, raw_request):
     server.check_model(req.model)
-    _refuse_unsupported(req)
+    await _refuse_unsupported(req)
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {req.top_logprobs}",
                        "top_logprobs")
@@ -528,7 +529,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
         if req._grammar is not None:  # (vLLM's rule)
             raise APIError(400, f"tool_choice {tools.kind} and a structured output cannot both be given", "tool_choice")
         try:
-            req._grammar = structured.grammar("json", tools.schema)
+            req._grammar = await asyncio.to_thread(structured.grammar, "json", tools.schema)
         except LlmircError as e:
             raise APIError(400, f"tools: {e}", "tools") from None
     prompt, messages, rendered = await _chat_prompt(server, req, req.add_special_tokens)
