@@ -405,6 +405,38 @@ def test_echo_with_logprobs_scores_the_prompt(server, client, model):
         len(prompt) + 2
 
 
+def test_prompt_logprobs_truncation_and_token_ids_as_vllm(server, model):
+    """vLLM's prompt_logprobs (each prompt position's {id: {logprob, rank, decoded_token}}, the prompt's
+    token first with its rank among all, then the k most likely: the model's log-softmax), per choice in
+    completions and once in chat; with echo's own logprobs beside them; truncate_prompt_tokens keeps the
+    prompt's last k tokens; return_tokens_as_token_ids writes logprobs' tokens as token_id:ID."""
+    prompt = model.encode(LONG)
+    ref = log_softmax(model.score(prompt))
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1, "prompt_logprobs": 3,
+                                                         "echo": True, "logprobs": 1}).json()
+    got = r["choices"][0]["prompt_logprobs"]
+    assert got[0] is None and len(got) == len(prompt)
+    for pos, (position, token) in enumerate(zip(got[1:], prompt[1:])):
+        row = ref[pos]
+        first = position[str(token)]
+        assert list(position)[0] == str(token) and first["rank"] == int((row >= row[token]).sum())
+        assert first["decoded_token"] == model.tokenizer.token_text(token)
+        best = np.argsort(-row, kind="stable")[:3]
+        assert {int(t) for t in position} == {token, *best.tolist()}
+        for t in best:
+            np.testing.assert_allclose(position[str(t)]["logprob"], row[t], atol=1e-4)
+    assert all(len(top) <= 2 for top in r["choices"][0]["logprobs"]["top_logprobs"][1:len(prompt)])
+    chat = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "prompt_logprobs": 0}).json()
+    assert chat["prompt_logprobs"][0] is None and all(len(p) == 1 for p in chat["prompt_logprobs"][1:])
+    short = httpx.post(server.url + "/v1/completions", json={
+        "prompt": prompt, "max_tokens": 1, "truncate_prompt_tokens": 5, "echo": True, "return_token_ids": True,
+        "logprobs": 0, "return_tokens_as_token_ids": True}).json()
+    assert short["usage"]["prompt_tokens"] == 5 and short["choices"][0]["prompt_token_ids"] == prompt[-5:]
+    assert short["choices"][0]["logprobs"]["tokens"][0] == f"token_id:{prompt[-5]}"
+    assert short["choices"][0]["text"].startswith(model.tokenizer.decode(prompt[-5:]))
+
+
 def test_echo_repeats_a_text_prompt_as_given_as_vllm(server, client, model):
     """vLLM echoes a text prompt as the request gave it (special tokens written in it included),
     a prompt of token ids as their text."""
@@ -628,7 +660,14 @@ BAD = {
     # vLLM fields that change the output and that llmirc does not implement: refused, not ignored
     "guided-json-not-json": ("/v1/completions", {"prompt": "hi", "guided_json": "{not json"}, 400,
                              "guided_json: the JSON schema is not JSON", "guided_json"),
-    "prompt-logprobs": ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+    "prompt-logprobs-streamed": ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 1, "stream": True}, 400,
+                                 "prompt_logprobs are not available with stream: true", "prompt_logprobs"),
+    "prompt-logprobs-whole-vocabulary": ("/v1/completions", {"prompt": "hi", "prompt_logprobs": -1}, 400,
+                                         "prompt_logprobs must be between 0 and 20, got -1", "prompt_logprobs"),
+    "truncate-prompt-tokens-past-the-context": ("/v1/completions", {"prompt": "hi",
+                                                                    "truncate_prompt_tokens": 10**6}, 400,
+                                                "truncate_prompt_tokens (1000000) is greater than the context",
+                                                "truncate_prompt_tokens"),
     "bad-guided-whitespace-pattern": ("/v1/completions", {"prompt": "hi", "guided_json": {"type": "object"},
                                                           "guided_whitespace_pattern": "[ ]("}, 400,
                                       "guided_json: the json format is not valid", "guided_json"),

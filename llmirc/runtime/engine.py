@@ -147,11 +147,13 @@ class SamplingParams:
 
 @dataclass
 class TokenLogprob:
-    """A token's logprob and the `top` most likely tokens at its position, as (token id, logprob)."""
+    """A token's logprob and the `top` most likely tokens at its position, as (token id, logprob); `rank`
+    (prompt tokens' only): how many tokens are at least as likely, itself included (vLLM's, 1-based)."""
 
     token: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None
 
 
 @dataclass
@@ -664,9 +666,11 @@ class Engine:
             req = self._requests[request_id]
             mine = [r for r in rows if step.request_ids[r] == request_id]
             chosen, top_ids, top_lp = logprobs(logits[mine], step.targets[mine], req.params.prompt_logprobs)
+            target = logits[mine, step.targets[mine]]
+            ranks = (logits[mine] >= target[:, None]).sum(axis=-1)
             req.prompt_logprobs.extend(
-                TokenLogprob(int(t), float(lp), list(zip(ids.tolist(), tlp.tolist())))
-                for t, lp, ids, tlp in zip(step.targets[mine], chosen, top_ids, top_lp))
+                TokenLogprob(int(t), float(lp), list(zip(ids.tolist(), tlp.tolist())), int(rank))
+                for t, lp, ids, tlp, rank in zip(step.targets[mine], chosen, top_ids, top_lp, ranks))
 
     @staticmethod
     def _token_logprob(row: np.ndarray, token: int, top_n: int) -> TokenLogprob:

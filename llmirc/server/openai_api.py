@@ -10,7 +10,7 @@ return_token_ids) and structured outputs (response_format json_object / json_sch
 structured_outputs, guided_json / guided_regex / guided_choice / guided_grammar / structural_tag:
 `_guided`), and SGLang's names for some (regex, ebnf, json_schema, no_stop_trim). Parameters that
 would change the output and that llmirc does not implement (`NOT_IMPLEMENTED`: beam search,
-prompt_logprobs, prompt_embeds, truncation, LoRA, priority scheduling; best_of != n, suffix,
+prompt_embeds, LoRA, priority scheduling; best_of != n, suffix,
 skip_special_tokens false, non-text content) are refused with a 400 naming them, never silently
 ignored, as are an empty stop string, stop token ids outside the vocabulary (vLLM's SamplingParams
 checks) and stream_options without stream;
@@ -67,7 +67,7 @@ class StreamOptions(BaseModel):
 NOT_IMPLEMENTED = {
     "logits_processors": ([],),
     "use_beam_search": (False,), "length_penalty": (1.0,),
-    "prompt_logprobs": (), "truncate_prompt_tokens": (), "detokenize": (True,), "return_tokens_as_token_ids": (False,),
+    "detokenize": (True,),
     "functions": ([],), "function_call": ("none",), "chat_template": (), "modalities": (["text"],), "audio": (),
     # SGLang's extra fields of its OpenAI API
     "stop_regex": (), "lora_path": (), "session_params": (), "custom_logit_processor": (),
@@ -110,6 +110,9 @@ class _Common(BaseModel):
     ebnf: str | None = None  # (SGLang's)
     json_schema: dict[str, Any] | str | None = None  # (SGLang's)
     no_stop_trim: bool = False  # (SGLang's include_stop_str_in_output)
+    prompt_logprobs: Int | None = None  # vLLM's: each prompt position's logprobs (`_prompt_logprobs`)
+    truncate_prompt_tokens: Int | None = None  # vLLM's: only the prompt's last k tokens (-1: the context's)
+    return_tokens_as_token_ids: bool | None = False  # vLLM's: logprobs' tokens as "token_id:ID"
     _grammar: str | None = PrivateAttr(None)  # the structured output's grammar (`_guided`), made once
     seed: Int | None = None
     stop: str | list[str] | None = None
@@ -164,6 +167,16 @@ async def _refuse_unsupported(req: _Common) -> None:
         req.n = 1
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options can only be given with stream: true", "stream_options")
+    if req.prompt_logprobs is not None:  # (vLLM's checks; -1, the whole vocabulary, is past its max_logprobs 20)
+        if req.stream:
+            raise APIError(400, "prompt_logprobs are not available with stream: true", "prompt_logprobs")
+        if not 0 <= req.prompt_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {req.prompt_logprobs}",
+                           "prompt_logprobs")
+    if req.truncate_prompt_tokens is not None and not (req.truncate_prompt_tokens == -1 or
+                                                       req.truncate_prompt_tokens >= 1):
+        raise APIError(400, f"truncate_prompt_tokens must be -1 (the context) or >= 1, got "
+                            f"{req.truncate_prompt_tokens}", "truncate_prompt_tokens")
     if req.seed == -1:  # (vLLM: -1 is no seed)
         req.seed = None
     if not req.skip_special_tokens:
@@ -332,13 +345,47 @@ def _position_logprobs(entry: TokenLogprob) -> list[tuple[int, float]]:
     return [(entry.token, entry.logprob), *((t, lp) for t, lp in entry.top if t != entry.token)]
 
 
-def _completion_logprobs(server: Server, entries: list[TokenLogprob | None], offset: int, prompt: list[int]) -> dict:
+def _token_text(server: Server, req: _Common):
+    """A logprobs token's text: the vocabulary's, or vLLM's "token_id:ID" with return_tokens_as_token_ids."""
+    tok = server.model.tokenizer
+    if req.return_tokens_as_token_ids or tok is None:
+        return lambda t: f"token_id:{t}"
+    return tok.token_text
+
+
+def _truncate(server: Server, req: _Common, prompt: list[int]) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: as many as the context holds)."""
+    k = req.truncate_prompt_tokens
+    if k is None:
+        return prompt
+    if k > server.model.max_context:
+        raise APIError(400, f"truncate_prompt_tokens ({k}) is greater than the context ({server.model.max_context})",
+                       "truncate_prompt_tokens")
+    return prompt[-(server.model.max_context if k == -1 else k):]
+
+
+def _prompt_logprobs(server: Server, req: _Common, entries: list[TokenLogprob | None]) -> list[dict | None]:
+    """vLLM's prompt_logprobs: per prompt position (null for the first) {token id: {logprob, rank,
+    decoded_token}}, the prompt's token first, then the `prompt_logprobs` most likely (ranks 1, 2, ...)."""
+    text, out = _token_text(server, req), []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        position = {e.token: {"logprob": e.logprob, "rank": e.rank, "decoded_token": text(e.token)}}
+        for rank, (t, lp) in enumerate(e.top[:req.prompt_logprobs], 1):
+            position.setdefault(t, {"logprob": lp, "rank": rank, "decoded_token": text(t)})
+        out.append(position)
+    return out
+
+
+def _completion_logprobs(server: Server, req: _Common, entries: list[TokenLogprob | None], offset: int,
+                         prompt: list[int]) -> dict:
     """OpenAI's legacy completion logprobs: tokens, token_logprobs, top_logprobs, text_offset. A
     None entry is the first prompt token (echo): listed with null logprobs, as vLLM and OpenAI do.
     top_logprobs holds the token itself and the `logprobs` most likely ("up to logprobs + 1
     elements", as OpenAI documents and vLLM answers)."""
-    tok = server.model.tokenizer
-    text = (lambda t: tok.token_text(t)) if tok is not None else str
+    text = _token_text(server, req)
     out = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
     for entry in entries:
         if entry is None:
@@ -362,7 +409,7 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
     if req.max_tokens is not None and req.max_tokens < 1 and not (req.echo and req.max_tokens == 0):
         # (vLLM's SamplingParams; echo with max_tokens 0 answers the prompt alone, as OpenAI and vLLM do)
         raise APIError(400, f"max_tokens must be at least 1, got {req.max_tokens}", "max_tokens")
-    prompts = await _completion_prompts(server, req)
+    prompts = [_truncate(server, req, p) for p in await _completion_prompts(server, req)]
     limits = []  # each prompt's max_tokens (null: vLLM's default, the rest of the sequence, as chat's)
     for prompt in prompts:
         if not prompt:
@@ -372,7 +419,8 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
                             "max_tokens" if req.max_tokens is not None and "max_tokens" in req.model_fields_set
                             else "prompt")
         server.check_prompt_ids(prompt, "prompt")
-    prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+    echoed = req.logprobs if req.echo else None  # (the echo's logprobs are the prompt's)
+    prompt_logprobs = max((k for k in (echoed, req.prompt_logprobs) if k is not None), default=None)
     requests = [(p, _sampling(server, req, limit, req.logprobs, prompt_logprobs, j))
                 for p, limit in zip(prompts, limits) for j in range(req.n)]
     choices = [Generation() for _ in requests]
@@ -384,13 +432,17 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
     def echo_text(i: int) -> str:  # (vLLM: a text prompt as given, special tokens and all; token ids decoded)
         if not req.echo:
             return ""
-        if isinstance(text := given[i // req.n], str):
+        if isinstance(text := given[i // req.n], str) and req.truncate_prompt_tokens is None:
             return text
         tok = server.model.tokenizer
         return tok.decode(requests[i][0]) if tok is not None else ""
 
     def logprobs_of(i: int, entries: list, offset: int) -> dict | None:
-        return None if req.logprobs is None else _completion_logprobs(server, entries, offset, requests[i][0])
+        return None if req.logprobs is None else _completion_logprobs(server, req, entries, offset, requests[i][0])
+
+    def echoed_logprobs(c: Generation) -> list:  # (with prompt_logprobs past logprobs, cut to logprobs)
+        return [None if e is None else TokenLogprob(e.token, e.logprob, e.top[:req.logprobs])
+                for e in c.prompt_logprobs or []] if req.echo else []
 
     def usage():  # each prompt once, as its first choice found it (the other n - 1 reuse what that one computed)
         cached = sum(choices[i * req.n].cached_tokens for i in range(len(prompts)))
@@ -433,8 +485,10 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
     return {"id": request_id, "object": "text_completion", "created": created,
             "model": server.options.served_model_name,
             "choices": [{"index": i, "text": echo_text(i) + c.text,
-                         "logprobs": logprobs_of(i, (c.prompt_logprobs or []) + c.logprobs, 0),
+                         "logprobs": logprobs_of(i, echoed_logprobs(c) + c.logprobs, 0),
                          **_finish(c),
+                         **({"prompt_logprobs": _prompt_logprobs(server, req, c.prompt_logprobs)}
+                            if req.prompt_logprobs is not None else {}),
                          **({"token_ids": c.tokens, "prompt_token_ids": requests[i][0]} if req.return_token_ids
                             else {})}
                         for i, c in enumerate(choices)],
@@ -480,13 +534,13 @@ async def _chat_prompt(server: Server, req: ChatRequest, add_special_tokens: boo
     return await server.encode(text, "messages", add_special_tokens), messages, text
 
 
-def _chat_logprobs(server: Server, entries: list[TokenLogprob]) -> dict:
+def _chat_logprobs(server: Server, req: ChatRequest, entries: list[TokenLogprob]) -> dict:
     """OpenAI's chat logprobs. Each position's top_logprobs are, as vLLM gives them, the first
     `top_logprobs` of `_position_logprobs`: the sampled token first, then the most likely others."""
-    tok = server.model.tokenizer
+    text = _token_text(server, req)
 
     def item(t, lp):
-        s = tok.token_text(t)
+        s = text(t)
         return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
 
     return {"content": [{**item(e.token, e.logprob),
@@ -508,7 +562,7 @@ def _chat_choice(server: Server, req: ChatRequest, i: int, c: Generation, tools:
     if echo:
         message["content"] = echo + (message["content"] or "")
     return {"index": i, "message": {"role": "assistant", **message},
-            "logprobs": _chat_logprobs(server, c.logprobs) if req.logprobs else None, **finish,
+            "logprobs": _chat_logprobs(server, req, c.logprobs) if req.logprobs else None, **finish,
             **({"token_ids": c.tokens} if req.return_token_ids else {})}
 
 
@@ -533,6 +587,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
         except LlmircError as e:
             raise APIError(400, f"tools: {e}", "tools") from None
     prompt, messages, rendered = await _chat_prompt(server, req, req.add_special_tokens)
+    prompt = _truncate(server, req, prompt)
     thinking = Reasoning.of(server.options.reasoning_parser, rendered)
     if thinking and req._grammar is not None and not thinking.ended:
         req._grammar = structured.after_reasoning(req._grammar)
@@ -540,7 +595,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
         max_tokens = _rest_of_sequence(server, len(prompt), "messages")
     server.check_length(len(prompt), max_tokens, param=given)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    requests = [(prompt, _sampling(server, req, max_tokens, logprobs, None, j)) for j in range(req.n)]
+    requests = [(prompt, _sampling(server, req, max_tokens, logprobs, req.prompt_logprobs, j)) for j in range(req.n)]
     choices = [Generation() for _ in requests]
     request_id, created = _request_id("chatcmpl", req, raw_request), int(time.time())
     name = server.options.served_model_name
@@ -583,7 +638,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
                 if not delta and not c.done and not new and not new_ids:
                     continue
                 body = {"index": i, "delta": delta,
-                        "logprobs": _chat_logprobs(server, new) if req.logprobs else None, **finish}
+                        "logprobs": _chat_logprobs(server, req, new) if req.logprobs else None, **finish}
                 if req.return_token_ids:
                     body["token_ids"], sent_ids[i] = c.tokens[sent_ids[i]:], len(c.tokens)
                 yield chunk([body], _usage(len(prompt), [c]) if continuous else None)
@@ -595,6 +650,8 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     return {"id": request_id, "object": "chat.completion", "created": created, "model": name,
             "choices": [_chat_choice(server, req, i, c, tools, thinking, echo) for i, c in enumerate(choices)],
             **({"prompt_token_ids": requests[0][0]} if req.return_token_ids else {}),
+            **({"prompt_logprobs": _prompt_logprobs(server, req, choices[0].prompt_logprobs)}
+               if req.prompt_logprobs is not None else {}),
             "usage": usage()}
 
 
