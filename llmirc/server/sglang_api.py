@@ -274,6 +274,10 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
         raise APIError(400, "empty prompt", "text" if req.text is not None else "input_ids")
     n = len(prompts)
     params = [_params(p) for p in _per_item(req.sampling_params, n, "sampling_params")]
+    grammars = {}  # (each distinct structured output's grammar once, off the event loop)
+    for p in params:
+        if (key := (p.json_schema, p.regex, p.ebnf, p.structural_tag)) not in grammars:
+            grammars[key] = await asyncio.to_thread(_guided, p)
     logprob = _per_item(False if req.return_logprob is None else req.return_logprob, n, "return_logprob")
     starts = _per_item(-1 if req.logprob_start_len is None else req.logprob_start_len, n, "logprob_start_len")
     tops = _per_item(0 if req.top_logprobs_num is None else req.top_logprobs_num, n, "top_logprobs_num")
@@ -310,7 +314,7 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
             logit_bias=logit_bias_pairs(p.logit_bias, server.model.vocab_size,
                                         "sampling_params.logit_bias"),
             min_tokens=min(p.min_new_tokens, max_new_tokens),  # (max_new_tokens as clipped to the context)
-            guided=_guided(p))))
+            guided=grammars[p.json_schema, p.regex, p.ebnf, p.structural_tag])))
         items.append(_Item(prompt, max_new_tokens, rids[i], logprob[i], starts[i], tops[i]))
     with_text = req.return_text_in_logprobs
 
