@@ -189,10 +189,11 @@ class ToolChoice:
             return [call(self.name, text)]
         if self.kind == "required":
             return _required(text)
-        if self.kind == "auto" and (text.lstrip().startswith("{") if self.parser == "llama3_json"
-                                    else PARSERS["hermes"] in text):
-            return _llama3_json(text) if self.parser == "llama3_json" else _hermes(text)
-        return None
+        if self.kind != "auto":
+            return None
+        if self.parser == "llama3_json":
+            return _llama3_json(text) if text.lstrip().startswith("{") else None
+        return _hermes(text) if PARSERS["hermes"] in text else None
 
     def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
         """The answer's message fields (content, tool_calls) and its finish_reason."""
