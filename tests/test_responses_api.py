@@ -71,7 +71,10 @@ def test_streamed_events_add_up_to_the_plain_response(chunks, message, finish):
         [(CALL["id"], "add", '{"x": 1}')] * ("tool_calls" in message)
 
 
-def test_an_error_in_the_stream_is_an_error_event():
+def test_an_error_in_the_stream_is_an_error_event_and_a_failed_response():
     events = ResponseEvents(Responder(FakeServer, ResponsesRequest.model_validate({"input": "hi"})))
-    assert events.feed({"error": {"message": "engine failed", "code": 503, "param": None}}) == [
-        {"type": "error", "sequence_number": 0, "code": "503", "message": "engine failed", "param": None}]
+    error, failed = events.feed({"error": {"message": "engine failed", "code": 503, "param": None}})
+    assert error == {"type": "error", "sequence_number": 0, "code": "503", "message": "engine failed", "param": None}
+    assert failed["type"] == "response.failed" and failed["sequence_number"] == 1
+    assert failed["response"]["status"] == "failed" and failed["response"]["error"] == {"code": "503",
+                                                                                       "message": "engine failed"}

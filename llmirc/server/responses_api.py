@@ -263,9 +263,11 @@ class ResponseEvents:
 
     def feed(self, body: dict) -> list[dict]:
         """The events of one chat chunk body (an error body: the response failed)."""
-        if "error" in body:
-            return [self.event("error", code=str(body["error"].get("code")), message=body["error"].get("message"),
-                               param=body["error"].get("param"))]
+        if "error" in body:  # (then the response failed, with what it had)
+            error = {"code": str(body["error"].get("code")), "message": body["error"].get("message")}
+            failed = {**self.responder.response(self.output, None, None, status="failed"), "error": error}
+            return [self.event("error", **error, param=body["error"].get("param")),
+                    self.event("response.failed", response=failed)]
         events = []
         for choice in body.get("choices", ()):
             delta = choice.get("delta") or {}
