@@ -45,6 +45,9 @@ def without_ids(output):
         "name": "add", "arguments": '{"x"'}}}]}, {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}],
      {"content": "", "tool_calls": [CALL]}, "stop"),  # (a named call: its arguments in pieces)
     ([{"role": "assistant", "content": ""}], {"content": ""}, "stop"),
+    # (still thinking at its end: the plain answer's empty message, streamed too)
+    ([{"role": "assistant", "content": ""}, {"reasoning_content": "hmm", "reasoning": "hmm"}],
+     {"content": None, "reasoning_content": "hmm"}, "length"),
 ])
 def test_streamed_events_add_up_to_the_plain_response(chunks, message, finish):
     req = ResponsesRequest.model_validate({"input": "hi", "stream": True})
@@ -63,8 +66,9 @@ def test_streamed_events_add_up_to_the_plain_response(chunks, message, finish):
     assert kinds.count("response.output_item.added") == kinds.count("response.output_item.done") == len(plain["output"])
     texts = "".join(e["delta"] for e in out if e["type"] == "response.output_text.delta")
     assert texts == (message["content"] or "")
+    reasoning_tokens = len(message.get("reasoning_content", "").split())  # (FakeServer's tokenizer: words)
     assert plain["usage"] == {"input_tokens": 5, "input_tokens_details": {"cached_tokens": 2}, "output_tokens": 9,
-                              "output_tokens_details": {"reasoning_tokens": 3 if "reasoning_content" in message else 0},
+                              "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
                               "total_tokens": 14}
     calls = [item for item in plain["output"] if item["type"] == "function_call"]
     assert [(c["call_id"], c["name"], c["arguments"]) for c in calls] == \

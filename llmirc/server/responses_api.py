@@ -297,7 +297,8 @@ class ResponseEvents:
                 self.finish_reason = choice["finish_reason"]
                 events += self._close()
         if body.get("usage") is not None and not body.get("choices"):  # (the last chunk: the usage)
-            if not self.output:  # (no text at all: an empty message, as the plain answer has)
+            if not any(item["type"] != "reasoning" for item in self.output):  # (no text nor call: an empty
+                # message, as the plain answer has, after the reasoning if any)
                 events += self._open(_message("", status="in_progress")) + self._close()
             done = self.responder.response(self.output, self.finish_reason, body["usage"])
             events.append(self.event(f"response.{done['status']}", response=done))
