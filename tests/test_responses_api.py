@@ -82,3 +82,32 @@ def test_an_error_in_the_stream_is_an_error_event_and_a_failed_response():
     assert failed["type"] == "response.failed" and failed["sequence_number"] == 1
     assert failed["response"]["status"] == "failed" and failed["response"]["error"] == {"code": "503",
                                                                                        "message": "engine failed"}
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"tools": [{"type": "function", "parameters": {"type": "object"}}]},
+     "tools[0]: a function tool is {type: function, name, parameters}"),
+    ({"tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "f"}]}},
+     "tool_choice of type 'allowed_tools' is not supported by llmirc"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}},  # (the chat API's form)
+     "tool_choice must be none, auto, required or {type: function, name}"),
+    ({"tool_choice": "any"}, "tool_choice must be none, auto, required or {type: function, name}"),
+])
+def test_tools_and_tool_choice_are_refused_in_the_responses_form(body, message):
+    """A bad tool or tool choice is a 400 that shows the Responses API's (flat) form, not the chat route's."""
+    from llmirc.server.app import APIError
+    from llmirc.server.responses_api import chat_request
+
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    with pytest.raises(APIError) as e:
+        chat_request(ResponsesRequest.model_validate({"input": "hi", "tools": tools, **body}))
+    assert e.value.status == 400 and message in e.value.message, e.value.message
+
+
+def test_a_named_tool_choice_is_the_chat_routes():
+    from llmirc.server.responses_api import chat_request
+
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    chat = chat_request(ResponsesRequest.model_validate({"input": "hi", "tools": tools,
+                                                         "tool_choice": {"type": "function", "name": "f"}}))
+    assert chat.tool_choice == {"type": "function", "function": {"name": "f"}}

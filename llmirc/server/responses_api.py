@@ -115,6 +115,9 @@ def _tools(req: ResponsesRequest) -> list[dict] | None:
         if tool.get("type") != "function":
             raise APIError(400, f"tools[{i}]: tools of type {tool.get('type')!r} are not supported by llmirc "
                                 "(function tools only)", "tools")
+        if not isinstance(tool.get("name"), str):  # (the chat route's error would show its nested form)
+            raise APIError(400, f"tools[{i}]: a function tool is {{type: function, name, parameters}}; its name "
+                                "must be a string", "tools")
         tools.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters")
                                                        if k in tool}})
     return tools
@@ -136,8 +139,13 @@ def chat_request(req: ResponsesRequest) -> ChatRequest:
     """The chat request that answers `req` (APIError 400 for what llmirc cannot take)."""
     refuse_not_implemented(req.model_extra or {}, NOT_IMPLEMENTED)
     choice = req.tool_choice
-    if isinstance(choice, dict) and choice.get("type") == "function":  # ({type, name}: flat here)
-        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    if isinstance(choice, dict) and isinstance(choice.get("type"), str) and choice["type"] != "function":
+        raise APIError(400, f"tool_choice of type {choice['type']!r} is not supported by llmirc (none, auto, "
+                            "required or {type: function, name})", "tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        choice = {"type": "function", "function": {"name": choice["name"]}}  # ({type, name}: flat here)
+    elif choice is not None and choice not in ("none", "auto", "required"):  # (the chat route's error: its form)
+        raise APIError(400, "tool_choice must be none, auto, required or {type: function, name}", "tool_choice")
     body = {"model": req.model, "messages": _messages(req), "tools": _tools(req), "tool_choice": choice,
             "response_format": _response_format(req), "max_tokens": req.max_output_tokens,
             "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "stream": bool(req.stream),
