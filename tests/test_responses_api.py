@@ -92,9 +92,14 @@ def test_an_error_in_the_stream_is_an_error_event_and_a_failed_response():
     ({"tool_choice": {"type": "function", "function": {"name": "f"}}},  # (the chat API's form)
      "tool_choice must be none, auto, required or {type: function, name}"),
     ({"tool_choice": "any"}, "tool_choice must be none, auto, required or {type: function, name}"),
+    # (logprobs are asked for, and were answered as [] rather than refused)
+    ({"top_logprobs": 2}, "top_logprobs is not supported by llmirc"),
+    ({"include": ["reasoning.encrypted_content", "message.output_text.logprobs"]},
+     "include: message.output_text.logprobs is not supported by llmirc"),
 ])
-def test_tools_and_tool_choice_are_refused_in_the_responses_form(body, message):
-    """A bad tool or tool choice is a 400 that shows the Responses API's (flat) form, not the chat route's."""
+def test_what_llmirc_cannot_answer_is_refused(body, message):
+    """A bad tool or tool choice is a 400 that shows the Responses API's (flat) form, not the chat route's; a
+    request for logprobs is a 400."""
     from llmirc.server.app import APIError
     from llmirc.server.responses_api import chat_request
 

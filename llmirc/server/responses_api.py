@@ -33,11 +33,12 @@ from .openai_api import ChatRequest, chat_completions
 
 # fields that change the answer and need what llmirc does not keep or do
 NOT_IMPLEMENTED = {"previous_response_id": (), "background": (False,), "conversation": (), "prompt": (),
-                   "truncation": ("disabled",)}
+                   "truncation": ("disabled",), "top_logprobs": (0,)}
 
 
 class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")  # (metadata, user, store, include, ...: no effect)
+    model_config = ConfigDict(strict=True, extra="allow")  # (metadata, user, store, include, ...: no effect;
+    # but include's message.output_text.logprobs and top_logprobs ask for logprobs, which are not answered: 400s)
     model: str | None = None
     input: str | list[dict[str, Any]]
     instructions: str | None = None
@@ -138,6 +139,10 @@ def _response_format(req: ResponsesRequest) -> dict | None:
 def chat_request(req: ResponsesRequest) -> ChatRequest:
     """The chat request that answers `req` (APIError 400 for what llmirc cannot take)."""
     refuse_not_implemented(req.model_extra or {}, NOT_IMPLEMENTED)
+    include = (req.model_extra or {}).get("include")
+    if isinstance(include, list) and "message.output_text.logprobs" in include:
+        raise APIError(400, "include: message.output_text.logprobs is not supported by llmirc (the chat route "
+                            "answers logprobs)", "include")
     choice = req.tool_choice
     if isinstance(choice, dict) and isinstance(choice.get("type"), str) and choice["type"] != "function":
         raise APIError(400, f"tool_choice of type {choice['type']!r} is not supported by llmirc (none, auto, "
