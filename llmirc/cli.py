@@ -429,8 +429,9 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, template_kwargs,
     Without --json, a single prompt streams its text as it is generated; a batch prints each
     sequence under a label [i], i counting the --token-ids prompts first, then --prompt, then
     --prompt-file (each in the order given). A summary (tokens/s, time to first token) goes to stderr."""
-    if [*prompts, *map(str, prompt_files)].count("-") > 1:
-        raise UsageError("standard input ('-') can be read once: give '-' to one --prompt or --prompt-file")
+    if [*prompts, *map(str, prompt_files), *(str(f) for f in (json_schema_file, grammar_file) if f)].count("-") > 1:
+        raise UsageError("standard input ('-') can be read once: give '-' to one --prompt, --prompt-file, "
+                         "--json-schema-file or --grammar-file")
     texts = [_read_prompt(p) for p in prompts] + \
         [_read_text(f, "--prompt-file").rstrip("\n") for f in prompt_files]
     if not texts and not token_ids:
@@ -525,15 +526,17 @@ def _structured_outputs(json_schema, json_schema_file, grammar, grammar_file, re
     if not given:
         return None
     (flag, value), = given.items()
+    where = flag
     if flag.endswith("-file"):
-        value = _read_text(value, flag)
+        where = f"{flag} {value}"
+        value = _read_text(value, flag).removeprefix("\ufeff")  # (a byte order mark, as some editors write)
     kind = {"--json-schema": "json", "--grammar": "grammar", "--regex": "regex"}[flag.removesuffix("-file")]
     try:
         from llmirc.runtime import structured
 
         structured.grammar(kind, value)  # (its errors name the flag)
     except LlmircError as e:
-        raise LlmircError(f"{flag}: {e}") from None
+        raise LlmircError(f"{where}: {e}") from None
     return {kind: value}
 
 
