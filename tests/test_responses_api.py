@@ -116,3 +116,13 @@ def test_a_named_tool_choice_is_the_chat_routes():
     chat = chat_request(ResponsesRequest.model_validate({"input": "hi", "tools": tools,
                                                          "tool_choice": {"type": "function", "name": "f"}}))
     assert chat.tool_choice == {"type": "function", "function": {"name": "f"}}
+
+
+def test_a_developer_message_is_a_system_message():
+    """(chat templates know system, not developer: Qwen2.5's dropped the message, SmolLM2's wrote a role its model
+    never saw)"""
+    from llmirc.server.responses_api import chat_request
+
+    chat = chat_request(ResponsesRequest.model_validate({"input": [
+        {"role": "developer", "content": "be brief"}, {"type": "message", "role": "user", "content": "hi"}]}))
+    assert [(m.role, m.content) for m in chat.messages] == [("system", "be brief"), ("user", "hi")]

@@ -1,10 +1,11 @@
 """OpenAI's Responses API (POST /v1/responses), as vLLM serves it, over the chat completions route.
 
 A request is made into a chat request (`chat_request`): `instructions` a system message first, `input` a
-string (one user message) or a list of items (messages with text content, `function_call` items as an
-assistant's tool calls, `function_call_output` items as tool messages; reasoning items left out, as a
-chat template drops earlier reasoning), `tools` (function tools, flat as the Responses API writes them),
-`tool_choice`, `text.format` (text, json_object, json_schema) as response_format, `max_output_tokens`,
+string (one user message) or a list of items (messages with text content, a developer's as a system
+message, `function_call` items as an assistant's tool calls, `function_call_output` items as tool
+messages; reasoning items left out, as a chat template drops earlier reasoning), `tools` (function
+tools, flat as the Responses API writes them), `tool_choice`, `text.format` (text, json_object,
+json_schema) as response_format, `max_output_tokens`,
 `temperature`, `top_p` and vLLM's `top_k`. Its answer is made into a response (`response`): a reasoning
 item (with --reasoning-parser), a message with its output_text, and a function_call item per tool call;
 status "incomplete" (reason max_output_tokens) when the text was cut. Streamed, the chat chunks become the
@@ -83,7 +84,10 @@ def _messages(req: ResponsesRequest) -> list[dict]:
         if kind == "message":
             if item.get("role") not in ("user", "system", "developer", "assistant"):
                 raise APIError(400, f"{where}.role must be user, system, developer or assistant", "input")
-            messages.append({"role": item["role"], "content": _text(item.get("content"), where)})
+            # (developer: OpenAI's newer name for system, which chat templates know; Qwen2.5's drops a role it
+            # does not know, Qwen3.5's raises; vLLM's Responses API maps it too)
+            role = "system" if item["role"] == "developer" else item["role"]
+            messages.append({"role": role, "content": _text(item.get("content"), where)})
         elif kind == "function_call":
             call = {"id": item.get("call_id"), "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
