@@ -62,6 +62,8 @@ def test_streamed_events_add_up_to_the_plain_response(chunks, message, finish):
     final = out[-1]["response"]
     assert out[-1]["type"] == f"response.{plain['status']}" and final["status"] == plain["status"]
     assert without_ids(final["output"]) == without_ids(plain["output"]) and final["usage"] == plain["usage"]
+    # (the item max_output_tokens cut is incomplete, as OpenAI marks it; the others completed)
+    assert [item["status"] for item in plain["output"]][-1] == ("incomplete" if finish == "length" else "completed")
     kinds = [e["type"] for e in out]
     assert kinds.count("response.output_item.added") == kinds.count("response.output_item.done") == len(plain["output"])
     texts = "".join(e["delta"] for e in out if e["type"] == "response.output_text.delta")

@@ -47,6 +47,7 @@ def test_none_named_and_required():
     required = ToolChoice.of(TOOLS, "required", None)
     assert [item["properties"]["name"]["enum"] for item in required.schema["items"]["anyOf"]] == [["add"], ["now"]]
     assert required.schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object", "properties": {}}
+    assert all(item["additionalProperties"] is False for item in required.schema["items"]["anyOf"])  # (ours)
     message, reason = required.message('[{"name": "add", "parameters": {"x": 1}}, {"name": "now", "parameters": {}}]',
                                        "stop")
     assert _calls(message) == [("add", {"x": 1}), ("now", {})] and reason == "tool_calls"

@@ -223,9 +223,14 @@ class Responder:
         message, output = choice["message"], []
         if message.get("reasoning_content"):
             output.append(_reasoning(message["reasoning_content"]))
-        if message.get("content") or not message.get("tool_calls"):
-            output.append(_message(message.get("content") or ""))
+        if message.get("content"):
+            output.append(_message(message["content"]))
         output += [_function_call(c) for c in message.get("tool_calls") or ()]
+        cut = choice["finish_reason"] == "length"
+        if cut and output:  # (the item max_output_tokens cut: OpenAI's status incomplete)
+            output[-1]["status"] = "incomplete"
+        if not any(item["type"] != "reasoning" for item in output):  # (no text nor call: an empty message)
+            output.append(_message("", status="incomplete" if cut else "completed"))
         return self.response(output, choice["finish_reason"], chat["usage"])
 
 
@@ -264,7 +269,7 @@ class ResponseEvents:
         else:
             events.append(self.event("response.function_call_arguments.done", item_id=item["id"],
                                      output_index=index, name=item["name"], arguments=item["arguments"]))
-        item["status"] = "completed"
+        item["status"] = "incomplete" if self.finish_reason == "length" else "completed"  # (the item cut)
         return events + [self.event("response.output_item.done", output_index=index, item=item)]
 
     def _open(self, item: dict) -> list[dict]:

@@ -120,7 +120,8 @@ def template_tool_calls(message: dict, i: int) -> None:
 
 def _required_schema(functions: dict[str, dict]) -> dict:
     """vLLM's schema of tool_choice required: an array of one or more {"name", "parameters"}, each naming a
-    function and holding its parameters schema. Each schema's own $defs (and draft-07's definitions), which
+    function and holding its parameters schema (the wrapper takes no other key: helper-95 saw a small model
+    write invented keys into it to max_tokens; the parameters' own objects stay as their schema says). Each schema's own $defs (and draft-07's definitions), which
     its $refs ("#/$defs/X") point into from the document's root, are moved to the array schema's root, as
     vLLM does; a name two tools define differently is a 400 (vLLM's ValueError)."""
     items, defs = [], {}
@@ -137,7 +138,7 @@ def _required_schema(functions: dict[str, dict]) -> dict:
                     raise APIError(400, f"tool {name!r}: its parameters' {key} {def_name!r} differs from another "
                                         "tool's of that name (tool_choice required needs them alike)", "tools")
         items.append({"properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
-                      "required": ["name", "parameters"]})
+                      "required": ["name", "parameters"], "additionalProperties": False})  # (ours: closed)
     return {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": items}, **defs}
 
 
