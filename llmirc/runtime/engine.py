@@ -289,15 +289,16 @@ class Engine:
         """The failed step's exception as one line (None while the engine is healthy)."""
         return None if self.failure is None else f"{type(self.failure).__name__}: {self.failure}"
 
-    def add_request(self, prompt: list[int], params: SamplingParams, sink: Callable[[RequestOutput], None]) -> int:
+    def add_request(self, prompt: list[int], params: SamplingParams, sink: Callable[[RequestOutput], None],
+                    guide: Guide | None = None) -> int:
         """Validate and queue a request; returns its id. Raises LlmircError (RuntimeLimitError
-        for a request over the model's limits) before anything is queued."""
+        for a request over the model's limits) before anything is queued. `guide`: the request's
+        structured-output matcher when made beforehand (`make_guide`), else it is made here."""
         if self.error is not None:
             raise LlmircError(f"the engine stopped after an error: {self.error}")
         prompt = [int(t) for t in prompt]
         self.check(prompt, params)
-        # a structured output's matcher is made here, off the loop's thread (a large schema's takes 0.1 s)
-        guide = Guide(self._guides(), params.guided) if params.guided is not None else None
+        guide = guide or self.make_guide(params)
         if guide is not None and params.allowed_token_ids is not None and \
                 not guide.allows_first(params.allowed_token_ids):
             raise LlmircError("allowed_token_ids: the structured output allows none of these tokens at the start")
@@ -323,10 +324,14 @@ class Engine:
         if vocab is not None and (bad := [t for ids in self._bad_words(params) for t in ids if not 0 <= t < vocab]):
             raise LlmircError(f"bad_words: token id {bad[0]} is outside the model's vocabulary of {vocab}")
         if params.guided is not None:
-            if self.tokenizer is None:
-                raise LlmircError("structured outputs need a tokenizer, and this bundle has none")
-            self._guides()  # (LlmircError where its tokenizer does not fit the model)
+            self._guides()  # (LlmircError without a tokenizer, or where it does not fit the model)
         self.scheduler.check_request(prompt, params.max_tokens)
+
+    def make_guide(self, params: SamplingParams) -> Guide | None:
+        """The structured-output matcher of a request with these params (None without one): made off the
+        engine's thread (a large schema's takes a tenth of a second; the first, llguidance's tokenizer too).
+        LlmircError for a grammar that does not load, or without a tokenizer."""
+        return Guide(self._guides(), params.guided) if params.guided is not None else None
 
     def _bad_words(self, params: SamplingParams) -> list[tuple[int, ...]]:
         """The request's bad words as token sequences (sampling.bad_words_ids); LlmircError without a tokenizer."""
@@ -339,6 +344,8 @@ class Engine:
     def _guides(self):
         """llguidance's tokenizer of the bundle's (made once, from any thread); LlmircError when it does
         not fit the model (a tokenizer with more ids than the logits)."""
+        if self.tokenizer is None:
+            raise LlmircError("structured outputs need a tokenizer, and this bundle has none")
         with self._guide_lock:
             if self._guide_tokenizer is None:
                 try:

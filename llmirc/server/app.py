@@ -300,9 +300,22 @@ class Server:
             raise APIError(400, f"the request asks for {count} sequences (prompts times n); this server "
                                 f"takes at most {limit} at once (running + --max-queued-requests)")
 
-    def admit(self, requests: list[tuple[list[int], SamplingParams]], names: list[str] | None = None) -> Admitted:
+    async def guides(self, requests: list[tuple[list[int], SamplingParams]]) -> list | None:
+        """The structured-output matchers of the requests (Engine.make_guide), made in a worker thread so
+        that a large schema's does not pause the event loop; None when no request has one. A 400 for a
+        grammar that does not load."""
+        if all(params.guided is None for _, params in requests):
+            return None
+        try:
+            return await asyncio.to_thread(lambda: [self.engine.make_guide(params) for _, params in requests])
+        except LlmircError as e:
+            raise APIError(400, _without_request_id(str(e))) from None
+
+    def admit(self, requests: list[tuple[list[int], SamplingParams]], names: list[str] | None = None,
+              guides: list | None = None) -> Admitted:
         """Add engine requests, all or none; returns them running (call from the event loop).
-        `names`: the client's id of each (SGLang's rid), kept in `named` while it runs (`abort_named`).
+        `names`: the client's id of each (SGLang's rid), kept in `named` while it runs (`abort_named`);
+        `guides`: their structured-output matchers made beforehand (`guides`).
 
         Raises APIError 503 when overloaded or the engine has failed, 400 for a request that could
         never fit or that the engine refuses."""
@@ -324,7 +337,8 @@ class Server:
         for i, (prompt, params) in enumerate(requests):
             try:
                 rid = self.engine.add_request(prompt, params,
-                                              lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+                                              lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+                                              guides[i] if guides else None)
             except LlmircError as e:
                 for running in index:
                     self.engine.abort(running)
@@ -349,9 +363,9 @@ class Server:
 
     async def generate(self, requests: list[tuple[list[int], SamplingParams]], raw_request=None,
                        names: list[str] | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """`admit` the requests (its errors) and yield their `Admitted.outputs`; leaving the
-        iteration early aborts what is still running."""
-        admitted = self.admit(requests, names)
+        """`admit` the requests (its errors; their matchers made first, `guides`) and yield their
+        `Admitted.outputs`; leaving the iteration early aborts what is still running."""
+        admitted = self.admit(requests, names, await self.guides(requests))
         try:
             async for item in admitted.outputs(raw_request):
                 yield item
@@ -451,8 +465,8 @@ def sse(data) -> str:
     return f"data: {json_text(data)}\n\n"
 
 
-def event_stream(server: Server, requests: list[tuple[list[int], SamplingParams]], raw_request, bodies,
-                 final=None, names: list[str] | None = None):
+async def event_stream(server: Server, requests: list[tuple[list[int], SamplingParams]], raw_request, bodies,
+                       final=None, names: list[str] | None = None):
     """A streaming response: `bodies(outputs)` turns the engine outputs ((index, output) pairs)
     into event bodies, then `final()` (when given) adds one, and `data: [DONE]` ends it. The
     requests are admitted here, so that refusals keep their status (400, 503); then the response
@@ -461,7 +475,7 @@ def event_stream(server: Server, requests: list[tuple[list[int], SamplingParams]
     disconnect, even before its first byte), what still runs is aborted. `names`: as `Server.admit`'s."""
     from fastapi.responses import StreamingResponse
 
-    admitted = server.admit(requests, names)
+    admitted = server.admit(requests, names, await server.guides(requests))
 
     async def events():
         try:

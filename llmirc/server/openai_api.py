@@ -478,7 +478,7 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
                 yield chunk([body], _usage(len(requests[i][0]), [c]) if continuous else None)
                 offsets[i] += len(text)
 
-        return event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage))
+        return await event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage))
 
     async for i, out in server.generate(requests, raw_request):
         choices[i].update(out)
@@ -643,7 +643,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
                     body["token_ids"], sent_ids[i] = c.tokens[sent_ids[i]:], len(c.tokens)
                 yield chunk([body], _usage(len(prompt), [c]) if continuous else None)
 
-        return event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage))
+        return await event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage))
 
     async for i, out in server.generate(requests, raw_request):
         choices[i].update(out)

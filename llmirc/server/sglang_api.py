@@ -324,7 +324,7 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
                 items[i].update(out)
                 yield _indexed(items[i].response(server, with_text), i, batched)
 
-        return event_stream(server, requests, raw_request, bodies, names=rids)
+        return await event_stream(server, requests, raw_request, bodies, names=rids)
 
     async for i, out in server.generate(requests, raw_request, names=rids):
         items[i].update(out)
