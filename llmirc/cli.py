@@ -268,6 +268,21 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, print_ir_befo
     compile_model(model, output, options, Progress(None if quiet else sys.stderr, notes=sys.stderr))
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """serve's listening socket. Made here, not in uvicorn: an address in use is the user's error (an
+    LlmircError), and uvicorn's startup failure exits 3, llmirc's code for an internal error. Without Nagle's
+    delay (TCP_NODELAY, which Linux's accepted sockets inherit): a response's headers and body are two
+    writes, and with it the body waited for the client's delayed ACK, 40 ms, on every request after a
+    connection's first (asyncio disables Nagle only on sockets made with proto IPPROTO_TCP, not
+    socket.create_server's, proto 0)."""
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise LlmircError(f"--host {host} --port {port}: cannot listen there: {e.strerror or e}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 def _origins(value: str | None) -> tuple[str, ...]:
     """--allowed-origins as a tuple: comma-separated, or a JSON list of strings (vLLM's form)."""
     if value is None:
@@ -800,12 +815,7 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
                                           max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes,
                                           sampling_defaults=defaults, tool_call_parser=tool_call_parser,
                                           reasoning_parser=reasoning_parser))
-    # listen here, not in uvicorn: an address in use is the user's error, and uvicorn's startup
-    # failure exits 3, llmirc's code for an internal error
-    try:
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    except OSError as e:
-        raise LlmircError(f"--host {host} --port {port}: cannot listen there: {e.strerror or e}") from None
+    sock = listen(host, port)
     port = sock.getsockname()[1]  # --port 0: the port the system chose
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     click.echo(f"llmirc serve: {name} on {url} ({model.num_blocks} KV blocks of {model.block_size} tokens, "
