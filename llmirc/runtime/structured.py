@@ -194,19 +194,21 @@ class Guide:
             raise LlmircError(f"the structured output's grammar does not load or admits no text: {problem}")
         self.vocab = tokenizer.vocab_size
 
+    def _bits(self, mask: bytes) -> np.ndarray:
+        """bool [at most the tokenizer's ids]: an llguidance bitmask's bits."""
+        return np.unpackbits(np.frombuffer(mask, np.uint8), bitorder="little")[:self.vocab].astype(bool)
+
     def allowed(self, width: int) -> np.ndarray:
         """bool [width]: the tokens the grammar allows next (ids past the tokenizer's are not)."""
         mask, self._first = self._first or self.matcher.compute_bitmask(), None
-        bits = np.unpackbits(np.frombuffer(mask, np.uint8), bitorder="little")
-        out = np.zeros(width, dtype=bool)
-        n = min(width, self.vocab, len(bits))
-        out[:n] = bits[:n].astype(bool)
+        bits, out = self._bits(mask), np.zeros(width, dtype=bool)
+        out[:min(width, len(bits))] = bits[:width]
         return out
 
     def allows_first(self, ids) -> bool:
         """Whether the grammar allows any of `ids` as the text's first token (before `allowed` is asked)."""
-        bits = np.unpackbits(np.frombuffer(self._first, np.uint8), bitorder="little")
-        return any(0 <= t < min(self.vocab, len(bits)) and bits[t] for t in ids)
+        bits = self._bits(self._first)
+        return any(0 <= t < len(bits) and bits[t] for t in ids)
 
     def consume(self, token: int) -> None:
         self.matcher.consume_token(int(token))
