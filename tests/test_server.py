@@ -936,6 +936,48 @@ def test_responses_api_as_vllm(server, client):
     assert r.status_code == 404 and "llmirc keeps no responses" in r.json()["error"]["message"], r.text
 
 
+def test_a_forced_tool_call_replaces_the_response_format_as_vllm(server, model):
+    """A named or required tool choice with a response_format (chat) or text.format (Responses) answers the call,
+    held to the tool's schema, as vLLM's tool parsers' adjust_request drops the format (was a 400): instructor's
+    RESPONSES_TOOLS mode sends its model as both, and the OpenAI Agents SDK an output_type beside tool_choice."""
+    params = {"type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"], "additionalProperties": False,
+              "x-guidance": {"whitespace_flexible": False}}
+    schema = {"type": "json_schema", "json_schema": {"name": "Out", "schema": {"enum": ["yes", "no"]}}}
+    # (whitespace biased away: required's array takes it anywhere, and a random model writes it to max_tokens)
+    spaces = {str(t): -100 for t in range(model.vocab_size) if model.tokenizer.token_text(t).isspace()}
+    for choice, response_format in (({"type": "function", "function": {"name": "add"}}, schema),
+                                    ("required", {"type": "json_object"})):
+        r = httpx.post(server.url + "/v1/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "add"}], "max_tokens": 64, "temperature": 0,
+            "logit_bias": spaces, "tools": [{"type": "function", "function": {"name": "add", "parameters": params}}],
+            "tool_choice": choice, "response_format": response_format})
+        assert r.status_code == 200, r.text
+        calls = r.json()["choices"][0]["message"].get("tool_calls")
+        assert calls and all(c["function"]["name"] == "add" and json.loads(c["function"]["arguments"])["x"] in (1, 2)
+                             for c in calls), r.json()
+    # instructor 1.17's RESPONSES_TOOLS request, as it sent it
+    person = {"properties": {"name": {"title": "Name", "type": "string", "maxLength": 8}, "age": {
+        "title": "Age", "type": "integer", "minimum": 0, "maximum": 99}}, "required": ["name", "age"],
+        "title": "Person", "type": "object", "additionalProperties": False,
+        "x-guidance": {"whitespace_flexible": False}}
+    r = httpx.post(server.url + "/v1/responses", json={
+        "input": [{"role": "user", "content": "Alice is 30 years old. Extract the person."}], "max_output_tokens": 100,
+        "model": "tiny", "temperature": 0,
+        "text": {"format": {"type": "json_schema", "name": "Person", "strict": True, "schema": person}},
+        "tool_choice": {"type": "function", "name": "Person"},
+        "tools": [{"type": "function", "name": "Person", "parameters": person, "description": "Correctly extracted"}]})
+    assert r.status_code == 200, r.text
+    calls = [item for item in r.json()["output"] if item["type"] == "function_call"]
+    assert calls and calls[0]["name"] == "Person", r.json()
+    assert set(json.loads(calls[0]["arguments"])) == {"name", "age"}, r.json()
+    # vLLM's own structured_outputs (guided_*) beside a named tool stay a 400, as vLLM's validator has it
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "add"}], "guided_regex": "a",
+        "tools": [{"type": "function", "function": {"name": "add", "parameters": params}}],
+        "tool_choice": {"type": "function", "function": {"name": "add"}}})
+    assert r.status_code == 400 and "cannot both be given" in r.text, r.text
+
+
 def test_the_servers_connections_send_without_nagles_delay():
     """serve's accepted connections have TCP_NODELAY: a response is two writes (headers, body), and with
     Nagle's algorithm the body waited for the client's delayed ACK, 40 ms on Linux, on every request after

@@ -568,6 +568,12 @@ def _chat_choice(server: Server, req: ChatRequest, i: int, c: Generation, tools:
 
 async def chat_completions(server: Server, req: ChatRequest, raw_request):
     server.check_model(req.model)
+    if (req.tools and (req.tool_choice == "required" or isinstance(req.tool_choice, dict))
+            and isinstance(req.response_format, dict)
+            and req.response_format.get("type") in ("json_object", "json_schema", "structural_tag")):
+        # a forced call (named or required) replaces the response_format, as vLLM's tool parsers' adjust_request
+        # does (the answer is the call; instructor's RESPONSES_TOOLS and other clients send both)
+        req.response_format = None
     await _refuse_unsupported(req)
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {req.top_logprobs}",
@@ -580,7 +586,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
         raise APIError(400, f"{given} must be at least 1, got {max_tokens}", given)
     tools = ToolChoice.of(req.tools, req.tool_choice, server.options.tool_call_parser)
     if tools.schema is not None:
-        if req._grammar is not None:  # (vLLM's rule)
+        if req._grammar is not None:  # (vLLM's rule for its structured_outputs; guided_* too)
             raise APIError(400, f"tool_choice {tools.kind} and a structured output cannot both be given", "tool_choice")
         try:
             req._grammar = await asyncio.to_thread(structured.grammar, "json", tools.schema)
