@@ -126,6 +126,22 @@ def test_an_assistants_tool_calls_reach_the_template_with_dict_arguments():
         template_tool_calls({"role": "assistant", "tool_calls": [{"type": "code"}]}, 2)
 
 
+def test_a_tools_objects_are_closed():
+    """A forced call's grammar (named, required) takes no property a tool's parameters do not list, nested
+    objects too, as vLLM's default XGrammar backend reads them; additionalProperties given is kept."""
+    pytest.importorskip("llguidance")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"type": "object", "properties": {"b": {"type": "string"}}}, "c": {"type": "object", "properties": {},
+                                                                                  "additionalProperties": True}}}}}]
+    named = json.loads(ToolChoice.of(tools, {"type": "function", "function": {"name": "f"}}, None).grammar())
+    schema = named["grammars"][0]["json_schema"]
+    assert schema["additionalProperties"] is False and schema["properties"]["a"]["additionalProperties"] is False
+    assert schema["properties"]["c"]["additionalProperties"] is True
+    required = json.loads(ToolChoice.of(tools, "required", None).grammar())["grammars"][0]["json_schema"]
+    assert required["items"]["anyOf"][0]["properties"]["parameters"]["additionalProperties"] is False
+    assert "additionalProperties" not in tools[0]["function"]["parameters"]  # (the request's own tools unchanged)
+
+
 def test_serves_flags_list_the_parsers():
     """`serve --tool-call-parser` / `--reasoning-parser` choices (written out: the CLI loads without the serve
     extra) are the parsers the server has."""

@@ -589,7 +589,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
         if req._grammar is not None:  # (vLLM's rule for its structured_outputs; guided_* too)
             raise APIError(400, f"tool_choice {tools.kind} and a structured output cannot both be given", "tool_choice")
         try:
-            req._grammar = await asyncio.to_thread(structured.grammar, "json", tools.schema)
+            req._grammar = await asyncio.to_thread(tools.grammar)
         except LlmircError as e:
             raise APIError(400, f"tools: {e}", "tools") from None
     prompt, messages, rendered = await _chat_prompt(server, req, req.add_special_tokens)

@@ -25,6 +25,8 @@ import json
 import uuid
 from dataclasses import dataclass
 
+from llmirc.runtime import structured
+
 from .app import APIError
 
 # --tool-call-parser NAME: the start of a call in the text ("" : the text's first character, "{")
@@ -183,6 +185,13 @@ class ToolChoice:
         if name not in functions:
             raise APIError(400, f"tool_choice names {name!r}, which is not one of the tools", "tool_choice")
         return ToolChoice("named", functions[name], name)
+
+    def grammar(self) -> str:
+        """The llguidance grammar of `schema` (named, required). Its objects take no property they do not list
+        (as vLLM's default backend, XGrammar, and OpenAI's strict function calling read a tool's parameters;
+        open, a small model wrote invented keys to max_tokens: helper-96, with LangChain's and instructor's
+        schemas, which leave additionalProperties out). LlmircError for a schema llguidance does not take."""
+        return structured.grammar("json", self.schema, structured.JsonOptions(closed=True))
 
     def calls(self, text: str) -> list[dict] | None:
         """The calls in a whole text (None: none, the text is the answer)."""
