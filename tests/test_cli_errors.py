@@ -1604,7 +1604,8 @@ def test_run_structured_output_flags(bundle, tmp_path):
         assert out["finish_reason"] == "length" or json.loads(out["text"]) in ("left", "right"), out
     assert_user_error(llmirc("run", bundle, "--prompt", "hi", "--regex", "a", "--grammar", "start: x"),
                       "give one of --grammar, --regex", code=2)
-    assert_user_error(llmirc("run", bundle, "--prompt", "hi", "--regex", "(a"), "--regex: the regex format is not valid")
+    assert_user_error(llmirc("run", bundle, "--prompt", "hi", "--regex", "(a"),
+                      "--regex: the regex format is not valid")
     assert_user_error(llmirc("run", bundle, "--prompt", "hi", "--grammar-file", tmp_path / "none.gbnf"),
                       "--grammar-file", "none.gbnf")
     # a file's bad format names the file; a byte order mark (some editors write one) is not the file's text; standard

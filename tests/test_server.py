@@ -870,7 +870,8 @@ def test_reasoning_parser_as_vllm(bundle):
         assert [t.function.name for c in chunks for t in c.choices[0].delta.tool_calls or ()] == ["add"]
         free = client.chat.completions.create(**{**asked, "max_tokens": 8}, extra_body={"guided_regex": "yes|no"})
         assert free.choices[0].message.content not in ("yes", "no") and free.choices[0].finish_reason == "length"
-        answer = client.chat.completions.create(**{**asked, **closed}, extra_body={**continued, "guided_regex": "yes|no"})
+        answer = client.chat.completions.create(**{**asked, **closed},
+                                                extra_body={**continued, "guided_regex": "yes|no"})
         assert answer.choices[0].message.content in ("yes", "no"), answer
         # a named tool choice whose text is still thinking at max_tokens: no content and no call, streamed too (the
         # stream answered a call of the function with empty arguments)
@@ -988,7 +989,7 @@ def test_the_servers_connections_send_without_nagles_delay():
 
     from llmirc.cli import listen
 
-    with listen("127.0.0.1", 0) as sock, socket.create_connection(sock.getsockname()) as client:
+    with listen("127.0.0.1", 0) as sock, socket.create_connection(sock.getsockname()):
         accepted, _ = sock.accept()
         with accepted:
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

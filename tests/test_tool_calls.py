@@ -43,7 +43,8 @@ def test_none_named_and_required():
     assert named.schema == TOOLS[0]["function"]["parameters"]
     message, reason = named.message('{"x": 3}', "stop")
     assert message["content"] == "" and _calls(message) == [("add", {"x": 3})] and reason == "stop"
-    assert message["tool_calls"][0]["id"].startswith("chatcmpl-tool-") and message["tool_calls"][0]["type"] == "function"
+    first = message["tool_calls"][0]
+    assert first["id"].startswith("chatcmpl-tool-") and first["type"] == "function"
     required = ToolChoice.of(TOOLS, "required", None)
     assert [item["properties"]["name"]["enum"] for item in required.schema["items"]["anyOf"]] == [["add"], ["now"]]
     assert required.schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object", "properties": {}}

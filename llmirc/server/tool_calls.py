@@ -123,7 +123,7 @@ def template_tool_calls(message: dict, i: int) -> None:
 def _required_schema(functions: dict[str, dict]) -> dict:
     """vLLM's schema of tool_choice required: an array of one or more {"name", "parameters"}, each naming a
     function and holding its parameters schema (the wrapper takes no other key: helper-95 saw a small model
-    write invented keys into it to max_tokens; the parameters' own objects stay as their schema says). Each schema's own $defs (and draft-07's definitions), which
+    write invented keys into it to max_tokens). Each schema's own $defs (and draft-07's definitions), which
     its $refs ("#/$defs/X") point into from the document's root, are moved to the array schema's root, as
     vLLM does; a name two tools define differently is a 400 (vLLM's ValueError)."""
     items, defs = [], {}
@@ -253,7 +253,8 @@ class ToolStream:
         self.text += piece
         if self.choice.kind == "named":  # (its arguments as they come)
             if self.named:
-                return ({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} if piece else {}), finish_reason
+                delta = {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} if piece else {}
+                return delta, finish_reason
             if not piece and not done:
                 return {}, finish_reason
             self.named = True
