@@ -111,6 +111,20 @@ def test_what_llmirc_cannot_answer_is_refused(body, message):
     assert e.value.status == 400 and message in e.value.message, e.value.message
 
 
+def test_truncation_auto_is_taken():
+    """truncation "auto" (the OpenAI Agents SDK's default) is taken, and echoed: it changes nothing while the
+    input fits; past the context the request is refused as with "disabled" (the chat route's 400)."""
+    from llmirc.server.app import APIError
+    from llmirc.server.responses_api import chat_request
+
+    for truncation in ("auto", "disabled"):
+        req = ResponsesRequest.model_validate({"input": "hi", "truncation": truncation})
+        assert chat_request(req).messages[0].content == "hi"
+        assert Responder(FakeServer, req).response([], "stop", None)["truncation"] == truncation
+    with pytest.raises(APIError, match="truncation is not supported by llmirc"):
+        chat_request(ResponsesRequest.model_validate({"input": "hi", "truncation": "middle"}))
+
+
 def test_a_named_tool_choice_is_the_chat_routes():
     from llmirc.server.responses_api import chat_request
 

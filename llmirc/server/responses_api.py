@@ -32,9 +32,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .app import APIError, Int, Server, json_text, refuse_not_implemented
 from .openai_api import ChatRequest, chat_completions
 
-# fields that change the answer and need what llmirc does not keep or do
+# fields that change the answer and need what llmirc does not keep or do (truncation "auto", the OpenAI Agents
+# SDK's default, changes nothing while the input fits the context; past it the request is refused as with
+# "disabled": dropping the earliest items is not built)
 NOT_IMPLEMENTED = {"previous_response_id": (), "background": (False,), "conversation": (), "prompt": (),
-                   "truncation": ("disabled",), "top_logprobs": (0,)}
+                   "truncation": ("disabled", "auto"), "top_logprobs": (0,)}
 
 
 class ResponsesRequest(BaseModel):
@@ -214,7 +216,7 @@ class Responder:
                 "tools": req.tools or [], "temperature": req.temperature, "top_p": req.top_p,
                 "max_output_tokens": req.max_output_tokens, "previous_response_id": None,
                 "reasoning": req.reasoning, "store": False, "text": req.text or {"format": {"type": "text"}},
-                "truncation": "disabled", "metadata": (req.model_extra or {}).get("metadata") or {},
+                "truncation": (req.model_extra or {}).get("truncation") or "disabled", "metadata": (req.model_extra or {}).get("metadata") or {},
                 "usage": None if chat_usage is None else _usage(chat_usage, self.reasoning_tokens(output))}
 
     def of_chat(self, chat: dict) -> dict:
