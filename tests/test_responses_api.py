@@ -112,7 +112,7 @@ def test_what_llmirc_cannot_answer_is_refused(body, message):
 
 
 def test_truncation_auto_is_taken():
-    """truncation "auto" (the OpenAI Agents SDK's default) is taken, and echoed: it changes nothing while the
+    """truncation "auto" (some agent frameworks' default) is taken, and echoed: it changes nothing while the
     input fits; past the context the request is refused as with "disabled" (the chat route's 400)."""
     from llmirc.server.app import APIError
     from llmirc.server.responses_api import chat_request

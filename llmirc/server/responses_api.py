@@ -32,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .app import APIError, Int, Server, json_text, refuse_not_implemented
 from .openai_api import ChatRequest, chat_completions
 
-# fields that change the answer and need what llmirc does not keep or do (truncation "auto", the OpenAI Agents
-# SDK's default, changes nothing while the input fits the context; past it the request is refused as with
+# fields that change the answer and need what llmirc does not keep or do (truncation "auto", some agent
+# frameworks' default, changes nothing while the input fits the context; past it the request is refused as with
 # "disabled": dropping the earliest items is not built)
 NOT_IMPLEMENTED = {"previous_response_id": (), "background": (False,), "conversation": (), "prompt": (),
                    "truncation": ("disabled", "auto"), "top_logprobs": (0,)}
