@@ -244,15 +244,21 @@ class TextStream:
                 self.text = self.text[:at + (len(self.stopped) if self.include_stop else 0)]
                 end = len(self.text)
             elif not final:  # hold back the longest tail that starts a stop string
-                tail = next((k for k in range(min(max(map(len, self.stop)) - 1, end - self._emitted), 0, -1)
-                             if any(s.startswith(self.text[end - k:]) for s in self.stop)), 0)
-                end -= tail
+                end -= held_tail(self.text, self.stop, self._emitted)
         delta, self._emitted = self.text[self._emitted:end], max(self._emitted, end)
         return delta
 
     def _find(self, stop: str) -> int:
         """The first occurrence of `stop` not yet shown that ends past min_tokens' text (-1: none)."""
         return self.text.find(stop, max(self._emitted, self._checked_from - len(stop) + 1))
+
+
+def held_tail(text: str, tags, start: int = 0) -> int:
+    """The length of the longest end of text[start:] that is the beginning of one of `tags`: text a stream
+    holds back, since what comes next may make it a tag (a stop string, a reasoning or tool-call tag)."""
+    longest = max(map(len, tags)) - 1
+    return next((k for k in range(min(longest, len(text) - start), 0, -1)
+                 if any(t.startswith(text[len(text) - k:]) for t in tags)), 0)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -14,13 +14,10 @@ shows the reasoning over (structured.after_reasoning), as vLLM applies it once r
 
 from __future__ import annotations
 
+from llmirc.runtime.tokenizer import held_tail
+
 PARSERS = ("deepseek_r1", "qwen3")
 START, END = "<think>", "</think>"
-
-
-def _held(text: str, tag: str) -> int:
-    """The length of the longest end of `text` that is the start of `tag` (it may become the tag)."""
-    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
 
 
 class Reasoning:
@@ -45,7 +42,7 @@ class Reasoning:
             return None, text
         reasoning, end, content = text.removeprefix(START).partition(END)
         if not end:
-            return (reasoning if final else reasoning[:len(reasoning) - _held(reasoning, END)]), None
+            return (reasoning if final else reasoning[:len(reasoning) - held_tail(reasoning, (END,))]), None
         return reasoning, content
 
     def stream(self) -> ReasoningStream:

@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass
 
 from llmirc.runtime import structured
+from llmirc.runtime.tokenizer import held_tail
 
 from .app import APIError
 
@@ -242,10 +243,7 @@ class ToolStream:
             return len(self.text) if stripped and not stripped.startswith("{") else 0
         if (at := self.text.find(start)) >= 0:
             return at
-        for n in range(min(len(start) - 1, len(self.text)), 0, -1):
-            if start.startswith(self.text[-n:]):
-                return len(self.text) - n
-        return len(self.text)
+        return len(self.text) - held_tail(self.text, (start,))
 
     def feed(self, piece: str, done: bool = False, finish_reason: str | None = None) -> tuple[dict, str | None]:
         """The delta for a new piece of text ({}: nothing goes out yet) and the finish_reason; `done` (the
