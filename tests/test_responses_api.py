@@ -142,3 +142,20 @@ def test_a_developer_message_is_a_system_message():
     chat = chat_request(ResponsesRequest.model_validate({"input": [
         {"role": "developer", "content": "be brief"}, {"type": "message", "role": "user", "content": "hi"}]}))
     assert [(m.role, m.content) for m in chat.messages] == [("system", "be brief"), ("user", "hi")]
+
+
+def test_instructions_and_system_messages_are_one_system_message_first():
+    """instructions and every system or developer item are merged into one system message ahead of the rest, as
+    vLLM's Responses API does (they were two system messages, or one after the first turn: Qwen3.5's template
+    refuses both); empty instructions add nothing, as in vLLM."""
+    from llmirc.server.responses_api import chat_request
+
+    chat = chat_request(ResponsesRequest.model_validate({"instructions": "be brief", "input": [
+        {"role": "developer", "content": [{"type": "input_text", "text": "answer in French"}]},
+        {"type": "message", "role": "user", "content": "hi"}, {"role": "assistant", "content": "salut"},
+        {"role": "system", "content": "no emoji"}, {"role": "user", "content": "again"}]}))
+    assert [(m.role, m.content) for m in chat.messages] == [
+        ("system", "be brief\n\nanswer in French\n\nno emoji"), ("user", "hi"), ("assistant", "salut"),
+        ("user", "again")]
+    chat = chat_request(ResponsesRequest.model_validate({"instructions": "", "input": "hi"}))
+    assert [(m.role, m.content) for m in chat.messages] == [("user", "hi")]

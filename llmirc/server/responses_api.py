@@ -1,12 +1,12 @@
 """OpenAI's Responses API (POST /v1/responses), as vLLM serves it, over the chat completions route.
 
-A request is made into a chat request (`chat_request`): `instructions` a system message first, `input` a
-string (one user message) or a list of items (messages with text content, a developer's as a system
-message, `function_call` items as an assistant's tool calls, `function_call_output` items as tool
-messages; reasoning items left out, as a chat template drops earlier reasoning), `tools` (function
-tools, flat as the Responses API writes them), `tool_choice`, `text.format` (text, json_object,
-json_schema) as response_format, `max_output_tokens`,
-`temperature`, `top_p` and vLLM's `top_k`. Its answer is made into a response (`response`): a reasoning
+A request is made into a chat request (`chat_request`): `input` a string (one user message) or a list of
+items (messages with text content, `function_call` items as an assistant's tool calls, `function_call_output`
+items as tool messages; reasoning items left out, as a chat template drops earlier reasoning), with
+`instructions` and every system or developer message merged into one system message first (as vLLM),
+`tools` (function tools, flat as the Responses API writes them), `tool_choice`, `text.format` (text,
+json_object, json_schema) as response_format, `max_output_tokens`, `temperature`, `top_p` and vLLM's
+`top_k`. Its answer is made into a response (`response`): a reasoning
 item (with --reasoning-parser), a message with its output_text, and a function_call item per tool call;
 status "incomplete" (reason max_output_tokens) when the text was cut. Streamed, the chat chunks become the
 Responses API's events (`ResponseEvents`): response.created, in_progress, output_item.added /
@@ -78,18 +78,24 @@ def _text(content, where: str) -> str:
 
 
 def _messages(req: ResponsesRequest) -> list[dict]:
-    """The chat messages of `instructions` and `input`."""
-    messages = [{"role": "system", "content": req.instructions}] if req.instructions is not None else []
+    """The chat messages of `instructions` and `input`: `instructions` and the system and developer messages
+    (in their order) one system message first, their texts apart by a blank line, as vLLM's Responses API
+    merges them (developer: OpenAI's newer name for system, which chat templates know; Qwen2.5's drops a role
+    it does not know, Qwen3.5's raises, and Qwen3.5's also refuses a second system message or one after the
+    first turn)."""
+    system = [req.instructions] if req.instructions else []  # (vLLM: empty instructions add nothing)
+    messages = []
     items = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
     for i, item in enumerate(items):
         kind, where = item.get("type", "message"), f"input[{i}]"
         if kind == "message":
             if item.get("role") not in ("user", "system", "developer", "assistant"):
                 raise APIError(400, f"{where}.role must be user, system, developer or assistant", "input")
-            # (developer: OpenAI's newer name for system, which chat templates know; Qwen2.5's drops a role it
-            # does not know, Qwen3.5's raises; vLLM's Responses API maps it too)
-            role = "system" if item["role"] == "developer" else item["role"]
-            messages.append({"role": role, "content": _text(item.get("content"), where)})
+            text = _text(item.get("content"), where)
+            if item["role"] in ("system", "developer"):
+                system.append(text)
+            else:
+                messages.append({"role": item["role"], "content": text})
         elif kind == "function_call":
             call = {"id": item.get("call_id"), "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
@@ -108,6 +114,8 @@ def _messages(req: ResponsesRequest) -> list[dict]:
         elif kind != "reasoning":
             raise APIError(400, f"{where}: input items of type {kind!r} are not supported by llmirc (message, "
                                 "function_call, function_call_output, reasoning)", "input")
+    if system:
+        messages.insert(0, {"role": "system", "content": "\n\n".join(system)})
     if not messages:
         raise APIError(400, "input is empty", "input")
     return messages
