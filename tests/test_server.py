@@ -703,12 +703,10 @@ BAD = {
             "name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string", "pattern": "(("}}}}}],
         "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tools: the json format is not valid",
         "tools"),
-    "tool-choice-required-and-guided": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                                                 "tools": [{"type": "function", "function": {
-                                                                     "name": "f"}}], "tool_choice": "required",
-                                                                 "guided_regex": "a"}, 400,
-                                        "tool_choice required and a structured output cannot both be given",
-                                        "tool_choice"),
+    "named-tool-choice-and-guided-regex": ("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": {"type": "function", "function": {"name": "f"}}, "guided_regex": "a"}, 400,
+        "guided_regex: a regex structured output cannot be given with a named tool_choice", "guided_regex"),
     "stream-options-without-stream": ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
                                       400, "stream: true", "stream_options"),
     "seed-beyond-64-bits": ("/v1/completions", {"prompt": "hi", "seed": 2**70}, 400, "seed: Input should be a 64-bit "
@@ -972,12 +970,38 @@ def test_a_forced_tool_call_replaces_the_response_format_as_vllm(server, model):
     calls = [item for item in r.json()["output"] if item["type"] == "function_call"]
     assert calls and calls[0]["name"] == "Person", r.json()
     assert set(json.loads(calls[0]["arguments"])) == {"name", "age"}, r.json()
-    # vLLM's own structured_outputs (guided_*) beside a named tool stay a 400, as vLLM's validator has it
+    # vLLM's own structured_outputs (guided_*) of kind json, regex or choice beside a named tool stay a 400, as
+    # vLLM's validator has it (test_a_forced_tool_call_replaces_vllms_structured_outputs: the others)
     r = httpx.post(server.url + "/v1/chat/completions", json={
         "model": "tiny", "messages": [{"role": "user", "content": "add"}], "guided_regex": "a",
         "tools": [{"type": "function", "function": {"name": "add", "parameters": params}}],
         "tool_choice": {"type": "function", "function": {"name": "add"}}})
-    assert r.status_code == 400 and "cannot both be given" in r.text, r.text
+    assert r.status_code == 400 and "cannot be given with a named tool_choice" in r.text, r.text
+
+
+@pytest.mark.parametrize("choice,given", [
+    ("required", {"guided_regex": "a+"}),
+    ("required", {"structured_outputs": {"choice": ["yes", "no"]}}),
+    ("required", {"guided_json": {"type": "string"}, "response_format": {"type": "json_object"}}),
+    ({"type": "function", "function": {"name": "add"}}, {"guided_grammar": 'root ::= "a"'}),
+    ({"type": "function", "function": {"name": "add"}}, {"structured_outputs": {"grammar": 'root ::= "a"'}}),
+    ({"type": "function", "function": {"name": "add"}}, {"ebnf": 'root ::= "a"'}),
+])
+def test_a_forced_tool_call_replaces_vllms_structured_outputs(server, model, choice, given):
+    """tool_choice required beside any of vLLM's structured outputs (structured_outputs, guided_*, and SGLang's
+    names for them), and a named tool beside a grammar or structural tag, answer the call held to the tool's
+    schema, as vLLM's tool parsers' adjust_request replaces structured_outputs with it (they were 400s)."""
+    params = {"type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"], "additionalProperties": False,
+              "x-guidance": {"whitespace_flexible": False}}
+    spaces = {str(t): -100 for t in range(model.vocab_size) if model.tokenizer.token_text(t).isspace()}
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "add"}], "max_tokens": 64, "temperature": 0,
+        "logit_bias": spaces, "tools": [{"type": "function", "function": {"name": "add", "parameters": params}}],
+        "tool_choice": choice, **given})
+    assert r.status_code == 200, r.text
+    calls = r.json()["choices"][0]["message"].get("tool_calls")
+    assert calls and all(c["function"]["name"] == "add" and json.loads(c["function"]["arguments"])["x"] in (1, 2)
+                         for c in calls), r.json()
 
 
 def test_the_servers_connections_send_without_nagles_delay():

@@ -566,14 +566,35 @@ def _chat_choice(server: Server, req: ChatRequest, i: int, c: Generation, tools:
             **({"token_ids": c.tokens} if req.return_token_ids else {})}
 
 
+def _replaced_by_the_call(req: ChatRequest) -> None:
+    """A forced tool call (tools with a named tool choice or "required") holds the text to the call's schema in
+    place of the request's structured output, as vLLM's tool parsers' adjust_request replaces structured_outputs
+    and drops response_format (the answer is the call; instructor's RESPONSES_TOOLS mode and the OpenAI Agents
+    SDK send both). Beside a named tool, a json, regex or choice constraint is a 400 naming its field, as vLLM's
+    check_structured_outputs_count refuses those kinds of structured_outputs there (guided_json / guided_regex /
+    guided_choice and SGLang's regex / json_schema read as the structured_outputs kind they stand for)."""
+    if not req.tools or not (req.tool_choice == "required" or isinstance(req.tool_choice, dict)):
+        return
+    so = req.structured_outputs if isinstance(req.structured_outputs, dict) else None  # (else _guided's 400)
+    if isinstance(req.tool_choice, dict):
+        given = [(name, GUIDED[name]) for name in GUIDED if getattr(req, name) is not None]
+        given += [("structured_outputs", kind) for kind in ("json", "regex", "choice") if (so or {}).get(kind)
+                  is not None]
+        for name, kind in given:
+            if kind in ("json", "regex", "choice"):
+                raise APIError(400, f"{name}: a {kind} structured output cannot be given with a named tool_choice "
+                                    "(as in vLLM; the call's schema replaces a grammar or structural tag, and any "
+                                    "structured output with tool_choice required)", name)
+    req.response_format = None
+    if so is not None:
+        req.structured_outputs = None
+    for name in GUIDED:
+        setattr(req, name, None)
+
+
 async def chat_completions(server: Server, req: ChatRequest, raw_request):
     server.check_model(req.model)
-    if (req.tools and (req.tool_choice == "required" or isinstance(req.tool_choice, dict))
-            and isinstance(req.response_format, dict)
-            and req.response_format.get("type") in ("json_object", "json_schema", "structural_tag")):
-        # a forced call (named or required) replaces the response_format, as vLLM's tool parsers' adjust_request
-        # does (the answer is the call; instructor's RESPONSES_TOOLS and other clients send both)
-        req.response_format = None
+    _replaced_by_the_call(req)
     await _refuse_unsupported(req)
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {req.top_logprobs}",
@@ -585,9 +606,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     if max_tokens is not None and max_tokens < 1:  # (vLLM's SamplingParams)
         raise APIError(400, f"{given} must be at least 1, got {max_tokens}", given)
     tools = ToolChoice.of(req.tools, req.tool_choice, server.options.tool_call_parser)
-    if tools.schema is not None:
-        if req._grammar is not None:  # (vLLM's rule for its structured_outputs; guided_* too)
-            raise APIError(400, f"tool_choice {tools.kind} and a structured output cannot both be given", "tool_choice")
+    if tools.schema is not None:  # (the request's own structured output, if any, was replaced)
         try:
             req._grammar = await asyncio.to_thread(tools.grammar)
         except LlmircError as e:
