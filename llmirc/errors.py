@@ -27,6 +27,15 @@ class BundleError(LlmircError):
     """A compiled bundle is missing, malformed, tampered with or from a newer llmirc."""
 
 
+class RequestError(LlmircError):
+    """A generation request the engine refuses for one of its parameters: `field` names it (the
+    SamplingParams field: allowed_token_ids, bad_words, guided), so that a server can name its own."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
 class RuntimeLimitError(LlmircError):
     """A request does not fit the loaded model (KV cache full, context too long, bad token id), or
     a KV cache does not fit this machine's memory."""

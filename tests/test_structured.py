@@ -10,7 +10,7 @@ import pytest
 
 from helpers import make_checkpoint, make_tokenizer
 from llmirc.driver import CompileOptions, Progress, compile_model
-from llmirc.errors import LlmircError
+from llmirc.errors import LlmircError, RequestError
 from llmirc.runtime import load, structured
 
 pytest.importorskip("llguidance")
@@ -79,7 +79,7 @@ def test_the_grammars_end_wins_over_min_tokens(model):
 
 @pytest.mark.parametrize("spec,needle", [
     ({"regex": "(yes|no"}, "regex format is not valid"),
-    ({"regex": r"[^\s\S]"}, "admits no text"),  # (valid, but no text matches it: a 400, not an empty answer)
+    ({"regex": r"[^\s\S]"}, "the grammar matches no text"),  # (valid, none matches it: a 400, not an empty answer)
     ({"json": "{not json"}, "JSON schema is not JSON"),
     ({"json": [1, 2]}, "JSON schema must be an object"),
     ({"json": "false"}, "the JSON schema false matches no value"),
@@ -209,9 +209,20 @@ def test_allowed_token_ids_that_the_grammar_does_not_allow(model):
     empty answer of id 0, a token neither allows); the grammar left with none of them later ends the request
     (finish_reason stop) with the tokens it had, all allowed by both."""
     yes = model.encode("yes")[1:]  # (the tokenizer's BOS left out)
-    with pytest.raises(LlmircError, match="allowed_token_ids: the structured output allows none of these tokens"):
+    with pytest.raises(RequestError, match="allowed_token_ids: the structured output allows none of these tokens") \
+            as e:
         list(model.generate_stream(["hi"], 4, structured_outputs={"choice": ["yes", "no"]},
                                    allowed_token_ids=model.encode("zzz")[1:]))
+    assert e.value.field == "allowed_token_ids"
     for sampling in (dict(), dict(temperature=1.0, seed=2)):
         (text, reason), *_ = _texts(model, {"choice": ["yes", "no"]}, allowed_token_ids=yes[:1], **sampling)
         assert reason == "stop" and text == model.tokenizer.decode(yes[:1]), (text, reason)
+
+
+@pytest.mark.parametrize("spec", [{"grammar": "root ::= root"}, {"grammar": "start: start"}, {"regex": r"[^\s\S]"}])
+def test_a_grammar_that_matches_nothing_is_one_line_naming_the_field(model, spec):
+    """A grammar that loads but matches no text: a RequestError of field guided (the server's param is the request's
+    field) in one line; it was llguidance's dump of its parser state (NoExtensionBias <state> Tokens: ...)."""
+    with pytest.raises(RequestError) as e:
+        list(model.generate_stream(["hi"], 4, structured_outputs=spec))
+    assert e.value.field == "guided" and str(e.value) == "the grammar matches no text (no token can start it)"

@@ -32,7 +32,7 @@ from numbers import Real
 
 import numpy as np
 
-from llmirc.errors import LlmircError
+from llmirc.errors import LlmircError, RequestError
 
 from .sampling import (GREEDY_TEMPERATURE, bad_words_ids, ban_bad_words, bias_arrays, logprobs, penalize, sample,
                        validate_sampling)
@@ -124,12 +124,14 @@ class SamplingParams:
         allowed = self.allowed_token_ids
         if allowed is not None and (not isinstance(allowed, (tuple, list)) or not allowed or any(
                 isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in allowed)):
-            raise LlmircError(f"allowed_token_ids must be a non-empty list of token ids, got {allowed!r}")
+            raise RequestError(f"allowed_token_ids must be a non-empty list of token ids, got {allowed!r}",
+                               "allowed_token_ids")
         if not isinstance(self.bad_words, (tuple, list)) or not all(isinstance(w, str) and w.strip()
                                                                      for w in self.bad_words):
-            raise LlmircError(f"bad_words must be non-empty strings, got {self.bad_words!r}")
+            raise RequestError(f"bad_words must be non-empty strings, got {self.bad_words!r}", "bad_words")
         if self.guided is not None and not isinstance(self.guided, str):
-            raise LlmircError(f"guided must be an llguidance grammar (structured.grammar), got {self.guided!r}")
+            raise RequestError(f"guided must be an llguidance grammar (structured.grammar), got {self.guided!r}",
+                               "guided")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise LlmircError(f"seed must be an integer >= 0 (or unset), got {self.seed!r}")
         if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in self.stop_token_ids):
@@ -311,7 +313,8 @@ class Engine:
         guide = guide or self.make_guide(params)
         if guide is not None and params.allowed_token_ids is not None and \
                 not guide.allows_first(params.allowed_token_ids):
-            raise LlmircError("allowed_token_ids: the structured output allows none of these tokens at the start")
+            raise RequestError("allowed_token_ids: the structured output allows none of these tokens at the start",
+                               "allowed_token_ids")
         request_id = next(self._ids)
         rng = np.random.default_rng(params.seed)
         self._inbox.put(("add", request_id, prompt, params, sink, rng, time.perf_counter(), guide))
@@ -328,11 +331,13 @@ class Engine:
         if vocab is not None and (bad := [t for t, _ in params.logit_bias if not 0 <= t < vocab]):
             raise LlmircError(f"logit_bias: token id {bad[0]} is outside the model's vocabulary of {vocab}")
         if vocab is not None and (bad := [t for t in params.allowed_token_ids or () if not 0 <= t < vocab]):
-            raise LlmircError(f"allowed_token_ids: token id {bad[0]} is outside the model's vocabulary of {vocab}")
+            raise RequestError(f"allowed_token_ids: token id {bad[0]} is outside the model's vocabulary of {vocab}",
+                               "allowed_token_ids")
         if params.stop and self.tokenizer is None:
             raise LlmircError("stop strings need a tokenizer, and this bundle has none: use stop token ids")
         if vocab is not None and (bad := [t for ids in self._bad_words(params) for t in ids if not 0 <= t < vocab]):
-            raise LlmircError(f"bad_words: token id {bad[0]} is outside the model's vocabulary of {vocab}")
+            raise RequestError(f"bad_words: token id {bad[0]} is outside the model's vocabulary of {vocab}",
+                               "bad_words")
         if params.guided is not None:
             self._guides()  # (LlmircError without a tokenizer, or where it does not fit the model)
         self.scheduler.check_request(prompt, params.max_tokens)
@@ -340,15 +345,22 @@ class Engine:
     def make_guide(self, params: SamplingParams) -> Guide | None:
         """The structured-output matcher of a request with these params (None without one): made off the
         engine's thread (a large schema's takes a tenth of a second; the first, llguidance's tokenizer too).
-        LlmircError for a grammar that does not load, or without a tokenizer."""
-        return Guide(self._guides(), params.guided) if params.guided is not None else None
+        RequestError (field guided) for a grammar that does not load or matches no text; LlmircError without
+        a tokenizer."""
+        if params.guided is None:
+            return None
+        guides = self._guides()
+        try:
+            return Guide(guides, params.guided)
+        except LlmircError as e:
+            raise RequestError(str(e), "guided") from None
 
     def _bad_words(self, params: SamplingParams) -> list[tuple[int, ...]]:
         """The request's bad words as token sequences (sampling.bad_words_ids); LlmircError without a tokenizer."""
         if not params.bad_words:
             return []
         if self.tokenizer is None:
-            raise LlmircError("bad_words need a tokenizer, and this bundle has none")
+            raise RequestError("bad_words need a tokenizer, and this bundle has none", "bad_words")
         return bad_words_ids(lambda text: self.tokenizer.encode(text, add_special_tokens=False), params.bad_words)
 
     def _guides(self):

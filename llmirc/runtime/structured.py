@@ -185,13 +185,16 @@ class Guide:
     """One request's matcher: which tokens its grammar allows next, and the tokens it has taken."""
 
     def __init__(self, tokenizer, grammar_text: str):
-        """`tokenizer`: `guide_tokenizer`'s; LlmircError when the grammar does not load, or admits no
-        text at all (a regex such as [^\\s\\S]: its first mask puts the matcher in error)."""
+        """`tokenizer`: `guide_tokenizer`'s; LlmircError when the grammar does not load (llguidance's first
+        line of why), or matches no text at all (a regex such as [^\\s\\S], an EBNF `root ::= root`: its first
+        mask puts the matcher in error, with a dump of llguidance's parser state that says nothing to a client)."""
         self.matcher = _llguidance().LLMatcher(tokenizer, grammar_text, log_level=0)
-        self._first = None if self.matcher.is_error() else self.matcher.compute_bitmask()  # (the first step's)
         if self.matcher.is_error():
-            problem = " ".join(self.matcher.get_error().split())[:300]
-            raise LlmircError(f"the structured output's grammar does not load or admits no text: {problem}")
+            problem = (self.matcher.get_error().strip().splitlines() or ["?"])[0][:200]
+            raise LlmircError(f"the grammar does not load: {problem}")
+        self._first = self.matcher.compute_bitmask()  # (the first step's)
+        if self.matcher.is_error():
+            raise LlmircError("the grammar matches no text (no token can start it)")
         self.vocab = tokenizer.vocab_size
 
     def _bits(self, mask: bytes) -> np.ndarray:

@@ -300,22 +300,24 @@ class Server:
             raise APIError(400, f"the request asks for {count} sequences (prompts times n); this server "
                                 f"takes at most {limit} at once (running + --max-queued-requests)")
 
-    async def guides(self, requests: list[tuple[list[int], SamplingParams]]) -> list | None:
+    async def guides(self, requests: list[tuple[list[int], SamplingParams]],
+                     fields: dict[str, str] | None = None) -> list | None:
         """The structured-output matchers of the requests (Engine.make_guide), made in a worker thread so
         that a large schema's does not pause the event loop; None when no request has one. A 400 for a
-        grammar that does not load."""
+        grammar that does not load or matches no text, naming the field `fields` (`refused`) gives it."""
         if all(params.guided is None for _, params in requests):
             return None
         try:
             return await asyncio.to_thread(lambda: [self.engine.make_guide(params) for _, params in requests])
         except LlmircError as e:
-            raise APIError(400, _without_request_id(str(e))) from None
+            raise refused(e, fields) from None
 
     def admit(self, requests: list[tuple[list[int], SamplingParams]], names: list[str] | None = None,
-              guides: list | None = None) -> Admitted:
+              guides: list | None = None, fields: dict[str, str] | None = None) -> Admitted:
         """Add engine requests, all or none; returns them running (call from the event loop).
         `names`: the client's id of each (SGLang's rid), kept in `named` while it runs (`abort_named`);
-        `guides`: their structured-output matchers made beforehand (`guides`).
+        `guides`: their structured-output matchers made beforehand (`guides`); `fields`: the request's
+        names of the engine's fields, for the 400s it gives (`refused`).
 
         Raises APIError 503 when overloaded or the engine has failed, 400 for a request that could
         never fit or that the engine refuses."""
@@ -330,7 +332,7 @@ class Server:
             try:
                 self.engine.check(prompt, params)
             except LlmircError as e:
-                raise APIError(400, _without_request_id(str(e))) from None
+                raise refused(e, fields) from None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         index: dict[int, int] = {}
@@ -343,7 +345,9 @@ class Server:
                 for running in index:
                     self.engine.abort(running)
                     self.named.pop(running, None)
-                raise APIError(503 if self.engine.error else 400, _without_request_id(str(e))) from None
+                if self.engine.error:
+                    raise APIError(503, _without_request_id(str(e))) from None
+                raise refused(e, fields) from None
             index[rid] = i
             if names is not None:
                 self.named[rid] = names[i]
@@ -362,10 +366,11 @@ class Server:
         return len(chosen)
 
     async def generate(self, requests: list[tuple[list[int], SamplingParams]], raw_request=None,
-                       names: list[str] | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+                       names: list[str] | None = None,
+                       fields: dict[str, str] | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
         """`admit` the requests (its errors; their matchers made first, `guides`) and yield their
         `Admitted.outputs`; leaving the iteration early aborts what is still running."""
-        admitted = self.admit(requests, names, await self.guides(requests))
+        admitted = self.admit(requests, names, await self.guides(requests, fields), fields)
         try:
             async for item in admitted.outputs(raw_request):
                 yield item
@@ -466,16 +471,17 @@ def sse(data) -> str:
 
 
 async def event_stream(server: Server, requests: list[tuple[list[int], SamplingParams]], raw_request, bodies,
-                       final=None, names: list[str] | None = None):
+                       final=None, names: list[str] | None = None, fields: dict[str, str] | None = None):
     """A streaming response: `bodies(outputs)` turns the engine outputs ((index, output) pairs)
     into event bodies, then `final()` (when given) adds one, and `data: [DONE]` ends it. The
     requests are admitted here, so that refusals keep their status (400, 503); then the response
     (status 200 and headers) starts at once, not after the prefill, and an error after that (the
     engine failed) is an event with an error body, as vLLM sends it. However the response ends (a
-    disconnect, even before its first byte), what still runs is aborted. `names`: as `Server.admit`'s."""
+    disconnect, even before its first byte), what still runs is aborted. `names`, `fields`: as
+    `Server.admit`'s."""
     from fastapi.responses import StreamingResponse
 
-    admitted = server.admit(requests, names, await server.guides(requests))
+    admitted = server.admit(requests, names, await server.guides(requests, fields), fields)
 
     async def events():
         try:
@@ -502,6 +508,18 @@ async def event_stream(server: Server, requests: list[tuple[list[int], SamplingP
 def _without_request_id(message: str) -> str:
     # Engine messages name the internal request id ("request 7: ..."): meaningless to a client.
     return message.split(": ", 1)[1] if message.startswith("request ") and ": " in message else message
+
+
+def refused(e: LlmircError, fields: dict[str, str] | None = None) -> APIError:
+    """The 400 of a request the engine refuses: for a RequestError, its param the request's name of the engine's
+    field (`fields`: e.g. guided -> the structured output's field, as the API layer knows it; a field left out is
+    the engine's own name), and the message starting with it."""
+    message = _without_request_id(str(e))
+    field = getattr(e, "field", None)
+    param = (fields or {}).get(field, field)
+    if param and not message.startswith(param):
+        message = f"{param}: {message}"
+    return APIError(400, message, param)
 
 
 def create_app(model: Model, options: ServerOptions):

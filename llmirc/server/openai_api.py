@@ -114,6 +114,7 @@ class _Common(BaseModel):
     truncate_prompt_tokens: Int | None = None  # vLLM's: only the prompt's last k tokens (-1: the context's)
     return_tokens_as_token_ids: bool | None = False  # vLLM's: logprobs' tokens as "token_id:ID"
     _grammar: str | None = PrivateAttr(None)  # the structured output's grammar (`_guided`), made once
+    _grammar_field: str | None = PrivateAttr(None)  # the field it came from: the engine's 400s name it (`_fields`)
     seed: Int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[Int] | None = None
@@ -162,7 +163,7 @@ class ChatRequest(_Common):
 async def _refuse_unsupported(req: _Common) -> None:
     refuse_not_implemented(req.model_extra or {}, NOT_IMPLEMENTED)
     # (once for all n choices, off the event loop: a large schema's grammar takes a tenth of a second)
-    req._grammar = await asyncio.to_thread(_guided, req)
+    req._grammar_field, req._grammar = await asyncio.to_thread(_guided, req)
     if req.n is None:  # (vLLM: null is the default)
         req.n = 1
     if req.stream_options is not None and not req.stream:
@@ -233,12 +234,17 @@ def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | Non
         bad_words=tuple(req.bad_words or ()), guided=req._grammar)
 
 
-def _guided(req: _Common) -> str | None:
-    """The llguidance grammar of the request's structured output (structured.py): vLLM's
+def _fields(req: _Common) -> dict[str, str]:
+    """The request's names of the engine's fields that its 400s name (Server.admit's `fields`)."""
+    return {"guided": req._grammar_field} if req._grammar_field else {}
+
+
+def _guided(req: _Common) -> tuple[str | None, str | None]:
+    """The field and the llguidance grammar of the request's structured output (structured.py): vLLM's
     structured_outputs or guided_json / guided_regex / guided_choice / guided_grammar (with
     guided_whitespace_pattern for JSON), SGLang's regex / ebnf / json_schema, or OpenAI's response_format
-    (json_object, json_schema, and vLLM's structural_tag); a 400 naming the field for more than one, or one
-    that is not valid."""
+    (json_object, json_schema, and vLLM's structural_tag); (None, None) for none; a 400 naming the field for
+    more than one, or one that is not valid."""
     given = [(name, value) for name in ("structured_outputs", *GUIDED, "response_format")
              if (value := getattr(req, name)) is not None]
     given = [(name, value) for name, value in given if not (name == "response_format" and value == {"type": "text"})]
@@ -246,8 +252,13 @@ def _guided(req: _Common) -> str | None:
         raise APIError(400, f"only one structured output may be given, got {' and '.join(n for n, _ in given)}",
                        given[1][0])
     if not given:
-        return None
+        return None, None
     (name, value), = given
+    return name, _grammar(req, name, value)
+
+
+def _grammar(req: _Common, name: str, value) -> str:
+    """The grammar of the structured output `value` given as field `name` (`_guided`)."""
     options = structured.JsonOptions(whitespace=req.guided_whitespace_pattern)
     try:
         if name == "structured_outputs":
@@ -478,9 +489,10 @@ async def completions(server: Server, req: CompletionRequest, raw_request):
                 yield chunk([body], _usage(len(requests[i][0]), [c]) if continuous else None)
                 offsets[i] += len(text)
 
-        return await event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage))
+        return await event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage),
+                                  fields=_fields(req))
 
-    async for i, out in server.generate(requests, raw_request):
+    async for i, out in server.generate(requests, raw_request, fields=_fields(req)):
         choices[i].update(out)
     return {"id": request_id, "object": "text_completion", "created": created,
             "model": server.options.served_model_name,
@@ -608,7 +620,7 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
     tools = ToolChoice.of(req.tools, req.tool_choice, server.options.tool_call_parser)
     if tools.schema is not None:  # (the request's own structured output, if any, was replaced)
         try:
-            req._grammar = await asyncio.to_thread(tools.grammar)
+            req._grammar_field, req._grammar = "tools", await asyncio.to_thread(tools.grammar)
         except LlmircError as e:
             raise APIError(400, f"tools: {e}", "tools") from None
     prompt, messages, rendered = await _chat_prompt(server, req, req.add_special_tokens)
@@ -668,9 +680,10 @@ async def chat_completions(server: Server, req: ChatRequest, raw_request):
                     body["token_ids"], sent_ids[i] = c.tokens[sent_ids[i]:], len(c.tokens)
                 yield chunk([body], _usage(len(prompt), [c]) if continuous else None)
 
-        return await event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage))
+        return await event_stream(server, requests, raw_request, bodies, _usage_chunk(req, chunk, usage),
+                                  fields=_fields(req))
 
-    async for i, out in server.generate(requests, raw_request):
+    async for i, out in server.generate(requests, raw_request, fields=_fields(req)):
         choices[i].update(out)
     return {"id": request_id, "object": "chat.completion", "created": created, "model": name,
             "choices": [_chat_choice(server, req, i, c, tools, thinking, echo) for i, c in enumerate(choices)],

@@ -114,6 +114,9 @@ def _neutral(value) -> bool:
         (isinstance(value, list) and all(map(_neutral, value)))
 
 NEUTRAL = {"skip_special_tokens": True, "n": 1}
+# the engine's fields its 400s name, as this API names them (Server.admit's `fields`): a structured output is one of
+# sampling_params' json_schema / regex / ebnf / structural_tag
+FIELDS = {"guided": "sampling_params"}
 
 
 def _params(raw: dict | None) -> _Params:
@@ -324,9 +327,9 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
                 items[i].update(out)
                 yield _indexed(items[i].response(server, with_text), i, batched)
 
-        return await event_stream(server, requests, raw_request, bodies, names=rids)
+        return await event_stream(server, requests, raw_request, bodies, names=rids, fields=FIELDS)
 
-    async for i, out in server.generate(requests, raw_request, names=rids):
+    async for i, out in server.generate(requests, raw_request, names=rids, fields=FIELDS):
         items[i].update(out)
     results = [item.response(server, with_text) for item in items]
     return results if batched else results[0]
