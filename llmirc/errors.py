@@ -29,7 +29,8 @@ class BundleError(LlmircError):
 
 class RequestError(LlmircError):
     """A generation request the engine refuses for one of its parameters: `field` names it (the
-    SamplingParams field: allowed_token_ids, bad_words, guided), so that a server can name its own."""
+    SamplingParams field: temperature, stop, allowed_token_ids, guided, ...), so that a server can name its
+    own (vLLM's 400s name theirs as `param`)."""
 
     def __init__(self, message: str, field: str):
         super().__init__(message)

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from llmirc.errors import LlmircError
+from llmirc.errors import LlmircError, RequestError
 from llmirc.runtime.engine import Engine, SamplingParams
 from llmirc.runtime.scheduler import Scheduler
 
@@ -172,11 +172,17 @@ def test_penalties_and_bias_apply_per_request_on_the_hosts_logits():
     assert [o.token for o in forced[0]] == [11] * 5
     with pytest.raises(LlmircError, match="logit_bias: token id 50 is outside the model's vocabulary of 50"):
         engine.add_request([1], SamplingParams(logit_bias=((50, 1.0),)), lambda out: None)
-    for bad, name in ((dict(repetition_penalty=0.0), "repetition_penalty"), (dict(presence_penalty=3), "presence"),
-                      (dict(frequency_penalty=float("nan")), "frequency"), (dict(logit_bias=((1, "x"),)), "logit_bias"),
-                      (dict(min_p=-0.1), "min_p")):
-        with pytest.raises(LlmircError, match=name):
+    for bad, name in ((dict(repetition_penalty=0.0), "repetition_penalty"),
+                      (dict(presence_penalty=3), "presence_penalty"),
+                      (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+                      (dict(logit_bias=((1, "x"),)), "logit_bias"), (dict(min_p=-0.1), "min_p"),
+                      (dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"), (dict(seed=-1), "seed"),
+                      (dict(stop=("",)), "stop"), (dict(stop_token_ids=(50,)), "stop_token_ids"),
+                      (dict(min_tokens=17), "min_tokens"), (dict(logprobs=21), "logprobs"),
+                      (dict(ignore_eos="no"), "ignore_eos")):
+        with pytest.raises(RequestError, match=name) as refused:  # (a server names the field: its `param`)
             engine.add_request([1], SamplingParams(**bad), lambda out: None)
+        assert refused.value.field == name
     # the first bad pair named, not the whole bias (10,000 pairs were all printed); None: no traceback
     long_bias = tuple((t, 0.5) for t in range(10_000)) + ((-3, 1.0),)
     with pytest.raises(LlmircError, match=r"^logit_bias: \(-3, 1.0\) is not a \(token id >= 0, finite bias\) pair$"):

@@ -586,7 +586,7 @@ BAD = {
                                     "stop_token_ids: token id 384 is outside the model's vocabulary of 384",
                                     "stop_token_ids"),
     "min-tokens-past-max-tokens": ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "min_tokens": 3}, 400,
-                                   "min_tokens must be from 0 to max_tokens (2), got 3", "min_tokens"),
+                                   "min_tokens must be an integer from 0 to max_tokens (2), got 3", "min_tokens"),
     "sglang-min-new-tokens-past-max": ("/generate", {"text": "hi", "sampling_params": {
         "max_new_tokens": 2, "min_new_tokens": 3}}, 400, "min_new_tokens must be in [0, max_new_tokens]",
                                        "sampling_params"),

@@ -101,26 +101,26 @@ class SamplingParams:
         return self.penalties or self.allowed_token_ids is not None or bool(self.bad_words)
 
     def validate(self) -> None:
-        """Raises LlmircError naming the first invalid field."""
+        """Raises RequestError naming the first invalid field (its `field` too)."""
         validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
         for name in ("presence_penalty", "frequency_penalty"):  # (vLLM's and OpenAI's range)
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, Real) and -2 <= value <= 2):
-                raise LlmircError(f"{name} must be in [-2, 2], got {value!r}")
+                raise RequestError(f"{name} must be in [-2, 2], got {value!r}", name)
         rp = self.repetition_penalty
         if isinstance(rp, bool) or not (isinstance(rp, Real) and 0 < rp < math.inf):
-            raise LlmircError(f"repetition_penalty must be a finite number > 0, got {rp!r}")
+            raise RequestError(f"repetition_penalty must be a finite number > 0, got {rp!r}", "repetition_penalty")
         if not isinstance(self.logit_bias, (tuple, list)):
-            raise LlmircError(f"logit_bias must be (token id, bias) pairs, got {self.logit_bias!r}")
+            raise RequestError(f"logit_bias must be (token id, bias) pairs, got {self.logit_bias!r}", "logit_bias")
         for pair in self.logit_bias:  # (the first bad one named: not all 10,000 of a long bias)
             if not isinstance(pair, tuple) or len(pair) != 2 or isinstance(pair[0], bool) \
                     or not isinstance(pair[0], (int, np.integer)) or pair[0] < 0 or isinstance(pair[1], bool) \
                     or not isinstance(pair[1], Real) or not math.isfinite(pair[1]):
-                raise LlmircError(f"logit_bias: {pair!r} is not a (token id >= 0, finite bias) pair")
+                raise RequestError(f"logit_bias: {pair!r} is not a (token id >= 0, finite bias) pair", "logit_bias")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, (int, np.integer)) or \
                 not 0 <= self.min_tokens <= self.max_tokens:  # (vLLM's rule)
-            raise LlmircError(f"min_tokens must be an integer from 0 to max_tokens ({self.max_tokens}), "
-                              f"got {self.min_tokens!r}")
+            raise RequestError(f"min_tokens must be an integer from 0 to max_tokens ({self.max_tokens}), "
+                               f"got {self.min_tokens!r}", "min_tokens")
         allowed = self.allowed_token_ids
         if allowed is not None and (not isinstance(allowed, (tuple, list)) or not allowed or any(
                 isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in allowed)):
@@ -133,23 +133,25 @@ class SamplingParams:
             raise RequestError(f"guided must be an llguidance grammar (structured.grammar), got {self.guided!r}",
                                "guided")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise LlmircError(f"seed must be an integer >= 0 (or unset), got {self.seed!r}")
+            raise RequestError(f"seed must be an integer >= 0 (or unset), got {self.seed!r}", "seed")
         if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in self.stop_token_ids):
-            raise LlmircError(f"stop_token_ids must be integer token ids, got {self.stop_token_ids!r}")
+            raise RequestError(f"stop_token_ids must be integer token ids, got {self.stop_token_ids!r}",
+                               "stop_token_ids")
         if any(not isinstance(s, str) for s in self.stop):
-            raise LlmircError(f"stop must be strings, got {self.stop!r}")
+            raise RequestError(f"stop must be strings, got {self.stop!r}", "stop")
         if "" in self.stop:  # it would match everywhere; vLLM's SamplingParams refuses it too
-            raise LlmircError("stop cannot contain an empty string")
+            raise RequestError("stop cannot contain an empty string", "stop")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
                                           and 0 <= value <= MAX_LOGPROBS):  # (True would mean 1)
-                raise LlmircError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+                raise RequestError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}", name)
         if not isinstance(self.prompt_logprobs_start, int) or self.prompt_logprobs_start < 0:
-            raise LlmircError(f"prompt_logprobs_start must be an integer >= 0, got {self.prompt_logprobs_start!r}")
+            raise RequestError(f"prompt_logprobs_start must be an integer >= 0, got {self.prompt_logprobs_start!r}",
+                               "prompt_logprobs_start")
         for name in ("ignore_eos", "include_stop_str_in_output", "detokenize"):  # "no" would act as True
             if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise LlmircError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise RequestError(f"{name} must be True or False, got {getattr(self, name)!r}", name)
 
 
 @dataclass
@@ -327,14 +329,16 @@ class Engine:
         params.validate()
         vocab = self.scheduler.vocab_size
         if vocab is not None and (bad := [t for t in params.stop_token_ids if not 0 <= t < vocab]):
-            raise LlmircError(f"stop_token_ids: token id {bad[0]} is outside the model's vocabulary of {vocab}")
+            raise RequestError(f"stop_token_ids: token id {bad[0]} is outside the model's vocabulary of {vocab}",
+                               "stop_token_ids")
         if vocab is not None and (bad := [t for t, _ in params.logit_bias if not 0 <= t < vocab]):
-            raise LlmircError(f"logit_bias: token id {bad[0]} is outside the model's vocabulary of {vocab}")
+            raise RequestError(f"logit_bias: token id {bad[0]} is outside the model's vocabulary of {vocab}",
+                               "logit_bias")
         if vocab is not None and (bad := [t for t in params.allowed_token_ids or () if not 0 <= t < vocab]):
             raise RequestError(f"allowed_token_ids: token id {bad[0]} is outside the model's vocabulary of {vocab}",
                                "allowed_token_ids")
         if params.stop and self.tokenizer is None:
-            raise LlmircError("stop strings need a tokenizer, and this bundle has none: use stop token ids")
+            raise RequestError("stop strings need a tokenizer, and this bundle has none: use stop token ids", "stop")
         if vocab is not None and (bad := [t for ids in self._bad_words(params) for t in ids if not 0 <= t < vocab]):
             raise RequestError(f"bad_words: token id {bad[0]} is outside the model's vocabulary of {vocab}",
                                "bad_words")
@@ -367,7 +371,7 @@ class Engine:
         """llguidance's tokenizer of the bundle's (made once, from any thread); LlmircError when it does
         not fit the model (a tokenizer with more ids than the logits)."""
         if self.tokenizer is None:
-            raise LlmircError("structured outputs need a tokenizer, and this bundle has none")
+            raise RequestError("structured outputs need a tokenizer, and this bundle has none", "guided")
         with self._guide_lock:
             if self._guide_tokenizer is None:
                 try:

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from llmirc.errors import LlmircError
+from llmirc.errors import RequestError
 
 GREEDY_TEMPERATURE = 1e-5  # at or below this, sampling is argmax
 TOP_P_CANDIDATES = 64  # first guess of how many tokens top-p keeps; grown 8x while too small
@@ -36,7 +36,7 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None = None, top
     """One token id per row of `logits` [R, V] (any float dtype); returns int64 [R].
 
     `rng` is one generator for all rows (drawn in row order) or one per row (so that each
-    request keeps its own seeded stream). Raises LlmircError for invalid parameters."""
+    request keeps its own seeded stream). Raises RequestError for invalid parameters."""
     validate_sampling(temperature, top_k, top_p, min_p)
     logits = np.asarray(logits)
     if logits.ndim != 2:
@@ -216,13 +216,13 @@ def logprobs(logits: np.ndarray, token_ids, top_n: int = 0) -> tuple[np.ndarray,
 
 
 def validate_sampling(temperature, top_k, top_p, min_p=0.0) -> None:
-    """Raises LlmircError naming the first invalid parameter (True is not a number here: it would act as 1)."""
+    """Raises RequestError naming the first invalid parameter (True is not a number here: it would act as 1)."""
     if isinstance(temperature, bool) or not (isinstance(temperature, Real) and math.isfinite(temperature)
                                              and temperature >= 0):
-        raise LlmircError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        raise RequestError(f"temperature must be a finite number >= 0, got {temperature!r}", "temperature")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise LlmircError(f"top_k must be an integer >= 1 (or unset), got {top_k!r}")
+        raise RequestError(f"top_k must be an integer >= 1 (or unset), got {top_k!r}", "top_k")
     if top_p is not None and (isinstance(top_p, bool) or not (isinstance(top_p, Real) and 0 < top_p <= 1)):
-        raise LlmircError(f"top_p must be in (0, 1] (or unset), got {top_p!r}")
+        raise RequestError(f"top_p must be in (0, 1] (or unset), got {top_p!r}", "top_p")
     if isinstance(min_p, bool) or not (isinstance(min_p, Real) and 0 <= min_p <= 1):
-        raise LlmircError(f"min_p must be in [0, 1], got {min_p!r}")
+        raise RequestError(f"min_p must be in [0, 1], got {min_p!r}", "min_p")

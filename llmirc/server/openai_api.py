@@ -207,16 +207,7 @@ def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | Non
               index: int) -> SamplingParams:
     seed = None if req.seed is None else (req.seed + index) % 2**64  # vLLM: choice i of n uses seed + i
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if "" in stop:  # vLLM's SamplingParams refuses it too
-        raise APIError(400, "stop cannot contain an empty string", "stop")
     vocab = server.model.vocab_size
-    bad = [t for t in req.stop_token_ids or () if not 0 <= t < vocab]
-    if bad:  # vLLM checks them against the vocabulary (the logits' width) as it does prompt ids
-        raise APIError(400, f"stop_token_ids: token id {bad[0]} is outside the model's vocabulary of {vocab}",
-                       "stop_token_ids")
-    min_tokens = req.min_tokens or 0
-    if not 0 <= min_tokens <= max_tokens:  # (vLLM's SamplingParams)
-        raise APIError(400, f"min_tokens must be from 0 to max_tokens ({max_tokens}), got {min_tokens}", "min_tokens")
     model = server.options.sampling_defaults  # (the model's generation config, as vLLM's --generation-config auto)
     temperature, top_k, top_p, min_p, repetition_penalty = (model.get(k, d) if v is None else v for k, v, d in (
         ("temperature", req.temperature, 1.0), ("top_k", req.top_k, None), ("top_p", req.top_p, None),
@@ -229,14 +220,15 @@ def _sampling(server: Server, req: _Common, max_tokens: int, logprobs: int | Non
         include_stop_str_in_output=req.include_stop_str_in_output or req.no_stop_trim, min_p=min_p,
         repetition_penalty=repetition_penalty, presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
-        logit_bias=logit_bias_pairs(req.logit_bias, vocab, "logit_bias"), min_tokens=min_tokens,
+        logit_bias=logit_bias_pairs(req.logit_bias, vocab, "logit_bias"), min_tokens=req.min_tokens or 0,
         allowed_token_ids=None if req.allowed_token_ids is None else tuple(req.allowed_token_ids),
         bad_words=tuple(req.bad_words or ()), guided=req._grammar)
 
 
 def _fields(req: _Common) -> dict[str, str]:
     """The request's names of the engine's fields that its 400s name (Server.admit's `fields`)."""
-    return {"guided": req._grammar_field} if req._grammar_field else {}
+    fields = {"logprobs": "top_logprobs"} if isinstance(req, ChatRequest) else {}
+    return fields | ({"guided": req._grammar_field} if req._grammar_field else {})
 
 
 def _guided(req: _Common) -> tuple[str | None, str | None]:
