@@ -1916,6 +1916,29 @@ def test_python_api_arguments(bundle):
 
 
 
+def test_python_api_score_interrupted_frees_its_blocks_at_once(bundle):
+    """Ctrl-C (or any error) in score's forward frees the KV blocks it took before score returns, even
+    while the exception is kept (a notebook keeps the last one, and with it the traceback's frames): the
+    next score of the same length found only part of the cache available."""
+    from llmirc.runtime import load
+
+    model = load(bundle, kv_cache_tokens=64, max_num_batched_tokens=16, max_num_seqs=1)
+    forward, calls = model.executor.forward, []
+
+    def interrupted_forward(*args):  # the second chunk's forward is interrupted
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return forward(*args)
+
+    model.executor.forward = interrupted_forward
+    with pytest.raises(KeyboardInterrupt) as kept:
+        model.score(list(range(1, 64)))
+    assert kept.value is not None and model.scheduler.allocator.num_available == model.num_blocks
+    model.executor.forward = forward
+    assert model.score(list(range(1, 64))).shape == (63, model.vocab_size)
+
+
 def test_python_api_close(bundle):
     """Model.close() (or leaving a `with` block) ends the model: later calls raise LlmircError,
     never touch the freed KV cache."""

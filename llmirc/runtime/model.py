@@ -354,7 +354,10 @@ class Model:
         token_ids = self.encode(token_ids)
 
         def run():
-            return [self.executor.forward(*step.abi_inputs()) for step in self.scheduler.score_steps(token_ids)]
+            # (closed here, not when collected: a forward that raises, Ctrl-C too, frees the blocks at once, even
+            # while a notebook keeps the exception and with it the generator; the next score found the cache full)
+            with contextlib.closing(self.scheduler.score_steps(token_ids)) as steps:
+                return [self.executor.forward(*step.abi_inputs()) for step in steps]
         return np.concatenate(self.engine.call(run), axis=0)
 
 
