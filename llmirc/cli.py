@@ -76,6 +76,15 @@ def _not_empty(ctx, param, value):
     return value
 
 
+def _no_empty_stop(ctx, param, value):
+    """click callback: no --stop '' (an unset shell variable: it would match everywhere). Unlike
+    `_not_empty`, whitespace is a stop string as any other (`--stop $'\\n'`, the Python API's stop="\\n")."""
+    if "" in value:
+        raise click.BadParameter("empty (an unset shell variable?); leave the option out for its default",
+                                 param=param)
+    return value
+
+
 # click >= 8.2 raises this (a UsageError whose message is the whole help) for a bare `llmirc`.
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -379,7 +388,7 @@ def _sampling_options(fn, max_new_tokens: click.Option | None = None):
                      help="Subtract this times its count in the output from a token's logit (OpenAI's; 0: none)."),
         click.option("--seed", type=click.IntRange(min=0), default=None,
                      help="Seed for sampling (reproducible output)."),
-        click.option("--stop", "stops", multiple=True, callback=_not_empty,
+        click.option("--stop", "stops", multiple=True, callback=_no_empty_stop,
                      help="Stop at this text (repeatable); it is left out."),
         click.option("--kv-cache-tokens", type=click.IntRange(min=1), default=None,
                      help="KV cache size in tokens (default: the model's context, at most 16384)."),

@@ -1784,6 +1784,17 @@ def test_run_stop_string_ends_the_text(bundle):
     assert cut["stop_reason"] == stop and len(cut["token_ids"]) < 12
 
 
+def test_run_whitespace_stop_string(bundle):
+    """--stop $'\\n' (the commonest stop string) is a stop, as the Python API's stop="\\n"; it was refused
+    as empty, with --stop '' (an unset shell variable)."""
+    [full] = run_json(bundle, "--prompt", "once upon a time", "--max-new-tokens", "16", "--ignore-eos")
+    assert "\n" in full["text"], full["text"]  # (this tiny model's text holds a newline)
+    [cut] = run_json(bundle, "--prompt", "once upon a time", "--max-new-tokens", "16", "--ignore-eos",
+                     "--stop", "\n", "--stop", "  ")
+    assert cut["text"] == full["text"][:full["text"].find("\n")] and cut["finish_reason"] == "stop"
+    assert cut["stop_reason"] == "\n"
+
+
 def test_run_warns_of_options_without_effect(bundle_notok):
     r = llmirc("run", bundle_notok, "--token-ids", "1,2", "--max-new-tokens", "2", "--top-k", "5", "-q")
     assert r.returncode == 0 and r.stderr.startswith("warning: --top-k has no effect with --temperature 0")
