@@ -6,6 +6,7 @@ blocks, rows or requests changes the output."""
 from __future__ import annotations
 
 import threading
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -364,6 +365,17 @@ def test_each_request_keeps_its_own_seeded_stream():
     other = collect(make()[0], [prompt], [SamplingParams(max_tokens=8, temperature=1.0, top_k=20, top_p=0.9,
                                                          seed=99, ignore_eos=True)])
     assert [o.token for o in other[0]] != alone
+
+
+def test_a_fraction_temperature_samples_and_leaves_the_engine_serving():
+    """A temperature of any real number type (here a Fraction, which validate() takes) samples as its float;
+    it raised in the step, which failed every request and the engine."""
+    engine, _ = make()
+    prompt, p = [3, 1, 4], dict(max_tokens=6, seed=5, ignore_eos=True)
+    exact = collect(engine, [prompt], [SamplingParams(temperature=Fraction(1, 2), **p)])
+    assert engine.error is None
+    assert [o.token for o in exact[0]] == [o.token for o in collect(engine, [prompt],
+                                                                    [SamplingParams(temperature=0.5, **p)])[0]]
 
 
 def test_logprobs_and_prompt_logprobs_are_log_softmax_of_the_logits():

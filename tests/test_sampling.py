@@ -1,4 +1,5 @@
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -72,6 +73,16 @@ def test_seeded_sampling_is_reproducible():
     draw = lambda seed: sample(logits, 0.9, 20, 0.9, np.random.default_rng(seed))  # noqa: E731
     np.testing.assert_array_equal(draw(7), draw(7))
     assert not np.array_equal(draw(7), draw(8))
+
+
+def test_any_real_number_is_a_temperature():
+    """validate_sampling takes a real number (numbers.Real): a Fraction samples as its float (it raised in
+    the exp, and in the engine's step that failed every request and the engine)."""
+    logits = np.random.default_rng(3).standard_normal((4, 50)).astype(np.float32)
+    for exact, near in ((Fraction(1, 2), 0.5), (np.float16(0.75), 0.75), (2, 2.0)):
+        np.testing.assert_array_equal(sample(logits, exact, 10, Fraction(9, 10), np.random.default_rng(1)),
+                                      sample(logits, near, 10, 0.9, np.random.default_rng(1)))
+        np.testing.assert_array_equal(warp(logits, exact, None, None), warp(logits, near, None, None))
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, None, None, 0.0), (0.6, None, None, 0.0),

@@ -154,8 +154,10 @@ def ban_bad_words(row: np.ndarray, output_ids: Sequence[int], sequences: Sequenc
 
 def _top_k(logits: np.ndarray, temperature: float, top_k: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(float64 scores = logits / temperature with the tokens top-k removes at -inf,
-    unnormalized probabilities exp(score - row max): 0 where removed), both [R, V]."""
-    scores = logits.astype(np.float64) / temperature
+    unnormalized probabilities exp(score - row max): 0 where removed), both [R, V]. `temperature`: any real
+    number validate_sampling takes (a Fraction made the scores an object array, whose exp raised in the
+    engine's step: every request failed and the engine served nothing more)."""
+    scores = logits.astype(np.float64) / float(temperature)
     vocab = scores.shape[-1]
     if top_k is not None and top_k < vocab:
         kth = np.partition(scores, vocab - top_k, axis=-1)[:, vocab - top_k, None]  # linear-time selection
