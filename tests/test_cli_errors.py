@@ -1899,7 +1899,11 @@ def test_python_api_arguments(bundle):
                            (dict(stop_token_ids=["a"]), "stop_token_ids must be integer token ids"),
                            (dict(temperature=1.0, seed="a"), "seed must be an integer"),
                            (dict(ignore_eos="no"), "ignore_eos must be True or False"),
-                           (dict(max_new_tokens=10**9), "exceeds the model's context")):
+                           (dict(max_new_tokens=10**9), "exceeds the model's context"),
+                           # (they were "min_tokens must be ... to max_tokens (-1)", and None a TypeError)
+                           (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0, got -1"),
+                           (dict(max_new_tokens=float("nan")), "max_new_tokens must be an integer >= 0, got nan"),
+                           (dict(max_new_tokens=None), "max_new_tokens must be an integer >= 0, got None")):
         with pytest.raises(LlmircError, match=needle):
             model.generate_stream([[1, 2]], **{"max_new_tokens": 2, **kwargs})
     for bad, needle in (([0.5, 1.2], "integer token ids"), ([True, False], "integer token ids"),

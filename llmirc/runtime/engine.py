@@ -117,6 +117,9 @@ class SamplingParams:
                     or not isinstance(pair[0], (int, np.integer)) or pair[0] < 0 or isinstance(pair[1], bool) \
                     or not isinstance(pair[1], Real) or not math.isfinite(pair[1]):
                 raise RequestError(f"logit_bias: {pair!r} is not a (token id >= 0, finite bias) pair", "logit_bias")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            # (before min_tokens, which is compared with it: -1 was "min_tokens must be ... to max_tokens (-1)")
+            raise RequestError(f"max_new_tokens must be an integer >= 0, got {self.max_tokens!r}", "max_tokens")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, (int, np.integer)) or \
                 not 0 <= self.min_tokens <= self.max_tokens:  # (vLLM's rule)
             raise RequestError(f"min_tokens must be an integer from 0 to max_tokens ({self.max_tokens}), "
