@@ -82,6 +82,9 @@ def test_the_grammars_end_wins_over_min_tokens(model):
     ({"regex": r"[^\s\S]"}, "the grammar matches no text"),  # (valid, none matches it: a 400, not an empty answer)
     ({"json": "{not json"}, "JSON schema is not JSON"),
     ({"json": [1, 2]}, "JSON schema must be an object"),
+    ({"json": {"enum": {1, 2}}}, "JSON schema is not JSON: Object of type set"),  # (llguidance's ValueError)
+    ({"structural_tag": {"structures": [{"begin": "<f>", "schema": {"enum": {1}}, "end": "</f>"}], "triggers": ["<f"]}},
+     "JSON schema is not JSON: Object of type set"),  # (its TypeError)
     ({"json": "false"}, "the JSON schema false matches no value"),
     ({"choice": []}, "non-empty list of strings"),
     ({"choice": ["a", 3]}, "non-empty list of strings"),
@@ -101,6 +104,15 @@ def test_the_grammars_end_wins_over_min_tokens(model):
 def test_bad_formats_are_named(model, spec, needle):
     with pytest.raises(LlmircError, match=re.escape(needle)):
         list(model.generate_stream(["hi"], 4, structured_outputs=spec))
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_a_schema_that_holds_itself_is_named(model, closed):
+    """A Python dict that holds itself (JSON has no such value): llguidance's reader crashed the process."""
+    schema = {"type": "object"}
+    schema["properties"] = {"child": schema}
+    with pytest.raises(LlmircError, match="JSON schema is not JSON: Circular reference detected"):
+        model.generate_stream(["hi"], 4, structured_outputs={"json": schema, "disable_additional_properties": closed})
 
 
 def _accepts(model, grammar, text: str) -> bool:

@@ -70,6 +70,10 @@ def _json_schema(spec, options: JsonOptions) -> dict:
         raise LlmircError(f"a JSON schema must be an object, got {type(spec).__name__}")
     if spec is False:
         raise LlmircError("the JSON schema false matches no value")
+    try:  # (a set or bytes raised llguidance's TypeError or ValueError; a dict that holds itself crashed it)
+        json.dumps(spec)
+    except (TypeError, ValueError) as e:
+        raise LlmircError(f"the JSON schema is not JSON: {e}") from None
     schema = {} if spec is True else (_closed(spec) if options.closed else copy.deepcopy(spec))  # (true: any value)
     given = schema.get("x-guidance", {})
     if not isinstance(given, dict):
