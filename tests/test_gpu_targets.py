@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
 from helpers import make_checkpoint
 from onnx_graphs import save
-from test_cli_errors import llmirc
+from test_cli_errors import llmirc as cli
 from test_onnx_fallback import bidirectional_decoder
 
 from llmirc.driver import CompileOptions, Progress, compile_model
@@ -31,6 +32,13 @@ def cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMIRC_CACHE_DIR", str(path))
         yield path
+
+
+def llmirc(*args):
+    """The CLI (test_cli_errors.llmirc) with this module's kernel cache. That helper's environment is
+    os.environ as test_cli_errors was imported, before `cache` set LLMIRC_CACHE_DIR: the CLI read and
+    filled the run's cache instead (`--emit ptx` compiled every sm_90 kernel of `llama` again)."""
+    return cli(*args, env={k: v for k, v in os.environ.items() if k == "LLMIRC_CACHE_DIR"})
 
 
 def _compile(src, out, **kw):
