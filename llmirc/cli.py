@@ -65,24 +65,20 @@ class PathArg(click.Path):
         return super().convert(value, param, ctx)
 
 
-def _not_empty(ctx, param, value):
+def _not_empty(ctx, param, value, blank_is_empty: bool = True):
     """click callback: an option (each value of a repeatable one) must not be given as '' (an unset
     shell variable, `--host "$HOST"`): an empty --host would listen on every interface and an empty
-    --api-key turn authentication off."""
+    --api-key turn authentication off. With `blank_is_empty` False (`_no_empty_stop`) only '' is: whitespace
+    is a stop string as any other (`--stop $'\\n'`, the Python API's stop="\\n")."""
     for v in value if isinstance(value, tuple) else (value,):
-        if v is not None and not v.strip():
+        if v is not None and not (v.strip() if blank_is_empty else v):
             raise click.BadParameter("empty (an unset shell variable?); leave the option out for its default",
                                      param=param)
     return value
 
 
 def _no_empty_stop(ctx, param, value):
-    """click callback: no --stop '' (an unset shell variable: it would match everywhere). Unlike
-    `_not_empty`, whitespace is a stop string as any other (`--stop $'\\n'`, the Python API's stop="\\n")."""
-    if "" in value:
-        raise click.BadParameter("empty (an unset shell variable?); leave the option out for its default",
-                                 param=param)
-    return value
+    return _not_empty(ctx, param, value, blank_is_empty=False)
 
 
 # click >= 8.2 raises this (a UsageError whose message is the whole help) for a bare `llmirc`.
