@@ -1631,6 +1631,9 @@ def test_bench_runs(bundle, ckpt, tmp_path):
     # short sequences hold a whole KV block each: the default cache counts blocks, not tokens
     r = llmirc("bench", bundle, "--batch", "8", "--prompt-len", "1", "--new-tokens", "40", "--repeat", "3", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["batch"] == 8, r.stderr
+    # a decode step of the batch reads the weights once and each sequence's KV cache (the floor counted one cache)
+    (kv, one), = ((k, v) for k, v in result["llmirc"]["bytes_per_step_by_dtype"].items() if k.startswith("kv "))
+    assert json.loads(r.stdout)["llmirc"]["bytes_per_step_by_dtype"][kv] == 8 * (1 + 20) * one // (4 + 20)
     assert result["amx"] is False  # float32 weights: no kernel uses AMX tiles, whatever the host
     # bfloat16 weights: AMX-BF16 tiles on a host that has them (Linux grants the state from 5.16),
     # never with LLMIR_AMX=0

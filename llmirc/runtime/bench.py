@@ -99,16 +99,17 @@ def _weights_read(model) -> list[int]:
     return [i for i, full in used.items() if full]
 
 
-def decode_bytes_per_step(model, context: int) -> dict[str, int]:
-    """Bytes one decode step reads, by dtype: the weights (embedding tables read one row per token)
-    and the KV cache of `context` tokens (under "kv <dtype>")."""
+def decode_bytes_per_step(model, context: int, sequences: int = 1) -> dict[str, int]:
+    """Bytes one decode step reads, by dtype: the weights (embedding tables read one row per token),
+    once for the batch, and the KV caches of `sequences` sequences of `context` tokens each (under
+    "kv <dtype>")."""
     out: dict[str, int] = {}
     for i in _weights_read(model):
         w = model.executor.weights[i]
         name = model.bundle.manifest["weights"]["dtypes"][model.bundle.manifest["weights"]["order"][i]]
         out[name] = out.get(name, 0) + w.nbytes
     kv = model.bundle.manifest["kv_cache"]
-    out[f"kv {kv['dtype']}"] = context * kv["block_bytes"] // kv["block_size"]
+    out[f"kv {kv['dtype']}"] = sequences * context * kv["block_bytes"] // kv["block_size"]
     return out
 
 
@@ -144,7 +145,7 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
                           f"{device} (target {model.executor.target['name']}): give --target cpu, or compare on "
                           "the GPU with benchmarks/gpu_check.py")
     try:  # the manifest's fields the figures need, read (and refused when malformed) before the long run
-        by_dtype = decode_bytes_per_step(model, len(prompt) + new_tokens // 2)
+        by_dtype = decode_bytes_per_step(model, len(prompt) + new_tokens // 2, batch)  # (each sequence its KV)
         flops = prefill_flops(model, len(prompt))
         params = parameter_count(model.bundle.manifest, [w.shape for w in model.executor.weights])
     except BaseException:
