@@ -555,8 +555,8 @@ def _structured_outputs(json_schema, json_schema_file, grammar, grammar_file, re
         from llmirc.runtime import structured
 
         structured.grammar(kind, value)  # (its errors name the flag)
-    except LlmircError as e:
-        raise LlmircError(f"{where}: {e}") from None
+    except LlmircError as e:  # the flag's own value is wrong whatever the model: a usage error; a file's, its input
+        raise (LlmircError if flag.endswith("-file") else UsageError)(f"{where}: {e}") from None
     return {kind: value}
 
 

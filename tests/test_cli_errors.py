@@ -1604,15 +1604,18 @@ def test_run_structured_output_flags(bundle, tmp_path):
         assert out["finish_reason"] == "length" or json.loads(out["text"]) in ("left", "right"), out
     assert_user_error(llmirc("run", bundle, "--prompt", "hi", "--regex", "a", "--grammar", "start: x"),
                       "give one of --grammar, --regex", code=2)
+    # a bad value of the flag itself is a usage error (exit 2, as a --chat-template-kwargs that is not JSON); a file's, 1
     assert_user_error(llmirc("run", bundle, "--prompt", "hi", "--regex", "(a"),
-                      "--regex: the regex format is not valid")
+                      "--regex: the regex format is not valid", code=2)
+    assert_user_error(llmirc("run", bundle, "--prompt", "hi", "--json-schema", '{"type": '),
+                      "--json-schema: the JSON schema is not JSON", code=2)
     assert_user_error(llmirc("run", bundle, "--prompt", "hi", "--grammar-file", tmp_path / "none.gbnf"),
                       "--grammar-file", "none.gbnf")
     # a file's bad format names the file; a byte order mark (some editors write one) is not the file's text; standard
     # input is read once (the grammar read it empty after the prompt, a puzzling "No 'root' rule found")
     (tmp_path / "bad.json").write_text('{"type": ')
     assert_user_error(llmirc("run", bundle, "--prompt", "hi", "--json-schema-file", tmp_path / "bad.json"),
-                      f"--json-schema-file {tmp_path / 'bad.json'}: the JSON schema is not JSON")
+                      f"--json-schema-file {tmp_path / 'bad.json'}: the JSON schema is not JSON", code=1)
     (tmp_path / "bom.gbnf").write_bytes(b'\xef\xbb\xbfroot ::= "ab" digit\r\ndigit ::= [0-9]\r\n')
     out = run_json(bundle, "--prompt", "hi", "--max-new-tokens", "20", "--grammar-file", tmp_path / "bom.gbnf")[0]
     assert re.fullmatch("ab[0-9]", out["text"]), out
