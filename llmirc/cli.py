@@ -469,6 +469,9 @@ def run(bundle, prompts, prompt_files, token_ids, chat, system, template_kwargs,
     structured = _structured_outputs(json_schema, json_schema_file, grammar, grammar_file, regex)
     model = _load(bundle, kv_cache_tokens, no_verify, threads=threads, target=target)
     batch = [_parse_ids(s) for s in token_ids]
+    if stops and model.tokenizer is None:  # (the engine's error offers stop token ids, which run has no flag for)
+        raise LlmircError(f"{bundle}: the bundle has no tokenizer, so no --stop strings (its checkpoint had no "
+                          "tokenizer.json)")
     if texts:
         if model.tokenizer is None:
             raise LlmircError(f"{bundle}: the bundle has no tokenizer; use --token-ids")

@@ -1549,6 +1549,9 @@ def test_run_json_token_ids(bundle_notok):
     assert [(r["index"], r["prompt_token_ids"]) for r in records] == [(0, [0, 5, 9]), (1, [3, 4])]
     assert all(len(r["token_ids"]) == 5 and "text" not in r for r in records)
     assert all(0 <= t < 384 for r in records for t in r["token_ids"])
+    # --stop strings need the tokenizer; the error says so without offering stop token ids, which run has no flag for
+    line = assert_user_error(llmirc("run", bundle_notok, "--token-ids", "1", "--stop", "x"), "no --stop strings", code=1)
+    assert "token ids" not in line
 
 
 def test_run_json_prompts_with_tokenizer(bundle):
