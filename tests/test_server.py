@@ -329,6 +329,18 @@ def test_integer_fields_take_integral_numbers_as_vllm(server):
     assert len(texts) > 1, texts  # (-1 was the seed 2**64 - 1: the same text every time)
 
 
+def test_unknown_fields_are_ignored_with_vllms_warning(server):
+    """A field neither API knows (a misspelt parameter) is ignored, as in vLLM, and named in the server's log as
+    vLLM's warning names it: "temprature" was ignored without a trace."""
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                             "max_tokens": 2, "temprature": 0, "zz_extra": 1})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 10
+    while "ignored: temprature, zz_extra" not in server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "WARNING" in server.log.read_text() and "ignored: temprature, zz_extra" in server.log.read_text()
+
+
 def test_logprobs_are_the_models_log_softmax(client, model):
     out = client.completions.create(model="tiny", prompt="the quick brown", max_tokens=5, temperature=0,
                                     logprobs=3, extra_body={"ignore_eos": True})

@@ -14,8 +14,8 @@ prompt_embeds, LoRA, priority scheduling; best_of != n, suffix,
 skip_special_tokens false, non-text content) are refused with a 400 naming them, never silently
 ignored, as are an empty stop string, stop token ids outside the vocabulary (vLLM's SamplingParams
 checks) and stream_options without stream;
-unknown fields are ignored, as vLLM does. Integer fields take an integral number written as a
-float (5.0), as vLLM's models do, not a fraction, a string or a boolean. max_tokens (or
+unknown fields are ignored, as vLLM does, with its warning naming them in the log (a misspelt
+parameter shows there). Integer fields take an integral number written as a float (5.0), as vLLM's models do, not a fraction, a string or a boolean. max_tokens (or
 max_completion_tokens) must be at least 1, as vLLM's SamplingParams say, except completions'
 max_tokens 0 with echo (the prompt alone); seed -1 is no seed. POST /tokenize and /detokenize
 are vLLM's (a prompt or chat messages to token ids, token ids to text, special tokens included).
@@ -49,7 +49,7 @@ from llmirc.errors import LlmircError
 from llmirc.runtime import structured
 from llmirc.runtime.engine import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
-from .app import APIError, Generation, Int, Server, event_stream, logit_bias_pairs, refuse_not_implemented
+from .app import APIError, Generation, Int, Server, event_stream, log, logit_bias_pairs, refuse_not_implemented
 from .reasoning import Reasoning
 from .tool_calls import ToolChoice, template_tool_calls
 
@@ -162,6 +162,8 @@ class ChatRequest(_Common):
 
 async def _refuse_unsupported(req: _Common) -> None:
     refuse_not_implemented(req.model_extra or {}, NOT_IMPLEMENTED)
+    if ignored := sorted((req.model_extra or {}).keys() - NOT_IMPLEMENTED.keys()):  # (vLLM's warning: a typo shows)
+        log.warning("The following fields were present in the request but ignored: %s", ", ".join(ignored))
     # (once for all n choices, off the event loop: a large schema's grammar takes a tenth of a second)
     req._grammar_field, req._grammar = await asyncio.to_thread(_guided, req)
     if req.n is None:  # (vLLM: null is the default)
