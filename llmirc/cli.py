@@ -807,7 +807,8 @@ def serve(bundle, host, port, served_model_name, api_key, allowed_origins, max_m
             try:
                 source, name = Path(chat_template).read_text(encoding="utf-8"), chat_template
             except (OSError, UnicodeDecodeError) as e:
-                raise LlmircError(f"--chat-template {chat_template}: cannot read it: {e}") from None
+                raise LlmircError(f"--chat-template {chat_template}: cannot read it: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
         model.chat_template = ChatTemplate(source, model.tokenizer.special_tokens_map, name)
         model.chat_template.check()  # a syntax error now, not in every chat request
     name = served_model_name or str(bundle)

@@ -2361,7 +2361,8 @@ def test_kv_cache_dtype_pass_in_the_pipeline(ckpt, tmp_path):
     (["--kv-cache-dtype", "banana"], ["--kv-cache-dtype banana", "unknown dtype"]),
     (["--max-model-len", "600"], ["(--max-model-len) 600", "context of 512"]),
     (["--max-num-seqs", "64", "--max-num-batched-tokens", "32"], ["--max-num-batched-tokens (32)"]),
-    (["--chat-template", "/nonexistent.jinja"], ["/nonexistent.jinja", "cannot read"]),
+    (["--chat-template", "/nonexistent.jinja"], ["/nonexistent.jinja", "cannot read it: no such file or directory"]),
+    (["--chat-template", "/"], ["--chat-template /: cannot read it: is a directory"]),  # (not "[Errno 21] ...")
     (["--allowed-origins", "[1]"], ["--allowed-origins [1]", "strings"]),
     (["--allowed-origins", "[https://a"], ["--allowed-origins [https://a", "not a JSON list"]),
     (["--allowed-origins", " , "], ["no origin named"]),
