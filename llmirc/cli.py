@@ -1042,8 +1042,9 @@ def eval_ppl(bundle, text_file, context, stride, max_tokens, threads, target, as
     else:
         span = min(context, len(ids))
         if len(ids) < context:  # (a perplexity over shorter windows than asked: not comparable with one over full ones)
-            click.echo(f"note: the text's {len(ids)} tokens are fewer than a window's {context}: one window of "
-                       f"{len(ids)} tokens", err=True)
+            which = f"the {len(ids)} tokens of --max-tokens" if max_tokens == len(ids) else \
+                f"the text's {len(ids)} tokens"
+            click.echo(f"note: {which} are fewer than a window's {context}: one window of {len(ids)} tokens", err=True)
         click.echo(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.5f} nats) over {result.tokens} "
                    f"token{'s' * (result.tokens != 1)}: {result.windows} window{'s' * (result.windows != 1)} of "
                    f"{'up to ' * (span < len(ids))}{span} tokens, stride {stride}; target {used}")
