@@ -110,7 +110,8 @@ def cli(debug: bool) -> None:
 @click.argument("model", type=PathArg())
 @click.option("--target", default="cpu", show_default=True,
               help="Targets to compile for, comma-separated: cpu, cuda, hip (one bundle, weights stored once).")
-@click.option("-o", "--output", type=PathArg(), help="Bundle directory to write (OUT.llmir).")
+@click.option("-o", "--output", type=PathArg(),
+              help="Bundle directory to write (OUT.llmir); required unless --emit prints a stage.")
 @click.option("--passes", default=None, help="Textual pass pipeline replacing the default, e.g. "
               "'canonicalize,cse,fuse-linears,paged-kv{block-size=32}'. Whatever it says, the weights' "
               "quantization and type, prune-logits, paged-kv, kv-cache-dtype, fuse-rope-kv-append and dce run "
@@ -709,7 +710,9 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
               help="auto, or the dtype the bundle was compiled with (`llmirc inspect` shows it).")
 @click.option("--gpu-memory-utilization", type=FiniteRange(0.0, 1.0, min_open=True), default=None,
-              help="GPU targets only (no effect on a CPU bundle).")
+              help="The share of the GPU's memory, in (0, 1], the model may use: the KV cache takes what the "
+                   "weights and buffers leave (vLLM's; default 0.9; --kv-cache-tokens sizes it instead). GPU "
+                   "targets only (no effect on a CPU bundle).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for the model (default: all cores this process may use).")
 @_target_option
