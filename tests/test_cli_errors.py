@@ -1550,7 +1550,8 @@ def test_run_json_token_ids(bundle_notok):
     assert all(len(r["token_ids"]) == 5 and "text" not in r for r in records)
     assert all(0 <= t < 384 for r in records for t in r["token_ids"])
     # --stop strings need the tokenizer; the error says so without offering stop token ids, which run has no flag for
-    line = assert_user_error(llmirc("run", bundle_notok, "--token-ids", "1", "--stop", "x"), "no --stop strings", code=1)
+    line = assert_user_error(llmirc("run", bundle_notok, "--token-ids", "1", "--stop", "x"), "no --stop strings",
+                             code=1)
     assert "token ids" not in line
 
 
@@ -1607,7 +1608,8 @@ def test_run_structured_output_flags(bundle, tmp_path):
         assert out["finish_reason"] == "length" or json.loads(out["text"]) in ("left", "right"), out
     assert_user_error(llmirc("run", bundle, "--prompt", "hi", "--regex", "a", "--grammar", "start: x"),
                       "give one of --grammar, --regex", code=2)
-    # a bad value of the flag itself is a usage error (exit 2, as a --chat-template-kwargs that is not JSON); a file's, 1
+    # a bad value of the flag itself is a usage error (exit 2, as a --chat-template-kwargs that is not JSON);
+    # a file's is an input error (1)
     assert_user_error(llmirc("run", bundle, "--prompt", "hi", "--regex", "(a"),
                       "--regex: the regex format is not valid", code=2)
     assert_user_error(llmirc("run", bundle, "--prompt", "hi", "--json-schema", '{"type": '),

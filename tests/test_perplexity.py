@@ -100,7 +100,8 @@ def test_eval_ppl_matches_the_hf_guide(tmp_path):
     assert few.exit_code == 0 and re.search(r"note: the text's (\d+) tokens are fewer than a window's 64: one window "
                                             r"of \1 tokens", few.output), few.output
     # fewer because --max-tokens kept fewer: said so (it blamed "the text's 8 tokens")
-    cut = CliRunner().invoke(cli, ["eval-ppl", str(bundle), "--text", str(text), "--context", "64", "--max-tokens", "8"])
+    cut = CliRunner().invoke(cli, ["eval-ppl", str(bundle), "--text", str(text), "--context", "64",
+                                   "--max-tokens", "8"])
     assert cut.exit_code == 0 and "note: the 8 tokens of --max-tokens are fewer than a window's 64" in cut.output, \
         cut.output
     (tmp_path / "empty.txt").write_text("\n")

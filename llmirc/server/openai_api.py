@@ -15,10 +15,11 @@ skip_special_tokens false, non-text content) are refused with a 400 naming them,
 ignored, as are an empty stop string, stop token ids outside the vocabulary (vLLM's SamplingParams
 checks) and stream_options without stream;
 unknown fields are ignored, as vLLM does, with its warning naming them in the log (a misspelt
-parameter shows there). Integer fields take an integral number written as a float (5.0), as vLLM's models do, not a fraction, a string or a boolean. max_tokens (or
-max_completion_tokens) must be at least 1, as vLLM's SamplingParams say, except completions'
-max_tokens 0 with echo (the prompt alone); seed -1 is no seed. POST /tokenize and /detokenize
-are vLLM's (a prompt or chat messages to token ids, token ids to text, special tokens included).
+parameter shows there). Integer fields take an integral number written as a float (5.0), as
+vLLM's models do, not a fraction, a string or a boolean. max_tokens (or max_completion_tokens)
+must be at least 1, as vLLM's SamplingParams say, except completions' max_tokens 0 with echo
+(the prompt alone); seed -1 is no seed. POST /tokenize and /detokenize are vLLM's (a prompt or
+chat messages to token ids, token ids to text, special tokens included).
 
 Defaults follow vLLM: temperature, top_p, top_k, min_p and repetition_penalty from the model's
 generation_config.json (vLLM's --generation-config auto; else temperature 1, no top-p, top-k, min-p or
