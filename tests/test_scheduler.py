@@ -382,6 +382,24 @@ def test_requests_sharing_a_prefix_being_prefilled_wait_for_it_and_equal_blocks_
     assert sched.allocator.num_available == 16
 
 
+def test_no_wait_for_a_block_the_request_could_not_take_from_the_cache():
+    """A block-aligned prompt recomputes its last block (its last token's logits), and a prompt-logprob
+    request the blocks it reports on: waiting for another request to cache them held up the whole queue."""
+    sched, model = make(num_blocks=16, block_size=4)
+    a = sched.add_request([5] * 4, 3, ignore_eos=True)
+    b = sched.add_request([5] * 4, 3, ignore_eos=True)
+    c = sched.add_request([5] * 9, 0, prompt_logprobs_from=1)
+    d = sched.add_request([6] * 3, 3, ignore_eos=True)
+    step = sched.schedule()
+    assert step.request_ids[-1] == d and {a, b, c} <= set(step.request_ids) and not sched.waiting
+    out = {}
+    for ev in sched.commit(step, model.forward(step)[step.sample_rows].argmax(-1)):
+        out.setdefault(ev.request_id, []).append(ev.token)
+    rest, _ = run(sched, model)
+    assert out[a] + rest[a] == out[b] + rest[b] == reference([5] * 4, 3, ())
+    assert sched.allocator.num_available == 16
+
+
 def test_identical_generated_blocks_are_deduplicated():
     sched, model = make(num_blocks=16, block_size=4, enable_prefix_caching=True)
     a = sched.add_request([1, 2, 3], 9, ignore_eos=True)

@@ -399,16 +399,23 @@ class Scheduler:
         nor a prompt position whose logits are still to be reported."""
         if self.prefix_cache is None:
             return []
+        return self.prefix_cache.match(seq.tokens, self._prefix_limit(seq))
+
+    @staticmethod
+    def _prefix_limit(seq: Sequence) -> int:
+        """The most tokens of `seq` that may come from the prefix cache (see `_cached_prefix`)."""
         limit = len(seq.tokens) - 1
         if seq.logprobs_next < seq.prompt_len:
             limit = min(limit, seq.logprobs_next - 1)
-        return self.prefix_cache.match(seq.tokens, limit)
+        return limit
 
     def _being_prefilled(self, seq: Sequence, start: int) -> bool:
-        """Whether a running sequence is computing the block of `seq`'s prompt after its `start` cached tokens."""
-        if self.prefix_cache is None or start + self.block_size > seq.prompt_len:
-            return False
+        """Whether a running sequence is computing the block of `seq`'s prompt after its `start` cached tokens
+        (one `seq` could take from the cache: a block holding its last token, or a prompt position whose
+        logprob it reports, is computed anyway, so waiting for it would only hold up the queue)."""
         end = start + self.block_size
+        if self.prefix_cache is None or end > min(seq.prompt_len, self._prefix_limit(seq)):
+            return False
         return any(s.num_computed < end <= s.prompt_len and s.tokens[:end] == seq.tokens[:end] for s in self.running)
 
     def _schedule_chunk(self, seq: Sequence, n: int, chunks: list[_Chunk]) -> int:
