@@ -962,7 +962,8 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens
     """Measure prefill and decode tokens/s of BUNDLE (and the memory-bandwidth floor).
 
     Prefill is timed on one prompt of --prompt-len random tokens, decode on --batch sequences of
-    that prompt; each figure is the best of --repeat runs."""
+    that prompt; each figure is the best of --repeat runs. At a terminal each stage is said on
+    stderr as it starts."""
     from llmirc.runtime.bench import format_table, run_bench
 
     # Checked first: transformers would fail only after our benchmark, with a hub lookup traceback.
@@ -976,8 +977,12 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens
         except ImportError as e:
             raise LlmircError(f"--compare-transformers needs PyTorch and transformers ({e.name} missing), which "
                               "the loader alone does not install") from None
+    start = time.perf_counter()
+    stages = (lambda message: click.echo(f"[{time.perf_counter() - start:6.1f}s] {message}", err=True)) \
+        if sys.stderr.isatty() else None  # (at a terminal, as compile's progress; a log gets the table alone)
     results = run_bench(bundle, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, repeat=repeat,
-                        hf_dir=hf_dir, threads=threads, kv_cache_tokens=kv_cache_tokens, target=target)
+                        hf_dir=hf_dir, threads=threads, kv_cache_tokens=kv_cache_tokens, target=target,
+                        progress=stages)
     click.echo(json.dumps(results, indent=2) if as_json else format_table(results))
 
 

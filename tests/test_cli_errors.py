@@ -1390,12 +1390,24 @@ def test_bench_compare_transformers_that_transformers_cannot_load(bundle, ckpt, 
 
 
 def test_bench_compare_transformers_into_a_log(bundle, ckpt):
-    """stderr not a terminal (CI's log): no transformers progress bar (carriage returns); --json's
-    stdout is one JSON object with both engines' figures."""
+    """stderr not a terminal (CI's log): no transformers progress bar (carriage returns) nor stage lines;
+    --json's stdout is one JSON object with both engines' figures."""
     r = llmirc("bench", bundle, "--prompt-len", "4", "--new-tokens", "48", "--repeat", "3", "--json",
                "--compare-transformers", ckpt)  # (3 tokens, then 16 best of 2, did not outlast 1 on a busy host)
-    assert r.returncode == 0 and "\r" not in r.stderr and "Loading weights" not in r.stderr, r.stderr
+    assert r.returncode == 0 and r.stderr == "", r.stderr
     assert {"llmirc", "transformers"} <= set(json.loads(r.stdout))
+
+
+def test_bench_at_a_terminal_says_each_stage(bundle, ckpt):
+    """At a terminal, bench says each stage as it starts (transformers' eager runs take minutes on a larger
+    model, and nothing was printed until the table), as compile's progress lines do."""
+    _, read_until, wait = _in_terminal("bench", bundle, "--prompt-len", "4", "--new-tokens", "48", "--repeat", "2",
+                                       "--compare-transformers", ckpt)
+    out = read_until(lambda b: b"llmirc / transformers" in b, 300)
+    assert wait() == 0, out
+    stages = [line.split("] ", 1)[1] for line in out.splitlines() if line.startswith("[")]
+    assert stages == [f"loading {ckpt} in transformers", "timing llmirc: prefill of 4 tokens, decode of 48, best of 2",
+                      "measuring memory bandwidth and sgemm (numpy)", "timing transformers (eager), best of 2"], out
 
 
 def test_bench_checks_the_manifest_fields_it_reads(bundle, tmp_path):
@@ -2152,8 +2164,8 @@ def test_chat_command_through_a_pipe(chat_bundle, bundle, bundle_notok):
         "it\n", r.stderr
 
 
-def _chat_in_terminal(bundle, *args):
-    """`llmirc chat` on a pseudo-terminal: (send(bytes), read_until(predicate) -> all output so
+def _in_terminal(*args):
+    """`llmirc ARGS` on a pseudo-terminal: (send(bytes), read_until(predicate) -> all output so
     far, wait() -> exit code)."""
     import pty
     import select
@@ -2162,7 +2174,7 @@ def _chat_in_terminal(bundle, *args):
     pid, fd = pty.fork()
     if pid == 0:  # the child: stdin, stdout and stderr are the terminal
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # pytest-xdist's workers ignore Ctrl-C, and exec keeps that
-        os.execve(sys.executable, [sys.executable, "-m", "llmirc.cli", "chat", str(bundle), *args], ENV)
+        os.execve(sys.executable, [sys.executable, "-m", "llmirc.cli", *map(str, args)], ENV)
     out = bytearray()
 
     def read_until(done, timeout=120):
@@ -2183,14 +2195,14 @@ def _chat_in_terminal(bundle, *args):
 
 
 def test_chat_in_a_terminal_says_a_reply_was_cut_and_ctrl_c_stops_a_reply(chat_bundle):
-    send, read_until, wait = _chat_in_terminal(chat_bundle, "--max-new-tokens", "3")
+    send, read_until, wait = _in_terminal("chat", chat_bundle, "--max-new-tokens", "3")
     read_until(lambda b: b.endswith(b"> "))
     send(b"hello there\n")
     assert "[cut: --max-new-tokens 3]" in read_until(lambda b: b"[cut" in b and b.endswith(b"> "))
     send(b"/exit\n")
     assert wait() == 0
     # without --max-new-tokens a reply runs to the model's end of turn or the context: Ctrl-C stops it
-    send, read_until, wait = _chat_in_terminal(chat_bundle, "--seed", "1", "--temperature", "1")
+    send, read_until, wait = _in_terminal("chat", chat_bundle, "--seed", "1", "--temperature", "1")
     read_until(lambda b: b.endswith(b"> "))
     send(b"the quick brown\n")
     read_until(lambda b: len(b) > 40)

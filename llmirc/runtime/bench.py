@@ -16,6 +16,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -246,9 +247,12 @@ def bench_transformers(model, prompt: list[int], batch: int, new_tokens: int, re
 
 def run_bench(bundle: Path, *, prompt_len: int | None = None, new_tokens: int | None = None, batch: int = 1,
               repeat: int = 3, hf_dir: Path | None = None, threads: int | None = None,
-              kv_cache_tokens: int | None = None, target: str | None = None) -> dict:
+              kv_cache_tokens: int | None = None, target: str | None = None,
+              progress: Callable[[str], None] | None = None) -> dict:
     """`prompt_len` and `new_tokens` (tokens) default to 128 and 64, or to two thirds and one third
-    of a shorter context."""
+    of a shorter context. `progress(message)`, if given, hears each stage as it starts (transformers'
+    eager runs take minutes on a larger model)."""
+    progress = progress or (lambda message: None)
     model = declared_model(bundle)
     context = model.get("max_position_embeddings")
     derived = new_tokens is None
@@ -267,16 +271,19 @@ def run_bench(bundle: Path, *, prompt_len: int | None = None, new_tokens: int | 
     hf_model = None
     if hf_dir is not None:  # loaded first: a checkpoint transformers cannot load fails before the long run
         check_same_model(model, Path(hf_dir))
+        progress(f"loading {hf_dir} in transformers")
         hf_model = load_transformers(Path(hf_dir))
     vocab = model.get("vocab_size")
     if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:  # (the prompt's ids are drawn below it)
         raise BundleError(f"bundle {bundle}: manifest.json's model.vocab_size is {vocab!r}, not a whole number "
                           "(at least 1)")
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_len).tolist()
+    progress(f"timing llmirc: prefill of {prompt_len} tokens, decode of {new_tokens}, best of {repeat}")
     ours = bench_llmirc(bundle, prompt, batch, new_tokens, repeat, threads, kv_cache_tokens, target,
                         cpu_only=hf_model is not None)
     bandwidth, peak = ours.pop("device_bandwidth_gb_s", None), None  # a GPU's: no matmul roof without a BLAS there
     if bandwidth is None:
+        progress("measuring memory bandwidth and sgemm (numpy)")
         bandwidth, peak = measure_bandwidth(ours["bytes_per_step"]), measure_peak_gflops()
     floor_ms = ours["bytes_per_step"] / (bandwidth * 1e9) * 1e3
     results = {
@@ -291,6 +298,7 @@ def run_bench(bundle: Path, *, prompt_len: int | None = None, new_tokens: int | 
     results["llmirc"]["fraction_of_floor"] = floor_ms / ours["decode_ms_per_step"]
     results["llmirc"]["prefill_gflop_s"] = ours["prefill_gflop"] * ours["prefill_tok_s"] / prompt_len
     if hf_model is not None:
+        progress(f"timing transformers (eager), best of {repeat}")
         results["transformers"] = bench_transformers(hf_model, prompt, batch, new_tokens, repeat, ours["threads"])
     return results
 
