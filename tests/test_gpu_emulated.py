@@ -323,3 +323,17 @@ def test_engine_greedy_matches_cpu_target(bundle, monkeypatch):
         got = model.generate(prompts, 6, ignore_eos=True)
         assert ("run", 4) in model.executor.graphs and "advance_step_kernel" in driver.launched
     assert got == want
+
+
+def test_a_failed_load_frees_the_device(bundle, monkeypatch):
+    """load() failing after it made the GPU executor (here the scheduler refuses max_num_batched_tokens <
+    max_num_seqs) frees what the executor took on the device (its KV cache: most of the GPU by default),
+    so that a load with corrected options finds the memory free."""
+    driver = Emulated(open_bundle(bundle))
+    freed, call = [], driver.call
+    driver.call = lambda op, *args: freed.append(args[0]) if op == "free" else call(op, *args)
+    monkeypatch.setitem(gpu_drivers.DRIVERS, "cuda", lambda: driver)
+    with pytest.raises(LlmircError, match="max_num_batched_tokens"):
+        load(bundle, target="cuda", kv_cache_tokens=256, max_num_batched_tokens=2, max_num_seqs=4)
+    assert driver.starts and sorted(freed) == driver.starts
+

@@ -173,26 +173,33 @@ class Model:
             bundle, target=target, kv_cache_tokens=kv_cache_tokens, max_context=self.max_context,
             block_size=self.block_size, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
             threads=threads, gpu_memory_utilization=gpu_memory_utilization)
-        self.num_blocks = self.executor.num_blocks
-        self.scheduler = Scheduler(self.num_blocks, self.block_size, self.max_context,
-                                   eos_token_ids=self.eos_token_ids, max_num_batched_tokens=max_num_batched_tokens,
-                                   max_num_seqs=max_num_seqs, vocab_size=self.vocab_size,
-                                   enable_prefix_caching=enable_prefix_caching,
-                                   full_sequence=self.executor.full_sequence)
-        self.tokenizer, self.chat_template = None, None
-        if tokenizer := m.get("tokenizer"):
-            # Only files the manifest lists beside tokenizer.json (so inside the bundle, checksummed) are read.
-            file, folder = bundle.file(str(tokenizer)), PurePosixPath(str(tokenizer)).parent
-            listed = {PurePosixPath(f).name for f in bundle.files if PurePosixPath(f).parent == folder}
-            self.tokenizer = Tokenizer.from_bundle_dir(file.parent, listed)
-            self.chat_template = ChatTemplate.from_folder(self.tokenizer.folder, self.tokenizer.special_tokens_map,
-                                                          listed)
-            eos = self.tokenizer.eos_token_id
-            if eos is not None and eos not in self.eos_token_ids:  # (vLLM's request.eos_token_id: the tokenizer's
-                # eos_token ends a sequence whatever generation_config.json lists, as a ChatML fine-tune's <|im_end|>)
-                self.eos_token_ids.append(eos)
-                self.scheduler.eos_token_ids |= {eos}
-        self.engine = Engine(self.executor, self.scheduler, self.tokenizer, num_scheduler_steps)
+        try:  # (a GPU executor holds device memory, most of it for its KV cache, until closed)
+            self.num_blocks = self.executor.num_blocks
+            self.scheduler = Scheduler(self.num_blocks, self.block_size, self.max_context,
+                                       eos_token_ids=self.eos_token_ids, max_num_batched_tokens=max_num_batched_tokens,
+                                       max_num_seqs=max_num_seqs, vocab_size=self.vocab_size,
+                                       enable_prefix_caching=enable_prefix_caching,
+                                       full_sequence=self.executor.full_sequence)
+            self.tokenizer, self.chat_template = None, None
+            if tokenizer := m.get("tokenizer"):
+                # Only files the manifest lists beside tokenizer.json (so inside the bundle, checksummed) are read.
+                file, folder = bundle.file(str(tokenizer)), PurePosixPath(str(tokenizer)).parent
+                listed = {PurePosixPath(f).name for f in bundle.files if PurePosixPath(f).parent == folder}
+                self.tokenizer = Tokenizer.from_bundle_dir(file.parent, listed)
+                self.chat_template = ChatTemplate.from_folder(self.tokenizer.folder, self.tokenizer.special_tokens_map,
+                                                              listed)
+                eos = self.tokenizer.eos_token_id
+                if eos is not None and eos not in self.eos_token_ids:  # (vLLM's request.eos_token_id: the
+                    # tokenizer's eos_token ends a sequence whatever generation_config.json lists, as a ChatML
+                    # fine-tune's <|im_end|>)
+                    self.eos_token_ids.append(eos)
+                    self.scheduler.eos_token_ids |= {eos}
+            self.engine = Engine(self.executor, self.scheduler, self.tokenizer, num_scheduler_steps)
+        except BaseException:
+            if hasattr(self.executor, "close"):
+                with contextlib.suppress(LlmircError):  # the error that stopped the load says more
+                    self.executor.close()
+            raise
 
     @property
     def generation_config(self) -> dict:
