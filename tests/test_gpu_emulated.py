@@ -337,3 +337,21 @@ def test_a_failed_load_frees_the_device(bundle, monkeypatch):
         load(bundle, target="cuda", kv_cache_tokens=256, max_num_batched_tokens=2, max_num_seqs=4)
     assert driver.starts and sorted(freed) == driver.starts
 
+
+def test_a_closed_executor_runs_nothing(bundle):
+    """After close() (its memory freed, its stream destroyed) every step raises LlmircError before a copy
+    or launch: on a GPU they would write into freed memory."""
+    b = open_bundle(bundle)
+    driver = Emulated(b)
+    gpu = GpuExecutor(b, driver, max_context=CONTEXT, max_num_batched_tokens=8, max_num_seqs=2,
+                      kv_cache_tokens=2 * BLOCKS * BLOCK_SIZE)
+    gpu.close()
+    calls, call = [], driver.call
+    driver.call = lambda op, *args: calls.append(op) or call(op, *args)
+    decode = _step([([5], 3), ([7], 1)], [[0], [1]], [0, 1])
+    prefill = _step([([5, 6, 7], 0)], [[0]], [2])
+    for run in (lambda: gpu.forward(*prefill), lambda: gpu.forward(*decode),
+                lambda: gpu.forward_tokens(decode, *(np.zeros(2),) * 5), lambda: gpu.forward_greedy(decode, 2)):
+        with pytest.raises(LlmircError, match="closed"):
+            run()
+    assert calls == [] and driver.launched == []

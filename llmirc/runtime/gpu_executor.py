@@ -212,7 +212,9 @@ class GpuExecutor:
     def _stage(self, a: list, sampling) -> tuple:
         """Uploads checked inputs `a` (padded to a graph bucket for a decode step) and the sampling
         parameters (pageable copies: the arrays may go once the calls return); (T, B, L, max_blocks,
-        bucket or None)."""
+        bucket or None). LlmircError once the executor is closed (its memory freed)."""
+        if self.stream is None:
+            raise LlmircError(f"{self.kind}: the executor is closed")
         T, B, L = len(a[0]), len(a[4]), len(a[6])
         max_blocks = a[3].shape[1] if a[3].ndim == 2 else 0
         if T > self.max_T or B > self.max_B or L > self.max_L or max_blocks > self.max_blocks:
