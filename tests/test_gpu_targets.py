@@ -726,6 +726,37 @@ def _recording_driver(kind, arch):
     return Recording()
 
 
+
+def test_a_failed_capture_ends_it_and_destroys_its_graph():
+    """Driver.capture when what it records raises (Ctrl-C, a refused launch): the capture is ended and the
+    graph it made destroyed, and the recording's error is the one raised, also where ending the capture
+    fails (CUDA invalidates a capture a launch failed in)."""
+    from llmirc.runtime.gpu_drivers import OPERATIONS, Driver
+
+    class Recording(Driver):
+        CALLS = {op: op for op in OPERATIONS}
+        capture_mode, log, end_fails = "thread-local", [], False
+
+        def call(self, op, *args):
+            self.log.append(op)
+            if op == "end_capture" and self.end_fails:
+                raise LlmircError("CUDA cuStreamEndCapture failed: CUDA_ERROR_STREAM_CAPTURE_INVALIDATED")
+            return "graph" if op == "end_capture" else None
+
+    def record(error):
+        def run():
+            raise error
+        return run
+    driver = Recording()
+    with pytest.raises(KeyboardInterrupt):
+        driver.capture("stream", record(KeyboardInterrupt()))
+    assert driver.log == ["begin_capture", "end_capture", "destroy_graph"]
+    driver.log.clear()
+    driver.end_fails = True
+    with pytest.raises(LlmircError, match="launch refused"):
+        driver.capture("stream", record(LlmircError("launch refused")))
+    assert driver.log == ["begin_capture", "end_capture"]
+
 def test_cuda_pdl_launch_passes_the_attribute():
     """CudaDriver.launch(pdl=True) is cuLaunchKernelEx with the launch attribute
     PROGRAMMATIC_STREAM_SERIALIZATION (built with the installed cuda-bindings' own types); without

@@ -118,12 +118,18 @@ class Driver:
 
     def capture(self, stream, record) -> object:
         """An executable graph of what `record()` launches on `stream` (the caller destroys it:
-        `destroy_graph_exec`; the captured graph itself goes once instantiated)."""
+        `destroy_graph_exec`; the captured graph itself goes once instantiated). When `record()`
+        raises, the capture is ended, its graph destroyed and `record`'s error raised."""
         self.call("begin_capture", stream, self.capture_mode)
         try:
             record()
-        finally:
-            graph = self.call("end_capture", stream)
+        except BaseException:
+            try:  # (a failed launch invalidates a CUDA capture: ending it fails too, and says less)
+                self.call("destroy_graph", self.call("end_capture", stream))
+            except LlmircError:
+                pass
+            raise
+        graph = self.call("end_capture", stream)
         try:
             return self.instantiate(graph)
         finally:
