@@ -757,6 +757,28 @@ def test_a_failed_capture_ends_it_and_destroys_its_graph():
         driver.capture("stream", record(LlmircError("launch refused")))
     assert driver.log == ["begin_capture", "end_capture"]
 
+
+@pytest.mark.parametrize("kind, error", [("cuda", "CUDA_ERROR_OUT_OF_MEMORY"), ("hip", "hipErrorOutOfMemory")])
+def test_an_allocation_the_device_cannot_hold_is_too_little_memory(kind, error):
+    """Driver.alloc failing for want of memory (weights larger than the GPU) raises GpuUnavailable, as a KV
+    cache that does not fit does, so that the loader notes it and runs the bundle's cpu target; another
+    driver error stays a plain LlmircError."""
+    from types import SimpleNamespace
+
+    from llmirc.runtime.gpu_drivers import DRIVERS
+    from llmirc.runtime.gpu_program import GpuUnavailable
+    codes = {1: error, 2: "CUDA_ERROR_INVALID_VALUE"}
+    driver = DRIVERS[kind]()
+    driver.success, failing = 0, [1]
+    driver.api = SimpleNamespace(**{driver.CALLS["alloc"]: lambda n: (failing[0], 0),
+                                    driver.ERROR_NAME: lambda e: (0, codes[e].encode())})
+    with pytest.raises(GpuUnavailable, match=f"^{kind}: too little memory for {3 << 30} bytes .*{error}"):
+        driver.alloc(3 << 30)
+    failing[0] = 2
+    with pytest.raises(LlmircError, match="INVALID_VALUE") as e:
+        driver.alloc(3 << 30)
+    assert not isinstance(e.value, GpuUnavailable)
+
 def test_cuda_pdl_launch_passes_the_attribute():
     """CudaDriver.launch(pdl=True) is cuLaunchKernelEx with the launch attribute
     PROGRAMMATIC_STREAM_SERIALIZATION (built with the installed cuda-bindings' own types); without

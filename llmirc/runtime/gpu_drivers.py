@@ -48,6 +48,7 @@ class Driver:
     CALLS: dict[str, str] = {}
     OTHER: tuple[str, ...] = ()  # the other driver functions the adapter calls
     ERROR_NAME = ""
+    OUT_OF_MEMORY = "?"
 
     def __init__(self):
         self.api = None
@@ -68,7 +69,13 @@ class Driver:
         return name.decode() if isinstance(name, bytes) else str(err)
 
     def alloc(self, n: int) -> int:
-        return int(self.call("alloc", max(1, n)))
+        """A device allocation of `n` bytes; GpuUnavailable when the device has too little memory for it."""
+        try:
+            return int(self.call("alloc", max(1, n)))
+        except LlmircError as e:
+            if not str(e).endswith(self.OUT_OF_MEMORY):
+                raise
+            raise GpuUnavailable(f"{self.kind}: too little memory for {n} bytes ({e})") from None
 
     def load(self, image: bytes, symbol: str, shared: int, what: str) -> tuple:
         """(module, function) of the kernel `symbol` of a code object (cubin, PTX, hsaco); the
@@ -150,6 +157,7 @@ class CudaDriver(Driver):
              "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent", "cuDriverGetVersion", "cuStreamCreate",
              "cuGraphInstantiate", "cuFuncSetAttribute", "cuLaunchKernelEx")
     ERROR_NAME = "cuGetErrorName"
+    OUT_OF_MEMORY = "CUDA_ERROR_OUT_OF_MEMORY"  # the error name of an allocation the device cannot hold
     MAX_STATIC_SHARED = 48 << 10  # above this a kernel must opt in to dynamic shared memory
 
     def __init__(self):
@@ -241,6 +249,7 @@ class HipDriver(Driver):
     OTHER = ("hipInit", "hipGetDeviceCount", "hipGetDeviceProperties", "hipSetDevice", "hipDriverGetVersion",
              "hipStreamCreate", "hipGraphInstantiate")
     ERROR_NAME = "hipGetErrorName"
+    OUT_OF_MEMORY = "hipErrorOutOfMemory"  # the error name of an allocation the device cannot hold
 
     @staticmethod
     def import_api():
