@@ -565,3 +565,40 @@ def test_requests_are_checked_before_anything_runs():
     with pytest.raises(LlmircError, match="logprobs"):
         engine.add_request([1], SamplingParams(logprobs=21), lambda o: None)
     assert engine.num_requests == 0 and engine.scheduler.waiting == type(engine.scheduler.waiting)()
+
+
+@pytest.mark.parametrize("where", ["commit", "sink"])
+def test_a_failure_outside_the_forward_fails_every_request_not_the_loop_thread(where):
+    """A step that raises after its forward (a scheduler bug, a request's callback) fails every request and
+    the engine, as a failing forward does: the loop thread died instead, and every client waited forever."""
+    engine, _ = make()
+    if where == "commit":
+        commit = engine.scheduler.commit
+
+        def broken(step, sampled):
+            if engine.stats.steps == 2:
+                raise KeyError("scheduler bug")
+            return commit(step, sampled)
+        engine.scheduler.commit = broken
+    else:
+        def sink(o):
+            raise RuntimeError("callback bug")
+        engine.add_request([7, 8], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True), sink)
+    engine.start()
+    errors = []
+
+    def client():
+        try:
+            list(engine.generate([[1, 2], [3]], [SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)] * 2))
+        except Exception as e:  # noqa: BLE001 - checked below
+            errors.append(e)
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    thread.join(30)
+    alive = thread.is_alive()
+    engine.abort_all()
+    engine.stop()
+    assert not alive, "the client still waits"
+    assert len(errors) == 1 and engine.error and engine.num_requests == 0, errors
+    with pytest.raises(LlmircError, match="stopped after an error"):
+        engine.add_request([1], SamplingParams(), lambda o: None)

@@ -465,9 +465,21 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            if not self._drain(block=not self._requests):
-                return
-            self._step()
+            try:
+                if not self._drain(block=not self._requests):
+                    return
+                self._step()
+            except Exception as e:  # a bug past the forward (a scheduler's, a sink's): the thread must not die
+                self._fail(e)  # with every client waiting on it; as a failed forward, every request fails
+
+    def _fail(self, e: Exception) -> None:
+        log.exception("engine loop failed")
+        self.failure = e
+        for request_id in list(self._requests):
+            try:
+                self._abort(request_id, "abort", self.error)
+            except Exception:  # its sink raised too (it was taken out first): the others still get theirs
+                log.exception("failing request %s", request_id)
 
     def _drain(self, block: bool) -> bool:
         """Apply every queued command (waiting for one when `block`); False on stop."""
