@@ -1349,6 +1349,28 @@ def test_shutdown_ends_running_and_half_sent_requests(bundle, signals, code, wit
         assert "Traceback" not in log and "Exception in ASGI" not in log, log
 
 
+def test_a_request_ready_after_the_shutdown_stopped_requests_gets_503(model):
+    """Once the shutdown's grace is over (requests aborted, `closing` set), a request whose body was
+    in but which was still being tokenized or rendered is refused with 503, as one whose body is
+    still arriving: it was admitted after the abort, ran on, and held the exit until uvicorn
+    cancelled it 5 s later, its client left with no answer."""
+    import asyncio
+
+    from llmirc.runtime.engine import SamplingParams
+    from llmirc.server.app import APIError, Server, ServerOptions
+
+    server = Server(model, ServerOptions("tiny"))
+
+    async def admit_after_shutdown():
+        server.closing.set()
+        admitted = server.admit([(model.encode("hi"), SamplingParams(max_tokens=1))])
+        admitted.close()  # (not left in the module's engine)
+
+    with pytest.raises(APIError, match="shutting down") as refusal:
+        asyncio.run(admit_after_shutdown())
+    assert refusal.value.status == 503 and server.in_flight == 0
+
+
 def test_allowed_origins_cors(guarded, server):
     """--allowed-origins: a browser's preflight from a listed origin passes without the API key,
     the answer names the origin; another origin, or a server without the option, gets no grant."""
