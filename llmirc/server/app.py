@@ -319,11 +319,11 @@ class Server:
         `guides`: their structured-output matchers made beforehand (`guides`); `fields`: the request's
         names of the engine's fields, for the 400s it gives (`refused`).
 
-        Raises APIError 503 when overloaded, the engine has failed or the shutdown's grace is over, 400 for a request that could
-        never fit or that the engine refuses."""
+        Raises APIError 503 when overloaded, the engine has failed or the shutdown's grace is over, 400
+        for a request that could never fit or that the engine refuses."""
         if self.engine.error is not None:
             raise APIError(503, f"the engine stopped after an error: {self.engine.error}")
-        if self.closing.is_set():  # (the shutdown aborted what ran: one admitted now would run on, holding the exit)
+        if self.closing.is_set():  # (the shutdown aborted what ran: one admitted now would hold up the exit)
             raise APIError(503, "the server is shutting down")
         self.check_sequences(len(requests))
         limit = self.model.scheduler.max_num_seqs + self.options.max_queued_requests
