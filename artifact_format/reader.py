@@ -19,6 +19,7 @@ import stat
 from pathlib import Path
 
 from llmirc.cache import cache_dir, store
+from llmirc.dtypes import SAFETENSORS_CODES
 from llmirc.errors import BundleError
 from llmirc.small_files import is_gguf, parse_json
 
@@ -137,8 +138,16 @@ class Bundle:
             raise BundleError(f"bundle {self.name}: file {rel}: cannot read: {e.strerror or e}") from None
 
     def open_safetensors(self, rel: str) -> SafetensorsFile:
-        """The file as a SafetensorsFile whose errors (also later ones) are BundleErrors."""
-        return open_safetensors(self.file(rel), error_cls=BundleError, label=f"bundle {self.name}: file {rel}")
+        """The file as a SafetensorsFile whose errors (also later ones) are BundleErrors. A tensor of a
+        dtype llmirc has no type for (F8_E4M3: the safetensors reader knows it, llmirc never writes it)
+        is refused here, before the loader or inspect looks its type up."""
+        tensors = open_safetensors(self.file(rel), error_cls=BundleError, label=f"bundle {self.name}: file {rel}")
+        for name in tensors.names():
+            if (dtype := tensors.info(name)[0]) not in SAFETENSORS_CODES:
+                tensors.close()
+                raise BundleError(f"bundle {self.name}: file {rel}: tensor {name!r} has dtype {dtype}, which llmirc "
+                                  "does not read")
+        return tensors
 
 
 def open_bundle(path, verify: bool = True, remember: bool = False) -> Bundle:

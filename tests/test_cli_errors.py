@@ -1195,6 +1195,17 @@ def _garbage_weights(b):
     replace_file(b, "weights/model.safetensors", struct.pack("<Q", 2) + b"[]")
 
 
+def _fp8_weight(b):
+    # A safetensors dtype llmirc has no type for (the reader knows F8_E4M3 by name), the bytes still adding up.
+    data = (b / "weights" / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    entry = header["model.embed_tokens.weight"]
+    entry["dtype"], entry["shape"] = "F8_E4M3", [entry["shape"][0], entry["shape"][1] * 4]
+    raw = json.dumps(header).encode()
+    replace_file(b, "weights/model.safetensors", struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
 BAD_BUNDLES = {
     "missing": (lambda b: shutil.rmtree(b), ["no such file"]),
     "not-a-directory": (lambda b: (shutil.rmtree(b), b.write_text("x")), ["not an llmir bundle"]),
@@ -1213,6 +1224,8 @@ BAD_BUNDLES = {
     "files-not-list": (_manifest(lambda m: m.update(files={})), ["files"]),
     "bad-files-entry": (_manifest(lambda m: m["files"][0].update(sha256="xyz")), ["files[0]", "sha256"]),
     "weights-not-safetensors": (_garbage_weights, ["weights/model.safetensors", "header"]),
+    # were internal errors (KeyError: unknown dtype), or inspect's "lacks the field"
+    "weight-of-unreadable-dtype": (_fp8_weight, ["weights/model.safetensors", "model.embed_tokens.weight", "F8_E4M3"]),
 }
 
 
