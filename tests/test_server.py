@@ -1799,7 +1799,8 @@ def test_a_malformed_generation_config_is_named():
     assert sampling_defaults({"temperature": 1.0, "top_k": 50, "do_sample": True, "repetition_penalty": 1.0}, "g") == {}
     assert sampling_defaults({"max_new_tokens": 64.0}, "g") == {"max_new_tokens": 64}
     for bad in ({"top_p": 2}, {"temperature": "hot"}, {"top_k": 2.5}, {"temperature": float("nan")},
-                {"max_new_tokens": 0}, {"max_new_tokens": 1.5}, {"min_p": 1.5}, {"repetition_penalty": 0}):
+                {"max_new_tokens": 0}, {"max_new_tokens": 1.5}, {"min_p": 1.5}, {"repetition_penalty": 0},
+                {"temperature": 10**400}, {"repetition_penalty": -10**400}):  # (were OverflowErrors: exit 3)
         with pytest.raises(LlmircError, match="^g: "):
             sampling_defaults(bad, "g")
 

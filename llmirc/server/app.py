@@ -196,12 +196,21 @@ def sampling_defaults(config: dict, source: str) -> dict:
         value = config.get(name)
         if value is None or value == default:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or \
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or value < 0 or \
                 (name in ("top_p", "min_p") and not value <= 1) or (name in WHOLE and value != int(value)) or \
                 (name in ("max_new_tokens", "top_p", "repetition_penalty") and not value > 0):
             raise LlmircError(f"{source}: {name} {value!r} is not a valid value")
         defaults[name] = int(value) if name in WHOLE else float(value)
     return defaults
+
+
+def _finite(value: int | float) -> bool:
+    """math.isfinite, False for an integer past float's range (JSON's 1000...0 of 400 digits), where
+    math.isfinite raises OverflowError."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def logit_bias_pairs(bias: dict[str, float] | None, vocab: int, param: str) -> tuple[tuple[int, float], ...]:
