@@ -155,6 +155,23 @@ def test_external_data_mis_sized(tmp_path):
     compile_fails(tmp_path, path, "m.onnx", "'E'", "where its shape and type take 512")
 
 
+def test_external_data_of_no_elements(tmp_path):
+    """An initializer with a 0 dim whose external data is 0 bytes of an empty file reads as an empty
+    array: np.memmap cannot map an empty file (was an internal error)."""
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["x"]), helper.make_node("MatMul", ["x", "W"], ["y"])]
+    w = numpy_helper.from_array(np.zeros((8, 0), np.float32), "W")
+    path = save(graph(nodes, [embed(), w]), tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    (tmp_path / "w.bin").write_bytes(b"")
+    w = next(t for t in model.graph.initializer if t.name == "W")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "w.bin"), ("offset", "0"), ("length", "0")):
+        w.external_data.add(key=key, value=value)
+    onnx.save(model, path)
+    assert OnnxCheckpoint(path).read("W").shape == (8, 0)
+
+
 def test_empty_file(tmp_path):
     (tmp_path / "m.onnx").write_bytes(b"")
     compile_fails(tmp_path, tmp_path / "m.onnx", "m.onnx", "not an ONNX model")

@@ -193,8 +193,11 @@ class OnnxCheckpoint:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
             offset = int(info.get("offset", 0))
             count = int(np.prod(t.dims, dtype=np.int64))
-            data = np.memmap(self.root / info["location"], dtype=dtype, mode="r", offset=offset, shape=(count,))
-            data = data.reshape(tuple(t.dims))
+            if count == 0:  # (np.memmap raises for an empty file)
+                data = np.empty(tuple(t.dims), dtype=dtype)
+            else:
+                data = np.memmap(self.root / info["location"], dtype=dtype, mode="r", offset=offset, shape=(count,))
+                data = data.reshape(tuple(t.dims))
         return data.astype(np.float32) if t.data_type in HALF else data
 
     def float32(self, name: str) -> np.ndarray:
