@@ -1430,7 +1430,15 @@ def test_bench_checks_the_manifest_fields_it_reads(bundle, tmp_path):
                                               ("model", {"hidden_size": -1}, "model.hidden_size is -1"),
                                               ("model", {"vocab_size": None}, "model.vocab_size is None"),
                                               ("model", 5, "malformed model field (not an object)"),
-                                              ("plan", [], "plan reads no weights"))):
+                                              ("plan", [], "plan reads no weights"),
+                                              # were internal errors (KeyError, TypeError, AttributeError)
+                                              ("plan", [{"kernel": 5}], "lacks the field 'args'"),
+                                              ("plan", "x", "malformed entry"),
+                                              ("plan", [{"kernel": "nope",
+                                                         "args": {"w": {"ptr": "weight", "index": 0}}}],
+                                               "plan calls 'nope', which target"),
+                                              ("weights", {"dtypes": [1]}, "malformed entry"),
+                                              ("kv_cache", {"block_bytes": "x"}, "malformed entry"))):
         copy = tmp_path / f"{i}.llmir"
         shutil.copytree(bundle, copy)
         manifest = json.loads((copy / "manifest.json").read_text())

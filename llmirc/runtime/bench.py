@@ -92,6 +92,9 @@ def _weights_read(model) -> list[int]:
                 if not (isinstance(arg.get("index"), int) and 0 <= arg["index"] < len(model.executor.weights)):
                     raise BundleError(f"bundle {model.bundle.name}: manifest.json's plan reads weight "
                                       f"{arg.get('index')!r}, which the bundle does not have")
+                if call["kernel"] not in kinds:
+                    raise BundleError(f"bundle {model.bundle.name}: manifest.json's plan calls {call['kernel']!r}, "
+                                      f"which target {model.executor.target.get('name')!r} does not list")
                 full = kinds[call["kernel"]] not in ("embedding", "qembedding")
                 used[arg["index"]] = used.get(arg["index"], False) or full
     if not any(used.values()):  # (the CPU library holds its own plan: a model without this one still runs)
@@ -149,8 +152,13 @@ def bench_llmirc(bundle: Path, prompt: list[int], batch: int, new_tokens: int, r
         by_dtype = decode_bytes_per_step(model, len(prompt) + new_tokens // 2, batch)  # (each sequence its KV)
         flops = prefill_flops(model, len(prompt))
         params = parameter_count(model.bundle.manifest, [w.shape for w in model.executor.weights])
-    except BaseException:
+    except BaseException as e:
         model.close()
+        # (the plan, the kernels' kinds, weights.dtypes and kv_cache.block_bytes: the library reads none of them)
+        if isinstance(e, KeyError):
+            raise BundleError(f"bundle {model.bundle.name}: manifest.json lacks the field {e}") from None
+        if isinstance(e, (TypeError, AttributeError, ValueError)):
+            raise BundleError(f"bundle {model.bundle.name}: manifest.json has a malformed entry ({e})") from None
         raise
     prefill, first, whole = [], [], []
     for _ in range(repeat):
