@@ -513,6 +513,15 @@ def test_misaligned_buffers_and_bad_entries_are_refused(llama):
     _gpu(bad)["sm_90"]["plan"][0]["args"]["ids"] = {"ptr": "input", "index": "../etc"}
     with pytest.raises(BundleError, match="unknown input"):  # when the bundle is opened
         GpuProgram(bad, _gpu(bad)["sm_90"], "m.llmir")
+    # entries of the wrong type in a rule, a launch or the plan (were TypeError, KeyError: internal errors)
+    for edit in (lambda t: t["kernels"][0].update(rule=None), lambda t: t["kernels"][0]["rule"].update(args=None),
+                 lambda t: t["kernels"][0]["rule"]["variants"][0].update(launches="x"),
+                 lambda t: t["kernels"][0]["rule"]["variants"][0]["launches"][0].pop("kernel"),
+                 lambda t: t["plan"][0].update(kernel=[]), lambda t: t.update(binaries=None)):
+        bad = copy.deepcopy(manifest)
+        edit(_gpu(bad)["sm_90"])
+        with pytest.raises(BundleError, match="GPU target 'cuda-sm_90' is malformed"):
+            GpuProgram(bad, _gpu(bad)["sm_90"], "m.llmir")
     # programmatic dependent launch: only for a kernel of a cuda sm_90+ target compiled to wait
     for arch, wait, flag, ok in [("sm_90", "wait", True, True), ("sm_90", "", True, False),
                                  ("sm_80", "wait", True, False), ("gfx942", "wait", True, False),

@@ -101,21 +101,21 @@ class GpuProgram:
             self.weight_dtypes = [dtypes.dtype(weights["dtypes"][n]) for n in weights["order"]]
             self.pool_dtype = dtypes.dtype(manifest["kv_cache"]["dtype"])
             self.workspace = {k: int(v) for k, v in manifest["abi"]["workspace"].items()}
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            for symbol, _ in self.steps:
+                if symbol not in self.rules:
+                    raise BundleError(f"bundle {bundle}: the plan calls {symbol!r}, which target "
+                                      f"{target.get('name')!r} does not compile")
+            if any(not isinstance(args, dict) for _, args in self.steps):
+                raise BundleError(f"bundle {bundle}: a plan call's arguments are not a mapping")
+            # each argument checked once here and kept resolved to (space, index, byte offset): a
+            # forward only adds addresses (it runs per prefill step, 150 calls for a 16-layer model)
+            self.calls = [(symbol, {name: self._arg(a) for name, a in args.items()}) for symbol, args in self.steps]
+            for rule in [*self.rules.values(), *self.sampling.values()]:
+                for v in rule["variants"]:
+                    for ln in v["launches"]:
+                        self._check_launch(rule, ln)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # (a rule or launch entry too)
             raise BundleError(f"bundle {bundle}: GPU target {target.get('name')!r} is malformed ({e!r:.80})") from None
-        for symbol, _ in self.steps:
-            if symbol not in self.rules:
-                raise BundleError(f"bundle {bundle}: the plan calls {symbol!r}, which target {target.get('name')!r} "
-                                  "does not compile")
-        if any(not isinstance(args, dict) for _, args in self.steps):
-            raise BundleError(f"bundle {bundle}: a plan call's arguments are not a mapping")
-        # each argument checked once here and kept resolved to (space, index, byte offset): a
-        # forward only adds addresses (it runs per prefill step, 150 calls for a 16-layer model)
-        self.calls = [(symbol, {name: self._arg(a) for name, a in args.items()}) for symbol, args in self.steps]
-        for rule in [*self.rules.values(), *self.sampling.values()]:
-            for v in rule["variants"]:
-                for ln in v["launches"]:
-                    self._check_launch(rule, ln)
 
     def _check_launch(self, rule: dict, ln: dict) -> None:
         b = self.binaries.get(ln["kernel"])
