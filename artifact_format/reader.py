@@ -124,8 +124,8 @@ class Bundle:
 
     def file(self, rel: str) -> Path:
         """Absolute path of a file listed in the manifest."""
-        if rel not in self._files:
-            raise BundleError(f"bundle {self.name}: no file {rel!r} listed in {MANIFEST}")
+        if not isinstance(rel, str) or rel not in self._files:  # (a manifest's value: a list is unhashable)
+            raise BundleError(f"bundle {self.name}: no file {rel!r:.80} listed in {MANIFEST}")
         return self.root / rel
 
     def read_json(self, rel: str):

@@ -507,6 +507,9 @@ def test_bundle_accessors_only_serve_listed_files(bundle):
     b = open_bundle(bundle)
     with pytest.raises(BundleError, match=r"no file 'extra\.json' listed in manifest\.json"):
         b.file("extra.json")
+    for rel in (["weights/model.safetensors"], None):  # a manifest value of another type (a list: TypeError)
+        with pytest.raises(BundleError, match=r"no file .* listed in manifest\.json"):
+            b.file(rel)
     with pytest.raises(BundleError, match=r"file kernels/x\.so: invalid JSON"):
         b.read_json("kernels/x.so")
     with pytest.raises(BundleError, match=r"^bundle .*: file config\.json: file is 2 bytes, too short"):
