@@ -1254,6 +1254,8 @@ BAD_FOR_LOADING = {
                             ["weights.order"]),
     "no-targets": (_manifest(lambda m: m.update(targets=[])), ["no target"]),
     "foreign-arch": (_manifest(lambda m: m["targets"][0].update(arch="riscv64")), ["riscv64"]),
+    "features-not-names": (_manifest(lambda m: m["targets"][0].update(features=[1])),  # were internal errors
+                           ["no target fits", "CPU features that are not names: [1]"]),
     "targets-not-list": (_manifest(lambda m: m.update(targets=5)), ["manifest.json", "targets"]),  # internal error
     "target-kind-not-string": (_manifest(lambda m: m["targets"][0].update(kind=[])), ["manifest.json", "targets"]),
     "generation-not-object": (_manifest(lambda m: m.update(generation=[1])), ["manifest.json", "malformed"]),

@@ -73,6 +73,9 @@ def pick_cpu_target(bundle: Bundle, name: str | None = None) -> dict:
         if not isinstance(t, dict) or t.get("kind") != "cpu" or (name and t.get("name") != name):
             continue
         features = t.get("features") if isinstance(t.get("features"), list) else []
+        if not all(isinstance(f, str) for f in features):  # (a CPU feature is a name: 1 or [] is damage)
+            reasons.append(f"{t.get('name')} lists CPU features that are not names: {features!r:.60}")
+            continue
         missing = sorted(set(features) - flags) if flags else []
         if t.get("arch") != arch:
             reasons.append(f"{t.get('name')} is for {t.get('arch')}")
