@@ -874,6 +874,18 @@ def test_inspect_counts_a_float_head_beside_its_quantized_table_once():
         assert parameter_count(m, shapes) == 384 * 64, order
 
 
+def test_inspect_refuses_quantized_codes_weights_order_does_not_list():
+    """A qlinear/qembedding call reading codes at an index past weights.order (or not an index): a
+    ValueError inspect.summary reports as a malformed manifest entry (was an IndexError: exit 3)."""
+    from llmirc.runtime.inspect import parameter_count
+
+    for index in (1, 99, "x", -1):
+        m = {"weights": {"order": ["e.codes"]}, "plan": [{"kernel": "q", "args": {"codes": {"index": index}}}],
+             "targets": [{"kernels": [{"symbol": "q", "kind": "qembedding", "params": {"dim": 64}}]}]}
+        with pytest.raises(ValueError, match=f"the plan reads weight {index!r}, which weights.order does not list"):
+            parameter_count(m, [(384, 32)])
+
+
 def test_compile_of_the_current_folder_names_it(ckpt, tmp_path):
     out = tmp_path / "here.llmir"
     r = llmirc("compile", ".", "-o", out, "-q", "--cpu-variants", "native", cwd=ckpt)

@@ -75,6 +75,8 @@ def logical_sizes(manifest: dict, shapes: list) -> list[int]:
             columns[codes["index"]] = int(kernel["params"].get("k") or kernel["params"]["dim"])
     parts = set()  # their scales, zeros and perm (`NAME.codes.1`, a copy: `NAME.scales.1`, ...)
     for i in columns:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(order):  # (summary names the manifest)
+            raise ValueError(f"the plan reads weight {i!r:.40}, which weights.order does not list")
         if m := re.fullmatch(r"(.+)\.codes((?:\.\d+)?)", order[i]):
             parts.update(f"{m[1]}.{part}{m[2]}" for part in ("scales", "zeros", "perm"))
     return [0 if name in parts else int(shape[0]) * columns[i] if i in columns else _numel(shape)
