@@ -1573,6 +1573,18 @@ def test_inspect_json(bundle):
     assert info["verified"] is True and info["tokenizer"] == "tokenizer/tokenizer.json"
 
 
+def test_inspect_shows_control_characters_of_the_manifest_escaped(bundle, tmp_path):
+    """A manifest's strings are untrusted: a terminal escape sequence (here: set the window title, red
+    text) in the producer or a kernel's symbol is printed as repr shows it, not sent to the terminal."""
+    b = copy_bundle(bundle, tmp_path)
+    edit_json(b / "manifest.json", lambda m: (m.update(producer="llmirc\x1b]0;pwned\x07"),
+                                              m["targets"][0]["kernels"][0].update(symbol="k\x1b[31m")))
+    r = llmirc("inspect", b, "--no-verify")
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert "llmirc\\x1b]0;pwned\\x07" in r.stdout and "k\\x1b[31m: embedding" in r.stdout
+
+
 def test_inspect_no_verify_skips_checksums(bundle, tmp_path):
     b = copy_bundle(bundle, tmp_path)
     _flip_byte(b)

@@ -244,9 +244,13 @@ def _layers(model: dict) -> str:
 def describe(info: dict) -> str:
     """`summary` as text; BundleError when a manifest field it shows has the wrong type."""
     try:
-        return _describe(info)
+        text = _describe(info)
     except (TypeError, AttributeError, ValueError, KeyError, IndexError) as e:  # the manifest is untrusted
         raise BundleError(f"bundle {info['bundle']}: manifest.json has a malformed entry ({e})") from None
+    # its strings too: a control character (a terminal escape sequence in `producer`, a kernel's symbol) is
+    # shown escaped, as repr shows it, not sent to the terminal
+    return "\n".join(line if line.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+                     for line in text.split("\n"))
 
 
 def _windows(model: dict) -> str:
