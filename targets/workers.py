@@ -10,8 +10,8 @@ bundle left behind; Triton's reproducer of the "failed" ptxas on stdout). So eac
 them and leads a process group of its own, which the tools it runs inherit; multiprocessing's
 resource tracker ignores SIGINT and SIGTERM itself and is started here with SIGHUP ignored (it
 died on a hang-up and printed tracebacks).
-When the parent's work ends with an exception, a signal's included, its workers are killed, not
-waited for. (A Ctrl-C landing in a wait for a worker could hang the exit for good.) At most one
+When the parent's work ends with an exception, a signal's included, its workers are killed with
+their process groups (a ptxas a worker runs too), not waited for. (A Ctrl-C landing in a wait for a worker could hang the exit for good.) At most one
 worker per usable CPU. Native code runs only in workers, even for one task: when it crashes (an
 assertion in llvmlite's LLVM, which is built with them, aborted a compile) the worker dies, not
 the compile, which reports it (run_tasks: WorkerDied) and cleans up as for any error.
@@ -120,7 +120,12 @@ def _kill(pool: ProcessPoolExecutor) -> None:
     cancelling futures races with the thread failing them (an InvalidStateError traceback), so
     callers wait on futures with `result()`, not `Executor.map`, which cancels them when stopped."""
     for process in list((getattr(pool, "_processes", None) or {}).values()):  # (3.14: pool.kill_workers())
-        process.kill()
+        # the worker's process group: the tool it runs (Triton's ptxas) too, which else ran on, writing into the
+        # compile's scratch folder as it was removed (an internal error: 'Directory not empty'; a file left there)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except OSError:  # no such group (a worker that has not made its own yet)
+            process.kill()
     # A worker killed while it wrote a result leaves part of it in the result pipe, and the
     # manager thread would wait for the rest for good, and the exit with it (it joins that thread:
     # a SIGTERM to a compile's process group hung it, ignoring further signals, in CI). This

@@ -289,6 +289,44 @@ def test_killed_workers_cannot_leave_the_pool_waiting_for_a_half_written_result(
     assert not manager.is_alive()
 
 
+def _start_sleeper() -> int:
+    """(A pool task:) starts a process that runs on, as Triton's ptxas does in a worker; its pid."""
+    import subprocess
+
+    return subprocess.Popen(["sleep", "60"]).pid
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_killed_workers_take_the_tools_they_run_with_them():
+    """A stop kills the workers' process groups, not the workers alone: a ptxas a killed worker ran
+    went on writing into the compile's scratch folder as it was removed ('Directory not empty', an
+    internal error, and its file left in TMPDIR)."""
+    import os
+    import signal
+    import time
+
+    from llmirc.targets.workers import worker_pool
+
+    with pytest.raises(KeyboardInterrupt):
+        with worker_pool(1) as pool:
+            sleeper = pool.submit(_start_sleeper).result()
+            raise KeyboardInterrupt
+    deadline = time.monotonic() + 10
+    while _running(sleeper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive := _running(sleeper):
+        os.kill(sleeper, signal.SIGKILL)  # (not left running when this fails)
+    assert not alive
+
+
 def test_compile_workers_die_with_the_compile(tmp_path):
     """A compile killed with SIGKILL (or by the out-of-memory killer) leaves no worker behind."""
     import os
