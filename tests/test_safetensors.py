@@ -320,3 +320,22 @@ def test_parse_json_fails_with_one_value_error(text, strict, reason):
         parse_json(text, strict)
     if strict:  # (not strict: json's own rules)
         assert parse_json(text) is not None
+
+
+def test_a_checkpoint_parses_its_weights_header_once(tmp_path, monkeypatch):
+    """A checkpoint's model.safetensors is opened (its header parsed and checked) once, not again for
+    the tensors after listing them: a 96 MB header of 1.5M tensors took a compile 89 s (30 s a parse;
+    the rest looking each tensor up in a new list of every name)."""
+    from helpers import make_checkpoint
+
+    from llmirc.frontend import checkpoint, open_source
+
+    make_checkpoint(tmp_path, "llama")
+    opened = []
+    monkeypatch.setattr(checkpoint, "open_safetensors", lambda path, **kw: opened.append(path) or
+                        open_safetensors(path, **kw))
+    source = open_source(tmp_path)
+    source.module()
+    assert source.read("model.embed_tokens.weight").shape == (384, 64)
+    source.close()
+    assert opened == [tmp_path / "model.safetensors"]

@@ -86,8 +86,8 @@ class Checkpoint:
             raise CheckpointError(f"{self.config_path}: {self.quantization['method']} checkpoints of GPT-2 are "
                                   "not supported")
         self.summary = f"{self.quantization['method']} {self.quantization['bits']}-bit" if self.quantization else ""
-        self._where = self._index()  # tensor name -> shard path
         self._files: dict[Path, SafetensorsFile] = {}
+        self._where = self._index()  # tensor name -> shard path
         self._used: set[str] = set()  # the tensors looked at so far (_file)
         self.other_modalities: list[str] = []  # a multimodal checkpoint's tensors outside its text model
         if text is not None:
@@ -120,8 +120,8 @@ class Checkpoint:
         if present(single):
             if not single.is_file():
                 raise CheckpointError(f"{single}: not a regular file")
-            with self._open(single) as f:
-                return {name: single for name in f.names()}
+            f = self._files[single] = self._open(single)  # (kept open: its header is parsed once)
+            return {name: single for name in f.names()}
         if any((self.root / p).exists() for p in PICKLE_FILES):
             raise CheckpointError(f"{self.root}: only pickle-based PyTorch weights found; llmirc reads safetensors "
                                   "only (pickles can run code): convert the checkpoint to safetensors")
@@ -148,7 +148,7 @@ class Checkpoint:
         if path not in self._files:
             self._files[path] = self._open(path)
         f = self._files[path]
-        if name not in f.names():
+        if name not in f:  # (not f.names(): a list of every name, built per tensor looked at)
             raise CheckpointError(f"{path}: tensor '{name}' listed in the index is not in the file")
         self._used.add(name)
         return f
