@@ -11,10 +11,11 @@ them and leads a process group of its own, which the tools it runs inherit; mult
 resource tracker ignores SIGINT and SIGTERM itself and is started here with SIGHUP ignored (it
 died on a hang-up and printed tracebacks).
 When the parent's work ends with an exception, a signal's included, its workers are killed with
-their process groups (a ptxas a worker runs too), not waited for. (A Ctrl-C landing in a wait for a worker could hang the exit for good.) At most one
-worker per usable CPU. Native code runs only in workers, even for one task: when it crashes (an
-assertion in llvmlite's LLVM, which is built with them, aborted a compile) the worker dies, not
-the compile, which reports it (run_tasks: WorkerDied) and cleans up as for any error.
+their process groups (a ptxas a worker runs too), not waited for. (A Ctrl-C landing in a wait for
+a worker could hang the exit for good.) At most one worker per usable CPU. Native code runs only in
+workers, even for one task: when it crashes (an assertion in llvmlite's LLVM, which is built with
+them, aborted a compile) the worker dies, not the compile, which reports it (run_tasks:
+WorkerDied) and cleans up as for any error.
 A tool the parent runs itself (the C linker) leads a process group too, killed whole on a stop;
 `held_signals` keeps a stop from landing between the tool's start and its pid being known.
 """
