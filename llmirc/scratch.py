@@ -16,13 +16,16 @@ import tempfile
 from pathlib import Path
 
 from llmirc.artifact_format.writer import host_tag, process_alive
+from llmirc.targets.workers import held_signals
 
 PREFIX = "llmirc-"
 
 
 def scratch_dir(kind: str) -> tempfile.TemporaryDirectory:
-    """A new private folder (mode 0700) in TMPDIR for this process; `cleanup()` or `with` removes it."""
-    return tempfile.TemporaryDirectory(prefix=f"{PREFIX}{kind}-{host_tag()}-{os.getpid()}-")
+    """A new private folder (mode 0700) in TMPDIR for this process; `cleanup()` or `with` removes it, and
+    so does the interpreter's exit where neither ran (the object's finalizer)."""
+    with held_signals():  # (a stop between mkdtemp's mkdir and the finalizer's making left the folder behind)
+        return tempfile.TemporaryDirectory(prefix=f"{PREFIX}{kind}-{host_tag()}-{os.getpid()}-")
 
 
 def remove_stale() -> list[str]:
