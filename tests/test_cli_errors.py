@@ -330,6 +330,49 @@ def test_compile_bad_checkpoint(ckpt, tmp_path, case):
     assert not (src / "PWNED").exists()
 
 
+
+def _hub_snapshot(src: Path, repo: Path) -> Path:
+    """`src`'s files moved into `repo` laid out as the Hugging Face hub's cache does: each one in
+    blobs/ under its sha256, and snapshots/REV/NAME a relative symlink to ../../blobs/SHA."""
+    snap = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        sha = hashlib.sha256(f.read_bytes()).hexdigest()
+        f.rename(repo / "blobs" / sha)
+        (snap / f.name).symlink_to(Path("../../blobs") / sha)
+    return snap
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_compile_hub_cache_snapshot(ckpt, bundle, tmp_path, sharded):
+    src = copy_ckpt(ckpt, tmp_path)
+    if sharded:  # every shard a symlink into ../../blobs: outside the snapshot folder, inside the repository's
+        _sharded(lambda d, i, name: "model-00001-of-00002.safetensors")(src)
+    snap = _hub_snapshot(src, tmp_path / "hub" / "models--org--tiny")
+    out = tmp_path / "out.llmir"
+    r = llmirc("compile", snap, "-o", out, "--cpu-variants", "native", "-q")
+    assert r.returncode == 0, r.stderr
+    assert snapshot(out / "weights") == snapshot(bundle / "weights")
+
+
+@pytest.mark.parametrize("repo", ["models--org--tiny", "elsewhere"])
+def test_compile_hub_cache_shard_leaving_the_repository(ckpt, tmp_path, repo):
+    # A shard may lie in the hub repository's blobs/, not anywhere else; and a folder that merely sits
+    # in a "snapshots" folder, outside a models--* repository, gets no wider area than itself.
+    src = copy_ckpt(ckpt, tmp_path)
+    _sharded(lambda d, i, name: "model-00001-of-00002.safetensors")(src)
+    snap = _hub_snapshot(src, tmp_path / "hub" / repo)
+    if repo.startswith("models--"):  # the shard's blob moved out of the repository
+        shard = snap / "model-00001-of-00002.safetensors"
+        target = shard.resolve().rename(tmp_path / "outside.safetensors")
+        shard.unlink()
+        shard.symlink_to(target)
+    out = tmp_path / "out.llmir"
+    assert_user_error(llmirc("compile", snap, "-o", out, "--cpu-variants", "native", "-q"),
+                      "model.safetensors.index.json", "leaves the checkpoint directory")
+    assert not out.exists()
+
 def test_compile_a_bundle_says_it_is_one(bundle, tmp_path):
     (tmp_path / "link").symlink_to(bundle)
     for model in (bundle, tmp_path / "link"):

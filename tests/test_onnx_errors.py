@@ -136,6 +136,25 @@ def test_external_data_outside_the_folder(tmp_path, location):
     compile_fails(tmp_path, path, "m.onnx", "'E'", why)
 
 
+
+@pytest.mark.parametrize("repo", ["models--org--m", "elsewhere"])
+def test_external_data_in_a_hub_cache_snapshot(tmp_path, repo):
+    """The Hugging Face hub's cache keeps a snapshot's files in ../../blobs behind symlinks: external data
+    there is read inside a models--* repository's folder, and refused as leaving the folder elsewhere."""
+    save(graph([helper.make_node("Gather", ["E", "input_ids"], ["y"])], [embed()]), tmp_path / "m.onnx",
+         external=True)
+    blobs, snap = tmp_path / "hub" / repo / "blobs", tmp_path / "hub" / repo / "snapshots" / "0123abcd"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for name in ("m.onnx", "w.bin"):
+        (tmp_path / name).rename(blobs / name)
+        (snap / name).symlink_to(f"../../blobs/{name}")
+    if repo.startswith("models--"):
+        np.testing.assert_array_equal(OnnxCheckpoint(snap / "m.onnx").float32("E"), numpy_helper.to_array(embed()))
+    else:
+        with pytest.raises(CheckpointError, match="'E' is missing or leaves the model's folder"):
+            OnnxCheckpoint(snap / "m.onnx").float32("E")
+
 def test_external_data_truncated(tmp_path):
     path = save(graph([helper.make_node("Gather", ["E", "input_ids"], ["y"])], [embed()]), tmp_path / "m.onnx",
                 external=True)

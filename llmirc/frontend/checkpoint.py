@@ -66,6 +66,17 @@ def finite(where, name: str, data: np.ndarray, stored: str) -> np.ndarray:
     return data
 
 
+def checkpoint_area(root: Path) -> Path:
+    """The folder that the files a checkpoint in `root` names (safetensors shards, ONNX external data)
+    may lie in once symlinks are followed: `root` itself, or, for a snapshot in the Hugging Face hub's
+    cache (`models--ORG--NAME/snapshots/REVISION/`, each file a symlink to `../../blobs/HASH`; the
+    layout huggingface_hub's `snapshot_download` writes), the repository's folder `models--ORG--NAME`."""
+    real = root.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return real
+
+
 class Checkpoint:
     """A source of the compiler (see frontend.open_source): graph, weights, tokenizer, facts."""
 
@@ -131,7 +142,7 @@ class Checkpoint:
         if not isinstance(shard, str) or not shard or Path(shard).is_absolute() or ".." in Path(shard).parts:
             raise CheckpointError(f"{index}: shard path {shard!r} leaves the checkpoint directory")
         path = (self.root / shard).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        if not path.is_relative_to(checkpoint_area(self.root)):
             raise CheckpointError(f"{index}: shard path {shard!r} leaves the checkpoint directory")
         if not path.is_file():
             raise CheckpointError(f"{index}: shard {shard} is missing")

@@ -42,7 +42,7 @@ from llmirc import dialect as L
 from llmirc.errors import CheckpointError, naming
 
 from . import onnx_ops
-from .checkpoint import tokenizer_files
+from .checkpoint import checkpoint_area, tokenizer_files
 from .context import Limit
 from .onnx_analysis import CONST, DATA, PROBE_LENGTHS, SONLY, AV, Node, interpret, symbolic_shape
 from .onnx_dialect import NoneOp, element_type, make_op
@@ -159,7 +159,7 @@ class OnnxCheckpoint:
             raise CheckpointError(f"{self.path}: tensor '{t.name}' has external data at {location!r}, a name with a "
                                   "NUL character")
         file = (self.root / rel).resolve()
-        if not file.is_relative_to(self.root.resolve()) or not file.is_file():
+        if not file.is_relative_to(checkpoint_area(self.root)) or not file.is_file():
             raise CheckpointError(f"{self.path}: external data {location!r} of tensor '{t.name}' is missing or "
                                   "leaves the model's folder")
         itemsize = onnx_ops.DTYPES[t.data_type].itemsize
