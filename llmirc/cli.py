@@ -65,6 +65,19 @@ class PathArg(click.Path):
         return super().convert(value, param, ctx)
 
 
+def _threads_option(help: str):
+    """--threads N (N >= 1), with a warning on stderr when N is more than the CPUs this process may use:
+    the threads then take turns on the cores, and decode runs slower than with one per core."""
+    def warn_oversubscribed(ctx, param, value):
+        cpus = len(os.sched_getaffinity(0))
+        if value is not None and value > cpus:
+            click.echo(f"warning: --threads {value} is more than the {cpus} CPUs this process may use: threads "
+                       "will share cores (slower than one per core)", err=True)
+        return value
+    return click.option("--threads", type=click.IntRange(min=1), default=None, callback=warn_oversubscribed,
+                        help=help)
+
+
 def _not_empty(ctx, param, value, blank_is_empty: bool = True):
     """click callback: an option (each value of a repeatable one) must not be given as '' (an unset
     shell variable, `--host "$HOST"`): an empty --host would listen on every interface and an empty
@@ -392,8 +405,7 @@ def _sampling_options(fn, max_new_tokens: click.Option | None = None):
         click.option("--no-verify", is_flag=True, help="Skip checksum verification (by default it runs once per "
                                                        "unchanged bundle and is remembered); a damaged kernel "
                                                        "library may then crash the process."),
-        click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="CPU threads (default: the CPUs this process may use)."),
+        _threads_option("CPU threads (default: the CPUs this process may use)."),
         _target_option,
     ]):
         fn = option(fn)
@@ -713,8 +725,7 @@ def chat(bundle, system, template_kwargs, max_new_tokens, temperature, top_k, to
               help="The share of the GPU's memory, in (0, 1], the model may use: the KV cache takes what the "
                    "weights and buffers leave (vLLM's; default 0.9; --kv-cache-tokens sizes it instead). GPU "
                    "targets only (no effect on a CPU bundle).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for the model (default: all cores this process may use).")
+@_threads_option("CPU threads for the model (default: all cores this process may use).")
 @_target_option
 @click.option("--num-scheduler-steps", type=click.IntRange(min=1), default=8, show_default=True,
               help="Greedy decode steps run in one native call while every running request is greedy, without "
@@ -949,8 +960,7 @@ def inspect(bundle, as_json, no_verify, try_load, target):
                    "same run (a CPU target only).")
 @click.option("--kv-cache-tokens", type=click.IntRange(min=1), default=None,
               help="KV cache size in tokens (default: what the benchmark needs).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads (default: the CPUs this process may use); transformers gets as many.")
+@_threads_option("CPU threads (default: the CPUs this process may use); transformers gets as many.")
 @_target_option
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object: bundle, llmirc_version, date, host, threads, target, device (a GPU's "
@@ -996,8 +1006,7 @@ def bench(bundle, prompt_len, new_tokens, batch, repeat, hf_dir, kv_cache_tokens
               help="Tokens between window starts (default: half the context); each token is scored at most "
                    "once (a window's first token is not scored: nothing precedes it there).")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Evaluate only the first N tokens.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads (default: the CPUs this process may use).")
+@_threads_option("CPU threads (default: the CPUs this process may use).")
 @_target_option
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object: perplexity (null past float64's range), nll (mean, nats), tokens, windows, "

@@ -1670,6 +1670,16 @@ def test_run_streams_text(bundle):
     assert r.returncode == 0 and r.stderr == "" and r.stdout.endswith("\n"), r.stderr
 
 
+
+def test_threads_past_the_cpus_warns(bundle_notok):
+    cpus = len(os.sched_getaffinity(0))
+    r = llmirc("run", bundle_notok, "--token-ids", "1", "--max-new-tokens", "1", "--threads", str(cpus + 1), "-q")
+    assert r.returncode == 0 and r.stderr.splitlines() == [
+        f"warning: --threads {cpus + 1} is more than the {cpus} CPUs this process may use: threads will share "
+        "cores (slower than one per core)"], r.stderr
+    r = llmirc("run", bundle_notok, "--token-ids", "1", "--max-new-tokens", "1", "--threads", str(cpus), "-q")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
 def test_run_sampling_is_reproducible(bundle_notok):
     args = ["--token-ids", "0,5,9", "--max-new-tokens", "16", "--ignore-eos"]
     sampling = ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "7"]
