@@ -30,10 +30,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+if not sys.stderr.isatty():  # transformers' GGUF conversion bar, redrawn line by line into a log
+    os.environ.setdefault("TQDM_DISABLE", "1")  # (tqdm reads it when it is imported: before transformers)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = "What is the capital of France?"
