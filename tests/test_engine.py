@@ -554,6 +554,74 @@ def test_ctrl_c_in_a_step_leaves_the_engine_usable(executor_class):
     assert [[o.token for o in out[i]] for i in (0, 1)] == [greedy_reference(p, 6) for p in ([1, 2, 3], [4, 5])]
 
 
+
+@pytest.mark.parametrize("where", ["commit", "commit_run", "sample", "logprob", "prompt_logprobs"])
+def test_a_failure_after_the_forward_in_the_callers_thread_leaves_the_engine_usable(monkeypatch, where):
+    """generate stepping the engine in its own thread, a step that fails after its forward (the scheduler's
+    commit, sampling, a logprob) raises its own error from that generate, aborts the step's requests and frees
+    their blocks; the next generate gives a fresh engine's tokens (it raised "commit() the previous step"
+    forever, or, for sampling, "the engine stopped after an error")."""
+    engine, executor = make(executor_class=FakeRunExecutor if where == "commit_run" else FakeExecutor)
+    target = {"commit": engine.scheduler, "commit_run": engine.scheduler, "sample": engine,
+              "logprob": engine, "prompt_logprobs": engine}[where]
+    name = {"sample": "_sample", "logprob": "_token_logprob", "prompt_logprobs": "_prompt_logprobs"}.get(where, where)
+    calls, fail_at = [], 1 if where == "commit_run" else 2  # (the decode run: the second step)
+
+    def broken(original):
+        def call(*args):
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise KeyError(f"{where} bug")
+            return original(*args)
+        return call
+    monkeypatch.setattr(target, name, broken(getattr(target, name)))
+    asks = dict(logprobs=2) if where == "logprob" else dict(prompt_logprobs=1) if where == "prompt_logprobs" else {}
+    prompts = [[1, 2, 3], [4, 5]] if where != "prompt_logprobs" else [[1, 2, 3], [4] * 9]
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, **asks)] * 2
+    with pytest.raises(KeyError, match=f"{where} bug"):
+        collect(engine, prompts, params)
+    assert len(calls) == fail_at and engine.error is None and engine.num_requests == 0
+    assert engine.scheduler.allocator.num_available == 64 and not engine.scheduler.has_work
+    monkeypatch.undo()
+    out = collect(engine, prompts, params)
+    assert [[o.token for o in out[i]] for i in (0, 1)] == [greedy_reference(p, 6) for p in prompts]
+    assert engine.scheduler.allocator.num_available == 64
+
+
+def test_a_failed_step_aborts_the_other_generations_of_the_step_with_its_error(monkeypatch):
+    """Two generations stepped in one thread: the one whose step fails raises the step's error, the other's
+    requests (in that step, their state half committed) end with LlmircError naming it; the engine serves on."""
+    engine, _ = make()
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)]
+    first, second = engine.generate([[1, 2, 3]], params), engine.generate([[4, 5]], params)
+    next(first)
+    next(second)  # both in the engine, both in the next step
+    monkeypatch.setattr(engine.scheduler, "commit", lambda step, sampled: {}["scheduler bug"])
+    with pytest.raises(KeyError, match="scheduler bug"):
+        list(first)
+    monkeypatch.undo()
+    with pytest.raises(LlmircError, match="generation failed: KeyError: 'scheduler bug'"):
+        list(second)
+    assert engine.error is None and engine.num_requests == 0 and engine.scheduler.allocator.num_available == 64
+    assert [o.token for o in collect(engine, [[4, 5]], params)[0]] == greedy_reference([4, 5], 6)
+
+
+def test_a_generation_left_early_frees_its_blocks():
+    """Leaving a generate loop (break, or the consumer's own exception) aborts its requests and frees their
+    blocks at once."""
+    engine, _ = make(num_blocks=16)
+    params = [SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)] * 2
+    for _ in engine.generate([[1, 2], [3, 4]], params):
+        break
+    assert engine.num_requests == 0 and engine.scheduler.allocator.num_available == 16
+    with pytest.raises(ValueError, match="consumer"):
+        for _ in engine.generate([[1, 2], [3, 4]], params):
+            raise ValueError("consumer")
+    assert engine.num_requests == 0 and engine.scheduler.allocator.num_available == 16
+    out = collect(engine, [[1, 2]], [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)])
+    assert [o.token for o in out[0]] == greedy_reference([1, 2], 6)
+
+
 def test_requests_are_checked_before_anything_runs():
     engine, _ = make(num_blocks=8)
     with pytest.raises(LlmircError, match="context of 256"):

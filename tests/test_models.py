@@ -16,6 +16,7 @@ from helpers import check_greedy, hf_greedy, hf_logits, make_checkpoint
 from llmirc.driver import CompileOptions, Progress, compile_model
 from llmirc.errors import RuntimeLimitError
 from llmirc.runtime import load
+from llmirc.runtime.tokenizer import TextStream
 
 pytestmark = pytest.mark.slow
 
@@ -181,6 +182,52 @@ def test_greedy_decode_runs_match_single_steps(tmp_path):
     assert len(greedy(one_block, 1)) == 1
     with pytest.raises(RuntimeLimitError, match="blocks"):
         greedy(one_block, 2)
+
+
+def test_a_failed_generate_leaves_the_model_usable(tmp_path, monkeypatch):
+    """Model.generate and generate_stream step the engine in the caller's thread: a failure past the forward
+    (the scheduler's commit, the detokenizer and its stop-string check) raises from that call, aborts its
+    requests and frees their KV blocks, and the next generate gives a fresh model's tokens (every later call
+    raised "commit() the previous step"). Leaving a stream early (break, the consumer's exception) frees its
+    blocks too."""
+    make_checkpoint(tmp_path / "ckpt", "llama", tokenizer=True)
+    bundle = compile_to(tmp_path / "ckpt", tmp_path / "m.llmir")
+    prompts = ["the quick brown fox", "compilers turn programs"]
+    with load(bundle) as fresh:
+        want = fresh.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    model = load(bundle, kv_cache_tokens=256, num_scheduler_steps=1)
+    free = model.scheduler.allocator.num_available
+    commit, add = model.scheduler.commit, TextStream.add
+
+    def failing(original, exc):
+        calls = []
+
+        def call(*args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise exc
+            return original(*args)
+        return call
+    for name, target, fault, run in (
+            ("commit", model.scheduler, failing(commit, KeyError("commit bug")),
+             lambda: model.generate(prompts, max_new_tokens=12, ignore_eos=True)),
+            ("add", TextStream, failing(add, ValueError("detokenizer bug")),
+             lambda: list(model.generate_stream(prompts, max_new_tokens=12, ignore_eos=True, stop=["zz"])))):
+        monkeypatch.setattr(target, name, fault)
+        with pytest.raises((KeyError, ValueError), match="bug"):
+            run()
+        monkeypatch.undo()
+        assert model.engine.error is None and model.engine.num_requests == 0, name
+        assert model.scheduler.allocator.num_available == free, name
+        assert model.generate(prompts, max_new_tokens=12, ignore_eos=True) == want, name
+    for _ in model.generate_stream(prompts, max_new_tokens=12, ignore_eos=True):
+        break
+    assert model.engine.num_requests == 0 and model.scheduler.allocator.num_available == free
+    with pytest.raises(RuntimeError, match="consumer"):
+        for _ in model.generate_stream(prompts, max_new_tokens=12, ignore_eos=True):
+            raise RuntimeError("consumer")
+    assert model.engine.num_requests == 0 and model.scheduler.allocator.num_available == free
+    assert model.generate(prompts, max_new_tokens=12, ignore_eos=True) == want
 
 
 def test_a_sequence_gets_the_same_logprobs_whatever_its_batch(tmp_path):

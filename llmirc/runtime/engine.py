@@ -546,33 +546,67 @@ class Engine:
         step = self.scheduler.schedule()
         if step is None:
             return
+        try:
+            ran = self._forward(step)
+        except BaseException:  # Ctrl-C in the forward: the step is undone (its chunks run again), the engine usable
+            self.scheduler.discard(step)
+            raise
+        if ran is None:  # the forward failed: so did the engine
+            return
+        try:
+            self._record(step, *ran)
+        except BaseException as e:  # past the forward (a commit, a sampler, a detokenizer, Ctrl-C)
+            self._undo(step, e)
+            raise
+
+    def _forward(self, step) -> tuple[int, np.ndarray | None, np.ndarray] | None:
+        """Run `step`: (the decode steps run, the logits or None, the tokens: [run, sequences] for a decode run,
+        else one per sampling row where chosen on the device, else None: `_record` samples them). None when
+        the forward failed: a bug or a broken library, every request failed, the engine serves nothing more."""
         run = self._decode_run(step)
         try:
             if run > 1:  # fewer rows come back when a token falls outside the embedding table
-                logits, tokens = None, self.executor.forward_greedy(step.abi_inputs(), run)
-            elif hasattr(self.executor, "forward_tokens") and self._no_logits_needed(step):
-                logits, sampled = None, self._sample_on_device(step)
-            else:
-                logits = self.executor.forward(*step.abi_inputs())
-                sampled = self._sample(step, logits)
-        except Exception as e:  # a bug or a broken library: fail every request, serve nothing more
+                return run, None, self.executor.forward_greedy(step.abi_inputs(), run)
+            if hasattr(self.executor, "forward_tokens") and self._no_logits_needed(step):
+                return run, None, self._sample_on_device(step)
+            return run, self.executor.forward(*step.abi_inputs()), None
+        except Exception as e:
             log.exception("engine step failed")
             self.failure = e
             self.scheduler.commit(step, np.zeros(len(step.sample_rows), dtype=np.int64))
             for request_id in list(self._requests):
                 self._abort(request_id, "abort", self.error)
-            return
-        except BaseException:  # Ctrl-C in the forward: the step is undone (its chunks run again), the engine usable
-            self.scheduler.discard(step)
-            raise
-        steps = len(tokens) if run > 1 else 1
+            return None
+
+    def _undo(self, step, e: BaseException) -> None:
+        """After `step` failed past its forward: forget it in the scheduler if it is still pending, and abort
+        the requests of its logits rows still here with the error (part of them may be committed, part not: a
+        token the scheduler recorded and the request never got), their blocks freed. A sequence with no row
+        (a prefill chunk short of its prompt's end) is sound either way: its KV is written, and its chunk is
+        either recorded or run again. The engine serves on: in the caller's thread (`step()`) the error reaches
+        that caller and the next generate runs as on a fresh engine; on the loop thread `_loop` fails the
+        engine, as before."""
+        self.scheduler.discard(step)
+        if isinstance(e, Exception):
+            log.exception("engine step failed after its forward: its requests are aborted")
+        error = f"{type(e).__name__}: {e}"
+        for request_id in dict.fromkeys(step.request_ids):
+            try:
+                self._abort(request_id, "abort", error)
+            except Exception:  # its sink raised too (it was taken out first): the others still get theirs
+                log.exception("aborting request %s", request_id)
+
+    def _record(self, step, run: int, logits: np.ndarray | None, tokens: np.ndarray | None) -> None:
+        """Sample (unless done), commit, and hand each request its output."""
+        sampled = self._sample(step, logits) if tokens is None else tokens
+        steps = len(sampled) if run > 1 else 1
         self.stats.steps += steps
         self.stats.computed_tokens += step.num_tokens * steps
         if logits is not None:
             self._prompt_logprobs(step, logits)
         rows = {step.request_ids[r]: r for r in step.sample_rows}
         now = time.perf_counter()
-        events = self.scheduler.commit_run(step, tokens) if run > 1 else self.scheduler.commit(step, sampled)
+        events = self.scheduler.commit_run(step, sampled) if run > 1 else self.scheduler.commit(step, sampled)
         for event in events:
             req = self._requests[event.request_id]
             out = RequestOutput(event.request_id, event.token, event.finished, event.finish_reason,
