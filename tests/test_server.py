@@ -1690,6 +1690,40 @@ def test_sglang_abort_request_and_get_server_info(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "rid", r.text
 
 
+def test_sglang_generate_refuses_a_rid_in_flight(server):
+    """/generate with the rid of a request still running, or a rid repeated within one request, is a 400 naming
+    rid, as SGLang refuses it ("Duplicate request IDs detected"): both were admitted, and one /abort_request
+    ended both. Once the first has finished, its rid is free again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def generate(body, max_new_tokens=LONG_RUN):
+        return httpx.post(server.url + "/generate", json={**body, "sampling_params": {
+            "max_new_tokens": max_new_tokens, "ignore_eos": True}}, timeout=120)
+
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(generate, {"text": "hi", "rid": "dup"})
+        try:
+            deadline = time.monotonic() + 30
+            while metrics(server)["llmirc:num_requests_running"] != 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for body in ({"text": "hello", "rid": "dup"}, {"text": ["a", "b"], "rid": ["other", "dup"]},
+                         {"input_ids": [1, 2], "rid": "dup"}):
+                r = generate(body, 4)
+                assert r.status_code == 400 and r.json()["error"]["param"] == "rid", r.text
+                assert "Duplicate request IDs detected: ['dup']" in r.json()["error"]["message"], r.text
+            assert metrics(server)["llmirc:num_requests_running"] == 1  # (nothing of them admitted)
+        finally:
+            httpx.post(server.url + "/abort_request", json={"rid": "dup"})
+        out = first.result()
+    assert out.status_code == 200 and out.json()["meta_info"]["finish_reason"]["type"] == "abort", out.text
+    r = generate({"text": ["a", "b"], "rid": ["x", "x"]}, 4)
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": "Duplicate request IDs detected within the request: ['x']", "type": "BadRequestError",
+        "param": "rid", "code": 400}, r.text
+    r = generate({"text": "hi", "rid": "dup"}, 4)
+    assert r.status_code == 200 and r.json()["meta_info"]["id"] == "dup", r.text
+
+
 def test_sglang_generate_streams_cumulative_text(server, model):
     with httpx.stream("POST", server.url + "/generate", json={
             "text": "the lazy", "stream": True,

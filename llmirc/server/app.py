@@ -329,11 +329,16 @@ class Server:
         names of the engine's fields, for the 400s it gives (`refused`).
 
         Raises APIError 503 when overloaded, the engine has failed or the shutdown's grace is over, 400
-        for a request that could never fit or that the engine refuses."""
+        for a request that could never fit, that the engine refuses, or with the name of one in flight."""
         if self.engine.error is not None:
             raise APIError(503, f"the engine stopped after an error: {self.engine.error}")
         if self.closing.is_set():  # (the shutdown aborted what ran: one admitted now would hold up the exit)
             raise APIError(503, "the server is shutting down")
+        # (SGLang's TokenizerManager._validate_rid_not_in_flight: one abort ended both. Checked here, where the
+        # names are taken with no await in between: two requests racing with one rid cannot both pass.)
+        if names is not None and (taken := [name for name in names if name in set(self.named.values())]):
+            raise APIError(400, f"Duplicate request IDs detected: {taken} (a request with this rid is still "
+                                "running)", "rid")
         self.check_sequences(len(requests))
         limit = self.model.scheduler.max_num_seqs + self.options.max_queued_requests
         if self.in_flight + len(requests) > limit:

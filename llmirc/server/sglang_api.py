@@ -15,7 +15,9 @@ and `stream`. It answers `{"text", "output_ids", "meta_info": {"id", "finish_rea
 "output_top_logprobs"}}`, logprobs as [logprob, token_id, text or null]. As SGLang's scheduler lists
 them, input_token_logprobs are prompt[logprob_start_len:] (-1: the last prompt token alone), the
 first with a null logprob and top list (SGLang's select relies on it), the others scored given the
-tokens before them.
+tokens before them. A `rid` (one, or one per prompt; a batch's one rid r names its prompts r_0, r_1, ...)
+must not be that of a request still in flight, nor repeat within the request: a 400, as SGLang refuses it
+("Duplicate request IDs detected"; /abort_request names requests by it).
 finish_reason is {"type": "length", "length": n}, {"type": "stop", "matched": id or string}
 or {"type": "abort", ...}. A stream sends the cumulative text and output_ids in each
 `data:` event, then `data: [DONE]`, as SGLang does by default. GenerateReqInput's fields for
@@ -286,6 +288,9 @@ async def generate(server: Server, req: GenerateRequest, raw_request):
     tops = _per_item(0 if req.top_logprobs_num is None else req.top_logprobs_num, n, "top_logprobs_num")
     rids = _per_item(req.rid, n, "rid") if isinstance(req.rid, list) else \
         [f"{req.rid}_{i}" if batched and req.rid else req.rid or uuid.uuid4().hex for i in range(n)]
+    if len(set(rids)) < n:  # (SGLang's GenerateReqInput._validate_rid_uniqueness; in flight: Server.admit)
+        duplicates = [rid for rid in dict.fromkeys(rids) if rids.count(rid) > 1]
+        raise APIError(400, f"Duplicate request IDs detected within the request: {duplicates}", "rid")
     requests, items = [], []
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         if not 0 <= tops[i] <= MAX_LOGPROBS:
