@@ -336,7 +336,7 @@ class Server:
             raise APIError(503, "the server is shutting down")
         # (SGLang's TokenizerManager._validate_rid_not_in_flight: one abort ended both. Checked here, where the
         # names are taken with no await in between: two requests racing with one rid cannot both pass.)
-        if names is not None and (taken := [name for name in names if name in set(self.named.values())]):
+        if names is not None and (taken := sorted(set(names) & set(self.named.values()))):
             raise APIError(400, f"Duplicate request IDs detected: {taken} (a request with this rid is still "
                                 "running)", "rid")
         self.check_sequences(len(requests))
