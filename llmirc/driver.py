@@ -31,7 +31,7 @@ from llmirc.artifact_format.writer import (BundleWriter, check_replaceable, crea
                                            remove_stale_temporaries)
 from llmirc.errors import CheckpointError, LlmircError, UsageError, naming, stage
 from llmirc.frontend import open_source
-from llmirc.frontend.checkpoint import missing_tokenizer_note
+from llmirc.frontend.checkpoint import missing_tokenizer_note, source_name
 from llmirc.frontend.context import Limit, index_limits, resolve_context, table_rows
 from llmirc.passes.func_args import forward_func
 from llmirc.passes.pipeline import (DEFAULT_BLOCK_SIZE, IRPrinting, make_context, parse_passes, print_ir, required,
@@ -642,7 +642,7 @@ def _write_bundle(source, read, module, plan: Plan, backends: list, out: Path, o
         bundle.commit({
             "producer": f"llmirc {__version__}",
             "created_utc": created_utc(),
-            "source": {"kind": source.kind, "name": unicode_text(Path(source.root).resolve().name),
+            "source": {"kind": source.kind, "name": unicode_text(source_name(source.root)),
                        "fingerprint": source.fingerprint()},
             "compile_options": options.recorded(),
             "calibration": calibrated,

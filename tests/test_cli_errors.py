@@ -346,14 +346,26 @@ def _hub_snapshot(src: Path, repo: Path) -> Path:
 
 @pytest.mark.parametrize("sharded", [False, True])
 def test_compile_hub_cache_snapshot(ckpt, bundle, tmp_path, sharded):
+    """A snapshot folder of the hub's cache compiles as it is, and so does its repository's folder (the snapshot
+    refs/main names, as transformers' from_pretrained("org/tiny") loads it); the bundle names it org/tiny."""
     src = copy_ckpt(ckpt, tmp_path)
     if sharded:  # every shard a symlink into ../../blobs: outside the snapshot folder, inside the repository's
         _sharded(lambda d, i, name: "model-00001-of-00002.safetensors")(src)
-    snap = _hub_snapshot(src, tmp_path / "hub" / "models--org--tiny")
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap = _hub_snapshot(src, repo)
+    if sharded:
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(snap.name)
+        (repo / "snapshots" / "0000older").mkdir()
     out = tmp_path / "out.llmir"
-    r = llmirc("compile", snap, "-o", out, "--cpu-variants", "native", "-q")
+    r = llmirc("compile", repo if sharded else snap, "-o", out, "--cpu-variants", "native", "-q")
     assert r.returncode == 0, r.stderr
     assert snapshot(out / "weights") == snapshot(bundle / "weights")
+    assert json.loads((out / "manifest.json").read_text())["source"]["name"] == "org/tiny"
+    (repo / "refs" / "main").unlink(missing_ok=True)
+    (repo / "snapshots" / "0000older").mkdir(exist_ok=True)
+    assert_user_error(llmirc("compile", repo, "-o", out, "-q"), "models--org--tiny",
+                      "hub cache folder with 2 snapshots and no refs/main", str(repo / "snapshots" / "0000older"))
 
 
 @pytest.mark.parametrize("repo", ["models--org--tiny", "elsewhere"])

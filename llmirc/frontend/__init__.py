@@ -29,7 +29,8 @@ def build_graph(spec: Spec, check: ShapeCheck, has_tensor: Callable[[str], bool]
 
 
 def open_source(path, dequantize: bool = False):
-    """The compiler's input: a Hugging Face checkpoint directory, an .onnx file or a .gguf file.
+    """The compiler's input: a Hugging Face checkpoint directory (or a hub cache repository folder,
+    `models--ORG--NAME`: its refs/main snapshot), an .onnx file or a .gguf file.
 
     dequantize: expand quantized tensors (GGUF blocks) to float32 instead of refusing them."""
     from pathlib import Path
@@ -39,6 +40,10 @@ def open_source(path, dequantize: bool = False):
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    if path.name.startswith("models--") and (path / "snapshots").is_dir() and not (path / "config.json").exists():
+        from .checkpoint import hub_snapshot
+
+        path = hub_snapshot(path)  # a Hugging Face hub cache repository: its refs/main snapshot
     if path.is_file() and path.suffix == ".onnx":
         from .onnx_import import OnnxCheckpoint
 

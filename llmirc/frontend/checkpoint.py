@@ -66,16 +66,46 @@ def finite(where, name: str, data: np.ndarray, stored: str) -> np.ndarray:
     return data
 
 
+def hub_repository(folder: Path) -> Path | None:
+    """The repository folder `models--ORG--NAME` of the Hugging Face hub's cache when `folder` (symlinks
+    followed) is one of its snapshots, `models--ORG--NAME/snapshots/REVISION/` (each file there a symlink
+    to `../../blobs/HASH`: the layout huggingface_hub's `snapshot_download` writes); else None."""
+    real = folder.resolve()
+    return real.parent.parent if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--") \
+        else None
+
+
 def checkpoint_area(root: Path) -> Path:
     """The folder that the files a checkpoint in `root` names (safetensors shards, ONNX external data)
-    may lie in once symlinks are followed: `root` itself, or, for a snapshot in the Hugging Face hub's
-    cache (`models--ORG--NAME/snapshots/REVISION/`, each file a symlink to `../../blobs/HASH`; the
-    layout huggingface_hub's `snapshot_download` writes), the repository's folder `models--ORG--NAME`."""
-    real = root.resolve()
-    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
-        return real.parent.parent
-    return real
+    may lie in once symlinks are followed: `root` itself, or the hub repository's folder of a snapshot."""
+    return hub_repository(root) or root.resolve()
 
+
+def source_name(root: Path) -> str:
+    """A source's name for the manifest: a file's own name (a GGUF file in the hub's cache is a symlink
+    to a blob named by its hash), a folder's, or `ORG/NAME` for a snapshot of the hub's cache."""
+    path = Path(os.path.abspath(root))  # ('.' and '..' resolved, symlinks not)
+    repo = hub_repository(path) if path.is_dir() else None
+    return repo.name.removeprefix("models--").replace("--", "/", 1) if repo else path.name
+
+
+def hub_snapshot(repo: Path) -> Path:
+    """The snapshot folder that a Hugging Face hub cache repository folder (`models--ORG--NAME`, with `refs/`
+    and `snapshots/`) stands for: the revision its refs/main names, the one transformers'
+    `from_pretrained("ORG/NAME")` loads, else its only snapshot.
+
+    Raises CheckpointError naming `repo` when neither exists (no snapshot, or several and no refs/main)."""
+    snapshots, ref = repo / "snapshots", repo / "refs" / "main"
+    revisions = sorted(p.name for p in snapshots.iterdir() if p.is_dir())
+    if present(ref):
+        revision = read_small_text(ref, CheckpointError).strip()
+        if revision in revisions:
+            return snapshots / revision
+    if len(revisions) == 1:
+        return snapshots / revisions[0]
+    raise CheckpointError(f"{repo}: a Hugging Face hub cache folder with {len(revisions) or 'no'} snapshot"
+                          f"{'s' * (len(revisions) != 1)} and no refs/main naming one of them: compile a snapshot "
+                          f"folder{f', e.g. {snapshots / revisions[0]}' if revisions else ''}")
 
 class Checkpoint:
     """A source of the compiler (see frontend.open_source): graph, weights, tokenizer, facts."""
