@@ -325,6 +325,36 @@ def test_engine_greedy_matches_cpu_target(bundle, monkeypatch):
     assert got == want
 
 
+def test_every_decode_batch_runs_as_a_graph(bundle):
+    """With max_num_seqs 28 (not a power of two) a decode batch of 28 runs as the graph of bucket 28, max_num_seqs
+    itself, and one of 20 (their next tokens) as the graph of bucket 24, four rows of it padding: the logits of
+    both are those of the same steps run without a graph (launch by launch, at the batch's own size) and close to
+    the cpu target's. (Steps of one token per sequence from position 0: a prefill of 28 sequences on the
+    interpreter would double the test's time; the context is short for the same reason.)"""
+    b = open_bundle(bundle)
+    driver = Emulated(b)
+    seqs = 28
+    gpu = GpuExecutor(b, driver, max_context=2 * BLOCK_SIZE, max_num_batched_tokens=seqs, max_num_seqs=seqs,
+                      kv_cache_tokens=seqs * BLOCK_SIZE)
+    assert gpu.buckets == (1, 2, 4, 8, 16, 24, 28)
+    cpu = CpuExecutor(b, gpu.num_blocks)
+    tokens = np.random.default_rng(2).integers(0, 384, (seqs, 2)).tolist()
+    tables = [[i] for i in range(seqs)]
+    for batch, position, bucket in ((seqs, 0, seqs), (20, 1, 24)):
+        decode = _step([(t[position:position + 1], position) for t in tokens[:batch]], tables[:batch], range(batch))
+        launches = driver.graph_launches
+        graph = gpu.forward(*decode)
+        assert bucket in gpu.graphs and driver.graph_launches == launches + 1, batch
+        buckets, gpu.buckets = gpu.buckets, ()  # the same step (its K/V written again, alike) without a graph
+        eager = gpu.forward(*decode)
+        gpu.buckets = buckets
+        assert driver.graph_launches == launches + 1, batch
+        _close(graph, eager, f"decode of {batch}: graph against launches", tolerance=1e-3)
+        _close(graph, cpu.forward(*decode), f"decode of {batch}")
+    assert list(gpu.graphs) == [seqs, 24]
+    gpu.close()
+
+
 def test_a_failed_load_frees_the_device(bundle, monkeypatch):
     """load() failing after it made the GPU executor (here the scheduler refuses max_num_batched_tokens <
     max_num_seqs) frees what the executor took on the device (its KV cache: most of the GPU by default),

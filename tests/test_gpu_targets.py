@@ -875,6 +875,20 @@ def test_cuda_and_hip_share_one_executor(llama):
     assert kernels["cuda"] == kernels["hip"]  # one plan: the same kernels in the same order
 
 
+def test_graph_buckets_cover_every_decode_batch():
+    """Decode graph buckets are vLLM's capture sizes (1, 2, 4, then multiples of 8) ending at max_num_seqs, so
+    every batch up to max_num_seqs has one with fewer than 8 padding rows; a power of two as before is no different
+    below 8 (tests/test_gpu_emulated.py runs batches of 20 and 28 as graphs)."""
+    from llmirc.runtime.gpu_executor import graph_buckets
+    assert graph_buckets(1) == (1,) and graph_buckets(3) == (1, 2, 3) and graph_buckets(4) == (1, 2, 4)
+    assert graph_buckets(24) == (1, 2, 4, 8, 16, 24) and graph_buckets(28) == (1, 2, 4, 8, 16, 24, 28)
+    assert graph_buckets(100) == (1, 2, 4, *range(8, 97, 8), 100) and len(graph_buckets(256)) == 35
+    for max_num_seqs in range(1, 300):
+        buckets = graph_buckets(max_num_seqs)
+        assert list(buckets) == sorted(set(buckets)) and buckets[-1] == max_num_seqs
+        assert all(0 <= next(n for n in buckets if n >= b) - b < 8 for b in range(1, max_num_seqs + 1))
+
+
 def test_pdl_kernels_are_launched_with_it(llama, tmp_path):
     """A bundle whose sm_90 linears were compiled to wait (as CompileOptions.gpu_pdl compiles them;
     here their manifest entries say so): the executor launches exactly those with programmatic

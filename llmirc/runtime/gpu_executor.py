@@ -20,13 +20,14 @@ One forward = the CPU executor's flat-batch ABI: the same seven int32 inputs, lo
 [L, vocab] float32 back (`forward`), or token ids sampled on the device (`forward_tokens`:
 argmax, or temperature/top-k/top-p from a seed and offset per row), so a decode step copies
 back L int32s. A decode step (T == B == L, one token per sequence) runs as one CUDA/HIP graph
-launch: padded to a batch-size bucket (GRAPH_BUCKETS), captured on first use. A run of greedy
-decode steps (`forward_greedy`, the engine's multi-step decode) launches a second graph per
-bucket, the step followed by advance_step (targets/triton/sampling.py), once per step with
-nothing copied between them: the next step's inputs are computed on the device and the tokens
-of every step come back in one copy. forward_greedy has NOT run on a GPU yet (written after the
-H200 runs of 2026-12-04): the engine uses it only with num_scheduler_steps > 1 (the default,
-8); load(..., num_scheduler_steps=1) turns it off.
+launch: padded to a batch-size bucket (graph_buckets: 1, 2, 4, 8, 16, 24, ... max_num_seqs),
+captured on first use. A run of greedy decode steps (`forward_greedy`, the engine's multi-step
+decode) launches a second graph per bucket, the step followed by advance_step
+(targets/triton/sampling.py), once per step with nothing copied between them: the next step's
+inputs are computed on the device and the tokens of every step come back in one copy.
+forward_greedy has NOT run on a GPU yet (written after the H200 runs of 2026-12-04): the engine
+uses it only with num_scheduler_steps > 1 (the default, 8); load(..., num_scheduler_steps=1)
+turns it off.
 """
 
 from __future__ import annotations
@@ -43,12 +44,24 @@ from .gpu_drivers import Driver
 from .gpu_program import GpuProgram, GpuUnavailable, align, kv_cache_blocks, pack
 from .step_check import INPUTS, StepLimits, checked_decode_run, checked_inputs
 
-GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GRAPH_STEP = 8              # decode graph buckets: 1, 2, 4, then multiples of 8 (graph_buckets)
 GRAPH_RESERVE = 256 << 20   # bytes left free for graphs and the driver's own allocations
 MAX_RUN = 64                # decode steps one forward_greedy call runs at most
 PDL_DRIVER = 12030          # CUDA 12.3: stream capture keeps programmatic dependent launch (cuDriverGetVersion)
 GREEDY = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.int64),
           np.zeros(1, np.int64))  # temperature, top_k, top_p, seeds, offsets of argmax sampling
+
+
+def graph_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """The batch sizes a decode step is padded to and captured at: 1, 2, 4, then multiples of
+    GRAPH_STEP below `max_num_seqs`, then `max_num_seqs` itself, so that every decode batch runs as
+    a graph with fewer than GRAPH_STEP padding rows (vLLM's capture sizes, whose largest is
+    max_num_seqs rounded up: here the buffers are sized for max_num_seqs rows, so the last bucket
+    is that). Graphs are captured on first use and replay into the one workspace sized for the
+    largest step: a bucket costs its capture (the step's launches, recorded once) and the
+    executable graph's own memory, no buffers."""
+    return tuple([n for n in (1, 2, 4) if n < max_num_seqs] + list(range(GRAPH_STEP, max_num_seqs, GRAPH_STEP)) +
+                 [max_num_seqs])
 
 
 class GpuExecutor:
@@ -72,6 +85,7 @@ class GpuExecutor:
         self.block_size, self.vocab_size = int(kv["block_size"]), int(m["model"]["vocab_size"])
         self.full_sequence = False  # GPU targets refuse full-sequence models at compile time
         self.max_T, self.max_B = max_num_batched_tokens, max_num_seqs
+        self.buckets = graph_buckets(max_num_seqs)
         self.max_L = max_num_batched_tokens  # prompt-logprob steps keep a row per token
         self.max_blocks = -(-max_context // self.block_size)
         self.lock = threading.Lock()
@@ -135,8 +149,8 @@ class GpuExecutor:
             self.addr["buffers"][key] = self._alloc(n, zero=zero)
         self.sample_bufs = {name: self._alloc(8 * self.max_L) for name in
                             ("tokens", "temperature", "top_k", "top_p", "seeds", "offsets")}
-        self.run_bucket = next((n for n in reversed(GRAPH_BUCKETS) if n <= self.max_B), None)
-        if "advance_step" in self.program.sampling and self.run_bucket is not None:  # multi-step decode
+        self.run_bucket = self.max_B  # forward_greedy's largest bucket (out rows of one run)
+        if "advance_step" in self.program.sampling:  # multi-step decode
             self.run_out, self.run_step = self._alloc(4 * MAX_RUN * self.run_bucket), self._alloc(4)
 
         free, total_mem = driver.call("mem_info")
@@ -222,7 +236,7 @@ class GpuExecutor:
                               f"exceeds what the executor was sized for ({self.max_T}, {self.max_B}, {self.max_L}, "
                               f"{self.max_blocks})")
         decode = T == B == L and np.array_equal(a[5], np.arange(B + 1)) and np.array_equal(a[6], np.arange(L))
-        bucket = next((n for n in GRAPH_BUCKETS if n >= B and n <= self.max_B), None) if decode else None
+        bucket = next((n for n in self.buckets if n >= B), None) if decode else None
         if bucket is not None:  # pad rows: token 0 at position 0, KV write skipped, one key
             pad = bucket - B
             a = [np.concatenate([a[0], np.zeros(pad, np.int32)]), np.concatenate([a[1], np.zeros(pad, np.int32)]),
@@ -290,20 +304,18 @@ class GpuExecutor:
         """Tokens [n, B] int32 of n <= `steps` greedy decode steps (CpuExecutor.forward_greedy's
         contract): `inputs` is a decode step of B sequences with one token each, whose block
         tables already hold the slots of the next steps. The first and last step's inputs are
-        checked (RuntimeLimitError). The steps run as launches of one graph (a decode step of the
-        bucket, then advance_step) with no copy between them; the tokens come back once. Fewer
-        rows come back than asked for past MAX_RUN, for more sequences than the largest bucket
-        holds, and after a step whose token falls outside the embedding table (the steps after it
-        still run on the device, feeding token 0 and writing K/V into slots the run reserved,
-        which the next step writes again). LlmircError for a bundle without advance_step."""
+        checked (RuntimeLimitError). The steps run as launches of one graph (a decode step of
+        the bucket, then advance_step) with no copy between them; the tokens come back once.
+        Fewer rows come back than asked for past MAX_RUN, and after a step whose token falls
+        outside the embedding table (the steps after it still run on the device, feeding token 0
+        and writing K/V into slots the run reserved, which the next step writes again).
+        LlmircError for a bundle without advance_step."""
         if not self.supports_greedy_runs:
             raise LlmircError(f"{self.kind}: this bundle has no advance_step kernels (compiled before 2026-12-04): "
                               "no multi-step decode")
         steps = max(1, min(steps, MAX_RUN))
         first = checked_decode_run(self.limits, inputs, steps)
         B = len(first[4])
-        if B > self.run_bucket:
-            return self.forward_tokens(inputs, *(np.resize(x, B) for x in GREEDY))[None]
         zero = np.zeros(1, np.int32)
         with self.lock:
             self.driver.make_current()
