@@ -36,6 +36,7 @@ from llmirc.artifact_format.reader import open_bundle
 from llmirc.driver import CompileOptions, Progress, compile_model
 from llmirc.errors import LlmircError
 from llmirc.runtime import gpu_drivers
+from llmirc.runtime import model as model_module
 from llmirc.runtime.cpu_executor import CpuExecutor
 from llmirc.runtime.gpu_drivers import OPERATIONS, CudaDriver, Driver
 from llmirc.runtime.gpu_executor import GpuExecutor
@@ -355,16 +356,38 @@ def test_every_decode_batch_runs_as_a_graph(bundle):
     gpu.close()
 
 
+def test_executor_refuses_fewer_batched_tokens_than_sequences(bundle):
+    """GpuExecutor checks max_num_batched_tokens >= max_num_seqs (as the scheduler does) before it touches the
+    device: its inputs and workspace, sized for max_num_batched_tokens tokens, hold a decode graph of max_num_seqs
+    rows."""
+    b = open_bundle(bundle)
+    for tokens, seqs, message in ((2, 4, r"max_num_batched_tokens \(2\) must be >= max_num_seqs \(4\)"),
+                                  (8, 0, "max_num_seqs must be >= 1")):
+        driver, calls = Emulated(b), []
+        driver.open = driver.call = lambda *args: calls.append(args)
+        with pytest.raises(LlmircError, match=message):
+            GpuExecutor(b, driver, max_context=CONTEXT, max_num_batched_tokens=tokens, max_num_seqs=seqs,
+                        kv_cache_tokens=2 * BLOCKS * BLOCK_SIZE)
+        assert calls == []
+
+
 def test_a_failed_load_frees_the_device(bundle, monkeypatch):
-    """load() failing after it made the GPU executor (here the scheduler refuses max_num_batched_tokens <
-    max_num_seqs) frees what the executor took on the device (its KV cache: most of the GPU by default),
-    so that a load with corrected options finds the memory free."""
+    """load() failing after it made the GPU executor (here the scheduler, made to refuse) frees what the
+    executor took on the device (its KV cache: most of the GPU by default), so that a load with corrected
+    options finds the memory free. max_num_batched_tokens < max_num_seqs fails before the device is touched."""
     driver = Emulated(open_bundle(bundle))
     freed, call = [], driver.call
     driver.call = lambda op, *args: freed.append(args[0]) if op == "free" else call(op, *args)
     monkeypatch.setitem(gpu_drivers.DRIVERS, "cuda", lambda: driver)
     with pytest.raises(LlmircError, match="max_num_batched_tokens"):
         load(bundle, target="cuda", kv_cache_tokens=256, max_num_batched_tokens=2, max_num_seqs=4)
+    assert driver.starts == []
+
+    def refuse(*args, **kwargs):
+        raise LlmircError("refused")
+    monkeypatch.setattr(model_module, "Scheduler", refuse)
+    with pytest.raises(LlmircError, match="refused"):
+        load(bundle, target="cuda", kv_cache_tokens=256, max_num_batched_tokens=8, max_num_seqs=4)
     assert driver.starts and sorted(freed) == driver.starts
 
 

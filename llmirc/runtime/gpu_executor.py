@@ -73,6 +73,13 @@ class GpuExecutor:
     def __init__(self, bundle: Bundle, driver: Driver, *, max_context: int, max_num_batched_tokens: int,
                  max_num_seqs: int, kv_cache_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
                  target: str | None = None, device: int = 0):
+        # checked before the device is touched (the scheduler's rules): a decode step of max_num_seqs rows,
+        # its graph bucket included, must fit the inputs and workspace sized for max_num_batched_tokens
+        if max_num_seqs < 1:
+            raise LlmircError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < max_num_seqs:
+            raise LlmircError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs "
+                              f"({max_num_seqs})")
         m = bundle.manifest
         self.driver, self.kind = driver, driver.kind
         self.dev = driver.open(device)
