@@ -583,6 +583,8 @@ def _read_text(path: Path | str, flag: str) -> str:
     try:
         if str(path) != "-" and not stat.S_ISREG(mode := os.stat(path).st_mode) and not stat.S_ISFIFO(mode):
             raise LlmircError(f"{flag} {path}: not a file or a pipe")
+        if str(path) == "-" and sys.stdin is None:  # started with `<&-`
+            raise LlmircError(f"{flag} -: standard input is closed")
         data = sys.stdin.buffer.read() if str(path) == "-" else Path(path).read_bytes()
         return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:

@@ -1969,6 +1969,15 @@ def test_run_reads_prompts_from_stdin_and_files(bundle, tmp_path):
                                                                         "--max-new-tokens", "1")[0]["prompt_token_ids"]
 
 
+def test_reading_a_closed_standard_input_says_so(bundle):
+    """`<&-` (as some CI runners and daemons start a command): one line naming the flag, not Python's
+    'NoneType' message."""
+    for args in (("run", bundle, "--prompt-file", "-"), ("eval-ppl", bundle, "--text", "-")):
+        r = subprocess.run(["sh", "-c", 'exec "$0" -m llmirc.cli "$@" <&-', sys.executable, *map(str, args)],
+                           capture_output=True, text=True, env=ENV, timeout=300)
+        assert_user_error(r, f"{args[2]} -: standard input is closed", code=1)
+
+
 def test_run_labels_each_sequence_of_a_batch(bundle):
     r = llmirc("run", bundle, "--prompt", "the quick", "--prompt", "paged attention", "--max-new-tokens", "3", "-q")
     assert r.returncode == 0, r.stderr
