@@ -229,8 +229,10 @@ def _check_files(root: Path, name: str, entries) -> dict[str, dict]:
             raise BundleError(f"bundle {name}: file {rel}: resolves outside the bundle (symlink?)")
         try:
             st = os.stat(real)
-        except OSError:
+        except FileNotFoundError:
             raise BundleError(f"bundle {name}: file {rel}: missing") from None
+        except OSError as e:  # there, but not to this user (a folder of mode 0700 unpacked from another's archive)
+            raise BundleError(f"bundle {name}: file {rel}: cannot read: {e.strerror or e}") from None
         if not stat.S_ISREG(st.st_mode):
             raise BundleError(f"bundle {name}: file {rel}: not a regular file")
         if st.st_size != e["size"]:

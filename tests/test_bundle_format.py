@@ -396,6 +396,23 @@ def test_size_mismatch_and_missing_file(bundle):
     expect(bundle, "file config.json: missing", verify=False)
 
 
+def test_a_file_that_is_there_but_cannot_be_reached_is_not_called_missing(bundle, monkeypatch):
+    # a folder this user may not enter (root enters any: its EACCES is monkeypatched), a loop of links
+    real_stat = os.stat
+
+    def stat(p, *args, **kwargs):
+        if str(p).endswith("x.so"):
+            raise PermissionError(13, "Permission denied")
+        return real_stat(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    expect(bundle, "file kernels/x.so: cannot read: Permission denied", verify=False)
+    monkeypatch.undo()
+    (bundle / "loop.json").symlink_to("loop.json")
+    edit_manifest(bundle, lambda m: m["files"].append({"path": "loop.json", "size": 1, "sha256": "0" * 64}))
+    expect(bundle, "file loop.json: cannot read: Too many levels of symbolic links", verify=False)
+
+
 @pytest.mark.parametrize("path, message", [
     ("../outside.bin", "path '../outside.bin' escapes the bundle ('..')"),
     ("a/../../outside.bin", "escapes the bundle"),
