@@ -112,6 +112,12 @@ def cli(debug: bool) -> None:
     Compile a checkpoint (Hugging Face safetensors, ONNX or GGUF) into a portable bundle of
     compiled kernels, weights and a manifest, then run, serve, inspect or benchmark the bundle
     with the thin loader.
+
+    Exit codes: 0 success; 1 an error in the input or of the machine (one line
+    `error: ...` on stderr); 2 a command-line usage error; 3 an internal error
+    (a bug in llmirc: please report); 130 interrupted (SIGINT; `serve` stops
+    on it and exits 0), 143 terminated (SIGTERM), 129 hung up (SIGHUP).
+    Results go to stdout, progress, notes and errors to stderr.
     """
     global _debug, _command
     _debug = _debug or debug

@@ -1788,6 +1788,17 @@ def test_help(command):
     assert r.returncode == 0 and r.stderr == "" and "Usage:" in r.stdout, r.stderr
 
 
+def test_help_lists_the_exit_codes():
+    """A script's author reads the exit codes in --help (they were only in README.md)."""
+    from llmirc.cli import INTERNAL_ERROR
+
+    text = " ".join(llmirc("--help").stdout.split())
+    codes = text.split("Exit codes:", 1)[1]
+    for code in ("0 success", "1 an error in the input", "2 a command-line usage error",
+                 f"{INTERNAL_ERROR} an internal error", "130 interrupted", "143 terminated", "129 hung up"):
+        assert code in codes, text
+
+
 def test_every_option_is_documented():
     """Every option of every command says what it does in --help (run's --max-new-tokens, --top-k and
     --top-p, serve's --port and --log-level said nothing), and README's command list names every command."""
