@@ -1350,6 +1350,29 @@ def test_bad_bundle_on_load(bundle, tmp_path, case, command):
     assert_user_error(llmirc(command, b, *args), str(b), *needles)
 
 
+def test_a_library_on_a_noexec_file_system_says_so(bundle_notok, monkeypatch):
+    """dlopen on a noexec mount (CI runners' /tmp often is) says only "failed to map segment from
+    shared object"; the error names the mount option. (Mounting one needs root: it is simulated.)"""
+    import ctypes
+
+    import llmirc.runtime as rt
+    from llmirc.errors import BundleError
+
+    def cdll(path, *args, **kwargs):
+        raise OSError(f"{path}: failed to map segment from shared object")
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    with pytest.raises(BundleError) as e:
+        rt.load(bundle_notok)
+    assert "failed to map segment" in str(e.value) and "noexec" not in str(e.value)
+    statvfs = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda p: os.statvfs_result((*statvfs(p)[:8], os.ST_NOEXEC, 255)))
+    with pytest.raises(BundleError) as e:
+        rt.load(bundle_notok)
+    assert str(e.value).endswith("failed to map segment from shared object (its file system is mounted noexec, "
+                                 "which forbids mapping code: put the bundle on another one)"), str(e.value)
+
+
 @pytest.mark.parametrize("edit", [lambda m: m["kv_cache"].update(num_layers=1),
                                   lambda m: m["model"].update(vocab_size=1000)])
 def test_manifest_sizes_disagreeing_with_the_library(bundle, tmp_path, edit):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import os
 import platform
 import struct
 from pathlib import Path
@@ -120,6 +121,17 @@ def elf_problem(path: Path) -> str | None:
     return None
 
 
+def _noexec_hint(path: Path) -> str:
+    """Why a library may not map where the file system forbids running code (CI runners often mount
+    /tmp noexec; dlopen then says only "failed to map segment from shared object")."""
+    try:
+        noexec = bool(os.statvfs(path).f_flag & os.ST_NOEXEC)
+    except OSError:
+        return ""
+    return " (its file system is mounted noexec, which forbids mapping code: put the bundle on another one)" \
+        if noexec else ""
+
+
 class CpuExecutor:
     kind = "cpu"
 
@@ -133,7 +145,7 @@ class CpuExecutor:
                 raise OSError(problem)
             self.lib = ctypes.CDLL(str(path))
         except OSError as e:
-            raise BundleError(f"bundle {name}: cannot load {library}: {e}") from None
+            raise BundleError(f"bundle {name}: cannot load {library}: {e}{_noexec_hint(path)}") from None
         try:
             abi_version, self._forward, info = self.lib.llmir_abi_version, self.lib.llmir_forward, \
                 self.lib.llmir_model_info
