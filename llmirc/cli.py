@@ -237,8 +237,8 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, print_ir_befo
 
     An existing bundle at -o is replaced whole (files added to its folder go with it). Compiling
     a checkpoint again on one machine gives the same bundle, byte for byte, but for
-    manifest.json's created_utc (with SOURCE_DATE_EPOCH set, that too) and a GPU target's
-    compile_seconds."""
+    manifest.json's created_utc and a GPU target's compile_seconds (with SOURCE_DATE_EPOCH set,
+    those too: the time is that, and compile_seconds is left out)."""
     from llmirc.artifact_format.writer import created_utc
 
     created_utc()  # a malformed SOURCE_DATE_EPOCH, before importing scipy (numpy's f2py reads it, and fails)

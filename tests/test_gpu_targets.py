@@ -639,6 +639,21 @@ def test_a_gpu_only_bundle_says_why_it_cannot_run(gpt2):
     assert r.returncode == 1 and r.stderr == f"error: {e.value}\n", r.stderr
 
 
+def test_gpu_bundles_are_reproducible_with_source_date_epoch(gpt2, tmp_path, monkeypatch):
+    """With SOURCE_DATE_EPOCH the stages' compile times, which a cold kernel cache measures anew,
+    are left out of the manifest: two compiles give the same bytes; inspect shows the target."""
+    tmp, _ = gpt2
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    bundles = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.llmir"
+        manifest, _ = _compile(tmp / "ckpt", out, targets=("cuda",), archs=("sm_90",))
+        assert "compile_seconds" not in _gpu(manifest)["sm_90"]
+        bundles.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert bundles[0] == bundles[1]
+    assert "kernels (cuda-sm_90)" in inspect.describe(inspect.summary(tmp_path / "a.llmir"))
+
+
 def test_inspect_load_reports_a_damaged_gpu_only_bundle_before_the_missing_gpu(gpt2, tmp_path):
     """A GPU-only bundle checked on a host without that GPU (a CI build step): `inspect --load`
     names the damage first; an intact one is refused only for want of a GPU."""

@@ -319,8 +319,8 @@ def _describe(info: dict) -> str:
         lines.append(f"  {k}  x{calls.get(k.split(':')[0], 0)}")
     for t in info["targets"]:
         if t["kind"] != "cpu":
-            lines.append(f"kernels ({t['name']}; compile " + ", ".join(f"{s} {v:.1f}s" for s, v in
-                                                                       t["compile_seconds"].items()) + ")")
+            took = ", ".join(f"{s} {v:.1f}s" for s, v in t["compile_seconds"].items())
+            lines.append(f"kernels ({t['name']}" + (f"; compile {took})" if took else ")"))
             for k in t["kernels"]:
                 symbol = k.split(":")[0]
                 lines.append(f"  {k}  x{calls.get(symbol, 0)}: " + "; ".join(t["launches"].get(symbol, [])))

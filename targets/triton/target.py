@@ -21,6 +21,7 @@ Full-sequence (generic-kernel) models stay CPU-only: `check` refuses them.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -212,7 +213,10 @@ class TritonBackend:
                 "weights": [[w.dtype, list(w.shape)] for w in plan.weights],  # what the kernels were built for
                 "slots": [{"dtype": s.dtype, "offset": plan.slot_offset(i)} for i, s in enumerate(plan.slots)],
                 "binaries": binaries,
-                "compile_seconds": {s: round(t, 3) for s, t in times.items()},
+                # how long each stage took: not with SOURCE_DATE_EPOCH (reproducible builds: a cold
+                # kernel cache measures other times, and the manifest's bytes would differ)
+                **({} if "SOURCE_DATE_EPOCH" in os.environ else
+                   {"compile_seconds": {s: round(t, 3) for s, t in times.items()}}),
             })
         return entries
 
