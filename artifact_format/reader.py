@@ -194,19 +194,21 @@ def _state_key(root: Path, files: dict[str, dict]) -> str | None:
     return h.hexdigest()
 
 
-def _record_path(root: Path) -> Path:
-    return cache_dir("verified") / hashlib.sha256(os.fsencode(root)).hexdigest()
+def _record_path(root: Path) -> Path | None:
+    folder = cache_dir("verified")
+    return folder / hashlib.sha256(os.fsencode(root)).hexdigest() if folder else None
 
 
 def _recorded(root: Path) -> str | None:
     try:
-        return _record_path(root).read_text(encoding="ascii")
+        return path.read_text(encoding="ascii") if (path := _record_path(root)) else None
     except (OSError, UnicodeDecodeError):
         return None
 
 
 def _record(root: Path, key: str) -> None:
-    store(_record_path(root), key.encode("ascii"))  # (where it cannot: the bundle is verified every time)
+    if path := _record_path(root):  # (where there is none or it cannot be written: verified every time)
+        store(path, key.encode("ascii"))
 
 
 def _check_files(root: Path, name: str, entries) -> dict[str, dict]:

@@ -15,12 +15,19 @@ import tempfile
 from pathlib import Path
 
 
-def cache_dir(part: str) -> Path:
-    """The cache folder for `part` (`cpu`, `triton`, `verified`); not created here."""
+NO_HOME = "no kernel cache (no home folder: set HOME, XDG_CACHE_HOME or LLMIRC_CACHE_DIR): nothing compiled now is kept"
+
+
+def cache_dir(part: str) -> Path | None:
+    """The cache folder for `part` (`cpu`, `triton`, `verified`); not created here. None when there is
+    no home folder to put it in (HOME unset and a uid without a passwd entry, as in `docker run -u N`:
+    expanduser leaves "~" as it is, and a folder named "~" appeared in the current directory)."""
     root = os.environ.get("LLMIRC_CACHE_DIR")
     if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME", "")
-        root = os.path.join(xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache"), "llmirc")
+        xdg, home = os.environ.get("XDG_CACHE_HOME", ""), os.path.expanduser("~")
+        if not os.path.isabs(xdg) and not os.path.isabs(home):
+            return None
+        root = os.path.join(xdg if os.path.isabs(xdg) else os.path.join(home, ".cache"), "llmirc")
     return Path(root) / part
 
 

@@ -389,6 +389,29 @@ def test_verification_without_a_writable_cache_still_verifies(bundle, tmp_path, 
         open_bundle(bundle, remember=True)
 
 
+
+@pytest.mark.parametrize("home", [None, "relative"])
+def test_no_home_folder_keeps_no_cache(bundle, tmp_path, monkeypatch, home):
+    """HOME unset for a uid without a passwd entry (`docker run -u N`) leaves expanduser("~") as "~" (as a
+    relative HOME leaves it relative): no cache then, where a folder named "~" was made in the current
+    directory."""
+    from llmirc.cache import cache_dir
+
+    monkeypatch.delenv("LLMIRC_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    if home is None:
+        monkeypatch.delenv("HOME")
+        monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # (pwd has no entry for this uid)
+    else:
+        monkeypatch.setenv("HOME", home)
+    monkeypatch.chdir(tmp_path)
+    assert cache_dir("cpu") is None
+    assert open_bundle(bundle, remember=True) and open_bundle(bundle, remember=True)
+    (bundle / "config.json").write_bytes(b"[]")
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        open_bundle(bundle, remember=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.llmir"]  # no "~" (nor "relative") folder
+
 def test_size_mismatch_and_missing_file(bundle):
     (bundle / "config.json").write_bytes(b"{ }")
     expect(bundle, "file config.json: size 3 bytes, manifest says 2", verify=False)

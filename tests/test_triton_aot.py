@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+import llmirc.targets.triton.compile as compile_mod
+from llmirc.cache import NO_HOME
 from llmirc.targets.triton import linear
 from llmirc.targets.triton.arch import ARCHS
 from llmirc.targets.triton.compile import HIDDEN_PARAMS, STAGES, CompileError, compile_kernels, sass
@@ -168,7 +170,7 @@ def test_cache_hits_and_stage_times(compiled):
     assert fresh and all(set(r.times) >= {"ttir", "ttgir", "llir"} for r in fresh)
 
 
-def test_a_cache_that_cannot_be_written_costs_only_the_compilation(tmp_path):
+def test_a_cache_that_cannot_be_written_costs_only_the_compilation(tmp_path, monkeypatch):
     """As the CPU objects' cache: a kernel cache folder that cannot be made (a file in its place, a
     read-only home) or written is said once, and the kernels compile (Triton's own cache, kept inside
     it, failed each of them: "does not compile for sm_90: Not a directory", or "No space left on
@@ -190,6 +192,11 @@ def test_a_cache_that_cannot_be_written_costs_only_the_compilation(tmp_path):
                                    "kernels compiled now are not kept"]
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["sm_90"]  # (Triton's own cache is not here)
 
+    # No home folder to keep a cache in (llmirc.cache.cache_dir None): said, and the kernels compile.
+    said.clear()
+    monkeypatch.setattr(compile_mod, "default_cache_dir", lambda: None)
+    out = compile_kernels([(spec, "sm_90")], jobs=1, warn=said.append)[0]
+    assert out.binary and not out.cached and said == [NO_HOME]
 
 def test_a_damaged_cache_entry_is_compiled_again(tmp_path):
     """A cache entry with a truncated binary was shipped in the bundle as it was (a cubin that only a

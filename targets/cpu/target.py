@@ -21,7 +21,7 @@ from pathlib import Path
 from llvmlite import ir
 
 from llmirc.artifact_format.writer import BundleWriter
-from llmirc.cache import cache_dir
+from llmirc.cache import NO_HOME, cache_dir
 from llmirc.dtypes import FP8_E4M3, kv_cache_dtype_name
 from llmirc.errors import LlmircError, UsageError, stage as internal_stage
 from llmirc.targets.plan import KernelCall, Plan
@@ -185,6 +185,8 @@ class CpuBackend:
             start = time.perf_counter()
             texts = {name: llvm_modules(plan, v, self.ir_cache) for name, v in zip(names, variants)}
             units = {(name, unit): (text, v) for name, v in zip(names, variants) for unit, text in texts[name].items()}
+            if self.cache is None:
+                progress.note(NO_HOME)
             objects = cached_objects(units, self.cache, self.jobs, progress.note)
             hits = sum(hit for _, hit in objects.values())
             progress(f"cpu: {len(objects)} objects ({hits} from the cache); codegen "

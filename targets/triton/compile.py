@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmirc.cache import cache_dir
+from llmirc.cache import NO_HOME, cache_dir
 from llmirc.errors import LlmircError
 from llmirc.scratch import scratch_dir
 
@@ -78,7 +78,7 @@ class Compiled:
     unstored: str = ""             # why it could not be stored in the cache ("": it was, or came from it)
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir() -> Path | None:
     return cache_dir("triton")
 
 
@@ -100,14 +100,17 @@ def compile_kernels(kernels, *, cache_dir: Path | None = None, jobs: int | None 
     requests = [_request(spec, get_arch(arch).name) for spec, arch in kernels]
     if not requests:
         return []
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()  # (None: no home folder to keep one in)
     keys = [json.dumps(r, sort_keys=True, default=repr) for r in requests]
     unique = dict(zip(keys, requests))
     # Triton's temporary files (ptxas' .ptx, .ptx.o and .log) in a scratch folder of this compile: a
     # worker killed as the compile stops cannot remove its own, and they were left in TMPDIR
     with scratch_dir("triton") as tmp, worker_pool(worker_count(jobs, len(unique)),
                                                    functools.partial(_worker_init, tmp)) as pool:
-        if problem := _unwritable(cache_dir):  # (Triton's own cache too: it failed every kernel's compile)
+        if cache_dir is None:
+            warn(NO_HOME)
+            cache_dir = Path(tmp) / "cache"
+        elif problem := _unwritable(cache_dir):  # (Triton's own cache too: it failed every kernel's compile)
             warn(f"the kernel cache {cache_dir} cannot be written ({problem}): nothing compiled now is kept")
             cache_dir = Path(tmp) / "cache"
         done = run_tasks(pool, {key: (_compile_one, request, str(cache_dir)) for key, request in unique.items()},
