@@ -21,6 +21,16 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 if "PYTEST_XDIST_WORKER" not in os.environ:
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="llmirc-test-cache-")
     atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
+    # Where bytecode is not written (PYTHONDONTWRITEBYTECODE), each of the suite's Python processes (the
+    # CLI's subprocesses: ~590 in test_cli_errors alone; the compiles' spawned workers, servers) compiled
+    # llmirc's and its dependencies' sources again: ~0.13 s of CPU for a CLI compile that fails early. The
+    # run's processes write it into a folder of their own (not the sources' or site-packages' __pycache__),
+    # removed at the end.
+    if sys.flags.dont_write_bytecode and not os.environ.get("PYTHONPYCACHEPREFIX"):
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        os.environ["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="llmirc-test-pycache-")
+        atexit.register(shutil.rmtree, os.environ["PYTHONPYCACHEPREFIX"], True)
+        sys.pycache_prefix, sys.dont_write_bytecode = os.environ["PYTHONPYCACHEPREFIX"], False
 
 # Triton kernels run on Triton's interpreter in the tests (CI has no GPU). It must be chosen before
 # any kernel is decorated; AOT compilation runs in worker processes that turn it off.
