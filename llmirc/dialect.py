@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 from xdsl.dialects.builtin import (
     DYNAMIC_INDEX,
+    ArrayAttr,
     BFloat16Type,
     Float16Type,
     Float32Type,
@@ -60,7 +61,7 @@ from xdsl.printer import Printer
 from xdsl.traits import Pure
 from xdsl.utils.exceptions import VerifyException
 
-from llmirc.quant import layout_problem
+from llmirc.quant import layout_problem, table_problem
 
 _POOL_KEYS = ("layers", "kv_heads", "head_dim", "block_size")
 DYN = DYNAMIC_INDEX  # a dimension only known at run time (tokens in the batch, rows kept for logits)
@@ -161,10 +162,12 @@ class QuantType(ParametrizedAttribute, TypeAttribute):
     """The element type of a quantized weight: `bits`-bit unsigned codes in groups of
     `group_size` along the input dimension, one scale (of type `scale`) per group, and zero
     points: none (symmetric), int (a uint8 zero point per group) or min (a float offset per
-    group); `act_order`: the columns are stored permuted (GPTQ act-order).
+    group); `values`: a value table (code u stands for values[u], GGUF's IQ4 grid; empty: the
+    uniform grid); `act_order`: the columns are stored permuted (GPTQ act-order).
 
-    `!llmir.quant<bits = 4, group_size = 32, scale = f16, zero = none>`; see llmirc/quant.py for
-    the meaning of the codes and their layout in the bundle."""
+    `!llmir.quant<bits = 4, group_size = 32, scale = f16, zero = none>`,
+    `!llmir.quant<bits = 4, group_size = 32, scale = f16, zero = none, values = [-127, -104, ...]>`;
+    see llmirc/quant.py for the meaning of the codes and their layout in the bundle."""
 
     name = "llmir.quant"
 
@@ -173,15 +176,25 @@ class QuantType(ParametrizedAttribute, TypeAttribute):
     scale: Attribute
     zero: StringAttr
     act_order: IntAttr
+    values: ArrayAttr
 
     def __init__(self, bits: int, group_size: int, scale: Attribute = f16, zero: str = "none",
-                 act_order: bool = False):
-        super().__init__(IntAttr(bits), IntAttr(group_size), scale, StringAttr(zero), IntAttr(int(act_order)))
+                 act_order: bool = False, values: Sequence[int] | None = None):
+        super().__init__(IntAttr(bits), IntAttr(group_size), scale, StringAttr(zero), IntAttr(int(act_order)),
+                         ArrayAttr([IntAttr(v) for v in values or ()]))
+
+    @property
+    def table(self) -> tuple[int, ...] | None:
+        """The value table as ints (None: the uniform grid)."""
+        return tuple(v.data for v in self.values.data) or None
 
     def print_parameters(self, printer: Printer) -> None:
         printer.print_string(f"<bits = {self.bits.data}, group_size = {self.group_size.data}, scale = ")
         printer.print_attribute(self.scale)
-        printer.print_string(f", zero = {self.zero.data}{', act_order' if self.act_order.data else ''}>")
+        printer.print_string(f", zero = {self.zero.data}")
+        if self.table:
+            printer.print_string(f", values = [{', '.join(str(v) for v in self.table)}]")
+        printer.print_string(f"{', act_order' if self.act_order.data else ''}>")
 
     @classmethod
     def parse_parameters(cls, parser: AttrParser) -> list[Attribute]:
@@ -199,11 +212,16 @@ class QuantType(ParametrizedAttribute, TypeAttribute):
         parser.parse_keyword("zero")
         parser.parse_punctuation("=")
         zero = parser.parse_identifier()
-        act_order = parser.parse_optional_punctuation(",") is not None
-        if act_order:
-            parser.parse_keyword("act_order")
+        table, act_order = [], False
+        while parser.parse_optional_punctuation(",") is not None:
+            if parser.parse_optional_keyword("values") is not None:
+                parser.parse_punctuation("=")
+                table = parser.parse_comma_separated_list(parser.Delimiter.SQUARE, parser.parse_integer)
+            else:
+                parser.parse_keyword("act_order")
+                act_order = True
         parser.parse_punctuation(">")
-        return [*values, scale, StringAttr(zero), IntAttr(int(act_order))]
+        return [*values, scale, StringAttr(zero), IntAttr(int(act_order)), ArrayAttr([IntAttr(v) for v in table])]
 
     def verify(self) -> None:
         _check(self.group_size.data >= 16, "quant: group_size must be at least 16")
@@ -213,6 +231,10 @@ class QuantType(ParametrizedAttribute, TypeAttribute):
         _check(is_float(self.scale), "quant: the scale type must be f32, bf16 or f16")
         _check(self.zero.data in _QUANT_ZEROS, f"quant: zero must be one of {', '.join(_QUANT_ZEROS)}")
         _check(self.act_order.data in (0, 1), "quant: act_order is a flag")
+        _check(all(isinstance(v, IntAttr) for v in self.values.data), "quant: values must be integers")
+        if self.table:
+            why = table_problem(self.table, self.bits.data, self.zero.data)
+            _check(why is None, f"quant: {why}")
 
 
 class _LlmirOp(IRDLOperation):

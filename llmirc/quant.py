@@ -12,6 +12,10 @@ A weight of group g is, by `zero`:
     none: w = s_g * (u - 2^(bits-1))      (symmetric; llama.cpp's Q4_0 / Q5_0 / Q6_K / Q8_0)
     int:  w = s_g * (u - z_g)             (uint8 zero points; GPTQ, AWQ, MatMulNBits)
     min:  w = s_g * u + m_g               (llama.cpp's Q4_1 / Q5_1 / K-quant mins)
+and with a value table (`values`: 2^bits ints in [-128, 127], zero none, 4-bit codes only):
+    w = s_g * values[u]                   (a non-uniform grid: llama.cpp's IQ4_NL / IQ4_XS, kvalues_iq4nl)
+The kernels look the table up after unpacking a code (x86 pshufb, AArch64 tbl) and go on with the
+byte values[u] + 128 as an 8-bit code of center 128 (targets/cpu/quant_kernels.py).
 
 The super-block layout serves the integer dot-product instructions (x86 vpdpbusd, and its
 emulation elsewhere): a 32-bit lane multiplies 4 consecutive bytes. A row is cut into
@@ -52,6 +56,7 @@ class Scheme:
     scale_dtype: str = "float16"
     zero: str = "none"   # none | int | min (see the module docstring)
     act_order: bool = False
+    values: tuple[int, ...] | None = None  # code u stands for values[u] (None: the uniform grid, see above)
 
     @property
     def zero_dtype(self) -> str:
@@ -80,6 +85,8 @@ class Scheme:
             return f"group size {g} (a power of two from 16 to 512, or the whole row)"
         if k % g:
             return f"{k} inputs, not a multiple of the group size {g}"
+        if self.values is not None and (why := table_problem(self.values, self.bits, self.zero)):
+            return why
         return layout_problem(self.bits, self.sub_group, k)
 
     @property
@@ -111,6 +118,16 @@ def layout_order(k: int, sg: int) -> np.ndarray:
     order = np.empty(k, np.int64)
     order[pos.ravel()] = (j[:, None] * sg + e[None, :]).ravel()
     return order
+
+
+def table_problem(values, bits: int, zero: str) -> str | None:
+    """Why `values` cannot be the value table of `bits`-bit codes with zero points `zero` (None when
+    it can): 16 ints in [-128, 127] for 4-bit symmetric codes (what the kernels look up)."""
+    if bits != 4 or zero != "none":
+        return f"a value table with {bits}-bit codes and zero {zero} (4-bit symmetric codes only)"
+    if len(values) != 16 or not all(isinstance(v, int) and -128 <= v <= 127 for v in values):
+        return f"value table {list(values)} (16 ints in [-128, 127])"
+    return None
 
 
 def high_bits(bits: int) -> int:
@@ -279,6 +296,8 @@ def _check_scheme(scheme: Scheme, k: int, what: str) -> None:
     why = scheme.check(k)
     if why is not None:
         raise ValueError(f"{what}: cannot store {why}")
+    if scheme.values is not None:
+        raise ValueError(f"{what}: value tables come only from GGUF files (IQ4_NL, IQ4_XS)")
 
 
 def _searched_params(x: np.ndarray, d: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
@@ -388,7 +407,9 @@ def dequantize(parts: dict[str, np.ndarray], scheme: Scheme, k: int) -> np.ndarr
     u = unpack(parts["codes"], scheme.bits, scheme.sub_group, k).astype(np.float64)
     n, g = u.shape[0], scheme.group_size
     s = np.repeat(dtypes.to_float32(parts["scales"], scheme.scale_dtype).astype(np.float64), g, axis=1)
-    if scheme.zero == "none":
+    if scheme.values is not None:
+        w = s * np.array(scheme.values, np.float64)[u.astype(np.int64)]
+    elif scheme.zero == "none":
         w = s * (u - scheme.center)
     elif scheme.zero == "int":
         w = s * (u - np.repeat(parts["zeros"].astype(np.float64), g, axis=1))

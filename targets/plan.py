@@ -555,7 +555,8 @@ def _ir_dtype(v: SSAValue) -> str:
 
 def quant_scheme(t: L.QuantType) -> quant.Scheme:
     """The llmirc.quant scheme of a `!llmir.quant` element type."""
-    return quant.Scheme(t.bits.data, t.group_size.data, _element_dtype(t.scale), t.zero.data, bool(t.act_order.data))
+    return quant.Scheme(t.bits.data, t.group_size.data, _element_dtype(t.scale), t.zero.data, bool(t.act_order.data),
+                        t.table)
 
 
 def _part_expr(expr: tuple, part: str) -> tuple:
@@ -566,8 +567,9 @@ def _part_expr(expr: tuple, part: str) -> tuple:
 
 
 def _quant_params(scheme: quant.Scheme) -> dict:
+    table = {"values": list(scheme.values)} if scheme.values is not None else {}  # (absent: the uniform grid)
     return {"bits": scheme.bits, "group_size": scheme.group_size, "scale_dtype": scheme.scale_dtype,
-            "zero": scheme.zero, "zero_dtype": scheme.zero_dtype}
+            "zero": scheme.zero, "zero_dtype": scheme.zero_dtype, **table}
 
 
 def _quant_args(w: dict[str, Ref]) -> dict[str, Arg]:

@@ -59,6 +59,24 @@ def test_quantized_ir_parses_in_upstream_mlir_and_round_trips():
     assert print_ir(module) == text
 
 
+def test_value_table_quant_type_round_trips():
+    """A quantized type with a value table (GGUF's IQ4) prints its table, parses back in xDSL and in
+    upstream MLIR, and a table the kernels cannot look up is refused."""
+    from xdsl.dialects.builtin import ModuleOp, f32
+
+    table = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+    qtype = L.QuantType(4, 32, f32, "none", values=table)
+    text = print_ir(ModuleOp([L.PackedWeightOp("w", "gguf", (8, 64), qtype)]))
+    assert "!llmir.quant<bits = 4, group_size = 32, scale = f32, zero = none, values = [-127, -104, " in text
+    check_round_trip(text)
+    assert Parser(make_context(), text).parse_module().body.block.first_op.result.type.element_type.table == table
+    for bits, zero, values, message in ((8, "none", table, "4-bit symmetric codes only"),
+                                        (4, "min", table, "4-bit symmetric codes only"),
+                                        (4, "none", table[:8], "16 ints in")):
+        with pytest.raises(VerifyException, match=message):
+            L.QuantType(bits, 32, f32, zero, values=values)
+
+
 def test_optimized_ir_parses_and_verifies_in_upstream_mlir():
     from iree.compiler import ir
     text = optimized_ir()

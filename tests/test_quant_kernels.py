@@ -40,6 +40,7 @@ from llmirc.targets.cpu import toolchain as tc
 from llmirc.targets.cpu.target import compile_module, extra_modules
 from llmirc.targets.signatures import qlinear_scratch_bytes, signature
 
+IQ4 = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
 SCHEMES = {  # name -> (scheme factory of k)
     "i8_row": lambda k: Scheme(8, k, "float32"),                  # int8 per output row
     "i8_g32": lambda k: Scheme(8, 32, "float16"),                 # Q8_0-like
@@ -56,6 +57,9 @@ SCHEMES = {  # name -> (scheme factory of k)
     "i5_g32_min_f32": lambda k: Scheme(5, 32, "float32", "min"),  # Q5_1 / Q5_K
     "i6_g16_f32": lambda k: Scheme(6, 16, "float32"),             # Q6_K
     "i6_g64_int": lambda k: Scheme(6, 64, "bfloat16", "int"),
+    "i4_g32_tbl": lambda k: Scheme(4, 32, "float16", values=IQ4),       # IQ4_NL: a value table
+    # IQ4_XS's f32 scales, with a table reaching both ends of int8 (the largest vpmaddubsw pairs)
+    "i4_g32_tbl_f32": lambda k: Scheme(4, 32, "float32", values=(-128, *IQ4[1:-1], 127)),
 }
 # (n, k): n not a multiple of the rows of a block; 576 = 18 x 32 (a full super-block and a tail of 2
 # lanes), 640 for groups of 128, 1536 for 256; 512 without a tail, 2048 with groups wider than a vector, 64 only a tail
@@ -64,16 +68,17 @@ EXTRA = [("i8_g32", 64, 512), ("i4_g32", 64, 512), ("i8_row", 9, 2048), ("i8_g25
          ("i4_g128_int", 9, 2048), ("i4_g32_min", 5, 64), ("i8_g16_f32", 5, 64),
          ("i5_g32", 5, 32), ("i5_g32_min_f32", 7, 96), ("i6_g16_f32", 3, 48),  # 5/6 bits: tails of 1 to 3 lanes
          ("i4_g32", 11, 704), ("i6_g16_f32", 5, 352), ("i4_g128_int", 3, 2816),  # tails of 6 and 8 lanes (8-lane vectors)
+         ("i4_g32_tbl", 3, 64),  # a value table in one super-block's tail
          ("i8_row", 7, 24)]  # a sub-group of 24 (a row of 24 inputs): activation scales over 24 values, not 16 or 32
 CASES = [(name, *MAIN[name]) for name in SCHEMES] + EXTRA
 # The other instruction paths share the per-format code; they run the formats that exercise
 # their dot products and unpacking differently (int8 and int4 codes, zero kinds, 16-wide blocks).
-PATH_SCHEMES = ("i8_row", "i4_g32_min", "i4_g64_act", "i6_g16_f32", "i4_g128_int", "i5_g32_min_f32")
+PATH_SCHEMES = ("i8_row", "i4_g32_min", "i4_g64_act", "i6_g16_f32", "i4_g128_int", "i5_g32_min_f32", "i4_g32_tbl_f32")
 BIAS_RESIDUAL = ("i8_row", "i4_g32_min", "i4_g64_act")
 # 1-4: decode, one token group, read one weight row at a time; 5, 8: two groups (row blocks)
 ROWS = [0, 1, 2, 3, 4, 5, 8, 17, 130]
 QE_DIMS = {"i8_g32": 576, "i4_g32_min": 576, "i4_g128_int": 640, "i8_g16_f32": 80, "i5_g32_min_f32": 576,
-           "i6_g16_f32": 80, "i5_g32": 32}  # embedding widths
+           "i6_g16_f32": 80, "i5_g32": 32, "i4_g32_tbl": 576}  # embedding widths
 QE_SCALED, QE_SCALE = ("i8_g32", "i4_g128_int"), float(np.float32(640 ** 0.5))  # Gemma's embedding scale
 
 
@@ -84,14 +89,14 @@ def _specs(full: bool = True):
             continue  # (Lib.cases: the same choice)
         s = SCHEMES[name](k)
         base = dict(n=n, k=k, bits=s.bits, group_size=s.group_size, scale_dtype=s.scale_dtype, zero=s.zero,
-                    zero_dtype=s.zero_dtype, act_order=s.act_order)
+                    zero_dtype=s.zero_dtype, act_order=s.act_order, values=s.values)
         specs.append((f"q_{name}_{n}_{k}", "qlinear", base))
         if (n, k) == MAIN[name] and name in BIAS_RESIDUAL:
             specs.append((f"q_{name}_{n}_{k}_br", "qlinear", dict(base, bias=True, residual=True)))
     for name, dim in QE_DIMS.items():
         s = SCHEMES[name](dim)
         qe = dict(dim=dim, bits=s.bits, group_size=s.group_size, scale_dtype=s.scale_dtype, zero=s.zero,
-                  zero_dtype=s.zero_dtype)
+                  zero_dtype=s.zero_dtype, values=s.values)
         specs.append((f"qe_{name}", "qembedding", qe))
         if name in QE_SCALED:
             specs.append((f"qe_{name}_scaled", "qembedding", dict(qe, scale=QE_SCALE)))
@@ -123,6 +128,10 @@ def _variant(name):
                              v3.required_flags + ("avx_vnni",))
     if name == "baseline":  # decode's weights read the other way from native (as in test_cpu_kernels)
         return dataclasses.replace(tc.baseline_variant(), one_row_decode=not host.one_row_decode)
+    if name == "portable":  # the baseline claiming no CPU flags: the 16-bit products and a table's select chain,
+        if host.arch != "x86_64":  # the paths of architectures other than x86 and AArch64, run on x86
+            pytest.skip("an x86-64 host")
+        return dataclasses.replace(tc.baseline_variant(), required_flags=())
     level = tc.variants_for([name])[0]
     if not set(level.required_flags) <= flags:
         pytest.skip(f"this host cannot run {name}")
@@ -154,7 +163,7 @@ class Lib:
 
 
 @pytest.fixture(scope="module", params=one_worker_each(
-    "quant-kernels", ["native", "avxvnni", "x86-64-v4", "x86-64-v3", "baseline", *AARCH64]))
+    "quant-kernels", ["native", "avxvnni", "x86-64-v4", "x86-64-v3", "baseline", "portable", *AARCH64]))
 def lib(request, tmp_path_factory):
     if request.param in AARCH64 and aarch64_emulator.missing():
         pytest.skip(aarch64_emulator.missing())
@@ -251,6 +260,21 @@ def test_quantize_refuses_schemes_without_a_layout(rng, scheme, k, message):
             quant.pack(np.zeros((3, k), np.uint8), 5, 16)
 
 
+def test_value_table_scheme(rng):
+    """A value table: code u stands for s * values[u]; only 4-bit symmetric codes take one, and round to
+    nearest does not make one (they come from GGUF files)."""
+    s = SCHEMES["i4_g32_tbl"](64)
+    u = rng.integers(0, 16, (3, 64)).astype(np.uint8)
+    scales = rng.standard_normal((3, 2)).astype(np.float16)
+    w = quant.dequantize({"codes": quant.pack(u, 4, 32), "scales": scales}, s, 64)
+    np.testing.assert_array_equal(w, np.repeat(scales.astype(np.float64), 32, 1) * np.array(IQ4, np.float64)[u])
+    assert "4-bit symmetric codes only" in Scheme(8, 32, values=IQ4).check(64)
+    assert "4-bit symmetric codes only" in Scheme(4, 32, zero="int", values=IQ4).check(64)
+    assert "16 ints in [-128, 127]" in Scheme(4, 32, values=(200,) * 16).check(64)
+    with pytest.raises(ValueError, match="value tables come only from GGUF"):
+        quant.quantize(np.ones((2, 64), np.float32), s)
+
+
 def call_qlinear(lib, sym, scheme, parts, x, bias=None, res=None, ld_out=None):
     T, k = x.shape
     n = parts["codes"].shape[0]
@@ -295,7 +319,7 @@ def offset_scale(x, scheme, parts):
     elif scheme.zero == "min":
         offset = np.abs(dtypes.to_float32(parts["zeros"], scheme.scale_dtype).astype(np.float64))
     else:
-        offset = s * scheme.center
+        offset = s * (128 if scheme.values else scheme.center)  # (a table's bytes: centered at 128)
     return group_sums @ offset.T
 
 
@@ -368,7 +392,7 @@ def test_qlinear_extreme_codes(lib, rng, T):
         scheme = SCHEMES[name](k)
         parts, _ = quantized_weight(rng, scheme, n, k)
         top = (1 << scheme.bits) - 1
-        for code in (top, 0) if scheme.bits == 8 else (top,):
+        for code in (top, 0) if scheme.bits == 8 or scheme.values else (top,):
             parts["codes"] = quant.pack(np.full((n, k), code, np.uint8), scheme.bits, scheme.sub_group)
             w = quant.dequantize(parts, scheme, k)
             w = w[:, parts["perm"]] if scheme.act_order else w
@@ -543,6 +567,28 @@ def test_x86_maddubs_code(name, want):
     assert want in tc.emit_assembly(str(module), variant)
 
 
+@pytest.mark.parametrize("name,want", [("x86-64-v4", "vpshufb\t%zmm"), ("x86-64-v3", "vpshufb\t%ymm"),
+                                       ("baseline", "pshufb\t%xmm"), ("aarch64-dotprod", "tbl\tv"),
+                                       ("aarch64-generic", "tbl\tv")])
+def test_value_table_lookup_code(name, want):
+    """A value table (IQ4) is looked up by a byte shuffle after the nibbles are unpacked: pshufb at the
+    variant's width on x86, tbl on AArch64 (checked on the assembly, so also where no emulator runs it)."""
+    if name in AARCH64:
+        variant = AARCH64[name]
+    elif tc.host_variant().arch != "x86_64":
+        pytest.skip("x86 variants need an x86_64 build host")
+    else:
+        variant = tc.baseline_variant() if name == "baseline" else tc.variants_for([name])[0]
+    s = SCHEMES["i4_g32_tbl"](576)
+    for kind, params in (("qlinear", dict(n=37, k=576, act_order=False)), ("qembedding", dict(dim=576))):
+        module = ir.Module(name="q")
+        K.emit_kernel(module, kind, "q", dict(params, bits=4, group_size=32, scale_dtype=s.scale_dtype, zero="none",
+                                              zero_dtype="uint8", values=s.values), variant)
+        # (qembedding looks up 4 codes at a time: the 128-bit instruction)
+        expected = want if kind == "qlinear" else "tbl\tv" if name in AARCH64 else "pshufb\t%xmm"
+        assert expected in tc.emit_assembly(str(module), variant), (kind, name)
+
+
 def test_qlinear_amx_against_vector_path(rng, tmp_path):
     """AMX-INT8 tiles (T >= AMX_MIN_TOKENS) against the same kernel compiled without AMX-INT8, for
     every micro-kernel mode (row, group none / int / min), 8, 4, 5 and 6-bit codes, a tail super-block
@@ -552,13 +598,13 @@ def test_qlinear_amx_against_vector_path(rng, tmp_path):
     if not host.has("amx-int8"):
         pytest.skip("this host has no AMX-INT8")
     names = ("i8_row", "i4_g32", "i8_g32_int_bf16", "i4_g32_min", "i4_g64_act", "i5_g32", "i5_g32_min_f32",
-             "i6_g64_int")
+             "i6_g64_int", "i4_g32_tbl_f32")
     specs = []
     for name in names:
         n, k = MAIN[name]
         s = SCHEMES[name](k)
         specs.append((f"q_{name}", dict(n=n, k=k, bits=s.bits, group_size=s.group_size, scale_dtype=s.scale_dtype,
-                                        zero=s.zero, zero_dtype=s.zero_dtype, act_order=s.act_order)))
+                                        zero=s.zero, zero_dtype=s.zero_dtype, act_order=s.act_order, values=s.values)))
     no_amx = dataclasses.replace(host, features=host.features.replace("+amx-int8", "-amx-int8"))
     libs = []
     for variant, tag in ((host, "amx"), (no_amx, "vector")):
@@ -585,8 +631,8 @@ def test_qlinear_amx_against_vector_path(rng, tmp_path):
 
 def test_qlinear_amx_compiles_for_sapphire_rapids():
     """On any host: the AMX-INT8 qlinear compiles for a Sapphire Rapids variant (schemes with 32-input
-    sub-groups covering 8, 4, 5 and 6-bit codes, each zero kind, each scale type, act-order; all
-    eleven took 35 s to compile), and its code holds the tile products (tdpbssd for symmetric codes,
+    sub-groups covering 8, 4, 5 and 6-bit codes, each zero kind, each scale type, act-order, a value
+    table; all eleven took 35 s to compile), and its code holds the tile products (tdpbssd for symmetric codes,
     tdpbusd for zero points and mins). Their numerics are test_qlinear_amx_against_vector_path's
     (every scheme), on hosts with AMX-INT8."""
     host = tc.host_variant()
@@ -596,15 +642,15 @@ def test_qlinear_amx_compiles_for_sapphire_rapids():
                         "+avx512vl,+avx512dq,+avx512vnni,+avx512bf16,+avx2,+fma,+f16c", 16, ())
     module = ir.Module(name="spr")
     module.triple = spr.triple
-    for name in ("i8_row", "i4_g32_min", "i4_g128_int", "i4_g64_act", "i5_g32", "i6_g64_int"):
+    for name in ("i8_row", "i4_g32_min", "i4_g128_int", "i4_g64_act", "i5_g32", "i6_g64_int", "i4_g32_tbl"):
         n, k = MAIN[name]
         s = SCHEMES[name](k)
         assert s.sub_group == 32 and QK.amx_applies(s, k, spr), name
         QK.emit_quant_kernel(module, "qlinear", f"q_{name}", dict(
             n=n, k=k, bits=s.bits, group_size=s.group_size, scale_dtype=s.scale_dtype, zero=s.zero,
-            zero_dtype=s.zero_dtype, act_order=s.act_order), spr)
+            zero_dtype=s.zero_dtype, act_order=s.act_order, values=s.values), spr)
     asm = tc.emit_assembly(str(module), spr, extra=extra_modules([str(module)], spr))
-    assert "tdpbssd" in asm and "tdpbusd" in asm
+    assert "tdpbssd" in asm and "tdpbusd" in asm and "vpshufb\t%zmm" in asm
 
 
 def test_qlinear_amx_callers_on_two_threads(rng, tmp_path):

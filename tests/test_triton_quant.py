@@ -2,7 +2,7 @@
 against float64: the weight dequantized by llmirc.quant.dequantize (fresh random codes, scales,
 zeros, perm in the super-block layout), the activations rounded to bfloat16 as the GPU contract
 says (targets/signatures.py), for every format the CPU kernels test (8/4-bit, zero none/int/min,
-groups 16..256 and per-row, f16/bf16/f32 scales, act-order) and every variant of the launch rule
+groups 16..256 and per-row, f16/bf16/f32 scales, act-order, value tables) and every variant of the launch rule
 (T <= 4: GEMV; <= 16, <= 128, > 128: tl.dot tiles)."""
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def tensors(**args):
 
 def qlinear_params(scheme, n, k, bias=False, residual=False):
     return {"n": n, "k": k, "bits": scheme.bits, "group_size": scheme.group_size, "scale_dtype": scheme.scale_dtype,
-            "zero": scheme.zero, "zero_dtype": scheme.zero_dtype, "act_order": scheme.act_order, "bias": bias,
-            "residual": residual}
+            "zero": scheme.zero, "zero_dtype": scheme.zero_dtype, "act_order": scheme.act_order,
+            "values": scheme.values, "bias": bias, "residual": residual}
 
 
 def qargs(parts, scheme):
@@ -130,7 +130,8 @@ def test_quantized_then_qlinear_is_near_the_float_product(rng):
 
 
 QE = {"i8_g32": 576, "i4_g32_min": 576, "i4_g128_int": 640, "i8_g16_f32": 80, "i8_row": 96, "i8_g32_int_bf16": 64,
-      "i5_g32": 576, "i5_g32_min_f32": 96, "i6_g16_f32": 80, "i6_g64_int": 576}  # 5/6 bits: the high plane, tails
+      "i5_g32": 576, "i5_g32_min_f32": 96, "i6_g16_f32": 80, "i6_g64_int": 576,  # 5/6 bits: the high plane, tails
+      "i4_g32_tbl": 576, "i4_g32_tbl_f32": 96}  # value tables (IQ4)
 
 
 @pytest.mark.parametrize("name", list(QE))
@@ -140,7 +141,7 @@ def test_qembedding(rng, name):
     parts, _ = quantized_weight(rng, scheme, vocab, dim)
     table = quant.dequantize(parts, scheme, dim)
     params = {"dim": dim, "bits": scheme.bits, "group_size": scheme.group_size, "scale_dtype": scheme.scale_dtype,
-              "zero": scheme.zero, "zero_dtype": scheme.zero_dtype}
+              "zero": scheme.zero, "zero_dtype": scheme.zero_dtype, "values": scheme.values}
     rule = launch_rule("qembedding", params, ARCHS["sm_90"])
     for T in (0, 1, 7):
         ids = rng.integers(0, vocab, max(T, 1)).astype(np.int32)

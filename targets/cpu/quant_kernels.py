@@ -19,7 +19,12 @@ sub-group) to int8 first, into the `xq` scratch and in the weights' super-block 
   from the high plane shifted to bit 4 and or'ed in; x86 has no byte shifts, so LLVM uses GFNI's
   vgf2p8affineqb where the variant has it, and vpternlog for the and-or). 5-bit codes cost
   about 15% of a model's prefill against a byte per code, and save a third of the bytes
-  decode streams (BENCHMARKS.md, "5- and 6-bit codes"). After a super-block's steps, lane l
+  decode streams (BENCHMARKS.md, "5- and 6-bit codes"). A value table's 4-bit codes (GGUF's
+  IQ4_NL / IQ4_XS) are looked up right after the unpacking (`_table`: pshufb / vpshufb on the
+  16-byte table in each 128-bit lane, AArch64's tbl, elsewhere 16 selects) into the bytes
+  values[u] + 128, which go on as 8-bit codes of center 128 (for sdot and vpmaddubsw the table
+  holds values[u] itself, as they take 8-bit codes as u - 128, with vpmaddubsw's one step per
+  16-bit sum: two products of |values| <= 128 and |q| <= 127 stay below 2^15). After a super-block's steps, lane l
   holds the integer dot product acc of sub-group l with one token's block; it is finished in
   f32 with the weight's scale s (and zero point z or min m) and the block's d = max|x| / 127
   and e (kept per block):
@@ -99,14 +104,15 @@ def emit_quant_kernel(module: ir.Module, kind: str, symbol: str, params: dict, v
     if kind == "qlinear":
         _emit_qlinear(module, fn, b, A, p, variant)
     elif kind == "qembedding":
-        _emit_qembedding(module, fn, b, A, p)
+        _emit_qembedding(module, fn, b, A, p, variant)
     else:
         _emit_kv_append_int8(module, fn, b, A, p)
     return fn
 
 
 def _scheme(p) -> Scheme:
-    s = Scheme(p.bits, p.group_size, p.scale_dtype, p.zero, bool(getattr(p, "act_order", False)))
+    s = Scheme(p.bits, p.group_size, p.scale_dtype, p.zero, bool(getattr(p, "act_order", False)),
+               tuple(p.values) if p.values is not None else None)
     k = p.k if hasattr(p, "k") else p.dim
     why = s.check(k)
     if why is not None:
@@ -126,10 +132,11 @@ def _load_bytes(b, base: ir.Value, offset, nbytes: int) -> ir.Value:
     return b.load(irb.gep(b, base, offset, I8), typ=irb.vty(nbytes, I8), align=1)
 
 
-def _step_codes(cb, s: Scheme, tt: int, load) -> ir.Value:
+def _step_codes(cb, s: Scheme, tt: int, load, lut=None) -> ir.Value:
     """Step tt's unsigned codes in a super-block (llmirc/quant.py's layout), as bytes: load(unit)
     gives the bytes of `unit` (4 r bytes apart in the super-block) at the caller's lanes; callers
-    keep one load per unit (steps share a unit's nibbles and high plane)."""
+    keep one load per unit (steps share a unit's nibbles and high plane). With a value table, lut
+    (a `_table`) looks the codes up: the bytes are then the table's."""
     def const(v, x):
         return ir.Constant(v.type, [x] * v.type.count)
     if s.bits == 8:
@@ -143,7 +150,55 @@ def _step_codes(cb, s: Scheme, tt: int, load) -> ir.Value:
         shift = h * (tt % per) - 4  # the step's top bits to bits 4 ..
         hv = cb.lshr(hv, const(hv, shift)) if shift > 0 else cb.shl(hv, const(hv, -shift)) if shift < 0 else hv
         v = cb.or_(v, cb.and_(hv, const(hv, ((1 << h) - 1) << 4)))
+    if s.values is not None:
+        v = lut(cb, v)
     return v
+
+
+def code_center(s: Scheme) -> int:
+    """What the bytes `_step_codes` gives stand for zero at: 2^(bits-1), or 128 for a value table
+    looked up as values[u] + 128 (its bytes then go on as 8-bit codes)."""
+    return 128 if s.values is not None else s.center
+
+
+def _table(s: Scheme, variant: CpuVariant, signed: bool):
+    """lut(cb, idx): bytes values[idx] (signed: as int8; else values[idx] + 128, the u8 codes of
+    center 128) of a vector of 4-bit codes idx, for a scheme with a value table. x86: pshufb (the
+    16-byte table in each 128-bit lane: SSSE3, AVX2, AVX512BW); AArch64: tbl (16 bytes at a time);
+    elsewhere a chain of 16 compares and selects."""
+    table = [(v if signed else v + 128) & 255 for v in s.values]
+    flags = set(variant.required_flags)
+    if variant.arch == "x86_64":
+        widest = (64 if "avx512bw" in flags or variant.has("avx512bw") else 32 if "avx2" in flags or
+                  variant.has("avx2") else 16 if "ssse3" in flags or variant.has("ssse3") else 0)
+    else:
+        widest = 16 if variant.arch == "aarch64" else 0
+
+    def one(cb, idx):  # idx: 16, 32 or 64 bytes, at most `widest`
+        n = idx.type.count
+        if variant.arch == "aarch64":
+            fn = irb.declare(cb.module, "llvm.aarch64.neon.tbl1.v16i8", idx.type, [idx.type, idx.type])
+            return cb.call(fn, [ir.Constant(idx.type, table), idx])
+        name = {16: "llvm.x86.ssse3.pshuf.b.128", 32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}[n]
+        return cb.call(irb.declare(cb.module, name, idx.type, [idx.type, idx.type]),
+                       [ir.Constant(idx.type, table * (n // 16)), idx])
+
+    def lut(cb, idx):
+        n = idx.type.count
+        if not widest:
+            out = ir.Constant(idx.type, [table[0]] * n)
+            for i in range(1, 16):
+                hit = cb.icmp_unsigned("==", idx, ir.Constant(idx.type, [i] * n))
+                out = cb.select(hit, ir.Constant(idx.type, [table[i]] * n), out)
+            return out
+        if n < 16:
+            return irb.shuffle(cb, one(cb, _pad(cb, idx, 16)), ir.Constant(irb.vty(16, I8), None), range(n))
+        w = min(n, widest)
+        parts = [one(cb, irb.shuffle(cb, idx, idx, range(i, i + w))) for i in range(0, n, w)]
+        while len(parts) > 1:  # concatenated pairwise
+            parts = [irb.shuffle(cb, a, c, range(2 * a.type.count)) for a, c in zip(parts[::2], parts[1::2])]
+        return parts[0]
+    return lut
 
 
 def _unit_loader(load):
@@ -248,6 +303,7 @@ def _emit_qlinear(module, fn, b, A, p, variant):
     zst = irb.storage(s.scale_dtype) if s.zero == "min" else None
     rows = _blocking(how, L)
     C = len(rows)
+    lut = _table(s, variant, how in ("sdot", "maddubs")) if s.values is not None else None
     # narrower vectors than L: the generic and maddubs paths have them all, vpdpbusd on xmm/ymm
     # needs AVX512VL (or is AVX-VNNI's), sdot has 4 lanes only
     narrower = how in ("generic", "maddubs") or (how == "vnni" and (L == 8 or variant.has("avx512vl")))
@@ -337,13 +393,14 @@ def _emit_qlinear(module, fn, b, A, p, variant):
             # products would overflow (maddubs): acc = sum((u - 128) q), and the 128 sum(q) it
             # lacks is folded into the finish through e (module docstring):
             #     none: s (d acc),   int: s (d acc - (z - 128) e),   min: s d acc + (m + 128 s) e
-            signed8 = how in ("sdot", "maddubs") and bits == 8
-            pacc, chunk = [[None] * c for _ in range(r)], _maddubs_chunk(bits, steps)
+            # (a value table's bytes are 8-bit codes too, looked up signed where these take them so)
+            signed8 = how in ("sdot", "maddubs") and (bits == 8 or s.values is not None)
+            pacc, chunk = [[None] * c for _ in range(r)], _maddubs_chunk(8 if s.values else bits, steps)
             units = [_unit_loader(lambda u, ri=ri: _pad(cb, _load_bytes(
                 cb, crow[ri], cb.add(code0, cb.add(hoff, i64(4 * lanes * u))), 4 * lw), 4 * W)) for ri in range(r)]
             for tt in range(steps):
-                wv = [_step_codes(cb, s, tt, units[ri]) for ri in range(r)]
-                if signed8:
+                wv = [_step_codes(cb, s, tt, units[ri], lut) for ri in range(r)]
+                if signed8 and s.values is None:
                     wv = [cb.xor(v, ir.Constant(v.type, [128] * (4 * W))) for v in wv]
                 xv = [_pad(cb, _load_bytes(cb, arow[ci], cb.add(act0, cb.add(hoff, i64(4 * lanes * tt))), 4 * lw),
                            4 * W) for ci in range(c)]
@@ -438,7 +495,7 @@ def _emit_qlinear(module, fn, b, A, p, variant):
             tiles = b.and_(b.icmp_signed(">=", T, i64(AMX_MIN_TOKENS)), b.icmp_signed("!=", ready, irb.i32(0)))
             with b.if_else(tiles) as (amx_path, vectors):
                 with amx_path:
-                    _amx_qlinear(module, fn, b, p, s, T)
+                    _amx_qlinear(module, fn, b, p, s, T, variant)
                 with vectors:
                     vector_path()
         else:
@@ -465,7 +522,7 @@ def _quantize_block(module, cb, X, xrow, j, s: Scheme):
     total = cb.call(irb.declare(module, f"llvm.vector.reduce.add.v{sg}i32", I32, [q.type]), [q])
     e = cb.fmul(d, cb.sitofp(total, F32))
     if s.zero == "none":
-        e = cb.fmul(e, f32(-s.center))
+        e = cb.fmul(e, f32(-code_center(s)))
     return cb.trunc(q, irb.vty(sg, I8)), d, e
 
 
@@ -490,7 +547,7 @@ def _amx_mode(s: Scheme, k: int) -> str:
     return f"group_{s.zero}"
 
 
-def _amx_qlinear(module, fn, b, p, s: Scheme, T):
+def _amx_qlinear(module, fn, b, p, s: Scheme, T, variant):
     """qlinear with AMX-INT8 tiles: the same integer sums as the vector path (one K = 32 tile
     product per sub-group), finished in f32 (amx.py, "INT8"). Per panel of tokens: the activations
     are quantized (as every path does) into B tiles, in parallel over 16-token blocks; then
@@ -505,6 +562,7 @@ def _amx_qlinear(module, fn, b, p, s: Scheme, T):
     sb_code = LANES * 32 * bits // 8
     mode = _amx_mode(s, k)
     signed = s.zero == "none"
+    lut = _table(s, variant, signed=True) if s.values is not None else None  # (a table's values, signed)
     sst = irb.storage(s.scale_dtype)
     panel = max(16, min(512, _AMX_PANEL_BYTES // (nsub * U // 16) // 16 * 16))
     xp = b.call(irb.declare(module, "llmir_scratch", PTR, [I64]), [i64(panel // 16 * nsub * U)])
@@ -540,8 +598,8 @@ def _amx_qlinear(module, fn, b, p, s: Scheme, T):
         load = _unit_loader(lambda u: _load_bytes(cb, row, cb.add(base, i64(4 * r_tail * u)), 4))
         words = []
         for kk in range(8):
-            raw = _step_codes(cb, s, kk, load)
-            if signed:
+            raw = _step_codes(cb, s, kk, load, lut)
+            if signed and lut is None:
                 raw = cb.sub(raw, ir.Constant(raw.type, [s.center] * 4))
             words.append(raw)
         return words
@@ -550,8 +608,8 @@ def _amx_qlinear(module, fn, b, p, s: Scheme, T):
         """row r of the A tiles of a full super-block's 16 sub-groups: step kk's 16 lanes (one word
         of each sub-group) loaded as a vector, the 8 steps transposed into 8 words per sub-group"""
         load = _unit_loader(lambda u: _load_bytes(cb, codes, cb.add(cb.mul(sb, i64(sb_code)), i64(64 * u)), 64))
-        steps = [_step_codes(cb, s, c, load) for c in range(8)]
-        if signed:
+        steps = [_step_codes(cb, s, c, load, lut) for c in range(8)]
+        if signed and lut is None:
             steps = [cb.sub(v, ir.Constant(v.type, [s.center] * 64)) for v in steps]
         words = [cb.bitcast(v, irb.vty(16, I32)) for v in steps]
         pad = ir.Constant(irb.vty(16, I32), None)
@@ -673,8 +731,9 @@ def _token_groups(cb, X, j0, r, pf, ex, micro, sizes):
 
 # --- qembedding
 
-def _emit_qembedding(module, fn, b, A, p):
+def _emit_qembedding(module, fn, b, A, p, variant):
     s = _scheme(p)
+    lut = _table(s, variant, signed=False) if s.values is not None else None
     dim, bits, G = p.dim, p.bits, p.group_size
     sg = s.sub_group
     nsub = dim // sg
@@ -700,11 +759,11 @@ def _emit_qembedding(module, fn, b, A, p):
             load = _unit_loader(lambda u: _load_bytes(
                 cb, codes, cb.add(start, cb.add(cb.mul(r, i64(4 * u)), cb.mul(lane, i64(4)))), 4))
             for tt in range(sg // 4):
-                raw = _step_codes(cb, s, tt, load)
+                raw = _step_codes(cb, s, tt, load, lut)
                 u = cb.uitofp(raw, irb.vty(4))
                 sv = irb.splat(cb, scale, 4)
                 if s.zero == "none":
-                    w = cb.fmul(sv, cb.fsub(u, irb.const_like(u.type, s.center)))
+                    w = cb.fmul(sv, cb.fsub(u, irb.const_like(u.type, code_center(s))))
                 elif s.zero == "int":
                     w = cb.fmul(sv, cb.fsub(u, irb.splat(cb, zero, 4)))
                 else:

@@ -8,7 +8,10 @@ nibbles; 5 and 6-bit: those nibbles and runs of the high plane), so the code loa
 contiguous runs; the columns of the activations are gathered in the same order (and through
 `perm` for act-order), which a dot product does not mind. Codes are
 unpacked in registers (shift, mask) and the zero point subtracted there: u - c is an integer of
-at most 9 bits, exact in bfloat16. Scales (and mins) multiply once per group, after the dot:
+at most 9 bits, exact in bfloat16. A value table (GGUF's IQ4: code u stands for values[u], c = 0)
+is looked up right after the unpacking, from the constexpr LUT: the 16 int8 values packed 4 to an
+int32 word, the word picked by three selects and the byte by two shifts (`_lookup`). Scales (and
+mins) multiply once per group, after the dot:
 
     part = sum_{i in group} x~[t,i] (u[j,i] - c[j,g])      (tensor cores or f32 FMAs)
     out[t,j] += s[j,g] part (+ m[j,g] sum_{i in group} x~[t,i])   (f32)
@@ -76,6 +79,22 @@ def _unpack(raw, top, shift, hshift, BITS: tl.constexpr):
 
 
 @triton.jit
+def _lookup(u, LUT: tl.constexpr):
+    """values[u] (int32) of 4-bit codes u: LUT holds the table's int8 values 4 to an int32 word, value
+    4 w + b in byte b of word w (`lut_words`)."""
+    word = tl.where(u < 8, tl.where(u < 4, LUT[0], LUT[1]), tl.where(u < 12, LUT[2], LUT[3]))
+    return (word << (24 - 8 * (u & 3))) >> 24
+
+
+def lut_words(values) -> tuple[int, ...] | None:
+    """`_lookup`'s LUT of a value table (None for none): 4 int32 words, value 4 w + b in byte b of word w."""
+    if values is None:
+        return None
+    words = [sum((int(values[4 * w + b]) & 255) << (8 * b) for b in range(4)) for w in range(4)]
+    return tuple(x - (1 << 32) if x >= 1 << 31 else x for x in words)
+
+
+@triton.jit
 def _block_layout(kb, LB: tl.constexpr, SG: tl.constexpr, NSUB: tl.constexpr, BITS: tl.constexpr,
                   BK: tl.constexpr):
     """Block kb of a row: (byte offset in the row, nibble shift, the high plane's byte offset and
@@ -104,8 +123,10 @@ def _gather_x(x, ld_x, rows, row_ok, col, ok, perm, ACT_ORDER: tl.constexpr):
 
 
 @triton.jit
-def _group_params(scales, zeros, rn, n_ok, g, NG: tl.constexpr, ZERO: tl.constexpr, BITS: tl.constexpr):
-    """(s, c, m) of group g for rows rn: the scale, what is subtracted from the codes, the min."""
+def _group_params(scales, zeros, rn, n_ok, g, NG: tl.constexpr, ZERO: tl.constexpr, BITS: tl.constexpr,
+                  LUT: tl.constexpr):
+    """(s, c, m) of group g for rows rn: the scale, what is subtracted from the codes (the table's
+    values, with LUT), the min."""
     idx = rn.to(tl.int64) * NG + g
     s = tl.load(scales + idx, mask=n_ok, other=0.0).to(tl.float32)
     if ZERO == "int":
@@ -114,6 +135,9 @@ def _group_params(scales, zeros, rn, n_ok, g, NG: tl.constexpr, ZERO: tl.constex
     elif ZERO == "min":
         c = tl.zeros_like(s)
         m = tl.load(zeros + idx, mask=n_ok, other=0.0).to(tl.float32)
+    elif LUT is not None:
+        c = tl.zeros_like(s)
+        m = tl.zeros_like(s)
     else:
         c = tl.zeros_like(s) + (1 << (BITS - 1))
         m = tl.zeros_like(s)
@@ -121,15 +145,19 @@ def _group_params(scales, zeros, rn, n_ok, g, NG: tl.constexpr, ZERO: tl.constex
 
 
 @triton.jit
-def _codes(codes, rn, n_ok, off, shift, hoff, hshift, ok, ROW_BYTES: tl.constexpr, BITS: tl.constexpr):
-    """Codes u [BN, BK] (int32) of rows rn at the block's offsets."""
+def _codes(codes, rn, n_ok, off, shift, hoff, hshift, ok, ROW_BYTES: tl.constexpr, BITS: tl.constexpr,
+           LUT: tl.constexpr):
+    """Codes u [BN, BK] (int32) of rows rn at the block's offsets (with LUT: values[u])."""
     base = codes + rn.to(tl.int64)[:, None] * ROW_BYTES
     mask = n_ok[:, None] & ok[None, :]
     raw = tl.load(base + off[None, :], mask=mask, other=0).to(tl.int32)
     top = raw
     if BITS == 5 or BITS == 6:
         top = tl.load(base + hoff[None, :], mask=mask, other=0).to(tl.int32)
-    return _unpack(raw, top, shift[None, :], hshift[None, :], BITS)
+    u = _unpack(raw, top, shift[None, :], hshift[None, :], BITS)
+    if LUT is not None:
+        u = _lookup(u, LUT)
+    return u
 
 
 @triton.jit
@@ -156,8 +184,9 @@ def _chunks(split, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr, PER_SPLIT: tl.co
 @triton.jit
 def qlinear_gemv(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual, ld_res, T, splitk_workspace,
                  N: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr, SG: tl.constexpr, NG: tl.constexpr,
-                 ZERO: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                 LB: tl.constexpr, CHUNKS: tl.constexpr, PER_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                 ZERO: tl.constexpr, LUT: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, LB: tl.constexpr, CHUNKS: tl.constexpr, PER_CHUNK: tl.constexpr,
+                 BLOCK_N: tl.constexpr,
                  SPLIT_K: tl.constexpr, PER_SPLIT: tl.constexpr, MAX_TILES: tl.constexpr, RELEASE_ALL: tl.constexpr,
                  THREADS: tl.constexpr):
     """Rows [pid0 BLOCK_N, +BLOCK_N) of the output for token pid1, groups of split pid2."""
@@ -171,13 +200,13 @@ def qlinear_gemv(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residua
     acc = tl.zeros([BLOCK_N], tl.float32)
     lo, hi = _chunks(tl.program_id(2), CHUNKS, SPLIT_K, PER_SPLIT)
     for chunk in range(lo, hi):  # one group (per-row scales: the whole row)
-        s, c, m = _group_params(scales, zeros, rn, n_ok, chunk, NG, ZERO, BITS)
+        s, c, m = _group_params(scales, zeros, rn, n_ok, chunk, NG, ZERO, BITS, LUT)
         part = tl.zeros([BLOCK_N], tl.float32)
         xsum = tl.zeros([1], tl.float32)
         for b in range(PER_CHUNK):
             off, shift, hoff, hshift, col, ok = _block_layout(chunk * PER_CHUNK + b, LB, SG, NSUB, BITS, BK)
             xv = _gather_x(x, ld_x, row, row_ok, col, ok, perm, ACT_ORDER)  # [1, BK]
-            w = _codes(codes, rn, n_ok, off, shift, hoff, hshift, ok, ROW_BYTES, BITS).to(tl.float32) - c[:, None]
+            w = _codes(codes, rn, n_ok, off, shift, hoff, hshift, ok, ROW_BYTES, BITS, LUT).to(tl.float32) - c[:, None]
             part += tl.sum(w * xv, 1)
             if ZERO == "min":
                 xsum += tl.sum(xv, 1)
@@ -201,8 +230,9 @@ def qlinear_gemv(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residua
 @triton.jit
 def qlinear_dot(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual, ld_res, T, splitk_workspace,
                 N: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr, SG: tl.constexpr, NG: tl.constexpr,
-                ZERO: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                LB: tl.constexpr, CHUNKS: tl.constexpr, PER_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                ZERO: tl.constexpr, LUT: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_RESIDUAL: tl.constexpr, LB: tl.constexpr, CHUNKS: tl.constexpr, PER_CHUNK: tl.constexpr,
+                BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PER_SPLIT: tl.constexpr, MAX_TILES: tl.constexpr,
                 RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr):
     """A BLOCK_M x BLOCK_N tile of the output (program pid: tile (pid // tiles_n, pid % tiles_n)),
@@ -220,13 +250,13 @@ def qlinear_dot(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     lo, hi = _chunks(tl.program_id(1), CHUNKS, SPLIT_K, PER_SPLIT)
     for chunk in range(lo, hi):
-        s, c, m = _group_params(scales, zeros, rn, n_ok, chunk, NG, ZERO, BITS)
+        s, c, m = _group_params(scales, zeros, rn, n_ok, chunk, NG, ZERO, BITS, LUT)
         part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         xsum = tl.zeros([BLOCK_M], tl.float32)
         for b in range(PER_CHUNK):
             off, shift, hoff, hshift, col, ok = _block_layout(chunk * PER_CHUNK + b, LB, SG, NSUB, BITS, BK)
             xv = _gather_x(x, ld_x, rows, row_ok, col, ok, perm, ACT_ORDER)  # [BLOCK_M, BK]
-            w = _codes(codes, rn, n_ok, off, shift, hoff, hshift, ok, ROW_BYTES, BITS).to(tl.float32) - c[:, None]
+            w = _codes(codes, rn, n_ok, off, shift, hoff, hshift, ok, ROW_BYTES, BITS, LUT).to(tl.float32) - c[:, None]
             part = tl.dot(xv.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), part)
             if ZERO == "min":
                 xsum += tl.sum(xv, 1)
@@ -246,8 +276,8 @@ def qlinear_dot(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual
 
 @triton.jit
 def qembedding_kernel(out, ld_out, codes, scales, zeros, ids, T, DIM: tl.constexpr, BITS: tl.constexpr,
-                      SG: tl.constexpr, GROUP: tl.constexpr, ZERO: tl.constexpr, SCALE: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      SG: tl.constexpr, GROUP: tl.constexpr, ZERO: tl.constexpr, LUT: tl.constexpr,
+                      SCALE: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = col < DIM
@@ -270,6 +300,8 @@ def qembedding_kernel(out, ld_out, codes, scales, zeros, ids, T, DIM: tl.constex
         w = s * (u.to(tl.float32) - tl.load(zeros + g, mask=ok, other=0).to(tl.float32))
     elif ZERO == "min":
         w = tl.fma(s, u.to(tl.float32), tl.load(zeros + g, mask=ok, other=0.0).to(tl.float32))
+    elif LUT is not None:
+        w = s * _lookup(u, LUT).to(tl.float32)
     else:
         w = s * (u - (1 << (BITS - 1))).to(tl.float32)
     if SCALE != 1.0:
@@ -278,8 +310,9 @@ def qembedding_kernel(out, ld_out, codes, scales, zeros, ids, T, DIM: tl.constex
 
 
 def _scheme(params, k) -> Scheme:
+    values = params.get("values")
     s = Scheme(params["bits"], params["group_size"], params["scale_dtype"], params["zero"],
-               bool(params.get("act_order", False)))
+               bool(params.get("act_order", False)), tuple(values) if values is not None else None)
     why = s.check(k)
     if why is not None:
         raise ValueError(f"quantized kernel: unsupported {why}")
@@ -314,7 +347,8 @@ def rule_qlinear(params, arch, args) -> Rule:
         raise ValueError(f"qlinear: n must be positive, got {n}")
     s = _scheme(params, k)
     common = {"N": n, "K": k, "BITS": s.bits, "SG": s.sub_group, "NG": k // s.group_size, "ZERO": s.zero,
-              "ACT_ORDER": s.act_order, "HAS_BIAS": bool(params["bias"]), "HAS_RESIDUAL": bool(params["residual"]),
+              "LUT": lut_words(s.values), "ACT_ORDER": s.act_order, "HAS_BIAS": bool(params["bias"]),
+              "HAS_RESIDUAL": bool(params["residual"]),
               "RELEASE_ALL": arch.backend == "hip"}
     stages = 2 if arch.backend == "hip" else 3
     kernel_args = tuple(a for a in args if a[0] != "xq") + (("splitk_workspace", "*fp32"),)  # (xq: the CPU's scratch)
@@ -350,6 +384,6 @@ def rule_qembedding(params, arch, args) -> Rule:
     s = _scheme(params, dim)
     block = min(next_pow2(dim), 1024)
     spec = kernel(qembedding_kernel, {"DIM": dim, "BITS": s.bits, "SG": s.sub_group, "GROUP": s.group_size,
-                                      "ZERO": s.zero, "SCALE": float(params["scale"]), "BLOCK": block}, args,
-                  num_warps=max(1, min(4, block // 256)))
+                                      "ZERO": s.zero, "LUT": lut_words(s.values), "SCALE": float(params["scale"]),
+                                      "BLOCK": block}, args, num_warps=max(1, min(4, block // 256)))
     return Rule("qembedding", params, args, [Variant(1, (Launch(spec, ("T", cdiv(dim, block), 1)),))])
