@@ -18,6 +18,7 @@ from llmirc.targets.triton.spec import kernel
 pytestmark = pytest.mark.xdist_group("triton-aot")
 
 INV_FREQ = [1.0 / 10000 ** (2 * i / 64) for i in range(32)]
+IQ4 = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]  # ggml's kvalues_iq4nl
 CALLS = [  # one call of every kind, shapes of a small Llama (head_dim 64, GQA 4)
     ("embedding", {"dim": 256, "dtype": "bfloat16", "scale": 16.0}),  # (Gemma's scale: its multiply compiled)
     ("rms_norm", {"dim": 256, "eps": 1e-5}),
@@ -50,6 +51,9 @@ CALLS = [  # one call of every kind, shapes of a small Llama (head_dim 64, GQA 4
     ("qlinear", {"n": 384, "k": 256, "bits": 8, "group_size": 256, "scale_dtype": "float32", "zero": "int",
                  "act_order": True}),
     ("qembedding", {"dim": 256, "bits": 4, "group_size": 32, "scale_dtype": "bfloat16", "scale": 16.0}),
+    # a value table (IQ4_XS: 4-bit codes looked up, f32 scales per 32)
+    ("qlinear", {"n": 384, "k": 256, "bits": 4, "group_size": 32, "scale_dtype": "float32", "values": IQ4}),
+    ("qembedding", {"dim": 256, "bits": 4, "group_size": 32, "scale_dtype": "float16", "values": IQ4}),
 ]
 
 
@@ -126,7 +130,7 @@ def test_quantized_linears_use_tensor_cores(compiled):
     for arch in ARCHS:
         dots = out[("qlinear", "qlinear_dot", arch)]
         gemv = out[("qlinear", "qlinear_gemv", arch)]
-        assert len(dots) == 6 and len(gemv) == 2  # two calls: three tile sizes each
+        assert len(dots) == 9 and len(gemv) == 3  # three calls: three tile sizes each
         for r in dots:
             bm = r.metadata["constexprs"]["BLOCK_M"]
             if arch == "sm_90":
