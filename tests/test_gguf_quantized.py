@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 
@@ -54,6 +55,8 @@ def test_repack_is_lossless(kind):
         for p in scheme.parts()}
     ours = quant.dequantize(parts, scheme, 512).astype(np.float32)  # exact in float64, rounded once
     np.testing.assert_array_equal(ours, ggml_values)
+    if kind.startswith("IQ4"):  # the nibbles as they are (4 bits a weight), the grid in the scheme
+        assert scheme.bits == 4 and scheme.values == tuple(int(v) for v in gguf.quants.IQ4_NL.kvalues)
 
 
 @pytest.mark.slow

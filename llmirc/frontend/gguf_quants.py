@@ -19,7 +19,8 @@ A quantized GGUF tensor stores each row as consecutive blocks. Every format here
 | IQ4_XS | 256, 136               | 32    | kvalues[q]  | d * (sc - 32) (6-bit)| -                    |
 
 (IQ4's 4-bit q index a fixed table of 16 int8 values, `kvalues_iq4nl`: a non-uniform grid, so its
-code is the table's value, an int8.)
+code here is the table's value, an int8; frontend/packed.py keeps the index, with the table in the
+scheme.)
 
 d, m, dmin are float16; the products d * sc are exact in float32 (at most 11 + 8 significant bits).
 `unpack` returns those codes, scales and offsets: a lossless repacking that a kernel can read
@@ -35,7 +36,8 @@ it). Q4_K, Q5_K and Q6_K keep their 4, 5 or 6-bit codes, but their two-level sca
 scales and offsets, exact but 1.4-1.5 more bits per weight than the file (kernels that read the
 sub-scales as they are would not need them). Q2_K and Q3_K have no 2- or 3-bit layout: their
 codes widen to 4 bits, and with float32 scales (and mins) per 16 they take 8 and 6 bits a weight
-(the file's 2.6 and 3.4).
+(the file's 2.6 and 3.4). IQ4_NL and IQ4_XS keep their 4-bit indices, the table in the
+scheme (`quant.Scheme.values`): IQ4_NL its size, IQ4_XS with float32 scales (5 bits a weight for 4.25).
 
 Block layouts: ggml/src/ggml-common.h (`block_q4_0` ... `block_q6_K`); formulas:
 ggml/src/ggml-quants.c (`dequantize_row_q4_0` ... `dequantize_row_q6_K`, `get_scale_min_k4`).

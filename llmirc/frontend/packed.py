@@ -33,8 +33,9 @@ linear of k inputs and n outputs, b bits, groups of g inputs (g = -1: one group 
       Q6_K 6.56 -> 8.0  6-bit codes (q), float32 scale d * sc per 16, symmetric (w = d sc (q - 32))
       Q3_K 3.44 -> 6.0  3-bit codes widened to 4 (q + 4), float32 scale d * (sc - 32) per 16, symmetric
       Q2_K 2.63 -> 8.0  2-bit codes widened to 4, float32 scale d * sc and min -dmin * mn per 16
-      IQ4_NL 4.5 -> 8.5 int8 codes (the table's values), float16 scale per 32, symmetric (Q8_0's layout)
-      IQ4_XS 4.25 -> 9.0 int8 codes (the table's values), float32 scale d * (sc - 32) per 32, symmetric
+      IQ4_NL 4.5 -> 4.5 4-bit codes (q, the table's index) and the table kvalues_iq4nl in the scheme,
+                        float16 scale per 32 (w = d kvalues[q])
+      IQ4_XS 4.25 -> 5.0 4-bit codes and the table, float32 scale d * (sc - 32) per 32
   The products d * sc, dmin * mn are exact in float32 (not in float16): the K-quants' two-level
   scales cost 1.4-1.5 more bits per weight flattened, and Q2_K/Q3_K's codes widen too (llmirc has
   no 2- or 3-bit layout).
@@ -53,14 +54,18 @@ from llmirc import dialect as L
 from llmirc import dtypes, quant
 from llmirc.errors import CheckpointError
 
+from .gguf_quants import IQ4_VALUES
+
 METHODS = ("gptq", "awq")
+IQ4_TABLE = tuple(int(v) for v in IQ4_VALUES)  # IQ4_NL's and IQ4_XS's grid (ggml's kvalues_iq4nl)
 GGUF_SCHEMES = {  # GGUF block format -> how llmirc keeps it (see the module docstring)
     "Q8_0": quant.Scheme(8, 32, "float16"), "Q4_0": quant.Scheme(4, 32, "float16"),
     "Q4_1": quant.Scheme(4, 32, "float16", "min"), "Q5_0": quant.Scheme(5, 32, "float16"),
     "Q5_1": quant.Scheme(5, 32, "float16", "min"), "Q4_K": quant.Scheme(4, 32, "float32", "min"),
     "Q5_K": quant.Scheme(5, 32, "float32", "min"), "Q6_K": quant.Scheme(6, 16, "float32"),
     "Q2_K": quant.Scheme(4, 16, "float32", "min"), "Q3_K": quant.Scheme(4, 16, "float32"),
-    "IQ4_NL": quant.Scheme(8, 32, "float16"), "IQ4_XS": quant.Scheme(8, 32, "float32"),
+    "IQ4_NL": quant.Scheme(4, 32, "float16", values=IQ4_TABLE),
+    "IQ4_XS": quant.Scheme(4, 32, "float32", values=IQ4_TABLE),
 }
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an int32 holds output 8c + _AWQ_ORDER[i]
 
@@ -208,7 +213,7 @@ def act_order_permutation(g_idx: np.ndarray, k: int, g: int, what: str) -> np.nd
 def gguf_qtype(fmt_name: str):
     """The `!llmir.quant` type a GGUF block format is kept as."""
     s = GGUF_SCHEMES[fmt_name]
-    return L.QuantType(s.bits, s.group_size, L.FLOAT_TYPES[s.scale_dtype], s.zero)
+    return L.QuantType(s.bits, s.group_size, L.FLOAT_TYPES[s.scale_dtype], s.zero, values=s.values)
 
 
 def repack(fmt: str, prefix: str, scheme: quant.Scheme, k: int, read) -> dict[str, np.ndarray]:
@@ -235,7 +240,14 @@ def repack(fmt: str, prefix: str, scheme: quant.Scheme, k: int, read) -> dict[st
         return parts
     if fmt == "gguf":
         u = read(f"{prefix}.weight")
-        codes = u.codes.astype(np.int16) + (scheme.center if scheme.zero == "none" else 0)
+        if scheme.values is not None:  # the file's values (gguf_quants: the table's) back to their indices
+            index = np.full(256, 255, np.uint8)
+            index[np.array(scheme.values) + 128] = np.arange(len(scheme.values))
+            codes = index[u.codes.astype(np.int16) + 128]
+            if (codes == 255).any():
+                raise CheckpointError(f"GGUF weight '{prefix}': a value outside the format's table")
+        else:
+            codes = u.codes.astype(np.int16) + (scheme.center if scheme.zero == "none" else 0)
         parts = {"codes": quant.pack(codes.astype(np.uint8), bits, scheme.sub_group),
                  "scales": dtypes.from_float32(u.scales, scheme.scale_dtype)}
         if scheme.zero == "min":
