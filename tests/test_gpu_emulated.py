@@ -285,13 +285,44 @@ def quantized_bundle(tmp_path_factory):
     return tmp / "m.llmir"
 
 
+@pytest.fixture(scope="module")
+def iq4_bundle(tmp_path_factory):
+    """A Llama GGUF file of IQ4_NL and IQ4_XS matrices (the tied embedding among them), kept as 4-bit codes
+    looked up in the scheme's value table, compiled for cpu and cuda sm_90; its Triton cache its own."""
+    from gguf_files import write_gguf
+
+    tmp = tmp_path_factory.mktemp("gpu-emulated-iq4")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMIRC_CACHE_DIR", str(tmp / "cache"))
+        model = make_checkpoint(tmp / "ckpt", "llama", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                num_key_value_heads=2, init_std=0.03, tie_word_embeddings=True)
+        path = write_gguf(model, tmp / "m.gguf", ("IQ4_NL", "IQ4_XS"))
+        compile_model(path, tmp / "m.llmir", CompileOptions(
+            targets=("cpu", "cuda"), archs=("sm_90",), cpu_variants=("baseline",), jobs=2), Progress(io.StringIO()))
+    return tmp / "m.llmir"
+
+
 @pytest.mark.xdist_group("gpu-emulated-quantized")  # (its own worker: the module's group has the float bundle)
 def test_quantized_executor_matches_cpu_target(quantized_bundle):
     """The quantized kernels of the cuda target (qembedding of the 6-bit table, qlinear's gemv and dot variants,
     the Hadamard rotation, int8 KV appends and paged attention over them) against the cpu target's on the same
     prefill, decode and mixed steps. The GPU's qlinear rounds its activations to bfloat16, the CPU's to int8 per
     32 values: 1.6-2.4% relative error in the logits here, so the bound is 4%."""
-    b = open_bundle(quantized_bundle)
+    _check_quantized_executor(quantized_bundle, {"qembedding_kernel", "qlinear_gemv", "qlinear_dot", "hadamard_kernel",
+                                                 "kv_append_quantized_kernel", "paged_attention_decode_kernel"})
+
+
+@pytest.mark.xdist_group("gpu-emulated-quantized")
+def test_value_table_executor_matches_cpu_target(iq4_bundle):
+    """GGUF IQ4_NL / IQ4_XS weights (4-bit codes and kvalues_iq4nl) through the cuda target's qembedding and
+    qlinear variants against the cpu target's, as above."""
+    kernels = {k["kind"]: k["params"] for k in open_bundle(iq4_bundle).manifest["targets"][0]["kernels"]}
+    assert kernels["qlinear"]["bits"] == 4 and len(kernels["qlinear"]["values"]) == 16
+    _check_quantized_executor(iq4_bundle, {"qembedding_kernel", "qlinear_gemv", "qlinear_dot"})
+
+
+def _check_quantized_executor(bundle, kernels):
+    b = open_bundle(bundle)
     driver = Emulated(b)
     gpu = GpuExecutor(b, driver, max_context=CONTEXT, max_num_batched_tokens=64, max_num_seqs=4,
                       kv_cache_tokens=2 * BLOCKS * BLOCK_SIZE)
@@ -306,8 +337,7 @@ def test_quantized_executor_matches_cpu_target(quantized_bundle):
     for what, inputs in steps:
         _close(gpu.forward(*inputs), cpu.forward(*inputs), what, tolerance=4e-2)
         launched |= set(driver.launched)
-    assert {"qembedding_kernel", "qlinear_gemv", "qlinear_dot", "hadamard_kernel", "kv_append_quantized_kernel",
-            "paged_attention_decode_kernel"} <= launched
+    assert kernels <= launched
     gpu.close()
 
 
