@@ -839,6 +839,26 @@ def test_inspect_load_checks_the_manifest_against_the_library(bundle, tmp_path):
     assert_user_error(llmirc("inspect", out, "--load"), "kv_cache.num_layers", "compiled library", code=1)
 
 
+def test_inspect_names_a_value_table():
+    """A scheme with a value table (GGUF's IQ4: `values` in the kernel's params) is its own storage, the
+    table in the JSON and said in the report; kernels without one (older bundles too) read as before."""
+    from collections import Counter
+
+    from llmirc.runtime import inspect as I
+
+    table = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+    base = {"k": 256, "bits": 4, "group_size": 32, "zero": "none", "scale_dtype": "float32"}
+    m = {"targets": [{"kernels": [{"kind": "qlinear", "symbol": "a", "params": {**base, "values": table}},
+                                  {"kind": "qlinear", "symbol": "b", "params": base}]}]}
+    q = I._quantization(m, Counter({"a": 3, "b": 2}))
+    assert q == [{"op": "linear", "storage": "int4", "group_size": 32, "zero": "none", "scale_dtype": "float32",
+                  "act_order": False, "values": table, "calls": 3},
+                 {"op": "linear", "storage": "int4", "group_size": 32, "zero": "none", "scale_dtype": "float32",
+                  "act_order": False, "calls": 2}]
+    assert I._storage(q[0]) == " (groups of 32, symmetric, a table of 16 values, float32 scales)"
+    assert I._storage(q[1]) == " (groups of 32, symmetric, float32 scales)"
+
+
 def test_inspect_json_says_how_weights_are_stored_and_the_options(ckpt, tmp_path):
     """A CI step reads the quantization and the compile options as fields, not report sentences."""
     out = tmp_path / "q.llmir"
