@@ -233,7 +233,8 @@ def compile_cmd(model, target, output, passes, print_ir_after_all, print_ir_befo
                 cpu_variants, dtype, kv_cache_dtype, quant, quant_group_size, quant_zero_points, quant_keep,
                 quant_lm_head, quant_method, quant_iters, quant_rotate, quant_smooth, calibration, calibration_tokens,
                 report, dequantize, block_size, max_model_len, jobs, quiet):
-    """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file or a .gguf file) into a bundle.
+    """Compile MODEL (a Hugging Face checkpoint directory, an .onnx file, a .gguf file, or a repository id
+    ORG/NAME in the Hugging Face hub's cache: nothing is downloaded) into a bundle.
 
     An existing bundle at -o is replaced whole (files added to its folder go with it). Compiling
     a checkpoint again on one machine gives the same bundle, byte for byte, but for

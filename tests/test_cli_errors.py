@@ -344,28 +344,34 @@ def _hub_snapshot(src: Path, repo: Path) -> Path:
     return snap
 
 
-@pytest.mark.parametrize("sharded", [False, True])
-def test_compile_hub_cache_snapshot(ckpt, bundle, tmp_path, sharded):
-    """A snapshot folder of the hub's cache compiles as it is, and so does its repository's folder (the snapshot
-    refs/main names, as transformers' from_pretrained("org/tiny") loads it); the bundle names it org/tiny."""
+@pytest.mark.parametrize("given", ["snapshot", "repository", "repo-id"])
+def test_compile_hub_cache_snapshot(ckpt, bundle, tmp_path, given):
+    """A snapshot folder of the hub's cache compiles as it is (sharded here: every shard a symlink into ../../blobs,
+    outside the snapshot folder, inside the repository's), and so do its repository's folder and its repository
+    id (the snapshot refs/main names, as transformers' from_pretrained("org/tiny") loads it offline); the bundle
+    names it org/tiny."""
     src = copy_ckpt(ckpt, tmp_path)
-    if sharded:  # every shard a symlink into ../../blobs: outside the snapshot folder, inside the repository's
+    if given == "snapshot":
         _sharded(lambda d, i, name: "model-00001-of-00002.safetensors")(src)
     repo = tmp_path / "hub" / "models--org--tiny"
     snap = _hub_snapshot(src, repo)
-    if sharded:
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(snap.name)
-        (repo / "snapshots" / "0000older").mkdir()
-    out = tmp_path / "out.llmir"
-    r = llmirc("compile", repo if sharded else snap, "-o", out, "--cpu-variants", "native", "-q")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snap.name)
+    (repo / "snapshots" / "0000older").mkdir()
+    out, env = tmp_path / "out.llmir", {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    model = {"snapshot": snap, "repository": repo, "repo-id": "org/tiny"}[given]
+    r = llmirc("compile", model, "-o", out, "--cpu-variants", "native", "-q", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert snapshot(out / "weights") == snapshot(bundle / "weights")
     assert json.loads((out / "manifest.json").read_text())["source"]["name"] == "org/tiny"
-    (repo / "refs" / "main").unlink(missing_ok=True)
-    (repo / "snapshots" / "0000older").mkdir(exist_ok=True)
-    assert_user_error(llmirc("compile", repo, "-o", out, "-q"), "models--org--tiny",
-                      "hub cache folder with 2 snapshots and no refs/main", str(repo / "snapshots" / "0000older"))
+    if given == "repository":  # refs/main naming no snapshot there
+        (repo / "refs" / "main").write_text("f" * 40)
+        assert_user_error(llmirc("compile", repo, "-o", out, "-q"), "models--org--tiny",
+                          "refs/main names no snapshot there")
+    if given == "repo-id":  # a repository not in the cache (nothing is downloaded)
+        assert_user_error(llmirc("compile", "org/other", "-o", out, "-q", cwd=tmp_path, env=env),
+                          "org/other: no such file or directory, nor a model in the Hugging Face hub's cache",
+                          "hf download org/other")
 
 
 @pytest.mark.parametrize("repo", ["models--org--tiny", "elsewhere"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from xdsl.dialects.builtin import ModuleOp
@@ -29,21 +30,31 @@ def build_graph(spec: Spec, check: ShapeCheck, has_tensor: Callable[[str], bool]
 
 
 def open_source(path, dequantize: bool = False):
-    """The compiler's input: a Hugging Face checkpoint directory (or a hub cache repository folder,
-    `models--ORG--NAME`: its refs/main snapshot), an .onnx file or a .gguf file.
+    """The compiler's input: a Hugging Face checkpoint directory, an .onnx file or a .gguf file; or, from
+    the Hugging Face hub's cache, a repository id ORG/NAME or its folder `models--ORG--NAME` (the snapshot
+    refs/main names; `checkpoint.hub_snapshot`).
 
     dequantize: expand quantized tensors (GGUF blocks) to float32 instead of refusing them."""
     from pathlib import Path
 
     from llmirc.errors import CheckpointError
 
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    if path.name.startswith("models--") and (path / "snapshots").is_dir() and not (path / "config.json").exists():
-        from .checkpoint import hub_snapshot
+    from .checkpoint import hub_snapshot
 
-        path = hub_snapshot(path)  # a Hugging Face hub cache repository: its refs/main snapshot
+    path = Path(path)
+    if not path.exists():  # perhaps a Hugging Face repository id, ORG/NAME, in the hub's cache
+        repo_id = re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) is not None
+        if not repo_id or (snapshot := hub_snapshot(str(path))) is None:
+            raise CheckpointError(f"{path}: no such file or directory" + (
+                ", nor a model in the Hugging Face hub's cache (llmirc downloads nothing: `hf download "
+                f"{path}` first)" if repo_id else ""))
+        path = snapshot
+    elif path.name.startswith("models--") and (path / "snapshots").is_dir() and not (path / "config.json").exists():
+        repo_id = path.name.removeprefix("models--").replace("--", "/", 1)  # (huggingface_hub's folder name)
+        if (snapshot := hub_snapshot(repo_id, path.parent)) is None:
+            raise CheckpointError(f"{path}: a Hugging Face hub cache folder whose refs/main names no snapshot "
+                                  "there: compile one of its snapshot folders (snapshots/REVISION)")
+        path = snapshot
     if path.is_file() and path.suffix == ".onnx":
         from .onnx_import import OnnxCheckpoint
 

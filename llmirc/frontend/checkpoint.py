@@ -89,23 +89,18 @@ def source_name(root: Path) -> str:
     return repo.name.removeprefix("models--").replace("--", "/", 1) if repo else path.name
 
 
-def hub_snapshot(repo: Path) -> Path:
-    """The snapshot folder that a Hugging Face hub cache repository folder (`models--ORG--NAME`, with `refs/`
-    and `snapshots/`) stands for: the revision its refs/main names, the one transformers'
-    `from_pretrained("ORG/NAME")` loads, else its only snapshot.
+def hub_snapshot(repo_id: str, cache: Path | None = None) -> Path | None:
+    """The snapshot folder of the Hugging Face hub repository `repo_id` ("ORG/NAME") in a hub cache (`cache`,
+    else huggingface_hub's own: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub): the revision
+    its refs/main names, what transformers' from_pretrained("ORG/NAME") loads offline. Nothing is downloaded
+    (huggingface_hub's snapshot_download with local_files_only). None when it is not there."""
+    try:
+        from huggingface_hub import snapshot_download
 
-    Raises CheckpointError naming `repo` when neither exists (no snapshot, or several and no refs/main)."""
-    snapshots, ref = repo / "snapshots", repo / "refs" / "main"
-    revisions = sorted(p.name for p in snapshots.iterdir() if p.is_dir())
-    if present(ref):
-        revision = read_small_text(ref, CheckpointError).strip()
-        if revision in revisions:
-            return snapshots / revision
-    if len(revisions) == 1:
-        return snapshots / revisions[0]
-    raise CheckpointError(f"{repo}: a Hugging Face hub cache folder with {len(revisions) or 'no'} snapshot"
-                          f"{'s' * (len(revisions) != 1)} and no refs/main naming one of them: compile a snapshot "
-                          f"folder{f', e.g. {snapshots / revisions[0]}' if revisions else ''}")
+        folder = Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except (ImportError, OSError, ValueError):  # (not in the cache; not a repository id)
+        return None
+    return folder if hub_repository(folder) is not None else None
 
 class Checkpoint:
     """A source of the compiler (see frontend.open_source): graph, weights, tokenizer, facts."""
