@@ -251,7 +251,23 @@ def _linked(name: str, target: str):
     return mutate
 
 
+def _linked_outside(name: str):
+    """`name` replaced by a link to a file of the same bytes outside the checkpoint's folder (a cloned
+    repository's link to a file of the user's): the bundle would carry that file."""
+    def mutate(d):
+        outside = d.parent / f"outside-{name}"
+        if (d / name).exists():
+            (d / name).rename(outside)
+        else:
+            outside.write_text("SECRET=hunter2\n")
+        (d / name).symlink_to(outside)
+    return mutate
+
+
 BAD_CHECKPOINTS = {
+    **{f"{name}-linked-outside": (_linked_outside(name), [name, "leading outside the checkpoint's folder"])
+       for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "chat_template.jinja")},
     # a config.json linked to /dev/zero was read until the OOM killer stopped the compiler at 23 GB
     **{f"{name}-{what}": (_linked(name, target), [name, "not a regular file"])
        for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -387,8 +403,10 @@ def test_compile_hub_cache_shard_leaving_the_repository(ckpt, tmp_path, repo):
         shard.unlink()
         shard.symlink_to(target)
     out = tmp_path / "out.llmir"
-    assert_user_error(llmirc("compile", snap, "-o", out, "--cpu-variants", "native", "-q"),
-                      "model.safetensors.index.json", "leaves the checkpoint directory")
+    # (elsewhere, config.json, a link into ../../blobs too, is refused first: the bundle would carry it)
+    needles = ("model.safetensors.index.json", "leaves the checkpoint directory") if repo.startswith("models--") \
+        else ("config.json", "leading outside the checkpoint's folder")
+    assert_user_error(llmirc("compile", snap, "-o", out, "--cpu-variants", "native", "-q"), *needles)
     assert not out.exists()
 
 def test_compile_a_bundle_says_it_is_one(bundle, tmp_path):

@@ -38,7 +38,22 @@ OTHER_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.m
 
 def tokenizer_files(root: Path) -> list[Path]:
     """The tokenizer files of a checkpoint's folder that a bundle carries."""
-    return present_small_files([root / n for n in TOKENIZER_FILES], CheckpointError)
+    return carried_files(root, [root / n for n in TOKENIZER_FILES])
+
+
+def carried_files(root: Path, paths: list[Path]) -> list[Path]:
+    """Those of `paths` (small files of the checkpoint folder `root` that the bundle carries as they are:
+    config.json, generation_config.json, tokenizer files) that are there, each checked by
+    check_small_file and, symlinks followed, lying where a shard may (`checkpoint_area`): a link of a
+    downloaded or cloned checkpoint to a file of the user's (chat_template.jinja -> ~/.netrc) would put that
+    file into a bundle that may then be shared. Raises CheckpointError naming the file."""
+    found = present_small_files(paths, CheckpointError)
+    area = checkpoint_area(root)
+    for path in found:
+        if not path.resolve().is_relative_to(area):
+            raise CheckpointError(f"{path}: a link leading outside the checkpoint's folder (to {path.resolve()}); "
+                                  "the bundle would carry that file: copy it into the folder instead")
+    return found
 
 
 def missing_tokenizer_note(root: Path) -> str | None:
@@ -115,6 +130,7 @@ class Checkpoint:
             raise CheckpointError(f"{root}: not a checkpoint directory")
         self.config_path = root / "config.json"
         self.config = load_config(self.config_path)
+        self.config_files()  # (refused before the compile, not when the bundle is written)
         text = text_config(self.config, str(self.config_path))
         self.spec = parse_spec(text or self.config, str(self.config_path))
         self.quantization = parse_quantization_config(self.config, str(self.config_path))
@@ -260,7 +276,7 @@ class Checkpoint:
                 "pad_token_id": s.pad_token_id}
 
     def config_files(self) -> list[Path]:
-        return present_small_files([self.config_path, self.root / "generation_config.json"], CheckpointError)
+        return carried_files(self.root, [self.config_path, self.root / "generation_config.json"])
 
     def read(self, name: str) -> np.ndarray:
         """The tensor as stored (a zero-copy view of the mapped file; BF16 as uint16 bits); a float

@@ -42,7 +42,7 @@ from llmirc import dialect as L
 from llmirc.errors import CheckpointError, naming
 
 from . import onnx_ops
-from .checkpoint import checkpoint_area, tokenizer_files
+from .checkpoint import carried_files, checkpoint_area, tokenizer_files
 from .context import Limit
 from .onnx_analysis import CONST, DATA, PROBE_LENGTHS, SONLY, AV, Node, interpret, symbolic_shape
 from .onnx_dialect import NoneOp, element_type, make_op
@@ -281,7 +281,7 @@ class OnnxCheckpoint:
         return {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}.get(code)
 
     def config_files(self) -> list[Path]:
-        return [p for p in (self.root / "config.json", self.root / "generation_config.json") if p.is_file()]
+        return carried_files(self.root, [self.root / "config.json", self.root / "generation_config.json"])
 
     def tokenizer_files(self) -> list[Path]:
         return tokenizer_files(self.root)
