@@ -380,10 +380,19 @@ def test_compile_hub_cache_snapshot(ckpt, bundle, tmp_path, given):
     assert r.returncode == 0, r.stderr
     assert snapshot(out / "weights") == snapshot(bundle / "weights")
     assert json.loads((out / "manifest.json").read_text())["source"]["name"] == "org/tiny"
-    if given == "repository":  # refs/main naming no snapshot there
-        (repo / "refs" / "main").write_text("f" * 40)
-        assert_user_error(llmirc("compile", repo, "-o", out, "-q"), "models--org--tiny",
-                          "refs/main names no snapshot there")
+    if given == "repository":  # the same given as '.' and through a link of another name
+        (tmp_path / "tiny").symlink_to(repo)
+        for model, cwd in ((".", repo), (tmp_path / "tiny", None)):
+            shutil.rmtree(out)
+            r = llmirc("compile", model, "-o", out, "--cpu-variants", "native", "-q", cwd=cwd)
+            assert r.returncode == 0, r.stderr
+            assert json.loads((out / "manifest.json").read_text())["source"]["name"] == "org/tiny"
+        # refs/main naming no snapshot there (a download cut short, a hand-edited ref): refused, though another
+        # snapshot is there (not what from_pretrained("org/tiny") loads)
+        for ref in ("f" * 40, "../x", "../blobs", "/etc"):
+            (repo / "refs" / "main").write_text(ref)
+            assert_user_error(llmirc("compile", repo, "-o", tmp_path / "no.llmir", "-q"), "models--org--tiny",
+                              "refs/main names no snapshot there", f"e.g. {repo / 'snapshots' / '0000older'}")
     if given == "repo-id":  # a repository not in the cache (nothing is downloaded)
         assert_user_error(llmirc("compile", "org/other", "-o", out, "-q", cwd=tmp_path, env=env),
                           "org/other: no such file or directory, nor a model in the Hugging Face hub's cache",

@@ -49,11 +49,14 @@ def open_source(path, dequantize: bool = False):
                 ", nor a model in the Hugging Face hub's cache (llmirc downloads nothing: `hf download "
                 f"{path}` first)" if repo_id else ""))
         path = snapshot
-    elif path.name.startswith("models--") and (path / "snapshots").is_dir() and not (path / "config.json").exists():
-        repo_id = path.name.removeprefix("models--").replace("--", "/", 1)  # (huggingface_hub's folder name)
-        if (snapshot := hub_snapshot(repo_id, path.parent)) is None:
-            raise CheckpointError(f"{path}: a Hugging Face hub cache folder whose refs/main names no snapshot "
-                                  "there: compile one of its snapshot folders (snapshots/REVISION)")
+    elif (real := path.resolve()).name.startswith("models--") and (real / "snapshots").is_dir() and \
+            not (real / "config.json").exists():  # (given as '.' or through a link of another name too)
+        repo_id = real.name.removeprefix("models--").replace("--", "/", 1)  # (huggingface_hub's folder name)
+        if (snapshot := hub_snapshot(repo_id, real.parent)) is None:
+            some = sorted(p for p in (real / "snapshots").iterdir() if p.is_dir())[:1]
+            raise CheckpointError(f"{path}: a Hugging Face hub cache folder whose refs/main names no snapshot there "
+                                  "(what from_pretrained loads): compile a snapshot folder"
+                                  + (f", e.g. {some[0]}" if some else " (it has none)"))
         path = snapshot
     if path.is_file() and path.suffix == ".onnx":
         from .onnx_import import OnnxCheckpoint
