@@ -580,12 +580,11 @@ class Engine:
 
     def _undo(self, step, e: BaseException) -> None:
         """After `step` failed past its forward: forget it in the scheduler if it is still pending, and abort
-        the requests of its logits rows still here with the error (part of them may be committed, part not: a
-        token the scheduler recorded and the request never got), their blocks freed. A sequence with no row
-        (a prefill chunk short of its prompt's end) is sound either way: its KV is written, and its chunk is
-        either recorded or run again. The engine serves on: in the caller's thread (`step()`) the error reaches
-        that caller and the next generate runs as on a fresh engine; on the loop thread `_loop` fails the
-        engine, as before."""
+        every request of the step still here with the error, their blocks freed (those with a logits row may
+        be part committed, part not: a token the scheduler recorded and the request never got; those without,
+        prefill chunks short of their prompt's end, are aborted too, the simpler rule). The engine serves on:
+        in the caller's thread (`step()`) the error reaches that caller and the next generate runs as on a
+        fresh engine; on the loop thread `_loop` fails the engine, as before."""
         self.scheduler.discard(step)
         if isinstance(e, Exception):
             log.exception("engine step failed after its forward: its requests are aborted")
