@@ -69,8 +69,9 @@ def _threads_option(help: str):
     """--threads N (N >= 1), with a warning on stderr when N is more than the CPUs this process may use:
     the threads then take turns on the cores, and decode runs slower than with one per core."""
     def warn_oversubscribed(ctx, param, value):
-        cpus = len(os.sched_getaffinity(0))
-        if value is not None and value > cpus:
+        from llmirc.targets.workers import usable_cpus
+
+        if value is not None and value > (cpus := usable_cpus()):
             click.echo(f"warning: --threads {value} is more than the {cpus} CPUs this process may use: threads "
                        "will share cores (slower than one per core)", err=True)
         return value
