@@ -1112,9 +1112,32 @@ def _stopped(message: str, code: int) -> None:
     _fail(message, code)
 
 
+class _StandardOutput:
+    """sys.stdout whose write and flush errors name it, as errors of other files name theirs (`llmirc
+    inspect B > /dev/full`: "standard output: No space left on device"); everything else is the stream's."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def _named(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:  # (EPIPE stays a BrokenPipeError: OSError() picks the subclass by errno)
+            raise OSError(e.errno, e.strerror, "standard output") from None
+
+    def write(self, text):
+        return self._named(self._stream.write, text)
+
+    def flush(self):
+        return self._named(self._stream.flush)
+
+
 def main() -> None:
-    if sys.stdout is None:  # started with standard output closed (`>&-`): what goes there is dropped
-        sys.stdout = open(os.devnull, "w")
+    # (started with standard output closed, `>&-`: what goes there is dropped)
+    sys.stdout = _StandardOutput(sys.stdout if sys.stdout is not None else open(os.devnull, "w"))
     for sig in (signal.SIGTERM, signal.SIGHUP):  # `llmirc serve`: uvicorn installs its own while it runs
         signal.signal(sig, _terminate)
     try:
@@ -1147,7 +1170,7 @@ def main() -> None:
         if e.errno not in _ENVIRONMENT_ERRNOS:
             _internal_error(e)
         files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
-        if not files:  # perhaps standard output (`> /dev/full`): what is left in its buffer goes nowhere
+        if files == "standard output":  # (`> /dev/full`): what is left in its buffer goes nowhere
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         _fail(f"{internal_stage(e) or _command}: {files + ': ' if files else ''}{e.strerror}")
     except Exception as e:

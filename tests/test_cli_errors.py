@@ -2711,8 +2711,8 @@ def test_a_full_disk_is_the_machines_fault_not_a_bug(ckpt, bundle, tmp_path):
         r = subprocess.run([sys.executable, "-m", "llmirc.cli", "inspect", str(bundle)], stdout=full,
                            stderr=subprocess.PIPE, text=True, env=ENV, timeout=120)
         # (the command as it was started: python -m llmirc.cli)
-        assert r.returncode == 1 and r.stderr == "error: python -m llmirc.cli inspect: No space left on device\n", \
-            r.stderr
+        assert r.returncode == 1 and r.stderr == "error: python -m llmirc.cli inspect: standard output: No space " \
+                                                 "left on device\n", r.stderr
         r = subprocess.run([sys.executable, "-m", "llmirc.cli", "compile", str(ckpt), "-o", str(out),
                             "--cpu-variants", "native"], stdout=subprocess.PIPE, stderr=full, env=ENV, timeout=300)
     assert r.returncode == 0 and llmirc("inspect", out).returncode == 0
