@@ -39,6 +39,7 @@ from xdsl.dialects.builtin import (
     bf16,
     f16,
     f32,
+    i8,
     i64,
 )
 from xdsl.ir import Attribute, Dialect, ParametrizedAttribute, SSAValue, TypeAttribute
@@ -61,7 +62,7 @@ from xdsl.printer import Printer
 from xdsl.traits import Pure
 from xdsl.utils.exceptions import VerifyException
 
-from llmirc.quant import layout_problem, table_problem
+from llmirc.quant import layout_problem, super_group_problem, table_problem
 
 _POOL_KEYS = ("layers", "kv_heads", "head_dim", "block_size")
 DYN = DYNAMIC_INDEX  # a dimension only known at run time (tokens in the batch, rows kept for logits)
@@ -163,10 +164,13 @@ class QuantType(ParametrizedAttribute, TypeAttribute):
     `group_size` along the input dimension, one scale (of type `scale`) per group, and zero
     points: none (symmetric), int (a uint8 zero point per group) or min (a float offset per
     group); `values`: a value table (code u stands for values[u], GGUF's IQ4 grid; empty: the
-    uniform grid); `act_order`: the columns are stored permuted (GPTQ act-order).
+    uniform grid); `act_order`: the columns are stored permuted (GPTQ act-order); `super_group`
+    (scale i8): two-level scales, int8 sub-scales (and sub-mins) per group times a float16 per
+    super_group weights (GGUF's K-quants and IQ4_XS; 0: one level).
 
     `!llmir.quant<bits = 4, group_size = 32, scale = f16, zero = none>`,
-    `!llmir.quant<bits = 4, group_size = 32, scale = f16, zero = none, values = [-127, -104, ...]>`;
+    `!llmir.quant<bits = 4, group_size = 32, scale = f16, zero = none, values = [-127, -104, ...]>`,
+    `!llmir.quant<bits = 4, group_size = 32, scale = i8, zero = min, super_group = 256>`;
     see llmirc/quant.py for the meaning of the codes and their layout in the bundle."""
 
     name = "llmir.quant"
@@ -177,11 +181,12 @@ class QuantType(ParametrizedAttribute, TypeAttribute):
     zero: StringAttr
     act_order: IntAttr
     values: ArrayAttr
+    super_group: IntAttr
 
     def __init__(self, bits: int, group_size: int, scale: Attribute = f16, zero: str = "none",
-                 act_order: bool = False, values: Sequence[int] | None = None):
+                 act_order: bool = False, values: Sequence[int] | None = None, super_group: int = 0):
         super().__init__(IntAttr(bits), IntAttr(group_size), scale, StringAttr(zero), IntAttr(int(act_order)),
-                         ArrayAttr([IntAttr(v) for v in values or ()]))
+                         ArrayAttr([IntAttr(v) for v in values or ()]), IntAttr(super_group))
 
     @property
     def table(self) -> tuple[int, ...] | None:
@@ -194,6 +199,8 @@ class QuantType(ParametrizedAttribute, TypeAttribute):
         printer.print_string(f", zero = {self.zero.data}")
         if self.table:
             printer.print_string(f", values = [{', '.join(str(v) for v in self.table)}]")
+        if self.super_group.data:
+            printer.print_string(f", super_group = {self.super_group.data}")
         printer.print_string(f"{', act_order' if self.act_order.data else ''}>")
 
     @classmethod
@@ -212,23 +219,32 @@ class QuantType(ParametrizedAttribute, TypeAttribute):
         parser.parse_keyword("zero")
         parser.parse_punctuation("=")
         zero = parser.parse_identifier()
-        table, act_order = [], False
+        table, act_order, super_group = [], False, 0
         while parser.parse_optional_punctuation(",") is not None:
             if parser.parse_optional_keyword("values") is not None:
                 parser.parse_punctuation("=")
                 table = parser.parse_comma_separated_list(parser.Delimiter.SQUARE, parser.parse_integer)
+            elif parser.parse_optional_keyword("super_group") is not None:
+                parser.parse_punctuation("=")
+                super_group = parser.parse_integer()
             else:
                 parser.parse_keyword("act_order")
                 act_order = True
         parser.parse_punctuation(">")
-        return [*values, scale, StringAttr(zero), IntAttr(int(act_order)), ArrayAttr([IntAttr(v) for v in table])]
+        return [*values, scale, StringAttr(zero), IntAttr(int(act_order)), ArrayAttr([IntAttr(v) for v in table]),
+                IntAttr(super_group)]
 
     def verify(self) -> None:
         _check(self.group_size.data >= 16, "quant: group_size must be at least 16")
         sub_group = min(32, self.group_size.data)
         why = layout_problem(self.bits.data, sub_group, sub_group)
         _check(why is None, f"quant: {why}")
-        _check(is_float(self.scale), "quant: the scale type must be f32, bf16 or f16")
+        if self.super_group.data:
+            _check(self.scale == i8, "quant: two-level scales (super_group) take i8 sub-scales")
+            why = super_group_problem(self.super_group.data, self.group_size.data, self.zero.data)
+            _check(why is None, f"quant: {why}")
+        else:
+            _check(is_float(self.scale), "quant: the scale type must be f32, bf16 or f16 (i8 with super_group)")
         _check(self.zero.data in _QUANT_ZEROS, f"quant: zero must be one of {', '.join(_QUANT_ZEROS)}")
         _check(self.act_order.data in (0, 1), "quant: act_order is a flag")
         _check(all(isinstance(v, IntAttr) for v in self.values.data), "quant: values must be integers")

@@ -7,6 +7,7 @@ A quantized [n, k] weight (n output rows, k inputs) is stored as up to four bund
 * `scales`: [n, k / group_size] of `scale_dtype` (float16, bfloat16 or float32).
 * `zeros` (zero = "int" or "min"): [n, k / group_size], uint8 zero points or `scale_dtype` mins.
 * `perm` (act_order): int32 [k]: stored column i holds input column perm[i] (GPTQ act-order).
+* `super_scales`, `super_mins` (super_group S > 0): float16 [n, k / S] (see two-level scales below).
 
 A weight of group g is, by `zero`:
     none: w = s_g * (u - 2^(bits-1))      (symmetric; llama.cpp's Q4_0 / Q5_0 / Q6_K / Q8_0)
@@ -16,6 +17,12 @@ and with a value table (`values`: 2^bits ints in [-128, 127], zero none, 4-bit c
     w = s_g * values[u]                   (a non-uniform grid: llama.cpp's IQ4_NL / IQ4_XS, kvalues_iq4nl)
 The kernels look the table up after unpacking a code (x86 pshufb, AArch64 tbl) and go on with the
 byte values[u] + 128 as an 8-bit code of center 128 (targets/cpu/quant_kernels.py).
+
+Two-level scales (`super_group` S > 0, scale_dtype int8; zero none or min): llama.cpp's K-quants
+and IQ4_XS, as the file stores them. `scales` (and with zero min `zeros`) hold int8 sub-scales sc_g
+(sub-mins mn_g) per group, `super_scales` (`super_mins`) a float16 D (M) per S weights, and
+    s_g = D * sc_g,   m_g = M * mn_g       (one float32 multiply each, exact: 11 + 8 significant bits)
+so the kernels finish a group as with one-level scales of those values, bit for bit.
 
 The super-block layout serves the integer dot-product instructions (x86 vpdpbusd, and its
 emulation elsewhere): a 32-bit lane multiplies 4 consecutive bytes. A row is cut into
@@ -57,6 +64,7 @@ class Scheme:
     zero: str = "none"   # none | int | min (see the module docstring)
     act_order: bool = False
     values: tuple[int, ...] | None = None  # code u stands for values[u] (None: the uniform grid, see above)
+    super_group: int = 0  # two-level scales: int8 sub-scales times a float16 per super_group weights (0: one level)
 
     @property
     def zero_dtype(self) -> str:
@@ -77,8 +85,10 @@ class Scheme:
         g = self.group_size
         if self.zero not in ZEROS:
             return f"zero points {self.zero!r} (known: {', '.join(ZEROS)})"
-        if self.scale_dtype not in ("float16", "bfloat16", "float32"):
+        if self.scale_dtype not in ("float16", "bfloat16", "float32", "int8"):
             return f"scale dtype {self.scale_dtype}"
+        if (self.scale_dtype == "int8") != (self.super_group > 0):
+            return f"{self.scale_dtype} scales with super-group {self.super_group} (int8 sub-scales take one)"
         if g < 16:
             return f"group size {g} (at least 16)"
         if g != k and not (16 <= g <= 512 and g & (g - 1) == 0):
@@ -86,6 +96,8 @@ class Scheme:
         if k % g:
             return f"{k} inputs, not a multiple of the group size {g}"
         if self.values is not None and (why := table_problem(self.values, self.bits, self.zero)):
+            return why
+        if self.super_group and (why := super_group_problem(self.super_group, g, self.zero, k)):
             return why
         return layout_problem(self.bits, self.sub_group, k)
 
@@ -95,15 +107,19 @@ class Scheme:
         return high_bits(self.bits)
 
     def parts(self) -> tuple[str, ...]:
-        return ("codes", "scales") + (("zeros",) if self.zero != "none" else ()) + (
+        supers = ("super_scales",) + (("super_mins",) if self.zero == "min" else ()) if self.super_group else ()
+        return ("codes", "scales") + (("zeros",) if self.zero != "none" else ()) + supers + (
             ("perm",) if self.act_order else ())
 
     def part_shape(self, part: str, n: int, k: int) -> tuple[int, ...]:
+        if part in ("super_scales", "super_mins"):
+            return (n, k // self.super_group)
         return {"codes": (n, k * self.bits // 8), "scales": (n, k // self.group_size),
                 "zeros": (n, k // self.group_size), "perm": (k,)}[part]
 
     def part_dtype(self, part: str) -> str:
-        return {"codes": "uint8", "scales": self.scale_dtype, "zeros": self.zero_dtype, "perm": "int32"}[part]
+        return {"codes": "uint8", "scales": self.scale_dtype, "zeros": self.zero_dtype, "perm": "int32",
+                "super_scales": "float16", "super_mins": "float16"}[part]
 
 
 @functools.lru_cache(maxsize=64)
@@ -127,6 +143,19 @@ def table_problem(values, bits: int, zero: str) -> str | None:
         return f"a value table with {bits}-bit codes and zero {zero} (4-bit symmetric codes only)"
     if len(values) != 16 or not all(isinstance(v, int) and -128 <= v <= 127 for v in values):
         return f"value table {list(values)} (16 ints in [-128, 127])"
+    return None
+
+
+def super_group_problem(sg: int, g: int, zero: str, k: int | None = None) -> str | None:
+    """Why two-level scales of super-group sg over groups of g cannot hold rows of k weights (any
+    rows: k None) with zero points `zero` (None when they can): sg a power of two and a multiple of
+    g, dividing k; zero none or min (zero points are codes, not scales)."""
+    if zero == "int":
+        return "two-level scales with uint8 zero points (zero none or min)"
+    if sg <= 0 or sg & (sg - 1) or sg % g:
+        return f"super-group {sg} over groups of {g} (a power of two, a multiple of the group size)"
+    if k is not None and k % sg:
+        return f"{k} inputs, not a multiple of the super-group {sg}"
     return None
 
 
@@ -298,6 +327,8 @@ def _check_scheme(scheme: Scheme, k: int, what: str) -> None:
         raise ValueError(f"{what}: cannot store {why}")
     if scheme.values is not None:
         raise ValueError(f"{what}: value tables come only from GGUF files (IQ4_NL, IQ4_XS)")
+    if scheme.super_group:
+        raise ValueError(f"{what}: two-level scales come only from GGUF files (K-quants, IQ4_XS)")
 
 
 def _searched_params(x: np.ndarray, d: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
@@ -406,7 +437,8 @@ def dequantize(parts: dict[str, np.ndarray], scheme: Scheme, k: int) -> np.ndarr
     """The float64 [n, k] weight the parts stand for (input columns in their original order)."""
     u = unpack(parts["codes"], scheme.bits, scheme.sub_group, k).astype(np.float64)
     n, g = u.shape[0], scheme.group_size
-    s = np.repeat(dtypes.to_float32(parts["scales"], scheme.scale_dtype).astype(np.float64), g, axis=1)
+    s, m = group_scales(parts, scheme)
+    s = np.repeat(s.astype(np.float64), g, axis=1)
     if scheme.values is not None:
         w = s * np.array(scheme.values, np.float64)[u.astype(np.int64)]
     elif scheme.zero == "none":
@@ -414,12 +446,26 @@ def dequantize(parts: dict[str, np.ndarray], scheme: Scheme, k: int) -> np.ndarr
     elif scheme.zero == "int":
         w = s * (u - np.repeat(parts["zeros"].astype(np.float64), g, axis=1))
     else:
-        w = s * u + np.repeat(dtypes.to_float32(parts["zeros"], scheme.scale_dtype).astype(np.float64), g, axis=1)
+        w = s * u + np.repeat(m.astype(np.float64), g, axis=1)
     if scheme.act_order:
         out = np.empty_like(w)
         out[:, parts["perm"]] = w
         return out.reshape(n, k)
     return w
+
+
+def group_scales(parts: dict[str, np.ndarray], scheme: Scheme) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scales, mins) per group as float32 [n, k / group_size] (mins None unless zero is min); with
+    two-level scales the products D sc and M mn, exact."""
+    if not scheme.super_group:
+        mins = dtypes.to_float32(parts["zeros"], scheme.scale_dtype) if scheme.zero == "min" else None
+        return dtypes.to_float32(parts["scales"], scheme.scale_dtype), mins
+    per = scheme.super_group // scheme.group_size
+
+    def product(sub, sup):
+        return np.asarray(sub, np.int8).astype(np.float32) * np.repeat(np.asarray(sup, np.float16), per, 1)
+    mins = product(parts["zeros"], parts["super_mins"]).astype(np.float32) if scheme.zero == "min" else None
+    return product(parts["scales"], parts["super_scales"]).astype(np.float32), mins
 
 
 def hadamard(a: np.ndarray, block: int) -> np.ndarray:

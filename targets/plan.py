@@ -556,7 +556,7 @@ def _ir_dtype(v: SSAValue) -> str:
 def quant_scheme(t: L.QuantType) -> quant.Scheme:
     """The llmirc.quant scheme of a `!llmir.quant` element type."""
     return quant.Scheme(t.bits.data, t.group_size.data, _element_dtype(t.scale), t.zero.data, bool(t.act_order.data),
-                        t.table)
+                        t.table, t.super_group.data)
 
 
 def _part_expr(expr: tuple, part: str) -> tuple:
@@ -567,13 +567,15 @@ def _part_expr(expr: tuple, part: str) -> tuple:
 
 
 def _quant_params(scheme: quant.Scheme) -> dict:
-    table = {"values": list(scheme.values)} if scheme.values is not None else {}  # (absent: the uniform grid)
+    # (absent: the uniform grid, one level of scales; so older bundles read as before)
+    table = {"values": list(scheme.values)} if scheme.values is not None else {}
+    two_level = {"super_group": scheme.super_group} if scheme.super_group else {}
     return {"bits": scheme.bits, "group_size": scheme.group_size, "scale_dtype": scheme.scale_dtype,
-            "zero": scheme.zero, "zero_dtype": scheme.zero_dtype, **table}
+            "zero": scheme.zero, "zero_dtype": scheme.zero_dtype, **table, **two_level}
 
 
 def _quant_args(w: dict[str, Ref]) -> dict[str, Arg]:
-    return {"codes": w["codes"], "scales": w["scales"], "zeros": w.get("zeros", Ref("null"))}
+    return {p: w.get(p, Ref("null")) for p in ("codes", "scales", "zeros", "super_scales", "super_mins")}
 
 
 def _qlinear(p: _Planner, op: L.LinearOp):

@@ -33,11 +33,14 @@ layer_norm {dim, eps, bias}: mu = mean_i x[t,i]; var = mean_i (x[t,i] - mu)^2 (b
 linear {n, k, bias, residual, w_dtype}: out[t,j] = sum_i x[t,i] * w[j,i] (+ bias[j]) (+ residual[t,j])
     for t < T, j < n; w is [n, k] row-major of p.w_dtype, contiguous. out may be the same pointer
     as residual (with ld_out == ld_res), never x or w.
-qlinear {n, k, bits, group_size, scale_dtype, zero, zero_dtype, act_order, values, bias, residual}: linear with
-    a quantized weight (llmirc/quant.py: `codes` uint8 in the super-block layout (code u stands for
-    p.values[u] where p.values, a table of 2^bits ints, is given; absent or None: the uniform grid), `scales`
-    [n, k/group_size] of p.scale_dtype, `zeros` [n, k/group_size] of p.zero_dtype unless p.zero is
-    none, `perm` int32 [k] if p.act_order) and activations quantized on the fly: with
+qlinear {n, k, bits, group_size, scale_dtype, zero, zero_dtype, act_order, values, super_group, bias,
+    residual}: linear with a quantized weight (llmirc/quant.py: `codes` uint8 in the super-block layout
+    (code u stands for p.values[u] where p.values, a table of 2^bits ints, is given; absent or None:
+    the uniform grid), `scales` [n, k/group_size] of p.scale_dtype, `zeros` [n, k/group_size] of
+    p.zero_dtype unless p.zero is none, `perm` int32 [k] if p.act_order; with p.super_group S > 0,
+    int8 `scales` and `zeros` are sub-scales and sub-mins, each group's scale
+    super_scales[j, g G / S] * scales[j, g] and min super_mins[j, g G / S] * zeros[j, g] (float16
+    [n, k / S]; f32 products, exact)) and activations quantized on the fly: with
     xp[t,i] = x[t, perm[i]] (x[t,i] without act_order), each block of 32 (16 when group_size is 16)
     consecutive xp values is d * q, d = max|block| / 127, q = rint(xp / d) in int8 (llama.cpp's Q8
     activations); out[t,j] = sum_i d q[t,i] * W[j,i] (+ bias[j]) (+ residual[t,j]), W the dequantized
@@ -52,8 +55,8 @@ qlinear {n, k, bits, group_size, scale_dtype, zero, zero_dtype, act_order, value
     is bound by the weight bytes either way; x~ keeps 8 significant bits per value, at least as
     precise as the CPU's int8 blocks. So a bundle's cpu and cuda/hip targets agree to within the
     CPU's activation quantization (half a step d/2 per value), not to f32 rounding.
-qembedding {dim, bits, group_size, scale_dtype, zero, zero_dtype, values, scale}: embedding of a quantized table
-    (as qlinear's weight, [vocab, dim]): out[t, :] = the dequantized row ids[t] * p.scale, in f32.
+qembedding {dim, bits, group_size, scale_dtype, zero, zero_dtype, values, super_group, scale}: embedding of
+    a quantized table (as qlinear's weight, [vocab, dim]): out[t, :] = the dequantized row ids[t] * p.scale, in f32.
 rope {num_heads, head_dim, rotary_dim, style, inv_freq, scaling}: for token t, head h,
     i < rotary_dim/2: a = (float)positions[t] * inv_freq[i] (one f32 multiply);
     c = cos(a) * scaling, s = sin(a) * scaling; neox pairs x[h*hd + i] with x[h*hd + i + rot/2],
@@ -156,6 +159,11 @@ def _mat(name):
     return (_ptr(name), _i64("ld_" + name))
 
 
+# a quantized weight (llmirc/quant.py's parts but perm)
+_QWEIGHT = (_ptr("codes", "uint8"), _ptr("scales", "{scale_dtype}"), _ptr("zeros", "{zero_dtype}", nullable=True),
+            _ptr("super_scales", "float16", nullable=True), _ptr("super_mins", "float16", nullable=True))
+
+
 _SIGNATURES = [
     Signature("embedding", {"dim": REQUIRED, "dtype": "float32", "scale": 1.0},
               (*_OUT, _ptr("table", "{dtype}"), _ptr("ids", "int32"), _i64("T"))),
@@ -168,15 +176,13 @@ _SIGNATURES = [
                _ptr("residual", nullable=True), _i64("ld_res"), _i64("T"))),
     Signature("qlinear", {"n": REQUIRED, "k": REQUIRED, "bits": REQUIRED, "group_size": REQUIRED,
                           "scale_dtype": "float16", "zero": "none", "zero_dtype": "uint8", "act_order": False,
-                          "values": None, "bias": False, "residual": False},
-              (*_OUT, *_mat("x"), _ptr("codes", "uint8"), _ptr("scales", "{scale_dtype}"),
-               _ptr("zeros", "{zero_dtype}", nullable=True), _ptr("perm", "int32", nullable=True),
+                          "values": None, "super_group": 0, "bias": False, "residual": False},
+              (*_OUT, *_mat("x"), *_QWEIGHT, _ptr("perm", "int32", nullable=True),
                _ptr("bias", nullable=True), _ptr("residual", nullable=True), _i64("ld_res"),
                _ptr("xq", "int8", "w"), _i64("T"))),
     Signature("qembedding", {"dim": REQUIRED, "bits": REQUIRED, "group_size": REQUIRED, "scale_dtype": "float16",
-                             "zero": "none", "zero_dtype": "uint8", "values": None, "scale": 1.0},
-              (*_OUT, _ptr("codes", "uint8"), _ptr("scales", "{scale_dtype}"),
-               _ptr("zeros", "{zero_dtype}", nullable=True), _ptr("ids", "int32"), _i64("T"))),
+                             "zero": "none", "zero_dtype": "uint8", "values": None, "super_group": 0, "scale": 1.0},
+              (*_OUT, *_QWEIGHT, _ptr("ids", "int32"), _i64("T"))),
     Signature("rope", {"num_heads": REQUIRED, "head_dim": REQUIRED, "rotary_dim": None, "style": "neox",
                        "inv_freq": REQUIRED, "scaling": 1.0},
               (*_OUT, *_mat("x"), _ptr("positions", "int32"), _i64("T"))),

@@ -892,6 +892,20 @@ def test_inspect_names_a_value_table():
     assert I._storage(q[1]) == " (groups of 32, symmetric, float32 scales)"
 
 
+def test_inspect_names_two_level_scales():
+    """Two-level scales (GGUF's K-quants: `super_group` in the kernel's params) are their own storage, the
+    super-group in the JSON and said in the report."""
+    from collections import Counter
+
+    from llmirc.runtime import inspect as I
+
+    p = {"k": 512, "bits": 4, "group_size": 32, "zero": "min", "scale_dtype": "int8", "super_group": 256}
+    q = I._quantization({"targets": [{"kernels": [{"kind": "qlinear", "symbol": "a", "params": p}]}]}, Counter(a=7))
+    assert q == [{"op": "linear", "storage": "int4", "group_size": 32, "zero": "min", "scale_dtype": "int8",
+                  "act_order": False, "super_group": 256, "calls": 7}]
+    assert I._storage(q[0]) == " (groups of 32, mins, int8 sub-scales under float16 ones per 256)"
+
+
 def test_inspect_json_says_how_weights_are_stored_and_the_options(ckpt, tmp_path):
     """A CI step reads the quantization and the compile options as fields, not report sentences."""
     out = tmp_path / "q.llmir"

@@ -77,6 +77,22 @@ def test_value_table_quant_type_round_trips():
             L.QuantType(bits, 32, f32, zero, values=values)
 
 
+def test_two_level_quant_type_round_trips():
+    """Two-level scales (GGUF's K-quants: i8 sub-scales under a float16 per super_group) print the
+    super-group, parse back in xDSL and in upstream MLIR, and other combinations are refused."""
+    from xdsl.dialects.builtin import ModuleOp, f16, i8
+
+    qtype = L.QuantType(4, 32, i8, "min", super_group=256)
+    text = print_ir(ModuleOp([L.PackedWeightOp("w", "gguf", (8, 512), qtype)]))
+    assert "!llmir.quant<bits = 4, group_size = 32, scale = i8, zero = min, super_group = 256>" in text
+    check_round_trip(text)
+    assert Parser(make_context(), text).parse_module().body.block.first_op.result.type.element_type == qtype
+    for scale, zero, sg, message in ((f16, "min", 256, "take i8 sub-scales"), (i8, "min", 0, "i8 with super_group"),
+                                     (i8, "int", 256, "uint8 zero points"), (i8, "none", 48, "a power of two")):
+        with pytest.raises(VerifyException, match=message):
+            L.QuantType(4, 32, scale, zero, super_group=sg)
+
+
 def test_optimized_ir_parses_and_verifies_in_upstream_mlir():
     from iree.compiler import ir
     text = optimized_ir()

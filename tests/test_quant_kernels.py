@@ -60,25 +60,36 @@ SCHEMES = {  # name -> (scheme factory of k)
     "i4_g32_tbl": lambda k: Scheme(4, 32, "float16", values=IQ4),       # IQ4_NL: a value table
     # IQ4_XS's f32 scales, with a table reaching both ends of int8 (the largest vpmaddubsw pairs)
     "i4_g32_tbl_f32": lambda k: Scheme(4, 32, "float32", values=(-128, *IQ4[1:-1], 127)),
+    # two-level scales (int8 sub-scales under a float16 per 256), as GGUF's files store them
+    "i4_g32_min_2l": lambda k: Scheme(4, 32, "int8", "min", super_group=256),         # Q4_K
+    "i5_g32_min_2l": lambda k: Scheme(5, 32, "int8", "min", super_group=256),         # Q5_K
+    "i6_g16_2l": lambda k: Scheme(6, 16, "int8", super_group=256),                    # Q6_K
+    "i4_g32_tbl_2l": lambda k: Scheme(4, 32, "int8", values=IQ4, super_group=256),    # IQ4_XS
 }
 # (n, k): n not a multiple of the rows of a block; 576 = 18 x 32 (a full super-block and a tail of 2
 # lanes), 640 for groups of 128, 1536 for 256; 512 without a tail, 2048 with groups wider than a vector, 64 only a tail
 MAIN = {name: (37, next(k for k in (576, 640, 1536) if make(k).check(k) is None)) for name, make in SCHEMES.items()}
+# two-level scales: 1280 = 5 super-groups of 256, 40 sub-groups of 32 (a tail of 8 lanes); 768 in 48 sub-groups of 16
+MAIN |= {"i4_g32_min_2l": (37, 1280), "i5_g32_min_2l": (37, 1280), "i6_g16_2l": (37, 768), "i4_g32_tbl_2l": (37, 1280)}
 EXTRA = [("i8_g32", 64, 512), ("i4_g32", 64, 512), ("i8_row", 9, 2048), ("i8_g256_min", 9, 2048),
          ("i4_g128_int", 9, 2048), ("i4_g32_min", 5, 64), ("i8_g16_f32", 5, 64),
          ("i5_g32", 5, 32), ("i5_g32_min_f32", 7, 96), ("i6_g16_f32", 3, 48),  # 5/6 bits: tails of 1 to 3 lanes
          ("i4_g32", 11, 704), ("i6_g16_f32", 5, 352), ("i4_g128_int", 3, 2816),  # tails of 6 and 8 lanes (8-lane vectors)
          ("i4_g32_tbl", 3, 64),  # a value table in one super-block's tail
-         ("i8_row", 7, 24)]  # a sub-group of 24 (a row of 24 inputs): activation scales over 24 values, not 16 or 32
+         ("i8_row", 7, 24),  # a sub-group of 24 (a row of 24 inputs): activation scales over 24 values, not 16 or 32
+         ("i4_g32_min_2l", 5, 256), ("i6_g16_2l", 3, 256),  # one super-group (in a super-block's tail for 32)
+         ("i5_g32_min_f32", 37, 1280), ("i6_g16_f32", 37, 768)]  # one-level twins of two-level cases (bit for bit)
 CASES = [(name, *MAIN[name]) for name in SCHEMES] + EXTRA
 # The other instruction paths share the per-format code; they run the formats that exercise
 # their dot products and unpacking differently (int8 and int4 codes, zero kinds, 16-wide blocks).
-PATH_SCHEMES = ("i8_row", "i4_g32_min", "i4_g64_act", "i6_g16_f32", "i4_g128_int", "i5_g32_min_f32", "i4_g32_tbl_f32")
+PATH_SCHEMES = ("i8_row", "i4_g32_min", "i4_g64_act", "i6_g16_f32", "i4_g128_int", "i5_g32_min_f32", "i4_g32_tbl_f32",
+                "i4_g32_min_2l", "i6_g16_2l", "i4_g32_tbl_2l")
 BIAS_RESIDUAL = ("i8_row", "i4_g32_min", "i4_g64_act")
 # 1-4: decode, one token group, read one weight row at a time; 5, 8: two groups (row blocks)
 ROWS = [0, 1, 2, 3, 4, 5, 8, 17, 130]
 QE_DIMS = {"i8_g32": 576, "i4_g32_min": 576, "i4_g128_int": 640, "i8_g16_f32": 80, "i5_g32_min_f32": 576,
-           "i6_g16_f32": 80, "i5_g32": 32, "i4_g32_tbl": 576}  # embedding widths
+           "i6_g16_f32": 80, "i5_g32": 32, "i4_g32_tbl": 576, "i4_g32_min_2l": 1280, "i6_g16_2l": 256,
+           "i4_g32_tbl_2l": 512}  # embedding widths
 QE_SCALED, QE_SCALE = ("i8_g32", "i4_g128_int"), float(np.float32(640 ** 0.5))  # Gemma's embedding scale
 
 
@@ -89,14 +100,14 @@ def _specs(full: bool = True):
             continue  # (Lib.cases: the same choice)
         s = SCHEMES[name](k)
         base = dict(n=n, k=k, bits=s.bits, group_size=s.group_size, scale_dtype=s.scale_dtype, zero=s.zero,
-                    zero_dtype=s.zero_dtype, act_order=s.act_order, values=s.values)
+                    zero_dtype=s.zero_dtype, act_order=s.act_order, values=s.values, super_group=s.super_group)
         specs.append((f"q_{name}_{n}_{k}", "qlinear", base))
         if (n, k) == MAIN[name] and name in BIAS_RESIDUAL:
             specs.append((f"q_{name}_{n}_{k}_br", "qlinear", dict(base, bias=True, residual=True)))
     for name, dim in QE_DIMS.items():
         s = SCHEMES[name](dim)
         qe = dict(dim=dim, bits=s.bits, group_size=s.group_size, scale_dtype=s.scale_dtype, zero=s.zero,
-                  zero_dtype=s.zero_dtype, values=s.values)
+                  zero_dtype=s.zero_dtype, values=s.values, super_group=s.super_group)
         specs.append((f"qe_{name}", "qembedding", qe))
         if name in QE_SCALED:
             specs.append((f"qe_{name}_scaled", "qembedding", dict(qe, scale=QE_SCALE)))
@@ -194,9 +205,17 @@ def quantized_weight(rng, scheme: Scheme, n: int, k: int):
     parts = {"codes": quant.pack(rng.integers(0, 1 << scheme.bits, (n, k)).astype(np.uint8), scheme.bits,
                                  scheme.sub_group)}
     ng = k // scheme.group_size
-    parts["scales"] = dtypes.from_float32((rng.standard_normal((n, ng)) * 0.05).astype(np.float32),
-                                          scheme.scale_dtype)
-    if scheme.zero == "int":
+    nsup = k // scheme.super_group if scheme.super_group else 0
+    if nsup:  # int8 sub-scales (sub-mins) over the int8 range, float16 super-scales (super-mins)
+        parts["scales"] = rng.integers(-128, 128, (n, ng)).astype(np.int8)
+        parts["super_scales"] = (rng.standard_normal((n, nsup)) * 0.05 / 64).astype(np.float16)
+    else:
+        parts["scales"] = dtypes.from_float32((rng.standard_normal((n, ng)) * 0.05).astype(np.float32),
+                                              scheme.scale_dtype)
+    if nsup and scheme.zero == "min":
+        parts["zeros"] = rng.integers(-128, 128, (n, ng)).astype(np.int8)
+        parts["super_mins"] = (rng.standard_normal((n, nsup)) * 0.3 / 64).astype(np.float16)
+    elif scheme.zero == "int":
         parts["zeros"] = rng.integers(0, 1 << scheme.bits, (n, ng)).astype(np.uint8)
     elif scheme.zero == "min":
         parts["zeros"] = dtypes.from_float32((rng.standard_normal((n, ng)) * 0.3).astype(np.float32),
@@ -275,15 +294,44 @@ def test_value_table_scheme(rng):
         quant.quantize(np.ones((2, 64), np.float32), s)
 
 
+def test_two_level_scheme(rng):
+    """Two-level scales: group g's scale is super_scales[g G / S] * scales[g] (and its min
+    super_mins[g G / S] * zeros[g]), exact in float32; int8 scales take a super-group and the other way
+    round, zero points take none, and round to nearest does not make them (they come from GGUF files)."""
+    s = SCHEMES["i4_g32_min_2l"](512)
+    sc, mn = (rng.integers(0, 64, (3, 16)).astype(np.int8) for _ in range(2))
+    d, dmin = (rng.standard_normal((3, 2)).astype(np.float16) for _ in range(2))
+    u = rng.integers(0, 16, (3, 512)).astype(np.uint8)
+    w = quant.dequantize({"codes": quant.pack(u, 4, 32), "scales": sc, "zeros": mn, "super_scales": d,
+                          "super_mins": dmin}, s, 512)
+    s32 = np.repeat(d.astype(np.float32), 8, 1) * sc.astype(np.float32)  # the file's d * sc in float32
+    m32 = np.repeat(dmin.astype(np.float32), 8, 1) * mn.astype(np.float32)
+    np.testing.assert_array_equal(w, np.repeat(s32.astype(np.float64), 32, 1) * u + np.repeat(m32, 32, 1))
+    assert s.parts() == ("codes", "scales", "zeros", "super_scales", "super_mins")
+    assert s.part_shape("super_mins", 3, 512) == (3, 2) and s.part_dtype("super_scales") == "float16"
+    assert "int8 sub-scales take one" in Scheme(4, 32, "int8", "min").check(512)
+    assert "int8 sub-scales take one" in Scheme(4, 32, "float16", "min", super_group=256).check(512)
+    assert "uint8 zero points" in Scheme(4, 32, "int8", "int", super_group=256).check(512)
+    assert "not a multiple of the super-group 256" in s.check(576)
+    assert "a multiple of the group size" in Scheme(4, 32, "int8", super_group=16).check(512)
+    with pytest.raises(ValueError, match="two-level scales come only from GGUF files"):
+        quant.quantize(rng.standard_normal((3, 512)).astype(np.float32), s)
+
+
 def call_qlinear(lib, sym, scheme, parts, x, bias=None, res=None, ld_out=None):
     T, k = x.shape
     n = parts["codes"].shape[0]
     ld_out = ld_out or n
     out = np.full((max(T, 1), ld_out), np.nan, np.float32)
     xq = np.zeros(max(T, 1) * qlinear_scratch_bytes(k, scheme.sub_group), np.int8)
-    getattr(lib, sym)(out, ld_out, x, k, parts["codes"], parts["scales"], parts.get("zeros"), parts.get("perm"),
-                      bias, res, ld_out if res is not None else 0, xq, T)
+    getattr(lib, sym)(out, ld_out, x, k, *weight_args(parts), parts.get("perm"), bias, res,
+                      ld_out if res is not None else 0, xq, T)
     return out
+
+
+def weight_args(parts):
+    """A quantized weight's arguments (the signatures' codes, scales, zeros, super_scales, super_mins)."""
+    return [parts["codes"], parts["scales"], *(parts.get(p) for p in ("zeros", "super_scales", "super_mins"))]
 
 
 def quantized_activations(x, scheme, perm):
@@ -313,11 +361,12 @@ def offset_scale(x, scheme, parts):
     3603220229 found it in test_qlinear_extreme_codes, all codes 15 against zero points near 15)."""
     xhat = np.abs(quantized_activations(x, scheme, parts.get("perm"))[1])
     group_sums = xhat.reshape(len(x), -1, scheme.group_size).sum(-1)  # [T, groups]
-    s = np.abs(dtypes.to_float32(parts["scales"], scheme.scale_dtype).astype(np.float64))
+    s, m = quant.group_scales(parts, scheme)
+    s = np.abs(s.astype(np.float64))
     if scheme.zero == "int":
         offset = s * parts["zeros"].astype(np.float64)
     elif scheme.zero == "min":
-        offset = np.abs(dtypes.to_float32(parts["zeros"], scheme.scale_dtype).astype(np.float64))
+        offset = np.abs(m.astype(np.float64))
     else:
         offset = s * (128 if scheme.values else scheme.center)  # (a table's bytes: centered at 128)
     return group_sums @ offset.T
@@ -357,8 +406,8 @@ def test_qlinear_bias_residual(lib, rng, name):
         # in place: out is the residual buffer
         rb = res.copy()
         xq = np.zeros(T * qlinear_scratch_bytes(k, scheme.sub_group), np.int8)
-        getattr(lib, f"q_{name}_{n}_{k}_br")(rb, n + 3, x, k, parts["codes"], parts["scales"], parts.get("zeros"),
-                                            parts.get("perm"), bias, rb, n + 3, xq, T)
+        getattr(lib, f"q_{name}_{n}_{k}_br")(rb, n + 3, x, k, *weight_args(parts), parts.get("perm"), bias, rb,
+                                            n + 3, xq, T)
         np.testing.assert_allclose(rb[:, :n], out[:, :n], rtol=1e-6, atol=1e-6)
 
 
@@ -404,6 +453,22 @@ def test_qlinear_extreme_codes(lib, rng, T):
                 assert np.all(np.abs(out - ref) <= 2e-6 * scale + 1e-30), (name, n, k, code, T)
 
 
+@pytest.mark.parametrize("T", [1, 5, 40])
+def test_two_level_scales_are_their_products(lib, rng, T):
+    """Two-level scales give, bit for bit, what one-level float32 scales of their products D sc (and
+    mins M mn) give: the kernels form the products exactly in f32 (on the native library and
+    aarch64-dotprod, where the one-level twins are built; 40 tokens: AMX tiles where the host has them)."""
+    for name, twin in (("i5_g32_min_2l", "i5_g32_min_f32"), ("i6_g16_2l", "i6_g16_f32")):
+        n, k = MAIN[name]
+        scheme, flat = SCHEMES[name](k), SCHEMES[twin](k)
+        parts, _ = quantized_weight(rng, scheme, n, k)
+        s, m = quant.group_scales(parts, scheme)
+        flat_parts = {"codes": parts["codes"], "scales": s, **({"zeros": m} if m is not None else {})}
+        x = rng.standard_normal((T, k)).astype(np.float32)
+        np.testing.assert_array_equal(call_qlinear(lib, f"q_{name}_{n}_{k}", scheme, parts, x),
+                                      call_qlinear(lib, f"q_{twin}_{n}_{k}", flat, flat_parts, x), err_msg=name)
+
+
 def test_quantize_then_qlinear_matches_float(lib, rng):
     """quant.quantize's round to nearest, through the kernel: close to the float weight."""
     n, k = 37, 576
@@ -424,11 +489,11 @@ def test_qembedding(lib, rng, name, T):
     parts, w = quantized_weight(rng, SCHEMES[name](dim), 40, dim)
     ids = rng.integers(0, 40, max(T, 1)).astype(np.int32)
     out = np.full((max(T, 1) + 1, dim + 3), np.nan, np.float32)
-    getattr(lib, f"qe_{name}")(out, dim + 3, parts["codes"], parts["scales"], parts.get("zeros"), ids, T)
+    getattr(lib, f"qe_{name}")(out, dim + 3, *weight_args(parts), ids, T)
     np.testing.assert_allclose(out[:T, :dim], w[ids[:T]], rtol=1e-6, atol=1e-7)
     assert np.isnan(out[T:]).all() and np.isnan(out[:, dim:]).all()
     if name in QE_SCALED:  # the dequantized rows times the scale
-        getattr(lib, f"qe_{name}_scaled")(out, dim + 3, parts["codes"], parts["scales"], parts.get("zeros"), ids, T)
+        getattr(lib, f"qe_{name}_scaled")(out, dim + 3, *weight_args(parts), ids, T)
         np.testing.assert_allclose(out[:T, :dim], w[ids[:T]] * QE_SCALE, rtol=1e-6, atol=1e-7 * QE_SCALE)
 
 
@@ -598,13 +663,14 @@ def test_qlinear_amx_against_vector_path(rng, tmp_path):
     if not host.has("amx-int8"):
         pytest.skip("this host has no AMX-INT8")
     names = ("i8_row", "i4_g32", "i8_g32_int_bf16", "i4_g32_min", "i4_g64_act", "i5_g32", "i5_g32_min_f32",
-             "i6_g64_int", "i4_g32_tbl_f32")
+             "i6_g64_int", "i4_g32_tbl_f32", "i4_g32_min_2l", "i4_g32_tbl_2l")
     specs = []
     for name in names:
         n, k = MAIN[name]
         s = SCHEMES[name](k)
         specs.append((f"q_{name}", dict(n=n, k=k, bits=s.bits, group_size=s.group_size, scale_dtype=s.scale_dtype,
-                                        zero=s.zero, zero_dtype=s.zero_dtype, act_order=s.act_order, values=s.values)))
+                                        zero=s.zero, zero_dtype=s.zero_dtype, act_order=s.act_order, values=s.values,
+                                        super_group=s.super_group)))
     no_amx = dataclasses.replace(host, features=host.features.replace("+amx-int8", "-amx-int8"))
     libs = []
     for variant, tag in ((host, "amx"), (no_amx, "vector")):
@@ -632,8 +698,9 @@ def test_qlinear_amx_against_vector_path(rng, tmp_path):
 def test_qlinear_amx_compiles_for_sapphire_rapids():
     """On any host: the AMX-INT8 qlinear compiles for a Sapphire Rapids variant (schemes with 32-input
     sub-groups covering 8, 4, 5 and 6-bit codes, each zero kind, each scale type, act-order, a value
-    table; all eleven took 35 s to compile), and its code holds the tile products (tdpbssd for symmetric codes,
-    tdpbusd for zero points and mins). Their numerics are test_qlinear_amx_against_vector_path's
+    table, two-level scales; all eleven took 35 s to compile), and its code holds the tile products
+    (tdpbssd for symmetric codes, tdpbusd for zero points and mins). Their numerics are
+    test_qlinear_amx_against_vector_path's
     (every scheme), on hosts with AMX-INT8."""
     host = tc.host_variant()
     if host.arch != "x86_64":
@@ -642,13 +709,14 @@ def test_qlinear_amx_compiles_for_sapphire_rapids():
                         "+avx512vl,+avx512dq,+avx512vnni,+avx512bf16,+avx2,+fma,+f16c", 16, ())
     module = ir.Module(name="spr")
     module.triple = spr.triple
-    for name in ("i8_row", "i4_g32_min", "i4_g128_int", "i4_g64_act", "i5_g32", "i6_g64_int", "i4_g32_tbl"):
+    for name in ("i8_row", "i4_g32_min", "i4_g128_int", "i4_g64_act", "i5_g32", "i6_g64_int", "i4_g32_tbl",
+                 "i4_g32_min_2l"):
         n, k = MAIN[name]
         s = SCHEMES[name](k)
         assert s.sub_group == 32 and QK.amx_applies(s, k, spr), name
         QK.emit_quant_kernel(module, "qlinear", f"q_{name}", dict(
             n=n, k=k, bits=s.bits, group_size=s.group_size, scale_dtype=s.scale_dtype, zero=s.zero,
-            zero_dtype=s.zero_dtype, act_order=s.act_order, values=s.values), spr)
+            zero_dtype=s.zero_dtype, act_order=s.act_order, values=s.values, super_group=s.super_group), spr)
     asm = tc.emit_assembly(str(module), spr, extra=extra_modules([str(module)], spr))
     assert "tdpbssd" in asm and "tdpbusd" in asm and "vpshufb\t%zmm" in asm
 

@@ -54,6 +54,10 @@ CALLS = [  # one call of every kind, shapes of a small Llama (head_dim 64, GQA 4
     # a value table (IQ4_XS: 4-bit codes looked up, f32 scales per 32)
     ("qlinear", {"n": 384, "k": 256, "bits": 4, "group_size": 32, "scale_dtype": "float32", "values": IQ4}),
     ("qembedding", {"dim": 256, "bits": 4, "group_size": 32, "scale_dtype": "float16", "values": IQ4}),
+    # two-level scales (Q4_K: int8 sub-scales and sub-mins per 32 under float16 ones per 256; Q6_K's per 16)
+    ("qlinear", {"n": 384, "k": 512, "bits": 4, "group_size": 32, "scale_dtype": "int8", "zero": "min",
+                 "zero_dtype": "int8", "super_group": 256}),
+    ("qembedding", {"dim": 256, "bits": 6, "group_size": 16, "scale_dtype": "int8", "super_group": 256}),
 ]
 
 
@@ -130,7 +134,7 @@ def test_quantized_linears_use_tensor_cores(compiled):
     for arch in ARCHS:
         dots = out[("qlinear", "qlinear_dot", arch)]
         gemv = out[("qlinear", "qlinear_gemv", arch)]
-        assert len(dots) == 9 and len(gemv) == 3  # three calls: three tile sizes each
+        assert len(dots) == 12 and len(gemv) == 4  # four calls: three tile sizes each
         for r in dots:
             bm = r.metadata["constexprs"]["BLOCK_M"]
             if arch == "sm_90":

@@ -2,7 +2,8 @@
 against float64: the weight dequantized by llmirc.quant.dequantize (fresh random codes, scales,
 zeros, perm in the super-block layout), the activations rounded to bfloat16 as the GPU contract
 says (targets/signatures.py), for every format the CPU kernels test (8/4-bit, zero none/int/min,
-groups 16..256 and per-row, f16/bf16/f32 scales, act-order, value tables) and every variant of the launch rule
+groups 16..256 and per-row, f16/bf16/f32 scales, two-level int8/f16 scales, act-order, value tables) and every
+variant of the launch rule
 (T <= 4: GEMV; <= 16, <= 128, > 128: tl.dot tiles)."""
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from test_quant_kernels import SCHEMES, quantized_weight
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 # k per scheme: a full super-block and a tail of lanes (576 = 18 x 32, 288 = 18 x 16), or groups that fit
-K = {"i8_g16_f32": 288, "i4_g16_min_f32": 288, "i4_g128_int": 640, "i8_g256_min": 768}
+K = {"i8_g16_f32": 288, "i4_g16_min_f32": 288, "i4_g128_int": 640, "i8_g256_min": 768,
+     "i4_g32_min_2l": 1280, "i5_g32_min_2l": 1280, "i6_g16_2l": 768, "i4_g32_tbl_2l": 1280}  # (two levels: of 256)
 T_ALL = [0, 1, 4, 9, 40, 150, 40, 1, 9]  # no rows; GEMV (<= 4); tiles of 16, 64 and 128 rows; the split ones
 # again (a rule's variants share one split-K workspace, as in the loader)
 
@@ -46,7 +48,7 @@ def tensors(**args):
 def qlinear_params(scheme, n, k, bias=False, residual=False):
     return {"n": n, "k": k, "bits": scheme.bits, "group_size": scheme.group_size, "scale_dtype": scheme.scale_dtype,
             "zero": scheme.zero, "zero_dtype": scheme.zero_dtype, "act_order": scheme.act_order,
-            "values": scheme.values, "bias": bias, "residual": residual}
+            "values": scheme.values, "super_group": scheme.super_group, "bias": bias, "residual": residual}
 
 
 def qargs(parts, scheme):
@@ -55,6 +57,8 @@ def qargs(parts, scheme):
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if scheme.scale_dtype == "bfloat16" else a
     out = {"codes": parts["codes"], "scales": half(parts["scales"]), "zeros": np.zeros(1, np.uint8),
            "perm": parts.get("perm", np.zeros(1, np.int32))}
+    for p in ("super_scales", "super_mins"):
+        out[p] = parts.get(p, np.zeros(1, np.float16))
     if "zeros" in parts:
         out["zeros"] = half(parts["zeros"]) if scheme.zero == "min" else parts["zeros"]
     return out
@@ -131,7 +135,8 @@ def test_quantized_then_qlinear_is_near_the_float_product(rng):
 
 QE = {"i8_g32": 576, "i4_g32_min": 576, "i4_g128_int": 640, "i8_g16_f32": 80, "i8_row": 96, "i8_g32_int_bf16": 64,
       "i5_g32": 576, "i5_g32_min_f32": 96, "i6_g16_f32": 80, "i6_g64_int": 576,  # 5/6 bits: the high plane, tails
-      "i4_g32_tbl": 576, "i4_g32_tbl_f32": 96}  # value tables (IQ4)
+      "i4_g32_tbl": 576, "i4_g32_tbl_f32": 96,  # value tables (IQ4)
+      "i4_g32_min_2l": 768, "i6_g16_2l": 256, "i4_g32_tbl_2l": 512}  # two-level scales
 
 
 @pytest.mark.parametrize("name", list(QE))
@@ -141,7 +146,8 @@ def test_qembedding(rng, name):
     parts, _ = quantized_weight(rng, scheme, vocab, dim)
     table = quant.dequantize(parts, scheme, dim)
     params = {"dim": dim, "bits": scheme.bits, "group_size": scheme.group_size, "scale_dtype": scheme.scale_dtype,
-              "zero": scheme.zero, "zero_dtype": scheme.zero_dtype, "values": scheme.values}
+              "zero": scheme.zero, "zero_dtype": scheme.zero_dtype, "values": scheme.values,
+              "super_group": scheme.super_group}
     rule = launch_rule("qembedding", params, ARCHS["sm_90"])
     for T in (0, 1, 7):
         ids = rng.integers(0, vocab, max(T, 1)).astype(np.int32)

@@ -139,11 +139,13 @@ def _quantization(m: dict, calls: Counter) -> list[dict]:
         if k["kind"].startswith("q"):
             row = p.get("k", p.get("dim"))  # a linear's inputs, an embedding table's row
             key = (kinds[k["kind"]], f"int{p['bits']}", p["group_size"] if p["group_size"] != row else "row",
-                   p["zero"], p["scale_dtype"], bool(p.get("act_order")), tuple(p.get("values") or ()) or None)
+                   p["zero"], p["scale_dtype"], bool(p.get("act_order")), tuple(p.get("values") or ()) or None,
+                   p.get("super_group") or None)
         else:
-            key = (kinds[k["kind"]], p.get("w_dtype") or p.get("dtype") or "float32", None, None, None, False, None)
+            key = (kinds[k["kind"]], p.get("w_dtype") or p.get("dtype") or "float32", None, None, None, False, None,
+                   None)
         storages[key] += calls.get(k["symbol"], 0)
-    fields = ("op", "storage", "group_size", "zero", "scale_dtype", "act_order", "values")
+    fields = ("op", "storage", "group_size", "zero", "scale_dtype", "act_order", "values", "super_group")
     return [{**{f: list(v) if f == "values" else v for f, v in zip(fields, key) if v is not None}, "calls": n}
             for key, n in storages.items()]
 
@@ -156,7 +158,10 @@ def _storage(q: dict) -> str:
     groups = row if q["group_size"] == "row" else f"groups of {q['group_size']}"
     zero = {"none": "symmetric", "int": "zero points", "min": "mins"}.get(q["zero"], q["zero"])
     table = f", a table of {len(q['values'])} values" if q.get("values") else ""
-    return f" ({groups}, {zero}{table}, {q['scale_dtype']} scales{', act-order' if q['act_order'] else ''})"
+    scales = f"{q['scale_dtype']} scales"
+    if q.get("super_group"):
+        scales = f"{q['scale_dtype']} sub-scales under float16 ones per {q['super_group']}"
+    return f" ({groups}, {zero}{table}, {scales}{', act-order' if q['act_order'] else ''})"
 
 
 def _target(t: dict) -> dict:

@@ -31,7 +31,10 @@ sub-group) to int8 first, into the `xq` scratch and in the weights' super-block 
       none: s * (d acc + e),        e = -2^(bits-1) d sum(q)
       int:  s * (d acc - z e),      e = d sum(q)
       min:  s * d acc + m e,        e = d sum(q)
-  accumulated over the super-blocks in one f32 vector per (row, token), summed at the end.
+  accumulated over the super-blocks in one f32 vector per (row, token), summed at the end. With
+  two-level scales (GGUF's K-quants), s and m are first made per lane from the int8 sub-scales and
+  the float16 super-scales: s = D sc, m = M mn, exact in f32, so the sums are those of one-level f32
+  scales of the same values, bit for bit (`scale_vecs`).
 * Micro-kernels take r rows of the weight times c <= 4 tokens (r from the register file and
   c); prefill reads each block of rows once for all tokens, and streams the next block's rows
   into the cache (software prefetch) while one computes. Decode (one group of c <= 4 tokens)
@@ -68,6 +71,7 @@ I8, I16 = irb.I8, irb.I16
 KINDS = ("qlinear", "qembedding")
 _GRAIN = 32768             # work (rough element-operations) a thread should get at least
 _XQ_BYTES = 512 * 1024     # a token slice's quantized activations stay in L2
+HALF_STORE = irb.storage("float16")  # two-level scales' super-scales and super-mins
 
 
 def is_quant_kernel(kind: str, params: dict) -> bool:
@@ -112,7 +116,7 @@ def emit_quant_kernel(module: ir.Module, kind: str, symbol: str, params: dict, v
 
 def _scheme(p) -> Scheme:
     s = Scheme(p.bits, p.group_size, p.scale_dtype, p.zero, bool(getattr(p, "act_order", False)),
-               tuple(p.values) if p.values is not None else None)
+               tuple(p.values) if p.values is not None else None, p.super_group)
     k = p.k if hasattr(p, "k") else p.dim
     why = s.check(k)
     if why is not None:
@@ -351,14 +355,19 @@ def _emit_qlinear(module, fn, b, A, p, variant):
         if s.zero != "none":
             zety = I8 if s.zero == "int" else zst.ety
             zrow = [irb.gep(cb, X.zeros, cb.mul(cb.add(j0, i64(ri)), i64(ngroups)), zety) for ri in range(r)]
+        if s.super_group:  # the float16 super-scales (and super-mins) of the rows
+            nsup = k // s.super_group
+            drow = [HALF_STORE.gep(cb, X.super_scales, cb.mul(cb.add(j0, i64(ri)), i64(nsup))) for ri in range(r)]
+            mrow = [HALF_STORE.gep(cb, X.super_mins, cb.mul(cb.add(j0, i64(ri)), i64(nsup))) for ri in range(r)] \
+                if s.zero == "min" else None
         arow = [irb.gep(cb, X.xq, cb.mul(cb.add(t0, i64(ci)), i64(S)), I8) for ci in range(c)]
 
-        def group_vec(cb, row, first_sub, lw, load, W):
-            """per-lane values of the groups of sub-groups first_sub .. first_sub+lw-1 (a row of
-            scales, zero points or mins) as <W x float>"""
-            per = G // sg  # sub-groups per group
-            if per >= W or G == k:
-                gi = cb.udiv(first_sub, i64(per)) if G != k else i64(0)
+        def group_vec(cb, row, first_sub, lw, load, W, size=G):
+            """per-lane values of the groups (of `size` inputs) of sub-groups first_sub ..
+            first_sub+lw-1 (a row of scales, zero points, mins or super-scales) as <W x float>"""
+            per = size // sg  # sub-groups per group
+            if per >= W or size == k:
+                gi = cb.udiv(first_sub, i64(per)) if size != k else i64(0)
                 return irb.splat(cb, load(cb, row, gi, 0), W)
             ng = -(-lw // per)
             v = load(cb, row, cb.udiv(first_sub, i64(per)), ng)
@@ -373,6 +382,19 @@ def _emit_qlinear(module, fn, b, A, p, variant):
                 return zst.load(cb, row, gi, m)
             raw = cb.load(irb.gep(cb, row, gi, I8), typ=irb.vty(m, I8) if m else I8, align=1)
             return cb.uitofp(raw, irb.vty(m) if m else F32)
+
+        def load_half(cb, row, gi, m):
+            return HALF_STORE.load(cb, row, gi, m)
+
+        def scale_vecs(cb, ri, first_sub, lw, W):
+            """(s, z or m or None) of row ri's lanes: with two-level scales the products D sc, M mn"""
+            sv = group_vec(cb, srow[ri], first_sub, lw, load_scales, W)
+            zv = group_vec(cb, zrow[ri], first_sub, lw, load_zeros, W) if zrow is not None else None
+            if s.super_group:
+                sv = cb.fmul(group_vec(cb, drow[ri], first_sub, lw, load_half, W, s.super_group), sv)
+                if zv is not None:
+                    zv = cb.fmul(group_vec(cb, mrow[ri], first_sub, lw, load_half, W, s.super_group), zv)
+            return sv, zv
 
         def load_floats(cb, base, off, first_sub, lw, W):
             ptr = irb.gep(cb, base, off, I8)
@@ -416,8 +438,7 @@ def _emit_qlinear(module, fn, b, A, p, variant):
             dv = [load_floats(cb, arow[ci], d_off, first_sub, lw, W) for ci in range(c)]
             ev = [load_floats(cb, arow[ci], e_off, first_sub, lw, W) for ci in range(c)]
             for ri in range(r):
-                sv = group_vec(cb, srow[ri], first_sub, lw, load_scales, W)
-                zv = group_vec(cb, zrow[ri], first_sub, lw, load_zeros, W) if zrow is not None else None
+                sv, zv = scale_vecs(cb, ri, first_sub, lw, W)
                 if signed8 and s.zero == "int":
                     zv = cb.fsub(zv, irb.const_like(zv.type, 128.0))
                 elif signed8 and s.zero == "min":
@@ -644,12 +665,19 @@ def _amx_qlinear(module, fn, b, p, s: Scheme, T, variant):
             with irb.for_range(cb, 0, nsub, 1, "rpg") as j:  # the group's scale (and zero or min) as f32
                 unit = irb.gep(cb, wbuf, cb.mul(j, i64(U)), I8)
                 g = cb.add(cb.mul(row, i64(ngroups)), cb.udiv(cb.mul(j, i64(32)), i64(G)))
-                cb.store(sst.load(cb, X.scales, g, 0), irb.gep(cb, unit, i64(512 + 4 * r), I8), align=4)
+                sup = cb.add(cb.mul(row, i64(k // s.super_group)), cb.udiv(cb.mul(j, i64(32)), i64(s.super_group))) \
+                    if s.super_group else None
+
+                def two_level(v, sup_ptr):  # the sub-scale (sub-min) times its super-scale (super-min)
+                    return cb.fmul(HALF_STORE.load(cb, sup_ptr, sup, 0), v) if sup is not None else v
+                sv = two_level(sst.load(cb, X.scales, g, 0), X.super_scales)
+                cb.store(sv, irb.gep(cb, unit, i64(512 + 4 * r), I8), align=4)
                 if s.zero == "int":
                     z = cb.uitofp(cb.load(irb.gep(cb, X.zeros, g, I8), typ=I8), F32)
                     cb.store(cb.fneg(z), irb.gep(cb, unit, i64(576 + 4 * r), I8), align=4)
                 elif s.zero == "min":
-                    cb.store(sst.load(cb, X.zeros, g, 0), irb.gep(cb, unit, i64(576 + 4 * r), I8), align=4)
+                    mv = two_level(sst.load(cb, X.zeros, g, 0), X.super_mins)
+                    cb.store(mv, irb.gep(cb, unit, i64(576 + 4 * r), I8), align=4)
         micro = amx.declare_int8(module, mode)
         srow = irb.load_vec(cb, irb.gep(cb, wbuf, i64(nsub * U), I8), 0, 16) if mode == "row" else None
         ntb = cb.sdiv(cb.add(tn, i64(15)), i64(16))
@@ -755,6 +783,11 @@ def _emit_qembedding(module, fn, b, A, p, variant):
                 zero = cb.uitofp(cb.load(irb.gep(cb, X.zeros, g, I8), typ=I8), F32)
             elif s.zero == "min":
                 zero = irb.storage(s.scale_dtype).load(cb, X.zeros, g, 0)
+            if s.super_group:  # two-level scales: the products D sc (and M mn)
+                sup = cb.add(cb.mul(tok, i64(dim // s.super_group)), cb.udiv(cb.mul(j, i64(sg)), i64(s.super_group)))
+                scale = cb.fmul(HALF_STORE.load(cb, X.super_scales, sup, 0), scale)
+                if s.zero == "min":
+                    zero = cb.fmul(HALF_STORE.load(cb, X.super_mins, sup, 0), zero)
             start = cb.mul(sb, i64(LANES * sg * bits // 8))
             load = _unit_loader(lambda u: _load_bytes(
                 cb, codes, cb.add(start, cb.add(cb.mul(r, i64(4 * u)), cb.mul(lane, i64(4)))), 4))

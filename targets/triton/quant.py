@@ -16,7 +16,9 @@ mins) multiply once per group, after the dot:
     part = sum_{i in group} x~[t,i] (u[j,i] - c[j,g])      (tensor cores or f32 FMAs)
     out[t,j] += s[j,g] part (+ m[j,g] sum_{i in group} x~[t,i])   (f32)
 
-with c = 2^(bits-1) (zero none), z[j,g] (int), 0 (min), and x~ = x rounded to bfloat16. A block
+with c = 2^(bits-1) (zero none), z[j,g] (int), 0 (min), and x~ = x rounded to bfloat16; with
+two-level scales (GGUF's K-quants, IQ4_XS) s and m are the f32 products of the int8 sub-scale (sub-min)
+and its float16 super-scale (super-min), exact (`_group_params`). A block
 never spans two groups (BK <= group_size, both powers of two; per-row scales: one group), so the
 scale is applied after each group's blocks (per-row: once, after the whole row).
 
@@ -123,18 +125,24 @@ def _gather_x(x, ld_x, rows, row_ok, col, ok, perm, ACT_ORDER: tl.constexpr):
 
 
 @triton.jit
-def _group_params(scales, zeros, rn, n_ok, g, NG: tl.constexpr, ZERO: tl.constexpr, BITS: tl.constexpr,
-                  LUT: tl.constexpr):
+def _group_params(scales, zeros, super_scales, super_mins, rn, n_ok, g, NG: tl.constexpr, ZERO: tl.constexpr,
+                  BITS: tl.constexpr, LUT: tl.constexpr, SUPER: tl.constexpr):
     """(s, c, m) of group g for rows rn: the scale, what is subtracted from the codes (the table's
-    values, with LUT), the min."""
+    values, with LUT), the min. SUPER > 0 (groups per super-group): two-level scales, s and m the
+    products of the int8 sub-scale and sub-min with their float16 super-scale and super-min."""
     idx = rn.to(tl.int64) * NG + g
-    s = tl.load(scales + idx, mask=n_ok, other=0.0).to(tl.float32)
+    s = tl.load(scales + idx, mask=n_ok, other=0).to(tl.float32)
+    if SUPER > 0:
+        sup = rn.to(tl.int64) * (NG // SUPER) + g // SUPER
+        s = tl.load(super_scales + sup, mask=n_ok, other=0.0).to(tl.float32) * s
     if ZERO == "int":
         c = tl.load(zeros + idx, mask=n_ok, other=0).to(tl.float32)
         m = tl.zeros_like(s)
     elif ZERO == "min":
         c = tl.zeros_like(s)
-        m = tl.load(zeros + idx, mask=n_ok, other=0.0).to(tl.float32)
+        m = tl.load(zeros + idx, mask=n_ok, other=0).to(tl.float32)
+        if SUPER > 0:
+            m = tl.load(super_mins + sup, mask=n_ok, other=0.0).to(tl.float32) * m
     elif LUT is not None:
         c = tl.zeros_like(s)
         m = tl.zeros_like(s)
@@ -182,10 +190,12 @@ def _chunks(split, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr, PER_SPLIT: tl.co
 
 
 @triton.jit
-def qlinear_gemv(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual, ld_res, T, splitk_workspace,
+def qlinear_gemv(out, ld_out, x, ld_x, codes, scales, zeros, super_scales, super_mins, perm, bias, residual, ld_res,
+                 T, splitk_workspace,
                  N: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr, SG: tl.constexpr, NG: tl.constexpr,
-                 ZERO: tl.constexpr, LUT: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, LB: tl.constexpr, CHUNKS: tl.constexpr, PER_CHUNK: tl.constexpr,
+                 ZERO: tl.constexpr, LUT: tl.constexpr, SUPER: tl.constexpr, ACT_ORDER: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, LB: tl.constexpr, CHUNKS: tl.constexpr,
+                 PER_CHUNK: tl.constexpr,
                  BLOCK_N: tl.constexpr,
                  SPLIT_K: tl.constexpr, PER_SPLIT: tl.constexpr, MAX_TILES: tl.constexpr, RELEASE_ALL: tl.constexpr,
                  THREADS: tl.constexpr):
@@ -200,7 +210,7 @@ def qlinear_gemv(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residua
     acc = tl.zeros([BLOCK_N], tl.float32)
     lo, hi = _chunks(tl.program_id(2), CHUNKS, SPLIT_K, PER_SPLIT)
     for chunk in range(lo, hi):  # one group (per-row scales: the whole row)
-        s, c, m = _group_params(scales, zeros, rn, n_ok, chunk, NG, ZERO, BITS, LUT)
+        s, c, m = _group_params(scales, zeros, super_scales, super_mins, rn, n_ok, chunk, NG, ZERO, BITS, LUT, SUPER)
         part = tl.zeros([BLOCK_N], tl.float32)
         xsum = tl.zeros([1], tl.float32)
         for b in range(PER_CHUNK):
@@ -228,10 +238,12 @@ def qlinear_gemv(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residua
 
 
 @triton.jit
-def qlinear_dot(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual, ld_res, T, splitk_workspace,
+def qlinear_dot(out, ld_out, x, ld_x, codes, scales, zeros, super_scales, super_mins, perm, bias, residual, ld_res,
+                T, splitk_workspace,
                 N: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr, SG: tl.constexpr, NG: tl.constexpr,
-                ZERO: tl.constexpr, LUT: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_RESIDUAL: tl.constexpr, LB: tl.constexpr, CHUNKS: tl.constexpr, PER_CHUNK: tl.constexpr,
+                ZERO: tl.constexpr, LUT: tl.constexpr, SUPER: tl.constexpr, ACT_ORDER: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, LB: tl.constexpr, CHUNKS: tl.constexpr,
+                PER_CHUNK: tl.constexpr,
                 BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PER_SPLIT: tl.constexpr, MAX_TILES: tl.constexpr,
                 RELEASE_ALL: tl.constexpr, THREADS: tl.constexpr):
@@ -250,7 +262,7 @@ def qlinear_dot(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     lo, hi = _chunks(tl.program_id(1), CHUNKS, SPLIT_K, PER_SPLIT)
     for chunk in range(lo, hi):
-        s, c, m = _group_params(scales, zeros, rn, n_ok, chunk, NG, ZERO, BITS, LUT)
+        s, c, m = _group_params(scales, zeros, super_scales, super_mins, rn, n_ok, chunk, NG, ZERO, BITS, LUT, SUPER)
         part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         xsum = tl.zeros([BLOCK_M], tl.float32)
         for b in range(PER_CHUNK):
@@ -275,9 +287,9 @@ def qlinear_dot(out, ld_out, x, ld_x, codes, scales, zeros, perm, bias, residual
 
 
 @triton.jit
-def qembedding_kernel(out, ld_out, codes, scales, zeros, ids, T, DIM: tl.constexpr, BITS: tl.constexpr,
-                      SG: tl.constexpr, GROUP: tl.constexpr, ZERO: tl.constexpr, LUT: tl.constexpr,
-                      SCALE: tl.constexpr, BLOCK: tl.constexpr):
+def qembedding_kernel(out, ld_out, codes, scales, zeros, super_scales, super_mins, ids, T, DIM: tl.constexpr,
+                      BITS: tl.constexpr, SG: tl.constexpr, GROUP: tl.constexpr, ZERO: tl.constexpr,
+                      LUT: tl.constexpr, SUPER: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = col < DIM
@@ -295,11 +307,17 @@ def qembedding_kernel(out, ld_out, codes, scales, zeros, ids, T, DIM: tl.constex
         top = tl.load(base + hoff, mask=ok, other=0).to(tl.int32)
     u = _unpack(raw, top, shift, hshift, BITS)
     g = row * (DIM // GROUP) + col // GROUP
-    s = tl.load(scales + g, mask=ok, other=0.0).to(tl.float32)
+    s = tl.load(scales + g, mask=ok, other=0).to(tl.float32)
+    if SUPER > 0:  # two-level scales: the f32 products with the super-scale (super-min), exact
+        sup = row * (DIM // (GROUP * SUPER)) + col // (GROUP * SUPER)
+        s = tl.load(super_scales + sup, mask=ok, other=0.0).to(tl.float32) * s
     if ZERO == "int":
         w = s * (u.to(tl.float32) - tl.load(zeros + g, mask=ok, other=0).to(tl.float32))
     elif ZERO == "min":
-        w = tl.fma(s, u.to(tl.float32), tl.load(zeros + g, mask=ok, other=0.0).to(tl.float32))
+        m = tl.load(zeros + g, mask=ok, other=0).to(tl.float32)
+        if SUPER > 0:
+            m = tl.load(super_mins + sup, mask=ok, other=0.0).to(tl.float32) * m
+        w = tl.fma(s, u.to(tl.float32), m)
     elif LUT is not None:
         w = s * _lookup(u, LUT).to(tl.float32)
     else:
@@ -312,13 +330,19 @@ def qembedding_kernel(out, ld_out, codes, scales, zeros, ids, T, DIM: tl.constex
 def _scheme(params, k) -> Scheme:
     values = params.get("values")
     s = Scheme(params["bits"], params["group_size"], params["scale_dtype"], params["zero"],
-               bool(params.get("act_order", False)), tuple(values) if values is not None else None)
+               bool(params.get("act_order", False)), tuple(values) if values is not None else None,
+               params.get("super_group") or 0)
     why = s.check(k)
     if why is not None:
         raise ValueError(f"quantized kernel: unsupported {why}")
     if params["zero_dtype"] != s.zero_dtype:
         raise ValueError(f"quantized kernel: zero_dtype {params['zero_dtype']} (zero {s.zero} takes {s.zero_dtype})")
     return s
+
+
+def _super(s: Scheme) -> int:
+    """Groups per super-group of two-level scales (0: one level)."""
+    return s.super_group // s.group_size if s.super_group else 0
 
 
 def _blocking(s: Scheme, k: int, columns: int) -> dict:
@@ -347,7 +371,8 @@ def rule_qlinear(params, arch, args) -> Rule:
         raise ValueError(f"qlinear: n must be positive, got {n}")
     s = _scheme(params, k)
     common = {"N": n, "K": k, "BITS": s.bits, "SG": s.sub_group, "NG": k // s.group_size, "ZERO": s.zero,
-              "LUT": lut_words(s.values), "ACT_ORDER": s.act_order, "HAS_BIAS": bool(params["bias"]),
+              "LUT": lut_words(s.values), "SUPER": _super(s), "ACT_ORDER": s.act_order,
+              "HAS_BIAS": bool(params["bias"]),
               "HAS_RESIDUAL": bool(params["residual"]),
               "RELEASE_ALL": arch.backend == "hip"}
     stages = 2 if arch.backend == "hip" else 3
@@ -384,6 +409,7 @@ def rule_qembedding(params, arch, args) -> Rule:
     s = _scheme(params, dim)
     block = min(next_pow2(dim), 1024)
     spec = kernel(qembedding_kernel, {"DIM": dim, "BITS": s.bits, "SG": s.sub_group, "GROUP": s.group_size,
-                                      "ZERO": s.zero, "LUT": lut_words(s.values), "SCALE": float(params["scale"]),
+                                      "ZERO": s.zero, "LUT": lut_words(s.values), "SUPER": _super(s),
+                                      "SCALE": float(params["scale"]),
                                       "BLOCK": block}, args, num_warps=max(1, min(4, block // 256)))
     return Rule("qembedding", params, args, [Variant(1, (Launch(spec, ("T", cdiv(dim, block), 1)),))])
