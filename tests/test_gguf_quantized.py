@@ -55,6 +55,10 @@ def test_repack_is_lossless(kind):
         for p in scheme.parts()}
     ours = quant.dequantize(parts, scheme, 512).astype(np.float32)  # exact in float64, rounded once
     np.testing.assert_array_equal(ours, ggml_values)
+    fmt = FORMATS[kind]
+    bits, file_bits = 8 * sum(a.nbytes for a in parts.values()) / w.size, 8 * fmt.type_size / fmt.block_size
+    if kind not in ("Q2_K", "Q3_K"):  # the file's size but a byte per 6-bit sub-scale (Q2_K / Q3_K widen codes)
+        assert bits <= file_bits + 0.125, (kind, bits, file_bits)
     if kind.startswith("IQ4"):  # the nibbles as they are (4 bits a weight), the grid in the scheme
         assert scheme.bits == 4 and scheme.values == tuple(int(v) for v in gguf.quants.IQ4_NL.kvalues)
 

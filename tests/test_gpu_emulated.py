@@ -287,8 +287,9 @@ def quantized_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def iq4_bundle(tmp_path_factory):
-    """A Llama GGUF file of IQ4_NL and IQ4_XS matrices (the tied embedding among them), kept as 4-bit codes
-    looked up in the scheme's value table, compiled for cpu and cuda sm_90; its Triton cache its own."""
+    """A Llama GGUF file of IQ4_NL, IQ4_XS, Q4_K and Q6_K matrices (the tied embedding among them), kept as
+    4-bit codes looked up in the scheme's value table, and the last three with their two-level scales (int8
+    sub-scales under float16 ones per 256), compiled for cpu and cuda sm_90; its Triton cache its own."""
     from gguf_files import write_gguf
 
     tmp = tmp_path_factory.mktemp("gpu-emulated-iq4")
@@ -296,7 +297,7 @@ def iq4_bundle(tmp_path_factory):
         mp.setenv("LLMIRC_CACHE_DIR", str(tmp / "cache"))
         model = make_checkpoint(tmp / "ckpt", "llama", hidden_size=256, intermediate_size=512, num_attention_heads=4,
                                 num_key_value_heads=2, init_std=0.03, tie_word_embeddings=True)
-        path = write_gguf(model, tmp / "m.gguf", ("IQ4_NL", "IQ4_XS"))
+        path = write_gguf(model, tmp / "m.gguf", ("IQ4_NL", "IQ4_XS", "Q4_K", "Q6_K"))
         compile_model(path, tmp / "m.llmir", CompileOptions(
             targets=("cpu", "cuda"), archs=("sm_90",), cpu_variants=("baseline",), jobs=2), Progress(io.StringIO()))
     return tmp / "m.llmir"
@@ -314,10 +315,12 @@ def test_quantized_executor_matches_cpu_target(quantized_bundle):
 
 @pytest.mark.xdist_group("gpu-emulated-quantized")
 def test_value_table_executor_matches_cpu_target(iq4_bundle):
-    """GGUF IQ4_NL / IQ4_XS weights (4-bit codes and kvalues_iq4nl) through the cuda target's qembedding and
-    qlinear variants against the cpu target's, as above."""
-    kernels = {k["kind"]: k["params"] for k in open_bundle(iq4_bundle).manifest["targets"][0]["kernels"]}
-    assert kernels["qlinear"]["bits"] == 4 and len(kernels["qlinear"]["values"]) == 16
+    """GGUF IQ4_NL / IQ4_XS weights (4-bit codes and kvalues_iq4nl) and Q4_K / Q6_K ones (two-level scales)
+    through the cuda target's qembedding and qlinear variants against the cpu target's, as above."""
+    kernels = open_bundle(iq4_bundle).manifest["targets"][0]["kernels"]
+    qlinears = [k["params"] for k in kernels if k["kind"] == "qlinear"]
+    assert any(len(p.get("values") or ()) == 16 for p in qlinears)
+    assert {(p["bits"], p.get("super_group")) for p in qlinears} >= {(4, 256), (6, 256)}
     _check_quantized_executor(iq4_bundle, {"qembedding_kernel", "qlinear_gemv", "qlinear_dot"})
 
 

@@ -637,7 +637,7 @@ class GgufCheckpoint:
             heads = self.spec.num_heads if ".q_proj." in name else self.spec.num_kv_heads
             if isinstance(data, Unpacked):  # rows of codes, scales and offsets move together
                 return dataclasses.replace(data, **{f: unpermute_rows(getattr(data, f), heads) for f in
-                                                    ("codes", "scales", "offsets") if getattr(data, f) is not None})
+                                                    Unpacked.ROW_FIELDS if getattr(data, f) is not None})
             data = unpermute_rows(data, heads)
         return data
 

@@ -24,20 +24,21 @@ scheme.)
 
 d, m, dmin are float16; the products d * sc are exact in float32 (at most 11 + 8 significant bits).
 `unpack` returns those codes, scales and offsets: a lossless repacking that a kernel can read
-directly; `dequantize` computes `code * scale (+ offset)` in float32 in the order llama.cpp's
+directly; for the K-quants and IQ4_XS also the two levels as the file has them (int8 sub-scales and
+sub-mins sc, mn or sc - 32, float16 d and -dmin per 256), which frontend/packed.py keeps;
+`dequantize` computes `code * scale (+ offset)` in float32 in the order llama.cpp's
 `dequantize_row_*` does, so the result is bit-identical to ggml's reference C code.
 
 Keeping them quantized (frontend/packed.py, per format): `unpack`'s codes, scales and offsets
 are repacked losslessly into llmirc's own layouts (llmirc/quant.py). Q8_0, Q4_0, Q4_1, Q5_0 and
 Q5_1 keep their size (8, 4 or 5-bit codes, a float16 scale per group, and for Q4_1/Q5_1 a float16
 *offset* per group: its m is not an integer multiple of d, so an integer zero point would lose
-it). Q4_K, Q5_K and Q6_K keep their 4, 5 or 6-bit codes, but their two-level scales (6- or
-8-bit integer sub-block scales under a float16 super-block scale) become float32 per-group
-scales and offsets, exact but 1.4-1.5 more bits per weight than the file (kernels that read the
-sub-scales as they are would not need them). Q2_K and Q3_K have no 2- or 3-bit layout: their
-codes widen to 4 bits, and with float32 scales (and mins) per 16 they take 8 and 6 bits a weight
-(the file's 2.6 and 3.4). IQ4_NL and IQ4_XS keep their 4-bit indices, the table in the
-scheme (`quant.Scheme.values`): IQ4_NL its size, IQ4_XS with float32 scales (5 bits a weight for 4.25).
+it). Q4_K, Q5_K and Q6_K keep their 4, 5 or 6-bit codes and their two-level scales (6- or 8-bit
+integer sub-block scales, as int8, under a float16 super-block scale: `quant.Scheme.super_group`),
+0.06-0.13 more bits per weight than the file (a byte per 6-bit sub-scale). Q2_K and Q3_K have no
+2- or 3-bit layout: their codes widen to 4 bits (5.1 and 4.6 bits a weight, the file's 2.6 and 3.4).
+IQ4_NL and IQ4_XS keep their 4-bit indices, the table in the scheme (`quant.Scheme.values`):
+IQ4_NL its size, IQ4_XS with its two-level scales (4.3 bits a weight for 4.25).
 
 Block layouts: ggml/src/ggml-common.h (`block_q4_0` ... `block_q6_K`); formulas:
 ggml/src/ggml-quants.c (`dequantize_row_q4_0` ... `dequantize_row_q6_K`, `get_scale_min_k4`).
@@ -84,11 +85,20 @@ FORMATS = {f.name: f for f in (
 class Unpacked:
     """A block-quantized tensor, losslessly: value = codes * scales (+ offsets) per group.
 
-    codes: int8 [..., n]; scales, offsets: float32 [..., n // group] (offsets None when the format has none)."""
+    codes: int8 [..., n]; scales, offsets: float32 [..., n // group] (offsets None when the format has none).
+    For the two-level formats (K-quants, IQ4_XS), the levels as stored: scales = super_scales * sub_scales
+    and offsets = super_mins * sub_mins, exactly, with sub_scales, sub_mins int8 [..., n // group] and
+    super_scales, super_mins float16 [..., n // 256] (super_mins = -dmin); None for the other formats."""
     codes: np.ndarray
     scales: np.ndarray
     offsets: np.ndarray | None
     group: int
+    sub_scales: np.ndarray | None = None
+    super_scales: np.ndarray | None = None
+    sub_mins: np.ndarray | None = None
+    super_mins: np.ndarray | None = None
+
+    ROW_FIELDS = ("codes", "scales", "offsets", "sub_scales", "super_scales", "sub_mins", "super_mins")
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -121,6 +131,36 @@ def _two_bit(qs: np.ndarray) -> np.ndarray:
     byte l are element 32 j + l."""
     shifts = np.arange(0, 8, 2, dtype=np.uint8)[None, None, :, None]
     return ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, QK_K)
+
+
+def _raw_f16(raw: np.ndarray) -> np.ndarray:
+    """float16 fields (2 little-endian bytes each, last axis) -> float16 [..., 1]."""
+    return np.ascontiguousarray(raw).view("<f2").astype(np.float16)
+
+
+def _two_level(fmt: BlockFormat, b: np.ndarray) -> tuple | None:
+    """The K-quants' and IQ4_XS's levels of [nb, type_size] blocks: (int8 sub-scales [nb, groups],
+    float16 d [nb, 1], int8 sub-mins, float16 -dmin (None without mins)); None for other formats."""
+    name = fmt.name
+    if name == "Q2_K":
+        sc = b[:, 0:16]
+        return (sc & 0x0F).astype(np.int8), _raw_f16(b[:, 80:82]), (sc >> 4).astype(np.int8), -_raw_f16(b[:, 82:84])
+    if name == "Q3_K":
+        packed, s = b[:, 96:108], np.arange(16)
+        low = (packed[:, s % 8] >> (4 * (s // 8)).astype(np.uint8)) & 0x0F
+        top = (packed[:, 8 + s % 4] >> (2 * (s // 4)).astype(np.uint8)) & 3
+        return (low | (top << 4)).astype(np.int8) - 32, _raw_f16(b[:, 108:110]), None, None
+    if name in ("Q4_K", "Q5_K"):
+        sc, mn = _k_scales(b[:, 4:16])
+        return sc.astype(np.int8), _raw_f16(b[:, 0:2]), mn.astype(np.int8), -_raw_f16(b[:, 2:4])
+    if name == "Q6_K":
+        return b[:, 192:208].view(np.int8), _raw_f16(b[:, 208:210]), None, None
+    if name == "IQ4_XS":
+        s = np.arange(8)
+        low = (b[:, 4 + s // 2] >> (4 * (s % 2)).astype(np.uint8)) & 0x0F
+        high = (b[:, 2:4].copy().view("<u2") >> (2 * s).astype(np.uint16)) & 3
+        return (low | (high << 4)).astype(np.int8) - 32, _raw_f16(b[:, 0:2]), None, None
+    return None
 
 
 def _unpack_blocks(fmt: BlockFormat, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -203,8 +243,14 @@ def unpack(fmt: BlockFormat, data: np.ndarray, n: int) -> Unpacked:
         codes, scales, offsets = _unpack_blocks(fmt, blocks)
     if not (np.isfinite(scales).all() and (offsets is None or np.isfinite(offsets).all())):
         raise ValueError("a block's scale or min is NaN or infinite (as ggml_validate_row_data refuses)")
+    levels = {}
+    if (two := _two_level(fmt, blocks)) is not None:
+        if not (np.isfinite(two[1]).all() and (two[3] is None or np.isfinite(two[3]).all())):
+            raise ValueError("a block's scale or min is NaN or infinite (as ggml_validate_row_data refuses)")
+        levels = {f: None if v is None else v.reshape(rows, -1)
+                  for f, v in zip(("sub_scales", "super_scales", "sub_mins", "super_mins"), two)}
     return Unpacked(codes.reshape(rows, n), scales.reshape(rows, n // fmt.group),
-                    None if offsets is None else offsets.reshape(rows, n // fmt.group), fmt.group)
+                    None if offsets is None else offsets.reshape(rows, n // fmt.group), fmt.group, **levels)
 
 
 def dequantize(fmt: BlockFormat, data: np.ndarray, n: int, chunk_rows: int = 1024) -> np.ndarray:

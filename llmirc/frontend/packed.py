@@ -28,17 +28,19 @@ linear of k inputs and n outputs, b bits, groups of g inputs (g = -1: one group 
       Q4_1 5.0 -> 5.0   4-bit codes, float16 scale and float16 min per 32
       Q5_0 5.5 -> 5.5   5-bit codes (q), float16 scale per 32, symmetric (w = d (q - 16))
       Q5_1 6.0 -> 6.0   5-bit codes, float16 scale and min per 32
-      Q4_K 4.5 -> 6.0   4-bit codes, float32 scale d * sc and min -dmin * mn per 32
-      Q5_K 5.5 -> 7.0   5-bit codes, float32 scale and min per 32
-      Q6_K 6.56 -> 8.0  6-bit codes (q), float32 scale d * sc per 16, symmetric (w = d sc (q - 32))
-      Q3_K 3.44 -> 6.0  3-bit codes widened to 4 (q + 4), float32 scale d * (sc - 32) per 16, symmetric
-      Q2_K 2.63 -> 8.0  2-bit codes widened to 4, float32 scale d * sc and min -dmin * mn per 16
+      Q4_K 4.5 -> 4.63  4-bit codes, int8 sub-scale sc and sub-min mn per 32, float16 d and -dmin per 256
+                        (w = d sc q - dmin mn: two-level scales, quant.Scheme.super_group)
+      Q5_K 5.5 -> 5.63  5-bit codes, the same scales
+      Q6_K 6.56 -> 6.56 6-bit codes (q), int8 sc per 16, float16 d per 256, symmetric (w = d sc (q - 32))
+      Q3_K 3.44 -> 4.56 3-bit codes widened to 4 (q + 4), int8 sc - 32 per 16, float16 d per 256, symmetric
+      Q2_K 2.63 -> 5.13 2-bit codes widened to 4, int8 sc and mn per 16, float16 d and -dmin per 256
       IQ4_NL 4.5 -> 4.5 4-bit codes (q, the table's index) and the table kvalues_iq4nl in the scheme,
                         float16 scale per 32 (w = d kvalues[q])
-      IQ4_XS 4.25 -> 5.0 4-bit codes and the table, float32 scale d * (sc - 32) per 32
-  The products d * sc, dmin * mn are exact in float32 (not in float16): the K-quants' two-level
-  scales cost 1.4-1.5 more bits per weight flattened, and Q2_K/Q3_K's codes widen too (llmirc has
-  no 2- or 3-bit layout).
+      IQ4_XS 4.25 -> 4.31 4-bit codes and the table, int8 sc - 32 per 32, float16 d per 256
+  The kernels form the products d * sc, -dmin * mn in float32, where they are exact (not in
+  float16); the sub-scales take a byte for the file's 6 bits (4 for Q2_K), and Q2_K/Q3_K's codes
+  widen (llmirc has no 2- or 3-bit layout). Until 2026-12-07 the products were stored, as float32
+  per group: 1.4-1.5 bits a weight more (Q4_K 6.0, Q5_K 7.0, Q6_K 8.0, Q3_K 6.0, Q2_K 8.0, IQ4_XS 5.0).
 
 What llmirc keeps of GPTQ and AWQ: the codes as they are (4-bit codes in 4 bits, 8-bit in 8), the
 scales in their dtype, uint8 zero points per group (none when every zero point is the symmetric
@@ -61,11 +63,14 @@ IQ4_TABLE = tuple(int(v) for v in IQ4_VALUES)  # IQ4_NL's and IQ4_XS's grid (ggm
 GGUF_SCHEMES = {  # GGUF block format -> how llmirc keeps it (see the module docstring)
     "Q8_0": quant.Scheme(8, 32, "float16"), "Q4_0": quant.Scheme(4, 32, "float16"),
     "Q4_1": quant.Scheme(4, 32, "float16", "min"), "Q5_0": quant.Scheme(5, 32, "float16"),
-    "Q5_1": quant.Scheme(5, 32, "float16", "min"), "Q4_K": quant.Scheme(4, 32, "float32", "min"),
-    "Q5_K": quant.Scheme(5, 32, "float32", "min"), "Q6_K": quant.Scheme(6, 16, "float32"),
-    "Q2_K": quant.Scheme(4, 16, "float32", "min"), "Q3_K": quant.Scheme(4, 16, "float32"),
+    "Q5_1": quant.Scheme(5, 32, "float16", "min"),
+    # the K-quants and IQ4_XS: two-level scales (int8 sub-scales under a float16 per QK_K = 256)
+    "Q4_K": quant.Scheme(4, 32, "int8", "min", super_group=256),
+    "Q5_K": quant.Scheme(5, 32, "int8", "min", super_group=256),
+    "Q6_K": quant.Scheme(6, 16, "int8", super_group=256),
+    "Q2_K": quant.Scheme(4, 16, "int8", "min", super_group=256), "Q3_K": quant.Scheme(4, 16, "int8", super_group=256),
     "IQ4_NL": quant.Scheme(4, 32, "float16", values=IQ4_TABLE),
-    "IQ4_XS": quant.Scheme(4, 32, "float32", values=IQ4_TABLE),
+    "IQ4_XS": quant.Scheme(4, 32, "int8", values=IQ4_TABLE, super_group=256),
 }
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an int32 holds output 8c + _AWQ_ORDER[i]
 
@@ -213,7 +218,8 @@ def act_order_permutation(g_idx: np.ndarray, k: int, g: int, what: str) -> np.nd
 def gguf_qtype(fmt_name: str):
     """The `!llmir.quant` type a GGUF block format is kept as."""
     s = GGUF_SCHEMES[fmt_name]
-    return L.QuantType(s.bits, s.group_size, L.FLOAT_TYPES[s.scale_dtype], s.zero, values=s.values)
+    scale = L.i8 if s.scale_dtype == "int8" else L.FLOAT_TYPES[s.scale_dtype]
+    return L.QuantType(s.bits, s.group_size, scale, s.zero, values=s.values, super_group=s.super_group)
 
 
 def repack(fmt: str, prefix: str, scheme: quant.Scheme, k: int, read) -> dict[str, np.ndarray]:
@@ -248,11 +254,15 @@ def repack(fmt: str, prefix: str, scheme: quant.Scheme, k: int, read) -> dict[st
                 raise CheckpointError(f"GGUF weight '{prefix}': a value outside the format's table")
         else:
             codes = u.codes.astype(np.int16) + (scheme.center if scheme.zero == "none" else 0)
-        parts = {"codes": quant.pack(codes.astype(np.uint8), bits, scheme.sub_group),
-                 "scales": dtypes.from_float32(u.scales, scheme.scale_dtype)}
-        if scheme.zero == "min":
-            parts["zeros"] = dtypes.from_float32(u.offsets, scheme.scale_dtype)
-        return parts
+        parts = {"codes": quant.pack(codes.astype(np.uint8), bits, scheme.sub_group)}
+        if scheme.super_group:  # the file's two levels, as they are
+            parts |= {"scales": u.sub_scales, "zeros": u.sub_mins, "super_scales": u.super_scales,
+                      "super_mins": u.super_mins}
+        else:
+            parts["scales"] = dtypes.from_float32(u.scales, scheme.scale_dtype)
+            if scheme.zero == "min":
+                parts["zeros"] = dtypes.from_float32(u.offsets, scheme.scale_dtype)
+        return {p: np.ascontiguousarray(parts[p]) for p in scheme.parts()}
     scales = np.asarray(read(f"{prefix}.scales"))
     n = scales.shape[1]
     if fmt == "awq":
