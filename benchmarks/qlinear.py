@@ -103,9 +103,10 @@ def main(argv=None) -> int:
                 calls, outs = {}, {}
                 for path, lib in libs.items():
                     outs[path] = np.zeros((T, n), np.float32)
+                    # (no super_scales, super_mins, perm, bias, residual)
                     args = [outs[path].ctypes.data, n, x.ctypes.data, k, parts["codes"].ctypes.data,
                             parts["scales"].ctypes.data, parts["zeros"].ctypes.data if "zeros" in parts else None,
-                            None, None, None, 0, xq.ctypes.data, T]
+                            None, None, None, None, None, 0, xq.ctypes.data, T]
                     calls[path] = (getattr(lib, sym), args)
                     calls[path][0](*args)  # warm-up
                 times = {path: [] for path in calls}
