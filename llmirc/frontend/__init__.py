@@ -39,7 +39,7 @@ def open_source(path, dequantize: bool = False):
 
     from llmirc.errors import CheckpointError
 
-    from .checkpoint import hub_snapshot
+    from .checkpoint import hub_repo_id, hub_snapshot
 
     path = Path(path)
     if not path.exists():  # perhaps a Hugging Face repository id, ORG/NAME, in the hub's cache
@@ -51,8 +51,7 @@ def open_source(path, dequantize: bool = False):
         path = snapshot
     elif (real := path.resolve()).name.startswith("models--") and (real / "snapshots").is_dir() and \
             not (real / "config.json").exists():  # (given as '.' or through a link of another name too)
-        repo_id = real.name.removeprefix("models--").replace("--", "/", 1)  # (huggingface_hub's folder name)
-        if (snapshot := hub_snapshot(repo_id, real.parent)) is None:
+        if (snapshot := hub_snapshot(hub_repo_id(real), real.parent)) is None:
             some = sorted(p for p in (real / "snapshots").iterdir() if p.is_dir())[:1]
             raise CheckpointError(f"{path}: a Hugging Face hub cache folder whose refs/main names no snapshot there "
                                   "(what from_pretrained loads): compile a snapshot folder"

@@ -101,7 +101,7 @@ def source_name(root: Path) -> str:
     to a blob named by its hash), a folder's, or `ORG/NAME` for a snapshot of the hub's cache."""
     path = Path(os.path.abspath(root))  # ('.' and '..' resolved, symlinks not)
     repo = hub_repository(path) if path.is_dir() else None
-    return repo.name.removeprefix("models--").replace("--", "/", 1) if repo else path.name
+    return hub_repo_id(repo) if repo else path.name
 
 
 def hub_snapshot(repo_id: str, cache: Path | None = None) -> Path | None:
@@ -116,6 +116,12 @@ def hub_snapshot(repo_id: str, cache: Path | None = None) -> Path | None:
     except (ImportError, OSError, ValueError):  # (not in the cache; not a repository id)
         return None
     return folder if hub_repository(folder) is not None else None
+
+
+def hub_repo_id(repo: Path) -> str:
+    """ORG/NAME of a hub cache repository folder `models--ORG--NAME` (huggingface_hub's folder name)."""
+    return repo.name.removeprefix("models--").replace("--", "/", 1)
+
 
 class Checkpoint:
     """A source of the compiler (see frontend.open_source): graph, weights, tokenizer, facts."""
