@@ -39,7 +39,7 @@ linear of k inputs and n outputs, b bits, groups of g inputs (g = -1: one group 
       IQ4_XS 4.25 -> 4.31 4-bit codes and the table, int8 sc - 32 per 32, float16 d per 256
   The kernels form the products d * sc, -dmin * mn in float32, where they are exact (not in
   float16); the sub-scales take a byte for the file's 6 bits (4 for Q2_K), and Q2_K/Q3_K's codes
-  widen (llmirc has no 2- or 3-bit layout). Until 2026-12-07 the products were stored, as float32
+  widen (llmirc has no 2- or 3-bit layout). Until 2026-12-06 the products were stored, as float32
   per group: 1.4-1.5 bits a weight more (Q4_K 6.0, Q5_K 7.0, Q6_K 8.0, Q3_K 6.0, Q2_K 8.0, IQ4_XS 5.0).
 
 What llmirc keeps of GPTQ and AWQ: the codes as they are (4-bit codes in 4 bits, 8-bit in 8), the
