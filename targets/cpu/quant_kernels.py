@@ -383,17 +383,14 @@ def _emit_qlinear(module, fn, b, A, p, variant):
             raw = cb.load(irb.gep(cb, row, gi, I8), typ=irb.vty(m, I8) if m else I8, align=1)
             return cb.uitofp(raw, irb.vty(m) if m else F32)
 
-        def load_half(cb, row, gi, m):
-            return HALF_STORE.load(cb, row, gi, m)
-
         def scale_vecs(cb, ri, first_sub, lw, W):
             """(s, z or m or None) of row ri's lanes: with two-level scales the products D sc, M mn"""
             sv = group_vec(cb, srow[ri], first_sub, lw, load_scales, W)
             zv = group_vec(cb, zrow[ri], first_sub, lw, load_zeros, W) if zrow is not None else None
             if s.super_group:
-                sv = cb.fmul(group_vec(cb, drow[ri], first_sub, lw, load_half, W, s.super_group), sv)
+                sv = cb.fmul(group_vec(cb, drow[ri], first_sub, lw, HALF_STORE.load, W, s.super_group), sv)
                 if zv is not None:
-                    zv = cb.fmul(group_vec(cb, mrow[ri], first_sub, lw, load_half, W, s.super_group), zv)
+                    zv = cb.fmul(group_vec(cb, mrow[ri], first_sub, lw, HALF_STORE.load, W, s.super_group), zv)
             return sv, zv
 
         def load_floats(cb, base, off, first_sub, lw, W):
